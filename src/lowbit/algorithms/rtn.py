@@ -1,0 +1,46 @@
+"""Round-to-nearest: every decoder linear layer replaced by its format's nearest-level quantization."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lowbit.errors import BadWeightsError, LowbitError
+from lowbit.formats import get_format
+from lowbit.models.quant_linear import QuantLinear
+from lowbit.models.walker import decoder_linears, linear_weight, set_module
+
+
+def check_finite(name: str, w: torch.Tensor) -> None:
+    if not torch.isfinite(w).all():
+        bad = (~torch.isfinite(w)).sum().item()
+        raise BadWeightsError(f"{name}: weight has {bad} NaN/Inf values; refusing to quantize")
+
+
+def quantize_rtn(model: nn.Module, plan: dict[str, str], progress: bool = True) -> dict[str, float]:
+    """Quantize in place the linears named in ``plan`` (name -> format); returns name -> relative error."""
+    linears = decoder_linears(model)
+    unknown = set(plan) - set(linears)
+    if unknown:
+        raise KeyError(f"not decoder linears: {sorted(unknown)[:5]}")
+    for name in plan:  # validate everything before touching the model
+        if isinstance(linears[name], QuantLinear):
+            raise LowbitError(f"{name} is already quantized ({linears[name].format_name})")
+        check_finite(name, linear_weight(linears[name]))
+    errors = {}
+    for name in tqdm(plan, desc="rtn", unit="linear", disable=not progress):
+        module = linears[name]
+        w = linear_weight(module).float()
+        qt = get_format(plan[name]).quantize(w)
+        bias = getattr(module, "bias", None)
+        q = QuantLinear.from_quantized(qt, None if bias is None else bias.data)
+        errors[name] = ((q.dequantize() - w).norm() / w.norm().clamp_min(1e-12)).item()
+        set_module(model, name, q)
+    return errors
+
+
+def uniform_plan(model: nn.Module, format_name: str) -> dict[str, str]:
+    """Every decoder linear in ``format_name`` (embeddings and LM head stay in 16-bit)."""
+    get_format(format_name)
+    return {name: format_name for name in decoder_linears(model)}

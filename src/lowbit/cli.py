@@ -1,0 +1,175 @@
+"""Command line: thin argument parsing over lowbit.pipeline. Run ``lowbit -h``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from lowbit import __version__
+from lowbit.errors import LowbitError
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None,
+                   help="HF model directory, cached hub id, or lowbit directory (default: bundled smollm2-135m)")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+
+
+def _add_eval(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seqlen", type=int, default=None, help="window length (default 2048 or the model's max)")
+    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows (faster)")
+    p.add_argument("--text", default=None, help="evaluate on this UTF-8 text file instead of the bundled eval split")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="lowbit", description="Low-bit post-training quantization of LLMs.")
+    ap.add_argument("--version", action="version", version=f"lowbit {__version__}")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("quantize", help="quantize a model and save it")
+    _add_model(p)
+    p.add_argument("--format", "-f", required=True,
+                   help="weight format, e.g. int4_g128_asym, q4_0 (see `lowbit formats`)")
+    p.add_argument("--method", default="rtn", help="rounding algorithm (default rtn)")
+    p.add_argument("--out", "-o", required=True, help="output directory (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("eval", help="perplexity of a model (float or quantized)")
+    _add_model(p)
+    _add_eval(p)
+
+    p = sub.add_parser("compare", help="quantize into several formats and print a side-by-side table")
+    _add_model(p)
+    _add_eval(p)
+    p.add_argument("--formats", default="fp16,int4_g128_asym,int3_g128_asym",
+                   help="comma-separated [method:]format list; fp16 is the baseline (default: %(default)s)")
+    p.add_argument("--json", default=None, help="also write rows + protocol to this JSON file")
+
+    p = sub.add_parser("info", help="describe a quantized model directory")
+    p.add_argument("path")
+
+    p = sub.add_parser("formats", help="list weight-format names with their exact bits per weight")
+    p.add_argument("--shape", default="4096x4096", help="weight shape for the bpw column (default %(default)s)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"quantize": cmd_quantize, "eval": cmd_eval, "compare": cmd_compare, "info": cmd_info,
+                "formats": cmd_formats}[args.cmd](args)
+    except (LowbitError, FileExistsError) as e:
+        print(f"lowbit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lowbit: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+def _load(args: argparse.Namespace):  # noqa: ANN202
+    from lowbit.models.loader import load_model
+    from lowbit.pipeline import default_device, round_to_storage
+
+    model, tok = load_model(args.model, device=args.device or default_device())
+    return round_to_storage(model), tok
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from lowbit.io.checkpoint import save_quantized
+    from lowbit.models.loader import resolve
+    from lowbit.pipeline import parse_variant, quantize
+
+    method, fmt = parse_variant(f"{args.method}:{args.format}")
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise LowbitError(f"{out} already exists; pass --overwrite to replace it")
+    model, tok = _load(args)
+    t0 = time.perf_counter()
+    quantize(model, method, fmt, progress=not args.no_progress)
+    seconds = time.perf_counter() - t0
+    from lowbit.eval.sizes import model_size
+
+    size = model_size(model)
+    meta = {"method": method, "format": fmt, "source": resolve(args.model), "quantize_seconds": round(seconds, 2),
+            "linear_bpw": size.linear_bpw, "total_bytes": size.total_bytes}
+    save_quantized(model, tok, out, meta=meta, overwrite=args.overwrite)
+    print(f"saved {out}: {fmt} ({method}), {size.linear_bpw:.4f} bits/weight in decoder linears, "
+          f"{size.total_mb:.1f} MB total, quantized in {seconds:.1f}s")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from lowbit.data.corpus import load_text
+    from lowbit.eval.perplexity import choose_seqlen, perplexity, tokenize_stream
+
+    model, tok = _load(args)
+    seqlen = choose_seqlen(model, args.seqlen)
+    ids = tokenize_stream(tok, load_text("eval", args.text))
+    res = perplexity(model, ids, seqlen, max_windows=args.max_windows, progress=not args.no_progress)
+    print(f"perplexity {res.ppl:.4f}  (seqlen {res.seqlen}, {res.n_windows} windows, "
+          f"{res.n_predicted} predicted tokens of {ids.numel()} available)")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from lowbit.pipeline import compare, rows_table
+
+    variants = [v for v in args.formats.split(",") if v.strip()]
+    from lowbit.pipeline import parse_variant
+
+    for v in variants:
+        parse_variant(v)
+    model, tok = _load(args)
+    rows, protocol = compare(model, tok, variants, seqlen=args.seqlen, max_windows=args.max_windows,
+                             text_path=args.text, progress=not args.no_progress)
+    print(rows_table(rows))
+    print(f"\nprotocol: {protocol['windows']} windows x {protocol['seqlen']} tokens "
+          f"({protocol['predicted_tokens']} predicted tokens; {protocol['eval_tokens_available']} available), "
+          f"model {args.model or 'smollm2-135m'}, eval text {args.text or 'bundled SOTU 2000-2021'}")
+    if args.json:
+        from dataclasses import asdict
+
+        from lowbit.io.atomic import atomic_file
+
+        with atomic_file(args.json) as tmp:
+            tmp.write_text(json.dumps({"rows": [asdict(r) for r in rows], "protocol": protocol}, indent=2))
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from lowbit.io.checkpoint import read_info
+
+    info = read_info(args.path)
+    formats = info.pop("formats")
+    counts: dict[str, int] = {}
+    for f in formats.values():
+        counts[f] = counts.get(f, 0) + 1
+    for k, v in info.items():
+        print(f"{k}: {v}")
+    print("quantized linears: " + ", ".join(f"{n} x {f}" for f, n in counts.items()))
+    size = (Path(args.path) / "model.safetensors").stat().st_size
+    print(f"model.safetensors: {size / 1e6:.1f} MB")
+    return 0
+
+
+def cmd_formats(args: argparse.Namespace) -> int:
+    from lowbit.eval.report import markdown_table
+    from lowbit.formats import example_names, get_format
+
+    try:
+        shape = tuple(int(x) for x in args.shape.lower().split("x"))
+        assert len(shape) == 2
+    except (ValueError, AssertionError):
+        raise LowbitError(f"--shape must look like 4096x11008, got {args.shape!r}") from None
+    rows = [(n, get_format(n).bits_per_weight(shape)) for n in example_names()]
+    print(markdown_table(("format", f"bits/weight at {shape[0]}x{shape[1]}"), rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

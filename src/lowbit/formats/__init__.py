@@ -1,0 +1,44 @@
+"""Weight formats and the registry that maps names to them.
+
+Names:
+  ``int{b}_g{N}_{sym|asym}[_mse]``  uniform b-bit (2..8), groups of N input columns
+  ``int{b}_ch_{sym|asym}[_mse]``    uniform b-bit, one group per output channel (row)
+  ``q4_0``, ``q4_1``, ``q8_0``       ggml block formats (= int4_g32_sym, int4_g32_asym, int8_g32_sym)
+"""
+
+from __future__ import annotations
+
+import re
+from functools import cache
+
+from lowbit.errors import UnknownFormatError
+from lowbit.formats.base import Format, Params, QuantizedTensor, cat_params
+from lowbit.formats.uniform import UniformFormat
+
+__all__ = ["Format", "Params", "QuantizedTensor", "UniformFormat", "cat_params", "get_format", "example_names"]
+
+ALIASES = {"q4_0": "int4_g32_sym", "q4_1": "int4_g32_asym", "q8_0": "int8_g32_sym"}
+_UNIFORM = re.compile(r"^int(?P<bits>[2-8])_(?:g(?P<g>\d+)|(?P<ch>ch))_(?P<kind>sym|asym)(?P<mse>_mse)?$")
+
+
+@cache
+def get_format(name: str) -> Format:
+    """Return the format called ``name`` (see module docstring); raises UnknownFormatError with examples."""
+    key = name.strip().lower()
+    canonical = ALIASES.get(key, key)
+    m = _UNIFORM.match(canonical)
+    if m:
+        g = None if m["ch"] else int(m["g"])
+        if g is not None and (g < 8 or g % 8):
+            raise UnknownFormatError(f"group size must be a multiple of 8 (>= 8), got {g} in {name!r}")
+        fmt = UniformFormat(int(m["bits"]), g, m["kind"] == "sym", "mse" if m["mse"] else "minmax")
+        if key in ALIASES:
+            fmt.name = key
+        return fmt
+    raise UnknownFormatError(f"unknown format {name!r}; known: {', '.join(example_names())} "
+                             "(pattern int{2..8}_{gN|ch}_{sym|asym}[_mse])")
+
+
+def example_names() -> list[str]:
+    return ["int4_g128_sym", "int4_g128_asym", "int3_g128_asym", "int2_g64_asym_mse", "int4_ch_sym",
+            *ALIASES]

@@ -1,0 +1,130 @@
+"""The weight-format interface every algorithm, kernel and exporter is written against.
+
+A format owns three things and nothing else knows them:
+  * its levels (what a code decodes to, given per-group parameters such as a scale),
+  * how group parameters are fitted and how weights are rounded onto the levels,
+  * how codes and parameters are laid out as bytes (pack/unpack), hence its exact bits per weight.
+
+Algorithms (RTN, GPTQ, ...) only call :meth:`Format.fit`, :meth:`Format.encode`, :meth:`Format.decode`
+and :meth:`Format.pack`; they never see bytes.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+Params = dict[str, torch.Tensor]
+"""Per-group parameters: each tensor is [rows, n_groups] (a single group during fitting: [rows, 1])."""
+
+
+@dataclass
+class QuantizedTensor:
+    """A packed weight matrix: the format's name, the logical [out, in] shape and the stored tensors."""
+
+    format: str
+    shape: tuple[int, int]
+    data: dict[str, torch.Tensor]
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.data.values())
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Measured from the bytes actually stored (codes + scales + zeros + any metadata)."""
+        return 8.0 * self.nbytes / self.numel
+
+    def to(self, device: torch.device | str) -> QuantizedTensor:
+        return QuantizedTensor(self.format, self.shape, {k: v.to(device) for k, v in self.data.items()})
+
+
+class Format(ABC):
+    """A weight format. Subclasses are immutable; the registry builds them from names."""
+
+    name: str
+    #: Columns sharing one set of group parameters; ``None`` means one group per row (per-channel).
+    group_size: int | None = None
+
+    # ----- rounding primitives (what algorithms use) -------------------------------------------
+    @abstractmethod
+    def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> Params:
+        """Fit parameters for one group: ``w`` is [rows, g]; returns tensors of shape [rows, 1].
+
+        ``importance`` ([g] or [rows, g], non-negative) weights the fitting error, e.g. diag(H).
+        """
+
+    @abstractmethod
+    def encode(self, w: torch.Tensor, params: Params) -> torch.Tensor:
+        """Nearest codes (int64) for ``w`` [rows, k] given that group's parameters ([rows, 1])."""
+
+    @abstractmethod
+    def decode(self, codes: torch.Tensor, params: Params) -> torch.Tensor:
+        """Float32 values of ``codes`` [rows, k] given parameters broadcastable to it."""
+
+    # ----- storage ------------------------------------------------------------------------------
+    @abstractmethod
+    def pack(self, codes: torch.Tensor, params: Params, shape: tuple[int, int]) -> QuantizedTensor:
+        """Codes [rows, cols] + parameters [rows, n_groups] -> stored tensors."""
+
+    @abstractmethod
+    def unpack(self, qt: QuantizedTensor) -> tuple[torch.Tensor, Params]:
+        """Inverse of :meth:`pack`."""
+
+    @abstractmethod
+    def storage_spec(self, shape: tuple[int, int]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Name -> (shape, dtype) of every stored tensor for a weight of ``shape`` (used to rebuild modules)."""
+
+    # ----- derived, shared by all formats -------------------------------------------------------
+    def group_cols(self, cols: int) -> int:
+        """Columns per group for a row of ``cols``; the last group may be shorter (e.g. 576 = 4x128 + 64)."""
+        return cols if self.group_size is None else min(self.group_size, cols)
+
+    def n_groups(self, cols: int) -> int:
+        g = self.group_cols(cols)
+        return (cols + g - 1) // g
+
+    def bits_per_weight(self, shape: tuple[int, int]) -> float:
+        """Exact bits per weight of the stored tensors for a weight of ``shape`` (no rounding, no guesses)."""
+        nbytes = 0
+        for size, dtype in self.storage_spec(shape).values():
+            n = 1
+            for s in size:
+                n *= s
+            nbytes += n * torch.empty((), dtype=dtype).element_size()
+        return 8.0 * nbytes / (shape[0] * shape[1])
+
+    def expand(self, params: Params, cols: int) -> Params:
+        """Repeat per-group parameters [rows, n_groups] to per-column [rows, cols]."""
+        g = self.group_cols(cols)
+        return {k: v.repeat_interleave(g, dim=1)[:, :cols] for k, v in params.items()}
+
+    def dequantize(self, qt: QuantizedTensor) -> torch.Tensor:
+        codes, params = self.unpack(qt)
+        return self.decode(codes, self.expand(params, qt.shape[1]))
+
+    def quantize(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> QuantizedTensor:
+        """Round-to-nearest of a whole matrix: fit each group, encode, pack."""
+        w = w.float()
+        g = self.group_cols(w.shape[1])
+        codes, params = [], []
+        for j in range(0, w.shape[1], g):
+            imp = None if importance is None else importance[..., j : j + g]
+            p = self.fit(w[:, j : j + g], imp)
+            codes.append(self.encode(w[:, j : j + g], p))
+            params.append(p)
+        return self.pack(torch.cat(codes, dim=1), cat_params(params), tuple(w.shape))
+
+    def __repr__(self) -> str:
+        return f"<format {self.name}>"
+
+
+def cat_params(groups: list[Params]) -> Params:
+    """Concatenate per-group parameters ([rows, 1] each) into [rows, n_groups]."""
+    return {k: torch.cat([p[k] for p in groups], dim=1) for k in groups[0]}

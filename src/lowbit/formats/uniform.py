@@ -1,0 +1,112 @@
+"""Uniform integer grids with per-group scales (the ggml Q4_0 / Q4_1 family, any bit width 2..8).
+
+* symmetric, "fixed zero offset" (Q4_0 style): ``w = (q - 2^(b-1)) * d``; the largest-magnitude weight of the
+  group maps exactly to the level ``-2^(b-1)`` (ggml's choice: the sign of ``d`` follows that weight, so the
+  extra negative level is spent on whichever side has the outlier).
+* asymmetric, "scale + min" (Q4_1 style): ``w = q * d + m`` with ``m`` = group minimum, ``d = (max-min)/(2^b-1)``.
+
+Scales and mins are stored as float16, and codes are always computed against the float16-rounded
+parameters, so what is stored dequantizes to exactly what the algorithms saw.
+
+``fit="mse"`` replaces the min/max rule by a search over shrunken ranges (clipping), picking per row the
+candidate with the least (importance-weighted) squared error; storage is identical.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.formats.base import Format, Params, QuantizedTensor
+from lowbit.formats.bitpack import pack_bits, packed_row_bytes, unpack_bits
+
+_SEARCH_GRID = 32  # candidates between the full range and 20% of it (as GPTQ's mse grid, maxshrink 0.8)
+
+
+class UniformFormat(Format):
+    def __init__(self, bits: int, group_size: int | None, symmetric: bool, fit: str = "minmax", name: str = ""):
+        if not 2 <= bits <= 8:
+            raise ValueError(f"uniform formats support 2..8 bits, got {bits}")
+        if fit not in ("minmax", "mse"):
+            raise ValueError(f"fit must be 'minmax' or 'mse', got {fit!r}")
+        self.bits = bits
+        self.group_size = group_size
+        self.symmetric = symmetric
+        self.fit_method = fit
+        self.qmax = (1 << bits) - 1
+        self.offset = 1 << (bits - 1)
+        self.name = name or _canonical_name(bits, group_size, symmetric, fit)
+
+    # ----- parameters -------------------------------------------------------------------------
+    def _params_for_range(self, lo: torch.Tensor, hi: torch.Tensor, signed_amax: torch.Tensor) -> Params:
+        if self.symmetric:
+            return {"scale": _fp16(signed_amax / -self.offset)}
+        return {"scale": _fp16((hi - lo) / self.qmax), "min": _fp16(lo)}
+
+    def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> Params:
+        w = w.float()
+        lo = w.amin(dim=1, keepdim=True)
+        hi = w.amax(dim=1, keepdim=True)
+        signed_amax = torch.where(hi.abs() >= lo.abs(), hi, lo)
+        if self.fit_method == "minmax":
+            return self._params_for_range(lo, hi, signed_amax)
+        best, best_err = None, None
+        for i in range(_SEARCH_GRID):
+            p = 1.0 - 0.8 * i / _SEARCH_GRID
+            cand = self._params_for_range(lo * p, hi * p, signed_amax * p)
+            err = (w - self.decode(self.encode(w, cand), cand)).pow(2)
+            if importance is not None:
+                err = err * importance
+            err = err.sum(dim=1, keepdim=True)
+            if best is None:
+                best, best_err = cand, err
+            else:
+                better = err < best_err
+                best = {k: torch.where(better, cand[k], best[k]) for k in best}
+                best_err = torch.minimum(err, best_err)
+        return best
+
+    # ----- rounding ---------------------------------------------------------------------------
+    def encode(self, w: torch.Tensor, params: Params) -> torch.Tensor:
+        d = params["scale"].float()
+        x = w.float() if self.symmetric else w.float() - params["min"].float()
+        inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
+        shift = self.offset if self.symmetric else 0
+        return torch.clamp(torch.round(x * inv) + shift, 0, self.qmax).to(torch.int64)
+
+    def decode(self, codes: torch.Tensor, params: Params) -> torch.Tensor:
+        d = params["scale"].float()
+        if self.symmetric:
+            return (codes.float() - self.offset) * d
+        return codes.float() * d + params["min"].float()
+
+    # ----- storage ----------------------------------------------------------------------------
+    def storage_spec(self, shape: tuple[int, int]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        rows, cols = shape
+        n_groups = self.n_groups(cols)
+        spec = {"codes": ((rows, packed_row_bytes(cols, self.bits)), torch.uint8),
+                "scale": ((rows, n_groups), torch.float16)}
+        if not self.symmetric:
+            spec["min"] = ((rows, n_groups), torch.float16)
+        return spec
+
+    def pack(self, codes: torch.Tensor, params: Params, shape: tuple[int, int]) -> QuantizedTensor:
+        data = {"codes": pack_bits(codes, self.bits), "scale": params["scale"].to(torch.float16).contiguous()}
+        if not self.symmetric:
+            data["min"] = params["min"].to(torch.float16).contiguous()
+        return QuantizedTensor(self.name, tuple(shape), data)
+
+    def unpack(self, qt: QuantizedTensor) -> tuple[torch.Tensor, Params]:
+        codes = unpack_bits(qt.data["codes"], self.bits, qt.shape[1]).to(torch.int64)
+        params = {k: qt.data[k] for k in ("scale", "min") if k in qt.data}
+        return codes, params
+
+
+def _fp16(x: torch.Tensor) -> torch.Tensor:
+    """Round to float16 (what is stored) and back, saturating instead of overflowing to inf."""
+    return x.clamp(-65504.0, 65504.0).to(torch.float16).float()
+
+
+def _canonical_name(bits: int, group_size: int | None, symmetric: bool, fit: str) -> str:
+    g = "ch" if group_size is None else f"g{group_size}"
+    name = f"int{bits}_{g}_{'sym' if symmetric else 'asym'}"
+    return name + ("_mse" if fit == "mse" else "")

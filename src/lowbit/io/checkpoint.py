@@ -1,0 +1,115 @@
+"""Saving and loading quantized models: safetensors for tensors, JSON for what they mean.
+
+A quantized model directory holds:
+  model.safetensors   packed linears (codes, scales, ...) + every other parameter in float16
+  config.json         the original Hugging Face config
+  lowbit.json         format per quantized linear, method, source, sizes
+  tokenizer files     copied from the source model
+Reloading rebuilds the architecture from config.json, swaps in QuantLinear modules of the recorded formats
+and loads the tensors strictly, so it reproduces the in-memory quantized model bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lowbit import __version__
+from lowbit.errors import LowbitError
+from lowbit.io.atomic import atomic_dir
+from lowbit.models.loader import QUANTIZED_MARKER, skip_init
+from lowbit.models.quant_linear import QuantLinear
+from lowbit.models.walker import check_supported, set_module
+
+STORAGE_DTYPE = torch.float16
+CHECKPOINT_VERSION = 1
+
+
+def quantized_formats(model: nn.Module) -> dict[str, str]:
+    return {name: m.format_name for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def save_quantized(model: nn.Module, tokenizer: object, out: str | Path, meta: dict | None = None,
+                   overwrite: bool = False) -> Path:
+    """Write ``model`` (with QuantLinear modules) to ``out`` atomically."""
+    formats = quantized_formats(model)
+    if not formats:
+        raise LowbitError("model has no quantized layers; quantize it first")
+    tensors, seen = {}, {}
+    for key, t in model.state_dict().items():
+        ptr = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if ptr in seen:  # tied weights (e.g. lm_head = embed_tokens) are stored once
+            continue
+        seen[ptr] = key
+        if t.is_floating_point() and t.dtype not in (torch.float16,) and not _is_packed(key, formats):
+            t = t.to(STORAGE_DTYPE)
+        tensors[key] = t.detach().cpu().contiguous()
+    info = {"lowbit_version": __version__, "checkpoint_version": CHECKPOINT_VERSION,
+            "storage_dtype": "float16", "formats": formats, **(meta or {})}
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "lowbit": "1"})
+        model.config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / QUANTIZED_MARKER).write_text(json.dumps(info, indent=2) + "\n")
+    return Path(out)
+
+
+def _is_packed(key: str, formats: dict[str, str]) -> bool:
+    return key.rpartition(".")[0] in formats and not key.endswith(".bias")
+
+
+def read_info(path: str | Path) -> dict:
+    f = Path(path) / QUANTIZED_MARKER
+    if not f.exists():
+        raise LowbitError(f"{path} is not a lowbit quantized model (no {QUANTIZED_MARKER})")
+    return json.loads(f.read_text())
+
+
+def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32,
+                   device: str | torch.device = "cpu") -> tuple[nn.Module, object]:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    info = read_info(path)
+    if info.get("checkpoint_version", 0) > CHECKPOINT_VERSION:
+        raise LowbitError(f"{path} was written by a newer lowbit ({info.get('lowbit_version')}); upgrade lowbit")
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    check_supported(config.model_type)
+    with skip_init():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for name, fmt in info["formats"].items():
+        old = model.get_submodule(name)
+        out_f, in_f = _linear_shape(old)
+        set_module(model, name, QuantLinear(in_f, out_f, fmt, bias=getattr(old, "bias", None) is not None))
+    model.tie_weights()  # before loading: tied tensors were saved once
+    tied = _tied_keys(model)
+    state = load_file(str(path / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise LowbitError(f"{path}: checkpoint does not match the architecture "
+                          f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    model.tie_weights()
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return model.to(device=device, dtype=dtype).eval(), tok
+
+
+def _linear_shape(module: nn.Module) -> tuple[int, int]:
+    w = module.weight
+    return (w.shape[0], w.shape[1]) if isinstance(module, nn.Linear) else (w.shape[1], w.shape[0])
+
+
+def _tied_keys(model: nn.Module) -> set[str]:
+    """State-dict keys that share storage with an earlier key (saved once)."""
+    seen, tied = set(), set()
+    for key, t in model.state_dict().items():
+        ptr = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if ptr in seen:
+            tied.add(key)
+        seen.add(ptr)
+    return tied

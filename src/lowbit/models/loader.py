@@ -1,0 +1,67 @@
+"""Loading models: the bundled default, any local HF directory or cached hub id, or a lowbit checkpoint."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lowbit.data.assets import DEFAULT_MODEL, default_model_dir
+from lowbit.errors import LowbitError
+from lowbit.models.walker import check_supported
+
+QUANTIZED_MARKER = "lowbit.json"
+
+
+def resolve(name_or_path: str | Path | None) -> str:
+    """The bundled default (``None`` or its alias), a local directory, or a hub id as given."""
+    if name_or_path is None or str(name_or_path) == DEFAULT_MODEL:
+        return str(default_model_dir())
+    p = Path(name_or_path).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise LowbitError(f"{p} is a file; pass a model directory (config.json + weights)")
+        if not (p / "config.json").exists():
+            raise LowbitError(f"{p} has no config.json: not a Hugging Face model directory")
+        return str(p)
+    if str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") > 1:
+        raise LowbitError(f"model path not found: {name_or_path}")
+    return str(name_or_path)  # a hub id: only the local cache is consulted
+
+
+def is_quantized_dir(path: str | Path) -> bool:
+    return (Path(path) / QUANTIZED_MARKER).exists()
+
+
+def load_model(name_or_path: str | Path | None = None, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu") -> tuple[nn.Module, object]:
+    """(model in eval mode, tokenizer). Quantized lowbit directories load through :mod:`lowbit.io`."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    src = resolve(name_or_path)
+    if is_quantized_dir(src):
+        from lowbit.io.checkpoint import load_quantized
+
+        return load_quantized(src, dtype=dtype, device=device)
+    try:
+        config = AutoConfig.from_pretrained(src, local_files_only=True)
+    except OSError as e:
+        raise LowbitError(f"cannot load {name_or_path!r}: not a local model directory nor a hub id present in "
+                          f"the local Hugging Face cache (lowbit never downloads models). ({e})") from None
+    check_supported(config.model_type)
+    tok = AutoTokenizer.from_pretrained(src, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, local_files_only=True)
+    return model.to(device).eval(), tok
+
+
+@contextlib.contextmanager
+def skip_init():
+    """Skip random weight initialization when building a model that will be overwritten by a checkpoint."""
+    try:
+        from transformers.initialization import no_init_weights  # transformers >= 5
+    except ImportError:  # pragma: no cover - older transformers
+        from transformers.modeling_utils import no_init_weights
+    with no_init_weights():
+        yield

@@ -1,0 +1,85 @@
+"""Tiny random models built in-test (no downloads) shared by the unit tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def _tokenizer(tmp_path_factory):
+    """A small real byte-level BPE tokenizer trained on the fly (fast, deterministic, offline)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=256 + 64, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<eos>"], show_progress=False)
+    tok.train_from_iterator([SAMPLE_TEXT] * 4, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+    return fast
+
+
+SAMPLE_TEXT = (
+    "The quick brown fox jumps over the lazy dog. Low-bit quantization stores weights in two, three or four "
+    "bits. Perplexity measures how surprised a language model is by held-out text. " * 20
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    return _tokenizer(tmp_path_factory)
+
+
+def make_model(arch: str, vocab: int = 320, seed: int = 0):
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        GPTNeoXConfig,
+        GPTNeoXForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+        OPTConfig,
+        OPTForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
+
+    torch.manual_seed(seed)
+    if arch == "llama":
+        cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+        model = LlamaForCausalLM(cfg)
+    elif arch == "qwen2":
+        cfg = Qwen2Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+        model = Qwen2ForCausalLM(cfg)
+    elif arch == "gpt2":
+        cfg = GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=256)
+        model = GPT2LMHeadModel(cfg)
+    elif arch == "gpt_neox":
+        cfg = GPTNeoXConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, max_position_embeddings=256)
+        model = GPTNeoXForCausalLM(cfg)
+    elif arch == "opt":
+        cfg = OPTConfig(vocab_size=vocab, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                        max_position_embeddings=256, word_embed_proj_dim=64)
+        model = OPTForCausalLM(cfg)
+    else:
+        raise ValueError(arch)
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_model("llama")
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path, tiny_tokenizer):
+    """A tiny random Llama saved as an ordinary HF directory with a tokenizer."""
+    model = make_model("llama", vocab=len(tiny_tokenizer))
+    d = tmp_path / "tiny-llama"
+    model.save_pretrained(d)
+    tiny_tokenizer.save_pretrained(d)
+    return d
