@@ -21,17 +21,22 @@ from pathlib import Path
 import torch
 
 from lowbit import __version__
+from lowbit.algorithms.sequential import CalibConfig
 from lowbit.io.atomic import atomic_file
 from lowbit.models.loader import load_model
 from lowbit.pipeline import compare, default_device, round_to_storage, rows_table
 
-# RTN rows asked for by the foundation issue, plus MSE-clipped variants at 3 and 2 bits.
-DEFAULT_VARIANTS = [
-    "fp16",
+# RTN rows (foundation issue), plus MSE-clipped variants at 3 and 2 bits.
+RTN_VARIANTS = [
     "int4_g32_sym", "int4_g32_asym", "int4_g64_sym", "int4_g64_asym", "int4_g128_sym", "int4_g128_asym",
-    "int3_g128_sym", "int3_g128_asym", "int3_g128_asym_mse",
-    "int2_g64_sym", "int2_g64_asym", "int2_g64_asym_mse",
+    "int3_g128_sym", "int3_g128_asym", "int3_g128_asym_mse", "int3_g64_sym", "int3_g64_asym",
+    "int2_g64_sym", "int2_g64_asym", "int2_g64_asym_mse", "int2_g32_sym", "int2_g32_asym",
 ]
+# GPTQ rows (GPTQ issue): W4 g128, W3 g128, W3 g64, W2 g64, W2 g32, sym and asym; act-order on two of them.
+GPTQ_VARIANTS = [f"gptq:int{b}_g{g}_{k}" for b, g in ((4, 128), (3, 128), (3, 64), (2, 64), (2, 32))
+                 for k in ("sym", "asym")] + ["gptq_act:int3_g128_sym", "gptq_act:int2_g64_asym"]
+SETS = {"rtn": ["fp16", *RTN_VARIANTS], "gptq": ["fp16", *GPTQ_VARIANTS],
+        "all": ["fp16", *RTN_VARIANTS, *GPTQ_VARIANTS]}
 
 
 def hardware(device: str) -> str:
@@ -43,7 +48,9 @@ def hardware(device: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="model (default: bundled smollm2-135m)")
-    ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS))
+    ap.add_argument("--set", choices=sorted(SETS), default="all", help="predefined variant list (default all)")
+    ap.add_argument("--variants", default=None, help="comma-separated [method:]format list (overrides --set)")
+    ap.add_argument("--nsamples", type=int, default=128, help="GPTQ calibration windows (default 128)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--seqlen", type=int, default=None)
     ap.add_argument("--max-windows", type=int, default=None)
@@ -61,12 +68,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {row.variant:<22} bpw {row.linear_bpw:6.3f}  ppl {row.ppl:9.3f}  ({row.delta_pct:+.2f}%)",
               file=sys.stderr, flush=True)
 
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else SETS[args.set]
+    calib = CalibConfig(nsamples=args.nsamples)
     rows, protocol = compare(model, tok, variants, seqlen=args.seqlen, max_windows=args.max_windows,
-                             progress=not args.no_progress, on_row=show)
+                             progress=not args.no_progress, calib=calib, on_row=show)
     command = "python benchmarks/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    header = (f"model: {args.model or 'smollm2-135m (bundled)'}; eval: "
-              f"{'bundled SOTU 2000-2021' }; seqlen {protocol['seqlen']}, {protocol['windows']} windows, "
+    header = (f"model: {args.model or 'smollm2-135m (bundled)'}; eval: bundled SOTU 2000-2021; GPTQ calibration "
+              f"{args.nsamples} x 2048 tokens of SOTU before 2000, damp 0.01, block 128; "
+              f"seqlen {protocol['seqlen']}, {protocol['windows']} windows, "
               f"{protocol['predicted_tokens']} predicted tokens; compute float32 on {hardware(device)}; "
               f"lowbit {__version__}, torch {torch.__version__}")
     print(f"`{command.strip()}`\n\n{header}\n\n{rows_table(rows)}")

@@ -25,6 +25,23 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+def _add_calib(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("calibration (GPTQ)")
+    g.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
+    g.add_argument("--calib-seqlen", type=int, default=2048, help="tokens per window (default 2048 or model max)")
+    g.add_argument("--calib-text", default=None, help="UTF-8 text file instead of the bundled calib split")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    g.add_argument("--damp", type=float, default=0.01, help="damping, fraction of mean diag(H) (default 0.01)")
+    g.add_argument("--blocksize", type=int, default=128, help="GPTQ lazy-update block (default 128)")
+
+
+def _calib_configs(args: argparse.Namespace):  # noqa: ANN202
+    from lowbit.algorithms.sequential import CalibConfig, GPTQConfig
+
+    return (CalibConfig(args.nsamples, args.calib_seqlen, args.calib_text, args.seed),
+            GPTQConfig(args.blocksize, args.damp))
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="lowbit", description="Low-bit post-training quantization of LLMs.")
     ap.add_argument("--version", action="version", version=f"lowbit {__version__}")
@@ -34,10 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     p.add_argument("--format", "-f", required=True,
                    help="weight format, e.g. int4_g128_asym, q4_0 (see `lowbit formats`)")
-    p.add_argument("--method", default="rtn", help="rounding algorithm (default rtn)")
+    p.add_argument("--method", default="rtn", choices=["rtn", "gptq", "gptq_act"],
+                   help="rounding: rtn, gptq, or gptq_act (GPTQ with act-order) (default rtn)")
     p.add_argument("--out", "-o", required=True, help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--checkpoint", default=None,
+                   help="GPTQ resume directory (default: OUT.partial); rerun the same command to resume")
     p.add_argument("--no-progress", action="store_true")
+    _add_calib(p)
 
     p = sub.add_parser("eval", help="perplexity of a model (float or quantized)")
     _add_model(p)
@@ -49,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--formats", default="fp16,int4_g128_asym,int3_g128_asym",
                    help="comma-separated [method:]format list; fp16 is the baseline (default: %(default)s)")
     p.add_argument("--json", default=None, help="also write rows + protocol to this JSON file")
+    _add_calib(p)
 
     p = sub.add_parser("info", help="describe a quantized model directory")
     p.add_argument("path")
@@ -89,14 +111,22 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if out.exists() and not args.overwrite:
         raise LowbitError(f"{out} already exists; pass --overwrite to replace it")
     model, tok = _load(args)
+    calib, gptq = _calib_configs(args)
+    checkpoint = args.checkpoint or f"{out}.partial"
     t0 = time.perf_counter()
-    quantize(model, method, fmt, progress=not args.no_progress)
+    quantize(model, method, fmt, tok, calib=calib, gptq=gptq, device=str(next(model.parameters()).device),
+             checkpoint_dir=checkpoint if method != "rtn" else None, progress=not args.no_progress)
     seconds = time.perf_counter() - t0
     from lowbit.eval.sizes import model_size
 
     size = model_size(model)
     meta = {"method": method, "format": fmt, "source": resolve(args.model), "quantize_seconds": round(seconds, 2),
             "linear_bpw": size.linear_bpw, "total_bytes": size.total_bytes}
+    if method != "rtn":
+        from dataclasses import asdict
+
+        meta["calibration"] = asdict(calib)
+        meta["gptq"] = asdict(gptq)
     save_quantized(model, tok, out, meta=meta, overwrite=args.overwrite)
     print(f"saved {out}: {fmt} ({method}), {size.linear_bpw:.4f} bits/weight in decoder linears, "
           f"{size.total_mb:.1f} MB total, quantized in {seconds:.1f}s")
@@ -107,9 +137,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from lowbit.data.corpus import load_text
     from lowbit.eval.perplexity import choose_seqlen, perplexity, tokenize_stream
 
+    text = load_text("eval", args.text)  # fail on a bad path before loading the model
     model, tok = _load(args)
     seqlen = choose_seqlen(model, args.seqlen)
-    ids = tokenize_stream(tok, load_text("eval", args.text))
+    ids = tokenize_stream(tok, text)
     res = perplexity(model, ids, seqlen, max_windows=args.max_windows, progress=not args.no_progress)
     print(f"perplexity {res.ppl:.4f}  (seqlen {res.seqlen}, {res.n_windows} windows, "
           f"{res.n_predicted} predicted tokens of {ids.numel()} available)")
@@ -125,8 +156,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for v in variants:
         parse_variant(v)
     model, tok = _load(args)
+    calib, gptq = _calib_configs(args)
     rows, protocol = compare(model, tok, variants, seqlen=args.seqlen, max_windows=args.max_windows,
-                             text_path=args.text, progress=not args.no_progress)
+                             text_path=args.text, progress=not args.no_progress, calib=calib, gptq=gptq)
     print(rows_table(rows))
     print(f"\nprotocol: {protocol['windows']} windows x {protocol['seqlen']} tokens "
           f"({protocol['predicted_tokens']} predicted tokens; {protocol['eval_tokens_available']} available), "

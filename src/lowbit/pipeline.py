@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
 
 from lowbit.algorithms.rtn import quantize_rtn, uniform_plan
+from lowbit.algorithms.sequential import CalibConfig, GPTQConfig, quantize_sequential
 from lowbit.data.corpus import load_text
 from lowbit.errors import LowbitError
 from lowbit.eval.perplexity import choose_seqlen, perplexity, tokenize_stream
@@ -18,7 +19,7 @@ from lowbit.eval.sizes import model_size
 from lowbit.formats import get_format
 
 BASELINE = "fp16"
-METHODS = ("rtn",)
+METHODS = ("rtn", "gptq", "gptq_act")  # gptq_act = GPTQ with act-order
 
 
 def default_device() -> str:
@@ -47,10 +48,21 @@ def parse_variant(spec: str) -> tuple[str, str | None]:
     return method, fmt
 
 
-def quantize(model: nn.Module, method: str, format_name: str, progress: bool = True) -> dict[str, float]:
-    """Quantize every decoder linear of ``model`` in place."""
+def quantize(model: nn.Module, method: str, format_name: str, tokenizer: object = None,
+             calib: CalibConfig | None = None, gptq: GPTQConfig | None = None, device: str | None = None,
+             checkpoint_dir: str | None = None, progress: bool = True) -> dict[str, object]:
+    """Quantize every decoder linear of ``model`` in place; returns per-linear statistics."""
+    plan = uniform_plan(model, format_name)
     if method == "rtn":
-        return quantize_rtn(model, uniform_plan(model, format_name), progress=progress)
+        return quantize_rtn(model, plan, progress=progress)
+    if method in ("gptq", "gptq_act"):
+        if tokenizer is None:
+            raise LowbitError("GPTQ needs the tokenizer to build calibration samples")
+        cfg = replace(gptq or GPTQConfig())
+        cfg.act_order = cfg.act_order or method == "gptq_act"
+        report = quantize_sequential(model, tokenizer, plan, calib=calib, gptq=cfg, device=device,
+                                     checkpoint_dir=checkpoint_dir, progress=progress)
+        return dict(report.linears)
     raise LowbitError(f"unknown method {method!r}")
 
 
@@ -73,6 +85,7 @@ HEADERS = ("variant", "bpw (linears)", "linears MB", "embed+head MB", "total MB"
 
 def compare(model: nn.Module, tokenizer: object, variants: list[str], seqlen: int | None = None,
             max_windows: int | None = None, text_path: str | None = None, progress: bool = True,
+            calib: CalibConfig | None = None, gptq: GPTQConfig | None = None,
             on_row=None) -> tuple[list[Row], dict]:  # noqa: ANN001
     """Quantize copies of ``model`` (float, 16-bit-rounded) into each variant and measure perplexity."""
     parsed = [(v, *parse_variant(v)) for v in variants]  # fail fast on a bad name
@@ -85,7 +98,8 @@ def compare(model: nn.Module, tokenizer: object, variants: list[str], seqlen: in
         m = model if method == BASELINE else copy.deepcopy(model)
         t0 = time.perf_counter()
         if method != BASELINE:
-            quantize(m, method, fmt, progress=progress)
+            device = str(next(m.parameters()).device)
+            quantize(m, method, fmt, tokenizer, calib=calib, gptq=gptq, device=device, progress=progress)
         t1 = time.perf_counter()
         res = perplexity(m, ids, seqlen, max_windows=max_windows, progress=progress, desc=spec)
         t2 = time.perf_counter()

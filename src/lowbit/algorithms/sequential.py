@@ -1,0 +1,237 @@
+"""Layer-by-layer Hessian-aware quantization with crash-safe resume.
+
+For decoder layer i: run the calibration activations through it while hooks accumulate each linear's input
+Hessian H = 2/N X^T X, quantize its linears (GPTQ/LDLQ), then run the *quantized* layer to produce the inputs
+of layer i+1. Only the layer being processed is on the compute device. After every layer a checkpoint (the
+quantized layers so far + the next layer's inputs) is written atomically; a rerun with the same settings resumes
+after the last finished layer and ends bit-identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from lowbit.algorithms.gptq import gptq_quantize, proxy_loss
+from lowbit.algorithms.rtn import check_finite
+from lowbit.calibration.capture import HessianAccumulator, capture_layer_inputs
+from lowbit.calibration.samples import DEFAULT_NSAMPLES, DEFAULT_SEQLEN, calibration_samples
+from lowbit.errors import LowbitError
+from lowbit.eval.perplexity import model_max_length
+from lowbit.formats import get_format
+from lowbit.io.atomic import atomic_file
+from lowbit.models.quant_linear import QuantLinear
+from lowbit.models.walker import DECODER_LAYERS, decoder_layers, linear_weight, set_module
+
+
+@dataclass
+class CalibConfig:
+    nsamples: int = DEFAULT_NSAMPLES
+    seqlen: int = DEFAULT_SEQLEN
+    text_path: str | None = None
+    seed: int = 0
+
+
+@dataclass
+class GPTQConfig:
+    blocksize: int = 128
+    percdamp: float = 0.01
+    act_order: bool = False
+
+
+@dataclass
+class LinearStats:
+    proxy_loss: float
+    rtn_proxy_loss: float
+    damp: float
+    retries: int
+    seconds: float
+
+
+@dataclass
+class SequentialReport:
+    linears: dict[str, LinearStats] = field(default_factory=dict)
+    resumed_from_layer: int = 0
+    seconds: float = 0.0
+
+
+def quantize_sequential(model: nn.Module, tokenizer: object, plan: dict[str, str],
+                        calib: CalibConfig | None = None, gptq: GPTQConfig | None = None,
+                        device: str | torch.device | None = None, checkpoint_dir: str | Path | None = None,
+                        progress: bool = True, on_layer_done: Callable[[int], None] | None = None,
+                        samples: torch.Tensor | None = None) -> SequentialReport:
+    """GPTQ-quantize in place the decoder linears named in ``plan`` (name -> format), layer by layer.
+
+    ``samples`` ([n, seqlen] token ids) replaces the calibration text when given.
+    """
+    calib = calib or CalibConfig()
+    gptq = gptq or GPTQConfig()
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    layers = decoder_layers(model)
+    prefix = DECODER_LAYERS[model.config.model_type]
+    by_layer = _plan_by_layer(model, plan, prefix, len(layers))
+    if samples is None:
+        seqlen = min(calib.seqlen, model_max_length(model) or calib.seqlen)
+        samples = calibration_samples(tokenizer, calib.nsamples, seqlen, calib.text_path, calib.seed)
+
+    ckpt = _Checkpoint(checkpoint_dir, _fingerprint(model, plan, calib, gptq)) if checkpoint_dir else None
+    start = 0
+    report = SequentialReport()
+    t_start = time.perf_counter()
+    if ckpt and ckpt.exists():
+        start, inps, stats = ckpt.load(model, layers, prefix)
+        report.linears.update(stats)
+        report.resumed_from_layer = start
+        _, kwargs = capture_layer_inputs(model, samples[:1], device)
+        inps = inps.to(device)
+    else:
+        inps, kwargs = capture_layer_inputs(model, samples, device)
+
+    bar = tqdm(range(start, len(layers)), desc="gptq", unit="layer", disable=not progress,
+               initial=start, total=len(layers))
+    for i in bar:
+        layer = layers[i]
+        home = _device_of(layer)
+        layer.to(device)
+        names = by_layer[i]
+        stats = _quantize_layer(layer, names, plan, prefix, i, inps, kwargs, gptq)
+        report.linears.update(stats)
+        inps = _run_layer(layer, inps, kwargs)
+        layer.to(home)
+        if ckpt:
+            ckpt.save(i, layer, inps, report.linears)
+        if stats:
+            bar.set_postfix(loss=f"{sum(s.proxy_loss for s in stats.values()):.4g}",
+                            rtn=f"{sum(s.rtn_proxy_loss for s in stats.values()):.4g}")
+        if on_layer_done:
+            on_layer_done(i)
+    if ckpt:
+        ckpt.remove()
+    report.seconds = time.perf_counter() - t_start
+    return report
+
+
+def _plan_by_layer(model: nn.Module, plan: dict[str, str], prefix: str, n_layers: int) -> list[list[str]]:
+    by_layer: list[list[str]] = [[] for _ in range(n_layers)]
+    for name, fmt in plan.items():
+        get_format(fmt)
+        if not name.startswith(prefix + "."):
+            raise LowbitError(f"{name} is not inside a decoder layer")
+        module = model.get_submodule(name)
+        if isinstance(module, QuantLinear):
+            raise LowbitError(f"{name} is already quantized ({module.format_name})")
+        check_finite(name, linear_weight(module))
+        by_layer[int(name[len(prefix) + 1 :].split(".")[0])].append(name)
+    return by_layer
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    p = next(module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+@torch.no_grad()
+def _run_layer(layer: nn.Module, inps: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    outs = torch.empty_like(inps)
+    for j in range(inps.shape[0]):
+        out = layer(inps[j : j + 1], **kwargs)
+        outs[j] = (out[0] if isinstance(out, tuple) else out)[0].float()
+    return outs
+
+
+def _quantize_layer(layer: nn.Module, names: list[str], plan: dict[str, str], prefix: str, index: int,
+                    inps: torch.Tensor, kwargs: dict[str, Any], cfg: GPTQConfig) -> dict[str, LinearStats]:
+    local = {n: n[len(f"{prefix}.{index}.") :] for n in names}
+    accs = {}
+    for name, sub in local.items():
+        module = layer.get_submodule(sub)
+        accs[name] = HessianAccumulator(module, linear_weight(module).shape[1], inps.device)
+    try:
+        _run_layer(layer, inps, kwargs)
+    finally:
+        hessians = {n: a.remove() for n, a in accs.items()}
+    stats = {}
+    for name, sub in local.items():
+        t0 = time.perf_counter()
+        module = layer.get_submodule(sub)
+        fmt = get_format(plan[name])
+        w = linear_weight(module).float()
+        H = hessians[name]
+        res = gptq_quantize(w, H, fmt, cfg.blocksize, cfg.percdamp, cfg.act_order)
+        rtn = proxy_loss(w, fmt.dequantize(fmt.quantize(w)), H)
+        bias = getattr(module, "bias", None)
+        set_module(layer, sub, QuantLinear.from_quantized(res.qt, None if bias is None else bias.data))
+        stats[name] = LinearStats(res.proxy_loss, rtn, res.damp, res.retries, time.perf_counter() - t0)
+        if res.retries:
+            tqdm.write(f"lowbit: {name}: Cholesky failed {res.retries}x; damping raised to {res.damp:g}")
+    return stats
+
+
+def _fingerprint(model: nn.Module, plan: dict[str, str], calib: CalibConfig, gptq: GPTQConfig) -> str:
+    h = hashlib.sha256()
+    h.update(model.config.to_json_string().encode())
+    h.update(json.dumps([sorted(plan.items()), asdict(calib), asdict(gptq)], sort_keys=True).encode())
+    for p in list(model.parameters())[:4]:  # cheap guard against resuming onto different weights
+        h.update(p.detach().float().cpu().flatten()[:4096].numpy().tobytes())
+    return h.hexdigest()
+
+
+class _Checkpoint:
+    """Directory with layer_<i>.safetensors per finished layer, inputs.safetensors and state.json."""
+
+    def __init__(self, path: str | Path, fingerprint: str):
+        self.path = Path(path)
+        self.fingerprint = fingerprint
+
+    def exists(self) -> bool:
+        return (self.path / "state.json").exists()
+
+    def save(self, index: int, layer: nn.Module, inps: torch.Tensor, stats: dict[str, LinearStats]) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in layer.state_dict().items()}
+        formats = {n: m.format_name for n, m in layer.named_modules() if isinstance(m, QuantLinear)}
+        with atomic_file(self.path / f"layer_{index}.safetensors") as tmp:
+            save_file(tensors, str(tmp), metadata={"formats": json.dumps(formats)})
+        with atomic_file(self.path / "inputs.safetensors") as tmp:
+            save_file({"inputs": inps.detach().cpu().contiguous()}, str(tmp))
+        state = {"fingerprint": self.fingerprint, "next_layer": index + 1,
+                 "stats": {k: asdict(v) for k, v in stats.items()}}
+        with atomic_file(self.path / "state.json") as tmp:  # written last: it is what makes the layer count
+            tmp.write_text(json.dumps(state))
+
+    def load(self, model: nn.Module, layers: nn.ModuleList,
+             prefix: str) -> tuple[int, torch.Tensor, dict[str, LinearStats]]:
+        state = json.loads((self.path / "state.json").read_text())
+        if state["fingerprint"] != self.fingerprint:
+            raise LowbitError(f"checkpoint {self.path} was made with other settings or another model; "
+                              "delete it to start over")
+        from safetensors import safe_open
+
+        for i in range(state["next_layer"]):
+            f = self.path / f"layer_{i}.safetensors"
+            with safe_open(str(f), "pt") as sf:
+                formats = json.loads(sf.metadata()["formats"])
+            layer = layers[i]
+            for sub, fmt in formats.items():
+                old = layer.get_submodule(sub)
+                out_f, in_f = linear_weight(old).shape
+                bias = getattr(old, "bias", None) is not None
+                set_module(layer, sub, QuantLinear(in_f, out_f, fmt, bias=bias, device=_device_of(old)))
+            layer.load_state_dict(load_file(str(f)), strict=True)
+        inps = load_file(str(self.path / "inputs.safetensors"))["inputs"]
+        stats = {k: LinearStats(**v) for k, v in state["stats"].items()}
+        return state["next_layer"], inps, stats
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)

@@ -1,0 +1,1 @@
+"""Calibration data and activation capture for Hessian-aware rounding."""

@@ -1,0 +1,109 @@
+"""Capturing what flows into decoder layers and their linears.
+
+* :func:`capture_layer_inputs` runs the model up to the first decoder layer and records that layer's inputs
+  (hidden states) and the keyword arguments the model passes to every layer (attention mask, rotary
+  embeddings, position ids...), so layers can then be run one at a time.
+* :class:`HessianAccumulator` hooks a linear layer and accumulates H = 2/N * sum(x x^T) over its N input rows.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit.models.walker import decoder_layers
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, samples: torch.Tensor, device: torch.device | str,
+                         store_device: torch.device | str | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+    """(hidden states entering layer 0, [n, seqlen, hidden] float32; kwargs passed to each layer).
+
+    Only the modules before the first layer (embeddings, rotary tables) run, on ``device``.
+    """
+    layers = decoder_layers(model)
+    first = layers[0]
+    store_device = store_device or device
+    captured: list[torch.Tensor] = []
+    kwargs_box: dict[str, Any] = {}
+
+    def hook(_module, args, kwargs):  # noqa: ANN001, ANN202
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append(hidden.detach().float().to(store_device))
+        kwargs_box.clear()
+        kwargs_box.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
+        raise _Stop
+
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    moved = _move_prefix(model, device)
+    try:
+        for i in range(samples.shape[0]):
+            try:
+                model(input_ids=samples[i : i + 1].to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+        for m, dev in moved:
+            m.to(dev)
+    kwargs = {k: v for k, v in kwargs_box.items() if k not in ("past_key_value", "past_key_values", "use_cache")}
+    return torch.cat(captured), kwargs
+
+
+def _move_prefix(model: nn.Module, device: torch.device | str) -> list[tuple[nn.Module, torch.device]]:
+    """Move every module except the decoder layers and the LM head to ``device``; return how to undo it."""
+    layers = decoder_layers(model)
+    head = model.get_output_embeddings()
+    skip = {id(layers), id(head)}
+    moved = []
+    for _name, child in _top_modules(model, skip):
+        p = next(child.parameters(recurse=True), None)
+        p = next(child.buffers(recurse=True), None) if p is None else p
+        if p is not None:
+            moved.append((child, p.device))
+            child.to(device)
+    return moved
+
+
+def _top_modules(model: nn.Module, skip: set[int]) -> list[tuple[str, nn.Module]]:
+    """Leaf-most modules that contain no skipped module (so the decoder stack itself is never moved)."""
+    out = []
+
+    def visit(prefix: str, mod: nn.Module) -> None:
+        for name, child in mod.named_children():
+            if id(child) in skip:
+                continue
+            if any(id(d) in skip for d in child.modules()):
+                visit(f"{prefix}{name}.", child)
+            else:
+                out.append((f"{prefix}{name}", child))
+
+    visit("", model)
+    return out
+
+
+class HessianAccumulator:
+    """Running H = 2/N sum x x^T (float32) over all input rows a linear layer sees while hooked."""
+
+    def __init__(self, module: nn.Module, in_features: int, device: torch.device | str):
+        self.H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.rows = 0
+        self.handle = module.register_forward_pre_hook(self._hook)
+
+    def _hook(self, _module, args):  # noqa: ANN001, ANN202
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+        n = x.shape[0]
+        self.H.mul_(self.rows / (self.rows + n))
+        self.rows += n
+        x = x * (2.0 / self.rows) ** 0.5
+        self.H.addmm_(x.t(), x)
+
+    def remove(self) -> torch.Tensor:
+        self.handle.remove()
+        return self.H

@@ -1,0 +1,76 @@
+import json
+
+import pytest
+
+from conftest import SAMPLE_TEXT
+from lowbit.cli import main
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    f = tmp_path / "text.txt"
+    f.write_text(SAMPLE_TEXT * 3)
+    return str(f)
+
+
+def test_quantize_info_eval_round_trip(tiny_model_dir, tmp_path, text_file, capsys):
+    out = tmp_path / "q"
+    assert main(["quantize", str(tiny_model_dir), "-f", "q4_0", "-o", str(out), "--no-progress"]) == 0
+    assert "4.5000 bits/weight" in capsys.readouterr().out
+    info = json.loads((out / "lowbit.json").read_text())
+    assert set(info["formats"].values()) == {"q4_0"} and info["method"] == "rtn"
+    assert main(["info", str(out)]) == 0
+    assert "14 x q4_0" in capsys.readouterr().out
+    assert main(["eval", str(out), "--text", text_file, "--seqlen", "64", "--no-progress"]) == 0
+    q_out = capsys.readouterr().out
+    assert main(["eval", str(tiny_model_dir), "--text", text_file, "--seqlen", "64", "--no-progress"]) == 0
+    f_out = capsys.readouterr().out
+    assert "perplexity" in q_out and "seqlen 64" in q_out and q_out != f_out
+    # refuses to clobber without --overwrite
+    assert main(["quantize", str(tiny_model_dir), "-f", "q4_0", "-o", str(out), "--no-progress"]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_gptq_via_cli_resumable_dir_cleaned(tiny_model_dir, tmp_path, text_file):
+    out = tmp_path / "g"
+    args = ["quantize", str(tiny_model_dir), "-f", "int3_g32_asym", "-o", str(out), "--method", "gptq",
+            "--nsamples", "4", "--calib-seqlen", "32", "--calib-text", text_file, "--no-progress"]
+    assert main(args) == 0
+    info = json.loads((out / "lowbit.json").read_text())
+    assert info["method"] == "gptq" and info["calibration"]["nsamples"] == 4
+    assert not (tmp_path / "g.partial").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["quantize", "/nonexistent/model", "-f", "q4_0", "-o", "x"], "not found"),
+    (["quantize", "MODEL", "-f", "nf4", "-o", "OUT"], "unknown format"),
+    (["eval", "MODEL", "--text", "/nonexistent.txt"], "text file not found"),
+    (["info", "MODEL"], "not a lowbit quantized model"),
+    (["formats", "--shape", "12"], "--shape"),
+])
+def test_clear_errors(argv, message, tiny_model_dir, tmp_path, capsys):
+    argv = [str(tiny_model_dir) if a == "MODEL" else str(tmp_path / "out") if a == "OUT" else a for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "lowbit: error:" in err and message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_nan_weights_clear_error_nothing_written(tiny_model_dir, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    f = tiny_model_dir / "model.safetensors"
+    sd = load_file(str(f))
+    key = next(k for k in sd if k.endswith("mlp.down_proj.weight"))
+    sd[key][0, 0] = float("nan")
+    save_file(sd, str(f), metadata={"format": "pt"})
+    out = tmp_path / "q"
+    assert main(["quantize", str(tiny_model_dir), "-f", "q4_0", "-o", str(out), "--no-progress"]) == 2
+    assert "NaN" in capsys.readouterr().err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".q")]
+
+
+def test_formats_lists_exact_bpw(capsys):
+    assert main(["formats", "--shape", "4096x11008"]) == 0
+    out = capsys.readouterr().out
+    assert "q4_0" in out and "4.500" in out
