@@ -93,11 +93,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _load(args: argparse.Namespace):  # noqa: ANN202
+def _load(args: argparse.Namespace, device: str | None = None):  # noqa: ANN202
     from lowbit.models.loader import load_model
     from lowbit.pipeline import default_device, round_to_storage
 
-    model, tok = load_model(args.model, device=args.device or default_device())
+    model, tok = load_model(args.model, device=device or args.device or default_device())
     return round_to_storage(model), tok
 
 
@@ -110,11 +110,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise LowbitError(f"{out} already exists; pass --overwrite to replace it")
-    model, tok = _load(args)
+    from lowbit.pipeline import default_device
+
+    compute = args.device or default_device()
+    # GPTQ keeps the model in CPU memory and moves one decoder layer at a time to the compute device.
+    model, tok = _load(args, device="cpu" if method != "rtn" else compute)
     calib, gptq = _calib_configs(args)
     checkpoint = args.checkpoint or f"{out}.partial"
     t0 = time.perf_counter()
-    quantize(model, method, fmt, tok, calib=calib, gptq=gptq, device=str(next(model.parameters()).device),
+    quantize(model, method, fmt, tok, calib=calib, gptq=gptq, device=compute,
              checkpoint_dir=checkpoint if method != "rtn" else None, progress=not args.no_progress)
     seconds = time.perf_counter() - t0
     from lowbit.eval.sizes import model_size
