@@ -1,0 +1,119 @@
+"""Randomized Hadamard transforms of any size used by real models.
+
+``n = 2^k * m``: the power-of-two part uses the fast Walsh-Hadamard transform (O(n log n)); the remaining factor
+``m`` uses a Hadamard matrix when we can build one of that order (Paley I for prime m-1, then Sylvester doubling:
+12, 20, 24, 40, 44, ...), else a seeded random orthogonal matrix (QuIP-style Kronecker factor). With random
+signs in front, the transform is
+
+    R = (F_m kron H_{2^k}) diag(s),     orthonormal, stored as (n, seed) only.
+
+``apply(x)`` computes ``x @ R.T`` along the last dimension and ``inverse(y)`` computes ``y @ R``; so for a
+linear layer ``y = x W^T``, using ``W' = W R^T`` and ``x' = x R^T`` gives ``x' W'^T = x W^T`` exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import cache
+
+import torch
+
+
+def fwht(x: torch.Tensor) -> torch.Tensor:
+    """Orthonormal fast Walsh-Hadamard transform along the last dimension (a power of two)."""
+    n = x.shape[-1]
+    if n & (n - 1):
+        raise ValueError(f"fwht needs a power-of-two length, got {n}")
+    shape = x.shape
+    y = x.reshape(-1, n)
+    h = 1
+    while h < n:
+        y = y.view(-1, n // (2 * h), 2, h)
+        a, b = y[:, :, 0, :], y[:, :, 1, :]
+        y = torch.stack((a + b, a - b), dim=2)
+        h *= 2
+    return (y.reshape(shape) / math.sqrt(n)).to(x.dtype)
+
+
+def _is_prime(q: int) -> bool:
+    return q > 1 and all(q % d for d in range(2, int(q**0.5) + 1))
+
+
+@cache
+def hadamard_matrix(m: int) -> torch.Tensor | None:
+    """A Hadamard matrix of order m (entries +-1, H H^T = m I) by Sylvester/Paley I, or None if not built."""
+    if m == 1:
+        return torch.ones(1, 1)
+    if m % 2 == 0 and (m & (m - 1)) == 0:
+        h = hadamard_matrix(m // 2)
+        return torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    q = m - 1
+    if m % 4 == 0 and _is_prime(q) and q % 4 == 3:  # Paley construction I
+        residues = {(i * i) % q for i in range(1, q)}
+        chi = [0] + [1 if i in residues else -1 for i in range(1, q)]
+        Q = torch.tensor([[chi[(j - i) % q] for j in range(q)] for i in range(q)], dtype=torch.float32)
+        S = torch.zeros(m, m)
+        S[0, 1:] = 1
+        S[1:, 0] = -1
+        S[1:, 1:] = Q
+        return S + torch.eye(m)
+    if m % 2 == 0:  # m = 2 * m', Sylvester doubling of a smaller Paley matrix
+        h = hadamard_matrix(m // 2)
+        if h is not None:
+            return torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return None
+
+
+def _split(n: int) -> tuple[int, int]:
+    """n = m * 2^k with the smallest m whose factor we can build as a Hadamard matrix, else the odd part."""
+    k = (n & -n).bit_length() - 1
+    odd = n >> k
+    for j in range(k + 1):  # move powers of two into m until a Hadamard matrix of order m exists
+        m = odd << j
+        if hadamard_matrix(m) is not None:
+            return m, n // m
+    return odd, n // odd
+
+
+class RandomizedHadamard:
+    """The orthonormal transform R = (F_m kron H_p) diag(signs) for a length n, determined by (n, seed)."""
+
+    def __init__(self, n: int, seed: int = 0):
+        if n < 1:
+            raise ValueError(f"rotation size must be positive, got {n}")
+        self.n, self.seed = n, seed
+        self.m, self.p = _split(n)
+        g = torch.Generator().manual_seed(seed)
+        self.signs = torch.randint(0, 2, (n,), generator=g).float() * 2 - 1
+        h = hadamard_matrix(self.m)
+        if h is not None:
+            self.factor = h / math.sqrt(self.m)
+            self.kind = f"hadamard {self.m} x fwht {self.p}"
+        else:  # QuIP: a random orthogonal Kronecker factor where no Hadamard matrix of order m is known
+            q, r = torch.linalg.qr(torch.randn(self.m, self.m, generator=g, dtype=torch.float64))
+            self.factor = (q * torch.sign(torch.diagonal(r))).float()
+            self.kind = f"random orthogonal {self.m} x fwht {self.p}"
+
+    def _kron(self, x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+        # index i = a * p + b  (a < m, b < p): apply factor on a, Hadamard on b
+        y = fwht(x.reshape(*x.shape[:-1], self.m, self.p))
+        y = torch.einsum("ij,...jb->...ib", factor.to(y), y)
+        return y.reshape(x.shape)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ R^T along the last dimension."""
+        self._check(x)
+        return self._kron(x * self.signs.to(x), self.factor)
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        """y @ R (the inverse, R being orthogonal)."""
+        self._check(y)
+        return self._kron(y, self.factor.t()) * self.signs.to(y)
+
+    def matrix(self) -> torch.Tensor:
+        """R as a dense [n, n] matrix (tests and small sizes only)."""
+        return self.apply(torch.eye(self.n)).t()
+
+    def _check(self, x: torch.Tensor) -> None:
+        if x.shape[-1] != self.n:
+            raise ValueError(f"last dimension {x.shape[-1]} != rotation size {self.n}")

@@ -1,0 +1,57 @@
+import pytest
+import torch
+
+from lowbit.rotations import RandomizedHadamard, fwht, hadamard_matrix
+
+SIZES = [1, 8, 64, 576, 1536, 12, 20, 24, 40, 43 * 4, 11008 // 64, 14336 // 128, 3 * 32]
+
+
+@pytest.mark.parametrize("m", [2, 4, 12, 20, 24, 40, 44, 48, 60])
+def test_hadamard_matrices(m):
+    h = hadamard_matrix(m)
+    assert h is not None
+    assert set(h.unique().tolist()) == {-1.0, 1.0}
+    assert torch.equal(h @ h.t(), m * torch.eye(m))
+
+
+def test_fwht_matches_dense_sylvester():
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
+    dense = hadamard_matrix(64) / 8
+    assert torch.allclose(fwht(x), x @ dense.t(), atol=1e-5)
+    with pytest.raises(ValueError):
+        fwht(torch.randn(2, 12))
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_orthogonal_and_round_trip(n):
+    r = RandomizedHadamard(n, seed=7)
+    R = r.matrix()
+    assert torch.allclose(R @ R.t(), torch.eye(n), atol=1e-4)
+    x = torch.randn(5, n, generator=torch.Generator().manual_seed(n))
+    assert torch.allclose(r.inverse(r.apply(x)), x, atol=1e-4)
+    assert torch.allclose(r.apply(x), x @ R.t(), atol=1e-4)
+
+
+@pytest.mark.parametrize("n", [576, 172, 96])
+def test_linear_layer_invariance(n):
+    """W x == (W R^T)(R x): rotating weights and activations together changes nothing."""
+    g = torch.Generator().manual_seed(1)
+    W, x = torch.randn(32, n, generator=g), torch.randn(4, n, generator=g)
+    r = RandomizedHadamard(n, seed=3)
+    assert torch.allclose(r.apply(x) @ r.apply(W).t(), x @ W.t(), atol=1e-3)
+
+
+def test_seed_determines_transform_and_incoherence():
+    a, b = RandomizedHadamard(576, seed=1), RandomizedHadamard(576, seed=1)
+    assert torch.equal(a.matrix(), b.matrix())
+    assert not torch.equal(a.matrix(), RandomizedHadamard(576, seed=2).matrix())
+    # an outlier-heavy weight becomes Gaussian-like: max |w| / rms drops sharply
+    w = torch.randn(64, 576, generator=torch.Generator().manual_seed(0))
+    w[:, 5] *= 50
+    ratio = lambda t: (t.abs().max() / t.pow(2).mean().sqrt()).item()  # noqa: E731
+    assert ratio(a.apply(w)) < ratio(w) / 5
+
+
+def test_kinds():
+    assert RandomizedHadamard(576).kind.startswith("hadamard")
+    assert RandomizedHadamard(43 * 8).kind.startswith("random orthogonal 43")
