@@ -4,6 +4,8 @@ Names:
   ``int{b}_g{N}_{sym|asym}[_mse]``  uniform b-bit (2..8), groups of N input columns
   ``int{b}_ch_{sym|asym}[_mse]``    uniform b-bit, one group per output channel (row)
   ``q4_0``, ``q4_1``, ``q8_0``       ggml block formats (= int4_g32_sym, int4_g32_asym, int8_g32_sym)
+  ``{nz2|pm12|std2}_{gN|ch}``       2-bit level sets {+-0.5,+-1.5}, {+-1,+-2}, {-2,-1,0,1} x per-group scale
+  ``nz2r{RR}_{gN|ch}``              no-zero set {-1,-r,r,1} with inner/outer ratio r = RR/100
 """
 
 from __future__ import annotations
@@ -13,12 +15,15 @@ from functools import cache
 
 from lowbit.errors import UnknownFormatError
 from lowbit.formats.base import Format, Params, QuantizedTensor, cat_params
+from lowbit.formats.levelset import NAMED_LEVELS, LevelSetFormat, no_zero_levels
 from lowbit.formats.uniform import UniformFormat
 
-__all__ = ["Format", "Params", "QuantizedTensor", "UniformFormat", "cat_params", "get_format", "example_names"]
+__all__ = ["Format", "LevelSetFormat", "Params", "QuantizedTensor", "UniformFormat", "cat_params", "get_format",
+           "example_names"]
 
 ALIASES = {"q4_0": "int4_g32_sym", "q4_1": "int4_g32_asym", "q8_0": "int8_g32_sym"}
 _UNIFORM = re.compile(r"^int(?P<bits>[2-8])_(?:g(?P<g>\d+)|(?P<ch>ch))_(?P<kind>sym|asym)(?P<mse>_mse)?$")
+_LEVELS = re.compile(r"^(?:(?P<set>nz2|pm12|std2)|nz2r(?P<ratio>\d{2}))_(?:g(?P<g>\d+)|(?P<ch>ch))$")
 
 
 @cache
@@ -26,19 +31,22 @@ def get_format(name: str) -> Format:
     """Return the format called ``name`` (see module docstring); raises UnknownFormatError with examples."""
     key = name.strip().lower()
     canonical = ALIASES.get(key, key)
-    m = _UNIFORM.match(canonical)
+    m = _UNIFORM.match(canonical) or _LEVELS.match(canonical)
     if m:
         g = None if m["ch"] else int(m["g"])
         if g is not None and (g < 8 or g % 8):
             raise UnknownFormatError(f"group size must be a multiple of 8 (>= 8), got {g} in {name!r}")
+        if "set" in m.groupdict():
+            levels = NAMED_LEVELS[m["set"]] if m["set"] else no_zero_levels(int(m["ratio"]) / 100)
+            return LevelSetFormat(levels, g, canonical)
         fmt = UniformFormat(int(m["bits"]), g, m["kind"] == "sym", "mse" if m["mse"] else "minmax")
         if key in ALIASES:
             fmt.name = key
         return fmt
     raise UnknownFormatError(f"unknown format {name!r}; known: {', '.join(example_names())} "
-                             "(pattern int{2..8}_{gN|ch}_{sym|asym}[_mse])")
+                             "(patterns int{2..8}_{gN|ch}_{sym|asym}[_mse], {nz2|pm12|std2}_{gN|ch}, nz2r{RR}_{gN|ch})")
 
 
 def example_names() -> list[str]:
     return ["int4_g128_sym", "int4_g128_asym", "int3_g128_asym", "int2_g64_asym_mse", "int4_ch_sym",
-            *ALIASES]
+            "nz2_ch", "nz2r30_ch", "pm12_ch", "std2_ch", *ALIASES]

@@ -1,0 +1,71 @@
+"""Fixed 2-bit level sets in units of a per-group scale: ``w ~ s * levels[q]`` (no zero point).
+
+After a randomized Hadamard rotation, weight rows are close to Gaussian, and a 2-bit grid that contains zero
+wastes one of its four levels on the densest region while the outer side gets only one level. The no-zero set
+``{-1.5, -0.5, +0.5, +1.5}`` (equivalently ``{-1, -r, r, 1}`` with inner/outer ratio ``r = 1/3``) is close to the
+Lloyd-Max quantizer of a Gaussian (r ~ 0.30). Variants: any ratio ``r`` (``nz2r30`` = r 0.30), ``{+-1, +-2}``
+(r = 0.5) and the standard ``{-2, -1, 0, +1}``, all with the scale found by an error-minimizing search.
+
+Storage is the symmetric uniform layout (2-bit codes + one float16 scale per group), so the bits per weight
+are those of ``int2_*_sym``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.formats.base import Params
+from lowbit.formats.uniform import UniformFormat, _fp16
+
+_SEARCH_GRID = 48  # candidate scales between max|w|/max|level| and 10% of it
+
+
+class LevelSetFormat(UniformFormat):
+    def __init__(self, levels: tuple[float, ...], group_size: int | None, name: str):
+        super().__init__(2, group_size, symmetric=True, name=name)
+        if len(levels) != 4 or list(levels) != sorted(levels):
+            raise ValueError(f"need 4 increasing levels, got {levels}")
+        self.levels = torch.tensor(levels, dtype=torch.float32)
+        self._mids = (self.levels[1:] + self.levels[:-1]) / 2
+        self._zero_code = int(self.levels.abs().argmin())
+
+    def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> Params:
+        w = w.float()
+        top = w.abs().amax(dim=1, keepdim=True) / self.levels.abs().max()
+        best, best_err = None, None
+        for i in range(_SEARCH_GRID):
+            cand = {"scale": _fp16(top * (1.0 - 0.9 * i / _SEARCH_GRID))}
+            err = (w - self.decode(self.encode(w, cand), cand)).pow(2)
+            if importance is not None:
+                err = err * importance
+            err = err.sum(dim=1, keepdim=True)
+            if best is None:
+                best, best_err = cand, err
+            else:
+                better = err < best_err
+                best = {"scale": torch.where(better, cand["scale"], best["scale"])}
+                best_err = torch.minimum(err, best_err)
+        return best
+
+    def encode(self, w: torch.Tensor, params: Params) -> torch.Tensor:
+        s = params["scale"].float()
+        x = w.float() / torch.where(s == 0, torch.ones_like(s), s)
+        codes = torch.bucketize(x, self._mids.to(x.device))
+        return torch.where(s == 0, torch.full_like(codes, self._zero_code), codes)
+
+    def decode(self, codes: torch.Tensor, params: Params) -> torch.Tensor:
+        return self.levels.to(codes.device)[codes] * params["scale"].float()
+
+
+def no_zero_levels(ratio: float) -> tuple[float, float, float, float]:
+    """{-1, -r, r, 1}: the no-zero 2-bit set with inner/outer ratio r (r = 1/3 is {+-0.5, +-1.5} / 1.5)."""
+    if not 0.0 < ratio < 1.0:
+        raise ValueError(f"inner/outer ratio must be in (0, 1), got {ratio}")
+    return (-1.0, -ratio, ratio, 1.0)
+
+
+NAMED_LEVELS = {
+    "nz2": (-1.5, -0.5, 0.5, 1.5),  # no-zero, ratio 1/3
+    "pm12": (-2.0, -1.0, 1.0, 2.0),  # {+-1, +-2}, ratio 1/2
+    "std2": (-2.0, -1.0, 0.0, 1.0),  # the standard 2-bit grid, MSE-fitted scale
+}
