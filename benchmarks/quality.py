@@ -35,7 +35,10 @@ RTN_VARIANTS = [
 # GPTQ rows (GPTQ issue): W4 g128, W3 g128, W3 g64, W2 g64, W2 g32, sym and asym; act-order on two of them.
 GPTQ_VARIANTS = [f"gptq:int{b}_g{g}_{k}" for b, g in ((4, 128), (3, 128), (3, 64), (2, 64), (2, 32))
                  for k in ("sym", "asym")] + ["gptq_act:int3_g128_sym", "gptq_act:int2_g64_asym"]
-SETS = {"rtn": ["fp16", *RTN_VARIANTS], "gptq": ["fp16", *GPTQ_VARIANTS],
+# W2 per-channel level sets x {no rotation, randomized Hadamard} x {RTN, GPTQ}, and the no-zero ratio sweep.
+W2_VARIANTS = [f"{m}{r}:{f}_ch" for m in ("rtn", "gptq") for r in ("", "+rht") for f in ("std2", "pm12", "nz2")]
+RATIO_SWEEP = [f"rtn+rht:nz2r{r}_ch" for r in (20, 25, 30, 35, 40)]
+SETS = {"rtn": ["fp16", *RTN_VARIANTS], "gptq": ["fp16", *GPTQ_VARIANTS], "w2": ["fp16", *W2_VARIANTS, *RATIO_SWEEP],
         "all": ["fp16", *RTN_VARIANTS, *GPTQ_VARIANTS]}
 
 

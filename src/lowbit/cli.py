@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight format, e.g. int4_g128_asym, q4_0 (see `lowbit formats`)")
     p.add_argument("--method", default="rtn", choices=["rtn", "gptq", "gptq_act"],
                    help="rounding: rtn, gptq, or gptq_act (GPTQ with act-order) (default rtn)")
+    p.add_argument("--rotate", action="store_true",
+                   help="incoherence processing: randomized Hadamard on both sides of each weight (undone online)")
     p.add_argument("--out", "-o", required=True, help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--checkpoint", default=None,
@@ -106,7 +108,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from lowbit.models.loader import resolve
     from lowbit.pipeline import parse_variant, quantize
 
-    method, fmt = parse_variant(f"{args.method}:{args.format}")
+    method, fmt = parse_variant(f"{args.method}{'+rht' if args.rotate else ''}:{args.format}")
+    needs_calibration = not method.startswith("rtn")
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise LowbitError(f"{out} already exists; pass --overwrite to replace it")
@@ -114,19 +117,19 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     compute = args.device or default_device()
     # GPTQ keeps the model in CPU memory and moves one decoder layer at a time to the compute device.
-    model, tok = _load(args, device="cpu" if method != "rtn" else compute)
+    model, tok = _load(args, device="cpu" if needs_calibration else compute)
     calib, gptq = _calib_configs(args)
     checkpoint = args.checkpoint or f"{out}.partial"
     t0 = time.perf_counter()
     quantize(model, method, fmt, tok, calib=calib, gptq=gptq, device=compute,
-             checkpoint_dir=checkpoint if method != "rtn" else None, progress=not args.no_progress)
+             checkpoint_dir=checkpoint if needs_calibration else None, progress=not args.no_progress)
     seconds = time.perf_counter() - t0
     from lowbit.eval.sizes import model_size
 
     size = model_size(model)
     meta = {"method": method, "format": fmt, "source": resolve(args.model), "quantize_seconds": round(seconds, 2),
             "linear_bpw": size.linear_bpw, "total_bytes": size.total_bytes}
-    if method != "rtn":
+    if needs_calibration:
         from dataclasses import asdict
 
         meta["calibration"] = asdict(calib)

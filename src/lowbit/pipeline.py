@@ -19,7 +19,7 @@ from lowbit.eval.sizes import model_size
 from lowbit.formats import get_format
 
 BASELINE = "fp16"
-METHODS = ("rtn", "gptq", "gptq_act")  # gptq_act = GPTQ with act-order
+METHODS = ("rtn", "gptq", "gptq_act")  # gptq_act = GPTQ with act-order; "+rht" suffix = Hadamard rotation
 
 
 def default_device() -> str:
@@ -42,7 +42,7 @@ def parse_variant(spec: str) -> tuple[str, str | None]:
         return BASELINE, None
     method, _, fmt = spec.rpartition(":")
     method = method or "rtn"
-    if method not in METHODS:
+    if method.removesuffix("+rht") not in METHODS:
         raise LowbitError(f"unknown method {method!r} in {spec!r}; known: {', '.join(METHODS)}")
     get_format(fmt)
     return method, fmt
@@ -53,13 +53,15 @@ def quantize(model: nn.Module, method: str, format_name: str, tokenizer: object 
              checkpoint_dir: str | None = None, progress: bool = True) -> dict[str, object]:
     """Quantize every decoder linear of ``model`` in place; returns per-linear statistics."""
     plan = uniform_plan(model, format_name)
+    method, rotate = method.removesuffix("+rht"), method.endswith("+rht")
     if method == "rtn":
-        return quantize_rtn(model, plan, progress=progress)
+        return quantize_rtn(model, plan, progress=progress, rotate=rotate)
     if method in ("gptq", "gptq_act"):
         if tokenizer is None:
             raise LowbitError("GPTQ needs the tokenizer to build calibration samples")
         cfg = replace(gptq or GPTQConfig())
         cfg.act_order = cfg.act_order or method == "gptq_act"
+        cfg.rotate = cfg.rotate or rotate
         report = quantize_sequential(model, tokenizer, plan, calib=calib, gptq=cfg, device=device,
                                      checkpoint_dir=checkpoint_dir, progress=progress)
         return dict(report.linears)

@@ -10,6 +10,7 @@ from lowbit.errors import BadWeightsError, LowbitError
 from lowbit.formats import get_format
 from lowbit.models.quant_linear import QuantLinear
 from lowbit.models.walker import decoder_linears, linear_weight, set_module
+from lowbit.rotations.incoherence import Rotation
 
 
 def check_finite(name: str, w: torch.Tensor) -> None:
@@ -18,8 +19,12 @@ def check_finite(name: str, w: torch.Tensor) -> None:
         raise BadWeightsError(f"{name}: weight has {bad} NaN/Inf values; refusing to quantize")
 
 
-def quantize_rtn(model: nn.Module, plan: dict[str, str], progress: bool = True) -> dict[str, float]:
-    """Quantize in place the linears named in ``plan`` (name -> format); returns name -> relative error."""
+def quantize_rtn(model: nn.Module, plan: dict[str, str], progress: bool = True,
+                 rotate: bool = False, seed: int = 0) -> dict[str, float]:
+    """Quantize in place the linears named in ``plan`` (name -> format); returns name -> relative error.
+
+    ``rotate``: incoherence processing, rounding U W V^T with randomized Hadamard U, V (undone online).
+    """
     linears = decoder_linears(model)
     unknown = set(plan) - set(linears)
     if unknown:
@@ -32,9 +37,10 @@ def quantize_rtn(model: nn.Module, plan: dict[str, str], progress: bool = True) 
     for name in tqdm(plan, desc="rtn", unit="linear", disable=not progress):
         module = linears[name]
         w = linear_weight(module).float()
-        qt = get_format(plan[name]).quantize(w)
+        rotation = Rotation.for_layer(name, seed) if rotate else None
+        qt = get_format(plan[name]).quantize(rotation.rotate_weight(w) if rotation else w)
         bias = getattr(module, "bias", None)
-        q = QuantLinear.from_quantized(qt, None if bias is None else bias.data)
+        q = QuantLinear.from_quantized(qt, None if bias is None else bias.data, rotation)
         errors[name] = ((q.dequantize() - w).norm() / w.norm().clamp_min(1e-12)).item()
         set_module(model, name, q)
     return errors

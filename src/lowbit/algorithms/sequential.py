@@ -33,6 +33,7 @@ from lowbit.formats import get_format
 from lowbit.io.atomic import atomic_file
 from lowbit.models.quant_linear import QuantLinear
 from lowbit.models.walker import DECODER_LAYERS, decoder_layers, linear_weight, set_module
+from lowbit.rotations.incoherence import Rotation
 
 
 @dataclass
@@ -48,6 +49,8 @@ class GPTQConfig:
     blocksize: int = 128
     percdamp: float = 0.01
     act_order: bool = False
+    rotate: bool = False  # incoherence processing: round U W V^T against V H V^T
+    rotation_seed: int = 0
 
 
 @dataclass
@@ -168,10 +171,13 @@ def _quantize_layer(layer: nn.Module, names: list[str], plan: dict[str, str], pr
         fmt = get_format(plan[name])
         w = linear_weight(module).float()
         H = hessians[name]
+        rotation = Rotation.for_layer(name, cfg.rotation_seed) if cfg.rotate else None
+        if rotation:
+            w, H = rotation.rotate_weight(w).to(H.device), rotation.rotate_hessian(H.cpu()).to(H.device)
         res = gptq_quantize(w, H, fmt, cfg.blocksize, cfg.percdamp, cfg.act_order)
         rtn = proxy_loss(w, fmt.dequantize(fmt.quantize(w)), H)
         bias = getattr(module, "bias", None)
-        set_module(layer, sub, QuantLinear.from_quantized(res.qt, None if bias is None else bias.data))
+        set_module(layer, sub, QuantLinear.from_quantized(res.qt, None if bias is None else bias.data, rotation))
         stats[name] = LinearStats(res.proxy_loss, rtn, res.damp, res.retries, time.perf_counter() - t0)
         if res.retries:
             tqdm.write(f"lowbit: {name}: Cholesky failed {res.retries}x; damping raised to {res.damp:g}")
@@ -200,7 +206,8 @@ class _Checkpoint:
     def save(self, index: int, layer: nn.Module, inps: torch.Tensor, stats: dict[str, LinearStats]) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in layer.state_dict().items()}
-        formats = {n: m.format_name for n, m in layer.named_modules() if isinstance(m, QuantLinear)}
+        formats = {n: [m.format_name, m.rotation.to_json() if m.rotation else None]
+                   for n, m in layer.named_modules() if isinstance(m, QuantLinear)}
         with atomic_file(self.path / f"layer_{index}.safetensors") as tmp:
             save_file(tensors, str(tmp), metadata={"formats": json.dumps(formats)})
         with atomic_file(self.path / "inputs.safetensors") as tmp:
@@ -223,11 +230,12 @@ class _Checkpoint:
             with safe_open(str(f), "pt") as sf:
                 formats = json.loads(sf.metadata()["formats"])
             layer = layers[i]
-            for sub, fmt in formats.items():
+            for sub, (fmt, rot) in formats.items():
                 old = layer.get_submodule(sub)
                 out_f, in_f = linear_weight(old).shape
                 bias = getattr(old, "bias", None) is not None
-                set_module(layer, sub, QuantLinear(in_f, out_f, fmt, bias=bias, device=_device_of(old)))
+                set_module(layer, sub, QuantLinear(in_f, out_f, fmt, bias=bias, device=_device_of(old),
+                                                   rotation=Rotation.from_json(rot)))
             layer.load_state_dict(load_file(str(f)), strict=True)
         inps = load_file(str(self.path / "inputs.safetensors"))["inputs"]
         stats = {k: LinearStats(**v) for k, v in state["stats"].items()}

@@ -50,7 +50,7 @@ class LevelSetFormat(UniformFormat):
     def encode(self, w: torch.Tensor, params: Params) -> torch.Tensor:
         s = params["scale"].float()
         x = w.float() / torch.where(s == 0, torch.ones_like(s), s)
-        codes = torch.bucketize(x, self._mids.to(x.device))
+        codes = torch.bucketize(x.contiguous(), self._mids.to(x.device))
         return torch.where(s == 0, torch.full_like(codes, self._zero_code), codes)
 
     def decode(self, codes: torch.Tensor, params: Params) -> torch.Tensor:

@@ -24,6 +24,7 @@ from lowbit.io.atomic import atomic_dir
 from lowbit.models.loader import QUANTIZED_MARKER, skip_init
 from lowbit.models.quant_linear import QuantLinear
 from lowbit.models.walker import check_supported, set_module
+from lowbit.rotations.incoherence import Rotation
 
 STORAGE_DTYPE = torch.float16
 CHECKPOINT_VERSION = 1
@@ -48,8 +49,10 @@ def save_quantized(model: nn.Module, tokenizer: object, out: str | Path, meta: d
         if t.is_floating_point() and t.dtype not in (torch.float16,) and not _is_packed(key, formats):
             t = t.to(STORAGE_DTYPE)
         tensors[key] = t.detach().cpu().contiguous()
+    rotations = {name: m.rotation.to_json() for name, m in model.named_modules()
+                 if isinstance(m, QuantLinear) and m.rotation}
     info = {"lowbit_version": __version__, "checkpoint_version": CHECKPOINT_VERSION,
-            "storage_dtype": "float16", "formats": formats, **(meta or {})}
+            "storage_dtype": "float16", "formats": formats, "rotations": rotations, **(meta or {})}
     with atomic_dir(out, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "lowbit": "1"})
         model.config.save_pretrained(tmp)
@@ -82,10 +85,12 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32,
     check_supported(config.model_type)
     with skip_init():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    rotations = info.get("rotations", {})
     for name, fmt in info["formats"].items():
         old = model.get_submodule(name)
         out_f, in_f = _linear_shape(old)
-        set_module(model, name, QuantLinear(in_f, out_f, fmt, bias=getattr(old, "bias", None) is not None))
+        set_module(model, name, QuantLinear(in_f, out_f, fmt, bias=getattr(old, "bias", None) is not None,
+                                            rotation=Rotation.from_json(rotations.get(name))))
     model.tie_weights()  # before loading: tied tensors were saved once
     tied = _tied_keys(model)
     state = load_file(str(path / "model.safetensors"))

@@ -2,7 +2,8 @@
 
 The reference forward dequantizes the whole weight and calls F.linear; fast kernels can replace that
 without changing what is stored. Packed buffers keep their own dtypes through ``.to(dtype)`` so a model can
-be cast for compute without touching the storage.
+be cast for compute without touching the storage. With a :class:`Rotation`, the packed weight is
+W' = U W V^T and the forward applies V to the input and U^T to the output (incoherence processing).
 """
 
 from __future__ import annotations
@@ -12,16 +13,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.formats import QuantizedTensor, get_format
+from lowbit.rotations.incoherence import Rotation
 
 
 class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, format_name: str, bias: bool = False,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, rotation: Rotation | None = None):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
         self.format_name = format_name
         self.fmt = get_format(format_name)
+        self.rotation = rotation
+        self._u, self._v = rotation.transforms(out_features, in_features) if rotation else (None, None)
         self._keys = []
         for key, (shape, dtype) in self.fmt.storage_spec((out_features, in_features)).items():
             self.register_buffer(key, torch.zeros(shape, dtype=dtype, device=device))
@@ -29,10 +33,12 @@ class QuantLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
 
     @classmethod
-    def from_quantized(cls, qt: QuantizedTensor, bias: torch.Tensor | None = None) -> QuantLinear:
+    def from_quantized(cls, qt: QuantizedTensor, bias: torch.Tensor | None = None,
+                       rotation: Rotation | None = None) -> QuantLinear:
+        """``qt`` holds the rotated weight U W V^T when ``rotation`` is given."""
         out_f, in_f = qt.shape
         dev = next(iter(qt.data.values())).device
-        m = cls(in_f, out_f, qt.format, bias=bias is not None, device=dev)
+        m = cls(in_f, out_f, qt.format, bias=bias is not None, device=dev, rotation=rotation)
         for key in m._keys:
             getattr(m, key).copy_(qt.data[key])
         if bias is not None:
@@ -44,12 +50,18 @@ class QuantLinear(nn.Module):
                                {k: getattr(self, k) for k in self._keys})
 
     def dequantize(self) -> torch.Tensor:
-        return self.fmt.dequantize(self.quantized())
+        """The effective weight in the original (unrotated) basis, [out, in] float32."""
+        w = self.fmt.dequantize(self.quantized())
+        return self.rotation.unrotate_weight(w) if self.rotation else w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.dequantize().to(x.dtype)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, w, bias)
+        w = self.fmt.dequantize(self.quantized()).to(x.dtype)
+        if self._v is not None:
+            x = self._v.apply(x)
+        y = F.linear(x, w)
+        if self._u is not None:
+            y = self._u.inverse(y)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - signature from nn.Module
         dtypes = {k: getattr(self, k).dtype for k in self._keys}
@@ -61,4 +73,5 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         has_bias = self.bias is not None
-        return f"in={self.in_features}, out={self.out_features}, format={self.format_name}, bias={has_bias}"
+        rot = f", rotation={self.rotation.to_json()}" if self.rotation else ""
+        return f"in={self.in_features}, out={self.out_features}, format={self.format_name}, bias={has_bias}{rot}"

@@ -1,0 +1,62 @@
+"""Incoherence processing of one linear layer: W' = U W V^T, H' = V H V^T, undone online at inference.
+
+U acts on the output side, V on the input side; both are randomized Hadamard transforms stored as seeds.
+For y = x W^T:  y = U^T ((V x) W'^T)  -- QuantLinear applies V to its input and U^T to its output.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.rotations.hadamard import RandomizedHadamard
+
+
+@dataclass(frozen=True)
+class Rotation:
+    """Seeds of the input-side (V) and output-side (U) transforms; None = that side is not rotated."""
+
+    seed_in: int | None
+    seed_out: int | None
+
+    @staticmethod
+    def for_layer(name: str, base_seed: int = 0, out_side: bool = True) -> Rotation:
+        s = zlib.crc32(f"{base_seed}:{name}".encode())  # stable per layer, independent across layers
+        return Rotation(s, (s ^ 0x5BD1E995) if out_side else None)
+
+    def transforms(self, out_features: int, in_features: int):  # noqa: ANN201
+        v = None if self.seed_in is None else RandomizedHadamard(in_features, self.seed_in)
+        u = None if self.seed_out is None else RandomizedHadamard(out_features, self.seed_out)
+        return u, v
+
+    def rotate_weight(self, w: torch.Tensor) -> torch.Tensor:
+        u, v = self.transforms(*w.shape)
+        w = w.float()
+        if v is not None:
+            w = v.apply(w)  # W V^T
+        if u is not None:
+            w = u.apply(w.t()).t()  # U (W V^T)
+        return w
+
+    def unrotate_weight(self, w: torch.Tensor) -> torch.Tensor:
+        u, v = self.transforms(*w.shape)
+        if u is not None:
+            w = u.inverse(w.t()).t()  # U^T W'
+        if v is not None:
+            w = v.inverse(w)  # (U^T W') V
+        return w
+
+    def rotate_hessian(self, H: torch.Tensor) -> torch.Tensor:
+        if self.seed_in is None:
+            return H
+        v = RandomizedHadamard(H.shape[0], self.seed_in)
+        return v.apply(v.apply(H.float()).t())  # V H V^T (H symmetric)
+
+    def to_json(self) -> list[int | None]:
+        return [self.seed_in, self.seed_out]
+
+    @staticmethod
+    def from_json(v: list[int | None] | None) -> Rotation | None:
+        return None if v is None else Rotation(v[0], v[1])
