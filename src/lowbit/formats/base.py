@@ -12,6 +12,7 @@ and :meth:`Format.pack`; they never see bytes.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -99,6 +100,25 @@ class Format(ABC):
                 n *= s
             nbytes += n * torch.empty((), dtype=dtype).element_size()
         return 8.0 * nbytes / (shape[0] * shape[1])
+
+    def best_of(self, w: torch.Tensor, candidates: Iterable[Params],
+                importance: torch.Tensor | None = None) -> Params:
+        """Per row, the candidate parameters with the least (importance-weighted) squared rounding error."""
+        best: Params | None = None
+        best_err = None
+        for cand in candidates:
+            err = (w - self.decode(self.encode(w, cand), cand)).pow(2)
+            if importance is not None:
+                err = err * importance
+            err = err.sum(dim=1, keepdim=True)
+            if best is None:
+                best, best_err = cand, err
+            else:
+                better = err < best_err
+                best = {k: torch.where(better, cand[k], best[k]) for k in best}
+                best_err = torch.minimum(err, best_err)
+        assert best is not None, "no candidates"
+        return best
 
     def expand(self, params: Params, cols: int) -> Params:
         """Repeat per-group parameters [rows, n_groups] to per-column [rows, cols]."""

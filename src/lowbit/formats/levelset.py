@@ -32,20 +32,8 @@ class LevelSetFormat(UniformFormat):
     def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> Params:
         w = w.float()
         top = w.abs().amax(dim=1, keepdim=True) / self.levels.abs().max()
-        best, best_err = None, None
-        for i in range(_SEARCH_GRID):
-            cand = {"scale": _fp16(top * (1.0 - 0.9 * i / _SEARCH_GRID))}
-            err = (w - self.decode(self.encode(w, cand), cand)).pow(2)
-            if importance is not None:
-                err = err * importance
-            err = err.sum(dim=1, keepdim=True)
-            if best is None:
-                best, best_err = cand, err
-            else:
-                better = err < best_err
-                best = {"scale": torch.where(better, cand["scale"], best["scale"])}
-                best_err = torch.minimum(err, best_err)
-        return best
+        shrink = [1.0 - 0.9 * i / _SEARCH_GRID for i in range(_SEARCH_GRID)]
+        return self.best_of(w, ({"scale": _fp16(top * p)} for p in shrink), importance)
 
     def encode(self, w: torch.Tensor, params: Params) -> torch.Tensor:
         s = params["scale"].float()

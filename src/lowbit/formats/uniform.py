@@ -49,21 +49,8 @@ class UniformFormat(Format):
         signed_amax = torch.where(hi.abs() >= lo.abs(), hi, lo)
         if self.fit_method == "minmax":
             return self._params_for_range(lo, hi, signed_amax)
-        best, best_err = None, None
-        for i in range(_SEARCH_GRID):
-            p = 1.0 - 0.8 * i / _SEARCH_GRID
-            cand = self._params_for_range(lo * p, hi * p, signed_amax * p)
-            err = (w - self.decode(self.encode(w, cand), cand)).pow(2)
-            if importance is not None:
-                err = err * importance
-            err = err.sum(dim=1, keepdim=True)
-            if best is None:
-                best, best_err = cand, err
-            else:
-                better = err < best_err
-                best = {k: torch.where(better, cand[k], best[k]) for k in best}
-                best_err = torch.minimum(err, best_err)
-        return best
+        shrink = [1.0 - 0.8 * i / _SEARCH_GRID for i in range(_SEARCH_GRID)]
+        return self.best_of(w, (self._params_for_range(lo * p, hi * p, signed_amax * p) for p in shrink), importance)
 
     # ----- rounding ---------------------------------------------------------------------------
     def encode(self, w: torch.Tensor, params: Params) -> torch.Tensor:
