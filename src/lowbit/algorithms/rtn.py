@@ -19,20 +19,30 @@ def check_finite(name: str, w: torch.Tensor) -> None:
         raise BadWeightsError(f"{name}: weight has {bad} NaN/Inf values; refusing to quantize")
 
 
+def validate_plan(model: nn.Module, plan: dict[str, str]) -> dict[str, nn.Module]:
+    """Check a plan before anything is touched: known formats, float decoder linears, finite weights.
+
+    Returns name -> module for every decoder linear.
+    """
+    linears = decoder_linears(model)
+    unknown = set(plan) - set(linears)
+    if unknown:
+        raise LowbitError(f"not linear layers inside decoder layers: {sorted(unknown)[:5]}")
+    for name, fmt in plan.items():
+        get_format(fmt)
+        if isinstance(linears[name], QuantLinear):
+            raise LowbitError(f"{name} is already quantized ({linears[name].format_name})")
+        check_finite(name, linear_weight(linears[name]))
+    return linears
+
+
 def quantize_rtn(model: nn.Module, plan: dict[str, str], progress: bool = True,
                  rotate: bool = False, seed: int = 0) -> dict[str, float]:
     """Quantize in place the linears named in ``plan`` (name -> format); returns name -> relative error.
 
     ``rotate``: incoherence processing, rounding U W V^T with randomized Hadamard U, V (undone online).
     """
-    linears = decoder_linears(model)
-    unknown = set(plan) - set(linears)
-    if unknown:
-        raise KeyError(f"not decoder linears: {sorted(unknown)[:5]}")
-    for name in plan:  # validate everything before touching the model
-        if isinstance(linears[name], QuantLinear):
-            raise LowbitError(f"{name} is already quantized ({linears[name].format_name})")
-        check_finite(name, linear_weight(linears[name]))
+    linears = validate_plan(model, plan)
     errors = {}
     for name in tqdm(plan, desc="rtn", unit="linear", disable=not progress):
         module = linears[name]

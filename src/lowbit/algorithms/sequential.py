@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.algorithms.gptq import gptq_quantize, proxy_loss
-from lowbit.algorithms.rtn import check_finite
+from lowbit.algorithms.rtn import validate_plan
 from lowbit.calibration.capture import HessianAccumulator, capture_layer_inputs
 from lowbit.calibration.samples import DEFAULT_NSAMPLES, DEFAULT_SEQLEN, calibration_samples
 from lowbit.errors import LowbitError
@@ -32,7 +32,14 @@ from lowbit.eval.perplexity import model_max_length
 from lowbit.formats import get_format
 from lowbit.io.atomic import atomic_file
 from lowbit.models.quant_linear import QuantLinear
-from lowbit.models.walker import DECODER_LAYERS, decoder_layers, linear_weight, set_module
+from lowbit.models.walker import (
+    DECODER_LAYERS,
+    decoder_layers,
+    empty_quant_linear,
+    linear_weight,
+    module_device,
+    set_module,
+)
 from lowbit.rotations.incoherence import Rotation
 
 
@@ -105,7 +112,7 @@ def quantize_sequential(model: nn.Module, tokenizer: object, plan: dict[str, str
                initial=start, total=len(layers))
     for i in bar:
         layer = layers[i]
-        home = _device_of(layer)
+        home = module_device(layer)
         layer.to(device)
         names = by_layer[i]
         stats = _quantize_layer(layer, names, plan, prefix, i, inps, kwargs, gptq)
@@ -126,22 +133,11 @@ def quantize_sequential(model: nn.Module, tokenizer: object, plan: dict[str, str
 
 
 def _plan_by_layer(model: nn.Module, plan: dict[str, str], prefix: str, n_layers: int) -> list[list[str]]:
+    validate_plan(model, plan)
     by_layer: list[list[str]] = [[] for _ in range(n_layers)]
-    for name, fmt in plan.items():
-        get_format(fmt)
-        if not name.startswith(prefix + "."):
-            raise LowbitError(f"{name} is not inside a decoder layer")
-        module = model.get_submodule(name)
-        if isinstance(module, QuantLinear):
-            raise LowbitError(f"{name} is already quantized ({module.format_name})")
-        check_finite(name, linear_weight(module))
+    for name in plan:
         by_layer[int(name[len(prefix) + 1 :].split(".")[0])].append(name)
     return by_layer
-
-
-def _device_of(module: nn.Module) -> torch.device:
-    p = next(module.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 @torch.no_grad()
@@ -173,7 +169,7 @@ def _quantize_layer(layer: nn.Module, names: list[str], plan: dict[str, str], pr
         H = hessians[name]
         rotation = Rotation.for_layer(name, cfg.rotation_seed) if cfg.rotate else None
         if rotation:
-            w, H = rotation.rotate_weight(w).to(H.device), rotation.rotate_hessian(H.cpu()).to(H.device)
+            w, H = rotation.rotate_weight(w), rotation.rotate_hessian(H)
         res = gptq_quantize(w, H, fmt, cfg.blocksize, cfg.percdamp, cfg.act_order)
         rtn = proxy_loss(w, fmt.dequantize(fmt.quantize(w)), H)
         bias = getattr(module, "bias", None)
@@ -231,11 +227,7 @@ class _Checkpoint:
                 formats = json.loads(sf.metadata()["formats"])
             layer = layers[i]
             for sub, (fmt, rot) in formats.items():
-                old = layer.get_submodule(sub)
-                out_f, in_f = linear_weight(old).shape
-                bias = getattr(old, "bias", None) is not None
-                set_module(layer, sub, QuantLinear(in_f, out_f, fmt, bias=bias, device=_device_of(old),
-                                                   rotation=Rotation.from_json(rot)))
+                set_module(layer, sub, empty_quant_linear(layer.get_submodule(sub), fmt, Rotation.from_json(rot)))
             layer.load_state_dict(load_file(str(f)), strict=True)
         inps = load_file(str(self.path / "inputs.safetensors"))["inputs"]
         stats = {k: LinearStats(**v) for k, v in state["stats"].items()}

@@ -23,7 +23,7 @@ from lowbit.errors import LowbitError
 from lowbit.io.atomic import atomic_dir
 from lowbit.models.loader import QUANTIZED_MARKER, skip_init
 from lowbit.models.quant_linear import QuantLinear
-from lowbit.models.walker import check_supported, set_module
+from lowbit.models.walker import check_supported, empty_quant_linear, set_module
 from lowbit.rotations.incoherence import Rotation
 
 STORAGE_DTYPE = torch.float16
@@ -87,10 +87,8 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32,
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     rotations = info.get("rotations", {})
     for name, fmt in info["formats"].items():
-        old = model.get_submodule(name)
-        out_f, in_f = _linear_shape(old)
-        set_module(model, name, QuantLinear(in_f, out_f, fmt, bias=getattr(old, "bias", None) is not None,
-                                            rotation=Rotation.from_json(rotations.get(name))))
+        set_module(model, name, empty_quant_linear(model.get_submodule(name), fmt,
+                                                   Rotation.from_json(rotations.get(name))))
     model.tie_weights()  # before loading: tied tensors were saved once
     tied = _tied_keys(model)
     state = load_file(str(path / "model.safetensors"))
@@ -102,11 +100,6 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32,
     model.tie_weights()
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return model.to(device=device, dtype=dtype).eval(), tok
-
-
-def _linear_shape(module: nn.Module) -> tuple[int, int]:
-    w = module.weight
-    return (w.shape[0], w.shape[1]) if isinstance(module, nn.Linear) else (w.shape[1], w.shape[0])
 
 
 def _tied_keys(model: nn.Module) -> set[str]:

@@ -7,6 +7,7 @@ from torch import nn
 
 from lowbit.errors import UnsupportedModelError
 from lowbit.models.quant_linear import QuantLinear
+from lowbit.rotations.incoherence import Rotation
 
 # model_type -> dotted path of the ModuleList of decoder layers
 DECODER_LAYERS = {
@@ -43,6 +44,19 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
     if isinstance(module, QuantLinear):
         return module.dequantize()
     return module.weight.data.t()
+
+
+def empty_quant_linear(module: nn.Module, format_name: str, rotation: Rotation | None = None) -> QuantLinear:
+    """A QuantLinear shaped like ``module`` (same features, bias, device), its buffers to be loaded."""
+    out_f, in_f = linear_weight(module).shape
+    return QuantLinear(in_f, out_f, format_name, bias=getattr(module, "bias", None) is not None,
+                       device=module_device(module), rotation=rotation)
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """Where a module's parameters live (CPU for a module without any)."""
+    p = next(module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
 
 
 def decoder_linears(model: nn.Module) -> dict[str, nn.Module]:

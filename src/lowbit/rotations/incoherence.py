@@ -8,10 +8,17 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 
 from lowbit.rotations.hadamard import RandomizedHadamard
+
+
+@cache
+def _hadamard(n: int, seed: int) -> RandomizedHadamard:
+    """Built once per (size, seed): rotating W, H and building the QuantLinear all reuse it."""
+    return RandomizedHadamard(n, seed)
 
 
 @dataclass(frozen=True)
@@ -27,8 +34,8 @@ class Rotation:
         return Rotation(s, (s ^ 0x5BD1E995) if out_side else None)
 
     def transforms(self, out_features: int, in_features: int):  # noqa: ANN201
-        v = None if self.seed_in is None else RandomizedHadamard(in_features, self.seed_in)
-        u = None if self.seed_out is None else RandomizedHadamard(out_features, self.seed_out)
+        v = None if self.seed_in is None else _hadamard(in_features, self.seed_in)
+        u = None if self.seed_out is None else _hadamard(out_features, self.seed_out)
         return u, v
 
     def rotate_weight(self, w: torch.Tensor) -> torch.Tensor:
@@ -51,7 +58,7 @@ class Rotation:
     def rotate_hessian(self, H: torch.Tensor) -> torch.Tensor:
         if self.seed_in is None:
             return H
-        v = RandomizedHadamard(H.shape[0], self.seed_in)
+        v = _hadamard(H.shape[0], self.seed_in)
         return v.apply(v.apply(H.float()).t())  # V H V^T (H symmetric)
 
     def to_json(self) -> list[int | None]:
