@@ -1,6 +1,7 @@
 """GPTQ / LDLQ adaptive rounding of one weight matrix against a proxy Hessian, for any scalar format.
 
-Columns are rounded one at a time onto the format's grid; each rounding error is fed forward to the columns not
+Columns are rounded one at a time onto the format's grid (``vector_dim`` columns at a time, jointly, for vector
+codebooks: block LDLQ as in QuIP#); each rounding error is fed forward to the columns not
 yet rounded through the inverse-Hessian Cholesky factor, so later columns compensate (GPTQ, Frantar et al.
 2022; identical to QuIP's LDLQ). Lazy block updates (block of 128 columns) keep it fast.
 
@@ -70,12 +71,23 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, fmt: Format, blocksize: int 
 
     gs = fmt.group_cols(cols)
     n_groups = fmt.n_groups(cols)
+    vd = fmt.vector_dim
+    if cols % vd or (gs % vd):
+        raise LowbitError(f"{fmt.name}: {cols} columns (groups of {gs}) are not a multiple of the vector size {vd}")
+    if act_order and vd > 1:
+        raise LowbitError(f"act-order is not supported for the vector codebook {fmt.name}")
     static = act_order or n_groups == 1
     params: list = [None] * n_groups
+    col_params: list = [None] * n_groups  # per-column form of params[g], what encode/decode take
+
+    def set_params(g: int, p: dict) -> None:
+        params[g] = p
+        col_params[g] = fmt.expand(p, min((g + 1) * gs, cols) - g * gs)
+
     if static:
         for g in range(n_groups):
             sl = slice(g * gs, min((g + 1) * gs, cols))
-            params[g] = fmt.fit(W[:, sl], importance[sl])
+            set_params(g, fmt.fit(W[:, sl], importance[sl]))
 
     perm = torch.argsort(importance, descending=True) if act_order else torch.arange(cols, device=W.device)
     if act_order:
@@ -85,26 +97,33 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, fmt: Format, blocksize: int 
 
     # Blocks are whole groups so that a group's columns are all updated when its scale is fitted.
     bs = blocksize if static else max(gs, (blocksize // gs) * gs)
-    codes = torch.empty(rows, cols, dtype=torch.int64, device=W.device)
+    bs = max(vd, bs // vd * vd)
+    codes = torch.empty(rows, cols // vd, dtype=torch.int64, device=W.device)
     perm_list = perm.tolist()
     for i1 in range(0, cols, bs):
         i2 = min(i1 + bs, cols)
         W1 = W[:, i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
+        for i in range(0, i2 - i1, vd):
             col = perm_list[i1 + i]
             g = col // gs
             if params[g] is None:  # first column of a group (in natural order): fit on updated weights
                 end = min((g + 1) * gs, cols) - i1
-                params[g] = fmt.fit(W1[:, i:end], importance[i1 + i : i1 + end])
-            w_col = W1[:, i : i + 1]
-            c = fmt.encode(w_col, params[g])
-            q_col = fmt.decode(c, params[g])
-            codes[:, col] = c[:, 0]
-            err = (w_col - q_col) / Hinv1[i, i]
-            W1[:, i:] -= err * Hinv1[i : i + 1, i:]
-            Err1[:, i : i + 1] = err
+                set_params(g, fmt.fit(W1[:, i:end], importance[i1 + i : i1 + end]))
+            off = col - g * gs
+            p = {k: v[:, off : off + vd] for k, v in col_params[g].items()}
+            w_blk = W1[:, i : i + vd]
+            c = fmt.encode(w_blk, p)
+            codes[:, col // vd] = c[:, 0]
+            diff = w_blk - fmt.decode(c, p)
+            if vd == 1:
+                err = diff / Hinv1[i, i]
+                W1[:, i:] -= err * Hinv1[i : i + 1, i:]
+            else:  # block LDLQ: E U_bb^-1 U_b,rest is the exact feedback of a jointly rounded block
+                err = torch.linalg.solve_triangular(Hinv1[i : i + vd, i : i + vd], diff, upper=True, left=False)
+                W1[:, i + vd :] -= err @ Hinv1[i : i + vd, i + vd :]
+            Err1[:, i : i + vd] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
     qt = fmt.pack(codes, cat_params(params), (rows, cols))

@@ -5,8 +5,14 @@ A format owns three things and nothing else knows them:
   * how group parameters are fitted and how weights are rounded onto the levels,
   * how codes and parameters are laid out as bytes (pack/unpack), hence its exact bits per weight.
 
-Algorithms (RTN, GPTQ, ...) only call :meth:`Format.fit`, :meth:`Format.encode`, :meth:`Format.decode`
-and :meth:`Format.pack`; they never see bytes.
+Algorithms (RTN, GPTQ, ...) only call :meth:`Format.fit`, :meth:`Format.expand`, :meth:`Format.encode`,
+:meth:`Format.decode` and :meth:`Format.pack`; they never see bytes.
+
+Scalar formats have one code per weight. Vector codebooks (E8 lattice: ``vector_dim = 8``) have one code per
+``vector_dim`` consecutive columns; ``encode`` maps [rows, k] weights to [rows, k // vector_dim] codes. A
+format's group parameters may have any number of columns per group (IQ2_XXS: one super-scale and eight
+sub-scales per 256 columns); :meth:`Format.expand` turns them into per-column parameters [rows, cols], the form
+``encode``/``decode`` accept for any column range (scalar formats also accept per-group [rows, 1] parameters).
 """
 
 from __future__ import annotations
@@ -52,6 +58,8 @@ class Format(ABC):
     name: str
     #: Columns sharing one set of group parameters; ``None`` means one group per row (per-channel).
     group_size: int | None = None
+    #: Consecutive columns sharing one code (1 for scalar grids, 8 for E8 lattice codebooks).
+    vector_dim: int = 1
 
     # ----- rounding primitives (what algorithms use) -------------------------------------------
     @abstractmethod
@@ -62,12 +70,15 @@ class Format(ABC):
         """
 
     @abstractmethod
-    def encode(self, w: torch.Tensor, params: Params) -> torch.Tensor:
-        """Nearest codes (int64) for ``w`` [rows, k] given that group's parameters ([rows, 1])."""
+    def encode(self, w: torch.Tensor, params: Params, importance: torch.Tensor | None = None) -> torch.Tensor:
+        """Nearest codes (int64, [rows, k // vector_dim]) for ``w`` [rows, k] given per-column parameters.
+
+        ``importance`` (as in :meth:`fit`) weights the distance; it only matters for vector codebooks.
+        """
 
     @abstractmethod
     def decode(self, codes: torch.Tensor, params: Params) -> torch.Tensor:
-        """Float32 values of ``codes`` [rows, k] given parameters broadcastable to it."""
+        """Float32 values [rows, k] of ``codes`` given per-column parameters ([rows, k] or broadcastable)."""
 
     # ----- storage ------------------------------------------------------------------------------
     @abstractmethod
@@ -107,7 +118,7 @@ class Format(ABC):
         best: Params | None = None
         best_err = None
         for cand in candidates:
-            err = (w - self.decode(self.encode(w, cand), cand)).pow(2)
+            err = (w - self.decode(self.encode(w, cand, importance), cand)).pow(2)
             if importance is not None:
                 err = err * importance
             err = err.sum(dim=1, keepdim=True)
@@ -121,7 +132,10 @@ class Format(ABC):
         return best
 
     def expand(self, params: Params, cols: int) -> Params:
-        """Repeat per-group parameters [rows, n_groups] to per-column [rows, cols]."""
+        """Per-group parameters (concatenated over groups) -> per-column parameters [rows, cols].
+
+        The default repeats [rows, n_groups] tensors; formats with richer group parameters override it.
+        """
         g = self.group_cols(cols)
         return {k: v.repeat_interleave(g, dim=1)[:, :cols] for k, v in params.items()}
 
@@ -137,7 +151,8 @@ class Format(ABC):
         for j in range(0, w.shape[1], g):
             imp = None if importance is None else importance[..., j : j + g]
             p = self.fit(w[:, j : j + g], imp)
-            codes.append(self.encode(w[:, j : j + g], p))
+            cols = w[:, j : j + g]
+            codes.append(self.encode(cols, self.expand(p, cols.shape[1]), imp))
             params.append(p)
         return self.pack(torch.cat(codes, dim=1), cat_params(params), tuple(w.shape))
 

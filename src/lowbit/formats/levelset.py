@@ -35,7 +35,7 @@ class LevelSetFormat(UniformFormat):
         shrink = [1.0 - 0.9 * i / _SEARCH_GRID for i in range(_SEARCH_GRID)]
         return self.best_of(w, ({"scale": _fp16(top * p)} for p in shrink), importance)
 
-    def encode(self, w: torch.Tensor, params: Params) -> torch.Tensor:
+    def encode(self, w: torch.Tensor, params: Params, importance: torch.Tensor | None = None) -> torch.Tensor:
         s = params["scale"].float()
         x = w.float() / torch.where(s == 0, torch.ones_like(s), s)
         codes = torch.bucketize(x.contiguous(), self._mids.to(x.device))

@@ -53,7 +53,7 @@ class UniformFormat(Format):
         return self.best_of(w, (self._params_for_range(lo * p, hi * p, signed_amax * p) for p in shrink), importance)
 
     # ----- rounding ---------------------------------------------------------------------------
-    def encode(self, w: torch.Tensor, params: Params) -> torch.Tensor:
+    def encode(self, w: torch.Tensor, params: Params, importance: torch.Tensor | None = None) -> torch.Tensor:
         d = params["scale"].float()
         x = w.float() if self.symmetric else w.float() - params["min"].float()
         inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
