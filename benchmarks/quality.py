@@ -38,7 +38,19 @@ GPTQ_VARIANTS = [f"gptq:int{b}_g{g}_{k}" for b, g in ((4, 128), (3, 128), (3, 64
 # W2 per-channel level sets x {no rotation, randomized Hadamard} x {RTN, GPTQ}, and the no-zero ratio sweep.
 W2_VARIANTS = [f"{m}{r}:{f}_ch" for m in ("rtn", "gptq") for r in ("", "+rht") for f in ("std2", "pm12", "nz2")]
 RATIO_SWEEP = [f"rtn+rht:nz2r{r}_ch" for r in (20, 25, 30, 35, 40)]
+GPTQ_RATIO_SWEEP = [f"gptq+rht:nz2r{r}_ch" for r in (20, 25, 30, 40)]  # r = 1/3 is nz2_ch, in W2_VARIANTS
+# Simulated 4-bit activations (+a4) and KV cache (+kv4): the best W2 rows vs W4A4/KV4 and W3A4 (rotated; one
+# unrotated W4A4/KV4 row shows what the rotation buys). Each quantization is shared by its rows.
+A4_VARIANTS = ["fp16+a4+kv4", "fp16+kv4",
+               "gptq+rht:nz2_ch", "gptq+rht:nz2_ch+a4+kv4", "gptq+rht:pm12_ch+a4+kv4",
+               "gptq+rht:int4_g128_sym", "gptq+rht:int4_g128_sym+a4+kv4", "gptq:int4_g128_sym+a4+kv4",
+               "gptq+rht:int3_g128_sym", "gptq+rht:int3_g128_sym+a4"]
+# Mixed precision: half of the 30 layers (the most sensitive) at 3 or 4 bits, and the planner at 2.5 / 3 bpw.
+MIXED_VARIANTS = ["gptq+rht:nz2_ch/int4_g128_sym@15L", "gptq+rht:nz2_ch/int3_g128_sym@15L",
+                  "gptq+rht:nz2_ch/int3_g128_sym/int4_g128_sym@2.5bpw",
+                  "gptq+rht:nz2_ch/int3_g128_sym/int4_g128_sym@3bpw"]
 SETS = {"rtn": ["fp16", *RTN_VARIANTS], "gptq": ["fp16", *GPTQ_VARIANTS], "w2": ["fp16", *W2_VARIANTS, *RATIO_SWEEP],
+        "sweep": ["fp16", *GPTQ_RATIO_SWEEP], "a4": ["fp16", *A4_VARIANTS], "mixed": ["fp16", *MIXED_VARIANTS],
         "all": ["fp16", *RTN_VARIANTS, *GPTQ_VARIANTS]}
 
 

@@ -3,23 +3,30 @@
 from __future__ import annotations
 
 import copy
+import re
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
 
+from lowbit.algorithms.mixed import is_mix, mixed_plan, parse_mix
 from lowbit.algorithms.rtn import quantize_rtn, uniform_plan
 from lowbit.algorithms.sequential import CalibConfig, GPTQConfig, quantize_sequential
 from lowbit.data.corpus import load_text
 from lowbit.errors import LowbitError
 from lowbit.eval.perplexity import choose_seqlen, perplexity, tokenize_stream
 from lowbit.eval.report import markdown_table
+from lowbit.eval.simulate import SimConfig, simulate
 from lowbit.eval.sizes import model_size
 from lowbit.formats import get_format
 
 BASELINE = "fp16"
-METHODS = ("rtn", "gptq", "gptq_act")  # gptq_act = GPTQ with act-order; "+rht" suffix = Hadamard rotation
+# gptq_act = GPTQ with act-order; imatrix = nearest rounding weighted by calibration diag(H) (llama.cpp's imatrix);
+# a "+rht" suffix adds the randomized Hadamard rotation.
+METHODS = ("rtn", "gptq", "gptq_act", "imatrix")
+# A variant is [method[+rht]:]format-or-mix[+aN][+kvN]; +aN/+kvN simulate N-bit activations / KV cache.
 
 
 def default_device() -> str:
@@ -35,8 +42,21 @@ def round_to_storage(model: nn.Module) -> nn.Module:
     return model
 
 
+_SIM = re.compile(r"\+(a|kv)(\d)$", re.IGNORECASE)
+
+
+def split_sim(spec: str) -> tuple[str, SimConfig]:
+    """``gptq+rht:nz2_ch+a4+kv4`` -> (``gptq+rht:nz2_ch``, simulated 4-bit activations and KV cache)."""
+    bits: dict[str, int] = {}
+    spec = spec.strip()
+    while m := _SIM.search(spec):
+        bits[m[1].lower()] = int(m[2])
+        spec = spec[: m.start()]
+    return spec, SimConfig(act_bits=bits.get("a"), kv_bits=bits.get("kv"))
+
+
 def parse_variant(spec: str) -> tuple[str, str | None]:
-    """``fp16`` -> (baseline, None); ``[method:]format`` -> (method, format name), both validated."""
+    """``fp16`` -> (baseline, None); ``[method:]format`` -> (method, format name or mix spec), both validated."""
     spec = spec.strip()
     if spec.lower() in (BASELINE, "bf16", "16bit"):
         return BASELINE, None
@@ -44,23 +64,38 @@ def parse_variant(spec: str) -> tuple[str, str | None]:
     method = method or "rtn"
     if method.removesuffix("+rht") not in METHODS:
         raise LowbitError(f"unknown method {method!r} in {spec!r}; known: {', '.join(METHODS)}")
-    get_format(fmt)
+    if is_mix(fmt):
+        parse_mix(fmt)
+    else:
+        get_format(fmt)
     return method, fmt
 
 
 def quantize(model: nn.Module, method: str, format_name: str, tokenizer: object = None,
              calib: CalibConfig | None = None, gptq: GPTQConfig | None = None, device: str | None = None,
              checkpoint_dir: str | None = None, progress: bool = True) -> dict[str, object]:
-    """Quantize every decoder linear of ``model`` in place; returns per-linear statistics."""
-    plan = uniform_plan(model, format_name)
+    """Quantize every decoder linear of ``model`` in place; returns per-linear statistics.
+
+    ``format_name`` is one format, or a mixed-precision spec (``LOW/HIGH@budget``, see algorithms.mixed) whose
+    per-layer choice is measured on calibration text first.
+    """
     method, rotate = method.removesuffix("+rht"), method.endswith("+rht")
+    if is_mix(format_name):
+        if tokenizer is None:
+            raise LowbitError("mixed precision needs the tokenizer to measure layer sensitivity")
+        calib = calib or CalibConfig()
+        plan = mixed_plan(model, tokenizer, format_name, rotate=rotate, seqlen=min(512, calib.seqlen),
+                          seed=calib.seed, text_path=calib.text_path, progress=progress).plan
+    else:
+        plan = uniform_plan(model, format_name)
     if method == "rtn":
         return quantize_rtn(model, plan, progress=progress, rotate=rotate)
-    if method in ("gptq", "gptq_act"):
+    if method in ("gptq", "gptq_act", "imatrix"):
         if tokenizer is None:
-            raise LowbitError("GPTQ needs the tokenizer to build calibration samples")
+            raise LowbitError(f"{method} needs the tokenizer to build calibration samples")
         cfg = replace(gptq or GPTQConfig())
         cfg.act_order = cfg.act_order or method == "gptq_act"
+        cfg.rounding = "imatrix" if method == "imatrix" else cfg.rounding
         cfg.rotate = cfg.rotate or rotate
         report = quantize_sequential(model, tokenizer, plan, calib=calib, gptq=cfg, device=device,
                                      checkpoint_dir=checkpoint_dir, progress=progress)
@@ -90,25 +125,42 @@ def compare(model: nn.Module, tokenizer: object, variants: list[str], seqlen: in
             calib: CalibConfig | None = None, gptq: GPTQConfig | None = None,
             on_row=None) -> tuple[list[Row], dict]:  # noqa: ANN001
     """Quantize copies of ``model`` (float, 16-bit-rounded) into each variant and measure perplexity."""
-    parsed = [(v, *parse_variant(v)) for v in variants]  # fail fast on a bad name
-    if not any(m == BASELINE for _, m, _ in parsed):
-        parsed.insert(0, (BASELINE, BASELINE, None))
+    parsed = [(v, *parse_variant(split_sim(v)[0]), split_sim(v)[1]) for v in variants]  # fail fast on bad names
+    parsed = [p for p in parsed if p[1] == BASELINE and not p[3].active][:1] + \
+        [p for p in parsed if not (p[1] == BASELINE and not p[3].active)]  # the plain baseline comes first
+    if parsed[0][1] != BASELINE or parsed[0][3].active:
+        parsed.insert(0, (BASELINE, BASELINE, None, SimConfig()))
+    # Variants that differ only in simulated activations/KV share one quantization (kept while still needed).
+    uses = Counter((method, fmt) for _, method, fmt, _ in parsed)
+    cache: dict[tuple, tuple[nn.Module, float]] = {}
     seqlen = choose_seqlen(model, seqlen)
     ids = tokenize_stream(tokenizer, load_text("eval", text_path))
     rows, base_ppl = [], None
-    for spec, method, fmt in parsed:
-        m = model if method == BASELINE else copy.deepcopy(model)
+    for spec, method, fmt, sim in parsed:
+        plain = method == BASELINE and not sim.active
+        key = (method, fmt)
+        uses[key] -= 1
         t0 = time.perf_counter()
-        if method != BASELINE:
-            device = str(next(m.parameters()).device)
-            quantize(m, method, fmt, tokenizer, calib=calib, gptq=gptq, device=device, progress=progress)
+        if key in cache:
+            m, quant_s = copy.deepcopy(cache[key][0]), cache[key][1]
+        else:
+            m = model if plain else copy.deepcopy(model)
+            if method != BASELINE:
+                device = str(next(m.parameters()).device)
+                quantize(m, method, fmt, tokenizer, calib=calib, gptq=gptq, device=device, progress=progress)
+            quant_s = time.perf_counter() - t0
+            if uses[key] > 0 and method != BASELINE:
+                cache[key] = (copy.deepcopy(m), quant_s)
+        if uses[key] == 0:
+            cache.pop(key, None)
+        simulate(m, sim)
         t1 = time.perf_counter()
         res = perplexity(m, ids, seqlen, max_windows=max_windows, progress=progress, desc=spec)
         t2 = time.perf_counter()
-        base_ppl = res.ppl if method == BASELINE else base_ppl
+        base_ppl = res.ppl if plain else base_ppl
         size = model_size(m)
         row = Row(spec, size.linear_bpw, size.linear_bytes / 1e6, size.embed_head_bytes / 1e6, size.total_mb,
-                  res.ppl, 100.0 * (res.ppl / base_ppl - 1.0), t1 - t0, t2 - t1)
+                  res.ppl, 100.0 * (res.ppl / base_ppl - 1.0), quant_s, t2 - t1)
         rows.append(row)
         if on_row:
             on_row(row)

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowbit.algorithms.gptq import gptq_quantize, proxy_loss
+from lowbit.algorithms.gptq import GPTQResult, gptq_quantize, proxy_loss
 from lowbit.algorithms.rtn import validate_plan
 from lowbit.calibration.capture import HessianAccumulator, capture_layer_inputs
 from lowbit.calibration.samples import DEFAULT_NSAMPLES, DEFAULT_SEQLEN, calibration_samples
@@ -58,6 +58,8 @@ class GPTQConfig:
     act_order: bool = False
     rotate: bool = False  # incoherence processing: round U W V^T against V H V^T
     rotation_seed: int = 0
+    # "ldlq": GPTQ/LDLQ error feedback; "imatrix": nearest rounding with diag(H) as importance (llama.cpp's imatrix)
+    rounding: str = "ldlq"
 
 
 @dataclass
@@ -170,7 +172,11 @@ def _quantize_layer(layer: nn.Module, names: list[str], plan: dict[str, str], pr
         rotation = Rotation.for_layer(name, cfg.rotation_seed) if cfg.rotate else None
         if rotation:
             w, H = rotation.rotate_weight(w), rotation.rotate_hessian(H)
-        res = gptq_quantize(w, H, fmt, cfg.blocksize, cfg.percdamp, cfg.act_order)
+        if cfg.rounding == "imatrix":
+            qt = fmt.quantize(w, importance=H.diagonal().clamp_min(0))
+            res = GPTQResult(qt, proxy_loss(w, fmt.dequantize(qt), H), 0.0, 0)
+        else:
+            res = gptq_quantize(w, H, fmt, cfg.blocksize, cfg.percdamp, cfg.act_order)
         rtn = proxy_loss(w, fmt.dequantize(fmt.quantize(w)), H)
         bias = getattr(module, "bias", None)
         set_module(layer, sub, QuantLinear.from_quantized(res.qt, None if bias is None else bias.data, rotation))

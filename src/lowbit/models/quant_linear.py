@@ -8,6 +8,8 @@ W' = U W V^T and the forward applies V to the input and U^T to the output (incoh
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,6 +33,8 @@ class QuantLinear(nn.Module):
             self.register_buffer(key, torch.zeros(shape, dtype=dtype, device=device))
             self._keys.append(key)
         self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
+        # Optional rounding of the (rotated) input, e.g. simulated 4-bit activations (lowbit.eval.simulate).
+        self.input_quant: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @classmethod
     def from_quantized(cls, qt: QuantizedTensor, bias: torch.Tensor | None = None,
@@ -58,6 +62,8 @@ class QuantLinear(nn.Module):
         w = self.fmt.dequantize(self.quantized()).to(x.dtype)
         if self._v is not None:
             x = self._v.apply(x)
+        if self.input_quant is not None:
+            x = self.input_quant(x)
         y = F.linear(x, w)
         if self._u is not None:
             y = self._u.inverse(y)
