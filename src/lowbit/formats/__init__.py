@@ -6,6 +6,8 @@ Names:
   ``q4_0``, ``q4_1``, ``q8_0``       ggml block formats (= int4_g32_sym, int4_g32_asym, int8_g32_sym)
   ``{nz2|pm12|std2}_{gN|ch}``       2-bit level sets {+-0.5,+-1.5}, {+-1,+-2}, {-2,-1,0,1} x per-group scale
   ``nz2r{RR}_{gN|ch}``              no-zero set {-1,-r,r,1} with inner/outer ratio r = RR/100
+  ``iq2_xxs``                       llama.cpp IQ2_XXS (E8-based 2-bit vector codebook, 2.0625 bpw), bit-exact
+  ``e8p_{gN|ch}``                   QuIP#'s E8P 2-bit lattice codebook (16 bits per 8 weights) x fp16 scale
 """
 
 from __future__ import annotations
@@ -15,15 +17,18 @@ from functools import cache
 
 from lowbit.errors import UnknownFormatError
 from lowbit.formats.base import Format, Params, QuantizedTensor, cat_params
+from lowbit.formats.e8p import E8PFormat
+from lowbit.formats.iq2xxs import IQ2XXSFormat
 from lowbit.formats.levelset import NAMED_LEVELS, LevelSetFormat, no_zero_levels
 from lowbit.formats.uniform import UniformFormat
 
-__all__ = ["Format", "LevelSetFormat", "Params", "QuantizedTensor", "UniformFormat", "cat_params", "get_format",
-           "example_names"]
+__all__ = ["E8PFormat", "Format", "IQ2XXSFormat", "LevelSetFormat", "Params", "QuantizedTensor", "UniformFormat",
+           "cat_params", "get_format", "example_names"]
 
 ALIASES = {"q4_0": "int4_g32_sym", "q4_1": "int4_g32_asym", "q8_0": "int8_g32_sym"}
 _UNIFORM = re.compile(r"^int(?P<bits>[2-8])_(?:g(?P<g>\d+)|(?P<ch>ch))_(?P<kind>sym|asym)(?P<mse>_mse)?$")
 _LEVELS = re.compile(r"^(?:(?P<set>nz2|pm12|std2)|nz2r(?P<ratio>\d{2}))_(?:g(?P<g>\d+)|(?P<ch>ch))$")
+_E8P = re.compile(r"^e8p_(?:g(?P<g>\d+)|(?P<ch>ch))$")
 
 
 @cache
@@ -31,11 +36,15 @@ def get_format(name: str) -> Format:
     """Return the format called ``name`` (see module docstring); raises UnknownFormatError with examples."""
     key = name.strip().lower()
     canonical = ALIASES.get(key, key)
-    m = _UNIFORM.match(canonical) or _LEVELS.match(canonical)
+    if canonical == "iq2_xxs":
+        return IQ2XXSFormat()
+    m = _UNIFORM.match(canonical) or _LEVELS.match(canonical) or _E8P.match(canonical)
     if m:
         g = None if m["ch"] else int(m["g"])
         if g is not None and (g < 8 or g % 8):
             raise UnknownFormatError(f"group size must be a multiple of 8 (>= 8), got {g} in {name!r}")
+        if m.re is _E8P:
+            return E8PFormat(g, canonical)
         if "set" in m.groupdict():
             levels = NAMED_LEVELS[m["set"]] if m["set"] else no_zero_levels(int(m["ratio"]) / 100)
             return LevelSetFormat(levels, g, canonical)
@@ -44,9 +53,10 @@ def get_format(name: str) -> Format:
             fmt.name = key
         return fmt
     raise UnknownFormatError(f"unknown format {name!r}; known: {', '.join(example_names())} "
-                             "(patterns int{2..8}_{gN|ch}_{sym|asym}[_mse], {nz2|pm12|std2}_{gN|ch}, nz2r{RR}_{gN|ch})")
+                             "(patterns int{2..8}_{gN|ch}_{sym|asym}[_mse], {nz2|pm12|std2}_{gN|ch}, nz2r{RR}_{gN|ch}, "
+                             "iq2_xxs, e8p_{gN|ch})")
 
 
 def example_names() -> list[str]:
     return ["int4_g128_sym", "int4_g128_asym", "int3_g128_asym", "int2_g64_asym_mse", "int4_ch_sym",
-            "nz2_ch", "nz2r30_ch", "pm12_ch", "std2_ch", *ALIASES]
+            "nz2_ch", "nz2r30_ch", "pm12_ch", "std2_ch", "iq2_xxs", "e8p_ch", "e8p_g256", *ALIASES]
