@@ -51,8 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     p.add_argument("--format", "-f", required=True,
                    help="weight format, e.g. int4_g128_asym, q4_0 (see `lowbit formats`)")
-    p.add_argument("--method", default="rtn", choices=["rtn", "gptq", "gptq_act"],
-                   help="rounding: rtn, gptq, or gptq_act (GPTQ with act-order) (default rtn)")
+    p.add_argument("--method", default="rtn", choices=["rtn", "gptq", "gptq_act", "imatrix"],
+                   help="rounding: rtn, gptq, gptq_act (GPTQ with act-order) or imatrix (nearest, weighted by "
+                        "calibration activations as llama.cpp's imatrix) (default rtn)")
     p.add_argument("--rotate", action="store_true",
                    help="incoherence processing: randomized Hadamard on both sides of each weight (undone online)")
     p.add_argument("--out", "-o", required=True, help="output directory (written atomically)")
@@ -79,14 +80,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("formats", help="list weight-format names with their exact bits per weight")
     p.add_argument("--shape", default="4096x4096", help="weight shape for the bpw column (default %(default)s)")
+
+    p = sub.add_parser("generate", help="generate text from a prompt, streamed to the terminal")
+    _add_model(p)
+    p.add_argument("--prompt", "-p", required=True, help="prompt text ('-' reads it from stdin)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    p.add_argument("--system", default=None, help="system message (with --chat)")
+    _add_sampling(p)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
+    _add_model(p)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default %(default)s: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default %(default)s)")
+    p.add_argument("--model-name", default=None, help="model id clients use (default: the model's folder name)")
+    p.add_argument("--max-concurrency", type=int, default=1, help="generations run at once (default 1)")
+    p.add_argument("--max-queue", type=int, default=16,
+                   help="requests allowed to wait for a slot; more are refused with 429 (default 16)")
+    p.add_argument("--shutdown-timeout", type=int, default=10,
+                   help="seconds in-flight requests get to finish on SIGINT/SIGTERM (default 10)")
     return ap
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=128, help="default 128")
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling (default 0.9; 1 = off)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default 0 = off)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"quantize": cmd_quantize, "eval": cmd_eval, "compare": cmd_compare, "info": cmd_info,
-                "formats": cmd_formats}[args.cmd](args)
+                "formats": cmd_formats, "generate": cmd_generate, "serve": cmd_serve}[args.cmd](args)
     except (LowbitError, FileExistsError) as e:
         print(f"lowbit: error: {e}", file=sys.stderr)
         return 2
@@ -207,6 +235,57 @@ def cmd_formats(args: argparse.Namespace) -> int:
         raise LowbitError(f"--shape must look like 4096x11008, got {args.shape!r}") from None
     rows = [(n, get_format(n).bits_per_weight(shape)) for n in example_names()]
     print(markdown_table(("format", f"bits/weight at {shape[0]}x{shape[1]}"), rows))
+    return 0
+
+
+def _model_id(model: str | None) -> str:
+    """The name a served model goes by: the bundled alias, a directory's name, or the hub id."""
+    from lowbit.data.assets import DEFAULT_MODEL
+
+    if model is None:
+        return DEFAULT_MODEL
+    p = Path(model).expanduser()
+    return p.resolve().name if p.exists() else model
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from lowbit.serve.generate import SamplingParams, TextStream, encode_chat, encode_prompt
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
+    model, tok = _load(args)
+    extra_stop: tuple[str, ...] = ()
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        ids, extra_stop = encode_chat(tok, [*messages, {"role": "user", "content": prompt}])
+    else:
+        ids = encode_prompt(tok, prompt)
+    stream = TextStream(model, tok, ids, params, extra_stop=extra_stop)
+    for delta in stream:
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    first = stream.t_first - stream.t_start if stream.t_first else 0.0
+    print(f"[{stream.completion_tokens} tokens in {stream.t_end - stream.t_start:.2f}s "
+          f"({stream.tokens_per_second():.1f} tokens/s overall, {stream.decode_tokens_per_second():.1f} tokens/s "
+          f"after the first); prompt {stream.prompt_tokens} tokens, first token after {first:.2f}s; "
+          f"finish: {stream.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from lowbit.serve.server import serve
+    except ImportError as e:  # fastapi/uvicorn are dependencies, but a trimmed install may lack them
+        raise LowbitError(f"lowbit serve needs fastapi and uvicorn: {e}") from None
+
+    model, tok = _load(args)
+    name = args.model_name or _model_id(args.model)
+    print(f"serving {name} on http://{args.host}:{args.port}/v1 (max concurrency {args.max_concurrency}, "
+          f"queue {args.max_queue}); Ctrl+C stops", file=sys.stderr)
+    serve(model, tok, name, host=args.host, port=args.port, max_concurrency=args.max_concurrency,
+          max_queue=args.max_queue, shutdown_timeout=args.shutdown_timeout)
     return 0
 
 

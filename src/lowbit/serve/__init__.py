@@ -1,0 +1,1 @@
+"""Generation (``generate``) and an OpenAI-compatible HTTP server (``server``, needs fastapi + uvicorn)."""
