@@ -24,7 +24,7 @@ from lowbit import __version__
 from lowbit.algorithms.sequential import CalibConfig
 from lowbit.io.atomic import atomic_file
 from lowbit.models.loader import load_model
-from lowbit.pipeline import compare, default_device, round_to_storage, rows_table
+from lowbit.pipeline import Row, compare, default_device, round_to_storage, rows_table
 
 # RTN rows (foundation issue), plus MSE-clipped variants at 3 and 2 bits.
 RTN_VARIANTS = [
@@ -43,21 +43,30 @@ GPTQ_RATIO_SWEEP = [f"gptq+rht:nz2r{r}_ch" for r in (20, 25, 30, 40)]  # r = 1/3
 # unrotated W4A4/KV4 row shows what the rotation buys). Each quantization is shared by its rows.
 A4_VARIANTS = ["fp16+a4+kv4", "fp16+kv4",
                "gptq+rht:nz2_ch", "gptq+rht:nz2_ch+a4+kv4", "gptq+rht:pm12_ch+a4+kv4",
-               "gptq+rht:int4_g128_sym", "gptq+rht:int4_g128_sym+a4+kv4", "gptq:int4_g128_sym+a4+kv4",
+               "gptq+rht:int4_g128_sym", "gptq+rht:int4_g128_sym+a4+kv4", "rtn:int4_g128_sym+a4+kv4",
                "gptq+rht:int3_g128_sym", "gptq+rht:int3_g128_sym+a4"]
 # Mixed precision: half of the 30 layers (the most sensitive) at 3 or 4 bits, and the planner at 2.5 / 3 bpw.
 MIXED_VARIANTS = ["gptq+rht:nz2_ch/int4_g128_sym@15L", "gptq+rht:nz2_ch/int3_g128_sym@15L",
                   "gptq+rht:nz2_ch/int3_g128_sym/int4_g128_sym@2.5bpw",
                   "gptq+rht:nz2_ch/int3_g128_sym/int4_g128_sym@3bpw"]
+# E8 lattice 2-bit codebooks (~2.06-2.08 bpw): nearest, importance-weighted (imatrix), block LDLQ, + rotation.
+E8_VARIANTS = ["rtn:iq2_xxs", "imatrix:iq2_xxs", "gptq:iq2_xxs", "gptq+rht:iq2_xxs", "rtn+rht:e8p_ch",
+               "gptq+rht:e8p_ch"]
 SETS = {"rtn": ["fp16", *RTN_VARIANTS], "gptq": ["fp16", *GPTQ_VARIANTS], "w2": ["fp16", *W2_VARIANTS, *RATIO_SWEEP],
         "sweep": ["fp16", *GPTQ_RATIO_SWEEP], "a4": ["fp16", *A4_VARIANTS], "mixed": ["fp16", *MIXED_VARIANTS],
-        "all": ["fp16", *RTN_VARIANTS, *GPTQ_VARIANTS]}
+        "e8": ["fp16", *E8_VARIANTS], "all": ["fp16", *RTN_VARIANTS, *GPTQ_VARIANTS]}
 
 
 def hardware(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(0)
     return f"{platform.processor() or platform.machine()} CPU x{torch.get_num_threads()} threads"
+
+
+def _finished_rows(path: Path) -> dict[str, dict]:
+    if not path.exists():
+        return {}
+    return {r["variant"]: r for r in json.loads(path.read_text())["rows"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-windows", type=int, default=None)
     ap.add_argument("--tag", default=None, help="results file suffix (default: device kind)")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--resume", action="store_true", help="keep rows already in the results file, run the rest")
     args = ap.parse_args(argv)
 
     device = args.device or default_device()
@@ -79,27 +89,38 @@ def main(argv: list[str] | None = None) -> int:
     round_to_storage(model)
     started = time.time()
 
-    def show(row):  # noqa: ANN001, ANN202
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else SETS[args.set]
+    command = "python benchmarks/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    tag = args.tag or ("gpu" if device.startswith("cuda") else "cpu")
+    out = Path(__file__).parent / "results" / f"quality-{tag}.json"
+    done = _finished_rows(out) if args.resume else {}
+    rows_by_variant = dict(done)
+
+    def save(protocol: dict | None, header: str | None) -> None:
+        rows = [rows_by_variant[v] for v in dict.fromkeys(["fp16", *variants]) if v in rows_by_variant]
+        with atomic_file(out) as tmp:
+            tmp.write_text(json.dumps({"command": command.strip(), "header": header, "protocol": protocol,
+                                       "partial": protocol is None, "seconds": round(time.time() - started, 1),
+                                       "rows": rows}, indent=2) + "\n")
+
+    def on_row(row):  # noqa: ANN001, ANN202 - every finished row is saved at once: a crash loses nothing
         print(f"  {row.variant:<22} bpw {row.linear_bpw:6.3f}  ppl {row.ppl:9.3f}  ({row.delta_pct:+.2f}%)",
               file=sys.stderr, flush=True)
+        rows_by_variant[row.variant] = asdict(row)
+        save(None, None)
 
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else SETS[args.set]
+    todo = [v for v in variants if v not in done or v == "fp16"]
     calib = CalibConfig(nsamples=args.nsamples)
-    rows, protocol = compare(model, tok, variants, seqlen=args.seqlen, max_windows=args.max_windows,
-                             progress=not args.no_progress, calib=calib, on_row=show)
-    command = "python benchmarks/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    _, protocol = compare(model, tok, todo, seqlen=args.seqlen, max_windows=args.max_windows,
+                          progress=not args.no_progress, calib=calib, on_row=on_row)
     header = (f"model: {args.model or 'smollm2-135m (bundled)'}; eval: bundled SOTU 2000-2021; GPTQ calibration "
               f"{args.nsamples} x 2048 tokens of SOTU before 2000, damp 0.01, block 128; "
               f"seqlen {protocol['seqlen']}, {protocol['windows']} windows, "
               f"{protocol['predicted_tokens']} predicted tokens; compute float32 on {hardware(device)}; "
               f"lowbit {__version__}, torch {torch.__version__}")
+    save(protocol, header)
+    rows = [Row(**rows_by_variant[v]) for v in dict.fromkeys(["fp16", *variants]) if v in rows_by_variant]
     print(f"`{command.strip()}`\n\n{header}\n\n{rows_table(rows)}")
-    tag = args.tag or ("gpu" if device.startswith("cuda") else "cpu")
-    out = Path(__file__).parent / "results" / f"quality-{tag}.json"
-    with atomic_file(out) as tmp:
-        tmp.write_text(json.dumps({"command": command.strip(), "header": header, "protocol": protocol,
-                                   "seconds": round(time.time() - started, 1),
-                                   "rows": [asdict(r) for r in rows]}, indent=2) + "\n")
     print(f"\nwrote {out}", file=sys.stderr)
     return 0
 

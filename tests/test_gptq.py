@@ -188,3 +188,18 @@ def test_rotated_gptq_resume_and_loss(tiny_tokenizer, calib_file, tmp_path):
     ids = torch.randint(0, len(tiny_tokenizer), (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(clean(ids).logits, resumed(ids).logits)
+
+
+@pytest.mark.parametrize("fmt", ["nz2_g32", "iq2_xxs"])
+def test_imatrix_rounding_uses_calibration_importance(fmt, tiny_tokenizer, calib_file):
+    from lowbit.pipeline import quantize
+
+    calib = CalibConfig(nsamples=8, seqlen=32, text_path=calib_file)
+    model = make_model("llama", vocab=len(tiny_tokenizer))
+    stats = quantize(model, "imatrix", fmt, tiny_tokenizer, calib=calib, progress=False)
+    assert all(isinstance(m, QuantLinear) for m in decoder_linears(model).values())
+    imat, rtn = sum(s.proxy_loss for s in stats.values()), sum(s.rtn_proxy_loss for s in stats.values())
+    if fmt == "iq2_xxs":  # the weights steer the vector search and the scales: the Hessian-weighted error drops
+        assert imat < rtn
+    else:  # a scalar grid only moves its scale: diag(H) ignores input correlations, so no better than ~RTN
+        assert imat < 1.05 * rtn

@@ -79,3 +79,18 @@ def test_bad_level_set_names():
     for bad in ("nz2", "nz2r3_ch", "nz3_ch", "pm12_g4"):
         with pytest.raises(UnknownFormatError):
             get_format(bad)
+
+
+def test_mirrored_standard_set_picks_the_side_with_the_outliers():
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(64, 256, generator=g).abs().pow(1.5)  # skewed: the long tail is positive
+    w[32:] = -w[32:]  # ... for half the rows, negative
+    plain, mirror = get_format("std2_ch"), get_format("std2m_ch")
+    err_plain = (plain.dequantize(plain.quantize(w)) - w).pow(2).sum(dim=1)
+    qm = mirror.quantize(w)
+    err_mirror = (mirror.dequantize(qm) - w).pow(2).sum(dim=1)
+    assert (err_mirror <= err_plain + 1e-6).all()  # a superset of candidates never loses
+    assert err_mirror.sum() < 0.9 * err_plain.sum()
+    scale = mirror.unpack(qm)[1]["scale"]
+    assert (scale[:32] < 0).all() or (scale[32:] < 0).all()  # reflected on one side only
+    assert mirror.bits_per_weight((64, 256)) == plain.bits_per_weight((64, 256))

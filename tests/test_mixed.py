@@ -113,3 +113,13 @@ def test_mb_budget_and_layer_count(tiny_tokenizer, calib_file):
     one = mixed_plan(model, tiny_tokenizer, "int2_g32_sym/int4_g32_sym@1L", seqlen=32, nsamples=4,
                      text_path=calib_file, progress=False)
     assert one.layer_formats.count("int4_g32_sym") == 1
+
+
+def test_mixed_plan_through_gptq_pipeline(tiny_tokenizer, calib_file):
+    model = make_model("llama", vocab=len(tiny_tokenizer))
+    stats = quantize(model, "gptq+rht", "int2_g32_sym/int4_g32_sym@1L", tiny_tokenizer,
+                     calib=CalibConfig(nsamples=4, seqlen=32, text_path=calib_file), progress=False)
+    formats = [m.format_name for m in decoder_linears(model).values()]
+    assert len(stats) == len(formats)
+    assert sorted(set(formats)) == ["int2_g32_sym", "int4_g32_sym"]
+    assert all(m.rotation is not None for m in decoder_linears(model).values())

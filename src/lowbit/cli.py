@@ -233,9 +233,17 @@ def cmd_formats(args: argparse.Namespace) -> int:
         assert len(shape) == 2
     except (ValueError, AssertionError):
         raise LowbitError(f"--shape must look like 4096x11008, got {args.shape!r}") from None
-    rows = [(n, get_format(n).bits_per_weight(shape)) for n in example_names()]
+    rows = [(n, _bpw_or_reason(get_format(n), shape)) for n in example_names()]
     print(markdown_table(("format", f"bits/weight at {shape[0]}x{shape[1]}"), rows))
     return 0
+
+
+def _bpw_or_reason(fmt, shape: tuple[int, int]) -> float | str:  # noqa: ANN001
+    """A format may not accept every shape (IQ2_XXS needs rows in multiples of 32): say so in its row."""
+    try:
+        return fmt.bits_per_weight(shape)
+    except (ValueError, LowbitError) as e:
+        return f"n/a ({e})"
 
 
 def _model_id(model: str | None) -> str:

@@ -5,6 +5,7 @@ Names:
   ``int{b}_ch_{sym|asym}[_mse]``    uniform b-bit, one group per output channel (row)
   ``q4_0``, ``q4_1``, ``q8_0``       ggml block formats (= int4_g32_sym, int4_g32_asym, int8_g32_sym)
   ``{nz2|pm12|std2}_{gN|ch}``       2-bit level sets {+-0.5,+-1.5}, {+-1,+-2}, {-2,-1,0,1} x per-group scale
+  ``std2m_{gN|ch}``                 {-2,-1,0,1} or its mirror {-1,0,1,2}, chosen per group (sign of the scale)
   ``nz2r{RR}_{gN|ch}``              no-zero set {-1,-r,r,1} with inner/outer ratio r = RR/100
   ``iq2_xxs``                       llama.cpp IQ2_XXS (E8-based 2-bit vector codebook, 2.0625 bpw), bit-exact
   ``e8p_{gN|ch}``                   QuIP#'s E8P 2-bit lattice codebook (16 bits per 8 weights) x fp16 scale
@@ -27,7 +28,7 @@ __all__ = ["E8PFormat", "Format", "IQ2XXSFormat", "LevelSetFormat", "Params", "Q
 
 ALIASES = {"q4_0": "int4_g32_sym", "q4_1": "int4_g32_asym", "q8_0": "int8_g32_sym"}
 _UNIFORM = re.compile(r"^int(?P<bits>[2-8])_(?:g(?P<g>\d+)|(?P<ch>ch))_(?P<kind>sym|asym)(?P<mse>_mse)?$")
-_LEVELS = re.compile(r"^(?:(?P<set>nz2|pm12|std2)|nz2r(?P<ratio>\d{2}))_(?:g(?P<g>\d+)|(?P<ch>ch))$")
+_LEVELS = re.compile(r"^(?:(?P<set>nz2|pm12|std2m?)|nz2r(?P<ratio>\d{2}))_(?:g(?P<g>\d+)|(?P<ch>ch))$")
 _E8P = re.compile(r"^e8p_(?:g(?P<g>\d+)|(?P<ch>ch))$")
 
 
@@ -46,17 +47,18 @@ def get_format(name: str) -> Format:
         if m.re is _E8P:
             return E8PFormat(g, canonical)
         if "set" in m.groupdict():
-            levels = NAMED_LEVELS[m["set"]] if m["set"] else no_zero_levels(int(m["ratio"]) / 100)
-            return LevelSetFormat(levels, g, canonical)
+            named = (m["set"] or "").removesuffix("m")
+            levels = NAMED_LEVELS[named] if named else no_zero_levels(int(m["ratio"]) / 100)
+            return LevelSetFormat(levels, g, canonical, mirror=m["set"] == "std2m")
         fmt = UniformFormat(int(m["bits"]), g, m["kind"] == "sym", "mse" if m["mse"] else "minmax")
         if key in ALIASES:
             fmt.name = key
         return fmt
     raise UnknownFormatError(f"unknown format {name!r}; known: {', '.join(example_names())} "
-                             "(patterns int{2..8}_{gN|ch}_{sym|asym}[_mse], {nz2|pm12|std2}_{gN|ch}, nz2r{RR}_{gN|ch}, "
-                             "iq2_xxs, e8p_{gN|ch})")
+                             "(patterns int{2..8}_{gN|ch}_{sym|asym}[_mse], {nz2|pm12|std2|std2m}_{gN|ch}, "
+                             "nz2r{RR}_{gN|ch}, iq2_xxs, e8p_{gN|ch})")
 
 
 def example_names() -> list[str]:
     return ["int4_g128_sym", "int4_g128_asym", "int3_g128_asym", "int2_g64_asym_mse", "int4_ch_sym",
-            "nz2_ch", "nz2r30_ch", "pm12_ch", "std2_ch", "iq2_xxs", "e8p_ch", "e8p_g256", *ALIASES]
+            "nz2_ch", "nz2r30_ch", "pm12_ch", "std2_ch", "std2m_ch", "iq2_xxs", "e8p_ch", "e8p_g256", *ALIASES]

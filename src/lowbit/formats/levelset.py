@@ -4,7 +4,9 @@ After a randomized Hadamard rotation, weight rows are close to Gaussian, and a 2
 wastes one of its four levels on the densest region while the outer side gets only one level. The no-zero set
 ``{-1.5, -0.5, +0.5, +1.5}`` (equivalently ``{-1, -r, r, 1}`` with inner/outer ratio ``r = 1/3``) is close to the
 Lloyd-Max quantizer of a Gaussian (r ~ 0.30). Variants: any ratio ``r`` (``nz2r30`` = r 0.30), ``{+-1, +-2}``
-(r = 0.5) and the standard ``{-2, -1, 0, +1}``, all with the scale found by an error-minimizing search.
+(r = 0.5), the standard ``{-2, -1, 0, +1}`` and its mirrored form ``std2m`` (per group, the set or its reflection
+{-1, 0, 1, 2}, stored as the sign of the scale: the extra level goes to whichever side needs it, at no cost),
+all with the scale found by an error-minimizing search.
 
 Storage is the symmetric uniform layout (2-bit codes + one float16 scale per group), so the bits per weight
 are those of ``int2_*_sym``.
@@ -21,8 +23,9 @@ _SEARCH_GRID = 48  # candidate scales between max|w|/max|level| and 10% of it
 
 
 class LevelSetFormat(UniformFormat):
-    def __init__(self, levels: tuple[float, ...], group_size: int | None, name: str):
+    def __init__(self, levels: tuple[float, ...], group_size: int | None, name: str, mirror: bool = False):
         super().__init__(2, group_size, symmetric=True, name=name)
+        self.mirror = mirror  # also try the negated scale: the set reflected, {-1,0,1,2} for {-2,-1,0,1}
         if len(levels) != 4 or list(levels) != sorted(levels):
             raise ValueError(f"need 4 increasing levels, got {levels}")
         self.levels = torch.tensor(levels, dtype=torch.float32)
@@ -33,7 +36,8 @@ class LevelSetFormat(UniformFormat):
         w = w.float()
         top = w.abs().amax(dim=1, keepdim=True) / self.levels.abs().max()
         shrink = [1.0 - 0.9 * i / _SEARCH_GRID for i in range(_SEARCH_GRID)]
-        return self.best_of(w, ({"scale": _fp16(top * p)} for p in shrink), importance)
+        signs = (1.0, -1.0) if self.mirror else (1.0,)
+        return self.best_of(w, ({"scale": _fp16(top * p * sg)} for p in shrink for sg in signs), importance)
 
     def encode(self, w: torch.Tensor, params: Params, importance: torch.Tensor | None = None) -> torch.Tensor:
         s = params["scale"].float()
