@@ -1,0 +1,71 @@
+"""Triton kernel: y = x W^T reading packed b-bit codes + per-group scales (and mins) directly.
+
+Covers every scalar format whose weight is ``lut[code] * scale (+ min)`` with dense little-endian bit packing
+(formats/bitpack.py): uniform sym (lut = code - 2^(b-1)), asym (lut = code, plus min) and the 2-bit level sets
+(lut = levels), any width 2..8, any group size including a shorter last group. W is never materialized: each
+program dequantizes a [BLOCK_K, BLOCK_N] tile in registers and feeds tl.dot, so one kernel serves decode
+(M = 1..8, padded to BLOCK_M = 16, memory-bound) and prefill (large M).
+
+A code may straddle two bytes (3, 5, 6, 7 bits), so two bytes are read and combined; for 2/4/8 bits the second
+read is redundant but cached. Tuning (vectorized unpacking, split-K for small M) belongs to the GPU benchmark.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dequant_matmul_kernel(x_ptr, codes_ptr, scale_ptr, min_ptr, lut_ptr, y_ptr,
+                           M, N, K, row_bytes, n_groups, group, stride_xm, stride_ym,
+                           BITS: tl.constexpr, HAS_MIN: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        bit = offs_k * BITS
+        byte = bit // 8
+        shift = bit % 8
+        row = codes_ptr + offs_n[None, :] * row_bytes
+        wmask = k_mask[:, None] & n_mask[None, :]
+        b0 = tl.load(row + byte[:, None], mask=wmask, other=0).to(tl.int32)
+        b1 = tl.load(row + byte[:, None] + 1, mask=wmask & ((byte + 1) < row_bytes)[:, None], other=0).to(tl.int32)
+        code = ((b0 | (b1 << 8)) >> shift[:, None]) & ((1 << BITS) - 1)
+        g = offs_k // group
+        p_off = offs_n[None, :] * n_groups + g[:, None]
+        s = tl.load(scale_ptr + p_off, mask=wmask, other=0.0).to(tl.float32)
+        w = tl.load(lut_ptr + code) * s
+        if HAS_MIN:
+            w += tl.load(min_ptr + p_off, mask=wmask, other=0.0).to(tl.float32)
+        acc += tl.dot(x, w.to(x.dtype))
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=m_mask[:, None] & n_mask[None, :])
+
+
+def dequant_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor | None,
+                   lut: torch.Tensor, bits: int, group: int, n_cols: int) -> torch.Tensor:
+    """x [M, K] (contiguous rows) @ W^T, W [N, K] given as packed codes [N, row_bytes] + scale/min [N, groups]."""
+    M, K = x.shape
+    N = codes.shape[0]
+    if K != n_cols:
+        raise ValueError(f"input has {K} features, weight has {n_cols}")
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    block_m = 16 if M <= 16 else 64
+    block_n, block_k = 64, 64
+    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+    _dequant_matmul_kernel[grid](
+        x, codes, scale, mins if mins is not None else scale, lut, y,
+        M, N, K, codes.shape[1], scale.shape[1], group, x.stride(0), y.stride(0),
+        BITS=bits, HAS_MIN=mins is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    return y
