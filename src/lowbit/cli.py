@@ -98,10 +98,42 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests allowed to wait for a slot; more are refused with 429 (default 16)")
     p.add_argument("--shutdown-timeout", type=int, default=10,
                    help="seconds in-flight requests get to finish on SIGINT/SIGTERM (default 10)")
+    _add_weight_cache(p)
+    _add_report_plan(sub)
+    _add_export_gguf(sub)
     return ap
 
 
+def _add_report_plan(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="measure variants (or read measured JSON) and write report.md + pareto.png")
+    _add_model(p)
+    _add_eval(p)
+    p.add_argument("--variants", default=None, help="comma-separated [method:]format list (overrides --set)")
+    p.add_argument("--set", default="quick", help="predefined variant list: quick (RTN only), rtn, gptq, w2 "
+                   "(default %(default)s)")
+    p.add_argument("--from-results", nargs="+", default=None, metavar="JSON",
+                   help="build the report from these results files (benchmarks/quality.py, compare --json) "
+                        "instead of measuring")
+    p.add_argument("--title", default=None, help="plot and report title")
+    p.add_argument("--out", "-o", required=True, help="output directory for report.md and pareto.png")
+    _add_calib(p)
+
+    p = sub.add_parser("plan", help="which model x format fits a memory budget, with estimated perplexity")
+    p.add_argument("models", nargs="*", help="HF directories or cached hub ids (default: bundled smollm2-135m); "
+                   "only configs are read")
+    p.add_argument("--memory", required=True, help="budget, e.g. 4GB, 512MB, 3.5GiB")
+    p.add_argument("--context", type=int, default=4096, help="tokens of KV cache to reserve (default %(default)s)")
+    p.add_argument("--formats", default=None, help="comma-separated [method:]format list to consider "
+                   "(default: a built-in list from 2 to 16 bits)")
+    p.add_argument("--results", nargs="*", default=None, metavar="JSON",
+                   help="measured results files (default: benchmarks/results/quality-*.json when present)")
+    p.add_argument("--fp16-ppl", action="append", default=[], metavar="MODEL=PPL",
+                   help="known fp16 perplexity of a candidate model (repeatable); scales the estimates")
+    p.add_argument("--all", action="store_true", help="also list the candidates that do not fit")
+
+
 def _add_sampling(p: argparse.ArgumentParser) -> None:
+    _add_weight_cache(p)
     p.add_argument("--max-new-tokens", type=int, default=128, help="default 128")
     p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling (default 0.9; 1 = off)")
@@ -110,11 +142,19 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
+def _add_weight_cache(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-weight-cache", action="store_true",
+                   help="dequantize quantized weights on every token instead of keeping them in memory "
+                        "(slower; saves 4 bytes per quantized weight)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # reports quote the command that made them
     try:
         return {"quantize": cmd_quantize, "eval": cmd_eval, "compare": cmd_compare, "info": cmd_info,
-                "formats": cmd_formats, "generate": cmd_generate, "serve": cmd_serve}[args.cmd](args)
+                "formats": cmd_formats, "generate": cmd_generate, "serve": cmd_serve,
+                "report": cmd_report, "plan": cmd_plan, "export-gguf": cmd_export_gguf}[args.cmd](args)
     except (LowbitError, FileExistsError) as e:
         print(f"lowbit: error: {e}", file=sys.stderr)
         return 2
@@ -269,6 +309,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         ids, extra_stop = encode_chat(tok, [*messages, {"role": "user", "content": prompt}])
     else:
         ids = encode_prompt(tok, prompt)
+    from lowbit.serve.generate import use_weight_cache
+
+    use_weight_cache(model, not args.no_weight_cache)
     stream = TextStream(model, tok, ids, params, extra_stop=extra_stop)
     for delta in stream:
         sys.stdout.write(delta)
@@ -293,7 +336,109 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"serving {name} on http://{args.host}:{args.port}/v1 (max concurrency {args.max_concurrency}, "
           f"queue {args.max_queue}); Ctrl+C stops", file=sys.stderr)
     serve(model, tok, name, host=args.host, port=args.port, max_concurrency=args.max_concurrency,
-          max_queue=args.max_queue, shutdown_timeout=args.shutdown_timeout)
+          max_queue=args.max_queue, shutdown_timeout=args.shutdown_timeout, weight_cache=not args.no_weight_cache)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from lowbit.eval import report
+
+    title = args.title or f"{_model_id(args.model)}: perplexity vs bits per weight"
+    if args.from_results:
+        points, meta = report.load_results(args.from_results)
+        context = [f"command: `lowbit report --from-results {' '.join(args.from_results)} --out {args.out}`"]
+        context += [f"{Path(m['file']).name}: `{m['command']}`; {m['header']}" for m in meta]
+    else:
+        points, context = _measure_report(args)
+    md = report.write_report(points, args.out, title, context)
+    front = report.pareto_front(points)
+    print(f"wrote {md} and {Path(args.out) / 'pareto.png'}: {len(points)} rows, Pareto frontier: "
+          + ", ".join(p.variant for p in front))
+    return 0
+
+
+def _measure_report(args: argparse.Namespace):  # noqa: ANN202
+    from lowbit.eval import report
+    from lowbit.pipeline import compare, parse_variant, split_sim
+
+    if args.variants:
+        variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    elif args.set in report.REPORT_SETS:
+        variants = report.REPORT_SETS[args.set]
+    else:
+        raise LowbitError(f"unknown --set {args.set!r}; known: {', '.join(report.REPORT_SETS)}")
+    for v in variants:
+        parse_variant(split_sim(v)[0])
+    model, tok = _load(args)
+    calib, gptq = _calib_configs(args)
+    rows, protocol = compare(model, tok, variants, seqlen=args.seqlen, max_windows=args.max_windows,
+                             text_path=args.text, progress=not args.no_progress, calib=calib, gptq=gptq)
+    device = str(next(model.parameters()).device)
+    context = [f"command: `lowbit {' '.join(args.argv)}`",
+               f"model: {args.model or 'smollm2-135m (bundled)'}; eval text: {args.text or 'bundled SOTU 2000-2021'}",
+               f"protocol: {protocol['windows']} windows x {protocol['seqlen']} tokens, "
+               f"{protocol['predicted_tokens']} predicted tokens of {protocol['eval_tokens_available']} available; "
+               f"GPTQ calibration {calib.nsamples} x {calib.seqlen} tokens (seed {calib.seed})",
+               f"hardware: {report.hardware(device)}, float32 compute"]
+    from dataclasses import asdict
+
+    return [report.point_from_row(asdict(r)) for r in rows], context
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from lowbit.eval import planner
+
+    print(planner.run_plan(args.models or [None], args.memory, context=args.context, formats=args.formats,
+                           results=args.results, fp16_ppl=args.fp16_ppl, show_all=args.all))
+    return 0
+
+
+def _add_export_gguf(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export-gguf", help="write a GGUF file for llama.cpp (a lowbit checkpoint, or quantize first)")
+    _add_model(p)
+    p.add_argument("--out", "-o", required=True, help="output .gguf file (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--format", "-f", default=None,
+                   help="quantize a float model into this format first (q4_0, q4_1, q5_0, q5_1, q8_0, iq2_xxs map "
+                        "to GGUF types); omit for a lowbit checkpoint")
+    p.add_argument("--method", default="rtn", choices=["rtn", "gptq", "gptq_act", "imatrix"],
+                   help="rounding when quantizing first (default rtn)")
+    p.add_argument("--fallback", default=None, metavar="FORMAT",
+                   help="re-quantize linears GGUF cannot hold as stored (no GGUF type, rows not whole blocks, "
+                        "rotations) from their dequantized weights into this format, e.g. q8_0 (default: error)")
+    p.add_argument("--embed-type", default="f16", choices=["f16", "q8_0"],
+                   help="token embeddings / output matrix type (default f16, exact)")
+    p.add_argument("--tokenizer-pre", default=None,
+                   help="llama.cpp pre-tokenizer name (default: detected as convert_hf_to_gguf.py does)")
+    p.add_argument("--no-progress", action="store_true")
+    _add_calib(p)
+
+
+def cmd_export_gguf(args: argparse.Namespace) -> int:
+    from lowbit.io.gguf_export import export_gguf
+    from lowbit.models.loader import is_quantized_dir, load_model, resolve
+    from lowbit.pipeline import default_device, parse_variant, quantize
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise LowbitError(f"{out} already exists; pass --overwrite to replace it")
+    src = resolve(args.model)
+    if is_quantized_dir(src):
+        if args.format:
+            raise LowbitError(f"{src} is already a quantized lowbit checkpoint; drop --format to export it as is")
+        model, tok = load_model(src, device="cpu")
+    else:
+        if not args.format:
+            raise LowbitError(f"{args.model or 'the bundled model'} is a float model: pass --format (e.g. q4_0) "
+                              "to quantize it before export")
+        method, fmt = parse_variant(f"{args.method}:{args.format}")
+        compute = args.device or default_device()
+        model, tok = _load(args, device="cpu" if method != "rtn" else compute)
+        calib, gptq = _calib_configs(args)
+        quantize(model, method, fmt, tok, calib=calib, gptq=gptq, device=compute, progress=not args.no_progress)
+    report = export_gguf(model.cpu(), tok, out, fallback=args.fallback, embed_type=args.embed_type,
+                         tokenizer_pre=args.tokenizer_pre)
+    print(report.summary())
     return 0
 
 

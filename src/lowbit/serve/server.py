@@ -41,7 +41,14 @@ from torch import nn
 
 from lowbit import __version__
 from lowbit.errors import LowbitError
-from lowbit.serve.generate import SamplingParams, TextStream, context_length, encode_chat, encode_prompt
+from lowbit.serve.generate import (
+    SamplingParams,
+    TextStream,
+    context_length,
+    encode_chat,
+    encode_prompt,
+    use_weight_cache,
+)
 
 POLL_SECONDS = 0.25  # how often a waiting request checks whether its client is still there
 RETRY_AFTER_SECONDS = 1
@@ -446,8 +453,12 @@ async def _sse(job: Job, shape: _Shape, include_usage: bool) -> AsyncIterator[st
 
 
 def create_app(model: nn.Module, tokenizer: object, model_id: str, max_concurrency: int = 1,
-               max_queue: int = 16) -> FastAPI:
-    """The FastAPI app serving ``model`` under the name ``model_id``; ``app.state.engine`` holds the Engine."""
+               max_queue: int = 16, weight_cache: bool = True) -> FastAPI:
+    """The FastAPI app serving ``model`` under the name ``model_id``; ``app.state.engine`` holds the Engine.
+
+    ``weight_cache`` keeps quantized layers' dequantized weights in memory (see ``use_weight_cache``).
+    """
+    use_weight_cache(model, weight_cache)
     engine = Engine(model, tokenizer, max_concurrency=max_concurrency, max_queue=max_queue)
     ctx = context_length(model)
     created = int(time.time())
@@ -584,11 +595,12 @@ def create_app(model: nn.Module, tokenizer: object, model_id: str, max_concurren
 
 def serve(model: nn.Module, tokenizer: object, model_id: str, host: str = "127.0.0.1", port: int = 8000,
           max_concurrency: int = 1, max_queue: int = 16, shutdown_timeout: int = 10,
-          log_level: str = "info") -> None:
+          log_level: str = "info", weight_cache: bool = True) -> None:
     """Serve until SIGINT/SIGTERM; in-flight requests get ``shutdown_timeout`` seconds to finish."""
     import uvicorn
 
-    app = create_app(model, tokenizer, model_id, max_concurrency=max_concurrency, max_queue=max_queue)
+    app = create_app(model, tokenizer, model_id, max_concurrency=max_concurrency, max_queue=max_queue,
+                     weight_cache=weight_cache)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=shutdown_timeout)
     # uvicorn handles SIGINT/SIGTERM itself, then re-raises the signal once it has shut down; by then everything

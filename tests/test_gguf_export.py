@@ -1,0 +1,265 @@
+"""GGUF export: the file holds exactly lowbit's weights (bit for bit) in llama.cpp's layout and metadata."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf.quants import dequantize
+
+from conftest import make_model
+from lowbit.algorithms.rtn import quantize_rtn, uniform_plan
+from lowbit.errors import LowbitError
+from lowbit.formats import get_format
+from lowbit.io.gguf_blocks import to_ggml_blocks
+from lowbit.io.gguf_export import export_gguf, qk_permutation
+from lowbit.models.quant_linear import QuantLinear
+from lowbit.pipeline import quantize, round_to_storage
+
+GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+              "mlp.down_proj": "ffn_down"}
+
+
+def _quantized_llama(tokenizer, plan_or_format: str | dict[str, str]) -> torch.nn.Module:
+    model = round_to_storage(make_model("llama", vocab=len(tokenizer)))
+    plan = uniform_plan(model, plan_or_format) if isinstance(plan_or_format, str) else plan_or_format
+    quantize_rtn(model, plan, progress=False)
+    return model
+
+
+def _read(path) -> tuple[dict, dict]:
+    r = gguf.GGUFReader(str(path))
+    return {k: f.contents() for k, f in r.fields.items()}, {t.name: t for t in r.tensors}
+
+
+def _gguf_name(module_name: str) -> str:
+    layer = module_name.split(".")[2]
+    return f"blk.{layer}.{GGUF_NAMES[module_name.split('.', 3)[3]]}.weight"
+
+
+def _reference_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """convert_hf_to_gguf.py's LlamaModel.permute, verbatim in spirit: reshape, swap the pair axis, reshape."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _expected(model, name: str, w: torch.Tensor) -> torch.Tensor:
+    cfg = model.config
+    if name.endswith("q_proj"):
+        return _reference_permute(w, cfg.num_attention_heads)
+    if name.endswith("k_proj"):
+        return _reference_permute(w, cfg.num_key_value_heads)
+    return w
+
+
+def _assert_round_trip(model, tensors: dict) -> None:
+    """Every quantized linear dequantizes from the GGUF to exactly lowbit's weight (Q/K rows permuted)."""
+    n = 0
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            t = tensors[_gguf_name(name)]
+            got = dequantize(t.data, t.tensor_type)
+            want = _expected(model, name, m.dequantize()).numpy()
+            assert got.shape == want.shape and np.array_equal(got, want), name
+            n += 1
+    assert n == 14
+    emb = tensors["token_embd.weight"]
+    assert emb.tensor_type == gguf.GGMLQuantizationType.F16
+    assert np.array_equal(dequantize(emb.data, emb.tensor_type), model.model.embed_tokens.weight.detach().numpy())
+    norm = tensors["blk.1.ffn_norm.weight"]
+    assert norm.tensor_type == gguf.GGMLQuantizationType.F32
+    assert np.array_equal(norm.data, model.model.layers[1].post_attention_layernorm.weight.detach().numpy())
+
+
+@pytest.mark.parametrize(("fmt", "qtype"), [("q8_0", "Q8_0"), ("q4_0", "Q4_0"), ("q4_1", "Q4_1"),
+                                            ("int5_g32_sym", "Q5_0")])
+def test_round_trip_is_bit_exact(tmp_path, tiny_tokenizer, fmt, qtype):
+    model = _quantized_llama(tiny_tokenizer, fmt)
+    report = export_gguf(model, tiny_tokenizer, tmp_path / "m.gguf")
+    _, tensors = _read(tmp_path / "m.gguf")
+    _assert_round_trip(model, tensors)
+    assert report.type_counts() == {qtype: 14, "F16": 2, "F32": 5}  # untied output; 2x2 layer norms + final
+    assert report.file_bytes == (tmp_path / "m.gguf").stat().st_size
+    assert report.linear_bpw == pytest.approx(get_format(fmt).bits_per_weight((64, 64)))
+
+
+def test_mixed_file(tmp_path, tiny_tokenizer):
+    base = make_model("llama", vocab=len(tiny_tokenizer))
+    kinds = ["q4_0", "q4_1", "q8_0", "int5_g32_asym"]
+    plan = {name: kinds[i % len(kinds)] for i, name in enumerate(uniform_plan(base, "q4_0"))}
+    model = _quantized_llama(tiny_tokenizer, plan)
+    report = export_gguf(model, tiny_tokenizer, tmp_path / "mixed.gguf", embed_type="q8_0")
+    meta, tensors = _read(tmp_path / "mixed.gguf")
+    _assert_round_trip_types(model, tensors, plan)
+    _assert_round_trip_mixed(model, tensors)
+    assert {"Q4_0", "Q4_1", "Q8_0", "Q5_1"} <= set(report.type_counts())
+    assert tensors["token_embd.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
+    assert meta["general.file_type"] in {int(gguf.LlamaFileType.MOSTLY_Q4_0), int(gguf.LlamaFileType.MOSTLY_Q4_1)}
+
+
+def _assert_round_trip_types(model, tensors: dict, plan: dict[str, str]) -> None:
+    names = {"q4_0": "Q4_0", "q4_1": "Q4_1", "q8_0": "Q8_0", "int5_g32_asym": "Q5_1"}
+    for name, fmt in plan.items():
+        assert tensors[_gguf_name(name)].tensor_type.name == names[fmt]
+
+
+def _assert_round_trip_mixed(model, tensors: dict) -> None:
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            t = tensors[_gguf_name(name)]
+            assert np.array_equal(dequantize(t.data, t.tensor_type), _expected(model, name, m.dequantize()).numpy())
+
+
+def test_metadata(tmp_path, tiny_tokenizer):
+    model = _quantized_llama(tiny_tokenizer, "q4_0")
+    export_gguf(model, tiny_tokenizer, tmp_path / "m.gguf", tokenizer_pre="gpt-2")
+    meta, tensors = _read(tmp_path / "m.gguf")
+    cfg = model.config
+    expected = {
+        "general.architecture": "llama", "llama.context_length": 256, "llama.embedding_length": 64,
+        "llama.block_count": 2, "llama.feed_forward_length": 128, "llama.attention.head_count": 4,
+        "llama.attention.head_count_kv": 2, "llama.vocab_size": len(tiny_tokenizer),
+        "llama.rope.dimension_count": 16, "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2",
+        "tokenizer.ggml.eos_token_id": tiny_tokenizer.eos_token_id, "general.file_type": 2,
+        "general.quantization_version": 2,
+    }
+    for key, value in expected.items():
+        assert meta[key] == value, key
+    assert meta["llama.rope.freq_base"] == pytest.approx(10000.0)
+    assert meta["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(cfg.rms_norm_eps)
+    vocab = tiny_tokenizer.get_vocab()
+    tokens = meta["tokenizer.ggml.tokens"]
+    assert len(tokens) == len(tiny_tokenizer) and all(tokens[i] == t for t, i in vocab.items())
+    assert meta["tokenizer.ggml.token_type"][vocab["<eos>"]] == int(gguf.TokenType.CONTROL)
+    assert meta["tokenizer.ggml.token_type"][vocab["a"]] == int(gguf.TokenType.NORMAL)
+    assert len(meta["tokenizer.ggml.merges"]) > 0 and all(" " in m for m in meta["tokenizer.ggml.merges"])
+    assert "output.weight" in tensors  # the tiny model's head is untied
+    assert set(tensors) >= {"token_embd.weight", "output_norm.weight", "blk.0.attn_norm.weight",
+                            "blk.1.ffn_down.weight"}
+
+
+def test_qk_permutation_matches_convert_hf_to_gguf():
+    w = torch.arange(12 * 3).reshape(12, 3)
+    for n_head in (1, 2, 3):
+        assert torch.equal(w[qk_permutation(n_head, 12)], _reference_permute(w, n_head))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_transformers_reads_back_the_same_model(tmp_path, tiny_tokenizer, arch):
+    """Independent reader: transformers' own GGUF loader (which un-permutes llama's Q/K, and maps names and
+    hyperparameters back) must reproduce lowbit's logits; Qwen2 adds Q/K/V biases and no permutation."""
+    from transformers import AutoModelForCausalLM
+
+    model = round_to_storage(make_model(arch, vocab=len(tiny_tokenizer)))
+    quantize_rtn(model, uniform_plan(model, "q8_0"), progress=False)
+    export_gguf(model, tiny_tokenizer, tmp_path / "m.gguf")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).eval()
+    ids = torch.tensor([tiny_tokenizer.encode("The quick brown fox jumps over the lazy dog.")])
+    with torch.no_grad():
+        want, got = model(ids).logits, loaded(ids).logits
+    assert torch.allclose(got, want, atol=1e-4, rtol=0), (got - want).abs().max()
+
+
+def test_rotated_model_is_refused_or_falls_back(tmp_path, tiny_tokenizer):
+    model = round_to_storage(make_model("llama", vocab=len(tiny_tokenizer)))
+    quantize(model, "rtn+rht", "q4_0", progress=False)
+    with pytest.raises(LowbitError, match="rotation"):
+        export_gguf(model, tiny_tokenizer, tmp_path / "rot.gguf")
+    assert not (tmp_path / "rot.gguf").exists()
+    report = export_gguf(model, tiny_tokenizer, tmp_path / "rot.gguf", fallback="q8_0")
+    assert len(report.fallbacks) == 14 and all(t.qtype == "Q8_0" for t in report.fallbacks)
+    _, tensors = _read(tmp_path / "rot.gguf")
+    m = model.model.layers[0].mlp.down_proj
+    t = tensors["blk.0.ffn_down.weight"]
+    # the fallback re-quantizes the effective (unrotated) weight, so the file is close to lowbit's model
+    requant = get_format("q8_0").dequantize(get_format("q8_0").quantize(m.dequantize()))
+    assert np.array_equal(dequantize(t.data, t.tensor_type), requant.numpy())
+
+
+@pytest.mark.parametrize(("fmt", "match"), [("iq2_xxs", "multiples of 256"), ("int4_g128_sym", "no GGUF type"),
+                                            ("int4_g48_sym", "no GGUF type")])
+def test_unsupported_tensors(tmp_path, tiny_tokenizer, fmt, match):
+    plan = uniform_plan(make_model("llama", vocab=len(tiny_tokenizer)), "q4_0")
+    plan[next(iter(plan))] = fmt  # one offending linear is enough (and IQ2_XXS fitting is slow on a CPU)
+    model = _quantized_llama(tiny_tokenizer, plan)
+    with pytest.raises(LowbitError, match=match):
+        export_gguf(model, tiny_tokenizer, tmp_path / "bad.gguf")
+    report = export_gguf(model, tiny_tokenizer, tmp_path / "ok.gguf", fallback="q4_0")
+    assert report.type_counts()["Q4_0"] == 14 and len(report.fallbacks) == 1
+    assert match.split()[0] in report.fallbacks[0].note
+
+
+def test_bad_fallback_is_refused(tmp_path, tiny_tokenizer):
+    model = _quantized_llama(tiny_tokenizer, "int4_g128_sym")
+    with pytest.raises(LowbitError, match="no GGUF type"):
+        export_gguf(model, tiny_tokenizer, tmp_path / "bad.gguf", fallback="int4_g64_sym")
+
+
+def test_iq2_xxs_rows_of_256_are_copied_verbatim():
+    w = torch.randn(4, 512, generator=torch.Generator().manual_seed(0))
+    qt = get_format("iq2_xxs").quantize(w)
+    qtype, blocks = to_ggml_blocks(qt)
+    assert qtype == gguf.GGMLQuantizationType.IQ2_XXS and np.array_equal(blocks, qt.data["qs"].numpy())
+    assert np.array_equal(dequantize(blocks, qtype), get_format("iq2_xxs").dequantize(qt).numpy())
+
+
+def test_cli_export(tmp_path, tiny_model_dir, capsys):
+    from lowbit.cli import main
+    from lowbit.io.checkpoint import save_quantized
+    from lowbit.models.loader import load_model
+
+    out = tmp_path / "cli.gguf"
+    assert main(["export-gguf", str(tiny_model_dir), "--format", "q4_0", "--out", str(out), "--device", "cpu",
+                 "--no-progress"]) == 0
+    assert "14 x Q4_0" in capsys.readouterr().out and out.exists()
+    assert main(["export-gguf", str(tiny_model_dir), "--out", str(out)]) == 2  # exists, no --overwrite
+    assert main(["export-gguf", str(tiny_model_dir), "--out", str(tmp_path / "x.gguf")]) == 2  # float, no --format
+    model, tok = load_model(tiny_model_dir)
+    quantize(round_to_storage(model), "rtn", "q8_0", progress=False)
+    save_quantized(model, tok, tmp_path / "ckpt")
+    assert main(["export-gguf", str(tmp_path / "ckpt"), "--out", str(tmp_path / "ck.gguf")]) == 0
+    assert "14 x Q8_0" in capsys.readouterr().out
+
+
+def _llama_cpp_logits(path, ids: list[int]) -> np.ndarray:
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=64, n_threads=2, verbose=False, seed=0)
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)], dtype=np.float32)
+
+
+def _sharp_llama(tokenizer) -> torch.nn.Module:
+    """A random tiny Llama with peaked attention and logits: with the init's small weights attention is nearly
+    uniform and RoPE (hence the Q/K permutation) barely changes the output; scaled up, a wrong layout moves the
+    logits by ~4 (measured) instead of ~0.007."""
+    model = make_model("llama", vocab=len(tokenizer))
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8)
+            layer.self_attn.k_proj.weight.mul_(8)
+        model.lm_head.weight.mul_(10)
+    return round_to_storage(model)
+
+
+# Measured max |logit diff| (logits up to ~7): f16 5e-3, q8_0 0.062, q4_0 0.073, q4_1 0.074 (llama.cpp rounds
+# activations to 8 bits for quantized dot products); without the Q/K permutation it is ~4.
+LLAMA_CPP_TOL = 0.2
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1"])
+def test_llama_cpp_matches_lowbit_logits(tmp_path, tiny_tokenizer, fmt):
+    """Stock llama.cpp (through llama-cpp-python) computes the same logits as lowbit's dequantized model, within
+    its own activation rounding. Skipped when llama_cpp is not installed."""
+    pytest.importorskip("llama_cpp")
+    model = _sharp_llama(tiny_tokenizer)
+    quantize_rtn(model, uniform_plan(model, fmt), progress=False)
+    export_gguf(model, tiny_tokenizer, tmp_path / "m.gguf")
+    ids = tiny_tokenizer.encode("The quick brown fox jumps over the lazy dog. Low-bit quantization")
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].numpy()
+    got = _llama_cpp_logits(tmp_path / "m.gguf", ids)
+    diff = np.abs(got - want).max()
+    print(f"{fmt}: max |logit diff| llama.cpp vs lowbit = {diff:.3f} (max |logit| {np.abs(want).max():.2f})")
+    assert np.abs(want).max() > 3  # the model is sharp enough for the bound to mean something
+    assert diff < LLAMA_CPP_TOL
