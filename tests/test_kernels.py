@@ -65,6 +65,16 @@ def test_triton_kernel_in_interpreter_matches_reference():
             ref = x.double() @ fmt.dequantize(qt).double().T
             err = ((y.double() - ref).norm() / ref.norm()).item()
             assert y.shape == ref.shape and torch.isfinite(y).all() and err < 1e-5, (name, err)
+        # QuantLinear's forward goes through the same dispatch (rotation and bias around the kernel)
+        from lowbit.models.quant_linear import QuantLinear
+        from lowbit.rotations.incoherence import Rotation
+        fmt = get_format("int4_g32_sym")
+        rot = Rotation.for_layer("layer", 0)
+        w = torch.randn(64, 96, generator=g)
+        q = QuantLinear.from_quantized(fmt.quantize(rot.rotate_weight(w)), torch.randn(64, generator=g), rot)
+        x = torch.randn(5, 96, generator=g)
+        ref = torch.nn.functional.linear(x.double(), q.dequantize().double(), q.bias.double())
+        assert ((q(x).double() - ref).norm() / ref.norm()).item() < 1e-5
         print("ok")
     """)
     env = dict(os.environ, TRITON_INTERPRET="1", LOWBIT_KERNELS="triton")

@@ -4,6 +4,12 @@ The reference forward dequantizes the whole weight and calls F.linear; fast kern
 without changing what is stored. Packed buffers keep their own dtypes through ``.to(dtype)`` so a model can
 be cast for compute without touching the storage. With a :class:`Rotation`, the packed weight is
 W' = U W V^T and the forward applies V to the input and U^T to the output (incoherence processing).
+
+Weight cache (opt-in, for generation): dequantizing the whole weight on every call dominates token-by-token
+decoding on a CPU. :meth:`QuantLinear.cache_weight` (or :func:`cache_dequantized` for a whole model) keeps the
+dequantized (still rotated) weight in memory, costing out x in x 4 bytes per linear in float32 (about 8x a 4-bit
+checkpoint's linears), and reuses it while the packed buffers are unchanged. The packed buffers stay the storage
+of record: the cache is neither a buffer nor a parameter, so save/load and ``state_dict`` never see it.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.formats import QuantizedTensor, get_format
+from lowbit.kernels.dispatch import dequant_matmul
 from lowbit.rotations.incoherence import Rotation
 
 
@@ -35,6 +42,8 @@ class QuantLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
         # Optional rounding of the (rotated) input, e.g. simulated 4-bit activations (lowbit.eval.simulate).
         self.input_quant: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self._cache_on = False
+        self._cache: tuple[tuple, torch.Tensor] | None = None  # (buffers' fingerprint + dtype, weight)
 
     @classmethod
     def from_quantized(cls, qt: QuantizedTensor, bias: torch.Tensor | None = None,
@@ -58,19 +67,49 @@ class QuantLinear(nn.Module):
         w = self.fmt.dequantize(self.quantized())
         return self.rotation.unrotate_weight(w) if self.rotation else w
 
+    def cache_weight(self, enabled: bool = True) -> QuantLinear:
+        """Keep the dequantized weight between calls (see the module docstring for the memory cost)."""
+        self._cache_on = enabled
+        self._cache = None
+        return self
+
+    @property
+    def weight_cached(self) -> bool:
+        return self._cache_on
+
+    def _fingerprint(self, dtype: torch.dtype) -> tuple:
+        # data_ptr changes when a buffer is replaced (.to(), load_state_dict with assign) and _version when it is
+        # modified in place (copy_, load_state_dict): either makes the cached weight stale.
+        bufs = [getattr(self, k) for k in self._keys]
+        return (dtype, *((t.data_ptr(), -1 if t.is_inference() else t._version) for t in bufs))
+
+    def _weight(self, dtype: torch.dtype) -> torch.Tensor:
+        if not self._cache_on:
+            return self.fmt.dequantize(self.quantized()).to(dtype)
+        key = self._fingerprint(dtype)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = None  # free the stale copy before building the new one
+            # A normal tensor even when first built under inference_mode, so the cache stays usable outside it.
+            with torch.inference_mode(False), torch.no_grad():
+                self._cache = (key, self.fmt.dequantize(self.quantized()).to(dtype))
+        return self._cache[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.fmt.dequantize(self.quantized()).to(x.dtype)
         if self._v is not None:
             x = self._v.apply(x)
         if self.input_quant is not None:
             x = self.input_quant(x)
-        y = F.linear(x, w)
+        if self._cache_on:
+            y = F.linear(x, self._weight(x.dtype))
+        else:  # packed kernel where one runs (CUDA), else the dequantize-then-matmul reference
+            y = dequant_matmul(x, self.fmt, self.quantized())
         if self._u is not None:
             y = self._u.inverse(y)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - signature from nn.Module
         dtypes = {k: getattr(self, k).dtype for k in self._keys}
+        self._cache = None  # a device move would otherwise keep a copy on the old device
         super()._apply(fn, recurse)
         for k, dt in dtypes.items():
             if getattr(self, k).dtype != dt:
@@ -81,3 +120,13 @@ class QuantLinear(nn.Module):
         has_bias = self.bias is not None
         rot = f", rotation={self.rotation.to_json()}" if self.rotation else ""
         return f"in={self.in_features}, out={self.out_features}, format={self.format_name}, bias={has_bias}{rot}"
+
+
+def cache_dequantized(model: nn.Module, enabled: bool = True) -> int:
+    """Turn the weight cache on (or off) for every QuantLinear in ``model``; returns how many were set."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.cache_weight(enabled)
+            n += 1
+    return n
