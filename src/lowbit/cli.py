@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quantize", help="quantize a model and save it")
     _add_model(p)
     p.add_argument("--format", "-f", required=True,
-                   help="weight format, e.g. int4_g128_asym, q4_0 (see `lowbit formats`)")
+                   help="weight format, e.g. int4_g128_asym, q4_0 (see `lowbit formats`), or a mixed-precision "
+                        "plan LOW/HIGH@<n>L|<x>bpw|<x>MB, e.g. nz2_ch/int4_g128_sym@2.5bpw")
     p.add_argument("--method", default="rtn", choices=["rtn", "gptq", "gptq_act", "imatrix"],
                    help="rounding: rtn, gptq, gptq_act (GPTQ with act-order) or imatrix (nearest, weighted by "
                         "calibration activations as llama.cpp's imatrix) (default rtn)")
