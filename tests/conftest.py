@@ -26,6 +26,14 @@ SAMPLE_TEXT = (
 )
 
 
+@pytest.fixture
+def text_file(tmp_path):
+    """A small text file (calibration or evaluation text for the tiny models)."""
+    f = tmp_path / "text.txt"
+    f.write_text(SAMPLE_TEXT * 3)
+    return str(f)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory):
     return _tokenizer(tmp_path_factory)

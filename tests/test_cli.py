@@ -2,15 +2,7 @@ import json
 
 import pytest
 
-from conftest import SAMPLE_TEXT
 from lowbit.cli import main
-
-
-@pytest.fixture
-def text_file(tmp_path):
-    f = tmp_path / "text.txt"
-    f.write_text(SAMPLE_TEXT * 3)
-    return str(f)
 
 
 def test_quantize_info_eval_round_trip(tiny_model_dir, tmp_path, text_file, capsys):

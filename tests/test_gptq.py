@@ -4,7 +4,7 @@ import zlib
 import pytest
 import torch
 
-from conftest import SAMPLE_TEXT, make_model
+from conftest import make_model
 from lowbit.algorithms.gptq import gptq_quantize, inverse_cholesky, proxy_loss
 from lowbit.algorithms.rtn import uniform_plan
 from lowbit.algorithms.sequential import CalibConfig, GPTQConfig, quantize_sequential
@@ -88,23 +88,16 @@ def test_shape_mismatch_is_a_clear_error():
         gptq_quantize(torch.randn(4, 32), torch.eye(16), get_format("int4_g32_sym"))
 
 
-@pytest.fixture
-def calib_file(tmp_path):
-    f = tmp_path / "calib.txt"
-    f.write_text(SAMPLE_TEXT * 3)
-    return str(f)
-
-
-def run_gptq(model, tok, calib_file, fmt="int3_g32_asym", **kw):
-    calib = CalibConfig(nsamples=8, seqlen=32, text_path=calib_file)
+def run_gptq(model, tok, text_file, fmt="int3_g32_asym", **kw):
+    calib = CalibConfig(nsamples=8, seqlen=32, text_path=text_file)
     return quantize_sequential(model, tok, uniform_plan(model, fmt), calib=calib, device="cpu",
                                progress=False, **kw)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
-def test_sequential_gptq_beats_rtn_per_layer(arch, tiny_tokenizer, calib_file):
+def test_sequential_gptq_beats_rtn_per_layer(arch, tiny_tokenizer, text_file):
     model = make_model(arch, vocab=len(tiny_tokenizer))
-    report = run_gptq(model, tiny_tokenizer, calib_file)
+    report = run_gptq(model, tiny_tokenizer, text_file)
     names = list(decoder_linears(model))
     assert set(report.linears) == set(names)
     assert all(isinstance(m, QuantLinear) for m in decoder_linears(model).values())
@@ -113,16 +106,16 @@ def test_sequential_gptq_beats_rtn_per_layer(arch, tiny_tokenizer, calib_file):
         assert sum(s.proxy_loss for s in mine) < sum(s.rtn_proxy_loss for s in mine)
 
 
-def test_act_order_on_model(tiny_tokenizer, calib_file):
+def test_act_order_on_model(tiny_tokenizer, text_file):
     model = make_model("llama", vocab=len(tiny_tokenizer))
-    report = run_gptq(model, tiny_tokenizer, calib_file, gptq=GPTQConfig(act_order=True))
+    report = run_gptq(model, tiny_tokenizer, text_file, gptq=GPTQConfig(act_order=True))
     assert sum(s.proxy_loss for s in report.linears.values()) < sum(s.rtn_proxy_loss for s in report.linears.values())
 
 
-def test_resume_after_crash_is_bit_identical(tiny_tokenizer, calib_file, tmp_path):
+def test_resume_after_crash_is_bit_identical(tiny_tokenizer, text_file, tmp_path):
     base = make_model("llama", vocab=len(tiny_tokenizer))
     clean = copy.deepcopy(base)
-    run_gptq(clean, tiny_tokenizer, calib_file)
+    run_gptq(clean, tiny_tokenizer, text_file)
 
     crashed = copy.deepcopy(base)
 
@@ -132,11 +125,11 @@ def test_resume_after_crash_is_bit_identical(tiny_tokenizer, calib_file, tmp_pat
 
     ckpt = tmp_path / "ckpt"
     with pytest.raises(KeyboardInterrupt):
-        run_gptq(crashed, tiny_tokenizer, calib_file, checkpoint_dir=ckpt, on_layer_done=crash)
+        run_gptq(crashed, tiny_tokenizer, text_file, checkpoint_dir=ckpt, on_layer_done=crash)
     assert (ckpt / "state.json").exists() and (ckpt / "layer_0.safetensors").exists()
 
     resumed = copy.deepcopy(base)  # a fresh process: original weights again
-    report = run_gptq(resumed, tiny_tokenizer, calib_file, checkpoint_dir=ckpt)
+    report = run_gptq(resumed, tiny_tokenizer, text_file, checkpoint_dir=ckpt)
     assert report.resumed_from_layer == 1
     assert not ckpt.exists()  # cleaned up after success
     a, b = clean.state_dict(), resumed.state_dict()
@@ -144,7 +137,7 @@ def test_resume_after_crash_is_bit_identical(tiny_tokenizer, calib_file, tmp_pat
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_resume_refuses_other_settings(tiny_tokenizer, calib_file, tmp_path):
+def test_resume_refuses_other_settings(tiny_tokenizer, text_file, tmp_path):
     from lowbit.errors import LowbitError
 
     def crash(i):
@@ -152,27 +145,27 @@ def test_resume_refuses_other_settings(tiny_tokenizer, calib_file, tmp_path):
 
     ckpt = tmp_path / "ckpt"
     with pytest.raises(KeyboardInterrupt):
-        run_gptq(make_model("llama", vocab=len(tiny_tokenizer)), tiny_tokenizer, calib_file,
+        run_gptq(make_model("llama", vocab=len(tiny_tokenizer)), tiny_tokenizer, text_file,
                  checkpoint_dir=ckpt, on_layer_done=crash)
     with pytest.raises(LowbitError, match="other settings"):
-        run_gptq(make_model("llama", vocab=len(tiny_tokenizer)), tiny_tokenizer, calib_file,
+        run_gptq(make_model("llama", vocab=len(tiny_tokenizer)), tiny_tokenizer, text_file,
                  fmt="int4_g32_sym", checkpoint_dir=ckpt)
 
 
-def test_deterministic(tiny_tokenizer, calib_file):
+def test_deterministic(tiny_tokenizer, text_file):
     a = make_model("llama", vocab=len(tiny_tokenizer))
     b = copy.deepcopy(a)
-    run_gptq(a, tiny_tokenizer, calib_file)
-    run_gptq(b, tiny_tokenizer, calib_file)
+    run_gptq(a, tiny_tokenizer, text_file)
+    run_gptq(b, tiny_tokenizer, text_file)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
 
 
-def test_rotated_gptq_resume_and_loss(tiny_tokenizer, calib_file, tmp_path):
+def test_rotated_gptq_resume_and_loss(tiny_tokenizer, text_file, tmp_path):
     """GPTQ in the rotated basis (W' = U W V^T, H' = V H V^T) still beats RTN there, and resumes exactly."""
     base = make_model("llama", vocab=len(tiny_tokenizer))
     cfg = GPTQConfig(rotate=True)
     clean = copy.deepcopy(base)
-    report = run_gptq(clean, tiny_tokenizer, calib_file, fmt="nz2_ch", gptq=cfg)
+    report = run_gptq(clean, tiny_tokenizer, text_file, fmt="nz2_ch", gptq=cfg)
     assert sum(s.proxy_loss for s in report.linears.values()) < sum(s.rtn_proxy_loss for s in report.linears.values())
 
     def crash(i):
@@ -181,20 +174,20 @@ def test_rotated_gptq_resume_and_loss(tiny_tokenizer, calib_file, tmp_path):
 
     ckpt = tmp_path / "ckpt"
     with pytest.raises(KeyboardInterrupt):
-        run_gptq(copy.deepcopy(base), tiny_tokenizer, calib_file, fmt="nz2_ch", gptq=cfg, checkpoint_dir=ckpt,
+        run_gptq(copy.deepcopy(base), tiny_tokenizer, text_file, fmt="nz2_ch", gptq=cfg, checkpoint_dir=ckpt,
                  on_layer_done=crash)
     resumed = copy.deepcopy(base)
-    run_gptq(resumed, tiny_tokenizer, calib_file, fmt="nz2_ch", gptq=cfg, checkpoint_dir=ckpt)
+    run_gptq(resumed, tiny_tokenizer, text_file, fmt="nz2_ch", gptq=cfg, checkpoint_dir=ckpt)
     ids = torch.randint(0, len(tiny_tokenizer), (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(clean(ids).logits, resumed(ids).logits)
 
 
 @pytest.mark.parametrize("fmt", ["nz2_g32", "iq2_xxs"])
-def test_imatrix_rounding_uses_calibration_importance(fmt, tiny_tokenizer, calib_file):
+def test_imatrix_rounding_uses_calibration_importance(fmt, tiny_tokenizer, text_file):
     from lowbit.pipeline import quantize
 
-    calib = CalibConfig(nsamples=8, seqlen=32, text_path=calib_file)
+    calib = CalibConfig(nsamples=8, seqlen=32, text_path=text_file)
     model = make_model("llama", vocab=len(tiny_tokenizer))
     stats = quantize(model, "imatrix", fmt, tiny_tokenizer, calib=calib, progress=False)
     assert all(isinstance(m, QuantLinear) for m in decoder_linears(model).values())

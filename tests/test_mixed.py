@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 
-from conftest import SAMPLE_TEXT, make_model
+from conftest import make_model
 from lowbit.algorithms.mixed import (
     choose_formats,
     layer_bytes,
@@ -18,13 +18,6 @@ from lowbit.eval.sizes import model_size
 from lowbit.models.quant_linear import QuantLinear
 from lowbit.models.walker import decoder_linears
 from lowbit.pipeline import quantize
-
-
-@pytest.fixture
-def calib_file(tmp_path):
-    f = tmp_path / "calib.txt"
-    f.write_text(SAMPLE_TEXT * 3)
-    return str(f)
 
 
 def brute_force(costs, losses, budget):
@@ -71,12 +64,12 @@ def test_bad_mix_specs(bad):
         parse_mix(bad)
 
 
-def test_sensitivity_restores_model_and_is_monotone(tiny_tokenizer, calib_file):
+def test_sensitivity_restores_model_and_is_monotone(tiny_tokenizer, text_file):
     from lowbit.calibration.samples import calibration_samples
 
     model = make_model("llama", vocab=len(tiny_tokenizer))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    samples = calibration_samples(tiny_tokenizer, 4, 32, text_path=calib_file)
+    samples = calibration_samples(tiny_tokenizer, 4, 32, text_path=text_file)
     sens = layer_sensitivity(model, samples, ("int2_g32_sym", "int8_g32_sym"), progress=False)
     assert len(sens) == 2
     assert all(row[0] > row[1] for row in sens)  # 2-bit hurts more than 8-bit in every layer
@@ -85,40 +78,40 @@ def test_sensitivity_restores_model_and_is_monotone(tiny_tokenizer, calib_file):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_bpw_budget_is_honoured_by_true_size(arch, tiny_tokenizer, calib_file):
+def test_bpw_budget_is_honoured_by_true_size(arch, tiny_tokenizer, text_file):
     model = make_model(arch, vocab=len(tiny_tokenizer))
     mp = mixed_plan(model, tiny_tokenizer, "int2_g32_sym/int4_g32_sym/int8_g32_sym@4.2bpw", seqlen=32,
-                    nsamples=4, text_path=calib_file, progress=False)
+                    nsamples=4, text_path=text_file, progress=False)
     assert set(mp.plan) == set(decoder_linears(model))
     assert len(set(mp.layer_formats)) >= 2  # the budget forces a real mix (2.5 / 4.5 / 8.5 bpw options)
     quantize(model, "rtn", "int2_g32_sym/int4_g32_sym/int8_g32_sym@4.2bpw", tiny_tokenizer,
-             calib=CalibConfig(seqlen=32, text_path=calib_file), progress=False)
+             calib=CalibConfig(seqlen=32, text_path=text_file), progress=False)
     n_weights = sum(m.in_features * m.out_features for m in decoder_linears(model).values())
     weight_bytes = sum(m.quantized().nbytes for m in decoder_linears(model).values())
     assert 8 * weight_bytes / n_weights <= 4.2
     assert weight_bytes == mp.estimated_linear_bytes
 
 
-def test_mb_budget_and_layer_count(tiny_tokenizer, calib_file):
+def test_mb_budget_and_layer_count(tiny_tokenizer, text_file):
     model = make_model("llama", vocab=len(tiny_tokenizer))
     fixed = model_size(model)
     lin16 = fixed.linear_bytes
     budget_mb = (fixed.total_bytes - lin16 + lin16 * 3.5 / 16) / 1e6
     m = copy.deepcopy(model)
     mp = mixed_plan(m, tiny_tokenizer, f"int2_g32_sym/int4_g32_sym@{budget_mb:.6f}MB", seqlen=32, nsamples=4,
-                    text_path=calib_file, progress=False)
+                    text_path=text_file, progress=False)
     costs = layer_bytes(model, ("int2_g32_sym", "int4_g32_sym"))
     assert mp.estimated_linear_bytes <= lin16 * 3.5 / 16 + 1
     assert mp.estimated_linear_bytes > sum(c[0] for c in costs)  # uses the room it has
     one = mixed_plan(model, tiny_tokenizer, "int2_g32_sym/int4_g32_sym@1L", seqlen=32, nsamples=4,
-                     text_path=calib_file, progress=False)
+                     text_path=text_file, progress=False)
     assert one.layer_formats.count("int4_g32_sym") == 1
 
 
-def test_mixed_plan_through_gptq_pipeline(tiny_tokenizer, calib_file):
+def test_mixed_plan_through_gptq_pipeline(tiny_tokenizer, text_file):
     model = make_model("llama", vocab=len(tiny_tokenizer))
     stats = quantize(model, "gptq+rht", "int2_g32_sym/int4_g32_sym@1L", tiny_tokenizer,
-                     calib=CalibConfig(nsamples=4, seqlen=32, text_path=calib_file), progress=False)
+                     calib=CalibConfig(nsamples=4, seqlen=32, text_path=text_file), progress=False)
     formats = [m.format_name for m in decoder_linears(model).values()]
     assert len(stats) == len(formats)
     assert sorted(set(formats)) == ["int2_g32_sym", "int4_g32_sym"]

@@ -1,8 +1,5 @@
 import json
 
-import pytest
-
-from conftest import SAMPLE_TEXT
 from lowbit.cli import main
 from lowbit.eval.report import Point, load_results, pareto_front, series_of
 
@@ -57,13 +54,6 @@ def test_report_bad_results_file(tmp_path, capsys):
     bad.write_text("{}")
     assert main(["report", "--from-results", str(bad), "--out", str(tmp_path / "r")]) == 2
     assert "not a lowbit results file" in capsys.readouterr().err
-
-
-@pytest.fixture
-def text_file(tmp_path):
-    f = tmp_path / "text.txt"
-    f.write_text(SAMPLE_TEXT * 3)
-    return str(f)
 
 
 def test_report_measures_end_to_end(tiny_model_dir, tmp_path, text_file, capsys):

@@ -125,11 +125,17 @@ def compare(model: nn.Module, tokenizer: object, variants: list[str], seqlen: in
             calib: CalibConfig | None = None, gptq: GPTQConfig | None = None,
             on_row=None) -> tuple[list[Row], dict]:  # noqa: ANN001
     """Quantize copies of ``model`` (float, 16-bit-rounded) into each variant and measure perplexity."""
-    parsed = [(v, *parse_variant(split_sim(v)[0]), split_sim(v)[1]) for v in variants]  # fail fast on bad names
-    parsed = [p for p in parsed if p[1] == BASELINE and not p[3].active][:1] + \
-        [p for p in parsed if not (p[1] == BASELINE and not p[3].active)]  # the plain baseline comes first
-    if parsed[0][1] != BASELINE or parsed[0][3].active:
-        parsed.insert(0, (BASELINE, BASELINE, None, SimConfig()))
+    parsed = []
+    for v in variants:  # all parsed before any work: fail fast on a bad name
+        base, sim = split_sim(v)
+        parsed.append((v, *parse_variant(base), sim))
+
+    def is_plain(p: tuple) -> bool:
+        return p[1] == BASELINE and not p[3].active
+
+    # the plain baseline comes first (every delta is relative to it), once
+    baseline = next((p for p in parsed if is_plain(p)), (BASELINE, BASELINE, None, SimConfig()))
+    parsed = [baseline] + [p for p in parsed if not is_plain(p)]
     # Variants that differ only in simulated activations/KV share one quantization (kept while still needed).
     uses = Counter((method, fmt) for _, method, fmt, _ in parsed)
     cache: dict[tuple, tuple[nn.Module, float]] = {}
@@ -137,7 +143,7 @@ def compare(model: nn.Module, tokenizer: object, variants: list[str], seqlen: in
     ids = tokenize_stream(tokenizer, load_text("eval", text_path))
     rows, base_ppl = [], None
     for spec, method, fmt, sim in parsed:
-        plain = method == BASELINE and not sim.active
+        plain = is_plain((spec, method, fmt, sim))
         key = (method, fmt)
         uses[key] -= 1
         t0 = time.perf_counter()

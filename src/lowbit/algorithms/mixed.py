@@ -79,13 +79,9 @@ def layer_bytes(model: nn.Module, formats: tuple[str, ...]) -> list[list[int]]:
         row = []
         for f in formats:
             fmt = get_format(f)
-            row.append(sum(_spec_bytes(fmt, tuple(linear_weight(m).shape)) for m in lin.values()))
+            row.append(sum(fmt.stored_bytes(tuple(linear_weight(m).shape)) for m in lin.values()))
         out.append(row)
     return out
-
-
-def _spec_bytes(fmt, shape: tuple[int, int]) -> int:  # noqa: ANN001
-    return sum(math.prod(s) * torch.empty((), dtype=dt).element_size() for s, dt in fmt.storage_spec(shape).values())
 
 
 @torch.no_grad()

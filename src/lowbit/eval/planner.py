@@ -78,18 +78,12 @@ def model_name(name: str | None) -> str:
 
 def read_shapes(name: str | None) -> ModelShapes:
     """Exact parameter shapes of a model from its config only: nothing is loaded or allocated."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    from lowbit.models.loader import resolve
-    from lowbit.models.walker import check_supported, decoder_layers, decoder_linears, linear_weight
+    from lowbit.models.loader import load_config
+    from lowbit.models.walker import decoder_layers, decoder_linears, linear_weight
 
-    src = resolve(name)
-    try:
-        config = AutoConfig.from_pretrained(src, local_files_only=True)
-    except OSError as e:
-        raise LowbitError(f"cannot read the config of {name!r}: not a local model directory nor a hub id present "
-                          f"in the local Hugging Face cache (lowbit never downloads models). ({e})") from None
-    check_supported(config.model_type)
+    _, config = load_config(name)
     with torch.device("meta"):  # shapes without memory: a 70B model costs nothing here
         model = AutoModelForCausalLM.from_config(config)
     linears = decoder_linears(model)
@@ -147,11 +141,7 @@ def _format_bytes(linear_shapes: list[tuple[int, int]], format_name: str) -> int
     from lowbit.formats import get_format
 
     fmt = get_format(format_name)
-    total = 0
-    for shape in linear_shapes:
-        for dims, dtype in fmt.storage_spec(shape).values():
-            total += math.prod(dims) * torch.empty((), dtype=dtype).element_size()
-    return total
+    return sum(fmt.stored_bytes(shape) for shape in linear_shapes)
 
 
 def stored_bytes(shapes: ModelShapes, format_name: str | None) -> int:

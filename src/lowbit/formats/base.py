@@ -17,6 +17,7 @@ sub-scales per 256 columns); :meth:`Format.expand` turns them into per-column pa
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -102,34 +103,28 @@ class Format(ABC):
         g = self.group_cols(cols)
         return (cols + g - 1) // g
 
+    def stored_bytes(self, shape: tuple[int, int]) -> int:
+        """Exact bytes of the stored tensors for a weight of ``shape`` (codes, scales and any metadata)."""
+        return sum(math.prod(size) * torch.empty((), dtype=dtype).element_size()
+                   for size, dtype in self.storage_spec(shape).values())
+
     def bits_per_weight(self, shape: tuple[int, int]) -> float:
         """Exact bits per weight of the stored tensors for a weight of ``shape`` (no rounding, no guesses)."""
-        nbytes = 0
-        for size, dtype in self.storage_spec(shape).values():
-            n = 1
-            for s in size:
-                n *= s
-            nbytes += n * torch.empty((), dtype=dtype).element_size()
-        return 8.0 * nbytes / (shape[0] * shape[1])
+        return 8.0 * self.stored_bytes(shape) / (shape[0] * shape[1])
 
     def best_of(self, w: torch.Tensor, candidates: Iterable[Params],
                 importance: torch.Tensor | None = None) -> Params:
         """Per row, the candidate parameters with the least (importance-weighted) squared rounding error."""
-        best: Params | None = None
-        best_err = None
+        best: tuple | None = None
+        keys: list[str] = []
         for cand in candidates:
             err = (w - self.decode(self.encode(w, cand, importance), cand)).pow(2)
             if importance is not None:
                 err = err * importance
-            err = err.sum(dim=1, keepdim=True)
-            if best is None:
-                best, best_err = cand, err
-            else:
-                better = err < best_err
-                best = {k: torch.where(better, cand[k], best[k]) for k in best}
-                best_err = torch.minimum(err, best_err)
+            keys = list(cand)
+            best = keep_better(best, (*cand.values(), err.sum(dim=1, keepdim=True)))
         assert best is not None, "no candidates"
-        return best
+        return dict(zip(keys, best[:-1], strict=True))
 
     def expand(self, params: Params, cols: int) -> Params:
         """Per-group parameters (concatenated over groups) -> per-column parameters [rows, cols].
@@ -158,6 +153,18 @@ class Format(ABC):
 
     def __repr__(self) -> str:
         return f"<format {self.name}>"
+
+
+def keep_better(best: tuple | None, cand: tuple) -> tuple:
+    """Elementwise (per row), whichever of two candidates has the smaller error; the error is the last item.
+
+    Every scale/codebook search keeps its running best with this: tensors broadcast against the error.
+    """
+    if best is None:
+        return cand
+    better = cand[-1] < best[-1]
+    return (*(torch.where(better, c, b) for c, b in zip(cand[:-1], best[:-1], strict=True)),
+            torch.minimum(cand[-1], best[-1]))
 
 
 def cat_params(groups: list[Params]) -> Params:

@@ -36,7 +36,7 @@ from functools import cache
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.formats.base import Format, Params, QuantizedTensor
+from lowbit.formats.base import Format, Params, QuantizedTensor, keep_better
 from lowbit.formats.signed_codebook import SignedCodebook
 
 # QuIP#'s get_norm12(), as digits of 2 * value (so "31113333" is (3/2, 1/2, 1/2, 1/2, 3/2, 3/2, 3/2, 3/2)).
@@ -158,13 +158,7 @@ class E8PFormat(Format):
                 num, den = (imp * w * c).sum(1, keepdim=True), (imp * c * c).sum(1, keepdim=True)
                 s = torch.where((num > 0) & (den > 0), num / den.clamp_min(1e-30), best[0])
             s = _fp16(s)
-            codes, err = self._encode_err(w, s, importance)
-            if best is None:
-                best = (s, codes, err)
-            else:
-                better = err < best[2]
-                best = (torch.where(better, s, best[0]), torch.where(better, codes, best[1]),
-                        torch.minimum(err, best[2]))
+            best = keep_better(best, (s, *self._encode_err(w, s, importance)))
         return {"scale": best[0]}
 
     # ----- storage ----------------------------------------------------------------------------

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.formats.base import Format, Params, QuantizedTensor
+from lowbit.formats.base import Format, Params, QuantizedTensor, keep_better
 from lowbit.formats.signed_codebook import SignedCodebook
 
 SUPER = 256  # weights per superblock (QK_K)
@@ -122,9 +122,7 @@ class IQ2XXSFormat(Format):
         t0 = w.abs().reshape(rows, nsub, SUB).amax(-1) / _GRID_MAX
         best_t, best_e = t0, sub_err(t0)
         for f in _SCALE_CANDIDATES:
-            e = sub_err(t0 * f)
-            better = e < best_e
-            best_t, best_e = torch.where(better, t0 * f, best_t), torch.where(better, e, best_e)
+            best_t, best_e = keep_better((best_t, best_e), (t0 * f, sub_err(t0 * f)))
         g = torch.addcmul(neg2b, c, per_vector(best_t)).argmin(1, keepdim=True)
         num = b.gather(1, g).reshape(rows, nsub, 4).sum(-1)
         den = c.gather(1, g).reshape(rows, nsub, 4).sum(-1)
@@ -138,13 +136,7 @@ class IQ2XXSFormat(Format):
         for f in _D_CANDIDATES:
             d = _fp16(tmax * f / _MAX_LS_SCALE)
             ls, err = self._best_ls(best_t, d, sub_err)
-            total = err.sum(1, keepdim=True)
-            if best is None:
-                best = (d, ls, total)
-            else:
-                better = total < best[2]
-                best = (torch.where(better, d, best[0]), torch.where(better, ls, best[1]),
-                        torch.minimum(total, best[2]))
+            best = keep_better(best, (d, ls, err.sum(1, keepdim=True)))
         return {"d": best[0], "ls": best[1]}
 
     @staticmethod
@@ -153,16 +145,11 @@ class IQ2XXSFormat(Format):
         """Per sub-block, the 4-bit scale next to the ideal t (and the error it gives) for super-scale d."""
         unit = d * 0.25
         l0 = torch.round(torch.where(unit > 0, t / unit.clamp_min(1e-30), torch.zeros_like(t)) - 0.5)
-        best_l, best_e = None, None
+        best = None
         for dl in (-1.0, 0.0, 1.0):
             ls = (l0 + dl).clamp(0, 15)
-            e = sub_err(d * (0.5 + ls) * 0.25)
-            if best_l is None:
-                best_l, best_e = ls, e
-            else:
-                better = e < best_e
-                best_l, best_e = torch.where(better, ls, best_l), torch.where(better, e, best_e)
-        return best_l, best_e
+            best = keep_better(best, (ls, sub_err(d * (0.5 + ls) * 0.25)))
+        return best
 
     def expand(self, params: Params, cols: int) -> Params:
         """{"scale": [rows, cols]}: d * (0.5 + ls) * 0.25, computed in float32 as llama.cpp does."""

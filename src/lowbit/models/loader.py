@@ -35,22 +35,31 @@ def is_quantized_dir(path: str | Path) -> bool:
     return (Path(path) / QUANTIZED_MARKER).exists()
 
 
-def load_model(name_or_path: str | Path | None = None, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu") -> tuple[nn.Module, object]:
-    """(model in eval mode, tokenizer). Quantized lowbit directories load through :mod:`lowbit.io`."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def load_config(name_or_path: str | Path | None) -> tuple[str, object]:
+    """(resolved source, config) of a supported float model, read from local files only."""
+    from transformers import AutoConfig
 
     src = resolve(name_or_path)
-    if is_quantized_dir(src):
-        from lowbit.io.checkpoint import load_quantized
-
-        return load_quantized(src, dtype=dtype, device=device)
     try:
         config = AutoConfig.from_pretrained(src, local_files_only=True)
     except OSError as e:
         raise LowbitError(f"cannot load {name_or_path!r}: not a local model directory nor a hub id present in "
                           f"the local Hugging Face cache (lowbit never downloads models). ({e})") from None
     check_supported(config.model_type)
+    return src, config
+
+
+def load_model(name_or_path: str | Path | None = None, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu") -> tuple[nn.Module, object]:
+    """(model in eval mode, tokenizer). Quantized lowbit directories load through :mod:`lowbit.io`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = resolve(name_or_path)
+    if is_quantized_dir(src):
+        from lowbit.io.checkpoint import load_quantized
+
+        return load_quantized(src, dtype=dtype, device=device)
+    src, _ = load_config(src)
     tok = AutoTokenizer.from_pretrained(src, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, local_files_only=True)
     return model.to(device).eval(), tok
