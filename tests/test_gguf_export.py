@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import gguf
 import numpy as np
 import pytest
@@ -73,7 +75,7 @@ def _assert_round_trip(model, tensors: dict) -> None:
 
 
 @pytest.mark.parametrize(("fmt", "qtype"), [("q8_0", "Q8_0"), ("q4_0", "Q4_0"), ("q4_1", "Q4_1"),
-                                            ("int5_g32_sym", "Q5_0")])
+                                            ("int5_g32_sym", "Q5_0"), ("iq4_nl", "IQ4_NL")])
 def test_round_trip_is_bit_exact(tmp_path, tiny_tokenizer, fmt, qtype):
     model = _quantized_llama(tiny_tokenizer, fmt)
     report = export_gguf(model, tiny_tokenizer, tmp_path / "m.gguf")
@@ -247,7 +249,7 @@ def _sharp_llama(tokenizer) -> torch.nn.Module:
 LLAMA_CPP_TOL = 0.2
 
 
-@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1"])
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1", "iq4_nl"])
 def test_llama_cpp_matches_lowbit_logits(tmp_path, tiny_tokenizer, fmt):
     """Stock llama.cpp (through llama-cpp-python) computes the same logits as lowbit's dequantized model, within
     its own activation rounding. Skipped when llama_cpp is not installed."""
@@ -263,3 +265,63 @@ def test_llama_cpp_matches_lowbit_logits(tmp_path, tiny_tokenizer, fmt):
     print(f"{fmt}: max |logit diff| llama.cpp vs lowbit = {diff:.3f} (max |logit| {np.abs(want).max():.2f})")
     assert np.abs(want).max() > 3  # the model is sharp enough for the bound to mean something
     assert diff < LLAMA_CPP_TOL
+
+
+def test_plan_like_reproduces_another_files_types(tmp_path, tiny_tokenizer):
+    """--like: lowbit re-quantizes a model into exactly the per-tensor types of another GGUF (here one lowbit
+    wrote with a mixed plan and a q4_0 embedding), so both files have the same types and the same size."""
+    from lowbit.io.gguf_types import plan_like
+
+    base = make_model("llama", vocab=len(tiny_tokenizer))
+    kinds = ["iq4_nl", "q4_1", "q8_0", "int5_g32_sym"]
+    plan = {name: kinds[i % len(kinds)] for i, name in enumerate(uniform_plan(base, "q4_0"))}
+    first = export_gguf(_quantized_llama(tiny_tokenizer, plan), tiny_tokenizer, tmp_path / "a.gguf",
+                        embed_type="q4_0")
+    like = plan_like(make_model("llama", vocab=len(tiny_tokenizer)), tmp_path / "a.gguf")
+    assert like.plan == plan and like.embed_type == "q4_0"
+    model = round_to_storage(make_model("llama", vocab=len(tiny_tokenizer), seed=1))
+    quantize(model, "rtn", like.plan)
+    second = export_gguf(model, tiny_tokenizer, tmp_path / "b.gguf", embed_type=like.embed_type)
+    assert [(t.name, t.qtype, t.nbytes) for t in first.tensors] == [(t.name, t.qtype, t.nbytes) for t in second.tensors]
+    assert first.file_bytes == second.file_bytes
+    with pytest.raises(LowbitError, match="not found"):
+        plan_like(model, tmp_path / "missing.gguf")
+
+
+def test_fused_rotation_exports_and_llama_cpp_agrees(tmp_path, tiny_tokenizer):
+    """A tied model with fused rotation: the head is untied (output.weight written), the GGUF runs in stock
+    llama.cpp with no runtime change, and its logits match lowbit's quantized fused model."""
+    model = _sharp_llama(tiny_tokenizer)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.mul_(torch.linspace(0.5, 1.5, p.numel()))
+    model.lm_head.weight = model.model.embed_tokens.weight
+    model.config.tie_word_embeddings = True
+    ids = tiny_tokenizer.encode("The quick brown fox jumps over the lazy dog. Low-bit quantization")
+    with torch.no_grad():
+        before = model(torch.tensor([ids])).logits[0]
+    quantize(model, "rtn+fused", "q8_0")
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0]
+    assert (want - before).abs().max() < 0.1 * before.abs().max()  # same function, up to 8-bit rounding
+    report = export_gguf(model, tiny_tokenizer, tmp_path / "fused.gguf")
+    assert {"token_embd.weight", "output.weight"} <= {t.name for t in report.tensors}
+    if importlib.util.find_spec("llama_cpp"):  # the rest of the test runs without it
+        got = _llama_cpp_logits(tmp_path / "fused.gguf", ids)
+        assert np.abs(got - want.numpy()).max() < LLAMA_CPP_TOL
+
+
+def test_cli_export_like_and_fused(tmp_path, tiny_model_dir, capsys):
+    from lowbit.cli import main
+
+    a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    assert main(["export-gguf", str(tiny_model_dir), "--format", "iq4_nl", "--embed-type", "q8_0", "--out", str(a),
+                 "--device", "cpu", "--no-progress"]) == 0
+    assert main(["export-gguf", str(tiny_model_dir), "--like", str(a), "--fuse-rotation", "--out", str(b),
+                 "--device", "cpu", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "14 x IQ4_NL" in out and "2 x Q8_0" in out  # token_embd + the untied output, both q8_0 as in a.gguf
+    assert main(["export-gguf", str(tiny_model_dir), "--format", "f16", "--out", str(tmp_path / "f.gguf")]) == 0
+    assert main(["export-gguf", str(tiny_model_dir), "--like", str(a), "--format", "q4_0",
+                 "--out", str(tmp_path / "x.gguf")]) == 2

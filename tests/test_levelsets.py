@@ -94,3 +94,18 @@ def test_mirrored_standard_set_picks_the_side_with_the_outliers():
     scale = mirror.unpack(qm)[1]["scale"]
     assert (scale[:32] < 0).all() or (scale[32:] < 0).all()  # reflected on one side only
     assert mirror.bits_per_weight((64, 256)) == plain.bits_per_weight((64, 256))
+
+
+def test_iq4_nl_is_llama_cpp_levels_and_beats_q4_0_on_gaussian():
+    """IQ4_NL: ggml's 16 non-uniform levels x an fp16 scale per 32 (4.5 bpw, as Q4_0), lower error on bell-shaped
+    rows because its levels are denser near zero; the sign of the scale flips the asymmetric set."""
+    fmt = get_format("iq4_nl")
+    assert fmt.bits == 4 and fmt.group_size == 32 and fmt.levels[0] == -127 and fmt.levels[-1] == 113
+    w = gaussian(64, 256, seed=3)
+    qt = fmt.quantize(w)
+    assert qt.bits_per_weight == pytest.approx(4.5)
+    err_nl = (fmt.dequantize(qt) - w).pow(2).mean()
+    q40 = get_format("q4_0")
+    err_q40 = (q40.dequantize(q40.quantize(w)) - w).pow(2).mean()
+    assert err_nl < 0.9 * err_q40
+    assert (qt.data["scale"].float() < 0).any() and (qt.data["scale"].float() > 0).any()

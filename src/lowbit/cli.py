@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "calibration activations as llama.cpp's imatrix) (default rtn)")
     p.add_argument("--rotate", action="store_true",
                    help="incoherence processing: randomized Hadamard on both sides of each weight (undone online)")
+    p.add_argument("--fuse-rotation", action="store_true",
+                   help="fold norms and a randomized Hadamard rotation of the residual stream into the float "
+                        "weights first (no runtime cost; the model stays GGUF-exportable)")
     p.add_argument("--out", "-o", required=True, help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--checkpoint", default=None,
@@ -177,7 +180,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from lowbit.models.loader import resolve
     from lowbit.pipeline import parse_variant, quantize
 
-    method, fmt = parse_variant(f"{args.method}{'+rht' if args.rotate else ''}:{args.format}")
+    method, fmt = parse_variant(f"{args.method}{'+rht' if args.rotate else ''}"
+                                f"{'+fused' if args.fuse_rotation else ''}:{args.format}")
     needs_calibration = not method.startswith("rtn")
     out = Path(args.out)
     if out.exists() and not args.overwrite:
@@ -400,15 +404,22 @@ def _add_export_gguf(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", "-o", required=True, help="output .gguf file (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--format", "-f", default=None,
-                   help="quantize a float model into this format first (q4_0, q4_1, q5_0, q5_1, q8_0, iq2_xxs map "
-                        "to GGUF types); omit for a lowbit checkpoint")
+                   help="quantize a float model into this format first (q4_0, q4_1, q5_0, q5_1, q8_0, iq4_nl, "
+                        "iq2_xxs map to GGUF types; f16 keeps it float); omit for a lowbit checkpoint")
     p.add_argument("--method", default="rtn", choices=["rtn", "gptq", "gptq_act", "imatrix"],
                    help="rounding when quantizing first (default rtn)")
     p.add_argument("--fallback", default=None, metavar="FORMAT",
                    help="re-quantize linears GGUF cannot hold as stored (no GGUF type, rows not whole blocks, "
                         "rotations) from their dequantized weights into this format, e.g. q8_0 (default: error)")
-    p.add_argument("--embed-type", default="f16", choices=["f16", "q8_0"],
-                   help="token embeddings / output matrix type (default f16, exact)")
+    p.add_argument("--embed-type", default=None,
+                   help="token embeddings / output matrix type: f16 (default, exact) or a GGUF-typed format "
+                        "(q8_0, q4_0, iq4_nl, ...), rounded to nearest")
+    p.add_argument("--like", default=None, metavar="GGUF",
+                   help="give every tensor the type it has in this GGUF of the same model (e.g. one written by "
+                        "llama.cpp's quantizer), so the files compare at equal size; replaces --format")
+    p.add_argument("--fuse-rotation", action="store_true",
+                   help="fold norms and a randomized Hadamard rotation of the residual stream into the weights "
+                        "before quantizing (QuaRot-style; llama.cpp runs the result unchanged)")
     p.add_argument("--tokenizer-pre", default=None,
                    help="llama.cpp pre-tokenizer name (default: detected as convert_hf_to_gguf.py does)")
     p.add_argument("--no-progress", action="store_true")
@@ -417,27 +428,41 @@ def _add_export_gguf(sub: argparse._SubParsersAction) -> None:
 
 def cmd_export_gguf(args: argparse.Namespace) -> int:
     from lowbit.io.gguf_export import export_gguf
+    from lowbit.io.gguf_types import plan_like
     from lowbit.models.loader import is_quantized_dir, load_model, resolve
     from lowbit.pipeline import default_device, parse_variant, quantize
+    from lowbit.rotations.fused import fuse_rotation
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise LowbitError(f"{out} already exists; pass --overwrite to replace it")
+    if args.like and args.format:
+        raise LowbitError("--like takes every tensor's type from the given GGUF: drop --format")
+    embed_type = args.embed_type
     src = resolve(args.model)
     if is_quantized_dir(src):
-        if args.format:
-            raise LowbitError(f"{src} is already a quantized lowbit checkpoint; drop --format to export it as is")
+        if args.format or args.like or args.fuse_rotation:
+            raise LowbitError(f"{src} is already a quantized lowbit checkpoint: export it as is (no --format, "
+                              "--like or --fuse-rotation)")
         model, tok = load_model(src, device="cpu")
+    elif (args.format or "").lower() in ("f16", "fp16"):  # float export, as llama.cpp's convert_hf_to_gguf
+        model, tok = _load(args, device="cpu")
+        if args.fuse_rotation:
+            fuse_rotation(model)
     else:
-        if not args.format:
-            raise LowbitError(f"{args.model or 'the bundled model'} is a float model: pass --format (e.g. q4_0) "
-                              "to quantize it before export")
-        method, fmt = parse_variant(f"{args.method}:{args.format}")
+        if not (args.format or args.like):
+            raise LowbitError(f"{args.model or 'the bundled model'} is a float model: pass --format (e.g. q4_0, "
+                              "or f16 to keep it float) or --like FILE.gguf to quantize it before export")
+        suffix = "+fused" if args.fuse_rotation else ""
+        method, fmt = parse_variant(f"{args.method}{suffix}:{args.format or 'q8_0'}")
         compute = args.device or default_device()
-        model, tok = _load(args, device="cpu" if method != "rtn" else compute)
+        model, tok = _load(args, device="cpu" if not method.startswith("rtn") else compute)
+        if args.like:
+            like = plan_like(model, args.like)
+            fmt, embed_type = like.plan, embed_type or like.embed_type
         calib, gptq = _calib_configs(args)
         quantize(model, method, fmt, tok, calib=calib, gptq=gptq, device=compute, progress=not args.no_progress)
-    report = export_gguf(model.cpu(), tok, out, fallback=args.fallback, embed_type=args.embed_type,
+    report = export_gguf(model.cpu(), tok, out, fallback=args.fallback, embed_type=embed_type or "f16",
                          tokenizer_pre=args.tokenizer_pre)
     print(report.summary())
     return 0

@@ -21,11 +21,15 @@ from lowbit.eval.report import markdown_table
 from lowbit.eval.simulate import SimConfig, simulate
 from lowbit.eval.sizes import model_size
 from lowbit.formats import get_format
+from lowbit.rotations.fused import fuse_rotation
 
 BASELINE = "fp16"
 # gptq_act = GPTQ with act-order; imatrix = nearest rounding weighted by calibration diag(H) (llama.cpp's imatrix);
-# a "+rht" suffix adds the randomized Hadamard rotation.
+# suffixes: "+rht" rotates each linear with randomized Hadamards undone online by QuantLinear (lowbit runtime only);
+# "+fused" folds norms and a residual-stream rotation into the float weights first (rotations/fused.py; the model
+# stays a plain one, so GGUF export works).
 METHODS = ("rtn", "gptq", "gptq_act", "imatrix")
+ROTATION_SUFFIXES = ("+rht", "+fused")
 # A variant is [method[+rht]:]format-or-mix[+aN][+kvN]; +aN/+kvN simulate N-bit activations / KV cache.
 
 
@@ -62,8 +66,9 @@ def parse_variant(spec: str) -> tuple[str, str | None]:
         return BASELINE, None
     method, _, fmt = spec.rpartition(":")
     method = method or "rtn"
-    if method.removesuffix("+rht") not in METHODS:
-        raise LowbitError(f"unknown method {method!r} in {spec!r}; known: {', '.join(METHODS)}")
+    if split_method(method)[0] not in METHODS:
+        raise LowbitError(f"unknown method {method!r} in {spec!r}; known: {', '.join(METHODS)}, each optionally "
+                          f"with {' and/or '.join(ROTATION_SUFFIXES)}")
     if is_mix(fmt):
         parse_mix(fmt)
     else:
@@ -71,16 +76,29 @@ def parse_variant(spec: str) -> tuple[str, str | None]:
     return method, fmt
 
 
-def quantize(model: nn.Module, method: str, format_name: str, tokenizer: object = None,
+def split_method(method: str) -> tuple[str, bool, bool]:
+    """``gptq+fused+rht`` -> (``gptq``, online per-linear rotation?, fused residual rotation?)."""
+    base, found = method, set()
+    while suffix := next((s for s in ROTATION_SUFFIXES if base.endswith(s)), None):
+        base = base.removesuffix(suffix)
+        found.add(suffix)
+    return base, "+rht" in found, "+fused" in found
+
+
+def quantize(model: nn.Module, method: str, format_name: str | dict[str, str], tokenizer: object = None,
              calib: CalibConfig | None = None, gptq: GPTQConfig | None = None, device: str | None = None,
              checkpoint_dir: str | None = None, progress: bool = True) -> dict[str, object]:
     """Quantize every decoder linear of ``model`` in place; returns per-linear statistics.
 
-    ``format_name`` is one format, or a mixed-precision spec (``LOW/HIGH@budget``, see algorithms.mixed) whose
-    per-layer choice is measured on calibration text first.
+    ``format_name`` is one format, a mixed-precision spec (``LOW/HIGH@budget``, see algorithms.mixed) whose
+    per-layer choice is measured on calibration text first, or a plan {linear name: format}.
     """
-    method, rotate = method.removesuffix("+rht"), method.endswith("+rht")
-    if is_mix(format_name):
+    method, rotate, fused = split_method(method)
+    if fused:
+        fuse_rotation(model, seed=(gptq or GPTQConfig()).rotation_seed)
+    if isinstance(format_name, dict):
+        plan = format_name
+    elif is_mix(format_name):
         if tokenizer is None:
             raise LowbitError("mixed precision needs the tokenizer to measure layer sensitivity")
         calib = calib or CalibConfig()

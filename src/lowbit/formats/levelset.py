@@ -1,4 +1,4 @@
-"""Fixed 2-bit level sets in units of a per-group scale: ``w ~ s * levels[q]`` (no zero point).
+"""Fixed level sets in units of a per-group scale: ``w ~ s * levels[q]`` (no zero point).
 
 After a randomized Hadamard rotation, weight rows are close to Gaussian, and a 2-bit grid that contains zero
 wastes one of its four levels on the densest region while the outer side gets only one level. The no-zero set
@@ -8,8 +8,11 @@ Lloyd-Max quantizer of a Gaussian (r ~ 0.30). Variants: any ratio ``r`` (``nz2r3
 {-1, 0, 1, 2}, stored as the sign of the scale: the extra level goes to whichever side needs it, at no cost),
 all with the scale found by an error-minimizing search.
 
-Storage is the symmetric uniform layout (2-bit codes + one float16 scale per group), so the bits per weight
-are those of ``int2_*_sym``.
+The same machinery holds llama.cpp's IQ4_NL: 16 fixed non-uniform levels (``IQ4_NL_LEVELS``, denser near zero)
+times a float16 scale per group of 32, whose sign may flip the asymmetric set (as llama.cpp's own search does).
+
+Storage is the symmetric uniform layout (b-bit codes, b = log2(#levels), + one float16 scale per group), so the
+bits per weight are those of ``int{b}_*_sym``.
 """
 
 from __future__ import annotations
@@ -24,10 +27,11 @@ _SEARCH_GRID = 48  # candidate scales between max|w|/max|level| and 10% of it
 
 class LevelSetFormat(UniformFormat):
     def __init__(self, levels: tuple[float, ...], group_size: int | None, name: str, mirror: bool = False):
-        super().__init__(2, group_size, symmetric=True, name=name)
+        bits = len(levels).bit_length() - 1
+        if len(levels) != 1 << bits or bits < 1 or list(levels) != sorted(levels):
+            raise ValueError(f"need 2^b increasing levels, got {levels}")
+        super().__init__(bits, group_size, symmetric=True, name=name)
         self.mirror = mirror  # also try the negated scale: the set reflected, {-1,0,1,2} for {-2,-1,0,1}
-        if len(levels) != 4 or list(levels) != sorted(levels):
-            raise ValueError(f"need 4 increasing levels, got {levels}")
         self.levels = torch.tensor(levels, dtype=torch.float32)
         self._mids = (self.levels[1:] + self.levels[:-1]) / 2
         self._zero_code = int(self.levels.abs().argmin())
@@ -55,6 +59,10 @@ def no_zero_levels(ratio: float) -> tuple[float, float, float, float]:
         raise ValueError(f"inner/outer ratio must be in (0, 1), got {ratio}")
     return (-1.0, -ratio, ratio, 1.0)
 
+
+# ggml's kvalues_iq4nl: block_iq4_nl dequantizes to d * IQ4_NL_LEVELS[q] (ggml-common.h)
+IQ4_NL_LEVELS = (-127.0, -104.0, -83.0, -65.0, -49.0, -35.0, -22.0, -10.0,
+                 1.0, 13.0, 25.0, 38.0, 53.0, 69.0, 89.0, 113.0)
 
 NAMED_LEVELS = {
     "nz2": (-1.5, -0.5, 0.5, 1.5),  # no-zero, ratio 1/3

@@ -10,6 +10,7 @@ GGUF dequantizes to exactly lowbit's weights. Layouts (ggml-common.h, QK = 32 we
 * ``Q5_0``: fp16 d, uint32 qh (bit j = bit 4 of element j), 16 bytes of low nibbles as Q4_0; ``w = (q-16) d``
 * ``Q5_1``: fp16 d, fp16 m, qh, 16 bytes; ``w = q d + m``
 * ``Q8_0``: fp16 d, 32 int8; ``w = q d`` (lowbit stores ``q + 128``)
+* ``IQ4_NL``: fp16 d, 16 bytes as Q4_0; ``w = kvalues_iq4nl[q] d`` (lowbit's ``iq4_nl`` level set)
 * ``IQ2_XXS``: 66-byte superblocks of 256 weights, stored verbatim by lowbit for rows that are multiples of 256.
 
 Every block lies inside one row, so rows of the returned [rows, row_bytes] array can be permuted freely.
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QT
 
-from lowbit.formats import Format, IQ2XXSFormat, QuantizedTensor, UniformFormat, get_format
+from lowbit.formats import Format, IQ2XXSFormat, LevelSetFormat, QuantizedTensor, UniformFormat, get_format
 
 QK = 32  # weights per block of the legacy ggml types
 QK_K = 256  # weights per IQ2_XXS superblock
@@ -37,6 +38,8 @@ def gguf_type(fmt: Format) -> QT | None:
     """The ggml type storing ``fmt`` bit for bit, or None when GGUF has no such type."""
     if isinstance(fmt, IQ2XXSFormat):
         return QT.IQ2_XXS
+    if isinstance(fmt, LevelSetFormat):
+        return QT.IQ4_NL if fmt.name == "iq4_nl" else None
     if isinstance(fmt, UniformFormat) and fmt.group_size == QK:
         return _UNIFORM_TYPES.get((fmt.bits, fmt.symmetric))
     return None
@@ -46,7 +49,7 @@ def unsupported_reason(fmt: Format, shape: tuple[int, int]) -> str | None:
     """Why a tensor of ``fmt`` and ``shape`` cannot be written as ggml blocks (None when it can)."""
     qtype = gguf_type(fmt)
     if qtype is None:
-        return f"format {fmt.name} has no GGUF type (exportable: q4_0, q4_1, q5_0, q5_1, q8_0, iq2_xxs)"
+        return f"format {fmt.name} has no GGUF type (exportable: q4_0, q4_1, q5_0, q5_1, q8_0, iq4_nl, iq2_xxs)"
     block = QK_K if qtype == QT.IQ2_XXS else QK
     if shape[1] % block:
         # lowbit would store a shorter last group/superblock, which ggml blocks cannot express
@@ -117,4 +120,4 @@ def _as_u8(t: torch.Tensor) -> torch.Tensor:
 
 
 _CONVERTERS: dict[QT, Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]] = {
-    QT.Q4_0: _q4_0, QT.Q4_1: _q4_1, QT.Q5_0: _q5_0, QT.Q5_1: _q5_1, QT.Q8_0: _q8_0}
+    QT.Q4_0: _q4_0, QT.IQ4_NL: _q4_0, QT.Q4_1: _q4_1, QT.Q5_0: _q5_0, QT.Q5_1: _q5_1, QT.Q8_0: _q8_0}

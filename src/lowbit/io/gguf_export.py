@@ -34,11 +34,11 @@ from lowbit.errors import LowbitError, UnsupportedModelError
 from lowbit.formats import QuantizedTensor, get_format
 from lowbit.io.atomic import atomic_file
 from lowbit.io.gguf_blocks import gguf_type, to_ggml_blocks, unsupported_reason
+from lowbit.io.gguf_types import gguf_name
 from lowbit.models.quant_linear import QuantLinear
 
 # HF model_type -> GGUF architecture; Mistral is written as llama (as convert_hf_to_gguf does).
 ARCHS = {"llama": gguf.MODEL_ARCH.LLAMA, "mistral": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}
-EMBED_TYPES = ("f16", "q8_0")
 
 # convert_hf_to_gguf's pre-tokenizer check: hash the token ids of this text and look the hash up. Only hashes of
 # tokenizers lowbit's architectures ship with are listed; others get "default" (llama.cpp warns) or --tokenizer-pre.
@@ -58,7 +58,7 @@ KNOWN_PRE = {
 _FILE_TYPES = {QT.F16: gguf.LlamaFileType.MOSTLY_F16, QT.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
                QT.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1, QT.Q5_0: gguf.LlamaFileType.MOSTLY_Q5_0,
                QT.Q5_1: gguf.LlamaFileType.MOSTLY_Q5_1, QT.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
-               QT.IQ2_XXS: gguf.LlamaFileType.MOSTLY_IQ2_XXS}
+               QT.IQ2_XXS: gguf.LlamaFileType.MOSTLY_IQ2_XXS, QT.IQ4_NL: gguf.LlamaFileType.MOSTLY_IQ4_NL}
 
 
 @dataclass
@@ -122,12 +122,14 @@ def export_gguf(model: nn.Module, tokenizer: object, out: str | Path, fallback: 
     """Write ``model`` (QuantLinear modules and/or float ones) with ``tokenizer`` to the GGUF file ``out``.
 
     ``fallback``: a lowbit format with a GGUF type (e.g. ``q8_0``) used to re-quantize linears that cannot be
-    written as stored; without it they raise LowbitError. ``tokenizer_pre`` overrides the pre-tokenizer detection.
+    written as stored; without it they raise LowbitError. ``embed_type``: ``f16`` (exact) or such a format, used
+    (round-to-nearest) for the token embeddings and an untied output matrix. ``tokenizer_pre`` overrides the
+    pre-tokenizer detection.
     """
     config = model.config
     arch = _arch(config)
-    if embed_type not in EMBED_TYPES:
-        raise LowbitError(f"embed_type must be one of {EMBED_TYPES}, got {embed_type!r}")
+    if embed_type != "f16":
+        _check_fallback(embed_type, "embed_type")
     if fallback is not None:
         _check_fallback(fallback)
     entries = list(_tensors(model, arch, fallback, embed_type))
@@ -156,9 +158,9 @@ def _arch(config: object) -> gguf.MODEL_ARCH:
     return ARCHS[model_type]
 
 
-def _check_fallback(fallback: str) -> None:
+def _check_fallback(fallback: str, what: str = "fallback") -> None:
     if gguf_type(get_format(fallback)) is None:
-        raise LowbitError(f"fallback {fallback!r} has no GGUF type; use q8_0, q4_0, q4_1, q5_0 or q5_1")
+        raise LowbitError(f"{what} {fallback!r} has no GGUF type; use q8_0, q4_0, q4_1, q5_0, q5_1 or iq4_nl")
 
 
 def _model_name(config: object) -> str:
@@ -291,7 +293,6 @@ Entry = tuple[str, np.ndarray, "QT | None", TensorRecord]
 
 def _tensors(model: nn.Module, arch: gguf.MODEL_ARCH, fallback: str | None, embed_type: str) -> Iterator[Entry]:
     config = model.config
-    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     seen: set[int] = set()
     for mname, mod in model.named_modules():
         items: list[tuple[str, object]] = [(f"{mname}.weight", mod)] if isinstance(mod, QuantLinear) else []
@@ -300,7 +301,7 @@ def _tensors(model: nn.Module, arch: gguf.MODEL_ARCH, fallback: str | None, embe
             if id(obj) in seen:  # tied lm_head: llama.cpp reuses token_embd when "output" is absent
                 continue
             seen.add(id(obj))
-            gname = names.get_name(key, try_suffixes=(".weight", ".bias"))
+            gname = gguf_name(model, key)
             if gname is None:
                 raise UnsupportedModelError(f"no GGUF tensor name for {key!r} ({gguf.MODEL_ARCH_NAMES[arch]})")
             perm = _row_permutation(gname, config) if arch == gguf.MODEL_ARCH.LLAMA else None
@@ -366,8 +367,8 @@ def _float(gname: str, t: torch.Tensor, perm: torch.Tensor | None, embed_type: s
     is_embed = gname.startswith(("token_embd.", "output."))
     if t.dim() == 1:  # norms and biases: F32, as llama.cpp expects
         data, qtype = t.numpy(), None
-    elif is_embed and embed_type == "q8_0" and unsupported_reason(get_format("q8_0"), tuple(t.shape)) is None:
-        qtype, data = to_ggml_blocks(get_format("q8_0").quantize(t))
+    elif is_embed and embed_type != "f16" and unsupported_reason(get_format(embed_type), tuple(t.shape)) is None:
+        qtype, data = to_ggml_blocks(get_format(embed_type).quantize(t))
     else:
         data, qtype = t.half().numpy(), None  # lowbit stores every float weight in fp16, so this is exact
     name = (qtype or (QT.F32 if data.dtype == np.float32 else QT.F16)).name

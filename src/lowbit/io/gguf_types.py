@@ -1,0 +1,75 @@
+"""Per-tensor GGUF types of an existing file, as a lowbit quantization plan ("quantize like this file").
+
+llama.cpp's quantizer does not give every tensor the file type's format: it keeps some at higher precision
+(e.g. attn_v, the first ffn_down layers, the output matrix) and falls back to other types for rows that do not
+fill its blocks (SmolLM2's 576-wide rows cannot hold 256-weight IQ2_XXS superblocks, so llama.cpp writes IQ4_NL
+there). Reading that choice back lets lowbit quantize with its own rounding into exactly the same types, so the two
+files have the same size and differ only in how the blocks were rounded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import gguf
+from torch import nn
+
+from lowbit.errors import LowbitError
+from lowbit.models.walker import decoder_linears
+
+# ggml type -> the lowbit format that stores it bit for bit (io/gguf_blocks.py); F16/F32 stay float
+LOWBIT_FORMAT = {"Q4_0": "q4_0", "Q4_1": "q4_1", "Q5_0": "int5_g32_sym", "Q5_1": "int5_g32_asym",
+                 "Q8_0": "q8_0", "IQ4_NL": "iq4_nl", "IQ2_XXS": "iq2_xxs"}
+FLOAT_TYPES = ("F16", "F32", "BF16")
+
+
+@dataclass
+class GGUFTypePlan:
+    plan: dict[str, str]  # decoder linear (HF module name) -> lowbit format
+    embed_type: str  # token_embd's type as a lowbit format (or "f16")
+    source: Path
+
+
+def tensor_types(path: str | Path) -> dict[str, str]:
+    """GGUF tensor name -> ggml type name, for every tensor in the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise LowbitError(f"GGUF file not found: {path}")
+    return {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+
+
+def gguf_name(model: nn.Module, key: str) -> str | None:
+    """The GGUF tensor name llama.cpp uses for the Hugging Face parameter ``key`` (e.g. ...q_proj.weight)."""
+    from lowbit.io.gguf_export import ARCHS  # avoid an import cycle: the exporter uses this module's names
+
+    names = _name_map(ARCHS[model.config.model_type], model.config.num_hidden_layers)
+    return names.get_name(key, try_suffixes=(".weight", ".bias"))
+
+
+@cache
+def _name_map(arch: gguf.MODEL_ARCH, n_layers: int) -> gguf.TensorNameMap:
+    return gguf.get_tensor_name_map(arch, n_layers)
+
+
+def plan_like(model: nn.Module, path: str | Path) -> GGUFTypePlan:
+    """The lowbit plan that reproduces ``path``'s tensor types for ``model`` (same architecture and shapes)."""
+    types = tensor_types(path)
+    plan = {}
+    for name in decoder_linears(model):
+        gname = gguf_name(model, f"{name}.weight")
+        if gname not in types:
+            raise LowbitError(f"{path} has no tensor {gname} for {name}: is it a GGUF of this model?")
+        if types[gname] not in FLOAT_TYPES:  # a float tensor stays float
+            plan[name] = _lowbit_format(types[gname], gname)
+    embed = types.get("token_embd.weight", "F16")
+    return GGUFTypePlan(plan, "f16" if embed in FLOAT_TYPES else _lowbit_format(embed, "token_embd.weight"),
+                        Path(path))
+
+
+def _lowbit_format(qtype: str, gname: str) -> str:
+    if qtype not in LOWBIT_FORMAT:
+        raise LowbitError(f"{gname} is {qtype}, which lowbit has no format for "
+                          f"(it has {', '.join(LOWBIT_FORMAT)})")
+    return LOWBIT_FORMAT[qtype]
