@@ -325,3 +325,25 @@ def test_cli_export_like_and_fused(tmp_path, tiny_model_dir, capsys):
     assert main(["export-gguf", str(tiny_model_dir), "--format", "f16", "--out", str(tmp_path / "f.gguf")]) == 0
     assert main(["export-gguf", str(tiny_model_dir), "--like", str(a), "--format", "q4_0",
                  "--out", str(tmp_path / "x.gguf")]) == 2
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_gguf_weights_load_back_into_a_model(tmp_path, tiny_tokenizer, fused):
+    """load_gguf_weights: a fresh float model given a GGUF's dequantized tensors computes what the quantized model
+    computes (Q/K layout undone, untied head restored), so any GGUF can be scored with lowbit's protocol."""
+    from lowbit.io.gguf_import import load_gguf_weights
+
+    model = _sharp_llama(tiny_tokenizer)
+    model.lm_head.weight = model.model.embed_tokens.weight
+    model.config.tie_word_embeddings = True
+    quantize(model, "rtn+fused" if fused else "rtn", "iq4_nl")
+    export_gguf(model, tiny_tokenizer, tmp_path / "m.gguf")
+    fresh = make_model("llama", vocab=len(tiny_tokenizer), seed=5)
+    fresh.lm_head.weight = fresh.model.embed_tokens.weight
+    load_gguf_weights(fresh, tmp_path / "m.gguf")
+    assert (fresh.lm_head.weight is fresh.model.embed_tokens.weight) == (not fused)
+    ids = torch.tensor([tiny_tokenizer.encode("The quick brown fox jumps over the lazy dog.")])
+    with torch.no_grad():
+        assert torch.allclose(fresh(ids).logits, model(ids).logits, atol=1e-4, rtol=1e-4)
+    with pytest.raises(LowbitError, match="not found"):
+        load_gguf_weights(fresh, tmp_path / "nope.gguf")

@@ -95,7 +95,8 @@ def quantize(model: nn.Module, method: str, format_name: str | dict[str, str], t
     """
     method, rotate, fused = split_method(method)
     if fused:
-        fuse_rotation(model, seed=(gptq or GPTQConfig()).rotation_seed)
+        # rounded again: float tensors (embeddings, head, norms) are stored as float16 by checkpoints and GGUF
+        round_to_storage(fuse_rotation(model, seed=(gptq or GPTQConfig()).rotation_seed))
     if isinstance(format_name, dict):
         plan = format_name
     elif is_mix(format_name):

@@ -1,0 +1,239 @@
+"""lowbit's GGUF files vs llama.cpp's own quantizer: same model, same types, same text, llama.cpp's perplexity.
+
+    python benchmarks/gguf_vs_llamacpp.py --llama-bin DIR          # DIR holds llama-quantize/-imatrix/-perplexity
+    python benchmarks/gguf_vs_llamacpp.py --llama-bin DIR --types iq2_xxs --methods gptq,gptq+fused --ppl-chunks 8
+
+For each GGUF type T (q4_0, q4_1, iq2_xxs):
+  * llama.cpp: ``llama-quantize [--imatrix] f16.gguf T`` (the F16 file is lowbit's float export, which loads in
+    llama.cpp like convert_hf_to_gguf's); the importance matrix comes from ``llama-imatrix`` on the calibration
+    split (the same text lowbit calibrates on, 128 x 2048 tokens by default, as lowbit's GPTQ);
+  * lowbit: ``lowbit export-gguf --like <llama.cpp's T file> --method M [--fuse-rotation]``: every tensor gets the
+    type llama.cpp gave it (its own choices and fallbacks included), so the files have the same size and differ
+    only in the rounding (RTN / GPTQ, block LDLQ for IQ2_XXS / + fused rotation).
+Every file is scored twice on the eval split:
+  * ``ppl``: lowbit's protocol (as in every other lowbit table: non-overlapping --ctx windows over the whole split,
+    every token scored), the file's tensors dequantized into the model (io/gguf_import.py), on the GPU if any;
+  * ``llama_ppl``: stock ``llama-perplexity`` (its protocol: --ctx windows, second half of each scored) on the
+    first --llama-ppl-chunks windows, on the CPU in a background thread while lowbit quantizes (0 = skip).
+Rows are appended to benchmarks/results/gguf-<tag>.json as they finish; --resume skips those already there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import queue
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import gguf
+import torch
+
+from lowbit.cli import main as lowbit
+from lowbit.data.corpus import load_text
+from lowbit.eval.perplexity import perplexity, tokenize_stream
+from lowbit.io.gguf_import import load_gguf_weights
+from lowbit.models.loader import load_model
+from lowbit.pipeline import default_device
+
+RESULTS = Path(__file__).parent / "results"
+_PPL = re.compile(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)")
+
+
+def sh(cmd: list[str], log: Path) -> str:
+    t0 = time.perf_counter()
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    log.write_text(f"$ {' '.join(cmd)}\n{res.stdout}\n{res.stderr}")
+    if res.returncode:
+        raise RuntimeError(f"{' '.join(cmd[:1])} failed ({res.returncode}); see {log}\n{res.stderr[-2000:]}")
+    print(f"  {Path(cmd[0]).name} done in {time.perf_counter() - t0:.0f} s", flush=True)
+    return res.stdout + res.stderr
+
+
+def _device_name() -> str:
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+
+
+def file_stats(path: Path) -> dict:
+    """File size, bits per weight over all tensors (header and vocabulary included), and per decoder linear."""
+    tensors = gguf.GGUFReader(str(path)).tensors
+    n = sum(int(t.n_elements) for t in tensors)
+    lin = [t for t in tensors if t.name.startswith("blk.") and len(t.shape) == 2]
+    types: dict[str, int] = {}
+    for t in tensors:
+        if len(t.shape) == 2:
+            types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    size = path.stat().st_size
+    return {"file_mb": size / 1e6, "bpw_file": 8 * size / n,
+            "bpw_linears": 8 * sum(int(t.n_bytes) for t in lin) / sum(int(t.n_elements) for t in lin),
+            "matrix_types": types}
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.bin = Path(args.llama_bin)
+        self.work = Path(args.work)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.out = RESULTS / f"gguf-{args.tag}.json"
+        self.rows: list[dict] = json.loads(self.out.read_text())["rows"] if args.resume and self.out.exists() else []
+        self.jobs: queue.Queue = queue.Queue()
+        self.lock = threading.Lock()
+        self.errors: list[str] = []
+
+    def tool(self, name: str) -> str:
+        exe = self.bin / name
+        if not exe.exists():
+            raise SystemExit(f"{exe} not found: build llama.cpp's tools (see README) and pass --llama-bin")
+        return str(exe)
+
+    def done(self, label: str, qtype: str) -> bool:
+        return any(r["label"] == label and r["type"] == qtype for r in self.rows)
+
+    def save(self, row: dict) -> None:
+        with self.lock:
+            old = next((r for r in self.rows if r["label"] == row["label"] and r["type"] == row["type"]), None)
+            if old is not None:
+                old.update(row)
+                row = old
+            else:
+                self.rows.append(row)
+            meta = {"model": self.args.model or "bundled SmolLM2-135M", "ctx": self.args.ctx,
+                    "llama_ppl_chunks": self.args.llama_ppl_chunks, "device": _device_name(),
+                    "imatrix": f"{self.args.imatrix_chunks} x {self.args.imatrix_ctx} tokens",
+                    "command": " ".join(sys.argv)}
+            self.out.write_text(json.dumps({"meta": meta, "rows": self.rows}, indent=1))
+        llama = f"{row['llama_ppl']:.3f} ± {row['llama_ppl_err']:.3f}" if "llama_ppl" in row else "…"
+        print(f"| {row['label']} | {row['type']} | {row['file_mb']:.1f} | {row['bpw_file']:.3f} | "
+              f"{row['bpw_linears']:.3f} | {row.get('ppl', float('nan')):.3f} | {llama} |", flush=True)
+
+    def perplexity_worker(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            label, qtype, path = job
+            try:
+                text = sh([self.tool("llama-perplexity"), "-m", str(path), "-f", str(self.work / "eval.txt"),
+                           "-c", str(self.args.ctx), "-b", str(self.args.ctx), "--chunks",
+                           str(self.args.llama_ppl_chunks), "-t", str(self.args.threads)],
+                          self.work / f"{path.stem}.ppl.log")
+                ppl, err = map(float, _PPL.search(text).groups())
+                self.save({"label": label, "type": qtype, "llama_ppl": ppl, "llama_ppl_err": err})
+            except Exception as e:  # noqa: BLE001 - report and go on with the other files
+                self.errors.append(f"{label}: {e}")
+                print(f"ERROR {label}: {e}", flush=True)
+
+    def score(self, label: str, qtype: str, path: Path, **extra: object) -> None:
+        """lowbit-protocol perplexity now (GPU), llama-perplexity queued for the CPU thread."""
+        if self.done(label, qtype):
+            return
+        t0 = time.perf_counter()
+        model = load_gguf_weights(copy.deepcopy(self.model), path).to(self.device)
+        res = perplexity(model, self.ids, self.args.ctx, max_windows=self.args.max_windows, progress=False)
+        del model
+        self.save({"label": label, "type": qtype, "file": path.name, "ppl": res.ppl, "windows": res.n_windows,
+                   "eval_s": time.perf_counter() - t0, **file_stats(path), **extra})
+        if self.args.llama_ppl_chunks:
+            self.jobs.put((label, qtype, path))
+
+    def make_imatrix(self, f16: Path, imatrix: Path) -> None:
+        if not imatrix.exists():
+            a = self.args
+            sh([self.tool("llama-imatrix"), "-m", str(f16), "-f", str(self.work / "calib.txt"), "-o", str(imatrix),
+                "-c", str(a.imatrix_ctx), "--chunks", str(a.imatrix_chunks), "-t", str(a.threads), "--no-ppl"],
+               self.work / "imatrix.log")
+
+    def llama_quantize(self, f16: Path, qtype: str, imatrix: Path | None) -> Path:
+        name = f"llamacpp-{qtype}{'-imatrix' if imatrix else ''}"
+        path = self.work / f"{name}.gguf"
+        if not path.exists():
+            sh([self.tool("llama-quantize"), *(["--imatrix", str(imatrix)] if imatrix else []),
+                str(f16), str(path), qtype.upper(), str(self.args.threads)], self.work / f"{name}.log")
+        self.score(f"llama.cpp{' + imatrix' if imatrix else ''}", qtype, path, source="llama-quantize")
+        return path
+
+    def lowbit_rows(self, qtype: str, like: Path) -> None:
+        model = [self.args.model] if self.args.model else []
+        for method in self.args.methods.split(","):
+            if qtype == "iq2_xxs" and method.startswith("rtn"):
+                continue  # plain rounding onto the E8 grid is ~10^5 perplexity: not a contender
+            label = f"lowbit {method}"
+            path = self.work / f"lowbit-{method.replace('+', '-')}-{qtype}.gguf"
+            if self.done(label, qtype):
+                continue
+            base, fused = method.removesuffix("+fused"), method.endswith("+fused")
+            t0 = time.perf_counter()
+            if not path.exists():
+                rc = lowbit(["export-gguf", *model, "--like", str(like), "--method", base, "--out", str(path),
+                             "--no-progress", *(["--fuse-rotation"] if fused else []), *self.args.lowbit_args.split()])
+                if rc:
+                    self.errors.append(f"{label} {qtype}: export failed ({rc})")
+                    continue
+            self.score(label, qtype, path, source=f"lowbit export-gguf --like {like.name}",
+                       quant_s=time.perf_counter() - t0)
+
+    def run(self) -> int:
+        a = self.args
+        (self.work / "eval.txt").write_text(load_text("eval"))
+        (self.work / "calib.txt").write_text(load_text("calib"))
+        worker = threading.Thread(target=self.perplexity_worker, daemon=True)
+        worker.start()
+        self.device = default_device()
+        self.model, tok = load_model(a.model, device="cpu")
+        self.model.float()
+        self.ids = tokenize_stream(tok, load_text("eval"))
+        model = [a.model] if a.model else []
+        f16 = self.work / "f16.gguf"
+        if not f16.exists():
+            lowbit(["export-gguf", *model, "--format", "f16", "--out", str(f16), "--no-progress"])
+        self.score("F16", "F16", f16, source="lowbit float export")
+        imatrix = self.work / "imatrix.gguf"
+        imatrix_job = threading.Thread(target=self.make_imatrix, args=(f16, imatrix))
+        imatrix_job.start()  # CPU, while the GPU quantizes the types that need no importance matrix
+        types = a.types.split(",")
+        for qtype in [t for t in types if t.startswith("q")]:
+            plain = self.llama_quantize(f16, qtype, None)
+            self.lowbit_rows(qtype, like=plain)  # Q4_0/Q4_1 type choices do not depend on the imatrix
+        imatrix_job.join()
+        if not imatrix.exists():
+            raise SystemExit(f"llama-imatrix failed: see {self.work / 'imatrix.log'}")
+        for qtype in types:
+            like = self.llama_quantize(f16, qtype, imatrix)
+            if not qtype.startswith("q"):
+                self.lowbit_rows(qtype, like=like)
+        self.jobs.put(None)
+        worker.join()
+        print(f"wrote {self.out}" + (f"; {len(self.errors)} errors: {self.errors}" if self.errors else ""))
+        return 1 if self.errors else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--llama-bin", required=True, help="folder with llama-quantize, llama-imatrix, llama-perplexity")
+    ap.add_argument("--model", default=None, help="HF model dir or hub id (default: the bundled model)")
+    ap.add_argument("--types", default="q4_0,q4_1,iq2_xxs")
+    ap.add_argument("--methods", default="rtn,gptq,gptq+fused")
+    ap.add_argument("--ctx", type=int, default=2048)
+    ap.add_argument("--lowbit-args", default="", help="extra export-gguf options, e.g. '--nsamples 16'")
+    ap.add_argument("--max-windows", type=int, default=None, help="lowbit-protocol windows (default: all)")
+    ap.add_argument("--llama-ppl-chunks", type=int, default=4,
+                    help="llama-perplexity windows (of --ctx tokens) per file on the CPU; 0 skips it")
+    ap.add_argument("--imatrix-ctx", type=int, default=512, help="llama-imatrix window (llama.cpp's usual 512)")
+    ap.add_argument("--imatrix-chunks", type=int, default=128, help="calibration windows for llama-imatrix")
+    ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2 - 1),
+                    help="CPU threads per llama.cpp tool (imatrix and perplexity may run at the same time)")
+    ap.add_argument("--work", default="gguf-bench", help="folder for the GGUF files and logs")
+    ap.add_argument("--tag", default="cpu")
+    ap.add_argument("--resume", action="store_true", help="keep rows already in the results file")
+    args = ap.parse_args(argv)
+    print("| file | type | MB | bpw (file) | bpw (linears) | ppl | llama-perplexity |\n|---|---|---|---|---|---|---|",
+          flush=True)
+    return Bench(args).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
