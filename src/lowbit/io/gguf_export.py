@@ -231,8 +231,12 @@ def _write_tokenizer(w: gguf.GGUFWriter, tokenizer: object, vocab_size: int, pre
 
 def _check_byte_level_bpe(tokenizer: object) -> None:
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    model = json.loads(backend.to_str())["model"] if backend is not None else {}
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
+    spec = json.loads(backend.to_str()) if backend is not None else {}
+    model = spec.get("model") or {}
+    # A ByteLevel pre-tokenizer maps every byte to a token, so a byte_fallback flag (some transformers versions
+    # set it when converting) never triggers: still GPT-2-style byte-level BPE.
+    byte_level = "ByteLevel" in json.dumps(spec.get("pre_tokenizer"))
+    if model.get("type") != "BPE" or (model.get("byte_fallback") and not byte_level):
         raise LowbitError("GGUF export writes byte-level BPE tokenizers (tokenizer.ggml.model 'gpt2') only; "
                           f"this tokenizer is {model.get('type', type(tokenizer).__name__)}"
                           f"{' with byte fallback (SentencePiece-style)' if model.get('byte_fallback') else ''}")
