@@ -4,9 +4,12 @@
     python benchmarks/kernels.py --batch 1,8,512 --formats int4_g128_sym,nz2_ch
 
 For each weight shape [out, in] and format: the kernel's median time (triton.testing.do_bench, CUDA events, L2
-flushed by rotating among several weight copies), the bytes it must move (packed weight + scales + x + y), the
-achieved bandwidth as a fraction of the measured device-to-device copy bandwidth, and the speedup over fp16
-``F.linear``. Every kernel output is first checked against the torch reference on fresh random inputs.
+flushed by do_bench and by rotating among several weight copies), the bytes it must move (packed weight + scales
++ x + y), the achieved bandwidth as a fraction of the measured device-to-device copy bandwidth, and the speedup
+over fp16 ``F.linear``. Every kernel output is first checked against the torch reference on fresh random inputs
+(the first call also autotunes the kernel for that shape). Batch <= 8 runs the GEMV kernels, larger batches the
+tl.dot kernel (E8P: dequantize + cuBLAS). Ends with summary lines: per format and batch <= 8, the % of copy
+bandwidth on the large shapes (target: >= 80% at batch 1 for the 4-bit and 2-bit formats).
 Writes benchmarks/results/kernels-<tag>.json.
 """
 
@@ -15,12 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from lowbit.formats import get_format
+from lowbit.formats import QuantizedTensor, get_format
 from lowbit.kernels.dispatch import dequant_matmul
 from lowbit.kernels.reference import dequant_matmul_reference
 
@@ -28,7 +32,9 @@ SHAPES = {  # [out, in]
     "llama2-7b qkvo": (4096, 4096), "llama2-7b gate/up": (11008, 4096), "llama2-7b down": (4096, 11008),
     "llama3-8b kv": (1024, 4096), "llama3-8b gate/up": (14336, 4096), "llama3-8b down": (4096, 14336),
 }
-FORMATS = ["int4_g128_sym", "q4_0", "q4_1", "int3_g128_sym", "int2_g64_sym", "nz2_ch"]
+LARGE = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (4096, 14336)]  # the summary's shapes
+FORMATS = ["int4_g128_sym", "q4_0", "q4_1", "int3_g128_sym", "int2_g64_sym", "nz2_ch", "e8p_ch"]
+RANDOM_STORAGE = ("e8p",)  # vector codebooks: random codes + scales (exact encoding of 58M weights takes long)
 COPIES = 4  # weight copies rotated between timed calls so the 50 MB L2 does not serve repeats
 
 
@@ -50,14 +56,39 @@ def bench(fn, n: int) -> float:  # noqa: ANN001
     def call() -> None:
         fn(state["i"] % n)
         state["i"] += 1
-    return triton.testing.do_bench(call, warmup=50, rep=300, return_mode="median")
+    return triton.testing.do_bench(call, warmup=25, rep=100, return_mode="median")
+
+
+def packed_weight(fmt_name: str, shape: tuple[int, int], g: torch.Generator) -> QuantizedTensor:
+    fmt = get_format(fmt_name)
+    if not fmt_name.startswith(RANDOM_STORAGE):
+        return fmt.quantize(torch.randn(*shape, device="cuda", generator=g))
+    data = {}
+    for key, (size, dtype) in fmt.storage_spec(shape).items():
+        if dtype.is_floating_point:
+            data[key] = (torch.rand(size, device="cuda", generator=g) * 0.02 + 0.01).to(dtype)
+        else:
+            info = torch.iinfo(dtype)
+            data[key] = torch.randint(info.min, info.max, size, device="cuda", generator=g, dtype=dtype)
+    return QuantizedTensor(fmt.name, tuple(shape), data)
+
+
+_FP16_MS: dict[tuple, float] = {}
+
+
+def fp16_ms(shape: tuple[int, int], m: int, x: torch.Tensor) -> float:
+    if (shape, m) not in _FP16_MS:
+        w16 = [torch.randn(*shape, device="cuda", dtype=torch.float16) for _ in range(COPIES)]
+        _FP16_MS[shape, m] = bench(lambda i: F.linear(x, w16[i]), COPIES)
+    return _FP16_MS[shape, m]
 
 
 def one(shape: tuple[int, int], fmt_name: str, m: int, bw: float) -> dict:
     fmt = get_format(fmt_name)
     g = torch.Generator(device="cuda").manual_seed(0)
-    w = torch.randn(*shape, device="cuda", generator=g)
-    qts = [fmt.quantize(w * (1 + 0.01 * i)) for i in range(COPIES)]
+    qt = packed_weight(fmt_name, shape, g)
+    qts = [qt] + [QuantizedTensor(qt.format, qt.shape, {k: v.clone() for k, v in qt.data.items()})
+                  for _ in range(COPIES - 1)]
     x = torch.randn(m, shape[1], device="cuda", dtype=torch.float16, generator=g)
     y = dequant_matmul(x, fmt, qts[0])
     ref = dequant_matmul_reference(x.double(), fmt, qts[0])
@@ -65,8 +96,7 @@ def one(shape: tuple[int, int], fmt_name: str, m: int, bw: float) -> dict:
     if not err < 1e-2:
         raise RuntimeError(f"{fmt_name} {shape} M={m}: relative error {err:.2e} vs reference")
     ms = bench(lambda i: dequant_matmul(x, fmt, qts[i]), COPIES)
-    w16 = [w.half() * (1 + 0.01 * i) for i in range(COPIES)]
-    ms16 = bench(lambda i: F.linear(x, w16[i]), COPIES)
+    ms16 = fp16_ms(shape, m, x)
     nbytes = qts[0].nbytes + 2 * x.numel() + 2 * m * shape[0]
     return {"shape": list(shape), "format": fmt_name, "batch": m, "bpw": qts[0].bits_per_weight, "ms": ms,
             "fp16_ms": ms16, "bytes": nbytes, "frac_of_copy_bw": nbytes / (ms * 1e-3) / bw,
@@ -82,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
+    t0 = time.time()
     bw = copy_bandwidth()
     print(f"{torch.cuda.get_device_name(0)}: device copy bandwidth {bw / 1e9:.0f} GB/s")
     rows = []
@@ -95,9 +126,32 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"| {label} {shape[0]}x{shape[1]} | {f} | {m} | {r['bpw']:.3f} | {r['ms'] * 1e3:.1f} | "
                       f"{r['fp16_ms'] * 1e3:.1f} | {100 * r['frac_of_copy_bw']:.0f}% | {r['speedup_vs_fp16']:.2f}x |",
                       flush=True)
+    summary = summarize(rows)
+    print(f"\nsummary: % of copy BW ({bw / 1e9:.0f} GB/s) on the large shapes "
+          f"({', '.join(f'{o}x{i}' for o, i in LARGE)}), GEMV batches; target >= 80% at batch 1")
+    for line in summary:
+        print(f"  {line['format']:>14} batch {line['batch']}: min {100 * line['min']:.0f}%  mean "
+              f"{100 * line['mean']:.0f}%  max {100 * line['max']:.0f}%  "
+              f"{'>= 80%' if line['min'] >= 0.8 else 'below 80%'} (speedup vs fp16: {line['speedup']:.2f}x)")
+    print(f"total {time.time() - t0:.0f} s")
     out = Path(__file__).parent / "results" / f"kernels-{args.tag}.json"
-    out.write_text(json.dumps({"device": torch.cuda.get_device_name(0), "copy_bw": bw, "rows": rows}, indent=2))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"device": torch.cuda.get_device_name(0), "copy_bw": bw, "rows": rows,
+                               "summary": summary}, indent=2))
     return 0
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per (format, batch <= 8): min / mean / max fraction of copy bandwidth over the large shapes."""
+    out = []
+    keys = dict.fromkeys((r["format"], r["batch"]) for r in rows if r["batch"] <= 8)
+    for fmt, m in keys:
+        fr = [r for r in rows if r["format"] == fmt and r["batch"] == m and tuple(r["shape"]) in LARGE]
+        if fr:
+            f = [r["frac_of_copy_bw"] for r in fr]
+            out.append({"format": fmt, "batch": m, "min": min(f), "mean": sum(f) / len(f), "max": max(f),
+                        "speedup": sum(r["speedup_vs_fp16"] for r in fr) / len(fr)})
+    return out
 
 
 if __name__ == "__main__":

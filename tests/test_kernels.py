@@ -1,12 +1,13 @@
 """The packed-matmul kernel against its torch reference, on fresh random inputs.
 
-The Triton kernel is checked on CPU through Triton's interpreter (a subprocess with TRITON_INTERPRET=1, skipped
-when triton is not installed) and on CUDA when there is a GPU; the reference is checked everywhere."""
+The Triton kernels (GEMV for M <= 8, tl.dot GEMM above, E8P GEMV) are checked on CPU through Triton's interpreter
+(one subprocess with TRITON_INTERPRET=1 for all cases, skipped when triton is not installed; autotuning is bypassed
+there) and on CUDA when there is a GPU; the reference is checked everywhere."""
 
+import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -50,42 +51,132 @@ def test_dispatch_uses_reference_without_cuda(monkeypatch):
     assert torch.equal(dequant_matmul(x, fmt, qt), dequant_matmul_reference(x, fmt, qt))
 
 
-@pytest.mark.skipif(not triton_available(), reason="triton not installed")
-def test_triton_kernel_in_interpreter_matches_reference():
-    script = textwrap.dedent(f"""
-        import torch
-        from lowbit.formats import get_format
-        from lowbit.kernels.dispatch import dequant_matmul
-        g = torch.Generator().manual_seed(3)
-        for name, shape, m in {CASES!r}:
-            fmt = get_format(name)
-            qt = fmt.quantize(torch.randn(*shape, generator=g))
-            x = torch.randn(3, m, shape[1], generator=g)  # leading dims are flattened by the dispatch
-            y = dequant_matmul(x, fmt, qt)
-            ref = x.double() @ fmt.dequantize(qt).double().T
-            err = ((y.double() - ref).norm() / ref.norm()).item()
-            assert y.shape == ref.shape and torch.isfinite(y).all() and err < 1e-5, (name, err)
-        # QuantLinear's forward goes through the same dispatch (rotation and bias around the kernel)
-        from lowbit.models.quant_linear import QuantLinear
-        from lowbit.rotations.incoherence import Rotation
-        fmt = get_format("int4_g32_sym")
-        rot = Rotation.for_layer("layer", 0)
-        w = torch.randn(64, 96, generator=g)
-        q = QuantLinear.from_quantized(fmt.quantize(rot.rotate_weight(w)), torch.randn(64, generator=g), rot)
-        x = torch.randn(5, 96, generator=g)
-        ref = torch.nn.functional.linear(x.double(), q.dequantize().double(), q.bias.double())
-        assert ((q(x).double() - ref).norm() / ref.norm()).item() < 1e-5
-        print("ok")
-    """)
+# (format, [out, in], batch rows): M <= 8 runs the GEMV kernels, larger M the tl.dot kernel (E8P: the reference).
+# Covers: 4-bit words with groups smaller than / equal to / spanning the tile, a ragged last group (576 = 4 x 128 +
+# 64), per-channel scales, K not a multiple of the tile, 2-bit int16 words, 8-bit, affine and non-affine level
+# sets, straddling widths (3, 5 bits), a group that is not a power of two, a 4-bit row that is not whole words.
+GEMV_CASES = [("int4_g32_sym", (12, 128), 1), ("q4_1", (10, 96), 3), ("int4_g128_asym", (6, 576), 2),
+              ("int4_ch_sym", (9, 200), 1), ("int2_g64_sym", (12, 200), 1), ("int2_g32_asym", (6, 104), 8),
+              ("nz2_ch", (9, 96), 8), ("pm12_g32", (5, 160), 5), ("std2m_g64", (8, 128), 1),
+              ("int8_g32_sym", (8, 64), 1), ("int3_g64_sym", (6, 200), 3), ("int5_g32_asym", (5, 96), 4),
+              ("int4_g24_sym", (5, 96), 2), ("int4_g32_sym", (5, 36), 1)]
+GEMM_CASES = [("int4_g32_sym", (40, 128), 33), ("int3_g64_sym", (24, 200), 20), ("q4_1", (20, 96), 9)]
+E8P_CASES = [("e8p_ch", (8, 96), 1), ("e8p_g32", (6, 160), 3), ("e8p_g24", (5, 96), 8), ("e8p_g128", (5, 576), 2),
+             ("e8p_ch", (6, 64), 33)]
+# a second GEMV tiling (two row groups, unrolled K loop) on the word-path cases
+ALT_CONFIG = {"BLOCK_N": 2, "BLOCK_W": 8, "UNROLL": 2, "ROW_GROUPS": 2}
+ALT_CASES = [("int4_g32_sym", (12, 128), 1), ("int4_g128_asym", (6, 576), 1), ("int2_g64_sym", (12, 200), 1),
+             ("nz2_ch", (9, 96), 4), ("int8_g32_sym", (8, 64), 1)]
+ALL_CASES = [("default", c) for c in GEMV_CASES + GEMM_CASES + E8P_CASES] + [("alt", c) for c in ALT_CASES]
+
+_INTERPRETER_SCRIPT = r"""
+import json, sys, time
+import torch
+from lowbit.formats import get_format
+from lowbit.kernels import triton_gemv
+from lowbit.kernels.dispatch import dequant_matmul
+cases = json.loads(sys.argv[1])
+alt = json.loads(sys.argv[2])
+default = dict(triton_gemv.INTERPRET_CONFIG)
+g = torch.Generator().manual_seed(3)
+out = {}
+for tag, (name, shape, m) in cases:
+    triton_gemv.INTERPRET_CONFIG = alt if tag == "alt" else default
+    fmt = get_format(name)
+    qt = fmt.quantize(torch.randn(*shape, generator=g))  # fresh random weights and inputs per case
+    x = torch.randn(m, shape[1], generator=g)
+    y = dequant_matmul(x, fmt, qt)
+    ref = x.double() @ fmt.dequantize(qt).double().T
+    err = ((y.double() - ref).norm() / ref.norm()).item()
+    ok = tuple(y.shape) == tuple(ref.shape) and bool(torch.isfinite(y).all())
+    out[f"{tag}:{name}:{shape[0]}x{shape[1]}:{m}"] = err if ok else float("inf")
+# leading dims are flattened by the dispatch; QuantLinear's forward goes through it (rotation and bias around)
+fmt = get_format("int4_g32_sym")
+qt = fmt.quantize(torch.randn(16, 64, generator=g))
+x = torch.randn(2, 3, 64, generator=g)
+ref = x.double() @ fmt.dequantize(qt).double().T
+out["lead_dims"] = ((dequant_matmul(x, fmt, qt).double() - ref).norm() / ref.norm()).item()
+from lowbit.models.quant_linear import QuantLinear
+from lowbit.rotations.incoherence import Rotation
+rot = Rotation.for_layer("layer", 0)
+w = torch.randn(16, 64, generator=g)
+q = QuantLinear.from_quantized(fmt.quantize(rot.rotate_weight(w)), torch.randn(16, generator=g), rot)
+x = torch.randn(5, 64, generator=g)
+ref = torch.nn.functional.linear(x.double(), q.dequantize().double(), q.bias.double())
+out["quant_linear"] = ((q(x).double() - ref).norm() / ref.norm()).item()
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def interpreter_results():
+    """Runs every kernel case once under TRITON_INTERPRET=1 (a subprocess: the flag is read at import)."""
+    if not triton_available():
+        pytest.skip("triton not installed")
     env = dict(os.environ, TRITON_INTERPRET="1", LOWBIT_KERNELS="triton")
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+    out = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT, json.dumps(ALL_CASES), json.dumps(ALT_CONFIG)],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or not triton_available(), reason="needs a CUDA GPU and triton")
-@pytest.mark.parametrize("name,shape,m", CASES)
+@pytest.mark.parametrize("tag,case", ALL_CASES, ids=[f"{t}-{c[0]}-{c[1][0]}x{c[1][1]}-m{c[2]}" for t, c in ALL_CASES])
+def test_triton_kernels_in_interpreter_match_reference(interpreter_results, tag, case):
+    name, shape, m = case
+    assert interpreter_results[f"{tag}:{name}:{shape[0]}x{shape[1]}:{m}"] < 1e-5
+
+
+def test_dispatch_in_interpreter_flattens_and_serves_quant_linear(interpreter_results):
+    assert interpreter_results["lead_dims"] < 1e-5
+    assert interpreter_results["quant_linear"] < 1e-5
+
+
+def test_decode_plan_modes():
+    from lowbit.kernels.dispatch import decode_plan
+    from lowbit.kernels.triton_gemv import AFFINE, TABLE4
+
+    for name, mode, a, b in [("int4_g32_sym", AFFINE, 1.0, -8.0), ("q4_1", AFFINE, 1.0, 0.0),
+                             ("nz2_ch", AFFINE, 1.0, -1.5), ("std2_g32", AFFINE, 1.0, -2.0)]:
+        _, plan = decode_plan(get_format(name), torch.device("cpu"))
+        assert plan[:3] == (mode, a, b), name
+    _, plan = decode_plan(get_format("pm12_g32"), torch.device("cpu"))
+    assert plan[0] == TABLE4 and plan[3] == (-2.0, -1.0, 1.0, 2.0)
+
+
+def test_kernel_mode_setter():
+    from lowbit.kernels import dispatch
+
+    before = dispatch.kernel_mode()
+    try:
+        dispatch.set_kernel_mode("reference")
+        fmt, qt, x = _problem("int4_g32_sym", (16, 64), 2, seed=5)
+        assert torch.equal(dequant_matmul(x, fmt, qt), dequant_matmul_reference(x, fmt, qt))
+        with pytest.raises(ValueError):
+            dispatch.set_kernel_mode("fast")
+    finally:
+        dispatch.set_kernel_mode(before)
+
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() or not triton_available(),
+                               reason="needs a CUDA GPU and triton")
+
+
+@needs_gpu
+@pytest.mark.parametrize("name,shape,m", CASES + GEMV_CASES + GEMM_CASES + E8P_CASES)
 def test_triton_kernel_on_gpu(name, shape, m):
     fmt, qt, x = _problem(name, shape, m, seed=4)
+    qt, x = qt.to("cuda"), x.to("cuda", torch.float16)
+    y = dequant_matmul(x, fmt, qt)
+    ref = x.double() @ fmt.dequantize(qt).double().T
+    assert y.shape == ref.shape and ((y.double() - ref).norm() / ref.norm()) < 1e-2
+
+
+@needs_gpu
+@pytest.mark.parametrize("name", ["int4_g128_sym", "q4_0", "q4_1", "int2_g64_sym", "nz2_ch", "int3_g128_sym",
+                                  "e8p_ch"])
+@pytest.mark.parametrize("m", [1, 3, 8, 64])
+def test_triton_kernel_on_gpu_model_shapes(name, m):
+    fmt, qt, x = _problem(name, (1024, 4096), m, seed=6)
     qt, x = qt.to("cuda"), x.to("cuda", torch.float16)
     y = dequant_matmul(x, fmt, qt)
     ref = x.double() @ fmt.dequantize(qt).double().T

@@ -1,6 +1,16 @@
 """Pick the kernel for a packed weight: Triton where it runs (CUDA, or the Triton interpreter when asked),
 the torch reference everywhere else. ``LOWBIT_KERNELS=reference`` forces the reference; ``=triton`` forces the
-Triton path (on CPU that needs ``TRITON_INTERPRET=1``, which is how the CPU tests check the kernel)."""
+Triton path (on CPU that needs ``TRITON_INTERPRET=1``, which is how the CPU tests check the kernels).
+
+The variable is read once at import; :func:`set_kernel_mode` changes it at run time (tests). Per call the
+dispatch does a dict lookup for the format's cached decode plan (LUT on the device, decode mode) and picks:
+
+* scalar formats (uniform 2..8 bits, level sets): M <= 8 rows -> :mod:`triton_gemv` (bandwidth-bound GEMV),
+  more rows -> :mod:`triton_uniform` (dequantize tiles + ``tl.dot``);
+* E8P (``e8p_*``): M <= 8 -> :mod:`triton_e8p` GEMV (codebook gathered from an L2-resident fp16 table), more
+  rows -> the reference (dequantize, then cuBLAS);
+* anything else: the reference.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +19,23 @@ from functools import cache
 
 import torch
 
-from lowbit.formats import Format, QuantizedTensor, UniformFormat
+from lowbit.formats import E8PFormat, Format, QuantizedTensor, UniformFormat
 from lowbit.kernels.reference import dequant_matmul_reference
+
+_MODES = ("auto", "reference", "triton")
+_mode = os.environ.get("LOWBIT_KERNELS", "auto")
+
+
+def set_kernel_mode(mode: str) -> None:
+    """'auto' (Triton on CUDA), 'reference' (always torch) or 'triton' (always Triton; CPU needs the interpreter)."""
+    global _mode
+    if mode not in _MODES:
+        raise ValueError(f"kernel mode must be one of {_MODES}, got {mode!r}")
+    _mode = mode
+
+
+def kernel_mode() -> str:
+    return _mode
 
 
 @cache
@@ -23,13 +48,13 @@ def triton_available() -> bool:
 
 
 def _use_triton(x: torch.Tensor, fmt: Format) -> bool:
-    mode = os.environ.get("LOWBIT_KERNELS", "auto")
-    if mode == "reference" or not isinstance(fmt, UniformFormat) or not triton_available():
+    if _mode == "reference" or not isinstance(fmt, UniformFormat | E8PFormat) or not triton_available():
         return False
-    return mode == "triton" or x.is_cuda
+    return _mode == "triton" or x.is_cuda
 
 
 _LUTS: dict[tuple, torch.Tensor] = {}
+_PLANS: dict[tuple, tuple] = {}
 
 
 def decode_lut(fmt: UniformFormat, device: torch.device) -> torch.Tensor:
@@ -42,15 +67,53 @@ def decode_lut(fmt: UniformFormat, device: torch.device) -> torch.Tensor:
     return _LUTS[key]
 
 
+def decode_plan(fmt: UniformFormat, device: torch.device) -> tuple[torch.Tensor, tuple]:
+    """(lut on ``device``, (mode, a, b, levels)) for the GEMV kernel: affine lut[c] = a c + b when exact, else the
+    4 levels of a 2-bit set, else a gather from the lut."""
+    from lowbit.kernels.triton_gemv import AFFINE, GATHER, TABLE4
+
+    key = (fmt.name, str(device))
+    if key not in _PLANS:
+        lut = decode_lut(fmt, torch.device("cpu"))
+        a, b = float(lut[1] - lut[0]), float(lut[0])
+        affine = torch.arange(len(lut), dtype=torch.float32) * a + b
+        levels = (0.0, 0.0, 0.0, 0.0)
+        if torch.equal(affine, lut):
+            mode = AFFINE
+        elif fmt.bits == 2:
+            mode, levels = TABLE4, tuple(float(v) for v in lut)
+        else:
+            mode = GATHER
+        _PLANS[key] = (decode_lut(fmt, device), (mode, a, b, levels))
+    return _PLANS[key]
+
+
 def dequant_matmul(x: torch.Tensor, fmt: Format, qt: QuantizedTensor) -> torch.Tensor:
     """y = x W^T for a packed weight; x [..., in] -> [..., out]."""
     if not _use_triton(x, fmt):
         return dequant_matmul_reference(x, fmt, qt)
-    from lowbit.kernels.triton_uniform import dequant_matmul as kernel
-
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    n_out, n_in = qt.shape
+    if isinstance(fmt, E8PFormat):
+        from lowbit.kernels import triton_e8p
+
+        if m > triton_e8p.MAX_M:
+            return dequant_matmul_reference(x, fmt, qt)
+        y = triton_e8p.gemv(x2, qt.data["codes"], qt.data["scale"], fmt.group_cols(n_in), n_in)
+        return y.reshape(*lead, n_out)
+    lut, decode = decode_plan(fmt, x.device)
     mins = qt.data.get("min")
-    y = kernel(x2, qt.data["codes"], qt.data["scale"], mins, decode_lut(fmt, x.device), fmt.bits,
-               fmt.group_cols(qt.shape[1]), qt.shape[1])
-    return y.reshape(*lead, qt.shape[0])
+    group = fmt.group_cols(n_in)
+    if m <= 8:
+        from lowbit.kernels.triton_gemv import gemv
+
+        y = gemv(x2, qt.data["codes"], qt.data["scale"], mins, lut, decode, fmt.bits, group, n_in)
+    else:
+        from lowbit.kernels.triton_uniform import dequant_matmul as gemm
+
+        y = gemm(x2, qt.data["codes"], qt.data["scale"], mins, lut, fmt.bits, group, n_in)
+    return y.reshape(*lead, n_out)

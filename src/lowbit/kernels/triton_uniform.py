@@ -4,22 +4,28 @@ Covers every scalar format whose weight is ``lut[code] * scale (+ min)`` with de
 (formats/bitpack.py): uniform sym (lut = code - 2^(b-1)), asym (lut = code, plus min) and the 2-bit level sets
 (lut = levels), any width 2..8, any group size including a shorter last group. W is never materialized: each
 program dequantizes a [BLOCK_K, BLOCK_N] tile in registers and feeds tl.dot, so one kernel serves decode
-(M = 1..8, padded to BLOCK_M = 16, memory-bound) and prefill (large M).
+(M = 1..8, padded to BLOCK_M = 16, memory-bound) and prefill (large M); the dispatch sends M <= 8 to the
+dedicated GEMV (triton_gemv.py) and uses this kernel for larger batches, autotuned over a few tile shapes (keyed
+on N, K, the format constants and a power-of-two bucket of M, so a new prompt length does not retune).
 
 A code may straddle two bytes (3, 5, 6, 7 bits), so two bytes are read and combined; for 2/4/8 bits the second
-read is redundant but cached. Tuning (vectorized unpacking, split-K for small M) belongs to the GPU benchmark.
+read is redundant but cached.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 import triton.language as tl
 
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
 
 @triton.jit
 def _dequant_matmul_kernel(x_ptr, codes_ptr, scale_ptr, min_ptr, lut_ptr, y_ptr,
-                           M, N, K, row_bytes, n_groups, group, stride_xm, stride_ym,
+                           M, N, K, row_bytes, n_groups, group, stride_xm, stride_ym, m_bucket,
                            BITS: tl.constexpr, HAS_MIN: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -53,6 +59,35 @@ def _dequant_matmul_kernel(x_ptr, codes_ptr, scale_ptr, min_ptr, lut_ptr, y_ptr,
              mask=m_mask[:, None] & n_mask[None, :])
 
 
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+_CONFIGS = [(16, 64, 64, 4, 3), (16, 128, 64, 4, 3), (64, 64, 64, 4, 3), (64, 128, 64, 4, 3), (128, 128, 64, 8, 3),
+            (128, 128, 64, 8, 4), (128, 64, 64, 4, 4)]
+
+
+def _prune(configs, nargs, **kwargs):  # noqa: ANN001 - triton's prune hook
+    bm_max = 16 if nargs["M"] <= 16 else 64 if nargs["M"] <= 64 else 128
+    bm_min = 16 if nargs["M"] <= 64 else 64
+    return [c for c in configs if bm_min <= c.kwargs["BLOCK_M"] <= bm_max] or configs[:1]
+
+
+def _bench(fn, quantiles=None):  # noqa: ANN001
+    return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
+
+
+def _autotuned():
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+               for bm, bn, bk, w, st in _CONFIGS]
+    key = ["N", "K", "m_bucket", "BITS", "HAS_MIN"]
+    prune = {"early_config_prune": _prune}
+    try:
+        return triton.autotune(configs, key=key, prune_configs_by=prune, do_bench=_bench)(_dequant_matmul_kernel)
+    except TypeError:  # older triton without do_bench=
+        return triton.autotune(configs, key=key, prune_configs_by=prune)(_dequant_matmul_kernel)
+
+
+_tuned = None if INTERPRET else _autotuned()
+
+
 def dequant_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor | None,
                    lut: torch.Tensor, bits: int, group: int, n_cols: int) -> torch.Tensor:
     """x [M, K] (contiguous rows) @ W^T, W [N, K] given as packed codes [N, row_bytes] + scale/min [N, groups]."""
@@ -61,11 +96,15 @@ def dequant_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, mi
     if K != n_cols:
         raise ValueError(f"input has {K} features, weight has {n_cols}")
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    block_m = 16 if M <= 16 else 64
-    block_n, block_k = 64, 64
-    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
-    _dequant_matmul_kernel[grid](
-        x, codes, scale, mins if mins is not None else scale, lut, y,
-        M, N, K, codes.shape[1], scale.shape[1], group, x.stride(0), y.stride(0),
-        BITS=bits, HAS_MIN=mins is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    m_bucket = min(1 << max(M - 1, 0).bit_length(), 4096)
+    args = (x, codes, scale, mins if mins is not None else scale, lut, y,
+            M, N, K, codes.shape[1], scale.shape[1], group, x.stride(0), y.stride(0), m_bucket)
+    if _tuned is None:  # interpreter: one config
+        block_m = 16 if M <= 16 else 64
+        grid = (triton.cdiv(M, block_m), triton.cdiv(N, 64))
+        _dequant_matmul_kernel[grid](*args, BITS=bits, HAS_MIN=mins is not None, BLOCK_M=block_m, BLOCK_N=64,
+                                     BLOCK_K=64)
+    else:
+        _tuned[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))](
+            *args, BITS=bits, HAS_MIN=mins is not None)
     return y

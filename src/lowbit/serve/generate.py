@@ -228,10 +228,15 @@ class TextStream:
     ``finish_reason`` is "stop" (EOS or a stop string), "length" (max_new_tokens or the context is full) or
     "cancelled" (``should_stop`` returned True). ``should_stop`` is polled before every forward pass, from the
     thread that iterates, so another thread can cancel by setting an Event.
+
+    ``decoder`` (a :class:`lowbit.serve.fast_decode.StaticDecoder` of ``model``, batch 1): decode with its static
+    cache (and CUDA graph) instead of the dynamic-cache loop; its ``max_cache_len`` must cover the prompt and
+    ``max_new_tokens`` (the number of new tokens is capped to fit, finishing with "length").
     """
 
     def __init__(self, model: nn.Module, tokenizer: object, prompt_ids: Sequence[int], params: SamplingParams,
-                 should_stop: Callable[[], bool] | None = None, extra_stop: Sequence[str] = ()):
+                 should_stop: Callable[[], bool] | None = None, extra_stop: Sequence[str] = (),
+                 decoder: object | None = None):
         limit = context_length(model)
         if not prompt_ids:
             raise LowbitError("the prompt has no tokens")
@@ -242,6 +247,14 @@ class TextStream:
         self.prompt_ids = list(prompt_ids)
         # Never run past the positions the model was trained for: finish with "length" there.
         self.max_new_tokens = min(params.max_new_tokens, limit - len(prompt_ids)) if limit else params.max_new_tokens
+        self.decoder = decoder
+        if decoder is not None:
+            if decoder.model is not model or decoder.batch_size != 1:
+                raise LowbitError("the decoder must be a batch-1 StaticDecoder of this model")
+            if len(prompt_ids) > decoder.max_cache_len:
+                raise PromptTooLongError(f"the prompt has {len(prompt_ids)} tokens but the decoder's static cache "
+                                         f"holds {decoder.max_cache_len}")
+            self.max_new_tokens = min(self.max_new_tokens, decoder.max_cache_len - len(prompt_ids) + 1)
         self.should_stop = should_stop or (lambda: False)
         self.stops = tuple(dict.fromkeys((*params.stop, *extra_stop)))
         self.token_ids: list[int] = []
@@ -277,7 +290,9 @@ class TextStream:
         decoder, stopper = IncrementalDecoder(self.tokenizer), StopMatcher(self.stops)
         rng = self._generator(device)
         ids = torch.tensor([self.prompt_ids], device=device)
-        past = None
+        past, token = None, None  # token: the last one sampled (the static decoder's next input)
+        if self.decoder is not None:
+            self.decoder.reset()
         self.t_start = time.perf_counter()
         reason = "length"
         with torch.inference_mode():
@@ -285,9 +300,13 @@ class TextStream:
                 if self.should_stop():
                     reason = "cancelled"
                     break
-                out = model(input_ids=ids, past_key_values=past, use_cache=True, **_forward_kwargs(model))
-                past = out.past_key_values
-                token = sample_next(out.logits[0, -1].float(), self.params, rng)
+                if self.decoder is not None:  # static cache (+ CUDA graph): prefill, then one step per token
+                    logits = self.decoder.prefill(ids) if self.steps == 0 else self.decoder.step(token)
+                    token = sample_next(logits[0], self.params, rng)
+                else:
+                    out = model(input_ids=ids, past_key_values=past, use_cache=True, **_forward_kwargs(model))
+                    past = out.past_key_values
+                    token = sample_next(out.logits[0, -1].float(), self.params, rng)
                 self.steps += 1
                 self.t_last = time.perf_counter()
                 self.t_first = self.t_first or self.t_last

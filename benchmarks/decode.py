@@ -1,0 +1,378 @@
+"""End-to-end decode speed (TG-128) of a Llama-2-7B-shaped model, fp16 vs packed low-bit decoder linears.
+
+    PYTHONPATH=src python benchmarks/decode.py                                  # 7B shape on CUDA, ~2-4 min
+    PYTHONPATH=src python benchmarks/decode.py --layers 4 --formats fp16,q4_0   # quick look
+    PYTHONPATH=src python benchmarks/decode.py --device cpu --layers 2 --hidden 256 --intermediate 512 \\
+        --heads 4 --vocab 1000 --prompt 8 --gen 8 --repeats 1 --out /tmp/decode-cpu.json   # CPU smoke test
+
+The model is built directly on the device with random weights (no checkpoint, no CPU init). Each variant replaces
+every decoder linear by a QuantLinear holding random-but-valid packed weights (``--init random``: random codes,
+scales sized for weights of std ~0.02; ``--init rtn``: RTN of the fp16 weights, slow for searched formats such as
+nz2_ch); embeddings and LM head stay fp16. For each variant: batch 1, a ``--prompt``-token prompt (eager
+prefill into a static KV cache), then ``--gen`` greedy decode steps timed with the fast path
+(lowbit.serve.fast_decode.StaticDecoder: CUDA-graph replay per token, no host sync until the end); the median of
+``--repeats`` runs gives tokens/s. The same steps run eagerly (``--eager-repeats``) for the launch-bound
+baseline, and the first ``--check-tokens`` tokens are compared with the plain dynamic-cache loop that
+``lowbit generate`` uses.
+
+Roofline: bytes a decode step must read = decoder-linear weights as stored (codes + scales [+ mins]) + LM head +
+one embedding row + norms + the KV cache at the mean context of the timed steps; divided by the measured
+device-to-device copy bandwidth (read + write counted) that gives the tokens/s limit. Prints a markdown table and
+writes benchmarks/results/decode-<tag>.json (or ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import math
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lowbit.formats import QuantizedTensor, get_format
+from lowbit.models.quant_linear import QuantLinear
+from lowbit.models.walker import decoder_linears, empty_quant_linear, set_module
+from lowbit.serve.fast_decode import StaticDecoder
+
+FORMATS = "fp16,int4_g128_sym,q4_0,int2_g64_sym,nz2_ch"
+
+
+def log(msg: str) -> None:
+    print(f"[decode {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----- model ---------------------------------------------------------------------------------------------------
+def build_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """A random Llama built on ``device`` in ``dtype`` (nothing materialized on the CPU first)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                      num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                      num_key_value_heads=args.kv_heads or args.heads,
+                      max_position_embeddings=max(4096, args.prompt + args.gen + 1), tie_word_embeddings=False)
+    cfg._attn_implementation = "sdpa"
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(old)
+    g = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():  # our own init: whatever transformers did (or skipped), weights are finite and sane
+        for m in model.modules():
+            if isinstance(m, nn.Linear | nn.Embedding):
+                m.weight.normal_(0.0, 0.02, generator=g)
+            elif hasattr(m, "weight") and isinstance(m.weight, torch.Tensor) and m.weight.dim() == 1:
+                m.weight.fill_(1.0)  # RMSNorm
+    return model.eval().requires_grad_(False)
+
+
+def _unit_stats(fmt_name: str, in_features: int, device: torch.device) -> tuple[float, float]:
+    """Mean and std of weights decoded from random codes at unit scale (zero min): sizes the random scales."""
+    fmt = get_format(fmt_name)
+    data = {}
+    for key, (shape, dt) in fmt.storage_spec((8, in_features)).items():
+        if dt.is_floating_point:
+            data[key] = torch.full(shape, 0.0 if key == "min" else 1.0, dtype=dt, device=device)
+        else:
+            data[key] = _random_ints(shape, dt, device)
+    w = fmt.dequantize(QuantizedTensor(fmt.name, (8, in_features), data)).float()
+    return float(w.mean()), float(w.std().clamp_min(1e-6))
+
+
+def _random_ints(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    info = torch.iinfo(dtype)
+    lo, hi = (info.min, info.max + 1) if info.bits < 64 else (-(1 << 31), 1 << 31)
+    return torch.randint(lo, hi, shape, dtype=dtype, device=device)
+
+
+def quantize_model(model: nn.Module, fmt_name: str, init: str) -> dict[str, nn.Module]:
+    """Swap every decoder linear for a QuantLinear in ``fmt_name``; returns the originals (name -> module)."""
+    originals = decoder_linears(model)
+    stats: dict[int, tuple[float, float]] = {}
+    for name, lin in originals.items():
+        q = empty_quant_linear(lin, fmt_name)
+        if init == "rtn":
+            qt = get_format(fmt_name).quantize(lin.weight.float())
+            for key in q._keys:
+                getattr(q, key).copy_(qt.data[key])
+        else:
+            dev = lin.weight.device
+            if q.in_features not in stats:
+                stats[q.in_features] = _unit_stats(fmt_name, q.in_features, dev)
+            mean, std = stats[q.in_features]
+            s0 = 0.02 / std
+            for key in q._keys:
+                buf = getattr(q, key)
+                if buf.dtype.is_floating_point:
+                    if key == "min":
+                        buf.fill_(-mean * s0)
+                    else:
+                        buf.uniform_(0.75 * s0, 1.25 * s0)
+                else:
+                    buf.copy_(_random_ints(tuple(buf.shape), buf.dtype, dev))
+        if lin.bias is not None:
+            q.bias.data.copy_(lin.bias.data.float())
+        set_module(model, name, q)
+    return originals
+
+
+def restore_model(model: nn.Module, originals: dict[str, nn.Module]) -> None:
+    for name, lin in originals.items():
+        set_module(model, name, lin)
+
+
+# ----- bytes and bandwidth -------------------------------------------------------------------------------------
+def linear_bytes(model: nn.Module) -> int:
+    total = 0
+    for m in decoder_linears(model).values():
+        if isinstance(m, QuantLinear):
+            total += sum(getattr(m, k).nbytes for k in m._keys)
+        else:
+            total += m.weight.nbytes
+        if getattr(m, "bias", None) is not None:
+            total += m.bias.nbytes
+    return total
+
+
+def step_bytes(model: nn.Module, mean_context: float) -> dict[str, float]:
+    """Bytes one decode step must read (at least), by part."""
+    cfg = model.config
+    emb = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    norms = sum(p.nbytes for n, p in model.named_parameters() if p.dim() == 1 and "norm" in n)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv_per_pos = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * emb.element_size()
+    parts = {"linears": float(linear_bytes(model)), "lm_head": float(head.nbytes),
+             "embed_row": float(emb.shape[1] * emb.element_size()), "norms": float(norms),
+             "kv_cache": kv_per_pos * mean_context}
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def copy_bandwidth(device: torch.device, nbytes: int) -> float:
+    """Bytes/s of a large device-to-device copy, read + write counted (median of 20)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 255)
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(25):
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            dst.copy_(src)
+            b.record()
+            b.synchronize()
+            t = a.elapsed_time(b) * 1e-3
+        else:
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            t = time.perf_counter() - t0
+        if i >= 5:
+            times.append(t)
+    del src, dst
+    return 2 * nbytes / statistics.median(times)
+
+
+# ----- timing --------------------------------------------------------------------------------------------------
+def time_decode(dec: StaticDecoder, prompt: torch.Tensor, gen: int, repeats: int) -> dict:
+    """Median tokens/s of ``gen`` greedy steps after an eager prefill (one untimed warm-up run first)."""
+    dev = dec.device
+    tps, prefill_ms, tokens = [], [], None
+    for r in range(repeats + 1):
+        dec.reset()
+        sync(dev)
+        t0 = time.perf_counter()
+        dec.prefill(prompt)
+        sync(dev)
+        t1 = time.perf_counter()
+        dec.run_steps(gen)
+        sync(dev)
+        t2 = time.perf_counter()
+        if r == 0:  # warm-up: kernel compilation, graph capture
+            tokens = dec.tokens()[0].tolist()
+            continue
+        tps.append(gen / (t2 - t1))
+        prefill_ms.append((t1 - t0) * 1e3)
+    return {"tok_s": statistics.median(tps), "tok_s_runs": tps, "prefill_ms": statistics.median(prefill_ms),
+            "tokens": tokens}
+
+
+def reference_tokens(model: nn.Module, prompt: torch.Tensor, n: int) -> list[int]:
+    """Greedy tokens of the plain dynamic-cache loop (as lowbit.serve.generate.TextStream runs it)."""
+    ids, past, out = prompt, None, []
+    with torch.inference_mode():
+        for _ in range(n):
+            o = model(input_ids=ids, past_key_values=past, use_cache=True, logits_to_keep=1)
+            past = o.past_key_values
+            t = int(torch.argmax(o.logits[0, -1].float()))
+            out.append(t)
+            ids = torch.tensor([[t]], device=prompt.device)
+    return out
+
+
+def run_variant(model: nn.Module, variant: str, args: argparse.Namespace, prompt: torch.Tensor,
+                bw: float) -> dict:
+    dev = prompt.device
+    t0 = time.perf_counter()
+    originals = None if variant == "fp16" else quantize_model(model, variant, args.init)
+    sync(dev)
+    log(f"{variant}: weights ready in {time.perf_counter() - t0:.1f}s")
+    try:
+        n_weights = sum(m.in_features * m.out_features for m in decoder_linears(model).values())
+        mean_ctx = args.prompt + (args.gen + 1) / 2  # keys attended per step, averaged over the timed steps
+        parts = step_bytes(model, mean_ctx)
+        row: dict = {"variant": variant, "bpw": 8 * parts["linears"] / n_weights, "bytes": parts,
+                     "roofline_tok_s": bw / parts["total"]}
+        dec = StaticDecoder(model, max_cache_len=args.prompt + args.gen, cuda_graph=args.graph)
+        t0 = time.perf_counter()
+        fast = time_decode(dec, prompt, args.gen, args.repeats)
+        row |= {"tok_s": fast["tok_s"], "tok_s_runs": fast["tok_s_runs"], "prefill_ms": fast["prefill_ms"],
+                "cuda_graph": dec.graph_captured, "graph_error": dec.graph_error,
+                "frac_roofline": fast["tok_s"] / row["roofline_tok_s"]}
+        log(f"{variant}: fast path {fast['tok_s']:.1f} tok/s (graph={dec.graph_captured}) "
+            f"in {time.perf_counter() - t0:.1f}s")
+        if dec.graph_error:
+            log(f"{variant}: graph capture failed: {dec.graph_error}")
+        del dec
+        if args.eager_repeats > 0:
+            dec = StaticDecoder(model, max_cache_len=args.prompt + args.gen, cuda_graph=False)
+            eager = time_decode(dec, prompt, args.gen, args.eager_repeats)
+            row |= {"eager_tok_s": eager["tok_s"], "graph_vs_eager": fast["tok_s"] / eager["tok_s"],
+                    "eager_tokens_match": eager["tokens"] == fast["tokens"]}
+            log(f"{variant}: eager static-cache path {eager['tok_s']:.1f} tok/s; "
+                f"same tokens as the fast path: {row['eager_tokens_match']}")
+            del dec
+        if args.check_tokens > 0:
+            ref = reference_tokens(model, prompt, args.check_tokens)
+            k = next((i for i, (a, b) in enumerate(zip(ref, fast["tokens"], strict=False)) if a != b), len(ref))
+            row["reference_agree"] = f"{k}/{len(ref)}"
+            log(f"{variant}: first {k}/{len(ref)} tokens agree with the dynamic-cache loop")
+        return row
+    finally:
+        if originals is not None:
+            restore_model(model, originals)
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def default_tag(device: torch.device) -> str:
+    if device.type != "cuda":
+        return device.type
+    name = torch.cuda.get_device_name(device)
+    m = re.search(r"\b([AHBL]\d{2,3}|RTX\s?\d{4})\b", name)
+    return (m.group(1) if m else name).lower().replace(" ", "")
+
+
+def markdown(rows: list[dict]) -> str:
+    fp16 = next((r["tok_s"] for r in rows if r["variant"] == "fp16"), None)
+    lines = ["| variant | bpw (linears) | MB read/token | roofline tok/s | tok/s | % of roofline | eager tok/s | "
+             "graph/eager | vs fp16 | prefill ms |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        eager = f"{r['eager_tok_s']:.1f}" if "eager_tok_s" in r else "-"
+        ge = f"{r['graph_vs_eager']:.2f}x" if "graph_vs_eager" in r else "-"
+        vs = f"{r['tok_s'] / fp16:.2f}x" if fp16 else "-"
+        mark = "" if r["cuda_graph"] else " (eager)"
+        mb = r["bytes"]["total"] / 1e6
+        lines.append(f"| {r['variant']} | {r['bpw']:.3f} | {mb:.{0 if mb >= 10 else 2}f} | "
+                     f"{r['roofline_tok_s']:.1f} | {r['tok_s']:.1f}{mark} | {100 * r['frac_roofline']:.0f}% | "
+                     f"{eager} | {ge} | {vs} | {r['prefill_ms']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--formats", default=FORMATS, help="comma-separated: fp16 and/or lowbit format names")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default=None, help="float16 (default on CUDA), bfloat16 or float32 (default on CPU)")
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--hidden", type=int, default=4096)
+    ap.add_argument("--intermediate", type=int, default=11008)
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=0, help="default: --heads (Llama-2-7B has no GQA)")
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--prompt", type=int, default=16, help="prompt tokens (prefill)")
+    ap.add_argument("--gen", type=int, default=128, help="timed decode steps (TG-128)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--eager-repeats", type=int, default=1, help="0 skips the eager comparison")
+    ap.add_argument("--check-tokens", type=int, default=16, help="compare with the dynamic-cache loop (0: skip)")
+    ap.add_argument("--init", choices=("random", "rtn"), default="random")
+    ap.add_argument("--graph", default="auto", choices=("auto", "on", "off"),
+                    help="CUDA graphs: auto (fall back to eager if capture fails), on (fail instead), off")
+    ap.add_argument("--bw-mb", type=int, default=0, help="copy size for the bandwidth test (default 1024 on GPU)")
+    ap.add_argument("--tag", default=None)
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/decode-<tag>.json)")
+    args = ap.parse_args(argv)
+    args.graph = {"auto": "auto", "on": True, "off": False}[args.graph]
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("CUDA is not available; use --device cpu (with a tiny --hidden/--layers) for a smoke test",
+              file=sys.stderr)
+        return 2
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
+    variants = [v.strip() for v in args.formats.split(",") if v.strip()]
+    for v in variants:
+        if v != "fp16":
+            get_format(v)  # fail early on a typo
+    t_start = time.perf_counter()
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    log(f"device {dev_name}; torch {torch.__version__}; dtype {dtype}")
+
+    bw = copy_bandwidth(device, (args.bw_mb or (1024 if device.type == "cuda" else 64)) << 20)
+    log(f"device copy bandwidth (read + write) {bw / 1e9:.1f} GB/s")
+
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    model = build_model(args, device, dtype)
+    sync(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"model: {args.layers} layers, hidden {args.hidden}, {n_params / 1e9:.2f}B params, built in "
+        f"{time.perf_counter() - t0:.1f}s")
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, args.vocab, (1, args.prompt), generator=g).to(device)
+
+    rows = []
+    for v in variants:
+        rows.append(run_variant(model, v, args, prompt, bw))
+    table = markdown(rows)
+    print(table, flush=True)
+
+    tag = args.tag or default_tag(device)
+    out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"decode-{tag}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    import transformers
+
+    meta = {"device": dev_name, "torch": torch.__version__, "transformers": transformers.__version__,
+            "dtype": str(dtype), "copy_bw": bw, "command": " ".join(["python", *sys.argv]) if argv is None else argv,
+            "config": {k: v for k, v in vars(args).items() if k not in ("out", "tag")},
+            "params": n_params, "seconds": time.perf_counter() - t_start}
+    with contextlib.suppress(Exception):
+        import triton
+
+        meta["triton"] = triton.__version__
+    out.write_text(json.dumps({"meta": meta, "rows": rows, "table": table}, indent=2, default=str))
+    log(f"wrote {out} ({time.perf_counter() - t_start:.0f}s total)")
+    return 0 if all(math.isfinite(r["tok_s"]) for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Triton GEMV for QuIP#'s E8P codebook format (``e8p_ch``, ``e8p_g{N}``): y = x W^T for M = 1..8.
+
+Each 16-bit code stands for 8 consecutive weights; the kernel gathers the code's 8 values (one 16-byte vector
+load) from the full codebook kept on the device as float16 [65536, 8] (1 MiB, exact: every value is a multiple
+of 1/4 below 3; it stays L2-resident across calls), multiplies by the row's (group's) fp16 scale and reduces
+against the activations in float32. Same structure as :mod:`triton_gemv`: each program owns BLOCK_N rows and
+walks K, one code per thread per step, elementwise accumulators reduced once at the end. Larger batches go
+through the reference (dequantize, then cuBLAS).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+MAX_M = 8
+
+
+@triton.jit
+def _e8p_gemv_kernel(x_ptr, codes_ptr, scale_ptr, table_ptr, y_ptr, M, N, K, n_codes, n_groups, group,
+                     stride_xm, stride_ym, GROUP_SHIFT: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, UNROLL: tl.constexpr):
+    BLOCK_K: tl.constexpr = BLOCK_W * 8
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    rows0 = tl.zeros((BLOCK_N,), dtype=tl.int32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+    offs_m = tl.arange(0, BLOCK_M)
+    for k0 in tl.range(0, K, BLOCK_K, loop_unroll_factor=UNROLL):
+        offs_c = k0 // 8 + tl.arange(0, BLOCK_W)
+        cmask = n_mask[:, None] & (offs_c < n_codes)[None, :]
+        code = tl.load(codes_ptr + offs_n[:, None] * n_codes + offs_c[None, :], mask=cmask, other=0,
+                       eviction_policy="evict_first").to(tl.int32) & 0xFFFF
+        if GROUP_SHIFT >= 0:
+            g = (offs_c * 8) >> GROUP_SHIFT
+        else:
+            g = (offs_c * 8) // group
+        s = tl.load(scale_ptr + offs_n[:, None] * n_groups + g[None, :], mask=cmask, other=0.0).to(tl.float32)
+        vals = tl.load(table_ptr + code[:, :, None] * 8 + tl.arange(0, 8)[None, None, :])  # [BN, BW, 8] fp16
+        w = tl.reshape(vals.to(tl.float32) * s[:, :, None], (BLOCK_N, BLOCK_K))
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + offs_m[:, None, None] * stride_xm + rows0[None, :, None] + offs_k[None, None, :],
+                    mask=(offs_m < M)[:, None, None] & (offs_k < K)[None, None, :], other=0.0,
+                    eviction_policy="evict_last").to(tl.float32)  # [BM, BN (equal), BK]
+        acc += w[None, :, :] * x
+    y = tl.sum(acc, axis=2)
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=(offs_m < M)[:, None] & n_mask[None, :])
+
+
+# (BLOCK_N, num_warps, UNROLL): BLOCK_W = 32 * num_warps / BLOCK_N codes per row per step (one per thread)
+_CONFIGS = [(2, 4, 4), (4, 4, 4), (8, 4, 4), (4, 8, 2)]
+
+
+def _bench(fn, quantiles=None):  # noqa: ANN001
+    return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
+
+
+def _autotuned():
+    configs = [triton.Config({"BLOCK_N": bn, "BLOCK_W": 32 * w // bn, "UNROLL": u}, num_warps=w)
+               for bn, w, u in _CONFIGS]
+    key = ["N", "K", "BLOCK_M", "GROUP_SHIFT"]
+    try:
+        return triton.autotune(configs, key=key, do_bench=_bench)(_e8p_gemv_kernel)
+    except TypeError:  # older triton without do_bench=
+        return triton.autotune(configs, key=key)(_e8p_gemv_kernel)
+
+
+_tuned = None if INTERPRET else _autotuned()
+INTERPRET_CONFIG = {"BLOCK_N": 4, "BLOCK_W": 4, "UNROLL": 1}
+_TABLES: dict[str, torch.Tensor] = {}
+
+
+def codebook_table(device: torch.device) -> torch.Tensor:
+    """The E8P codebook as float16 [65536, 8] on ``device`` (cached)."""
+    key = str(device)
+    if key not in _TABLES:
+        from lowbit.formats.e8p import codebook
+
+        _TABLES[key] = codebook().to(torch.float16).contiguous().to(device)
+    return _TABLES[key]
+
+
+def gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, group: int, n_cols: int) -> torch.Tensor:
+    """x [M <= 8, K] @ W^T for an E8P weight: codes int16 [N, K / 8], scale fp16 [N, groups]."""
+    M, K = x.shape
+    if K != n_cols:
+        raise ValueError(f"input has {K} features, weight has {n_cols}")
+    if M > MAX_M:
+        raise ValueError(f"gemv handles up to {MAX_M} rows, got {M}")
+    N = codes.shape[0]
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    shift = 30 if group >= K else group.bit_length() - 1 if group & (group - 1) == 0 else -1
+    block_m = 1 if M == 1 else 2 if M == 2 else 4 if M <= 4 else 8
+    args = (x, codes, scale, codebook_table(x.device), y, M, N, K, codes.shape[1], scale.shape[1], group,
+            x.stride(0), y.stride(0))
+    if _tuned is None:
+        cfg = INTERPRET_CONFIG
+        _e8p_gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](*args, GROUP_SHIFT=shift, BLOCK_M=block_m, **cfg)
+    else:
+        _tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, GROUP_SHIFT=shift, BLOCK_M=block_m)
+    return y

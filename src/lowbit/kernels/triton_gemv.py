@@ -1,0 +1,282 @@
+"""Triton GEMV for small batches (M = 1..8, decode): y = x W^T straight from packed scalar codes.
+
+Designed to be bandwidth-bound rather than to feed tensor cores: each program owns BLOCK_N output rows and walks
+all of K, reading a [BLOCK_N, BLOCK_K] tile of packed codes per step, decoding it in registers, multiplying with
+the (tiny, cache-resident) activations and reducing with ``tl.sum`` in float32. No ``tl.dot``, no padding of M.
+
+Code reads:
+
+* 2, 4, 8 bits with rows that are a whole number of 32-bit words (``WORDS``): the codes are read as int32 words
+  (16-byte vector loads per thread), 32 / bits codes per word never straddle, and are unpacked with constant
+  shifts; ``tl.interleave`` (join + reshape, register-only) puts them back in column order so that x is read as
+  one contiguous vector.
+* anything else (3, 5, 6, 7 bits, or odd row lengths): per column, the one or two bytes holding its code (the
+  general, slower path).
+
+Decoding: uniform grids (and affine 2-bit level sets such as nz2 = code - 1.5) never build the weight. The code is
+placed in the top mantissa bits of 1.0 (one shift + one LOP3), giving ``1 + c / 2^b`` exactly, and per scale
+group ``sum_k c_k x_k = 2^b (sum_k (1 + c_k / 2^b) x_k - sum_k x_k)``; the group's lut slope/offset, scale and
+min are applied once per (row, group), not per weight. Non-affine 2-bit level sets select among 4 levels;
+other tables gather from the LUT. Groups: one per row or a power of two >= the tile (scale per row per tile), a
+smaller power of two (the tile is viewed as [BLOCK_N, BLOCK_K / group, group]), or anything else (scale read per
+weight, slower).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# decode modes
+AFFINE = 0  # lut[c] = a * c + b
+TABLE4 = 1  # 2-bit: 4 arbitrary levels
+GATHER = 2  # lut[c] read from memory
+
+
+@triton.jit
+def _decode(c, lut_ptr, lut_a, lut_b, l0, l1, l2, l3, DECODE: tl.constexpr):
+    """Codes (int32, already masked) -> lut[code] as float32 (non-affine tables)."""
+    if DECODE == 1:
+        v = tl.where(c == 0, l0, tl.where(c == 1, l1, tl.where(c == 2, l2, l3)))
+    else:
+        v = tl.load(lut_ptr + c)
+    return v
+
+
+@triton.jit
+def _word_code(w, J: tl.constexpr, BITS: tl.constexpr, sa, sb, lut_ptr, lut_a, lut_b, l0, l1, l2, l3,
+               DECODE: tl.constexpr):
+    """Weight J of each packed word: lut[c] * scale (+ min) = (1 + c / 2^BITS) * sa + sb for affine luts."""
+    MASK: tl.constexpr = (1 << BITS) - 1
+    if DECODE == 0:
+        TOP: tl.constexpr = 23 - BITS  # code -> mantissa bits [23 - BITS, 23) of 1.0: exactly 1 + c / 2^BITS
+        if J * BITS >= TOP:
+            t = w >> (J * BITS - TOP)
+        else:
+            t = w << (TOP - J * BITS)
+        return ((t & (MASK << TOP)) | 0x3F800000).to(tl.float32, bitcast=True) * sa + sb
+    else:
+        return _decode((w >> (J * BITS)) & MASK, lut_ptr, lut_a, lut_b, l0, l1, l2, l3, DECODE) * sa + sb
+
+
+@triton.jit
+def _unpack_words(w, BASE: tl.constexpr, STEP: tl.constexpr, COUNT: tl.constexpr, BITS: tl.constexpr, sa, sb,
+                  lut_ptr, lut_a, lut_b, l0, l1, l2, l3, DECODE: tl.constexpr):
+    """Weights BASE, BASE + STEP, ... (COUNT of them) of each word, interleaved: [R, C] -> [R, C * COUNT]."""
+    if COUNT == 1:
+        return _word_code(w, BASE, BITS, sa, sb, lut_ptr, lut_a, lut_b, l0, l1, l2, l3, DECODE)
+    else:
+        even = _unpack_words(w, BASE, STEP * 2, COUNT // 2, BITS, sa, sb, lut_ptr, lut_a, lut_b, l0, l1, l2, l3,
+                             DECODE)
+        odd = _unpack_words(w, BASE + STEP, STEP * 2, COUNT // 2, BITS, sa, sb, lut_ptr, lut_a, lut_b,
+                            l0, l1, l2, l3, DECODE)
+        return tl.interleave(even, odd)
+
+
+@triton.jit
+def _words_tile(codes_ptr, scale_ptr, min_ptr, lut_ptr, offs_n, n_mask, k0, row_stride, n_groups, group,
+                lut_a, lut_b, l0, l1, l2, l3, BITS: tl.constexpr, DECODE: tl.constexpr, HAS_MIN: tl.constexpr,
+                BLOCK_W: tl.constexpr, PER: tl.constexpr, GROUP_SHIFT: tl.constexpr):
+    """Decoded weights [len(offs_n), BLOCK_W * PER] = lut[c] * scale (+ min) of one step of packed words."""
+    offs_w = k0 // PER + tl.arange(0, BLOCK_W)
+    wmask = n_mask[:, None] & (offs_w < row_stride)[None, :]
+    words = tl.load(codes_ptr + offs_n[:, None] * row_stride + offs_w[None, :], mask=wmask, other=0,
+                    eviction_policy="evict_first").to(tl.int32)
+    # a word's PER columns never cross a scale group (groups are multiples of 8 columns)
+    if GROUP_SHIFT >= 0:
+        g = (offs_w * PER) >> GROUP_SHIFT
+    else:
+        g = (offs_w * PER) // group
+    p_off = offs_n[:, None] * n_groups + g[None, :]
+    s = tl.load(scale_ptr + p_off, mask=wmask, other=0.0).to(tl.float32)
+    if DECODE == 0:  # lut[c] = a c + b with c = 2^b ((1 + c / 2^b) - 1)
+        sa = s * (lut_a * (1 << BITS))
+        sb = s * (lut_b - lut_a * (1 << BITS))
+    else:
+        sa = s
+        sb = tl.zeros_like(s)
+    if HAS_MIN:
+        sb += tl.load(min_ptr + p_off, mask=wmask, other=0.0).to(tl.float32)
+    return _unpack_words(words, 0, 1, PER, BITS, sa, sb, lut_ptr, lut_a, lut_b, l0, l1, l2, l3, DECODE)
+
+
+@triton.jit
+def _x_row(x_ptr, m: tl.constexpr, M, stride_xm, offs_k, k_mask, BLOCK_N: tl.constexpr):
+    """Activation row m as a [BLOCK_N, BLOCK_K] tensor (equal rows): loaded straight in the weights' layout, where
+    a [BLOCK_K] load would be converted (shared memory + barriers) on every step."""
+    rows0 = tl.zeros((BLOCK_N,), dtype=tl.int32)
+    return tl.load(x_ptr + m * stride_xm + rows0[:, None] + offs_k[None, :],
+                   mask=(rows0[:, None] + m < M) & k_mask[None, :], other=0.0,
+                   eviction_policy="evict_last").to(tl.float32)
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, codes_ptr, scale_ptr, min_ptr, lut_ptr, y_ptr,
+                 M, N, K, row_stride, n_groups, group, stride_xm, stride_ym,
+                 lut_a, lut_b, l0, l1, l2, l3,
+                 BITS: tl.constexpr, WORDS: tl.constexpr, DECODE: tl.constexpr, HAS_MIN: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, PER: tl.constexpr,
+                 UNROLL: tl.constexpr, GROUP_SHIFT: tl.constexpr, ROW_GROUPS: tl.constexpr):
+    """BLOCK_W packed words (PER codes each) per row per step; BLOCK_N * BLOCK_W = threads, one word each.
+    ROW_GROUPS = 2 (BLOCK_M = 1, words only): the program owns 2 * BLOCK_N rows, reusing each activation load."""
+    BLOCK_K: tl.constexpr = BLOCK_W * PER
+    pid = tl.program_id(0)
+    offs_n = pid * (BLOCK_N * ROW_GROUPS) + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    n_mask_b = (offs_n + BLOCK_N) < N
+    acc_b = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc0 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc4 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc5 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc6 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc7 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in tl.range(0, K, BLOCK_K, loop_unroll_factor=UNROLL):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        # ---- codes -> w [BLOCK_N, BLOCK_K] = lut[c] * scale (+ min)
+        if WORDS:
+            w = _words_tile(codes_ptr, scale_ptr, min_ptr, lut_ptr, offs_n, n_mask, k0, row_stride, n_groups, group,
+                            lut_a, lut_b, l0, l1, l2, l3, BITS, DECODE, HAS_MIN, BLOCK_W, PER, GROUP_SHIFT)
+            if ROW_GROUPS > 1:  # a second block of rows against the same activations (converted once)
+                w_b = _words_tile(codes_ptr, scale_ptr, min_ptr, lut_ptr, offs_n + BLOCK_N, n_mask_b, k0,
+                                  row_stride, n_groups, group, lut_a, lut_b, l0, l1, l2, l3, BITS, DECODE, HAS_MIN,
+                                  BLOCK_W, PER, GROUP_SHIFT)
+        else:  # codes may straddle bytes: one or two bytes per column
+            bit = offs_k * BITS
+            byte = bit // 8
+            row = codes_ptr + offs_n[:, None] * row_stride
+            wmask = n_mask[:, None] & k_mask[None, :]
+            b0 = tl.load(row + byte[None, :], mask=wmask, other=0).to(tl.int32)
+            b1 = tl.load(row + byte[None, :] + 1, mask=wmask & ((byte + 1) < row_stride)[None, :], other=0)
+            c = ((b0 | (b1.to(tl.int32) << 8)) >> (bit % 8)[None, :]) & ((1 << BITS) - 1)
+            if DECODE == 0:
+                cf = (c | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0  # exact int -> float, no I2F
+                v = cf * lut_a + lut_b
+            else:
+                v = _decode(c, lut_ptr, lut_a, lut_b, l0, l1, l2, l3, DECODE)
+            if GROUP_SHIFT >= 0:
+                p_off = offs_n[:, None] * n_groups + (offs_k >> GROUP_SHIFT)[None, :]
+            else:
+                p_off = offs_n[:, None] * n_groups + (offs_k // group)[None, :]
+            w = v * tl.load(scale_ptr + p_off, mask=wmask, other=0.0).to(tl.float32)
+            if HAS_MIN:
+                w += tl.load(min_ptr + p_off, mask=wmask, other=0.0).to(tl.float32)
+        # ---- multiply with each activation row; elementwise accumulators, reduced once at the end
+        x0 = _x_row(x_ptr, 0, M, stride_xm, offs_k, k_mask, BLOCK_N)
+        acc0 += w * x0
+        if ROW_GROUPS > 1:
+            acc_b += w_b * x0
+        if BLOCK_M > 1:
+            acc1 += w * _x_row(x_ptr, 1, M, stride_xm, offs_k, k_mask, BLOCK_N)
+        if BLOCK_M > 2:
+            acc2 += w * _x_row(x_ptr, 2, M, stride_xm, offs_k, k_mask, BLOCK_N)
+            acc3 += w * _x_row(x_ptr, 3, M, stride_xm, offs_k, k_mask, BLOCK_N)
+        if BLOCK_M > 4:
+            acc4 += w * _x_row(x_ptr, 4, M, stride_xm, offs_k, k_mask, BLOCK_N)
+            acc5 += w * _x_row(x_ptr, 5, M, stride_xm, offs_k, k_mask, BLOCK_N)
+            acc6 += w * _x_row(x_ptr, 6, M, stride_xm, offs_k, k_mask, BLOCK_N)
+            acc7 += w * _x_row(x_ptr, 7, M, stride_xm, offs_k, k_mask, BLOCK_N)
+    y_row = y_ptr + offs_n
+    tl.store(y_row, tl.sum(acc0, axis=1).to(y_ptr.dtype.element_ty), mask=n_mask)
+    if ROW_GROUPS > 1:
+        tl.store(y_row + BLOCK_N, tl.sum(acc_b, axis=1).to(y_ptr.dtype.element_ty), mask=n_mask_b)
+    if BLOCK_M > 1:
+        tl.store(y_row + stride_ym, tl.sum(acc1, axis=1).to(y_ptr.dtype.element_ty),
+                 mask=n_mask & ((offs_n * 0 + 1) < M))
+    if BLOCK_M > 2:
+        tl.store(y_row + 2 * stride_ym, tl.sum(acc2, axis=1).to(y_ptr.dtype.element_ty),
+                 mask=n_mask & ((offs_n * 0 + 2) < M))
+        tl.store(y_row + 3 * stride_ym, tl.sum(acc3, axis=1).to(y_ptr.dtype.element_ty),
+                 mask=n_mask & ((offs_n * 0 + 3) < M))
+    if BLOCK_M > 4:
+        tl.store(y_row + 4 * stride_ym, tl.sum(acc4, axis=1).to(y_ptr.dtype.element_ty),
+                 mask=n_mask & ((offs_n * 0 + 4) < M))
+        tl.store(y_row + 5 * stride_ym, tl.sum(acc5, axis=1).to(y_ptr.dtype.element_ty),
+                 mask=n_mask & ((offs_n * 0 + 5) < M))
+        tl.store(y_row + 6 * stride_ym, tl.sum(acc6, axis=1).to(y_ptr.dtype.element_ty),
+                 mask=n_mask & ((offs_n * 0 + 6) < M))
+        tl.store(y_row + 7 * stride_ym, tl.sum(acc7, axis=1).to(y_ptr.dtype.element_ty),
+                 mask=n_mask & ((offs_n * 0 + 7) < M))
+
+
+# (BLOCK_N, num_warps, UNROLL, ROW_GROUPS): BLOCK_W = 32 * num_warps / BLOCK_N words per row per step (one per
+# thread, so the code words, the activations and the decoded weights share one register layout); few configs, so
+# tuning on the GPU takes seconds. UNROLL keeps several steps' loads in flight.
+_CONFIGS = [(2, 4, 4, 1), (4, 4, 4, 1), (8, 4, 4, 1), (4, 4, 8, 1), (4, 8, 4, 1), (2, 4, 4, 2), (4, 4, 4, 2),
+            (8, 8, 4, 2)]
+
+
+def _prune(configs, nargs, **kwargs):  # noqa: ANN001 - triton's prune hook
+    """Two row groups only for M = 1 on the word path."""
+    args = {**nargs, **kwargs}  # Triton 3.6 passes constexpr arguments given by keyword in kwargs, 3.9 in nargs
+    ok = args["BLOCK_M"] == 1 and args["WORDS"]
+    return [c for c in configs if ok or c.kwargs["ROW_GROUPS"] == 1]
+
+
+def _bench(fn, quantiles=None):  # noqa: ANN001 - short timing: the choice is between a few configs
+    return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
+
+
+_KEY = ["N", "K", "BITS", "WORDS", "DECODE", "HAS_MIN", "BLOCK_M"]
+
+
+def _autotuned():
+    configs = [triton.Config({"BLOCK_N": bn, "BLOCK_W": 32 * w // bn, "UNROLL": u, "ROW_GROUPS": r}, num_warps=w)
+               for bn, w, u, r in _CONFIGS]
+    prune = {"early_config_prune": _prune}
+    try:
+        return triton.autotune(configs, key=_KEY, prune_configs_by=prune, do_bench=_bench)(_gemv_kernel)
+    except TypeError:  # older triton without do_bench=
+        return triton.autotune(configs, key=_KEY, prune_configs_by=prune)(_gemv_kernel)
+
+
+_gemv_tuned = None if INTERPRET else _autotuned()
+
+MAX_M = 8
+# the one config used under TRITON_INTERPRET=1 (tests vary it)
+INTERPRET_CONFIG = {"BLOCK_N": 4, "BLOCK_W": 4, "UNROLL": 1, "ROW_GROUPS": 1}
+
+
+def gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor | None, lut: torch.Tensor,
+         decode: tuple, bits: int, group: int, n_cols: int) -> torch.Tensor:
+    """x [M <= 8, K] (rows contiguous) @ W^T; W [N, K] as packed codes [N, row_bytes] + scale/min [N, groups].
+
+    ``decode`` = (mode, a, b, levels): AFFINE (lut[c] = a c + b), TABLE4 (2-bit levels) or GATHER (from ``lut``).
+    """
+    M, K = x.shape
+    if K != n_cols:
+        raise ValueError(f"input has {K} features, weight has {n_cols}")
+    if M > MAX_M:
+        raise ValueError(f"gemv handles up to {MAX_M} rows, got {M}")
+    N = codes.shape[0]
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    # packed words of 8 codes (4 for 8-bit): int32 for 4/8 bits, int16 for 2 bits; anything else reads bytes
+    wbytes = {2: 2, 4: 4, 8: 4}.get(bits, 0)
+    words = wbytes > 0 and codes.shape[1] % wbytes == 0 and codes.storage_offset() % wbytes == 0
+    if words:
+        codes = codes.view(torch.int16 if wbytes == 2 else torch.int32)
+    per = wbytes * 8 // bits if words else 1
+    mode, a, b, levels = decode
+    block_m = 1 if M == 1 else 2 if M == 2 else 4 if M <= 4 else 8
+    args = (x, codes, scale, mins if mins is not None else scale, lut, y, M, N, K, codes.shape[1], scale.shape[1],
+            group, x.stride(0), y.stride(0), a, b, *levels)
+    # scale group of a column: k >> GROUP_SHIFT for power-of-two groups (one group per row: 30), else k // group
+    shift = 30 if group >= K else group.bit_length() - 1 if group & (group - 1) == 0 else -1
+    meta = {"BITS": bits, "WORDS": words, "DECODE": mode, "HAS_MIN": mins is not None, "BLOCK_M": block_m,
+            "PER": per, "GROUP_SHIFT": shift}
+    if _gemv_tuned is None:  # interpreter: one config, no tuning
+        cfg = dict(INTERPRET_CONFIG)
+        if block_m > 1 or not words:
+            cfg["ROW_GROUPS"] = 1
+        _gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"] * cfg["ROW_GROUPS"]),)](*args, **meta, **cfg)
+    else:
+        _gemv_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"] * meta["ROW_GROUPS"]),)](*args, **meta)
+    return y
