@@ -212,6 +212,32 @@ def time_decode(dec: StaticDecoder, prompt: torch.Tensor, gen: int, repeats: int
             "tokens": tokens}
 
 
+def profile_step(model: nn.Module, args: argparse.Namespace, prompt: torch.Tensor, steps: int = 8) -> dict:
+    """GPU kernel time per decode step, by kernel (torch.profiler over eager static-cache steps: the same kernels
+    the graph replays, without its launch savings). Shows where a token's time goes: packed GEMVs vs the rest."""
+    from torch.profiler import ProfilerActivity, profile
+
+    dec = StaticDecoder(model, max_cache_len=args.prompt + args.gen, cuda_graph=False)
+    dec.reset()
+    dec.prefill(prompt)
+    dec.run_steps(2)  # warm-up: autotuning, caches
+    sync(prompt.device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        dec.run_steps(steps)
+        sync(prompt.device)
+    kernels = {}
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
+        if us > 0:
+            kernels[e.key] = kernels.get(e.key, 0.0) + us / steps
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])
+    total = sum(kernels.values())
+    gemv = sum(us for k, us in kernels.items() if "gemv" in k.lower() or "dequant" in k.lower() or "gemm" in k.lower()
+               or "sm90" in k.lower() or "cutlass" in k.lower())
+    return {"gpu_us_per_step": total, "matmul_us_per_step": gemv,
+            "top": [{"kernel": k[:90], "us_per_step": round(us, 2)} for k, us in top[:12]]}
+
+
 def reference_tokens(model: nn.Module, prompt: torch.Tensor, n: int) -> list[int]:
     """Greedy tokens of the plain dynamic-cache loop (as lowbit.serve.generate.TextStream runs it)."""
     ids, past, out = prompt, None, []
@@ -257,6 +283,12 @@ def run_variant(model: nn.Module, variant: str, args: argparse.Namespace, prompt
             log(f"{variant}: eager static-cache path {eager['tok_s']:.1f} tok/s; "
                 f"same tokens as the fast path: {row['eager_tokens_match']}")
             del dec
+        if args.profile:
+            row["profile"] = profile_step(model, args, prompt)
+            p = row["profile"]
+            log(f"{variant}: GPU time per step {p['gpu_us_per_step']:.0f} us, of which matmul kernels "
+                f"{p['matmul_us_per_step']:.0f} us; top: " +
+                "; ".join(f"{t['kernel'][:40]} {t['us_per_step']:.0f}" for t in p["top"][:5]))
         if args.check_tokens > 0:
             ref = reference_tokens(model, prompt, args.check_tokens)
             k = next((i for i, (a, b) in enumerate(zip(ref, fast["tokens"], strict=False)) if a != b), len(ref))
@@ -316,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--graph", default="auto", choices=("auto", "on", "off"),
                     help="CUDA graphs: auto (fall back to eager if capture fails), on (fail instead), off")
     ap.add_argument("--bw-mb", type=int, default=0, help="copy size for the bandwidth test (default 1024 on GPU)")
+    ap.add_argument("--profile", action="store_true", help="per variant: GPU kernel time per step, by kernel")
     ap.add_argument("--tag", default=None)
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/decode-<tag>.json)")
     args = ap.parse_args(argv)

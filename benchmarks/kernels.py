@@ -83,6 +83,21 @@ def fp16_ms(shape: tuple[int, int], m: int, x: torch.Tensor) -> float:
     return _FP16_MS[shape, m]
 
 
+def best_config(fmt_name: str, m: int) -> str:
+    """The config the autotuner picked for the kernel that served the latest call."""
+    if m > 8 and not fmt_name.startswith("e8p"):
+        from lowbit.kernels import triton_uniform as mod
+        tuner = mod._tuned
+    elif fmt_name.startswith("e8p"):
+        from lowbit.kernels import triton_e8p as mod
+        tuner = mod._tuned if m <= mod.MAX_M else None
+    else:
+        from lowbit.kernels import triton_gemv
+        return triton_gemv.last_best_config()
+    cfg = getattr(tuner, "best_config", None)
+    return "-" if cfg is None else str(cfg)
+
+
 def one(shape: tuple[int, int], fmt_name: str, m: int, bw: float) -> dict:
     fmt = get_format(fmt_name)
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -98,7 +113,9 @@ def one(shape: tuple[int, int], fmt_name: str, m: int, bw: float) -> dict:
     ms = bench(lambda i: dequant_matmul(x, fmt, qts[i]), COPIES)
     ms16 = fp16_ms(shape, m, x)
     nbytes = qts[0].nbytes + 2 * x.numel() + 2 * m * shape[0]
-    return {"shape": list(shape), "format": fmt_name, "batch": m, "bpw": qts[0].bits_per_weight, "ms": ms,
+    cfg = best_config(fmt_name, m)
+    return {"config": cfg, "shape": list(shape), "format": fmt_name, "batch": m, "bpw": qts[0].bits_per_weight,
+            "ms": ms,
             "fp16_ms": ms16, "bytes": nbytes, "frac_of_copy_bw": nbytes / (ms * 1e-3) / bw,
             "speedup_vs_fp16": ms16 / ms, "rel_err": err}
 
@@ -116,15 +133,16 @@ def main(argv: list[str] | None = None) -> int:
     bw = copy_bandwidth()
     print(f"{torch.cuda.get_device_name(0)}: device copy bandwidth {bw / 1e9:.0f} GB/s")
     rows = []
-    print("| shape | format | batch | bpw | µs | fp16 µs | % of copy BW | speedup vs fp16 |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| shape | format | batch | bpw | µs | fp16 µs | % of copy BW | speedup vs fp16 | tuned config |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for label, shape in SHAPES.items():
         for m in (int(b) for b in args.batch.split(",")):
             for f in args.formats.split(","):
                 r = one(shape, f, m, bw) | {"label": label}
                 rows.append(r)
                 print(f"| {label} {shape[0]}x{shape[1]} | {f} | {m} | {r['bpw']:.3f} | {r['ms'] * 1e3:.1f} | "
-                      f"{r['fp16_ms'] * 1e3:.1f} | {100 * r['frac_of_copy_bw']:.0f}% | {r['speedup_vs_fp16']:.2f}x |",
+                      f"{r['fp16_ms'] * 1e3:.1f} | {100 * r['frac_of_copy_bw']:.0f}% | {r['speedup_vs_fp16']:.2f}x | "
+                      f"{r['config']} |",
                       flush=True)
     summary = summarize(rows)
     print(f"\nsummary: % of copy BW ({bw / 1e9:.0f} GB/s) on the large shapes "

@@ -67,7 +67,13 @@ E8P_CASES = [("e8p_ch", (8, 96), 1), ("e8p_g32", (6, 160), 3), ("e8p_g24", (5, 9
 ALT_CONFIG = {"BLOCK_N": 2, "BLOCK_W": 8, "UNROLL": 2, "ROW_GROUPS": 2}
 ALT_CASES = [("int4_g32_sym", (12, 128), 1), ("int4_g128_asym", (6, 576), 1), ("int2_g64_sym", (12, 200), 1),
              ("nz2_ch", (9, 96), 4), ("int8_g32_sym", (8, 64), 1)]
-ALL_CASES = [("default", c) for c in GEMV_CASES + GEMM_CASES + E8P_CASES] + [("alt", c) for c in ALT_CASES]
+# split-K: the K steps in 3 runs per row block added atomically into a float32 y (ragged and empty runs included)
+SPLIT_CONFIG = {"BLOCK_N": 4, "BLOCK_W": 8, "UNROLL": 1, "ROW_GROUPS": 1, "SPLIT_K": 3}
+SPLIT_CASES = [("int4_g128_asym", (6, 576), 1), ("int2_g64_sym", (12, 200), 1), ("q4_1", (10, 96), 3),
+               ("int3_g64_sym", (6, 200), 3), ("nz2_ch", (9, 96), 8), ("int4_g24_sym", (5, 96), 2),
+               ("pm12_g32", (5, 160), 5)]
+ALL_CASES = ([("default", c) for c in GEMV_CASES + GEMM_CASES + E8P_CASES] + [("alt", c) for c in ALT_CASES]
+             + [("split", c) for c in SPLIT_CASES])
 
 _INTERPRETER_SCRIPT = r"""
 import json, sys, time
@@ -76,12 +82,12 @@ from lowbit.formats import get_format
 from lowbit.kernels import triton_gemv
 from lowbit.kernels.dispatch import dequant_matmul
 cases = json.loads(sys.argv[1])
-alt = json.loads(sys.argv[2])
-default = dict(triton_gemv.INTERPRET_CONFIG)
+configs = json.loads(sys.argv[2])
+configs["default"] = dict(triton_gemv.INTERPRET_CONFIG)
 g = torch.Generator().manual_seed(3)
 out = {}
 for tag, (name, shape, m) in cases:
-    triton_gemv.INTERPRET_CONFIG = alt if tag == "alt" else default
+    triton_gemv.INTERPRET_CONFIG = configs[tag]
     fmt = get_format(name)
     qt = fmt.quantize(torch.randn(*shape, generator=g))  # fresh random weights and inputs per case
     x = torch.randn(m, shape[1], generator=g)
@@ -90,6 +96,7 @@ for tag, (name, shape, m) in cases:
     err = ((y.double() - ref).norm() / ref.norm()).item()
     ok = tuple(y.shape) == tuple(ref.shape) and bool(torch.isfinite(y).all())
     out[f"{tag}:{name}:{shape[0]}x{shape[1]}:{m}"] = err if ok else float("inf")
+triton_gemv.INTERPRET_CONFIG = configs["default"]
 # leading dims are flattened by the dispatch; QuantLinear's forward goes through it (rotation and bias around)
 fmt = get_format("int4_g32_sym")
 qt = fmt.quantize(torch.randn(16, 64, generator=g))
@@ -114,7 +121,8 @@ def interpreter_results():
     if not triton_available():
         pytest.skip("triton not installed")
     env = dict(os.environ, TRITON_INTERPRET="1", LOWBIT_KERNELS="triton")
-    out = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT, json.dumps(ALL_CASES), json.dumps(ALT_CONFIG)],
+    out = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT, json.dumps(ALL_CASES),
+                          json.dumps({"alt": ALT_CONFIG, "split": SPLIT_CONFIG})],
                          env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
