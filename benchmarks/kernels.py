@@ -33,8 +33,8 @@ SHAPES = {  # [out, in]
     "llama3-8b kv": (1024, 4096), "llama3-8b gate/up": (14336, 4096), "llama3-8b down": (4096, 14336),
 }
 LARGE = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (4096, 14336)]  # the summary's shapes
-FORMATS = ["int4_g128_sym", "q4_0", "q4_1", "int3_g128_sym", "int2_g64_sym", "nz2_ch", "e8p_ch"]
-RANDOM_STORAGE = ("e8p",)  # vector codebooks: random codes + scales (exact encoding of 58M weights takes long)
+FORMATS = ["int4_g128_sym", "q4_0", "q4_1", "int3_g128_sym", "int2_g64_sym", "nz2_ch", "e8p_ch", "iq2_xxs"]
+RANDOM_STORAGE = ("e8p", "iq2_xxs")  # vector codebooks: random codes + scales (exact encoding of 58M weights: slow)
 COPIES = 4  # weight copies rotated between timed calls so the 50 MB L2 does not serve repeats
 
 
@@ -63,6 +63,12 @@ def packed_weight(fmt_name: str, shape: tuple[int, int], g: torch.Generator) -> 
     fmt = get_format(fmt_name)
     if not fmt_name.startswith(RANDOM_STORAGE):
         return fmt.quantize(torch.randn(*shape, device="cuda", generator=g))
+    if fmt_name == "iq2_xxs":  # valid superblocks: random codes, fp16 d and 4-bit scales, packed by the format
+        rows, cols = shape
+        codes = torch.randint(0, 256 * 128, (rows, cols // 8), device="cuda", generator=g)
+        d = torch.rand(rows, -(-cols // 256), device="cuda", generator=g) * 0.002 + 0.001
+        ls = torch.randint(0, 16, (rows, cols // 32), device="cuda", generator=g).float()
+        return fmt.pack(codes, {"d": d, "ls": ls}, tuple(shape))
     data = {}
     for key, (size, dtype) in fmt.storage_spec(shape).items():
         if dtype.is_floating_point:
@@ -85,11 +91,14 @@ def fp16_ms(shape: tuple[int, int], m: int, x: torch.Tensor) -> float:
 
 def best_config(fmt_name: str, m: int) -> str:
     """The config the autotuner picked for the kernel that served the latest call."""
-    if m > 8 and not fmt_name.startswith("e8p"):
+    if m > 8 and not fmt_name.startswith(RANDOM_STORAGE):
         from lowbit.kernels import triton_uniform as mod
         tuner = mod._tuned
     elif fmt_name.startswith("e8p"):
         from lowbit.kernels import triton_e8p as mod
+        tuner = mod._tuned if m <= mod.MAX_M else None
+    elif fmt_name == "iq2_xxs":
+        from lowbit.kernels import triton_iq2xxs as mod
         tuner = mod._tuned if m <= mod.MAX_M else None
     else:
         from lowbit.kernels import triton_gemv

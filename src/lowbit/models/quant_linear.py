@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.formats import QuantizedTensor, get_format
-from lowbit.kernels.dispatch import dequant_matmul
+from lowbit.kernels.dispatch import dequant_matmul, rotate_input
 from lowbit.rotations.incoherence import Rotation
 
 
@@ -96,7 +96,7 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._v is not None:
-            x = self._v.apply(x)
+            x = rotate_input(self._v, x)  # Triton kernel where one runs, else self._v.apply(x)
         if self.input_quant is not None:
             x = self.input_quant(x)
         if self._cache_on:

@@ -1,0 +1,86 @@
+"""Triton online randomized Hadamard: x -> x R^T for R = (F_m kron H_p) diag(signs) (:mod:`lowbit.rotations.hadamard`).
+
+One launch does the random signs and the whole fast Walsh-Hadamard transform of the power-of-two part p (the
+torch reference, ``fwht``, runs log2(p) stack/add ops over the tensor): the input viewed as [rows * m, p], each
+program loads BLOCK_C consecutive length-p chunks, multiplies by the chunk's signs, runs the log2(p) butterfly
+stages in registers (reshape to [BLOCK_C, p / 2h, 2, h], split the pair axis, join (a + b, a - b)), scales by
+1 / sqrt(p) and stores once, in float32 arithmetic whatever x's dtype. When m > 1, the small dense Kronecker
+factor F_m is applied after the kernel by one torch einsum (as the reference does), so such sizes take two
+launches; power-of-two sizes (m = 1) take exactly one. Not fused into the GEMV kernels (a separate launch).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_P = 1 << 14  # a chunk lives in one program's registers (larger p: the torch reference)
+CHUNK_ELEMS = 2048  # elements per program when p is small (BLOCK_C chunks of p)
+
+
+@triton.jit
+def _fwht_stage(v, BLOCK_C: tl.constexpr, P: tl.constexpr, H: tl.constexpr):
+    """One butterfly stage on each row of v [BLOCK_C, P]: (v[i], v[i + H]) -> (v[i] + v[i + H], v[i] - v[i + H])."""
+    v = tl.reshape(v, (BLOCK_C, P // (2 * H), 2, H))
+    v = tl.permute(v, (0, 1, 3, 2))  # the pair axis last, for split
+    a, b = tl.split(v)
+    v = tl.join(a + b, a - b)
+    v = tl.permute(v, (0, 1, 3, 2))
+    return tl.reshape(v, (BLOCK_C, P))
+
+
+@triton.jit
+def _hadamard_kernel(x_ptr, signs_ptr, y_ptr, n_chunks, m, scale, P: tl.constexpr, LOG_P: tl.constexpr,
+                     BLOCK_C: tl.constexpr):
+    pid = tl.program_id(0)
+    offs_c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_p = tl.arange(0, P)
+    cmask = (offs_c < n_chunks)[:, None]
+    offs = offs_c.to(tl.int64)[:, None] * P + offs_p[None, :]
+    v = tl.load(x_ptr + offs, mask=cmask, other=0.0).to(tl.float32)
+    s = tl.load(signs_ptr + (offs_c % m)[:, None] * P + offs_p[None, :], mask=cmask, other=0.0)
+    v = v * s
+    for i in tl.static_range(LOG_P):
+        v = _fwht_stage(v, BLOCK_C, P, 1 << i)
+    tl.store(y_ptr + offs, (v * scale).to(y_ptr.dtype.element_ty), mask=cmask)
+
+
+_SIGNS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def supported(n_p: int) -> bool:
+    """Whether the kernel handles a power-of-two part of this length (else the caller uses the reference)."""
+    return 2 <= n_p <= MAX_P
+
+
+def _device_params(rot, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
+    key = (rot.n, rot.seed, str(device))
+    if key not in _SIGNS:
+        _SIGNS[key] = (rot.signs.float().contiguous().to(device), rot.factor.float().contiguous().to(device))
+    return _SIGNS[key]
+
+
+def rotate(rot, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001 - a RandomizedHadamard
+    """x @ R^T along the last dimension, as ``rot.apply(x)`` computes it (float32 arithmetic inside)."""
+    if x.shape[-1] != rot.n:
+        raise ValueError(f"last dimension {x.shape[-1]} != rotation size {rot.n}")
+    m, p = rot.m, rot.p
+    if not supported(p):
+        raise ValueError(f"power-of-two part {p} outside the kernel's range")
+    signs, factor = _device_params(rot, x.device)
+    xc = x.contiguous()
+    y = torch.empty_like(xc)
+    n_chunks = xc.numel() // p
+    block_c = max(1, min(triton.next_power_of_2(max(n_chunks, 1)), CHUNK_ELEMS // p))
+    num_warps = 4 if p * block_c <= 2048 else 8 if p * block_c <= 8192 else 16
+    if n_chunks:
+        _hadamard_kernel[(triton.cdiv(n_chunks, block_c),)](xc, signs, y, n_chunks, m, 1.0 / math.sqrt(p), P=p,
+                                                            LOG_P=p.bit_length() - 1, BLOCK_C=block_c,
+                                                            num_warps=num_warps)
+    if m > 1:
+        y = y.reshape(*x.shape[:-1], m, p)
+        y = torch.einsum("ij,...jb->...ib", factor.to(y.dtype), y).reshape(x.shape)
+    return y

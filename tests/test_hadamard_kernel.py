@@ -1,0 +1,99 @@
+"""The online randomized-Hadamard kernel (:mod:`lowbit.kernels.triton_hadamard`) against
+``RandomizedHadamard.apply``, and its wiring into QuantLinear.forward through ``dispatch.rotate_input``: under
+Triton's interpreter on CPU (one subprocess) and on CUDA when there is a GPU. Without either, the CPU path must
+stay exactly the torch reference."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lowbit.kernels.dispatch import rotate_input, triton_available
+from lowbit.rotations.hadamard import RandomizedHadamard
+
+# sizes: powers of two (one launch), 576 = 72 x 8 and 96 = 12 x 8 (Hadamard Kronecker factor after the
+# kernel), 448 = 7 x 64 (random orthogonal factor); batch shapes incl. leading dims and more chunks than a block
+CASES = [(n, b) for n in (64, 256, 576, 1024) for b in ([1], [3], [2, 5])] + [(96, [4]), (448, [3]),
+                                                                             (64, [70]), (4096, [2])]
+
+_SCRIPT = r"""
+import json, sys
+import torch
+from lowbit.kernels.dispatch import rotate_input
+from lowbit.rotations.hadamard import RandomizedHadamard
+g = torch.Generator().manual_seed(5)
+out = {}
+for n, batch in json.loads(sys.argv[1]):
+    rot = RandomizedHadamard(n, seed=n + 1)
+    x = torch.randn(*batch, n, generator=g)
+    y = rotate_input(rot, x)
+    ref = x.double() @ rot.matrix().double().T if n <= 1024 else rot.apply(x.double())
+    ok = tuple(y.shape) == tuple(x.shape) and y.dtype == x.dtype
+    out[f"{n}:{batch}"] = ((y.double() - ref).norm() / ref.norm()).item() if ok else float("inf")
+    out[f"{n}:{batch}:apply"] = ((y - rot.apply(x)).norm() / rot.apply(x).norm()).item()
+# QuantLinear with an input- and output-side rotation, IQ2_XXS weight: kernel rotation + kernel GEMV
+from lowbit.formats import get_format
+from lowbit.models.quant_linear import QuantLinear
+from lowbit.rotations.incoherence import Rotation
+for name, (o, i) in [("iq2_xxs", (16, 256)), ("int4_g32_sym", (24, 576))]:
+    fmt = get_format(name)
+    rot = Rotation.for_layer("layer", 0)
+    q = QuantLinear.from_quantized(fmt.quantize(rot.rotate_weight(torch.randn(o, i, generator=g))),
+                                   torch.randn(o, generator=g), rot)
+    x = torch.randn(3, i, generator=g)
+    ref = torch.nn.functional.linear(x.double(), q.dequantize().double(), q.bias.double())
+    out[f"quant_linear:{name}"] = ((q(x).double() - ref).norm() / ref.norm()).item()
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def interpreter_results():
+    if not triton_available():
+        pytest.skip("triton not installed")
+    env = dict(os.environ, TRITON_INTERPRET="1", LOWBIT_KERNELS="triton")
+    out = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(CASES)], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("n,batch", CASES, ids=[f"n{n}-b{'x'.join(map(str, b))}" for n, b in CASES])
+def test_hadamard_kernel_in_interpreter_matches_reference(interpreter_results, n, batch):
+    assert interpreter_results[f"{n}:{batch}"] < 1e-5
+    assert interpreter_results[f"{n}:{batch}:apply"] < 1e-5
+
+
+@pytest.mark.parametrize("name", ["iq2_xxs", "int4_g32_sym"])
+def test_rotated_quant_linear_in_interpreter(interpreter_results, name):
+    assert interpreter_results[f"quant_linear:{name}"] < 1e-5
+
+
+def test_rotate_input_on_cpu_is_exactly_the_reference():
+    from lowbit.kernels import dispatch
+
+    if dispatch.kernel_mode() == "triton" or torch.cuda.is_available():
+        pytest.skip("only the CPU auto/reference path")
+    rot = RandomizedHadamard(576, seed=3)
+    x = torch.randn(4, 576)
+    assert torch.equal(rotate_input(rot, x), rot.apply(x))
+
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() or not triton_available(),
+                               reason="needs a CUDA GPU and triton")
+
+
+@needs_gpu
+@pytest.mark.parametrize("n", [64, 256, 576, 1024, 4096, 11008, 14336])
+@pytest.mark.parametrize("batch", [1, 8, 33])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_hadamard_kernel_on_gpu(n, batch, dtype):
+    rot = RandomizedHadamard(n, seed=7)
+    x = torch.randn(batch, n, device="cuda").to(dtype)
+    y = rotate_input(rot, x)
+    ref = rot.apply(x.double().cpu()).to("cuda")
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    assert y.dtype == dtype and ((y.double() - ref).norm() / ref.norm()) < tol
