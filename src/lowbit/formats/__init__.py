@@ -9,6 +9,7 @@ Names:
   ``nz2r{RR}_{gN|ch}``              no-zero set {-1,-r,r,1} with inner/outer ratio r = RR/100
   ``iq4_nl``                        llama.cpp IQ4_NL: 16 non-uniform levels x fp16 scale per 32 (4.5 bpw)
   ``iq2_xxs``                       llama.cpp IQ2_XXS (E8-based 2-bit vector codebook, 2.0625 bpw), bit-exact
+  ``q2_k``                          llama.cpp Q2_K k-quant (2-bit codes, 4-bit scales/mins per 16, 2.625 bpw)
   ``e8p_{gN|ch}``                   QuIP#'s E8P 2-bit lattice codebook (16 bits per 8 weights) x fp16 scale
 """
 
@@ -21,11 +22,12 @@ from lowbit.errors import UnknownFormatError
 from lowbit.formats.base import Format, Params, QuantizedTensor, cat_params
 from lowbit.formats.e8p import E8PFormat
 from lowbit.formats.iq2xxs import IQ2XXSFormat
+from lowbit.formats.kquants import Q2KFormat
 from lowbit.formats.levelset import IQ4_NL_LEVELS, NAMED_LEVELS, LevelSetFormat, no_zero_levels
 from lowbit.formats.uniform import UniformFormat
 
-__all__ = ["E8PFormat", "Format", "IQ2XXSFormat", "LevelSetFormat", "Params", "QuantizedTensor", "UniformFormat",
-           "cat_params", "get_format", "example_names"]
+__all__ = ["E8PFormat", "Format", "IQ2XXSFormat", "LevelSetFormat", "Params", "Q2KFormat", "QuantizedTensor",
+           "UniformFormat", "cat_params", "get_format", "example_names"]
 
 ALIASES = {"q4_0": "int4_g32_sym", "q4_1": "int4_g32_asym", "q8_0": "int8_g32_sym"}
 _UNIFORM = re.compile(r"^int(?P<bits>[2-8])_(?:g(?P<g>\d+)|(?P<ch>ch))_(?P<kind>sym|asym)(?P<mse>_mse)?$")
@@ -40,6 +42,8 @@ def get_format(name: str) -> Format:
     canonical = ALIASES.get(key, key)
     if canonical == "iq2_xxs":
         return IQ2XXSFormat()
+    if canonical == "q2_k":
+        return Q2KFormat()
     if canonical == "iq4_nl":
         return LevelSetFormat(IQ4_NL_LEVELS, 32, "iq4_nl", mirror=True)
     m = _UNIFORM.match(canonical) or _LEVELS.match(canonical) or _E8P.match(canonical)
@@ -59,10 +63,10 @@ def get_format(name: str) -> Format:
         return fmt
     raise UnknownFormatError(f"unknown format {name!r}; known: {', '.join(example_names())} "
                              "(patterns int{2..8}_{gN|ch}_{sym|asym}[_mse], {nz2|pm12|std2|std2m}_{gN|ch}, "
-                             "nz2r{RR}_{gN|ch}, iq2_xxs, iq4_nl, e8p_{gN|ch})")
+                             "nz2r{RR}_{gN|ch}, iq2_xxs, q2_k, iq4_nl, e8p_{gN|ch})")
 
 
 def example_names() -> list[str]:
     return ["int4_g128_sym", "int4_g128_asym", "int3_g128_asym", "int2_g64_asym_mse", "int4_ch_sym",
-            "nz2_ch", "nz2r30_ch", "pm12_ch", "std2_ch", "std2m_ch", "iq2_xxs", "iq4_nl", "e8p_ch", "e8p_g256",
-            *ALIASES]
+            "nz2_ch", "nz2r30_ch", "pm12_ch", "std2_ch", "std2m_ch", "iq2_xxs", "q2_k", "iq4_nl", "e8p_ch",
+            "e8p_g256", *ALIASES]

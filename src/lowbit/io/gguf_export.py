@@ -58,7 +58,8 @@ KNOWN_PRE = {
 _FILE_TYPES = {QT.F16: gguf.LlamaFileType.MOSTLY_F16, QT.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
                QT.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1, QT.Q5_0: gguf.LlamaFileType.MOSTLY_Q5_0,
                QT.Q5_1: gguf.LlamaFileType.MOSTLY_Q5_1, QT.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
-               QT.IQ2_XXS: gguf.LlamaFileType.MOSTLY_IQ2_XXS, QT.IQ4_NL: gguf.LlamaFileType.MOSTLY_IQ4_NL}
+               QT.IQ2_XXS: gguf.LlamaFileType.MOSTLY_IQ2_XXS, QT.IQ4_NL: gguf.LlamaFileType.MOSTLY_IQ4_NL,
+               QT.Q2_K: gguf.LlamaFileType.MOSTLY_Q2_K}
 
 
 @dataclass

@@ -21,12 +21,13 @@ from lowbit.models.walker import decoder_linears
 
 # ggml type -> the lowbit format that stores it bit for bit (io/gguf_blocks.py); F16/F32 stay float
 LOWBIT_FORMAT = {"Q4_0": "q4_0", "Q4_1": "q4_1", "Q5_0": "int5_g32_sym", "Q5_1": "int5_g32_asym",
-                 "Q8_0": "q8_0", "IQ4_NL": "iq4_nl", "IQ2_XXS": "iq2_xxs"}
+                 "Q8_0": "q8_0", "IQ4_NL": "iq4_nl", "IQ2_XXS": "iq2_xxs",
+                 "Q2_K": "q2_k"}
 FLOAT_TYPES = ("F16", "F32", "BF16")
 # k-quant types lowbit cannot write yet -> the lowbit GGUF type with at most as many bits per weight, so a "like"
-# file never gets more bits than the original (Q2_K 2.625 -> IQ2_XXS 2.06; Q4_K 4.5 -> IQ4_NL 4.5;
-# Q5_K 5.5 -> Q5_0 5.5; Q6_K 6.5625 -> Q5_1 6.0)
-SUBSTITUTES = {"Q2_K": "iq2_xxs", "Q4_K": "iq4_nl", "Q5_K": "int5_g32_sym", "Q6_K": "int5_g32_asym"}
+# file never gets more bits than the original (Q4_K 4.5 -> IQ4_NL 4.5; Q5_K 5.5 -> Q5_0 5.5;
+# Q6_K 6.5625 -> Q5_1 6.0)
+SUBSTITUTES = {"Q4_K": "iq4_nl", "Q5_K": "int5_g32_sym", "Q6_K": "int5_g32_asym"}
 
 
 @dataclass
