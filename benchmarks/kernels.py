@@ -91,15 +91,17 @@ def fp16_ms(shape: tuple[int, int], m: int, x: torch.Tensor) -> float:
 
 def best_config(fmt_name: str, m: int) -> str:
     """The config the autotuner picked for the kernel that served the latest call."""
-    if m > 8 and not fmt_name.startswith(RANDOM_STORAGE):
+    from lowbit.kernels.launch import MAX_M
+
+    if m > MAX_M and not fmt_name.startswith(RANDOM_STORAGE):
         from lowbit.kernels import triton_uniform as mod
         tuner = mod._tuned
     elif fmt_name.startswith("e8p"):
         from lowbit.kernels import triton_e8p as mod
-        tuner = mod._tuned if m <= mod.MAX_M else None
+        tuner = mod._tuned if m <= MAX_M else None
     elif fmt_name == "iq2_xxs":
         from lowbit.kernels import triton_iq2xxs as mod
-        tuner = mod._tuned if m <= mod.MAX_M else None
+        tuner = mod._tuned if m <= MAX_M else None
     else:
         from lowbit.kernels import triton_gemv
         return triton_gemv.last_best_config()

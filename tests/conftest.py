@@ -91,3 +91,22 @@ def tiny_model_dir(tmp_path, tiny_tokenizer):
     model.save_pretrained(d)
     tiny_tokenizer.save_pretrained(d)
     return d
+
+
+def run_in_interpreter(script: str, *args: object) -> dict:
+    """Run ``script`` (which prints one JSON object last) under TRITON_INTERPRET=1 with LOWBIT_KERNELS=triton, in a
+    subprocess because both flags are read at import; args are passed JSON-encoded. Skips without triton."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from lowbit.kernels.dispatch import triton_available
+
+    if not triton_available():
+        pytest.skip("triton not installed")
+    env = dict(os.environ, TRITON_INTERPRET="1", LOWBIT_KERNELS="triton")
+    out = subprocess.run([sys.executable, "-c", script, *(json.dumps(a) for a in args)], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -3,14 +3,11 @@
 Triton's interpreter on CPU (one subprocess) and on CUDA when there is a GPU. Without either, the CPU path must
 stay exactly the torch reference."""
 
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from conftest import run_in_interpreter
 from lowbit.kernels.dispatch import rotate_input, triton_available
 from lowbit.rotations.hadamard import RandomizedHadamard
 
@@ -52,13 +49,7 @@ print(json.dumps(out))
 
 @pytest.fixture(scope="module")
 def interpreter_results():
-    if not triton_available():
-        pytest.skip("triton not installed")
-    env = dict(os.environ, TRITON_INTERPRET="1", LOWBIT_KERNELS="triton")
-    out = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(CASES)], env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_in_interpreter(_SCRIPT, CASES)
 
 
 @pytest.mark.parametrize("n,batch", CASES, ids=[f"n{n}-b{'x'.join(map(str, b))}" for n, b in CASES])

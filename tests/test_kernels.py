@@ -4,14 +4,11 @@ The Triton kernels (GEMV for M <= 8, tl.dot GEMM above, E8P GEMV) are checked on
 (one subprocess with TRITON_INTERPRET=1 for all cases, skipped when triton is not installed; autotuning is bypassed
 there) and on CUDA when there is a GPU; the reference is checked everywhere."""
 
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from conftest import run_in_interpreter
 from lowbit.formats import get_format
 from lowbit.kernels.dispatch import decode_lut, dequant_matmul, triton_available
 from lowbit.kernels.reference import dequant_matmul_reference
@@ -118,14 +115,7 @@ print(json.dumps(out))
 @pytest.fixture(scope="module")
 def interpreter_results():
     """Runs every kernel case once under TRITON_INTERPRET=1 (a subprocess: the flag is read at import)."""
-    if not triton_available():
-        pytest.skip("triton not installed")
-    env = dict(os.environ, TRITON_INTERPRET="1", LOWBIT_KERNELS="triton")
-    out = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT, json.dumps(ALL_CASES),
-                          json.dumps({"alt": ALT_CONFIG, "split": SPLIT_CONFIG})],
-                         env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_in_interpreter(_INTERPRETER_SCRIPT, ALL_CASES, {"alt": ALT_CONFIG, "split": SPLIT_CONFIG})
 
 
 @pytest.mark.parametrize("tag,case", ALL_CASES, ids=[f"{t}-{c[0]}-{c[1][0]}x{c[1][1]}-m{c[2]}" for t, c in ALL_CASES])

@@ -2,14 +2,11 @@
 weights quantized with the format and fresh random inputs: under Triton's interpreter on CPU (one subprocess,
 TRITON_INTERPRET=1 is read at import) and on CUDA when there is a GPU."""
 
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from conftest import run_in_interpreter
 from lowbit.formats import get_format
 from lowbit.kernels.dispatch import dequant_matmul, triton_available
 from lowbit.kernels.reference import dequant_matmul_reference
@@ -45,13 +42,7 @@ print(json.dumps(out))
 
 @pytest.fixture(scope="module")
 def interpreter_results():
-    if not triton_available():
-        pytest.skip("triton not installed")
-    env = dict(os.environ, TRITON_INTERPRET="1", LOWBIT_KERNELS="triton")
-    out = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(CASES)], env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_in_interpreter(_SCRIPT, CASES)
 
 
 @pytest.mark.parametrize("shape,m", CASES, ids=[f"{s[0]}x{s[1]}-m{m}" for s, m in CASES])

@@ -107,25 +107,25 @@ def dequant_matmul(x: torch.Tensor, fmt: Format, qt: QuantizedTensor) -> torch.T
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    m = x2.shape[0]
+    from lowbit.kernels.launch import MAX_M
+
+    gemv_sized = x2.shape[0] <= MAX_M
     n_out, n_in = qt.shape
+    if isinstance(fmt, E8PFormat | IQ2XXSFormat) and not gemv_sized:  # vector codebooks: GEMV kernels only
+        return dequant_matmul_reference(x, fmt, qt)
     if isinstance(fmt, E8PFormat):
         from lowbit.kernels import triton_e8p
 
-        if m > triton_e8p.MAX_M:
-            return dequant_matmul_reference(x, fmt, qt)
         y = triton_e8p.gemv(x2, qt.data["codes"], qt.data["scale"], fmt.group_cols(n_in), n_in)
         return y.reshape(*lead, n_out)
     if isinstance(fmt, IQ2XXSFormat):
         from lowbit.kernels import triton_iq2xxs
 
-        if m > triton_iq2xxs.MAX_M:
-            return dequant_matmul_reference(x, fmt, qt)
         return triton_iq2xxs.gemv(x2, qt.data["qs"], n_in).reshape(*lead, n_out)
     lut, decode = decode_plan(fmt, x.device)
     mins = qt.data.get("min")
     group = fmt.group_cols(n_in)
-    if m <= 8:
+    if gemv_sized:
         from lowbit.kernels.triton_gemv import gemv
 
         y = gemv(x2, qt.data["codes"], qt.data["scale"], mins, lut, decode, fmt.bits, group, n_in)

@@ -10,14 +10,11 @@ through the reference (dequantize, then cuBLAS).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-MAX_M = 8
+from lowbit.kernels.launch import INTERPRET, autotune, bench, gemv_rows
 
 
 @triton.jit
@@ -57,18 +54,10 @@ def _e8p_gemv_kernel(x_ptr, codes_ptr, scale_ptr, table_ptr, y_ptr, M, N, K, n_c
 _CONFIGS = [(2, 4, 4), (4, 4, 4), (8, 4, 4), (4, 8, 2)]
 
 
-def _bench(fn, quantiles=None):  # noqa: ANN001
-    return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
-
-
 def _autotuned():
     configs = [triton.Config({"BLOCK_N": bn, "BLOCK_W": 32 * w // bn, "UNROLL": u}, num_warps=w)
                for bn, w, u in _CONFIGS]
-    key = ["N", "K", "BLOCK_M", "GROUP_SHIFT"]
-    try:
-        return triton.autotune(configs, key=key, do_bench=_bench)(_e8p_gemv_kernel)
-    except TypeError:  # older triton without do_bench=
-        return triton.autotune(configs, key=key)(_e8p_gemv_kernel)
+    return autotune(_e8p_gemv_kernel, configs, ["N", "K", "BLOCK_M", "GROUP_SHIFT"], bench(5, 20))
 
 
 _tuned = None if INTERPRET else _autotuned()
@@ -88,15 +77,10 @@ def codebook_table(device: torch.device) -> torch.Tensor:
 
 def gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, group: int, n_cols: int) -> torch.Tensor:
     """x [M <= 8, K] @ W^T for an E8P weight: codes int16 [N, K / 8], scale fp16 [N, groups]."""
-    M, K = x.shape
-    if K != n_cols:
-        raise ValueError(f"input has {K} features, weight has {n_cols}")
-    if M > MAX_M:
-        raise ValueError(f"gemv handles up to {MAX_M} rows, got {M}")
+    M, K, block_m = gemv_rows(x.shape, n_cols)
     N = codes.shape[0]
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     shift = 30 if group >= K else group.bit_length() - 1 if group & (group - 1) == 0 else -1
-    block_m = 1 if M == 1 else 2 if M == 2 else 4 if M <= 4 else 8
     args = (x, codes, scale, codebook_table(x.device), y, M, N, K, codes.shape[1], scale.shape[1], group,
             x.stride(0), y.stride(0))
     if _tuned is None:

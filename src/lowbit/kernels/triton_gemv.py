@@ -25,13 +25,11 @@ weight, slower).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from lowbit.kernels.launch import INTERPRET, autotune, bench, gemv_rows
 
 # decode modes
 AFFINE = 0  # lut[c] = a * c + b
@@ -248,10 +246,6 @@ def _prune(configs, nargs, **kwargs):  # noqa: ANN001 - triton's prune hook
     return narrow or kept
 
 
-def _bench(fn, quantiles=None):  # noqa: ANN001 - the choice is made once per shape: median of a longer run
-    return triton.testing.do_bench(fn, warmup=10, rep=40, quantiles=quantiles, return_mode="median")
-
-
 _KEY = ["N", "K", "BITS", "WORDS", "DECODE", "HAS_MIN", "BLOCK_M", "SPLIT_K"]
 
 
@@ -262,18 +256,15 @@ def _autotuned(split: bool):
     prune = {"early_config_prune": _prune}
     # split-K adds into y: zeroed before every timed call and once after tuning
     zero = ["y_ptr"] if split else None
-    try:
-        return triton.autotune(configs, key=_KEY, prune_configs_by=prune, reset_to_zero=zero,
-                               do_bench=_bench)(_gemv_kernel)
-    except TypeError:  # older triton without do_bench=
-        return triton.autotune(configs, key=_KEY, prune_configs_by=prune, reset_to_zero=zero)(_gemv_kernel)
+    # the choice is made once per shape: median of a longer run
+    return autotune(_gemv_kernel, configs, _KEY, bench(10, 40, median=True), prune_configs_by=prune,
+                    reset_to_zero=zero)
 
 
 _gemv_tuned = None if INTERPRET else _autotuned(split=False)
 _gemv_tuned_split = None if INTERPRET else _autotuned(split=True)
 _last_tuner = None
 
-MAX_M = 8
 # the one config used under TRITON_INTERPRET=1 (tests vary it; SPLIT_K there overrides the heuristic)
 INTERPRET_CONFIG = {"BLOCK_N": 4, "BLOCK_W": 4, "UNROLL": 1, "ROW_GROUPS": 1}
 _SMS: dict = {}
@@ -305,11 +296,7 @@ def gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, mins: torch.
     ``decode`` = (mode, a, b, levels): AFFINE (lut[c] = a c + b), TABLE4 (2-bit levels) or GATHER (from ``lut``).
     """
     global _last_tuner
-    M, K = x.shape
-    if K != n_cols:
-        raise ValueError(f"input has {K} features, weight has {n_cols}")
-    if M > MAX_M:
-        raise ValueError(f"gemv handles up to {MAX_M} rows, got {M}")
+    M, K, block_m = gemv_rows(x.shape, n_cols)
     N = codes.shape[0]
     cfg = dict(INTERPRET_CONFIG)
     split = cfg.pop("SPLIT_K", 1) if _gemv_tuned is None else split_k(N, K, x.device)
@@ -323,7 +310,6 @@ def gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, mins: torch.
         codes = codes.view(torch.int16 if wbytes == 2 else torch.int32)
     per = wbytes * 8 // bits if words else 1
     mode, a, b, levels = decode
-    block_m = 1 if M == 1 else 2 if M == 2 else 4 if M <= 4 else 8
     args = (x, codes, scale, mins if mins is not None else scale, lut, y, M, N, K, codes.shape[1], scale.shape[1],
             group, x.stride(0), y.stride(0), a, b, *levels)
     # scale group of a column: k >> GROUP_SHIFT for power-of-two groups (one group per row: 30), else k // group

@@ -16,14 +16,11 @@ float32 and are reduced once at the end. Larger batches go through the reference
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-MAX_M = 8
+from lowbit.kernels.launch import INTERPRET, autotune, bench, gemv_rows
 
 
 @triton.jit
@@ -78,17 +75,9 @@ def _iq2xxs_gemv_kernel(x_ptr, qs_ptr, grid_ptr, ksigns_ptr, y_ptr, M, N, K, n_s
 _CONFIGS = [(2, 4, 4, 2), (4, 2, 4, 2), (4, 4, 4, 1), (8, 2, 4, 1), (4, 4, 8, 1)]
 
 
-def _bench(fn, quantiles=None):  # noqa: ANN001
-    return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
-
-
 def _autotuned():
     configs = [triton.Config({"BLOCK_N": bn, "BLOCK_S": bs, "UNROLL": u}, num_warps=w) for bn, bs, w, u in _CONFIGS]
-    key = ["N", "K", "BLOCK_M"]
-    try:
-        return triton.autotune(configs, key=key, do_bench=_bench)(_iq2xxs_gemv_kernel)
-    except TypeError:  # older triton without do_bench=
-        return triton.autotune(configs, key=key)(_iq2xxs_gemv_kernel)
+    return autotune(_iq2xxs_gemv_kernel, configs, ["N", "K", "BLOCK_M"], bench(5, 20))
 
 
 _tuned = None if INTERPRET else _autotuned()
@@ -112,11 +101,7 @@ def gemv(x: torch.Tensor, qs: torch.Tensor, n_cols: int) -> torch.Tensor:
     """x [M <= 8, K] @ W^T for an IQ2_XXS weight stored as ``qs`` uint8 [N, row_bytes(K)]."""
     from lowbit.formats.iq2xxs import row_bytes
 
-    M, K = x.shape
-    if K != n_cols:
-        raise ValueError(f"input has {K} features, weight has {n_cols}")
-    if M > MAX_M:
-        raise ValueError(f"gemv handles up to {MAX_M} rows, got {M}")
+    M, K, block_m = gemv_rows(x.shape, n_cols)
     N = qs.shape[0]
     rb = row_bytes(K)
     if tuple(qs.shape) != (N, rb):
@@ -124,7 +109,6 @@ def gemv(x: torch.Tensor, qs: torch.Tensor, n_cols: int) -> torch.Tensor:
     words = qs.contiguous().view(torch.int16)  # every field is at an even offset; rows are an even length
     grid, ksigns = device_tables(x.device)
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    block_m = 1 if M == 1 else 2 if M == 2 else 4 if M <= 4 else 8
     args = (x, words, grid, ksigns, y, M, N, K, K // 32, rb // 2, x.stride(0), y.stride(0))
     if _tuned is None:
         cfg = INTERPRET_CONFIG

@@ -14,13 +14,11 @@ read is redundant but cached.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from lowbit.kernels.launch import INTERPRET, autotune, bench, check_input
 
 
 @triton.jit
@@ -70,19 +68,11 @@ def _prune(configs, nargs, **kwargs):  # noqa: ANN001 - triton's prune hook
     return [c for c in configs if bm_min <= c.kwargs["BLOCK_M"] <= bm_max] or configs[:1]
 
 
-def _bench(fn, quantiles=None):  # noqa: ANN001
-    return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
-
-
 def _autotuned():
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
                for bm, bn, bk, w, st in _CONFIGS]
-    key = ["N", "K", "m_bucket", "BITS", "HAS_MIN"]
-    prune = {"early_config_prune": _prune}
-    try:
-        return triton.autotune(configs, key=key, prune_configs_by=prune, do_bench=_bench)(_dequant_matmul_kernel)
-    except TypeError:  # older triton without do_bench=
-        return triton.autotune(configs, key=key, prune_configs_by=prune)(_dequant_matmul_kernel)
+    return autotune(_dequant_matmul_kernel, configs, ["N", "K", "m_bucket", "BITS", "HAS_MIN"], bench(5, 25),
+                    prune_configs_by={"early_config_prune": _prune})
 
 
 _tuned = None if INTERPRET else _autotuned()
@@ -93,8 +83,7 @@ def dequant_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, mi
     """x [M, K] (contiguous rows) @ W^T, W [N, K] given as packed codes [N, row_bytes] + scale/min [N, groups]."""
     M, K = x.shape
     N = codes.shape[0]
-    if K != n_cols:
-        raise ValueError(f"input has {K} features, weight has {n_cols}")
+    check_input(K, n_cols)
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     m_bucket = min(1 << max(M - 1, 0).bit_length(), 4096)
     args = (x, codes, scale, mins if mins is not None else scale, lut, y,

@@ -1,0 +1,43 @@
+"""What every Triton kernel wrapper here shares: interpreter mode, autotuning setup, GEMV input checks."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import triton
+
+# read once: under the interpreter (CPU tests) kernels run one fixed config instead of autotuning
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+MAX_M = 8  # rows the GEMV kernels take; larger batches go to a tiled kernel or the reference
+
+
+def bench(warmup: int, rep: int, median: bool = False) -> Callable:
+    """An autotuner timing function with the given warm-up / repetition budget (ms)."""
+    extra = {"return_mode": "median"} if median else {}
+
+    def run(fn, quantiles=None):  # noqa: ANN001 - triton's do_bench hook
+        return triton.testing.do_bench(fn, warmup=warmup, rep=rep, quantiles=quantiles, **extra)
+    return run
+
+
+def autotune(kernel, configs: list, key: list[str], do_bench: Callable, **kwargs):  # noqa: ANN001, ANN201
+    """triton.autotune with a custom timing function where the installed Triton accepts one."""
+    try:
+        return triton.autotune(configs, key=key, do_bench=do_bench, **kwargs)(kernel)
+    except TypeError:  # older triton without do_bench=
+        return triton.autotune(configs, key=key, **kwargs)(kernel)
+
+
+def check_input(K: int, n_cols: int) -> None:
+    if K != n_cols:
+        raise ValueError(f"input has {K} features, weight has {n_cols}")
+
+
+def gemv_rows(x_shape: tuple[int, int], n_cols: int) -> tuple[int, int, int]:
+    """(M, K, BLOCK_M) for a GEMV input [M <= MAX_M, K]: BLOCK_M is M rounded up to 1, 2, 4 or 8."""
+    M, K = x_shape
+    check_input(K, n_cols)
+    if M > MAX_M:
+        raise ValueError(f"gemv handles up to {MAX_M} rows, got {M}")
+    return M, K, 1 if M == 1 else 2 if M == 2 else 4 if M <= 4 else 8
