@@ -110,3 +110,13 @@ def run_in_interpreter(script: str, *args: object) -> dict:
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def llama_cpp_logits(path, ids: list[int]):  # noqa: ANN001, ANN201 - a path; returns np.ndarray [len(ids), vocab]
+    """Stock llama.cpp's logits for ``ids`` on the GGUF file ``path`` (skips without llama-cpp-python)."""
+    import numpy as np
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=64, n_threads=2, verbose=False, seed=0)
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)], dtype=np.float32)

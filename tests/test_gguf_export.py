@@ -10,7 +10,7 @@ import pytest
 import torch
 from gguf.quants import dequantize
 
-from conftest import make_model
+from conftest import llama_cpp_logits, make_model
 from lowbit.algorithms.rtn import quantize_rtn, uniform_plan
 from lowbit.errors import LowbitError
 from lowbit.formats import get_format
@@ -224,13 +224,6 @@ def test_cli_export(tmp_path, tiny_model_dir, capsys):
     assert "14 x Q8_0" in capsys.readouterr().out
 
 
-def _llama_cpp_logits(path, ids: list[int]) -> np.ndarray:
-    llama_cpp = pytest.importorskip("llama_cpp")
-    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=64, n_threads=2, verbose=False, seed=0)
-    llm.eval(ids)
-    return np.array(llm.scores[: len(ids)], dtype=np.float32)
-
-
 def _sharp_llama(tokenizer) -> torch.nn.Module:
     """A random tiny Llama with peaked attention and logits: with the init's small weights attention is nearly
     uniform and RoPE (hence the Q/K permutation) barely changes the output; scaled up, a wrong layout moves the
@@ -260,7 +253,7 @@ def test_llama_cpp_matches_lowbit_logits(tmp_path, tiny_tokenizer, fmt):
     ids = tiny_tokenizer.encode("The quick brown fox jumps over the lazy dog. Low-bit quantization")
     with torch.no_grad():
         want = model(torch.tensor([ids])).logits[0].numpy()
-    got = _llama_cpp_logits(tmp_path / "m.gguf", ids)
+    got = llama_cpp_logits(tmp_path / "m.gguf", ids)
     diff = np.abs(got - want).max()
     print(f"{fmt}: max |logit diff| llama.cpp vs lowbit = {diff:.3f} (max |logit| {np.abs(want).max():.2f})")
     assert np.abs(want).max() > 3  # the model is sharp enough for the bound to mean something
@@ -308,7 +301,7 @@ def test_fused_rotation_exports_and_llama_cpp_agrees(tmp_path, tiny_tokenizer):
     report = export_gguf(model, tiny_tokenizer, tmp_path / "fused.gguf")
     assert {"token_embd.weight", "output.weight"} <= {t.name for t in report.tensors}
     if importlib.util.find_spec("llama_cpp"):  # the rest of the test runs without it
-        got = _llama_cpp_logits(tmp_path / "fused.gguf", ids)
+        got = llama_cpp_logits(tmp_path / "fused.gguf", ids)
         assert np.abs(got - want.numpy()).max() < LLAMA_CPP_TOL
 
 

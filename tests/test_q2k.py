@@ -8,6 +8,7 @@ import pytest
 import torch
 from gguf.quants import dequantize
 
+from conftest import llama_cpp_logits
 from lowbit.algorithms.gptq import gptq_quantize, proxy_loss
 from lowbit.errors import LowbitError
 from lowbit.formats import Q2KFormat, get_format
@@ -186,7 +187,7 @@ def test_gguf_export_round_trip(tmp_path, tiny_tokenizer):
 def test_llama_cpp_runs_q2_k_file_like_lowbit(tmp_path, tiny_tokenizer, fmt):
     """Stock llama.cpp loads a Q2_K file lowbit wrote and computes lowbit's logits, within llama.cpp's 8-bit
     activation rounding (skipped without llama-cpp-python)."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("llama_cpp")
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from lowbit.algorithms.rtn import quantize_rtn, uniform_plan
@@ -207,10 +208,7 @@ def test_llama_cpp_runs_q2_k_file_like_lowbit(tmp_path, tiny_tokenizer, fmt):
     ids = tiny_tokenizer.encode("The quick brown fox jumps over the lazy dog. Low-bit quantization")
     with torch.no_grad():
         want = model(torch.tensor([ids])).logits[0].numpy()
-    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), logits_all=True, n_ctx=64, n_threads=2,
-                          verbose=False, seed=0)
-    llm.eval(ids)
-    got = np.array(llm.scores[: len(ids)], dtype=np.float32)
+    got = llama_cpp_logits(tmp_path / "m.gguf", ids)
     diff = np.abs(got - want).max()
     print(f"{fmt}: max |logit diff| llama.cpp vs lowbit = {diff:.3f} (max |logit| {np.abs(want).max():.2f})")
     # Measured here: f16 file 0.02 max; q8_0 0.35 max / 0.039 mean; q2_k 0.89 / 0.054; q4_0 0.34 (llama.cpp rounds
