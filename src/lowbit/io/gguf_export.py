@@ -34,11 +34,8 @@ from lowbit.errors import LowbitError, UnsupportedModelError
 from lowbit.formats import QuantizedTensor, get_format
 from lowbit.io.atomic import atomic_file
 from lowbit.io.gguf_blocks import gguf_type, to_ggml_blocks, unsupported_reason
-from lowbit.io.gguf_types import gguf_name
+from lowbit.io.gguf_types import gguf_arch, gguf_name
 from lowbit.models.quant_linear import QuantLinear
-
-# HF model_type -> GGUF architecture; Mistral is written as llama (as convert_hf_to_gguf does).
-ARCHS = {"llama": gguf.MODEL_ARCH.LLAMA, "mistral": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}
 
 # convert_hf_to_gguf's pre-tokenizer check: hash the token ids of this text and look the hash up. Only hashes of
 # tokenizers lowbit's architectures ship with are listed; others get "default" (llama.cpp warns) or --tokenizer-pre.
@@ -128,7 +125,7 @@ def export_gguf(model: nn.Module, tokenizer: object, out: str | Path, fallback: 
     pre-tokenizer detection.
     """
     config = model.config
-    arch = _arch(config)
+    arch = gguf_arch(config)
     if embed_type != "f16":
         _check_fallback(embed_type, "embed_type")
     if fallback is not None:
@@ -150,13 +147,6 @@ def export_gguf(model: nn.Module, tokenizer: object, out: str | Path, fallback: 
         writer.close()
     report.file_bytes = out.stat().st_size
     return report
-
-
-def _arch(config: object) -> gguf.MODEL_ARCH:
-    model_type = getattr(config, "model_type", None)
-    if model_type not in ARCHS:
-        raise UnsupportedModelError(f"GGUF export supports {', '.join(ARCHS)} models, not {model_type!r}")
-    return ARCHS[model_type]
 
 
 def _check_fallback(fallback: str, what: str = "fallback") -> None:

@@ -17,22 +17,21 @@ from gguf.quants import dequantize
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.io.gguf_export import ARCHS, _row_permutation
-from lowbit.io.gguf_types import gguf_name
+from lowbit.io.gguf_export import _row_permutation
+from lowbit.io.gguf_types import gguf_arch, gguf_name
 
 
 @torch.no_grad()
 def load_gguf_weights(model: nn.Module, path: str | Path) -> nn.Module:
     """Overwrite ``model``'s parameters with the (dequantized) tensors of the GGUF file ``path``; returns it."""
     path = Path(path)
+    llama = gguf_arch(model.config) == gguf.MODEL_ARCH.LLAMA
     if not path.is_file():
         raise LowbitError(f"GGUF file not found: {path}")
     tensors = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
     if "output.weight" in tensors and model.lm_head.weight is model.get_input_embeddings().weight:
         model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
         model.config.tie_word_embeddings = False
-    llama = ARCHS[model.config.model_type] == gguf.MODEL_ARCH.LLAMA
-    used = set()
     for key, p in model.named_parameters():
         name = gguf_name(model, key)
         if key.startswith("lm_head.") and "output.weight" not in tensors:
@@ -47,5 +46,4 @@ def load_gguf_weights(model: nn.Module, path: str | Path) -> nn.Module:
         if tuple(w.shape) != tuple(p.shape):
             raise LowbitError(f"{name}: file shape {tuple(w.shape)} does not match the model's {tuple(p.shape)}")
         p.copy_(w.to(p.dtype))
-        used.add(name)
     return model

@@ -16,7 +16,7 @@ from pathlib import Path
 import gguf
 from torch import nn
 
-from lowbit.errors import LowbitError
+from lowbit.errors import LowbitError, UnsupportedModelError
 from lowbit.models.walker import decoder_linears
 
 # ggml type -> the lowbit format that stores it bit for bit (io/gguf_blocks.py); F16/F32 stay float
@@ -24,6 +24,8 @@ LOWBIT_FORMAT = {"Q4_0": "q4_0", "Q4_1": "q4_1", "Q5_0": "int5_g32_sym", "Q5_1":
                  "Q8_0": "q8_0", "IQ4_NL": "iq4_nl", "IQ2_XXS": "iq2_xxs",
                  "Q2_K": "q2_k"}
 FLOAT_TYPES = ("F16", "F32", "BF16")
+# HF model_type -> GGUF architecture; Mistral is written as llama (as convert_hf_to_gguf does).
+ARCHS = {"llama": gguf.MODEL_ARCH.LLAMA, "mistral": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}
 # k-quant types lowbit cannot write yet -> the lowbit GGUF type with at most as many bits per weight, so a "like"
 # file never gets more bits than the original (Q4_K 4.5 -> IQ4_NL 4.5; Q5_K 5.5 -> Q5_0 5.5;
 # Q6_K 6.5625 -> Q5_1 6.0)
@@ -47,10 +49,15 @@ def tensor_types(path: str | Path) -> dict[str, str]:
 
 def gguf_name(model: nn.Module, key: str) -> str | None:
     """The GGUF tensor name llama.cpp uses for the Hugging Face parameter ``key`` (e.g. ...q_proj.weight)."""
-    from lowbit.io.gguf_export import ARCHS  # avoid an import cycle: the exporter uses this module's names
-
-    names = _name_map(ARCHS[model.config.model_type], model.config.num_hidden_layers)
+    names = _name_map(gguf_arch(model.config), model.config.num_hidden_layers)
     return names.get_name(key, try_suffixes=(".weight", ".bias"))
+
+
+def gguf_arch(config: object) -> gguf.MODEL_ARCH:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ARCHS:
+        raise UnsupportedModelError(f"GGUF export supports {', '.join(ARCHS)} models, not {model_type!r}")
+    return ARCHS[model_type]
 
 
 @cache
