@@ -217,10 +217,10 @@ def profile_step(model: nn.Module, args: argparse.Namespace, prompt: torch.Tenso
     the graph replays, without its launch savings). Shows where a token's time goes: packed GEMVs vs the rest."""
     from torch.profiler import ProfilerActivity, profile
 
-    dec = StaticDecoder(model, max_cache_len=args.prompt + args.gen, cuda_graph=False)
+    dec = StaticDecoder(model, max_cache_len=args.prompt + args.gen, cuda_graph=False, compile=args.compile)
     dec.reset()
     dec.prefill(prompt)
-    dec.run_steps(2)  # warm-up: autotuning, caches
+    dec.run_steps(2)  # warm-up: autotuning, caches, compilation
     sync(prompt.device)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         dec.run_steps(steps)
@@ -264,11 +264,12 @@ def run_variant(model: nn.Module, variant: str, args: argparse.Namespace, prompt
         parts = step_bytes(model, mean_ctx)
         row: dict = {"variant": variant, "bpw": 8 * parts["linears"] / n_weights, "bytes": parts,
                      "roofline_tok_s": bw / parts["total"]}
-        dec = StaticDecoder(model, max_cache_len=args.prompt + args.gen, cuda_graph=args.graph)
+        dec = StaticDecoder(model, max_cache_len=args.prompt + args.gen, cuda_graph=args.graph,
+                            compile=args.compile)
         t0 = time.perf_counter()
         fast = time_decode(dec, prompt, args.gen, args.repeats)
         row |= {"tok_s": fast["tok_s"], "tok_s_runs": fast["tok_s_runs"], "prefill_ms": fast["prefill_ms"],
-                "cuda_graph": dec.graph_captured, "graph_error": dec.graph_error,
+                "cuda_graph": dec.graph_captured, "graph_error": dec.graph_error, "compiled": args.compile,
                 "frac_roofline": fast["tok_s"] / row["roofline_tok_s"]}
         log(f"{variant}: fast path {fast['tok_s']:.1f} tok/s (graph={dec.graph_captured}) "
             f"in {time.perf_counter() - t0:.1f}s")
@@ -348,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--graph", default="auto", choices=("auto", "on", "off"),
                     help="CUDA graphs: auto (fall back to eager if capture fails), on (fail instead), off")
     ap.add_argument("--bw-mb", type=int, default=0, help="copy size for the bandwidth test (default 1024 on GPU)")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile the decode step (fuses the ops between matmuls; the graph replays it)")
     ap.add_argument("--profile", action="store_true", help="per variant: GPU kernel time per step, by kernel")
     ap.add_argument("--tag", default=None)
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/decode-<tag>.json)")

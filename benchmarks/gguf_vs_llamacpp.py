@@ -2,6 +2,8 @@
 
     python benchmarks/gguf_vs_llamacpp.py --llama-bin DIR          # DIR holds llama-quantize/-imatrix/-perplexity
     python benchmarks/gguf_vs_llamacpp.py --llama-bin DIR --types iq2_xxs --methods gptq,gptq+fused --ppl-chunks 8
+    python benchmarks/gguf_vs_llamacpp.py --llama-bin DIR --methods gptq_act,imatrix,gptq_act+fused/q4_0  # /EMBED:
+        # token_embd and output type (fused rotation unties the head: 2 x Q4_0 ~ llama.cpp's one tied Q8_0)
 
 For each GGUF type T (q4_0, q4_1, iq2_xxs):
   * llama.cpp: ``llama-quantize [--imatrix] f16.gguf T`` (the F16 file is lowbit's float export, which loads in
@@ -162,14 +164,18 @@ class Bench:
             if qtype == "iq2_xxs" and method.startswith("rtn"):
                 continue  # plain rounding onto the E8 grid is ~10^5 perplexity: not a contender
             label = f"lowbit {method}"
-            path = self.work / f"lowbit-{method.replace('+', '-')}-{qtype}.gguf"
+            path = self.work / f"lowbit-{method.replace('+', '-').replace('/', '-')}-{qtype}.gguf"
             if self.done(label, qtype):
                 continue
-            base, fused = method.removesuffix("+fused"), method.endswith("+fused")
+            # METHOD[+fused][/EMBED]: EMBED is the token_embd/output type (fused rotation unties the head, so a
+            # file of llama.cpp's size stores both at ~half the bits of llama.cpp's one tied Q8_0 matrix)
+            spec, _, embed = method.partition("/")
+            base, fused = spec.removesuffix("+fused"), spec.endswith("+fused")
             t0 = time.perf_counter()
             if not path.exists():
                 rc = lowbit(["export-gguf", *model, "--like", str(like), "--method", base, "--out", str(path),
-                             "--no-progress", *(["--fuse-rotation"] if fused else []), *self.args.lowbit_args.split()])
+                             "--no-progress", *(["--fuse-rotation"] if fused else []),
+                             *(["--embed-type", embed] if embed else []), *self.args.lowbit_args.split()])
                 if rc:
                     self.errors.append(f"{label} {qtype}: export failed ({rc})")
                     continue

@@ -122,6 +122,20 @@ def test_greedy_matches_with_quant_linear(fmt, rotate, rtn):
     assert reference_greedy(model, PROMPT, 16) == ref  # placing the rotations on the device changed nothing
 
 
+def test_compiled_step_matches_eager_with_quant_linear():
+    """torch.compile of the step (QuantLinears as the lowbit::qmatmul custom op, no graph break) decodes the same
+    tokens, and the op is what the compiled graph calls."""
+    from torch._dynamo.utils import counters
+
+    model = quantized_llama("int4_g32_sym")
+    ref = reference_greedy(model, PROMPT, 12)
+    torch._dynamo.reset()
+    counters.clear()
+    dec = StaticDecoder(model, max_cache_len=len(PROMPT) + 12, compile=True)
+    assert dec.generate_greedy(PROMPT, 12).tolist() == ref
+    assert not counters["graph_break"], dict(counters["graph_break"])
+
+
 def test_eos_stops_early_and_limits(fp32_model):
     ref = reference_greedy(fp32_model, PROMPT, 40)[0]
     dec = StaticDecoder(fp32_model, max_cache_len=64)

@@ -196,3 +196,19 @@ def test_imatrix_rounding_uses_calibration_importance(fmt, tiny_tokenizer, text_
         assert imat < rtn
     else:  # a scalar grid only moves its scale: diag(H) ignores input correlations, so no better than ~RTN
         assert imat < 1.05 * rtn
+
+
+def test_act_order_in_a_mixed_plan_skips_vector_codebooks(tiny_tokenizer, text_file):
+    """llama.cpp-like plans mix a vector codebook with scalar fallbacks: act-order applies where it can."""
+    from lowbit.errors import LowbitError
+    from lowbit.pipeline import quantize
+
+    model = make_model("llama", vocab=len(tiny_tokenizer))
+    plan = {n: "e8p_ch" if n.endswith("down_proj") else "int4_g32_sym" for n in decoder_linears(model)}
+    calib = CalibConfig(nsamples=8, seqlen=32, text_path=text_file)
+    stats = quantize(model, "gptq_act", plan, tiny_tokenizer, calib=calib, device="cpu", progress=False)
+    assert set(stats) == set(plan)
+    assert {m.format_name for m in decoder_linears(model).values()} == {"e8p_ch", "int4_g32_sym"}
+    with pytest.raises(LowbitError, match="act-order needs a scalar format"):
+        quantize(make_model("llama", vocab=len(tiny_tokenizer)), "gptq_act", "e8p_ch", tiny_tokenizer,
+                 calib=calib, device="cpu", progress=False)

@@ -114,6 +114,9 @@ def quantize(model: nn.Module, method: str, format_name: str | dict[str, str], t
             raise LowbitError(f"{method} needs the tokenizer to build calibration samples")
         cfg = replace(gptq or GPTQConfig())
         cfg.act_order = cfg.act_order or method == "gptq_act"
+        if cfg.act_order and all(get_format(f).vector_dim > 1 for f in plan.values()):
+            raise LowbitError(f"act-order needs a scalar format; {sorted(set(plan.values()))} are vector "
+                              "codebooks (block LDLQ keeps natural order): use gptq")
         cfg.rounding = "imatrix" if method == "imatrix" else cfg.rounding
         cfg.rotate = cfg.rotate or rotate
         report = quantize_sequential(model, tokenizer, plan, calib=calib, gptq=cfg, device=device,

@@ -176,7 +176,10 @@ def _quantize_layer(layer: nn.Module, names: list[str], plan: dict[str, str], pr
             qt = fmt.quantize(w, importance=H.diagonal().clamp_min(0))
             res = GPTQResult(qt, proxy_loss(w, fmt.dequantize(qt), H), 0.0, 0)
         else:
-            res = gptq_quantize(w, H, fmt, cfg.blocksize, cfg.percdamp, cfg.act_order)
+            # act-order where the format allows it (scalar grids); vector codebooks in a mixed plan (IQ2_XXS
+            # beside IQ4_NL fallbacks) keep natural order rather than failing the whole plan
+            act = cfg.act_order and fmt.vector_dim == 1
+            res = gptq_quantize(w, H, fmt, cfg.blocksize, cfg.percdamp, act)
         rtn = proxy_loss(w, fmt.dequantize(fmt.quantize(w)), H)
         bias = getattr(module, "bias", None)
         set_module(layer, sub, QuantLinear.from_quantized(res.qt, None if bias is None else bias.data, rotation))

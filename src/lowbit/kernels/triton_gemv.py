@@ -25,11 +25,18 @@ weight, slower).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
+from lowbit.kernels import triton_gemv_affine
 from lowbit.kernels.launch import INTERPRET, autotune, bench, gemv_rows
+
+# batch 1 on 2/4-bit affine grids goes to the leaner kernel of triton_gemv_affine (LOWBIT_GEMV_AFFINE=0: this one,
+# e.g. to compare them)
+AFFINE_FAST = os.environ.get("LOWBIT_GEMV_AFFINE", "1") != "0"
 
 # decode modes
 AFFINE = 0  # lut[c] = a * c + b
@@ -300,6 +307,11 @@ def gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, mins: torch.
     N = codes.shape[0]
     cfg = dict(INTERPRET_CONFIG)
     split = cfg.pop("SPLIT_K", 1) if _gemv_tuned is None else split_k(N, K, x.device)
+    mode, a, b, levels = decode
+    if AFFINE_FAST and triton_gemv_affine.supported(M, K, bits, mode, group, codes):
+        y = triton_gemv_affine.gemv(x, codes, scale, mins, a, b, bits, group, split)
+        _last_tuner = triton_gemv_affine.last_tuner
+        return y
     # split-K: partial sums added atomically into a zeroed float32 y, cast at the end
     y = torch.zeros(M, N, device=x.device, dtype=torch.float32) if split > 1 else \
         torch.empty(M, N, device=x.device, dtype=x.dtype)
@@ -309,7 +321,6 @@ def gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, mins: torch.
     if words:
         codes = codes.view(torch.int16 if wbytes == 2 else torch.int32)
     per = wbytes * 8 // bits if words else 1
-    mode, a, b, levels = decode
     args = (x, codes, scale, mins if mins is not None else scale, lut, y, M, N, K, codes.shape[1], scale.shape[1],
             group, x.stride(0), y.stride(0), a, b, *levels)
     # scale group of a column: k >> GROUP_SHIFT for power-of-two groups (one group per row: 30), else k // group

@@ -101,6 +101,11 @@ class QuantLinear(nn.Module):
             x = self.input_quant(x)
         if self._cache_on:
             y = F.linear(x, self._weight(x.dtype))
+        elif torch.compiler.is_compiling():  # one opaque node for torch.compile (same kernels as below)
+            from lowbit.kernels.ops import qmatmul
+
+            y = qmatmul(x, self.format_name, self.out_features, self.in_features, ",".join(self._keys),
+                        [getattr(self, k) for k in self._keys])
         else:  # packed kernel where one runs (CUDA), else the dequantize-then-matmul reference
             y = dequant_matmul(x, self.fmt, self.quantized())
         if self._u is not None:

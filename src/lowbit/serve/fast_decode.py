@@ -88,12 +88,13 @@ class StaticDecoder:
     """Greedy or step-by-step decoding of ``model`` (a transformers causal LM) with a static KV cache.
 
     ``cuda_graph``: "auto" (capture on CUDA, fall back to eager with a warning if capture fails), True (capture,
-    raise on failure; CUDA only) or False (always eager). One decoder serves any number of generations with the
-    same batch size (``reset`` keeps the cache and the captured graph).
+    raise on failure; CUDA only) or False (always eager). ``compile``: run the step through ``torch.compile``
+    (compiled on the first step; the graph then replays the compiled step). One decoder serves any number of
+    generations with the same batch size (``reset`` keeps the cache and the captured graph).
     """
 
     def __init__(self, model: nn.Module, max_cache_len: int, batch_size: int = 1,
-                 cuda_graph: bool | str = "auto", warmup_steps: int = 2):
+                 cuda_graph: bool | str = "auto", warmup_steps: int = 2, compile: bool = False):
         from transformers import StaticCache
 
         if cuda_graph not in (True, False, "auto"):
@@ -122,6 +123,10 @@ class StaticDecoder:
         self.length = 0  # positions held in the cache
         self.prompt_length = 0
         place_rotations(model, self.device)
+        # torch.compile of the step fuses the small ops between the matmuls (norms, rotary embedding, residual adds,
+        # activation); QuantLinears enter the trace as the lowbit::qmatmul custom op. The CUDA graph, if any, then
+        # records the compiled step.
+        self._step = torch.compile(self._body, dynamic=False) if compile else self._body
 
     @property
     def graph_captured(self) -> bool:
@@ -229,7 +234,7 @@ class StaticDecoder:
             self._graph.replay()
             logits = self._logits
         else:
-            logits = self._body()
+            logits = self._step()
         self.length += 1
         return logits
 
@@ -253,12 +258,12 @@ class StaticDecoder:
             side.wait_stream(cur)
             with torch.cuda.stream(side):
                 for _ in range(warm):
-                    self._body()
+                    self._step()
                     restore()
             cur.wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                logits = self._body()
+                logits = self._step()
             self._graph, self._logits = graph, logits
         except Exception as e:  # capture is an optimisation: decode eagerly unless the caller insisted on graphs
             self._graph = self._logits = None

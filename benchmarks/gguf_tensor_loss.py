@@ -1,0 +1,91 @@
+"""Where do two GGUF files of the same model lose? Per-tensor proxy loss against calibration Hessians (CPU, minutes).
+
+    python benchmarks/gguf_tensor_loss.py A.gguf B.gguf [...] [--nsamples 32 --seqlen 512]
+
+Every decoder linear's input Hessian H = 2/N X^T X is collected once from the float model on the calibration
+split; each file's tensors are read back (io/gguf_import.py) and scored by GPTQ's objective tr(dW H dW^T), the
+output error the rounding causes on calibration inputs. Printed: the sum per linear kind (q/k/v/o/gate/up/down)
+and per GGUF type, for each file. Files must share the float model's basis: a fused-rotation file is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from collections import defaultdict
+
+import torch
+
+from lowbit.calibration.capture import HessianAccumulator
+from lowbit.calibration.samples import calibration_samples
+from lowbit.io.gguf_import import load_gguf_weights
+from lowbit.io.gguf_types import gguf_name, tensor_types
+from lowbit.models.loader import load_model
+from lowbit.models.walker import decoder_linears, linear_weight
+from lowbit.pipeline import round_to_storage
+
+
+@torch.no_grad()
+def hessians(model: torch.nn.Module, samples: torch.Tensor) -> dict[str, torch.Tensor]:
+    linears = decoder_linears(model)
+    dev = next(model.parameters()).device
+    accs = {n: HessianAccumulator(m, linear_weight(m).shape[1], dev) for n, m in linears.items()}
+    try:
+        for row in samples:
+            model(row[None].to(dev))
+    finally:
+        hs = {n: a.remove() for n, a in accs.items()}
+    return hs
+
+
+def file_losses(model: torch.nn.Module, path: str, H: dict[str, torch.Tensor]) -> dict[str, tuple[str, float, float]]:
+    """Linear name -> (GGUF type, tr(dW H dW^T), tr(W H W^T))."""
+    types = tensor_types(path)
+    q = load_gguf_weights(copy.deepcopy(model).cpu(), path)
+    ref, got = decoder_linears(model), decoder_linears(q)
+    out = {}
+    for name, h in H.items():
+        w = linear_weight(ref[name]).float().cpu()
+        d = linear_weight(got[name]).float() - w
+        h = h.cpu()
+        out[name] = (types[gguf_name(model, f"{name}.weight")], float(((d @ h) * d).sum()),
+                     float(((w @ h) * w).sum()))
+    rel = sum(v[1] for v in out.values()) / sum(v[2] for v in out.values())
+    if rel > 0.5:
+        raise SystemExit(f"{path}: relative proxy loss {rel:.2f}: not this model's basis (a fused-rotation file?)")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("files", nargs="+")
+    ap.add_argument("--nsamples", type=int, default=32)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--model", default=None, help="HF model dir or hub id (default: the bundled model)")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    model, tok = load_model(args.model, device="cpu")
+    model = round_to_storage(model.float()).eval()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.no_grad():
+        H = hessians(model.to(dev), calibration_samples(tok, args.nsamples, args.seqlen))
+    model.cpu()
+    losses = {f: file_losses(model, f, H) for f in args.files}
+    names = [f.rsplit("/", 1)[-1] for f in args.files]
+    print("| linear | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
+    kinds = sorted({n.rsplit(".", 1)[-1] for n in H})
+    for kind in [*kinds, "all"]:
+        cells = []
+        for f in args.files:
+            rows = [v for n, v in losses[f].items() if kind == "all" or n.endswith("." + kind)]
+            by_type = defaultdict(int)
+            for t, _, _ in rows:
+                by_type[t] += 1
+            types = "/".join(f"{t}x{c}" for t, c in sorted(by_type.items()))
+            total = f"{sum(r[1] for r in rows):.4g}"
+            cells.append(f"{total} ({types})" if kind != "all" else total)
+        print(f"| {kind} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
