@@ -28,11 +28,11 @@ def rtn_loss(W, H, fmt):
 
 @pytest.mark.parametrize("name", ["int4_g32_asym", "int3_g64_sym", "int2_g32_asym", "int3_ch_sym",
                                   "int2_g64_asym_mse", "int4_g128_sym"])
-@pytest.mark.parametrize("act_order", [False, True])
-def test_gptq_beats_rtn_on_proxy_loss(name, act_order):
+@pytest.mark.parametrize(("act_order", "static_groups"), [(False, False), (True, False), (False, True)])
+def test_gptq_beats_rtn_on_proxy_loss(name, act_order, static_groups):
     W, H = correlated_problem(seed=zlib.crc32(name.encode()) % 1000)
     fmt = get_format(name)
-    res = gptq_quantize(W, H, fmt, blocksize=32, act_order=act_order)
+    res = gptq_quantize(W, H, fmt, blocksize=32, act_order=act_order, static_groups=static_groups)
     assert res.proxy_loss < 0.9 * rtn_loss(W, H, fmt)
     # the stored tensor is what the loss was measured on
     assert res.proxy_loss == pytest.approx(proxy_loss(W, fmt.dequantize(res.qt), H), rel=1e-6)

@@ -54,8 +54,11 @@ def inverse_cholesky(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, fl
 
 
 def gptq_quantize(w: torch.Tensor, H: torch.Tensor, fmt: Format, blocksize: int = 128, percdamp: float = 0.01,
-                  act_order: bool = False) -> GPTQResult:
-    """Quantize ``w`` [out, in] given ``H`` [in, in] (2/N X^T X of its inputs) into ``fmt``."""
+                  act_order: bool = False, static_groups: bool = False) -> GPTQResult:
+    """Quantize ``w`` [out, in] given ``H`` [in, in] (2/N X^T X of its inputs) into ``fmt``.
+
+    ``static_groups``: fit every group's parameters up front on the original weights even in natural order (what
+    act-order always does), instead of on the error-updated weights when the group is reached."""
     W = w.detach().clone().float()
     H_orig = H.detach().float()
     H = H_orig.clone()
@@ -76,7 +79,7 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, fmt: Format, blocksize: int 
         raise LowbitError(f"{fmt.name}: {cols} columns (groups of {gs}) are not a multiple of the vector size {vd}")
     if act_order and vd > 1:
         raise LowbitError(f"act-order is not supported for the vector codebook {fmt.name}")
-    static = act_order or n_groups == 1
+    static = act_order or static_groups or n_groups == 1
     params: list = [None] * n_groups
     col_params: list = [None] * n_groups  # per-column form of params[g], what encode/decode take
 

@@ -56,6 +56,7 @@ class GPTQConfig:
     blocksize: int = 128
     percdamp: float = 0.01
     act_order: bool = False
+    static_groups: bool = False  # group parameters fitted on the original weights (see gptq_quantize)
     rotate: bool = False  # incoherence processing: round U W V^T against V H V^T
     rotation_seed: int = 0
     # "ldlq": GPTQ/LDLQ error feedback; "imatrix": nearest rounding with diag(H) as importance (llama.cpp's imatrix)
@@ -179,7 +180,7 @@ def _quantize_layer(layer: nn.Module, names: list[str], plan: dict[str, str], pr
             # act-order where the format allows it (scalar grids); vector codebooks in a mixed plan (IQ2_XXS
             # beside IQ4_NL fallbacks) keep natural order rather than failing the whole plan
             act = cfg.act_order and fmt.vector_dim == 1
-            res = gptq_quantize(w, H, fmt, cfg.blocksize, cfg.percdamp, act)
+            res = gptq_quantize(w, H, fmt, cfg.blocksize, cfg.percdamp, act, cfg.static_groups)
         rtn = proxy_loss(w, fmt.dequantize(fmt.quantize(w)), H)
         bias = getattr(module, "bias", None)
         set_module(layer, sub, QuantLinear.from_quantized(res.qt, None if bias is None else bias.data, rotation))
