@@ -398,6 +398,8 @@ def test_cli_generate_streams_greedy_text(tiny_dir, loaded, capsys):
     assert main([*argv, "--chat", "--system", "Be brief."]) == 0
     ids, _ = encode_chat(loaded[1], MESSAGES)
     assert capsys.readouterr().out == reference(loaded, ids).output + "\n"
+    assert main([*argv, "--fast"]) == 0  # static-cache decoder: the same greedy text
+    assert capsys.readouterr().out == reference(loaded, encode_prompt(loaded[1], "The quick brown fox")).output + "\n"
 
 
 def test_cli_generate_quantized_checkpoint_and_errors(tiny_dir, tmp_path, capsys):

@@ -90,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", "-p", required=True, help="prompt text ('-' reads it from stdin)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
     p.add_argument("--system", default=None, help="system message (with --chat)")
+    p.add_argument("--fast", action="store_true",
+                   help="decode with a static KV cache, one CUDA graph per token and torch.compile of the step "
+                        "(CUDA; packed kernels, no weight cache; compiling takes ~1 min once). On the CPU: the "
+                        "static cache only")
     _add_sampling(p)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
@@ -316,8 +320,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
         ids = encode_prompt(tok, prompt)
     from lowbit.serve.generate import use_weight_cache
 
-    use_weight_cache(model, not args.no_weight_cache)
-    stream = TextStream(model, tok, ids, params, extra_stop=extra_stop)
+    decoder = None
+    if args.fast:
+        from lowbit.serve.fast_decode import StaticDecoder
+
+        use_weight_cache(model, False)  # the point is the packed kernels; graphs and compile remove the overhead
+        cuda = next(model.parameters()).is_cuda
+        decoder = StaticDecoder(model, max_cache_len=len(ids) + params.max_new_tokens, compile=cuda)
+    else:
+        use_weight_cache(model, not args.no_weight_cache)
+    stream = TextStream(model, tok, ids, params, extra_stop=extra_stop, decoder=decoder)
     for delta in stream:
         sys.stdout.write(delta)
         sys.stdout.flush()
