@@ -91,9 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
     p.add_argument("--system", default=None, help="system message (with --chat)")
     p.add_argument("--fast", action="store_true",
-                   help="decode with a static KV cache, one CUDA graph per token and torch.compile of the step "
-                        "(CUDA; packed kernels, no weight cache; compiling takes ~1 min once). On the CPU: the "
-                        "static cache only")
+                   help="decode from the packed weights with a static KV cache and one CUDA graph per token "
+                        "(CUDA; no weight cache). On the CPU: the static cache only")
+    p.add_argument("--compile", action="store_true",
+                   help="with --fast: torch.compile the decode step too (fuses the small ops between matmuls; "
+                        "compiling takes ~1 min, worth it for long generations)")
     _add_sampling(p)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
@@ -324,9 +326,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.fast:
         from lowbit.serve.fast_decode import StaticDecoder
 
-        use_weight_cache(model, False)  # the point is the packed kernels; graphs and compile remove the overhead
-        cuda = next(model.parameters()).is_cuda
-        decoder = StaticDecoder(model, max_cache_len=len(ids) + params.max_new_tokens, compile=cuda)
+        use_weight_cache(model, False)  # the point is the packed kernels; the graph removes the launch overhead
+        decoder = StaticDecoder(model, max_cache_len=len(ids) + params.max_new_tokens, compile=args.compile)
     else:
         use_weight_cache(model, not args.no_weight_cache)
     stream = TextStream(model, tok, ids, params, extra_stop=extra_stop, decoder=decoder)
