@@ -16,6 +16,7 @@ from collections import defaultdict
 
 import torch
 
+from lowbit.algorithms.gptq import proxy_loss
 from lowbit.calibration.capture import HessianAccumulator
 from lowbit.calibration.samples import calibration_samples
 from lowbit.io.gguf_import import load_gguf_weights
@@ -38,22 +39,12 @@ def hessians(model: torch.nn.Module, samples: torch.Tensor) -> dict[str, torch.T
     return hs
 
 
-def file_losses(model: torch.nn.Module, path: str, H: dict[str, torch.Tensor]) -> dict[str, tuple[str, float, float]]:
-    """Linear name -> (GGUF type, tr(dW H dW^T), tr(W H W^T))."""
+def file_losses(model: torch.nn.Module, path: str, H: dict[str, torch.Tensor]) -> dict[str, tuple[str, float]]:
+    """Linear name -> (GGUF type, tr(dW H dW^T)) for the file's tensors against ``model``'s."""
     types = tensor_types(path)
-    q = load_gguf_weights(copy.deepcopy(model).cpu(), path)
-    ref, got = decoder_linears(model), decoder_linears(q)
-    out = {}
-    for name, h in H.items():
-        w = linear_weight(ref[name]).float().cpu()
-        d = linear_weight(got[name]).float() - w
-        h = h.cpu()
-        out[name] = (types[gguf_name(model, f"{name}.weight")], float(((d @ h) * d).sum()),
-                     float(((w @ h) * w).sum()))
-    rel = sum(v[1] for v in out.values()) / sum(v[2] for v in out.values())
-    if rel > 0.5:
-        raise SystemExit(f"{path}: relative proxy loss {rel:.2f}: not this model's basis (a fused-rotation file?)")
-    return out
+    ref, got = decoder_linears(model), decoder_linears(load_gguf_weights(copy.deepcopy(model), path))
+    return {name: (types[gguf_name(model, f"{name}.weight")],
+                   proxy_loss(linear_weight(ref[name]), linear_weight(got[name]), h)) for name, h in H.items()}
 
 
 def main() -> None:
@@ -68,9 +59,17 @@ def main() -> None:
     model = round_to_storage(model.float()).eval()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.no_grad():
-        H = hessians(model.to(dev), calibration_samples(tok, args.nsamples, args.seqlen))
+        H = {n: h.cpu() for n, h in hessians(model.to(dev), calibration_samples(tok, args.nsamples,
+                                                                                 args.seqlen)).items()}
     model.cpu()
-    losses = {f: file_losses(model, f, H) for f in args.files}
+    lin = decoder_linears(model)
+    energy = sum(proxy_loss(linear_weight(lin[n]), torch.zeros_like(linear_weight(lin[n])), h) for n, h in H.items())
+    losses = {}
+    for f in args.files:
+        losses[f] = file_losses(model, f, H)
+        rel = sum(v[1] for v in losses[f].values()) / energy  # near 1: the file is not in this model's basis
+        if rel > 0.5:
+            raise SystemExit(f"{f}: relative proxy loss {rel:.2f}: not this model's basis (a fused-rotation file?)")
     names = [f.rsplit("/", 1)[-1] for f in args.files]
     print("| linear | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
     kinds = sorted({n.rsplit(".", 1)[-1] for n in H})
@@ -79,7 +78,7 @@ def main() -> None:
         for f in args.files:
             rows = [v for n, v in losses[f].items() if kind == "all" or n.endswith("." + kind)]
             by_type = defaultdict(int)
-            for t, _, _ in rows:
+            for t, _ in rows:
                 by_type[t] += 1
             types = "/".join(f"{t}x{c}" for t, c in sorted(by_type.items()))
             total = f"{sum(r[1] for r in rows):.4g}"
