@@ -120,3 +120,29 @@ def llama_cpp_logits(path, ids: list[int]):  # noqa: ANN001, ANN201 - a path; re
     llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=64, n_threads=2, verbose=False, seed=0)
     llm.eval(ids)
     return np.array(llm.scores[: len(ids)], dtype=np.float32)
+
+
+def sharpen_llama(model):  # noqa: ANN001, ANN201 - a transformers Llama, returned 16-bit-rounded
+    """Peaked attention and logits for a random tiny Llama: with the init's small weights attention is nearly
+    uniform and RoPE (hence the GGUF Q/K permutation) barely changes the output; scaled up, a wrong layout moves
+    the logits by ~4 (measured) instead of ~0.007."""
+    from lowbit.pipeline import round_to_storage
+
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8)
+            layer.self_attn.k_proj.weight.mul_(8)
+        model.lm_head.weight.mul_(10)
+    return round_to_storage(model)
+
+
+def exported_logits(model, tokenizer, path):  # noqa: ANN001, ANN201 - returns (lowbit, llama.cpp) np arrays
+    """Export ``model`` to the GGUF ``path`` and return its logits on a fixed sentence from lowbit's own forward
+    and from stock llama.cpp on the file (skips without llama-cpp-python)."""
+    from lowbit.io.gguf_export import export_gguf
+
+    export_gguf(model, tokenizer, path)
+    ids = tokenizer.encode("The quick brown fox jumps over the lazy dog. Low-bit quantization")
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].numpy()
+    return want, llama_cpp_logits(path, ids)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from gguf.quants import dequantize
 
-from conftest import llama_cpp_logits, make_model
+from conftest import exported_logits, llama_cpp_logits, make_model, sharpen_llama
 from lowbit.algorithms.rtn import quantize_rtn, uniform_plan
 from lowbit.errors import LowbitError
 from lowbit.formats import get_format
@@ -225,16 +225,7 @@ def test_cli_export(tmp_path, tiny_model_dir, capsys):
 
 
 def _sharp_llama(tokenizer) -> torch.nn.Module:
-    """A random tiny Llama with peaked attention and logits: with the init's small weights attention is nearly
-    uniform and RoPE (hence the Q/K permutation) barely changes the output; scaled up, a wrong layout moves the
-    logits by ~4 (measured) instead of ~0.007."""
-    model = make_model("llama", vocab=len(tokenizer))
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(8)
-            layer.self_attn.k_proj.weight.mul_(8)
-        model.lm_head.weight.mul_(10)
-    return round_to_storage(model)
+    return sharpen_llama(make_model("llama", vocab=len(tokenizer)))
 
 
 # Measured max |logit diff| (logits up to ~7): f16 5e-3, q8_0 0.062, q4_0 0.073, q4_1 0.074 (llama.cpp rounds
@@ -249,11 +240,7 @@ def test_llama_cpp_matches_lowbit_logits(tmp_path, tiny_tokenizer, fmt):
     pytest.importorskip("llama_cpp")
     model = _sharp_llama(tiny_tokenizer)
     quantize_rtn(model, uniform_plan(model, fmt), progress=False)
-    export_gguf(model, tiny_tokenizer, tmp_path / "m.gguf")
-    ids = tiny_tokenizer.encode("The quick brown fox jumps over the lazy dog. Low-bit quantization")
-    with torch.no_grad():
-        want = model(torch.tensor([ids])).logits[0].numpy()
-    got = llama_cpp_logits(tmp_path / "m.gguf", ids)
+    want, got = exported_logits(model, tiny_tokenizer, tmp_path / "m.gguf")
     diff = np.abs(got - want).max()
     print(f"{fmt}: max |logit diff| llama.cpp vs lowbit = {diff:.3f} (max |logit| {np.abs(want).max():.2f})")
     assert np.abs(want).max() > 3  # the model is sharp enough for the bound to mean something

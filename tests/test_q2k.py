@@ -8,7 +8,7 @@ import pytest
 import torch
 from gguf.quants import dequantize
 
-from conftest import llama_cpp_logits
+from conftest import exported_logits, sharpen_llama
 from lowbit.algorithms.gptq import gptq_quantize, proxy_loss
 from lowbit.errors import LowbitError
 from lowbit.formats import Q2KFormat, get_format
@@ -191,24 +191,13 @@ def test_llama_cpp_runs_q2_k_file_like_lowbit(tmp_path, tiny_tokenizer, fmt):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from lowbit.algorithms.rtn import quantize_rtn, uniform_plan
-    from lowbit.io.gguf_export import export_gguf
-    from lowbit.pipeline import round_to_storage
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=1,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in (model.model.layers[0].self_attn.q_proj.weight, model.model.layers[0].self_attn.k_proj.weight):
-            p.mul_(8)  # peaked attention: a wrong Q/K layout would show
-        model.lm_head.weight.mul_(10)
-    model = round_to_storage(model)
+    model = sharpen_llama(LlamaForCausalLM(cfg).eval())  # 256-wide rows: Q2_K superblocks fit
     quantize_rtn(model, uniform_plan(model, fmt), progress=False)
-    export_gguf(model, tiny_tokenizer, tmp_path / "m.gguf")
-    ids = tiny_tokenizer.encode("The quick brown fox jumps over the lazy dog. Low-bit quantization")
-    with torch.no_grad():
-        want = model(torch.tensor([ids])).logits[0].numpy()
-    got = llama_cpp_logits(tmp_path / "m.gguf", ids)
+    want, got = exported_logits(model, tiny_tokenizer, tmp_path / "m.gguf")
     diff = np.abs(got - want).max()
     print(f"{fmt}: max |logit diff| llama.cpp vs lowbit = {diff:.3f} (max |logit| {np.abs(want).max():.2f})")
     # Measured here: f16 file 0.02 max; q8_0 0.35 max / 0.039 mean; q2_k 0.89 / 0.054; q4_0 0.34 (llama.cpp rounds
