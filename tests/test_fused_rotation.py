@@ -78,9 +78,9 @@ def test_method_suffixes():
     from lowbit.errors import LowbitError
     from lowbit.pipeline import parse_variant, split_method
 
-    assert split_method("gptq+fused+rht") == ("gptq", True, True)
-    assert split_method("rtn+rht") == ("rtn", True, False)
-    assert split_method("imatrix+fused") == ("imatrix", False, True)
+    assert split_method("gptq+fused+rht") == ("gptq", True, True, False)
+    assert split_method("rtn+rht") == ("rtn", True, False, False)
+    assert split_method("imatrix+fused") == ("imatrix", False, True, False)
     assert parse_variant("gptq+rht+fused:iq2_xxs") == ("gptq+rht+fused", "iq2_xxs")
     with pytest.raises(LowbitError, match="unknown method"):
         parse_variant("gptq+spin:q4_0")

@@ -42,6 +42,22 @@ def _calib_configs(args: argparse.Namespace):  # noqa: ANN202
             GPTQConfig(args.blocksize, args.damp))
 
 
+def _add_finetune(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("end-to-end tuning (--finetune)")
+    g.add_argument("--finetune", action="store_true",
+                   help="after rounding, tune the stored float scales and the norms against the float model "
+                        "(KL on the calibration windows; codes fixed, same storage; GPU recommended)")
+    g.add_argument("--ft-epochs", type=float, default=2.0, help="passes over the calibration windows (default 2)")
+    g.add_argument("--ft-lr", type=float, default=1e-3, help="Adam learning rate on log-scales (default 1e-3)")
+    g.add_argument("--ft-batch", type=int, default=4, help="windows per step (default 4)")
+
+
+def _finetune_config(args: argparse.Namespace):  # noqa: ANN202
+    from lowbit.algorithms.finetune import FinetuneConfig
+
+    return FinetuneConfig(args.ft_epochs, args.ft_lr, args.ft_batch, seed=args.seed)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="lowbit", description="Low-bit post-training quantization of LLMs.")
     ap.add_argument("--version", action="version", version=f"lowbit {__version__}")
@@ -66,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPTQ resume directory (default: OUT.partial); rerun the same command to resume")
     p.add_argument("--no-progress", action="store_true")
     _add_calib(p)
+    _add_finetune(p)
 
     p = sub.add_parser("eval", help="perplexity of a model (float or quantized)")
     _add_model(p)
@@ -187,8 +204,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from lowbit.pipeline import parse_variant, quantize
 
     method, fmt = parse_variant(f"{args.method}{'+rht' if args.rotate else ''}"
-                                f"{'+fused' if args.fuse_rotation else ''}:{args.format}")
-    needs_calibration = not method.startswith("rtn")
+                                f"{'+fused' if args.fuse_rotation else ''}{'+ft' if args.finetune else ''}"
+                                f":{args.format}")
+    needs_calibration = not method.startswith("rtn") or args.finetune
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise LowbitError(f"{out} already exists; pass --overwrite to replace it")
@@ -200,19 +218,22 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     calib, gptq = _calib_configs(args)
     checkpoint = args.checkpoint or f"{out}.partial"
     t0 = time.perf_counter()
-    quantize(model, method, fmt, tok, calib=calib, gptq=gptq, device=compute,
-             checkpoint_dir=checkpoint if needs_calibration else None, progress=not args.no_progress)
+    stats = quantize(model, method, fmt, tok, calib=calib, gptq=gptq, device=compute,
+                     checkpoint_dir=checkpoint if needs_calibration else None, progress=not args.no_progress,
+                     finetune=_finetune_config(args))
     seconds = time.perf_counter() - t0
     from lowbit.eval.sizes import model_size
 
     size = model_size(model)
     meta = {"method": method, "format": fmt, "source": resolve(args.model), "quantize_seconds": round(seconds, 2),
             "linear_bpw": size.linear_bpw, "total_bytes": size.total_bytes}
-    if needs_calibration:
-        from dataclasses import asdict
+    from dataclasses import asdict
 
+    if needs_calibration:
         meta["calibration"] = asdict(calib)
         meta["gptq"] = asdict(gptq)
+    if "finetune" in stats:
+        meta["finetune"] = {**asdict(_finetune_config(args)), **stats["finetune"]}
     save_quantized(model, tok, out, meta=meta, overwrite=args.overwrite)
     print(f"saved {out}: {fmt} ({method}), {size.linear_bpw:.4f} bits/weight in decoder linears, "
           f"{size.total_mb:.1f} MB total, quantized in {seconds:.1f}s")
@@ -437,6 +458,7 @@ def _add_export_gguf(sub: argparse._SubParsersAction) -> None:
                    help="llama.cpp pre-tokenizer name (default: detected as convert_hf_to_gguf.py does)")
     p.add_argument("--no-progress", action="store_true")
     _add_calib(p)
+    _add_finetune(p)
 
 
 def cmd_export_gguf(args: argparse.Namespace) -> int:
@@ -466,7 +488,7 @@ def cmd_export_gguf(args: argparse.Namespace) -> int:
         if not (args.format or args.like):
             raise LowbitError(f"{args.model or 'the bundled model'} is a float model: pass --format (e.g. q4_0, "
                               "or f16 to keep it float) or --like FILE.gguf to quantize it before export")
-        suffix = "+fused" if args.fuse_rotation else ""
+        suffix = ("+fused" if args.fuse_rotation else "") + ("+ft" if args.finetune else "")
         method, fmt = parse_variant(f"{args.method}{suffix}:{args.format or 'q8_0'}")
         compute = args.device or default_device()
         model, tok = _load(args, device="cpu" if not method.startswith("rtn") else compute)
@@ -474,7 +496,8 @@ def cmd_export_gguf(args: argparse.Namespace) -> int:
             like = plan_like(model, args.like)
             fmt, embed_type = like.plan, embed_type or like.embed_type
         calib, gptq = _calib_configs(args)
-        quantize(model, method, fmt, tok, calib=calib, gptq=gptq, device=compute, progress=not args.no_progress)
+        quantize(model, method, fmt, tok, calib=calib, gptq=gptq, device=compute, progress=not args.no_progress,
+                 finetune=_finetune_config(args))
     report = export_gguf(model.cpu(), tok, out, fallback=args.fallback, embed_type=embed_type or "f16",
                          tokenizer_pre=args.tokenizer_pre)
     print(report.summary())

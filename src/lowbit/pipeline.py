@@ -7,13 +7,16 @@ import re
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from lowbit.algorithms.finetune import FinetuneConfig
+from lowbit.algorithms.finetune import finetune as tune_scales
 from lowbit.algorithms.mixed import is_mix, mixed_plan, parse_mix
 from lowbit.algorithms.rtn import quantize_rtn, uniform_plan
-from lowbit.algorithms.sequential import CalibConfig, GPTQConfig, quantize_sequential
+from lowbit.algorithms.sequential import CalibConfig, GPTQConfig, calibration_set, quantize_sequential
 from lowbit.data.corpus import load_text
 from lowbit.errors import LowbitError
 from lowbit.eval.perplexity import choose_seqlen, perplexity, tokenize_stream
@@ -27,9 +30,10 @@ BASELINE = "fp16"
 # gptq_act = GPTQ with act-order; imatrix = nearest rounding weighted by calibration diag(H) (llama.cpp's imatrix);
 # suffixes: "+rht" rotates each linear with randomized Hadamards undone online by QuantLinear (lowbit runtime only);
 # "+fused" folds norms and a residual-stream rotation into the float weights first (rotations/fused.py; the model
-# stays a plain one, so GGUF export works).
+# stays a plain one, so GGUF export works); "+ft" then tunes the stored float scales and the norms end to end
+# against the float model, codes fixed (algorithms/finetune.py; same storage, GGUF included).
 METHODS = ("rtn", "gptq", "gptq_act", "imatrix")
-ROTATION_SUFFIXES = ("+rht", "+fused")
+SUFFIXES = ("+rht", "+fused", "+ft")
 # A variant is [method[+rht]:]format-or-mix[+aN][+kvN]; +aN/+kvN simulate N-bit activations / KV cache.
 
 
@@ -68,7 +72,7 @@ def parse_variant(spec: str) -> tuple[str, str | None]:
     method = method or "rtn"
     if split_method(method)[0] not in METHODS:
         raise LowbitError(f"unknown method {method!r} in {spec!r}; known: {', '.join(METHODS)}, each optionally "
-                          f"with {' and/or '.join(ROTATION_SUFFIXES)}")
+                          f"with any of {', '.join(SUFFIXES)}")
     if is_mix(fmt):
         parse_mix(fmt)
     else:
@@ -76,24 +80,51 @@ def parse_variant(spec: str) -> tuple[str, str | None]:
     return method, fmt
 
 
-def split_method(method: str) -> tuple[str, bool, bool]:
-    """``gptq+fused+rht`` -> (``gptq``, online per-linear rotation?, fused residual rotation?)."""
+class MethodSpec(NamedTuple):
+    base: str  # rtn, gptq, gptq_act or imatrix
+    rotate: bool  # +rht: online per-linear rotation
+    fused: bool  # +fused: residual-stream rotation folded into the weights
+    finetune: bool  # +ft: end-to-end tuning of scales and norms after rounding
+
+
+def split_method(method: str) -> MethodSpec:
+    """``gptq+fused+rht+ft`` -> MethodSpec(``gptq``, rotate, fused, finetune), suffixes in any order."""
     base, found = method, set()
-    while suffix := next((s for s in ROTATION_SUFFIXES if base.endswith(s)), None):
+    while suffix := next((s for s in SUFFIXES if base.endswith(s)), None):
         base = base.removesuffix(suffix)
         found.add(suffix)
-    return base, "+rht" in found, "+fused" in found
+    return MethodSpec(base, "+rht" in found, "+fused" in found, "+ft" in found)
 
 
 def quantize(model: nn.Module, method: str, format_name: str | dict[str, str], tokenizer: object = None,
              calib: CalibConfig | None = None, gptq: GPTQConfig | None = None, device: str | None = None,
-             checkpoint_dir: str | None = None, progress: bool = True) -> dict[str, object]:
+             checkpoint_dir: str | None = None, progress: bool = True,
+             finetune: FinetuneConfig | None = None) -> dict[str, object]:
     """Quantize every decoder linear of ``model`` in place; returns per-linear statistics.
 
     ``format_name`` is one format, a mixed-precision spec (``LOW/HIGH@budget``, see algorithms.mixed) whose
-    per-layer choice is measured on calibration text first, or a plan {linear name: format}.
+    per-layer choice is measured on calibration text first, or a plan {linear name: format}. A ``+ft`` method
+    then tunes scales and norms end to end (``finetune`` settings; the report is under ``"finetune"``).
     """
-    method, rotate, fused = split_method(method)
+    spec = split_method(method)
+    if not spec.finetune:
+        return _quantize(model, method, format_name, tokenizer, calib, gptq, device, checkpoint_dir, progress)
+    if tokenizer is None:
+        raise LowbitError(f"{method} needs the tokenizer to build calibration samples")
+    calib = calib or CalibConfig()
+    teacher = copy.deepcopy(model)  # the float model (a +fused student computes the same function)
+    samples = calibration_set(model, tokenizer, calib)
+    stats = _quantize(model, method.replace("+ft", ""), format_name, tokenizer, calib, gptq, device,
+                      checkpoint_dir, progress, samples)
+    report = tune_scales(model, teacher, samples, finetune, device or default_device(), progress)
+    stats["finetune"] = asdict(report)
+    return stats
+
+
+def _quantize(model: nn.Module, method: str, format_name: str | dict[str, str], tokenizer: object,
+              calib: CalibConfig | None, gptq: GPTQConfig | None, device: str | None, checkpoint_dir: str | None,
+              progress: bool, samples: torch.Tensor | None = None) -> dict[str, object]:
+    method, rotate, fused, _ = split_method(method)
     if fused:
         # rounded again: float tensors (embeddings, head, norms) are stored as float16 by checkpoints and GGUF
         round_to_storage(fuse_rotation(model, seed=(gptq or GPTQConfig()).rotation_seed))
@@ -120,7 +151,7 @@ def quantize(model: nn.Module, method: str, format_name: str | dict[str, str], t
         cfg.rounding = "imatrix" if method == "imatrix" else cfg.rounding
         cfg.rotate = cfg.rotate or rotate
         report = quantize_sequential(model, tokenizer, plan, calib=calib, gptq=cfg, device=device,
-                                     checkpoint_dir=checkpoint_dir, progress=progress)
+                                     checkpoint_dir=checkpoint_dir, progress=progress, samples=samples)
         return dict(report.linears)
     raise LowbitError(f"unknown method {method!r}")
 

@@ -95,8 +95,7 @@ def quantize_sequential(model: nn.Module, tokenizer: object, plan: dict[str, str
     prefix = DECODER_LAYERS[model.config.model_type]
     by_layer = _plan_by_layer(model, plan, prefix, len(layers))
     if samples is None:
-        seqlen = min(calib.seqlen, model_max_length(model) or calib.seqlen)
-        samples = calibration_samples(tokenizer, calib.nsamples, seqlen, calib.text_path, calib.seed)
+        samples = calibration_set(model, tokenizer, calib)
 
     ckpt = _Checkpoint(checkpoint_dir, _fingerprint(model, plan, calib, gptq)) if checkpoint_dir else None
     start = 0
@@ -133,6 +132,12 @@ def quantize_sequential(model: nn.Module, tokenizer: object, plan: dict[str, str
         ckpt.remove()
     report.seconds = time.perf_counter() - t_start
     return report
+
+
+def calibration_set(model: nn.Module, tokenizer: object, calib: CalibConfig) -> torch.Tensor:
+    """The [nsamples, seqlen] calibration windows, seqlen capped at the model's context."""
+    seqlen = min(calib.seqlen, model_max_length(model) or calib.seqlen)
+    return calibration_samples(tokenizer, calib.nsamples, seqlen, calib.text_path, calib.seed)
 
 
 def _plan_by_layer(model: nn.Module, plan: dict[str, str], prefix: str, n_layers: int) -> list[list[str]]:

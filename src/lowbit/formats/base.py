@@ -61,6 +61,9 @@ class Format(ABC):
     group_size: int | None = None
     #: Consecutive columns sharing one code (1 for scalar grids, 8 for E8 lattice codebooks).
     vector_dim: int = 1
+    #: Group parameters stored as floats (scales, mins) that may be tuned after rounding with the codes held
+    #: fixed (algorithms/finetune.py); integer-valued parameters (4-bit sub-scales) are not listed.
+    float_params: tuple[str, ...] = ()
 
     # ----- rounding primitives (what algorithms use) -------------------------------------------
     @abstractmethod

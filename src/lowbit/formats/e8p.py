@@ -113,6 +113,7 @@ def nearest(y: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 class E8PFormat(Format):
     vector_dim = 8
+    float_params = ("scale",)
 
     def __init__(self, group_size: int | None, name: str = ""):
         if group_size is not None and (group_size < 8 or group_size % 8):

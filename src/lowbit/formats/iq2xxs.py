@@ -94,6 +94,7 @@ class IQ2XXSFormat(Format):
     name = "iq2_xxs"
     group_size = SUPER
     vector_dim = 8
+    float_params = ("d",)  # ls is a 4-bit integer
 
     # ----- parameters -------------------------------------------------------------------------
     def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> Params:

@@ -66,6 +66,7 @@ def _from_f16_bits(b: torch.Tensor) -> torch.Tensor:
 class Q2KFormat(Format):
     name = "q2_k"
     group_size = QK_K
+    float_params = ("d", "dmin")  # sc/mn are 4-bit integers
 
     # ----- parameters -------------------------------------------------------------------------
     def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> Params:

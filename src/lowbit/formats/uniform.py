@@ -32,6 +32,7 @@ class UniformFormat(Format):
         self.group_size = group_size
         self.symmetric = symmetric
         self.fit_method = fit
+        self.float_params = ("scale",) if symmetric else ("scale", "min")
         self.qmax = (1 << bits) - 1
         self.offset = 1 << (bits - 1)
         self.name = name or _canonical_name(bits, group_size, symmetric, fit)
