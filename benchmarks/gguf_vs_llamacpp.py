@@ -2,6 +2,7 @@
 
     python benchmarks/gguf_vs_llamacpp.py --llama-bin DIR          # DIR holds llama-quantize/-imatrix/-perplexity
     python benchmarks/gguf_vs_llamacpp.py --llama-bin DIR --types iq2_xxs --methods gptq,gptq+fused --ppl-chunks 8
+    python benchmarks/gguf_vs_llamacpp.py --llama-bin DIR --methods gptq_act+ft   # +ft: end-to-end scale tuning
     python benchmarks/gguf_vs_llamacpp.py --llama-bin DIR --methods gptq_act,imatrix,gptq_act+fused/q4_0  # /EMBED:
         # token_embd and output type (fused rotation unties the head: 2 x Q4_0 ~ llama.cpp's one tied Q8_0)
 
@@ -167,14 +168,16 @@ class Bench:
             path = self.work / f"lowbit-{method.replace('+', '-').replace('/', '-')}-{qtype}.gguf"
             if self.done(label, qtype):
                 continue
-            # METHOD[+fused][/EMBED]: EMBED is the token_embd/output type (fused rotation unties the head, so a
+            # METHOD[+fused][+ft][/EMBED]: EMBED is the token_embd/output type (fused rotation unties the head, so a
             # file of llama.cpp's size stores both at ~half the bits of llama.cpp's one tied Q8_0 matrix)
             spec, _, embed = method.partition("/")
-            base, fused = spec.removesuffix("+fused"), spec.endswith("+fused")
+            base, *suffixes = spec.split("+")
+            fused, ft = "fused" in suffixes, "ft" in suffixes
             t0 = time.perf_counter()
             if not path.exists():
                 rc = lowbit(["export-gguf", *model, "--like", str(like), "--method", base, "--out", str(path),
                              "--no-progress", *(["--fuse-rotation"] if fused else []),
+                             *(["--finetune"] if ft else []),
                              *(["--embed-type", embed] if embed else []), *self.args.lowbit_args.split()])
                 if rc:
                     self.errors.append(f"{label} {qtype}: export failed ({rc})")

@@ -48,7 +48,7 @@ def _add_finetune(p: argparse.ArgumentParser) -> None:
                    help="after rounding, tune the stored float scales and the norms against the float model "
                         "(KL on the calibration windows; codes fixed, same storage; GPU recommended)")
     g.add_argument("--ft-epochs", type=float, default=2.0, help="passes over the calibration windows (default 2)")
-    g.add_argument("--ft-lr", type=float, default=1e-3, help="Adam learning rate on log-scales (default 1e-3)")
+    g.add_argument("--ft-lr", type=float, default=3e-3, help="Adam learning rate on log-scales (default 3e-3)")
     g.add_argument("--ft-batch", type=int, default=4, help="windows per step (default 4)")
 
 
