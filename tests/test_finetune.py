@@ -121,3 +121,32 @@ def test_pipeline_ft_suffix(tiny_tokenizer, text_file):
     quantize(plain, "gptq", "int3_g32_sym", tiny_tokenizer, calib=calib, device="cpu", progress=False)
     held_out = calibration_samples(tiny_tokenizer, 8, 32, text_file, seed=7)
     assert _kl(teacher, model, held_out) < 0.95 * _kl(teacher, plain, held_out)
+
+
+def test_cli_finetune_quantize_and_export(tiny_model_dir, tmp_path, text_file):
+    """--finetune on quantize records the tuning in lowbit.json; on export-gguf the file keeps its types and
+    holds the tuned scales (read back, it equals the tuned model's weights)."""
+    import json
+
+    from lowbit.cli import main
+    from lowbit.io.gguf_import import load_gguf_weights
+    from lowbit.io.gguf_types import tensor_types
+    from lowbit.models.loader import load_model
+
+    calib = ["--nsamples", "8", "--calib-seqlen", "32", "--calib-text", text_file, "--device", "cpu", "--no-progress"]
+    out = tmp_path / "q"
+    assert main(["quantize", str(tiny_model_dir), "-f", "q4_0", "--method", "gptq", "-o", str(out), "--finetune",
+                 "--ft-epochs", "1", "--ft-batch", "4", *calib]) == 0
+    info = json.loads((out / "lowbit.json").read_text())
+    assert info["method"] == "gptq+ft" and info["finetune"]["steps"] == 2 and info["finetune"]["lr"] == 3e-3
+    tuned, _ = load_model(out)
+    plain = tmp_path / "plain.gguf"
+    assert main(["export-gguf", str(out), "--out", str(plain)]) == 0
+    gguf = tmp_path / "ft.gguf"
+    assert main(["export-gguf", str(tiny_model_dir), "--format", "q4_0", "--method", "rtn", "--finetune",
+                 "--ft-epochs", "1", "--out", str(gguf), *calib]) == 0
+    assert set(tensor_types(gguf).values()) == set(tensor_types(plain).values()) == {"Q4_0", "F32", "F16"}
+    base, _ = load_model(tiny_model_dir)
+    back = load_gguf_weights(base, plain)
+    w = tuned.model.layers[0].mlp.down_proj.dequantize()
+    assert torch.equal(back.model.layers[0].mlp.down_proj.weight.float(), w)
