@@ -158,6 +158,7 @@ def finetune(model: nn.Module, teacher: nn.Module, samples: torch.Tensor, cfg: F
         for m in norms.values():
             if parametrize.is_parametrized(m, "weight"):
                 parametrize.remove_parametrizations(m, "weight", leave_parametrized=False)
+        model.to(home)
         raise
     finally:
         for p, flag in flags.items():
