@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     model, tok = load_model(a.model, device="cpu")
     model = round_to_storage(model.float())
     if a.like:
-        like = plan_like(model, a.like)
+        like = plan_like(model, a.like, searched=not a.method.startswith("rtn"))
         plan, embed_type = like.plan, like.embed_type
         if a.save_plan:
             Path(a.save_plan).write_text(json.dumps({"plan": plan, "embed_type": embed_type}, indent=1))

@@ -250,7 +250,7 @@ def test_llama_cpp_matches_lowbit_logits(tmp_path, tiny_tokenizer, fmt):
 def test_plan_like_reproduces_another_files_types(tmp_path, tiny_tokenizer):
     """--like: lowbit re-quantizes a model into exactly the per-tensor types of another GGUF (here one lowbit
     wrote with a mixed plan and a q4_0 embedding), so both files have the same types and the same size."""
-    from lowbit.io.gguf_types import plan_like
+    from lowbit.io.gguf_types import SEARCHED, plan_like
 
     base = make_model("llama", vocab=len(tiny_tokenizer))
     kinds = ["iq4_nl", "q4_1", "q8_0", "int5_g32_sym"]
@@ -258,8 +258,10 @@ def test_plan_like_reproduces_another_files_types(tmp_path, tiny_tokenizer):
     first = export_gguf(_quantized_llama(tiny_tokenizer, plan), tiny_tokenizer, tmp_path / "a.gguf",
                         embed_type="q4_0")
     like = plan_like(make_model("llama", vocab=len(tiny_tokenizer)), tmp_path / "a.gguf")
-    searched = {"q4_1": "int4_g32_asym_mse", "int5_g32_sym": "int5_g32_sym_mse"}  # same GGUF type, searched fit
-    assert like.plan == {n: searched.get(f, f) for n, f in plan.items()} and like.embed_type == "int4_g32_sym_mse"
+    assert like.plan == plan and like.embed_type == "q4_0"
+    searched = plan_like(base, tmp_path / "a.gguf", searched=True)  # same GGUF types, searched block scales
+    assert searched.plan == {n: SEARCHED.get(f, f) for n, f in plan.items()} and searched.embed_type == "q4_0"
+    assert searched.plan != plan
     model = round_to_storage(make_model("llama", vocab=len(tiny_tokenizer), seed=1))
     quantize(model, "rtn", like.plan)
     second = export_gguf(model, tiny_tokenizer, tmp_path / "b.gguf", embed_type=like.embed_type)

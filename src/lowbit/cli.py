@@ -493,7 +493,7 @@ def cmd_export_gguf(args: argparse.Namespace) -> int:
         compute = args.device or default_device()
         model, tok = _load(args, device="cpu" if not method.startswith("rtn") else compute)
         if args.like:
-            like = plan_like(model, args.like)
+            like = plan_like(model, args.like, searched=not method.startswith("rtn"))
             fmt, embed_type = like.plan, embed_type or like.embed_type
         calib, gptq = _calib_configs(args)
         quantize(model, method, fmt, tok, calib=calib, gptq=gptq, device=compute, progress=not args.no_progress,

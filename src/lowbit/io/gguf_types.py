@@ -19,20 +19,23 @@ from torch import nn
 from lowbit.errors import LowbitError, UnsupportedModelError
 from lowbit.models.walker import decoder_linears
 
-# ggml type -> the lowbit format that stores it bit for bit (io/gguf_blocks.py); F16/F32 stay float. The 4/5-bit
-# uniform types get the searched ("_mse") fit: same bytes as q4_0/q4_1, but each block's scale is chosen by the
-# (importance-weighted) error it gives rather than max/-8, which under GPTQ act-order took the bundled model's
-# Q4_0 file from 25.99 to 23.41 perplexity and its IQ2_XXS-typed file from 35.91 to 33.55 (README).
-LOWBIT_FORMAT = {"Q4_0": "int4_g32_sym_mse", "Q4_1": "int4_g32_asym_mse", "Q5_0": "int5_g32_sym_mse",
-                 "Q5_1": "int5_g32_asym_mse", "Q8_0": "q8_0", "IQ4_NL": "iq4_nl", "IQ2_XXS": "iq2_xxs",
+# ggml type -> the lowbit format that stores it bit for bit (io/gguf_blocks.py); F16/F32 stay float
+LOWBIT_FORMAT = {"Q4_0": "q4_0", "Q4_1": "q4_1", "Q5_0": "int5_g32_sym", "Q5_1": "int5_g32_asym",
+                 "Q8_0": "q8_0", "IQ4_NL": "iq4_nl", "IQ2_XXS": "iq2_xxs",
                  "Q2_K": "q2_k"}
+# The same bytes with the searched fit: each block's scale chosen by the (importance-weighted) error it gives rather
+# than max/-8. Under GPTQ act-order it took the bundled model's Q4_0 file from 25.99 to 23.41 perplexity and its
+# IQ2_XXS-typed file from 35.91 to 33.55; for RTN, with no importance to weight by, it was worse (26.42 -> 26.84),
+# so plan_like uses it only when asked (README, "lowbit vs llama.cpp").
+SEARCHED = {"q4_0": "int4_g32_sym_mse", "q4_1": "int4_g32_asym_mse", "int5_g32_sym": "int5_g32_sym_mse",
+            "int5_g32_asym": "int5_g32_asym_mse"}
 FLOAT_TYPES = ("F16", "F32", "BF16")
 # HF model_type -> GGUF architecture; Mistral is written as llama (as convert_hf_to_gguf does).
 ARCHS = {"llama": gguf.MODEL_ARCH.LLAMA, "mistral": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}
 # k-quant types lowbit cannot write yet -> the lowbit GGUF type with at most as many bits per weight, so a "like"
 # file never gets more bits than the original (Q4_K 4.5 -> IQ4_NL 4.5; Q5_K 5.5 -> Q5_0 5.5;
 # Q6_K 6.5625 -> Q5_1 6.0)
-SUBSTITUTES = {"Q4_K": "iq4_nl", "Q5_K": "int5_g32_sym_mse", "Q6_K": "int5_g32_asym_mse"}
+SUBSTITUTES = {"Q4_K": "iq4_nl", "Q5_K": "int5_g32_sym", "Q6_K": "int5_g32_asym"}
 
 
 @dataclass
@@ -68,8 +71,11 @@ def _name_map(arch: gguf.MODEL_ARCH, n_layers: int) -> gguf.TensorNameMap:
     return gguf.get_tensor_name_map(arch, n_layers)
 
 
-def plan_like(model: nn.Module, path: str | Path) -> GGUFTypePlan:
-    """The lowbit plan that reproduces ``path``'s tensor types for ``model`` (same architecture and shapes)."""
+def plan_like(model: nn.Module, path: str | Path, searched: bool = False) -> GGUFTypePlan:
+    """The lowbit plan that reproduces ``path``'s tensor types for ``model`` (same architecture and shapes).
+
+    ``searched``: give the decoder linears the searched-fit variant of uniform types (:data:`SEARCHED`: same GGUF
+    type and bytes), the better choice under calibrated rounding (GPTQ)."""
     types = tensor_types(path)
     plan = {}
     for name in decoder_linears(model):
@@ -77,7 +83,8 @@ def plan_like(model: nn.Module, path: str | Path) -> GGUFTypePlan:
         if gname not in types:
             raise LowbitError(f"{path} has no tensor {gname} for {name}: is it a GGUF of this model?")
         if types[gname] not in FLOAT_TYPES:  # a float tensor stays float
-            plan[name] = _lowbit_format(types[gname], gname)
+            fmt = _lowbit_format(types[gname], gname)
+            plan[name] = SEARCHED.get(fmt, fmt) if searched else fmt
     embed = types.get("token_embd.weight", "F16")
     return GGUFTypePlan(plan, "f16" if embed in FLOAT_TYPES else _lowbit_format(embed, "token_embd.weight"),
                         Path(path))
