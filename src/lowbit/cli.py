@@ -216,11 +216,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     # GPTQ keeps the model in CPU memory and moves one decoder layer at a time to the compute device.
     model, tok = _load(args, device="cpu" if needs_calibration else compute)
     calib, gptq = _calib_configs(args)
+    finetune = _finetune_config(args)
     checkpoint = args.checkpoint or f"{out}.partial"
     t0 = time.perf_counter()
     stats = quantize(model, method, fmt, tok, calib=calib, gptq=gptq, device=compute,
                      checkpoint_dir=checkpoint if needs_calibration else None, progress=not args.no_progress,
-                     finetune=_finetune_config(args))
+                     finetune=finetune)
     seconds = time.perf_counter() - t0
     from lowbit.eval.sizes import model_size
 
@@ -233,7 +234,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         meta["calibration"] = asdict(calib)
         meta["gptq"] = asdict(gptq)
     if "finetune" in stats:
-        meta["finetune"] = {**asdict(_finetune_config(args)), **stats["finetune"]}
+        meta["finetune"] = {**asdict(finetune), **stats["finetune"]}
     save_quantized(model, tok, out, meta=meta, overwrite=args.overwrite)
     print(f"saved {out}: {fmt} ({method}), {size.linear_bpw:.4f} bits/weight in decoder linears, "
           f"{size.total_mb:.1f} MB total, quantized in {seconds:.1f}s")

@@ -151,7 +151,7 @@ def finetune(model: nn.Module, teacher: nn.Module, samples: torch.Tensor, cfg: F
         teacher.to(device).eval()
         tuned = [p for w in wrapped.values() for p in w.log.values()]
         tuned += [m.parametrizations.weight[0].t for m in norms.values()]
-        report = _train(model, teacher, samples, tuned, cfg, device, progress)
+        steps, kl_first, kl_last = _train(model, teacher, samples, tuned, cfg, device, progress)
     except BaseException:
         for n, w in wrapped.items():
             set_module(model, n, w.q)
@@ -170,14 +170,13 @@ def finetune(model: nn.Module, teacher: nn.Module, samples: torch.Tensor, cfg: F
         with torch.no_grad():  # stored as float16 by checkpoints and GGUF export: compute with what is stored
             m.weight.copy_(m.weight.half().to(m.weight.dtype))
     model.to(home)
-    report.tuned_tensors = len(tuned)
-    report.tuned_values = sum(p.numel() for p in tuned)
-    report.seconds = time.perf_counter() - t0
-    return report
+    return FinetuneReport(steps, len(tuned), sum(p.numel() for p in tuned), kl_first, kl_last,
+                          time.perf_counter() - t0)
 
 
 def _train(model: nn.Module, teacher: nn.Module, samples: torch.Tensor, tuned: list[nn.Parameter],
-           cfg: FinetuneConfig, device: torch.device, progress: bool) -> FinetuneReport:
+           cfg: FinetuneConfig, device: torch.device, progress: bool) -> tuple[int, float, float]:
+    """Adam over shuffled batches of windows; returns (steps, KL of the first batch, KL of the last batch)."""
     n = samples.shape[0]
     bs = min(cfg.batch_size, n)
     steps = max(1, round(cfg.epochs * n / bs))
@@ -199,4 +198,4 @@ def _train(model: nn.Module, teacher: nn.Module, samples: torch.Tensor, tuned: l
         last = float(loss.detach())
         first = last if step == 0 else first
         bar.set_postfix(kl=f"{last:.4f}")
-    return FinetuneReport(steps, 0, 0, first, last, 0.0)
+    return steps, first, last
