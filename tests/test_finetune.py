@@ -150,3 +150,12 @@ def test_cli_finetune_quantize_and_export(tiny_model_dir, tmp_path, text_file):
     back = load_gguf_weights(base, plain)
     w = tuned.model.layers[0].mlp.down_proj.dequantize()
     assert torch.equal(back.model.layers[0].mlp.down_proj.weight.float(), w)
+
+
+def test_cli_refuses_bad_tuning_settings_before_quantizing(tiny_model_dir, tmp_path, capsys):
+    from lowbit.cli import main
+
+    out = tmp_path / "q"
+    assert main(["quantize", str(tiny_model_dir), "-f", "q4_0", "--method", "gptq", "-o", str(out), "--finetune",
+                 "--ft-lr", "-1", "--no-progress"]) == 2
+    assert "lr > 0" in capsys.readouterr().err and not out.exists() and not (tmp_path / "q.partial").exists()

@@ -41,6 +41,10 @@ class FinetuneConfig:
     norms: bool = True  # also tune normalization weights
     seed: int = 0
 
+    def __post_init__(self) -> None:  # checked when built (the CLI builds it before minutes of GPTQ), not after
+        if self.epochs <= 0 or self.lr <= 0 or self.batch_size < 1:
+            raise LowbitError(f"finetune needs epochs > 0, lr > 0 and batch_size >= 1, got {self}")
+
 
 @dataclass
 class FinetuneReport:
@@ -129,8 +133,6 @@ def finetune(model: nn.Module, teacher: nn.Module, samples: torch.Tensor, cfg: F
     cfg = cfg or FinetuneConfig()
     if samples.ndim != 2 or samples.shape[0] < 1:
         raise LowbitError(f"finetune needs [n, seqlen] token windows, got shape {tuple(samples.shape)}")
-    if cfg.epochs <= 0 or cfg.lr <= 0 or cfg.batch_size < 1:
-        raise LowbitError(f"finetune needs epochs > 0, lr > 0 and batch_size >= 1, got {cfg}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     home = next(model.parameters()).device
     quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.fmt.float_params}
