@@ -126,7 +126,7 @@ def sharpen_llama(model):  # noqa: ANN001, ANN201 - a transformers Llama, return
     """Peaked attention and logits for a random tiny Llama: with the init's small weights attention is nearly
     uniform and RoPE (hence the GGUF Q/K permutation) barely changes the output; scaled up, a wrong layout moves
     the logits by ~4 (measured) instead of ~0.007."""
-    from lowbit.pipeline import round_to_storage
+    from lowbit.models.walker import round_to_storage
 
     with torch.no_grad():
         for layer in model.model.layers:

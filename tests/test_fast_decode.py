@@ -14,7 +14,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from lowbit.algorithms.rtn import quantize_rtn, uniform_plan
+from lowbit.algorithms.plans import uniform_plan
+from lowbit.algorithms.rtn import quantize_rtn
 from lowbit.models.quant_linear import QuantLinear
 from lowbit.models.walker import decoder_linears, empty_quant_linear, set_module
 from lowbit.rotations.incoherence import Rotation

@@ -9,7 +9,8 @@ import torch
 
 from conftest import make_model, sharpen_llama
 from lowbit.algorithms.finetune import FinetuneConfig, ScaleTunedLinear, finetune, kl_per_token, norm_modules
-from lowbit.algorithms.rtn import quantize_rtn, uniform_plan
+from lowbit.algorithms.plans import uniform_plan
+from lowbit.algorithms.rtn import quantize_rtn
 from lowbit.errors import LowbitError
 from lowbit.formats import get_format
 from lowbit.models.quant_linear import QuantLinear
@@ -105,20 +106,22 @@ def test_bad_settings_are_refused():
 
 def test_pipeline_ft_suffix(tiny_tokenizer, text_file):
     from lowbit.algorithms.sequential import CalibConfig
+    from lowbit.api import quantize
     from lowbit.calibration.samples import calibration_samples
-    from lowbit.pipeline import parse_variant, quantize, split_method
+    from lowbit.recipe import Recipe
 
-    assert split_method("gptq_act+fused+ft") == ("gptq_act", False, True, True)
-    assert parse_variant("gptq+ft:q4_0") == ("gptq+ft", "q4_0")
+    r = Recipe.parse("gptq_act+fused+ft:q4_0")
+    assert (r.method, r.rotate, r.fuse_rotation, r.finetune) == ("gptq_act", False, True, FinetuneConfig())
+    assert str(Recipe.parse("gptq+ft:q4_0")) == "gptq+ft:q4_0"
     model = sharpen_llama(make_model("llama", vocab=len(tiny_tokenizer))).float()
     teacher = copy.deepcopy(model)
     calib = CalibConfig(16, 32, text_file)
-    stats = quantize(model, "gptq+ft", "int3_g32_sym", tiny_tokenizer, calib=calib, device="cpu", progress=False,
-                     finetune=FinetuneConfig(epochs=2, lr=3e-3))
-    assert stats["finetune"]["steps"] == 8 and stats["finetune"]["kl_last"] < stats["finetune"]["kl_first"]
+    ft = quantize(model, Recipe("int3_g32_sym", "gptq", finetune=FinetuneConfig(epochs=2, lr=3e-3), calib=calib),
+                  tiny_tokenizer, device="cpu", progress=False).finetune
+    assert ft.steps == 8 and ft.kl_last < ft.kl_first
     assert any(isinstance(m, QuantLinear) for m in model.modules())
     plain = copy.deepcopy(teacher)
-    quantize(plain, "gptq", "int3_g32_sym", tiny_tokenizer, calib=calib, device="cpu", progress=False)
+    quantize(plain, Recipe("int3_g32_sym", "gptq", calib=calib), tiny_tokenizer, device="cpu", progress=False)
     held_out = calibration_samples(tiny_tokenizer, 8, 32, text_file, seed=7)
     assert _kl(teacher, model, held_out) < 0.95 * _kl(teacher, plain, held_out)
 
@@ -131,7 +134,7 @@ def test_cli_finetune_quantize_and_export(tiny_model_dir, tmp_path, text_file):
     from lowbit.cli import main
     from lowbit.io.gguf_import import load_gguf_weights
     from lowbit.io.gguf_types import tensor_types
-    from lowbit.models.loader import load_model
+    from lowbit.io.loader import load_model
 
     calib = ["--nsamples", "8", "--calib-seqlen", "32", "--calib-text", text_file, "--device", "cpu", "--no-progress"]
     out = tmp_path / "q"

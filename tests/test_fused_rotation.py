@@ -7,7 +7,7 @@ import torch
 
 from conftest import make_model
 from lowbit.errors import UnsupportedModelError
-from lowbit.rotations.fused import fuse_rotation
+from lowbit.models.fused_rotation import fuse_rotation
 
 
 def _spiky(arch: str, tied: bool = False, seed: int = 0) -> torch.nn.Module:
@@ -76,22 +76,25 @@ def test_layernorm_models_are_refused(arch):
 
 def test_method_suffixes():
     from lowbit.errors import LowbitError
-    from lowbit.pipeline import parse_variant, split_method
+    from lowbit.recipe import Recipe
 
-    assert split_method("gptq+fused+rht") == ("gptq", True, True, False)
-    assert split_method("rtn+rht") == ("rtn", True, False, False)
-    assert split_method("imatrix+fused") == ("imatrix", False, True, False)
-    assert parse_variant("gptq+rht+fused:iq2_xxs") == ("gptq+rht+fused", "iq2_xxs")
+    spec = lambda s: (lambda r: (r.method, r.rotate, r.fuse_rotation, r.finetune is not None))(Recipe.parse(s))
+    assert spec("gptq+fused+rht:q4_0") == ("gptq", True, True, False)
+    assert spec("rtn+rht:q4_0") == ("rtn", True, False, False)
+    assert spec("imatrix+fused:q4_0") == ("imatrix", False, True, False)
+    assert str(Recipe.parse("gptq+rht+fused:iq2_xxs")) == "gptq+rht+fused:iq2_xxs"
     with pytest.raises(LowbitError, match="unknown method"):
-        parse_variant("gptq+spin:q4_0")
+        Recipe.parse("gptq+spin:q4_0")
 
 
 def test_fused_quantization_runs_through_the_pipeline():
-    from lowbit.pipeline import quantize, round_to_storage
+    from lowbit.api import quantize
+    from lowbit.models.walker import round_to_storage
+    from lowbit.recipe import Recipe
 
     model = round_to_storage(_spiky("llama"))
     ids = torch.randint(0, 320, (1, 16), generator=torch.Generator().manual_seed(0))
     before = _logits(model, ids)
-    quantize(model, "rtn+fused", "q8_0", progress=False)
+    quantize(model, Recipe("q8_0", fuse_rotation=True), progress=False)
     assert (_logits(model, ids) - before).abs().max() < 0.05 * before.abs().max()
     assert torch.equal(model.model.layers[0].input_layernorm.weight, torch.ones(64))

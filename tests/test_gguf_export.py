@@ -11,13 +11,16 @@ import torch
 from gguf.quants import dequantize
 
 from conftest import exported_logits, llama_cpp_logits, make_model, sharpen_llama
-from lowbit.algorithms.rtn import quantize_rtn, uniform_plan
+from lowbit.algorithms.plans import uniform_plan
+from lowbit.algorithms.rtn import quantize_rtn
+from lowbit.api import quantize
 from lowbit.errors import LowbitError
 from lowbit.formats import get_format
 from lowbit.io.gguf_blocks import to_ggml_blocks
 from lowbit.io.gguf_export import export_gguf, qk_permutation
 from lowbit.models.quant_linear import QuantLinear
-from lowbit.pipeline import quantize, round_to_storage
+from lowbit.models.walker import round_to_storage
+from lowbit.recipe import Recipe
 
 GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
               "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
@@ -165,7 +168,7 @@ def test_transformers_reads_back_the_same_model(tmp_path, tiny_tokenizer, arch):
 
 def test_rotated_model_is_refused_or_falls_back(tmp_path, tiny_tokenizer):
     model = round_to_storage(make_model("llama", vocab=len(tiny_tokenizer)))
-    quantize(model, "rtn+rht", "q4_0", progress=False)
+    quantize(model, Recipe("q4_0", rotate=True), progress=False)
     with pytest.raises(LowbitError, match="rotation"):
         export_gguf(model, tiny_tokenizer, tmp_path / "rot.gguf")
     assert not (tmp_path / "rot.gguf").exists()
@@ -209,7 +212,7 @@ def test_iq2_xxs_rows_of_256_are_copied_verbatim():
 def test_cli_export(tmp_path, tiny_model_dir, capsys):
     from lowbit.cli import main
     from lowbit.io.checkpoint import save_quantized
-    from lowbit.models.loader import load_model
+    from lowbit.io.loader import load_model
 
     out = tmp_path / "cli.gguf"
     assert main(["export-gguf", str(tiny_model_dir), "--format", "q4_0", "--out", str(out), "--device", "cpu",
@@ -218,7 +221,7 @@ def test_cli_export(tmp_path, tiny_model_dir, capsys):
     assert main(["export-gguf", str(tiny_model_dir), "--out", str(out)]) == 2  # exists, no --overwrite
     assert main(["export-gguf", str(tiny_model_dir), "--out", str(tmp_path / "x.gguf")]) == 2  # float, no --format
     model, tok = load_model(tiny_model_dir)
-    quantize(round_to_storage(model), "rtn", "q8_0", progress=False)
+    quantize(round_to_storage(model), Recipe("q8_0"), progress=False)
     save_quantized(model, tok, tmp_path / "ckpt")
     assert main(["export-gguf", str(tmp_path / "ckpt"), "--out", str(tmp_path / "ck.gguf")]) == 0
     assert "14 x Q8_0" in capsys.readouterr().out
@@ -263,7 +266,7 @@ def test_plan_like_reproduces_another_files_types(tmp_path, tiny_tokenizer):
     assert searched.plan == {n: SEARCHED.get(f, f) for n, f in plan.items()} and searched.embed_type == "q4_0"
     assert searched.plan != plan
     model = round_to_storage(make_model("llama", vocab=len(tiny_tokenizer), seed=1))
-    quantize(model, "rtn", like.plan)
+    quantize(model, Recipe(like.plan))
     second = export_gguf(model, tiny_tokenizer, tmp_path / "b.gguf", embed_type=like.embed_type)
     assert [(t.name, t.qtype, t.nbytes) for t in first.tensors] == [(t.name, t.qtype, t.nbytes) for t in second.tensors]
     assert first.file_bytes == second.file_bytes
@@ -284,7 +287,7 @@ def test_fused_rotation_exports_and_llama_cpp_agrees(tmp_path, tiny_tokenizer):
     ids = tiny_tokenizer.encode("The quick brown fox jumps over the lazy dog. Low-bit quantization")
     with torch.no_grad():
         before = model(torch.tensor([ids])).logits[0]
-    quantize(model, "rtn+fused", "q8_0")
+    quantize(model, Recipe("q8_0", fuse_rotation=True))
     with torch.no_grad():
         want = model(torch.tensor([ids])).logits[0]
     assert (want - before).abs().max() < 0.1 * before.abs().max()  # same function, up to 8-bit rounding
@@ -319,7 +322,7 @@ def test_gguf_weights_load_back_into_a_model(tmp_path, tiny_tokenizer, fused):
     model = _sharp_llama(tiny_tokenizer)
     model.lm_head.weight = model.model.embed_tokens.weight
     model.config.tie_word_embeddings = True
-    quantize(model, "rtn+fused" if fused else "rtn", "iq4_nl")
+    quantize(model, Recipe("iq4_nl", fuse_rotation=fused))
     export_gguf(model, tiny_tokenizer, tmp_path / "m.gguf")
     fresh = make_model("llama", vocab=len(tiny_tokenizer), seed=5)
     fresh.lm_head.weight = fresh.model.embed_tokens.weight

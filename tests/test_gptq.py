@@ -6,8 +6,8 @@ import torch
 
 from conftest import make_model
 from lowbit.algorithms.gptq import gptq_quantize, inverse_cholesky, proxy_loss
-from lowbit.algorithms.rtn import uniform_plan
-from lowbit.algorithms.sequential import CalibConfig, GPTQConfig, quantize_sequential
+from lowbit.algorithms.plans import uniform_plan
+from lowbit.algorithms.sequential import CalibConfig, quantize_sequential
 from lowbit.formats import get_format
 from lowbit.models.quant_linear import QuantLinear
 from lowbit.models.walker import decoder_linears
@@ -108,7 +108,7 @@ def test_sequential_gptq_beats_rtn_per_layer(arch, tiny_tokenizer, text_file):
 
 def test_act_order_on_model(tiny_tokenizer, text_file):
     model = make_model("llama", vocab=len(tiny_tokenizer))
-    report = run_gptq(model, tiny_tokenizer, text_file, gptq=GPTQConfig(act_order=True))
+    report = run_gptq(model, tiny_tokenizer, text_file, rounding="gptq_act")
     assert sum(s.proxy_loss for s in report.linears.values()) < sum(s.rtn_proxy_loss for s in report.linears.values())
 
 
@@ -163,9 +163,9 @@ def test_deterministic(tiny_tokenizer, text_file):
 def test_rotated_gptq_resume_and_loss(tiny_tokenizer, text_file, tmp_path):
     """GPTQ in the rotated basis (W' = U W V^T, H' = V H V^T) still beats RTN there, and resumes exactly."""
     base = make_model("llama", vocab=len(tiny_tokenizer))
-    cfg = GPTQConfig(rotate=True)
+    cfg = {"rotation_seed": 0}
     clean = copy.deepcopy(base)
-    report = run_gptq(clean, tiny_tokenizer, text_file, fmt="nz2_ch", gptq=cfg)
+    report = run_gptq(clean, tiny_tokenizer, text_file, fmt="nz2_ch", **cfg)
     assert sum(s.proxy_loss for s in report.linears.values()) < sum(s.rtn_proxy_loss for s in report.linears.values())
 
     def crash(i):
@@ -174,10 +174,10 @@ def test_rotated_gptq_resume_and_loss(tiny_tokenizer, text_file, tmp_path):
 
     ckpt = tmp_path / "ckpt"
     with pytest.raises(KeyboardInterrupt):
-        run_gptq(copy.deepcopy(base), tiny_tokenizer, text_file, fmt="nz2_ch", gptq=cfg, checkpoint_dir=ckpt,
+        run_gptq(copy.deepcopy(base), tiny_tokenizer, text_file, fmt="nz2_ch", **cfg, checkpoint_dir=ckpt,
                  on_layer_done=crash)
     resumed = copy.deepcopy(base)
-    run_gptq(resumed, tiny_tokenizer, text_file, fmt="nz2_ch", gptq=cfg, checkpoint_dir=ckpt)
+    run_gptq(resumed, tiny_tokenizer, text_file, fmt="nz2_ch", **cfg, checkpoint_dir=ckpt)
     ids = torch.randint(0, len(tiny_tokenizer), (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(clean(ids).logits, resumed(ids).logits)
@@ -185,11 +185,12 @@ def test_rotated_gptq_resume_and_loss(tiny_tokenizer, text_file, tmp_path):
 
 @pytest.mark.parametrize("fmt", ["nz2_g32", "iq2_xxs"])
 def test_imatrix_rounding_uses_calibration_importance(fmt, tiny_tokenizer, text_file):
-    from lowbit.pipeline import quantize
+    from lowbit.api import quantize
+    from lowbit.recipe import Recipe
 
     calib = CalibConfig(nsamples=8, seqlen=32, text_path=text_file)
     model = make_model("llama", vocab=len(tiny_tokenizer))
-    stats = quantize(model, "imatrix", fmt, tiny_tokenizer, calib=calib, progress=False)
+    stats = quantize(model, Recipe(fmt, "imatrix", calib=calib), tiny_tokenizer, progress=False).linears
     assert all(isinstance(m, QuantLinear) for m in decoder_linears(model).values())
     imat, rtn = sum(s.proxy_loss for s in stats.values()), sum(s.rtn_proxy_loss for s in stats.values())
     if fmt == "iq2_xxs":  # the weights steer the vector search and the scales: the Hessian-weighted error drops
@@ -200,15 +201,15 @@ def test_imatrix_rounding_uses_calibration_importance(fmt, tiny_tokenizer, text_
 
 def test_act_order_in_a_mixed_plan_skips_vector_codebooks(tiny_tokenizer, text_file):
     """llama.cpp-like plans mix a vector codebook with scalar fallbacks: act-order applies where it can."""
+    from lowbit.api import quantize
     from lowbit.errors import LowbitError
-    from lowbit.pipeline import quantize
+    from lowbit.recipe import Recipe
 
     model = make_model("llama", vocab=len(tiny_tokenizer))
     plan = {n: "e8p_ch" if n.endswith("down_proj") else "int4_g32_sym" for n in decoder_linears(model)}
     calib = CalibConfig(nsamples=8, seqlen=32, text_path=text_file)
-    stats = quantize(model, "gptq_act", plan, tiny_tokenizer, calib=calib, device="cpu", progress=False)
+    stats = quantize(model, Recipe(plan, "gptq_act", calib=calib), tiny_tokenizer, device="cpu", progress=False).linears
     assert set(stats) == set(plan)
     assert {m.format_name for m in decoder_linears(model).values()} == {"e8p_ch", "int4_g32_sym"}
     with pytest.raises(LowbitError, match="act-order needs a scalar format"):
-        quantize(make_model("llama", vocab=len(tiny_tokenizer)), "gptq_act", "e8p_ch", tiny_tokenizer,
-                 calib=calib, device="cpu", progress=False)
+        Recipe("e8p_ch", "gptq_act", calib=calib)

@@ -14,8 +14,8 @@ pytestmark = pytest.mark.slow
 def real():
     from lowbit.data.corpus import load_text
     from lowbit.eval.perplexity import tokenize_stream
-    from lowbit.models.loader import load_model
-    from lowbit.pipeline import round_to_storage
+    from lowbit.io.loader import load_model
+    from lowbit.models.walker import round_to_storage
 
     model, tok = load_model(None, device="cpu")
     round_to_storage(model)
@@ -42,15 +42,16 @@ def test_fp16_sane_and_rtn_ordering(real, tmp_path):
     """
     import copy
 
+    from lowbit.api import quantize
     from lowbit.eval.perplexity import perplexity
     from lowbit.io.checkpoint import load_quantized, save_quantized
-    from lowbit.pipeline import quantize
+    from lowbit.recipe import Recipe
 
     model, tok, ids = real
 
     def ppl_of(fmt, windows=4):
         q = copy.deepcopy(model)
-        quantize(q, "rtn", fmt, progress=False)
+        quantize(q, Recipe(fmt), progress=False)
         return q, perplexity(q, ids, seqlen=512, max_windows=windows, progress=False)
 
     base = perplexity(model, ids, seqlen=512, max_windows=4, progress=False)

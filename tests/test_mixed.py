@@ -13,11 +13,12 @@ from lowbit.algorithms.mixed import (
     top_layers,
 )
 from lowbit.algorithms.sequential import CalibConfig
+from lowbit.api import quantize
 from lowbit.errors import LowbitError
 from lowbit.eval.sizes import model_size
 from lowbit.models.quant_linear import QuantLinear
 from lowbit.models.walker import decoder_linears
-from lowbit.pipeline import quantize
+from lowbit.recipe import Recipe
 
 
 def brute_force(costs, losses, budget):
@@ -84,8 +85,8 @@ def test_bpw_budget_is_honoured_by_true_size(arch, tiny_tokenizer, text_file):
                     nsamples=4, text_path=text_file, progress=False)
     assert set(mp.plan) == set(decoder_linears(model))
     assert len(set(mp.layer_formats)) >= 2  # the budget forces a real mix (2.5 / 4.5 / 8.5 bpw options)
-    quantize(model, "rtn", "int2_g32_sym/int4_g32_sym/int8_g32_sym@4.2bpw", tiny_tokenizer,
-             calib=CalibConfig(seqlen=32, text_path=text_file), progress=False)
+    quantize(model, Recipe("int2_g32_sym/int4_g32_sym/int8_g32_sym@4.2bpw", calib=CalibConfig(seqlen=32,
+             text_path=text_file)), tiny_tokenizer, progress=False)
     n_weights = sum(m.in_features * m.out_features for m in decoder_linears(model).values())
     weight_bytes = sum(m.quantized().nbytes for m in decoder_linears(model).values())
     assert 8 * weight_bytes / n_weights <= 4.2
@@ -110,8 +111,9 @@ def test_mb_budget_and_layer_count(tiny_tokenizer, text_file):
 
 def test_mixed_plan_through_gptq_pipeline(tiny_tokenizer, text_file):
     model = make_model("llama", vocab=len(tiny_tokenizer))
-    stats = quantize(model, "gptq+rht", "int2_g32_sym/int4_g32_sym@1L", tiny_tokenizer,
-                     calib=CalibConfig(nsamples=4, seqlen=32, text_path=text_file), progress=False)
+    stats = quantize(model, Recipe("int2_g32_sym/int4_g32_sym@1L", "gptq", rotate=True,
+                                   calib=CalibConfig(nsamples=4, seqlen=32, text_path=text_file)),
+                     tiny_tokenizer, progress=False).linears
     formats = [m.format_name for m in decoder_linears(model).values()]
     assert len(stats) == len(formats)
     assert sorted(set(formats)) == ["int2_g32_sym", "int4_g32_sym"]

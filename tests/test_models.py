@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from conftest import make_model
-from lowbit.algorithms.rtn import quantize_rtn, uniform_plan
+from lowbit.algorithms.plans import uniform_plan
+from lowbit.algorithms.rtn import quantize_rtn
 from lowbit.errors import BadWeightsError, LowbitError, UnsupportedModelError
 from lowbit.eval.sizes import model_size
 from lowbit.formats import get_format
@@ -77,7 +78,7 @@ def test_sizes_count_stored_bytes():
 def test_save_load_identity(tmp_path, tiny_tokenizer):
     model = make_model("llama", vocab=len(tiny_tokenizer))
     quantize_rtn(model, uniform_plan(model, "int3_g32_asym"), progress=False)
-    from lowbit.pipeline import round_to_storage
+    from lowbit.models.walker import round_to_storage
 
     round_to_storage(model)
     save_quantized(model, tiny_tokenizer, tmp_path / "q", meta={"method": "rtn"})
@@ -94,7 +95,7 @@ def test_save_load_identity(tmp_path, tiny_tokenizer):
 def test_save_load_other_architectures(tmp_path, tiny_tokenizer, arch):
     model = make_model(arch, vocab=len(tiny_tokenizer))
     quantize_rtn(model, uniform_plan(model, "int4_g32_sym"), progress=False)
-    from lowbit.pipeline import round_to_storage
+    from lowbit.models.walker import round_to_storage
 
     round_to_storage(model)
     save_quantized(model, tiny_tokenizer, tmp_path / arch)
@@ -135,14 +136,14 @@ def test_unsupported_architecture(tmp_path):
 
     BertConfig(vocab_size=10, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
                intermediate_size=8).save_pretrained(tmp_path)
-    from lowbit.models.loader import load_model
+    from lowbit.io.loader import load_model
 
     with pytest.raises(UnsupportedModelError, match="bert"):
         load_model(tmp_path)
 
 
 def test_missing_path_and_uncached_hub_id(tmp_path):
-    from lowbit.models.loader import load_model
+    from lowbit.io.loader import load_model
 
     with pytest.raises(LowbitError, match="not found"):
         load_model(tmp_path / "nope")

@@ -3,10 +3,11 @@ import json
 import pytest
 import torch
 
+from lowbit.api import quantize
 from lowbit.errors import LowbitError
-from lowbit.eval.planner import parse_memory, read_shapes, run_plan, runtime_bytes, stored_bytes
 from lowbit.eval.sizes import model_size
-from lowbit.pipeline import quantize
+from lowbit.planner import parse_memory, read_shapes, run_plan, runtime_bytes, stored_bytes
+from lowbit.recipe import Recipe
 
 
 def _llama(hidden: int, layers: int, tie: bool):
@@ -37,7 +38,7 @@ def test_sizes_exact_against_quantized_models(model_dirs, fmt, name, hidden, lay
     shapes = read_shapes(str(model_dirs[name]))
     model = _llama(hidden, layers, tie)
     if fmt:
-        quantize(model, "rtn", fmt, progress=False)
+        quantize(model, Recipe(fmt), progress=False)
     assert stored_bytes(shapes, fmt) == model_size(model).total_bytes
 
 

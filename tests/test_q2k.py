@@ -148,11 +148,12 @@ def test_gguf_export_round_trip(tmp_path, tiny_tokenizer):
     """A small Llama whose linears are all 256-multiples wide exports as Q2_K and reads back bit-exactly."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lowbit.algorithms.rtn import quantize_rtn, uniform_plan
+    from lowbit.algorithms.plans import uniform_plan
+    from lowbit.algorithms.rtn import quantize_rtn
     from lowbit.io.gguf_export import export_gguf, qk_permutation
     from lowbit.io.gguf_types import plan_like
     from lowbit.models.quant_linear import QuantLinear
-    from lowbit.pipeline import round_to_storage
+    from lowbit.models.walker import round_to_storage
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=1,
@@ -190,7 +191,8 @@ def test_llama_cpp_runs_q2_k_file_like_lowbit(tmp_path, tiny_tokenizer, fmt):
     pytest.importorskip("llama_cpp")
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lowbit.algorithms.rtn import quantize_rtn, uniform_plan
+    from lowbit.algorithms.plans import uniform_plan
+    from lowbit.algorithms.rtn import quantize_rtn
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=1,

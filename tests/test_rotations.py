@@ -73,7 +73,8 @@ def test_rotated_quant_linear_matches_its_effective_weight():
 
 def test_rotation_helps_outlier_weights_and_survives_save_load(tmp_path, tiny_tokenizer):
     from conftest import make_model
-    from lowbit.algorithms.rtn import quantize_rtn, uniform_plan
+    from lowbit.algorithms.plans import uniform_plan
+    from lowbit.algorithms.rtn import quantize_rtn
     from lowbit.io.checkpoint import load_quantized, save_quantized
     from lowbit.models.walker import decoder_linears, linear_weight
 
@@ -86,7 +87,7 @@ def test_rotation_helps_outlier_weights_and_survives_save_load(tmp_path, tiny_to
     e_plain = quantize_rtn(plain, uniform_plan(plain, "int3_ch_sym"), progress=False)
     e_rot = quantize_rtn(rotated, uniform_plan(rotated, "int3_ch_sym"), progress=False, rotate=True)
     assert sum(e_rot.values()) < 0.7 * sum(e_plain.values())
-    from lowbit.pipeline import round_to_storage
+    from lowbit.models.walker import round_to_storage
 
     round_to_storage(rotated)  # what is stored: norms and embeddings in float16
     save_quantized(rotated, tiny_tokenizer, tmp_path / "r")

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import json
 import os
+import re
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -22,8 +25,11 @@ from openai import AsyncOpenAI, OpenAI
 
 from conftest import make_model
 from lowbit.cli import main
-from lowbit.models.loader import load_model
-from lowbit.pipeline import round_to_storage
+from lowbit.errors import LowbitError
+from lowbit.io.loader import load_model
+from lowbit.models.walker import round_to_storage
+from lowbit.serve import SERVE_EXTRA_HINT
+from lowbit.serve.app import create_app
 from lowbit.serve.generate import (
     PLAIN_CHAT_STOP,
     IncrementalDecoder,
@@ -35,7 +41,6 @@ from lowbit.serve.generate import (
     encode_prompt,
     plain_chat_prompt,
 )
-from lowbit.serve.server import create_app
 
 MODEL_ID = "tiny-chat-llama"
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
@@ -431,3 +436,19 @@ def test_max_concurrency_2_with_no_queue(loaded):
             peak = max(peak, app.state.engine.running)
             time.sleep(0.005)
     assert sorted(results) == [200, 200, 429] and peak == 2
+
+
+@pytest.mark.parametrize("missing, reloaded", [
+    ("fastapi", ["lowbit.serve.app"]),
+    ("uvicorn", ["lowbit.serve.app"]),
+    ("pydantic", ["lowbit.serve.app", "lowbit.serve.schema"]),
+])
+def test_missing_serve_extra_names_the_extra(monkeypatch, capsys, missing, reloaded):
+    """Without a package of the serve extra, the server modules and `lowbit serve` say what to install."""
+    monkeypatch.setitem(sys.modules, missing, None)  # None in sys.modules: that import fails
+    for name in reloaded:  # monkeypatch puts the already-imported modules back afterwards
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    with pytest.raises(LowbitError, match=re.escape(SERVE_EXTRA_HINT)):
+        importlib.import_module("lowbit.serve.app")
+    assert main(["serve", "unused-model-path"]) == 2
+    assert capsys.readouterr().err == f"lowbit: error: {SERVE_EXTRA_HINT}\n"

@@ -4,12 +4,13 @@ import pytest
 import torch
 
 from conftest import make_model
-from lowbit.algorithms.rtn import quantize_rtn, uniform_plan
+from lowbit.algorithms.plans import uniform_plan
+from lowbit.algorithms.rtn import quantize_rtn
 from lowbit.errors import LowbitError
 from lowbit.eval.simulate import SimConfig, fake_quant_kv, fake_quant_per_token, simulate
 from lowbit.models.quant_linear import QuantLinear
 from lowbit.models.walker import decoder_linears
-from lowbit.pipeline import parse_variant, split_sim
+from lowbit.recipe import Variant, split_sim
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -88,6 +89,7 @@ def test_variant_suffixes():
     assert split_sim("gptq+rht:nz2_ch+a4+kv4") == ("gptq+rht:nz2_ch", SimConfig(act_bits=4, kv_bits=4))
     assert split_sim("int3_g128_sym+a4") == ("int3_g128_sym", SimConfig(act_bits=4))
     assert split_sim("fp16+kv4")[1].label() == "kv4"
-    assert parse_variant(split_sim("rtn+rht:nz2_ch/int4_g128_sym@4L+a4")[0]) == ("rtn+rht", "nz2_ch/int4_g128_sym@4L")
+    v = Variant.parse("rtn+rht:nz2_ch/int4_g128_sym@4L+a4")
+    assert (str(v.recipe), v.sim) == ("rtn+rht:nz2_ch/int4_g128_sym@4L", SimConfig(act_bits=4))
     with pytest.raises(LowbitError):
         SimConfig(act_bits=1)

@@ -1,14 +1,15 @@
 import torch
 
 from conftest import make_model
+from lowbit.api import quantize
 from lowbit.models.quant_linear import QuantLinear, cache_dequantized
-from lowbit.pipeline import quantize
+from lowbit.recipe import Recipe
 from lowbit.serve.generate import SamplingParams, TextStream, use_weight_cache
 
 
 def _quantized():
     model = make_model("llama")
-    quantize(model, "rtn+rht", "int4_g32_sym", progress=False)
+    quantize(model, Recipe("int4_g32_sym", rotate=True), progress=False)
     return model
 
 

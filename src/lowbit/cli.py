@@ -1,11 +1,9 @@
-"""Command line: thin argument parsing over lowbit.pipeline. Run ``lowbit -h``."""
+"""Command line: flags -> a Recipe and settings -> one call of lowbit's Python API per command. ``lowbit -h``."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 from lowbit import __version__
@@ -35,13 +33,6 @@ def _add_calib(p: argparse.ArgumentParser) -> None:
     g.add_argument("--blocksize", type=int, default=128, help="GPTQ lazy-update block (default 128)")
 
 
-def _calib_configs(args: argparse.Namespace):  # noqa: ANN202
-    from lowbit.algorithms.sequential import CalibConfig, GPTQConfig
-
-    return (CalibConfig(args.nsamples, args.calib_seqlen, args.calib_text, args.seed),
-            GPTQConfig(args.blocksize, args.damp))
-
-
 def _add_finetune(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("end-to-end tuning (--finetune)")
     g.add_argument("--finetune", action="store_true",
@@ -50,12 +41,6 @@ def _add_finetune(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ft-epochs", type=float, default=2.0, help="passes over the calibration windows (default 2)")
     g.add_argument("--ft-lr", type=float, default=3e-3, help="Adam learning rate on log-scales (default 3e-3)")
     g.add_argument("--ft-batch", type=int, default=4, help="windows per step (default 4)")
-
-
-def _finetune_config(args: argparse.Namespace):  # noqa: ANN202
-    from lowbit.algorithms.finetune import FinetuneConfig
-
-    return FinetuneConfig(args.ft_epochs, args.ft_lr, args.ft_batch, seed=args.seed)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,9 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calib(p)
     _add_finetune(p)
 
-    p = sub.add_parser("eval", help="perplexity of a model (float or quantized)")
+    p = sub.add_parser("eval", help="perplexity of a model (float or quantized), and KL to a reference")
     _add_model(p)
     _add_eval(p)
+    p.add_argument("--reference", default=None, metavar="MODEL",
+                   help="also report KL divergence and top-1 agreement to this (16-bit) model")
 
     p = sub.add_parser("compare", help="quantize into several formats and print a side-by-side table")
     _add_model(p)
@@ -128,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_weight_cache(p)
     _add_report_plan(sub)
     _add_export_gguf(sub)
+    _add_demo(sub)
     return ap
 
 
@@ -175,264 +163,6 @@ def _add_weight_cache(p: argparse.ArgumentParser) -> None:
                         "(slower; saves 4 bytes per quantized weight)")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # reports quote the command that made them
-    try:
-        return {"quantize": cmd_quantize, "eval": cmd_eval, "compare": cmd_compare, "info": cmd_info,
-                "formats": cmd_formats, "generate": cmd_generate, "serve": cmd_serve,
-                "report": cmd_report, "plan": cmd_plan, "export-gguf": cmd_export_gguf}[args.cmd](args)
-    except (LowbitError, FileExistsError) as e:
-        print(f"lowbit: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("lowbit: interrupted; nothing was written", file=sys.stderr)
-        return 130
-
-
-def _load(args: argparse.Namespace, device: str | None = None):  # noqa: ANN202
-    from lowbit.models.loader import load_model
-    from lowbit.pipeline import default_device, round_to_storage
-
-    model, tok = load_model(args.model, device=device or args.device or default_device())
-    return round_to_storage(model), tok
-
-
-def cmd_quantize(args: argparse.Namespace) -> int:
-    from lowbit.io.checkpoint import save_quantized
-    from lowbit.models.loader import resolve
-    from lowbit.pipeline import parse_variant, quantize
-
-    method, fmt = parse_variant(f"{args.method}{'+rht' if args.rotate else ''}"
-                                f"{'+fused' if args.fuse_rotation else ''}{'+ft' if args.finetune else ''}"
-                                f":{args.format}")
-    needs_calibration = not method.startswith("rtn") or args.finetune
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise LowbitError(f"{out} already exists; pass --overwrite to replace it")
-    from lowbit.pipeline import default_device
-
-    compute = args.device or default_device()
-    # GPTQ keeps the model in CPU memory and moves one decoder layer at a time to the compute device.
-    model, tok = _load(args, device="cpu" if needs_calibration else compute)
-    calib, gptq = _calib_configs(args)
-    finetune = _finetune_config(args)
-    checkpoint = args.checkpoint or f"{out}.partial"
-    t0 = time.perf_counter()
-    stats = quantize(model, method, fmt, tok, calib=calib, gptq=gptq, device=compute,
-                     checkpoint_dir=checkpoint if needs_calibration else None, progress=not args.no_progress,
-                     finetune=finetune)
-    seconds = time.perf_counter() - t0
-    from lowbit.eval.sizes import model_size
-
-    size = model_size(model)
-    meta = {"method": method, "format": fmt, "source": resolve(args.model), "quantize_seconds": round(seconds, 2),
-            "linear_bpw": size.linear_bpw, "total_bytes": size.total_bytes}
-    from dataclasses import asdict
-
-    if needs_calibration:
-        meta["calibration"] = asdict(calib)
-        meta["gptq"] = asdict(gptq)
-    if "finetune" in stats:
-        meta["finetune"] = {**asdict(finetune), **stats["finetune"]}
-    save_quantized(model, tok, out, meta=meta, overwrite=args.overwrite)
-    print(f"saved {out}: {fmt} ({method}), {size.linear_bpw:.4f} bits/weight in decoder linears, "
-          f"{size.total_mb:.1f} MB total, quantized in {seconds:.1f}s")
-    return 0
-
-
-def cmd_eval(args: argparse.Namespace) -> int:
-    from lowbit.data.corpus import load_text
-    from lowbit.eval.perplexity import choose_seqlen, perplexity, tokenize_stream
-
-    text = load_text("eval", args.text)  # fail on a bad path before loading the model
-    model, tok = _load(args)
-    seqlen = choose_seqlen(model, args.seqlen)
-    ids = tokenize_stream(tok, text)
-    res = perplexity(model, ids, seqlen, max_windows=args.max_windows, progress=not args.no_progress)
-    print(f"perplexity {res.ppl:.4f}  (seqlen {res.seqlen}, {res.n_windows} windows, "
-          f"{res.n_predicted} predicted tokens of {ids.numel()} available)")
-    return 0
-
-
-def cmd_compare(args: argparse.Namespace) -> int:
-    from lowbit.pipeline import compare, rows_table
-
-    variants = [v for v in args.formats.split(",") if v.strip()]
-    from lowbit.pipeline import parse_variant
-
-    for v in variants:
-        parse_variant(v)
-    model, tok = _load(args)
-    calib, gptq = _calib_configs(args)
-    rows, protocol = compare(model, tok, variants, seqlen=args.seqlen, max_windows=args.max_windows,
-                             text_path=args.text, progress=not args.no_progress, calib=calib, gptq=gptq)
-    print(rows_table(rows))
-    print(f"\nprotocol: {protocol['windows']} windows x {protocol['seqlen']} tokens "
-          f"({protocol['predicted_tokens']} predicted tokens; {protocol['eval_tokens_available']} available), "
-          f"model {args.model or 'smollm2-135m'}, eval text {args.text or 'bundled SOTU 2000-2021'}")
-    if args.json:
-        from dataclasses import asdict
-
-        from lowbit.io.atomic import atomic_file
-
-        with atomic_file(args.json) as tmp:
-            tmp.write_text(json.dumps({"rows": [asdict(r) for r in rows], "protocol": protocol}, indent=2))
-    return 0
-
-
-def cmd_info(args: argparse.Namespace) -> int:
-    from lowbit.io.checkpoint import read_info
-
-    info = read_info(args.path)
-    formats = info.pop("formats")
-    counts: dict[str, int] = {}
-    for f in formats.values():
-        counts[f] = counts.get(f, 0) + 1
-    for k, v in info.items():
-        print(f"{k}: {v}")
-    print("quantized linears: " + ", ".join(f"{n} x {f}" for f, n in counts.items()))
-    size = (Path(args.path) / "model.safetensors").stat().st_size
-    print(f"model.safetensors: {size / 1e6:.1f} MB")
-    return 0
-
-
-def cmd_formats(args: argparse.Namespace) -> int:
-    from lowbit.eval.report import markdown_table
-    from lowbit.formats import example_names, get_format
-
-    try:
-        shape = tuple(int(x) for x in args.shape.lower().split("x"))
-        assert len(shape) == 2
-    except (ValueError, AssertionError):
-        raise LowbitError(f"--shape must look like 4096x11008, got {args.shape!r}") from None
-    rows = [(n, _bpw_or_reason(get_format(n), shape)) for n in example_names()]
-    print(markdown_table(("format", f"bits/weight at {shape[0]}x{shape[1]}"), rows))
-    return 0
-
-
-def _bpw_or_reason(fmt, shape: tuple[int, int]) -> float | str:  # noqa: ANN001
-    """A format may not accept every shape (IQ2_XXS needs rows in multiples of 32): say so in its row."""
-    try:
-        return fmt.bits_per_weight(shape)
-    except (ValueError, LowbitError) as e:
-        return f"n/a ({e})"
-
-
-def _model_id(model: str | None) -> str:
-    """The name a served model goes by: the bundled alias, a directory's name, or the hub id."""
-    from lowbit.data.assets import DEFAULT_MODEL
-
-    if model is None:
-        return DEFAULT_MODEL
-    p = Path(model).expanduser()
-    return p.resolve().name if p.exists() else model
-
-
-def cmd_generate(args: argparse.Namespace) -> int:
-    from lowbit.serve.generate import SamplingParams, TextStream, encode_chat, encode_prompt
-
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
-    model, tok = _load(args)
-    extra_stop: tuple[str, ...] = ()
-    if args.chat:
-        messages = ([{"role": "system", "content": args.system}] if args.system else [])
-        ids, extra_stop = encode_chat(tok, [*messages, {"role": "user", "content": prompt}])
-    else:
-        ids = encode_prompt(tok, prompt)
-    from lowbit.serve.generate import use_weight_cache
-
-    decoder = None
-    if args.fast:
-        from lowbit.serve.fast_decode import StaticDecoder
-
-        use_weight_cache(model, False)  # the point is the packed kernels; the graph removes the launch overhead
-        decoder = StaticDecoder(model, max_cache_len=len(ids) + params.max_new_tokens, compile=args.compile)
-    else:
-        use_weight_cache(model, not args.no_weight_cache)
-    stream = TextStream(model, tok, ids, params, extra_stop=extra_stop, decoder=decoder)
-    for delta in stream:
-        sys.stdout.write(delta)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
-    first = stream.t_first - stream.t_start if stream.t_first else 0.0
-    print(f"[{stream.completion_tokens} tokens in {stream.t_end - stream.t_start:.2f}s "
-          f"({stream.tokens_per_second():.1f} tokens/s overall, {stream.decode_tokens_per_second():.1f} tokens/s "
-          f"after the first); prompt {stream.prompt_tokens} tokens, first token after {first:.2f}s; "
-          f"finish: {stream.finish_reason}]", file=sys.stderr)
-    return 0
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    try:
-        from lowbit.serve.server import serve
-    except ImportError as e:  # fastapi/uvicorn are dependencies, but a trimmed install may lack them
-        raise LowbitError(f"lowbit serve needs fastapi and uvicorn: {e}") from None
-
-    model, tok = _load(args)
-    name = args.model_name or _model_id(args.model)
-    print(f"serving {name} on http://{args.host}:{args.port}/v1 (max concurrency {args.max_concurrency}, "
-          f"queue {args.max_queue}); Ctrl+C stops", file=sys.stderr)
-    serve(model, tok, name, host=args.host, port=args.port, max_concurrency=args.max_concurrency,
-          max_queue=args.max_queue, shutdown_timeout=args.shutdown_timeout, weight_cache=not args.no_weight_cache)
-    return 0
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    from lowbit.eval import report
-
-    title = args.title or f"{_model_id(args.model)}: perplexity vs bits per weight"
-    if args.from_results:
-        points, meta = report.load_results(args.from_results)
-        context = [f"command: `lowbit report --from-results {' '.join(args.from_results)} --out {args.out}`"]
-        context += [f"{Path(m['file']).name}: `{m['command']}`; {m['header']}" for m in meta]
-    else:
-        points, context = _measure_report(args)
-    md = report.write_report(points, args.out, title, context)
-    front = report.pareto_front(points)
-    print(f"wrote {md} and {Path(args.out) / 'pareto.png'}: {len(points)} rows, Pareto frontier: "
-          + ", ".join(p.variant for p in front))
-    return 0
-
-
-def _measure_report(args: argparse.Namespace):  # noqa: ANN202
-    from lowbit.eval import report
-    from lowbit.pipeline import compare, parse_variant, split_sim
-
-    if args.variants:
-        variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    elif args.set in report.REPORT_SETS:
-        variants = report.REPORT_SETS[args.set]
-    else:
-        raise LowbitError(f"unknown --set {args.set!r}; known: {', '.join(report.REPORT_SETS)}")
-    for v in variants:
-        parse_variant(split_sim(v)[0])
-    model, tok = _load(args)
-    calib, gptq = _calib_configs(args)
-    rows, protocol = compare(model, tok, variants, seqlen=args.seqlen, max_windows=args.max_windows,
-                             text_path=args.text, progress=not args.no_progress, calib=calib, gptq=gptq)
-    device = str(next(model.parameters()).device)
-    context = [f"command: `lowbit {' '.join(args.argv)}`",
-               f"model: {args.model or 'smollm2-135m (bundled)'}; eval text: {args.text or 'bundled SOTU 2000-2021'}",
-               f"protocol: {protocol['windows']} windows x {protocol['seqlen']} tokens, "
-               f"{protocol['predicted_tokens']} predicted tokens of {protocol['eval_tokens_available']} available; "
-               f"GPTQ calibration {calib.nsamples} x {calib.seqlen} tokens (seed {calib.seed})",
-               f"hardware: {report.hardware(device)}, float32 compute"]
-    from dataclasses import asdict
-
-    return [report.point_from_row(asdict(r)) for r in rows], context
-
-
-def cmd_plan(args: argparse.Namespace) -> int:
-    from lowbit.eval import planner
-
-    print(planner.run_plan(args.models or [None], args.memory, context=args.context, formats=args.formats,
-                           results=args.results, fp16_ppl=args.fp16_ppl, show_all=args.all))
-    return 0
-
-
 def _add_export_gguf(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export-gguf", help="write a GGUF file for llama.cpp (a lowbit checkpoint, or quantize first)")
     _add_model(p)
@@ -462,47 +192,211 @@ def _add_export_gguf(sub: argparse._SubParsersAction) -> None:
     _add_finetune(p)
 
 
-def cmd_export_gguf(args: argparse.Namespace) -> int:
-    from lowbit.io.gguf_export import export_gguf
-    from lowbit.io.gguf_types import plan_like
-    from lowbit.models.loader import is_quantized_dir, load_model, resolve
-    from lowbit.pipeline import default_device, parse_variant, quantize
-    from lowbit.rotations.fused import fuse_rotation
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the point of lowbit in ~5 minutes on a CPU: 2, 3 and 4 bits, lowbit's recipe "
+                       "vs round-to-nearest, then text from the smallest good model")
+    _add_model(p)
+    p.add_argument("--max-windows", type=int, default=None, help="evaluation windows (default: the demo's)")
+    p.add_argument("--prompt", default=None, help="prompt for the closing sample")
+    p.add_argument("--no-progress", action="store_true")
 
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise LowbitError(f"{out} already exists; pass --overwrite to replace it")
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # reports quote the command that made them
+    try:
+        return COMMANDS[args.cmd](args)
+    except (LowbitError, FileExistsError) as e:
+        print(f"lowbit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lowbit: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+# ------------------------------------------------------------------------------------ flags -> recipe and settings
+
+
+def _calib(args: argparse.Namespace):  # noqa: ANN202
+    from lowbit.algorithms.sequential import CalibConfig, GPTQConfig
+
+    return CalibConfig(args.nsamples, args.calib_seqlen, args.calib_text, args.seed), GPTQConfig(args.blocksize,
+                                                                                                  args.damp)
+
+
+def _recipe(args: argparse.Namespace, fmt: str):  # noqa: ANN202
+    from lowbit.algorithms.finetune import FinetuneConfig
+    from lowbit.recipe import Recipe
+
+    calib, gptq = _calib(args)
+    finetune = FinetuneConfig(args.ft_epochs, args.ft_lr, args.ft_batch, seed=args.seed) if args.finetune else None
+    return Recipe(fmt, args.method, rotate=getattr(args, "rotate", False),
+                  fuse_rotation=args.fuse_rotation, finetune=finetune, calib=calib, gptq=gptq)
+
+
+def _load(args: argparse.Namespace):  # noqa: ANN202
+    import lowbit
+
+    return lowbit.load(args.model, device=args.device)
+
+
+# ------------------------------------------------------------------------------------------------------ commands
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    import lowbit
+
+    recipe = _recipe(args, args.format)
+    result = lowbit.convert(args.model, recipe, args.out, device=args.device, checkpoint_dir=args.checkpoint,
+                            overwrite=args.overwrite, progress=not args.no_progress)
+    print(f"saved {args.out}: {result.summary()}")
+    return 0
+
+
+def cmd_export_gguf(args: argparse.Namespace) -> int:
+    import lowbit
+
     if args.like and args.format:
         raise LowbitError("--like takes every tensor's type from the given GGUF: drop --format")
-    embed_type = args.embed_type
-    src = resolve(args.model)
-    if is_quantized_dir(src):
-        if args.format or args.like or args.fuse_rotation:
-            raise LowbitError(f"{src} is already a quantized lowbit checkpoint: export it as is (no --format, "
-                              "--like or --fuse-rotation)")
-        model, tok = load_model(src, device="cpu")
-    elif (args.format or "").lower() in ("f16", "fp16"):  # float export, as llama.cpp's convert_hf_to_gguf
-        model, tok = _load(args, device="cpu")
-        if args.fuse_rotation:
-            fuse_rotation(model)
-    else:
-        if not (args.format or args.like):
-            raise LowbitError(f"{args.model or 'the bundled model'} is a float model: pass --format (e.g. q4_0, "
-                              "or f16 to keep it float) or --like FILE.gguf to quantize it before export")
-        suffix = ("+fused" if args.fuse_rotation else "") + ("+ft" if args.finetune else "")
-        method, fmt = parse_variant(f"{args.method}{suffix}:{args.format or 'q8_0'}")
-        compute = args.device or default_device()
-        model, tok = _load(args, device="cpu" if not method.startswith("rtn") else compute)
-        if args.like:
-            like = plan_like(model, args.like, searched=not method.startswith("rtn"))
-            fmt, embed_type = like.plan, embed_type or like.embed_type
-        calib, gptq = _calib_configs(args)
-        quantize(model, method, fmt, tok, calib=calib, gptq=gptq, device=compute, progress=not args.no_progress,
-                 finetune=_finetune_config(args))
-    report = export_gguf(model.cpu(), tok, out, fallback=args.fallback, embed_type=embed_type or "f16",
-                         tokenizer_pre=args.tokenizer_pre)
+    float_export = (args.format or "").lower() in ("f16", "fp16")
+    quantizing = bool(args.like or (args.format and not float_export))
+    recipe = _recipe(args, args.format or "q8_0") if quantizing else None  # with --like the format is replaced
+    if not quantizing and not float_export and not lowbit.is_quantized_dir(lowbit.resolve(args.model)):
+        raise LowbitError(f"{args.model or 'the bundled model'} is a float model: pass --format (e.g. q4_0, or f16 "
+                          "to keep it float) or --like FILE.gguf to quantize it before export")
+    report = lowbit.convert_gguf(args.model, args.out, recipe, like=args.like, embed_type=args.embed_type,
+                                 fallback=args.fallback, fuse_rotation_only=float_export and args.fuse_rotation,
+                                 tokenizer_pre=args.tokenizer_pre, device=args.device, overwrite=args.overwrite,
+                                 progress=not args.no_progress)
     print(report.summary())
     return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import lowbit
+    from lowbit.data.corpus import load_text
+
+    load_text("eval", args.text)  # fail on a bad path before loading the model
+    model, tok = _load(args)
+    reference = lowbit.load(args.reference, device=args.device)[0] if args.reference else None
+    print(lowbit.evaluate(model, tok, text_file=args.text, seqlen=args.seqlen, max_windows=args.max_windows,
+                          reference=reference, progress=not args.no_progress))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    import lowbit
+    from lowbit.compare import parse_variants, rows_table
+
+    calib, gptq = _calib(args)
+    variants = parse_variants([v for v in args.formats.split(",") if v.strip()], calib=calib, gptq=gptq)
+    model, tok = _load(args)
+    rows, protocol = lowbit.compare(model, tok, variants, seqlen=args.seqlen, max_windows=args.max_windows,
+                                    text_path=args.text, progress=not args.no_progress)
+    print(rows_table(rows))
+    print(f"\nprotocol: {protocol['windows']} windows x {protocol['seqlen']} tokens "
+          f"({protocol['predicted_tokens']} predicted tokens; {protocol['eval_tokens_available']} available), "
+          f"model {args.model or 'smollm2-135m'}, eval text {args.text or 'bundled SOTU 2000-2021'}")
+    if args.json:
+        from lowbit.compare import write_rows_json
+
+        write_rows_json(args.json, rows, protocol)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from lowbit.io.checkpoint import describe
+
+    print(describe(args.path))
+    return 0
+
+
+def cmd_formats(args: argparse.Namespace) -> int:
+    from lowbit.formats import format_table
+
+    try:
+        shape = tuple(int(x) for x in args.shape.lower().split("x"))
+        assert len(shape) == 2
+    except (ValueError, AssertionError):
+        raise LowbitError(f"--shape must look like 4096x11008, got {args.shape!r}") from None
+    print(format_table(shape))
+    return 0
+
+
+def _model_id(model: str | None) -> str:
+    """The name a served model goes by: the bundled alias, a directory's name, or the hub id."""
+    from lowbit.data.assets import DEFAULT_MODEL
+
+    if model is None:
+        return DEFAULT_MODEL
+    p = Path(model).expanduser()
+    return p.resolve().name if p.exists() else model
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import lowbit
+    from lowbit.serve.generate import SamplingParams
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
+    model, tok = _load(args)
+    stream = lowbit.generate(model, tok, prompt, chat=args.chat, system=args.system, params=params, fast=args.fast,
+                             compile=args.compile, weight_cache=not args.no_weight_cache)
+    for delta in stream:
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    print(f"[{stream.stats_line()}]", file=sys.stderr)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from lowbit.serve.app import serve
+    except ImportError as e:
+        raise LowbitError(f"lowbit serve needs the serve extra: pip install 'lowbit[serve]' ({e})") from None
+
+    model, tok = _load(args)
+    name = args.model_name or _model_id(args.model)
+    print(f"serving {name} on http://{args.host}:{args.port}/v1 (max concurrency {args.max_concurrency}, "
+          f"queue {args.max_queue}); Ctrl+C stops", file=sys.stderr)
+    serve(model, tok, name, host=args.host, port=args.port, max_concurrency=args.max_concurrency,
+          max_queue=args.max_queue, shutdown_timeout=args.shutdown_timeout, weight_cache=not args.no_weight_cache)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from lowbit.compare import quality_report
+
+    calib, gptq = _calib(args)
+    summary = quality_report(args.out, model=args.model, variants=args.variants, variant_set=args.set,
+                             from_results=args.from_results, title=args.title, command=f"lowbit {' '.join(args.argv)}",
+                             device=args.device, seqlen=args.seqlen, max_windows=args.max_windows,
+                             text_path=args.text, calib=calib, gptq=gptq, progress=not args.no_progress)
+    print(summary)
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from lowbit import planner
+
+    print(planner.run_plan(args.models or [None], args.memory, context=args.context, formats=args.formats,
+                           results=args.results, fp16_ppl=args.fp16_ppl, show_all=args.all))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from lowbit.demo import run_demo
+
+    run_demo(args.model, device=args.device, max_windows=args.max_windows, prompt=args.prompt,
+             progress=not args.no_progress)
+    return 0
+
+
+COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "compare": cmd_compare, "info": cmd_info,
+            "formats": cmd_formats, "generate": cmd_generate, "serve": cmd_serve, "report": cmd_report,
+            "plan": cmd_plan, "export-gguf": cmd_export_gguf, "demo": cmd_demo}
 
 
 if __name__ == "__main__":

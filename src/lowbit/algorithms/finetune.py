@@ -33,8 +33,10 @@ from lowbit.models.quant_linear import QuantLinear
 from lowbit.models.walker import set_module
 
 
-@dataclass
+@dataclass(frozen=True)
 class FinetuneConfig:
+    """End-to-end tuning of stored float scales and norms after rounding (the ``+ft`` of a recipe)."""
+
     epochs: float = 2.0  # passes over the calibration windows
     lr: float = 3e-3  # Adam step on the log-multipliers: ~0.3% of a scale per step (best of 1e-3/3e-3 measured)
     batch_size: int = 4  # windows per optimizer step

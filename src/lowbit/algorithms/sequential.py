@@ -24,13 +24,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.algorithms.gptq import GPTQResult, gptq_quantize, proxy_loss
-from lowbit.algorithms.rtn import validate_plan
+from lowbit.algorithms.plans import plan_by_layer, validate_plan
+from lowbit.atomic import atomic_file
 from lowbit.calibration.capture import HessianAccumulator, capture_layer_inputs
 from lowbit.calibration.samples import DEFAULT_NSAMPLES, DEFAULT_SEQLEN, calibration_samples
 from lowbit.errors import LowbitError
 from lowbit.eval.perplexity import model_max_length
 from lowbit.formats import get_format
-from lowbit.io.atomic import atomic_file
 from lowbit.models.quant_linear import QuantLinear
 from lowbit.models.walker import (
     DECODER_LAYERS,
@@ -42,25 +42,34 @@ from lowbit.models.walker import (
 )
 from lowbit.rotations.incoherence import Rotation
 
+ROUNDINGS = ("gptq", "gptq_act", "imatrix")
 
-@dataclass
+
+@dataclass(frozen=True)
 class CalibConfig:
+    """Calibration text: ``nsamples`` windows of ``seqlen`` tokens from the calib split (or ``text_path``)."""
+
     nsamples: int = DEFAULT_NSAMPLES
     seqlen: int = DEFAULT_SEQLEN
     text_path: str | None = None
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if self.nsamples < 1 or self.seqlen < 2:
+            raise LowbitError(f"calibration needs nsamples >= 1 and seqlen >= 2, got {self}")
 
-@dataclass
+
+@dataclass(frozen=True)
 class GPTQConfig:
+    """GPTQ/LDLQ settings; which rounding (plain, act-order, imatrix) is the recipe's method, not a setting."""
+
     blocksize: int = 128
-    percdamp: float = 0.01
-    act_order: bool = False
+    percdamp: float = 0.01  # damping: fraction of mean diag(H) added to the diagonal
     static_groups: bool = False  # group parameters fitted on the original weights (see gptq_quantize)
-    rotate: bool = False  # incoherence processing: round U W V^T against V H V^T
-    rotation_seed: int = 0
-    # "ldlq": GPTQ/LDLQ error feedback; "imatrix": nearest rounding with diag(H) as importance (llama.cpp's imatrix)
-    rounding: str = "ldlq"
+
+    def __post_init__(self) -> None:
+        if self.blocksize < 1 or not 0 <= self.percdamp < 1:
+            raise LowbitError(f"GPTQ needs blocksize >= 1 and 0 <= damp < 1, got {self}")
 
 
 @dataclass
@@ -83,21 +92,29 @@ def quantize_sequential(model: nn.Module, tokenizer: object, plan: dict[str, str
                         calib: CalibConfig | None = None, gptq: GPTQConfig | None = None,
                         device: str | torch.device | None = None, checkpoint_dir: str | Path | None = None,
                         progress: bool = True, on_layer_done: Callable[[int], None] | None = None,
-                        samples: torch.Tensor | None = None) -> SequentialReport:
+                        samples: torch.Tensor | None = None, rounding: str = "gptq",
+                        rotation_seed: int | None = None) -> SequentialReport:
     """GPTQ-quantize in place the decoder linears named in ``plan`` (name -> format), layer by layer.
 
-    ``samples`` ([n, seqlen] token ids) replaces the calibration text when given.
+    ``rounding``: ``gptq`` (GPTQ/LDLQ error feedback), ``gptq_act`` (the same in act-order, for scalar formats) or
+    ``imatrix`` (nearest rounding weighted by diag(H), llama.cpp's importance matrix). ``rotation_seed``: round
+    U W V^T against V H V^T with seeded randomized Hadamards U, V (undone online). ``samples`` ([n, seqlen] token
+    ids) replaces the calibration text when given.
     """
+    if rounding not in ROUNDINGS:
+        raise LowbitError(f"unknown rounding {rounding!r}; known: {', '.join(ROUNDINGS)}")
     calib = calib or CalibConfig()
     gptq = gptq or GPTQConfig()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     layers = decoder_layers(model)
     prefix = DECODER_LAYERS[model.config.model_type]
-    by_layer = _plan_by_layer(model, plan, prefix, len(layers))
+    validate_plan(model, plan)
+    by_layer = plan_by_layer(plan, prefix, len(layers))
     if samples is None:
         samples = calibration_set(model, tokenizer, calib)
 
-    ckpt = _Checkpoint(checkpoint_dir, _fingerprint(model, plan, calib, gptq)) if checkpoint_dir else None
+    fingerprint = _fingerprint(model, plan, calib, gptq, rounding, rotation_seed)
+    ckpt = _Checkpoint(checkpoint_dir, fingerprint) if checkpoint_dir else None
     start = 0
     report = SequentialReport()
     t_start = time.perf_counter()
@@ -117,7 +134,7 @@ def quantize_sequential(model: nn.Module, tokenizer: object, plan: dict[str, str
         home = module_device(layer)
         layer.to(device)
         names = by_layer[i]
-        stats = _quantize_layer(layer, names, plan, prefix, i, inps, kwargs, gptq)
+        stats = _quantize_layer(layer, names, plan, prefix, i, inps, kwargs, gptq, rounding, rotation_seed)
         report.linears.update(stats)
         inps = _run_layer(layer, inps, kwargs)
         layer.to(home)
@@ -140,14 +157,6 @@ def calibration_set(model: nn.Module, tokenizer: object, calib: CalibConfig) -> 
     return calibration_samples(tokenizer, calib.nsamples, seqlen, calib.text_path, calib.seed)
 
 
-def _plan_by_layer(model: nn.Module, plan: dict[str, str], prefix: str, n_layers: int) -> list[list[str]]:
-    validate_plan(model, plan)
-    by_layer: list[list[str]] = [[] for _ in range(n_layers)]
-    for name in plan:
-        by_layer[int(name[len(prefix) + 1 :].split(".")[0])].append(name)
-    return by_layer
-
-
 @torch.no_grad()
 def _run_layer(layer: nn.Module, inps: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
     outs = torch.empty_like(inps)
@@ -158,7 +167,8 @@ def _run_layer(layer: nn.Module, inps: torch.Tensor, kwargs: dict[str, Any]) -> 
 
 
 def _quantize_layer(layer: nn.Module, names: list[str], plan: dict[str, str], prefix: str, index: int,
-                    inps: torch.Tensor, kwargs: dict[str, Any], cfg: GPTQConfig) -> dict[str, LinearStats]:
+                    inps: torch.Tensor, kwargs: dict[str, Any], cfg: GPTQConfig, rounding: str,
+                    rotation_seed: int | None) -> dict[str, LinearStats]:
     local = {n: n[len(f"{prefix}.{index}.") :] for n in names}
     accs = {}
     for name, sub in local.items():
@@ -175,16 +185,16 @@ def _quantize_layer(layer: nn.Module, names: list[str], plan: dict[str, str], pr
         fmt = get_format(plan[name])
         w = linear_weight(module).float()
         H = hessians[name]
-        rotation = Rotation.for_layer(name, cfg.rotation_seed) if cfg.rotate else None
+        rotation = None if rotation_seed is None else Rotation.for_layer(name, rotation_seed)
         if rotation:
             w, H = rotation.rotate_weight(w), rotation.rotate_hessian(H)
-        if cfg.rounding == "imatrix":
+        if rounding == "imatrix":
             qt = fmt.quantize(w, importance=H.diagonal().clamp_min(0))
             res = GPTQResult(qt, proxy_loss(w, fmt.dequantize(qt), H), 0.0, 0)
         else:
             # act-order where the format allows it (scalar grids); vector codebooks in a mixed plan (IQ2_XXS
             # beside IQ4_NL fallbacks) keep natural order rather than failing the whole plan
-            act = cfg.act_order and fmt.vector_dim == 1
+            act = rounding == "gptq_act" and fmt.vector_dim == 1
             res = gptq_quantize(w, H, fmt, cfg.blocksize, cfg.percdamp, act, cfg.static_groups)
         rtn = proxy_loss(w, fmt.dequantize(fmt.quantize(w)), H)
         bias = getattr(module, "bias", None)
@@ -195,10 +205,12 @@ def _quantize_layer(layer: nn.Module, names: list[str], plan: dict[str, str], pr
     return stats
 
 
-def _fingerprint(model: nn.Module, plan: dict[str, str], calib: CalibConfig, gptq: GPTQConfig) -> str:
+def _fingerprint(model: nn.Module, plan: dict[str, str], calib: CalibConfig, gptq: GPTQConfig, rounding: str,
+                 rotation_seed: int | None) -> str:
     h = hashlib.sha256()
     h.update(model.config.to_json_string().encode())
-    h.update(json.dumps([sorted(plan.items()), asdict(calib), asdict(gptq)], sort_keys=True).encode())
+    settings = [sorted(plan.items()), asdict(calib), asdict(gptq), rounding, rotation_seed]
+    h.update(json.dumps(settings, sort_keys=True).encode())
     for p in list(model.parameters())[:4]:  # cheap guard against resuming onto different weights
         h.update(p.detach().float().cpu().flatten()[:4096].numpy().tobytes())
     return h.hexdigest()

@@ -25,8 +25,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from lowbit.atomic import atomic_dir
 from lowbit.errors import AssetError
-from lowbit.io.atomic import atomic_dir
 
 DEFAULT_MODEL = "smollm2-135m"
 

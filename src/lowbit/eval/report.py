@@ -149,7 +149,7 @@ def plot_pareto(points: Sequence[Point], out: str | Path, title: str) -> Path:
         matplotlib.use("Agg")  # files only, no display needed
         import matplotlib.pyplot as plt
     except ImportError:
-        raise LowbitError("the plot needs matplotlib: pip install matplotlib") from None
+        raise LowbitError("the Pareto plot needs the report extra: pip install 'lowbit[report]'") from None
     fig, ax = plt.subplots(figsize=(9, 6))
     groups: dict[str, list[Point]] = {}
     for p in points:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from functools import cache
 
-from lowbit.errors import UnknownFormatError
+from lowbit.errors import LowbitError, UnknownFormatError
 from lowbit.formats.base import Format, Params, QuantizedTensor, cat_params
 from lowbit.formats.e8p import E8PFormat
 from lowbit.formats.iq2xxs import IQ2XXSFormat
@@ -70,3 +70,17 @@ def example_names() -> list[str]:
     return ["int4_g128_sym", "int4_g128_asym", "int3_g128_asym", "int2_g64_asym_mse", "int4_ch_sym",
             "nz2_ch", "nz2r30_ch", "pm12_ch", "std2_ch", "std2m_ch", "iq2_xxs", "q2_k", "iq4_nl", "e8p_ch",
             "e8p_g256", *ALIASES]
+
+
+def format_table(shape: tuple[int, int]) -> str:
+    """Markdown table of every example format name with its exact bits per weight at ``shape``."""
+    rows = [f"| {n} | {_bpw_or_reason(get_format(n), shape)} |" for n in example_names()]
+    return "\n".join([f"| format | bits/weight at {shape[0]}x{shape[1]} |", "|---|---|", *rows])
+
+
+def _bpw_or_reason(fmt: Format, shape: tuple[int, int]) -> str:
+    """A format may not accept every shape (IQ2_XXS needs rows in multiples of 32): say so in its row."""
+    try:
+        return f"{fmt.bits_per_weight(shape):.3f}"
+    except (ValueError, LowbitError) as e:
+        return f"n/a ({e})"

@@ -11,7 +11,9 @@ and loads the tensors strictly, so it reproduces the in-memory quantized model b
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -19,15 +21,30 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lowbit import __version__
+from lowbit.atomic import atomic_dir
 from lowbit.errors import LowbitError
-from lowbit.io.atomic import atomic_dir
-from lowbit.models.loader import QUANTIZED_MARKER, skip_init
 from lowbit.models.quant_linear import QuantLinear
 from lowbit.models.walker import check_supported, empty_quant_linear, set_module
 from lowbit.rotations.incoherence import Rotation
 
 STORAGE_DTYPE = torch.float16
 CHECKPOINT_VERSION = 1
+QUANTIZED_MARKER = "lowbit.json"
+
+
+def is_quantized_dir(path: str | Path) -> bool:
+    return (Path(path) / QUANTIZED_MARKER).exists()
+
+
+@contextlib.contextmanager
+def skip_init() -> Iterator[None]:
+    """Skip random weight initialization when building a model that will be overwritten by a checkpoint."""
+    try:
+        from transformers.initialization import no_init_weights  # transformers >= 5
+    except ImportError:  # pragma: no cover - older transformers
+        from transformers.modeling_utils import no_init_weights
+    with no_init_weights():
+        yield
 
 
 def quantized_formats(model: nn.Module) -> dict[str, str]:
@@ -71,6 +88,18 @@ def read_info(path: str | Path) -> dict:
     if not f.exists():
         raise LowbitError(f"{path} is not a lowbit quantized model (no {QUANTIZED_MARKER})")
     return json.loads(f.read_text())
+
+
+def describe(path: str | Path) -> str:
+    """What ``lowbit info`` prints: the checkpoint's recorded settings, formats and file size."""
+    info = read_info(path)
+    counts: dict[str, int] = {}
+    for f in info.pop("formats").values():
+        counts[f] = counts.get(f, 0) + 1
+    lines = [f"{k}: {v}" for k, v in info.items()]
+    lines.append("quantized linears: " + ", ".join(f"{n} x {f}" for f, n in counts.items()))
+    lines.append(f"model.safetensors: {(Path(path) / 'model.safetensors').stat().st_size / 1e6:.1f} MB")
+    return "\n".join(lines)
 
 
 def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32,

@@ -30,9 +30,9 @@ import torch
 from gguf import GGMLQuantizationType as QT
 from torch import nn
 
+from lowbit.atomic import atomic_file
 from lowbit.errors import LowbitError, UnsupportedModelError
 from lowbit.formats import QuantizedTensor, get_format
-from lowbit.io.atomic import atomic_file
 from lowbit.io.gguf_blocks import gguf_type, to_ggml_blocks, unsupported_reason
 from lowbit.io.gguf_types import gguf_arch, gguf_name
 from lowbit.models.quant_linear import QuantLinear

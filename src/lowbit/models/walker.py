@@ -73,3 +73,16 @@ def decoder_linears(model: nn.Module) -> dict[str, nn.Module]:
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def round_to_storage(model: nn.Module) -> nn.Module:
+    """Round unquantized float weights to float16, as they are stored, while computing in float32."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point():
+                p.copy_(p.half().to(p.dtype))
+    return model

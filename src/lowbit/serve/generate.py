@@ -344,3 +344,11 @@ class TextStream:
         """Steady-state speed: tokens sampled after the first one, per second (excludes the prompt's forward)."""
         elapsed = self.t_last - self.t_first
         return (self.steps - 1) / elapsed if self.steps > 1 and elapsed > 0 else 0.0
+
+    def stats_line(self) -> str:
+        """Tokens, time and speed of a finished stream, in one line."""
+        first = self.t_first - self.t_start if self.t_first else 0.0
+        return (f"{self.completion_tokens} tokens in {self.t_end - self.t_start:.2f}s "
+                f"({self.tokens_per_second():.1f} tokens/s overall, {self.decode_tokens_per_second():.1f} tokens/s "
+                f"after the first); prompt {self.prompt_tokens} tokens, first token after {first:.2f}s; "
+                f"finish: {self.finish_reason}")

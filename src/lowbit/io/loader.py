@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import torch
@@ -10,9 +9,8 @@ from torch import nn
 
 from lowbit.data.assets import DEFAULT_MODEL, default_model_dir
 from lowbit.errors import LowbitError
+from lowbit.io.checkpoint import is_quantized_dir, load_quantized
 from lowbit.models.walker import check_supported
-
-QUANTIZED_MARKER = "lowbit.json"
 
 
 def resolve(name_or_path: str | Path | None) -> str:
@@ -29,10 +27,6 @@ def resolve(name_or_path: str | Path | None) -> str:
     if str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") > 1:
         raise LowbitError(f"model path not found: {name_or_path}")
     return str(name_or_path)  # a hub id: only the local cache is consulted
-
-
-def is_quantized_dir(path: str | Path) -> bool:
-    return (Path(path) / QUANTIZED_MARKER).exists()
 
 
 def load_config(name_or_path: str | Path | None) -> tuple[str, object]:
@@ -56,21 +50,9 @@ def load_model(name_or_path: str | Path | None = None, dtype: torch.dtype = torc
 
     src = resolve(name_or_path)
     if is_quantized_dir(src):
-        from lowbit.io.checkpoint import load_quantized
-
         return load_quantized(src, dtype=dtype, device=device)
     src, _ = load_config(src)
     tok = AutoTokenizer.from_pretrained(src, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, local_files_only=True)
     return model.to(device).eval(), tok
 
-
-@contextlib.contextmanager
-def skip_init():
-    """Skip random weight initialization when building a model that will be overwritten by a checkpoint."""
-    try:
-        from transformers.initialization import no_init_weights  # transformers >= 5
-    except ImportError:  # pragma: no cover - older transformers
-        from transformers.modeling_utils import no_init_weights
-    with no_init_weights():
-        yield

@@ -80,7 +80,7 @@ def read_shapes(name: str | None) -> ModelShapes:
     """Exact parameter shapes of a model from its config only: nothing is loaded or allocated."""
     from transformers import AutoModelForCausalLM
 
-    from lowbit.models.loader import load_config
+    from lowbit.io.loader import load_config
     from lowbit.models.walker import decoder_layers, decoder_linears, linear_weight
 
     _, config = load_config(name)
@@ -258,16 +258,17 @@ class Candidate:
 
 def candidates(shapes: ModelShapes, variants: list[str], context: int, quality: QualityModel,
                fp16_ppl: float | None) -> list[Candidate]:
-    from lowbit.pipeline import BASELINE, parse_variant, split_sim
+    from lowbit.recipe import Variant
 
     out = []
     runtime = runtime_bytes(shapes, context)
     params = shapes.linear_params + shapes.embed_head_params + shapes.other_params
     for v in variants:
-        method, fmt = parse_variant(split_sim(v)[0])
-        lin = linear_bytes(shapes, None if method == BASELINE else fmt)
+        recipe = Variant.parse(v).recipe
+        fmt = None if recipe is None else recipe.format
+        lin = linear_bytes(shapes, fmt)
         bpw = 8 * (lin - 2 * shapes.linear_bias_params) / shapes.linear_params
-        out.append(Candidate(shapes.name, v, bpw, stored_bytes(shapes, None if method == BASELINE else fmt),
+        out.append(Candidate(shapes.name, v, bpw, stored_bytes(shapes, fmt),
                              runtime, params, quality.estimate(shapes.name, v, bpw, fp16_ppl)))
     return out
 

@@ -1,0 +1,278 @@
+"""OpenAI-compatible HTTP API over one loaded model: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``.
+
+The wire format lives in ``lowbit.serve.schema``, the scheduling in ``lowbit.serve.engine``. Here:
+
+* The event loop only validates, tokenizes (in the thread pool) and streams; forward passes run on the engine's
+  worker threads, so the server keeps answering (429s, /health, other streams) while a model runs.
+* A client that disconnects cancels its job: a streaming response cancels it however the response ends, and a
+  non-streaming request polls for the client while it waits.
+* Shutdown (SIGINT/SIGTERM, handled by uvicorn): stop accepting connections, let in-flight requests finish for up
+  to ``shutdown_timeout`` seconds, then cancel them; the lifespan hook finally stops the engine's worker threads.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+from torch import nn
+
+from lowbit import __version__
+from lowbit.errors import LowbitError
+from lowbit.serve import SERVE_EXTRA_HINT
+from lowbit.serve.engine import Engine, Job, QueueFullError, RequestError, ShuttingDownError
+from lowbit.serve.generate import SamplingParams, encode_chat, encode_prompt, use_weight_cache
+from lowbit.serve.schema import (
+    ApiError,
+    ChatRequest,
+    ChatShape,
+    CompletionRequest,
+    CompletionShape,
+    ResponseShape,
+    SamplingRequest,
+    queue_full_error,
+    shutting_down_error,
+    token_usage,
+    validation_error,
+)
+
+try:
+    import uvicorn
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+except ImportError as e:
+    raise LowbitError(SERVE_EXTRA_HINT) from e
+
+CLIENT_CLOSED = 499  # nginx's convention; nobody reads it, the client is gone
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+def _error_response(err: ApiError) -> JSONResponse:
+    return JSONResponse(err.payload(), status_code=err.status, headers=err.headers)
+
+
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return _error_response(exc)
+
+
+async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
+    return _error_response(ApiError(400, str(exc), param=exc.param, code=exc.code))
+
+
+async def _bad_input(request: Request, exc: LowbitError) -> JSONResponse:
+    return _error_response(ApiError(400, str(exc)))
+
+
+async def _queue_full(request: Request, exc: QueueFullError) -> JSONResponse:
+    return _error_response(queue_full_error())
+
+
+async def _shutting_down(request: Request, exc: ShuttingDownError) -> JSONResponse:
+    return _error_response(shutting_down_error())
+
+
+async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return _error_response(validation_error(exc.errors()))
+
+
+async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+    return _error_response(ApiError(exc.status_code, str(exc.detail), type_=kind))
+
+
+async def _crash(request: Request, exc: Exception) -> JSONResponse:
+    return _error_response(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type_="server_error"))
+
+
+_EXCEPTION_HANDLERS: list[tuple[type[Exception], Callable[[Request, Any], Awaitable[JSONResponse]]]] = [
+    (ApiError, _api_error), (RequestError, _request_error), (LowbitError, _bad_input),
+    (QueueFullError, _queue_full), (ShuttingDownError, _shutting_down), (RequestValidationError, _invalid),
+    (StarletteHTTPException, _http), (Exception, _crash),
+]
+
+
+# ------------------------------------------------------------------------------------------- streaming
+
+
+def _event(obj: dict | str) -> str:
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+class _JobStreamingResponse(StreamingResponse):
+    """A streaming response that cancels its job however the response ends (done, disconnect, shutdown)."""
+
+    def __init__(self, content: AsyncIterator[str], job: Job) -> None:
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.job = job
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.job.cancel()
+
+
+async def _sse(job: Job, shape: ResponseShape, include_usage: bool) -> AsyncIterator[str]:
+    try:
+        for chunk in shape.first_chunks():
+            yield _event(chunk)
+        async for delta in job.deltas():
+            yield _event(shape.chunk(delta, None))
+        reason = job.stream.finish_reason
+        if reason == "cancelled":  # only the server cancels a stream whose client is still reading: shutdown
+            yield _event(shutting_down_error().payload())
+        else:
+            yield _event(shape.chunk(None, reason))
+            if include_usage:
+                yield _event(shape.usage_chunk(token_usage(job.stream.prompt_tokens, job.stream.completion_tokens)))
+    except Exception as e:  # noqa: BLE001 - headers are sent: report in-band, as OpenAI does
+        yield _event(ApiError(500, f"generation failed: {e}", type_="server_error").payload())
+    yield _event("[DONE]")
+
+
+async def _whole_body(request: Request, job: Job, shape: ResponseShape) -> Response:
+    """The non-streaming answer: all of the job's text in one body, unless the client left or the server stops."""
+    try:
+        text = "".join([d async for d in job.deltas(request.is_disconnected)])
+    finally:
+        job.cancel()  # no-op when finished; stops the thread if this handler is cancelled (shutdown)
+    stream = job.stream
+    if job.client_gone:
+        return Response(status_code=CLIENT_CLOSED)
+    if stream.finish_reason == "cancelled":
+        raise shutting_down_error()
+    return JSONResponse(shape.body(text, stream.finish_reason, token_usage(stream.prompt_tokens,
+                                                                           stream.completion_tokens)))
+
+
+# ------------------------------------------------------------------------------------------- endpoints
+
+
+def _sampling_params(req: SamplingRequest, budget: int, extra_stop: Sequence[str]) -> SamplingParams:
+    """OpenAI's defaults where the client gave nothing: temperature 1, top_p 1."""
+    temperature = 1.0 if req.temperature is None else req.temperature
+    top_p = 1.0 if req.top_p is None else req.top_p
+    return SamplingParams(max_new_tokens=budget, temperature=temperature, top_p=top_p, top_k=req.top_k or 0,
+                          seed=req.seed, stop=tuple(dict.fromkeys((*req.stop_list(), *extra_stop))))
+
+
+class OpenAIRoutes:
+    """The endpoints for one engine serving its model under ``model_id``."""
+
+    def __init__(self, engine: Engine, model_id: str) -> None:
+        self.engine, self.model_id = engine, model_id
+        self.created = int(time.time())
+
+    def _model_card(self) -> dict:
+        return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "lowbit"}
+
+    def _check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_id:
+            raise ApiError(404, f"The model '{name}' does not exist; this server serves '{self.model_id}'.",
+                           param="model", code="model_not_found")
+
+    async def health(self) -> dict:
+        engine = self.engine
+        return {"status": "ok", "model": self.model_id, "running": engine.running, "waiting": engine.waiting}
+
+    async def models(self) -> dict:
+        return {"object": "list", "data": [self._model_card()]}
+
+    async def one_model(self, name: str) -> dict:
+        self._check_model(name)
+        return self._model_card()
+
+    async def completions(self, req: CompletionRequest, request: Request) -> Response:
+        self._check_model(req.model)
+        prompt = req.single_prompt()
+        if isinstance(prompt, str):
+            ids = await run_in_threadpool(encode_prompt, self.engine.tokenizer, prompt)
+        else:
+            ids = self.engine.check_token_ids(prompt)
+        # OpenAI's default length for completions is 16 tokens.
+        return await self._generate(request, req, CompletionShape(self.model_id), ids, 16, "prompt")
+
+    async def chat_completions(self, req: ChatRequest, request: Request) -> Response:
+        self._check_model(req.model)
+        messages = [m.as_dict() for m in req.messages]
+        try:
+            ids, extra_stop = await run_in_threadpool(encode_chat, self.engine.tokenizer, messages)
+        except LowbitError as e:
+            raise ApiError(400, str(e), param="messages") from None
+        # OpenAI's chat fills the context unless told otherwise: no default length.
+        return await self._generate(request, req, ChatShape(self.model_id), ids, None, "messages", extra_stop)
+
+    async def _generate(self, request: Request, req: SamplingRequest, shape: ResponseShape, ids: list[int],
+                        default_max: int | None, what: str, extra_stop: Sequence[str] = ()) -> Response:
+        """Admit the request, run it, answer as a stream or as one body."""
+        budget = self.engine.token_budget(len(ids), req.requested_max_tokens(), default_max, what)
+        stream = self.engine.stream(ids, _sampling_params(req, budget, extra_stop))
+        if not await self.engine.acquire(request.is_disconnected):
+            return Response(status_code=CLIENT_CLOSED)
+        job = self.engine.start(stream)
+        if req.stream:
+            return _JobStreamingResponse(_sse(job, shape, req.wants_usage()), job)
+        return await _whole_body(request, job, shape)
+
+
+# ------------------------------------------------------------------------------------------------ the app
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    yield
+    await app.state.engine.close()
+
+
+def create_app(model: nn.Module, tokenizer: object, model_id: str, max_concurrency: int = 1,
+               max_queue: int = 16, weight_cache: bool = True) -> FastAPI:
+    """The FastAPI app serving ``model`` under the name ``model_id``; ``app.state.engine`` holds the Engine.
+
+    ``weight_cache`` keeps quantized layers' dequantized weights in memory (see ``use_weight_cache``).
+    """
+    use_weight_cache(model, weight_cache)
+    engine = Engine(model, tokenizer, max_concurrency=max_concurrency, max_queue=max_queue)
+    routes = OpenAIRoutes(engine, model_id)
+    app = FastAPI(title="lowbit", version=__version__, lifespan=_lifespan)
+    app.state.engine = engine
+    app.state.model_id = model_id
+    for exc_class, handler in _EXCEPTION_HANDLERS:
+        app.add_exception_handler(exc_class, handler)
+    app.add_api_route("/health", routes.health, methods=["GET"])
+    app.add_api_route("/v1/models", routes.models, methods=["GET"])
+    app.add_api_route("/v1/models/{name:path}", routes.one_model, methods=["GET"])
+    app.add_api_route("/v1/completions", routes.completions, methods=["POST"])
+    app.add_api_route("/v1/chat/completions", routes.chat_completions, methods=["POST"])
+    return app
+
+
+def serve(model: nn.Module, tokenizer: object, model_id: str, host: str = "127.0.0.1", port: int = 8000,
+          max_concurrency: int = 1, max_queue: int = 16, shutdown_timeout: int = 10,
+          log_level: str = "info", weight_cache: bool = True) -> None:
+    """Serve until SIGINT/SIGTERM; in-flight requests get ``shutdown_timeout`` seconds to finish."""
+    app = create_app(model, tokenizer, model_id, max_concurrency=max_concurrency, max_queue=max_queue,
+                     weight_cache=weight_cache)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=shutdown_timeout)
+    # uvicorn handles SIGINT/SIGTERM itself, then re-raises the signal once it has shut down; by then everything
+    # is stopped, so end quietly (exit status 0) instead of dying from the re-raised SIGTERM or KeyboardInterrupt.
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, lambda *_: None) if in_main else None
+    try:
+        uvicorn.Server(config).run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,208 @@
+"""The generation engine behind ``lowbit serve``: admission, generation slots, worker threads, cancellation.
+
+It knows nothing of HTTP (torch and transformers are all it needs); ``lowbit.serve.app`` turns its outcomes into
+OpenAI responses. How a request is scheduled, and why:
+
+* Forward passes run on a ``ThreadPoolExecutor`` of ``max_concurrency`` workers, so the event loop keeps answering
+  (refusals, health checks, other streams) while a model runs.
+* Admission: a request that would have to wait for a generation slot while ``max_queue`` others already wait is
+  refused at once (``QueueFullError``; the server answers 429 + ``Retry-After``) instead of piling up.
+* A slot belongs to the job's worker thread from start to finish and is released by that thread (not by the HTTP
+  handler), so a cancelled job never overlaps the next one: forward passes stay at ``max_concurrency`` at most.
+* Cancellation: every job has an Event polled before each forward pass; it is set when the client disconnects
+  (closed stream, or a polled check while a non-streaming client waits), and on shutdown.
+* Shutdown: ``close`` cancels every job and waits for the worker threads; new requests then get
+  ``ShuttingDownError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+from torch import nn
+
+from lowbit.errors import LowbitError
+from lowbit.serve.generate import SamplingParams, TextStream, context_length
+
+POLL_SECONDS = 0.25  # how often a waiting request checks whether its client is still there
+
+IsDisconnected = Callable[[], Awaitable[bool]]
+
+
+class QueueFullError(Exception):
+    """Too many requests already wait for a generation slot."""
+
+
+class ShuttingDownError(Exception):
+    """The engine is stopping and takes no new jobs."""
+
+
+class RequestError(LowbitError):
+    """A request this model cannot serve as asked: ``param`` names the input at fault, ``code`` the reason."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param, self.code = param, code
+
+
+class Job:
+    """One generation on a worker thread; its text deltas come back to the event loop through an asyncio queue."""
+
+    _DONE = object()
+
+    def __init__(self, stream: TextStream, stopping: threading.Event, on_finish: Callable[[Job], None]) -> None:
+        self.stream = stream
+        self._cancel = threading.Event()
+        stream.should_stop = lambda: self._cancel.is_set() or stopping.is_set()
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[object] = asyncio.Queue()
+        self._on_finish = on_finish
+        self.client_gone = False
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def _put(self, item: object) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # the loop is closed (end of shutdown): nobody is listening any more
+            pass
+
+    def run(self) -> None:
+        """Worker-thread body: generate, forward deltas, hand the slot back however it ends."""
+        try:
+            for delta in self.stream:
+                self._put(delta)
+            self._put(self._DONE)
+        except Exception as e:  # noqa: BLE001 - reported to the waiting request, which answers 500
+            self._put(e)
+        finally:
+            try:
+                self._loop.call_soon_threadsafe(self._on_finish, self)
+            except RuntimeError:
+                pass
+
+    async def deltas(self, is_disconnected: IsDisconnected | None = None) -> AsyncIterator[str]:
+        """Text deltas until the job ends. With ``is_disconnected``, the client is checked while waiting and the
+        job cancelled (iteration ends, ``client_gone`` set) when it has left."""
+        while True:
+            if is_disconnected is None:
+                item = await self._queue.get()
+            else:
+                try:
+                    item = await asyncio.wait_for(self._queue.get(), POLL_SECONDS)
+                except asyncio.TimeoutError:
+                    if await is_disconnected():
+                        self.client_gone = True
+                        self.cancel()
+                        return
+                    continue
+            if item is self._DONE:
+                return
+            if isinstance(item, Exception):
+                raise item
+            yield item
+
+
+class Engine:
+    """Owns the model: admission (bounded queue), generation slots and worker threads."""
+
+    def __init__(self, model: nn.Module, tokenizer: object, max_concurrency: int = 1, max_queue: int = 16) -> None:
+        if max_concurrency < 1 or max_queue < 0:
+            raise LowbitError("max_concurrency must be >= 1 and max_queue >= 0")
+        self.model, self.tokenizer = model, tokenizer
+        self.context = context_length(model)
+        self.max_concurrency, self.max_queue = max_concurrency, max_queue
+        self._slots = asyncio.Semaphore(max_concurrency)  # binds to the serving loop on first use
+        self._executor = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="lowbit-generate")
+        self._stopping = threading.Event()
+        self.waiting = 0
+        self.running = 0
+        self.stats: Counter[str] = Counter()  # finish reasons, "refused", "failed"
+
+    # -------------------------------------------------------------------------------- building a generation
+
+    def token_budget(self, n_prompt: int, max_tokens: int | None, default_max: int | None, what: str) -> int:
+        """How many tokens to generate after a prompt of ``n_prompt`` tokens (the ``what`` of the request).
+
+        ``max_tokens`` is what the client asked for (checked strictly against the context); ``default_max``
+        applies when it asked for nothing (None: fill the context), and is trimmed to the room left.
+        """
+        ctx = self.context
+        if ctx is not None and n_prompt >= ctx:
+            raise RequestError(f"This model's maximum context length is {ctx} tokens, but the {what} has "
+                               f"{n_prompt} tokens. Please shorten it.", param=what, code="context_length_exceeded")
+        if ctx is not None and max_tokens is not None and n_prompt + max_tokens > ctx:
+            raise RequestError(f"This model's maximum context length is {ctx} tokens. However, you requested "
+                               f"{n_prompt + max_tokens} tokens ({n_prompt} in the {what}, {max_tokens} in the "
+                               f"completion). Please reduce the length of the {what} or the completion.",
+                               param="max_tokens", code="context_length_exceeded")
+        room = ctx - n_prompt if ctx is not None else None
+        if max_tokens is not None:
+            return max_tokens
+        if default_max is not None:
+            return min(default_max, room) if room is not None else default_max
+        return room if room is not None else 256
+
+    def check_token_ids(self, ids: Sequence[int]) -> list[int]:
+        """A prompt given as token ids, refused unless every id is in the model's vocabulary."""
+        ids = list(ids)
+        vocab = self.model.get_input_embeddings().num_embeddings
+        if not ids or any(not 0 <= i < vocab for i in ids):
+            raise RequestError(f"token-id prompts must be non-empty with ids in [0, {vocab})", param="prompt")
+        return ids
+
+    def stream(self, prompt_ids: list[int], params: SamplingParams) -> TextStream:
+        """A generation to hand to ``start`` once a slot is held."""
+        return TextStream(self.model, self.tokenizer, prompt_ids, params)
+
+    # ------------------------------------------------------------------------------------ slots and threads
+
+    async def acquire(self, is_disconnected: IsDisconnected) -> bool:
+        """Wait for a slot: True once held, False if the client left meanwhile; QueueFullError when too many wait."""
+        if self._stopping.is_set():
+            raise ShuttingDownError
+        if self._slots.locked() and self.waiting >= self.max_queue:
+            self.stats["refused"] += 1
+            raise QueueFullError
+        self.waiting += 1
+        task = asyncio.ensure_future(self._slots.acquire())
+        acquired = False
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=POLL_SECONDS)
+                if done:
+                    acquired = True
+                    return True
+                if await is_disconnected():
+                    return False
+        finally:
+            self.waiting -= 1
+            if not acquired:  # gave up (client gone, or this handler was cancelled): don't leak a won slot
+                task.cancel()
+                task.add_done_callback(lambda t: None if t.cancelled() else self._slots.release())
+
+    def start(self, stream: TextStream) -> Job:
+        """Run ``stream`` on a worker thread; the caller must hold a slot, which passes to the job."""
+        job = Job(stream, self._stopping, self._finished)
+        self.running += 1
+        try:
+            self._executor.submit(job.run)
+        except RuntimeError:  # executor shut down: we are stopping
+            self._finished(job)
+            raise ShuttingDownError from None
+        return job
+
+    def _finished(self, job: Job) -> None:
+        self.running -= 1
+        self.stats[job.stream.finish_reason or "failed"] += 1
+        self._slots.release()
+
+    async def close(self) -> None:
+        """Cancel every job and wait for the worker threads (each stops before its next forward pass)."""
+        self._stopping.set()
+        await asyncio.to_thread(self._executor.shutdown, True, cancel_futures=True)
