@@ -23,24 +23,21 @@ from pathlib import Path
 
 import torch
 
-from lowbit.algorithms.finetune import FinetuneConfig, finetune
-from lowbit.algorithms.sequential import CalibConfig, calibration_set
-from lowbit.data.corpus import load_text
-from lowbit.eval.perplexity import perplexity, tokenize_stream
-from lowbit.io.gguf_export import export_gguf
+import lowbit
+from lowbit.algorithms.finetune import finetune
+from lowbit.algorithms.sequential import calibration_set
 from lowbit.io.gguf_import import load_gguf_weights
 from lowbit.io.gguf_types import plan_like
-from lowbit.models.loader import load_model
-from lowbit.pipeline import default_device, quantize, round_to_storage
+from lowbit.models.walker import default_device
 
 RESULTS = Path(__file__).parent / "results"
 
 
-def parse_configs(spec: str) -> list[tuple[str, FinetuneConfig]]:
+def parse_configs(spec: str) -> list[tuple[str, lowbit.FinetuneConfig]]:
     out = []
     for item in spec.split(","):
         epochs, lr, *flags = item.split(":")
-        out.append((item, FinetuneConfig(float(epochs), float(lr), norms="nonorm" not in flags)))
+        out.append((item, lowbit.FinetuneConfig(float(epochs), float(lr), norms="nonorm" not in flags)))
     return out
 
 
@@ -61,10 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tag", default="cpu")
     a = ap.parse_args(argv)
 
-    model, tok = load_model(a.model, device="cpu")
-    model = round_to_storage(model.float())
+    calib = lowbit.CalibConfig(a.nsamples, a.seqlen)
+    # the format is a placeholder, replaced below by the --like / --plan per-tensor types
+    recipe = lowbit.Recipe.parse(f"{a.method}:q8_0", calib=calib)
+    configs = parse_configs(a.configs)
+    model, tok = lowbit.load(a.model, device="cpu")  # float32, weights rounded to float16 as stored
     if a.like:
-        like = plan_like(model, a.like, searched=not a.method.startswith("rtn"))
+        like = plan_like(model, a.like, searched=recipe.method != "rtn")
         plan, embed_type = like.plan, like.embed_type
         if a.save_plan:
             Path(a.save_plan).write_text(json.dumps({"plan": plan, "embed_type": embed_type}, indent=1))
@@ -77,17 +77,16 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"finetune-sweep-{a.tag}.json"
     rows: list[dict] = json.loads(out.read_text())["rows"] if out.exists() else []
-    ids = tokenize_stream(tok, load_text("eval"))
-    calib = CalibConfig(a.nsamples, a.seqlen)
-    samples = calibration_set(model, tok, calib)
+    recipe = recipe.with_format(plan)
+    samples = calibration_set(model, tok, calib)  # what each config tunes on (the recipe draws the same windows)
     name = f"{a.method}:{Path(a.like or a.plan).stem}"
 
     def score(label: str, m: torch.nn.Module, extra: dict) -> None:
         path = work / f"{label.replace(':', '_').replace('/', '_')}.gguf"
-        export_gguf(m.cpu(), tok, path, embed_type=embed_type)
+        lowbit.export_gguf(m, tok, path, embed_type=embed_type, overwrite=True)
         t0 = time.perf_counter()
         scored = load_gguf_weights(copy.deepcopy(model), path).to(device)
-        res = perplexity(scored, ids, a.ctx, max_windows=a.max_windows, progress=False)
+        res = lowbit.evaluate(scored, tok, seqlen=a.ctx, max_windows=a.max_windows, progress=False)
         row = {"label": label, "ppl": res.ppl, "windows": res.n_windows, "file_mb": path.stat().st_size / 1e6,
                "eval_s": time.perf_counter() - t0, **extra}
         rows.append(row)
@@ -100,9 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     print("| variant | MB | ppl | KL first batch | KL last batch | tune s |\n|---|---|---|---|---|---|", flush=True)
     t0 = time.perf_counter()
     quantized = copy.deepcopy(model)
-    quantize(quantized, a.method, plan, tok, calib=calib, device=device, progress=False)
+    lowbit.quantize(quantized, recipe, tok, device=device, progress=False)
     score(name, quantized, {"quant_s": time.perf_counter() - t0})
-    for label, cfg in parse_configs(a.configs):
+    for label, cfg in configs:
         m = copy.deepcopy(quantized)
         rep = finetune(m, model, samples, cfg, device=device, progress=False)
         score(f"{name}+ft {label}", m, {**asdict(rep), "config": asdict(cfg)})

@@ -16,14 +16,13 @@ from collections import defaultdict
 
 import torch
 
+import lowbit
 from lowbit.algorithms.gptq import proxy_loss
 from lowbit.calibration.capture import HessianAccumulator
 from lowbit.calibration.samples import calibration_samples
 from lowbit.io.gguf_import import load_gguf_weights
 from lowbit.io.gguf_types import gguf_name, tensor_types
-from lowbit.models.loader import load_model
 from lowbit.models.walker import decoder_linears, linear_weight
-from lowbit.pipeline import round_to_storage
 
 
 @torch.no_grad()
@@ -55,8 +54,7 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="HF model dir or hub id (default: the bundled model)")
     args = ap.parse_args()
     torch.manual_seed(0)
-    model, tok = load_model(args.model, device="cpu")
-    model = round_to_storage(model.float()).eval()
+    model, tok = lowbit.load(args.model, device="cpu")  # float32 in eval mode, weights rounded to float16
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.no_grad():
         H = {n: h.cpu() for n, h in hessians(model.to(dev), calibration_samples(tok, args.nsamples,

@@ -10,9 +10,10 @@ For each GGUF type T (q4_0, q4_1, iq2_xxs):
   * llama.cpp: ``llama-quantize [--imatrix] f16.gguf T`` (the F16 file is lowbit's float export, which loads in
     llama.cpp like convert_hf_to_gguf's); the importance matrix comes from ``llama-imatrix`` on the calibration
     split (the same text lowbit calibrates on, 128 x 2048 tokens by default, as lowbit's GPTQ);
-  * lowbit: ``lowbit export-gguf --like <llama.cpp's T file> --method M [--fuse-rotation]``: every tensor gets the
-    type llama.cpp gave it (its own choices and fallbacks included), so the files have the same size and differ
-    only in the rounding (RTN / GPTQ, block LDLQ for IQ2_XXS / + fused rotation).
+  * lowbit: ``lowbit.convert_gguf(model, out, "M:q8_0", like=<llama.cpp's T file>)`` (what ``lowbit export-gguf
+    --like FILE --method M [--fuse-rotation] [--finetune]`` runs): every tensor gets the type llama.cpp gave it
+    (its own choices and fallbacks included), so the files have the same size and differ only in the rounding
+    (RTN / GPTQ, block LDLQ for IQ2_XXS / + fused rotation / + end-to-end tuning).
 Every file is scored twice on the eval split:
   * ``ppl``: lowbit's protocol (as in every other lowbit table: non-overlapping --ctx windows over the whole split,
     every token scored), the file's tensors dequantized into the model (io/gguf_import.py), on the GPU if any;
@@ -29,6 +30,7 @@ import json
 import os
 import queue
 import re
+import shlex
 import subprocess
 import sys
 import threading
@@ -38,12 +40,10 @@ from pathlib import Path
 import gguf
 import torch
 
-from lowbit.cli import main as lowbit
+import lowbit
 from lowbit.data.corpus import load_text
-from lowbit.eval.perplexity import perplexity, tokenize_stream
 from lowbit.io.gguf_import import load_gguf_weights
-from lowbit.models.loader import load_model
-from lowbit.pipeline import default_device
+from lowbit.models.walker import default_device
 
 RESULTS = Path(__file__).parent / "results"
 _PPL = re.compile(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)")
@@ -57,6 +57,38 @@ def sh(cmd: list[str], log: Path) -> str:
         raise RuntimeError(f"{' '.join(cmd[:1])} failed ({res.returncode}); see {log}\n{res.stderr[-2000:]}")
     print(f"  {Path(cmd[0]).name} done in {time.perf_counter() - t0:.0f} s", flush=True)
     return res.stdout + res.stderr
+
+
+def lowbit_options(extra: str) -> argparse.Namespace:
+    """--lowbit-args: the calibration, GPTQ, tuning and export options of ``lowbit export-gguf`` (same names and
+    defaults), for the ``lowbit.convert_gguf`` calls."""
+    p = argparse.ArgumentParser(prog="--lowbit-args", add_help=False)
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--calib-seqlen", type=int, default=2048)
+    p.add_argument("--calib-text", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--damp", type=float, default=0.01)
+    p.add_argument("--blocksize", type=int, default=128)
+    p.add_argument("--ft-epochs", type=float, default=2.0)
+    p.add_argument("--ft-lr", type=float, default=3e-3)
+    p.add_argument("--ft-batch", type=int, default=4)
+    p.add_argument("--fallback", default=None)
+    p.add_argument("--tokenizer-pre", default=None)
+    p.add_argument("--device", default=None)
+    return p.parse_args(shlex.split(extra))
+
+
+def lowbit_recipes(methods: str, o: argparse.Namespace) -> dict[str, tuple[lowbit.Recipe, str | None]]:
+    """``METHOD[+fused][+ft][/EMBED]`` -> (recipe, EMBED), all parsed before any work. The recipe's format is a
+    placeholder: ``like=`` replaces it with the llama.cpp file's per-tensor types."""
+    settings = {"calib": lowbit.CalibConfig(o.nsamples, o.calib_seqlen, o.calib_text, o.seed),
+                "gptq": lowbit.GPTQConfig(o.blocksize, o.damp),
+                "finetune": lowbit.FinetuneConfig(o.ft_epochs, o.ft_lr, o.ft_batch, seed=o.seed)}
+    recipes = {}
+    for method in methods.split(","):
+        spec, _, embed = method.partition("/")
+        recipes[method] = (lowbit.Recipe.parse(f"{spec}:q8_0", **settings), embed or None)
+    return recipes
 
 
 def _device_name() -> str:
@@ -89,6 +121,8 @@ class Bench:
         self.jobs: queue.Queue = queue.Queue()
         self.lock = threading.Lock()
         self.errors: list[str] = []
+        self.options = lowbit_options(args.lowbit_args)
+        self.recipes = lowbit_recipes(args.methods, self.options)
 
     def tool(self, name: str) -> str:
         exe = self.bin / name
@@ -136,7 +170,8 @@ class Bench:
             return
         t0 = time.perf_counter()
         model = load_gguf_weights(copy.deepcopy(self.model), path).to(self.device)
-        res = perplexity(model, self.ids, self.args.ctx, max_windows=self.args.max_windows, progress=False)
+        res = lowbit.evaluate(model, self.tok, seqlen=self.args.ctx, max_windows=self.args.max_windows,
+                              progress=False)
         del model
         self.save({"label": label, "type": qtype, "file": path.name, "ppl": res.ppl, "windows": res.n_windows,
                    "eval_s": time.perf_counter() - t0, **file_stats(path), **extra})
@@ -160,8 +195,8 @@ class Bench:
         return path
 
     def lowbit_rows(self, qtype: str, like: Path) -> None:
-        model = [self.args.model] if self.args.model else []
-        for method in self.args.methods.split(","):
+        o = self.options
+        for method, (recipe, embed) in self.recipes.items():
             if qtype == "iq2_xxs" and method.startswith("rtn"):
                 continue  # plain rounding onto the E8 grid is ~10^5 perplexity: not a contender
             label = f"lowbit {method}"
@@ -170,17 +205,15 @@ class Bench:
                 continue
             # METHOD[+fused][+ft][/EMBED]: EMBED is the token_embd/output type (fused rotation unties the head, so a
             # file of llama.cpp's size stores both at ~half the bits of llama.cpp's one tied Q8_0 matrix)
-            spec, _, embed = method.partition("/")
-            base, *suffixes = spec.split("+")
-            fused, ft = "fused" in suffixes, "ft" in suffixes
             t0 = time.perf_counter()
             if not path.exists():
-                rc = lowbit(["export-gguf", *model, "--like", str(like), "--method", base, "--out", str(path),
-                             "--no-progress", *(["--fuse-rotation"] if fused else []),
-                             *(["--finetune"] if ft else []),
-                             *(["--embed-type", embed] if embed else []), *self.args.lowbit_args.split()])
-                if rc:
-                    self.errors.append(f"{label} {qtype}: export failed ({rc})")
+                try:
+                    lowbit.convert_gguf(self.args.model, path, recipe, like=like, embed_type=embed,
+                                        fallback=o.fallback, tokenizer_pre=o.tokenizer_pre, device=o.device,
+                                        progress=False)
+                except (lowbit.LowbitError, FileExistsError) as e:
+                    print(f"ERROR {label} {qtype}: {e}", flush=True)
+                    self.errors.append(f"{label} {qtype}: export failed ({e})")
                     continue
             self.score(label, qtype, path, source=f"lowbit export-gguf --like {like.name}",
                        quant_s=time.perf_counter() - t0)
@@ -192,13 +225,10 @@ class Bench:
         worker = threading.Thread(target=self.perplexity_worker, daemon=True)
         worker.start()
         self.device = default_device()
-        self.model, tok = load_model(a.model, device="cpu")
-        self.model.float()
-        self.ids = tokenize_stream(tok, load_text("eval"))
-        model = [a.model] if a.model else []
+        self.model, self.tok = lowbit.load(a.model, device="cpu")  # every weight is replaced by a file's
         f16 = self.work / "f16.gguf"
         if not f16.exists():
-            lowbit(["export-gguf", *model, "--format", "f16", "--out", str(f16), "--no-progress"])
+            lowbit.convert_gguf(a.model, f16, progress=False)  # a float model, no recipe: float16 export
         self.score("F16", "F16", f16, source="lowbit float export")
         imatrix = self.work / "imatrix.gguf"
         imatrix_job = threading.Thread(target=self.make_imatrix, args=(f16, imatrix))
@@ -227,7 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--types", default="q4_0,q4_1,iq2_xxs")
     ap.add_argument("--methods", default="rtn,gptq,gptq+fused")
     ap.add_argument("--ctx", type=int, default=2048)
-    ap.add_argument("--lowbit-args", default="", help="extra export-gguf options, e.g. '--nsamples 16'")
+    ap.add_argument("--lowbit-args", default="",
+                    help="extra `lowbit export-gguf` options for lowbit's files: calibration (--nsamples, "
+                         "--calib-seqlen, --calib-text, --seed, --damp, --blocksize), tuning (--ft-epochs, --ft-lr, "
+                         "--ft-batch), --fallback, --tokenizer-pre, --device; e.g. '--nsamples 16'")
     ap.add_argument("--max-windows", type=int, default=None, help="lowbit-protocol windows (default: all)")
     ap.add_argument("--llama-ppl-chunks", type=int, default=4,
                     help="llama-perplexity windows (of --ctx tokens) per file on the CPU; 0 skips it")
@@ -239,9 +272,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tag", default="cpu")
     ap.add_argument("--resume", action="store_true", help="keep rows already in the results file")
     args = ap.parse_args(argv)
+    try:
+        bench = Bench(args)  # every --methods recipe is parsed here, before any work
+    except lowbit.LowbitError as e:
+        ap.error(str(e))
     print("| file | type | MB | bpw (file) | bpw (linears) | ppl | llama-perplexity |\n|---|---|---|---|---|---|---|",
           flush=True)
-    return Bench(args).run()
+    return bench.run()
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lowbit.algorithms.rtn import uniform_plan
+from lowbit.algorithms.plans import uniform_plan
 from lowbit.algorithms.sequential import CalibConfig, GPTQConfig, quantize_sequential
 
 
@@ -41,8 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     report = quantize_sequential(model, None, uniform_plan(model, args.format), calib=CalibConfig(),
-                                 gptq=GPTQConfig(act_order=args.act_order), device=args.device, samples=samples,
-                                 progress=False)
+                                 gptq=GPTQConfig(), device=args.device, samples=samples, progress=False,
+                                 rounding="gptq_act" if args.act_order else "gptq")
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     total = time.perf_counter() - t0

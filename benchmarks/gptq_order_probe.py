@@ -13,22 +13,21 @@ worse: act-order's gain here is the column order (massive-activation columns fir
 import argparse
 import copy
 
-from lowbit.algorithms.sequential import CalibConfig, GPTQConfig
-from lowbit.models.loader import load_model
-from lowbit.pipeline import compare, default_device, round_to_storage, rows_table
+import lowbit
+from lowbit.comparison import compare, rows_table
 
-ap = argparse.ArgumentParser()
+ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("--format", default="q4_0")
 ap.add_argument("--nsamples", type=int, default=128)
 ap.add_argument("--seqlen", type=int, default=2048)
 ap.add_argument("--max-windows", type=int, default=0, help="0: the whole eval split")
 a = ap.parse_args()
-m, tok = load_model(None, device="cpu")
-m = round_to_storage(m.float()).to(default_device())  # compare quantizes and scores where the model is
-calib = CalibConfig(a.nsamples, a.seqlen)
+m, tok = lowbit.load()  # on the GPU if any: compare quantizes and scores where the model is
+calib = lowbit.CalibConfig(a.nsamples, a.seqlen)
 windows = a.max_windows or None
-for label, cfg, variants in (("default", GPTQConfig(), [f"rtn:{a.format}", f"gptq:{a.format}", f"gptq_act:{a.format}"]),
-                             ("static groups", GPTQConfig(static_groups=True), [f"gptq:{a.format}"])):
+RUNS = (("default", lowbit.GPTQConfig(), [f"rtn:{a.format}", f"gptq:{a.format}", f"gptq_act:{a.format}"]),
+        ("static groups", lowbit.GPTQConfig(static_groups=True), [f"gptq:{a.format}"]))
+for label, cfg, variants in RUNS:
     rows, proto = compare(copy.deepcopy(m), tok, variants, max_windows=windows, calib=calib, gptq=cfg,
                           progress=False)
     print(f"{label}: {proto}", flush=True)

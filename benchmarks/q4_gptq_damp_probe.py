@@ -5,15 +5,17 @@
 Measured (2-core CPU, 2026-11-23): fp16 21.21; rtn 25.84; gptq damp 0.01 26.11, 0.1 25.87, 1.0 26.27;
 gptq_act (damp 0.01) 23.99. Damping does not explain it; act-order does most of the work on this model.
 """
-from lowbit.algorithms.sequential import CalibConfig, GPTQConfig
-from lowbit.models.loader import load_model
-from lowbit.pipeline import compare, round_to_storage, rows_table
+import argparse
 
-m, tok = load_model(None, device="cpu")
-m = round_to_storage(m.float())
-calib = CalibConfig(8, 512)
+import lowbit
+from lowbit.comparison import compare, rows_table
+
+argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+m, tok = lowbit.load(device="cpu")
+calib = lowbit.CalibConfig(8, 512)
 RUNS = ((0.01, ["rtn:q4_0", "gptq:q4_0", "gptq_act:q4_0"]), (0.1, ["gptq:q4_0"]), (1.0, ["gptq:q4_0"]))
 for damp, variants in RUNS:
-    rows, proto = compare(m, tok, variants, max_windows=4, calib=calib, gptq=GPTQConfig(percdamp=damp), progress=False)
+    rows, proto = compare(m, tok, variants, max_windows=4, calib=calib, gptq=lowbit.GPTQConfig(percdamp=damp),
+                          progress=False)
     print(f"damp {damp}: {proto}", flush=True)
     print(rows_table(rows), flush=True)

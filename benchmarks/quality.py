@@ -20,11 +20,9 @@ from pathlib import Path
 
 import torch
 
-from lowbit import __version__
-from lowbit.algorithms.sequential import CalibConfig
-from lowbit.io.atomic import atomic_file
-from lowbit.models.loader import load_model
-from lowbit.pipeline import Row, compare, default_device, round_to_storage, rows_table
+import lowbit
+from lowbit.atomic import atomic_file
+from lowbit.comparison import Row, compare, rows_table
 
 # RTN rows (foundation issue), plus MSE-clipped variants at 3 and 2 bits.
 RTN_VARIANTS = [
@@ -83,10 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resume", action="store_true", help="keep rows already in the results file, run the rest")
     args = ap.parse_args(argv)
 
-    device = args.device or default_device()
     torch.manual_seed(0)
-    model, tok = load_model(args.model, device=device)
-    round_to_storage(model)
+    model, tok = lowbit.load(args.model, device=args.device)  # float32, weights rounded to float16 as stored
+    device = str(next(model.parameters()).device)
     started = time.time()
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else SETS[args.set]
@@ -110,14 +107,14 @@ def main(argv: list[str] | None = None) -> int:
         save(None, None)
 
     todo = [v for v in variants if v not in done or v == "fp16"]
-    calib = CalibConfig(nsamples=args.nsamples)
+    calib = lowbit.CalibConfig(nsamples=args.nsamples)
     _, protocol = compare(model, tok, todo, seqlen=args.seqlen, max_windows=args.max_windows,
                           progress=not args.no_progress, calib=calib, on_row=on_row)
     header = (f"model: {args.model or 'smollm2-135m (bundled)'}; eval: bundled SOTU 2000-2021; GPTQ calibration "
               f"{args.nsamples} x 2048 tokens of SOTU before 2000, damp 0.01, block 128; "
               f"seqlen {protocol['seqlen']}, {protocol['windows']} windows, "
               f"{protocol['predicted_tokens']} predicted tokens; compute float32 on {hardware(device)}; "
-              f"lowbit {__version__}, torch {torch.__version__}")
+              f"lowbit {lowbit.__version__}, torch {torch.__version__}")
     save(protocol, header)
     rows = [Row(**rows_by_variant[v]) for v in dict.fromkeys(["fp16", *variants]) if v in rows_by_variant]
     print(f"`{command.strip()}`\n\n{header}\n\n{rows_table(rows)}")

@@ -19,7 +19,7 @@ _EXPORTS = {
     "load": "lowbit.api", "quantize": "lowbit.api", "save": "lowbit.api", "evaluate": "lowbit.api",
     "export_gguf": "lowbit.api", "generate": "lowbit.api", "QuantizeResult": "lowbit.api",
     "convert": "lowbit.jobs", "convert_gguf": "lowbit.jobs",
-    "compare": "lowbit.compare",
+    "compare": "lowbit.comparison",
     "Recipe": "lowbit.recipe", "Variant": "lowbit.recipe",
     "CalibConfig": "lowbit.algorithms.sequential", "GPTQConfig": "lowbit.algorithms.sequential",
     "FinetuneConfig": "lowbit.algorithms.finetune",

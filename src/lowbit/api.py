@@ -121,7 +121,10 @@ def _plan(model: nn.Module, recipe: Recipe, tokenizer: Any, progress: bool) -> P
 def save(model: nn.Module, tokenizer: Any, out: str | Path, *, result: QuantizeResult | None = None,
          source: str | None = None, overwrite: bool = False) -> Path:
     """Write a quantized model to the directory ``out`` atomically (packed safetensors, config, tokenizer and
-    ``lowbit.json`` with the recipe from ``result``). ``lowbit.load(out)`` reads it back bit for bit."""
+    ``lowbit.json`` with the recipe from ``result``). ``lowbit.load(out)`` reads it back bit for bit.
+
+    >>> lowbit.save(model, tok, "smol-q4_0", result=lowbit.quantize(model, "q4_0"))
+    """
     meta: dict[str, Any] = result.to_json() if result else {}
     if source:
         meta["source"] = source
@@ -135,6 +138,8 @@ def export_gguf(model: nn.Module, tokenizer: Any, out: str | Path, *, embed_type
 
     Quantized linears are copied without re-rounding; ``fallback`` (e.g. ``"q8_0"``) re-quantizes those GGUF cannot
     hold as stored, ``embed_type`` sets the token embeddings' / output matrix's type.
+
+    >>> lowbit.export_gguf(model, tok, "smol-q4_0.gguf", embed_type="q8_0")
     """
     if Path(out).exists() and not overwrite:
         raise LowbitError(f"{out} already exists; pass overwrite=True to replace it")
@@ -149,6 +154,8 @@ def evaluate(model: nn.Module, tokenizer: Any, *, text_file: str | Path | None =
 
     With a ``reference`` (the 16-bit model, or a :class:`~lowbit.eval.perplexity.Reference` shared by several
     calls) the result also has the mean KL divergence and top-1 agreement to it.
+
+    >>> print(lowbit.evaluate(quantized, tok, max_windows=8, reference=lowbit.load()[0]))
     """
     ids = tokenize_stream(tokenizer, load_text("eval", None if text_file is None else str(text_file)))
     if isinstance(reference, nn.Module):

@@ -129,6 +129,10 @@ def _add_report_plan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--from-results", nargs="+", default=None, metavar="JSON",
                    help="build the report from these results files (benchmarks/quality.py, compare --json) "
                         "instead of measuring")
+    p.add_argument("--results-pages", action="store_true",
+                   help="write the docs' results pages (one markdown page per results family) from --results-dir "
+                        "into --out instead of a quality report")
+    p.add_argument("--results-dir", default="benchmarks/results", help="with --results-pages (default %(default)s)")
     p.add_argument("--title", default=None, help="plot and report title")
     p.add_argument("--out", "-o", required=True, help="output directory for report.md and pareto.png")
     _add_calib(p)
@@ -286,7 +290,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     import lowbit
-    from lowbit.compare import parse_variants, rows_table
+    from lowbit.comparison import parse_variants, rows_table
 
     calib, gptq = _calib(args)
     variants = parse_variants([v for v in args.formats.split(",") if v.strip()], calib=calib, gptq=gptq)
@@ -298,7 +302,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
           f"({protocol['predicted_tokens']} predicted tokens; {protocol['eval_tokens_available']} available), "
           f"model {args.model or 'smollm2-135m'}, eval text {args.text or 'bundled SOTU 2000-2021'}")
     if args.json:
-        from lowbit.compare import write_rows_json
+        from lowbit.comparison import write_rows_json
 
         write_rows_json(args.json, rows, protocol)
     return 0
@@ -367,7 +371,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from lowbit.compare import quality_report
+    from lowbit.comparison import quality_report
+
+    if args.results_pages:
+        from lowbit.eval.results_docs import write_results_pages
+
+        pages = write_results_pages(args.results_dir, args.out)
+        print(f"wrote {len(pages)} pages to {args.out}: " + ", ".join(p.name for p in pages))
+        return 0
 
     calib, gptq = _calib(args)
     summary = quality_report(args.out, model=args.model, variants=args.variants, variant_set=args.set,

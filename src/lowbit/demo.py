@@ -16,7 +16,7 @@ from torch import nn
 
 from lowbit.algorithms.sequential import CalibConfig
 from lowbit.api import generate, load
-from lowbit.compare import Row, compare, rows_table
+from lowbit.comparison import Row, compare, rows_table
 from lowbit.recipe import Recipe, Variant
 from lowbit.serve.generate import SamplingParams
 

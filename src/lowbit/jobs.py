@@ -28,6 +28,8 @@ def convert(source: str | Path | None, recipe: Recipe | str, out: str | Path, *,
     """Quantize the model at ``source`` (``None``: the bundled one) and save it to the directory ``out``.
 
     Calibrated recipes resume from ``checkpoint_dir`` (default ``OUT.partial``) after a crash.
+
+    >>> lowbit.convert("path/to/llama-dir", "gptq_act:q4_0", "llama-q4_0").summary()
     """
     recipe = Recipe.parse(recipe) if isinstance(recipe, str) else recipe
     _check_out(out, overwrite)
@@ -52,6 +54,8 @@ def convert_gguf(source: str | Path | None, out: str | Path, recipe: Recipe | st
     * otherwise it is quantized first with ``recipe``; ``like`` (a GGUF of the same model, e.g. from llama.cpp's
       quantizer) replaces the recipe's format with that file's per-tensor types, so the two files compare at equal
       size (``recipe`` then only chooses the method; default ``rtn``).
+
+    >>> print(lowbit.convert_gguf(None, "smol-q4_0.gguf", "gptq_act:q4_0").summary())
     """
     _check_out(out, overwrite)
     recipe = Recipe.parse(recipe) if isinstance(recipe, str) else recipe

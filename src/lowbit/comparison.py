@@ -63,6 +63,9 @@ def compare(model: nn.Module, tokenizer: Any, variants: list[str | Variant], seq
     ``variants``: :class:`Variant` values or their strings (``calib`` and ``gptq`` fill in the strings' settings).
     Returns the rows (baseline first) and the protocol used. ``on_row`` sees each row as it is measured,
     ``on_model`` each row with its quantized model (to keep one).
+
+    >>> rows, protocol = lowbit.compare(model, tok, ["fp16", "rtn:q4_0", "gptq_act:q4_0"], max_windows=8)
+    >>> from lowbit.comparison import rows_table; print(rows_table(rows))
     """
     settings = {k: v for k, v in (("calib", calib), ("gptq", gptq)) if v is not None}
     specs = [v.label if isinstance(v, Variant) else v for v in variants]

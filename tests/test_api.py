@@ -1,0 +1,107 @@
+"""The public API at the package root: names, Recipe, and a quantize -> evaluate -> save -> load round trip."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+import lowbit
+from conftest import make_model
+from lowbit.errors import LowbitError
+from lowbit.models.walker import round_to_storage
+from lowbit.recipe import Recipe, Variant
+
+
+def test_every_export_resolves_to_what_it_names() -> None:
+    for name in lowbit.__all__:
+        value = getattr(lowbit, name)
+        assert not isinstance(value, types.ModuleType), f"lowbit.{name} is a module"
+    importlib.import_module("lowbit.comparison")  # importing a submodule must not shadow an exported function
+    assert callable(lowbit.compare) and inspect.isfunction(lowbit.compare)
+
+
+@pytest.mark.parametrize("name", ["load", "quantize", "save", "evaluate", "export_gguf", "generate", "convert",
+                                  "convert_gguf", "compare", "Recipe"])
+def test_public_functions_have_an_example(name: str) -> None:
+    assert ">>>" in (getattr(lowbit, name).__doc__ or ""), f"lowbit.{name} has no example in its docstring"
+
+
+@pytest.mark.parametrize("spec", ["gptq_act+rht+ft:q4_0", "rtn:iq2_xxs", "imatrix+fused:int3_g64_sym",
+                                  "gptq+rht:nz2_ch/int4_g128_sym@2.5bpw"])
+def test_recipe_string_round_trip(spec: str) -> None:
+    r = Recipe.parse(spec)
+    assert str(r) == spec and Recipe.parse(str(r)) == r
+
+
+def test_recipe_is_checked_when_built() -> None:
+    with pytest.raises(LowbitError, match="unknown method"):
+        Recipe("q4_0", method="awq")
+    with pytest.raises(LowbitError, match="unknown format|nope"):
+        Recipe("nope")
+    with pytest.raises(LowbitError, match="act-order needs a scalar format"):
+        Recipe.parse("gptq_act:iq2_xxs")
+    with pytest.raises(LowbitError, match="no format"):
+        Recipe.parse("gptq_act:")
+    with pytest.raises(LowbitError, match="calibration needs"):
+        lowbit.CalibConfig(nsamples=0)
+    with pytest.raises(LowbitError, match="empty plan"):
+        Recipe({})
+    with pytest.raises(AttributeError):
+        Recipe("q4_0").method = "gptq"  # type: ignore[misc]
+
+
+def test_plan_recipe_is_frozen_and_described() -> None:
+    plan = {"model.layers.0.mlp.down_proj": "q4_0", "model.layers.0.mlp.up_proj": "q8_0"}
+    r = Recipe(plan, method="gptq")
+    plan["model.layers.0.mlp.up_proj"] = "q4_1"  # the recipe keeps its own copy
+    assert r.format["model.layers.0.mlp.up_proj"] == "q8_0"
+    assert str(r) == "gptq:plan(2 linears: q4_0, q8_0)" and r.needs_calibration
+
+
+def test_variant_grammar() -> None:
+    assert Variant.parse("fp16").is_baseline
+    v = Variant.parse("int4_g32_sym+kv4")
+    assert str(v.recipe) == "rtn:int4_g32_sym" and v.sim.kv_bits == 4 and not v.is_baseline
+
+
+def test_quantize_evaluate_save_load_round_trip(tiny_tokenizer, text_file, tmp_path: Path) -> None:
+    model = round_to_storage(make_model("llama", vocab=len(tiny_tokenizer)))  # as lowbit.load gives it
+    reference = make_model("llama", vocab=len(tiny_tokenizer))
+    reference.load_state_dict(model.state_dict())
+    recipe = Recipe("int4_g32_sym", method="gptq", calib=lowbit.CalibConfig(nsamples=4, seqlen=32, text_path=text_file))
+    result = lowbit.quantize(model, recipe, tiny_tokenizer, device="cpu", progress=False)
+    assert result.recipe == recipe and result.size.linear_bpw == pytest.approx(4.5)
+    assert "gptq:int4_g32_sym: 4.5000 bits/weight" in result.summary()
+
+    same = lowbit.evaluate(reference, tiny_tokenizer, text_file=text_file, seqlen=32, reference=reference,
+                           progress=False)
+    # repeated windows are served from the float16 cache: near-ties of a random model may flip
+    assert same.kl == pytest.approx(0.0, abs=1e-5) and same.top1 > 0.98
+    res = lowbit.evaluate(model, tiny_tokenizer, text_file=text_file, seqlen=32, reference=reference,
+                          progress=False)
+    assert res.kl > 0 and 0 < res.top1 <= 1 and "KL" in str(res)
+
+    out = lowbit.save(model, tiny_tokenizer, tmp_path / "q", result=result)
+    info = (out / "lowbit.json").read_text()
+    assert '"recipe": "gptq:int4_g32_sym"' in info and '"nsamples": 4' in info
+    loaded, _ = lowbit.load(out, device="cpu")
+    ids = torch.randint(0, len(tiny_tokenizer), (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_quantize_refuses_calibration_without_tokenizer() -> None:
+    with pytest.raises(LowbitError, match="pass the tokenizer"):
+        lowbit.quantize(make_model("llama", vocab=320), "gptq:q4_0", progress=False)
+
+
+def test_convert_gguf_checks_before_work(tmp_path: Path) -> None:
+    out = tmp_path / "x.gguf"
+    out.write_bytes(b"")
+    with pytest.raises(LowbitError, match="already exists"):
+        lowbit.convert_gguf(None, out, "q4_0")
