@@ -105,3 +105,31 @@ def test_convert_gguf_checks_before_work(tmp_path: Path) -> None:
     out.write_bytes(b"")
     with pytest.raises(LowbitError, match="already exists"):
         lowbit.convert_gguf(None, out, "q4_0")
+
+
+def test_compare_rows(tiny_tokenizer, text_file) -> None:
+    model = round_to_storage(make_model("llama", vocab=len(tiny_tokenizer)))
+    calib = lowbit.CalibConfig(nsamples=4, seqlen=32, text_path=text_file)
+    kept = {}
+    rows, protocol = lowbit.compare(model, tiny_tokenizer, ["int4_g32_sym", "int4_g32_sym+a8", "gptq:int3_g32_sym"],
+                                    seqlen=32, text_path=text_file, progress=False, calib=calib,
+                                    on_model=lambda r, m: kept.__setitem__(r.variant, m))
+    assert [r.variant for r in rows] == ["fp16", "int4_g32_sym", "int4_g32_sym+a8", "gptq:int3_g32_sym"]
+    assert rows[0].kl == pytest.approx(0.0, abs=1e-5) and rows[0].delta_pct == 0.0
+    assert all(r.kl > 0 for r in rows[1:]) and rows[3].linear_bpw == pytest.approx(3.5)
+    assert rows[2].quant_s == rows[1].quant_s  # the simulated-activation row reuses the same quantization
+    assert protocol["seqlen"] == 32 and set(kept) == {r.variant for r in rows}
+    with pytest.raises(LowbitError, match="unknown"):  # a bad name fails before any work
+        lowbit.compare(model, tiny_tokenizer, ["int4_g32_sym", "int9_nope"], seqlen=32, text_path=text_file)
+
+
+def test_demo_picks_the_smallest_good_model() -> None:
+    from lowbit.comparison import Row
+    from lowbit.demo import GOOD_KL, smallest_good
+
+    def row(name: str, mb: float, kl: float) -> Row:
+        return Row(name, 4.0, mb, 0.0, mb, 20.0, 0.0, 0.0, 0.0, kl, 0.9)
+
+    rows = [row("fp16", 269, 0.0), row("a", 116, 0.05), row("b", 99, GOOD_KL / 2), row("c", 84, 2 * GOOD_KL)]
+    assert smallest_good(rows, {"a", "b", "c"}).variant == "b"
+    assert smallest_good([row("c", 84, 2 * GOOD_KL), row("d", 90, 3 * GOOD_KL)], {"c", "d"}).variant == "c"

@@ -103,11 +103,11 @@ class _Quantized:
 
     def __init__(self, model: nn.Module, tokenizer: Any, variants: list[Variant], progress: bool):
         self.model, self.tokenizer, self.progress = model, tokenizer, progress
-        self.uses = Counter(str(v.recipe) for v in variants)
+        self.uses = Counter(_key(v) for v in variants)
         self.cache: dict[str, tuple[nn.Module, float]] = {}
 
     def get(self, variant: Variant) -> tuple[nn.Module, float]:
-        key = str(variant.recipe)
+        key = _key(variant)
         self.uses[key] -= 1
         if key in self.cache:
             m, seconds = self.cache[key]
@@ -126,6 +126,11 @@ class _Quantized:
         if self.uses[key] > 0:
             self.cache[key] = (copy.deepcopy(m), seconds)
         return m, seconds
+
+
+def _key(variant: Variant) -> str:
+    """Variants with equal recipes (every setting, not only the string form) share one quantization."""
+    return "" if variant.recipe is None else json.dumps(variant.recipe.to_json(), sort_keys=True)
 
 
 def rows_table(rows: list[Row]) -> str:

@@ -14,16 +14,18 @@ from typing import Any
 
 from torch import nn
 
+from lowbit.algorithms.finetune import FinetuneConfig
 from lowbit.algorithms.sequential import CalibConfig
 from lowbit.api import generate, load
 from lowbit.comparison import Row, compare, rows_table
 from lowbit.recipe import Recipe, Variant
 from lowbit.serve.generate import SamplingParams
 
-# Small enough for a CPU, large enough that the rankings match the full eval split (docs/results/demo.md).
+# Small enough for a CPU, large enough that every recipe ranks as on the full eval split (docs/demo.md).
 EVAL_SEQLEN = 512
-EVAL_WINDOWS = 16
-CPU_CALIB = CalibConfig(nsamples=32, seqlen=512)
+EVAL_WINDOWS = 8
+CPU_CALIB = CalibConfig(nsamples=16, seqlen=256)
+CPU_FINETUNE = FinetuneConfig(epochs=1.0)
 GOOD_KL = 0.25  # nats/token: below this a 135M model's greedy text stays close to the 16-bit model's
 PROMPT = "Give three short tips for writing clear documentation."
 
@@ -36,16 +38,17 @@ class Pair:
 
 
 PAIRS = (
-    Pair(4, "rtn:q4_0", "gptq_act:q4_0"),
-    Pair(3, "rtn:int3_g64_sym", "gptq_act:int3_g64_sym"),
-    Pair(2, "rtn:iq2_xxs", "gptq:iq2_xxs"),
+    Pair(4, "rtn:q4_0", "gptq_act+ft:q4_0"),
+    Pair(3, "rtn:int3_g64_sym", "gptq_act+ft:int3_g64_sym"),
+    Pair(2, "rtn:iq2_xxs", "gptq+ft:iq2_xxs"),  # a lattice codebook: block LDLQ in natural order
 )
 
 
 def demo_variants() -> list[Variant]:
     out = [Variant.parse("fp16")]
     for p in PAIRS:
-        out += [Variant.parse(p.rtn), Variant(p.recipe, Recipe.parse(p.recipe, calib=CPU_CALIB))]
+        recipe = Recipe.parse(p.recipe, calib=CPU_CALIB, finetune=CPU_FINETUNE)
+        out += [Variant.parse(p.rtn), Variant(p.recipe, recipe)]
     return out
 
 
@@ -54,7 +57,8 @@ def run_demo(model: str | None = None, *, device: str | None = None, max_windows
     """Print the side-by-side table and a generated sample; returns the rows."""
     m, tok = load(model, device=device)
     print(f"lowbit demo: {model or 'bundled SmolLM2-135M'} at 4, 3 and 2 bits; round-to-nearest vs lowbit's CPU "
-          f"recipe (calibration {CPU_CALIB.nsamples} x {CPU_CALIB.seqlen} tokens)", file=out, flush=True)
+          f"recipe (calibration {CPU_CALIB.nsamples} x {CPU_CALIB.seqlen} tokens, {CPU_FINETUNE.epochs:g} epoch of "
+          "+ft)", file=out, flush=True)
     kept: dict[str, nn.Module] = {}
     recipes = {p.recipe for p in PAIRS}
     rows, protocol = compare(m, tok, demo_variants(), seqlen=EVAL_SEQLEN, max_windows=max_windows or EVAL_WINDOWS,
