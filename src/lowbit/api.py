@@ -25,8 +25,9 @@ from lowbit.algorithms.mixed import is_mix, mixed_plan
 from lowbit.algorithms.plans import Plan, uniform_plan
 from lowbit.algorithms.rtn import quantize_rtn
 from lowbit.algorithms.sequential import calibration_set, quantize_sequential
-from lowbit.data.corpus import load_text
-from lowbit.errors import LowbitError
+from lowbit.atomic import check_destination
+from lowbit.data.corpus import load_text, require_tokens
+from lowbit.errors import BadFileError, LowbitError
 from lowbit.eval.perplexity import PerplexityResult, Reference, choose_seqlen, perplexity, tokenize_stream
 from lowbit.eval.sizes import SizeReport, model_size
 from lowbit.io.checkpoint import save_quantized
@@ -94,7 +95,7 @@ def quantize(model: nn.Module, recipe: Recipe | str, tokenizer: Any = None, *, d
     if recipe.fuse_rotation:  # rounded again: float tensors are stored as float16 by checkpoints and GGUF
         round_to_storage(fuse_rotation(model, seed=recipe.rotation_seed))
     calibrated = recipe.method != "rtn" or recipe.finetune is not None  # a mix draws its own samples
-    samples = calibration_set(model, tokenizer, recipe.calib) if calibrated else None
+    samples = _calibration(model, tokenizer, recipe) if calibrated else None
     plan = _plan(model, recipe, tokenizer, progress)
     seed = recipe.rotation_seed if recipe.rotate else None
     if recipe.method == "rtn":
@@ -106,6 +107,16 @@ def quantize(model: nn.Module, recipe: Recipe | str, tokenizer: Any = None, *, d
                                          samples=samples, rounding=recipe.method, rotation_seed=seed).linears)
     report = tune_scales(model, teacher, samples, recipe.finetune, device, progress) if teacher else None
     return QuantizeResult(recipe, stats, time.perf_counter() - t0, model_size(model), report)
+
+
+def _calibration(model: nn.Module, tokenizer: Any, recipe: Recipe) -> torch.Tensor:
+    try:
+        return calibration_set(model, tokenizer, recipe.calib)
+    except LowbitError as e:  # a user's text too short for one window: say which file and which flag
+        path = recipe.calib.text_path
+        if path is None or str(path) in str(e):
+            raise
+        raise BadFileError(f"{path}: {e} (use a longer text or a smaller --calib-seqlen)") from None
 
 
 def _plan(model: nn.Module, recipe: Recipe, tokenizer: Any, progress: bool) -> Plan:
@@ -128,6 +139,7 @@ def save(model: nn.Module, tokenizer: Any, out: str | Path, *, result: QuantizeR
     meta: dict[str, Any] = result.to_json() if result else {}
     if source:
         meta["source"] = source
+    check_destination(out, model_size(model).total_bytes)  # a clear error before any byte is written
     return save_quantized(model, tokenizer, out, meta=meta, overwrite=overwrite)
 
 
@@ -143,6 +155,7 @@ def export_gguf(model: nn.Module, tokenizer: Any, out: str | Path, *, embed_type
     """
     if Path(out).exists() and not overwrite:
         raise LowbitError(f"{out} already exists; pass overwrite=True to replace it")
+    check_destination(out, model_size(model).total_bytes)
     return _export_gguf(model.cpu(), tokenizer, out, fallback=fallback, embed_type=embed_type,
                         tokenizer_pre=tokenizer_pre)
 
@@ -158,10 +171,12 @@ def evaluate(model: nn.Module, tokenizer: Any, *, text_file: str | Path | None =
     >>> print(lowbit.evaluate(quantized, tok, max_windows=8, reference=lowbit.load()[0]))
     """
     ids = tokenize_stream(tokenizer, load_text("eval", None if text_file is None else str(text_file)))
+    seqlen = choose_seqlen(model, seqlen)
+    if text_file is not None:
+        require_tokens(text_file, ids.numel(), seqlen, "--seqlen")
     if isinstance(reference, nn.Module):
         reference = Reference(reference)
-    return perplexity(model, ids, choose_seqlen(model, seqlen), max_windows=max_windows, progress=progress,
-                      reference=reference)
+    return perplexity(model, ids, seqlen, max_windows=max_windows, progress=progress, reference=reference)
 
 
 

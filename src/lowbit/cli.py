@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from lowbit import __version__
@@ -110,8 +114,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrency", type=int, default=1, help="generations run at once (default 1)")
     p.add_argument("--max-queue", type=int, default=16,
                    help="requests allowed to wait for a slot; more are refused with 429 (default 16)")
-    p.add_argument("--shutdown-timeout", type=int, default=10,
+    p.add_argument("--shutdown-timeout", type=float, default=10,
                    help="seconds in-flight requests get to finish on SIGINT/SIGTERM (default 10)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20,
+                   help="largest request body in bytes; larger ones get 413 before they are read (default 1 MiB)")
+    p.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="longest prompt in tokens, refused before it takes a queue slot (default: the context)")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="also answer requests for this Host name (NAME or NAME:PORT; '*' = any), repeatable; by "
+                        "default only the bound address (and loopback names when bound to loopback)")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on every request but /health "
+                        "(default: $LOWBIT_API_KEY; unset = no key)")
     _add_weight_cache(p)
     _add_report_plan(sub)
     _add_export_gguf(sub)
@@ -205,17 +219,46 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is so that it unwinds like Ctrl-C: atomic writes remove their
+    temporaries on the way out instead of leaving them half-written."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds(enabled: bool) -> Iterator[None]:
+    # Only from the main thread (signal's rule), and never for `serve`, whose server handles SIGTERM itself.
+    if (not enabled or threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) is None):  # None: a handler set outside Python, left alone
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # reports quote the command that made them
     try:
-        return COMMANDS[args.cmd](args)
+        with _sigterm_unwinds(args.cmd != "serve"):
+            return COMMANDS[args.cmd](args)
     except (LowbitError, FileExistsError) as e:
-        print(f"lowbit: error: {e}", file=sys.stderr)
+        print(f"lowbit: error: {_one_line(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print("lowbit: interrupted; nothing was written", file=sys.stderr)
-        return 130
+        return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
 
 
 # ------------------------------------------------------------------------------------ flags -> recipe and settings
@@ -276,11 +319,19 @@ def cmd_export_gguf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_texts(args: argparse.Namespace) -> None:
+    """Fail on a bad --text / --calib-text (missing, a directory, not UTF-8, empty) before loading the model."""
+    from lowbit.data.corpus import read_text_file
+
+    for path in (getattr(args, "text", None), getattr(args, "calib_text", None)):
+        if path is not None:
+            read_text_file(path)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import lowbit
-    from lowbit.data.corpus import load_text
 
-    load_text("eval", args.text)  # fail on a bad path before loading the model
+    _check_texts(args)
     model, tok = _load(args)
     reference = lowbit.load(args.reference, device=args.device)[0] if args.reference else None
     print(lowbit.evaluate(model, tok, text_file=args.text, seqlen=args.seqlen, max_windows=args.max_windows,
@@ -294,6 +345,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     calib, gptq = _calib(args)
     variants = parse_variants([v for v in args.formats.split(",") if v.strip()], calib=calib, gptq=gptq)
+    _check_texts(args)
     model, tok = _load(args)
     rows, protocol = lowbit.compare(model, tok, variants, seqlen=args.seqlen, max_windows=args.max_windows,
                                     text_path=args.text, progress=not args.no_progress)
@@ -356,17 +408,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
     try:
         from lowbit.serve.app import serve
+        from lowbit.serve.guard import AllowedHosts
     except ImportError as e:
         raise LowbitError(f"lowbit serve needs the serve extra: pip install 'lowbit[serve]' ({e})") from None
 
+    if args.max_body_bytes < 1 or (args.max_prompt_tokens is not None and args.max_prompt_tokens < 1):
+        raise LowbitError("--max-body-bytes and --max-prompt-tokens must be >= 1")
+    AllowedHosts(args.allowed_host)  # a malformed name fails now, not after loading the model
+    api_key = args.api_key or os.environ.get("LOWBIT_API_KEY") or None
     model, tok = _load(args)
     name = args.model_name or _model_id(args.model)
     print(f"serving {name} on http://{args.host}:{args.port}/v1 (max concurrency {args.max_concurrency}, "
-          f"queue {args.max_queue}); Ctrl+C stops", file=sys.stderr)
+          f"queue {args.max_queue}, API key {'required' if api_key else 'off'}); Ctrl+C stops", file=sys.stderr)
     serve(model, tok, name, host=args.host, port=args.port, max_concurrency=args.max_concurrency,
-          max_queue=args.max_queue, shutdown_timeout=args.shutdown_timeout, weight_cache=not args.no_weight_cache)
+          max_queue=args.max_queue, shutdown_timeout=args.shutdown_timeout, weight_cache=not args.no_weight_cache,
+          max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
+          allowed_hosts=args.allowed_host, api_key=api_key)
     return 0
 
 

@@ -20,3 +20,19 @@ class BadWeightsError(LowbitError):
 
 class AssetError(LowbitError):
     pass
+
+
+class BadFileError(LowbitError):
+    """A file lowbit reads (checkpoint, config, GGUF, text) is missing, damaged, or disagrees with another one; the
+    message names the file and, where one is at fault, the tensor or field."""
+
+
+class DestinationError(LowbitError):
+    """The output cannot be written where asked (missing permission, read-only or full file system); nothing
+    partial is left behind."""
+
+
+def one_line(e: BaseException) -> str:
+    """``Type: first line of the message``: how a third-party exception is quoted inside a one-line error."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0].strip()}" if lines else type(e).__name__

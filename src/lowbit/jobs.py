@@ -8,17 +8,21 @@ the arguments before minutes of work, load the model where the recipe wants it, 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 
 from lowbit.api import QuantizeResult, export_gguf, load, quantize, save
+from lowbit.atomic import check_destination
+from lowbit.data.corpus import read_text_file
 from lowbit.errors import LowbitError
 from lowbit.io.checkpoint import is_quantized_dir
 from lowbit.io.gguf_export import ExportReport
-from lowbit.io.gguf_types import plan_like
-from lowbit.io.loader import resolve
+from lowbit.io.gguf_types import plan_like, read_gguf
+from lowbit.io.loader import check_source, load_config, resolve
 from lowbit.models.fused_rotation import fuse_rotation
 from lowbit.models.walker import default_device
+from lowbit.planner import linear_bytes, read_shapes, stored_bytes
 from lowbit.recipe import Recipe
 
 
@@ -33,6 +37,7 @@ def convert(source: str | Path | None, recipe: Recipe | str, out: str | Path, *,
     """
     recipe = Recipe.parse(recipe) if isinstance(recipe, str) else recipe
     _check_out(out, overwrite)
+    _check_inputs(source, recipe, out)
     compute = device or default_device()
     # calibrated methods keep the model in CPU memory and move one decoder layer at a time to the device
     model, tok = load(source, device="cpu" if recipe.needs_calibration else compute)
@@ -59,7 +64,7 @@ def convert_gguf(source: str | Path | None, out: str | Path, recipe: Recipe | st
     """
     _check_out(out, overwrite)
     recipe = Recipe.parse(recipe) if isinstance(recipe, str) else recipe
-    src = resolve(source)
+    src = _check_inputs(source, recipe, out, like=like)
     if is_quantized_dir(src):
         if recipe or like or fuse_rotation_only:
             raise LowbitError(f"{src} is already a quantized lowbit checkpoint: export it as is (no recipe, like "
@@ -91,3 +96,28 @@ def _quantize_for_gguf(src: str, recipe: Recipe | None, like: str | Path | None,
 def _check_out(out: str | Path, overwrite: bool) -> None:
     if Path(out).exists() and not overwrite:
         raise LowbitError(f"{out} already exists; pass --overwrite (overwrite=True) to replace it")
+
+
+def _check_inputs(source: str | Path | None, recipe: Recipe | None, out: str | Path,
+                  like: str | Path | None = None) -> str:
+    """Everything a job reads and writes, checked before minutes of work: the source's files, the calibration
+    text, the ``like`` GGUF (its architecture included), and room for the output. Returns the resolved source."""
+    src = check_source(source)  # before the estimate below builds the model's shapes from its config
+    if recipe is not None and recipe.needs_calibration and recipe.calib.text_path is not None:
+        read_text_file(recipe.calib.text_path)
+    if like is not None and not is_quantized_dir(src):
+        read_gguf(like, load_config(src)[1])
+    check_destination(out, _output_bytes(src, recipe, like))
+    return src
+
+
+def _output_bytes(src: str, recipe: Recipe | None, like: str | Path | None) -> int:
+    """About what the output will take: exact for one format, a 2-bit lower bound for plans decided later."""
+    if is_quantized_dir(src):
+        weights = Path(src) / "model.safetensors"
+        return weights.stat().st_size if weights.is_file() else 0
+    shapes = read_shapes(src)
+    fmt = None if recipe is None else recipe.format
+    if isinstance(fmt, Mapping) or like is not None:
+        return stored_bytes(shapes, None) - linear_bytes(shapes, None) + shapes.linear_params // 4
+    return stored_bytes(shapes, fmt)

@@ -2,16 +2,22 @@
 
 For decoder layer i: run the calibration activations through it while hooks accumulate each linear's input
 Hessian H = 2/N X^T X, quantize its linears (GPTQ/LDLQ), then run the *quantized* layer to produce the inputs
-of layer i+1. Only the layer being processed is on the compute device. After every layer a checkpoint (the
-quantized layers so far + the next layer's inputs) is written atomically; a rerun with the same settings resumes
-after the last finished layer and ends bit-identical to an uninterrupted run.
+of layer i+1. Only the layer being processed is on the compute device. After every layer a checkpoint step is
+committed atomically: layer i's quantized tensors, the inputs of layer i+1 and the state describing them (written
+last) go into a fresh ``step-<i>.tmp`` directory that one rename turns into ``step-<i>``, so a kill at any point
+leaves either the previous step or this one, never a mix (see ``_Checkpoint``). A rerun with the same settings
+resumes after the last committed layer and ends bit-identical to an uninterrupted run; a checkpoint made with
+other settings (or in the older, non-atomic layout) is refused.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -25,7 +31,6 @@ from tqdm.auto import tqdm
 
 from lowbit.algorithms.gptq import GPTQResult, gptq_quantize, proxy_loss
 from lowbit.algorithms.plans import plan_by_layer, validate_plan
-from lowbit.atomic import atomic_file
 from lowbit.calibration.capture import HessianAccumulator, capture_layer_inputs
 from lowbit.calibration.samples import DEFAULT_NSAMPLES, DEFAULT_SEQLEN, calibration_samples
 from lowbit.errors import LowbitError
@@ -118,8 +123,9 @@ def quantize_sequential(model: nn.Module, tokenizer: object, plan: dict[str, str
     start = 0
     report = SequentialReport()
     t_start = time.perf_counter()
-    if ckpt and ckpt.exists():
-        start, inps, stats = ckpt.load(model, layers, prefix)
+    resumed = ckpt.load(layers) if ckpt else None
+    if resumed:
+        start, inps, stats = resumed
         report.linears.update(stats)
         report.resumed_from_layer = start
         _, kwargs = capture_layer_inputs(model, samples[:1], device)
@@ -216,49 +222,128 @@ def _fingerprint(model: nn.Module, plan: dict[str, str], calib: CalibConfig, gpt
     return h.hexdigest()
 
 
+CHECKPOINT_LAYOUT = 2  # stored in every state.json; layout 1 (flat files, non-atomic commit) is refused
+
+
 class _Checkpoint:
-    """Directory with layer_<i>.safetensors per finished layer, inputs.safetensors and state.json."""
+    """Crash-safe GPTQ checkpoint: one directory per finished layer, each committed by a single atomic rename.
+
+    ``step-<i>/`` holds layer i's quantized tensors (``layer.safetensors``, formats in its metadata), the inputs of
+    layer i+1 (``inputs.safetensors``) and ``state.json`` (layout, fingerprint, ``next_layer`` = i+1, stats so far).
+    All three are written into ``step-<i>.tmp/`` (state last), flushed, and the directory is renamed to ``step-<i>``:
+    that rename is the commit. The newest ``step-<i>`` is the checkpoint; it names every layer that counts (0..i),
+    whose tensors stay in their own, never rewritten, ``step-<j>/layer.safetensors``. Once a step is committed the
+    older steps' inputs are deleted. ``*.tmp`` directories are a killed run's leftovers: ignored and removed.
+    """
+
+    _STEP = re.compile(r"step-(\d+)")
 
     def __init__(self, path: str | Path, fingerprint: str):
         self.path = Path(path)
         self.fingerprint = fingerprint
 
-    def exists(self) -> bool:
-        return (self.path / "state.json").exists()
+    def _step(self, index: int) -> Path:
+        return self.path / f"step-{index}"
+
+    def _committed(self) -> dict[int, Path]:
+        if not self.path.is_dir():
+            return {}
+        return {int(m.group(1)): p for p in self.path.iterdir() if (m := self._STEP.fullmatch(p.name)) and p.is_dir()}
+
+    def _prune(self, current: int) -> None:
+        """Remove leftover ``*.tmp`` steps and the inputs of steps older than ``current``."""
+        for p in self.path.iterdir():
+            if p.name.endswith(".tmp") and self._STEP.fullmatch(p.name[: -len(".tmp")]):
+                shutil.rmtree(p, ignore_errors=True)
+            elif (m := self._STEP.fullmatch(p.name)) and int(m.group(1)) < current:
+                (p / "inputs.safetensors").unlink(missing_ok=True)
 
     def save(self, index: int, layer: nn.Module, inps: torch.Tensor, stats: dict[str, LinearStats]) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
+        final = self._step(index)
+        tmp = final.with_name(f"{final.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)  # a killed run's leftover
+        tmp.mkdir()
         tensors = {k: v.detach().cpu().contiguous() for k, v in layer.state_dict().items()}
         formats = {n: [m.format_name, m.rotation.to_json() if m.rotation else None]
                    for n, m in layer.named_modules() if isinstance(m, QuantLinear)}
-        with atomic_file(self.path / f"layer_{index}.safetensors") as tmp:
-            save_file(tensors, str(tmp), metadata={"formats": json.dumps(formats)})
-        with atomic_file(self.path / "inputs.safetensors") as tmp:
-            save_file({"inputs": inps.detach().cpu().contiguous()}, str(tmp))
-        state = {"fingerprint": self.fingerprint, "next_layer": index + 1,
+        save_file(tensors, str(tmp / "layer.safetensors"), metadata={"formats": json.dumps(formats)})
+        save_file({"inputs": inps.detach().cpu().contiguous()}, str(tmp / "inputs.safetensors"))
+        state = {"layout": CHECKPOINT_LAYOUT, "fingerprint": self.fingerprint, "next_layer": index + 1,
                  "stats": {k: asdict(v) for k, v in stats.items()}}
-        with atomic_file(self.path / "state.json") as tmp:  # written last: it is what makes the layer count
-            tmp.write_text(json.dumps(state))
+        (tmp / "state.json").write_text(json.dumps(state))  # last, though only the rename below makes it count
+        for f in ("layer.safetensors", "inputs.safetensors", "state.json", "."):
+            _fsync(tmp / f)
+        os.replace(tmp, final)  # the commit: layer i, the inputs of layer i+1 and their state appear together
+        _fsync(self.path)
+        self._prune(index)
 
-    def load(self, model: nn.Module, layers: nn.ModuleList,
-             prefix: str) -> tuple[int, torch.Tensor, dict[str, LinearStats]]:
-        state = json.loads((self.path / "state.json").read_text())
-        if state["fingerprint"] != self.fingerprint:
+    def load(self, layers: nn.ModuleList) -> tuple[int, torch.Tensor, dict[str, LinearStats]] | None:
+        """Restore the committed layers into ``layers``; (next layer, its inputs, stats), or None to start over."""
+        if not self.path.is_dir():
+            return None
+        if (self.path / "state.json").exists():
+            raise LowbitError(f"checkpoint {self.path} has the older, non-atomic layout, which a kill can leave "
+                              "inconsistent; delete it to start over")
+        steps = self._committed()
+        if not steps:
+            self._prune(0)
+            return None
+        current = max(steps)
+        try:
+            state = json.loads((steps[current] / "state.json").read_text())
+        except (OSError, ValueError) as e:
+            raise LowbitError(f"checkpoint {steps[current]} is unreadable ({e}); delete {self.path} to start over") \
+                from e
+        if state.get("layout") != CHECKPOINT_LAYOUT:
+            raise LowbitError(f"checkpoint {self.path} has layout {state.get('layout')}, this version writes "
+                              f"{CHECKPOINT_LAYOUT}; delete it to start over")
+        if state.get("fingerprint") != self.fingerprint:
             raise LowbitError(f"checkpoint {self.path} was made with other settings or another model; "
                               "delete it to start over")
+        n = state["next_layer"]
+        missing = [i for i in range(n) if not (self._step(i) / "layer.safetensors").is_file()]
+        if n != current + 1 or n > len(layers) or missing:
+            raise LowbitError(f"checkpoint {self.path} is incomplete (step {current}, next layer {n}, missing "
+                              f"layers {missing}); delete it to start over")
         from safetensors import safe_open
 
-        for i in range(state["next_layer"]):
-            f = self.path / f"layer_{i}.safetensors"
+        for i in range(n):
+            f = self._step(i) / "layer.safetensors"
             with safe_open(str(f), "pt") as sf:
                 formats = json.loads(sf.metadata()["formats"])
             layer = layers[i]
             for sub, (fmt, rot) in formats.items():
                 set_module(layer, sub, empty_quant_linear(layer.get_submodule(sub), fmt, Rotation.from_json(rot)))
             layer.load_state_dict(load_file(str(f)), strict=True)
-        inps = load_file(str(self.path / "inputs.safetensors"))["inputs"]
+        inps = load_file(str(steps[current] / "inputs.safetensors"))["inputs"]
         stats = {k: LinearStats(**v) for k, v in state["stats"].items()}
-        return state["next_layer"], inps, stats
+        self._prune(current)
+        return n, inps, stats
 
     def remove(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
+        """Delete the checkpoint: one rename retires it whole, so a kill while deleting never leaves a partial one
+        that a rerun would try to resume."""
+        parent, name = self.path.parent, self.path.name
+        for p in (parent.iterdir() if parent.is_dir() else ()):  # earlier removals a kill interrupted
+            if p.name.startswith(f".{name}.removing-"):
+                shutil.rmtree(p, ignore_errors=True)
+        if not self.path.exists():
+            return
+        trash = Path(tempfile.mkdtemp(prefix=f".{name}.removing-", dir=parent))
+        os.replace(self.path, trash / name)
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file or directory to disk where the OS allows it (directories cannot be opened on Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

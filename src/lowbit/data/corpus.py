@@ -10,22 +10,35 @@ from __future__ import annotations
 from pathlib import Path
 
 from lowbit.data.assets import corpus_dir
-from lowbit.errors import LowbitError
+from lowbit.errors import BadFileError, LowbitError
 
 EVAL_FROM_YEAR = 2000
 SPLITS = ("eval", "calib")
 
 
+def read_text_file(path: str | Path) -> str:
+    """The contents of a user's text file; one LowbitError line naming it if it is missing, a directory,
+    unreadable, not UTF-8 or empty (whitespace only)."""
+    p = Path(path)
+    if not p.exists():
+        raise BadFileError(f"text file not found: {p}")
+    if p.is_dir():
+        raise BadFileError(f"{p} is a directory; pass a UTF-8 text file")
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadFileError(f"{p} is not UTF-8 text (byte {e.start} is {e.object[e.start]:#04x})") from None
+    except OSError as e:
+        raise BadFileError(f"cannot read {p}: {e.strerror or e}") from None
+    if not text.strip():
+        raise BadFileError(f"text file is empty: {p}")
+    return text
+
+
 def load_text(split: str = "eval", path: str | Path | None = None) -> str:
     """The text of ``split`` (documents joined by blank lines), or the contents of ``path`` if given."""
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise LowbitError(f"text file not found: {p}")
-        text = p.read_text(encoding="utf-8")
-        if not text.strip():
-            raise LowbitError(f"text file is empty: {p}")
-        return text
+        return read_text_file(path)
     if split not in SPLITS:
         raise LowbitError(f"unknown split {split!r}; choose one of {SPLITS}")
     docs = []
@@ -34,3 +47,10 @@ def load_text(split: str = "eval", path: str | Path | None = None) -> str:
         if (year >= EVAL_FROM_YEAR) == (split == "eval"):
             docs.append(f.read_text(encoding="utf-8").strip())
     return "\n\n".join(docs)
+
+
+def require_tokens(path: str | Path, n_tokens: int, needed: int, flag: str) -> None:
+    """A user's text must hold ``needed`` tokens (one window); the error names the file and the flag to lower."""
+    if n_tokens < needed:
+        raise BadFileError(f"{path} has {n_tokens} tokens, too few for one window of {needed} (use a longer text "
+                           f"or a smaller {flag})")

@@ -17,12 +17,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from lowbit import __version__
 from lowbit.atomic import atomic_dir
-from lowbit.errors import LowbitError
+from lowbit.errors import BadFileError, LowbitError
+from lowbit.io.validate import (
+    check_checkpoint_files,
+    check_finite,
+    check_info,
+    load_safetensors,
+    load_tokenizer,
+    read_json,
+)
 from lowbit.models.quant_linear import QuantLinear
 from lowbit.models.walker import check_supported, empty_quant_linear, set_module
 from lowbit.rotations.incoherence import Rotation
@@ -71,7 +79,7 @@ def save_quantized(model: nn.Module, tokenizer: object, out: str | Path, meta: d
     info = {"lowbit_version": __version__, "checkpoint_version": CHECKPOINT_VERSION,
             "storage_dtype": "float16", "formats": formats, "rotations": rotations, **(meta or {})}
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "lowbit": "1"})
+        _save_tensors(tensors, tmp / "model.safetensors")
         model.config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -79,15 +87,31 @@ def save_quantized(model: nn.Module, tokenizer: object, out: str | Path, meta: d
     return Path(out)
 
 
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors import SafetensorError
+
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt", "lowbit": "1"})
+    except SafetensorError as e:  # its I/O errors (disk full, ...) are not OSErrors: make atomic_dir see one
+        raise OSError(f"{path.name}: {e}") from e
+
+
 def _is_packed(key: str, formats: dict[str, str]) -> bool:
     return key.rpartition(".")[0] in formats and not key.endswith(".bias")
 
 
 def read_info(path: str | Path) -> dict:
+    """``lowbit.json`` of the checkpoint ``path``, parsed and schema-checked (BadFileError naming the field)."""
     f = Path(path) / QUANTIZED_MARKER
-    if not f.exists():
+    if not f.is_file():
         raise LowbitError(f"{path} is not a lowbit quantized model (no {QUANTIZED_MARKER})")
-    return json.loads(f.read_text())
+    info = read_json(f)
+    version = info.get("checkpoint_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise BadFileError(f"{f}: field checkpoint_version must be an integer, got {version!r}")
+    if version > CHECKPOINT_VERSION:  # before the rest: a newer layout may have other fields
+        raise LowbitError(f"{path} was written by a newer lowbit ({info.get('lowbit_version')}); upgrade lowbit")
+    return check_info(info, f)
 
 
 def describe(path: str | Path) -> str:
@@ -98,19 +122,21 @@ def describe(path: str | Path) -> str:
         counts[f] = counts.get(f, 0) + 1
     lines = [f"{k}: {v}" for k, v in info.items()]
     lines.append("quantized linears: " + ", ".join(f"{n} x {f}" for f, n in counts.items()))
-    lines.append(f"model.safetensors: {(Path(path) / 'model.safetensors').stat().st_size / 1e6:.1f} MB")
+    weights = Path(path) / "model.safetensors"
+    size = f"{weights.stat().st_size / 1e6:.1f} MB" if weights.is_file() else "missing"
+    lines.append(f"model.safetensors: {size}")
     return "\n".join(lines)
 
 
 def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32,
                    device: str | torch.device = "cpu") -> tuple[nn.Module, object]:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    """(model, tokenizer) of the lowbit checkpoint ``path``, every file checked against the others before any
+    weight is read (:mod:`lowbit.io.validate`)."""
+    from transformers import AutoModelForCausalLM
 
     path = Path(path)
     info = read_info(path)
-    if info.get("checkpoint_version", 0) > CHECKPOINT_VERSION:
-        raise LowbitError(f"{path} was written by a newer lowbit ({info.get('lowbit_version')}); upgrade lowbit")
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    config = check_checkpoint_files(path, info)
     check_supported(config.model_type)
     with skip_init():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -120,14 +146,15 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32,
                                                    Rotation.from_json(rotations.get(name))))
     model.tie_weights()  # before loading: tied tensors were saved once
     tied = _tied_keys(model)
-    state = load_file(str(path / "model.safetensors"))
+    state = load_safetensors(path / "model.safetensors")
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in tied]
-    if missing or unexpected:
-        raise LowbitError(f"{path}: checkpoint does not match the architecture "
-                          f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    if missing or unexpected:  # checked before loading; kept as the last guard
+        raise BadFileError(f"{path}: checkpoint does not match the architecture "
+                           f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
     model.tie_weights()
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    check_finite(model, path / "model.safetensors")
+    tok = load_tokenizer(path)
     return model.to(device=device, dtype=dtype).eval(), tok
 
 

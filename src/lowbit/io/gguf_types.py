@@ -16,8 +16,8 @@ from pathlib import Path
 import gguf
 from torch import nn
 
-from lowbit.errors import LowbitError, UnsupportedModelError
-from lowbit.models.walker import decoder_linears
+from lowbit.errors import BadFileError, LowbitError, UnsupportedModelError, one_line
+from lowbit.models.walker import decoder_linears, linear_weight
 
 # ggml type -> the lowbit format that stores it bit for bit (io/gguf_blocks.py); F16/F32 stay float
 LOWBIT_FORMAT = {"Q4_0": "q4_0", "Q4_1": "q4_1", "Q5_0": "int5_g32_sym", "Q5_1": "int5_g32_asym",
@@ -45,12 +45,46 @@ class GGUFTypePlan:
     source: Path
 
 
+def read_gguf(path: str | Path, config: object | None = None) -> gguf.GGUFReader:
+    """A reader of the GGUF file ``path``, checked: it is a GGUF, its tensors lie inside the file, and (given the
+    model's ``config``) it is of the model's architecture. Anything else is one BadFileError line."""
+    path = Path(path)
+    if not path.exists():
+        raise BadFileError(f"GGUF file not found: {path}")
+    if not path.is_file():
+        raise BadFileError(f"{path} is not a file")
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise BadFileError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # gguf raises ValueError, IndexError, struct or numpy errors on damaged files
+        raise BadFileError(f"{path} is a damaged or truncated GGUF file ({one_line(e)})") from None
+    size = path.stat().st_size
+    for t in reader.tensors:
+        if t.data_offset + t.n_bytes > size:
+            raise BadFileError(f"{path} is truncated: tensor {t.name} ends at byte {t.data_offset + t.n_bytes}, "
+                               f"the file has {size}")
+    if config is not None:
+        _check_arch(path, reader, config)
+    return reader
+
+
+def _check_arch(path: Path, reader: gguf.GGUFReader, config: object) -> None:
+    want = gguf.MODEL_ARCH_NAMES[gguf_arch(config)]
+    field = reader.fields.get("general.architecture")
+    try:
+        have = field.contents() if field is not None else None
+    except (ValueError, IndexError, UnicodeDecodeError):
+        have = None
+    if have != want:
+        raise BadFileError(f"{path} is a GGUF of a {have!r} model; this {config.model_type} model needs {want!r}")
+
+
 def tensor_types(path: str | Path) -> dict[str, str]:
     """GGUF tensor name -> ggml type name, for every tensor in the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise LowbitError(f"GGUF file not found: {path}")
-    return {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+    return {t.name: t.tensor_type.name for t in read_gguf(path).tensors}
 
 
 def gguf_name(model: nn.Module, key: str) -> str | None:
@@ -76,18 +110,27 @@ def plan_like(model: nn.Module, path: str | Path, searched: bool = False) -> GGU
 
     ``searched``: give the decoder linears the searched-fit variant of uniform types (:data:`SEARCHED`: same GGUF
     type and bytes), the better choice under calibrated rounding (GPTQ)."""
-    types = tensor_types(path)
+    tensors = {t.name: t for t in read_gguf(path, model.config).tensors}
+    types = {name: t.tensor_type.name for name, t in tensors.items()}
     plan = {}
-    for name in decoder_linears(model):
+    for name, module in decoder_linears(model).items():
         gname = gguf_name(model, f"{name}.weight")
         if gname not in types:
-            raise LowbitError(f"{path} has no tensor {gname} for {name}: is it a GGUF of this model?")
+            raise BadFileError(f"{path} has no tensor {gname} for {name}: is it a GGUF of this model?")
+        _check_shape(path, tensors[gname], tuple(linear_weight(module).shape))
         if types[gname] not in FLOAT_TYPES:  # a float tensor stays float
             fmt = _lowbit_format(types[gname], gname)
             plan[name] = SEARCHED.get(fmt, fmt) if searched else fmt
     embed = types.get("token_embd.weight", "F16")
     return GGUFTypePlan(plan, "f16" if embed in FLOAT_TYPES else _lowbit_format(embed, "token_embd.weight"),
                         Path(path))
+
+
+def _check_shape(path: Path | str, t: gguf.ReaderTensor, shape: tuple[int, ...]) -> None:
+    have = tuple(int(d) for d in reversed(t.shape))  # ggml lists dimensions innermost first
+    if have != shape:
+        raise BadFileError(f"{path}: tensor {t.name} has shape {list(have)}, this model's is {list(shape)}: is it a "
+                           "GGUF of this model?")
 
 
 def _lowbit_format(qtype: str, gname: str) -> str:

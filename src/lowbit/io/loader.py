@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 from lowbit.data.assets import DEFAULT_MODEL, default_model_dir
-from lowbit.errors import LowbitError
-from lowbit.io.checkpoint import is_quantized_dir, load_quantized
+from lowbit.errors import BadFileError, LowbitError, one_line
+from lowbit.io.checkpoint import is_quantized_dir, load_quantized, read_info
+from lowbit.io.validate import check_checkpoint_files, check_finite, check_float_dir, load_tokenizer, read_config
 from lowbit.models.walker import check_supported
 
 
@@ -34,6 +35,8 @@ def load_config(name_or_path: str | Path | None) -> tuple[str, object]:
     from transformers import AutoConfig
 
     src = resolve(name_or_path)
+    if Path(src).is_dir():  # a local directory: config.json checked field by field, one line per problem
+        return src, read_config(Path(src))
     try:
         config = AutoConfig.from_pretrained(src, local_files_only=True)
     except OSError as e:
@@ -43,16 +46,41 @@ def load_config(name_or_path: str | Path | None) -> tuple[str, object]:
     return src, config
 
 
+def check_source(name_or_path: str | Path | None) -> str:
+    """Check a model source's files against each other without reading any weight (headers, shapes, JSON
+    fields), so a job fails on a damaged model before it starts; returns the resolved source."""
+    src = resolve(name_or_path)
+    if is_quantized_dir(src):
+        check_checkpoint_files(Path(src), read_info(src))
+        return src
+    src, config = load_config(src)
+    if Path(src).is_dir():
+        check_float_dir(Path(src), config)
+    return src
+
+
 def load_model(name_or_path: str | Path | None = None, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu") -> tuple[nn.Module, object]:
-    """(model in eval mode, tokenizer). Quantized lowbit directories load through :mod:`lowbit.io`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    """(model in eval mode, tokenizer). Quantized lowbit directories load through :mod:`lowbit.io`. A local
+    directory's files are checked against each other first (:mod:`lowbit.io.validate`): a damaged one is one
+    BadFileError line, not a traceback from deep inside transformers."""
     src = resolve(name_or_path)
     if is_quantized_dir(src):
         return load_quantized(src, dtype=dtype, device=device)
-    src, _ = load_config(src)
-    tok = AutoTokenizer.from_pretrained(src, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, local_files_only=True)
+    src, config = load_config(src)
+    if Path(src).is_dir():
+        check_float_dir(Path(src), config)
+    tok = load_tokenizer(src)
+    model = _from_pretrained(src, config, dtype)
+    check_finite(model, src)
     return model.to(device).eval(), tok
+
+
+def _from_pretrained(src: str, config: object, dtype: torch.dtype) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(src, config=config, dtype=dtype, local_files_only=True)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:  # what the checks cannot see (.bin files)
+        raise BadFileError(f"cannot load the weights of {src}: {one_line(e)}") from None
 

@@ -2,18 +2,24 @@
 
 The wire format lives in ``lowbit.serve.schema``, the scheduling in ``lowbit.serve.engine``. Here:
 
-* The event loop only validates, tokenizes (in the thread pool) and streams; forward passes run on the engine's
-  worker threads, so the server keeps answering (429s, /health, other streams) while a model runs.
+* ``lowbit.serve.guard`` runs first: Host/Origin allow-list, API key and body size, before any parsing.
+* The event loop only validates and streams; tokenizing runs on threads and forward passes on the engine's worker
+  threads, so the server keeps answering (429s, /health, other streams) while a model runs.
+* Order of the checks on a prompt, cheapest first: its byte count against ``max_prompt_tokens``, room in the
+  queue, tokenizing, its token count, the context; only then does it wait for a generation slot.
 * A client that disconnects cancels its job: a streaming response cancels it however the response ends, and a
   non-streaming request polls for the client while it waits.
-* Shutdown (SIGINT/SIGTERM, handled by uvicorn): stop accepting connections, let in-flight requests finish for up
-  to ``shutdown_timeout`` seconds, then cancel them; the lifespan hook finally stops the engine's worker threads.
+* Shutdown (SIGINT/SIGTERM, ``LowbitServer``): uvicorn stops accepting connections; queued requests get 503 at
+  once; in-flight requests get ``shutdown_timeout`` seconds, then streams end with the shutdown error event and
+  ``data: [DONE]`` and other requests get 503, before uvicorn's own deadline (``SHUTDOWN_MARGIN_SECONDS`` later)
+  would cut them; the lifespan hook finally stops the engine's worker threads.
 """
 
 from __future__ import annotations
 
 import json
 import signal
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -27,6 +33,14 @@ from lowbit.errors import LowbitError
 from lowbit.serve import SERVE_EXTRA_HINT
 from lowbit.serve.engine import Engine, Job, QueueFullError, RequestError, ShuttingDownError
 from lowbit.serve.generate import SamplingParams, encode_chat, encode_prompt, use_weight_cache
+from lowbit.serve.guard import (
+    DEFAULT_MAX_BODY_BYTES,
+    LOOPBACK_NAMES,
+    AllowedHosts,
+    BodyTooLargeError,
+    Guard,
+    body_too_large,
+)
 from lowbit.serve.schema import (
     ApiError,
     ChatRequest,
@@ -46,12 +60,12 @@ try:
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response, StreamingResponse
-    from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
 except ImportError as e:
     raise LowbitError(SERVE_EXTRA_HINT) from e
 
 CLIENT_CLOSED = 499  # nginx's convention; nobody reads it, the client is gone
+SHUTDOWN_MARGIN_SECONDS = 5.0  # uvicorn's deadline after ours: time to send the answers of aborted requests
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -85,6 +99,10 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
     return _error_response(validation_error(exc.errors()))
 
 
+async def _too_large(request: Request, exc: BodyTooLargeError) -> JSONResponse:
+    return _error_response(body_too_large(exc.limit))
+
+
 async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
     return _error_response(ApiError(exc.status_code, str(exc.detail), type_=kind))
@@ -97,7 +115,7 @@ async def _crash(request: Request, exc: Exception) -> JSONResponse:
 _EXCEPTION_HANDLERS: list[tuple[type[Exception], Callable[[Request, Any], Awaitable[JSONResponse]]]] = [
     (ApiError, _api_error), (RequestError, _request_error), (LowbitError, _bad_input),
     (QueueFullError, _queue_full), (ShuttingDownError, _shutting_down), (RequestValidationError, _invalid),
-    (StarletteHTTPException, _http), (Exception, _crash),
+    (BodyTooLargeError, _too_large), (StarletteHTTPException, _http), (Exception, _crash),
 ]
 
 
@@ -136,6 +154,8 @@ async def _sse(job: Job, shape: ResponseShape, include_usage: bool) -> AsyncIter
             yield _event(shape.chunk(None, reason))
             if include_usage:
                 yield _event(shape.usage_chunk(token_usage(job.stream.prompt_tokens, job.stream.completion_tokens)))
+    except ShuttingDownError:  # aborted at the end of the shutdown grace period
+        yield _event(shutting_down_error().payload())
     except Exception as e:  # noqa: BLE001 - headers are sent: report in-band, as OpenAI does
         yield _event(ApiError(500, f"generation failed: {e}", type_="server_error").payload())
     yield _event("[DONE]")
@@ -179,7 +199,7 @@ class OpenAIRoutes:
 
     def _check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_id:
-            raise ApiError(404, f"The model '{name}' does not exist; this server serves '{self.model_id}'.",
+            raise ApiError(404, f"The model '{name[:200]}' does not exist; this server serves '{self.model_id}'.",
                            param="model", code="model_not_found")
 
     async def health(self) -> dict:
@@ -197,8 +217,9 @@ class OpenAIRoutes:
         self._check_model(req.model)
         prompt = req.single_prompt()
         if isinstance(prompt, str):
-            ids = await run_in_threadpool(encode_prompt, self.engine.tokenizer, prompt)
+            ids = await self._tokenize("prompt", _utf8_len(prompt), encode_prompt, prompt)
         else:
+            self.engine.check_prompt_tokens(len(prompt), "prompt")
             ids = self.engine.check_token_ids(prompt)
         # OpenAI's default length for completions is 16 tokens.
         return await self._generate(request, req, CompletionShape(self.model_id), ids, 16, "prompt")
@@ -206,12 +227,27 @@ class OpenAIRoutes:
     async def chat_completions(self, req: ChatRequest, request: Request) -> Response:
         self._check_model(req.model)
         messages = [m.as_dict() for m in req.messages]
-        try:
-            ids, extra_stop = await run_in_threadpool(encode_chat, self.engine.tokenizer, messages)
-        except LowbitError as e:
-            raise ApiError(400, str(e), param="messages") from None
+        # The template adds text around the messages, never removes theirs: their bytes bound the prompt's.
+        n_bytes = sum(_utf8_len(m["content"]) for m in messages)
+        ids, extra_stop = await self._tokenize("messages", n_bytes, encode_chat, messages)
         # OpenAI's chat fills the context unless told otherwise: no default length.
         return await self._generate(request, req, ChatShape(self.model_id), ids, None, "messages", extra_stop)
+
+    async def _tokenize(self, what: str, n_bytes: int, fn: Callable[..., Any], *args: object) -> Any:
+        """``fn(tokenizer, *args)`` once the size and the queue allow it; a tokenizer error is the input's fault."""
+        engine = self.engine
+        engine.check_prompt_bytes(n_bytes, what)
+        try:
+            result = await engine.tokenize(n_bytes, fn, engine.tokenizer, *args)
+        except (QueueFullError, ShuttingDownError):
+            raise
+        except LowbitError as e:  # a chat template that rejects the messages, an empty prompt without BOS
+            raise ApiError(400, str(e), param=what) from None
+        except Exception as e:  # noqa: BLE001 - whatever else a tokenizer finds wrong with the text is the text's
+            raise ApiError(400, f"The {what} could not be tokenized ({type(e).__name__}: {e}).", param=what) from None
+        ids = result[0] if isinstance(result, tuple) else result
+        engine.check_prompt_tokens(len(ids), what)
+        return result
 
     async def _generate(self, request: Request, req: SamplingRequest, shape: ResponseShape, ids: list[int],
                         default_max: int | None, what: str, extra_stop: Sequence[str] = ()) -> Response:
@@ -226,6 +262,10 @@ class OpenAIRoutes:
         return await _whole_body(request, job, shape)
 
 
+def _utf8_len(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
 # ------------------------------------------------------------------------------------------------ the app
 
 
@@ -236,17 +276,26 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 def create_app(model: nn.Module, tokenizer: object, model_id: str, max_concurrency: int = 1,
-               max_queue: int = 16, weight_cache: bool = True) -> FastAPI:
+               max_queue: int = 16, weight_cache: bool = True, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               max_prompt_tokens: int | None = None, allowed_hosts: AllowedHosts | None = None,
+               api_key: str | None = None) -> FastAPI:
     """The FastAPI app serving ``model`` under the name ``model_id``; ``app.state.engine`` holds the Engine.
 
     ``weight_cache`` keeps quantized layers' dequantized weights in memory (see ``use_weight_cache``).
+    ``max_prompt_tokens`` defaults to the model's context. ``allowed_hosts`` defaults to the loopback names on any
+    port (``serve`` passes the bound address); with ``api_key`` every request but ``/health`` needs it.
     """
+    if max_body_bytes < 1:
+        raise LowbitError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
     use_weight_cache(model, weight_cache)
-    engine = Engine(model, tokenizer, max_concurrency=max_concurrency, max_queue=max_queue)
+    engine = Engine(model, tokenizer, max_concurrency=max_concurrency, max_queue=max_queue,
+                    max_prompt_tokens=max_prompt_tokens)
     routes = OpenAIRoutes(engine, model_id)
     app = FastAPI(title="lowbit", version=__version__, lifespan=_lifespan)
     app.state.engine = engine
     app.state.model_id = model_id
+    hosts = allowed_hosts if allowed_hosts is not None else AllowedHosts(LOOPBACK_NAMES)
+    app.add_middleware(Guard, hosts=hosts, api_key=api_key, max_body_bytes=max_body_bytes)
     for exc_class, handler in _EXCEPTION_HANDLERS:
         app.add_exception_handler(exc_class, handler)
     app.add_api_route("/health", routes.health, methods=["GET"])
@@ -257,20 +306,44 @@ def create_app(model: nn.Module, tokenizer: object, model_id: str, max_concurren
     return app
 
 
+class LowbitServer(uvicorn.Server):
+    """uvicorn's server plus the engine's part of a graceful shutdown: when uvicorn begins to shut down (a signal,
+    or ``should_exit``), queued requests get 503 at once and running ones are ended properly after ``grace``
+    seconds, before uvicorn's own deadline would cancel their tasks (a plain-text 500, a cut stream, a traceback)."""
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 8000, grace: float = 10.0,
+                 log_level: str = "info") -> None:
+        super().__init__(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                        timeout_graceful_shutdown=grace + SHUTDOWN_MARGIN_SECONDS))
+        self.engine: Engine = app.state.engine
+        self.grace = grace
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.engine.begin_shutdown(self.grace)
+        await super().shutdown(sockets)
+
+
 def serve(model: nn.Module, tokenizer: object, model_id: str, host: str = "127.0.0.1", port: int = 8000,
-          max_concurrency: int = 1, max_queue: int = 16, shutdown_timeout: int = 10,
-          log_level: str = "info", weight_cache: bool = True) -> None:
-    """Serve until SIGINT/SIGTERM; in-flight requests get ``shutdown_timeout`` seconds to finish."""
+          max_concurrency: int = 1, max_queue: int = 16, shutdown_timeout: float = 10,
+          log_level: str = "info", weight_cache: bool = True, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+          max_prompt_tokens: int | None = None, allowed_hosts: Sequence[str] = (),
+          api_key: str | None = None) -> None:
+    """Serve until SIGINT/SIGTERM; in-flight requests get ``shutdown_timeout`` seconds to finish.
+
+    Requests must name ``host:port`` in their Host header (any loopback name when ``host`` is a loopback address,
+    any IP address when it is 0.0.0.0 or ::) or one of ``allowed_hosts`` (``NAME``, ``NAME:PORT`` or ``*``).
+    """
+    hosts = AllowedHosts.for_bind(host, port, allowed_hosts)
     app = create_app(model, tokenizer, model_id, max_concurrency=max_concurrency, max_queue=max_queue,
-                     weight_cache=weight_cache)
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                            timeout_graceful_shutdown=shutdown_timeout)
+                     weight_cache=weight_cache, max_body_bytes=max_body_bytes, max_prompt_tokens=max_prompt_tokens,
+                     allowed_hosts=hosts, api_key=api_key)
+    server = LowbitServer(app, host=host, port=port, grace=shutdown_timeout, log_level=log_level)
     # uvicorn handles SIGINT/SIGTERM itself, then re-raises the signal once it has shut down; by then everything
     # is stopped, so end quietly (exit status 0) instead of dying from the re-raised SIGTERM or KeyboardInterrupt.
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, lambda *_: None) if in_main else None
     try:
-        uvicorn.Server(config).run()
+        server.run()
     except KeyboardInterrupt:
         pass
     finally:

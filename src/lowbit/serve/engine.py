@@ -6,13 +6,20 @@ OpenAI responses. How a request is scheduled, and why:
 * Forward passes run on a ``ThreadPoolExecutor`` of ``max_concurrency`` workers, so the event loop keeps answering
   (refusals, health checks, other streams) while a model runs.
 * Admission: a request that would have to wait for a generation slot while ``max_queue`` others already wait is
-  refused at once (``QueueFullError``; the server answers 429 + ``Retry-After``) instead of piling up.
+  refused at once (``QueueFullError``; the server answers 429 + ``Retry-After``) instead of piling up. The check
+  runs before a prompt is tokenized too, so a full queue refuses work that costs nothing yet.
+* Prompt size: ``max_prompt_tokens`` (default: the model's context) is enforced before a queue slot is taken. A
+  text too long for it whatever its tokens is refused from its byte count without tokenizing (no token covers
+  more bytes than its vocabulary string has, ``max_bytes_per_token``); others are tokenized on a thread, large
+  ones ``TOKENIZE_AT_ONCE`` at a time, because tokenizing holds tens of bytes of memory per byte of text.
 * A slot belongs to the job's worker thread from start to finish and is released by that thread (not by the HTTP
   handler), so a cancelled job never overlaps the next one: forward passes stay at ``max_concurrency`` at most.
 * Cancellation: every job has an Event polled before each forward pass; it is set when the client disconnects
   (closed stream, or a polled check while a non-streaming client waits), and on shutdown.
-* Shutdown: ``close`` cancels every job and waits for the worker threads; new requests then get
-  ``ShuttingDownError``.
+* Shutdown: ``begin_shutdown(grace)`` refuses new and queued requests at once (``ShuttingDownError``) and aborts
+  running jobs after ``grace`` seconds: their ``deltas`` end with ``ShuttingDownError`` right away, without waiting
+  for the forward pass in progress, so the server can still answer them properly. ``close`` aborts what is left
+  and waits for the worker threads.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 from torch import nn
 
@@ -29,8 +37,14 @@ from lowbit.errors import LowbitError
 from lowbit.serve.generate import SamplingParams, TextStream, context_length
 
 POLL_SECONDS = 0.25  # how often a waiting request checks whether its client is still there
+# Normalizers can make the text a tokenizer sees shorter than what was sent: NFC composes up to 3 characters into
+# one (Hangul jamo, 9 bytes -> 3). Refusing from the byte count alone therefore keeps a factor of 4 in hand.
+BYTES_SAFETY = 4
+HEAVY_TEXT_BYTES = 1 << 16  # texts above this tokenize TOKENIZE_AT_ONCE at a time
+TOKENIZE_AT_ONCE = 2
 
 IsDisconnected = Callable[[], Awaitable[bool]]
+T = TypeVar("T")
 
 
 class QueueFullError(Exception):
@@ -49,10 +63,28 @@ class RequestError(LowbitError):
         self.param, self.code = param, code
 
 
+def max_bytes_per_token(tokenizer: object) -> int | None:
+    """An upper bound on the bytes of text one token stands for, or None when there is none to be had.
+
+    A vocabulary string is never shorter in UTF-8 than the text it covers: byte-level BPE writes each byte as one
+    1-2 byte character, SentencePiece a space as the 3-byte '\u2581' and a fallback byte as '<0xAB>'. Added tokens
+    that strip the whitespace around them can cover any amount of it, so a tokenizer with one has no bound.
+    """
+    try:
+        vocab = tokenizer.get_vocab()
+        added = getattr(tokenizer, "added_tokens_decoder", {}).values()
+    except Exception:  # noqa: BLE001 - not a Hugging Face tokenizer: no bound, every prompt is tokenized
+        return None
+    if any(getattr(t, "lstrip", False) or getattr(t, "rstrip", False) for t in added):
+        return None
+    return max((len(t.encode("utf-8", "surrogatepass")) for t in vocab), default=None)
+
+
 class Job:
     """One generation on a worker thread; its text deltas come back to the event loop through an asyncio queue."""
 
     _DONE = object()
+    _ABORTED = object()
 
     def __init__(self, stream: TextStream, stopping: threading.Event, on_finish: Callable[[Job], None]) -> None:
         self.stream = stream
@@ -66,6 +98,11 @@ class Job:
     def cancel(self) -> None:
         self._cancel.set()
 
+    def abort(self) -> None:
+        """Shutdown (event loop only): stop the worker and end ``deltas`` now with ShuttingDownError."""
+        self._cancel.set()
+        self._queue.put_nowait(self._ABORTED)
+
     def _put(self, item: object) -> None:
         try:
             self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
@@ -78,8 +115,9 @@ class Job:
             for delta in self.stream:
                 self._put(delta)
             self._put(self._DONE)
-        except Exception as e:  # noqa: BLE001 - reported to the waiting request, which answers 500
-            self._put(e)
+        except BaseException as e:  # noqa: BLE001 - reported to the waiting request, which answers 500
+            # BaseException too: a Rust panic in a tokenizer is one, and the request must never wait forever.
+            self._put(e if isinstance(e, Exception) else RuntimeError(f"{type(e).__name__}: {e}"))
         finally:
             try:
                 self._loop.call_soon_threadsafe(self._on_finish, self)
@@ -103,6 +141,8 @@ class Job:
                     continue
             if item is self._DONE:
                 return
+            if item is self._ABORTED:
+                raise ShuttingDownError
             if isinstance(item, Exception):
                 raise item
             yield item
@@ -111,15 +151,22 @@ class Job:
 class Engine:
     """Owns the model: admission (bounded queue), generation slots and worker threads."""
 
-    def __init__(self, model: nn.Module, tokenizer: object, max_concurrency: int = 1, max_queue: int = 16) -> None:
-        if max_concurrency < 1 or max_queue < 0:
-            raise LowbitError("max_concurrency must be >= 1 and max_queue >= 0")
+    def __init__(self, model: nn.Module, tokenizer: object, max_concurrency: int = 1, max_queue: int = 16,
+                 max_prompt_tokens: int | None = None) -> None:
+        if max_concurrency < 1 or max_queue < 0 or (max_prompt_tokens is not None and max_prompt_tokens < 1):
+            raise LowbitError("max_concurrency and max_prompt_tokens must be >= 1 and max_queue >= 0")
         self.model, self.tokenizer = model, tokenizer
         self.context = context_length(model)
+        self.max_prompt_tokens = max_prompt_tokens if max_prompt_tokens is not None else self.context
+        self.max_bytes_per_token = max_bytes_per_token(tokenizer)
         self.max_concurrency, self.max_queue = max_concurrency, max_queue
         self._slots = asyncio.Semaphore(max_concurrency)  # binds to the serving loop on first use
+        self._tokenize_slots = asyncio.Semaphore(TOKENIZE_AT_ONCE)
         self._executor = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="lowbit-generate")
         self._stopping = threading.Event()
+        self._draining = False
+        self._abort_timer: asyncio.TimerHandle | None = None
+        self._jobs: set[Job] = set()
         self.waiting = 0
         self.running = 0
         self.stats: Counter[str] = Counter()  # finish reasons, "refused", "failed"
@@ -148,6 +195,32 @@ class Engine:
             return min(default_max, room) if room is not None else default_max
         return room if room is not None else 256
 
+    def _too_long(self, what: str, size: str) -> RequestError:
+        ctx = f" (the model's context length is {self.context} tokens)" if self.context else ""
+        return RequestError(f"The {what} has {size}, more than this server's limit of {self.max_prompt_tokens} "
+                            f"prompt tokens{ctx}. Please shorten it.", param=what, code="context_length_exceeded")
+
+    def check_prompt_bytes(self, n_bytes: int, what: str) -> None:
+        """Refuse, without tokenizing, a text of ``n_bytes`` UTF-8 bytes that cannot fit ``max_prompt_tokens``."""
+        limit, per_token = self.max_prompt_tokens, self.max_bytes_per_token
+        if limit is not None and per_token is not None and n_bytes // (per_token * BYTES_SAFETY) > limit:
+            raise self._too_long(what, f"{n_bytes} bytes (at least {n_bytes // (per_token * BYTES_SAFETY)} tokens)")
+
+    def check_prompt_tokens(self, n_tokens: int, what: str) -> None:
+        """Refuse a prompt of more than ``max_prompt_tokens`` tokens."""
+        if self.max_prompt_tokens is not None and n_tokens > self.max_prompt_tokens:
+            raise self._too_long(what, f"{n_tokens} tokens")
+
+    async def tokenize(self, n_bytes: int, fn: Callable[..., T], *args: object) -> T:
+        """``fn(*args)`` (a tokenizer call on a text of ``n_bytes``, already checked with ``check_prompt_bytes``) on
+        a thread, if the queue has room now: a request that would be refused anyway is not tokenized first. Large
+        texts take turns, so concurrent ones cannot multiply the memory tokenizing holds."""
+        self.check_admission()
+        if n_bytes <= HEAVY_TEXT_BYTES:
+            return await asyncio.to_thread(fn, *args)
+        async with self._tokenize_slots:
+            return await asyncio.to_thread(fn, *args)
+
     def check_token_ids(self, ids: Sequence[int]) -> list[int]:
         """A prompt given as token ids, refused unless every id is in the model's vocabulary."""
         ids = list(ids)
@@ -162,19 +235,26 @@ class Engine:
 
     # ------------------------------------------------------------------------------------ slots and threads
 
-    async def acquire(self, is_disconnected: IsDisconnected) -> bool:
-        """Wait for a slot: True once held, False if the client left meanwhile; QueueFullError when too many wait."""
-        if self._stopping.is_set():
+    def check_admission(self) -> None:
+        """ShuttingDownError when stopping, QueueFullError when a new request would wait behind a full queue."""
+        if self._draining or self._stopping.is_set():
             raise ShuttingDownError
         if self._slots.locked() and self.waiting >= self.max_queue:
             self.stats["refused"] += 1
             raise QueueFullError
+
+    async def acquire(self, is_disconnected: IsDisconnected) -> bool:
+        """Wait for a slot: True once held, False if the client left meanwhile; QueueFullError when too many wait,
+        ShuttingDownError when the server stops (also while waiting)."""
+        self.check_admission()
         self.waiting += 1
         task = asyncio.ensure_future(self._slots.acquire())
         acquired = False
         try:
             while True:
                 done, _ = await asyncio.wait({task}, timeout=POLL_SECONDS)
+                if self._draining:
+                    raise ShuttingDownError
                 if done:
                     acquired = True
                     return True
@@ -190,6 +270,7 @@ class Engine:
         """Run ``stream`` on a worker thread; the caller must hold a slot, which passes to the job."""
         job = Job(stream, self._stopping, self._finished)
         self.running += 1
+        self._jobs.add(job)
         try:
             self._executor.submit(job.run)
         except RuntimeError:  # executor shut down: we are stopping
@@ -199,10 +280,27 @@ class Engine:
 
     def _finished(self, job: Job) -> None:
         self.running -= 1
+        self._jobs.discard(job)
         self.stats[job.stream.finish_reason or "failed"] += 1
         self._slots.release()
 
+    def begin_shutdown(self, grace: float) -> None:
+        """Admit nothing more (queued requests get ShuttingDownError within POLL_SECONDS) and abort the running jobs
+        after ``grace`` seconds. Call on the event loop; a second call changes nothing."""
+        if self._draining:
+            return
+        self._draining = True
+        self._abort_timer = asyncio.get_running_loop().call_later(grace, self._abort_all)
+
+    def _abort_all(self) -> None:
+        for job in list(self._jobs):
+            job.abort()
+
     async def close(self) -> None:
-        """Cancel every job and wait for the worker threads (each stops before its next forward pass)."""
+        """Abort every job and wait for the worker threads (each stops before its next forward pass)."""
+        self._draining = True
         self._stopping.set()
+        if self._abort_timer is not None:
+            self._abort_timer.cancel()
+        self._abort_all()
         await asyncio.to_thread(self._executor.shutdown, True, cancel_futures=True)

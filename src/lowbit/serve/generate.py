@@ -105,10 +105,13 @@ def eos_token_ids(model: nn.Module, tokenizer: object) -> set[int]:
 
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """One token id from a 1-D float32 logits vector."""
+    """One token id from a 1-D float logits vector."""
     if params.temperature == 0:
         return int(torch.argmax(logits))
-    logits = logits / params.temperature
+    # Any temperature > 0 must work, however small: in float32, dividing by 1e-40 gives inf and softmax NaN. In
+    # float64 after subtracting the maximum, the best token scales to 0 and the rest to finite negatives or -inf.
+    logits = logits.double()
+    logits = (logits - logits.max()) / params.temperature
     if 0 < params.top_k < logits.numel():
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

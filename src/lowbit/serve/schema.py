@@ -9,28 +9,42 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from lowbit.errors import LowbitError
 from lowbit.serve import SERVE_EXTRA_HINT
 
 try:
-    from pydantic import BaseModel, ConfigDict, Field, field_validator
+    from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 except ImportError as e:
     raise LowbitError(SERVE_EXTRA_HINT) from e
 
 RETRY_AFTER_SECONDS = 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # OpenAI's integers are int64; torch seeds take this range too
+MAX_STOP_CHARS = 1024  # a stop string is matched against every token's text: keep that work small
+MAX_MESSAGE_CHARS = 2000  # errors quote the request (a model name, a Host header): never a megabyte of it
+MAX_PARAM_CHARS = 200
 
 
 # ---------------------------------------------------------------------------------------------- errors
 
 
+def _printable(text: str, limit: int) -> str:
+    """``text`` as valid UTF-8 (a lone surrogate becomes '?': JSON responses are encoded as UTF-8) and at most
+    ``limit`` characters."""
+    text = text.encode("utf-8", "replace").decode("utf-8")
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 class ApiError(Exception):
-    """An error answered in OpenAI's shape."""
+    """An error answered in OpenAI's shape. Message and param are made printable here, so an error that quotes the
+    request can always be sent."""
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
                  code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        message = _printable(message, MAX_MESSAGE_CHARS)
         super().__init__(message)
+        param = None if param is None else _printable(param, MAX_PARAM_CHARS)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
         self.headers = headers
 
@@ -68,27 +82,44 @@ def validation_error(errors: Sequence[dict[str, Any]]) -> ApiError:
 # --------------------------------------------------------------------------------------------- requests
 
 
+def _unicode(text: str) -> str:
+    """JSON may carry lone surrogates (``"\\ud800"``), which no tokenizer or UTF-8 encoder takes: refuse them here."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("the text contains a lone surrogate (not valid Unicode)") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
+# Strict types: a string, bool or float where OpenAI's API wants another type is refused, not converted.
+STRICT = ConfigDict(extra="ignore", strict=True)
+
+
 class StreamOptions(BaseModel):
+    model_config = STRICT
+
     include_usage: bool = False
 
 
 class SamplingRequest(BaseModel):
     """Fields shared by both endpoints. Unknown fields (user, metadata, ...) are accepted and ignored."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
-    model: str | None = None  # optional here (curl convenience); when given it must name the served model
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, ge=0, le=1)
-    top_k: int | None = Field(None, ge=0)  # not OpenAI; vLLM-style extension
-    n: int | None = None
+    model: Text | None = None  # optional here (curl convenience); when given it must name the served model
+    max_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
+    top_p: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
+    top_k: int | None = Field(None, ge=0, le=INT64_MAX)  # not OpenAI; vLLM-style extension
+    n: Int64 | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    stop: Text | list[Text] | None = None
+    seed: Int64 | None = None
+    presence_penalty: float | None = Field(None, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(None, allow_inf_nan=False)
 
     @field_validator("n")
     @classmethod
@@ -105,6 +136,8 @@ class SamplingRequest(BaseModel):
             raise ValueError("at most 4 stop sequences")
         if any(not s for s in stops):
             raise ValueError("stop sequences must not be empty")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"stop sequences must be at most {MAX_STOP_CHARS} characters")
         return v
 
     @field_validator("presence_penalty", "frequency_penalty")
@@ -127,10 +160,10 @@ class SamplingRequest(BaseModel):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Text | list[Text] | list[Int64] | list[list[Int64]]
     echo: bool | None = False
-    logprobs: int | None = None
-    suffix: str | None = None
+    logprobs: Int64 | None = None
+    suffix: Text | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -154,10 +187,10 @@ class CompletionRequest(SamplingRequest):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[dict[str, Any]] | None = None
+    content: Text | list[dict[str, Any]] | None = None
 
     @field_validator("content")
     @classmethod
@@ -167,7 +200,7 @@ class ChatMessage(BaseModel):
             return v
         if any(p.get("type") != "text" or not isinstance(p.get("text"), str) for p in v):
             raise ValueError("only text content parts ({'type': 'text', 'text': ...}) are supported")
-        return "".join(p["text"] for p in v)
+        return _unicode("".join(p["text"] for p in v))
 
     def as_dict(self) -> dict[str, str]:
         text = self.content or ""
@@ -177,7 +210,7 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(..., min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT64_MAX)  # the newer name of max_tokens
     logprobs: bool | None = None
 
     @field_validator("logprobs")
