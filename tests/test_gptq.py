@@ -112,46 +112,6 @@ def test_act_order_on_model(tiny_tokenizer, text_file):
     assert sum(s.proxy_loss for s in report.linears.values()) < sum(s.rtn_proxy_loss for s in report.linears.values())
 
 
-def test_resume_after_crash_is_bit_identical(tiny_tokenizer, text_file, tmp_path):
-    base = make_model("llama", vocab=len(tiny_tokenizer))
-    clean = copy.deepcopy(base)
-    run_gptq(clean, tiny_tokenizer, text_file)
-
-    crashed = copy.deepcopy(base)
-
-    def crash(i):
-        if i == 0:
-            raise KeyboardInterrupt  # as if Ctrl-C after layer 1 of 2 finished
-
-    ckpt = tmp_path / "ckpt"
-    with pytest.raises(KeyboardInterrupt):
-        run_gptq(crashed, tiny_tokenizer, text_file, checkpoint_dir=ckpt, on_layer_done=crash)
-    assert (ckpt / "state.json").exists() and (ckpt / "layer_0.safetensors").exists()
-
-    resumed = copy.deepcopy(base)  # a fresh process: original weights again
-    report = run_gptq(resumed, tiny_tokenizer, text_file, checkpoint_dir=ckpt)
-    assert report.resumed_from_layer == 1
-    assert not ckpt.exists()  # cleaned up after success
-    a, b = clean.state_dict(), resumed.state_dict()
-    assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-def test_resume_refuses_other_settings(tiny_tokenizer, text_file, tmp_path):
-    from lowbit.errors import LowbitError
-
-    def crash(i):
-        raise KeyboardInterrupt
-
-    ckpt = tmp_path / "ckpt"
-    with pytest.raises(KeyboardInterrupt):
-        run_gptq(make_model("llama", vocab=len(tiny_tokenizer)), tiny_tokenizer, text_file,
-                 checkpoint_dir=ckpt, on_layer_done=crash)
-    with pytest.raises(LowbitError, match="other settings"):
-        run_gptq(make_model("llama", vocab=len(tiny_tokenizer)), tiny_tokenizer, text_file,
-                 fmt="int4_g32_sym", checkpoint_dir=ckpt)
-
-
 def test_deterministic(tiny_tokenizer, text_file):
     a = make_model("llama", vocab=len(tiny_tokenizer))
     b = copy.deepcopy(a)
