@@ -20,7 +20,6 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import uvicorn
 from openai import AsyncOpenAI, OpenAI
 
 from conftest import make_model
@@ -29,7 +28,7 @@ from lowbit.errors import LowbitError
 from lowbit.io.loader import load_model
 from lowbit.models.walker import round_to_storage
 from lowbit.serve import SERVE_EXTRA_HINT
-from lowbit.serve.app import create_app
+from lowbit.serve.app import LowbitServer, create_app
 from lowbit.serve.generate import (
     PLAIN_CHAT_STOP,
     IncrementalDecoder,
@@ -89,12 +88,12 @@ def slow_forward(model, seconds: float) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def running_server(model, tok, **kwargs) -> Iterator[tuple[str, object]]:
+def running_server(model, tok, port: int = 0, **kwargs) -> Iterator[tuple[str, object]]:
     app = create_app(model, tok, MODEL_ID, **kwargs)
     sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
+    sock.bind(("127.0.0.1", port))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    server = LowbitServer(app, log_level="warning", grace=5)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20

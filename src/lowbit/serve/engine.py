@@ -10,8 +10,8 @@ OpenAI responses. How a request is scheduled, and why:
   runs before a prompt is tokenized too, so a full queue refuses work that costs nothing yet.
 * Prompt size: ``max_prompt_tokens`` (default: the model's context) is enforced before a queue slot is taken. A
   text too long for it whatever its tokens is refused from its byte count without tokenizing (no token covers
-  more bytes than its vocabulary string has, ``max_bytes_per_token``); others are tokenized on a thread, large
-  ones ``TOKENIZE_AT_ONCE`` at a time, because tokenizing holds tens of bytes of memory per byte of text.
+  more bytes than its vocabulary string spells, ``bytes_per_token_bound``); others are tokenized on a thread,
+  large ones ``TOKENIZE_AT_ONCE`` at a time, because tokenizing holds ~90 bytes of memory per byte of text.
 * A slot belongs to the job's worker thread from start to finish and is released by that thread (not by the HTTP
   handler), so a cancelled job never overlaps the next one: forward passes stay at ``max_concurrency`` at most.
 * Cancellation: every job has an Event polled before each forward pass; it is set when the client disconnects
@@ -37,9 +37,9 @@ from lowbit.errors import LowbitError
 from lowbit.serve.generate import SamplingParams, TextStream, context_length
 
 POLL_SECONDS = 0.25  # how often a waiting request checks whether its client is still there
-# Normalizers can make the text a tokenizer sees shorter than what was sent: NFC composes up to 3 characters into
-# one (Hangul jamo, 9 bytes -> 3). Refusing from the byte count alone therefore keeps a factor of 4 in hand.
-BYTES_SAFETY = 4
+# A normalizer can make the text a tokenizer sees shorter than what was sent: NFC composes up to 3 characters into
+# one (Hangul jamo, 9 bytes -> 3). With one, refusing from the byte count alone keeps a factor of 4 in hand.
+NORMALIZER_SAFETY = 4
 HEAVY_TEXT_BYTES = 1 << 16  # texts above this tokenize TOKENIZE_AT_ONCE at a time
 TOKENIZE_AT_ONCE = 2
 
@@ -63,21 +63,28 @@ class RequestError(LowbitError):
         self.param, self.code = param, code
 
 
-def max_bytes_per_token(tokenizer: object) -> int | None:
-    """An upper bound on the bytes of text one token stands for, or None when there is none to be had.
+def bytes_per_token_bound(tokenizer: object) -> int | None:
+    """B such that a text of n UTF-8 bytes has at least n / B tokens; None when there is no such bound.
 
-    A vocabulary string is never shorter in UTF-8 than the text it covers: byte-level BPE writes each byte as one
-    1-2 byte character, SentencePiece a space as the 3-byte '\u2581' and a fallback byte as '<0xAB>'. Added tokens
-    that strip the whitespace around them can cover any amount of it, so a tokenizer with one has no bound.
+    No token stands for more text than its vocabulary string spells: byte-level BPE writes each byte as one
+    character (so count characters), SentencePiece a space as the 3-byte '\u2581' and a fallback byte as '<0xAB>'
+    (so count UTF-8 bytes). A normalizer may shrink the text first (``NORMALIZER_SAFETY``). Added tokens that strip
+    the whitespace around them can swallow any amount of it: no bound then.
     """
     try:
         vocab = tokenizer.get_vocab()
         added = getattr(tokenizer, "added_tokens_decoder", {}).values()
     except Exception:  # noqa: BLE001 - not a Hugging Face tokenizer: no bound, every prompt is tokenized
         return None
-    if any(getattr(t, "lstrip", False) or getattr(t, "rstrip", False) for t in added):
+    if not vocab or any(getattr(t, "lstrip", False) or getattr(t, "rstrip", False) for t in added):
         return None
-    return max((len(t.encode("utf-8", "surrogatepass")) for t in vocab), default=None)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if type(getattr(backend, "decoder", None)).__name__ == "ByteLevel":
+        longest = max(len(t) for t in vocab)
+    else:
+        longest = max(len(t.encode("utf-8", "surrogatepass")) for t in vocab)
+    plain = backend is not None and backend.normalizer is None
+    return longest * (1 if plain else NORMALIZER_SAFETY)
 
 
 class Job:
@@ -158,7 +165,7 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.context = context_length(model)
         self.max_prompt_tokens = max_prompt_tokens if max_prompt_tokens is not None else self.context
-        self.max_bytes_per_token = max_bytes_per_token(tokenizer)
+        self.bytes_per_token = bytes_per_token_bound(tokenizer)
         self.max_concurrency, self.max_queue = max_concurrency, max_queue
         self._slots = asyncio.Semaphore(max_concurrency)  # binds to the serving loop on first use
         self._tokenize_slots = asyncio.Semaphore(TOKENIZE_AT_ONCE)
@@ -202,9 +209,9 @@ class Engine:
 
     def check_prompt_bytes(self, n_bytes: int, what: str) -> None:
         """Refuse, without tokenizing, a text of ``n_bytes`` UTF-8 bytes that cannot fit ``max_prompt_tokens``."""
-        limit, per_token = self.max_prompt_tokens, self.max_bytes_per_token
-        if limit is not None and per_token is not None and n_bytes // (per_token * BYTES_SAFETY) > limit:
-            raise self._too_long(what, f"{n_bytes} bytes (at least {n_bytes // (per_token * BYTES_SAFETY)} tokens)")
+        limit, per_token = self.max_prompt_tokens, self.bytes_per_token
+        if limit is not None and per_token is not None and -(-n_bytes // per_token) > limit:
+            raise self._too_long(what, f"{n_bytes} bytes (at least {-(-n_bytes // per_token)} tokens)")
 
     def check_prompt_tokens(self, n_tokens: int, what: str) -> None:
         """Refuse a prompt of more than ``max_prompt_tokens`` tokens."""
