@@ -34,5 +34,7 @@ class DestinationError(LowbitError):
 
 def one_line(e: BaseException) -> str:
     """``Type: first line of the message``: how a third-party exception is quoted inside a one-line error."""
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0].strip()}" if lines else type(e).__name__
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):  # "Validation error for field 'x':" says what only next
+        lines[0] = f"{lines[0]} {lines[1]}"
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__

@@ -143,6 +143,7 @@ def read_config(src: Path) -> Any:
 def _check_field_types(path: Path, data: dict[str, Any], model_type: str) -> None:
     from transformers import CONFIG_MAPPING
 
+    _check_dtype_fields(path, data)
     defaults = CONFIG_MAPPING[model_type]()
     for key, value in data.items():
         want = getattr(defaults, key, None)
@@ -153,6 +154,15 @@ def _check_field_types(path: Path, data: dict[str, Any], model_type: str) -> Non
                                f"{_kind(want)}")
         if key in ("num_hidden_layers", "n_layer") and value > MAX_LAYERS:  # configs build per-layer lists
             raise BadFileError(f"{path}: field {key} is {_short(value)}, not a plausible number of layers")
+
+
+def _check_dtype_fields(path: Path, data: dict[str, Any]) -> None:
+    # default None, so the check by type below skips them; a bad name fails deep inside transformers otherwise
+    for key in ("dtype", "torch_dtype"):
+        value = data.get(key)
+        if value is None or value == "auto" or isinstance(getattr(torch, str(value), None), torch.dtype):
+            continue
+        raise BadFileError(f"{path}: field {key} is {_short(value)}, not a torch dtype name such as \"float16\"")
 
 
 def _same_kind(key: str, value: object, want: object) -> bool:
@@ -297,7 +307,8 @@ def expected_tensors(model: nn.Module, formats: dict[str, str], config_path: Pat
         shape = _linear_shape(model, name, info_path or config_path)
         spec = _storage_spec(fmt, shape, name, info_path or config_path)
         for key, (size, dtype) in spec.items():
-            expected[f"{name}.{key}"] = Expected(tuple(size), dtype, f"{fmt} for {list(shape)} in {config_path.name}")
+            expected[f"{name}.{key}"] = Expected(tuple(size), dtype, f"{fmt} ({(info_path or config_path).name}) for a "
+                                                 f"{list(shape)} linear ({config_path.name})")
     return expected, tied
 
 
@@ -333,8 +344,8 @@ def check_layer_count(config: Any, header: dict[str, TensorInfo], config_path: P
     want = getattr(config, "num_hidden_layers", None)
     have = decoder_layer_count(config.model_type, header)
     if want != have:
-        raise BadFileError(f"{config_path}: num_hidden_layers is {_short(want)}, but {what} holds {have} decoder "
-                           "layers")
+        raise BadFileError(f"{config_path}: num_hidden_layers is {_short(want)}, but there are {have} decoder "
+                           f"layers in {what}")
 
 
 def compare_tensors(header: dict[str, TensorInfo], expected: dict[str, Expected], optional: set[str], *,
@@ -389,12 +400,13 @@ def check_float_dir(path: Path, config: Any) -> None:
     header = read_weight_headers(path)
     if not header:
         return
-    config_path = path / "config.json"
-    check_layer_count(config, header, config_path, "the weights")
+    config_path, index = path / "config.json", path / "model.safetensors.index.json"
+    where = index if index.exists() else path / "model.safetensors"
+    check_layer_count(config, header, config_path, where.name)
     model = meta_model(config, config_path)
     expected, tied = expected_tensors(model, {}, config_path)
     buffers = {k for k, _ in model.named_buffers()}  # older checkpoints may lack a buffer; the model's own is used
-    compare_tensors(header, expected, tied | buffers, strict=False, prefix=model.base_model_prefix, where=path)
+    compare_tensors(header, expected, tied | buffers, strict=False, prefix=model.base_model_prefix, where=where)
 
 
 def read_weight_headers(path: Path) -> dict[str, TensorInfo]:

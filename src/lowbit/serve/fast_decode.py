@@ -42,7 +42,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from lowbit.serve.generate import _forward_kwargs
+from lowbit.serve.generate import _forward_kwargs, cache_arg
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ class StaticDecoder:
         with torch.inference_mode():
             pos = torch.arange(self.length, self.length + n, device=self.device).unsqueeze(0)
             out = self.model(input_ids=ids, position_ids=pos.expand(self.batch_size, -1),
-                             past_key_values=self.cache, use_cache=True, **self._kwargs)
+                             **{cache_arg(self.model): self.cache}, use_cache=True, **self._kwargs)
             self.length += n
             self.prompt_length = self.length
             logits = out.logits[:, -1].float()
@@ -216,8 +216,8 @@ class StaticDecoder:
     # ----- the decode step -----------------------------------------------------------------------------------
     def _body(self) -> torch.Tensor:
         """One decode step, entirely on the device: what the CUDA graph records."""
-        out = self.model(input_ids=self._ids, position_ids=self._pos, past_key_values=self.cache, use_cache=True,
-                         **self._kwargs)
+        out = self.model(input_ids=self._ids, position_ids=self._pos, **{cache_arg(self.model): self.cache},
+                         use_cache=True, **self._kwargs)
         logits = out.logits[:, -1].float()
         nxt = torch.argmax(logits, dim=-1)
         self._hist.index_copy_(1, self._pos[0] + 1, nxt.unsqueeze(1))

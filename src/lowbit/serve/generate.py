@@ -225,6 +225,18 @@ def _forward_kwargs(model: nn.Module) -> dict:
     return {"logits_to_keep": 1} if _LOGITS_TO_KEEP[cls] else {}
 
 
+_CACHE_ARG: dict[type, str] = {}
+
+
+def cache_arg(model: nn.Module) -> str:
+    """The forward argument (and output field) of the KV cache: ``cache`` in newer transformers, where
+    ``past_key_values`` is deprecated, ``past_key_values`` before."""
+    cls = type(model)
+    if cls not in _CACHE_ARG:
+        _CACHE_ARG[cls] = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return _CACHE_ARG[cls]
+
+
 class TextStream:
     """Iterate to generate: yields text deltas; afterwards holds finish_reason, token counts and timings.
 
@@ -307,8 +319,8 @@ class TextStream:
                     logits = self.decoder.prefill(ids) if self.steps == 0 else self.decoder.step(token)
                     token = sample_next(logits[0], self.params, rng)
                 else:
-                    out = model(input_ids=ids, past_key_values=past, use_cache=True, **_forward_kwargs(model))
-                    past = out.past_key_values
+                    out = model(input_ids=ids, **{cache_arg(model): past}, use_cache=True, **_forward_kwargs(model))
+                    past = getattr(out, cache_arg(model))
                     token = sample_next(out.logits[0, -1].float(), self.params, rng)
                 self.steps += 1
                 self.t_last = time.perf_counter()
