@@ -246,3 +246,12 @@ def test_concurrent_huge_bodies_do_not_block_good_requests(small_body_server):
     for t in threads:
         t.join(60)
     assert results == [413] * 4
+
+
+@pytest.mark.parametrize("field", [{"logit_bias": {"42": 100}}, {"best_of": 3}])
+def test_parameters_that_change_the_output_are_refused_not_ignored(field: dict) -> None:
+    from lowbit.serve.schema import CompletionRequest
+
+    with pytest.raises(ValueError, match="not supported|must be 1"):
+        CompletionRequest(prompt="hi", **field)
+    CompletionRequest(prompt="hi", logit_bias={}, best_of=1)  # the neutral values stay accepted

@@ -120,6 +120,7 @@ class SamplingRequest(BaseModel):
     seed: Int64 | None = None
     presence_penalty: float | None = Field(None, allow_inf_nan=False)
     frequency_penalty: float | None = Field(None, allow_inf_nan=False)
+    logit_bias: dict[str, Any] | None = None  # refused when set: ignoring it would silently change the output
 
     @field_validator("n")
     @classmethod
@@ -147,6 +148,13 @@ class SamplingRequest(BaseModel):
             raise ValueError("penalties are not supported (only 0)")
         return v
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v:
+            raise ValueError("logit_bias is not supported by this server")
+        return v
+
     def stop_list(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
@@ -164,6 +172,14 @@ class CompletionRequest(SamplingRequest):
     echo: bool | None = False
     logprobs: Int64 | None = None
     suffix: Text | None = None
+    best_of: Int64 | None = None
+
+    @field_validator("best_of")
+    @classmethod
+    def _one_candidate(cls, v: int | None) -> int | None:
+        if v not in (None, 1):
+            raise ValueError("best_of must be 1 (one candidate per request)")
+        return v
 
     @field_validator("prompt")
     @classmethod
