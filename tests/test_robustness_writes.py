@@ -247,3 +247,28 @@ def test_signals_during_the_final_rename_are_delivered_after_it() -> None:
     finally:
         signal.signal(signal.SIGINT, previous)
     assert done == ["renamed"]
+
+
+def test_overwriting_a_file_with_a_checkpoint_leaves_nothing_hidden(tiny_tokenizer: Any, tmp_path: Path) -> None:
+    import lowbit
+
+    out = tmp_path / "out"
+    out.write_text("an earlier file in the way")
+    lowbit.save(_quantized(tiny_tokenizer), tiny_tokenizer, out, overwrite=True)
+    assert (out / "lowbit.json").exists() and _leftovers(tmp_path) == []
+
+
+def test_info_refuses_a_checkpoint_without_weights(tiny_tokenizer: Any, tmp_path: Path, capsys) -> None:
+    import lowbit
+    from lowbit.cli import main
+
+    out = lowbit.save(_quantized(tiny_tokenizer), tiny_tokenizer, tmp_path / "q")
+    (out / "model.safetensors").unlink()
+    assert main(["info", str(out)]) == 2
+    assert "model.safetensors is missing" in capsys.readouterr().err
+
+
+def test_generate_refuses_undecodable_prompt_bytes(tiny_model_dir: Path) -> None:
+    argv = [sys.executable, "-m", "lowbit.cli", "generate", str(tiny_model_dir), "--device", "cpu", "-p", "-"]
+    proc = subprocess.run(argv, input=b"caf\xe9 \xff\xfe", capture_output=True, timeout=120)
+    assert proc.returncode == 2 and b"not valid UTF-8" in proc.stderr and b"Traceback" not in proc.stderr

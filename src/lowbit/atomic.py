@@ -152,7 +152,7 @@ def _commit_dir(tmp: Path, final: Path) -> None:
     except BaseException:
         old.rename(final)  # put the previous output back
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    _remove(old)
 
 
 @contextlib.contextmanager

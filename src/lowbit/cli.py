@@ -393,7 +393,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import lowbit
     from lowbit.serve.generate import SamplingParams
 
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    try:  # undecodable bytes arrive as a decode error or as lone surrogates, which no tokenizer accepts
+        prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+        prompt.encode("utf-8")
+    except UnicodeError:
+        raise LowbitError("the prompt is not valid UTF-8 text") from None
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
     model, tok = _load(args)

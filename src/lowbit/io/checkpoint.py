@@ -123,8 +123,9 @@ def describe(path: str | Path) -> str:
     lines = [f"{k}: {v}" for k, v in info.items()]
     lines.append("quantized linears: " + ", ".join(f"{n} x {f}" for f, n in counts.items()))
     weights = Path(path) / "model.safetensors"
-    size = f"{weights.stat().st_size / 1e6:.1f} MB" if weights.is_file() else "missing"
-    lines.append(f"model.safetensors: {size}")
+    if not weights.is_file():
+        raise BadFileError(f"{weights} is missing: {path} is not a complete lowbit checkpoint")
+    lines.append(f"model.safetensors: {weights.stat().st_size / 1e6:.1f} MB")
     return "\n".join(lines)
 
 
