@@ -139,7 +139,7 @@ def save(model: nn.Module, tokenizer: Any, out: str | Path, *, result: QuantizeR
     meta: dict[str, Any] = result.to_json() if result else {}
     if source:
         meta["source"] = source
-    check_destination(out, model_size(model).total_bytes)  # a clear error before any byte is written
+    check_destination(out, model_size(model).total_bytes, overwrite)  # a clear error before any byte is written
     return save_quantized(model, tokenizer, out, meta=meta, overwrite=overwrite)
 
 
@@ -153,9 +153,7 @@ def export_gguf(model: nn.Module, tokenizer: Any, out: str | Path, *, embed_type
 
     >>> lowbit.export_gguf(model, tok, "smol-q4_0.gguf", embed_type="q8_0")
     """
-    if Path(out).exists() and not overwrite:
-        raise LowbitError(f"{out} already exists; pass overwrite=True to replace it")
-    check_destination(out, model_size(model).total_bytes)
+    check_destination(out, model_size(model).total_bytes, overwrite)
     return _export_gguf(model.cpu(), tokenizer, out, fallback=fallback, embed_type=embed_type,
                         tokenizer_pre=tokenizer_pre)
 

@@ -89,10 +89,13 @@ def _existing_ancestor(path: Path) -> Path:
     return p
 
 
-def check_destination(final: Path | str, need_bytes: int = 0) -> None:
-    """Fail now, not after the work, if ``final`` cannot be written: its folder (or the nearest existing
-    ancestor, when it is still to be created) must be a writable directory with ``need_bytes`` free."""
+def check_destination(final: Path | str, need_bytes: int = 0, overwrite: bool = True) -> None:
+    """Fail now, not after the work, if ``final`` cannot be written: it must not exist unless ``overwrite``, and
+    its folder (or the nearest existing ancestor, when it is still to be created) must be a writable directory
+    with ``need_bytes`` free."""
     final = Path(final)
+    if final.exists() and not overwrite:
+        raise DestinationError(f"{final} already exists; pass --overwrite (overwrite=True) to replace it")
     base = _existing_ancestor(final.parent)
     if not base.is_dir():
         raise DestinationError(f"cannot write {final}: {base} is not a directory")

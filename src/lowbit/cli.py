@@ -368,14 +368,15 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_formats(args: argparse.Namespace) -> int:
-    from lowbit.formats import format_table
+    from lowbit.eval.report import markdown_table
+    from lowbit.formats import bpw_rows
 
     try:
         shape = tuple(int(x) for x in args.shape.lower().split("x"))
         assert len(shape) == 2
     except (ValueError, AssertionError):
         raise LowbitError(f"--shape must look like 4096x11008, got {args.shape!r}") from None
-    print(format_table(shape))
+    print(markdown_table(("format", f"bits/weight at {shape[0]}x{shape[1]}"), bpw_rows(shape)))
     return 0
 
 

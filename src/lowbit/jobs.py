@@ -36,8 +36,7 @@ def convert(source: str | Path | None, recipe: Recipe | str, out: str | Path, *,
     >>> lowbit.convert("path/to/llama-dir", "gptq_act:q4_0", "llama-q4_0").summary()
     """
     recipe = Recipe.parse(recipe) if isinstance(recipe, str) else recipe
-    _check_out(out, overwrite)
-    _check_inputs(source, recipe, out)
+    _check_inputs(source, recipe, out, overwrite)
     compute = device or default_device()
     # calibrated methods keep the model in CPU memory and move one decoder layer at a time to the device
     model, tok = load(source, device="cpu" if recipe.needs_calibration else compute)
@@ -62,9 +61,8 @@ def convert_gguf(source: str | Path | None, out: str | Path, recipe: Recipe | st
 
     >>> print(lowbit.convert_gguf(None, "smol-q4_0.gguf", "gptq_act:q4_0").summary())
     """
-    _check_out(out, overwrite)
     recipe = Recipe.parse(recipe) if isinstance(recipe, str) else recipe
-    src = _check_inputs(source, recipe, out, like=like)
+    src = _check_inputs(source, recipe, out, overwrite, like=like)
     if is_quantized_dir(src):
         if recipe or like or fuse_rotation_only:
             raise LowbitError(f"{src} is already a quantized lowbit checkpoint: export it as is (no recipe, like "
@@ -93,21 +91,17 @@ def _quantize_for_gguf(src: str, recipe: Recipe | None, like: str | Path | None,
     return model, tok, embed_type
 
 
-def _check_out(out: str | Path, overwrite: bool) -> None:
-    if Path(out).exists() and not overwrite:
-        raise LowbitError(f"{out} already exists; pass --overwrite (overwrite=True) to replace it")
-
-
-def _check_inputs(source: str | Path | None, recipe: Recipe | None, out: str | Path,
+def _check_inputs(source: str | Path | None, recipe: Recipe | None, out: str | Path, overwrite: bool,
                   like: str | Path | None = None) -> str:
     """Everything a job reads and writes, checked before minutes of work: the source's files, the calibration
     text, the ``like`` GGUF (its architecture included), and room for the output. Returns the resolved source."""
+    check_destination(out, overwrite=overwrite)  # an existing output is refused before anything is read
     src = check_source(source)  # before the estimate below builds the model's shapes from its config
     if recipe is not None and recipe.needs_calibration and recipe.calib.text_path is not None:
         read_text_file(recipe.calib.text_path)
     if like is not None and not is_quantized_dir(src):
         read_gguf(like, load_config(src)[1])
-    check_destination(out, _output_bytes(src, recipe, like))
+    check_destination(out, _output_bytes(src, recipe, like), overwrite)
     return src
 
 

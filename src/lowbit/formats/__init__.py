@@ -72,15 +72,14 @@ def example_names() -> list[str]:
             "e8p_g256", *ALIASES]
 
 
-def format_table(shape: tuple[int, int]) -> str:
-    """Markdown table of every example format name with its exact bits per weight at ``shape``."""
-    rows = [f"| {n} | {_bpw_or_reason(get_format(n), shape)} |" for n in example_names()]
-    return "\n".join([f"| format | bits/weight at {shape[0]}x{shape[1]} |", "|---|---|", *rows])
+def bpw_rows(shape: tuple[int, int]) -> list[tuple[str, float | str]]:
+    """(name, exact bits per weight at ``shape``) for every example format name."""
+    return [(n, _bpw_or_reason(get_format(n), shape)) for n in example_names()]
 
 
-def _bpw_or_reason(fmt: Format, shape: tuple[int, int]) -> str:
+def _bpw_or_reason(fmt: Format, shape: tuple[int, int]) -> float | str:
     """A format may not accept every shape (IQ2_XXS needs rows in multiples of 32): say so in its row."""
     try:
-        return f"{fmt.bits_per_weight(shape):.3f}"
+        return fmt.bits_per_weight(shape)
     except (ValueError, LowbitError) as e:
         return f"n/a ({e})"
