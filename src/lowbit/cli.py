@@ -188,7 +188,7 @@ def _add_export_gguf(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--format", "-f", default=None,
                    help="quantize a float model into this format first (q4_0, q4_1, q5_0, q5_1, q8_0, iq4_nl, "
-                        "iq2_xxs map to GGUF types; f16 keeps it float); omit for a lowbit checkpoint")
+                        "iq2_xxs, q2_k..q6_k map to GGUF types; f16 keeps it float); omit for a lowbit checkpoint")
     p.add_argument("--method", default="rtn", choices=["rtn", "gptq", "gptq_act", "imatrix"],
                    help="rounding when quantizing first (default rtn)")
     p.add_argument("--fallback", default=None, metavar="FORMAT",

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import BadWeightsError, LowbitError
-from lowbit.formats import get_format
+from lowbit.formats import get_format, row_format
 from lowbit.models.quant_linear import QuantLinear
 from lowbit.models.walker import decoder_linears, linear_weight
 
@@ -41,9 +41,16 @@ def validate_plan(model: nn.Module, plan: Plan) -> dict[str, nn.Module]:
 
 
 def uniform_plan(model: nn.Module, format_name: str) -> Plan:
-    """Every decoder linear in ``format_name`` (embeddings and LM head stay in 16-bit)."""
+    """Every decoder linear in ``format_name`` (embeddings and LM head stay in 16-bit). A k-quant's linears whose
+    rows do not fill 256-weight superblocks get llama.cpp's fallback type instead, or stay 16-bit where that does
+    not fit either (``formats.row_format``), so the plan is what llama-quantize would write."""
     get_format(format_name)
-    return {name: format_name for name in decoder_linears(model)}
+    plan = {}
+    for name, module in decoder_linears(model).items():
+        fmt = row_format(format_name, linear_weight(module).shape[1])
+        if fmt is not None:
+            plan[name] = fmt
+    return plan
 
 
 def plan_by_layer(plan: Plan, prefix: str, n_layers: int) -> list[list[str]]:

@@ -10,6 +10,11 @@ Names:
   ``iq4_nl``                        llama.cpp IQ4_NL: 16 non-uniform levels x fp16 scale per 32 (4.5 bpw)
   ``iq2_xxs``                       llama.cpp IQ2_XXS (E8-based 2-bit vector codebook, 2.0625 bpw), bit-exact
   ``q2_k``                          llama.cpp Q2_K k-quant (2-bit codes, 4-bit scales/mins per 16, 2.625 bpw)
+  ``q3_k``                          llama.cpp Q3_K (3-bit codes, 6-bit signed scales per 16, 3.4375 bpw)
+  ``q4_k``, ``q5_k``                llama.cpp Q4_K / Q5_K (4/5-bit codes, 6-bit scales and mins per 32; 4.5 / 5.5 bpw)
+  ``q6_k``                          llama.cpp Q6_K (6-bit codes, int8 scales per 16, 6.5625 bpw)
+                                    (k-quants are bit-exact ggml blocks for rows in multiples of 256; see
+                                    :func:`row_format` for llama.cpp's fallback on other rows)
   ``e8p_{gN|ch}``                   QuIP#'s E8P 2-bit lattice codebook (16 bits per 8 weights) x fp16 scale
 """
 
@@ -22,12 +27,13 @@ from lowbit.errors import LowbitError, UnknownFormatError
 from lowbit.formats.base import Format, Params, QuantizedTensor, cat_params
 from lowbit.formats.e8p import E8PFormat
 from lowbit.formats.iq2xxs import IQ2XXSFormat
-from lowbit.formats.kquants import Q2KFormat
+from lowbit.formats.kquants import K_QUANTS, KQuantFormat, Q2KFormat, Q3KFormat, Q4KFormat, Q5KFormat, Q6KFormat
 from lowbit.formats.levelset import IQ4_NL_LEVELS, NAMED_LEVELS, LevelSetFormat, no_zero_levels
 from lowbit.formats.uniform import UniformFormat
 
-__all__ = ["E8PFormat", "Format", "IQ2XXSFormat", "LevelSetFormat", "Params", "Q2KFormat", "QuantizedTensor",
-           "UniformFormat", "cat_params", "get_format", "example_names"]
+__all__ = ["E8PFormat", "Format", "IQ2XXSFormat", "KQuantFormat", "LevelSetFormat", "Params", "Q2KFormat", "Q3KFormat",
+           "Q4KFormat", "Q5KFormat", "Q6KFormat", "QuantizedTensor", "UniformFormat", "cat_params", "get_format",
+           "example_names", "row_format"]
 
 ALIASES = {"q4_0": "int4_g32_sym", "q4_1": "int4_g32_asym", "q8_0": "int8_g32_sym"}
 _UNIFORM = re.compile(r"^int(?P<bits>[2-8])_(?:g(?P<g>\d+)|(?P<ch>ch))_(?P<kind>sym|asym)(?P<mse>_mse)?$")
@@ -42,8 +48,8 @@ def get_format(name: str) -> Format:
     canonical = ALIASES.get(key, key)
     if canonical == "iq2_xxs":
         return IQ2XXSFormat()
-    if canonical == "q2_k":
-        return Q2KFormat()
+    if canonical in K_QUANTS:
+        return K_QUANTS[canonical]()
     if canonical == "iq4_nl":
         return LevelSetFormat(IQ4_NL_LEVELS, 32, "iq4_nl", mirror=True)
     m = _UNIFORM.match(canonical) or _LEVELS.match(canonical) or _E8P.match(canonical)
@@ -63,13 +69,24 @@ def get_format(name: str) -> Format:
         return fmt
     raise UnknownFormatError(f"unknown format {name!r}; known: {', '.join(example_names())} "
                              "(patterns int{2..8}_{gN|ch}_{sym|asym}[_mse], {nz2|pm12|std2|std2m}_{gN|ch}, "
-                             "nz2r{RR}_{gN|ch}, iq2_xxs, q2_k, iq4_nl, e8p_{gN|ch})")
+                             "nz2r{RR}_{gN|ch}, iq2_xxs, q2_k..q6_k, iq4_nl, e8p_{gN|ch})")
 
 
 def example_names() -> list[str]:
     return ["int4_g128_sym", "int4_g128_asym", "int3_g128_asym", "int2_g64_asym_mse", "int4_ch_sym",
-            "nz2_ch", "nz2r30_ch", "pm12_ch", "std2_ch", "std2m_ch", "iq2_xxs", "q2_k", "iq4_nl", "e8p_ch",
-            "e8p_g256", *ALIASES]
+            "nz2_ch", "nz2r30_ch", "pm12_ch", "std2_ch", "std2m_ch", "iq2_xxs", "q2_k", "q3_k", "q4_k",
+            "q5_k", "q6_k", "iq4_nl", "e8p_ch", "e8p_g256", *ALIASES]
+
+
+def row_format(name: str, cols: int) -> str | None:
+    """The format llama.cpp writes for a weight with rows of ``cols`` when asked for ``name``: ``name`` itself, or
+    for a k-quant whose 256-weight superblocks do not divide the rows its fallback (llama-quant.cpp
+    tensor_type_fallback: Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0), or None (keep 16-bit) where
+    the fallback's 32-weight blocks do not divide them either."""
+    fmt = get_format(name)
+    if not isinstance(fmt, KQuantFormat) or cols % fmt.group_size == 0:
+        return name
+    return fmt.fallback if cols % get_format(fmt.fallback).group_size == 0 else None
 
 
 def bpw_rows(shape: tuple[int, int]) -> list[tuple[str, float | str]]:

@@ -12,7 +12,8 @@ GGUF dequantizes to exactly lowbit's weights. Layouts (ggml-common.h, QK = 32 we
 * ``Q8_0``: fp16 d, 32 int8; ``w = q d`` (lowbit stores ``q + 128``)
 * ``IQ4_NL``: fp16 d, 16 bytes as Q4_0; ``w = kvalues_iq4nl[q] d`` (lowbit's ``iq4_nl`` level set)
 * ``IQ2_XXS``: 66-byte superblocks of 256 weights, stored verbatim by lowbit for rows that are multiples of 256.
-* ``Q2_K``: 84-byte ``block_q2_K`` superblocks of 256 weights (``formats/kquants.py``), stored verbatim by lowbit.
+* ``Q2_K``, ``Q3_K``, ``Q4_K``, ``Q5_K``, ``Q6_K``: ggml's ``block_q*_K`` superblocks of 256 weights
+  (``formats/kquants.py``), stored verbatim by lowbit.
 
 Every block lies inside one row, so rows of the returned [rows, row_bytes] array can be permuted freely.
 """
@@ -25,11 +26,19 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QT
 
-from lowbit.formats import Format, IQ2XXSFormat, LevelSetFormat, Q2KFormat, QuantizedTensor, UniformFormat, get_format
+from lowbit.formats import (
+    Format,
+    IQ2XXSFormat,
+    KQuantFormat,
+    LevelSetFormat,
+    QuantizedTensor,
+    UniformFormat,
+    get_format,
+)
 
 QK = 32  # weights per block of the legacy ggml types
-QK_K = 256  # weights per IQ2_XXS / Q2_K superblock
-_VERBATIM = (QT.IQ2_XXS, QT.Q2_K)  # lowbit stores these as ggml's own block bytes ("qs")
+QK_K = 256  # weights per IQ2_XXS / k-quant superblock
+_VERBATIM = (QT.IQ2_XXS, QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K)  # stored as ggml's own block bytes ("qs")
 
 # (bits, symmetric) of a group-32 uniform format -> the ggml type with the same levels and parameters
 _UNIFORM_TYPES = {(4, True): QT.Q4_0, (4, False): QT.Q4_1, (5, True): QT.Q5_0, (5, False): QT.Q5_1,
@@ -40,8 +49,8 @@ def gguf_type(fmt: Format) -> QT | None:
     """The ggml type storing ``fmt`` bit for bit, or None when GGUF has no such type."""
     if isinstance(fmt, IQ2XXSFormat):
         return QT.IQ2_XXS
-    if isinstance(fmt, Q2KFormat):
-        return QT.Q2_K
+    if isinstance(fmt, KQuantFormat):
+        return QT[fmt.name.upper()]  # q4_k is Q4_K
     if isinstance(fmt, LevelSetFormat):
         return QT.IQ4_NL if fmt.name == "iq4_nl" else None
     if isinstance(fmt, UniformFormat) and fmt.group_size == QK:
@@ -53,7 +62,8 @@ def unsupported_reason(fmt: Format, shape: tuple[int, int]) -> str | None:
     """Why a tensor of ``fmt`` and ``shape`` cannot be written as ggml blocks (None when it can)."""
     qtype = gguf_type(fmt)
     if qtype is None:
-        return f"format {fmt.name} has no GGUF type (exportable: q4_0, q4_1, q5_0, q5_1, q8_0, iq4_nl, iq2_xxs, q2_k)"
+        return (f"format {fmt.name} has no GGUF type (exportable: q4_0, q4_1, q5_0, q5_1, q8_0, iq4_nl, iq2_xxs, "
+                "q2_k, q3_k, q4_k, q5_k, q6_k)")
     block = QK_K if qtype in _VERBATIM else QK
     if shape[1] % block:
         # lowbit would store a shorter last group/superblock, which ggml blocks cannot express

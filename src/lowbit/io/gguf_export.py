@@ -56,7 +56,9 @@ _FILE_TYPES = {QT.F16: gguf.LlamaFileType.MOSTLY_F16, QT.Q4_0: gguf.LlamaFileTyp
                QT.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1, QT.Q5_0: gguf.LlamaFileType.MOSTLY_Q5_0,
                QT.Q5_1: gguf.LlamaFileType.MOSTLY_Q5_1, QT.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
                QT.IQ2_XXS: gguf.LlamaFileType.MOSTLY_IQ2_XXS, QT.IQ4_NL: gguf.LlamaFileType.MOSTLY_IQ4_NL,
-               QT.Q2_K: gguf.LlamaFileType.MOSTLY_Q2_K}
+               QT.Q2_K: gguf.LlamaFileType.MOSTLY_Q2_K, QT.Q3_K: gguf.LlamaFileType.MOSTLY_Q3_K_S,
+               QT.Q4_K: gguf.LlamaFileType.MOSTLY_Q4_K_S, QT.Q5_K: gguf.LlamaFileType.MOSTLY_Q5_K_S,
+               QT.Q6_K: gguf.LlamaFileType.MOSTLY_Q6_K}  # a k-quant's plain file type is llama.cpp's _S preset
 
 
 @dataclass

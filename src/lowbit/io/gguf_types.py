@@ -22,7 +22,7 @@ from lowbit.models.walker import decoder_linears, linear_weight
 # ggml type -> the lowbit format that stores it bit for bit (io/gguf_blocks.py); F16/F32 stay float
 LOWBIT_FORMAT = {"Q4_0": "q4_0", "Q4_1": "q4_1", "Q5_0": "int5_g32_sym", "Q5_1": "int5_g32_asym",
                  "Q8_0": "q8_0", "IQ4_NL": "iq4_nl", "IQ2_XXS": "iq2_xxs",
-                 "Q2_K": "q2_k"}
+                 "Q2_K": "q2_k", "Q3_K": "q3_k", "Q4_K": "q4_k", "Q5_K": "q5_k", "Q6_K": "q6_k"}
 # The same bytes with the searched fit: each block's scale chosen by the (importance-weighted) error it gives rather
 # than max/-8. Under GPTQ act-order it took the bundled model's Q4_0 file from 25.99 to 23.41 perplexity and its
 # IQ2_XXS-typed file from 35.91 to 33.55; for RTN, with no importance to weight by, it was worse (26.42 -> 26.84),
@@ -32,10 +32,6 @@ SEARCHED = {"q4_0": "int4_g32_sym_mse", "q4_1": "int4_g32_asym_mse", "int5_g32_s
 FLOAT_TYPES = ("F16", "F32", "BF16")
 # HF model_type -> GGUF architecture; Mistral is written as llama (as convert_hf_to_gguf does).
 ARCHS = {"llama": gguf.MODEL_ARCH.LLAMA, "mistral": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}
-# k-quant types lowbit cannot write yet -> the lowbit GGUF type with at most as many bits per weight, so a "like"
-# file never gets more bits than the original (Q4_K 4.5 -> IQ4_NL 4.5; Q5_K 5.5 -> Q5_0 5.5;
-# Q6_K 6.5625 -> Q5_1 6.0)
-SUBSTITUTES = {"Q4_K": "iq4_nl", "Q5_K": "int5_g32_sym", "Q6_K": "int5_g32_asym"}
 
 
 @dataclass
@@ -134,8 +130,6 @@ def _check_shape(path: Path | str, t: gguf.ReaderTensor, shape: tuple[int, ...])
 
 
 def _lowbit_format(qtype: str, gname: str) -> str:
-    if qtype in SUBSTITUTES:
-        return SUBSTITUTES[qtype]
     if qtype not in LOWBIT_FORMAT:
         raise LowbitError(f"{gname} is {qtype}, which lowbit has no format for "
                           f"(it has {', '.join(LOWBIT_FORMAT)})")
