@@ -5,6 +5,9 @@ Triton path (on CPU that needs ``TRITON_INTERPRET=1``, which is how the CPU test
 The variable is read once at import; :func:`set_kernel_mode` changes it at run time (tests). Per call the
 dispatch does a dict lookup for the format's cached decode plan (LUT on the device, decode mode) and picks:
 
+* first, on CUDA with M <= 8 rows: :mod:`cuda_gemv` (tensor-core GEMV in CUDA C++, compiled by NVRTC at first
+  use) for E8P, and for the 2- and 4-bit affine grids it decodes exactly at 2-8 rows, or at 1 row when the scale
+  is per row (``LOWBIT_CUDA_GEMV=0`` turns it off);
 * scalar formats (uniform 2..8 bits, level sets): M <= 8 rows -> :mod:`triton_gemv` (bandwidth-bound GEMV),
   more rows -> :mod:`triton_uniform` (dequantize tiles + ``tl.dot``);
 * E8P (``e8p_*``): M <= 8 -> :mod:`triton_e8p` GEMV (codebook gathered from an L2-resident fp16 table), more
@@ -34,6 +37,7 @@ _MODES = ("auto", "reference", "triton")
 # an H100, 2026-11-23.)
 GPU_UNVERIFIED: frozenset[str] = frozenset()
 _mode = os.environ.get("LOWBIT_KERNELS", "auto")
+_CUDA_GEMV = os.environ.get("LOWBIT_CUDA_GEMV", "1") != "0"
 
 
 def set_kernel_mode(mode: str) -> None:
@@ -100,8 +104,37 @@ def decode_plan(fmt: UniformFormat, device: torch.device) -> tuple[torch.Tensor,
     return _PLANS[key]
 
 
+def cuda_gemv_plan(x: torch.Tensor, fmt: Format, shape: tuple[int, int]):  # noqa: ANN201 - Plan | None
+    """The CUDA tensor-core GEMV's plan when it serves this call (CUDA, <= 8 rows, auto mode, NVRTC found, a
+    format and shape it decodes exactly), else None. ``LOWBIT_CUDA_GEMV=0`` turns it off."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    if _mode != "auto" or not _CUDA_GEMV or not x.is_cuda or x.dtype != torch.float16 or rows > 8:
+        return None
+    from lowbit.kernels import cuda_gemv, cuda_jit
+
+    plan = cuda_gemv.plan(fmt, shape) if cuda_jit.available() else None
+    # Measured on an H200 (docs/kernels.md): at batch 1 the Triton affine kernel is still faster on formats with
+    # group scales; the CUDA kernel wins for E8P, per-row scales, and every batch of 2-8.
+    if plan is not None and rows == 1 and plan.kind == 0 and not plan.row_scale:
+        return None
+    return plan
+
+
+def route(x: torch.Tensor, fmt: Format, shape: tuple[int, int]) -> str:
+    """Which path :func:`dequant_matmul` takes for this input: 'cuda', 'triton' or 'reference'."""
+    if cuda_gemv_plan(x, fmt, shape) is not None:
+        return "cuda"
+    return "triton" if _use_triton(x, fmt) else "reference"
+
+
 def dequant_matmul(x: torch.Tensor, fmt: Format, qt: QuantizedTensor) -> torch.Tensor:
     """y = x W^T for a packed weight; x [..., in] -> [..., out]."""
+    cplan = cuda_gemv_plan(x, fmt, qt.shape)
+    if cplan is not None:
+        from lowbit.kernels import cuda_gemv
+
+        y = cuda_gemv.gemv(x.reshape(-1, x.shape[-1]), fmt, qt, cplan)
+        return y.to(x.dtype).reshape(*x.shape[:-1], qt.shape[0])
     if not _use_triton(x, fmt):
         return dequant_matmul_reference(x, fmt, qt)
     lead = x.shape[:-1]

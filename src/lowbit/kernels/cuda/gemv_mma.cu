@@ -1,0 +1,253 @@
+// Packed-weight GEMV on tensor cores: y[M, N] = x[M, K] W[N, K]^T for M <= 8 (decode), W packed 2 or 4 bits per
+// weight (affine grids) or E8P codes, fp32 accumulation.
+//
+// Configured by #defines that cuda_gemv.py puts in front of this file:
+//   KIND         0 = affine scalar grid, 1 = E8P
+//   BITS         2 or 4 (KIND 0)
+//   ASYM         1 when the format stores a per-group min (w = L(q) s + m), else w = L(q) s
+//   DQ_A<i>, DQ_B<i>  fp16x2 constants: L(q) = fma(magic(q at bit position i), DQ_A<i>, DQ_B<i>), exact
+//   GROUP_SHIFT  log2(columns per scale group); 30 = one scale per row
+//   ROW_SCALE    1 = one scale per row applied to the fp32 sums at the end (no per-weight multiply)
+//   WARPS        warps per block; they split K, and the block adds their partial sums
+//
+// Layout of the work. A block owns 16 rows. Lane (g, t) of a warp (g = lane / 4, t = lane % 4) feeds rows g and
+// g + 8 of an m16n8k16 MMA as its A fragment, and batch column g as its B fragment. The MMA sums over its 16
+// k-slots in any order, so each lane decodes whole 16-byte chunks of its two rows (lane t takes chunk 4 s + t of
+// step s) and presents the weights as pairs in the order the fp16 magic-number decode produces them; the lane's
+// activations are permuted (PRMT) into the same pairs. Batch columns beyond M repeat column M - 1 and are not
+// written. Decode per pair: one LOP3 drops two codes into the mantissas of 1024.0 (0x6400), one HFMA2 maps them
+// exactly onto the format's levels, one HMUL2 (HFMA2 with a min) applies the fp16 scale, exactly as the torch
+// reference's fp16 dequantization rounds.
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+struct U4 { u32 x, y, z, w; };
+
+#define DEV __device__ __forceinline__
+
+DEV u32 lop3_and_or(u32 x, u32 mask, u32 magic) {  // (x & mask) | magic
+    u32 y;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(y) : "r"(x), "r"(mask), "r"(magic));
+    return y;
+}
+DEV u32 hfma2(u32 a, u32 b, u32 c) {
+    u32 d;
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+DEV u32 hmul2(u32 a, u32 b) {
+    u32 d;
+    asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+    return d;
+}
+DEV u32 prmt(u32 a, u32 b, u32 sel) {
+    u32 d;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+    return d;
+}
+DEV void mma(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+                 "{%8, %9}, {%0, %1, %2, %3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+DEV U4 ld_stream(const U4* p) {  // weights: read once, keep them out of L1
+    U4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+DEV U4 ld_cached(const U4* p) {  // activations: every block reads them (not volatile: free to schedule early)
+    U4 v;
+    asm("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+DEV u32 ld_half(const u16* p) {  // one fp16, duplicated into both halves (read-only: free to schedule early)
+    u16 v;
+    asm("ld.global.nc.u16 %0, [%1];" : "=h"(v) : "l"(p));
+    return (u32)v | ((u32)v << 16);
+}
+DEV float half_lo_to_float(u32 h2) {
+    float f;
+    asm("{ .reg .f16 lo, hi; mov.b32 {lo, hi}, %1; cvt.f32.f16 %0, lo; }" : "=f"(f) : "r"(h2));
+    return f;
+}
+DEV u16 float_to_half(float f) {
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+DEV U4 zero4() { U4 z = {0u, 0u, 0u, 0u}; return z; }
+DEV u32 word(const U4& v, int j) { return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w; }
+
+#define MAGIC 0x64006400u
+
+#if KIND == 0
+#define CODES_PER_WORD (32 / BITS)
+#define HALF_PER_WORD CODES_PER_WORD
+#else
+#define CODES_PER_WORD 2
+#define HALF_PER_WORD 16
+#endif
+#define HALF_PER_CHUNK (4 * HALF_PER_WORD)  // weights in 16 bytes of codes
+#define LOG2_HALF_PER_CHUNK (HALF_PER_CHUNK == 64 ? 6 : 5)
+// scale (and min) of a pair: group scales per weight, or none when the row scale multiplies the fp32 sums
+#if ROW_SCALE
+#define APPLY_SCALE(l, s, m) (l)
+#elif ASYM
+#define APPLY_SCALE(l, s, m) hfma2((l), (s), (m))
+#else
+#define APPLY_SCALE(l, s, m) hmul2((l), (s))
+#endif
+
+
+#if KIND == 0 && BITS == 2
+// Codes i and i + 8 of a word sit at bits 2i and 2i + 16; codes 1..4 are read in place (magic 1024 + 4^i q), code
+// 0 after a shift left by 2 and codes 5..7 after a shift right by 8, so that no code sits at bit 0: with a weight of
+// at least 4 on q, every B constant of an affine set (q - 1.5 included) is exact in fp16.
+#define DQ_SRC(w, i) ((i) == 0 ? (w) << 2 : (i) < 5 ? (w) : (w) >> 8)
+#define DQ_MASK(i) (0x00030003u << ((i) == 0 ? 2 : (i) < 5 ? 2 * (i) : 2 * ((i) - 4)))
+#define DQ_CONSTS_A {DQ_A0, DQ_A1, DQ_A2, DQ_A3, DQ_A4, DQ_A5, DQ_A6, DQ_A7}
+#define DQ_CONSTS_B {DQ_B0, DQ_B1, DQ_B2, DQ_B3, DQ_B4, DQ_B5, DQ_B6, DQ_B7}
+#elif KIND == 0
+// codes i and i + 4 at bits 4i and 4i + 16: (w, 0x000f000f) -> (q0, q4), (w, 0x00f000f0) -> 16 (q1, q5), then w >> 8
+#define DQ_SRC(w, i) ((i) < 2 ? (w) : (w) >> 8)
+#define DQ_MASK(i) ((i) % 2 ? 0x00f000f0u : 0x000f000fu)
+#define DQ_CONSTS_A {DQ_A0, DQ_A1, DQ_A0, DQ_A1}
+#define DQ_CONSTS_B {DQ_B0, DQ_B1, DQ_B0, DQ_B1}
+#endif
+
+#if KIND == 0
+#define PAIRS (HALF_PER_WORD / 2)  // code pairs in a word: 8 (2-bit) or 4 (4-bit), two per MMA
+// word j of both rows -> PAIRS / 2 MMAs; pair i is (code i, code i + PAIRS), so the activations pair the same way:
+// halves m and m + PAIRS / 2 of the word's u32s
+DEV void word_mma(float* d, u32 wa, u32 wb, const u32* xr, u32 sa, u32 sb, u32 ma, u32 mb) {
+    const u32 A[PAIRS] = DQ_CONSTS_A, B[PAIRS] = DQ_CONSTS_B;
+#pragma unroll
+    for (int m = 0; m < PAIRS / 2; ++m) {
+        u32 a[4];
+#pragma unroll
+        for (int h = 0; h < 4; ++h) {  // a0, a2: row g, pairs 2m, 2m + 1; a1, a3: row g + 8
+            const int i = 2 * m + h / 2;
+            const u32 v = hfma2(lop3_and_or(DQ_SRC(h % 2 ? wb : wa, i), DQ_MASK(i), MAGIC), A[i], B[i]);
+            a[h] = h % 2 ? APPLY_SCALE(v, sb, mb) : APPLY_SCALE(v, sa, ma);
+        }
+        mma(d, a[0], a[1], a[2], a[3], prmt(xr[m], xr[m + PAIRS / 2], 0x5410u),
+            prmt(xr[m], xr[m + PAIRS / 2], 0x7632u));
+    }
+}
+#else
+// E8P: a 16-bit code is (pattern << 8) | sign byte. e = E[pattern] ^ T[sign byte] holds coordinate i as a nibble
+// 8 + sign * 2|a_i| (the XOR with 14 negates an odd nibble around 8) at bits 4i, and in bit 0 the complement of
+// the shift's sign. Coordinates i and i + 4 sit at bits 4i and 4i + 16; the LOP3 drops nibble bits 1-3 into the
+// mantissa of 0x6410 (bit 0 is always 1), giving 1024 + 16 n; n / 2 - 4 -/+ 1/4 follows in one HFMA2.
+__shared__ u32 e8p_abs[256];
+__shared__ u32 e8p_sign[256];
+DEV void code_pairs(u32 code, u32* p) {
+    const u32 e = e8p_abs[(code >> 8) & 0xffu] ^ e8p_sign[code & 0xffu];
+    const u32 o = 0xD088D088u - (e & 1u) * 0x00100010u;  // -36.25 (shift -1/4) or -35.75 (+1/4)
+    p[0] = hfma2(lop3_and_or(e << 4, 0x00e000e0u, 0x64106410u), 0x28002800u, o);  // x 1/32
+    p[1] = hfma2(lop3_and_or(e, 0x00e000e0u, 0x64106410u), 0x28002800u, o);
+    p[2] = hfma2(lop3_and_or(e >> 4, 0x00e000e0u, 0x64106410u), 0x28002800u, o);
+    p[3] = hfma2(lop3_and_or(e >> 8, 0x00e000e0u, 0x64106410u), 0x28002800u, o);
+}
+DEV void word_mma(float* d, u32 wa, u32 wb, const u32* xr, u32 sa, u32 sb, u32 ma, u32 mb) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {  // the word's two codes: 8 weights each
+        u32 pa[4], pb[4];
+        code_pairs(h ? wa >> 16 : wa & 0xffffu, pa);
+        code_pairs(h ? wb >> 16 : wb & 0xffffu, pb);
+        const u32* xc = xr + 4 * h;
+#pragma unroll
+        for (int m = 0; m < 2; ++m) {
+            u32 b0 = prmt(xc[m], xc[m + 2], 0x5410u);  // (x_{2m}, x_{2m+4})
+            u32 b1 = prmt(xc[m], xc[m + 2], 0x7632u);
+            mma(d, APPLY_SCALE(pa[2 * m], sa, ma), APPLY_SCALE(pb[2 * m], sb, mb),
+                APPLY_SCALE(pa[2 * m + 1], sa, ma), APPLY_SCALE(pb[2 * m + 1], sb, mb), b0, b1);
+        }
+    }
+}
+#endif
+
+
+// chunk c of both rows: this lane's words wa, wb; activations of the lane's word start at xp
+DEV void chunk_mma(float* d, u32 wa, u32 wb, const U4* xp, const u16* sa_row, const u16* sb_row, const u16* ma_row,
+                   const u16* mb_row, int k, bool ok = true) {
+    u32 xr[HALF_PER_WORD / 2];
+#pragma unroll
+    for (int v = 0; v < HALF_PER_WORD / 8; ++v) {
+        U4 q = ok ? ld_cached(xp + v) : zero4();
+        xr[4 * v] = q.x; xr[4 * v + 1] = q.y; xr[4 * v + 2] = q.z; xr[4 * v + 3] = q.w;
+    }
+    u32 sa = 0x3C003C00u, sb = 0x3C003C00u, ma = 0u, mb = 0u;  // 1.0, 0.0
+#if !ROW_SCALE
+    sa = ld_half(sa_row + (k >> GROUP_SHIFT));
+    sb = ld_half(sb_row + (k >> GROUP_SHIFT));
+#if ASYM
+    ma = ld_half(ma_row + (k >> GROUP_SHIFT));
+    mb = ld_half(mb_row + (k >> GROUP_SHIFT));
+#endif
+#endif
+    word_mma(d, wa, wb, xr, sa, sb, ma, mb);
+}
+
+extern "C" __global__ void __launch_bounds__(WARPS * 32)
+gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u16* __restrict__ mins,
+         const u16* __restrict__ x, u16* __restrict__ y, const u32* __restrict__ tables, int N, int K, int M,
+         int groups) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int row0 = blockIdx.x * 16;
+#if KIND == 1
+    for (int i = threadIdx.x; i < 512; i += WARPS * 32) (i < 256 ? e8p_abs : e8p_sign)[i & 255] = tables[i];
+    __syncthreads();
+#endif
+    const int ra = min(row0 + g, N - 1), rb = min(row0 + g + 8, N - 1);  // ragged N: clamp, do not write
+    const int chunks = K / HALF_PER_CHUNK;  // 16-byte chunks per row
+    const u16* sa_row = scales + (size_t)ra * groups;
+    const u16* sb_row = scales + (size_t)rb * groups;
+    const u16* ma_row = mins + (size_t)ra * groups;
+    const u16* mb_row = mins + (size_t)rb * groups;
+    float d[4] = {0.f, 0.f, 0.f, 0.f};
+    // Lane t reads all 16 bytes of chunk 4 s + t (one 128-bit load); its 4 words are 4 consecutive k-ranges. The
+    // next step's weights are requested before this step is decoded (software pipelining: loads overlap math).
+    // Lanes past the row's end (K not a multiple of 4 chunks) add zeros.
+    const U4* ca = (const U4*)codes + (size_t)ra * chunks;
+    const U4* cb = (const U4*)codes + (size_t)rb * chunks;
+    const U4* xc = (const U4*)(x + (size_t)min(g, M - 1) * K);
+    const int steps = (chunks + 3) / 4;
+    int c = warp * 4 + t;
+    U4 na = c < chunks ? ld_stream(ca + c) : zero4();
+    U4 nb = c < chunks ? ld_stream(cb + c) : zero4();
+    for (int s = warp; s < steps; s += WARPS, c += 4 * WARPS) {
+        const U4 wa = na, wb = nb;
+        const int cn = c + 4 * WARPS;
+        na = cn < chunks ? ld_stream(ca + cn) : zero4();
+        nb = cn < chunks ? ld_stream(cb + cn) : zero4();
+        const bool ok = c < chunks;
+#pragma unroll
+        for (int j = 0; j < 4; ++j)  // k = 0 on idle lanes: their scale reads stay inside the row
+            chunk_mma(d, word(wa, j), word(wb, j), xc + (c * HALF_PER_CHUNK + j * HALF_PER_WORD) / 8, sa_row,
+                      sb_row, ma_row, mb_row, ok ? c * HALF_PER_CHUNK + j * HALF_PER_WORD : 0, ok);
+    }
+#if ROW_SCALE
+    const float fa = half_lo_to_float(ld_half(sa_row)), fb = half_lo_to_float(ld_half(sb_row));
+    d[0] *= fa; d[1] *= fa; d[2] *= fb; d[3] *= fb;
+#endif
+    __shared__ float part[WARPS][32][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) part[warp][lane][i] = d[i];
+    __syncthreads();
+    if (warp != 0) return;
+#pragma unroll
+    for (int w = 1; w < WARPS; ++w)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) d[i] += part[w][lane][i];
+    // d[0], d[1]: row g, batch columns 2t, 2t + 1; d[2], d[3]: row g + 8
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int col = 2 * t + (i & 1), row = row0 + g + 8 * (i >> 1);
+        if (col < M && row < N) y[(size_t)col * N + row] = float_to_half(d[i]);
+    }
+}

@@ -1,0 +1,198 @@
+"""Tensor-core GEMV for decode (1 to 8 rows of activations) on 2- and 4-bit affine grids and E8P, in CUDA C++
+(``cuda/gemv_mma.cu``), compiled at first use by :mod:`cuda_jit`.
+
+:func:`plan` says whether a packed weight can take this path and with which compile-time constants; the
+constants of the fp16 decode are computed here and checked to be exact, so a format the kernel cannot decode
+bit-exactly is simply not planned (the Triton kernels serve it). :func:`decode_reference` replays the kernel's
+bit operations in torch on the CPU, which is how CI checks the constants and the E8P tables without a GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+
+from lowbit.formats import E8PFormat, Format, QuantizedTensor, UniformFormat
+from lowbit.formats import e8p as e8p_format
+from lowbit.kernels import cuda_jit
+
+MAX_M = 8  # batch columns of the m16n8k16 MMA
+WARPS = 8
+ROWS_PER_BLOCK = 16
+_MAGIC = 1024.0  # 0x6400
+
+
+@dataclass(frozen=True)
+class Plan:
+    kind: int  # 0 affine grid, 1 E8P
+    bits: int
+    asym: bool
+    group_shift: int  # log2(columns per scale group); 30 = one per row
+    row_scale: bool
+    dq: tuple[tuple[float, float], ...]  # (A_i, B_i): level = A_i * magic_i + B_i, one per code position
+
+    def defines(self) -> str:
+        lines = [f"#define KIND {self.kind}", f"#define BITS {self.bits}", f"#define ASYM {int(self.asym)}",
+                 f"#define GROUP_SHIFT {self.group_shift}", f"#define ROW_SCALE {int(self.row_scale)}",
+                 f"#define WARPS {WARPS}"]
+        for i, (a, b) in enumerate(self.dq):
+            lines += [f"#define DQ_A{i} 0x{_half2_bits(a):08x}u", f"#define DQ_B{i} 0x{_half2_bits(b):08x}u"]
+        return "\n".join(lines) + "\n"
+
+
+def _half2_bits(v: float) -> int:
+    h = torch.tensor([v], dtype=torch.float16).view(torch.int16).item() & 0xFFFF
+    return h | (h << 16)
+
+
+def _exact_half(v: float) -> bool:
+    return float(torch.tensor(v, dtype=torch.float16)) == v
+
+
+def _position_scales(bits: int) -> list[float]:
+    """Weight of the code in the magic number at each decode position (DQ2_SHIFT / DQ4 in the .cu)."""
+    return [4.0, 4.0, 16.0, 64.0, 256.0, 4.0, 16.0, 64.0] if bits == 2 else [1.0, 16.0]
+
+
+def _affine_levels(fmt: UniformFormat) -> tuple[float, float] | None:
+    """(A, B) with level(q) = A q + B at unit scale, or None when the format's levels are not affine."""
+    from lowbit.kernels.dispatch import decode_lut
+
+    lut = decode_lut(fmt, torch.device("cpu")).double()
+    a, b = float(lut[1] - lut[0]), float(lut[0])
+    if not torch.equal(torch.arange(len(lut), dtype=torch.float64) * a + b, lut):
+        return None
+    return a, b
+
+
+def _group_shift(fmt: Format, cols: int, min_cols: int) -> int | None:
+    g = fmt.group_cols(cols)
+    if fmt.n_groups(cols) == 1:
+        return 30
+    if g & (g - 1) or g < min_cols:
+        return None
+    return g.bit_length() - 1
+
+
+@cache
+def _plan(fmt: Format, cols: int) -> Plan | None:
+    if isinstance(fmt, E8PFormat):
+        if cols % 64:
+            return None
+        shift = _group_shift(fmt, cols, 16)
+        return None if shift is None else Plan(1, 2, False, shift, shift == 30, ())
+    if not isinstance(fmt, UniformFormat) or fmt.bits not in (2, 4) or (cols * fmt.bits) % 128:
+        return None
+    levels = _affine_levels(fmt)
+    shift = _group_shift(fmt, cols, 32 // fmt.bits)
+    if levels is None or shift is None:
+        return None
+    a, b = levels
+    dq = tuple((a / p, b - _MAGIC * a / p) for p in _position_scales(fmt.bits))
+    if not all(_exact_half(v) for pair in dq for v in pair):
+        return None
+    return Plan(0, fmt.bits, not fmt.symmetric, shift, fmt.symmetric and shift == 30, dq)
+
+
+def plan(fmt: Format, shape: tuple[int, int]) -> Plan | None:
+    """The kernel configuration for a weight of ``shape`` in ``fmt``, or None when this kernel cannot serve it."""
+    return _plan(fmt, shape[1])
+
+
+@cache
+def e8p_tables() -> torch.Tensor:
+    """int32 [512]: E[pattern] (coordinate i as nibble 8 + 2|a_i| at bits 4i, the pattern's odd-parity sign on
+    coordinate 7 pre-applied as XOR 14) then T[sign byte] (XOR 14 on each negated coordinate's nibble; bit 0 =
+    parity of the byte, i.e. the shift is -1/4)."""
+    pats = e8p_format.abs_patterns()
+    odd = e8p_format._parity()
+    table = []
+    for idx in range(256):
+        word = 0
+        for i in range(8):
+            nib = 8 + int(2 * pats[idx, i])
+            if i == 7 and odd[idx]:
+                nib ^= 14
+            word |= nib << (4 * i)
+        table.append(word)
+    for sb in range(256):
+        par = bin(sb).count("1") & 1
+        signs = sb ^ par
+        word = par
+        for i, bit in enumerate(e8p_format._SIGN_BIT):
+            if (signs >> bit) & 1:
+                word |= 14 << (4 * i)
+        table.append(word)
+    return torch.tensor([w - (1 << 32) if w >= 1 << 31 else w for w in table], dtype=torch.int32)
+
+
+@cache
+def _source(p: Plan) -> str:
+    return p.defines() + (cuda_jit.source_dir() / "gemv_mma.cu").read_text()
+
+
+_TABLES: dict[str, torch.Tensor] = {}
+
+
+def gemv(x: torch.Tensor, fmt: Format, qt: QuantizedTensor, p: Plan) -> torch.Tensor:
+    """y [M, N] = x [M <= 8, K] W^T, fp16 in and out, through the kernel planned by :func:`plan`."""
+    m, k = x.shape
+    n = qt.shape[0]
+    if m > MAX_M or k != qt.shape[1]:
+        raise ValueError(f"cuda gemv takes [<= {MAX_M}, {qt.shape[1]}] inputs, got {tuple(x.shape)}")
+    x = x.to(torch.float16).contiguous()
+    if x.data_ptr() % 16:
+        x = x.clone()
+    y = torch.empty(m, n, dtype=torch.float16, device=x.device)
+    dev = str(x.device)
+    if dev not in _TABLES:
+        _TABLES[dev] = e8p_tables().to(x.device)
+    scales = qt.data["scale"]
+    mins = qt.data.get("min", scales)
+    kern = cuda_jit.kernel(_source(p), "gemv_mma", x.device)
+    kern(((n + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK, 1, 1), (WARPS * 32, 1, 1),
+         [qt.data["codes"], scales, mins, x, y, _TABLES[dev], n, k, m, fmt.n_groups(k)])
+    return y
+
+
+# ----- the kernel's decode replayed in torch (CPU tests) ------------------------------------------------------
+
+
+def _as_half(bits: torch.Tensor) -> torch.Tensor:
+    return (bits & 0xFFFF).to(torch.int16).view(torch.float16)
+
+
+def _fma_half(v: torch.Tensor, a: float, b: float) -> torch.Tensor:
+    """fp16 fma as the GPU does it: exact product and sum, one rounding (exact in float64 for these sizes)."""
+    return (v.double() * a + b).to(torch.float16)
+
+
+def decode_reference(fmt: Format, cols: int, codes: torch.Tensor) -> torch.Tensor:
+    """Unit-scale levels the kernel produces for ``codes`` (int64), through its LOP3/magic/HFMA2 steps.
+
+    Affine grids: one code per element, decoded at every position the kernel reads it from; returns
+    [positions, codes]. E8P: 16-bit codes -> [codes, 8] coordinates."""
+    p = plan(fmt, (1, cols))
+    if p is None:
+        raise ValueError(f"{fmt.name} is not served by the CUDA GEMV at {cols} columns")
+    if p.kind == 1:
+        return _decode_e8p(codes)
+    out = []
+    for pos, (a, b) in zip(_position_scales(p.bits), p.dq, strict=True):
+        magic = 0x6400 | (codes * int(pos))  # the LOP3: the code, already at its bit position, into 1024.0
+        out.append(_fma_half(_as_half(magic), a, b))
+    return torch.stack(out)
+
+
+def _decode_e8p(codes: torch.Tensor) -> torch.Tensor:
+    tab = e8p_tables().to(torch.int64) & 0xFFFFFFFF
+    e = tab[(codes >> 8) & 255] ^ tab[256 + (codes & 255)]
+    o = torch.where((e & 1).bool(), -35.75, -36.25).double()
+    coords = []
+    for i in range(8):
+        nib = (e >> (4 * i)) & 0xF
+        v = _as_half(0x6400 | 0x10 | ((nib & 0xE) << 4))
+        coords.append((v.double() / 32 + o).to(torch.float16))
+    return torch.stack(coords, dim=1)

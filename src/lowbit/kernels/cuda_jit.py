@@ -1,0 +1,166 @@
+"""Compile CUDA C++ at first use with NVRTC and launch it through the CUDA driver API, both via ctypes.
+
+Why not ``torch.utils.cpp_extension``: that needs nvcc, a host compiler and ninja on the user's machine and a
+minute per build. NVRTC ships with every CUDA build of PyTorch (the ``nvidia-cuda-nvrtc`` wheel or the CUDA
+toolkit), compiles a kernel in about a second, and the driver library is wherever a GPU works. The kernels use
+no headers (inline PTX for the half-precision and tensor-core instructions), so nothing else has to be found.
+
+A launch goes on PyTorch's current stream, so it is captured by CUDA graphs like any PyTorch kernel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import site
+import sys
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from lowbit.errors import LowbitError
+
+
+class CudaJitError(LowbitError):
+    """NVRTC or the driver refused: the message carries the compiler log or the driver's error name."""
+
+
+def _candidates(stem: str) -> list[str]:
+    roots = [*site.getsitepackages(), site.getusersitepackages(), *sys.path]
+    found = []
+    for root in roots:  # pip wheels: nvidia/cuda_nvrtc/lib (CUDA 12), nvidia/cu13/lib (CUDA 13)
+        found += sorted(glob.glob(os.path.join(root, "nvidia", "*", "lib", f"{stem}.so*")), reverse=True)
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home:
+            found += sorted(glob.glob(os.path.join(home, "lib64", f"{stem}.so*")), reverse=True)
+    return [f"{stem}.so", *found]
+
+
+def _load(stem: str) -> ctypes.CDLL:
+    for name in _candidates(stem):
+        if "builtins" in name:
+            continue
+        try:
+            return ctypes.CDLL(name)
+        except OSError:
+            continue
+    raise CudaJitError(f"cannot find {stem}.so (install PyTorch with CUDA, or set CUDA_HOME)")
+
+
+@cache
+def _nvrtc() -> ctypes.CDLL:
+    return _load("libnvrtc")
+
+
+@cache
+def _driver() -> ctypes.CDLL:
+    try:
+        return ctypes.CDLL("libcuda.so.1")
+    except OSError as e:
+        raise CudaJitError(f"cannot load the CUDA driver (libcuda.so.1): {e}") from e
+
+
+@cache
+def available() -> bool:
+    """True when CUDA, NVRTC and the driver library are all usable here."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        _nvrtc()
+        _driver()
+    except CudaJitError:
+        return False
+    return True
+
+
+def _check_nvrtc(status: int, what: str) -> None:
+    if status != 0:
+        lib = _nvrtc()
+        lib.nvrtcGetErrorString.restype = ctypes.c_char_p
+        raise CudaJitError(f"NVRTC {what}: {lib.nvrtcGetErrorString(status).decode()}")
+
+
+def _check_cu(status: int, what: str) -> None:
+    if status != 0:
+        name = ctypes.c_char_p()
+        _driver().cuGetErrorName(status, ctypes.byref(name))
+        raise CudaJitError(f"CUDA driver {what}: {name.value.decode() if name.value else status}")
+
+
+def compile_cubin(source: str, name: str, arch: str, options: tuple[str, ...] = ()) -> bytes:
+    """Machine code for ``arch`` (e.g. ``sm_90``) of CUDA C++ ``source``; errors carry NVRTC's log."""
+    lib = _nvrtc()
+    prog = ctypes.c_void_p()
+    _check_nvrtc(lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), name.encode(), 0, None, None), "create")
+    try:
+        opts = [f"--gpu-architecture={arch}", "-default-device", "--std=c++17", *options]
+        arr = (ctypes.c_char_p * len(opts))(*[o.encode() for o in opts])
+        status = lib.nvrtcCompileProgram(prog, len(opts), arr)
+        if status != 0:
+            size = ctypes.c_size_t()
+            lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+            log = ctypes.create_string_buffer(size.value)
+            lib.nvrtcGetProgramLog(prog, log)
+            raise CudaJitError(f"NVRTC could not compile {name}:\n{log.value.decode(errors='replace')}")
+        size = ctypes.c_size_t()
+        _check_nvrtc(lib.nvrtcGetCUBINSize(prog, ctypes.byref(size)), "cubin size")
+        cubin = ctypes.create_string_buffer(size.value)
+        _check_nvrtc(lib.nvrtcGetCUBIN(prog, cubin), "cubin")
+        return cubin.raw
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+def _ensure_context(device: torch.device) -> None:
+    """The driver API works on the calling thread's current context: make it PyTorch's primary context."""
+    torch.cuda.init()
+    with torch.cuda.device(device):
+        torch.empty(1, device=device)  # makes the primary context current on this thread through the runtime
+        ctx = ctypes.c_void_p()
+        _check_cu(_driver().cuCtxGetCurrent(ctypes.byref(ctx)), "cuCtxGetCurrent")
+        if not ctx.value:
+            dev = ctypes.c_int()
+            _check_cu(_driver().cuDeviceGet(ctypes.byref(dev), device.index or 0), "cuDeviceGet")
+            _check_cu(_driver().cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev), "cuDevicePrimaryCtxRetain")
+            _check_cu(_driver().cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
+
+
+class Kernel:
+    """One ``extern "C" __global__`` function of a compiled module, launched on PyTorch's current stream."""
+
+    def __init__(self, cubin: bytes, name: str, device: torch.device):
+        _ensure_context(device)
+        self.name = name
+        self._module = ctypes.c_void_p()
+        _check_cu(_driver().cuModuleLoadData(ctypes.byref(self._module), cubin), f"load module of {name}")
+        self._fn = ctypes.c_void_p()
+        _check_cu(_driver().cuModuleGetFunction(ctypes.byref(self._fn), self._module, name.encode()),
+                  f"find {name}")
+
+    def __call__(self, grid: tuple[int, int, int], block: tuple[int, int, int], args: list, shared: int = 0) -> None:
+        """``args``: tensors (passed as device pointers), Python ints (int32) or ctypes values."""
+        cargs = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else
+                 ctypes.c_int(a) if isinstance(a, int) else a for a in args]
+        params = (ctypes.c_void_p * len(cargs))(*[ctypes.cast(ctypes.pointer(a), ctypes.c_void_p) for a in cargs])
+        stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+        _check_cu(_driver().cuLaunchKernel(self._fn, *grid, *block, shared, stream, params, None),
+                  f"launch {self.name}")
+
+
+_KERNELS: dict[tuple, Kernel] = {}
+
+
+def kernel(source: str, name: str, device: torch.device) -> Kernel:
+    """The kernel ``name`` of ``source`` compiled for ``device`` (cached per process: source, name, device)."""
+    key = (source, name, str(device))
+    if key not in _KERNELS:
+        major, minor = torch.cuda.get_device_capability(device)
+        cubin = compile_cubin(source, f"{name}.cu", f"sm_{major}{minor}", ("-lineinfo",))
+        _KERNELS[key] = Kernel(cubin, name, device)
+    return _KERNELS[key]
+
+
+def source_dir() -> Path:
+    return Path(__file__).with_name("cuda")
