@@ -200,6 +200,9 @@ def _add_export_gguf(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--like", default=None, metavar="GGUF",
                    help="give every tensor the type it has in this GGUF of the same model (e.g. one written by "
                         "llama.cpp's quantizer), so the files compare at equal size; replaces --format")
+    p.add_argument("--preset", default=None, metavar="TYPE",
+                   help="give every tensor the type llama.cpp's quantizer chooses for this preset (Q4_K_M, Q5_K_M, "
+                        "Q6_K, Q3_K_M, Q3_K_S, Q2_K, IQ2_XXS, Q4_0); replaces --format, excludes --like")
     p.add_argument("--fuse-rotation", action="store_true",
                    help="fold norms and a randomized Hadamard rotation of the residual stream into the weights "
                         "before quantizing (QuaRot-style; llama.cpp runs the result unchanged)")
@@ -300,18 +303,29 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_preset_args(args: argparse.Namespace) -> None:
+    from lowbit.io.gguf_presets import check_preset
+
+    if args.like or args.format:
+        raise LowbitError("--preset sets every tensor's type: drop --like and --format")
+    check_preset(args.preset)
+
+
 def cmd_export_gguf(args: argparse.Namespace) -> int:
     import lowbit
 
     if args.like and args.format:
         raise LowbitError("--like takes every tensor's type from the given GGUF: drop --format")
+    if args.preset:
+        _check_preset_args(args)
     float_export = (args.format or "").lower() in ("f16", "fp16")
-    quantizing = bool(args.like or (args.format and not float_export))
+    quantizing = bool(args.like or args.preset or (args.format and not float_export))
     recipe = _recipe(args, args.format or "q8_0") if quantizing else None  # with --like the format is replaced
     if not quantizing and not float_export and not lowbit.is_quantized_dir(lowbit.resolve(args.model)):
         raise LowbitError(f"{args.model or 'the bundled model'} is a float model: pass --format (e.g. q4_0, or f16 "
                           "to keep it float) or --like FILE.gguf to quantize it before export")
-    report = lowbit.convert_gguf(args.model, args.out, recipe, like=args.like, embed_type=args.embed_type,
+    report = lowbit.convert_gguf(args.model, args.out, recipe, like=args.like, preset=args.preset,
+                                 embed_type=args.embed_type,
                                  fallback=args.fallback, fuse_rotation_only=float_export and args.fuse_rotation,
                                  tokenizer_pre=args.tokenizer_pre, device=args.device, overwrite=args.overwrite,
                                  progress=not args.no_progress)

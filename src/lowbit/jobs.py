@@ -18,6 +18,7 @@ from lowbit.data.corpus import read_text_file
 from lowbit.errors import LowbitError
 from lowbit.io.checkpoint import is_quantized_dir
 from lowbit.io.gguf_export import ExportReport
+from lowbit.io.gguf_presets import check_preset, preset_plan
 from lowbit.io.gguf_types import plan_like, read_gguf
 from lowbit.io.loader import check_source, load_config, resolve
 from lowbit.models.fused_rotation import fuse_rotation
@@ -49,7 +50,7 @@ def convert(source: str | Path | None, recipe: Recipe | str, out: str | Path, *,
 def convert_gguf(source: str | Path | None, out: str | Path, recipe: Recipe | str | None = None, *,
                  like: str | Path | None = None, embed_type: str | None = None, fallback: str | None = None,
                  fuse_rotation_only: bool = False, tokenizer_pre: str | None = None, device: str | None = None,
-                 overwrite: bool = False, progress: bool = True) -> ExportReport:
+                 overwrite: bool = False, progress: bool = True, preset: str | None = None) -> ExportReport:
     """Write the model at ``source`` as a GGUF file for llama.cpp.
 
     * a lowbit checkpoint is exported as stored (no ``recipe`` or ``like``);
@@ -57,42 +58,49 @@ def convert_gguf(source: str | Path | None, out: str | Path, recipe: Recipe | st
       norms and a residual rotation in first);
     * otherwise it is quantized first with ``recipe``; ``like`` (a GGUF of the same model, e.g. from llama.cpp's
       quantizer) replaces the recipe's format with that file's per-tensor types, so the two files compare at equal
-      size (``recipe`` then only chooses the method; default ``rtn``).
+      size (``recipe`` then only chooses the method; default ``rtn``); ``preset`` (e.g. ``Q4_K_M``) does the
+      same with the types llama.cpp's quantizer would choose for that preset (io/gguf_presets.py), no file needed.
 
     >>> print(lowbit.convert_gguf(None, "smol-q4_0.gguf", "gptq_act:q4_0").summary())
     """
     recipe = Recipe.parse(recipe) if isinstance(recipe, str) else recipe
-    src = _check_inputs(source, recipe, out, overwrite, like=like)
+    if preset is not None:
+        if like is not None:
+            raise LowbitError("give --like or --preset, not both: each sets every tensor's type")
+        check_preset(preset)  # an unknown name is refused before anything is read or written
+    src = _check_inputs(source, recipe, out, overwrite, like=like, preset=preset)
     if is_quantized_dir(src):
-        if recipe or like or fuse_rotation_only:
+        if recipe or like or preset or fuse_rotation_only:
             raise LowbitError(f"{src} is already a quantized lowbit checkpoint: export it as is (no recipe, like "
                               "or rotation)")
         model, tok = load(src, device="cpu")
-    elif recipe is None and like is None:
+    elif recipe is None and like is None and preset is None:
         model, tok = load(src, device="cpu")
         if fuse_rotation_only:
             fuse_rotation(model)
     else:
-        model, tok, embed_type = _quantize_for_gguf(src, recipe, like, embed_type, device, progress)
+        model, tok, embed_type = _quantize_for_gguf(src, recipe, like or preset, embed_type, device, progress,
+                                                    is_preset=preset is not None)
     return export_gguf(model, tok, out, embed_type=embed_type or "f16", fallback=fallback,
                        tokenizer_pre=tokenizer_pre, overwrite=overwrite)
 
 
 def _quantize_for_gguf(src: str, recipe: Recipe | None, like: str | Path | None, embed_type: str | None,
-                       device: str | None, progress: bool) -> tuple:
+                       device: str | None, progress: bool, is_preset: bool = False) -> tuple:
     recipe = recipe or Recipe("q8_0")
     compute = device or default_device()
     model, tok = load(src, device="cpu" if recipe.needs_calibration else compute)
     if like:
         # calibrated rounding gets the searched-fit variant of each type (same GGUF type and bytes)
-        types = plan_like(model, like, searched=recipe.method != "rtn")
+        searched = recipe.method != "rtn"
+        types = preset_plan(model, str(like), searched) if is_preset else plan_like(model, like, searched)
         recipe, embed_type = replace(recipe, format=types.plan), embed_type or types.embed_type
     quantize(model, recipe, tok, device=compute, progress=progress)
     return model, tok, embed_type
 
 
 def _check_inputs(source: str | Path | None, recipe: Recipe | None, out: str | Path, overwrite: bool,
-                  like: str | Path | None = None) -> str:
+                  like: str | Path | None = None, preset: str | None = None) -> str:
     """Everything a job reads and writes, checked before minutes of work: the source's files, the calibration
     text, the ``like`` GGUF (its architecture included), and room for the output. Returns the resolved source."""
     check_destination(out, overwrite=overwrite)  # an existing output is refused before anything is read
@@ -101,7 +109,7 @@ def _check_inputs(source: str | Path | None, recipe: Recipe | None, out: str | P
         read_text_file(recipe.calib.text_path)
     if like is not None and not is_quantized_dir(src):
         read_gguf(like, load_config(src)[1])
-    check_destination(out, _output_bytes(src, recipe, like), overwrite)
+    check_destination(out, _output_bytes(src, recipe, like or preset), overwrite)
     return src
 
 

@@ -38,7 +38,8 @@ ARCHS = {"llama": gguf.MODEL_ARCH.LLAMA, "mistral": gguf.MODEL_ARCH.LLAMA, "qwen
 class GGUFTypePlan:
     plan: dict[str, str]  # decoder linear (HF module name) -> lowbit format
     embed_type: str  # token_embd's type as a lowbit format (or "f16")
-    source: Path
+    source: Path | str  # the GGUF file, or the llama.cpp preset name (io/gguf_presets.py)
+    output_type: str | None = None  # output.weight's type where known apart from token_embd's (presets)
 
 
 def read_gguf(path: str | Path, config: object | None = None) -> gguf.GGUFReader:
