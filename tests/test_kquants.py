@@ -93,9 +93,9 @@ def test_every_byte_pattern_round_trips_and_decodes_as_ggml(name):
         fmt.pack(codes + (1 << fmt.bits), params, (rows, cols))
 
 
-@pytest.mark.parametrize("name", TYPES)
+@pytest.mark.parametrize("name", ["q2_k", *TYPES])
 def test_edge_values_decode_exactly(name):
-    """Zero rows, constant rows, all-positive and all-negative rows, huge and tiny magnitudes."""
+    """Zero rows, constant rows, all-positive and all-negative rows, huge and tiny magnitudes (every k-quant)."""
     fmt = get_format(name)
     w = _w(6, 512, seed=3)
     w[0] = 0
@@ -111,7 +111,7 @@ def test_edge_values_decode_exactly(name):
     assert torch.allclose(deq[1], w[1], rtol=0.02)  # a constant row is (nearly) exact
 
 
-@pytest.mark.parametrize("name", TYPES)
+@pytest.mark.parametrize("name", ["q2_k", *TYPES])
 def test_rows_must_be_multiples_of_256_and_fall_back_like_llama_cpp(name):
     fmt = get_format(name)
     with pytest.raises(LowbitError, match="multiple of 256"):
@@ -120,9 +120,9 @@ def test_rows_must_be_multiples_of_256_and_fall_back_like_llama_cpp(name):
         fmt.bits_per_weight((4, 64))
     assert "multiples of 256" in unsupported_reason(fmt, (4, 576))
     assert unsupported_reason(fmt, (4, 512)) is None
-    # llama-quant.cpp tensor_type_fallback: Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0; F16 when the
+    # llama-quant.cpp tensor_type_fallback: Q2_K, Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0; F16 when the
     # fallback's 32-weight blocks do not fit either
-    want = {"q3_k": QT.Q4_0, "q4_k": QT.Q5_0, "q5_k": QT.Q5_1, "q6_k": QT.Q8_0}[name]
+    want = {"q2_k": QT.Q4_0, "q3_k": QT.Q4_0, "q4_k": QT.Q5_0, "q5_k": QT.Q5_1, "q6_k": QT.Q8_0}[name]
     assert gguf_type(get_format(row_format(name, 576))) == want
     assert row_format(name, 512) == name and row_format(name, 100) is None
     assert row_format("q2_k", 576) == "q4_0" and row_format("q4_0", 100) == "q4_0"
