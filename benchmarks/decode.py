@@ -101,14 +101,25 @@ def _random_ints(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devic
     return torch.randint(lo, hi, shape, dtype=dtype, device=device)
 
 
+def _random_iq2xxs(lin: nn.Linear) -> QuantizedTensor:
+    """Valid IQ2_XXS superblocks (random bytes would put NaNs in the fp16 d): random grid and sign indices,
+    4-bit scales and d sized for weights of std ~0.02, packed by the format."""
+    rows, cols = lin.weight.shape
+    dev = lin.weight.device
+    codes = torch.randint(0, 256 * 128, (rows, cols // 8), device=dev)
+    d = torch.full((rows, -(-cols // 256)), 0.02 / (2.0 * 27), device=dev)  # mean (0.5 + ls) / 4 ~ 2, rms grid ~ 27
+    ls = torch.randint(0, 16, (rows, cols // 32), device=dev).float()
+    return get_format("iq2_xxs").pack(codes, {"d": d, "ls": ls}, (rows, cols))
+
+
 def quantize_model(model: nn.Module, fmt_name: str, init: str) -> dict[str, nn.Module]:
     """Swap every decoder linear for a QuantLinear in ``fmt_name``; returns the originals (name -> module)."""
     originals = decoder_linears(model)
     stats: dict[int, tuple[float, float]] = {}
     for name, lin in originals.items():
         q = empty_quant_linear(lin, fmt_name)
-        if init == "rtn":
-            qt = get_format(fmt_name).quantize(lin.weight.float())
+        if init == "rtn" or fmt_name == "iq2_xxs":
+            qt = _random_iq2xxs(lin) if init == "random" else get_format(fmt_name).quantize(lin.weight.float())
             for key in q._keys:
                 getattr(q, key).copy_(qt.data[key])
         else:

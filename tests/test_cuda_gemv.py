@@ -16,11 +16,11 @@ from lowbit.kernels import cuda_gemv
 from lowbit.kernels.dispatch import decode_lut
 
 SERVED = ["int2_g64_sym", "int2_g32_asym", "int2_g64_asym", "int4_g128_sym", "int4_g128_asym", "q4_0", "q4_1",
-          "nz2_ch", "nz2_g64", "std2_g64", "std2m_ch", "int4_ch_sym", "int2_ch_asym", "e8p_ch", "e8p_g256"]
-NOT_SERVED = ["pm12_ch", "nz2r30_ch", "iq4_nl", "int3_g128_sym", "int8_g32_sym", "e8p_g8", "iq2_xxs", "q2_k"]
+          "nz2_ch", "nz2_g64", "std2_g64", "std2m_ch", "int4_ch_sym", "int2_ch_asym", "e8p_ch", "e8p_g256", "iq2_xxs"]
+NOT_SERVED = ["pm12_ch", "nz2r30_ch", "iq4_nl", "int3_g128_sym", "int8_g32_sym", "e8p_g8", "q2_k"]
 
 
-@pytest.mark.parametrize("name", [n for n in SERVED if not n.startswith("e8p")])
+@pytest.mark.parametrize("name", [n for n in SERVED if not n.startswith(("e8p", "iq2"))])
 def test_affine_decode_constants_are_exact(name: str) -> None:
     fmt = get_format(name)
     levels = cuda_gemv.decode_reference(fmt, 4096, torch.arange(1 << fmt.bits))
@@ -32,6 +32,31 @@ def test_affine_decode_constants_are_exact(name: str) -> None:
 def test_e8p_tables_decode_the_whole_codebook() -> None:
     got = cuda_gemv.decode_reference(get_format("e8p_ch"), 4096, torch.arange(1 << 16))
     assert torch.equal(got.float(), e8p.codebook())
+
+
+@pytest.mark.parametrize("cols", [1024, 576])
+def test_iq2xxs_kernel_decode_is_the_format_within_one_rounding(cols: int) -> None:
+    """The kernel's layout + tables + sign/scale steps, replayed, give the format's weights: exactly where the
+    fp16 scale is exact, else within one fp16 ulp (it rounds the fp32 sub-block scale once, ggml does not)."""
+    fmt = get_format("iq2_xxs")
+    w = torch.randn(40, cols, generator=torch.Generator().manual_seed(cols)) * 0.02
+    qt = fmt.quantize(w)
+    ref = fmt.dequantize(qt).to(torch.float16).float()
+    got = cuda_gemv.decode_iq2xxs_reference(qt.data["qs"], cols).float()
+    assert ((got - ref).abs() <= ref.abs() * 2**-10).all()
+    assert (got == ref).float().mean() > 0.8
+
+
+def test_iq2xxs_layout_keeps_every_byte() -> None:
+    """The kernel layout is a permutation of llama.cpp's bytes: sub-blocks in order, then the superblock d's."""
+    fmt = get_format("iq2_xxs")
+    qt = fmt.quantize(torch.randn(8, 576, generator=torch.Generator().manual_seed(1)))
+    sub, d = cuda_gemv.iq2xxs_layout(qt.data["qs"], 576)
+    assert tuple(sub.shape) == (8, 576 // 16) and tuple(d.shape) == (8, 3)
+    qs = qt.data["qs"]
+    assert torch.equal(d.view(torch.uint8), torch.cat([qs[:, 0:2], qs[:, 66:68], qs[:, 132:134]], dim=1))
+    body = torch.cat([qs[:, 2:66], qs[:, 68:132], qs[:, 134:]], dim=1)
+    assert torch.equal(sub.view(torch.uint8), body)
 
 
 @pytest.mark.parametrize("name", NOT_SERVED)
@@ -80,7 +105,7 @@ def test_cuda_gemv_matches_reference_on_gpu(name: str, shape: tuple[int, int], m
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["int2_g64_sym", "q4_0", "e8p_ch"])
+@pytest.mark.parametrize("name", ["int2_g64_sym", "q4_0", "e8p_ch", "iq2_xxs"])
 def test_cuda_gemv_outlier_activations_do_not_overflow(name: str) -> None:
     """Massive activations (a few channels in the thousands, as SmolLM's): fp32 accumulation keeps y finite."""
     from lowbit.kernels.reference import dequant_matmul_reference

@@ -1,21 +1,27 @@
-"""Tensor-core GEMV for decode (1 to 8 rows of activations) on 2- and 4-bit affine grids and E8P, in CUDA C++
-(``cuda/gemv_mma.cu``), compiled at first use by :mod:`cuda_jit`.
+"""Tensor-core GEMV for decode (1 to 8 rows of activations) on 2- and 4-bit affine grids, E8P and IQ2_XXS, in CUDA
+C++ (``cuda/gemv_mma.cu``), compiled at first use by :mod:`cuda_jit`.
 
 :func:`plan` says whether a packed weight can take this path and with which compile-time constants; the
 constants of the fp16 decode are computed here and checked to be exact, so a format the kernel cannot decode
 bit-exactly is simply not planned (the Triton kernels serve it). :func:`decode_reference` replays the kernel's
 bit operations in torch on the CPU, which is how CI checks the constants and the E8P tables without a GPU.
+
+IQ2_XXS is read from a kernel layout derived once per weight on the device (:func:`iq2xxs_layout`): llama.cpp's
+66-byte superblocks put every 4-byte field at an offset of 2 mod 4, so the 8-byte sub-blocks are gathered into
+rows of their own and the superblock scales into a separate fp16 array (the same bytes, 2.0625 bits per weight).
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from functools import cache
 
 import torch
 
-from lowbit.formats import E8PFormat, Format, QuantizedTensor, UniformFormat
+from lowbit.formats import E8PFormat, Format, IQ2XXSFormat, QuantizedTensor, UniformFormat
 from lowbit.formats import e8p as e8p_format
+from lowbit.formats import iq2xxs as iq2xxs_format
 from lowbit.kernels import cuda_jit
 
 MAX_M = 8  # batch columns of the m16n8k16 MMA
@@ -26,7 +32,7 @@ _MAGIC = 1024.0  # 0x6400
 
 @dataclass(frozen=True)
 class Plan:
-    kind: int  # 0 affine grid, 1 E8P
+    kind: int  # 0 affine grid, 1 E8P, 2 IQ2_XXS
     bits: int
     asym: bool
     group_shift: int  # log2(columns per scale group); 30 = one per row
@@ -78,6 +84,8 @@ def _group_shift(fmt: Format, cols: int, min_cols: int) -> int | None:
 
 @cache
 def _plan(fmt: Format, cols: int) -> Plan | None:
+    if isinstance(fmt, IQ2XXSFormat):  # 16-byte chunks are two 32-weight sub-blocks; d per 256 columns
+        return None if cols % 64 else Plan(2, 2, False, 8, False, ())
     if isinstance(fmt, E8PFormat):
         if cols % 64:
             return None
@@ -129,6 +137,47 @@ def e8p_tables() -> torch.Tensor:
 
 
 @cache
+def iq2xxs_grid_table() -> torch.Tensor:
+    """int32 [1024]: grid row i as four fp16 pairs (v_2p low, v_2p+1 high); 8, 25 and 43 are exact in fp16."""
+    grid, _ = iq2xxs_format.tables()
+    return grid.to(torch.float16).reshape(-1).view(torch.int32).contiguous()
+
+
+def _kind_tables(kind: int) -> torch.Tensor:
+    return iq2xxs_grid_table() if kind == 2 else e8p_tables()
+
+
+@cache
+def _iq2xxs_index(cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """int16-word indices into a ``qs`` row: the sub-blocks' 4 words each, in order, and each superblock's d."""
+    sub = torch.arange(cols // iq2xxs_format.SUB)
+    words = (sub // 8 * 33 + 1 + sub % 8 * 4)[:, None] + torch.arange(4)
+    return words.reshape(-1), torch.arange(0, cols, iq2xxs_format.SUPER) // iq2xxs_format.SUPER * 33
+
+
+def iq2xxs_layout(qs: torch.Tensor, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """llama.cpp's ``block_iq2_xxs`` rows -> (sub-blocks int32 [rows, cols / 16], superblock d fp16 [rows, n_super])."""
+    words = qs.contiguous().view(torch.int16)
+    sub_idx, d_idx = (i.to(qs.device) for i in _iq2xxs_index(cols))
+    return words[:, sub_idx].contiguous().view(torch.int32), words[:, d_idx].contiguous().view(torch.float16)
+
+
+_LAYOUTS: dict[int, tuple[int, int, tuple[torch.Tensor, torch.Tensor]]] = {}
+
+
+def _cached_layout(qs: torch.Tensor, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel layout of ``qs``, built at its first GEMV and dropped with it (keyed by the tensor's identity;
+    an in-place change of ``qs`` rebuilds it)."""
+    key = id(qs)
+    hit = _LAYOUTS.get(key)
+    if hit is None or hit[:2] != (qs.data_ptr(), qs._version):
+        if hit is None:
+            weakref.finalize(qs, _LAYOUTS.pop, key, None)
+        hit = _LAYOUTS[key] = (qs.data_ptr(), qs._version, iq2xxs_layout(qs, cols))
+    return hit[2]
+
+
+@cache
 def _source(p: Plan) -> str:
     return p.defines() + (cuda_jit.source_dir() / "gemv_mma.cu").read_text()
 
@@ -146,14 +195,18 @@ def gemv(x: torch.Tensor, fmt: Format, qt: QuantizedTensor, p: Plan) -> torch.Te
     if x.data_ptr() % 16:
         x = x.clone()
     y = torch.empty(m, n, dtype=torch.float16, device=x.device)
-    dev = str(x.device)
-    if dev not in _TABLES:
-        _TABLES[dev] = e8p_tables().to(x.device)
-    scales = qt.data["scale"]
-    mins = qt.data.get("min", scales)
+    key = f"{x.device}/{p.kind}"
+    if key not in _TABLES:
+        _TABLES[key] = _kind_tables(p.kind).to(x.device)
+    if p.kind == 2:
+        codes, scales = _cached_layout(qt.data["qs"], k)
+        mins, groups = scales, scales.shape[1]
+    else:
+        codes, scales, groups = qt.data["codes"], qt.data["scale"], fmt.n_groups(k)
+        mins = qt.data.get("min", scales)
     kern = cuda_jit.kernel(_source(p), "gemv_mma", x.device)
     kern(((n + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK, 1, 1), (WARPS * 32, 1, 1),
-         [qt.data["codes"], scales, mins, x, y, _TABLES[dev], n, k, m, fmt.n_groups(k)])
+         [codes, scales, mins, x, y, _TABLES[key], n, k, m, groups])
     return y
 
 
@@ -177,6 +230,8 @@ def decode_reference(fmt: Format, cols: int, codes: torch.Tensor) -> torch.Tenso
     p = plan(fmt, (1, cols))
     if p is None:
         raise ValueError(f"{fmt.name} is not served by the CUDA GEMV at {cols} columns")
+    if p.kind == 2:
+        raise ValueError("iq2_xxs: replay whole weights with decode_iq2xxs_reference")
     if p.kind == 1:
         return _decode_e8p(codes)
     out = []
@@ -196,3 +251,24 @@ def _decode_e8p(codes: torch.Tensor) -> torch.Tensor:
         v = _as_half(0x6400 | 0x10 | ((nib & 0xE) << 4))
         coords.append((v.double() / 32 + o).to(torch.float16))
     return torch.stack(coords, dim=1)
+
+
+def decode_iq2xxs_reference(qs: torch.Tensor, cols: int) -> torch.Tensor:
+    """The fp16 weight [rows, cols] the kernel multiplies, from ``qs`` through its layout, tables and bit steps:
+    the parity bit from the popcount, the sign bits XORed onto fp16 grid values, the fp32 sub-block scale
+    ``d (0.5 + ls) / 4`` rounded to fp16 and one fp16 multiply (hmul2). ggml multiplies in fp32 and the reference
+    rounds that product to fp16 once, so the two differ by at most one rounding of the scale (< 1 fp16 ulp)."""
+    sub, d = iq2xxs_layout(qs, cols)
+    aux = sub.to(torch.int64).reshape(sub.shape[0], -1, 2) & 0xFFFFFFFF  # [rows, n_sub, (aux0, aux1)]
+    aux0, aux1 = aux[..., 0], aux[..., 1]
+    d_sub = d.float().repeat_interleave(iq2xxs_format.SUPER // iq2xxs_format.SUB, dim=1)[:, : aux.shape[1]]
+    scale = (d_sub * (0.5 + (aux1 >> 28).float()) * 0.25).to(torch.float16)
+    grid = iq2xxs_grid_table().view(torch.float16).reshape(256, 8)
+    c = torch.arange(4)
+    gi, si = (aux0[..., None] >> (8 * c)) & 255, (aux1[..., None] >> (7 * c)) & 127  # [rows, n_sub, 4]
+    parity = torch.tensor([bin(i).count("1") & 1 for i in range(128)])[si]
+    sbyte = si | (parity << 7)
+    neg = ((sbyte[..., None] >> torch.arange(8)) & 1).bool()  # [rows, n_sub, 4, 8]
+    vals = torch.where(neg, -grid[gi], grid[gi])
+    w = (vals.double() * scale[..., None, None].double()).to(torch.float16)  # one fp16 rounding, as HMUL2
+    return w.reshape(sub.shape[0], cols)

@@ -2,7 +2,7 @@
 // weight (affine grids) or E8P codes, fp32 accumulation.
 //
 // Configured by #defines that cuda_gemv.py puts in front of this file:
-//   KIND         0 = affine scalar grid, 1 = E8P
+//   KIND         0 = affine scalar grid, 1 = E8P, 2 = IQ2_XXS (llama.cpp's sub-blocks, superblock d apart)
 //   BITS         2 or 4 (KIND 0)
 //   ASYM         1 when the format stores a per-group min (w = L(q) s + m), else w = L(q) s
 //   DQ_A<i>, DQ_B<i>  fp16x2 constants: L(q) = fma(magic(q at bit position i), DQ_A<i>, DQ_B<i>), exact
@@ -86,6 +86,9 @@ DEV u32 word(const U4& v, int j) { return j == 0 ? v.x : j == 1 ? v.y : j == 2 ?
 #if KIND == 0
 #define CODES_PER_WORD (32 / BITS)
 #define HALF_PER_WORD CODES_PER_WORD
+#elif KIND == 2
+#define CODES_PER_WORD 4  // grid indices in aux32[0]; its sign indices and scale are the next word
+#define HALF_PER_WORD 16
 #else
 #define CODES_PER_WORD 2
 #define HALF_PER_WORD 16
@@ -137,7 +140,7 @@ DEV void word_mma(float* d, u32 wa, u32 wb, const u32* xr, u32 sa, u32 sb, u32 m
             prmt(xr[m], xr[m + PAIRS / 2], 0x7632u));
     }
 }
-#else
+#elif KIND == 1
 // E8P: a 16-bit code is (pattern << 8) | sign byte. e = E[pattern] ^ T[sign byte] holds coordinate i as a nibble
 // 8 + sign * 2|a_i| (the XOR with 14 negates an odd nibble around 8) at bits 4i, and in bit 0 the complement of
 // the shift's sign. Coordinates i and i + 4 sit at bits 4i and 4i + 16; the LOP3 drops nibble bits 1-3 into the
@@ -170,7 +173,46 @@ DEV void word_mma(float* d, u32 wa, u32 wb, const u32* xr, u32 sa, u32 sb, u32 m
 }
 #endif
 
+#if KIND == 2
+// IQ2_XXS. The kernel layout keeps llama.cpp's 8-byte sub-blocks (aux32[0]: four grid indices; aux32[1]: four
+// 7-bit sign indices and the 4-bit scale ls) back to back, and the superblock scales d in their own array, so a
+// 16-byte chunk is two sub-blocks (64 weights). iq2_grid[i] holds grid row i as four fp16 pairs (v_2p, v_2p+1),
+// exact (8, 25, 43). The 8th sign bit is the parity of the 7 stored ones (ksigns_iq2xs). One SHF + one LOP3 move
+// sign bits 2p and 2p + 1 onto the pair's fp16 sign bits, one HMUL2 applies the sub-block scale
+// d (0.5 + ls) / 4, computed in fp32 as ggml does and rounded once to fp16.
+__shared__ U4 iq2_grid[256];
+DEV void iq2_code(u32 gi, u32 si, u32 s2, u32* p) {
+    const U4 g = iq2_grid[gi];
+    const u32 s = si | ((__popc(si) & 1u) << 7);
+    const u32 z = s | (s << 15);  // bit j at j and j + 15: pair p's two bits land on 15 and 31 after << 15 - 2p
+    p[0] = hmul2(g.x ^ ((z << 15) & 0x80008000u), s2);
+    p[1] = hmul2(g.y ^ ((z << 13) & 0x80008000u), s2);
+    p[2] = hmul2(g.z ^ ((z << 11) & 0x80008000u), s2);
+    p[3] = hmul2(g.w ^ ((z << 9) & 0x80008000u), s2);
+}
+DEV u32 iq2_scale(const u16* d_row, int k, u32 aux1) {
+    const float d = half_lo_to_float(ld_half(d_row + (k >> 8)));
+    const u32 h = float_to_half(d * (0.5f + (float)(aux1 >> 28)) * 0.25f);
+    return h | (h << 16);
+}
+// one sub-block (32 weights) of both rows: (qa0, qa1) and (qb0, qb1) are their aux32 words, xp its activations
+DEV void iq2_sub(float* d, u32 qa0, u32 qa1, u32 qb0, u32 qb1, const U4* xp, const u16* da_row,
+                 const u16* db_row, int k, bool ok) {
+    const u32 sa = iq2_scale(da_row, k, qa1), sb = iq2_scale(db_row, k, qb1);
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+        const U4 xq = ok ? ld_cached(xp + c) : zero4();
+        u32 pa[4], pb[4];
+        iq2_code((qa0 >> (8 * c)) & 0xffu, (qa1 >> (7 * c)) & 0x7fu, sa, pa);
+        iq2_code((qb0 >> (8 * c)) & 0xffu, (qb1 >> (7 * c)) & 0x7fu, sb, pb);
+        mma(d, pa[0], pb[0], pa[1], pb[1], xq.x, xq.y);
+        mma(d, pa[2], pb[2], pa[3], pb[3], xq.z, xq.w);
+    }
+}
+#endif
 
+
+#if KIND != 2
 // chunk c of both rows: this lane's words wa, wb; activations of the lane's word start at xp
 DEV void chunk_mma(float* d, u32 wa, u32 wb, const U4* xp, const u16* sa_row, const u16* sb_row, const u16* ma_row,
                    const u16* mb_row, int k, bool ok = true) {
@@ -191,6 +233,7 @@ DEV void chunk_mma(float* d, u32 wa, u32 wb, const U4* xp, const u16* sa_row, co
 #endif
     word_mma(d, wa, wb, xr, sa, sb, ma, mb);
 }
+#endif
 
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
 gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u16* __restrict__ mins,
@@ -201,6 +244,9 @@ gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u1
     const int row0 = blockIdx.x * 16;
 #if KIND == 1
     for (int i = threadIdx.x; i < 512; i += WARPS * 32) (i < 256 ? e8p_abs : e8p_sign)[i & 255] = tables[i];
+    __syncthreads();
+#elif KIND == 2
+    for (int i = threadIdx.x; i < 256; i += WARPS * 32) iq2_grid[i] = ((const U4*)tables)[i];
     __syncthreads();
 #endif
     const int ra = min(row0 + g, N - 1), rb = min(row0 + g + 8, N - 1);  // ragged N: clamp, do not write
@@ -226,10 +272,16 @@ gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u1
         na = cn < chunks ? ld_stream(ca + cn) : zero4();
         nb = cn < chunks ? ld_stream(cb + cn) : zero4();
         const bool ok = c < chunks;
+#if KIND == 2
+        const int k = ok ? c * HALF_PER_CHUNK : 0;  // k = 0 on idle lanes: their scale reads stay inside the row
+        iq2_sub(d, wa.x, wa.y, wb.x, wb.y, xc + c * HALF_PER_CHUNK / 8, sa_row, sb_row, k, ok);
+        iq2_sub(d, wa.z, wa.w, wb.z, wb.w, xc + c * HALF_PER_CHUNK / 8 + 4, sa_row, sb_row, k, ok);
+#else
 #pragma unroll
         for (int j = 0; j < 4; ++j)  // k = 0 on idle lanes: their scale reads stay inside the row
             chunk_mma(d, word(wa, j), word(wb, j), xc + (c * HALF_PER_CHUNK + j * HALF_PER_WORD) / 8, sa_row,
                       sb_row, ma_row, mb_row, ok ? c * HALF_PER_CHUNK + j * HALF_PER_WORD : 0, ok);
+#endif
     }
 #if ROW_SCALE
     const float fa = half_lo_to_float(ld_half(sa_row)), fb = half_lo_to_float(ld_half(sb_row));
