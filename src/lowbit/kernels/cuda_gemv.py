@@ -13,6 +13,7 @@ rows of their own and the superblock scales into a separate fp16 array (the same
 
 from __future__ import annotations
 
+import os
 import weakref
 from dataclasses import dataclass
 from functools import cache
@@ -39,10 +40,10 @@ class Plan:
     row_scale: bool
     dq: tuple[tuple[float, float], ...]  # (A_i, B_i): level = A_i * magic_i + B_i, one per code position
 
-    def defines(self) -> str:
+    def defines(self, staged_x: bool = False) -> str:
         lines = [f"#define KIND {self.kind}", f"#define BITS {self.bits}", f"#define ASYM {int(self.asym)}",
                  f"#define GROUP_SHIFT {self.group_shift}", f"#define ROW_SCALE {int(self.row_scale)}",
-                 f"#define WARPS {WARPS}"]
+                 f"#define WARPS {WARPS}", f"#define XS {int(staged_x)}"]
         for i, (a, b) in enumerate(self.dq):
             lines += [f"#define DQ_A{i} 0x{_half2_bits(a):08x}u", f"#define DQ_B{i} 0x{_half2_bits(b):08x}u"]
         return "\n".join(lines) + "\n"
@@ -178,8 +179,14 @@ def _cached_layout(qs: torch.Tensor, cols: int) -> tuple[torch.Tensor, torch.Ten
 
 
 @cache
-def _source(p: Plan) -> str:
-    return p.defines() + (cuda_jit.source_dir() / "gemv_mma.cu").read_text()
+def _source(p: Plan, staged_x: bool = False) -> str:
+    return p.defines(staged_x) + (cuda_jit.source_dir() / "gemv_mma.cu").read_text()
+
+
+# A batch-1 activation row up to this size is staged once per block in shared memory: the warps then read it
+# there instead of from L1/L2, whose latency each step otherwise waits for (two blocks per SM still fit).
+STAGED_X_BYTES = 40 * 1024
+STAGED_X = os.environ.get("LOWBIT_CUDA_STAGED_X", "1") != "0"  # 0: batch 1 reads activations from global memory
 
 
 _TABLES: dict[str, torch.Tensor] = {}
@@ -204,9 +211,10 @@ def gemv(x: torch.Tensor, fmt: Format, qt: QuantizedTensor, p: Plan) -> torch.Te
     else:
         codes, scales, groups = qt.data["codes"], qt.data["scale"], fmt.n_groups(k)
         mins = qt.data.get("min", scales)
-    kern = cuda_jit.kernel(_source(p), "gemv_mma", x.device)
+    staged = STAGED_X and m == 1 and 2 * k <= STAGED_X_BYTES
+    kern = cuda_jit.kernel(_source(p, staged), "gemv_mma", x.device)
     kern(((n + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK, 1, 1), (WARPS * 32, 1, 1),
-         [codes, scales, mins, x, y, _TABLES[key], n, k, m, groups])
+         [codes, scales, mins, x, y, _TABLES[key], n, k, m, groups], shared=2 * k if staged else 0)
     return y
 
 

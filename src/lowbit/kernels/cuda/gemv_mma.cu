@@ -9,6 +9,7 @@
 //   GROUP_SHIFT  log2(columns per scale group); 30 = one scale per row
 //   ROW_SCALE    1 = one scale per row applied to the fp32 sums at the end (no per-weight multiply)
 //   WARPS        warps per block; they split K, and the block adds their partial sums
+//   XS           1: batch 1, the activation row staged once per block in (dynamic) shared memory
 //
 // Layout of the work. A block owns 16 rows. Lane (g, t) of a warp (g = lane / 4, t = lane % 4) feeds rows g and
 // g + 8 of an m16n8k16 MMA as its A fragment, and batch column g as its B fragment. The MMA sums over its 16
@@ -94,6 +95,16 @@ DEV u32 word(const U4& v, int j) { return j == 0 ? v.x : j == 1 ? v.y : j == 2 ?
 #define HALF_PER_WORD 16
 #endif
 #define HALF_PER_CHUNK (4 * HALF_PER_WORD)  // weights in 16 bytes of codes
+
+// Activations, in 16-byte units u of the lane's batch row. With XS the row sits in shared memory, 16-byte unit u
+// at u ^ ((u / 8) % 8): the four lanes t of a quad read chunks 4 s + t at the same offset, which without the XOR
+// would be 128 (or 64) bytes apart, all in the same banks. Without XS they come from global memory (L1/L2).
+#if XS
+extern __shared__ U4 xs_row[];
+DEV U4 ld_x(const U4*, int u) { return xs_row[u ^ ((u >> 3) & 7)]; }
+#else
+DEV U4 ld_x(const U4* xrow, int u) { return ld_cached(xrow + u); }
+#endif
 #define LOG2_HALF_PER_CHUNK (HALF_PER_CHUNK == 64 ? 6 : 5)
 // scale (and min) of a pair: group scales per weight, or none when the row scale multiplies the fp32 sums
 #if ROW_SCALE
@@ -195,13 +206,14 @@ DEV u32 iq2_scale(const u16* d_row, int k, u32 aux1) {
     const u32 h = float_to_half(d * (0.5f + (float)(aux1 >> 28)) * 0.25f);
     return h | (h << 16);
 }
-// one sub-block (32 weights) of both rows: (qa0, qa1) and (qb0, qb1) are their aux32 words, xp its activations
-DEV void iq2_sub(float* d, u32 qa0, u32 qa1, u32 qb0, u32 qb1, const U4* xp, const u16* da_row,
+// one sub-block (32 weights) of both rows: (qa0, qa1) and (qb0, qb1) are their aux32 words, unit u of xrow its
+// activations
+DEV void iq2_sub(float* d, u32 qa0, u32 qa1, u32 qb0, u32 qb1, const U4* xrow, int u, const u16* da_row,
                  const u16* db_row, int k, bool ok) {
     const u32 sa = iq2_scale(da_row, k, qa1), sb = iq2_scale(db_row, k, qb1);
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
-        const U4 xq = ok ? ld_cached(xp + c) : zero4();
+        const U4 xq = ok ? ld_x(xrow, u + c) : zero4();
         u32 pa[4], pb[4];
         iq2_code((qa0 >> (8 * c)) & 0xffu, (qa1 >> (7 * c)) & 0x7fu, sa, pa);
         iq2_code((qb0 >> (8 * c)) & 0xffu, (qb1 >> (7 * c)) & 0x7fu, sb, pb);
@@ -213,13 +225,13 @@ DEV void iq2_sub(float* d, u32 qa0, u32 qa1, u32 qb0, u32 qb1, const U4* xp, con
 
 
 #if KIND != 2
-// chunk c of both rows: this lane's words wa, wb; activations of the lane's word start at xp
-DEV void chunk_mma(float* d, u32 wa, u32 wb, const U4* xp, const u16* sa_row, const u16* sb_row, const u16* ma_row,
+// chunk c of both rows: this lane's words wa, wb; activations of the lane's word start at unit u of xrow
+DEV void chunk_mma(float* d, u32 wa, u32 wb, const U4* xrow, int u, const u16* sa_row, const u16* sb_row, const u16* ma_row,
                    const u16* mb_row, int k, bool ok = true) {
     u32 xr[HALF_PER_WORD / 2];
 #pragma unroll
     for (int v = 0; v < HALF_PER_WORD / 8; ++v) {
-        U4 q = ok ? ld_cached(xp + v) : zero4();
+        U4 q = ok ? ld_x(xrow, u + v) : zero4();
         xr[4 * v] = q.x; xr[4 * v + 1] = q.y; xr[4 * v + 2] = q.z; xr[4 * v + 3] = q.w;
     }
     u32 sa = 0x3C003C00u, sb = 0x3C003C00u, ma = 0u, mb = 0u;  // 1.0, 0.0
@@ -242,13 +254,6 @@ gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u1
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int row0 = blockIdx.x * 16;
-#if KIND == 1
-    for (int i = threadIdx.x; i < 512; i += WARPS * 32) (i < 256 ? e8p_abs : e8p_sign)[i & 255] = tables[i];
-    __syncthreads();
-#elif KIND == 2
-    for (int i = threadIdx.x; i < 256; i += WARPS * 32) iq2_grid[i] = ((const U4*)tables)[i];
-    __syncthreads();
-#endif
     const int ra = min(row0 + g, N - 1), rb = min(row0 + g + 8, N - 1);  // ragged N: clamp, do not write
     const int chunks = K / HALF_PER_CHUNK;  // 16-byte chunks per row
     const u16* sa_row = scales + (size_t)ra * groups;
@@ -264,8 +269,19 @@ gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u1
     const U4* xc = (const U4*)(x + (size_t)min(g, M - 1) * K);
     const int steps = (chunks + 3) / 4;
     int c = warp * 4 + t;
-    U4 na = c < chunks ? ld_stream(ca + c) : zero4();
+    U4 na = c < chunks ? ld_stream(ca + c) : zero4();  // the first weights are in flight during the set-up below
     U4 nb = c < chunks ? ld_stream(cb + c) : zero4();
+#if KIND == 1
+    for (int i = threadIdx.x; i < 512; i += WARPS * 32) (i < 256 ? e8p_abs : e8p_sign)[i & 255] = tables[i];
+#elif KIND == 2
+    for (int i = threadIdx.x; i < 256; i += WARPS * 32) iq2_grid[i] = ((const U4*)tables)[i];
+#endif
+#if XS
+    for (int u = threadIdx.x; u < K / 8; u += WARPS * 32) xs_row[u ^ ((u >> 3) & 7)] = ld_cached((const U4*)x + u);
+#endif
+#if KIND != 0 || XS
+    __syncthreads();
+#endif
     for (int s = warp; s < steps; s += WARPS, c += 4 * WARPS) {
         const U4 wa = na, wb = nb;
         const int cn = c + 4 * WARPS;
@@ -274,12 +290,12 @@ gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u1
         const bool ok = c < chunks;
 #if KIND == 2
         const int k = ok ? c * HALF_PER_CHUNK : 0;  // k = 0 on idle lanes: their scale reads stay inside the row
-        iq2_sub(d, wa.x, wa.y, wb.x, wb.y, xc + c * HALF_PER_CHUNK / 8, sa_row, sb_row, k, ok);
-        iq2_sub(d, wa.z, wa.w, wb.z, wb.w, xc + c * HALF_PER_CHUNK / 8 + 4, sa_row, sb_row, k, ok);
+        iq2_sub(d, wa.x, wa.y, wb.x, wb.y, xc, c * HALF_PER_CHUNK / 8, sa_row, sb_row, k, ok);
+        iq2_sub(d, wa.z, wa.w, wb.z, wb.w, xc, c * HALF_PER_CHUNK / 8 + 4, sa_row, sb_row, k, ok);
 #else
 #pragma unroll
         for (int j = 0; j < 4; ++j)  // k = 0 on idle lanes: their scale reads stay inside the row
-            chunk_mma(d, word(wa, j), word(wb, j), xc + (c * HALF_PER_CHUNK + j * HALF_PER_WORD) / 8, sa_row,
+            chunk_mma(d, word(wa, j), word(wb, j), xc, (c * HALF_PER_CHUNK + j * HALF_PER_WORD) / 8, sa_row,
                       sb_row, ma_row, mb_row, ok ? c * HALF_PER_CHUNK + j * HALF_PER_WORD : 0, ok);
 #endif
     }
