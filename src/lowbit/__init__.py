@@ -13,12 +13,14 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from lowbit.io.hf_register import install as _install_hf_quantizer
+
 __version__ = "0.1.0"
 
 _EXPORTS = {
     "load": "lowbit.api", "quantize": "lowbit.api", "save": "lowbit.api", "evaluate": "lowbit.api",
-    "export_gguf": "lowbit.api", "generate": "lowbit.api", "QuantizeResult": "lowbit.api",
-    "convert": "lowbit.jobs", "convert_gguf": "lowbit.jobs",
+    "export_gguf": "lowbit.api", "export_hf": "lowbit.api", "generate": "lowbit.api", "QuantizeResult": "lowbit.api",
+    "convert": "lowbit.jobs", "convert_gguf": "lowbit.jobs", "convert_hf": "lowbit.jobs",
     "compare": "lowbit.comparison",
     "Recipe": "lowbit.recipe", "Variant": "lowbit.recipe",
     "CalibConfig": "lowbit.algorithms.sequential", "GPTQConfig": "lowbit.algorithms.sequential",
@@ -26,9 +28,11 @@ _EXPORTS = {
     "SamplingParams": "lowbit.serve.generate",
     "LowbitError": "lowbit.errors",
     "resolve": "lowbit.io.loader", "is_quantized_dir": "lowbit.io.checkpoint",
+    "LowbitConfig": "lowbit.io.hf_quantizer",
     "get_format": "lowbit.formats",
 }
 __all__ = ["__version__", *sorted(_EXPORTS)]
+_install_hf_quantizer()  # AutoModelForCausalLM.from_pretrained loads lowbit checkpoints; imports no transformers here
 
 
 def __getattr__(name: str) -> Any:

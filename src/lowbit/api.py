@@ -6,6 +6,7 @@
 >>> lowbit.evaluate(model, tok, max_windows=4)                    # perplexity on held-out text
 >>> lowbit.save(model, tok, "smol-q4_0", result=result)           # packed safetensors + lowbit.json
 >>> lowbit.export_gguf(model, tok, "smol-q4_0.gguf")              # or a GGUF file for llama.cpp
+>>> lowbit.export_hf(model, tok, "smol-gptq", to="gptq")          # or GPTQ / compressed-tensors for vLLM
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from lowbit.eval.sizes import SizeReport, model_size
 from lowbit.io.checkpoint import save_quantized
 from lowbit.io.gguf_export import ExportReport
 from lowbit.io.gguf_export import export_gguf as _export_gguf
+from lowbit.io.hf_export import HFExportReport, check_target
+from lowbit.io.hf_export import export_hf as _export_hf
 from lowbit.io.loader import load_model
 from lowbit.models.fused_rotation import fuse_rotation
 from lowbit.models.walker import default_device, round_to_storage
@@ -145,17 +148,34 @@ def save(model: nn.Module, tokenizer: Any, out: str | Path, *, result: QuantizeR
 
 def export_gguf(model: nn.Module, tokenizer: Any, out: str | Path, *, embed_type: str = "f16",
                 fallback: str | None = None, tokenizer_pre: str | None = None,
-                overwrite: bool = False) -> ExportReport:
+                overwrite: bool = False, output_type: str | None = None) -> ExportReport:
     """Write ``model`` (float or quantized into GGUF-typed formats) as a GGUF file that stock llama.cpp runs.
 
     Quantized linears are copied without re-rounding; ``fallback`` (e.g. ``"q8_0"``) re-quantizes those GGUF cannot
-    hold as stored, ``embed_type`` sets the token embeddings' / output matrix's type.
+    hold as stored, ``embed_type`` sets the token embeddings' / output matrix's type, ``output_type`` an untied
+    output matrix's own (e.g. ``"q6_k"``, as llama.cpp's presets).
 
     >>> lowbit.export_gguf(model, tok, "smol-q4_0.gguf", embed_type="q8_0")
     """
     check_destination(out, model_size(model).total_bytes, overwrite)
     return _export_gguf(model.cpu(), tokenizer, out, fallback=fallback, embed_type=embed_type,
-                        tokenizer_pre=tokenizer_pre)
+                        tokenizer_pre=tokenizer_pre, output_type=output_type)
+
+
+def export_hf(model: nn.Module, tokenizer: Any, out: str | Path, *, to: str, act_order: bool = False,
+              overwrite: bool = False) -> HFExportReport:
+    """Write a quantized model as a GPTQ (``to="gptq"``) or compressed-tensors (``to="compressed-tensors"``)
+    checkpoint directory that transformers' ``from_pretrained`` and ``vllm serve`` load.
+
+    Codes and scales are copied, not re-rounded: the export dequantizes to exactly lowbit's weights. Formats with
+    no such layout (E8P, IQ2_XXS, k-quants, level sets, float-min ``_asym``, ``+rht``) are refused before anything
+    is written. ``act_order`` records a ``gptq_act`` quantization in the config (lowbit's groups are static).
+
+    >>> lowbit.export_hf(model, tok, "smol-gptq", to="gptq")
+    """
+    check_target(to)  # a bad target is refused before the size estimate builds anything
+    check_destination(out, model_size(model).total_bytes, overwrite)
+    return _export_hf(model.cpu(), tokenizer, out, to, act_order=act_order, overwrite=overwrite)
 
 
 def evaluate(model: nn.Module, tokenizer: Any, *, text_file: str | Path | None = None, seqlen: int | None = None,

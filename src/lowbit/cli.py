@@ -129,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_weight_cache(p)
     _add_report_plan(sub)
     _add_export_gguf(sub)
+    _add_export_hf(sub)
     _add_demo(sub)
     return ap
 
@@ -208,6 +209,26 @@ def _add_export_gguf(sub: argparse._SubParsersAction) -> None:
                         "before quantizing (QuaRot-style; llama.cpp runs the result unchanged)")
     p.add_argument("--tokenizer-pre", default=None,
                    help="llama.cpp pre-tokenizer name (default: detected as convert_hf_to_gguf.py does)")
+    p.add_argument("--no-progress", action="store_true")
+    _add_calib(p)
+    _add_finetune(p)
+
+
+def _add_export_hf(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export-hf", help="write a GPTQ or compressed-tensors checkpoint that transformers and vLLM "
+                       "load (a lowbit checkpoint, or quantize first)")
+    _add_model(p)
+    p.add_argument("--to", required=True, choices=["gptq", "compressed-tensors"], help="checkpoint layout")
+    p.add_argument("--out", "-o", required=True, help="output directory (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--format", "-f", default=None,
+                   help="quantize a float model into this format first: int{2,3,4,8}_{gN|ch}_sym (q4_0, q8_0) or "
+                        "int{b}_{gN|ch}_zp (asymmetric, integer zero point); omit for a lowbit checkpoint")
+    p.add_argument("--method", default="rtn", choices=["rtn", "gptq", "gptq_act", "imatrix"],
+                   help="rounding when quantizing first (default rtn)")
+    p.add_argument("--fuse-rotation", action="store_true",
+                   help="fold norms and a randomized Hadamard rotation into the weights before quantizing (the "
+                        "result is an ordinary model, unlike +rht)")
     p.add_argument("--no-progress", action="store_true")
     _add_calib(p)
     _add_finetune(p)
@@ -329,6 +350,16 @@ def cmd_export_gguf(args: argparse.Namespace) -> int:
                                  fallback=args.fallback, fuse_rotation_only=float_export and args.fuse_rotation,
                                  tokenizer_pre=args.tokenizer_pre, device=args.device, overwrite=args.overwrite,
                                  progress=not args.no_progress)
+    print(report.summary())
+    return 0
+
+
+def cmd_export_hf(args: argparse.Namespace) -> int:
+    import lowbit
+
+    recipe = _recipe(args, args.format) if args.format else None
+    report = lowbit.convert_hf(args.model, args.out, recipe, to=args.to, device=args.device,
+                               overwrite=args.overwrite, progress=not args.no_progress)
     print(report.summary())
     return 0
 
@@ -487,7 +518,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "compare": cmd_compare, "info": cmd_info,
             "formats": cmd_formats, "generate": cmd_generate, "serve": cmd_serve, "report": cmd_report,
-            "plan": cmd_plan, "export-gguf": cmd_export_gguf, "demo": cmd_demo}
+            "plan": cmd_plan, "export-gguf": cmd_export_gguf, "export-hf": cmd_export_hf, "demo": cmd_demo}
 
 
 if __name__ == "__main__":

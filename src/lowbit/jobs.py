@@ -4,6 +4,7 @@ the arguments before minutes of work, load the model where the recipe wants it, 
 >>> lowbit.convert(None, "gptq_act:q4_0", "smol-q4_0")               # bundled model -> lowbit checkpoint
 >>> lowbit.convert_gguf(None, "smol-iq2.gguf", "gptq+ft:iq2_xxs")      # -> GGUF for llama.cpp
 >>> lowbit.convert_gguf(None, "smol.gguf", "gptq_act:q4_0", like="llama-Q4_K_M.gguf")  # another file's types
+>>> lowbit.convert_hf(None, "smol-gptq", "gptq_act:q4_0", to="gptq")  # -> GPTQ for transformers / vLLM
 """
 
 from __future__ import annotations
@@ -12,14 +13,17 @@ from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 
-from lowbit.api import QuantizeResult, export_gguf, load, quantize, save
+from lowbit.algorithms.mixed import is_mix, parse_mix
+from lowbit.api import QuantizeResult, export_gguf, export_hf, load, quantize, save
 from lowbit.atomic import check_destination
 from lowbit.data.corpus import read_text_file
 from lowbit.errors import LowbitError
-from lowbit.io.checkpoint import is_quantized_dir
+from lowbit.formats import get_format
+from lowbit.io.checkpoint import is_quantized_dir, read_info
 from lowbit.io.gguf_export import ExportReport
 from lowbit.io.gguf_presets import check_preset, preset_plan
 from lowbit.io.gguf_types import plan_like, read_gguf
+from lowbit.io.hf_export import HFExportReport, check_format, check_target
 from lowbit.io.loader import check_source, load_config, resolve
 from lowbit.models.fused_rotation import fuse_rotation
 from lowbit.models.walker import default_device
@@ -69,6 +73,7 @@ def convert_gguf(source: str | Path | None, out: str | Path, recipe: Recipe | st
             raise LowbitError("give --like or --preset, not both: each sets every tensor's type")
         check_preset(preset)  # an unknown name is refused before anything is read or written
     src = _check_inputs(source, recipe, out, overwrite, like=like, preset=preset)
+    output_type = None  # an untied output matrix's own type, where a preset or the like file gives one
     if is_quantized_dir(src):
         if recipe or like or preset or fuse_rotation_only:
             raise LowbitError(f"{src} is already a quantized lowbit checkpoint: export it as is (no recipe, like "
@@ -79,24 +84,74 @@ def convert_gguf(source: str | Path | None, out: str | Path, recipe: Recipe | st
         if fuse_rotation_only:
             fuse_rotation(model)
     else:
-        model, tok, embed_type = _quantize_for_gguf(src, recipe, like or preset, embed_type, device, progress,
-                                                    is_preset=preset is not None)
+        model, tok, embed_type, output_type = _quantize_for_gguf(src, recipe, like or preset, embed_type, device,
+                                                                 progress, is_preset=preset is not None)
     return export_gguf(model, tok, out, embed_type=embed_type or "f16", fallback=fallback,
-                       tokenizer_pre=tokenizer_pre, overwrite=overwrite)
+                       tokenizer_pre=tokenizer_pre, overwrite=overwrite, output_type=output_type)
 
 
 def _quantize_for_gguf(src: str, recipe: Recipe | None, like: str | Path | None, embed_type: str | None,
                        device: str | None, progress: bool, is_preset: bool = False) -> tuple:
     recipe = recipe or Recipe("q8_0")
+    output_type = None
     compute = device or default_device()
     model, tok = load(src, device="cpu" if recipe.needs_calibration else compute)
     if like:
         # calibrated rounding gets the searched-fit variant of each type (same GGUF type and bytes)
         searched = recipe.method != "rtn"
         types = preset_plan(model, str(like), searched) if is_preset else plan_like(model, like, searched)
-        recipe, embed_type = replace(recipe, format=types.plan), embed_type or types.embed_type
+        recipe = replace(recipe, format=types.plan)
+        if embed_type is None:  # an explicit --embed-type sets token_embd and the output matrix alike
+            embed_type, output_type = types.embed_type, types.output_type
     quantize(model, recipe, tok, device=compute, progress=progress)
-    return model, tok, embed_type
+    return model, tok, embed_type, output_type
+
+
+def convert_hf(source: str | Path | None, out: str | Path, recipe: Recipe | str | None = None, *, to: str,
+               device: str | None = None, overwrite: bool = False, progress: bool = True) -> HFExportReport:
+    """Write the model at ``source`` as a GPTQ or compressed-tensors checkpoint directory (``to``) for transformers
+    and vLLM.
+
+    * a lowbit checkpoint is exported as stored (no ``recipe``); its lowbit.json says whether GPTQ ran in act-order;
+    * a float model is quantized first with ``recipe``, whose format is checked against ``to`` before any work.
+
+    >>> print(lowbit.convert_hf(None, "smol-gptq", "gptq_act:q4_0", to="gptq").summary())
+    """
+    recipe = Recipe.parse(recipe) if isinstance(recipe, str) else recipe
+    check_target(to)
+    src = _check_inputs(source, recipe, out, overwrite)
+    if is_quantized_dir(src):
+        if recipe is not None:
+            raise LowbitError(f"{src} is already a quantized lowbit checkpoint: export it as is (no recipe)")
+        act_order = str(read_info(src).get("method", "")).split("+")[0] == "gptq_act"
+        model, tok = load(src, device="cpu")
+    else:
+        if recipe is None:
+            raise LowbitError(f"{src} is a float model: give a recipe (--format) to quantize it before the export")
+        _check_recipe_for_hf(src, recipe, to)
+        compute = device or default_device()
+        model, tok = load(src, device="cpu" if recipe.needs_calibration else compute)
+        quantize(model, recipe, tok, device=compute, progress=progress)
+        act_order = recipe.method == "gptq_act"
+    return export_hf(model, tok, out, to=to, act_order=act_order, overwrite=overwrite)
+
+
+def _check_recipe_for_hf(src: str, recipe: Recipe, to: str) -> None:
+    """Refuse, before minutes of quantization, a recipe whose output the target cannot hold."""
+    if recipe.rotate:
+        raise LowbitError(f"{recipe}: lowbit undoes +rht rotations at run time, GPTQ / compressed-tensors loaders "
+                          "cannot; drop +rht (--fuse-rotation keeps the model an ordinary one)")
+    if isinstance(recipe.format, Mapping):
+        formats = set(recipe.format.values())
+    else:
+        formats = set(parse_mix(recipe.format).formats) if is_mix(recipe.format) else {recipe.format}
+    shapes = read_shapes(src).linear_shapes if len(formats) == 1 else []  # a plan's shapes are checked at export
+    for fmt in sorted(formats):
+        check_format(to, fmt, shapes)
+    kinds = {(get_format(f).bits, get_format(f).group_size) for f in formats}
+    if to == "gptq" and len(kinds) > 1:
+        raise LowbitError(f"{recipe}: GPTQ holds one bit width and group size per model, this recipe mixes "
+                          f"{', '.join(sorted(formats))}; use --to compressed-tensors (one config group per format)")
 
 
 def _check_inputs(source: str | Path | None, recipe: Recipe | None, out: str | Path, overwrite: bool,

@@ -3,6 +3,7 @@
 Names:
   ``int{b}_g{N}_{sym|asym}[_mse]``  uniform b-bit (2..8), groups of N input columns
   ``int{b}_ch_{sym|asym}[_mse]``    uniform b-bit, one group per output channel (row)
+  ``int{b}_{gN|ch}_zp[_mse]``       uniform b-bit with an integer zero point, ``(q - z) * s`` (GPTQ's asymmetric)
   ``q4_0``, ``q4_1``, ``q8_0``       ggml block formats (= int4_g32_sym, int4_g32_asym, int8_g32_sym)
   ``{nz2|pm12|std2}_{gN|ch}``       2-bit level sets {+-0.5,+-1.5}, {+-1,+-2}, {-2,-1,0,1} x per-group scale
   ``std2m_{gN|ch}``                 {-2,-1,0,1} or its mirror {-1,0,1,2}, chosen per group (sign of the scale)
@@ -30,13 +31,14 @@ from lowbit.formats.iq2xxs import IQ2XXSFormat
 from lowbit.formats.kquants import K_QUANTS, KQuantFormat, Q2KFormat, Q3KFormat, Q4KFormat, Q5KFormat, Q6KFormat
 from lowbit.formats.levelset import IQ4_NL_LEVELS, NAMED_LEVELS, LevelSetFormat, no_zero_levels
 from lowbit.formats.uniform import UniformFormat
+from lowbit.formats.zeropoint import ZeroPointFormat
 
 __all__ = ["E8PFormat", "Format", "IQ2XXSFormat", "KQuantFormat", "LevelSetFormat", "Params", "Q2KFormat", "Q3KFormat",
-           "Q4KFormat", "Q5KFormat", "Q6KFormat", "QuantizedTensor", "UniformFormat", "cat_params", "get_format",
-           "example_names", "row_format"]
+           "Q4KFormat", "Q5KFormat", "Q6KFormat", "QuantizedTensor", "UniformFormat", "ZeroPointFormat", "cat_params",
+           "get_format", "example_names", "row_format"]
 
 ALIASES = {"q4_0": "int4_g32_sym", "q4_1": "int4_g32_asym", "q8_0": "int8_g32_sym"}
-_UNIFORM = re.compile(r"^int(?P<bits>[2-8])_(?:g(?P<g>\d+)|(?P<ch>ch))_(?P<kind>sym|asym)(?P<mse>_mse)?$")
+_UNIFORM = re.compile(r"^int(?P<bits>[2-8])_(?:g(?P<g>\d+)|(?P<ch>ch))_(?P<kind>sym|asym|zp)(?P<mse>_mse)?$")
 _LEVELS = re.compile(r"^(?:(?P<set>nz2|pm12|std2m?)|nz2r(?P<ratio>\d{2}))_(?:g(?P<g>\d+)|(?P<ch>ch))$")
 _E8P = re.compile(r"^e8p_(?:g(?P<g>\d+)|(?P<ch>ch))$")
 
@@ -63,17 +65,19 @@ def get_format(name: str) -> Format:
             named = (m["set"] or "").removesuffix("m")
             levels = NAMED_LEVELS[named] if named else no_zero_levels(int(m["ratio"]) / 100)
             return LevelSetFormat(levels, g, canonical, mirror=m["set"] == "std2m")
+        if m["kind"] == "zp":
+            return ZeroPointFormat(int(m["bits"]), g, "mse" if m["mse"] else "minmax")
         fmt = UniformFormat(int(m["bits"]), g, m["kind"] == "sym", "mse" if m["mse"] else "minmax")
         if key in ALIASES:
             fmt.name = key
         return fmt
     raise UnknownFormatError(f"unknown format {name!r}; known: {', '.join(example_names())} "
-                             "(patterns int{2..8}_{gN|ch}_{sym|asym}[_mse], {nz2|pm12|std2|std2m}_{gN|ch}, "
+                             "(patterns int{2..8}_{gN|ch}_{sym|asym|zp}[_mse], {nz2|pm12|std2|std2m}_{gN|ch}, "
                              "nz2r{RR}_{gN|ch}, iq2_xxs, q2_k..q6_k, iq4_nl, e8p_{gN|ch})")
 
 
 def example_names() -> list[str]:
-    return ["int4_g128_sym", "int4_g128_asym", "int3_g128_asym", "int2_g64_asym_mse", "int4_ch_sym",
+    return ["int4_g128_sym", "int4_g128_asym", "int4_g128_zp", "int3_g128_asym", "int2_g64_asym_mse", "int4_ch_sym",
             "nz2_ch", "nz2r30_ch", "pm12_ch", "std2_ch", "std2m_ch", "iq2_xxs", "q2_k", "q3_k", "q4_k",
             "q5_k", "q6_k", "iq4_nl", "e8p_ch", "e8p_g256", *ALIASES]
 

@@ -2,16 +2,19 @@
 
 A quantized model directory holds:
   model.safetensors   packed linears (codes, scales, ...) + every other parameter in float16
-  config.json         the original Hugging Face config
+  config.json         the original Hugging Face config, plus ``quantization_config: {"quant_method": "lowbit"}`` so
+                      ``transformers``' from_pretrained loads it after ``import lowbit`` (:mod:`lowbit.io.hf_quantizer`)
   lowbit.json         format per quantized linear, method, source, sizes
   tokenizer files     copied from the source model
 Reloading rebuilds the architecture from config.json, swaps in QuantLinear modules of the recorded formats
-and loads the tensors strictly, so it reproduces the in-memory quantized model bit for bit.
+and loads the tensors strictly, so it reproduces the in-memory quantized model bit for bit. transformers' loader
+swaps in the same modules (:func:`install_quant_linears`) and reads the same files.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,6 +41,7 @@ from lowbit.rotations.incoherence import Rotation
 STORAGE_DTYPE = torch.float16
 CHECKPOINT_VERSION = 1
 QUANTIZED_MARKER = "lowbit.json"
+HF_QUANT_METHOD = "lowbit"  # config.json's quantization_config.quant_method: routes from_pretrained to lowbit
 
 
 def is_quantized_dir(path: str | Path) -> bool:
@@ -80,11 +84,29 @@ def save_quantized(model: nn.Module, tokenizer: object, out: str | Path, meta: d
             "storage_dtype": "float16", "formats": formats, "rotations": rotations, **(meta or {})}
     with atomic_dir(out, overwrite=overwrite) as tmp:
         _save_tensors(tensors, tmp / "model.safetensors")
-        model.config.save_pretrained(tmp)
+        _save_config(model.config, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / QUANTIZED_MARKER).write_text(json.dumps(info, indent=2) + "\n")
     return Path(out)
+
+
+def _save_config(config: object, out: Path) -> None:
+    """config.json: the model's config plus the quantization_config transformers routes on (a copy: the model's
+    own config is left as it was). The per-linear formats and rotations stay in lowbit.json, their one place."""
+    config = copy.deepcopy(config)
+    config.quantization_config = {"quant_method": HF_QUANT_METHOD, "checkpoint_version": CHECKPOINT_VERSION}
+    config.save_pretrained(out)
+
+
+def install_quant_linears(model: nn.Module, info: dict) -> None:
+    """Swap an empty QuantLinear of the recorded format and rotation into ``model`` for every linear ``info``
+    (a checked lowbit.json) names, on the device the replaced module was on (meta included), buffers to be loaded.
+    Both loaders build a checkpoint's modules with this: lowbit's and transformers' from_pretrained."""
+    rotations = info.get("rotations", {})
+    for name, fmt in info["formats"].items():
+        set_module(model, name, empty_quant_linear(model.get_submodule(name), fmt,
+                                                   Rotation.from_json(rotations.get(name))))
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -141,10 +163,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32,
     check_supported(config.model_type)
     with skip_init():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    rotations = info.get("rotations", {})
-    for name, fmt in info["formats"].items():
-        set_module(model, name, empty_quant_linear(model.get_submodule(name), fmt,
-                                                   Rotation.from_json(rotations.get(name))))
+    install_quant_linears(model, info)
     model.tie_weights()  # before loading: tied tensors were saved once
     tied = _tied_keys(model)
     state = load_safetensors(path / "model.safetensors")

@@ -302,6 +302,8 @@ def expected_tensors(model: nn.Module, formats: dict[str, str], config_path: Pat
             tied.add(key)
         seen.add(id(t))
         expected[key] = Expected(tuple(t.shape), None if t.is_floating_point() else t.dtype, config_path.name)
+    # ties transformers >= 5 declares: inside its from_pretrained (lowbit.io.hf_quantizer) tie_weights does nothing
+    tied |= set(getattr(model, "all_tied_weights_keys", None) or {})
     for name, fmt in formats.items():
         expected.pop(f"{name}.weight", None)
         shape = _linear_shape(model, name, info_path or config_path)

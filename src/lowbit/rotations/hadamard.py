@@ -42,8 +42,8 @@ def _is_prime(q: int) -> bool:
 @cache
 def hadamard_matrix(m: int) -> torch.Tensor | None:
     """A Hadamard matrix of order m (entries +-1, H H^T = m I) by Sylvester/Paley I, or None if not built."""
-    if m == 1:
-        return torch.ones(1, 1)
+    if m == 1:  # explicit device and dtype: the cache outlives any caller's defaults (transformers builds on meta)
+        return torch.ones(1, 1, dtype=torch.float32, device="cpu")
     if m % 2 == 0 and (m & (m - 1)) == 0:
         h = hadamard_matrix(m // 2)
         return torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
@@ -51,12 +51,12 @@ def hadamard_matrix(m: int) -> torch.Tensor | None:
     if m % 4 == 0 and _is_prime(q) and q % 4 == 3:  # Paley construction I
         residues = {(i * i) % q for i in range(1, q)}
         chi = [0] + [1 if i in residues else -1 for i in range(1, q)]
-        Q = torch.tensor([[chi[(j - i) % q] for j in range(q)] for i in range(q)], dtype=torch.float32)
-        S = torch.zeros(m, m)
+        Q = torch.tensor([[chi[(j - i) % q] for j in range(q)] for i in range(q)], dtype=torch.float32, device="cpu")
+        S = torch.zeros(m, m, dtype=torch.float32, device="cpu")
         S[0, 1:] = 1
         S[1:, 0] = -1
         S[1:, 1:] = Q
-        return S + torch.eye(m)
+        return S + torch.eye(m, dtype=torch.float32, device="cpu")
     if m % 2 == 0:  # m = 2 * m', Sylvester doubling of a smaller Paley matrix
         h = hadamard_matrix(m // 2)
         if h is not None:
@@ -84,13 +84,13 @@ class RandomizedHadamard:
         self.n, self.seed = n, seed
         self.m, self.p = _split(n)
         g = torch.Generator().manual_seed(seed)
-        self.signs = torch.randint(0, 2, (n,), generator=g).float() * 2 - 1
+        self.signs = torch.randint(0, 2, (n,), generator=g, device="cpu").float() * 2 - 1  # CPU, float32 always
         h = hadamard_matrix(self.m)
         if h is not None:
             self.factor = h / math.sqrt(self.m)
             self.kind = f"hadamard {self.m} x fwht {self.p}"
         else:  # QuIP: a random orthogonal Kronecker factor where no Hadamard matrix of order m is known
-            q, r = torch.linalg.qr(torch.randn(self.m, self.m, generator=g, dtype=torch.float64))
+            q, r = torch.linalg.qr(torch.randn(self.m, self.m, generator=g, dtype=torch.float64, device="cpu"))
             self.factor = (q * torch.sign(torch.diagonal(r))).float()
             self.kind = f"random orthogonal {self.m} x fwht {self.p}"
 
