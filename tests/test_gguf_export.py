@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import gguf
 import numpy as np
 import pytest
 import torch
 from gguf.quants import dequantize
 
-from conftest import exported_logits, llama_cpp_logits, make_model, sharpen_llama
+from conftest import exported_logits, make_model, sharpen_llama
+from llama_cpp_runner import llama_cpp_logits, llama_cpp_tokenize, require_llama_cpp
 from lowbit.algorithms.plans import uniform_plan
 from lowbit.algorithms.rtn import quantize_rtn
 from lowbit.api import quantize
@@ -236,11 +235,11 @@ def _sharp_llama(tokenizer) -> torch.nn.Module:
 LLAMA_CPP_TOL = 0.2
 
 
-@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1", "iq4_nl"])
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1", "iq4_nl", "int5_g32_sym", "int5_g32_asym"])  # Q5_0, Q5_1
 def test_llama_cpp_matches_lowbit_logits(tmp_path, tiny_tokenizer, fmt):
-    """Stock llama.cpp (through llama-cpp-python) computes the same logits as lowbit's dequantized model, within
-    its own activation rounding. Skipped when llama_cpp is not installed."""
-    pytest.importorskip("llama_cpp")
+    """Stock llama.cpp computes the same logits as lowbit's dequantized model, within its own activation
+    rounding."""
+    require_llama_cpp()
     model = _sharp_llama(tiny_tokenizer)
     quantize_rtn(model, uniform_plan(model, fmt), progress=False)
     want, got = exported_logits(model, tiny_tokenizer, tmp_path / "m.gguf")
@@ -248,6 +247,14 @@ def test_llama_cpp_matches_lowbit_logits(tmp_path, tiny_tokenizer, fmt):
     print(f"{fmt}: max |logit diff| llama.cpp vs lowbit = {diff:.3f} (max |logit| {np.abs(want).max():.2f})")
     assert np.abs(want).max() > 3  # the model is sharp enough for the bound to mean something
     assert diff < LLAMA_CPP_TOL
+
+
+def test_llama_cpp_tokenizes_like_hf(tmp_path, tiny_tokenizer):
+    """The exported tokenizer (vocabulary, merges, pre-tokenizer) gives llama.cpp the ids Hugging Face gives."""
+    require_llama_cpp()
+    export_gguf(make_model("llama", vocab=len(tiny_tokenizer)), tiny_tokenizer, tmp_path / "m.gguf")
+    for text in ("The quick brown fox jumps over the lazy dog.", "Low-bit  quantization, 2/3/4 bits!\n<eos>x"):
+        assert llama_cpp_tokenize(tmp_path / "m.gguf", text) == tiny_tokenizer.encode(text)
 
 
 def test_plan_like_reproduces_another_files_types(tmp_path, tiny_tokenizer):
@@ -293,9 +300,8 @@ def test_fused_rotation_exports_and_llama_cpp_agrees(tmp_path, tiny_tokenizer):
     assert (want - before).abs().max() < 0.1 * before.abs().max()  # same function, up to 8-bit rounding
     report = export_gguf(model, tiny_tokenizer, tmp_path / "fused.gguf")
     assert {"token_embd.weight", "output.weight"} <= {t.name for t in report.tensors}
-    if importlib.util.find_spec("llama_cpp"):  # the rest of the test runs without it
-        got = llama_cpp_logits(tmp_path / "fused.gguf", ids)
-        assert np.abs(got - want.numpy()).max() < LLAMA_CPP_TOL
+    got = llama_cpp_logits(tmp_path / "fused.gguf", ids)
+    assert np.abs(got - want.numpy()).max() < LLAMA_CPP_TOL
 
 
 def test_cli_export_like_and_fused(tmp_path, tiny_model_dir, capsys):

@@ -10,7 +10,8 @@ import pytest
 import torch
 from gguf.quants import dequantize
 
-from conftest import make_model
+from conftest import exported_logits, make_model, sharpen_llama
+from llama_cpp_runner import require_llama_cpp
 from lowbit.algorithms.gptq import gptq_quantize, proxy_loss
 from lowbit.errors import LowbitError
 from lowbit.formats import KQuantFormat, QuantizedTensor, get_format, row_format
@@ -425,6 +426,29 @@ def test_gptq_act_ft_quantize_and_gguf_round_trip(name, tmp_path, tiny_tokenizer
     _check_gguf(model, tmp_path / "m.gguf", dict.fromkeys(_GGUF_NAMES, QT[name.upper()]))
     like = plan_like(model, tmp_path / "m.gguf")
     assert set(like.plan.values()) == {name} and len(like.plan) == 7
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_llama_cpp_runs_kquant_file_like_lowbit(name, tmp_path, tiny_tokenizer):
+    """Stock llama.cpp loads a file of each k-quant lowbit wrote and computes lowbit's logits, within llama.cpp's
+    8-bit activation rounding (the bound of test_q2k.py's Q2_K agreement test, on the same sharpened model)."""
+    from lowbit.algorithms.plans import uniform_plan
+    from lowbit.algorithms.rtn import quantize_rtn
+
+    require_llama_cpp()
+    model = sharpen_llama(_llama_256(len(tiny_tokenizer)))
+    ids = tiny_tokenizer.encode("The quick brown fox jumps over the lazy dog. Low-bit quantization")
+    with torch.no_grad():
+        before = model(torch.tensor([ids])).logits[0].numpy()
+    quantize_rtn(model, uniform_plan(model, name), progress=False)
+    want, got = exported_logits(model, tiny_tokenizer, tmp_path / "m.gguf")
+    diff, top = np.abs(got - want), np.abs(want).max()
+    print(f"{name}: max |logit diff| llama.cpp vs lowbit = {diff.max():.3f}, mean {diff.mean():.4f} (max |logit| "
+          f"{top:.2f}); mean vs the float model {np.abs(got - before).mean():.3f}")
+    # Measured here (max / mean; mean vs float): q3_k 0.53 / 0.057; 0.98, q4_k 0.68 / 0.056; 0.49,
+    # q5_k 0.46 / 0.054; 0.25, q6_k 0.54 / 0.056; 0.15
+    assert top > 1 and diff.max() < 0.1 * top and diff.mean() < 0.01 * top
+    assert diff.mean() < 0.5 * np.abs(got - before).mean()  # llama.cpp runs the quantized weights, not the floats
 
 
 def test_narrow_rows_fall_back_like_llama_cpp(tmp_path, tiny_tokenizer):

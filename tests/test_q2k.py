@@ -9,6 +9,7 @@ import torch
 from gguf.quants import dequantize
 
 from conftest import exported_logits, sharpen_llama
+from llama_cpp_runner import require_llama_cpp
 from lowbit.algorithms.gptq import gptq_quantize, proxy_loss
 from lowbit.errors import LowbitError
 from lowbit.formats import Q2KFormat, get_format
@@ -158,11 +159,11 @@ def test_gguf_export_round_trip(tmp_path, tiny_tokenizer):
     assert set(like.plan.values()) == {"q2_k"} and len(like.plan) == 7
 
 
-@pytest.mark.parametrize("fmt", ["q2_k", "q4_0"])
+@pytest.mark.parametrize("fmt", ["q2_k", "iq2_xxs", "q4_0"])
 def test_llama_cpp_runs_q2_k_file_like_lowbit(tmp_path, tiny_tokenizer, fmt):
-    """Stock llama.cpp loads a Q2_K file lowbit wrote and computes lowbit's logits, within llama.cpp's 8-bit
-    activation rounding (skipped without llama-cpp-python)."""
-    pytest.importorskip("llama_cpp")
+    """Stock llama.cpp loads a Q2_K file lowbit wrote (and an IQ2_XXS one, the other 2-bit type; Q4_0 for
+    comparison) and computes lowbit's logits, within llama.cpp's 8-bit activation rounding."""
+    require_llama_cpp()
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from lowbit.algorithms.plans import uniform_plan
@@ -176,8 +177,8 @@ def test_llama_cpp_runs_q2_k_file_like_lowbit(tmp_path, tiny_tokenizer, fmt):
     want, got = exported_logits(model, tiny_tokenizer, tmp_path / "m.gguf")
     diff = np.abs(got - want).max()
     print(f"{fmt}: max |logit diff| llama.cpp vs lowbit = {diff:.3f} (max |logit| {np.abs(want).max():.2f})")
-    # Measured here: f16 file 0.02 max; q8_0 0.35 max / 0.039 mean; q2_k 0.89 / 0.054; q4_0 0.34 (llama.cpp rounds
-    # activations to 8 bits for quantized dot products; this model's x10 head amplifies it). A wrong block layout
-    # moves the mean by whole logits.
+    # Measured here: f16 file 0.02 max; q8_0 0.35 max / 0.039 mean; q2_k 0.89 / 0.054; iq2_xxs 0.41 / 0.050 (1.98
+    # mean from the float model); q4_0 0.34 (llama.cpp rounds activations to 8 bits for quantized dot products; this
+    # model's x10 head amplifies it). A wrong block layout moves the mean by whole logits.
     top = np.abs(want).max()
     assert top > 1 and diff < 0.1 * top and np.abs(got - want).mean() < 0.01 * top

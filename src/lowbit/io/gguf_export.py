@@ -10,7 +10,8 @@ Quantized linears are copied, not re-quantized: their packed codes and fp16 scal
 whole rows of those bytes (every ggml block lies inside one row). A linear that GGUF cannot hold as stored (a
 format without a ggml type, rows that do not fill whole blocks, a lowbit rotation) is an error, or with
 ``fallback`` is re-quantized from its dequantized weight into the fallback format, and reported as such.
-Everything else: norms and biases F32, embeddings / output F16 (or ``embed_type="q8_0"``), other matrices F16.
+Everything else: norms and biases F32, embeddings / output F16 (or ``embed_type="q8_0"``; an untied output matrix
+``output_type``, e.g. a preset's Q6_K), other matrices F16.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from torch import nn
 
 from lowbit.atomic import atomic_file
 from lowbit.errors import LowbitError, UnsupportedModelError
-from lowbit.formats import QuantizedTensor, get_format
+from lowbit.formats import QuantizedTensor, get_format, row_format
 from lowbit.io.gguf_blocks import gguf_type, to_ggml_blocks, unsupported_reason
 from lowbit.io.gguf_types import gguf_arch, gguf_name
 from lowbit.models.quant_linear import QuantLinear
@@ -118,21 +119,26 @@ class ExportReport:
 # Entry point
 # ----------------------------------------------------------------------------------------------------------------
 def export_gguf(model: nn.Module, tokenizer: object, out: str | Path, fallback: str | None = None,
-                embed_type: str = "f16", tokenizer_pre: str | None = None, name: str | None = None) -> ExportReport:
+                embed_type: str = "f16", tokenizer_pre: str | None = None, name: str | None = None,
+                output_type: str | None = None) -> ExportReport:
     """Write ``model`` (QuantLinear modules and/or float ones) with ``tokenizer`` to the GGUF file ``out``.
 
     ``fallback``: a lowbit format with a GGUF type (e.g. ``q8_0``) used to re-quantize linears that cannot be
     written as stored; without it they raise LowbitError. ``embed_type``: ``f16`` (exact) or such a format, used
-    (round-to-nearest) for the token embeddings and an untied output matrix. ``tokenizer_pre`` overrides the
-    pre-tokenizer detection.
+    (the format's own fit, no calibration) for the token embeddings, and for an untied output matrix unless
+    ``output_type`` gives it another (llama.cpp's presets give it Q6_K). A k-quant whose superblocks do not divide
+    the rows takes llama.cpp's fallback (``formats.row_format``); rows no block divides stay F16.
+    ``tokenizer_pre`` overrides the pre-tokenizer detection.
     """
     config = model.config
     arch = gguf_arch(config)
-    if embed_type != "f16":
-        _check_fallback(embed_type, "embed_type")
+    output_type = output_type or embed_type
+    for what, fmt in (("embed_type", embed_type), ("output_type", output_type)):
+        if fmt != "f16":
+            _check_fallback(fmt, what)
     if fallback is not None:
         _check_fallback(fallback)
-    entries = list(_tensors(model, arch, fallback, embed_type))
+    entries = list(_tensors(model, arch, fallback, {"token_embd": embed_type, "output": output_type}))
     out = Path(out)
     report = ExportReport(out, gguf.MODEL_ARCH_NAMES[arch], "")
     with atomic_file(out) as tmp:
@@ -288,7 +294,8 @@ def _adds_special(tokenizer: object) -> dict[str, bool]:
 Entry = tuple[str, np.ndarray, "QT | None", TensorRecord]
 
 
-def _tensors(model: nn.Module, arch: gguf.MODEL_ARCH, fallback: str | None, embed_type: str) -> Iterator[Entry]:
+def _tensors(model: nn.Module, arch: gguf.MODEL_ARCH, fallback: str | None,
+             embed_types: dict[str, str]) -> Iterator[Entry]:
     config = model.config
     seen: set[int] = set()
     for mname, mod in model.named_modules():
@@ -305,7 +312,7 @@ def _tensors(model: nn.Module, arch: gguf.MODEL_ARCH, fallback: str | None, embe
             if isinstance(obj, QuantLinear):
                 yield _quantized(gname, obj, perm, fallback)
             else:
-                yield _float(gname, obj.detach(), perm, embed_type)
+                yield _float(gname, obj.detach(), perm, embed_types.get(gname.split(".")[0], "f16"))
 
 
 def _row_permutation(gname: str, config: object) -> torch.Tensor | None:
@@ -358,14 +365,15 @@ def _requantize(m: QuantLinear, fallback: str, gname: str, reason: str) -> Quant
 
 
 def _float(gname: str, t: torch.Tensor, perm: torch.Tensor | None, embed_type: str) -> Entry:
+    """A float tensor; ``embed_type`` is the format of a token_embd / output matrix (``f16`` for any other)."""
     t = t.float().cpu()
     if perm is not None:
         t = t[perm]
-    is_embed = gname.startswith(("token_embd.", "output."))
+    fmt = row_format(embed_type, t.shape[-1]) if t.dim() == 2 and embed_type != "f16" else None
     if t.dim() == 1:  # norms and biases: F32, as llama.cpp expects
         data, qtype = t.numpy(), None
-    elif is_embed and embed_type != "f16" and unsupported_reason(get_format(embed_type), tuple(t.shape)) is None:
-        qtype, data = to_ggml_blocks(get_format(embed_type).quantize(t))
+    elif fmt is not None and unsupported_reason(get_format(fmt), tuple(t.shape)) is None:
+        qtype, data = to_ggml_blocks(get_format(fmt).quantize(t))
     else:
         data, qtype = t.half().numpy(), None  # lowbit stores every float weight in fp16, so this is exact
     name = (qtype or (QT.F32 if data.dtype == np.float32 else QT.F16)).name

@@ -39,7 +39,7 @@ class GGUFTypePlan:
     plan: dict[str, str]  # decoder linear (HF module name) -> lowbit format
     embed_type: str  # token_embd's type as a lowbit format (or "f16")
     source: Path | str  # the GGUF file, or the llama.cpp preset name (io/gguf_presets.py)
-    output_type: str | None = None  # output.weight's type where known apart from token_embd's (presets)
+    output_type: str | None = None  # an untied output.weight's type where known apart from token_embd's
 
 
 def read_gguf(path: str | Path, config: object | None = None) -> gguf.GGUFReader:
@@ -118,9 +118,15 @@ def plan_like(model: nn.Module, path: str | Path, searched: bool = False) -> GGU
         if types[gname] not in FLOAT_TYPES:  # a float tensor stays float
             fmt = _lowbit_format(types[gname], gname)
             plan[name] = SEARCHED.get(fmt, fmt) if searched else fmt
-    embed = types.get("token_embd.weight", "F16")
-    return GGUFTypePlan(plan, "f16" if embed in FLOAT_TYPES else _lowbit_format(embed, "token_embd.weight"),
-                        Path(path))
+    embed, output = (_embed_format(types, name) for name in ("token_embd.weight", "output.weight"))
+    return GGUFTypePlan(plan, embed or "f16", Path(path), output_type=output)
+
+
+def _embed_format(types: dict[str, str], gname: str) -> str | None:
+    """The lowbit format of the file's tensor ``gname`` (``f16`` for a float one), None if the file has none."""
+    if gname not in types:
+        return None
+    return "f16" if types[gname] in FLOAT_TYPES else _lowbit_format(types[gname], gname)
 
 
 def _check_shape(path: Path | str, t: gguf.ReaderTensor, shape: tuple[int, ...]) -> None:
