@@ -414,8 +414,9 @@ def _kernels_section(s: Source) -> list[str]:
     tag = Path(s.name).stem.removeprefix("kernels-")
     summary = [[r["format"], str(r["batch"]), _pct(r["min"]), _pct(r["mean"]), _pct(r["max"]),
                 f"{r['speedup']:.2f}x"] for r in s.data["summary"]]
-    facts = [f"Command: not recorded in the file; `python benchmarks/kernels.py --tag {tag}` writes it "
-             f"(formats {formats}; batch {batches})",
+    command = (f"`{s.data['command']}`" if s.data.get("command") else
+               f"not recorded in the file; `python benchmarks/kernels.py --tag {tag}` writes it")
+    facts = [f"Command: {command} (formats {formats}; batch {batches})",
              f"Hardware: {s.data['device']}, device copy bandwidth {s.data['copy_bw'] / 1e9:.0f} GB/s"]
     return _section(Path(s.name).stem, s, facts,
                     markdown_table(["format", "batch", "min % of copy BW", "mean", "max", "mean speedup vs fp16"],
