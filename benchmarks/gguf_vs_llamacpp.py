@@ -17,6 +17,8 @@ For each GGUF type T (q4_0, q4_1, iq2_xxs):
 Every file is scored twice on the eval split:
   * ``ppl``: lowbit's protocol (as in every other lowbit table: non-overlapping --ctx windows over the whole split,
     every token scored), the file's tensors dequantized into the model (io/gguf_import.py), on the GPU if any;
+    with ``kl`` (mean KL divergence from the F16 file's next-token distribution, nats per token) and ``top1``
+    (how often both pick the same most likely token), as ``llama-perplexity --kl-divergence`` reports them;
   * ``llama_ppl``: stock ``llama-perplexity`` (its protocol: --ctx windows, second half of each scored) on the
     first --llama-ppl-chunks windows, on the CPU in a background thread while lowbit quantizes (0 = skip).
 Rows are appended to benchmarks/results/gguf-<tag>.json as they finish; --resume skips those already there.
@@ -42,6 +44,7 @@ import torch
 
 import lowbit
 from lowbit.data.corpus import load_text
+from lowbit.eval.perplexity import Reference
 from lowbit.io.gguf_import import load_gguf_weights
 from lowbit.models.walker import default_device
 
@@ -122,6 +125,7 @@ class Bench:
         self.lock = threading.Lock()
         self.errors: list[str] = []
         self.options = lowbit_options(args.lowbit_args)
+        self.reference: Reference | None = None  # the F16 file's model: KL and top-1 agreement of the others
         self.recipes = lowbit_recipes(args.methods, self.options)
 
     def tool(self, name: str) -> str:
@@ -171,10 +175,14 @@ class Bench:
         t0 = time.perf_counter()
         model = load_gguf_weights(copy.deepcopy(self.model), path).to(self.device)
         res = lowbit.evaluate(model, self.tok, seqlen=self.args.ctx, max_windows=self.args.max_windows,
-                              progress=False)
-        del model
+                              reference=self.reference, progress=False)
+        if self.reference is None:  # the F16 file, scored first, is every later file's KL reference
+            self.reference = Reference(model)
+        else:
+            del model
+        kl = {} if res.kl is None else {"kl": res.kl, "top1": res.top1}
         self.save({"label": label, "type": qtype, "file": path.name, "ppl": res.ppl, "windows": res.n_windows,
-                   "eval_s": time.perf_counter() - t0, **file_stats(path), **extra})
+                   "eval_s": time.perf_counter() - t0, **kl, **file_stats(path), **extra})
         if self.args.llama_ppl_chunks:
             self.jobs.put((label, qtype, path))
 

@@ -50,7 +50,7 @@ GGUF = {"meta": {"model": "bundled SmolLM2-135M", "ctx": 2048, "llama_ppl_chunks
              "llama_ppl": 24.0723, "llama_ppl_err": 1.01926},
             {"label": "llama.cpp + imatrix", "type": "iq2_xxs", "ppl": 33.91945516313957, "file_mb": 83.826336,
              "bpw_file": 4.985396781896634, "bpw_linears": 3.9046875, "llama_ppl": 30.1151,
-             "llama_ppl_err": 1.30305},
+             "llama_ppl_err": 1.30305, "kl": 0.31234, "top1": 0.71234},
             {"label": "F16", "type": "F16", "file_mb": 270.9, "bpw_file": 16.11, "bpw_linears": 16.0, "ppl": 21.75,
              "note": "run 1 (H100, same command): transcribed from its printed table", "llama_ppl": 19.876,
              "llama_ppl_err": 0.834}]}
@@ -132,8 +132,11 @@ def test_pages_from_each_family(results: Path, tmp_path: Path):
     assert cells["nz2_ch"] == ["2.023", "-", "97.94 / 88.80"]  # side by side: the two measurements, file order
 
     gguf = _tables(pages["gguf.md"])
-    assert gguf["IQ2_XXS"] == ["lowbit gptq_act+ft", "83.8", "4.985", "3.905", "26.62", "24.07 ± 1.02",
+    assert gguf["IQ2_XXS"] == ["lowbit gptq_act+ft", "83.8", "4.985", "3.905", "26.62", "-", "-", "24.07 ± 1.02",
                                "IQ2_XXS x27, IQ4_NL x150, Q2_K x3, Q4_0 x30, Q8_0 x1", ""]
+    # KL to the F16 file and top-1 agreement where a row has them; "-" for rows from before they were measured
+    llama_row = next(line for line in pages["gguf.md"].splitlines() if "| llama.cpp + imatrix |" in line)
+    assert [c.strip() for c in llama_row.split("|")][7:9] == ["0.3123", "71.2%"]
     assert gguf["F16"][-1] == "[1]" and "[1] run 1 (H100, same command)" in pages["gguf.md"]
     assert pages["gguf.md"].index("| F16 ") < pages["gguf.md"].index("| IQ2_XXS ")  # the float reference first
 

@@ -335,18 +335,23 @@ def _gguf_section(s: Source) -> list[str]:
             mark = f"[{notes.index(r['note']) + 1}]"
         llama = _ppl(r.get("llama_ppl")) + (f" ± {r['llama_ppl_err']:.2f}" if "llama_ppl_err" in r else "")
         rows.append([r["type"].upper(), r["label"], _num(r["file_mb"], 1), _num(r["bpw_file"], 3),
-                     _num(r["bpw_linears"], 3), _ppl(r["ppl"]), llama, _types(r.get("matrix_types")), mark])
+                     _num(r["bpw_linears"], 3), _ppl(r["ppl"]), _num(r.get("kl"), 4), _top1(r.get("top1")), llama,
+                     _types(r.get("matrix_types")), mark])
     facts = [f"Command (the last run that wrote the file): {_command(meta.get('command', 'not recorded'))}",
              f"Hardware: {meta.get('device', 'not recorded')} for lowbit's perplexity; llama-perplexity on the same "
              "machine's CPU",
              f"Windows of {meta.get('ctx', '?')} tokens; llama-perplexity on the first "
              f"{meta.get('llama_ppl_chunks', '?')}; llama.cpp's importance matrix from {meta.get('imatrix', '?')}"]
-    table = markdown_table(["type", "file from", "MB", "bpw (file)", "bpw (linears)", "ppl", "llama-perplexity",
-                            "2-D tensor types", "note"], rows)
+    table = markdown_table(["type", "file from", "MB", "bpw (file)", "bpw (linears)", "ppl", "KL to F16",
+                            "top-1 agree", "llama-perplexity", "2-D tensor types", "note"], rows)
     lines = _section(f"Model: {meta.get('model', 'not recorded')}", s, facts, table)
     if notes:
         lines += ["", *(f"[{i}] {n}." for i, n in enumerate(notes, 1))]
     return lines
+
+
+def _top1(fraction: object) -> str:
+    return "-" if fraction is None else f"{100 * float(fraction):.1f}%"
 
 
 def _gguf_order(row: dict) -> tuple[bool, str, str]:
