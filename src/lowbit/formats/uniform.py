@@ -14,6 +14,8 @@ candidate with the least (importance-weighted) squared error; storage is identic
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from lowbit.formats.base import Format, Params, QuantizedTensor
@@ -48,10 +50,7 @@ class UniformFormat(Format):
         lo = w.amin(dim=1, keepdim=True)
         hi = w.amax(dim=1, keepdim=True)
         signed_amax = torch.where(hi.abs() >= lo.abs(), hi, lo)
-        if self.fit_method == "minmax":
-            return self._params_for_range(lo, hi, signed_amax)
-        shrink = [1.0 - 0.8 * i / _SEARCH_GRID for i in range(_SEARCH_GRID)]
-        return self.best_of(w, (self._params_for_range(lo * p, hi * p, signed_amax * p) for p in shrink), importance)
+        return range_fit(self, w, importance, lambda p: self._params_for_range(lo * p, hi * p, signed_amax * p))
 
     # ----- rounding ---------------------------------------------------------------------------
     def encode(self, w: torch.Tensor, params: Params, importance: torch.Tensor | None = None) -> torch.Tensor:
@@ -87,6 +86,16 @@ class UniformFormat(Format):
         codes = unpack_bits(qt.data["codes"], self.bits, qt.shape[1]).to(torch.int64)
         params = {k: qt.data[k] for k in ("scale", "min") if k in qt.data}
         return codes, params
+
+
+def range_fit(fmt: Format, w: torch.Tensor, importance: torch.Tensor | None,
+              params_at: Callable[[float], Params]) -> Params:
+    """``params_at(1.0)`` (the min/max range) for ``fit="minmax"``; for ``fit="mse"`` the best, per row, of the
+    range shrunk by each factor of the grid (the clipping search of GPTQ's quantizer)."""
+    if fmt.fit_method == "minmax":
+        return params_at(1.0)
+    shrink = [1.0 - 0.8 * i / _SEARCH_GRID for i in range(_SEARCH_GRID)]
+    return fmt.best_of(w, (params_at(p) for p in shrink), importance)
 
 
 def _fp16(x: torch.Tensor) -> torch.Tensor:

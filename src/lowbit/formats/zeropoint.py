@@ -19,9 +19,7 @@ import torch
 
 from lowbit.formats.base import Format, Params, QuantizedTensor
 from lowbit.formats.bitpack import pack_bits, packed_row_bytes, unpack_bits
-from lowbit.formats.uniform import _fp16
-
-_SEARCH_GRID = 32  # as uniform.py: candidates between the full range and 20% of it
+from lowbit.formats.uniform import _fp16, range_fit
 
 
 class ZeroPointFormat(Format):
@@ -54,10 +52,7 @@ class ZeroPointFormat(Format):
         w = w.float()
         lo = w.amin(dim=1, keepdim=True)
         hi = w.amax(dim=1, keepdim=True)
-        if self.fit_method == "minmax":
-            return self._params_for_range(lo, hi)
-        shrink = [1.0 - 0.8 * i / _SEARCH_GRID for i in range(_SEARCH_GRID)]
-        return self.best_of(w, (self._params_for_range(lo * p, hi * p) for p in shrink), importance)
+        return range_fit(self, w, importance, lambda p: self._params_for_range(lo * p, hi * p))
 
     # ----- rounding ---------------------------------------------------------------------------
     def encode(self, w: torch.Tensor, params: Params, importance: torch.Tensor | None = None) -> torch.Tensor:
