@@ -64,6 +64,14 @@ def test_planner_refuses_what_it_cannot_decode(name: str) -> None:
     assert cuda_gemv.plan(get_format(name), (256, 4096)) is None
 
 
+def test_warps_split_k_only_where_each_keeps_two_steps() -> None:
+    """16 warps per block when every warp still gets >= 2 steps of 4 chunks, else 8 (measured, docs/kernels.md)."""
+    e8p_plan, q4_plan = (cuda_gemv.plan(get_format(n), (64, 4096)) for n in ("e8p_ch", "q4_0"))
+    assert cuda_gemv.warps_for(e8p_plan, 4096) == 8  # 64 chunks of 64 weights: 16 steps
+    assert cuda_gemv.warps_for(e8p_plan, 8192) == 16
+    assert cuda_gemv.warps_for(q4_plan, 4096) == 16  # 128 chunks of 32 weights: 32 steps
+
+
 def test_planner_refuses_unaligned_rows() -> None:
     assert cuda_gemv.plan(get_format("int2_g64_sym"), (64, 4096 + 32)) is None  # 16-byte chunks only
     assert cuda_gemv.plan(get_format("int4_g128_sym"), (64, 576)) is not None  # last group short: 576 = 4x128+64
@@ -87,7 +95,7 @@ def _packed(name: str, shape: tuple[int, int], seed: int):  # noqa: ANN202
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", SERVED)
-@pytest.mark.parametrize("shape", [(256, 1024), (200, 576), (48, 1536)])
+@pytest.mark.parametrize("shape", [(256, 1024), (200, 576), (48, 1536), (40, 8192)])  # 8192: 16 warps
 @pytest.mark.parametrize("m", [1, 3, 8])
 def test_cuda_gemv_matches_reference_on_gpu(name: str, shape: tuple[int, int], m: int) -> None:
     from lowbit.kernels.reference import dequant_matmul_reference

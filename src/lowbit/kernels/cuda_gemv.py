@@ -26,7 +26,11 @@ from lowbit.formats import iq2xxs as iq2xxs_format
 from lowbit.kernels import cuda_jit
 
 MAX_M = 8  # batch columns of the m16n8k16 MMA
-WARPS = 8
+# Warps per block (they split a row block's K): 16 when each still gets >= 2 steps of 4 chunks to pipeline, else 8.
+# Measured on an H200 (docs/kernels.md): 16 helps the 4-bit grids most (q4_0 batch 8 at 4096x14336: 29.6 -> 21.2
+# us) and 2-bit rows of >= 11008; 2-bit rows of 4096 (16 steps) lose with 16 (E8P 12.9 -> 14.7 us at 11008x4096).
+WARPS_FEW, WARPS_MANY = 8, 16
+
 ROWS_PER_BLOCK = 16
 _MAGIC = 1024.0  # 0x6400
 
@@ -40,13 +44,18 @@ class Plan:
     row_scale: bool
     dq: tuple[tuple[float, float], ...]  # (A_i, B_i): level = A_i * magic_i + B_i, one per code position
 
-    def defines(self, staged_x: bool = False) -> str:
+    def defines(self, staged_x: bool = False, warps: int = WARPS_FEW) -> str:
         lines = [f"#define KIND {self.kind}", f"#define BITS {self.bits}", f"#define ASYM {int(self.asym)}",
                  f"#define GROUP_SHIFT {self.group_shift}", f"#define ROW_SCALE {int(self.row_scale)}",
-                 f"#define WARPS {WARPS}", f"#define XS {int(staged_x)}"]
+                 f"#define WARPS {warps}", f"#define XS {int(staged_x)}"]
         for i, (a, b) in enumerate(self.dq):
             lines += [f"#define DQ_A{i} 0x{_half2_bits(a):08x}u", f"#define DQ_B{i} 0x{_half2_bits(b):08x}u"]
         return "\n".join(lines) + "\n"
+
+
+def warps_for(p: Plan, cols: int) -> int:
+    steps = -(-cols // (64 if p.kind or p.bits == 2 else 32) // 4)  # 16-byte chunks hold 64 or 32 weights
+    return WARPS_MANY if steps >= 2 * WARPS_MANY else WARPS_FEW
 
 
 def _half2_bits(v: float) -> int:
@@ -179,13 +188,14 @@ def _cached_layout(qs: torch.Tensor, cols: int) -> tuple[torch.Tensor, torch.Ten
 
 
 @cache
-def _source(p: Plan, staged_x: bool = False) -> str:
-    return p.defines(staged_x) + (cuda_jit.source_dir() / "gemv_mma.cu").read_text()
+def _source(p: Plan, staged_x: bool = False, warps: int = WARPS_FEW) -> str:
+    return p.defines(staged_x, warps) + (cuda_jit.source_dir() / "gemv_mma.cu").read_text()
 
 
 # A batch-1 activation row up to this size is staged once per block in shared memory: the warps then read it
-# there instead of from L1/L2, whose latency each step otherwise waits for (two blocks per SM still fit).
-STAGED_X_BYTES = 40 * 1024
+# there instead of from L1/L2, whose latency each step otherwise waits for. 32 KB + the warps' partial sums (8 KB at
+# 16 warps) + the IQ2_XXS grid (4 KB) stay under the 48 KB a block gets without opting in to more.
+STAGED_X_BYTES = 32 * 1024
 STAGED_X = os.environ.get("LOWBIT_CUDA_STAGED_X", "1") != "0"  # 0: batch 1 reads activations from global memory
 
 
@@ -212,8 +222,9 @@ def gemv(x: torch.Tensor, fmt: Format, qt: QuantizedTensor, p: Plan) -> torch.Te
         codes, scales, groups = qt.data["codes"], qt.data["scale"], fmt.n_groups(k)
         mins = qt.data.get("min", scales)
     staged = STAGED_X and m == 1 and 2 * k <= STAGED_X_BYTES
-    kern = cuda_jit.kernel(_source(p, staged), "gemv_mma", x.device)
-    kern(((n + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK, 1, 1), (WARPS * 32, 1, 1),
+    warps = warps_for(p, k)
+    kern = cuda_jit.kernel(_source(p, staged, warps), "gemv_mma", x.device)
+    kern(((n + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK, 1, 1), (warps * 32, 1, 1),
          [codes, scales, mins, x, y, _TABLES[key], n, k, m, groups], shared=2 * k if staged else 0)
     return y
 
