@@ -83,6 +83,7 @@ class ExportReport:
     tokenizer_pre: str
     tensors: list[TensorRecord] = field(default_factory=list)
     file_bytes: int = 0
+    imported_from: str = ""  # a GPTQ / AWQ / compressed-tensors checkpoint's method (io/hf_import.py), or ""
 
     def type_counts(self) -> dict[str, int]:
         return dict(Counter(t.qtype for t in self.tensors))
@@ -111,7 +112,11 @@ class ExportReport:
         lines = [f"wrote {self.path}: {self.file_bytes / 1e6:.1f} MB, {len(self.tensors)} tensors ({counts}); "
                  f"{self.bpw:.3f} bits/weight over the file, {self.linear_bpw:.4f} in decoder linears; "
                  f"arch {self.arch}, tokenizer pre {self.tokenizer_pre!r}"]
-        lines += [f"  fallback {t.name}: {t.source} -> {t.qtype} ({t.note})" for t in self.fallbacks]
+        if self.imported_from:  # every quantized linear of the checkpoint: copied or re-quantized
+            lines += [f"  {t.name}: re-quantized from {t.source} to {t.qtype} ({t.note})" if t.note else
+                      f"  {t.name}: copied ({t.source} -> {t.qtype})" for t in self.tensors if t.source != "float"]
+        else:
+            lines += [f"  fallback {t.name}: {t.source} -> {t.qtype} ({t.note})" for t in self.fallbacks]
         return "\n".join(lines)
 
 
@@ -159,7 +164,8 @@ def export_gguf(model: nn.Module, tokenizer: object, out: str | Path, fallback: 
 
 def _check_fallback(fallback: str, what: str = "fallback") -> None:
     if gguf_type(get_format(fallback)) is None:
-        raise LowbitError(f"{what} {fallback!r} has no GGUF type; use q8_0, q4_0, q4_1, q5_0, q5_1 or iq4_nl")
+        raise LowbitError(f"{what} {fallback!r} has no GGUF type; use q8_0, q4_0, q4_1, int5_g32_sym (Q5_0), "
+                          "int5_g32_asym (Q5_1), iq4_nl or q2_k..q6_k")
 
 
 def _model_name(config: object) -> str:

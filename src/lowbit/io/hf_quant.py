@@ -23,6 +23,16 @@ read)::
 
 Packing (both layouts): each packed row is one little-endian bit stream, code ``j`` at bits ``[j*b, (j+1)*b)``,
 so 32 codes fill ``b`` words and a 3-bit code may straddle two words (AutoGPTQ's 3-bit layout is exactly this).
+
+AutoAWQ ``GEMM`` (``quant_method: "awq"``, ``version: "gemm"``; read only, 4-bit, what vLLM's ``awq`` and
+transformers' AWQ path load)::
+
+    P.qweight  int32 [in, out / 8]      codes packed along ``out``, 8 per word in the order [0, 2, 4, 6, 1, 3, 5, 7]
+    P.qzeros   int32 [G, out / 8]       z itself (no - 1), packed as qweight
+    P.scales   fp16  [G, out]
+
+(word ``j``'s nibble ``i``, bits ``[4i, 4i+4)``, holds output column ``8j + [0, 2, 4, 6, 1, 3, 5, 7][i]``: AutoAWQ's
+``WQLinear_GEMM.from_linear``; there are no act-order groups.)
 """
 
 from __future__ import annotations
@@ -51,6 +61,7 @@ from lowbit.formats.bitpack import pack_bits, packed_row_bytes, unpack_bits
 from lowbit.io.validate import TensorInfo, read_json, read_weight_headers
 
 TARGETS = ("gptq", "compressed-tensors")
+READ_METHODS = ("gptq", "awq", "compressed-tensors")  # quant_method values read_hf_quantized reads
 GPTQ_BITS = (2, 3, 4, 8)  # vLLM's GPTQConfig: "only 2/3/4/8-bit weight quantization is supported"
 # 32 % b == 0: compressed-tensors before its dense packing put 32 // b codes in a word (3 bits: 10 + 2 spare
 # bits), after it 32 codes in b words; only these widths are the same file in both.
@@ -204,6 +215,30 @@ def gptq_config(bits: int, group_size: int | None, sym: bool, act_order: bool, v
             "true_sequential": True, "pack_dtype": "int32", "meta": {"quantizer": [f"lowbit:{version}"]}}
 
 
+# ------------------------------------------------------------------------------------------------------- AWQ
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ's order_map: nibble i of a word holds column 8j + AWQ_ORDER[i]
+
+
+def awq_unpack(words: torch.Tensor, cols: int) -> torch.Tensor:
+    """AutoAWQ GEMM's int32 [rows, cols / 8] (4-bit, interleaved) -> codes [rows, cols]."""
+    nibbles = unpack_int32(words, 4, cols)  # nibble i of word j at index 8j + i
+    columns = (8 * torch.arange(cols // 8).view(-1, 1) + torch.tensor(AWQ_ORDER)).reshape(-1)
+    out = torch.empty_like(nibbles)
+    out[:, columns] = nibbles  # index 8j + i is column 8j + AWQ_ORDER[i]
+    return out
+
+
+def awq_linear(t: Mapping[str, torch.Tensor], group_size: int | None, zero_point: bool = True) -> IntLinear:
+    """The integer form of one AutoAWQ GEMM linear (``qweight``, ``qzeros``, ``scales``); without a zero point
+    (``zero_point: false``) the codes are symmetric around 8, as compressed-tensors' AutoAWQ converter reads them."""
+    out_f = t["scales"].shape[1]
+    codes = awq_unpack(t["qweight"], out_f).t().contiguous()
+    scale = t["scales"].t().contiguous()
+    zero = awq_unpack(t["qzeros"], out_f).t().contiguous() if zero_point else \
+        torch.full(scale.shape, 8, dtype=torch.int64)
+    return IntLinear(codes, scale, zero, 4, group_size)
+
+
 # ------------------------------------------------------------------------------------------ compressed-tensors
 def ct_tensors(il: IntLinear, symmetric: bool) -> dict[str, torch.Tensor]:
     """``weight_packed``, ``weight_scale``, ``weight_shape`` (+ ``weight_zero_point`` when asymmetric)."""
@@ -252,17 +287,50 @@ def ct_config(groups: list[tuple[dict[str, Any], list[str]]], ignore: list[str])
 # ---------------------------------------------------------------------------------------- reading a directory
 @dataclass
 class HFQuantized:
-    """A GPTQ or compressed-tensors checkpoint read back: its quantized linears and every other tensor."""
+    """A GPTQ, AWQ or compressed-tensors checkpoint read back: its quantized linears and every other tensor."""
 
     path: Path
-    method: str  # "gptq" or "compressed-tensors"
+    method: str  # "gptq", "awq" or "compressed-tensors"
     config: dict[str, Any]  # config.json
-    linears: dict[str, IntLinear]  # module name -> integer form
+    linears: Mapping[str, IntLinear]  # module name -> integer form
     tensors: dict[str, torch.Tensor]  # everything else, by state-dict key (biases of quantized linears included)
 
 
-def read_hf_quantized(path: str | Path) -> HFQuantized:
-    """Read a GPTQ (v1 or v2) or compressed-tensors ``pack-quantized`` checkpoint directory.
+def checkpoint_method(path: str | Path) -> str | None:
+    """The ``quant_method`` of another tool's quantized checkpoint directory (config.json's
+    ``quantization_config``, or a GPTQ ``quantize_config.json``); None for a float model or a lowbit checkpoint.
+    Methods lowbit reads are :data:`READ_METHODS`."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        return None
+    qc = read_json(path / "config.json").get("quantization_config")
+    if qc is None:
+        return "gptq" if (path / "quantize_config.json").is_file() else None
+    method = qc.get("quant_method") if isinstance(qc, dict) else None
+    return None if method in (None, "lowbit") else str(method)
+
+
+class _LazyLinears(Mapping[str, IntLinear]):
+    """Each linear decoded from the loaded (packed) tensors when asked for and not kept: an IntLinear holds int64
+    codes, 8 bytes a weight, so a whole model's would take ~16x its checkpoint."""
+
+    def __init__(self, plan: dict[str, Any], data: dict[str, torch.Tensor]):
+        self._plan, self._data = plan, data
+
+    def __getitem__(self, name: str) -> IntLinear:
+        return self._plan[name](self._data)
+
+    def __iter__(self):  # noqa: ANN204
+        return iter(self._plan)
+
+    def __len__(self) -> int:
+        return len(self._plan)
+
+
+def read_hf_quantized(path: str | Path, lazy: bool = False) -> HFQuantized:
+    """Read a GPTQ (v1 or v2), AutoAWQ GEMM or compressed-tensors ``pack-quantized`` checkpoint directory.
+    ``lazy``: ``linears`` decodes each linear when it is looked up (checks on the values, such as GPTQ's ``sym``
+    against its zero points, run then), so a converter holds one decoded linear at a time.
 
     Every quantized linear's tensors are checked against ``quantization_config`` from the safetensors headers
     before any weight is read: a disagreement is a BadFileError naming the tensor."""
@@ -275,12 +343,14 @@ def read_hf_quantized(path: str | Path) -> HFQuantized:
     method = qc.get("quant_method")
     if method == "gptq":
         plan = _gptq_plan(qc, headers, path)
+    elif method == "awq":
+        plan = _awq_plan(qc, headers, path)
     elif method == "compressed-tensors":
         plan = _ct_plan(qc, headers, path)
     else:
-        raise LowbitError(f"{path}: quant_method {method!r} is not read by lowbit (gptq, compressed-tensors)")
+        raise LowbitError(f"{path}: quant_method {method!r} is not read by lowbit ({', '.join(READ_METHODS)})")
     data = _load(headers)
-    linears = {name: read(data) for name, read in plan.items()}
+    linears = _LazyLinears(plan, data) if lazy else {name: read(data) for name, read in plan.items()}
     used = {k for k in data if k.rpartition(".")[0] in plan and not k.endswith(".bias")}
     return HFQuantized(path, method, config, linears, {k: v for k, v in data.items() if k not in used})
 
@@ -355,6 +425,43 @@ def _check_gptq(path: Path, headers: dict[str, TensorInfo], name: str, bits: int
           f"{why} with qweight {[rows, out_f]}")
     if f"{name}.g_idx" in headers:
         _need(path, headers, f"{name}.g_idx", (in_f,), ("I32", "I64"), f"qweight {[rows, out_f]}")
+
+
+def _awq_plan(qc: dict[str, Any], headers: dict[str, TensorInfo], path: Path) -> dict[str, Any]:
+    # the keys vLLM's AWQConfig.from_config accepts: ["w_bit", "bits"], ["q_group_size", "group_size"]
+    bits, group = qc.get("bits", qc.get("w_bit")), qc.get("group_size", qc.get("q_group_size"))
+    version = str(qc.get("version", qc.get("format", "gemm"))).lower()
+    if version != "gemm":
+        raise LowbitError(f"{path}: AWQ version {version!r} is not read by lowbit (gemm, AutoAWQ's default layout)")
+    if bits != 4 or not isinstance(group, int) or isinstance(group, bool) or group == 0 or group < -1:
+        raise BadFileError(f"{path}: quantization_config has bits {bits!r}, group_size {group!r}: not an AWQ GEMM "
+                           "scheme (bits 4, group_size -1 or > 0)")
+    gs, zero_point = (None if group == -1 else group), bool(qc.get("zero_point", True))
+    names = [k.removesuffix(".qweight") for k in headers if k.endswith(".qweight")]
+    for name in names:
+        _check_awq(path, headers, name, gs, zero_point)
+
+    def reader(name: str):  # noqa: ANN202 - a closure over the module name
+        keys = ("qweight", "qzeros", "scales")
+        return lambda data: awq_linear({k: data[f"{name}.{k}"] for k in keys if f"{name}.{k}" in data}, gs,
+                                       zero_point)
+    return {name: reader(name) for name in names}
+
+
+def _check_awq(path: Path, headers: dict[str, TensorInfo], name: str, group: int | None, zero_point: bool) -> None:
+    qweight = headers[f"{name}.qweight"]
+    why = f"quantization_config (AWQ GEMM 4-bit, group_size {group or -1})"
+    if qweight.dtype != "I32" or len(qweight.shape) != 2:
+        raise BadFileError(f"{path}: tensor {name}.qweight is {qweight.dtype} {list(qweight.shape)}, not int32 "
+                           f"[in, out / 8] as {why} needs")
+    in_f, words = qweight.shape
+    if group is not None and in_f % group:  # AutoAWQ's WQLinear_GEMM: assert in_features % group_size == 0
+        raise BadFileError(f"{path}: tensor {name}.qweight has {in_f} input rows, not whole groups of {group} as "
+                           f"{why} needs")
+    n_groups = 1 if group is None else in_f // group
+    _need(path, headers, f"{name}.scales", (n_groups, words * 8), _FLOATS, f"{why} with qweight {[in_f, words]}")
+    if zero_point:
+        _need(path, headers, f"{name}.qzeros", (n_groups, words), ("I32",), f"{why} with qweight {[in_f, words]}")
 
 
 def _ct_plan(qc: dict[str, Any], headers: dict[str, TensorInfo], path: Path) -> dict[str, Any]:
