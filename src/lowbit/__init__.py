@@ -21,6 +21,7 @@ _EXPORTS = {
     "load": "lowbit.api", "quantize": "lowbit.api", "save": "lowbit.api", "evaluate": "lowbit.api",
     "export_gguf": "lowbit.api", "export_hf": "lowbit.api", "generate": "lowbit.api", "QuantizeResult": "lowbit.api",
     "convert": "lowbit.jobs", "convert_gguf": "lowbit.jobs", "convert_hf": "lowbit.jobs",
+    "convert_streamed": "lowbit.streaming", "write_synthetic": "lowbit.io.synthetic",
     "compare": "lowbit.comparison",
     "Recipe": "lowbit.recipe", "Variant": "lowbit.recipe",
     "CalibConfig": "lowbit.algorithms.sequential", "GPTQConfig": "lowbit.algorithms.sequential",

@@ -69,9 +69,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--checkpoint", default=None,
                    help="GPTQ resume directory (default: OUT.partial); rerun the same command to resume")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="read the weights one decoder layer at a time from the safetensors shards instead of "
+                        "loading the model (same result; default: when the float model would take more than half "
+                        "of the memory, and for synthetic:<shape> sources; docs/scale.md)")
+    p.add_argument("--offload", default="auto", choices=["auto", "device", "host"],
+                   help="streaming: keep calibration activations on the device or in host memory (default: auto, "
+                        "host when they do not fit on the device)")
     p.add_argument("--no-progress", action="store_true")
     _add_calib(p)
     _add_finetune(p)
+
+    p = sub.add_parser("synth", help="write a synthetic model of a real shape (random weights) as an HF checkpoint")
+    p.add_argument("--shape", required=True,
+                   help="tiny | llama-2-7b | llama-2-13b | llama-3-8b | llama-3-70b (docs/scale.md)")
+    p.add_argument("--out", "-o", required=True, help="output directory (written atomically)")
+    p.add_argument("--layers", type=int, default=None, help="write only the first N decoder layers")
+    p.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"], help="stored dtype")
+    p.add_argument("--shard-gb", type=float, default=5.0, help="largest shard in GB (default 5)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("eval", help="perplexity of a model (float or quantized), and KL to a reference")
     _add_model(p)
@@ -183,18 +201,22 @@ def _add_weight_cache(p: argparse.ArgumentParser) -> None:
 
 
 def _add_export_gguf(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export-gguf", help="write a GGUF file for llama.cpp (a lowbit checkpoint, or quantize first)")
+    p = sub.add_parser("export-gguf", help="write a GGUF file for llama.cpp (a lowbit, GPTQ, AWQ or compressed-tensors "
+                       "checkpoint, or quantize first)")
     _add_model(p)
     p.add_argument("--out", "-o", required=True, help="output .gguf file (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--format", "-f", default=None,
                    help="quantize a float model into this format first (q4_0, q4_1, q5_0, q5_1, q8_0, iq4_nl, "
-                        "iq2_xxs, q2_k..q6_k map to GGUF types; f16 keeps it float); omit for a lowbit checkpoint")
+                        "iq2_xxs, q2_k..q6_k map to GGUF types; f16 keeps it float); omit for a lowbit, GPTQ, AWQ "
+                        "or compressed-tensors checkpoint")
     p.add_argument("--method", default="rtn", choices=["rtn", "gptq", "gptq_act", "imatrix"],
                    help="rounding when quantizing first (default rtn)")
     p.add_argument("--fallback", default=None, metavar="FORMAT",
                    help="re-quantize linears GGUF cannot hold as stored (no GGUF type, rows not whole blocks, "
-                        "rotations) from their dequantized weights into this format, e.g. q8_0 (default: error)")
+                        "rotations; a GPTQ / AWQ / compressed-tensors linear no ggml type holds exactly, e.g. "
+                        "group size 128) from their dequantized weights into this format, e.g. q8_0 or q4_k "
+                        "(default: error)")
     p.add_argument("--embed-type", default=None,
                    help="token embeddings / output matrix type: f16 (default, exact) or a GGUF-typed format "
                         "(q8_0, q4_0, iq4_nl, ...), rounded to nearest")
@@ -319,8 +341,21 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     recipe = _recipe(args, args.format)
     result = lowbit.convert(args.model, recipe, args.out, device=args.device, checkpoint_dir=args.checkpoint,
-                            overwrite=args.overwrite, progress=not args.no_progress)
+                            overwrite=args.overwrite, progress=not args.no_progress, stream=args.stream,
+                            offload=args.offload)
     print(f"saved {args.out}: {result.summary()}")
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    import torch
+
+    from lowbit.io.synthetic import write_synthetic
+
+    out = write_synthetic(args.shape, args.out, seed=args.seed, num_layers=args.layers,
+                          dtype=getattr(torch, args.dtype), shard_bytes=int(args.shard_gb * 1e9),
+                          overwrite=args.overwrite, progress=not args.no_progress)
+    print(f"wrote {out}")
     return 0
 
 
@@ -334,6 +369,7 @@ def _check_preset_args(args: argparse.Namespace) -> None:
 
 def cmd_export_gguf(args: argparse.Namespace) -> int:
     import lowbit
+    from lowbit.io.hf_quant import checkpoint_method
 
     if args.like and args.format:
         raise LowbitError("--like takes every tensor's type from the given GGUF: drop --format")
@@ -342,7 +378,11 @@ def cmd_export_gguf(args: argparse.Namespace) -> int:
     float_export = (args.format or "").lower() in ("f16", "fp16")
     quantizing = bool(args.like or args.preset or (args.format and not float_export))
     recipe = _recipe(args, args.format or "q8_0") if quantizing else None  # with --like the format is replaced
-    if not quantizing and not float_export and not lowbit.is_quantized_dir(lowbit.resolve(args.model)):
+    src = lowbit.resolve(args.model)
+    if args.format and checkpoint_method(src):  # f16 included: such a checkpoint is converted as stored
+        raise LowbitError(f"{src} is already quantized ({checkpoint_method(src)}): drop --format (--fallback sets "
+                          "the type of the linears no ggml type holds exactly)")
+    if not quantizing and not float_export and not lowbit.is_quantized_dir(src) and not checkpoint_method(src):
         raise LowbitError(f"{args.model or 'the bundled model'} is a float model: pass --format (e.g. q4_0, or f16 "
                           "to keep it float) or --like FILE.gguf to quantize it before export")
     report = lowbit.convert_gguf(args.model, args.out, recipe, like=args.like, preset=args.preset,
@@ -516,7 +556,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "compare": cmd_compare, "info": cmd_info,
+COMMANDS = {"quantize": cmd_quantize, "synth": cmd_synth, "eval": cmd_eval, "compare": cmd_compare, "info": cmd_info,
             "formats": cmd_formats, "generate": cmd_generate, "serve": cmd_serve, "report": cmd_report,
             "plan": cmd_plan, "export-gguf": cmd_export_gguf, "export-hf": cmd_export_hf, "demo": cmd_demo}
 

@@ -5,6 +5,7 @@ the arguments before minutes of work, load the model where the recipe wants it, 
 >>> lowbit.convert_gguf(None, "smol-iq2.gguf", "gptq+ft:iq2_xxs")      # -> GGUF for llama.cpp
 >>> lowbit.convert_gguf(None, "smol.gguf", "gptq_act:q4_0", like="llama-Q4_K_M.gguf")  # another file's types
 >>> lowbit.convert_hf(None, "smol-gptq", "gptq_act:q4_0", to="gptq")  # -> GPTQ for transformers / vLLM
+>>> lowbit.convert_gguf("Llama-3-8B-GPTQ", "llama.gguf", fallback="q4_k")  # a GPTQ/AWQ/compressed-tensors dir
 """
 
 from __future__ import annotations
@@ -24,23 +25,31 @@ from lowbit.io.gguf_export import ExportReport
 from lowbit.io.gguf_presets import check_preset, preset_plan
 from lowbit.io.gguf_types import plan_like, read_gguf
 from lowbit.io.hf_export import HFExportReport, check_format, check_target
+from lowbit.io.hf_import import import_hf_quantized
+from lowbit.io.hf_quant import READ_METHODS, checkpoint_method
 from lowbit.io.loader import check_source, load_config, resolve
 from lowbit.models.fused_rotation import fuse_rotation
 from lowbit.models.walker import default_device
 from lowbit.planner import linear_bytes, read_shapes, stored_bytes
 from lowbit.recipe import Recipe
+from lowbit.streaming import convert_streamed, should_stream
 
 
 def convert(source: str | Path | None, recipe: Recipe | str, out: str | Path, *, device: str | None = None,
             checkpoint_dir: str | Path | None = None, overwrite: bool = False,
-            progress: bool = True) -> QuantizeResult:
+            progress: bool = True, stream: bool | None = None, offload: str = "auto") -> QuantizeResult:
     """Quantize the model at ``source`` (``None``: the bundled one) and save it to the directory ``out``.
 
-    Calibrated recipes resume from ``checkpoint_dir`` (default ``OUT.partial``) after a crash.
+    Calibrated recipes resume from ``checkpoint_dir`` (default ``OUT.partial``) after a crash. ``stream`` reads
+    the weights one decoder layer at a time instead of loading the model (``None``: when it would not fit in
+    memory, or for ``synthetic:<shape>`` sources; lowbit/streaming.py), with the same result bit for bit.
 
     >>> lowbit.convert("path/to/llama-dir", "gptq_act:q4_0", "llama-q4_0").summary()
     """
     recipe = Recipe.parse(recipe) if isinstance(recipe, str) else recipe
+    if stream or (stream is None and should_stream(source, recipe)):
+        return convert_streamed(source, recipe, out, device=device, checkpoint_dir=checkpoint_dir,
+                                overwrite=overwrite, progress=progress, offload=offload)
     _check_inputs(source, recipe, out, overwrite)
     compute = device or default_device()
     # calibrated methods keep the model in CPU memory and move one decoder layer at a time to the device
@@ -58,6 +67,9 @@ def convert_gguf(source: str | Path | None, out: str | Path, recipe: Recipe | st
     """Write the model at ``source`` as a GGUF file for llama.cpp.
 
     * a lowbit checkpoint is exported as stored (no ``recipe`` or ``like``);
+    * a GPTQ, AWQ or compressed-tensors checkpoint too (io/hf_import.py): linears a ggml type holds exactly are
+      copied, the others re-quantized into ``fallback`` from their dequantized weights (required when there are
+      any); ``recipe``, ``like``, ``preset`` and ``fuse_rotation_only`` are refused;
     * a float model with no ``recipe`` and no ``like`` is exported in float16 (``fuse_rotation_only`` folds the
       norms and a residual rotation in first);
     * otherwise it is quantized first with ``recipe``; ``like`` (a GGUF of the same model, e.g. from llama.cpp's
@@ -68,6 +80,14 @@ def convert_gguf(source: str | Path | None, out: str | Path, recipe: Recipe | st
     >>> print(lowbit.convert_gguf(None, "smol-q4_0.gguf", "gptq_act:q4_0").summary())
     """
     recipe = Recipe.parse(recipe) if isinstance(recipe, str) else recipe
+    method = checkpoint_method(resolve(source))
+    if method is not None:  # another tool's quantized checkpoint: converted as stored
+        if recipe or like or preset or fuse_rotation_only:
+            raise LowbitError(f"{resolve(source)} is already quantized ({method}): it is converted as stored, and "
+                              "--fallback re-quantizes the linears no ggml type holds exactly; drop --format, "
+                              "--like, --preset and --fuse-rotation")
+        return _checkpoint_to_gguf(resolve(source), method, out, embed_type=embed_type, fallback=fallback,
+                                   tokenizer_pre=tokenizer_pre, overwrite=overwrite)
     if preset is not None:
         if like is not None:
             raise LowbitError("give --like or --preset, not both: each sets every tensor's type")
@@ -88,6 +108,17 @@ def convert_gguf(source: str | Path | None, out: str | Path, recipe: Recipe | st
                                                                  progress, is_preset=preset is not None)
     return export_gguf(model, tok, out, embed_type=embed_type or "f16", fallback=fallback,
                        tokenizer_pre=tokenizer_pre, overwrite=overwrite, output_type=output_type)
+
+
+def _checkpoint_to_gguf(src: str, method: str, out: str | Path, *, embed_type: str | None, fallback: str | None,
+                        tokenizer_pre: str | None, overwrite: bool) -> ExportReport:
+    if method not in READ_METHODS:
+        raise LowbitError(f"{src} is a {method} checkpoint; lowbit converts {', '.join(READ_METHODS)} checkpoints")
+    check_destination(out, overwrite=overwrite)  # an existing output is refused before any weight is read
+    imported = import_hf_quantized(src, fallback)  # refuses, naming the linears, before anything is written
+    report = export_gguf(imported.model, imported.tokenizer, out, embed_type=embed_type or "f16",
+                         tokenizer_pre=tokenizer_pre, overwrite=overwrite)
+    return imported.annotate(report)
 
 
 def _quantize_for_gguf(src: str, recipe: Recipe | None, like: str | Path | None, embed_type: str | None,

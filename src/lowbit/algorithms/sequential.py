@@ -280,6 +280,28 @@ class _Checkpoint:
 
     def load(self, layers: nn.ModuleList) -> tuple[int, torch.Tensor, dict[str, LinearStats]] | None:
         """Restore the committed layers into ``layers``; (next layer, its inputs, stats), or None to start over."""
+        found = self.committed(len(layers))
+        if found is None:
+            return None
+        from safetensors import safe_open
+
+        for i in range(found[0]):
+            f = self.layer_file(i)
+            with safe_open(str(f), "pt") as sf:
+                formats = json.loads(sf.metadata()["formats"])
+            layer = layers[i]
+            for sub, (fmt, rot) in formats.items():
+                set_module(layer, sub, empty_quant_linear(layer.get_submodule(sub), fmt, Rotation.from_json(rot)))
+            layer.load_state_dict(load_file(str(f)), strict=True)
+        return found
+
+    def layer_file(self, index: int) -> Path:
+        """Where committed layer ``index``'s quantized tensors are (formats and rotations in its metadata)."""
+        return self._step(index) / "layer.safetensors"
+
+    def committed(self, n_layers: int) -> tuple[int, torch.Tensor, dict[str, LinearStats]] | None:
+        """(next layer, its inputs, stats) of the newest committed step of a model of ``n_layers`` layers, checked
+        against this run's fingerprint, without reading any layer; None to start over."""
         if not self.path.is_dir():
             return None
         if (self.path / "state.json").exists():
@@ -302,20 +324,10 @@ class _Checkpoint:
             raise LowbitError(f"checkpoint {self.path} was made with other settings or another model; "
                               "delete it to start over")
         n = state["next_layer"]
-        missing = [i for i in range(n) if not (self._step(i) / "layer.safetensors").is_file()]
-        if n != current + 1 or n > len(layers) or missing:
+        missing = [i for i in range(n) if not self.layer_file(i).is_file()]
+        if n != current + 1 or n > n_layers or missing:
             raise LowbitError(f"checkpoint {self.path} is incomplete (step {current}, next layer {n}, missing "
                               f"layers {missing}); delete it to start over")
-        from safetensors import safe_open
-
-        for i in range(n):
-            f = self._step(i) / "layer.safetensors"
-            with safe_open(str(f), "pt") as sf:
-                formats = json.loads(sf.metadata()["formats"])
-            layer = layers[i]
-            for sub, (fmt, rot) in formats.items():
-                set_module(layer, sub, empty_quant_linear(layer.get_submodule(sub), fmt, Rotation.from_json(rot)))
-            layer.load_state_dict(load_file(str(f)), strict=True)
         inps = load_file(str(steps[current] / "inputs.safetensors"))["inputs"]
         stats = {k: LinearStats(**v) for k, v in state["stats"].items()}
         self._prune(current)

@@ -1,11 +1,11 @@
 """Results pages (``docs/results/*.md``) generated from the benchmark JSON files in ``benchmarks/results/``.
 
 One page per family of results file, recognised by its name prefix (the benchmark scripts write
-``quality-<tag>.json``, ``gguf-<tag>.json``, ``kernels-<tag>.json``, ``decode-<tag>.json`` and
-``finetune-sweep-<tag>.json``), plus ``index.md``. Each page states what is measured, the command and hardware
-each file recorded, then its tables. Output depends only on the JSON contents and the two folders' relative
-location (links), so regenerating from unchanged data gives byte-identical pages: a test compares the committed
-pages with a fresh rendering, which keeps them from drifting away from the data.
+``quality-<tag>.json``, ``gguf-<tag>.json``, ``kernels-<tag>.json``, ``decode-<tag>.json``,
+``finetune-sweep-<tag>.json`` and ``scale-<tag>.json``), plus ``index.md``. Each page states what is measured, the
+command and hardware each file recorded, then its tables. Output depends only on the JSON contents and the two
+folders' relative location (links), so regenerating from unchanged data gives byte-identical pages: a test compares
+the committed pages with a fresh rendering, which keeps them from drifting away from the data.
 
 JSON with an unknown name prefix is listed in ``index.md`` as not rendered; a file that is not valid JSON, or a
 known family's file without the fields its page needs, raises :class:`LowbitError` naming the file.
@@ -489,6 +489,23 @@ def _decode_table(rows: list[dict]) -> str:
                            "tokens = reference"], table)
 
 
+# --- scale: benchmarks/scale.py ----------------------------------------------------------------------------------
+
+
+def _scale_section(s: Source) -> list[str]:
+    meta, rows = s.data["meta"], s.data["rows"]
+    devices = ", ".join(dict.fromkeys(str(r.get("device", "not recorded")) for r in rows))
+    commands = [f"Command: {_command(c)}" for c in dict.fromkeys(str(r["command"]) for r in rows if r.get("command"))]
+    facts = [f"Hardware: {devices}; lowbit {meta.get('lowbit', '?')}, torch {meta.get('torch', '?')}", *commands]
+    table = [[r["shape"], f"{r['method']}:{r.get('format', '?')}", f"{r['layers_run']}/{r['layers_total']}",
+              f"{r['nsamples']} x {r['seqlen']}" if r.get("nsamples") else "-", str(r["gpus"]),
+              _num(r["seconds"], 1), _num(r.get("seconds_extrapolated"), 0), _num(r["peak_host_gb"], 2),
+              _num(r["peak_gpu_gb"], 2), str(r.get("offload", "-"))] for r in rows]
+    headers = ["shape", "recipe", "layers run", "calibration", "GPUs", "seconds (measured)",
+               "seconds for all layers (extrapolated)", "peak host GB", "peak GPU GB", "activations on"]
+    return _section(Path(s.name).stem, s, facts, markdown_table(headers, table))
+
+
 # --- the families ------------------------------------------------------------------------------------------------
 
 _ROWS = ("variant", "linear_bpw", "ppl")
@@ -560,4 +577,19 @@ FAMILIES: Sequence[Family] = (
         {"meta": (), "rows": ("variant", "bpw", "bytes", "roofline_tok_s", "tok_s", "frac_roofline", "prefill_ms",
                               "cuda_graph")},
         _decode_section, _decode_overview),
+    Family(
+        "scale", "scale-", "Scale: streamed quantization of real model shapes",
+        "time and peak host / GPU memory of streamed quantization, per model shape and method",
+        "Streamed quantization (`lowbit quantize --stream`, `algorithms/streamed.py`) of real model shapes, written "
+        "by `benchmarks/scale.py`, one process per row. Source: synthetic weights of the shape generated a layer at "
+        "a time (`io/synthetic.py`) unless the row names a checkpoint; calibration: token ids drawn uniformly from "
+        "the vocabulary. `seconds` is wall time measured end to end for the layers run (reading, capture, every "
+        "layer quantized and committed to the resumable checkpoint, and, for full runs, the final checkpoint "
+        "written); when fewer layers ran than the model has, the next column extrapolates: setup + capture + mean "
+        "layer time x all layers, without the final write. Peak host memory: the process's peak resident set "
+        "(ru_maxrss); peak GPU: torch's peak allocated CUDA memory. CPU rows only show that the pipeline runs; the "
+        "targets are GPU figures. How streaming works and the memory model: [scale.md](../scale.md).",
+        {"meta": (), "rows": ("shape", "method", "gpus", "seconds", "peak_host_gb", "peak_gpu_gb", "layers_run",
+                              "layers_total")},
+        _scale_section),
 )

@@ -1,0 +1,195 @@
+"""Scale benchmark (issue 18): streamed quantization of real model shapes, time and peak memory per shape x method.
+
+    PYTHONPATH=src python benchmarks/scale.py --shape llama-2-7b --method gptq_act            # the 7B target run
+    PYTHONPATH=src python benchmarks/scale.py --shape llama-2-7b,llama-3-70b --method rtn,gptq_act
+    PYTHONPATH=src python benchmarks/scale.py --shape llama-2-7b --layers 1 --method rtn,gptq_act \\
+        --nsamples 4 --seqlen 128 --device cpu                                                # CPU smoke test
+    PYTHONPATH=src python benchmarks/scale.py --source path/to/Llama-2-7b-hf --method gptq_act   # real shards
+
+Each (shape, method) runs in a fresh process, so its peak host memory is its own. Source: the synthetic generator
+of the shape (lowbit.io.synthetic, no files) or ``--source DIR`` (memory-mapped safetensors shards). Calibration:
+``--nsamples`` x ``--seqlen`` token ids drawn uniformly from the vocabulary (seed 0), the same for both sources.
+The run is lowbit's streamed pipeline as ``lowbit quantize --stream`` runs it (algorithms/streamed.py): skeleton,
+capture of layer 0's inputs, every layer read / quantized / committed to a checkpoint in a temporary work folder
+(its writes included), then the final checkpoint assembled into a temporary folder (full runs only).
+
+Figures: ``seconds`` is wall time measured end to end for what ran (``layers_run`` of ``layers_total`` layers);
+with ``--layers N`` below the total, ``seconds_extrapolated`` = setup + capture + mean layer time x layers_total
+(the final write is not in it) is given beside it, clearly labelled, and ``seconds`` stays the measured figure.
+``peak_host_gb``: the process's peak resident memory (getrusage ru_maxrss); ``peak_gpu_gb``: torch's peak
+allocated CUDA memory (``peak_gpu_reserved_gb``: its peak reserved memory, what nvidia-smi would show less the
+context). Peaks do not grow with the number of layers (one layer at a time). Rows are merged into
+benchmarks/results/scale-<tag>.json (tag: ``h200``-style GPU name, or ``cpu``), replacing rows of the same shape,
+method, format, device, layers and calibration size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", default="llama-2-7b",
+                    help="comma-separated synthetic shapes: tiny, llama-2-7b, llama-2-13b, llama-3-8b, llama-3-70b")
+    ap.add_argument("--source", default=None, help="a safetensors model directory instead of a synthetic shape")
+    ap.add_argument("--method", default="gptq_act", help="comma-separated: rtn, gptq, gptq_act, imatrix")
+    ap.add_argument("--format", default="q4_0", help="weight format (default q4_0)")
+    ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--layers", type=int, default=None, help="run only the first N decoder layers and extrapolate")
+    ap.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
+    ap.add_argument("--offload", default="auto", choices=["auto", "device", "host"])
+    ap.add_argument("--work", default=None, help="folder for the work checkpoint and output (default: a temp dir)")
+    ap.add_argument("--tag", default=None, help="results file tag (default: the GPU's short name, or cpu)")
+    ap.add_argument("--out", default=None, help="results JSON (default benchmarks/results/scale-<tag>.json)")
+    ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # internal: one run, JSON row on stdout
+    return ap.parse_args(argv)
+
+
+def log(msg: str) -> None:
+    print(f"[scale {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def run_one(args: argparse.Namespace) -> dict:
+    """One (source, method) run in this process; the row."""
+    import torch
+
+    from lowbit.algorithms.plans import uniform_plan
+    from lowbit.algorithms.streamed import peak_gpu_gb, peak_host_gb, quantize_streamed, save_streamed
+    from lowbit.io.sources import open_source
+    from lowbit.io.synthetic import random_tokens
+
+    t0 = time.perf_counter()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    source = open_source(args.source or f"synthetic:{args.shape}")
+    plan = uniform_plan(source.skeleton(), args.format)
+    samples = random_tokens(source.config.vocab_size, args.nsamples, args.seqlen) if args.method != "rtn" else None
+    work = Path(tempfile.mkdtemp(prefix="lowbit-scale-", dir=args.work))
+    try:
+        setup = time.perf_counter() - t0
+        report = quantize_streamed(source, plan, work / "ckpt", rounding=args.method, device=device, samples=samples,
+                                   offload=args.offload, max_layers=args.layers, progress=True)
+        save_seconds = None
+        if report.complete:
+            t1 = time.perf_counter()
+            save_streamed(source, report.layer_files, work / "out", meta={"source": source.name}, progress=False)
+            save_seconds = time.perf_counter() - t1
+        seconds = time.perf_counter() - t0
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    run = len(report.layer_seconds)
+    mean_layer = sum(report.layer_seconds) / max(1, run)
+    row = {
+        "shape": args.shape if args.source is None else Path(args.source).name, "method": args.method,
+        "format": args.format, "gpus": 1 if device.type == "cuda" else 0,
+        "seconds": round(seconds, 2), "peak_host_gb": _r(peak_host_gb()), "peak_gpu_gb": _r(peak_gpu_gb(device)),
+        "layers_run": run, "layers_total": report.layers_total,
+        "seconds_extrapolated": (None if report.complete else
+                                 round(setup + report.capture_seconds + mean_layer * report.layers_total, 1)),
+        "extrapolated_from_layers": None if report.complete else run,
+        "setup_seconds": round(setup, 2), "capture_seconds": round(report.capture_seconds, 2),
+        "layer_seconds_mean": round(mean_layer, 2), "save_seconds": None if save_seconds is None else round(
+            save_seconds, 2),
+        "peak_gpu_reserved_gb": _r(torch.cuda.max_memory_reserved(device) / 1e9) if device.type == "cuda" else None,
+        "offload": report.offload, "nsamples": args.nsamples if samples is not None else 0,
+        "seqlen": args.seqlen if samples is not None else 0, "source": source.name, "device": _device_name(device),
+    }
+    return row
+
+
+def _r(x: float | None) -> float | None:
+    return None if x is None else round(x, 2)
+
+
+def _device_name(device: object) -> str:
+    import torch
+
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def default_tag(device: str | None) -> str:
+    import torch
+
+    if (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda"):
+        name = torch.cuda.get_device_name(0).lower()
+        m = re.search(r"\b([a-z]\d{2,4})\b", name)  # "nvidia h200" -> h200
+        return m.group(1) if m else re.sub(r"[^a-z0-9]+", "-", name).strip("-")
+    return "cpu"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.one:
+        print(json.dumps(run_one(args)))
+        return 0
+    import torch
+
+    import lowbit
+
+    shapes = [args.source] if args.source else args.shape.split(",")
+    rows = []
+    for shape in shapes:
+        for method in args.method.split(","):
+            cmd = [sys.executable, __file__, "--one", "--method", method, "--format", args.format, "--nsamples",
+                   str(args.nsamples), "--seqlen", str(args.seqlen), "--offload", args.offload,
+                   *(["--source", shape] if args.source else ["--shape", shape]),
+                   *(["--layers", str(args.layers)] if args.layers else []),
+                   *(["--device", args.device] if args.device else []), *(["--work", args.work] if args.work else [])]
+            log(f"{shape} {method}:{args.format}")
+            done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+            if done.returncode != 0:
+                log(f"{shape} {method}: failed (exit {done.returncode})")
+                continue
+            row = json.loads(done.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            log(json.dumps(row))
+    tag = args.tag or default_tag(args.device)
+    out = Path(args.out) if args.out else RESULTS / f"scale-{tag}.json"
+    merge(out, rows, {"command": " ".join(["python", "benchmarks/scale.py", *(argv or sys.argv[1:])]),
+                      "lowbit": lowbit.__version__, "torch": torch.__version__, "python": platform.python_version(),
+                      "host": f"{platform.system()} {platform.machine()}"})
+    print(table(rows))
+    log(f"wrote {out}")
+    return 0 if len(rows) == len(shapes) * len(args.method.split(",")) else 1
+
+
+_KEY = ("shape", "method", "format", "device", "layers_run", "nsamples", "seqlen")
+
+
+def merge(out: Path, rows: list[dict], meta: dict) -> None:
+    """Add ``rows`` to the results file, replacing rows measured with the same settings."""
+    data = json.loads(out.read_text()) if out.exists() else {"rows": []}
+    new = {tuple(r[k] for k in _KEY) for r in rows}
+    kept = [r for r in data["rows"] if tuple(r.get(k) for k in _KEY) not in new]
+    data["rows"] = kept + [{**r, "command": meta["command"]} for r in rows]
+    data["meta"] = {k: v for k, v in meta.items() if k != "command"}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def table(rows: list[dict]) -> str:
+    head = "| shape | method | layers | seconds (measured) | seconds (all layers, extrapolated) | host GB | GPU GB |"
+    lines = [head, "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        extra = "-" if r["seconds_extrapolated"] is None else f"{r['seconds_extrapolated']}"
+        lines.append(f"| {r['shape']} | {r['method']}:{r['format']} | {r['layers_run']}/{r['layers_total']} | "
+                     f"{r['seconds']} | {extra} | {r['peak_host_gb']} | {r['peak_gpu_gb'] or '-'} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

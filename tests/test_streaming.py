@@ -1,0 +1,421 @@
+"""Streamed quantization (algorithms/streamed.py) and synthetic models (io/synthetic.py): the streamed result equals
+the in-memory one bit for bit, from shards and from the generator alike; no more than one decoder layer is ever
+materialized; a kill in any phase (or running out of memory) resumes bit-identically; bad checkpoints are refused
+before any work, naming the file."""
+
+from __future__ import annotations
+
+import gc
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import lowbit
+import lowbit.streaming
+from lowbit.algorithms import streamed
+from lowbit.algorithms.plans import uniform_plan
+from lowbit.algorithms.sequential import CalibConfig
+from lowbit.cli import main
+from lowbit.errors import BadFileError, DestinationError, LowbitError
+from lowbit.io import stream_writer
+from lowbit.io.sources import CheckpointSource, SyntheticSource, WeightSource
+from lowbit.io.synthetic import random_tokens, synthetic_config, synthetic_tensor, write_synthetic
+from lowbit.recipe import Recipe
+from test_gptq_checkpoint import Killed, instrument
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def synth_dir(tmp_path_factory) -> Path:
+    """The tiny synthetic Llama (4 layers) as an HF checkpoint in 3 shards (a layer's tensors span two of them)."""
+    d = tmp_path_factory.mktemp("synth") / "tiny"
+    write_synthetic("tiny", d, shard_bytes=150_000, progress=False)
+    return d
+
+
+def recipe(spec: str, text_file: str) -> Recipe:
+    return Recipe.parse(spec, calib=CalibConfig(nsamples=4, seqlen=16, text_path=text_file))
+
+
+def tensors(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "model.safetensors"))
+
+
+def assert_same_checkpoint(a: Path, b: Path) -> None:
+    ta, tb = tensors(a), tensors(b)
+    assert ta.keys() == tb.keys()
+    assert [k for k in ta if ta[k].dtype != tb[k].dtype or not torch.equal(ta[k], tb[k])] == []
+    ia, ib = (json.loads((p / "lowbit.json").read_text()) for p in (a, b))
+    assert (ia["formats"], ia["rotations"], ia["linear_bpw"], ia["total_bytes"]) == \
+        (ib["formats"], ib["rotations"], ib["linear_bpw"], ib["total_bytes"])
+
+
+# --------------------------------------------------------------------------------------------- the synthetic source
+
+
+def test_synthetic_shapes_are_the_real_ones():
+    from lowbit.io.synthetic import tensor_shapes
+
+    params = {s: sum(torch.Size(v).numel() for v in tensor_shapes(synthetic_config(s)).values()) / 1e9
+              for s in ("llama-2-7b", "llama-2-13b", "llama-3-8b", "llama-3-70b")}
+    assert {s: round(p, 2) for s, p in params.items()} == {"llama-2-7b": 6.74, "llama-2-13b": 13.02,
+                                                          "llama-3-8b": 8.03, "llama-3-70b": 70.55}
+    cfg = synthetic_config("llama-3-8b")
+    assert (cfg.num_key_value_heads, cfg.vocab_size) == (8, 128256)
+
+
+def test_synthetic_weights_are_deterministic_and_written_as_generated(synth_dir):
+    src = CheckpointSource(synth_dir)
+    gen = SyntheticSource("tiny")
+    assert src.keys() == gen.keys() and len(set(json.loads(
+        (synth_dir / "model.safetensors.index.json").read_text())["weight_map"].values())) == 3
+    for key in src.keys():
+        assert torch.equal(src.read([key])[key], gen.read([key])[key]), key
+    key = "model.layers.1.mlp.down_proj.weight"
+    w = gen.read([key])[key]
+    assert torch.equal(gen.read_rows(key, 5), w[:5]) and torch.equal(src.read_rows(key, 5), w[:5])
+    assert torch.equal(SyntheticSource("tiny", num_layers=2).read([key])[key], w)  # fewer layers, same first ones
+    assert not torch.equal(SyntheticSource("tiny", seed=1).read([key])[key], w)
+    big = synthetic_tensor("llama-2-7b", 0, "model.layers.0.mlp.down_proj.weight", (4096, 11008), rows=3)
+    assert big.shape == (3, 11008) and 0.015 < big.float().std() < 0.04  # std 0.02, a few columns x4
+    norm = gen.read(["model.layers.0.input_layernorm.weight"])["model.layers.0.input_layernorm.weight"]
+    assert norm.max() > 5  # outlier channels
+
+
+# --------------------------------------------------------------------------------------------- streamed == in memory
+
+
+@pytest.mark.parametrize("spec", ["gptq_act:int3_g32_asym", "rtn+rht:int4_g32_asym", "imatrix+rht:q4_0"])
+def test_streamed_equals_in_memory_bit_for_bit(spec, synth_dir, text_file, tmp_path):
+    r = recipe(spec, text_file)
+    lowbit.convert(synth_dir, r, tmp_path / "memory", device="cpu", progress=False, stream=False)
+    lowbit.convert(synth_dir, r, tmp_path / "shards", device="cpu", progress=False, stream=True)
+    lowbit.convert("synthetic:tiny", r, tmp_path / "generated", device="cpu", progress=False)  # no files at all
+    assert_same_checkpoint(tmp_path / "memory", tmp_path / "shards")
+    assert_same_checkpoint(tmp_path / "memory", tmp_path / "generated")
+    assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]  # checkpoints retired
+    model, _ = lowbit.load(tmp_path / "shards", device="cpu")  # an ordinary lowbit checkpoint
+    info = json.loads((tmp_path / "shards" / "lowbit.json").read_text())
+    assert info["source"] == str(synth_dir) and info["recipe"] == spec
+
+
+def test_tied_float32_model_streamed_equals_in_memory(tiny_tokenizer, text_file, tmp_path):
+    """A saved transformers model (one safetensors file, float32, LM head tied to the embeddings)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=True)
+    d = tmp_path / "tied"
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    tiny_tokenizer.save_pretrained(d)
+    r = recipe("gptq:int4_g32_asym", text_file)
+    lowbit.convert(d, r, tmp_path / "memory", device="cpu", progress=False, stream=False)
+    lowbit.convert(d, r, tmp_path / "streamed", device="cpu", progress=False, stream=True)
+    assert_same_checkpoint(tmp_path / "memory", tmp_path / "streamed")
+    assert "lm_head.weight" not in tensors(tmp_path / "streamed")  # stored once, as save() does
+
+
+def test_host_offload_is_bit_identical(text_file, tmp_path):
+    src = SyntheticSource("tiny", num_layers=2)
+    plan = uniform_plan(src.skeleton(), "int3_g32_asym")
+    samples = random_tokens(src.config.vocab_size, 4, 16)
+    reports = {}
+    for offload in ("device", "host"):
+        reports[offload] = streamed.quantize_streamed(src, plan, tmp_path / offload, rounding="gptq_act",
+                                                      device="cpu", samples=samples, offload=offload, progress=False)
+    assert reports["host"].offload == "host" and reports["device"].complete
+    for a, b in zip(reports["device"].layer_files, reports["host"].layer_files, strict=True):
+        ta, tb = load_file(str(a)), load_file(str(b))
+        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+# --------------------------------------------------------------------------------------------- memory
+
+
+def test_at_most_one_decoder_layer_is_ever_materialized(synth_dir, text_file, tmp_path):
+    """At every decoder layer's forward (and every read from the source), a gc scan finds at most one decoder layer
+    module holding real tensors, at most one live tensor shaped like a down_proj weight, and no embedding matrix."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    cfg = synthetic_config("tiny")
+    down, embed = (cfg.hidden_size, cfg.intermediate_size), (cfg.vocab_size, cfg.hidden_size)
+    seen = []
+
+    def scan(where):
+        with warnings.catch_warnings():  # isinstance on some modules' deprecated aliases warns
+            warnings.simplefilter("ignore")
+            objs = gc.get_objects()
+            layers = [o for o in objs if isinstance(o, LlamaDecoderLayer)
+                      and any(not t.is_meta for t in [*o.parameters(), *o.buffers()])]
+            live = [o for o in objs if isinstance(o, torch.Tensor) and not o.is_meta and o.dim() == 2]
+        seen.append((where, len(layers), sum(tuple(t.shape) == down for t in live),
+                     sum(tuple(t.shape) == embed for t in live)))
+
+    class Watched(WeightSource):
+        def __init__(self, inner):
+            self.inner, self.config, self.name = inner, inner.config, inner.name
+
+        def shapes(self):
+            return self.inner.shapes()
+
+        def read(self, keys):
+            keys = list(keys)
+            scan(f"read {keys[0]}")
+            return self.inner.read(keys)
+
+        def read_rows(self, key, rows):
+            return self.inner.read_rows(key, rows)
+
+        def tokenizer(self):
+            return self.inner.tokenizer()
+
+    def hook(module, args):
+        if isinstance(module, LlamaDecoderLayer):
+            scan("forward")
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+    try:
+        r = Recipe.parse("gptq:int4_g32_asym", calib=CalibConfig(nsamples=2, seqlen=16, text_path=text_file))
+        lowbit.convert_streamed(Watched(CheckpointSource(synth_dir)), r, tmp_path / "out", device="cpu",
+                                progress=False)
+    finally:
+        handle.remove()
+    forwards = [s for s in seen if s[0] == "forward" and s[1]]  # not the capture's, which stops at layer 0
+    assert len(forwards) == 4 * 2 * 2  # layers x samples x (Hessian pass, propagation)
+    assert max(s[1] for s in seen) == 1 and max(s[2] for s in seen) == 1, seen
+    assert all(s[1] == 0 for s in seen if s[0].startswith("read")), seen  # the previous layer is gone by then
+    assert all(s[3] == 0 for s in forwards), seen  # embeddings released after the capture
+
+
+# --------------------------------------------------------------------------------------------- kills and resume
+
+
+def _counting(monkeypatch):
+    calls = []
+    real = streamed._quantize_layer
+
+    def counted(layer, names, plan, prefix, index, *a, **kw):
+        calls.append(index)
+        return real(layer, names, plan, prefix, index, *a, **kw)
+
+    monkeypatch.setattr(streamed, "_quantize_layer", counted)
+    return calls
+
+
+def test_kill_in_every_phase_resumes_bit_identical(text_file, tmp_path, monkeypatch):
+    src = SyntheticSource("tiny", num_layers=2)
+    r = recipe("gptq_act:int3_g32_asym", text_file)
+    clean = tmp_path / "clean"
+    lowbit.convert_streamed(src, r, clean, device="cpu", progress=False)
+
+    def rerun(out, **kw):
+        calls = []
+        with monkeypatch.context() as mp:
+            calls = _counting(mp)
+            lowbit.convert_streamed(src, r, out, device="cpu", progress=False, **kw)
+        assert_same_checkpoint(clean, out)
+        assert not Path(f"{out}.partial").exists()
+        return calls
+
+    # capture: killed while the embeddings are read, before any layer
+    out = tmp_path / "capture"
+    with monkeypatch.context() as mp, pytest.raises(Killed):
+        mp.setattr(SyntheticSource, "read", lambda self, keys: (_ for _ in ()).throw(Killed("capture")))
+        lowbit.convert_streamed(src, r, out, device="cpu", progress=False)
+    assert not out.exists() and not Path(f"{out}.partial").exists()
+    assert rerun(out) == [0, 1]
+
+    # layers: every write point of both layer steps, torn and after it
+    calls = []
+    with monkeypatch.context() as mp:
+        instrument(mp, calls)
+        lowbit.convert_streamed(src, r, tmp_path / "counted", device="cpu", progress=False)
+    steps = [c for c in calls if "step-" in c]
+    assert len(steps) == 8
+    for torn in (True, False):
+        for k in range(1, len(steps) + 1):
+            out = tmp_path / f"layers-{torn}-{k}"
+            with monkeypatch.context() as mp, pytest.raises(Killed):
+                instrument(mp, [], kill_at=k, torn=torn)
+                lowbit.convert_streamed(src, r, out, device="cpu", progress=False)
+            done = steps[: k if not torn else k - 1]
+            committed = sum(c.startswith("os.replace step-") for c in done)
+            assert not out.exists()
+            assert rerun(out) == [0, 1][committed:], (k, torn)
+
+    # assembly: killed halfway through model.safetensors; nothing is recomputed on the rerun
+    out = tmp_path / "assembly"
+    real_write = stream_writer.write_safetensors
+
+    def torn_write(path, pending, metadata=None):
+        real_write(path, pending[: len(pending) // 2], metadata)
+        raise Killed("assembly")
+
+    with monkeypatch.context() as mp, pytest.raises(Killed):
+        mp.setattr(stream_writer, "write_safetensors", torn_write)
+        lowbit.convert_streamed(src, r, out, device="cpu", progress=False)
+    assert not out.exists() and sorted(p.name for p in Path(f"{out}.partial").iterdir()) == ["step-0", "step-1"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".assembly.tmp")]  # atomic_dir cleaned up
+    assert rerun(out) == []
+
+    # after the output's commit, before the checkpoint is retired: the output is whole; --overwrite reassembles
+    out = tmp_path / "retire"
+    with monkeypatch.context() as mp, pytest.raises(Killed):
+        mp.setattr(lowbit.streaming, "discard_work", lambda work: (_ for _ in ()).throw(Killed("retire")))
+        lowbit.convert_streamed(src, r, out, device="cpu", progress=False)
+    assert_same_checkpoint(clean, out)
+    with pytest.raises(DestinationError, match="already exists"):
+        lowbit.convert_streamed(src, r, out, device="cpu", progress=False)
+    assert rerun(out, overwrite=True) == []
+
+
+def test_out_of_memory_leaves_a_resumable_checkpoint(text_file, tmp_path, monkeypatch):
+    src = SyntheticSource("tiny")
+    r = recipe("gptq:int4_g32_asym", text_file)
+    lowbit.convert_streamed(src, r, tmp_path / "clean", device="cpu", progress=False)
+    real = SyntheticSource.read
+
+    def oom_at_layer_2(self, keys):
+        keys = list(keys)
+        if keys[0].startswith("model.layers.2."):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, keys)
+
+    out = tmp_path / "out"
+    with monkeypatch.context() as mp, pytest.raises(LowbitError, match=r"decoder layer 2: layers 0\.\.1 are saved"):
+        mp.setattr(SyntheticSource, "read", oom_at_layer_2)
+        lowbit.convert_streamed(src, r, out, device="cpu", progress=False)
+    assert sorted(p.name for p in Path(f"{out}.partial").iterdir()) == ["step-0", "step-1"]
+    with monkeypatch.context() as mp:
+        calls = _counting(mp)
+        lowbit.convert_streamed(src, r, out, device="cpu", progress=False, offload="host")  # placement may change
+    assert calls == [2, 3]
+    assert_same_checkpoint(tmp_path / "clean", out)
+
+
+_KILLED_CHILD = """
+import json, os, signal, sys
+import torch
+torch.set_num_threads(1)
+args = json.loads(sys.argv[1])
+import lowbit
+from lowbit.algorithms import sequential
+from lowbit.io.sources import SyntheticSource
+real, n = sequential.save_file, [0]
+def save_file(tensors, filename, metadata=None):
+    real(tensors, filename, metadata=metadata)
+    n[0] += 1
+    if n[0] == args["kill_at"]:  # half-written file, then a real SIGKILL
+        with open(filename, "r+b") as f:
+            f.truncate(os.path.getsize(filename) // 2)
+        os.kill(os.getpid(), signal.SIGKILL)
+sequential.save_file = save_file
+recipe = lowbit.Recipe.parse("gptq:int4_g32_asym", calib=lowbit.CalibConfig(4, 16, args["text"]))
+lowbit.convert_streamed(SyntheticSource("tiny"), recipe, args["out"], device="cpu", progress=False)
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
+def test_sigkill_mid_layer_resumes_bit_identical(text_file, tmp_path, monkeypatch):
+    r = recipe("gptq:int4_g32_asym", text_file)
+    lowbit.convert_streamed(SyntheticSource("tiny"), r, tmp_path / "clean", device="cpu", progress=False)
+    out = tmp_path / "out"
+    args = {"text": text_file, "out": str(out), "kill_at": 6}  # 6: layer 2's inputs
+    run = subprocess.run([sys.executable, "-c", _KILLED_CHILD, json.dumps(args)], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == -signal.SIGKILL, run.stderr[-3000:]
+    assert sorted(p.name for p in Path(f"{out}.partial").iterdir()) == ["step-0", "step-1", "step-2.tmp"]
+    with monkeypatch.context() as mp:
+        calls = _counting(mp)
+        lowbit.convert_streamed(SyntheticSource("tiny"), r, out, device="cpu", progress=False)
+    assert calls == [2, 3]
+    assert_same_checkpoint(tmp_path / "clean", out)
+
+
+# --------------------------------------------------------------------------------------------- bad input
+
+
+def _damaged(synth_dir: Path, tmp_path: Path, how: str) -> tuple[Path, str]:
+    d = tmp_path / how
+    shutil.copytree(synth_dir, d)
+    index = d / "model.safetensors.index.json"
+    weight_map = json.loads(index.read_text())["weight_map"]
+    key = "model.layers.1.mlp.down_proj.weight"
+    shard = d / weight_map[key]
+    if how == "missing-shard":
+        shard.unlink()
+        return d, f"{shard} is missing"
+    if how == "truncated-shard":
+        with open(shard, "r+b") as f:
+            f.truncate(shard.stat().st_size - 100)
+        return d, f"{shard} is truncated"
+    if how == "index-names-missing-file":
+        weight_map[key] = "model-00009-of-00003.safetensors"
+        index.write_text(json.dumps({"weight_map": weight_map}))
+        return d, f"{d / 'model-00009-of-00003.safetensors'} is missing"
+    if how == "dtype-mismatch":
+        config = json.loads((d / "config.json").read_text())
+        config["dtype"] = "bfloat16"
+        (d / "config.json").write_text(json.dumps(config))
+        return d, "model-00001-of-00003.safetensors: tensor model.embed_tokens.weight is F16, but .*declares dtype " \
+                  "bfloat16"
+    if how == "tensor-absent":
+        kept = {k: v for k, v in load_file(str(shard)).items() if k != key}
+        save_file(kept, str(shard), metadata={"format": "pt"})
+        del weight_map[key]
+        index.write_text(json.dumps({"weight_map": weight_map}))
+        return d, f"model.safetensors.index.json: no tensor {key}"
+    raise ValueError(how)
+
+
+@pytest.mark.parametrize("how", ["missing-shard", "truncated-shard", "index-names-missing-file", "dtype-mismatch",
+                                 "tensor-absent"])
+def test_bad_checkpoints_are_refused_before_any_work(how, synth_dir, text_file, tmp_path, monkeypatch):
+    d, message = _damaged(synth_dir, tmp_path, how)
+    monkeypatch.setattr(lowbit.streaming, "quantize_streamed", lambda *a, **k: pytest.fail("work started"))
+    out = tmp_path / "out"
+    with pytest.raises(BadFileError, match=message):
+        lowbit.convert(d, recipe("gptq:q4_0", text_file), out, device="cpu", progress=False, stream=True)
+    assert not out.exists() and not Path(f"{out}.partial").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_recipes_needing_the_whole_model_are_refused(text_file, tmp_path):
+    for spec, why in [("gptq+fused:q4_0", "fused"), ("rtn:nz2_ch/int4_g128_sym@2.5bpw", "mixed-precision")]:
+        with pytest.raises(LowbitError, match=f"cannot be streamed: .*{why}"):
+            lowbit.convert("synthetic:tiny", spec, tmp_path / "out", device="cpu", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_synth_then_streamed_quantize(tmp_path, text_file, capsys):
+    d, out = tmp_path / "synth", tmp_path / "q"
+    assert main(["synth", "--shape", "tiny", "--layers", "2", "--out", str(d), "--shard-gb", "0.0001",
+                 "--no-progress"]) == 0
+    assert len(list(d.glob("model-*.safetensors"))) > 1
+    assert main(["quantize", str(d), "-f", "q4_0", "--method", "gptq", "-o", str(out), "--stream", "--nsamples",
+                 "2", "--calib-seqlen", "16", "--calib-text", text_file, "--no-progress"]) == 0
+    assert "saved" in capsys.readouterr().out
+    model, _ = lowbit.load(out, device="cpu")
+    assert json.loads((out / "lowbit.json").read_text())["streamed"]["offload"] == "device"
+    assert main(["synth", "--shape", "llama-9", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown synthetic shape" in capsys.readouterr().err
