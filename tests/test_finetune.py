@@ -162,3 +162,193 @@ def test_cli_refuses_bad_tuning_settings_before_quantizing(tiny_model_dir, tmp_p
     assert main(["quantize", str(tiny_model_dir), "-f", "q4_0", "--method", "gptq", "-o", str(out), "--finetune",
                  "--ft-lr", "-1", "--no-progress"]) == 2
     assert "lr > 0" in capsys.readouterr().err and not out.exists() and not (tmp_path / "q.partial").exists()
+
+
+# ------------------------------------------------------------------------------------------------ blocks mode
+
+
+def _last_hidden(model, ids) -> torch.Tensor:  # noqa: ANN001 - the last decoder layer's output (before the norm)
+    out = {}
+    handle = model.model.layers[-1].register_forward_hook(lambda _m, _a, o: out.update(h=o[0] if isinstance(o, tuple)
+                                                                                            else o))
+    with torch.no_grad():
+        model(ids)
+    handle.remove()
+    return out["h"]
+
+
+def _rel_err(teacher, student, ids) -> float:  # noqa: ANN001
+    t, s = _last_hidden(teacher, ids), _last_hidden(student, ids)
+    return float(((s - t).pow(2).sum(-1) / t.pow(2).sum(-1)).mean())
+
+
+@pytest.mark.parametrize("block_layers", [1, 2])
+def test_blocks_reduce_block_output_error_and_kl(block_layers):
+    """Measured on held-out windows (block_layers 1 / 2): last hidden state error 0.8x / 0.8x, KL 0.89x / 0.88x."""
+    teacher, student = _quantized("int3_g32_sym")
+    train, held_out = _samples(64, 64), _samples(16, 64, seed=2)
+    err, kl, codes = _rel_err(teacher, student, held_out), _kl(teacher, student, held_out), _codes(student)
+    cfg = FinetuneConfig(epochs=2, lr=3e-3, batch_size=8, mode="blocks", block_layers=block_layers)
+    rep = finetune(student, copy.deepcopy(teacher), train, cfg, device="cpu", progress=False)
+    assert rep.mode == "blocks" and len(rep.block_losses) == 2 // block_layers
+    assert all(last < first for first, last in rep.block_losses) and rep.kl_last < rep.kl_first
+    assert rep.steps == 16 * len(rep.block_losses) + 16  # + the final norm's stage
+    assert _rel_err(teacher, student, held_out) < 0.9 * err
+    assert _kl(teacher, student, held_out) < 0.93 * kl
+    assert all(torch.equal(codes[n], c) for n, c in _codes(student).items())
+    assert all(type(m) is not ScaleTunedLinear for m in student.modules())
+
+
+def test_blocks_keep_formats_and_bytes():
+    """Same tensors, shapes and dtypes (so the same bytes) and codes; scales are what pack stores; norms float16."""
+    teacher, student = _quantized("q4_0")
+    before = {k: (v.shape, v.dtype) for k, v in student.state_dict().items()}
+    formats = {n: m.format_name for n, m in student.named_modules() if isinstance(m, QuantLinear)}
+    finetune(student, teacher, _samples(), FinetuneConfig(epochs=2, lr=1e-2, mode="blocks", block_layers=1),
+             device="cpu", progress=False)
+    assert {k: (v.shape, v.dtype) for k, v in student.state_dict().items()} == before
+    assert formats == {n: m.format_name for n, m in student.named_modules() if isinstance(m, QuantLinear)}
+    for m in student.modules():
+        if isinstance(m, QuantLinear):
+            again = get_format(m.format_name).pack(*m.fmt.unpack(m.quantized()), (m.out_features, m.in_features))
+            assert torch.equal(again.data["codes"], m.codes) and torch.equal(again.data["scale"], m.scale)
+    for m in norm_modules(student).values():
+        assert torch.equal(m.weight, m.weight.half().float()) and m.weight.is_leaf
+
+
+def test_blocks_hold_one_block_at_a_time(monkeypatch):
+    """The compute device is cpu:0, home is cpu, so every move is visible: only one decoder layer (block_layers=1)
+    of the student or the teacher is ever on the device, the models as a whole never move, and only the current
+    block's linears are wrapped with trainable float copies of their scales."""
+    teacher, student = _quantized()
+    t_layers, s_layers = list(teacher.model.layers), list(student.model.layers)
+    moves: list[tuple[torch.nn.Module, str]] = []
+    to = torch.nn.Module.to
+
+    def logged(self, *args, **kwargs):  # noqa: ANN001, ANN202
+        dev = next((a for a in (*args, kwargs.get("device")) if isinstance(a, (str, torch.device))), None)
+        if dev is not None:
+            moves.append((self, str(dev)))
+        return to(self, *args, **kwargs)
+
+    wrapped_sets: list[set[int]] = []
+    forward = ScaleTunedLinear.forward
+
+    def spy(self, x):  # noqa: ANN001, ANN202
+        names = [n for n, m in student.named_modules() if isinstance(m, ScaleTunedLinear)]
+        wrapped_sets.append({int(n.split(".")[2]) for n in names})
+        return forward(self, x)
+
+    monkeypatch.setattr(torch.nn.Module, "to", logged)
+    monkeypatch.setattr(ScaleTunedLinear, "forward", spy)
+    finetune(student, teacher, _samples(), FinetuneConfig(epochs=1, mode="blocks", block_layers=1),
+             device=torch.device("cpu", 0), progress=False)
+    assert wrapped_sets and all(len(s) == 1 for s in wrapped_sets)  # one layer's linears wrapped at a time
+    assert {min(s) for s in wrapped_sets} == {0, 1}
+    resident: dict[int, torch.nn.Module] = {}
+    most = 0
+    for module, dev in moves:
+        assert module is not student and module is not teacher
+        assert module is not student.model.layers and module is not teacher.model.layers
+        if dev == "cpu:0":
+            resident[id(module)] = module
+        else:
+            resident.pop(id(module), None)
+        on_device = [m for m in resident.values() if any(m is layer for layer in t_layers + s_layers)]
+        most = max(most, len(on_device))
+    assert most == 1 and not resident  # everything went home
+    assert all(p.device.type == "cpu" for p in student.parameters())
+
+
+def test_mode_selection(monkeypatch):
+    from lowbit.algorithms import finetune as ft
+
+    teacher, student = _quantized()
+    shape, device = (8, 32), torch.device("cpu")
+    need = ft.model_mode_bytes(student, teacher, shape, FinetuneConfig())
+    assert ft.model_mode_bytes(student, teacher, (8, 64), FinetuneConfig()) > need  # grows with tokens
+    assert need > ft._tensor_bytes(teacher)
+    free = ft.device_free_bytes(device)
+    assert free is None or free > 0
+    cases = [(10 * need, "model"), (need // 10, "blocks"), (None, "model")]
+    for free, mode in cases:
+        monkeypatch.setattr(ft, "device_free_bytes", lambda _d, free=free: free)
+        assert ft.resolve_mode(student, teacher, shape, FinetuneConfig(), device) == mode
+        assert ft.resolve_mode(student, teacher, shape, FinetuneConfig(mode="model"), device) == "model"
+        assert ft.resolve_mode(student, teacher, shape, FinetuneConfig(mode="blocks"), device) == "blocks"
+    monkeypatch.setattr(ft, "device_free_bytes", lambda _d: need // 10)
+    rep = finetune(student, teacher, _samples(), FinetuneConfig(epochs=1), device="cpu", progress=False)
+    assert rep.mode == "blocks"  # auto, with the free memory patched to a tenth of the estimate
+
+
+def test_bad_block_settings_are_refused():
+    for bad in ({"mode": "layers"}, {"block_layers": 0}, {"block_layers": 1.5}, {"block_layers": True}):
+        with pytest.raises(LowbitError, match="mode|block_layers"):
+            FinetuneConfig(**bad)
+    from lowbit.algorithms.finetune import finetune_blocks
+
+    teacher, student = _quantized()
+    with pytest.raises(LowbitError, match="chain"):
+        finetune_blocks(student, teacher, _samples(), FinetuneConfig(), torch.device("cpu"), chain="sideways")
+
+
+def test_blocks_failure_leaves_the_model_untouched(monkeypatch):
+    """A failure in the second block undoes the first block's tuning too."""
+    from lowbit.algorithms import finetune as ft
+
+    teacher, student = _quantized()
+    state = {k: v.clone() for k, v in student.state_dict().items()}
+    calls = []
+    train = ft._train_block
+
+    def second_fails(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls.append(1)
+        if len(calls) == 2:
+            raise LowbitError("finetune: non-finite loss (injected)")
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(ft, "_train_block", second_fails)
+    with pytest.raises(LowbitError, match="injected"):
+        finetune(student, teacher, _samples(), FinetuneConfig(epochs=1, lr=1e-2, mode="blocks", block_layers=1),
+                 device="cpu", progress=False)
+    assert len(calls) == 2 and all(type(m) is not ScaleTunedLinear for m in student.modules())
+    after = student.state_dict()
+    assert state.keys() == after.keys() and all(torch.equal(state[k], after[k]) for k in state)
+    assert all(not p.requires_grad or p.is_leaf for p in student.parameters())
+
+
+def test_pipeline_fused_blocks(tiny_tokenizer, text_file):
+    """+fused+ft in the blocks mode: the teacher is rotated like the student, so hidden states compare."""
+    from lowbit.algorithms.sequential import CalibConfig
+    from lowbit.api import quantize
+    from lowbit.calibration.samples import calibration_samples
+    from lowbit.recipe import Recipe
+
+    model = sharpen_llama(make_model("llama", vocab=len(tiny_tokenizer))).float()
+    teacher = copy.deepcopy(model)
+    calib = CalibConfig(16, 32, text_file)
+    ft = FinetuneConfig(epochs=2, lr=3e-3, mode="blocks", block_layers=1)
+    rep = quantize(model, Recipe("int3_g32_sym", "rtn", fuse_rotation=True, finetune=ft, calib=calib),
+                   tiny_tokenizer, device="cpu", progress=False).finetune
+    assert rep.mode == "blocks" and len(rep.block_losses) == 2
+    plain = copy.deepcopy(teacher)
+    quantize(plain, Recipe("int3_g32_sym", "rtn", fuse_rotation=True, calib=calib), tiny_tokenizer, device="cpu",
+             progress=False)
+    held_out = calibration_samples(tiny_tokenizer, 8, 32, text_file, seed=7)
+    assert _kl(teacher, model, held_out) < 0.95 * _kl(teacher, plain, held_out)
+
+
+def test_cli_block_settings(tiny_model_dir, tmp_path, text_file, capsys):
+    import json
+
+    from lowbit.cli import main
+
+    calib = ["--nsamples", "4", "--calib-seqlen", "32", "--calib-text", text_file, "--device", "cpu", "--no-progress"]
+    out = tmp_path / "q"
+    assert main(["quantize", str(tiny_model_dir), "-f", "q4_0", "-o", str(out), "--finetune", "--ft-epochs", "1",
+                 "--ft-mode", "blocks", "--ft-block-layers", "1", *calib]) == 0
+    info = json.loads((out / "lowbit.json").read_text())["finetune"]
+    assert (info["mode"], info["block_layers"], len(info["block_losses"])) == ("blocks", 1, 2)
+    assert main(["quantize", str(tiny_model_dir), "-f", "q4_0", "-o", str(tmp_path / "r"), "--finetune",
+                 "--ft-block-layers", "0", *calib]) == 2
+    assert "block_layers" in capsys.readouterr().err

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowbit.algorithms.finetune import FinetuneReport
+from lowbit.algorithms.finetune import FinetuneReport, host_copy
 from lowbit.algorithms.finetune import finetune as tune_scales
 from lowbit.algorithms.mixed import is_mix, mixed_plan
 from lowbit.algorithms.plans import Plan, uniform_plan
@@ -94,9 +93,11 @@ def quantize(model: nn.Module, recipe: Recipe | str, tokenizer: Any = None, *, d
         raise LowbitError(f"{recipe} reads calibration text: pass the tokenizer")
     device = device or default_device()
     t0 = time.perf_counter()
-    teacher = copy.deepcopy(model) if recipe.finetune else None  # a +fused student computes the same function
+    teacher = host_copy(model) if recipe.finetune else None  # on the host: +ft moves what it needs, when
     if recipe.fuse_rotation:  # rounded again: float tensors are stored as float16 by checkpoints and GGUF
         round_to_storage(fuse_rotation(model, seed=recipe.rotation_seed))
+        if teacher is not None:  # the same function, in the student's rotated basis (block-wise +ft compares
+            fuse_rotation(teacher, seed=recipe.rotation_seed)  # hidden states), not rounded: still the float model
     calibrated = recipe.method != "rtn" or recipe.finetune is not None  # a mix draws its own samples
     samples = _calibration(model, tokenizer, recipe) if calibrated else None
     plan = _plan(model, recipe, tokenizer, progress)

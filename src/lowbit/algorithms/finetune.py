@@ -15,12 +15,28 @@ Each tuned tensor ``p`` becomes ``p0 * exp(t)`` with ``t`` trained from 0 (Adam)
 scales of every magnitude and no sign ever flips. This is the scale-only end of QuIP#'s and EfficientQAT's
 end-to-end fine-tuning: fewer parameters (one per 32 weights at 4 bits, one per 256 at IQ2_XXS), nothing that
 a GGUF file could not hold.
+
+Two ways to train, the same parameters and the same storage (``FinetuneConfig.mode``):
+  * ``model``: KL through the whole network. The float teacher and the student are on the device at once and
+    backward keeps every layer's activations and full-vocabulary logits: the quality reference, for small models.
+  * ``blocks``: ``block_layers`` decoder layers at a time (:func:`finetune_blocks`), each trained so its output
+    matches the float model's hidden states, with the quantized model's own outputs of the already-tuned blocks as
+    its inputs (error-compensating, as GPTQ's sequential mode feeds quantized inputs forward), then a short KL stage
+    on the final norm alone. The calibration activations live on the host; the device holds one block (float
+    teacher block while its outputs are computed, then the student block) and one batch's activations:
+    ``peak ~ max(W_float_block, W_student_block + 8 B x block quantized weights) + A_batch x B``, where ``8 B`` is
+    the decoded float32 weight and its scaled intermediate that backward keeps. No copy of the whole model moves.
+  * ``auto`` (default): ``model`` when its estimated peak (:func:`model_mode_bytes`) fits in 80% of the device's
+    free memory, else ``blocks``.
 """
 
 from __future__ import annotations
 
+import copy
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -28,9 +44,15 @@ from torch import nn
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
+from lowbit.calibration.capture import capture_layer_inputs
 from lowbit.errors import LowbitError
 from lowbit.models.quant_linear import QuantLinear
-from lowbit.models.walker import set_module
+from lowbit.models.walker import DECODER_LAYERS, decoder_layers, module_device, set_module
+
+MODES = ("auto", "model", "blocks")
+CHAINS = ("compensate", "quant", "float")  # what block k reads and matches (finetune_blocks)
+LOSSES = ("token", "mse")
+AUTO_FRACTION = 0.8  # auto picks the whole-model mode when its estimated peak fits in this much free memory
 
 
 @dataclass(frozen=True)
@@ -42,10 +64,16 @@ class FinetuneConfig:
     batch_size: int = 4  # windows per optimizer step
     norms: bool = True  # also tune normalization weights
     seed: int = 0
+    mode: str = "auto"  # "model" (KL through the whole network), "blocks" (bounded memory) or "auto" (by memory)
+    block_layers: int = 2  # decoder layers per block in the blocks mode
 
     def __post_init__(self) -> None:  # checked when built (the CLI builds it before minutes of GPTQ), not after
         if self.epochs <= 0 or self.lr <= 0 or self.batch_size < 1:
             raise LowbitError(f"finetune needs epochs > 0, lr > 0 and batch_size >= 1, got {self}")
+        if self.mode not in MODES:
+            raise LowbitError(f"finetune mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if isinstance(self.block_layers, bool) or not isinstance(self.block_layers, int) or self.block_layers < 1:
+            raise LowbitError(f"finetune block_layers must be an integer >= 1, got {self.block_layers!r}")
 
 
 @dataclass
@@ -53,9 +81,12 @@ class FinetuneReport:
     steps: int
     tuned_tensors: int
     tuned_values: int
-    kl_first: float  # mean KL (nats/token) of the first step's batch, before any update
+    kl_first: float  # mean KL (nats/token) of the first step's batch, before any update (blocks: final-norm stage)
     kl_last: float  # mean KL of the last step's batch
     seconds: float
+    mode: str = "model"  # the mode that ran ("auto" resolved)
+    block_losses: list[list[float]] = field(default_factory=list)  # blocks mode: [first, last] loss per block
+    peak_device_gb: float | None = None  # CUDA only: torch's peak allocated memory during the tuning
 
 
 class ScaleTunedLinear(nn.Module):
@@ -65,7 +96,7 @@ class ScaleTunedLinear(nn.Module):
         super().__init__()
         self.q = q
         codes, params = q.fmt.unpack(q.quantized())
-        self.register_buffer("codes", codes)
+        self.register_buffer("codes", _small_ints(codes))  # int64 from unpack: 8 bytes a weight held for nothing
         self.base = {k: v.float() for k, v in params.items()}
         self.log = nn.ParameterDict({k: nn.Parameter(torch.zeros_like(self.base[k])) for k in q.fmt.float_params})
 
@@ -74,7 +105,7 @@ class ScaleTunedLinear(nn.Module):
 
     def weight(self) -> torch.Tensor:
         fmt = self.q.fmt
-        return fmt.decode(self.codes, fmt.expand(self.params(), self.q.in_features))
+        return fmt.decode(self.codes.long(), fmt.expand(self.params(), self.q.in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q = self.q
@@ -91,7 +122,7 @@ class ScaleTunedLinear(nn.Module):
         """The QuantLinear storing the tuned parameters (rounded to their stored precision by ``pack``)."""
         q = self.q
         with torch.no_grad():
-            qt = q.fmt.pack(self.codes, self.params(), (q.out_features, q.in_features))
+            qt = q.fmt.pack(self.codes.long(), self.params(), (q.out_features, q.in_features))
         bias = None if q.bias is None else q.bias.data
         return QuantLinear.from_quantized(qt, bias, q.rotation)
 
@@ -99,6 +130,16 @@ class ScaleTunedLinear(nn.Module):
         super()._apply(fn, recurse)
         self.base = {k: fn(v) for k, v in self.base.items()}
         return self
+
+
+def _small_ints(codes: torch.Tensor) -> torch.Tensor:
+    if codes.numel() and codes.dtype == torch.int64:
+        lo, hi = int(codes.min()), int(codes.max())
+        for dtype in (torch.uint8, torch.int16, torch.int32):
+            info = torch.iinfo(dtype)
+            if info.min <= lo and hi <= info.max:
+                return codes.to(dtype)
+    return codes
 
 
 class _Scaled(nn.Module):
@@ -129,17 +170,112 @@ def finetune(model: nn.Module, teacher: nn.Module, samples: torch.Tensor, cfg: F
              device: str | torch.device | None = None, progress: bool = True) -> FinetuneReport:
     """Tune ``model``'s float quantization parameters and norms in place to match ``teacher`` (the float model).
 
-    ``samples``: [n, seqlen] token ids (the calibration windows). Both models run on ``device``; ``model``
-    returns to where it was. On any error the model is left exactly as it was before the call.
+    ``samples``: [n, seqlen] token ids (the calibration windows). ``cfg.mode`` picks whole-model or block-wise
+    training (module docstring); in the whole-model mode both models run on ``device``, in the blocks mode one
+    block at a time does. ``model`` returns to where it was, ``teacher`` is left anywhere (it is a throwaway copy).
+    On any error the model is left exactly as it was before the call.
     """
     cfg = cfg or FinetuneConfig()
     if samples.ndim != 2 or samples.shape[0] < 1:
         raise LowbitError(f"finetune needs [n, seqlen] token windows, got shape {tuple(samples.shape)}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    home = next(model.parameters()).device
-    quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.fmt.float_params}
-    if not quant:
+    if not tunable_linears(model):
         raise LowbitError("finetune: the model has no quantized linears with float parameters to tune")
+    mode = resolve_mode(model, teacher, tuple(samples.shape), cfg, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    if mode == "blocks":
+        report = finetune_blocks(model, teacher, samples, cfg, device, progress)
+    else:
+        report = _finetune_model(model, teacher, samples, cfg, device, progress)
+    if device.type == "cuda":
+        report.peak_device_gb = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+    return report
+
+
+def tunable_linears(model: nn.Module) -> dict[str, QuantLinear]:
+    """The quantized linears with stored float parameters (what ``+ft`` can tune)."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.fmt.float_params}
+
+
+def host_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` with every parameter and buffer on the host (the teacher: nothing is duplicated
+    on the GPU where the model sits; the tuning moves what it needs)."""
+    memo: dict[int, object] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.device.type != "cpu" and id(t) not in memo:
+            c = t.detach().to("cpu", copy=True)
+            memo[id(t)] = nn.Parameter(c, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else c
+    return copy.deepcopy(model, memo)
+
+
+# ------------------------------------------------------------------------------------------------ mode selection
+
+
+def model_mode_bytes(model: nn.Module, teacher: nn.Module, shape: tuple[int, int], cfg: FinetuneConfig) -> int:
+    """Estimated peak bytes of the whole-model mode: both models, the decoded float32 weights and their scaled
+    intermediates that backward keeps (8 B a quantized weight, plus 2 B of unpacked codes), and one batch's
+    activations: per token and layer ~10 hidden-wide and 4 MLP-wide float32 values, and ~6 vocabulary-wide ones for
+    the two models' logits, their log-softmaxes and the gradient."""
+    n, seqlen = shape
+    tokens = min(cfg.batch_size, n) * seqlen
+    c = model.config
+    hidden = getattr(c, "hidden_size", None) or getattr(c, "n_embd", 0)
+    inter = getattr(c, "intermediate_size", None) or getattr(c, "ffn_dim", None) or 4 * hidden
+    layers = len(decoder_layers(model))
+    quant = sum(m.in_features * m.out_features for m in tunable_linears(model).values())
+    acts = 4 * tokens * (layers * (10 * hidden + 4 * inter) + 6 * c.vocab_size)
+    return _tensor_bytes(model) + _tensor_bytes(teacher) + 10 * quant + acts
+
+
+def device_free_bytes(device: torch.device) -> int | None:
+    """Free memory of a CUDA device, or the host's available memory for the CPU; None when unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+def resolve_mode(model: nn.Module, teacher: nn.Module, shape: tuple[int, int], cfg: FinetuneConfig,
+                 device: torch.device) -> str:
+    """``cfg.mode``, with ``auto`` resolved: ``model`` when :func:`model_mode_bytes`, less what already sits on
+    ``device``, fits in ``AUTO_FRACTION`` of its free memory (or the free memory is unknown), else ``blocks``."""
+    if cfg.mode != "auto":
+        return cfg.mode
+    free = device_free_bytes(device)
+    if free is None:
+        return "model"
+    need = model_mode_bytes(model, teacher, shape, cfg)
+    need -= _tensor_bytes(model, device) + _tensor_bytes(teacher, device)
+    return "model" if need <= AUTO_FRACTION * free else "blocks"
+
+
+def _tensor_bytes(module: nn.Module, on: torch.device | None = None) -> int:
+    seen, total = set(), 0
+    for t in [*module.parameters(), *module.buffers()]:
+        if id(t) not in seen and (on is None or _same_device(t.device, on)):
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    return a.type == b.type and (a.index or 0) == (b.index or 0)
+
+
+# ------------------------------------------------------------------------------------------------ whole model
+
+
+def _finetune_model(model: nn.Module, teacher: nn.Module, samples: torch.Tensor, cfg: FinetuneConfig,
+                    device: torch.device, progress: bool) -> FinetuneReport:
+    home = next(model.parameters()).device
+    quant = tunable_linears(model)
     t0 = time.perf_counter()
     flags = {p: p.requires_grad for p in model.parameters()}
     wrapped = {n: ScaleTunedLinear(m) for n, m in quant.items()}
@@ -157,25 +293,30 @@ def finetune(model: nn.Module, teacher: nn.Module, samples: torch.Tensor, cfg: F
         tuned += [m.parametrizations.weight[0].t for m in norms.values()]
         steps, kl_first, kl_last = _train(model, teacher, samples, tuned, cfg, device, progress)
     except BaseException:
-        for n, w in wrapped.items():
-            set_module(model, n, w.q)
-        for m in norms.values():
-            if parametrize.is_parametrized(m, "weight"):
-                parametrize.remove_parametrizations(m, "weight", leave_parametrized=False)
+        _unwrap(model, wrapped, norms.values(), keep=False)
         model.to(home)
         raise
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)
-    for n, w in wrapped.items():
-        set_module(model, n, w.merged())
-    for m in norms.values():
-        parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
-        with torch.no_grad():  # stored as float16 by checkpoints and GGUF export: compute with what is stored
-            m.weight.copy_(m.weight.half().to(m.weight.dtype))
+    _unwrap(model, wrapped, norms.values(), keep=True)
     model.to(home)
     return FinetuneReport(steps, len(tuned), sum(p.numel() for p in tuned), kl_first, kl_last,
-                          time.perf_counter() - t0)
+                          time.perf_counter() - t0, mode="model")
+
+
+def _unwrap(root: nn.Module, wrapped: dict[str, ScaleTunedLinear], norms, keep: bool) -> None:  # noqa: ANN001
+    """Put QuantLinears back in place of their wrappers and drop the norms' parametrizations: with the tuned
+    values (``keep``; norms rounded to float16, as stored) or the originals."""
+    for n, w in wrapped.items():
+        set_module(root, n, w.merged() if keep else w.q)
+    for m in norms:
+        if not parametrize.is_parametrized(m, "weight"):
+            continue
+        parametrize.remove_parametrizations(m, "weight", leave_parametrized=keep)
+        if keep:
+            with torch.no_grad():  # stored as float16 by checkpoints and GGUF export: compute with what is stored
+                m.weight.copy_(m.weight.half().to(m.weight.dtype))
 
 
 def _train(model: nn.Module, teacher: nn.Module, samples: torch.Tensor, tuned: list[nn.Parameter],
@@ -203,3 +344,241 @@ def _train(model: nn.Module, teacher: nn.Module, samples: torch.Tensor, tuned: l
         first = last if step == 0 else first
         bar.set_postfix(kl=f"{last:.4f}")
     return steps, first, last
+
+
+# ------------------------------------------------------------------------------------------------ blocks
+
+
+def finetune_blocks(model: nn.Module, teacher: nn.Module, samples: torch.Tensor, cfg: FinetuneConfig,
+                    device: torch.device, progress: bool = True, *, chain: str = "compensate", loss: str = "token",
+                    final_norm: bool = True) -> FinetuneReport:
+    """Tune ``model`` in place block by block (``cfg.block_layers`` decoder layers), each against ``teacher``'s
+    hidden states; only the current block is on ``device``, the activations stay on the host.
+
+    ``chain``, what block k reads and what it must output:
+      * ``compensate``: the quantized model's own hidden states (after the blocks already tuned) in, the float
+        model's hidden states out, so each block also corrects the error it receives;
+      * ``quant``: the same inputs, the float block's output on those inputs (GPTQ's sequential objective);
+      * ``float``: the float model's hidden states in and out (blocks trained independently).
+    ``loss``: ``token`` = mean over tokens of ||y - t||^2 / ||t||^2 (each token counts alike, as it does after the
+    next RMSNorm); ``mse`` = sum ||y - t||^2 / sum ||t||^2 (tokens with huge hidden states dominate).
+    ``final_norm``: then tune the final norm (when ``cfg.norms``) with KL on logits, window by window.
+    """
+    if chain not in CHAINS or loss not in LOSSES:
+        raise LowbitError(f"finetune_blocks: chain in {CHAINS} and loss in {LOSSES}, got {chain!r}, {loss!r}")
+    t0 = time.perf_counter()
+    layers, t_layers = decoder_layers(model), decoder_layers(teacher)
+    if len(layers) != len(t_layers):
+        raise LowbitError(f"finetune: the teacher has {len(t_layers)} decoder layers, the model {len(layers)}")
+    prefix = DECODER_LAYERS[model.config.model_type]
+    host = torch.device("cpu")
+    track_xs = chain != "float" or final_norm  # the quantized model's own hidden states
+    track_xt = chain != "quant" or final_norm  # the float model's
+    flags = {p: p.requires_grad for p in model.parameters()}
+    done: list[tuple[str, QuantLinear]] = []  # (name, the QuantLinear before tuning): undone on failure
+    saved: list[tuple[nn.Module, torch.Tensor]] = []  # (norm, its weight before tuning)
+    losses: list[list[float]] = []
+    steps = n_tensors = n_values = 0
+    kl_first = kl_last = math.nan
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        xs, kwargs = capture_layer_inputs(model, samples, device, store_device=host)
+        xt = capture_layer_inputs(teacher, samples, device, store_device=host)[0] if track_xt else None
+        bar = tqdm(range(0, len(layers), cfg.block_layers), desc="finetune blocks", unit="block",
+                   disable=not progress)
+        for k, start in enumerate(bar):
+            idx = range(start, min(start + cfg.block_layers, len(layers)))
+            with _on(device, *(t_layers[i] for i in idx)):  # the float block: the targets, then it leaves
+                float_block = [t_layers[i] for i in idx]
+                if chain == "quant":
+                    target = _run(float_block, xs, kwargs, device)
+                if track_xt:
+                    nxt = _run(float_block, xt, kwargs, device, out=None if chain == "float" else xt)
+                    target = nxt if chain != "quant" else target
+            block = [layers[i] for i in idx]
+            home = module_device(block[0])
+            with _on(device, *block):
+                quant = {f"{prefix}.{i}.{n}": m for i in idx for n, m in layers[i].named_modules()
+                         if isinstance(m, QuantLinear) and m.fmt.float_params}
+                norms = [m for i in idx for m in norm_modules(layers[i]).values()] if cfg.norms else []
+                saved += [(m, m.weight.detach().to(host, copy=True)) for m in norms]
+                wrapped = {n: ScaleTunedLinear(m) for n, m in quant.items()}
+                tuned = _wrap(model, wrapped, norms)
+                try:
+                    first, last, n_steps = _train_block(block, xt if chain == "float" else xs, target, kwargs,
+                                                        tuned, cfg, device, loss, cfg.seed + k)
+                except BaseException:
+                    _unwrap(model, wrapped, norms, keep=False)
+                    raise
+                _unwrap(model, wrapped, norms, keep=True)
+                done += [(n, w.q.to(home)) for n, w in wrapped.items()]
+                if track_xs:
+                    _run(block, xs, kwargs, device, out=xs)  # through the tuned block: the next block's inputs
+            if chain == "float":
+                xt = nxt
+            del target
+            losses.append([first, last])
+            steps, n_tensors, n_values = steps + n_steps, n_tensors + len(tuned), n_values + _numel(tuned)
+            bar.set_postfix(loss=f"{last:.4g}")
+        if final_norm and cfg.norms:
+            norm = _final_norm(model)
+            if norm is not None:
+                saved.append((norm, norm.weight.detach().to(host, copy=True)))
+                kl_first, kl_last, n_steps = _tune_final_norm(model, teacher, xs, xt, cfg, device)
+                steps, n_tensors, n_values = steps + n_steps, n_tensors + 1, n_values + norm.weight.numel()
+    except BaseException:
+        for n, q in done:
+            set_module(model, n, q)
+        with torch.no_grad():
+            for m, w in saved:
+                m.weight.copy_(w)
+        raise
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+    return FinetuneReport(steps, n_tensors, n_values, kl_first, kl_last, time.perf_counter() - t0, mode="blocks",
+                          block_losses=losses)
+
+
+def block_loss(y: torch.Tensor, t: torch.Tensor, kind: str = "token") -> torch.Tensor:
+    """The blocks mode's distance from output ``y`` to target ``t`` ([..., hidden]); see :func:`finetune_blocks`."""
+    err = (y.float() - t.float()).pow(2).sum(-1)
+    ref = t.float().pow(2).sum(-1)
+    if kind == "token":
+        return (err / ref.clamp_min(1e-12)).mean()
+    return err.sum() / ref.sum().clamp_min(1e-12)
+
+
+def _wrap(root: nn.Module, wrapped: dict[str, ScaleTunedLinear], norms: list[nn.Module]) -> list[nn.Parameter]:
+    for n, w in wrapped.items():
+        set_module(root, n, w)
+    for m in norms:
+        parametrize.register_parametrization(m, "weight", _Scaled(m.weight))
+    return [p for w in wrapped.values() for p in w.log.values()] + [m.parametrizations.weight[0].t for m in norms]
+
+
+def _numel(params: list[nn.Parameter]) -> int:
+    return sum(p.numel() for p in params)
+
+
+def _train_block(block: list[nn.Module], inputs: torch.Tensor, targets: torch.Tensor, kwargs: dict,
+                 tuned: list[nn.Parameter], cfg: FinetuneConfig, device: torch.device, loss: str,
+                 seed: int) -> tuple[float, float, int]:
+    """Adam over shuffled batches of windows through one block; returns (first loss, last loss, steps)."""
+    n = inputs.shape[0]
+    bs = min(cfg.batch_size, n)
+    steps = max(1, round(cfg.epochs * n / bs))
+    g = torch.Generator().manual_seed(seed)
+    order = torch.cat([torch.randperm(n, generator=g) for _ in range((steps * bs + n - 1) // n)])
+    opt = torch.optim.Adam(tuned, lr=cfg.lr)
+    dtype = _dtype(block)
+    first = last = math.nan
+    for step in range(steps):
+        batch = order[step * bs : (step + 1) * bs]
+        h = inputs[batch].to(device, dtype)
+        for layer in block:
+            h = _hidden(layer(h, **kwargs))
+        value = block_loss(h, targets[batch].to(device), loss)
+        if not torch.isfinite(value):
+            raise LowbitError(f"finetune: non-finite loss at step {step}; lower the learning rate ({cfg.lr:g})")
+        opt.zero_grad(set_to_none=True)
+        value.backward()
+        opt.step()
+        last = float(value.detach())
+        first = last if step == 0 else first
+    return first, last, steps
+
+
+@torch.no_grad()
+def _run(block: list[nn.Module], x: torch.Tensor, kwargs: dict, device: torch.device,
+         out: torch.Tensor | None = None) -> torch.Tensor:
+    """``block`` applied to each window of ``x`` (host), into ``out`` (may be ``x``) or a new host tensor."""
+    out = torch.empty_like(x) if out is None else out
+    dtype = _dtype(block)
+    once = [m for layer in block for m in layer.modules() if isinstance(m, QuantLinear) and not m.weight_cached]
+    try:
+        for m in once:  # dequantize once for the pass, not once a window
+            m.cache_weight(True)
+        for j in range(x.shape[0]):
+            h = x[j : j + 1].to(device, dtype)
+            for layer in block:
+                h = _hidden(layer(h, **kwargs))
+            out[j] = h[0].to(out.device, out.dtype)
+    finally:
+        for m in once:
+            m.cache_weight(False)
+    return out
+
+
+def _hidden(out: torch.Tensor | tuple) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _dtype(block: list[nn.Module]) -> torch.dtype:
+    return next((p.dtype for layer in block for p in layer.parameters() if p.is_floating_point()), torch.float32)
+
+
+def _final_norm(model: nn.Module) -> nn.Module | None:
+    """The one norm outside the decoder layers, applied right before the head (None when there is not exactly
+    one, or when something else sits between it and the head: OPT's project_out)."""
+    prefix = DECODER_LAYERS[model.config.model_type] + "."
+    outside = [m for n, m in norm_modules(model).items() if not n.startswith(prefix)]
+    proj = getattr(model.config, "word_embed_proj_dim", None)
+    if len(outside) != 1 or (proj is not None and proj != model.config.hidden_size):
+        return None
+    return outside[0]
+
+
+def _tune_final_norm(model: nn.Module, teacher: nn.Module, xs: torch.Tensor, xt: torch.Tensor,
+                     cfg: FinetuneConfig, device: torch.device) -> tuple[float, float, int]:
+    """KL(teacher || model) on logits from the two models' last hidden states, training the final norm alone.
+    Logits are made one window at a time (gradients accumulated over the batch), so memory is one window's."""
+    norm, t_norm = _final_norm(model), _final_norm(teacher)
+    head, t_head = model.get_output_embeddings(), teacher.get_output_embeddings()
+    n = xs.shape[0]
+    bs = min(cfg.batch_size, n)
+    steps = max(1, round(cfg.epochs * n / bs))
+    g = torch.Generator().manual_seed(cfg.seed + 10_000)
+    order = torch.cat([torch.randperm(n, generator=g) for _ in range((steps * bs + n - 1) // n)])
+    first = last = math.nan
+    with _on(device, norm, head, t_norm, t_head):
+        tuned = _wrap(model, {}, [norm])
+        opt = torch.optim.Adam(tuned, lr=cfg.lr)
+        dtype = norm.parametrizations.weight.original.dtype
+        try:
+            for step in range(steps):
+                opt.zero_grad(set_to_none=True)
+                total = 0.0
+                for j in order[step * bs : (step + 1) * bs].tolist():
+                    with torch.no_grad():
+                        target = t_head(t_norm(xt[j : j + 1].to(device, dtype)))
+                    value = kl_per_token(target, head(norm(xs[j : j + 1].to(device, dtype)))) / bs
+                    value.backward()
+                    total += float(value.detach())
+                if not math.isfinite(total):
+                    raise LowbitError(f"finetune: non-finite loss at step {step}; lower the learning rate "
+                                      f"({cfg.lr:g})")
+                opt.step()
+                last = total
+                first = last if step == 0 else first
+        except BaseException:
+            _unwrap(model, {}, [norm], keep=False)
+            raise
+        _unwrap(model, {}, [norm], keep=True)
+    return first, last, steps
+
+
+class _on:  # noqa: N801 - used as a statement: with _on(device, *modules)
+    """Move ``modules`` to ``device`` for the ``with`` body, then each back to where it was."""
+
+    def __init__(self, device: torch.device, *modules: nn.Module):
+        self.device, self.homes = device, [(m, module_device(m)) for m in modules]
+
+    def __enter__(self) -> None:
+        for m, _ in self.homes:
+            m.to(self.device)
+
+    def __exit__(self, *exc: object) -> None:
+        for m, home in self.homes:
+            m.to(home)

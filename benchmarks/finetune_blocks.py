@@ -1,0 +1,128 @@
+"""Whole-model vs block-wise end-to-end scale tuning (``+ft``), same windows and budget, scored by perplexity and KL.
+
+    python benchmarks/finetune_blocks.py --method rtn --format q4_0 --tag cpu
+    python benchmarks/finetune_blocks.py --method gptq_act --format q4_0 --variants none,model,blocks:2
+    python benchmarks/finetune_blocks.py --format "down_proj=iq2_xxs,v_proj=q4_0,*=iq4_nl" --method gptq
+
+The bundled model (or ``--model``) is quantized once (``--method``, ``--format``: a format name or a plan
+``SUFFIX=FORMAT,...,*=FORMAT``, linears matched by name suffix; the example is the shape of llama.cpp's IQ2_XXS
+file of SmolLM2, whose 576-wide rows only hold IQ2_XXS super-blocks in ffn_down). Each variant tunes a copy on the
+same ``--nsamples`` x ``--seqlen`` calibration windows (algorithms/finetune.py):
+
+* ``none``: untuned;
+* ``model``: KL through the whole network (``mode="model"``);
+* ``blocks:B[:CHAIN[:LOSS[:nofinal]]]``: B decoder layers at a time (``finetune_blocks``; CHAIN compensate | quant
+  | float, LOSS token | mse, ``nofinal``: leave the final norm alone).
+
+Every copy is scored with ``lowbit.evaluate`` on the first ``--eval-windows`` windows of ``--ctx`` tokens of the
+eval split, with the float model as reference (perplexity, KL nats/token, top-1 agreement). The table goes to
+stdout and to ``benchmarks/results/finetune-blocks-<tag>.md`` with the command and the hardware.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import lowbit
+from lowbit.algorithms.finetune import finetune, finetune_blocks
+from lowbit.algorithms.plans import uniform_plan
+from lowbit.algorithms.sequential import calibration_set
+from lowbit.eval.perplexity import Reference
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def parse_plan(model: torch.nn.Module, spec: str) -> str | dict[str, str]:
+    """A format name as is, or ``SUFFIX=FORMAT,...,*=FORMAT`` -> {linear: format} (first matching suffix wins)."""
+    if "=" not in spec:
+        return spec
+    rules = [tuple(part.split("=", 1)) for part in spec.split(",")]
+    default = dict(rules).get("*")
+    plan = {}
+    for name in uniform_plan(model, "q4_0"):
+        fmt = next((f for suffix, f in rules if suffix != "*" and name.endswith(suffix)), default)
+        if fmt:
+            plan[name] = fmt
+    return plan
+
+
+def run_variant(variant: str, quantized: torch.nn.Module, model: torch.nn.Module, samples: torch.Tensor,
+                cfg: lowbit.FinetuneConfig) -> tuple[torch.nn.Module, dict]:
+    m = copy.deepcopy(quantized)
+    if variant == "none":
+        return m, {}
+    teacher = copy.deepcopy(model)
+    name, *opts = variant.split(":")
+    if name == "model":
+        rep = finetune(m, teacher, samples, lowbit.FinetuneConfig(**{**vars(cfg), "mode": "model"}), "cpu", False)
+    elif name == "blocks":
+        block = lowbit.FinetuneConfig(**{**vars(cfg), "mode": "blocks", "block_layers": int(opts[0])})
+        kw = {"chain": opts[1]} if len(opts) > 1 else {}
+        kw |= {"loss": opts[2]} if len(opts) > 2 else {}
+        kw |= {"final_norm": False} if "nofinal" in opts else {}
+        rep = finetune_blocks(m, teacher, samples, block, torch.device("cpu"), False, **kw)
+    else:
+        raise SystemExit(f"unknown variant {variant!r}")
+    return m, {"steps": rep.steps, "tune_s": round(rep.seconds, 1),
+               "last_block_loss": rep.block_losses[-1][1] if rep.block_losses else None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--method", default="rtn")
+    ap.add_argument("--format", default="q4_0")
+    ap.add_argument("--variants", default="none,model,blocks:1,blocks:2,blocks:4")
+    ap.add_argument("--nsamples", type=int, default=16)
+    ap.add_argument("--seqlen", type=int, default=256)
+    ap.add_argument("--epochs", type=float, default=1.0)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--ctx", type=int, default=1024, help="eval window (tokens)")
+    ap.add_argument("--eval-windows", type=int, default=16)
+    ap.add_argument("--tag", default="cpu")
+    a = ap.parse_args(argv)
+
+    model, tok = lowbit.load(a.model, device="cpu")
+    calib = lowbit.CalibConfig(a.nsamples, a.seqlen)
+    recipe = lowbit.Recipe(parse_plan(model, a.format), a.method, calib=calib)
+    cfg = lowbit.FinetuneConfig(a.epochs, a.lr, a.batch)
+    quantized = copy.deepcopy(model)
+    t0 = time.perf_counter()
+    lowbit.quantize(quantized, recipe, tok, device="cpu", progress=False)
+    quant_s = time.perf_counter() - t0
+    samples = calibration_set(model, tok, calib)  # the windows quantize drew
+    reference = Reference(model, cache_bytes=4e9)
+    hw = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    lines = [f"Command: `python {' '.join(sys.argv)}`", "",
+             f"Hardware: CPU ({hw}). Recipe: `{recipe}` (quantized in {quant_s:.0f} s); tuning: {a.nsamples} x "
+             f"{a.seqlen} calibration windows, {a.epochs:g} epoch(s), lr {a.lr:g}, batch {a.batch}; eval: first "
+             f"{a.eval_windows} windows x {a.ctx} tokens of the eval split, KL to the float model.", "",
+             "| variant | ppl | KL nats/token | top-1 % | steps | tune s | last block loss |",
+             "|---|---|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
+    for variant in a.variants.split(","):
+        m, info = run_variant(variant, quantized, model, samples, cfg)
+        res = lowbit.evaluate(m, tok, seqlen=a.ctx, max_windows=a.eval_windows, reference=reference, progress=False)
+        loss = info.get("last_block_loss")
+        row = (f"| {variant} | {res.ppl:.3f} | {res.kl:.4f} | {100 * res.top1:.1f} | {info.get('steps', '-')} | "
+               f"{info.get('tune_s', '-')} | {'-' if loss is None else f'{loss:.4g}'} |")
+        print(row, flush=True)
+        lines.append(row)
+    ref = lowbit.evaluate(model, tok, seqlen=a.ctx, max_windows=a.eval_windows, progress=False)
+    lines += ["", f"Float model on the same windows: ppl {ref.ppl:.3f}."]
+    print(lines[-1])
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"finetune-blocks-{a.tag}.md").write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
