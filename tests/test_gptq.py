@@ -7,7 +7,7 @@ import torch
 from conftest import make_model
 from lowbit.algorithms.gptq import gptq_quantize, inverse_cholesky, proxy_loss
 from lowbit.algorithms.plans import uniform_plan
-from lowbit.algorithms.sequential import CalibConfig, quantize_sequential
+from lowbit.algorithms.sequential import CalibConfig, GPTQConfig, quantize_sequential
 from lowbit.formats import get_format
 from lowbit.models.quant_linear import QuantLinear
 from lowbit.models.walker import decoder_linears
@@ -90,6 +90,7 @@ def test_shape_mismatch_is_a_clear_error():
 
 def run_gptq(model, tok, text_file, fmt="int3_g32_asym", **kw):
     calib = CalibConfig(nsamples=8, seqlen=32, text_path=text_file)
+    kw.setdefault("gptq", GPTQConfig(rtn_baseline=True))
     return quantize_sequential(model, tok, uniform_plan(model, fmt), calib=calib, device="cpu",
                                progress=False, **kw)
 
@@ -150,7 +151,8 @@ def test_imatrix_rounding_uses_calibration_importance(fmt, tiny_tokenizer, text_
 
     calib = CalibConfig(nsamples=8, seqlen=32, text_path=text_file)
     model = make_model("llama", vocab=len(tiny_tokenizer))
-    stats = quantize(model, Recipe(fmt, "imatrix", calib=calib), tiny_tokenizer, progress=False).linears
+    recipe = Recipe(fmt, "imatrix", calib=calib, gptq=GPTQConfig(rtn_baseline=True))
+    stats = quantize(model, recipe, tiny_tokenizer, progress=False).linears
     assert all(isinstance(m, QuantLinear) for m in decoder_linears(model).values())
     imat, rtn = sum(s.proxy_loss for s in stats.values()), sum(s.rtn_proxy_loss for s in stats.values())
     if fmt == "iq2_xxs":  # the weights steer the vector search and the scales: the Hessian-weighted error drops
@@ -173,3 +175,161 @@ def test_act_order_in_a_mixed_plan_skips_vector_codebooks(tiny_tokenizer, text_f
     assert {m.format_name for m in decoder_linears(model).values()} == {"e8p_ch", "int4_g32_sym"}
     with pytest.raises(LowbitError, match="act-order needs a scalar format"):
         Recipe("e8p_ch", "gptq_act", calib=calib)
+
+
+# ----------------------------------------------------------------------- shared Hessians, stacked rows (issue 18)
+
+
+@pytest.mark.parametrize(("name", "act_order"), [("int4_g32_sym", False), ("int3_g64_asym", True),
+                                                 ("int2_g64_asym_mse", False), ("e8p_ch", False)])
+def test_stacked_rows_are_the_separate_calls(name, act_order):
+    """GPTQ's rows are independent given H: q/k/v rounded in one stacked call are, bit for bit, three calls."""
+    from lowbit.algorithms.gptq import factor_hessian, gptq_quantize_shared
+
+    W, H = correlated_problem(rows=96, cols=128, seed=5)
+    fmt = get_format(name)
+    parts = [W[:64], W[64:80], W[80:]]
+    shared = gptq_quantize_shared(parts, factor_hessian(H, 0.01, act_order), fmt, blocksize=32)
+    for w, got in zip(parts, shared, strict=True):
+        want = gptq_quantize(w, H, fmt, blocksize=32, act_order=act_order)
+        assert got.qt.shape == tuple(w.shape)
+        assert all(torch.equal(got.qt.data[k], want.qt.data[k]) for k in want.qt.data)
+        assert got.proxy_loss == want.proxy_loss
+
+
+def test_shared_hessians_follow_the_input_tensor_not_names():
+    from lowbit.calibration.capture import HessianAccumulator, SharedHessians
+
+    model = make_model("llama")
+    layer = model.model.layers[0]
+    linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    x = torch.randn(3, 16, 64, generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(16)[None]
+    kw = {"position_embeddings": model.model.rotary_emb(x, pos), "attention_mask": None, "position_ids": pos}
+    shared = SharedHessians(linears, "cpu")
+    own = {n: HessianAccumulator(m, m.in_features, "cpu") for n, m in linears.items()}
+    with torch.no_grad():
+        for j in range(3):
+            layer(x[j : j + 1], **kw)
+    groups = shared.remove()
+    hessians = {n: a.remove() for n, a in own.items()}
+    assert sorted(g for g, _ in groups) == sorted([("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                                                  ("self_attn.o_proj",), ("mlp.gate_proj", "mlp.up_proj"),
+                                                  ("mlp.down_proj",)])
+    for group, H in groups:
+        assert all(torch.equal(H, hessians[n]) for n in group)  # the same operations on the same rows
+
+
+def test_shared_hessians_refuse_inputs_shared_only_sometimes():
+    from lowbit.calibration.capture import SharedHessians
+
+    a, b = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
+    shared = SharedHessians({"a": a, "b": b}, "cpu")
+    x, y = torch.randn(2, 8), torch.randn(2, 8)
+    a(x), b(x)  # shared in the first forward...
+    a(x), b(y)  # ...not in the second
+    assert shared.remove() is None
+    shared = SharedHessians({"a": a, "b": b}, "cpu")
+    a(x)
+    x.add_(1)  # changed in place between the two reads: not the same input
+    b(x)
+    assert [g for g, _ in shared.remove()] == [("a",), ("b",)]
+
+
+def _per_linear_layer(layer, names, plan, prefix, index, inps, kwargs, cfg, rounding, rotation_seed):
+    """The path before issue 18: one H per linear, one GPTQ call (and one factorization) per linear."""
+    from lowbit.algorithms import sequential
+    from lowbit.calibration.capture import HessianAccumulator
+    from lowbit.models.walker import linear_weight, set_module
+    from lowbit.rotations.incoherence import Rotation
+
+    local = {n: n[len(f"{prefix}.{index}.") :] for n in names}
+    accs = {n: HessianAccumulator(layer.get_submodule(s), linear_weight(layer.get_submodule(s)).shape[1], "cpu")
+            for n, s in local.items()}
+    sequential._run_layer(layer, inps, kwargs)
+    hessians = {n: a.remove() for n, a in accs.items()}
+    stats = {}
+    for name, sub in local.items():
+        module = layer.get_submodule(sub)
+        fmt, w, H = get_format(plan[name]), linear_weight(module).float(), hessians[name]
+        rotation = None if rotation_seed is None else Rotation.for_layer(name, rotation_seed)
+        if rotation:
+            w, H = rotation.rotate_weight(w), rotation.rotate_hessian(H)
+        act = rounding == "gptq_act" and fmt.vector_dim == 1
+        if rounding == "imatrix":
+            qt = fmt.quantize(w, importance=H.diagonal().clamp_min(0))
+            res = sequential.GPTQResult(qt, proxy_loss(w, fmt.dequantize(qt), H), 0.0, 0)
+        else:
+            res = gptq_quantize(w, H, fmt, cfg.blocksize, cfg.percdamp, act, cfg.static_groups)
+        bias = None if module.bias is None else module.bias.data
+        set_module(layer, sub, QuantLinear.from_quantized(res.qt, bias, rotation))
+        stats[name] = sequential.LinearStats(res.proxy_loss, None, res.damp, res.retries, 0.0)
+    return stats
+
+
+def _mixed_plan(model):
+    """One layer, several formats: q/v one grid (stacked), k another (same H, own call), the MLP a vector codebook
+    beside a scalar grid (act-order applies to one of them only)."""
+    fmts = {"q_proj": "int4_g32_sym", "k_proj": "int3_g32_asym", "v_proj": "int4_g32_sym", "o_proj": "q4_0",
+            "gate_proj": "e8p_ch", "up_proj": "int3_g32_asym", "down_proj": "int4_g32_sym"}
+    return {n: fmts[n.rsplit(".", 1)[1]] for n in decoder_linears(model)}
+
+
+@pytest.mark.parametrize(("arch", "rounding", "plan", "seed"), [
+    ("llama", "gptq", "int3_g32_asym", None), ("llama", "gptq_act", "int4_g32_sym", None),
+    ("opt", "gptq", "int3_g32_asym", None), ("llama", "gptq_act", "mixed", None),
+    ("llama", "gptq", "nz2_ch", 0), ("llama", "imatrix", "nz2_g32", None)])
+def test_shared_path_matches_per_linear_path(arch, rounding, plan, seed, tiny_tokenizer, text_file, monkeypatch):
+    """Sharing Hessians and stacking rows changes no number: bit-identical models, equal proxy losses."""
+    from lowbit.algorithms import sequential
+
+    calib = CalibConfig(nsamples=4, seqlen=32, text_path=text_file)
+    base = make_model(arch, vocab=len(tiny_tokenizer))
+    reports = []
+    for layer_fn in (sequential._quantize_layer, _per_linear_layer):
+        model = copy.deepcopy(base)
+        monkeypatch.setattr(sequential, "_quantize_layer", layer_fn)
+        p = _mixed_plan(model) if plan == "mixed" else uniform_plan(model, plan)
+        reports.append((model, quantize_sequential(model, tiny_tokenizer, p, calib=calib, device="cpu",
+                                                   progress=False, rounding=rounding, rotation_seed=seed)))
+    (new, rep_new), (old, rep_old) = reports
+    assert [k for k, v in new.state_dict().items() if not torch.equal(v, old.state_dict()[k])] == []
+    for name, s in rep_old.linears.items():
+        assert rep_new.linears[name].proxy_loss == pytest.approx(s.proxy_loss, rel=1e-6, abs=0)
+        assert (rep_new.linears[name].damp, rep_new.linears[name].retries) == (s.damp, s.retries)
+
+
+def test_quantized_pass_dequantizes_once_with_the_same_numbers():
+    from lowbit.algorithms.sequential import _run_layer
+
+    model = make_model("llama")
+    layer = model.model.layers[0]
+    for name, m in list(layer.named_modules()):
+        if isinstance(m, torch.nn.Linear):
+            qt = get_format("int4_g32_sym").quantize(m.weight.data)
+            layer.set_submodule(name, QuantLinear.from_quantized(qt))
+    x = torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(8)[None]
+    kw = {"position_embeddings": model.model.rotary_emb(x, pos), "attention_mask": None, "position_ids": pos}
+    with torch.no_grad():
+        want = torch.stack([layer(x[j : j + 1], **kw)[0] for j in range(2)])
+    calls = []
+    fmt = get_format("int4_g32_sym")
+    orig = type(fmt).dequantize
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(type(fmt), "dequantize", lambda self, qt: calls.append(1) or orig(self, qt))
+        got = _run_layer(layer, x, kw)
+    assert torch.equal(got, want)
+    assert len(calls) == 7  # once per linear for the pass, not once per sample
+    assert not any(m.weight_cached for m in layer.modules() if isinstance(m, QuantLinear))
+
+
+def test_resume_fingerprint_follows_the_gptq_implementation(monkeypatch):
+    """Rounding that changes bit-wise bumps gptq.IMPLEMENTATION: an older run's checkpoint is refused, not mixed."""
+    from lowbit.algorithms import sequential
+
+    model = make_model("llama")
+    args = (model, uniform_plan(model, "int4_g32_sym"), CalibConfig(), GPTQConfig(), "gptq", None)
+    before = sequential._fingerprint(*args)
+    monkeypatch.setattr(sequential, "GPTQ_IMPLEMENTATION", sequential.GPTQ_IMPLEMENTATION + 1)
+    assert sequential._fingerprint(*args) != before

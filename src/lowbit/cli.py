@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from lowbit import __version__
+from lowbit.cpu import configure as configure_cpu
 from lowbit.errors import LowbitError
 
 
@@ -45,6 +46,11 @@ def _add_finetune(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ft-epochs", type=float, default=2.0, help="passes over the calibration windows (default 2)")
     g.add_argument("--ft-lr", type=float, default=3e-3, help="Adam learning rate on log-scales (default 3e-3)")
     g.add_argument("--ft-batch", type=int, default=4, help="windows per step (default 4)")
+    g.add_argument("--ft-mode", choices=["auto", "model", "blocks"], default="auto",
+                   help="model: KL through the whole network (float teacher on the device); blocks: a few decoder "
+                        "layers at a time against the float model's hidden states (bounded memory); auto (default): "
+                        "model when it fits the device's free memory, else blocks")
+    g.add_argument("--ft-block-layers", type=int, default=2, help="decoder layers per block (default 2)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,6 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export_gguf(sub)
     _add_export_hf(sub)
     _add_demo(sub)
+    threads = ("CPU threads for PyTorch (default: OMP_NUM_THREADS if set, else the CPUs this process may use; idle "
+               "threads sleep instead of spinning, so a busy machine does not stall every operation: docs/formats.md)")
+    ap.add_argument("--threads", type=int, default=None, help=threads)
+    for p in sub.choices.values():  # also after the command; there it wins
+        p.add_argument("--threads", type=int, default=argparse.SUPPRESS, help=threads)
     return ap
 
 
@@ -297,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # reports quote the command that made them
     try:
+        configure_cpu(args.threads)  # before anything imports torch (lowbit/cpu.py)
         with _sigterm_unwinds(args.cmd != "serve"):
             return COMMANDS[args.cmd](args)
     except (LowbitError, FileExistsError) as e:
@@ -322,7 +334,8 @@ def _recipe(args: argparse.Namespace, fmt: str):  # noqa: ANN202
     from lowbit.recipe import Recipe
 
     calib, gptq = _calib(args)
-    finetune = FinetuneConfig(args.ft_epochs, args.ft_lr, args.ft_batch, seed=args.seed) if args.finetune else None
+    finetune = FinetuneConfig(args.ft_epochs, args.ft_lr, args.ft_batch, seed=args.seed, mode=args.ft_mode,
+                              block_layers=args.ft_block_layers) if args.finetune else None
     return Recipe(fmt, args.method, rotate=getattr(args, "rotate", False),
                   fuse_rotation=args.fuse_rotation, finetune=finetune, calib=calib, gptq=gptq)
 

@@ -29,13 +29,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowbit.algorithms.gptq import GPTQResult, gptq_quantize, proxy_loss
+from lowbit.algorithms.gptq import IMPLEMENTATION as GPTQ_IMPLEMENTATION
+from lowbit.algorithms.gptq import GPTQResult, factor_hessian, gptq_quantize_shared, proxy_loss
 from lowbit.algorithms.plans import plan_by_layer, validate_plan
-from lowbit.calibration.capture import HessianAccumulator, capture_layer_inputs
+from lowbit.calibration.capture import HessianAccumulator, SharedHessians, capture_layer_inputs
 from lowbit.calibration.samples import DEFAULT_NSAMPLES, DEFAULT_SEQLEN, calibration_samples
 from lowbit.errors import LowbitError
 from lowbit.eval.perplexity import model_max_length
-from lowbit.formats import get_format
+from lowbit.formats import Format, get_format
+from lowbit.kernels.dispatch import route
 from lowbit.models.quant_linear import QuantLinear
 from lowbit.models.walker import (
     DECODER_LAYERS,
@@ -71,6 +73,7 @@ class GPTQConfig:
     blocksize: int = 128
     percdamp: float = 0.01  # damping: fraction of mean diag(H) added to the diagonal
     static_groups: bool = False  # group parameters fitted on the original weights (see gptq_quantize)
+    rtn_baseline: bool = False  # also measure each linear's round-to-nearest proxy loss (one more fit per linear)
 
     def __post_init__(self) -> None:
         if self.blocksize < 1 or not 0 <= self.percdamp < 1:
@@ -80,10 +83,10 @@ class GPTQConfig:
 @dataclass
 class LinearStats:
     proxy_loss: float
-    rtn_proxy_loss: float
+    rtn_proxy_loss: float | None  # None unless GPTQConfig.rtn_baseline
     damp: float
     retries: int
-    seconds: float
+    seconds: float  # this linear's share (by rows) of the rounding call it was part of, plus its own baseline
 
 
 @dataclass
@@ -147,8 +150,9 @@ def quantize_sequential(model: nn.Module, tokenizer: object, plan: dict[str, str
         if ckpt:
             ckpt.save(i, layer, inps, report.linears)
         if stats:
+            rtn = [s.rtn_proxy_loss for s in stats.values()]
             bar.set_postfix(loss=f"{sum(s.proxy_loss for s in stats.values()):.4g}",
-                            rtn=f"{sum(s.rtn_proxy_loss for s in stats.values()):.4g}")
+                            **({"rtn": f"{sum(rtn):.4g}"} if None not in rtn else {}))
         if on_layer_done:
             on_layer_done(i)
     if ckpt:
@@ -166,9 +170,19 @@ def calibration_set(model: nn.Module, tokenizer: object, calib: CalibConfig) -> 
 @torch.no_grad()
 def _run_layer(layer: nn.Module, inps: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
     outs = torch.empty_like(inps)
-    for j in range(inps.shape[0]):
-        out = layer(inps[j : j + 1], **kwargs)
-        outs[j] = (out[0] if isinstance(out, tuple) else out)[0].float()
+    # Quantized linears on the reference path (a CPU) would dequantize their weight once per sample: keep it for
+    # the pass instead (the same F.linear on the same weight, so the same numbers).
+    once = [m for m in layer.modules() if isinstance(m, QuantLinear) and not m.weight_cached
+            and route(inps[:1], m.fmt, (m.out_features, m.in_features)) == "reference"]
+    try:
+        for m in once:
+            m.cache_weight(True)
+        for j in range(inps.shape[0]):
+            out = layer(inps[j : j + 1], **kwargs)
+            outs[j] = (out[0] if isinstance(out, tuple) else out)[0].float()
+    finally:
+        for m in once:
+            m.cache_weight(False)
     return outs
 
 
@@ -176,46 +190,123 @@ def _quantize_layer(layer: nn.Module, names: list[str], plan: dict[str, str], pr
                     inps: torch.Tensor, kwargs: dict[str, Any], cfg: GPTQConfig, rounding: str,
                     rotation_seed: int | None) -> dict[str, LinearStats]:
     local = {n: n[len(f"{prefix}.{index}.") :] for n in names}
-    accs = {}
-    for name, sub in local.items():
-        module = layer.get_submodule(sub)
-        accs[name] = HessianAccumulator(module, linear_weight(module).shape[1], inps.device)
+    stats = {}
+    for group, H in _layer_hessians(layer, local, inps, kwargs):
+        stats.update(_round_group(layer, local, group, H, plan, cfg, rounding, rotation_seed))
+    return {n: stats[n] for n in names}
+
+
+def _layer_hessians(layer: nn.Module, local: dict[str, str], inps: torch.Tensor,
+                    kwargs: dict[str, Any]) -> list[tuple[tuple[str, ...], torch.Tensor]]:
+    """One calibration pass: [(linears that read the same input tensor, their H)], one H per distinct input."""
+    modules = {n: layer.get_submodule(sub) for n, sub in local.items()}
+    shared = SharedHessians(modules, inps.device)
+    try:
+        _calibration_pass(layer, list(modules.values()), inps, kwargs)
+    finally:
+        groups = shared.remove()
+    if groups is not None:
+        return groups
+    # the inputs were shared in some forwards only: a second pass with one H per linear
+    accs = {n: HessianAccumulator(m, linear_weight(m).shape[1], inps.device) for n, m in modules.items()}
     try:
         _run_layer(layer, inps, kwargs)
     finally:
         hessians = {n: a.remove() for n, a in accs.items()}
-    stats = {}
-    for name, sub in local.items():
-        t0 = time.perf_counter()
-        module = layer.get_submodule(sub)
+    return [((n,), H) for n, H in hessians.items()]
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def _calibration_pass(layer: nn.Module, linears: list[nn.Module], inps: torch.Tensor, kwargs: dict[str, Any]) -> None:
+    """Run every sample through ``layer`` for the hooks on ``linears``; the outputs are not needed, so from the
+    second sample on the forward stops at the last linear's input (down_proj's: a quarter of the layer's products)
+    once every other linear has had its input. Hooks registered earlier (the Hessians) still see that input."""
+    order: list[int] = []  # ids of the linears in the order the first sample called them
+    seen: list[int] = []
+
+    def note(module, _args):  # noqa: ANN001, ANN202
+        seen.append(id(module))
+        if order and id(module) == order[-1] and len(seen) == len(order) and sorted(seen) == sorted(order):
+            raise _Stop
+
+    handles = [m.register_forward_pre_hook(note) for m in linears]
+    try:
+        for j in range(inps.shape[0]):
+            seen.clear()
+            try:
+                layer(inps[j : j + 1], **kwargs)
+            except _Stop:
+                continue
+            if j == 0 and seen and seen.count(seen[-1]) == 1:  # a linear called twice may not be cut short
+                order.extend(seen)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _round_group(layer: nn.Module, local: dict[str, str], group: tuple[str, ...], H: torch.Tensor,
+                 plan: dict[str, str], cfg: GPTQConfig, rounding: str,
+                 rotation_seed: int | None) -> dict[str, LinearStats]:
+    """Round the linears of ``group``, which share ``H``. Those with the same format, ordering and input-side
+    rotation are one GPTQ problem (their rows stacked: one factorization, one column loop); each (rotated H,
+    ordering) is damped and factored once."""
+    jobs: dict[tuple, list[tuple[str, torch.Tensor, Rotation | None]]] = {}
+    for name in group:
         fmt = get_format(plan[name])
-        w = linear_weight(module).float()
-        H = hessians[name]
+        w = linear_weight(layer.get_submodule(local[name])).float()
         rotation = None if rotation_seed is None else Rotation.for_layer(name, rotation_seed)
         if rotation:
-            w, H = rotation.rotate_weight(w), rotation.rotate_hessian(H)
+            w = rotation.rotate_weight(w)
+        # act-order where the format allows it (scalar grids); vector codebooks in a mixed plan (IQ2_XXS beside
+        # IQ4_NL fallbacks) keep natural order rather than failing the whole plan
+        act = rounding == "gptq_act" and fmt.vector_dim == 1
+        jobs.setdefault((rotation.seed_in if rotation else None, act, fmt.name), []).append((name, w, rotation))
+    rotated: dict[int | None, torch.Tensor] = {}
+    factors = {}
+    stats = {}
+    for (seed_in, act, fmt_name), items in jobs.items():
+        t0 = time.perf_counter()
+        fmt = get_format(fmt_name)
+        if seed_in not in rotated:
+            rotated[seed_in] = items[0][2].rotate_hessian(H) if items[0][2] else H
+        Hr = rotated[seed_in]
+        ws = [w for _, w, _ in items]
         if rounding == "imatrix":
-            qt = fmt.quantize(w, importance=H.diagonal().clamp_min(0))
-            res = GPTQResult(qt, proxy_loss(w, fmt.dequantize(qt), H), 0.0, 0)
+            qts = [fmt.quantize(w, importance=Hr.diagonal().clamp_min(0)) for w in ws]
+            results = [GPTQResult(qt, proxy_loss(w, fmt.dequantize(qt), Hr), 0.0, 0) for w, qt in zip(ws, qts,
+                                                                                                      strict=True)]
         else:
-            # act-order where the format allows it (scalar grids); vector codebooks in a mixed plan (IQ2_XXS
-            # beside IQ4_NL fallbacks) keep natural order rather than failing the whole plan
-            act = rounding == "gptq_act" and fmt.vector_dim == 1
-            res = gptq_quantize(w, H, fmt, cfg.blocksize, cfg.percdamp, act, cfg.static_groups)
-        rtn = proxy_loss(w, fmt.dequantize(fmt.quantize(w)), H)
-        bias = getattr(module, "bias", None)
-        set_module(layer, sub, QuantLinear.from_quantized(res.qt, None if bias is None else bias.data, rotation))
-        stats[name] = LinearStats(res.proxy_loss, rtn, res.damp, res.retries, time.perf_counter() - t0)
-        if res.retries:
-            tqdm.write(f"lowbit: {name}: Cholesky failed {res.retries}x; damping raised to {res.damp:g}")
+            if (seed_in, act) not in factors:
+                factors[seed_in, act] = factor_hessian(Hr, cfg.percdamp, act)
+            results = gptq_quantize_shared(ws, factors[seed_in, act], fmt, cfg.blocksize, cfg.static_groups)
+        share = (time.perf_counter() - t0) / sum(w.shape[0] for w in ws)
+        for (name, w, rotation), res in zip(items, results, strict=True):
+            t1 = time.perf_counter()
+            rtn = _rtn_loss(w, fmt, Hr) if cfg.rtn_baseline else None
+            module = layer.get_submodule(local[name])
+            bias = getattr(module, "bias", None)
+            set_module(layer, local[name], QuantLinear.from_quantized(res.qt, None if bias is None else bias.data,
+                                                                      rotation))
+            seconds = share * w.shape[0] + time.perf_counter() - t1
+            stats[name] = LinearStats(res.proxy_loss, rtn, res.damp, res.retries, seconds)
+            if res.retries:
+                tqdm.write(f"lowbit: {name}: Cholesky failed {res.retries}x; damping raised to {res.damp:g}")
     return stats
+
+
+def _rtn_loss(w: torch.Tensor, fmt: Format, H: torch.Tensor) -> float:
+    return proxy_loss(w, fmt.dequantize(fmt.quantize(w)), H)
 
 
 def _fingerprint(model: nn.Module, plan: dict[str, str], calib: CalibConfig, gptq: GPTQConfig, rounding: str,
                  rotation_seed: int | None) -> str:
     h = hashlib.sha256()
     h.update(model.config.to_json_string().encode())
-    settings = [sorted(plan.items()), asdict(calib), asdict(gptq), rounding, rotation_seed]
+    settings = [sorted(plan.items()), asdict(calib), asdict(gptq), rounding, rotation_seed, GPTQ_IMPLEMENTATION]
     h.update(json.dumps(settings, sort_keys=True).encode())
     for p in list(model.parameters())[:4]:  # cheap guard against resuming onto different weights
         h.update(p.detach().float().cpu().flatten()[:4096].numpy().tobytes())

@@ -3,7 +3,8 @@
 * :func:`capture_layer_inputs` runs the model up to the first decoder layer and records that layer's inputs
   (hidden states) and the keyword arguments the model passes to every layer (attention mask, rotary
   embeddings, position ids...), so layers can then be run one at a time.
-* :class:`HessianAccumulator` hooks a linear layer and accumulates H = 2/N * sum(x x^T) over its N input rows.
+* :class:`HessianAccumulator` hooks a linear layer and accumulates H = 2/N * sum(x x^T) over its N input rows;
+  :class:`SharedHessians` does it for several linears, once per distinct input (q/k/v share one H).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowbit.models.walker import decoder_layers
+from lowbit.models.walker import decoder_layers, linear_weight
 
 
 class _Stop(Exception):
@@ -107,3 +108,67 @@ class HessianAccumulator:
     def remove(self) -> torch.Tensor:
         self.handle.remove()
         return self.H
+
+
+class SharedHessians:
+    """Running Hessians of several linears, one per distinct input: linears whose forward receives the very same
+    tensor (q/k/v read the normed hidden states, gate/up the MLP input) share one H, built once.
+
+    Sharing is decided by identity, never by names: consecutive hooks that see the same tensor object (unchanged
+    in between) form a run, and the run's first linear adds the input to its H with exactly
+    :class:`HessianAccumulator`'s operations, so a shared H is bit-identical to each linear's own. :meth:`remove`
+    returns ``[(names, H)]``, one entry per set of linears sharing an H, or None when the runs changed between
+    forwards (a linear reading a shared input once and its own another time): then hook each linear on its own.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module], device: torch.device | str):
+        self.device = device
+        self._in = {name: linear_weight(m).shape[1] for name, m in modules.items()}
+        self._acc: dict[str, list] = {}  # a run's first linear -> [H, rows]
+        self._runs: dict[str, set[tuple[str, ...]]] = {}  # linear -> every run it was part of
+        self._run: list[str] = []
+        self._input: tuple[torch.Tensor, int] | None = None  # the current run's input (held: its id stays unique)
+        self._handles = [m.register_forward_pre_hook(self._hook_for(name)) for name, m in modules.items()]
+
+    def _hook_for(self, name: str):  # noqa: ANN202
+        def hook(_module, args):  # noqa: ANN001, ANN202
+            x = args[0]
+            same = self._input is not None and self._input[0] is x and self._input[1] == _version(x)
+            if same and name not in self._run:
+                self._run.append(name)
+                return
+            self._end_run()
+            self._input, self._run = (x, _version(x)), [name]
+            if name not in self._acc:
+                k = self._in[name]
+                self._acc[name] = [torch.zeros(k, k, dtype=torch.float32, device=self.device), 0]
+            acc = self._acc[name]
+            x = x.detach().reshape(-1, x.shape[-1]).float()
+            n = x.shape[0]
+            acc[0].mul_(acc[1] / (acc[1] + n))
+            acc[1] += n
+            x = x * (2.0 / acc[1]) ** 0.5
+            acc[0].addmm_(x.t(), x)
+
+        return hook
+
+    def _end_run(self) -> None:
+        run = tuple(self._run)
+        for n in run:
+            self._runs.setdefault(n, set()).add(run)
+        self._run, self._input = [], None
+
+    def remove(self) -> list[tuple[tuple[str, ...], torch.Tensor]] | None:
+        for h in self._handles:
+            h.remove()
+        self._end_run()
+        if any(len(runs) > 1 for runs in self._runs.values()):
+            return None
+        runs = list(dict.fromkeys(next(iter(r)) for r in self._runs.values()))
+        unused = [((n,), torch.zeros(k, k, dtype=torch.float32, device=self.device))
+                  for n, k in self._in.items() if n not in self._runs]  # never called: H = 0, as a lone hook's
+        return [(run, self._acc[run[0]][0]) for run in runs] + unused
+
+
+def _version(x: torch.Tensor) -> int:
+    return -1 if x.is_inference() else x._version

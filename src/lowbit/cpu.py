@@ -1,0 +1,66 @@
+"""CPU threads for the command line: how many PyTorch uses, and how its idle ones wait.
+
+PyTorch's CPU operations run on an OpenMP pool (libgomp in the PyPI wheels, shared with MKL). By default idle pool
+threads spin for a while before sleeping, so a parallel region whose other thread the OS has descheduled for
+another busy process waits for a time slice, on every one of thousands of small operations. Measured on a 2-core
+machine beside another 2-thread PyTorch process (``benchmarks/cpu_threads.py``, docs/formats.md#gptq-on-a-cpu):
+GPTQ of one stacked q/k/v problem 0.05 s alone, 7.4 s beside it; with ``OMP_WAIT_POLICY=PASSIVE`` the threads sleep
+at once and the same run takes 0.08 s, while alone nothing measurable changes.
+
+:func:`configure`, which ``lowbit`` (the CLI) calls before torch is imported: ``OMP_WAIT_POLICY=PASSIVE`` unless
+the environment sets it, and ``torch.set_num_threads`` to ``--threads``, else ``OMP_NUM_THREADS`` when set, else
+the CPUs this process may run on (:func:`available_cpus`: its affinity mask, capped by a container's CPU quota),
+not the machine's. Library users call it themselves, before their first ``import torch``; lowbit's API never
+changes a process's settings on its own.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from lowbit.errors import LowbitError
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity mask (taskset, cpusets), capped by a cgroup CPU quota rounded down
+    (``docker --cpus``), at least 1."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        n = os.cpu_count() or 1
+    quota = _cgroup_quota()
+    if quota is not None:
+        n = min(n, int(quota))
+    return max(1, n)
+
+
+def _cgroup_quota() -> float | None:
+    """CPUs' worth of time per period the cgroup allows (v2 ``cpu.max``, v1 ``cpu.cfs_quota_us``), None if none."""
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+        period = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        return None if quota <= 0 or period <= 0 else quota / period
+    except (OSError, ValueError):
+        return None
+
+
+def configure(threads: int | None = None) -> int:
+    """Apply lowbit's CPU defaults to this process (see the module docstring); returns the thread count.
+
+    The wait policy only takes effect when this runs before torch is first imported (OpenMP reads it once)."""
+    if threads is not None and threads < 1:
+        raise LowbitError(f"--threads must be at least 1, got {threads}")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if threads is None:
+        env = os.environ.get("OMP_NUM_THREADS", "").strip()
+        threads = int(env) if env.isdigit() and int(env) > 0 else available_cpus()
+    import torch
+
+    torch.set_num_threads(threads)
+    return threads
