@@ -334,13 +334,7 @@ def _train(model: nn.Module, teacher: nn.Module, samples: torch.Tensor, tuned: l
         ids = samples[order[step * bs : (step + 1) * bs]].to(device)
         with torch.no_grad():
             target = teacher(ids).logits
-        loss = kl_per_token(target, model(ids).logits)
-        if not torch.isfinite(loss):
-            raise LowbitError(f"finetune: non-finite loss at step {step}; lower the learning rate ({cfg.lr:g})")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        last = float(loss.detach())
+        last = _adam_step(opt, kl_per_token(target, model(ids).logits), step, cfg.lr)
         first = last if step == 0 else first
         bar.set_postfix(kl=f"{last:.4f}")
     return steps, first, last
@@ -479,13 +473,7 @@ def _train_block(block: list[nn.Module], inputs: torch.Tensor, targets: torch.Te
         h = inputs[batch].to(device, dtype)
         for layer in block:
             h = _hidden(layer(h, **kwargs))
-        value = block_loss(h, targets[batch].to(device), loss)
-        if not torch.isfinite(value):
-            raise LowbitError(f"finetune: non-finite loss at step {step}; lower the learning rate ({cfg.lr:g})")
-        opt.zero_grad(set_to_none=True)
-        value.backward()
-        opt.step()
-        last = float(value.detach())
+        last = _adam_step(opt, block_loss(h, targets[batch].to(device), loss), step, cfg.lr)
         first = last if step == 0 else first
     return first, last, steps
 
@@ -582,3 +570,13 @@ class _on:  # noqa: N801 - used as a statement: with _on(device, *modules)
     def __exit__(self, *exc: object) -> None:
         for m, home in self.homes:
             m.to(home)
+
+
+def _adam_step(opt: torch.optim.Optimizer, loss: torch.Tensor, step: int, lr: float) -> float:
+    """One optimizer step on ``loss`` (refused when it is not finite); the loss as a float."""
+    if not torch.isfinite(loss):
+        raise LowbitError(f"finetune: non-finite loss at step {step}; lower the learning rate ({lr:g})")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
