@@ -3,6 +3,8 @@
     python benchmarks/gptq_layer.py --device cuda [--format int3_g128_asym] [--nsamples 128] [--seqlen 2048]
     python benchmarks/gptq_layer.py --shape smollm2-135m --layers 30 --nsamples 32 --seqlen 512 \\
         --format int4_g64_sym --device cpu [--act-order] [--rtn-baseline] [--threads 2] [--omp-default]
+    python benchmarks/gptq_layer.py --matrices 2048x2048,8192x2048 --format int4_g64_sym,q4_0,q4_k,iq2_xxs \\
+        --device cpu [--threads 1]
 
 ``--shape``: ``llama-2-7b`` (default; hidden 4096, MLP 11008, 32 heads) or ``smollm2-135m`` (the bundled model's
 shapes: hidden 576, MLP 1536, 9 heads, 3 KV heads); ``--model DIR`` takes a real HF directory instead (its first
@@ -11,6 +13,11 @@ shapes: hidden 576, MLP 1536, 9 heads, 3 KV heads); ``--model DIR`` takes a real
 the first; the first also captures the inputs), GPTQ seconds per linear of the first layer, peak memory. CPU threads
 are set as the ``lowbit`` CLI sets them (:func:`lowbit.cpu.configure`: idle OpenMP threads sleep, one thread per
 available CPU or ``--threads``); ``--omp-default`` leaves PyTorch's own settings.
+
+``--matrices``: instead, ``gptq_quantize`` alone on random matrices of those shapes ([rows, cols]) against the
+Hessian of 4096 correlated random inputs, for each ``--format`` (comma-separated), in natural and act-order (scalar
+formats), best of ``--repeat``; with the RTN baseline's seconds (one ``quantize`` + proxy loss), which
+``lowbit`` no longer computes by default.
 
 Before/after: the script only uses the public pipeline, so the same command run against an older tree times the
 older code: ``git archive <commit> src | tar -x -C /tmp/old && PYTHONPATH=/tmp/old/src python
@@ -63,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rtn-baseline", action="store_true", help="also measure each linear's RTN proxy loss")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: as the CLI sets them)")
     ap.add_argument("--omp-default", action="store_true", help="leave PyTorch's thread settings alone")
+    ap.add_argument("--matrices", default=None, help="time gptq_quantize alone on these RxC shapes")
+    ap.add_argument("--repeat", type=int, default=3, help="--matrices: best of this many runs")
     args = ap.parse_args(argv)
     try:
         from lowbit.cpu import configure
@@ -78,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.matrices:
+        return matrices(args)
 
     model = build_model(args)
     vocab = model.config.vocab_size
@@ -120,6 +131,47 @@ def main(argv: list[str] | None = None) -> int:
     print(f"peak host memory (RSS): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
     if args.device.startswith("cuda"):
         print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+    return 0
+
+
+def matrices(args: argparse.Namespace) -> int:
+    import torch
+
+    from lowbit.algorithms.gptq import gptq_quantize, proxy_loss
+    from lowbit.formats import get_format
+
+    def best(fn) -> float:  # noqa: ANN001
+        times = []
+        for _ in range(args.repeat):
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn()
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    print(f"`python benchmarks/gptq_layer.py {' '.join(sys.argv[1:])}`")
+    print(f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} torch threads, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; seconds, best of {args.repeat}")
+    print("| shape | format | order | gptq_quantize | RTN baseline | proxy loss |")
+    print("|---|---|---|---|---|---|")
+    g = torch.Generator().manual_seed(0)
+    for shape in args.matrices.split(","):
+        rows, cols = (int(x) for x in shape.lower().split("x"))
+        mix = torch.randn(cols, cols, generator=g) / cols**0.5 + torch.eye(cols)
+        x = torch.randn(4096, cols, generator=g) @ mix
+        H = (2.0 / 4096 * x.t() @ x).to(args.device)
+        w = (torch.randn(rows, cols, generator=g) * 0.02).to(args.device)
+        for name in args.format.split(","):
+            fmt = get_format(name)
+            rtn = best(lambda: proxy_loss(w, fmt.dequantize(fmt.quantize(w)), H))  # noqa: B023
+            for act in (False, True) if fmt.vector_dim == 1 else (False,):
+                res = []
+                secs = best(lambda: res.append(gptq_quantize(w, H, fmt, act_order=act)))  # noqa: B023
+                print(f"| {rows}x{cols} | {name} | {'act-order' if act else 'natural'} | {secs:.2f} | {rtn:.2f} "
+                      f"| {res[-1].proxy_loss:.5g} |", flush=True)
     return 0
 
 

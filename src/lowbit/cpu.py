@@ -4,8 +4,9 @@ PyTorch's CPU operations run on an OpenMP pool (libgomp in the PyPI wheels, shar
 threads spin for a while before sleeping, so a parallel region whose other thread the OS has descheduled for
 another busy process waits for a time slice, on every one of thousands of small operations. Measured on a 2-core
 machine beside another 2-thread PyTorch process (``benchmarks/cpu_threads.py``, docs/formats.md#gptq-on-a-cpu):
-GPTQ of one stacked q/k/v problem 0.05 s alone, 7.4 s beside it; with ``OMP_WAIT_POLICY=PASSIVE`` the threads sleep
-at once and the same run takes 0.08 s, while alone nothing measurable changes.
+GPTQ of one stacked q/k/v problem 0.04 s alone, 3.0 s beside it, a 512-token forward 0.9 s and 20 s; with
+``OMP_WAIT_POLICY=PASSIVE`` the threads sleep at once and the same runs take 0.05 s and 1.6 s, while alone the
+forward is unchanged and runs of tiny operations lose 5-45%.
 
 :func:`configure`, which ``lowbit`` (the CLI) calls before torch is imported: ``OMP_WAIT_POLICY=PASSIVE`` unless
 the environment sets it, and ``torch.set_num_threads`` to ``--threads``, else ``OMP_NUM_THREADS`` when set, else
