@@ -20,7 +20,7 @@ from lowbit.io.gguf_types import LOWBIT_FORMAT
 
 QT = gguf.GGMLQuantizationType
 TYPES = ["q3_k", "q4_k", "q5_k", "q6_k"]
-BPW = {"q3_k": 3.4375, "q4_k": 4.5, "q5_k": 5.5, "q6_k": 6.5625}
+BPW = {"q2_k": 2.625, "q3_k": 3.4375, "q4_k": 4.5, "q5_k": 5.5, "q6_k": 6.5625}
 BLOCK_BYTES = {"q3_k": 110, "q4_k": 144, "q5_k": 176, "q6_k": 210}
 
 
@@ -332,7 +332,7 @@ def test_importance_weighted_fit_is_no_worse_than_llama_cpp_imatrix(name):
     assert ours <= 0.99 * ref < 0.99 * blind, (ours / ref, blind / ref)
 
 
-@pytest.mark.parametrize("name", TYPES)
+@pytest.mark.parametrize("name", ["q2_k", *TYPES])
 def test_importance_steers_the_fit(name):
     fmt = get_format(name)
     w = _w(16, 512, seed=2)
@@ -343,7 +343,7 @@ def test_importance_steers_the_fit(name):
     assert err_imp < err_plain
 
 
-@pytest.mark.parametrize("name", TYPES)
+@pytest.mark.parametrize("name", ["q2_k", *TYPES])
 @pytest.mark.parametrize("act_order", [False, True])
 def test_gptq_not_worse_than_rtn(name, act_order):
     fmt = get_format(name)
@@ -356,7 +356,7 @@ def test_gptq_not_worse_than_rtn(name, act_order):
     assert np.array_equal(fmt.dequantize(res.qt).numpy(), _ggml(res.qt))
 
 
-@pytest.mark.parametrize("name", TYPES)
+@pytest.mark.parametrize("name", ["q2_k", *TYPES])
 def test_gguf_block_conversion_is_verbatim(name):
     fmt = get_format(name)
     qt = fmt.quantize(_w(4, 512))

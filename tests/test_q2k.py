@@ -10,11 +10,8 @@ from gguf.quants import dequantize
 
 from conftest import exported_logits, sharpen_llama
 from llama_cpp_runner import require_llama_cpp
-from lowbit.algorithms.gptq import gptq_quantize, proxy_loss
 from lowbit.errors import LowbitError
 from lowbit.formats import Q2KFormat, get_format
-from lowbit.io.gguf_blocks import gguf_type, to_ggml_blocks
-from lowbit.io.gguf_types import LOWBIT_FORMAT
 
 QT = gguf.GGMLQuantizationType
 
@@ -24,12 +21,6 @@ def _w(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
     w = torch.randn(rows, cols, generator=g) * 0.02
     w[:, :: 37] *= 6  # some outliers, so sub-blocks differ in scale
     return w
-
-
-def _spd(n: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(4 * n, n, generator=g) * (torch.rand(n, generator=g) * 2 + 0.1)
-    return 2 * x.T @ x / x.shape[0]
 
 
 def test_registry_and_bits():
@@ -86,37 +77,6 @@ def test_error_is_sane():
     assert np.isfinite(mse) and mse < 0.2 * float(w.var())
     other = get_format("int2_g64_asym")
     assert mse < float((w - other.dequantize(other.quantize(w))).pow(2).mean())
-
-
-def test_importance_steers_the_fit():
-    fmt = get_format("q2_k")
-    w = _w(16, 512, seed=2)
-    imp = torch.ones(512)
-    imp[::4] = 100.0
-    err_plain = ((w - fmt.dequantize(fmt.quantize(w))).pow(2) * imp).sum()
-    err_imp = ((w - fmt.dequantize(fmt.quantize(w, imp))).pow(2) * imp).sum()
-    assert err_imp < err_plain
-
-
-@pytest.mark.parametrize("act_order", [False, True])
-def test_gptq_not_worse_than_rtn(act_order):
-    fmt = get_format("q2_k")
-    w = _w(32, 512, seed=4)
-    H = _spd(512)
-    res = gptq_quantize(w, H, fmt, act_order=act_order)
-    rtn = proxy_loss(w, fmt.dequantize(fmt.quantize(w)), H)
-    assert np.isfinite(res.proxy_loss) and res.proxy_loss <= rtn
-    assert res.qt.format == "q2_k" and res.qt.bits_per_weight == 2.625
-    assert np.array_equal(fmt.dequantize(res.qt).numpy(), dequantize(res.qt.data["qs"].numpy(), QT.Q2_K))
-
-
-def test_gguf_block_conversion_is_verbatim():
-    fmt = get_format("q2_k")
-    qt = fmt.quantize(_w(4, 512))
-    assert gguf_type(fmt) == QT.Q2_K
-    qtype, blocks = to_ggml_blocks(qt)
-    assert qtype == QT.Q2_K and np.array_equal(blocks, qt.data["qs"].numpy())
-    assert LOWBIT_FORMAT["Q2_K"] == "q2_k"
 
 
 def test_gguf_export_round_trip(tmp_path, tiny_tokenizer):
