@@ -138,3 +138,23 @@ def exported_logits(model, tokenizer, path):  # noqa: ANN001, ANN201 - returns (
     with torch.no_grad():
         want = model(torch.tensor([ids])).logits[0].numpy()
     return want, llama_cpp_logits(path, ids)
+
+
+# Head of a child process script for the kill/resume tests: the n-th file the sequential checkpoint writes
+# (args["kill_at"], args = json of argv[1]) is left half-written and the process SIGKILLed; the test appends the run.
+SIGKILL_AT_SAVE = """
+import json, os, signal, sys
+import torch
+torch.set_num_threads(1)  # as the parent, which computes the rest of the model
+args = json.loads(sys.argv[1])
+from lowbit.algorithms import sequential
+real, n = sequential.save_file, [0]
+def save_file(tensors, filename, metadata=None):
+    real(tensors, filename, metadata=metadata)
+    n[0] += 1
+    if n[0] == args["kill_at"]:  # half-written file, then a real SIGKILL
+        with open(filename, "r+b") as f:
+            f.truncate(os.path.getsize(filename) // 2)
+        os.kill(os.getpid(), signal.SIGKILL)
+sequential.save_file = save_file
+"""

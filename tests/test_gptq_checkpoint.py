@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_model
+from conftest import SIGKILL_AT_SAVE, make_model
 from lowbit.algorithms import sequential
 from lowbit.algorithms.plans import uniform_plan
 from lowbit.algorithms.sequential import CalibConfig, calibration_set, quantize_sequential
@@ -159,24 +159,10 @@ def test_kill_at_every_write_point_resumes_bit_identical(tiny_tokenizer, text_fi
             assert leftovers(ckpt) == [], what
 
 
-_KILLED_CHILD = """
-import json, os, signal, sys
-import torch
-torch.set_num_threads(1)  # as the parent, which computes the rest of the model
-args = json.loads(sys.argv[1])
+_KILLED_CHILD = SIGKILL_AT_SAVE + """
 sys.path.insert(0, args["tests"])
 from conftest import make_model
-from lowbit.algorithms import sequential
 from lowbit.algorithms.plans import uniform_plan
-real, n = sequential.save_file, [0]
-def save_file(tensors, filename, metadata=None):
-    real(tensors, filename, metadata=metadata)
-    n[0] += 1
-    if n[0] == args["kill_at"]:  # half-written file, then a real SIGKILL
-        with open(filename, "r+b") as f:
-            f.truncate(os.path.getsize(filename) // 2)
-        os.kill(os.getpid(), signal.SIGKILL)
-sequential.save_file = save_file
 model = make_model("llama", vocab=args["vocab"])
 sequential.quantize_sequential(model, None, uniform_plan(model, args["fmt"]),
                                calib=sequential.CalibConfig(**args["calib"]), device="cpu", progress=False,

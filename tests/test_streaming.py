@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 import lowbit
 import lowbit.streaming
+from conftest import SIGKILL_AT_SAVE
 from lowbit.algorithms import streamed
 from lowbit.algorithms.plans import uniform_plan
 from lowbit.algorithms.sequential import CalibConfig
@@ -315,23 +316,9 @@ def test_out_of_memory_leaves_a_resumable_checkpoint(text_file, tmp_path, monkey
     assert_same_checkpoint(tmp_path / "clean", out)
 
 
-_KILLED_CHILD = """
-import json, os, signal, sys
-import torch
-torch.set_num_threads(1)
-args = json.loads(sys.argv[1])
+_KILLED_CHILD = SIGKILL_AT_SAVE + """
 import lowbit
-from lowbit.algorithms import sequential
 from lowbit.io.sources import SyntheticSource
-real, n = sequential.save_file, [0]
-def save_file(tensors, filename, metadata=None):
-    real(tensors, filename, metadata=metadata)
-    n[0] += 1
-    if n[0] == args["kill_at"]:  # half-written file, then a real SIGKILL
-        with open(filename, "r+b") as f:
-            f.truncate(os.path.getsize(filename) // 2)
-        os.kill(os.getpid(), signal.SIGKILL)
-sequential.save_file = save_file
 recipe = lowbit.Recipe.parse("gptq:int4_g32_asym", calib=lowbit.CalibConfig(4, 16, args["text"]))
 lowbit.convert_streamed(SyntheticSource("tiny"), recipe, args["out"], device="cpu", progress=False)
 """
