@@ -47,6 +47,16 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() / (ms * 1e-3)
 
 
+def device_bandwidth() -> float | None:
+    """The GPU's copy bandwidth (printed), or None with a message when there is no GPU."""
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return None
+    bw = copy_bandwidth()
+    print(f"{torch.cuda.get_device_name(0)}: device copy bandwidth {bw / 1e9:.0f} GB/s")
+    return bw
+
+
 def bench(fn, n: int) -> float:  # noqa: ANN001
     """Median ms per call of ``fn(i)`` (i cycling over n weight copies), timed as CUDA-graph replays of many calls:
     as in decode, where every step is one graph, the Python and launch overhead of a call is not what is timed
@@ -156,12 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", default="1")
     ap.add_argument("--tag", default="gpu")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("needs a CUDA GPU", file=sys.stderr)
-        return 2
     t0 = time.time()
-    bw = copy_bandwidth()
-    print(f"{torch.cuda.get_device_name(0)}: device copy bandwidth {bw / 1e9:.0f} GB/s")
+    bw = device_bandwidth()
+    if bw is None:
+        return 2
     rows = []
     print("| shape | format | batch | bpw | µs | fp16 µs | % of copy BW | speedup vs fp16 | tuned config |")
     print("|---|---|---|---|---|---|---|---|---|")
