@@ -114,7 +114,7 @@ def run_in_interpreter(script: str, *args: object) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def sharpen_llama(model):  # noqa: ANN001, ANN201 - a transformers Llama, returned 16-bit-rounded
+def sharpen_llama(model, qk: float = 8, head: float = 10):  # noqa: ANN001, ANN201 - a transformers Llama, rounded
     """Peaked attention and logits for a random tiny Llama: with the init's small weights attention is nearly
     uniform and RoPE (hence the GGUF Q/K permutation) barely changes the output; scaled up, a wrong layout moves
     the logits by ~4 (measured) instead of ~0.007."""
@@ -122,9 +122,9 @@ def sharpen_llama(model):  # noqa: ANN001, ANN201 - a transformers Llama, return
 
     with torch.no_grad():
         for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(8)
-            layer.self_attn.k_proj.weight.mul_(8)
-        model.lm_head.weight.mul_(10)
+            layer.self_attn.q_proj.weight.mul_(qk)
+            layer.self_attn.k_proj.weight.mul_(qk)
+        model.lm_head.weight.mul_(head)
     return round_to_storage(model)
 
 

@@ -31,7 +31,6 @@ SENTENCE = "The quick brown fox jumps over the lazy dog. Low-bit quantization"
 def llama(tok, hidden: int = 64, seed: int = 0):  # noqa: ANN001, ANN201 - conftest's tiny Llama at another width
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lowbit.models.walker import round_to_storage
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
@@ -42,12 +41,7 @@ def llama(tok, hidden: int = 64, seed: int = 0):  # noqa: ANN001, ANN201 - conft
     # conftest's factors (q/k x8, head x10) make a 256-wide model's attention so peaked that llama.cpp's 8-bit
     # activation rounding moves the logits by 0.8 (Q4_0) to 2.8 (Q8_0) for lowbit's own exports; x3 and x5 give
     # the 64-wide regime (measured: max |logit| 6.8, a Q4_K export 0.11, the Q/K permutation left out 3.9).
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(3)
-            layer.self_attn.k_proj.weight.mul_(3)
-        model.lm_head.weight.mul_(5)
-    return round_to_storage(model)
+    return sharpen_llama(model, qk=3, head=5)
 
 
 def quantized(tok, fmt: str, hidden: int = 64):  # noqa: ANN001, ANN201
@@ -152,16 +146,23 @@ def test_symmetric_groups_of_32_are_copied_exactly(tmp_path, tiny_tokenizer, to,
     assert_llama_cpp_agrees(tiny_tokenizer, tmp_path / "m.gguf", back)
 
 
+def zp_model_with_exact_mlp(tok):  # noqa: ANN001, ANN201
+    """An int4_g32_zp model whose MLP linears have scales coarse enough for Q4_1 to hold -z*s exactly; (model, the
+    names of those linears)."""
+    model = quantized(tok, "int4_g32_zp")
+    exact = {n for n in linears(model) if ".mlp." in n}
+    for name in exact:
+        coarsen_scales(model.get_submodule(name))
+    return model, exact
+
+
 @pytest.mark.parametrize("to", ["gptq", "compressed-tensors"])
 def test_zero_point_groups_of_32_are_q4_1_where_exact(tmp_path, tiny_tokenizer, to):
     from lowbit.errors import LowbitError
     from lowbit.io.hf_export import export_hf
     from lowbit.jobs import convert_gguf
 
-    model = quantized(tiny_tokenizer, "int4_g32_zp")
-    exact = {n for n in linears(model) if ".mlp." in n}
-    for name in exact:
-        coarsen_scales(model.get_submodule(name))
+    model, exact = zp_model_with_exact_mlp(tiny_tokenizer)
     export_hf(model, tiny_tokenizer, tmp_path / "ckpt", to)
     with pytest.raises(LowbitError) as e:
         convert_gguf(tmp_path / "ckpt", tmp_path / "m.gguf")
@@ -452,10 +453,7 @@ def test_awq_checkpoint_is_read_and_converted(tmp_path, tiny_tokenizer, style):
     from lowbit.io.hf_quant import ct_linear, from_lowbit, read_hf_quantized
     from lowbit.jobs import convert_gguf
 
-    model = quantized(tiny_tokenizer, "int4_g32_zp")
-    exact = {n for n in linears(model) if ".mlp." in n}
-    for name in exact:
-        coarsen_scales(model.get_submodule(name))
+    model, exact = zp_model_with_exact_mlp(tiny_tokenizer)
     awq_checkpoint(tiny_tokenizer, model, tmp_path / "awq", style)
 
     read = read_hf_quantized(tmp_path / "awq")
