@@ -33,6 +33,24 @@ def test_corpus_splits_are_disjoint_and_large_enough(real):
     assert ev[:2000] not in cal and cal[-2000:] not in ev
 
 
+def test_factbook_is_a_large_out_of_domain_text(real, tmp_path, monkeypatch):
+    """``factbook`` (the second held-out text) is another kind of prose, as long as the eval split; ``--text
+    factbook`` names it unless a file of that name exists."""
+    from lowbit.data.corpus import load_text
+    from lowbit.eval.perplexity import tokenize_stream
+
+    _, tok, _ = real
+    fb = load_text("factbook")
+    assert tokenize_stream(tok, fb).numel() > 100_000
+    assert "Economy" not in fb[:50] and "++" not in fb  # prose only, paragraph marks turned into newlines
+    sotu = load_text("eval") + load_text("calib")
+    assert fb[1000:1200] not in sotu
+    assert load_text("eval", "factbook") == fb
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "factbook").write_text("a user's own file")
+    assert load_text("eval", "factbook") == "a user's own file"
+
+
 def test_fp16_sane_and_rtn_ordering(real, tmp_path):
     """16-bit perplexity is that of a real LM; RTN costs what it should, in the right order.
 

@@ -24,7 +24,8 @@ def _add_model(p: argparse.ArgumentParser) -> None:
 def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seqlen", type=int, default=None, help="window length (default 2048 or the model's max)")
     p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows (faster)")
-    p.add_argument("--text", default=None, help="evaluate on this UTF-8 text file instead of the bundled eval split")
+    p.add_argument("--text", default=None, help="evaluate on this UTF-8 text file instead of the bundled eval split "
+                   "(or `factbook`: the bundled out-of-domain text, World Factbook country profiles)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -419,10 +420,10 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
 
 def _check_texts(args: argparse.Namespace) -> None:
     """Fail on a bad --text / --calib-text (missing, a directory, not UTF-8, empty) before loading the model."""
-    from lowbit.data.corpus import read_text_file
+    from lowbit.data.corpus import bundled_name, read_text_file
 
     for path in (getattr(args, "text", None), getattr(args, "calib_text", None)):
-        if path is not None:
+        if path is not None and bundled_name(path) is None:
             read_text_file(path)
 
 

