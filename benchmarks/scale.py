@@ -5,6 +5,7 @@
     PYTHONPATH=src python benchmarks/scale.py --shape llama-2-7b --layers 1 --method rtn,gptq_act \\
         --nsamples 4 --seqlen 128 --device cpu                                                # CPU smoke test
     PYTHONPATH=src python benchmarks/scale.py --source path/to/Llama-2-7b-hf --method gptq_act   # real shards
+    PYTHONPATH=src python benchmarks/scale.py --shape llama-2-7b --method gptq_act --procs 1,2   # 1 vs 2 GPUs
 
 Each (shape, method) runs in a fresh process, so its peak host memory is its own. Source: the synthetic generator
 of the shape (lowbit.io.synthetic, no files) or ``--source DIR`` (memory-mapped safetensors shards). Calibration:
@@ -16,6 +17,9 @@ capture of layer 0's inputs, every layer read / quantized / committed to a check
 Figures: ``seconds`` is wall time measured end to end for what ran (``layers_run`` of ``layers_total`` layers);
 with ``--layers N`` below the total, ``seconds_extrapolated`` = setup + capture + mean layer time x layers_total
 (the final write is not in it) is given beside it, clearly labelled, and ``seconds`` stays the measured figure.
+``--procs N``: the run is N processes started by torchrun, one per GPU (gloo processes with ``--device cpu``),
+sharing the calibration windows as ``torchrun --nproc-per-node N -m lowbit.cli quantize`` does
+(algorithms/distributed.py); its peaks are rank 0's, and ``gpus`` is N.
 ``peak_host_gb``: the process's peak resident memory (getrusage ru_maxrss); ``peak_gpu_gb``: torch's peak
 allocated CUDA memory (``peak_gpu_reserved_gb``: its peak reserved memory, what nvidia-smi would show less the
 context). Peaks do not grow with the number of layers (one layer at a time). Rows are merged into
@@ -51,6 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--layers", type=int, default=None, help="run only the first N decoder layers and extrapolate")
     ap.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
     ap.add_argument("--offload", default="auto", choices=["auto", "device", "host"])
+    ap.add_argument("--procs", default="1", help="comma-separated process counts (one GPU each), e.g. 1,2")
     ap.add_argument("--work", default=None, help="folder for the work checkpoint and output (default: a temp dir)")
     ap.add_argument("--tag", default=None, help="results file tag (default: the GPU's short name, or cpu)")
     ap.add_argument("--out", default=None, help="results JSON (default benchmarks/results/scale-<tag>.json)")
@@ -66,6 +71,7 @@ def run_one(args: argparse.Namespace) -> dict:
     """One (source, method) run in this process; the row."""
     import torch
 
+    from lowbit.algorithms import distributed
     from lowbit.algorithms.plans import uniform_plan
     from lowbit.algorithms.streamed import peak_gpu_gb, peak_host_gb, quantize_streamed, save_streamed
     from lowbit.io.sources import open_source
@@ -73,27 +79,37 @@ def run_one(args: argparse.Namespace) -> dict:
 
     t0 = time.perf_counter()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    procs = 1
+    if distributed.launched():
+        ranks, name = distributed.init_from_env(args.device)
+        device, procs = torch.device(name), ranks.world
     source = open_source(args.source or f"synthetic:{args.shape}")
     plan = uniform_plan(source.skeleton(), args.format)
     samples = random_tokens(source.config.vocab_size, args.nsamples, args.seqlen) if args.method != "rtn" else None
-    work = Path(tempfile.mkdtemp(prefix="lowbit-scale-", dir=args.work))
+    ranks = distributed.current()
+    lead = ranks is None or ranks.lead
+    work = Path(tempfile.mkdtemp(prefix="lowbit-scale-", dir=args.work)) if lead else None
+    work = Path(ranks.from_lead(str(work))) if ranks else work  # the checkpoint is one folder all ranks write
     try:
         setup = time.perf_counter() - t0
         report = quantize_streamed(source, plan, work / "ckpt", rounding=args.method, device=device, samples=samples,
-                                   offload=args.offload, max_layers=args.layers, progress=True)
+                                   offload=args.offload, max_layers=args.layers, progress=lead)
         save_seconds = None
-        if report.complete:
+        if report.complete and lead:
             t1 = time.perf_counter()
             save_streamed(source, report.layer_files, work / "out", meta={"source": source.name}, progress=False)
             save_seconds = time.perf_counter() - t1
         seconds = time.perf_counter() - t0
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if ranks:
+            ranks.barrier()
+        if lead:
+            shutil.rmtree(work, ignore_errors=True)
     run = len(report.layer_seconds)
     mean_layer = sum(report.layer_seconds) / max(1, run)
     row = {
         "shape": args.shape if args.source is None else Path(args.source).name, "method": args.method,
-        "format": args.format, "gpus": 1 if device.type == "cuda" else 0,
+        "format": args.format, "gpus": procs if device.type == "cuda" else 0, "processes": procs,
         "seconds": round(seconds, 2), "peak_host_gb": _r(peak_host_gb()), "peak_gpu_gb": _r(peak_gpu_gb(device)),
         "layers_run": run, "layers_total": report.layers_total,
         "seconds_extrapolated": (None if report.complete else
@@ -134,7 +150,11 @@ def default_tag(device: str | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.one:
-        print(json.dumps(run_one(args)))
+        row = run_one(args)
+        from lowbit.algorithms import distributed
+
+        if distributed.current() is None or distributed.current().lead:
+            print(json.dumps(row))
         return 0
     import torch
 
@@ -143,13 +163,14 @@ def main(argv: list[str] | None = None) -> int:
     shapes = [args.source] if args.source else args.shape.split(",")
     rows = []
     for shape in shapes:
-        for method in args.method.split(","):
-            cmd = [sys.executable, __file__, "--one", "--method", method, "--format", args.format, "--nsamples",
-                   str(args.nsamples), "--seqlen", str(args.seqlen), "--offload", args.offload,
+        for method, procs in ((m, int(p)) for m in args.method.split(",") for p in args.procs.split(",")):
+            launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}"] if procs > 1 else []
+            cmd = [sys.executable, *launch, __file__, "--one", "--method", method, "--format", args.format,
+                   "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--offload", args.offload,
                    *(["--source", shape] if args.source else ["--shape", shape]),
                    *(["--layers", str(args.layers)] if args.layers else []),
                    *(["--device", args.device] if args.device else []), *(["--work", args.work] if args.work else [])]
-            log(f"{shape} {method}:{args.format}")
+            log(f"{shape} {method}:{args.format}" + (f" ({procs} processes)" if procs > 1 else ""))
             done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
             if done.returncode != 0:
                 log(f"{shape} {method}: failed (exit {done.returncode})")
@@ -164,10 +185,10 @@ def main(argv: list[str] | None = None) -> int:
                       "host": f"{platform.system()} {platform.machine()}"})
     print(table(rows))
     log(f"wrote {out}")
-    return 0 if len(rows) == len(shapes) * len(args.method.split(",")) else 1
+    return 0 if len(rows) == len(shapes) * len(args.method.split(",")) * len(args.procs.split(",")) else 1
 
 
-_KEY = ("shape", "method", "format", "device", "layers_run", "nsamples", "seqlen")
+_KEY = ("shape", "method", "format", "device", "layers_run", "nsamples", "seqlen", "processes")
 
 
 def merge(out: Path, rows: list[dict], meta: dict) -> None:
@@ -182,11 +203,13 @@ def merge(out: Path, rows: list[dict], meta: dict) -> None:
 
 
 def table(rows: list[dict]) -> str:
-    head = "| shape | method | layers | seconds (measured) | seconds (all layers, extrapolated) | host GB | GPU GB |"
-    lines = [head, "|---|---|---|---|---|---|---|"]
+    head = ("| shape | method | processes | layers | seconds (measured) | seconds (all layers, extrapolated) | host GB "
+            "| GPU GB |")
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         extra = "-" if r["seconds_extrapolated"] is None else f"{r['seconds_extrapolated']}"
-        lines.append(f"| {r['shape']} | {r['method']}:{r['format']} | {r['layers_run']}/{r['layers_total']} | "
+        lines.append(f"| {r['shape']} | {r['method']}:{r['format']} | {r.get('processes', 1)} | "
+                     f"{r['layers_run']}/{r['layers_total']} | "
                      f"{r['seconds']} | {extra} | {r['peak_host_gb']} | {r['peak_gpu_gb'] or '-'} |")
     return "\n".join(lines)
 

@@ -352,12 +352,21 @@ def _load(args: argparse.Namespace):  # noqa: ANN202
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     import lowbit
+    from lowbit.algorithms import distributed
 
     recipe = _recipe(args, args.format)
-    result = lowbit.convert(args.model, recipe, args.out, device=args.device, checkpoint_dir=args.checkpoint,
-                            overwrite=args.overwrite, progress=not args.no_progress, stream=args.stream,
+    device, lead = args.device, True
+    if distributed.launched():  # torchrun --nproc-per-node N: one process per GPU (or gloo CPU processes)
+        if recipe.finetune or not recipe.needs_calibration:
+            raise LowbitError("several processes share the calibration of GPTQ/imatrix; run +ft and rtn recipes "
+                              "in one process")
+        ranks, device = distributed.init_from_env(args.device)
+        lead = ranks.lead
+    result = lowbit.convert(args.model, recipe, args.out, device=device, checkpoint_dir=args.checkpoint,
+                            overwrite=args.overwrite, progress=lead and not args.no_progress, stream=args.stream,
                             offload=args.offload)
-    print(f"saved {args.out}: {result.summary()}")
+    if lead:
+        print(f"saved {args.out}: {result.summary()}")
     return 0
 
 

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 
+from lowbit.algorithms import distributed
 from lowbit.algorithms.mixed import is_mix, parse_mix
 from lowbit.api import QuantizeResult, export_gguf, export_hf, load, quantize, save
 from lowbit.atomic import check_destination
@@ -56,7 +57,9 @@ def convert(source: str | Path | None, recipe: Recipe | str, out: str | Path, *,
     model, tok = load(source, device="cpu" if recipe.needs_calibration else compute)
     result = quantize(model, recipe, tok, device=compute, progress=progress,
                       checkpoint_dir=(checkpoint_dir or f"{out}.partial") if recipe.needs_calibration else None)
-    save(model, tok, out, result=result, source=resolve(source), overwrite=overwrite)
+    ranks = distributed.current()
+    if ranks is None or ranks.lead:  # several processes (distributed.py): each holds the same model; one saves it
+        save(model, tok, out, result=result, source=resolve(source), overwrite=overwrite)
     return result
 
 

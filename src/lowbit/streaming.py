@@ -16,6 +16,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+from lowbit.algorithms import distributed
 from lowbit.algorithms.mixed import is_mix
 from lowbit.algorithms.plans import uniform_plan
 from lowbit.algorithms.streamed import (
@@ -70,8 +71,10 @@ def convert_streamed(source: str | Path | WeightSource, recipe: Recipe | str, ou
     streamed = {"offload": report.offload, "peak_host_gb": _gb(report.peak_host_gb),
                 "peak_gpu_gb": _gb(report.peak_gpu_gb)}
     result = QuantizeResult(recipe, linears, time.perf_counter() - t0, size, extra={"streamed": streamed})
-    save_streamed(src, report.layer_files, out, meta={**result.to_json(), "source": src.name, "streamed": streamed},
-                  overwrite=overwrite, progress=progress)
+    ranks = distributed.current()
+    if ranks is None or ranks.lead:  # several processes (distributed.py): rank 0 holds every layer file
+        save_streamed(src, report.layer_files, out, meta={**result.to_json(), "source": src.name,
+                      "streamed": streamed}, overwrite=overwrite, progress=progress)
     discard_work(work)  # only now: a kill before the output's commit resumes from the finished layers
     return result
 

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowbit.algorithms import distributed
 from lowbit.algorithms.gptq import IMPLEMENTATION as GPTQ_IMPLEMENTATION
 from lowbit.algorithms.gptq import GPTQResult, factor_hessian, gptq_quantize_shared, proxy_loss
 from lowbit.algorithms.plans import plan_by_layer, validate_plan
@@ -120,6 +121,8 @@ def quantize_sequential(model: nn.Module, tokenizer: object, plan: dict[str, str
     by_layer = plan_by_layer(plan, prefix, len(layers))
     if samples is None:
         samples = calibration_set(model, tokenizer, calib)
+    if ranks := distributed.current():
+        samples = ranks.shard(samples)
 
     fingerprint = _fingerprint(model, plan, calib, gptq, rounding, rotation_seed)
     ckpt = _Checkpoint(checkpoint_dir, fingerprint) if checkpoint_dir else None
@@ -190,15 +193,25 @@ def _quantize_layer(layer: nn.Module, names: list[str], plan: dict[str, str], pr
                     inps: torch.Tensor, kwargs: dict[str, Any], cfg: GPTQConfig, rounding: str,
                     rotation_seed: int | None) -> dict[str, LinearStats]:
     local = {n: n[len(f"{prefix}.{index}.") :] for n in names}
+    counted = _layer_hessians(layer, local, inps, kwargs)
+    ranks = distributed.current()
+    groups = ranks.all_reduce_hessians(counted) if ranks else [(g, H) for g, H, _ in counted]
     stats = {}
-    for group, H in _layer_hessians(layer, local, inps, kwargs):
-        stats.update(_round_group(layer, local, group, H, plan, cfg, rounding, rotation_seed))
+    for job, (group, H) in enumerate(groups):
+        if ranks is None or ranks.owns(job):  # several processes: each rounds its share of the groups
+            stats.update(_round_group(layer, local, group, H, plan, cfg, rounding, rotation_seed))
+    if ranks:
+        mine = {n: (layer.get_submodule(local[n]), s) for n, s in stats.items()}
+        for n, (module, s) in ranks.exchange_modules(mine, inps.device).items():
+            set_module(layer, local[n], module)
+            stats[n] = s
     return {n: stats[n] for n in names}
 
 
 def _layer_hessians(layer: nn.Module, local: dict[str, str], inps: torch.Tensor,
-                    kwargs: dict[str, Any]) -> list[tuple[tuple[str, ...], torch.Tensor]]:
-    """One calibration pass: [(linears that read the same input tensor, their H)], one H per distinct input."""
+                    kwargs: dict[str, Any]) -> list[tuple[tuple[str, ...], torch.Tensor, int]]:
+    """One calibration pass: [(linears that read the same input tensor, their H, its rows)], one H per distinct
+    input."""
     modules = {n: layer.get_submodule(sub) for n, sub in local.items()}
     shared = SharedHessians(modules, inps.device)
     try:
@@ -206,14 +219,14 @@ def _layer_hessians(layer: nn.Module, local: dict[str, str], inps: torch.Tensor,
     finally:
         groups = shared.remove()
     if groups is not None:
-        return groups
+        return [(g, H, shared.rows[g]) for g, H in groups]
     # the inputs were shared in some forwards only: a second pass with one H per linear
     accs = {n: HessianAccumulator(m, linear_weight(m).shape[1], inps.device) for n, m in modules.items()}
     try:
         _run_layer(layer, inps, kwargs)
     finally:
         hessians = {n: a.remove() for n, a in accs.items()}
-    return [((n,), H) for n, H in hessians.items()]
+    return [((n,), H, accs[n].rows) for n, H in hessians.items()]
 
 
 class _Stop(Exception):
@@ -307,6 +320,8 @@ def _fingerprint(model: nn.Module, plan: dict[str, str], calib: CalibConfig, gpt
     h = hashlib.sha256()
     h.update(model.config.to_json_string().encode())
     settings = [sorted(plan.items()), asdict(calib), asdict(gptq), rounding, rotation_seed, GPTQ_IMPLEMENTATION]
+    if ranks := distributed.current():  # the activations in a checkpoint are sharded by rank
+        settings.append(["processes", ranks.world])
     h.update(json.dumps(settings, sort_keys=True).encode())
     for p in list(model.parameters())[:4]:  # cheap guard against resuming onto different weights
         h.update(p.detach().float().cpu().flatten()[:4096].numpy().tobytes())
@@ -347,27 +362,48 @@ class _Checkpoint:
             if p.name.endswith(".tmp") and self._STEP.fullmatch(p.name[: -len(".tmp")]):
                 shutil.rmtree(p, ignore_errors=True)
             elif (m := self._STEP.fullmatch(p.name)) and int(m.group(1)) < current:
-                (p / "inputs.safetensors").unlink(missing_ok=True)
+                for f in p.glob("inputs*.safetensors"):
+                    f.unlink(missing_ok=True)
+
+    @staticmethod
+    def _inputs_name() -> str:
+        """Several processes: each keeps its own shard of the activations (see distributed.py)."""
+        ranks = distributed.current()
+        return "inputs.safetensors" if ranks is None else f"inputs-{ranks.rank}-of-{ranks.world}.safetensors"
 
     def save(self, index: int, layer: nn.Module, inps: torch.Tensor, stats: dict[str, LinearStats]) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
+        """Commit layer ``index``. Several processes: rank 0 opens the step and writes the layer, every rank adds
+        its activations, and rank 0 writes the state and commits, each stage after a barrier."""
+        ranks = distributed.current()
+        lead = ranks is None or ranks.lead
         final = self._step(index)
         tmp = final.with_name(f"{final.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)  # a killed run's leftover
-        tmp.mkdir()
-        tensors = {k: v.detach().cpu().contiguous() for k, v in layer.state_dict().items()}
-        formats = {n: [m.format_name, m.rotation.to_json() if m.rotation else None]
-                   for n, m in layer.named_modules() if isinstance(m, QuantLinear)}
-        save_file(tensors, str(tmp / "layer.safetensors"), metadata={"formats": json.dumps(formats)})
-        save_file({"inputs": inps.detach().cpu().contiguous()}, str(tmp / "inputs.safetensors"))
-        state = {"layout": CHECKPOINT_LAYOUT, "fingerprint": self.fingerprint, "next_layer": index + 1,
-                 "stats": {k: asdict(v) for k, v in stats.items()}}
-        (tmp / "state.json").write_text(json.dumps(state))  # last, though only the rename below makes it count
-        for f in ("layer.safetensors", "inputs.safetensors", "state.json", "."):
-            _fsync(tmp / f)
-        os.replace(tmp, final)  # the commit: layer i, the inputs of layer i+1 and their state appear together
-        _fsync(self.path)
-        self._prune(index)
+        if lead:
+            self.path.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # a killed run's leftover
+            tmp.mkdir()
+            tensors = {k: v.detach().cpu().contiguous() for k, v in layer.state_dict().items()}
+            formats = {n: [m.format_name, m.rotation.to_json() if m.rotation else None]
+                       for n, m in layer.named_modules() if isinstance(m, QuantLinear)}
+            save_file(tensors, str(tmp / "layer.safetensors"), metadata={"formats": json.dumps(formats)})
+        if ranks:
+            ranks.barrier()
+        inputs = self._inputs_name()
+        save_file({"inputs": inps.detach().cpu().contiguous()}, str(tmp / inputs))
+        _fsync(tmp / inputs)
+        if ranks:
+            ranks.barrier()
+        if lead:
+            state = {"layout": CHECKPOINT_LAYOUT, "fingerprint": self.fingerprint, "next_layer": index + 1,
+                     "stats": {k: asdict(v) for k, v in stats.items()}}
+            (tmp / "state.json").write_text(json.dumps(state))  # last, though only the rename below makes it count
+            for f in ("layer.safetensors", "state.json", "."):
+                _fsync(tmp / f)
+            os.replace(tmp, final)  # the commit: layer i, the inputs of layer i+1 and their state appear together
+            _fsync(self.path)
+            self._prune(index)
+        if ranks:
+            ranks.barrier()
 
     def load(self, layers: nn.ModuleList) -> tuple[int, torch.Tensor, dict[str, LinearStats]] | None:
         """Restore the committed layers into ``layers``; (next layer, its inputs, stats), or None to start over."""
@@ -400,7 +436,9 @@ class _Checkpoint:
                               "inconsistent; delete it to start over")
         steps = self._committed()
         if not steps:
-            self._prune(0)
+            ranks = distributed.current()
+            if ranks is None or ranks.lead:  # another rank may already be writing step 0
+                self._prune(0)
             return None
         current = max(steps)
         try:
@@ -419,14 +457,23 @@ class _Checkpoint:
         if n != current + 1 or n > n_layers or missing:
             raise LowbitError(f"checkpoint {self.path} is incomplete (step {current}, next layer {n}, missing "
                               f"layers {missing}); delete it to start over")
-        inps = load_file(str(steps[current] / "inputs.safetensors"))["inputs"]
+        inps = load_file(str(steps[current] / self._inputs_name()))["inputs"]
         stats = {k: LinearStats(**v) for k, v in state["stats"].items()}
-        self._prune(current)
+        ranks = distributed.current()
+        if ranks:
+            ranks.barrier()  # every rank has read its inputs before rank 0 prunes
+        if ranks is None or ranks.lead:
+            self._prune(current)
         return n, inps, stats
 
     def remove(self) -> None:
         """Delete the checkpoint: one rename retires it whole, so a kill while deleting never leaves a partial one
         that a rerun would try to resume."""
+        ranks = distributed.current()
+        if ranks:
+            ranks.barrier()
+            if not ranks.lead:
+                return
         parent, name = self.path.parent, self.path.name
         for p in (parent.iterdir() if parent.is_dir() else ()):  # earlier removals a kill interrupted
             if p.name.startswith(f".{name}.removing-"):

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowbit.algorithms import distributed
 from lowbit.algorithms.plans import Plan, check_finite, plan_by_layer
 from lowbit.algorithms.rtn import quantize_rtn
 from lowbit.algorithms.sequential import (
@@ -124,6 +125,8 @@ def quantize_streamed(source: WeightSource, plan: Plan, work_dir: str | Path, *,
     if calibrated and start < stop:
         if samples is None:
             samples = calibration_set(model, source.tokenizer(), calib)
+        if ranks := distributed.current():
+            samples = ranks.shard(samples)
         report.offload = _placement(offload, device, model, by_layer[0], samples.shape)
         store = device if report.offload == "device" else torch.device("cpu")
         t0 = time.perf_counter()

@@ -129,6 +129,7 @@ class SharedHessians:
         self._run: list[str] = []
         self._input: tuple[torch.Tensor, int] | None = None  # the current run's input (held: its id stays unique)
         self._handles = [m.register_forward_pre_hook(self._hook_for(name)) for name, m in modules.items()]
+        self.rows: dict[tuple[str, ...], int] = {}  # input rows behind each H, filled by remove()
 
     def _hook_for(self, name: str):  # noqa: ANN202
         def hook(_module, args):  # noqa: ANN001, ANN202
@@ -167,6 +168,7 @@ class SharedHessians:
         runs = list(dict.fromkeys(next(iter(r)) for r in self._runs.values()))
         unused = [((n,), torch.zeros(k, k, dtype=torch.float32, device=self.device))
                   for n, k in self._in.items() if n not in self._runs]  # never called: H = 0, as a lone hook's
+        self.rows = {run: self._acc[run[0]][1] for run in runs} | {run: 0 for run, _ in unused}
         return [(run, self._acc[run[0]][0]) for run in runs] + unused
 
 
