@@ -66,3 +66,15 @@ def test_formats_lists_exact_bpw(capsys):
     assert main(["formats", "--shape", "4096x11008"]) == 0
     out = capsys.readouterr().out
     assert "q4_0" in out and "4.500" in out
+
+
+def test_calibration_size_defaults_follow_the_device():
+    from argparse import Namespace
+
+    from lowbit.cli import calib_size
+
+    def size(device, nsamples=None, seqlen=None):
+        return calib_size(Namespace(device=device, nsamples=nsamples, calib_seqlen=seqlen))
+
+    assert size("cpu") == (16, 512) and size("cuda") == (128, 2048) and size("cuda:1") == (128, 2048)
+    assert size("cpu", 64, 2048) == (64, 2048) and size("cuda", 0) == (0, 2048)  # given values kept (0: refused later)
