@@ -66,11 +66,13 @@ def convert_streamed(source: str | Path | WeightSource, recipe: Recipe | str, ou
     t0 = time.perf_counter()
     report = quantize_streamed(src, plan, work, rounding=recipe.method, calib=recipe.calib, gptq=recipe.gptq,
                                device=device or default_device(), offload=offload, progress=progress,
-                               rotation_seed=recipe.rotation_seed if recipe.rotate else None)
+                               rotation_seed=recipe.rotation_seed if recipe.rotate else None,
+                               finetune=recipe.finetune)
     linears = ({n: s.proxy_loss for n, s in report.linears.items()} if recipe.method == "rtn" else report.linears)
     streamed = {"offload": report.offload, "peak_host_gb": _gb(report.peak_host_gb),
                 "peak_gpu_gb": _gb(report.peak_gpu_gb)}
-    result = QuantizeResult(recipe, linears, time.perf_counter() - t0, size, extra={"streamed": streamed})
+    result = QuantizeResult(recipe, linears, time.perf_counter() - t0, size, finetune=report.finetune,
+                            extra={"streamed": streamed})
     ranks = distributed.current()
     if ranks is None or ranks.lead:  # several processes (distributed.py): rank 0 holds every layer file
         save_streamed(src, report.layer_files, out, meta={**result.to_json(), "source": src.name,
@@ -84,14 +86,16 @@ def _gb(value: float | None) -> float | None:
 
 
 def check_streamable(recipe: Recipe) -> None:
-    """Refuse recipes that need the whole model at once: mixed precision (measured sensitivity), ``+fused``
-    (rotates every layer together) and ``+ft`` (trains against the float model)."""
+    """Refuse recipes that need the whole model at once: mixed precision (measured sensitivity) and ``+fused``
+    (rotates every layer together); ``+ft`` streams by tuning one layer at a time, after GPTQ or imatrix."""
     if isinstance(recipe.format, str) and is_mix(recipe.format):
         why = "a mixed-precision spec measures every layer first"
     elif recipe.fuse_rotation:
         why = "+fused rotates the whole model at once"
-    elif recipe.finetune:
-        why = "+ft trains against the whole float model"
+    elif recipe.finetune and recipe.method == "rtn":
+        why = "streamed +ft tunes layers against the activations GPTQ/imatrix calibration brings (use gptq_act+ft)"
+    elif recipe.finetune and recipe.finetune.mode == "model":
+        why = "+ft in model mode trains through the whole network (streaming tunes one layer at a time)"
     else:
         return
     raise LowbitError(f"{recipe} cannot be streamed: {why}; load the model instead (--no-stream)")

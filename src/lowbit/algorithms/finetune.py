@@ -440,6 +440,31 @@ def finetune_blocks(model: nn.Module, teacher: nn.Module, samples: torch.Tensor,
                           block_losses=losses)
 
 
+def tune_layer(layer: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, kwargs: dict, cfg: FinetuneConfig,
+               device: torch.device, seed: int, loss: str = "token") -> tuple[float, float, int, int, int]:
+    """Tune one quantized decoder layer in place (its stored float scales, and its norms when ``cfg.norms``) so
+    that it maps ``inputs`` to ``targets`` (block mode with one layer, as streaming runs it). Returns (first loss,
+    last loss, steps, tuned tensors, tuned values); on an error the layer is left as it was."""
+    quant = {n: m for n, m in layer.named_modules() if isinstance(m, QuantLinear) and m.fmt.float_params}
+    norms = list(norm_modules(layer).values()) if cfg.norms else []
+    flags = {p: p.requires_grad for p in layer.parameters()}
+    wrapped = {n: ScaleTunedLinear(m) for n, m in quant.items()}
+    try:
+        for p in layer.parameters():
+            p.requires_grad_(False)
+        tuned = _wrap(layer, wrapped, norms)
+        try:
+            first, last, steps = _train_block([layer], inputs, targets, kwargs, tuned, cfg, device, loss, seed)
+        except BaseException:
+            _unwrap(layer, wrapped, norms, keep=False)
+            raise
+        _unwrap(layer, wrapped, norms, keep=True)
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+    return first, last, steps, len(tuned), _numel(tuned)
+
+
 def block_loss(y: torch.Tensor, t: torch.Tensor, kind: str = "token") -> torch.Tensor:
     """The blocks mode's distance from output ``y`` to target ``t`` ([..., hidden]); see :func:`finetune_blocks`."""
     err = (y.float() - t.float()).pow(2).sum(-1)

@@ -23,11 +23,12 @@ same memory ("device"). The placement does not change any number, so a run may r
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.algorithms import distributed
+from lowbit.algorithms.finetune import FinetuneConfig, FinetuneReport, tune_layer
 from lowbit.algorithms.plans import Plan, check_finite, plan_by_layer
 from lowbit.algorithms.rtn import quantize_rtn
 from lowbit.algorithms.sequential import (
@@ -80,6 +82,7 @@ class StreamReport:
     peak_host_gb: float | None = None
     peak_gpu_gb: float | None = None
     layer_files: list[Path] = field(default_factory=list)
+    finetune: FinetuneReport | None = None  # +ft: the layers this call tuned (block_losses: one per layer)
 
     @property
     def complete(self) -> bool:
@@ -91,20 +94,24 @@ def quantize_streamed(source: WeightSource, plan: Plan, work_dir: str | Path, *,
                       device: str | torch.device | None = None, samples: torch.Tensor | None = None,
                       rotation_seed: int | None = None, offload: str = "auto", progress: bool = True,
                       on_layer_done: Callable[[int], None] | None = None,
-                      max_layers: int | None = None) -> StreamReport:
+                      max_layers: int | None = None, finetune: FinetuneConfig | None = None) -> StreamReport:
     """Quantize the decoder linears ``plan`` names (name -> format), reading ``source`` one layer at a time, into
     the checkpoint ``work_dir`` (resumed when it holds this run's committed layers).
 
     ``rounding``: ``rtn`` (no calibration) or one of sequential.py's (``gptq``, ``gptq_act``, ``imatrix``);
     ``samples`` ([n, seqlen] token ids) replaces the calibration text; ``offload``: ``auto``, ``device`` or
     ``host`` (see the module docstring); ``max_layers`` stops after that many layers (benchmarks: the output then
-    cannot be assembled).
+    cannot be assembled). ``finetune``: after each layer's rounding, tune its stored float scales and norms so
+    that, fed the quantized model's hidden states, it outputs the float model's (``+ft`` in blocks of one layer; the
+    float model's hidden states ride along with the quantized ones, and the final norm is not tuned).
     """
     if rounding not in ("rtn", *ROUNDINGS):
         raise LowbitError(f"unknown rounding {rounding!r}; known: rtn, {', '.join(ROUNDINGS)}")
     if offload not in OFFLOADS:
         raise LowbitError(f"offload must be one of {', '.join(OFFLOADS)}, not {offload!r}")
     calib, gptq = calib or CalibConfig(), gptq or GPTQConfig()
+    if finetune and (rounding == "rtn" or distributed.current()):
+        raise LowbitError("streamed +ft tunes after GPTQ/imatrix rounding, in one process")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     t_start = time.perf_counter()
     if device.type == "cuda":
@@ -115,10 +122,15 @@ def quantize_streamed(source: WeightSource, plan: Plan, work_dir: str | Path, *,
     check_stream_plan(model, plan)
     by_layer = plan_by_layer(plan, prefix, n)
     stop = n if max_layers is None else max(0, min(n, max_layers))
-    ckpt = _Checkpoint(work_dir, _fingerprint(_FirstValues(source, model), plan, calib, gptq, rounding,
-                                              rotation_seed))
+    fingerprint = _fingerprint(_FirstValues(source, model), plan, calib, gptq, rounding, rotation_seed)
+    if finetune:  # the checkpoint then also holds the float model's hidden states
+        fingerprint = f"{fingerprint}+ft:{sorted(asdict(finetune).items())}"
+    ckpt = _Checkpoint(work_dir, fingerprint)
     found = ckpt.committed(n)
     start, inps, stats = found or (0, None, {})
+    targets = None  # +ft: the float model's hidden states entering the next layer
+    if found and finetune:
+        inps, targets = inps[0], inps[1]
     report = StreamReport(linears=dict(stats), layers_total=n, layers_done=start, resumed_from_layer=start)
     calibrated = rounding != "rtn"
     kwargs: dict[str, Any] = {}
@@ -127,7 +139,12 @@ def quantize_streamed(source: WeightSource, plan: Plan, work_dir: str | Path, *,
             samples = calibration_set(model, source.tokenizer(), calib)
         if ranks := distributed.current():
             samples = ranks.shard(samples)
-        report.offload = _placement(offload, device, model, by_layer[0], samples.shape)
+        # +ft keeps two sets of activations (the quantized and the float model's hidden states)
+        shape = torch.Size([samples.shape[0] * (2 if finetune else 1), *samples.shape[1:]])
+        report.offload = _placement(offload, device, model, by_layer[0], shape)
+        if finetune and report.offload == "host":
+            raise LowbitError("streamed +ft keeps both sets of calibration activations on the device, which they do "
+                              "not fit: use fewer calibration samples")
         store = device if report.offload == "device" else torch.device("cpu")
         t0 = time.perf_counter()
         try:
@@ -136,6 +153,8 @@ def quantize_streamed(source: WeightSource, plan: Plan, work_dir: str | Path, *,
             raise LowbitError(f"out of {_memory_kind(e, device)} memory while capturing the calibration inputs of "
                               "layer 0 (nothing is saved yet): use --offload host or fewer calibration samples") from e
         inps = inps.to(store) if found else captured
+        if finetune:
+            targets = targets.to(store) if found else captured.clone()
         report.capture_seconds = time.perf_counter() - t0
     keys = source.keys()
     bar = tqdm(range(start, stop), desc="stream", unit="layer", disable=not progress, initial=start, total=n)
@@ -147,13 +166,17 @@ def quantize_streamed(source: WeightSource, plan: Plan, work_dir: str | Path, *,
             layer.to(device)  # buffers the files do not hold
             for name in by_layer[i]:
                 check_finite(name, linear_weight(model.get_submodule(name)))
-            if calibrated:
+            if finetune:
+                stats, inps, targets = _tuned_layer(layer, by_layer[i], plan, prefix, i, inps, targets, kwargs, gptq,
+                                                    rounding, rotation_seed, finetune, device, report)
+            elif calibrated:
                 stats, inps = _calibrated_layer(layer, by_layer[i], plan, prefix, i, inps, kwargs, gptq, rounding,
                                                 rotation_seed, report.offload == "host")
             else:
                 stats = _rtn_layer(model, by_layer[i], plan, rotation_seed)
             report.linears.update(stats)
-            ckpt.save(i, layer, inps if calibrated else torch.empty(0), report.linears)
+            acts = torch.stack([inps, targets]) if finetune else inps if calibrated else torch.empty(0)
+            ckpt.save(i, layer, acts, report.linears)
         except _OOM as e:
             saved = f"layers 0..{i - 1} are saved in {work_dir}" if i else "no layer is saved yet"
             raise LowbitError(f"out of {_memory_kind(e, device)} memory at decoder layer {i}: {saved}; rerun the "
@@ -218,6 +241,24 @@ def _calibrated_layer(layer: nn.Module, names: list[str], plan: Plan, prefix: st
     with _HostFeed(layer, inps) as feed:
         stats = _quantize_layer(layer, names, plan, prefix, index, feed.index, kwargs, gptq, rounding, rotation_seed)
         return stats, feed.run(kwargs)
+
+
+def _tuned_layer(layer: nn.Module, names: list[str], plan: Plan, prefix: str, index: int, inps: torch.Tensor,
+                 targets: torch.Tensor, kwargs: dict[str, Any], gptq: GPTQConfig, rounding: str,
+                 rotation_seed: int | None, cfg: FinetuneConfig, device: torch.device,
+                 report: StreamReport) -> tuple[dict[str, LinearStats], torch.Tensor, torch.Tensor]:
+    """Round one layer, then tune it: fed the quantized model's hidden states ``inps``, it should output what the
+    float layer outputs on the float model's ``targets`` (finetune_blocks' ``compensate`` chain, one layer a
+    block). Returns the stats and the next layer's (quantized, float) hidden states."""
+    t0 = time.perf_counter()
+    nxt = _run_layer(copy.deepcopy(layer), targets, kwargs)  # the float layer, before its weights are rounded
+    stats = _quantize_layer(layer, names, plan, prefix, index, inps, kwargs, gptq, rounding, rotation_seed)
+    first, last, steps, tensors, values = tune_layer(layer, inps, nxt, kwargs, cfg, device, cfg.seed + index)
+    ft = report.finetune or FinetuneReport(0, 0, 0, math.nan, math.nan, 0.0, mode="stream")
+    report.finetune = replace(ft, steps=ft.steps + steps, tuned_tensors=ft.tuned_tensors + tensors,
+                              tuned_values=ft.tuned_values + values, seconds=ft.seconds + time.perf_counter() - t0,
+                              block_losses=[*ft.block_losses, [first, last]])
+    return stats, _run_layer(layer, inps, kwargs), nxt
 
 
 def _rtn_layer(model: nn.Module, names: list[str], plan: Plan, rotation_seed: int | None) -> dict[str, LinearStats]:
