@@ -6,6 +6,7 @@
         --nsamples 4 --seqlen 128 --device cpu                                                # CPU smoke test
     PYTHONPATH=src python benchmarks/scale.py --source path/to/Llama-2-7b-hf --method gptq_act   # real shards
     PYTHONPATH=src python benchmarks/scale.py --shape llama-2-7b --method gptq_act --procs 1,2   # 1 vs 2 GPUs
+    PYTHONPATH=src python benchmarks/scale.py --shape llama-2-7b --method gptq_act+ft            # streamed +ft
 
 Each (shape, method) runs in a fresh process, so its peak host memory is its own. Source: the synthetic generator
 of the shape (lowbit.io.synthetic, no files) or ``--source DIR`` (memory-mapped safetensors shards). Calibration:
@@ -48,7 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--shape", default="llama-2-7b",
                     help="comma-separated synthetic shapes: tiny, llama-2-7b, llama-2-13b, llama-3-8b, llama-3-70b")
     ap.add_argument("--source", default=None, help="a safetensors model directory instead of a synthetic shape")
-    ap.add_argument("--method", default="gptq_act", help="comma-separated: rtn, gptq, gptq_act, imatrix")
+    ap.add_argument("--method", default="gptq_act",
+                    help="comma-separated: rtn, gptq, gptq_act, imatrix; +ft appended tunes each layer (streamed +ft)")
     ap.add_argument("--format", default="q4_0", help="weight format (default q4_0)")
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=2048)
@@ -72,6 +74,7 @@ def run_one(args: argparse.Namespace) -> dict:
     import torch
 
     from lowbit.algorithms import distributed
+    from lowbit.algorithms.finetune import FinetuneConfig
     from lowbit.algorithms.plans import uniform_plan
     from lowbit.algorithms.streamed import peak_gpu_gb, peak_host_gb, quantize_streamed, save_streamed
     from lowbit.io.sources import open_source
@@ -85,15 +88,17 @@ def run_one(args: argparse.Namespace) -> dict:
         device, procs = torch.device(name), ranks.world
     source = open_source(args.source or f"synthetic:{args.shape}")
     plan = uniform_plan(source.skeleton(), args.format)
-    samples = random_tokens(source.config.vocab_size, args.nsamples, args.seqlen) if args.method != "rtn" else None
+    method, _, ft = args.method.partition("+")
+    samples = random_tokens(source.config.vocab_size, args.nsamples, args.seqlen) if method != "rtn" else None
     ranks = distributed.current()
     lead = ranks is None or ranks.lead
     work = Path(tempfile.mkdtemp(prefix="lowbit-scale-", dir=args.work)) if lead else None
     work = Path(ranks.from_lead(str(work))) if ranks else work  # the checkpoint is one folder all ranks write
     try:
         setup = time.perf_counter() - t0
-        report = quantize_streamed(source, plan, work / "ckpt", rounding=args.method, device=device, samples=samples,
-                                   offload=args.offload, max_layers=args.layers, progress=lead)
+        report = quantize_streamed(source, plan, work / "ckpt", rounding=method, device=device, samples=samples,
+                                   offload=args.offload, max_layers=args.layers, progress=lead,
+                                   finetune=FinetuneConfig() if ft == "ft" else None)
         save_seconds = None
         if report.complete and lead:
             t1 = time.perf_counter()
