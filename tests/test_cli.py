@@ -78,3 +78,18 @@ def test_calibration_size_defaults_follow_the_device():
 
     assert size("cpu") == (16, 512) and size("cuda") == (128, 2048) and size("cuda:1") == (128, 2048)
     assert size("cpu", 64, 2048) == (64, 2048) and size("cuda", 0) == (0, 2048)  # given values kept (0: refused later)
+
+
+def test_hessian_shrink_default_follows_the_calibration_size():
+    from argparse import Namespace
+
+    from lowbit.cli import _calib
+
+    def shrink(nsamples, seqlen, given=None):
+        args = Namespace(device="cpu", nsamples=nsamples, calib_seqlen=seqlen, calib_text=None, seed=0, blocksize=128,
+                         damp=0.01, shrink=given)
+        return _calib(args)[1].shrink
+
+    assert shrink(None, None) == 0.5 and shrink(16, 512) == 0.5  # the CPU default: 8k tokens
+    assert shrink(128, 512) == 0.0 and shrink(128, 2048) == 0.0  # 64k tokens and more: H as measured
+    assert shrink(16, 512, 0.0) == 0.0 and shrink(128, 2048, 0.3) == 0.3  # --shrink wins

@@ -333,3 +333,22 @@ def test_resume_fingerprint_follows_the_gptq_implementation(monkeypatch):
     before = sequential._fingerprint(*args)
     monkeypatch.setattr(sequential, "GPTQ_IMPLEMENTATION", sequential.GPTQ_IMPLEMENTATION + 1)
     assert sequential._fingerprint(*args) != before
+
+
+def test_hessian_shrinkage_keeps_the_diagonal_and_trades_calibration_fit():
+    """shrink s: H' = (1 - s) H + s diag(H). s = 1 leaves a diagonal H (no error is fed forward: importance-weighted
+    rounding); in between, the fit to the calibration inputs' own H loosens step by step."""
+    from lowbit.algorithms.gptq import factor_hessian, gptq_quantize_shared
+    from lowbit.errors import LowbitError
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(256, 64, generator=g) @ torch.randn(64, 64, generator=g)  # correlated inputs
+    H = 2 * X.T @ X / X.shape[0]
+    f = {s: factor_hessian(H, shrink=s) for s in (0.0, 0.5, 1.0)}
+    assert torch.count_nonzero(torch.triu(f[1.0].U, 1)) == 0 and torch.count_nonzero(torch.triu(f[0.5].U, 1)) > 0
+    assert all(torch.equal(f[s].importance, f[0.0].importance) and torch.equal(f[s].H, H.float()) for s in f)
+    w = torch.randn(32, 64, generator=g)
+    loss = [gptq_quantize_shared([w], f[s], get_format("int3_g32_sym"))[0].proxy_loss for s in (0.0, 0.5, 1.0)]
+    assert loss[0] < loss[1] < loss[2], loss
+    with pytest.raises(LowbitError, match="shrink"):
+        GPTQConfig(shrink=1.5)

@@ -31,6 +31,7 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
 
 GPU_CALIB = (128, 2048)  # calibration windows x tokens by default on a GPU
 CPU_CALIB = (16, 512)  # ... and on a CPU
+SMALL_CALIB_TOKENS, SMALL_CALIB_SHRINK = 65536, 0.5  # GPTQ's Hessian shrink below that many calibration tokens
 
 
 def _add_calib(p: argparse.ArgumentParser) -> None:
@@ -43,6 +44,10 @@ def _add_calib(p: argparse.ArgumentParser) -> None:
     g.add_argument("--calib-text", default=None, help="UTF-8 text file instead of the bundled calib split")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     g.add_argument("--damp", type=float, default=0.01, help="damping, fraction of mean diag(H) (default 0.01)")
+    g.add_argument("--shrink", type=float, default=None,
+                   help="pull H's off-diagonal part toward zero, H' = (1 - s) H + s diag(H): a Hessian from few "
+                        "tokens trusts their correlations less (default 0.5 below 64k calibration tokens, e.g. the "
+                        "CPU default 16 x 512, else 0)")
     g.add_argument("--blocksize", type=int, default=128, help="GPTQ lazy-update block (default 128)")
 
 
@@ -334,7 +339,11 @@ def _calib(args: argparse.Namespace):  # noqa: ANN202
     from lowbit.algorithms.sequential import CalibConfig, GPTQConfig
 
     nsamples, seqlen = calib_size(args)
-    return CalibConfig(nsamples, seqlen, args.calib_text, args.seed), GPTQConfig(args.blocksize, args.damp)
+    shrink = getattr(args, "shrink", None)
+    if shrink is None:  # few tokens: shrink the Hessian toward its diagonal (measured on a CPU: docs/gguf.md)
+        shrink = SMALL_CALIB_SHRINK if nsamples * seqlen < SMALL_CALIB_TOKENS else 0.0
+    return (CalibConfig(nsamples, seqlen, args.calib_text, args.seed),
+            GPTQConfig(args.blocksize, args.damp, shrink=shrink))
 
 
 def calib_size(args: argparse.Namespace) -> tuple[int, int]:

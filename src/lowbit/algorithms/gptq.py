@@ -77,12 +77,18 @@ def inverse_cholesky(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, fl
         damp = damp * 10 if damp > 0 else 0.01
 
 
-def factor_hessian(H: torch.Tensor, percdamp: float = 0.01, act_order: bool = False) -> HessianFactor:
-    """Damp and factor ``H`` [in, in] (2/N X^T X of the inputs) once, in act-order when asked."""
+def factor_hessian(H: torch.Tensor, percdamp: float = 0.01, act_order: bool = False,
+                   shrink: float = 0.0) -> HessianFactor:
+    """Damp and factor ``H`` [in, in] (2/N X^T X of the inputs) once, in act-order when asked. ``shrink`` pulls the
+    off-diagonal part toward zero, H' = (1 - shrink) H + shrink diag(H): a covariance estimate from few calibration
+    tokens trusts their correlations less (the diagonal, llama.cpp's importance, is kept whole)."""
     H_orig = H.detach().float()
     if not torch.isfinite(H_orig).all():
         raise LowbitError("non-finite weights or Hessian")
     H = H_orig.clone()
+    if shrink:
+        diag = H.diagonal().clone()
+        H.mul_(1 - shrink).diagonal().copy_(diag)
     dead = H.diagonal() == 0
     H[dead, dead] = 1
     importance = H.diagonal().clone()

@@ -75,10 +75,11 @@ class GPTQConfig:
     percdamp: float = 0.01  # damping: fraction of mean diag(H) added to the diagonal
     static_groups: bool = False  # group parameters fitted on the original weights (see gptq_quantize)
     rtn_baseline: bool = False  # also measure each linear's round-to-nearest proxy loss (one more fit per linear)
+    shrink: float = 0.0  # H -> (1 - shrink) H + shrink diag(H) before factoring (gptq.factor_hessian)
 
     def __post_init__(self) -> None:
-        if self.blocksize < 1 or not 0 <= self.percdamp < 1:
-            raise LowbitError(f"GPTQ needs blocksize >= 1 and 0 <= damp < 1, got {self}")
+        if self.blocksize < 1 or not 0 <= self.percdamp < 1 or not 0 <= self.shrink <= 1:
+            raise LowbitError(f"GPTQ needs blocksize >= 1, 0 <= damp < 1 and 0 <= shrink <= 1, got {self}")
 
 
 @dataclass
@@ -294,7 +295,7 @@ def _round_group(layer: nn.Module, local: dict[str, str], group: tuple[str, ...]
                                                                                                       strict=True)]
         else:
             if (seed_in, act) not in factors:
-                factors[seed_in, act] = factor_hessian(Hr, cfg.percdamp, act)
+                factors[seed_in, act] = factor_hessian(Hr, cfg.percdamp, act, cfg.shrink)
             results = gptq_quantize_shared(ws, factors[seed_in, act], fmt, cfg.blocksize, cfg.static_groups)
         share = (time.perf_counter() - t0) / sum(w.shape[0] for w in ws)
         for (name, w, rotation), res in zip(items, results, strict=True):
