@@ -14,7 +14,9 @@ For each GGUF type T (q4_0, q4_1, iq2_xxs):
     --like FILE --method M [--fuse-rotation] [--finetune]`` runs): every tensor gets the type llama.cpp gave it
     (its own choices and fallbacks included), so the files have the same size and differ only in the rounding
     (RTN / GPTQ, block LDLQ for IQ2_XXS / + fused rotation / + end-to-end tuning).
-Every file is scored twice on the eval split:
+Every file is scored twice on each --texts text (``eval``: the SOTU eval split, in the calibration's domain;
+``factbook``: World Factbook country profiles, prose of another kind; a row's fields for a text other than eval
+carry ``@TEXT``, e.g. ``ppl@factbook``):
   * ``ppl``: lowbit's protocol (as in every other lowbit table: non-overlapping --ctx windows over the whole split,
     every token scored), the file's tensors dequantized into the model (io/gguf_import.py), on the GPU if any;
     with ``kl`` (mean KL divergence from the F16 file's next-token distribution, nats per token) and ``top1``
@@ -43,7 +45,7 @@ import gguf
 import torch
 
 import lowbit
-from lowbit.data.corpus import load_text
+from lowbit.data.corpus import NAMED_TEXTS, load_text
 from lowbit.eval.perplexity import Reference
 from lowbit.io.gguf_import import load_gguf_weights
 from lowbit.models.walker import default_device
@@ -71,6 +73,7 @@ def lowbit_options(extra: str) -> argparse.Namespace:
     p.add_argument("--calib-text", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--damp", type=float, default=0.01)
+    p.add_argument("--shrink", type=float, default=0.0)
     p.add_argument("--blocksize", type=int, default=128)
     p.add_argument("--ft-epochs", type=float, default=2.0)
     p.add_argument("--ft-lr", type=float, default=3e-3)
@@ -85,13 +88,18 @@ def lowbit_recipes(methods: str, o: argparse.Namespace) -> dict[str, tuple[lowbi
     """``METHOD[+fused][+ft][/EMBED]`` -> (recipe, EMBED), all parsed before any work. The recipe's format is a
     placeholder: ``like=`` replaces it with the llama.cpp file's per-tensor types."""
     settings = {"calib": lowbit.CalibConfig(o.nsamples, o.calib_seqlen, o.calib_text, o.seed),
-                "gptq": lowbit.GPTQConfig(o.blocksize, o.damp),
+                "gptq": lowbit.GPTQConfig(o.blocksize, o.damp, shrink=o.shrink),
                 "finetune": lowbit.FinetuneConfig(o.ft_epochs, o.ft_lr, o.ft_batch, seed=o.seed)}
     recipes = {}
     for method in methods.split(","):
         spec, _, embed = method.partition("/")
         recipes[method] = (lowbit.Recipe.parse(f"{spec}:q8_0", **settings), embed or None)
     return recipes
+
+
+def suffixed(fields: dict, text: str) -> dict:
+    """A row's fields for ``text``: as they are for the eval split, ``NAME@TEXT`` for another."""
+    return fields if text == "eval" else {f"{k}@{text}": v for k, v in fields.items()}
 
 
 def _device_name() -> str:
@@ -127,6 +135,9 @@ class Bench:
         self.options = lowbit_options(args.lowbit_args)
         self.reference: Reference | None = None  # the F16 file's model: KL and top-1 agreement of the others
         self.recipes = lowbit_recipes(args.methods, self.options)
+        self.texts = args.texts.split(",")
+        if "eval" not in self.texts or not set(self.texts) <= {"eval", *NAMED_TEXTS}:
+            raise lowbit.LowbitError(f"--texts {args.texts}: eval and any of {NAMED_TEXTS}")
 
     def tool(self, name: str) -> str:
         exe = self.bin / name
@@ -147,59 +158,73 @@ class Bench:
                 self.rows.append(row)
             meta = {"model": self.args.model or "bundled SmolLM2-135M", "ctx": self.args.ctx,
                     "llama_ppl_chunks": self.args.llama_ppl_chunks, "device": _device_name(),
+                    "max_windows": self.args.max_windows, "texts": self.texts,
                     "imatrix": f"{self.args.imatrix_chunks} x {self.args.imatrix_ctx} tokens",
                     "command": " ".join(sys.argv)}
             self.out.write_text(json.dumps({"meta": meta, "rows": self.rows}, indent=1))
-        llama = f"{row['llama_ppl']:.3f} ± {row['llama_ppl_err']:.3f}" if "llama_ppl" in row else "…"
-        print(f"| {row['label']} | {row['type']} | {row['file_mb']:.1f} | {row['bpw_file']:.3f} | "
-              f"{row['bpw_linears']:.3f} | {row.get('ppl', float('nan')):.3f} | {llama} |", flush=True)
+        cells = [row["label"], row["type"], f"{row.get('file_mb', float('nan')):.1f}", f"{row.get('quant_s', 0):.0f}"]
+        for name in self.texts:
+            at = "" if name == "eval" else f"@{name}"
+            cells += [f"{row.get('ppl' + at, float('nan')):.3f}", f"{row.get('kl' + at, float('nan')):.4f}",
+                      f"{row['llama_ppl' + at]:.3f}" if "llama_ppl" + at in row else "…"]
+        print("| " + " | ".join(cells) + " |", flush=True)
 
     def perplexity_worker(self) -> None:
         while (job := self.jobs.get()) is not None:
-            label, qtype, path = job
+            label, qtype, path, name = job
             try:
-                text = sh([self.tool("llama-perplexity"), "-m", str(path), "-f", str(self.work / "eval.txt"),
+                text = sh([self.tool("llama-perplexity"), "-m", str(path), "-f", str(self.work / f"{name}.txt"),
                            "-c", str(self.args.ctx), "-b", str(self.args.ctx), "--chunks",
                            str(self.args.llama_ppl_chunks), "-t", str(self.args.threads)],
-                          self.work / f"{path.stem}.ppl.log")
+                          self.work / f"{path.stem}.{name}.ppl.log")
                 ppl, err = map(float, _PPL.search(text).groups())
-                self.save({"label": label, "type": qtype, "llama_ppl": ppl, "llama_ppl_err": err})
+                self.save({"label": label, "type": qtype, **suffixed({"llama_ppl": ppl, "llama_ppl_err": err}, name)})
             except Exception as e:  # noqa: BLE001 - report and go on with the other files
                 self.errors.append(f"{label}: {e}")
                 print(f"ERROR {label}: {e}", flush=True)
 
     def score(self, label: str, qtype: str, path: Path, **extra: object) -> None:
-        """lowbit-protocol perplexity now (GPU), llama-perplexity queued for the CPU thread."""
+        """lowbit-protocol perplexity on every text now (GPU), llama-perplexity queued for the CPU thread."""
         if self.done(label, qtype):
             return
         t0 = time.perf_counter()
         model = load_gguf_weights(copy.deepcopy(self.model), path).to(self.device)
-        res = lowbit.evaluate(model, self.tok, seqlen=self.args.ctx, max_windows=self.args.max_windows,
-                              reference=self.reference, progress=False)
+        row = {"label": label, "type": qtype, "file": path.name, **file_stats(path), **extra}
+        for name in self.texts:
+            res = lowbit.evaluate(model, self.tok, text_file=None if name == "eval" else name, seqlen=self.args.ctx,
+                                  max_windows=self.args.max_windows, reference=self.reference, progress=False)
+            kl = {} if res.kl is None else {"kl": res.kl, "top1": res.top1}
+            row.update(suffixed({"ppl": res.ppl, "windows": res.n_windows, **kl}, name))
         if self.reference is None:  # the F16 file, scored first, is every later file's KL reference
-            self.reference = Reference(model)
+            self.reference = Reference(model, cache_bytes=6e9)  # every window of both texts, in float16
         else:
             del model
-        kl = {} if res.kl is None else {"kl": res.kl, "top1": res.top1}
-        self.save({"label": label, "type": qtype, "file": path.name, "ppl": res.ppl, "windows": res.n_windows,
-                   "eval_s": time.perf_counter() - t0, **kl, **file_stats(path), **extra})
-        if self.args.llama_ppl_chunks:
-            self.jobs.put((label, qtype, path))
+        self.save({**row, "eval_s": time.perf_counter() - t0})
+        for name in self.texts if self.args.llama_ppl_chunks else ():
+            self.jobs.put((label, qtype, path, name))
 
     def make_imatrix(self, f16: Path, imatrix: Path) -> None:
         if not imatrix.exists():
             a = self.args
+            t0 = time.perf_counter()
             sh([self.tool("llama-imatrix"), "-m", str(f16), "-f", str(self.work / "calib.txt"), "-o", str(imatrix),
                 "-c", str(a.imatrix_ctx), "--chunks", str(a.imatrix_chunks), "-t", str(a.threads), "--no-ppl"],
                self.work / "imatrix.log")
+            (self.work / "imatrix.seconds").write_text(f"{time.perf_counter() - t0:.1f}\n")
 
     def llama_quantize(self, f16: Path, qtype: str, imatrix: Path | None) -> Path:
         name = f"llamacpp-{qtype}{'-imatrix' if imatrix else ''}"
-        path = self.work / f"{name}.gguf"
+        path, seconds = self.work / f"{name}.gguf", self.work / f"{name}.seconds"
         if not path.exists():
+            t0 = time.perf_counter()
             sh([self.tool("llama-quantize"), *(["--imatrix", str(imatrix)] if imatrix else []),
                 str(f16), str(path), qtype.upper(), str(self.args.threads)], self.work / f"{name}.log")
-        self.score(f"llama.cpp{' + imatrix' if imatrix else ''}", qtype, path, source="llama-quantize")
+            seconds.write_text(f"{time.perf_counter() - t0:.1f}\n")
+        # wall-clock of the user's workflow: llama-imatrix (once per model) + llama-quantize
+        quant_s = sum(float(f.read_text()) for f in (seconds, self.work / "imatrix.seconds")[:2 if imatrix else 1]
+                      if f.exists())
+        self.score(f"llama.cpp{' + imatrix' if imatrix else ''}", qtype, path, source="llama-quantize",
+                   quant_s=quant_s)
         return path
 
     def lowbit_rows(self, qtype: str, like: Path) -> None:
@@ -213,8 +238,9 @@ class Bench:
                 continue
             # METHOD[+fused][+ft][/EMBED]: EMBED is the token_embd/output type (fused rotation unties the head, so a
             # file of llama.cpp's size stores both at ~half the bits of llama.cpp's one tied Q8_0 matrix)
-            t0 = time.perf_counter()
+            seconds = path.with_suffix(".seconds")  # a file made earlier (or by the CLI) keeps its wall-clock here
             if not path.exists():
+                t0 = time.perf_counter()
                 try:
                     lowbit.convert_gguf(self.args.model, path, recipe, like=like, embed_type=embed,
                                         fallback=o.fallback, tokenizer_pre=o.tokenizer_pre, device=o.device,
@@ -223,17 +249,21 @@ class Bench:
                     print(f"ERROR {label} {qtype}: {e}", flush=True)
                     self.errors.append(f"{label} {qtype}: export failed ({e})")
                     continue
+                seconds.write_text(f"{time.perf_counter() - t0:.1f}\n")
             self.score(label, qtype, path, source=f"lowbit export-gguf --like {like.name}",
-                       quant_s=time.perf_counter() - t0)
+                       **({"quant_s": float(seconds.read_text())} if seconds.exists() else {}))
 
     def run(self) -> int:
         a = self.args
-        (self.work / "eval.txt").write_text(load_text("eval"))
+        for name in self.texts:
+            (self.work / f"{name}.txt").write_text(load_text(name))
         (self.work / "calib.txt").write_text(load_text("calib"))
         worker = threading.Thread(target=self.perplexity_worker, daemon=True)
         worker.start()
         self.device = default_device()
         self.model, self.tok = lowbit.load(a.model, device="cpu")  # every weight is replaced by a file's
+        if str(self.device) == "cpu":
+            self.model.float()  # a CPU multiplies float16 many times slower; the files' values are exact in float32
         f16 = self.work / "f16.gguf"
         if not f16.exists():
             lowbit.convert_gguf(a.model, f16, progress=False)  # a float model, no recipe: float16 export
@@ -265,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--types", default="q4_0,q4_1,iq2_xxs")
     ap.add_argument("--methods", default="rtn,gptq,gptq+fused")
     ap.add_argument("--ctx", type=int, default=2048)
+    ap.add_argument("--texts", default="eval,factbook",
+                    help="held-out texts every file is scored on: eval (SOTU 2000-2021) and factbook (another kind)")
     ap.add_argument("--lowbit-args", default="",
                     help="extra `lowbit export-gguf` options for lowbit's files: calibration (--nsamples, "
                          "--calib-seqlen, --calib-text, --seed, --damp, --blocksize), tuning (--ft-epochs, --ft-lr, "
@@ -284,8 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         bench = Bench(args)  # every --methods recipe is parsed here, before any work
     except lowbit.LowbitError as e:
         ap.error(str(e))
-    print("| file | type | MB | bpw (file) | bpw (linears) | ppl | llama-perplexity |\n|---|---|---|---|---|---|---|",
-          flush=True)
+    head = ["file", "type", "MB", "quant s"] + [f"{k} {t}" for t in bench.texts for k in ("ppl", "KL", "llama ppl")]
+    print("| " + " | ".join(head) + " |\n" + "|---" * len(head) + "|", flush=True)
     return bench.run()
 
 

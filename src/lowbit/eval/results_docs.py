@@ -327,6 +327,9 @@ def _gguf_section(s: Source) -> list[str]:
     meta = s.data["meta"]
     notes: list[str] = []  # footnotes, numbered by first use
     rows = []
+    # other held-out texts than the eval split (the benchmark's --texts): their fields end in @TEXT
+    others = sorted({k.split("@", 1)[1] for r in s.data["rows"] for k in r if k.startswith("ppl@")})
+    timed = any("quant_s" in r for r in s.data["rows"])
     for r in sorted(s.data["rows"], key=_gguf_order):
         mark = ""
         if r.get("note"):
@@ -334,16 +337,26 @@ def _gguf_section(s: Source) -> list[str]:
                 notes.append(r["note"])
             mark = f"[{notes.index(r['note']) + 1}]"
         llama = _ppl(r.get("llama_ppl")) + (f" ± {r['llama_ppl_err']:.2f}" if "llama_ppl_err" in r else "")
+        other = [c for t in others for c in (_ppl(r.get(f"ppl@{t}")), _num(r.get(f"kl@{t}"), 4),
+                                             _top1(r.get(f"top1@{t}")))]
         rows.append([r["type"].upper(), r["label"], _num(r["file_mb"], 1), _num(r["bpw_file"], 3),
-                     _num(r["bpw_linears"], 3), _ppl(r["ppl"]), _num(r.get("kl"), 4), _top1(r.get("top1")), llama,
-                     _types(r.get("matrix_types")), mark])
+                     _num(r["bpw_linears"], 3), *([_num(r.get("quant_s"), 0)] if timed else []), _ppl(r["ppl"]),
+                     _num(r.get("kl"), 4), _top1(r.get("top1")), *other, llama, _types(r.get("matrix_types")), mark])
+    windows = f"the first {meta['max_windows']} windows of each text" if meta.get("max_windows") else "every window"
     facts = [f"Command (the last run that wrote the file): {_command(meta.get('command', 'not recorded'))}",
              f"Hardware: {meta.get('device', 'not recorded')} for lowbit's perplexity; llama-perplexity on the same "
              "machine's CPU",
-             f"Windows of {meta.get('ctx', '?')} tokens; llama-perplexity on the first "
-             f"{meta.get('llama_ppl_chunks', '?')}; llama.cpp's importance matrix from {meta.get('imatrix', '?')}"]
-    table = markdown_table(["type", "file from", "MB", "bpw (file)", "bpw (linears)", "ppl", "KL to F16",
-                            "top-1 agree", "llama-perplexity", "2-D tensor types", "note"], rows)
+             f"Windows of {meta.get('ctx', '?')} tokens, {windows}; "
+             + ("llama-perplexity not run" if meta.get("llama_ppl_chunks") == 0 else
+                f"llama-perplexity on the first {meta.get('llama_ppl_chunks', '?')}")
+             + f"; llama.cpp's importance matrix from {meta.get('imatrix', '?')}"]
+    if timed:
+        facts.append("quant s: wall-clock seconds to make the file (llama.cpp + imatrix: llama-imatrix + "
+                     "llama-quantize; lowbit: the export, calibration included)")
+    head = [h for t in others for h in (f"ppl ({t})", f"KL ({t})", f"top-1 ({t})")]
+    table = markdown_table(["type", "file from", "MB", "bpw (file)", "bpw (linears)", *(["quant s"] if timed else []),
+                            "ppl", "KL to F16", "top-1 agree", *head, "llama-perplexity", "2-D tensor types", "note"],
+                           rows)
     lines = _section(f"Model: {meta.get('model', 'not recorded')}", s, facts, table)
     if notes:
         lines += ["", *(f"[{i}] {n}." for i, n in enumerate(notes, 1))]
