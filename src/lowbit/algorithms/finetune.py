@@ -402,16 +402,9 @@ def finetune_blocks(model: nn.Module, teacher: nn.Module, samples: torch.Tensor,
                          if isinstance(m, QuantLinear) and m.fmt.float_params}
                 norms = [m for i in idx for m in norm_modules(layers[i]).values()] if cfg.norms else []
                 saved += [(m, m.weight.detach().to(host, copy=True)) for m in norms]
-                wrapped = {n: ScaleTunedLinear(m) for n, m in quant.items()}
-                tuned = _wrap(model, wrapped, norms)
-                try:
-                    first, last, n_steps = _train_block(block, xt if chain == "float" else xs, target, kwargs,
-                                                        tuned, cfg, device, loss, cfg.seed + k)
-                except BaseException:
-                    _unwrap(model, wrapped, norms, keep=False)
-                    raise
-                _unwrap(model, wrapped, norms, keep=True)
-                done += [(n, w.q.to(home)) for n, w in wrapped.items()]
+                first, last, n_steps, tuned = _tune_block(model, quant, norms, block, xt if chain == "float" else xs,
+                                                          target, kwargs, cfg, device, loss, cfg.seed + k)
+                done += [(n, q.to(home)) for n, q in quant.items()]
                 if track_xs:
                     _run(block, xs, kwargs, device, out=xs)  # through the tuned block: the next block's inputs
             if chain == "float":
@@ -448,21 +441,32 @@ def tune_layer(layer: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, kw
     quant = {n: m for n, m in layer.named_modules() if isinstance(m, QuantLinear) and m.fmt.float_params}
     norms = list(norm_modules(layer).values()) if cfg.norms else []
     flags = {p: p.requires_grad for p in layer.parameters()}
-    wrapped = {n: ScaleTunedLinear(m) for n, m in quant.items()}
     try:
         for p in layer.parameters():
             p.requires_grad_(False)
-        tuned = _wrap(layer, wrapped, norms)
-        try:
-            first, last, steps = _train_block([layer], inputs, targets, kwargs, tuned, cfg, device, loss, seed)
-        except BaseException:
-            _unwrap(layer, wrapped, norms, keep=False)
-            raise
-        _unwrap(layer, wrapped, norms, keep=True)
+        first, last, steps, tuned = _tune_block(layer, quant, norms, [layer], inputs, targets, kwargs, cfg, device,
+                                                loss, seed)
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)
     return first, last, steps, len(tuned), _numel(tuned)
+
+
+def _tune_block(root: nn.Module, quant: dict[str, QuantLinear], norms: list[nn.Module], block: list[nn.Module],
+                inputs: torch.Tensor, targets: torch.Tensor, kwargs: dict, cfg: FinetuneConfig, device: torch.device,
+                loss: str, seed: int) -> tuple[float, float, int, list[nn.Parameter]]:
+    """Wrap ``quant`` (names under ``root``) and ``norms`` for tuning, train ``block`` to map ``inputs`` to
+    ``targets``, and put the tuned modules in place; on an error the originals go back. Returns (first loss, last
+    loss, steps, the tuned parameters)."""
+    wrapped = {n: ScaleTunedLinear(m) for n, m in quant.items()}
+    tuned = _wrap(root, wrapped, norms)
+    try:
+        first, last, steps = _train_block(block, inputs, targets, kwargs, tuned, cfg, device, loss, seed)
+    except BaseException:
+        _unwrap(root, wrapped, norms, keep=False)
+        raise
+    _unwrap(root, wrapped, norms, keep=True)
+    return first, last, steps, tuned
 
 
 def block_loss(y: torch.Tensor, t: torch.Tensor, kind: str = "token") -> torch.Tensor:

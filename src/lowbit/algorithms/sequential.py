@@ -317,10 +317,14 @@ def _rtn_loss(w: torch.Tensor, fmt: Format, H: torch.Tensor) -> float:
 
 
 def _fingerprint(model: nn.Module, plan: dict[str, str], calib: CalibConfig, gptq: GPTQConfig, rounding: str,
-                 rotation_seed: int | None) -> str:
+                 rotation_seed: int | None, finetune: Any = None) -> str:
+    """What a checkpoint must have been made with to be resumed; ``finetune`` (streamed +ft, whose checkpoint also
+    holds the float model's hidden states) is a FinetuneConfig or None."""
     h = hashlib.sha256()
     h.update(model.config.to_json_string().encode())
     settings = [sorted(plan.items()), asdict(calib), asdict(gptq), rounding, rotation_seed, GPTQ_IMPLEMENTATION]
+    if finetune is not None:
+        settings.append(["finetune", asdict(finetune)])
     if ranks := distributed.current():  # the activations in a checkpoint are sharded by rank
         settings.append(["processes", ranks.world])
     h.update(json.dumps(settings, sort_keys=True).encode())
@@ -348,6 +352,8 @@ class _Checkpoint:
     def __init__(self, path: str | Path, fingerprint: str):
         self.path = Path(path)
         self.fingerprint = fingerprint
+        self.ranks = distributed.current()  # several processes: see save()
+        self.lead = self.ranks is None or self.ranks.lead
 
     def _step(self, index: int) -> Path:
         return self.path / f"step-{index}"
@@ -366,20 +372,21 @@ class _Checkpoint:
                 for f in p.glob("inputs*.safetensors"):
                     f.unlink(missing_ok=True)
 
-    @staticmethod
-    def _inputs_name() -> str:
+    def _inputs_name(self) -> str:
         """Several processes: each keeps its own shard of the activations (see distributed.py)."""
-        ranks = distributed.current()
-        return "inputs.safetensors" if ranks is None else f"inputs-{ranks.rank}-of-{ranks.world}.safetensors"
+        r = self.ranks
+        return "inputs.safetensors" if r is None else f"inputs-{r.rank}-of-{r.world}.safetensors"
+
+    def _barrier(self) -> None:
+        if self.ranks:
+            self.ranks.barrier()
 
     def save(self, index: int, layer: nn.Module, inps: torch.Tensor, stats: dict[str, LinearStats]) -> None:
         """Commit layer ``index``. Several processes: rank 0 opens the step and writes the layer, every rank adds
         its activations, and rank 0 writes the state and commits, each stage after a barrier."""
-        ranks = distributed.current()
-        lead = ranks is None or ranks.lead
         final = self._step(index)
         tmp = final.with_name(f"{final.name}.tmp")
-        if lead:
+        if self.lead:
             self.path.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)  # a killed run's leftover
             tmp.mkdir()
@@ -387,14 +394,12 @@ class _Checkpoint:
             formats = {n: [m.format_name, m.rotation.to_json() if m.rotation else None]
                        for n, m in layer.named_modules() if isinstance(m, QuantLinear)}
             save_file(tensors, str(tmp / "layer.safetensors"), metadata={"formats": json.dumps(formats)})
-        if ranks:
-            ranks.barrier()
+        self._barrier()
         inputs = self._inputs_name()
         save_file({"inputs": inps.detach().cpu().contiguous()}, str(tmp / inputs))
         _fsync(tmp / inputs)
-        if ranks:
-            ranks.barrier()
-        if lead:
+        self._barrier()
+        if self.lead:
             state = {"layout": CHECKPOINT_LAYOUT, "fingerprint": self.fingerprint, "next_layer": index + 1,
                      "stats": {k: asdict(v) for k, v in stats.items()}}
             (tmp / "state.json").write_text(json.dumps(state))  # last, though only the rename below makes it count
@@ -403,8 +408,7 @@ class _Checkpoint:
             os.replace(tmp, final)  # the commit: layer i, the inputs of layer i+1 and their state appear together
             _fsync(self.path)
             self._prune(index)
-        if ranks:
-            ranks.barrier()
+        self._barrier()
 
     def load(self, layers: nn.ModuleList) -> tuple[int, torch.Tensor, dict[str, LinearStats]] | None:
         """Restore the committed layers into ``layers``; (next layer, its inputs, stats), or None to start over."""
@@ -437,8 +441,7 @@ class _Checkpoint:
                               "inconsistent; delete it to start over")
         steps = self._committed()
         if not steps:
-            ranks = distributed.current()
-            if ranks is None or ranks.lead:  # another rank may already be writing step 0
+            if self.lead:  # another rank may already be writing step 0
                 self._prune(0)
             return None
         current = max(steps)
@@ -460,21 +463,17 @@ class _Checkpoint:
                               f"layers {missing}); delete it to start over")
         inps = load_file(str(steps[current] / self._inputs_name()))["inputs"]
         stats = {k: LinearStats(**v) for k, v in state["stats"].items()}
-        ranks = distributed.current()
-        if ranks:
-            ranks.barrier()  # every rank has read its inputs before rank 0 prunes
-        if ranks is None or ranks.lead:
+        self._barrier()  # every rank has read its inputs before rank 0 prunes
+        if self.lead:
             self._prune(current)
         return n, inps, stats
 
     def remove(self) -> None:
         """Delete the checkpoint: one rename retires it whole, so a kill while deleting never leaves a partial one
         that a rerun would try to resume."""
-        ranks = distributed.current()
-        if ranks:
-            ranks.barrier()
-            if not ranks.lead:
-                return
+        self._barrier()
+        if not self.lead:
+            return
         parent, name = self.path.parent, self.path.name
         for p in (parent.iterdir() if parent.is_dir() else ()):  # earlier removals a kill interrupted
             if p.name.startswith(f".{name}.removing-"):

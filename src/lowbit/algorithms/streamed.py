@@ -23,12 +23,11 @@ same memory ("device"). The placement does not change any number, so a run may r
 
 from __future__ import annotations
 
-import copy
 import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -122,10 +121,8 @@ def quantize_streamed(source: WeightSource, plan: Plan, work_dir: str | Path, *,
     check_stream_plan(model, plan)
     by_layer = plan_by_layer(plan, prefix, n)
     stop = n if max_layers is None else max(0, min(n, max_layers))
-    fingerprint = _fingerprint(_FirstValues(source, model), plan, calib, gptq, rounding, rotation_seed)
-    if finetune:  # the checkpoint then also holds the float model's hidden states
-        fingerprint = f"{fingerprint}+ft:{sorted(asdict(finetune).items())}"
-    ckpt = _Checkpoint(work_dir, fingerprint)
+    ckpt = _Checkpoint(work_dir, _fingerprint(_FirstValues(source, model), plan, calib, gptq, rounding,
+                                              rotation_seed, finetune))
     found = ckpt.committed(n)
     start, inps, stats = found or (0, None, {})
     targets = None  # +ft: the float model's hidden states entering the next layer
@@ -175,7 +172,9 @@ def quantize_streamed(source: WeightSource, plan: Plan, work_dir: str | Path, *,
             else:
                 stats = _rtn_layer(model, by_layer[i], plan, rotation_seed)
             report.linears.update(stats)
-            acts = torch.stack([inps, targets]) if finetune else inps if calibrated else torch.empty(0)
+            # +ft: both sets in one tensor, stacked in host memory (where the checkpoint goes) so the device never
+            # holds a third copy
+            acts = torch.stack([inps.cpu(), targets.cpu()]) if finetune else inps if calibrated else torch.empty(0)
             ckpt.save(i, layer, acts, report.linears)
         except _OOM as e:
             saved = f"layers 0..{i - 1} are saved in {work_dir}" if i else "no layer is saved yet"
@@ -251,7 +250,7 @@ def _tuned_layer(layer: nn.Module, names: list[str], plan: Plan, prefix: str, in
     float layer outputs on the float model's ``targets`` (finetune_blocks' ``compensate`` chain, one layer a
     block). Returns the stats and the next layer's (quantized, float) hidden states."""
     t0 = time.perf_counter()
-    nxt = _run_layer(copy.deepcopy(layer), targets, kwargs)  # the float layer, before its weights are rounded
+    nxt = _run_layer(layer, targets, kwargs)  # the float layer: its weights are not rounded yet
     stats = _quantize_layer(layer, names, plan, prefix, index, inps, kwargs, gptq, rounding, rotation_seed)
     first, last, steps, tensors, values = tune_layer(layer, inps, nxt, kwargs, cfg, device, cfg.seed + index)
     ft = report.finetune or FinetuneReport(0, 0, 0, math.nan, math.nan, 0.0, mode="stream")
