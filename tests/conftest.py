@@ -28,6 +28,15 @@ SAMPLE_TEXT = (
 )
 
 
+@pytest.fixture(autouse=True)
+def snapshot_every_layer(monkeypatch):
+    """GPTQ checkpoints snapshot the activations at every layer in tests, the layout most tests inspect; the tests
+    of replay (a resume that recomputes inputs from committed layers) set SNAPSHOT_SECONDS to infinity."""
+    from lowbit.algorithms import sequential
+
+    monkeypatch.setattr(sequential, "SNAPSHOT_SECONDS", 0.0)
+
+
 @pytest.fixture
 def text_file(tmp_path):
     """A small text file (calibration or evaluation text for the tiny models)."""
@@ -148,6 +157,7 @@ import torch
 torch.set_num_threads(1)  # as the parent, which computes the rest of the model
 args = json.loads(sys.argv[1])
 from lowbit.algorithms import sequential
+sequential.SNAPSHOT_SECONDS = 0.0  # as the conftest fixture: activations at every step
 real, n = sequential.save_file, [0]
 def save_file(tensors, filename, metadata=None):
     real(tensors, filename, metadata=metadata)

@@ -27,8 +27,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from safetensors.torch import save_file
 from lowbit.algorithms.plans import uniform_plan
 from lowbit.algorithms.sequential import CalibConfig, quantize_sequential
-from lowbit.algorithms import distributed
+from lowbit.algorithms import distributed, sequential
 
+sequential.SNAPSHOT_SECONDS = 0.0  # as the conftest fixture: every step holds the activation shards
 model_dir, text, ckpt, out, crash_after = sys.argv[1:6]
 if distributed.launched():
     distributed.init_from_env("cpu")
@@ -132,3 +133,13 @@ def test_too_few_windows_for_the_processes():
     assert Ranks(1, 3).shard(torch.arange(7)).tolist() == [1, 4]
     with pytest.raises(LowbitError, match="--nsamples 3"):
         Ranks(0, 3).shard(torch.arange(2))
+
+
+def test_rounding_jobs_are_balanced_largest_first():
+    from lowbit.algorithms.distributed import Ranks
+
+    two = Ranks(rank=1, world=2)
+    # a 7B layer's problems by columns: q/k/v 4096, o 4096, gate/up 4096, down 11008
+    assert two.assign([4096, 4096, 4096, 11008]) == [1, 1, 1, 0]  # down alone on one rank, the rest on the other
+    assert two.assign([5.0, 5.0]) == [0, 1]  # ties go to the lower rank first
+    assert Ranks(rank=0, world=3).assign([1.0, 9.0, 4.0, 4.0]) == [1, 0, 1, 2]

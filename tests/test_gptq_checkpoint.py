@@ -211,3 +211,26 @@ def test_unusable_checkpoints_are_refused(tiny_tokenizer, text_file, tmp_path):
     with pytest.raises(LowbitError, match="unreadable"):
         run_gptq(model, tiny_tokenizer, text_file, checkpoint_dir=bad)
     assert all(not isinstance(m, sequential.QuantLinear) for m in model.modules())  # refused before any work
+
+
+def test_resume_without_a_snapshot_replays_the_committed_layers(tiny_tokenizer, text_file, tmp_path, monkeypatch):
+    """No activation snapshot is due (SNAPSHOT_SECONDS infinite): a step holds the layer and the state only, and a
+    resume captures layer 0's inputs again and runs the committed layers on them, to the same bits."""
+    monkeypatch.setattr(sequential, "SNAPSHOT_SECONDS", float("inf"))
+    base = make_model("llama", vocab=len(tiny_tokenizer))
+    clean = copy.deepcopy(base)
+    run_gptq(clean, tiny_tokenizer, text_file)
+
+    def crash(i):
+        raise KeyboardInterrupt
+
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        run_gptq(copy.deepcopy(base), tiny_tokenizer, text_file, checkpoint_dir=ckpt, on_layer_done=crash)
+    assert sorted(p.name for p in (ckpt / "step-0").iterdir()) == ["layer.safetensors", "state.json"]
+    assert json.loads((ckpt / "step-0" / "state.json").read_text())["inputs_from"] == -1
+
+    resumed = copy.deepcopy(base)
+    report = run_gptq(resumed, tiny_tokenizer, text_file, checkpoint_dir=ckpt)
+    assert report.resumed_from_layer == 1
+    assert_same(clean, resumed)

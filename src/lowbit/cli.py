@@ -49,6 +49,9 @@ def _add_calib(p: argparse.ArgumentParser) -> None:
                         "tokens trusts their correlations less (default 0.5 below 64k calibration tokens, e.g. the "
                         "CPU default 16 x 512, else 0)")
     g.add_argument("--blocksize", type=int, default=128, help="GPTQ lazy-update block (default 128)")
+    g.add_argument("--no-tf32", dest="tf32", action="store_false",
+                   help="on a GPU, run the calibration passes' float32 matmuls exactly instead of in TF32 (GPTQ's "
+                        "own arithmetic is always exact)")
 
 
 def _add_finetune(p: argparse.ArgumentParser) -> None:
@@ -343,7 +346,7 @@ def _calib(args: argparse.Namespace):  # noqa: ANN202
     if shrink is None:  # few tokens: shrink the Hessian toward its diagonal (measured on a CPU: docs/gguf.md)
         shrink = SMALL_CALIB_SHRINK if nsamples * seqlen < SMALL_CALIB_TOKENS else 0.0
     return (CalibConfig(nsamples, seqlen, args.calib_text, args.seed),
-            GPTQConfig(args.blocksize, args.damp, shrink=shrink))
+            GPTQConfig(args.blocksize, args.damp, shrink=shrink, tf32=getattr(args, "tf32", True)))
 
 
 def calib_size(args: argparse.Namespace) -> tuple[int, int]:

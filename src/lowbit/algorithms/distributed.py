@@ -5,9 +5,9 @@ the same calibration windows, then keeps every N-th one (:meth:`Ranks.shard`). P
 
 * each rank runs its windows through the layer; the Hessians are summed over the ranks, weighted by the rows each
   saw (:meth:`Ranks.all_reduce_hessians`), so every rank holds the Hessian of all windows;
-* the layer's rounding problems (one per shared Hessian: q/k/v, o, gate/up, down) are dealt round-robin, each rounded
-  by one rank, and the quantized modules are exchanged (:meth:`Ranks.exchange_modules`), so every rank holds the
-  same quantized layer;
+* the layer's rounding problems (one per shared Hessian: q/k/v, o, gate/up, down) are dealt by their estimated cost
+  (:meth:`Ranks.assign`), each rounded by one rank, and the quantized modules are exchanged
+  (:meth:`Ranks.exchange_modules`), so every rank holds the same quantized layer;
 * each rank runs its own windows through the quantized layer: the next layer's inputs stay sharded.
 
 The result is one process's up to the summation order of the Hessians (float tolerance). Only rank 0 writes the
@@ -35,8 +35,14 @@ class Ranks:
     def lead(self) -> bool:
         return self.rank == 0
 
-    def owns(self, job: int) -> bool:
-        return job % self.world == self.rank
+    def assign(self, costs: list[float]) -> list[int]:
+        """The rank that does each job: largest first, each to the least loaded rank (the same answer on every
+        rank, from the same costs)."""
+        load, owner = [0.0] * self.world, [0] * len(costs)
+        for job in sorted(range(len(costs)), key=lambda j: (-costs[j], j)):
+            owner[job] = min(range(self.world), key=lambda r: (load[r], r))
+            load[owner[job]] += costs[job]
+        return owner
 
     def shard(self, samples: torch.Tensor) -> torch.Tensor:
         """This rank's calibration windows: every ``world``-th, from its rank on."""
@@ -62,13 +68,22 @@ class Ranks:
 
     def exchange_modules(self, mine: dict[str, tuple[nn.Module, object]], device: torch.device | str
                          ) -> dict[str, tuple[nn.Module, object]]:
-        """Every rank's {name: (quantized module, stats)} -> all of them, modules on ``device``."""
+        """Every rank's {name: (quantized module, stats)} -> all of them, modules on ``device``. The modules'
+        structure travels pickled without its data (on the meta device, a few kB); their tensors are then
+        broadcast by their owners, device to device (NCCL) or between processes (gloo), never pickled."""
         import torch.distributed as dist
 
-        sent = {name: (copy.deepcopy(m).cpu(), s) for name, (m, s) in mine.items()}
+        shells = {name: (copy.deepcopy(m).to("meta"), s) for name, (m, s) in mine.items()}
         gathered: list = [None] * self.world
-        dist.all_gather_object(gathered, sent)
-        return {name: (m.to(device), s) for part in gathered for name, (m, s) in part.items()}
+        dist.all_gather_object(gathered, shells)
+        out = {}
+        for owner, part in enumerate(gathered):
+            for name, (shell, s) in sorted(part.items()):
+                module = mine[name][0] if owner == self.rank else shell.to_empty(device=device)
+                for t in (*module.parameters(), *module.buffers()):
+                    dist.broadcast(t.data, src=owner)
+                out[name] = (module, s)
+        return out
 
     def from_lead(self, obj: object) -> object:
         """Rank 0's ``obj`` on every rank (a work folder's name, say)."""

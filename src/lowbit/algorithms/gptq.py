@@ -17,6 +17,12 @@ Group parameters: without act-order, a group's scale is fitted when its first co
 already-updated weights of the group (as GPTQ does). With act-order (columns visited by decreasing diag(H)),
 every group's parameters are fitted up front on the original weights ("static groups"), so the stored layout
 stays contiguous groups with no column permutation to carry around.
+
+CUDA graphs: the column loop is a few small kernels per column (a 7B layer has ~23k columns), so on a GPU its cost
+is launching them, not computing. With static group parameters every block of the same width runs the same
+kernels on the same shapes, so it is captured once as a CUDA graph and replayed per block (:class:`_BlockGraphs`):
+the same kernels in the same order, hence bit-identical results. Formats whose rounding cannot be captured (a host
+synchronization inside) run eagerly.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lowbit.calibration.capture import cuda_tf32
 from lowbit.errors import LowbitError
 from lowbit.formats import Format, Params, QuantizedTensor, cat_params
 
@@ -55,6 +62,7 @@ class HessianFactor:
     retries: int
 
 
+@cuda_tf32(False)  # GPTQ's arithmetic is exact float32 whatever the caller's setting
 def proxy_loss(w: torch.Tensor, q: torch.Tensor, H: torch.Tensor) -> float:
     d = (w.float() - q.float())
     return float(((d @ H.float()) * d).sum())
@@ -77,6 +85,7 @@ def inverse_cholesky(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, fl
         damp = damp * 10 if damp > 0 else 0.01
 
 
+@cuda_tf32(False)
 def factor_hessian(H: torch.Tensor, percdamp: float = 0.01, act_order: bool = False,
                    shrink: float = 0.0) -> HessianFactor:
     """Damp and factor ``H`` [in, in] (2/N X^T X of the inputs) once, in act-order when asked. ``shrink`` pulls the
@@ -111,6 +120,7 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, fmt: Format, blocksize: int 
     return gptq_quantize_shared([w], factor_hessian(H, percdamp, act_order), fmt, blocksize, static_groups)[0]
 
 
+@cuda_tf32(False)
 def gptq_quantize_shared(ws: Sequence[torch.Tensor], factor: HessianFactor, fmt: Format, blocksize: int = 128,
                          static_groups: bool = False) -> list[GPTQResult]:
     """Quantize weights that read the same input (``ws``, each [out_i, in]) against one factored Hessian.
@@ -165,37 +175,46 @@ def _round(W: torch.Tensor, f: HessianFactor, fmt: Format, blocksize: int,
     bs = max(vd, bs // vd * vd)
     sb = max(vd, SUB_BLOCK // vd * vd)
     U = f.U
-    visited: list[torch.Tensor] = []  # codes, one [rows, 1] tensor per step, in visiting order
+    graphs = _BlockGraphs(fmt, vd, sb) if static and W.is_cuda and vd == 1 else None
+    blocks: list[torch.Tensor] = []  # codes of each block, in visiting order
     for i1 in range(0, cols, bs):
         i2 = min(i1 + bs, cols)
-        n = i2 - i1
-        W1 = W[:, i1:i2].clone()  # contiguous, so the per-column updates stay in cache
-        Err1 = torch.empty_like(W1)
         U1 = U[i1:i2, i1:i2]
-        diag = U1.diagonal().unbind()
-        P1, p0 = {}, 0  # per-column parameters of the columns from p0 on
         if static:
             P1 = {k: v[:, i1:i2] if order is None else v[:, order[i1:i2]] for k, v in cols_params.items()}
-        s0 = end = 0  # the current sub-block: columns s0..end-1 of the block
-        for i in range(0, n, vd):
-            if i == end:  # feed the finished sub-block forward, open the next
-                if i:
-                    W1[:, i:] -= Err1[:, s0:i] @ U1[s0:i, i:]
-                s0, end = i, min(i + sb, n)
-                if not static:
-                    if (i1 + i) % gs == 0:  # a group's first column: fit on the updated weights
-                        g = (i1 + i) // gs
-                        stop = min((g + 1) * gs, cols) - i1
-                        params[g] = fmt.fit(W1[:, i:stop], f.importance[i1 + i : i1 + stop])
-                        P1, p0 = fmt.expand(params[g], stop - i), i
-                    end = min(end, (i1 + i) // gs * gs + gs - i1)  # sub-blocks never straddle groups
+            W1, Err1, C1 = (graphs or _eager(fmt, vd, sb)).run(W[:, i1:i2], U1, P1)
+        else:
+            W1 = W[:, i1:i2].clone()  # contiguous, so the per-column updates stay in cache
+            Err1 = torch.empty_like(W1)
+            C1 = torch.empty(rows, (i2 - i1) // vd, dtype=torch.int64, device=W.device)
+            _fitted_block(fmt, W1, Err1, C1, U1, vd, sb, f.importance[i1:i2], i1, gs, cols, params)
+        blocks.append(C1.clone())
+        if i2 < cols:
+            W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+
+    codes = torch.cat(blocks, dim=1)
+    if order is not None:  # back to natural column order
+        codes = torch.empty_like(codes).index_copy_(1, order, codes)
+    return codes, cat_params(params)
+
+
+def _column_loop(fmt: Format, W1: torch.Tensor, Err1: torch.Tensor, C1: torch.Tensor, U1: torch.Tensor,
+                 P1: Params, vd: int, sb: int, start: int = 0, stop: int | None = None, p0: int = 0) -> None:
+    """Round columns ``start``..``stop`` of the block ``W1`` (whose columns from ``p0`` on have the per-column
+    parameters ``P1``) in place: codes into ``C1``, scaled errors into ``Err1``, each fed forward to the rest of
+    its sub-block, and a finished sub-block's to the rest of the block. Only tensor operations: graph-capturable."""
+    stop = W1.shape[1] if stop is None else stop
+    diag = U1.diagonal()
+    for s0 in range(start, stop, sb):
+        end = min(s0 + sb, stop)
+        for i in range(s0, end, vd):
             p = {k: v[:, i - p0 : i - p0 + vd] for k, v in P1.items()}
             w_blk = W1[:, i : i + vd]
             c = fmt.encode(w_blk, p)
-            visited.append(c)
+            C1[:, i // vd : i // vd + c.shape[1]] = c
             diff = w_blk - fmt.decode(c, p)
             if vd == 1:
-                err = torch.div(diff, diag[i], out=Err1[:, i : i + 1])
+                err = torch.div(diff, diag[i : i + 1], out=Err1[:, i : i + 1])
                 if i + 1 < end:
                     W1[:, i + 1 : end] -= err * U1[i, i + 1 : end]
             else:  # block LDLQ: E U_bb^-1 U_b,rest is the exact feedback of a jointly rounded block
@@ -203,10 +222,82 @@ def _round(W: torch.Tensor, f: HessianFactor, fmt: Format, blocksize: int,
                 Err1[:, i : i + vd] = err
                 if i + vd < end:
                     W1[:, i + vd : end] -= err @ U1[i : i + vd, i + vd : end]
-        if i2 < cols:
-            W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+        if end < W1.shape[1]:  # the finished sub-block's errors reach the rest of the block
+            W1[:, end:] -= Err1[:, s0:end] @ U1[s0:end, end:]
 
-    codes = torch.cat(visited, dim=1)
-    if order is not None:  # back to natural column order
-        codes = torch.empty_like(codes).index_copy_(1, order, codes)
-    return codes, cat_params(params)
+
+def _fitted_block(fmt: Format, W1: torch.Tensor, Err1: torch.Tensor, C1: torch.Tensor, U1: torch.Tensor, vd: int,
+                  sb: int, importance: torch.Tensor, i1: int, gs: int, cols: int, params: list) -> None:
+    """A block without static parameters: each group (whole groups per block) is fitted on the updated weights
+    when its first column is reached, then rounded; ``params[g]`` receives group g's parameters."""
+    for i in range(0, W1.shape[1], gs):
+        g = (i1 + i) // gs
+        stop = min((g + 1) * gs, cols) - i1
+        params[g] = fmt.fit(W1[:, i:stop], importance[i:stop])
+        _column_loop(fmt, W1, Err1, C1, U1, fmt.expand(params[g], stop - i), vd, sb, i, stop, p0=i)
+
+
+class _eager:  # noqa: N801 - used like _BlockGraphs
+    """A static block rounded eagerly (on copies, as a graph's buffers would be)."""
+
+    def __init__(self, fmt: Format, vd: int, sb: int):
+        self.fmt, self.vd, self.sb = fmt, vd, sb
+
+    def run(self, W1: torch.Tensor, U1: torch.Tensor, P1: Params) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        W1 = W1.clone()  # contiguous, so the per-column updates stay in cache
+        Err1 = torch.empty_like(W1)
+        C1 = torch.empty(W1.shape[0], W1.shape[1] // self.vd, dtype=torch.int64, device=W1.device)
+        _column_loop(self.fmt, W1, Err1, C1, U1, P1, self.vd, self.sb)
+        return W1, Err1, C1
+
+
+class _BlockGraphs:
+    """Static blocks rounded by replaying one CUDA graph per block width: inputs are copied into the graph's
+    buffers, the captured column loop replays, and the buffers are the outputs (valid until the next run)."""
+
+    def __init__(self, fmt: Format, vd: int, sb: int):
+        self.fmt, self.vd, self.sb = fmt, vd, sb
+        self._graphs: dict[tuple, tuple] = {}
+        self._failed = False
+
+    def run(self, W1: torch.Tensor, U1: torch.Tensor, P1: Params) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._failed:
+            return _eager(self.fmt, self.vd, self.sb).run(W1, U1, P1)
+        key = (tuple(W1.shape), tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(P1.items())))
+        if key not in self._graphs:
+            graph = self._capture(W1, U1, P1)
+            if graph is None:  # the format's rounding synchronizes with the host: not capturable, stay eager
+                self._failed = True
+                return self.run(W1, U1, P1)
+            self._graphs[key] = graph
+        graph, (w, u, p, err, c) = self._graphs[key]
+        w.copy_(W1)
+        u.copy_(U1)
+        for k, v in P1.items():
+            p[k].copy_(v)
+        graph.replay()
+        return w, err, c
+
+    def _capture(self, W1: torch.Tensor, U1: torch.Tensor, P1: Params) -> tuple | None:
+        """The graph and its buffers, or None when the warm-up run synchronizes with the host (a capture would
+        fail half-way, and a failed capture can leave the CUDA random generator unusable)."""
+        w, u = W1.clone(), U1.clone()
+        p = {k: v.clone() for k, v in P1.items()}
+        err = torch.empty_like(w)
+        c = torch.empty(w.shape[0], w.shape[1] // self.vd, dtype=torch.int64, device=w.device)
+        side = torch.cuda.Stream(w.device)
+        side.wait_stream(torch.cuda.current_stream(w.device))
+        before = torch.cuda.get_sync_debug_mode()
+        try:
+            torch.cuda.set_sync_debug_mode("error")
+            with torch.cuda.stream(side):  # warm-up outside the capture (library handles, caching allocator)
+                _column_loop(self.fmt, w.clone(), err, c, u, p, self.vd, self.sb)
+        except RuntimeError:
+            return None
+        finally:
+            torch.cuda.set_sync_debug_mode(before)
+            torch.cuda.current_stream(w.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            _column_loop(self.fmt, w, err, c, u, p, self.vd, self.sb)
+        return graph, (w, u, p, err, c)

@@ -20,6 +20,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,12 +34,11 @@ from lowbit.algorithms import distributed
 from lowbit.algorithms.gptq import IMPLEMENTATION as GPTQ_IMPLEMENTATION
 from lowbit.algorithms.gptq import GPTQResult, factor_hessian, gptq_quantize_shared, proxy_loss
 from lowbit.algorithms.plans import plan_by_layer, validate_plan
-from lowbit.calibration.capture import HessianAccumulator, SharedHessians, capture_layer_inputs
+from lowbit.calibration.capture import HessianAccumulator, SharedHessians, capture_layer_inputs, cuda_tf32
 from lowbit.calibration.samples import DEFAULT_NSAMPLES, DEFAULT_SEQLEN, calibration_samples
 from lowbit.errors import LowbitError
 from lowbit.eval.perplexity import model_max_length
 from lowbit.formats import Format, get_format
-from lowbit.kernels.dispatch import route
 from lowbit.models.quant_linear import QuantLinear
 from lowbit.models.walker import (
     DECODER_LAYERS,
@@ -76,6 +76,7 @@ class GPTQConfig:
     static_groups: bool = False  # group parameters fitted on the original weights (see gptq_quantize)
     rtn_baseline: bool = False  # also measure each linear's round-to-nearest proxy loss (one more fit per linear)
     shrink: float = 0.0  # H -> (1 - shrink) H + shrink diag(H) before factoring (gptq.factor_hessian)
+    tf32: bool = True  # CUDA: the calibration passes' matmuls in TF32 (capture.cuda_tf32); GPTQ itself stays exact
 
     def __post_init__(self) -> None:
         if self.blocksize < 1 or not 0 <= self.percdamp < 1 or not 0 <= self.shrink <= 1:
@@ -131,34 +132,44 @@ def quantize_sequential(model: nn.Module, tokenizer: object, plan: dict[str, str
     report = SequentialReport()
     t_start = time.perf_counter()
     resumed = ckpt.load(layers) if ckpt else None
-    if resumed:
-        start, inps, stats = resumed
-        report.linears.update(stats)
-        report.resumed_from_layer = start
+    if resumed and resumed.inputs is not None:
         _, kwargs = capture_layer_inputs(model, samples[:1], device)
-        inps = inps.to(device)
+        inps = resumed.inputs.to(device)
     else:
         inps, kwargs = capture_layer_inputs(model, samples, device)
+    if resumed:
+        start = report.resumed_from_layer = resumed.next_layer
+        report.linears.update(resumed.stats)
+        for i in range(resumed.replay_from, start):
+            layer, home = layers[i], module_device(layers[i])
+            with cuda_tf32(gptq.tf32):
+                inps = _run_layer(layer.to(device), inps, kwargs)
+            layer.to(home)
 
     bar = tqdm(range(start, len(layers)), desc="gptq", unit="layer", disable=not progress,
                initial=start, total=len(layers))
-    for i in bar:
-        layer = layers[i]
-        home = module_device(layer)
-        layer.to(device)
-        names = by_layer[i]
-        stats = _quantize_layer(layer, names, plan, prefix, i, inps, kwargs, gptq, rounding, rotation_seed)
-        report.linears.update(stats)
-        inps = _run_layer(layer, inps, kwargs)
-        layer.to(home)
+    try:
+        for i in bar:
+            layer = layers[i]
+            home = module_device(layer)
+            layer.to(device)
+            names = by_layer[i]
+            with cuda_tf32(gptq.tf32):
+                stats = _quantize_layer(layer, names, plan, prefix, i, inps, kwargs, gptq, rounding, rotation_seed)
+                report.linears.update(stats)
+                inps = _run_layer(layer, inps, kwargs)
+            layer.to(home)
+            if ckpt:
+                ckpt.save(i, layer, inps, report.linears)
+            if stats:
+                rtn = [s.rtn_proxy_loss for s in stats.values()]
+                bar.set_postfix(loss=f"{sum(s.proxy_loss for s in stats.values()):.4g}",
+                                **({"rtn": f"{sum(rtn):.4g}"} if None not in rtn else {}))
+            if on_layer_done:
+                on_layer_done(i)
+    finally:
         if ckpt:
-            ckpt.save(i, layer, inps, report.linears)
-        if stats:
-            rtn = [s.rtn_proxy_loss for s in stats.values()]
-            bar.set_postfix(loss=f"{sum(s.proxy_loss for s in stats.values()):.4g}",
-                            **({"rtn": f"{sum(rtn):.4g}"} if None not in rtn else {}))
-        if on_layer_done:
-            on_layer_done(i)
+            ckpt.flush()  # a finished layer is committed even when a later one fails
     if ckpt:
         ckpt.remove()
     report.seconds = time.perf_counter() - t_start
@@ -174,10 +185,10 @@ def calibration_set(model: nn.Module, tokenizer: object, calib: CalibConfig) -> 
 @torch.no_grad()
 def _run_layer(layer: nn.Module, inps: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
     outs = torch.empty_like(inps)
-    # Quantized linears on the reference path (a CPU) would dequantize their weight once per sample: keep it for
-    # the pass instead (the same F.linear on the same weight, so the same numbers).
-    once = [m for m in layer.modules() if isinstance(m, QuantLinear) and not m.weight_cached
-            and route(inps[:1], m.fmt, (m.out_features, m.in_features)) == "reference"]
+    # Every sample runs through the same quantized weights: dequantize each once for the pass and multiply densely
+    # (on a CPU exactly what the reference path computes per call; on a GPU a full-rate matmul instead of a
+    # decode kernel built for a few rows, with the same weights).
+    once = [m for m in layer.modules() if isinstance(m, QuantLinear) and not m.weight_cached]
     try:
         for m in once:
             m.cache_weight(True)
@@ -198,8 +209,9 @@ def _quantize_layer(layer: nn.Module, names: list[str], plan: dict[str, str], pr
     ranks = distributed.current()
     groups = ranks.all_reduce_hessians(counted) if ranks else [(g, H) for g, H, _ in counted]
     stats = {}
+    owners = ranks.assign([_rounding_cost(layer, local, g, H) for g, H in groups]) if ranks else None
     for job, (group, H) in enumerate(groups):
-        if ranks is None or ranks.owns(job):  # several processes: each rounds its share of the groups
+        if ranks is None or owners[job] == ranks.rank:  # several processes: each rounds its share of the groups
             stats.update(_round_group(layer, local, group, H, plan, cfg, rounding, rotation_seed))
     if ranks:
         mine = {n: (layer.get_submodule(local[n]), s) for n, s in stats.items()}
@@ -207,6 +219,13 @@ def _quantize_layer(layer: nn.Module, names: list[str], plan: dict[str, str], pr
             set_module(layer, local[n], module)
             stats[n] = s
     return {n: stats[n] for n in names}
+
+
+def _rounding_cost(layer: nn.Module, local: dict[str, str], group: tuple[str, ...], H: torch.Tensor) -> float:
+    """Estimated time to round ``group``: GPTQ's column loop launches a few small kernels per column whatever the
+    rows, so its time grows with the columns far more than with the rows."""
+    rows = sum(linear_weight(layer.get_submodule(local[n])).shape[0] for n in group)
+    return H.shape[0] * (1 + rows / 65536)
 
 
 def _layer_hessians(layer: nn.Module, local: dict[str, str], inps: torch.Tensor,
@@ -334,6 +353,19 @@ def _fingerprint(model: nn.Module, plan: dict[str, str], calib: CalibConfig, gpt
 
 
 CHECKPOINT_LAYOUT = 2  # stored in every state.json; layout 1 (flat files, non-atomic commit) is refused
+SNAPSHOT_SECONDS = 120.0  # an activation snapshot at most this often (see _Checkpoint); 0: every layer
+
+
+@dataclass
+class Resume:
+    """Where a checkpointed run resumes: ``next_layer`` is the first layer to quantize; ``inputs`` are the inputs of
+    layer ``replay_from`` (None: layer 0's, captured again), which the committed layers ``replay_from`` ..
+    ``next_layer - 1`` turn into the inputs of ``next_layer`` (see :func:`replay`)."""
+
+    next_layer: int
+    inputs: torch.Tensor | None
+    replay_from: int
+    stats: dict[str, LinearStats]
 
 
 class _Checkpoint:
@@ -345,6 +377,19 @@ class _Checkpoint:
     that rename is the commit. The newest ``step-<i>`` is the checkpoint; it names every layer that counts (0..i),
     whose tensors stay in their own, never rewritten, ``step-<j>/layer.safetensors``. Once a step is committed the
     older steps' inputs are deleted. ``*.tmp`` directories are a killed run's leftovers: ignored and removed.
+
+    Activation snapshots: the inputs of layer i+1 are stored with step i only when ``SNAPSHOT_SECONDS`` have passed
+    since the last snapshot (a 7B model's are 4 GB per layer: written every layer, the disk set the pace). Every
+    step's ``state.json`` names the newest snapshot (``inputs_from``); a resume loads it and recomputes the inputs of
+    the next layer by running the committed quantized layers after it (``replay``: the same kernels on the same
+    inputs, so the same bits). Older snapshots are deleted once a newer one is committed.
+
+    Commits are written in the background: :meth:`save` copies the layer and the activations to host memory and
+    returns, and one writer thread writes and commits them while the next layer is computed (an activation
+    snapshot of a 7B model is 4 GB: written in line it was a third of the time per layer). One commit is in flight
+    at most: the next :meth:`save`, :meth:`flush` or :meth:`remove` waits for it and raises its error. The
+    quantizers flush in a ``finally``, so a layer that finished before an error or Ctrl-C is committed; a kill
+    loses at most the commit in flight, which a rerun recomputes.
     """
 
     _STEP = re.compile(r"step-(\d+)")
@@ -352,8 +397,12 @@ class _Checkpoint:
     def __init__(self, path: str | Path, fingerprint: str):
         self.path = Path(path)
         self.fingerprint = fingerprint
-        self.ranks = distributed.current()  # several processes: see save()
+        self.ranks = distributed.current()  # several processes: see _write()
         self.lead = self.ranks is None or self.ranks.lead
+        self._writer: ThreadPoolExecutor | None = None
+        self._pending: Future | None = None
+        self._snapshot_at = time.monotonic()  # when the newest snapshot (or the run) started
+        self._inputs_from = -1  # the step holding the newest snapshot; -1: none, replay from layer 0's capture
 
     def _step(self, index: int) -> Path:
         return self.path / f"step-{index}"
@@ -363,11 +412,13 @@ class _Checkpoint:
             return {}
         return {int(m.group(1)): p for p in self.path.iterdir() if (m := self._STEP.fullmatch(p.name)) and p.is_dir()}
 
-    def _prune(self, current: int) -> None:
-        """Remove leftover ``*.tmp`` steps and the inputs of steps older than ``current``."""
+    def _prune(self, current: int, leftovers: bool = True) -> None:
+        """Remove the inputs of steps older than ``current`` and, with ``leftovers``, ``*.tmp`` steps (at start
+        only: with several processes another rank may already be writing the next step)."""
         for p in self.path.iterdir():
             if p.name.endswith(".tmp") and self._STEP.fullmatch(p.name[: -len(".tmp")]):
-                shutil.rmtree(p, ignore_errors=True)
+                if leftovers:
+                    shutil.rmtree(p, ignore_errors=True)
             elif (m := self._STEP.fullmatch(p.name)) and int(m.group(1)) < current:
                 for f in p.glob("inputs*.safetensors"):
                     f.unlink(missing_ok=True)
@@ -381,59 +432,105 @@ class _Checkpoint:
         if self.ranks:
             self.ranks.barrier()
 
-    def save(self, index: int, layer: nn.Module, inps: torch.Tensor, stats: dict[str, LinearStats]) -> None:
-        """Commit layer ``index``. Several processes: rank 0 opens the step and writes the layer, every rank adds
-        its activations, and rank 0 writes the state and commits, each stage after a barrier."""
-        final = self._step(index)
-        tmp = final.with_name(f"{final.name}.tmp")
+    def save(self, index: int, layer: nn.Module, inps: torch.Tensor, stats: dict[str, LinearStats],
+             snapshot: bool = False) -> None:
+        """Commit layer ``index`` in the background, with ``inps`` (the next layer's inputs) when ``snapshot`` or
+        when a snapshot is due (see the class docstring). Device tensors are copied to host memory first; host
+        tensors are written as they are, so the caller must not change them in place afterwards (the quantizers
+        replace ``inps`` and the layer's tensors, never modify them)."""
+        self.flush()
+        now = time.monotonic()
+        snapshot = snapshot or now - self._snapshot_at >= SNAPSHOT_SECONDS
+        if self.ranks:  # every rank writes its shard of a snapshot or none does: rank 0's clock decides
+            snapshot = bool(self.ranks.from_lead(snapshot))
+        if snapshot:
+            self._snapshot_at, self._inputs_from = now, index
+        tensors = formats = None
         if self.lead:
-            self.path.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)  # a killed run's leftover
-            tmp.mkdir()
-            tensors = {k: v.detach().cpu().contiguous() for k, v in layer.state_dict().items()}
+            tensors = {k: v.detach().cpu() for k, v in layer.state_dict().items()}
             formats = {n: [m.format_name, m.rotation.to_json() if m.rotation else None]
                        for n, m in layer.named_modules() if isinstance(m, QuantLinear)}
-            save_file(tensors, str(tmp / "layer.safetensors"), metadata={"formats": json.dumps(formats)})
-        self._barrier()
-        inputs = self._inputs_name()
-        save_file({"inputs": inps.detach().cpu().contiguous()}, str(tmp / inputs))
-        _fsync(tmp / inputs)
-        self._barrier()
-        if self.lead:
-            state = {"layout": CHECKPOINT_LAYOUT, "fingerprint": self.fingerprint, "next_layer": index + 1,
-                     "stats": {k: asdict(v) for k, v in stats.items()}}
-            (tmp / "state.json").write_text(json.dumps(state))  # last, though only the rename below makes it count
-            for f in ("layer.safetensors", "state.json", "."):
-                _fsync(tmp / f)
-            os.replace(tmp, final)  # the commit: layer i, the inputs of layer i+1 and their state appear together
-            _fsync(self.path)
-            self._prune(index)
-        self._barrier()
+        state = {"layout": CHECKPOINT_LAYOUT, "fingerprint": self.fingerprint, "next_layer": index + 1,
+                 "inputs_from": self._inputs_from, "stats": {k: asdict(v) for k, v in stats.items()}}
+        acts = inps.detach().cpu() if snapshot else None
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lowbit-checkpoint")
+        self._pending = self._writer.submit(self._write, index, tensors, formats, acts, state)
 
-    def load(self, layers: nn.ModuleList) -> tuple[int, torch.Tensor, dict[str, LinearStats]] | None:
-        """Restore the committed layers into ``layers``; (next layer, its inputs, stats), or None to start over."""
+    def flush(self) -> None:
+        """Wait for the commit in flight, if any; its error, if it failed, is raised here."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def _write(self, index: int, tensors: dict[str, torch.Tensor] | None, formats: dict | None,
+               acts: torch.Tensor | None, state: dict) -> None:
+        """The commit (writer thread). Several processes: every rank writes its activation shard into the step
+        and marks it done; rank 0 also writes the layer, waits for every rank's mark, writes the state and
+        commits. Marks are files, not collectives, so they never interleave with the main threads' collectives."""
+        final = self._step(index)
+        tmp = final.with_name(f"{final.name}.tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        if self.lead:
+            save_file(tensors, str(tmp / "layer.safetensors"), metadata={"formats": json.dumps(formats)})
+        if acts is not None:
+            inputs = self._inputs_name()
+            save_file({"inputs": acts}, str(tmp / inputs))
+            _fsync(tmp / inputs)
+            if self.ranks:
+                (tmp / f"{inputs}.done").touch()
+        if not self.lead:
+            return
+        if self.ranks and acts is not None:
+            self._wait_for_shards(tmp)
+        (tmp / "state.json").write_text(json.dumps(state))  # last, though only the rename below makes it count
+        for f in ("layer.safetensors", "state.json", "."):
+            _fsync(tmp / f)
+        os.replace(tmp, final)  # the commit: layer i, the inputs of layer i+1 and their state appear together
+        _fsync(self.path)
+        if acts is not None:
+            self._prune(index, leftovers=False)
+
+    def _wait_for_shards(self, tmp: Path, timeout: float = 600.0) -> None:
+        marks = [tmp / f"inputs-{r}-of-{self.ranks.world}.safetensors.done" for r in range(self.ranks.world)]
+        deadline = time.monotonic() + timeout
+        while not all(m.exists() for m in marks):
+            if time.monotonic() > deadline:
+                raise LowbitError(f"checkpoint {tmp}: the other processes' activations did not arrive in "
+                                  f"{timeout:.0f} s")
+            time.sleep(0.01)
+        for m in marks:
+            m.unlink()
+
+    def load(self, layers: nn.ModuleList) -> Resume | None:
+        """Restore the committed layers into ``layers``; what to resume from (see :meth:`committed`), or None to
+        start over."""
         found = self.committed(len(layers))
         if found is None:
             return None
+        for i in range(found.next_layer):
+            self.restore_layer(i, layers[i])
+        return found
+
+    def restore_layer(self, index: int, layer: nn.Module, assign: bool = False) -> None:
+        """Committed layer ``index``'s quantized linears and other tensors into ``layer``: copied into its tensors,
+        or with ``assign`` (a layer on the meta device) put in their place, on the host."""
         from safetensors import safe_open
 
-        for i in range(found[0]):
-            f = self.layer_file(i)
-            with safe_open(str(f), "pt") as sf:
-                formats = json.loads(sf.metadata()["formats"])
-            layer = layers[i]
-            for sub, (fmt, rot) in formats.items():
-                set_module(layer, sub, empty_quant_linear(layer.get_submodule(sub), fmt, Rotation.from_json(rot)))
-            layer.load_state_dict(load_file(str(f)), strict=True)
-        return found
+        f = self.layer_file(index)
+        with safe_open(str(f), "pt") as sf:
+            formats = json.loads(sf.metadata()["formats"])
+        for sub, (fmt, rot) in formats.items():
+            set_module(layer, sub, empty_quant_linear(layer.get_submodule(sub), fmt, Rotation.from_json(rot)))
+        layer.load_state_dict(load_file(str(f)), strict=True, assign=assign)
 
     def layer_file(self, index: int) -> Path:
         """Where committed layer ``index``'s quantized tensors are (formats and rotations in its metadata)."""
         return self._step(index) / "layer.safetensors"
 
-    def committed(self, n_layers: int) -> tuple[int, torch.Tensor, dict[str, LinearStats]] | None:
-        """(next layer, its inputs, stats) of the newest committed step of a model of ``n_layers`` layers, checked
-        against this run's fingerprint, without reading any layer; None to start over."""
+    def committed(self, n_layers: int) -> Resume | None:
+        """The newest committed step of a model of ``n_layers`` layers, checked against this run's fingerprint,
+        without reading any layer; None to start over."""
         if not self.path.is_dir():
             return None
         if (self.path / "state.json").exists():
@@ -441,8 +538,9 @@ class _Checkpoint:
                               "inconsistent; delete it to start over")
         steps = self._committed()
         if not steps:
-            if self.lead:  # another rank may already be writing step 0
+            if self.lead:
                 self._prune(0)
+            self._barrier()  # no rank writes step 0 before rank 0 has removed a killed run's leftovers
             return None
         current = max(steps)
         try:
@@ -461,16 +559,19 @@ class _Checkpoint:
         if n != current + 1 or n > n_layers or missing:
             raise LowbitError(f"checkpoint {self.path} is incomplete (step {current}, next layer {n}, missing "
                               f"layers {missing}); delete it to start over")
-        inps = load_file(str(steps[current] / self._inputs_name()))["inputs"]
+        snap = state.get("inputs_from", current)
+        inps = load_file(str(steps[snap] / self._inputs_name()))["inputs"] if snap >= 0 else None
         stats = {k: LinearStats(**v) for k, v in state["stats"].items()}
         self._barrier()  # every rank has read its inputs before rank 0 prunes
         if self.lead:
-            self._prune(current)
-        return n, inps, stats
+            self._prune(max(snap, 0))
+        self._inputs_from = snap
+        return Resume(n, inps, snap + 1, stats)
 
     def remove(self) -> None:
         """Delete the checkpoint: one rename retires it whole, so a kill while deleting never leaves a partial one
         that a rerun would try to resume."""
+        self.flush()
         self._barrier()
         if not self.lead:
             return

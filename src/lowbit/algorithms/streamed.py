@@ -27,6 +27,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,7 @@ from lowbit.algorithms.sequential import (
     _run_layer,
     calibration_set,
 )
-from lowbit.calibration.capture import capture_layer_inputs
+from lowbit.calibration.capture import capture_layer_inputs, cuda_tf32
 from lowbit.errors import BadFileError, LowbitError
 from lowbit.eval.sizes import SizeReport, model_size
 from lowbit.formats import get_format
@@ -124,9 +125,9 @@ def quantize_streamed(source: WeightSource, plan: Plan, work_dir: str | Path, *,
     ckpt = _Checkpoint(work_dir, _fingerprint(_FirstValues(source, model), plan, calib, gptq, rounding,
                                               rotation_seed, finetune))
     found = ckpt.committed(n)
-    start, inps, stats = found or (0, None, {})
+    start, inps, stats = (found.next_layer, found.inputs, found.stats) if found else (0, None, {})
     targets = None  # +ft: the float model's hidden states entering the next layer
-    if found and finetune:
+    if inps is not None and finetune:  # +ft snapshots every layer (its float states cannot be replayed cheaply)
         inps, targets = inps[0], inps[1]
     report = StreamReport(linears=dict(stats), layers_total=n, layers_done=start, resumed_from_layer=start)
     calibrated = rounding != "rtn"
@@ -145,50 +146,60 @@ def quantize_streamed(source: WeightSource, plan: Plan, work_dir: str | Path, *,
         store = device if report.offload == "device" else torch.device("cpu")
         t0 = time.perf_counter()
         try:
-            captured, kwargs = _capture(model, source, samples[:1] if found else samples, device, store)
+            captured, kwargs = _capture(model, source, samples[:1] if inps is not None else samples, device, store)
         except _OOM as e:
             raise LowbitError(f"out of {_memory_kind(e, device)} memory while capturing the calibration inputs of "
                               "layer 0 (nothing is saved yet): use --offload host or fewer calibration samples") from e
-        inps = inps.to(store) if found else captured
+        inps = inps.to(store) if inps is not None else captured
         if finetune:
-            targets = targets.to(store) if found else captured.clone()
+            targets = targets.to(store) if targets is not None else captured.clone()
         report.capture_seconds = time.perf_counter() - t0
+        if found:
+            inps = _replay(ckpt, layers, range(found.replay_from, start), inps, kwargs, device, gptq.tf32,
+                           report.offload == "host")
     keys = source.keys()
+    layer_keys = {i: [k for k in keys if k.startswith(f"{prefix}.{i}.")] for i in range(start, stop)}
     bar = tqdm(range(start, stop), desc="stream", unit="layer", disable=not progress, initial=start, total=n)
-    for i in bar:
-        t0 = time.perf_counter()
-        layer = layers[i]
-        try:
-            load_tensors(model, [k for k in keys if k.startswith(f"{prefix}.{i}.")], source, device)
-            layer.to(device)  # buffers the files do not hold
-            for name in by_layer[i]:
-                check_finite(name, linear_weight(model.get_submodule(name)))
-            if finetune:
-                stats, inps, targets = _tuned_layer(layer, by_layer[i], plan, prefix, i, inps, targets, kwargs, gptq,
-                                                    rounding, rotation_seed, finetune, device, report)
-            elif calibrated:
-                stats, inps = _calibrated_layer(layer, by_layer[i], plan, prefix, i, inps, kwargs, gptq, rounding,
-                                                rotation_seed, report.offload == "host")
-            else:
-                stats = _rtn_layer(model, by_layer[i], plan, rotation_seed)
-            report.linears.update(stats)
-            # +ft: both sets in one tensor, stacked in host memory (where the checkpoint goes) so the device never
-            # holds a third copy
-            acts = torch.stack([inps.cpu(), targets.cpu()]) if finetune else inps if calibrated else torch.empty(0)
-            ckpt.save(i, layer, acts, report.linears)
-        except _OOM as e:
-            saved = f"layers 0..{i - 1} are saved in {work_dir}" if i else "no layer is saved yet"
-            raise LowbitError(f"out of {_memory_kind(e, device)} memory at decoder layer {i}: {saved}; rerun the "
-                              "same command to resume (--offload host keeps the calibration activations in host "
-                              "memory)") from e
-        finally:
-            layer.to("meta")
-        report.layers_done = i + 1
-        report.layer_seconds.append(time.perf_counter() - t0)
-        report.peak_host_gb, report.peak_gpu_gb = peak_host_gb(), peak_gpu_gb(device)
-        bar.set_postfix_str(_memory_str(report))
-        if on_layer_done:
-            on_layer_done(i)
+    prefetch = _Prefetch(source, layer_keys)
+    try:
+        for i in bar:
+            t0 = time.perf_counter()
+            layer = layers[i]
+            try:
+                load_tensors(model, layer_keys[i], source, device, stored=prefetch.take(i))
+                layer.to(device)  # buffers the files do not hold
+                for name in by_layer[i]:
+                    check_finite(name, linear_weight(model.get_submodule(name)))
+                with cuda_tf32(gptq.tf32):  # calibration passes and +ft steps; GPTQ's arithmetic stays exact
+                    if finetune:
+                        stats, inps, targets = _tuned_layer(layer, by_layer[i], plan, prefix, i, inps, targets, kwargs,
+                                                            gptq, rounding, rotation_seed, finetune, device, report)
+                    elif calibrated:
+                        stats, inps = _calibrated_layer(layer, by_layer[i], plan, prefix, i, inps, kwargs, gptq,
+                                                        rounding, rotation_seed, report.offload == "host")
+                    else:
+                        stats = _rtn_layer(model, by_layer[i], plan, rotation_seed)
+                report.linears.update(stats)
+                # +ft: both sets in one tensor, stacked in host memory (where the checkpoint goes) so the device never
+                # holds a third copy
+                acts = torch.stack([inps.cpu(), targets.cpu()]) if finetune else inps if calibrated else torch.empty(0)
+                ckpt.save(i, layer, acts, report.linears, snapshot=finetune is not None)
+            except _OOM as e:
+                saved = f"layers 0..{i - 1} are saved in {work_dir}" if i else "no layer is saved yet"
+                raise LowbitError(f"out of {_memory_kind(e, device)} memory at decoder layer {i}: {saved}; rerun the "
+                                  "same command to resume (--offload host keeps the calibration activations in host "
+                                  "memory)") from e
+            finally:
+                layer.to("meta")
+            report.layers_done = i + 1
+            report.layer_seconds.append(time.perf_counter() - t0)
+            report.peak_host_gb, report.peak_gpu_gb = peak_host_gb(), peak_gpu_gb(device)
+            bar.set_postfix_str(_memory_str(report))
+            if on_layer_done:
+                on_layer_done(i)
+    finally:
+        prefetch.close()
+        ckpt.flush()  # a finished layer is committed even when a later one fails
     report.layer_files = [ckpt.layer_file(i) for i in range(report.layers_done)]
     report.peak_host_gb, report.peak_gpu_gb = peak_host_gb(), peak_gpu_gb(device)
     report.seconds = time.perf_counter() - t_start
@@ -242,6 +253,26 @@ def _calibrated_layer(layer: nn.Module, names: list[str], plan: Plan, prefix: st
         return stats, feed.run(kwargs)
 
 
+def _replay(ckpt: _Checkpoint, layers: nn.ModuleList, indices: range, inps: torch.Tensor, kwargs: dict[str, Any],
+            device: torch.device, tf32: bool, host: bool) -> torch.Tensor:
+    """Run the committed quantized layers ``indices`` (read back from the checkpoint) on ``inps``: the inputs of the
+    layer after them, as the run that committed them computed them."""
+    for i in indices:
+        layer = layers[i]
+        ckpt.restore_layer(i, layer, assign=True)
+        try:
+            layer.to(device)
+            with cuda_tf32(tf32):
+                if host:
+                    with _HostFeed(layer, inps) as feed:
+                        inps = feed.run(kwargs)
+                else:
+                    inps = _run_layer(layer, inps, kwargs)
+        finally:
+            layer.to("meta")
+    return inps
+
+
 def _tuned_layer(layer: nn.Module, names: list[str], plan: Plan, prefix: str, index: int, inps: torch.Tensor,
                  targets: torch.Tensor, kwargs: dict[str, Any], gptq: GPTQConfig, rounding: str,
                  rotation_seed: int | None, cfg: FinetuneConfig, device: torch.device,
@@ -267,6 +298,28 @@ def _rtn_layer(model: nn.Module, names: list[str], plan: Plan, rotation_seed: in
                           seed=rotation_seed or 0)
     seconds = (time.perf_counter() - t0) / max(1, len(names))
     return {n: LinearStats(e, e, 0.0, 0, seconds) for n, e in errors.items()}
+
+
+class _Prefetch:
+    """Reads layer i+1's tensors from the source on a thread while layer i is computed (file reads for a
+    checkpoint, generation for a synthetic shape: 0.4 GB or ~1.4 s per 7B layer), so the GPU does not wait for
+    them; host memory holds one layer more."""
+
+    def __init__(self, source: WeightSource, layer_keys: dict[int, list[str]]):
+        self.source, self.layer_keys = source, layer_keys
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lowbit-prefetch")
+        self._ahead: dict[int, Future] = {}
+
+    def take(self, i: int) -> dict[str, torch.Tensor]:
+        """Layer ``i``'s tensors (read now unless prefetched); starts reading layer i+1."""
+        pending = self._ahead.pop(i, None) or self._pool.submit(self.source.read, self.layer_keys[i])
+        if i + 1 in self.layer_keys:
+            self._ahead[i + 1] = self._pool.submit(self.source.read, self.layer_keys[i + 1])
+        return pending.result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._ahead.clear()
 
 
 class _HostFeed:

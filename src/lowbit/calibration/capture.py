@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -19,6 +21,20 @@ from lowbit.models.walker import decoder_layers, linear_weight
 
 class _Stop(Exception):
     pass
+
+
+@contextmanager
+def cuda_tf32(enabled: bool) -> Iterator[None]:
+    """Float32 matmuls on CUDA devices in TF32 (tensor cores: ~8x the rate, a 10-bit mantissa, float32's range)
+    inside the block, or exactly (``enabled`` False) whatever the caller set; CPUs are unaffected. Calibration
+    passes over thousands of windows use it (the layers' outputs and X^T X are sums over many products, where
+    TF32's rounding averages out); GPTQ's own arithmetic always runs exactly (gptq.py)."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 @torch.no_grad()

@@ -191,10 +191,12 @@ def skeleton(config: Any) -> nn.Module:
     return model.eval()
 
 
-def load_tensors(model: nn.Module, keys: Iterable[str], source: WeightSource, device: torch.device | str) -> None:
+def load_tensors(model: nn.Module, keys: Iterable[str], source: WeightSource, device: torch.device | str,
+                 stored: dict[str, torch.Tensor] | None = None) -> None:
     """Materialize the parameters/buffers ``keys`` of ``model`` from ``source`` on ``device``: float tensors
-    rounded to float16 storage and computed in float32, exactly as ``lowbit.load`` leaves a model."""
-    stored, tensors = source.read(list(keys)), {}
+    rounded to float16 storage and computed in float32, exactly as ``lowbit.load`` leaves a model. ``stored``:
+    those tensors already read from ``source`` (a prefetch); the dict is emptied as they are moved."""
+    stored, tensors = stored if stored is not None else source.read(list(keys)), {}
     for key in list(stored):  # each stored copy freed as soon as its compute copy exists
         t = stored.pop(key).to(device)
         tensors[key] = t.to(STORAGE_DTYPE).to(torch.float32) if t.is_floating_point() else t
