@@ -187,6 +187,9 @@ class Bench:
         """lowbit-protocol perplexity on every text now (GPU), llama-perplexity queued for the CPU thread."""
         if self.done(label, qtype):
             return
+        if self.reference is None and label != "F16":  # resumed after the F16 row: its model is still the reference
+            f16 = load_gguf_weights(copy.deepcopy(self.model), self.work / "f16.gguf").to(self.device)
+            self.reference = Reference(f16, cache_bytes=6e9)
         t0 = time.perf_counter()
         model = load_gguf_weights(copy.deepcopy(self.model), path).to(self.device)
         row = {"label": label, "type": qtype, "file": path.name, **file_stats(path), **extra}
@@ -195,7 +198,7 @@ class Bench:
                                   max_windows=self.args.max_windows, reference=self.reference, progress=False)
             kl = {} if res.kl is None else {"kl": res.kl, "top1": res.top1}
             row.update(suffixed({"ppl": res.ppl, "windows": res.n_windows, **kl}, name))
-        if self.reference is None:  # the F16 file, scored first, is every later file's KL reference
+        if label == "F16":  # the F16 file, scored first, is every later file's KL reference
             self.reference = Reference(model, cache_bytes=6e9)  # every window of both texts, in float16
         else:
             del model

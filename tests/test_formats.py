@@ -64,6 +64,23 @@ def test_mse_fit_not_worse_than_minmax():
     assert e1 < 0.9 * e0
 
 
+@pytest.mark.parametrize("name,coarse_bits", [("int5_g32_asym_mse", 4), ("int4_g32_asym_mse", 3)])
+def test_mse_fit_stores_a_coarser_grid_exactly(name, coarse_bits):
+    """Weights on a Q4_1-style grid (each group: fp16 min + codes x fp16 step, codes spanning 0..2^b - 1) stored at
+    one bit more: the searched fit finds half the step and reproduces them exactly; the min/max rule does not."""
+    torch.manual_seed(5)
+    rows, groups, top = 64, 8, (1 << coarse_bits) - 1
+    codes = torch.randint(0, top + 1, (rows, groups, 32))
+    codes[:, :, 0], codes[:, :, 1] = 0, top
+    step = (torch.rand(rows, groups, 1) * 0.01 + 1e-3).half().float()
+    low = (torch.randn(rows, groups, 1) * 0.02).half().float()
+    w = (low + codes * step).reshape(rows, groups * 32)
+    fmt = get_format(name)
+    assert torch.equal(fmt.dequantize(fmt.quantize(w)), w)
+    minmax = get_format(name.removesuffix("_mse"))
+    assert not torch.equal(minmax.dequantize(minmax.quantize(w)), w)
+
+
 def test_ggml_q4_0_semantics():
     """Q4_0: d = max/-8 where max is the signed value of largest magnitude; q = round(x/d) + 8 in 0..15."""
     w = torch.tensor([[0.5, -1.0, 0.25, 0.0] * 8])

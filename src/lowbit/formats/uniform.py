@@ -9,12 +9,16 @@ Scales and mins are stored as float16, and codes are always computed against the
 parameters, so what is stored dequantizes to exactly what the algorithms saw.
 
 ``fit="mse"`` replaces the min/max rule by a search over shrunken ranges (clipping), picking per row the
-candidate with the least (importance-weighted) squared error; storage is identical.
+candidate with the least (importance-weighted) squared error; storage is identical. For asymmetric grids it also
+tries the full range with a coarser step, (max - min) / k for k from 2^b - 2 down to 2^(b-1): weights that already
+lie on a coarser grid (a model derived from a 4-bit file, stored again at 5 bits) are then stored exactly, as
+llama.cpp's scale search (make_qkx3_quants) finds them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from itertools import chain
 
 import torch
 
@@ -50,7 +54,10 @@ class UniformFormat(Format):
         lo = w.amin(dim=1, keepdim=True)
         hi = w.amax(dim=1, keepdim=True)
         signed_amax = torch.where(hi.abs() >= lo.abs(), hi, lo)
-        return range_fit(self, w, importance, lambda p: self._params_for_range(lo * p, hi * p, signed_amax * p))
+        coarser = () if self.symmetric else ({"scale": _fp16((hi - lo) / k), "min": _fp16(lo)}
+                                             for k in range(self.qmax - 1, self.qmax // 2, -1))
+        return range_fit(self, w, importance, lambda p: self._params_for_range(lo * p, hi * p, signed_amax * p),
+                         coarser)
 
     # ----- rounding ---------------------------------------------------------------------------
     def encode(self, w: torch.Tensor, params: Params, importance: torch.Tensor | None = None) -> torch.Tensor:
@@ -89,13 +96,14 @@ class UniformFormat(Format):
 
 
 def range_fit(fmt: Format, w: torch.Tensor, importance: torch.Tensor | None,
-              params_at: Callable[[float], Params]) -> Params:
+              params_at: Callable[[float], Params], extra: Iterable[Params] = ()) -> Params:
     """``params_at(1.0)`` (the min/max range) for ``fit="minmax"``; for ``fit="mse"`` the best, per row, of the
-    range shrunk by each factor of the grid (the clipping search of GPTQ's quantizer)."""
+    range shrunk by each factor of the grid (the clipping search of GPTQ's quantizer) and the ``extra``
+    candidates."""
     if fmt.fit_method == "minmax":
         return params_at(1.0)
     shrink = [1.0 - 0.8 * i / _SEARCH_GRID for i in range(_SEARCH_GRID)]
-    return fmt.best_of(w, (params_at(p) for p in shrink), importance)
+    return fmt.best_of(w, chain((params_at(p) for p in shrink), extra), importance)
 
 
 def _fp16(x: torch.Tensor) -> torch.Tensor:
