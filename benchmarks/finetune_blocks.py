@@ -12,7 +12,10 @@ same ``--nsamples`` x ``--seqlen`` calibration windows (algorithms/finetune.py):
 * ``none``: untuned;
 * ``model``: KL through the whole network (``mode="model"``);
 * ``blocks:B[:CHAIN[:LOSS[:nofinal]]]``: B decoder layers at a time (``finetune_blocks``; CHAIN compensate | quant
-  | float, LOSS token | mse, ``nofinal``: leave the final norm alone).
+  | float, LOSS token | mse, ``nofinal``: leave the final norm alone);
+* ``stream``: ``lowbit quantize --stream --finetune``: the model quantized again from its directory a layer at a
+  time, each layer tuned right after its rounding, so later layers are rounded on tuned inputs (streamed.py; its
+  "tune s" is the whole streamed run, rounding included).
 
 Every copy is scored with ``lowbit.evaluate`` on the first ``--eval-windows`` windows of ``--ctx`` tokens of the
 eval split, with the float model as reference (perplexity, KL nats/token, top-1 agreement). The table goes to
@@ -23,8 +26,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,6 +39,7 @@ import lowbit
 from lowbit.algorithms.finetune import finetune, finetune_blocks
 from lowbit.algorithms.plans import uniform_plan
 from lowbit.algorithms.sequential import calibration_set
+from lowbit.data.assets import default_model_dir
 from lowbit.eval.perplexity import Reference
 
 RESULTS = Path(__file__).parent / "results"
@@ -54,7 +60,9 @@ def parse_plan(model: torch.nn.Module, spec: str) -> str | dict[str, str]:
 
 
 def run_variant(variant: str, quantized: torch.nn.Module, model: torch.nn.Module, samples: torch.Tensor,
-                cfg: lowbit.FinetuneConfig) -> tuple[torch.nn.Module, dict]:
+                cfg: lowbit.FinetuneConfig, recipe: lowbit.Recipe, model_dir: Path) -> tuple[torch.nn.Module, dict]:
+    if variant == "stream":
+        return streamed_ft(recipe, cfg, model_dir)
     m = copy.deepcopy(quantized)
     if variant == "none":
         return m, {}
@@ -72,6 +80,19 @@ def run_variant(variant: str, quantized: torch.nn.Module, model: torch.nn.Module
         raise SystemExit(f"unknown variant {variant!r}")
     return m, {"steps": rep.steps, "tune_s": round(rep.seconds, 1),
                "last_block_loss": rep.block_losses[-1][1] if rep.block_losses else None}
+
+
+def streamed_ft(recipe: lowbit.Recipe, cfg: lowbit.FinetuneConfig, model_dir: Path) -> tuple[torch.nn.Module, dict]:
+    """The ``stream`` variant: the same recipe with +ft, streamed from ``model_dir``."""
+    tuned = dataclasses.replace(recipe, finetune=dataclasses.replace(cfg, mode="blocks", block_layers=1))
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        res = lowbit.convert_streamed(model_dir, tuned, Path(tmp) / "out", device="cpu", progress=False)
+        seconds = time.perf_counter() - t0
+        m, _ = lowbit.load(Path(tmp) / "out", device="cpu")
+    ft = res.finetune
+    return m, {"steps": ft.steps if ft else "-", "tune_s": round(seconds, 1),
+               "last_block_loss": ft.block_losses[-1][1] if ft and ft.block_losses else None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
              "|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     for variant in a.variants.split(","):
-        m, info = run_variant(variant, quantized, model, samples, cfg)
+        m, info = run_variant(variant, quantized, model, samples, cfg, recipe, Path(a.model or default_model_dir()))
         res = lowbit.evaluate(m, tok, seqlen=a.ctx, max_windows=a.eval_windows, reference=reference, progress=False)
         loss = info.get("last_block_loss")
         row = (f"| {variant} | {res.ppl:.3f} | {res.kl:.4f} | {100 * res.top1:.1f} | {info.get('steps', '-')} | "
