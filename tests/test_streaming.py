@@ -154,8 +154,8 @@ def test_host_offload_is_bit_identical(text_file, tmp_path):
 
 def test_at_most_one_decoder_layer_is_ever_materialized(synth_dir, text_file, tmp_path):
     """At every decoder layer's forward (and every read from the source), a gc scan finds at most one decoder layer
-    module holding real tensors, at most two live tensors shaped like a down_proj weight (the layer being computed
-    and the next one, read ahead on a thread), and no embedding matrix."""
+    module holding real tensors, at most two live storages of tensors shaped like a down_proj weight (the layer
+    being computed and the next one, read ahead on a thread), and no embedding matrix."""
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
     cfg = synthetic_config("tiny")
@@ -177,8 +177,10 @@ def test_at_most_one_decoder_layer_is_ever_materialized(synth_dir, text_file, tm
         layers = [o for o in objs if isinstance(o, LlamaDecoderLayer)
                   and any(not t.is_meta for t in [*o.parameters(), *o.buffers()])]
         live = [o for o in objs if isinstance(o, torch.Tensor) and not o.is_meta and o.dim() == 2]
-        seen.append((where, len(layers), sum(tuple(t.shape) == down for t in live),
-                     sum(tuple(t.shape) == embed for t in live)))
+        def storages(shape):  # distinct memory: a detached alias of a weight is not a second copy
+            return len({t.untyped_storage().data_ptr() for t in live if tuple(t.shape) == shape})
+
+        seen.append((where, len(layers), storages(down), storages(embed)))
 
     class Watched(WeightSource):
         def __init__(self, inner):
