@@ -379,7 +379,7 @@ def test_cuda_graph_blocks_match_eager_bit_for_bit(fmt_name, act_order, static, 
     fmt = get_format(fmt_name)
     graphed = gptq_quantize(w, H, fmt, act_order=act_order, static_groups=static)
     with monkeypatch.context() as mp:
-        mp.setattr(gptq, "_BlockGraphs", gptq._eager)
+        mp.setattr(gptq, "_BlockGraphs", gptq._EagerBlocks)
         eager = gptq_quantize(w, H, fmt, act_order=act_order, static_groups=static)
     for k in eager.qt.data:
         assert torch.equal(graphed.qt.data[k], eager.qt.data[k]), k

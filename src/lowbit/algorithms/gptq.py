@@ -182,7 +182,7 @@ def _round(W: torch.Tensor, f: HessianFactor, fmt: Format, blocksize: int,
         U1 = U[i1:i2, i1:i2]
         if static:
             P1 = {k: v[:, i1:i2] if order is None else v[:, order[i1:i2]] for k, v in cols_params.items()}
-            W1, Err1, C1 = (graphs or _eager(fmt, vd, sb)).run(W[:, i1:i2], U1, P1)
+            W1, Err1, C1 = (graphs or _EagerBlocks(fmt, vd, sb)).run(W[:, i1:i2], U1, P1)
         else:
             W1 = W[:, i1:i2].clone()  # contiguous, so the per-column updates stay in cache
             Err1 = torch.empty_like(W1)
@@ -237,7 +237,7 @@ def _fitted_block(fmt: Format, W1: torch.Tensor, Err1: torch.Tensor, C1: torch.T
         _column_loop(fmt, W1, Err1, C1, U1, fmt.expand(params[g], stop - i), vd, sb, i, stop, p0=i)
 
 
-class _eager:  # noqa: N801 - used like _BlockGraphs
+class _EagerBlocks:
     """A static block rounded eagerly (on copies, as a graph's buffers would be)."""
 
     def __init__(self, fmt: Format, vd: int, sb: int):
@@ -262,7 +262,7 @@ class _BlockGraphs:
 
     def run(self, W1: torch.Tensor, U1: torch.Tensor, P1: Params) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self._failed:
-            return _eager(self.fmt, self.vd, self.sb).run(W1, U1, P1)
+            return _EagerBlocks(self.fmt, self.vd, self.sb).run(W1, U1, P1)
         key = (tuple(W1.shape), tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(P1.items())))
         if key not in self._graphs:
             graph = self._capture(W1, U1, P1)
