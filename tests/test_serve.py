@@ -421,19 +421,35 @@ def test_cli_generate_quantized_checkpoint_and_errors(tiny_dir, tmp_path, capsys
 def test_max_concurrency_2_with_no_queue(loaded):
     """Two generations run at once; with --max-queue 0 a third concurrent request is refused, not queued."""
     results: list[int] = []
-    with running_server(*loaded, max_concurrency=2, max_queue=0) as (base, app), slow_forward(loaded[0], 0.03):
-        body = {"model": MODEL_ID, "prompt": "fox", "max_tokens": 12, "temperature": 0}
+    gate = threading.Event()  # forwards wait here until the third request has been answered: no timing involved
 
-        def post() -> None:
-            results.append(httpx.post(f"{base}/v1/completions", json=body, timeout=30).status_code)
+    def wait(*_) -> None:  # noqa: ANN002 - a forward pre-hook; returning None keeps the inputs
+        gate.wait(30)
 
-        threads = [threading.Thread(target=post) for _ in range(3)]
-        for t in threads:
-            t.start()
-        peak, t0 = 0, time.monotonic()
-        while any(t.is_alive() for t in threads) and time.monotonic() - t0 < 30:
-            peak = max(peak, app.state.engine.running)
-            time.sleep(0.005)
+    handle = loaded[0].register_forward_pre_hook(wait)
+    try:
+        with running_server(*loaded, max_concurrency=2, max_queue=0) as (base, app):
+            body = {"model": MODEL_ID, "prompt": "fox", "max_tokens": 12, "temperature": 0}
+
+            def post() -> None:
+                results.append(httpx.post(f"{base}/v1/completions", json=body, timeout=60).status_code)
+
+            threads = [threading.Thread(target=post) for _ in range(3)]
+            peak = 0
+            for n, t in enumerate(threads, 1):  # one at a time: the third arrives while two run
+                t.start()
+                t0 = time.monotonic()
+                while app.state.engine.running < min(n, 2) and 429 not in results and time.monotonic() - t0 < 30:
+                    time.sleep(0.005)
+                peak = max(peak, app.state.engine.running)
+            while 429 not in results and time.monotonic() - t0 < 30:
+                time.sleep(0.005)
+            gate.set()
+            for t in threads:
+                t.join(60)
+    finally:
+        gate.set()
+        handle.remove()
     assert sorted(results) == [200, 200, 429] and peak == 2
 
 
