@@ -453,6 +453,39 @@ def test_max_concurrency_2_with_no_queue(loaded):
     assert sorted(results) == [200, 200, 429] and peak == 2
 
 
+def test_max_queue_0_refuses_the_third_of_a_burst(loaded):
+    """Three requests at once, before any holds a slot: two run, the third is refused (not queued behind them)."""
+    results: list[int] = []
+    gate = threading.Event()
+
+    def wait(*_) -> None:  # noqa: ANN002 - a forward pre-hook; returning None keeps the inputs
+        gate.wait(30)
+
+    handle = loaded[0].register_forward_pre_hook(wait)
+    try:
+        with running_server(*loaded, max_concurrency=2, max_queue=0) as (base, _app):
+            body = {"model": MODEL_ID, "prompt": "fox", "max_tokens": 4, "temperature": 0}
+            start = threading.Barrier(3)
+
+            def post() -> None:
+                start.wait(10)
+                results.append(httpx.post(f"{base}/v1/completions", json=body, timeout=60).status_code)
+
+            threads = [threading.Thread(target=post) for _ in range(3)]
+            for t in threads:
+                t.start()
+            t0 = time.monotonic()
+            while 429 not in results and time.monotonic() - t0 < 30:
+                time.sleep(0.005)
+            gate.set()
+            for t in threads:
+                t.join(60)
+    finally:
+        gate.set()
+        handle.remove()
+    assert sorted(results) == [200, 200, 429]
+
+
 @pytest.mark.parametrize("missing, reloaded", [
     ("fastapi", ["lowbit.serve.app"]),
     ("uvicorn", ["lowbit.serve.app"]),

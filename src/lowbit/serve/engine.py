@@ -246,7 +246,10 @@ class Engine:
         """ShuttingDownError when stopping, QueueFullError when a new request would wait behind a full queue."""
         if self._draining or self._stopping.is_set():
             raise ShuttingDownError
-        if self._slots.locked() and self.waiting >= self.max_queue:
+        # requests admitted but not yet holding a slot count as waiting: a burst that passes this check before any
+        # of them takes a slot must not queue more than max_queue
+        if (self._slots.locked() and self.waiting >= self.max_queue
+                or self.waiting + self.running >= self.max_concurrency + self.max_queue):
             self.stats["refused"] += 1
             raise QueueFullError
 
