@@ -358,7 +358,7 @@ def test_compressed_tensors_export_loads_in_transformers(tmp_path, tiny_tokenize
 
 def test_gptq_export_loads_with_gptqmodel(tmp_path, tiny_tokenizer):
     """GPTQModel's CPU kernels (transformers' GPTQ path). Not installed in CI: `pip install gptqmodel==7.6.0
-    optimum` (an sdist that pins numpy 2.2.6; 7.7 needs torch >= 2.14.1), see docs/serving.md."""
+    optimum` (an sdist that pins numpy 2.2.6; 7.7 needs torch >= 2.14.1), see docs/export-hf.md."""
     pytest.importorskip("gptqmodel")
     pytest.importorskip("optimum")
     from lowbit.formats import get_format
