@@ -359,8 +359,8 @@ SNAPSHOT_SECONDS = 120.0  # an activation snapshot at most this often (see _Chec
 @dataclass
 class Resume:
     """Where a checkpointed run resumes: ``next_layer`` is the first layer to quantize; ``inputs`` are the inputs of
-    layer ``replay_from`` (None: layer 0's, captured again), which the committed layers ``replay_from`` ..
-    ``next_layer - 1`` turn into the inputs of ``next_layer`` (see :func:`replay`)."""
+    layer ``replay_from`` (None: layer 0's, captured again), which running the committed layers ``replay_from`` ..
+    ``next_layer - 1`` on them turns into the inputs of ``next_layer`` (quantize_sequential, streamed._replay)."""
 
     next_layer: int
     inputs: torch.Tensor | None
@@ -447,12 +447,12 @@ class _Checkpoint:
             self._snapshot_at, self._inputs_from = now, index
         tensors = formats = None
         if self.lead:
-            tensors = {k: v.detach().cpu() for k, v in layer.state_dict().items()}
+            tensors = {k: v.detach().cpu().contiguous() for k, v in layer.state_dict().items()}
             formats = {n: [m.format_name, m.rotation.to_json() if m.rotation else None]
                        for n, m in layer.named_modules() if isinstance(m, QuantLinear)}
         state = {"layout": CHECKPOINT_LAYOUT, "fingerprint": self.fingerprint, "next_layer": index + 1,
                  "inputs_from": self._inputs_from, "stats": {k: asdict(v) for k, v in stats.items()}}
-        acts = inps.detach().cpu() if snapshot else None
+        acts = inps.detach().cpu().contiguous() if snapshot else None
         if self._writer is None:
             self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lowbit-checkpoint")
         self._pending = self._writer.submit(self._write, index, tensors, formats, acts, state)
