@@ -88,6 +88,23 @@ def slow_forward(model, seconds: float) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def gated_forward(model) -> Iterator[threading.Event]:
+    """Every forward pass waits (up to 30 s) until the yielded event is set: requests stay running for as long as a
+    test needs, with no timing involved. The gate opens on exit in any case."""
+    gate = threading.Event()
+
+    def wait(*_) -> None:  # noqa: ANN002 - a forward pre-hook; returning None keeps the inputs
+        gate.wait(30)
+
+    handle = model.register_forward_pre_hook(wait)
+    try:
+        yield gate
+    finally:
+        gate.set()
+        handle.remove()
+
+
+@contextlib.contextmanager
 def running_server(model, tok, port: int = 0, **kwargs) -> Iterator[tuple[str, object]]:
     app = create_app(model, tok, MODEL_ID, **kwargs)
     sock = socket.socket()
@@ -421,69 +438,48 @@ def test_cli_generate_quantized_checkpoint_and_errors(tiny_dir, tmp_path, capsys
 def test_max_concurrency_2_with_no_queue(loaded):
     """Two generations run at once; with --max-queue 0 a third concurrent request is refused, not queued."""
     results: list[int] = []
-    gate = threading.Event()  # forwards wait here until the third request has been answered: no timing involved
-
-    def wait(*_) -> None:  # noqa: ANN002 - a forward pre-hook; returning None keeps the inputs
-        gate.wait(30)
-
-    handle = loaded[0].register_forward_pre_hook(wait)
-    try:
-        with running_server(*loaded, max_concurrency=2, max_queue=0) as (base, app):
-            body = {"model": MODEL_ID, "prompt": "fox", "max_tokens": 12, "temperature": 0}
-
-            def post() -> None:
-                results.append(httpx.post(f"{base}/v1/completions", json=body, timeout=60).status_code)
-
-            threads = [threading.Thread(target=post) for _ in range(3)]
-            peak = 0
-            for n, t in enumerate(threads, 1):  # one at a time: the third arrives while two run
-                t.start()
-                t0 = time.monotonic()
-                while app.state.engine.running < min(n, 2) and 429 not in results and time.monotonic() - t0 < 30:
-                    time.sleep(0.005)
-                peak = max(peak, app.state.engine.running)
-            while 429 not in results and time.monotonic() - t0 < 30:
+    with gated_forward(loaded[0]) as gate, \
+            running_server(*loaded, max_concurrency=2, max_queue=0) as (base, app):
+        threads = [threading.Thread(target=post_completion, args=(base, results, 12)) for _ in range(3)]
+        peak = 0
+        for n, t in enumerate(threads, 1):  # one at a time: the third arrives while two run
+            t.start()
+            t0 = time.monotonic()
+            while app.state.engine.running < min(n, 2) and 429 not in results and time.monotonic() - t0 < 30:
                 time.sleep(0.005)
-            gate.set()
-            for t in threads:
-                t.join(60)
-    finally:
-        gate.set()
-        handle.remove()
+            peak = max(peak, app.state.engine.running)
+        open_when_refused(gate, results, threads)
     assert sorted(results) == [200, 200, 429] and peak == 2
 
 
 def test_max_queue_0_refuses_the_third_of_a_burst(loaded):
     """Three requests at once, before any holds a slot: two run, the third is refused (not queued behind them)."""
     results: list[int] = []
-    gate = threading.Event()
-
-    def wait(*_) -> None:  # noqa: ANN002 - a forward pre-hook; returning None keeps the inputs
-        gate.wait(30)
-
-    handle = loaded[0].register_forward_pre_hook(wait)
-    try:
-        with running_server(*loaded, max_concurrency=2, max_queue=0) as (base, _app):
-            body = {"model": MODEL_ID, "prompt": "fox", "max_tokens": 4, "temperature": 0}
-            start = threading.Barrier(3)
-
-            def post() -> None:
-                start.wait(10)
-                results.append(httpx.post(f"{base}/v1/completions", json=body, timeout=60).status_code)
-
-            threads = [threading.Thread(target=post) for _ in range(3)]
-            for t in threads:
-                t.start()
-            t0 = time.monotonic()
-            while 429 not in results and time.monotonic() - t0 < 30:
-                time.sleep(0.005)
-            gate.set()
-            for t in threads:
-                t.join(60)
-    finally:
-        gate.set()
-        handle.remove()
+    with gated_forward(loaded[0]) as gate, running_server(*loaded, max_concurrency=2, max_queue=0) as (base, _app):
+        start = threading.Barrier(3)
+        threads = [threading.Thread(target=post_completion, args=(base, results, 4, start)) for _ in range(3)]
+        for t in threads:
+            t.start()
+        open_when_refused(gate, results, threads)
     assert sorted(results) == [200, 200, 429]
+
+
+def post_completion(base: str, results: list[int], max_tokens: int, start: threading.Barrier | None = None) -> None:
+    """One greedy completion request (after ``start``, when given); its status code goes to ``results``."""
+    if start is not None:
+        start.wait(10)
+    body = {"model": MODEL_ID, "prompt": "fox", "max_tokens": max_tokens, "temperature": 0}
+    results.append(httpx.post(f"{base}/v1/completions", json=body, timeout=60).status_code)
+
+
+def open_when_refused(gate: threading.Event, results: list[int], threads: list[threading.Thread]) -> None:
+    """Wait (up to 30 s) for a request to be refused, then let the held generations finish."""
+    t0 = time.monotonic()
+    while 429 not in results and time.monotonic() - t0 < 30:
+        time.sleep(0.005)
+    gate.set()
+    for t in threads:
+        t.join(60)
 
 
 @pytest.mark.parametrize("missing, reloaded", [
