@@ -3,11 +3,14 @@
     python benchmarks/finetune_blocks.py --method rtn --format q4_0 --tag cpu
     python benchmarks/finetune_blocks.py --method gptq_act --format q4_0 --variants none,model,blocks:2
     python benchmarks/finetune_blocks.py --format "down_proj=iq2_xxs,v_proj=q4_0,*=iq4_nl" --method gptq
+    python benchmarks/finetune_blocks.py --preset IQ2_XXS --method gptq_act --variants none,model,stream \
+        --device cuda --nsamples 128 --seqlen 2048 --epochs 2 --eval-windows 0    # the GPU recipe
 
 The bundled model (or ``--model``) is quantized once (``--method``, ``--format``: a format name or a plan
 ``SUFFIX=FORMAT,...,*=FORMAT``, linears matched by name suffix; the example is the shape of llama.cpp's IQ2_XXS
-file of SmolLM2, whose 576-wide rows only hold IQ2_XXS super-blocks in ffn_down). Each variant tunes a copy on the
-same ``--nsamples`` x ``--seqlen`` calibration windows (algorithms/finetune.py):
+file of SmolLM2, whose 576-wide rows only hold IQ2_XXS super-blocks in ffn_down), or ``--preset`` (llama.cpp's
+per-tensor types for that preset, io/gguf_presets.py). ``--device`` runs quantization, tuning and eval there.
+Each variant tunes a copy on the same ``--nsamples`` x ``--seqlen`` calibration windows (algorithms/finetune.py):
 
 * ``none``: untuned;
 * ``model``: KL through the whole network (``mode="model"``);
@@ -41,6 +44,7 @@ from lowbit.algorithms.plans import uniform_plan
 from lowbit.algorithms.sequential import calibration_set
 from lowbit.data.assets import default_model_dir
 from lowbit.eval.perplexity import Reference
+from lowbit.io.gguf_presets import preset_plan
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -60,36 +64,38 @@ def parse_plan(model: torch.nn.Module, spec: str) -> str | dict[str, str]:
 
 
 def run_variant(variant: str, quantized: torch.nn.Module, model: torch.nn.Module, samples: torch.Tensor,
-                cfg: lowbit.FinetuneConfig, recipe: lowbit.Recipe, model_dir: Path) -> tuple[torch.nn.Module, dict]:
+                cfg: lowbit.FinetuneConfig, recipe: lowbit.Recipe, model_dir: Path,
+                device: torch.device) -> tuple[torch.nn.Module, dict]:
     if variant == "stream":
-        return streamed_ft(recipe, cfg, model_dir)
+        return streamed_ft(recipe, cfg, model_dir, device)
     m = copy.deepcopy(quantized)
     if variant == "none":
         return m, {}
     teacher = copy.deepcopy(model)
     name, *opts = variant.split(":")
     if name == "model":
-        rep = finetune(m, teacher, samples, lowbit.FinetuneConfig(**{**vars(cfg), "mode": "model"}), "cpu", False)
+        rep = finetune(m, teacher, samples, lowbit.FinetuneConfig(**{**vars(cfg), "mode": "model"}), device, False)
     elif name == "blocks":
         block = lowbit.FinetuneConfig(**{**vars(cfg), "mode": "blocks", "block_layers": int(opts[0])})
         kw = {"chain": opts[1]} if len(opts) > 1 else {}
         kw |= {"loss": opts[2]} if len(opts) > 2 else {}
         kw |= {"final_norm": False} if "nofinal" in opts else {}
-        rep = finetune_blocks(m, teacher, samples, block, torch.device("cpu"), False, **kw)
+        rep = finetune_blocks(m, teacher, samples, block, device, False, **kw)
     else:
         raise SystemExit(f"unknown variant {variant!r}")
     return m, {"steps": rep.steps, "tune_s": round(rep.seconds, 1),
                "last_block_loss": rep.block_losses[-1][1] if rep.block_losses else None}
 
 
-def streamed_ft(recipe: lowbit.Recipe, cfg: lowbit.FinetuneConfig, model_dir: Path) -> tuple[torch.nn.Module, dict]:
+def streamed_ft(recipe: lowbit.Recipe, cfg: lowbit.FinetuneConfig, model_dir: Path,
+                device: torch.device) -> tuple[torch.nn.Module, dict]:
     """The ``stream`` variant: the same recipe with +ft, streamed from ``model_dir``."""
     tuned = dataclasses.replace(recipe, finetune=dataclasses.replace(cfg, mode="blocks", block_layers=1))
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        res = lowbit.convert_streamed(model_dir, tuned, Path(tmp) / "out", device="cpu", progress=False)
+        res = lowbit.convert_streamed(model_dir, tuned, Path(tmp) / "out", device=device, progress=False)
         seconds = time.perf_counter() - t0
-        m, _ = lowbit.load(Path(tmp) / "out", device="cpu")
+        m, _ = lowbit.load(Path(tmp) / "out", device=device)
     ft = res.finetune
     return m, {"steps": ft.steps if ft else "-", "tune_s": round(seconds, 1),
                "last_block_loss": ft.block_losses[-1][1] if ft and ft.block_losses else None}
@@ -100,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=None)
     ap.add_argument("--method", default="rtn")
     ap.add_argument("--format", default="q4_0")
+    ap.add_argument("--preset", default=None, help="llama.cpp preset whose per-tensor types to use (over --format)")
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--variants", default="none,model,blocks:1,blocks:2,blocks:4")
     ap.add_argument("--nsamples", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=256)
@@ -107,37 +115,44 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--ctx", type=int, default=1024, help="eval window (tokens)")
-    ap.add_argument("--eval-windows", type=int, default=16)
+    ap.add_argument("--eval-windows", type=int, default=16, help="0: the whole eval split")
     ap.add_argument("--tag", default="cpu")
     a = ap.parse_args(argv)
 
-    model, tok = lowbit.load(a.model, device="cpu")
+    device = torch.device(a.device)
+    model, tok = lowbit.load(a.model, device=device)
     calib = lowbit.CalibConfig(a.nsamples, a.seqlen)
-    recipe = lowbit.Recipe(parse_plan(model, a.format), a.method, calib=calib)
+    plan = preset_plan(model, a.preset, searched=True).plan if a.preset else parse_plan(model, a.format)
+    recipe = lowbit.Recipe(plan, a.method, calib=calib)
     cfg = lowbit.FinetuneConfig(a.epochs, a.lr, a.batch)
     quantized = copy.deepcopy(model)
     t0 = time.perf_counter()
-    lowbit.quantize(quantized, recipe, tok, device="cpu", progress=False)
+    lowbit.quantize(quantized, recipe, tok, device=device, progress=False)
     quant_s = time.perf_counter() - t0
     samples = calibration_set(model, tok, calib)  # the windows quantize drew
     reference = Reference(model, cache_bytes=4e9)
-    hw = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    hw = (f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
+          f"{torch.__version__})" if device.type == "cpu" else f"{torch.cuda.get_device_name(device)}, torch "
+          f"{torch.__version__}")
+    windows = f"first {a.eval_windows} windows" if a.eval_windows else "all windows"
     lines = [f"Command: `python {' '.join(sys.argv)}`", "",
-             f"Hardware: CPU ({hw}). Recipe: `{recipe}` (quantized in {quant_s:.0f} s); tuning: {a.nsamples} x "
-             f"{a.seqlen} calibration windows, {a.epochs:g} epoch(s), lr {a.lr:g}, batch {a.batch}; eval: first "
-             f"{a.eval_windows} windows x {a.ctx} tokens of the eval split, KL to the float model.", "",
+             f"Hardware: {hw}. Recipe: `{recipe}` (quantized in {quant_s:.0f} s); tuning: {a.nsamples} x "
+             f"{a.seqlen} calibration windows, {a.epochs:g} epoch(s), lr {a.lr:g}, batch {a.batch}; eval: "
+             f"{windows} x {a.ctx} tokens of the eval split, KL to the float model.", "",
              "| variant | ppl | KL nats/token | top-1 % | steps | tune s | last block loss |",
              "|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     for variant in a.variants.split(","):
-        m, info = run_variant(variant, quantized, model, samples, cfg, recipe, Path(a.model or default_model_dir()))
-        res = lowbit.evaluate(m, tok, seqlen=a.ctx, max_windows=a.eval_windows, reference=reference, progress=False)
+        m, info = run_variant(variant, quantized, model, samples, cfg, recipe, Path(a.model or default_model_dir()),
+                              device)
+        res = lowbit.evaluate(m, tok, seqlen=a.ctx, max_windows=a.eval_windows or None, reference=reference,
+                              progress=False)
         loss = info.get("last_block_loss")
         row = (f"| {variant} | {res.ppl:.3f} | {res.kl:.4f} | {100 * res.top1:.1f} | {info.get('steps', '-')} | "
                f"{info.get('tune_s', '-')} | {'-' if loss is None else f'{loss:.4g}'} |")
         print(row, flush=True)
         lines.append(row)
-    ref = lowbit.evaluate(model, tok, seqlen=a.ctx, max_windows=a.eval_windows, progress=False)
+    ref = lowbit.evaluate(model, tok, seqlen=a.ctx, max_windows=a.eval_windows or None, progress=False)
     lines += ["", f"Float model on the same windows: ppl {ref.ppl:.3f}."]
     print(lines[-1])
     RESULTS.mkdir(exist_ok=True)

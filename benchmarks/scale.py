@@ -20,7 +20,10 @@ with ``--layers N`` below the total, ``seconds_extrapolated`` = setup + capture 
 (the final write is not in it) is given beside it, clearly labelled, and ``seconds`` stays the measured figure.
 ``--procs N``: the run is N processes started by torchrun, one per GPU (gloo processes with ``--device cpu``),
 sharing the calibration windows as ``torchrun --nproc-per-node N -m lowbit.cli quantize`` does
-(algorithms/distributed.py); its peaks are rank 0's, and ``gpus`` is N.
+(algorithms/distributed.py); its peaks are rank 0's, and ``gpus`` is N. Every run sets its CPU threads as the CLI
+does (lowbit/cpu.py: with N processes, each gets 1/N of the host's CPUs).
+``setup_seconds`` (source opened, calibration drawn; ``group_seconds`` of it joining the process group and its
+first collective), ``capture_seconds``, ``layer_seconds_mean`` and ``save_seconds`` split ``seconds``.
 ``peak_host_gb``: the process's peak resident memory (getrusage ru_maxrss); ``peak_gpu_gb``: torch's peak
 allocated CUDA memory (``peak_gpu_reserved_gb``: its peak reserved memory, what nvidia-smi would show less the
 context). Peaks do not grow with the number of layers (one layer at a time). Rows are merged into
@@ -82,10 +85,12 @@ def run_one(args: argparse.Namespace) -> dict:
 
     t0 = time.perf_counter()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    procs = 1
+    procs, group = 1, 0.0
     if distributed.launched():
         ranks, name = distributed.init_from_env(args.device)
         device, procs = torch.device(name), ranks.world
+        ranks.barrier()  # the first collective sets up the communicator: timed apart from the rest of the setup
+        group = time.perf_counter() - t0
     source = open_source(args.source or f"synthetic:{args.shape}")
     plan = uniform_plan(source.skeleton(), args.format)
     method, _, ft = args.method.partition("+")
@@ -120,7 +125,8 @@ def run_one(args: argparse.Namespace) -> dict:
         "seconds_extrapolated": (None if report.complete else
                                  round(setup + report.capture_seconds + mean_layer * report.layers_total, 1)),
         "extrapolated_from_layers": None if report.complete else run,
-        "setup_seconds": round(setup, 2), "capture_seconds": round(report.capture_seconds, 2),
+        "setup_seconds": round(setup, 2), "group_seconds": round(group, 2),
+        "capture_seconds": round(report.capture_seconds, 2),
         "layer_seconds_mean": round(mean_layer, 2), "save_seconds": None if save_seconds is None else round(
             save_seconds, 2),
         "peak_gpu_reserved_gb": _r(torch.cuda.max_memory_reserved(device) / 1e9) if device.type == "cuda" else None,
@@ -155,6 +161,9 @@ def default_tag(device: str | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.one:
+        from lowbit.cpu import configure
+
+        configure()  # the CLI's CPU threads (one host's CPUs shared by its processes), before torch loads
         row = run_one(args)
         from lowbit.algorithms import distributed
 

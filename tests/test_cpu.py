@@ -45,6 +45,26 @@ def test_configure_sets_threads_and_keeps_a_users_wait_policy(monkeypatch):
         cpu.configure(0)
 
 
+def test_processes_of_one_host_share_its_cpus(monkeypatch):
+    """torchrun sets OMP_NUM_THREADS=1 in its processes unless the user set it: that 1 is not a choice."""
+    monkeypatch.setattr(cpu, "available_cpus", lambda: 32)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert cpu.default_threads() == 16
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert cpu.default_threads() == 16
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")  # the user's choice
+    assert cpu.default_threads() == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "64")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert cpu.default_threads() == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # one process: OMP_NUM_THREADS as set
+    assert cpu.default_threads() == 1
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert cpu.default_threads() == 32
+
+
 def test_threads_flag_before_or_after_the_command():
     parser = build_parser()
     assert parser.parse_args(["formats"]).threads is None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import shutil
 import signal
 import subprocess
@@ -98,6 +99,16 @@ def test_synthetic_weights_are_deterministic_and_written_as_generated(synth_dir)
     assert big.shape == (3, 11008) and 0.015 < big.float().std() < 0.04  # std 0.02, a few columns x4
     norm = gen.read(["model.layers.0.input_layernorm.weight"])["model.layers.0.input_layernorm.weight"]
     assert norm.max() > 5  # outlier channels
+
+
+def test_synthetic_blocks_drawn_in_parallel_are_the_same_values():
+    """Row blocks are generated on several threads, each from its own seeded generator: the values do not depend on
+    the thread count, and a prefix of rows is a prefix of the tensor."""
+    key, size = "model.layers.1.mlp.up_proj.weight", (2500, 64)  # three blocks, the last one partial
+    one = synthetic_tensor("tiny", 0, key, size)
+    torch.set_num_threads(3)
+    assert torch.equal(synthetic_tensor("tiny", 0, key, size), one)
+    assert torch.equal(synthetic_tensor("tiny", 0, key, size, rows=1500), one[:1500])
 
 
 # --------------------------------------------------------------------------------------------- streamed == in memory
@@ -524,6 +535,54 @@ def test_streamed_ft_tunes_each_layer_lowers_kl_and_resumes_bit_identically(text
     assert sorted(p.name for p in Path(f"{out}.partial").iterdir()) == ["step-0"]
     lowbit.convert_streamed(src, tuned, out, device="cpu", progress=False)
     assert_same_checkpoint(tmp_path / "ft", out)
+
+
+def test_streamed_ft_ends_with_the_final_norm_tuned_on_logits(text_file, tmp_path, monkeypatch):
+    """After the last layer, +ft tunes the final norm alone by KL through the LM head (the one step that sees the
+    logits; its effect is measured on the bundled model by benchmarks/finetune_blocks.py): the output carries the
+    tuned norm, and kills during that stage or after it resume to the same bytes."""
+    from lowbit.algorithms.finetune import FinetuneConfig
+
+    src = SyntheticSource("tiny", num_layers=2)
+    calib = CalibConfig(nsamples=4, seqlen=16, text_path=text_file)
+    tuned = Recipe.parse("gptq_act+ft:int3_g32_asym", calib=calib, finetune=FinetuneConfig(epochs=8, batch_size=2))
+    res = lowbit.convert_streamed(src, tuned, tmp_path / "ft", device="cpu", progress=False)
+    # the layers alone leave the report's KL at NaN; tuned tensors: pairs of (scales, norms) per layer + the final norm
+    assert math.isfinite(res.finetune.kl_first) and math.isfinite(res.finetune.kl_last)
+    assert res.finetune.tuned_tensors % 2 == 1
+    norm = tensors(tmp_path / "ft")["model.norm.weight"]
+    source_norm = src.read(["model.norm.weight"])["model.norm.weight"]
+    assert norm.dtype == torch.float16 and not torch.equal(norm, source_norm)
+
+    for where in ("tune", "save"):  # killed while tuning it, and after it is committed (while writing the output)
+        out = tmp_path / f"killed-{where}"
+        with monkeypatch.context() as mp, pytest.raises(Killed):
+            if where == "tune":
+                mp.setattr(streamed, "tune_final_norm", lambda *a, **k: (_ for _ in ()).throw(Killed(where)))
+            else:
+                mp.setattr(streamed, "save_quantized_streamed", lambda *a, **k: (_ for _ in ()).throw(Killed(where)))
+            lowbit.convert_streamed(src, tuned, out, device="cpu", progress=False)
+        work = sorted(p.name for p in Path(f"{out}.partial").iterdir())
+        assert ("final-norm.safetensors" in work) == (where == "save")
+        lowbit.convert_streamed(src, tuned, out, device="cpu", progress=False)
+        assert_same_checkpoint(tmp_path / "ft", out)
+
+
+def test_float_head_of_a_tied_model_is_its_embeddings(tiny_tokenizer, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lowbit.io.sources import open_source
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg).half()
+    model.save_pretrained(tmp_path / "tied")
+    tiny_tokenizer.save_pretrained(tmp_path / "tied")
+    src = open_source(tmp_path / "tied")
+    head = streamed._float_head(src.skeleton(), src)
+    assert head.weight.dtype == torch.float32 and not head.weight.requires_grad
+    assert torch.equal(head.weight, model.model.embed_tokens.weight.float())
 
 
 def test_streamed_ft_refusals(text_file, tmp_path):

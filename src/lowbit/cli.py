@@ -171,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export_gguf(sub)
     _add_export_hf(sub)
     _add_demo(sub)
-    threads = ("CPU threads for PyTorch (default: OMP_NUM_THREADS if set, else the CPUs this process may use; idle "
+    threads = ("CPU threads for PyTorch (default: OMP_NUM_THREADS if set, else the CPUs this process may use, shared "
+               "by the processes of a torchrun; idle "
                "threads sleep instead of spinning, so a busy machine does not stall every operation: docs/formats.md)")
     ap.add_argument("--threads", type=int, default=None, help=threads)
     for p in sub.choices.values():  # also after the command; there it wins

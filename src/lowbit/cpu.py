@@ -13,6 +13,12 @@ the environment sets it, and ``torch.set_num_threads`` to ``--threads``, else ``
 the CPUs this process may run on (:func:`available_cpus`: its affinity mask, capped by a container's CPU quota),
 not the machine's. Library users call it themselves, before their first ``import torch``; lowbit's API never
 changes a process's settings on its own.
+
+Several processes on one host (torchrun, ``LOCAL_WORLD_SIZE`` > 1) share its CPUs: each gets its share,
+``available_cpus() // LOCAL_WORLD_SIZE``. torchrun sets ``OMP_NUM_THREADS=1`` in every process it starts unless the
+environment already has a value, so there a 1 is read as torchrun's default, not a choice (``--threads 1`` is
+one); a single thread per process starved the work a GPU process does on its CPU (reading or generating the next
+layer's weights, host copies): two H200s' 7B run went CPU-bound.
 """
 
 from __future__ import annotations
@@ -51,6 +57,17 @@ def _cgroup_quota() -> float | None:
         return None
 
 
+def default_threads() -> int:
+    """The thread count without ``--threads``: see the module docstring."""
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    env_threads = int(env) if env.isdigit() and int(env) > 0 else None
+    local = os.environ.get("LOCAL_WORLD_SIZE", "").strip()
+    procs = int(local) if local.isdigit() and int(local) > 0 else 1
+    if procs > 1 and env_threads in (None, 1):  # torchrun's OMP_NUM_THREADS=1, or none
+        return max(1, available_cpus() // procs)
+    return env_threads or available_cpus()
+
+
 def configure(threads: int | None = None) -> int:
     """Apply lowbit's CPU defaults to this process (see the module docstring); returns the thread count.
 
@@ -59,8 +76,7 @@ def configure(threads: int | None = None) -> int:
         raise LowbitError(f"--threads must be at least 1, got {threads}")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if threads is None:
-        env = os.environ.get("OMP_NUM_THREADS", "").strip()
-        threads = int(env) if env.isdigit() and int(env) > 0 else available_cpus()
+        threads = default_threads()
     import torch
 
     torch.set_num_threads(threads)

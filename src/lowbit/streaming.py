@@ -76,7 +76,7 @@ def convert_streamed(source: str | Path | WeightSource, recipe: Recipe | str, ou
     ranks = distributed.current()
     if ranks is None or ranks.lead:  # several processes (distributed.py): rank 0 holds every layer file
         save_streamed(src, report.layer_files, out, meta={**result.to_json(), "source": src.name,
-                      "streamed": streamed}, overwrite=overwrite, progress=progress)
+                      "streamed": streamed}, overwrite=overwrite, progress=progress, tuned_file=report.tuned_file)
     discard_work(work)  # only now: a kill before the output's commit resumes from the finished layers
     return result
 

@@ -414,7 +414,7 @@ def finetune_blocks(model: nn.Module, teacher: nn.Module, samples: torch.Tensor,
             steps, n_tensors, n_values = steps + n_steps, n_tensors + len(tuned), n_values + _numel(tuned)
             bar.set_postfix(loss=f"{last:.4g}")
         if final_norm and cfg.norms:
-            norm = _final_norm(model)
+            norm = find_final_norm(model)
             if norm is not None:
                 saved.append((norm, norm.weight.detach().to(host, copy=True)))
                 kl_first, kl_last, n_steps = _tune_final_norm(model, teacher, xs, xt, cfg, device)
@@ -541,7 +541,7 @@ def _dtype(block: list[nn.Module]) -> torch.dtype:
     return next((p.dtype for layer in block for p in layer.parameters() if p.is_floating_point()), torch.float32)
 
 
-def _final_norm(model: nn.Module) -> nn.Module | None:
+def find_final_norm(model: nn.Module) -> nn.Module | None:
     """The one norm outside the decoder layers, applied right before the head (None when there is not exactly
     one, or when something else sits between it and the head: OPT's project_out)."""
     prefix = DECODER_LAYERS[model.config.model_type] + "."
@@ -554,10 +554,17 @@ def _final_norm(model: nn.Module) -> nn.Module | None:
 
 def _tune_final_norm(model: nn.Module, teacher: nn.Module, xs: torch.Tensor, xt: torch.Tensor,
                      cfg: FinetuneConfig, device: torch.device) -> tuple[float, float, int]:
-    """KL(teacher || model) on logits from the two models' last hidden states, training the final norm alone.
-    Logits are made one window at a time (gradients accumulated over the batch), so memory is one window's."""
-    norm, t_norm = _final_norm(model), _final_norm(teacher)
-    head, t_head = model.get_output_embeddings(), teacher.get_output_embeddings()
+    """KL(teacher || model) on logits from the two models' last hidden states, training the final norm alone."""
+    return tune_final_norm(find_final_norm(model), find_final_norm(teacher), model.get_output_embeddings(),
+                           teacher.get_output_embeddings(), xs, xt, cfg, device)
+
+
+def tune_final_norm(norm: nn.Module, t_norm: nn.Module, head: nn.Module, t_head: nn.Module, xs: torch.Tensor,
+                    xt: torch.Tensor, cfg: FinetuneConfig, device: torch.device) -> tuple[float, float, int]:
+    """Train ``norm`` alone (in place, rounded to float16 as stored) so that ``head(norm(xs))`` matches the
+    teacher's ``t_head(t_norm(xt))`` in KL, ``xs``/``xt`` being the two models' last hidden states. Logits are made
+    one window at a time (gradients accumulated over the batch), so memory is one window's. Returns (first loss,
+    last loss, steps)."""
     n = xs.shape[0]
     bs = min(cfg.batch_size, n)
     steps = max(1, round(cfg.epochs * n / bs))
@@ -565,7 +572,7 @@ def _tune_final_norm(model: nn.Module, teacher: nn.Module, xs: torch.Tensor, xt:
     order = torch.cat([torch.randperm(n, generator=g) for _ in range((steps * bs + n - 1) // n)])
     first = last = math.nan
     with _on(device, norm, head, t_norm, t_head):
-        tuned = _wrap(model, {}, [norm])
+        tuned = _wrap(norm, {}, [norm])
         opt = torch.optim.Adam(tuned, lr=cfg.lr)
         dtype = norm.parametrizations.weight.original.dtype
         try:
@@ -585,9 +592,9 @@ def _tune_final_norm(model: nn.Module, teacher: nn.Module, xs: torch.Tensor, xt:
                 last = total
                 first = last if step == 0 else first
         except BaseException:
-            _unwrap(model, {}, [norm], keep=False)
+            _unwrap(norm, {}, [norm], keep=False)
             raise
-        _unwrap(model, {}, [norm], keep=True)
+        _unwrap(norm, {}, [norm], keep=True)
     return first, last, steps
 
 
