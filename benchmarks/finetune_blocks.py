@@ -16,6 +16,7 @@ Each variant tunes a copy on the same ``--nsamples`` x ``--seqlen`` calibration 
 * ``model``: KL through the whole network (``mode="model"``);
 * ``blocks:B[:CHAIN[:LOSS[:nofinal]]]``: B decoder layers at a time (``finetune_blocks``; CHAIN compensate | quant
   | float, LOSS token | mse, ``nofinal``: leave the final norm alone);
+* ``VARIANT@E``: that variant with E epochs instead of ``--epochs`` (``blocks:1@8``);
 * ``stream``: ``lowbit quantize --stream --finetune``: the model quantized again from its directory a layer at a
   time, each layer tuned right after its rounding, so later layers are rounded on tuned inputs (streamed.py; its
   "tune s" is the whole streamed run, rounding included).
@@ -66,6 +67,9 @@ def parse_plan(model: torch.nn.Module, spec: str) -> str | dict[str, str]:
 def run_variant(variant: str, quantized: torch.nn.Module, model: torch.nn.Module, samples: torch.Tensor,
                 cfg: lowbit.FinetuneConfig, recipe: lowbit.Recipe, model_dir: Path,
                 device: torch.device) -> tuple[torch.nn.Module, dict]:
+    variant, _, epochs = variant.partition("@")
+    if epochs:
+        cfg = dataclasses.replace(cfg, epochs=float(epochs))
     if variant == "stream":
         return streamed_ft(recipe, cfg, model_dir, device)
     m = copy.deepcopy(quantized)
