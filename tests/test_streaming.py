@@ -557,15 +557,19 @@ def test_streamed_ft_ends_with_the_final_norm_tuned_on_logits(text_file, tmp_pat
     for where in ("tune", "save"):  # killed while tuning it, and after it is committed (while writing the output)
         out = tmp_path / f"killed-{where}"
         with monkeypatch.context() as mp, pytest.raises(Killed):
-            if where == "tune":
-                mp.setattr(streamed, "tune_final_norm", lambda *a, **k: (_ for _ in ()).throw(Killed(where)))
-            else:
-                mp.setattr(streamed, "save_quantized_streamed", lambda *a, **k: (_ for _ in ()).throw(Killed(where)))
+            mp.setattr(streamed, "tune_final_norm" if where == "tune" else "save_quantized_streamed", _killer(where))
             lowbit.convert_streamed(src, tuned, out, device="cpu", progress=False)
         work = sorted(p.name for p in Path(f"{out}.partial").iterdir())
         assert ("final-norm.safetensors" in work) == (where == "save")
         lowbit.convert_streamed(src, tuned, out, device="cpu", progress=False)
         assert_same_checkpoint(tmp_path / "ft", out)
+
+
+def _killer(where: str):  # noqa: ANN202
+    def kill(*_args, **_kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise Killed(where)
+
+    return kill
 
 
 def test_float_head_of_a_tied_model_is_its_embeddings(tiny_tokenizer, tmp_path):
