@@ -114,7 +114,8 @@ def quantize_streamed(source: WeightSource, plan: Plan, work_dir: str | Path, *,
     ``host`` (see the module docstring); ``max_layers`` stops after that many layers (benchmarks: the output then
     cannot be assembled). ``finetune``: after each layer's rounding, tune its stored float scales and norms so
     that, fed the quantized model's hidden states, it outputs the float model's (``+ft`` in blocks of one layer; the
-    float model's hidden states ride along with the quantized ones, and the final norm is not tuned).
+    float model's hidden states ride along with the quantized ones), and after the last layer the final norm by
+    KL on the LM head's logits (``_final_norm_stage``; ``StreamReport.tuned_file`` holds it for the output).
     """
     if rounding not in ("rtn", *ROUNDINGS):
         raise LowbitError(f"unknown rounding {rounding!r}; known: rtn, {', '.join(ROUNDINGS)}")
