@@ -417,7 +417,9 @@ def finetune_blocks(model: nn.Module, teacher: nn.Module, samples: torch.Tensor,
             norm = find_final_norm(model)
             if norm is not None:
                 saved.append((norm, norm.weight.detach().to(host, copy=True)))
-                kl_first, kl_last, n_steps = _tune_final_norm(model, teacher, xs, xt, cfg, device)
+                kl_first, kl_last, n_steps = tune_final_norm(norm, find_final_norm(teacher),
+                                                             model.get_output_embeddings(),
+                                                             teacher.get_output_embeddings(), xs, xt, cfg, device)
                 steps, n_tensors, n_values = steps + n_steps, n_tensors + 1, n_values + norm.weight.numel()
     except BaseException:
         for n, q in done:
@@ -550,13 +552,6 @@ def find_final_norm(model: nn.Module) -> nn.Module | None:
     if len(outside) != 1 or (proj is not None and proj != model.config.hidden_size):
         return None
     return outside[0]
-
-
-def _tune_final_norm(model: nn.Module, teacher: nn.Module, xs: torch.Tensor, xt: torch.Tensor,
-                     cfg: FinetuneConfig, device: torch.device) -> tuple[float, float, int]:
-    """KL(teacher || model) on logits from the two models' last hidden states, training the final norm alone."""
-    return tune_final_norm(find_final_norm(model), find_final_norm(teacher), model.get_output_embeddings(),
-                           teacher.get_output_embeddings(), xs, xt, cfg, device)
 
 
 def tune_final_norm(norm: nn.Module, t_norm: nn.Module, head: nn.Module, t_head: nn.Module, xs: torch.Tensor,

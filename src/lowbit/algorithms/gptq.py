@@ -175,18 +175,16 @@ def _round(W: torch.Tensor, f: HessianFactor, fmt: Format, blocksize: int,
     bs = max(vd, bs // vd * vd)
     sb = max(vd, SUB_BLOCK // vd * vd)
     U = f.U
-    graphs = _BlockGraphs(fmt, vd, sb) if static and W.is_cuda and vd == 1 else None
+    runner = _BlockGraphs(fmt, vd, sb) if static and W.is_cuda and vd == 1 else _EagerBlocks(fmt, vd, sb)
     blocks: list[torch.Tensor] = []  # codes of each block, in visiting order
     for i1 in range(0, cols, bs):
         i2 = min(i1 + bs, cols)
         U1 = U[i1:i2, i1:i2]
         if static:
             P1 = {k: v[:, i1:i2] if order is None else v[:, order[i1:i2]] for k, v in cols_params.items()}
-            W1, Err1, C1 = (graphs or _EagerBlocks(fmt, vd, sb)).run(W[:, i1:i2], U1, P1)
+            W1, Err1, C1 = runner.run(W[:, i1:i2], U1, P1)
         else:
-            W1 = W[:, i1:i2].clone()  # contiguous, so the per-column updates stay in cache
-            Err1 = torch.empty_like(W1)
-            C1 = torch.empty(rows, (i2 - i1) // vd, dtype=torch.int64, device=W.device)
+            W1, Err1, C1 = _block_buffers(W[:, i1:i2], vd)
             _fitted_block(fmt, W1, Err1, C1, U1, vd, sb, f.importance[i1:i2], i1, gs, cols, params)
         blocks.append(C1.clone())
         if i2 < cols:
@@ -237,6 +235,13 @@ def _fitted_block(fmt: Format, W1: torch.Tensor, Err1: torch.Tensor, C1: torch.T
         _column_loop(fmt, W1, Err1, C1, U1, fmt.expand(params[g], stop - i), vd, sb, i, stop, p0=i)
 
 
+def _block_buffers(W1: torch.Tensor, vd: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A block's working copy (contiguous, so the per-column updates stay in cache), its scaled errors and codes."""
+    W1 = W1.clone()
+    codes = torch.empty(W1.shape[0], W1.shape[1] // vd, dtype=torch.int64, device=W1.device)
+    return W1, torch.empty_like(W1), codes
+
+
 class _EagerBlocks:
     """A static block rounded eagerly (on copies, as a graph's buffers would be)."""
 
@@ -244,9 +249,7 @@ class _EagerBlocks:
         self.fmt, self.vd, self.sb = fmt, vd, sb
 
     def run(self, W1: torch.Tensor, U1: torch.Tensor, P1: Params) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        W1 = W1.clone()  # contiguous, so the per-column updates stay in cache
-        Err1 = torch.empty_like(W1)
-        C1 = torch.empty(W1.shape[0], W1.shape[1] // self.vd, dtype=torch.int64, device=W1.device)
+        W1, Err1, C1 = _block_buffers(W1, self.vd)
         _column_loop(self.fmt, W1, Err1, C1, U1, P1, self.vd, self.sb)
         return W1, Err1, C1
 
@@ -258,17 +261,17 @@ class _BlockGraphs:
     def __init__(self, fmt: Format, vd: int, sb: int):
         self.fmt, self.vd, self.sb = fmt, vd, sb
         self._graphs: dict[tuple, tuple] = {}
-        self._failed = False
+        self._eager: _EagerBlocks | None = None  # set when the format's rounding cannot be captured
 
     def run(self, W1: torch.Tensor, U1: torch.Tensor, P1: Params) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self._failed:
-            return _EagerBlocks(self.fmt, self.vd, self.sb).run(W1, U1, P1)
+        if self._eager:
+            return self._eager.run(W1, U1, P1)
         key = (tuple(W1.shape), tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(P1.items())))
         if key not in self._graphs:
             graph = self._capture(W1, U1, P1)
             if graph is None:  # the format's rounding synchronizes with the host: not capturable, stay eager
-                self._failed = True
-                return self.run(W1, U1, P1)
+                self._eager = _EagerBlocks(self.fmt, self.vd, self.sb)
+                return self._eager.run(W1, U1, P1)
             self._graphs[key] = graph
         graph, (w, u, p, err, c) = self._graphs[key]
         w.copy_(W1)
@@ -281,10 +284,8 @@ class _BlockGraphs:
     def _capture(self, W1: torch.Tensor, U1: torch.Tensor, P1: Params) -> tuple | None:
         """The graph and its buffers, or None when the warm-up run synchronizes with the host (a capture would
         fail half-way, and a failed capture can leave the CUDA random generator unusable)."""
-        w, u = W1.clone(), U1.clone()
-        p = {k: v.clone() for k, v in P1.items()}
-        err = torch.empty_like(w)
-        c = torch.empty(w.shape[0], w.shape[1] // self.vd, dtype=torch.int64, device=w.device)
+        w, err, c = _block_buffers(W1, self.vd)
+        u, p = U1.clone(), {k: v.clone() for k, v in P1.items()}
         side = torch.cuda.Stream(w.device)
         side.wait_stream(torch.cuda.current_stream(w.device))
         before = torch.cuda.get_sync_debug_mode()

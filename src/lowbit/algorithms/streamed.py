@@ -318,7 +318,7 @@ def _final_norm_stage(model: nn.Module, source: WeightSource, xs: torch.Tensor, 
     norm = find_final_norm(model)
     if norm is None:
         return None
-    key = next(f"{n}.weight" for n, m in model.named_modules() if m is norm)
+    key = f"{_module_name(model, norm)}.weight"
     t0 = time.perf_counter()
     load_tensors(model, [key], source, "cpu")
     try:
@@ -338,14 +338,17 @@ def _final_norm_stage(model: nn.Module, source: WeightSource, xs: torch.Tensor, 
 def _float_head(model: nn.Module, source: WeightSource) -> nn.Module:
     """A float32 copy of the LM head, read from the source (the input embeddings' weight when they are tied), frozen."""
     head = copy.deepcopy(model.get_output_embeddings())
-    prefix = next(n for n, m in model.named_modules() if m is model.get_output_embeddings())
-    keys = {f"{prefix}.{k}": k for k in head.state_dict()}
-    if not set(keys) <= set(source.keys()):  # tied to the input embeddings, whose weight the source stores
-        embed = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
-        keys = {f"{embed}.weight": "weight"}
+    prefix = _module_name(model, model.get_output_embeddings()) + "."
+    keys = {k: k.removeprefix(prefix) for k in _head_keys(model, source)}
+    if not keys:  # tied to the input embeddings, whose weight the source stores
+        keys = {f"{_module_name(model, model.get_input_embeddings())}.weight": "weight"}
     read = source.read(list(keys))
     head.load_state_dict({k: read[key].to(STORAGE_DTYPE).float() for key, k in keys.items()}, assign=True)
     return head.requires_grad_(False)
+
+
+def _module_name(model: nn.Module, module: nn.Module) -> str:
+    return next(n for n, m in model.named_modules() if m is module)
 
 
 def _rtn_layer(model: nn.Module, names: list[str], plan: Plan, rotation_seed: int | None) -> dict[str, LinearStats]:
