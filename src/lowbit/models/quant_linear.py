@@ -44,6 +44,7 @@ class QuantLinear(nn.Module):
         self.input_quant: Callable[[torch.Tensor], torch.Tensor] | None = None
         self._cache_on = False
         self._cache: tuple[tuple, torch.Tensor] | None = None  # (buffers' fingerprint + dtype, weight)
+        self._fused: tuple | None = None  # (FusedGroup, index) while fused with its siblings (models.fused_linears)
 
     @classmethod
     def from_quantized(cls, qt: QuantizedTensor, bias: torch.Tensor | None = None,
@@ -95,6 +96,10 @@ class QuantLinear(nn.Module):
         return self._cache[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fused is not None:  # one matmul for this linear and its siblings (same input)
+            group, i = self._fused
+            if torch.compiler.is_compiling() or group.intact(i):
+                return group.part(x, i)
         if self._v is not None:
             x = rotate_input(self._v, x)  # Triton kernel where one runs, else self._v.apply(x)
         if self.input_quant is not None:

@@ -42,6 +42,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
+from lowbit.models.fused_linears import fuse_siblings
 from lowbit.serve.generate import _forward_kwargs, cache_arg
 
 log = logging.getLogger(__name__)
@@ -89,12 +90,15 @@ class StaticDecoder:
 
     ``cuda_graph``: "auto" (capture on CUDA, fall back to eager with a warning if capture fails), True (capture,
     raise on failure; CUDA only) or False (always eager). ``compile``: run the step through ``torch.compile``
-    (compiled on the first step; the graph then replays the compiled step). One decoder serves any number of
+    (compiled on the first step; the graph then replays the compiled step). ``fuse``: run q/k/v and gate/up as
+    one packed matmul each (:func:`lowbit.models.fused_linears.fuse_siblings`; the model's QuantLinears then
+    share storage with the fused weights, see there). One decoder serves any number of
     generations with the same batch size (``reset`` keeps the cache and the captured graph).
     """
 
     def __init__(self, model: nn.Module, max_cache_len: int, batch_size: int = 1,
-                 cuda_graph: bool | str = "auto", warmup_steps: int = 2, compile: bool = False):
+                 cuda_graph: bool | str = "auto", warmup_steps: int = 2, compile: bool = False,
+                 fuse: bool = True):
         from transformers import StaticCache
 
         if cuda_graph not in (True, False, "auto"):
@@ -123,6 +127,8 @@ class StaticDecoder:
         self.length = 0  # positions held in the cache
         self.prompt_length = 0
         place_rotations(model, self.device)
+        # q/k/v and gate/up as one packed matmul each (models.fused_linears): same outputs, fewer short kernels
+        self.fused_groups = fuse_siblings(model) if fuse else 0
         # torch.compile of the step fuses the small ops between the matmuls (norms, rotary embedding, residual adds,
         # activation); QuantLinears enter the trace as the lowbit::qmatmul custom op. The CUDA graph, if any, then
         # records the compiled step.

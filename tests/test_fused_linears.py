@@ -1,0 +1,128 @@
+"""q/k/v and gate/up as one packed matmul (lowbit.models.fused_linears): same outputs, same state, one op each."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowbit.algorithms.plans import uniform_plan
+from lowbit.algorithms.rtn import quantize_rtn
+from lowbit.models.fused_linears import SIBLINGS, fuse_siblings, unfuse_siblings
+from lowbit.models.walker import decoder_layers
+from lowbit.serve.fast_decode import StaticDecoder
+from test_fast_decode import PROMPT, reference_greedy, tiny_llama
+
+
+def quantized(fmt: str = "int4_g32_asym", bias: bool = False, seed: int = 0, rotate: bool = False):  # noqa: ANN201
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, attention_bias=bias, mlp_bias=bias)
+    model = LlamaForCausalLM(cfg).eval()
+    if bias:  # nn.Linear biases start at zero: make them count
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.data.normal_(0, 0.5)
+    quantize_rtn(model, uniform_plan(model, fmt), progress=False, rotate=rotate)
+    return model
+
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    with torch.no_grad():
+        return model(ids).logits
+
+
+IDS = torch.tensor([PROMPT + [11, 250, 8]])
+
+
+@pytest.mark.parametrize(("fmt", "bias"), [("int4_g32_asym", False), ("q4_0", True), ("int2_g16_sym", False)])
+def test_fused_outputs_and_state_equal_unfused(fmt, bias):
+    model = quantized(fmt, bias)
+    ref = logits(model, IDS)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert fuse_siblings(model) == 2 * len(SIBLINGS)
+    assert torch.equal(logits(model, IDS), ref)
+    after = model.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())
+    attn = decoder_layers(model)[0].self_attn
+    group, _ = attn.q_proj._fused
+    assert attn.v_proj._fused[0] is group
+    assert attn.k_proj.codes.untyped_storage().data_ptr() == group.linear.codes.untyped_storage().data_ptr()
+    assert fuse_siblings(model) == 0  # already fused
+    assert unfuse_siblings(model) == 2 * len(SIBLINGS)
+    assert attn.k_proj._fused is None
+    assert attn.k_proj.codes.untyped_storage().data_ptr() != group.linear.codes.untyped_storage().data_ptr()
+    assert torch.equal(logits(model, IDS), ref)
+
+
+def test_members_write_through_and_fall_back_when_detached():
+    model = quantized()
+    fuse_siblings(model)
+    attn = decoder_layers(model)[1].self_attn
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        attn.k_proj.codes.bitwise_xor_(0x11)  # in place: the fused weight sees it
+        fused_k = attn.k_proj(x)
+        attn.q_proj(x)
+        assert torch.equal(attn.k_proj(x), fused_k)  # read from the group
+        attn.v_proj.scale = attn.v_proj.scale * 2  # reassigned: v computes on its own
+        assert not attn.v_proj._fused[0].intact(2)
+        own_v = attn.v_proj(x)
+        unfuse_siblings(model)
+        assert torch.equal(attn.k_proj(x), fused_k)
+        assert torch.equal(attn.v_proj(x), own_v)
+
+
+def test_siblings_called_out_of_order_are_still_right():
+    model = quantized()
+    mlp = decoder_layers(model)[0].mlp
+    x = torch.randn(2, 5, 64)
+    x2 = x + 1
+    with torch.no_grad():
+        up, gate, up2 = mlp.up_proj(x), mlp.gate_proj(x), mlp.up_proj(x2)
+        fuse_siblings(model)
+        assert torch.equal(mlp.up_proj(x), up)  # before gate: computes the group
+        assert torch.equal(mlp.gate_proj(x), gate)
+        assert torch.equal(mlp.up_proj(x2), up2)  # a new input is never served from the last one
+
+
+def test_not_fused_across_formats_rotations_or_caches():
+    model = quantized(rotate=True)
+    assert fuse_siblings(model) == 0
+    model = quantized()
+    decoder_layers(model)[0].mlp.up_proj.cache_weight()
+    assert fuse_siblings(model) == 2 * len(SIBLINGS) - 1
+    from torch import nn
+    plain = tiny_llama()
+    assert fuse_siblings(plain) == 0  # nn.Linear: nothing to fuse
+    assert fuse_siblings(nn.Linear(4, 4)) == 0
+
+
+def test_compiled_model_runs_one_matmul_per_group():
+    model = quantized()
+    ref = logits(model, IDS)
+    fuse_siblings(model)
+    counts: list[int] = []
+
+    def backend(gm, inputs):  # noqa: ANN001, ANN202
+        counts.append(sum("qmatmul" in str(n.target) for n in gm.graph.nodes))
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = torch.compile(model, backend=backend, fullgraph=True)(IDS).logits
+    torch._dynamo.reset()
+    assert torch.equal(out, ref)
+    # per layer: q/k/v and gate/up one op each, o_proj and down_proj their own
+    assert counts == [len(decoder_layers(model)) * (len(SIBLINGS) + 2)]
+
+
+def test_static_decoder_fuses_and_keeps_tokens():
+    model = quantized("int4_g32_sym", bias=True)
+    want = reference_greedy(model, PROMPT, 12)
+    dec = StaticDecoder(model, max_cache_len=len(PROMPT) + 12)
+    assert dec.fused_groups == 2 * len(SIBLINGS)
+    assert dec.generate_greedy(PROMPT, 12).tolist() == want
+    unfuse_siblings(model)
+    assert StaticDecoder(model, max_cache_len=8, fuse=False).fused_groups == 0
