@@ -125,3 +125,37 @@ def test_cuda_gemv_outlier_activations_do_not_overflow(name: str) -> None:
     ref = dequant_matmul_reference(x.double(), fmt, qt)
     assert torch.isfinite(y).all()
     assert float((y.double() - ref).norm() / ref.norm()) < 2e-3
+
+
+@gpu
+@pytest.mark.gpu
+def test_planned_formats_route_to_the_cuda_gemv_up_to_eight_rows() -> None:
+    from lowbit.kernels.dispatch import route
+
+    x = torch.zeros(9, 4096, device="cuda", dtype=torch.float16)
+    for name in ("q4_0", "int4_g128_sym", "int2_g64_sym", "nz2_ch", "e8p_ch", "iq2_xxs"):
+        assert route(x[:1], get_format(name), (4096, 4096)) == "cuda"
+        assert route(x[:8], get_format(name), (4096, 4096)) == "cuda"
+        assert route(x, get_format(name), (4096, 4096)) != "cuda"
+    assert route(x[:1], get_format("int3_g128_sym"), (4096, 4096)) == "triton"
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", SERVED)
+@pytest.mark.parametrize("cols", [4096, 14336])
+@pytest.mark.parametrize("m", [1, 8])
+def test_cuda_gemv_kernels_fit_their_blocks_without_spills(name: str, cols: int, m: int) -> None:
+    """Every planned kernel keeps its registers inside __launch_bounds__, spilling at most a few bytes (the 16-warp
+    batch-8 2-bit kernel spills 8 at 64 registers and was still measured faster than with more registers)."""
+    from lowbit.kernels import cuda_jit
+
+    p = cuda_gemv.plan(get_format(name), (64, cols))
+    if p is None:
+        pytest.skip(f"{name} at {cols} columns is not served")
+    warps = cuda_gemv.warps_for(p, cols)
+    staged = m == 1 and 2 * cols <= cuda_gemv.STAGED_X_BYTES
+    kern = cuda_jit.kernel(cuda_gemv._source(p, staged, warps, cuda_gemv.min_blocks_for(warps)), "gemv_mma",
+                           torch.device("cuda"))
+    assert kern.attribute(3) <= 16  # CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES
+    assert kern.attribute(4) * warps * 32 * cuda_gemv.min_blocks_for(warps) <= 65536  # NUM_REGS

@@ -44,10 +44,10 @@ class Plan:
     row_scale: bool
     dq: tuple[tuple[float, float], ...]  # (A_i, B_i): level = A_i * magic_i + B_i, one per code position
 
-    def defines(self, staged_x: bool = False, warps: int = WARPS_FEW) -> str:
+    def defines(self, staged_x: bool = False, warps: int = WARPS_FEW, min_blocks: int = 1) -> str:
         lines = [f"#define KIND {self.kind}", f"#define BITS {self.bits}", f"#define ASYM {int(self.asym)}",
                  f"#define GROUP_SHIFT {self.group_shift}", f"#define ROW_SCALE {int(self.row_scale)}",
-                 f"#define WARPS {warps}", f"#define XS {int(staged_x)}"]
+                 f"#define WARPS {warps}", f"#define XS {int(staged_x)}", f"#define MIN_BLOCKS {min_blocks}"]
         for i, (a, b) in enumerate(self.dq):
             lines += [f"#define DQ_A{i} 0x{_half2_bits(a):08x}u", f"#define DQ_B{i} 0x{_half2_bits(b):08x}u"]
         return "\n".join(lines) + "\n"
@@ -188,8 +188,17 @@ def _cached_layout(qs: torch.Tensor, cols: int) -> tuple[torch.Tensor, torch.Ten
 
 
 @cache
-def _source(p: Plan, staged_x: bool = False, warps: int = WARPS_FEW) -> str:
-    return p.defines(staged_x, warps) + (cuda_jit.source_dir() / "gemv_mma.cu").read_text()
+def _source(p: Plan, staged_x: bool = False, warps: int = WARPS_FEW, min_blocks: int = 1) -> str:
+    return p.defines(staged_x, warps, min_blocks) + (cuda_jit.source_dir() / "gemv_mma.cu").read_text()
+
+
+
+def min_blocks_for(warps: int) -> int:
+    """Blocks of ``warps`` that must fit on an SM at once (``__launch_bounds__``): 2 of 16 warps (<= 64 registers
+    per thread) or 3 of 8 (<= 85). Measured on an H200 (docs/kernels.md): left free, the 16-warp 4-bit kernels took
+    66-80 registers, one block per SM, and ran 15-25% slower (q4_0 4096x11008 batch 1: 16.5 -> 13.7 us); 4 blocks
+    of 8 warps (<= 64 registers) slowed batch 8 on 2-bit rows (iq2_xxs 11008x4096: 28.0 -> 36.0 us, with spills)."""
+    return 2 if warps >= WARPS_MANY else 3
 
 
 # A batch-1 activation row up to this size is staged once per block in shared memory: the warps then read it
@@ -223,7 +232,7 @@ def gemv(x: torch.Tensor, fmt: Format, qt: QuantizedTensor, p: Plan) -> torch.Te
         mins = qt.data.get("min", scales)
     staged = STAGED_X and m == 1 and 2 * k <= STAGED_X_BYTES
     warps = warps_for(p, k)
-    kern = cuda_jit.kernel(_source(p, staged, warps), "gemv_mma", x.device)
+    kern = cuda_jit.kernel(_source(p, staged, warps, min_blocks_for(warps)), "gemv_mma", x.device)
     kern(((n + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK, 1, 1), (warps * 32, 1, 1),
          [codes, scales, mins, x, y, _TABLES[key], n, k, m, groups], shared=2 * k if staged else 0)
     return y

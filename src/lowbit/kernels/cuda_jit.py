@@ -139,6 +139,12 @@ class Kernel:
         _check_cu(_driver().cuModuleGetFunction(ctypes.byref(self._fn), self._module, name.encode()),
                   f"find {name}")
 
+    def attribute(self, attr: int) -> int:
+        """``cuFuncGetAttribute``: e.g. 4 = registers per thread, 3 = local (spilled) bytes per thread."""
+        v = ctypes.c_int()
+        _check_cu(_driver().cuFuncGetAttribute(ctypes.byref(v), attr, self._fn), f"attribute {attr} of {self.name}")
+        return v.value
+
     def __call__(self, grid: tuple[int, int, int], block: tuple[int, int, int], args: list, shared: int = 0) -> None:
         """``args``: tensors (passed as device pointers), Python ints (int32) or ctypes values."""
         cargs = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else

@@ -7,7 +7,7 @@ dispatch does a dict lookup for the format's cached decode plan (LUT on the devi
 
 * first, on CUDA with M <= 8 rows: :mod:`cuda_gemv` (tensor-core GEMV in CUDA C++, compiled by NVRTC at first
   use) for E8P and IQ2_XXS (rows a multiple of 64 long), and for the 2- and 4-bit affine grids it decodes
-  exactly at 2-8 rows, or at 1 row when the scale is per row (``LOWBIT_CUDA_GEMV=0`` turns it off);
+  exactly (``LOWBIT_CUDA_GEMV=0`` turns it off);
 * scalar formats (uniform 2..8 bits, level sets): M <= 8 rows -> :mod:`triton_gemv` (bandwidth-bound GEMV),
   more rows -> :mod:`triton_uniform` (dequantize tiles + ``tl.dot``);
 * E8P (``e8p_*``): M <= 8 -> :mod:`triton_e8p` GEMV (codebook gathered from an L2-resident fp16 table), more
@@ -112,12 +112,7 @@ def cuda_gemv_plan(x: torch.Tensor, fmt: Format, shape: tuple[int, int]):  # noq
         return None
     from lowbit.kernels import cuda_gemv, cuda_jit
 
-    plan = cuda_gemv.plan(fmt, shape) if cuda_jit.available() else None
-    # Measured on an H200 (docs/kernels.md): at batch 1 the Triton affine kernel is still faster on formats with
-    # group scales; the CUDA kernel wins for E8P, IQ2_XXS, per-row scales, and every batch of 2-8.
-    if plan is not None and rows == 1 and plan.kind == 0 and not plan.row_scale:
-        return None
-    return plan
+    return cuda_gemv.plan(fmt, shape) if cuda_jit.available() else None
 
 
 def route(x: torch.Tensor, fmt: Format, shape: tuple[int, int]) -> str:

@@ -10,6 +10,7 @@
 //   ROW_SCALE    1 = one scale per row applied to the fp32 sums at the end (no per-weight multiply)
 //   WARPS        warps per block; they split K, and the block adds their partial sums
 //   XS           1: batch 1, the activation row staged once per block in (dynamic) shared memory
+//   MIN_BLOCKS   blocks that must fit on one SM at once (__launch_bounds__: caps the registers per thread)
 //
 // Layout of the work. A block owns 16 rows. Lane (g, t) of a warp (g = lane / 4, t = lane % 4) feeds rows g and
 // g + 8 of an m16n8k16 MMA as its A fragment, and batch column g as its B fragment. The MMA sums over its 16
@@ -107,6 +108,13 @@ DEV U4 ld_x(const U4* xrow, int u) { return ld_cached(xrow + u); }
 #endif
 #define LOG2_HALF_PER_CHUNK (HALF_PER_CHUNK == 64 ? 6 : 5)
 // scale (and min) of a pair: group scales per weight, or none when the row scale multiplies the fp32 sums
+// Where every 16-byte chunk lies inside one scale group (IQ2_XXS: d per 256 weights), the chunk's scales are
+// loaded with its codes, a step ahead, instead of when the chunk is decoded (a load waited for in every step).
+#if KIND == 2 || (KIND == 0 && !ROW_SCALE && GROUP_SHIFT >= LOG2_HALF_PER_CHUNK)
+#define CHUNK_SCALE 1
+#else
+#define CHUNK_SCALE 0
+#endif
 #if ROW_SCALE
 #define APPLY_SCALE(l, s, m) (l)
 #elif ASYM
@@ -201,16 +209,15 @@ DEV void iq2_code(u32 gi, u32 si, u32 s2, u32* p) {
     p[2] = hmul2(g.z ^ ((z << 11) & 0x80008000u), s2);
     p[3] = hmul2(g.w ^ ((z << 9) & 0x80008000u), s2);
 }
-DEV u32 iq2_scale(const u16* d_row, int k, u32 aux1) {
-    const float d = half_lo_to_float(ld_half(d_row + (k >> 8)));
+DEV u32 iq2_scale(u32 d2, u32 aux1) {  // d2: the superblock's d, fp16 in both halves
+    const float d = half_lo_to_float(d2);
     const u32 h = float_to_half(d * (0.5f + (float)(aux1 >> 28)) * 0.25f);
     return h | (h << 16);
 }
 // one sub-block (32 weights) of both rows: (qa0, qa1) and (qb0, qb1) are their aux32 words, unit u of xrow its
 // activations
-DEV void iq2_sub(float* d, u32 qa0, u32 qa1, u32 qb0, u32 qb1, const U4* xrow, int u, const u16* da_row,
-                 const u16* db_row, int k, bool ok) {
-    const u32 sa = iq2_scale(da_row, k, qa1), sb = iq2_scale(db_row, k, qb1);
+DEV void iq2_sub(float* d, u32 qa0, u32 qa1, u32 qb0, u32 qb1, const U4* xrow, int u, u32 da, u32 db, bool ok) {
+    const u32 sa = iq2_scale(da, qa1), sb = iq2_scale(db, qb1);
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
         const U4 xq = ok ? ld_x(xrow, u + c) : zero4();
@@ -227,7 +234,7 @@ DEV void iq2_sub(float* d, u32 qa0, u32 qa1, u32 qb0, u32 qb1, const U4* xrow, i
 #if KIND != 2
 // chunk c of both rows: this lane's words wa, wb; activations of the lane's word start at unit u of xrow
 DEV void chunk_mma(float* d, u32 wa, u32 wb, const U4* xrow, int u, const u16* sa_row, const u16* sb_row, const u16* ma_row,
-                   const u16* mb_row, int k, bool ok = true) {
+                   const u16* mb_row, int k, bool ok, u32 csa, u32 csb, u32 cma, u32 cmb) {
     u32 xr[HALF_PER_WORD / 2];
 #pragma unroll
     for (int v = 0; v < HALF_PER_WORD / 8; ++v) {
@@ -235,7 +242,9 @@ DEV void chunk_mma(float* d, u32 wa, u32 wb, const U4* xrow, int u, const u16* s
         xr[4 * v] = q.x; xr[4 * v + 1] = q.y; xr[4 * v + 2] = q.z; xr[4 * v + 3] = q.w;
     }
     u32 sa = 0x3C003C00u, sb = 0x3C003C00u, ma = 0u, mb = 0u;  // 1.0, 0.0
-#if !ROW_SCALE
+#if CHUNK_SCALE
+    sa = csa; sb = csb; ma = cma; mb = cmb;
+#elif !ROW_SCALE
     sa = ld_half(sa_row + (k >> GROUP_SHIFT));
     sb = ld_half(sb_row + (k >> GROUP_SHIFT));
 #if ASYM
@@ -247,7 +256,34 @@ DEV void chunk_mma(float* d, u32 wa, u32 wb, const U4* xrow, int u, const u16* s
 }
 #endif
 
-extern "C" __global__ void __launch_bounds__(WARPS * 32)
+// One step of a lane: 16 bytes of codes of both rows (chunk c) and, with CHUNK_SCALE, the chunk's scales and mins.
+struct Step { U4 a, b; u32 sa, sb, ma, mb; };
+DEV Step load_step(const U4* ca, const U4* cb, const u16* sa_row, const u16* sb_row, const u16* ma_row,
+                   const u16* mb_row, int c, int chunks) {
+    Step st;
+    const bool in = c < chunks;
+    st.a = in ? ld_stream(ca + c) : zero4();
+    st.b = in ? ld_stream(cb + c) : zero4();
+    st.sa = st.sb = 0x3C003C00u;
+    st.ma = st.mb = 0u;
+#if CHUNK_SCALE
+    const int k = in ? c * HALF_PER_CHUNK : 0;  // k = 0 on idle lanes: their scale reads stay inside the row
+#if KIND == 2
+    st.sa = ld_half(sa_row + (k >> 8));
+    st.sb = ld_half(sb_row + (k >> 8));
+#else
+    st.sa = ld_half(sa_row + (k >> GROUP_SHIFT));
+    st.sb = ld_half(sb_row + (k >> GROUP_SHIFT));
+#if ASYM
+    st.ma = ld_half(ma_row + (k >> GROUP_SHIFT));
+    st.mb = ld_half(mb_row + (k >> GROUP_SHIFT));
+#endif
+#endif
+#endif
+    return st;
+}
+
+extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
 gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u16* __restrict__ mins,
          const u16* __restrict__ x, u16* __restrict__ y, const u32* __restrict__ tables, int N, int K, int M,
          int groups) {
@@ -269,8 +305,7 @@ gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u1
     const U4* xc = (const U4*)(x + (size_t)min(g, M - 1) * K);
     const int steps = (chunks + 3) / 4;
     int c = warp * 4 + t;
-    U4 na = c < chunks ? ld_stream(ca + c) : zero4();  // the first weights are in flight during the set-up below
-    U4 nb = c < chunks ? ld_stream(cb + c) : zero4();
+    Step next = load_step(ca, cb, sa_row, sb_row, ma_row, mb_row, c, chunks);  // in flight during the set-up below
 #if KIND == 1
     for (int i = threadIdx.x; i < 512; i += WARPS * 32) (i < 256 ? e8p_abs : e8p_sign)[i & 255] = tables[i];
 #elif KIND == 2
@@ -282,21 +317,21 @@ gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u1
 #if KIND != 0 || XS
     __syncthreads();
 #endif
+    // Measured on an H200: loading 2-4 steps ahead (a ring of registers) was slower at every large shape, the
+    // registers it takes cost residency or spill (docs/kernels.md).
     for (int s = warp; s < steps; s += WARPS, c += 4 * WARPS) {
-        const U4 wa = na, wb = nb;
-        const int cn = c + 4 * WARPS;
-        na = cn < chunks ? ld_stream(ca + cn) : zero4();
-        nb = cn < chunks ? ld_stream(cb + cn) : zero4();
+        const Step w = next;
+        next = load_step(ca, cb, sa_row, sb_row, ma_row, mb_row, c + 4 * WARPS, chunks);
         const bool ok = c < chunks;
 #if KIND == 2
-        const int k = ok ? c * HALF_PER_CHUNK : 0;  // k = 0 on idle lanes: their scale reads stay inside the row
-        iq2_sub(d, wa.x, wa.y, wb.x, wb.y, xc, c * HALF_PER_CHUNK / 8, sa_row, sb_row, k, ok);
-        iq2_sub(d, wa.z, wa.w, wb.z, wb.w, xc, c * HALF_PER_CHUNK / 8 + 4, sa_row, sb_row, k, ok);
+        iq2_sub(d, w.a.x, w.a.y, w.b.x, w.b.y, xc, c * HALF_PER_CHUNK / 8, w.sa, w.sb, ok);
+        iq2_sub(d, w.a.z, w.a.w, w.b.z, w.b.w, xc, c * HALF_PER_CHUNK / 8 + 4, w.sa, w.sb, ok);
 #else
 #pragma unroll
         for (int j = 0; j < 4; ++j)  // k = 0 on idle lanes: their scale reads stay inside the row
-            chunk_mma(d, word(wa, j), word(wb, j), xc, (c * HALF_PER_CHUNK + j * HALF_PER_WORD) / 8, sa_row,
-                      sb_row, ma_row, mb_row, ok ? c * HALF_PER_CHUNK + j * HALF_PER_WORD : 0, ok);
+            chunk_mma(d, word(w.a, j), word(w.b, j), xc, (c * HALF_PER_CHUNK + j * HALF_PER_WORD) / 8, sa_row,
+                      sb_row, ma_row, mb_row, ok ? c * HALF_PER_CHUNK + j * HALF_PER_WORD : 0, ok, w.sa, w.sb, w.ma,
+                      w.mb);
 #endif
     }
 #if ROW_SCALE
