@@ -228,7 +228,8 @@ def profile_step(model: nn.Module, args: argparse.Namespace, prompt: torch.Tenso
     the graph replays, without its launch savings). Shows where a token's time goes: packed GEMVs vs the rest."""
     from torch.profiler import ProfilerActivity, profile
 
-    dec = StaticDecoder(model, max_cache_len=args.prompt + args.gen, cuda_graph=False, compile=args.compile)
+    dec = StaticDecoder(model, max_cache_len=cache_len(args), cuda_graph=False, compile=args.compile,
+                        decode_attention=args.attention == "lowbit")
     dec.reset()
     dec.prefill(prompt)
     dec.run_steps(2)  # warm-up: autotuning, caches, compilation
@@ -247,6 +248,10 @@ def profile_step(model: nn.Module, args: argparse.Namespace, prompt: torch.Tenso
                or "sm90" in k.lower() or "cutlass" in k.lower())
     return {"gpu_us_per_step": total, "matmul_us_per_step": gemv,
             "top": [{"kernel": k[:90], "us_per_step": round(us, 2)} for k, us in top[:12]]}
+
+
+def cache_len(args: argparse.Namespace) -> int:
+    return max(args.cache_len, args.prompt + args.gen)
 
 
 def reference_tokens(model: nn.Module, prompt: torch.Tensor, n: int) -> list[int]:
@@ -275,8 +280,8 @@ def run_variant(model: nn.Module, variant: str, args: argparse.Namespace, prompt
         parts = step_bytes(model, mean_ctx)
         row: dict = {"variant": variant, "bpw": 8 * parts["linears"] / n_weights, "bytes": parts,
                      "roofline_tok_s": bw / parts["total"]}
-        dec = StaticDecoder(model, max_cache_len=args.prompt + args.gen, cuda_graph=args.graph,
-                            compile=args.compile)
+        dec = StaticDecoder(model, max_cache_len=cache_len(args), cuda_graph=args.graph,
+                            compile=args.compile, decode_attention=args.attention == "lowbit")
         t0 = time.perf_counter()
         fast = time_decode(dec, prompt, args.gen, args.repeats)
         row |= {"tok_s": fast["tok_s"], "tok_s_runs": fast["tok_s_runs"], "prefill_ms": fast["prefill_ms"],
@@ -288,7 +293,7 @@ def run_variant(model: nn.Module, variant: str, args: argparse.Namespace, prompt
             log(f"{variant}: graph capture failed: {dec.graph_error}")
         del dec
         if args.eager_repeats > 0:
-            dec = StaticDecoder(model, max_cache_len=args.prompt + args.gen, cuda_graph=False)
+            dec = StaticDecoder(model, max_cache_len=cache_len(args), cuda_graph=False)
             eager = time_decode(dec, prompt, args.gen, args.eager_repeats)
             row |= {"eager_tok_s": eager["tok_s"], "graph_vs_eager": fast["tok_s"] / eager["tok_s"],
                     "eager_tokens_match": eager["tokens"] == fast["tokens"]}
@@ -362,6 +367,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bw-mb", type=int, default=0, help="copy size for the bandwidth test (default 1024 on GPU)")
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile the decode step (fuses the ops between matmuls; the graph replays it)")
+    ap.add_argument("--attention", choices=("lowbit", "sdpa"), default="sdpa",
+                    help="one-token attention: the model's SDPA (default) or lowbit's decode kernel")
+    ap.add_argument("--cache-len", type=int, default=0,
+                    help="static cache positions (default: prompt + gen); longer leaves most of the cache unused")
     ap.add_argument("--profile", action="store_true", help="per variant: GPU kernel time per step, by kernel")
     ap.add_argument("--tag", default=None)
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/decode-<tag>.json)")
