@@ -8,8 +8,8 @@ torchao (``Int4WeightOnlyConfig(group_size=128)``, tinygemm's int4 kernel, bf16 
 is timed exactly as ``benchmarks/kernels.py`` times lowbit (CUDA-graph replay of many calls, weight copies cycled
 so L2 never serves them) and checked against its own dequantized weights. lowbit's formats of the same family run
 in the same process (``--lowbit``). A peer that does not import or refuses a shape is reported and skipped.
-llama.cpp CUDA is not run here: its own ``test-backend-ops perf -o MUL_MAT`` from a build on the machine is the
-comparable figure. Writes ``benchmarks/results/kernels-peers-<tag>.json`` in the kernels schema, so the results
+llama.cpp CUDA is not run here: ``benchmarks/llamacpp_cuda.py`` builds it on the machine and runs its own
+``test-backend-ops perf -o MUL_MAT`` and ``llama-bench``. Writes ``benchmarks/results/kernels-peers-<tag>.json`` in the kernels schema, so the results
 pages show it beside ``kernels.py``'s files.
 """
 
