@@ -9,8 +9,8 @@ is timed exactly as ``benchmarks/kernels.py`` times lowbit (CUDA-graph replay of
 so L2 never serves them) and checked against its own dequantized weights. lowbit's formats of the same family run
 in the same process (``--lowbit``). A peer that does not import or refuses a shape is reported and skipped.
 llama.cpp CUDA is not run here: ``benchmarks/llamacpp_cuda.py`` builds it on the machine and runs its own
-``test-backend-ops perf -o MUL_MAT`` and ``llama-bench``. Writes ``benchmarks/results/kernels-peers-<tag>.json`` in the kernels schema, so the results
-pages show it beside ``kernels.py``'s files.
+``test-backend-ops perf -o MUL_MAT`` and ``llama-bench``. Writes ``benchmarks/results/kernels-peers-<tag>.json``
+in the kernels schema, so the results pages show it beside ``kernels.py``'s files.
 """
 
 from __future__ import annotations

@@ -158,13 +158,15 @@ def _round(W: torch.Tensor, f: HessianFactor, fmt: Format, blocksize: int,
     if cols % vd or (gs % vd):
         raise LowbitError(f"{fmt.name}: {cols} columns (groups of {gs}) are not a multiple of the vector size {vd}")
     W[:, f.dead] = 0
+    # vector codebooks (E8P, IQ2_XXS) keep the per-input importance: the weighting was measured on scalar grids only
+    imp = weighted_importance(W, f.importance) if vd == 1 else f.importance.expand(rows, cols)
     order = f.order
     static = order is not None or static_groups or n_groups == 1
     params: list = [None] * n_groups
     cols_params: Params = {}  # static: every column's parameters, natural order
     if static:
         starts = range(0, cols, gs)
-        params = [fmt.fit(W[:, j : j + gs], f.importance[j : j + gs]) for j in starts]
+        params = [fmt.fit(W[:, j : j + gs], imp[:, j : j + gs]) for j in starts]
         expanded = [fmt.expand(p, min(gs, cols - j)) for p, j in zip(params, starts, strict=True)]
         cols_params = {k: torch.cat([e[k] for e in expanded], dim=1) for k in expanded[0]}
     if order is not None:
@@ -185,7 +187,7 @@ def _round(W: torch.Tensor, f: HessianFactor, fmt: Format, blocksize: int,
             W1, Err1, C1 = runner.run(W[:, i1:i2], U1, P1)
         else:
             W1, Err1, C1 = _block_buffers(W[:, i1:i2], vd)
-            _fitted_block(fmt, W1, Err1, C1, U1, vd, sb, f.importance[i1:i2], i1, gs, cols, params)
+            _fitted_block(fmt, W1, Err1, C1, U1, vd, sb, imp[:, i1:i2], i1, gs, cols, params)
         blocks.append(C1.clone())
         if i2 < cols:
             W[:, i2:] -= Err1 @ U[i1:i2, i2:]
@@ -194,6 +196,16 @@ def _round(W: torch.Tensor, f: HessianFactor, fmt: Format, blocksize: int,
     if order is not None:  # back to natural column order
         codes = torch.empty_like(codes).index_copy_(1, order, codes)
     return codes, cat_params(params)
+
+
+def weighted_importance(W: torch.Tensor, importance: torch.Tensor) -> torch.Tensor:
+    """Per-weight importance [rows, cols] for fitting a scalar grid's scales, as llama.cpp weighs its imatrix
+    (quantize_row_q4_0_impl and the others): the input's importance times sqrt(sigma^2 + w^2), sigma^2 the row's
+    mean square, so a large weight's error counts more than a small one's on the same input. Measured on the
+    bundled model with the CPU recipe (docs/gguf.md): out-of-domain perplexity 18.75 -> 18.54 at Q4_0 and
+    19.16 -> 19.07 at Q2_K, the KL lower too."""
+    sigma2 = W.pow(2).mean(dim=1, keepdim=True)
+    return importance[None, :] * torch.sqrt(sigma2 + W.pow(2))
 
 
 def _column_loop(fmt: Format, W1: torch.Tensor, Err1: torch.Tensor, C1: torch.Tensor, U1: torch.Tensor,
@@ -231,7 +243,7 @@ def _fitted_block(fmt: Format, W1: torch.Tensor, Err1: torch.Tensor, C1: torch.T
     for i in range(0, W1.shape[1], gs):
         g = (i1 + i) // gs
         stop = min((g + 1) * gs, cols) - i1
-        params[g] = fmt.fit(W1[:, i:stop], importance[i:stop])
+        params[g] = fmt.fit(W1[:, i:stop], importance[:, i:stop])
         _column_loop(fmt, W1, Err1, C1, U1, fmt.expand(params[g], stop - i), vd, sb, i, stop, p0=i)
 
 
