@@ -14,12 +14,14 @@ Each variant tunes a copy on the same ``--nsamples`` x ``--seqlen`` calibration 
 
 * ``none``: untuned;
 * ``model``: KL through the whole network (``mode="model"``);
-* ``blocks:B[:CHAIN[:LOSS[:nofinal]]]``: B decoder layers at a time (``finetune_blocks``; CHAIN compensate | quant
-  | float, LOSS token | mse, ``nofinal``: leave the final norm alone);
+* ``blocks:B[:OPTION...]``: B decoder layers at a time (``finetune_blocks``); options: a chain (compensate | quant |
+  float), a loss (token | mse), ``nofinal`` (leave the final norm and the tail alone), ``tailT`` (the tail stage
+  retunes the last T layers with the final norm by KL; default ``FinetuneConfig.tail_layers``, ``tail0``: the final
+  norm alone, as before the tail stage);
 * ``VARIANT@E``: that variant with E epochs instead of ``--epochs`` (``blocks:1@8``);
-* ``stream``: ``lowbit quantize --stream --finetune``: the model quantized again from its directory a layer at a
-  time, each layer tuned right after its rounding, so later layers are rounded on tuned inputs (streamed.py; its
-  "tune s" is the whole streamed run, rounding included).
+* ``stream[:tailT]``: ``lowbit quantize --stream --finetune``: the model quantized again from its directory a layer
+  at a time, each layer tuned right after its rounding, so later layers are rounded on tuned inputs, then the tail
+  stage (streamed.py; its "tune s" is the whole streamed run, rounding included).
 
 Every copy is scored with ``lowbit.evaluate`` on the first ``--eval-windows`` windows of ``--ctx`` tokens of the
 eval split, with the float model as reference (perplexity, KL nats/token, top-1 agreement). The table goes to
@@ -40,7 +42,7 @@ from pathlib import Path
 import torch
 
 import lowbit
-from lowbit.algorithms.finetune import finetune, finetune_blocks
+from lowbit.algorithms.finetune import CHAINS, LOSSES, finetune, finetune_blocks
 from lowbit.algorithms.plans import uniform_plan
 from lowbit.algorithms.sequential import calibration_set
 from lowbit.data.assets import default_model_dir
@@ -70,8 +72,9 @@ def run_variant(variant: str, quantized: torch.nn.Module, model: torch.nn.Module
     variant, _, epochs = variant.partition("@")
     if epochs:
         cfg = dataclasses.replace(cfg, epochs=float(epochs))
-    if variant == "stream":
-        return streamed_ft(recipe, cfg, model_dir, device)
+    if variant.split(":")[0] == "stream":  # stream[:tailT]
+        tail = block_options(variant.split(":")[1:]).get("tail", cfg.tail_layers)
+        return streamed_ft(recipe, dataclasses.replace(cfg, tail_layers=tail), model_dir, device)
     m = copy.deepcopy(quantized)
     if variant == "none":
         return m, {}
@@ -81,14 +84,28 @@ def run_variant(variant: str, quantized: torch.nn.Module, model: torch.nn.Module
         rep = finetune(m, teacher, samples, lowbit.FinetuneConfig(**{**vars(cfg), "mode": "model"}), device, False)
     elif name == "blocks":
         block = lowbit.FinetuneConfig(**{**vars(cfg), "mode": "blocks", "block_layers": int(opts[0])})
-        kw = {"chain": opts[1]} if len(opts) > 1 else {}
-        kw |= {"loss": opts[2]} if len(opts) > 2 else {}
-        kw |= {"final_norm": False} if "nofinal" in opts else {}
-        rep = finetune_blocks(m, teacher, samples, block, device, False, **kw)
+        rep = finetune_blocks(m, teacher, samples, block, device, False, **block_options(opts[1:]))
     else:
         raise SystemExit(f"unknown variant {variant!r}")
     return m, {"steps": rep.steps, "tune_s": round(rep.seconds, 1),
                "last_block_loss": rep.block_losses[-1][1] if rep.block_losses else None}
+
+
+def block_options(opts: list[str]) -> dict:
+    """``finetune_blocks`` keywords from a ``blocks`` variant's options (the module docstring)."""
+    kw: dict = {}
+    for opt in opts:
+        if opt in CHAINS:
+            kw["chain"] = opt
+        elif opt in LOSSES:
+            kw["loss"] = opt
+        elif opt == "nofinal":
+            kw["final_norm"] = False
+        elif opt.startswith("tail") and opt[4:].isdigit():
+            kw["tail"] = int(opt[4:])
+        else:
+            raise SystemExit(f"unknown blocks option {opt!r}")
+    return kw
 
 
 def streamed_ft(recipe: lowbit.Recipe, cfg: lowbit.FinetuneConfig, model_dir: Path,

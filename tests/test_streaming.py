@@ -532,15 +532,17 @@ def test_streamed_ft_tunes_each_layer_lowers_kl_and_resumes_bit_identically(text
     with monkeypatch.context() as mp, pytest.raises(Killed):
         mp.setattr(streamed, "_tuned_layer", killed_at_second)
         lowbit.convert_streamed(src, tuned, out, device="cpu", progress=False)
-    assert sorted(p.name for p in Path(f"{out}.partial").iterdir()) == ["step-0"]
+    # (the tail stage, the last 4 layers by default, retunes both: it kept layer 0's inputs)
+    assert sorted(p.name for p in Path(f"{out}.partial").iterdir()) == ["step-0", "tail-inputs.safetensors"]
     lowbit.convert_streamed(src, tuned, out, device="cpu", progress=False)
     assert_same_checkpoint(tmp_path / "ft", out)
 
 
 def test_streamed_ft_ends_with_the_final_norm_tuned_on_logits(text_file, tmp_path, monkeypatch):
-    """After the last layer, +ft tunes the final norm alone by KL through the LM head (the one step that sees the
-    logits; its effect is measured on the bundled model by benchmarks/finetune_blocks.py): the output carries the
-    tuned norm, and kills during that stage or after it resume to the same bytes."""
+    """After the last layer, +ft tunes the last layers again with the final norm, by KL through the LM head (the
+    tail stage, the one step that sees the logits; its effect is measured on the bundled model by
+    benchmarks/finetune_blocks.py): the output carries the tuned norm and layers, and kills during that stage,
+    between its files, or after it resume to the same bytes."""
     from lowbit.algorithms.finetune import FinetuneConfig
 
     src = SyntheticSource("tiny", num_layers=2)
@@ -554,15 +556,58 @@ def test_streamed_ft_ends_with_the_final_norm_tuned_on_logits(text_file, tmp_pat
     source_norm = src.read(["model.norm.weight"])["model.norm.weight"]
     assert norm.dtype == torch.float16 and not torch.equal(norm, source_norm)
 
-    for where in ("tune", "save"):  # killed while tuning it, and after it is committed (while writing the output)
+    for where in ("tune", "write", "save"):  # killed while tuning, between the stage's files, after its commit
         out = tmp_path / f"killed-{where}"
         with monkeypatch.context() as mp, pytest.raises(Killed):
-            mp.setattr(streamed, "tune_final_norm" if where == "tune" else "save_quantized_streamed", _killer(where))
+            if where == "write":  # the second tail layer's file: the first is written, the norm (the commit) not
+                mp.setattr(streamed, "layer_state", _killer_at(2, where, streamed.layer_state))
+            else:
+                mp.setattr(streamed, "tune_tail" if where == "tune" else "save_quantized_streamed", _killer(where))
             lowbit.convert_streamed(src, tuned, out, device="cpu", progress=False)
         work = sorted(p.name for p in Path(f"{out}.partial").iterdir())
         assert ("final-norm.safetensors" in work) == (where == "save")
+        assert ("tail-0.safetensors" in work) == (where != "tune")
         lowbit.convert_streamed(src, tuned, out, device="cpu", progress=False)
         assert_same_checkpoint(tmp_path / "ft", out)
+
+
+def test_streamed_tail_stage_retunes_the_last_layers(text_file, tmp_path):
+    """tail_layers=1 of 2 against 0 (the final norm alone): layer 0 is the same bytes, layer 1's scales moved and
+    the KL to the float model on the tuning windows is lower."""
+    from lowbit.algorithms.finetune import FinetuneConfig, kl_per_token
+    from lowbit.io.sources import load_tensors
+
+    src = SyntheticSource("tiny", num_layers=2)
+    calib = CalibConfig(nsamples=4, seqlen=16, text_path=text_file)
+    for tail in (0, 1):
+        cfg = FinetuneConfig(epochs=8, batch_size=2, tail_layers=tail)
+        recipe_ = Recipe.parse("gptq_act+ft:int3_g32_asym", calib=calib, finetune=cfg)
+        lowbit.convert_streamed(src, recipe_, tmp_path / f"tail{tail}", device="cpu", progress=False)
+    a, b = tensors(tmp_path / "tail0"), tensors(tmp_path / "tail1")
+    assert all(torch.equal(v, b[k]) for k, v in a.items() if k.startswith("model.layers.0."))
+    scales = [k for k in a if k.startswith("model.layers.1.") and k.endswith(".scale")]
+    assert scales and all(not torch.equal(a[k], b[k]) for k in scales)
+
+    teacher = src.skeleton()
+    load_tensors(teacher, src.keys(), src, "cpu")
+    ids = sequential.calibration_set(teacher, src.tokenizer(), calib)
+    with torch.no_grad():
+        ref = teacher(input_ids=ids).logits
+        kl = [kl_per_token(ref, lowbit.load(tmp_path / f"tail{t}", device="cpu")[0].float()(input_ids=ids).logits)
+              .item() for t in (0, 1)]
+    assert kl[1] < 0.97 * kl[0], kl
+
+
+def _killer_at(call: int, where: str, real):  # noqa: ANN001, ANN202
+    calls = []
+
+    def kill(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls.append(1)
+        if len(calls) == call:
+            raise Killed(where)
+        return real(*args, **kwargs)
+
+    return kill
 
 
 def _killer(where: str):  # noqa: ANN202

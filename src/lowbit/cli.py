@@ -67,6 +67,9 @@ def _add_finetune(p: argparse.ArgumentParser) -> None:
                         "layers at a time against the float model's hidden states (bounded memory); auto (default): "
                         "model when it fits the device's free memory, else blocks")
     g.add_argument("--ft-block-layers", type=int, default=2, help="decoder layers per block (default 2)")
+    g.add_argument("--ft-tail-layers", type=int, default=None,
+                   help="blocks mode and --stream: the last decoder layers tuned again with the final norm by KL on "
+                        "the logits after the layer-wise pass (default 4; 0: the final norm alone)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -366,8 +369,9 @@ def _recipe(args: argparse.Namespace, fmt: str):  # noqa: ANN202
     from lowbit.recipe import Recipe
 
     calib, gptq = _calib(args)
+    tail = {} if args.ft_tail_layers is None else {"tail_layers": args.ft_tail_layers}  # None: the config's default
     finetune = FinetuneConfig(args.ft_epochs, args.ft_lr, args.ft_batch, seed=args.seed, mode=args.ft_mode,
-                              block_layers=args.ft_block_layers) if args.finetune else None
+                              block_layers=args.ft_block_layers, **tail) if args.finetune else None
     return Recipe(fmt, args.method, rotate=getattr(args, "rotate", False),
                   fuse_rotation=args.fuse_rotation, finetune=finetune, calib=calib, gptq=gptq)
 

@@ -44,7 +44,7 @@ class Recipe:
     >>> Recipe("q4_0", method="gptq_act", calib=CalibConfig(nsamples=32, seqlen=512))
     Recipe('gptq_act:q4_0')
     >>> Recipe.parse("gptq+rht+ft:iq2_xxs").finetune
-    FinetuneConfig(epochs=2.0, lr=0.003, batch_size=4, norms=True, seed=0, mode='auto', block_layers=2)
+    FinetuneConfig(epochs=2.0, lr=0.003, batch_size=4, norms=True, seed=0, mode='auto', block_layers=2, tail_layers=4)
     """
 
     format: str | Mapping[str, str]  # a format name, a mix spec, or a plan {linear name: format name}

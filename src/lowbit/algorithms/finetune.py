@@ -21,16 +21,21 @@ Two ways to train, the same parameters and the same storage (``FinetuneConfig.mo
     backward keeps every layer's activations and full-vocabulary logits: the quality reference, for small models.
   * ``blocks``: ``block_layers`` decoder layers at a time (:func:`finetune_blocks`), each trained so its output
     matches the float model's hidden states, with the quantized model's own outputs of the already-tuned blocks as
-    its inputs (error-compensating, as GPTQ's sequential mode feeds quantized inputs forward), then a short KL stage
-    on the final norm alone. The calibration activations live on the host; the device holds one block (float
+    its inputs (error-compensating, as GPTQ's sequential mode feeds quantized inputs forward), then the tail stage:
+    the last ``tail_layers`` decoder layers and the final norm tuned again together, by KL through the head
+    (:func:`tune_tail`). The calibration activations live on the host; the device holds one block (float
     teacher block while its outputs are computed, then the student block) and one batch's activations:
     ``peak ~ max(W_float_block, W_student_block + 10 B x Q_block + B x A_layer)``: ``10 B`` a quantized weight
     is its decoded float32 value and scaled intermediate that backward keeps plus its unpacked code, ``A_layer``
-    one batch's saved activations in one layer. The final-norm stage holds both heads and one window's logits.
-    No copy of the whole model moves; on the host, two sets of hidden states (n x seqlen x hidden float32).
+    one batch's saved activations in one layer. The tail stage holds its layers (the same 10 B a quantized
+    weight), both heads, and one window's logits and activations through those layers.
+    No copy of the whole model moves; on the host, three sets of hidden states (n x seqlen x hidden float32: the
+    quantized and float models' and the tail stage's inputs).
     Measured on the bundled model (CPU, small budget: benchmarks/finetune_blocks.py), the quantized model's own
     hidden states as inputs beat the float ones (KL 0.147 vs 0.184 for rtn:q4_0), per-token relative error beat
-    plain MSE (0.147 vs 0.155) and the final-norm stage helped (0.147 vs 0.154).
+    plain MSE (0.147 vs 0.155) and the final-norm stage helped (0.147 vs 0.154). At 2 bits (IQ2_XXS types, 4
+    epochs) the layer-wise objective plateaus above whole-model tuning (ppl 34.16 vs 32.58); the tail stage's KL
+    on the logits took it to 33.66 with 4 layers, 33.58 with 8 (docs/scale.md).
   * ``auto`` (default): ``model`` when its estimated peak (:func:`model_mode_bytes`) fits in 80% of the device's
     free memory, else ``blocks``.
 """
@@ -71,6 +76,7 @@ class FinetuneConfig:
     seed: int = 0
     mode: str = "auto"  # "model" (KL through the whole network), "blocks" (bounded memory) or "auto" (by memory)
     block_layers: int = 2  # decoder layers per block in the blocks mode
+    tail_layers: int = 4  # blocks mode: the last decoder layers tuned again, with the final norm, by KL (tune_tail)
 
     def __post_init__(self) -> None:  # checked when built (the CLI builds it before minutes of GPTQ), not after
         if self.epochs <= 0 or self.lr <= 0 or self.batch_size < 1:
@@ -79,6 +85,8 @@ class FinetuneConfig:
             raise LowbitError(f"finetune mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if isinstance(self.block_layers, bool) or not isinstance(self.block_layers, int) or self.block_layers < 1:
             raise LowbitError(f"finetune block_layers must be an integer >= 1, got {self.block_layers!r}")
+        if isinstance(self.tail_layers, bool) or not isinstance(self.tail_layers, int) or self.tail_layers < 0:
+            raise LowbitError(f"finetune tail_layers must be an integer >= 0, got {self.tail_layers!r}")
 
 
 @dataclass
@@ -350,7 +358,7 @@ def _train(model: nn.Module, teacher: nn.Module, samples: torch.Tensor, tuned: l
 
 def finetune_blocks(model: nn.Module, teacher: nn.Module, samples: torch.Tensor, cfg: FinetuneConfig,
                     device: torch.device, progress: bool = True, *, chain: str = "compensate", loss: str = "token",
-                    final_norm: bool = True) -> FinetuneReport:
+                    final_norm: bool = True, tail: int | None = None) -> FinetuneReport:
     """Tune ``model`` in place block by block (``cfg.block_layers`` decoder layers), each against ``teacher``'s
     hidden states; only the current block is on ``device``, the activations stay on the host.
 
@@ -361,8 +369,11 @@ def finetune_blocks(model: nn.Module, teacher: nn.Module, samples: torch.Tensor,
       * ``float``: the float model's hidden states in and out (blocks trained independently).
     ``loss``: ``token`` = mean over tokens of ||y - t||^2 / ||t||^2 (each token counts alike, as it does after the
     next RMSNorm); ``mse`` = sum ||y - t||^2 / sum ||t||^2 (tokens with huge hidden states dominate).
-    ``final_norm``: then tune the final norm (when ``cfg.norms``) with KL on logits, window by window.
+    ``final_norm``: then tune the final norm (when ``cfg.norms``) with KL on logits, window by window, and with it
+    the last ``tail`` decoder layers (default ``cfg.tail_layers``, rounded up to whole blocks; :func:`tune_tail`),
+    fed the quantized model's hidden states entering them (one more host copy of the hidden states).
     """
+    tail = cfg.tail_layers if tail is None else tail
     if chain not in CHAINS or loss not in LOSSES:
         raise LowbitError(f"finetune_blocks: chain in {CHAINS} and loss in {LOSSES}, got {chain!r}, {loss!r}")
     t0 = time.perf_counter()
@@ -371,6 +382,8 @@ def finetune_blocks(model: nn.Module, teacher: nn.Module, samples: torch.Tensor,
         raise LowbitError(f"finetune: the teacher has {len(t_layers)} decoder layers, the model {len(layers)}")
     prefix = DECODER_LAYERS[model.config.model_type]
     host = torch.device("cpu")
+    if tail < 0:
+        raise LowbitError(f"finetune_blocks: tail must be >= 0, got {tail}")
     track_xs = chain != "float" or final_norm  # the quantized model's own hidden states
     track_xt = chain != "quant" or final_norm  # the float model's
     flags = {p: p.requires_grad for p in model.parameters()}
@@ -386,7 +399,12 @@ def finetune_blocks(model: nn.Module, teacher: nn.Module, samples: torch.Tensor,
         xt = capture_layer_inputs(teacher, samples, device, store_device=host)[0] if track_xt else None
         bar = tqdm(range(0, len(layers), cfg.block_layers), desc="finetune blocks", unit="block",
                    disable=not progress)
+        starts = range(0, len(layers), cfg.block_layers)
+        tail_start = max(s for s in starts if s <= max(0, len(layers) - tail)) if tail and final_norm else None
+        xs_tail = None  # the quantized model's hidden states entering the tail stage's layers
         for k, start in enumerate(bar):
+            if start == tail_start and xs is not None:
+                xs_tail = xs.clone()
             idx = range(start, min(start + cfg.block_layers, len(layers)))
             with _on(device, *(t_layers[i] for i in idx)):  # the float block: the targets, then it leaves
                 float_block = [t_layers[i] for i in idx]
@@ -417,9 +435,11 @@ def finetune_blocks(model: nn.Module, teacher: nn.Module, samples: torch.Tensor,
             norm = find_final_norm(model)
             if norm is not None:
                 saved.append((norm, norm.weight.detach().to(host, copy=True)))
-                kl_first, kl_last, n_steps = tune_final_norm(norm, find_final_norm(teacher),
-                                                             model.get_output_embeddings(),
-                                                             teacher.get_output_embeddings(), xs, xt, cfg, device)
+                last_layers = list(layers[tail_start:]) if xs_tail is not None else []
+                kl_first, kl_last, n_steps, _, _ = tune_tail(
+                    last_layers, norm, find_final_norm(teacher), model.get_output_embeddings(),
+                    teacher.get_output_embeddings(), xs if xs_tail is None else xs_tail, xt, kwargs, cfg, device)
+                # the tail's layers were counted when first tuned: only the final norm is new
                 steps, n_tensors, n_values = steps + n_steps, n_tensors + 1, n_values + norm.weight.numel()
     except BaseException:
         for n, q in done:
@@ -557,27 +577,52 @@ def find_final_norm(model: nn.Module) -> nn.Module | None:
 def tune_final_norm(norm: nn.Module, t_norm: nn.Module, head: nn.Module, t_head: nn.Module, xs: torch.Tensor,
                     xt: torch.Tensor, cfg: FinetuneConfig, device: torch.device) -> tuple[float, float, int]:
     """Train ``norm`` alone (in place, rounded to float16 as stored) so that ``head(norm(xs))`` matches the
-    teacher's ``t_head(t_norm(xt))`` in KL, ``xs``/``xt`` being the two models' last hidden states. Logits are made
-    one window at a time (gradients accumulated over the batch), so memory is one window's. Returns (first loss,
-    last loss, steps)."""
+    teacher's ``t_head(t_norm(xt))`` in KL, ``xs``/``xt`` being the two models' last hidden states: the tail stage
+    with no decoder layer (:func:`tune_tail`). Returns (first loss, last loss, steps)."""
+    first, last, steps, _, _ = tune_tail([], norm, t_norm, head, t_head, xs, xt, {}, cfg, device)
+    return first, last, steps
+
+
+def tune_tail(layers: list[nn.Module], norm: nn.Module, t_norm: nn.Module, head: nn.Module, t_head: nn.Module,
+              xs: torch.Tensor, xt: torch.Tensor, kwargs: dict, cfg: FinetuneConfig,
+              device: torch.device) -> tuple[float, float, int, int, int]:
+    """Tune the last decoder ``layers`` (their stored float scales and norms) and the final ``norm`` together, in
+    place, by KL through the head: ``head(norm(layers(xs)))`` against the teacher's ``t_head(t_norm(xt))``, ``xs``
+    being the quantized model's hidden states entering ``layers[0]`` and ``xt`` the float model's last ones.
+
+    The layer-wise objective cannot tell errors that move the logits from errors that do not; this stage sees the
+    logits, in the memory of ``len(layers)`` layers, the head and one window's logits (windows one at a time,
+    gradients accumulated over the batch). With no layer it tunes the final norm alone. The final norm is tuned
+    only when ``cfg.norms``. Returns (first loss, last loss, steps, tuned tensors, tuned values); on an error
+    everything is left as it was."""
+    if not layers and not cfg.norms:  # nothing to tune
+        return math.nan, math.nan, 0, 0, 0
     n = xs.shape[0]
     bs = min(cfg.batch_size, n)
     steps = max(1, round(cfg.epochs * n / bs))
     g = torch.Generator().manual_seed(cfg.seed + 10_000)
     order = torch.cat([torch.randperm(n, generator=g) for _ in range((steps * bs + n - 1) // n)])
+    dtype = norm.weight.dtype
     first = last = math.nan
-    with _on(device, norm, head, t_norm, t_head):
-        tuned = _wrap(norm, {}, [norm])
-        opt = torch.optim.Adam(tuned, lr=cfg.lr)
-        dtype = norm.parametrizations.weight.original.dtype
+    with _on(device, norm, head, t_norm, t_head, *layers), _frozen(*layers, norm, head):
+        wrapped = [{n: ScaleTunedLinear(m) for n, m in layer.named_modules()
+                    if isinstance(m, QuantLinear) and m.fmt.float_params} for layer in layers]
+        norms = [[m for m in norm_modules(layer).values()] if cfg.norms else [] for layer in layers]
+        norms.append([norm] if cfg.norms else [])
+        roots = [*layers, norm]
+        tuned = [p for root, w, ns in zip(roots, [*wrapped, {}], norms, strict=True) for p in _wrap(root, w, ns)]
         try:
+            opt = torch.optim.Adam(tuned, lr=cfg.lr)
             for step in range(steps):
                 opt.zero_grad(set_to_none=True)
                 total = 0.0
                 for j in order[step * bs : (step + 1) * bs].tolist():
                     with torch.no_grad():
                         target = t_head(t_norm(xt[j : j + 1].to(device, dtype)))
-                    value = kl_per_token(target, head(norm(xs[j : j + 1].to(device, dtype)))) / bs
+                    h = xs[j : j + 1].to(device, dtype)
+                    for layer in layers:
+                        h = _hidden(layer(h, **kwargs))
+                    value = kl_per_token(target, head(norm(h))) / bs
                     value.backward()
                     total += float(value.detach())
                 if not math.isfinite(total):
@@ -587,10 +632,28 @@ def tune_final_norm(norm: nn.Module, t_norm: nn.Module, head: nn.Module, t_head:
                 last = total
                 first = last if step == 0 else first
         except BaseException:
-            _unwrap(norm, {}, [norm], keep=False)
+            for root, w, ns in zip(roots, [*wrapped, {}], norms, strict=True):
+                _unwrap(root, w, ns, keep=False)
             raise
-        _unwrap(norm, {}, [norm], keep=True)
-    return first, last, steps
+        for root, w, ns in zip(roots, [*wrapped, {}], norms, strict=True):
+            _unwrap(root, w, ns, keep=True)
+    return first, last, steps, len(tuned), _numel(tuned)
+
+
+class _frozen:  # noqa: N801 - used as a statement: with _frozen(*modules)
+    """No gradient for ``modules``' own parameters inside the ``with`` body (the tuning adds its own), then each
+    parameter's flag as it was."""
+
+    def __init__(self, *modules: nn.Module):
+        self.flags = {p: p.requires_grad for m in modules for p in m.parameters()}
+
+    def __enter__(self) -> None:
+        for p in self.flags:
+            p.requires_grad_(False)
+
+    def __exit__(self, *exc: object) -> None:
+        for p, flag in self.flags.items():
+            p.requires_grad_(flag)
 
 
 class _on:  # noqa: N801 - used as a statement: with _on(device, *modules)

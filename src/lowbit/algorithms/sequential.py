@@ -352,6 +352,15 @@ def _fingerprint(model: nn.Module, plan: dict[str, str], calib: CalibConfig, gpt
     return h.hexdigest()
 
 
+def layer_state(layer: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, list]]:
+    """A layer as a step file holds it: its tensors on the host, and {linear: [format, rotation]} (the metadata
+    :meth:`_Checkpoint.restore_layer` rebuilds its QuantLinears from)."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in layer.state_dict().items()}
+    formats = {n: [m.format_name, m.rotation.to_json() if m.rotation else None]
+               for n, m in layer.named_modules() if isinstance(m, QuantLinear)}
+    return tensors, formats
+
+
 CHECKPOINT_LAYOUT = 2  # stored in every state.json; layout 1 (flat files, non-atomic commit) is refused
 SNAPSHOT_SECONDS = 120.0  # an activation snapshot at most this often (see _Checkpoint); 0: every layer
 
@@ -447,9 +456,7 @@ class _Checkpoint:
             self._snapshot_at, self._inputs_from = now, index
         tensors = formats = None
         if self.lead:
-            tensors = {k: v.detach().cpu().contiguous() for k, v in layer.state_dict().items()}
-            formats = {n: [m.format_name, m.rotation.to_json() if m.rotation else None]
-                       for n, m in layer.named_modules() if isinstance(m, QuantLinear)}
+            tensors, formats = layer_state(layer)
         state = {"layout": CHECKPOINT_LAYOUT, "fingerprint": self.fingerprint, "next_layer": index + 1,
                  "inputs_from": self._inputs_from, "stats": {k: asdict(v) for k, v in stats.items()}}
         acts = inps.detach().cpu().contiguous() if snapshot else None

@@ -24,6 +24,7 @@ same memory ("device"). The placement does not change any number, so a run may r
 from __future__ import annotations
 
 import copy
+import json
 import math
 import sys
 import time
@@ -34,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -43,8 +44,8 @@ from lowbit.algorithms.finetune import (
     FinetuneConfig,
     FinetuneReport,
     find_final_norm,
-    tune_final_norm,
     tune_layer,
+    tune_tail,
 )
 from lowbit.algorithms.plans import Plan, check_finite, plan_by_layer
 from lowbit.algorithms.rtn import quantize_rtn
@@ -58,6 +59,7 @@ from lowbit.algorithms.sequential import (
     _quantize_layer,
     _run_layer,
     calibration_set,
+    layer_state,
 )
 from lowbit.atomic import atomic_file
 from lowbit.calibration.capture import capture_layer_inputs, cuda_tf32
@@ -71,7 +73,8 @@ from lowbit.io.validate import safetensors_header
 from lowbit.models.walker import DECODER_LAYERS, decoder_layers, decoder_linears, linear_weight
 
 OFFLOADS = ("auto", "device", "host")
-FINAL_NORM_FILE = "final-norm.safetensors"  # in the work checkpoint: +ft's tuned final norm (see _final_norm_stage)
+FINAL_NORM_FILE = "final-norm.safetensors"  # in the work checkpoint: +ft's tuned final norm, the tail stage's commit
+TAIL_INPUTS_FILE = "tail-inputs.safetensors"  # +ft: the quantized hidden states entering the tail stage's layers
 DEVICE_SHARE = 0.9  # of the free device memory the activation rule may plan for
 _OOM = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), MemoryError)
 
@@ -94,6 +97,7 @@ class StreamReport:
     layer_files: list[Path] = field(default_factory=list)
     finetune: FinetuneReport | None = None  # +ft: the layers this call tuned (block_losses: one per layer)
     tuned_file: Path | None = None  # +ft: the tuned final norm, written in place of the source's
+    # (layer_files: +ft's tail stage replaces the last layers' step files with its own, tail-<i>.safetensors)
 
     @property
     def complete(self) -> bool:
@@ -114,8 +118,9 @@ def quantize_streamed(source: WeightSource, plan: Plan, work_dir: str | Path, *,
     ``host`` (see the module docstring); ``max_layers`` stops after that many layers (benchmarks: the output then
     cannot be assembled). ``finetune``: after each layer's rounding, tune its stored float scales and norms so
     that, fed the quantized model's hidden states, it outputs the float model's (``+ft`` in blocks of one layer; the
-    float model's hidden states ride along with the quantized ones), and after the last layer the final norm by
-    KL on the LM head's logits (``_final_norm_stage``; ``StreamReport.tuned_file`` holds it for the output).
+    float model's hidden states ride along with the quantized ones), and after the last layer the last
+    ``finetune.tail_layers`` layers again with the final norm, by KL on the LM head's logits (``_tail_stage``;
+    ``StreamReport.tuned_file`` holds the norm for the output, ``layer_files`` the retuned layers).
     """
     if rounding not in ("rtn", *ROUNDINGS):
         raise LowbitError(f"unknown rounding {rounding!r}; known: rtn, {', '.join(ROUNDINGS)}")
@@ -144,7 +149,10 @@ def quantize_streamed(source: WeightSource, plan: Plan, work_dir: str | Path, *,
     report = StreamReport(linears=dict(stats), layers_total=n, layers_done=start, resumed_from_layer=start)
     calibrated = rounding != "rtn"
     kwargs: dict[str, Any] = {}
-    if calibrated and start < stop:
+    tail_from = _tail_from(n, finetune)
+    # a run resumed with every layer done and the tail stage not committed still needs the layers' kwargs
+    tail_pending = tail_from is not None and stop == n and not (Path(work_dir) / FINAL_NORM_FILE).is_file()
+    if calibrated and (start < stop or tail_pending):
         if samples is None:
             samples = calibration_set(model, source.tokenizer(), calib)
         if ranks := distributed.current():
@@ -182,6 +190,8 @@ def quantize_streamed(source: WeightSource, plan: Plan, work_dir: str | Path, *,
                 layer.to(device)  # buffers the files do not hold
                 for name in by_layer[i]:
                     check_finite(name, linear_weight(model.get_submodule(name)))
+                if i == tail_from:
+                    _save_tail_inputs(Path(work_dir), inps)
                 with cuda_tf32(gptq.tf32):  # calibration passes and +ft steps; GPTQ's arithmetic stays exact
                     if finetune:
                         stats, inps, targets = _tuned_layer(layer, by_layer[i], plan, prefix, i, inps, targets, kwargs,
@@ -213,8 +223,9 @@ def quantize_streamed(source: WeightSource, plan: Plan, work_dir: str | Path, *,
         prefetch.close()
         ckpt.flush()  # a finished layer is committed even when a later one fails
     report.layer_files = [ckpt.layer_file(i) for i in range(report.layers_done)]
-    if finetune and finetune.norms and report.complete and inps is not None:
-        report.tuned_file = _final_norm_stage(model, source, inps, targets, finetune, device, Path(work_dir), report)
+    if tail_from is not None and report.complete and inps is not None:
+        report.tuned_file = _tail_stage(model, source, ckpt, tail_from, inps, targets, kwargs, finetune, device,
+                                        Path(work_dir), report)
     report.peak_host_gb, report.peak_gpu_gb = peak_host_gb(), peak_gpu_gb(device)
     report.seconds = time.perf_counter() - t_start
     return report
@@ -305,34 +316,82 @@ def _tuned_layer(layer: nn.Module, names: list[str], plan: Plan, prefix: str, in
     return stats, _run_layer(layer, inps, kwargs), nxt
 
 
-def _final_norm_stage(model: nn.Module, source: WeightSource, xs: torch.Tensor, xt: torch.Tensor,
-                      cfg: FinetuneConfig, device: torch.device, work_dir: Path, report: StreamReport) -> Path | None:
-    """+ft's last step, as the in-memory blocks mode ends: the final norm tuned alone by KL on the LM head's logits,
-    the float norm on the float model's last hidden states ``xt`` as the teacher and the quantized model's ``xs`` as
-    the input (the one step that sees the logits; on the bundled model's IQ2_XXS-typed plan, CPU budget, it took
-    the streamed result from 36.15 to 34.89). Memory: the head in float32 and one window's logits. The norm is
-    written to the work checkpoint, so a run resumed after it keeps it; the output takes it from there."""
+def _tail_from(n: int, cfg: FinetuneConfig | None) -> int | None:
+    """The first layer +ft's tail stage tunes again (``n``: none, the final norm alone); None: no tail stage."""
+    if cfg is None or not cfg.norms:
+        return None
+    return max(0, n - cfg.tail_layers)
+
+
+def _save_tail_inputs(work_dir: Path, inps: torch.Tensor) -> None:
+    """Keep the quantized hidden states entering the tail stage's first layer (the stage runs after the last layer,
+    when the stream has moved past them); written before that layer is committed, so every resumed run finds
+    them. A run resumed at this very layer has the same inputs (its snapshot) and the file may already be there."""
+    path = work_dir / TAIL_INPUTS_FILE
+    if not path.is_file():
+        with atomic_file(path) as tmp:
+            save_file({"inputs": inps.detach().cpu().contiguous()}, str(tmp))
+
+
+def _tail_stage(model: nn.Module, source: WeightSource, ckpt: _Checkpoint, first: int, xs: torch.Tensor,
+                xt: torch.Tensor, kwargs: dict[str, Any], cfg: FinetuneConfig, device: torch.device, work_dir: Path,
+                report: StreamReport) -> Path | None:
+    """+ft's last step, as the in-memory blocks mode ends: layers ``first``.. (read back from the checkpoint) and
+    the final norm tuned together by KL on the LM head's logits (:func:`tune_tail`), the float norm and head on the
+    float model's last hidden states ``xt`` as the teacher, the quantized hidden states entering layer ``first``
+    as the input (``TAIL_INPUTS_FILE``; ``xs``, the last ones, when no layer is retuned): the one step that sees
+    the logits, which the layer-wise objective cannot. Memory: those layers, the head in float32 and one window's
+    logits. The retuned layers go to ``tail-<i>.safetensors``, then the norm to ``FINAL_NORM_FILE``, whose rename
+    commits the stage: a run killed before it redoes the stage from the step files (never rewritten) to the same
+    bytes, one killed after it keeps it. Returns the norm's file."""
     path = work_dir / FINAL_NORM_FILE
-    if path.is_file():
-        return path
+    layers = decoder_layers(model)
+    files = [work_dir / f"tail-{i}.safetensors" for i in range(first, len(layers))]
     norm = find_final_norm(model)
     if norm is None:
         return None
+    if not path.is_file():
+        inputs = xs if first == len(layers) else _tail_inputs(work_dir)
+        _run_tail_stage(model, source, ckpt, first, norm, inputs, xt, kwargs, cfg, device, files, path, report)
+    report.layer_files[first:] = files
+    return path
+
+
+def _tail_inputs(work_dir: Path) -> torch.Tensor:
+    path = work_dir / TAIL_INPUTS_FILE
+    if not path.is_file():
+        raise LowbitError(f"checkpoint {work_dir} has no {TAIL_INPUTS_FILE}; delete it to start over")
+    return load_file(str(path))["inputs"]
+
+
+def _run_tail_stage(model: nn.Module, source: WeightSource, ckpt: _Checkpoint, first: int, norm: nn.Module,
+                    inputs: torch.Tensor, xt: torch.Tensor, kwargs: dict[str, Any], cfg: FinetuneConfig,
+                    device: torch.device, files: list[Path], path: Path, report: StreamReport) -> None:
+    """:func:`_tail_stage`'s work: tune, write the layers, then commit with the norm; the report counts it."""
     key = f"{_module_name(model, norm)}.weight"
+    tail = list(decoder_layers(model))[first:]
     t0 = time.perf_counter()
     load_tensors(model, [key], source, "cpu")
     try:
+        for i, layer in enumerate(tail, start=first):
+            ckpt.restore_layer(i, layer, assign=True)
         teacher, head = copy.deepcopy(norm), _float_head(model, source)
-        first, last, steps = tune_final_norm(norm, teacher, head, head, xs, xt, cfg, device)
-        with atomic_file(path) as tmp:
+        kl_first, kl_last, steps, _, _ = tune_tail(tail, norm, teacher, head, head, inputs, xt, kwargs, cfg, device)
+        for layer, f in zip(tail, files, strict=True):
+            tensors, formats = layer_state(layer)
+            with atomic_file(f) as tmp:
+                save_file(tensors, str(tmp), metadata={"formats": json.dumps(formats)})
+        with atomic_file(path) as tmp:  # last: the stage's commit
             save_file({key: norm.weight.detach().to(STORAGE_DTYPE).cpu().contiguous()}, str(tmp))
     finally:
         release(model, [key])
+        for layer in tail:
+            layer.to("meta")
+    # the tail layers' tensors were counted when first tuned: only the final norm is new
     ft = report.finetune or FinetuneReport(0, 0, 0, math.nan, math.nan, 0.0, mode="stream")
     report.finetune = replace(ft, steps=ft.steps + steps, tuned_tensors=ft.tuned_tensors + 1,
-                              tuned_values=ft.tuned_values + norm.weight.numel(), kl_first=first, kl_last=last,
+                              tuned_values=ft.tuned_values + norm.weight.numel(), kl_first=kl_first, kl_last=kl_last,
                               seconds=ft.seconds + time.perf_counter() - t0)
-    return path
 
 
 def _float_head(model: nn.Module, source: WeightSource) -> nn.Module:
