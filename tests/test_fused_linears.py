@@ -56,6 +56,15 @@ def test_fused_outputs_and_state_equal_unfused(fmt, bias):
     assert torch.equal(logits(model, IDS), ref)
 
 
+def test_members_without_a_bias_fuse_with_members_that_have_one():
+    model = quantized("int4_g32_asym", bias=True)
+    attn = decoder_layers(model)[0].self_attn
+    attn.q_proj.bias = None  # the first member has none: the fused bias takes zeros there
+    ref = logits(model, IDS)
+    assert fuse_siblings(model) == 2 * len(SIBLINGS)
+    assert torch.equal(logits(model, IDS), ref)
+
+
 def test_members_write_through_and_fall_back_when_detached():
     model = quantized()
     fuse_siblings(model)

@@ -574,15 +574,6 @@ def find_final_norm(model: nn.Module) -> nn.Module | None:
     return outside[0]
 
 
-def tune_final_norm(norm: nn.Module, t_norm: nn.Module, head: nn.Module, t_head: nn.Module, xs: torch.Tensor,
-                    xt: torch.Tensor, cfg: FinetuneConfig, device: torch.device) -> tuple[float, float, int]:
-    """Train ``norm`` alone (in place, rounded to float16 as stored) so that ``head(norm(xs))`` matches the
-    teacher's ``t_head(t_norm(xt))`` in KL, ``xs``/``xt`` being the two models' last hidden states: the tail stage
-    with no decoder layer (:func:`tune_tail`). Returns (first loss, last loss, steps)."""
-    first, last, steps, _, _ = tune_tail([], norm, t_norm, head, t_head, xs, xt, {}, cfg, device)
-    return first, last, steps
-
-
 def tune_tail(layers: list[nn.Module], norm: nn.Module, t_norm: nn.Module, head: nn.Module, t_head: nn.Module,
               xs: torch.Tensor, xt: torch.Tensor, kwargs: dict, cfg: FinetuneConfig,
               device: torch.device) -> tuple[float, float, int, int, int]:

@@ -61,12 +61,18 @@ def triton_available() -> bool:
     return True
 
 
-def _use_triton(x: torch.Tensor, fmt: Format) -> bool:
-    if _mode == "reference" or not isinstance(fmt, UniformFormat | E8PFormat | IQ2XXSFormat) or not triton_available():
+def triton_runs(x: torch.Tensor, kernel: str = "") -> bool:
+    """Whether a Triton kernel serves an input like ``x``: never in reference mode or without Triton, always with
+    ``LOWBIT_KERNELS=triton``, else on CUDA unless ``kernel`` is still in :data:`GPU_UNVERIFIED`."""
+    if _mode == "reference" or not triton_available():
         return False
-    if isinstance(fmt, IQ2XXSFormat) and "iq2_xxs" in GPU_UNVERIFIED:
-        return _mode == "triton"
-    return _mode == "triton" or x.is_cuda
+    return _mode == "triton" or (x.is_cuda and kernel not in GPU_UNVERIFIED)
+
+
+def _use_triton(x: torch.Tensor, fmt: Format) -> bool:
+    if not isinstance(fmt, UniformFormat | E8PFormat | IQ2XXSFormat):
+        return False
+    return triton_runs(x, "iq2_xxs" if isinstance(fmt, IQ2XXSFormat) else "")
 
 
 _LUTS: dict[tuple, torch.Tensor] = {}
@@ -168,8 +174,7 @@ def dequant_matmul(x: torch.Tensor, fmt: Format, qt: QuantizedTensor) -> torch.T
 def rotate_input(rot, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001 - a RandomizedHadamard
     """x @ R^T for a rotated QuantLinear's input side: the Triton kernel where Triton runs (same rule as the
     matmul: CUDA, or ``LOWBIT_KERNELS=triton``), else exactly ``rot.apply(x)`` (the torch reference)."""
-    auto_ok = x.is_cuda and "hadamard" not in GPU_UNVERIFIED
-    if _mode == "reference" or not triton_available() or not (_mode == "triton" or auto_ok):
+    if not triton_runs(x, "hadamard"):
         return rot.apply(x)
     from lowbit.kernels import triton_hadamard
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from lowbit.kernels import triton_decode_attention as kernel
-from lowbit.kernels.dispatch import kernel_mode
+from lowbit.kernels.dispatch import triton_runs
 
 NAME = "lowbit_decode"
 
@@ -22,8 +22,7 @@ def lowbit_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
                      **kwargs: object) -> tuple[torch.Tensor, None]:
     """transformers' attention-function signature: query [B, H, T, D], key/value [B, Hkv, S, D] -> [B, T, H, D]."""
     plain = dropout == 0.0 and kwargs.get("softcap") is None and kwargs.get("sliding_window") is None
-    on_device = query.is_cuda or kernel_mode() == "triton"
-    if plain and on_device and kernel_mode() != "reference" and kernel.supported(query, key, attention_mask):
+    if plain and triton_runs(query, "decode_attention") and kernel.supported(query, key, attention_mask):
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         return kernel.decode_attention(query, key, value, attention_mask, scale).transpose(1, 2), None
     from transformers.integrations.sdpa_attention import sdpa_attention_forward

@@ -40,9 +40,10 @@ class FusedGroup:
         rows = sum(m.out_features for m in members)
         data = {k: torch.cat([getattr(m, k) for m in members]) for k in first._keys}
         bias = None
-        if any(m.bias is not None for m in members):
-            bias = torch.cat([m.bias.detach() if m.bias is not None else
-                              torch.zeros(m.out_features, device=first.bias.device) for m in members])
+        if any(m.bias is not None for m in members):  # members without one add zeros
+            like = next(m.bias for m in members if m.bias is not None)
+            bias = torch.cat([m.bias.detach() if m.bias is not None else like.new_zeros(m.out_features)
+                              for m in members])
         self.linear = QuantLinear.from_quantized(QuantizedTensor(first.format_name, (rows, first.in_features), data),
                                                  bias=bias)
         self.sizes = [m.out_features for m in members]
@@ -87,10 +88,7 @@ def _fusable(members: list[nn.Module]) -> bool:
             return False
         if any(getattr(m, k).dim() == 0 or getattr(m, k).shape[0] != m.out_features for k in m._keys):
             return False
-        if len({getattr(m, k).device for k in m._keys}) != 1 or getattr(m, m._keys[0]).device != \
-                getattr(first, first._keys[0]).device:
-            return False
-    return True
+    return len({getattr(m, k).device for m in members for k in m._keys}) == 1
 
 
 def fuse_siblings(model: nn.Module) -> int:
