@@ -405,3 +405,17 @@ def test_act_order_fits_uniform_grids_with_llama_cpp_weighted_importance(name):
     assert not all(torch.equal(plain.data[k], weighted.data[k]) for k in plain.data)  # the weighting matters here
     want = weighted if isinstance(fmt, UniformFormat) else plain
     assert all(torch.equal(res.qt.data[k], want.data[k]) for k in want.data)
+
+
+@pytest.mark.parametrize("name", ["iq2_xxs", "e8p_ch"])
+def test_block_ldlq_rounds_vectors_by_importance(name):
+    """With a diagonal Hessian nothing is fed forward, so block LDLQ must be the format's own importance-weighted
+    rounding: each 8-vector's nearest codeword weighed by diag(H), as its group fit is (not the plain distance)."""
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(16, 512, generator=g)
+    diag = torch.exp(2 * torch.randn(512, generator=g))  # inputs of very uneven importance
+    fmt = get_format(name)
+    ldlq = gptq_quantize(W, torch.diag(diag), fmt).qt
+    weighted = fmt.quantize(W, importance=diag)
+    assert torch.equal(fmt.dequantize(ldlq), fmt.dequantize(weighted))
+    assert not torch.equal(fmt.dequantize(ldlq), fmt.dequantize(fmt.quantize(W)))

@@ -109,3 +109,21 @@ def test_iq4_nl_is_llama_cpp_levels_and_beats_q4_0_on_gaussian():
     err_q40 = (q40.dequantize(q40.quantize(w)) - w).pow(2).mean()
     assert err_nl < 0.9 * err_q40
     assert (qt.data["scale"].float() < 0).any() and (qt.data["scale"].float() > 0).any()
+
+
+@pytest.mark.parametrize("name", ["iq4_nl", "nz2_g64", "std2_g64", "pm12_g64", "std2m_g64", "nz2r30_g64"])
+def test_table_lookup_encode_is_bucketize(name):
+    """The lookup table gives exactly bucketize's codes, midpoints (lower level) and their neighbours included."""
+    fmt = get_format(name)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 64, generator=g) * float(fmt.levels.abs().max())
+    mids = fmt._mids
+    k = mids.numel()
+    x[0, :k], x[1, :k] = mids, torch.nextafter(mids, torch.tensor(1e9))
+    x[2, :k], x[3, :4] = torch.nextafter(mids, torch.tensor(-1e9)), torch.tensor([1e6, -1e6, 0.0, -0.0])
+    scale = torch.ones(64, 64)
+    scale[5] = 0  # a zero scale encodes the level nearest zero
+    codes = fmt.encode(x, {"scale": scale})
+    want = torch.bucketize(x.contiguous(), mids)
+    want[5] = fmt._zero_code
+    assert torch.equal(codes, want)

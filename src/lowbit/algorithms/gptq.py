@@ -38,7 +38,8 @@ from lowbit.formats import Format, Params, QuantizedTensor, UniformFormat, cat_p
 
 MAX_DAMP_RETRIES = 6
 SUB_BLOCK = 16  # columns whose errors are fed forward one at a time (see the module docstring)
-IMPLEMENTATION = 2  # bumped when results change bit-wise (resume fingerprints include it); 2: sub-blocks
+IMPLEMENTATION = 3  # bumped when results change bit-wise (resume fingerprints include it); 2: sub-blocks,
+# 3: vector codebooks round by importance-weighted distance
 
 
 @dataclass
@@ -162,6 +163,10 @@ def _round(W: torch.Tensor, f: HessianFactor, fmt: Format, blocksize: int,
     # (uniform grids alone: 0.455); vector codebooks were not measured (docs/gguf.md)
     imp = weighted_importance(W, f.importance) if isinstance(fmt, UniformFormat) else f.importance.expand(rows, cols)
     order = f.order
+    # A vector codebook rounds vd columns jointly: the nearest codeword is weighed by their diag(H), as the group
+    # fits are (a scalar grid's nearest level does not depend on weights). Unweighted, the IQ2_XXS preset's file
+    # measured 37.85 / KL 0.448 on the eval split, weighted 32.71 / 0.331 (docs/gguf.md).
+    enc_imp = f.importance.expand(rows, cols) if vd > 1 else None
     static = order is not None or static_groups or n_groups == 1
     params: list = [None] * n_groups
     cols_params: Params = {}  # static: every column's parameters, natural order
@@ -185,10 +190,11 @@ def _round(W: torch.Tensor, f: HessianFactor, fmt: Format, blocksize: int,
         U1 = U[i1:i2, i1:i2]
         if static:
             P1 = {k: v[:, i1:i2] if order is None else v[:, order[i1:i2]] for k, v in cols_params.items()}
-            W1, Err1, C1 = runner.run(W[:, i1:i2], U1, P1)
+            W1, Err1, C1 = runner.run(W[:, i1:i2], U1, P1, None if enc_imp is None else enc_imp[:, i1:i2])
         else:
             W1, Err1, C1 = _block_buffers(W[:, i1:i2], vd)
-            _fitted_block(fmt, W1, Err1, C1, U1, vd, sb, imp[:, i1:i2], i1, gs, cols, params)
+            _fitted_block(fmt, W1, Err1, C1, U1, vd, sb, imp[:, i1:i2], i1, gs, cols, params,
+                          None if enc_imp is None else enc_imp[:, i1:i2])
         blocks.append(C1.clone())
         if i2 < cols:
             W[:, i2:] -= Err1 @ U[i1:i2, i2:]
@@ -210,7 +216,8 @@ def weighted_importance(W: torch.Tensor, importance: torch.Tensor) -> torch.Tens
 
 
 def _column_loop(fmt: Format, W1: torch.Tensor, Err1: torch.Tensor, C1: torch.Tensor, U1: torch.Tensor,
-                 P1: Params, vd: int, sb: int, start: int = 0, stop: int | None = None, p0: int = 0) -> None:
+                 P1: Params, vd: int, sb: int, start: int = 0, stop: int | None = None, p0: int = 0,
+                 imp1: torch.Tensor | None = None) -> None:
     """Round columns ``start``..``stop`` of the block ``W1`` (whose columns from ``p0`` on have the per-column
     parameters ``P1``) in place: codes into ``C1``, scaled errors into ``Err1``, each fed forward to the rest of
     its sub-block, and a finished sub-block's to the rest of the block. Only tensor operations: graph-capturable."""
@@ -221,7 +228,7 @@ def _column_loop(fmt: Format, W1: torch.Tensor, Err1: torch.Tensor, C1: torch.Te
         for i in range(s0, end, vd):
             p = {k: v[:, i - p0 : i - p0 + vd] for k, v in P1.items()}
             w_blk = W1[:, i : i + vd]
-            c = fmt.encode(w_blk, p)
+            c = fmt.encode(w_blk, p, None if imp1 is None else imp1[:, i : i + vd])
             C1[:, i // vd : i // vd + c.shape[1]] = c
             diff = w_blk - fmt.decode(c, p)
             if vd == 1:
@@ -238,14 +245,15 @@ def _column_loop(fmt: Format, W1: torch.Tensor, Err1: torch.Tensor, C1: torch.Te
 
 
 def _fitted_block(fmt: Format, W1: torch.Tensor, Err1: torch.Tensor, C1: torch.Tensor, U1: torch.Tensor, vd: int,
-                  sb: int, importance: torch.Tensor, i1: int, gs: int, cols: int, params: list) -> None:
+                  sb: int, importance: torch.Tensor, i1: int, gs: int, cols: int, params: list,
+                  imp1: torch.Tensor | None = None) -> None:
     """A block without static parameters: each group (whole groups per block) is fitted on the updated weights
     when its first column is reached, then rounded; ``params[g]`` receives group g's parameters."""
     for i in range(0, W1.shape[1], gs):
         g = (i1 + i) // gs
         stop = min((g + 1) * gs, cols) - i1
         params[g] = fmt.fit(W1[:, i:stop], importance[:, i:stop])
-        _column_loop(fmt, W1, Err1, C1, U1, fmt.expand(params[g], stop - i), vd, sb, i, stop, p0=i)
+        _column_loop(fmt, W1, Err1, C1, U1, fmt.expand(params[g], stop - i), vd, sb, i, stop, p0=i, imp1=imp1)
 
 
 def _block_buffers(W1: torch.Tensor, vd: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -261,9 +269,10 @@ class _EagerBlocks:
     def __init__(self, fmt: Format, vd: int, sb: int):
         self.fmt, self.vd, self.sb = fmt, vd, sb
 
-    def run(self, W1: torch.Tensor, U1: torch.Tensor, P1: Params) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def run(self, W1: torch.Tensor, U1: torch.Tensor, P1: Params,
+            imp1: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         W1, Err1, C1 = _block_buffers(W1, self.vd)
-        _column_loop(self.fmt, W1, Err1, C1, U1, P1, self.vd, self.sb)
+        _column_loop(self.fmt, W1, Err1, C1, U1, P1, self.vd, self.sb, imp1=imp1)
         return W1, Err1, C1
 
 
@@ -276,7 +285,9 @@ class _BlockGraphs:
         self._graphs: dict[tuple, tuple] = {}
         self._eager: _EagerBlocks | None = None  # set when the format's rounding cannot be captured
 
-    def run(self, W1: torch.Tensor, U1: torch.Tensor, P1: Params) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def run(self, W1: torch.Tensor, U1: torch.Tensor, P1: Params,
+            imp1: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        assert imp1 is None, "graphs run scalar formats only, whose rounding needs no weights"
         if self._eager:
             return self._eager.run(W1, U1, P1)
         key = (tuple(W1.shape), tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(P1.items())))

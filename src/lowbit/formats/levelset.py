@@ -35,6 +35,7 @@ class LevelSetFormat(UniformFormat):
         self.levels = torch.tensor(levels, dtype=torch.float32)
         self._mids = (self.levels[1:] + self.levels[:-1]) / 2
         self._zero_code = int(self.levels.abs().argmin())
+        self._lut = _code_table(self._mids)
 
     def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> Params:
         w = w.float()
@@ -46,11 +47,29 @@ class LevelSetFormat(UniformFormat):
     def encode(self, w: torch.Tensor, params: Params, importance: torch.Tensor | None = None) -> torch.Tensor:
         s = params["scale"].float()
         x = w.float() / torch.where(s == 0, torch.ones_like(s), s)
-        codes = torch.bucketize(x.contiguous(), self._mids.to(x.device))
+        if self._lut is None:
+            codes = torch.bucketize(x.contiguous(), self._mids.to(x.device))
+        else:  # the same codes as bucketize, ~6x faster on a CPU (the level-set fits' search is most of their time)
+            q, lo, table = self._lut
+            idx = torch.ceil(x * q).clamp_(lo, lo + table.numel() - 1).to(torch.int64).sub_(lo)
+            codes = table.to(x.device)[idx]
         return torch.where(s == 0, torch.full_like(codes, self._zero_code), codes)
 
     def decode(self, codes: torch.Tensor, params: Params) -> torch.Tensor:
         return self.levels.to(codes.device)[codes] * params["scale"].float()
+
+
+def _code_table(mids: torch.Tensor) -> tuple[int, int, torch.Tensor] | None:
+    """Nearest-level codes by table lookup, for level sets whose midpoints lie on a lattice of step 1/q (q a small
+    power of two: IQ4_NL's, nz2's, std2's). With no midpoint strictly inside ((i-1)/q, i/q], every x there has the
+    code of i/q, so ``table[ceil(q x) - lo]`` equals ``bucketize(x, mids)`` (a midpoint itself takes the lower
+    level, as bucketize does). None for other sets (bucketize is used)."""
+    for q in (1, 2, 4, 8):
+        scaled = mids * q
+        if torch.equal(scaled, scaled.round()) and scaled.abs().max() < 4096:
+            lo, hi = int(scaled.min()), int(scaled.max()) + 1
+            return q, lo, torch.bucketize(torch.arange(lo, hi + 1, dtype=torch.float32) / q, mids)
+    return None
 
 
 def no_zero_levels(ratio: float) -> tuple[float, float, float, float]:
