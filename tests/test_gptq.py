@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import make_model
-from lowbit.algorithms.gptq import gptq_quantize, inverse_cholesky, proxy_loss
+from lowbit.algorithms.gptq import factor_hessian, gptq_quantize, gptq_quantize_shared, inverse_cholesky, proxy_loss
 from lowbit.algorithms.plans import uniform_plan
 from lowbit.algorithms.sequential import CalibConfig, GPTQConfig, quantize_sequential
 from lowbit.formats import get_format
@@ -419,3 +419,7 @@ def test_block_ldlq_rounds_vectors_by_importance(name):
     weighted = fmt.quantize(W, importance=diag)
     assert torch.equal(fmt.dequantize(ldlq), fmt.dequantize(weighted))
     assert not torch.equal(fmt.dequantize(ldlq), fmt.dequantize(fmt.quantize(W)))
+    # a rotated (incoherent) Hessian's search stays plain: the fits are still weighted, the codewords are not
+    plain = gptq_quantize_shared([W], factor_hessian(torch.diag(diag)), fmt, weighted_search=False)[0].qt
+    codes, params = fmt.unpack(plain)
+    assert torch.equal(codes, fmt.encode(W, fmt.expand(params, W.shape[1])))

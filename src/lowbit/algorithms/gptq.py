@@ -123,11 +123,13 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, fmt: Format, blocksize: int 
 
 @cuda_tf32(False)
 def gptq_quantize_shared(ws: Sequence[torch.Tensor], factor: HessianFactor, fmt: Format, blocksize: int = 128,
-                         static_groups: bool = False) -> list[GPTQResult]:
+                         static_groups: bool = False, weighted_search: bool = True) -> list[GPTQResult]:
     """Quantize weights that read the same input (``ws``, each [out_i, in]) against one factored Hessian.
 
     Their rows are stacked and rounded in one pass (one column loop, one set of block products), which is the
-    computation separate calls would make; each result has its own packed tensor and proxy loss."""
+    computation separate calls would make; each result has its own packed tensor and proxy loss.
+    ``weighted_search``: a vector codebook's codeword search weighs each column by diag(H); False for Hessians
+    made incoherent by a rotation, where the plain distance measured better (see ``_round``)."""
     cols = ws[0].shape[1]
     if factor.H.shape != (cols, cols) or any(w.shape[1] != cols for w in ws):
         raise LowbitError(f"Hessian shape {tuple(factor.H.shape)} does not match weight columns "
@@ -136,7 +138,7 @@ def gptq_quantize_shared(ws: Sequence[torch.Tensor], factor: HessianFactor, fmt:
     W = torch.cat([w.detach().float() for w in ws]) if len(ws) > 1 else ws[0].detach().float().clone()
     if not torch.isfinite(W).all():
         raise LowbitError("non-finite weights or Hessian")
-    codes, params = _round(W, factor, fmt, blocksize, static_groups)
+    codes, params = _round(W, factor, fmt, blocksize, static_groups, weighted_search)
     results, r0 = [], 0
     for w in ws:
         rows = slice(r0, r0 + w.shape[0])
@@ -151,8 +153,8 @@ def _check_act_order(fmt: Format, act_order: bool) -> None:
         raise LowbitError(f"act-order is not supported for the vector codebook {fmt.name}")
 
 
-def _round(W: torch.Tensor, f: HessianFactor, fmt: Format, blocksize: int,
-           static_groups: bool) -> tuple[torch.Tensor, Params]:
+def _round(W: torch.Tensor, f: HessianFactor, fmt: Format, blocksize: int, static_groups: bool,
+           weighted_search: bool = True) -> tuple[torch.Tensor, Params]:
     """Codes [rows, cols // vector_dim] and group parameters of ``W`` (modified in place)."""
     rows, cols = W.shape
     gs, n_groups, vd = fmt.group_cols(cols), fmt.n_groups(cols), fmt.vector_dim
@@ -165,8 +167,9 @@ def _round(W: torch.Tensor, f: HessianFactor, fmt: Format, blocksize: int,
     order = f.order
     # A vector codebook rounds vd columns jointly: the nearest codeword is weighed by their diag(H), as the group
     # fits are (a scalar grid's nearest level does not depend on weights). Unweighted, the IQ2_XXS preset's file
-    # measured 37.85 / KL 0.448 on the eval split, weighted 32.71 / 0.331 (docs/gguf.md).
-    enc_imp = f.importance.expand(rows, cols) if vd > 1 else None
+    # measured 37.85 / KL 0.448 on the eval split, weighted 32.71 / 0.331 (docs/gguf.md). After a rotation (+rht)
+    # the plain distance measured better, as QuIP# rounds E8P: gptq+rht:e8p_ch 79.0 against 87.1 weighted.
+    enc_imp = f.importance.expand(rows, cols) if vd > 1 and weighted_search else None
     static = order is not None or static_groups or n_groups == 1
     params: list = [None] * n_groups
     cols_params: Params = {}  # static: every column's parameters, natural order

@@ -315,7 +315,8 @@ def _round_group(layer: nn.Module, local: dict[str, str], group: tuple[str, ...]
         else:
             if (seed_in, act) not in factors:
                 factors[seed_in, act] = factor_hessian(Hr, cfg.percdamp, act, cfg.shrink)
-            results = gptq_quantize_shared(ws, factors[seed_in, act], fmt, cfg.blocksize, cfg.static_groups)
+            results = gptq_quantize_shared(ws, factors[seed_in, act], fmt, cfg.blocksize, cfg.static_groups,
+                                           weighted_search=seed_in is None)
         share = (time.perf_counter() - t0) / sum(w.shape[0] for w in ws)
         for (name, w, rotation), res in zip(items, results, strict=True):
             t1 = time.perf_counter()
