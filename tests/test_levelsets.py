@@ -127,3 +127,27 @@ def test_table_lookup_encode_is_bucketize(name):
     want = torch.bucketize(x.contiguous(), mids)
     want[5] = fmt._zero_code
     assert torch.equal(codes, want)
+
+
+@pytest.mark.parametrize("name", ["iq4_nl", "nz2_g64", "std2m_g64"])
+def test_coarse_to_fine_fit_is_within_a_hair_of_the_whole_grid(name):
+    """The fit tries every other scale of the grid and the neighbours of the best: its weighted error stays within
+    0.3% of trying them all (measured: +0.08% for IQ4_NL), and an all-zero row keeps a zero scale."""
+    from lowbit.formats.levelset import _SEARCH_GRID, _shrink
+    from lowbit.formats.uniform import _fp16
+
+    fmt = get_format(name)
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(512, 32, generator=g) * torch.rand(512, 1, generator=g)
+    w[0] = 0
+    imp = torch.rand(32, generator=g) ** 3 * 10
+    top = w.abs().amax(dim=1, keepdim=True) / fmt.levels.abs().max()
+    signs = (1.0, -1.0) if fmt.mirror else (1.0,)
+    whole = fmt.best_of(w, ({"scale": _fp16(top * _shrink(i) * s)} for i in range(_SEARCH_GRID) for s in signs), imp)
+    fast = fmt.fit(w, imp)
+
+    def err(p):
+        return float(((w - fmt.decode(fmt.encode(w, p), p)).pow(2) * imp).sum())
+
+    assert err(fast) < 1.003 * err(whole)
+    assert fast["scale"][0].item() == 0

@@ -23,6 +23,12 @@ from lowbit.formats.base import Params
 from lowbit.formats.uniform import UniformFormat, _fp16
 
 _SEARCH_GRID = 48  # candidate scales between max|w|/max|level| and 10% of it
+_STEP = 0.9 / _SEARCH_GRID
+
+
+def _shrink(i: int | torch.Tensor) -> float | torch.Tensor:
+    """The i-th candidate's fraction of max|w| / max|level|."""
+    return 1.0 - _STEP * i
 
 
 class LevelSetFormat(UniformFormat):
@@ -40,9 +46,17 @@ class LevelSetFormat(UniformFormat):
     def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> Params:
         w = w.float()
         top = w.abs().amax(dim=1, keepdim=True) / self.levels.abs().max()
-        shrink = [1.0 - 0.9 * i / _SEARCH_GRID for i in range(_SEARCH_GRID)]
         signs = (1.0, -1.0) if self.mirror else (1.0,)
-        return self.best_of(w, ({"scale": _fp16(top * p * sg)} for p in shrink for sg in signs), importance)
+        # Coarse to fine: every other candidate of the grid, then the two skipped neighbours of each row's best.
+        # Against the whole grid: half the encodes (the fits were most of an IQ4_NL file's time on a CPU) for
+        # +0.05% weighted error on random groups.
+        coarse = self.best_of(w, ({"scale": _fp16(top * _shrink(i) * sg)} for i in range(0, _SEARCH_GRID, 2)
+                                  for sg in signs), importance)
+        s = coarse["scale"]
+        i = torch.where(top > 0, (1.0 - s.abs() / top.clamp_min(1e-30)) / _STEP, torch.zeros_like(top)).round()
+        fine = ({"scale": _fp16(top * _shrink(torch.clamp(i + k, 0, _SEARCH_GRID - 1)) * torch.sign(s))}
+                for k in (-1, 1))
+        return self.best_of(w, (coarse, *fine), importance)
 
     def encode(self, w: torch.Tensor, params: Params, importance: torch.Tensor | None = None) -> torch.Tensor:
         s = params["scale"].float()
