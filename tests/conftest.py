@@ -123,6 +123,21 @@ def run_in_interpreter(script: str, *args: object) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def fails_on_call(real, call: int, error: BaseException):  # noqa: ANN001, ANN201 - wraps any callable
+    """``real``, except that its ``call``-th call raises ``error`` (a crash injected mid-run); ``.calls`` counts the
+    calls made."""
+    calls: list[int] = []
+
+    def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls.append(1)
+        if len(calls) == call:
+            raise error
+        return real(*args, **kwargs)
+
+    wrapper.calls = calls
+    return wrapper
+
+
 def sharpen_llama(model, qk: float = 8, head: float = 10):  # noqa: ANN001, ANN201 - a transformers Llama, rounded
     """Peaked attention and logits for a random tiny Llama: with the init's small weights attention is nearly
     uniform and RoPE (hence the GGUF Q/K permutation) barely changes the output; scaled up, a wrong layout moves

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from conftest import make_model, sharpen_llama
+from conftest import fails_on_call, make_model, sharpen_llama
 from lowbit.algorithms.finetune import FinetuneConfig, ScaleTunedLinear, finetune, kl_per_token, norm_modules
 from lowbit.algorithms.plans import uniform_plan
 from lowbit.algorithms.rtn import quantize_rtn
@@ -294,15 +294,7 @@ def test_tune_tail_leaves_everything_as_it_was_on_failure(monkeypatch):
 
     teacher, student = _quantized("int3_g32_sym")
     state = {k: v.clone() for k, v in student.state_dict().items()}
-    calls = []
-
-    def fail_late(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("boom")
-        return kl_per_token(*args, **kwargs)
-
-    monkeypatch.setattr(ft, "kl_per_token", fail_late)
+    monkeypatch.setattr(ft, "kl_per_token", fails_on_call(kl_per_token, 3, RuntimeError("boom")))
     layers = list(student.model.layers)
     ids = _samples(4, 32)
     with torch.no_grad():
@@ -357,20 +349,12 @@ def test_blocks_failure_leaves_the_model_untouched(monkeypatch):
 
     teacher, student = _quantized()
     state = {k: v.clone() for k, v in student.state_dict().items()}
-    calls = []
-    train = ft._train_block
-
-    def second_fails(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        calls.append(1)
-        if len(calls) == 2:
-            raise LowbitError("finetune: non-finite loss (injected)")
-        return train(*args, **kwargs)
-
+    second_fails = fails_on_call(ft._train_block, 2, LowbitError("finetune: non-finite loss (injected)"))
     monkeypatch.setattr(ft, "_train_block", second_fails)
     with pytest.raises(LowbitError, match="injected"):
         finetune(student, teacher, _samples(), FinetuneConfig(epochs=1, lr=1e-2, mode="blocks", block_layers=1),
                  device="cpu", progress=False)
-    assert len(calls) == 2 and all(type(m) is not ScaleTunedLinear for m in student.modules())
+    assert len(second_fails.calls) == 2 and all(type(m) is not ScaleTunedLinear for m in student.modules())
     after = student.state_dict()
     assert state.keys() == after.keys() and all(torch.equal(state[k], after[k]) for k in state)
     assert all(not p.requires_grad or p.is_leaf for p in student.parameters())

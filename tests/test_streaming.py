@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 import lowbit
 import lowbit.streaming
-from conftest import SIGKILL_AT_SAVE
+from conftest import SIGKILL_AT_SAVE, fails_on_call
 from lowbit.algorithms import sequential, streamed
 from lowbit.algorithms.plans import uniform_plan
 from lowbit.algorithms.sequential import CalibConfig
@@ -519,18 +519,9 @@ def test_streamed_ft_tunes_each_layer_lowers_kl_and_resumes_bit_identically(text
               .mean().item() for name in ("ft", "gptq")}
     assert kl["ft"] < 0.9 * kl["gptq"], kl  # measured: 0.00126 vs 0.00149
 
-    calls = []
-    real = streamed._tuned_layer
-
-    def killed_at_second(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise Killed("layer 1")
-        return real(*args, **kwargs)
-
     out = tmp_path / "resumed"
     with monkeypatch.context() as mp, pytest.raises(Killed):
-        mp.setattr(streamed, "_tuned_layer", killed_at_second)
+        mp.setattr(streamed, "_tuned_layer", fails_on_call(streamed._tuned_layer, 2, Killed("layer 1")))
         lowbit.convert_streamed(src, tuned, out, device="cpu", progress=False)
     # (the tail stage, the last 4 layers by default, retunes both: it kept layer 0's inputs)
     assert sorted(p.name for p in Path(f"{out}.partial").iterdir()) == ["step-0", "tail-inputs.safetensors"]
@@ -560,7 +551,7 @@ def test_streamed_ft_ends_with_the_final_norm_tuned_on_logits(text_file, tmp_pat
         out = tmp_path / f"killed-{where}"
         with monkeypatch.context() as mp, pytest.raises(Killed):
             if where == "write":  # the second tail layer's file: the first is written, the norm (the commit) not
-                mp.setattr(streamed, "layer_state", _killer_at(2, where, streamed.layer_state))
+                mp.setattr(streamed, "layer_state", fails_on_call(streamed.layer_state, 2, Killed(where)))
             else:
                 mp.setattr(streamed, "tune_tail" if where == "tune" else "save_quantized_streamed", _killer(where))
             lowbit.convert_streamed(src, tuned, out, device="cpu", progress=False)
@@ -596,18 +587,6 @@ def test_streamed_tail_stage_retunes_the_last_layers(text_file, tmp_path):
         kl = [kl_per_token(ref, lowbit.load(tmp_path / f"tail{t}", device="cpu")[0].float()(input_ids=ids).logits)
               .item() for t in (0, 1)]
     assert kl[1] < 0.97 * kl[0], kl
-
-
-def _killer_at(call: int, where: str, real):  # noqa: ANN001, ANN202
-    calls = []
-
-    def kill(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        calls.append(1)
-        if len(calls) == call:
-            raise Killed(where)
-        return real(*args, **kwargs)
-
-    return kill
 
 
 def _killer(where: str):  # noqa: ANN202
