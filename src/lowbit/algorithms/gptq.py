@@ -191,13 +191,13 @@ def _round(W: torch.Tensor, f: HessianFactor, fmt: Format, blocksize: int, stati
     for i1 in range(0, cols, bs):
         i2 = min(i1 + bs, cols)
         U1 = U[i1:i2, i1:i2]
+        E1 = None if enc_imp is None else enc_imp[:, i1:i2]
         if static:
             P1 = {k: v[:, i1:i2] if order is None else v[:, order[i1:i2]] for k, v in cols_params.items()}
-            W1, Err1, C1 = runner.run(W[:, i1:i2], U1, P1, None if enc_imp is None else enc_imp[:, i1:i2])
+            W1, Err1, C1 = runner.run(W[:, i1:i2], U1, P1, E1)
         else:
             W1, Err1, C1 = _block_buffers(W[:, i1:i2], vd)
-            _fitted_block(fmt, W1, Err1, C1, U1, vd, sb, imp[:, i1:i2], i1, gs, cols, params,
-                          None if enc_imp is None else enc_imp[:, i1:i2])
+            _fitted_block(fmt, W1, Err1, C1, U1, vd, sb, imp[:, i1:i2], i1, gs, cols, params, E1)
         blocks.append(C1.clone())
         if i2 < cols:
             W[:, i2:] -= Err1 @ U[i1:i2, i2:]
