@@ -10,7 +10,8 @@ A llama.cpp tree: the llama-cpp-python sdist on PyPI vendors one (``pip download
 so a run cut short resumes):
 
 * ``build``: CMake with ``-DGGML_CUDA=ON`` for this GPU's architecture, targets test-backend-ops, llama-bench and
-  llama-quantize, into ``--build`` (minutes: ggml's CUDA kernels are many);
+  llama-quantize, into ``--build`` (minutes: ggml's CUDA kernels are many; ``--no-flash-attn`` leaves out its
+  FlashAttention kernels, about 8 minutes on 10 cores of an H200 machine);
 * ``kernels``: ``test-backend-ops perf -o MUL_MAT -b CUDA0`` on its 4096x14336 case (Llama-3-8B down_proj, the only
   large MUL_MAT shape of its perf set) at batch 1 and 8, for ``--kernel-types``: µs per call and GB/s as ggml
   reports them (ggml times its own graph of repeated calls);
@@ -63,6 +64,12 @@ def cuda_arch() -> str:
     return f"{major}{minor}"
 
 
+def gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device"
+
+
 def source_tree(src: Path, work: Path) -> Path:
     """``src`` itself, or where its archive (a ``.tgz`` of a ``llama.cpp`` folder) is unpacked under ``work``."""
     if src.is_dir():
@@ -77,15 +84,29 @@ def source_tree(src: Path, work: Path) -> Path:
     return dest / "llama.cpp"
 
 
-def build(src: Path, build_dir: Path, jobs: int) -> Path:
+def build(src: Path, build_dir: Path, jobs: int, flash_attn: bool = True) -> Path:
+    """``flash_attn=False`` skips ggml's FlashAttention kernels (about half of the CUDA build's compile time);
+    llama.cpp then attends without them, which at TG-128's short context costs it little."""
     bin_dir = build_dir / "bin"
     if all((bin_dir / t).exists() for t in TARGETS):
         return bin_dir
     run(["cmake", "-S", str(src), "-B", str(build_dir), "-DGGML_CUDA=ON", "-DCMAKE_BUILD_TYPE=Release",
          f"-DCMAKE_CUDA_ARCHITECTURES={cuda_arch()}", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
-         "-DLLAMA_BUILD_TESTS=ON", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF"])
+         "-DLLAMA_BUILD_TESTS=ON", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
+         f"-DGGML_CUDA_FA={'ON' if flash_attn else 'OFF'}"])
     run(["cmake", "--build", str(build_dir), "-j", str(jobs), "--target", *TARGETS])
     return bin_dir
+
+
+def cmake_option(build_dir: Path, name: str) -> bool | None:
+    """A boolean option as the build was configured (its CMakeCache.txt), or None when not recorded there."""
+    cache = build_dir / "CMakeCache.txt"
+    if not cache.exists():
+        return None
+    for line in cache.read_text(errors="replace").splitlines():
+        if line.startswith(f"{name}:"):
+            return line.split("=", 1)[1].strip().upper() in ("ON", "1", "TRUE", "YES")
+    return None
 
 
 # ----- kernels -------------------------------------------------------------------------------------------------
@@ -204,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--types", default="q4_0,q4_k_m,q2_k", help="llama-quantize types of the decode files")
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 4)
+    ap.add_argument("--no-flash-attn", action="store_true",
+                    help="build without ggml's FlashAttention CUDA kernels (a shorter build)")
     ap.add_argument("--tag", default="gpu")
     args = ap.parse_args(argv)
     steps = args.steps.split(",")
@@ -211,10 +234,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown steps {sorted(unknown)}; choose from {STEPS}")
     out = RESULTS / f"llamacpp-{args.tag}.json"
     result = json.loads(out.read_text()) if out.exists() else {}
-    result["meta"] = {"command": "python " + " ".join(sys.argv), "src": str(args.src)}
+    result["meta"] = {"command": "python " + " ".join(sys.argv), "src": str(args.src), "device": gpu_name()}
     src = source_tree(args.src, args.work) if "build" in steps else args.src
     build_dir = args.build or args.work / "build-cuda"
-    bin_dir = build(src, build_dir, args.jobs) if "build" in steps else build_dir / "bin"
+    bin_dir = build(src, build_dir, args.jobs, not args.no_flash_attn) if "build" in steps else build_dir / "bin"
+    result["meta"]["flash_attn_kernels"] = cmake_option(build_dir, "GGML_CUDA_FA")
     if "kernels" in steps:
         result["kernels"] = kernels(bin_dir, args.kernel_types.split(","), [int(b) for b in args.batch.split(",")])
         for r in result["kernels"]:

@@ -41,6 +41,14 @@ def test_bench_json_is_parsed():
                                         "n_prompt": 0}]
 
 
+def test_build_options_are_read_from_the_cmake_cache(tmp_path):
+    assert bench.cmake_option(tmp_path, "GGML_CUDA_FA") is None  # not built yet
+    (tmp_path / "CMakeCache.txt").write_text("GGML_CUDA:BOOL=ON\nGGML_CUDA_FA:BOOL=OFF\n")
+    assert bench.cmake_option(tmp_path, "GGML_CUDA_FA") is False
+    assert bench.cmake_option(tmp_path, "GGML_CUDA") is True
+    assert bench.cmake_option(tmp_path, "GGML_CUDA_GRAPHS") is None
+
+
 def test_random_gguf_runs_and_quantizes_in_stock_llama_cpp(tmp_path):
     shape = {"layers": 2, "hidden": 256, "intermediate": 512, "heads": 4, "vocab": 320}
     f16 = tmp_path / "random-f16.gguf"

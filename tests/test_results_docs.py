@@ -86,6 +86,13 @@ DECODE = {"meta": {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0+cu130", "
                    _decode_row("nz2_ch", 2.003359779792746, 1926610944.0, 1532.1470459484992, 361.76346586994885,
                                0.23611536949183204)]}
 
+LLAMACPP = {"meta": {"command": "python benchmarks/llamacpp_cuda.py --src t.tgz --tag t", "device": "NVIDIA H200",
+                     "flash_attn_kernels": False},
+            "kernels": [{"type": "q4_0", "batch": 1, "rows": 4096, "cols": 14336, "us": 14.44, "runs": 69864,
+                         "gb_s": None}],
+            "decode": [{"type": "q2_k", "tok_s": 196.59445, "stddev": 1.292919, "size_gb": 2.532122624,
+                        "n_gen": 128, "n_prompt": 0}]}
+
 
 def _write(folder: Path, name: str, data: object) -> None:
     (folder / name).write_text(data if isinstance(data, str) else json.dumps(data))
@@ -108,6 +115,7 @@ def results(tmp_path: Path) -> Path:
     _write(folder, "finetune-sweep-t.json", FINETUNE)
     _write(folder, "kernels-t.json", KERNELS)
     _write(folder, "decode-t.json", DECODE)
+    _write(folder, "llamacpp-t.json", LLAMACPP)
     _write(folder, "gptq_layer-t.txt", "a log\n")
     return folder
 
@@ -116,7 +124,7 @@ def test_pages_from_each_family(results: Path, tmp_path: Path):
     out = tmp_path / "docs" / "results"
     written = write_results_pages(results, out)
     assert [p.name for p in written] == ["decode.md", "finetune.md", "gguf.md", "index.md", "kernels.md",
-                                         "quality.md"]
+                                         "llamacpp.md", "quality.md"]
     pages = {p.name: p.read_text() for p in written}
     assert all(text.splitlines()[0] == GENERATED_MARK for text in pages.values())
 
@@ -153,6 +161,10 @@ def test_pages_from_each_family(results: Path, tmp_path: Path):
     assert decode["nz2_ch"] == ["2.003", "1927", "1532.1", "361.8", "24%", "2.25x", "-", "-", "33.5",
                                 "5983 / 5084", "16/16"]
     assert "copy bandwidth 2952 GB/s" in pages["decode.md"]
+
+    llamacpp = _tables(pages["llamacpp.md"])
+    assert llamacpp["q4_0"] == ["1", "4096x14336", "14.4"] and llamacpp["q2_k"] == ["196.6", "1.3", "2.53"]
+    assert "FlashAttention CUDA kernels: off (built without them)" in pages["llamacpp.md"]
 
     index = pages["index.md"]
     assert "[Quality: perplexity vs bits per weight](quality.md)" in index and REGENERATE in index

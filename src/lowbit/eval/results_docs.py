@@ -519,6 +519,23 @@ def _scale_section(s: Source) -> list[str]:
     return _section(Path(s.name).stem, s, facts, markdown_table(headers, table))
 
 
+# --- llamacpp: benchmarks/llamacpp_cuda.py -----------------------------------------------------------------------
+
+
+def _llamacpp_section(s: Source) -> list[str]:
+    meta = s.data["meta"]
+    fa = {True: "on", False: "off (built without them)"}.get(meta.get("flash_attn_kernels"), "not recorded")
+    facts = [f"Command: {_command(meta.get('command', '?'))}", f"Hardware: {meta.get('device', 'not recorded')}",
+             f"ggml's FlashAttention CUDA kernels: {fa}"]
+    kernels = markdown_table(["ggml type", "batch", "shape [out, in]", "µs per call"],
+                             [[r["type"], str(r["batch"]), f"{r['rows']}x{r['cols']}", _num(r["us"], 1)]
+                              for r in s.data.get("kernels", [])])
+    decode = markdown_table(["file type", "TG tok/s", "stddev", "file GB"],
+                            [[r["type"], _num(r["tok_s"], 1), _num(r.get("stddev"), 1), _num(r.get("size_gb"), 2)]
+                             for r in s.data.get("decode", [])])
+    return _section(Path(s.name).stem, s, facts, kernels, decode)
+
+
 # --- the families ------------------------------------------------------------------------------------------------
 
 _ROWS = ("variant", "linear_bpw", "ppl")
@@ -605,4 +622,15 @@ FAMILIES: Sequence[Family] = (
         {"meta": (), "rows": ("shape", "method", "gpus", "seconds", "peak_host_gb", "peak_gpu_gb", "layers_run",
                               "layers_total")},
         _scale_section),
+    Family(
+        "llamacpp", "llamacpp-", "llama.cpp CUDA on the same GPU",
+        "llama.cpp's own CUDA GEMV and TG-128 decode, the peer of the kernels and decode pages",
+        "llama.cpp built with CUDA on the GPU machine that runs lowbit's benchmarks, written by "
+        "`benchmarks/llamacpp_cuda.py`. GEMV: ggml's `test-backend-ops perf -o MUL_MAT` at 4096x14336 "
+        "(Llama-3-8B down_proj; ggml times its own graph of repeated calls on the same weights, which L2 may "
+        "partly hold between calls, where lowbit's benchmark cycles weight copies larger than L2). Decode: "
+        "`llama-bench -p 0 -n 128 -ngl 99` (TG-128, batch 1) on a random Llama-2-7B-shaped F16 GGUF and its "
+        "`llama-quantize` files. Comparison with lowbit: [kernels.md](../kernels.md).",
+        {"meta": (), "kernels": ("type", "batch", "rows", "cols", "us"), "decode": ("type", "tok_s")},
+        _llamacpp_section),
 )
