@@ -25,8 +25,12 @@ for b, h, hkv, s, d, used in json.loads(sys.argv[1]):
     if b > 1:
         mask[1, ..., :3] = False  # a hole at the start of the second row (left padding)
     for m in (mask, None):
-        y, r = decode_attention(q, k, v, m, d ** -0.5), decode_attention_reference(q, k, v, m, d ** -0.5)
-        out[f"{b},{h},{hkv},{s},{d},{used},{m is None}"] = ((y.double() - r.double()).norm() / r.double().norm()).item()
+        r = decode_attention_reference(q, k, v, m, d ** -0.5)
+        for splits in (1, 3, 4):
+            y = decode_attention(q, k, v, m, d ** -0.5, splits=splits)
+            again = decode_attention(q, k, v, m, d ** -0.5, splits=splits)  # the counters were left at zero
+            err = ((y.double() - r.double()).norm() / r.double().norm()).item()
+            out[f"{b},{h},{hkv},{s},{d},{used},{m is None},{splits}"] = err if torch.equal(y, again) else 1.0
 # the attention implementation inside a Llama, dynamic cache, against SDPA
 from transformers import LlamaConfig, LlamaForCausalLM
 from lowbit.models.decode_attention import use_decode_attention
@@ -59,8 +63,21 @@ def interpreter_results():
 
 @pytest.mark.parametrize("case", CASES, ids=[",".join(map(str, c)) for c in CASES])
 @pytest.mark.parametrize("masked", [True, False])
-def test_kernel_in_interpreter_matches_reference(interpreter_results, case, masked):
-    assert interpreter_results[",".join(map(str, case)) + f",{not masked}"] < 1e-5
+@pytest.mark.parametrize("splits", [1, 3, 4])
+def test_kernel_in_interpreter_matches_reference(interpreter_results, case, masked, splits):
+    """Each head split over 1, 3 or 4 programs (interleaved key blocks, combined by the last to finish): the same
+    attention, and the same bits when called again."""
+    assert interpreter_results[",".join(map(str, case)) + f",{not masked},{splits}"] < 1e-5
+
+
+def test_splits_fill_the_gpu_without_idle_programs():
+    from lowbit.kernels.triton_decode_attention import BLOCK, MAX_SPLITS, default_splits
+
+    assert default_splits(1, 32, 144, sms=132) == 3  # one program per block of keys: 3 blocks of 64
+    assert default_splits(1, 32, 4096, sms=132) == 9  # 32 x 9 = 288 programs, about two per SM
+    assert default_splits(1, 32, 1 << 20, sms=4096) == MAX_SPLITS
+    assert default_splits(64, 32, 4096, sms=132) == 1  # a large batch fills the GPU by itself
+    assert default_splits(1, 8, BLOCK, sms=132) == 1
 
 
 def test_llama_decode_with_lowbit_attention_matches_sdpa(interpreter_results):
@@ -130,7 +147,9 @@ def test_kernel_on_gpu_matches_reference(case):
     k[:, :, used:] = float("nan")  # positions never written: the kernel must not read them
     mask = torch.zeros(b, 1, 1, s, dtype=torch.bool, device="cuda")
     mask[..., :used] = True
-    y = decode_attention(q, k, v, mask, d ** -0.5)
     r = decode_attention_reference(q, k.nan_to_num(0.0), v, mask, d ** -0.5)
-    assert torch.isfinite(y).all()
-    assert float((y.double() - r.double()).norm() / r.double().norm()) < 2e-3
+    for splits in (None, 1, 3):
+        y = decode_attention(q, k, v, mask, d ** -0.5, splits=splits)
+        assert torch.isfinite(y).all()
+        assert float((y.double() - r.double()).norm() / r.double().norm()) < 2e-3
+        assert torch.equal(decode_attention(q, k, v, mask, d ** -0.5, splits=splits), y)

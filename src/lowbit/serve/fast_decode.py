@@ -42,6 +42,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
+from lowbit.kernels.triton_decode_attention import reserve as reserve_decode_attention
 from lowbit.models.decode_attention import use_decode_attention
 from lowbit.models.fused_linears import fuse_siblings
 from lowbit.serve.generate import _forward_kwargs, cache_arg
@@ -135,6 +136,8 @@ class StaticDecoder:
         self.fused_groups = fuse_siblings(model) if fuse else 0
         # one-token attention that reads only the visible part of the static cache (models.decode_attention)
         self.decode_attention = decode_attention and self.device.type == "cuda" and use_decode_attention(model)
+        if self.decode_attention:  # before torch.compile traces a step: the kernel's counters exist already
+            reserve_decode_attention(self.device, batch_size, model.config.num_attention_heads)
         # torch.compile of the step fuses the small ops between the matmuls (norms, rotary embedding, residual adds,
         # activation); QuantLinears enter the trace as the lowbit::qmatmul custom op. The CUDA graph, if any, then
         # records the compiled step.
