@@ -28,6 +28,7 @@ import contextlib
 import gc
 import json
 import math
+import os
 import platform
 import re
 import statistics
@@ -420,7 +421,9 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"device": dev_name, "torch": torch.__version__, "transformers": transformers.__version__,
             "dtype": str(dtype), "copy_bw": bw, "command": " ".join(["python", *sys.argv]) if argv is None else argv,
             "config": {k: v for k, v in vars(args).items() if k not in ("out", "tag")},
-            "params": n_params, "seconds": time.perf_counter() - t_start}
+            "params": n_params, "seconds": time.perf_counter() - t_start,
+            # kernel switches in effect (LOWBIT_CUDA_PDL, TORCHINDUCTOR_ENABLE_PDL, ...): part of what was measured
+            "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(("LOWBIT_", "TORCHINDUCTOR_"))}}
     with contextlib.suppress(Exception):
         import triton
 

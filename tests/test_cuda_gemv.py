@@ -8,6 +8,8 @@ with massive outlier channels.
 
 from __future__ import annotations
 
+import ctypes
+
 import pytest
 import torch
 
@@ -76,6 +78,38 @@ def test_planner_refuses_unaligned_rows() -> None:
     assert cuda_gemv.plan(get_format("int2_g64_sym"), (64, 4096 + 32)) is None  # 16-byte chunks only
     assert cuda_gemv.plan(get_format("int4_g128_sym"), (64, 576)) is not None  # last group short: 576 = 4x128+64
     assert cuda_gemv.plan(get_format("int4_g128_sym"), (64, 576)).group_shift == 7
+
+
+def _nvrtc_found() -> bool:
+    from lowbit.kernels import cuda_jit
+
+    try:
+        cuda_jit._nvrtc()
+    except cuda_jit.CudaJitError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _nvrtc_found(), reason="needs NVRTC (the nvidia-cuda-nvrtc wheel of the test extra)")
+@pytest.mark.parametrize("name", SERVED)
+def test_every_kernel_variant_compiles_for_ampere_and_hopper(name: str) -> None:
+    """NVRTC compiles each source the GEMV can build for a planned format (batch-1 staging or not, 8 or 16 warps),
+    for sm_80 and sm_90: a kernel that would not compile on the GPU machine fails here, without a GPU."""
+    from lowbit.kernels import cuda_jit
+
+    p = cuda_gemv.plan(get_format(name), (64, 4096))
+    for staged in (False, True):
+        for warps in (cuda_gemv.WARPS_FEW, cuda_gemv.WARPS_MANY):
+            source = cuda_gemv._source(p, staged, warps, cuda_gemv.min_blocks_for(warps))
+            for arch in ("sm_80", "sm_90"):
+                assert cuda_jit.compile_cubin(source, "gemv_mma.cu", arch)[:4] == b"\x7fELF"
+
+
+def test_launch_structs_have_the_driver_layout() -> None:
+    from lowbit.kernels import cuda_jit
+
+    assert ctypes.sizeof(cuda_jit._LaunchAttribute) == 72  # id, 4 bytes of padding, a 64-byte union
+    assert cuda_jit._LaunchConfig.stream.offset == 32 and ctypes.sizeof(cuda_jit._LaunchConfig) == 56
 
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -159,3 +193,30 @@ def test_cuda_gemv_kernels_fit_their_blocks_without_spills(name: str, cols: int,
                            torch.device("cuda"))
     assert kern.attribute(3) <= 16  # CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES
     assert kern.attribute(4) * warps * 32 * cuda_gemv.min_blocks_for(warps) <= 65536  # NUM_REGS
+
+
+@gpu
+@pytest.mark.gpu
+def test_early_launch_gives_identical_results_in_a_graph(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chain of GEMVs, each reading the one before's output: launched early (programmatic dependent launch, Hopper)
+    inside a CUDA graph, they give the very bits of plain launches."""
+    layers = [_packed(name, (1024, 1024), seed=i) for i, name in enumerate(["nz2_ch", "q4_0", "e8p_ch", "iq2_xxs"])]
+    x = torch.randn(1, 1024, device="cuda", dtype=torch.float16, generator=torch.Generator("cuda").manual_seed(0))
+
+    def run() -> torch.Tensor:
+        h = x
+        for fmt, qt in layers:
+            h = cuda_gemv.gemv(h, fmt, qt, cuda_gemv.plan(fmt, qt.shape))
+        return h
+
+    monkeypatch.setattr(cuda_gemv, "EARLY_LAUNCH", False)
+    plain = run()
+    monkeypatch.setattr(cuda_gemv, "EARLY_LAUNCH", True)
+    assert torch.equal(run(), plain)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, plain)

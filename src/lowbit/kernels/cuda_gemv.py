@@ -208,6 +208,12 @@ STAGED_X_BYTES = 32 * 1024
 STAGED_X = os.environ.get("LOWBIT_CUDA_STAGED_X", "1") != "0"  # 0: batch 1 reads activations from global memory
 
 
+# Programmatic dependent launch (Hopper and later): a GEMV starts and loads its first weights while the kernel before
+# it finishes, waits for it only before reading the activations, and lets the kernel after it start once its weights
+# are read. Off by default: alone it measured slower on an H200 (docs/kernels.md, nz2_ch TG-128 487.5 -> 474.4
+# tok/s), since the kernels around a GEMV did not take part; with TORCHINDUCTOR_ENABLE_PDL=1 Inductor's do.
+EARLY_LAUNCH = os.environ.get("LOWBIT_CUDA_PDL", "0") == "1"
+
 _TABLES: dict[str, torch.Tensor] = {}
 
 
@@ -234,8 +240,14 @@ def gemv(x: torch.Tensor, fmt: Format, qt: QuantizedTensor, p: Plan) -> torch.Te
     warps = warps_for(p, k)
     kern = cuda_jit.kernel(_source(p, staged, warps, min_blocks_for(warps)), "gemv_mma", x.device)
     kern(((n + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK, 1, 1), (warps * 32, 1, 1),
-         [codes, scales, mins, x, y, _TABLES[key], n, k, m, groups], shared=2 * k if staged else 0)
+         [codes, scales, mins, x, y, _TABLES[key], n, k, m, groups], shared=2 * k if staged else 0,
+         early=EARLY_LAUNCH and _hopper(x.device))
     return y
+
+
+@cache
+def _hopper(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 # ----- the kernel's decode replayed in torch (CPU tests) ------------------------------------------------------

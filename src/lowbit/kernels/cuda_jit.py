@@ -127,6 +127,18 @@ def _ensure_context(device: torch.device) -> None:
             _check_cu(_driver().cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
 
 
+class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: an enum id, padding, a 64-byte value union
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_ubyte * 4), ("value", ctypes.c_int * 16)]
+
+
+class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("shared", ctypes.c_uint),
+                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttribute)), ("n_attrs", ctypes.c_uint)]
+
+
+_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+
+
 class Kernel:
     """One ``extern "C" __global__`` function of a compiled module, launched on PyTorch's current stream."""
 
@@ -145,14 +157,24 @@ class Kernel:
         _check_cu(_driver().cuFuncGetAttribute(ctypes.byref(v), attr, self._fn), f"attribute {attr} of {self.name}")
         return v.value
 
-    def __call__(self, grid: tuple[int, int, int], block: tuple[int, int, int], args: list, shared: int = 0) -> None:
-        """``args``: tensors (passed as device pointers), Python ints (int32) or ctypes values."""
+    def __call__(self, grid: tuple[int, int, int], block: tuple[int, int, int], args: list, shared: int = 0,
+                 early: bool = False) -> None:
+        """``args``: tensors (passed as device pointers), Python ints (int32) or ctypes values. ``early``: a
+        programmatic dependent launch (Hopper and later): the kernel may start before the one ahead of it in the
+        stream has finished, and must execute ``griddepcontrol.wait`` before it reads that kernel's output."""
         cargs = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else
                  ctypes.c_int(a) if isinstance(a, int) else a for a in args]
         params = (ctypes.c_void_p * len(cargs))(*[ctypes.cast(ctypes.pointer(a), ctypes.c_void_p) for a in cargs])
         stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
-        _check_cu(_driver().cuLaunchKernel(self._fn, *grid, *block, shared, stream, params, None),
-                  f"launch {self.name}")
+        if not early:
+            _check_cu(_driver().cuLaunchKernel(self._fn, *grid, *block, shared, stream, params, None),
+                      f"launch {self.name}")
+            return
+        attr = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION)
+        attr.value[0] = 1
+        config = _LaunchConfig((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), shared, stream,
+                               ctypes.pointer(attr), 1)
+        _check_cu(_driver().cuLaunchKernelEx(ctypes.byref(config), self._fn, params, None), f"launch {self.name}")
 
 
 _KERNELS: dict[tuple, Kernel] = {}

@@ -80,6 +80,20 @@ DEV u16 float_to_half(float f) {
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
     return h;
 }
+// Programmatic dependent launch (cuda_gemv.EARLY_LAUNCH): the kernel may start while the kernel before it in the
+// stream still runs; nothing before wait_for_inputs() reads what that kernel writes (codes, scales and constant
+// tables only). release_dependents() lets the kernel after this one start its own set-up. Both are no-ops when the
+// launches are plain, and before Hopper.
+DEV void wait_for_inputs() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+DEV void release_dependents() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
 DEV U4 zero4() { U4 z = {0u, 0u, 0u, 0u}; return z; }
 DEV u32 word(const U4& v, int j) { return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w; }
 
@@ -311,6 +325,7 @@ gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u1
 #elif KIND == 2
     for (int i = threadIdx.x; i < 256; i += WARPS * 32) iq2_grid[i] = ((const U4*)tables)[i];
 #endif
+    wait_for_inputs();  // x is the output of the kernel before
 #if XS
     for (int u = threadIdx.x; u < K / 8; u += WARPS * 32) xs_row[u ^ ((u >> 3) & 7)] = ld_cached((const U4*)x + u);
 #endif
@@ -334,6 +349,7 @@ gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u1
                       w.mb);
 #endif
     }
+    release_dependents();  // every weight of this block is read
 #if ROW_SCALE
     const float fa = half_lo_to_float(ld_half(sa_row)), fb = half_lo_to_float(ld_half(sb_row));
     d[0] *= fa; d[1] *= fa; d[2] *= fb; d[3] *= fb;
