@@ -40,8 +40,10 @@ import torch
 from torch import nn
 
 from lowbit.formats import QuantizedTensor, get_format
+from lowbit.models.fused_linears import input_key
 from lowbit.models.quant_linear import QuantLinear
 from lowbit.models.walker import decoder_linears, empty_quant_linear, set_module
+from lowbit.rotations.incoherence import Rotation
 from lowbit.serve.fast_decode import StaticDecoder
 
 FORMATS = "fp16,int4_g128_sym,q4_0,int2_g64_sym,nz2_ch"
@@ -113,14 +115,18 @@ def _random_iq2xxs(lin: nn.Linear) -> QuantizedTensor:
     return get_format("iq2_xxs").pack(codes, {"d": d, "ls": ls}, (rows, cols))
 
 
-def quantize_model(model: nn.Module, fmt_name: str, init: str) -> dict[str, nn.Module]:
-    """Swap every decoder linear for a QuantLinear in ``fmt_name``; returns the originals (name -> module)."""
+def quantize_model(model: nn.Module, variant: str, init: str) -> dict[str, nn.Module]:
+    """Swap every decoder linear for a QuantLinear in the variant's format (``FORMAT`` or ``FORMAT+rht``: with
+    lowbit's incoherence rotations, input side shared by siblings, undone online); returns the originals."""
+    fmt_name, rotate = variant.removesuffix("+rht"), variant.endswith("+rht")
     originals = decoder_linears(model)
     stats: dict[int, tuple[float, float]] = {}
     for name, lin in originals.items():
-        q = empty_quant_linear(lin, fmt_name)
+        rotation = Rotation.for_layer(name, 0, input_key=input_key(name)) if rotate else None
+        q = empty_quant_linear(lin, fmt_name, rotation)
         if init == "rtn" or fmt_name == "iq2_xxs":
-            qt = _random_iq2xxs(lin) if init == "random" else get_format(fmt_name).quantize(lin.weight.float())
+            w = lin.weight.float() if rotation is None else rotation.rotate_weight(lin.weight.float())
+            qt = _random_iq2xxs(lin) if init == "random" else get_format(fmt_name).quantize(w)
             for key in q._keys:
                 getattr(q, key).copy_(qt.data[key])
         else:
@@ -348,7 +354,8 @@ def markdown(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--formats", default=FORMATS, help="comma-separated: fp16 and/or lowbit format names")
+    ap.add_argument("--formats", default=FORMATS,
+                    help="comma-separated: fp16 and/or lowbit format names, each optionally with +rht (rotated)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default=None, help="float16 (default on CUDA), bfloat16 or float32 (default on CPU)")
     ap.add_argument("--layers", type=int, default=32)
@@ -389,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     variants = [v.strip() for v in args.formats.split(",") if v.strip()]
     for v in variants:
         if v != "fp16":
-            get_format(v)  # fail early on a typo
+            get_format(v.removesuffix("+rht"))  # fail early on a typo
     t_start = time.perf_counter()
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     log(f"device {dev_name}; torch {torch.__version__}; dtype {dtype}")

@@ -227,12 +227,12 @@ def test_benchmark_cpu_smoke(tmp_path):
     out = tmp_path / "decode.json"
     rc = bench.main(["--device", "cpu", "--layers", "1", "--hidden", "128", "--intermediate", "256",
                      "--heads", "4", "--vocab", "256", "--prompt", "4", "--gen", "4", "--repeats", "1",
-                     "--check-tokens", "4", "--formats", "fp16,int4_g128_sym,nz2_ch", "--out", str(out)])
+                     "--check-tokens", "4", "--formats", "fp16,int4_g128_sym,nz2_ch,e8p_ch+rht", "--out", str(out)])
     assert rc == 0
     import json
 
     res = json.loads(out.read_text())
-    assert [r["variant"] for r in res["rows"]] == ["fp16", "int4_g128_sym", "nz2_ch"]
+    assert [r["variant"] for r in res["rows"]] == ["fp16", "int4_g128_sym", "nz2_ch", "e8p_ch+rht"]
     for r in res["rows"]:
         assert r["tok_s"] > 0 and r["roofline_tok_s"] > 0 and r["eager_tokens_match"]
         assert r["reference_agree"] == "4/4"

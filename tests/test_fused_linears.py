@@ -96,9 +96,28 @@ def test_siblings_called_out_of_order_are_still_right():
         assert torch.equal(mlp.up_proj(x2), up2)  # a new input is never served from the last one
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_rotated_siblings_share_their_input_rotation_and_fuse(bias):
+    """+rht siblings (q/k/v, gate/up) share the input-side seed and keep their own output side: fused, the input is
+    rotated once and each member undoes its own output rotation and adds its bias on its slice."""
+    model = quantized("int4_g32_asym", bias, rotate=True)
+    attn = decoder_layers(model)[0].self_attn
+    seeds = [(m.rotation.seed_in, m.rotation.seed_out) for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
+    assert len({s_in for s_in, _ in seeds}) == 1 and len({s_out for _, s_out in seeds}) == 3
+    assert decoder_layers(model)[0].mlp.down_proj.rotation.seed_in != seeds[0][0]
+    ref = logits(model, IDS)
+    assert fuse_siblings(model) == 2 * len(SIBLINGS)
+    assert torch.allclose(logits(model, IDS), ref, atol=1e-5, rtol=1e-5)
+    assert attn.q_proj._fused[0].linear.rotation is None  # the group rotates with q_proj's transform
+
+
 def test_not_fused_across_formats_rotations_or_caches():
+    from lowbit.rotations.incoherence import Rotation
+
     model = quantized(rotate=True)
-    assert fuse_siblings(model) == 0
+    attn = decoder_layers(model)[0].self_attn
+    attn.k_proj.rotation = Rotation(attn.k_proj.rotation.seed_in + 1, None)  # per-linear seeds, as before sharing
+    assert fuse_siblings(model) == 2 * len(SIBLINGS) - 1
     model = quantized()
     decoder_layers(model)[0].mlp.up_proj.cache_weight()
     assert fuse_siblings(model) == 2 * len(SIBLINGS) - 1
@@ -108,8 +127,9 @@ def test_not_fused_across_formats_rotations_or_caches():
     assert fuse_siblings(nn.Linear(4, 4)) == 0
 
 
-def test_compiled_model_runs_one_matmul_per_group():
-    model = quantized()
+@pytest.mark.parametrize("rotate", [False, True])
+def test_compiled_model_runs_one_matmul_per_group(rotate):
+    model = quantized(rotate=rotate)
     ref = logits(model, IDS)
     fuse_siblings(model)
     counts: list[int] = []
@@ -122,7 +142,7 @@ def test_compiled_model_runs_one_matmul_per_group():
     with torch.no_grad():
         out = torch.compile(model, backend=backend, fullgraph=True)(IDS).logits
     torch._dynamo.reset()
-    assert torch.equal(out, ref)
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5) if rotate else torch.equal(out, ref)
     # per layer: q/k/v and gate/up one op each, o_proj and down_proj their own
     assert counts == [len(decoder_layers(model)) * (len(SIBLINGS) + 2)]
 

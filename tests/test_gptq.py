@@ -240,6 +240,7 @@ def _per_linear_layer(layer, names, plan, prefix, index, inps, kwargs, cfg, roun
     """The path before issue 18: one H per linear, one GPTQ call (and one factorization) per linear."""
     from lowbit.algorithms import sequential
     from lowbit.calibration.capture import HessianAccumulator
+    from lowbit.models.fused_linears import input_key
     from lowbit.models.walker import linear_weight, set_module
     from lowbit.rotations.incoherence import Rotation
 
@@ -252,7 +253,8 @@ def _per_linear_layer(layer, names, plan, prefix, index, inps, kwargs, cfg, roun
     for name, sub in local.items():
         module = layer.get_submodule(sub)
         fmt, w, H = get_format(plan[name]), linear_weight(module).float(), hessians[name]
-        rotation = None if rotation_seed is None else Rotation.for_layer(name, rotation_seed)
+        rotation = (None if rotation_seed is None else
+                    Rotation.for_layer(name, rotation_seed, input_key=input_key(name)))
         if rotation:
             w, H = rotation.rotate_weight(w), rotation.rotate_hessian(H)
         act = rounding == "gptq_act" and fmt.vector_dim == 1
@@ -294,6 +296,9 @@ def test_shared_path_matches_per_linear_path(arch, rounding, plan, seed, tiny_to
                                                    progress=False, rounding=rounding, rotation_seed=seed)))
     (new, rep_new), (old, rep_old) = reports
     assert [k for k, v in new.state_dict().items() if not torch.equal(v, old.state_dict()[k])] == []
+    if seed is not None:  # +rht siblings share one input-side rotation (one rotated H, one factorization)
+        attn = new.model.layers[0].self_attn
+        assert attn.q_proj.rotation.seed_in == attn.k_proj.rotation.seed_in == attn.v_proj.rotation.seed_in
     for name, s in rep_old.linears.items():
         assert rep_new.linears[name].proxy_loss == pytest.approx(s.proxy_loss, rel=1e-6, abs=0)
         assert (rep_new.linears[name].damp, rep_new.linears[name].retries) == (s.damp, s.retries)

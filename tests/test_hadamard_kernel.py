@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import run_in_interpreter
-from lowbit.kernels.dispatch import rotate_input, triton_available
+from lowbit.kernels.dispatch import rotate_input, rotate_output, triton_available
 from lowbit.rotations.hadamard import RandomizedHadamard
 
 # sizes: powers of two (one launch), 576 = 72 x 8 and 96 = 12 x 8 (Hadamard Kronecker factor after the
@@ -19,7 +19,7 @@ CASES = [(n, b) for n in (64, 256, 576, 1024) for b in ([1], [3], [2, 5])] + [(9
 _SCRIPT = r"""
 import json, sys
 import torch
-from lowbit.kernels.dispatch import rotate_input
+from lowbit.kernels.dispatch import rotate_input, rotate_output
 from lowbit.rotations.hadamard import RandomizedHadamard
 g = torch.Generator().manual_seed(5)
 out = {}
@@ -31,6 +31,10 @@ for n, batch in json.loads(sys.argv[1]):
     ok = tuple(y.shape) == tuple(x.shape) and y.dtype == x.dtype
     out[f"{n}:{batch}"] = ((y.double() - ref).norm() / ref.norm()).item() if ok else float("inf")
     out[f"{n}:{batch}:apply"] = ((y - rot.apply(x)).norm() / rot.apply(x).norm()).item()
+    z = rotate_output(rot, x)  # the inverse: x @ R
+    ref = x.double() @ rot.matrix().double() if n <= 1024 else rot.inverse(x.double())
+    ok = tuple(z.shape) == tuple(x.shape) and z.dtype == x.dtype
+    out[f"{n}:{batch}:inverse"] = ((z.double() - ref).norm() / ref.norm()).item() if ok else float("inf")
 # QuantLinear with an input- and output-side rotation, IQ2_XXS weight: kernel rotation + kernel GEMV
 from lowbit.formats import get_format
 from lowbit.models.quant_linear import QuantLinear
@@ -56,6 +60,7 @@ def interpreter_results():
 def test_hadamard_kernel_in_interpreter_matches_reference(interpreter_results, n, batch):
     assert interpreter_results[f"{n}:{batch}"] < 1e-5
     assert interpreter_results[f"{n}:{batch}:apply"] < 1e-5
+    assert interpreter_results[f"{n}:{batch}:inverse"] < 1e-5  # the output side: signs after the butterflies
 
 
 @pytest.mark.parametrize("name", ["iq2_xxs", "int4_g32_sym"])
@@ -71,6 +76,7 @@ def test_rotate_input_on_cpu_is_exactly_the_reference():
     rot = RandomizedHadamard(576, seed=3)
     x = torch.randn(4, 576)
     assert torch.equal(rotate_input(rot, x), rot.apply(x))
+    assert torch.equal(rotate_output(rot, x), rot.inverse(x))
 
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() or not triton_available(),
@@ -84,7 +90,7 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() or not triton_avail
 def test_hadamard_kernel_on_gpu(n, batch, dtype):
     rot = RandomizedHadamard(n, seed=7)
     x = torch.randn(batch, n, device="cuda").to(dtype)
-    y = rotate_input(rot, x)
-    ref = rot.apply(x.double().cpu()).to("cuda")
     tol = 1e-5 if dtype == torch.float32 else 2e-3
-    assert y.dtype == dtype and ((y.double() - ref).norm() / ref.norm()) < tol
+    for y, ref in ((rotate_input(rot, x), rot.apply(x.double().cpu())),
+                   (rotate_output(rot, x), rot.inverse(x.double().cpu()))):
+        assert y.dtype == dtype and ((y.double() - ref.to("cuda")).norm() / ref.norm()) < tol

@@ -182,3 +182,15 @@ def rotate_input(rot, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001 - a Rand
     if not triton_hadamard.supported(rot.p) or not x.is_floating_point():
         return rot.apply(x)
     return triton_hadamard.rotate(rot, x)
+
+
+def rotate_output(rot, y: torch.Tensor) -> torch.Tensor:  # noqa: ANN001 - a RandomizedHadamard
+    """y @ R for a rotated QuantLinear's output side (the inverse of :func:`rotate_input`'s transform): the Triton
+    kernel where Triton runs, else exactly ``rot.inverse(y)``."""
+    if not triton_runs(y, "hadamard"):
+        return rot.inverse(y)
+    from lowbit.kernels import triton_hadamard
+
+    if not triton_hadamard.supported(rot.p) or not y.is_floating_point():
+        return rot.inverse(y)
+    return triton_hadamard.rotate(rot, y, inverse=True)

@@ -34,7 +34,7 @@ def _fwht_stage(v, BLOCK_C: tl.constexpr, P: tl.constexpr, H: tl.constexpr):
 
 @triton.jit
 def _hadamard_kernel(x_ptr, signs_ptr, y_ptr, n_chunks, m, scale, P: tl.constexpr, LOG_P: tl.constexpr,
-                     BLOCK_C: tl.constexpr):
+                     BLOCK_C: tl.constexpr, SIGNS_AFTER: tl.constexpr):
     pid = tl.program_id(0)
     offs_c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_p = tl.arange(0, P)
@@ -42,9 +42,12 @@ def _hadamard_kernel(x_ptr, signs_ptr, y_ptr, n_chunks, m, scale, P: tl.constexp
     offs = offs_c.to(tl.int64)[:, None] * P + offs_p[None, :]
     v = tl.load(x_ptr + offs, mask=cmask, other=0.0).to(tl.float32)
     s = tl.load(signs_ptr + (offs_c % m)[:, None] * P + offs_p[None, :], mask=cmask, other=0.0)
-    v = v * s
+    if not SIGNS_AFTER:  # x R^T = H (s * x); its inverse y R = s * (H y) (H symmetric)
+        v = v * s
     for i in tl.static_range(LOG_P):
         v = _fwht_stage(v, BLOCK_C, P, 1 << i)
+    if SIGNS_AFTER:
+        v = v * s
     tl.store(y_ptr + offs, (v * scale).to(y_ptr.dtype.element_ty), mask=cmask)
 
 
@@ -63,14 +66,18 @@ def _device_params(rot, device: torch.device) -> tuple[torch.Tensor, torch.Tenso
     return _SIGNS[key]
 
 
-def rotate(rot, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001 - a RandomizedHadamard
-    """x @ R^T along the last dimension, as ``rot.apply(x)`` computes it (float32 arithmetic inside)."""
+def rotate(rot, x: torch.Tensor, inverse: bool = False) -> torch.Tensor:  # noqa: ANN001 - a RandomizedHadamard
+    """x @ R^T along the last dimension, as ``rot.apply(x)`` computes it (float32 arithmetic inside); with
+    ``inverse``, x @ R as ``rot.inverse(x)`` does (the dense factor F_m^T first, then the kernel with the signs
+    after the butterflies: the two act on different axes of the [m, p] view, so their order is free)."""
     if x.shape[-1] != rot.n:
         raise ValueError(f"last dimension {x.shape[-1]} != rotation size {rot.n}")
     m, p = rot.m, rot.p
     if not supported(p):
         raise ValueError(f"power-of-two part {p} outside the kernel's range")
     signs, factor = _device_params(rot, x.device)
+    if inverse and m > 1:
+        x = torch.einsum("ij,...jb->...ib", factor.t().to(x.dtype), x.reshape(*x.shape[:-1], m, p)).reshape(x.shape)
     xc = x.contiguous()
     y = torch.empty_like(xc)
     n_chunks = xc.numel() // p
@@ -79,8 +86,8 @@ def rotate(rot, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001 - a Randomized
     if n_chunks:
         _hadamard_kernel[(triton.cdiv(n_chunks, block_c),)](xc, signs, y, n_chunks, m, 1.0 / math.sqrt(p), P=p,
                                                             LOG_P=p.bit_length() - 1, BLOCK_C=block_c,
-                                                            num_warps=num_warps)
-    if m > 1:
+                                                            SIGNS_AFTER=inverse, num_warps=num_warps)
+    if m > 1 and not inverse:
         y = y.reshape(*x.shape[:-1], m, p)
         y = torch.einsum("ij,...jb->...ib", factor.to(y.dtype), y).reshape(x.shape)
     return y

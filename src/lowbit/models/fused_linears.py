@@ -12,10 +12,14 @@ the weights' memory are unchanged, and an in-place change of a member's codes is
 A member whose buffers no longer share the fused storage (``.to()`` to another device or dtype, a reassigned
 buffer) falls back to its own matmul. :func:`unfuse_siblings` gives every member its own storage again.
 
-Fused: QuantLinears of one format and input size, without rotation, input rounding or weight cache, whose stored
-tensors all have one row per output feature. Under ``torch.compile`` the first member (q_proj, gate_proj: the one
-the architectures listed in ``SIBLINGS`` call first) computes the group and the others read its result; a call
-order that differs just computes the group more than once.
+Fused: QuantLinears of one format and input size, without input rounding or weight cache, whose stored tensors all
+have one row per output feature, and either unrotated or sharing their input-side rotation (``+rht`` siblings
+quantized by lowbit do: :func:`input_key`). Rotated members: the input is rotated once (the first member's
+transform), and each member undoes its own output-side rotation on its slice and adds its bias
+(:meth:`QuantLinear.finish`).
+Under ``torch.compile`` the first member (q_proj, gate_proj: the one the architectures listed in ``SIBLINGS`` call
+first) computes the group and the others read its result; a call order that differs just computes the group more
+than once.
 """
 
 from __future__ import annotations
@@ -24,11 +28,23 @@ import torch
 from torch import nn
 
 from lowbit.formats import QuantizedTensor
+from lowbit.kernels.dispatch import rotate_input
 from lowbit.models.quant_linear import QuantLinear
 from lowbit.models.walker import DECODER_LAYERS, decoder_layers
 
 # per decoder layer: groups of linears that read the same input, first-called first
 SIBLINGS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
+
+
+def input_key(name: str) -> str:
+    """The full name of the first sibling that reads the same input as the linear ``name`` (``...q_proj`` for
+    ``...k_proj`` and ``...v_proj``, ``...gate_proj`` for ``...up_proj``), else ``name``: the key under which
+    siblings share their input-side rotation (:meth:`Rotation.for_layer`), which keeps rotated siblings fusable."""
+    for group in SIBLINGS:
+        for member in group:
+            if name == member or name.endswith("." + member):
+                return name[: len(name) - len(member)] + group[0]
+    return name
 
 
 class FusedGroup:
@@ -39,8 +55,11 @@ class FusedGroup:
         first = members[0]
         rows = sum(m.out_features for m in members)
         data = {k: torch.cat([getattr(m, k) for m in members]) for k in first._keys}
+        # rotated members: the shared input-side rotation is applied here with the first member's transform (the
+        # one place_rotations may have moved to the GPU), and each member finishes its own slice
+        self.rotated = any(m.rotation is not None for m in members)
         bias = None
-        if any(m.bias is not None for m in members):  # members without one add zeros
+        if not self.rotated and any(m.bias is not None for m in members):  # members without one add zeros
             like = next(m.bias for m in members if m.bias is not None)
             bias = torch.cat([m.bias.detach() if m.bias is not None else like.new_zeros(m.out_features)
                               for m in members])
@@ -66,9 +85,10 @@ class FusedGroup:
     def part(self, x: torch.Tensor, i: int) -> torch.Tensor:
         """Member ``i``'s output for ``x``: computed with every member's when ``x`` is new (or for member 0)."""
         if i == 0 or self._x is not x:
-            y = self.linear(x)
+            v = self.members[0]._v
+            y = self.linear(x if v is None else rotate_input(v, x))
             self._x, self._parts = x, y.split(self.sizes, dim=-1)
-        return self._parts[i]
+        return self.members[i].finish(self._parts[i]) if self.rotated else self._parts[i]
 
     def release(self) -> None:
         for m in self.members:
@@ -78,13 +98,17 @@ class FusedGroup:
         self._x, self._parts = None, ()
 
 
+def _seed_in(m: QuantLinear) -> int | None:
+    return m.rotation.seed_in if m.rotation is not None else None
+
+
 def _fusable(members: list[nn.Module]) -> bool:
     if not all(isinstance(m, QuantLinear) for m in members):
         return False
     first = members[0]
     for m in members:
-        if (m.format_name != first.format_name or m.in_features != first.in_features or m.rotation is not None
-                or m.input_quant is not None or m.weight_cached or m._fused is not None):
+        if (m.format_name != first.format_name or m.in_features != first.in_features or m.input_quant is not None
+                or m.weight_cached or m._fused is not None or _seed_in(m) != _seed_in(first)):
             return False
         if any(getattr(m, k).dim() == 0 or getattr(m, k).shape[0] != m.out_features for k in m._keys):
             return False

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.formats import QuantizedTensor, get_format
-from lowbit.kernels.dispatch import dequant_matmul, rotate_input
+from lowbit.kernels.dispatch import dequant_matmul, rotate_input, rotate_output
 from lowbit.rotations.incoherence import Rotation
 
 
@@ -113,8 +113,12 @@ class QuantLinear(nn.Module):
                         [getattr(self, k) for k in self._keys])
         else:  # packed kernel where one runs (CUDA), else the dequantize-then-matmul reference
             y = dequant_matmul(x, self.fmt, self.quantized())
+        return self.finish(y)
+
+    def finish(self, y: torch.Tensor) -> torch.Tensor:
+        """The matmul's result -> this layer's output: the output-side rotation undone, the bias added."""
         if self._u is not None:
-            y = self._u.inverse(y)
+            y = rotate_output(self._u, y)  # Triton kernel where one runs, else self._u.inverse(y)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - signature from nn.Module

@@ -29,9 +29,13 @@ class Rotation:
     seed_out: int | None
 
     @staticmethod
-    def for_layer(name: str, base_seed: int = 0, out_side: bool = True) -> Rotation:
-        s = zlib.crc32(f"{base_seed}:{name}".encode())  # stable per layer, independent across layers
-        return Rotation(s, (s ^ 0x5BD1E995) if out_side else None)
+    def for_layer(name: str, base_seed: int = 0, out_side: bool = True, input_key: str | None = None) -> Rotation:
+        """Seeds stable per layer and independent across layers. ``input_key``: linears that read the same input
+        (q/k/v, gate/up) pass the same key and so share their input-side transform: the input is rotated once for
+        all of them, they share one rotated Hessian, and they can run as one matmul."""
+        s = zlib.crc32(f"{base_seed}:{name}".encode())
+        s_in = s if input_key is None or input_key == name else zlib.crc32(f"{base_seed}:{input_key}".encode())
+        return Rotation(s_in, (s ^ 0x5BD1E995) if out_side else None)
 
     def transforms(self, out_features: int, in_features: int):  # noqa: ANN201
         v = None if self.seed_in is None else _hadamard(in_features, self.seed_in)
