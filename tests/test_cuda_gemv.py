@@ -98,9 +98,9 @@ def test_every_kernel_variant_compiles_for_ampere_and_hopper(name: str) -> None:
     from lowbit.kernels import cuda_jit
 
     p = cuda_gemv.plan(get_format(name), (64, 4096))
-    for staged in (False, True):
+    for staged, gated in ((False, False), (True, False), (True, True)):
         for warps in (cuda_gemv.WARPS_FEW, cuda_gemv.WARPS_MANY):
-            source = cuda_gemv._source(p, staged, warps, cuda_gemv.min_blocks_for(warps))
+            source = cuda_gemv._source(p, staged, warps, cuda_gemv.min_blocks_for(warps), gated)
             for arch in ("sm_80", "sm_90"):
                 assert cuda_jit.compile_cubin(source, "gemv_mma.cu", arch)[:4] == b"\x7fELF"
 
@@ -143,6 +143,27 @@ def test_cuda_gemv_matches_reference_on_gpu(name: str, shape: tuple[int, int], m
     ref = dequant_matmul_reference(x.double(), fmt, qt)
     err = float((y.double() - ref).norm() / ref.norm())
     assert err < 2e-3, err
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", SERVED)
+@pytest.mark.parametrize(("rows", "cols"), [(2 * 200, 576), (2 * 1024, 4096)])  # [gate; up]: 200 or 1024 each
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_gated_gemv_is_silu_gate_times_up_on_gpu(name: str, rows: int, cols: int, m: int) -> None:
+    """The epilogue of a fused gate/up GEMV: silu(x gate^T) * (x up^T) from the fp32 sums, against float64."""
+    from lowbit.kernels.reference import dequant_matmul_reference
+
+    fmt, qt = _packed(name, (rows, cols), seed=rows + m)
+    p = cuda_gemv.plan(fmt, qt.shape)
+    if p is None:
+        pytest.skip(f"{name} at {cols} columns is not served")
+    x = torch.randn(m, cols, device="cuda", dtype=torch.float16, generator=torch.Generator("cuda").manual_seed(m))
+    y = cuda_gemv.gemv(x, fmt, qt, p, gated=True)
+    gate, up = dequant_matmul_reference(x.double(), fmt, qt).chunk(2, dim=-1)
+    ref = torch.nn.functional.silu(gate) * up
+    assert y.shape == (m, rows // 2)
+    assert float((y.double() - ref).norm() / ref.norm()) < 3e-3
 
 
 @gpu

@@ -56,6 +56,37 @@ def test_fused_outputs_and_state_equal_unfused(fmt, bias):
     assert torch.equal(logits(model, IDS), ref)
 
 
+def test_gate_and_up_run_as_one_gated_matmul():
+    """A Llama MLP with gate/up fused runs silu(gate) * up through the group (one GEMV with the product in its
+    epilogue on CUDA; the reference path here): the same outputs, and the class's forward back once unfused."""
+    model = quantized("int4_g32_asym")
+    ref = logits(model, IDS)
+    fuse_siblings(model)
+    mlp = decoder_layers(model)[0].mlp
+    assert "forward" in vars(mlp)
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        want = mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+        assert torch.equal(mlp(x), want)
+    assert torch.equal(logits(model, IDS), ref)
+    with torch.no_grad():
+        mlp.up_proj.scale = mlp.up_proj.scale * 2  # reassigned: the MLP falls back to its class's forward
+        assert torch.equal(mlp(x), mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x)))
+        mlp.up_proj.scale = mlp.up_proj.scale / 2
+    unfuse_siblings(model)
+    assert "forward" not in vars(mlp)
+    assert torch.equal(logits(model, IDS), ref)
+
+
+@pytest.mark.parametrize(("bias", "rotate"), [(True, False), (False, True)])
+def test_mlps_with_biases_or_rotations_keep_their_forward(bias, rotate):
+    model = quantized("int4_g32_asym", bias=bias, rotate=rotate)
+    ref = logits(model, IDS)
+    assert fuse_siblings(model) == 2 * len(SIBLINGS)
+    assert "forward" not in vars(decoder_layers(model)[0].mlp)
+    assert torch.allclose(logits(model, IDS), ref, atol=1e-5, rtol=1e-5)
+
+
 def test_members_without_a_bias_fuse_with_members_that_have_one():
     model = quantized("int4_g32_asym", bias=True)
     attn = decoder_layers(model)[0].self_attn

@@ -44,10 +44,12 @@ class Plan:
     row_scale: bool
     dq: tuple[tuple[float, float], ...]  # (A_i, B_i): level = A_i * magic_i + B_i, one per code position
 
-    def defines(self, staged_x: bool = False, warps: int = WARPS_FEW, min_blocks: int = 1) -> str:
+    def defines(self, staged_x: bool = False, warps: int = WARPS_FEW, min_blocks: int = 1,
+                gated: bool = False) -> str:
         lines = [f"#define KIND {self.kind}", f"#define BITS {self.bits}", f"#define ASYM {int(self.asym)}",
                  f"#define GROUP_SHIFT {self.group_shift}", f"#define ROW_SCALE {int(self.row_scale)}",
-                 f"#define WARPS {warps}", f"#define XS {int(staged_x)}", f"#define MIN_BLOCKS {min_blocks}"]
+                 f"#define WARPS {warps}", f"#define XS {int(staged_x)}", f"#define MIN_BLOCKS {min_blocks}",
+                 f"#define GATED {int(gated)}"]
         for i, (a, b) in enumerate(self.dq):
             lines += [f"#define DQ_A{i} 0x{_half2_bits(a):08x}u", f"#define DQ_B{i} 0x{_half2_bits(b):08x}u"]
         return "\n".join(lines) + "\n"
@@ -188,8 +190,8 @@ def _cached_layout(qs: torch.Tensor, cols: int) -> tuple[torch.Tensor, torch.Ten
 
 
 @cache
-def _source(p: Plan, staged_x: bool = False, warps: int = WARPS_FEW, min_blocks: int = 1) -> str:
-    return p.defines(staged_x, warps, min_blocks) + (cuda_jit.source_dir() / "gemv_mma.cu").read_text()
+def _source(p: Plan, staged_x: bool = False, warps: int = WARPS_FEW, min_blocks: int = 1, gated: bool = False) -> str:
+    return p.defines(staged_x, warps, min_blocks, gated) + (cuda_jit.source_dir() / "gemv_mma.cu").read_text()
 
 
 
@@ -217,12 +219,15 @@ EARLY_LAUNCH = os.environ.get("LOWBIT_CUDA_PDL", "0") == "1"
 _TABLES: dict[str, torch.Tensor] = {}
 
 
-def gemv(x: torch.Tensor, fmt: Format, qt: QuantizedTensor, p: Plan) -> torch.Tensor:
-    """y [M, N] = x [M <= 8, K] W^T, fp16 in and out, through the kernel planned by :func:`plan`."""
+def gemv(x: torch.Tensor, fmt: Format, qt: QuantizedTensor, p: Plan, gated: bool = False) -> torch.Tensor:
+    """y [M, N] = x [M <= 8, K] W^T, fp16 in and out, through the kernel planned by :func:`plan`. ``gated``: W is
+    a fused [gate; up] weight of 2N rows and y = silu(x gate^T) * (x up^T), computed from the fp32 sums."""
     m, k = x.shape
-    n = qt.shape[0]
+    n = qt.shape[0] // 2 if gated else qt.shape[0]
     if m > MAX_M or k != qt.shape[1]:
         raise ValueError(f"cuda gemv takes [<= {MAX_M}, {qt.shape[1]}] inputs, got {tuple(x.shape)}")
+    if gated and qt.shape[0] % 2:
+        raise ValueError(f"a gated GEMV needs [gate; up] rows, got {qt.shape[0]} rows")
     x = x.to(torch.float16).contiguous()
     if x.data_ptr() % 16:
         x = x.clone()
@@ -238,8 +243,9 @@ def gemv(x: torch.Tensor, fmt: Format, qt: QuantizedTensor, p: Plan) -> torch.Te
         mins = qt.data.get("min", scales)
     staged = STAGED_X and m == 1 and 2 * k <= STAGED_X_BYTES
     warps = warps_for(p, k)
-    kern = cuda_jit.kernel(_source(p, staged, warps, min_blocks_for(warps)), "gemv_mma", x.device)
-    kern(((n + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK, 1, 1), (warps * 32, 1, 1),
+    kern = cuda_jit.kernel(_source(p, staged, warps, min_blocks_for(warps), gated), "gemv_mma", x.device)
+    rows_per_block = ROWS_PER_BLOCK // 2 if gated else ROWS_PER_BLOCK  # gated: 8 gate rows + their 8 up rows
+    kern(((n + rows_per_block - 1) // rows_per_block, 1, 1), (warps * 32, 1, 1),
          [codes, scales, mins, x, y, _TABLES[key], n, k, m, groups], shared=2 * k if staged else 0,
          early=EARLY_LAUNCH and _hopper(x.device))
     return y

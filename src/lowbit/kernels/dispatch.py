@@ -172,6 +172,19 @@ def dequant_matmul(x: torch.Tensor, fmt: Format, qt: QuantizedTensor) -> torch.T
     return y.reshape(*lead, n_out)
 
 
+def gated_matmul(x: torch.Tensor, fmt: Format, qt: QuantizedTensor) -> torch.Tensor:
+    """silu(x gate^T) * (x up^T) for a fused [gate; up] packed weight (2N rows); x [..., in] -> [..., N]. The CUDA
+    GEMV computes it in its epilogue, from fp32 sums; elsewhere it is :func:`dequant_matmul`, then F.silu * up."""
+    cplan = cuda_gemv_plan(x, fmt, qt.shape)
+    if cplan is not None and qt.shape[0] % 2 == 0:
+        from lowbit.kernels import cuda_gemv
+
+        y = cuda_gemv.gemv(x.reshape(-1, x.shape[-1]), fmt, qt, cplan, gated=True)
+        return y.to(x.dtype).reshape(*x.shape[:-1], qt.shape[0] // 2)
+    gate, up = dequant_matmul(x, fmt, qt).chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
 def rotate_input(rot, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001 - a RandomizedHadamard
     """x @ R^T for a rotated QuantLinear's input side: the Triton kernel where Triton runs (same rule as the
     matmul: CUDA, or ``LOWBIT_KERNELS=triton``), else exactly ``rot.apply(x)`` (the torch reference)."""

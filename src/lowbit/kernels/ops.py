@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from lowbit.formats import QuantizedTensor, get_format
-from lowbit.kernels.dispatch import dequant_matmul
+from lowbit.kernels.dispatch import dequant_matmul, gated_matmul
 
 
 @torch.library.custom_op("lowbit::qmatmul", mutates_args=())
@@ -26,3 +26,17 @@ def qmatmul(x: torch.Tensor, format_name: str, out_features: int, in_features: i
 def _qmatmul_shape(x: torch.Tensor, format_name: str, out_features: int, in_features: int, keys: str,
                    tensors: list[torch.Tensor]) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], out_features)
+
+
+@torch.library.custom_op("lowbit::qmatmul_gated", mutates_args=())
+def qmatmul_gated(x: torch.Tensor, format_name: str, out_features: int, in_features: int, keys: str,
+                  tensors: list[torch.Tensor]) -> torch.Tensor:
+    """silu(x gate^T) * (x up^T) for a fused [gate; up] packed weight of ``out_features`` rows (gated_matmul)."""
+    qt = QuantizedTensor(format_name, (out_features, in_features), dict(zip(keys.split(","), tensors, strict=True)))
+    return gated_matmul(x, get_format(format_name), qt)
+
+
+@qmatmul_gated.register_fake
+def _qmatmul_gated_shape(x: torch.Tensor, format_name: str, out_features: int, in_features: int, keys: str,
+                         tensors: list[torch.Tensor]) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], out_features // 2)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.formats import QuantizedTensor, get_format
-from lowbit.kernels.dispatch import dequant_matmul, rotate_input, rotate_output
+from lowbit.kernels.dispatch import dequant_matmul, gated_matmul, rotate_input, rotate_output
 from lowbit.rotations.incoherence import Rotation
 
 
@@ -114,6 +114,16 @@ class QuantLinear(nn.Module):
         else:  # packed kernel where one runs (CUDA), else the dequantize-then-matmul reference
             y = dequant_matmul(x, self.fmt, self.quantized())
         return self.finish(y)
+
+    def gated(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(x gate^T) * (x up^T) for a linear whose rows are [gate; up] (a fused gate/up projection without
+        rotation, input rounding, weight cache or bias): on CUDA one GEMV with the product in its epilogue."""
+        if torch.compiler.is_compiling():
+            from lowbit.kernels.ops import qmatmul_gated
+
+            return qmatmul_gated(x, self.format_name, self.out_features, self.in_features, ",".join(self._keys),
+                                 [getattr(self, k) for k in self._keys])
+        return gated_matmul(x, self.fmt, self.quantized())
 
     def finish(self, y: torch.Tensor) -> torch.Tensor:
         """The matmul's result -> this layer's output: the output-side rotation undone, the bias added."""

@@ -11,8 +11,10 @@
 //   WARPS        warps per block; they split K, and the block adds their partial sums
 //   XS           1: batch 1, the activation row staged once per block in (dynamic) shared memory
 //   MIN_BLOCKS   blocks that must fit on one SM at once (__launch_bounds__: caps the registers per thread)
+//   GATED        1: W is [gate; up] (2N rows, a fused gate/up projection) and y = silu(x gate^T) * (x up^T), [M, N]
 //
-// Layout of the work. A block owns 16 rows. Lane (g, t) of a warp (g = lane / 4, t = lane % 4) feeds rows g and
+// Layout of the work. A block owns 16 rows (GATED: 8 gate rows and the 8 up rows N further on, as its rows g and
+// g + 8, so each lane holds a gate sum and the matching up sum and applies the epilogue in fp32). Lane (g, t) of a warp (g = lane / 4, t = lane % 4) feeds rows g and
 // g + 8 of an m16n8k16 MMA as its A fragment, and batch column g as its B fragment. The MMA sums over its 16
 // k-slots in any order, so each lane decodes whole 16-byte chunks of its two rows (lane t takes chunk 4 s + t of
 // step s) and presents the weights as pairs in the order the fp16 magic-number decode produces them; the lane's
@@ -303,8 +305,13 @@ gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u1
          int groups) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
+#if GATED
+    const int row0 = blockIdx.x * 8;
+    const int ra = min(row0 + g, N - 1), rb = ra + N;  // gate row and its up row; ragged N: clamp, do not write
+#else
     const int row0 = blockIdx.x * 16;
     const int ra = min(row0 + g, N - 1), rb = min(row0 + g + 8, N - 1);  // ragged N: clamp, do not write
+#endif
     const int chunks = K / HALF_PER_CHUNK;  // 16-byte chunks per row
     const u16* sa_row = scales + (size_t)ra * groups;
     const u16* sb_row = scales + (size_t)rb * groups;
@@ -364,9 +371,17 @@ gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u1
 #pragma unroll
         for (int i = 0; i < 4; ++i) d[i] += part[w][lane][i];
     // d[0], d[1]: row g, batch columns 2t, 2t + 1; d[2], d[3]: row g + 8
+#if GATED
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {  // silu(gate) * up, from the fp32 sums
+        const int col = 2 * t + i, row = row0 + g;
+        if (col < M && row < N) y[(size_t)col * N + row] = float_to_half(d[i] / (1.f + __expf(-d[i])) * d[i + 2]);
+    }
+#else
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
         const int col = 2 * t + (i & 1), row = row0 + g + 8 * (i >> 1);
         if (col < M && row < N) y[(size_t)col * N + row] = float_to_half(d[i]);
     }
+#endif
 }
