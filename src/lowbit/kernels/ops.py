@@ -8,35 +8,33 @@ rule, so Inductor fuses everything around it, while the call itself runs exactly
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from lowbit.formats import QuantizedTensor, get_format
 from lowbit.kernels.dispatch import dequant_matmul, gated_matmul
 
 
-@torch.library.custom_op("lowbit::qmatmul", mutates_args=())
-def qmatmul(x: torch.Tensor, format_name: str, out_features: int, in_features: int, keys: str,
-            tensors: list[torch.Tensor]) -> torch.Tensor:
-    """y = x W^T for the packed weight whose storage tensors are ``tensors`` (named by the comma-joined ``keys``)."""
-    qt = QuantizedTensor(format_name, (out_features, in_features), dict(zip(keys.split(","), tensors, strict=True)))
-    return dequant_matmul(x, get_format(format_name), qt)
+def _packed_matmul_op(name: str, matmul: Callable, out_rows: Callable[[int], int]):  # noqa: ANN202 - a custom op
+    """``lowbit::name(x, format_name, out_features, in_features, keys, tensors)``: ``matmul`` of ``x`` and the
+    packed weight whose storage tensors are ``tensors`` (named by the comma-joined ``keys``)."""
+
+    @torch.library.custom_op(f"lowbit::{name}", mutates_args=())
+    def op(x: torch.Tensor, format_name: str, out_features: int, in_features: int, keys: str,
+           tensors: list[torch.Tensor]) -> torch.Tensor:
+        data = dict(zip(keys.split(","), tensors, strict=True))
+        return matmul(x, get_format(format_name), QuantizedTensor(format_name, (out_features, in_features), data))
+
+    @op.register_fake
+    def _shape(x: torch.Tensor, format_name: str, out_features: int, in_features: int, keys: str,
+               tensors: list[torch.Tensor]) -> torch.Tensor:
+        return x.new_empty(*x.shape[:-1], out_rows(out_features))
+
+    return op
 
 
-@qmatmul.register_fake
-def _qmatmul_shape(x: torch.Tensor, format_name: str, out_features: int, in_features: int, keys: str,
-                   tensors: list[torch.Tensor]) -> torch.Tensor:
-    return x.new_empty(*x.shape[:-1], out_features)
-
-
-@torch.library.custom_op("lowbit::qmatmul_gated", mutates_args=())
-def qmatmul_gated(x: torch.Tensor, format_name: str, out_features: int, in_features: int, keys: str,
-                  tensors: list[torch.Tensor]) -> torch.Tensor:
-    """silu(x gate^T) * (x up^T) for a fused [gate; up] packed weight of ``out_features`` rows (gated_matmul)."""
-    qt = QuantizedTensor(format_name, (out_features, in_features), dict(zip(keys.split(","), tensors, strict=True)))
-    return gated_matmul(x, get_format(format_name), qt)
-
-
-@qmatmul_gated.register_fake
-def _qmatmul_gated_shape(x: torch.Tensor, format_name: str, out_features: int, in_features: int, keys: str,
-                         tensors: list[torch.Tensor]) -> torch.Tensor:
-    return x.new_empty(*x.shape[:-1], out_features // 2)
+# y = x W^T
+qmatmul = _packed_matmul_op("qmatmul", dequant_matmul, lambda rows: rows)
+# silu(x gate^T) * (x up^T) for a fused [gate; up] weight (dispatch.gated_matmul)
+qmatmul_gated = _packed_matmul_op("qmatmul_gated", gated_matmul, lambda rows: rows // 2)
