@@ -76,7 +76,7 @@ def test_calibration_size_defaults_follow_the_device():
     def size(device, nsamples=None, seqlen=None):
         return calib_size(Namespace(device=device, nsamples=nsamples, calib_seqlen=seqlen))
 
-    assert size("cpu") == (16, 512) and size("cuda") == (128, 2048) and size("cuda:1") == (128, 2048)
+    assert size("cpu") == (64, 128) and size("cuda") == (128, 2048) and size("cuda:1") == (128, 2048)
     assert size("cpu", 64, 2048) == (64, 2048) and size("cuda", 0) == (0, 2048)  # given values kept (0: refused later)
 
 
@@ -90,6 +90,6 @@ def test_hessian_shrink_default_follows_the_calibration_size():
                          damp=0.01, shrink=given)
         return _calib(args)[1].shrink
 
-    assert shrink(None, None) == 0.5 and shrink(16, 512) == 0.5  # the CPU default: 8k tokens
+    assert shrink(None, None) == 0.5 and shrink(16, 512) == 0.5  # the CPU default (64 x 128) and 16 x 512: 8k tokens
     assert shrink(128, 512) == 0.0 and shrink(128, 2048) == 0.0  # 64k tokens and more: H as measured
     assert shrink(16, 512, 0.0) == 0.0 and shrink(128, 2048, 0.3) == 0.3  # --shrink wins
