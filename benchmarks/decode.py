@@ -40,10 +40,9 @@ import torch
 from torch import nn
 
 from lowbit.formats import QuantizedTensor, get_format
-from lowbit.models.fused_linears import input_key
+from lowbit.models.fused_linears import layer_rotation
 from lowbit.models.quant_linear import QuantLinear
 from lowbit.models.walker import decoder_linears, empty_quant_linear, set_module
-from lowbit.rotations.incoherence import Rotation
 from lowbit.serve.fast_decode import StaticDecoder
 
 FORMATS = "fp16,int4_g128_sym,q4_0,int2_g64_sym,nz2_ch"
@@ -122,7 +121,7 @@ def quantize_model(model: nn.Module, variant: str, init: str) -> dict[str, nn.Mo
     originals = decoder_linears(model)
     stats: dict[int, tuple[float, float]] = {}
     for name, lin in originals.items():
-        rotation = Rotation.for_layer(name, 0, input_key=input_key(name)) if rotate else None
+        rotation = layer_rotation(name, 0) if rotate else None
         q = empty_quant_linear(lin, fmt_name, rotation)
         if init == "rtn" or fmt_name == "iq2_xxs":
             w = lin.weight.float() if rotation is None else rotation.rotate_weight(lin.weight.float())

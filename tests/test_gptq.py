@@ -240,9 +240,8 @@ def _per_linear_layer(layer, names, plan, prefix, index, inps, kwargs, cfg, roun
     """The path before issue 18: one H per linear, one GPTQ call (and one factorization) per linear."""
     from lowbit.algorithms import sequential
     from lowbit.calibration.capture import HessianAccumulator
-    from lowbit.models.fused_linears import input_key
+    from lowbit.models.fused_linears import layer_rotation
     from lowbit.models.walker import linear_weight, set_module
-    from lowbit.rotations.incoherence import Rotation
 
     local = {n: n[len(f"{prefix}.{index}.") :] for n in names}
     accs = {n: HessianAccumulator(layer.get_submodule(s), linear_weight(layer.get_submodule(s)).shape[1], "cpu")
@@ -253,8 +252,7 @@ def _per_linear_layer(layer, names, plan, prefix, index, inps, kwargs, cfg, roun
     for name, sub in local.items():
         module = layer.get_submodule(sub)
         fmt, w, H = get_format(plan[name]), linear_weight(module).float(), hessians[name]
-        rotation = (None if rotation_seed is None else
-                    Rotation.for_layer(name, rotation_seed, input_key=input_key(name)))
+        rotation = None if rotation_seed is None else layer_rotation(name, rotation_seed)
         if rotation:
             w, H = rotation.rotate_weight(w), rotation.rotate_hessian(H)
         act = rounding == "gptq_act" and fmt.vector_dim == 1

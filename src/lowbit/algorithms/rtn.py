@@ -7,10 +7,9 @@ from tqdm.auto import tqdm
 
 from lowbit.algorithms.plans import validate_plan
 from lowbit.formats import get_format
-from lowbit.models.fused_linears import input_key
+from lowbit.models.fused_linears import layer_rotation
 from lowbit.models.quant_linear import QuantLinear
 from lowbit.models.walker import linear_weight, set_module
-from lowbit.rotations.incoherence import Rotation
 
 
 def quantize_rtn(model: nn.Module, plan: dict[str, str], progress: bool = True,
@@ -24,7 +23,7 @@ def quantize_rtn(model: nn.Module, plan: dict[str, str], progress: bool = True,
     for name in tqdm(plan, desc="rtn", unit="linear", disable=not progress):
         module = linears[name]
         w = linear_weight(module).float()
-        rotation = Rotation.for_layer(name, seed, input_key=input_key(name)) if rotate else None
+        rotation = layer_rotation(name, seed) if rotate else None
         qt = get_format(plan[name]).quantize(rotation.rotate_weight(w) if rotation else w)
         bias = getattr(module, "bias", None)
         q = QuantLinear.from_quantized(qt, None if bias is None else bias.data, rotation)

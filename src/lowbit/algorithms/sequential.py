@@ -39,7 +39,7 @@ from lowbit.calibration.samples import DEFAULT_NSAMPLES, DEFAULT_SEQLEN, calibra
 from lowbit.errors import LowbitError
 from lowbit.eval.perplexity import model_max_length
 from lowbit.formats import Format, get_format
-from lowbit.models.fused_linears import input_key
+from lowbit.models.fused_linears import layer_rotation
 from lowbit.models.quant_linear import QuantLinear
 from lowbit.models.walker import (
     DECODER_LAYERS,
@@ -292,8 +292,7 @@ def _round_group(layer: nn.Module, local: dict[str, str], group: tuple[str, ...]
     for name in group:
         fmt = get_format(plan[name])
         w = linear_weight(layer.get_submodule(local[name])).float()
-        rotation = (None if rotation_seed is None else
-                    Rotation.for_layer(name, rotation_seed, input_key=input_key(name)))
+        rotation = None if rotation_seed is None else layer_rotation(name, rotation_seed)
         if rotation:
             w = rotation.rotate_weight(w)
         # act-order where the format allows it (scalar grids); vector codebooks in a mixed plan (IQ2_XXS beside

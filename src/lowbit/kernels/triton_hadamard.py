@@ -77,7 +77,7 @@ def rotate(rot, x: torch.Tensor, inverse: bool = False) -> torch.Tensor:  # noqa
         raise ValueError(f"power-of-two part {p} outside the kernel's range")
     signs, factor = _device_params(rot, x.device)
     if inverse and m > 1:
-        x = torch.einsum("ij,...jb->...ib", factor.t().to(x.dtype), x.reshape(*x.shape[:-1], m, p)).reshape(x.shape)
+        x = _dense_factor(factor.t(), x, m, p)
     xc = x.contiguous()
     y = torch.empty_like(xc)
     n_chunks = xc.numel() // p
@@ -88,6 +88,10 @@ def rotate(rot, x: torch.Tensor, inverse: bool = False) -> torch.Tensor:  # noqa
                                                             LOG_P=p.bit_length() - 1, BLOCK_C=block_c,
                                                             SIGNS_AFTER=inverse, num_warps=num_warps)
     if m > 1 and not inverse:
-        y = y.reshape(*x.shape[:-1], m, p)
-        y = torch.einsum("ij,...jb->...ib", factor.to(y.dtype), y).reshape(x.shape)
+        y = _dense_factor(factor, y, m, p)
     return y
+
+
+def _dense_factor(factor: torch.Tensor, x: torch.Tensor, m: int, p: int) -> torch.Tensor:
+    """The small dense Kronecker factor F_m (or its transpose) applied on the m axis of x's [m, p] view."""
+    return torch.einsum("ij,...jb->...ib", factor.to(x.dtype), x.reshape(*x.shape[:-1], m, p)).reshape(x.shape)

@@ -33,6 +33,7 @@ from lowbit.formats import QuantizedTensor
 from lowbit.kernels.dispatch import rotate_input
 from lowbit.models.quant_linear import QuantLinear
 from lowbit.models.walker import DECODER_LAYERS, decoder_layers
+from lowbit.rotations.incoherence import Rotation
 
 # per decoder layer: groups of linears that read the same input, first-called first
 SIBLINGS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
@@ -52,6 +53,12 @@ def input_key(name: str) -> str:
             if name == member or name.endswith("." + member):
                 return name[: len(name) - len(member)] + group[0]
     return name
+
+
+def layer_rotation(name: str, seed: int) -> Rotation:
+    """The ``+rht`` rotation lowbit gives the linear ``name``: its own output side, the input side of its siblings
+    (:func:`input_key`), so every quantizer draws the same transforms and rotated siblings stay fusable."""
+    return Rotation.for_layer(name, seed, input_key=input_key(name))
 
 
 class FusedGroup:

@@ -34,7 +34,7 @@ class Rotation:
         (q/k/v, gate/up) pass the same key and so share their input-side transform: the input is rotated once for
         all of them, they share one rotated Hessian, and they can run as one matmul."""
         s = zlib.crc32(f"{base_seed}:{name}".encode())
-        s_in = s if input_key is None or input_key == name else zlib.crc32(f"{base_seed}:{input_key}".encode())
+        s_in = zlib.crc32(f"{base_seed}:{input_key or name}".encode())
         return Rotation(s_in, (s ^ 0x5BD1E995) if out_side else None)
 
     def transforms(self, out_features: int, in_features: int):  # noqa: ANN201

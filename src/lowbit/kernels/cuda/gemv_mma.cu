@@ -14,8 +14,8 @@
 //   GATED        1: W is [gate; up] (2N rows, a fused gate/up projection) and y = silu(x gate^T) * (x up^T), [M, N]
 //
 // Layout of the work. A block owns 16 rows (GATED: 8 gate rows and the 8 up rows N further on, as its rows g and
-// g + 8, so each lane holds a gate sum and the matching up sum and applies the epilogue in fp32). Lane (g, t) of a warp (g = lane / 4, t = lane % 4) feeds rows g and
-// g + 8 of an m16n8k16 MMA as its A fragment, and batch column g as its B fragment. The MMA sums over its 16
+// g + 8, so each lane holds a gate sum and the matching up sum and applies the epilogue in fp32). Lane (g, t) of a
+// warp (g = lane / 4, t = lane % 4) feeds rows g and g + 8 of an m16n8k16 MMA as its A fragment, and batch column g as its B fragment. The MMA sums over its 16
 // k-slots in any order, so each lane decodes whole 16-byte chunks of its two rows (lane t takes chunk 4 s + t of
 // step s) and presents the weights as pairs in the order the fp16 magic-number decode produces them; the lane's
 // activations are permuted (PRMT) into the same pairs. Batch columns beyond M repeat column M - 1 and are not
