@@ -57,6 +57,30 @@ def test_kinds():
     assert RandomizedHadamard(43 * 8).kind.startswith("random orthogonal 43")
 
 
+def test_layout_2_caps_the_dense_factor_and_old_rotations_keep_theirs():
+    """11008 = 43 * 2^8: layout 1 found a Paley matrix of order 5504 (a 5504 x 5504 dense factor at run time);
+    layout 2 (new rotations) takes 43 x 256. Sizes under the cap split as before; a rotation read from a file
+    written before layouts existed ([seed_in, seed_out]) keeps layout 1 and so the transform it was made with."""
+    from lowbit.io.validate import _seed_pair
+    from lowbit.rotations.hadamard import LAYOUT, MAX_DENSE
+    from lowbit.rotations.incoherence import Rotation
+
+    old, new = RandomizedHadamard(11008, 5, layout=1), RandomizedHadamard(11008, 5, layout=2)
+    assert (old.m, old.p) == (5504, 2) and (new.m, new.p) == (43, 256)
+    x = torch.randn(2, 11008, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(new.inverse(new.apply(x)), x, atol=1e-4)
+    for n in (576, 1536, 4096, 14336, 13824, 5120):
+        assert RandomizedHadamard(n, 1, layout=1).m == RandomizedHadamard(n, 1, layout=2).m <= MAX_DENSE
+    with pytest.raises(ValueError, match="layout"):
+        RandomizedHadamard(64, 0, layout=3)
+    r = Rotation.for_layer("model.layers.0.mlp.down_proj")
+    assert r.layout == LAYOUT == 2 and Rotation.from_json(r.to_json()) == r and len(r.to_json()) == 3
+    legacy = Rotation.from_json([r.seed_in, r.seed_out])
+    assert legacy.layout == 1 and legacy.to_json() == [r.seed_in, r.seed_out]
+    assert torch.equal(legacy.transforms(11008, 11008)[1].factor, RandomizedHadamard(11008, r.seed_in, 1).factor)
+    assert _seed_pair([1, 2]) and _seed_pair([1, None, 2]) and not _seed_pair([1, 2, 3]) and not _seed_pair([1])
+
+
 def test_rotated_quant_linear_matches_its_effective_weight():
     from lowbit.formats import get_format
     from lowbit.models.quant_linear import QuantLinear

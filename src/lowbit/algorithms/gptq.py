@@ -38,7 +38,7 @@ from lowbit.formats import Format, Params, QuantizedTensor, UniformFormat, cat_p
 
 MAX_DAMP_RETRIES = 6
 SUB_BLOCK = 16  # columns whose errors are fed forward one at a time (see the module docstring)
-IMPLEMENTATION = 4  # bumped when results change bit-wise (resume fingerprints include it); 2: sub-blocks,
+IMPLEMENTATION = 5  # bumped when results change bit-wise (resume fingerprints include it); 2: sub-blocks,
 # 3: vector codebooks round by importance-weighted distance, 4: +rht siblings share their input-side rotation
 
 

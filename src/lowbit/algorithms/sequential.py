@@ -298,26 +298,26 @@ def _round_group(layer: nn.Module, local: dict[str, str], group: tuple[str, ...]
         # act-order where the format allows it (scalar grids); vector codebooks in a mixed plan (IQ2_XXS beside
         # IQ4_NL fallbacks) keep natural order rather than failing the whole plan
         act = rounding == "gptq_act" and fmt.vector_dim == 1
-        jobs.setdefault((rotation.seed_in if rotation else None, act, fmt.name), []).append((name, w, rotation))
-    rotated: dict[int | None, torch.Tensor] = {}
+        jobs.setdefault((rotation.input_side if rotation else None, act, fmt.name), []).append((name, w, rotation))
+    rotated: dict[tuple | None, torch.Tensor] = {}
     factors = {}
     stats = {}
-    for (seed_in, act, fmt_name), items in jobs.items():
+    for (side, act, fmt_name), items in jobs.items():
         t0 = time.perf_counter()
         fmt = get_format(fmt_name)
-        if seed_in not in rotated:
-            rotated[seed_in] = items[0][2].rotate_hessian(H) if items[0][2] else H
-        Hr = rotated[seed_in]
+        if side not in rotated:
+            rotated[side] = items[0][2].rotate_hessian(H) if items[0][2] else H
+        Hr = rotated[side]
         ws = [w for _, w, _ in items]
         if rounding == "imatrix":
             qts = [fmt.quantize(w, importance=Hr.diagonal().clamp_min(0)) for w in ws]
             results = [GPTQResult(qt, proxy_loss(w, fmt.dequantize(qt), Hr), 0.0, 0) for w, qt in zip(ws, qts,
                                                                                                       strict=True)]
         else:
-            if (seed_in, act) not in factors:
-                factors[seed_in, act] = factor_hessian(Hr, cfg.percdamp, act, cfg.shrink)
-            results = gptq_quantize_shared(ws, factors[seed_in, act], fmt, cfg.blocksize, cfg.static_groups,
-                                           weighted_search=seed_in is None)
+            if (side, act) not in factors:
+                factors[side, act] = factor_hessian(Hr, cfg.percdamp, act, cfg.shrink)
+            results = gptq_quantize_shared(ws, factors[side, act], fmt, cfg.blocksize, cfg.static_groups,
+                                           weighted_search=side is None)
         share = (time.perf_counter() - t0) / sum(w.shape[0] for w in ws)
         for (name, w, rotation), res in zip(items, results, strict=True):
             t1 = time.perf_counter()

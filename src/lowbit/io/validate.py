@@ -23,6 +23,7 @@ from lowbit.errors import BadFileError, BadWeightsError, LowbitError, one_line
 from lowbit.formats import get_format
 from lowbit.models.quant_linear import QuantLinear
 from lowbit.models.walker import DECODER_LAYERS, check_supported, is_linear, linear_weight
+from lowbit.rotations.hadamard import LAYOUTS
 
 # safetensors dtype name -> (torch dtype, bytes per element)
 DTYPES: dict[str, tuple[torch.dtype, int]] = {
@@ -105,13 +106,16 @@ def check_info(info: dict[str, Any], path: Path) -> dict[str, Any]:
         if name not in formats:
             raise BadFileError(f"{path}: rotations names {name!r}, which is not in formats")
         if seeds is not None and not _seed_pair(seeds):
-            raise BadFileError(f"{path}: rotations[{name!r}] must be two seeds (integers >= 0 or null), "
-                               f"got {_short(seeds)}")
+            raise BadFileError(f"{path}: rotations[{name!r}] must be two seeds (integers >= 0 or null) and "
+                               f"optionally a layout in {list(LAYOUTS)}, got {_short(seeds)}")
     return info
 
 
 def _seed_pair(v: object) -> bool:
-    return isinstance(v, list) and len(v) == 2 and all(s is None or (_is_int(s) and 0 <= s < 2**63) for s in v)
+    """[seed_in, seed_out] (layout 1) or [seed_in, seed_out, layout] (:class:`Rotation.to_json`)."""
+    return (isinstance(v, list) and len(v) in (2, 3) and all(s is None or (_is_int(s) and 0 <= s < 2**63)
+                                                              for s in v[:2])
+            and (len(v) == 2 or (_is_int(v[2]) and v[2] in LAYOUTS)))
 
 
 def _short(v: object) -> str:

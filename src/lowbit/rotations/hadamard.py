@@ -5,7 +5,14 @@
 12, 20, 24, 40, 44, ...), else a seeded random orthogonal matrix (QuIP-style Kronecker factor). With random
 signs in front, the transform is
 
-    R = (F_m kron H_{2^k}) diag(s),     orthonormal, stored as (n, seed) only.
+    R = (F_m kron H_{2^k}) diag(s),     orthonormal, stored as (n, seed, layout) only.
+
+``layout`` fixes how n splits into m * 2^k. A dense factor costs m^2 entries and m multiply-adds per element at
+run time. Layout 1 took the smallest m with a Hadamard matrix however large: for 11008 = 43 * 2^8 that is a
+Paley matrix of order 5504 (30M entries, 60 MB read per call in float16, which made a rotated 7B decode step
+slower than fp16). Layout 2 (:data:`LAYOUT`, what new rotations use) caps m at :data:`MAX_DENSE` and otherwise
+takes the odd part with a random orthogonal factor (11008 -> 43 x 256); the sizes of the usual models below that
+cap split as before. Checkpoints record the layout their rotations were made with.
 
 ``apply(x)`` computes ``x @ R.T`` along the last dimension and ``inverse(y)`` computes ``y @ R``; so for a
 linear layer ``y = x W^T``, using ``W' = W R^T`` and ``x' = x R^T`` gives ``x' W'^T = x W^T`` exactly.
@@ -64,25 +71,35 @@ def hadamard_matrix(m: int) -> torch.Tensor | None:
     return None
 
 
-def _split(n: int) -> tuple[int, int]:
-    """n = m * 2^k with the smallest m whose factor we can build as a Hadamard matrix, else the odd part."""
+LAYOUT = 2  # the layout of new rotations
+LAYOUTS = (1, 2)
+MAX_DENSE = 256  # layout 2: the largest order of the dense factor
+
+
+def _split(n: int, layout: int = 1) -> tuple[int, int]:
+    """n = m * 2^k with the smallest m whose factor we can build as a Hadamard matrix (layout 2: of order at most
+    MAX_DENSE), else the odd part."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown rotation layout {layout!r}; known: {LAYOUTS}")
     k = (n & -n).bit_length() - 1
     odd = n >> k
     for j in range(k + 1):  # move powers of two into m until a Hadamard matrix of order m exists
         m = odd << j
+        if layout == 2 and m > MAX_DENSE:
+            break
         if hadamard_matrix(m) is not None:
             return m, n // m
     return odd, n // odd
 
 
 class RandomizedHadamard:
-    """The orthonormal transform R = (F_m kron H_p) diag(signs) for a length n, determined by (n, seed)."""
+    """The orthonormal transform R = (F_m kron H_p) diag(signs) for a length n, determined by (n, seed, layout)."""
 
-    def __init__(self, n: int, seed: int = 0):
+    def __init__(self, n: int, seed: int = 0, layout: int = 1):
         if n < 1:
             raise ValueError(f"rotation size must be positive, got {n}")
-        self.n, self.seed = n, seed
-        self.m, self.p = _split(n)
+        self.n, self.seed, self.layout = n, seed, layout
+        self.m, self.p = _split(n, layout)
         g = torch.Generator().manual_seed(seed)
         self.signs = torch.randint(0, 2, (n,), generator=g, device="cpu").float() * 2 - 1  # CPU, float32 always
         h = hadamard_matrix(self.m)

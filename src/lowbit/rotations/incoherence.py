@@ -12,21 +12,23 @@ from functools import cache
 
 import torch
 
-from lowbit.rotations.hadamard import RandomizedHadamard
+from lowbit.rotations.hadamard import LAYOUT, RandomizedHadamard
 
 
 @cache
-def _hadamard(n: int, seed: int) -> RandomizedHadamard:
-    """Built once per (size, seed): rotating W, H and building the QuantLinear all reuse it."""
-    return RandomizedHadamard(n, seed)
+def _hadamard(n: int, seed: int, layout: int) -> RandomizedHadamard:
+    """Built once per (size, seed, layout): rotating W, H and building the QuantLinear all reuse it."""
+    return RandomizedHadamard(n, seed, layout)
 
 
 @dataclass(frozen=True)
 class Rotation:
-    """Seeds of the input-side (V) and output-side (U) transforms; None = that side is not rotated."""
+    """Seeds of the input-side (V) and output-side (U) transforms (None = that side is not rotated), and the
+    layout of both (:mod:`lowbit.rotations.hadamard`: how a size splits into a dense factor and a power of two)."""
 
     seed_in: int | None
     seed_out: int | None
+    layout: int = LAYOUT
 
     @staticmethod
     def for_layer(name: str, base_seed: int = 0, out_side: bool = True, input_key: str | None = None) -> Rotation:
@@ -38,8 +40,8 @@ class Rotation:
         return Rotation(s_in, (s ^ 0x5BD1E995) if out_side else None)
 
     def transforms(self, out_features: int, in_features: int):  # noqa: ANN201
-        v = None if self.seed_in is None else _hadamard(in_features, self.seed_in)
-        u = None if self.seed_out is None else _hadamard(out_features, self.seed_out)
+        v = None if self.seed_in is None else _hadamard(in_features, self.seed_in, self.layout)
+        u = None if self.seed_out is None else _hadamard(out_features, self.seed_out, self.layout)
         return u, v
 
     def rotate_weight(self, w: torch.Tensor) -> torch.Tensor:
@@ -62,12 +64,18 @@ class Rotation:
     def rotate_hessian(self, H: torch.Tensor) -> torch.Tensor:
         if self.seed_in is None:
             return H
-        v = _hadamard(H.shape[0], self.seed_in)
+        v = _hadamard(H.shape[0], self.seed_in, self.layout)
         return v.apply(v.apply(H.float()).t())  # V H V^T (H symmetric)
 
+    @property
+    def input_side(self) -> tuple[int | None, int]:
+        """What decides the input-side transform: linears with equal ones rotate their input the same way."""
+        return self.seed_in, self.layout
+
     def to_json(self) -> list[int | None]:
-        return [self.seed_in, self.seed_out]
+        """[seed_in, seed_out] for layout 1 (files written before layouts existed), else [seed_in, seed_out, layout]."""
+        return [self.seed_in, self.seed_out] + ([] if self.layout == 1 else [self.layout])
 
     @staticmethod
     def from_json(v: list[int | None] | None) -> Rotation | None:
-        return None if v is None else Rotation(v[0], v[1])
+        return None if v is None else Rotation(v[0], v[1], v[2] if len(v) > 2 else 1)
