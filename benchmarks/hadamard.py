@@ -1,17 +1,15 @@
-"""Speed of the online randomized Hadamard (:mod:`lowbit.kernels.triton_hadamard`): butterfly kernel vs tensor-core
-kernel vs the torch reference (needs CUDA).
+"""Speed of the online randomized Hadamard of `+rht` linears (:mod:`lowbit.kernels.triton_hadamard`) against the
+torch reference (needs CUDA).
 
     python benchmarks/hadamard.py                          # n = 4096, 11008, 14336 (+ 14336 as 7 x 2048), rows 1, 8
-    python benchmarks/hadamard.py --sizes 4096,14336:7 --rows 1 --dtype bfloat16 --tc-targets 1,32,128
+    python benchmarks/hadamard.py --sizes 4096,14336:7 --rows 1 --dtype bfloat16
 
-Each size n is split as ``RandomizedHadamard(n)`` splits it for new rotations (its current layout); ``n:m`` forces
-the split m x n/m with a random orthogonal F_m (any split the class may give). For each size and row count: the
-median µs per call of ``rotate`` forced to each kernel (``triton_hadamard.PATH``) and of the torch reference
-(signs, ``fwht``, dense factor, with device-resident signs and F_m), timed as CUDA-graph replays of many calls as in
-benchmarks/kernels.py (graph decode: launch overhead excluded). The inverse is timed too (output-side rotations).
-``--tc-targets`` times the tensor-core kernel once per value of TC_TARGET_PROGRAMS (how far a chunk's columns are
-split over programs at small batch). Every output is first checked against the float64 reference. The tensor-core
-kernel needs p >= 256 and a 16-bit dtype ("-" otherwise). Writes benchmarks/results/hadamard-<tag>.json.
+Each size n is split as new rotations split it (``RandomizedHadamard(n, layout=LAYOUT)``); ``n:m`` forces the split
+m x n/m with a random orthogonal F_m. For each size and row count: the median µs per call of the kernel and of the
+torch reference (signs, ``fwht``, dense factor, with device-resident signs and F_m), timed as CUDA-graph replays of
+many calls as in benchmarks/kernels.py (launch overhead excluded), forward (input side) and inverse (output side).
+Every output is first checked against the float64 reference. Writes benchmarks/results/hadamard-<tag>.json.
+(``hadamard-h200.json`` also holds a tensor-core variant's columns, ``*_tc_us``, from the commit that had it.)
 """
 
 from __future__ import annotations
@@ -24,8 +22,7 @@ from pathlib import Path
 
 import torch
 
-from lowbit.rotations import hadamard as rh
-from lowbit.rotations.hadamard import RandomizedHadamard, fwht
+from lowbit.rotations.hadamard import LAYOUT, RandomizedHadamard, fwht
 
 sys.path.insert(0, str(Path(__file__).parent))
 from kernels import bench  # noqa: E402
@@ -35,18 +32,17 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 
 
 def rotation(spec: str, seed: int = 0) -> RandomizedHadamard:
-    """``n`` as the class splits it for new rotations, or ``n:m`` with the split forced to m x n/m."""
+    """``n`` as new rotations split it, or ``n:m`` with the split forced to m x n/m."""
     n, _, m = spec.partition(":")
-    n = int(n)
-    layout = getattr(rh, "LAYOUT", None)
-    rot = RandomizedHadamard(n, seed=seed) if layout is None else RandomizedHadamard(n, seed=seed, layout=layout)
+    rot = RandomizedHadamard(int(n), seed=seed, layout=LAYOUT)
     if m and int(m) != rot.m:
-        m = int(m)
+        m, n = int(m), int(n)
         if n % m or (n // m) & (n // m - 1):
             raise ValueError(f"{spec}: n / m must be a power of two")
         g = torch.Generator().manual_seed(seed)
         q, r = torch.linalg.qr(torch.randn(m, m, generator=g, dtype=torch.float64))
         rot.m, rot.p, rot.factor = m, n // m, (q * torch.sign(torch.diagonal(r))).float()
+        rot.seed = -m  # a key of its own in the kernel's caches
     return rot
 
 
@@ -56,8 +52,7 @@ def torch_reference(rot: RandomizedHadamard, signs: torch.Tensor, factor: torch.
     m, p = rot.m, rot.p
 
     def kron(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-        y = fwht(x.reshape(*x.shape[:-1], m, p))
-        return torch.einsum("ij,...jb->...ib", f, y).reshape(x.shape)
+        return torch.einsum("ij,...jb->...ib", f, fwht(x.reshape(*x.shape[:-1], m, p))).reshape(x.shape)
 
     def apply(x: torch.Tensor, inverse: bool) -> torch.Tensor:
         return kron(x, factor.t()) * signs if inverse else kron(x * signs, factor)
@@ -73,7 +68,7 @@ def check(y: torch.Tensor, want: torch.Tensor, what: str) -> float:
     return err
 
 
-def one(spec: str, rows: int, dtype: torch.dtype, targets: list[int]) -> dict:
+def one(spec: str, rows: int, dtype: torch.dtype) -> dict:
     from lowbit.kernels import triton_hadamard as th
 
     rot = rotation(spec)
@@ -81,37 +76,16 @@ def one(spec: str, rows: int, dtype: torch.dtype, targets: list[int]) -> dict:
     x = torch.randn(rows, rot.n, device="cuda", generator=g).to(dtype)
     ref_fn = torch_reference(rot, rot.signs.to("cuda", dtype), rot.factor.to("cuda", dtype))
     row = {"n": rot.n, "m": rot.m, "p": rot.p, "rows": rows, "dtype": str(dtype).removeprefix("torch."),
-           "kind": rot.kind, "layout": getattr(rot, "layout", None)}
-    saved = (th.PATH, th.TC_TARGET_PROGRAMS)
-    try:
-        for inverse in (False, True):
-            key = "inverse" if inverse else "apply"
-            want = (rot.inverse if inverse else rot.apply)(x.double().cpu()).cuda()
-            where = f"{spec} rows={rows} {key}"
-            row[f"{key}_torch_us"] = 1e3 * bench(lambda i, inv=inverse: ref_fn(x, inv), 1)
-            check(ref_fn(x, inverse), want, f"{where} torch")
-            th.PATH = "butterfly"
-            row[f"{key}_butterfly_err"] = check(th.rotate(rot, x, inverse=inverse), want, f"{where} butterfly")
-            row[f"{key}_butterfly_us"] = 1e3 * bench(lambda i, inv=inverse: th.rotate(rot, x, inverse=inv), 1)
-            row[f"{key}_tc_us"], row["tc_config"] = {}, {}
-            if th.tensor_core_supported(rot.p, dtype):
-                th.PATH = "tensor_core"
-                a, b = th._tc_shape(rot.p)
-                for t in targets:
-                    th.TC_TARGET_PROGRAMS = t
-                    row[f"{key}_tc_err"] = check(th.rotate(rot, x, inverse=inverse), want,
-                                                   f"{where} tensor core (target {t})")
-                    row[f"{key}_tc_us"][t] = 1e3 * bench(lambda i, inv=inverse: th.rotate(rot, x, inverse=inv), 1)
-                    block_n, num_warps = th._tc_config(rows * rot.m, a, b)
-                    row["tc_config"][t] = {"a": a, "b": b, "block_n": block_n, "num_warps": num_warps,
-                                           "grid": [rows * rot.m, b // block_n]}
-    finally:
-        th.PATH, th.TC_TARGET_PROGRAMS = saved
+           "kind": rot.kind, "layout": rot.layout}
+    for inverse in (False, True):
+        key = "inverse" if inverse else "apply"
+        want = (rot.inverse if inverse else rot.apply)(x.double().cpu()).cuda()
+        where = f"{spec} rows={rows} {key}"
+        check(ref_fn(x, inverse), want, f"{where} torch")
+        row[f"{key}_torch_us"] = 1e3 * bench(lambda i, inv=inverse: ref_fn(x, inv), 1)
+        row[f"{key}_butterfly_err"] = check(th.rotate(rot, x, inverse=inverse), want, f"{where} kernel")
+        row[f"{key}_butterfly_us"] = 1e3 * bench(lambda i, inv=inverse: th.rotate(rot, x, inverse=inv), 1)
     return row
-
-
-def fmt_us(v: float | None) -> str:
-    return "-" if v is None else f"{v:.1f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,46 +93,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default=SIZES, help="n or n:m (forced split), comma-separated")
     ap.add_argument("--rows", default="1,8")
     ap.add_argument("--dtype", default="float16", choices=sorted(DTYPES))
-    ap.add_argument("--tc-targets", default=None,
-                    help="values of triton_hadamard.TC_TARGET_PROGRAMS to time (default: the module's)")
     ap.add_argument("--tag", default="gpu")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("benchmarks/hadamard.py needs a CUDA GPU (none visible to torch)", file=sys.stderr)
         return 2
-    try:
-        from lowbit.kernels import triton_hadamard as th
-    except ImportError as e:
-        print(f"benchmarks/hadamard.py needs triton: {e}", file=sys.stderr)
-        return 2
-    targets = ([int(t) for t in args.tc_targets.split(",")] if args.tc_targets else [th.TC_TARGET_PROGRAMS])
     dtype = DTYPES[args.dtype]
     t0 = time.time()
     print(f"{torch.cuda.get_device_name(0)}, {args.dtype}; µs per call (CUDA-graph replay), apply / inverse")
-    tc_cols = " | ".join(f"tensor core µs (target {t})" for t in targets)
-    print(f"| n | m x p | rows | torch µs | butterfly µs | {tc_cols} | best tc vs butterfly |")
-    print("|---|---|---|---|---|" + "---|" * len(targets) + "---|")
+    print("| n | m x p | rows | torch µs | kernel µs |\n|---|---|---|---|---|")
     rows = []
     for spec in args.sizes.split(","):
         for r in (int(b) for b in args.rows.split(",")):
-            row = one(spec, r, dtype, targets)
+            row = one(spec, r, dtype)
             rows.append(row)
-            cells = []
-            for t in targets:
-                cells.append(" / ".join(fmt_us(row[f"{k}_tc_us"].get(t)) for k in ("apply", "inverse")))
-            tc_best = [min(row[f"{k}_tc_us"].values(), default=None) for k in ("apply", "inverse")]
-            speed = ("-" if tc_best[0] is None else
-                     " / ".join(f"{row[f'{k}_butterfly_us'] / b:.2f}x" for k, b in zip(("apply", "inverse"), tc_best,
-                                                                                      strict=True)))
-            print(f"| {row['n']} | {row['m']} x {row['p']} | {r} | "
-                  f"{fmt_us(row['apply_torch_us'])} / {fmt_us(row['inverse_torch_us'])} | "
-                  f"{fmt_us(row['apply_butterfly_us'])} / {fmt_us(row['inverse_butterfly_us'])} | "
-                  f"{' | '.join(cells)} | {speed} |", flush=True)
+            us = [f"{row[f'{k}_{w}_us']:.1f}" for w in ("torch", "butterfly") for k in ("apply", "inverse")]
+            print(f"| {row['n']} | {row['m']} x {row['p']} | {r} | {us[0]} / {us[1]} | {us[2]} / {us[3]} |", flush=True)
     print(f"total {time.time() - t0:.0f} s")
     out = Path(__file__).parent / "results" / f"hadamard-{args.tag}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": torch.cuda.get_device_name(0), "dtype": args.dtype, "targets": targets,
-                               "rows": rows}, indent=2))
+    out.write_text(json.dumps({"device": torch.cuda.get_device_name(0), "dtype": args.dtype, "rows": rows},
+                              indent=2))
     print(f"wrote {out}")
     return 0
 
