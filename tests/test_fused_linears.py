@@ -140,6 +140,8 @@ def test_rotated_siblings_share_their_input_rotation_and_fuse(bias):
     assert fuse_siblings(model) == 2 * len(SIBLINGS)
     assert torch.allclose(logits(model, IDS), ref, atol=1e-5, rtol=1e-5)
     assert attn.q_proj._fused[0].linear.rotation is None  # the group rotates with q_proj's transform
+    mlp = decoder_layers(model)[0].mlp  # gate and up: one size, so their output sides are undone in one call
+    assert mlp.gate_proj._fused[0].stacked_out and mlp.up_proj.rotation.seed_out != mlp.gate_proj.rotation.seed_out
 
 
 def test_not_fused_across_formats_rotations_or_caches():

@@ -16,6 +16,9 @@ from lowbit.rotations.hadamard import LAYOUT, RandomizedHadamard
 CASES = [(n, b) for n in (64, 256, 576, 1024) for b in ([1], [3], [2, 5])] + [(96, [4]), (448, [3]),
                                                                              (64, [70]), (4096, [2])]
 
+# (n, k) for k stacked rotations: 576 = 72 x 8 and 448 = 7 x 64 (dense factors, batched), 1024 (none)
+STACKED = [(576, 3), (448, 2), (1024, 2)]
+
 _SCRIPT = r"""
 import json, sys
 import torch
@@ -45,6 +48,16 @@ for n in (4096, 11008):
         y, r = f(rot, x), ref(x.double())
         ok = bool(torch.isfinite(y).all()) and y.dtype == torch.float16
         out[f"fp16:{n}:{key}"] = ((y.double() - r).norm() / r.norm()).item() if ok else float("inf")
+# k rotations of one split on k slices in one launch (a fused group's output sides) = each slice on its own
+from lowbit.kernels.triton_hadamard import rotate_stacked
+for n, k in STACKED:
+    rots = [RandomizedHadamard(n, seed=10 + j, layout=2) for j in range(k)]
+    x = torch.randn(3, k * n, generator=g)
+    for key, inverse in (("inverse", True), ("apply", False)):
+        ref = torch.cat([(r.inverse if inverse else r.apply)(part.double()) for r, part in
+                         zip(rots, x.split(n, dim=-1))], dim=-1)
+        y = rotate_stacked(rots, x, inverse=inverse)
+        out[f"stacked:{n}:{k}:{key}"] = ((y.double() - ref).norm() / ref.norm()).item()
 # QuantLinear with an input- and output-side rotation, IQ2_XXS weight: kernel rotation + kernel GEMV
 from lowbit.formats import get_format
 from lowbit.models.quant_linear import QuantLinear
@@ -63,7 +76,7 @@ print(json.dumps(out))
 
 @pytest.fixture(scope="module")
 def interpreter_results():
-    return run_in_interpreter(_SCRIPT, CASES)
+    return run_in_interpreter(_SCRIPT.replace("STACKED", repr(STACKED)), CASES)
 
 
 @pytest.mark.parametrize("n,batch", CASES, ids=[f"n{n}-b{'x'.join(map(str, b))}" for n, b in CASES])
@@ -78,6 +91,22 @@ def test_rotated_quant_linear_in_interpreter(interpreter_results, name):
     assert interpreter_results[f"quant_linear:{name}"] < 1e-5
 
 
+@pytest.mark.parametrize("n,k", STACKED)
+@pytest.mark.parametrize("side", ["inverse", "apply"])
+def test_stacked_rotations_in_interpreter(interpreter_results, n, k, side):
+    assert interpreter_results[f"stacked:{n}:{k}:{side}"] < 1e-5
+
+
+def test_stacked_rotations_refuse_mixed_splits():
+    pytest.importorskip("triton")
+    from lowbit.kernels.triton_hadamard import rotate_stacked
+
+    with pytest.raises(ValueError, match="one split"):
+        rotate_stacked([RandomizedHadamard(576), RandomizedHadamard(448)], torch.randn(1, 1024))
+    with pytest.raises(ValueError, match="last dimension"):
+        rotate_stacked([RandomizedHadamard(576)] * 2, torch.randn(1, 576))
+
+
 @pytest.mark.parametrize("key", ["fp16:4096:apply", "fp16:4096:inverse", "fp16:11008:apply", "fp16:11008:inverse"])
 def test_float16_outliers_in_interpreter(interpreter_results, key):
     assert interpreter_results[key] < 1e-3
@@ -89,11 +118,11 @@ def test_dense_factor_is_cast_once_per_device_and_dtype():
     from lowbit.kernels import triton_hadamard as th
 
     rot = RandomizedHadamard(576, seed=4)
-    f16 = th._device_factor(rot, torch.device("cpu"), torch.float16, transpose=False)
-    assert f16 is th._device_factor(rot, torch.device("cpu"), torch.float16, transpose=False)
-    assert f16.dtype == torch.float16 and torch.equal(f16, rot.factor.half())
-    ft = th._device_factor(rot, torch.device("cpu"), torch.float32, transpose=True)
-    assert ft.is_contiguous() and torch.equal(ft, rot.factor.t())
+    f16 = th._device_factor([rot], torch.device("cpu"), torch.float16, transpose=False)
+    assert f16 is th._device_factor([rot], torch.device("cpu"), torch.float16, transpose=False)
+    assert f16.dtype == torch.float16 and torch.equal(f16, rot.factor.half()[None])
+    ft = th._device_factor([rot], torch.device("cpu"), torch.float32, transpose=True)
+    assert ft.is_contiguous() and torch.equal(ft, rot.factor.t()[None])
 
 
 def test_rotate_input_on_cpu_is_exactly_the_reference():
@@ -122,3 +151,18 @@ def test_hadamard_kernel_on_gpu(n, batch, dtype):
     for y, ref in ((rotate_input(rot, x), rot.apply(x.double().cpu())),
                    (rotate_output(rot, x), rot.inverse(x.double().cpu()))):
         assert y.dtype == dtype and ((y.double() - ref.to("cuda")).norm() / ref.norm()) < tol
+
+
+@needs_gpu
+@pytest.mark.parametrize("n,k", [(4096, 3), (11008, 2), (14336, 2), (1024, 2)])
+@pytest.mark.parametrize("batch", [1, 8])
+def test_stacked_rotations_on_gpu(n, k, batch):
+    """A fused group's output sides in one launch: each slice as its own rotation's inverse (float16)."""
+    from lowbit.kernels.dispatch import rotate_outputs
+
+    rots = [RandomizedHadamard(n, seed=20 + j, layout=LAYOUT) for j in range(k)]
+    y = torch.randn(batch, k * n, device="cuda").half()
+    parts = zip(rots, y.split(n, dim=-1), strict=True)
+    ref = torch.cat([r.inverse(part.double().cpu()) for r, part in parts], dim=-1)
+    out = rotate_outputs(rots, y)
+    assert out.dtype == torch.float16 and ((out.double().cpu() - ref).norm() / ref.norm()) < 2e-3

@@ -207,3 +207,15 @@ def rotate_output(rot, y: torch.Tensor) -> torch.Tensor:  # noqa: ANN001 - a Ran
     if not triton_hadamard.supported(rot.p) or not y.is_floating_point():
         return rot.inverse(y)
     return triton_hadamard.rotate(rot, y, inverse=True)
+
+
+def rotate_outputs(rots: list, y: torch.Tensor) -> torch.Tensor:
+    """The output sides of k linears whose outputs sit side by side in y [..., k * n] (a fused group's members,
+    every ``rots[j]`` of size n and one split): each slice @ its R, in one kernel launch where Triton runs
+    (:func:`triton_hadamard.rotate_stacked`), else exactly each slice's ``rot.inverse``."""
+    if triton_runs(y, "hadamard") and y.is_floating_point():
+        from lowbit.kernels import triton_hadamard
+
+        if triton_hadamard.supported(rots[0].p):
+            return triton_hadamard.rotate_stacked(rots, y, inverse=True)
+    return torch.cat([r.inverse(part) for r, part in zip(rots, y.split(rots[0].n, dim=-1), strict=True)], dim=-1)

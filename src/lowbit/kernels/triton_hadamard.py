@@ -6,7 +6,9 @@ takes row c % m of the [m, p] signs table), each program loads BLOCK_C consecuti
 the chunk's signs, runs the log2(p) butterfly stages in registers (reshape to [BLOCK_C, p / 2h, 2, h], split the
 pair axis, join (a + b, a - b)), scales by 1 / sqrt(p) and stores once, in float32 arithmetic whatever x's dtype.
 When m > 1, the small dense Kronecker factor F_m is applied by one torch einsum (after the kernel; before it for
-the inverse), with F_m cached per (device, dtype) so that no cast runs per call.
+the inverse), with F_m cached per (device, dtype) so that no cast runs per call. k rotations of one split, on k
+consecutive slices of a row (the output sides of a fused group's members), go through one launch and one batched
+matmul (:func:`rotate_stacked`): their signs tables stacked [k * m, p], their factors [k, m, m].
 
 These calls are launch-bound: 2.1-2.3 µs for 4096 at batch 1 and 8 on an H200, 3.9-4.4 µs for 11008 = 43 x 256
 (``benchmarks/hadamard.py``, docs/kernels.md). A tensor-core variant (H_a V H_b as two ``tl.dot`` per chunk, the
@@ -16,6 +18,7 @@ float32 middle split into hi + lo 16-bit halves) measured 0.87-1.00x these times
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -55,8 +58,8 @@ def _hadamard_kernel(x_ptr, signs_ptr, y_ptr, n_chunks, m, scale, P: tl.constexp
     tl.store(y_ptr + offs, (v * scale).to(y_ptr.dtype.element_ty), mask=cmask)
 
 
-_SIGNS: dict[tuple, torch.Tensor] = {}  # the [m, p] float32 signs table per rotation and device
-_FACTORS: dict[tuple, torch.Tensor] = {}  # F_m (or F_m^T), contiguous, per rotation, device and dtype
+_SIGNS: dict[tuple, torch.Tensor] = {}  # the stacked [k * m, p] float32 signs tables per rotations and device
+_FACTORS: dict[tuple, torch.Tensor] = {}  # the stacked [k, m, m] F_m (or F_m^T) per rotations, device and dtype
 
 
 def supported(n_p: int) -> bool:
@@ -64,24 +67,24 @@ def supported(n_p: int) -> bool:
     return 2 <= n_p <= MAX_P
 
 
-def _rot_key(rot) -> tuple:  # noqa: ANN001
-    return rot.n, rot.seed, rot.layout  # what determines the transform (the layout fixes m and p)
+def _key(rots: Sequence) -> tuple:
+    return tuple((r.n, r.seed, r.layout) for r in rots)  # what determines each transform (the layout fixes m, p)
 
 
-def _device_signs(rot, device: torch.device) -> torch.Tensor:  # noqa: ANN001
-    key = (*_rot_key(rot), str(device))
+def _device_signs(rots: Sequence, device: torch.device) -> torch.Tensor:
+    key = (_key(rots), str(device))
     if key not in _SIGNS:
-        _SIGNS[key] = rot.signs.float().contiguous().to(device)
+        _SIGNS[key] = torch.cat([r.signs.float().reshape(r.m, r.p) for r in rots]).contiguous().to(device)
     return _SIGNS[key]
 
 
-def _device_factor(rot, device: torch.device, dtype: torch.dtype, transpose: bool) -> torch.Tensor:  # noqa: ANN001
-    """F_m (F_m^T with ``transpose``) on the device in x's dtype, built once: a per-call ``.to(dtype)`` would launch
-    a copy kernel in every decode step."""
-    key = (*_rot_key(rot), str(device), dtype, transpose)
+def _device_factor(rots: Sequence, device: torch.device, dtype: torch.dtype, transpose: bool) -> torch.Tensor:
+    """The F_m (F_m^T with ``transpose``) of each rotation, stacked [k, m, m], on the device in x's dtype, built
+    once: a per-call ``.to(dtype)`` would launch a copy kernel in every decode step."""
+    key = (_key(rots), str(device), dtype, transpose)
     if key not in _FACTORS:
-        f = rot.factor.float()
-        _FACTORS[key] = (f.t() if transpose else f).contiguous().to(device=device, dtype=dtype)
+        fs = [r.factor.float().t() if transpose else r.factor.float() for r in rots]
+        _FACTORS[key] = torch.stack(fs).contiguous().to(device=device, dtype=dtype)
     return _FACTORS[key]
 
 
@@ -89,29 +92,38 @@ def rotate(rot, x: torch.Tensor, inverse: bool = False) -> torch.Tensor:  # noqa
     """x @ R^T along the last dimension, as ``rot.apply(x)`` computes it (float32 accumulation inside); with
     ``inverse``, x @ R as ``rot.inverse(x)`` does (the dense factor F_m^T first, then the kernel with the signs
     after the transform: the two act on different axes of the [m, p] view, so their order is free)."""
-    if x.shape[-1] != rot.n:
-        raise ValueError(f"last dimension {x.shape[-1]} != rotation size {rot.n}")
-    m, p = rot.m, rot.p
+    return rotate_stacked([rot], x, inverse)
+
+
+def rotate_stacked(rots: Sequence, x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """k rotations of one split (m, p) at once: x [..., k * n] holds k consecutive slices of length n, slice j
+    transformed by ``rots[j]`` (``rotate`` on each slice, concatenated) in one kernel launch and at most one
+    batched matmul. A fused group's members undo their output-side rotations this way (one launch, not k)."""
+    m, p, n, k = rots[0].m, rots[0].p, rots[0].n, len(rots)
+    if any((r.m, r.p) != (m, p) for r in rots):
+        raise ValueError(f"stacked rotations need one split, got {[(r.m, r.p) for r in rots]}")
+    if x.shape[-1] != k * n:
+        raise ValueError(f"last dimension {x.shape[-1]} != {k} rotations of size {n}")
     if not supported(p):
         raise ValueError(f"power-of-two part {p} outside the kernel's range")
-    signs = _device_signs(rot, x.device)
+    signs = _device_signs(rots, x.device)
     if inverse and m > 1:
-        x = _dense_factor(_device_factor(rot, x.device, x.dtype, transpose=True), x, m, p)
+        x = _dense_factor(_device_factor(rots, x.device, x.dtype, transpose=True), x, k, m, p)
     xc = x.contiguous()
     y = torch.empty_like(xc)
     n_chunks = xc.numel() // p
     if n_chunks:
         block_c = max(1, min(triton.next_power_of_2(n_chunks), CHUNK_ELEMS // p))
         num_warps = 4 if p * block_c <= 2048 else 8 if p * block_c <= 8192 else 16
-        _hadamard_kernel[(triton.cdiv(n_chunks, block_c),)](xc, signs, y, n_chunks, m, 1.0 / math.sqrt(p), P=p,
-                                                            LOG_P=p.bit_length() - 1, BLOCK_C=block_c,
+        _hadamard_kernel[(triton.cdiv(n_chunks, block_c),)](xc, signs, y, n_chunks, k * m, 1.0 / math.sqrt(p),
+                                                            P=p, LOG_P=p.bit_length() - 1, BLOCK_C=block_c,
                                                             SIGNS_AFTER=inverse, num_warps=num_warps)
     if m > 1 and not inverse:
-        y = _dense_factor(_device_factor(rot, x.device, x.dtype, transpose=False), y, m, p)
+        y = _dense_factor(_device_factor(rots, x.device, x.dtype, transpose=False), y, k, m, p)
     return y
 
 
-def _dense_factor(factor: torch.Tensor, x: torch.Tensor, m: int, p: int) -> torch.Tensor:
-    """The small dense Kronecker factor F_m (or its transpose, already in x's dtype) on the m axis of x's [m, p]
-    view."""
-    return torch.einsum("ij,...jb->...ib", factor, x.reshape(*x.shape[:-1], m, p)).reshape(x.shape)
+def _dense_factor(factors: torch.Tensor, x: torch.Tensor, k: int, m: int, p: int) -> torch.Tensor:
+    """Each slice's dense Kronecker factor (``factors`` [k, m, m], already in x's dtype) on the m axis of its
+    [m, p] view."""
+    return torch.einsum("kij,...kjb->...kib", factors, x.reshape(*x.shape[:-1], k, m, p)).reshape(x.shape)

@@ -15,8 +15,8 @@ buffer) falls back to its own matmul. :func:`unfuse_siblings` gives every member
 Fused: QuantLinears of one format and input size, without input rounding or weight cache, whose stored tensors all
 have one row per output feature, and either unrotated or sharing their input-side rotation (``+rht`` siblings
 quantized by lowbit do: :func:`input_key`). Rotated members: the input is rotated once (the first member's
-transform), and each member undoes its own output-side rotation on its slice and adds its bias
-(:meth:`QuantLinear.finish`).
+transform), the members' output-side rotations are undone together in one launch when they share a size (each on
+its own slice otherwise), and each member adds its bias (:meth:`QuantLinear.finish`).
 Under ``torch.compile`` the first member (q_proj, gate_proj: the one the architectures listed in ``SIBLINGS`` call
 first) computes the group and the others read its result; a call order that differs just computes the group more
 than once.
@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from lowbit.formats import QuantizedTensor
-from lowbit.kernels.dispatch import rotate_input
+from lowbit.kernels.dispatch import rotate_input, rotate_outputs
 from lowbit.models.quant_linear import QuantLinear
 from lowbit.models.walker import DECODER_LAYERS, decoder_layers
 from lowbit.rotations.incoherence import Rotation
@@ -88,6 +88,9 @@ class FusedGroup:
             m._fused = (self, i)
             start += m.out_features
         self._ptrs = [[getattr(m, k).data_ptr() for k in m._keys] for m in members]
+        # members' output sides of one size and split are undone together, in one launch (else each on its slice)
+        self.stacked_out = (self.rotated and len(members) > 1 and all(m._u is not None for m in members)
+                            and len({(m._u.n, m._u.m, m._u.p) for m in members}) == 1)
         self._x: torch.Tensor | None = None
         self._parts: tuple[torch.Tensor, ...] = ()
         self.mlp: nn.Module | None = None  # set by gate_mlp: the MLP whose forward runs :meth:`gated`
@@ -102,8 +105,13 @@ class FusedGroup:
         if i == 0 or self._x is not x:
             v = self.members[0]._v
             y = self.linear(x if v is None else rotate_input(v, x))
+            if self.stacked_out:  # read each time: place_rotations may have given the members device copies
+                y = rotate_outputs([m._u for m in self.members], y)
             self._x, self._parts = x, y.split(self.sizes, dim=-1)
-        return self.members[i].finish(self._parts[i]) if self.rotated else self._parts[i]
+        member, y = self.members[i], self._parts[i]
+        if not self.rotated:
+            return y
+        return member.finish(y, rotated=self.stacked_out)
 
     def gated(self, x: torch.Tensor) -> torch.Tensor:
         """silu(gate(x)) * up(x) of a [gate, up] group, in one matmul."""

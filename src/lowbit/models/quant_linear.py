@@ -125,9 +125,10 @@ class QuantLinear(nn.Module):
                                  [getattr(self, k) for k in self._keys])
         return gated_matmul(x, self.fmt, self.quantized())
 
-    def finish(self, y: torch.Tensor) -> torch.Tensor:
-        """The matmul's result -> this layer's output: the output-side rotation undone, the bias added."""
-        if self._u is not None:
+    def finish(self, y: torch.Tensor, rotated: bool = False) -> torch.Tensor:
+        """The matmul's result -> this layer's output: the output-side rotation undone (unless ``rotated``: a
+        fused group did it already), the bias added."""
+        if self._u is not None and not rotated:
             y = rotate_output(self._u, y)  # Triton kernel where one runs, else self._u.inverse(y)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
