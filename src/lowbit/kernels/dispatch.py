@@ -202,13 +202,7 @@ def rotate_input(rot, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001 - a Rand
 def rotate_output(rot, y: torch.Tensor) -> torch.Tensor:  # noqa: ANN001 - a RandomizedHadamard
     """y @ R for a rotated QuantLinear's output side (the inverse of :func:`rotate_input`'s transform): the Triton
     kernel where Triton runs, else exactly ``rot.inverse(y)``."""
-    if not triton_runs(y, "hadamard"):
-        return rot.inverse(y)
-    from lowbit.kernels import triton_hadamard
-
-    if not triton_hadamard.supported(rot.p) or not y.is_floating_point():
-        return rot.inverse(y)
-    return triton_hadamard.rotate(rot, y, inverse=True)
+    return rotate_outputs([rot], y)
 
 
 def rotate_outputs(rots: list, y: torch.Tensor) -> torch.Tensor:
@@ -220,4 +214,6 @@ def rotate_outputs(rots: list, y: torch.Tensor) -> torch.Tensor:
 
         if triton_hadamard.supported(rots[0].p):
             return triton_hadamard.rotate_stacked(rots, y, inverse=True)
+    if len(rots) == 1:
+        return rots[0].inverse(y)
     return torch.cat([r.inverse(part) for r, part in zip(rots, y.split(rots[0].n, dim=-1), strict=True)], dim=-1)
