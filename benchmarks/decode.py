@@ -374,8 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bw-mb", type=int, default=0, help="copy size for the bandwidth test (default 1024 on GPU)")
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile the decode step (fuses the ops between matmuls; the graph replays it)")
-    ap.add_argument("--attention", choices=("lowbit", "sdpa"), default="sdpa",
-                    help="one-token attention: the model's SDPA (default) or lowbit's decode kernel")
+    ap.add_argument("--attention", choices=("lowbit", "sdpa"), default="lowbit",
+                    help="one-token attention: lowbit's decode kernel (default, as StaticDecoder) or the model's SDPA")
     ap.add_argument("--cache-len", type=int, default=0,
                     help="static cache positions (default: prompt + gen); longer leaves most of the cache unused")
     ap.add_argument("--profile", action="store_true", help="per variant: GPU kernel time per step, by kernel")
@@ -413,12 +413,6 @@ def main(argv: list[str] | None = None) -> int:
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, args.vocab, (1, args.prompt), generator=g).to(device)
 
-    rows = []
-    for v in variants:
-        rows.append(run_variant(model, v, args, prompt, bw))
-    table = markdown(rows)
-    print(table, flush=True)
-
     tag = args.tag or default_tag(device)
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"decode-{tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -426,15 +420,21 @@ def main(argv: list[str] | None = None) -> int:
 
     meta = {"device": dev_name, "torch": torch.__version__, "transformers": transformers.__version__,
             "dtype": str(dtype), "copy_bw": bw, "command": " ".join(["python", *sys.argv]) if argv is None else argv,
-            "config": {k: v for k, v in vars(args).items() if k not in ("out", "tag")},
-            "params": n_params, "seconds": time.perf_counter() - t_start,
+            "config": {k: v for k, v in vars(args).items() if k not in ("out", "tag")}, "params": n_params,
             # kernel switches in effect (LOWBIT_CUDA_PDL, TORCHINDUCTOR_ENABLE_PDL, ...): part of what was measured
             "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(("LOWBIT_", "TORCHINDUCTOR_"))}}
     with contextlib.suppress(Exception):
         import triton
 
         meta["triton"] = triton.__version__
-    out.write_text(json.dumps({"meta": meta, "rows": rows, "table": table}, indent=2, default=str))
+    rows: list[dict] = []
+    for v in variants:
+        rows.append(run_variant(model, v, args, prompt, bw))
+        # rewritten after every variant, so a crash or a timeout in a later one keeps what was measured
+        meta.update(seconds=time.perf_counter() - t_start, complete=len(rows) == len(variants))
+        table = markdown(rows)
+        out.write_text(json.dumps({"meta": meta, "rows": rows, "table": table}, indent=2, default=str))
+    print(table, flush=True)
     log(f"wrote {out} ({time.perf_counter() - t_start:.0f}s total)")
     return 0 if all(math.isfinite(r["tok_s"]) for r in rows) else 1
 

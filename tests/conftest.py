@@ -104,6 +104,12 @@ def tiny_model_dir(tmp_path, tiny_tokenizer):
     return d
 
 
+def _numpy_breaks_interpreter() -> bool:
+    import numpy as np
+
+    return tuple(int(p) for p in np.__version__.split(".")[:2]) >= (2, 5)
+
+
 def run_in_interpreter(script: str, *args: object) -> dict:
     """Run ``script`` (which prints one JSON object last) under TRITON_INTERPRET=1 with LOWBIT_KERNELS=triton, in a
     subprocess because both flags are read at import; args are passed JSON-encoded. Skips without triton."""
@@ -116,6 +122,9 @@ def run_in_interpreter(script: str, *args: object) -> dict:
 
     if not triton_available():
         pytest.skip("triton not installed")
+    if _numpy_breaks_interpreter():
+        pytest.skip("Triton 3.6's interpreter fails on runtime-bounded loops with numpy >= 2.5 (the test extra pins "
+                    "numpy < 2.5; GPU images may ship 2.5)")
     env = dict(os.environ, TRITON_INTERPRET="1", LOWBIT_KERNELS="triton")
     out = subprocess.run([sys.executable, "-c", script, *(json.dumps(a) for a in args)], env=env,
                          capture_output=True, text=True, timeout=600)

@@ -33,12 +33,10 @@ from lowbit.kernels.reference import dequant_matmul_reference
 _MODES = ("auto", "reference", "triton")
 # Kernels that pass the interpreter tests but have not yet been compiled and checked on a GPU: "auto" keeps the
 # torch reference for them on CUDA until their GPU tests have passed there; LOWBIT_KERNELS=triton opts in.
-# (iq2_xxs and hadamard left this set after tests/test_kernels_iq2.py and tests/test_hadamard_kernel.py passed on
-# an H100, 2026-11-23.) decode_attention: the flash-decoding version (heads split over programs, combined through
-# an atomic counter) has passed tests/test_decode_attention.py in the interpreter only. gated_gemv: the CUDA GEMV's
-# silu(gate) * up epilogue compiles (NVRTC test) and decoded the 7B shape at 504 tok/s with nz2_ch, but its GPU
-# test (tests/test_cuda_gemv.py) has not run yet; until then gate/up run as one plain GEMV, then SiLU-and-multiply.
-GPU_UNVERIFIED: frozenset[str] = frozenset({"decode_attention", "gated_gemv"})
+# Empty now: iq2_xxs and hadamard left it after their GPU tests passed on an H100; decode_attention (flash-decoding,
+# tests/test_decode_attention.py) and gated_gemv (the CUDA GEMV's silu(gate) * up epilogue, tests/test_cuda_gemv.py)
+# after theirs passed on an H200. A new kernel enters here until its GPU test has run.
+GPU_UNVERIFIED: frozenset[str] = frozenset()
 _mode = os.environ.get("LOWBIT_KERNELS", "auto")
 _CUDA_GEMV = os.environ.get("LOWBIT_CUDA_GEMV", "1") != "0"
 
