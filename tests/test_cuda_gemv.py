@@ -9,6 +9,8 @@ with massive outlier channels.
 from __future__ import annotations
 
 import ctypes
+import zlib
+from functools import cache
 
 import pytest
 import torch
@@ -100,9 +102,41 @@ def test_every_kernel_variant_compiles_for_ampere_and_hopper(name: str) -> None:
     p = cuda_gemv.plan(get_format(name), (64, 4096))
     for staged, gated in ((False, False), (True, False), (True, True)):
         for warps in (cuda_gemv.WARPS_FEW, cuda_gemv.WARPS_MANY):
-            source = cuda_gemv._source(p, staged, warps, cuda_gemv.min_blocks_for(warps), gated)
-            for arch in ("sm_80", "sm_90"):
-                assert cuda_jit.compile_cubin(source, "gemv_mma.cu", arch)[:4] == b"\x7fELF"
+            for stages in (0, 3):  # registers one step ahead, or persistent blocks fed by a cp.async ring
+                source = cuda_gemv._source(p, staged, warps, cuda_gemv.min_blocks_for(warps), gated, stages)
+                for arch in ("sm_80", "sm_90"):
+                    assert cuda_jit.compile_cubin(source, "gemv_mma.cu", arch)[:4] == b"\x7fELF"
+
+
+class _FakeKernel:
+    def __init__(self, fits: int) -> None:
+        self.fits = fits
+
+    def occupancy(self, threads: int, shared: int) -> int:
+        return self.fits
+
+
+@pytest.mark.parametrize("tiles", [1, 7, 256, 688, 897])
+@pytest.mark.parametrize(("sms", "fits"), [(132, 2), (132, 3), (8, 1)])
+def test_persistent_grid_deals_tiles_evenly_within_the_gpu(monkeypatch: pytest.MonkeyPatch, tiles: int, sms: int,
+                                                           fits: int) -> None:
+    """As many blocks as fit at once, never more than the tiles, and the tiles (dealt blockIdx, + grid, ...) differ
+    by at most one between blocks."""
+    monkeypatch.setattr(cuda_gemv, "_sm_count", lambda device: sms)
+    blocks = cuda_gemv._grid(_FakeKernel(fits), tiles, 256, 0, torch.device("cpu"))
+    assert 1 <= blocks <= min(tiles, sms * fits)
+    counts = [len(range(b, tiles, blocks)) for b in range(blocks)]
+    assert sum(counts) == tiles and max(counts) - min(counts) <= 1
+
+
+def test_shared_memory_sizes() -> None:
+    """The staged row is padded to whole groups of 8 units (the swizzle stays inside them); the ring holds two
+    rows' codes per lane, plus their scale word where chunks carry scales."""
+    assert cuda_gemv.staged_x_bytes(4096) == 8192 and cuda_gemv.staged_x_bytes(544) == 1152
+    q4, nz2 = (cuda_gemv.plan(get_format(n), (64, 4096)) for n in ("q4_0", "nz2_ch"))
+    assert q4.chunk_scale() and not nz2.chunk_scale()
+    assert cuda_gemv.ring_bytes(q4, 16, 3) == 3 * 16 * 32 * 48
+    assert cuda_gemv.ring_bytes(nz2, 8, 2) == 2 * 8 * 32 * 32
 
 
 def test_launch_structs_have_the_driver_layout() -> None:
@@ -114,7 +148,20 @@ def test_launch_structs_have_the_driver_layout() -> None:
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
+# (cp.async stages, persistent blocks): one block per row block with registers one step ahead; the ring with as
+# many blocks as fit; the ring with 3 blocks, so that every block loops over many row blocks
+MODES = [(0, None), (3, None), (2, 3)]
 
+
+@pytest.fixture(params=MODES, ids=["registers", "ring3", "ring2-3blocks"])
+def gemv_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> tuple[int, int | None]:
+    stages, blocks = request.param
+    monkeypatch.setattr(cuda_gemv, "STAGES", stages)
+    monkeypatch.setattr(cuda_gemv, "PERSISTENT_BLOCKS", blocks)
+    return request.param
+
+
+@cache  # the kernel modes share each weight: quantizing it once keeps the GPU run short
 def _packed(name: str, shape: tuple[int, int], seed: int):  # noqa: ANN202
     from lowbit.formats import QuantizedTensor
 
@@ -131,10 +178,10 @@ def _packed(name: str, shape: tuple[int, int], seed: int):  # noqa: ANN202
 @pytest.mark.parametrize("name", SERVED)
 @pytest.mark.parametrize("shape", [(256, 1024), (200, 576), (48, 1536), (40, 8192)])  # 8192: 16 warps
 @pytest.mark.parametrize("m", [1, 3, 8])
-def test_cuda_gemv_matches_reference_on_gpu(name: str, shape: tuple[int, int], m: int) -> None:
+def test_cuda_gemv_matches_reference_on_gpu(name: str, shape: tuple[int, int], m: int, gemv_mode) -> None:
     from lowbit.kernels.reference import dequant_matmul_reference
 
-    fmt, qt = _packed(name, shape, seed=hash((name, shape, m)) % 1000)
+    fmt, qt = _packed(name, shape, seed=zlib.crc32(f"{name}{shape}{m}".encode()) % 1000)
     p = cuda_gemv.plan(fmt, shape)
     if p is None:
         pytest.skip(f"{name} at {shape} is not served")
@@ -150,7 +197,7 @@ def test_cuda_gemv_matches_reference_on_gpu(name: str, shape: tuple[int, int], m
 @pytest.mark.parametrize("name", SERVED)
 @pytest.mark.parametrize(("rows", "cols"), [(2 * 200, 576), (2 * 1024, 4096)])  # [gate; up]: 200 or 1024 each
 @pytest.mark.parametrize("m", [1, 3, 8])
-def test_gated_gemv_is_silu_gate_times_up_on_gpu(name: str, rows: int, cols: int, m: int) -> None:
+def test_gated_gemv_is_silu_gate_times_up_on_gpu(name: str, rows: int, cols: int, m: int, gemv_mode) -> None:
     """The epilogue of a fused gate/up GEMV: silu(x gate^T) * (x up^T) from the fp32 sums, against float64."""
     from lowbit.kernels.reference import dequant_matmul_reference
 
@@ -169,7 +216,7 @@ def test_gated_gemv_is_silu_gate_times_up_on_gpu(name: str, rows: int, cols: int
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["int2_g64_sym", "q4_0", "e8p_ch", "iq2_xxs"])
-def test_cuda_gemv_outlier_activations_do_not_overflow(name: str) -> None:
+def test_cuda_gemv_outlier_activations_do_not_overflow(name: str, gemv_mode) -> None:
     """Massive activations (a few channels in the thousands, as SmolLM's): fp32 accumulation keeps y finite."""
     from lowbit.kernels.reference import dequant_matmul_reference
 
@@ -200,7 +247,8 @@ def test_planned_formats_route_to_the_cuda_gemv_up_to_eight_rows() -> None:
 @pytest.mark.parametrize("name", SERVED)
 @pytest.mark.parametrize("cols", [4096, 14336])
 @pytest.mark.parametrize("m", [1, 8])
-def test_cuda_gemv_kernels_fit_their_blocks_without_spills(name: str, cols: int, m: int) -> None:
+@pytest.mark.parametrize("stages", [0, 3])
+def test_cuda_gemv_kernels_fit_their_blocks_without_spills(name: str, cols: int, m: int, stages: int) -> None:
     """Every planned kernel keeps its registers inside __launch_bounds__, spilling at most a few bytes (the 16-warp
     batch-8 2-bit kernel spills 8 at 64 registers and was still measured faster than with more registers)."""
     from lowbit.kernels import cuda_jit
@@ -210,8 +258,8 @@ def test_cuda_gemv_kernels_fit_their_blocks_without_spills(name: str, cols: int,
         pytest.skip(f"{name} at {cols} columns is not served")
     warps = cuda_gemv.warps_for(p, cols)
     staged = m == 1 and 2 * cols <= cuda_gemv.STAGED_X_BYTES
-    kern = cuda_jit.kernel(cuda_gemv._source(p, staged, warps, cuda_gemv.min_blocks_for(warps)), "gemv_mma",
-                           torch.device("cuda"))
+    kern = cuda_jit.kernel(cuda_gemv._source(p, staged, warps, cuda_gemv.min_blocks_for(warps), False, stages),
+                           "gemv_mma", torch.device("cuda"))
     assert kern.attribute(3) <= 16  # CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES
     assert kern.attribute(4) * warps * 32 * cuda_gemv.min_blocks_for(warps) <= 65536  # NUM_REGS
 

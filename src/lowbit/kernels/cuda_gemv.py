@@ -45,14 +45,20 @@ class Plan:
     dq: tuple[tuple[float, float], ...]  # (A_i, B_i): level = A_i * magic_i + B_i, one per code position
 
     def defines(self, staged_x: bool = False, warps: int = WARPS_FEW, min_blocks: int = 1,
-                gated: bool = False) -> str:
+                gated: bool = False, stages: int = 0) -> str:
         lines = [f"#define KIND {self.kind}", f"#define BITS {self.bits}", f"#define ASYM {int(self.asym)}",
                  f"#define GROUP_SHIFT {self.group_shift}", f"#define ROW_SCALE {int(self.row_scale)}",
                  f"#define WARPS {warps}", f"#define XS {int(staged_x)}", f"#define MIN_BLOCKS {min_blocks}",
-                 f"#define GATED {int(gated)}"]
+                 f"#define GATED {int(gated)}", f"#define STAGES {stages}"]
         for i, (a, b) in enumerate(self.dq):
             lines += [f"#define DQ_A{i} 0x{_half2_bits(a):08x}u", f"#define DQ_B{i} 0x{_half2_bits(b):08x}u"]
         return "\n".join(lines) + "\n"
+
+    def chunk_scale(self) -> bool:
+        """Whether each 16-byte chunk of codes lies inside one scale group (CHUNK_SCALE in the .cu): its scales
+        are then loaded with its codes."""
+        per_chunk_log2 = 6 if self.kind or self.bits == 2 else 5
+        return self.kind == 2 or (self.kind == 0 and not self.row_scale and self.group_shift >= per_chunk_log2)
 
 
 def warps_for(p: Plan, cols: int) -> int:
@@ -190,8 +196,9 @@ def _cached_layout(qs: torch.Tensor, cols: int) -> tuple[torch.Tensor, torch.Ten
 
 
 @cache
-def _source(p: Plan, staged_x: bool = False, warps: int = WARPS_FEW, min_blocks: int = 1, gated: bool = False) -> str:
-    return p.defines(staged_x, warps, min_blocks, gated) + (cuda_jit.source_dir() / "gemv_mma.cu").read_text()
+def _source(p: Plan, staged_x: bool = False, warps: int = WARPS_FEW, min_blocks: int = 1, gated: bool = False,
+            stages: int = 0) -> str:
+    return p.defines(staged_x, warps, min_blocks, gated, stages) + (cuda_jit.source_dir() / "gemv_mma.cu").read_text()
 
 
 
@@ -216,7 +223,36 @@ STAGED_X = os.environ.get("LOWBIT_CUDA_STAGED_X", "1") != "0"  # 0: batch 1 read
 # tok/s), since the kernels around a GEMV did not take part; with TORCHINDUCTOR_ENABLE_PDL=1 Inductor's do.
 EARLY_LAUNCH = os.environ.get("LOWBIT_CUDA_PDL", "0") == "1"
 
+# Persistent blocks fed by a ring of cp.async stages (STAGES in the .cu): 0 keeps one block per 16 rows with the
+# next step's codes in registers. Not yet measured on a GPU, so off by default; LOWBIT_CUDA_STAGES=3 turns it on.
+STAGES = int(os.environ.get("LOWBIT_CUDA_STAGES", "0"))
+PERSISTENT_BLOCKS: int | None = None  # tests: this many blocks instead of as many as fit on the GPU
+
 _TABLES: dict[str, torch.Tensor] = {}
+
+
+def staged_x_bytes(k: int) -> int:
+    """Shared memory of a staged activation row of ``k`` fp16: 16-byte units padded to a multiple of 8 (the
+    kernel's swizzle moves a unit within its aligned group of 8)."""
+    return -(-k // 64) * 128
+
+
+def ring_bytes(p: Plan, warps: int, stages: int) -> int:
+    """Shared memory of the cp.async ring: per stage, warp and lane 16 bytes of each of the two rows' codes (and
+    a 16-byte word of their chunk scales)."""
+    return stages * warps * 32 * 16 * (3 if p.chunk_scale() else 2)
+
+
+def _grid(kern: cuda_jit.Kernel, tiles: int, threads: int, shared: int, device: torch.device) -> int:
+    """Persistent blocks: as many as fit on the GPU at once (never more than the tiles), the tiles dealt evenly."""
+    slots = PERSISTENT_BLOCKS or _sm_count(device) * max(1, kern.occupancy(threads, shared))
+    per_block = -(-tiles // min(tiles, slots))
+    return -(-tiles // per_block)
+
+
+@cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def gemv(x: torch.Tensor, fmt: Format, qt: QuantizedTensor, p: Plan, gated: bool = False) -> torch.Tensor:
@@ -243,11 +279,18 @@ def gemv(x: torch.Tensor, fmt: Format, qt: QuantizedTensor, p: Plan, gated: bool
         mins = qt.data.get("min", scales)
     staged = STAGED_X and m == 1 and 2 * k <= STAGED_X_BYTES
     warps = warps_for(p, k)
-    kern = cuda_jit.kernel(_source(p, staged, warps, min_blocks_for(warps), gated), "gemv_mma", x.device)
+    kern = cuda_jit.kernel(_source(p, staged, warps, min_blocks_for(warps), gated, STAGES), "gemv_mma", x.device)
     rows_per_block = ROWS_PER_BLOCK // 2 if gated else ROWS_PER_BLOCK  # gated: 8 gate rows + their 8 up rows
-    kern(((n + rows_per_block - 1) // rows_per_block, 1, 1), (warps * 32, 1, 1),
-         [codes, scales, mins, x, y, _TABLES[key], n, k, m, groups], shared=2 * k if staged else 0,
-         early=EARLY_LAUNCH and _hopper(x.device))
+    tiles = (n + rows_per_block - 1) // rows_per_block
+    shared = staged_x_bytes(k) if staged else 0
+    if STAGES:
+        shared += ring_bytes(p, warps, STAGES)
+        kern.allow_shared(shared)
+        blocks = _grid(kern, tiles, warps * 32, shared, x.device)
+    else:
+        blocks = tiles
+    kern((blocks, 1, 1), (warps * 32, 1, 1), [codes, scales, mins, x, y, _TABLES[key], n, k, m, groups],
+         shared=shared, early=EARLY_LAUNCH and _hopper(x.device))
     return y
 
 

@@ -150,12 +150,35 @@ class Kernel:
         self._fn = ctypes.c_void_p()
         _check_cu(_driver().cuModuleGetFunction(ctypes.byref(self._fn), self._module, name.encode()),
                   f"find {name}")
+        self._shared_allowed = 48 * 1024
+        self._occupancy: dict[tuple[int, int], int] = {}
 
     def attribute(self, attr: int) -> int:
         """``cuFuncGetAttribute``: e.g. 4 = registers per thread, 3 = local (spilled) bytes per thread."""
         v = ctypes.c_int()
         _check_cu(_driver().cuFuncGetAttribute(ctypes.byref(v), attr, self._fn), f"attribute {attr} of {self.name}")
         return v.value
+
+    def allow_shared(self, nbytes: int) -> None:
+        """Let launches ask for ``nbytes`` of dynamic shared memory (above 48 KB a kernel must opt in), with the
+        SM's memory split in favour of shared memory."""
+        if nbytes > self._shared_allowed:
+            _check_cu(_driver().cuFuncSetAttribute(self._fn, 8, nbytes),  # MAX_DYNAMIC_SHARED_SIZE_BYTES
+                      f"allow {nbytes} bytes of shared memory for {self.name}")
+            _check_cu(_driver().cuFuncSetAttribute(self._fn, 9, 100),  # PREFERRED_SHARED_MEMORY_CARVEOUT: max
+                      f"shared memory carveout of {self.name}")
+            self._shared_allowed = nbytes
+
+    def occupancy(self, threads: int, shared: int) -> int:
+        """Blocks of ``threads`` threads and ``shared`` bytes of dynamic shared memory that fit on one SM at once."""
+        key = (threads, shared)
+        if key not in self._occupancy:
+            n = ctypes.c_int()
+            _check_cu(_driver().cuOccupancyMaxActiveBlocksPerMultiprocessor(ctypes.byref(n), self._fn, threads,
+                                                                            ctypes.c_size_t(shared)),
+                      f"occupancy of {self.name}")
+            self._occupancy[key] = n.value
+        return self._occupancy[key]
 
     def __call__(self, grid: tuple[int, int, int], block: tuple[int, int, int], args: list, shared: int = 0,
                  early: bool = False) -> None:

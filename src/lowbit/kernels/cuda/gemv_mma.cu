@@ -12,6 +12,9 @@
 //   XS           1: batch 1, the activation row staged once per block in (dynamic) shared memory
 //   MIN_BLOCKS   blocks that must fit on one SM at once (__launch_bounds__: caps the registers per thread)
 //   GATED        1: W is [gate; up] (2N rows, a fused gate/up projection) and y = silu(x gate^T) * (x up^T), [M, N]
+//   STAGES       0: one block per row block, each warp's next step held in registers. n >= 2: persistent blocks
+//                (as many as fit on the GPU, each looping over row blocks) fed by a ring of n cp.async stages in
+//                shared memory, so loads in flight cost no registers and run on across row-block boundaries
 //
 // Layout of the work. A block owns 16 rows (GATED: 8 gate rows and the 8 up rows N further on, as its rows g and
 // g + 8, so each lane holds a gate sum and the matching up sum and applies the epilogue in fp32). Lane (g, t) of a
@@ -116,9 +119,11 @@ DEV u32 word(const U4& v, int j) { return j == 0 ? v.x : j == 1 ? v.y : j == 2 ?
 // Activations, in 16-byte units u of the lane's batch row. With XS the row sits in shared memory, 16-byte unit u
 // at u ^ ((u / 8) % 8): the four lanes t of a quad read chunks 4 s + t at the same offset, which without the XOR
 // would be 128 (or 64) bytes apart, all in the same banks. Without XS they come from global memory (L1/L2).
+// Dynamic shared memory: the staged activation row (XS; its 16-byte units padded to a multiple of 8, since the
+// swizzle below moves a unit within its aligned group of 8), then the ring (STAGES).
+extern __shared__ U4 dyn[];
 #if XS
-extern __shared__ U4 xs_row[];
-DEV U4 ld_x(const U4*, int u) { return xs_row[u ^ ((u >> 3) & 7)]; }
+DEV U4 ld_x(const U4*, int u) { return dyn[u ^ ((u >> 3) & 7)]; }
 #else
 DEV U4 ld_x(const U4* xrow, int u) { return ld_cached(xrow + u); }
 #endif
@@ -299,6 +304,187 @@ DEV Step load_step(const U4* ca, const U4* cb, const u16* sa_row, const u16* sb_
     return st;
 }
 
+#if STAGES
+// ----- persistent blocks fed by a cp.async ring -----------------------------------------------------------------
+// Each block loops over row blocks (tiles) blockIdx.x, + gridDim.x, ...; each warp over its steps of a tile (as
+// above: warp w takes steps w, w + WARPS, ...). Its sequence of (tile, step) is one stream i = 0, 1, ...: the codes
+// of step i + STAGES are requested (cp.async, 16 bytes per row and lane, zero-filled past the row's end) when step i
+// has been decoded, into ring slot i % STAGES of this lane, so STAGES steps are in flight through the whole kernel,
+// tile boundaries included, and hold no registers. A lane reads back only what it copied itself, so no barrier
+// guards the ring. With CHUNK_SCALE the chunk's scales (and mins) come the same way, as the aligned 4-byte word
+// holding each fp16 (2 bytes copied, the rest zero-filled, when the fp16 starts a word).
+#if ROW_SCALE || !CHUNK_SCALE
+#define RING_PARTS 2
+#else
+#define RING_PARTS 3
+#endif
+DEV u32 smem_addr(const void* p) {
+    unsigned long long a;
+    asm("cvta.to.shared.u64 %0, %1;" : "=l"(a) : "l"(p));
+    return (u32)a;
+}
+DEV void cp16(u32 dst, const void* src, bool in) {  // 16 bytes, or 16 zeros when !in (src is then not read)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(dst), "l"(src), "r"(in ? 16 : 0) : "memory");
+}
+DEV void cp_half(u32 dst, const u16* src) {  // the aligned word holding *src: fp16 in its low or high half
+    const bool hi = ((unsigned long long)src) & 2;
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" :: "r"(dst), "l"(hi ? src - 1 : src), "r"(hi ? 4 : 2)
+                 : "memory");
+}
+DEV u32 half_of(u32 w, const u16* src) {  // the fp16 cp_half copied, duplicated into both halves
+    const u32 h = (((unsigned long long)src) & 2) ? w >> 16 : w & 0xffffu;
+    return h | (h << 16);
+}
+DEV void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+DEV void cp_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(STAGES - 1) : "memory"); }
+
+struct Tile {  // one row block: its rows, code rows and scale rows
+    int row0, ra, rb;
+    const U4 *ca, *cb;
+    const u16 *sa, *sb, *ma, *mb;
+};
+DEV Tile tile_at(int tile, const u32* codes, const u16* scales, const u16* mins, int N, int chunks, int groups, int g) {
+    Tile r;
+#if GATED
+    r.row0 = tile * 8;
+    r.ra = min(r.row0 + g, N - 1);
+    r.rb = r.ra + N;
+#else
+    r.row0 = tile * 16;
+    r.ra = min(r.row0 + g, N - 1);
+    r.rb = min(r.row0 + g + 8, N - 1);
+#endif
+    r.ca = (const U4*)codes + (size_t)r.ra * chunks;
+    r.cb = (const U4*)codes + (size_t)r.rb * chunks;
+    r.sa = scales + (size_t)r.ra * groups;
+    r.sb = scales + (size_t)r.rb * groups;
+    r.ma = mins + (size_t)r.ra * groups;
+    r.mb = mins + (size_t)r.rb * groups;
+    return r;
+}
+DEV int scale_group(int c, int chunks) {  // chunk c's scale group; 0 on idle lanes (their reads stay in the row)
+    const int k = c < chunks ? c * HALF_PER_CHUNK : 0;
+#if KIND == 2
+    return k >> 8;
+#else
+    return k >> GROUP_SHIFT;
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
+gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u16* __restrict__ mins,
+         const u16* __restrict__ x, u16* __restrict__ y, const u32* __restrict__ tables, int N, int K, int M,
+         int groups) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int chunks = K / HALF_PER_CHUNK, steps = (chunks + 3) / 4;
+    const int tiles = GATED ? (N + 7) / 8 : (N + 15) / 16;
+    const int nq = warp < steps ? (steps - warp + WARPS - 1) / WARPS : 0;  // this warp's steps per tile
+    const int my_tiles = (int)blockIdx.x < tiles ? (tiles - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
+    const int total = my_tiles * nq;
+    U4* ring = dyn + (XS ? (K / 8 + 7) / 8 * 8 : 0);  // after the row, padded as cuda_gemv.py sizes it
+    const int slot0 = warp * 32 + lane, part_stride = STAGES * WARPS * 32;
+    auto issue = [&](int i) {  // request step i of this warp's stream into slot i % STAGES
+        if (i < total) {
+            const Tile r = tile_at(blockIdx.x + (i / nq) * gridDim.x, codes, scales, mins, N, chunks, groups, g);
+            const int c = 4 * (warp + (i % nq) * WARPS) + t;
+            const bool in = c < chunks;
+            U4* s = ring + (i % STAGES) * WARPS * 32 + slot0;
+            cp16(smem_addr(s), in ? r.ca + c : r.ca, in);
+            cp16(smem_addr(s + part_stride), in ? r.cb + c : r.cb, in);
+#if RING_PARTS == 3
+            const int q = scale_group(c, chunks);
+            const u32 sd = smem_addr(s + 2 * part_stride);
+            cp_half(sd, r.sa + q);
+            cp_half(sd + 4, r.sb + q);
+#if ASYM
+            cp_half(sd + 8, r.ma + q);
+            cp_half(sd + 12, r.mb + q);
+#endif
+#endif
+        }
+        cp_commit();  // an empty group past the end keeps the count of groups in step with i
+    };
+#pragma unroll
+    for (int i = 0; i < STAGES; ++i) issue(i);  // in flight during the set-up below
+#if KIND == 1
+    for (int i = threadIdx.x; i < 512; i += WARPS * 32) (i < 256 ? e8p_abs : e8p_sign)[i & 255] = tables[i];
+#elif KIND == 2
+    for (int i = threadIdx.x; i < 256; i += WARPS * 32) iq2_grid[i] = ((const U4*)tables)[i];
+#endif
+    wait_for_inputs();  // x is the output of the kernel before
+#if XS
+    for (int u = threadIdx.x; u < K / 8; u += WARPS * 32) dyn[u ^ ((u >> 3) & 7)] = ld_cached((const U4*)x + u);
+#endif
+    __syncthreads();
+    const U4* xc = (const U4*)(x + (size_t)min(g, M - 1) * K);
+    __shared__ float part[WARPS][32][4];
+    int i = 0;
+    for (int j = 0; j < my_tiles; ++j) {
+        const Tile r = tile_at(blockIdx.x + j * gridDim.x, codes, scales, mins, N, chunks, groups, g);
+#if ROW_SCALE
+        const u32 rsa = ld_half(r.sa), rsb = ld_half(r.sb);  // needed at the tile's end: requested now
+#endif
+        float d[4] = {0.f, 0.f, 0.f, 0.f};
+        for (int q = 0; q < nq; ++q, ++i) {
+            cp_wait();  // step i has landed
+            const U4* s = ring + (i % STAGES) * WARPS * 32 + slot0;
+            const U4 wa = s[0], wb = s[part_stride];
+            const int c = 4 * (warp + q * WARPS) + t;
+            const bool ok = c < chunks;
+            u32 csa = 0x3C003C00u, csb = 0x3C003C00u, cma = 0u, cmb = 0u;
+#if RING_PARTS == 3
+            const U4 sw = s[2 * part_stride];
+            const int gq = scale_group(c, chunks);
+            csa = half_of(sw.x, r.sa + gq);
+            csb = half_of(sw.y, r.sb + gq);
+#if ASYM
+            cma = half_of(sw.z, r.ma + gq);
+            cmb = half_of(sw.w, r.mb + gq);
+#endif
+#endif
+#if KIND == 2
+            iq2_sub(d, wa.x, wa.y, wb.x, wb.y, xc, c * HALF_PER_CHUNK / 8, csa, csb, ok);
+            iq2_sub(d, wa.z, wa.w, wb.z, wb.w, xc, c * HALF_PER_CHUNK / 8 + 4, csa, csb, ok);
+#else
+#pragma unroll
+            for (int w = 0; w < 4; ++w)
+                chunk_mma(d, word(wa, w), word(wb, w), xc, (c * HALF_PER_CHUNK + w * HALF_PER_WORD) / 8, r.sa, r.sb,
+                          r.ma, r.mb, ok ? c * HALF_PER_CHUNK + w * HALF_PER_WORD : 0, ok, csa, csb, cma, cmb);
+#endif
+            issue(i + STAGES);  // into the slot just read: its words are in registers and used
+        }
+#if ROW_SCALE
+        const float fa = half_lo_to_float(rsa), fb = half_lo_to_float(rsb);
+        d[0] *= fa; d[1] *= fa; d[2] *= fb; d[3] *= fb;
+#endif
+#pragma unroll
+        for (int e = 0; e < 4; ++e) part[warp][lane][e] = d[e];
+        __syncthreads();
+        if (warp == 0) {
+#pragma unroll
+            for (int w = 1; w < WARPS; ++w)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) d[e] += part[w][lane][e];
+#if GATED
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {  // silu(gate) * up, from the fp32 sums
+                const int col = 2 * t + e, row = r.row0 + g;
+                if (col < M && row < N) y[(size_t)col * N + row] = float_to_half(d[e] / (1.f + __expf(-d[e])) * d[e + 2]);
+            }
+#else
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int col = 2 * t + (e & 1), row = r.row0 + g + 8 * (e >> 1);
+                if (col < M && row < N) y[(size_t)col * N + row] = float_to_half(d[e]);
+            }
+#endif
+        }
+        __syncthreads();  // part is rewritten by the next tile
+    }
+    release_dependents();
+}
+#else
 extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
 gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u16* __restrict__ mins,
          const u16* __restrict__ x, u16* __restrict__ y, const u32* __restrict__ tables, int N, int K, int M,
@@ -334,7 +520,7 @@ gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u1
 #endif
     wait_for_inputs();  // x is the output of the kernel before
 #if XS
-    for (int u = threadIdx.x; u < K / 8; u += WARPS * 32) xs_row[u ^ ((u >> 3) & 7)] = ld_cached((const U4*)x + u);
+    for (int u = threadIdx.x; u < K / 8; u += WARPS * 32) dyn[u ^ ((u >> 3) & 7)] = ld_cached((const U4*)x + u);
 #endif
 #if KIND != 0 || XS
     __syncthreads();
@@ -385,3 +571,4 @@ gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u1
     }
 #endif
 }
+#endif
