@@ -38,6 +38,12 @@ def test_e8p_tables_decode_the_whole_codebook() -> None:
     assert torch.equal(got.float(), e8p.codebook())
 
 
+def test_e8p_sign_word_computed_is_the_table() -> None:
+    """E8P_SIGN_ALU's arithmetic gives T[sign byte] for every byte."""
+    table = cuda_gemv.e8p_tables()[256:].tolist()
+    assert [cuda_gemv.e8p_sign_word(sb) for sb in range(256)] == [w & 0xFFFFFFFF for w in table]
+
+
 @pytest.mark.parametrize("cols", [1024, 576])
 def test_iq2xxs_kernel_decode_is_the_format_within_one_rounding(cols: int) -> None:
     """The kernel's layout + tables + sign/scale steps, replayed, give the format's weights: exactly where the
@@ -102,8 +108,8 @@ def test_every_kernel_variant_compiles_for_ampere_and_hopper(name: str) -> None:
     p = cuda_gemv.plan(get_format(name), (64, 4096))
     for staged, gated in ((False, False), (True, False), (True, True)):
         for warps in (cuda_gemv.WARPS_FEW, cuda_gemv.WARPS_MANY):
-            for stages in (0, 3):  # registers one step ahead, or persistent blocks fed by a cp.async ring
-                source = cuda_gemv._source(p, staged, warps, cuda_gemv.min_blocks_for(warps), gated, stages)
+            for stages, alu in ((0, False), (3, True)):  # registers one step ahead, or a cp.async ring
+                source = cuda_gemv._source(p, staged, warps, cuda_gemv.min_blocks_for(warps), gated, stages, alu)
                 for arch in ("sm_80", "sm_90"):
                     assert cuda_jit.compile_cubin(source, "gemv_mma.cu", arch)[:4] == b"\x7fELF"
 
@@ -158,6 +164,7 @@ def gemv_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
     stages, blocks = request.param
     monkeypatch.setattr(cuda_gemv, "STAGES", stages)
     monkeypatch.setattr(cuda_gemv, "PERSISTENT_BLOCKS", blocks)
+    monkeypatch.setattr(cuda_gemv, "E8P_SIGN_ALU", stages == 3)  # the ring of 3 also takes the computed E8P signs
     return request.param
 
 

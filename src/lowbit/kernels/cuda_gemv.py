@@ -26,6 +26,10 @@ from lowbit.formats import iq2xxs as iq2xxs_format
 from lowbit.kernels import cuda_jit
 
 MAX_M = 8  # batch columns of the m16n8k16 MMA
+# E8P's sign-byte word computed (12 ALU instructions, e8p_sign_word) instead of read from a 256-entry shared table,
+# whose random addresses conflict across a warp's banks. Which is faster is not yet measured: off by default
+# (LOWBIT_CUDA_E8P_SIGN_ALU=1 turns it on).
+E8P_SIGN_ALU = os.environ.get("LOWBIT_CUDA_E8P_SIGN_ALU", "0") == "1"
 # Warps per block (they split a row block's K): 16 when each still gets >= 2 steps of 4 chunks to pipeline, else 8.
 # Measured on an H200 (docs/kernels.md): 16 helps the 4-bit grids most (q4_0 batch 8 at 4096x14336: 29.6 -> 21.2
 # us) and 2-bit rows of >= 11008; 2-bit rows of 4096 (16 steps) lose with 16 (E8P 12.9 -> 14.7 us at 11008x4096).
@@ -45,11 +49,11 @@ class Plan:
     dq: tuple[tuple[float, float], ...]  # (A_i, B_i): level = A_i * magic_i + B_i, one per code position
 
     def defines(self, staged_x: bool = False, warps: int = WARPS_FEW, min_blocks: int = 1,
-                gated: bool = False, stages: int = 0) -> str:
+                gated: bool = False, stages: int = 0, e8p_sign_alu: bool = False) -> str:
         lines = [f"#define KIND {self.kind}", f"#define BITS {self.bits}", f"#define ASYM {int(self.asym)}",
                  f"#define GROUP_SHIFT {self.group_shift}", f"#define ROW_SCALE {int(self.row_scale)}",
                  f"#define WARPS {warps}", f"#define XS {int(staged_x)}", f"#define MIN_BLOCKS {min_blocks}",
-                 f"#define GATED {int(gated)}", f"#define STAGES {stages}"]
+                 f"#define GATED {int(gated)}", f"#define STAGES {stages}", f"#define E8P_SIGN_ALU {int(e8p_sign_alu)}"]
         for i, (a, b) in enumerate(self.dq):
             lines += [f"#define DQ_A{i} 0x{_half2_bits(a):08x}u", f"#define DQ_B{i} 0x{_half2_bits(b):08x}u"]
         return "\n".join(lines) + "\n"
@@ -154,6 +158,15 @@ def e8p_tables() -> torch.Tensor:
     return torch.tensor([w - (1 << 32) if w >= 1 << 31 else w for w in table], dtype=torch.int32)
 
 
+def e8p_sign_word(sb: int) -> int:
+    """The kernel's E8P_SIGN_ALU computation of T[sign byte] (:func:`e8p_tables`' second half), replayed on ints."""
+    par = bin(sb).count("1") & 1
+    s = sb ^ par
+    lo = ((s & 0xF) * 0x00204081) & 0x01010101
+    hi = (((s >> 4) & 0xF) * 0x00204081) & 0x01010101
+    return (((lo | (hi << 4)) * 14) | par) & 0xFFFFFFFF
+
+
 @cache
 def iq2xxs_grid_table() -> torch.Tensor:
     """int32 [1024]: grid row i as four fp16 pairs (v_2p low, v_2p+1 high); 8, 25 and 43 are exact in fp16."""
@@ -197,8 +210,9 @@ def _cached_layout(qs: torch.Tensor, cols: int) -> tuple[torch.Tensor, torch.Ten
 
 @cache
 def _source(p: Plan, staged_x: bool = False, warps: int = WARPS_FEW, min_blocks: int = 1, gated: bool = False,
-            stages: int = 0) -> str:
-    return p.defines(staged_x, warps, min_blocks, gated, stages) + (cuda_jit.source_dir() / "gemv_mma.cu").read_text()
+            stages: int = 0, e8p_sign_alu: bool = False) -> str:
+    return (p.defines(staged_x, warps, min_blocks, gated, stages, e8p_sign_alu)
+            + (cuda_jit.source_dir() / "gemv_mma.cu").read_text())
 
 
 
@@ -279,7 +293,8 @@ def gemv(x: torch.Tensor, fmt: Format, qt: QuantizedTensor, p: Plan, gated: bool
         mins = qt.data.get("min", scales)
     staged = STAGED_X and m == 1 and 2 * k <= STAGED_X_BYTES
     warps = warps_for(p, k)
-    kern = cuda_jit.kernel(_source(p, staged, warps, min_blocks_for(warps), gated, STAGES), "gemv_mma", x.device)
+    kern = cuda_jit.kernel(_source(p, staged, warps, min_blocks_for(warps), gated, STAGES, E8P_SIGN_ALU), "gemv_mma",
+                           x.device)
     rows_per_block = ROWS_PER_BLOCK // 2 if gated else ROWS_PER_BLOCK  # gated: 8 gate rows + their 8 up rows
     tiles = (n + rows_per_block - 1) // rows_per_block
     shared = staged_x_bytes(k) if staged else 0

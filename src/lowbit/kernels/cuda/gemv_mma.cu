@@ -15,6 +15,7 @@
 //   STAGES       0: one block per row block, each warp's next step held in registers. n >= 2: persistent blocks
 //                (as many as fit on the GPU, each looping over row blocks) fed by a ring of n cp.async stages in
 //                shared memory, so loads in flight cost no registers and run on across row-block boundaries
+//   E8P_SIGN_ALU 1: E8P's sign-byte word computed in ALU instructions instead of read from a shared-memory table
 //
 // Layout of the work. A block owns 16 rows (GATED: 8 gate rows and the 8 up rows N further on, as its rows g and
 // g + 8, so each lane holds a gate sum and the matching up sum and applies the epilogue in fp32). Lane (g, t) of a
@@ -187,8 +188,24 @@ DEV void word_mma(float* d, u32 wa, u32 wb, const u32* xr, u32 sa, u32 sb, u32 m
 // mantissa of 0x6410 (bit 0 is always 1), giving 1024 + 16 n; n / 2 - 4 -/+ 1/4 follows in one HFMA2.
 __shared__ u32 e8p_abs[256];
 __shared__ u32 e8p_sign[256];
+#if E8P_SIGN_ALU
+// T[sign byte] computed instead of looked up (cuda_gemv.e8p_sign_word replays it; tested equal to the table): bits
+// 0-3 of the byte (after the parity flip of bit 0) go to the nibbles of coordinates 0, 2, 4, 6, bits 4-7 to 1, 3, 5,
+// 7, each as 14; the multiply by 0x00204081 moves bit j of a 4-bit value to bit 8j without carries. 12 ALU
+// instructions instead of a shared-memory load whose random addresses conflict across the warp's banks.
+DEV u32 e8p_sign_word(u32 sb) {
+    const u32 par = __popc(sb) & 1u;
+    const u32 s = sb ^ par;
+    const u32 lo = ((s & 0xfu) * 0x00204081u) & 0x01010101u;
+    const u32 hi = (((s >> 4) & 0xfu) * 0x00204081u) & 0x01010101u;
+    return ((lo | (hi << 4)) * 14u) | par;
+}
+#define E8P_SIGN(b) e8p_sign_word(b)
+#else
+#define E8P_SIGN(b) e8p_sign[b]
+#endif
 DEV void code_pairs(u32 code, u32* p) {
-    const u32 e = e8p_abs[(code >> 8) & 0xffu] ^ e8p_sign[code & 0xffu];
+    const u32 e = e8p_abs[(code >> 8) & 0xffu] ^ E8P_SIGN(code & 0xffu);
     const u32 o = 0xD088D088u - (e & 1u) * 0x00100010u;  // -36.25 (shift -1/4) or -35.75 (+1/4)
     p[0] = hfma2(lop3_and_or(e << 4, 0x00e000e0u, 0x64106410u), 0x28002800u, o);  // x 1/32
     p[1] = hfma2(lop3_and_or(e, 0x00e000e0u, 0x64106410u), 0x28002800u, o);
