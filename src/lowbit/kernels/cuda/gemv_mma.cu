@@ -321,6 +321,48 @@ DEV Step load_step(const U4* ca, const U4* cb, const u16* sa_row, const u16* sb_
     return st;
 }
 
+// Set-up of a block, in both kernels: the decode tables and (XS) the activation row into shared memory. The
+// caller synchronises the block before they are read.
+DEV void stage_block(const u32* tables, const u16* x, int K) {
+#if KIND == 1
+    for (int i = threadIdx.x; i < 512; i += WARPS * 32) (i < 256 ? e8p_abs : e8p_sign)[i & 255] = tables[i];
+#elif KIND == 2
+    for (int i = threadIdx.x; i < 256; i += WARPS * 32) iq2_grid[i] = ((const U4*)tables)[i];
+#endif
+    wait_for_inputs();  // x is the output of the kernel before
+#if XS
+    for (int u = threadIdx.x; u < K / 8; u += WARPS * 32) dyn[u ^ ((u >> 3) & 7)] = ld_cached((const U4*)x + u);
+#endif
+}
+
+// The warps' partial sums of one row block added in shared memory; warp 0 applies the epilogue and writes y.
+// d[0], d[1]: row g, batch columns 2t, 2t + 1; d[2], d[3]: row g + 8 (GATED: the up row of gate row g).
+DEV void store_rows(float* d, float (*part)[32][4], int row0, u16* y, int N, int M) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) part[warp][lane][e] = d[e];
+    __syncthreads();
+    if (warp != 0) return;
+#pragma unroll
+    for (int w = 1; w < WARPS; ++w)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) d[e] += part[w][lane][e];
+#if GATED
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {  // silu(gate) * up, from the fp32 sums
+        const int col = 2 * t + e, row = row0 + g;
+        if (col < M && row < N) y[(size_t)col * N + row] = float_to_half(d[e] / (1.f + __expf(-d[e])) * d[e + 2]);
+    }
+#else
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+        const int col = 2 * t + (e & 1), row = row0 + g + 8 * (e >> 1);
+        if (col < M && row < N) y[(size_t)col * N + row] = float_to_half(d[e]);
+    }
+#endif
+}
+
 #if STAGES
 // ----- persistent blocks fed by a cp.async ring -----------------------------------------------------------------
 // Each block loops over row blocks (tiles) blockIdx.x, + gridDim.x, ...; each warp over its steps of a tile (as
@@ -424,15 +466,7 @@ gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u1
     };
 #pragma unroll
     for (int i = 0; i < STAGES; ++i) issue(i);  // in flight during the set-up below
-#if KIND == 1
-    for (int i = threadIdx.x; i < 512; i += WARPS * 32) (i < 256 ? e8p_abs : e8p_sign)[i & 255] = tables[i];
-#elif KIND == 2
-    for (int i = threadIdx.x; i < 256; i += WARPS * 32) iq2_grid[i] = ((const U4*)tables)[i];
-#endif
-    wait_for_inputs();  // x is the output of the kernel before
-#if XS
-    for (int u = threadIdx.x; u < K / 8; u += WARPS * 32) dyn[u ^ ((u >> 3) & 7)] = ld_cached((const U4*)x + u);
-#endif
+    stage_block(tables, x, K);
     __syncthreads();
     const U4* xc = (const U4*)(x + (size_t)min(g, M - 1) * K);
     __shared__ float part[WARPS][32][4];
@@ -475,28 +509,7 @@ gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u1
         const float fa = half_lo_to_float(rsa), fb = half_lo_to_float(rsb);
         d[0] *= fa; d[1] *= fa; d[2] *= fb; d[3] *= fb;
 #endif
-#pragma unroll
-        for (int e = 0; e < 4; ++e) part[warp][lane][e] = d[e];
-        __syncthreads();
-        if (warp == 0) {
-#pragma unroll
-            for (int w = 1; w < WARPS; ++w)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) d[e] += part[w][lane][e];
-#if GATED
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {  // silu(gate) * up, from the fp32 sums
-                const int col = 2 * t + e, row = r.row0 + g;
-                if (col < M && row < N) y[(size_t)col * N + row] = float_to_half(d[e] / (1.f + __expf(-d[e])) * d[e + 2]);
-            }
-#else
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int col = 2 * t + (e & 1), row = r.row0 + g + 8 * (e >> 1);
-                if (col < M && row < N) y[(size_t)col * N + row] = float_to_half(d[e]);
-            }
-#endif
-        }
+        store_rows(d, part, r.row0, y, N, M);
         __syncthreads();  // part is rewritten by the next tile
     }
     release_dependents();
@@ -530,15 +543,7 @@ gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u1
     const int steps = (chunks + 3) / 4;
     int c = warp * 4 + t;
     Step next = load_step(ca, cb, sa_row, sb_row, ma_row, mb_row, c, chunks);  // in flight during the set-up below
-#if KIND == 1
-    for (int i = threadIdx.x; i < 512; i += WARPS * 32) (i < 256 ? e8p_abs : e8p_sign)[i & 255] = tables[i];
-#elif KIND == 2
-    for (int i = threadIdx.x; i < 256; i += WARPS * 32) iq2_grid[i] = ((const U4*)tables)[i];
-#endif
-    wait_for_inputs();  // x is the output of the kernel before
-#if XS
-    for (int u = threadIdx.x; u < K / 8; u += WARPS * 32) dyn[u ^ ((u >> 3) & 7)] = ld_cached((const U4*)x + u);
-#endif
+    stage_block(tables, x, K);
 #if KIND != 0 || XS
     __syncthreads();
 #endif
@@ -565,27 +570,6 @@ gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u1
     d[0] *= fa; d[1] *= fa; d[2] *= fb; d[3] *= fb;
 #endif
     __shared__ float part[WARPS][32][4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) part[warp][lane][i] = d[i];
-    __syncthreads();
-    if (warp != 0) return;
-#pragma unroll
-    for (int w = 1; w < WARPS; ++w)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) d[i] += part[w][lane][i];
-    // d[0], d[1]: row g, batch columns 2t, 2t + 1; d[2], d[3]: row g + 8
-#if GATED
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {  // silu(gate) * up, from the fp32 sums
-        const int col = 2 * t + i, row = row0 + g;
-        if (col < M && row < N) y[(size_t)col * N + row] = float_to_half(d[i] / (1.f + __expf(-d[i])) * d[i + 2]);
-    }
-#else
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const int col = 2 * t + (i & 1), row = row0 + g + 8 * (i >> 1);
-        if (col < M && row < N) y[(size_t)col * N + row] = float_to_half(d[i]);
-    }
-#endif
+    store_rows(d, part, row0, y, N, M);
 }
 #endif
