@@ -109,9 +109,11 @@ def test_every_kernel_variant_compiles_for_ampere_and_hopper(name: str) -> None:
     for staged, gated in ((False, False), (True, False), (True, True)):
         for warps in (cuda_gemv.WARPS_FEW, cuda_gemv.WARPS_MANY):
             for stages, alu in ((0, False), (3, True)):  # registers one step ahead, or a cp.async ring
-                source = cuda_gemv._source(p, staged, warps, cuda_gemv.min_blocks_for(warps), gated, stages, alu)
-                for arch in ("sm_80", "sm_90"):
-                    assert cuda_jit.compile_cubin(source, "gemv_mma.cu", arch)[:4] == b"\x7fELF"
+                for rht in (False, True) if staged else (False,):  # +rht input transform in the staging
+                    source = cuda_gemv._source(p, staged, warps, cuda_gemv.min_blocks_for(warps), gated, stages,
+                                               alu, rht)
+                    for arch in ("sm_80", "sm_90"):
+                        assert cuda_jit.compile_cubin(source, "gemv_mma.cu", arch)[:4] == b"\x7fELF"
 
 
 class _FakeKernel:
@@ -218,6 +220,37 @@ def test_gated_gemv_is_silu_gate_times_up_on_gpu(name: str, rows: int, cols: int
     ref = torch.nn.functional.silu(gate) * up
     assert y.shape == (m, rows // 2)
     assert float((y.double() - ref).norm() / ref.norm()) < 3e-3
+
+
+def test_fold_needs_one_staged_row_and_a_power_of_two_transform() -> None:
+    from lowbit.rotations.hadamard import RandomizedHadamard
+
+    p = cuda_gemv.plan(get_format("nz2_ch"), (64, 4096))
+    x1, x8 = torch.zeros(1, 4096), torch.zeros(8, 4096)
+    assert cuda_gemv.can_fold(RandomizedHadamard(4096, 1, layout=2), x1, p)
+    assert not cuda_gemv.can_fold(RandomizedHadamard(4096, 1, layout=2), x8, p)  # batch 8 is not staged
+    p11 = cuda_gemv.plan(get_format("nz2_ch"), (64, 11008))
+    assert not cuda_gemv.can_fold(RandomizedHadamard(11008, 1, layout=2), torch.zeros(1, 11008), p11)  # 43 x 256
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["nz2_ch", "int2_g64_sym", "q4_0", "int4_g128_asym", "e8p_ch", "iq2_xxs"])
+@pytest.mark.parametrize("cols", [1024, 4096, 8192])
+def test_folded_rotation_gives_the_bits_of_rotate_then_gemv_on_gpu(name: str, cols: int, gemv_mode) -> None:
+    """The +rht transform done while staging the row stages the very fp16 values triton_hadamard stores, so the
+    GEMV's output is bit-identical to rotating first."""
+    from lowbit.kernels import triton_hadamard
+    from lowbit.rotations.hadamard import RandomizedHadamard
+
+    fmt, qt = _packed(name, (96, cols), seed=cols)
+    p = cuda_gemv.plan(fmt, qt.shape)
+    rot = RandomizedHadamard(cols, seed=7, layout=2)
+    x = torch.randn(1, cols, device="cuda", dtype=torch.float16, generator=torch.Generator("cuda").manual_seed(1))
+    x[0, ::301] *= 200  # outlier channels
+    assert cuda_gemv.can_fold(rot, x, p)
+    folded = cuda_gemv.gemv(x, fmt, qt, p, rot=rot)
+    assert torch.equal(folded, cuda_gemv.gemv(triton_hadamard.rotate(rot, x), fmt, qt, p))
 
 
 @gpu

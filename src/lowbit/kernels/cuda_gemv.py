@@ -13,6 +13,8 @@ rows of their own and the superblock scales into a separate fp16 array (the same
 
 from __future__ import annotations
 
+import ctypes
+import math
 import os
 import weakref
 from dataclasses import dataclass
@@ -49,11 +51,12 @@ class Plan:
     dq: tuple[tuple[float, float], ...]  # (A_i, B_i): level = A_i * magic_i + B_i, one per code position
 
     def defines(self, staged_x: bool = False, warps: int = WARPS_FEW, min_blocks: int = 1,
-                gated: bool = False, stages: int = 0, e8p_sign_alu: bool = False) -> str:
+                gated: bool = False, stages: int = 0, e8p_sign_alu: bool = False, rht: bool = False) -> str:
         lines = [f"#define KIND {self.kind}", f"#define BITS {self.bits}", f"#define ASYM {int(self.asym)}",
                  f"#define GROUP_SHIFT {self.group_shift}", f"#define ROW_SCALE {int(self.row_scale)}",
                  f"#define WARPS {warps}", f"#define XS {int(staged_x)}", f"#define MIN_BLOCKS {min_blocks}",
-                 f"#define GATED {int(gated)}", f"#define STAGES {stages}", f"#define E8P_SIGN_ALU {int(e8p_sign_alu)}"]
+                 f"#define GATED {int(gated)}", f"#define STAGES {stages}", f"#define E8P_SIGN_ALU {int(e8p_sign_alu)}",
+                 f"#define RHT {int(rht)}", f"#define RHT_MAX_E {RHT_MAX_E}"]
         for i, (a, b) in enumerate(self.dq):
             lines += [f"#define DQ_A{i} 0x{_half2_bits(a):08x}u", f"#define DQ_B{i} 0x{_half2_bits(b):08x}u"]
         return "\n".join(lines) + "\n"
@@ -210,8 +213,8 @@ def _cached_layout(qs: torch.Tensor, cols: int) -> tuple[torch.Tensor, torch.Ten
 
 @cache
 def _source(p: Plan, staged_x: bool = False, warps: int = WARPS_FEW, min_blocks: int = 1, gated: bool = False,
-            stages: int = 0, e8p_sign_alu: bool = False) -> str:
-    return (p.defines(staged_x, warps, min_blocks, gated, stages, e8p_sign_alu)
+            stages: int = 0, e8p_sign_alu: bool = False, rht: bool = False) -> str:
+    return (p.defines(staged_x, warps, min_blocks, gated, stages, e8p_sign_alu, rht)
             + (cuda_jit.source_dir() / "gemv_mma.cu").read_text())
 
 
@@ -245,6 +248,33 @@ PERSISTENT_BLOCKS: int | None = None  # tests: this many blocks instead of as ma
 _TABLES: dict[str, torch.Tensor] = {}
 
 
+# The +rht input transform folded into the batch-1 staging of the activations (RHT in the .cu), at most RHT_MAX_E
+# elements per thread (K <= 16 x threads: 4096 with 8 warps, 8192 with 16). Compiled (NVRTC test) but not yet run on
+# a GPU, so off by default (LOWBIT_CUDA_FOLD_RHT=1 turns it on); meanwhile the transform is its own Triton launch.
+FOLD_RHT = os.environ.get("LOWBIT_CUDA_FOLD_RHT", "0") == "1"
+RHT_MAX_E = 16
+
+
+def can_fold(rot, x: torch.Tensor, p: Plan) -> bool:  # noqa: ANN001 - a RandomizedHadamard
+    """Whether the GEMV can apply ``rot`` (the input side of a rotated linear) while it stages the activations:
+    batch 1 staged in shared memory, a pure power-of-two transform of the whole row (no dense factor)."""
+    k = x.shape[-1]
+    if rot.m != 1 or rot.p != k or x.reshape(-1, k).shape[0] != 1 or not STAGED_X or 2 * k > STAGED_X_BYTES:
+        return False
+    threads = warps_for(p, k) * 32
+    return k % threads == 0 and 1 <= k // threads <= RHT_MAX_E
+
+
+_RHT_SIGNS: dict[tuple, torch.Tensor] = {}
+
+
+def _rht_signs(rot, device: torch.device) -> torch.Tensor:  # noqa: ANN001
+    key = (rot.n, rot.seed, rot.layout, str(device))
+    if key not in _RHT_SIGNS:
+        _RHT_SIGNS[key] = rot.signs.float().contiguous().to(device)
+    return _RHT_SIGNS[key]
+
+
 def staged_x_bytes(k: int) -> int:
     """Shared memory of a staged activation row of ``k`` fp16: 16-byte units padded to a multiple of 8 (the
     kernel's swizzle moves a unit within its aligned group of 8)."""
@@ -269,15 +299,19 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def gemv(x: torch.Tensor, fmt: Format, qt: QuantizedTensor, p: Plan, gated: bool = False) -> torch.Tensor:
+def gemv(x: torch.Tensor, fmt: Format, qt: QuantizedTensor, p: Plan, gated: bool = False,
+         rot=None) -> torch.Tensor:  # noqa: ANN001 - rot: a RandomizedHadamard
     """y [M, N] = x [M <= 8, K] W^T, fp16 in and out, through the kernel planned by :func:`plan`. ``gated``: W is
-    a fused [gate; up] weight of 2N rows and y = silu(x gate^T) * (x up^T), computed from the fp32 sums."""
+    a fused [gate; up] weight of 2N rows and y = silu(x gate^T) * (x up^T), computed from the fp32 sums. ``rot``:
+    the linear's input-side rotation, applied to x while it is staged (:func:`can_fold` must hold): y = (x R^T) W^T."""
     m, k = x.shape
     n = qt.shape[0] // 2 if gated else qt.shape[0]
     if m > MAX_M or k != qt.shape[1]:
         raise ValueError(f"cuda gemv takes [<= {MAX_M}, {qt.shape[1]}] inputs, got {tuple(x.shape)}")
     if gated and qt.shape[0] % 2:
         raise ValueError(f"a gated GEMV needs [gate; up] rows, got {qt.shape[0]} rows")
+    if rot is not None and not can_fold(rot, x, p):
+        raise ValueError(f"cannot fold a rotation of {rot.n} ({rot.m} x {rot.p}) into a [{m}, {k}] GEMV")
     x = x.to(torch.float16).contiguous()
     if x.data_ptr() % 16:
         x = x.clone()
@@ -293,18 +327,17 @@ def gemv(x: torch.Tensor, fmt: Format, qt: QuantizedTensor, p: Plan, gated: bool
         mins = qt.data.get("min", scales)
     staged = STAGED_X and m == 1 and 2 * k <= STAGED_X_BYTES
     warps = warps_for(p, k)
-    kern = cuda_jit.kernel(_source(p, staged, warps, min_blocks_for(warps), gated, STAGES, E8P_SIGN_ALU), "gemv_mma",
-                           x.device)
+    source = _source(p, staged, warps, min_blocks_for(warps), gated, STAGES, E8P_SIGN_ALU, rot is not None)
+    kern = cuda_jit.kernel(source, "gemv_mma", x.device)
     rows_per_block = ROWS_PER_BLOCK // 2 if gated else ROWS_PER_BLOCK  # gated: 8 gate rows + their 8 up rows
     tiles = (n + rows_per_block - 1) // rows_per_block
-    shared = staged_x_bytes(k) if staged else 0
-    if STAGES:
-        shared += ring_bytes(p, warps, STAGES)
-        kern.allow_shared(shared)
-        blocks = _grid(kern, tiles, warps * 32, shared, x.device)
-    else:
-        blocks = tiles
-    kern((blocks, 1, 1), (warps * 32, 1, 1), [codes, scales, mins, x, y, _TABLES[key], n, k, m, groups],
+    shared = (staged_x_bytes(k) if staged else 0) + (ring_bytes(p, warps, STAGES) if STAGES else 0)
+    shared += 4 * k if rot is not None else 0  # the float32 row the transform works on
+    kern.allow_shared(shared)
+    blocks = _grid(kern, tiles, warps * 32, shared, x.device) if STAGES else tiles
+    signs, scale = (_rht_signs(rot, x.device), 1.0 / math.sqrt(k)) if rot is not None else (x, 0.0)
+    kern((blocks, 1, 1), (warps * 32, 1, 1),
+         [codes, scales, mins, x, y, _TABLES[key], n, k, m, groups, signs, ctypes.c_float(scale)],
          shared=shared, early=EARLY_LAUNCH and _hopper(x.device))
     return y
 

@@ -16,6 +16,8 @@
 //                (as many as fit on the GPU, each looping over row blocks) fed by a ring of n cp.async stages in
 //                shared memory, so loads in flight cost no registers and run on across row-block boundaries
 //   E8P_SIGN_ALU 1: E8P's sign-byte word computed in ALU instructions instead of read from a shared-memory table
+//   RHT          1 (with XS): the +rht input transform done while staging the row (stage_rotated); RHT_MAX_E
+//                bounds the elements a thread holds
 //
 // Layout of the work. A block owns 16 rows (GATED: 8 gate rows and the 8 up rows N further on, as its rows g and
 // g + 8, so each lane holds a gate sum and the matching up sum and applies the epilogue in fp32). Lane (g, t) of a
@@ -321,16 +323,75 @@ DEV Step load_step(const U4* ca, const U4* cb, const u16* sa_row, const u16* sb_
     return st;
 }
 
-// Set-up of a block, in both kernels: the decode tables and (XS) the activation row into shared memory. The
-// caller synchronises the block before they are read.
-DEV void stage_block(const u32* tables, const u16* x, int K) {
+#if RHT
+// The +rht input transform folded into the staging (XS, K = 2^L, one sign per column): the row staged is
+// fp16(FWHT(x * signs) * rscale), the very numbers triton_hadamard's kernel stores (float32 butterflies in the same
+// stage order, each (a + b, a - b) with a the lower index; the sign products are exact, so a contraction into FMA
+// changes nothing). Thread i holds elements [i E, i E + E), E = K / threads: the stages within E in registers, those
+// within a warp's 32 E through shuffles, the rest through a float32 copy of the row in shared memory (rht_buf).
+DEV void butterfly_smem(float* buf, int K, int h) {
+    for (int b = threadIdx.x; b < K / 2; b += WARPS * 32) {
+        const int i = (b / h) * 2 * h + b % h;
+        const float a = buf[i], c = buf[i + h];
+        buf[i] = a + c;
+        buf[i + h] = a - c;
+    }
+}
+DEV void stage_rotated(const u16* x, const float* rsigns, float rscale, int K, float* buf) {
+    constexpr int T = WARPS * 32;
+    const int E = K / T, tid = threadIdx.x, lane = tid & 31;  // E: a power of two, 2..MAX_E (cuda_gemv.can_fold)
+    float v[RHT_MAX_E];
+#pragma unroll
+    for (int e = 0; e < RHT_MAX_E; ++e)
+        if (e < E) v[e] = half_lo_to_float((u32)x[tid * E + e]) * rsigns[tid * E + e];
+#pragma unroll
+    for (int h = 1; h < RHT_MAX_E; h <<= 1)
+        if (h < E)
+#pragma unroll
+            for (int e = 0; e < RHT_MAX_E; ++e)
+                if (e < E && !(e & h)) {
+                    const float a = v[e], c = v[e + h];
+                    v[e] = a + c;
+                    v[e + h] = a - c;
+                }
+    for (int m = 1; m < 32; m <<= 1)  // stage h = m E: partner lane ^ m holds the same offsets
+#pragma unroll
+        for (int e = 0; e < RHT_MAX_E; ++e)
+            if (e < E) {
+                const float o = __shfl_xor_sync(0xffffffffu, v[e], m);
+                v[e] = (lane & m) ? o - v[e] : v[e] + o;
+            }
+#pragma unroll
+    for (int e = 0; e < RHT_MAX_E; ++e)
+        if (e < E) buf[tid * E + e] = v[e];
+    __syncthreads();
+    for (int h = 32 * E; h < K; h <<= 1) {
+        butterfly_smem(buf, K, h);
+        __syncthreads();
+    }
+    for (int u = tid; u < K / 8; u += T) {
+        u32 w[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+            w[j] = (u32)float_to_half(buf[8 * u + 2 * j] * rscale) | ((u32)float_to_half(buf[8 * u + 2 * j + 1] * rscale) << 16);
+        const U4 q = {w[0], w[1], w[2], w[3]};
+        dyn[u ^ ((u >> 3) & 7)] = q;
+    }
+}
+#endif
+
+// Set-up of a block, in both kernels: the decode tables and (XS) the activation row into shared memory (RHT: the
+// row's randomized Hadamard transform). The caller synchronises the block before they are read.
+DEV void stage_block(const u32* tables, const u16* x, int K, const float* rsigns, float rscale, float* rht_buf) {
 #if KIND == 1
     for (int i = threadIdx.x; i < 512; i += WARPS * 32) (i < 256 ? e8p_abs : e8p_sign)[i & 255] = tables[i];
 #elif KIND == 2
     for (int i = threadIdx.x; i < 256; i += WARPS * 32) iq2_grid[i] = ((const U4*)tables)[i];
 #endif
     wait_for_inputs();  // x is the output of the kernel before
-#if XS
+#if XS && RHT
+    stage_rotated(x, rsigns, rscale, K, rht_buf);
+#elif XS
     for (int u = threadIdx.x; u < K / 8; u += WARPS * 32) dyn[u ^ ((u >> 3) & 7)] = ld_cached((const U4*)x + u);
 #endif
 }
@@ -433,7 +494,7 @@ DEV int scale_group(int c, int chunks) {  // chunk c's scale group; 0 on idle la
 extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
 gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u16* __restrict__ mins,
          const u16* __restrict__ x, u16* __restrict__ y, const u32* __restrict__ tables, int N, int K, int M,
-         int groups) {
+         int groups, const float* __restrict__ rsigns, float rscale) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int chunks = K / HALF_PER_CHUNK, steps = (chunks + 3) / 4;
@@ -466,7 +527,7 @@ gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u1
     };
 #pragma unroll
     for (int i = 0; i < STAGES; ++i) issue(i);  // in flight during the set-up below
-    stage_block(tables, x, K);
+    stage_block(tables, x, K, rsigns, rscale, (float*)(ring + RING_PARTS * part_stride));  // RHT: after the ring
     __syncthreads();
     const U4* xc = (const U4*)(x + (size_t)min(g, M - 1) * K);
     __shared__ float part[WARPS][32][4];
@@ -518,7 +579,7 @@ gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u1
 extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
 gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u16* __restrict__ mins,
          const u16* __restrict__ x, u16* __restrict__ y, const u32* __restrict__ tables, int N, int K, int M,
-         int groups) {
+         int groups, const float* __restrict__ rsigns, float rscale) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
 #if GATED
@@ -543,7 +604,7 @@ gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u1
     const int steps = (chunks + 3) / 4;
     int c = warp * 4 + t;
     Step next = load_step(ca, cb, sa_row, sb_row, ma_row, mb_row, c, chunks);  // in flight during the set-up below
-    stage_block(tables, x, K);
+    stage_block(tables, x, K, rsigns, rscale, (float*)(dyn + (K / 8 + 7) / 8 * 8));  // RHT: after the row
 #if KIND != 0 || XS
     __syncthreads();
 #endif
