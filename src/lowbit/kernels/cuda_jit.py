@@ -150,7 +150,7 @@ class Kernel:
         self._fn = ctypes.c_void_p()
         _check_cu(_driver().cuModuleGetFunction(ctypes.byref(self._fn), self._module, name.encode()),
                   f"find {name}")
-        self._shared_allowed = 48 * 1024
+        self._shared_allowed = 0  # set on the first launch that asks for any
         self._occupancy: dict[tuple[int, int], int] = {}
 
     def attribute(self, attr: int) -> int:
@@ -160,14 +160,17 @@ class Kernel:
         return v.value
 
     def allow_shared(self, nbytes: int) -> None:
-        """Let launches ask for ``nbytes`` of dynamic shared memory (above 48 KB a kernel must opt in), with the
-        SM's memory split in favour of shared memory."""
-        if nbytes > self._shared_allowed:
+        """Let launches ask for ``nbytes`` of dynamic shared memory: where the kernel's static and dynamic shared
+        memory together pass the 48 KB a block gets by default, opt in to more, with the SM's memory split in
+        favour of shared memory."""
+        if nbytes <= self._shared_allowed:
+            return
+        if nbytes + self.attribute(1) > 48 * 1024:  # CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES: the static part
             _check_cu(_driver().cuFuncSetAttribute(self._fn, 8, nbytes),  # MAX_DYNAMIC_SHARED_SIZE_BYTES
                       f"allow {nbytes} bytes of shared memory for {self.name}")
             _check_cu(_driver().cuFuncSetAttribute(self._fn, 9, 100),  # PREFERRED_SHARED_MEMORY_CARVEOUT: max
                       f"shared memory carveout of {self.name}")
-            self._shared_allowed = nbytes
+        self._shared_allowed = nbytes
 
     def occupancy(self, threads: int, shared: int) -> int:
         """Blocks of ``threads`` threads and ``shared`` bytes of dynamic shared memory that fit on one SM at once."""
