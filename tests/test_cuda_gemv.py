@@ -106,10 +106,10 @@ def test_every_kernel_variant_compiles_for_ampere_and_hopper(name: str) -> None:
     from lowbit.kernels import cuda_jit
 
     p = cuda_gemv.plan(get_format(name), (64, 4096))
-    for staged, gated in ((False, False), (True, False), (True, True)):
+    for staged, gated in ((0, False), (1, False), (1, True), (2, False)):  # XS: none, one row, several rows
         for warps in (cuda_gemv.WARPS_FEW, cuda_gemv.WARPS_MANY):
             for stages, alu in ((0, False), (3, True)):  # registers one step ahead, or a cp.async ring
-                for rht in (False, True) if staged else (False,):  # +rht input transform in the staging
+                for rht in (False, True) if staged == 1 else (False,):  # +rht input transform in the staging
                     source = cuda_gemv._source(p, staged, warps, cuda_gemv.min_blocks_for(warps), gated, stages,
                                                alu, rht)
                     for arch in ("sm_80", "sm_90"):
@@ -135,6 +135,14 @@ def test_persistent_grid_deals_tiles_evenly_within_the_gpu(monkeypatch: pytest.M
     assert 1 <= blocks <= min(tiles, sms * fits)
     counts = [len(range(b, tiles, blocks)) for b in range(blocks)]
     assert sum(counts) == tiles and max(counts) - min(counts) <= 1
+
+
+def test_batches_are_staged_within_their_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert cuda_gemv.stages_rows(1, 4096) and cuda_gemv.stages_rows(1, 16384) and not cuda_gemv.stages_rows(1, 16448)
+    monkeypatch.setattr(cuda_gemv, "STAGED_ROWS", 1)
+    assert not cuda_gemv.stages_rows(8, 4096)
+    monkeypatch.setattr(cuda_gemv, "STAGED_ROWS", 8)
+    assert cuda_gemv.stages_rows(8, 4096) and not cuda_gemv.stages_rows(8, 11008) and cuda_gemv.stages_rows(2, 11008)
 
 
 def test_shared_memory_sizes() -> None:
@@ -167,6 +175,7 @@ def gemv_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(cuda_gemv, "STAGES", stages)
     monkeypatch.setattr(cuda_gemv, "PERSISTENT_BLOCKS", blocks)
     monkeypatch.setattr(cuda_gemv, "E8P_SIGN_ALU", stages == 3)  # the ring of 3 also takes the computed E8P signs
+    monkeypatch.setattr(cuda_gemv, "STAGED_ROWS", 8 if stages else 1)  # and the ring modes stage batches of rows
     return request.param
 
 
@@ -297,7 +306,7 @@ def test_cuda_gemv_kernels_fit_their_blocks_without_spills(name: str, cols: int,
     if p is None:
         pytest.skip(f"{name} at {cols} columns is not served")
     warps = cuda_gemv.warps_for(p, cols)
-    staged = m == 1 and 2 * cols <= cuda_gemv.STAGED_X_BYTES
+    staged = 0 if not cuda_gemv.stages_rows(m, cols) else 1 if m == 1 else 2
     kern = cuda_jit.kernel(cuda_gemv._source(p, staged, warps, cuda_gemv.min_blocks_for(warps), False, stages),
                            "gemv_mma", torch.device("cuda"))
     assert kern.attribute(3) <= 16  # CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES

@@ -50,7 +50,7 @@ class Plan:
     row_scale: bool
     dq: tuple[tuple[float, float], ...]  # (A_i, B_i): level = A_i * magic_i + B_i, one per code position
 
-    def defines(self, staged_x: bool = False, warps: int = WARPS_FEW, min_blocks: int = 1,
+    def defines(self, staged_x: int = 0, warps: int = WARPS_FEW, min_blocks: int = 1,
                 gated: bool = False, stages: int = 0, e8p_sign_alu: bool = False, rht: bool = False) -> str:
         lines = [f"#define KIND {self.kind}", f"#define BITS {self.bits}", f"#define ASYM {int(self.asym)}",
                  f"#define GROUP_SHIFT {self.group_shift}", f"#define ROW_SCALE {int(self.row_scale)}",
@@ -212,7 +212,7 @@ def _cached_layout(qs: torch.Tensor, cols: int) -> tuple[torch.Tensor, torch.Ten
 
 
 @cache
-def _source(p: Plan, staged_x: bool = False, warps: int = WARPS_FEW, min_blocks: int = 1, gated: bool = False,
+def _source(p: Plan, staged_x: int = 0, warps: int = WARPS_FEW, min_blocks: int = 1, gated: bool = False,
             stages: int = 0, e8p_sign_alu: bool = False, rht: bool = False) -> str:
     return (p.defines(staged_x, warps, min_blocks, gated, stages, e8p_sign_alu, rht)
             + (cuda_jit.source_dir() / "gemv_mma.cu").read_text())
@@ -232,6 +232,18 @@ def min_blocks_for(warps: int) -> int:
 # 16 warps) + the IQ2_XXS grid (4 KB) stay under the 48 KB a block gets without opting in to more.
 STAGED_X_BYTES = 32 * 1024
 STAGED_X = os.environ.get("LOWBIT_CUDA_STAGED_X", "1") != "0"  # 0: batch 1 reads activations from global memory
+# Batches of 2..STAGED_ROWS rows are staged too, up to STAGED_ROWS_BYTES (batch 8 at K = 4096: 64 KB). Batch 8 reads
+# its activations from L1/L2 at every step and measured 1.55-1.93x batch 1's time; staging them is not yet measured,
+# so off by default (LOWBIT_CUDA_STAGED_ROWS=8 turns it on).
+STAGED_ROWS = int(os.environ.get("LOWBIT_CUDA_STAGED_ROWS", "1"))
+STAGED_ROWS_BYTES = 64 * 1024
+
+
+def stages_rows(m: int, k: int) -> bool:
+    """Whether a call with ``m`` rows of ``k`` activations stages them in shared memory (XS in the .cu)."""
+    if not STAGED_X or m > max(1, STAGED_ROWS):
+        return False
+    return 2 * k <= STAGED_X_BYTES if m == 1 else m * staged_x_bytes(k) <= STAGED_ROWS_BYTES
 
 
 # Programmatic dependent launch (Hopper and later): a GEMV starts and loads its first weights while the kernel before
@@ -325,13 +337,14 @@ def gemv(x: torch.Tensor, fmt: Format, qt: QuantizedTensor, p: Plan, gated: bool
     else:
         codes, scales, groups = qt.data["codes"], qt.data["scale"], fmt.n_groups(k)
         mins = qt.data.get("min", scales)
-    staged = STAGED_X and m == 1 and 2 * k <= STAGED_X_BYTES
+    staged = stages_rows(m, k)
     warps = warps_for(p, k)
-    source = _source(p, staged, warps, min_blocks_for(warps), gated, STAGES, E8P_SIGN_ALU, rot is not None)
+    xs = 0 if not staged else 1 if m == 1 else 2  # XS: no staging, one row, or several
+    source = _source(p, xs, warps, min_blocks_for(warps), gated, STAGES, E8P_SIGN_ALU, rot is not None)
     kern = cuda_jit.kernel(source, "gemv_mma", x.device)
     rows_per_block = ROWS_PER_BLOCK // 2 if gated else ROWS_PER_BLOCK  # gated: 8 gate rows + their 8 up rows
     tiles = (n + rows_per_block - 1) // rows_per_block
-    shared = (staged_x_bytes(k) if staged else 0) + (ring_bytes(p, warps, STAGES) if STAGES else 0)
+    shared = (m * staged_x_bytes(k) if staged else 0) + (ring_bytes(p, warps, STAGES) if STAGES else 0)
     shared += 4 * k if rot is not None else 0  # the float32 row the transform works on
     kern.allow_shared(shared)
     blocks = _grid(kern, tiles, warps * 32, shared, x.device) if STAGES else tiles

@@ -9,7 +9,7 @@
 //   GROUP_SHIFT  log2(columns per scale group); 30 = one scale per row
 //   ROW_SCALE    1 = one scale per row applied to the fp32 sums at the end (no per-weight multiply)
 //   WARPS        warps per block; they split K, and the block adds their partial sums
-//   XS           1: batch 1, the activation row staged once per block in (dynamic) shared memory
+//   XS           1: the batch-1 activation row staged once per block in (dynamic) shared memory; 2: all M rows
 //   MIN_BLOCKS   blocks that must fit on one SM at once (__launch_bounds__: caps the registers per thread)
 //   GATED        1: W is [gate; up] (2N rows, a fused gate/up projection) and y = silu(x gate^T) * (x up^T), [M, N]
 //   STAGES       0: one block per row block, each warp's next step held in registers. n >= 2: persistent blocks
@@ -125,8 +125,9 @@ DEV u32 word(const U4& v, int j) { return j == 0 ? v.x : j == 1 ? v.y : j == 2 ?
 // Dynamic shared memory: the staged activation row (XS; its 16-byte units padded to a multiple of 8, since the
 // swizzle below moves a unit within its aligned group of 8), then the ring (STAGES).
 extern __shared__ U4 dyn[];
+#define XS_UNITS(K) (((K) / 8 + 7) / 8 * 8)  // 16-byte units of one staged row, padded to whole swizzle groups
 #if XS
-DEV U4 ld_x(const U4*, int u) { return dyn[u ^ ((u >> 3) & 7)]; }
+DEV U4 ld_x(const U4* xrow, int u) { return xrow[u ^ ((u >> 3) & 7)]; }  // xrow: the lane's row in shared memory
 #else
 DEV U4 ld_x(const U4* xrow, int u) { return ld_cached(xrow + u); }
 #endif
@@ -382,7 +383,8 @@ DEV void stage_rotated(const u16* x, const float* rsigns, float rscale, int K, f
 
 // Set-up of a block, in both kernels: the decode tables and (XS) the activation row into shared memory (RHT: the
 // row's randomized Hadamard transform). The caller synchronises the block before they are read.
-DEV void stage_block(const u32* tables, const u16* x, int K, const float* rsigns, float rscale, float* rht_buf) {
+DEV void stage_block(const u32* tables, const u16* x, int K, int M, const float* rsigns, float rscale,
+                     float* rht_buf) {
 #if KIND == 1
     for (int i = threadIdx.x; i < 512; i += WARPS * 32) (i < 256 ? e8p_abs : e8p_sign)[i & 255] = tables[i];
 #elif KIND == 2
@@ -391,8 +393,13 @@ DEV void stage_block(const u32* tables, const u16* x, int K, const float* rsigns
     wait_for_inputs();  // x is the output of the kernel before
 #if XS && RHT
     stage_rotated(x, rsigns, rscale, K, rht_buf);
-#elif XS
+#elif XS == 1
     for (int u = threadIdx.x; u < K / 8; u += WARPS * 32) dyn[u ^ ((u >> 3) & 7)] = ld_cached((const U4*)x + u);
+#elif XS == 2
+    for (int u = threadIdx.x; u < M * (K / 8); u += WARPS * 32) {
+        const int row = u / (K / 8), v = u - row * (K / 8);
+        dyn[row * XS_UNITS(K) + (v ^ ((v >> 3) & 7))] = ld_cached((const U4*)x + u);
+    }
 #endif
 }
 
@@ -502,7 +509,7 @@ gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u1
     const int nq = warp < steps ? (steps - warp + WARPS - 1) / WARPS : 0;  // this warp's steps per tile
     const int my_tiles = (int)blockIdx.x < tiles ? (tiles - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
     const int total = my_tiles * nq;
-    U4* ring = dyn + (XS ? (K / 8 + 7) / 8 * 8 : 0);  // after the row, padded as cuda_gemv.py sizes it
+    U4* ring = dyn + (XS ? M * XS_UNITS(K) : 0);  // after the staged rows, as cuda_gemv.py sizes it
     const int slot0 = warp * 32 + lane, part_stride = STAGES * WARPS * 32;
     auto issue = [&](int i) {  // request step i of this warp's stream into slot i % STAGES
         if (i < total) {
@@ -527,9 +534,15 @@ gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u1
     };
 #pragma unroll
     for (int i = 0; i < STAGES; ++i) issue(i);  // in flight during the set-up below
-    stage_block(tables, x, K, rsigns, rscale, (float*)(ring + RING_PARTS * part_stride));  // RHT: after the ring
+    stage_block(tables, x, K, M, rsigns, rscale, (float*)(ring + RING_PARTS * part_stride));  // RHT: after the ring
     __syncthreads();
+#if XS == 2
+    const U4* xc = dyn + min(g, M - 1) * XS_UNITS(K);
+#elif XS
+    const U4* xc = dyn;
+#else
     const U4* xc = (const U4*)(x + (size_t)min(g, M - 1) * K);
+#endif
     __shared__ float part[WARPS][32][4];
     int i = 0;
     for (int j = 0; j < my_tiles; ++j) {
@@ -600,11 +613,17 @@ gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u1
     // Lanes past the row's end (K not a multiple of 4 chunks) add zeros.
     const U4* ca = (const U4*)codes + (size_t)ra * chunks;
     const U4* cb = (const U4*)codes + (size_t)rb * chunks;
+#if XS == 2
+    const U4* xc = dyn + min(g, M - 1) * XS_UNITS(K);
+#elif XS
+    const U4* xc = dyn;
+#else
     const U4* xc = (const U4*)(x + (size_t)min(g, M - 1) * K);
+#endif
     const int steps = (chunks + 3) / 4;
     int c = warp * 4 + t;
     Step next = load_step(ca, cb, sa_row, sb_row, ma_row, mb_row, c, chunks);  // in flight during the set-up below
-    stage_block(tables, x, K, rsigns, rscale, (float*)(dyn + (K / 8 + 7) / 8 * 8));  // RHT: after the row
+    stage_block(tables, x, K, M, rsigns, rscale, (float*)(dyn + M * XS_UNITS(K)));  // RHT: after the row
 #if KIND != 0 || XS
     __syncthreads();
 #endif
