@@ -9,6 +9,11 @@ bit operations in torch on the CPU, which is how CI checks the constants and the
 IQ2_XXS is read from a kernel layout derived once per weight on the device (:func:`iq2xxs_layout`): llama.cpp's
 66-byte superblocks put every 4-byte field at an offset of 2 mod 4, so the 8-byte sub-blocks are gathered into
 rows of their own and the superblock scales into a separate fp16 array (the same bytes, 2.0625 bits per weight).
+
+Variants built and tested on the CPU (NVRTC compiles them) but not yet measured on a GPU wait behind switches, off by
+default: :data:`STAGES` (persistent blocks fed by a cp.async ring), :data:`E8P_SIGN_ALU` (E8P's sign word computed,
+not looked up), :data:`STAGED_ROWS` (batches staged in shared memory like batch 1) and :data:`FOLD_RHT` (the +rht
+input transform done while staging); docs/kernels.md says what each is for.
 """
 
 from __future__ import annotations
