@@ -38,19 +38,14 @@ def _reference_tokens(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.
     return out.sequences[0, ids.shape[1]:], torch.stack(out.logits).float()[:, 0]
 
 
-@pytest.mark.parametrize(("recipe", "fold"), [("rtn:q4_0", False), ("rtn:int4_g128_sym", False), ("rtn:nz2_ch", False),
-                                            ("rtn:e8p_ch", False), ("rtn+rht:e8p_ch", False),
-                                            ("rtn+rht:e8p_ch", True), ("rtn:iq2_xxs", False)])
-def test_fast_decode_gives_the_reference_tokens(bundled, recipe: str, fold: bool,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
-    """``fold``: the +rht input transforms done inside the GEMV's staging (cuda_gemv.FOLD_RHT)."""
+@pytest.mark.parametrize("recipe", ["rtn:q4_0", "rtn:int4_g128_sym", "rtn:nz2_ch", "rtn:e8p_ch", "rtn+rht:e8p_ch",
+                                    "rtn:iq2_xxs"])
+def test_fast_decode_gives_the_reference_tokens(bundled, recipe: str) -> None:  # noqa: ANN001
     import copy
 
     import lowbit
-    from lowbit.kernels import cuda_gemv
     from lowbit.serve.fast_decode import StaticDecoder
 
-    monkeypatch.setattr(cuda_gemv, "FOLD_RHT", fold)
     base, tok = bundled
     model = copy.deepcopy(base)
     lowbit.quantize(model, recipe, tok, device="cuda", progress=False)
