@@ -2,7 +2,7 @@
 
     python benchmarks/kernels.py                      # Llama-2-7B and Llama-3-8B shapes, batch 1, all formats
     python benchmarks/kernels.py --batch 1,8,512 --formats int4_g128_sym,nz2_ch
-    python benchmarks/kernels.py --batch 1,8 --formats nz2_ch,q4_0,e8p_ch --cuda-stages 0,2,3   # CUDA GEMV variants
+    python benchmarks/kernels.py --batch 1,8 --formats nz2_ch,q4_0,e8p_ch --cuda-stages 0,2,3 --fused  # GEMV variants
 
 For each weight shape [out, in] and format: the kernel's median time (CUDA-graph replay of many calls, so launch
 overhead is excluded as in graph decode; weight copies cycled so that L2 does not serve repeats), the bytes it must
@@ -33,6 +33,7 @@ SHAPES = {  # [out, in]
     "llama2-7b qkvo": (4096, 4096), "llama2-7b gate/up": (11008, 4096), "llama2-7b down": (4096, 11008),
     "llama3-8b kv": (1024, 4096), "llama3-8b gate/up": (14336, 4096), "llama3-8b down": (4096, 14336),
 }
+FUSED = {"llama2-7b q/k/v fused": (12288, 4096), "llama2-7b gate/up fused": (22016, 4096)}  # what decode runs
 LARGE = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (4096, 14336)]  # the summary's shapes
 FORMATS = ["int4_g128_sym", "q4_0", "q4_1", "int3_g128_sym", "int2_g64_sym", "nz2_ch", "e8p_ch", "iq2_xxs"]
 RANDOM_STORAGE = ("e8p", "iq2_xxs")  # vector codebooks: random codes + scales (exact encoding of 58M weights: slow)
@@ -166,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--formats", default=",".join(FORMATS))
     ap.add_argument("--batch", default="1")
     ap.add_argument("--tag", default="gpu")
+    ap.add_argument("--fused", action="store_true",
+                    help="also the fused sibling shapes a decode step runs (q/k/v 12288x4096, gate/up 22016x4096)")
     ap.add_argument("--cuda-stages", default=None,
                     help="comma-separated cuda_gemv.STAGES values to measure each format with (0: one block per row "
                          "block, registers one step ahead; n >= 2: persistent blocks fed by n cp.async stages); "
@@ -181,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     print("| shape | format | batch | bpw | µs | fp16 µs | % of copy BW | speedup vs fp16 | tuned config |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for label, shape in SHAPES.items():
+    for label, shape in (SHAPES | FUSED if args.fused else SHAPES).items():
         for m in (int(b) for b in args.batch.split(",")):
             for f, stages in ((f, st) for f in args.formats.split(",") for st in stage_list):
                 cuda_gemv.STAGES = stages
