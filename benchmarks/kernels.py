@@ -181,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     bw = device_bandwidth()
     if bw is None:
         return 2
-    rows = []
+    rows: list[dict] = []
+    out = Path(__file__).parent / "results" / f"kernels-{args.tag}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     print("| shape | format | batch | bpw | µs | fp16 µs | % of copy BW | speedup vs fp16 | tuned config |")
     print("|---|---|---|---|---|---|---|---|---|")
     for label, shape in (SHAPES | FUSED if args.fused else SHAPES).items():
@@ -196,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"{r['fp16_ms'] * 1e3:.1f} | {100 * r['frac_of_copy_bw']:.0f}% | {r['speedup_vs_fp16']:.2f}x | "
                       f"{r['config']} |",
                       flush=True)
+                # rewritten after every row, so a timeout or a crash keeps what was measured
+                write_results(out, bw, rows, complete=False)
     summary = summarize(rows)
     print(f"\nsummary: % of copy BW ({bw / 1e9:.0f} GB/s) on the large shapes "
           f"({', '.join(f'{o}x{i}' for o, i in LARGE)}), GEMV batches; targets at batch 1: 4-bit >= 70%, 2-bit >= 60%")
@@ -204,11 +208,13 @@ def main(argv: list[str] | None = None) -> int:
               f"{100 * line['mean']:.0f}%  max {100 * line['max']:.0f}%  "
               f"(speedup vs fp16: {line['speedup']:.2f}x)")
     print(f"total {time.time() - t0:.0f} s")
-    out = Path(__file__).parent / "results" / f"kernels-{args.tag}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": torch.cuda.get_device_name(0), "copy_bw": bw, "rows": rows,
-                               "summary": summary}, indent=2))
+    write_results(out, bw, rows, complete=True)
     return 0
+
+
+def write_results(out: Path, bw: float, rows: list[dict], complete: bool) -> None:
+    out.write_text(json.dumps({"device": torch.cuda.get_device_name(0), "copy_bw": bw, "complete": complete,
+                               "rows": rows, "summary": summarize(rows)}, indent=2))
 
 
 def summarize(rows: list[dict]) -> list[dict]:
