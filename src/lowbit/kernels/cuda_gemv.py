@@ -276,20 +276,10 @@ def can_fold(rot, x: torch.Tensor, p: Plan) -> bool:  # noqa: ANN001 - a Randomi
     """Whether the GEMV can apply ``rot`` (the input side of a rotated linear) while it stages the activations:
     batch 1 staged in shared memory, a pure power-of-two transform of the whole row (no dense factor)."""
     k = x.shape[-1]
-    if rot.m != 1 or rot.p != k or x.reshape(-1, k).shape[0] != 1 or not STAGED_X or 2 * k > STAGED_X_BYTES:
+    if rot.m != 1 or rot.p != k or x.reshape(-1, k).shape[0] != 1 or not stages_rows(1, k):
         return False
     threads = warps_for(p, k) * 32
     return k % threads == 0 and 1 <= k // threads <= RHT_MAX_E
-
-
-_RHT_SIGNS: dict[tuple, torch.Tensor] = {}
-
-
-def _rht_signs(rot, device: torch.device) -> torch.Tensor:  # noqa: ANN001
-    key = (rot.n, rot.seed, rot.layout, str(device))
-    if key not in _RHT_SIGNS:
-        _RHT_SIGNS[key] = rot.signs.float().contiguous().to(device)
-    return _RHT_SIGNS[key]
 
 
 def staged_x_bytes(k: int) -> int:
@@ -353,7 +343,11 @@ def gemv(x: torch.Tensor, fmt: Format, qt: QuantizedTensor, p: Plan, gated: bool
     shared += 4 * k if rot is not None else 0  # the float32 row the transform works on
     kern.allow_shared(shared)
     blocks = _grid(kern, tiles, warps * 32, shared, x.device) if STAGES else tiles
-    signs, scale = (_rht_signs(rot, x.device), 1.0 / math.sqrt(k)) if rot is not None else (x, 0.0)
+    signs, scale = x, 0.0
+    if rot is not None:  # the signs table the Triton transform reads, [1, K] float32 on the device (cached there)
+        from lowbit.kernels.triton_hadamard import _device_signs
+
+        signs, scale = _device_signs([rot], x.device), 1.0 / math.sqrt(k)
     kern((blocks, 1, 1), (warps * 32, 1, 1),
          [codes, scales, mins, x, y, _TABLES[key], n, k, m, groups, signs, ctypes.c_float(scale)],
          shared=shared, early=EARLY_LAUNCH and _hopper(x.device))

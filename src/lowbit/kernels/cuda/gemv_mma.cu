@@ -126,6 +126,16 @@ DEV u32 word(const U4& v, int j) { return j == 0 ? v.x : j == 1 ? v.y : j == 2 ?
 // swizzle below moves a unit within its aligned group of 8), then the ring (STAGES).
 extern __shared__ U4 dyn[];
 #define XS_UNITS(K) (((K) / 8 + 7) / 8 * 8)  // 16-byte units of one staged row, padded to whole swizzle groups
+// The activations of batch column g (rows past M repeat row M - 1): staged in shared memory (XS) or in global memory.
+DEV const U4* activation_row(const u16* x, int g, int M, int K) {
+#if XS == 2
+    return dyn + min(g, M - 1) * XS_UNITS(K);
+#elif XS
+    return dyn;
+#else
+    return (const U4*)(x + (size_t)min(g, M - 1) * K);
+#endif
+}
 #if XS
 DEV U4 ld_x(const U4* xrow, int u) { return xrow[u ^ ((u >> 3) & 7)]; }  // xrow: the lane's row in shared memory
 #else
@@ -536,13 +546,7 @@ gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u1
     for (int i = 0; i < STAGES; ++i) issue(i);  // in flight during the set-up below
     stage_block(tables, x, K, M, rsigns, rscale, (float*)(ring + RING_PARTS * part_stride));  // RHT: after the ring
     __syncthreads();
-#if XS == 2
-    const U4* xc = dyn + min(g, M - 1) * XS_UNITS(K);
-#elif XS
-    const U4* xc = dyn;
-#else
-    const U4* xc = (const U4*)(x + (size_t)min(g, M - 1) * K);
-#endif
+    const U4* xc = activation_row(x, g, M, K);
     __shared__ float part[WARPS][32][4];
     int i = 0;
     for (int j = 0; j < my_tiles; ++j) {
@@ -613,13 +617,7 @@ gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u1
     // Lanes past the row's end (K not a multiple of 4 chunks) add zeros.
     const U4* ca = (const U4*)codes + (size_t)ra * chunks;
     const U4* cb = (const U4*)codes + (size_t)rb * chunks;
-#if XS == 2
-    const U4* xc = dyn + min(g, M - 1) * XS_UNITS(K);
-#elif XS
-    const U4* xc = dyn;
-#else
-    const U4* xc = (const U4*)(x + (size_t)min(g, M - 1) * K);
-#endif
+    const U4* xc = activation_row(x, g, M, K);
     const int steps = (chunks + 3) / 4;
     int c = warp * 4 + t;
     Step next = load_step(ca, cb, sa_row, sb_row, ma_row, mb_row, c, chunks);  // in flight during the set-up below
