@@ -2,7 +2,7 @@
 
     python benchmarks/kernels.py                      # Llama-2-7B and Llama-3-8B shapes, batch 1, all formats
     python benchmarks/kernels.py --batch 1,8,512 --formats int4_g128_sym,nz2_ch
-    python benchmarks/kernels.py --batch 1,8 --formats nz2_ch,q4_0,e8p_ch --cuda-stages 0,2,3 --fused  # GEMV variants
+    python benchmarks/kernels.py --batch 1,8 --formats nz2_ch,q4_0,e8p_ch --fused  # + the fused decode shapes
 
 For each weight shape [out, in] and format: the kernel's median time (CUDA-graph replay of many calls, so launch
 overhead is excluded as in graph decode; weight copies cycled so that L2 does not serve repeats), the bytes it must
@@ -169,14 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tag", default="gpu")
     ap.add_argument("--fused", action="store_true",
                     help="also the fused sibling shapes a decode step runs (q/k/v 12288x4096, gate/up 22016x4096)")
-    ap.add_argument("--cuda-stages", default=None,
-                    help="comma-separated cuda_gemv.STAGES values to measure each format with (0: one block per row "
-                         "block, registers one step ahead; n >= 2: persistent blocks fed by n cp.async stages); "
-                         "default: the LOWBIT_CUDA_STAGES setting")
     args = ap.parse_args(argv)
-    from lowbit.kernels import cuda_gemv
-
-    stage_list = [int(v) for v in args.cuda_stages.split(",")] if args.cuda_stages else [cuda_gemv.STAGES]
     t0 = time.time()
     bw = device_bandwidth()
     if bw is None:
@@ -188,11 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|---|---|")
     for label, shape in (SHAPES | FUSED if args.fused else SHAPES).items():
         for m in (int(b) for b in args.batch.split(",")):
-            for f, stages in ((f, st) for f in args.formats.split(",") for st in stage_list):
-                cuda_gemv.STAGES = stages
-                r = one(shape, f, m, bw) | {"label": label, "cuda_stages": stages}
-                if len(stage_list) > 1:
-                    r["format"] = f"{f}/s{stages}"
+            for f in args.formats.split(","):
+                r = one(shape, f, m, bw) | {"label": label}
                 rows.append(r)
                 print(f"| {label} {shape[0]}x{shape[1]} | {r['format']} | {m} | {r['bpw']:.3f} | {r['ms'] * 1e3:.1f} | "
                       f"{r['fp16_ms'] * 1e3:.1f} | {100 * r['frac_of_copy_bw']:.0f}% | {r['speedup_vs_fp16']:.2f}x | "

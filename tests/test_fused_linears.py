@@ -188,20 +188,3 @@ def test_static_decoder_fuses_and_keeps_tokens():
     assert dec.generate_greedy(PROMPT, 12).tolist() == want
     unfuse_siblings(model)
     assert StaticDecoder(model, max_cache_len=8, fuse=False).fused_groups == 0
-
-
-def test_rotated_matmul_is_rotate_then_matmul_off_the_gpu():
-    """The input rotation handed to the packed matmul (dispatch.rotated_matmul, and its custom op for
-    torch.compile) is rot.apply then the matmul wherever the GEMV cannot fold it: here, on the CPU, to the bit."""
-    from lowbit.kernels.dispatch import dequant_matmul, rotated_matmul
-    from lowbit.kernels.ops import qmatmul_rotated
-
-    lin = quantized(rotate=True).model.layers[0].self_attn.q_proj
-    v = lin._v
-    x = torch.randn(3, lin.in_features, generator=torch.Generator().manual_seed(0))
-    want = dequant_matmul(v.apply(x), lin.fmt, lin.quantized())
-    assert torch.equal(rotated_matmul(v, x, lin.fmt, lin.quantized()), want)
-    assert torch.equal(lin.packed_matmul(x, v), want)
-    got = qmatmul_rotated(x, v.n, v.seed, v.layout, lin.format_name, lin.out_features, lin.in_features,
-                          ",".join(lin._keys), [getattr(lin, k) for k in lin._keys])
-    assert torch.equal(got, want)

@@ -22,6 +22,19 @@ def test_fwht_matches_dense_sylvester():
         fwht(torch.randn(2, 12))
 
 
+def test_half_precision_transforms_in_float32_without_overflow():
+    """fp16 activations of a few thousand (SmolLM2's outlier channels): the unnormalized butterflies would pass
+    65504 in fp16; fwht and RandomizedHadamard work in float32 and round once."""
+    x = torch.full((2, 512), 2000.0, dtype=torch.float16)
+    x[1, ::3] = -1500.0
+    assert torch.equal(fwht(x), fwht(x.float()).half())
+    assert torch.isfinite(fwht(x)).all()
+    rot = RandomizedHadamard(3 * 512, seed=0)
+    x3 = torch.randn(4, 3 * 512, generator=torch.Generator().manual_seed(0)).half() * 3000
+    assert torch.equal(rot.apply(x3), rot.apply(x3.float()).half())
+    assert torch.equal(rot.inverse(x3), rot.inverse(x3.float()).half())
+
+
 @pytest.mark.parametrize("n", SIZES)
 def test_orthogonal_and_round_trip(n):
     r = RandomizedHadamard(n, seed=7)

@@ -10,16 +10,12 @@ IQ2_XXS is read from a kernel layout derived once per weight on the device (:fun
 66-byte superblocks put every 4-byte field at an offset of 2 mod 4, so the 8-byte sub-blocks are gathered into
 rows of their own and the superblock scales into a separate fp16 array (the same bytes, 2.0625 bits per weight).
 
-Variants built and tested on the CPU (NVRTC compiles them) but not yet measured on a GPU wait behind switches, off by
-default: :data:`STAGES` (persistent blocks fed by a cp.async ring), :data:`E8P_SIGN_ALU` (E8P's sign word computed,
-not looked up), :data:`STAGED_ROWS` (batches staged in shared memory like batch 1) and :data:`FOLD_RHT` (the +rht
-input transform done while staging); docs/kernels.md says what each is for.
+Variants that measured slower on an H200 and were taken out (a cp.async ring feeding persistent blocks, E8P's sign
+word computed instead of looked up, the +rht input transform folded into the staging) are in docs/kernels.md.
 """
 
 from __future__ import annotations
 
-import ctypes
-import math
 import os
 import weakref
 from dataclasses import dataclass
@@ -33,10 +29,6 @@ from lowbit.formats import iq2xxs as iq2xxs_format
 from lowbit.kernels import cuda_jit
 
 MAX_M = 8  # batch columns of the m16n8k16 MMA
-# E8P's sign-byte word computed (12 ALU instructions, e8p_sign_word) instead of read from a 256-entry shared table,
-# whose random addresses conflict across a warp's banks. Which is faster is not yet measured: off by default
-# (LOWBIT_CUDA_E8P_SIGN_ALU=1 turns it on).
-E8P_SIGN_ALU = os.environ.get("LOWBIT_CUDA_E8P_SIGN_ALU", "0") == "1"
 # Warps per block (they split a row block's K): 16 when each still gets >= 2 steps of 4 chunks to pipeline, else 8.
 # Measured on an H200 (docs/kernels.md): 16 helps the 4-bit grids most (q4_0 batch 8 at 4096x14336: 29.6 -> 21.2
 # us) and 2-bit rows of >= 11008; 2-bit rows of 4096 (16 steps) lose with 16 (E8P 12.9 -> 14.7 us at 11008x4096).
@@ -55,13 +47,11 @@ class Plan:
     row_scale: bool
     dq: tuple[tuple[float, float], ...]  # (A_i, B_i): level = A_i * magic_i + B_i, one per code position
 
-    def defines(self, staged_x: int = 0, warps: int = WARPS_FEW, min_blocks: int = 1,
-                gated: bool = False, stages: int = 0, e8p_sign_alu: bool = False, rht: bool = False) -> str:
+    def defines(self, staged_x: int = 0, warps: int = WARPS_FEW, min_blocks: int = 1, gated: bool = False) -> str:
         lines = [f"#define KIND {self.kind}", f"#define BITS {self.bits}", f"#define ASYM {int(self.asym)}",
                  f"#define GROUP_SHIFT {self.group_shift}", f"#define ROW_SCALE {int(self.row_scale)}",
                  f"#define WARPS {warps}", f"#define XS {int(staged_x)}", f"#define MIN_BLOCKS {min_blocks}",
-                 f"#define GATED {int(gated)}", f"#define STAGES {stages}", f"#define E8P_SIGN_ALU {int(e8p_sign_alu)}",
-                 f"#define RHT {int(rht)}", f"#define RHT_MAX_E {RHT_MAX_E}"]
+                 f"#define GATED {int(gated)}"]
         for i, (a, b) in enumerate(self.dq):
             lines += [f"#define DQ_A{i} 0x{_half2_bits(a):08x}u", f"#define DQ_B{i} 0x{_half2_bits(b):08x}u"]
         return "\n".join(lines) + "\n"
@@ -69,12 +59,17 @@ class Plan:
     def chunk_scale(self) -> bool:
         """Whether each 16-byte chunk of codes lies inside one scale group (CHUNK_SCALE in the .cu): its scales
         are then loaded with its codes."""
-        per_chunk_log2 = 6 if self.kind or self.bits == 2 else 5
+        per_chunk_log2 = half_per_chunk(self).bit_length() - 1
         return self.kind == 2 or (self.kind == 0 and not self.row_scale and self.group_shift >= per_chunk_log2)
 
 
+def half_per_chunk(p: Plan) -> int:
+    """Weights in a 16-byte chunk of codes: 64 (2-bit grids, E8P, IQ2_XXS) or 32 (4-bit grids)."""
+    return 64 if p.kind or p.bits == 2 else 32
+
+
 def warps_for(p: Plan, cols: int) -> int:
-    steps = -(-cols // (64 if p.kind or p.bits == 2 else 32) // 4)  # 16-byte chunks hold 64 or 32 weights
+    steps = -(-cols // half_per_chunk(p) // 4)
     return WARPS_MANY if steps >= 2 * WARPS_MANY else WARPS_FEW
 
 
@@ -166,15 +161,6 @@ def e8p_tables() -> torch.Tensor:
     return torch.tensor([w - (1 << 32) if w >= 1 << 31 else w for w in table], dtype=torch.int32)
 
 
-def e8p_sign_word(sb: int) -> int:
-    """The kernel's E8P_SIGN_ALU computation of T[sign byte] (:func:`e8p_tables`' second half), replayed on ints."""
-    par = bin(sb).count("1") & 1
-    s = sb ^ par
-    lo = ((s & 0xF) * 0x00204081) & 0x01010101
-    hi = (((s >> 4) & 0xF) * 0x00204081) & 0x01010101
-    return (((lo | (hi << 4)) * 14) | par) & 0xFFFFFFFF
-
-
 @cache
 def iq2xxs_grid_table() -> torch.Tensor:
     """int32 [1024]: grid row i as four fp16 pairs (v_2p low, v_2p+1 high); 8, 25 and 43 are exact in fp16."""
@@ -217,9 +203,8 @@ def _cached_layout(qs: torch.Tensor, cols: int) -> tuple[torch.Tensor, torch.Ten
 
 
 @cache
-def _source(p: Plan, staged_x: int = 0, warps: int = WARPS_FEW, min_blocks: int = 1, gated: bool = False,
-            stages: int = 0, e8p_sign_alu: bool = False, rht: bool = False) -> str:
-    return (p.defines(staged_x, warps, min_blocks, gated, stages, e8p_sign_alu, rht)
+def _source(p: Plan, staged_x: int = 0, warps: int = WARPS_FEW, min_blocks: int = 1, gated: bool = False) -> str:
+    return (p.defines(staged_x, warps, min_blocks, gated)
             + (cuda_jit.source_dir() / "gemv_mma.cu").read_text())
 
 
@@ -237,18 +222,21 @@ def min_blocks_for(warps: int) -> int:
 # 16 warps) + the IQ2_XXS grid (4 KB) stay under the 48 KB a block gets without opting in to more.
 STAGED_X_BYTES = 32 * 1024
 STAGED_X = os.environ.get("LOWBIT_CUDA_STAGED_X", "1") != "0"  # 0: batch 1 reads activations from global memory
-# Batches of 2..STAGED_ROWS rows are staged too, up to STAGED_ROWS_BYTES (batch 8 at K = 4096: 64 KB). Batch 8 reads
-# its activations from L1/L2 at every step and measured 1.55-1.93x batch 1's time; staging them is not yet measured,
-# so off by default (LOWBIT_CUDA_STAGED_ROWS=8 turns it on).
-STAGED_ROWS = int(os.environ.get("LOWBIT_CUDA_STAGED_ROWS", "1"))
+# Batches of 2..STAGED_ROWS rows are staged too, up to STAGED_ROWS_BYTES (batch 8 at K = 4096: 64 KB), where a
+# 16-byte chunk holds 64 weights (2-bit grids, E8P, IQ2_XXS). Measured on an H200 at batch 8 and K = 4096
+# (docs/kernels.md): 20-33% faster for those (e8p_ch 14336x4096: 31.9 -> 21.3 us), 25-35% slower for the 4-bit
+# grids (q4_0: 18.7 -> 24.8 us), whose chunks of 32 weights read twice the activations per byte of codes.
+STAGED_ROWS = int(os.environ.get("LOWBIT_CUDA_STAGED_ROWS", "8"))
 STAGED_ROWS_BYTES = 64 * 1024
 
 
-def stages_rows(m: int, k: int) -> bool:
-    """Whether a call with ``m`` rows of ``k`` activations stages them in shared memory (XS in the .cu)."""
+def stages_rows(m: int, k: int, p: Plan) -> bool:
+    """Whether a call of plan ``p`` with ``m`` rows of ``k`` activations stages them in shared memory (XS)."""
     if not STAGED_X or m > max(1, STAGED_ROWS):
         return False
-    return 2 * k <= STAGED_X_BYTES if m == 1 else m * staged_x_bytes(k) <= STAGED_ROWS_BYTES
+    if m == 1:
+        return 2 * k <= STAGED_X_BYTES
+    return half_per_chunk(p) == 64 and m * staged_x_bytes(k) <= STAGED_ROWS_BYTES
 
 
 # Programmatic dependent launch (Hopper and later): a GEMV starts and loads its first weights while the kernel before
@@ -257,29 +245,7 @@ def stages_rows(m: int, k: int) -> bool:
 # tok/s), since the kernels around a GEMV did not take part; with TORCHINDUCTOR_ENABLE_PDL=1 Inductor's do.
 EARLY_LAUNCH = os.environ.get("LOWBIT_CUDA_PDL", "0") == "1"
 
-# Persistent blocks fed by a ring of cp.async stages (STAGES in the .cu): 0 keeps one block per 16 rows with the
-# next step's codes in registers. Not yet measured on a GPU, so off by default; LOWBIT_CUDA_STAGES=3 turns it on.
-STAGES = int(os.environ.get("LOWBIT_CUDA_STAGES", "0"))
-PERSISTENT_BLOCKS: int | None = None  # tests: this many blocks instead of as many as fit on the GPU
-
-_TABLES: dict[str, torch.Tensor] = {}
-
-
-# The +rht input transform folded into the batch-1 staging of the activations (RHT in the .cu), at most RHT_MAX_E
-# elements per thread (K <= 16 x threads: 4096 with 8 warps, 8192 with 16). Compiled (NVRTC test) but not yet run on
-# a GPU, so off by default (LOWBIT_CUDA_FOLD_RHT=1 turns it on); meanwhile the transform is its own Triton launch.
-FOLD_RHT = os.environ.get("LOWBIT_CUDA_FOLD_RHT", "0") == "1"
-RHT_MAX_E = 16
-
-
-def can_fold(rot, x: torch.Tensor, p: Plan) -> bool:  # noqa: ANN001 - a RandomizedHadamard
-    """Whether the GEMV can apply ``rot`` (the input side of a rotated linear) while it stages the activations:
-    batch 1 staged in shared memory, a pure power-of-two transform of the whole row (no dense factor)."""
-    k = x.shape[-1]
-    if rot.m != 1 or rot.p != k or x.reshape(-1, k).shape[0] != 1 or not stages_rows(1, k):
-        return False
-    threads = warps_for(p, k) * 32
-    return k % threads == 0 and 1 <= k // threads <= RHT_MAX_E
+_TABLES: dict[str, torch.Tensor] = {}  # the decode tables of each (device, kind)
 
 
 def staged_x_bytes(k: int) -> int:
@@ -288,37 +254,15 @@ def staged_x_bytes(k: int) -> int:
     return -(-k // 64) * 128
 
 
-def ring_bytes(p: Plan, warps: int, stages: int) -> int:
-    """Shared memory of the cp.async ring: per stage, warp and lane 16 bytes of each of the two rows' codes (and
-    a 16-byte word of their chunk scales)."""
-    return stages * warps * 32 * 16 * (3 if p.chunk_scale() else 2)
-
-
-def _grid(kern: cuda_jit.Kernel, tiles: int, threads: int, shared: int, device: torch.device) -> int:
-    """Persistent blocks: as many as fit on the GPU at once (never more than the tiles), the tiles dealt evenly."""
-    slots = PERSISTENT_BLOCKS or _sm_count(device) * max(1, kern.occupancy(threads, shared))
-    per_block = -(-tiles // min(tiles, slots))
-    return -(-tiles // per_block)
-
-
-@cache
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def gemv(x: torch.Tensor, fmt: Format, qt: QuantizedTensor, p: Plan, gated: bool = False,
-         rot=None) -> torch.Tensor:  # noqa: ANN001 - rot: a RandomizedHadamard
+def gemv(x: torch.Tensor, fmt: Format, qt: QuantizedTensor, p: Plan, gated: bool = False) -> torch.Tensor:
     """y [M, N] = x [M <= 8, K] W^T, fp16 in and out, through the kernel planned by :func:`plan`. ``gated``: W is
-    a fused [gate; up] weight of 2N rows and y = silu(x gate^T) * (x up^T), computed from the fp32 sums. ``rot``:
-    the linear's input-side rotation, applied to x while it is staged (:func:`can_fold` must hold): y = (x R^T) W^T."""
+    a fused [gate; up] weight of 2N rows and y = silu(x gate^T) * (x up^T), computed from the fp32 sums."""
     m, k = x.shape
     n = qt.shape[0] // 2 if gated else qt.shape[0]
     if m > MAX_M or k != qt.shape[1]:
         raise ValueError(f"cuda gemv takes [<= {MAX_M}, {qt.shape[1]}] inputs, got {tuple(x.shape)}")
     if gated and qt.shape[0] % 2:
         raise ValueError(f"a gated GEMV needs [gate; up] rows, got {qt.shape[0]} rows")
-    if rot is not None and not can_fold(rot, x, p):
-        raise ValueError(f"cannot fold a rotation of {rot.n} ({rot.m} x {rot.p}) into a [{m}, {k}] GEMV")
     x = x.to(torch.float16).contiguous()
     if x.data_ptr() % 16:
         x = x.clone()
@@ -332,24 +276,16 @@ def gemv(x: torch.Tensor, fmt: Format, qt: QuantizedTensor, p: Plan, gated: bool
     else:
         codes, scales, groups = qt.data["codes"], qt.data["scale"], fmt.n_groups(k)
         mins = qt.data.get("min", scales)
-    staged = stages_rows(m, k)
+    staged = stages_rows(m, k, p)
     warps = warps_for(p, k)
     xs = 0 if not staged else 1 if m == 1 else 2  # XS: no staging, one row, or several
-    source = _source(p, xs, warps, min_blocks_for(warps), gated, STAGES, E8P_SIGN_ALU, rot is not None)
+    source = _source(p, xs, warps, min_blocks_for(warps), gated)
     kern = cuda_jit.kernel(source, "gemv_mma", x.device)
     rows_per_block = ROWS_PER_BLOCK // 2 if gated else ROWS_PER_BLOCK  # gated: 8 gate rows + their 8 up rows
     tiles = (n + rows_per_block - 1) // rows_per_block
-    shared = (m * staged_x_bytes(k) if staged else 0) + (ring_bytes(p, warps, STAGES) if STAGES else 0)
-    shared += 4 * k if rot is not None else 0  # the float32 row the transform works on
+    shared = m * staged_x_bytes(k) if staged else 0
     kern.allow_shared(shared)
-    blocks = _grid(kern, tiles, warps * 32, shared, x.device) if STAGES else tiles
-    signs, scale = x, 0.0
-    if rot is not None:  # the signs table the Triton transform reads, [1, K] float32 on the device (cached there)
-        from lowbit.kernels.triton_hadamard import _device_signs
-
-        signs, scale = _device_signs([rot], x.device), 1.0 / math.sqrt(k)
-    kern((blocks, 1, 1), (warps * 32, 1, 1),
-         [codes, scales, mins, x, y, _TABLES[key], n, k, m, groups, signs, ctypes.c_float(scale)],
+    kern((tiles, 1, 1), (warps * 32, 1, 1), [codes, scales, mins, x, y, _TABLES[key], n, k, m, groups],
          shared=shared, early=EARLY_LAUNCH and _hopper(x.device))
     return y
 

@@ -151,7 +151,6 @@ class Kernel:
         _check_cu(_driver().cuModuleGetFunction(ctypes.byref(self._fn), self._module, name.encode()),
                   f"find {name}")
         self._shared_allowed = 0  # set on the first launch that asks for any
-        self._occupancy: dict[tuple[int, int], int] = {}
 
     def attribute(self, attr: int) -> int:
         """``cuFuncGetAttribute``: e.g. 4 = registers per thread, 3 = local (spilled) bytes per thread."""
@@ -171,17 +170,6 @@ class Kernel:
             _check_cu(_driver().cuFuncSetAttribute(self._fn, 9, 100),  # PREFERRED_SHARED_MEMORY_CARVEOUT: max
                       f"shared memory carveout of {self.name}")
         self._shared_allowed = nbytes
-
-    def occupancy(self, threads: int, shared: int) -> int:
-        """Blocks of ``threads`` threads and ``shared`` bytes of dynamic shared memory that fit on one SM at once."""
-        key = (threads, shared)
-        if key not in self._occupancy:
-            n = ctypes.c_int()
-            _check_cu(_driver().cuOccupancyMaxActiveBlocksPerMultiprocessor(ctypes.byref(n), self._fn, threads,
-                                                                            ctypes.c_size_t(shared)),
-                      f"occupancy of {self.name}")
-            self._occupancy[key] = n.value
-        return self._occupancy[key]
 
     def __call__(self, grid: tuple[int, int, int], block: tuple[int, int, int], args: list, shared: int = 0,
                  early: bool = False) -> None:

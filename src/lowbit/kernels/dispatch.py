@@ -172,20 +172,6 @@ def dequant_matmul(x: torch.Tensor, fmt: Format, qt: QuantizedTensor) -> torch.T
     return y.reshape(*lead, n_out)
 
 
-def rotated_matmul(rot, x: torch.Tensor, fmt: Format, qt: QuantizedTensor) -> torch.Tensor:  # noqa: ANN001
-    """(x R^T) W^T for a rotated linear's input side ``rot`` and packed W: in one CUDA GEMV that transforms the
-    activations as it stages them where it can (:func:`lowbit.kernels.cuda_gemv.can_fold`), else
-    :func:`rotate_input` then :func:`dequant_matmul`."""
-    cplan = cuda_gemv_plan(x, fmt, qt.shape)
-    if cplan is not None:
-        from lowbit.kernels import cuda_gemv
-
-        if cuda_gemv.FOLD_RHT and cuda_gemv.can_fold(rot, x, cplan):
-            y = cuda_gemv.gemv(x.reshape(-1, x.shape[-1]), fmt, qt, cplan, rot=rot)
-            return y.to(x.dtype).reshape(*x.shape[:-1], qt.shape[0])
-    return dequant_matmul(rotate_input(rot, x), fmt, qt)
-
-
 def gated_matmul(x: torch.Tensor, fmt: Format, qt: QuantizedTensor) -> torch.Tensor:
     """silu(x gate^T) * (x up^T) for a fused [gate; up] packed weight (2N rows); x [..., in] -> [..., N]. The CUDA
     GEMV computes it in its epilogue, from fp32 sums; elsewhere it is :func:`dequant_matmul`, then F.silu * up."""

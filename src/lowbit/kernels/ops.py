@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 
 from lowbit.formats import QuantizedTensor, get_format
-from lowbit.kernels.dispatch import dequant_matmul, gated_matmul, rotated_matmul
+from lowbit.kernels.dispatch import dequant_matmul, gated_matmul
 
 
 def _packed_matmul_op(name: str, matmul: Callable, out_rows: Callable[[int], int]):  # noqa: ANN202 - a custom op
@@ -38,20 +38,3 @@ def _packed_matmul_op(name: str, matmul: Callable, out_rows: Callable[[int], int
 qmatmul = _packed_matmul_op("qmatmul", dequant_matmul, lambda rows: rows)
 # silu(x gate^T) * (x up^T) for a fused [gate; up] weight (dispatch.gated_matmul)
 qmatmul_gated = _packed_matmul_op("qmatmul_gated", gated_matmul, lambda rows: rows // 2)
-
-
-@torch.library.custom_op("lowbit::qmatmul_rotated", mutates_args=())
-def qmatmul_rotated(x: torch.Tensor, rot_n: int, rot_seed: int, rot_layout: int, format_name: str, out_features: int,
-                    in_features: int, keys: str, tensors: list[torch.Tensor]) -> torch.Tensor:
-    """(x R^T) W^T for the input-side rotation R given by (n, seed, layout) (dispatch.rotated_matmul)."""
-    from lowbit.rotations.incoherence import _hadamard
-
-    data = dict(zip(keys.split(","), tensors, strict=True))
-    qt = QuantizedTensor(format_name, (out_features, in_features), data)
-    return rotated_matmul(_hadamard(rot_n, rot_seed, rot_layout), x, get_format(format_name), qt)
-
-
-@qmatmul_rotated.register_fake
-def _rotated_shape(x: torch.Tensor, rot_n: int, rot_seed: int, rot_layout: int, format_name: str, out_features: int,
-                   in_features: int, keys: str, tensors: list[torch.Tensor]) -> torch.Tensor:
-    return x.new_empty(*x.shape[:-1], out_features)

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from lowbit.formats import QuantizedTensor
-from lowbit.kernels.dispatch import rotate_outputs
+from lowbit.kernels.dispatch import rotate_input, rotate_outputs
 from lowbit.models.quant_linear import QuantLinear
 from lowbit.models.walker import DECODER_LAYERS, decoder_layers
 from lowbit.rotations.incoherence import Rotation
@@ -104,7 +104,7 @@ class FusedGroup:
         """Member ``i``'s output for ``x``: computed with every member's when ``x`` is new (or for member 0)."""
         if i == 0 or self._x is not x:
             v = self.members[0]._v
-            y = self.linear(x) if v is None else self.linear.finish(self.linear.packed_matmul(x, v))
+            y = self.linear(x if v is None else rotate_input(v, x))
             if self.stacked_out:  # read each time: place_rotations may have given the members device copies
                 y = rotate_outputs([m._u for m in self.members], y)
             self._x, self._parts = x, y.split(self.sizes, dim=-1)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.formats import QuantizedTensor, get_format
-from lowbit.kernels.dispatch import dequant_matmul, gated_matmul, rotate_input, rotate_output, rotated_matmul
+from lowbit.kernels.dispatch import dequant_matmul, gated_matmul, rotate_input, rotate_output
 from lowbit.rotations.incoherence import Rotation
 
 
@@ -100,27 +100,20 @@ class QuantLinear(nn.Module):
             group, i = self._fused
             if torch.compiler.is_compiling() or group.intact(i):
                 return group.part(x, i)
-        if self.input_quant is None and not self._cache_on:
-            return self.finish(self.packed_matmul(x, self._v))
         if self._v is not None:
             x = rotate_input(self._v, x)  # Triton kernel where one runs, else self._v.apply(x)
         if self.input_quant is not None:
             x = self.input_quant(x)
-        y = F.linear(x, self._weight(x.dtype)) if self._cache_on else self.packed_matmul(x)
+        if self._cache_on:
+            y = F.linear(x, self._weight(x.dtype))
+        elif torch.compiler.is_compiling():  # one opaque node for torch.compile (same kernels as below)
+            from lowbit.kernels.ops import qmatmul
+
+            y = qmatmul(x, self.format_name, self.out_features, self.in_features, ",".join(self._keys),
+                        [getattr(self, k) for k in self._keys])
+        else:  # packed kernel where one runs (CUDA), else the dequantize-then-matmul reference
+            y = dequant_matmul(x, self.fmt, self.quantized())
         return self.finish(y)
-
-    def packed_matmul(self, x: torch.Tensor, rot=None) -> torch.Tensor:  # noqa: ANN001 - a RandomizedHadamard
-        """x W^T from the packed weight; with ``rot``, (x R^T) W^T, the rotation done inside the GEMV where it can
-        be (dispatch.rotated_matmul). Under torch.compile one opaque custom op (the same kernels)."""
-        if torch.compiler.is_compiling():
-            from lowbit.kernels.ops import qmatmul, qmatmul_rotated
-
-            args = (self.format_name, self.out_features, self.in_features, ",".join(self._keys),
-                    [getattr(self, k) for k in self._keys])
-            return qmatmul(x, *args) if rot is None else qmatmul_rotated(x, rot.n, rot.seed, rot.layout, *args)
-        if rot is None:  # packed kernel where one runs (CUDA), else the dequantize-then-matmul reference
-            return dequant_matmul(x, self.fmt, self.quantized())
-        return rotated_matmul(rot, x, self.fmt, self.quantized())
 
     def gated(self, x: torch.Tensor) -> torch.Tensor:
         """silu(x gate^T) * (x up^T) for a linear whose rows are [gate; up] (a fused gate/up projection without

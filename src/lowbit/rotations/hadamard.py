@@ -27,12 +27,16 @@ import torch
 
 
 def fwht(x: torch.Tensor) -> torch.Tensor:
-    """Orthonormal fast Walsh-Hadamard transform along the last dimension (a power of two)."""
+    """Orthonormal fast Walsh-Hadamard transform along the last dimension (a power of two). fp16/bf16 inputs are
+    transformed in float32: the unnormalized butterflies grow by up to 2^stages, so fp16 would round at every stage
+    and can overflow on activations of a few thousand (SmolLM2 has such channels)."""
     n = x.shape[-1]
     if n & (n - 1):
         raise ValueError(f"fwht needs a power-of-two length, got {n}")
     shape = x.shape
     y = x.reshape(-1, n)
+    if y.dtype in (torch.float16, torch.bfloat16):
+        y = y.float()
     h = 1
     while h < n:
         y = y.view(-1, n // (2 * h), 2, h)
@@ -112,10 +116,12 @@ class RandomizedHadamard:
             self.kind = f"random orthogonal {self.m} x fwht {self.p}"
 
     def _kron(self, x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-        # index i = a * p + b  (a < m, b < p): apply factor on a, Hadamard on b
-        y = fwht(x.reshape(*x.shape[:-1], self.m, self.p))
+        # index i = a * p + b  (a < m, b < p): apply factor on a, Hadamard on b; fp16/bf16 in float32 throughout
+        # (see fwht), rounded once at the end, as the Triton kernel does
+        y = x.reshape(*x.shape[:-1], self.m, self.p)
+        y = fwht(y.float() if y.dtype in (torch.float16, torch.bfloat16) else y)
         y = torch.einsum("ij,...jb->...ib", factor.to(y), y)
-        return y.reshape(x.shape)
+        return y.reshape(x.shape).to(x.dtype)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """x @ R^T along the last dimension."""

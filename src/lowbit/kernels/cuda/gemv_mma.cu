@@ -12,12 +12,6 @@
 //   XS           1: the batch-1 activation row staged once per block in (dynamic) shared memory; 2: all M rows
 //   MIN_BLOCKS   blocks that must fit on one SM at once (__launch_bounds__: caps the registers per thread)
 //   GATED        1: W is [gate; up] (2N rows, a fused gate/up projection) and y = silu(x gate^T) * (x up^T), [M, N]
-//   STAGES       0: one block per row block, each warp's next step held in registers. n >= 2: persistent blocks
-//                (as many as fit on the GPU, each looping over row blocks) fed by a ring of n cp.async stages in
-//                shared memory, so loads in flight cost no registers and run on across row-block boundaries
-//   E8P_SIGN_ALU 1: E8P's sign-byte word computed in ALU instructions instead of read from a shared-memory table
-//   RHT          1 (with XS): the +rht input transform done while staging the row (stage_rotated); RHT_MAX_E
-//                bounds the elements a thread holds
 //
 // Layout of the work. A block owns 16 rows (GATED: 8 gate rows and the 8 up rows N further on, as its rows g and
 // g + 8, so each lane holds a gate sum and the matching up sum and applies the epilogue in fp32). Lane (g, t) of a
@@ -123,7 +117,7 @@ DEV u32 word(const U4& v, int j) { return j == 0 ? v.x : j == 1 ? v.y : j == 2 ?
 // at u ^ ((u / 8) % 8): the four lanes t of a quad read chunks 4 s + t at the same offset, which without the XOR
 // would be 128 (or 64) bytes apart, all in the same banks. Without XS they come from global memory (L1/L2).
 // Dynamic shared memory: the staged activation row (XS; its 16-byte units padded to a multiple of 8, since the
-// swizzle below moves a unit within its aligned group of 8), then the ring (STAGES).
+// swizzle below moves a unit within its aligned group of 8).
 extern __shared__ U4 dyn[];
 #define XS_UNITS(K) (((K) / 8 + 7) / 8 * 8)  // 16-byte units of one staged row, padded to whole swizzle groups
 // The activations of batch column g (rows past M repeat row M - 1): staged in shared memory (XS) or in global memory.
@@ -201,24 +195,8 @@ DEV void word_mma(float* d, u32 wa, u32 wb, const u32* xr, u32 sa, u32 sb, u32 m
 // mantissa of 0x6410 (bit 0 is always 1), giving 1024 + 16 n; n / 2 - 4 -/+ 1/4 follows in one HFMA2.
 __shared__ u32 e8p_abs[256];
 __shared__ u32 e8p_sign[256];
-#if E8P_SIGN_ALU
-// T[sign byte] computed instead of looked up (cuda_gemv.e8p_sign_word replays it; tested equal to the table): bits
-// 0-3 of the byte (after the parity flip of bit 0) go to the nibbles of coordinates 0, 2, 4, 6, bits 4-7 to 1, 3, 5,
-// 7, each as 14; the multiply by 0x00204081 moves bit j of a 4-bit value to bit 8j without carries. 12 ALU
-// instructions instead of a shared-memory load whose random addresses conflict across the warp's banks.
-DEV u32 e8p_sign_word(u32 sb) {
-    const u32 par = __popc(sb) & 1u;
-    const u32 s = sb ^ par;
-    const u32 lo = ((s & 0xfu) * 0x00204081u) & 0x01010101u;
-    const u32 hi = (((s >> 4) & 0xfu) * 0x00204081u) & 0x01010101u;
-    return ((lo | (hi << 4)) * 14u) | par;
-}
-#define E8P_SIGN(b) e8p_sign_word(b)
-#else
-#define E8P_SIGN(b) e8p_sign[b]
-#endif
 DEV void code_pairs(u32 code, u32* p) {
-    const u32 e = e8p_abs[(code >> 8) & 0xffu] ^ E8P_SIGN(code & 0xffu);
+    const u32 e = e8p_abs[(code >> 8) & 0xffu] ^ e8p_sign[code & 0xffu];
     const u32 o = 0xD088D088u - (e & 1u) * 0x00100010u;  // -36.25 (shift -1/4) or -35.75 (+1/4)
     p[0] = hfma2(lop3_and_or(e << 4, 0x00e000e0u, 0x64106410u), 0x28002800u, o);  // x 1/32
     p[1] = hfma2(lop3_and_or(e, 0x00e000e0u, 0x64106410u), 0x28002800u, o);
@@ -334,76 +312,16 @@ DEV Step load_step(const U4* ca, const U4* cb, const u16* sa_row, const u16* sb_
     return st;
 }
 
-#if RHT
-// The +rht input transform folded into the staging (XS, K = 2^L, one sign per column): the row staged is
-// fp16(FWHT(x * signs) * rscale), the very numbers triton_hadamard's kernel stores (float32 butterflies in the same
-// stage order, each (a + b, a - b) with a the lower index; the sign products are exact, so a contraction into FMA
-// changes nothing). Thread i holds elements [i E, i E + E), E = K / threads: the stages within E in registers, those
-// within a warp's 32 E through shuffles, the rest through a float32 copy of the row in shared memory (rht_buf).
-DEV void butterfly_smem(float* buf, int K, int h) {
-    for (int b = threadIdx.x; b < K / 2; b += WARPS * 32) {
-        const int i = (b / h) * 2 * h + b % h;
-        const float a = buf[i], c = buf[i + h];
-        buf[i] = a + c;
-        buf[i + h] = a - c;
-    }
-}
-DEV void stage_rotated(const u16* x, const float* rsigns, float rscale, int K, float* buf) {
-    constexpr int T = WARPS * 32;
-    const int E = K / T, tid = threadIdx.x, lane = tid & 31;  // E: a power of two, 2..MAX_E (cuda_gemv.can_fold)
-    float v[RHT_MAX_E];
-#pragma unroll
-    for (int e = 0; e < RHT_MAX_E; ++e)
-        if (e < E) v[e] = half_lo_to_float((u32)x[tid * E + e]) * rsigns[tid * E + e];
-#pragma unroll
-    for (int h = 1; h < RHT_MAX_E; h <<= 1)
-        if (h < E)
-#pragma unroll
-            for (int e = 0; e < RHT_MAX_E; ++e)
-                if (e < E && !(e & h)) {
-                    const float a = v[e], c = v[e + h];
-                    v[e] = a + c;
-                    v[e + h] = a - c;
-                }
-    for (int m = 1; m < 32; m <<= 1)  // stage h = m E: partner lane ^ m holds the same offsets
-#pragma unroll
-        for (int e = 0; e < RHT_MAX_E; ++e)
-            if (e < E) {
-                const float o = __shfl_xor_sync(0xffffffffu, v[e], m);
-                v[e] = (lane & m) ? o - v[e] : v[e] + o;
-            }
-#pragma unroll
-    for (int e = 0; e < RHT_MAX_E; ++e)
-        if (e < E) buf[tid * E + e] = v[e];
-    __syncthreads();
-    for (int h = 32 * E; h < K; h <<= 1) {
-        butterfly_smem(buf, K, h);
-        __syncthreads();
-    }
-    for (int u = tid; u < K / 8; u += T) {
-        u32 w[4];
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-            w[j] = (u32)float_to_half(buf[8 * u + 2 * j] * rscale) | ((u32)float_to_half(buf[8 * u + 2 * j + 1] * rscale) << 16);
-        const U4 q = {w[0], w[1], w[2], w[3]};
-        dyn[u ^ ((u >> 3) & 7)] = q;
-    }
-}
-#endif
-
-// Set-up of a block, in both kernels: the decode tables and (XS) the activation row into shared memory (RHT: the
-// row's randomized Hadamard transform). The caller synchronises the block before they are read.
-DEV void stage_block(const u32* tables, const u16* x, int K, int M, const float* rsigns, float rscale,
-                     float* rht_buf) {
+// Set-up of a block: the decode tables and (XS) the activation rows into shared memory. The caller synchronises
+// the block before they are read.
+DEV void stage_block(const u32* tables, const u16* x, int K, int M) {
 #if KIND == 1
     for (int i = threadIdx.x; i < 512; i += WARPS * 32) (i < 256 ? e8p_abs : e8p_sign)[i & 255] = tables[i];
 #elif KIND == 2
     for (int i = threadIdx.x; i < 256; i += WARPS * 32) iq2_grid[i] = ((const U4*)tables)[i];
 #endif
     wait_for_inputs();  // x is the output of the kernel before
-#if XS && RHT
-    stage_rotated(x, rsigns, rscale, K, rht_buf);
-#elif XS == 1
+#if XS == 1
     for (int u = threadIdx.x; u < K / 8; u += WARPS * 32) dyn[u ^ ((u >> 3) & 7)] = ld_cached((const U4*)x + u);
 #elif XS == 2
     for (int u = threadIdx.x; u < M * (K / 8); u += WARPS * 32) {
@@ -441,162 +359,10 @@ DEV void store_rows(float* d, float (*part)[32][4], int row0, u16* y, int N, int
 #endif
 }
 
-#if STAGES
-// ----- persistent blocks fed by a cp.async ring -----------------------------------------------------------------
-// Each block loops over row blocks (tiles) blockIdx.x, + gridDim.x, ...; each warp over its steps of a tile (as
-// above: warp w takes steps w, w + WARPS, ...). Its sequence of (tile, step) is one stream i = 0, 1, ...: the codes
-// of step i + STAGES are requested (cp.async, 16 bytes per row and lane, zero-filled past the row's end) when step i
-// has been decoded, into ring slot i % STAGES of this lane, so STAGES steps are in flight through the whole kernel,
-// tile boundaries included, and hold no registers. A lane reads back only what it copied itself, so no barrier
-// guards the ring. With CHUNK_SCALE the chunk's scales (and mins) come the same way, as the aligned 4-byte word
-// holding each fp16 (2 bytes copied, the rest zero-filled, when the fp16 starts a word).
-#if ROW_SCALE || !CHUNK_SCALE
-#define RING_PARTS 2
-#else
-#define RING_PARTS 3
-#endif
-DEV u32 smem_addr(const void* p) {
-    unsigned long long a;
-    asm("cvta.to.shared.u64 %0, %1;" : "=l"(a) : "l"(p));
-    return (u32)a;
-}
-DEV void cp16(u32 dst, const void* src, bool in) {  // 16 bytes, or 16 zeros when !in (src is then not read)
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(dst), "l"(src), "r"(in ? 16 : 0) : "memory");
-}
-DEV void cp_half(u32 dst, const u16* src) {  // the aligned word holding *src: fp16 in its low or high half
-    const bool hi = ((unsigned long long)src) & 2;
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" :: "r"(dst), "l"(hi ? src - 1 : src), "r"(hi ? 4 : 2)
-                 : "memory");
-}
-DEV u32 half_of(u32 w, const u16* src) {  // the fp16 cp_half copied, duplicated into both halves
-    const u32 h = (((unsigned long long)src) & 2) ? w >> 16 : w & 0xffffu;
-    return h | (h << 16);
-}
-DEV void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-DEV void cp_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(STAGES - 1) : "memory"); }
-
-struct Tile {  // one row block: its rows, code rows and scale rows
-    int row0, ra, rb;
-    const U4 *ca, *cb;
-    const u16 *sa, *sb, *ma, *mb;
-};
-DEV Tile tile_at(int tile, const u32* codes, const u16* scales, const u16* mins, int N, int chunks, int groups, int g) {
-    Tile r;
-#if GATED
-    r.row0 = tile * 8;
-    r.ra = min(r.row0 + g, N - 1);
-    r.rb = r.ra + N;
-#else
-    r.row0 = tile * 16;
-    r.ra = min(r.row0 + g, N - 1);
-    r.rb = min(r.row0 + g + 8, N - 1);
-#endif
-    r.ca = (const U4*)codes + (size_t)r.ra * chunks;
-    r.cb = (const U4*)codes + (size_t)r.rb * chunks;
-    r.sa = scales + (size_t)r.ra * groups;
-    r.sb = scales + (size_t)r.rb * groups;
-    r.ma = mins + (size_t)r.ra * groups;
-    r.mb = mins + (size_t)r.rb * groups;
-    return r;
-}
-DEV int scale_group(int c, int chunks) {  // chunk c's scale group; 0 on idle lanes (their reads stay in the row)
-    const int k = c < chunks ? c * HALF_PER_CHUNK : 0;
-#if KIND == 2
-    return k >> 8;
-#else
-    return k >> GROUP_SHIFT;
-#endif
-}
-
 extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
 gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u16* __restrict__ mins,
          const u16* __restrict__ x, u16* __restrict__ y, const u32* __restrict__ tables, int N, int K, int M,
-         int groups, const float* __restrict__ rsigns, float rscale) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int g = lane >> 2, t = lane & 3;
-    const int chunks = K / HALF_PER_CHUNK, steps = (chunks + 3) / 4;
-    const int tiles = GATED ? (N + 7) / 8 : (N + 15) / 16;
-    const int nq = warp < steps ? (steps - warp + WARPS - 1) / WARPS : 0;  // this warp's steps per tile
-    const int my_tiles = (int)blockIdx.x < tiles ? (tiles - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
-    const int total = my_tiles * nq;
-    U4* ring = dyn + (XS ? M * XS_UNITS(K) : 0);  // after the staged rows, as cuda_gemv.py sizes it
-    const int slot0 = warp * 32 + lane, part_stride = STAGES * WARPS * 32;
-    auto issue = [&](int i) {  // request step i of this warp's stream into slot i % STAGES
-        if (i < total) {
-            const Tile r = tile_at(blockIdx.x + (i / nq) * gridDim.x, codes, scales, mins, N, chunks, groups, g);
-            const int c = 4 * (warp + (i % nq) * WARPS) + t;
-            const bool in = c < chunks;
-            U4* s = ring + (i % STAGES) * WARPS * 32 + slot0;
-            cp16(smem_addr(s), in ? r.ca + c : r.ca, in);
-            cp16(smem_addr(s + part_stride), in ? r.cb + c : r.cb, in);
-#if RING_PARTS == 3
-            const int q = scale_group(c, chunks);
-            const u32 sd = smem_addr(s + 2 * part_stride);
-            cp_half(sd, r.sa + q);
-            cp_half(sd + 4, r.sb + q);
-#if ASYM
-            cp_half(sd + 8, r.ma + q);
-            cp_half(sd + 12, r.mb + q);
-#endif
-#endif
-        }
-        cp_commit();  // an empty group past the end keeps the count of groups in step with i
-    };
-#pragma unroll
-    for (int i = 0; i < STAGES; ++i) issue(i);  // in flight during the set-up below
-    stage_block(tables, x, K, M, rsigns, rscale, (float*)(ring + RING_PARTS * part_stride));  // RHT: after the ring
-    __syncthreads();
-    const U4* xc = activation_row(x, g, M, K);
-    __shared__ float part[WARPS][32][4];
-    int i = 0;
-    for (int j = 0; j < my_tiles; ++j) {
-        const Tile r = tile_at(blockIdx.x + j * gridDim.x, codes, scales, mins, N, chunks, groups, g);
-#if ROW_SCALE
-        const u32 rsa = ld_half(r.sa), rsb = ld_half(r.sb);  // needed at the tile's end: requested now
-#endif
-        float d[4] = {0.f, 0.f, 0.f, 0.f};
-        for (int q = 0; q < nq; ++q, ++i) {
-            cp_wait();  // step i has landed
-            const U4* s = ring + (i % STAGES) * WARPS * 32 + slot0;
-            const U4 wa = s[0], wb = s[part_stride];
-            const int c = 4 * (warp + q * WARPS) + t;
-            const bool ok = c < chunks;
-            u32 csa = 0x3C003C00u, csb = 0x3C003C00u, cma = 0u, cmb = 0u;
-#if RING_PARTS == 3
-            const U4 sw = s[2 * part_stride];
-            const int gq = scale_group(c, chunks);
-            csa = half_of(sw.x, r.sa + gq);
-            csb = half_of(sw.y, r.sb + gq);
-#if ASYM
-            cma = half_of(sw.z, r.ma + gq);
-            cmb = half_of(sw.w, r.mb + gq);
-#endif
-#endif
-#if KIND == 2
-            iq2_sub(d, wa.x, wa.y, wb.x, wb.y, xc, c * HALF_PER_CHUNK / 8, csa, csb, ok);
-            iq2_sub(d, wa.z, wa.w, wb.z, wb.w, xc, c * HALF_PER_CHUNK / 8 + 4, csa, csb, ok);
-#else
-#pragma unroll
-            for (int w = 0; w < 4; ++w)
-                chunk_mma(d, word(wa, w), word(wb, w), xc, (c * HALF_PER_CHUNK + w * HALF_PER_WORD) / 8, r.sa, r.sb,
-                          r.ma, r.mb, ok ? c * HALF_PER_CHUNK + w * HALF_PER_WORD : 0, ok, csa, csb, cma, cmb);
-#endif
-            issue(i + STAGES);  // into the slot just read: its words are in registers and used
-        }
-#if ROW_SCALE
-        const float fa = half_lo_to_float(rsa), fb = half_lo_to_float(rsb);
-        d[0] *= fa; d[1] *= fa; d[2] *= fb; d[3] *= fb;
-#endif
-        store_rows(d, part, r.row0, y, N, M);
-        __syncthreads();  // part is rewritten by the next tile
-    }
-    release_dependents();
-}
-#else
-extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
-gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u16* __restrict__ mins,
-         const u16* __restrict__ x, u16* __restrict__ y, const u32* __restrict__ tables, int N, int K, int M,
-         int groups, const float* __restrict__ rsigns, float rscale) {
+         int groups) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
 #if GATED
@@ -621,7 +387,7 @@ gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u1
     const int steps = (chunks + 3) / 4;
     int c = warp * 4 + t;
     Step next = load_step(ca, cb, sa_row, sb_row, ma_row, mb_row, c, chunks);  // in flight during the set-up below
-    stage_block(tables, x, K, M, rsigns, rscale, (float*)(dyn + M * XS_UNITS(K)));  // RHT: after the row
+    stage_block(tables, x, K, M);
 #if KIND != 0 || XS
     __syncthreads();
 #endif
@@ -650,4 +416,3 @@ gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u1
     __shared__ float part[WARPS][32][4];
     store_rows(d, part, row0, y, N, M);
 }
-#endif
