@@ -102,9 +102,11 @@ def test_every_kernel_variant_compiles_for_ampere_and_hopper(name: str) -> None:
     p = cuda_gemv.plan(get_format(name), (64, 4096))
     for staged, gated in ((0, False), (1, False), (1, True), (2, False), (2, True)):  # XS: none, one row, several
         for warps in (cuda_gemv.WARPS_FEW, cuda_gemv.WARPS_MANY):
-            source = cuda_gemv._source(p, staged, warps, cuda_gemv.min_blocks_for(warps), gated)
-            for arch in ("sm_80", "sm_90"):
-                assert cuda_jit.compile_cubin(source, "gemv_mma.cu", arch)[:4] == b"\x7fELF"
+            for full in (False, True):  # K a whole number of steps or not
+                blocks = cuda_gemv.min_blocks_for(warps, 1 if staged == 1 else 8)
+                source = cuda_gemv._source(p, staged, warps, blocks, gated, full)
+                for arch in ("sm_80", "sm_90"):
+                    assert cuda_jit.compile_cubin(source, "gemv_mma.cu", arch)[:4] == b"\x7fELF"
 
 
 def test_batches_are_staged_within_their_budget(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -121,9 +123,10 @@ def test_batches_are_staged_within_their_budget(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_shared_memory_sizes() -> None:
-    """The staged row is padded to whole groups of 8 units (the swizzle stays inside them); chunk scales where a
-    16-byte chunk lies inside one scale group."""
-    assert cuda_gemv.staged_x_bytes(4096) == 8192 and cuda_gemv.staged_x_bytes(544) == 1152
+    """One staged row has a unit of padding after every 8; several rows are each padded to whole groups of 8 units
+    (the swizzle stays inside them); chunk scales where a 16-byte chunk lies inside one scale group."""
+    assert cuda_gemv.staged_bytes(1, 4096) == 8192 + 1024 and cuda_gemv.staged_bytes(1, 544) == 16 * (68 + 9)
+    assert cuda_gemv.staged_bytes(8, 4096) == 8 * 8192 and cuda_gemv.staged_bytes(2, 544) == 2 * 1152
     q4, nz2 = (cuda_gemv.plan(get_format(n), (64, 4096)) for n in ("q4_0", "nz2_ch"))
     assert q4.chunk_scale() and not nz2.chunk_scale()
 
@@ -240,10 +243,12 @@ def test_cuda_gemv_kernels_fit_their_blocks_without_spills(name: str, cols: int,
         pytest.skip(f"{name} at {cols} columns is not served")
     warps = cuda_gemv.warps_for(p, cols)
     staged = 0 if not cuda_gemv.stages_rows(m, cols, p) else 1 if m == 1 else 2
-    kern = cuda_jit.kernel(cuda_gemv._source(p, staged, warps, cuda_gemv.min_blocks_for(warps), False),
+    full = cols % (4 * cuda_gemv.half_per_chunk(p)) == 0
+    blocks = cuda_gemv.min_blocks_for(warps, m)
+    kern = cuda_jit.kernel(cuda_gemv._source(p, staged, warps, blocks, False, full),
                            "gemv_mma", torch.device("cuda"))
     assert kern.attribute(3) <= 16  # CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES
-    assert kern.attribute(4) * warps * 32 * cuda_gemv.min_blocks_for(warps) <= 65536  # NUM_REGS
+    assert kern.attribute(4) * warps * 32 * blocks <= 65536  # NUM_REGS
 
 
 @gpu

@@ -47,11 +47,12 @@ class Plan:
     row_scale: bool
     dq: tuple[tuple[float, float], ...]  # (A_i, B_i): level = A_i * magic_i + B_i, one per code position
 
-    def defines(self, staged_x: int = 0, warps: int = WARPS_FEW, min_blocks: int = 1, gated: bool = False) -> str:
+    def defines(self, staged_x: int = 0, warps: int = WARPS_FEW, min_blocks: int = 1, gated: bool = False,
+                full: bool = False) -> str:
         lines = [f"#define KIND {self.kind}", f"#define BITS {self.bits}", f"#define ASYM {int(self.asym)}",
                  f"#define GROUP_SHIFT {self.group_shift}", f"#define ROW_SCALE {int(self.row_scale)}",
                  f"#define WARPS {warps}", f"#define XS {int(staged_x)}", f"#define MIN_BLOCKS {min_blocks}",
-                 f"#define GATED {int(gated)}"]
+                 f"#define GATED {int(gated)}", f"#define FULL {int(full)}"]
         for i, (a, b) in enumerate(self.dq):
             lines += [f"#define DQ_A{i} 0x{_half2_bits(a):08x}u", f"#define DQ_B{i} 0x{_half2_bits(b):08x}u"]
         return "\n".join(lines) + "\n"
@@ -203,18 +204,23 @@ def _cached_layout(qs: torch.Tensor, cols: int) -> tuple[torch.Tensor, torch.Ten
 
 
 @cache
-def _source(p: Plan, staged_x: int = 0, warps: int = WARPS_FEW, min_blocks: int = 1, gated: bool = False) -> str:
-    return (p.defines(staged_x, warps, min_blocks, gated)
+def _source(p: Plan, staged_x: int = 0, warps: int = WARPS_FEW, min_blocks: int = 1, gated: bool = False,
+            full: bool = False) -> str:
+    return (p.defines(staged_x, warps, min_blocks, gated, full)
             + (cuda_jit.source_dir() / "gemv_mma.cu").read_text())
 
 
 
-def min_blocks_for(warps: int) -> int:
-    """Blocks of ``warps`` that must fit on an SM at once (``__launch_bounds__``): 2 of 16 warps (<= 64 registers
-    per thread) or 3 of 8 (<= 85). Measured on an H200 (docs/kernels.md): left free, the 16-warp 4-bit kernels took
-    66-80 registers, one block per SM, and ran 15-25% slower (q4_0 4096x11008 batch 1: 16.5 -> 13.7 us); 4 blocks
-    of 8 warps (<= 64 registers) slowed batch 8 on 2-bit rows (iq2_xxs 11008x4096: 28.0 -> 36.0 us, with spills)."""
-    return 2 if warps >= WARPS_MANY else 3
+def min_blocks_for(warps: int, m: int = 8) -> int:
+    """Blocks of ``warps`` that must fit on an SM at once (``__launch_bounds__``) for batch ``m``: 2 of 16 warps
+    (<= 64 registers per thread), 4 of 8 at batch 1 (<= 64) and 3 of 8 for batches (<= 85). Measured on an H200
+    (docs/kernels.md): left free, the 16-warp 4-bit kernels took 66-80 registers, one block per SM, and ran 15-25%
+    slower (q4_0 4096x11008 batch 1: 16.5 -> 13.7 us); 4 blocks of 8 warps (<= 64 registers) slowed batch 8 on
+    2-bit rows (iq2_xxs 11008x4096: 28.0 -> 36.0 us, with spills). At batch 1 the 8-warp kernels fit 64 registers
+    without spilling (NVRTC), so 4 blocks, 32 warps, stay resident per SM."""
+    if warps >= WARPS_MANY:
+        return 2
+    return 4 if m == 1 else 3
 
 
 # A batch-1 activation row up to this size is staged once per block in shared memory: the warps then read it
@@ -236,7 +242,7 @@ def stages_rows(m: int, k: int, p: Plan) -> bool:
         return False
     if m == 1:
         return 2 * k <= STAGED_X_BYTES
-    return half_per_chunk(p) == 64 and m * staged_x_bytes(k) <= STAGED_ROWS_BYTES
+    return half_per_chunk(p) == 64 and staged_bytes(m, k) <= STAGED_ROWS_BYTES
 
 
 # Programmatic dependent launch (Hopper and later): a GEMV starts and loads its first weights while the kernel before
@@ -248,10 +254,11 @@ EARLY_LAUNCH = os.environ.get("LOWBIT_CUDA_PDL", "0") == "1"
 _TABLES: dict[str, torch.Tensor] = {}  # the decode tables of each (device, kind)
 
 
-def staged_x_bytes(k: int) -> int:
-    """Shared memory of a staged activation row of ``k`` fp16: 16-byte units padded to a multiple of 8 (the
-    kernel's swizzle moves a unit within its aligned group of 8)."""
-    return -(-k // 64) * 128
+def staged_bytes(m: int, k: int) -> int:
+    """Shared memory of ``m`` staged activation rows of ``k`` fp16 (16-byte units): one row with a unit of padding
+    after every 8 (the kernel's XS 1), several rows each padded to a multiple of 8 units (XS_UNITS, swizzled)."""
+    units = -(-k // 8)
+    return 16 * (units + -(-units // 8)) if m == 1 else m * 16 * -(-units // 8) * 8
 
 
 def gemv(x: torch.Tensor, fmt: Format, qt: QuantizedTensor, p: Plan, gated: bool = False) -> torch.Tensor:
@@ -279,11 +286,12 @@ def gemv(x: torch.Tensor, fmt: Format, qt: QuantizedTensor, p: Plan, gated: bool
     staged = stages_rows(m, k, p)
     warps = warps_for(p, k)
     xs = 0 if not staged else 1 if m == 1 else 2  # XS: no staging, one row, or several
-    source = _source(p, xs, warps, min_blocks_for(warps), gated)
+    full = k % (4 * half_per_chunk(p)) == 0  # whole steps of 4 chunks: no lane past the row's end
+    source = _source(p, xs, warps, min_blocks_for(warps, m), gated, full)
     kern = cuda_jit.kernel(source, "gemv_mma", x.device)
     rows_per_block = ROWS_PER_BLOCK // 2 if gated else ROWS_PER_BLOCK  # gated: 8 gate rows + their 8 up rows
     tiles = (n + rows_per_block - 1) // rows_per_block
-    shared = m * staged_x_bytes(k) if staged else 0
+    shared = staged_bytes(m, k) if staged else 0
     kern.allow_shared(shared)
     kern((tiles, 1, 1), (warps * 32, 1, 1), [codes, scales, mins, x, y, _TABLES[key], n, k, m, groups],
          shared=shared, early=EARLY_LAUNCH and _hopper(x.device))

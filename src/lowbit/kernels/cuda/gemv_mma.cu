@@ -10,6 +10,7 @@
 //   ROW_SCALE    1 = one scale per row applied to the fp32 sums at the end (no per-weight multiply)
 //   WARPS        warps per block; they split K, and the block adds their partial sums
 //   XS           1: the batch-1 activation row staged once per block in (dynamic) shared memory; 2: all M rows
+//   FULL         1: K is a whole number of steps (4 chunks), so no lane's chunk lies past the row's end
 //   MIN_BLOCKS   blocks that must fit on one SM at once (__launch_bounds__: caps the registers per thread)
 //   GATED        1: W is [gate; up] (2N rows, a fused gate/up projection) and y = silu(x gate^T) * (x up^T), [M, N]
 //
@@ -113,13 +114,14 @@ DEV u32 word(const U4& v, int j) { return j == 0 ? v.x : j == 1 ? v.y : j == 2 ?
 #endif
 #define HALF_PER_CHUNK (4 * HALF_PER_WORD)  // weights in 16 bytes of codes
 
-// Activations, in 16-byte units u of the lane's batch row. With XS the row sits in shared memory, 16-byte unit u
-// at u ^ ((u / 8) % 8): the four lanes t of a quad read chunks 4 s + t at the same offset, which without the XOR
-// would be 128 (or 64) bytes apart, all in the same banks. Without XS they come from global memory (L1/L2).
-// Dynamic shared memory: the staged activation row (XS; its 16-byte units padded to a multiple of 8, since the
-// swizzle below moves a unit within its aligned group of 8).
+// Activations, in 16-byte units u of the lane's batch row. The four lanes t of a quad read chunks 4 s + t at the
+// same offset; 8-unit chunks 128 bytes apart (4-unit ones 64) would sit in the same shared-memory banks. Batch 1
+// (XS 1) stores unit u at u + u / 8, one unit of padding after every 8, so the quad's loads fall on different banks
+// and every load of a chunk is an immediate offset from one address per chunk. Several rows (XS 2) swizzle
+// instead, unit u at u ^ ((u / 8) % 8) (no padding: batch 8 at K = 4096 stays within 64 KB). Without XS the
+// activations come from global memory (L1/L2).
 extern __shared__ U4 dyn[];
-#define XS_UNITS(K) (((K) / 8 + 7) / 8 * 8)  // 16-byte units of one staged row, padded to whole swizzle groups
+#define XS_UNITS(K) (((K) / 8 + 7) / 8 * 8)  // 16-byte units of one swizzled row (XS 2), whole swizzle groups
 // The activations of batch column g (rows past M repeat row M - 1): staged in shared memory (XS) or in global memory.
 DEV const U4* activation_row(const u16* x, int g, int M, int K) {
 #if XS == 2
@@ -130,11 +132,41 @@ DEV const U4* activation_row(const u16* x, int g, int M, int K) {
     return (const U4*)(x + (size_t)min(g, M - 1) * K);
 #endif
 }
-#if XS
-DEV U4 ld_x(const U4* xrow, int u) { return xrow[u ^ ((u >> 3) & 7)]; }  // xrow: the lane's row in shared memory
+// A chunk's activations start at unit u0 of the row: xchunk() once per chunk, then x_at(xb, u0, v) for its units
+// u0 + v (u0 % 8 + v < 8: the unit stays in u0's group of 8).
+DEV const U4* xchunk(const U4* xrow, int u0) {
+#if XS == 1
+    return xrow + u0 + (u0 >> 3);
+#elif XS == 2
+    return xrow;
 #else
-DEV U4 ld_x(const U4* xrow, int u) { return ld_cached(xrow + u); }
+    return xrow + u0;
 #endif
+}
+DEV U4 x_at(const U4* xb, int u0, int v) {
+#if XS == 1
+    return xb[v];
+#elif XS == 2
+    const int u = u0 + v;
+    return xb[u ^ ((u >> 3) & 7)];
+#else
+    return ld_cached(xb + v);
+#endif
+}
+// The MMA's B fragment pairs activation k with k + G / 2 within each group of G (16 for 2-bit grids, 8 for 4-bit
+// grids and E8P: the order the fp16 magic-number decode yields weights in). Staged rows (XS) are stored in that
+// order (stage_block), so the fragments are plain words: b0 = word 2m, b1 = word 2m + 1 of the group. Rows read
+// from global memory are permuted here, two PRMTs per MMA.
+#define PREPERM (XS && KIND != 2)
+DEV void b_frag(const u32* xr, int m, int half, u32& b0, u32& b1) {
+#if PREPERM
+    b0 = xr[2 * m];
+    b1 = xr[2 * m + 1];
+#else
+    b0 = prmt(xr[m], xr[m + half], 0x5410u);  // (x_2m, x_2m+G/2)
+    b1 = prmt(xr[m], xr[m + half], 0x7632u);  // (x_2m+1, x_2m+1+G/2)
+#endif
+}
 #define LOG2_HALF_PER_CHUNK (HALF_PER_CHUNK == 64 ? 6 : 5)
 // scale (and min) of a pair: group scales per weight, or none when the row scale multiplies the fp32 sums
 // Where every 16-byte chunk lies inside one scale group (IQ2_XXS: d per 256 weights), the chunk's scales are
@@ -184,8 +216,9 @@ DEV void word_mma(float* d, u32 wa, u32 wb, const u32* xr, u32 sa, u32 sb, u32 m
             const u32 v = hfma2(lop3_and_or(DQ_SRC(h % 2 ? wb : wa, i), DQ_MASK(i), MAGIC), A[i], B[i]);
             a[h] = h % 2 ? APPLY_SCALE(v, sb, mb) : APPLY_SCALE(v, sa, ma);
         }
-        mma(d, a[0], a[1], a[2], a[3], prmt(xr[m], xr[m + PAIRS / 2], 0x5410u),
-            prmt(xr[m], xr[m + PAIRS / 2], 0x7632u));
+        u32 b0, b1;
+        b_frag(xr, m, PAIRS / 2, b0, b1);
+        mma(d, a[0], a[1], a[2], a[3], b0, b1);
     }
 }
 #elif KIND == 1
@@ -212,8 +245,8 @@ DEV void word_mma(float* d, u32 wa, u32 wb, const u32* xr, u32 sa, u32 sb, u32 m
         const u32* xc = xr + 4 * h;
 #pragma unroll
         for (int m = 0; m < 2; ++m) {
-            u32 b0 = prmt(xc[m], xc[m + 2], 0x5410u);  // (x_{2m}, x_{2m+4})
-            u32 b1 = prmt(xc[m], xc[m + 2], 0x7632u);
+            u32 b0, b1;
+            b_frag(xc, m, 2, b0, b1);
             mma(d, APPLY_SCALE(pa[2 * m], sa, ma), APPLY_SCALE(pb[2 * m], sb, mb),
                 APPLY_SCALE(pa[2 * m + 1], sa, ma), APPLY_SCALE(pb[2 * m + 1], sb, mb), b0, b1);
         }
@@ -243,13 +276,14 @@ DEV u32 iq2_scale(u32 d2, u32 aux1) {  // d2: the superblock's d, fp16 in both h
     const u32 h = float_to_half(d * (0.5f + (float)(aux1 >> 28)) * 0.25f);
     return h | (h << 16);
 }
-// one sub-block (32 weights) of both rows: (qa0, qa1) and (qb0, qb1) are their aux32 words, unit u of xrow its
-// activations
-DEV void iq2_sub(float* d, u32 qa0, u32 qa1, u32 qb0, u32 qb1, const U4* xrow, int u, u32 da, u32 db, bool ok) {
+// one sub-block (32 weights) of both rows: (qa0, qa1) and (qb0, qb1) are their aux32 words, units u0 + off .. + 3
+// of the chunk's activations (xb = xchunk(xrow, u0)) its activations
+DEV void iq2_sub(float* d, u32 qa0, u32 qa1, u32 qb0, u32 qb1, const U4* xb, int u0, int off, u32 da, u32 db,
+                 bool ok) {
     const u32 sa = iq2_scale(da, qa1), sb = iq2_scale(db, qb1);
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
-        const U4 xq = ok ? ld_x(xrow, u + c) : zero4();
+        const U4 xq = ok ? x_at(xb, u0, off + c) : zero4();
         u32 pa[4], pb[4];
         iq2_code((qa0 >> (8 * c)) & 0xffu, (qa1 >> (7 * c)) & 0x7fu, sa, pa);
         iq2_code((qb0 >> (8 * c)) & 0xffu, (qb1 >> (7 * c)) & 0x7fu, sb, pb);
@@ -261,13 +295,14 @@ DEV void iq2_sub(float* d, u32 qa0, u32 qa1, u32 qb0, u32 qb1, const U4* xrow, i
 
 
 #if KIND != 2
-// chunk c of both rows: this lane's words wa, wb; activations of the lane's word start at unit u of xrow
-DEV void chunk_mma(float* d, u32 wa, u32 wb, const U4* xrow, int u, const u16* sa_row, const u16* sb_row, const u16* ma_row,
-                   const u16* mb_row, int k, bool ok, u32 csa, u32 csb, u32 cma, u32 cmb) {
+// one word of chunk c of both rows: this lane's words wa, wb; their activations are units u0 + off, ... of the
+// chunk's (xb = xchunk(xrow, u0))
+DEV void chunk_mma(float* d, u32 wa, u32 wb, const U4* xb, int u0, int off, const u16* sa_row, const u16* sb_row,
+                   const u16* ma_row, const u16* mb_row, int k, bool ok, u32 csa, u32 csb, u32 cma, u32 cmb) {
     u32 xr[HALF_PER_WORD / 2];
 #pragma unroll
     for (int v = 0; v < HALF_PER_WORD / 8; ++v) {
-        U4 q = ok ? ld_x(xrow, u + v) : zero4();
+        U4 q = ok ? x_at(xb, u0, off + v) : zero4();
         xr[4 * v] = q.x; xr[4 * v + 1] = q.y; xr[4 * v + 2] = q.z; xr[4 * v + 3] = q.w;
     }
     u32 sa = 0x3C003C00u, sb = 0x3C003C00u, ma = 0u, mb = 0u;  // 1.0, 0.0
@@ -287,16 +322,18 @@ DEV void chunk_mma(float* d, u32 wa, u32 wb, const U4* xrow, int u, const u16* s
 
 // One step of a lane: 16 bytes of codes of both rows (chunk c) and, with CHUNK_SCALE, the chunk's scales and mins.
 struct Step { U4 a, b; u32 sa, sb, ma, mb; };
-DEV Step load_step(const U4* ca, const U4* cb, const u16* sa_row, const u16* sb_row, const u16* ma_row,
-                   const u16* mb_row, int c, int chunks) {
+// pa, pb point at chunk c of the two code rows. Past the row's end (lanes of a partial last step, and without FULL
+// the prefetch after the last step) the caller passes the row's last chunk, a valid address, instead of predicating
+// the loads, and zeroes those lanes' activations.
+DEV Step load_step(const U4* pa, const U4* pb, const u16* sa_row, const u16* sb_row, const u16* ma_row,
+                   const u16* mb_row, int c) {
     Step st;
-    const bool in = c < chunks;
-    st.a = in ? ld_stream(ca + c) : zero4();
-    st.b = in ? ld_stream(cb + c) : zero4();
+    st.a = ld_stream(pa);
+    st.b = ld_stream(pb);
     st.sa = st.sb = 0x3C003C00u;
     st.ma = st.mb = 0u;
 #if CHUNK_SCALE
-    const int k = in ? c * HALF_PER_CHUNK : 0;  // k = 0 on idle lanes: their scale reads stay inside the row
+    const int k = c * HALF_PER_CHUNK;
 #if KIND == 2
     st.sa = ld_half(sa_row + (k >> 8));
     st.sb = ld_half(sb_row + (k >> 8));
@@ -321,12 +358,38 @@ DEV void stage_block(const u32* tables, const u16* x, int K, int M) {
     for (int i = threadIdx.x; i < 256; i += WARPS * 32) iq2_grid[i] = ((const U4*)tables)[i];
 #endif
     wait_for_inputs();  // x is the output of the kernel before
+#if XS
+    // groups of SG units (the fragment group G, b_frag), permuted into fragment order, at their staged places
+    constexpr int SG = (KIND == 0 && BITS == 2) ? 2 : 1;
+    const int units = K / 8;
+    for (int q = threadIdx.x; q < M * (units / SG); q += WARPS * 32) {
+        const int row = XS == 1 ? 0 : q / (units / SG), u = (q - row * (units / SG)) * SG;
+        u32 w[4 * SG];
+#pragma unroll
+        for (int i = 0; i < SG; ++i) {
+            const U4 v = ld_cached((const U4*)x + (size_t)row * units + u + i);
+            w[4 * i] = v.x; w[4 * i + 1] = v.y; w[4 * i + 2] = v.z; w[4 * i + 3] = v.w;
+        }
+#if PREPERM
+        u32 o[4 * SG];
+#pragma unroll
+        for (int m = 0; m < 2 * SG; ++m) {
+            o[2 * m] = prmt(w[m], w[m + 2 * SG], 0x5410u);
+            o[2 * m + 1] = prmt(w[m], w[m + 2 * SG], 0x7632u);
+        }
+#else
+        const u32* o = w;
+#endif
+#pragma unroll
+        for (int i = 0; i < SG; ++i) {
+            const U4 v = {o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]};
+            const int su = u + i;
 #if XS == 1
-    for (int u = threadIdx.x; u < K / 8; u += WARPS * 32) dyn[u ^ ((u >> 3) & 7)] = ld_cached((const U4*)x + u);
-#elif XS == 2
-    for (int u = threadIdx.x; u < M * (K / 8); u += WARPS * 32) {
-        const int row = u / (K / 8), v = u - row * (K / 8);
-        dyn[row * XS_UNITS(K) + (v ^ ((v >> 3) & 7))] = ld_cached((const U4*)x + u);
+            dyn[su + (su >> 3)] = v;
+#else
+            dyn[row * XS_UNITS(K) + (su ^ ((su >> 3) & 7))] = v;
+#endif
+        }
     }
 #endif
 }
@@ -386,7 +449,11 @@ gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u1
     const U4* xc = activation_row(x, g, M, K);
     const int steps = (chunks + 3) / 4;
     int c = warp * 4 + t;
-    Step next = load_step(ca, cb, sa_row, sb_row, ma_row, mb_row, c, chunks);  // in flight during the set-up below
+    // FULL: running pointers to the lane's next chunk; else each step's chunk clamped into the row. Warps with no
+    // step at all (K of few chunks) read the last chunk here and never use it.
+    const int c0 = min(c, chunks - 1);
+    const U4 *pa = ca + c0, *pb = cb + c0;
+    Step next = load_step(pa, pb, sa_row, sb_row, ma_row, mb_row, c0);  // in flight during the set-up below
     stage_block(tables, x, K, M);
 #if KIND != 0 || XS
     __syncthreads();
@@ -395,17 +462,28 @@ gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u1
     // registers it takes cost residency or spill (docs/kernels.md).
     for (int s = warp; s < steps; s += WARPS, c += 4 * WARPS) {
         const Step w = next;
-        next = load_step(ca, cb, sa_row, sb_row, ma_row, mb_row, c + 4 * WARPS, chunks);
-        const bool ok = c < chunks;
-#if KIND == 2
-        iq2_sub(d, w.a.x, w.a.y, w.b.x, w.b.y, xc, c * HALF_PER_CHUNK / 8, w.sa, w.sb, ok);
-        iq2_sub(d, w.a.z, w.a.w, w.b.z, w.b.w, xc, c * HALF_PER_CHUNK / 8 + 4, w.sa, w.sb, ok);
+#if FULL
+        if (s + WARPS < steps) {  // no prefetch past the last step (a warp-uniform branch)
+            pa += 4 * WARPS;
+            pb += 4 * WARPS;
+            next = load_step(pa, pb, sa_row, sb_row, ma_row, mb_row, c + 4 * WARPS);
+        }
 #else
+        const int cn = min(c + 4 * WARPS, chunks - 1);
+        next = load_step(ca + cn, cb + cn, sa_row, sb_row, ma_row, mb_row, cn);
+#endif
+        const bool ok = FULL || c < chunks;  // FULL: K fills whole steps, every lane's chunk is in the row
+        const int u0 = c * HALF_PER_CHUNK / 8;
+        const U4* xb = xchunk(xc, u0);
+#if KIND == 2
+        iq2_sub(d, w.a.x, w.a.y, w.b.x, w.b.y, xb, u0, 0, w.sa, w.sb, ok);
+        iq2_sub(d, w.a.z, w.a.w, w.b.z, w.b.w, xb, u0, 4, w.sa, w.sb, ok);
+#else
+        const int k0 = (FULL ? c : min(c, chunks - 1)) * HALF_PER_CHUNK;  // idle lanes: scale reads stay in the row
 #pragma unroll
-        for (int j = 0; j < 4; ++j)  // k = 0 on idle lanes: their scale reads stay inside the row
-            chunk_mma(d, word(w.a, j), word(w.b, j), xc, (c * HALF_PER_CHUNK + j * HALF_PER_WORD) / 8, sa_row,
-                      sb_row, ma_row, mb_row, ok ? c * HALF_PER_CHUNK + j * HALF_PER_WORD : 0, ok, w.sa, w.sb, w.ma,
-                      w.mb);
+        for (int j = 0; j < 4; ++j)
+            chunk_mma(d, word(w.a, j), word(w.b, j), xb, u0, j * HALF_PER_WORD / 8, sa_row, sb_row, ma_row, mb_row,
+                      k0 + j * HALF_PER_WORD, ok, w.sa, w.sb, w.ma, w.mb);
 #endif
     }
     release_dependents();  // every weight of this block is read

@@ -1,0 +1,88 @@
+"""Static instruction count of the CUDA GEMV's main loop, per format, without a GPU.
+
+    python benchmarks/sass_count.py --formats nz2_ch,e8p_ch,iq2_xxs,q4_0 --cols 4096 --batch 1
+
+NVRTC compiles the kernel the planner would build (sm_90) and ``nvdisasm`` (shipped in Triton's wheel) lists its
+SASS; the longest backward-branch loop is the per-step body. Printed: its instructions, the weights one lane
+decodes per step (two rows of a 16-byte chunk), instructions per weight, and the opcode mix. The GEMV is bound by
+instruction issue (docs/kernels.md), so this count is what a kernel change must lower; time it on a GPU with
+``benchmarks/kernels.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from lowbit.formats import get_format
+from lowbit.kernels import cuda_gemv, cuda_jit
+
+
+def nvdisasm() -> Path:
+    import triton
+
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    if not path.exists():
+        raise SystemExit(f"nvdisasm not found at {path} (it comes with Triton's wheel)")
+    return path
+
+
+def kernel_sass(name: str, cols: int, m: int) -> str:
+    p = cuda_gemv.plan(get_format(name), (64, cols))
+    if p is None:
+        raise SystemExit(f"{name} at {cols} columns is not served by the CUDA GEMV")
+    warps = cuda_gemv.warps_for(p, cols)
+    xs = 0 if not cuda_gemv.stages_rows(m, cols, p) else 1 if m == 1 else 2
+    full = cols % (4 * cuda_gemv.half_per_chunk(p)) == 0
+    source = cuda_gemv._source(p, xs, warps, cuda_gemv.min_blocks_for(warps, m), False, full)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cuda_jit.compile_cubin(source, "gemv_mma.cu", "sm_90"))
+        f.flush()
+        return subprocess.run([str(nvdisasm()), "-c", f.name], capture_output=True, text=True, check=True).stdout
+
+
+def main_loop(sass: str) -> list[str]:
+    """Instructions of the longest loop with tensor-core MMAs in it (a label and a backward branch to it)."""
+    labels: dict[str, int] = {}
+    ins: list[str] = []
+    for line in sass.splitlines():
+        if m := re.match(r"\.(L_x_\d+):", line.strip()):
+            labels[m.group(1)] = len(ins)
+        if m := re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(.*?);", line):
+            ins.append(m.group(1).strip())
+    loops = [(labels[m.group(1)], j) for j, t in enumerate(ins)
+             if (m := re.search(r"BRA\s+`\(\.(L_x_\d+)\)", t)) and labels.get(m.group(1), j) < j]
+    loops = [(a, b) for a, b in loops if any(t.startswith("HMMA") for t in ins[a:b + 1])]
+    a, b = max(loops, key=lambda ab: ab[1] - ab[0])
+    return ins[a:b + 1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--formats", default="nz2_ch,e8p_ch,iq2_xxs,q4_0")
+    ap.add_argument("--cols", type=int, default=4096)
+    ap.add_argument("--batch", type=int, default=1)
+    args = ap.parse_args(argv)
+    try:
+        cuda_jit._nvrtc()
+    except cuda_jit.CudaJitError:
+        print("needs NVRTC (the nvidia-cuda-nvrtc wheel of the test extra)", file=sys.stderr)
+        return 2
+    print("| format | loop instructions | weights per lane and step | per weight | top opcodes |")
+    print("|---|---|---|---|---|")
+    for name in args.formats.split(","):
+        body = main_loop(kernel_sass(name, args.cols, args.batch))
+        ops = collections.Counter(re.sub(r"^@!?U?P[T\d]+\s+", "", t).split()[0].split(".")[0] for t in body)
+        weights = 2 * cuda_gemv.half_per_chunk(cuda_gemv.plan(get_format(name), (64, args.cols)))
+        top = ", ".join(f"{k} {v}" for k, v in ops.most_common(8))
+        print(f"| {name} | {len(body)} | {weights} | {len(body) / weights:.2f} | {top} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
