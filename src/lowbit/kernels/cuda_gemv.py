@@ -137,16 +137,17 @@ def plan(fmt: Format, shape: tuple[int, int]) -> Plan | None:
 
 @cache
 def e8p_tables() -> torch.Tensor:
-    """int32 [512]: E[pattern] (coordinate i as nibble 8 + 2|a_i| at bits 4i, the pattern's odd-parity sign on
-    coordinate 7 pre-applied as XOR 14) then T[sign byte] (XOR 14 on each negated coordinate's nibble; bit 0 =
-    parity of the byte, i.e. the shift is -1/4)."""
+    """int32 [512]: E[pattern] then T[sign byte], XORed by the kernel. Coordinate i is the nibble 2 k + b at bits
+    4i: E holds k = 4 + floor(|a_i|) (|a_i| = 1/2, 3/2, ...) with the pattern's odd-parity sign on coordinate 7
+    pre-applied; T XORs 14 (k -> 7 - k: -a_i) on each negated coordinate and sets b in every nibble for the shift
+    +1/4 (an even sign byte), so the coordinate is n / 2 - 3.75."""
     pats = e8p_format.abs_patterns()
     odd = e8p_format._parity()
     table = []
     for idx in range(256):
         word = 0
         for i in range(8):
-            nib = 8 + int(2 * pats[idx, i])
+            nib = 8 + int(2 * pats[idx, i]) - 1  # 2 k: k = 4 + floor(|a|)
             if i == 7 and odd[idx]:
                 nib ^= 14
             word |= nib << (4 * i)
@@ -154,7 +155,7 @@ def e8p_tables() -> torch.Tensor:
     for sb in range(256):
         par = bin(sb).count("1") & 1
         signs = sb ^ par
-        word = par
+        word = 0 if par else 0x11111111  # b = 1 (shift +1/4) in every nibble
         for i, bit in enumerate(e8p_format._SIGN_BIT):
             if (signs >> bit) & 1:
                 word |= 14 << (4 * i)
@@ -337,12 +338,13 @@ def decode_reference(fmt: Format, cols: int, codes: torch.Tensor) -> torch.Tenso
 def _decode_e8p(codes: torch.Tensor) -> torch.Tensor:
     tab = e8p_tables().to(torch.int64) & 0xFFFFFFFF
     e = tab[(codes >> 8) & 255] ^ tab[256 + (codes & 255)]
-    o = torch.where((e & 1).bool(), -35.75, -36.25).double()
-    coords = []
-    for i in range(8):
-        nib = (e >> (4 * i)) & 0xF
-        v = _as_half(0x6400 | 0x10 | ((nib & 0xE) << 4))
-        coords.append((v.double() / 32 + o).to(torch.float16))
+    steps = [(e << 1, 1), (e, 4), (e >> 7, 1), (e >> 7, 5)]  # (word, p): coordinates i and i + 4 at bits p..p+3
+    coords = [None] * 8
+    for i, (w, p) in enumerate(steps):
+        for half, pos in ((0, i), (16, i + 4)):
+            nib = (w >> (half + p)) & 0xF
+            x = _as_half(0x6400 | (nib << p))  # the LOP3 into 1024.0's mantissa
+            coords[pos] = _fma_half(x, 2.0 ** -(p + 1), -(512 / 2**p + 3.75))
     return torch.stack(coords, dim=1)
 
 

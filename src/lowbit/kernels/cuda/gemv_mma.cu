@@ -223,25 +223,31 @@ DEV void word_mma(float* d, u32 wa, u32 wb, const u32* xr, u32 sa, u32 sb, u32 m
 }
 #elif KIND == 1
 // E8P: a 16-bit code is (pattern << 8) | sign byte. e = E[pattern] ^ T[sign byte] holds coordinate i as a nibble
-// 8 + sign * 2|a_i| (the XOR with 14 negates an odd nibble around 8) at bits 4i, and in bit 0 the complement of
-// the shift's sign. Coordinates i and i + 4 sit at bits 4i and 4i + 16; the LOP3 drops nibble bits 1-3 into the
-// mantissa of 0x6410 (bit 0 is always 1), giving 1024 + 16 n; n / 2 - 4 -/+ 1/4 follows in one HFMA2.
+// n = 2 k + b at bits 4i: k = 4 + floor(+-|a_i|) (the XOR with 14 flips k around 3.5, negating a_i), b = 1 for the
+// shift +1/4 (in every nibble), so the coordinate is n / 2 - 3.75. Coordinates i and i + 4 sit at bits 4i and
+// 4i + 16. A LOP3 drops a nibble at bits p..p+3 of each half (p = 1, 4 or 5) into the mantissa of 1024.0, giving
+// 1024 + 2^p n, and one HFMA2 by 2^-(p+1) and -(512 / 2^p + 3.75) (exact in fp16 for these p) gives the
+// coordinate: e << 1 puts coordinate 0 at p = 1, e has coordinate 1 at p = 4, e >> 7 puts 2 and 3 at p = 1 and 5.
 __shared__ u32 e8p_abs[256];
 __shared__ u32 e8p_sign[256];
-DEV void code_pairs(u32 code, u32* p) {
-    const u32 e = e8p_abs[(code >> 8) & 0xffu] ^ e8p_sign[code & 0xffu];
-    const u32 o = 0xD088D088u - (e & 1u) * 0x00100010u;  // -36.25 (shift -1/4) or -35.75 (+1/4)
-    p[0] = hfma2(lop3_and_or(e << 4, 0x00e000e0u, 0x64106410u), 0x28002800u, o);  // x 1/32
-    p[1] = hfma2(lop3_and_or(e, 0x00e000e0u, 0x64106410u), 0x28002800u, o);
-    p[2] = hfma2(lop3_and_or(e >> 4, 0x00e000e0u, 0x64106410u), 0x28002800u, o);
-    p[3] = hfma2(lop3_and_or(e >> 8, 0x00e000e0u, 0x64106410u), 0x28002800u, o);
+// coordinates of the code whose pattern and sign byte are pi and si, as four fp16 pairs
+DEV void code_pairs(u32 pi, u32 si, u32* p) {
+    const u32 e = e8p_abs[pi] ^ e8p_sign[si];
+    const u32 hi = e >> 7;
+    p[0] = hfma2(lop3_and_or(e << 1, 0x001e001eu, MAGIC), 0x34003400u, 0xDC0FDC0Fu);  // x 1/4 - 259.75
+    p[1] = hfma2(lop3_and_or(e, 0x00f000f0u, MAGIC), 0x28002800u, 0xD078D078u);  // x 1/32 - 35.75
+    p[2] = hfma2(lop3_and_or(hi, 0x001e001eu, MAGIC), 0x34003400u, 0xDC0FDC0Fu);
+    p[3] = hfma2(lop3_and_or(hi, 0x01e001e0u, MAGIC), 0x24002400u, 0xCCF0CCF0u);  // x 1/64 - 19.75
 }
 DEV void word_mma(float* d, u32 wa, u32 wb, const u32* xr, u32 sa, u32 sb, u32 ma, u32 mb) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {  // the word's two codes: 8 weights each
         u32 pa[4], pb[4];
-        code_pairs(h ? wa >> 16 : wa & 0xffffu, pa);
-        code_pairs(h ? wb >> 16 : wb & 0xffffu, pb);
+        // the code's pattern and sign byte, each extracted by one PRMT (a table index the compiler then scales
+        // and adds in one LEA, where masks and shifts of the word took it three instructions)
+        const u32 hi_sel = h ? 0x4443u : 0x4441u, lo_sel = h ? 0x4442u : 0x4440u;
+        code_pairs(prmt(wa, 0u, hi_sel), prmt(wa, 0u, lo_sel), pa);
+        code_pairs(prmt(wb, 0u, hi_sel), prmt(wb, 0u, lo_sel), pb);
         const u32* xc = xr + 4 * h;
 #pragma unroll
         for (int m = 0; m < 2; ++m) {
