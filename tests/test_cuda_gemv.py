@@ -38,6 +38,21 @@ def test_e8p_tables_decode_the_whole_codebook() -> None:
     assert torch.equal(got.float(), e8p.codebook())
 
 
+@pytest.mark.parametrize("name", [n for n in SERVED if n.endswith("_ch")])
+def test_folded_decode_is_the_format_exactly(name: str) -> None:
+    """Batch 1 of a row-scaled format masks each code as an fp16 subnormal and maps the sums to levels in the
+    epilogue (FOLD): that map, replayed, gives the format's levels (E8P: all 65536 codewords) exactly."""
+    fmt = get_format(name)
+    p = cuda_gemv.plan(fmt, (64, 4096))
+    if not p.can_fold():
+        pytest.skip(f"{name} has per-group offsets: no fold")
+    if p.kind == 1:
+        assert torch.equal(cuda_gemv.fold_reference(fmt, 4096, torch.arange(1 << 16)).float(), e8p.codebook())
+    else:
+        levels = cuda_gemv.fold_reference(fmt, 4096, torch.arange(1 << fmt.bits))
+        assert torch.equal(levels.float(), decode_lut(fmt, torch.device("cpu")))
+
+
 @pytest.mark.parametrize("cols", [1024, 576])
 def test_iq2xxs_kernel_decode_is_the_format_within_one_rounding(cols: int) -> None:
     """The kernel's layout + tables + sign/scale steps, replayed, give the format's weights: exactly where the
@@ -104,9 +119,10 @@ def test_every_kernel_variant_compiles_for_ampere_and_hopper(name: str) -> None:
         for warps in (cuda_gemv.WARPS_FEW, cuda_gemv.WARPS_MANY):
             for full in (False, True):  # K a whole number of steps or not
                 blocks = cuda_gemv.min_blocks_for(warps, 1 if staged == 1 else 8)
-                source = cuda_gemv._source(p, staged, warps, blocks, gated, full)
-                for arch in ("sm_80", "sm_90"):
-                    assert cuda_jit.compile_cubin(source, "gemv_mma.cu", arch)[:4] == b"\x7fELF"
+                for fold in (False, True) if staged == 1 and p.can_fold() else (False,):  # codes summed raw
+                    source = cuda_gemv._source(p, staged, warps, blocks, gated, full, fold)
+                    for arch in ("sm_80", "sm_90"):
+                        assert cuda_jit.compile_cubin(source, "gemv_mma.cu", arch)[:4] == b"\x7fELF"
 
 
 def test_batches_are_staged_within_their_budget(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -48,14 +48,31 @@ class Plan:
     dq: tuple[tuple[float, float], ...]  # (A_i, B_i): level = A_i * magic_i + B_i, one per code position
 
     def defines(self, staged_x: int = 0, warps: int = WARPS_FEW, min_blocks: int = 1, gated: bool = False,
-                full: bool = False) -> str:
+                full: bool = False, fold: bool = False) -> str:
         lines = [f"#define KIND {self.kind}", f"#define BITS {self.bits}", f"#define ASYM {int(self.asym)}",
                  f"#define GROUP_SHIFT {self.group_shift}", f"#define ROW_SCALE {int(self.row_scale)}",
                  f"#define WARPS {warps}", f"#define XS {int(staged_x)}", f"#define MIN_BLOCKS {min_blocks}",
-                 f"#define GATED {int(gated)}", f"#define FULL {int(full)}"]
+                 f"#define GATED {int(gated)}", f"#define FULL {int(full)}", f"#define FOLD {int(fold)}"]
+        if fold:
+            scale, l0 = self.fold_constants()
+            lines += [f"#define FOLD_SCALE {scale!r}f", f"#define FOLD_L0 {l0!r}f"]
         for i, (a, b) in enumerate(self.dq):
             lines += [f"#define DQ_A{i} 0x{_half2_bits(a):08x}u", f"#define DQ_B{i} 0x{_half2_bits(b):08x}u"]
         return "\n".join(lines) + "\n"
+
+    def can_fold(self) -> bool:
+        """Whether the affine map from codes to levels can leave the loop (FOLD in the .cu): one scale per row, so
+        the level sums are FOLD_SCALE * code sums + FOLD_L0 * sum(x)."""
+        return self.row_scale and self.kind in (0, 1)
+
+    def fold_constants(self) -> tuple[float, float]:
+        """(FOLD_SCALE, FOLD_L0): a masked code at its fold position is the fp16 subnormal q * 2^(pos - 24) (2-bit
+        grids: bits 2-3, 4-bit: bits 0-3; E8P: the nibble n = 2k + b at bits 4-7), and level = scale * that + l0."""
+        if self.kind == 1:
+            return 2.0**19, -3.75  # n / 2 - 3.75 with n * 2^-20 masked
+        a0, b0 = self.dq[0]
+        step, level0 = a0 * _position_scales(self.bits)[0], b0 + _MAGIC * a0  # level = step * q + level0
+        return step * 2.0 ** (24 - (2 if self.bits == 2 else 0)), level0
 
     def chunk_scale(self) -> bool:
         """Whether each 16-byte chunk of codes lies inside one scale group (CHUNK_SCALE in the .cu): its scales
@@ -206,8 +223,8 @@ def _cached_layout(qs: torch.Tensor, cols: int) -> tuple[torch.Tensor, torch.Ten
 
 @cache
 def _source(p: Plan, staged_x: int = 0, warps: int = WARPS_FEW, min_blocks: int = 1, gated: bool = False,
-            full: bool = False) -> str:
-    return (p.defines(staged_x, warps, min_blocks, gated, full)
+            full: bool = False, fold: bool = False) -> str:
+    return (p.defines(staged_x, warps, min_blocks, gated, full, fold)
             + (cuda_jit.source_dir() / "gemv_mma.cu").read_text())
 
 
@@ -245,6 +262,11 @@ def stages_rows(m: int, k: int, p: Plan) -> bool:
         return 2 * k <= STAGED_X_BYTES
     return half_per_chunk(p) == 64 and staged_bytes(m, k) <= STAGED_ROWS_BYTES
 
+
+# Batch 1 of a row-scaled format (nz2_ch, e8p_ch, ...) sums raw codes in the MMA and maps them to levels in the
+# epilogue (FOLD in the .cu): no HFMA2 per pair of weights. Relies on the tensor cores taking fp16 subnormals as
+# they are; LOWBIT_CUDA_FOLD_AFFINE=0 turns it off.
+FOLD_AFFINE = os.environ.get("LOWBIT_CUDA_FOLD_AFFINE", "1") == "1"
 
 # Programmatic dependent launch (Hopper and later): a GEMV starts and loads its first weights while the kernel before
 # it finishes, waits for it only before reading the activations, and lets the kernel after it start once its weights
@@ -288,7 +310,8 @@ def gemv(x: torch.Tensor, fmt: Format, qt: QuantizedTensor, p: Plan, gated: bool
     warps = warps_for(p, k)
     xs = 0 if not staged else 1 if m == 1 else 2  # XS: no staging, one row, or several
     full = k % (4 * half_per_chunk(p)) == 0  # whole steps of 4 chunks: no lane past the row's end
-    source = _source(p, xs, warps, min_blocks_for(warps, m), gated, full)
+    fold = FOLD_AFFINE and xs == 1 and p.can_fold()
+    source = _source(p, xs, warps, min_blocks_for(warps, m), gated, full, fold)
     kern = cuda_jit.kernel(source, "gemv_mma", x.device)
     rows_per_block = ROWS_PER_BLOCK // 2 if gated else ROWS_PER_BLOCK  # gated: 8 gate rows + their 8 up rows
     tiles = (n + rows_per_block - 1) // rows_per_block
@@ -333,6 +356,27 @@ def decode_reference(fmt: Format, cols: int, codes: torch.Tensor) -> torch.Tenso
         magic = 0x6400 | (codes * int(pos))  # the LOP3: the code, already at its bit position, into 1024.0
         out.append(_fma_half(_as_half(magic), a, b))
     return torch.stack(out)
+
+
+def fold_reference(fmt: Format, cols: int, codes: torch.Tensor) -> torch.Tensor:
+    """Levels the FOLD kernel sums for ``codes`` (int64): each code masked at its fold position read as an fp16
+    (a subnormal), times FOLD_SCALE, plus FOLD_L0, in float64. Affine grids: one level per code; E8P: 16-bit
+    codes -> [codes, 8] coordinates. Equals the format's levels exactly (tests)."""
+    p = plan(fmt, (1, cols))
+    if p is None or not p.can_fold():
+        raise ValueError(f"{fmt.name} at {cols} columns has no folded decode")
+    scale, l0 = p.fold_constants()
+    if p.kind == 0:
+        shift = 2 if p.bits == 2 else 0
+        return _as_half(codes << shift).double() * scale + l0
+    tab = e8p_tables().to(torch.int64) & 0xFFFFFFFF
+    e = tab[(codes >> 8) & 255] ^ tab[256 + (codes & 255)]
+    words = [e << 4, e, e >> 4, e >> 8]  # coordinates i and i + 4 at bits 4-7 and 20-23
+    coords = [None] * 8
+    for i, w in enumerate(words):
+        coords[i] = _as_half(w & 0xF0).double() * scale + l0
+        coords[i + 4] = _as_half((w >> 16) & 0xF0).double() * scale + l0
+    return torch.stack(coords, dim=1)
 
 
 def _decode_e8p(codes: torch.Tensor) -> torch.Tensor:

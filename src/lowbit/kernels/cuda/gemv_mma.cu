@@ -11,6 +11,10 @@
 //   WARPS        warps per block; they split K, and the block adds their partial sums
 //   XS           1: the batch-1 activation row staged once per block in (dynamic) shared memory; 2: all M rows
 //   FULL         1: K is a whole number of steps (4 chunks), so no lane's chunk lies past the row's end
+//   FOLD         1 (batch 1 staged, one scale per row, KIND 0 or 1): the affine map from codes to levels is taken
+//                out of the loop. Each code is masked at one fixed position without the 1024.0 magic, i.e. as the
+//                subnormal fp16 q * 2^(pos - 24), exact; the MMA sums those times x, and the epilogue takes
+//                level sums as FOLD_SCALE * sum + FOLD_L0 * sum(x) (sum(x) from the staging). No HFMA2 per pair.
 //   MIN_BLOCKS   blocks that must fit on one SM at once (__launch_bounds__: caps the registers per thread)
 //   GATED        1: W is [gate; up] (2N rows, a fused gate/up projection) and y = silu(x gate^T) * (x up^T), [M, N]
 //
@@ -193,12 +197,18 @@ DEV void b_frag(const u32* xr, int m, int half, u32& b0, u32& b1) {
 #define DQ_MASK(i) (0x00030003u << ((i) == 0 ? 2 : (i) < 5 ? 2 * (i) : 2 * ((i) - 4)))
 #define DQ_CONSTS_A {DQ_A0, DQ_A1, DQ_A2, DQ_A3, DQ_A4, DQ_A5, DQ_A6, DQ_A7}
 #define DQ_CONSTS_B {DQ_B0, DQ_B1, DQ_B2, DQ_B3, DQ_B4, DQ_B5, DQ_B6, DQ_B7}
+// FOLD: pair i (codes i and i + 8, at bits 2i and 2i + 16) moved to bits 2-3 of each half
+#define FOLD_SRC(w, i) ((i) == 0 ? (w) << 2 : (w) >> (2 * (i) - 2))
+#define FOLD_MASK 0x000c000cu
 #elif KIND == 0
 // codes i and i + 4 at bits 4i and 4i + 16: (w, 0x000f000f) -> (q0, q4), (w, 0x00f000f0) -> 16 (q1, q5), then w >> 8
 #define DQ_SRC(w, i) ((i) < 2 ? (w) : (w) >> 8)
 #define DQ_MASK(i) ((i) % 2 ? 0x00f000f0u : 0x000f000fu)
 #define DQ_CONSTS_A {DQ_A0, DQ_A1, DQ_A0, DQ_A1}
 #define DQ_CONSTS_B {DQ_B0, DQ_B1, DQ_B0, DQ_B1}
+// FOLD: pair i (codes i and i + 4, at bits 4i and 4i + 16) moved to bits 0-3 of each half
+#define FOLD_SRC(w, i) ((w) >> (4 * (i)))
+#define FOLD_MASK 0x000f000fu
 #endif
 
 #if KIND == 0
@@ -213,7 +223,11 @@ DEV void word_mma(float* d, u32 wa, u32 wb, const u32* xr, u32 sa, u32 sb, u32 m
 #pragma unroll
         for (int h = 0; h < 4; ++h) {  // a0, a2: row g, pairs 2m, 2m + 1; a1, a3: row g + 8
             const int i = 2 * m + h / 2;
+#if FOLD
+            const u32 v = FOLD_SRC(h % 2 ? wb : wa, i) & FOLD_MASK;  // q * 2^(pos - 24), subnormal
+#else
             const u32 v = hfma2(lop3_and_or(DQ_SRC(h % 2 ? wb : wa, i), DQ_MASK(i), MAGIC), A[i], B[i]);
+#endif
             a[h] = h % 2 ? APPLY_SCALE(v, sb, mb) : APPLY_SCALE(v, sa, ma);
         }
         u32 b0, b1;
@@ -233,6 +247,13 @@ __shared__ u32 e8p_sign[256];
 // coordinates of the code whose pattern and sign byte are pi and si, as four fp16 pairs
 DEV void code_pairs(u32 pi, u32 si, u32* p) {
     const u32 e = e8p_abs[pi] ^ e8p_sign[si];
+#if FOLD  // nibble n at bits 4-7 of each half, no magic: the subnormal n * 2^-20; the epilogue takes n / 2 - 3.75
+    p[0] = (e << 4) & 0x00f000f0u;
+    p[1] = e & 0x00f000f0u;
+    p[2] = (e >> 4) & 0x00f000f0u;
+    p[3] = (e >> 8) & 0x00f000f0u;
+    return;
+#endif
     const u32 hi = e >> 7;
     p[0] = hfma2(lop3_and_or(e << 1, 0x001e001eu, MAGIC), 0x34003400u, 0xDC0FDC0Fu);  // x 1/4 - 259.75
     p[1] = hfma2(lop3_and_or(e, 0x00f000f0u, MAGIC), 0x28002800u, 0xD078D078u);  // x 1/32 - 35.75
@@ -355,6 +376,9 @@ DEV Step load_step(const U4* pa, const U4* pb, const u16* sa_row, const u16* sb_
     return st;
 }
 
+#if FOLD
+__shared__ float fold_xsum[WARPS];  // each warp's part of sum(x) (batch 1)
+#endif
 // Set-up of a block: the decode tables and (XS) the activation rows into shared memory. The caller synchronises
 // the block before they are read.
 DEV void stage_block(const u32* tables, const u16* x, int K, int M) {
@@ -364,6 +388,9 @@ DEV void stage_block(const u32* tables, const u16* x, int K, int M) {
     for (int i = threadIdx.x; i < 256; i += WARPS * 32) iq2_grid[i] = ((const U4*)tables)[i];
 #endif
     wait_for_inputs();  // x is the output of the kernel before
+#if FOLD
+    float xsum = 0.f;  // this thread's part of sum(x), fp32
+#endif
 #if XS
     // groups of SG units (the fragment group G, b_frag), permuted into fragment order, at their staged places
     constexpr int SG = (KIND == 0 && BITS == 2) ? 2 : 1;
@@ -376,6 +403,10 @@ DEV void stage_block(const u32* tables, const u16* x, int K, int M) {
             const U4 v = ld_cached((const U4*)x + (size_t)row * units + u + i);
             w[4 * i] = v.x; w[4 * i + 1] = v.y; w[4 * i + 2] = v.z; w[4 * i + 3] = v.w;
         }
+#if FOLD
+#pragma unroll
+        for (int i = 0; i < 4 * SG; ++i) xsum += half_lo_to_float(w[i]) + half_lo_to_float(w[i] >> 16);
+#endif
 #if PREPERM
         u32 o[4 * SG];
 #pragma unroll
@@ -397,6 +428,11 @@ DEV void stage_block(const u32* tables, const u16* x, int K, int M) {
 #endif
         }
     }
+#endif
+#if FOLD
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) xsum += __shfl_xor_sync(0xffffffffu, xsum, o);
+    if ((threadIdx.x & 31) == 0) fold_xsum[threadIdx.x >> 5] = xsum;  // read after the caller's barrier
 #endif
 }
 
@@ -493,6 +529,14 @@ gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u1
 #endif
     }
     release_dependents();  // every weight of this block is read
+#if FOLD  // level sums from code sums; sum(x) added once, by warp 0 (store_rows adds the warps' sums)
+    float xs_all = 0.f;
+    if (warp == 0)
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) xs_all += fold_xsum[w];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) d[e] = d[e] * FOLD_SCALE + FOLD_L0 * xs_all;
+#endif
 #if ROW_SCALE
     const float fa = half_lo_to_float(ld_half(sa_row)), fb = half_lo_to_float(ld_half(sb_row));
     d[0] *= fa; d[1] *= fa; d[2] *= fb; d[3] *= fb;
