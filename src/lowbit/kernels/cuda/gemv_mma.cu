@@ -291,8 +291,8 @@ DEV void word_mma(float* d, u32 wa, u32 wb, const u32* xr, u32 sa, u32 sb, u32 m
 __shared__ U4 iq2_grid[256];
 DEV void iq2_code(u32 gi, u32 si, u32 s2, u32* p) {
     const U4 g = iq2_grid[gi];
-    const u32 s = si | ((__popc(si) & 1u) << 7);
-    const u32 z = s | (s << 15);  // bit j at j and j + 15: pair p's two bits land on 15 and 31 after << 15 - 2p
+    const u32 s = si | ((__popc(si) << 7) & 0x80u);
+    const u32 z = s * 0x8001u;  // bit j at j and j + 15: pair p's two bits land on 15 and 31 after << 15 - 2p
     p[0] = hmul2(g.x ^ ((z << 15) & 0x80008000u), s2);
     p[1] = hmul2(g.y ^ ((z << 13) & 0x80008000u), s2);
     p[2] = hmul2(g.z ^ ((z << 11) & 0x80008000u), s2);
@@ -312,8 +312,8 @@ DEV void iq2_sub(float* d, u32 qa0, u32 qa1, u32 qb0, u32 qb1, const U4* xb, int
     for (int c = 0; c < 4; ++c) {
         const U4 xq = ok ? x_at(xb, u0, off + c) : zero4();
         u32 pa[4], pb[4];
-        iq2_code((qa0 >> (8 * c)) & 0xffu, (qa1 >> (7 * c)) & 0x7fu, sa, pa);
-        iq2_code((qb0 >> (8 * c)) & 0xffu, (qb1 >> (7 * c)) & 0x7fu, sb, pb);
+        iq2_code(prmt(qa0, 0u, 0x4440u + c), (qa1 >> (7 * c)) & 0x7fu, sa, pa);  // grid index: byte c
+        iq2_code(prmt(qb0, 0u, 0x4440u + c), (qb1 >> (7 * c)) & 0x7fu, sb, pb);
         mma(d, pa[0], pb[0], pa[1], pb[1], xq.x, xq.y);
         mma(d, pa[2], pb[2], pa[3], pb[3], xq.z, xq.w);
     }
