@@ -56,6 +56,8 @@ class Plan:
         if fold:
             scale, l0 = self.fold_constants()
             lines += [f"#define FOLD_SCALE {scale!r}f", f"#define FOLD_L0 {l0!r}f"]
+            if self.kind == 1 or self.bits == 2:  # the second code position (fold_constants)
+                lines += [f"#define FOLD_SCALE_B {scale * (16 if self.kind == 1 else 1 / 64)!r}f"]
         for i, (a, b) in enumerate(self.dq):
             lines += [f"#define DQ_A{i} 0x{_half2_bits(a):08x}u", f"#define DQ_B{i} 0x{_half2_bits(b):08x}u"]
         return "\n".join(lines) + "\n"
@@ -67,7 +69,8 @@ class Plan:
 
     def fold_constants(self) -> tuple[float, float]:
         """(FOLD_SCALE, FOLD_L0): a masked code at its fold position is the fp16 subnormal q * 2^(pos - 24) (2-bit
-        grids: bits 2-3, 4-bit: bits 0-3; E8P: the nibble n = 2k + b at bits 4-7), and level = scale * that + l0."""
+        grids: bits 2-3, and bits 8-9 with FOLD_SCALE / 64; 4-bit: bits 0-3; E8P: the nibble n = 2k + b at bits
+        4-7, and at bits 0-3 with FOLD_SCALE * 16), and level = scale * that + l0."""
         if self.kind == 1:
             return 2.0**19, -3.75  # n / 2 - 3.75 with n * 2^-20 masked
         a0, b0 = self.dq[0]
@@ -360,22 +363,23 @@ def decode_reference(fmt: Format, cols: int, codes: torch.Tensor) -> torch.Tenso
 
 def fold_reference(fmt: Format, cols: int, codes: torch.Tensor) -> torch.Tensor:
     """Levels the FOLD kernel sums for ``codes`` (int64): each code masked at its fold position read as an fp16
-    (a subnormal), times FOLD_SCALE, plus FOLD_L0, in float64. Affine grids: one level per code; E8P: 16-bit
-    codes -> [codes, 8] coordinates. Equals the format's levels exactly (tests)."""
+    (a subnormal), times that position's scale, plus FOLD_L0, in float64. Affine grids: [positions, codes]; E8P:
+    16-bit codes -> [codes, 8] coordinates. Equals the format's levels exactly (tests)."""
     p = plan(fmt, (1, cols))
     if p is None or not p.can_fold():
         raise ValueError(f"{fmt.name} at {cols} columns has no folded decode")
     scale, l0 = p.fold_constants()
-    if p.kind == 0:
-        shift = 2 if p.bits == 2 else 0
-        return _as_half(codes << shift).double() * scale + l0
+    if p.kind == 0:  # [positions, codes]: 2-bit bits 2-3 and 8-9, 4-bit bits 0-3
+        places = [(2, scale), (8, scale / 64)] if p.bits == 2 else [(0, scale)]
+        return torch.stack([_as_half(codes << shift).double() * sc + l0 for shift, sc in places])
     tab = e8p_tables().to(torch.int64) & 0xFFFFFFFF
     e = tab[(codes >> 8) & 255] ^ tab[256 + (codes & 255)]
-    words = [e << 4, e, e >> 4, e >> 8]  # coordinates i and i + 4 at bits 4-7 and 20-23
+    # coordinates i and i + 4 of word w at bits (m, m + 16): 0 and 2 at m = 0 (x 16 scale), 1 and 3 at m = 4
+    places = [(e, 0x0F, scale * 16), (e, 0xF0, scale), (e >> 8, 0x0F, scale * 16), (e >> 8, 0xF0, scale)]
     coords = [None] * 8
-    for i, w in enumerate(words):
-        coords[i] = _as_half(w & 0xF0).double() * scale + l0
-        coords[i + 4] = _as_half((w >> 16) & 0xF0).double() * scale + l0
+    for i, (w, mask, sc) in enumerate(places):
+        coords[i] = _as_half(w & mask).double() * sc + l0
+        coords[i + 4] = _as_half((w >> 16) & mask).double() * sc + l0
     return torch.stack(coords, dim=1)
 
 

@@ -117,6 +117,11 @@ DEV u32 word(const U4& v, int j) { return j == 0 ? v.x : j == 1 ? v.y : j == 2 ?
 #define HALF_PER_WORD 16
 #endif
 #define HALF_PER_CHUNK (4 * HALF_PER_WORD)  // weights in 16 bytes of codes
+#if FOLD && (KIND == 1 || BITS == 2)
+#define FOLD_ACCS 2  // FOLD's two code positions, two accumulators (below)
+#else
+#define FOLD_ACCS 1
+#endif
 
 // Activations, in 16-byte units u of the lane's batch row. The four lanes t of a quad read chunks 4 s + t at the
 // same offset; 8-unit chunks 128 bytes apart (4-unit ones 64) would sit in the same shared-memory banks. Batch 1
@@ -197,9 +202,10 @@ DEV void b_frag(const u32* xr, int m, int half, u32& b0, u32& b1) {
 #define DQ_MASK(i) (0x00030003u << ((i) == 0 ? 2 : (i) < 5 ? 2 * (i) : 2 * ((i) - 4)))
 #define DQ_CONSTS_A {DQ_A0, DQ_A1, DQ_A2, DQ_A3, DQ_A4, DQ_A5, DQ_A6, DQ_A7}
 #define DQ_CONSTS_B {DQ_B0, DQ_B1, DQ_B2, DQ_B3, DQ_B4, DQ_B5, DQ_B6, DQ_B7}
-// FOLD: pair i (codes i and i + 8, at bits 2i and 2i + 16) moved to bits 2-3 of each half
-#define FOLD_SRC(w, i) ((i) == 0 ? (w) << 2 : (w) >> (2 * (i) - 2))
-#define FOLD_MASK 0x000c000cu
+// FOLD: pairs 0-3 (codes i and i + 8, at bits 2i and 2i + 16) moved to bits 2-3 of each half, pairs 4-7 to bits
+// 8-9: four shifted words serve the eight pairs, and the MMAs of the two positions go to two accumulators
+#define FOLD_SRC(w, i) ((i) == 0 ? (w) << 2 : (i) < 4 ? (w) >> (2 * (i) - 2) : (w) >> (2 * (i) - 8))
+#define FOLD_MASK(i) ((i) < 4 ? 0x000c000cu : 0x03000300u)
 #elif KIND == 0
 // codes i and i + 4 at bits 4i and 4i + 16: (w, 0x000f000f) -> (q0, q4), (w, 0x00f000f0) -> 16 (q1, q5), then w >> 8
 #define DQ_SRC(w, i) ((i) < 2 ? (w) : (w) >> 8)
@@ -208,7 +214,7 @@ DEV void b_frag(const u32* xr, int m, int half, u32& b0, u32& b1) {
 #define DQ_CONSTS_B {DQ_B0, DQ_B1, DQ_B0, DQ_B1}
 // FOLD: pair i (codes i and i + 4, at bits 4i and 4i + 16) moved to bits 0-3 of each half
 #define FOLD_SRC(w, i) ((w) >> (4 * (i)))
-#define FOLD_MASK 0x000f000fu
+#define FOLD_MASK(i) 0x000f000fu
 #endif
 
 #if KIND == 0
@@ -224,7 +230,7 @@ DEV void word_mma(float* d, u32 wa, u32 wb, const u32* xr, u32 sa, u32 sb, u32 m
         for (int h = 0; h < 4; ++h) {  // a0, a2: row g, pairs 2m, 2m + 1; a1, a3: row g + 8
             const int i = 2 * m + h / 2;
 #if FOLD
-            const u32 v = FOLD_SRC(h % 2 ? wb : wa, i) & FOLD_MASK;  // q * 2^(pos - 24), subnormal
+            const u32 v = FOLD_SRC(h % 2 ? wb : wa, i) & FOLD_MASK(i);  // q * 2^(pos - 24), subnormal
 #else
             const u32 v = hfma2(lop3_and_or(DQ_SRC(h % 2 ? wb : wa, i), DQ_MASK(i), MAGIC), A[i], B[i]);
 #endif
@@ -232,7 +238,11 @@ DEV void word_mma(float* d, u32 wa, u32 wb, const u32* xr, u32 sa, u32 sb, u32 m
         }
         u32 b0, b1;
         b_frag(xr, m, PAIRS / 2, b0, b1);
+#if FOLD && FOLD_ACCS == 2
+        mma(d + (m >= 2 ? 4 : 0), a[0], a[1], a[2], a[3], b0, b1);  // pairs 4-7: the second position
+#else
         mma(d, a[0], a[1], a[2], a[3], b0, b1);
+#endif
     }
 }
 #elif KIND == 1
@@ -247,11 +257,13 @@ __shared__ u32 e8p_sign[256];
 // coordinates of the code whose pattern and sign byte are pi and si, as four fp16 pairs
 DEV void code_pairs(u32 pi, u32 si, u32* p) {
     const u32 e = e8p_abs[pi] ^ e8p_sign[si];
-#if FOLD  // nibble n at bits 4-7 of each half, no magic: the subnormal n * 2^-20; the epilogue takes n / 2 - 3.75
-    p[0] = (e << 4) & 0x00f000f0u;
+#if FOLD  // nibbles where they sit, no magic: coordinates 0 and 2 at bits 0-3 (n * 2^-24), 1 and 3 at bits 4-7
+    // (n * 2^-20), one shift; the epilogue takes n / 2 - 3.75 from the two accumulators
+    const u32 h = e >> 8;
+    p[0] = e & 0x000f000fu;
     p[1] = e & 0x00f000f0u;
-    p[2] = (e >> 4) & 0x00f000f0u;
-    p[3] = (e >> 8) & 0x00f000f0u;
+    p[2] = h & 0x000f000fu;
+    p[3] = h & 0x00f000f0u;
     return;
 #endif
     const u32 hi = e >> 7;
@@ -272,10 +284,14 @@ DEV void word_mma(float* d, u32 wa, u32 wb, const u32* xr, u32 sa, u32 sb, u32 m
         const u32* xc = xr + 4 * h;
 #pragma unroll
         for (int m = 0; m < 2; ++m) {
+#if FOLD  // one position per MMA: coordinates m and m + 2 (and + 4), whose staged words are xc[m], xc[m + 2]
+            mma(d + (m == 0 ? 4 : 0), pa[m], pb[m], pa[m + 2], pb[m + 2], xc[m], xc[m + 2]);
+#else
             u32 b0, b1;
             b_frag(xc, m, 2, b0, b1);
             mma(d, APPLY_SCALE(pa[2 * m], sa, ma), APPLY_SCALE(pb[2 * m], sb, mb),
                 APPLY_SCALE(pa[2 * m + 1], sa, ma), APPLY_SCALE(pb[2 * m + 1], sb, mb), b0, b1);
+#endif
         }
     }
 }
@@ -482,7 +498,7 @@ gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u1
     const u16* sb_row = scales + (size_t)rb * groups;
     const u16* ma_row = mins + (size_t)ra * groups;
     const u16* mb_row = mins + (size_t)rb * groups;
-    float d[4] = {0.f, 0.f, 0.f, 0.f};
+    float d[4 * FOLD_ACCS] = {};
     // Lane t reads all 16 bytes of chunk 4 s + t (one 128-bit load); its 4 words are 4 consecutive k-ranges. The
     // next step's weights are requested before this step is decoded (software pipelining: loads overlap math).
     // Lanes past the row's end (K not a multiple of 4 chunks) add zeros.
@@ -535,7 +551,12 @@ gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u1
 #pragma unroll
         for (int w = 0; w < WARPS; ++w) xs_all += fold_xsum[w];
 #pragma unroll
-    for (int e = 0; e < 4; ++e) d[e] = d[e] * FOLD_SCALE + FOLD_L0 * xs_all;
+    for (int e = 0; e < 4; ++e) {
+        d[e] = d[e] * FOLD_SCALE + FOLD_L0 * xs_all;
+#if FOLD_ACCS == 2
+        d[e] += d[e + 4] * FOLD_SCALE_B;
+#endif
+    }
 #endif
 #if ROW_SCALE
     const float fa = half_lo_to_float(ld_half(sa_row)), fb = half_lo_to_float(ld_half(sb_row));
