@@ -48,7 +48,7 @@ class Plan:
     dq: tuple[tuple[float, float], ...]  # (A_i, B_i): level = A_i * magic_i + B_i, one per code position
 
     def defines(self, staged_x: int = 0, warps: int = WARPS_FEW, min_blocks: int = 1, gated: bool = False,
-                full: bool = False, fold: bool = False) -> str:
+                full: bool = False, fold: int = 0) -> str:
         lines = [f"#define KIND {self.kind}", f"#define BITS {self.bits}", f"#define ASYM {int(self.asym)}",
                  f"#define GROUP_SHIFT {self.group_shift}", f"#define ROW_SCALE {int(self.row_scale)}",
                  f"#define WARPS {warps}", f"#define XS {int(staged_x)}", f"#define MIN_BLOCKS {min_blocks}",
@@ -56,21 +56,30 @@ class Plan:
         if fold:
             scale, l0 = self.fold_constants()
             lines += [f"#define FOLD_SCALE {scale!r}f", f"#define FOLD_L0 {l0!r}f"]
-            if self.kind == 1 or self.bits == 2:  # the second code position (fold_constants)
-                lines += [f"#define FOLD_SCALE_B {scale * (16 if self.kind == 1 else 1 / 64)!r}f"]
+            second = 16 if self.kind == 1 else 1 / 64 if self.bits == 2 else 1 / 16  # the second code position
+            lines += [f"#define FOLD_SCALE_B {scale * second!r}f"]
         for i, (a, b) in enumerate(self.dq):
             lines += [f"#define DQ_A{i} 0x{_half2_bits(a):08x}u", f"#define DQ_B{i} 0x{_half2_bits(b):08x}u"]
         return "\n".join(lines) + "\n"
 
     def can_fold(self) -> bool:
-        """Whether the affine map from codes to levels can leave the loop (FOLD in the .cu): one scale per row, so
+        """Whether the affine map from codes to levels can leave the loop (FOLD 1 in the .cu): one scale per row, so
         the level sums are FOLD_SCALE * code sums + FOLD_L0 * sum(x)."""
         return self.row_scale and self.kind in (0, 1)
 
+    def can_fold_chunks(self) -> bool:
+        """Whether it can leave the MMA's operands chunk by chunk (FOLD 2): an affine grid whose every 16-byte chunk
+        lies in one scale group, so each chunk's code sums map to level sums before its scale (and min)."""
+        return self.kind == 0 and not self.row_scale and self.chunk_scale()
+
+    def fold_mode(self) -> int:
+        return 1 if self.can_fold() else 2 if self.can_fold_chunks() else 0
+
     def fold_constants(self) -> tuple[float, float]:
         """(FOLD_SCALE, FOLD_L0): a masked code at its fold position is the fp16 subnormal q * 2^(pos - 24) (2-bit
-        grids: bits 2-3, and bits 8-9 with FOLD_SCALE / 64; 4-bit: bits 0-3; E8P: the nibble n = 2k + b at bits
-        4-7, and at bits 0-3 with FOLD_SCALE * 16), and level = scale * that + l0."""
+        grids: bits 2-3, and bits 8-9 with FOLD_SCALE / 64; 4-bit: bits 0-3, and bits 4-7 with FOLD_SCALE / 16;
+        E8P: the nibble n = 2k + b at bits 4-7, and at bits 0-3 with FOLD_SCALE * 16), and level = scale * that +
+        l0."""
         if self.kind == 1:
             return 2.0**19, -3.75  # n / 2 - 3.75 with n * 2^-20 masked
         a0, b0 = self.dq[0]
@@ -226,7 +235,7 @@ def _cached_layout(qs: torch.Tensor, cols: int) -> tuple[torch.Tensor, torch.Ten
 
 @cache
 def _source(p: Plan, staged_x: int = 0, warps: int = WARPS_FEW, min_blocks: int = 1, gated: bool = False,
-            full: bool = False, fold: bool = False) -> str:
+            full: bool = False, fold: int = 0) -> str:
     return (p.defines(staged_x, warps, min_blocks, gated, full, fold)
             + (cuda_jit.source_dir() / "gemv_mma.cu").read_text())
 
@@ -266,8 +275,9 @@ def stages_rows(m: int, k: int, p: Plan) -> bool:
     return half_per_chunk(p) == 64 and staged_bytes(m, k) <= STAGED_ROWS_BYTES
 
 
-# Batch 1 of a row-scaled format (nz2_ch, e8p_ch, ...) sums raw codes in the MMA and maps them to levels in the
-# epilogue (FOLD in the .cu): no HFMA2 per pair of weights. Relies on the tensor cores taking fp16 subnormals as
+# Batch 1 sums raw codes in the MMA and maps them to levels after it (FOLD in the .cu): row-scaled formats (nz2_ch,
+# e8p_ch, ...) in the epilogue, chunk-scaled ones (q4_0, int4_g128, int2_g64, ...) chunk by chunk; no HFMA2 or HMUL2
+# per pair of weights. Relies on the tensor cores taking fp16 subnormals as
 # they are; LOWBIT_CUDA_FOLD_AFFINE=0 turns it off.
 FOLD_AFFINE = os.environ.get("LOWBIT_CUDA_FOLD_AFFINE", "1") == "1"
 
@@ -313,12 +323,13 @@ def gemv(x: torch.Tensor, fmt: Format, qt: QuantizedTensor, p: Plan, gated: bool
     warps = warps_for(p, k)
     xs = 0 if not staged else 1 if m == 1 else 2  # XS: no staging, one row, or several
     full = k % (4 * half_per_chunk(p)) == 0  # whole steps of 4 chunks: no lane past the row's end
-    fold = FOLD_AFFINE and xs == 1 and p.can_fold()
+    fold = p.fold_mode() if FOLD_AFFINE and xs == 1 else 0
     source = _source(p, xs, warps, min_blocks_for(warps, m), gated, full, fold)
     kern = cuda_jit.kernel(source, "gemv_mma", x.device)
     rows_per_block = ROWS_PER_BLOCK // 2 if gated else ROWS_PER_BLOCK  # gated: 8 gate rows + their 8 up rows
     tiles = (n + rows_per_block - 1) // rows_per_block
     shared = staged_bytes(m, k) if staged else 0
+    shared += 4 * (k // half_per_chunk(p)) if fold == 2 else 0  # each chunk's sum of x, after the staged row
     kern.allow_shared(shared)
     kern((tiles, 1, 1), (warps * 32, 1, 1), [codes, scales, mins, x, y, _TABLES[key], n, k, m, groups],
          shared=shared, early=EARLY_LAUNCH and _hopper(x.device))
@@ -366,11 +377,11 @@ def fold_reference(fmt: Format, cols: int, codes: torch.Tensor) -> torch.Tensor:
     (a subnormal), times that position's scale, plus FOLD_L0, in float64. Affine grids: [positions, codes]; E8P:
     16-bit codes -> [codes, 8] coordinates. Equals the format's levels exactly (tests)."""
     p = plan(fmt, (1, cols))
-    if p is None or not p.can_fold():
+    if p is None or not p.fold_mode():
         raise ValueError(f"{fmt.name} at {cols} columns has no folded decode")
     scale, l0 = p.fold_constants()
     if p.kind == 0:  # [positions, codes]: 2-bit bits 2-3 and 8-9, 4-bit bits 0-3
-        places = [(2, scale), (8, scale / 64)] if p.bits == 2 else [(0, scale)]
+        places = [(2, scale), (8, scale / 64)] if p.bits == 2 else [(0, scale), (4, scale / 16)]
         return torch.stack([_as_half(codes << shift).double() * sc + l0 for shift, sc in places])
     tab = e8p_tables().to(torch.int64) & 0xFFFFFFFF
     e = tab[(codes >> 8) & 255] ^ tab[256 + (codes & 255)]

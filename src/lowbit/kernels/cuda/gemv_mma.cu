@@ -11,10 +11,12 @@
 //   WARPS        warps per block; they split K, and the block adds their partial sums
 //   XS           1: the batch-1 activation row staged once per block in (dynamic) shared memory; 2: all M rows
 //   FULL         1: K is a whole number of steps (4 chunks), so no lane's chunk lies past the row's end
-//   FOLD         1 (batch 1 staged, one scale per row, KIND 0 or 1): the affine map from codes to levels is taken
-//                out of the loop. Each code is masked at one fixed position without the 1024.0 magic, i.e. as the
-//                subnormal fp16 q * 2^(pos - 24), exact; the MMA sums those times x, and the epilogue takes
-//                level sums as FOLD_SCALE * sum + FOLD_L0 * sum(x) (sum(x) from the staging). No HFMA2 per pair.
+//   FOLD         (batch 1 staged, KIND 0 or 1) the affine map from codes to levels is taken out of the MMA's
+//                operands: each code is masked at a fixed position without the 1024.0 magic, i.e. as the exact
+//                subnormal fp16 q * 2^(pos - 24), and the MMA sums those times x into one accumulator per position.
+//                1 (one scale per row): the epilogue takes the level sums as FOLD_SCALE * sum + FOLD_SCALE_B *
+//                sum_B + FOLD_L0 * sum(x). 2 (a scale, and min, per 16-byte chunk): each chunk's sums go through
+//                the same map with its sum of x, times its scale (+ min * its sum of x). No HFMA2/HMUL2 per pair.
 //   MIN_BLOCKS   blocks that must fit on one SM at once (__launch_bounds__: caps the registers per thread)
 //   GATED        1: W is [gate; up] (2N rows, a fused gate/up projection) and y = silu(x gate^T) * (x up^T), [M, N]
 //
@@ -117,7 +119,7 @@ DEV u32 word(const U4& v, int j) { return j == 0 ? v.x : j == 1 ? v.y : j == 2 ?
 #define HALF_PER_WORD 16
 #endif
 #define HALF_PER_CHUNK (4 * HALF_PER_WORD)  // weights in 16 bytes of codes
-#if FOLD && (KIND == 1 || BITS == 2)
+#if FOLD
 #define FOLD_ACCS 2  // FOLD's two code positions, two accumulators (below)
 #else
 #define FOLD_ACCS 1
@@ -212,9 +214,10 @@ DEV void b_frag(const u32* xr, int m, int half, u32& b0, u32& b1) {
 #define DQ_MASK(i) ((i) % 2 ? 0x00f000f0u : 0x000f000fu)
 #define DQ_CONSTS_A {DQ_A0, DQ_A1, DQ_A0, DQ_A1}
 #define DQ_CONSTS_B {DQ_B0, DQ_B1, DQ_B0, DQ_B1}
-// FOLD: pair i (codes i and i + 4, at bits 4i and 4i + 16) moved to bits 0-3 of each half
-#define FOLD_SRC(w, i) ((w) >> (4 * (i)))
-#define FOLD_MASK(i) 0x000f000fu
+// FOLD: pair i (codes i and i + 4, at bits 4i and 4i + 16) read at bits 0-3 (i even) or 4-7 (i odd), after one
+// shift by 8 for pairs 2 and 3
+#define FOLD_SRC(w, i) ((i) < 2 ? (w) : (w) >> 8)
+#define FOLD_MASK(i) ((i) % 2 ? 0x00f000f0u : 0x000f000fu)
 #endif
 
 #if KIND == 0
@@ -228,19 +231,21 @@ DEV void word_mma(float* d, u32 wa, u32 wb, const u32* xr, u32 sa, u32 sb, u32 m
         u32 a[4];
 #pragma unroll
         for (int h = 0; h < 4; ++h) {  // a0, a2: row g, pairs 2m, 2m + 1; a1, a3: row g + 8
-            const int i = 2 * m + h / 2;
-#if FOLD
-            const u32 v = FOLD_SRC(h % 2 ? wb : wa, i) & FOLD_MASK(i);  // q * 2^(pos - 24), subnormal
+#if FOLD  // one position per MMA: 2-bit pairs 2m, 2m + 1; 4-bit pairs m, m + 2 (staged words xr[i] match pair i)
+            const int i = BITS == 2 ? 2 * m + h / 2 : m + 2 * (h / 2);
+            a[h] = FOLD_SRC(h % 2 ? wb : wa, i) & FOLD_MASK(i);  // q * 2^(pos - 24), subnormal
 #else
+            const int i = 2 * m + h / 2;
             const u32 v = hfma2(lop3_and_or(DQ_SRC(h % 2 ? wb : wa, i), DQ_MASK(i), MAGIC), A[i], B[i]);
-#endif
             a[h] = h % 2 ? APPLY_SCALE(v, sb, mb) : APPLY_SCALE(v, sa, ma);
+#endif
         }
+#if FOLD  // accumulator 0: 2-bit pairs 0-3 (bits 2-3), 4-bit even pairs (bits 0-3); accumulator 1 the others
+        const int p0 = BITS == 2 ? 2 * m : m, p1 = BITS == 2 ? 2 * m + 1 : m + 2;
+        mma(d + (BITS == 2 ? (m >= 2) : m) * 4, a[0], a[1], a[2], a[3], xr[p0], xr[p1]);
+#else
         u32 b0, b1;
         b_frag(xr, m, PAIRS / 2, b0, b1);
-#if FOLD && FOLD_ACCS == 2
-        mma(d + (m >= 2 ? 4 : 0), a[0], a[1], a[2], a[3], b0, b1);  // pairs 4-7: the second position
-#else
         mma(d, a[0], a[1], a[2], a[3], b0, b1);
 #endif
     }
@@ -392,7 +397,7 @@ DEV Step load_step(const U4* pa, const U4* pb, const u16* sa_row, const u16* sb_
     return st;
 }
 
-#if FOLD
+#if FOLD == 1
 __shared__ float fold_xsum[WARPS];  // each warp's part of sum(x) (batch 1)
 #endif
 // Set-up of a block: the decode tables and (XS) the activation rows into shared memory. The caller synchronises
@@ -404,14 +409,16 @@ DEV void stage_block(const u32* tables, const u16* x, int K, int M) {
     for (int i = threadIdx.x; i < 256; i += WARPS * 32) iq2_grid[i] = ((const U4*)tables)[i];
 #endif
     wait_for_inputs();  // x is the output of the kernel before
-#if FOLD
+#if FOLD == 1
     float xsum = 0.f;  // this thread's part of sum(x), fp32
 #endif
 #if XS
     // groups of SG units (the fragment group G, b_frag), permuted into fragment order, at their staged places
     constexpr int SG = (KIND == 0 && BITS == 2) ? 2 : 1;
     const int units = K / 8;
-    for (int q = threadIdx.x; q < M * (units / SG); q += WARPS * 32) {
+    const int groups = M * (units / SG);
+    for (int q0 = 0; q0 < groups; q0 += WARPS * 32) {  // the same trip count in every lane (FOLD 2 shuffles)
+        const int q = min(q0 + (int)threadIdx.x, groups - 1);  // past the end: group q again, written again
         const int row = XS == 1 ? 0 : q / (units / SG), u = (q - row * (units / SG)) * SG;
         u32 w[4 * SG];
 #pragma unroll
@@ -420,8 +427,17 @@ DEV void stage_block(const u32* tables, const u16* x, int K, int M) {
             w[4 * i] = v.x; w[4 * i + 1] = v.y; w[4 * i + 2] = v.z; w[4 * i + 3] = v.w;
         }
 #if FOLD
+        float part = 0.f;
 #pragma unroll
-        for (int i = 0; i < 4 * SG; ++i) xsum += half_lo_to_float(w[i]) + half_lo_to_float(w[i] >> 16);
+        for (int i = 0; i < 4 * SG; ++i) part += half_lo_to_float(w[i]) + half_lo_to_float(w[i] >> 16);
+#if FOLD == 1
+        if (q0 + (int)threadIdx.x < groups) xsum += part;
+#else  // a chunk is 4 consecutive groups, i.e. 4 consecutive lanes: its sum after two shuffles, from the first
+        part += __shfl_xor_sync(0xffffffffu, part, 1);
+        part += __shfl_xor_sync(0xffffffffu, part, 2);
+        if ((threadIdx.x & 3) == 0 && q0 + (int)threadIdx.x < groups)
+            ((float*)(dyn + K / 8 + (K / 8 + 7) / 8))[q >> 2] = part;  // after the staged row (fold_chunk_sums)
+#endif
 #endif
 #if PREPERM
         u32 o[4 * SG];
@@ -445,7 +461,7 @@ DEV void stage_block(const u32* tables, const u16* x, int K, int M) {
         }
     }
 #endif
-#if FOLD
+#if FOLD == 1
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) xsum += __shfl_xor_sync(0xffffffffu, xsum, o);
     if ((threadIdx.x & 31) == 0) fold_xsum[threadIdx.x >> 5] = xsum;  // read after the caller's barrier
@@ -538,14 +554,33 @@ gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u1
         iq2_sub(d, w.a.z, w.a.w, w.b.z, w.b.w, xb, u0, 4, w.sa, w.sb, ok);
 #else
         const int k0 = (FULL ? c : min(c, chunks - 1)) * HALF_PER_CHUNK;  // idle lanes: scale reads stay in the row
+#if FOLD == 2  // this chunk's code sums, mapped to level sums with its sum of x and scaled by its scale (+ min)
+        float t[8] = {};
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+            chunk_mma(t, word(w.a, j), word(w.b, j), xb, u0, j * HALF_PER_WORD / 8, sa_row, sb_row, ma_row, mb_row,
+                      k0 + j * HALF_PER_WORD, ok, w.sa, w.sb, w.ma, w.mb);
+        const float gx = ok ? ((const float*)(dyn + K / 8 + (K / 8 + 7) / 8))[c] : 0.f;
+        const float fsa = half_lo_to_float(w.sa), fsb = half_lo_to_float(w.sb);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const float lv = t[e] * FOLD_SCALE + t[e + 4] * FOLD_SCALE_B + FOLD_L0 * gx;
+#if ASYM
+            d[e] += lv * (e < 2 ? fsa : fsb) + half_lo_to_float(e < 2 ? w.ma : w.mb) * gx;
+#else
+            d[e] += lv * (e < 2 ? fsa : fsb);
+#endif
+        }
+#else
 #pragma unroll
         for (int j = 0; j < 4; ++j)
             chunk_mma(d, word(w.a, j), word(w.b, j), xb, u0, j * HALF_PER_WORD / 8, sa_row, sb_row, ma_row, mb_row,
                       k0 + j * HALF_PER_WORD, ok, w.sa, w.sb, w.ma, w.mb);
 #endif
+#endif
     }
     release_dependents();  // every weight of this block is read
-#if FOLD  // level sums from code sums; sum(x) added once, by warp 0 (store_rows adds the warps' sums)
+#if FOLD == 1  // level sums from code sums; sum(x) added once, by warp 0 (store_rows adds the warps' sums)
     float xs_all = 0.f;
     if (warp == 0)
 #pragma unroll
