@@ -112,12 +112,12 @@ def test_batches_are_staged_within_their_budget(monkeypatch: pytest.MonkeyPatch)
     4-bit grids measured slower staged, docs/kernels.md)."""
     nz2, q4 = (cuda_gemv.plan(get_format(n), (64, 4096)) for n in ("nz2_ch", "q4_0"))
     for p in (nz2, q4):
-        assert cuda_gemv.stages_rows(1, 4096, p) and cuda_gemv.stages_rows(1, 16384, p)
-        assert not cuda_gemv.stages_rows(1, 16448, p)
-    assert cuda_gemv.stages_rows(8, 4096, nz2) and not cuda_gemv.stages_rows(8, 11008, nz2)
-    assert cuda_gemv.stages_rows(2, 11008, nz2) and not cuda_gemv.stages_rows(8, 4096, q4)
+        assert cuda_gemv.staging(1, 4096, p) == 1 and cuda_gemv.staging(1, 16384, p) == 1
+        assert cuda_gemv.staging(1, 16448, p) == 0
+    assert cuda_gemv.staging(8, 4096, nz2) == 2 and cuda_gemv.staging(8, 11008, nz2) == 0
+    assert cuda_gemv.staging(2, 11008, nz2) == 2 and cuda_gemv.staging(8, 4096, q4) == 0
     monkeypatch.setattr(cuda_gemv, "STAGED_ROWS", 1)
-    assert not cuda_gemv.stages_rows(8, 4096, nz2) and cuda_gemv.stages_rows(1, 4096, nz2)
+    assert cuda_gemv.staging(8, 4096, nz2) == 0 and cuda_gemv.staging(1, 4096, nz2) == 1
 
 
 def test_shared_memory_sizes() -> None:
@@ -239,7 +239,7 @@ def test_cuda_gemv_kernels_fit_their_blocks_without_spills(name: str, cols: int,
     if p is None:
         pytest.skip(f"{name} at {cols} columns is not served")
     warps = cuda_gemv.warps_for(p, cols)
-    staged = 0 if not cuda_gemv.stages_rows(m, cols, p) else 1 if m == 1 else 2
+    staged = cuda_gemv.staging(m, cols, p)
     kern = cuda_jit.kernel(cuda_gemv._source(p, staged, warps, cuda_gemv.min_blocks_for(warps), False),
                            "gemv_mma", torch.device("cuda"))
     assert kern.attribute(3) <= 16  # CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES

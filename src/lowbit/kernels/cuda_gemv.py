@@ -230,13 +230,14 @@ STAGED_ROWS = int(os.environ.get("LOWBIT_CUDA_STAGED_ROWS", "8"))
 STAGED_ROWS_BYTES = 64 * 1024
 
 
-def stages_rows(m: int, k: int, p: Plan) -> bool:
-    """Whether a call of plan ``p`` with ``m`` rows of ``k`` activations stages them in shared memory (XS)."""
+def staging(m: int, k: int, p: Plan) -> int:
+    """XS in the .cu for a call of plan ``p`` on ``m`` rows of ``k`` activations: 0 = read from L1/L2, 1 = the
+    one row staged in shared memory, 2 = all ``m`` rows staged."""
     if not STAGED_X or m > max(1, STAGED_ROWS):
-        return False
+        return 0
     if m == 1:
-        return 2 * k <= STAGED_X_BYTES
-    return half_per_chunk(p) == 64 and m * staged_x_bytes(k) <= STAGED_ROWS_BYTES
+        return int(2 * k <= STAGED_X_BYTES)
+    return 2 if half_per_chunk(p) == 64 and m * staged_x_bytes(k) <= STAGED_ROWS_BYTES else 0
 
 
 # Programmatic dependent launch (Hopper and later): a GEMV starts and loads its first weights while the kernel before
@@ -276,14 +277,13 @@ def gemv(x: torch.Tensor, fmt: Format, qt: QuantizedTensor, p: Plan, gated: bool
     else:
         codes, scales, groups = qt.data["codes"], qt.data["scale"], fmt.n_groups(k)
         mins = qt.data.get("min", scales)
-    staged = stages_rows(m, k, p)
+    xs = staging(m, k, p)
     warps = warps_for(p, k)
-    xs = 0 if not staged else 1 if m == 1 else 2  # XS: no staging, one row, or several
     source = _source(p, xs, warps, min_blocks_for(warps), gated)
     kern = cuda_jit.kernel(source, "gemv_mma", x.device)
     rows_per_block = ROWS_PER_BLOCK // 2 if gated else ROWS_PER_BLOCK  # gated: 8 gate rows + their 8 up rows
     tiles = (n + rows_per_block - 1) // rows_per_block
-    shared = m * staged_x_bytes(k) if staged else 0
+    shared = m * staged_x_bytes(k) if xs else 0
     kern.allow_shared(shared)
     kern((tiles, 1, 1), (warps * 32, 1, 1), [codes, scales, mins, x, y, _TABLES[key], n, k, m, groups],
          shared=shared, early=EARLY_LAUNCH and _hopper(x.device))
