@@ -37,7 +37,7 @@ def kernel_sass(name: str, cols: int, m: int) -> str:
     if p is None:
         raise SystemExit(f"{name} at {cols} columns is not served by the CUDA GEMV")
     warps = cuda_gemv.warps_for(p, cols)
-    xs = 0 if not cuda_gemv.stages_rows(m, cols, p) else 1 if m == 1 else 2
+    xs = cuda_gemv.staging(m, cols, p)
     full = cols % (4 * cuda_gemv.half_per_chunk(p)) == 0
     fold = p.fold_mode() if cuda_gemv.FOLD_AFFINE and xs == 1 else 0
     source = cuda_gemv._source(p, xs, warps, cuda_gemv.min_blocks_for(warps, m), False, full, fold)

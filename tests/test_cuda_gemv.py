@@ -130,12 +130,12 @@ def test_batches_are_staged_within_their_budget(monkeypatch: pytest.MonkeyPatch)
     4-bit grids measured slower staged, docs/kernels.md)."""
     nz2, q4 = (cuda_gemv.plan(get_format(n), (64, 4096)) for n in ("nz2_ch", "q4_0"))
     for p in (nz2, q4):
-        assert cuda_gemv.stages_rows(1, 4096, p) and cuda_gemv.stages_rows(1, 16384, p)
-        assert not cuda_gemv.stages_rows(1, 16448, p)
-    assert cuda_gemv.stages_rows(8, 4096, nz2) and not cuda_gemv.stages_rows(8, 11008, nz2)
-    assert cuda_gemv.stages_rows(2, 11008, nz2) and not cuda_gemv.stages_rows(8, 4096, q4)
+        assert cuda_gemv.staging(1, 4096, p) == 1 and cuda_gemv.staging(1, 16384, p) == 1
+        assert cuda_gemv.staging(1, 16448, p) == 0
+    assert cuda_gemv.staging(8, 4096, nz2) == 2 and cuda_gemv.staging(8, 11008, nz2) == 0
+    assert cuda_gemv.staging(2, 11008, nz2) == 2 and cuda_gemv.staging(8, 4096, q4) == 0
     monkeypatch.setattr(cuda_gemv, "STAGED_ROWS", 1)
-    assert not cuda_gemv.stages_rows(8, 4096, nz2) and cuda_gemv.stages_rows(1, 4096, nz2)
+    assert cuda_gemv.staging(8, 4096, nz2) == 0 and cuda_gemv.staging(1, 4096, nz2) == 1
 
 
 def test_shared_memory_sizes() -> None:
@@ -258,7 +258,7 @@ def test_cuda_gemv_kernels_fit_their_blocks_without_spills(name: str, cols: int,
     if p is None:
         pytest.skip(f"{name} at {cols} columns is not served")
     warps = cuda_gemv.warps_for(p, cols)
-    staged = 0 if not cuda_gemv.stages_rows(m, cols, p) else 1 if m == 1 else 2
+    staged = cuda_gemv.staging(m, cols, p)
     full = cols % (4 * cuda_gemv.half_per_chunk(p)) == 0
     blocks = cuda_gemv.min_blocks_for(warps, m)
     fold = p.fold_mode() if cuda_gemv.FOLD_AFFINE and staged == 1 else 0

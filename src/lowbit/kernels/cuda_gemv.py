@@ -266,13 +266,14 @@ STAGED_ROWS = int(os.environ.get("LOWBIT_CUDA_STAGED_ROWS", "8"))
 STAGED_ROWS_BYTES = 64 * 1024
 
 
-def stages_rows(m: int, k: int, p: Plan) -> bool:
-    """Whether a call of plan ``p`` with ``m`` rows of ``k`` activations stages them in shared memory (XS)."""
+def staging(m: int, k: int, p: Plan) -> int:
+    """XS in the .cu for a call of plan ``p`` on ``m`` rows of ``k`` activations: 0 = read from L1/L2, 1 = the
+    one row staged in shared memory, 2 = all ``m`` rows staged."""
     if not STAGED_X or m > max(1, STAGED_ROWS):
-        return False
+        return 0
     if m == 1:
-        return 2 * k <= STAGED_X_BYTES
-    return half_per_chunk(p) == 64 and staged_bytes(m, k) <= STAGED_ROWS_BYTES
+        return int(2 * k <= STAGED_X_BYTES)
+    return 2 if half_per_chunk(p) == 64 and staged_bytes(m, k) <= STAGED_ROWS_BYTES else 0
 
 
 # Batch 1 sums raw codes in the MMA and maps them to levels after it (FOLD in the .cu): row-scaled formats (nz2_ch,
@@ -319,16 +320,15 @@ def gemv(x: torch.Tensor, fmt: Format, qt: QuantizedTensor, p: Plan, gated: bool
     else:
         codes, scales, groups = qt.data["codes"], qt.data["scale"], fmt.n_groups(k)
         mins = qt.data.get("min", scales)
-    staged = stages_rows(m, k, p)
+    xs = staging(m, k, p)
     warps = warps_for(p, k)
-    xs = 0 if not staged else 1 if m == 1 else 2  # XS: no staging, one row, or several
     full = k % (4 * half_per_chunk(p)) == 0  # whole steps of 4 chunks: no lane past the row's end
     fold = p.fold_mode() if FOLD_AFFINE and xs == 1 else 0
     source = _source(p, xs, warps, min_blocks_for(warps, m), gated, full, fold)
     kern = cuda_jit.kernel(source, "gemv_mma", x.device)
     rows_per_block = ROWS_PER_BLOCK // 2 if gated else ROWS_PER_BLOCK  # gated: 8 gate rows + their 8 up rows
     tiles = (n + rows_per_block - 1) // rows_per_block
-    shared = staged_bytes(m, k) if staged else 0
+    shared = staged_bytes(m, k) if xs else 0
     shared += 4 * (k // half_per_chunk(p)) if fold == 2 else 0  # each chunk's sum of x, after the staged row
     kern.allow_shared(shared)
     kern((tiles, 1, 1), (warps * 32, 1, 1), [codes, scales, mins, x, y, _TABLES[key], n, k, m, groups],

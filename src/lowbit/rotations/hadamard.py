@@ -26,6 +26,11 @@ from functools import cache
 import torch
 
 
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """fp16 / bf16 as float32 for the transforms (see :func:`fwht`), other dtypes as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def fwht(x: torch.Tensor) -> torch.Tensor:
     """Orthonormal fast Walsh-Hadamard transform along the last dimension (a power of two). fp16/bf16 inputs are
     transformed in float32: the unnormalized butterflies grow by up to 2^stages, so fp16 would round at every stage
@@ -34,9 +39,7 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
     if n & (n - 1):
         raise ValueError(f"fwht needs a power-of-two length, got {n}")
     shape = x.shape
-    y = x.reshape(-1, n)
-    if y.dtype in (torch.float16, torch.bfloat16):
-        y = y.float()
+    y = _wide(x.reshape(-1, n))
     h = 1
     while h < n:
         y = y.view(-1, n // (2 * h), 2, h)
@@ -118,8 +121,7 @@ class RandomizedHadamard:
     def _kron(self, x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
         # index i = a * p + b  (a < m, b < p): apply factor on a, Hadamard on b; fp16/bf16 in float32 throughout
         # (see fwht), rounded once at the end, as the Triton kernel does
-        y = x.reshape(*x.shape[:-1], self.m, self.p)
-        y = fwht(y.float() if y.dtype in (torch.float16, torch.bfloat16) else y)
+        y = fwht(_wide(x.reshape(*x.shape[:-1], self.m, self.p)))
         y = torch.einsum("ij,...jb->...ib", factor.to(y), y)
         return y.reshape(x.shape).to(x.dtype)
 
