@@ -63,17 +63,10 @@ class Plan:
         return "\n".join(lines) + "\n"
 
     def can_fold(self) -> bool:
-        """Whether the affine map from codes to levels can leave the loop (FOLD 1 in the .cu): one scale per row, so
-        the level sums are FOLD_SCALE * code sums + FOLD_L0 * sum(x)."""
-        return self.row_scale and self.kind in (0, 1)
-
-    def can_fold_chunks(self) -> bool:
-        """Whether it can leave the MMA's operands chunk by chunk (FOLD 2): an affine grid whose every 16-byte chunk
-        lies in one scale group, so each chunk's code sums map to level sums before its scale (and min)."""
-        return self.kind == 0 and not self.row_scale and self.chunk_scale()
-
-    def fold_mode(self) -> int:
-        return 1 if self.can_fold() else 2 if self.can_fold_chunks() else 0
+        """Whether the affine map from codes to levels can leave the loop (FOLD in the .cu): one scale per row and
+        no min, so the level sums are FOLD_SCALE * code sums + FOLD_L0 * sum(x). A scale per chunk cannot: the
+        MMA's k sum adds the four chunks of a lane quad."""
+        return self.row_scale and self.kind in (0, 1) and not self.asym
 
     def fold_constants(self) -> tuple[float, float]:
         """(FOLD_SCALE, FOLD_L0): a masked code at its fold position is the fp16 subnormal q * 2^(pos - 24) (2-bit
@@ -276,10 +269,9 @@ def staging(m: int, k: int, p: Plan) -> int:
     return 2 if half_per_chunk(p) == 64 and staged_bytes(m, k) <= STAGED_ROWS_BYTES else 0
 
 
-# Batch 1 sums raw codes in the MMA and maps them to levels after it (FOLD in the .cu): row-scaled formats (nz2_ch,
-# e8p_ch, ...) in the epilogue, chunk-scaled ones (q4_0, int4_g128, int2_g64, ...) chunk by chunk; no HFMA2 or HMUL2
-# per pair of weights. Relies on the tensor cores taking fp16 subnormals as
-# they are; LOWBIT_CUDA_FOLD_AFFINE=0 turns it off.
+# Batch 1 of row-scaled symmetric formats (nz2_ch, e8p_ch, std2m_ch, int4_ch_sym) sums raw codes in the MMA and maps
+# them to levels in the epilogue (FOLD in the .cu): no HFMA2 or HMUL2 per pair of weights. Relies on the tensor cores
+# taking fp16 subnormals as they are (the GPU tests check it); LOWBIT_CUDA_FOLD_AFFINE=0 turns it off.
 FOLD_AFFINE = os.environ.get("LOWBIT_CUDA_FOLD_AFFINE", "1") == "1"
 
 # Programmatic dependent launch (Hopper and later): a GEMV starts and loads its first weights while the kernel before
@@ -323,13 +315,12 @@ def gemv(x: torch.Tensor, fmt: Format, qt: QuantizedTensor, p: Plan, gated: bool
     xs = staging(m, k, p)
     warps = warps_for(p, k)
     full = k % (4 * half_per_chunk(p)) == 0  # whole steps of 4 chunks: no lane past the row's end
-    fold = p.fold_mode() if FOLD_AFFINE and xs == 1 else 0
+    fold = int(p.can_fold()) if FOLD_AFFINE and xs == 1 else 0
     source = _source(p, xs, warps, min_blocks_for(warps, m), gated, full, fold)
     kern = cuda_jit.kernel(source, "gemv_mma", x.device)
     rows_per_block = ROWS_PER_BLOCK // 2 if gated else ROWS_PER_BLOCK  # gated: 8 gate rows + their 8 up rows
     tiles = (n + rows_per_block - 1) // rows_per_block
     shared = staged_bytes(m, k) if xs else 0
-    shared += 4 * (k // half_per_chunk(p)) if fold == 2 else 0  # each chunk's sum of x, after the staged row
     kern.allow_shared(shared)
     kern((tiles, 1, 1), (warps * 32, 1, 1), [codes, scales, mins, x, y, _TABLES[key], n, k, m, groups],
          shared=shared, early=EARLY_LAUNCH and _hopper(x.device))
@@ -377,7 +368,7 @@ def fold_reference(fmt: Format, cols: int, codes: torch.Tensor) -> torch.Tensor:
     (a subnormal), times that position's scale, plus FOLD_L0, in float64. Affine grids: [positions, codes]; E8P:
     16-bit codes -> [codes, 8] coordinates. Equals the format's levels exactly (tests)."""
     p = plan(fmt, (1, cols))
-    if p is None or not p.fold_mode():
+    if p is None or not p.can_fold():
         raise ValueError(f"{fmt.name} at {cols} columns has no folded decode")
     scale, l0 = p.fold_constants()
     if p.kind == 0:  # [positions, codes]: 2-bit bits 2-3 and 8-9, 4-bit bits 0-3

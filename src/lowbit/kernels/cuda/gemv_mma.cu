@@ -14,9 +14,9 @@
 //   FOLD         (batch 1 staged, KIND 0 or 1) the affine map from codes to levels is taken out of the MMA's
 //                operands: each code is masked at a fixed position without the 1024.0 magic, i.e. as the exact
 //                subnormal fp16 q * 2^(pos - 24), and the MMA sums those times x into one accumulator per position.
-//                1 (one scale per row): the epilogue takes the level sums as FOLD_SCALE * sum + FOLD_SCALE_B *
-//                sum_B + FOLD_L0 * sum(x). 2 (a scale, and min, per 16-byte chunk): each chunk's sums go through
-//                the same map with its sum of x, times its scale (+ min * its sum of x). No HFMA2/HMUL2 per pair.
+//                One scale per row, no min: the epilogue takes the level sums as FOLD_SCALE * sum + FOLD_SCALE_B *
+//                sum_B + FOLD_L0 * sum(x). No HFMA2/HMUL2 per pair. (Scales per chunk cannot leave the MMA: its
+//                k sum adds the four chunks of a lane quad.)
 //   MIN_BLOCKS   blocks that must fit on one SM at once (__launch_bounds__: caps the registers per thread)
 //   GATED        1: W is [gate; up] (2N rows, a fused gate/up projection) and y = silu(x gate^T) * (x up^T), [M, N]
 //
@@ -397,7 +397,7 @@ DEV Step load_step(const U4* pa, const U4* pb, const u16* sa_row, const u16* sb_
     return st;
 }
 
-#if FOLD == 1
+#if FOLD
 __shared__ float fold_xsum[WARPS];  // each warp's part of sum(x) (batch 1)
 #endif
 // Set-up of a block: the decode tables and (XS) the activation rows into shared memory. The caller synchronises
@@ -409,7 +409,7 @@ DEV void stage_block(const u32* tables, const u16* x, int K, int M) {
     for (int i = threadIdx.x; i < 256; i += WARPS * 32) iq2_grid[i] = ((const U4*)tables)[i];
 #endif
     wait_for_inputs();  // x is the output of the kernel before
-#if FOLD == 1
+#if FOLD
     float xsum = 0.f;  // this thread's part of sum(x), fp32
 #endif
 #if XS
@@ -417,7 +417,7 @@ DEV void stage_block(const u32* tables, const u16* x, int K, int M) {
     constexpr int SG = (KIND == 0 && BITS == 2) ? 2 : 1;
     const int units = K / 8;
     const int groups = M * (units / SG);
-    for (int q0 = 0; q0 < groups; q0 += WARPS * 32) {  // the same trip count in every lane (FOLD 2 shuffles)
+    for (int q0 = 0; q0 < groups; q0 += WARPS * 32) {
         const int q = min(q0 + (int)threadIdx.x, groups - 1);  // past the end: group q again, written again
         const int row = XS == 1 ? 0 : q / (units / SG), u = (q - row * (units / SG)) * SG;
         u32 w[4 * SG];
@@ -427,17 +427,9 @@ DEV void stage_block(const u32* tables, const u16* x, int K, int M) {
             w[4 * i] = v.x; w[4 * i + 1] = v.y; w[4 * i + 2] = v.z; w[4 * i + 3] = v.w;
         }
 #if FOLD
-        float part = 0.f;
+        if (q0 + (int)threadIdx.x < groups)
 #pragma unroll
-        for (int i = 0; i < 4 * SG; ++i) part += half_lo_to_float(w[i]) + half_lo_to_float(w[i] >> 16);
-#if FOLD == 1
-        if (q0 + (int)threadIdx.x < groups) xsum += part;
-#else  // a chunk is 4 consecutive groups, i.e. 4 consecutive lanes: its sum after two shuffles, from the first
-        part += __shfl_xor_sync(0xffffffffu, part, 1);
-        part += __shfl_xor_sync(0xffffffffu, part, 2);
-        if ((threadIdx.x & 3) == 0 && q0 + (int)threadIdx.x < groups)
-            ((float*)(dyn + K / 8 + (K / 8 + 7) / 8))[q >> 2] = part;  // after the staged row (fold_chunk_sums)
-#endif
+            for (int i = 0; i < 4 * SG; ++i) xsum += half_lo_to_float(w[i]) + half_lo_to_float(w[i] >> 16);
 #endif
 #if PREPERM
         u32 o[4 * SG];
@@ -461,7 +453,7 @@ DEV void stage_block(const u32* tables, const u16* x, int K, int M) {
         }
     }
 #endif
-#if FOLD == 1
+#if FOLD
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) xsum += __shfl_xor_sync(0xffffffffu, xsum, o);
     if ((threadIdx.x & 31) == 0) fold_xsum[threadIdx.x >> 5] = xsum;  // read after the caller's barrier
@@ -554,33 +546,14 @@ gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u1
         iq2_sub(d, w.a.z, w.a.w, w.b.z, w.b.w, xb, u0, 4, w.sa, w.sb, ok);
 #else
         const int k0 = (FULL ? c : min(c, chunks - 1)) * HALF_PER_CHUNK;  // idle lanes: scale reads stay in the row
-#if FOLD == 2  // this chunk's code sums, mapped to level sums with its sum of x and scaled by its scale (+ min)
-        float t[8] = {};
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-            chunk_mma(t, word(w.a, j), word(w.b, j), xb, u0, j * HALF_PER_WORD / 8, sa_row, sb_row, ma_row, mb_row,
-                      k0 + j * HALF_PER_WORD, ok, w.sa, w.sb, w.ma, w.mb);
-        const float gx = ok ? ((const float*)(dyn + K / 8 + (K / 8 + 7) / 8))[c] : 0.f;
-        const float fsa = half_lo_to_float(w.sa), fsb = half_lo_to_float(w.sb);
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const float lv = t[e] * FOLD_SCALE + t[e + 4] * FOLD_SCALE_B + FOLD_L0 * gx;
-#if ASYM
-            d[e] += lv * (e < 2 ? fsa : fsb) + half_lo_to_float(e < 2 ? w.ma : w.mb) * gx;
-#else
-            d[e] += lv * (e < 2 ? fsa : fsb);
-#endif
-        }
-#else
 #pragma unroll
         for (int j = 0; j < 4; ++j)
             chunk_mma(d, word(w.a, j), word(w.b, j), xb, u0, j * HALF_PER_WORD / 8, sa_row, sb_row, ma_row, mb_row,
                       k0 + j * HALF_PER_WORD, ok, w.sa, w.sb, w.ma, w.mb);
 #endif
-#endif
     }
     release_dependents();  // every weight of this block is read
-#if FOLD == 1  // level sums from code sums; sum(x) added once, by warp 0 (store_rows adds the warps' sums)
+#if FOLD  // level sums from code sums; sum(x) added once, by warp 0 (store_rows adds the warps' sums)
     float xs_all = 0.f;
     if (warp == 0)
 #pragma unroll
