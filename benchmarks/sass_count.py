@@ -39,8 +39,7 @@ def kernel_sass(name: str, cols: int, m: int) -> str:
     warps = cuda_gemv.warps_for(p, cols)
     xs = cuda_gemv.staging(m, cols, p)
     full = cols % (4 * cuda_gemv.half_per_chunk(p)) == 0
-    fold = int(p.can_fold()) if cuda_gemv.FOLD_AFFINE and xs == 1 else 0
-    source = cuda_gemv._source(p, xs, warps, cuda_gemv.min_blocks_for(warps, m), False, full, fold)
+    source = cuda_gemv._source(p, xs, warps, cuda_gemv.min_blocks_for(warps, m), False, full)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cuda_jit.compile_cubin(source, "gemv_mma.cu", "sm_90"))
         f.flush()

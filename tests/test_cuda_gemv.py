@@ -38,21 +38,6 @@ def test_e8p_tables_decode_the_whole_codebook() -> None:
     assert torch.equal(got.float(), e8p.codebook())
 
 
-@pytest.mark.parametrize("name", [n for n in SERVED if n != "iq2_xxs"])
-def test_folded_decode_is_the_format_exactly(name: str) -> None:
-    """Batch 1 masks each code as an fp16 subnormal and maps the MMA's sums to levels after it (FOLD, per row or
-    per chunk): that map, replayed, gives the format's levels (E8P: all 65536 codewords) exactly."""
-    fmt = get_format(name)
-    p = cuda_gemv.plan(fmt, (64, 4096))
-    if not p.can_fold():
-        pytest.skip(f"{name}: scale groups smaller than a 16-byte chunk")
-    if p.kind == 1:
-        assert torch.equal(cuda_gemv.fold_reference(fmt, 4096, torch.arange(1 << 16)).float(), e8p.codebook())
-    else:
-        for levels in cuda_gemv.fold_reference(fmt, 4096, torch.arange(1 << fmt.bits)):  # every fold position
-            assert torch.equal(levels.float(), decode_lut(fmt, torch.device("cpu")))
-
-
 @pytest.mark.parametrize("cols", [1024, 576])
 def test_iq2xxs_kernel_decode_is_the_format_within_one_rounding(cols: int) -> None:
     """The kernel's layout + tables + sign/scale steps, replayed, give the format's weights: exactly where the
@@ -119,10 +104,9 @@ def test_every_kernel_variant_compiles_for_ampere_and_hopper(name: str) -> None:
         for warps in (cuda_gemv.WARPS_FEW, cuda_gemv.WARPS_MANY):
             for full in (False, True):  # K a whole number of steps or not
                 blocks = cuda_gemv.min_blocks_for(warps, 1 if staged == 1 else 8)
-                for fold in sorted({0, int(p.can_fold()) if staged == 1 else 0}):  # codes summed raw (FOLD) or not
-                    source = cuda_gemv._source(p, staged, warps, blocks, gated, full, fold)
-                    for arch in ("sm_80", "sm_90"):
-                        assert cuda_jit.compile_cubin(source, "gemv_mma.cu", arch)[:4] == b"\x7fELF"
+                source = cuda_gemv._source(p, staged, warps, blocks, gated, full)
+                for arch in ("sm_80", "sm_90"):
+                    assert cuda_jit.compile_cubin(source, "gemv_mma.cu", arch)[:4] == b"\x7fELF"
 
 
 def test_batches_are_staged_within_their_budget(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -261,8 +245,7 @@ def test_cuda_gemv_kernels_fit_their_blocks_without_spills(name: str, cols: int,
     staged = cuda_gemv.staging(m, cols, p)
     full = cols % (4 * cuda_gemv.half_per_chunk(p)) == 0
     blocks = cuda_gemv.min_blocks_for(warps, m)
-    fold = int(p.can_fold()) if cuda_gemv.FOLD_AFFINE and staged == 1 else 0
-    kern = cuda_jit.kernel(cuda_gemv._source(p, staged, warps, blocks, False, full, fold),
+    kern = cuda_jit.kernel(cuda_gemv._source(p, staged, warps, blocks, False, full),
                            "gemv_mma", torch.device("cuda"))
     assert kern.attribute(3) <= 16  # CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES
     assert kern.attribute(4) * warps * 32 * blocks <= 65536  # NUM_REGS

@@ -48,36 +48,14 @@ class Plan:
     dq: tuple[tuple[float, float], ...]  # (A_i, B_i): level = A_i * magic_i + B_i, one per code position
 
     def defines(self, staged_x: int = 0, warps: int = WARPS_FEW, min_blocks: int = 1, gated: bool = False,
-                full: bool = False, fold: int = 0) -> str:
+                full: bool = False) -> str:
         lines = [f"#define KIND {self.kind}", f"#define BITS {self.bits}", f"#define ASYM {int(self.asym)}",
                  f"#define GROUP_SHIFT {self.group_shift}", f"#define ROW_SCALE {int(self.row_scale)}",
                  f"#define WARPS {warps}", f"#define XS {int(staged_x)}", f"#define MIN_BLOCKS {min_blocks}",
-                 f"#define GATED {int(gated)}", f"#define FULL {int(full)}", f"#define FOLD {int(fold)}"]
-        if fold:
-            scale, l0 = self.fold_constants()
-            lines += [f"#define FOLD_SCALE {scale!r}f", f"#define FOLD_L0 {l0!r}f"]
-            second = 16 if self.kind == 1 else 1 / 64 if self.bits == 2 else 1 / 16  # the second code position
-            lines += [f"#define FOLD_SCALE_B {scale * second!r}f"]
+                 f"#define GATED {int(gated)}", f"#define FULL {int(full)}"]
         for i, (a, b) in enumerate(self.dq):
             lines += [f"#define DQ_A{i} 0x{_half2_bits(a):08x}u", f"#define DQ_B{i} 0x{_half2_bits(b):08x}u"]
         return "\n".join(lines) + "\n"
-
-    def can_fold(self) -> bool:
-        """Whether the affine map from codes to levels can leave the loop (FOLD in the .cu): one scale per row and
-        no min, so the level sums are FOLD_SCALE * code sums + FOLD_L0 * sum(x). A scale per chunk cannot: the
-        MMA's k sum adds the four chunks of a lane quad."""
-        return self.row_scale and self.kind in (0, 1) and not self.asym
-
-    def fold_constants(self) -> tuple[float, float]:
-        """(FOLD_SCALE, FOLD_L0): a masked code at its fold position is the fp16 subnormal q * 2^(pos - 24) (2-bit
-        grids: bits 2-3, and bits 8-9 with FOLD_SCALE / 64; 4-bit: bits 0-3, and bits 4-7 with FOLD_SCALE / 16;
-        E8P: the nibble n = 2k + b at bits 4-7, and at bits 0-3 with FOLD_SCALE * 16), and level = scale * that +
-        l0."""
-        if self.kind == 1:
-            return 2.0**19, -3.75  # n / 2 - 3.75 with n * 2^-20 masked
-        a0, b0 = self.dq[0]
-        step, level0 = a0 * _position_scales(self.bits)[0], b0 + _MAGIC * a0  # level = step * q + level0
-        return step * 2.0 ** (24 - (2 if self.bits == 2 else 0)), level0
 
     def chunk_scale(self) -> bool:
         """Whether each 16-byte chunk of codes lies inside one scale group (CHUNK_SCALE in the .cu): its scales
@@ -228,8 +206,8 @@ def _cached_layout(qs: torch.Tensor, cols: int) -> tuple[torch.Tensor, torch.Ten
 
 @cache
 def _source(p: Plan, staged_x: int = 0, warps: int = WARPS_FEW, min_blocks: int = 1, gated: bool = False,
-            full: bool = False, fold: int = 0) -> str:
-    return (p.defines(staged_x, warps, min_blocks, gated, full, fold)
+            full: bool = False) -> str:
+    return (p.defines(staged_x, warps, min_blocks, gated, full)
             + (cuda_jit.source_dir() / "gemv_mma.cu").read_text())
 
 
@@ -268,11 +246,6 @@ def staging(m: int, k: int, p: Plan) -> int:
         return int(2 * k <= STAGED_X_BYTES)
     return 2 if half_per_chunk(p) == 64 and staged_bytes(m, k) <= STAGED_ROWS_BYTES else 0
 
-
-# Batch 1 of row-scaled symmetric formats (nz2_ch, e8p_ch, std2m_ch, int4_ch_sym) sums raw codes in the MMA and maps
-# them to levels in the epilogue (FOLD in the .cu): no HFMA2 or HMUL2 per pair of weights. Relies on the tensor cores
-# taking fp16 subnormals as they are (the GPU tests check it); LOWBIT_CUDA_FOLD_AFFINE=0 turns it off.
-FOLD_AFFINE = os.environ.get("LOWBIT_CUDA_FOLD_AFFINE", "1") == "1"
 
 # Programmatic dependent launch (Hopper and later): a GEMV starts and loads its first weights while the kernel before
 # it finishes, waits for it only before reading the activations, and lets the kernel after it start once its weights
@@ -315,8 +288,7 @@ def gemv(x: torch.Tensor, fmt: Format, qt: QuantizedTensor, p: Plan, gated: bool
     xs = staging(m, k, p)
     warps = warps_for(p, k)
     full = k % (4 * half_per_chunk(p)) == 0  # whole steps of 4 chunks: no lane past the row's end
-    fold = int(p.can_fold()) if FOLD_AFFINE and xs == 1 else 0
-    source = _source(p, xs, warps, min_blocks_for(warps, m), gated, full, fold)
+    source = _source(p, xs, warps, min_blocks_for(warps, m), gated, full)
     kern = cuda_jit.kernel(source, "gemv_mma", x.device)
     rows_per_block = ROWS_PER_BLOCK // 2 if gated else ROWS_PER_BLOCK  # gated: 8 gate rows + their 8 up rows
     tiles = (n + rows_per_block - 1) // rows_per_block
@@ -361,28 +333,6 @@ def decode_reference(fmt: Format, cols: int, codes: torch.Tensor) -> torch.Tenso
         magic = 0x6400 | (codes * int(pos))  # the LOP3: the code, already at its bit position, into 1024.0
         out.append(_fma_half(_as_half(magic), a, b))
     return torch.stack(out)
-
-
-def fold_reference(fmt: Format, cols: int, codes: torch.Tensor) -> torch.Tensor:
-    """Levels the FOLD kernel sums for ``codes`` (int64): each code masked at its fold position read as an fp16
-    (a subnormal), times that position's scale, plus FOLD_L0, in float64. Affine grids: [positions, codes]; E8P:
-    16-bit codes -> [codes, 8] coordinates. Equals the format's levels exactly (tests)."""
-    p = plan(fmt, (1, cols))
-    if p is None or not p.can_fold():
-        raise ValueError(f"{fmt.name} at {cols} columns has no folded decode")
-    scale, l0 = p.fold_constants()
-    if p.kind == 0:  # [positions, codes]: 2-bit bits 2-3 and 8-9, 4-bit bits 0-3
-        places = [(2, scale), (8, scale / 64)] if p.bits == 2 else [(0, scale), (4, scale / 16)]
-        return torch.stack([_as_half(codes << shift).double() * sc + l0 for shift, sc in places])
-    tab = e8p_tables().to(torch.int64) & 0xFFFFFFFF
-    e = tab[(codes >> 8) & 255] ^ tab[256 + (codes & 255)]
-    # coordinates i and i + 4 of word w at bits (m, m + 16): 0 and 2 at m = 0 (x 16 scale), 1 and 3 at m = 4
-    places = [(e, 0x0F, scale * 16), (e, 0xF0, scale), (e >> 8, 0x0F, scale * 16), (e >> 8, 0xF0, scale)]
-    coords = [None] * 8
-    for i, (w, mask, sc) in enumerate(places):
-        coords[i] = _as_half(w & mask).double() * sc + l0
-        coords[i + 4] = _as_half((w >> 16) & mask).double() * sc + l0
-    return torch.stack(coords, dim=1)
 
 
 def _decode_e8p(codes: torch.Tensor) -> torch.Tensor:

@@ -11,12 +11,6 @@
 //   WARPS        warps per block; they split K, and the block adds their partial sums
 //   XS           1: the batch-1 activation row staged once per block in (dynamic) shared memory; 2: all M rows
 //   FULL         1: K is a whole number of steps (4 chunks), so no lane's chunk lies past the row's end
-//   FOLD         (batch 1 staged, KIND 0 or 1) the affine map from codes to levels is taken out of the MMA's
-//                operands: each code is masked at a fixed position without the 1024.0 magic, i.e. as the exact
-//                subnormal fp16 q * 2^(pos - 24), and the MMA sums those times x into one accumulator per position.
-//                One scale per row, no min: the epilogue takes the level sums as FOLD_SCALE * sum + FOLD_SCALE_B *
-//                sum_B + FOLD_L0 * sum(x). No HFMA2/HMUL2 per pair. (Scales per chunk cannot leave the MMA: its
-//                k sum adds the four chunks of a lane quad.)
 //   MIN_BLOCKS   blocks that must fit on one SM at once (__launch_bounds__: caps the registers per thread)
 //   GATED        1: W is [gate; up] (2N rows, a fused gate/up projection) and y = silu(x gate^T) * (x up^T), [M, N]
 //
@@ -119,11 +113,6 @@ DEV u32 word(const U4& v, int j) { return j == 0 ? v.x : j == 1 ? v.y : j == 2 ?
 #define HALF_PER_WORD 16
 #endif
 #define HALF_PER_CHUNK (4 * HALF_PER_WORD)  // weights in 16 bytes of codes
-#if FOLD
-#define FOLD_ACCS 2  // FOLD's two code positions, two accumulators (below)
-#else
-#define FOLD_ACCS 1
-#endif
 
 // Activations, in 16-byte units u of the lane's batch row. The four lanes t of a quad read chunks 4 s + t at the
 // same offset; 8-unit chunks 128 bytes apart (4-unit ones 64) would sit in the same shared-memory banks. Batch 1
@@ -204,20 +193,12 @@ DEV void b_frag(const u32* xr, int m, int half, u32& b0, u32& b1) {
 #define DQ_MASK(i) (0x00030003u << ((i) == 0 ? 2 : (i) < 5 ? 2 * (i) : 2 * ((i) - 4)))
 #define DQ_CONSTS_A {DQ_A0, DQ_A1, DQ_A2, DQ_A3, DQ_A4, DQ_A5, DQ_A6, DQ_A7}
 #define DQ_CONSTS_B {DQ_B0, DQ_B1, DQ_B2, DQ_B3, DQ_B4, DQ_B5, DQ_B6, DQ_B7}
-// FOLD: pairs 0-3 (codes i and i + 8, at bits 2i and 2i + 16) moved to bits 2-3 of each half, pairs 4-7 to bits
-// 8-9: four shifted words serve the eight pairs, and the MMAs of the two positions go to two accumulators
-#define FOLD_SRC(w, i) ((i) == 0 ? (w) << 2 : (i) < 4 ? (w) >> (2 * (i) - 2) : (w) >> (2 * (i) - 8))
-#define FOLD_MASK(i) ((i) < 4 ? 0x000c000cu : 0x03000300u)
 #elif KIND == 0
 // codes i and i + 4 at bits 4i and 4i + 16: (w, 0x000f000f) -> (q0, q4), (w, 0x00f000f0) -> 16 (q1, q5), then w >> 8
 #define DQ_SRC(w, i) ((i) < 2 ? (w) : (w) >> 8)
 #define DQ_MASK(i) ((i) % 2 ? 0x00f000f0u : 0x000f000fu)
 #define DQ_CONSTS_A {DQ_A0, DQ_A1, DQ_A0, DQ_A1}
 #define DQ_CONSTS_B {DQ_B0, DQ_B1, DQ_B0, DQ_B1}
-// FOLD: pair i (codes i and i + 4, at bits 4i and 4i + 16) read at bits 0-3 (i even) or 4-7 (i odd), after one
-// shift by 8 for pairs 2 and 3
-#define FOLD_SRC(w, i) ((i) < 2 ? (w) : (w) >> 8)
-#define FOLD_MASK(i) ((i) % 2 ? 0x00f000f0u : 0x000f000fu)
 #endif
 
 #if KIND == 0
@@ -231,23 +212,13 @@ DEV void word_mma(float* d, u32 wa, u32 wb, const u32* xr, u32 sa, u32 sb, u32 m
         u32 a[4];
 #pragma unroll
         for (int h = 0; h < 4; ++h) {  // a0, a2: row g, pairs 2m, 2m + 1; a1, a3: row g + 8
-#if FOLD  // one position per MMA: 2-bit pairs 2m, 2m + 1; 4-bit pairs m, m + 2 (staged words xr[i] match pair i)
-            const int i = BITS == 2 ? 2 * m + h / 2 : m + 2 * (h / 2);
-            a[h] = FOLD_SRC(h % 2 ? wb : wa, i) & FOLD_MASK(i);  // q * 2^(pos - 24), subnormal
-#else
             const int i = 2 * m + h / 2;
             const u32 v = hfma2(lop3_and_or(DQ_SRC(h % 2 ? wb : wa, i), DQ_MASK(i), MAGIC), A[i], B[i]);
             a[h] = h % 2 ? APPLY_SCALE(v, sb, mb) : APPLY_SCALE(v, sa, ma);
-#endif
         }
-#if FOLD  // accumulator 0: 2-bit pairs 0-3 (bits 2-3), 4-bit even pairs (bits 0-3); accumulator 1 the others
-        const int p0 = BITS == 2 ? 2 * m : m, p1 = BITS == 2 ? 2 * m + 1 : m + 2;
-        mma(d + (BITS == 2 ? (m >= 2) : m) * 4, a[0], a[1], a[2], a[3], xr[p0], xr[p1]);
-#else
         u32 b0, b1;
         b_frag(xr, m, PAIRS / 2, b0, b1);
         mma(d, a[0], a[1], a[2], a[3], b0, b1);
-#endif
     }
 }
 #elif KIND == 1
@@ -262,15 +233,6 @@ __shared__ u32 e8p_sign[256];
 // coordinates of the code whose pattern and sign byte are pi and si, as four fp16 pairs
 DEV void code_pairs(u32 pi, u32 si, u32* p) {
     const u32 e = e8p_abs[pi] ^ e8p_sign[si];
-#if FOLD  // nibbles where they sit, no magic: coordinates 0 and 2 at bits 0-3 (n * 2^-24), 1 and 3 at bits 4-7
-    // (n * 2^-20), one shift; the epilogue takes n / 2 - 3.75 from the two accumulators
-    const u32 h = e >> 8;
-    p[0] = e & 0x000f000fu;
-    p[1] = e & 0x00f000f0u;
-    p[2] = h & 0x000f000fu;
-    p[3] = h & 0x00f000f0u;
-    return;
-#endif
     const u32 hi = e >> 7;
     p[0] = hfma2(lop3_and_or(e << 1, 0x001e001eu, MAGIC), 0x34003400u, 0xDC0FDC0Fu);  // x 1/4 - 259.75
     p[1] = hfma2(lop3_and_or(e, 0x00f000f0u, MAGIC), 0x28002800u, 0xD078D078u);  // x 1/32 - 35.75
@@ -289,14 +251,10 @@ DEV void word_mma(float* d, u32 wa, u32 wb, const u32* xr, u32 sa, u32 sb, u32 m
         const u32* xc = xr + 4 * h;
 #pragma unroll
         for (int m = 0; m < 2; ++m) {
-#if FOLD  // one position per MMA: coordinates m and m + 2 (and + 4), whose staged words are xc[m], xc[m + 2]
-            mma(d + (m == 0 ? 4 : 0), pa[m], pb[m], pa[m + 2], pb[m + 2], xc[m], xc[m + 2]);
-#else
             u32 b0, b1;
             b_frag(xc, m, 2, b0, b1);
             mma(d, APPLY_SCALE(pa[2 * m], sa, ma), APPLY_SCALE(pb[2 * m], sb, mb),
                 APPLY_SCALE(pa[2 * m + 1], sa, ma), APPLY_SCALE(pb[2 * m + 1], sb, mb), b0, b1);
-#endif
         }
     }
 }
@@ -397,9 +355,6 @@ DEV Step load_step(const U4* pa, const U4* pb, const u16* sa_row, const u16* sb_
     return st;
 }
 
-#if FOLD
-__shared__ float fold_xsum[WARPS];  // each warp's part of sum(x) (batch 1)
-#endif
 // Set-up of a block: the decode tables and (XS) the activation rows into shared memory. The caller synchronises
 // the block before they are read.
 DEV void stage_block(const u32* tables, const u16* x, int K, int M) {
@@ -409,9 +364,6 @@ DEV void stage_block(const u32* tables, const u16* x, int K, int M) {
     for (int i = threadIdx.x; i < 256; i += WARPS * 32) iq2_grid[i] = ((const U4*)tables)[i];
 #endif
     wait_for_inputs();  // x is the output of the kernel before
-#if FOLD
-    float xsum = 0.f;  // this thread's part of sum(x), fp32
-#endif
 #if XS
     // groups of SG units (the fragment group G, b_frag), permuted into fragment order, at their staged places
     constexpr int SG = (KIND == 0 && BITS == 2) ? 2 : 1;
@@ -426,11 +378,6 @@ DEV void stage_block(const u32* tables, const u16* x, int K, int M) {
             const U4 v = ld_cached((const U4*)x + (size_t)row * units + u + i);
             w[4 * i] = v.x; w[4 * i + 1] = v.y; w[4 * i + 2] = v.z; w[4 * i + 3] = v.w;
         }
-#if FOLD
-        if (q0 + (int)threadIdx.x < groups)
-#pragma unroll
-            for (int i = 0; i < 4 * SG; ++i) xsum += half_lo_to_float(w[i]) + half_lo_to_float(w[i] >> 16);
-#endif
 #if PREPERM
         u32 o[4 * SG];
 #pragma unroll
@@ -452,11 +399,6 @@ DEV void stage_block(const u32* tables, const u16* x, int K, int M) {
 #endif
         }
     }
-#endif
-#if FOLD
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) xsum += __shfl_xor_sync(0xffffffffu, xsum, o);
-    if ((threadIdx.x & 31) == 0) fold_xsum[threadIdx.x >> 5] = xsum;  // read after the caller's barrier
 #endif
 }
 
@@ -506,7 +448,7 @@ gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u1
     const u16* sb_row = scales + (size_t)rb * groups;
     const u16* ma_row = mins + (size_t)ra * groups;
     const u16* mb_row = mins + (size_t)rb * groups;
-    float d[4 * FOLD_ACCS] = {};
+    float d[4] = {};
     // Lane t reads all 16 bytes of chunk 4 s + t (one 128-bit load); its 4 words are 4 consecutive k-ranges. The
     // next step's weights are requested before this step is decoded (software pipelining: loads overlap math).
     // Lanes past the row's end (K not a multiple of 4 chunks) add zeros.
@@ -553,19 +495,6 @@ gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u1
 #endif
     }
     release_dependents();  // every weight of this block is read
-#if FOLD  // level sums from code sums; sum(x) added once, by warp 0 (store_rows adds the warps' sums)
-    float xs_all = 0.f;
-    if (warp == 0)
-#pragma unroll
-        for (int w = 0; w < WARPS; ++w) xs_all += fold_xsum[w];
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-        d[e] = d[e] * FOLD_SCALE + FOLD_L0 * xs_all;
-#if FOLD_ACCS == 2
-        d[e] += d[e + 4] * FOLD_SCALE_B;
-#endif
-    }
-#endif
 #if ROW_SCALE
     const float fa = half_lo_to_float(ld_half(sa_row)), fb = half_lo_to_float(ld_half(sb_row));
     d[0] *= fa; d[1] *= fa; d[2] *= fb; d[3] *= fb;
