@@ -38,6 +38,15 @@ def test_e8p_tables_decode_the_whole_codebook() -> None:
     assert torch.equal(got.float(), e8p.codebook())
 
 
+@pytest.mark.parametrize("rows", [0, 17])
+def test_gemv_refuses_batches_it_cannot_take(rows: int) -> None:
+    """1-16 rows (9-16 as two launches); anything else is refused before the device is touched."""
+    fmt = get_format("nz2_ch")
+    qt = fmt.quantize(torch.randn(64, 1024, generator=torch.Generator().manual_seed(0)))
+    with pytest.raises(ValueError, match=r"1\.\.16"):
+        cuda_gemv.gemv(torch.zeros(rows, 1024, dtype=torch.float16), fmt, qt, cuda_gemv.plan(fmt, qt.shape))
+
+
 @pytest.mark.parametrize("cols", [1024, 576])
 def test_iq2xxs_kernel_decode_is_the_format_within_one_rounding(cols: int) -> None:
     """The kernel's layout + tables + sign/scale steps, replayed, give the format's weights: exactly where the
@@ -176,6 +185,30 @@ def test_cuda_gemv_matches_reference_on_gpu(name: str, shape: tuple[int, int], m
     ref = dequant_matmul_reference(x.double(), fmt, qt)
     err = float((y.double() - ref).norm() / ref.norm())
     assert err < 2e-3, err
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", SERVED)
+@pytest.mark.parametrize("m", [12, 16])
+def test_batches_of_9_to_16_rows_run_on_the_cuda_gemv(name: str, m: int, gemv_mode) -> None:
+    """Batches past the MMA's 8 columns run the kernel once per 8 rows (plain and gated), through dispatch too:
+    E8P and IQ2_XXS would otherwise dequantize whole matrices."""
+    from lowbit.kernels import dispatch
+    from lowbit.kernels.reference import dequant_matmul_reference
+
+    fmt, qt = _packed(name, (2 * 200, 1024), seed=m)
+    if cuda_gemv.plan(fmt, qt.shape) is None:
+        pytest.skip(f"{name} at 1024 columns is not served")
+    x = torch.randn(m, 1024, device="cuda", dtype=torch.float16, generator=torch.Generator("cuda").manual_seed(m))
+    assert dispatch.route(x, fmt, qt.shape) == "cuda"
+    ref = dequant_matmul_reference(x.double(), fmt, qt)
+    y = dispatch.dequant_matmul(x, fmt, qt)
+    assert float((y.double() - ref).norm() / ref.norm()) < 2e-3
+    gate, up = ref.chunk(2, dim=-1)
+    want = torch.nn.functional.silu(gate) * up
+    got = cuda_gemv.gemv(x, fmt, qt, cuda_gemv.plan(fmt, qt.shape), gated=True)
+    assert float((got.double() - want).norm() / want.norm()) < 2e-3
 
 
 @gpu

@@ -1,5 +1,5 @@
-"""Tensor-core GEMV for decode (1 to 8 rows of activations) on 2- and 4-bit affine grids, E8P and IQ2_XXS, in CUDA
-C++ (``cuda/gemv_mma.cu``), compiled at first use by :mod:`cuda_jit`.
+"""Tensor-core GEMV for decode (1 to 8 rows of activations per launch, up to 16 in two) on 2- and 4-bit affine
+grids, E8P and IQ2_XXS, in CUDA C++ (``cuda/gemv_mma.cu``), compiled at first use by :mod:`cuda_jit`.
 
 :func:`plan` says whether a packed weight can take this path and with which compile-time constants; the
 constants of the fp16 decode are computed here and checked to be exact, so a format the kernel cannot decode
@@ -29,6 +29,9 @@ from lowbit.formats import iq2xxs as iq2xxs_format
 from lowbit.kernels import cuda_jit
 
 MAX_M = 8  # batch columns of the m16n8k16 MMA
+# Batches of 9-16 rows run the kernel once per 8 rows: the weights are read twice, still a fraction of what
+# dequantizing the whole matrix for cuBLAS reads and writes (the path larger batches take).
+MAX_ROWS = 16
 # Warps per block (they split a row block's K): 16 when each still gets >= 2 steps of 4 chunks to pipeline, else 8.
 # Measured on an H200 (docs/kernels.md): 16 helps the 4-bit grids most (q4_0 batch 8 at 4096x14336: 29.6 -> 21.2
 # us) and 2-bit rows of >= 11008; 2-bit rows of 4096 (16 steps) lose with 16 (E8P 12.9 -> 14.7 us at 11008x4096).
@@ -264,12 +267,14 @@ def staged_bytes(m: int, k: int) -> int:
 
 
 def gemv(x: torch.Tensor, fmt: Format, qt: QuantizedTensor, p: Plan, gated: bool = False) -> torch.Tensor:
-    """y [M, N] = x [M <= 8, K] W^T, fp16 in and out, through the kernel planned by :func:`plan`. ``gated``: W is
-    a fused [gate; up] weight of 2N rows and y = silu(x gate^T) * (x up^T), computed from the fp32 sums."""
+    """y [M, N] = x [M <= 16, K] W^T, fp16 in and out, through the kernel planned by :func:`plan` (once per 8 rows).
+    ``gated``: W is a fused [gate; up] weight of 2N rows and y = silu(x gate^T) * (x up^T), from the fp32 sums."""
     m, k = x.shape
     n = qt.shape[0] // 2 if gated else qt.shape[0]
-    if m > MAX_M or k != qt.shape[1]:
-        raise ValueError(f"cuda gemv takes [<= {MAX_M}, {qt.shape[1]}] inputs, got {tuple(x.shape)}")
+    if not 0 < m <= MAX_ROWS or k != qt.shape[1]:
+        raise ValueError(f"cuda gemv takes [1..{MAX_ROWS}, {qt.shape[1]}] inputs, got {tuple(x.shape)}")
+    if m > MAX_M:
+        return torch.cat([gemv(x[i:i + MAX_M], fmt, qt, p, gated) for i in range(0, m, MAX_M)])
     if gated and qt.shape[0] % 2:
         raise ValueError(f"a gated GEMV needs [gate; up] rows, got {qt.shape[0]} rows")
     x = x.to(torch.float16).contiguous()

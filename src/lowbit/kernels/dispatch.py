@@ -5,9 +5,9 @@ Triton path (on CPU that needs ``TRITON_INTERPRET=1``, which is how the CPU test
 The variable is read once at import; :func:`set_kernel_mode` changes it at run time (tests). Per call the
 dispatch does a dict lookup for the format's cached decode plan (LUT on the device, decode mode) and picks:
 
-* first, on CUDA with M <= 8 rows: :mod:`cuda_gemv` (tensor-core GEMV in CUDA C++, compiled by NVRTC at first
-  use) for E8P and IQ2_XXS (rows a multiple of 64 long), and for the 2- and 4-bit affine grids it decodes
-  exactly (``LOWBIT_CUDA_GEMV=0`` turns it off);
+* first, on CUDA with M <= 16 rows: :mod:`cuda_gemv` (tensor-core GEMV in CUDA C++, compiled by NVRTC at first
+  use; one launch per 8 rows) for E8P and IQ2_XXS (rows a multiple of 64 long), and for the 2- and 4-bit affine
+  grids it decodes exactly (``LOWBIT_CUDA_GEMV=0`` turns it off);
 * scalar formats (uniform 2..8 bits, level sets): M <= 8 rows -> :mod:`triton_gemv` (bandwidth-bound GEMV),
   more rows -> :mod:`triton_uniform` (dequantize tiles + ``tl.dot``);
 * E8P (``e8p_*``): M <= 8 -> :mod:`triton_e8p` GEMV (codebook gathered from an L2-resident fp16 table), more
@@ -112,13 +112,15 @@ def decode_plan(fmt: UniformFormat, device: torch.device) -> tuple[torch.Tensor,
 
 
 def cuda_gemv_plan(x: torch.Tensor, fmt: Format, shape: tuple[int, int]):  # noqa: ANN201 - Plan | None
-    """The CUDA tensor-core GEMV's plan when it serves this call (CUDA, <= 8 rows, auto mode, NVRTC found, a
+    """The CUDA tensor-core GEMV's plan when it serves this call (CUDA, <= 16 rows, auto mode, NVRTC found, a
     format and shape it decodes exactly), else None. ``LOWBIT_CUDA_GEMV=0`` turns it off."""
-    rows = x.numel() // max(x.shape[-1], 1)
-    if _mode != "auto" or not _CUDA_GEMV or not x.is_cuda or x.dtype != torch.float16 or rows > 8:
+    if _mode != "auto" or not _CUDA_GEMV or not x.is_cuda or x.dtype != torch.float16:
         return None
     from lowbit.kernels import cuda_gemv, cuda_jit
 
+    rows = x.numel() // max(x.shape[-1], 1)
+    if not 0 < rows <= cuda_gemv.MAX_ROWS:
+        return None
     return cuda_gemv.plan(fmt, shape) if cuda_jit.available() else None
 
 
