@@ -1,0 +1,205 @@
+"""lowbit beside llama.cpp CUDA, gemlite and torchao in one command (issue 16's side-by-side benchmark).
+
+    pip install gemlite torchao                      # the peers that install from the package registry
+    python benchmarks/side_by_side.py --tag h200 --llama-src LLAMA_CPP_TREE_OR_TGZ
+    python benchmarks/side_by_side.py --tag h200 --steps table       # the table again, from the tag's files
+
+Steps, each a script of its own run as a child process (a step that fails is reported; the table uses what the
+others wrote):
+
+* ``peers``: ``peers.py`` -- lowbit's GEMVs and gemlite's / torchao's in one process, timed the same way, at the
+  shapes of ``kernels.py``, batch 1 and 8 -> ``kernels-peers-<tag>.json``;
+* ``llamacpp``: ``llamacpp_cuda.py`` -- llama.cpp built with CUDA on the machine, its own MUL_MAT timing at
+  4096x14336 and ``llama-bench`` TG-128 of a random Llama-2-7B-shaped GGUF -> ``llamacpp-<tag>.json`` (needs
+  ``--llama-src``: the llama-cpp-python sdist vendors a tree);
+* ``decode``: ``decode.py --compile`` -- lowbit's TG-128 of the same shape -> ``decode-<tag>.json``;
+* ``table``: one table of all of them -> ``side-by-side-<tag>.json``, printed as markdown: µs at 4096x14336 (the
+  one large shape llama.cpp's perf set has) per format family and tool, each lowbit format against the fastest
+  peer with as many bits per weight or more at every shape, and decode tok/s with the issue's ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results"
+sys.path.insert(0, str(HERE))
+from kernels import LARGE  # noqa: E402 - the issue's five large shapes, where its targets are set
+
+STEPS = ("peers", "llamacpp", "decode", "table")
+LOWBIT_GEMV = "int4_g128_sym,q4_0,int2_g64_sym,nz2_ch,e8p_ch,iq2_xxs"
+LOWBIT_DECODE = "fp16,q4_0,int2_g64_sym,nz2_ch,e8p_ch+rht,iq2_xxs"
+SHAPE = (4096, 14336)  # [out, in]: Llama-3-8B down_proj
+# bits per weight of llama.cpp's types (ggml's block sizes) and of the peers' formats as peers.py stores them
+LLAMA_BPW = {"f16": 16.0, "q4_0": 4.5, "q4_K": 4.5, "q2_K": 2.625, "iq2_xxs": 2.0625}
+TWO_BIT_DECODE = ("q2_k", "iq2_xxs", "iq2_xs", "iq2_s")  # llama.cpp's 2-bit types a decode row may have
+FAMILIES = (  # (family, lowbit formats, peer formats (kernels rows), llama.cpp types)
+    ("16-bit", (), (), ("f16",)),
+    ("4-bit", ("int4_g128_sym", "q4_0"), ("gemlite W4 g128", "torchao int4 g128"), ("q4_0", "q4_K")),
+    ("2-bit scalar", ("int2_g64_sym", "nz2_ch"), ("gemlite W2 g64",), ("q2_K",)),
+    ("IQ2_XXS", ("iq2_xxs",), (), ("iq2_xxs",)),
+    ("E8P", ("e8p_ch",), (), ()),
+)
+
+
+def run(cmd: list[str]) -> bool:
+    print("+", " ".join(cmd), flush=True)
+    ok = subprocess.run(cmd, cwd=HERE.parent).returncode == 0
+    if not ok:
+        print(f"step failed: {' '.join(cmd)}", flush=True)
+    return ok
+
+
+def _is_lowbit(row: dict) -> bool:
+    return not any(row["format"].startswith(p) for p in ("gemlite", "torchao"))
+
+
+def gemv_table(kernel_rows: list[dict], llama: dict | None) -> list[dict]:
+    """Rows {family, tool, format, batch, bpw, us} at :data:`SHAPE`: cuBLAS fp16, lowbit, the peers, llama.cpp."""
+    out = []
+    for m in sorted({r["batch"] for r in kernel_rows} | {k["batch"] for k in (llama or {}).get("kernels", [])}):
+        at = [r for r in kernel_rows if tuple(r["shape"]) == SHAPE and r["batch"] == m]
+        if at:
+            out.append({"family": "16-bit", "tool": "cuBLAS", "format": "fp16", "batch": m, "bpw": 16.0,
+                        "us": 1e3 * at[0]["fp16_ms"]})
+        for family, ours, theirs, llama_types in FAMILIES:
+            for r in at:
+                if r["format"] in ours or r["format"] in theirs:
+                    tool = "lowbit" if _is_lowbit(r) else r["format"].split()[0]
+                    out.append({"family": family, "tool": tool, "format": r["format"], "batch": m,
+                                "bpw": r["bpw"], "us": 1e3 * r["ms"]})
+            for k in (llama or {}).get("kernels", []):
+                if k["type"] in llama_types and k["batch"] == m and (k["rows"], k["cols"]) == SHAPE:
+                    out.append({"family": family, "tool": "llama.cpp", "format": k["type"], "batch": m,
+                                "bpw": LLAMA_BPW.get(k["type"]), "us": k["us"]})
+    return out
+
+
+def versus_peers(kernel_rows: list[dict], table_rows: list[dict]) -> list[dict]:
+    """Each lowbit format at each of the five large shapes and each batch against the fastest peer with as many
+    bits per weight or more (peers.py's rows; llama.cpp's at 4096x14336): {format, batch, shapes, wins, worst
+    (lowbit µs / peer µs)}."""
+    peers = [r for r in kernel_rows if not _is_lowbit(r)]
+    llama = [r for r in table_rows if r["tool"] == "llama.cpp" and r["bpw"] is not None and r["bpw"] < 16]
+    out: dict[tuple, dict] = {}
+    for r in (r for r in kernel_rows if _is_lowbit(r) and tuple(r["shape"]) in LARGE):
+        rivals = [1e3 * p["ms"] for p in peers if p["shape"] == r["shape"] and p["batch"] == r["batch"]
+                  and p["bpw"] >= r["bpw"] - 1e-3]
+        if tuple(r["shape"]) == SHAPE:
+            rivals += [q["us"] for q in llama if q["batch"] == r["batch"] and q["bpw"] >= r["bpw"] - 1e-3]
+        if not rivals:
+            continue
+        ratio = 1e3 * r["ms"] / min(rivals)
+        o = out.setdefault((r["format"], r["batch"]), {"format": r["format"], "batch": r["batch"], "shapes": 0,
+                                                       "wins": 0, "worst": 0.0})
+        o["shapes"] += 1
+        o["wins"] += ratio < 1
+        o["worst"] = max(o["worst"], ratio)
+    return list(out.values())
+
+
+def decode_table(decode: dict | None, llama: dict | None) -> list[dict]:
+    """lowbit's TG-128 rows with the issue's ratios: vs lowbit's compiled fp16 step, vs llama.cpp's fastest 2-bit
+    type (2-bit rows) or its Q4_0 (4-bit rows); llama.cpp's own rows after them."""
+    rows = (decode or {}).get("rows", [])
+    ours = {r["variant"]: r["tok_s"] for r in rows if r.get("tok_s")}
+    theirs = {r["type"]: r["tok_s"] for r in (llama or {}).get("decode", [])}
+    two_bit = max((theirs[t] for t in TWO_BIT_DECODE if t in theirs), default=None)
+    out = []
+    for variant, tok_s in ours.items():
+        bpw = next(r["bpw"] for r in rows if r["variant"] == variant)
+        peer = two_bit if bpw < 3 else theirs.get("q4_0") if bpw < 8 else theirs.get("f16")
+        out.append({"tool": "lowbit", "variant": variant, "tok_s": tok_s,
+                    "vs_fp16": tok_s / ours["fp16"] if "fp16" in ours else None,
+                    "vs_llamacpp": tok_s / peer if peer else None})
+    out += [{"tool": "llama.cpp", "variant": t, "tok_s": v, "vs_fp16": v / theirs["f16"] if "f16" in theirs else None,
+             "vs_llamacpp": None} for t, v in theirs.items()]
+    return out
+
+
+def _f(v: float | None, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def markdown(t: dict) -> str:
+    lines = [f"GEMV at {SHAPE[0]}x{SHAPE[1]}, µs", "", "| family | tool | format | bpw | batch | µs |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['family']} | {r['tool']} | {r['format']} | {_f(r['bpw'], '.3g')} | {r['batch']} | "
+              f"{r['us']:.1f} |" for r in t["gemv"]]
+    lines += ["", "lowbit against the fastest peer with as many bits per weight or more, five large shapes", "",
+              "| format | batch | shapes won | worst ratio (lowbit / peer) |", "|---|---|---|---|"]
+    lines += [f"| {r['format']} | {r['batch']} | {r['wins']} / {r['shapes']} | {r['worst']:.2f} |"
+              for r in t["versus_peers"]]
+    lines += ["", "TG-128, batch 1, tok/s", "", "| tool | variant | tok/s | vs fp16 | vs llama.cpp |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {r['tool']} | {r['variant']} | {r['tok_s']:.1f} | {_f(r['vs_fp16'], '.2f')} | "
+              f"{_f(r['vs_llamacpp'], '.2f')} |" for r in t["decode"]]
+    return "\n".join(lines)
+
+
+def _load(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _merged(paths: list[Path], key: str) -> list[dict]:
+    """The files' rows, a later file's row replacing an earlier one for the same format, shape and batch."""
+    rows: dict[tuple, dict] = {}
+    for p in paths:
+        for r in (_load(p) or {}).get("rows", []):
+            rows[(r.get(key), str(r.get("shape")), r.get("batch"))] = r
+    return list(rows.values())
+
+
+def table(kernels: list[Path], llamacpp: Path, decode: list[Path]) -> dict:
+    kernel_rows = _merged(kernels, "format")
+    llama = _load(llamacpp)
+    gemv = gemv_table(kernel_rows, llama)
+    return {"sources": [p.name for p in [*kernels, llamacpp, *decode] if p.exists()], "gemv": gemv,
+            "versus_peers": versus_peers(kernel_rows, gemv),
+            "decode": decode_table({"rows": _merged(decode, "variant")}, llama)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tag", default="gpu")
+    ap.add_argument("--steps", default=",".join(STEPS))
+    ap.add_argument("--llama-src", type=Path, default=None, help="llama.cpp source tree or .tgz (llamacpp step)")
+    ap.add_argument("--llama-args", default="", help="more arguments for llamacpp_cuda.py (e.g. --no-flash-attn)")
+    ap.add_argument("--gemv-formats", default=LOWBIT_GEMV)
+    ap.add_argument("--decode-formats", default=LOWBIT_DECODE)
+    ap.add_argument("--kernels", type=Path, nargs="*", default=None,
+                    help="kernels JSON files for the table (default: kernels-peers-<tag>.json)")
+    ap.add_argument("--llamacpp", type=Path, default=None, help="default: llamacpp-<tag>.json")
+    ap.add_argument("--decode", type=Path, nargs="*", default=None, help="default: decode-<tag>.json")
+    args = ap.parse_args(argv)
+    steps = args.steps.split(",")
+    if unknown := set(steps) - set(STEPS):
+        ap.error(f"unknown steps {sorted(unknown)}; known: {','.join(STEPS)}")
+    py = sys.executable
+    if "peers" in steps:
+        run([py, str(HERE / "peers.py"), "--tag", args.tag, "--batch", "1,8", "--lowbit", args.gemv_formats])
+    if "llamacpp" in steps:
+        if args.llama_src is None:
+            print("llamacpp step skipped: no --llama-src", flush=True)
+        else:
+            run([py, str(HERE / "llamacpp_cuda.py"), "--src", str(args.llama_src), "--tag", args.tag,
+                 *args.llama_args.split()])
+    if "decode" in steps:
+        run([py, str(HERE / "decode.py"), "--tag", args.tag, "--compile", "--formats", args.decode_formats,
+             "--repeats", "3", "--eager-repeats", "0", "--check-tokens", "8"])
+    if "table" in steps:
+        t = table(args.kernels or [RESULTS / f"kernels-peers-{args.tag}.json"],
+                  args.llamacpp or RESULTS / f"llamacpp-{args.tag}.json",
+                  args.decode or [RESULTS / f"decode-{args.tag}.json"])
+        (RESULTS / f"side-by-side-{args.tag}.json").write_text(json.dumps(t, indent=2))
+        print(markdown(t))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""benchmarks/side_by_side.py's table: which rows it picks, the peer each lowbit format is held against, the ratios."""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+import side_by_side as sbs  # noqa: E402
+
+
+def _row(fmt: str, shape: tuple[int, int], batch: int, bpw: float, us: float) -> dict:
+    return {"format": fmt, "shape": list(shape), "batch": batch, "bpw": bpw, "ms": us / 1e3, "fp16_ms": 0.032}
+
+
+KERNELS = [
+    _row("nz2_ch", (4096, 14336), 1, 2.0, 9.0), _row("nz2_ch", (4096, 4096), 1, 2.0, 5.0),
+    _row("gemlite W2 g64", (4096, 14336), 1, 2.5, 20.0), _row("gemlite W2 g64", (4096, 4096), 1, 2.5, 4.0),
+    _row("q4_0", (4096, 14336), 1, 4.5, 12.0), _row("gemlite W4 g128", (4096, 14336), 1, 4.25, 10.0),
+    _row("nz2_ch", (1024, 4096), 1, 2.0, 3.0), _row("gemlite W2 g64", (1024, 4096), 1, 2.5, 1.0),  # not a target shape
+]
+LLAMA = {"kernels": [{"type": "q4_0", "batch": 1, "rows": 4096, "cols": 14336, "us": 14.0},
+                     {"type": "q2_K", "batch": 1, "rows": 4096, "cols": 14336, "us": 17.0},
+                     {"type": "q2_K", "batch": 1, "rows": 4096, "cols": 4096, "us": 1.0}],  # not ggml's shape
+         "decode": [{"type": "f16", "tok_s": 175.0}, {"type": "q4_0", "tok_s": 250.0},
+                    {"type": "q2_k", "tok_s": 190.0}, {"type": "iq2_xxs", "tok_s": 200.0}]}
+DECODE = {"rows": [{"variant": "fp16", "bpw": 16.0, "tok_s": 200.0}, {"variant": "nz2_ch", "bpw": 2.0, "tok_s": 600.0},
+                   {"variant": "q4_0", "bpw": 4.5, "tok_s": 400.0}]}
+
+
+def test_gemv_rows_are_ggml_shape_only_and_grouped_by_family() -> None:
+    rows = sbs.gemv_table(KERNELS, LLAMA)
+    assert {(r["tool"], r["format"]) for r in rows} == {
+        ("cuBLAS", "fp16"), ("lowbit", "nz2_ch"), ("gemlite", "gemlite W2 g64"), ("lowbit", "q4_0"),
+        ("gemlite", "gemlite W4 g128"), ("llama.cpp", "q4_0"), ("llama.cpp", "q2_K")}
+    assert next(r for r in rows if r["format"] == "q2_K")["family"] == "2-bit scalar"
+    assert next(r for r in rows if r["format"] == "nz2_ch")["us"] == 9.0
+
+
+def test_each_format_meets_the_fastest_peer_with_as_many_bits_or_more() -> None:
+    got = {r["format"]: r for r in sbs.versus_peers(KERNELS, sbs.gemv_table(KERNELS, LLAMA))}
+    # nz2_ch: 9 vs min(20, q2_K 17) at 4096x14336 (won), 5 vs 4 at 4096x4096 (lost); 1024x4096 not counted
+    assert (got["nz2_ch"]["shapes"], got["nz2_ch"]["wins"]) == (2, 1)
+    assert abs(got["nz2_ch"]["worst"] - 5.0 / 4.0) < 1e-9
+    # q4_0 (4.5 bpw): gemlite W4 g128 has fewer bits and does not count; llama.cpp's Q4_0 does
+    assert (got["q4_0"]["wins"], abs(got["q4_0"]["worst"] - 12.0 / 14.0) < 1e-9) == (1, True)
+
+
+def test_decode_ratios_use_the_matching_llamacpp_type() -> None:
+    got = {r["variant"]: r for r in sbs.decode_table(DECODE, LLAMA) if r["tool"] == "lowbit"}
+    assert got["nz2_ch"]["vs_fp16"] == 3.0
+    assert got["nz2_ch"]["vs_llamacpp"] == 3.0  # against llama.cpp's fastest 2-bit type (iq2_xxs, 200)
+    assert got["q4_0"]["vs_llamacpp"] == 400.0 / 250.0
+    assert got["fp16"]["vs_llamacpp"] == 200.0 / 175.0
+
+
+def test_table_step_reads_the_files_later_rows_winning(tmp_path: Path) -> None:
+    old, new = tmp_path / "old.json", tmp_path / "new.json"
+    old.write_text(json.dumps({"rows": KERNELS}))
+    new.write_text(json.dumps({"rows": [_row("nz2_ch", (4096, 14336), 1, 2.0, 8.0)]}))
+    (tmp_path / "llama.json").write_text(json.dumps(LLAMA))
+    (tmp_path / "decode.json").write_text(json.dumps(DECODE))
+    t = sbs.table([old, new], tmp_path / "llama.json", [tmp_path / "decode.json", tmp_path / "missing.json"])
+    assert next(r for r in t["gemv"] if r["format"] == "nz2_ch")["us"] == 8.0
+    assert t["sources"] == ["old.json", "new.json", "llama.json", "decode.json"]
+    text = sbs.markdown(t)
+    assert "| lowbit | nz2_ch | 600.0 | 3.00 | 3.00 |" in text
