@@ -368,9 +368,7 @@ DEV void stage_block(const u32* tables, const u16* x, int K, int M) {
     // groups of SG units (the fragment group G, b_frag), permuted into fragment order, at their staged places
     constexpr int SG = (KIND == 0 && BITS == 2) ? 2 : 1;
     const int units = K / 8;
-    const int groups = M * (units / SG);
-    for (int q0 = 0; q0 < groups; q0 += WARPS * 32) {
-        const int q = min(q0 + (int)threadIdx.x, groups - 1);  // past the end: group q again, written again
+    for (int q = threadIdx.x; q < M * (units / SG); q += WARPS * 32) {
         const int row = XS == 1 ? 0 : q / (units / SG), u = (q - row * (units / SG)) * SG;
         u32 w[4 * SG];
 #pragma unroll
