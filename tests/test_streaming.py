@@ -538,7 +538,9 @@ def test_streamed_ft_ends_with_the_final_norm_tuned_on_logits(text_file, tmp_pat
 
     src = SyntheticSource("tiny", num_layers=2)
     calib = CalibConfig(nsamples=4, seqlen=16, text_path=text_file)
-    tuned = Recipe.parse("gptq_act+ft:int3_g32_asym", calib=calib, finetune=FinetuneConfig(epochs=8, batch_size=2))
+    # lr 3e-4: at 3e-3 the tail stage raised this tiny model's logit KL (3e-5) and the guard kept the untuned norm
+    ft = FinetuneConfig(epochs=8, lr=3e-4, batch_size=2)
+    tuned = Recipe.parse("gptq_act+ft:int3_g32_asym", calib=calib, finetune=ft)
     res = lowbit.convert_streamed(src, tuned, tmp_path / "ft", device="cpu", progress=False)
     # the layers alone leave the report's KL at NaN; tuned tensors: pairs of (scales, norms) per layer + the final norm
     assert math.isfinite(res.finetune.kl_first) and math.isfinite(res.finetune.kl_last)

@@ -12,7 +12,10 @@ bytes per tensor, and a GGUF that stock llama.cpp runs):
     mins, IQ2_XXS super-block scales ``d``, Q2_K ``d``/``dmin``), the integer codes and 4-bit sub-scales fixed;
   * the normalization weights (RMSNorm / LayerNorm, stored as floats by lowbit checkpoints and GGUF).
 Each tuned tensor ``p`` becomes ``p0 * exp(t)`` with ``t`` trained from 0 (Adam), so one learning rate fits
-scales of every magnitude and no sign ever flips. This is the scale-only end of QuIP#'s and EfficientQAT's
+scales of every magnitude and no sign ever flips; formats finer than 4 bits take smaller steps (:func:`step_scale`),
+and a tuning that ends with a higher loss on its first batch than it started with is not kept (the model, block or
+tail stage keeps its untuned values; the report says so); in the whole-model mode it then runs once more at a tenth
+of the learning rate. This is the scale-only end of QuIP#'s and EfficientQAT's
 end-to-end fine-tuning: fewer parameters (one per 32 weights at 4 bits, one per 256 at IQ2_XXS), nothing that
 a GGUF file could not hold.
 
@@ -45,7 +48,8 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -63,6 +67,17 @@ MODES = ("auto", "model", "blocks")
 CHAINS = ("compensate", "quant", "float")  # what block k reads and matches (finetune_blocks)
 LOSSES = ("token", "mse")
 AUTO_FRACTION = 0.8  # auto picks the whole-model mode when its estimated peak fits in this much free memory
+RETRY_LR = 0.1  # whole-model tuning that was not kept runs once more at this fraction of the learning rate
+FULL_STEP_BITS = 4  # formats of at most this many code bits take FinetuneConfig.lr as it is (step_scale)
+
+
+def step_scale(bits: int) -> float:
+    """Adam's step for the multipliers of a ``bits``-bit format, relative to ``FinetuneConfig.lr``: halved for
+    each bit above 4. Adam moves every parameter by about lr a step whatever its gradient, while a b-bit grid's
+    step is ~2^(1 - b) of its range: 0.3% a step is a small part of a 4-bit step and a third of an 8-bit one, so
+    at 4-bit's rate the tuning of Q8_0, Q6_K and 5-bit scales added more error than their rounding had left
+    (docs/gguf.md, "K-quant presets with the GPU recipe")."""
+    return 2.0 ** -max(0, bits - FULL_STEP_BITS)
 
 
 @dataclass(frozen=True)
@@ -70,7 +85,7 @@ class FinetuneConfig:
     """End-to-end tuning of stored float scales and norms after rounding (the ``+ft`` of a recipe)."""
 
     epochs: float = 2.0  # passes over the calibration windows
-    lr: float = 3e-3  # Adam step on the log-multipliers: ~0.3% of a scale per step (best of 1e-3/3e-3 measured)
+    lr: float = 3e-3  # Adam step on the log-multipliers: ~0.3% of a scale a step at <= 4 bits (step_scale)
     batch_size: int = 4  # windows per optimizer step
     norms: bool = True  # also tune normalization weights
     seed: int = 0
@@ -98,6 +113,11 @@ class FinetuneReport:
     kl_last: float  # mean KL of the last step's batch
     seconds: float
     mode: str = "model"  # the mode that ran ("auto" resolved)
+    kl_end: float = math.nan  # model mode: mean KL of the first step's batch after the tuning
+    kept: bool = True  # False: the tuning raised kl_end above kl_first, so the untuned values were kept
+    lr: float = math.nan  # model mode: the learning rate of the tuning reported
+    retried: bool = False  # model mode: the first tuning was not kept and this one ran at RETRY_LR times its rate
+    reverted_blocks: int = 0  # blocks mode: blocks whose tuning raised their first batch's loss (kept untuned)
     block_losses: list[list[float]] = field(default_factory=list)  # blocks mode: [first, last] loss per block
     peak_device_gb: float | None = None  # CUDA only: torch's peak allocated memory during the tuning
 
@@ -112,6 +132,8 @@ class ScaleTunedLinear(nn.Module):
         self.register_buffer("codes", _small_ints(codes))  # int64 from unpack: 8 bytes a weight held for nothing
         self.base = {k: v.float() for k, v in params.items()}
         self.log = nn.ParameterDict({k: nn.Parameter(torch.zeros_like(self.base[k])) for k in q.fmt.float_params})
+        for t in self.log.values():
+            t.step_scale = step_scale(q.fmt.bits)  # read by _adam
 
     def params(self) -> dict[str, torch.Tensor]:
         return {k: v * self.log[k].exp() if k in self.log else v for k, v in self.base.items()}
@@ -201,8 +223,16 @@ def finetune(model: nn.Module, teacher: nn.Module, samples: torch.Tensor, cfg: F
         report = finetune_blocks(model, teacher, samples, cfg, device, progress)
     else:
         report = _finetune_model(model, teacher, samples, cfg, device, progress)
+        if not report.kept:  # too large a step for how close the model already is: once more at a tenth of it
+            retry = _finetune_model(model, teacher, samples, replace(cfg, lr=cfg.lr * RETRY_LR), device, progress)
+            report = replace(retry, seconds=report.seconds + retry.seconds, lr=retry.lr, retried=True)
     if device.type == "cuda":
         report.peak_device_gb = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+    if not report.kept or report.reverted_blocks:
+        what = ("the model (also at a tenth of the learning rate)" if not report.kept
+                else f"{report.reverted_blocks} block(s)")
+        warnings.warn(f"finetune raised the loss it minimizes, so {what} kept the untuned scales (a smaller --ft-lr "
+                      "may help)", stacklevel=2)
     return report
 
 
@@ -304,7 +334,7 @@ def _finetune_model(model: nn.Module, teacher: nn.Module, samples: torch.Tensor,
         teacher.to(device).eval()
         tuned = [p for w in wrapped.values() for p in w.log.values()]
         tuned += [m.parametrizations.weight[0].t for m in norms.values()]
-        steps, kl_first, kl_last = _train(model, teacher, samples, tuned, cfg, device, progress)
+        steps, kl_first, kl_last, kl_end = _train(model, teacher, samples, tuned, cfg, device, progress)
     except BaseException:
         _unwrap(model, wrapped, norms.values(), keep=False)
         model.to(home)
@@ -312,10 +342,11 @@ def _finetune_model(model: nn.Module, teacher: nn.Module, samples: torch.Tensor,
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)
-    _unwrap(model, wrapped, norms.values(), keep=True)
+    kept = kl_end <= kl_first  # tuning that made its own objective worse (too large a step) is not kept
+    _unwrap(model, wrapped, norms.values(), keep=kept)
     model.to(home)
     return FinetuneReport(steps, len(tuned), sum(p.numel() for p in tuned), kl_first, kl_last,
-                          time.perf_counter() - t0, mode="model")
+                          time.perf_counter() - t0, mode="model", kl_end=kl_end, kept=kept, lr=cfg.lr)
 
 
 def _unwrap(root: nn.Module, wrapped: dict[str, ScaleTunedLinear], norms, keep: bool) -> None:  # noqa: ANN001
@@ -333,14 +364,15 @@ def _unwrap(root: nn.Module, wrapped: dict[str, ScaleTunedLinear], norms, keep: 
 
 
 def _train(model: nn.Module, teacher: nn.Module, samples: torch.Tensor, tuned: list[nn.Parameter],
-           cfg: FinetuneConfig, device: torch.device, progress: bool) -> tuple[int, float, float]:
-    """Adam over shuffled batches of windows; returns (steps, KL of the first batch, KL of the last batch)."""
+           cfg: FinetuneConfig, device: torch.device, progress: bool) -> tuple[int, float, float, float]:
+    """Adam over shuffled batches of windows; returns (steps, KL of the first batch, KL of the last batch, KL of
+    the first batch after the last step)."""
     n = samples.shape[0]
     bs = min(cfg.batch_size, n)
     steps = max(1, round(cfg.epochs * n / bs))
     g = torch.Generator().manual_seed(cfg.seed)
     order = torch.cat([torch.randperm(n, generator=g) for _ in range((steps * bs + n - 1) // n)])
-    opt = torch.optim.Adam(tuned, lr=cfg.lr)
+    opt = _adam(tuned, cfg.lr)
     first = last = float("nan")
     bar = tqdm(range(steps), desc="finetune", unit="step", disable=not progress)
     for step in bar:
@@ -350,7 +382,10 @@ def _train(model: nn.Module, teacher: nn.Module, samples: torch.Tensor, tuned: l
         last = _adam_step(opt, kl_per_token(target, model(ids).logits), step, cfg.lr)
         first = last if step == 0 else first
         bar.set_postfix(kl=f"{last:.4f}")
-    return steps, first, last
+    ids = samples[order[:bs]].to(device)
+    with torch.no_grad():
+        end = float(kl_per_token(teacher(ids).logits, model(ids).logits))
+    return steps, first, last, end
 
 
 # ------------------------------------------------------------------------------------------------ blocks
@@ -392,6 +427,7 @@ def finetune_blocks(model: nn.Module, teacher: nn.Module, samples: torch.Tensor,
     losses: list[list[float]] = []
     steps = n_tensors = n_values = 0
     kl_first = kl_last = math.nan
+    reverted = 0
     try:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -420,8 +456,10 @@ def finetune_blocks(model: nn.Module, teacher: nn.Module, samples: torch.Tensor,
                          if isinstance(m, QuantLinear) and m.fmt.float_params}
                 norms = [m for i in idx for m in norm_modules(layers[i]).values()] if cfg.norms else []
                 saved += [(m, m.weight.detach().to(host, copy=True)) for m in norms]
-                first, last, n_steps, tuned = _tune_block(model, quant, norms, block, xt if chain == "float" else xs,
-                                                          target, kwargs, cfg, device, loss, cfg.seed + k)
+                first, last, n_steps, tuned, kept = _tune_block(model, quant, norms, block,
+                                                                xt if chain == "float" else xs, target, kwargs, cfg,
+                                                                device, loss, cfg.seed + k)
+                reverted += not kept
                 done += [(n, q.to(home)) for n, q in quant.items()]
                 if track_xs:
                     _run(block, xs, kwargs, device, out=xs)  # through the tuned block: the next block's inputs
@@ -436,11 +474,12 @@ def finetune_blocks(model: nn.Module, teacher: nn.Module, samples: torch.Tensor,
             if norm is not None:
                 saved.append((norm, norm.weight.detach().to(host, copy=True)))
                 last_layers = list(layers[tail_start:]) if xs_tail is not None else []
-                kl_first, kl_last, n_steps, _, _ = tune_tail(
+                kl_first, kl_last, n_steps, _, _, kept = tune_tail(
                     last_layers, norm, find_final_norm(teacher), model.get_output_embeddings(),
                     teacher.get_output_embeddings(), xs if xs_tail is None else xs_tail, xt, kwargs, cfg, device)
                 # the tail's layers were counted when first tuned: only the final norm is new
                 steps, n_tensors, n_values = steps + n_steps, n_tensors + 1, n_values + norm.weight.numel()
+                reverted += not kept
     except BaseException:
         for n, q in done:
             set_module(model, n, q)
@@ -452,43 +491,45 @@ def finetune_blocks(model: nn.Module, teacher: nn.Module, samples: torch.Tensor,
         for p, flag in flags.items():
             p.requires_grad_(flag)
     return FinetuneReport(steps, n_tensors, n_values, kl_first, kl_last, time.perf_counter() - t0, mode="blocks",
-                          block_losses=losses)
+                          reverted_blocks=reverted, block_losses=losses)
 
 
 def tune_layer(layer: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, kwargs: dict, cfg: FinetuneConfig,
-               device: torch.device, seed: int, loss: str = "token") -> tuple[float, float, int, int, int]:
+               device: torch.device, seed: int, loss: str = "token") -> tuple[float, float, int, int, int, bool]:
     """Tune one quantized decoder layer in place (its stored float scales, and its norms when ``cfg.norms``) so
     that it maps ``inputs`` to ``targets`` (block mode with one layer, as streaming runs it). Returns (first loss,
-    last loss, steps, tuned tensors, tuned values); on an error the layer is left as it was."""
+    last loss, steps, tuned tensors, tuned values, whether the tuning was kept: not when it raised the first
+    batch's loss); on an error the layer is left as it was."""
     quant = {n: m for n, m in layer.named_modules() if isinstance(m, QuantLinear) and m.fmt.float_params}
     norms = list(norm_modules(layer).values()) if cfg.norms else []
     flags = {p: p.requires_grad for p in layer.parameters()}
     try:
         for p in layer.parameters():
             p.requires_grad_(False)
-        first, last, steps, tuned = _tune_block(layer, quant, norms, [layer], inputs, targets, kwargs, cfg, device,
-                                                loss, seed)
+        first, last, steps, tuned, kept = _tune_block(layer, quant, norms, [layer], inputs, targets, kwargs, cfg,
+                                                      device, loss, seed)
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)
-    return first, last, steps, len(tuned), _numel(tuned)
+    return first, last, steps, len(tuned), _numel(tuned), kept
 
 
 def _tune_block(root: nn.Module, quant: dict[str, QuantLinear], norms: list[nn.Module], block: list[nn.Module],
                 inputs: torch.Tensor, targets: torch.Tensor, kwargs: dict, cfg: FinetuneConfig, device: torch.device,
-                loss: str, seed: int) -> tuple[float, float, int, list[nn.Parameter]]:
+                loss: str, seed: int) -> tuple[float, float, int, list[nn.Parameter], bool]:
     """Wrap ``quant`` (names under ``root``) and ``norms`` for tuning, train ``block`` to map ``inputs`` to
-    ``targets``, and put the tuned modules in place; on an error the originals go back. Returns (first loss, last
-    loss, steps, the tuned parameters)."""
+    ``targets``, and put the tuned modules in place, or the originals when the tuning raised the first batch's
+    loss or failed. Returns (first loss, last loss, steps, the tuned parameters, whether the tuning was kept)."""
     wrapped = {n: ScaleTunedLinear(m) for n, m in quant.items()}
     tuned = _wrap(root, wrapped, norms)
     try:
-        first, last, steps = _train_block(block, inputs, targets, kwargs, tuned, cfg, device, loss, seed)
+        first, last, steps, end = _train_block(block, inputs, targets, kwargs, tuned, cfg, device, loss, seed)
     except BaseException:
         _unwrap(root, wrapped, norms, keep=False)
         raise
-    _unwrap(root, wrapped, norms, keep=True)
-    return first, last, steps, tuned
+    kept = end <= first
+    _unwrap(root, wrapped, norms, keep=kept)
+    return first, last, steps, tuned, kept
 
 
 def block_loss(y: torch.Tensor, t: torch.Tensor, kind: str = "token") -> torch.Tensor:
@@ -514,24 +555,30 @@ def _numel(params: list[nn.Parameter]) -> int:
 
 def _train_block(block: list[nn.Module], inputs: torch.Tensor, targets: torch.Tensor, kwargs: dict,
                  tuned: list[nn.Parameter], cfg: FinetuneConfig, device: torch.device, loss: str,
-                 seed: int) -> tuple[float, float, int]:
-    """Adam over shuffled batches of windows through one block; returns (first loss, last loss, steps)."""
+                 seed: int) -> tuple[float, float, int, float]:
+    """Adam over shuffled batches of windows through one block; returns (first loss, last loss, steps, the first
+    batch's loss after the last step)."""
     n = inputs.shape[0]
     bs = min(cfg.batch_size, n)
     steps = max(1, round(cfg.epochs * n / bs))
     g = torch.Generator().manual_seed(seed)
     order = torch.cat([torch.randperm(n, generator=g) for _ in range((steps * bs + n - 1) // n)])
-    opt = torch.optim.Adam(tuned, lr=cfg.lr)
+    opt = _adam(tuned, cfg.lr)
     dtype = _dtype(block)
     first = last = math.nan
-    for step in range(steps):
+    def batch_loss(step: int) -> torch.Tensor:
         batch = order[step * bs : (step + 1) * bs]
         h = inputs[batch].to(device, dtype)
         for layer in block:
             h = _hidden(layer(h, **kwargs))
-        last = _adam_step(opt, block_loss(h, targets[batch].to(device), loss), step, cfg.lr)
+        return block_loss(h, targets[batch].to(device), loss)
+
+    for step in range(steps):
+        last = _adam_step(opt, batch_loss(step), step, cfg.lr)
         first = last if step == 0 else first
-    return first, last, steps
+    with torch.no_grad():
+        end = float(batch_loss(0))
+    return first, last, steps, end
 
 
 @torch.no_grad()
@@ -576,7 +623,7 @@ def find_final_norm(model: nn.Module) -> nn.Module | None:
 
 def tune_tail(layers: list[nn.Module], norm: nn.Module, t_norm: nn.Module, head: nn.Module, t_head: nn.Module,
               xs: torch.Tensor, xt: torch.Tensor, kwargs: dict, cfg: FinetuneConfig,
-              device: torch.device) -> tuple[float, float, int, int, int]:
+              device: torch.device) -> tuple[float, float, int, int, int, bool]:
     """Tune the last decoder ``layers`` (their stored float scales and norms) and the final ``norm`` together, in
     place, by KL through the head: ``head(norm(layers(xs)))`` against the teacher's ``t_head(t_norm(xt))``, ``xs``
     being the quantized model's hidden states entering ``layers[0]`` and ``xt`` the float model's last ones.
@@ -584,10 +631,10 @@ def tune_tail(layers: list[nn.Module], norm: nn.Module, t_norm: nn.Module, head:
     The layer-wise objective cannot tell errors that move the logits from errors that do not; this stage sees the
     logits, in the memory of ``len(layers)`` layers, the head and one window's logits (windows one at a time,
     gradients accumulated over the batch). With no layer it tunes the final norm alone. The final norm is tuned
-    only when ``cfg.norms``. Returns (first loss, last loss, steps, tuned tensors, tuned values); on an error
-    everything is left as it was."""
+    only when ``cfg.norms``. Returns (first loss, last loss, steps, tuned tensors, tuned values, whether the
+    tuning was kept: not when it raised the first batch's loss); on an error everything is left as it was."""
     if not layers and not cfg.norms:  # nothing to tune
-        return math.nan, math.nan, 0, 0, 0
+        return math.nan, math.nan, 0, 0, 0, True
     n = xs.shape[0]
     bs = min(cfg.batch_size, n)
     steps = max(1, round(cfg.epochs * n / bs))
@@ -602,33 +649,40 @@ def tune_tail(layers: list[nn.Module], norm: nn.Module, t_norm: nn.Module, head:
         norms.append([norm] if cfg.norms else [])
         roots = [*layers, norm]
         tuned = [p for root, w, ns in zip(roots, [*wrapped, {}], norms, strict=True) for p in _wrap(root, w, ns)]
-        try:
-            opt = torch.optim.Adam(tuned, lr=cfg.lr)
-            for step in range(steps):
-                opt.zero_grad(set_to_none=True)
-                total = 0.0
-                for j in order[step * bs : (step + 1) * bs].tolist():
-                    with torch.no_grad():
-                        target = t_head(t_norm(xt[j : j + 1].to(device, dtype)))
+
+        def batch_kl(step: int, backward: bool) -> float:  # windows one at a time, gradients accumulated
+            total = 0.0
+            for j in order[step * bs : (step + 1) * bs].tolist():
+                with torch.no_grad():
+                    target = t_head(t_norm(xt[j : j + 1].to(device, dtype)))
+                with torch.set_grad_enabled(backward):
                     h = xs[j : j + 1].to(device, dtype)
                     for layer in layers:
                         h = _hidden(layer(h, **kwargs))
                     value = kl_per_token(target, head(norm(h))) / bs
+                if backward:
                     value.backward()
-                    total += float(value.detach())
-                if not math.isfinite(total):
+                total += float(value.detach())
+            return total
+
+        try:
+            opt = _adam(tuned, cfg.lr)
+            for step in range(steps):
+                opt.zero_grad(set_to_none=True)
+                last = batch_kl(step, backward=True)
+                if not math.isfinite(last):
                     raise LowbitError(f"finetune: non-finite loss at step {step}; lower the learning rate "
                                       f"({cfg.lr:g})")
                 opt.step()
-                last = total
                 first = last if step == 0 else first
+            kept = batch_kl(0, backward=False) <= first
         except BaseException:
             for root, w, ns in zip(roots, [*wrapped, {}], norms, strict=True):
                 _unwrap(root, w, ns, keep=False)
             raise
         for root, w, ns in zip(roots, [*wrapped, {}], norms, strict=True):
-            _unwrap(root, w, ns, keep=True)
-    return first, last, steps, len(tuned), _numel(tuned)
+            _unwrap(root, w, ns, keep=kept)
+    return first, last, steps, len(tuned), _numel(tuned), kept
 
 
 class _frozen:  # noqa: N801 - used as a statement: with _frozen(*modules)
@@ -660,6 +714,18 @@ class _on:  # noqa: N801 - used as a statement: with _on(device, *modules)
     def __exit__(self, *exc: object) -> None:
         for m, home in self.homes:
             m.to(home)
+
+
+def _adam(tuned: list[nn.Parameter], lr: float) -> torch.optim.Adam:
+    """Adam over ``tuned``: each linear's multipliers at its format's step (:func:`step_scale`), the norms' at
+    the finest of those (a norm scales the inputs of the linears after it, which moves their outputs as their own
+    scales do)."""
+    scales = [getattr(p, "step_scale", None) for p in tuned]
+    finest = min((s for s in scales if s is not None), default=1.0)
+    groups: dict[float, list[nn.Parameter]] = {}
+    for p, s in zip(tuned, scales, strict=True):
+        groups.setdefault(finest if s is None else s, []).append(p)
+    return torch.optim.Adam([{"params": ps, "lr": lr * s} for s, ps in groups.items()], lr=lr)
 
 
 def _adam_step(opt: torch.optim.Optimizer, loss: torch.Tensor, step: int, lr: float) -> float:

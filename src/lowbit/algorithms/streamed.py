@@ -308,10 +308,11 @@ def _tuned_layer(layer: nn.Module, names: list[str], plan: Plan, prefix: str, in
     t0 = time.perf_counter()
     nxt = _run_layer(layer, targets, kwargs)  # the float layer: its weights are not rounded yet
     stats = _quantize_layer(layer, names, plan, prefix, index, inps, kwargs, gptq, rounding, rotation_seed)
-    first, last, steps, tensors, values = tune_layer(layer, inps, nxt, kwargs, cfg, device, cfg.seed + index)
+    first, last, steps, tensors, values, kept = tune_layer(layer, inps, nxt, kwargs, cfg, device, cfg.seed + index)
     ft = report.finetune or FinetuneReport(0, 0, 0, math.nan, math.nan, 0.0, mode="stream")
     report.finetune = replace(ft, steps=ft.steps + steps, tuned_tensors=ft.tuned_tensors + tensors,
                               tuned_values=ft.tuned_values + values, seconds=ft.seconds + time.perf_counter() - t0,
+                              reverted_blocks=ft.reverted_blocks + (not kept),
                               block_losses=[*ft.block_losses, [first, last]])
     return stats, _run_layer(layer, inps, kwargs), nxt
 
@@ -376,7 +377,8 @@ def _run_tail_stage(model: nn.Module, source: WeightSource, ckpt: _Checkpoint, f
         for i, layer in enumerate(tail, start=first):
             ckpt.restore_layer(i, layer, assign=True)
         teacher, head = copy.deepcopy(norm), _float_head(model, source)
-        kl_first, kl_last, steps, _, _ = tune_tail(tail, norm, teacher, head, head, inputs, xt, kwargs, cfg, device)
+        kl_first, kl_last, steps, _, _, kept = tune_tail(tail, norm, teacher, head, head, inputs, xt, kwargs, cfg,
+                                                         device)
         for layer, f in zip(tail, files, strict=True):
             tensors, formats = layer_state(layer)
             with atomic_file(f) as tmp:
@@ -391,6 +393,7 @@ def _run_tail_stage(model: nn.Module, source: WeightSource, ckpt: _Checkpoint, f
     ft = report.finetune or FinetuneReport(0, 0, 0, math.nan, math.nan, 0.0, mode="stream")
     report.finetune = replace(ft, steps=ft.steps + steps, tuned_tensors=ft.tuned_tensors + 1,
                               tuned_values=ft.tuned_values + norm.weight.numel(), kl_first=kl_first, kl_last=kl_last,
+                              reverted_blocks=ft.reverted_blocks + (not kept),
                               seconds=ft.seconds + time.perf_counter() - t0)
 
 

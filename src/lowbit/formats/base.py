@@ -64,6 +64,9 @@ class Format(ABC):
     #: Group parameters stored as floats (scales, mins) that may be tuned after rounding with the codes held
     #: fixed (algorithms/finetune.py); integer-valued parameters (4-bit sub-scales) are not listed.
     float_params: tuple[str, ...] = ()
+    #: Bits of code per weight, the grid's resolution (its step is ~2^(1 - bits) of a group's range); the lattice
+    #: codebooks spend 16 bits on 8 weights. Sizes +ft's steps (algorithms/finetune.py).
+    bits: int
 
     # ----- rounding primitives (what algorithms use) -------------------------------------------
     @abstractmethod

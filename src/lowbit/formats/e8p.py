@@ -114,6 +114,7 @@ def nearest(y: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 class E8PFormat(Format):
     vector_dim = 8
     float_params = ("scale",)
+    bits = 2  # a 16-bit code per 8 weights
 
     def __init__(self, group_size: int | None, name: str = ""):
         if group_size is not None and (group_size < 8 or group_size % 8):

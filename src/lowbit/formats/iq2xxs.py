@@ -95,6 +95,7 @@ class IQ2XXSFormat(Format):
     group_size = SUPER
     vector_dim = 8
     float_params = ("d",)  # ls is a 4-bit integer
+    bits = 2  # 2.06 bits a weight: an 8-bit grid index and 7 sign bits per 8 weights, 4-bit scales
 
     # ----- parameters -------------------------------------------------------------------------
     def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> Params:
