@@ -228,12 +228,17 @@ def finetune(model: nn.Module, teacher: nn.Module, samples: torch.Tensor, cfg: F
             report = replace(retry, seconds=report.seconds + retry.seconds, lr=retry.lr, retried=True)
     if device.type == "cuda":
         report.peak_device_gb = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+    warn_if_reverted(report)
+    return report
+
+
+def warn_if_reverted(report: FinetuneReport) -> None:
+    """Tell the user when the guard kept untuned values (the whole model, or some blocks / streamed layers)."""
     if not report.kept or report.reverted_blocks:
         what = ("the model (also at a tenth of the learning rate)" if not report.kept
                 else f"{report.reverted_blocks} block(s)")
         warnings.warn(f"finetune raised the loss it minimizes, so {what} kept the untuned scales (a smaller --ft-lr "
-                      "may help)", stacklevel=2)
-    return report
+                      "may help)", stacklevel=3)
 
 
 def tunable_linears(model: nn.Module) -> dict[str, QuantLinear]:
@@ -566,6 +571,7 @@ def _train_block(block: list[nn.Module], inputs: torch.Tensor, targets: torch.Te
     opt = _adam(tuned, cfg.lr)
     dtype = _dtype(block)
     first = last = math.nan
+
     def batch_loss(step: int) -> torch.Tensor:
         batch = order[step * bs : (step + 1) * bs]
         h = inputs[batch].to(device, dtype)

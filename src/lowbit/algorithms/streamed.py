@@ -46,6 +46,7 @@ from lowbit.algorithms.finetune import (
     find_final_norm,
     tune_layer,
     tune_tail,
+    warn_if_reverted,
 )
 from lowbit.algorithms.plans import Plan, check_finite, plan_by_layer
 from lowbit.algorithms.rtn import quantize_rtn
@@ -226,6 +227,8 @@ def quantize_streamed(source: WeightSource, plan: Plan, work_dir: str | Path, *,
     if tail_from is not None and report.complete and inps is not None:
         report.tuned_file = _tail_stage(model, source, ckpt, tail_from, inps, targets, kwargs, finetune, device,
                                         Path(work_dir), report)
+    if report.finetune is not None:
+        warn_if_reverted(report.finetune)
     report.peak_host_gb, report.peak_gpu_gb = peak_host_gb(), peak_gpu_gb(device)
     report.seconds = time.perf_counter() - t_start
     return report
