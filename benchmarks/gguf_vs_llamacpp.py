@@ -73,7 +73,7 @@ def lowbit_options(extra: str) -> argparse.Namespace:
     p.add_argument("--calib-text", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--damp", type=float, default=0.01)
-    p.add_argument("--shrink", type=float, default=None, help="default: the CLI's rule (0.5 below 64k tokens)")
+    p.add_argument("--shrink", type=float, default=None, help="default: the CLI's (HESSIAN_SHRINK)")
     p.add_argument("--blocksize", type=int, default=128)
     p.add_argument("--ft-epochs", type=float, default=2.0)
     p.add_argument("--ft-lr", type=float, default=3e-3)
@@ -87,11 +87,9 @@ def lowbit_options(extra: str) -> argparse.Namespace:
 def lowbit_recipes(methods: str, o: argparse.Namespace) -> dict[str, tuple[lowbit.Recipe, str | None]]:
     """``METHOD[+fused][+ft][/EMBED]`` -> (recipe, EMBED), all parsed before any work. The recipe's format is a
     placeholder: ``like=`` replaces it with the llama.cpp file's per-tensor types."""
-    from lowbit.cli import SMALL_CALIB_SHRINK, SMALL_CALIB_TOKENS
+    from lowbit.cli import HESSIAN_SHRINK
 
-    shrink = o.shrink
-    if shrink is None:  # as `lowbit export-gguf` decides it
-        shrink = SMALL_CALIB_SHRINK if o.nsamples * o.calib_seqlen < SMALL_CALIB_TOKENS else 0.0
+    shrink = HESSIAN_SHRINK if o.shrink is None else o.shrink  # as `lowbit export-gguf` decides it
     settings = {"calib": lowbit.CalibConfig(o.nsamples, o.calib_seqlen, o.calib_text, o.seed),
                 "gptq": lowbit.GPTQConfig(o.blocksize, o.damp, shrink=shrink),
                 "finetune": lowbit.FinetuneConfig(o.ft_epochs, o.ft_lr, o.ft_batch, seed=o.seed)}

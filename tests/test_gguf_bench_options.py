@@ -12,10 +12,11 @@ def shrink(extra: str) -> float:
     return recipe.gptq.shrink
 
 
-def test_shrink_follows_the_cli_rule_unless_given():
-    from lowbit.cli import SMALL_CALIB_SHRINK
+def test_shrink_is_the_clis_unless_given():
+    from lowbit.cli import HESSIAN_SHRINK
 
-    assert shrink("--nsamples 64 --calib-seqlen 128") == SMALL_CALIB_SHRINK  # 8k tokens: the CPU default
-    assert shrink("--nsamples 16 --calib-seqlen 512") == SMALL_CALIB_SHRINK
-    assert shrink("") == 0.0  # 128 x 2048: H as measured
+    assert HESSIAN_SHRINK > 0
+    assert shrink("--nsamples 64 --calib-seqlen 128") == HESSIAN_SHRINK  # 8k tokens: the CPU default
+    assert shrink("") == HESSIAN_SHRINK  # 128 x 2048: the GPU default
     assert shrink("--nsamples 16 --calib-seqlen 512 --shrink 0") == 0.0
+    assert shrink("--shrink 0.3") == 0.3

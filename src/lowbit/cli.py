@@ -33,7 +33,9 @@ GPU_CALIB = (128, 2048)  # calibration windows x tokens by default on a GPU
 # ... and on a CPU: 8k tokens as many short windows rather than few long ones, measured against 16 x 512 on a 2-core
 # CPU: the IQ2_XXS preset better on both texts, Q4_0 level in perplexity and closer to F16 (docs/gguf.md)
 CPU_CALIB = (64, 128)
-SMALL_CALIB_TOKENS, SMALL_CALIB_SHRINK = 65536, 0.5  # GPTQ's Hessian shrink below that many calibration tokens
+# GPTQ's Hessian shrink toward its diagonal at every calibration size: measured on the bundled model (docs/gguf.md), it
+# helps most with few tokens (CPU) and, with the GPU's 128 x 2048, still on prose of another domain than the calibration
+HESSIAN_SHRINK = 0.5
 
 
 def _add_calib(p: argparse.ArgumentParser) -> None:
@@ -48,8 +50,8 @@ def _add_calib(p: argparse.ArgumentParser) -> None:
     g.add_argument("--damp", type=float, default=0.01, help="damping, fraction of mean diag(H) (default 0.01)")
     g.add_argument("--shrink", type=float, default=None,
                    help="pull H's off-diagonal part toward zero, H' = (1 - s) H + s diag(H): a Hessian from few "
-                        "tokens trusts their correlations less (default 0.5 below 64k calibration tokens, e.g. the "
-                        "CPU default 64 x 128, else 0)")
+                        "tokens, or tokens of one kind of text, trusts their correlations less (default "
+                        f"{HESSIAN_SHRINK})")
     g.add_argument("--blocksize", type=int, default=128, help="GPTQ lazy-update block (default 128)")
     g.add_argument("--no-tf32", dest="tf32", action="store_false",
                    help="on a GPU, run the calibration passes' float32 matmuls exactly instead of in TF32 (GPTQ's "
@@ -349,8 +351,8 @@ def _calib(args: argparse.Namespace):  # noqa: ANN202
 
     nsamples, seqlen = calib_size(args)
     shrink = getattr(args, "shrink", None)
-    if shrink is None:  # few tokens: shrink the Hessian toward its diagonal (measured on a CPU: docs/gguf.md)
-        shrink = SMALL_CALIB_SHRINK if nsamples * seqlen < SMALL_CALIB_TOKENS else 0.0
+    if shrink is None:
+        shrink = HESSIAN_SHRINK
     return (CalibConfig(nsamples, seqlen, args.calib_text, args.seed),
             GPTQConfig(args.blocksize, args.damp, shrink=shrink, tf32=getattr(args, "tf32", True)))
 
