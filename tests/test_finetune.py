@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -162,6 +163,28 @@ def test_tuned_values_are_what_is_stored():
     for m in norm_modules(student).values():
         assert torch.equal(m.weight, m.weight.half().float())
         assert not m.weight.requires_grad or m.weight.is_leaf
+
+
+def test_asymmetric_grids_tune_about_zero_and_shift_mins_by_steps():
+    """An asymmetric grid's group moves as a whole: the scale's parameter scales every weight about zero (the min
+    with it), the min's shifts the group by grid steps. Scale and min moved apart would shift a weight near zero
+    by a share of ~half the group's range (UniformFormat.tuned); symmetric grids keep plain multipliers."""
+    fmt = get_format("int4_g32_asym")
+    qt = fmt.quantize(torch.randn(8, 64, generator=torch.Generator().manual_seed(0)))
+    codes, stored = fmt.unpack(qt)
+    base = {k: v.float() for k, v in stored.items()}
+
+    def weights(t_scale: float, t_min: float) -> torch.Tensor:
+        t = {"scale": torch.full_like(base["scale"], t_scale), "min": torch.full_like(base["min"], t_min)}
+        return fmt.decode(codes, fmt.expand(fmt.tuned(base, t), 64))
+
+    w0 = weights(0.0, 0.0)
+    assert torch.equal(w0, fmt.dequantize(qt))
+    torch.testing.assert_close(weights(math.log(2), 0.0), 2 * w0)
+    torch.testing.assert_close(weights(0.0, 1.0) - w0, fmt.expand(base, 64)["scale"])
+    sym = get_format("q4_0")
+    p = {"scale": torch.rand(3, 2) + 0.5}
+    torch.testing.assert_close(sym.tuned(p, {"scale": torch.full((3, 2), math.log(3))})["scale"], 3 * p["scale"])
 
 
 def test_iq2_xxs_tunes_superblock_scales_only():

@@ -11,8 +11,9 @@ bytes per tensor, and a GGUF that stock llama.cpp runs):
   * every quantized linear's float group parameters (``Format.float_params``: Q4_0/IQ4_NL scales, Q4_1 scales and
     mins, IQ2_XXS super-block scales ``d``, Q2_K ``d``/``dmin``), the integer codes and 4-bit sub-scales fixed;
   * the normalization weights (RMSNorm / LayerNorm, stored as floats by lowbit checkpoints and GGUF).
-Each tuned tensor ``p`` becomes ``p0 * exp(t)`` with ``t`` trained from 0 (Adam), so one learning rate fits
-scales of every magnitude and no sign ever flips; formats finer than 4 bits take smaller steps (:func:`step_scale`),
+Each tuned tensor ``p`` becomes ``p0 * exp(t)`` with ``t`` trained from 0 (Adam; ``Format.tuned``: an asymmetric grid
+scales its group about zero and shifts its min by grid steps), so one learning rate fits
+scales of every magnitude and no scale changes sign; formats finer than 4 bits take smaller steps (:func:`step_scale`),
 and a tuning that ends with a higher loss on its first batch than it started with is not kept (the model, block or
 tail stage keeps its untuned values; the report says so); in the whole-model mode it then runs once more at a tenth
 of the learning rate. This is the scale-only end of QuIP#'s and EfficientQAT's
@@ -136,7 +137,7 @@ class ScaleTunedLinear(nn.Module):
             t.step_scale = step_scale(q.fmt.bits)  # read by _adam
 
     def params(self) -> dict[str, torch.Tensor]:
-        return {k: v * self.log[k].exp() if k in self.log else v for k, v in self.base.items()}
+        return self.q.fmt.tuned(self.base, dict(self.log.items()))
 
     def weight(self) -> torch.Tensor:
         fmt = self.q.fmt

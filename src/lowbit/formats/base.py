@@ -132,6 +132,12 @@ class Format(ABC):
         assert best is not None, "no candidates"
         return dict(zip(keys, best[:-1], strict=True))
 
+    def tuned(self, params: Params, t: dict[str, torch.Tensor]) -> Params:
+        """``params`` moved by the trainable ``t`` (one tensor like each of ``float_params``, 0 = unchanged) as +ft
+        trains them (algorithms/finetune.py): each scaled by ``exp(t)``, so one step size fits every magnitude
+        and no sign flips. Formats whose parameters are not all scales override it."""
+        return {k: v * t[k].exp() if k in t else v for k, v in params.items()}
+
     def expand(self, params: Params, cols: int) -> Params:
         """Per-group parameters (concatenated over groups) -> per-column parameters [rows, cols].
 

@@ -59,6 +59,17 @@ class UniformFormat(Format):
         return range_fit(self, w, importance, lambda p: self._params_for_range(lo * p, hi * p, signed_amax * p),
                          coarser)
 
+    def tuned(self, params: Params, t: dict[str, torch.Tensor]) -> Params:
+        """Asymmetric grids: the scale's multiplier scales the whole group about zero (min too), and the min moves
+        by ``t["min"]`` grid steps. Scaling ``q * scale`` and ``min`` apart would move a weight by a share of both
+        terms, ~half the group's range each, whatever the weight: on an input channel of massive activations (the
+        bundled model has them) a 0.01% step of either, against the gradient, raised the KL by half
+        (Q5_1 at Q5_K_M's types)."""
+        if self.symmetric:
+            return super().tuned(params, t)
+        g = t["scale"].exp()
+        return {**params, "scale": params["scale"] * g, "min": params["min"] * g + params["scale"] * t["min"]}
+
     # ----- rounding ---------------------------------------------------------------------------
     def encode(self, w: torch.Tensor, params: Params, importance: torch.Tensor | None = None) -> torch.Tensor:
         d = params["scale"].float()
