@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 import lowbit
+from finetune_steps import score  # the same eval windows and fields
 from lowbit.algorithms import finetune as ft
 from lowbit.algorithms.sequential import calibration_set
 from lowbit.eval.perplexity import Reference
@@ -46,12 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     teacher = copy.deepcopy(model).eval()
     reference = Reference(teacher)
 
-    def score(m: torch.nn.Module) -> dict:
-        r = lowbit.evaluate(m, tok, seqlen=512, max_windows=args.windows, reference=reference, progress=False)
-        return {"ppl": r.ppl, "kl": r.kl, "top1": r.top1}
-
     lowbit.quantize(model, lowbit.Recipe.parse(f"rtn:{args.format}"), tok, device="cpu", progress=False)
-    rows = [{"variant": "rtn", **score(model)}]
+    rows = [{"variant": "rtn", **score(model, tok, reference, args)}]
     print(rows[-1], flush=True)
     samples = calibration_set(model, tok, lowbit.CalibConfig(32, 128, None, 0))
     whole = UniformFormat.tuned
@@ -63,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
             rep = ft.finetune(tuned, copy.deepcopy(teacher), samples, ft.FinetuneConfig(2.0, args.lr, 4, mode="model"),
                               device="cpu", progress=False)
             rows.append({"variant": variant, "tune_s": round(time.perf_counter() - t0, 1), "kl_first": rep.kl_first,
-                         "kl_end": rep.kl_end, "kept": rep.kept, "retried": rep.retried, "lr": rep.lr, **score(tuned)})
+                         "kl_end": rep.kl_end, "kept": rep.kept, "retried": rep.retried, "lr": rep.lr,
+                         **score(tuned, tok, reference, args)})
             print(rows[-1], flush=True)
     finally:
         UniformFormat.tuned = whole

@@ -24,6 +24,7 @@ import torch
 import lowbit
 from lowbit.algorithms import finetune as ft
 from lowbit.algorithms.sequential import calibration_set
+from lowbit.cli import HESSIAN_SHRINK
 from lowbit.eval.perplexity import Reference
 from lowbit.io.gguf_presets import preset_plan
 
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     calib = lowbit.CalibConfig(args.nsamples, args.seqlen, None, 0)
     t0 = time.perf_counter()
     recipe = lowbit.Recipe(format=preset_plan(model, args.preset, True).plan, method="gptq_act", calib=calib,
-                           gptq=lowbit.GPTQConfig(shrink=0.5))  # the CLI's shrinkage below 64k tokens
+                           gptq=lowbit.GPTQConfig(shrink=HESSIAN_SHRINK))  # the CLI's default
     lowbit.quantize(model, recipe, tok, device="cpu", progress=False)
     rows = [{"variant": "none", "quantize_s": round(time.perf_counter() - t0, 1), **score(model, tok, reference, args)}]
     print(rows[-1], flush=True)

@@ -63,7 +63,7 @@ class UniformFormat(Format):
         """Asymmetric grids: the scale's multiplier scales the whole group about zero (min too), and the min moves
         by ``t["min"]`` grid steps. Scaling ``q * scale`` and ``min`` apart would move a weight by a share of both
         terms, ~half the group's range each, whatever the weight: on an input channel of massive activations (the
-        bundled model has them) a 0.01% step of either, against the gradient, raised the KL by half
+        bundled model has them) a 0.01% step of both, against the gradient, raised the KL by half
         (Q5_1 at Q5_K_M's types)."""
         if self.symmetric:
             return super().tuned(params, t)
