@@ -287,11 +287,13 @@ def run_variant(model: nn.Module, variant: str, args: argparse.Namespace, prompt
         row: dict = {"variant": variant, "bpw": 8 * parts["linears"] / n_weights, "bytes": parts,
                      "roofline_tok_s": bw / parts["total"]}
         dec = StaticDecoder(model, max_cache_len=cache_len(args), cuda_graph=args.graph,
-                            compile=args.compile, decode_attention=args.attention == "lowbit")
+                            compile=args.compile, decode_attention=args.attention == "lowbit",
+                            pdl={"auto": "auto", "on": True, "off": False}[args.pdl])
         t0 = time.perf_counter()
         fast = time_decode(dec, prompt, args.gen, args.repeats)
         row |= {"tok_s": fast["tok_s"], "tok_s_runs": fast["tok_s_runs"], "prefill_ms": fast["prefill_ms"],
                 "cuda_graph": dec.graph_captured, "graph_error": dec.graph_error, "compiled": args.compile,
+                "pdl": dec.pdl,
                 "frac_roofline": fast["tok_s"] / row["roofline_tok_s"]}
         log(f"{variant}: fast path {fast['tok_s']:.1f} tok/s (graph={dec.graph_captured}) "
             f"in {time.perf_counter() - t0:.1f}s")
@@ -378,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="one-token attention: lowbit's decode kernel (default, as StaticDecoder) or the model's SDPA")
     ap.add_argument("--cache-len", type=int, default=0,
                     help="static cache positions (default: prompt + gen); longer leaves most of the cache unused")
+    ap.add_argument("--pdl", choices=("auto", "on", "off"), default="auto",
+                    help="programmatic dependent launch in the compiled step (StaticDecoder's pdl; auto: Hopper+)")
     ap.add_argument("--profile", action="store_true", help="per variant: GPU kernel time per step, by kernel")
     ap.add_argument("--tag", default=None)
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/decode-<tag>.json)")

@@ -137,6 +137,15 @@ def test_compiled_step_matches_eager_with_quant_linear():
     assert not counters["graph_break"], dict(counters["graph_break"])
 
 
+def test_pdl_applies_only_to_compiled_steps_on_hopper(fp32_model):
+    assert not StaticDecoder(fp32_model, max_cache_len=8).pdl  # "auto" on a CPU: plain launches
+    assert not StaticDecoder(fp32_model, max_cache_len=8, compile=True).pdl
+    with pytest.raises(ValueError, match="compute capability"):
+        StaticDecoder(fp32_model, max_cache_len=8, compile=True, pdl=True)
+    with pytest.raises(ValueError, match="pdl must be"):
+        StaticDecoder(fp32_model, max_cache_len=8, pdl="on")
+
+
 def test_eos_stops_early_and_limits(fp32_model):
     ref = reference_greedy(fp32_model, PROMPT, 40)[0]
     dec = StaticDecoder(fp32_model, max_cache_len=64)
@@ -260,6 +269,41 @@ def test_cuda_graph_matches_eager(fmt, rotate, rtn):
     assert dec.generate_greedy(PROMPT, 32).tolist() == eager.tolist()  # replay after reset
     if fmt is None:
         assert reference_greedy(model, PROMPT, 32) == eager.tolist()
+
+
+hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                            reason="programmatic dependent launch needs compute capability 9.0")
+
+
+@hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["q4_0", "nz2_ch"])
+def test_pdl_step_gives_the_plain_steps_tokens_and_logits(fmt):
+    """Programmatic dependent launch changes when kernels start, not what they compute: a kernel that read its
+    inputs before the one writing them had finished would read the previous step's values (the graph replays into
+    the same buffers) and move the logits by their own size. Inductor compiles its kernels anew with PDL and may
+    tune their reductions differently, so the logits are compared to fp16 rounding, not bit for bit."""
+    model = quantized_llama(fmt, rtn=False, hidden=512).cuda().half()
+    runs = {}
+    for pdl in (False, True):
+        torch._dynamo.reset()
+        dec = StaticDecoder(model, max_cache_len=len(PROMPT) + 33, compile=True, pdl=pdl)
+        assert dec.pdl is pdl
+        dec.reset()
+        logits = [dec.prefill(PROMPT).clone()]
+        logits += [dec.step().clone() for _ in range(32)]
+        assert dec.graph_captured
+        runs[pdl] = (torch.stack(logits), dec.tokens().tolist())
+    assert runs[True][1] == runs[False][1]
+    torch.testing.assert_close(runs[True][0], runs[False][0], atol=2e-2 * float(runs[False][0].abs().max()), rtol=0)
+
+
+@hopper
+@pytest.mark.gpu
+def test_pdl_auto_leaves_rotated_models_plain():
+    model = quantized_llama("nz2_ch", rotate=True, rtn=False, hidden=256).cuda().half()
+    assert not StaticDecoder(model, max_cache_len=16, compile=True).pdl
+    assert StaticDecoder(model, max_cache_len=16, compile=True, pdl=True).pdl
 
 
 @cuda

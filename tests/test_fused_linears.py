@@ -78,6 +78,19 @@ def test_gate_and_up_run_as_one_gated_matmul():
     assert torch.equal(logits(model, IDS), ref)
 
 
+def test_gated_mlp_with_its_linears_replaced_runs_the_class_forward():
+    """Swapping the quantized gate/up back for float linears (as benchmarks do between variants) leaves the MLP's
+    gated forward in place: it must run the class's forward then, not look for a fused group on nn.Linear."""
+    model = quantized("int4_g32_asym")
+    fuse_siblings(model)
+    mlp = decoder_layers(model)[0].mlp
+    for name in ("gate_proj", "up_proj"):
+        setattr(mlp, name, torch.nn.Linear(64, 128, bias=False))
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        assert torch.equal(mlp(x), type(mlp).forward(mlp, x))
+
+
 @pytest.mark.parametrize(("bias", "rotate"), [(True, False), (False, True)])
 def test_mlps_with_biases_or_rotations_keep_their_forward(bias, rotate):
     model = quantized("int4_g32_asym", bias=bias, rotate=rotate)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import os
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 
@@ -253,8 +255,21 @@ def staging(m: int, k: int, p: Plan) -> int:
 # Programmatic dependent launch (Hopper and later): a GEMV starts and loads its first weights while the kernel before
 # it finishes, waits for it only before reading the activations, and lets the kernel after it start once its weights
 # are read. Off by default: alone it measured slower on an H200 (docs/kernels.md, nz2_ch TG-128 487.5 -> 474.4
-# tok/s), since the kernels around a GEMV did not take part; with TORCHINDUCTOR_ENABLE_PDL=1 Inductor's do.
+# tok/s), since the kernels around a GEMV did not take part. The compiled decode step turns it on together with
+# Inductor's own PDL (serve.fast_decode, through :func:`early_launch`), where it measured faster.
 EARLY_LAUNCH = os.environ.get("LOWBIT_CUDA_PDL", "0") == "1"
+
+
+@contextmanager
+def early_launch(on: bool = True) -> Iterator[None]:
+    """GEMVs launched inside the block use programmatic dependent launch (``on``) or plain launches; a CUDA graph
+    captured inside keeps the choice."""
+    global EARLY_LAUNCH
+    before, EARLY_LAUNCH = EARLY_LAUNCH, on
+    try:
+        yield
+    finally:
+        EARLY_LAUNCH = before
 
 _TABLES: dict[str, torch.Tensor] = {}  # the decode tables of each (device, kind)
 

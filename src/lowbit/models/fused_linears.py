@@ -131,7 +131,7 @@ class FusedGroup:
 def _gated_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The forward of a gated MLP (see :func:`gate_mlp`): ``down(silu(gate(x)) * up(x))`` with gate and up one
     GEMV; the class's own forward where the group no longer holds (a member moved or reassigned)."""
-    fused = self.gate_proj._fused
+    fused = getattr(self.gate_proj, "_fused", None)  # None once gate_proj is no longer a QuantLinear
     if fused is not None and (torch.compiler.is_compiling() or (fused[0].intact(0) and fused[0].intact(1))):
         return self.down_proj(fused[0].gated(x))
     return type(self).forward(self, x)

@@ -85,8 +85,9 @@ DEV u16 float_to_half(float f) {
 }
 // Programmatic dependent launch (cuda_gemv.EARLY_LAUNCH): the kernel may start while the kernel before it in the
 // stream still runs; nothing before wait_for_inputs() reads what that kernel writes (codes, scales and constant
-// tables only). release_dependents() lets the kernel after this one start its own set-up. Both are no-ops when the
-// launches are plain, and before Hopper.
+// tables only). release_dependents() lets the kernel after this one start its own set-up (NO_EARLY_RELEASE, which
+// benchmarks/decode_pdl.py sets to measure it, leaves that to the block's exit). Both are no-ops when the launches
+// are plain, and before Hopper.
 DEV void wait_for_inputs() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
@@ -492,7 +493,9 @@ gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u1
                       k0 + j * HALF_PER_WORD, ok, w.sa, w.sb, w.ma, w.mb);
 #endif
     }
+#ifndef NO_EARLY_RELEASE
     release_dependents();  // every weight of this block is read
+#endif
 #if ROW_SCALE
     const float fa = half_lo_to_float(ld_half(sa_row)), fb = half_lo_to_float(ld_half(sb_row));
     d[0] *= fa; d[1] *= fa; d[2] *= fb; d[3] *= fb;
