@@ -49,6 +49,17 @@ def _reference_tokens(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.
 @pytest.mark.parametrize("recipe", ["rtn:q4_0", "rtn:int4_g128_sym", "rtn:nz2_ch", "rtn:e8p_ch", "rtn+rht:e8p_ch",
                                     "rtn:iq2_xxs"])
 def test_fast_decode_gives_the_reference_tokens(bundled, recipe: str) -> None:  # noqa: ANN001
+    _check_against_reference(bundled, recipe, compile=False)
+
+
+@pytest.mark.parametrize("recipe", ["rtn:q4_0", "rtn:nz2_ch", "rtn+rht:e8p_ch"])
+def test_compiled_fast_decode_gives_the_reference_tokens(bundled, recipe: str) -> None:  # noqa: ANN001
+    """The compiled step (Inductor's fused kernels and, on Hopper, programmatic dependent launch) as well."""
+    torch._dynamo.reset()
+    _check_against_reference(bundled, recipe, compile=True)
+
+
+def _check_against_reference(bundled, recipe: str, compile: bool) -> None:  # noqa: ANN001
     import copy
 
     import lowbit
@@ -60,7 +71,7 @@ def test_fast_decode_gives_the_reference_tokens(bundled, recipe: str) -> None:  
     ids = torch.tensor([tok.encode(PROMPT)], device="cuda")
     ref, logits = _reference_tokens(model, ids)
     assert torch.isfinite(logits).all()
-    decoder = StaticDecoder(model, max_cache_len=ids.shape[1] + NEW_TOKENS)
+    decoder = StaticDecoder(model, max_cache_len=ids.shape[1] + NEW_TOKENS, compile=compile)
 
     # Teacher-forced along the reference's tokens, so every position compares logits of the same prefix.
     fast_logits = [decoder.prefill(ids)[0].clone()]
