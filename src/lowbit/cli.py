@@ -149,8 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode from the packed weights with a static KV cache and one CUDA graph per token "
                         "(CUDA; no weight cache). On the CPU: the static cache only")
     p.add_argument("--compile", action="store_true",
-                   help="with --fast: torch.compile the decode step too (fuses the small ops between matmuls; "
-                        "compiling takes ~1 min, worth it for long generations)")
+                   help="with --fast: torch.compile the decode step too (fuses the small ops between matmuls "
+                        "and, on Hopper and later, launches kernels with programmatic dependent launch; compiling "
+                        "takes ~1 min, worth it for long generations)")
     _add_sampling(p)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
