@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -203,8 +204,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_results(out: Path, bw: float, rows: list[dict], complete: bool) -> None:
+    # kernel switches in effect (LOWBIT_CUDA_PDL, LOWBIT_CUDA_STAGED_X, ...): part of what was measured
+    env = {k: v for k, v in sorted(os.environ.items()) if k.startswith("LOWBIT_")}
     out.write_text(json.dumps({"device": torch.cuda.get_device_name(0), "copy_bw": bw, "complete": complete,
-                               "rows": rows, "summary": summarize(rows)}, indent=2))
+                               "env": env, "rows": rows, "summary": summarize(rows)}, indent=2))
 
 
 def summarize(rows: list[dict]) -> list[dict]:
