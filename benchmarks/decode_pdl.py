@@ -15,7 +15,8 @@ The model is decode.py's random Llama-2-7B shape (fp16, batch 1). Per format, fo
 For each: the logits of the prefill and 64 greedy steps against ``plain`` (bit-equal, max abs difference; a kernel
 reading inputs before they were written would read the previous step's values, the graph replaying into the same
 buffers) and against ``inductor_only`` (same Inductor kernels: a difference there can only come from lowbit's
-launches), then TG-128 tokens/s (median of 3). Writes benchmarks/results/pdl-<tag>.json (or ``--out``).
+launches), then TG-128 tokens/s (decode.py's timing: median of 3 after a warm-up run). Writes
+benchmarks/results/pdl-<tag>.json (or ``--out``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import argparse
 import contextlib
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -54,17 +54,9 @@ def run(model: torch.nn.Module, prompt: torch.Tensor, name: str, steps: int, gen
     dec = fast_decode.StaticDecoder(model, max_cache_len=prompt.numel() + max(steps, gen) + 1, compile=True, pdl=pdl)
     dec.reset()
     logits = [dec.prefill(prompt).clone()] + [dec.step().clone() for _ in range(steps)]
-    speeds = []
-    for _ in range(3):
-        dec.reset()
-        dec.prefill(prompt)
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        dec.run_steps(gen)
-        torch.cuda.synchronize()
-        speeds.append(gen / (time.perf_counter() - t))
+    tok_s = decode.time_decode(dec, prompt, gen, repeats=3)["tok_s"]
     use_variant("plain")
-    return torch.stack(logits), sorted(speeds)[1]
+    return torch.stack(logits), tok_s
 
 
 def compare(a: torch.Tensor, b: torch.Tensor) -> dict:
