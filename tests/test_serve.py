@@ -29,6 +29,7 @@ from lowbit.io.loader import load_model
 from lowbit.models.walker import round_to_storage
 from lowbit.serve import SERVE_EXTRA_HINT
 from lowbit.serve.app import LowbitServer, create_app
+from lowbit.serve.engine import Engine, QueueFullError
 from lowbit.serve.generate import (
     PLAIN_CHAT_STOP,
     IncrementalDecoder,
@@ -462,6 +463,45 @@ def test_max_queue_0_refuses_the_third_of_a_burst(loaded):
             t.start()
         open_when_refused(gate, results, threads)
     assert sorted(results) == [200, 200, 429]
+
+
+def test_a_finished_answer_has_already_freed_its_slot(loaded):
+    """Once a client holds its whole answer (streamed or not), its slot is free: with one slot and no queue, a
+    client sending request after request is never refused because of the request just answered."""
+    body = {"model": MODEL_ID, "prompt": "fox", "max_tokens": 3, "temperature": 0}
+    with running_server(*loaded, max_concurrency=1, max_queue=0) as (base, app):
+        engine = app.state.engine
+        for i in range(12):
+            stream = i % 2 == 0
+            r = httpx.post(f"{base}/v1/completions", json={**body, "stream": stream}, timeout=30)
+            assert r.status_code == 200 and (r.text.endswith("data: [DONE]\n\n") if stream else r.json()["choices"])
+            assert engine.running == 0, f"request {i}: the slot was still held after the answer ended"
+
+
+def test_a_won_slot_still_counts_once_while_its_handler_resumes(loaded):
+    """Between a request winning its slot and its handler resuming, the request is neither waiting nor running in
+    the plain sense; admission must still count it exactly once, so max_queue others may queue behind it."""
+    async def scenario() -> None:
+        engine = Engine(*loaded, max_concurrency=1, max_queue=1)
+
+        async def present() -> bool:
+            return False
+
+        first = asyncio.ensure_future(engine.acquire(present))
+        while not engine._slots.locked():  # the slot is won a few loop steps before `first` resumes
+            await asyncio.sleep(0)
+        assert not first.done()
+        engine.check_admission()  # room for one request behind `first`
+        second = asyncio.ensure_future(engine.acquire(present))
+        await asyncio.sleep(0.05)
+        assert first.result() is True and not second.done()
+        with pytest.raises(QueueFullError):
+            engine.check_admission()
+        second.cancel()
+        engine._slots.release()  # `first` never started a job; hand its slot back
+        await engine.close()
+
+    asyncio.run(scenario())
 
 
 def post_completion(base: str, results: list[int], max_tokens: int, start: threading.Barrier | None = None) -> None:

@@ -116,19 +116,25 @@ class Job:
         except RuntimeError:  # the loop is closed (end of shutdown): nobody is listening any more
             pass
 
+    def _end(self, last: object) -> None:
+        """Event loop: hand the slot back, then deliver the last item. In this order, a client that has its whole
+        answer finds the slot free, so its next request is never refused because of the one just answered."""
+        self._on_finish(self)
+        self._queue.put_nowait(last)
+
     def run(self) -> None:
         """Worker-thread body: generate, forward deltas, hand the slot back however it ends."""
+        last: object = self._DONE
         try:
             for delta in self.stream:
                 self._put(delta)
-            self._put(self._DONE)
         except BaseException as e:  # noqa: BLE001 - reported to the waiting request, which answers 500
             # BaseException too: a Rust panic in a tokenizer is one, and the request must never wait forever.
-            self._put(e if isinstance(e, Exception) else RuntimeError(f"{type(e).__name__}: {e}"))
+            last = e if isinstance(e, Exception) else RuntimeError(f"{type(e).__name__}: {e}")
         finally:
             try:
-                self._loop.call_soon_threadsafe(self._on_finish, self)
-            except RuntimeError:
+                self._loop.call_soon_threadsafe(self._end, last)
+            except RuntimeError:  # the loop is closed (end of shutdown): nobody is listening any more
                 pass
 
     async def deltas(self, is_disconnected: IsDisconnected | None = None) -> AsyncIterator[str]:
@@ -174,7 +180,7 @@ class Engine:
         self._draining = False
         self._abort_timer: asyncio.TimerHandle | None = None
         self._jobs: set[Job] = set()
-        self.waiting = 0
+        self._admitted = 0  # requests from admission until their job ends (or they give up waiting)
         self.running = 0
         self.stats: Counter[str] = Counter()  # finish reasons, "refused", "failed"
 
@@ -246,10 +252,10 @@ class Engine:
         """ShuttingDownError when stopping, QueueFullError when a new request would wait behind a full queue."""
         if self._draining or self._stopping.is_set():
             raise ShuttingDownError
-        # requests admitted but not yet holding a slot count as waiting: a burst that passes this check before any
-        # of them takes a slot must not queue more than max_queue
-        if (self._slots.locked() and self.waiting >= self.max_queue
-                or self.waiting + self.running >= self.max_concurrency + self.max_queue):
+        # Counting every admitted request, not "waiting" and "running" apart: a request moves from one to the other
+        # in steps (its slot is won, then its handler resumes, then its job starts), and a burst that looks at the
+        # two counts between those steps would see one request too many or too few.
+        if self._admitted >= self.max_concurrency + self.max_queue:
             self.stats["refused"] += 1
             raise QueueFullError
 
@@ -257,7 +263,7 @@ class Engine:
         """Wait for a slot: True once held, False if the client left meanwhile; QueueFullError when too many wait,
         ShuttingDownError when the server stops (also while waiting)."""
         self.check_admission()
-        self.waiting += 1
+        self._admitted += 1
         task = asyncio.ensure_future(self._slots.acquire())
         acquired = False
         try:
@@ -271,8 +277,8 @@ class Engine:
                 if await is_disconnected():
                     return False
         finally:
-            self.waiting -= 1
             if not acquired:  # gave up (client gone, or this handler was cancelled): don't leak a won slot
+                self._admitted -= 1
                 task.cancel()
                 task.add_done_callback(lambda t: None if t.cancelled() else self._slots.release())
 
@@ -288,8 +294,14 @@ class Engine:
             raise ShuttingDownError from None
         return job
 
+    @property
+    def waiting(self) -> int:
+        """Admitted requests whose generation has not started yet."""
+        return self._admitted - self.running
+
     def _finished(self, job: Job) -> None:
         self.running -= 1
+        self._admitted -= 1
         self._jobs.discard(job)
         self.stats[job.stream.finish_reason or "failed"] += 1
         self._slots.release()
