@@ -356,12 +356,14 @@ def test_client_disconnect_cancels_generation(server, loaded):
 
 
 def test_health_stays_responsive_while_generating(server, loaded):
-    base, _ = server
+    base, app = server
     body = {"model": MODEL_ID, "prompt": "fox", "max_tokens": 40, "temperature": 0}
-    with slow_forward(loaded[0], 0.02):
+    with slow_forward(loaded[0], 0.02):  # the generation takes > 0.8 s
         t = threading.Thread(target=httpx.post, args=(f"{base}/v1/completions",), kwargs={"json": body, "timeout": 30})
         t.start()
-        time.sleep(0.2)
+        t0 = time.monotonic()
+        while app.state.engine.running == 0 and time.monotonic() - t0 < 10:  # started, however loaded the machine
+            time.sleep(0.01)
         t0 = time.monotonic()
         h = httpx.get(f"{base}/health", timeout=5).json()
         assert time.monotonic() - t0 < 0.5 and h["running"] == 1
