@@ -12,8 +12,12 @@ OpenAI responses. How a request is scheduled, and why:
   text too long for it whatever its tokens is refused from its byte count without tokenizing (no token covers
   more bytes than its vocabulary string spells, ``bytes_per_token_bound``); others are tokenized on a thread,
   large ones ``TOKENIZE_AT_ONCE`` at a time, because tokenizing holds ~90 bytes of memory per byte of text.
-* A slot belongs to the job's worker thread from start to finish and is released by that thread (not by the HTTP
-  handler), so a cancelled job never overlaps the next one: forward passes stay at ``max_concurrency`` at most.
+* A slot belongs to the job's worker thread from start to finish and is released when that thread's generation has
+  ended (not when the HTTP handler gives up), so a cancelled job never overlaps the next one: forward passes stay at
+  ``max_concurrency`` at most. The release comes before the request's last item, so a client that holds its whole
+  answer finds its slot free again.
+* Admission counts each request once, from admission to the end of its job: a request passes from waiting to
+  running in several event-loop steps, and counting the two apart would let a burst see it twice or not at all.
 * Cancellation: every job has an Event polled before each forward pass; it is set when the client disconnects
   (closed stream, or a polled check while a non-streaming client waits), and on shutdown.
 * Shutdown: ``begin_shutdown(grace)`` refuses new and queued requests at once (``ShuttingDownError``) and aborts
