@@ -9,6 +9,7 @@ with massive outlier channels.
 from __future__ import annotations
 
 import ctypes
+import threading
 import zlib
 from functools import cache
 
@@ -138,6 +139,32 @@ def test_shared_memory_sizes() -> None:
     assert cuda_gemv.staged_bytes(8, 4096) == 8 * 8192 and cuda_gemv.staged_bytes(2, 544) == 2 * 1152
     q4, nz2 = (cuda_gemv.plan(get_format(n), (64, 4096)) for n in ("q4_0", "nz2_ch"))
     assert q4.chunk_scale() and not nz2.chunk_scale()
+
+
+def test_early_launch_is_per_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decoder's early_launch block sets its own thread only: another thread keeps the process default."""
+    monkeypatch.setattr(cuda_gemv, "EARLY_LAUNCH", False)
+    inside, seen = threading.Event(), []
+    release = threading.Event()
+
+    def decoder() -> None:
+        with cuda_gemv.early_launch(True):
+            seen.append(cuda_gemv.launches_early())
+            inside.set()
+            release.wait(10)
+
+    t = threading.Thread(target=decoder)
+    t.start()
+    inside.wait(10)
+    seen.append(cuda_gemv.launches_early())
+    release.set()
+    t.join(10)
+    with cuda_gemv.early_launch(True):
+        with cuda_gemv.early_launch(False):
+            seen.append(cuda_gemv.launches_early())
+        seen.append(cuda_gemv.launches_early())
+    seen.append(cuda_gemv.launches_early())
+    assert seen == [True, False, False, True, False]
 
 
 def test_launch_structs_have_the_driver_layout() -> None:

@@ -17,6 +17,7 @@ word computed instead of looked up, the +rht input transform folded into the sta
 from __future__ import annotations
 
 import os
+import threading
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -258,18 +259,28 @@ def staging(m: int, k: int, p: Plan) -> int:
 # tok/s), since the kernels around a GEMV did not take part. The compiled decode step turns it on together with
 # Inductor's own PDL (serve.fast_decode, through :func:`early_launch`), where it measured faster.
 EARLY_LAUNCH = os.environ.get("LOWBIT_CUDA_PDL", "0") == "1"
+_early = threading.local()  # early_launch's setting, per thread: concurrent decoders may differ
+
+
+def launches_early() -> bool:
+    """Whether GEMVs launched now, on this thread, use programmatic dependent launch (before checking the GPU)."""
+    return getattr(_early, "on", EARLY_LAUNCH)
 
 
 @contextmanager
 def early_launch(on: bool = True) -> Iterator[None]:
-    """GEMVs launched inside the block use programmatic dependent launch (``on``) or plain launches; a CUDA graph
-    captured inside keeps the choice."""
-    global EARLY_LAUNCH
-    before, EARLY_LAUNCH = EARLY_LAUNCH, on
+    """GEMVs launched inside the block, on this thread, use programmatic dependent launch (``on``) or plain
+    launches; a CUDA graph captured inside keeps the choice."""
+    before = getattr(_early, "on", None)
+    _early.on = on
     try:
         yield
     finally:
-        EARLY_LAUNCH = before
+        if before is None:
+            del _early.on
+        else:
+            _early.on = before
+
 
 _TABLES: dict[str, torch.Tensor] = {}  # the decode tables of each (device, kind)
 
@@ -315,7 +326,7 @@ def gemv(x: torch.Tensor, fmt: Format, qt: QuantizedTensor, p: Plan, gated: bool
     shared = staged_bytes(m, k) if xs else 0
     kern.allow_shared(shared)
     kern((tiles, 1, 1), (warps * 32, 1, 1), [codes, scales, mins, x, y, _TABLES[key], n, k, m, groups],
-         shared=shared, early=EARLY_LAUNCH and _hopper(x.device))
+         shared=shared, early=launches_early() and _hopper(x.device))
     return y
 
 
