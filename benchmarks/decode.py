@@ -289,7 +289,7 @@ def run_variant(model: nn.Module, variant: str, args: argparse.Namespace, prompt
                      "roofline_tok_s": bw / parts["total"]}
         dec = StaticDecoder(model, max_cache_len=cache_len(args), cuda_graph=args.graph,
                             compile=args.compile, decode_attention=args.attention == "lowbit",
-                            pdl={"auto": "auto", "on": True, "off": False}[args.pdl])
+                            pdl=ON_OFF_AUTO[args.pdl])
         t0 = time.perf_counter()
         fast = time_decode(dec, prompt, args.gen, args.repeats)
         row |= {"tok_s": fast["tok_s"], "tok_s_runs": fast["tok_s_runs"], "prefill_ms": fast["prefill_ms"],
@@ -354,7 +354,11 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+ON_OFF_AUTO = {"auto": "auto", "on": True, "off": False}  # --graph / --pdl -> StaticDecoder's argument
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; its defaults are the random Llama-2-7B shape (decode_pdl.py builds the same model)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--formats", default=FORMATS,
                     help="comma-separated: fp16 and/or lowbit format names, each optionally with +rht (rotated)")
@@ -386,8 +390,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true", help="per variant: GPU kernel time per step, by kernel")
     ap.add_argument("--tag", default=None)
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/decode-<tag>.json)")
-    args = ap.parse_args(argv)
-    args.graph = {"auto": "auto", "on": True, "off": False}[args.graph]
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.graph = ON_OFF_AUTO[args.graph]
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

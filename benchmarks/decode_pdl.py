@@ -74,12 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
         print("needs a CUDA GPU of compute capability 9.0 or more (programmatic dependent launch)", file=sys.stderr)
         return 2
-    shape = argparse.Namespace(vocab=32000, hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=0,
-                               prompt=16, gen=args.gen)
+    shape = decode.build_parser().parse_args(["--gen", str(args.gen)])  # decode.py's 7B shape and prompt length
     dev = torch.device("cuda", torch.cuda.current_device())
     torch.manual_seed(0)
     model = decode.build_model(shape, dev, torch.float16)
-    prompt = torch.randint(0, shape.vocab, (16,), generator=torch.Generator().manual_seed(1)).to(dev)
+    prompt = torch.randint(0, shape.vocab, (shape.prompt,), generator=torch.Generator().manual_seed(1)).to(dev)
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"pdl-{args.tag}.json"
     meta = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__,
             "command": " ".join(["python", *sys.argv]), "steps": args.steps, "gen": args.gen}
