@@ -110,13 +110,20 @@ def test_every_kernel_variant_compiles_for_ampere_and_hopper(name: str) -> None:
     from lowbit.kernels import cuda_jit
 
     p = cuda_gemv.plan(get_format(name), (64, 4096))
-    for staged, gated in ((0, False), (1, False), (1, True), (2, False), (2, True)):  # XS: none, one row, several
-        for warps in (cuda_gemv.WARPS_FEW, cuda_gemv.WARPS_MANY):
-            for full in (False, True):  # K a whole number of steps or not
-                blocks = cuda_gemv.min_blocks_for(warps, 1 if staged == 1 else 8)
-                source = cuda_gemv._source(p, staged, warps, blocks, gated, full)
-                for arch in ("sm_80", "sm_90"):
-                    assert cuda_jit.compile_cubin(source, "gemv_mma.cu", arch)[:4] == b"\x7fELF"
+    plain = [(staged, gated, 0, False, full) for staged, gated in ((0, False), (1, False), (1, True), (2, False),
+                                                                      (2, True))  # XS: none, one row, several
+             for full in (False, True)]  # K a whole number of steps or not
+    # a norm in the batch-1 staging (plain or gated), a residual in the epilogue (any staging): one warp count and
+    # one architecture (neither stage depends on them; the plain variants cover both) keep the test's time down
+    folded = [(1, False, 1, False, True), (1, True, 2, False, True), (0, False, 0, True, True),
+              (1, False, 0, True, True), (2, False, 0, True, True)]
+    for staged, gated, norm, resid, full in plain + folded:
+        stage = bool(norm or resid)
+        for warps in (cuda_gemv.WARPS_FEW,) + (() if stage else (cuda_gemv.WARPS_MANY,)):
+            blocks = cuda_gemv.min_blocks_for(warps, 1 if staged == 1 else 8)
+            source = cuda_gemv._source(p, staged, warps, blocks, gated, full, norm, resid)
+            for arch in ("sm_80",) + (() if stage else ("sm_90",)):
+                assert cuda_jit.compile_cubin(source, "gemv_mma.cu", arch)[:4] == b"\x7fELF"
 
 
 def test_batches_are_staged_within_their_budget(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -130,6 +137,17 @@ def test_batches_are_staged_within_their_budget(monkeypatch: pytest.MonkeyPatch)
     assert cuda_gemv.staging(2, 11008, nz2) == 2 and cuda_gemv.staging(8, 4096, q4) == 0
     monkeypatch.setattr(cuda_gemv, "STAGED_ROWS", 1)
     assert cuda_gemv.staging(8, 4096, nz2) == 0 and cuda_gemv.staging(1, 4096, nz2) == 1
+
+
+def test_norm_groups_keep_a_7b_row_in_one_register_group() -> None:
+    """The normalized staging holds each thread's units in registers: one or two groups for rows of 4096 and 8192,
+    none (torch normalizes first) past MAX_NORM_QS."""
+    for name, at_4096 in (("nz2_ch", 1), ("q4_0", 1), ("e8p_ch", 2)):  # E8P's 8 warps take single units
+        p = cuda_gemv.plan(get_format(name), (64, 4096))
+        assert cuda_gemv.norm_groups(p, 4096, cuda_gemv.warps_for(p, 4096)) == at_4096
+        assert 1 <= cuda_gemv.norm_groups(p, 8192, cuda_gemv.warps_for(p, 8192)) <= 2
+    q4 = cuda_gemv.plan(get_format("q4_0"), (64, 4096))
+    assert cuda_gemv.norm_groups(q4, 16384, cuda_gemv.WARPS_FEW) == 0  # 8 groups of 256 threads: too many
 
 
 def test_shared_memory_sizes() -> None:
@@ -261,6 +279,43 @@ def test_gated_gemv_is_silu_gate_times_up_on_gpu(name: str, rows: int, cols: int
 
 @gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("name", SERVED)
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("gated", [False, True])
+def test_norm_prologue_and_residual_epilogue_on_gpu(name: str, m: int, gated: bool, gemv_mode) -> None:
+    """y = residual + RMSNorm(x) W^T, and the gated product of the normalized x: at batch 1 the norm is computed in
+    the kernel's staging, otherwise in torch first; x has channels in the thousands, as a residual stream does."""
+    from lowbit.kernels import cuda_jit
+    from lowbit.kernels.reference import dequant_matmul_reference, rms_norm_reference
+
+    fmt, qt = _packed(name, (2 * 256, 1024), seed=7 + m)
+    p = cuda_gemv.plan(fmt, qt.shape)
+    if p is None:
+        pytest.skip(f"{name} at 1024 columns is not served")
+    gen = torch.Generator("cuda").manual_seed(m)
+    x = torch.randn(m, 1024, device="cuda", dtype=torch.float16, generator=gen)
+    x[:, [5, 77, 300]] = torch.tensor([3000.0, -2500.0, 1800.0], device="cuda", dtype=torch.float16)
+    w = (1 + 0.3 * torch.randn(1024, device="cuda", generator=gen)).half()
+    ref = dequant_matmul_reference(rms_norm_reference(x, w, 1e-5).double(), fmt, qt)
+    if gated:
+        y = cuda_gemv.gemv(x, fmt, qt, p, gated=True, norm=(w, 1e-5))
+        gate, up = ref.chunk(2, dim=-1)
+        want, base = torch.nn.functional.silu(gate) * up, 0
+    else:
+        res = torch.randn(m, 2 * 256, device="cuda", dtype=torch.float16, generator=gen)
+        y = cuda_gemv.gemv(x, fmt, qt, p, norm=(w, 1e-5), residual=res)
+        want, base = ref, res.double()
+    assert torch.isfinite(y).all()
+    assert float((y.double() - base - want).norm() / want.norm()) < 3e-3
+    if m == 1:  # the kernel normalized the row: its NORM variant was built and launched
+        xs, warps = cuda_gemv.staging(1, 1024, p), cuda_gemv.warps_for(p, 1024)
+        source = cuda_gemv._source(p, xs, warps, cuda_gemv.min_blocks_for(warps, 1), gated, True,
+                                   cuda_gemv.norm_groups(p, 1024, warps), not gated)
+        assert (source, "gemv_mma", "cuda:0") in cuda_jit._KERNELS
+
+
+@gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("name", ["int2_g64_sym", "q4_0", "e8p_ch", "iq2_xxs"])
 def test_cuda_gemv_outlier_activations_do_not_overflow(name: str, gemv_mode) -> None:
     """Massive activations (a few channels in the thousands, as SmolLM's): fp32 accumulation keeps y finite."""
@@ -305,10 +360,13 @@ def test_cuda_gemv_kernels_fit_their_blocks_without_spills(name: str, cols: int,
     staged = cuda_gemv.staging(m, cols, p)
     full = cols % (4 * cuda_gemv.half_per_chunk(p)) == 0
     blocks = cuda_gemv.min_blocks_for(warps, m)
-    kern = cuda_jit.kernel(cuda_gemv._source(p, staged, warps, blocks, False, full),
-                           "gemv_mma", torch.device("cuda"))
-    assert kern.attribute(3) <= 16  # CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES
-    assert kern.attribute(4) * warps * 32 * blocks <= 65536  # NUM_REGS
+    # plain, and as a decode step's folded layers run it: a norm in the batch-1 staging, a residual in the epilogue
+    norm_qs = cuda_gemv.norm_groups(p, cols, warps)
+    for norm, resid in ((0, False),) + (((norm_qs, False), (0, True)) if staged == 1 else ()):
+        kern = cuda_jit.kernel(cuda_gemv._source(p, staged, warps, blocks, False, full, norm, resid),
+                               "gemv_mma", torch.device("cuda"))
+        assert kern.attribute(3) <= 16  # CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES
+        assert kern.attribute(4) * warps * 32 * blocks <= 65536  # NUM_REGS
 
 
 @gpu

@@ -16,6 +16,7 @@ word computed instead of looked up, the +rht input transform folded into the sta
 
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 import weakref
@@ -30,6 +31,7 @@ from lowbit.formats import E8PFormat, Format, IQ2XXSFormat, QuantizedTensor, Uni
 from lowbit.formats import e8p as e8p_format
 from lowbit.formats import iq2xxs as iq2xxs_format
 from lowbit.kernels import cuda_jit
+from lowbit.kernels.reference import rms_norm_reference
 
 MAX_M = 8  # batch columns of the m16n8k16 MMA
 # Batches of 9-16 rows run the kernel once per 8 rows: the weights are read twice, still a fraction of what
@@ -54,11 +56,12 @@ class Plan:
     dq: tuple[tuple[float, float], ...]  # (A_i, B_i): level = A_i * magic_i + B_i, one per code position
 
     def defines(self, staged_x: int = 0, warps: int = WARPS_FEW, min_blocks: int = 1, gated: bool = False,
-                full: bool = False) -> str:
+                full: bool = False, norm_qs: int = 0, resid: bool = False) -> str:
         lines = [f"#define KIND {self.kind}", f"#define BITS {self.bits}", f"#define ASYM {int(self.asym)}",
                  f"#define GROUP_SHIFT {self.group_shift}", f"#define ROW_SCALE {int(self.row_scale)}",
                  f"#define WARPS {warps}", f"#define XS {int(staged_x)}", f"#define MIN_BLOCKS {min_blocks}",
-                 f"#define GATED {int(gated)}", f"#define FULL {int(full)}"]
+                 f"#define GATED {int(gated)}", f"#define FULL {int(full)}", f"#define NORM {int(norm_qs > 0)}",
+                 f"#define NORM_QS {max(norm_qs, 1)}", f"#define RESID {int(resid)}"]
         for i, (a, b) in enumerate(self.dq):
             lines += [f"#define DQ_A{i} 0x{_half2_bits(a):08x}u", f"#define DQ_B{i} 0x{_half2_bits(b):08x}u"]
         return "\n".join(lines) + "\n"
@@ -212,8 +215,10 @@ def _cached_layout(qs: torch.Tensor, cols: int) -> tuple[torch.Tensor, torch.Ten
 
 @cache
 def _source(p: Plan, staged_x: int = 0, warps: int = WARPS_FEW, min_blocks: int = 1, gated: bool = False,
-            full: bool = False) -> str:
-    return (p.defines(staged_x, warps, min_blocks, gated, full)
+            full: bool = False, norm_qs: int = 0, resid: bool = False) -> str:
+    """The kernel's source for these settings; ``norm_qs`` > 0: the batch-1 row is RMS-normalized while staged,
+    each thread holding that many groups of its units in registers (:func:`norm_groups`)."""
+    return (p.defines(staged_x, warps, min_blocks, gated, full, norm_qs, resid)
             + (cuda_jit.source_dir() / "gemv_mma.cu").read_text())
 
 
@@ -292,20 +297,31 @@ def staged_bytes(m: int, k: int) -> int:
     return 16 * (units + -(-units // 8)) if m == 1 else m * 16 * -(-units // 8) * 8
 
 
-def gemv(x: torch.Tensor, fmt: Format, qt: QuantizedTensor, p: Plan, gated: bool = False) -> torch.Tensor:
+def gemv(x: torch.Tensor, fmt: Format, qt: QuantizedTensor, p: Plan, gated: bool = False,
+         norm: tuple[torch.Tensor, float] | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
     """y [M, N] = x [M <= 16, K] W^T, fp16 in and out, through the kernel planned by :func:`plan` (once per 8 rows).
-    ``gated``: W is a fused [gate; up] weight of 2N rows and y = silu(x gate^T) * (x up^T), from the fp32 sums."""
+    ``gated``: W is a fused [gate; up] weight of 2N rows and y = silu(x gate^T) * (x up^T), from the fp32 sums.
+    ``norm`` (weight [K], eps): x is first RMS-normalized (:func:`rms_norm_reference`), inside the kernel where it
+    stages the row (batch 1). ``residual`` [M, N]: y = residual + x W^T, added in the kernel (not with ``gated``)."""
     m, k = x.shape
     n = qt.shape[0] // 2 if gated else qt.shape[0]
     if not 0 < m <= MAX_ROWS or k != qt.shape[1]:
         raise ValueError(f"cuda gemv takes [1..{MAX_ROWS}, {qt.shape[1]}] inputs, got {tuple(x.shape)}")
+    if residual is not None and (gated or tuple(residual.shape) != (m, n)):
+        raise ValueError(f"a residual must be [{m}, {n}] and the GEMV not gated, got {tuple(residual.shape)}")
     if m > MAX_M:
-        return torch.cat([gemv(x[i:i + MAX_M], fmt, qt, p, gated) for i in range(0, m, MAX_M)])
+        return torch.cat([gemv(x[i:i + MAX_M], fmt, qt, p, gated, norm,
+                               None if residual is None else residual[i:i + MAX_M]) for i in range(0, m, MAX_M)])
     if gated and qt.shape[0] % 2:
         raise ValueError(f"a gated GEMV needs [gate; up] rows, got {qt.shape[0]} rows")
-    x = x.to(torch.float16).contiguous()
-    if x.data_ptr() % 16:
-        x = x.clone()
+    xs = staging(m, k, p)
+    warps = warps_for(p, k)
+    norm_qs = norm_groups(p, k, warps) if norm is not None and xs == 1 else 0
+    if norm is not None and not norm_qs:  # only a staged batch-1 row that fits the registers is normalized inside
+        x, norm = rms_norm_reference(x.to(torch.float16), *norm), None
+    x = _aligned(x.to(torch.float16).contiguous())
+    nw = x if norm is None else _aligned(norm[0].to(torch.float16).contiguous())
+    res = None if residual is None else _aligned(residual.to(torch.float16).contiguous())
     y = torch.empty(m, n, dtype=torch.float16, device=x.device)
     key = f"{x.device}/{p.kind}"
     if key not in _TABLES:
@@ -316,18 +332,36 @@ def gemv(x: torch.Tensor, fmt: Format, qt: QuantizedTensor, p: Plan, gated: bool
     else:
         codes, scales, groups = qt.data["codes"], qt.data["scale"], fmt.n_groups(k)
         mins = qt.data.get("min", scales)
-    xs = staging(m, k, p)
-    warps = warps_for(p, k)
     full = k % (4 * half_per_chunk(p)) == 0  # whole steps of 4 chunks: no lane past the row's end
-    source = _source(p, xs, warps, min_blocks_for(warps, m), gated, full)
+    source = _source(p, xs, warps, min_blocks_for(warps, m), gated, full, norm_qs, res is not None)
     kern = cuda_jit.kernel(source, "gemv_mma", x.device)
     rows_per_block = ROWS_PER_BLOCK // 2 if gated else ROWS_PER_BLOCK  # gated: 8 gate rows + their 8 up rows
     tiles = (n + rows_per_block - 1) // rows_per_block
     shared = staged_bytes(m, k) if xs else 0
     kern.allow_shared(shared)
-    kern((tiles, 1, 1), (warps * 32, 1, 1), [codes, scales, mins, x, y, _TABLES[key], n, k, m, groups],
+    eps = ctypes.c_float(0.0 if norm is None else norm[1])
+    kern((tiles, 1, 1), (warps * 32, 1, 1),
+         [codes, scales, mins, x, y, _TABLES[key], n, k, m, groups, nw, y if res is None else res, eps],
          shared=shared, early=launches_early() and _hopper(x.device))
     return y
+
+
+# Register groups a thread may hold while it normalizes the staged row (the kernel's NORM_QS): 7B-class rows of 4096
+# need one (2-bit grids: 512 units in pairs over 256 threads; 4-bit: 512 over 512 threads), 8192 two at most.
+MAX_NORM_QS = 4
+
+
+def norm_groups(p: Plan, k: int, warps: int) -> int:
+    """NORM_QS for a normalized batch-1 row of ``k``: the groups of staged units (pairs on 2-bit grids, as the
+    staging permutes them) each thread holds; 0 when that passes :data:`MAX_NORM_QS` (torch normalizes first)."""
+    per_group = 2 if p.kind == 0 and p.bits == 2 else 1
+    qs = -(-(k // 8 // per_group) // (warps * 32))
+    return qs if qs <= MAX_NORM_QS else 0
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` at a 16-byte aligned address (the kernel reads activations and norm weights in 16-byte units)."""
+    return t.clone() if t.data_ptr() % 16 else t
 
 
 @cache

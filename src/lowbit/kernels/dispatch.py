@@ -28,7 +28,7 @@ from functools import cache
 import torch
 
 from lowbit.formats import E8PFormat, Format, IQ2XXSFormat, QuantizedTensor, UniformFormat
-from lowbit.kernels.reference import dequant_matmul_reference
+from lowbit.kernels.reference import dequant_matmul_reference, rms_norm_reference
 
 _MODES = ("auto", "reference", "triton")
 # Kernels that pass the interpreter tests but have not yet been compiled and checked on a GPU: "auto" keeps the
@@ -131,14 +131,30 @@ def route(x: torch.Tensor, fmt: Format, shape: tuple[int, int]) -> str:
     return "triton" if _use_triton(x, fmt) else "reference"
 
 
-def dequant_matmul(x: torch.Tensor, fmt: Format, qt: QuantizedTensor) -> torch.Tensor:
-    """y = x W^T for a packed weight; x [..., in] -> [..., out]."""
+Norm = tuple[torch.Tensor, float]  # an RMSNorm's (weight, eps)
+
+
+def dequant_matmul(x: torch.Tensor, fmt: Format, qt: QuantizedTensor, norm: Norm | None = None,
+                   residual: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x W^T for a packed weight; x [..., in] -> [..., out]. ``norm``: x is first RMS-normalized
+    (:func:`rms_norm_reference`); ``residual`` [..., out]: y = residual + x W^T. The CUDA GEMV does both inside
+    its one launch (a decode step's norm and residual add then need no kernels of their own); every other path
+    computes them around the matmul, as the model would."""
     cplan = cuda_gemv_plan(x, fmt, qt.shape)
     if cplan is not None:
         from lowbit.kernels import cuda_gemv
 
-        y = cuda_gemv.gemv(x.reshape(-1, x.shape[-1]), fmt, qt, cplan)
+        res = None if residual is None else residual.reshape(-1, qt.shape[0])
+        y = cuda_gemv.gemv(x.reshape(-1, x.shape[-1]), fmt, qt, cplan, norm=norm, residual=res)
         return y.to(x.dtype).reshape(*x.shape[:-1], qt.shape[0])
+    if norm is not None:
+        x = rms_norm_reference(x, *norm)
+    y = _matmul(x, fmt, qt)
+    return y if residual is None else residual + y
+
+
+def _matmul(x: torch.Tensor, fmt: Format, qt: QuantizedTensor) -> torch.Tensor:
+    """y = x W^T through Triton where it runs, else the reference."""
     if not _use_triton(x, fmt):
         return dequant_matmul_reference(x, fmt, qt)
     lead = x.shape[:-1]
@@ -174,16 +190,17 @@ def dequant_matmul(x: torch.Tensor, fmt: Format, qt: QuantizedTensor) -> torch.T
     return y.reshape(*lead, n_out)
 
 
-def gated_matmul(x: torch.Tensor, fmt: Format, qt: QuantizedTensor) -> torch.Tensor:
+def gated_matmul(x: torch.Tensor, fmt: Format, qt: QuantizedTensor, norm: Norm | None = None) -> torch.Tensor:
     """silu(x gate^T) * (x up^T) for a fused [gate; up] packed weight (2N rows); x [..., in] -> [..., N]. The CUDA
-    GEMV computes it in its epilogue, from fp32 sums; elsewhere it is :func:`dequant_matmul`, then F.silu * up."""
+    GEMV computes it in its epilogue, from fp32 sums; elsewhere it is :func:`dequant_matmul`, then F.silu * up.
+    ``norm`` as in :func:`dequant_matmul`."""
     cplan = cuda_gemv_plan(x, fmt, qt.shape)
     if cplan is not None and qt.shape[0] % 2 == 0 and triton_runs(x, "gated_gemv"):
         from lowbit.kernels import cuda_gemv
 
-        y = cuda_gemv.gemv(x.reshape(-1, x.shape[-1]), fmt, qt, cplan, gated=True)
+        y = cuda_gemv.gemv(x.reshape(-1, x.shape[-1]), fmt, qt, cplan, gated=True, norm=norm)
         return y.to(x.dtype).reshape(*x.shape[:-1], qt.shape[0] // 2)
-    gate, up = dequant_matmul(x, fmt, qt).chunk(2, dim=-1)
+    gate, up = dequant_matmul(x, fmt, qt, norm=norm).chunk(2, dim=-1)
     return torch.nn.functional.silu(gate) * up
 
 

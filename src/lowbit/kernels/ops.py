@@ -17,24 +17,32 @@ from lowbit.kernels.dispatch import dequant_matmul, gated_matmul
 
 
 def _packed_matmul_op(name: str, matmul: Callable, out_rows: Callable[[int], int]):  # noqa: ANN202 - a custom op
-    """``lowbit::name(x, format_name, out_features, in_features, keys, tensors)``: ``matmul`` of ``x`` and the
-    packed weight whose storage tensors are ``tensors`` (named by the comma-joined ``keys``)."""
+    """``lowbit::name(x, format_name, out_features, in_features, keys, tensors, norm_weight, eps, residual)``:
+    ``matmul`` of ``x`` and the packed weight whose storage tensors are ``tensors`` (named by the comma-joined
+    ``keys``), with ``x`` first RMS-normalized by (``norm_weight``, ``eps``) when a weight is given and
+    ``residual`` added when given (:func:`lowbit.kernels.dispatch.dequant_matmul`)."""
 
     @torch.library.custom_op(f"lowbit::{name}", mutates_args=())
     def op(x: torch.Tensor, format_name: str, out_features: int, in_features: int, keys: str,
-           tensors: list[torch.Tensor]) -> torch.Tensor:
+           tensors: list[torch.Tensor], norm_weight: torch.Tensor | None = None, eps: float = 0.0,
+           residual: torch.Tensor | None = None) -> torch.Tensor:
         data = dict(zip(keys.split(","), tensors, strict=True))
-        return matmul(x, get_format(format_name), QuantizedTensor(format_name, (out_features, in_features), data))
+        qt = QuantizedTensor(format_name, (out_features, in_features), data)
+        extra = {"norm": None if norm_weight is None else (norm_weight, eps)}
+        if residual is not None:
+            extra["residual"] = residual
+        return matmul(x, get_format(format_name), qt, **extra)
 
     @op.register_fake
     def _shape(x: torch.Tensor, format_name: str, out_features: int, in_features: int, keys: str,
-               tensors: list[torch.Tensor]) -> torch.Tensor:
+               tensors: list[torch.Tensor], norm_weight: torch.Tensor | None = None, eps: float = 0.0,
+               residual: torch.Tensor | None = None) -> torch.Tensor:
         return x.new_empty(*x.shape[:-1], out_rows(out_features))
 
     return op
 
 
-# y = x W^T
+# y = x W^T (residual + x W^T; x RMS-normalized first)
 qmatmul = _packed_matmul_op("qmatmul", dequant_matmul, lambda rows: rows)
-# silu(x gate^T) * (x up^T) for a fused [gate; up] weight (dispatch.gated_matmul)
+# silu(x gate^T) * (x up^T) for a fused [gate; up] weight (dispatch.gated_matmul; no residual)
 qmatmul_gated = _packed_matmul_op("qmatmul_gated", gated_matmul, lambda rows: rows // 2)

@@ -11,3 +11,11 @@ from lowbit.formats import Format, QuantizedTensor
 def dequant_matmul_reference(x: torch.Tensor, fmt: Format, qt: QuantizedTensor) -> torch.Tensor:
     """y = x W^T with W the dequantized packed weight; x [..., in] -> y [..., out] in x's dtype."""
     return F.linear(x, fmt.dequantize(qt).to(x.dtype))
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' LlamaRMSNorm (Mistral's and Qwen2's are the same): the fp32 mean of squares, ``x * rsqrt(. +
+    eps)`` rounded to x's dtype, times the weight. The CUDA GEMV's ``norm`` prologue computes this."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)

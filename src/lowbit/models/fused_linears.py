@@ -94,6 +94,8 @@ class FusedGroup:
         self._x: torch.Tensor | None = None
         self._parts: tuple[torch.Tensor, ...] = ()
         self.mlp: nn.Module | None = None  # set by gate_mlp: the MLP whose forward runs :meth:`gated`
+        # set by models.fused_norms: the RMSNorm (weight, eps) the members' common input goes through first
+        self.norm: tuple[torch.Tensor, float] | None = None
 
     def intact(self, i: int) -> bool:
         """Member ``i`` still reads the fused storage (eager check; a device move or reassignment breaks it)."""
@@ -104,7 +106,7 @@ class FusedGroup:
         """Member ``i``'s output for ``x``: computed with every member's when ``x`` is new (or for member 0)."""
         if i == 0 or self._x is not x:
             v = self.members[0]._v
-            y = self.linear(x if v is None else rotate_input(v, x))
+            y = self.linear.project(x if v is None else rotate_input(v, x), norm=self.norm)
             if self.stacked_out:  # read each time: place_rotations may have given the members device copies
                 y = rotate_outputs([m._u for m in self.members], y)
             self._x, self._parts = x, y.split(self.sizes, dim=-1)
@@ -115,7 +117,7 @@ class FusedGroup:
 
     def gated(self, x: torch.Tensor) -> torch.Tensor:
         """silu(gate(x)) * up(x) of a [gate, up] group, in one matmul."""
-        return self.linear.gated(x)
+        return self.linear.gated(x, norm=self.norm)
 
     def release(self) -> None:
         if self.mlp is not None:
@@ -126,6 +128,7 @@ class FusedGroup:
                 setattr(m, k, getattr(m, k).clone())
             m._fused = None
         self._x, self._parts = None, ()
+        self.norm = None
 
 
 def _gated_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -193,7 +196,8 @@ def fuse_siblings(model: nn.Module) -> int:
 
 
 def unfuse_siblings(model: nn.Module) -> int:
-    """Give every fused member its own storage again; returns how many groups were released."""
+    """Give every fused member its own storage again; returns how many groups were released. (A layer whose norms
+    were folded into its groups, :mod:`lowbit.models.fused_norms`, unfolds itself at its next call.)"""
     groups = {id(m._fused[0]): m._fused[0] for m in model.modules()
               if isinstance(m, QuantLinear) and m._fused is not None}
     with torch.no_grad():

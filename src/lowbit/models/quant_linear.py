@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.formats import QuantizedTensor, get_format
-from lowbit.kernels.dispatch import dequant_matmul, gated_matmul, rotate_input, rotate_output
+from lowbit.kernels.dispatch import Norm, dequant_matmul, gated_matmul, rotate_input, rotate_output
+from lowbit.kernels.reference import rms_norm_reference
 from lowbit.rotations.incoherence import Rotation
 
 
@@ -100,6 +101,19 @@ class QuantLinear(nn.Module):
             group, i = self._fused
             if torch.compiler.is_compiling() or group.intact(i):
                 return group.part(x, i)
+        return self.project(x)
+
+    def project(self, x: torch.Tensor, norm: Norm | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``residual + self(rms_norm(x))``, either part optional (``norm``: an RMSNorm's weight and eps, as
+        :func:`rms_norm_reference` computes it). An unrotated linear without input rounding or weight cache does
+        the norm inside its matmul, and the residual too when it has no bias (the CUDA GEMV's prologue and
+        epilogue: a decode step's norms and residual adds need no kernels of their own); otherwise they are
+        computed around it."""
+        plain = self._v is None and self.input_quant is None and not self._cache_on
+        if norm is not None and not plain:
+            x, norm = rms_norm_reference(x, *norm), None
+        add_inside = residual is not None and plain and self._u is None and self.bias is None
+        inside = residual if add_inside else None
         if self._v is not None:
             x = rotate_input(self._v, x)  # Triton kernel where one runs, else self._v.apply(x)
         if self.input_quant is not None:
@@ -110,20 +124,22 @@ class QuantLinear(nn.Module):
             from lowbit.kernels.ops import qmatmul
 
             y = qmatmul(x, self.format_name, self.out_features, self.in_features, ",".join(self._keys),
-                        [getattr(self, k) for k in self._keys])
+                        [getattr(self, k) for k in self._keys], *_norm_args(norm), inside)
         else:  # packed kernel where one runs (CUDA), else the dequantize-then-matmul reference
-            y = dequant_matmul(x, self.fmt, self.quantized())
-        return self.finish(y)
+            y = dequant_matmul(x, self.fmt, self.quantized(), norm, inside)
+        y = self.finish(y)
+        return y if residual is None or add_inside else residual + y
 
-    def gated(self, x: torch.Tensor) -> torch.Tensor:
+    def gated(self, x: torch.Tensor, norm: Norm | None = None) -> torch.Tensor:
         """silu(x gate^T) * (x up^T) for a linear whose rows are [gate; up] (a fused gate/up projection without
-        rotation, input rounding, weight cache or bias): on CUDA one GEMV with the product in its epilogue."""
+        rotation, input rounding, weight cache or bias): on CUDA one GEMV with the product in its epilogue (and
+        ``norm``, as in :meth:`project`, in its prologue)."""
         if torch.compiler.is_compiling():
             from lowbit.kernels.ops import qmatmul_gated
 
             return qmatmul_gated(x, self.format_name, self.out_features, self.in_features, ",".join(self._keys),
-                                 [getattr(self, k) for k in self._keys])
-        return gated_matmul(x, self.fmt, self.quantized())
+                                 [getattr(self, k) for k in self._keys], *_norm_args(norm))
+        return gated_matmul(x, self.fmt, self.quantized(), norm)
 
     def finish(self, y: torch.Tensor, rotated: bool = False) -> torch.Tensor:
         """The matmul's result -> this layer's output: the output-side rotation undone (unless ``rotated``: a
@@ -145,6 +161,11 @@ class QuantLinear(nn.Module):
         has_bias = self.bias is not None
         rot = f", rotation={self.rotation.to_json()}" if self.rotation else ""
         return f"in={self.in_features}, out={self.out_features}, format={self.format_name}, bias={has_bias}{rot}"
+
+
+def _norm_args(norm: Norm | None) -> tuple[torch.Tensor | None, float]:
+    """``norm`` as the custom ops' (norm_weight, eps) arguments."""
+    return (None, 0.0) if norm is None else (norm[0], float(norm[1]))
 
 
 def cache_dequantized(model: nn.Module, enabled: bool = True) -> int:

@@ -45,6 +45,7 @@ from torch import nn
 
 from lowbit.kernels.cuda_gemv import early_launch
 from lowbit.kernels.triton_decode_attention import reserve as reserve_decode_attention
+from lowbit.models import fused_norms
 from lowbit.models.decode_attention import use_decode_attention
 from lowbit.models.fused_linears import fuse_siblings
 from lowbit.models.quant_linear import QuantLinear
@@ -111,7 +112,9 @@ class StaticDecoder:
     raise on failure; CUDA only) or False (always eager). ``compile``: run the step through ``torch.compile``
     (compiled on the first step; the graph then replays the compiled step). ``fuse``: run q/k/v and gate/up as
     one packed matmul each (:func:`lowbit.models.fused_linears.fuse_siblings`; the model's QuantLinears then
-    share storage with the fused weights, see there). ``decode_attention``: on CUDA, switch a model that runs SDPA
+    share storage with the fused weights, see there). ``fold_norms``: with ``fuse``, a Llama-family layer's RMSNorms and
+    residual adds run inside its GEMVs (:func:`lowbit.models.fused_norms.fold_norms`: same function, four kernels
+    fewer per layer on CUDA). ``decode_attention``: on CUDA, switch a model that runs SDPA
     to :mod:`lowbit.models.decode_attention` (the same function; one-token steps read only the cache's used blocks,
     split over programs: on an H200 as fast as cuDNN's SDPA at a 144-position cache and ~20% faster per token at
     4096 positions, docs/kernels.md). ``pdl``: with ``compile`` on Hopper or later, launch Inductor's kernels and
@@ -125,7 +128,8 @@ class StaticDecoder:
 
     def __init__(self, model: nn.Module, max_cache_len: int, batch_size: int = 1,
                  cuda_graph: bool | str = "auto", warmup_steps: int = 2, compile: bool = False,
-                 fuse: bool = True, decode_attention: bool = True, pdl: bool | str = "auto"):
+                 fuse: bool = True, decode_attention: bool = True, pdl: bool | str = "auto",
+                 fold_norms: bool = True):
         from transformers import StaticCache
 
         if cuda_graph not in (True, False, "auto"):
@@ -157,6 +161,10 @@ class StaticDecoder:
         place_rotations(model, self.device)
         # q/k/v and gate/up as one packed matmul each (models.fused_linears): same outputs, fewer short kernels
         self.fused_groups = fuse_siblings(model) if fuse else 0
+        # ... and each layer's norms and residual adds inside those GEMVs (models.fused_norms)
+        self.folded_layers = fused_norms.fold_norms(model) if fuse and fold_norms else 0
+        if not (fuse and fold_norms):
+            fused_norms.unfold_norms(model)  # a decoder made earlier may have folded them
         # one-token attention that reads only the visible part of the static cache (models.decode_attention)
         self.decode_attention = decode_attention and self.device.type == "cuda" and use_decode_attention(model)
         if self.decode_attention:  # before torch.compile traces a step: the kernel's counters exist already

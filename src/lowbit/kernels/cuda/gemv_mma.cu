@@ -13,6 +13,9 @@
 //   FULL         1: K is a whole number of steps (4 chunks), so no lane's chunk lies past the row's end
 //   MIN_BLOCKS   blocks that must fit on one SM at once (__launch_bounds__: caps the registers per thread)
 //   GATED        1: W is [gate; up] (2N rows, a fused gate/up projection) and y = silu(x gate^T) * (x up^T), [M, N]
+//   NORM         1 (XS 1 only): the staged row is RMSNorm(x) as transformers' Llama computes it (the norm before a
+//                layer's q/k/v or gate/up, which then needs no kernel of its own)
+//   RESID        1: y = res + x W^T (the residual add after a layer's o or down projection), rounded as fp16 adds
 //
 // Layout of the work. A block owns 16 rows (GATED: 8 gate rows and the 8 up rows N further on, as its rows g and
 // g + 8, so each lane holds a gate sum and the matching up sum and applies the epilogue in fp32). Lane (g, t) of a
@@ -76,6 +79,11 @@ DEV u32 ld_half(const u16* p) {  // one fp16, duplicated into both halves (read-
 DEV float half_lo_to_float(u32 h2) {
     float f;
     asm("{ .reg .f16 lo, hi; mov.b32 {lo, hi}, %1; cvt.f32.f16 %0, lo; }" : "=f"(f) : "r"(h2));
+    return f;
+}
+DEV float half_to_float(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
     return f;
 }
 DEV u16 float_to_half(float f) {
@@ -358,16 +366,113 @@ DEV Step load_step(const U4* pa, const U4* pb, const u16* sa_row, const u16* sb_
 
 // Set-up of a block: the decode tables and (XS) the activation rows into shared memory. The caller synchronises
 // the block before they are read.
-DEV void stage_block(const u32* tables, const u16* x, int K, int M) {
+// Groups of SG units of activations (the fragment group G, b_frag): permuted into fragment order (PREPERM) and
+// stored at their staged places.
+#define SG ((KIND == 0 && BITS == 2) ? 2 : 1)
+DEV void store_units(const u32* w, int row, int u, int K) {
+#if PREPERM
+    u32 o[4 * SG];
+#pragma unroll
+    for (int m = 0; m < 2 * SG; ++m) {
+        o[2 * m] = prmt(w[m], w[m + 2 * SG], 0x5410u);
+        o[2 * m + 1] = prmt(w[m], w[m + 2 * SG], 0x7632u);
+    }
+#else
+    const u32* o = w;
+#endif
+#pragma unroll
+    for (int i = 0; i < SG; ++i) {
+        const U4 v = {o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]};
+        const int su = u + i;
+#if XS == 1
+        dyn[su + (su >> 3)] = v;
+#elif XS == 2
+        dyn[row * XS_UNITS(K) + (su ^ ((su >> 3) & 7))] = v;
+#endif
+    }
+}
+
+#if NORM
+#if XS != 1
+#error "NORM normalizes the one staged activation row (XS 1)"
+#endif
+// two normalized activations: fp16(x r), then times the fp16 norm weights (transformers: weight * x.to(fp16))
+DEV u32 norm_pair(u32 x2, u32 w2, float r) {
+    const u32 lo = float_to_half(half_to_float((u16)(x2 & 0xffffu)) * r);
+    const u32 hi = float_to_half(half_to_float((u16)(x2 >> 16)) * r);
+    return hmul2(lo | (hi << 16), w2);
+}
+DEV float sum_squares(const U4& v, float ss) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const u32 h2 = word(v, j);
+        const float lo = half_to_float((u16)(h2 & 0xffffu)), hi = half_to_float((u16)(h2 >> 16));
+        ss = fmaf(lo, lo, ss);
+        ss = fmaf(hi, hi, ss);
+    }
+    return ss;
+}
+// The batch-1 row staged as RMSNorm(x) (transformers' Llama: the fp32 mean of squares, x / sqrt(. + eps) rounded
+// to fp16, times the fp16 weights). Each thread holds its NORM_QS groups of units in registers: the norm weights
+// are requested before the wait (they do not come from the kernel before), x once after it; the block sums the
+// squares in a fixed order. One barrier more than plain staging and no second read of x.
+DEV void stage_normalized(const u16* x, const u16* nw, int K, float eps) {
+    __shared__ float warp_sums[WARPS];
+    const int groups = K / 8 / SG;
+    U4 wv[NORM_QS][SG], xv[NORM_QS][SG];
+#pragma unroll
+    for (int j = 0; j < NORM_QS; ++j) {
+        const int q = threadIdx.x + j * WARPS * 32;
+#pragma unroll
+        for (int i = 0; i < SG; ++i) wv[j][i] = q < groups ? ld_cached((const U4*)nw + q * SG + i) : zero4();
+    }
+    wait_for_inputs();  // x is the output of the kernel before
+    float ss = 0.f;
+#pragma unroll
+    for (int j = 0; j < NORM_QS; ++j) {
+        const int q = threadIdx.x + j * WARPS * 32;
+#pragma unroll
+        for (int i = 0; i < SG; ++i) {
+            xv[j][i] = q < groups ? ld_cached((const U4*)x + q * SG + i) : zero4();
+            ss = sum_squares(xv[j][i], ss);
+        }
+    }
+#pragma unroll
+    for (int o = 16; o; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = ss;
+    __syncthreads();
+    float total = 0.f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) total += warp_sums[w];
+    const float r = rsqrtf(total / (float)K + eps);
+#pragma unroll
+    for (int j = 0; j < NORM_QS; ++j) {
+        const int q = threadIdx.x + j * WARPS * 32;
+        if (q >= groups) continue;
+        u32 w[4 * SG];
+#pragma unroll
+        for (int i = 0; i < SG; ++i) {
+            const U4& v = xv[j][i];
+            const U4& n = wv[j][i];
+            w[4 * i] = norm_pair(v.x, n.x, r); w[4 * i + 1] = norm_pair(v.y, n.y, r);
+            w[4 * i + 2] = norm_pair(v.z, n.z, r); w[4 * i + 3] = norm_pair(v.w, n.w, r);
+        }
+        store_units(w, 0, q * SG, K);
+    }
+}
+#endif
+
+DEV void stage_block(const u32* tables, const u16* x, int K, int M, const u16* nw, float eps) {
 #if KIND == 1
     for (int i = threadIdx.x; i < 512; i += WARPS * 32) (i < 256 ? e8p_abs : e8p_sign)[i & 255] = tables[i];
 #elif KIND == 2
     for (int i = threadIdx.x; i < 256; i += WARPS * 32) iq2_grid[i] = ((const U4*)tables)[i];
 #endif
+#if NORM
+    stage_normalized(x, nw, K, eps);
+#else
     wait_for_inputs();  // x is the output of the kernel before
 #if XS
-    // groups of SG units (the fragment group G, b_frag), permuted into fragment order, at their staged places
-    constexpr int SG = (KIND == 0 && BITS == 2) ? 2 : 1;
     const int units = K / 8;
     for (int q = threadIdx.x; q < M * (units / SG); q += WARPS * 32) {
         const int row = XS == 1 ? 0 : q / (units / SG), u = (q - row * (units / SG)) * SG;
@@ -377,35 +482,30 @@ DEV void stage_block(const u32* tables, const u16* x, int K, int M) {
             const U4 v = ld_cached((const U4*)x + (size_t)row * units + u + i);
             w[4 * i] = v.x; w[4 * i + 1] = v.y; w[4 * i + 2] = v.z; w[4 * i + 3] = v.w;
         }
-#if PREPERM
-        u32 o[4 * SG];
-#pragma unroll
-        for (int m = 0; m < 2 * SG; ++m) {
-            o[2 * m] = prmt(w[m], w[m + 2 * SG], 0x5410u);
-            o[2 * m + 1] = prmt(w[m], w[m + 2 * SG], 0x7632u);
-        }
-#else
-        const u32* o = w;
-#endif
-#pragma unroll
-        for (int i = 0; i < SG; ++i) {
-            const U4 v = {o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]};
-            const int su = u + i;
-#if XS == 1
-            dyn[su + (su >> 3)] = v;
-#else
-            dyn[row * XS_UNITS(K) + (su ^ ((su >> 3) & 7))] = v;
-#endif
-        }
+        store_units(w, row, u, K);
     }
+#endif
 #endif
 }
 
+#if RESID && GATED
+#error "RESID adds a residual to plain projections (o, down), not to a gated [gate; up] product"
+#endif
 // The warps' partial sums of one row block added in shared memory; warp 0 applies the epilogue and writes y.
 // d[0], d[1]: row g, batch columns 2t, 2t + 1; d[2], d[3]: row g + 8 (GATED: the up row of gate row g).
-DEV void store_rows(float* d, float (*part)[32][4], int row0, u16* y, int N, int M) {
+DEV void store_rows(float* d, float (*part)[32][4], int row0, u16* y, const u16* res, int N, int M) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
+#if RESID && !GATED
+    float rv[4] = {};  // warp 0's residuals, requested before the block's barrier
+    if (warp == 0) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int col = 2 * t + (e & 1), row = row0 + g + 8 * (e >> 1);
+            if (col < M && row < N) rv[e] = half_to_float(res[(size_t)col * N + row]);
+        }
+    }
+#endif
 #pragma unroll
     for (int e = 0; e < 4; ++e) part[warp][lane][e] = d[e];
     __syncthreads();
@@ -424,7 +524,12 @@ DEV void store_rows(float* d, float (*part)[32][4], int row0, u16* y, int N, int
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
         const int col = 2 * t + (e & 1), row = row0 + g + 8 * (e >> 1);
+#if RESID
+        // transformers adds the projection's fp16 output to the fp16 residual: two roundings
+        if (col < M && row < N) y[(size_t)col * N + row] = float_to_half(half_to_float(float_to_half(d[e])) + rv[e]);
+#else
         if (col < M && row < N) y[(size_t)col * N + row] = float_to_half(d[e]);
+#endif
     }
 #endif
 }
@@ -432,7 +537,7 @@ DEV void store_rows(float* d, float (*part)[32][4], int row0, u16* y, int N, int
 extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
 gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u16* __restrict__ mins,
          const u16* __restrict__ x, u16* __restrict__ y, const u32* __restrict__ tables, int N, int K, int M,
-         int groups) {
+         int groups, const u16* __restrict__ nw, const u16* __restrict__ res, float eps) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
 #if GATED
@@ -461,7 +566,7 @@ gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u1
     const int c0 = min(c, chunks - 1);
     const U4 *pa = ca + c0, *pb = cb + c0;
     Step next = load_step(pa, pb, sa_row, sb_row, ma_row, mb_row, c0);  // in flight during the set-up below
-    stage_block(tables, x, K, M);
+    stage_block(tables, x, K, M, nw, eps);
 #if KIND != 0 || XS
     __syncthreads();
 #endif
@@ -501,5 +606,5 @@ gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u1
     d[0] *= fa; d[1] *= fa; d[2] *= fb; d[3] *= fb;
 #endif
     __shared__ float part[WARPS][32][4];
-    store_rows(d, part, row0, y, N, M);
+    store_rows(d, part, row0, y, res, N, M);
 }

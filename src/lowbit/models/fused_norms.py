@@ -1,0 +1,169 @@
+"""A decoder layer's RMSNorms and residual adds run inside its packed matmuls.
+
+A Llama-family layer computes ``h = h + o(attn(norm1(h)))`` then ``h = h + down(mlp(norm2(h)))``. In a compiled
+decode step the two norms and two adds between the matmuls are kernels of their own (on an H200, ~2 µs each, 64 of
+them per 7B step), although at batch 1 the GEMV that follows a norm stages its input row anyway and the GEMV
+before an add holds the sums the add needs. :func:`fold_norms` moves them there: the fused q/k/v and gate/up
+groups (:mod:`lowbit.models.fused_linears`) normalize their common input in their prologue, and o and down add
+the residual in their epilogue (:meth:`QuantLinear.project`; the CUDA GEMV's ``NORM`` and ``RESID``). Every other
+path (prefill, CPU, the reference kernels) computes the same norms and adds around the matmuls, as the layer did.
+TG-128 of the 7B shape on an H200 went from 617.9 to 661.4 tok/s (nz2_ch) and 420.2 to 433.8 (q4_0): 131 µs of
+norm kernels gone per step, 43 µs more in the GEMVs (docs/kernels.md).
+
+What changes while a layer is folded: its ``forward`` is :func:`_folded_forward`; its norms return their input
+(the groups apply them), and its attention returns the attention output before ``o_proj`` (the layer applies
+``o_proj`` with the residual). The layer as a whole computes what it did; its submodules called on their own do
+not. :func:`unfold_norms` restores them. Folded: the decoder layers of :data:`LAYERS` whose norms are
+:data:`NORMS`, whose q/k/v and gate/up are fused groups without rotation (gate/up gated) and whose o and down
+projections are QuantLinears without rotation, bias, input rounding or weight cache, in a transformers whose
+decoder layers return a tensor.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lowbit.models.fused_linears import FusedGroup
+from lowbit.models.quant_linear import QuantLinear
+from lowbit.models.walker import DECODER_LAYERS, decoder_layers
+
+# transformers' decoder layers of the form h += o(attn(norm1(h))); h += down(mlp(norm2(h))), and their RMSNorms
+# (fp32 mean of squares, rounded to the input's dtype, times the weight: kernels.reference.rms_norm_reference)
+LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
+NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
+
+
+def _norm(module: nn.Module) -> tuple[torch.Tensor, float]:
+    return module.weight, float(module.variance_epsilon)
+
+
+def _passthrough(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+@dataclass(frozen=True)
+class _Fold:
+    """What a folded layer's forward relies on: these norms, projections and fused groups, as they were folded."""
+
+    norms: tuple[nn.Module, nn.Module]
+    o_proj: QuantLinear
+    down_proj: QuantLinear
+    qkv: FusedGroup
+    gate: FusedGroup
+
+
+def _fold_of(layer: nn.Module) -> _Fold | None:
+    return getattr(layer, "_lowbit_fold", None)
+
+
+def _group_of(m: nn.Module) -> FusedGroup | None:
+    fused = getattr(m, "_fused", None)
+    return fused[0] if fused else None
+
+
+def _holds(layer: nn.Module, f: _Fold) -> bool:
+    """Whether ``layer`` still has the modules and groups it was folded with (a linear replaced, e.g. by quantizing
+    again, or a group released or detached, breaks the fold)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    return (attn.o_proj is f.o_proj and mlp.down_proj is f.down_proj
+            and (layer.input_layernorm, layer.post_attention_layernorm) == f.norms
+            and _group_of(attn.q_proj) is f.qkv and _group_of(mlp.gate_proj) is f.gate
+            and all(f.qkv.intact(i) for i in range(len(f.qkv.members))) and f.gate.intact(0) and f.gate.intact(1))
+
+
+def _folded_forward(self: nn.Module, hidden_states: torch.Tensor, **kwargs: object) -> torch.Tensor:
+    """The layer's forward with its norms in the q/k/v and gate/up matmuls and its residual adds in o and down; the
+    class's forward (the layer unfolded first) where the fold no longer holds."""
+    f = _fold_of(self)
+    if not torch.compiler.is_compiling() and not _holds(self, f):
+        _unfold(self, f)
+        return self.forward(hidden_states, **kwargs)
+    attn = self.self_attn(hidden_states=hidden_states, **kwargs)[0]  # before o_proj (see the module docstring)
+    h = f.o_proj.project(attn, residual=hidden_states)
+    return f.down_proj.project(f.gate.gated(h), residual=h)
+
+
+def _returns_tensor(layer: nn.Module) -> bool:
+    ret = inspect.signature(type(layer).forward).return_annotation
+    return ret is torch.Tensor or ret in ("torch.Tensor", "Tensor")
+
+
+def _plain(m: object) -> bool:
+    return (isinstance(m, QuantLinear) and m.rotation is None and m.bias is None and m.input_quant is None
+            and not m.weight_cached and m._fused is None)
+
+
+def _group(m: object, names: list[object]) -> FusedGroup | None:
+    """The fused group whose first member is ``m`` and whose members are ``names``, unrotated; else None."""
+    fused = getattr(m, "_fused", None) if isinstance(m, QuantLinear) else None
+    if fused is None or fused[1] != 0 or fused[0].rotated or fused[0].members != names:
+        return None
+    return fused[0]
+
+
+def _fold_for(layer: nn.Module) -> _Fold | None:
+    """The fold of ``layer`` if it can be folded (see the module docstring), else None."""
+    if type(layer).__name__ not in LAYERS or not _returns_tensor(layer):
+        return None
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    norms = (getattr(layer, "input_layernorm", None), getattr(layer, "post_attention_layernorm", None))
+    if attn is None or mlp is None or any(type(n).__name__ not in NORMS for n in norms):
+        return None
+    qkv = _group(getattr(attn, "q_proj", None), [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj")])
+    gate = _group(getattr(mlp, "gate_proj", None), [getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None)])
+    o, down = getattr(attn, "o_proj", None), getattr(mlp, "down_proj", None)
+    if qkv is None or gate is None or gate.mlp is not mlp or not _plain(o) or not _plain(down):
+        return None
+    return _Fold(norms, o, down, qkv, gate)
+
+
+def foldable(layer: nn.Module) -> bool:
+    """Whether :func:`fold_norms` folds ``layer`` (see the module docstring)."""
+    return _fold_of(layer) is None and _fold_for(layer) is not None
+
+
+def _layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers of a model the walker knows, else none."""
+    known = getattr(getattr(model, "config", None), "model_type", None) in DECODER_LAYERS
+    return list(decoder_layers(model)) if known else []
+
+
+def fold_norms(model: nn.Module) -> int:
+    """Fold the norms and residual adds of every :func:`foldable` decoder layer of ``model`` into its matmuls
+    (after :func:`lowbit.models.fused_linears.fuse_siblings`; a layer whose fold no longer holds is folded anew);
+    returns how many layers were folded."""
+    n = 0
+    for layer in _layers(model):
+        old = _fold_of(layer)
+        if old is not None and not _holds(layer, old):
+            _unfold(layer, old)
+        f = _fold_for(layer) if _fold_of(layer) is None else None
+        if f is None:
+            continue
+        f.qkv.norm, f.gate.norm = _norm(f.norms[0]), _norm(f.norms[1])
+        for m in (*f.norms, f.o_proj):
+            m.forward = types.MethodType(_passthrough, m)
+        layer.forward = types.MethodType(_folded_forward, layer)
+        layer._lowbit_fold = f
+        n += 1
+    return n
+
+
+def _unfold(layer: nn.Module, f: _Fold) -> None:
+    for m in (*f.norms, f.o_proj, layer):
+        m.__dict__.pop("forward", None)
+    f.qkv.norm = f.gate.norm = None
+    del layer._lowbit_fold
+
+
+def unfold_norms(model: nn.Module) -> int:
+    """Undo :func:`fold_norms`; returns how many layers were restored."""
+    folded = [(layer, f) for layer in _layers(model) if (f := _fold_of(layer)) is not None]
+    for layer, f in folded:
+        _unfold(layer, f)
+    return len(folded)

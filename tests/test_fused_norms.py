@@ -1,0 +1,121 @@
+"""A decoder layer's RMSNorms and residual adds inside its matmuls (lowbit.models.fused_norms): same function."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowbit.kernels import dispatch
+from lowbit.kernels.reference import dequant_matmul_reference, rms_norm_reference
+from lowbit.models.fused_linears import fuse_siblings, unfuse_siblings
+from lowbit.models.fused_norms import fold_norms, foldable, unfold_norms
+from lowbit.models.walker import decoder_layers
+from lowbit.serve.fast_decode import StaticDecoder
+from test_fast_decode import PROMPT, reference_greedy
+from test_fused_linears import IDS, logits, quantized
+
+
+def test_rms_norm_reference_is_transformers_llama_norm() -> None:
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.manual_seed(0)
+    norm = LlamaRMSNorm(64, eps=1e-5).half()
+    norm.weight.data = (1 + 0.3 * torch.randn(64)).half()
+    x = (torch.randn(3, 5, 64) * 40).half()
+    with torch.no_grad():
+        assert torch.equal(rms_norm_reference(x, norm.weight, 1e-5), norm(x))
+
+
+@pytest.mark.parametrize("fmt", ["int4_g32_asym", "q4_0", "int2_g16_sym"])
+def test_folded_layers_compute_the_same_logits(fmt: str) -> None:
+    model = quantized(fmt)
+    ref = logits(model, IDS)
+    assert fold_norms(model) == 0  # q/k/v and gate/up must be fused groups first
+    fuse_siblings(model)
+    assert fold_norms(model) == len(decoder_layers(model))
+    assert fold_norms(model) == 0  # already folded
+    layer = decoder_layers(model)[0]
+    h = torch.randn(1, 3, 64)
+    assert layer.input_layernorm(h) is h and layer.self_attn.o_proj(h) is h  # the groups and the layer apply them
+    assert torch.equal(logits(model, IDS), ref)
+    assert unfold_norms(model) == len(decoder_layers(model))
+    assert not torch.equal(layer.input_layernorm(h), h)
+    assert torch.equal(logits(model, IDS), ref)
+    fold_norms(model)
+    assert unfuse_siblings(model) == 4  # the layers unfold themselves at their next call
+    assert torch.equal(logits(model, IDS), ref)
+    assert not foldable(layer) and unfold_norms(model) == 0
+
+
+def test_a_layer_whose_linear_was_replaced_unfolds_itself_and_refolds() -> None:
+    """Replacing a folded layer's o_proj (quantizing again, say) breaks the fold: the layer restores its norms and
+    runs the class's forward, and fold_norms folds it anew with the new linear."""
+    from lowbit.models.quant_linear import QuantLinear
+
+    model = quantized()
+    ref = logits(model, IDS)
+    fuse_siblings(model)
+    fold_norms(model)
+    layer = decoder_layers(model)[0]
+    layer.self_attn.o_proj = QuantLinear.from_quantized(layer.self_attn.o_proj.quantized())
+    assert torch.equal(logits(model, IDS), ref)
+    assert foldable(layer) and not foldable(decoder_layers(model)[1])
+    assert fold_norms(model) == 1
+    assert torch.equal(logits(model, IDS), ref)
+
+
+@pytest.mark.parametrize("why", ["bias", "rotation", "weight cache"])
+def test_layers_that_cannot_fold_keep_their_forward(why: str) -> None:
+    """o_proj with a bias (the residual would be added before it), rotated linears (the norm must precede the
+    rotation), a weight cache (its matmul has no prologue): not folded, and the model is unchanged."""
+    model = quantized(bias=why == "bias", rotate=why == "rotation")
+    if why == "weight cache":
+        decoder_layers(model)[0].mlp.down_proj.cache_weight()
+    ref = logits(model, IDS)
+    fuse_siblings(model)
+    assert fold_norms(model) == (1 if why == "weight cache" else 0)
+    assert torch.allclose(logits(model, IDS), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_folded_model_puts_the_norms_into_the_matmuls() -> None:
+    """Under torch.compile each layer is four lowbit ops and no norm of its own: the only rsqrt left in the graph is
+    the final norm's."""
+    model = quantized()
+    ref = logits(model, IDS)
+    fuse_siblings(model)
+    fold_norms(model)
+    seen: list[tuple[int, int]] = []
+
+    def backend(gm, inputs):  # noqa: ANN001, ANN202
+        targets = [str(n.target) for n in gm.graph.nodes]
+        seen.append((sum("qmatmul" in t for t in targets), sum("rsqrt" in t for t in targets)))
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = torch.compile(model, backend=backend, fullgraph=True)(IDS).logits
+    torch._dynamo.reset()
+    assert torch.equal(out, ref)
+    assert seen == [(4 * len(decoder_layers(model)), 1)]
+
+
+def test_dispatch_normalizes_and_adds_around_other_kernels() -> None:
+    """Off the CUDA GEMV (here the reference), ``norm`` and ``residual`` are the model's own norm and add."""
+    from lowbit.formats import get_format
+
+    torch.manual_seed(1)
+    fmt = get_format("q4_0")
+    qt = fmt.quantize(torch.randn(48, 64) * 0.02)
+    x, w, res = torch.randn(2, 64) * 30, 1 + 0.2 * torch.randn(64), torch.randn(2, 48)
+    want = res + dequant_matmul_reference(rms_norm_reference(x, w, 1e-6), fmt, qt)
+    assert torch.equal(dispatch.dequant_matmul(x, fmt, qt, norm=(w, 1e-6), residual=res), want)
+
+
+def test_static_decoder_folds_and_keeps_tokens() -> None:
+    model = quantized("int4_g32_sym")
+    want = reference_greedy(model, PROMPT, 12)
+    dec = StaticDecoder(model, max_cache_len=len(PROMPT) + 12)
+    assert dec.folded_layers == len(decoder_layers(model))
+    assert dec.generate_greedy(PROMPT, 12).tolist() == want
+    unfuse_siblings(model)
+    assert StaticDecoder(model, max_cache_len=8, fold_norms=False).folded_layers == 0
