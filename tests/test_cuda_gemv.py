@@ -105,8 +105,9 @@ def _nvrtc_found() -> bool:
 @pytest.mark.skipif(not _nvrtc_found(), reason="needs NVRTC (the nvidia-cuda-nvrtc wheel of the test extra)")
 @pytest.mark.parametrize("name", SERVED)
 def test_every_kernel_variant_compiles_for_ampere_and_hopper(name: str) -> None:
-    """NVRTC compiles each source the GEMV can build for a planned format (batch-1 staging or not, 8 or 16 warps),
-    for sm_80 and sm_90: a kernel that would not compile on the GPU machine fails here, without a GPU."""
+    """NVRTC compiles each source the GEMV can build for a planned format (batch-1 staging or not, 8 or 16 warps,
+    norm and residual stages), for sm_80 and sm_90: a kernel that would not compile on the GPU machine fails here,
+    without a GPU."""
     from lowbit.kernels import cuda_jit
 
     p = cuda_gemv.plan(get_format(name), (64, 4096))
@@ -114,7 +115,9 @@ def test_every_kernel_variant_compiles_for_ampere_and_hopper(name: str) -> None:
                                                                       (2, True))  # XS: none, one row, several
              for full in (False, True)]  # K a whole number of steps or not
     # a norm in the batch-1 staging (plain or gated), a residual in the epilogue (any staging): one warp count and
-    # one architecture (neither stage depends on them; the plain variants cover both) keep the test's time down
+    # one architecture (neither stage depends on them; the plain variants cover both). sm_90 differs from sm_80 only
+    # in the programmatic-launch instructions, the same in every variant: the ragged-K variants compile for sm_80
+    # alone. Both keep the test's time in CI down.
     folded = [(1, False, 1, False, True), (1, True, 2, False, True), (0, False, 0, True, True),
               (1, False, 0, True, True), (2, False, 0, True, True)]
     for staged, gated, norm, resid, full in plain + folded:
@@ -122,7 +125,7 @@ def test_every_kernel_variant_compiles_for_ampere_and_hopper(name: str) -> None:
         for warps in (cuda_gemv.WARPS_FEW,) + (() if stage else (cuda_gemv.WARPS_MANY,)):
             blocks = cuda_gemv.min_blocks_for(warps, 1 if staged == 1 else 8)
             source = cuda_gemv._source(p, staged, warps, blocks, gated, full, norm, resid)
-            for arch in ("sm_80",) + (() if stage else ("sm_90",)):
+            for arch in ("sm_80",) + (() if stage or not full else ("sm_90",)):
                 assert cuda_jit.compile_cubin(source, "gemv_mma.cu", arch)[:4] == b"\x7fELF"
 
 
