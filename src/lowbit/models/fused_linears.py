@@ -102,6 +102,10 @@ class FusedGroup:
         m = self.members[i]
         return [getattr(m, k).data_ptr() for k in m._keys] == self._ptrs[i]
 
+    def whole(self) -> bool:
+        """Every member still reads the fused storage (:meth:`intact` for each)."""
+        return all(self.intact(i) for i in range(len(self.members)))
+
     def part(self, x: torch.Tensor, i: int) -> torch.Tensor:
         """Member ``i``'s output for ``x``: computed with every member's when ``x`` is new (or for member 0)."""
         if i == 0 or self._x is not x:
@@ -135,7 +139,7 @@ def _gated_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The forward of a gated MLP (see :func:`gate_mlp`): ``down(silu(gate(x)) * up(x))`` with gate and up one
     GEMV; the class's own forward where the group no longer holds (a member moved or reassigned)."""
     fused = getattr(self.gate_proj, "_fused", None)  # None once gate_proj is no longer a QuantLinear
-    if fused is not None and (torch.compiler.is_compiling() or (fused[0].intact(0) and fused[0].intact(1))):
+    if fused is not None and (torch.compiler.is_compiling() or fused[0].whole()):
         return self.down_proj(fused[0].gated(x))
     return type(self).forward(self, x)
 

@@ -73,7 +73,7 @@ def _holds(layer: nn.Module, f: _Fold) -> bool:
     return (attn.o_proj is f.o_proj and mlp.down_proj is f.down_proj
             and (layer.input_layernorm, layer.post_attention_layernorm) == f.norms
             and _group_of(attn.q_proj) is f.qkv and _group_of(mlp.gate_proj) is f.gate
-            and all(f.qkv.intact(i) for i in range(len(f.qkv.members))) and f.gate.intact(0) and f.gate.intact(1))
+            and f.qkv.whole() and f.gate.whole())
 
 
 def _folded_forward(self: nn.Module, hidden_states: torch.Tensor, **kwargs: object) -> torch.Tensor:
@@ -99,11 +99,9 @@ def _plain(m: object) -> bool:
 
 
 def _group(m: object, names: list[object]) -> FusedGroup | None:
-    """The fused group whose first member is ``m`` and whose members are ``names``, unrotated; else None."""
-    fused = getattr(m, "_fused", None) if isinstance(m, QuantLinear) else None
-    if fused is None or fused[1] != 0 or fused[0].rotated or fused[0].members != names:
-        return None
-    return fused[0]
+    """The unrotated fused group of ``m`` whose members are ``names`` (``m`` first), else None."""
+    group = _group_of(m) if isinstance(m, QuantLinear) else None
+    return group if group is not None and not group.rotated and group.members == names else None
 
 
 def _fold_for(layer: nn.Module) -> _Fold | None:

@@ -162,8 +162,10 @@ class StaticDecoder:
         # q/k/v and gate/up as one packed matmul each (models.fused_linears): same outputs, fewer short kernels
         self.fused_groups = fuse_siblings(model) if fuse else 0
         # ... and each layer's norms and residual adds inside those GEMVs (models.fused_norms)
-        self.folded_layers = fused_norms.fold_norms(model) if fuse and fold_norms else 0
-        if not (fuse and fold_norms):
+        if fuse and fold_norms:
+            self.folded_layers = fused_norms.fold_norms(model)
+        else:
+            self.folded_layers = 0
             fused_norms.unfold_norms(model)  # a decoder made earlier may have folded them
         # one-token attention that reads only the visible part of the static cache (models.decode_attention)
         self.decode_attention = decode_attention and self.device.type == "cuda" and use_decode_attention(model)
