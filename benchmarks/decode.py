@@ -236,7 +236,8 @@ def profile_step(model: nn.Module, args: argparse.Namespace, prompt: torch.Tenso
     from torch.profiler import ProfilerActivity, profile
 
     dec = StaticDecoder(model, max_cache_len=cache_len(args), cuda_graph=False, compile=args.compile,
-                        decode_attention=args.attention == "lowbit", fold_norms=args.fold_norms == "on")
+                        decode_attention=args.attention == "lowbit", fold_norms=args.fold_norms == "on",
+                        fuse_attention=args.fuse_attention == "on")
     dec.reset()
     dec.prefill(prompt)
     dec.run_steps(2)  # warm-up: autotuning, caches, compilation
@@ -289,12 +290,13 @@ def run_variant(model: nn.Module, variant: str, args: argparse.Namespace, prompt
                      "roofline_tok_s": bw / parts["total"]}
         dec = StaticDecoder(model, max_cache_len=cache_len(args), cuda_graph=args.graph,
                             compile=args.compile, decode_attention=args.attention == "lowbit",
-                            pdl=ON_OFF_AUTO[args.pdl], fold_norms=args.fold_norms == "on")
+                            pdl=ON_OFF_AUTO[args.pdl], fold_norms=args.fold_norms == "on",
+                            fuse_attention=args.fuse_attention == "on")
         t0 = time.perf_counter()
         fast = time_decode(dec, prompt, args.gen, args.repeats)
         row |= {"tok_s": fast["tok_s"], "tok_s_runs": fast["tok_s_runs"], "prefill_ms": fast["prefill_ms"],
                 "cuda_graph": dec.graph_captured, "graph_error": dec.graph_error, "compiled": args.compile,
-                "pdl": dec.pdl, "folded_layers": dec.folded_layers,
+                "pdl": dec.pdl, "folded_layers": dec.folded_layers, "fused_attention": dec.fuse_attention,
                 "frac_roofline": fast["tok_s"] / row["roofline_tok_s"]}
         log(f"{variant}: fast path {fast['tok_s']:.1f} tok/s (graph={dec.graph_captured}) "
             f"in {time.perf_counter() - t0:.1f}s")
@@ -389,6 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="programmatic dependent launch in the compiled step (StaticDecoder's pdl; auto: Hopper+)")
     ap.add_argument("--fold-norms", choices=("on", "off"), default="on",
                     help="norms and residual adds inside the GEMVs (StaticDecoder's fold_norms, models.fused_norms)")
+    ap.add_argument("--fuse-attention", choices=("on", "off"), default="on",
+                    help="a folded layer's rotary embedding, cache write and attention as one kernel "
+                         "(StaticDecoder's fuse_attention, models.decode_attention.step_attention)")
     ap.add_argument("--profile", action="store_true", help="per variant: GPU kernel time per step, by kernel")
     ap.add_argument("--tag", default=None)
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/decode-<tag>.json)")

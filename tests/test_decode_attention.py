@@ -11,10 +11,12 @@ from lowbit.models.decode_attention import NAME, use_decode_attention
 
 # (batch, heads, kv heads, cache length, head dim, visible positions): GQA, MQA, a tail block, one visible key
 CASES = [(1, 4, 2, 100, 64, 37), (2, 8, 8, 130, 128, 130), (1, 4, 1, 64, 16, 1), (2, 6, 2, 200, 32, 70)]
+STEP_CASES = [c for c in CASES if c[4] < 128]  # the interpreter's time; head size 128 runs in the GPU tests
 
 _SCRIPT = r"""
 import json, sys
 import torch
+from lowbit.kernels import triton_decode_attention as kernel
 from lowbit.kernels.triton_decode_attention import decode_attention, decode_attention_reference
 g = torch.Generator().manual_seed(1)
 out = {}
@@ -52,13 +54,60 @@ for switch in (False, True):
             logits.append(o.logits)
     runs.append(torch.cat(logits))
 out["model"] = (runs[0] - runs[1]).abs().max().item()
+# one step of rotary embedding + cache write + attention, against its reference: output, caches and length
+for b, h, hkv, s, d, used in json.loads(sys.argv[2]):
+    qkv = torch.randn(b, 1, (h + 2 * hkv) * d, generator=g)
+    turn = torch.rand(b, 1, d // 2, generator=g) * 6
+    cos, sin = torch.cat([turn.cos()] * 2, -1), torch.cat([turn.sin()] * 2, -1)
+    caches = torch.randn(2, b, hkv, s, d, generator=g)
+    mask = torch.zeros(b, 1, 1, s, dtype=torch.bool)
+    mask[..., :used] = True  # the step's own position is used - 1
+    for m in (mask, None):
+        want = caches.clone()
+        length = torch.tensor(used - 1)
+        r = kernel.rope_cache_attention_reference(qkv, cos, sin, *want, length, m, d ** -0.5, h)
+        for splits in (1, 3):
+            got, lengths = caches.clone(), torch.tensor(used - 1)
+            y = kernel.rope_cache_attention(qkv, cos, sin, *got, lengths, m, d ** -0.5, h, splits=splits)
+            err = ((y.double() - r.double()).norm() / r.double().norm()).item()
+            same = torch.equal(got, want) and int(lengths) == used - 1
+            if splits == 3 and m is not None:  # again: the counters were left at zero
+                got, lengths = caches.clone(), torch.tensor(used - 1)
+                y2 = kernel.rope_cache_attention(qkv, cos, sin, *got, lengths, m, d ** -0.5, h, splits=splits)
+                same = same and torch.equal(y, y2)
+            out[f"step,{b},{h},{hkv},{s},{d},{used},{m is None},{splits}"] = err if same else 1.0
+# inside a quantized Llama whose norms are folded: decode steps through the one kernel, against the unfolded model
+from lowbit.algorithms.rtn import quantize_rtn
+from lowbit.algorithms.plans import uniform_plan
+from lowbit.kernels import dispatch
+from lowbit.models import decode_attention as attention, fused_norms
+from lowbit.serve.fast_decode import StaticDecoder
+dispatch._mode = "auto"  # the matmuls on the reference path (fast); the attention kernels still interpreted
+attention.triton_runs = lambda x, kernel="": True
+torch.manual_seed(0)
+model = LlamaForCausalLM(cfg).eval()
+quantize_rtn(model, uniform_plan(model, "int4_g32_asym"), progress=False)
+use_decode_attention(model)
+calls = []
+one_kernel = kernel.rope_cache_attention
+kernel.rope_cache_attention = lambda *a, **k: calls.append(1) or one_kernel(*a, **k)
+steps = []
+for together in (True, False):
+    dec = StaticDecoder(model, max_cache_len=16)
+    fused_norms.fold_norms(model, attention=together)  # a CPU decoder leaves the attention step to transformers
+    dec.prefill(ids[0].tolist())
+    steps.append(torch.stack([dec.step().clone() for _ in range(4)]))
+    if together:
+        out["model_step_calls"] = len(calls)
+        out["model_step_lengths"] = sorted({int(l.cumulative_length) for l in dec.cache.layers})
+out["model_step"] = (steps[0] - steps[1]).abs().max().item()
 print(json.dumps(out))
 """
 
 
 @pytest.fixture(scope="module")
 def interpreter_results():
-    return run_in_interpreter(_SCRIPT, CASES)
+    return run_in_interpreter(_SCRIPT, CASES, STEP_CASES)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[",".join(map(str, c)) for c in CASES])
@@ -68,6 +117,51 @@ def test_kernel_in_interpreter_matches_reference(interpreter_results, case, mask
     """Each head split over 1, 3 or 4 programs (interleaved key blocks, combined by the last to finish): the same
     attention, and the same bits when called again."""
     assert interpreter_results[",".join(map(str, case)) + f",{not masked},{splits}"] < 1e-5
+
+
+@pytest.mark.parametrize("case", STEP_CASES, ids=[",".join(map(str, c)) for c in STEP_CASES])
+@pytest.mark.parametrize("masked", [True, False])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_rope_cache_step_in_interpreter_matches_reference(interpreter_results, case, masked, splits):
+    """Rotary embedding, cache write and attention in one launch: the reference's output, the same caches, the
+    length left to the caller, and the same bits when called again."""
+    assert interpreter_results["step," + ",".join(map(str, case)) + f",{not masked},{splits}"] < 1e-5
+
+
+def test_folded_llama_steps_through_the_one_kernel(interpreter_results):
+    """A quantized Llama with fused q/k/v and folded norms: every decode step's attention is one rope_cache_attention
+    launch per layer (2 layers x 4 steps), each layer's cache length moves on, and the logits are those of the same
+    folded model with transformers' rotary embedding and cache update around lowbit's decode attention."""
+    assert interpreter_results["model_step_calls"] == 8
+    assert interpreter_results["model_step_lengths"] == [13]
+    assert interpreter_results["model_step"] < 1e-4  # the new key is summed last
+
+
+def test_rope_cache_reference_is_transformers_step():
+    """The reference is transformers' apply_rotary_pos_emb, StaticLayer.update and SDPA, in float32."""
+    from transformers.cache_utils import StaticLayer
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from lowbit.kernels.triton_decode_attention import rope_cache_attention_reference
+
+    g = torch.Generator().manual_seed(3)
+    b, h, hkv, d, s, pos = 2, 4, 2, 16, 10, 6
+    qkv = torch.randn(b, 1, (h + 2 * hkv) * d, generator=g)
+    turn = torch.rand(b, 1, d // 2, generator=g) * 6
+    cos, sin = torch.cat([turn.cos()] * 2, -1), torch.cat([turn.sin()] * 2, -1)
+    mask = torch.zeros(b, 1, 1, s, dtype=torch.bool)
+    mask[..., :pos + 1] = True
+    layer = StaticLayer(max_cache_len=s)
+    k0, v0 = torch.randn(b, hkv, pos, d, generator=g), torch.randn(b, hkv, pos, d, generator=g)
+    layer.update(k0, v0)
+    keys, values, length = layer.keys.clone(), layer.values.clone(), layer.cumulative_length.clone()
+    q, k, v = qkv.view(b, 1, h + 2 * hkv, d).transpose(1, 2).split([h, hkv, hkv], dim=1)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    kc, vc = layer.update(k, v)
+    want = torch.nn.functional.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, enable_gqa=True)
+    got = rope_cache_attention_reference(qkv, cos, sin, keys, values, length, mask, d ** -0.5, h)
+    assert torch.allclose(got, want.transpose(1, 2).reshape(b, 1, h * d), atol=1e-5)
+    assert torch.allclose(keys, kc) and torch.equal(values, vc) and int(length) + 1 == int(layer.cumulative_length)
 
 
 def test_splits_fill_the_gpu_without_idle_programs():
@@ -153,3 +247,57 @@ def test_kernel_on_gpu_matches_reference(case):
         assert torch.isfinite(y).all()
         assert float((y.double() - r.double()).norm() / r.double().norm()) < 2e-3
         assert torch.equal(decode_attention(q, k, v, mask, d ** -0.5, splits=splits), y)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", CASES, ids=[",".join(map(str, c)) for c in CASES])
+def test_rope_cache_step_on_gpu_matches_reference(case):
+    """fp16 on the GPU, with NaN in every cache position from the step's own on: the kernel writes that one and
+    reads none of them."""
+    from lowbit.kernels.triton_decode_attention import rope_cache_attention, rope_cache_attention_reference
+
+    b, h, hkv, s, d, used = case
+    g = torch.Generator("cuda").manual_seed(4)
+    qkv = torch.randn(b, 1, (h + 2 * hkv) * d, generator=g, device="cuda", dtype=torch.float16)
+    turn = torch.rand(b, 1, d // 2, generator=g, device="cuda") * 6
+    cos, sin = (torch.cat([f(turn)] * 2, -1).half() for f in (torch.cos, torch.sin))
+    caches = torch.randn(2, b, hkv, s, d, generator=g, device="cuda", dtype=torch.float16)
+    caches[..., used - 1:, :] = float("nan")
+    mask = torch.zeros(b, 1, 1, s, dtype=torch.bool, device="cuda")
+    mask[..., :used] = True
+    want = caches.nan_to_num(0.0)
+    length = torch.tensor(used - 1, device="cuda")
+    r = rope_cache_attention_reference(qkv, cos, sin, *want, length, mask, d ** -0.5, h)
+    for splits in (None, 1, 3):
+        got, length = caches.clone(), torch.tensor(used - 1, device="cuda")
+        y = rope_cache_attention(qkv, cos, sin, *got, length, mask, d ** -0.5, h, splits=splits)
+        assert torch.isfinite(y).all() and int(length) == used - 1
+        assert float((y.double() - r.double()).norm() / r.double().norm()) < 2e-3
+        written = got[..., used - 1, :]
+        assert torch.allclose(written.float(), want[..., used - 1, :].float(), atol=2e-3)  # rotated in fp32 both
+        assert torch.equal(got[..., :used - 1, :], caches[..., :used - 1, :])
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile", [False, True])
+def test_fused_attention_step_gives_the_unfused_tokens(compile):
+    """A quantized fp16 Llama decoded with the one-kernel attention step and without: the same greedy tokens and
+    nearly the same logits, compiled and captured as a CUDA graph or not."""
+    from lowbit.serve.fast_decode import StaticDecoder
+    from test_fast_decode import PROMPT
+    from test_fused_linears import quantized
+
+    model = quantized("q4_0").cuda().half()
+    runs = []
+    for fuse in (True, False):
+        dec = StaticDecoder(model, max_cache_len=len(PROMPT) + 24, compile=compile, fuse_attention=fuse)
+        assert dec.fuse_attention == fuse and dec.folded_layers == 2
+        dec.prefill(PROMPT)
+        logits = [dec.step().clone() for _ in range(20)]
+        runs.append((torch.stack(logits), dec.tokens()))
+    torch._dynamo.reset()
+    assert torch.equal(runs[0][1], runs[1][1])
+    scale = runs[1][0].abs().max()
+    assert float((runs[0][0] - runs[1][0]).abs().max()) < 0.02 * float(scale)

@@ -1,4 +1,5 @@
-"""The packed matmul as a PyTorch custom op (``torch.ops.lowbit.qmatmul``), for code that torch.compile traces.
+"""The packed matmul (``torch.ops.lowbit.qmatmul``) and the one-kernel attention step as PyTorch custom ops, for
+code that torch.compile traces.
 
 Dynamo cannot trace :func:`lowbit.kernels.dispatch.dequant_matmul` (environment reads, dict caches, Triton
 autotuners): left alone, every QuantLinear would break the graph, and the norms, rotary embeddings and residual
@@ -13,6 +14,7 @@ from collections.abc import Callable
 import torch
 
 from lowbit.formats import QuantizedTensor, get_format
+from lowbit.kernels import triton_decode_attention as attention
 from lowbit.kernels.dispatch import dequant_matmul, gated_matmul
 
 
@@ -46,3 +48,20 @@ def _packed_matmul_op(name: str, matmul: Callable, out_rows: Callable[[int], int
 qmatmul = _packed_matmul_op("qmatmul", dequant_matmul, lambda rows: rows)
 # silu(x gate^T) * (x up^T) for a fused [gate; up] weight (dispatch.gated_matmul; no residual)
 qmatmul_gated = _packed_matmul_op("qmatmul_gated", gated_matmul, lambda rows: rows // 2)
+
+
+@torch.library.custom_op("lowbit::rope_cache_attention", mutates_args=("k_cache", "v_cache"))
+def rope_cache_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                         v_cache: torch.Tensor, length: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                         heads: int) -> torch.Tensor:
+    """:func:`lowbit.kernels.triton_decode_attention.rope_cache_attention`. An opaque op that declares the caches it
+    writes: Inductor passes them in place (traced as a user Triton kernel, its mutation analysis gave up on the
+    kernel and Inductor cloned and copied back its inputs, two extra kernels per layer)."""
+    return attention.rope_cache_attention(qkv, cos, sin, k_cache, v_cache, length, mask, scale, heads)
+
+
+@rope_cache_attention.register_fake
+def _attention_shape(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                     v_cache: torch.Tensor, length: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                     heads: int) -> torch.Tensor:
+    return qkv.new_empty(qkv.shape[0], 1, heads * k_cache.shape[-1])

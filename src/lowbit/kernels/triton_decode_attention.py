@@ -14,7 +14,13 @@ than all falling to the first program, and each program scans only 1 / splits of
 partial (max, sum, weighted values) to a workspace; the last of a head's programs to finish (an atomic counter)
 combines them and resets the counter, all in one launch.
 
-:func:`decode_attention_reference` is the plain torch computation the kernel is tested against.
+:func:`rope_cache_attention` is the whole attention step of a Llama-family layer after its fused q/k/v matmul, in
+one launch: the rotary embedding of the query and the new key, the new key and value written to the static cache
+at its length, and the attention over it. In a compiled decode step these were three or four small
+kernels per layer besides the attention (~130 µs of a 7B step on an H200, docs/kernels.md).
+
+:func:`decode_attention_reference` and :func:`rope_cache_attention_reference` are the plain torch computations
+the kernels are tested against.
 """
 
 from __future__ import annotations
@@ -84,42 +90,43 @@ def reserve(device: torch.device, batch: int, heads: int) -> None:
 if triton is not None:
 
     @triton.jit
-    def _decode_attention(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, part_ptr, stat_ptr, count_ptr, S, scale,
-                          sq_b, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sm_b, sm_s, so_b, so_h,
-                          GROUP: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, HAS_MASK: tl.constexpr,
-                          SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr):
-        h = tl.program_id(0)
-        b = tl.program_id(1)
-        j = tl.program_id(2)
-        kvh = h // GROUP
+    def _scan(q, k_ptr, v_ptr, m_ptr, b, kvh, j, S, skip, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sm_b, sm_s,
+              D: tl.constexpr, BLOCK_S: tl.constexpr, HAS_MASK: tl.constexpr, SPLITS: tl.constexpr):
+        """Online softmax of program ``j``'s key blocks (j, j + SPLITS, ...) for the scaled query ``q``: the
+        running (max, sum, weighted values). Position ``skip`` is left out (-1: none)."""
         d = tl.arange(0, D)
-        # fp32 even when torch.compile passes ``scale`` as a float64 constant
-        q = (tl.load(q_ptr + b * sq_b + h * sq_h + d).to(tl.float32) * scale).to(tl.float32)
         m_i = tl.full((), float("-inf"), tl.float32)
         l_i = tl.zeros((), tl.float32)
         acc = tl.zeros((D,), tl.float32)
         for start in range(j * BLOCK_S, S, SPLITS * BLOCK_S):
             s = start + tl.arange(0, BLOCK_S)
-            visible = s < S
+            visible = (s < S) & (s != skip)
             if HAS_MASK:
                 visible = visible & (tl.load(m_ptr + b * sm_b + s * sm_s, mask=s < S, other=0) != 0)
             if tl.max(visible.to(tl.int32), axis=0) > 0:  # a block nobody attends to is not read
                 k = tl.load(k_ptr + b * sk_b + kvh * sk_h + s[:, None] * sk_s + d[None, :], mask=visible[:, None],
                             other=0.0).to(tl.float32)
+                v = tl.load(v_ptr + b * sv_b + kvh * sv_h + s[:, None] * sv_s + d[None, :], mask=visible[:, None],
+                            other=0.0).to(tl.float32)
                 scores = tl.where(visible, tl.sum(k * q[None, :], axis=1), float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(scores, axis=0))
                 p = tl.exp(scores - m_new)
                 alpha = tl.exp(m_i - m_new)
-                v = tl.load(v_ptr + b * sv_b + kvh * sv_h + s[:, None] * sv_s + d[None, :], mask=visible[:, None],
-                            other=0.0).to(tl.float32)
                 acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
                 l_i = l_i * alpha + tl.sum(p, axis=0)
                 m_i = m_new
+        return m_i, l_i, acc
+
+    @triton.jit
+    def _finish(m_i, l_i, acc, o_ptr, part_ptr, stat_ptr, count_ptr, row, j,
+                D: tl.constexpr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr):
+        """Write the attention of one (sequence, head) to ``o_ptr`` (its D outputs): directly with one program,
+        else through the workspace, by whichever of its programs finishes last."""
+        d = tl.arange(0, D)
         if SPLITS == 1:
             out = tl.where(l_i > 0, acc / tl.maximum(l_i, 1e-30), 0.0)
-            tl.store(o_ptr + b * so_b + h * so_h + d, out.to(o_ptr.dtype.element_ty))
+            tl.store(o_ptr + d, out.to(o_ptr.dtype.element_ty))
         else:
-            row = b * tl.num_programs(0) + h
             tl.store(part_ptr + (row * SPLITS + j) * D + d, acc)
             tl.store(stat_ptr + (row * SPLITS + j) * 2, m_i)
             tl.store(stat_ptr + (row * SPLITS + j) * 2 + 1, l_i)
@@ -138,8 +145,87 @@ if triton is not None:
                 total = tl.sum(ls * w, axis=0)
                 out = tl.sum(parts * w[:, None], axis=0)
                 out = tl.where(total > 0, out / tl.maximum(total, 1e-30), 0.0)
-                tl.store(o_ptr + b * so_b + h * so_h + d, out.to(o_ptr.dtype.element_ty))
+                tl.store(o_ptr + d, out.to(o_ptr.dtype.element_ty))
                 tl.atomic_xchg(count_ptr + row, 0)  # ready for the next launch (and the next graph replay)
+
+    @triton.jit
+    def _decode_attention(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, part_ptr, stat_ptr, count_ptr, S, scale,
+                          sq_b, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sm_b, sm_s, so_b, so_h,
+                          GROUP: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, HAS_MASK: tl.constexpr,
+                          SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr):
+        h = tl.program_id(0)
+        b = tl.program_id(1)
+        j = tl.program_id(2)
+        d = tl.arange(0, D)
+        # fp32 even when torch.compile passes ``scale`` as a float64 constant (the scores would follow it)
+        q = (tl.load(q_ptr + b * sq_b + h * sq_h + d).to(tl.float32) * scale).to(tl.float32)
+        m_i, l_i, acc = _scan(q, k_ptr, v_ptr, m_ptr, b, h // GROUP, j, S, -1, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s,
+                              sm_b, sm_s, D, BLOCK_S, HAS_MASK, SPLITS)
+        _finish(m_i, l_i, acc, o_ptr + b * so_b + h * so_h, part_ptr, stat_ptr, count_ptr,
+                b * tl.num_programs(0) + h, j, D, SPLITS, SPLITS_P2)
+
+    @triton.jit
+    def _rotate(ptr, cos, sin, D: tl.constexpr):
+        """transformers' rotary embedding of the D values at ``ptr``: x cos + rotate_half(x) sin, in fp32."""
+        d = tl.arange(0, D)
+        x = tl.load(ptr + d).to(tl.float32)
+        other = tl.load(ptr + (d + D // 2) % D).to(tl.float32)
+        return x * cos + tl.where(d < D // 2, -other, other) * sin
+
+    @triton.jit
+    def _rope_cache_attention(qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, len_ptr, m_ptr, o_ptr, part_ptr, stat_ptr,
+                              count_ptr, S, scale, s_qkv, s_cos, s_sin, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s,
+                              sm_b, sm_s, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr,
+                              BLOCK_S: tl.constexpr, HAS_MASK: tl.constexpr, SPLITS: tl.constexpr,
+                              SPLITS_P2: tl.constexpr):
+        h = tl.program_id(0)
+        b = tl.program_id(1)
+        j = tl.program_id(2)
+        kvh = h // (HEADS // KV_HEADS)
+        d = tl.arange(0, D)
+        pos = tl.load(len_ptr)  # where this step's key and value go
+        cos = tl.load(cos_ptr + b * s_cos + d).to(tl.float32)
+        sin = tl.load(sin_ptr + b * s_sin + d).to(tl.float32)
+        row = qkv_ptr + b * s_qkv
+        dtype = k_ptr.dtype.element_ty
+        # rounded to the model's dtype, as the unfused step stores and reads them
+        q = (_rotate(row + h * D, cos, sin, D).to(dtype).to(tl.float32) * scale).to(tl.float32)  # scale: see above
+        k_new = _rotate(row + (HEADS + kvh) * D, cos, sin, D).to(dtype)
+        v_new = tl.load(row + (HEADS + KV_HEADS + kvh) * D + d)
+        if (h % (HEADS // KV_HEADS) == 0) & (j == 0):  # one program per key/value head writes the cache
+            inside = pos + tl.zeros((D,), tl.int64) < S  # a full cache is not written past its end
+            tl.store(k_ptr + b * sk_b + kvh * sk_h + pos * sk_s + d, k_new, mask=inside)
+            tl.store(v_ptr + b * sv_b + kvh * sv_h + pos * sv_s + d, v_new.to(dtype), mask=inside)
+        seen = (pos < S) & (j == 0)  # program 0 of the row scores the new key, from registers
+        if HAS_MASK:  # loaded now, not after the scan: one memory round trip fewer on the way out
+            seen = seen & (tl.load(m_ptr + b * sm_b + pos * sm_s, mask=seen, other=0) != 0)
+        # every program leaves position pos to registers: no program reads the cache line being written
+        m_i, l_i, acc = _scan(q, k_ptr, v_ptr, m_ptr, b, kvh, j, S, pos, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s,
+                              sm_b, sm_s, D, BLOCK_S, HAS_MASK, SPLITS)
+        if seen:
+            score = tl.sum(k_new.to(tl.float32) * q, axis=0)
+            m_new = tl.maximum(m_i, score)
+            p = tl.exp(score - m_new)
+            alpha = tl.exp(m_i - m_new)
+            acc = acc * alpha + p * v_new.to(dtype).to(tl.float32)
+            l_i = l_i * alpha + p
+            m_i = m_new
+        _finish(m_i, l_i, acc, o_ptr + (b * HEADS + h) * D, part_ptr, stat_ptr, count_ptr, b * HEADS + h, j,
+                D, SPLITS, SPLITS_P2)
+
+def _launch(x: torch.Tensor, bsz: int, heads: int, seq: int, dim: int, mask: torch.Tensor | None,
+            splits: int | None) -> tuple[int, tuple[torch.Tensor, ...], tuple[int, int]]:
+    """What both kernels' launches share: the splits (checked, or :func:`default_splits`), the mask pointer, the
+    workspace and counters of the splits, and the mask's strides."""
+    splits = default_splits(bsz, heads, seq, _sm_count(x.device)) if splits is None else splits
+    if not 1 <= splits <= MAX_SPLITS:
+        raise ValueError(f"splits must be in 1..{MAX_SPLITS}, got {splits}")
+    rows = bsz * heads
+    part = torch.empty(rows * splits * dim if splits > 1 else 1, dtype=torch.float32, device=x.device)
+    stat = torch.empty(rows * splits * 2 if splits > 1 else 1, dtype=torch.float32, device=x.device)
+    m = mask if mask is not None else x  # any pointer: HAS_MASK=False never reads it
+    strides = (mask.stride(0), mask.stride(-1)) if mask is not None else (0, 0)
+    return splits, (m, part, stat, _counters(x.device, rows)), strides
 
 
 def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
@@ -150,16 +236,8 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     seq = key.shape[2]
     if key.stride(-1) != 1 or value.stride(-1) != 1 or query.stride(-1) != 1:
         raise ValueError("decode attention needs the head dimension contiguous")
-    splits = default_splits(bsz, heads, seq, _sm_count(query.device)) if splits is None else splits
-    if not 1 <= splits <= MAX_SPLITS:
-        raise ValueError(f"splits must be in 1..{MAX_SPLITS}, got {splits}")
+    splits, (m, part, stat, count), (sm_b, sm_s) = _launch(query, bsz, heads, seq, dim, mask, splits)
     out = torch.empty(bsz, heads, 1, dim, dtype=query.dtype, device=query.device)
-    rows = bsz * heads
-    part = torch.empty(rows * splits * dim if splits > 1 else 1, dtype=torch.float32, device=query.device)
-    stat = torch.empty(rows * splits * 2 if splits > 1 else 1, dtype=torch.float32, device=query.device)
-    count = _counters(query.device, rows)
-    m = mask if mask is not None else query  # any pointer: HAS_MASK=False never reads it
-    sm_b, sm_s = (mask.stride(0), mask.stride(-1)) if mask is not None else (0, 0)
     _decode_attention[(heads, bsz, splits)](
         query, key, value, m, out, part, stat, count, seq, scale,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
@@ -167,3 +245,65 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         GROUP=heads // key.shape[1], D=dim, BLOCK_S=BLOCK, HAS_MASK=mask is not None, SPLITS=splits,
         SPLITS_P2=triton.next_power_of_2(splits), num_warps=4)
     return out
+
+
+def rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """transformers' rotary embedding ``x cos + rotate_half(x) sin`` of x [B, N, T, D] with cos/sin [B, T, D], in
+    fp32 and rounded once to x's dtype (as torch.compile computes it)."""
+    half = x.shape[-1] // 2
+    turned = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x.float() * cos.unsqueeze(1).float() + turned.float() * sin.unsqueeze(1).float()).to(x.dtype)
+
+
+def _split_heads(qkv: torch.Tensor, heads: int, kv_heads: int, dim: int) -> list[torch.Tensor]:
+    return list(qkv.view(qkv.shape[0], 1, heads + 2 * kv_heads, dim).transpose(1, 2)
+                .split([heads, kv_heads, kv_heads], dim=1))
+
+
+def rope_cache_attention_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                                   v_cache: torch.Tensor, length: torch.Tensor, mask: torch.Tensor | None,
+                                   scale: float, heads: int) -> torch.Tensor:
+    """One decode step of a Llama-family attention after its fused q/k/v matmul: qkv [B, 1, (H + 2 Hkv) D] with
+    H = ``heads``, cos/sin [B, 1, D]. Rotates q and k (:func:`rotary_reference`), writes k and v at position
+    ``length`` (a 0-dim integer tensor; the caller advances it) of the caches [B, Hkv, S, D] and returns the
+    attention over the cache (:func:`decode_attention_reference`), [B, 1, H D]. Mutates the caches."""
+    dim, kv_heads = k_cache.shape[-1], k_cache.shape[1]
+    q, k, v = _split_heads(qkv, heads, kv_heads, dim)
+    pos = int(length)
+    k_cache[:, :, pos] = rotary_reference(k, cos, sin)[:, :, 0]
+    v_cache[:, :, pos] = v[:, :, 0]
+    out = decode_attention_reference(rotary_reference(q, cos, sin), k_cache, v_cache, mask, scale)
+    return out.transpose(1, 2).reshape(qkv.shape[0], 1, heads * dim)
+
+
+def rope_cache_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                         v_cache: torch.Tensor, length: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                         heads: int, splits: int | None = None) -> torch.Tensor:
+    """:func:`rope_cache_attention_reference` in one launch: every program rotates its query and its group's new
+    key, one program per key/value head writes them to the cache, and the new position's score is taken from
+    registers (no program reads the cache line being written). Check :func:`step_supported` first. ``splits`` as
+    in :func:`decode_attention`."""
+    bsz, dim, kv_heads, seq = qkv.shape[0], k_cache.shape[-1], k_cache.shape[1], k_cache.shape[2]
+    if qkv.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or cos.stride(-1) != 1 \
+            or sin.stride(-1) != 1:
+        raise ValueError("rope_cache_attention needs the head dimension contiguous")
+    splits, (m, part, stat, count), (sm_b, sm_s) = _launch(qkv, bsz, heads, seq, dim, mask, splits)
+    out = torch.empty(bsz, 1, heads * dim, dtype=qkv.dtype, device=qkv.device)
+    batch_stride = [t.stride(0) if t.shape[0] > 1 else 0 for t in (qkv, cos, sin)]  # cos/sin may broadcast
+    _rope_cache_attention[(heads, bsz, splits)](
+        qkv, cos, sin, k_cache, v_cache, length, m, out, part, stat, count, seq, scale,
+        *batch_stride, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), sm_b, sm_s,
+        HEADS=heads, KV_HEADS=kv_heads, D=dim, BLOCK_S=BLOCK, HAS_MASK=mask is not None, SPLITS=splits,
+        SPLITS_P2=triton.next_power_of_2(splits), num_warps=4)
+    return out
+
+
+def step_supported(qkv: torch.Tensor, k_cache: torch.Tensor, heads: int, mask: torch.Tensor | None) -> bool:
+    """:func:`rope_cache_attention` serves one token per sequence, a power-of-two head size, heads a multiple of
+    the key/value heads, a cache of qkv's dtype and no mask or a boolean one over the whole cache."""
+    bsz, dim, kv_heads, seq = qkv.shape[0], k_cache.shape[-1], k_cache.shape[1], k_cache.shape[2]
+    return (triton is not None and qkv.dim() == 3 and qkv.shape[1] == 1
+            and qkv.shape[2] == (heads + 2 * kv_heads) * dim and dim & (dim - 1) == 0 and 16 <= dim <= 256
+            and heads % kv_heads == 0 and k_cache.shape[0] == bsz and k_cache.dtype == qkv.dtype
+            and (mask is None or (mask.dtype == torch.bool and mask.shape[-1] == seq and mask.shape[-2] == 1)))

@@ -4,13 +4,20 @@
 :mod:`lowbit.kernels.triton_decode_attention` (which reads only the cache blocks the mask leaves visible), every
 other call (prefill, unsupported shapes, dropout, soft-capping, sliding windows, CPU) to transformers' own SDPA
 function, so the model computes the same function either way. The attention masks are SDPA's.
+
+:func:`step_attention` goes further for a Llama-family attention whose q/k/v are one fused matmul: a one-token step
+with a transformers static cache runs the rotary embedding, the cache write and the attention as one kernel
+(:func:`lowbit.kernels.triton_decode_attention.rope_cache_attention`) instead of transformers' code around it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+
 import torch
 from torch import nn
 
+from lowbit.kernels import ops
 from lowbit.kernels import triton_decode_attention as kernel
 from lowbit.kernels.dispatch import triton_runs
 
@@ -52,3 +59,55 @@ def use_decode_attention(model: nn.Module) -> bool:
     register()
     model.set_attn_implementation(NAME)
     return model.config._attn_implementation == NAME
+
+
+# attention modules whose one-token step is q/k/v, transformers' rotary embedding of the full head, a cache update
+# and plain attention (sliding windows excepted: :func:`_windowed`)
+STEP_ATTENTIONS = ("LlamaAttention", "MistralAttention", "Qwen2Attention")
+
+
+def _windowed(attn: nn.Module) -> bool:
+    """Whether ``attn`` passes a sliding window to its attention function (Qwen2 per layer, Mistral from its
+    config); the fused step leaves those to transformers' code."""
+    config_window = getattr(attn.config, "sliding_window", None) if type(attn).__name__ == "MistralAttention" else None
+    return getattr(attn, "sliding_window", None) is not None or config_window is not None
+
+
+def _static_layer(attn: nn.Module, cache: object, x: torch.Tensor) -> object | None:
+    """The cache layer of ``attn`` if it is a filled transformers StaticLayer on x's device that counts its own
+    length (transformers 5), else None."""
+    layers = getattr(cache, "layers", None)
+    idx = getattr(attn, "layer_idx", None)
+    if layers is None or idx is None or idx >= len(layers):
+        return None
+    layer = layers[idx]
+    length = getattr(layer, "cumulative_length", None)
+    ok = (type(layer).__name__ == "StaticLayer" and getattr(layer, "is_initialized", False)
+          and isinstance(length, torch.Tensor) and length.device == x.device and layer.keys.device == x.device)
+    return layer if ok else None
+
+
+def step_attention(attn: nn.Module, x: torch.Tensor, project: Callable[[torch.Tensor], torch.Tensor],
+                   kwargs: Mapping[str, object]) -> torch.Tensor | None:
+    """The attention of a one-token step before ``o_proj``, [B, 1, H D], as one kernel: ``project(x)`` gives the
+    fused q/k/v rows, then rotary embedding, static-cache write and attention (the module's own forward computes
+    the same). None where that does not apply: another module or model setup, not a one-token step on a GPU, no
+    filled static cache; the caller then runs the module."""
+    if (type(attn).__name__ not in STEP_ATTENTIONS or attn.training or x.dim() != 3 or x.shape[1] != 1
+            or getattr(attn.config, "_attn_implementation", None) != NAME or _windowed(attn)
+            or not triton_runs(x, "rope_attention")):
+        return None
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))  # the name changed in transformers 5.2x
+    layer = _static_layer(attn, cache, x)
+    cos, sin = kwargs.get("position_embeddings") or (None, None)
+    mask = kwargs.get("attention_mask")
+    heads = attn.config.num_attention_heads
+    if layer is None or cos is None or cos.shape[-1] != attn.head_dim or cos.shape[-2] != 1:
+        return None
+    qkv = project(x)
+    if not kernel.step_supported(qkv, layer.keys, heads, mask):
+        return None
+    out = ops.rope_cache_attention(qkv, cos, sin, layer.keys, layer.values, layer.cumulative_length, mask,
+                                   attn.scaling, heads)
+    layer.cumulative_length.add_(1)  # as StaticLayer.update (compiled: fused into a neighbouring kernel)
+    return out

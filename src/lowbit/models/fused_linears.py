@@ -106,11 +106,15 @@ class FusedGroup:
         """Every member still reads the fused storage (:meth:`intact` for each)."""
         return all(self.intact(i) for i in range(len(self.members)))
 
+    def joint(self, x: torch.Tensor) -> torch.Tensor:
+        """Every member's output side by side, [..., sum of their sizes], of an unrotated group (norm applied)."""
+        return self.linear.project(x, norm=self.norm)
+
     def part(self, x: torch.Tensor, i: int) -> torch.Tensor:
         """Member ``i``'s output for ``x``: computed with every member's when ``x`` is new (or for member 0)."""
         if i == 0 or self._x is not x:
             v = self.members[0]._v
-            y = self.linear.project(x if v is None else rotate_input(v, x), norm=self.norm)
+            y = self.joint(x if v is None else rotate_input(v, x))
             if self.stacked_out:  # read each time: place_rotations may have given the members device copies
                 y = rotate_outputs([m._u for m in self.members], y)
             self._x, self._parts = x, y.split(self.sizes, dim=-1)

@@ -12,9 +12,11 @@ norm kernels gone per step, 43 µs more in the GEMVs (docs/kernels.md).
 
 What changes while a layer is folded: its ``forward`` is :func:`_folded_forward`; its norms return their input
 (the groups apply them), and its attention returns the attention output before ``o_proj`` (the layer applies
-``o_proj`` with the residual). The layer as a whole computes what it did; its submodules called on their own do
-not. :func:`unfold_norms` restores them. Folded: the decoder layers of :data:`LAYERS` whose norms are
-:data:`NORMS`, whose q/k/v and gate/up are fused groups without rotation (gate/up gated) and whose o and down
+``o_proj`` with the residual); on a one-token GPU step with a static cache the layer skips the attention module and
+runs its rotary embedding, cache write and attention as one kernel (``attention``, on by default:
+:func:`lowbit.models.decode_attention.step_attention`). The layer as a whole computes what it did; its submodules
+called on their own do not. :func:`unfold_norms` restores them. Folded: the decoder layers of :data:`LAYERS` whose
+norms are :data:`NORMS`, whose q/k/v and gate/up are fused groups without rotation (gate/up gated) and whose o and down
 projections are QuantLinears without rotation, bias, input rounding or weight cache, in a transformers whose
 decoder layers return a tensor.
 """
@@ -23,11 +25,12 @@ from __future__ import annotations
 
 import inspect
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
+from lowbit.models.decode_attention import step_attention
 from lowbit.models.fused_linears import FusedGroup
 from lowbit.models.quant_linear import QuantLinear
 from lowbit.models.walker import DECODER_LAYERS, decoder_layers
@@ -55,6 +58,7 @@ class _Fold:
     down_proj: QuantLinear
     qkv: FusedGroup
     gate: FusedGroup
+    attention: bool = True  # one-token steps through models.decode_attention.step_attention where it applies
 
 
 def _fold_of(layer: nn.Module) -> _Fold | None:
@@ -83,7 +87,9 @@ def _folded_forward(self: nn.Module, hidden_states: torch.Tensor, **kwargs: obje
     if not torch.compiler.is_compiling() and not _holds(self, f):
         _unfold(self, f)
         return self.forward(hidden_states, **kwargs)
-    attn = self.self_attn(hidden_states=hidden_states, **kwargs)[0]  # before o_proj (see the module docstring)
+    attn = step_attention(self.self_attn, hidden_states, f.qkv.joint, kwargs) if f.attention else None
+    if attn is None:
+        attn = self.self_attn(hidden_states=hidden_states, **kwargs)[0]  # before o_proj (see the module docstring)
     h = f.o_proj.project(attn, residual=hidden_states)
     return f.down_proj.project(f.gate.gated(h), residual=h)
 
@@ -131,18 +137,23 @@ def _layers(model: nn.Module) -> list[nn.Module]:
     return list(decoder_layers(model)) if known else []
 
 
-def fold_norms(model: nn.Module) -> int:
+def fold_norms(model: nn.Module, attention: bool = True) -> int:
     """Fold the norms and residual adds of every :func:`foldable` decoder layer of ``model`` into its matmuls
     (after :func:`lowbit.models.fused_linears.fuse_siblings`; a layer whose fold no longer holds is folded anew);
-    returns how many layers were folded."""
+    returns how many layers were folded. ``attention``: a folded layer's one-token steps run their rotary embedding,
+    cache write and attention as one kernel where :func:`lowbit.models.decode_attention.step_attention` applies
+    (set on layers folded before too)."""
     n = 0
     for layer in _layers(model):
         old = _fold_of(layer)
         if old is not None and not _holds(layer, old):
             _unfold(layer, old)
+        elif old is not None:
+            layer._lowbit_fold = replace(old, attention=attention)
         f = _fold_for(layer) if _fold_of(layer) is None else None
         if f is None:
             continue
+        f = replace(f, attention=attention)
         f.qkv.norm, f.gate.norm = _norm(f.norms[0]), _norm(f.norms[1])
         for m in (*f.norms, f.o_proj):
             m.forward = types.MethodType(_passthrough, m)
@@ -157,6 +168,11 @@ def _unfold(layer: nn.Module, f: _Fold) -> None:
         m.__dict__.pop("forward", None)
     f.qkv.norm = f.gate.norm = None
     del layer._lowbit_fold
+
+
+def folded_layers(model: nn.Module) -> int:
+    """How many decoder layers of ``model`` are folded now."""
+    return sum(_fold_of(layer) is not None for layer in _layers(model))
 
 
 def unfold_norms(model: nn.Module) -> int:

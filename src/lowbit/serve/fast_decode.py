@@ -110,17 +110,19 @@ class StaticDecoder:
 
     ``cuda_graph``: "auto" (capture on CUDA, fall back to eager with a warning if capture fails), True (capture,
     raise on failure; CUDA only) or False (always eager). ``compile``: run the step through ``torch.compile``
-    (compiled on the first step; the graph then replays the compiled step). ``fuse``: run q/k/v and gate/up as
-    one packed matmul each (:func:`lowbit.models.fused_linears.fuse_siblings`; the model's QuantLinears then
-    share storage with the fused weights, see there). ``fold_norms``: with ``fuse``, a Llama-family layer's RMSNorms and
+    (compiled on the first step; the graph then replays the compiled step). ``fuse``: run q/k/v and gate/up as one
+    packed matmul each (:func:`lowbit.models.fused_linears.fuse_siblings`; the model's QuantLinears then share
+    storage with the fused weights, see there). ``fold_norms``: with ``fuse``, a Llama-family layer's RMSNorms and
     residual adds run inside its GEMVs (:func:`lowbit.models.fused_norms.fold_norms`: same function, four kernels
-    fewer per layer on CUDA). ``decode_attention``: on CUDA, switch a model that runs SDPA
-    to :mod:`lowbit.models.decode_attention` (the same function; one-token steps read only the cache's used blocks,
-    split over programs: on an H200 as fast as cuDNN's SDPA at a 144-position cache and ~20% faster per token at
-    4096 positions, docs/kernels.md). ``pdl``: with ``compile`` on Hopper or later, launch Inductor's kernels and
-    lowbit's GEMVs as programmatic dependent launches, so each starts (loads its weights) while the kernel before
-    it finishes: "auto" (the default) where the GPU has it and the model has no online rotations, True (refused
-    where it cannot apply) or False; on an H200 the 7B-shaped nz2_ch step went from 573.9 to 617.1 tok/s
+    fewer per layer on CUDA). ``fuse_attention``: with ``fold_norms`` and ``decode_attention``, a one-token step
+    runs a layer's rotary embedding, cache write and attention as one kernel
+    (:func:`lowbit.models.decode_attention.step_attention`). ``decode_attention``: on CUDA, switch a model that runs
+    SDPA to :mod:`lowbit.models.decode_attention` (the same function; one-token steps read only the cache's used
+    blocks, split over programs: on an H200 as fast as cuDNN's SDPA at a 144-position cache and ~20% faster per
+    token at 4096 positions, docs/kernels.md). ``pdl``: with ``compile`` on Hopper or later, launch Inductor's
+    kernels and lowbit's GEMVs as programmatic dependent launches, so each starts (loads its weights) while the
+    kernel before it finishes: "auto" (the default) where the GPU has it and the model has no online rotations, True
+    (refused where it cannot apply) or False; on an H200 the 7B-shaped nz2_ch step went from 573.9 to 617.1 tok/s
     (docs/kernels.md).
     One decoder serves any number of
     generations with the same batch size (``reset`` keeps the cache and the captured graph).
@@ -129,7 +131,7 @@ class StaticDecoder:
     def __init__(self, model: nn.Module, max_cache_len: int, batch_size: int = 1,
                  cuda_graph: bool | str = "auto", warmup_steps: int = 2, compile: bool = False,
                  fuse: bool = True, decode_attention: bool = True, pdl: bool | str = "auto",
-                 fold_norms: bool = True):
+                 fold_norms: bool = True, fuse_attention: bool = True):
         from transformers import StaticCache
 
         if cuda_graph not in (True, False, "auto"):
@@ -161,14 +163,17 @@ class StaticDecoder:
         place_rotations(model, self.device)
         # q/k/v and gate/up as one packed matmul each (models.fused_linears): same outputs, fewer short kernels
         self.fused_groups = fuse_siblings(model) if fuse else 0
-        # ... and each layer's norms and residual adds inside those GEMVs (models.fused_norms)
+        # one-token attention that reads only the visible part of the static cache (models.decode_attention)
+        self.decode_attention = decode_attention and self.device.type == "cuda" and use_decode_attention(model)
+        # ... each layer's norms and residual adds inside those GEMVs (models.fused_norms), and its rotary
+        # embedding, cache write and attention one kernel (models.decode_attention.step_attention)
+        self.fuse_attention = fuse_attention and self.decode_attention and fuse and fold_norms
         if fuse and fold_norms:
-            self.folded_layers = fused_norms.fold_norms(model)
+            fused_norms.fold_norms(model, attention=self.fuse_attention)
+            self.folded_layers = fused_norms.folded_layers(model)  # those a decoder made earlier folded too
         else:
             self.folded_layers = 0
             fused_norms.unfold_norms(model)  # a decoder made earlier may have folded them
-        # one-token attention that reads only the visible part of the static cache (models.decode_attention)
-        self.decode_attention = decode_attention and self.device.type == "cuda" and use_decode_attention(model)
         if self.decode_attention:  # before torch.compile traces a step: the kernel's counters exist already
             reserve_decode_attention(self.device, batch_size, model.config.num_attention_heads)
         # torch.compile of the step fuses the small ops between the matmuls (norms, rotary embedding, residual adds,
