@@ -30,9 +30,11 @@ for b, h, hkv, s, d, used in json.loads(sys.argv[1]):
         r = decode_attention_reference(q, k, v, m, d ** -0.5)
         for splits in (1, 3, 4):
             y = decode_attention(q, k, v, m, d ** -0.5, splits=splits)
-            again = decode_attention(q, k, v, m, d ** -0.5, splits=splits)  # the counters were left at zero
+            same = True
+            if splits == 3:  # again: the counters were left at zero
+                same = torch.equal(y, decode_attention(q, k, v, m, d ** -0.5, splits=splits))
             err = ((y.double() - r.double()).norm() / r.double().norm()).item()
-            out[f"{b},{h},{hkv},{s},{d},{used},{m is None},{splits}"] = err if torch.equal(y, again) else 1.0
+            out[f"{b},{h},{hkv},{s},{d},{used},{m is None},{splits}"] = err if same else 1.0
 # the attention implementation inside a Llama, dynamic cache, against SDPA
 from transformers import LlamaConfig, LlamaForCausalLM
 from lowbit.models.decode_attention import use_decode_attention
@@ -115,7 +117,7 @@ def interpreter_results():
 @pytest.mark.parametrize("splits", [1, 3, 4])
 def test_kernel_in_interpreter_matches_reference(interpreter_results, case, masked, splits):
     """Each head split over 1, 3 or 4 programs (interleaved key blocks, combined by the last to finish): the same
-    attention, and the same bits when called again."""
+    attention, and (3 splits) the same bits when called again."""
     assert interpreter_results[",".join(map(str, case)) + f",{not masked},{splits}"] < 1e-5
 
 
