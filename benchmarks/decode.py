@@ -236,8 +236,7 @@ def profile_step(model: nn.Module, args: argparse.Namespace, prompt: torch.Tenso
     from torch.profiler import ProfilerActivity, profile
 
     dec = StaticDecoder(model, max_cache_len=cache_len(args), cuda_graph=False, compile=args.compile,
-                        decode_attention=args.attention == "lowbit", fold_norms=args.fold_norms == "on",
-                        fuse_attention=args.fuse_attention == "on")
+                        **decoder_fusions(args))
     dec.reset()
     dec.prefill(prompt)
     dec.run_steps(2)  # warm-up: autotuning, caches, compilation
@@ -256,6 +255,12 @@ def profile_step(model: nn.Module, args: argparse.Namespace, prompt: torch.Tenso
                or "sm90" in k.lower() or "cutlass" in k.lower())
     return {"gpu_us_per_step": total, "matmul_us_per_step": gemv,
             "top": [{"kernel": k[:90], "us_per_step": round(us, 2)} for k, us in top[:12]]}
+
+
+def decoder_fusions(args: argparse.Namespace) -> dict[str, bool]:
+    """StaticDecoder's fusion switches as the command line sets them (timed and profiled decoders alike)."""
+    return {"decode_attention": args.attention == "lowbit", "fold_norms": args.fold_norms == "on",
+            "fuse_attention": args.fuse_attention == "on"}
 
 
 def cache_len(args: argparse.Namespace) -> int:
@@ -289,9 +294,7 @@ def run_variant(model: nn.Module, variant: str, args: argparse.Namespace, prompt
         row: dict = {"variant": variant, "bpw": 8 * parts["linears"] / n_weights, "bytes": parts,
                      "roofline_tok_s": bw / parts["total"]}
         dec = StaticDecoder(model, max_cache_len=cache_len(args), cuda_graph=args.graph,
-                            compile=args.compile, decode_attention=args.attention == "lowbit",
-                            pdl=ON_OFF_AUTO[args.pdl], fold_norms=args.fold_norms == "on",
-                            fuse_attention=args.fuse_attention == "on")
+                            compile=args.compile, pdl=ON_OFF_AUTO[args.pdl], **decoder_fusions(args))
         t0 = time.perf_counter()
         fast = time_decode(dec, prompt, args.gen, args.repeats)
         row |= {"tok_s": fast["tok_s"], "tok_s_runs": fast["tok_s_runs"], "prefill_ms": fast["prefill_ms"],

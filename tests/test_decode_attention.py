@@ -166,6 +166,16 @@ def test_rope_cache_reference_is_transformers_step():
     assert torch.allclose(keys, kc) and torch.equal(values, vc) and int(length) + 1 == int(layer.cumulative_length)
 
 
+def test_rope_cache_step_refuses_qkv_rows_that_do_not_match_the_cache():
+    from lowbit.kernels.triton_decode_attention import rope_cache_attention
+
+    caches = torch.zeros(2, 1, 2, 8, 16)
+    with pytest.raises(ValueError, match=r"qkv \[B, 1, 128\]"):  # 4 heads + 2 x 2 kv heads of 16
+        rope_cache_attention(torch.zeros(1, 1, 96), torch.zeros(1, 1, 16), torch.zeros(1, 1, 16), *caches,
+                             torch.tensor(3), None, 0.25, heads=4)
+    assert caches.eq(0).all()
+
+
 def test_splits_fill_the_gpu_without_idle_programs():
     from lowbit.kernels.triton_decode_attention import BLOCK, MAX_SPLITS, default_splits
 

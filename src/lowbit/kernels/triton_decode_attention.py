@@ -284,6 +284,9 @@ def rope_cache_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     registers (no program reads the cache line being written). Check :func:`step_supported` first. ``splits`` as
     in :func:`decode_attention`."""
     bsz, dim, kv_heads, seq = qkv.shape[0], k_cache.shape[-1], k_cache.shape[1], k_cache.shape[2]
+    if tuple(qkv.shape[1:]) != (1, (heads + 2 * kv_heads) * dim):
+        raise ValueError(f"rope_cache_attention needs qkv [B, 1, {(heads + 2 * kv_heads) * dim}] for {heads} heads "
+                         f"and a cache of {kv_heads} x {dim}, got {tuple(qkv.shape)}")
     if qkv.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or cos.stride(-1) != 1 \
             or sin.stride(-1) != 1:
         raise ValueError("rope_cache_attention needs the head dimension contiguous")
@@ -299,11 +302,11 @@ def rope_cache_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     return out
 
 
-def step_supported(qkv: torch.Tensor, k_cache: torch.Tensor, heads: int, mask: torch.Tensor | None) -> bool:
-    """:func:`rope_cache_attention` serves one token per sequence, a power-of-two head size, heads a multiple of
-    the key/value heads, a cache of qkv's dtype and no mask or a boolean one over the whole cache."""
-    bsz, dim, kv_heads, seq = qkv.shape[0], k_cache.shape[-1], k_cache.shape[1], k_cache.shape[2]
-    return (triton is not None and qkv.dim() == 3 and qkv.shape[1] == 1
-            and qkv.shape[2] == (heads + 2 * kv_heads) * dim and dim & (dim - 1) == 0 and 16 <= dim <= 256
-            and heads % kv_heads == 0 and k_cache.shape[0] == bsz and k_cache.dtype == qkv.dtype
+def step_supported(x: torch.Tensor, k_cache: torch.Tensor, heads: int, mask: torch.Tensor | None) -> bool:
+    """:func:`rope_cache_attention` serves the q/k/v rows of ``x`` [B, 1, hidden] (checked before they are
+    computed): one token per sequence, a power-of-two head size, heads a multiple of the key/value heads, a cache
+    of x's dtype and no mask or a boolean one over the whole cache."""
+    dim, kv_heads, seq = k_cache.shape[-1], k_cache.shape[1], k_cache.shape[2]
+    return (triton is not None and x.dim() == 3 and x.shape[1] == 1 and dim & (dim - 1) == 0 and 16 <= dim <= 256
+            and heads % kv_heads == 0 and k_cache.shape[0] == x.shape[0] and k_cache.dtype == x.dtype
             and (mask is None or (mask.dtype == torch.bool and mask.shape[-1] == seq and mask.shape[-2] == 1)))

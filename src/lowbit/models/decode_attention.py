@@ -93,7 +93,7 @@ def step_attention(attn: nn.Module, x: torch.Tensor, project: Callable[[torch.Te
     fused q/k/v rows, then rotary embedding, static-cache write and attention (the module's own forward computes
     the same). None where that does not apply: another module or model setup, not a one-token step on a GPU, no
     filled static cache; the caller then runs the module."""
-    if (type(attn).__name__ not in STEP_ATTENTIONS or attn.training or x.dim() != 3 or x.shape[1] != 1
+    if (type(attn).__name__ not in STEP_ATTENTIONS or attn.training
             or getattr(attn.config, "_attn_implementation", None) != NAME or _windowed(attn)
             or not triton_runs(x, "rope_attention")):
         return None
@@ -102,12 +102,10 @@ def step_attention(attn: nn.Module, x: torch.Tensor, project: Callable[[torch.Te
     cos, sin = kwargs.get("position_embeddings") or (None, None)
     mask = kwargs.get("attention_mask")
     heads = attn.config.num_attention_heads
-    if layer is None or cos is None or cos.shape[-1] != attn.head_dim or cos.shape[-2] != 1:
+    if (layer is None or cos is None or cos.shape[-1] != attn.head_dim or cos.shape[-2] != 1
+            or not kernel.step_supported(x, layer.keys, heads, mask)):  # before projecting: the module would again
         return None
-    qkv = project(x)
-    if not kernel.step_supported(qkv, layer.keys, heads, mask):
-        return None
-    out = ops.rope_cache_attention(qkv, cos, sin, layer.keys, layer.values, layer.cumulative_length, mask,
+    out = ops.rope_cache_attention(project(x), cos, sin, layer.keys, layer.values, layer.cumulative_length, mask,
                                    attn.scaling, heads)
     layer.cumulative_length.add_(1)  # as StaticLayer.update (compiled: fused into a neighbouring kernel)
     return out
