@@ -102,6 +102,12 @@ for together in (True, False):
     if together:
         out["model_step_calls"] = len(calls)
         out["model_step_lengths"] = sorted({int(l.cumulative_length) for l in dec.cache.layers})
+        # called outside the decoder (nothing defers the lengths): each layer's step advances its own
+        from lowbit.serve.generate import cache_arg
+        with torch.no_grad():
+            model(input_ids=ids[:, :1], position_ids=torch.tensor([[ids.shape[1] + 4]]),
+                  **{cache_arg(model): dec.cache}, use_cache=True)
+        out["direct_step"] = [len(calls) - 8, sorted({int(l.cumulative_length) for l in dec.cache.layers})]
 out["model_step"] = (steps[0] - steps[1]).abs().max().item()
 print(json.dumps(out))
 """
@@ -137,6 +143,8 @@ def test_folded_llama_steps_through_the_one_kernel(interpreter_results):
     assert interpreter_results["model_step_calls"] == 8
     assert interpreter_results["model_step_lengths"] == [13]
     assert interpreter_results["model_step"] < 1e-4  # the new key is summed last
+    # the decoder advances the lengths once after each step (defer_lengths); a model called on its own per layer
+    assert interpreter_results["direct_step"] == [2, [14]]
 
 
 def test_rope_cache_reference_is_transformers_step():
@@ -164,6 +172,27 @@ def test_rope_cache_reference_is_transformers_step():
     got = rope_cache_attention_reference(qkv, cos, sin, keys, values, length, mask, d ** -0.5, h)
     assert torch.allclose(got, want.transpose(1, 2).reshape(b, 1, h * d), atol=1e-5)
     assert torch.allclose(keys, kc) and torch.equal(values, vc) and int(length) + 1 == int(layer.cumulative_length)
+
+
+def test_rope_cache_step_reads_only_the_written_positions():
+    """Positions past the cache's length hold nothing of this sequence: the step attends to 0..length whatever
+    the mask says about the rest (a causal mask hides them anyway)."""
+    from lowbit.kernels.triton_decode_attention import rope_cache_attention_reference
+
+    g = torch.Generator().manual_seed(5)
+    b, h, hkv, s, d, pos = 1, 4, 2, 40, 16, 9
+    qkv = torch.randn(b, 1, (h + 2 * hkv) * d, generator=g)
+    cos, sin = torch.ones(b, 1, d), torch.zeros(b, 1, d)
+    clean = torch.randn(2, b, hkv, s, d, generator=g)
+    clean[..., pos + 1:, :] = 0.0
+    stale = clean.clone()
+    stale[..., pos + 1:, :] = float("nan")
+    everything = torch.ones(b, 1, 1, s, dtype=torch.bool)
+    causal = torch.arange(s).view(1, 1, 1, s) <= pos
+    want = rope_cache_attention_reference(qkv, cos, sin, *clean, torch.tensor(pos), causal, d ** -0.5, h)
+    for mask in (everything, None):
+        got = rope_cache_attention_reference(qkv, cos, sin, *stale.clone(), torch.tensor(pos), mask, d ** -0.5, h)
+        assert torch.allclose(got, want)
 
 
 def test_rope_cache_step_refuses_qkv_rows_that_do_not_match_the_cache():

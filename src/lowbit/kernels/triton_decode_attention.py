@@ -16,7 +16,8 @@ combines them and resets the counter, all in one launch.
 
 :func:`rope_cache_attention` is the whole attention step of a Llama-family layer after its fused q/k/v matmul, in
 one launch: the rotary embedding of the query and the new key, the new key and value written to the static cache
-at its length, and the attention over it. In a compiled decode step these were three or four small
+at its length, and the attention over the written part of the cache (the length bounds the blocks read, so the
+key/value loads need not wait for the mask's). In a compiled decode step these were three or four small
 kernels per layer besides the attention (~130 µs of a 7B step on an H200, docs/kernels.md).
 
 :func:`decode_attention_reference` and :func:`rope_cache_attention_reference` are the plain torch computations
@@ -90,32 +91,55 @@ def reserve(device: torch.device, batch: int, heads: int) -> None:
 if triton is not None:
 
     @triton.jit
-    def _scan(q, k_ptr, v_ptr, m_ptr, b, kvh, j, S, skip, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sm_b, sm_s,
+    def _attend(q, k, v, visible, m_i, l_i, acc):
+        """The online softmax (max, sum, weighted values) moved on by one block of keys ``k`` and values ``v``
+        [BLOCK, D] (fp32), of which ``visible`` are attended; a block with none leaves it as it was."""
+        scores = tl.where(visible, tl.sum(k * q[None, :], axis=1), float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=0))
+        m_ref = tl.where(m_new > float("-inf"), m_new, 0.0)  # nothing seen yet: exp(-inf) terms, no NaN
+        p = tl.exp(scores - m_ref)
+        alpha = tl.exp(m_i - m_ref)
+        acc = acc * alpha + tl.sum(p[:, None] * tl.where(visible[:, None], v, 0.0), axis=0)
+        return m_new, l_i * alpha + tl.sum(p, axis=0), acc
+
+    @triton.jit
+    def _scan(q, k_ptr, v_ptr, m_ptr, b, kvh, j, S, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sm_b, sm_s,
               D: tl.constexpr, BLOCK_S: tl.constexpr, HAS_MASK: tl.constexpr, SPLITS: tl.constexpr):
         """Online softmax of program ``j``'s key blocks (j, j + SPLITS, ...) for the scaled query ``q``: the
-        running (max, sum, weighted values). Position ``skip`` is left out (-1: none)."""
+        running (max, sum, weighted values). A block whose mask hides every key is not read."""
         d = tl.arange(0, D)
         m_i = tl.full((), float("-inf"), tl.float32)
         l_i = tl.zeros((), tl.float32)
         acc = tl.zeros((D,), tl.float32)
         for start in range(j * BLOCK_S, S, SPLITS * BLOCK_S):
             s = start + tl.arange(0, BLOCK_S)
-            visible = (s < S) & (s != skip)
+            visible = s < S
             if HAS_MASK:
                 visible = visible & (tl.load(m_ptr + b * sm_b + s * sm_s, mask=s < S, other=0) != 0)
-            if tl.max(visible.to(tl.int32), axis=0) > 0:  # a block nobody attends to is not read
+            if tl.max(visible.to(tl.int32), axis=0) > 0:
                 k = tl.load(k_ptr + b * sk_b + kvh * sk_h + s[:, None] * sk_s + d[None, :], mask=visible[:, None],
                             other=0.0).to(tl.float32)
                 v = tl.load(v_ptr + b * sv_b + kvh * sv_h + s[:, None] * sv_s + d[None, :], mask=visible[:, None],
                             other=0.0).to(tl.float32)
-                scores = tl.where(visible, tl.sum(k * q[None, :], axis=1), float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(scores, axis=0))
-                p = tl.exp(scores - m_new)
-                alpha = tl.exp(m_i - m_new)
-                acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
-                l_i = l_i * alpha + tl.sum(p, axis=0)
-                m_i = m_new
+                m_i, l_i, acc = _attend(q, k, v, visible, m_i, l_i, acc)
         return m_i, l_i, acc
+
+    @triton.jit
+    def _written_block(k_ptr, v_ptr, m_ptr, b, kvh, start, hi, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sm_b, sm_s,
+                       D: tl.constexpr, BLOCK_S: tl.constexpr, HAS_MASK: tl.constexpr):
+        """Keys, values (fp32) and visibility of the cache block at ``start``, positions below ``hi`` only. The
+        key/value loads do not wait for the mask's (the mask only hides padding inside the written part)."""
+        d = tl.arange(0, D)
+        s = start + tl.arange(0, BLOCK_S)
+        written = s < hi
+        k = tl.load(k_ptr + b * sk_b + kvh * sk_h + s[:, None] * sk_s + d[None, :], mask=written[:, None],
+                    other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + b * sv_b + kvh * sv_h + s[:, None] * sv_s + d[None, :], mask=written[:, None],
+                    other=0.0).to(tl.float32)
+        visible = written
+        if HAS_MASK:
+            visible = visible & (tl.load(m_ptr + b * sm_b + s * sm_s, mask=written, other=0) != 0)
+        return k, v, visible
 
     @triton.jit
     def _finish(m_i, l_i, acc, o_ptr, part_ptr, stat_ptr, count_ptr, row, j,
@@ -159,7 +183,7 @@ if triton is not None:
         d = tl.arange(0, D)
         # fp32 even when torch.compile passes ``scale`` as a float64 constant (the scores would follow it)
         q = (tl.load(q_ptr + b * sq_b + h * sq_h + d).to(tl.float32) * scale).to(tl.float32)
-        m_i, l_i, acc = _scan(q, k_ptr, v_ptr, m_ptr, b, h // GROUP, j, S, -1, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s,
+        m_i, l_i, acc = _scan(q, k_ptr, v_ptr, m_ptr, b, h // GROUP, j, S, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s,
                               sm_b, sm_s, D, BLOCK_S, HAS_MASK, SPLITS)
         _finish(m_i, l_i, acc, o_ptr + b * so_b + h * so_h, part_ptr, stat_ptr, count_ptr,
                 b * tl.num_programs(0) + h, j, D, SPLITS, SPLITS_P2)
@@ -184,8 +208,17 @@ if triton is not None:
         kvh = h // (HEADS // KV_HEADS)
         d = tl.arange(0, D)
         pos = tl.load(len_ptr)  # where this step's key and value go
+        # Only the positions written before this step are read (none reads the line this step writes: the new
+        # key is scored from registers), so the first block's loads wait for the length alone, not for the
+        # mask's nor for q/k/v's.
+        hi = tl.minimum(pos, S)
         cos = tl.load(cos_ptr + b * s_cos + d).to(tl.float32)
         sin = tl.load(sin_ptr + b * s_sin + d).to(tl.float32)
+        k0, v0, vis0 = _written_block(k_ptr, v_ptr, m_ptr, b, kvh, j * BLOCK_S, hi, sk_b, sk_h, sk_s, sv_b, sv_h,
+                                      sv_s, sm_b, sm_s, D, BLOCK_S, HAS_MASK)
+        seen = (pos < S) & (j == 0)  # program 0 of the row scores the new key, from registers
+        if HAS_MASK:
+            seen = seen & (tl.load(m_ptr + b * sm_b + pos * sm_s, mask=seen, other=0) != 0)
         row = qkv_ptr + b * s_qkv
         dtype = k_ptr.dtype.element_ty
         # rounded to the model's dtype, as the unfused step stores and reads them
@@ -196,22 +229,17 @@ if triton is not None:
             inside = pos + tl.zeros((D,), tl.int64) < S  # a full cache is not written past its end
             tl.store(k_ptr + b * sk_b + kvh * sk_h + pos * sk_s + d, k_new, mask=inside)
             tl.store(v_ptr + b * sv_b + kvh * sv_h + pos * sv_s + d, v_new.to(dtype), mask=inside)
-        seen = (pos < S) & (j == 0)  # program 0 of the row scores the new key, from registers
-        if HAS_MASK:  # loaded now, not after the scan: one memory round trip fewer on the way out
-            seen = seen & (tl.load(m_ptr + b * sm_b + pos * sm_s, mask=seen, other=0) != 0)
-        # every program leaves position pos to registers: no program reads the cache line being written
-        m_i, l_i, acc = _scan(q, k_ptr, v_ptr, m_ptr, b, kvh, j, S, pos, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s,
-                              sm_b, sm_s, D, BLOCK_S, HAS_MASK, SPLITS)
-        if seen:
-            score = tl.sum(k_new.to(tl.float32) * q, axis=0)
-            m_new = tl.maximum(m_i, score)
-            p = tl.exp(score - m_new)
-            alpha = tl.exp(m_i - m_new)
-            acc = acc * alpha + p * v_new.to(dtype).to(tl.float32)
-            l_i = l_i * alpha + p
-            m_i = m_new
+        m_i, l_i, acc = _attend(q, k0, v0, vis0, tl.full((), float("-inf"), tl.float32), tl.zeros((), tl.float32),
+                                tl.zeros((D,), tl.float32))
+        for start in range((j + SPLITS) * BLOCK_S, hi, SPLITS * BLOCK_S):
+            k, v, visible = _written_block(k_ptr, v_ptr, m_ptr, b, kvh, start, hi, sk_b, sk_h, sk_s, sv_b, sv_h,
+                                           sv_s, sm_b, sm_s, D, BLOCK_S, HAS_MASK)
+            m_i, l_i, acc = _attend(q, k, v, visible, m_i, l_i, acc)
+        m_i, l_i, acc = _attend(q, k_new.to(tl.float32)[None, :], v_new.to(dtype).to(tl.float32)[None, :],
+                                (tl.zeros((1,), tl.int32) + seen.to(tl.int32)) != 0, m_i, l_i, acc)
         _finish(m_i, l_i, acc, o_ptr + (b * HEADS + h) * D, part_ptr, stat_ptr, count_ptr, b * HEADS + h, j,
                 D, SPLITS, SPLITS_P2)
+
 
 def _launch(x: torch.Tensor, bsz: int, heads: int, seq: int, dim: int, mask: torch.Tensor | None,
             splits: int | None) -> tuple[int, tuple[torch.Tensor, ...], tuple[int, int]]:
@@ -266,13 +294,17 @@ def rope_cache_attention_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: to
     """One decode step of a Llama-family attention after its fused q/k/v matmul: qkv [B, 1, (H + 2 Hkv) D] with
     H = ``heads``, cos/sin [B, 1, D]. Rotates q and k (:func:`rotary_reference`), writes k and v at position
     ``length`` (a 0-dim integer tensor; the caller advances it) of the caches [B, Hkv, S, D] and returns the
-    attention over the cache (:func:`decode_attention_reference`), [B, 1, H D]. Mutates the caches."""
+    attention (:func:`decode_attention_reference`) over the written part of the cache, positions 0..length, [B, 1,
+    H D]; the mask selects among those (a causal step's mask hides every later position anyway). Mutates the
+    caches."""
     dim, kv_heads = k_cache.shape[-1], k_cache.shape[1]
     q, k, v = _split_heads(qkv, heads, kv_heads, dim)
     pos = int(length)
     k_cache[:, :, pos] = rotary_reference(k, cos, sin)[:, :, 0]
     v_cache[:, :, pos] = v[:, :, 0]
-    out = decode_attention_reference(rotary_reference(q, cos, sin), k_cache, v_cache, mask, scale)
+    n = min(pos + 1, k_cache.shape[2])
+    out = decode_attention_reference(rotary_reference(q, cos, sin), k_cache[:, :, :n], v_cache[:, :, :n],
+                                     None if mask is None else mask[..., :n], scale)
     return out.transpose(1, 2).reshape(qkv.shape[0], 1, heads * dim)
 
 

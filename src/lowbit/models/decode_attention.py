@@ -107,5 +107,30 @@ def step_attention(attn: nn.Module, x: torch.Tensor, project: Callable[[torch.Te
         return None
     out = ops.rope_cache_attention(project(x), cos, sin, layer.keys, layer.values, layer.cumulative_length, mask,
                                    attn.scaling, heads)
-    layer.cumulative_length.add_(1)  # as StaticLayer.update (compiled: fused into a neighbouring kernel)
+    deferred = getattr(cache, _DEFERRED, None)
+    if deferred is None:
+        layer.cumulative_length.add_(1)  # as StaticLayer.update
+    else:
+        deferred.append(layer.cumulative_length)
     return out
+
+
+# The cache attribute holding the lengths that advance_lengths moves on; None (or absent): each layer's step
+# advances its own length at once.
+_DEFERRED = "lowbit_deferred_lengths"
+
+
+def defer_lengths(cache: object) -> None:
+    """Until :func:`advance_lengths`, one-kernel steps on ``cache`` leave their layers' lengths to it: a decode
+    step then advances them all in one kernel after its last layer, instead of one small kernel per layer between
+    the attention and the o projection (~1 µs each in a compiled 7B step on an H200, docs/kernels.md). A layer's
+    length is read only by its own attention, so the tokens are the same."""
+    setattr(cache, _DEFERRED, [])
+
+
+def advance_lengths(cache: object) -> None:
+    """Advance by one the lengths of the layers stepped since :func:`defer_lengths`, and stop deferring."""
+    deferred = getattr(cache, _DEFERRED, None)
+    setattr(cache, _DEFERRED, None)
+    if deferred:
+        torch._foreach_add_(deferred, 1)
