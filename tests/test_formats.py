@@ -5,6 +5,7 @@ import torch
 
 from lowbit.errors import UnknownFormatError
 from lowbit.formats import get_format
+from lowbit.formats.base import cat_params
 
 FORMATS = [f"int{b}_{g}_{k}" for b in (2, 3, 4, 8) for g in ("g32", "g64", "g128", "ch") for k in ("sym", "asym")]
 
@@ -153,3 +154,25 @@ def test_quantize_is_deterministic():
     b = get_format("int2_g64_asym_mse").quantize(w.clone())
     assert all(torch.equal(a.data[k], b.data[k]) for k in a.data)
     assert math.isfinite(a.bits_per_weight)
+
+
+@pytest.mark.parametrize("name", ["q4_0", "q4_1", "int3_g64_asym", "int2_g64_sym", "q8_0", "nz2_ch", "iq4_nl", "q4_k",
+                                  "e8p_ch"])
+def test_column_rounding_is_encode_and_decode(name: str) -> None:
+    """GPTQ's per-column rounding (a format's own fast path or the generic one) gives encode's codes and decode's
+    values exactly, zero scales included."""
+    fmt = get_format(name)
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(24, 256, generator=g) * 0.05
+    params = fmt.expand(fmt.fit(w), 256) if fmt.group_size is None else fmt.expand(
+        cat_params([fmt.fit(w[:, j : j + fmt.group_cols(256)]) for j in range(0, 256, fmt.group_cols(256))]), 256)
+    params = {k: v.clone() for k, v in params.items()}
+    params["scale"][:3] = 0.0  # rows with a zero scale
+    round_at = fmt.column_rounding(params)
+    vd = fmt.vector_dim
+    for j in range(0, 256, 37 * vd):
+        p = {k: v[:, j : j + vd] for k, v in params.items()}
+        codes, values = round_at(w[:, j : j + vd], j)
+        want = fmt.encode(w[:, j : j + vd], p)
+        assert torch.equal(codes.to(torch.int64), want)
+        assert torch.equal(values, fmt.decode(want, p))

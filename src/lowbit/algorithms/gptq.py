@@ -223,28 +223,36 @@ def _column_loop(fmt: Format, W1: torch.Tensor, Err1: torch.Tensor, C1: torch.Te
                  imp1: torch.Tensor | None = None) -> None:
     """Round columns ``start``..``stop`` of the block ``W1`` (whose columns from ``p0`` on have the per-column
     parameters ``P1``) in place: codes into ``C1``, scaled errors into ``Err1``, each fed forward to the rest of
-    its sub-block, and a finished sub-block's to the rest of the block. Only tensor operations: graph-capturable."""
+    its sub-block, and a finished sub-block's to the rest of the block. Only tensor operations: graph-capturable.
+
+    The loop works on column-major copies: every per-column operation then reads contiguous memory (on a CPU
+    a row-major block's column took ~15 µs per elementwise op, its cache lines one per row)."""
     stop = W1.shape[1] if stop is None else stop
     diag = U1.diagonal()
+    round_at = fmt.column_rounding({k: v.t().contiguous().t() for k, v in P1.items()})
+    Wt, Et, Ct = W1.t().contiguous(), Err1.t().contiguous(), C1.t().contiguous()
     for s0 in range(start, stop, sb):
         end = min(s0 + sb, stop)
         for i in range(s0, end, vd):
-            p = {k: v[:, i - p0 : i - p0 + vd] for k, v in P1.items()}
-            w_blk = W1[:, i : i + vd]
-            c = fmt.encode(w_blk, p, None if imp1 is None else imp1[:, i : i + vd])
-            C1[:, i // vd : i // vd + c.shape[1]] = c
-            diff = w_blk - fmt.decode(c, p)
+            w_blk = Wt[i : i + vd].t()
+            c, dq = round_at(w_blk, i - p0, None if imp1 is None else imp1[:, i : i + vd])
+            Ct[i // vd : i // vd + c.shape[1]] = c.t()
+            diff = w_blk - dq
             if vd == 1:
-                err = torch.div(diff, diag[i : i + 1], out=Err1[:, i : i + 1])
+                err = torch.div(diff, diag[i : i + 1])
+                Et[i] = err[:, 0]
                 if i + 1 < end:
-                    W1[:, i + 1 : end] -= err * U1[i, i + 1 : end]
+                    Wt[i + 1 : end] -= U1[i, i + 1 : end, None] * err.t()
             else:  # block LDLQ: E U_bb^-1 U_b,rest is the exact feedback of a jointly rounded block
                 err = torch.linalg.solve_triangular(U1[i : i + vd, i : i + vd], diff, upper=True, left=False)
-                Err1[:, i : i + vd] = err
+                Et[i : i + vd] = err.t()
                 if i + vd < end:
-                    W1[:, i + vd : end] -= err @ U1[i : i + vd, i + vd : end]
+                    Wt[i + vd : end] -= (err @ U1[i : i + vd, i + vd : end]).t()
         if end < W1.shape[1]:  # the finished sub-block's errors reach the rest of the block
-            W1[:, end:] -= Err1[:, s0:end] @ U1[s0:end, end:]
+            Wt[end:] -= (Et[s0:end].t() @ U1[s0:end, end:]).t()
+    W1.copy_(Wt.t())
+    Err1.copy_(Et.t())
+    C1.copy_(Ct.t())
 
 
 def _fitted_block(fmt: Format, W1: torch.Tensor, Err1: torch.Tensor, C1: torch.Tensor, U1: torch.Tensor, vd: int,

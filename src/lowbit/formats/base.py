@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -86,6 +86,21 @@ class Format(ABC):
     @abstractmethod
     def decode(self, codes: torch.Tensor, params: Params) -> torch.Tensor:
         """Float32 values [rows, k] of ``codes`` given per-column parameters ([rows, k] or broadcastable)."""
+
+    def column_rounding(self, params: Params) -> Callable[[torch.Tensor, int, torch.Tensor | None],
+                                                          tuple[torch.Tensor, torch.Tensor]]:
+        """GPTQ's rounding of one code's columns at a time: ``params`` are per-column ([rows, k]); the returned
+        ``round_at(w, j, importance)`` gives the codes of ``w`` (columns j..j + vector_dim) and their decoded
+        values, as :meth:`encode` and :meth:`decode` would. Formats whose rounding can share work across the
+        columns (a reciprocal of every scale) override it with the same results."""
+        vd = self.vector_dim
+
+        def round_at(w: torch.Tensor, j: int, importance: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+            p = {k: v[:, j : j + vd] for k, v in params.items()}
+            codes = self.encode(w, p, importance)
+            return codes, self.decode(codes, p)
+        return round_at
 
     # ----- storage ------------------------------------------------------------------------------
     @abstractmethod

@@ -78,6 +78,27 @@ class UniformFormat(Format):
         shift = self.offset if self.symmetric else 0
         return torch.clamp(torch.round(x * inv) + shift, 0, self.qmax).to(torch.int64)
 
+    def column_rounding(self, params: Params) -> Callable[[torch.Tensor, int, torch.Tensor | None],
+                                                          tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`encode` and :meth:`decode` of one column, the same float operations, with every column's
+        reciprocal scale taken once: GPTQ rounds column by column, and on a CPU the per-column reciprocal was a
+        third of its time. Codes come back as float32 integers."""
+        if type(self).encode is not UniformFormat.encode or type(self).decode is not UniformFormat.decode:
+            return super().column_rounding(params)  # a subclass with its own rounding (level sets)
+        d = params["scale"].float()
+        inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
+        lo = None if self.symmetric else params["min"].float()
+        shift = self.offset if self.symmetric else 0
+
+        def round_at(w: torch.Tensor, j: int, importance: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+            x = w.float() if lo is None else w.float() - lo[:, j : j + 1]
+            q = torch.clamp(torch.round(x * inv[:, j : j + 1]) + shift, 0, self.qmax)
+            if lo is None:
+                return q, (q - self.offset) * d[:, j : j + 1]
+            return q, q * d[:, j : j + 1] + lo[:, j : j + 1]
+        return round_at
+
     def decode(self, codes: torch.Tensor, params: Params) -> torch.Tensor:
         d = params["scale"].float()
         if self.symmetric:
