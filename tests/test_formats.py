@@ -164,9 +164,8 @@ def test_column_rounding_is_encode_and_decode(name: str) -> None:
     fmt = get_format(name)
     g = torch.Generator().manual_seed(11)
     w = torch.randn(24, 256, generator=g) * 0.05
-    params = fmt.expand(fmt.fit(w), 256) if fmt.group_size is None else fmt.expand(
-        cat_params([fmt.fit(w[:, j : j + fmt.group_cols(256)]) for j in range(0, 256, fmt.group_cols(256))]), 256)
-    params = {k: v.clone() for k, v in params.items()}
+    gs = fmt.group_cols(256)
+    params = fmt.expand(cat_params([fmt.fit(w[:, j : j + gs]) for j in range(0, 256, gs)]), 256)
     params["scale"][:3] = 0.0  # rows with a zero scale
     round_at = fmt.column_rounding(params)
     vd = fmt.vector_dim

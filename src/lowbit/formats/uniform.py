@@ -72,11 +72,17 @@ class UniformFormat(Format):
 
     # ----- rounding ---------------------------------------------------------------------------
     def encode(self, w: torch.Tensor, params: Params, importance: torch.Tensor | None = None) -> torch.Tensor:
-        d = params["scale"].float()
         x = w.float() if self.symmetric else w.float() - params["min"].float()
-        inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
-        shift = self.offset if self.symmetric else 0
-        return torch.clamp(torch.round(x * inv) + shift, 0, self.qmax).to(torch.int64)
+        return self._levels(x, _inverse(params["scale"].float())).to(torch.int64)
+
+    def _levels(self, x: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+        """Codes (as float integers) of ``x`` (the weights less the group's min, for asymmetric grids) at the
+        reciprocal scales ``inv``."""
+        return torch.clamp(torch.round(x * inv) + (self.offset if self.symmetric else 0), 0, self.qmax)
+
+    def _values(self, q: torch.Tensor, d: torch.Tensor, lo: torch.Tensor | None) -> torch.Tensor:
+        """Float32 values of codes ``q`` (float) at scales ``d`` and, asymmetric, mins ``lo``."""
+        return (q - self.offset) * d if self.symmetric else q * d + lo
 
     def column_rounding(self, params: Params) -> Callable[[torch.Tensor, int, torch.Tensor | None],
                                                           tuple[torch.Tensor, torch.Tensor]]:
@@ -86,24 +92,18 @@ class UniformFormat(Format):
         if type(self).encode is not UniformFormat.encode or type(self).decode is not UniformFormat.decode:
             return super().column_rounding(params)  # a subclass with its own rounding (level sets)
         d = params["scale"].float()
-        inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
+        inv = _inverse(d)
         lo = None if self.symmetric else params["min"].float()
-        shift = self.offset if self.symmetric else 0
 
         def round_at(w: torch.Tensor, j: int, importance: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-            x = w.float() if lo is None else w.float() - lo[:, j : j + 1]
-            q = torch.clamp(torch.round(x * inv[:, j : j + 1]) + shift, 0, self.qmax)
-            if lo is None:
-                return q, (q - self.offset) * d[:, j : j + 1]
-            return q, q * d[:, j : j + 1] + lo[:, j : j + 1]
+            lo_j = None if lo is None else lo[:, j : j + 1]
+            q = self._levels(w.float() if lo_j is None else w.float() - lo_j, inv[:, j : j + 1])
+            return q, self._values(q, d[:, j : j + 1], lo_j)
         return round_at
 
     def decode(self, codes: torch.Tensor, params: Params) -> torch.Tensor:
-        d = params["scale"].float()
-        if self.symmetric:
-            return (codes.float() - self.offset) * d
-        return codes.float() * d + params["min"].float()
+        return self._values(codes.float(), params["scale"].float(), None if self.symmetric else params["min"].float())
 
     # ----- storage ----------------------------------------------------------------------------
     def storage_spec(self, shape: tuple[int, int]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -136,6 +136,11 @@ def range_fit(fmt: Format, w: torch.Tensor, importance: torch.Tensor | None,
         return params_at(1.0)
     shrink = [1.0 - 0.8 * i / _SEARCH_GRID for i in range(_SEARCH_GRID)]
     return fmt.best_of(w, chain((params_at(p) for p in shrink), extra), importance)
+
+
+def _inverse(d: torch.Tensor) -> torch.Tensor:
+    """1 / d, and 0 where d is 0."""
+    return torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
 
 
 def _fp16(x: torch.Tensor) -> torch.Tensor:

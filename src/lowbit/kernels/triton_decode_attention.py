@@ -103,11 +103,18 @@ if triton is not None:
         return m_new, l_i * alpha + tl.sum(p, axis=0), acc
 
     @triton.jit
+    def _kv_block(k_ptr, v_ptr, b, kvh, s, ok, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, D: tl.constexpr):
+        """Keys and values (fp32, [len(s), D]) of cache positions ``s``; zeros where ``ok`` is False (not read)."""
+        d = tl.arange(0, D)
+        k = tl.load(k_ptr + b * sk_b + kvh * sk_h + s[:, None] * sk_s + d[None, :], mask=ok[:, None], other=0.0)
+        v = tl.load(v_ptr + b * sv_b + kvh * sv_h + s[:, None] * sv_s + d[None, :], mask=ok[:, None], other=0.0)
+        return k.to(tl.float32), v.to(tl.float32)
+
+    @triton.jit
     def _scan(q, k_ptr, v_ptr, m_ptr, b, kvh, j, S, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sm_b, sm_s,
               D: tl.constexpr, BLOCK_S: tl.constexpr, HAS_MASK: tl.constexpr, SPLITS: tl.constexpr):
         """Online softmax of program ``j``'s key blocks (j, j + SPLITS, ...) for the scaled query ``q``: the
         running (max, sum, weighted values). A block whose mask hides every key is not read."""
-        d = tl.arange(0, D)
         m_i = tl.full((), float("-inf"), tl.float32)
         l_i = tl.zeros((), tl.float32)
         acc = tl.zeros((D,), tl.float32)
@@ -117,10 +124,7 @@ if triton is not None:
             if HAS_MASK:
                 visible = visible & (tl.load(m_ptr + b * sm_b + s * sm_s, mask=s < S, other=0) != 0)
             if tl.max(visible.to(tl.int32), axis=0) > 0:
-                k = tl.load(k_ptr + b * sk_b + kvh * sk_h + s[:, None] * sk_s + d[None, :], mask=visible[:, None],
-                            other=0.0).to(tl.float32)
-                v = tl.load(v_ptr + b * sv_b + kvh * sv_h + s[:, None] * sv_s + d[None, :], mask=visible[:, None],
-                            other=0.0).to(tl.float32)
+                k, v = _kv_block(k_ptr, v_ptr, b, kvh, s, visible, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, D)
                 m_i, l_i, acc = _attend(q, k, v, visible, m_i, l_i, acc)
         return m_i, l_i, acc
 
@@ -129,13 +133,9 @@ if triton is not None:
                        D: tl.constexpr, BLOCK_S: tl.constexpr, HAS_MASK: tl.constexpr):
         """Keys, values (fp32) and visibility of the cache block at ``start``, positions below ``hi`` only. The
         key/value loads do not wait for the mask's (the mask only hides padding inside the written part)."""
-        d = tl.arange(0, D)
         s = start + tl.arange(0, BLOCK_S)
         written = s < hi
-        k = tl.load(k_ptr + b * sk_b + kvh * sk_h + s[:, None] * sk_s + d[None, :], mask=written[:, None],
-                    other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + b * sv_b + kvh * sv_h + s[:, None] * sv_s + d[None, :], mask=written[:, None],
-                    other=0.0).to(tl.float32)
+        k, v = _kv_block(k_ptr, v_ptr, b, kvh, s, written, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, D)
         visible = written
         if HAS_MASK:
             visible = visible & (tl.load(m_ptr + b * sm_b + s * sm_s, mask=written, other=0) != 0)
