@@ -244,17 +244,20 @@ def profile_step(model: nn.Module, args: argparse.Namespace, prompt: torch.Tenso
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         dec.run_steps(steps)
         sync(prompt.device)
-    kernels = {}
+    kernels, calls = {}, {}
     for e in prof.key_averages():
         us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
         if us > 0:
             kernels[e.key] = kernels.get(e.key, 0.0) + us / steps
+            calls[e.key] = calls.get(e.key, 0.0) + e.count / steps
     top = sorted(kernels.items(), key=lambda kv: -kv[1])
     total = sum(kernels.values())
     gemv = sum(us for k, us in kernels.items() if "gemv" in k.lower() or "dequant" in k.lower() or "gemm" in k.lower()
                or "sm90" in k.lower() or "cutlass" in k.lower())
     return {"gpu_us_per_step": total, "matmul_us_per_step": gemv,
-            "top": [{"kernel": k[:90], "us_per_step": round(us, 2)} for k, us in top[:12]]}
+            "launches_per_step": round(sum(calls.values()), 1),
+            "top": [{"kernel": k[:90], "us_per_step": round(us, 2), "calls_per_step": round(calls[k], 1)}
+                    for k, us in top[:16]]}
 
 
 def decoder_fusions(args: argparse.Namespace) -> dict[str, bool]:

@@ -92,7 +92,7 @@ quantize_rtn(model, uniform_plan(model, "int4_g32_asym"), progress=False)
 use_decode_attention(model)
 calls = []
 one_kernel = kernel.rope_cache_attention
-kernel.rope_cache_attention = lambda *a, **k: calls.append(1) or one_kernel(*a, **k)
+kernel.rope_cache_attention = lambda *a, **k: calls.append(a[6] is None) or one_kernel(*a, **k)  # unmasked?
 steps = []
 for together in (True, False):
     dec = StaticDecoder(model, max_cache_len=16)
@@ -108,6 +108,7 @@ for together in (True, False):
             model(input_ids=ids[:, :1], position_ids=torch.tensor([[ids.shape[1] + 4]]),
                   **{cache_arg(model): dec.cache}, use_cache=True)
         out["direct_step"] = [len(calls) - 8, sorted({int(l.cumulative_length) for l in dec.cache.layers})]
+        out["unmasked"] = [calls[:8], calls[8:]]
 out["model_step"] = (steps[0] - steps[1]).abs().max().item()
 print(json.dumps(out))
 """
@@ -145,6 +146,9 @@ def test_folded_llama_steps_through_the_one_kernel(interpreter_results):
     assert interpreter_results["model_step"] < 1e-4  # the new key is summed last
     # the decoder advances the lengths once after each step (defer_lengths); a model called on its own per layer
     assert interpreter_results["direct_step"] == [2, [14]]
+    # the decoder's steps have no padding, so the kernel reads no mask (unmasked_steps); a model called on its own
+    # passes its mask
+    assert interpreter_results["unmasked"] == [[True] * 8, [False] * 2]
 
 
 def test_rope_cache_reference_is_transformers_step():

@@ -100,7 +100,9 @@ def step_attention(attn: nn.Module, x: torch.Tensor, project: Callable[[torch.Te
     cache = kwargs.get("cache", kwargs.get("past_key_values"))  # the name changed in transformers 5.2x
     layer = _static_layer(attn, cache, x)
     cos, sin = kwargs.get("position_embeddings") or (None, None)
-    mask = kwargs.get("attention_mask")
+    # a causal step without padding (unmasked_steps) attends exactly the written positions and its own, which the
+    # kernel bounds by the cache's length anyway: the mask is not read, and a compiled step does not build it
+    mask = None if getattr(cache, _UNMASKED, False) else kwargs.get("attention_mask")
     heads = attn.config.num_attention_heads
     if (layer is None or cos is None or cos.shape[-1] != attn.head_dim or cos.shape[-2] != 1
             or not kernel.step_supported(x, layer.keys, heads, mask)):  # before projecting: the module would again
@@ -113,6 +115,18 @@ def step_attention(attn: nn.Module, x: torch.Tensor, project: Callable[[torch.Te
     else:
         deferred.append(layer.cumulative_length)
     return out
+
+
+# The cache attribute that unmasked_steps sets: True while every step attends all that is written and itself.
+_UNMASKED = "lowbit_unmasked_steps"
+
+
+def unmasked_steps(cache: object, on: bool = True) -> None:
+    """Declare (``on``) that the steps on ``cache`` until the next call are plain causal steps of sequences
+    without padding (lowbit's StaticDecoder): the one-kernel attention then ignores the attention mask, since its
+    cache length already bounds what it reads. In a compiled 7B step on an H200 the mask was one small kernel per
+    layer (the model's causal mask, rebuilt by Inductor for each layer's attention; docs/kernels.md)."""
+    setattr(cache, _UNMASKED, on)
 
 
 # The cache attribute holding the lengths that advance_lengths moves on; None (or absent): each layer's step

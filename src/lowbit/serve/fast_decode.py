@@ -46,7 +46,7 @@ from torch import nn
 from lowbit.kernels.cuda_gemv import early_launch
 from lowbit.kernels.triton_decode_attention import reserve as reserve_decode_attention
 from lowbit.models import fused_norms
-from lowbit.models.decode_attention import advance_lengths, defer_lengths, use_decode_attention
+from lowbit.models.decode_attention import advance_lengths, defer_lengths, unmasked_steps, use_decode_attention
 from lowbit.models.fused_linears import fuse_siblings
 from lowbit.models.quant_linear import QuantLinear
 from lowbit.serve.generate import _forward_kwargs, cache_arg
@@ -271,11 +271,13 @@ class StaticDecoder:
     def _body(self) -> torch.Tensor:
         """One decode step, entirely on the device: what the CUDA graph records."""
         defer_lengths(self.cache)  # the one-kernel attention steps' cache lengths: one kernel after the layers
+        unmasked_steps(self.cache)  # no padding: the one-kernel attention needs no mask
         try:
             out = self.model(input_ids=self._ids, position_ids=self._pos, **{cache_arg(self.model): self.cache},
                              use_cache=True, **self._kwargs)
         finally:
             advance_lengths(self.cache)
+            unmasked_steps(self.cache, False)
         logits = out.logits[:, -1].float()
         nxt = torch.argmax(logits, dim=-1)
         self._hist.index_copy_(1, self._pos[0] + 1, nxt.unsqueeze(1))
