@@ -129,6 +129,35 @@ def test_every_kernel_variant_compiles_for_ampere_and_hopper(name: str) -> None:
                 assert cuda_jit.compile_cubin(source, "gemv_mma.cu", arch)[:4] == b"\x7fELF"
 
 
+@pytest.mark.skipif(not _nvrtc_found(), reason="needs NVRTC (the nvidia-cuda-nvrtc wheel of the test extra)")
+@pytest.mark.parametrize("name", ["q4_0", "nz2_ch", "e8p_ch", "iq2_xxs"])
+def test_resident_variants_compile(name: str) -> None:
+    """The 16-warp kernels whose blocks loop over row blocks (RESIDENT), plain, normalized + gated and with a
+    residual, batch 1 and 8, compile for sm_90."""
+    from lowbit.kernels import cuda_jit
+
+    p = cuda_gemv.plan(get_format(name), (64, 8192))
+    warps = cuda_gemv.warps_for(p, 8192)
+    assert warps == cuda_gemv.WARPS_MANY
+    for staged, gated, norm, resid in ((1, False, 0, False), (1, True, 2, False), (1, False, 0, True),
+                                       (0, False, 0, False)):
+        source = cuda_gemv._source(p, staged, warps, 2, gated, True, norm, resid, True)
+        assert "#define RESIDENT 1" in source
+        assert cuda_jit.compile_cubin(source, "gemv_mma.cu", "sm_90")[:4] == b"\x7fELF"
+
+
+def test_resident_grid_waits_for_its_gpu_test(monkeypatch: pytest.MonkeyPatch) -> None:
+    """By default (auto) the resident grid is used only once resident_gemv has left GPU_UNVERIFIED."""
+    from lowbit.kernels import dispatch
+
+    monkeypatch.setattr(cuda_gemv, "RESIDENT_GRID", "auto")
+    assert cuda_gemv._resident_grid() == ("resident_gemv" not in dispatch.GPU_UNVERIFIED)
+    monkeypatch.setattr(dispatch, "GPU_UNVERIFIED", frozenset())
+    assert cuda_gemv._resident_grid()
+    monkeypatch.setattr(cuda_gemv, "RESIDENT_GRID", "0")
+    assert not cuda_gemv._resident_grid()
+
+
 def test_batches_are_staged_within_their_budget(monkeypatch: pytest.MonkeyPatch) -> None:
     """Batch 1 always (up to 32 KB); batches of 2-8 rows within 64 KB and only where a chunk holds 64 weights (the
     4-bit grids measured slower staged, docs/kernels.md)."""
@@ -397,3 +426,34 @@ def test_early_launch_gives_identical_results_in_a_graph(monkeypatch: pytest.Mon
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, plain)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize(("name", "cols"), [("q4_0", 4096), ("q4_0", 4128), ("int4_g128_asym", 4096),
+                                            ("nz2_ch", 8192), ("e8p_ch", 8192), ("iq2_xxs", 8192)])
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_resident_blocks_loop_over_row_blocks_on_gpu(name: str, cols: int, m: int,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """16-warp kernels on a grid of resident blocks (cuda_gemv.RESIDENT_GRID), made as small as two blocks so that
+    each loops over many row blocks, ragged ones included: plain, with norm and residual, and gated, against the
+    float64 reference. 4128 columns: K not a whole number of steps."""
+    from lowbit.kernels.reference import dequant_matmul_reference, rms_norm_reference
+
+    monkeypatch.setattr(cuda_gemv, "RESIDENT_GRID", "1")
+    monkeypatch.setattr(cuda_gemv, "_sm_count", lambda device: 1)  # 2 resident blocks of 16 warps
+    fmt, qt = _packed(name, (2 * 104, cols), seed=cols + m)  # 13 row blocks; gated: 104 = 13 x 8 rows
+    p = cuda_gemv.plan(fmt, qt.shape)
+    assert cuda_gemv.warps_for(p, cols) == cuda_gemv.WARPS_MANY
+    gen = torch.Generator("cuda").manual_seed(m)
+    x = torch.randn(m, cols, device="cuda", dtype=torch.float16, generator=gen)
+    w = (1 + 0.3 * torch.randn(cols, device="cuda", generator=gen)).half()
+    res = torch.randn(m, 2 * 104, device="cuda", dtype=torch.float16, generator=gen)
+    plain = dequant_matmul_reference(x.double(), fmt, qt)
+    normed = dequant_matmul_reference(rms_norm_reference(x, w, 1e-5).double(), fmt, qt)
+    gate, up = normed.chunk(2, dim=-1)
+    for got, want in ((cuda_gemv.gemv(x, fmt, qt, p).double(), plain),
+                      (cuda_gemv.gemv(x, fmt, qt, p, norm=(w, 1e-5), residual=res).double() - res.double(), normed),
+                      (cuda_gemv.gemv(x, fmt, qt, p, gated=True, norm=(w, 1e-5)).double(),
+                       torch.nn.functional.silu(gate) * up)):
+        assert float((got - want).norm() / want.norm()) < 3e-3

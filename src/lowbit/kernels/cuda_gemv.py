@@ -56,12 +56,13 @@ class Plan:
     dq: tuple[tuple[float, float], ...]  # (A_i, B_i): level = A_i * magic_i + B_i, one per code position
 
     def defines(self, staged_x: int = 0, warps: int = WARPS_FEW, min_blocks: int = 1, gated: bool = False,
-                full: bool = False, norm_qs: int = 0, resid: bool = False) -> str:
+                full: bool = False, norm_qs: int = 0, resid: bool = False, resident: bool = False) -> str:
         lines = [f"#define KIND {self.kind}", f"#define BITS {self.bits}", f"#define ASYM {int(self.asym)}",
                  f"#define GROUP_SHIFT {self.group_shift}", f"#define ROW_SCALE {int(self.row_scale)}",
                  f"#define WARPS {warps}", f"#define XS {int(staged_x)}", f"#define MIN_BLOCKS {min_blocks}",
                  f"#define GATED {int(gated)}", f"#define FULL {int(full)}", f"#define NORM {int(norm_qs > 0)}",
-                 f"#define NORM_QS {max(norm_qs, 1)}", f"#define RESID {int(resid)}"]
+                 f"#define NORM_QS {max(norm_qs, 1)}", f"#define RESID {int(resid)}",
+                 f"#define RESIDENT {int(resident)}"]
         for i, (a, b) in enumerate(self.dq):
             lines += [f"#define DQ_A{i} 0x{_half2_bits(a):08x}u", f"#define DQ_B{i} 0x{_half2_bits(b):08x}u"]
         return "\n".join(lines) + "\n"
@@ -215,10 +216,11 @@ def _cached_layout(qs: torch.Tensor, cols: int) -> tuple[torch.Tensor, torch.Ten
 
 @cache
 def _source(p: Plan, staged_x: int = 0, warps: int = WARPS_FEW, min_blocks: int = 1, gated: bool = False,
-            full: bool = False, norm_qs: int = 0, resid: bool = False) -> str:
+            full: bool = False, norm_qs: int = 0, resid: bool = False, resident: bool = False) -> str:
     """The kernel's source for these settings; ``norm_qs`` > 0: the batch-1 row is RMS-normalized while staged,
-    each thread holding that many groups of its units in registers (:func:`norm_groups`)."""
-    return (p.defines(staged_x, warps, min_blocks, gated, full, norm_qs, resid)
+    each thread holding that many groups of its units in registers (:func:`norm_groups`); ``resident``: blocks loop
+    over row blocks (:data:`RESIDENT_GRID`)."""
+    return (p.defines(staged_x, warps, min_blocks, gated, full, norm_qs, resid, resident)
             + (cuda_jit.source_dir() / "gemv_mma.cu").read_text())
 
 
@@ -333,17 +335,43 @@ def gemv(x: torch.Tensor, fmt: Format, qt: QuantizedTensor, p: Plan, gated: bool
         codes, scales, groups = qt.data["codes"], qt.data["scale"], fmt.n_groups(k)
         mins = qt.data.get("min", scales)
     full = k % (4 * half_per_chunk(p)) == 0  # whole steps of 4 chunks: no lane past the row's end
-    source = _source(p, xs, warps, min_blocks_for(warps, m), gated, full, norm_qs, res is not None)
-    kern = cuda_jit.kernel(source, "gemv_mma", x.device)
+    blocks = min_blocks_for(warps, m)
     rows_per_block = ROWS_PER_BLOCK // 2 if gated else ROWS_PER_BLOCK  # gated: 8 gate rows + their 8 up rows
     tiles = (n + rows_per_block - 1) // rows_per_block
+    resident = warps >= WARPS_MANY and _resident_grid() and tiles > blocks * _sm_count(x.device)
+    grid = blocks * _sm_count(x.device) if resident else tiles
+    source = _source(p, xs, warps, blocks, gated, full, norm_qs, res is not None, resident)
+    kern = cuda_jit.kernel(source, "gemv_mma", x.device)
     shared = staged_bytes(m, k) if xs else 0
     kern.allow_shared(shared)
     eps = ctypes.c_float(0.0 if norm is None else norm[1])
-    kern((tiles, 1, 1), (warps * 32, 1, 1),
-         [codes, scales, mins, x, y, _TABLES[key], n, k, m, groups, nw, y if res is None else res, eps],
+    kern((grid, 1, 1), (warps * 32, 1, 1),
+         [codes, scales, mins, x, y, _TABLES[key], n, k, m, groups, nw, y if res is None else res, eps, tiles],
          shared=shared, early=launches_early() and _hopper(x.device))
     return y
+
+
+# 16-warp kernels can launch only the blocks that stay resident together (``min_blocks_for`` per SM: 2), each
+# looping over row blocks, so the activations are staged (and normalized) once per block instead of once per 16
+# rows: q4_0's q/k/v and gate/up GEMVs had 3 and 5 waves of blocks. TG-128 of the 7B shape on an H200
+# (docs/kernels.md): q4_0 467.6 -> 503.9 tok/s; nz2_ch, whose rows of 4096 take 8-warp blocks (4 per SM, fewer
+# waves), 725.5 -> 719.0 with every kernel looping, so 8-warp kernels keep one block per row block.
+# ``LOWBIT_CUDA_RESIDENT``: "1" on, "0" one block per row block everywhere, "auto" (default) on once the loop's GPU
+# test has passed (``resident_gemv`` out of :data:`lowbit.kernels.dispatch.GPU_UNVERIFIED`).
+RESIDENT_GRID = os.environ.get("LOWBIT_CUDA_RESIDENT", "auto")
+
+
+def _resident_grid() -> bool:
+    if RESIDENT_GRID != "auto":
+        return RESIDENT_GRID == "1"
+    from lowbit.kernels.dispatch import GPU_UNVERIFIED
+
+    return "resident_gemv" not in GPU_UNVERIFIED
+
+
+@cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 # Register groups a thread may hold while it normalizes the staged row (the kernel's NORM_QS): 7B-class rows of 4096

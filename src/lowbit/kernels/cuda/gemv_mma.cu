@@ -16,6 +16,7 @@
 //   NORM         1 (XS 1 only): the staged row is RMSNorm(x) as transformers' Llama computes it (the norm before a
 //                layer's q/k/v or gate/up, which then needs no kernel of its own)
 //   RESID        1: y = res + x W^T (the residual add after a layer's o or down projection), rounded as fp16 adds
+//   RESIDENT     1: the grid is the blocks that stay resident together, each looping over row blocks
 //
 // Layout of the work. A block owns 16 rows (GATED: 8 gate rows and the 8 up rows N further on, as its rows g and
 // g + 8, so each lane holds a gate sum and the matching up sum and applies the epilogue in fp32). Lane (g, t) of a
@@ -491,25 +492,11 @@ DEV void stage_block(const u32* tables, const u16* x, int K, int M, const u16* n
 #if RESID && GATED
 #error "RESID adds a residual to plain projections (o, down), not to a gated [gate; up] product"
 #endif
-// The warps' partial sums of one row block added in shared memory; warp 0 applies the epilogue and writes y.
-// d[0], d[1]: row g, batch columns 2t, 2t + 1; d[2], d[3]: row g + 8 (GATED: the up row of gate row g).
-DEV void store_rows(float* d, float (*part)[32][4], int row0, u16* y, const u16* res, int N, int M) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+// Warp 0 of a block: the other warps' partial sums added, the epilogue applied, y written. d[0], d[1]: row g,
+// batch columns 2t, 2t + 1; d[2], d[3]: row g + 8 (GATED: the up row of gate row g). rv: the residuals (RESID).
+DEV void finish_rows(float* d, float (*part)[32][4], int row0, u16* y, const float* rv, int N, int M) {
+    const int lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
-#if RESID && !GATED
-    float rv[4] = {};  // warp 0's residuals, requested before the block's barrier
-    if (warp == 0) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const int col = 2 * t + (e & 1), row = row0 + g + 8 * (e >> 1);
-            if (col < M && row < N) rv[e] = half_to_float(res[(size_t)col * N + row]);
-        }
-    }
-#endif
-#pragma unroll
-    for (int e = 0; e < 4; ++e) part[warp][lane][e] = d[e];
-    __syncthreads();
-    if (warp != 0) return;
 #pragma unroll
     for (int w = 1; w < WARPS; ++w)
 #pragma unroll
@@ -534,77 +521,132 @@ DEV void store_rows(float* d, float (*part)[32][4], int row0, u16* y, const u16*
 #endif
 }
 
+// The warps' partial sums of one row block added in shared memory; warp 0 applies the epilogue and writes y.
+DEV void store_rows(float* d, float (*part)[32][4], int row0, u16* y, const u16* res, int N, int M) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    float rv[4] = {};  // warp 0's residuals (RESID), requested before the block's barrier
+#if RESID
+    if (warp == 0) {
+        const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int col = 2 * t + (e & 1), row = row0 + g + 8 * (e >> 1);
+            if (col < M && row < N) rv[e] = half_to_float(res[(size_t)col * N + row]);
+        }
+    }
+#endif
+#pragma unroll
+    for (int e = 0; e < 4; ++e) part[warp][lane][e] = d[e];
+    __syncthreads();
+    if (warp == 0) finish_rows(d, part, row0, y, rv, N, M);
+}
+
+// A block's rows: row block `tile` (16 rows; GATED: 8 gate rows and their 8 up rows N further on). Ragged N: the
+// last rows are clamped into the matrix and not written.
+struct Rows { int row0, ra, rb; };
+DEV Rows rows_of(int tile, int N) {
+    const int g = (threadIdx.x & 31) >> 2;
+#if GATED
+    const int row0 = tile * 8, ra = min(row0 + g, N - 1);
+    return {row0, ra, ra + N};
+#else
+    const int row0 = tile * 16;
+    return {row0, min(row0 + g, N - 1), min(row0 + g + 8, N - 1)};
+#endif
+}
+
+// The first step of a lane in the rows r (chunk c0 of both rows, with its scales).
+DEV Step first_step(const u32* codes, const u16* scales, const u16* mins, Rows r, int chunks, int groups, int c0) {
+    return load_step((const U4*)codes + (size_t)r.ra * chunks + c0, (const U4*)codes + (size_t)r.rb * chunks + c0,
+                     scales + (size_t)r.ra * groups, scales + (size_t)r.rb * groups, mins + (size_t)r.ra * groups,
+                     mins + (size_t)r.rb * groups, c0);
+}
+
+// Blocks loop over row blocks (tile, tile + gridDim.x, ...): cuda_gemv launches as many as stay resident, so each
+// stages (and normalizes) the activations once for all its row blocks, and the next row block's first weights are
+// requested before this one's partial sums are added.
 extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
 gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u16* __restrict__ mins,
          const u16* __restrict__ x, u16* __restrict__ y, const u32* __restrict__ tables, int N, int K, int M,
-         int groups, const u16* __restrict__ nw, const u16* __restrict__ res, float eps) {
+         int groups, const u16* __restrict__ nw, const u16* __restrict__ res, float eps, int tiles) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
-#if GATED
-    const int row0 = blockIdx.x * 8;
-    const int ra = min(row0 + g, N - 1), rb = ra + N;  // gate row and its up row; ragged N: clamp, do not write
-#else
-    const int row0 = blockIdx.x * 16;
-    const int ra = min(row0 + g, N - 1), rb = min(row0 + g + 8, N - 1);  // ragged N: clamp, do not write
-#endif
     const int chunks = K / HALF_PER_CHUNK;  // 16-byte chunks per row
-    const u16* sa_row = scales + (size_t)ra * groups;
-    const u16* sb_row = scales + (size_t)rb * groups;
-    const u16* ma_row = mins + (size_t)ra * groups;
-    const u16* mb_row = mins + (size_t)rb * groups;
-    float d[4] = {};
     // Lane t reads all 16 bytes of chunk 4 s + t (one 128-bit load); its 4 words are 4 consecutive k-ranges. The
     // next step's weights are requested before this step is decoded (software pipelining: loads overlap math).
     // Lanes past the row's end (K not a multiple of 4 chunks) add zeros.
-    const U4* ca = (const U4*)codes + (size_t)ra * chunks;
-    const U4* cb = (const U4*)codes + (size_t)rb * chunks;
     const U4* xc = activation_row(x, g, M, K);
     const int steps = (chunks + 3) / 4;
-    int c = warp * 4 + t;
     // FULL: running pointers to the lane's next chunk; else each step's chunk clamped into the row. Warps with no
     // step at all (K of few chunks) read the last chunk here and never use it.
-    const int c0 = min(c, chunks - 1);
-    const U4 *pa = ca + c0, *pb = cb + c0;
-    Step next = load_step(pa, pb, sa_row, sb_row, ma_row, mb_row, c0);  // in flight during the set-up below
+    const int c0 = min(warp * 4 + t, chunks - 1);
+    Rows r = rows_of(blockIdx.x, N);
+    Step next = first_step(codes, scales, mins, r, chunks, groups, c0);  // in flight during the set-up below
     stage_block(tables, x, K, M, nw, eps);
 #if KIND != 0 || XS
     __syncthreads();
 #endif
-    // Measured on an H200: loading 2-4 steps ahead (a ring of registers) was slower at every large shape, the
-    // registers it takes cost residency or spill (docs/kernels.md).
-    for (int s = warp; s < steps; s += WARPS, c += 4 * WARPS) {
-        const Step w = next;
+    __shared__ float part[WARPS][32][4];
+#if RESIDENT
+    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+#else
+    {  // one row block per block: the kernel as it was before RESIDENT
+        const int tile = blockIdx.x;
+#endif
+        const u16* sa_row = scales + (size_t)r.ra * groups;
+        const u16* sb_row = scales + (size_t)r.rb * groups;
+        const u16* ma_row = mins + (size_t)r.ra * groups;
+        const u16* mb_row = mins + (size_t)r.rb * groups;
+        const U4* ca = (const U4*)codes + (size_t)r.ra * chunks;
+        const U4* cb = (const U4*)codes + (size_t)r.rb * chunks;
+        const U4 *pa = ca + c0, *pb = cb + c0;
+        int c = warp * 4 + t;
+        float d[4] = {};
+        // Measured on an H200: loading 2-4 steps ahead (a ring of registers) was slower at every large shape, the
+        // registers it takes cost residency or spill (docs/kernels.md).
+        for (int s = warp; s < steps; s += WARPS, c += 4 * WARPS) {
+            const Step w = next;
 #if FULL
-        if (s + WARPS < steps) {  // no prefetch past the last step (a warp-uniform branch)
-            pa += 4 * WARPS;
-            pb += 4 * WARPS;
-            next = load_step(pa, pb, sa_row, sb_row, ma_row, mb_row, c + 4 * WARPS);
-        }
+            if (s + WARPS < steps) {  // no prefetch past the last step (a warp-uniform branch)
+                pa += 4 * WARPS;
+                pb += 4 * WARPS;
+                next = load_step(pa, pb, sa_row, sb_row, ma_row, mb_row, c + 4 * WARPS);
+            }
 #else
-        const int cn = min(c + 4 * WARPS, chunks - 1);
-        next = load_step(ca + cn, cb + cn, sa_row, sb_row, ma_row, mb_row, cn);
+            const int cn = min(c + 4 * WARPS, chunks - 1);
+            next = load_step(ca + cn, cb + cn, sa_row, sb_row, ma_row, mb_row, cn);
 #endif
-        const bool ok = FULL || c < chunks;  // FULL: K fills whole steps, every lane's chunk is in the row
-        const int u0 = c * HALF_PER_CHUNK / 8;
-        const U4* xb = xchunk(xc, u0);
+            const bool ok = FULL || c < chunks;  // FULL: K fills whole steps, every lane's chunk is in the row
+            const int u0 = c * HALF_PER_CHUNK / 8;
+            const U4* xb = xchunk(xc, u0);
 #if KIND == 2
-        iq2_sub(d, w.a.x, w.a.y, w.b.x, w.b.y, xb, u0, 0, w.sa, w.sb, ok);
-        iq2_sub(d, w.a.z, w.a.w, w.b.z, w.b.w, xb, u0, 4, w.sa, w.sb, ok);
+            iq2_sub(d, w.a.x, w.a.y, w.b.x, w.b.y, xb, u0, 0, w.sa, w.sb, ok);
+            iq2_sub(d, w.a.z, w.a.w, w.b.z, w.b.w, xb, u0, 4, w.sa, w.sb, ok);
 #else
-        const int k0 = (FULL ? c : min(c, chunks - 1)) * HALF_PER_CHUNK;  // idle lanes: scale reads stay in the row
+            // idle lanes: scale reads stay in the row
+            const int k0 = (FULL ? c : min(c, chunks - 1)) * HALF_PER_CHUNK;
 #pragma unroll
-        for (int j = 0; j < 4; ++j)
-            chunk_mma(d, word(w.a, j), word(w.b, j), xb, u0, j * HALF_PER_WORD / 8, sa_row, sb_row, ma_row, mb_row,
-                      k0 + j * HALF_PER_WORD, ok, w.sa, w.sb, w.ma, w.mb);
+            for (int j = 0; j < 4; ++j)
+                chunk_mma(d, word(w.a, j), word(w.b, j), xb, u0, j * HALF_PER_WORD / 8, sa_row, sb_row, ma_row,
+                          mb_row, k0 + j * HALF_PER_WORD, ok, w.sa, w.sb, w.ma, w.mb);
 #endif
-    }
+        }
+        const int row0 = r.row0;
+        const bool more = RESIDENT && tile + (int)gridDim.x < tiles;
+        if (more) {  // the next row block's first step, in flight while this one's sums are added
+            r = rows_of(tile + gridDim.x, N);
+            next = first_step(codes, scales, mins, r, chunks, groups, c0);
+        }
 #ifndef NO_EARLY_RELEASE
-    release_dependents();  // every weight of this block is read
+        else {
+            release_dependents();  // every weight of this block is read
+        }
 #endif
 #if ROW_SCALE
-    const float fa = half_lo_to_float(ld_half(sa_row)), fb = half_lo_to_float(ld_half(sb_row));
-    d[0] *= fa; d[1] *= fa; d[2] *= fb; d[3] *= fb;
+        const float fa = half_lo_to_float(ld_half(sa_row)), fb = half_lo_to_float(ld_half(sb_row));
+        d[0] *= fa; d[1] *= fa; d[2] *= fb; d[3] *= fb;
 #endif
-    __shared__ float part[WARPS][32][4];
-    store_rows(d, part, row0, y, res, N, M);
+        store_rows(d, part, row0, y, res, N, M);
+        if (more) __syncthreads();  // warp 0 has read `part` before the warps write it again
+    }
 }
