@@ -13,8 +13,10 @@ prefill into a static KV cache), then ``--gen`` greedy decode steps timed with t
 (lowbit.serve.fast_decode.StaticDecoder: CUDA-graph replay per token, no host sync until the end); the median of
 ``--repeats`` runs gives tokens/s. The same steps run eagerly (``--eager-repeats``) for the launch-bound
 baseline, and the first ``--check-tokens`` tokens are compared with the plain dynamic-cache loop that
-``lowbit generate`` uses. With ``--compile`` on Hopper or later the step uses programmatic dependent launch where
-StaticDecoder's default does (``--pdl auto``; ``on`` / ``off`` force it; each row records ``pdl``).
+``lowbit generate`` uses (the same packed kernels on the model as the decoder left it: this checks the static
+cache, graph, fusions and compiled step, not the GEMV kernels, which tests/test_cuda_gemv.py checks). With
+``--compile`` on Hopper or later the step uses programmatic dependent launch where StaticDecoder's default does
+(``--pdl auto``; ``on`` / ``off`` force it; each row records ``pdl``).
 
 Roofline: bytes a decode step must read = decoder-linear weights as stored (codes + scales [+ mins]) + LM head +
 one embedding row + norms + the KV cache at the mean context of the timed steps; divided by the measured
