@@ -394,11 +394,14 @@ def test_cuda_gemv_kernels_fit_their_blocks_without_spills(name: str, cols: int,
     blocks = cuda_gemv.min_blocks_for(warps, m)
     # plain, and as a decode step's folded layers run it: a norm in the batch-1 staging, a residual in the epilogue
     norm_qs = cuda_gemv.norm_groups(p, cols, warps)
+    # and, for 16-warp kernels, with the blocks looping over row blocks (RESIDENT)
+    resident = (False, True) if warps == cuda_gemv.WARPS_MANY else (False,)
     for norm, resid in ((0, False),) + (((norm_qs, False), (0, True)) if staged == 1 else ()):
-        kern = cuda_jit.kernel(cuda_gemv._source(p, staged, warps, blocks, False, full, norm, resid),
-                               "gemv_mma", torch.device("cuda"))
-        assert kern.attribute(3) <= 16  # CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES
-        assert kern.attribute(4) * warps * 32 * blocks <= 65536  # NUM_REGS
+        for loop in resident:
+            kern = cuda_jit.kernel(cuda_gemv._source(p, staged, warps, blocks, False, full, norm, resid, loop),
+                                   "gemv_mma", torch.device("cuda"))
+            assert kern.attribute(3) <= 16  # CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES
+            assert kern.attribute(4) * warps * 32 * blocks <= 65536  # NUM_REGS
 
 
 @gpu
