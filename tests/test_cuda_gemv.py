@@ -444,7 +444,7 @@ def test_resident_blocks_loop_over_row_blocks_on_gpu(name: str, cols: int, m: in
     from lowbit.kernels.reference import dequant_matmul_reference, rms_norm_reference
 
     monkeypatch.setattr(cuda_gemv, "RESIDENT_GRID", "1")
-    monkeypatch.setattr(cuda_gemv, "_sm_count", lambda device: 1)  # 2 resident blocks of 16 warps
+    monkeypatch.setattr(cuda_gemv, "sm_count", lambda device: 1)  # 2 resident blocks of 16 warps
     fmt, qt = _packed(name, (2 * 104, cols), seed=cols + m)  # 13 row blocks; gated: 104 = 13 x 8 rows
     p = cuda_gemv.plan(fmt, qt.shape)
     assert cuda_gemv.warps_for(p, cols) == cuda_gemv.WARPS_MANY

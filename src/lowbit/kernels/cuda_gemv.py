@@ -31,6 +31,7 @@ from lowbit.formats import E8PFormat, Format, IQ2XXSFormat, QuantizedTensor, Uni
 from lowbit.formats import e8p as e8p_format
 from lowbit.formats import iq2xxs as iq2xxs_format
 from lowbit.kernels import cuda_jit
+from lowbit.kernels.device import sm_count
 from lowbit.kernels.reference import rms_norm_reference
 
 MAX_M = 8  # batch columns of the m16n8k16 MMA
@@ -338,8 +339,8 @@ def gemv(x: torch.Tensor, fmt: Format, qt: QuantizedTensor, p: Plan, gated: bool
     blocks = min_blocks_for(warps, m)
     rows_per_block = ROWS_PER_BLOCK // 2 if gated else ROWS_PER_BLOCK  # gated: 8 gate rows + their 8 up rows
     tiles = (n + rows_per_block - 1) // rows_per_block
-    resident = warps >= WARPS_MANY and _resident_grid() and tiles > blocks * _sm_count(x.device)
-    grid = blocks * _sm_count(x.device) if resident else tiles
+    grid = min(tiles, blocks * sm_count(x.device)) if warps >= WARPS_MANY and _resident_grid() else tiles
+    resident = grid < tiles
     source = _source(p, xs, warps, blocks, gated, full, norm_qs, res is not None, resident)
     kern = cuda_jit.kernel(source, "gemv_mma", x.device)
     shared = staged_bytes(m, k) if xs else 0
@@ -367,11 +368,6 @@ def _resident_grid() -> bool:
     from lowbit.kernels.dispatch import GPU_UNVERIFIED
 
     return "resident_gemv" not in GPU_UNVERIFIED
-
-
-@cache
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 # Register groups a thread may hold while it normalizes the staged row (the kernel's NORM_QS): 7B-class rows of 4096

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import torch
 
+from lowbit.kernels.device import sm_count
+
 try:
     import triton
     import triton.language as tl
@@ -62,10 +64,6 @@ def default_splits(bsz: int, heads: int, seq: int, sms: int) -> int:
     """Programs per (sequence, head) on ``sms`` SMs: about two per SM in all, at most one per key block and at most
     :data:`MAX_SPLITS`."""
     return max(1, min(-(-seq // BLOCK), -(-2 * sms // (bsz * heads)), MAX_SPLITS))
-
-
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 MAX_SPLITS = 16
@@ -245,7 +243,7 @@ def _launch(x: torch.Tensor, bsz: int, heads: int, seq: int, dim: int, mask: tor
             splits: int | None) -> tuple[int, tuple[torch.Tensor, ...], tuple[int, int]]:
     """What both kernels' launches share: the splits (checked, or :func:`default_splits`), the mask pointer, the
     workspace and counters of the splits, and the mask's strides."""
-    splits = default_splits(bsz, heads, seq, _sm_count(x.device)) if splits is None else splits
+    splits = default_splits(bsz, heads, seq, sm_count(x.device)) if splits is None else splits
     if not 1 <= splits <= MAX_SPLITS:
         raise ValueError(f"splits must be in 1..{MAX_SPLITS}, got {splits}")
     rows = bsz * heads

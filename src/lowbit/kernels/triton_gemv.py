@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from lowbit.kernels import triton_gemv_affine
+from lowbit.kernels.device import sm_count
 from lowbit.kernels.launch import INTERPRET, autotune, bench, gemv_rows
 
 # batch 1 on 2/4-bit affine grids goes to the leaner kernel of triton_gemv_affine (LOWBIT_GEMV_AFFINE=0: this one,
@@ -274,7 +275,6 @@ _last_tuner = None
 
 # the one config used under TRITON_INTERPRET=1 (tests vary it; SPLIT_K there overrides the heuristic)
 INTERPRET_CONFIG = {"BLOCK_N": 4, "BLOCK_W": 4, "UNROLL": 1, "ROW_GROUPS": 1}
-_SMS: dict = {}
 
 
 def last_best_config() -> str:
@@ -288,10 +288,8 @@ def split_k(N: int, K: int, device: torch.device) -> int:
     """K runs per row block: enough programs (~2 per SM at 4 rows per program) on narrow outputs, runs >= 1024."""
     if device.type != "cuda":
         return 1
-    if device not in _SMS:
-        _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
     split = 1
-    while triton.cdiv(N, 4) * split < 2 * _SMS[device] and split < 4 and K // (2 * split) >= 1024:
+    while triton.cdiv(N, 4) * split < 2 * sm_count(device) and split < 4 and K // (2 * split) >= 1024:
         split *= 2
     return split
 

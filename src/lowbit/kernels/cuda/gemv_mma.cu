@@ -555,12 +555,15 @@ DEV Rows rows_of(int tile, int N) {
 #endif
 }
 
-// The first step of a lane in the rows r (chunk c0 of both rows, with its scales).
-DEV Step first_step(const u32* codes, const u16* scales, const u16* mins, Rows r, int chunks, int groups, int c0) {
-    return load_step((const U4*)codes + (size_t)r.ra * chunks + c0, (const U4*)codes + (size_t)r.rb * chunks + c0,
-                     scales + (size_t)r.ra * groups, scales + (size_t)r.rb * groups, mins + (size_t)r.ra * groups,
-                     mins + (size_t)r.rb * groups, c0);
+// Where the rows r start: their codes (16-byte chunks), scales and mins.
+struct RowPtrs { const U4 *ca, *cb; const u16 *sa, *sb, *ma, *mb; };
+DEV RowPtrs row_ptrs(const u32* codes, const u16* scales, const u16* mins, Rows r, int chunks, int groups) {
+    return {(const U4*)codes + (size_t)r.ra * chunks, (const U4*)codes + (size_t)r.rb * chunks,
+            scales + (size_t)r.ra * groups, scales + (size_t)r.rb * groups, mins + (size_t)r.ra * groups,
+            mins + (size_t)r.rb * groups};
 }
+// The first step of a lane in rows p: chunk c0 of both rows, with its scales.
+DEV Step first_step(const RowPtrs& p, int c0) { return load_step(p.ca + c0, p.cb + c0, p.sa, p.sb, p.ma, p.mb, c0); }
 
 // Blocks loop over row blocks (tile, tile + gridDim.x, ...): cuda_gemv launches as many as stay resident, so each
 // stages (and normalizes) the activations once for all its row blocks, and the next row block's first weights are
@@ -581,7 +584,7 @@ gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u1
     // step at all (K of few chunks) read the last chunk here and never use it.
     const int c0 = min(warp * 4 + t, chunks - 1);
     Rows r = rows_of(blockIdx.x, N);
-    Step next = first_step(codes, scales, mins, r, chunks, groups, c0);  // in flight during the set-up below
+    Step next = first_step(row_ptrs(codes, scales, mins, r, chunks, groups), c0);  // in flight during the set-up
     stage_block(tables, x, K, M, nw, eps);
 #if KIND != 0 || XS
     __syncthreads();
@@ -593,12 +596,10 @@ gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u1
     {  // one row block per block: the kernel as it was before RESIDENT
         const int tile = blockIdx.x;
 #endif
-        const u16* sa_row = scales + (size_t)r.ra * groups;
-        const u16* sb_row = scales + (size_t)r.rb * groups;
-        const u16* ma_row = mins + (size_t)r.ra * groups;
-        const u16* mb_row = mins + (size_t)r.rb * groups;
-        const U4* ca = (const U4*)codes + (size_t)r.ra * chunks;
-        const U4* cb = (const U4*)codes + (size_t)r.rb * chunks;
+        // derived from r in each pass (only r is kept across passes: the pointers would cost registers)
+        const RowPtrs rp = row_ptrs(codes, scales, mins, r, chunks, groups);
+        const u16 *sa_row = rp.sa, *sb_row = rp.sb, *ma_row = rp.ma, *mb_row = rp.mb;
+        const U4 *ca = rp.ca, *cb = rp.cb;
         const U4 *pa = ca + c0, *pb = cb + c0;
         int c = warp * 4 + t;
         float d[4] = {};
@@ -635,7 +636,7 @@ gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u1
         const bool more = RESIDENT && tile + (int)gridDim.x < tiles;
         if (more) {  // the next row block's first step, in flight while this one's sums are added
             r = rows_of(tile + gridDim.x, N);
-            next = first_step(codes, scales, mins, r, chunks, groups, c0);
+            next = first_step(row_ptrs(codes, scales, mins, r, chunks, groups), c0);
         }
 #ifndef NO_EARLY_RELEASE
         else {

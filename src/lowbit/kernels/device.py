@@ -1,0 +1,13 @@
+"""What the kernels' launch sizes read from the GPU they run on, looked up once per device."""
+
+from __future__ import annotations
+
+from functools import cache
+
+import torch
+
+
+@cache
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device``; 1 off CUDA (grids sized from it stay valid)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
