@@ -27,7 +27,7 @@ from functools import cache
 
 import torch
 
-from lowbit.formats import E8PFormat, Format, IQ2XXSFormat, QuantizedTensor, UniformFormat
+from lowbit.formats import E8PFormat, Format, IQ2XXSFormat, KQuantFormat, QuantizedTensor, UniformFormat
 from lowbit.kernels.reference import dequant_matmul_reference, rms_norm_reference
 
 _MODES = ("auto", "reference", "triton")
@@ -38,7 +38,8 @@ _MODES = ("auto", "reference", "triton")
 # after theirs passed on an H200. A new kernel enters here until its GPU test has run. resident_gemv: the CUDA GEMV's
 # blocks looping over row blocks (cuda_gemv.RESIDENT_GRID), measured on an H200 before its test of the loop
 # (tests/test_cuda_gemv.py::test_resident_blocks_loop_over_row_blocks_on_gpu) was written.
-GPU_UNVERIFIED: frozenset[str] = frozenset({"resident_gemv"})
+# kquants: the k-quant GEMV (triton_kquants, tests/test_kernels_kquants.py), checked in the interpreter only so far.
+GPU_UNVERIFIED: frozenset[str] = frozenset({"resident_gemv", "kquants"})
 _mode = os.environ.get("LOWBIT_KERNELS", "auto")
 _CUDA_GEMV = os.environ.get("LOWBIT_CUDA_GEMV", "1") != "0"
 
@@ -73,6 +74,8 @@ def triton_runs(x: torch.Tensor, kernel: str = "") -> bool:
 
 
 def _use_triton(x: torch.Tensor, fmt: Format) -> bool:
+    if isinstance(fmt, KQuantFormat):
+        return triton_runs(x, "kquants")
     if not isinstance(fmt, UniformFormat | E8PFormat | IQ2XXSFormat):
         return False
     return triton_runs(x, "iq2_xxs" if isinstance(fmt, IQ2XXSFormat) else "")
@@ -167,8 +170,12 @@ def _matmul(x: torch.Tensor, fmt: Format, qt: QuantizedTensor) -> torch.Tensor:
 
     gemv_sized = x2.shape[0] <= MAX_M
     n_out, n_in = qt.shape
-    if isinstance(fmt, E8PFormat | IQ2XXSFormat) and not gemv_sized:  # vector codebooks: GEMV kernels only
+    if isinstance(fmt, E8PFormat | IQ2XXSFormat | KQuantFormat) and not gemv_sized:  # GEMV kernels only
         return dequant_matmul_reference(x, fmt, qt)
+    if isinstance(fmt, KQuantFormat):
+        from lowbit.kernels import triton_kquants
+
+        return triton_kquants.gemv(x2, qt.data["qs"], fmt.name, n_in).reshape(*lead, n_out)
     if isinstance(fmt, E8PFormat):
         from lowbit.kernels import triton_e8p
 
