@@ -2,12 +2,13 @@
 
 The weight is the format's ``qs`` uint8 [rows, superblocks * block_bytes]: each row exactly llama.cpp's
 ``block_q*_K`` array (:mod:`lowbit.formats.kquants` documents every layout). Each program owns BLOCK_N rows and
-walks them 64 weights at a time (a quarter superblock): for each weight it gathers the bytes that hold its code
-(the low bits, and Q3_K's / Q5_K's / Q6_K's high bits) and its sub-block's integer scale (and min), forms
+walks them 64 weights at a time (a quarter superblock, two runs of 32 weights whose codes lie in 32 consecutive
+bytes each): one byte load per weight for its code (two for Q3_K's, Q5_K's and Q6_K's high bits), the integer
+scales (and mins) once per run or 16-weight sub-block, ``d`` (and ``dmin``) once per row, then
 ``(d sc) q - (dmin mn)`` or ``(d sc) (q - 2^(bits-1))`` in float32 with the products in ggml's order
-(``dequantize_row_q*_K``, and :meth:`KQuantFormat.decode`), and accumulates the products with x elementwise in
-float32, reduced once at the end. The byte gathers repeat within a warp and are served by L1. Larger batches go
-through the reference (dequantize, then cuBLAS).
+(``dequantize_row_q*_K``, and :meth:`KQuantFormat.decode`), accumulated with x elementwise in float32 and reduced
+once at the end. Bytes shared by several codes (2-bit fields) are served by L1. Larger batches go through the
+reference (dequantize, then cuBLAS).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import triton.language as tl
 
 from lowbit.kernels.launch import INTERPRET, autotune, bench, gemv_rows
 
-CHUNK = 64  # weights per step: a quarter superblock
+CHUNK = tl.constexpr(64)  # weights per step: a quarter superblock
 # ggml's type per format name and its block bytes (kquants.*Format.fields)
 KINDS = {"q2_k": (2, 84), "q3_k": (3, 110), "q4_k": (4, 144), "q5_k": (5, 176), "q6_k": (6, 210)}
 
@@ -36,45 +37,51 @@ def _half(ptr, offs, mask):
 
 
 @triton.jit
-def _kquant_weights(qs_ptr, base, i, mask, KIND: tl.constexpr):
-    """Weights [BLOCK_N, CHUNK] of the superblocks at byte ``base`` [BLOCK_N, 1], weight ``i`` [1, CHUNK] of each
-    (0..255), as ggml's dequantize_row_q*_K computes them in float32."""
-    m = i % 32
+def _kquant_chunk(qs_ptr, base, qtr, mask, KIND: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Weights [BLOCK_N, 64] of quarter ``qtr`` (0..3) of the superblocks at byte ``base`` [BLOCK_N, 1], as ggml's
+    dequantize_row_q*_K computes them in float32. The quarter is two runs r = 2 qtr + h of 32 weights: in every
+    layout run r's codes sit in 32 consecutive bytes at one bit position, and its one (Q4_K, Q5_K) or two
+    (16-weight sub-blocks 2 r + s) sub-blocks take their scales from a few bytes, read once per run."""
+    h = tl.arange(0, 2)[None, :, None]
+    r = 2 * qtr + h  # [1, 2, 1]
+    m = tl.arange(0, 32)[None, None, :]
+    sub = 2 * r + tl.arange(0, 2)[None, None, :]  # [1, 2, 2]: 16-weight sub-blocks
+    b3 = base[:, :, None]
+    mk = mask[:, :, None]
     if KIND == 2:  # scales[16] (sc | mn << 4), qs[64], d, dmin
-        q = (_byte(qs_ptr, base + 16 + 32 * (i // 128) + m, mask) >> (2 * ((i % 128) // 32))) & 3
-        s = _byte(qs_ptr, base + i // 16, mask)
-        scale = _half(qs_ptr, base + 80, mask) * (s & 15).to(tl.float32)
-        w = scale * q.to(tl.float32) - _half(qs_ptr, base + 82, mask) * (s >> 4).to(tl.float32)
+        q = (_byte(qs_ptr, b3 + 16 + 32 * (r // 4) + m, mk) >> (2 * (r % 4))) & 3
+        sm = _byte(qs_ptr, b3 + sub, mk)
+        scale = _half(qs_ptr, base + 80, mask)[:, :, None] * (sm & 15).to(tl.float32)
+        mins = _half(qs_ptr, base + 82, mask)[:, :, None] * (sm >> 4).to(tl.float32)
     elif KIND == 3:  # hmask[32], qs[64], scales[12] (6-bit sc + 32), d
-        lo = (_byte(qs_ptr, base + 32 + 32 * (i // 128) + m, mask) >> (2 * ((i % 128) // 32))) & 3
-        hi = (_byte(qs_ptr, base + m, mask) >> (i // 32)) & 1
-        sub = i // 16
-        s_lo = (_byte(qs_ptr, base + 96 + sub % 8, mask) >> (4 * (sub // 8))) & 15
-        s_hi = (_byte(qs_ptr, base + 104 + sub % 4, mask) >> (2 * (sub // 4))) & 3
-        scale = _half(qs_ptr, base + 108, mask) * ((s_lo | (s_hi << 4)) - 32).to(tl.float32)
-        w = scale * ((lo | (hi << 2)) - 4).to(tl.float32)
+        lo = (_byte(qs_ptr, b3 + 32 + 32 * (r // 4) + m, mk) >> (2 * (r % 4))) & 3
+        q = lo | (((_byte(qs_ptr, b3 + m, mk) >> r) & 1) << 2)
+        s_lo = (_byte(qs_ptr, b3 + 96 + sub % 8, mk) >> (4 * (sub // 8))) & 15
+        s_hi = (_byte(qs_ptr, b3 + 104 + sub % 4, mk) >> (2 * (sub // 4))) & 3
+        scale = _half(qs_ptr, base + 108, mask)[:, :, None] * ((s_lo | (s_hi << 4)) - 32).to(tl.float32)
     elif KIND == 6:  # ql[128], qh[64], int8 scales[16], d
-        r = i % 128
-        lo = (_byte(qs_ptr, base + 64 * (i // 128) + 32 * ((r // 32) % 2) + m, mask) >> (4 * (r // 64))) & 15
-        hi = (_byte(qs_ptr, base + 128 + 32 * (i // 128) + m, mask) >> (2 * (r // 32))) & 3
-        sc = _byte(qs_ptr, base + 192 + i // 16, mask)
-        sc = tl.where(sc >= 128, sc - 256, sc)
-        scale = _half(qs_ptr, base + 208, mask) * sc.to(tl.float32)
-        w = scale * ((lo | (hi << 4)) - 32).to(tl.float32)
-    else:  # Q4_K, Q5_K: d, dmin, scales[12] (get_scale_min_k4), [qh[32]], qs[128]
+        lo = (_byte(qs_ptr, b3 + 64 * (r // 4) + 32 * (r % 2) + m, mk) >> (4 * ((r // 2) % 2))) & 15
+        q = lo | (((_byte(qs_ptr, b3 + 128 + 32 * (r // 4) + m, mk) >> (2 * (r % 4))) & 3) << 4)
+        sc = _byte(qs_ptr, b3 + 192 + sub, mk)
+        scale = _half(qs_ptr, base + 208, mask)[:, :, None] * tl.where(sc >= 128, sc - 256, sc).to(tl.float32)
+    else:  # Q4_K, Q5_K: d, dmin, scales[12] (get_scale_min_k4: sub-block r), [qh[32]], qs[128]
         QS: tl.constexpr = 16 if KIND == 4 else 48
-        q = (_byte(qs_ptr, base + QS + 32 * (i // 64) + m, mask) >> (4 * ((i // 32) % 2))) & 15
+        q = (_byte(qs_ptr, b3 + QS + 32 * (r // 2) + m, mk) >> (4 * (r % 2))) & 15
         if KIND == 5:
-            q = q | (((_byte(qs_ptr, base + 16 + m, mask) >> (i // 32)) & 1) << 4)
-        j = i // 32  # sub-block: bytes j and j + 4 (j < 4), else j + 4, j - 4 and j
-        a = _byte(qs_ptr, base + 4 + j, mask)
-        b = _byte(qs_ptr, base + 8 + j, mask)
-        c = _byte(qs_ptr, base + 4 + tl.where(j < 4, j, j - 4), mask)
-        sc = tl.where(j < 4, a & 63, (b & 15) | ((c >> 6) << 4))
-        mn = tl.where(j < 4, b & 63, (b >> 4) | ((a >> 6) << 4))
-        scale = _half(qs_ptr, base, mask) * sc.to(tl.float32)
-        w = scale * q.to(tl.float32) - _half(qs_ptr, base + 2, mask) * mn.to(tl.float32)
-    return w
+            q = q | (((_byte(qs_ptr, b3 + 16 + m, mk) >> r) & 1) << 4)
+        a = _byte(qs_ptr, b3 + 4 + r, mk)  # [BLOCK_N, 2, 1]: bytes r and r + 4 (r < 4), else r + 4, r - 4 and r
+        b = _byte(qs_ptr, b3 + 8 + r, mk)
+        c = _byte(qs_ptr, b3 + 4 + tl.where(r < 4, r, r - 4), mk)
+        sc = tl.where(r < 4, a & 63, (b & 15) | ((c >> 6) << 4))
+        mn = tl.where(r < 4, b & 63, (b >> 4) | ((a >> 6) << 4))
+        scale = _half(qs_ptr, base, mask)[:, :, None] * sc.to(tl.float32)
+        mins = _half(qs_ptr, base + 2, mask)[:, :, None] * mn.to(tl.float32)
+    q4 = tl.reshape(q, (BLOCK_N, 2, 2, 16)).to(tl.float32)  # [row, run, half run, weight]
+    if KIND == 3 or KIND == 6:  # (d sc) (q - 2^(bits-1))
+        w = scale[:, :, :, None] * (q4 - (4.0 if KIND == 3 else 32.0))
+    else:  # (d sc) q - (dmin mn)
+        w = scale[:, :, :, None] * q4 - mins[:, :, :, None]
+    return tl.reshape(w, (BLOCK_N, CHUNK))
 
 
 @triton.jit
@@ -90,7 +97,7 @@ def _kquant_gemv_kernel(x_ptr, qs_ptr, y_ptr, M, N, K, row_bytes, stride_xm, str
     acc = tl.zeros((BLOCK_M, BLOCK_N, CHUNK), dtype=tl.float32)
     for k0 in range(0, K, CHUNK):
         base = row_base + (k0 // 256) * BLOCK_BYTES
-        w = _kquant_weights(qs_ptr, base, (k0 % 256 + offs_c)[None, :], n_mask, KIND)
+        w = _kquant_chunk(qs_ptr, base, (k0 % 256) // CHUNK, n_mask, KIND, BLOCK_N)
         offs_k = k0 + offs_c
         x = tl.load(x_ptr + offs_m[:, None, None] * stride_xm + rows0[None, :, None] + offs_k[None, None, :],
                     mask=(offs_m < M)[:, None, None], other=0.0).to(tl.float32)  # [BM, BN (equal), CHUNK]
