@@ -357,8 +357,9 @@ def gemv(x: torch.Tensor, fmt: Format, qt: QuantizedTensor, p: Plan, gated: bool
 # rows: q4_0's q/k/v and gate/up GEMVs had 3 and 5 waves of blocks. TG-128 of the 7B shape on an H200
 # (docs/kernels.md): q4_0 467.6 -> 503.9 tok/s; nz2_ch, whose rows of 4096 take 8-warp blocks (4 per SM, fewer
 # waves), 725.5 -> 719.0 with every kernel looping, so 8-warp kernels keep one block per row block.
-# ``LOWBIT_CUDA_RESIDENT``: "1" on, "0" one block per row block everywhere, "auto" (default) on once the loop's GPU
-# test has passed (``resident_gemv`` out of :data:`lowbit.kernels.dispatch.GPU_UNVERIFIED`).
+# ``LOWBIT_CUDA_RESIDENT``: "1" on, "0" one block per row block everywhere, "auto" (default) on unless
+# ``resident_gemv`` is in :data:`lowbit.kernels.dispatch.GPU_UNVERIFIED` (it left it when its GPU test passed on an
+# H200; default TG-128 there: q4_0 508.9 tok/s).
 RESIDENT_GRID = os.environ.get("LOWBIT_CUDA_RESIDENT", "auto")
 
 

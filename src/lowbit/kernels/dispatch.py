@@ -35,11 +35,9 @@ _MODES = ("auto", "reference", "triton")
 # torch reference for them on CUDA until their GPU tests have passed there; LOWBIT_KERNELS=triton opts in.
 # iq2_xxs and hadamard left it after their GPU tests passed on an H100; decode_attention (flash-decoding,
 # tests/test_decode_attention.py) and gated_gemv (the CUDA GEMV's silu(gate) * up epilogue, tests/test_cuda_gemv.py)
-# after theirs passed on an H200. A new kernel enters here until its GPU test has run. resident_gemv: the CUDA GEMV's
-# blocks looping over row blocks (cuda_gemv.RESIDENT_GRID), measured on an H200 before its test of the loop
-# (tests/test_cuda_gemv.py::test_resident_blocks_loop_over_row_blocks_on_gpu) was written.
-# kquants: the k-quant GEMV (triton_kquants, tests/test_kernels_kquants.py), checked in the interpreter only so far.
-GPU_UNVERIFIED: frozenset[str] = frozenset({"resident_gemv", "kquants"})
+# after theirs passed on an H200, and so did resident_gemv (the CUDA GEMV's blocks looping over row blocks,
+# cuda_gemv.RESIDENT_GRID) and kquants (triton_kquants). A new kernel enters here until its GPU test has run.
+GPU_UNVERIFIED: frozenset[str] = frozenset()
 _mode = os.environ.get("LOWBIT_KERNELS", "auto")
 _CUDA_GEMV = os.environ.get("LOWBIT_CUDA_GEMV", "1") != "0"
 
