@@ -51,7 +51,7 @@ def test_kquant_kernel_in_interpreter_matches_the_format(interpreter_results, na
     assert err < 1e-5
 
 
-def test_kquants_take_the_reference_on_the_cpu_in_auto_mode(monkeypatch):
+def test_kquants_take_the_reference_on_the_cpu_in_auto_mode():
     """In auto mode (no interpreter) a CPU input goes through the reference."""
     from lowbit.kernels import dispatch
 
@@ -72,7 +72,7 @@ def test_kquant_gemv_refuses_a_row_of_another_length():
     fmt = get_format("q6_k")
     qt = fmt.quantize(torch.randn(4, 512, generator=torch.Generator().manual_seed(4)))
     with pytest.raises(ValueError, match="does not match"):
-        triton_kquants.gemv(torch.zeros(1, 256), qt.data["qs"], "q6_k", 256)
+        triton_kquants.gemv(torch.zeros(1, 256), qt.data["qs"], fmt, 256)
 
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() or not triton_available(),
@@ -94,6 +94,6 @@ def test_kquant_kernel_on_gpu(name, shape, m):
     x = torch.randn(m, shape[1], generator=g)
     x[:, ::211] *= 300  # massive activation channels, as the bundled model has
     x = x.to("cuda", torch.float16)
-    y = triton_kquants.gemv(x, qs, name, shape[1])
+    y = triton_kquants.gemv(x, qs, fmt, shape[1])
     ref = x.double() @ fmt.dequantize(qt).double().cuda().T
     assert y.shape == ref.shape and float((y.double() - ref).norm() / ref.norm()) < 2e-3

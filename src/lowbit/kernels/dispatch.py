@@ -173,7 +173,7 @@ def _matmul(x: torch.Tensor, fmt: Format, qt: QuantizedTensor) -> torch.Tensor:
     if isinstance(fmt, KQuantFormat):
         from lowbit.kernels import triton_kquants
 
-        return triton_kquants.gemv(x2, qt.data["qs"], fmt.name, n_in).reshape(*lead, n_out)
+        return triton_kquants.gemv(x2, qt.data["qs"], fmt, n_in).reshape(*lead, n_out)
     if isinstance(fmt, E8PFormat):
         from lowbit.kernels import triton_e8p
 

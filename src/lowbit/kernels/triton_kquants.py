@@ -17,11 +17,10 @@ import torch
 import triton
 import triton.language as tl
 
+from lowbit.formats.kquants import QK_K, KQuantFormat
 from lowbit.kernels.launch import INTERPRET, autotune, bench, gemv_rows
 
 CHUNK = tl.constexpr(64)  # weights per step: a quarter superblock
-# ggml's type per format name and its block bytes (kquants.*Format.fields)
-KINDS = {"q2_k": (2, 84), "q3_k": (3, 110), "q4_k": (4, 144), "q5_k": (5, 176), "q6_k": (6, 210)}
 
 
 @triton.jit
@@ -119,13 +118,14 @@ _tuned = None if INTERPRET else _autotuned()
 INTERPRET_CONFIG = {"BLOCK_N": 4}
 
 
-def gemv(x: torch.Tensor, qs: torch.Tensor, name: str, n_cols: int) -> torch.Tensor:
-    """x [M <= 8, K] @ W^T for a k-quant weight ``name`` stored as ``qs`` uint8 [N, K / 256 * block_bytes]."""
-    kind, block_bytes = KINDS[name]
+def gemv(x: torch.Tensor, qs: torch.Tensor, fmt: KQuantFormat, n_cols: int) -> torch.Tensor:
+    """x [M <= 8, K] @ W^T for a k-quant weight of ``fmt`` stored as ``qs`` uint8 [N, K / 256 * block_bytes]. The
+    kernel's KIND is the format's bits per code (one layout per k-quant)."""
+    kind, block_bytes = fmt.bits, fmt.block_bytes
     M, K, block_m = gemv_rows(x.shape, n_cols)
     N = qs.shape[0]
-    if K % 256 or tuple(qs.shape) != (N, K // 256 * block_bytes):
-        raise ValueError(f"{name}: stored qs {tuple(qs.shape)} does not match {K} columns")
+    if K % QK_K or tuple(qs.shape) != (N, K // QK_K * block_bytes):
+        raise ValueError(f"{fmt.name}: stored qs {tuple(qs.shape)} does not match {K} columns")
     qs = qs.contiguous()
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     args = (x, qs, y, M, N, K, qs.shape[1], x.stride(0), y.stride(0))
