@@ -2,11 +2,13 @@
 
     PYTHONPATH=src python benchmarks/decode.py                                  # 7B shape on CUDA, ~2-4 min
     PYTHONPATH=src python benchmarks/decode.py --layers 4 --formats fp16,q4_0   # quick look
+    PYTHONPATH=src python benchmarks/decode.py --compile --formats q4_k,Q4_K_M    # K-quants; a llama.cpp preset's mix
     PYTHONPATH=src python benchmarks/decode.py --device cpu --layers 2 --hidden 256 --intermediate 512 \\
         --heads 4 --vocab 1000 --prompt 8 --gen 8 --repeats 1 --out /tmp/decode-cpu.json   # CPU smoke test
 
 The model is built directly on the device with random weights (no checkpoint, no CPU init). Each variant replaces
-every decoder linear by a QuantLinear holding random-but-valid packed weights (``--init random``: random codes,
+every decoder linear (each in the format named, or in the type llama.cpp's preset gives it: ``Q4_K_M``, ``Q6_K``,
+...) by a QuantLinear holding random-but-valid packed weights (``--init random``: random codes,
 scales sized for weights of std ~0.02; ``--init rtn``: RTN of the fp16 weights, slow for searched formats such as
 nz2_ch); embeddings and LM head stay fp16. For each variant: batch 1, a ``--prompt``-token prompt (eager
 prefill into a static KV cache), then ``--gen`` greedy decode steps timed with the fast path
@@ -42,7 +44,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lowbit.formats import QuantizedTensor, get_format
+from lowbit.formats import IQ2XXSFormat, KQuantFormat, QuantizedTensor, get_format
+from lowbit.io.gguf_presets import PRESETS, preset_plan
 from lowbit.models.fused_linears import layer_rotation
 from lowbit.models.quant_linear import QuantLinear
 from lowbit.models.walker import decoder_linears, empty_quant_linear, set_module
@@ -117,25 +120,60 @@ def _random_iq2xxs(lin: nn.Linear) -> QuantizedTensor:
     return get_format("iq2_xxs").pack(codes, {"d": d, "ls": ls}, (rows, cols))
 
 
+def _random_kquant(lin: nn.Linear, fmt: KQuantFormat) -> QuantizedTensor:
+    """Valid K-quant superblocks (random bytes would put NaNs in the fp16 d): random codes and integer scales (and
+    mins), d sized for weights of std ~0.02 and dmin to centre them, packed by the format."""
+    rows, cols = lin.weight.shape
+    dev = lin.weight.device
+    nsb = cols // 256
+    codes = torch.randint(0, 1 << fmt.bits, (rows, cols), device=dev)
+    params = {k: torch.randint(lo, hi + 1, (rows, nsb * fmt.n_sub), device=dev).float()
+              for k, (lo, hi) in fmt.ints.items()}
+    lo, hi = fmt.ints["sc"]
+    level_std = (1 << fmt.bits) / math.sqrt(12)  # codes uniform over the grid
+    d = torch.full((rows, nsb), 0.02 / (level_std * max(abs(lo), hi) / 2), device=dev).half().float()
+    params["d"] = d
+    if "dmin" in fmt.halves:  # mean code (2^bits - 1) / 2 times the mean sc, against the mean mn: about centred
+        params["dmin"] = (d * (1 << (fmt.bits - 1))).half().float()
+    return fmt.pack(codes, params, (rows, cols))
+
+
+def variant_formats(model: nn.Module, variant: str) -> dict[str, str]:
+    """Decoder linear -> format name: one format for ``FORMAT`` / ``FORMAT+rht``, or llama.cpp's per-tensor types
+    for a preset (``Q4_K_M``: :func:`lowbit.io.gguf_presets.preset_plan`; LM head and embeddings stay fp16)."""
+    names = list(decoder_linears(model))
+    if variant in PRESETS:
+        plan = preset_plan(model, variant).plan
+        return {n: plan[n] for n in names}
+    return dict.fromkeys(names, variant.removesuffix("+rht"))
+
+
 def quantize_model(model: nn.Module, variant: str, init: str) -> dict[str, nn.Module]:
     """Swap every decoder linear for a QuantLinear in the variant's format (``FORMAT`` or ``FORMAT+rht``: with
-    lowbit's incoherence rotations, input side shared by siblings, undone online); returns the originals."""
-    fmt_name, rotate = variant.removesuffix("+rht"), variant.endswith("+rht")
+    lowbit's incoherence rotations, input side shared by siblings, undone online; or a llama.cpp preset's types,
+    :func:`variant_formats`); returns the originals."""
+    rotate = variant.endswith("+rht")
+    formats = variant_formats(model, variant)
     originals = decoder_linears(model)
-    stats: dict[int, tuple[float, float]] = {}
+    stats: dict[tuple[str, int], tuple[float, float]] = {}
     for name, lin in originals.items():
+        fmt_name = formats[name]
         rotation = layer_rotation(name, 0) if rotate else None
         q = empty_quant_linear(lin, fmt_name, rotation)
-        if init == "rtn" or fmt_name == "iq2_xxs":
+        fmt = get_format(fmt_name)
+        if init == "rtn" or isinstance(fmt, IQ2XXSFormat | KQuantFormat):
             w = lin.weight.float() if rotation is None else rotation.rotate_weight(lin.weight.float())
-            qt = _random_iq2xxs(lin) if init == "random" else get_format(fmt_name).quantize(w)
+            if init == "rtn":
+                qt = fmt.quantize(w)
+            else:
+                qt = _random_iq2xxs(lin) if isinstance(fmt, IQ2XXSFormat) else _random_kquant(lin, fmt)
             for key in q._keys:
                 getattr(q, key).copy_(qt.data[key])
         else:
             dev = lin.weight.device
-            if q.in_features not in stats:
-                stats[q.in_features] = _unit_stats(fmt_name, q.in_features, dev)
-            mean, std = stats[q.in_features]
+            if (fmt_name, q.in_features) not in stats:
+                stats[fmt_name, q.in_features] = _unit_stats(fmt_name, q.in_features, dev)
+            mean, std = stats[fmt_name, q.in_features]
             s0 = 0.02 / std
             for key in q._keys:
                 buf = getattr(q, key)
@@ -422,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
     variants = [v.strip() for v in args.formats.split(",") if v.strip()]
     for v in variants:
-        if v != "fp16":
+        if v != "fp16" and v not in PRESETS:
             get_format(v.removesuffix("+rht"))  # fail early on a typo
     t_start = time.perf_counter()
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"

@@ -16,6 +16,7 @@ from torch.utils._pytree import tree_leaves
 
 from lowbit.algorithms.plans import uniform_plan
 from lowbit.algorithms.rtn import quantize_rtn
+from lowbit.formats import get_format
 from lowbit.models.quant_linear import QuantLinear
 from lowbit.models.walker import decoder_linears, empty_quant_linear, set_module
 from lowbit.rotations.incoherence import Rotation
@@ -247,6 +248,32 @@ def test_benchmark_cpu_smoke(tmp_path):
         assert r["reference_agree"] == "4/4"
     assert res["rows"][1]["bpw"] == pytest.approx(4.125)
     assert res["rows"][0]["bytes"]["linears"] > 7 * res["rows"][1]["bytes"]["linears"]
+
+
+def test_benchmark_builds_valid_kquant_weights(tmp_path):
+    """K-quant variants get valid random superblocks (random bytes would hold NaN d's) and decode; a preset variant
+    takes llama.cpp's per-tensor types."""
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "benchmarks"))
+    try:
+        import decode as bench
+    finally:
+        sys.path.remove(str(root / "benchmarks"))
+    lin = torch.nn.Linear(512, 8, bias=False)
+    for name in ("q4_k", "q6_k"):
+        fmt = get_format(name)
+        w = fmt.dequantize(bench._random_kquant(lin, fmt))
+        assert torch.isfinite(w).all() and 0.01 < float(w.std()) < 0.04
+    out = tmp_path / "decode.json"
+    rc = bench.main(["--device", "cpu", "--layers", "1", "--hidden", "256", "--intermediate", "512",
+                     "--heads", "4", "--vocab", "256", "--prompt", "4", "--gen", "2", "--repeats", "1",
+                     "--eager-repeats", "0", "--check-tokens", "2", "--formats", "q4_k,Q4_K_M", "--out", str(out)])
+    assert rc == 0
+    import json
+
+    rows = json.loads(out.read_text())["rows"]
+    assert rows[0]["bpw"] == pytest.approx(4.5)
+    assert rows[1]["bpw"] > 4.5  # llama.cpp's Q4_K_M: Q6_K for attn_v and some ffn_down
 
 
 # ----- GPU --------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Tensor-core GEMV for decode (1 to 8 rows of activations per launch, up to 16 in two) on 2- and 4-bit affine
-grids, E8P and IQ2_XXS, in CUDA C++ (``cuda/gemv_mma.cu``), compiled at first use by :mod:`cuda_jit`.
+grids, E8P, IQ2_XXS and llama.cpp's Q4_K / Q5_K / Q6_K, in CUDA C++ (``cuda/gemv_mma.cu``), compiled at first use by
+:mod:`cuda_jit`.
 
 :func:`plan` says whether a packed weight can take this path and with which compile-time constants; the
 constants of the fp16 decode are computed here and checked to be exact, so a format the kernel cannot decode
@@ -9,6 +10,11 @@ bit operations in torch on the CPU, which is how CI checks the constants and the
 IQ2_XXS is read from a kernel layout derived once per weight on the device (:func:`iq2xxs_layout`): llama.cpp's
 66-byte superblocks put every 4-byte field at an offset of 2 mod 4, so the 8-byte sub-blocks are gathered into
 rows of their own and the superblock scales into a separate fp16 array (the same bytes, 2.0625 bits per weight).
+The K-quants Q4_K, Q5_K and Q6_K are read from one too (:func:`kquant_layout`): the low 4 bits of every code packed
+as the 4-bit grids pack theirs, so the same decode serves them, the high bits in a plane beside them, each 32-weight
+chunk's integer scales in one 16-bit word and each superblock's fp16 (d, dmin) in one 32-bit word (0.125 bits per
+weight more than ggml's bytes: Q4_K 4.625). Both layouts are built on the device at a weight's first GEMV and kept
+beside its stored bytes (which GGUF export and the other paths read), so such a weight takes twice its memory there.
 
 Variants that measured slower on an H200 and were taken out (a cp.async ring feeding persistent blocks, E8P's sign
 word computed instead of looked up, the +rht input transform folded into the staging) are in docs/kernels.md.
@@ -27,9 +33,11 @@ from functools import cache
 
 import torch
 
-from lowbit.formats import E8PFormat, Format, IQ2XXSFormat, QuantizedTensor, UniformFormat
+from lowbit.formats import E8PFormat, Format, IQ2XXSFormat, KQuantFormat, QuantizedTensor, UniformFormat
 from lowbit.formats import e8p as e8p_format
 from lowbit.formats import iq2xxs as iq2xxs_format
+from lowbit.formats.bitpack import pack_bits
+from lowbit.formats.kquants import QK_K
 from lowbit.kernels import cuda_jit
 from lowbit.kernels.device import sm_count
 from lowbit.kernels.reference import rms_norm_reference
@@ -49,12 +57,13 @@ _MAGIC = 1024.0  # 0x6400
 
 @dataclass(frozen=True)
 class Plan:
-    kind: int  # 0 affine grid, 1 E8P, 2 IQ2_XXS
-    bits: int
+    kind: int  # 0 affine grid, 1 E8P, 2 IQ2_XXS, 3 K-quant (Q4_K, Q5_K, Q6_K)
+    bits: int  # bits per code the magic-number decode reads (KIND 3: the low 4)
     asym: bool
     group_shift: int  # log2(columns per scale group); 30 = one per row
     row_scale: bool
     dq: tuple[tuple[float, float], ...]  # (A_i, B_i): level = A_i * magic_i + B_i, one per code position
+    hi_bits: int = 0  # KIND 3: code bits beyond the low 4 (Q5_K 1, Q6_K 2), read from their own plane
 
     def defines(self, staged_x: int = 0, warps: int = WARPS_FEW, min_blocks: int = 1, gated: bool = False,
                 full: bool = False, norm_qs: int = 0, resid: bool = False, resident: bool = False) -> str:
@@ -63,7 +72,7 @@ class Plan:
                  f"#define WARPS {warps}", f"#define XS {int(staged_x)}", f"#define MIN_BLOCKS {min_blocks}",
                  f"#define GATED {int(gated)}", f"#define FULL {int(full)}", f"#define NORM {int(norm_qs > 0)}",
                  f"#define NORM_QS {max(norm_qs, 1)}", f"#define RESID {int(resid)}",
-                 f"#define RESIDENT {int(resident)}"]
+                 f"#define RESIDENT {int(resident)}", f"#define KQ_HB {self.hi_bits}"]
         for i, (a, b) in enumerate(self.dq):
             lines += [f"#define DQ_A{i} 0x{_half2_bits(a):08x}u", f"#define DQ_B{i} 0x{_half2_bits(b):08x}u"]
         return "\n".join(lines) + "\n"
@@ -72,12 +81,12 @@ class Plan:
         """Whether each 16-byte chunk of codes lies inside one scale group (CHUNK_SCALE in the .cu): its scales
         are then loaded with its codes."""
         per_chunk_log2 = half_per_chunk(self).bit_length() - 1
-        return self.kind == 2 or (self.kind == 0 and not self.row_scale and self.group_shift >= per_chunk_log2)
+        return self.kind >= 2 or (self.kind == 0 and not self.row_scale and self.group_shift >= per_chunk_log2)
 
 
 def half_per_chunk(p: Plan) -> int:
-    """Weights in a 16-byte chunk of codes: 64 (2-bit grids, E8P, IQ2_XXS) or 32 (4-bit grids)."""
-    return 64 if p.kind or p.bits == 2 else 32
+    """Weights in a 16-byte chunk of codes: 64 (2-bit grids, E8P, IQ2_XXS) or 32 (4-bit grids, K-quants)."""
+    return 32 if p.kind in (0, 3) and p.bits == 4 else 64
 
 
 def warps_for(p: Plan, cols: int) -> int:
@@ -119,8 +128,27 @@ def _group_shift(fmt: Format, cols: int, min_cols: int) -> int | None:
     return g.bit_length() - 1
 
 
+def _kquant_plan(fmt: KQuantFormat, cols: int) -> Plan | None:
+    """Q2_K: codes decode as a 2-bit grid's. Q4_K, Q5_K, Q6_K: the low 4 bits of a code decode as a 4-bit grid's
+    (positions 1 and 16), the high ones join them in the magic number. The level is q (scale + min types) or q - 32
+    (Q6_K), exactly in fp16. Q3_K is not served (the Triton K-quant GEMV runs it)."""
+    low = _kquant_low_bits(fmt)
+    if low is None or cols % QK_K:
+        return None
+    asym = "dmin" in fmt.halves
+    offset = 0 if asym else 1 << (fmt.bits - 1)
+    dq = tuple((1.0 / p, -offset - _MAGIC / p) for p in _position_scales(low))
+    return Plan(3, low, asym, 5, False, dq, hi_bits=fmt.bits - low)
+
+
+def _kquant_low_bits(fmt: KQuantFormat) -> int | None:
+    return 2 if fmt.bits == 2 else 4 if fmt.bits >= 4 else None
+
+
 @cache
 def _plan(fmt: Format, cols: int) -> Plan | None:
+    if isinstance(fmt, KQuantFormat):
+        return _kquant_plan(fmt, cols)
     if isinstance(fmt, IQ2XXSFormat):  # 16-byte chunks are two 32-weight sub-blocks; d per 256 columns
         return None if cols % 64 else Plan(2, 2, False, 8, False, ())
     if isinstance(fmt, E8PFormat):
@@ -200,18 +228,80 @@ def iq2xxs_layout(qs: torch.Tensor, cols: int) -> tuple[torch.Tensor, torch.Tens
     return words[:, sub_idx].contiguous().view(torch.int32), words[:, d_idx].contiguous().view(torch.float16)
 
 
-_LAYOUTS: dict[int, tuple[int, int, tuple[torch.Tensor, torch.Tensor]]] = {}
+_LAYOUT_ROWS = 2048  # rows unpacked at once by kquant_layout (int64 temporaries: ~10 bytes per weight)
 
 
-def _cached_layout(qs: torch.Tensor, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kernel layout of ``qs``, built at its first GEMV and dropped with it (keyed by the tensor's identity;
-    an in-place change of ``qs`` rebuilds it)."""
+def kquant_layout(fmt: KQuantFormat, qs: torch.Tensor, cols: int) -> tuple[torch.Tensor, ...]:
+    """llama.cpp's ``block_q{4,5,6}_K`` rows -> the kernel layout (the .cu's KIND 3), on ``qs``'s device:
+
+    * codes int32 [rows, cols / 8] (Q2_K: [rows, cols / 16]): the low 4 bits of every code (Q2_K: the 2-bit code),
+      packed as a 4-bit (2-bit) grid packs its codes;
+    * scales int16 [rows, cols / 32]: per 32-weight chunk two 8-bit integers, Q4_K / Q5_K the sub-block's ``sc``
+      (low byte) and ``mn``, Q6_K the int8 ``sc`` of its two 16-weight sub-blocks (Q2_K: int32 [rows, cols / 64],
+      per 64-weight chunk ggml's 4 scale bytes ``sc | mn << 4``, one per 16-weight sub-block);
+    * dm int32 [rows, cols / 256]: per superblock fp16 ``d`` (low half) and ``-dmin`` (Q6_K: ``d`` again);
+    * hi int32 [rows, cols / 32 * hi_bits]: the high code bits (the .cu's kq_hi), or one zero when there are none.
+    """
+    rows = qs.shape[0]
+    parts = [_kquant_rows(fmt, qs[r:r + _LAYOUT_ROWS], cols) for r in range(0, rows, _LAYOUT_ROWS)]
+    return tuple(torch.cat(field).contiguous() for field in zip(*parts, strict=True))
+
+
+def _kquant_rows(fmt: KQuantFormat, qs: torch.Tensor, cols: int) -> tuple[torch.Tensor, ...]:
+    rows = qs.shape[0]
+    codes, params = fmt.unpack(QuantizedTensor(fmt.name, (rows, cols), {"qs": qs}))
+    lb = _kquant_low_bits(fmt)
+    low = pack_bits(codes & ((1 << lb) - 1), lb).view(torch.int32)
+    hb = fmt.bits - lb
+    if hb:  # word j of a chunk: codes i, i + 4 at bits hb i, hb i + 16 of its hi word, shifted by 4j (hb 1) or
+        # 8 (j % 2) in word j // 2 (hb 2)
+        h = (codes >> 4).reshape(rows, cols // 32, 4, 2, 4)  # [row, chunk, word j, half, code i]
+        j = torch.arange(4, device=qs.device).view(4, 1, 1)
+        pos = 16 * torch.arange(2, device=qs.device).view(1, 2, 1) + hb * torch.arange(4, device=qs.device)
+        pos = pos + (4 * j if hb == 1 else 8 * (j % 2))
+        words = (h << pos).reshape(rows, cols // 32, hb, -1).sum(-1)  # disjoint bits: the sum is an OR
+        hi = _int32(words.reshape(rows, -1))
+    else:
+        hi = torch.zeros(rows, 1, dtype=torch.int32, device=qs.device)
+    sc = params["sc"].to(torch.int64)
+    if lb == 2:  # Q2_K: ggml's scale bytes, 4 per 64-weight chunk
+        b = (sc | params["mn"].to(torch.int64) << 4).reshape(rows, -1, 4)
+        dm = _half_bits(params["d"]) | _half_bits(-params["dmin"]) << 16
+        return low, _int32((b << torch.tensor([0, 8, 16, 24], device=qs.device)).sum(-1)), _int32(dm), hi
+    if "dmin" in fmt.halves:
+        pair = sc | params["mn"].to(torch.int64) << 8
+        dmin = -params["dmin"]  # the kernel's HFMA2 adds (-dmin) mn
+    else:  # Q6_K: the int8 scales of 16-weight sub-blocks 2c and 2c + 1
+        pair = (sc[:, 0::2] & 255) | (sc[:, 1::2] & 255) << 8
+        dmin = params["d"]
+    dm = _half_bits(params["d"]) | _half_bits(dmin) << 16
+    return low, _int16(pair), _int32(dm), hi
+
+
+def _half_bits(v: torch.Tensor) -> torch.Tensor:
+    return v.to(torch.float16).view(torch.int16).to(torch.int64) & 0xFFFF
+
+
+def _int32(v: torch.Tensor) -> torch.Tensor:
+    return torch.where(v >= 1 << 31, v - (1 << 32), v).to(torch.int32)
+
+
+def _int16(v: torch.Tensor) -> torch.Tensor:
+    return torch.where(v >= 1 << 15, v - (1 << 16), v).to(torch.int16)
+
+
+_LAYOUTS: dict[int, tuple] = {}
+
+
+def _cached_layout(qs: torch.Tensor, build) -> tuple[torch.Tensor, ...]:  # noqa: ANN001 - qs -> layout tensors
+    """The kernel layout ``build(qs)`` of ``qs``, built at its first GEMV and dropped with it (keyed by the tensor's
+    identity; an in-place change of ``qs`` rebuilds it)."""
     key = id(qs)
     hit = _LAYOUTS.get(key)
     if hit is None or hit[:2] != (qs.data_ptr(), qs._version):
         if hit is None:
             weakref.finalize(qs, _LAYOUTS.pop, key, None)
-        hit = _LAYOUTS[key] = (qs.data_ptr(), qs._version, iq2xxs_layout(qs, cols))
+        hit = _LAYOUTS[key] = (qs.data_ptr(), qs._version, build(qs))
     return hit[2]
 
 
@@ -327,12 +417,15 @@ def gemv(x: torch.Tensor, fmt: Format, qt: QuantizedTensor, p: Plan, gated: bool
     res = None if residual is None else _aligned(residual.to(torch.float16).contiguous())
     y = torch.empty(m, n, dtype=torch.float16, device=x.device)
     key = f"{x.device}/{p.kind}"
-    if key not in _TABLES:
+    if p.kind == 3:  # the K-quant layout's high-bit plane takes the place of the decode tables
+        codes, scales, mins, tables = _cached_layout(qt.data["qs"], lambda qs: kquant_layout(fmt, qs, k))
+        groups = k // 32
+    elif key not in _TABLES:
         _TABLES[key] = _kind_tables(p.kind).to(x.device)
     if p.kind == 2:
-        codes, scales = _cached_layout(qt.data["qs"], k)
+        codes, scales = _cached_layout(qt.data["qs"], lambda qs: iq2xxs_layout(qs, k))
         mins, groups = scales, scales.shape[1]
-    else:
+    elif p.kind != 3:
         codes, scales, groups = qt.data["codes"], qt.data["scale"], fmt.n_groups(k)
         mins = qt.data.get("min", scales)
     full = k % (4 * half_per_chunk(p)) == 0  # whole steps of 4 chunks: no lane past the row's end
@@ -347,7 +440,8 @@ def gemv(x: torch.Tensor, fmt: Format, qt: QuantizedTensor, p: Plan, gated: bool
     kern.allow_shared(shared)
     eps = ctypes.c_float(0.0 if norm is None else norm[1])
     kern((grid, 1, 1), (warps * 32, 1, 1),
-         [codes, scales, mins, x, y, _TABLES[key], n, k, m, groups, nw, y if res is None else res, eps, tiles],
+         [codes, scales, mins, x, y, tables if p.kind == 3 else _TABLES[key], n, k, m, groups, nw,
+          y if res is None else res, eps, tiles],
          shared=shared, early=launches_early() and _hopper(x.device))
     return y
 
@@ -379,7 +473,7 @@ MAX_NORM_QS = 4
 def norm_groups(p: Plan, k: int, warps: int) -> int:
     """NORM_QS for a normalized batch-1 row of ``k``: the groups of staged units (pairs on 2-bit grids, as the
     staging permutes them) each thread holds; 0 when that passes :data:`MAX_NORM_QS` (torch normalizes first)."""
-    per_group = 2 if p.kind == 0 and p.bits == 2 else 1
+    per_group = 2 if p.kind in (0, 3) and p.bits == 2 else 1
     qs = -(-(k // 8 // per_group) // (warps * 32))
     return qs if qs <= MAX_NORM_QS else 0
 
@@ -457,3 +551,55 @@ def decode_iq2xxs_reference(qs: torch.Tensor, cols: int) -> torch.Tensor:
     vals = torch.where(neg, -grid[gi], grid[gi])
     w = (vals.double() * scale[..., None, None].double()).to(torch.float16)  # one fp16 rounding, as HMUL2
     return w.reshape(sub.shape[0], cols)
+
+
+def decode_kquant_reference(fmt: KQuantFormat, qs: torch.Tensor, cols: int) -> torch.Tensor:
+    """The fp16 weight [rows, cols] the kernel multiplies for a K-quant ``qs`` it serves, from its layout
+    (:func:`kquant_layout`) through the .cu's bit steps: each pair's magic number from the low code bits (DQ_SRC,
+    DQ_MASK) and the high bits (magic_with_hi, kq_hi), the plan's HFMA2 constants, the scales of kq_scales /
+    kq_sub_scales (the integers made fp16 exactly, one HMUL2 by (d, -dmin)), then one HFMA2 (``s q - m``) or HMUL2
+    (``s (q - 32)``)."""
+    p = plan(fmt, (1, cols))
+    if p is None or p.kind != 3:
+        raise ValueError(f"{fmt.name} at {cols} columns is not a K-quant the CUDA GEMV serves")
+    low, sm, dm, hi = (t.to(torch.int64) & 0xFFFFFFFF for t in kquant_layout(fmt, qs, cols))
+    per_word = 32 // p.bits
+    rows, chunks, half = qs.shape[0], cols // (4 * per_word), per_word // 2
+    words = low.reshape(rows, chunks, 4)  # [row, chunk, word j]
+    hb = p.hi_bits
+    level = torch.empty(rows, chunks, 4, per_word, dtype=torch.float16)  # [row, chunk, word j, code]
+    for j in range(4):
+        h = hi.reshape(rows, chunks, hb)[..., j // 2 if hb == 2 else 0] if hb else None  # kq_hi
+        for i in range(half):  # pair i: codes i and i + half
+            w = words[..., j]
+            if p.bits == 2:
+                src = w << 2 if i == 0 else w if i < 5 else w >> 8
+                mask = 0x00030003 << (2 if i == 0 else 2 * i if i < 5 else 2 * (i - 4))
+            else:
+                src = w if i < 2 else w >> 8
+                mask = 0x000F000F if i % 2 == 0 else 0x00F000F0
+            magic = 0x64006400 | (src & mask)
+            if hb:  # magic_with_hi
+                pos = 4 if i % 2 == 0 else 8
+                sh = pos - hb * i - (4 * j if hb == 1 else 8 * (j % 2))
+                magic |= ((h << sh) if sh >= 0 else (h >> -sh)) & ((((1 << hb) - 1) * 0x00010001) << pos)
+            a, b = p.dq[i % len(p.dq)]  # 4-bit: DQ_CONSTS_A {A0, A1, A0, A1}
+            level[..., j, i] = _fma_half(_as_half(magic), a, b)
+            level[..., j, i + half] = _fma_half(_as_half(magic >> 16), a, b)
+    per_super = QK_K // (4 * per_word)  # chunks per superblock
+    d2 = torch.stack([_as_half(dm), _as_half(dm >> 16)], -1).double().repeat_interleave(per_super, dim=1)
+    if p.bits == 2:  # kq_sub_scales: byte j of sm -> (sc, mn) of word j
+        byte = (sm[..., None] >> torch.tensor([0, 8, 16, 24])) & 0xFF  # [row, chunk, word j]
+        ints = torch.stack([byte & 15, byte >> 4], -1).double()
+        s = (ints * d2[:, :, None]).to(torch.float16).double()  # [row, chunk, j, (d sc, -dmin mn)]
+        w = (level.double() * s[..., 0, None] + s[..., 1, None]).to(torch.float16)
+        return w.reshape(rows, cols)
+    ints = torch.stack([sm & 0xFF, (sm >> 8) & 0xFF], -1)  # [row, chunk, 2]
+    ints = ints.double() if p.asym else ((ints ^ 0x80).double() - 128)  # exact: fp16 holds 0..255 and -128..127
+    s = (ints * d2).to(torch.float16).double()  # one rounding of d * sc (and -dmin * mn)
+    lv = level.double()
+    if p.asym:  # s0 q + (-dmin) mn, one rounding
+        w = (lv * s[..., 0, None, None] + s[..., 1, None, None]).to(torch.float16)
+    else:  # words 0, 1: sub-block 2c; words 2, 3: 2c + 1
+        w = (lv * s.repeat_interleave(2, dim=-1)[..., None]).to(torch.float16)
+    return w.reshape(rows, cols)

@@ -6,8 +6,8 @@ The variable is read once at import; :func:`set_kernel_mode` changes it at run t
 dispatch does a dict lookup for the format's cached decode plan (LUT on the device, decode mode) and picks:
 
 * first, on CUDA with M <= 16 rows: :mod:`cuda_gemv` (tensor-core GEMV in CUDA C++, compiled by NVRTC at first
-  use; one launch per 8 rows) for E8P and IQ2_XXS (rows a multiple of 64 long), and for the 2- and 4-bit affine
-  grids it decodes exactly (``LOWBIT_CUDA_GEMV=0`` turns it off);
+  use; one launch per 8 rows) for E8P and IQ2_XXS (rows a multiple of 64 long), the K-quants Q2_K, Q4_K, Q5_K and
+  Q6_K, and the 2- and 4-bit affine grids it decodes exactly (``LOWBIT_CUDA_GEMV=0`` turns it off);
 * scalar formats (uniform 2..8 bits, level sets): M <= 8 rows -> :mod:`triton_gemv` (bandwidth-bound GEMV),
   more rows -> :mod:`triton_uniform` (dequantize tiles + ``tl.dot``);
 * E8P (``e8p_*``): M <= 8 -> :mod:`triton_e8p` GEMV (codebook gathered from an L2-resident fp16 table), more
@@ -36,7 +36,8 @@ _MODES = ("auto", "reference", "triton")
 # iq2_xxs and hadamard left it after their GPU tests passed on an H100; decode_attention (flash-decoding,
 # tests/test_decode_attention.py) and gated_gemv (the CUDA GEMV's silu(gate) * up epilogue, tests/test_cuda_gemv.py)
 # after theirs passed on an H200, and so did resident_gemv (the CUDA GEMV's blocks looping over row blocks,
-# cuda_gemv.RESIDENT_GRID) and kquants (triton_kquants). A new kernel enters here until its GPU test has run.
+# cuda_gemv.RESIDENT_GRID), kquants (triton_kquants) and cuda_kquants (the CUDA GEMV's K-quants). A new
+# kernel enters here until its GPU test has run.
 GPU_UNVERIFIED: frozenset[str] = frozenset()
 _mode = os.environ.get("LOWBIT_KERNELS", "auto")
 _CUDA_GEMV = os.environ.get("LOWBIT_CUDA_GEMV", "1") != "0"
@@ -124,7 +125,8 @@ def cuda_gemv_plan(x: torch.Tensor, fmt: Format, shape: tuple[int, int]):  # noq
     rows = x.numel() // max(x.shape[-1], 1)
     if not 0 < rows <= cuda_gemv.MAX_ROWS:
         return None
-    return cuda_gemv.plan(fmt, shape) if cuda_jit.available() else None
+    p = cuda_gemv.plan(fmt, shape) if cuda_jit.available() else None
+    return None if p is not None and p.kind == 3 and "cuda_kquants" in GPU_UNVERIFIED else p
 
 
 def route(x: torch.Tensor, fmt: Format, shape: tuple[int, int]) -> str:

@@ -1,10 +1,12 @@
 // Packed-weight GEMV on tensor cores: y[M, N] = x[M, K] W[N, K]^T for M <= 8 (decode), W packed 2 or 4 bits per
-// weight (affine grids) or E8P codes, fp32 accumulation.
+// weight (affine grids), E8P or IQ2_XXS codes, or llama.cpp's Q4_K / Q5_K / Q6_K, fp32 accumulation.
 //
 // Configured by #defines that cuda_gemv.py puts in front of this file:
-//   KIND         0 = affine scalar grid, 1 = E8P, 2 = IQ2_XXS (llama.cpp's sub-blocks, superblock d apart)
-//   BITS         2 or 4 (KIND 0)
-//   ASYM         1 when the format stores a per-group min (w = L(q) s + m), else w = L(q) s
+//   KIND         0 = affine scalar grid, 1 = E8P, 2 = IQ2_XXS (llama.cpp's sub-blocks, superblock d apart),
+//                3 = K-quant (Q2_K; Q4_K, Q5_K, Q6_K with their 4 low code bits; cuda_gemv.kquant_layout)
+//   BITS         2 or 4 (KIND 0; KIND 3: the low bits the magic-number decode reads, 2 for Q2_K, else 4)
+//   KQ_HB        KIND 3: high code bits per weight beyond the 4 low ones (Q4_K 0, Q5_K 1, Q6_K 2)
+//   ASYM         1 when the format stores a per-group min (w = L(q) s + m), else w = L(q) s (KIND 3: Q4_K, Q5_K)
 //   DQ_A<i>, DQ_B<i>  fp16x2 constants: L(q) = fma(magic(q at bit position i), DQ_A<i>, DQ_B<i>), exact
 //   GROUP_SHIFT  log2(columns per scale group); 30 = one scale per row
 //   ROW_SCALE    1 = one scale per row applied to the fp32 sums at the end (no per-weight multiply)
@@ -72,6 +74,24 @@ DEV U4 ld_cached(const U4* p) {  // activations: every block reads them (not vol
                  : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
     return v;
 }
+DEV u32 ld_u16(const u16* p) {  // read-only, zero-extended
+    u16 v;
+    asm("ld.global.nc.u16 %0, [%1];" : "=h"(v) : "l"(p));
+    return (u32)v;
+}
+DEV u32 ld_u32(const u32* p) {
+    u32 v;
+    asm("ld.global.nc.u32 %0, [%1];" : "=r"(v) : "l"(p));
+    return v;
+}
+DEV u32 ld_stream_u32(const u32* p) {
+    u32 v;
+    asm volatile("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(v) : "l"(p));
+    return v;
+}
+DEV void ld_stream_pair(const u32* p, u32* v) {  // 8 bytes, 8-byte aligned
+    asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(v[0]), "=r"(v[1]) : "l"(p));
+}
 DEV u32 ld_half(const u16* p) {  // one fp16, duplicated into both halves (read-only: free to schedule early)
     u16 v;
     asm("ld.global.nc.u16 %0, [%1];" : "=h"(v) : "l"(p));
@@ -112,7 +132,7 @@ DEV u32 word(const U4& v, int j) { return j == 0 ? v.x : j == 1 ? v.y : j == 2 ?
 
 #define MAGIC 0x64006400u
 
-#if KIND == 0
+#if KIND == 0 || KIND == 3
 #define CODES_PER_WORD (32 / BITS)
 #define HALF_PER_WORD CODES_PER_WORD
 #elif KIND == 2
@@ -181,7 +201,7 @@ DEV void b_frag(const u32* xr, int m, int half, u32& b0, u32& b1) {
 // scale (and min) of a pair: group scales per weight, or none when the row scale multiplies the fp32 sums
 // Where every 16-byte chunk lies inside one scale group (IQ2_XXS: d per 256 weights), the chunk's scales are
 // loaded with its codes, a step ahead, instead of when the chunk is decoded (a load waited for in every step).
-#if KIND == 2 || (KIND == 0 && !ROW_SCALE && GROUP_SHIFT >= LOG2_HALF_PER_CHUNK)
+#if KIND >= 2 || (KIND == 0 && !ROW_SCALE && GROUP_SHIFT >= LOG2_HALF_PER_CHUNK)
 #define CHUNK_SCALE 1
 #else
 #define CHUNK_SCALE 0
@@ -195,7 +215,7 @@ DEV void b_frag(const u32* xr, int m, int half, u32& b0, u32& b1) {
 #endif
 
 
-#if KIND == 0 && BITS == 2
+#if (KIND == 0 || KIND == 3) && BITS == 2
 // Codes i and i + 8 of a word sit at bits 2i and 2i + 16; codes 1..4 are read in place (magic 1024 + 4^i q), code
 // 0 after a shift left by 2 and codes 5..7 after a shift right by 8, so that no code sits at bit 0: with a weight of
 // at least 4 on q, every B constant of an affine set (q - 1.5 included) is exact in fp16.
@@ -203,7 +223,7 @@ DEV void b_frag(const u32* xr, int m, int half, u32& b0, u32& b1) {
 #define DQ_MASK(i) (0x00030003u << ((i) == 0 ? 2 : (i) < 5 ? 2 * (i) : 2 * ((i) - 4)))
 #define DQ_CONSTS_A {DQ_A0, DQ_A1, DQ_A2, DQ_A3, DQ_A4, DQ_A5, DQ_A6, DQ_A7}
 #define DQ_CONSTS_B {DQ_B0, DQ_B1, DQ_B2, DQ_B3, DQ_B4, DQ_B5, DQ_B6, DQ_B7}
-#elif KIND == 0
+#elif KIND == 0 || KIND == 3
 // codes i and i + 4 at bits 4i and 4i + 16: (w, 0x000f000f) -> (q0, q4), (w, 0x00f000f0) -> 16 (q1, q5), then w >> 8
 #define DQ_SRC(w, i) ((i) < 2 ? (w) : (w) >> 8)
 #define DQ_MASK(i) ((i) % 2 ? 0x00f000f0u : 0x000f000fu)
@@ -211,11 +231,26 @@ DEV void b_frag(const u32* xr, int m, int half, u32& b0, u32& b1) {
 #define DQ_CONSTS_B {DQ_B0, DQ_B1, DQ_B0, DQ_B1}
 #endif
 
-#if KIND == 0
+#if KIND == 0 || KIND == 3
+#if KIND == 3 && KQ_HB
+// The high code bits of a K-quant (cuda_gemv.kquant_layout), one hi word per chunk (KQ_HB 1) or two (KQ_HB 2, words
+// 2e and 2e + 1 of the chunk in hi word e): code i of word j at bit KQ_HB i + base, code i + 4 at 16 higher, base =
+// 4 j (KQ_HB 1) or 8 (j % 2) (KQ_HB 2). Pair i's low nibbles sit at bits P..P+3 of each half (P = 4 (i % 2),
+// DQ_MASK), so its high bits go to P + 4 (one shift, by a constant, and the mask of the LOP3 that also sets the
+// magic exponent): the magic number becomes 1024 + 2^P q with the whole code q = low + 16 high (<= 63: q 2^P stays
+// inside the 10-bit mantissa).
+DEV u32 magic_with_hi(u32 h, int i, int j) {
+    const int p = 4 + 4 * (i & 1);
+    const int sh = p - KQ_HB * i - (KQ_HB == 1 ? 4 * j : 8 * (j & 1));
+    return lop3_and_or(sh >= 0 ? h << sh : h >> -sh, (((1u << KQ_HB) - 1u) * 0x00010001u) << p, MAGIC);
+}
+#else
+DEV u32 magic_with_hi(u32, int, int) { return MAGIC; }
+#endif
 #define PAIRS (HALF_PER_WORD / 2)  // code pairs in a word: 8 (2-bit) or 4 (4-bit), two per MMA
 // word j of both rows -> PAIRS / 2 MMAs; pair i is (code i, code i + PAIRS), so the activations pair the same way:
-// halves m and m + PAIRS / 2 of the word's u32s
-DEV void word_mma(float* d, u32 wa, u32 wb, const u32* xr, u32 sa, u32 sb, u32 ma, u32 mb) {
+// halves m and m + PAIRS / 2 of the word's u32s. ha, hb: the hi words holding word j's high code bits (KIND 3).
+DEV void word_mma(float* d, u32 wa, u32 wb, u32 ha, u32 hb, int j, const u32* xr, u32 sa, u32 sb, u32 ma, u32 mb) {
     const u32 A[PAIRS] = DQ_CONSTS_A, B[PAIRS] = DQ_CONSTS_B;
 #pragma unroll
     for (int m = 0; m < PAIRS / 2; ++m) {
@@ -223,7 +258,8 @@ DEV void word_mma(float* d, u32 wa, u32 wb, const u32* xr, u32 sa, u32 sb, u32 m
 #pragma unroll
         for (int h = 0; h < 4; ++h) {  // a0, a2: row g, pairs 2m, 2m + 1; a1, a3: row g + 8
             const int i = 2 * m + h / 2;
-            const u32 v = hfma2(lop3_and_or(DQ_SRC(h % 2 ? wb : wa, i), DQ_MASK(i), MAGIC), A[i], B[i]);
+            const u32 v = hfma2(lop3_and_or(DQ_SRC(h % 2 ? wb : wa, i), DQ_MASK(i), magic_with_hi(h % 2 ? hb : ha, i, j)),
+                                A[i], B[i]);
             a[h] = h % 2 ? APPLY_SCALE(v, sb, mb) : APPLY_SCALE(v, sa, ma);
         }
         u32 b0, b1;
@@ -249,7 +285,7 @@ DEV void code_pairs(u32 pi, u32 si, u32* p) {
     p[2] = hfma2(lop3_and_or(hi, 0x001e001eu, MAGIC), 0x34003400u, 0xDC0FDC0Fu);
     p[3] = hfma2(lop3_and_or(hi, 0x01e001e0u, MAGIC), 0x24002400u, 0xCCF0CCF0u);  // x 1/64 - 19.75
 }
-DEV void word_mma(float* d, u32 wa, u32 wb, const u32* xr, u32 sa, u32 sb, u32 ma, u32 mb) {
+DEV void word_mma(float* d, u32 wa, u32 wb, u32, u32, int, const u32* xr, u32 sa, u32 sb, u32 ma, u32 mb) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {  // the word's two codes: 8 weights each
         u32 pa[4], pb[4];
@@ -313,8 +349,9 @@ DEV void iq2_sub(float* d, u32 qa0, u32 qa1, u32 qb0, u32 qb1, const U4* xb, int
 #if KIND != 2
 // one word of chunk c of both rows: this lane's words wa, wb; their activations are units u0 + off, ... of the
 // chunk's (xb = xchunk(xrow, u0))
-DEV void chunk_mma(float* d, u32 wa, u32 wb, const U4* xb, int u0, int off, const u16* sa_row, const u16* sb_row,
-                   const u16* ma_row, const u16* mb_row, int k, bool ok, u32 csa, u32 csb, u32 cma, u32 cmb) {
+DEV void chunk_mma(float* d, u32 wa, u32 wb, u32 ha, u32 hb, int j, const U4* xb, int u0, int off, const u16* sa_row,
+                   const u16* sb_row, const u16* ma_row, const u16* mb_row, int k, bool ok, u32 csa, u32 csb, u32 cma,
+                   u32 cmb) {
     u32 xr[HALF_PER_WORD / 2];
 #pragma unroll
     for (int v = 0; v < HALF_PER_WORD / 8; ++v) {
@@ -332,23 +369,75 @@ DEV void chunk_mma(float* d, u32 wa, u32 wb, const U4* xb, int u0, int off, cons
     mb = ld_half(mb_row + (k >> GROUP_SHIFT));
 #endif
 #endif
-    word_mma(d, wa, wb, xr, sa, sb, ma, mb);
+    word_mma(d, wa, wb, ha, hb, j, xr, sa, sb, ma, mb);
 }
 #endif
 
+#if KIND == 3
+// A chunk's K-quant scales from its raw words: sm holds two 8-bit integers (Q4_K, Q5_K: the sub-block's sc and mn;
+// Q6_K: the int8 sc of its two 16-weight sub-blocks), dm the superblock's fp16 (d, -dmin) (Q6_K: (d, d)). One PRMT
+// spreads the integers into the halves, the magic number makes them fp16 exactly (int8: biased by 128 first), one
+// HMUL2 gives (d sc, -dmin mn) rounded once, as fp16(d * sc) of ggml's float32 product (the layout stores -dmin:
+// w = s0 q + s1 is one HFMA2). s0, s1: the two halves, each in both halves of a word.
+DEV void kq_scales(u32 sm, u32 dm, u32& s0, u32& s1) {
+    u32 v = prmt(sm, 0u, 0x4140u);  // byte 0 -> bits 0..7, byte 1 -> bits 16..23
+#if ASYM
+    const u32 f = hfma2(v | MAGIC, 0x3C003C00u, 0xE400E400u);  // - 1024
+#else
+    const u32 f = hfma2((v ^ 0x00800080u) | MAGIC, 0x3C003C00u, 0xE480E480u);  // int8 + 128 - 1152
+#endif
+    const u32 r = hmul2(f, dm);
+    s0 = prmt(r, 0u, 0x1010u);
+    s1 = prmt(r, 0u, 0x3232u);
+}
+// Q2_K: word j of a 64-weight chunk is 16-weight sub-block j, whose ggml scale byte (sc | mn << 4) is byte j of sm.
+// One PRMT puts it in both halves, one LOP3 keeps sc in the low half and 16 mn in the high one inside the magic
+// number, one HFMA2 makes (sc, mn) exactly, one HMUL2 by (d, -dmin) as kq_scales.
+DEV void kq_sub_scales(u32 sm, u32 dm, int j, u32& s, u32& m) {
+    const u32 t = prmt(sm, 0u, 0x4040u | (u32)j | ((u32)j << 8));  // byte j -> bytes 0 and 2
+    const u32 f = hfma2(lop3_and_or(t, 0x00F0000Fu, MAGIC), 0x2C003C00u, 0xD400E400u);  // (x - 1024) / (1, 16)
+    const u32 r = hmul2(f, dm);
+    s = prmt(r, 0u, 0x1010u);
+    m = prmt(r, 0u, 0x3232u);
+}
+// the hi word that holds word j's high code bits (magic_with_hi)
+DEV u32 kq_hi(const u32* h, int j) { return KQ_HB == 2 ? h[j >> 1] : h[0]; }
+#endif
+
 // One step of a lane: 16 bytes of codes of both rows (chunk c) and, with CHUNK_SCALE, the chunk's scales and mins.
-struct Step { U4 a, b; u32 sa, sb, ma, mb; };
+// KIND 3: sa, sb the raw scale integers, ma, mb the raw (d, dmin), ha, hb the high code bits (kq_scales, kq_hi).
+struct Step { U4 a, b; u32 sa, sb, ma, mb; u32 ha[2], hb[2]; };
 // pa, pb point at chunk c of the two code rows. Past the row's end (lanes of a partial last step, and without FULL
 // the prefetch after the last step) the caller passes the row's last chunk, a valid address, instead of predicating
 // the loads, and zeroes those lanes' activations.
 DEV Step load_step(const U4* pa, const U4* pb, const u16* sa_row, const u16* sb_row, const u16* ma_row,
-                   const u16* mb_row, int c) {
+                   const u16* mb_row, const u32* ha_row, const u32* hb_row, int c) {
     Step st;
     st.a = ld_stream(pa);
     st.b = ld_stream(pb);
     st.sa = st.sb = 0x3C003C00u;
     st.ma = st.mb = 0u;
-#if CHUNK_SCALE
+    st.ha[0] = st.ha[1] = st.hb[0] = st.hb[1] = 0u;
+#if KIND == 3
+#if BITS == 2  // Q2_K: 4 scale bytes per chunk, 4 chunks per superblock
+    st.sa = ld_u32((const u32*)sa_row + c);
+    st.sb = ld_u32((const u32*)sb_row + c);
+    st.ma = ld_u32((const u32*)ma_row + (c >> 2));
+    st.mb = ld_u32((const u32*)mb_row + (c >> 2));
+#else
+    st.sa = ld_u16(sa_row + c);
+    st.sb = ld_u16(sb_row + c);
+    st.ma = ld_u32((const u32*)ma_row + (c >> 3));  // one (d, dmin) per superblock: 8 chunks
+    st.mb = ld_u32((const u32*)mb_row + (c >> 3));
+#endif
+#if KQ_HB == 2
+    ld_stream_pair(ha_row + 2 * c, st.ha);
+    ld_stream_pair(hb_row + 2 * c, st.hb);
+#elif KQ_HB == 1
+    st.ha[0] = ld_stream_u32(ha_row + c);
+    st.hb[0] = ld_stream_u32(hb_row + c);
+#endif
+#elif CHUNK_SCALE
     const int k = c * HALF_PER_CHUNK;
 #if KIND == 2
     st.sa = ld_half(sa_row + (k >> 8));
@@ -369,7 +458,7 @@ DEV Step load_step(const U4* pa, const U4* pb, const u16* sa_row, const u16* sb_
 // the block before they are read.
 // Groups of SG units of activations (the fragment group G, b_frag): permuted into fragment order (PREPERM) and
 // stored at their staged places.
-#define SG ((KIND == 0 && BITS == 2) ? 2 : 1)
+#define SG (((KIND == 0 || KIND == 3) && BITS == 2) ? 2 : 1)
 DEV void store_units(const u32* w, int row, int u, int K) {
 #if PREPERM
     u32 o[4 * SG];
@@ -556,14 +645,20 @@ DEV Rows rows_of(int tile, int N) {
 }
 
 // Where the rows r start: their codes (16-byte chunks), scales and mins.
-struct RowPtrs { const U4 *ca, *cb; const u16 *sa, *sb, *ma, *mb; };
-DEV RowPtrs row_ptrs(const u32* codes, const u16* scales, const u16* mins, Rows r, int chunks, int groups) {
+// KIND 3: scales are the chunks' integer scales (groups = K / 32 u16 per row), mins the superblocks' (d, -dmin)
+// words, hi the high code bits (KQ_HB words per chunk).
+struct RowPtrs { const U4 *ca, *cb; const u16 *sa, *sb, *ma, *mb; const u32 *ha, *hb; };
+DEV RowPtrs row_ptrs(const u32* codes, const u16* scales, const u16* mins, const u32* hi, Rows r, int chunks,
+                     int groups) {
+    const int min_stride = KIND == 3 ? groups / 4 : groups;  // KIND 3: u32 (d, dmin) per 8 chunks, in u16 units
     return {(const U4*)codes + (size_t)r.ra * chunks, (const U4*)codes + (size_t)r.rb * chunks,
-            scales + (size_t)r.ra * groups, scales + (size_t)r.rb * groups, mins + (size_t)r.ra * groups,
-            mins + (size_t)r.rb * groups};
+            scales + (size_t)r.ra * groups, scales + (size_t)r.rb * groups, mins + (size_t)r.ra * min_stride,
+            mins + (size_t)r.rb * min_stride, hi + (size_t)r.ra * chunks * KQ_HB, hi + (size_t)r.rb * chunks * KQ_HB};
 }
 // The first step of a lane in rows p: chunk c0 of both rows, with its scales.
-DEV Step first_step(const RowPtrs& p, int c0) { return load_step(p.ca + c0, p.cb + c0, p.sa, p.sb, p.ma, p.mb, c0); }
+DEV Step first_step(const RowPtrs& p, int c0) {
+    return load_step(p.ca + c0, p.cb + c0, p.sa, p.sb, p.ma, p.mb, p.ha, p.hb, c0);
+}
 
 // Blocks loop over row blocks (tile, tile + gridDim.x, ...): cuda_gemv launches as many as stay resident, so each
 // stages (and normalizes) the activations once for all its row blocks, and the next row block's first weights are
@@ -584,7 +679,7 @@ gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u1
     // step at all (K of few chunks) read the last chunk here and never use it.
     const int c0 = min(warp * 4 + t, chunks - 1);
     Rows r = rows_of(blockIdx.x, N);
-    Step next = first_step(row_ptrs(codes, scales, mins, r, chunks, groups), c0);  // in flight during the set-up
+    Step next = first_step(row_ptrs(codes, scales, mins, tables, r, chunks, groups), c0);  // in flight during set-up
     stage_block(tables, x, K, M, nw, eps);
 #if KIND != 0 || XS
     __syncthreads();
@@ -597,7 +692,7 @@ gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u1
         const int tile = blockIdx.x;
 #endif
         // derived from r in each pass (only r is kept across passes: the pointers would cost registers)
-        const RowPtrs rp = row_ptrs(codes, scales, mins, r, chunks, groups);
+        const RowPtrs rp = row_ptrs(codes, scales, mins, tables, r, chunks, groups);
         const u16 *sa_row = rp.sa, *sb_row = rp.sb, *ma_row = rp.ma, *mb_row = rp.mb;
         const U4 *ca = rp.ca, *cb = rp.cb;
         const U4 *pa = ca + c0, *pb = cb + c0;
@@ -611,11 +706,11 @@ gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u1
             if (s + WARPS < steps) {  // no prefetch past the last step (a warp-uniform branch)
                 pa += 4 * WARPS;
                 pb += 4 * WARPS;
-                next = load_step(pa, pb, sa_row, sb_row, ma_row, mb_row, c + 4 * WARPS);
+                next = load_step(pa, pb, sa_row, sb_row, ma_row, mb_row, rp.ha, rp.hb, c + 4 * WARPS);
             }
 #else
             const int cn = min(c + 4 * WARPS, chunks - 1);
-            next = load_step(ca + cn, cb + cn, sa_row, sb_row, ma_row, mb_row, cn);
+            next = load_step(ca + cn, cb + cn, sa_row, sb_row, ma_row, mb_row, rp.ha, rp.hb, cn);
 #endif
             const bool ok = FULL || c < chunks;  // FULL: K fills whole steps, every lane's chunk is in the row
             const int u0 = c * HALF_PER_CHUNK / 8;
@@ -626,17 +721,37 @@ gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u1
 #else
             // idle lanes: scale reads stay in the row
             const int k0 = (FULL ? c : min(c, chunks - 1)) * HALF_PER_CHUNK;
+#if KIND == 3 && BITS == 4
+            u32 sa0, sa1, sb0, sb1;
+            kq_scales(w.sa, w.ma, sa0, sa1);
+            kq_scales(w.sb, w.mb, sb0, sb1);
+#endif
 #pragma unroll
-            for (int j = 0; j < 4; ++j)
-                chunk_mma(d, word(w.a, j), word(w.b, j), xb, u0, j * HALF_PER_WORD / 8, sa_row, sb_row, ma_row,
-                          mb_row, k0 + j * HALF_PER_WORD, ok, w.sa, w.sb, w.ma, w.mb);
+            for (int j = 0; j < 4; ++j) {
+#if KIND == 3
+#if BITS == 2  // Q2_K: word j is sub-block j
+                u32 csa, csb, cma, cmb;
+                kq_sub_scales(w.sa, w.ma, j, csa, cma);
+                kq_sub_scales(w.sb, w.mb, j, csb, cmb);
+#else  // Q4_K, Q5_K: one sub-block (s0, -m) per chunk; Q6_K: words 0, 1 and 2, 3 are two sub-blocks
+                const u32 csa = ASYM || j < 2 ? sa0 : sa1, csb = ASYM || j < 2 ? sb0 : sb1;
+                const u32 cma = ASYM ? sa1 : 0u, cmb = ASYM ? sb1 : 0u;
+#endif
+                chunk_mma(d, word(w.a, j), word(w.b, j), kq_hi(w.ha, j), kq_hi(w.hb, j), j, xb, u0,
+                          j * HALF_PER_WORD / 8, sa_row, sb_row, ma_row, mb_row, k0 + j * HALF_PER_WORD, ok, csa, csb,
+                          cma, cmb);
+#else
+                chunk_mma(d, word(w.a, j), word(w.b, j), 0u, 0u, j, xb, u0, j * HALF_PER_WORD / 8, sa_row, sb_row,
+                          ma_row, mb_row, k0 + j * HALF_PER_WORD, ok, w.sa, w.sb, w.ma, w.mb);
+#endif
+            }
 #endif
         }
         const int row0 = r.row0;
         const bool more = RESIDENT && tile + (int)gridDim.x < tiles;
         if (more) {  // the next row block's first step, in flight while this one's sums are added
             r = rows_of(tile + gridDim.x, N);
-            next = first_step(row_ptrs(codes, scales, mins, r, chunks, groups), c0);
+            next = first_step(row_ptrs(codes, scales, mins, tables, r, chunks, groups), c0);
         }
 #ifndef NO_EARLY_RELEASE
         else {
