@@ -103,9 +103,12 @@ def _exact_half(v: float) -> bool:
     return float(torch.tensor(v, dtype=torch.float16)) == v
 
 
-def _position_scales(bits: int) -> list[float]:
-    """Weight of the code in the magic number at each decode position (DQ2_SHIFT / DQ4 in the .cu)."""
-    return [4.0, 4.0, 16.0, 64.0, 256.0, 4.0, 16.0, 64.0] if bits == 2 else [1.0, 16.0]
+def _position_scales(bits: int, high: bool = False) -> list[float]:
+    """Weight of the code in the magic number at each decode position (DQ_SRC / DQ_MASK in the .cu); ``high``: a
+    2-bit code with a high bit above it (Q3_K), whose position 4 is read 4 bits lower to leave it room."""
+    if bits == 4:
+        return [1.0, 16.0]
+    return [4.0, 4.0, 16.0, 64.0, 16.0 if high else 256.0, 4.0, 16.0, 64.0]
 
 
 def _affine_levels(fmt: UniformFormat) -> tuple[float, float] | None:
@@ -129,20 +132,20 @@ def _group_shift(fmt: Format, cols: int, min_cols: int) -> int | None:
 
 
 def _kquant_plan(fmt: KQuantFormat, cols: int) -> Plan | None:
-    """Q2_K: codes decode as a 2-bit grid's. Q4_K, Q5_K, Q6_K: the low 4 bits of a code decode as a 4-bit grid's
-    (positions 1 and 16), the high ones join them in the magic number. The level is q (scale + min types) or q - 32
-    (Q6_K), exactly in fp16. Q3_K is not served (the Triton K-quant GEMV runs it)."""
-    low = _kquant_low_bits(fmt)
-    if low is None or cols % QK_K:
+    """Q2_K, Q3_K: the low 2 bits of a code decode as a 2-bit grid's; Q4_K, Q5_K, Q6_K: the low 4 bits as a 4-bit
+    grid's (positions 1 and 16). The high bits join them in the magic number. The level is q (scale + min types) or
+    q - 2^(bits-1) (Q3_K, Q6_K), exactly in fp16."""
+    if cols % QK_K:
         return None
+    low = _kquant_low_bits(fmt)
     asym = "dmin" in fmt.halves
     offset = 0 if asym else 1 << (fmt.bits - 1)
-    dq = tuple((1.0 / p, -offset - _MAGIC / p) for p in _position_scales(low))
+    dq = tuple((1.0 / p, -offset - _MAGIC / p) for p in _position_scales(low, fmt.bits > low))
     return Plan(3, low, asym, 5, False, dq, hi_bits=fmt.bits - low)
 
 
-def _kquant_low_bits(fmt: KQuantFormat) -> int | None:
-    return 2 if fmt.bits == 2 else 4 if fmt.bits >= 4 else None
+def _kquant_low_bits(fmt: KQuantFormat) -> int:
+    return 2 if fmt.bits <= 3 else 4
 
 
 @cache
@@ -253,20 +256,21 @@ def _kquant_rows(fmt: KQuantFormat, qs: torch.Tensor, cols: int) -> tuple[torch.
     lb = _kquant_low_bits(fmt)
     low = pack_bits(codes & ((1 << lb) - 1), lb).view(torch.int32)
     hb = fmt.bits - lb
-    if hb:  # word j of a chunk: codes i, i + 4 at bits hb i, hb i + 16 of its hi word, shifted by 4j (hb 1) or
-        # 8 (j % 2) in word j // 2 (hb 2)
-        h = (codes >> 4).reshape(rows, cols // 32, 4, 2, 4)  # [row, chunk, word j, half, code i]
+    if hb:  # pair i of word j (codes i, i + half): at bits hb i + base, hb i + base + 16 of hi word (magic_with_hi)
+        half, chunk = 16 // lb, 128 // lb  # codes per half word, per 16-byte chunk
+        h = (codes >> lb).reshape(rows, cols // chunk, 4, 2, half)  # [row, chunk, word j, half, code i]
         j = torch.arange(4, device=qs.device).view(4, 1, 1)
-        pos = 16 * torch.arange(2, device=qs.device).view(1, 2, 1) + hb * torch.arange(4, device=qs.device)
-        pos = pos + (4 * j if hb == 1 else 8 * (j % 2))
-        words = (h << pos).reshape(rows, cols // 32, hb, -1).sum(-1)  # disjoint bits: the sum is an OR
+        pos = 16 * torch.arange(2, device=qs.device).view(1, 2, 1) + hb * torch.arange(half, device=qs.device)
+        pos = pos + (4 * j if lb == 4 and hb == 1 else 8 * (j % 2))
+        words = (h << pos).reshape(rows, cols // chunk, hb * chunk // 32, -1).sum(-1)  # disjoint bits: an OR
         hi = _int32(words.reshape(rows, -1))
     else:
         hi = torch.zeros(rows, 1, dtype=torch.int32, device=qs.device)
     sc = params["sc"].to(torch.int64)
-    if lb == 2:  # Q2_K: ggml's scale bytes, 4 per 64-weight chunk
-        b = (sc | params["mn"].to(torch.int64) << 4).reshape(rows, -1, 4)
-        dm = _half_bits(params["d"]) | _half_bits(-params["dmin"]) << 16
+    if lb == 2:  # Q2_K: ggml's scale bytes (sc | mn << 4), Q3_K: int8 sc, 4 per 64-weight chunk
+        asym = "dmin" in fmt.halves
+        b = (sc | params["mn"].to(torch.int64) << 4 if asym else sc & 255).reshape(rows, -1, 4)
+        dm = _half_bits(params["d"]) | _half_bits(-params["dmin"] if asym else params["d"]) << 16
         return low, _int32((b << torch.tensor([0, 8, 16, 24], device=qs.device)).sum(-1)), _int32(dm), hi
     if "dmin" in fmt.halves:
         pair = sc | params["mn"].to(torch.int64) << 8
@@ -569,30 +573,32 @@ def decode_kquant_reference(fmt: KQuantFormat, qs: torch.Tensor, cols: int) -> t
     hb = p.hi_bits
     level = torch.empty(rows, chunks, 4, per_word, dtype=torch.float16)  # [row, chunk, word j, code]
     for j in range(4):
-        h = hi.reshape(rows, chunks, hb)[..., j // 2 if hb == 2 else 0] if hb else None  # kq_hi
+        hi_words = hb * 4 * per_word // 32
+        h = hi.reshape(rows, chunks, hi_words)[..., j // 2 if hi_words == 2 else 0] if hb else None  # kq_hi
         for i in range(half):  # pair i: codes i and i + half
             w = words[..., j]
-            if p.bits == 2:
-                src = w << 2 if i == 0 else w if i < 5 else w >> 8
-                mask = 0x00030003 << (2 if i == 0 else 2 * i if i < 5 else 2 * (i - 4))
+            if p.bits == 2:  # DQ_SRC, DQ_MASK (Q3_K: position 4 read 4 bits lower)
+                low_at = (2, 2, 4, 6, 4 if hb else 8, 2, 4, 6)[i]
+                src = w << 2 if i == 0 else (w >> 4 if hb else w) if i == 4 else w if i < 5 else w >> 8
             else:
+                low_at = 4 * (i % 2)
                 src = w if i < 2 else w >> 8
-                mask = 0x000F000F if i % 2 == 0 else 0x00F000F0
-            magic = 0x64006400 | (src & mask)
+            magic = 0x64006400 | (src & (((1 << p.bits) - 1) * 0x00010001) << low_at)
             if hb:  # magic_with_hi
-                pos = 4 if i % 2 == 0 else 8
-                sh = pos - hb * i - (4 * j if hb == 1 else 8 * (j % 2))
+                pos = low_at + p.bits
+                sh = pos - hb * i - (4 * j if p.bits == 4 and hb == 1 else 8 * (j % 2))
                 magic |= ((h << sh) if sh >= 0 else (h >> -sh)) & ((((1 << hb) - 1) * 0x00010001) << pos)
             a, b = p.dq[i % len(p.dq)]  # 4-bit: DQ_CONSTS_A {A0, A1, A0, A1}
             level[..., j, i] = _fma_half(_as_half(magic), a, b)
             level[..., j, i + half] = _fma_half(_as_half(magic >> 16), a, b)
     per_super = QK_K // (4 * per_word)  # chunks per superblock
     d2 = torch.stack([_as_half(dm), _as_half(dm >> 16)], -1).double().repeat_interleave(per_super, dim=1)
-    if p.bits == 2:  # kq_sub_scales: byte j of sm -> (sc, mn) of word j
+    if p.bits == 2:  # kq_sub_scales: byte j of sm -> (sc, mn) of word j (Q3_K: int8 sc, and (d, d))
         byte = (sm[..., None] >> torch.tensor([0, 8, 16, 24])) & 0xFF  # [row, chunk, word j]
-        ints = torch.stack([byte & 15, byte >> 4], -1).double()
+        ints = torch.stack([byte & 15, byte >> 4] if p.asym else [(byte ^ 0x80) - 128] * 2, -1).double()
         s = (ints * d2[:, :, None]).to(torch.float16).double()  # [row, chunk, j, (d sc, -dmin mn)]
-        w = (level.double() * s[..., 0, None] + s[..., 1, None]).to(torch.float16)
+        m = s[..., 1, None] if p.asym else 0.0
+        w = (level.double() * s[..., 0, None] + m).to(torch.float16)
         return w.reshape(rows, cols)
     ints = torch.stack([sm & 0xFF, (sm >> 8) & 0xFF], -1)  # [row, chunk, 2]
     ints = ints.double() if p.asym else ((ints ^ 0x80).double() - 128)  # exact: fp16 holds 0..255 and -128..127

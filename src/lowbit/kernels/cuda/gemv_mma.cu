@@ -3,9 +3,10 @@
 //
 // Configured by #defines that cuda_gemv.py puts in front of this file:
 //   KIND         0 = affine scalar grid, 1 = E8P, 2 = IQ2_XXS (llama.cpp's sub-blocks, superblock d apart),
-//                3 = K-quant (Q2_K; Q4_K, Q5_K, Q6_K with their 4 low code bits; cuda_gemv.kquant_layout)
-//   BITS         2 or 4 (KIND 0; KIND 3: the low bits the magic-number decode reads, 2 for Q2_K, else 4)
-//   KQ_HB        KIND 3: high code bits per weight beyond the 4 low ones (Q4_K 0, Q5_K 1, Q6_K 2)
+//                3 = K-quant (Q2_K, Q3_K with their 2 low code bits; Q4_K, Q5_K, Q6_K with their 4 low ones;
+//                cuda_gemv.kquant_layout)
+//   BITS         2 or 4 (KIND 0; KIND 3: the low code bits, read as a 2- or 4-bit grid reads its codes)
+//   KQ_HB        KIND 3: high code bits per weight beyond the low ones (Q2_K, Q4_K 0, Q3_K, Q5_K 1, Q6_K 2)
 //   ASYM         1 when the format stores a per-group min (w = L(q) s + m), else w = L(q) s (KIND 3: Q4_K, Q5_K)
 //   DQ_A<i>, DQ_B<i>  fp16x2 constants: L(q) = fma(magic(q at bit position i), DQ_A<i>, DQ_B<i>), exact
 //   GROUP_SHIFT  log2(columns per scale group); 30 = one scale per row
@@ -143,6 +144,7 @@ DEV u32 word(const U4& v, int j) { return j == 0 ? v.x : j == 1 ? v.y : j == 2 ?
 #define HALF_PER_WORD 16
 #endif
 #define HALF_PER_CHUNK (4 * HALF_PER_WORD)  // weights in 16 bytes of codes
+#define KQ_HI_WORDS (KQ_HB * HALF_PER_CHUNK / 32)  // KIND 3: words of high code bits per chunk (magic_with_hi)
 
 // Activations, in 16-byte units u of the lane's batch row. The four lanes t of a quad read chunks 4 s + t at the
 // same offset; 8-unit chunks 128 bytes apart (4-unit ones 64) would sit in the same shared-memory banks. Batch 1
@@ -219,8 +221,13 @@ DEV void b_frag(const u32* xr, int m, int half, u32& b0, u32& b1) {
 // Codes i and i + 8 of a word sit at bits 2i and 2i + 16; codes 1..4 are read in place (magic 1024 + 4^i q), code
 // 0 after a shift left by 2 and codes 5..7 after a shift right by 8, so that no code sits at bit 0: with a weight of
 // at least 4 on q, every B constant of an affine set (q - 1.5 included) is exact in fp16.
+#if KIND == 3 && KQ_HB  // Q3_K: code 4 is read after a shift right by 4, so that its third (high) bit still fits
+#define DQ_SRC(w, i) ((i) == 0 ? (w) << 2 : (i) == 4 ? (w) >> 4 : (i) < 5 ? (w) : (w) >> 8)
+#define DQ_MASK(i) (0x00030003u << ((i) == 0 ? 2 : (i) == 4 ? 4 : (i) < 5 ? 2 * (i) : 2 * ((i) - 4)))
+#else
 #define DQ_SRC(w, i) ((i) == 0 ? (w) << 2 : (i) < 5 ? (w) : (w) >> 8)
 #define DQ_MASK(i) (0x00030003u << ((i) == 0 ? 2 : (i) < 5 ? 2 * (i) : 2 * ((i) - 4)))
+#endif
 #define DQ_CONSTS_A {DQ_A0, DQ_A1, DQ_A2, DQ_A3, DQ_A4, DQ_A5, DQ_A6, DQ_A7}
 #define DQ_CONSTS_B {DQ_B0, DQ_B1, DQ_B2, DQ_B3, DQ_B4, DQ_B5, DQ_B6, DQ_B7}
 #elif KIND == 0 || KIND == 3
@@ -233,15 +240,22 @@ DEV void b_frag(const u32* xr, int m, int half, u32& b0, u32& b1) {
 
 #if KIND == 0 || KIND == 3
 #if KIND == 3 && KQ_HB
-// The high code bits of a K-quant (cuda_gemv.kquant_layout), one hi word per chunk (KQ_HB 1) or two (KQ_HB 2, words
-// 2e and 2e + 1 of the chunk in hi word e): code i of word j at bit KQ_HB i + base, code i + 4 at 16 higher, base =
-// 4 j (KQ_HB 1) or 8 (j % 2) (KQ_HB 2). Pair i's low nibbles sit at bits P..P+3 of each half (P = 4 (i % 2),
-// DQ_MASK), so its high bits go to P + 4 (one shift, by a constant, and the mask of the LOP3 that also sets the
-// magic exponent): the magic number becomes 1024 + 2^P q with the whole code q = low + 16 high (<= 63: q 2^P stays
-// inside the 10-bit mantissa).
+// The high code bits of a K-quant (cuda_gemv.kquant_layout), one hi word per chunk (Q5_K) or two (Q6_K, Q3_K: words
+// 2e and 2e + 1 of the chunk in hi word e, KQ_HI_WORDS): the high bits of pair i of word j (codes i and i + PAIRS) at
+// bit KQ_HB i + base and 16 higher, base = 4 j (Q5_K) or 8 (j % 2). Pair i's low bits sit at bit L of each half
+// (DQ_MASK: Q4_K-Q6_K L = 4 (i % 2), Q3_K L = 2, 4 or 6), so its high bits go to L + BITS (one shift, by a constant,
+// and the mask of the LOP3 that also sets the magic exponent): the magic number becomes 1024 + 2^L q with the whole
+// code q = low + 2^BITS high (q 2^L stays inside the 10-bit mantissa: <= 63 x 16, <= 7 x 64).
+#if BITS == 4
+#define KQ_LOW_AT(i) (4 * ((i) & 1))
+#define KQ_HI_BASE(j) (KQ_HB == 1 ? 4 * (j) : 8 * ((j) & 1))
+#else
+#define KQ_LOW_AT(i) ((i) == 0 || (i) == 1 || (i) == 5 ? 2 : (i) == 3 || (i) == 7 ? 6 : 4)
+#define KQ_HI_BASE(j) (8 * ((j) & 1))
+#endif
 DEV u32 magic_with_hi(u32 h, int i, int j) {
-    const int p = 4 + 4 * (i & 1);
-    const int sh = p - KQ_HB * i - (KQ_HB == 1 ? 4 * j : 8 * (j & 1));
+    const int p = KQ_LOW_AT(i) + BITS;
+    const int sh = p - KQ_HB * i - KQ_HI_BASE(j);
     return lop3_and_or(sh >= 0 ? h << sh : h >> -sh, (((1u << KQ_HB) - 1u) * 0x00010001u) << p, MAGIC);
 }
 #else
@@ -393,15 +407,21 @@ DEV void kq_scales(u32 sm, u32 dm, u32& s0, u32& s1) {
 // Q2_K: word j of a 64-weight chunk is 16-weight sub-block j, whose ggml scale byte (sc | mn << 4) is byte j of sm.
 // One PRMT puts it in both halves, one LOP3 keeps sc in the low half and 16 mn in the high one inside the magic
 // number, one HFMA2 makes (sc, mn) exactly, one HMUL2 by (d, -dmin) as kq_scales.
+// Q3_K: byte j is sub-block j's int8 sc (the layout's), made fp16 in both halves and times (d, d): no PRMT after.
 DEV void kq_sub_scales(u32 sm, u32 dm, int j, u32& s, u32& m) {
     const u32 t = prmt(sm, 0u, 0x4040u | (u32)j | ((u32)j << 8));  // byte j -> bytes 0 and 2
+#if ASYM
     const u32 f = hfma2(lop3_and_or(t, 0x00F0000Fu, MAGIC), 0x2C003C00u, 0xD400E400u);  // (x - 1024) / (1, 16)
     const u32 r = hmul2(f, dm);
     s = prmt(r, 0u, 0x1010u);
     m = prmt(r, 0u, 0x3232u);
+#else
+    s = hmul2(hfma2((t ^ 0x00800080u) | MAGIC, 0x3C003C00u, 0xE480E480u), dm);  // int8 + 128 - 1152
+    m = 0u;
+#endif
 }
 // the hi word that holds word j's high code bits (magic_with_hi)
-DEV u32 kq_hi(const u32* h, int j) { return KQ_HB == 2 ? h[j >> 1] : h[0]; }
+DEV u32 kq_hi(const u32* h, int j) { return KQ_HI_WORDS == 2 ? h[j >> 1] : h[0]; }
 #endif
 
 // One step of a lane: 16 bytes of codes of both rows (chunk c) and, with CHUNK_SCALE, the chunk's scales and mins.
@@ -430,10 +450,10 @@ DEV Step load_step(const U4* pa, const U4* pb, const u16* sa_row, const u16* sb_
     st.ma = ld_u32((const u32*)ma_row + (c >> 3));  // one (d, dmin) per superblock: 8 chunks
     st.mb = ld_u32((const u32*)mb_row + (c >> 3));
 #endif
-#if KQ_HB == 2
+#if KQ_HI_WORDS == 2
     ld_stream_pair(ha_row + 2 * c, st.ha);
     ld_stream_pair(hb_row + 2 * c, st.hb);
-#elif KQ_HB == 1
+#elif KQ_HI_WORDS == 1
     st.ha[0] = ld_stream_u32(ha_row + c);
     st.hb[0] = ld_stream_u32(hb_row + c);
 #endif
@@ -646,14 +666,15 @@ DEV Rows rows_of(int tile, int N) {
 
 // Where the rows r start: their codes (16-byte chunks), scales and mins.
 // KIND 3: scales are the chunks' integer scales (groups = K / 32 u16 per row), mins the superblocks' (d, -dmin)
-// words, hi the high code bits (KQ_HB words per chunk).
+// words, hi the high code bits (KQ_HI_WORDS words per chunk).
 struct RowPtrs { const U4 *ca, *cb; const u16 *sa, *sb, *ma, *mb; const u32 *ha, *hb; };
 DEV RowPtrs row_ptrs(const u32* codes, const u16* scales, const u16* mins, const u32* hi, Rows r, int chunks,
                      int groups) {
     const int min_stride = KIND == 3 ? groups / 4 : groups;  // KIND 3: u32 (d, dmin) per 8 chunks, in u16 units
     return {(const U4*)codes + (size_t)r.ra * chunks, (const U4*)codes + (size_t)r.rb * chunks,
             scales + (size_t)r.ra * groups, scales + (size_t)r.rb * groups, mins + (size_t)r.ra * min_stride,
-            mins + (size_t)r.rb * min_stride, hi + (size_t)r.ra * chunks * KQ_HB, hi + (size_t)r.rb * chunks * KQ_HB};
+            mins + (size_t)r.rb * min_stride, hi + (size_t)r.ra * chunks * KQ_HI_WORDS,
+            hi + (size_t)r.rb * chunks * KQ_HI_WORDS};
 }
 // The first step of a lane in rows p: chunk c0 of both rows, with its scales.
 DEV Step first_step(const RowPtrs& p, int c0) {
@@ -729,7 +750,7 @@ gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u1
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
 #if KIND == 3
-#if BITS == 2  // Q2_K: word j is sub-block j
+#if BITS == 2  // Q2_K, Q3_K: word j is sub-block j
                 u32 csa, csb, cma, cmb;
                 kq_sub_scales(w.sa, w.ma, j, csa, cma);
                 kq_sub_scales(w.sb, w.mb, j, csb, cmb);
