@@ -1,5 +1,5 @@
 """Tensor-core GEMV for decode (1 to 8 rows of activations per launch, up to 16 in two) on 2- and 4-bit affine
-grids, E8P, IQ2_XXS and llama.cpp's Q4_K / Q5_K / Q6_K, in CUDA C++ (``cuda/gemv_mma.cu``), compiled at first use by
+grids, E8P, IQ2_XXS and llama.cpp's K-quants, in CUDA C++ (``cuda/gemv_mma.cu``), compiled at first use by
 :mod:`cuda_jit`.
 
 :func:`plan` says whether a packed weight can take this path and with which compile-time constants; the
@@ -10,11 +10,12 @@ bit operations in torch on the CPU, which is how CI checks the constants and the
 IQ2_XXS is read from a kernel layout derived once per weight on the device (:func:`iq2xxs_layout`): llama.cpp's
 66-byte superblocks put every 4-byte field at an offset of 2 mod 4, so the 8-byte sub-blocks are gathered into
 rows of their own and the superblock scales into a separate fp16 array (the same bytes, 2.0625 bits per weight).
-The K-quants Q4_K, Q5_K and Q6_K are read from one too (:func:`kquant_layout`): the low 4 bits of every code packed
-as the 4-bit grids pack theirs, so the same decode serves them, the high bits in a plane beside them, each 32-weight
-chunk's integer scales in one 16-bit word and each superblock's fp16 (d, dmin) in one 32-bit word (0.125 bits per
-weight more than ggml's bytes: Q4_K 4.625). Both layouts are built on the device at a weight's first GEMV and kept
-beside its stored bytes (which GGUF export and the other paths read), so such a weight takes twice its memory there.
+The K-quants (Q2_K .. Q6_K) are read from one too (:func:`kquant_layout`): the low 2 or 4 bits of every code
+packed as the 2- or 4-bit grids pack theirs, so the same decode serves them, the high bits in a plane beside them,
+each chunk's integer scales in one 16- or 32-bit word and each superblock's fp16 (d, -dmin) in one 32-bit word (at
+most 0.19 bits per weight more than ggml's bytes: Q4_K 4.625). Both layouts are built on the device at a weight's
+first GEMV and kept beside its stored bytes (which GGUF export and the other paths read), so such a weight takes
+twice its memory there.
 
 Variants that measured slower on an H200 and were taken out (a cp.async ring feeding persistent blocks, E8P's sign
 word computed instead of looked up, the +rht input transform folded into the staging) are in docs/kernels.md.
@@ -57,13 +58,13 @@ _MAGIC = 1024.0  # 0x6400
 
 @dataclass(frozen=True)
 class Plan:
-    kind: int  # 0 affine grid, 1 E8P, 2 IQ2_XXS, 3 K-quant (Q4_K, Q5_K, Q6_K)
-    bits: int  # bits per code the magic-number decode reads (KIND 3: the low 4)
+    kind: int  # 0 affine grid, 1 E8P, 2 IQ2_XXS, 3 K-quant
+    bits: int  # bits per code the magic-number decode reads (KIND 3: the low 2 or 4)
     asym: bool
     group_shift: int  # log2(columns per scale group); 30 = one per row
     row_scale: bool
     dq: tuple[tuple[float, float], ...]  # (A_i, B_i): level = A_i * magic_i + B_i, one per code position
-    hi_bits: int = 0  # KIND 3: code bits beyond the low 4 (Q5_K 1, Q6_K 2), read from their own plane
+    hi_bits: int = 0  # KIND 3: code bits beyond the low ones (Q3_K, Q5_K 1, Q6_K 2), read from their own plane
 
     def defines(self, staged_x: int = 0, warps: int = WARPS_FEW, min_blocks: int = 1, gated: bool = False,
                 full: bool = False, norm_qs: int = 0, resid: bool = False, resident: bool = False) -> str:
@@ -235,15 +236,17 @@ _LAYOUT_ROWS = 2048  # rows unpacked at once by kquant_layout (int64 temporaries
 
 
 def kquant_layout(fmt: KQuantFormat, qs: torch.Tensor, cols: int) -> tuple[torch.Tensor, ...]:
-    """llama.cpp's ``block_q{4,5,6}_K`` rows -> the kernel layout (the .cu's KIND 3), on ``qs``'s device:
+    """llama.cpp's ``block_q*_K`` rows -> the kernel layout (the .cu's KIND 3), on ``qs``'s device:
 
-    * codes int32 [rows, cols / 8] (Q2_K: [rows, cols / 16]): the low 4 bits of every code (Q2_K: the 2-bit code),
-      packed as a 4-bit (2-bit) grid packs its codes;
+    * codes int32 [rows, cols / 8] (Q2_K, Q3_K: [rows, cols / 16]): the low 4 (2) bits of every code, packed as a
+      4-bit (2-bit) grid packs its codes;
     * scales int16 [rows, cols / 32]: per 32-weight chunk two 8-bit integers, Q4_K / Q5_K the sub-block's ``sc``
-      (low byte) and ``mn``, Q6_K the int8 ``sc`` of its two 16-weight sub-blocks (Q2_K: int32 [rows, cols / 64],
-      per 64-weight chunk ggml's 4 scale bytes ``sc | mn << 4``, one per 16-weight sub-block);
-    * dm int32 [rows, cols / 256]: per superblock fp16 ``d`` (low half) and ``-dmin`` (Q6_K: ``d`` again);
-    * hi int32 [rows, cols / 32 * hi_bits]: the high code bits (the .cu's kq_hi), or one zero when there are none.
+      (low byte) and ``mn``, Q6_K the int8 ``sc`` of its two 16-weight sub-blocks (Q2_K, Q3_K: int32
+      [rows, cols / 64], per 64-weight chunk a byte per 16-weight sub-block: ggml's ``sc | mn << 4``, Q3_K's int8
+      ``sc``);
+    * dm int32 [rows, cols / 256]: per superblock fp16 ``d`` (low half) and ``-dmin`` (Q3_K, Q6_K: ``d`` again);
+    * hi int32 [rows, cols / 32 * hi_bits]: the high code bits (the .cu's magic_with_hi), or one zero when there are
+      none.
     """
     rows = qs.shape[0]
     parts = [_kquant_rows(fmt, qs[r:r + _LAYOUT_ROWS], cols) for r in range(0, rows, _LAYOUT_ROWS)]
@@ -420,18 +423,20 @@ def gemv(x: torch.Tensor, fmt: Format, qt: QuantizedTensor, p: Plan, gated: bool
     nw = x if norm is None else _aligned(norm[0].to(torch.float16).contiguous())
     res = None if residual is None else _aligned(residual.to(torch.float16).contiguous())
     y = torch.empty(m, n, dtype=torch.float16, device=x.device)
-    key = f"{x.device}/{p.kind}"
     if p.kind == 3:  # the K-quant layout's high-bit plane takes the place of the decode tables
         codes, scales, mins, tables = _cached_layout(qt.data["qs"], lambda qs: kquant_layout(fmt, qs, k))
         groups = k // 32
-    elif key not in _TABLES:
-        _TABLES[key] = _kind_tables(p.kind).to(x.device)
-    if p.kind == 2:
-        codes, scales = _cached_layout(qt.data["qs"], lambda qs: iq2xxs_layout(qs, k))
-        mins, groups = scales, scales.shape[1]
-    elif p.kind != 3:
-        codes, scales, groups = qt.data["codes"], qt.data["scale"], fmt.n_groups(k)
-        mins = qt.data.get("min", scales)
+    else:
+        key = f"{x.device}/{p.kind}"
+        if key not in _TABLES:
+            _TABLES[key] = _kind_tables(p.kind).to(x.device)
+        tables = _TABLES[key]
+        if p.kind == 2:
+            codes, scales = _cached_layout(qt.data["qs"], lambda qs: iq2xxs_layout(qs, k))
+            mins, groups = scales, scales.shape[1]
+        else:
+            codes, scales, groups = qt.data["codes"], qt.data["scale"], fmt.n_groups(k)
+            mins = qt.data.get("min", scales)
     full = k % (4 * half_per_chunk(p)) == 0  # whole steps of 4 chunks: no lane past the row's end
     blocks = min_blocks_for(warps, m)
     rows_per_block = ROWS_PER_BLOCK // 2 if gated else ROWS_PER_BLOCK  # gated: 8 gate rows + their 8 up rows
@@ -444,8 +449,7 @@ def gemv(x: torch.Tensor, fmt: Format, qt: QuantizedTensor, p: Plan, gated: bool
     kern.allow_shared(shared)
     eps = ctypes.c_float(0.0 if norm is None else norm[1])
     kern((grid, 1, 1), (warps * 32, 1, 1),
-         [codes, scales, mins, x, y, tables if p.kind == 3 else _TABLES[key], n, k, m, groups, nw,
-          y if res is None else res, eps, tiles],
+         [codes, scales, mins, x, y, tables, n, k, m, groups, nw, y if res is None else res, eps, tiles],
          shared=shared, early=launches_early() and _hopper(x.device))
     return y
 

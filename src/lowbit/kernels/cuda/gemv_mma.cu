@@ -7,7 +7,8 @@
 //                cuda_gemv.kquant_layout)
 //   BITS         2 or 4 (KIND 0; KIND 3: the low code bits, read as a 2- or 4-bit grid reads its codes)
 //   KQ_HB        KIND 3: high code bits per weight beyond the low ones (Q2_K, Q4_K 0, Q3_K, Q5_K 1, Q6_K 2)
-//   ASYM         1 when the format stores a per-group min (w = L(q) s + m), else w = L(q) s (KIND 3: Q4_K, Q5_K)
+//   ASYM         1 when the format stores a per-group min (w = L(q) s + m), else w = L(q) s (KIND 3: Q2_K, Q4_K,
+//                Q5_K)
 //   DQ_A<i>, DQ_B<i>  fp16x2 constants: L(q) = fma(magic(q at bit position i), DQ_A<i>, DQ_B<i>), exact
 //   GROUP_SHIFT  log2(columns per scale group); 30 = one scale per row
 //   ROW_SCALE    1 = one scale per row applied to the fp32 sums at the end (no per-weight multiply)
@@ -425,7 +426,7 @@ DEV u32 kq_hi(const u32* h, int j) { return KQ_HI_WORDS == 2 ? h[j >> 1] : h[0];
 #endif
 
 // One step of a lane: 16 bytes of codes of both rows (chunk c) and, with CHUNK_SCALE, the chunk's scales and mins.
-// KIND 3: sa, sb the raw scale integers, ma, mb the raw (d, dmin), ha, hb the high code bits (kq_scales, kq_hi).
+// KIND 3: sa, sb the raw scale integers, ma, mb the raw (d, -dmin), ha, hb the high code bits (kq_scales, kq_hi).
 struct Step { U4 a, b; u32 sa, sb, ma, mb; u32 ha[2], hb[2]; };
 // pa, pb point at chunk c of the two code rows. Past the row's end (lanes of a partial last step, and without FULL
 // the prefetch after the last step) the caller passes the row's last chunk, a valid address, instead of predicating
@@ -670,7 +671,7 @@ DEV Rows rows_of(int tile, int N) {
 struct RowPtrs { const U4 *ca, *cb; const u16 *sa, *sb, *ma, *mb; const u32 *ha, *hb; };
 DEV RowPtrs row_ptrs(const u32* codes, const u16* scales, const u16* mins, const u32* hi, Rows r, int chunks,
                      int groups) {
-    const int min_stride = KIND == 3 ? groups / 4 : groups;  // KIND 3: u32 (d, dmin) per 8 chunks, in u16 units
+    const int min_stride = KIND == 3 ? groups / 4 : groups;  // KIND 3: a u32 (d, -dmin) per 256 weights, u16 units
     return {(const U4*)codes + (size_t)r.ra * chunks, (const U4*)codes + (size_t)r.rb * chunks,
             scales + (size_t)r.ra * groups, scales + (size_t)r.rb * groups, mins + (size_t)r.ra * min_stride,
             mins + (size_t)r.rb * min_stride, hi + (size_t)r.ra * chunks * KQ_HI_WORDS,
