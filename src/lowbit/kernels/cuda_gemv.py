@@ -269,32 +269,22 @@ def _kquant_rows(fmt: KQuantFormat, qs: torch.Tensor, cols: int) -> tuple[torch.
         hi = _int32(words.reshape(rows, -1))
     else:
         hi = torch.zeros(rows, 1, dtype=torch.int32, device=qs.device)
+    # Scale bytes in the order the kernel reads them (little-endian words): Q2_K one byte sc | mn << 4 per 16-weight
+    # sub-block, Q3_K / Q6_K their int8 sc, Q4_K / Q5_K (sc, mn) per 32-weight sub-block.
     sc = params["sc"].to(torch.int64)
-    if lb == 2:  # Q2_K: ggml's scale bytes (sc | mn << 4), Q3_K: int8 sc, 4 per 64-weight chunk
-        asym = "dmin" in fmt.halves
-        b = (sc | params["mn"].to(torch.int64) << 4 if asym else sc & 255).reshape(rows, -1, 4)
-        dm = _half_bits(params["d"]) | _half_bits(-params["dmin"] if asym else params["d"]) << 16
-        return low, _int32((b << torch.tensor([0, 8, 16, 24], device=qs.device)).sum(-1)), _int32(dm), hi
-    if "dmin" in fmt.halves:
-        pair = sc | params["mn"].to(torch.int64) << 8
-        dmin = -params["dmin"]  # the kernel's HFMA2 adds (-dmin) mn
-    else:  # Q6_K: the int8 scales of 16-weight sub-blocks 2c and 2c + 1
-        pair = (sc[:, 0::2] & 255) | (sc[:, 1::2] & 255) << 8
-        dmin = params["d"]
-    dm = _half_bits(params["d"]) | _half_bits(dmin) << 16
-    return low, _int16(pair), _int32(dm), hi
-
-
-def _half_bits(v: torch.Tensor) -> torch.Tensor:
-    return v.to(torch.float16).view(torch.int16).to(torch.int64) & 0xFFFF
+    asym = "dmin" in fmt.halves
+    if lb == 2:
+        scale_bytes, word = sc | params["mn"].to(torch.int64) << 4 if asym else sc, torch.int32
+    else:
+        scale_bytes, word = torch.stack([sc, params["mn"].to(torch.int64)], -1) if asym else sc, torch.int16
+    scales = (scale_bytes & 255).to(torch.uint8).reshape(rows, -1).view(word)
+    # the kernel's HFMA2 adds (-dmin) mn; the scale-only types take (d, d)
+    dm = torch.stack([params["d"], -params["dmin"] if asym else params["d"]], -1).half().reshape(rows, -1)
+    return low, scales, dm.view(torch.int32), hi
 
 
 def _int32(v: torch.Tensor) -> torch.Tensor:
     return torch.where(v >= 1 << 31, v - (1 << 32), v).to(torch.int32)
-
-
-def _int16(v: torch.Tensor) -> torch.Tensor:
-    return torch.where(v >= 1 << 15, v - (1 << 16), v).to(torch.int16)
 
 
 _LAYOUTS: dict[int, tuple] = {}

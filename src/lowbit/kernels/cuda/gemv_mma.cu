@@ -1,5 +1,5 @@
 // Packed-weight GEMV on tensor cores: y[M, N] = x[M, K] W[N, K]^T for M <= 8 (decode), W packed 2 or 4 bits per
-// weight (affine grids), E8P or IQ2_XXS codes, or llama.cpp's Q4_K / Q5_K / Q6_K, fp32 accumulation.
+// weight (affine grids), E8P or IQ2_XXS codes, or llama.cpp's K-quants, fp32 accumulation.
 //
 // Configured by #defines that cuda_gemv.py puts in front of this file:
 //   KIND         0 = affine scalar grid, 1 = E8P, 2 = IQ2_XXS (llama.cpp's sub-blocks, superblock d apart),
@@ -440,17 +440,15 @@ DEV Step load_step(const U4* pa, const U4* pb, const u16* sa_row, const u16* sb_
     st.ma = st.mb = 0u;
     st.ha[0] = st.ha[1] = st.hb[0] = st.hb[1] = 0u;
 #if KIND == 3
-#if BITS == 2  // Q2_K: 4 scale bytes per chunk, 4 chunks per superblock
+#if BITS == 2  // Q2_K, Q3_K: 4 scale bytes per chunk
     st.sa = ld_u32((const u32*)sa_row + c);
     st.sb = ld_u32((const u32*)sb_row + c);
-    st.ma = ld_u32((const u32*)ma_row + (c >> 2));
-    st.mb = ld_u32((const u32*)mb_row + (c >> 2));
 #else
     st.sa = ld_u16(sa_row + c);
     st.sb = ld_u16(sb_row + c);
-    st.ma = ld_u32((const u32*)ma_row + (c >> 3));  // one (d, dmin) per superblock: 8 chunks
-    st.mb = ld_u32((const u32*)mb_row + (c >> 3));
 #endif
+    st.ma = ld_u32((const u32*)ma_row + c * HALF_PER_CHUNK / 256);  // one (d, -dmin) per 256-weight superblock
+    st.mb = ld_u32((const u32*)mb_row + c * HALF_PER_CHUNK / 256);
 #if KQ_HI_WORDS == 2
     ld_stream_pair(ha_row + 2 * c, st.ha);
     ld_stream_pair(hb_row + 2 * c, st.hb);
