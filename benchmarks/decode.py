@@ -3,6 +3,7 @@
     PYTHONPATH=src python benchmarks/decode.py                                  # 7B shape on CUDA, ~2-4 min
     PYTHONPATH=src python benchmarks/decode.py --layers 4 --formats fp16,q4_0   # quick look
     PYTHONPATH=src python benchmarks/decode.py --compile --formats q4_k,Q4_K_M    # K-quants; a llama.cpp preset's mix
+    PYTHONPATH=src python benchmarks/decode.py --compile --formats Q4_K_M --head preset   # ... with its Q6_K LM head
     PYTHONPATH=src python benchmarks/decode.py --device cpu --layers 2 --hidden 256 --intermediate 512 \\
         --heads 4 --vocab 1000 --prompt 8 --gen 8 --repeats 1 --out /tmp/decode-cpu.json   # CPU smoke test
 
@@ -10,11 +11,12 @@ The model is built directly on the device with random weights (no checkpoint, no
 every decoder linear (each in the format named, or in the type llama.cpp's preset gives it: ``Q4_K_M``, ``Q6_K``,
 ...) by a QuantLinear holding random-but-valid packed weights (``--init random``: random codes,
 scales sized for weights of std ~0.02; ``--init rtn``: RTN of the fp16 weights, slow for searched formats such as
-nz2_ch); embeddings and LM head stay fp16. For each variant: batch 1, a ``--prompt``-token prompt (eager
-prefill into a static KV cache), then ``--gen`` greedy decode steps timed with the fast path
-(lowbit.serve.fast_decode.StaticDecoder: CUDA-graph replay per token, no host sync until the end); the median of
-``--repeats`` runs gives tokens/s. The same steps run eagerly (``--eager-repeats``) for the launch-bound
-baseline, and the first ``--check-tokens`` tokens are compared with the plain dynamic-cache loop that
+nz2_ch); embeddings stay fp16, and so does the LM head unless ``--head`` names a format for it (``preset``: the
+type llama.cpp's preset gives its output matrix; lowbit's own checkpoints keep the head fp16). For each variant:
+batch 1, a ``--prompt``-token prompt (eager prefill into a static KV cache), then ``--gen`` greedy decode steps
+timed with the fast path (lowbit.serve.fast_decode.StaticDecoder: CUDA-graph replay per token, no host sync until
+the end); the median of ``--repeats`` runs gives tokens/s. The same steps run eagerly (``--eager-repeats``) for the
+launch-bound baseline, and the first ``--check-tokens`` tokens are compared with the plain dynamic-cache loop that
 ``lowbit generate`` uses (the same packed kernels on the model as the decoder left it: this checks the static
 cache, graph, fusions and compiled step, not the GEMV kernels, which tests/test_cuda_gemv.py checks). With
 ``--compile`` on Hopper or later the step uses programmatic dependent launch where StaticDecoder's default does
@@ -44,6 +46,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lowbit.eval.results_docs import decode_label
 from lowbit.formats import IQ2XXSFormat, KQuantFormat, QuantizedTensor, get_format
 from lowbit.io.gguf_presets import PRESETS, preset_plan
 from lowbit.models.fused_linears import layer_rotation
@@ -138,27 +141,34 @@ def _random_kquant(lin: nn.Linear, fmt: KQuantFormat) -> QuantizedTensor:
     return fmt.pack(codes, params, (rows, cols))
 
 
-def variant_formats(model: nn.Module, variant: str) -> dict[str, str]:
-    """Decoder linear -> format name: one format for ``FORMAT`` / ``FORMAT+rht``, or llama.cpp's per-tensor types
-    for a preset (``Q4_K_M``: :func:`lowbit.io.gguf_presets.preset_plan`; LM head and embeddings stay fp16)."""
+def variant_formats(model: nn.Module, variant: str, head: str = "fp16") -> dict[str, str]:
+    """Module name -> format name: every decoder linear in one format for ``FORMAT`` / ``FORMAT+rht``, or in
+    llama.cpp's per-tensor type for a preset (``Q4_K_M``: :func:`lowbit.io.gguf_presets.preset_plan`); plus the LM
+    head in ``head`` unless that is fp16 (``preset``: the preset's output type, fp16 for a single format)."""
     names = list(decoder_linears(model))
-    if variant in PRESETS:
-        plan = preset_plan(model, variant).plan
-        return {n: plan[n] for n in names}
-    return dict.fromkeys(names, variant.removesuffix("+rht"))
+    plan = preset_plan(model, variant) if variant in PRESETS else None
+    if plan:
+        formats = {n: plan.plan[n] for n in names}
+    else:
+        formats = {} if variant == "fp16" else dict.fromkeys(names, variant.removesuffix("+rht"))
+    if head == "preset":
+        head = plan.output_type if plan else "fp16"
+    if head != "fp16":
+        formats["lm_head"] = head
+    return formats
 
 
-def quantize_model(model: nn.Module, variant: str, init: str) -> dict[str, nn.Module]:
+def quantize_model(model: nn.Module, variant: str, init: str, head: str = "fp16") -> dict[str, nn.Module]:
     """Swap every decoder linear for a QuantLinear in the variant's format (``FORMAT`` or ``FORMAT+rht``: with
-    lowbit's incoherence rotations, input side shared by siblings, undone online; or a llama.cpp preset's types,
-    :func:`variant_formats`); returns the originals."""
+    lowbit's incoherence rotations, input side shared by siblings, undone online; or a llama.cpp preset's types),
+    and the LM head too unless ``head`` is fp16 (:func:`variant_formats`); returns the originals."""
     rotate = variant.endswith("+rht")
-    formats = variant_formats(model, variant)
-    originals = decoder_linears(model)
+    formats = variant_formats(model, variant, head)
+    originals = {name: model.get_submodule(name) for name in formats}
     stats: dict[tuple[str, int], tuple[float, float]] = {}
     for name, lin in originals.items():
         fmt_name = formats[name]
-        rotation = layer_rotation(name, 0) if rotate else None
+        rotation = layer_rotation(name, 0) if rotate and name != "lm_head" else None
         q = empty_quant_linear(lin, fmt_name, rotation)
         fmt = get_format(fmt_name)
         if init == "rtn" or isinstance(fmt, IQ2XXSFormat | KQuantFormat):
@@ -196,27 +206,24 @@ def restore_model(model: nn.Module, originals: dict[str, nn.Module]) -> None:
 
 
 # ----- bytes and bandwidth -------------------------------------------------------------------------------------
+def module_bytes(m: nn.Module) -> int:
+    """Weight bytes of a linear as stored: packed buffers of a QuantLinear, else the weight (and the bias)."""
+    total = sum(getattr(m, k).nbytes for k in m._keys) if isinstance(m, QuantLinear) else m.weight.nbytes
+    return total + (m.bias.nbytes if getattr(m, "bias", None) is not None else 0)
+
+
 def linear_bytes(model: nn.Module) -> int:
-    total = 0
-    for m in decoder_linears(model).values():
-        if isinstance(m, QuantLinear):
-            total += sum(getattr(m, k).nbytes for k in m._keys)
-        else:
-            total += m.weight.nbytes
-        if getattr(m, "bias", None) is not None:
-            total += m.bias.nbytes
-    return total
+    return sum(module_bytes(m) for m in decoder_linears(model).values())
 
 
 def step_bytes(model: nn.Module, mean_context: float) -> dict[str, float]:
     """Bytes one decode step must read (at least), by part."""
     cfg = model.config
     emb = model.get_input_embeddings().weight
-    head = model.get_output_embeddings().weight
     norms = sum(p.nbytes for n, p in model.named_parameters() if p.dim() == 1 and "norm" in n)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     kv_per_pos = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * emb.element_size()
-    parts = {"linears": float(linear_bytes(model)), "lm_head": float(head.nbytes),
+    parts = {"linears": float(linear_bytes(model)), "lm_head": float(module_bytes(model.get_output_embeddings())),
              "embed_row": float(emb.shape[1] * emb.element_size()), "norms": float(norms),
              "kv_cache": kv_per_pos * mean_context}
     parts["total"] = sum(parts.values())
@@ -327,14 +334,16 @@ def run_variant(model: nn.Module, variant: str, args: argparse.Namespace, prompt
                 bw: float) -> dict:
     dev = prompt.device
     t0 = time.perf_counter()
-    originals = None if variant == "fp16" else quantize_model(model, variant, args.init)
+    quantized = variant != "fp16" or args.head not in ("fp16", "preset")
+    originals = quantize_model(model, variant, args.init, args.head) if quantized else None
     sync(dev)
     log(f"{variant}: weights ready in {time.perf_counter() - t0:.1f}s")
     try:
         n_weights = sum(m.in_features * m.out_features for m in decoder_linears(model).values())
         mean_ctx = args.prompt + (args.gen + 1) / 2  # keys attended per step, averaged over the timed steps
         parts = step_bytes(model, mean_ctx)
-        row: dict = {"variant": variant, "bpw": 8 * parts["linears"] / n_weights, "bytes": parts,
+        head = variant_formats(model, variant, args.head).get("lm_head", "fp16") if quantized else "fp16"
+        row: dict = {"variant": variant, "lm_head": head, "bpw": 8 * parts["linears"] / n_weights, "bytes": parts,
                      "roofline_tok_s": bw / parts["total"]}
         dec = StaticDecoder(model, max_cache_len=cache_len(args), cuda_graph=args.graph,
                             compile=args.compile, pdl=ON_OFF_AUTO[args.pdl], **decoder_fusions(args))
@@ -396,7 +405,7 @@ def markdown(rows: list[dict]) -> str:
         vs = f"{r['tok_s'] / fp16:.2f}x" if fp16 else "-"
         mark = "" if r["cuda_graph"] else " (eager)"
         mb = r["bytes"]["total"] / 1e6
-        lines.append(f"| {r['variant']} | {r['bpw']:.3f} | {mb:.{0 if mb >= 10 else 2}f} | "
+        lines.append(f"| {decode_label(r)} | {r['bpw']:.3f} | {mb:.{0 if mb >= 10 else 2}f} | "
                      f"{r['roofline_tok_s']:.1f} | {r['tok_s']:.1f}{mark} | {100 * r['frac_roofline']:.0f}% | "
                      f"{eager} | {ge} | {vs} | {r['prefill_ms']:.1f} |")
     return "\n".join(lines)
@@ -440,6 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--fuse-attention", choices=("on", "off"), default="on",
                     help="a folded layer's rotary embedding, cache write and attention as one kernel "
                          "(StaticDecoder's fuse_attention, models.decode_attention.step_attention)")
+    ap.add_argument("--head", default="fp16",
+                    help="LM head: fp16 (default), a lowbit format, or preset (a llama.cpp preset's output type)")
     ap.add_argument("--profile", action="store_true", help="per variant: GPU kernel time per step, by kernel")
     ap.add_argument("--tag", default=None)
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/decode-<tag>.json)")

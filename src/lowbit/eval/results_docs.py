@@ -457,9 +457,15 @@ def _decode_overview(sources: list[Source]) -> list[str]:
     return ["## All files: tokens/s", "", _decode_speeds(sources)]
 
 
+def decode_label(row: dict) -> str:
+    """A decode row's variant, with the LM head's format when that is not fp16 (``decode.py --head``)."""
+    head = row.get("lm_head", "fp16")
+    return row["variant"] + ("" if head == "fp16" else f" (head {head})")
+
+
 def _decode_speeds(sources: list[Source]) -> str:
-    variants = list(dict.fromkeys(r["variant"] for s in sources for r in s.data["rows"]))
-    by_file = [{r["variant"]: r for r in s.data["rows"]} for s in sources]
+    variants = list(dict.fromkeys(decode_label(r) for s in sources for r in s.data["rows"]))
+    by_file = [{decode_label(r): r for r in s.data["rows"]} for s in sources]
     rows = [[v, *(_num(f[v]["tok_s"], 1) if v in f else "-" for f in by_file)] for v in variants]
     return markdown_table(["variant", *(f"{_decode_mode(s)} ({Path(s.name).stem})" for s in sources)], rows)
 
@@ -491,7 +497,7 @@ def _decode_table(rows: list[dict]) -> str:
         prof = r.get("profile") or {}
         gpu = (f"{prof['gpu_us_per_step']:.0f} / {prof['matmul_us_per_step']:.0f}"
                if "gpu_us_per_step" in prof else "-")
-        table.append([r["variant"], _num(r["bpw"], 3), _num(r["bytes"]["total"] / 1e6, 0),
+        table.append([decode_label(r), _num(r["bpw"], 3), _num(r["bytes"]["total"] / 1e6, 0),
                       _num(r["roofline_tok_s"], 1), _num(r["tok_s"], 1) + ("" if r["cuda_graph"] else " (eager)"),
                       _pct(r["frac_roofline"]), f"{r['tok_s'] / fp16:.2f}x" if fp16 else "-",
                       _num(r.get("eager_tok_s"), 1),
@@ -596,13 +602,14 @@ FAMILIES: Sequence[Family] = (
         "decode", "decode-", "Decode speed (batch 1)",
         "end-to-end batch-1 decode speed of a 7B-shaped model against its memory roofline",
         "End-to-end decode speed of a Llama-2-7B-shaped model with random weights, fp16 against packed low-bit "
-        "decoder linears (embeddings and LM head fp16), written by `benchmarks/decode.py`. Batch 1: the prompt is "
+        "decoder linears (embeddings fp16, the LM head too unless a row names its format: `--head`), written by "
+        "`benchmarks/decode.py`. Batch 1: the prompt is "
         "prefilled into a static KV cache, then greedy decode steps are timed with the fast path "
         "(`serve/fast_decode.py`: one CUDA graph per token, with `--compile` a torch.compiled step); tokens/s is "
         "the median of the repeats. Roofline: bytes one step must read (decoder linears as stored, LM head, one "
         "embedding row, norms, the KV cache at the mean context) over the measured copy bandwidth. `eager` = the "
         "same steps without graphs; `tokens = reference`: the first tokens against the dynamic-cache loop that "
-        "`lowbit generate` uses; GPU µs per step from `--profile` (matmul includes the fp16 LM head). Analysis: "
+        "`lowbit generate` uses; GPU µs per step from `--profile` (matmul includes the LM head). Analysis: "
         "[kernels.md](../kernels.md).",
         {"meta": (), "rows": ("variant", "bpw", "bytes", "roofline_tok_s", "tok_s", "frac_roofline", "prefill_ms",
                               "cuda_graph")},
