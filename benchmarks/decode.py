@@ -12,7 +12,7 @@ every decoder linear (each in the format named, or in the type llama.cpp's prese
 ...) by a QuantLinear holding random-but-valid packed weights (``--init random``: random codes,
 scales sized for weights of std ~0.02; ``--init rtn``: RTN of the fp16 weights, slow for searched formats such as
 nz2_ch); embeddings stay fp16, and so does the LM head unless ``--head`` names a format for it (``preset``: the
-type llama.cpp's preset gives its output matrix; lowbit's own checkpoints keep the head fp16). For each variant:
+type llama.cpp's preset gives its output matrix; ``lowbit quantize --head`` makes such checkpoints). For each variant:
 batch 1, a ``--prompt``-token prompt (eager prefill into a static KV cache), then ``--gen`` greedy decode steps
 timed with the fast path (lowbit.serve.fast_decode.StaticDecoder: CUDA-graph replay per token, no host sync until
 the end); the median of ``--repeats`` runs gives tokens/s. The same steps run eagerly (``--eager-repeats``) for the

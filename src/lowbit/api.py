@@ -23,7 +23,7 @@ from lowbit.algorithms.finetune import FinetuneReport, host_copy
 from lowbit.algorithms.finetune import finetune as tune_scales
 from lowbit.algorithms.mixed import is_mix, mixed_plan
 from lowbit.algorithms.plans import Plan, uniform_plan
-from lowbit.algorithms.rtn import quantize_rtn
+from lowbit.algorithms.rtn import quantize_head, quantize_rtn
 from lowbit.algorithms.sequential import calibration_set, quantize_sequential
 from lowbit.atomic import check_destination
 from lowbit.data.corpus import load_text, require_tokens
@@ -80,7 +80,8 @@ class QuantizeResult:
 
 def quantize(model: nn.Module, recipe: Recipe | str, tokenizer: Any = None, *, device: str | None = None,
              checkpoint_dir: str | Path | None = None, progress: bool = True) -> QuantizeResult:
-    """Quantize every decoder linear of ``model`` in place, as ``recipe`` says.
+    """Quantize every decoder linear of ``model`` in place, as ``recipe`` says (and the LM head, rounded to nearest
+    in ``recipe.head`` when that is set).
 
     Calibrated recipes (GPTQ, imatrix, mixed precision, ``+ft``) need the ``tokenizer``; they keep the model where
     it is and move one decoder layer at a time to ``device`` (default: CUDA if available). ``checkpoint_dir`` makes
@@ -110,7 +111,11 @@ def quantize(model: nn.Module, recipe: Recipe | str, tokenizer: Any = None, *, d
                                          device=device, checkpoint_dir=checkpoint_dir, progress=progress,
                                          samples=samples, rounding=recipe.method, rotation_seed=seed).linears)
     report = tune_scales(model, teacher, samples, recipe.finetune, device, progress) if teacher else None
-    return QuantizeResult(recipe, stats, time.perf_counter() - t0, model_size(model), report)
+    extra = {}
+    if recipe.head:  # after +ft, which tunes the decoder against the float head
+        head_format, head_error = quantize_head(model, recipe.head)
+        extra["lm_head"] = {"format": head_format, "rel_error": head_error}
+    return QuantizeResult(recipe, stats, time.perf_counter() - t0, model_size(model), report, extra)
 
 
 def _calibration(model: nn.Module, tokenizer: Any, recipe: Recipe) -> torch.Tensor:

@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fuse-rotation", action="store_true",
                    help="fold norms and a randomized Hadamard rotation of the residual stream into the float "
                         "weights first (no runtime cost; the model stays GGUF-exportable)")
+    p.add_argument("--head", default=None, metavar="FORMAT",
+                   help="also round the LM head to nearest in FORMAT, e.g. q6_k or q4_k, after the rest (a k-quant "
+                        "takes llama.cpp's fallback where its superblocks do not divide the rows; a head tied to "
+                        "the embeddings is untied, the embeddings stay 16-bit; default: keep it 16-bit)")
     p.add_argument("--out", "-o", required=True, help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--checkpoint", default=None,
@@ -377,8 +381,8 @@ def _recipe(args: argparse.Namespace, fmt: str):  # noqa: ANN202
     tail = {} if args.ft_tail_layers is None else {"tail_layers": args.ft_tail_layers}  # None: the config's default
     finetune = FinetuneConfig(args.ft_epochs, args.ft_lr, args.ft_batch, seed=args.seed, mode=args.ft_mode,
                               block_layers=args.ft_block_layers, **tail) if args.finetune else None
-    return Recipe(fmt, args.method, rotate=getattr(args, "rotate", False),
-                  fuse_rotation=args.fuse_rotation, finetune=finetune, calib=calib, gptq=gptq)
+    return Recipe(fmt, args.method, rotate=getattr(args, "rotate", False), fuse_rotation=args.fuse_rotation,
+                  finetune=finetune, calib=calib, gptq=gptq, head=getattr(args, "head", None))
 
 
 def _load(args: argparse.Namespace):  # noqa: ANN202

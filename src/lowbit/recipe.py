@@ -55,6 +55,7 @@ class Recipe:
     calib: CalibConfig = field(default_factory=CalibConfig)
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
     rotation_seed: int = 0  # seed of the +rht and +fused rotations
+    head: str | None = None  # a format for the LM head, rounded to nearest after the rest (None: 16-bit)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -69,6 +70,8 @@ class Recipe:
             formats = set(parse_mix(self.format).formats)
         else:
             formats = {self.format}
+        if self.head is not None:
+            get_format(self.head)
         vector = [f for f in formats if get_format(f).vector_dim > 1]  # get_format: unknown names fail here
         if self.method == "gptq_act" and len(vector) == len(formats):
             raise LowbitError(f"act-order needs a scalar format; {sorted(formats)} are vector codebooks (block "
@@ -122,13 +125,15 @@ class Recipe:
             out["rotation_seed"] = self.rotation_seed
         if self.finetune:
             out["finetune"] = _fields(self.finetune)
+        if self.head:
+            out["head"] = self.head
         return out
 
     def __str__(self) -> str:
         return f"{self.method_spec}:{self.format_label}"
 
     def __repr__(self) -> str:
-        return f"Recipe({str(self)!r})"
+        return f"Recipe({str(self)!r}" + (f", head={self.head!r})" if self.head else ")")
 
 
 def _fields(obj: object) -> dict[str, Any]:

@@ -96,6 +96,8 @@ def check_streamable(recipe: Recipe) -> None:
         why = "streamed +ft tunes layers against the activations GPTQ/imatrix calibration brings (use gptq_act+ft)"
     elif recipe.finetune and recipe.finetune.mode == "model":
         why = "+ft in model mode trains through the whole network (streaming tunes one layer at a time)"
+    elif recipe.head:
+        why = "a quantized LM head (--head) is not written by the streamed checkpoint (it copies the head as read)"
     else:
         return
     raise LowbitError(f"{recipe} cannot be streamed: {why}; load the model instead (--no-stream)")

@@ -55,10 +55,15 @@ def model_size(model: nn.Module) -> SizeReport:
             if getattr(m, "bias", None) is not None:
                 lin_bytes += m.bias.numel() * STORED_BYTES_PER_FLOAT
                 counted.add(id(m.bias))
-    eh_params = 0
+    eh_params = eh_bytes = 0
     for emb in (model.get_input_embeddings(), model.get_output_embeddings()):
-        if emb is not None and id(emb.weight) not in counted:  # tied head counted once
+        if isinstance(emb, QuantLinear):  # a quantized LM head (Recipe.head): its packed bytes
+            qt = emb.quantized()
+            eh_params, eh_bytes = eh_params + qt.numel, eh_bytes + qt.nbytes
+            counted.update(id(t) for t in qt.data.values())
+        elif emb is not None and id(emb.weight) not in counted:  # tied head counted once
             eh_params += emb.weight.numel()
+            eh_bytes += emb.weight.numel() * STORED_BYTES_PER_FLOAT
             counted.add(id(emb.weight))
     other, seen = 0, set()
     for t in model.state_dict(keep_vars=True).values():  # params + persistent buffers, tied ones once
@@ -67,6 +72,6 @@ def model_size(model: nn.Module) -> SizeReport:
             continue
         seen.add(key)
         other += t.numel()
-    return SizeReport(lin_params, lin_bytes, eh_params, eh_params * STORED_BYTES_PER_FLOAT,
+    return SizeReport(lin_params, lin_bytes, eh_params, eh_bytes,
                       other, other * STORED_BYTES_PER_FLOAT)
 

@@ -116,6 +116,11 @@ def _label(s: Scheme) -> str:
 def _check_exportable(model: nn.Module, linears: dict[str, QuantLinear], to: str) -> None:
     if not linears:
         raise LowbitError("the model has no quantized linears: quantize it first (--format)")
+    head = model.get_output_embeddings()
+    if isinstance(head, QuantLinear):
+        raise LowbitError(f"cannot export to {to}: the LM head is quantized ({head.format_name}) and these exports "
+                          "keep it 16-bit; quantize without --head (export-gguf writes a quantized head); nothing "
+                          "was written")
     _check_architecture(model, linears)
     problems = [(m.format_name, why, name) for name, m in linears.items() if (why := _problem(m, to))]
     if to == "gptq":

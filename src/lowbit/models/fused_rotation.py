@@ -44,7 +44,7 @@ def fuse_rotation(model: nn.Module, seed: int = 0) -> nn.Module:
                                     f"{cfg.model_type!r} is not supported")
     if any(not isinstance(p, nn.Parameter) or not p.is_floating_point() for p in model.parameters()):
         raise UnsupportedModelError("fused rotation works on a float model, before quantization")
-    _untie_head(model)
+    untie_head(model)
     residual = RandomizedHadamard(cfg.hidden_size, seed + SEED_OFFSET)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     per_head = RandomizedHadamard(head_dim, seed + SEED_OFFSET + 1)
@@ -73,7 +73,8 @@ def _set(p: torch.Tensor, value: torch.Tensor) -> None:
     p.copy_(value.to(p.dtype))
 
 
-def _untie_head(model: nn.Module) -> None:
+def untie_head(model: nn.Module) -> None:
+    """Give the LM head its own copy of a weight it shares with the input embeddings, and say so in the config."""
     head, embed = model.lm_head, model.get_input_embeddings()
     if head.weight is embed.weight or head.weight.data_ptr() == embed.weight.data_ptr():
         head.weight = nn.Parameter(embed.weight.detach().clone())
