@@ -119,4 +119,5 @@ def test_bad_head_format_fails_before_any_work(tmp_path, tiny_model_dir, capsys)
     assert main(["quantize", str(tiny_model_dir), "-f", "q4_0", "--head", "q9_9", "-o", str(out), "--no-progress"]) == 2
     assert "q9_9" in capsys.readouterr().err and not out.exists()
     assert main(["quantize", str(tiny_model_dir), "-f", "q4_0", "--head", "q8_0", "-o", str(out), "--no-progress"]) == 0
+    assert "decoder linears, LM head q8_0," in capsys.readouterr().out
     assert json.loads((out / "lowbit.json").read_text())["formats"]["lm_head"] == "q8_0"

@@ -67,7 +67,8 @@ class QuantizeResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> str:
-        return (f"{self.recipe}: {self.size.linear_bpw:.4f} bits/weight in decoder linears, "
+        head = f", LM head {self.extra['lm_head']['format']}" if "lm_head" in self.extra else ""
+        return (f"{self.recipe}: {self.size.linear_bpw:.4f} bits/weight in decoder linears{head}, "
                 f"{self.size.total_mb:.1f} MB total, quantized in {self.seconds:.1f}s")
 
     def to_json(self) -> dict[str, Any]:
