@@ -342,7 +342,8 @@ def run_variant(model: nn.Module, variant: str, args: argparse.Namespace, prompt
         n_weights = sum(m.in_features * m.out_features for m in decoder_linears(model).values())
         mean_ctx = args.prompt + (args.gen + 1) / 2  # keys attended per step, averaged over the timed steps
         parts = step_bytes(model, mean_ctx)
-        head = variant_formats(model, variant, args.head).get("lm_head", "fp16") if quantized else "fp16"
+        out = model.get_output_embeddings()
+        head = out.format_name if isinstance(out, QuantLinear) else "fp16"
         row: dict = {"variant": variant, "lm_head": head, "bpw": 8 * parts["linears"] / n_weights, "bytes": parts,
                      "roofline_tok_s": bw / parts["total"]}
         dec = StaticDecoder(model, max_cache_len=cache_len(args), cuda_graph=args.graph,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -29,10 +30,13 @@ def quantize_rtn(model: nn.Module, plan: dict[str, str], progress: bool = True,
         qt = get_format(plan[name]).quantize(rotation.rotate_weight(w) if rotation else w)
         bias = getattr(module, "bias", None)
         q = QuantLinear.from_quantized(qt, None if bias is None else bias.data, rotation)
-        errors[name] = ((q.dequantize() - w).norm() / w.norm().clamp_min(1e-12)).item()
+        errors[name] = _relative_error(q, w)
         set_module(model, name, q)
     return errors
 
+
+def _relative_error(q: QuantLinear, w: torch.Tensor) -> float:
+    return ((q.dequantize() - w).norm() / w.norm().clamp_min(1e-12)).item()
 
 
 def quantize_head(model: nn.Module, format_name: str) -> tuple[str, float]:
@@ -54,4 +58,4 @@ def quantize_head(model: nn.Module, format_name: str) -> tuple[str, float]:
     untie_head(model)
     q = QuantLinear.from_quantized(qt, None if head.bias is None else head.bias.data)
     model.set_output_embeddings(q)
-    return fmt, ((q.dequantize() - w).norm() / w.norm().clamp_min(1e-12)).item()
+    return fmt, _relative_error(q, w)

@@ -40,13 +40,8 @@ def model_size(model: nn.Module) -> SizeReport:
     counted = set()
     for m in linears.values():
         if isinstance(m, QuantLinear):
-            qt = m.quantized()
-            lin_params += qt.numel
-            lin_bytes += qt.nbytes
-            counted.update(id(t) for t in qt.data.values())
-            if m.bias is not None:
-                lin_bytes += m.bias.numel() * STORED_BYTES_PER_FLOAT
-                counted.add(id(m.bias))
+            params, nbytes = _packed_size(m, counted)
+            lin_params, lin_bytes = lin_params + params, lin_bytes + nbytes
         else:
             w = linear_weight(m)
             lin_params += w.numel()
@@ -58,9 +53,8 @@ def model_size(model: nn.Module) -> SizeReport:
     eh_params = eh_bytes = 0
     for emb in (model.get_input_embeddings(), model.get_output_embeddings()):
         if isinstance(emb, QuantLinear):  # a quantized LM head (Recipe.head): its packed bytes
-            qt = emb.quantized()
-            eh_params, eh_bytes = eh_params + qt.numel, eh_bytes + qt.nbytes
-            counted.update(id(t) for t in qt.data.values())
+            params, nbytes = _packed_size(emb, counted)
+            eh_params, eh_bytes = eh_params + params, eh_bytes + nbytes
         elif emb is not None and id(emb.weight) not in counted:  # tied head counted once
             eh_params += emb.weight.numel()
             eh_bytes += emb.weight.numel() * STORED_BYTES_PER_FLOAT
@@ -75,3 +69,13 @@ def model_size(model: nn.Module) -> SizeReport:
     return SizeReport(lin_params, lin_bytes, eh_params, eh_bytes,
                       other, other * STORED_BYTES_PER_FLOAT)
 
+
+def _packed_size(m: QuantLinear, counted: set[int]) -> tuple[int, int]:
+    """(weights, stored bytes) of a QuantLinear: packed tensors and a float bias; marks them counted."""
+    qt = m.quantized()
+    counted.update(id(t) for t in qt.data.values())
+    nbytes = qt.nbytes
+    if m.bias is not None:
+        nbytes += m.bias.numel() * STORED_BYTES_PER_FLOAT
+        counted.add(id(m.bias))
+    return qt.numel, nbytes
