@@ -185,6 +185,53 @@ def test_resident_variants_compile(name: str) -> None:
         assert cuda_jit.compile_cubin(source, "gemv_mma.cu", "sm_90")[:4] == b"\x7fELF"
 
 
+@pytest.mark.skipif(not _nvrtc_found(), reason="needs NVRTC (the nvidia-cuda-nvrtc wheel of the test extra)")
+@pytest.mark.parametrize("name", ["nz2_ch", "int2_g32_asym", "e8p_ch", "iq2_xxs", "q2_k", "q3_k", "q4_0", "q4_k",
+                                  "q6_k"])
+def test_two_row_blocks_per_warp_compile(name: str) -> None:
+    """TILES 2 (two row blocks per warp, batches): rows of 4096 (staged batch, 8 warps) and 11008 (from L2, 16
+    warps, ragged steps), plain, gated, with a residual and looping over row blocks, compile for sm_90, and every
+    16-warp one fits one block per SM without spilling more than the K-quants' allowance (NVRTC's register
+    count)."""
+    from lowbit.kernels import cuda_jit
+
+    for cols in (4096, 11008):
+        p = cuda_gemv.plan(get_format(name), (64, cols))
+        if p is None:
+            continue
+        warps, staged = cuda_gemv.warps_for(p, cols), cuda_gemv.staging(8, cols, p)
+        full = cols % (4 * cuda_gemv.half_per_chunk(p)) == 0
+        blocks = cuda_gemv.min_blocks_for(warps, 8, 2)
+        for gated, resid, loop in ((False, False, False), (True, False, warps == 16), (False, True, warps == 16)):
+            source = cuda_gemv._source(p, staged, warps, blocks, gated, full, 0, resid, loop, 2)
+            assert "#define TILES 2" in source
+            assert cuda_jit.compile_cubin(source, "gemv_mma.cu", "sm_90")[:4] == b"\x7fELF"
+
+
+def test_two_row_blocks_per_warp_only_where_measured_faster(monkeypatch: pytest.MonkeyPatch) -> None:
+    """By default (auto) batches take two row blocks per warp on formats of 64 weights per chunk: with rows from
+    L1/L2, or staged for the 2-bit grids and E8P above 4 rows, and only where the pairs of row blocks fill half the
+    SMs; batch 1 and the 4-bit grids keep one. LOWBIT_CUDA_TILES sets every call. Two per warp fit one 16-warp
+    block per SM (or two of 8)."""
+    from lowbit.kernels import dispatch
+
+    nz2, q4, iq2, q2k = (cuda_gemv.plan(get_format(n), (64, 4096)) for n in ("nz2_ch", "q4_0", "iq2_xxs", "q2_k"))
+    monkeypatch.setattr(cuda_gemv, "ROW_TILES", "auto")
+    monkeypatch.setattr(dispatch, "GPU_UNVERIFIED", frozenset())
+    for p in (nz2, iq2, q2k):  # rows from L1/L2
+        assert cuda_gemv.row_tiles(p, 8, 0, 256, 132) == 2 and cuda_gemv.row_tiles(p, 4, 0, 256, 132) == 2
+    assert cuda_gemv.row_tiles(nz2, 8, 2, 688, 132) == 2 and cuda_gemv.row_tiles(nz2, 4, 2, 688, 132) == 1
+    assert cuda_gemv.row_tiles(iq2, 8, 2, 688, 132) == 1 and cuda_gemv.row_tiles(q2k, 8, 2, 688, 132) == 1
+    assert cuda_gemv.row_tiles(nz2, 1, 1, 256, 132) == 1 and cuda_gemv.row_tiles(q4, 8, 0, 256, 132) == 1
+    assert cuda_gemv.row_tiles(nz2, 8, 0, 64, 132) == 1  # 1024 rows: 32 pairs on 132 SMs
+    monkeypatch.setattr(dispatch, "GPU_UNVERIFIED", frozenset({"row_tiles"}))
+    assert cuda_gemv.row_tiles(nz2, 8, 0, 256, 132) == 1
+    monkeypatch.setattr(cuda_gemv, "ROW_TILES", "2")
+    assert cuda_gemv.row_tiles(q4, 3, 0, 8, 132) == 2 and cuda_gemv.row_tiles(nz2, 1, 1, 8, 132) == 2
+    assert cuda_gemv.min_blocks_for(cuda_gemv.WARPS_MANY, 8, 2) == 1
+    assert cuda_gemv.min_blocks_for(cuda_gemv.WARPS_FEW, 8, 2) == 2
+
+
 def test_resident_grid_waits_for_its_gpu_test(monkeypatch: pytest.MonkeyPatch) -> None:
     """By default (auto) the resident grid is used only once resident_gemv has left GPU_UNVERIFIED."""
     from lowbit.kernels import dispatch
@@ -440,17 +487,51 @@ def test_cuda_gemv_kernels_fit_their_blocks_without_spills(name: str, cols: int,
     warps = cuda_gemv.warps_for(p, cols)
     staged = cuda_gemv.staging(m, cols, p)
     full = cols % (4 * cuda_gemv.half_per_chunk(p)) == 0
-    blocks = cuda_gemv.min_blocks_for(warps, m)
     # plain, and as a decode step's folded layers run it: a norm in the batch-1 staging, a residual in the epilogue
     norm_qs = cuda_gemv.norm_groups(p, cols, warps)
     # and, for 16-warp kernels, with the blocks looping over row blocks (RESIDENT)
     resident = (False, True) if warps == cuda_gemv.WARPS_MANY else (False,)
+    # and batches with two row blocks per warp (TILES 2) where row_tiles may choose them
+    per_warp = (1, 2) if m > 1 and cuda_gemv.half_per_chunk(p) == 64 else (1,)
     for norm, resid in ((0, False),) + (((norm_qs, False), (0, True)) if staged == 1 else ()):
-        for loop in resident:
-            kern = cuda_jit.kernel(cuda_gemv._source(p, staged, warps, blocks, False, full, norm, resid, loop),
+        for loop, tiles in ((loop, tiles) for loop in resident for tiles in per_warp):
+            blocks = cuda_gemv.min_blocks_for(warps, m, tiles)
+            kern = cuda_jit.kernel(cuda_gemv._source(p, staged, warps, blocks, False, full, norm, resid, loop, tiles),
                                    "gemv_mma", torch.device("cuda"))
             assert kern.attribute(3) <= (96 if p.kind == 3 else 16)  # CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES
             assert kern.attribute(4) * warps * 32 * blocks <= 65536  # NUM_REGS
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["nz2_ch", "int2_g32_asym", "e8p_ch", "iq2_xxs", "q2_k", "q3_k", "q4_k"])
+@pytest.mark.parametrize("cols", [1024, 11008])  # 11008: 16 warps, K not a whole number of steps
+@pytest.mark.parametrize("m", [2, 8])
+@pytest.mark.parametrize("loop", [False, True])
+def test_two_row_blocks_per_warp_on_gpu(name: str, cols: int, m: int, loop: bool,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """TILES 2 against the float64 reference: 200 rows (the last group of 32 half empty; gated: 100 gate rows),
+    staged and unstaged batches, plain, with a residual and gated, and (``loop``) two resident blocks looping over
+    the groups."""
+    from lowbit.kernels.reference import dequant_matmul_reference
+
+    monkeypatch.setattr(cuda_gemv, "ROW_TILES", "2")
+    if loop:
+        monkeypatch.setattr(cuda_gemv, "RESIDENT_GRID", "1")
+        monkeypatch.setattr(cuda_gemv, "sm_count", lambda device: 2)  # 2 blocks of 16 warps, 1 per SM
+    fmt, qt = _packed(name, (200, cols), seed=cols + m + 1)
+    p = cuda_gemv.plan(fmt, qt.shape)
+    if p is None:
+        pytest.skip(f"{name} at {cols} columns is not served")
+    gen = torch.Generator("cuda").manual_seed(m)
+    x = torch.randn(m, cols, device="cuda", dtype=torch.float16, generator=gen)
+    res = torch.randn(m, 200, device="cuda", dtype=torch.float16, generator=gen)
+    ref = dequant_matmul_reference(x.double(), fmt, qt)
+    gate, up = ref.chunk(2, dim=-1)
+    for got, want in ((cuda_gemv.gemv(x, fmt, qt, p).double(), ref),
+                      (cuda_gemv.gemv(x, fmt, qt, p, residual=res).double() - res.double(), ref),
+                      (cuda_gemv.gemv(x, fmt, qt, p, gated=True).double(), torch.nn.functional.silu(gate) * up)):
+        assert float((got - want).norm() / want.norm()) < 3e-3
 
 
 @gpu

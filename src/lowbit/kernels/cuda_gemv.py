@@ -67,13 +67,14 @@ class Plan:
     hi_bits: int = 0  # KIND 3: code bits beyond the low ones (Q3_K, Q5_K 1, Q6_K 2), read from their own plane
 
     def defines(self, staged_x: int = 0, warps: int = WARPS_FEW, min_blocks: int = 1, gated: bool = False,
-                full: bool = False, norm_qs: int = 0, resid: bool = False, resident: bool = False) -> str:
+                full: bool = False, norm_qs: int = 0, resid: bool = False, resident: bool = False,
+                tiles: int = 1) -> str:
         lines = [f"#define KIND {self.kind}", f"#define BITS {self.bits}", f"#define ASYM {int(self.asym)}",
                  f"#define GROUP_SHIFT {self.group_shift}", f"#define ROW_SCALE {int(self.row_scale)}",
                  f"#define WARPS {warps}", f"#define XS {int(staged_x)}", f"#define MIN_BLOCKS {min_blocks}",
                  f"#define GATED {int(gated)}", f"#define FULL {int(full)}", f"#define NORM {int(norm_qs > 0)}",
                  f"#define NORM_QS {max(norm_qs, 1)}", f"#define RESID {int(resid)}",
-                 f"#define RESIDENT {int(resident)}", f"#define KQ_HB {self.hi_bits}"]
+                 f"#define RESIDENT {int(resident)}", f"#define KQ_HB {self.hi_bits}", f"#define TILES {tiles}"]
         for i, (a, b) in enumerate(self.dq):
             lines += [f"#define DQ_A{i} 0x{_half2_bits(a):08x}u", f"#define DQ_B{i} 0x{_half2_bits(b):08x}u"]
         return "\n".join(lines) + "\n"
@@ -304,25 +305,57 @@ def _cached_layout(qs: torch.Tensor, build) -> tuple[torch.Tensor, ...]:  # noqa
 
 @cache
 def _source(p: Plan, staged_x: int = 0, warps: int = WARPS_FEW, min_blocks: int = 1, gated: bool = False,
-            full: bool = False, norm_qs: int = 0, resid: bool = False, resident: bool = False) -> str:
+            full: bool = False, norm_qs: int = 0, resid: bool = False, resident: bool = False, tiles: int = 1) -> str:
     """The kernel's source for these settings; ``norm_qs`` > 0: the batch-1 row is RMS-normalized while staged,
     each thread holding that many groups of its units in registers (:func:`norm_groups`); ``resident``: blocks loop
-    over row blocks (:data:`RESIDENT_GRID`)."""
-    return (p.defines(staged_x, warps, min_blocks, gated, full, norm_qs, resid, resident)
+    over row blocks (:data:`RESIDENT_GRID`); ``tiles``: row blocks per warp (:func:`row_tiles`)."""
+    return (p.defines(staged_x, warps, min_blocks, gated, full, norm_qs, resid, resident, tiles)
             + (cuda_jit.source_dir() / "gemv_mma.cu").read_text())
 
 
 
-def min_blocks_for(warps: int, m: int = 8) -> int:
+def min_blocks_for(warps: int, m: int = 8, tiles: int = 1) -> int:
     """Blocks of ``warps`` that must fit on an SM at once (``__launch_bounds__``) for batch ``m``: 2 of 16 warps
     (<= 64 registers per thread), 4 of 8 at batch 1 (<= 64) and 3 of 8 for batches (<= 85). Measured on an H200
     (docs/kernels.md): left free, the 16-warp 4-bit kernels took 66-80 registers, one block per SM, and ran 15-25%
     slower (q4_0 4096x11008 batch 1: 16.5 -> 13.7 us); 4 blocks of 8 warps (<= 64 registers) slowed batch 8 on
     2-bit rows (iq2_xxs 11008x4096: 28.0 -> 36.0 us, with spills). At batch 1 the 8-warp kernels fit 64 registers
-    without spilling (NVRTC), so 4 blocks, 32 warps, stay resident per SM."""
+    without spilling (NVRTC), so 4 blocks, 32 warps, stay resident per SM. Two row blocks per warp (``tiles`` 2)
+    hold twice the codes and sums: 95-128 registers (NVRTC, sm_90), so one block of 16 warps or two of 8."""
+    if tiles == 2:
+        return 1 if warps >= WARPS_MANY else 2
     if warps >= WARPS_MANY:
         return 2
     return 4 if m == 1 else 3
+
+
+# Two row blocks per warp (the .cu's TILES 2) for batches: each activation fragment a lane reads feeds the MMAs of
+# 32 rows instead of 16. At batch 8 the activations a 16-row block reads are 4x its 2-bit codes (8 rows of K fp16
+# against 16 rows of K / 4 bytes), and every block of a matrix reads them again. Measured on an H200
+# (docs/kernels.md, "Two row blocks per warp"), formats of 64 weights per 16-byte chunk: with the rows read from
+# L1/L2 (K >= 11008 at batch 4 and 8) 16-41% faster (nz2_ch 4096x14336 batch 8: 20.2 -> 15.7 us, q2_k 25.2 -> 15.9);
+# with the rows staged in shared memory faster at batch 8 for the 2-bit grids and E8P (nz2_ch 11008x4096 14.6 ->
+# 11.2), level at batch 4 and slower for the K-quants and IQ2_XXS; slower at batch 2 (mostly staged), at batch 1,
+# for the 4-bit grids and where the pairs of row blocks leave most SMs idle (1024 rows: nz2_ch 4.5 -> 5.4 us).
+# ``LOWBIT_CUDA_TILES``: "1" or "2" for every call, "auto" (default) :func:`row_tiles`'s choice.
+ROW_TILES = os.environ.get("LOWBIT_CUDA_TILES", "auto")
+
+
+def row_tiles(p: Plan, m: int, staged: int, row_blocks: int, sms: int) -> int:
+    """Row blocks per warp (TILES) for a call of plan ``p`` on ``m`` rows (staging ``staged``, ``row_blocks`` blocks
+    of 16 rows, or 8 gated, on ``sms`` SMs): :data:`ROW_TILES` where set; else 2 where it measured faster (above)
+    once ``row_tiles`` has left dispatch.GPU_UNVERIFIED: batches on formats of 64 weights per chunk, with staged
+    rows only for the 2-bit grids and E8P at more than 4 rows, and only where the pairs of row blocks fill at least
+    half the SMs."""
+    if ROW_TILES != "auto":
+        return int(ROW_TILES)
+    from lowbit.kernels.dispatch import GPU_UNVERIFIED
+
+    if m == 1 or half_per_chunk(p) != 64 or "row_tiles" in GPU_UNVERIFIED:
+        return 1
+    if staged and (p.kind >= 2 or m <= 4):
+        return 1
+    return 2 if -(-row_blocks // 2) >= sms // 2 else 1
 
 
 # A batch-1 activation row up to this size is staged once per block in shared memory: the warps then read it
@@ -428,12 +461,14 @@ def gemv(x: torch.Tensor, fmt: Format, qt: QuantizedTensor, p: Plan, gated: bool
             codes, scales, groups = qt.data["codes"], qt.data["scale"], fmt.n_groups(k)
             mins = qt.data.get("min", scales)
     full = k % (4 * half_per_chunk(p)) == 0  # whole steps of 4 chunks: no lane past the row's end
-    blocks = min_blocks_for(warps, m)
     rows_per_block = ROWS_PER_BLOCK // 2 if gated else ROWS_PER_BLOCK  # gated: 8 gate rows + their 8 up rows
-    tiles = (n + rows_per_block - 1) // rows_per_block
-    grid = min(tiles, blocks * sm_count(x.device)) if warps >= WARPS_MANY and _resident_grid() else tiles
+    sms = sm_count(x.device)
+    per_warp = row_tiles(p, m, xs, -(-n // rows_per_block), sms)
+    blocks = min_blocks_for(warps, m, per_warp)
+    tiles = -(-n // (rows_per_block * per_warp))  # groups of per_warp row blocks
+    grid = min(tiles, blocks * sms) if warps >= WARPS_MANY and _resident_grid() else tiles
     resident = grid < tiles
-    source = _source(p, xs, warps, blocks, gated, full, norm_qs, res is not None, resident)
+    source = _source(p, xs, warps, blocks, gated, full, norm_qs, res is not None, resident, per_warp)
     kern = cuda_jit.kernel(source, "gemv_mma", x.device)
     shared = staged_bytes(m, k) if xs else 0
     kern.allow_shared(shared)

@@ -37,7 +37,8 @@ _MODES = ("auto", "reference", "triton")
 # tests/test_decode_attention.py) and gated_gemv (the CUDA GEMV's silu(gate) * up epilogue, tests/test_cuda_gemv.py)
 # after theirs passed on an H200, and so did resident_gemv (the CUDA GEMV's blocks looping over row blocks,
 # cuda_gemv.RESIDENT_GRID), kquants (triton_kquants) and the CUDA GEMV's K-quants (cuda_q2_k .. cuda_q6_k). A new
-# kernel enters here (as "cuda_<format>" for a CUDA GEMV format) until its GPU test has run.
+# kernel enters here (as "cuda_<format>" for a CUDA GEMV format) until its GPU test has run. row_tiles (two row
+# blocks per warp in the CUDA GEMV's batches, cuda_gemv.row_tiles) left it when its GPU test passed on an H200.
 GPU_UNVERIFIED: frozenset[str] = frozenset()
 _mode = os.environ.get("LOWBIT_KERNELS", "auto")
 _CUDA_GEMV = os.environ.get("LOWBIT_CUDA_GEMV", "1") != "0"

@@ -21,8 +21,11 @@
 //                layer's q/k/v or gate/up, which then needs no kernel of its own)
 //   RESID        1: y = res + x W^T (the residual add after a layer's o or down projection), rounded as fp16 adds
 //   RESIDENT     1: the grid is the blocks that stay resident together, each looping over row blocks
+//   TILES        row blocks (m16 tiles) a warp multiplies at once: 2 lets each activation fragment feed two MMAs,
+//                halving the activation reads per weight byte (batches, whose activations are 2-8x the 2-bit codes)
 //
-// Layout of the work. A block owns 16 rows (GATED: 8 gate rows and the 8 up rows N further on, as its rows g and
+// Layout of the work. A block owns 16 rows (TILES 2: two such row blocks, each warp running both on one
+// activation fragment) (GATED: 8 gate rows and the 8 up rows N further on, as its rows g and
 // g + 8, so each lane holds a gate sum and the matching up sum and applies the epilogue in fp32). Lane (g, t) of a
 // warp (g = lane / 4, t = lane % 4) feeds rows g and g + 8 of an m16n8k16 MMA as its A fragment, and batch column g as its B fragment. The MMA sums over its 16
 // k-slots in any order, so each lane decodes whole 16-byte chunks of its two rows (lane t takes chunk 4 s + t of
@@ -91,8 +94,11 @@ DEV u32 ld_stream_u32(const u32* p) {
     asm volatile("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(v) : "l"(p));
     return v;
 }
-DEV void ld_stream_pair(const u32* p, u32* v) {  // 8 bytes, 8-byte aligned
-    asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(v[0]), "=r"(v[1]) : "l"(p));
+struct U2 { u32 x, y; };  // not u32[2]: an array inside the Step structs kept them out of registers (NVRTC)
+DEV U2 ld_stream_pair(const u32* p) {  // 8 bytes, 8-byte aligned
+    U2 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
+    return v;
 }
 DEV u32 ld_half(const u16* p) {  // one fp16, duplicated into both halves (read-only: free to schedule early)
     u16 v;
@@ -343,36 +349,23 @@ DEV u32 iq2_scale(u32 d2, u32 aux1) {  // d2: the superblock's d, fp16 in both h
     const u32 h = float_to_half(d * (0.5f + (float)(aux1 >> 28)) * 0.25f);
     return h | (h << 16);
 }
-// one sub-block (32 weights) of both rows: (qa0, qa1) and (qb0, qb1) are their aux32 words, units u0 + off .. + 3
-// of the chunk's activations (xb = xchunk(xrow, u0)) its activations
-DEV void iq2_sub(float* d, u32 qa0, u32 qa1, u32 qb0, u32 qb1, const U4* xb, int u0, int off, u32 da, u32 db,
-                 bool ok) {
-    const u32 sa = iq2_scale(da, qa1), sb = iq2_scale(db, qb1);
-#pragma unroll
-    for (int c = 0; c < 4; ++c) {
-        const U4 xq = ok ? x_at(xb, u0, off + c) : zero4();
-        u32 pa[4], pb[4];
-        iq2_code(prmt(qa0, 0u, 0x4440u + c), (qa1 >> (7 * c)) & 0x7fu, sa, pa);  // grid index: byte c
-        iq2_code(prmt(qb0, 0u, 0x4440u + c), (qb1 >> (7 * c)) & 0x7fu, sb, pb);
-        mma(d, pa[0], pb[0], pa[1], pb[1], xq.x, xq.y);
-        mma(d, pa[2], pb[2], pa[3], pb[3], xq.z, xq.w);
-    }
-}
 #endif
 
 
 #if KIND != 2
-// one word of chunk c of both rows: this lane's words wa, wb; their activations are units u0 + off, ... of the
-// chunk's (xb = xchunk(xrow, u0))
-DEV void chunk_mma(float* d, u32 wa, u32 wb, u32 ha, u32 hb, int j, const U4* xb, int u0, int off, const u16* sa_row,
-                   const u16* sb_row, const u16* ma_row, const u16* mb_row, int k, bool ok, u32 csa, u32 csb, u32 cma,
-                   u32 cmb) {
-    u32 xr[HALF_PER_WORD / 2];
+// the activations of one word of a chunk: units u0 + off, ... of the chunk's (xb = xchunk(xrow, u0)); zeros for a
+// lane past the row's end
+DEV void word_x(const U4* xb, int u0, int off, bool ok, u32* xr) {
 #pragma unroll
     for (int v = 0; v < HALF_PER_WORD / 8; ++v) {
         U4 q = ok ? x_at(xb, u0, off + v) : zero4();
         xr[4 * v] = q.x; xr[4 * v + 1] = q.y; xr[4 * v + 2] = q.z; xr[4 * v + 3] = q.w;
     }
+}
+// one word of chunk c of both rows: this lane's words wa, wb, times their activations xr (word_x)
+DEV void chunk_mma(float* d, u32 wa, u32 wb, u32 ha, u32 hb, int j, const u32* xr, const u16* sa_row,
+                   const u16* sb_row, const u16* ma_row, const u16* mb_row, int k, u32 csa, u32 csb, u32 cma,
+                   u32 cmb) {
     u32 sa = 0x3C003C00u, sb = 0x3C003C00u, ma = 0u, mb = 0u;  // 1.0, 0.0
 #if CHUNK_SCALE
     sa = csa; sb = csb; ma = cma; mb = cmb;
@@ -421,13 +414,41 @@ DEV void kq_sub_scales(u32 sm, u32 dm, int j, u32& s, u32& m) {
     m = 0u;
 #endif
 }
-// the hi word that holds word j's high code bits (magic_with_hi)
-DEV u32 kq_hi(const u32* h, int j) { return KQ_HI_WORDS == 2 ? h[j >> 1] : h[0]; }
 #endif
+// the hi word that holds word j's high code bits (magic_with_hi; zero but in K-quants with high bits)
+DEV u32 kq_hi(const U2& h, int j) { return KQ_HI_WORDS == 2 && j >= 2 ? h.y : h.x; }
 
 // One step of a lane: 16 bytes of codes of both rows (chunk c) and, with CHUNK_SCALE, the chunk's scales and mins.
 // KIND 3: sa, sb the raw scale integers, ma, mb the raw (d, -dmin), ha, hb the high code bits (kq_scales, kq_hi).
-struct Step { U4 a, b; u32 sa, sb, ma, mb; u32 ha[2], hb[2]; };
+struct Step { U4 a, b; u32 sa, sb, ma, mb; U2 ha, hb; };
+
+#if KIND == 2
+// Sub-block h (0 or 1: 32 weights) of a step's chunk: words 2h and 2h + 1 of w.a (w.b) are row g's (g + 8's) aux32
+// words; units 4 h .. 4 h + 3 of the chunk's activations (xb = xchunk(xrow, u0)). TILES 2: the second row block's
+// (w1, d1) is multiplied by the same activations.
+DEV void iq2_tile(float* d, const Step& w, int h, int c, const U4& xq, u32 sa, u32 sb) {
+    u32 pa[4], pb[4];
+    const u32 qa0 = word(w.a, 2 * h), qa1 = word(w.a, 2 * h + 1), qb0 = word(w.b, 2 * h), qb1 = word(w.b, 2 * h + 1);
+    iq2_code(prmt(qa0, 0u, 0x4440u + c), (qa1 >> (7 * c)) & 0x7fu, sa, pa);  // grid index: byte c
+    iq2_code(prmt(qb0, 0u, 0x4440u + c), (qb1 >> (7 * c)) & 0x7fu, sb, pb);
+    mma(d, pa[0], pb[0], pa[1], pb[1], xq.x, xq.y);
+    mma(d, pa[2], pb[2], pa[3], pb[3], xq.z, xq.w);
+}
+DEV void iq2_sub(float* d, const Step& w, float* d1, const Step& w1, int h, const U4* xb, int u0, bool ok) {
+    const u32 sa = iq2_scale(w.sa, word(w.a, 2 * h + 1)), sb = iq2_scale(w.sb, word(w.b, 2 * h + 1));
+#if TILES == 2
+    const u32 sa1 = iq2_scale(w1.sa, word(w1.a, 2 * h + 1)), sb1 = iq2_scale(w1.sb, word(w1.b, 2 * h + 1));
+#endif
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+        const U4 xq = ok ? x_at(xb, u0, 4 * h + c) : zero4();
+        iq2_tile(d, w, h, c, xq, sa, sb);
+#if TILES == 2
+        iq2_tile(d1, w1, h, c, xq, sa1, sb1);
+#endif
+    }
+}
+#endif
 // pa, pb point at chunk c of the two code rows. Past the row's end (lanes of a partial last step, and without FULL
 // the prefetch after the last step) the caller passes the row's last chunk, a valid address, instead of predicating
 // the loads, and zeroes those lanes' activations.
@@ -438,7 +459,7 @@ DEV Step load_step(const U4* pa, const U4* pb, const u16* sa_row, const u16* sb_
     st.b = ld_stream(pb);
     st.sa = st.sb = 0x3C003C00u;
     st.ma = st.mb = 0u;
-    st.ha[0] = st.ha[1] = st.hb[0] = st.hb[1] = 0u;
+    st.ha = st.hb = U2{0u, 0u};
 #if KIND == 3
 #if BITS == 2  // Q2_K, Q3_K: 4 scale bytes per chunk
     st.sa = ld_u32((const u32*)sa_row + c);
@@ -450,11 +471,11 @@ DEV Step load_step(const U4* pa, const U4* pb, const u16* sa_row, const u16* sb_
     st.ma = ld_u32((const u32*)ma_row + c * HALF_PER_CHUNK / 256);  // one (d, -dmin) per 256-weight superblock
     st.mb = ld_u32((const u32*)mb_row + c * HALF_PER_CHUNK / 256);
 #if KQ_HI_WORDS == 2
-    ld_stream_pair(ha_row + 2 * c, st.ha);
-    ld_stream_pair(hb_row + 2 * c, st.hb);
+    st.ha = ld_stream_pair(ha_row + 2 * c);
+    st.hb = ld_stream_pair(hb_row + 2 * c);
 #elif KQ_HI_WORDS == 1
-    st.ha[0] = ld_stream_u32(ha_row + c);
-    st.hb[0] = ld_stream_u32(hb_row + c);
+    st.ha.x = ld_stream_u32(ha_row + c);
+    st.hb.x = ld_stream_u32(hb_row + c);
 #endif
 #elif CHUNK_SCALE
     const int k = c * HALF_PER_CHUNK;
@@ -680,9 +701,69 @@ DEV Step first_step(const RowPtrs& p, int c0) {
     return load_step(p.ca + c0, p.cb + c0, p.sa, p.sb, p.ma, p.mb, p.ha, p.hb, c0);
 }
 
+#if KIND != 2
+// The chunk scales of word j of a step (KIND 3: from its raw integers; ks: Q4_K-Q6_K's kq_scales of the chunk).
+struct KScales { u32 sa0, sa1, sb0, sb1; };
+DEV KScales chunk_kscales(const Step& w) {
+    KScales k = {0u, 0u, 0u, 0u};
+#if KIND == 3 && BITS == 4
+    kq_scales(w.sa, w.ma, k.sa0, k.sa1);
+    kq_scales(w.sb, w.mb, k.sb0, k.sb1);
+#endif
+    return k;
+}
+DEV void word_scales(const Step& w, const KScales& ks, int j, u32& csa, u32& csb, u32& cma, u32& cmb) {
+#if KIND == 3
+#if BITS == 2  // Q2_K, Q3_K: word j is sub-block j
+    kq_sub_scales(w.sa, w.ma, j, csa, cma);
+    kq_sub_scales(w.sb, w.mb, j, csb, cmb);
+#else  // Q4_K, Q5_K: one sub-block (s0, -m) per chunk; Q6_K: words 0, 1 and 2, 3 are two sub-blocks
+    csa = ASYM || j < 2 ? ks.sa0 : ks.sa1;
+    csb = ASYM || j < 2 ? ks.sb0 : ks.sb1;
+    cma = ASYM ? ks.sa1 : 0u;
+    cmb = ASYM ? ks.sb1 : 0u;
+#endif
+#else
+    csa = w.sa; csb = w.sb; cma = w.ma; cmb = w.mb;
+#endif
+}
+// Word j of both rows of a step times its activations xr (word_x): the scales, then the MMAs.
+DEV void step_word(float* d, const Step& w, const KScales& ks, int j, const u32* xr, const RowPtrs& rp, int k) {
+    u32 csa, csb, cma, cmb;
+    word_scales(w, ks, j, csa, csb, cma, cmb);
+    chunk_mma(d, word(w.a, j), word(w.b, j), kq_hi(w.ha, j), kq_hi(w.hb, j), j, xr, rp.sa, rp.sb, rp.ma, rp.mb, k,
+              csa, csb, cma, cmb);
+}
+#endif
+// The lane's next step of rows rp, requested a step ahead (FULL: running pointers pa, pb, and no prefetch past the
+// last step, a warp-uniform branch; else the chunk clamped into the row). A macro: as a function, returning the
+// step or assigning it through a reference, it changed the registers of the TILES 1 kernels (NVRTC).
+#if FULL
+#define PREFETCH(next, pa, pb, rp)                                                                         \
+    if (s + WARPS < steps) {                                                                               \
+        pa += 4 * WARPS;                                                                                   \
+        pb += 4 * WARPS;                                                                                   \
+        next = load_step(pa, pb, rp.sa, rp.sb, rp.ma, rp.mb, rp.ha, rp.hb, c + 4 * WARPS);                 \
+    }
+#else
+#define PREFETCH(next, pa, pb, rp)                                                                         \
+    next = load_step(rp.ca + min(c + 4 * WARPS, chunks - 1), rp.cb + min(c + 4 * WARPS, chunks - 1), rp.sa, \
+                     rp.sb, rp.ma, rp.mb, rp.ha, rp.hb, min(c + 4 * WARPS, chunks - 1));
+#endif
+// A row block's sums: the row scale (ROW_SCALE), the warps' partial sums added, y written.
+DEV void finish_tile(float* d, const RowPtrs& rp, float (*part)[32][4], int row0, u16* y, const u16* res, int N,
+                     int M) {
+#if ROW_SCALE
+    const float fa = half_lo_to_float(ld_half(rp.sa)), fb = half_lo_to_float(ld_half(rp.sb));
+    d[0] *= fa; d[1] *= fa; d[2] *= fb; d[3] *= fb;
+#endif
+    store_rows(d, part, row0, y, res, N, M);
+}
+
 // Blocks loop over row blocks (tile, tile + gridDim.x, ...): cuda_gemv launches as many as stay resident, so each
 // stages (and normalizes) the activations once for all its row blocks, and the next row block's first weights are
-// requested before this one's partial sums are added.
+// requested before this one's partial sums are added. TILES 2: a tile is two row blocks (variables ...1 for the
+// second; separate variables rather than arrays: arrays of steps changed the TILES 1 kernels' registers).
 extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
 gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u16* __restrict__ mins,
          const u16* __restrict__ x, u16* __restrict__ y, const u32* __restrict__ tables, int N, int K, int M,
@@ -698,8 +779,12 @@ gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u1
     // FULL: running pointers to the lane's next chunk; else each step's chunk clamped into the row. Warps with no
     // step at all (K of few chunks) read the last chunk here and never use it.
     const int c0 = min(warp * 4 + t, chunks - 1);
-    Rows r = rows_of(blockIdx.x, N);
+    Rows r = rows_of(blockIdx.x * TILES, N);
     Step next = first_step(row_ptrs(codes, scales, mins, tables, r, chunks, groups), c0);  // in flight during set-up
+#if TILES == 2
+    Rows r1 = rows_of(blockIdx.x * TILES + 1, N);
+    Step next1 = first_step(row_ptrs(codes, scales, mins, tables, r1, chunks, groups), c0);
+#endif
     stage_block(tables, x, K, M, nw, eps);
 #if KIND != 0 || XS
     __syncthreads();
@@ -708,81 +793,78 @@ gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u1
 #if RESIDENT
     for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
 #else
-    {  // one row block per block: the kernel as it was before RESIDENT
+    {  // one tile per block: the kernel as it was before RESIDENT
         const int tile = blockIdx.x;
 #endif
         // derived from r in each pass (only r is kept across passes: the pointers would cost registers)
         const RowPtrs rp = row_ptrs(codes, scales, mins, tables, r, chunks, groups);
-        const u16 *sa_row = rp.sa, *sb_row = rp.sb, *ma_row = rp.ma, *mb_row = rp.mb;
-        const U4 *ca = rp.ca, *cb = rp.cb;
-        const U4 *pa = ca + c0, *pb = cb + c0;
-        int c = warp * 4 + t;
+        const U4 *pa = rp.ca + c0, *pb = rp.cb + c0;
         float d[4] = {};
+#if TILES == 2
+        const RowPtrs rp1 = row_ptrs(codes, scales, mins, tables, r1, chunks, groups);
+        const U4 *pa1 = rp1.ca + c0, *pb1 = rp1.cb + c0;
+        float d1[4] = {};
+#endif
+        int c = warp * 4 + t;
         // Measured on an H200: loading 2-4 steps ahead (a ring of registers) was slower at every large shape, the
         // registers it takes cost residency or spill (docs/kernels.md).
         for (int s = warp; s < steps; s += WARPS, c += 4 * WARPS) {
             const Step w = next;
-#if FULL
-            if (s + WARPS < steps) {  // no prefetch past the last step (a warp-uniform branch)
-                pa += 4 * WARPS;
-                pb += 4 * WARPS;
-                next = load_step(pa, pb, sa_row, sb_row, ma_row, mb_row, rp.ha, rp.hb, c + 4 * WARPS);
-            }
+            PREFETCH(next, pa, pb, rp)
+#if TILES == 2
+            const Step w1 = next1;
+            PREFETCH(next1, pa1, pb1, rp1)
 #else
-            const int cn = min(c + 4 * WARPS, chunks - 1);
-            next = load_step(ca + cn, cb + cn, sa_row, sb_row, ma_row, mb_row, rp.ha, rp.hb, cn);
+            const Step& w1 = w;
+            float* d1 = d;
 #endif
             const bool ok = FULL || c < chunks;  // FULL: K fills whole steps, every lane's chunk is in the row
             const int u0 = c * HALF_PER_CHUNK / 8;
             const U4* xb = xchunk(xc, u0);
 #if KIND == 2
-            iq2_sub(d, w.a.x, w.a.y, w.b.x, w.b.y, xb, u0, 0, w.sa, w.sb, ok);
-            iq2_sub(d, w.a.z, w.a.w, w.b.z, w.b.w, xb, u0, 4, w.sa, w.sb, ok);
+            iq2_sub(d, w, d1, w1, 0, xb, u0, ok);
+            iq2_sub(d, w, d1, w1, 1, xb, u0, ok);
 #else
             // idle lanes: scale reads stay in the row
             const int k0 = (FULL ? c : min(c, chunks - 1)) * HALF_PER_CHUNK;
-#if KIND == 3 && BITS == 4
-            u32 sa0, sa1, sb0, sb1;
-            kq_scales(w.sa, w.ma, sa0, sa1);
-            kq_scales(w.sb, w.mb, sb0, sb1);
+            const KScales ks = chunk_kscales(w);
+#if TILES == 2
+            const KScales ks1 = chunk_kscales(w1);
 #endif
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
-#if KIND == 3
-#if BITS == 2  // Q2_K, Q3_K: word j is sub-block j
-                u32 csa, csb, cma, cmb;
-                kq_sub_scales(w.sa, w.ma, j, csa, cma);
-                kq_sub_scales(w.sb, w.mb, j, csb, cmb);
-#else  // Q4_K, Q5_K: one sub-block (s0, -m) per chunk; Q6_K: words 0, 1 and 2, 3 are two sub-blocks
-                const u32 csa = ASYM || j < 2 ? sa0 : sa1, csb = ASYM || j < 2 ? sb0 : sb1;
-                const u32 cma = ASYM ? sa1 : 0u, cmb = ASYM ? sb1 : 0u;
-#endif
-                chunk_mma(d, word(w.a, j), word(w.b, j), kq_hi(w.ha, j), kq_hi(w.hb, j), j, xb, u0,
-                          j * HALF_PER_WORD / 8, sa_row, sb_row, ma_row, mb_row, k0 + j * HALF_PER_WORD, ok, csa, csb,
-                          cma, cmb);
-#else
-                chunk_mma(d, word(w.a, j), word(w.b, j), 0u, 0u, j, xb, u0, j * HALF_PER_WORD / 8, sa_row, sb_row,
-                          ma_row, mb_row, k0 + j * HALF_PER_WORD, ok, w.sa, w.sb, w.ma, w.mb);
+                u32 xr[HALF_PER_WORD / 2];  // read once for every row block of the tile
+                word_x(xb, u0, j * HALF_PER_WORD / 8, ok, xr);
+                step_word(d, w, ks, j, xr, rp, k0 + j * HALF_PER_WORD);
+#if TILES == 2
+                step_word(d1, w1, ks1, j, xr, rp1, k0 + j * HALF_PER_WORD);
 #endif
             }
 #endif
         }
         const int row0 = r.row0;
+#if TILES == 2
+        const int row1 = r1.row0;
+#endif
         const bool more = RESIDENT && tile + (int)gridDim.x < tiles;
-        if (more) {  // the next row block's first step, in flight while this one's sums are added
-            r = rows_of(tile + gridDim.x, N);
+        if (more) {  // the next tile's first steps, in flight while this one's sums are added
+            r = rows_of((tile + gridDim.x) * TILES, N);
             next = first_step(row_ptrs(codes, scales, mins, tables, r, chunks, groups), c0);
+#if TILES == 2
+            r1 = rows_of((tile + gridDim.x) * TILES + 1, N);
+            next1 = first_step(row_ptrs(codes, scales, mins, tables, r1, chunks, groups), c0);
+#endif
         }
 #ifndef NO_EARLY_RELEASE
         else {
             release_dependents();  // every weight of this block is read
         }
 #endif
-#if ROW_SCALE
-        const float fa = half_lo_to_float(ld_half(sa_row)), fb = half_lo_to_float(ld_half(sb_row));
-        d[0] *= fa; d[1] *= fa; d[2] *= fb; d[3] *= fb;
+        finish_tile(d, rp, part, row0, y, res, N, M);
+#if TILES == 2
+        __syncthreads();  // warp 0 has read `part` before the warps write it again
+        finish_tile(d1, rp1, part, row1, y, res, N, M);
 #endif
-        store_rows(d, part, row0, y, res, N, M);
         if (more) __syncthreads();  // warp 0 has read `part` before the warps write it again
     }
 }
