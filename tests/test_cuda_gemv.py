@@ -63,6 +63,21 @@ def test_iq2xxs_kernel_decode_is_the_format_within_one_rounding(cols: int) -> No
     assert (got == ref).float().mean() > 0.8
 
 
+def test_iq2xxs_grid_bytes_decode_to_the_grid() -> None:
+    """The byte table in shared memory, replayed as the kernel's PRMT (two bytes into 1024.0's mantissas,
+    selectors 0x4140 and 0x4342) and HFMA2 (x 1 - 1024), gives every grid row's fp16 pairs exactly."""
+    words = cuda_gemv.iq2xxs_grid_bytes().to(torch.int64).reshape(256, 2) & 0xFFFFFFFF
+    pairs = []
+    for w in (words[:, 0], words[:, 1]):
+        for lo, hi in ((0, 1), (2, 3)):  # bytes of the PRMT's selector
+            for byte in (lo, hi):
+                magic = 0x6400 | ((w >> (8 * byte)) & 0xFF)
+                pairs.append((magic.to(torch.int16).view(torch.float16).double() - 1024).to(torch.float16))
+    got = torch.stack(pairs, dim=1)
+    want = cuda_gemv.iq2xxs_grid_table().view(torch.float16).reshape(256, 8)
+    assert torch.equal(got, want)
+
+
 def test_iq2xxs_layout_keeps_every_byte() -> None:
     """The kernel layout is a permutation of llama.cpp's bytes: sub-blocks in order, then the superblock d's."""
     fmt = get_format("iq2_xxs")

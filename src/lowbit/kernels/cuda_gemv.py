@@ -209,13 +209,23 @@ def e8p_tables() -> torch.Tensor:
 
 @cache
 def iq2xxs_grid_table() -> torch.Tensor:
-    """int32 [1024]: grid row i as four fp16 pairs (v_2p low, v_2p+1 high); 8, 25 and 43 are exact in fp16."""
+    """int32 [1024]: grid row i as four fp16 pairs (v_2p low, v_2p+1 high); 8, 25 and 43 are exact in fp16. What the
+    kernel decodes the byte table (:func:`iq2xxs_grid_bytes`) to, and the reference replays."""
     grid, _ = iq2xxs_format.tables()
     return grid.to(torch.float16).reshape(-1).view(torch.int32).contiguous()
 
 
+@cache
+def iq2xxs_grid_bytes() -> torch.Tensor:
+    """int32 [512]: grid row i as its 8 values in bytes, v_0 the lowest: the kernel's table in shared memory, half
+    the bytes of the fp16 pairs it decodes them to (measured on an H200: IQ2_XXS batch 1 at 4096x14336 17.5 ->
+    14.6 us, docs/kernels.md)."""
+    grid, _ = iq2xxs_format.tables()
+    return grid.to(torch.uint8).reshape(-1).view(torch.int32).contiguous()
+
+
 def _kind_tables(kind: int) -> torch.Tensor:
-    return iq2xxs_grid_table() if kind == 2 else e8p_tables()
+    return iq2xxs_grid_bytes() if kind == 2 else e8p_tables()
 
 
 @cache
@@ -567,7 +577,8 @@ def _decode_e8p(codes: torch.Tensor) -> torch.Tensor:
 
 def decode_iq2xxs_reference(qs: torch.Tensor, cols: int) -> torch.Tensor:
     """The fp16 weight [rows, cols] the kernel multiplies, from ``qs`` through its layout, tables and bit steps:
-    the parity bit from the popcount, the sign bits XORed onto fp16 grid values, the fp32 sub-block scale
+    the parity bit from the popcount, the sign bits XORed onto fp16 grid values (those the kernel makes of its byte
+    table, :func:`iq2xxs_grid_table`; the CPU tests check the two agree), the fp32 sub-block scale
     ``d (0.5 + ls) / 4`` rounded to fp16 and one fp16 multiply (hmul2). ggml multiplies in fp32 and the reference
     rounds that product to fp16 once, so the two differ by at most one rounding of the scale (< 1 fp16 ulp)."""
     sub, d = iq2xxs_layout(qs, cols)

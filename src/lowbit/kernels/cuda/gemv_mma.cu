@@ -330,13 +330,17 @@ DEV void word_mma(float* d, u32 wa, u32 wb, u32, u32, int, const u32* xr, u32 sa
 #if KIND == 2
 // IQ2_XXS. The kernel layout keeps llama.cpp's 8-byte sub-blocks (aux32[0]: four grid indices; aux32[1]: four
 // 7-bit sign indices and the 4-bit scale ls) back to back, and the superblock scales d in their own array, so a
-// 16-byte chunk is two sub-blocks (64 weights). iq2_grid[i] holds grid row i as four fp16 pairs (v_2p, v_2p+1),
-// exact (8, 25, 43). The 8th sign bit is the parity of the 7 stored ones (ksigns_iq2xs). One SHF + one LOP3 move
+// 16-byte chunk is two sub-blocks (64 weights). iq2_grid[i] holds grid row i as its 8 values (8, 25 or 43) in
+// bytes (cuda_gemv.iq2xxs_grid_bytes): one PRMT puts two of them into the mantissas of 1024.0 and one HFMA2
+// (x 1 - 1024) gives the fp16 pair (v_2p, v_2p+1) exactly. Bytes rather than fp16 pairs halve the shared-memory
+// reads of the grid, which bound this kernel (docs/kernels.md). The 8th sign bit is the parity of the 7 stored ones (ksigns_iq2xs). One SHF + one LOP3 move
 // sign bits 2p and 2p + 1 onto the pair's fp16 sign bits, one HMUL2 applies the sub-block scale
 // d (0.5 + ls) / 4, computed in fp32 as ggml does and rounded once to fp16.
-__shared__ U4 iq2_grid[256];
+__shared__ U2 iq2_grid[256];
+DEV u32 grid_pair(u32 w, u32 sel) { return hfma2(prmt(w, 0x64646464u, sel), 0x3C003C00u, 0xE400E400u); }
 DEV void iq2_code(u32 gi, u32 si, u32 s2, u32* p) {
-    const U4 g = iq2_grid[gi];
+    const U2 b = iq2_grid[gi];
+    const U4 g = {grid_pair(b.x, 0x4140u), grid_pair(b.x, 0x4342u), grid_pair(b.y, 0x4140u), grid_pair(b.y, 0x4342u)};
     const u32 s = si | ((__popc(si) << 7) & 0x80u);
     const u32 z = s * 0x8001u;  // bit j at j and j + 15: pair p's two bits land on 15 and 31 after << 15 - 2p
     p[0] = hmul2(g.x ^ ((z << 15) & 0x80008000u), s2);
@@ -596,7 +600,7 @@ DEV void stage_block(const u32* tables, const u16* x, int K, int M, const u16* n
 #if KIND == 1
     for (int i = threadIdx.x; i < 512; i += WARPS * 32) (i < 256 ? e8p_abs : e8p_sign)[i & 255] = tables[i];
 #elif KIND == 2
-    for (int i = threadIdx.x; i < 256; i += WARPS * 32) iq2_grid[i] = ((const U4*)tables)[i];
+    for (int i = threadIdx.x; i < 256; i += WARPS * 32) iq2_grid[i] = ((const U2*)tables)[i];
 #endif
 #if NORM
     stage_normalized(x, nw, K, eps);
