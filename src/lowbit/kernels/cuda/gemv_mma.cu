@@ -24,8 +24,8 @@
 //   TILES        row blocks (m16 tiles) a warp multiplies at once: 2 lets each activation fragment feed two MMAs,
 //                halving the activation reads per weight byte (batches, whose activations are 2-8x the 2-bit codes)
 //
-// Layout of the work. A block owns 16 rows (TILES 2: two such row blocks, each warp running both on one
-// activation fragment) (GATED: 8 gate rows and the 8 up rows N further on, as its rows g and
+// Layout of the work (TILES 2: a block owns two such row blocks, each warp running both on one activation
+// fragment). A block owns 16 rows (GATED: 8 gate rows and the 8 up rows N further on, as its rows g and
 // g + 8, so each lane holds a gate sum and the matching up sum and applies the epilogue in fp32). Lane (g, t) of a
 // warp (g = lane / 4, t = lane % 4) feeds rows g and g + 8 of an m16n8k16 MMA as its A fragment, and batch column g as its B fragment. The MMA sums over its 16
 // k-slots in any order, so each lane decodes whole 16-byte chunks of its two rows (lane t takes chunk 4 s + t of
@@ -333,9 +333,9 @@ DEV void word_mma(float* d, u32 wa, u32 wb, u32, u32, int, const u32* xr, u32 sa
 // 16-byte chunk is two sub-blocks (64 weights). iq2_grid[i] holds grid row i as its 8 values (8, 25 or 43) in
 // bytes (cuda_gemv.iq2xxs_grid_bytes): one PRMT puts two of them into the mantissas of 1024.0 and one HFMA2
 // (x 1 - 1024) gives the fp16 pair (v_2p, v_2p+1) exactly. Bytes rather than fp16 pairs halve the shared-memory
-// reads of the grid, which bound this kernel (docs/kernels.md). The 8th sign bit is the parity of the 7 stored ones (ksigns_iq2xs). One SHF + one LOP3 move
-// sign bits 2p and 2p + 1 onto the pair's fp16 sign bits, one HMUL2 applies the sub-block scale
-// d (0.5 + ls) / 4, computed in fp32 as ggml does and rounded once to fp16.
+// reads of the grid, which bound this kernel (docs/kernels.md). The 8th sign bit is the parity of the 7 stored ones
+// (ksigns_iq2xs). One SHF + one LOP3 move sign bits 2p and 2p + 1 onto the pair's fp16 sign bits, one HMUL2 applies
+// the sub-block scale d (0.5 + ls) / 4, computed in fp32 as ggml does and rounded once to fp16.
 __shared__ U2 iq2_grid[256];
 DEV u32 grid_pair(u32 w, u32 sel) { return hfma2(prmt(w, 0x64646464u, sel), 0x3C003C00u, 0xE400E400u); }
 DEV void iq2_code(u32 gi, u32 si, u32 s2, u32* p) {
