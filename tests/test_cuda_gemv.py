@@ -243,6 +243,9 @@ def test_two_row_blocks_per_warp_only_where_measured_faster(monkeypatch: pytest.
     assert cuda_gemv.row_tiles(nz2, 8, 0, 256, 132) == 1
     monkeypatch.setattr(cuda_gemv, "ROW_TILES", "2")
     assert cuda_gemv.row_tiles(q4, 3, 0, 8, 132) == 2 and cuda_gemv.row_tiles(nz2, 1, 1, 8, 132) == 2
+    monkeypatch.setattr(cuda_gemv, "ROW_TILES", "4")
+    with pytest.raises(ValueError, match="LOWBIT_CUDA_TILES"):
+        cuda_gemv.row_tiles(nz2, 8, 0, 256, 132)
     assert cuda_gemv.min_blocks_for(cuda_gemv.WARPS_MANY, 8, 2) == 1
     assert cuda_gemv.min_blocks_for(cuda_gemv.WARPS_FEW, 8, 2) == 2
 

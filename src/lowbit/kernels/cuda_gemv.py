@@ -358,6 +358,8 @@ def row_tiles(p: Plan, m: int, staged: int, row_blocks: int, sms: int) -> int:
     rows only for the 2-bit grids and E8P at more than 4 rows, and only where the pairs of row blocks fill at least
     half the SMs."""
     if ROW_TILES != "auto":
+        if ROW_TILES not in ("1", "2"):  # the kernel has one- and two-row-block variants only
+            raise ValueError(f"LOWBIT_CUDA_TILES must be auto, 1 or 2, got {ROW_TILES!r}")
         return int(ROW_TILES)
     from lowbit.kernels.dispatch import GPU_UNVERIFIED
 
