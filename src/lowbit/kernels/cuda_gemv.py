@@ -372,7 +372,7 @@ def row_tiles(p: Plan, m: int, staged: int, row_blocks: int, sms: int) -> int:
 
 # A batch-1 activation row up to this size is staged once per block in shared memory: the warps then read it
 # there instead of from L1/L2, whose latency each step otherwise waits for. 32 KB + the warps' partial sums (8 KB at
-# 16 warps) + the IQ2_XXS grid (4 KB) stay under the 48 KB a block gets without opting in to more.
+# 16 warps) + the IQ2_XXS grid (2 KB) stay under the 48 KB a block gets without opting in to more.
 STAGED_X_BYTES = 32 * 1024
 STAGED_X = os.environ.get("LOWBIT_CUDA_STAGED_X", "1") != "0"  # 0: batch 1 reads activations from global memory
 # Batches of 2..STAGED_ROWS rows are staged too, up to STAGED_ROWS_BYTES (batch 8 at K = 4096: 64 KB), where a
