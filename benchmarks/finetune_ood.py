@@ -1,0 +1,164 @@
+"""What ``+ft`` does out of domain: variants of the tuning after one GPTQ run, each file scored in and out of domain.
+
+    python benchmarks/finetune_ood.py --preset Q4_0 --variants none,base,mix1,decay10   # GPU recipe, ~8 min on an H200
+    python benchmarks/finetune_ood.py --preset Q2_K --nsamples 8 --seqlen 128 --windows 4 --device cpu  # a smoke run
+
+GPTQ act-order at the preset's per-tensor types (llama.cpp's, ``io/gguf_presets.py``) on --nsamples x --seqlen
+calibration tokens (the GPU recipe's 128 x 2048 by default, Hessian shrink 0.5 as the CLI), once; then each variant
+tunes a copy and is written as a GGUF file, whose weights are loaded into the float model and scored as
+``gguf_vs_llamacpp.py`` scores files (lowbit's protocol over the whole eval split and the Factbook, windows of
+--ctx tokens, KL to the float16 model), so its rows compare with that benchmark's llama.cpp rows.
+
+Variants: ``none`` (GPTQ alone), ``base`` (the CLI's ``+ft``), ``lrX`` (Adam step X, e.g. lr1e-3), ``epX`` (X
+epochs), ``nonorm`` (scales only), ``decayX`` (AdamW's decay toward the untuned values at weight X), ``mixN`` (the
+calibration windows plus as many sampled from the float model at temperature 1, N epochs over both).
+``--gptq-mix``: GPTQ's Hessians from half the calibration windows and half sampled ones.
+Writes ``benchmarks/results/finetune-ood-<tag>.json`` after every variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+import lowbit
+import lowbit.api as api
+from lowbit.algorithms import finetune as ft
+from lowbit.algorithms.sequential import calibration_set
+from lowbit.cli import HESSIAN_SHRINK
+from lowbit.eval.perplexity import Reference
+from lowbit.io.gguf_import import load_gguf_weights
+from lowbit.io.gguf_presets import preset_plan
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def generated(model: torch.nn.Module, tok: object, n: int, seqlen: int, device: str, seed: int = 0,
+              batch: int = 64) -> torch.Tensor:
+    """n windows of seqlen tokens sampled at temperature 1 from ``model``, each from a calibration-split token."""
+    first = calibration_set(model, tok, lowbit.CalibConfig(n, 2, None, seed + 7))[:, :1]
+    torch.manual_seed(seed)
+    model = copy.deepcopy(model).to(device)
+    out = []
+    with torch.no_grad():
+        for ids in first.split(batch):
+            ids = ids.to(device)
+            out.append(model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0,
+                                      top_k=0, top_p=1.0, max_new_tokens=seqlen - 1, min_new_tokens=seqlen - 1,
+                                      pad_token_id=tok.eos_token_id)[:, :seqlen].cpu())
+    return torch.cat(out)
+
+
+def config_for(variant: str) -> tuple[ft.FinetuneConfig, float]:
+    """(FinetuneConfig, AdamW weight decay) of a variant name."""
+    cfg = ft.FinetuneConfig()
+    for prefix, field in (("lr", "lr"), ("ep", "epochs"), ("mix", "epochs")):
+        if variant.startswith(prefix) and variant[len(prefix):]:
+            return replace(cfg, **{field: float(variant[len(prefix):])}), 0.0
+    if variant.startswith("decay"):
+        return cfg, float(variant[len("decay"):])
+    if variant == "nonorm":
+        return replace(cfg, norms=False), 0.0
+    if variant in ("base", "none"):
+        return cfg, 0.0
+    raise SystemExit(f"unknown variant {variant!r}")
+
+
+def adamw(decay: float):  # noqa: ANN201 - replaces ft._adam: the log-multipliers decay toward 0, the untuned value
+    real = ft._adam
+
+    def make(tuned: list, lr: float) -> torch.optim.Optimizer:
+        groups = real(tuned, lr).param_groups
+        return torch.optim.AdamW([{"params": g["params"], "lr": g["lr"]} for g in groups], lr=lr, weight_decay=decay)
+    return make
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="Q4_0")
+    ap.add_argument("--variants", default="none,base,mix1")
+    ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--ctx", type=int, default=2048, help="scoring windows")
+    ap.add_argument("--windows", type=int, default=None, help="at most this many scoring windows per text")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--work", default="/tmp/finetune-ood")
+    ap.add_argument("--gptq-mix", action="store_true", help="GPTQ's windows: half the calibration split, half sampled")
+    ap.add_argument("--tag", default=None)
+    args = ap.parse_args(argv)
+    variants = args.variants.split(",")
+    for v in variants:
+        config_for(v)  # an unknown name fails before minutes of GPTQ
+    tag = args.tag or f"{args.preset.lower()}-{'gpu' if args.device != 'cpu' else 'cpu'}"
+    work = Path(args.work) / tag
+    work.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    model, tok = lowbit.load(device="cpu")
+    fp = copy.deepcopy(model)
+    types = preset_plan(model, args.preset, True)
+    calib = lowbit.CalibConfig(args.nsamples, args.seqlen, None, 0)
+    recipe = lowbit.Recipe(format=types.plan, method="gptq_act", calib=calib,
+                           gptq=lowbit.GPTQConfig(shrink=HESSIAN_SHRINK))
+    samples = calibration_set(fp, tok, calib)
+    gen, meta = None, {}
+    if args.gptq_mix:
+        t1 = time.perf_counter()
+        gen = generated(fp, tok, args.nsamples, args.seqlen, args.device)
+        meta["generate_s"] = round(time.perf_counter() - t1, 1)
+        half = args.nsamples // 2
+        windows = torch.cat([samples[:half], gen[:half]])
+        api.calibration_set = lambda *a: windows  # what quantize's GPTQ reads
+    t0 = time.perf_counter()
+    lowbit.quantize(model, recipe, tok, device=args.device, progress=False)
+    gptq_s = time.perf_counter() - t0
+    reference = Reference(copy.deepcopy(fp).to(args.device), cache_bytes=6e9)
+    meta |= {"preset": args.preset, "command": "python benchmarks/finetune_ood.py " + " ".join(sys.argv[1:]),
+            "device": torch.cuda.get_device_name(0) if args.device != "cpu" else "cpu", "gptq_s": round(gptq_s, 1)}
+    rows = []
+    for variant in variants:
+        cfg, decay = config_for(variant)
+        tuned = copy.deepcopy(model)
+        row: dict = {"variant": variant}
+        if variant != "none":
+            data = samples
+            if variant.startswith("mix"):
+                if gen is None:
+                    t1 = time.perf_counter()
+                    gen = generated(fp, tok, args.nsamples, args.seqlen, args.device)
+                    meta["generate_s"] = round(time.perf_counter() - t1, 1)
+                data = torch.cat([samples, gen])
+            real = ft._adam
+            ft._adam = adamw(decay) if decay else real
+            try:
+                t1 = time.perf_counter()
+                rep = ft.finetune(tuned, ft.host_copy(fp), data, cfg, args.device, progress=False)
+            finally:
+                ft._adam = real
+            row |= {"tune_s": round(time.perf_counter() - t1, 1), "train_kl_first": rep.kl_first,
+                    "train_kl_last": rep.kl_last, "kept": rep.kept, "retried": rep.retried, "steps": rep.steps}
+        path = work / f"{variant}.gguf"
+        path.unlink(missing_ok=True)
+        lowbit.export_gguf(tuned, tok, path, embed_type=types.embed_type or "f16", output_type=types.output_type)
+        scored = load_gguf_weights(copy.deepcopy(fp), path).to(args.device)
+        for text in ("eval", "factbook"):
+            r = lowbit.evaluate(scored, tok, text_file=None if text == "eval" else text, seqlen=args.ctx,
+                                max_windows=args.windows, reference=reference, progress=False)
+            suffix = "" if text == "eval" else "@factbook"
+            row |= {f"ppl{suffix}": r.ppl, f"kl{suffix}": r.kl, f"top1{suffix}": r.top1}
+        del scored, tuned
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        out = RESULTS / f"finetune-ood-{tag}.json"
+        out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
