@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, default=None, help="only the first N decoder layers")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
-    here = os.path.dirname(os.path.abspath(__file__))  # benchmarks/kernels.py would pass for the `kernels` package
+    here = os.path.dirname(os.path.abspath(__file__))  # benchmarks/gemv_speed.py would pass for the `kernels` package
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
 
     import torch

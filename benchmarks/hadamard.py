@@ -7,7 +7,7 @@ torch reference (needs CUDA).
 Each size n is split as new rotations split it (``RandomizedHadamard(n, layout=LAYOUT)``); ``n:m`` forces the split
 m x n/m with a random orthogonal F_m. For each size and row count: the median µs per call of the kernel and of the
 torch reference (signs, ``fwht``, dense factor, with device-resident signs and F_m), timed as CUDA-graph replays of
-many calls as in benchmarks/kernels.py (launch overhead excluded), forward (input side) and inverse (output side).
+many calls as in benchmarks/gemv_speed.py (launch overhead excluded), forward (input side) and inverse (output side).
 Every output is first checked against the float64 reference. Writes benchmarks/results/hadamard-<tag>.json.
 (``hadamard-h200.json`` also holds a tensor-core variant's columns, ``*_tc_us``, from the commit that had it.)
 """
@@ -25,7 +25,7 @@ import torch
 from lowbit.rotations.hadamard import LAYOUT, RandomizedHadamard, fwht
 
 sys.path.insert(0, str(Path(__file__).parent))
-from kernels import bench  # noqa: E402
+from gemv_speed import bench  # noqa: E402
 
 SIZES = "4096,11008,14336,14336:7"
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}

@@ -1,4 +1,4 @@
-"""Split each format's GEMV time into a fixed cost per call and a streaming rate, from a kernels.py results file.
+"""Split each format's GEMV time into a fixed cost per call and a streaming rate, from a gemv_speed.py results file.
 
     python benchmarks/kernel_fit.py benchmarks/results/kernels-h200-lean.json --batch 1
 

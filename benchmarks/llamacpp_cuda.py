@@ -19,7 +19,7 @@ so a run cut short resumes):
   SentencePiece vocabulary: llama-bench feeds token ids, not text) and ``llama-quantize`` of it to ``--types``;
 * ``decode``: ``llama-bench -p 0 -n 128 -ngl 99`` on each file: tokens per second of TG-128 at batch 1.
 
-lowbit's side is ``benchmarks/kernels.py`` and ``benchmarks/decode.py`` (same shapes, same machine). Writes
+lowbit's side is ``benchmarks/gemv_speed.py`` and ``benchmarks/decode.py`` (same shapes, same machine). Writes
 ``benchmarks/results/llamacpp-<tag>.json``: ``kernels`` rows {type, batch, rows, cols, us, gb_s} and ``decode``
 rows {type, tok_s, stddev, size_gb}.
 """

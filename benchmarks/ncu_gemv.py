@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from kernels import packed_weight  # noqa: E402
+from gemv_speed import packed_weight  # noqa: E402
 from lowbit.formats import get_format  # noqa: E402
 from lowbit.kernels import cuda_gemv  # noqa: E402
 

@@ -5,12 +5,12 @@
 
 Peers: gemlite (Triton; ``A16Wn`` with 4-bit g128 and 2-bit g64 integer weights, fp16 scales and zeros) and
 torchao (``Int4WeightOnlyConfig(group_size=128)``, tinygemm's int4 kernel, bf16 activations as it requires). Each
-is timed exactly as ``benchmarks/kernels.py`` times lowbit (CUDA-graph replay of many calls, weight copies cycled
+is timed exactly as ``benchmarks/gemv_speed.py`` times lowbit (CUDA-graph replay of many calls, weight copies cycled
 so L2 never serves them) and checked against its own dequantized weights. lowbit's formats of the same family run
 in the same process (``--lowbit``). A peer that does not import or refuses a shape is reported and skipped.
 llama.cpp CUDA is not run here: ``benchmarks/llamacpp_cuda.py`` builds it on the machine and runs its own
 ``test-backend-ops perf -o MUL_MAT`` and ``llama-bench``. Writes ``benchmarks/results/kernels-peers-<tag>.json``
-in the kernels schema, so the results pages show it beside ``kernels.py``'s files.
+in the kernels schema, so the results pages show it beside ``gemv_speed.py``'s files.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from kernels import SHAPES, bench, copies, device_bandwidth, fp16_ms, one, summarize  # noqa: E402
+from gemv_speed import SHAPES, bench, copies, device_bandwidth, fp16_ms, one, summarize  # noqa: E402
 
 # (label, bits, group): the weight-only integer formats the peers run
 GEMLITE = [("gemlite W4 g128", 4, 128), ("gemlite W2 g64", 2, 64)]

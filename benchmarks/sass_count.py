@@ -6,7 +6,7 @@ NVRTC compiles the kernel the planner would build (sm_90) and ``nvdisasm`` (ship
 SASS; the longest backward-branch loop is the per-step body. Printed: its instructions, the weights one lane
 decodes per step (two rows of a 16-byte chunk), instructions per weight, and the opcode mix. The GEMV is bound by
 instruction issue (docs/kernels.md), so this count is what a kernel change must lower; time it on a GPU with
-``benchmarks/kernels.py``.
+``benchmarks/gemv_speed.py``.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ Steps, each a script of its own run as a child process (a step that fails is rep
 others wrote):
 
 * ``peers``: ``peers.py`` -- lowbit's GEMVs and gemlite's / torchao's in one process, timed the same way, at the
-  shapes of ``kernels.py``, batch 1 and 8 -> ``kernels-peers-<tag>.json``;
+  shapes of ``gemv_speed.py``, batch 1 and 8 -> ``kernels-peers-<tag>.json``;
 * ``llamacpp``: ``llamacpp_cuda.py`` -- llama.cpp built with CUDA on the machine, its own MUL_MAT timing at
   4096x14336 and ``llama-bench`` TG-128 of a random Llama-2-7B-shaped GGUF -> ``llamacpp-<tag>.json`` (needs
   ``--llama-src``: the llama-cpp-python sdist vendors a tree);
@@ -29,7 +29,7 @@ from pathlib import Path
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
 sys.path.insert(0, str(HERE))
-from kernels import LARGE  # noqa: E402 - the issue's five large shapes, where its targets are set
+from gemv_speed import LARGE  # noqa: E402 - the issue's five large shapes, where its targets are set
 
 STEPS = ("peers", "llamacpp", "decode", "table")
 LOWBIT_GEMV = "int4_g128_sym,q4_0,q4_k,int2_g64_sym,nz2_ch,q2_k,e8p_ch,iq2_xxs"

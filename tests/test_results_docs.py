@@ -155,7 +155,7 @@ def test_pages_from_each_family(results: Path, tmp_path: Path):
     assert kernels["int4_g128_sym"] == ["1", "41%", "51%", "57%", "2.36x"]
     assert kernels["llama2-7b qkvo"] == ["4096x4096", "int4_g128_sym", "1", "4.125", "7.1", "16.5", "41%", "2.33x",
                                          "2.1e-04", "BLOCK_N: 8, BLOCK_W: 128, num_warps: 4, num_stages: 3"]
-    assert "`python benchmarks/kernels.py --tag t`" in pages["kernels.md"]
+    assert "`python benchmarks/gemv_speed.py --tag t`" in pages["kernels.md"]
 
     decode = _tables(pages["decode.md"])
     assert decode["nz2_ch"] == ["2.003", "1927", "1532.1", "361.8", "24%", "2.25x", "-", "-", "33.5",

@@ -406,7 +406,7 @@ def _g(value: object) -> str:
     return "-" if value is None else f"{value:g}"
 
 
-# --- kernels: benchmarks/kernels.py ------------------------------------------------------------------------------
+# --- kernels: benchmarks/gemv_speed.py ------------------------------------------------------------------------------
 
 
 def _kernels_overview(sources: list[Source]) -> list[str]:
@@ -433,7 +433,7 @@ def _kernels_section(s: Source) -> list[str]:
     summary = [[r["format"], str(r["batch"]), _pct(r["min"]), _pct(r["mean"]), _pct(r["max"]),
                 f"{r['speedup']:.2f}x"] for r in s.data["summary"]]
     command = (f"`{s.data['command']}`" if s.data.get("command") else
-               f"not recorded in the file; `python benchmarks/kernels.py --tag {tag}` writes it")
+               f"not recorded in the file; `python benchmarks/gemv_speed.py --tag {tag}` writes it")
     facts = [f"Command: {command} (formats {formats}; batch {batches})",
              f"Hardware: {s.data['device']}, device copy bandwidth {s.data['copy_bw'] / 1e9:.0f} GB/s"]
     return _section(Path(s.name).stem, s, facts,
@@ -587,7 +587,7 @@ FAMILIES: Sequence[Family] = (
         "kernels", "kernels-", "GEMV kernels: speed vs memory bandwidth",
         "speed of the packed low-bit GEMV kernels against copy bandwidth and fp16 cuBLAS",
         "Speed of the packed low-bit matmul kernels alone on Llama-2-7B and Llama-3-8B weight shapes ([out, in]), "
-        "written by `benchmarks/kernels.py`. The benchmark takes each kernel's median time from CUDA-graph replays "
+        "written by `benchmarks/gemv_speed.py`. The benchmark takes each kernel's median time from CUDA-graph replays "
         "of many calls cycling over weight copies larger than 3x the L2 cache (so neither launch overhead nor L2 "
         "hits are timed); `% of copy BW` = bytes the call must move (packed weight + scales + x + y) per second, "
         "as a fraction of the measured device-to-device copy bandwidth; speedup is against fp16 `F.linear` "

@@ -1,8 +1,8 @@
 """GEMV/GEMM speed of the packed low-bit kernels vs the memory-bandwidth limit and fp16 cuBLAS (needs CUDA).
 
-    python benchmarks/kernels.py                      # Llama-2-7B and Llama-3-8B shapes, batch 1, all formats
-    python benchmarks/kernels.py --batch 1,8,512 --formats int4_g128_sym,nz2_ch
-    python benchmarks/kernels.py --batch 1,8 --formats nz2_ch,q4_0,e8p_ch --fused  # + the fused decode shapes
+    python benchmarks/gemv_speed.py                      # Llama-2-7B and Llama-3-8B shapes, batch 1, all formats
+    python benchmarks/gemv_speed.py --batch 1,8,512 --formats int4_g128_sym,nz2_ch
+    python benchmarks/gemv_speed.py --batch 1,8 --formats nz2_ch,q4_0,e8p_ch --fused  # + the fused decode shapes
 
 For each weight shape [out, in] and format: the kernel's median time (CUDA-graph replay of many calls, so launch
 overhead is excluded as in graph decode; weight copies cycled so that L2 does not serve repeats), the bytes it must
