@@ -9,8 +9,10 @@ with massive outlier channels.
 from __future__ import annotations
 
 import ctypes
+import os
 import threading
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 
 import pytest
@@ -174,13 +176,17 @@ def test_every_kernel_variant_compiles_for_ampere_and_hopper(name: str) -> None:
     # alone. Both keep the test's time in CI down.
     folded = [(1, False, 1, False, True), (1, True, 2, False, True), (0, False, 0, True, True),
               (1, False, 0, True, True), (2, False, 0, True, True)]
+    jobs = []
     for staged, gated, norm, resid, full in plain + folded:
         stage = bool(norm or resid)
         for warps in (cuda_gemv.WARPS_FEW,) + (() if stage else (cuda_gemv.WARPS_MANY,)):
             blocks = cuda_gemv.min_blocks_for(warps, 1 if staged == 1 else 8)
             source = cuda_gemv._source(p, staged, warps, blocks, gated, full, norm, resid)
-            for arch in ("sm_80",) + (() if stage or not full else ("sm_90",)):
-                assert cuda_jit.compile_cubin(source, "gemv_mma.cu", arch)[:4] == b"\x7fELF"
+            jobs += [(source, arch) for arch in ("sm_80",) + (() if stage or not full else ("sm_90",))]
+    # NVRTC programs are independent and ctypes lets go of the GIL: one compile per core halves this test in CI
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        cubins = list(pool.map(lambda job: cuda_jit.compile_cubin(job[0], "gemv_mma.cu", job[1]), jobs))
+    assert len(cubins) == len(jobs) and all(c[:4] == b"\x7fELF" for c in cubins)
 
 
 @pytest.mark.skipif(not _nvrtc_found(), reason="needs NVRTC (the nvidia-cuda-nvrtc wheel of the test extra)")
