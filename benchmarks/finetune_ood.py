@@ -1,7 +1,7 @@
 """What ``+ft`` does out of domain: variants of the tuning after one GPTQ run, each file scored in and out of domain.
 
-    python benchmarks/finetune_ood.py --preset Q4_0 --variants none,base,mix1,decay10   # GPU recipe, ~8 min on an H200
-    python benchmarks/finetune_ood.py --preset Q2_K --nsamples 8 --seqlen 128 --windows 4 --device cpu  # a smoke run
+    python benchmarks/finetune_ood.py --preset Q4_0 --variants none,base,ep3   # H200: GPTQ ~2 min, 1-3 min a variant
+    python benchmarks/finetune_ood.py --preset Q2_K --nsamples 8 --seqlen 128 --ctx 512 --windows 4 --device cpu
 
 GPTQ act-order at the preset's per-tensor types (llama.cpp's, ``io/gguf_presets.py``) on --nsamples x --seqlen
 calibration tokens (the GPU recipe's 128 x 2048 by default, Hessian shrink 0.5 as the CLI), once; then each variant
