@@ -15,6 +15,7 @@ windows of 512 tokens of the eval split and of the Factbook, KL to the float mod
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from pathlib import Path
@@ -32,15 +33,22 @@ SEQ = 128
 VARIANTS = {"sotu64": (64, 0), "mix32": (32, 32), "mix64": (64, 64), "sotu128": (128, 0), "gen64": (0, 64)}
 
 
-def generated(model: torch.nn.Module, tok: object, n: int, seed: int = 0) -> torch.Tensor:
-    """n windows of SEQ tokens sampled at temperature 1 from ``model``, each from a calibration-split token."""
+def generated(model: torch.nn.Module, tok: object, n: int, seed: int = 0, seqlen: int = SEQ,
+              device: str | None = None, batch: int | None = None) -> torch.Tensor:
+    """n windows of seqlen tokens sampled at temperature 1 from ``model``, each from a calibration-split token
+    (a copy of the model on ``device`` if given; ``batch`` windows per generate call, default all)."""
     first = calibration_samples(tok, n, 2, seed=seed + 7)[:, :1]
     torch.manual_seed(seed)
+    if device is not None:
+        model = copy.deepcopy(model).to(device)
+    out = []
     with torch.no_grad():
-        out = model.generate(first, attention_mask=torch.ones_like(first), do_sample=True, temperature=1.0,
-                             top_k=0, top_p=1.0, max_new_tokens=SEQ - 1, min_new_tokens=SEQ - 1,
-                             pad_token_id=tok.eos_token_id)
-    return out[:, :SEQ]
+        for ids in first.split(batch or n):
+            ids = ids.to(next(model.parameters()).device)
+            out.append(model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0,
+                                      top_k=0, top_p=1.0, max_new_tokens=seqlen - 1, min_new_tokens=seqlen - 1,
+                                      pad_token_id=tok.eos_token_id)[:, :seqlen].cpu())
+    return torch.cat(out)
 
 
 def main() -> None:

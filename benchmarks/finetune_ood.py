@@ -30,6 +30,7 @@ import torch
 
 import lowbit
 import lowbit.api as api
+from calib_selfgen import generated  # benchmarks/, the script's folder, is first on sys.path
 from lowbit.algorithms import finetune as ft
 from lowbit.algorithms.sequential import calibration_set
 from lowbit.cli import HESSIAN_SHRINK
@@ -38,22 +39,6 @@ from lowbit.io.gguf_import import load_gguf_weights
 from lowbit.io.gguf_presets import preset_plan
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def generated(model: torch.nn.Module, tok: object, n: int, seqlen: int, device: str, seed: int = 0,
-              batch: int = 64) -> torch.Tensor:
-    """n windows of seqlen tokens sampled at temperature 1 from ``model``, each from a calibration-split token."""
-    first = calibration_set(model, tok, lowbit.CalibConfig(n, 2, None, seed + 7))[:, :1]
-    torch.manual_seed(seed)
-    model = copy.deepcopy(model).to(device)
-    out = []
-    with torch.no_grad():
-        for ids in first.split(batch):
-            ids = ids.to(device)
-            out.append(model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0,
-                                      top_k=0, top_p=1.0, max_new_tokens=seqlen - 1, min_new_tokens=seqlen - 1,
-                                      pad_token_id=tok.eos_token_id)[:, :seqlen].cpu())
-    return torch.cat(out)
 
 
 def config_for(variant: str) -> tuple[ft.FinetuneConfig, float]:
@@ -110,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     gen, meta = None, {}
     if args.gptq_mix:
         t1 = time.perf_counter()
-        gen = generated(fp, tok, args.nsamples, args.seqlen, args.device)
+        gen = generated(fp, tok, args.nsamples, seqlen=args.seqlen, device=args.device, batch=64)
         meta["generate_s"] = round(time.perf_counter() - t1, 1)
         half = args.nsamples // 2
         windows = torch.cat([samples[:half], gen[:half]])
@@ -131,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             if variant.startswith("mix"):
                 if gen is None:
                     t1 = time.perf_counter()
-                    gen = generated(fp, tok, args.nsamples, args.seqlen, args.device)
+                    gen = generated(fp, tok, args.nsamples, seqlen=args.seqlen, device=args.device, batch=64)
                     meta["generate_s"] = round(time.perf_counter() - t1, 1)
                 data = torch.cat([samples, gen])
             real = ft._adam
