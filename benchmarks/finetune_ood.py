@@ -3,15 +3,16 @@
     python benchmarks/finetune_ood.py --preset Q4_0 --variants none,base,ep3   # H200: GPTQ ~2 min, 1-3 min a variant
     python benchmarks/finetune_ood.py --preset Q2_K --nsamples 8 --seqlen 128 --ctx 512 --windows 4 --device cpu
 
-GPTQ act-order at the preset's per-tensor types (llama.cpp's, ``io/gguf_presets.py``) on --nsamples x --seqlen
-calibration tokens (the GPU recipe's 128 x 2048 by default, Hessian shrink 0.5 as the CLI), once; then each variant
-tunes a copy and is written as a GGUF file, whose weights are loaded into the float model and scored as
+GPTQ act-order (or --method) at the preset's per-tensor types (llama.cpp's, ``io/gguf_presets.py``) on --nsamples x
+--seqlen calibration tokens (the GPU recipe's 128 x 2048 by default, Hessian shrink 0.5 as the CLI), once; then each
+variant tunes a copy and is written as a GGUF file, whose weights are loaded into the float model and scored as
 ``gguf_vs_llamacpp.py`` scores files (lowbit's protocol over the whole eval split and the Factbook, windows of
 --ctx tokens, KL to the float16 model), so its rows compare with that benchmark's llama.cpp rows.
 
-Variants: ``none`` (GPTQ alone), ``base`` (the CLI's ``+ft``), ``lrX`` (Adam step X, e.g. lr1e-3), ``epX`` (X
-epochs), ``nonorm`` (scales only), ``decayX`` (AdamW's decay toward the untuned values at weight X), ``mixN`` (the
-calibration windows plus as many sampled from the float model at temperature 1, N epochs over both).
+Variants: ``none`` (GPTQ alone), ``base`` (``FinetuneConfig()``), ``lrX`` (Adam step X, e.g. lr1e-3), ``epX`` (X
+epochs), ``cos`` (the rate falls to 0 along half a cosine), ``seedX`` (another order of the windows), ``nonorm``
+(scales only), ``decayX`` (AdamW's decay toward the untuned values at weight X), ``mixN`` (the calibration windows
+plus as many sampled from the float model at temperature 1, N epochs over both); parts join with ``+``: ``ep3+cos``.
 ``--gptq-mix``: GPTQ's Hessians from half the calibration windows and half sampled ones.
 Writes ``benchmarks/results/finetune-ood-<tag>.json`` after every variant.
 """
@@ -42,18 +43,23 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def config_for(variant: str) -> tuple[ft.FinetuneConfig, float]:
-    """(FinetuneConfig, AdamW weight decay) of a variant name."""
-    cfg = ft.FinetuneConfig()
-    for prefix, field in (("lr", "lr"), ("ep", "epochs"), ("mix", "epochs")):
-        if variant.startswith(prefix) and variant[len(prefix):]:
-            return replace(cfg, **{field: float(variant[len(prefix):])}), 0.0
-    if variant.startswith("decay"):
-        return cfg, float(variant[len("decay"):])
-    if variant == "nonorm":
-        return replace(cfg, norms=False), 0.0
-    if variant in ("base", "none"):
-        return cfg, 0.0
-    raise SystemExit(f"unknown variant {variant!r}")
+    """(FinetuneConfig, AdamW weight decay) of a variant name: parts joined by ``+`` (``ep3+cos+lr1e-3``)."""
+    cfg, decay = ft.FinetuneConfig(), 0.0
+    for part in variant.split("+"):
+        for prefix, name in (("lr", "lr"), ("ep", "epochs"), ("mix", "epochs"), ("decay", "decay"), ("seed", "seed")):
+            if part.startswith(prefix) and part[len(prefix):]:
+                value = float(part[len(prefix):])
+                value = int(value) if name == "seed" else value
+                cfg, decay = (cfg, value) if name == "decay" else (replace(cfg, **{name: value}), decay)
+                break
+        else:
+            if part == "nonorm":
+                cfg = replace(cfg, norms=False)
+            elif part == "cos":
+                cfg = replace(cfg, schedule="cosine")
+            elif part not in ("base", "none"):
+                raise SystemExit(f"unknown variant {variant!r}")
+    return cfg, decay
 
 
 def adamw(decay: float):  # noqa: ANN201 - replaces ft._adam: the log-multipliers decay toward 0, the untuned value
@@ -75,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--windows", type=int, default=None, help="at most this many scoring windows per text")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--work", default="/tmp/finetune-ood")
+    ap.add_argument("--method", default="gptq_act", choices=["gptq_act", "imatrix", "rtn"], help="the rounding tuned")
     ap.add_argument("--gptq-mix", action="store_true", help="GPTQ's windows: half the calibration split, half sampled")
     ap.add_argument("--tag", default=None)
     args = ap.parse_args(argv)
@@ -89,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     fp = copy.deepcopy(model)
     types = preset_plan(model, args.preset, True)
     calib = lowbit.CalibConfig(args.nsamples, args.seqlen, None, 0)
-    recipe = lowbit.Recipe(format=types.plan, method="gptq_act", calib=calib,
+    recipe = lowbit.Recipe(format=types.plan, method=args.method, calib=calib,
                            gptq=lowbit.GPTQConfig(shrink=HESSIAN_SHRINK))
     samples = calibration_set(fp, tok, calib)
     gen, meta = None, {}
@@ -104,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     lowbit.quantize(model, recipe, tok, device=args.device, progress=False)
     gptq_s = time.perf_counter() - t0
     reference = Reference(copy.deepcopy(fp).to(args.device), cache_bytes=6e9)
-    meta |= {"preset": args.preset, "command": "python benchmarks/finetune_ood.py " + " ".join(sys.argv[1:]),
+    meta |= {"preset": args.preset, "method": args.method,
+             "command": "python benchmarks/finetune_ood.py " + " ".join(sys.argv[1:]),
             "device": torch.cuda.get_device_name(0) if args.device != "cpu" else "cpu", "gptq_s": round(gptq_s, 1)}
     rows = []
     for variant in variants:
@@ -113,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         row: dict = {"variant": variant}
         if variant != "none":
             data = samples
-            if variant.startswith("mix"):
+            if "mix" in variant:
                 if gen is None:
                     t1 = time.perf_counter()
                     gen = generated(fp, tok, args.nsamples, seqlen=args.seqlen, device=args.device, batch=64)

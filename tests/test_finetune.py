@@ -97,6 +97,32 @@ def test_finer_grids_take_smaller_steps():
     assert seen == [{1e-2: other, 1e-2 / 16: down + norms}]
 
 
+@pytest.mark.parametrize("mode", ["model", "blocks"])
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_the_rate_follows_its_schedule(mode, schedule):
+    """Each step's Adam rate: the configured one throughout, or half a cosine from it toward 0 (last step > 0)."""
+    teacher, student = _quantized("q4_0")
+    rates: list[float] = []
+    real_step = torch.optim.Adam.step
+
+    def spy(self, *a, **k):  # noqa: ANN001, ANN202
+        rates.append(self.param_groups[0]["lr"])
+        return real_step(self, *a, **k)
+
+    cfg = FinetuneConfig(epochs=1, lr=1e-2, batch_size=1, mode=mode, schedule=schedule)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.optim.Adam, "step", spy)
+        if mode == "blocks":
+            finetune_blocks(student, teacher, _samples(), cfg, torch.device("cpu"), progress=False, final_norm=False)
+        else:
+            finetune(student, teacher, _samples(), cfg, device="cpu", progress=False)
+    steps = 8  # 8 windows, one a step, in every block
+    want = [1e-2 * (1.0 if schedule == "constant" else 0.5 * (1 + math.cos(math.pi * k / steps))) for k in range(steps)]
+    assert len(rates) % steps == 0 and len(rates) >= steps
+    for start in range(0, len(rates), steps):
+        assert rates[start : start + steps] == pytest.approx(want, rel=1e-9)
+
+
 def _diverged(mode: str):  # noqa: ANN202 - (student before, student after, report) at a step of 30%
     teacher, student = _quantized("q8_0")
     before = copy.deepcopy(student)
@@ -217,6 +243,8 @@ def test_bad_settings_are_refused():
     teacher, student = _quantized()
     with pytest.raises(LowbitError, match="epochs"):
         finetune(student, teacher, _samples(), FinetuneConfig(epochs=0), progress=False)
+    with pytest.raises(LowbitError, match="schedule"):
+        FinetuneConfig(schedule="linear")
     with pytest.raises(LowbitError, match="seqlen"):
         finetune(student, teacher, torch.zeros(5, dtype=torch.long), progress=False)
     with pytest.raises(LowbitError, match="no quantized"):
@@ -259,8 +287,8 @@ def test_cli_finetune_quantize_and_export(tiny_model_dir, tmp_path, text_file):
     out = tmp_path / "q"
     assert main(["quantize", str(tiny_model_dir), "-f", "q4_0", "--method", "gptq", "-o", str(out), "--finetune",
                  "--ft-epochs", "1", "--ft-batch", "4", *calib]) == 0
-    info = json.loads((out / "lowbit.json").read_text())
-    assert info["method"] == "gptq+ft" and info["finetune"]["steps"] == 2 and info["finetune"]["lr"] == 3e-3
+    info = json.loads((out / "lowbit.json").read_text())  # lr: the CPU default
+    assert info["method"] == "gptq+ft" and info["finetune"]["steps"] == 2 and info["finetune"]["lr"] == 1e-3
     tuned, _ = load_model(out)
     plain = tmp_path / "plain.gguf"
     assert main(["export-gguf", str(out), "--out", str(plain)]) == 0

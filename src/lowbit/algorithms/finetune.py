@@ -65,6 +65,7 @@ from lowbit.models.quant_linear import QuantLinear
 from lowbit.models.walker import DECODER_LAYERS, decoder_layers, module_device, set_module
 
 MODES = ("auto", "model", "blocks")
+SCHEDULES = ("constant", "cosine")  # the learning rate over the steps (FinetuneConfig.schedule)
 CHAINS = ("compensate", "quant", "float")  # what block k reads and matches (finetune_blocks)
 LOSSES = ("token", "mse")
 AUTO_FRACTION = 0.8  # auto picks the whole-model mode when its estimated peak fits in this much free memory
@@ -93,12 +94,15 @@ class FinetuneConfig:
     mode: str = "auto"  # "model" (KL through the whole network), "blocks" (bounded memory) or "auto" (by memory)
     block_layers: int = 2  # decoder layers per block in the blocks mode
     tail_layers: int = 4  # blocks mode: the last decoder layers tuned again, with the final norm, by KL (tune_tail)
+    schedule: str = "constant"  # "cosine": lr falls from its value to 0 over the steps (half a cosine)
 
     def __post_init__(self) -> None:  # checked when built (the CLI builds it before minutes of GPTQ), not after
         if self.epochs <= 0 or self.lr <= 0 or self.batch_size < 1:
             raise LowbitError(f"finetune needs epochs > 0, lr > 0 and batch_size >= 1, got {self}")
         if self.mode not in MODES:
             raise LowbitError(f"finetune mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.schedule not in SCHEDULES:
+            raise LowbitError(f"finetune schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if isinstance(self.block_layers, bool) or not isinstance(self.block_layers, int) or self.block_layers < 1:
             raise LowbitError(f"finetune block_layers must be an integer >= 1, got {self.block_layers!r}")
         if isinstance(self.tail_layers, bool) or not isinstance(self.tail_layers, int) or self.tail_layers < 0:
@@ -379,6 +383,7 @@ def _train(model: nn.Module, teacher: nn.Module, samples: torch.Tensor, tuned: l
     g = torch.Generator().manual_seed(cfg.seed)
     order = torch.cat([torch.randperm(n, generator=g) for _ in range((steps * bs + n - 1) // n)])
     opt = _adam(tuned, cfg.lr)
+    sched = _scheduler(opt, cfg.schedule, steps)
     first = last = float("nan")
     bar = tqdm(range(steps), desc="finetune", unit="step", disable=not progress)
     for step in bar:
@@ -386,6 +391,7 @@ def _train(model: nn.Module, teacher: nn.Module, samples: torch.Tensor, tuned: l
         with torch.no_grad():
             target = teacher(ids).logits
         last = _adam_step(opt, kl_per_token(target, model(ids).logits), step, cfg.lr)
+        sched.step()
         first = last if step == 0 else first
         bar.set_postfix(kl=f"{last:.4f}")
     ids = samples[order[:bs]].to(device)
@@ -570,6 +576,7 @@ def _train_block(block: list[nn.Module], inputs: torch.Tensor, targets: torch.Te
     g = torch.Generator().manual_seed(seed)
     order = torch.cat([torch.randperm(n, generator=g) for _ in range((steps * bs + n - 1) // n)])
     opt = _adam(tuned, cfg.lr)
+    sched = _scheduler(opt, cfg.schedule, steps)
     dtype = _dtype(block)
     first = last = math.nan
 
@@ -582,6 +589,7 @@ def _train_block(block: list[nn.Module], inputs: torch.Tensor, targets: torch.Te
 
     for step in range(steps):
         last = _adam_step(opt, batch_loss(step), step, cfg.lr)
+        sched.step()
         first = last if step == 0 else first
     with torch.no_grad():
         end = float(batch_loss(0))
@@ -674,6 +682,7 @@ def tune_tail(layers: list[nn.Module], norm: nn.Module, t_norm: nn.Module, head:
 
         try:
             opt = _adam(tuned, cfg.lr)
+            sched = _scheduler(opt, cfg.schedule, steps)
             for step in range(steps):
                 opt.zero_grad(set_to_none=True)
                 last = batch_kl(step, backward=True)
@@ -681,6 +690,7 @@ def tune_tail(layers: list[nn.Module], norm: nn.Module, t_norm: nn.Module, head:
                     raise LowbitError(f"finetune: non-finite loss at step {step}; lower the learning rate "
                                       f"({cfg.lr:g})")
                 opt.step()
+                sched.step()
                 first = last if step == 0 else first
             kept = batch_kl(0, backward=False) <= first
         except BaseException:
@@ -733,6 +743,14 @@ def _adam(tuned: list[nn.Parameter], lr: float) -> torch.optim.Adam:
     for p, s in zip(tuned, scales, strict=True):
         groups.setdefault(finest if s is None else s, []).append(p)
     return torch.optim.Adam([{"params": ps, "lr": lr * s} for s, ps in groups.items()], lr=lr)
+
+
+def _scheduler(opt: torch.optim.Optimizer, schedule: str, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Every group's rate over the ``steps`` (stepped once after each optimizer step): ``constant``, or ``cosine``
+    from the group's rate at the first step down to 0 after the last (averages the last steps' noise away)."""
+    if schedule == "cosine":
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(k, steps) / steps)))
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0)
 
 
 def _adam_step(opt: torch.optim.Optimizer, loss: torch.Tensor, step: int, lr: float) -> float:
