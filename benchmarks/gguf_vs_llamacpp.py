@@ -76,7 +76,7 @@ def lowbit_options(extra: str) -> argparse.Namespace:
     p.add_argument("--shrink", type=float, default=None, help="default: the CLI's (HESSIAN_SHRINK)")
     p.add_argument("--blocksize", type=int, default=128)
     p.add_argument("--ft-epochs", type=float, default=None, help="default: the CLI's for the device (ft_epochs)")
-    p.add_argument("--ft-lr", type=float, default=3e-3)
+    p.add_argument("--ft-lr", type=float, default=None, help="default: the CLI's for the device (ft_lr)")
     p.add_argument("--ft-batch", type=int, default=4)
     p.add_argument("--fallback", default=None)
     p.add_argument("--tokenizer-pre", default=None)
@@ -87,12 +87,12 @@ def lowbit_options(extra: str) -> argparse.Namespace:
 def lowbit_recipes(methods: str, o: argparse.Namespace) -> dict[str, tuple[lowbit.Recipe, str | None]]:
     """``METHOD[+fused][+ft][/EMBED]`` -> (recipe, EMBED), all parsed before any work. The recipe's format is a
     placeholder: ``like=`` replaces it with the llama.cpp file's per-tensor types."""
-    from lowbit.cli import HESSIAN_SHRINK, ft_epochs
+    from lowbit.cli import HESSIAN_SHRINK, ft_epochs, ft_lr
 
     shrink = HESSIAN_SHRINK if o.shrink is None else o.shrink  # as `lowbit export-gguf` decides it
     settings = {"calib": lowbit.CalibConfig(o.nsamples, o.calib_seqlen, o.calib_text, o.seed),
                 "gptq": lowbit.GPTQConfig(o.blocksize, o.damp, shrink=shrink),
-                "finetune": lowbit.FinetuneConfig(ft_epochs(o), o.ft_lr, o.ft_batch, seed=o.seed)}
+                "finetune": lowbit.FinetuneConfig(ft_epochs(o), ft_lr(o), o.ft_batch, seed=o.seed)}
     recipes = {}
     for method in methods.split(","):
         spec, _, embed = method.partition("/")

@@ -80,16 +80,18 @@ def test_calibration_size_defaults_follow_the_device():
     assert size("cpu", 64, 2048) == (64, 2048) and size("cuda", 0) == (0, 2048)  # given values kept (0: refused later)
 
 
-def test_finetune_epochs_follow_the_device_unless_given():
+def test_finetune_epochs_and_rate_follow_the_device_unless_given():
     from lowbit.cli import _recipe, build_parser
 
-    def epochs(*flags):
-        return _recipe(build_parser().parse_args(["quantize", "-f", "q4_0", "-o", "x", "--finetune", *flags]),
-                       "q4_0").finetune.epochs
+    def tuning(*flags):
+        cfg = _recipe(build_parser().parse_args(["quantize", "-f", "q4_0", "-o", "x", "--finetune", *flags]),
+                      "q4_0").finetune
+        return cfg.epochs, cfg.lr
 
-    assert epochs("--device", "cpu") == 2.0 and epochs("--device", "cuda") == 3.0  # docs/gguf.md, "How long +ft tunes"
-    assert epochs("--device", "cuda", "--ft-epochs", "1") == 1.0
-    assert epochs("--device", "cpu", "--ft-epochs", "4") == 4.0
+    # docs/gguf.md, "How long +ft tunes": 3 epochs at 3e-3 on a GPU, 2 at 1e-3 on a CPU's smaller batches
+    assert tuning("--device", "cpu") == (2.0, 1e-3) and tuning("--device", "cuda") == (3.0, 3e-3)
+    assert tuning("--device", "cuda", "--ft-epochs", "1", "--ft-lr", "1e-2") == (1.0, 1e-2)
+    assert tuning("--device", "cpu", "--ft-epochs", "4", "--ft-lr", "3e-3") == (4.0, 3e-3)
 
 
 def test_hessian_shrink_default_at_every_calibration_size_unless_given():

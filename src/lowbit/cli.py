@@ -39,6 +39,10 @@ HESSIAN_SHRINK = 0.5
 # +ft's passes over the calibration windows: on the GPU's 128 x 2048, 3 measured closer to F16 than 2 on both texts at
 # Q4_0 and Q2_K (lower KL and perplexity), 4 lower KL again but not perplexity (docs/gguf.md); a CPU keeps 2 (time)
 GPU_FT_EPOCHS, CPU_FT_EPOCHS = 3.0, 2.0
+# +ft's Adam rate: the CPU's 64 x 128 windows make batches of 512 tokens, on which 3e-3 raised the first batch's KL at
+# Q4_0, Q2_K and Q4_K_M (the guard then re-ran the tuning at 3e-4); 1e-3 was kept at once at Q4_0 and Q2_K and scored
+# better on both texts in half the time; Q4_K_M refused both and came out level (docs/gguf.md)
+GPU_FT_LR, CPU_FT_LR = 3e-3, 1e-3
 
 
 def _add_calib(p: argparse.ArgumentParser) -> None:
@@ -69,7 +73,8 @@ def _add_finetune(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ft-epochs", type=float, default=None,
                    help=f"passes over the calibration windows (default {GPU_FT_EPOCHS:g} on a GPU, "
                         f"{CPU_FT_EPOCHS:g} on a CPU)")
-    g.add_argument("--ft-lr", type=float, default=3e-3, help="Adam learning rate on log-scales (default 3e-3)")
+    g.add_argument("--ft-lr", type=float, default=None,
+                   help=f"Adam learning rate on log-scales (default {GPU_FT_LR:g} on a GPU, {CPU_FT_LR:g} on a CPU)")
     g.add_argument("--ft-batch", type=int, default=4, help="windows per step (default 4)")
     g.add_argument("--ft-mode", choices=["auto", "model", "blocks"], default="auto",
                    help="model: KL through the whole network (float teacher on the device); blocks: a few decoder "
@@ -382,6 +387,13 @@ def ft_epochs(args: argparse.Namespace) -> float:
     return CPU_FT_EPOCHS if _on_cpu(args) else GPU_FT_EPOCHS
 
 
+def ft_lr(args: argparse.Namespace) -> float:
+    """--ft-lr, by default the device's (GPU_FT_LR, CPU_FT_LR)."""
+    if args.ft_lr is not None:
+        return args.ft_lr
+    return CPU_FT_LR if _on_cpu(args) else GPU_FT_LR
+
+
 def _on_cpu(args: argparse.Namespace) -> bool:
     from lowbit.models.walker import default_device
 
@@ -394,7 +406,7 @@ def _recipe(args: argparse.Namespace, fmt: str):  # noqa: ANN202
 
     calib, gptq = _calib(args)
     tail = {} if args.ft_tail_layers is None else {"tail_layers": args.ft_tail_layers}  # None: the config's default
-    finetune = FinetuneConfig(ft_epochs(args), args.ft_lr, args.ft_batch, seed=args.seed, mode=args.ft_mode,
+    finetune = FinetuneConfig(ft_epochs(args), ft_lr(args), args.ft_batch, seed=args.seed, mode=args.ft_mode,
                               block_layers=args.ft_block_layers, **tail) if args.finetune else None
     return Recipe(fmt, args.method, rotate=getattr(args, "rotate", False), fuse_rotation=args.fuse_rotation,
                   finetune=finetune, calib=calib, gptq=gptq, head=getattr(args, "head", None))
