@@ -383,16 +383,16 @@ def calib_size(args: argparse.Namespace) -> tuple[int, int]:
 
 def ft_epochs(args: argparse.Namespace) -> float:
     """--ft-epochs, by default sized for the device as the calibration is (GPU_FT_EPOCHS, CPU_FT_EPOCHS)."""
-    if args.ft_epochs is not None:
-        return args.ft_epochs
-    return CPU_FT_EPOCHS if _on_cpu(args) else GPU_FT_EPOCHS
+    return _given_or_device(args, args.ft_epochs, GPU_FT_EPOCHS, CPU_FT_EPOCHS)
 
 
 def ft_lr(args: argparse.Namespace) -> float:
     """--ft-lr, by default the device's (GPU_FT_LR, CPU_FT_LR)."""
-    if args.ft_lr is not None:
-        return args.ft_lr
-    return CPU_FT_LR if _on_cpu(args) else GPU_FT_LR
+    return _given_or_device(args, args.ft_lr, GPU_FT_LR, CPU_FT_LR)
+
+
+def _given_or_device(args: argparse.Namespace, given: float | None, gpu: float, cpu: float) -> float:
+    return given if given is not None else cpu if _on_cpu(args) else gpu
 
 
 def _on_cpu(args: argparse.Namespace) -> bool:

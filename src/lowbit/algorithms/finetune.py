@@ -747,7 +747,8 @@ def _adam(tuned: list[nn.Parameter], lr: float) -> torch.optim.Adam:
 
 def _scheduler(opt: torch.optim.Optimizer, schedule: str, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Every group's rate over the ``steps`` (stepped once after each optimizer step): ``constant``, or ``cosine``
-    from the group's rate at the first step down to 0 after the last (averages the last steps' noise away)."""
+    from the group's rate at the first step down to 0 after the last (measured worse than constant on the bundled
+    model at 96 steps, whose tuning was still descending: docs/gguf.md)."""
     if schedule == "cosine":
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(k, steps) / steps)))
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0)
