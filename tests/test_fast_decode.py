@@ -304,13 +304,14 @@ hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_devi
 
 @hopper
 @pytest.mark.gpu
-@pytest.mark.parametrize("fmt", ["q4_0", "nz2_ch"])
-def test_pdl_step_gives_the_plain_steps_tokens_and_logits(fmt):
+@pytest.mark.parametrize("fmt,rotate", [("q4_0", False), ("nz2_ch", False), ("nz2_ch", True)])
+def test_pdl_step_gives_the_plain_steps_tokens_and_logits(fmt, rotate):
     """Programmatic dependent launch changes when kernels start, not what they compute: a kernel that read its
     inputs before the one writing them had finished would read the previous step's values (the graph replays into
     the same buffers) and move the logits by their own size. Inductor compiles its kernels anew with PDL and may
-    tune their reductions differently, so the logits are compared to fp16 rounding, not bit for bit."""
-    model = quantized_llama(fmt, rtn=False, hidden=512).cuda().half()
+    tune their reductions differently, so the logits are compared to fp16 rounding, not bit for bit. Rotated
+    (``+rht``) linears put the Hadamard transforms between the GEMVs, launched the same way."""
+    model = quantized_llama(fmt, rotate=rotate, rtn=False, hidden=512).cuda().half()
     runs = {}
     for pdl in (False, True):
         torch._dynamo.reset()
@@ -327,10 +328,11 @@ def test_pdl_step_gives_the_plain_steps_tokens_and_logits(fmt):
 
 @hopper
 @pytest.mark.gpu
-def test_pdl_auto_leaves_rotated_models_plain():
+def test_pdl_auto_applies_to_rotated_models_too():
     model = quantized_llama("nz2_ch", rotate=True, rtn=False, hidden=256).cuda().half()
-    assert not StaticDecoder(model, max_cache_len=16, compile=True).pdl
-    assert StaticDecoder(model, max_cache_len=16, compile=True, pdl=True).pdl
+    assert StaticDecoder(model, max_cache_len=16, compile=True).pdl
+    assert not StaticDecoder(model, max_cache_len=16, compile=True, pdl=False).pdl
+    assert not StaticDecoder(model, max_cache_len=16, compile=False).pdl
 
 
 @cuda

@@ -26,9 +26,12 @@ def test_rms_norm_reference_is_transformers_llama_norm() -> None:
         assert torch.equal(rms_norm_reference(x, norm.weight, 1e-5), norm(x))
 
 
-@pytest.mark.parametrize("fmt", ["int4_g32_asym", "q4_0", "int2_g16_sym"])
-def test_folded_layers_compute_the_same_logits(fmt: str) -> None:
-    model = quantized(fmt)
+@pytest.mark.parametrize("fmt,rotate", [("int4_g32_asym", False), ("q4_0", False), ("int2_g16_sym", False),
+                                        ("e8p_ch", False), ("int4_g32_sym", True), ("e8p_ch", True)])
+def test_folded_layers_compute_the_same_logits(fmt: str, rotate: bool) -> None:
+    """Gated groups normalize in their GEMV's prologue; rotated (``+rht``) and vector-format groups normalize
+    before their input rotation and multiply SiLU(gate) by up after their matmul: either way the layer's function."""
+    model = quantized(fmt, rotate=rotate)
     ref = logits(model, IDS)
     assert fold_norms(model) == 0  # q/k/v and gate/up must be fused groups first
     fuse_siblings(model)
@@ -64,11 +67,11 @@ def test_a_layer_whose_linear_was_replaced_unfolds_itself_and_refolds() -> None:
     assert torch.equal(logits(model, IDS), ref)
 
 
-@pytest.mark.parametrize("why", ["bias", "rotation", "weight cache"])
+@pytest.mark.parametrize("why", ["bias", "weight cache"])
 def test_layers_that_cannot_fold_keep_their_forward(why: str) -> None:
-    """o_proj with a bias (the residual would be added before it), rotated linears (the norm must precede the
-    rotation), a weight cache (its matmul has no prologue): not folded, and the model is unchanged."""
-    model = quantized(bias=why == "bias", rotate=why == "rotation")
+    """o_proj with a bias (the residual would be added before it), a weight cache (its matmul has no prologue):
+    not folded, and the model is unchanged."""
+    model = quantized(bias=why == "bias")
     if why == "weight cache":
         decoder_layers(model)[0].mlp.down_proj.cache_weight()
     ref = logits(model, IDS)

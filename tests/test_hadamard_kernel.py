@@ -58,6 +58,15 @@ for n, k in STACKED:
                          zip(rots, x.split(n, dim=-1))], dim=-1)
         y = rotate_stacked(rots, x, inverse=inverse)
         out[f"stacked:{n}:{k}:{key}"] = ((y.double() - ref).norm() / ref.norm()).item()
+# the custom op torch.compile traces (lowbit::hadamard) = the stacked kernel
+import lowbit.kernels.ops  # noqa: F401 - registers the op
+for n, k in STACKED:
+    rots = [RandomizedHadamard(n, seed=30 + j, layout=2) for j in range(k)]
+    x = torch.randn(2, k * n, generator=g)
+    for key, inverse in (("inverse", True), ("apply", False)):
+        y = torch.ops.lowbit.hadamard(x, n, [30 + j for j in range(k)], 2, inverse)
+        ref = rotate_stacked(rots, x, inverse=inverse)
+        out[f"op:{n}:{k}:{key}"] = float("inf") if y.shape != x.shape else (y - ref).abs().max().item()
 # QuantLinear with an input- and output-side rotation, IQ2_XXS weight: kernel rotation + kernel GEMV
 from lowbit.formats import get_format
 from lowbit.models.quant_linear import QuantLinear
@@ -95,6 +104,12 @@ def test_rotated_quant_linear_in_interpreter(interpreter_results, name):
 @pytest.mark.parametrize("side", ["inverse", "apply"])
 def test_stacked_rotations_in_interpreter(interpreter_results, n, k, side):
     assert interpreter_results[f"stacked:{n}:{k}:{side}"] < 1e-5
+
+
+@pytest.mark.parametrize("n,k", STACKED)
+@pytest.mark.parametrize("side", ["inverse", "apply"])
+def test_hadamard_op_is_the_stacked_kernel(interpreter_results, n, k, side):
+    assert interpreter_results[f"op:{n}:{k}:{side}"] == 0.0
 
 
 def test_stacked_rotations_refuse_mixed_splits():
@@ -151,6 +166,35 @@ def test_hadamard_kernel_on_gpu(n, batch, dtype):
     for y, ref in ((rotate_input(rot, x), rot.apply(x.double().cpu())),
                    (rotate_output(rot, x), rot.inverse(x.double().cpu()))):
         assert y.dtype == dtype and ((y.double() - ref.to("cuda")).norm() / ref.norm()) < tol
+
+
+@needs_gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="programmatic dependent launch needs compute capability 9.0")
+@pytest.mark.parametrize("n", [4096, 11008])
+def test_hadamard_launched_early_gives_the_plain_result(n):
+    """Launched as a programmatic dependent launch behind a kernel that writes its input (one CUDA graph): the
+    transform must wait for that input, so it gives the plain launch's result bit for bit."""
+    from lowbit.kernels.cuda_gemv import early_launch
+
+    rot = RandomizedHadamard(n, seed=3, layout=LAYOUT)
+    src = torch.randn(8, n, device="cuda").half()
+    x = torch.empty_like(src)
+    plain = rotate_input(rot, src.mul(2.0))
+    graph = torch.cuda.CUDAGraph()
+    with early_launch(True):
+        torch.mul(src, 2.0, out=x)  # warm-up (Triton compiles outside the capture)
+        rotate_input(rot, x), rotate_output(rot, x)
+        torch.cuda.synchronize()
+        x.zero_()
+        with torch.cuda.graph(graph):
+            torch.mul(src, 2.0, out=x)
+            y = rotate_input(rot, x)
+            z = rotate_output(rot, y)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, plain)
+    assert torch.equal(z, rotate_output(rot, plain))
 
 
 @needs_gpu

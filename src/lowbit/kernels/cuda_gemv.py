@@ -407,6 +407,12 @@ def launches_early() -> bool:
     return getattr(_early, "on", EARLY_LAUNCH)
 
 
+def pdl_on(device: torch.device) -> bool:
+    """Whether a kernel launched now on ``device`` uses programmatic dependent launch: inside :func:`early_launch`
+    (or with ``LOWBIT_CUDA_PDL=1``) on a GPU of compute capability 9.0 or more."""
+    return launches_early() and device.type == "cuda" and _hopper(device)
+
+
 @contextmanager
 def early_launch(on: bool = True) -> Iterator[None]:
     """GEMVs launched inside the block, on this thread, use programmatic dependent launch (``on``) or plain
@@ -487,7 +493,7 @@ def gemv(x: torch.Tensor, fmt: Format, qt: QuantizedTensor, p: Plan, gated: bool
     eps = ctypes.c_float(0.0 if norm is None else norm[1])
     kern((grid, 1, 1), (warps * 32, 1, 1),
          [codes, scales, mins, x, y, tables, n, k, m, groups, nw, y if res is None else res, eps, tiles],
-         shared=shared, early=launches_early() and _hopper(x.device))
+         shared=shared, early=pdl_on(x.device))
     return y
 
 

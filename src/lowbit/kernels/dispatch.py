@@ -223,7 +223,7 @@ def rotate_input(rot, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001 - a Rand
 
     if not triton_hadamard.supported(rot.p) or not x.is_floating_point():
         return rot.apply(x)
-    return triton_hadamard.rotate(rot, x)
+    return _hadamard_kernel([rot], x, inverse=False)
 
 
 def rotate_output(rot, y: torch.Tensor) -> torch.Tensor:  # noqa: ANN001 - a RandomizedHadamard
@@ -240,7 +240,21 @@ def rotate_outputs(rots: list, y: torch.Tensor) -> torch.Tensor:
         from lowbit.kernels import triton_hadamard
 
         if triton_hadamard.supported(rots[0].p):
-            return triton_hadamard.rotate_stacked(rots, y, inverse=True)
+            return _hadamard_kernel(rots, y, inverse=True)
     if len(rots) == 1:
         return rots[0].inverse(y)
     return torch.cat([r.inverse(part) for r, part in zip(rots, y.split(rots[0].n, dim=-1), strict=True)], dim=-1)
+
+
+def _hadamard_kernel(rots: list, x: torch.Tensor, inverse: bool) -> torch.Tensor:
+    """:func:`triton_hadamard.rotate_stacked` launched the way the GEMVs around it are (programmatic dependent
+    launch inside :func:`cuda_gemv.early_launch` on Hopper and later); under torch.compile as the opaque op
+    ``lowbit::hadamard``, which Inductor calls as it is (traced as a user Triton kernel it would launch it plainly)."""
+    if torch.compiler.is_compiling():
+        from lowbit.kernels.ops import hadamard
+
+        seeds = [r.seed for r in rots]
+        return hadamard(x, rots[0].n, seeds, rots[0].layout, inverse)
+    from lowbit.kernels import cuda_gemv, triton_hadamard
+
+    return triton_hadamard.rotate_stacked(rots, x, inverse, pdl=cuda_gemv.pdl_on(x.device))

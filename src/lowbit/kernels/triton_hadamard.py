@@ -12,7 +12,10 @@ matmul (:func:`rotate_stacked`): their signs tables stacked [k * m, p], their fa
 
 These calls are launch-bound: 2.1-2.3 µs for 4096 at batch 1 and 8 on an H200, 3.9-4.4 µs for 11008 = 43 x 256
 (``benchmarks/hadamard.py``, docs/kernels.md). A tensor-core variant (H_a V H_b as two ``tl.dot`` per chunk, the
-float32 middle split into hi + lo 16-bit halves) measured 0.87-1.00x these times and was removed.
+float32 middle split into hi + lo 16-bit halves) measured 0.87-1.00x these times and was removed. With ``pdl``
+(programmatic dependent launch, Hopper and later, as the GEMVs of a compiled decode step launch:
+``cuda_gemv.early_launch``) a transform starts while the kernel before it finishes, loads its signs, waits for that
+kernel before reading x, and lets the kernel after it start once x is read.
 """
 
 from __future__ import annotations
@@ -41,14 +44,18 @@ def _fwht_stage(v, BLOCK_C: tl.constexpr, P: tl.constexpr, H: tl.constexpr):
 
 @triton.jit
 def _hadamard_kernel(x_ptr, signs_ptr, y_ptr, n_chunks, m, scale, P: tl.constexpr, LOG_P: tl.constexpr,
-                     BLOCK_C: tl.constexpr, SIGNS_AFTER: tl.constexpr):
+                     BLOCK_C: tl.constexpr, SIGNS_AFTER: tl.constexpr, USE_GDC: tl.constexpr):
     pid = tl.program_id(0)
     offs_c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_p = tl.arange(0, P)
     cmask = (offs_c < n_chunks)[:, None]
     offs = offs_c.to(tl.int64)[:, None] * P + offs_p[None, :]
-    v = tl.load(x_ptr + offs, mask=cmask, other=0.0).to(tl.float32)
     s = tl.load(signs_ptr + (offs_c % m)[:, None] * P + offs_p[None, :], mask=cmask, other=0.0)
+    if USE_GDC:  # x is the kernel before this one's output: wait for it (the signs are constant)
+        tl.extra.cuda.gdc_wait()
+    v = tl.load(x_ptr + offs, mask=cmask, other=0.0).to(tl.float32)
+    if USE_GDC:
+        tl.extra.cuda.gdc_launch_dependents()
     if not SIGNS_AFTER:  # x R^T = H (s * x); its inverse y R = s * (H y) (H symmetric)
         v = v * s
     for i in tl.static_range(LOG_P):
@@ -88,14 +95,15 @@ def _device_factor(rots: Sequence, device: torch.device, dtype: torch.dtype, tra
     return _FACTORS[key]
 
 
-def rotate(rot, x: torch.Tensor, inverse: bool = False) -> torch.Tensor:  # noqa: ANN001 - a RandomizedHadamard
-    """x @ R^T along the last dimension, as ``rot.apply(x)`` computes it (float32 accumulation inside); with
-    ``inverse``, x @ R as ``rot.inverse(x)`` does (the dense factor F_m^T first, then the kernel with the signs
-    after the transform: the two act on different axes of the [m, p] view, so their order is free)."""
-    return rotate_stacked([rot], x, inverse)
+def rotate(rot, x: torch.Tensor, inverse: bool = False, pdl: bool = False) -> torch.Tensor:  # noqa: ANN001
+    """x @ R^T along the last dimension (``rot`` a RandomizedHadamard), as ``rot.apply(x)`` computes it (float32
+    accumulation inside); with ``inverse``, x @ R as ``rot.inverse(x)`` does (the dense factor F_m^T first, then the
+    kernel with the signs after the transform: the two act on different axes of the [m, p] view, so their order is
+    free). ``pdl``: launched as a programmatic dependent launch (module docstring)."""
+    return rotate_stacked([rot], x, inverse, pdl)
 
 
-def rotate_stacked(rots: Sequence, x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+def rotate_stacked(rots: Sequence, x: torch.Tensor, inverse: bool = False, pdl: bool = False) -> torch.Tensor:
     """k rotations of one split (m, p) at once: x [..., k * n] holds k consecutive slices of length n, slice j
     transformed by ``rots[j]`` (``rotate`` on each slice, concatenated) in one kernel launch and at most one
     batched matmul. A fused group's members undo their output-side rotations this way (one launch, not k)."""
@@ -115,9 +123,11 @@ def rotate_stacked(rots: Sequence, x: torch.Tensor, inverse: bool = False) -> to
     if n_chunks:
         block_c = max(1, min(triton.next_power_of_2(n_chunks), CHUNK_ELEMS // p))
         num_warps = 4 if p * block_c <= 2048 else 8 if p * block_c <= 8192 else 16
+        launch = {"launch_pdl": True} if pdl else {}  # the interpreter knows no such option: only when asked
         _hadamard_kernel[(triton.cdiv(n_chunks, block_c),)](xc, signs, y, n_chunks, k * m, 1.0 / math.sqrt(p),
                                                             P=p, LOG_P=p.bit_length() - 1, BLOCK_C=block_c,
-                                                            SIGNS_AFTER=inverse, num_warps=num_warps)
+                                                            SIGNS_AFTER=inverse, USE_GDC=pdl, num_warps=num_warps,
+                                                            **launch)
     if m > 1 and not inverse:
         y = _dense_factor(_device_factor(rots, x.device, x.dtype, transpose=False), y, k, m, p)
     return y

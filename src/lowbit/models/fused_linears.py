@@ -31,6 +31,7 @@ from torch import nn
 
 from lowbit.formats import QuantizedTensor
 from lowbit.kernels.dispatch import rotate_input, rotate_outputs
+from lowbit.kernels.reference import rms_norm_reference
 from lowbit.models.quant_linear import QuantLinear
 from lowbit.models.walker import DECODER_LAYERS, decoder_layers
 from lowbit.rotations.incoherence import Rotation
@@ -93,6 +94,7 @@ class FusedGroup:
                             and len({(m._u.n, m._u.m, m._u.p) for m in members}) == 1)
         self._x: torch.Tensor | None = None
         self._parts: tuple[torch.Tensor, ...] = ()
+        self._finished = True  # whether _parts are the members' outputs (else each member's finish is to run)
         self.mlp: nn.Module | None = None  # set by gate_mlp: the MLP whose forward runs :meth:`gated`
         # set by models.fused_norms: the RMSNorm (weight, eps) the members' common input goes through first
         self.norm: tuple[torch.Tensor, float] | None = None
@@ -106,22 +108,35 @@ class FusedGroup:
         """Every member still reads the fused storage (:meth:`intact` for each)."""
         return all(self.intact(i) for i in range(len(self.members)))
 
-    def joint(self, x: torch.Tensor) -> torch.Tensor:
-        """Every member's output side by side, [..., sum of their sizes], of an unrotated group (norm applied)."""
-        return self.linear.project(x, norm=self.norm)
+    def _joint(self, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """The group's matmul of ``x`` (its norm first, then the shared input-side rotation), with the stacked
+        output sides undone; and whether that is every member's output already (else each member's
+        :meth:`QuantLinear.finish` is still to run on its slice)."""
+        if not self.rotated:
+            return self.linear.project(x, norm=self.norm), True  # the norm in the GEMV's prologue
+        if self.norm is not None:  # before the rotation, which the GEMV's prologue would come after
+            x = rms_norm_reference(x, *self.norm)
+        v = self.members[0]._v
+        y = self.linear.project(x if v is None else rotate_input(v, x))
+        if self.stacked_out:  # read each time: place_rotations may have given the members device copies
+            y = rotate_outputs([m._u for m in self.members], y)
+        return y, self.stacked_out and all(m.bias is None for m in self.members)
+
+    def outputs(self, x: torch.Tensor) -> torch.Tensor:
+        """Every member's output for ``x`` side by side, [..., sum of their sizes] (the group's norm first)."""
+        y, finished = self._joint(x)
+        if finished:
+            return y
+        parts = zip(self.members, y.split(self.sizes, dim=-1), strict=True)
+        return torch.cat([m.finish(p, rotated=self.stacked_out) for m, p in parts], dim=-1)
 
     def part(self, x: torch.Tensor, i: int) -> torch.Tensor:
         """Member ``i``'s output for ``x``: computed with every member's when ``x`` is new (or for member 0)."""
         if i == 0 or self._x is not x:
-            v = self.members[0]._v
-            y = self.joint(x if v is None else rotate_input(v, x))
-            if self.stacked_out:  # read each time: place_rotations may have given the members device copies
-                y = rotate_outputs([m._u for m in self.members], y)
+            y, self._finished = self._joint(x)
             self._x, self._parts = x, y.split(self.sizes, dim=-1)
-        member, y = self.members[i], self._parts[i]
-        if not self.rotated:
-            return y
-        return member.finish(y, rotated=self.stacked_out)
+        y = self._parts[i]
+        return y if self._finished else self.members[i].finish(y, rotated=self.stacked_out)
 
     def gated(self, x: torch.Tensor) -> torch.Tensor:
         """silu(gate(x)) * up(x) of a [gate, up] group, in one matmul."""

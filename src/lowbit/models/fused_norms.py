@@ -16,9 +16,13 @@ What changes while a layer is folded: its ``forward`` is :func:`_folded_forward`
 runs its rotary embedding, cache write and attention as one kernel (``attention``, on by default:
 :func:`lowbit.models.decode_attention.step_attention`). The layer as a whole computes what it did; its submodules
 called on their own do not. :func:`unfold_norms` restores them. Folded: the decoder layers of :data:`LAYERS` whose
-norms are :data:`NORMS`, whose q/k/v and gate/up are fused groups without rotation (gate/up gated) and whose o and down
-projections are QuantLinears without rotation, bias, input rounding or weight cache, in a transformers whose
-decoder layers return a tensor.
+norms are :data:`NORMS`, whose MLP is SiLU-gated, whose q/k/v and gate/up are fused groups and whose o and down
+projections are QuantLinears without bias, input rounding or weight cache, in a transformers whose decoder layers
+return a tensor. Where the groups are rotated (``+rht``) the norms and residual adds are computed around the
+matmuls (the rotation comes between a norm and its GEMV, and after a GEMV before its add), and where gate/up is not
+gated (rotated, or a vector format: :func:`lowbit.models.fused_linears.gate_mlp`) the SiLU product follows its
+matmul; such layers still get the one-kernel attention step and none of transformers' per-layer mask, rotary and
+cache kernels.
 """
 
 from __future__ import annotations
@@ -87,11 +91,16 @@ def _folded_forward(self: nn.Module, hidden_states: torch.Tensor, **kwargs: obje
     if not torch.compiler.is_compiling() and not _holds(self, f):
         _unfold(self, f)
         return self.forward(hidden_states, **kwargs)
-    attn = step_attention(self.self_attn, hidden_states, f.qkv.joint, kwargs) if f.attention else None
+    attn = step_attention(self.self_attn, hidden_states, f.qkv.outputs, kwargs) if f.attention else None
     if attn is None:
         attn = self.self_attn(hidden_states=hidden_states, **kwargs)[0]  # before o_proj (see the module docstring)
     h = f.o_proj.project(attn, residual=hidden_states)
-    return f.down_proj.project(f.gate.gated(h), residual=h)
+    if f.gate.mlp is not None:  # silu(gate) * up in the GEMV's epilogue
+        act = f.gate.gated(h)
+    else:  # rotated or vector-format groups: the product after the matmul (one fused kernel when compiled)
+        gate, up = f.gate.outputs(h).split(f.gate.sizes, dim=-1)
+        act = self.mlp.act_fn(gate) * up
+    return f.down_proj.project(act, residual=h)
 
 
 def _returns_tensor(layer: nn.Module) -> bool:
@@ -100,14 +109,19 @@ def _returns_tensor(layer: nn.Module) -> bool:
 
 
 def _plain(m: object) -> bool:
-    return (isinstance(m, QuantLinear) and m.rotation is None and m.bias is None and m.input_quant is None
-            and not m.weight_cached and m._fused is None)
+    return (isinstance(m, QuantLinear) and m.bias is None and m.input_quant is None and not m.weight_cached
+            and m._fused is None)
 
 
 def _group(m: object, names: list[object]) -> FusedGroup | None:
-    """The unrotated fused group of ``m`` whose members are ``names`` (``m`` first), else None."""
+    """The fused group of ``m`` whose members are ``names`` (``m`` first), else None."""
     group = _group_of(m) if isinstance(m, QuantLinear) else None
-    return group if group is not None and not group.rotated and group.members == names else None
+    return group if group is not None and group.members == names else None
+
+
+def _silu(mlp: nn.Module) -> bool:
+    act = getattr(mlp, "act_fn", None)
+    return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
 
 
 def _fold_for(layer: nn.Module) -> _Fold | None:
@@ -121,7 +135,9 @@ def _fold_for(layer: nn.Module) -> _Fold | None:
     qkv = _group(getattr(attn, "q_proj", None), [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj")])
     gate = _group(getattr(mlp, "gate_proj", None), [getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None)])
     o, down = getattr(attn, "o_proj", None), getattr(mlp, "down_proj", None)
-    if qkv is None or gate is None or gate.mlp is not mlp or not _plain(o) or not _plain(down):
+    if qkv is None or gate is None or gate.mlp not in (mlp, None) or not _silu(mlp):
+        return None
+    if not _plain(o) or not _plain(down):
         return None
     return _Fold(norms, o, down, qkv, gate)
 
