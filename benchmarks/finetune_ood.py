@@ -11,8 +11,10 @@ variant tunes a copy and is written as a GGUF file, whose weights are loaded int
 
 Variants: ``none`` (GPTQ alone), ``base`` (``FinetuneConfig()``), ``lrX`` (Adam step X, e.g. lr1e-3), ``epX`` (X
 epochs), ``cos`` (the rate falls to 0 along half a cosine), ``seedX`` (another order of the windows), ``nonorm``
-(scales only), ``decayX`` (AdamW's decay toward the untuned values at weight X), ``mixN`` (the calibration windows
-plus as many sampled from the float model at temperature 1, N epochs over both); parts join with ``+``: ``ep3+cos``.
+(scales only), ``decayX`` (AdamW's decay toward the untuned values at weight X), ``retryX`` (a refused tuning
+runs again at X times its rate, at most ``finetune.RETRY_LR``: ``finetune.RETRY_FRACTION``), ``mixN`` (the
+calibration windows plus as many sampled from the float model at temperature 1, N epochs over both); parts join
+with ``+``: ``ep3+cos``.
 ``--gptq-mix``: GPTQ's Hessians from half the calibration windows and half sampled ones.
 Writes ``benchmarks/results/finetune-ood-<tag>.json`` after every variant.
 """
@@ -42,15 +44,20 @@ from lowbit.io.gguf_presets import preset_plan
 RESULTS = Path(__file__).parent / "results"
 
 
-def config_for(variant: str) -> tuple[ft.FinetuneConfig, float]:
-    """(FinetuneConfig, AdamW weight decay) of a variant name: parts joined by ``+`` (``ep3+cos+lr1e-3``)."""
-    cfg, decay = ft.FinetuneConfig(), 0.0
+def config_for(variant: str) -> tuple[ft.FinetuneConfig, float, float]:
+    """(FinetuneConfig, AdamW weight decay, retry fraction) of a variant name: parts joined by ``+``
+    (``ep3+cos+lr1e-3``)."""
+    cfg, extra = ft.FinetuneConfig(), {"decay": 0.0, "retry": ft.RETRY_FRACTION}
     for part in variant.split("+"):
-        for prefix, name in (("lr", "lr"), ("ep", "epochs"), ("mix", "epochs"), ("decay", "decay"), ("seed", "seed")):
+        for prefix, name in (("lr", "lr"), ("ep", "epochs"), ("mix", "epochs"), ("decay", "decay"), ("seed", "seed"),
+                             ("retry", "retry")):
             if part.startswith(prefix) and part[len(prefix):]:
                 value = float(part[len(prefix):])
                 value = int(value) if name == "seed" else value
-                cfg, decay = (cfg, value) if name == "decay" else (replace(cfg, **{name: value}), decay)
+                if name in extra:
+                    extra[name] = value
+                else:
+                    cfg = replace(cfg, **{name: value})
                 break
         else:
             if part == "nonorm":
@@ -59,7 +66,7 @@ def config_for(variant: str) -> tuple[ft.FinetuneConfig, float]:
                 cfg = replace(cfg, schedule="cosine")
             elif part not in ("base", "none"):
                 raise SystemExit(f"unknown variant {variant!r}")
-    return cfg, decay
+    return cfg, extra["decay"], extra["retry"]
 
 
 def adamw(decay: float):  # noqa: ANN201 - replaces ft._adam: the log-multipliers decay toward 0, the untuned value
@@ -116,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             "device": torch.cuda.get_device_name(0) if args.device != "cpu" else "cpu", "gptq_s": round(gptq_s, 1)}
     rows = []
     for variant in variants:
-        cfg, decay = config_for(variant)
+        cfg, decay, retry = config_for(variant)
         tuned = copy.deepcopy(model)
         row: dict = {"variant": variant}
         if variant != "none":
@@ -127,15 +134,16 @@ def main(argv: list[str] | None = None) -> int:
                     gen = generated(fp, tok, args.nsamples, seqlen=args.seqlen, device=args.device, batch=64)
                     meta["generate_s"] = round(time.perf_counter() - t1, 1)
                 data = torch.cat([samples, gen])
-            real = ft._adam
-            ft._adam = adamw(decay) if decay else real
+            real, real_retry = ft._adam, ft.RETRY_FRACTION
+            ft._adam, ft.RETRY_FRACTION = (adamw(decay) if decay else real), retry
             try:
                 t1 = time.perf_counter()
                 rep = ft.finetune(tuned, ft.host_copy(fp), data, cfg, args.device, progress=False)
             finally:
-                ft._adam = real
+                ft._adam, ft.RETRY_FRACTION = real, real_retry
             row |= {"tune_s": round(time.perf_counter() - t1, 1), "train_kl_first": rep.kl_first,
-                    "train_kl_last": rep.kl_last, "kept": rep.kept, "retried": rep.retried, "steps": rep.steps}
+                    "train_kl_last": rep.kl_last, "kept": rep.kept, "retried": rep.retried, "steps": rep.steps,
+                    "lr": rep.lr}
         path = work / f"{variant}.gguf"
         path.unlink(missing_ok=True)
         lowbit.export_gguf(tuned, tok, path, embed_type=types.embed_type or "f16", output_type=types.output_type)

@@ -41,8 +41,8 @@ HESSIAN_SHRINK = 0.5
 GPU_FT_EPOCHS, CPU_FT_EPOCHS = 3.0, 2.0
 # +ft's Adam rate: the CPU's 64 x 128 windows make batches of 512 tokens, on which 3e-3 raised the first batch's KL at
 # Q4_0, Q2_K and Q4_K_M (the guard then re-ran the tuning at 3e-4); 1e-3 was kept at once at Q4_0 and Q2_K and scored
-# better on both texts in half the time; Q4_K_M and Q3_K_M refused both, and their retries at a tenth came out level
-# (Q4_K_M) and 0.1 perplexity worse (Q3_K_M) than from 3e-3 (docs/gguf.md)
+# better on both texts in half the time; Q4_K_M and Q3_K_M refused both, and retried at 3e-4 (finetune.retry_lr) from
+# either rate give the same file (docs/gguf.md)
 GPU_FT_LR, CPU_FT_LR = 3e-3, 1e-3
 
 

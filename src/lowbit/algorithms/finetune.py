@@ -15,8 +15,8 @@ Each tuned tensor ``p`` becomes ``p0 * exp(t)`` with ``t`` trained from 0 (Adam;
 scales its group about zero and shifts its min by grid steps), so one learning rate fits
 scales of every magnitude and no scale changes sign; formats finer than 4 bits take smaller steps (:func:`step_scale`),
 and a tuning that ends with a higher loss on its first batch than it started with is not kept (the model, block or
-tail stage keeps its untuned values; the report says so); in the whole-model mode it then runs once more at a tenth
-of the learning rate. This is the scale-only end of QuIP#'s and EfficientQAT's
+tail stage keeps its untuned values; the report says so); in the whole-model mode it then runs once more at a smaller
+rate (:func:`retry_lr`). This is the scale-only end of QuIP#'s and EfficientQAT's
 end-to-end fine-tuning: fewer parameters (one per 32 weights at 4 bits, one per 256 at IQ2_XXS), nothing that
 a GGUF file could not hold.
 
@@ -69,7 +69,10 @@ SCHEDULES = ("constant", "cosine")  # the learning rate over the steps (Finetune
 CHAINS = ("compensate", "quant", "float")  # what block k reads and matches (finetune_blocks)
 LOSSES = ("token", "mse")
 AUTO_FRACTION = 0.8  # auto picks the whole-model mode when its estimated peak fits in this much free memory
-RETRY_LR = 0.1  # whole-model tuning that was not kept runs once more at this fraction of the learning rate
+# A whole-model tuning that was not kept runs once more at RETRY_LR, or at RETRY_FRACTION of its rate if that is
+# smaller: on the CPU's 64 x 128 windows the K-quant presets refused both 3e-3 and 1e-3, and the retry at 1e-4 (a
+# tenth of 1e-3) came out 0.1 perplexity worse at Q3_K_M than the one at 3e-4 (docs/gguf.md)
+RETRY_LR, RETRY_FRACTION = 3e-4, 0.3
 FULL_STEP_BITS = 4  # formats of at most this many code bits take FinetuneConfig.lr as it is (step_scale)
 
 
@@ -121,7 +124,7 @@ class FinetuneReport:
     kl_end: float = math.nan  # model mode: mean KL of the first step's batch after the tuning
     kept: bool = True  # False: the tuning raised kl_end above kl_first, so the untuned values were kept
     lr: float = math.nan  # model mode: the learning rate of the tuning reported
-    retried: bool = False  # model mode: the first tuning was not kept and this one ran at RETRY_LR times its rate
+    retried: bool = False  # model mode: the first tuning was not kept and this one ran at retry_lr(its rate)
     reverted_blocks: int = 0  # blocks mode: blocks whose tuning raised their first batch's loss (kept untuned)
     block_losses: list[list[float]] = field(default_factory=list)  # blocks mode: [first, last] loss per block
     peak_device_gb: float | None = None  # CUDA only: torch's peak allocated memory during the tuning
@@ -228,8 +231,8 @@ def finetune(model: nn.Module, teacher: nn.Module, samples: torch.Tensor, cfg: F
         report = finetune_blocks(model, teacher, samples, cfg, device, progress)
     else:
         report = _finetune_model(model, teacher, samples, cfg, device, progress)
-        if not report.kept:  # too large a step for how close the model already is: once more at a tenth of it
-            retry = _finetune_model(model, teacher, samples, replace(cfg, lr=cfg.lr * RETRY_LR), device, progress)
+        if not report.kept:  # too large a step for how close the model already is: once more with a smaller one
+            retry = _finetune_model(model, teacher, samples, replace(cfg, lr=retry_lr(cfg.lr)), device, progress)
             report = replace(retry, seconds=report.seconds + retry.seconds, lr=retry.lr, retried=True)
     if device.type == "cuda":
         report.peak_device_gb = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
@@ -237,10 +240,16 @@ def finetune(model: nn.Module, teacher: nn.Module, samples: torch.Tensor, cfg: F
     return report
 
 
+def retry_lr(lr: float) -> float:
+    """The rate a refused whole-model tuning at ``lr`` runs again at: RETRY_LR, or RETRY_FRACTION of ``lr`` if
+    smaller (3e-3 and 1e-3 both retry at 3e-4)."""
+    return min(RETRY_LR, RETRY_FRACTION * lr)
+
+
 def warn_if_reverted(report: FinetuneReport) -> None:
     """Tell the user when the guard kept untuned values (the whole model, or some blocks / streamed layers)."""
     if not report.kept or report.reverted_blocks:
-        what = ("the model (also at a tenth of the learning rate)" if not report.kept
+        what = ("the model (also at a smaller learning rate)" if not report.kept
                 else f"{report.reverted_blocks} block(s)")
         warnings.warn(f"finetune raised the loss it minimizes, so {what} kept the untuned scales (a smaller --ft-lr "
                       "may help)", stacklevel=3)
