@@ -58,8 +58,7 @@ for n, k in STACKED:
                          zip(rots, x.split(n, dim=-1))], dim=-1)
         y = rotate_stacked(rots, x, inverse=inverse)
         out[f"stacked:{n}:{k}:{key}"] = ((y.double() - ref).norm() / ref.norm()).item()
-# the custom op torch.compile traces (lowbit::hadamard) = the stacked kernel
-import lowbit.kernels.ops  # noqa: F401 - registers the op
+# the custom op torch.compile traces (lowbit::hadamard, registered by triton_hadamard) = the stacked kernel
 for n, k in STACKED:
     rots = [RandomizedHadamard(n, seed=30 + j, layout=2) for j in range(k)]
     x = torch.randn(2, k * n, generator=g)

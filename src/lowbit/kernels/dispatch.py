@@ -250,11 +250,8 @@ def _hadamard_kernel(rots: list, x: torch.Tensor, inverse: bool) -> torch.Tensor
     """:func:`triton_hadamard.rotate_stacked` launched the way the GEMVs around it are (programmatic dependent
     launch inside :func:`cuda_gemv.early_launch` on Hopper and later); under torch.compile as the opaque op
     ``lowbit::hadamard``, which Inductor calls as it is (traced as a user Triton kernel it would launch it plainly)."""
-    if torch.compiler.is_compiling():
-        from lowbit.kernels.ops import hadamard
-
-        seeds = [r.seed for r in rots]
-        return hadamard(x, rots[0].n, seeds, rots[0].layout, inverse)
     from lowbit.kernels import cuda_gemv, triton_hadamard
 
+    if torch.compiler.is_compiling():
+        return triton_hadamard.hadamard(x, rots[0].n, [r.seed for r in rots], rots[0].layout, inverse)
     return triton_hadamard.rotate_stacked(rots, x, inverse, pdl=cuda_gemv.pdl_on(x.device))

@@ -1,5 +1,5 @@
-"""The packed matmul (``torch.ops.lowbit.qmatmul``), the one-kernel attention step and the online Hadamard of
-``+rht`` linears as PyTorch custom ops, for code that torch.compile traces.
+"""The packed matmul (``torch.ops.lowbit.qmatmul``) and the one-kernel attention step as PyTorch custom ops, for
+code that torch.compile traces.
 
 Dynamo cannot trace :func:`lowbit.kernels.dispatch.dequant_matmul` (environment reads, dict caches, Triton
 autotuners): left alone, every QuantLinear would break the graph, and the norms, rotary embeddings and residual
@@ -10,15 +10,12 @@ rule, so Inductor fuses everything around it, while the call itself runs exactly
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import cache
 
 import torch
 
 from lowbit.formats import QuantizedTensor, get_format
-from lowbit.kernels import cuda_gemv
 from lowbit.kernels import triton_decode_attention as attention
 from lowbit.kernels.dispatch import dequant_matmul, gated_matmul
-from lowbit.rotations.hadamard import RandomizedHadamard
 
 
 def _packed_matmul_op(name: str, matmul: Callable, out_rows: Callable[[int], int]):  # noqa: ANN202 - a custom op
@@ -68,23 +65,3 @@ def _attention_shape(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_
                      v_cache: torch.Tensor, length: torch.Tensor, mask: torch.Tensor | None, scale: float,
                      heads: int) -> torch.Tensor:
     return qkv.new_empty(qkv.shape[0], 1, heads * k_cache.shape[-1])
-
-
-@cache
-def _rotation(n: int, seed: int, layout: int) -> RandomizedHadamard:
-    return RandomizedHadamard(n, seed, layout)
-
-
-@torch.library.custom_op("lowbit::hadamard", mutates_args=())
-def hadamard(x: torch.Tensor, n: int, seeds: list[int], layout: int, inverse: bool) -> torch.Tensor:
-    """:func:`lowbit.kernels.triton_hadamard.rotate_stacked` of the rotations (n, seed, layout) of ``seeds``, one
-    slice of x each, launched as the GEMVs around it are (``dispatch._hadamard_kernel``)."""
-    from lowbit.kernels import triton_hadamard  # Triton is imported where it runs only
-
-    rots = [_rotation(n, s, layout) for s in seeds]
-    return triton_hadamard.rotate_stacked(rots, x, inverse, pdl=cuda_gemv.pdl_on(x.device))
-
-
-@hadamard.register_fake
-def _hadamard_shape(x: torch.Tensor, n: int, seeds: list[int], layout: int, inverse: bool) -> torch.Tensor:
-    return torch.empty_like(x)

@@ -15,17 +15,23 @@ These calls are launch-bound: 2.1-2.3 µs for 4096 at batch 1 and 8 on an H200, 
 float32 middle split into hi + lo 16-bit halves) measured 0.87-1.00x these times and was removed. With ``pdl``
 (programmatic dependent launch, Hopper and later, as the GEMVs of a compiled decode step launch:
 ``cuda_gemv.early_launch``) a transform starts while the kernel before it finishes, loads its signs, waits for that
-kernel before reading x, and lets the kernel after it start once x is read.
+kernel before reading x, and lets the kernel after it start once x is read. :func:`hadamard` is the same call as the
+custom op ``lowbit::hadamard``, which torch.compile traces as one opaque node (as a user Triton kernel Inductor would
+launch it plainly).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import cache
 
 import torch
 import triton
 import triton.language as tl
+
+from lowbit.kernels.cuda_gemv import pdl_on
+from lowbit.rotations.hadamard import RandomizedHadamard
 
 MAX_P = 1 << 14  # a chunk lives in one program's registers (larger p: the torch reference)
 CHUNK_ELEMS = 2048  # elements per program when p is small (BLOCK_C chunks of p)
@@ -137,3 +143,20 @@ def _dense_factor(factors: torch.Tensor, x: torch.Tensor, k: int, m: int, p: int
     """Each slice's dense Kronecker factor (``factors`` [k, m, m], already in x's dtype) on the m axis of its
     [m, p] view."""
     return torch.einsum("kij,...kjb->...kib", factors, x.reshape(*x.shape[:-1], k, m, p)).reshape(x.shape)
+
+
+@cache
+def _rotation(n: int, seed: int, layout: int) -> RandomizedHadamard:
+    return RandomizedHadamard(n, seed, layout)
+
+
+@torch.library.custom_op("lowbit::hadamard", mutates_args=())
+def hadamard(x: torch.Tensor, n: int, seeds: list[int], layout: int, inverse: bool) -> torch.Tensor:
+    """:func:`rotate_stacked` of the rotations (n, seed, layout) of ``seeds``, one slice of x each, launched as the
+    GEMVs around it are (programmatic dependent launch inside ``cuda_gemv.early_launch`` on Hopper and later)."""
+    return rotate_stacked([_rotation(n, s, layout) for s in seeds], x, inverse, pdl=pdl_on(x.device))
+
+
+@hadamard.register_fake
+def _hadamard_shape(x: torch.Tensor, n: int, seeds: list[int], layout: int, inverse: bool) -> torch.Tensor:
+    return torch.empty_like(x)
