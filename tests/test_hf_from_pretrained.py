@@ -28,7 +28,7 @@ from lowbit.errors import BadFileError, LowbitError
 from lowbit.io import hf_register
 from lowbit.models.quant_linear import QuantLinear
 from lowbit.rotations.hadamard import hadamard_matrix
-from lowbit.rotations.incoherence import _hadamard
+from lowbit.rotations.incoherence import hadamard_of
 from lowbit.serve.generate import SamplingParams
 
 PROMPT = "The quick brown fox"
@@ -74,7 +74,7 @@ def _logits(model: torch.nn.Module, tok: Any) -> torch.Tensor:
 def test_from_pretrained_equals_lowbit_load(tmp_path: Path, tiny_tokenizer: Any, arch: str, recipe: Any) -> None:
     path = _checkpoint(tmp_path / "q", tiny_tokenizer, arch, recipe)
     info = json.loads((path / "lowbit.json").read_text())
-    _hadamard.cache_clear()  # rotations built afresh inside transformers' meta-device, model-dtype init
+    hadamard_of.cache_clear()  # rotations built afresh inside transformers' meta-device, model-dtype init
     hadamard_matrix.cache_clear()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     ref, _ = lowbit.load(path, device="cpu")

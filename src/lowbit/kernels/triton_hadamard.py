@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from functools import cache
 
 import torch
 import triton
 import triton.language as tl
 
 from lowbit.kernels.cuda_gemv import pdl_on
-from lowbit.rotations.hadamard import RandomizedHadamard
+from lowbit.rotations.incoherence import hadamard_of
 
 MAX_P = 1 << 14  # a chunk lives in one program's registers (larger p: the torch reference)
 CHUNK_ELEMS = 2048  # elements per program when p is small (BLOCK_C chunks of p)
@@ -101,12 +100,11 @@ def _device_factor(rots: Sequence, device: torch.device, dtype: torch.dtype, tra
     return _FACTORS[key]
 
 
-def rotate(rot, x: torch.Tensor, inverse: bool = False, pdl: bool = False) -> torch.Tensor:  # noqa: ANN001
-    """x @ R^T along the last dimension (``rot`` a RandomizedHadamard), as ``rot.apply(x)`` computes it (float32
-    accumulation inside); with ``inverse``, x @ R as ``rot.inverse(x)`` does (the dense factor F_m^T first, then the
-    kernel with the signs after the transform: the two act on different axes of the [m, p] view, so their order is
-    free). ``pdl``: launched as a programmatic dependent launch (module docstring)."""
-    return rotate_stacked([rot], x, inverse, pdl)
+def rotate(rot, x: torch.Tensor, inverse: bool = False) -> torch.Tensor:  # noqa: ANN001 - a RandomizedHadamard
+    """x @ R^T along the last dimension, as ``rot.apply(x)`` computes it (float32 accumulation inside); with
+    ``inverse``, x @ R as ``rot.inverse(x)`` does (the dense factor F_m^T first, then the kernel with the signs
+    after the transform: the two act on different axes of the [m, p] view, so their order is free)."""
+    return rotate_stacked([rot], x, inverse)
 
 
 def rotate_stacked(rots: Sequence, x: torch.Tensor, inverse: bool = False, pdl: bool = False) -> torch.Tensor:
@@ -145,16 +143,11 @@ def _dense_factor(factors: torch.Tensor, x: torch.Tensor, k: int, m: int, p: int
     return torch.einsum("kij,...kjb->...kib", factors, x.reshape(*x.shape[:-1], k, m, p)).reshape(x.shape)
 
 
-@cache
-def _rotation(n: int, seed: int, layout: int) -> RandomizedHadamard:
-    return RandomizedHadamard(n, seed, layout)
-
-
 @torch.library.custom_op("lowbit::hadamard", mutates_args=())
 def hadamard(x: torch.Tensor, n: int, seeds: list[int], layout: int, inverse: bool) -> torch.Tensor:
     """:func:`rotate_stacked` of the rotations (n, seed, layout) of ``seeds``, one slice of x each, launched as the
     GEMVs around it are (programmatic dependent launch inside ``cuda_gemv.early_launch`` on Hopper and later)."""
-    return rotate_stacked([_rotation(n, s, layout) for s in seeds], x, inverse, pdl=pdl_on(x.device))
+    return rotate_stacked([hadamard_of(n, s, layout) for s in seeds], x, inverse, pdl=pdl_on(x.device))
 
 
 @hadamard.register_fake

@@ -163,14 +163,18 @@ def _gated_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return type(self).forward(self, x)
 
 
+def has_silu(mlp: nn.Module) -> bool:
+    """Whether ``mlp``'s activation is a SiLU (torch's or transformers' own class)."""
+    act = getattr(mlp, "act_fn", None)
+    return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
+
+
 def gate_mlp(mlp: nn.Module, group: FusedGroup) -> bool:
     """Run ``mlp`` through its fused [gate, up] ``group`` with the activation in the GEMV's epilogue, where the
     MLP is one of :data:`GATED_MLPS` with a SiLU and the group has no rotation or bias, and its format is a scalar
     grid (E8P's gated GEMV measured at half the decode speed of its two plain ones: 207.0 vs 410.9 tok/s, 7B shape
     on an H200, docs/kernels.md); True when it now does."""
-    act = getattr(mlp, "act_fn", None)
-    silu = isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
-    if (type(mlp).__name__ not in GATED_MLPS or not silu or group.rotated or group.linear.bias is not None
+    if (type(mlp).__name__ not in GATED_MLPS or not has_silu(mlp) or group.rotated or group.linear.bias is not None
             or group.linear.fmt.vector_dim != 1
             or group.members != [getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None)]):
         return False

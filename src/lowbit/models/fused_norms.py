@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from lowbit.models.decode_attention import step_attention
-from lowbit.models.fused_linears import FusedGroup
+from lowbit.models.fused_linears import FusedGroup, has_silu
 from lowbit.models.quant_linear import QuantLinear
 from lowbit.models.walker import DECODER_LAYERS, decoder_layers
 
@@ -119,11 +119,6 @@ def _group(m: object, names: list[object]) -> FusedGroup | None:
     return group if group is not None and group.members == names else None
 
 
-def _silu(mlp: nn.Module) -> bool:
-    act = getattr(mlp, "act_fn", None)
-    return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
-
-
 def _fold_for(layer: nn.Module) -> _Fold | None:
     """The fold of ``layer`` if it can be folded (see the module docstring), else None."""
     if type(layer).__name__ not in LAYERS or not _returns_tensor(layer):
@@ -135,7 +130,7 @@ def _fold_for(layer: nn.Module) -> _Fold | None:
     qkv = _group(getattr(attn, "q_proj", None), [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj")])
     gate = _group(getattr(mlp, "gate_proj", None), [getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None)])
     o, down = getattr(attn, "o_proj", None), getattr(mlp, "down_proj", None)
-    if qkv is None or gate is None or gate.mlp not in (mlp, None) or not _silu(mlp):
+    if qkv is None or gate is None or gate.mlp not in (mlp, None) or not has_silu(mlp):
         return None
     if not _plain(o) or not _plain(down):
         return None

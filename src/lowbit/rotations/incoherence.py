@@ -16,8 +16,9 @@ from lowbit.rotations.hadamard import LAYOUT, RandomizedHadamard
 
 
 @cache
-def _hadamard(n: int, seed: int, layout: int) -> RandomizedHadamard:
-    """Built once per (size, seed, layout): rotating W, H and building the QuantLinear all reuse it."""
+def hadamard_of(n: int, seed: int, layout: int) -> RandomizedHadamard:
+    """Built once per (size, seed, layout): rotating W, H, building the QuantLinear and the compiled decode step's
+    transform op all reuse it."""
     return RandomizedHadamard(n, seed, layout)
 
 
@@ -40,8 +41,8 @@ class Rotation:
         return Rotation(s_in, (s ^ 0x5BD1E995) if out_side else None)
 
     def transforms(self, out_features: int, in_features: int):  # noqa: ANN201
-        v = None if self.seed_in is None else _hadamard(in_features, self.seed_in, self.layout)
-        u = None if self.seed_out is None else _hadamard(out_features, self.seed_out, self.layout)
+        v = None if self.seed_in is None else hadamard_of(in_features, self.seed_in, self.layout)
+        u = None if self.seed_out is None else hadamard_of(out_features, self.seed_out, self.layout)
         return u, v
 
     def rotate_weight(self, w: torch.Tensor) -> torch.Tensor:
@@ -64,7 +65,7 @@ class Rotation:
     def rotate_hessian(self, H: torch.Tensor) -> torch.Tensor:
         if self.seed_in is None:
             return H
-        v = _hadamard(H.shape[0], self.seed_in, self.layout)
+        v = hadamard_of(H.shape[0], self.seed_in, self.layout)
         return v.apply(v.apply(H.float()).t())  # V H V^T (H symmetric)
 
     @property
