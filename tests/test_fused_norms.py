@@ -122,3 +122,43 @@ def test_static_decoder_folds_and_keeps_tokens() -> None:
     assert dec.generate_greedy(PROMPT, 12).tolist() == want
     unfuse_siblings(model)
     assert StaticDecoder(model, max_cache_len=8, fold_norms=False).folded_layers == 0
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_rotated_layers_hand_the_next_layer_its_input(compiled: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folded ``+rht`` layer's last junction (output side undone, residual, norm) also computes the next layer's
+    rotated q/k/v input, and the next layer uses it instead of normalizing and rotating again (under torch.compile
+    too: one RMSNorm fewer in the graph); the logits are the unfolded model's."""
+    from lowbit.models.fused_linears import FusedGroup
+
+    model = quantized("int4_g32_sym", rotate=True)
+    ref = logits(model, IDS)
+    fuse_siblings(model)
+    fold_norms(model)
+    layers = decoder_layers(model)
+    assert [layer._lowbit_fold.next for layer in layers] == [layers[1]._lowbit_fold.qkv, None]
+    taken: list[bool] = []
+    real = FusedGroup._take_prepared
+
+    def spy(self: FusedGroup, x: torch.Tensor) -> torch.Tensor | None:
+        out = real(self, x)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(FusedGroup, "_take_prepared", spy)
+    if not compiled:
+        assert torch.equal(logits(model, IDS), ref)
+        assert taken == [False, True]
+        return
+    norms: list[int] = []
+
+    def backend(gm, inputs):  # noqa: ANN001, ANN202
+        norms.append(sum("rsqrt" in str(n.target) for n in gm.graph.nodes))
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = torch.compile(model, backend=backend, fullgraph=True)(IDS).logits
+    torch._dynamo.reset()
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
+    assert norms == [2 * len(layers) + 1]  # two per layer and the final one: none computed twice

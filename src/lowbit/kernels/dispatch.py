@@ -17,7 +17,9 @@ dispatch does a dict lookup for the format's cached decode plan (LUT on the devi
 * anything else: the reference.
 
 :func:`rotate_input` is the same choice for the input-side randomized Hadamard of a rotated QuantLinear:
-:mod:`triton_hadamard` (signs + FWHT in one launch) where Triton runs, else ``RandomizedHadamard.apply``.
+:mod:`triton_hadamard` (signs + FWHT in one launch) where Triton runs, else ``RandomizedHadamard.apply``; and
+:func:`residual_norm_rotated` for the junction between two rotated matmuls (output side undone, residual, RMSNorm,
+next input side): one :mod:`triton_hadamard` launch for power-of-two sizes, else those steps one by one.
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ _MODES = ("auto", "reference", "triton")
 # after theirs passed on an H200, and so did resident_gemv (the CUDA GEMV's blocks looping over row blocks,
 # cuda_gemv.RESIDENT_GRID), kquants (triton_kquants) and the CUDA GEMV's K-quants (cuda_q2_k .. cuda_q6_k). A new
 # kernel enters here (as "cuda_<format>" for a CUDA GEMV format) until its GPU test has run. row_tiles (two row
-# blocks per warp in the CUDA GEMV's batches, cuda_gemv.row_tiles) left it when its GPU test passed on an H200.
+# blocks per warp in the CUDA GEMV's batches, cuda_gemv.row_tiles) left it when its GPU test passed on an H200, and
+# residual_norm (a rotated layer's junction, triton_hadamard.residual_norm) never entered: its GPU tests
+# (tests/test_residual_norm_kernel.py) passed on an H200 before it was first used.
 GPU_UNVERIFIED: frozenset[str] = frozenset()
 _mode = os.environ.get("LOWBIT_KERNELS", "auto")
 _CUDA_GEMV = os.environ.get("LOWBIT_CUDA_GEMV", "1") != "0"
@@ -255,3 +259,21 @@ def _hadamard_kernel(rots: list, x: torch.Tensor, inverse: bool) -> torch.Tensor
     if torch.compiler.is_compiling():
         return triton_hadamard.hadamard(x, rots[0].n, [r.seed for r in rots], rots[0].layout, inverse)
     return triton_hadamard.rotate_stacked(rots, x, inverse, pdl=cuda_gemv.pdl_on(x.device))
+
+
+
+def residual_norm_rotated(y: torch.Tensor, u, residual: torch.Tensor, norm: Norm,  # noqa: ANN001 - u, v: transforms
+                          v) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
+    """(h, x): h = residual + y U (a rotated linear's output side undone, the residual added) and x = rms_norm(h)
+    V^T (the next rotated linear's input): one Triton launch where Triton runs and both are transforms of the rows'
+    power-of-two length (:func:`triton_hadamard.residual_norm`), else the same steps one by one."""
+    if triton_runs(y, "residual_norm") and y.is_floating_point() and u.m == v.m == 1 and u.n == v.n == y.shape[-1]:
+        from lowbit.kernels import cuda_gemv, triton_hadamard
+
+        if triton_hadamard.supported(u.n):
+            if torch.compiler.is_compiling():
+                return triton_hadamard.residual_norm_op(y, residual, norm[0], float(norm[1]), u.n, u.seed, v.seed,
+                                                        u.layout)
+            return triton_hadamard.residual_norm(y, u, residual, norm[0], norm[1], v, pdl=cuda_gemv.pdl_on(y.device))
+    h = residual + rotate_output(u, y)
+    return h, rotate_input(v, rms_norm_reference(h, *norm))

@@ -18,6 +18,14 @@ float32 middle split into hi + lo 16-bit halves) measured 0.87-1.00x these times
 kernel before reading x, and lets the kernel after it start once x is read. :func:`hadamard` is the same call as the
 custom op ``lowbit::hadamard``, which torch.compile traces as one opaque node (as a user Triton kernel Inductor would
 launch it plainly).
+
+:func:`residual_norm` is the junction between two ``+rht`` matmuls of a decoder layer (o_proj -> gate/up, down_proj ->
+the next q/k/v) in one launch: h = residual + y U (the output side undone, the residual added) and x = rms_norm(h)
+V^T (the next input side), one program per row, where the separate steps took two transforms and Inductor's add +
+norm kernel. It rounds where those steps round (each transform's output, h, the normalized row before its weight),
+so it gives their result up to the order of float32 sums. Powers of two only (n = p: 4096, 8192, the hidden sizes
+of most Llamas): a dense factor on the row's [m, p] view measured slower in one program than as its own launch
+(docs/kernels.md).
 """
 
 from __future__ import annotations
@@ -141,6 +149,70 @@ def _dense_factor(factors: torch.Tensor, x: torch.Tensor, k: int, m: int, p: int
     """Each slice's dense Kronecker factor (``factors`` [k, m, m], already in x's dtype) on the m axis of its
     [m, p] view."""
     return torch.einsum("kij,...kjb->...kib", factors, x.reshape(*x.shape[:-1], k, m, p)).reshape(x.shape)
+
+
+@triton.jit
+def _residual_norm_kernel(y_ptr, r_ptr, w_ptr, su_ptr, sv_ptr, h_ptr, x_ptr, eps, scale, N: tl.constexpr,
+                          LOG_N: tl.constexpr, USE_GDC: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, N)
+    su, sv = tl.load(su_ptr + offs)[None, :], tl.load(sv_ptr + offs)[None, :]
+    w = tl.load(w_ptr + offs).to(tl.float32)[None, :]
+    if USE_GDC:  # y is the kernel before this one's output (the signs and the weight are constants)
+        tl.extra.cuda.gdc_wait()
+    y = tl.load(y_ptr + row * N + offs)[None, :]
+    r = tl.load(r_ptr + row * N + offs)[None, :]
+    if USE_GDC:
+        tl.extra.cuda.gdc_launch_dependents()
+    t = y.to(tl.float32)  # y U = s * (H y), rounded as rotate_outputs rounds
+    for i in tl.static_range(LOG_N):
+        t = _fwht_stage(t, 1, N, 1 << i)
+    t = (t * su * scale).to(y.dtype)
+    h = (t.to(tl.float32) + r.to(tl.float32)).to(y.dtype)
+    tl.store(h_ptr + row * N + offs[None, :], h)
+    hf = h.to(tl.float32)
+    hn = (hf * tl.rsqrt(tl.sum(hf * hf, axis=1)[:, None] / N + eps)).to(y.dtype)  # rms_norm_reference's rounding
+    v = (w * hn.to(tl.float32)).to(y.dtype).to(tl.float32) * sv  # x V^T = H (s * x)
+    for i in tl.static_range(LOG_N):
+        v = _fwht_stage(v, 1, N, 1 << i)
+    tl.store(x_ptr + row * N + offs[None, :], (v * scale).to(y.dtype))
+
+
+def residual_norm(y: torch.Tensor, u, residual: torch.Tensor, weight: torch.Tensor, eps: float, v,  # noqa: ANN001
+                  pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, x) with h = residual + y U (``u``'s inverse) and x = rms_norm(h, weight, eps) V^T (``v``'s transform),
+    for rows of a power-of-two length n = u.n = v.n: one launch, one program per row."""
+    n = y.shape[-1]
+    if any((r.n, r.m) != (n, 1) for r in (u, v)) or not supported(n):
+        raise ValueError(f"residual_norm needs two transforms of the rows' power-of-two length {n}, got "
+                         f"{[(r.n, r.m, r.p) for r in (u, v)]}")
+    if residual.shape != y.shape or weight.shape != (n,):
+        raise ValueError(f"residual {tuple(residual.shape)} or weight {tuple(weight.shape)} does not fit y "
+                         f"{tuple(y.shape)}")
+    y2, r2 = y.reshape(-1, n).contiguous(), residual.reshape(-1, n).to(y.dtype).contiguous()
+    h, x = torch.empty_like(y2), torch.empty_like(y2)
+    if y2.shape[0]:
+        launch = {"launch_pdl": True} if pdl else {}
+        _residual_norm_kernel[(y2.shape[0],)](y2, r2, weight.contiguous(), _device_signs([u], y.device),
+                                              _device_signs([v], y.device), h, x, float(eps), 1.0 / math.sqrt(n),
+                                              N=n, LOG_N=n.bit_length() - 1, USE_GDC=pdl,
+                                              num_warps=4 if n <= 1024 else 8 if n <= 4096 else 16, **launch)
+    return h.reshape(y.shape), x.reshape(y.shape)
+
+
+@torch.library.custom_op("lowbit::residual_norm_rotated", mutates_args=())
+def residual_norm_op(y: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, n: int,
+                     u_seed: int, v_seed: int, layout: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`residual_norm` of the transforms (n, u_seed, layout) and (n, v_seed, layout), launched as
+    :func:`hadamard` is."""
+    return residual_norm(y, hadamard_of(n, u_seed, layout), residual, weight, eps, hadamard_of(n, v_seed, layout),
+                         pdl=pdl_on(y.device))
+
+
+@residual_norm_op.register_fake
+def _residual_norm_shape(y: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, n: int,
+                         u_seed: int, v_seed: int, layout: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(y), torch.empty_like(y)
 
 
 @torch.library.custom_op("lowbit::hadamard", mutates_args=())

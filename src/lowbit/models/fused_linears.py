@@ -98,6 +98,7 @@ class FusedGroup:
         self.mlp: nn.Module | None = None  # set by gate_mlp: the MLP whose forward runs :meth:`gated`
         # set by models.fused_norms: the RMSNorm (weight, eps) the members' common input goes through first
         self.norm: tuple[torch.Tensor, float] | None = None
+        self._prepared: tuple[torch.Tensor, torch.Tensor] | None = None  # see prepare
 
     def intact(self, i: int) -> bool:
         """Member ``i`` still reads the fused storage (eager check; a device move or reassignment breaks it)."""
@@ -114,13 +115,25 @@ class FusedGroup:
         :meth:`QuantLinear.finish` is still to run on its slice)."""
         if not self.rotated:
             return self.linear.project(x, norm=self.norm), True  # the norm in the GEMV's prologue
-        if self.norm is not None:  # before the rotation, which the GEMV's prologue would come after
-            x = rms_norm_reference(x, *self.norm)
-        v = self.members[0]._v
-        y = self.linear.project(x if v is None else rotate_input(v, x))
+        xr = self._take_prepared(x)
+        if xr is None:
+            if self.norm is not None:  # before the rotation, which the GEMV's prologue would come after
+                x = rms_norm_reference(x, *self.norm)
+            v = self.members[0]._v
+            xr = x if v is None else rotate_input(v, x)
+        y = self.linear.project(xr)
         if self.stacked_out:  # read each time: place_rotations may have given the members device copies
             y = rotate_outputs([m._u for m in self.members], y)
         return y, self.stacked_out and all(m.bias is None for m in self.members)
+
+    def prepare(self, x: torch.Tensor, rotated: torch.Tensor) -> None:
+        """Hand the group its next input's norm and input-side rotation, computed ahead (a rotated layer's last
+        junction computes the next layer's, :mod:`lowbit.models.fused_norms`): used once, if that input is ``x``."""
+        self._prepared = (x, rotated)
+
+    def _take_prepared(self, x: torch.Tensor) -> torch.Tensor | None:
+        prepared, self._prepared = self._prepared, None
+        return prepared[1] if prepared is not None and prepared[0] is x else None
 
     def outputs(self, x: torch.Tensor) -> torch.Tensor:
         """Every member's output for ``x`` side by side, [..., sum of their sizes] (the group's norm first)."""
@@ -151,7 +164,7 @@ class FusedGroup:
                 setattr(m, k, getattr(m, k).clone())
             m._fused = None
         self._x, self._parts = None, ()
-        self.norm = None
+        self.norm = self._prepared = None
 
 
 def _gated_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:

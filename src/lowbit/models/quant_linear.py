@@ -118,17 +118,21 @@ class QuantLinear(nn.Module):
             x = rotate_input(self._v, x)  # Triton kernel where one runs, else self._v.apply(x)
         if self.input_quant is not None:
             x = self.input_quant(x)
+        y = self.finish(self.matmul(x, norm, inside))
+        return y if residual is None or add_inside else residual + y
+
+    def matmul(self, x: torch.Tensor, norm: Norm | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The stored weight's matmul alone: x already rotated and rounded as this linear's input side wants, the
+        output side not undone, no bias (``norm`` and ``residual`` inside the matmul, as :meth:`project` passes
+        them where it can)."""
         if self._cache_on:
-            y = F.linear(x, self._weight(x.dtype))
-        elif torch.compiler.is_compiling():  # one opaque node for torch.compile (same kernels as below)
+            return F.linear(x, self._weight(x.dtype))
+        if torch.compiler.is_compiling():  # one opaque node for torch.compile (same kernels as below)
             from lowbit.kernels.ops import qmatmul
 
-            y = qmatmul(x, self.format_name, self.out_features, self.in_features, ",".join(self._keys),
-                        [getattr(self, k) for k in self._keys], *_norm_args(norm), inside)
-        else:  # packed kernel where one runs (CUDA), else the dequantize-then-matmul reference
-            y = dequant_matmul(x, self.fmt, self.quantized(), norm, inside)
-        y = self.finish(y)
-        return y if residual is None or add_inside else residual + y
+            return qmatmul(x, self.format_name, self.out_features, self.in_features, ",".join(self._keys),
+                           [getattr(self, k) for k in self._keys], *_norm_args(norm), residual)
+        return dequant_matmul(x, self.fmt, self.quantized(), norm, residual)  # packed kernel where one runs
 
     def gated(self, x: torch.Tensor, norm: Norm | None = None) -> torch.Tensor:
         """silu(x gate^T) * (x up^T) for a linear whose rows are [gate; up] (a fused gate/up projection without
