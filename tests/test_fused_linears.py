@@ -178,19 +178,27 @@ def test_compiled_model_runs_one_matmul_per_group(rotate):
     model = quantized(rotate=rotate)
     ref = logits(model, IDS)
     fuse_siblings(model)
-    counts: list[int] = []
+    out, counts = compiled_counts(model, "qmatmul")
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5) if rotate else torch.equal(out, ref)
+    # per layer: q/k/v and gate/up one op each, o_proj and down_proj their own
+    assert counts == [(len(decoder_layers(model)) * (len(SIBLINGS) + 2),)]
+
+
+def compiled_counts(model, *needles: str) -> tuple[torch.Tensor, list[tuple[int, ...]]]:  # noqa: ANN001
+    """The logits of ``model`` on IDS compiled as one graph, and per graph how many of its nodes' targets contain
+    each of ``needles``."""
+    counts: list[tuple[int, ...]] = []
 
     def backend(gm, inputs):  # noqa: ANN001, ANN202
-        counts.append(sum("qmatmul" in str(n.target) for n in gm.graph.nodes))
+        targets = [str(n.target) for n in gm.graph.nodes]
+        counts.append(tuple(sum(needle in t for t in targets) for needle in needles))
         return gm.forward
 
     torch._dynamo.reset()
     with torch.no_grad():
         out = torch.compile(model, backend=backend, fullgraph=True)(IDS).logits
     torch._dynamo.reset()
-    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5) if rotate else torch.equal(out, ref)
-    # per layer: q/k/v and gate/up one op each, o_proj and down_proj their own
-    assert counts == [len(decoder_layers(model)) * (len(SIBLINGS) + 2)]
+    return out, counts
 
 
 def test_static_decoder_fuses_and_keeps_tokens():

@@ -12,7 +12,7 @@ from lowbit.models.fused_norms import fold_norms, foldable, unfold_norms
 from lowbit.models.walker import decoder_layers
 from lowbit.serve.fast_decode import StaticDecoder
 from test_fast_decode import PROMPT, reference_greedy
-from test_fused_linears import IDS, logits, quantized
+from test_fused_linears import IDS, compiled_counts, logits, quantized
 
 
 def test_rms_norm_reference_is_transformers_llama_norm() -> None:
@@ -87,17 +87,7 @@ def test_compiled_folded_model_puts_the_norms_into_the_matmuls() -> None:
     ref = logits(model, IDS)
     fuse_siblings(model)
     fold_norms(model)
-    seen: list[tuple[int, int]] = []
-
-    def backend(gm, inputs):  # noqa: ANN001, ANN202
-        targets = [str(n.target) for n in gm.graph.nodes]
-        seen.append((sum("qmatmul" in t for t in targets), sum("rsqrt" in t for t in targets)))
-        return gm.forward
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        out = torch.compile(model, backend=backend, fullgraph=True)(IDS).logits
-    torch._dynamo.reset()
+    out, seen = compiled_counts(model, "qmatmul", "rsqrt")
     assert torch.equal(out, ref)
     assert seen == [(4 * len(decoder_layers(model)), 1)]
 
@@ -150,15 +140,6 @@ def test_rotated_layers_hand_the_next_layer_its_input(compiled: bool, monkeypatc
         assert torch.equal(logits(model, IDS), ref)
         assert taken == [False, True]
         return
-    norms: list[int] = []
-
-    def backend(gm, inputs):  # noqa: ANN001, ANN202
-        norms.append(sum("rsqrt" in str(n.target) for n in gm.graph.nodes))
-        return gm.forward
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        out = torch.compile(model, backend=backend, fullgraph=True)(IDS).logits
-    torch._dynamo.reset()
+    out, norms = compiled_counts(model, "rsqrt")
     assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
-    assert norms == [2 * len(layers) + 1]  # two per layer and the final one: none computed twice
+    assert norms == [(2 * len(layers) + 1,)]  # two per layer and the final one: none computed twice
