@@ -192,3 +192,14 @@ def save_file(tensors, filename, metadata=None):
         os.kill(os.getpid(), signal.SIGKILL)
 sequential.save_file = save_file
 """
+
+
+def nvrtc_found() -> bool:
+    """Whether NVRTC loads here (a CUDA build of PyTorch, or the nvidia-cuda-nvrtc wheel of the test extra)."""
+    from lowbit.kernels import cuda_jit
+
+    try:
+        cuda_jit._nvrtc()
+    except cuda_jit.CudaJitError:
+        return False
+    return True

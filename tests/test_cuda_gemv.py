@@ -18,6 +18,7 @@ from functools import cache
 import pytest
 import torch
 
+from conftest import nvrtc_found
 from lowbit.formats import e8p, get_format
 from lowbit.kernels import cuda_gemv
 from lowbit.kernels.dispatch import decode_lut
@@ -148,17 +149,7 @@ def test_planner_refuses_unaligned_rows() -> None:
     assert cuda_gemv.plan(get_format("int4_g128_sym"), (64, 576)).group_shift == 7
 
 
-def _nvrtc_found() -> bool:
-    from lowbit.kernels import cuda_jit
-
-    try:
-        cuda_jit._nvrtc()
-    except cuda_jit.CudaJitError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _nvrtc_found(), reason="needs NVRTC (the nvidia-cuda-nvrtc wheel of the test extra)")
+@pytest.mark.skipif(not nvrtc_found(), reason="needs NVRTC (the nvidia-cuda-nvrtc wheel of the test extra)")
 @pytest.mark.parametrize("name", SERVED)
 def test_every_kernel_variant_compiles_for_ampere_and_hopper(name: str) -> None:
     """NVRTC compiles each source the GEMV can build for a planned format (batch-1 staging or not, 8 or 16 warps,
@@ -189,7 +180,7 @@ def test_every_kernel_variant_compiles_for_ampere_and_hopper(name: str) -> None:
     assert len(cubins) == len(jobs) and all(c[:4] == b"\x7fELF" for c in cubins)
 
 
-@pytest.mark.skipif(not _nvrtc_found(), reason="needs NVRTC (the nvidia-cuda-nvrtc wheel of the test extra)")
+@pytest.mark.skipif(not nvrtc_found(), reason="needs NVRTC (the nvidia-cuda-nvrtc wheel of the test extra)")
 @pytest.mark.parametrize("name", ["q4_0", "nz2_ch", "e8p_ch", "iq2_xxs"])
 def test_resident_variants_compile(name: str) -> None:
     """The 16-warp kernels whose blocks loop over row blocks (RESIDENT), plain, normalized + gated and with a
@@ -206,7 +197,7 @@ def test_resident_variants_compile(name: str) -> None:
         assert cuda_jit.compile_cubin(source, "gemv_mma.cu", "sm_90")[:4] == b"\x7fELF"
 
 
-@pytest.mark.skipif(not _nvrtc_found(), reason="needs NVRTC (the nvidia-cuda-nvrtc wheel of the test extra)")
+@pytest.mark.skipif(not nvrtc_found(), reason="needs NVRTC (the nvidia-cuda-nvrtc wheel of the test extra)")
 @pytest.mark.parametrize("name", ["nz2_ch", "int2_g32_asym", "e8p_ch", "iq2_xxs", "q2_k", "q3_k", "q4_0", "q4_k",
                                   "q6_k"])
 def test_two_row_blocks_per_warp_compile(name: str) -> None:

@@ -319,8 +319,8 @@ def _source(p: Plan, staged_x: int = 0, warps: int = WARPS_FEW, min_blocks: int 
     """The kernel's source for these settings; ``norm_qs`` > 0: the batch-1 row is RMS-normalized while staged,
     each thread holding that many groups of its units in registers (:func:`norm_groups`); ``resident``: blocks loop
     over row blocks (:data:`RESIDENT_GRID`); ``tiles``: row blocks per warp (:func:`row_tiles`)."""
-    return (p.defines(staged_x, warps, min_blocks, gated, full, norm_qs, resid, resident, tiles)
-            + (cuda_jit.source_dir() / "gemv_mma.cu").read_text())
+    return cuda_jit.source("gemv_mma.cu", p.defines(staged_x, warps, min_blocks, gated, full, norm_qs, resid,
+                                                    resident, tiles))
 
 
 

@@ -206,3 +206,8 @@ def kernel(source: str, name: str, device: torch.device) -> Kernel:
 
 def source_dir() -> Path:
     return Path(__file__).with_name("cuda")
+
+
+def source(name: str, defines: str = "") -> str:
+    """The CUDA source ``cuda/<name>`` after ``defines`` and ``cuda/common.cuh`` (types, launch helpers)."""
+    return defines + (source_dir() / "common.cuh").read_text() + (source_dir() / name).read_text()

@@ -35,12 +35,6 @@
 // exactly onto the format's levels, one HMUL2 (HFMA2 with a min) applies the fp16 scale, exactly as the torch
 // reference's fp16 dequantization rounds.
 
-typedef unsigned int u32;
-typedef unsigned short u16;
-struct U4 { u32 x, y, z, w; };
-
-#define DEV __device__ __forceinline__
-
 DEV u32 lop3_and_or(u32 x, u32 mask, u32 magic) {  // (x & mask) | magic
     u32 y;
     asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(y) : "r"(x), "r"(mask), "r"(magic));
@@ -120,21 +114,9 @@ DEV u16 float_to_half(float f) {
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
     return h;
 }
-// Programmatic dependent launch (cuda_gemv.EARLY_LAUNCH): the kernel may start while the kernel before it in the
-// stream still runs; nothing before wait_for_inputs() reads what that kernel writes (codes, scales and constant
-// tables only). release_dependents() lets the kernel after this one start its own set-up (NO_EARLY_RELEASE, which
-// benchmarks/decode_pdl.py sets to measure it, leaves that to the block's exit). Both are no-ops when the launches
-// are plain, and before Hopper.
-DEV void wait_for_inputs() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-DEV void release_dependents() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;" :::);
-#endif
-}
+// Programmatic dependent launch (cuda_gemv.EARLY_LAUNCH; wait_for_inputs and release_dependents in common.cuh):
+// before the wait a GEMV reads codes, scales and constant tables only. NO_EARLY_RELEASE (which
+// benchmarks/decode_pdl.py sets to measure it) leaves the release to the block's exit.
 DEV U4 zero4() { U4 z = {0u, 0u, 0u, 0u}; return z; }
 DEV u32 word(const U4& v, int j) { return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w; }
 
@@ -571,14 +553,7 @@ DEV void stage_normalized(const u16* x, const u16* nw, int K, float eps) {
             ss = sum_squares(xv[j][i], ss);
         }
     }
-#pragma unroll
-    for (int o = 16; o; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-    if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = ss;
-    __syncthreads();
-    float total = 0.f;
-#pragma unroll
-    for (int w = 0; w < WARPS; ++w) total += warp_sums[w];
-    const float r = rsqrtf(total / (float)K + eps);
+    const float r = rsqrtf(block_sum<WARPS>(ss, warp_sums) / (float)K + eps);
 #pragma unroll
     for (int j = 0; j < NORM_QS; ++j) {
         const int q = threadIdx.x + j * WARPS * 32;
