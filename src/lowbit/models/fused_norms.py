@@ -67,7 +67,7 @@ class _Fold:
     qkv: FusedGroup
     gate: FusedGroup
     attention: bool = True  # one-token steps through models.decode_attention.step_attention where it applies
-    rotated: bool = False  # every matmul rotated on both sides: the rest of the layer is _rotated_mlp
+    rotated: bool = False  # every matmul rotated on both sides: the rest of the layer is _rotated_rest
     next: FusedGroup | None = None  # the next layer's q/k/v when both are rotated: its input is computed here
 
 
@@ -101,7 +101,7 @@ def _folded_forward(self: nn.Module, hidden_states: torch.Tensor, **kwargs: obje
     if attn is None:
         attn = self.self_attn(hidden_states=hidden_states, **kwargs)[0]  # before o_proj (see the module docstring)
     if f.rotated:
-        return _rotated_mlp(f, attn, hidden_states)
+        return _rotated_rest(f, attn, hidden_states)
     h = f.o_proj.project(attn, residual=hidden_states)
     if f.gate.mlp is not None:  # silu(gate) * up in the GEMV's epilogue
         act = f.gate.gated(h)
@@ -111,7 +111,7 @@ def _folded_forward(self: nn.Module, hidden_states: torch.Tensor, **kwargs: obje
     return f.down_proj.project(act, residual=h)
 
 
-def _rotated_mlp(f: _Fold, attn: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+def _rotated_rest(f: _Fold, attn: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
     """The rest of a layer whose matmuls are all rotated, from the attention output on. Each junction of an output
     side, residual add, norm and the next input side is one kernel where one runs (:func:`residual_norm_rotated`),
     and the last one computes the next layer's q/k/v input too when that layer is rotated
@@ -131,10 +131,9 @@ def _rotated_mlp(f: _Fold, attn: torch.Tensor, hidden_states: torch.Tensor) -> t
 
 def _all_rotated(qkv: FusedGroup, gate: FusedGroup, o: QuantLinear, down: QuantLinear) -> bool:
     """Whether every matmul of the layer is rotated on both sides, gate/up's output sides undone together and no
-    bias in gate/up (what :func:`_rotated_mlp` computes)."""
-    sides = [m for m in (o, down, *gate.members)]
+    bias in gate/up (what :func:`_rotated_rest` computes)."""
     return (qkv.rotated and gate.stacked_out and len(gate.members) == 2
-            and all(m._u is not None and m._v is not None and m.bias is None for m in sides))
+            and all(m._u is not None and m._v is not None and m.bias is None for m in (o, down, *gate.members)))
 
 
 def _returns_tensor(layer: nn.Module) -> bool:
