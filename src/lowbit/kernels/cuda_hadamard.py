@@ -3,8 +3,8 @@
 The same two calls as :mod:`triton_hadamard` (``rotate_stacked`` for transforms without a dense factor, and
 ``residual_norm``, a rotated layer's junction), with the butterflies scheduled by hand: 16 values per thread, four
 stages in registers, five through warp shuffles and the rest after one pass through shared memory. In Triton the
-stages are layout shuffles of the whole row: one transform of 4096 took ~2.2 µs in a decode step on an H200 and a
-junction (two transforms and a norm) 4.5 µs, most of it inside the single program a row gets (docs/kernels.md).
+stages are reshapes, splits and joins of the whole row: one transform of 4096 took ~2.2 µs in a decode step on an
+H200 and a junction (two transforms and a norm) 4.5 µs, in the single program a row gets (docs/kernels.md).
 fp16 and bf16 rows; float32 inside, rounded where the Triton kernels and the torch steps round. Until its GPU tests
 have passed it is ``cuda_hadamard`` in :data:`lowbit.kernels.dispatch.GPU_UNVERIFIED`, and callers keep Triton's.
 """
