@@ -97,7 +97,8 @@ def test_transforms_on_gpu_are_tritons(n: int, k: int, batch: int, dtype: torch.
     from lowbit.kernels import triton_hadamard
 
     rots = [RandomizedHadamard(n, seed=40 + j, layout=LAYOUT) for j in range(k)]
-    x = torch.randn(batch, k * n, device="cuda").to(dtype)
+    x = torch.randn(batch, k * n, generator=torch.Generator().manual_seed(n + k), dtype=torch.float32)
+    x = x.to("cuda", dtype)
     for inverse in (False, True):
         y = cuda_hadamard.rotate_stacked(rots, x, inverse)
         assert torch.equal(y, triton_hadamard.rotate_stacked(rots, x, inverse))
@@ -130,7 +131,7 @@ def test_launched_early_gives_the_plain_result() -> None:
     transform and the junction wait for it: the plain launches' results bit for bit."""
     n = 4096
     u, v = RandomizedHadamard(n, seed=1, layout=LAYOUT), RandomizedHadamard(n, seed=2, layout=LAYOUT)
-    src, r = torch.randn(4, n, device="cuda").half(), torch.randn(4, n, device="cuda").half()
+    src, r = torch.randn(2, 4, n, generator=torch.Generator().manual_seed(3)).half().cuda()
     w = torch.ones(n, device="cuda").half()
     plain_y = cuda_hadamard.rotate_stacked([u], src * 2, inverse=True)
     plain_h, plain_x = cuda_hadamard.residual_norm(src * 2, u, r, w, 1e-5, v)
