@@ -19,6 +19,7 @@ from functools import cache
 import torch
 
 from lowbit.kernels import cuda_jit
+from lowbit.rotations.incoherence import device_signs
 
 MIN_LOG, MAX_LOG = 9, 13  # 512 .. 8192: a block of n / 16 threads, n floats of shared memory
 _DTYPES = (torch.float16, torch.bfloat16)
@@ -40,16 +41,6 @@ def _kernel(name: str, n: int, x: torch.Tensor, inverse: bool = False) -> cuda_j
     return cuda_jit.kernel(_source(n.bit_length() - 1, x.dtype == torch.bfloat16, inverse), name, x.device)
 
 
-_SIGNS: dict[tuple, torch.Tensor] = {}
-
-
-def _signs(rots: Sequence, device: torch.device) -> torch.Tensor:
-    key = (tuple((r.n, r.seed, r.layout) for r in rots), str(device))
-    if key not in _SIGNS:
-        _SIGNS[key] = torch.cat([r.signs.float() for r in rots]).contiguous().to(device)
-    return _SIGNS[key]
-
-
 def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
     """t as contiguous rows of n, 16-byte aligned (the kernels load 16 values of a row at once)."""
     t = t.reshape(-1, n).contiguous()
@@ -66,9 +57,8 @@ def rotate_stacked(rots: Sequence, x: torch.Tensor, inverse: bool = False, pdl: 
     xr = _rows(x, n)
     y = torch.empty_like(xr)
     if xr.shape[0]:
-        _kernel("hadamard", n, x, inverse)((xr.shape[0], 1, 1), (n // 16, 1, 1),
-                                            [xr, _signs(rots, x.device), y, k, ctypes.c_float(1.0 / math.sqrt(n))],
-                                            early=pdl)
+        args = [xr, device_signs(rots, x.device), y, k, ctypes.c_float(1.0 / math.sqrt(n))]
+        _kernel("hadamard", n, x, inverse)((xr.shape[0], 1, 1), (n // 16, 1, 1), args, early=pdl)
     return y.reshape(x.shape)
 
 
@@ -84,7 +74,7 @@ def residual_norm(y: torch.Tensor, u, residual: torch.Tensor, weight: torch.Tens
     h, x = torch.empty_like(y2), torch.empty_like(y2)
     if y2.shape[0]:
         _kernel("residual_norm", n, y)((y2.shape[0], 1, 1), (n // 16, 1, 1),
-                                       [y2, r2, weight.to(y.dtype).contiguous(), _signs([u], y.device),
-                                        _signs([v], y.device), h, x, ctypes.c_float(eps),
+                                       [y2, r2, weight.to(y.dtype).contiguous(), device_signs([u], y.device),
+                                        device_signs([v], y.device), h, x, ctypes.c_float(eps),
                                         ctypes.c_float(1.0 / math.sqrt(n))], early=pdl)
     return h.reshape(y.shape), x.reshape(y.shape)

@@ -39,7 +39,7 @@ import triton.language as tl
 
 from lowbit.kernels import cuda_hadamard
 from lowbit.kernels.cuda_gemv import pdl_on
-from lowbit.rotations.incoherence import hadamard_of
+from lowbit.rotations.incoherence import device_signs, hadamard_of
 
 MAX_P = 1 << 14  # a chunk lives in one program's registers (larger p: the torch reference)
 CHUNK_ELEMS = 2048  # elements per program when p is small (BLOCK_C chunks of p)
@@ -79,7 +79,6 @@ def _hadamard_kernel(x_ptr, signs_ptr, y_ptr, n_chunks, m, scale, P: tl.constexp
     tl.store(y_ptr + offs, (v * scale).to(y_ptr.dtype.element_ty), mask=cmask)
 
 
-_SIGNS: dict[tuple, torch.Tensor] = {}  # the stacked [k * m, p] float32 signs tables per rotations and device
 _FACTORS: dict[tuple, torch.Tensor] = {}  # the stacked [k, m, m] F_m (or F_m^T) per rotations, device and dtype
 
 
@@ -90,13 +89,6 @@ def supported(n_p: int) -> bool:
 
 def _key(rots: Sequence) -> tuple:
     return tuple((r.n, r.seed, r.layout) for r in rots)  # what determines each transform (the layout fixes m, p)
-
-
-def _device_signs(rots: Sequence, device: torch.device) -> torch.Tensor:
-    key = (_key(rots), str(device))
-    if key not in _SIGNS:
-        _SIGNS[key] = torch.cat([r.signs.float().reshape(r.m, r.p) for r in rots]).contiguous().to(device)
-    return _SIGNS[key]
 
 
 def _device_factor(rots: Sequence, device: torch.device, dtype: torch.dtype, transpose: bool) -> torch.Tensor:
@@ -127,7 +119,7 @@ def rotate_stacked(rots: Sequence, x: torch.Tensor, inverse: bool = False, pdl: 
         raise ValueError(f"last dimension {x.shape[-1]} != {k} rotations of size {n}")
     if not supported(p):
         raise ValueError(f"power-of-two part {p} outside the kernel's range")
-    signs = _device_signs(rots, x.device)
+    signs = device_signs(rots, x.device)
     if inverse and m > 1:
         x = _dense_factor(_device_factor(rots, x.device, x.dtype, transpose=True), x, k, m, p)
     xc = x.contiguous()
@@ -194,8 +186,8 @@ def residual_norm(y: torch.Tensor, u, residual: torch.Tensor, weight: torch.Tens
     h, x = torch.empty_like(y2), torch.empty_like(y2)
     if y2.shape[0]:
         launch = {"launch_pdl": True} if pdl else {}
-        _residual_norm_kernel[(y2.shape[0],)](y2, r2, weight.contiguous(), _device_signs([u], y.device),
-                                              _device_signs([v], y.device), h, x, float(eps), 1.0 / math.sqrt(n),
+        _residual_norm_kernel[(y2.shape[0],)](y2, r2, weight.contiguous(), device_signs([u], y.device),
+                                              device_signs([v], y.device), h, x, float(eps), 1.0 / math.sqrt(n),
                                               N=n, LOG_N=n.bit_length() - 1, USE_GDC=pdl,
                                               num_warps=4 if n <= 1024 else 8 if n <= 4096 else 16, **launch)
     return h.reshape(y.shape), x.reshape(y.shape)

@@ -7,6 +7,7 @@ For y = x W^T:  y = U^T ((V x) W'^T)  -- QuantLinear applies V to its input and 
 from __future__ import annotations
 
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 
@@ -20,6 +21,19 @@ def hadamard_of(n: int, seed: int, layout: int) -> RandomizedHadamard:
     """Built once per (size, seed, layout): rotating W, H, building the QuantLinear and the compiled decode step's
     transform op all reuse it."""
     return RandomizedHadamard(n, seed, layout)
+
+
+_SIGNS: dict[tuple, torch.Tensor] = {}
+
+
+def device_signs(rots: Sequence[RandomizedHadamard], device: torch.device) -> torch.Tensor:
+    """The random signs of k transforms one after another, float32 on ``device`` ([k n]; the [k m, p] tables the
+    kernels index row by row), built once per (transforms, device): a per-call copy would be a kernel of its own in
+    every decode step."""
+    key = (tuple((r.n, r.seed, r.layout) for r in rots), str(device))
+    if key not in _SIGNS:
+        _SIGNS[key] = torch.cat([r.signs.float() for r in rots]).to(device)
+    return _SIGNS[key]
 
 
 @dataclass(frozen=True)
