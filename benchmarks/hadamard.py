@@ -3,16 +3,16 @@ torch reference (needs CUDA).
 
     python benchmarks/hadamard.py                          # n = 4096, 11008, 14336 (+ 14336 as 7 x 2048), rows 1, 8
     python benchmarks/hadamard.py --sizes 4096,14336:7 --rows 1 --dtype bfloat16
-    python benchmarks/hadamard.py --sizes 1024,4096,8192 --rows 1,8   # with the CUDA kernels (power-of-two sizes)
 
 Each size n is split as new rotations split it (``RandomizedHadamard(n, layout=LAYOUT)``); ``n:m`` forces the split
 m x n/m with a random orthogonal F_m. For each size and row count: the median µs per call of the kernel and of the
 torch reference (signs, ``fwht``, dense factor, with device-resident signs and F_m), timed as CUDA-graph replays of
 many calls as in benchmarks/gemv_speed.py (launch overhead excluded), forward (input side) and inverse (output side).
-Every output is first checked against the float64 reference. Power-of-two sizes also time :mod:`cuda_hadamard`'s
-transform, and a rotated layer's junction (output side, residual, RMSNorm, input side) as Triton's and the CUDA
-kernel. Writes benchmarks/results/hadamard-<tag>.json.
-(``hadamard-h200.json`` also holds a tensor-core variant's columns, ``*_tc_us``, from the commit that had it.)
+Every output is first checked against the float64 reference. Power-of-two sizes also time a rotated layer's
+junction (output side, residual, RMSNorm, input side: ``triton_hadamard.residual_norm``).
+Writes benchmarks/results/hadamard-<tag>.json.
+(``hadamard-h200.json`` also holds a tensor-core variant's columns, ``*_tc_us``, and ``hadamard-h200-cuda.json`` a
+CUDA C++ variant's, ``*_cuda_us``, from the commits that had them.)
 """
 
 from __future__ import annotations
@@ -72,7 +72,6 @@ def check(y: torch.Tensor, want: torch.Tensor, what: str) -> float:
 
 
 def one(spec: str, rows: int, dtype: torch.dtype) -> dict:
-    from lowbit.kernels import cuda_hadamard as ch
     from lowbit.kernels import triton_hadamard as th
 
     rot = rotation(spec)
@@ -89,14 +88,9 @@ def one(spec: str, rows: int, dtype: torch.dtype) -> dict:
         row[f"{key}_torch_us"] = 1e3 * bench(lambda i, inv=inverse: ref_fn(x, inv), 1)
         row[f"{key}_butterfly_err"] = check(th.rotate(rot, x, inverse=inverse), want, f"{where} kernel")
         row[f"{key}_butterfly_us"] = 1e3 * bench(lambda i, inv=inverse: th.rotate(rot, x, inverse=inv), 1)
-        if rot.m == 1 and ch.serves(x, rot.n):  # the CUDA kernel (power-of-two sizes it compiles)
-            row[f"{key}_cuda_err"] = check(ch.rotate_stacked([rot], x, inverse), want, f"{where} cuda")
-            row[f"{key}_cuda_us"] = 1e3 * bench(lambda i, inv=inverse: ch.rotate_stacked([rot], x, inv), 1)
     if rot.m == 1 and th.supported(rot.n):  # a rotated layer's junction: output side, residual, norm, input side
         v, r, w = rotation(spec, seed=1), torch.randn_like(x), torch.ones(rot.n, device="cuda", dtype=dtype)
         row["junction_triton_us"] = 1e3 * bench(lambda i: th.residual_norm(x, rot, r, w, 1e-5, v), 1)
-        if ch.serves(x, rot.n):
-            row["junction_cuda_us"] = 1e3 * bench(lambda i: ch.residual_norm(x, rot, r, w, 1e-5, v), 1)
     return row
 
 
@@ -113,18 +107,16 @@ def main(argv: list[str] | None = None) -> int:
     dtype = DTYPES[args.dtype]
     t0 = time.time()
     print(f"{torch.cuda.get_device_name(0)}, {args.dtype}; µs per call (CUDA-graph replay), apply / inverse")
-    print("| n | m x p | rows | torch µs | kernel µs | CUDA kernel µs | junction µs, Triton / CUDA |\n"
-          "|---|---|---|---|---|---|---|")
+    print("| n | m x p | rows | torch µs | kernel µs | junction µs |\n|---|---|---|---|---|---|")
     rows = []
     for spec in args.sizes.split(","):
         for r in (int(b) for b in args.rows.split(",")):
             row = one(spec, r, dtype)
             rows.append(row)
-            us = [f"{row.get(f'{k}_{w}_us', float('nan')):.1f}" for w in ("torch", "butterfly", "cuda")
-                  for k in ("apply", "inverse")]
-            junction = " / ".join(f"{row.get(f'junction_{w}_us', float('nan')):.1f}" for w in ("triton", "cuda"))
-            print(f"| {row['n']} | {row['m']} x {row['p']} | {r} | {us[0]} / {us[1]} | {us[2]} / {us[3]} | "
-                  f"{us[4]} / {us[5]} | {junction} |", flush=True)
+            us = [f"{row[f'{k}_{w}_us']:.1f}" for w in ("torch", "butterfly") for k in ("apply", "inverse")]
+            junction = f"{row['junction_triton_us']:.1f}" if "junction_triton_us" in row else "-"
+            cells = [f"{row['m']} x {row['p']}", str(r), f"{us[0]} / {us[1]}", f"{us[2]} / {us[3]}", junction]
+            print(f"| {row['n']} | " + " | ".join(cells) + " |", flush=True)
     print(f"total {time.time() - t0:.0f} s")
     out = Path(__file__).parent / "results" / f"hadamard-{args.tag}.json"
     out.write_text(json.dumps({"device": torch.cuda.get_device_name(0), "dtype": args.dtype, "rows": rows},

@@ -42,9 +42,8 @@ _MODES = ("auto", "reference", "triton")
 # kernel enters here (as "cuda_<format>" for a CUDA GEMV format) until its GPU test has run. row_tiles (two row
 # blocks per warp in the CUDA GEMV's batches, cuda_gemv.row_tiles) left it when its GPU test passed on an H200, and
 # residual_norm (a rotated layer's junction, triton_hadamard.residual_norm) never entered: its GPU tests
-# (tests/test_residual_norm_kernel.py) passed on an H200 before it was first used. cuda_hadamard (the CUDA
-# transforms and junction, tests/test_cuda_hadamard.py) is in it: not yet run on a GPU.
-GPU_UNVERIFIED: frozenset[str] = frozenset({"cuda_hadamard"})
+# (tests/test_residual_norm_kernel.py) passed on an H200 before it was first used.
+GPU_UNVERIFIED: frozenset[str] = frozenset()
 _mode = os.environ.get("LOWBIT_KERNELS", "auto")
 _CUDA_GEMV = os.environ.get("LOWBIT_CUDA_GEMV", "1") != "0"
 
@@ -252,25 +251,15 @@ def rotate_outputs(rots: list, y: torch.Tensor) -> torch.Tensor:
 
 
 def _hadamard_kernel(rots: list, x: torch.Tensor, inverse: bool) -> torch.Tensor:
-    """:func:`triton_hadamard.rotate_stacked` (or :mod:`cuda_hadamard`'s, :func:`_cuda_hadamard`) launched the way
-    the GEMVs around it are (programmatic dependent launch inside :func:`cuda_gemv.early_launch` on Hopper and
-    later); under torch.compile as the opaque op ``lowbit::hadamard``, which Inductor calls as it is (traced as a
-    user Triton kernel it would launch it plainly)."""
-    from lowbit.kernels import cuda_gemv, cuda_hadamard, triton_hadamard
+    """:func:`triton_hadamard.rotate_stacked` launched the way the GEMVs around it are (programmatic dependent
+    launch inside :func:`cuda_gemv.early_launch` on Hopper and later); under torch.compile as the opaque op
+    ``lowbit::hadamard``, which Inductor calls as it is (traced as a user Triton kernel it would launch it plainly)."""
+    from lowbit.kernels import cuda_gemv, triton_hadamard
 
-    cuda = _cuda_hadamard(x, rots)
     if torch.compiler.is_compiling():
-        return triton_hadamard.hadamard(x, rots[0].n, [r.seed for r in rots], rots[0].layout, inverse, cuda)
-    impl = cuda_hadamard.rotate_stacked if cuda else triton_hadamard.rotate_stacked
-    return impl(rots, x, inverse, pdl=cuda_gemv.pdl_on(x.device))
+        return triton_hadamard.hadamard(x, rots[0].n, [r.seed for r in rots], rots[0].layout, inverse)
+    return triton_hadamard.rotate_stacked(rots, x, inverse, pdl=cuda_gemv.pdl_on(x.device))
 
-
-def _cuda_hadamard(x: torch.Tensor, rots: list) -> bool:
-    """Whether :mod:`cuda_hadamard` takes these transforms of x (no dense factor, a size and dtype it compiles)."""
-    from lowbit.kernels import cuda_hadamard
-
-    return (triton_runs(x, "cuda_hadamard") and all(r.m == 1 for r in rots)
-            and cuda_hadamard.serves(x, rots[0].n))
 
 
 def residual_norm_rotated(y: torch.Tensor, u, residual: torch.Tensor, norm: Norm,  # noqa: ANN001 - u, v: transforms
@@ -279,14 +268,12 @@ def residual_norm_rotated(y: torch.Tensor, u, residual: torch.Tensor, norm: Norm
     V^T (the next rotated linear's input): one Triton launch where Triton runs and both are transforms of the rows'
     power-of-two length (:func:`triton_hadamard.residual_norm`), else the same steps one by one."""
     if triton_runs(y, "residual_norm") and y.is_floating_point() and u.m == v.m == 1 and u.n == v.n == y.shape[-1]:
-        from lowbit.kernels import cuda_gemv, cuda_hadamard, triton_hadamard
+        from lowbit.kernels import cuda_gemv, triton_hadamard
 
         if triton_hadamard.supported(u.n):
-            cuda = _cuda_hadamard(y, [u, v])
             if torch.compiler.is_compiling():
                 return triton_hadamard.residual_norm_op(y, residual, norm[0], float(norm[1]), u.n, u.seed, v.seed,
-                                                        u.layout, cuda)
-            impl = cuda_hadamard.residual_norm if cuda else triton_hadamard.residual_norm
-            return impl(y, u, residual, norm[0], norm[1], v, pdl=cuda_gemv.pdl_on(y.device))
+                                                        u.layout)
+            return triton_hadamard.residual_norm(y, u, residual, norm[0], norm[1], v, pdl=cuda_gemv.pdl_on(y.device))
     h = residual + rotate_output(u, y)
     return h, rotate_input(v, rms_norm_reference(h, *norm))

@@ -37,7 +37,6 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit.kernels import cuda_hadamard
 from lowbit.kernels.cuda_gemv import pdl_on
 from lowbit.rotations.incoherence import device_signs, hadamard_of
 
@@ -195,31 +194,26 @@ def residual_norm(y: torch.Tensor, u, residual: torch.Tensor, weight: torch.Tens
 
 @torch.library.custom_op("lowbit::residual_norm_rotated", mutates_args=())
 def residual_norm_op(y: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, n: int,
-                     u_seed: int, v_seed: int, layout: int, cuda: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                     u_seed: int, v_seed: int, layout: int) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`residual_norm` of the transforms (n, u_seed, layout) and (n, v_seed, layout), launched as
-    :func:`hadamard` is (``cuda``: :mod:`cuda_hadamard`'s kernel instead)."""
-    impl = cuda_hadamard.residual_norm if cuda else residual_norm
-    return impl(y, hadamard_of(n, u_seed, layout), residual, weight, eps, hadamard_of(n, v_seed, layout),
-                pdl=pdl_on(y.device))
+    :func:`hadamard` is."""
+    return residual_norm(y, hadamard_of(n, u_seed, layout), residual, weight, eps, hadamard_of(n, v_seed, layout),
+                         pdl=pdl_on(y.device))
 
 
 @residual_norm_op.register_fake
 def _residual_norm_shape(y: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, n: int,
-                         u_seed: int, v_seed: int, layout: int,
-                         cuda: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                         u_seed: int, v_seed: int, layout: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.empty_like(y), torch.empty_like(y)
 
 
 @torch.library.custom_op("lowbit::hadamard", mutates_args=())
-def hadamard(x: torch.Tensor, n: int, seeds: list[int], layout: int, inverse: bool, cuda: bool = False) -> torch.Tensor:
+def hadamard(x: torch.Tensor, n: int, seeds: list[int], layout: int, inverse: bool) -> torch.Tensor:
     """:func:`rotate_stacked` of the rotations (n, seed, layout) of ``seeds``, one slice of x each, launched as the
-    GEMVs around it are (programmatic dependent launch inside ``cuda_gemv.early_launch`` on Hopper and later);
-    ``cuda``: :mod:`cuda_hadamard`'s kernel instead."""
-    impl = cuda_hadamard.rotate_stacked if cuda else rotate_stacked
-    return impl([hadamard_of(n, s, layout) for s in seeds], x, inverse, pdl=pdl_on(x.device))
+    GEMVs around it are (programmatic dependent launch inside ``cuda_gemv.early_launch`` on Hopper and later)."""
+    return rotate_stacked([hadamard_of(n, s, layout) for s in seeds], x, inverse, pdl=pdl_on(x.device))
 
 
 @hadamard.register_fake
-def _hadamard_shape(x: torch.Tensor, n: int, seeds: list[int], layout: int, inverse: bool,
-                    cuda: bool = False) -> torch.Tensor:
+def _hadamard_shape(x: torch.Tensor, n: int, seeds: list[int], layout: int, inverse: bool) -> torch.Tensor:
     return torch.empty_like(x)
