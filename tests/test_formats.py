@@ -175,3 +175,66 @@ def test_column_rounding_is_encode_and_decode(name: str) -> None:
         want = fmt.encode(w[:, j : j + vd], p)
         assert torch.equal(codes.to(torch.int64), want)
         assert torch.equal(values, fmt.decode(want, p))
+
+
+def _make_qx_quants(x: list[float], nmax: int, qw: list[float] | None) -> float:
+    """ggml-quants.c make_qx_quants(n, nmax, x, L, rmse_type=1, qw), transcribed line by line (its scale)."""
+    amax = mx = 0.0
+    for v in x:
+        if abs(v) > amax:
+            amax, mx = abs(v), v
+    if amax < 1e-15:
+        return 0.0
+
+    def sums(iscale: float) -> tuple[float, float]:
+        sumlx = suml2 = 0.0
+        for i, v in enumerate(x):
+            lv = max(-nmax, min(nmax - 1, round(iscale * v)))  # nearest_int: round half to even, as round()
+            w = qw[i] if qw is not None else v * v
+            sumlx, suml2 = sumlx + w * v * lv, suml2 + w * lv * lv
+        return sumlx, suml2
+
+    sumlx, suml2 = sums(-nmax / mx)
+    scale = sumlx / suml2 if suml2 else 0.0
+    best = scale * sumlx
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        sumlx, suml2 = sums(-(nmax + 0.1 * step) / mx)
+        if suml2 > 0 and sumlx * sumlx > best * suml2:
+            scale = sumlx / suml2
+            best = scale * sumlx
+    return scale
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("bits", [4, 5])
+def test_ls_fit_is_ggmls_make_qx_quants(bits: int, weighted: bool) -> None:
+    """fit="ls" (Q4_0 / Q5_0 as llama.cpp quantizes them with an importance matrix) picks the scale that ggml's
+    make_qx_quants returns, on fresh heavy-tailed groups (float64, so both sum in the same precision)."""
+    from lowbit.formats.uniform import least_squares_search
+
+    g = torch.Generator().manual_seed(bits + 2 * weighted)
+    w = (torch.randn(40, 32, generator=g, dtype=torch.float64) ** 3) * 0.05
+    w[3] = 0.0  # a group of zeros gets 0
+    imp = torch.rand(40, 32, generator=g, dtype=torch.float64) + 0.1 if weighted else None
+    got = least_squares_search(w, imp, 1 << (bits - 1))
+    want = [_make_qx_quants(w[r].tolist(), 1 << (bits - 1), None if imp is None else imp[r].tolist())
+            for r in range(w.shape[0])]
+    assert torch.allclose(got[:, 0], torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=0)
+
+
+def test_ls_fit_stores_its_scale_and_nearest_codes() -> None:
+    """An _ls format stores the searched scale in fp16 and the nearest codes at it; only symmetric grids have it."""
+    from lowbit.formats.uniform import least_squares_search
+
+    fmt = get_format("int4_g32_sym_ls")
+    w, imp = rand(8, 64, seed=2), torch.rand(64, generator=torch.Generator().manual_seed(2)) + 0.5
+    qt = fmt.quantize(w, importance=imp)
+    want = torch.cat([least_squares_search(w[:, j : j + 32], imp[j : j + 32], 8) for j in (0, 32)], dim=1)
+    assert torch.equal(qt.data["scale"], want.half())
+    codes, params = fmt.unpack(qt)
+    d = params["scale"].float().repeat_interleave(32, 1)
+    assert torch.equal(codes, (torch.round(w / d) + 8).clamp(0, 15).to(torch.int64))
+    with pytest.raises(UnknownFormatError, match="symmetric"):
+        get_format("int4_g32_asym_ls")

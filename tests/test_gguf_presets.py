@@ -88,7 +88,7 @@ def test_model_and_config_agree(tiny_llama) -> None:  # noqa: ANN001 - fixture
 
 
 def test_searched_variant() -> None:
-    assert preset_plan(tiny_config(), "Q4_0", searched=True).plan[_t(0, Q)] == "int4_g32_sym_mse"
+    assert preset_plan(tiny_config(), "Q4_0", searched=True).plan[_t(0, Q)] == "int4_g32_sym_ls"
 
 
 def test_unknown_preset_is_one_line() -> None:

@@ -389,7 +389,7 @@ def test_cuda_graph_blocks_match_eager_bit_for_bit(fmt_name, act_order, static, 
     assert bool(captured) == (fmt.vector_dim == 1), captured
 
 
-@pytest.mark.parametrize("name", ["int4_g32_sym_mse", "int2_g64_asym_mse", "q2_k", "iq4_nl"])  # searched fits
+@pytest.mark.parametrize("name", ["int4_g32_sym_mse", "int4_g32_sym_ls", "int2_g64_asym_mse", "q2_k", "iq4_nl"])
 def test_act_order_fits_uniform_grids_with_llama_cpp_weighted_importance(name):
     """With no input correlations (diagonal H) GPTQ feeds no error forward, so act-order GPTQ is round-to-nearest
     with each group's scale fitted on diag(H) x sqrt(sigma^2 + w^2) (llama.cpp's per-weight importance) for

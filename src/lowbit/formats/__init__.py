@@ -4,6 +4,7 @@ Names:
   ``int{b}_g{N}_{sym|asym}[_mse]``  uniform b-bit (2..8), groups of N input columns
   ``int{b}_ch_{sym|asym}[_mse]``    uniform b-bit, one group per output channel (row)
   ``int{b}_{gN|ch}_zp[_mse]``       uniform b-bit with an integer zero point, ``(q - z) * s`` (GPTQ's asymmetric)
+  ``int{b}_{gN|ch}_sym_ls``         the symmetric grid with ggml's least-squares scale search (make_qx_quants)
   ``q4_0``, ``q4_1``, ``q8_0``       ggml block formats (= int4_g32_sym, int4_g32_asym, int8_g32_sym)
   ``{nz2|pm12|std2}_{gN|ch}``       2-bit level sets {+-0.5,+-1.5}, {+-1,+-2}, {-2,-1,0,1} x per-group scale
   ``std2m_{gN|ch}``                 {-2,-1,0,1} or its mirror {-1,0,1,2}, chosen per group (sign of the scale)
@@ -38,7 +39,7 @@ __all__ = ["E8PFormat", "Format", "IQ2XXSFormat", "KQuantFormat", "LevelSetForma
            "get_format", "example_names", "row_format"]
 
 ALIASES = {"q4_0": "int4_g32_sym", "q4_1": "int4_g32_asym", "q8_0": "int8_g32_sym"}
-_UNIFORM = re.compile(r"^int(?P<bits>[2-8])_(?:g(?P<g>\d+)|(?P<ch>ch))_(?P<kind>sym|asym|zp)(?P<mse>_mse)?$")
+_UNIFORM = re.compile(r"^int(?P<bits>[2-8])_(?:g(?P<g>\d+)|(?P<ch>ch))_(?P<kind>sym|asym|zp)(?:_(?P<fit>mse|ls))?$")
 _LEVELS = re.compile(r"^(?:(?P<set>nz2|pm12|std2m?)|nz2r(?P<ratio>\d{2}))_(?:g(?P<g>\d+)|(?P<ch>ch))$")
 _E8P = re.compile(r"^e8p_(?:g(?P<g>\d+)|(?P<ch>ch))$")
 
@@ -65,14 +66,18 @@ def get_format(name: str) -> Format:
             named = (m["set"] or "").removesuffix("m")
             levels = NAMED_LEVELS[named] if named else no_zero_levels(int(m["ratio"]) / 100)
             return LevelSetFormat(levels, g, canonical, mirror=m["set"] == "std2m")
+        fit = m["fit"] or "minmax"
+        if fit == "ls" and m["kind"] != "sym":
+            raise UnknownFormatError(f"{name!r}: the _ls fit (ggml's make_qx_quants) is for symmetric grids only")
         if m["kind"] == "zp":
-            return ZeroPointFormat(int(m["bits"]), g, "mse" if m["mse"] else "minmax")
-        fmt = UniformFormat(int(m["bits"]), g, m["kind"] == "sym", "mse" if m["mse"] else "minmax")
+            return ZeroPointFormat(int(m["bits"]), g, fit)
+        fmt = UniformFormat(int(m["bits"]), g, m["kind"] == "sym", fit)
         if key in ALIASES:
             fmt.name = key
         return fmt
     raise UnknownFormatError(f"unknown format {name!r}; known: {', '.join(example_names())} "
-                             "(patterns int{2..8}_{gN|ch}_{sym|asym|zp}[_mse], {nz2|pm12|std2|std2m}_{gN|ch}, "
+                             "(patterns int{2..8}_{gN|ch}_{sym|asym|zp}[_mse], int{2..8}_{gN|ch}_sym_ls, "
+                             "{nz2|pm12|std2|std2m}_{gN|ch}, "
                              "nz2r{RR}_{gN|ch}, iq2_xxs, q2_k..q6_k, iq4_nl, e8p_{gN|ch})")
 
 

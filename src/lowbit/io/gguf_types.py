@@ -23,11 +23,15 @@ from lowbit.models.walker import decoder_linears, linear_weight
 LOWBIT_FORMAT = {"Q4_0": "q4_0", "Q4_1": "q4_1", "Q5_0": "int5_g32_sym", "Q5_1": "int5_g32_asym",
                  "Q8_0": "q8_0", "IQ4_NL": "iq4_nl", "IQ2_XXS": "iq2_xxs",
                  "Q2_K": "q2_k", "Q3_K": "q3_k", "Q4_K": "q4_k", "Q5_K": "q5_k", "Q6_K": "q6_k"}
-# The same bytes with the searched fit: each block's scale chosen by the (importance-weighted) error it gives rather
-# than max/-8. Under GPTQ act-order it took the bundled model's Q4_0 file from 25.99 to 23.41 perplexity and its
-# IQ2_XXS-typed file from 35.91 to 33.55; for RTN, with no importance to weight by, it was worse (26.42 -> 26.84),
-# so plan_like uses it only when asked (README, "lowbit vs llama.cpp").
-SEARCHED = {"q4_0": "int4_g32_sym_mse", "q4_1": "int4_g32_asym_mse", "int5_g32_sym": "int5_g32_sym_mse",
+# The same bytes with a searched fit. Q4_1 / Q5_1: each block's scale and min chosen by the (importance-weighted)
+# error they give rather than by the block's range (under GPTQ act-order the bundled model's Q4_0 file went from
+# 25.99 to 23.41 perplexity with that search, its IQ2_XXS-typed file from 35.91 to 33.55). Q4_0 / Q5_0: ggml's own
+# least-squares search (make_qx_quants, fit "ls"), which beat that search on the bundled model's CPU recipe in and
+# out of domain (Q4_0 SOTU / Factbook perplexity 25.64 / 18.52 -> 24.81 / 17.77, KL 0.074 / 0.106 -> 0.074 / 0.104;
+# docs/gguf.md). For RTN, with no importance to
+# weigh by, the search was worse (26.42 -> 26.84), so plan_like uses it only when asked (README, "lowbit vs
+# llama.cpp").
+SEARCHED = {"q4_0": "int4_g32_sym_ls", "q4_1": "int4_g32_asym_mse", "int5_g32_sym": "int5_g32_sym_ls",
             "int5_g32_asym": "int5_g32_asym_mse"}
 FLOAT_TYPES = ("F16", "F32", "BF16")
 # HF model_type -> GGUF architecture; Mistral is written as llama (as convert_hf_to_gguf does).
