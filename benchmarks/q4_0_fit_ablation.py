@@ -38,6 +38,7 @@ import lowbit
 from lowbit.algorithms.sequential import calibration_set
 from lowbit.eval.perplexity import Reference
 from lowbit.formats import get_format
+from lowbit.formats.uniform import make_qx_quants
 
 RESULTS = Path(__file__).parent / "results"
 NMAX = 8  # Q4_0 codes -8..7
@@ -94,30 +95,6 @@ def llama_weights(w: torch.Tensor, imp: torch.Tensor) -> torch.Tensor:
     return (imp[None, :] * torch.sqrt(sigma2 + w.float().pow(2))).reshape(-1, 32)
 
 
-def make_qx_quants(x: torch.Tensor, qw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ggml's make_qx_quants(32, 8, x, L, rmse_type 1, qw) on every block at once: (codes, least-squares scale,
-    the scale the codes were rounded at)."""
-    mx = _signed_max(x)
-    steps = [0] + [s for s in range(-9, 10) if s != 0]  # ggml's order: the first best wins ties
-    best_l = best_s = best_iscale = None
-    best = None
-    for s in steps:
-        iscale = -(NMAX + 0.1 * s) / mx
-        lv = torch.round(iscale * x).clamp(-NMAX, NMAX - 1)
-        sumlx, suml2 = (qw * x * lv).sum(1, keepdim=True), (qw * lv * lv).sum(1, keepdim=True)
-        scale = torch.where(suml2 > 0, sumlx / suml2.clamp_min(1e-30), torch.zeros_like(sumlx))
-        score = scale * sumlx
-        if best is None:
-            best_l, best_s, best_iscale, best = lv, scale, iscale, score
-            continue
-        take = (suml2 > 0) & (score > best)
-        best_l = torch.where(take, lv, best_l)
-        best_s, best_iscale, best = (torch.where(take, a, b) for a, b in ((scale, best_s), (iscale, best_iscale),
-                                                                           (score, best)))
-    zero = mx.abs() < 1e-15
-    return best_l, torch.where(zero, 0.0, best_s), torch.where(zero, 0.0, 1 / best_iscale)
-
-
 def least_squares_scale(x: torch.Tensor, lv: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
     sumlx, suml2 = (qw * x * lv).sum(1, keepdim=True), (qw * lv * lv).sum(1, keepdim=True)
     return torch.where(suml2 > 0, sumlx / suml2.clamp_min(1e-30), torch.zeros_like(sumlx))
@@ -137,8 +114,7 @@ def quantized(variant: str, w: torch.Tensor, imp: torch.Tensor) -> torch.Tensor:
         lv = (codes - fmt.offset).float().reshape(-1, 32)
         x = _blocks(w)
         return (_fp16(least_squares_scale(x, lv, llama_weights(w, imp))) * lv).reshape(w.shape)
-    x, qw = _blocks(w), llama_weights(w, imp)
-    lv, ls, plain = make_qx_quants(x, qw)
+    lv, ls, plain = make_qx_quants(_blocks(w), llama_weights(w, imp), NMAX)
     return ((_fp16(ls) if variant == "llama" else _fp16(plain)) * lv).reshape(w.shape)
 
 

@@ -152,26 +152,36 @@ LS_STEPS = [0] + [s for s in range(-9, 10) if s != 0]  # make_qx_quants' order: 
 
 
 def least_squares_search(w: torch.Tensor, importance: torch.Tensor | None, half: int) -> torch.Tensor:
-    """Per row of ``w`` [rows, g], ggml's make_qx_quants(g, half, w, L, 1, importance) scale [rows, 1] for codes
-    -half..half-1: each reciprocal scale -(half + 0.1 s) / max rounds the row, and the least-squares scale of the
-    codes that maximizes (sum q l x)^2 / sum q l^2 is returned (q: the importance, or x^2 without one, as ggml
-    weighs ``rmse_type`` 1). A row of zeros gets 0."""
+    """Per row of ``w`` [rows, g], the scale [rows, 1] ggml's make_qx_quants(g, half, w, L, 1, importance) returns
+    for codes -half..half-1 (:func:`make_qx_quants`). A row of zeros gets 0."""
+    return make_qx_quants(w, importance, half)[1]
+
+
+def make_qx_quants(w: torch.Tensor, importance: torch.Tensor | None,
+                   half: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ggml's make_qx_quants on every row of ``w`` [rows, g] at once: each reciprocal scale -(half + 0.1 s) / max
+    rounds the row to codes -half..half-1, and kept are the codes that maximize (sum q l x)^2 / sum q l^2 (q: the
+    importance, or x^2 without one, as ggml weighs ``rmse_type`` 1). Returns those codes [rows, g] (floats), their
+    least-squares scale [rows, 1] (what ggml stores) and the scale they were rounded at; 0 for a row of zeros."""
     q = w.pow(2) if importance is None else importance.to(w.dtype).expand_as(w)
     mx = w.gather(1, w.abs().argmax(dim=1, keepdim=True))
     live = mx.abs() >= 1e-15  # ggml's GROUP_MAX_EPS
     mx = torch.where(live, mx, torch.ones_like(mx))
-    best_score = best_scale = None
+    best = None  # (codes, scale, rounding scale, score)
     for step in LS_STEPS:
-        codes = torch.round(w * (-(half + 0.1 * step) / mx)).clamp(-half, half - 1)
+        iscale = -(half + 0.1 * step) / mx
+        codes = torch.round(w * iscale).clamp(-half, half - 1)
         sumlx, suml2 = (q * w * codes).sum(dim=1, keepdim=True), (q * codes * codes).sum(dim=1, keepdim=True)
         scale = torch.where(suml2 > 0, sumlx / suml2.clamp_min(1e-30), torch.zeros_like(sumlx))
-        score = scale * sumlx
-        if best_score is None:
-            best_score, best_scale = score, scale
+        cand = (codes, scale, 1 / iscale, scale * sumlx)
+        if best is None:
+            best = cand
             continue
-        take = (suml2 > 0) & (score > best_score)
-        best_score, best_scale = torch.where(take, score, best_score), torch.where(take, scale, best_scale)
-    return torch.where(live, best_scale, torch.zeros_like(best_scale))
+        take = (suml2 > 0) & (cand[3] > best[3])
+        best = tuple(torch.where(take, c, b) for c, b in zip(cand, best, strict=True))
+    codes, scale, plain, _ = best
+    zero = torch.zeros_like(scale)
+    return torch.where(live, codes, 0.0), torch.where(live, scale, zero), torch.where(live, plain, zero)
 
 
 def _inverse(d: torch.Tensor) -> torch.Tensor:
