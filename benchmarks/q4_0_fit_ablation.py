@@ -74,19 +74,8 @@ def _blocks(w: torch.Tensor) -> torch.Tensor:
     return w.float().reshape(-1, 32)
 
 
-def _signed_max(x: torch.Tensor) -> torch.Tensor:
-    return x.gather(1, x.abs().argmax(1, keepdim=True))
-
-
 def _fp16(d: torch.Tensor) -> torch.Tensor:
     return d.half().float()
-
-
-def q4_0_ref(w: torch.Tensor) -> torch.Tensor:
-    x = _blocks(w)
-    d = _fp16(_signed_max(x) / -NMAX)
-    inv = torch.where(d != 0, 1 / d, torch.zeros_like(d))
-    return ((torch.round(x * inv).clamp(-NMAX, NMAX - 1)) * d).reshape(w.shape)
 
 
 def llama_weights(w: torch.Tensor, imp: torch.Tensor) -> torch.Tensor:
@@ -103,8 +92,9 @@ def least_squares_scale(x: torch.Tensor, lv: torch.Tensor, qw: torch.Tensor) -> 
 def quantized(variant: str, w: torch.Tensor, imp: torch.Tensor) -> torch.Tensor:
     if variant == "float":
         return w.float()
-    if variant == "ref":
-        return q4_0_ref(w)
+    if variant == "ref":  # lowbit's plain q4_0 is ggml's reference rounding
+        fmt = get_format("q4_0")
+        return fmt.dequantize(fmt.quantize(w))
     if variant in ("lowbit", "lowbit+ls"):
         fmt = get_format("int4_g32_sym_mse")
         qt = fmt.quantize(w, importance=imp)

@@ -18,7 +18,7 @@ llama.cpp's scale search (make_qkx3_quants) finds them.
 importance matrix: 19 reciprocal scales from -(h - 0.9) / max to -(h + 0.9) / max (h = 2^(b-1), max the group's
 signed largest weight), each rounding the group to codes; kept is the one whose codes explain the most of the
 group by weighted least squares, and what is stored is that least-squares scale. On the bundled model at Q4_0
-(docs/gguf.md) it beat the shrunken-range search under GPTQ act-order in and out of domain, at a lower KL.
+(docs/gguf.md) it beat the shrunken-range search under GPTQ act-order in and out of domain, at a KL lower or level.
 """
 
 from __future__ import annotations

@@ -28,9 +28,8 @@ LOWBIT_FORMAT = {"Q4_0": "q4_0", "Q4_1": "q4_1", "Q5_0": "int5_g32_sym", "Q5_1":
 # 25.99 to 23.41 perplexity with that search, its IQ2_XXS-typed file from 35.91 to 33.55). Q4_0 / Q5_0: ggml's own
 # least-squares search (make_qx_quants, fit "ls"), which beat that search on the bundled model's CPU recipe in and
 # out of domain (Q4_0 SOTU / Factbook perplexity 25.64 / 18.52 -> 24.81 / 17.77, KL 0.074 / 0.106 -> 0.074 / 0.104;
-# docs/gguf.md). For RTN, with no importance to
-# weigh by, the search was worse (26.42 -> 26.84), so plan_like uses it only when asked (README, "lowbit vs
-# llama.cpp").
+# docs/gguf.md). For RTN, with no importance to weigh by, the search was worse (26.42 -> 26.84), so plan_like uses
+# it only when asked (README, "lowbit vs llama.cpp").
 SEARCHED = {"q4_0": "int4_g32_sym_ls", "q4_1": "int4_g32_asym_mse", "int5_g32_sym": "int5_g32_sym_ls",
             "int5_g32_asym": "int5_g32_asym_mse"}
 FLOAT_TYPES = ("F16", "F32", "BF16")
