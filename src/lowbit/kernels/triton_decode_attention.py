@@ -17,8 +17,9 @@ combines them and resets the counter, all in one launch.
 :func:`rope_cache_attention` is the whole attention step of a Llama-family layer after its fused q/k/v matmul, in
 one launch: the rotary embedding of the query and the new key, the new key and value written to the static cache
 at its length, and the attention over the written part of the cache (the length bounds the blocks read, so the
-key/value loads need not wait for the mask's). In a compiled decode step these were three or four small
-kernels per layer besides the attention (~130 µs of a 7B step on an H200, docs/kernels.md).
+key/value loads need not wait for the mask's; the programs past the written blocks write nothing, and a context of
+one block is written by its one program with no workspace round trip). In a compiled decode step these were three
+or four small kernels per layer besides the attention (~130 µs of a 7B step on an H200, docs/kernels.md).
 
 :func:`decode_attention_reference` and :func:`rope_cache_attention_reference` are the plain torch computations
 the kernels are tested against.
@@ -140,35 +141,40 @@ if triton is not None:
         return k, v, visible
 
     @triton.jit
-    def _finish(m_i, l_i, acc, o_ptr, part_ptr, stat_ptr, count_ptr, row, j,
+    def _finish(m_i, l_i, acc, o_ptr, part_ptr, stat_ptr, count_ptr, row, j, active,
                 D: tl.constexpr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr):
-        """Write the attention of one (sequence, head) to ``o_ptr`` (its D outputs): directly with one program,
-        else through the workspace, by whichever of its programs finishes last."""
+        """Write the attention of one (sequence, head) to ``o_ptr`` (its D outputs): directly when one program
+        holds it all, else through the workspace, by whichever of the first ``active`` programs finishes last (the
+        others found no key to read and write nothing)."""
         d = tl.arange(0, D)
         if SPLITS == 1:
             out = tl.where(l_i > 0, acc / tl.maximum(l_i, 1e-30), 0.0)
             tl.store(o_ptr + d, out.to(o_ptr.dtype.element_ty))
-        else:
-            tl.store(part_ptr + (row * SPLITS + j) * D + d, acc)
-            tl.store(stat_ptr + (row * SPLITS + j) * 2, m_i)
-            tl.store(stat_ptr + (row * SPLITS + j) * 2 + 1, l_i)
-            # acq_rel: the partials stored above are visible to whichever program counts last, which combines
-            if tl.atomic_add(count_ptr + row, 1) == SPLITS - 1:
-                js = tl.arange(0, SPLITS_P2)
-                ok = js < SPLITS
-                at = row * SPLITS + js
-                # .cg: straight from L2, never a line this SM cached in an earlier launch
-                ms = tl.load(stat_ptr + at * 2, mask=ok, other=float("-inf"), cache_modifier=".cg")
-                ls = tl.load(stat_ptr + at * 2 + 1, mask=ok, other=0.0, cache_modifier=".cg")
-                parts = tl.load(part_ptr + at[:, None] * D + d[None, :], mask=ok[:, None], other=0.0,
-                                cache_modifier=".cg")
-                top = tl.max(ms, axis=0)
-                w = tl.where(ms > float("-inf"), tl.exp(ms - tl.where(top > float("-inf"), top, 0.0)), 0.0)
-                total = tl.sum(ls * w, axis=0)
-                out = tl.sum(parts * w[:, None], axis=0)
-                out = tl.where(total > 0, out / tl.maximum(total, 1e-30), 0.0)
+        elif j < active:
+            if active == 1:  # a short context: no workspace round trip, no atomic
+                out = tl.where(l_i > 0, acc / tl.maximum(l_i, 1e-30), 0.0)
                 tl.store(o_ptr + d, out.to(o_ptr.dtype.element_ty))
-                tl.atomic_xchg(count_ptr + row, 0)  # ready for the next launch (and the next graph replay)
+            else:
+                tl.store(part_ptr + (row * SPLITS + j) * D + d, acc)
+                tl.store(stat_ptr + (row * SPLITS + j) * 2, m_i)
+                tl.store(stat_ptr + (row * SPLITS + j) * 2 + 1, l_i)
+                # acq_rel: the partials stored above are visible to whichever program counts last, which combines
+                if tl.atomic_add(count_ptr + row, 1) == active - 1:
+                    js = tl.arange(0, SPLITS_P2)
+                    ok = js < active
+                    at = row * SPLITS + js
+                    # .cg: straight from L2, never a line this SM cached in an earlier launch
+                    ms = tl.load(stat_ptr + at * 2, mask=ok, other=float("-inf"), cache_modifier=".cg")
+                    ls = tl.load(stat_ptr + at * 2 + 1, mask=ok, other=0.0, cache_modifier=".cg")
+                    parts = tl.load(part_ptr + at[:, None] * D + d[None, :], mask=ok[:, None], other=0.0,
+                                    cache_modifier=".cg")
+                    top = tl.max(ms, axis=0)
+                    w = tl.where(ms > float("-inf"), tl.exp(ms - tl.where(top > float("-inf"), top, 0.0)), 0.0)
+                    total = tl.sum(ls * w, axis=0)
+                    out = tl.sum(parts * w[:, None], axis=0)
+                    out = tl.where(total > 0, out / tl.maximum(total, 1e-30), 0.0)
+                    tl.store(o_ptr + d, out.to(o_ptr.dtype.element_ty))
+                    tl.atomic_xchg(count_ptr + row, 0)  # ready for the next launch (and the next graph replay)
 
     @triton.jit
     def _decode_attention(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, part_ptr, stat_ptr, count_ptr, S, scale,
@@ -184,7 +190,7 @@ if triton is not None:
         m_i, l_i, acc = _scan(q, k_ptr, v_ptr, m_ptr, b, h // GROUP, j, S, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s,
                               sm_b, sm_s, D, BLOCK_S, HAS_MASK, SPLITS)
         _finish(m_i, l_i, acc, o_ptr + b * so_b + h * so_h, part_ptr, stat_ptr, count_ptr,
-                b * tl.num_programs(0) + h, j, D, SPLITS, SPLITS_P2)
+                b * tl.num_programs(0) + h, j, SPLITS, D, SPLITS, SPLITS_P2)
 
     @triton.jit
     def _rotate(ptr, cos, sin, D: tl.constexpr):
@@ -210,6 +216,10 @@ if triton is not None:
         # key is scored from registers), so the first block's loads wait for the length alone, not for the
         # mask's nor for q/k/v's.
         hi = tl.minimum(pos, S)
+        # Programs past the last written block have nothing to read: they leave the combining to the others, and
+        # with one block of keys (contexts of up to BLOCK_S) program 0 writes the output itself. Program j's first
+        # block is block j, so the blocks' interleaving is the same as with every program taking part.
+        active = tl.maximum(tl.minimum((hi + BLOCK_S - 1) // BLOCK_S, SPLITS), 1)
         cos = tl.load(cos_ptr + b * s_cos + d).to(tl.float32)
         sin = tl.load(sin_ptr + b * s_sin + d).to(tl.float32)
         k0, v0, vis0 = _written_block(k_ptr, v_ptr, m_ptr, b, kvh, j * BLOCK_S, hi, sk_b, sk_h, sk_s, sv_b, sv_h,
@@ -236,7 +246,7 @@ if triton is not None:
         m_i, l_i, acc = _attend(q, k_new.to(tl.float32)[None, :], v_new.to(dtype).to(tl.float32)[None, :],
                                 (tl.zeros((1,), tl.int32) + seen.to(tl.int32)) != 0, m_i, l_i, acc)
         _finish(m_i, l_i, acc, o_ptr + (b * HEADS + h) * D, part_ptr, stat_ptr, count_ptr, b * HEADS + h, j,
-                D, SPLITS, SPLITS_P2)
+                active, D, SPLITS, SPLITS_P2)
 
 
 def _launch(x: torch.Tensor, bsz: int, heads: int, seq: int, dim: int, mask: torch.Tensor | None,
