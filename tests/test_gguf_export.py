@@ -257,6 +257,20 @@ def test_llama_cpp_tokenizes_like_hf(tmp_path, tiny_tokenizer):
         assert llama_cpp_tokenize(tmp_path / "m.gguf", text) == tiny_tokenizer.encode(text)
 
 
+def test_calibrated_format_gets_the_types_searched_fit():
+    """export-gguf --format q4_0 with a calibrated method rounds as --preset Q4_0 does (the least-squares block fit),
+    round-to-nearest keeps ggml's own fit, and formats with no searched variant or plans are left alone."""
+    from lowbit.jobs import searched_fit
+
+    assert searched_fit(Recipe("q4_0", "gptq_act")).format == "int4_g32_sym_ls"
+    assert searched_fit(Recipe("int5_g32_sym", "imatrix")).format == "int5_g32_sym_ls"
+    assert searched_fit(Recipe("q4_1", "gptq")).format == "int4_g32_asym_mse"
+    assert searched_fit(Recipe("q4_0", "rtn")).format == "q4_0"
+    assert searched_fit(Recipe("iq4_nl", "gptq")).format == "iq4_nl"
+    plan = {"model.layers.0.mlp.down_proj": "q4_0"}
+    assert searched_fit(Recipe(plan, "gptq")).format == plan
+
+
 def test_plan_like_reproduces_another_files_types(tmp_path, tiny_tokenizer):
     """--like: lowbit re-quantizes a model into exactly the per-tensor types of another GGUF (here one lowbit
     wrote with a mixed plan and a q4_0 embedding), so both files have the same types and the same size."""

@@ -24,7 +24,7 @@ from lowbit.formats import get_format
 from lowbit.io.checkpoint import is_quantized_dir, read_info
 from lowbit.io.gguf_export import ExportReport
 from lowbit.io.gguf_presets import check_preset, preset_plan
-from lowbit.io.gguf_types import plan_like, read_gguf
+from lowbit.io.gguf_types import SEARCHED, plan_like, read_gguf
 from lowbit.io.hf_export import HFExportReport, check_format, check_target
 from lowbit.io.hf_import import import_hf_quantized
 from lowbit.io.hf_quant import READ_METHODS, checkpoint_method
@@ -137,8 +137,19 @@ def _quantize_for_gguf(src: str, recipe: Recipe | None, like: str | Path | None,
         recipe = replace(recipe, format=types.plan)
         if embed_type is None:  # an explicit --embed-type sets token_embd and the output matrix alike
             embed_type, output_type = types.embed_type, types.output_type
+    else:
+        recipe = searched_fit(recipe)
     quantize(model, recipe, tok, device=compute, progress=progress)
     return model, tok, embed_type, output_type
+
+
+def searched_fit(recipe: Recipe) -> Recipe:
+    """``export-gguf --format``'s recipe: a calibrated method on a GGUF type's format (``q4_0``) gets that type's
+    searched-fit variant (:data:`lowbit.io.gguf_types.SEARCHED`: same GGUF type and bytes), as ``--preset`` and
+    ``--like`` give it; round-to-nearest, with no importance to weigh the search by, keeps ggml's own fit."""
+    if recipe.method == "rtn" or not isinstance(recipe.format, str):
+        return recipe
+    return replace(recipe, format=SEARCHED.get(recipe.format, recipe.format))
 
 
 def convert_hf(source: str | Path | None, out: str | Path, recipe: Recipe | str | None = None, *, to: str,
