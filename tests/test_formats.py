@@ -105,6 +105,16 @@ def test_ggml_q4_1_semantics():
     assert qt.data["scale"].float().item() == pytest.approx(1.5 / 15, rel=1e-3)
 
 
+@pytest.mark.parametrize("alias,grid", [("q5_0", "int5_g32_sym"), ("q5_1", "int5_g32_asym")])
+def test_ggml_q5_names_are_the_5_bit_grids(alias, grid):
+    """q5_0 / q5_1 (the names llama.cpp users type) store exactly what the 5-bit g32 grids store, at 5.5 / 6.0 bpw."""
+    w = rand(4, 96, seed=11)
+    a, g = get_format(alias).quantize(w), get_format(grid).quantize(w)
+    bpw = {"q5_0": 5.5, "q5_1": 6.0}[alias]
+    assert get_format(alias).name == alias and a.bits_per_weight == g.bits_per_weight == bpw
+    assert all(torch.equal(a.data[k], g.data[k]) for k in g.data)
+
+
 def test_constant_and_zero_groups_are_exact():
     for name in ("int4_g32_sym", "int4_g32_asym", "int2_g32_asym_mse"):
         fmt = get_format(name)

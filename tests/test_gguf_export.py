@@ -264,6 +264,8 @@ def test_calibrated_format_gets_the_types_searched_fit():
 
     assert searched_fit(Recipe("q4_0", "gptq_act")).format == "int4_g32_sym_ls"
     assert searched_fit(Recipe("int5_g32_sym", "imatrix")).format == "int5_g32_sym_ls"
+    assert searched_fit(Recipe("q5_0", "gptq")).format == "int5_g32_sym_ls"
+    assert searched_fit(Recipe("Q5_1", "gptq")).format == "int5_g32_asym_mse"
     assert searched_fit(Recipe("q4_1", "gptq")).format == "int4_g32_asym_mse"
     assert searched_fit(Recipe("q4_0", "rtn")).format == "q4_0"
     assert searched_fit(Recipe("iq4_nl", "gptq")).format == "iq4_nl"

@@ -20,7 +20,7 @@ from lowbit.api import QuantizeResult, export_gguf, export_hf, load, quantize, s
 from lowbit.atomic import check_destination
 from lowbit.data.corpus import read_text_file
 from lowbit.errors import LowbitError
-from lowbit.formats import get_format
+from lowbit.formats import ALIASES, get_format
 from lowbit.io.checkpoint import is_quantized_dir, read_info
 from lowbit.io.gguf_export import ExportReport
 from lowbit.io.gguf_presets import check_preset, preset_plan
@@ -149,7 +149,9 @@ def searched_fit(recipe: Recipe) -> Recipe:
     ``--like`` give it; round-to-nearest, with no importance to weigh the search by, keeps ggml's own fit."""
     if recipe.method == "rtn" or not isinstance(recipe.format, str):
         return recipe
-    return replace(recipe, format=SEARCHED.get(recipe.format, recipe.format))
+    name = recipe.format.strip().lower()
+    searched = SEARCHED.get(name) or SEARCHED.get(ALIASES.get(name, ""))  # q5_0: SEARCHED names it int5_g32_sym
+    return replace(recipe, format=searched) if searched else recipe
 
 
 def convert_hf(source: str | Path | None, out: str | Path, recipe: Recipe | str | None = None, *, to: str,

@@ -5,7 +5,8 @@ Names:
   ``int{b}_ch_{sym|asym}[_mse]``    uniform b-bit, one group per output channel (row)
   ``int{b}_{gN|ch}_zp[_mse]``       uniform b-bit with an integer zero point, ``(q - z) * s`` (GPTQ's asymmetric)
   ``int{b}_{gN|ch}_sym_ls``         the symmetric grid with ggml's least-squares scale search (make_qx_quants)
-  ``q4_0``, ``q4_1``, ``q8_0``       ggml block formats (= int4_g32_sym, int4_g32_asym, int8_g32_sym)
+  ``q4_0``, ``q4_1``, ``q5_0``,     ggml block formats (= int4_g32_sym, int4_g32_asym, int5_g32_sym,
+  ``q5_1``, ``q8_0``                int5_g32_asym, int8_g32_sym)
   ``{nz2|pm12|std2}_{gN|ch}``       2-bit level sets {+-0.5,+-1.5}, {+-1,+-2}, {-2,-1,0,1} x per-group scale
   ``std2m_{gN|ch}``                 {-2,-1,0,1} or its mirror {-1,0,1,2}, chosen per group (sign of the scale)
   ``nz2r{RR}_{gN|ch}``              no-zero set {-1,-r,r,1} with inner/outer ratio r = RR/100
@@ -38,7 +39,8 @@ __all__ = ["E8PFormat", "Format", "IQ2XXSFormat", "KQuantFormat", "LevelSetForma
            "Q4KFormat", "Q5KFormat", "Q6KFormat", "QuantizedTensor", "UniformFormat", "ZeroPointFormat", "cat_params",
            "get_format", "example_names", "row_format"]
 
-ALIASES = {"q4_0": "int4_g32_sym", "q4_1": "int4_g32_asym", "q8_0": "int8_g32_sym"}
+ALIASES = {"q4_0": "int4_g32_sym", "q4_1": "int4_g32_asym", "q5_0": "int5_g32_sym", "q5_1": "int5_g32_asym",
+           "q8_0": "int8_g32_sym"}
 _UNIFORM = re.compile(r"^int(?P<bits>[2-8])_(?:g(?P<g>\d+)|(?P<ch>ch))_(?P<kind>sym|asym|zp)(?:_(?P<fit>mse|ls))?$")
 _LEVELS = re.compile(r"^(?:(?P<set>nz2|pm12|std2m?)|nz2r(?P<ratio>\d{2}))_(?:g(?P<g>\d+)|(?P<ch>ch))$")
 _E8P = re.compile(r"^e8p_(?:g(?P<g>\d+)|(?P<ch>ch))$")
