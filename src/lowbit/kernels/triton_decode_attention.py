@@ -141,6 +141,12 @@ if triton is not None:
         return k, v, visible
 
     @triton.jit
+    def _store_normalized(acc, total, out_ptrs):
+        """The weighted values over their softmax sum (zeros where no key was visible), in the output's dtype."""
+        out = tl.where(total > 0, acc / tl.maximum(total, 1e-30), 0.0)
+        tl.store(out_ptrs, out.to(out_ptrs.dtype.element_ty))
+
+    @triton.jit
     def _finish(m_i, l_i, acc, o_ptr, part_ptr, stat_ptr, count_ptr, row, j, active,
                 D: tl.constexpr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr):
         """Write the attention of one (sequence, head) to ``o_ptr`` (its D outputs): directly when one program
@@ -148,12 +154,10 @@ if triton is not None:
         others found no key to read and write nothing)."""
         d = tl.arange(0, D)
         if SPLITS == 1:
-            out = tl.where(l_i > 0, acc / tl.maximum(l_i, 1e-30), 0.0)
-            tl.store(o_ptr + d, out.to(o_ptr.dtype.element_ty))
+            _store_normalized(acc, l_i, o_ptr + d)
         elif j < active:
             if active == 1:  # a short context: no workspace round trip, no atomic
-                out = tl.where(l_i > 0, acc / tl.maximum(l_i, 1e-30), 0.0)
-                tl.store(o_ptr + d, out.to(o_ptr.dtype.element_ty))
+                _store_normalized(acc, l_i, o_ptr + d)
             else:
                 tl.store(part_ptr + (row * SPLITS + j) * D + d, acc)
                 tl.store(stat_ptr + (row * SPLITS + j) * 2, m_i)
@@ -171,9 +175,7 @@ if triton is not None:
                     top = tl.max(ms, axis=0)
                     w = tl.where(ms > float("-inf"), tl.exp(ms - tl.where(top > float("-inf"), top, 0.0)), 0.0)
                     total = tl.sum(ls * w, axis=0)
-                    out = tl.sum(parts * w[:, None], axis=0)
-                    out = tl.where(total > 0, out / tl.maximum(total, 1e-30), 0.0)
-                    tl.store(o_ptr + d, out.to(o_ptr.dtype.element_ty))
+                    _store_normalized(tl.sum(parts * w[:, None], axis=0), total, o_ptr + d)
                     tl.atomic_xchg(count_ptr + row, 0)  # ready for the next launch (and the next graph replay)
 
     @triton.jit
