@@ -38,7 +38,7 @@ import lowbit
 from lowbit.algorithms.sequential import calibration_set
 from lowbit.eval.perplexity import Reference
 from lowbit.formats import get_format
-from lowbit.formats.uniform import make_qx_quants
+from lowbit.formats.uniform import least_squares_scale, make_qx_quants
 
 RESULTS = Path(__file__).parent / "results"
 NMAX = 8  # Q4_0 codes -8..7
@@ -84,11 +84,6 @@ def llama_weights(w: torch.Tensor, imp: torch.Tensor) -> torch.Tensor:
     return (imp[None, :] * torch.sqrt(sigma2 + w.float().pow(2))).reshape(-1, 32)
 
 
-def least_squares_scale(x: torch.Tensor, lv: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
-    sumlx, suml2 = (qw * x * lv).sum(1, keepdim=True), (qw * lv * lv).sum(1, keepdim=True)
-    return torch.where(suml2 > 0, sumlx / suml2.clamp_min(1e-30), torch.zeros_like(sumlx))
-
-
 def quantized(variant: str, w: torch.Tensor, imp: torch.Tensor) -> torch.Tensor:
     if variant == "float":
         return w.float()
@@ -103,7 +98,7 @@ def quantized(variant: str, w: torch.Tensor, imp: torch.Tensor) -> torch.Tensor:
         codes, _ = fmt.unpack(qt)
         lv = (codes - fmt.offset).float().reshape(-1, 32)
         x = _blocks(w)
-        return (_fp16(least_squares_scale(x, lv, llama_weights(w, imp))) * lv).reshape(w.shape)
+        return (_fp16(least_squares_scale(x, lv, llama_weights(w, imp))[0]) * lv).reshape(w.shape)
     lv, ls, plain = make_qx_quants(_blocks(w), llama_weights(w, imp), NMAX)
     return ((_fp16(ls) if variant == "llama" else _fp16(plain)) * lv).reshape(w.shape)
 

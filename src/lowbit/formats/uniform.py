@@ -157,6 +157,15 @@ def least_squares_search(w: torch.Tensor, importance: torch.Tensor | None, half:
     return make_qx_quants(w, importance, half)[1]
 
 
+def least_squares_scale(w: torch.Tensor, codes: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``w`` [rows, g], the scale s [rows, 1] that minimizes sum q (w - s codes)^2, and the weighted
+    energy of the row it explains, s sum q w codes = (sum q w codes)^2 / sum q codes^2; both 0 where the codes
+    carry no weight."""
+    sumlx, suml2 = (q * w * codes).sum(dim=1, keepdim=True), (q * codes * codes).sum(dim=1, keepdim=True)
+    scale = torch.where(suml2 > 0, sumlx / suml2.clamp_min(1e-30), torch.zeros_like(sumlx))
+    return scale, scale * sumlx
+
+
 def make_qx_quants(w: torch.Tensor, importance: torch.Tensor | None,
                    half: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ggml's make_qx_quants on every row of ``w`` [rows, g] at once: each reciprocal scale -(half + 0.1 s) / max
@@ -167,17 +176,17 @@ def make_qx_quants(w: torch.Tensor, importance: torch.Tensor | None,
     mx = w.gather(1, w.abs().argmax(dim=1, keepdim=True))
     live = mx.abs() >= 1e-15  # ggml's GROUP_MAX_EPS
     mx = torch.where(live, mx, torch.ones_like(mx))
-    best = None  # (codes, scale, rounding scale, score)
+    best = None  # (codes, scale, rounding scale, explained)
     for step in LS_STEPS:
         iscale = -(half + 0.1 * step) / mx
         codes = torch.round(w * iscale).clamp(-half, half - 1)
-        sumlx, suml2 = (q * w * codes).sum(dim=1, keepdim=True), (q * codes * codes).sum(dim=1, keepdim=True)
-        scale = torch.where(suml2 > 0, sumlx / suml2.clamp_min(1e-30), torch.zeros_like(sumlx))
-        cand = (codes, scale, 1 / iscale, scale * sumlx)
+        scale, explained = least_squares_scale(w, codes, q)
+        cand = (codes, scale, 1 / iscale, explained)
         if best is None:
             best = cand
             continue
-        take = (suml2 > 0) & (cand[3] > best[3])
+        # ggml also asks sum q l^2 > 0; such codes explain 0, which never beats the best (>= 0)
+        take = cand[3] > best[3]
         best = tuple(torch.where(take, c, b) for c, b in zip(cand, best, strict=True))
     codes, scale, plain, _ = best
     zero = torch.zeros_like(scale)
