@@ -16,6 +16,10 @@ runs again at X times its rate, at most ``finetune.RETRY_LR``: ``finetune.RETRY_
 calibration windows plus as many sampled from the float model at temperature 1, N epochs over both); parts join
 with ``+``: ``ep3+cos``.
 ``--gptq-mix``: GPTQ's Hessians from half the calibration windows and half sampled ones.
+``--llama-bin DIR``: each file is also scored by stock ``llama-perplexity`` from DIR on both texts, in
+``--llama-ctx`` windows (512, llama.cpp's usual), the first ``--llama-chunks`` of them (-1: all): fields
+``llama_ppl`` and ``llama_ppl@factbook``; ``gguf_vs_llamacpp.py --methods none`` gives the F16 and llama.cpp files'
+on the same windows.
 Writes ``benchmarks/results/finetune-ood-<tag>.json`` after every variant.
 """
 
@@ -34,9 +38,11 @@ import torch
 import lowbit
 import lowbit.api as api
 from calib_selfgen import generated  # benchmarks/, the script's folder, is first on sys.path
+from gguf_vs_llamacpp import llama_perplexity
 from lowbit.algorithms import finetune as ft
 from lowbit.algorithms.sequential import calibration_set
 from lowbit.cli import HESSIAN_SHRINK
+from lowbit.data.corpus import load_text
 from lowbit.eval.perplexity import Reference
 from lowbit.io.gguf_import import load_gguf_weights
 from lowbit.io.gguf_presets import preset_plan
@@ -78,6 +84,24 @@ def adamw(decay: float):  # noqa: ANN201 - replaces ft._adam: the log-multiplier
     return make
 
 
+TEXTS = ("eval", "factbook")
+
+
+def stock_scores(args: argparse.Namespace, work: Path, path: Path) -> dict:
+    """``llama_ppl`` / ``llama_ppl_err`` (``@factbook``) of a GGUF file by stock llama-perplexity; {} without
+    --llama-bin."""
+    if not args.llama_bin:
+        return {}
+    row = {}
+    for text in TEXTS:
+        suffix = "" if text == "eval" else f"@{text}"
+        ppl, err = llama_perplexity(str(Path(args.llama_bin) / "llama-perplexity"), path, work / f"{text}.txt",
+                                    args.llama_ctx, args.llama_chunks, args.threads,
+                                    work / f"{path.stem}.{text}.ppl.log")
+        row |= {f"llama_ppl{suffix}": ppl, f"llama_ppl_err{suffix}": err}
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="Q4_0")
@@ -91,7 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--method", default="gptq_act", choices=["gptq_act", "imatrix", "rtn"], help="the rounding tuned")
     ap.add_argument("--gptq-mix", action="store_true", help="GPTQ's windows: half the calibration split, half sampled")
     ap.add_argument("--tag", default=None)
+    ap.add_argument("--llama-bin", default=None, help="folder with stock llama-perplexity: score each file with it")
+    ap.add_argument("--llama-ctx", type=int, default=512)
+    ap.add_argument("--llama-chunks", type=int, default=-1, help="llama-perplexity windows per text (-1: all)")
+    ap.add_argument("--threads", type=int, default=4, help="llama-perplexity's CPU threads")
     args = ap.parse_args(argv)
+    if args.llama_bin and not (Path(args.llama_bin) / "llama-perplexity").exists():
+        ap.error(f"no llama-perplexity in {args.llama_bin}")
     variants = args.variants.split(",")
     for v in variants:
         config_for(v)  # an unknown name fails before minutes of GPTQ
@@ -107,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
                            gptq=lowbit.GPTQConfig(shrink=HESSIAN_SHRINK))
     samples = calibration_set(fp, tok, calib)
     gen, meta = None, {}
+    if args.llama_bin:
+        for text in TEXTS:
+            (work / f"{text}.txt").write_text(load_text(text))
+        meta |= {"llama_ctx": args.llama_ctx, "llama_chunks": args.llama_chunks}
     if args.gptq_mix:
         t1 = time.perf_counter()
         gen = generated(fp, tok, args.nsamples, seqlen=args.seqlen, device=args.device, batch=64)
@@ -148,11 +182,12 @@ def main(argv: list[str] | None = None) -> int:
         path.unlink(missing_ok=True)
         lowbit.export_gguf(tuned, tok, path, embed_type=types.embed_type or "f16", output_type=types.output_type)
         scored = load_gguf_weights(copy.deepcopy(fp), path).to(args.device)
-        for text in ("eval", "factbook"):
+        for text in TEXTS:
             r = lowbit.evaluate(scored, tok, text_file=None if text == "eval" else text, seqlen=args.ctx,
                                 max_windows=args.windows, reference=reference, progress=False)
             suffix = "" if text == "eval" else "@factbook"
             row |= {f"ppl{suffix}": r.ppl, f"kl{suffix}": r.kl, f"top1{suffix}": r.top1}
+        row |= stock_scores(args, work, path)
         del scored, tuned
         rows.append(row)
         print(json.dumps(row), flush=True)

@@ -64,6 +64,19 @@ def sh(cmd: list[str], log: Path) -> str:
     return res.stdout + res.stderr
 
 
+def llama_perplexity(exe: str, model: Path, text: Path, ctx: int, chunks: int, threads: int,
+                     log: Path) -> tuple[float, float]:
+    """Stock ``llama-perplexity`` of a GGUF file on a text file: (ppl, its ±), over the first ``chunks`` windows
+    of ``ctx`` tokens (-1: all of them), the second half of each window scored (llama.cpp's protocol)."""
+    text_out = sh([exe, "-m", str(model), "-f", str(text), "-c", str(ctx), "-b", str(ctx), "--chunks", str(chunks),
+                   "-t", str(threads)], log)
+    found = _PPL.search(text_out)
+    if found is None:
+        raise RuntimeError(f"no final estimate in {log}")
+    ppl, err = map(float, found.groups())
+    return ppl, err
+
+
 def lowbit_options(extra: str) -> argparse.Namespace:
     """--lowbit-args: the calibration, GPTQ, tuning and export options of ``lowbit export-gguf`` (same names and
     defaults), for the ``lowbit.convert_gguf`` calls."""
@@ -86,7 +99,8 @@ def lowbit_options(extra: str) -> argparse.Namespace:
 
 def lowbit_recipes(methods: str, o: argparse.Namespace) -> dict[str, tuple[lowbit.Recipe, str | None]]:
     """``METHOD[+fused][+ft][/EMBED]`` -> (recipe, EMBED), all parsed before any work. The recipe's format is a
-    placeholder: ``like=`` replaces it with the llama.cpp file's per-tensor types."""
+    placeholder: ``like=`` replaces it with the llama.cpp file's per-tensor types. ``none``: llama.cpp's files
+    only."""
     from lowbit.cli import HESSIAN_SHRINK, ft_epochs, ft_lr
 
     shrink = HESSIAN_SHRINK if o.shrink is None else o.shrink  # as `lowbit export-gguf` decides it
@@ -94,7 +108,7 @@ def lowbit_recipes(methods: str, o: argparse.Namespace) -> dict[str, tuple[lowbi
                 "gptq": lowbit.GPTQConfig(o.blocksize, o.damp, shrink=shrink),
                 "finetune": lowbit.FinetuneConfig(ft_epochs(o), ft_lr(o), o.ft_batch, seed=o.seed)}
     recipes = {}
-    for method in methods.split(","):
+    for method in [] if methods == "none" else methods.split(","):
         spec, _, embed = method.partition("/")
         recipes[method] = (lowbit.Recipe.parse(f"{spec}:q8_0", **settings), embed or None)
     return recipes
@@ -176,11 +190,9 @@ class Bench:
         while (job := self.jobs.get()) is not None:
             label, qtype, path, name = job
             try:
-                text = sh([self.tool("llama-perplexity"), "-m", str(path), "-f", str(self.work / f"{name}.txt"),
-                           "-c", str(self.args.ctx), "-b", str(self.args.ctx), "--chunks",
-                           str(self.args.llama_ppl_chunks), "-t", str(self.args.threads)],
-                          self.work / f"{path.stem}.{name}.ppl.log")
-                ppl, err = map(float, _PPL.search(text).groups())
+                ppl, err = llama_perplexity(self.tool("llama-perplexity"), path, self.work / f"{name}.txt",
+                                            self.args.ctx, self.args.llama_ppl_chunks, self.args.threads,
+                                            self.work / f"{path.stem}.{name}.ppl.log")
                 self.save({"label": label, "type": qtype, **suffixed({"llama_ppl": ppl, "llama_ppl_err": err}, name)})
             except Exception as e:  # noqa: BLE001 - report and go on with the other files
                 self.errors.append(f"{label}: {e}")
@@ -189,6 +201,10 @@ class Bench:
     def score(self, label: str, qtype: str, path: Path, **extra: object) -> None:
         """lowbit-protocol perplexity on every text now (GPU), llama-perplexity queued for the CPU thread."""
         if self.done(label, qtype):
+            return
+        if self.args.max_windows == 0:  # stock llama-perplexity alone
+            self.save({"label": label, "type": qtype, "file": path.name, **file_stats(path), **extra})
+            self.queue_stock(label, qtype, path)
             return
         if self.reference is None and label != "F16":  # resumed after the F16 row: its model is still the reference
             f16 = load_gguf_weights(copy.deepcopy(self.model), self.work / "f16.gguf").to(self.device)
@@ -206,6 +222,9 @@ class Bench:
         else:
             del model
         self.save({**row, "eval_s": time.perf_counter() - t0})
+        self.queue_stock(label, qtype, path)
+
+    def queue_stock(self, label: str, qtype: str, path: Path) -> None:
         for name in self.texts if self.args.llama_ppl_chunks else ():
             self.jobs.put((label, qtype, path, name))
 
@@ -278,7 +297,7 @@ class Bench:
         imatrix_job = threading.Thread(target=self.make_imatrix, args=(f16, imatrix))
         imatrix_job.start()  # CPU, while the GPU quantizes the types that need no importance matrix
         types = a.types.split(",")
-        for qtype in [t for t in types if t.startswith("q")]:
+        for qtype in [t for t in types if t.startswith("q") and self.recipes]:  # none: imatrix files alone
             plain = self.llama_quantize(f16, qtype, None)
             self.lowbit_rows(qtype, like=plain)  # Q4_0/Q4_1 type choices do not depend on the imatrix
         imatrix_job.join()
@@ -299,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--llama-bin", required=True, help="folder with llama-quantize, llama-imatrix, llama-perplexity")
     ap.add_argument("--model", default=None, help="HF model dir or hub id (default: the bundled model)")
     ap.add_argument("--types", default="q4_0,q4_1,iq2_xxs")
-    ap.add_argument("--methods", default="rtn,gptq,gptq+fused")
+    ap.add_argument("--methods", default="rtn,gptq,gptq+fused", help="lowbit's recipes; none: llama.cpp's files only")
     ap.add_argument("--ctx", type=int, default=2048)
     ap.add_argument("--texts", default="eval,factbook",
                     help="held-out texts every file is scored on: eval (SOTU 2000-2021) and factbook (another kind)")
@@ -307,9 +326,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="extra `lowbit export-gguf` options for lowbit's files: calibration (--nsamples, "
                          "--calib-seqlen, --calib-text, --seed, --damp, --blocksize), tuning (--ft-epochs, --ft-lr, "
                          "--ft-batch), --fallback, --tokenizer-pre, --device; e.g. '--nsamples 16'")
-    ap.add_argument("--max-windows", type=int, default=None, help="lowbit-protocol windows (default: all)")
+    ap.add_argument("--max-windows", type=int, default=None,
+                    help="lowbit-protocol windows (default: all; 0: none, stock llama-perplexity alone)")
     ap.add_argument("--llama-ppl-chunks", type=int, default=4,
-                    help="llama-perplexity windows (of --ctx tokens) per file on the CPU; 0 skips it")
+                    help="llama-perplexity windows (of --ctx tokens) per file on the CPU; 0 skips it, -1: all")
     ap.add_argument("--imatrix-ctx", type=int, default=512, help="llama-imatrix window (llama.cpp's usual 512)")
     ap.add_argument("--imatrix-chunks", type=int, default=128, help="calibration windows for llama-imatrix")
     ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2 - 1),
