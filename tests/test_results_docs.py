@@ -230,3 +230,16 @@ def test_committed_pages_match_the_results_files():
                  if p.read_text().startswith(GENERATED_MARK + "\n")}
     stale = sorted(name for name in expected.keys() | committed.keys() if expected.get(name) != committed.get(name))
     assert not stale, f"docs/results out of date ({', '.join(stale)}): regenerate with {REGENERATE}"
+
+
+def test_gguf_file_of_stock_perplexity_alone(results: Path, tmp_path: Path):
+    """gguf_vs_llamacpp.py --max-windows 0 --llama-ppl-chunks -1: rows without lowbit's ppl, every window."""
+    stock = {"meta": GGUF["meta"] | {"max_windows": 0, "llama_ppl_chunks": -1, "ctx": 512},
+             "rows": [{k: v for k, v in r.items() if k not in ("ppl", "kl", "top1")} for r in GGUF["rows"]]}
+    _write(results, "gguf-stock.json", stock)
+    page = next(p for p in write_results_pages(results, tmp_path / "out") if p.name == "gguf.md").read_text()
+    section = page[page.index("gguf-stock.json)\n"):]
+    assert "Windows of 512 tokens: lowbit's protocol not run; llama-perplexity on every window" in section
+    cells = next(cells for line in section.splitlines()
+                 if (cells := [c.strip() for c in line.split("|")])[2:3] == ["lowbit gptq_act+ft"])
+    assert cells[6:10] == ["-", "-", "-", "24.07 ± 1.02"]  # ppl, KL, top-1 not measured; llama-perplexity's

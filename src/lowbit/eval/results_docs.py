@@ -340,16 +340,13 @@ def _gguf_section(s: Source) -> list[str]:
         other = [c for t in others for c in (_ppl(r.get(f"ppl@{t}")), _num(r.get(f"kl@{t}"), 4),
                                              _top1(r.get(f"top1@{t}")))]
         rows.append([r["type"].upper(), r["label"], _num(r["file_mb"], 1), _num(r["bpw_file"], 3),
-                     _num(r["bpw_linears"], 3), *([_num(r.get("quant_s"), 0)] if timed else []), _ppl(r["ppl"]),
+                     _num(r["bpw_linears"], 3), *([_num(r.get("quant_s"), 0)] if timed else []), _ppl(r.get("ppl")),
                      _num(r.get("kl"), 4), _top1(r.get("top1")), *other, llama, _types(r.get("matrix_types")), mark])
-    windows = f"the first {meta['max_windows']} windows of each text" if meta.get("max_windows") else "every window"
     facts = [f"Command (the last run that wrote the file): {_command(meta.get('command', 'not recorded'))}",
              f"Hardware: {meta.get('device', 'not recorded')} for lowbit's perplexity; llama-perplexity on the same "
              "machine's CPU",
-             f"Windows of {meta.get('ctx', '?')} tokens, {windows}; "
-             + ("llama-perplexity not run" if meta.get("llama_ppl_chunks") == 0 else
-                f"llama-perplexity on the first {meta.get('llama_ppl_chunks', '?')}")
-             + f"; llama.cpp's importance matrix from {meta.get('imatrix', '?')}"]
+             f"Windows of {meta.get('ctx', '?')} tokens: {_gguf_windows(meta)}; llama.cpp's importance matrix from "
+             f"{meta.get('imatrix', '?')}"]
     if timed:
         facts.append("quant s: wall-clock seconds to make the file (llama.cpp + imatrix: llama-imatrix + "
                      "llama-quantize; lowbit: the export, calibration included)")
@@ -361,6 +358,17 @@ def _gguf_section(s: Source) -> list[str]:
     if notes:
         lines += ["", *(f"[{i}] {n}." for i, n in enumerate(notes, 1))]
     return lines
+
+
+def _gguf_windows(meta: dict) -> str:
+    """Which windows each protocol scored: ``max_windows`` 0 is no lowbit-protocol run, ``llama_ppl_chunks`` -1
+    every window, 0 none."""
+    lowbit = {None: "lowbit's protocol on every window", 0: "lowbit's protocol not run"}.get(
+        meta.get("max_windows"), f"lowbit's protocol on the first {meta.get('max_windows')} of each text")
+    chunks = meta.get("llama_ppl_chunks", "?")
+    llama = {0: "llama-perplexity not run", -1: "llama-perplexity on every window"}.get(
+        chunks, f"llama-perplexity on the first {chunks}")
+    return f"{lowbit}; {llama}"
 
 
 def _top1(fraction: object) -> str:
@@ -571,7 +579,7 @@ FAMILIES: Sequence[Family] = (
         "`llama-perplexity`: stock llama.cpp on the CPU, second half of each window scored, on the first windows "
         "only: a different protocol, so compare its ordering, not its values, with `ppl`. Rows accumulate over "
         "runs (`--resume`); the file records the last run's command. Discussion: [gguf.md](../gguf.md).",
-        {"meta": (), "rows": ("label", "type", "ppl", "file_mb", "bpw_file", "bpw_linears")}, _gguf_section),
+        {"meta": (), "rows": ("label", "type", "file_mb", "bpw_file", "bpw_linears")}, _gguf_section),
     Family(
         "finetune", "finetune-sweep-", "End-to-end scale tuning (+ft) sweep",
         "settings of end-to-end scale tuning (+ft), each scored as a GGUF file",
