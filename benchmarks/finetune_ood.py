@@ -38,7 +38,7 @@ import torch
 import lowbit
 import lowbit.api as api
 from calib_selfgen import generated  # benchmarks/, the script's folder, is first on sys.path
-from gguf_vs_llamacpp import llama_perplexity
+from gguf_vs_llamacpp import llama_perplexity, suffixed
 from lowbit.algorithms import finetune as ft
 from lowbit.algorithms.sequential import calibration_set
 from lowbit.cli import HESSIAN_SHRINK
@@ -94,11 +94,10 @@ def stock_scores(args: argparse.Namespace, work: Path, path: Path) -> dict:
         return {}
     row = {}
     for text in TEXTS:
-        suffix = "" if text == "eval" else f"@{text}"
         ppl, err = llama_perplexity(str(Path(args.llama_bin) / "llama-perplexity"), path, work / f"{text}.txt",
                                     args.llama_ctx, args.llama_chunks, args.threads,
                                     work / f"{path.stem}.{text}.ppl.log")
-        row |= {f"llama_ppl{suffix}": ppl, f"llama_ppl_err{suffix}": err}
+        row |= suffixed({"llama_ppl": ppl, "llama_ppl_err": err}, text)
     return row
 
 
@@ -185,8 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         for text in TEXTS:
             r = lowbit.evaluate(scored, tok, text_file=None if text == "eval" else text, seqlen=args.ctx,
                                 max_windows=args.windows, reference=reference, progress=False)
-            suffix = "" if text == "eval" else "@factbook"
-            row |= {f"ppl{suffix}": r.ppl, f"kl{suffix}": r.kl, f"top1{suffix}": r.top1}
+            row |= suffixed({"ppl": r.ppl, "kl": r.kl, "top1": r.top1}, text)
         row |= stock_scores(args, work, path)
         del scored, tuned
         rows.append(row)

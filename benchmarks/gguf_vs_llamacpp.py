@@ -199,19 +199,25 @@ class Bench:
                 print(f"ERROR {label}: {e}", flush=True)
 
     def score(self, label: str, qtype: str, path: Path, **extra: object) -> None:
-        """lowbit-protocol perplexity on every text now (GPU), llama-perplexity queued for the CPU thread."""
+        """lowbit-protocol perplexity on every text now (GPU; not with --max-windows 0), llama-perplexity queued for
+        the CPU thread."""
         if self.done(label, qtype):
             return
-        if self.args.max_windows == 0:  # stock llama-perplexity alone
-            self.save({"label": label, "type": qtype, "file": path.name, **file_stats(path), **extra})
-            self.queue_stock(label, qtype, path)
-            return
+        row = {"label": label, "type": qtype, "file": path.name, **file_stats(path), **extra}
+        if self.args.max_windows != 0:
+            row |= self.lowbit_protocol(label, path)
+        self.save(row)
+        for name in self.texts if self.args.llama_ppl_chunks else ():
+            self.jobs.put((label, qtype, path, name))
+
+    def lowbit_protocol(self, label: str, path: Path) -> dict:
+        """ppl (with KL and top-1 to the F16 file) of the file's tensors in the model, each text, and eval_s."""
         if self.reference is None and label != "F16":  # resumed after the F16 row: its model is still the reference
             f16 = load_gguf_weights(copy.deepcopy(self.model), self.work / "f16.gguf").to(self.device)
             self.reference = Reference(f16, cache_bytes=6e9)
         t0 = time.perf_counter()
         model = load_gguf_weights(copy.deepcopy(self.model), path).to(self.device)
-        row = {"label": label, "type": qtype, "file": path.name, **file_stats(path), **extra}
+        row = {}
         for name in self.texts:
             res = lowbit.evaluate(model, self.tok, text_file=None if name == "eval" else name, seqlen=self.args.ctx,
                                   max_windows=self.args.max_windows, reference=self.reference, progress=False)
@@ -219,14 +225,7 @@ class Bench:
             row.update(suffixed({"ppl": res.ppl, "windows": res.n_windows, **kl}, name))
         if label == "F16":  # the F16 file, scored first, is every later file's KL reference
             self.reference = Reference(model, cache_bytes=6e9)  # every window of both texts, in float16
-        else:
-            del model
-        self.save({**row, "eval_s": time.perf_counter() - t0})
-        self.queue_stock(label, qtype, path)
-
-    def queue_stock(self, label: str, qtype: str, path: Path) -> None:
-        for name in self.texts if self.args.llama_ppl_chunks else ():
-            self.jobs.put((label, qtype, path, name))
+        return {**row, "eval_s": time.perf_counter() - t0}
 
     def make_imatrix(self, f16: Path, imatrix: Path) -> None:
         if not imatrix.exists():
