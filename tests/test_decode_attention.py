@@ -111,6 +111,17 @@ for together in (True, False):
         out["direct_step"] = [len(calls) - 8, sorted({int(l.cumulative_length) for l in dec.cache.layers})]
         out["unmasked"] = [calls[:8], calls[8:]]
 out["model_step"] = (steps[0] - steps[1]).abs().max().item()
+# fresh data at the same rows each call: a partial of an earlier launch is never combined; the counters end at zero
+errs = []
+for _ in range(3):
+    qkv = torch.randn(1, 1, 12 * 32, generator=g)
+    caches = torch.randn(2, 1, 4, 200, 32, generator=g)
+    cs = torch.randn(2, 1, 1, 32, generator=g)
+    r = kernel.rope_cache_attention_reference(qkv, *cs, *caches.clone(), torch.tensor(150), None, 0.2, 4)
+    y = kernel.rope_cache_attention(qkv, *cs, *caches, torch.tensor(150), None, 0.2, 4, splits=3)
+    errs.append(((y.double() - r.double()).norm() / r.double().norm()).item())
+out["fresh"] = max(errs)
+out["counters"] = kernel._counters(torch.device("cpu"), 4).tolist()
 print(json.dumps(out))
 """
 
@@ -208,6 +219,13 @@ def test_rope_cache_step_refuses_qkv_rows_that_do_not_match_the_cache():
         rope_cache_attention(torch.zeros(1, 1, 96), torch.zeros(1, 1, 16), torch.zeros(1, 1, 16), *caches,
                              torch.tensor(3), None, 0.25, heads=4)
     assert caches.eq(0).all()
+
+
+def test_combined_partials_are_this_launchs(interpreter_results):
+    """Three launches on fresh data at the same rows: each gives its own attention, and leaves the counters at
+    zero for the next."""
+    assert interpreter_results["fresh"] < 1e-5
+    assert interpreter_results["counters"] == [0] * 4
 
 
 def test_splits_fill_the_gpu_without_idle_programs():
@@ -347,3 +365,25 @@ def test_fused_attention_step_gives_the_unfused_tokens(compile):
     assert torch.equal(runs[0][1], runs[1][1])
     scale = runs[1][0].abs().max()
     assert float((runs[0][0] - runs[1][0]).abs().max()) < 0.02 * float(scale)
+
+
+@gpu
+@pytest.mark.gpu
+def test_combined_partials_on_gpu_are_this_launchs():
+    """Launch after launch at the same rows, fresh queries and lengths that give 2-4 programs with keys: every
+    output is its own launch's attention (the combining program reads this launch's partials, never an earlier
+    launch's), and the counters are at zero afterwards."""
+    from lowbit.kernels import triton_decode_attention as kernel
+
+    g = torch.Generator("cuda").manual_seed(5)
+    caches = torch.randn(2, 1, 32, 256, 128, generator=g, device="cuda", dtype=torch.float16)
+    cos, sin = torch.randn(2, 1, 1, 128, generator=g, device="cuda", dtype=torch.float16)
+    worst = 0.0
+    for i in range(200):
+        qkv = torch.randn(1, 1, 96 * 128, generator=g, device="cuda", dtype=torch.float16)
+        length = torch.tensor(64 + (i * 37) % 192, device="cuda")
+        want = kernel.rope_cache_attention_reference(qkv, cos, sin, *caches.clone(), length, None, 0.1, 32)
+        y = kernel.rope_cache_attention(qkv, cos, sin, *caches, length, None, 0.1, 32, splits=4)
+        worst = max(worst, float((y.double() - want.double()).norm() / want.double().norm()))
+    assert worst < 2e-3
+    assert int(kernel._counters(torch.device("cuda", torch.cuda.current_device()), 32).abs().max()) == 0

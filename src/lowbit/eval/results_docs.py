@@ -550,6 +550,21 @@ def _llamacpp_section(s: Source) -> list[str]:
     return _section(Path(s.name).stem, s, facts, kernels, decode)
 
 
+def _attention_section(s: Source) -> list[str]:
+    meta = s.data["meta"]
+    env = meta.get("env") or {}
+    facts = [f"Command: {_command(meta['command']) if 'command' in meta else 'not recorded'}",
+             f"Hardware: {meta.get('device', 'not recorded')}",
+             f"Cache: {meta.get('cache', '?')} positions, {meta.get('heads', '?')} heads of {meta.get('dim', '?')}, "
+             f"{meta.get('layers', '?')} layers",
+             "Environment: " + (", ".join(f"`{k}={v}`" for k, v in sorted(env.items())) or "none recorded")]
+    lengths = sorted({int(n) for r in s.data["rows"] for n in r["us"]})
+    rows = [[r["config"], *(_num(r["us"].get(str(n)), 2) for n in lengths), _num(r["mean_us"], 2),
+             "-" if r.get("max_rel_err") is None else f"{r['max_rel_err']:.1e}"] for r in s.data["rows"]]
+    table = markdown_table(["splits, block, warps", *(f"length {n}" for n in lengths), "mean", "error"], rows)
+    return _section(Path(s.name).stem, s, facts, table)
+
+
 # --- the families ------------------------------------------------------------------------------------------------
 
 _ROWS = ("variant", "linear_bpw", "ppl")
@@ -648,4 +663,16 @@ FAMILIES: Sequence[Family] = (
         "`llama-quantize` files. Comparison with lowbit: [kernels.md](../kernels.md).",
         {"meta": (), "kernels": ("type", "batch", "rows", "cols", "us"), "decode": ("type", "tok_s")},
         _llamacpp_section),
+    Family(
+        "attention", "attention-", "Decode attention step",
+        "the one-kernel decode attention step (rotary, cache write, attention) alone, by context length",
+        "The one-kernel attention step of a decode step (`rope_cache_attention`: rotary embedding, cache write and "
+        "attention over the written positions) alone, written by `benchmarks/attention_speed.py`: one call per "
+        "layer of a Llama-2-7B-shaped model (32 heads of 128), the layers' calls captured in one CUDA graph and "
+        "replayed, µs per call (median of the repeats) at each context length; the caches of all layers together "
+        "exceed the L2, so the keys come from DRAM as in a decode step. A config is programs per head (`splits`), "
+        "keys per program step (`block`) and warps per program; `default` is the kernel's own choice. `error`: "
+        "the last layer's output against the float64 reference after the replays. Analysis: "
+        "[kernels.md](../kernels.md).",
+        {"meta": (), "rows": ("config", "us", "mean_us")}, _attention_section),
 )

@@ -176,7 +176,9 @@ if triton is not None:
                     w = tl.where(ms > float("-inf"), tl.exp(ms - tl.where(top > float("-inf"), top, 0.0)), 0.0)
                     total = tl.sum(ls * w, axis=0)
                     _store_normalized(tl.sum(parts * w[:, None], axis=0), total, o_ptr + d)
-                    tl.atomic_xchg(count_ptr + row, 0)  # ready for the next launch (and the next graph replay)
+                    # ready for the next launch (and the next graph replay), which the kernel's end orders after this
+                    # one: relaxed, no fence (the acq_rel exchange took ~0.2 µs of a 5 µs step, docs/kernels.md)
+                    tl.atomic_xchg(count_ptr + row, 0, sem="relaxed")
 
     @triton.jit
     def _decode_attention(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, part_ptr, stat_ptr, count_ptr, S, scale,
@@ -320,11 +322,12 @@ def rope_cache_attention_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: to
 
 def rope_cache_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                          v_cache: torch.Tensor, length: torch.Tensor, mask: torch.Tensor | None, scale: float,
-                         heads: int, splits: int | None = None) -> torch.Tensor:
+                         heads: int, splits: int | None = None, block: int = BLOCK, warps: int = 4) -> torch.Tensor:
     """:func:`rope_cache_attention_reference` in one launch: every program rotates its query and its group's new
     key, one program per key/value head writes them to the cache, and the new position's score is taken from
     registers (no program reads the cache line being written). Check :func:`step_supported` first. ``splits`` as
-    in :func:`decode_attention`."""
+    in :func:`decode_attention` (given with ``block``: the default assumes :data:`BLOCK`); ``block`` keys per
+    program step, ``warps`` per program (``benchmarks/attention_speed.py`` compares them)."""
     bsz, dim, kv_heads, seq = qkv.shape[0], k_cache.shape[-1], k_cache.shape[1], k_cache.shape[2]
     if tuple(qkv.shape[1:]) != (1, (heads + 2 * kv_heads) * dim):
         raise ValueError(f"rope_cache_attention needs qkv [B, 1, {(heads + 2 * kv_heads) * dim}] for {heads} heads "
@@ -339,8 +342,8 @@ def rope_cache_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
         qkv, cos, sin, k_cache, v_cache, length, m, out, part, stat, count, seq, scale,
         *batch_stride, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), sm_b, sm_s,
-        HEADS=heads, KV_HEADS=kv_heads, D=dim, BLOCK_S=BLOCK, HAS_MASK=mask is not None, SPLITS=splits,
-        SPLITS_P2=triton.next_power_of_2(splits), num_warps=4)
+        HEADS=heads, KV_HEADS=kv_heads, D=dim, BLOCK_S=block, HAS_MASK=mask is not None, SPLITS=splits,
+        SPLITS_P2=triton.next_power_of_2(splits), num_warps=warps)
     return out
 
 

@@ -45,7 +45,7 @@ from torch import nn
 
 from lowbit.kernels.cuda_gemv import early_launch
 from lowbit.kernels.triton_decode_attention import reserve as reserve_decode_attention
-from lowbit.models import fused_norms
+from lowbit.models import fused_norms, step_tables
 from lowbit.models.decode_attention import advance_lengths, defer_lengths, unmasked_steps, use_decode_attention
 from lowbit.models.fused_linears import fuse_siblings
 from lowbit.models.quant_linear import QuantLinear
@@ -159,6 +159,8 @@ class StaticDecoder:
         self.length = 0  # positions held in the cache
         self.prompt_length = 0
         place_rotations(model, self.device)
+        # the rotary embedding's cos/sin for every cache position, computed once (models.step_tables)
+        self._rotary = step_tables.install(model, max_cache_len + 1, self.device)
         # q/k/v and gate/up as one packed matmul each (models.fused_linears): same outputs, fewer short kernels
         self.fused_groups = fuse_siblings(model) if fuse else 0
         # one-token attention that reads only the visible part of the static cache (models.decode_attention)
@@ -277,7 +279,7 @@ class StaticDecoder:
             advance_lengths(self.cache)
             unmasked_steps(self.cache, False)
         logits = out.logits[:, -1].float()
-        nxt = torch.argmax(logits, dim=-1)
+        nxt = step_tables.first_argmax(logits)  # two reductions over the GPU instead of one program's
         self._hist.index_copy_(1, self._pos[0] + 1, nxt.unsqueeze(1))
         self._ids.copy_(nxt.unsqueeze(1))
         self._pos.add_(1)
@@ -285,7 +287,7 @@ class StaticDecoder:
 
     def _run_step(self) -> torch.Tensor:
         # lowbit's GEMVs launched early only inside the PDL step: among plain kernels it measured slower
-        with early_launch(True) if self.pdl else nullcontext():
+        with early_launch(True) if self.pdl else nullcontext(), step_tables.lookups(self._rotary):
             return self._step()
 
     def _advance(self) -> torch.Tensor:
