@@ -101,8 +101,8 @@ def main() -> None:
     out = Path(args.out or f"benchmarks/results/attention-{args.tag}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"command": " ".join(["python", *sys.argv]), "device": torch.cuda.get_device_name(), "cache": args.cache,
-            "heads": args.heads, "dim": args.dim,
-            "layers": args.layers, "env": {k: v for k, v in os.environ.items() if k.startswith("LOWBIT_")}}
+            "heads": args.heads, "dim": args.dim, "layers": args.layers,
+            "env": {k: v for k, v in os.environ.items() if k.startswith("LOWBIT_")}}
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(f"wrote {out}")
 

@@ -236,6 +236,7 @@ def test_splits_fill_the_gpu_without_idle_programs():
     assert default_splits(1, 32, 1 << 20, sms=4096) == MAX_SPLITS
     assert default_splits(64, 32, 4096, sms=132) == 1  # a large batch fills the GPU by itself
     assert default_splits(1, 8, BLOCK, sms=132) == 1
+    assert default_splits(1, 32, 144, sms=132, block=32) == 5  # blocks of 32 keys: 5 of them
 
 
 def test_llama_decode_with_lowbit_attention_matches_sdpa(interpreter_results):

@@ -61,10 +61,10 @@ def decode_attention_reference(query: torch.Tensor, key: torch.Tensor, value: to
     return (p @ v).to(query.dtype)
 
 
-def default_splits(bsz: int, heads: int, seq: int, sms: int) -> int:
-    """Programs per (sequence, head) on ``sms`` SMs: about two per SM in all, at most one per key block and at most
-    :data:`MAX_SPLITS`."""
-    return max(1, min(-(-seq // BLOCK), -(-2 * sms // (bsz * heads)), MAX_SPLITS))
+def default_splits(bsz: int, heads: int, seq: int, sms: int, block: int = BLOCK) -> int:
+    """Programs per (sequence, head) on ``sms`` SMs: about two per SM in all, at most one per ``block`` keys and at
+    most :data:`MAX_SPLITS`."""
+    return max(1, min(-(-seq // block), -(-2 * sms // (bsz * heads)), MAX_SPLITS))
 
 
 MAX_SPLITS = 16
@@ -254,10 +254,10 @@ if triton is not None:
 
 
 def _launch(x: torch.Tensor, bsz: int, heads: int, seq: int, dim: int, mask: torch.Tensor | None,
-            splits: int | None) -> tuple[int, tuple[torch.Tensor, ...], tuple[int, int]]:
-    """What both kernels' launches share: the splits (checked, or :func:`default_splits`), the mask pointer, the
-    workspace and counters of the splits, and the mask's strides."""
-    splits = default_splits(bsz, heads, seq, sm_count(x.device)) if splits is None else splits
+            splits: int | None, block: int = BLOCK) -> tuple[int, tuple[torch.Tensor, ...], tuple[int, int]]:
+    """What both kernels' launches share: the splits (checked, or :func:`default_splits` for ``block`` keys a
+    step), the mask pointer, the workspace and counters of the splits, and the mask's strides."""
+    splits = default_splits(bsz, heads, seq, sm_count(x.device), block) if splits is None else splits
     if not 1 <= splits <= MAX_SPLITS:
         raise ValueError(f"splits must be in 1..{MAX_SPLITS}, got {splits}")
     rows = bsz * heads
@@ -326,8 +326,8 @@ def rope_cache_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     """:func:`rope_cache_attention_reference` in one launch: every program rotates its query and its group's new
     key, one program per key/value head writes them to the cache, and the new position's score is taken from
     registers (no program reads the cache line being written). Check :func:`step_supported` first. ``splits`` as
-    in :func:`decode_attention` (given with ``block``: the default assumes :data:`BLOCK`); ``block`` keys per
-    program step, ``warps`` per program (``benchmarks/attention_speed.py`` compares them)."""
+    in :func:`decode_attention` (the default counts blocks of ``block`` keys); ``block`` keys per program step,
+    ``warps`` per program (``benchmarks/attention_speed.py`` compares them)."""
     bsz, dim, kv_heads, seq = qkv.shape[0], k_cache.shape[-1], k_cache.shape[1], k_cache.shape[2]
     if tuple(qkv.shape[1:]) != (1, (heads + 2 * kv_heads) * dim):
         raise ValueError(f"rope_cache_attention needs qkv [B, 1, {(heads + 2 * kv_heads) * dim}] for {heads} heads "
@@ -335,7 +335,7 @@ def rope_cache_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     if qkv.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or cos.stride(-1) != 1 \
             or sin.stride(-1) != 1:
         raise ValueError("rope_cache_attention needs the head dimension contiguous")
-    splits, (m, part, stat, count), (sm_b, sm_s) = _launch(qkv, bsz, heads, seq, dim, mask, splits)
+    splits, (m, part, stat, count), (sm_b, sm_s) = _launch(qkv, bsz, heads, seq, dim, mask, splits, block)
     out = torch.empty(bsz, 1, heads * dim, dtype=qkv.dtype, device=qkv.device)
     batch_stride = [t.stride(0) if t.shape[0] > 1 else 0 for t in (qkv, cos, sin)]  # cos/sin may broadcast
     _rope_cache_attention[(heads, bsz, splits)](
