@@ -7,8 +7,9 @@ Each layer of a Llama-2-7B-shaped model (32 heads of 128, ``--layers`` caches of
 larger than the H200's L2 so that the keys come from DRAM as in a decode step) gets one
 :func:`lowbit.kernels.triton_decode_attention.rope_cache_attention` call; the ``--layers`` calls are captured in one
 CUDA graph and replayed. A config is ``splits,block,warps`` (programs per head, keys per program step, warps per
-program); ``default`` is what the kernel chooses. Prints µs per call by length and writes
-benchmarks/results/attention-<tag>.json.
+program) of the Triton kernel, ``default`` what it chooses, or ``cuda`` / ``cuda-pdl`` (``,splits,keys_per_warp``
+optional) the CUDA kernel of :mod:`lowbit.kernels.cuda_attention`, plain or as programmatic dependent launches.
+Prints µs per call by length and writes benchmarks/results/attention-<tag>.json.
 """
 
 from __future__ import annotations
@@ -22,12 +23,16 @@ from pathlib import Path
 
 import torch
 
+from lowbit.kernels import cuda_attention
 from lowbit.kernels.triton_decode_attention import rope_cache_attention, rope_cache_attention_reference
 
 
-def parse_config(text: str) -> dict[str, int] | None:
+def parse_config(text: str) -> dict[str, int | str] | None:
     if text == "default":
         return None
+    if text.startswith("cuda"):  # cuda[-pdl][,splits[,keys per warp]]: lowbit.kernels.cuda_attention
+        name, *rest = text.split(",")
+        return {"kernel": name, **dict(zip(("splits", "keys_per_warp"), (int(v) for v in rest), strict=False))}
     splits, block, warps = (int(v) for v in text.split(","))
     return {"splits": splits, "block": block, "warps": warps}
 
@@ -44,9 +49,13 @@ def time_config(config: dict[str, int] | None, lengths: list[int], args: argpars
     qkv = torch.randn(1, 1, 3 * heads * dim, generator=g, device=dev, dtype=torch.float16)
     cos, sin = torch.randn(2, 1, 1, dim, generator=g, device=dev, dtype=torch.float16)
     length = torch.tensor(lengths[0], device=dev)
-    kwargs = config or {}
+    kwargs = dict(config or {})
+    kernel = kwargs.pop("kernel", "triton")
 
     def step() -> list[torch.Tensor]:
+        if kernel != "triton":
+            return [cuda_attention.rope_cache_attention(qkv, cos, sin, kv[0], kv[1], length, dim ** -0.5, heads,
+                                                        early=kernel == "cuda-pdl", **kwargs) for kv in caches]
         return [rope_cache_attention(qkv, cos, sin, kv[0], kv[1], length, None, dim ** -0.5, heads, **kwargs)
                 for kv in caches]
 

@@ -20,6 +20,8 @@ dispatch does a dict lookup for the format's cached decode plan (LUT on the devi
 :mod:`triton_hadamard` (signs + FWHT in one launch) where Triton runs, else ``RandomizedHadamard.apply``; and
 :func:`residual_norm_rotated` for the junction between two rotated matmuls (output side undone, residual, RMSNorm,
 next input side): one :mod:`triton_hadamard` launch for power-of-two sizes, else those steps one by one.
+:func:`rope_cache_attention` picks the kernel of a decode step's attention: :mod:`cuda_attention` on Hopper for
+fp16 steps without a mask, else :mod:`triton_decode_attention`.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ _MODES = ("auto", "reference", "triton")
 GPU_UNVERIFIED: frozenset[str] = frozenset()
 _mode = os.environ.get("LOWBIT_KERNELS", "auto")
 _CUDA_GEMV = os.environ.get("LOWBIT_CUDA_GEMV", "1") != "0"
+_CUDA_ATTENTION = os.environ.get("LOWBIT_CUDA_ATTENTION", "1") != "0"
 
 
 def set_kernel_mode(mode: str) -> None:
@@ -277,3 +280,20 @@ def residual_norm_rotated(y: torch.Tensor, u, residual: torch.Tensor, norm: Norm
             return triton_hadamard.residual_norm(y, u, residual, norm[0], norm[1], v, pdl=cuda_gemv.pdl_on(y.device))
     h = residual + rotate_output(u, y)
     return h, rotate_input(v, rms_norm_reference(h, *norm))
+
+
+def rope_cache_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                         v_cache: torch.Tensor, length: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                         heads: int) -> torch.Tensor:
+    """The one-kernel attention step of a decode step (``triton_decode_attention.rope_cache_attention``; check its
+    ``step_supported`` first): the CUDA kernel of :mod:`cuda_attention` where it serves the call (Hopper, fp16, no
+    mask; launched the way the GEMVs around it are, :func:`cuda_gemv.pdl_on`), else the Triton one.
+    ``LOWBIT_CUDA_ATTENTION=0`` keeps the Triton kernel everywhere."""
+    from lowbit.kernels import cuda_attention, cuda_gemv
+    from lowbit.kernels import triton_decode_attention as attention
+
+    if _CUDA_ATTENTION and "cuda_attention" not in GPU_UNVERIFIED and \
+            cuda_attention.serves(qkv, cos, sin, k_cache, v_cache, mask):
+        return cuda_attention.rope_cache_attention(qkv, cos, sin, k_cache, v_cache, length, scale, heads,
+                                                   early=cuda_gemv.pdl_on(qkv.device))
+    return attention.rope_cache_attention(qkv, cos, sin, k_cache, v_cache, length, mask, scale, heads)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 
 from lowbit.formats import QuantizedTensor, get_format
-from lowbit.kernels import triton_decode_attention as attention
+from lowbit.kernels import dispatch
 from lowbit.kernels.dispatch import dequant_matmul, gated_matmul
 
 
@@ -54,10 +54,11 @@ qmatmul_gated = _packed_matmul_op("qmatmul_gated", gated_matmul, lambda rows: ro
 def rope_cache_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                          v_cache: torch.Tensor, length: torch.Tensor, mask: torch.Tensor | None, scale: float,
                          heads: int) -> torch.Tensor:
-    """:func:`lowbit.kernels.triton_decode_attention.rope_cache_attention`. An opaque op that declares the caches it
-    writes: Inductor passes them in place (traced as a user Triton kernel, its mutation analysis gave up on the
-    kernel and Inductor cloned and copied back its inputs, two extra kernels per layer)."""
-    return attention.rope_cache_attention(qkv, cos, sin, k_cache, v_cache, length, mask, scale, heads)
+    """:func:`lowbit.kernels.dispatch.rope_cache_attention` (the CUDA kernel on Hopper, else the Triton one). An
+    opaque op that declares the caches it writes: Inductor passes them in place (traced as a user Triton kernel, its
+    mutation analysis gave up on the kernel and Inductor cloned and copied back its inputs, two extra kernels per
+    layer)."""
+    return dispatch.rope_cache_attention(qkv, cos, sin, k_cache, v_cache, length, mask, scale, heads)
 
 
 @rope_cache_attention.register_fake

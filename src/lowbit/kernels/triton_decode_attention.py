@@ -19,7 +19,9 @@ one launch: the rotary embedding of the query and the new key, the new key and v
 at its length, and the attention over the written part of the cache (the length bounds the blocks read, so the
 key/value loads need not wait for the mask's; the programs past the written blocks write nothing, and a context of
 one block is written by its one program with no workspace round trip). In a compiled decode step these were three
-or four small kernels per layer besides the attention (~130 µs of a 7B step on an H200, docs/kernels.md).
+or four small kernels per layer besides the attention (~130 µs of a 7B step on an H200, docs/kernels.md). On Hopper
+GPUs a CUDA version serves the fp16 steps without a mask (:mod:`lowbit.kernels.cuda_attention`, chosen by
+:func:`lowbit.kernels.dispatch.rope_cache_attention`): it combines a head's programs within a cluster of CTAs.
 
 :func:`decode_attention_reference` and :func:`rope_cache_attention_reference` are the plain torch computations
 the kernels are tested against.

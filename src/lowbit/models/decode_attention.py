@@ -7,7 +7,8 @@ function, so the model computes the same function either way. The attention mask
 
 :func:`step_attention` goes further for a Llama-family attention whose q/k/v are one fused matmul: a one-token step
 with a transformers static cache runs the rotary embedding, the cache write and the attention as one kernel
-(:func:`lowbit.kernels.triton_decode_attention.rope_cache_attention`) instead of transformers' code around it.
+(:func:`lowbit.kernels.dispatch.rope_cache_attention`: CUDA on Hopper, Triton elsewhere) instead of transformers'
+code around it.
 """
 
 from __future__ import annotations

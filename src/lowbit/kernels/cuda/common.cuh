@@ -7,6 +7,17 @@ struct U4 { u32 x, y, z, w; };
 
 #define DEV __device__ __forceinline__
 
+DEV float half_to_float(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+DEV u16 float_to_half(float f) {
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+
 // Programmatic dependent launch (cuda_jit.Kernel's ``early``): the kernel may start while the kernel before it in
 // the stream still runs; nothing before wait_for_inputs() reads what that kernel writes (constants only).
 // release_dependents() lets the kernel after this one start its own set-up. Both are no-ops when the launches are

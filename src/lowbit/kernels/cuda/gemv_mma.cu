@@ -104,16 +104,6 @@ DEV float half_lo_to_float(u32 h2) {
     asm("{ .reg .f16 lo, hi; mov.b32 {lo, hi}, %1; cvt.f32.f16 %0, lo; }" : "=f"(f) : "r"(h2));
     return f;
 }
-DEV float half_to_float(u16 h) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-    return f;
-}
-DEV u16 float_to_half(float f) {
-    u16 h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-    return h;
-}
 // Programmatic dependent launch (cuda_gemv.EARLY_LAUNCH; wait_for_inputs and release_dependents in common.cuh):
 // before the wait a GEMV reads codes, scales and constant tables only. NO_EARLY_RELEASE (which
 // benchmarks/decode_pdl.py sets to measure it) leaves the release to the block's exit.
