@@ -37,7 +37,7 @@ def parse_config(text: str) -> dict[str, int | str] | None:
     return {"splits": splits, "block": block, "warps": warps}
 
 
-def time_config(config: dict[str, int] | None, lengths: list[int], args: argparse.Namespace
+def time_config(config: dict[str, int | str] | None, lengths: list[int], args: argparse.Namespace
                 ) -> tuple[dict[int, float], float]:
     """µs per call for each length (one graph of ``args.layers`` calls, the median of ``args.repeats`` timings
     of ``args.replays`` replays) and the largest relative error of the last layer's output after them, against

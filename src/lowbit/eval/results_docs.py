@@ -561,7 +561,7 @@ def _attention_section(s: Source) -> list[str]:
     lengths = sorted({int(n) for r in s.data["rows"] for n in r["us"]})
     rows = [[r["config"], *(_num(r["us"].get(str(n)), 2) for n in lengths), _num(r["mean_us"], 2),
              "-" if r.get("max_rel_err") is None else f"{r['max_rel_err']:.1e}"] for r in s.data["rows"]]
-    table = markdown_table(["splits, block, warps", *(f"length {n}" for n in lengths), "mean", "error"], rows)
+    table = markdown_table(["config", *(f"length {n}" for n in lengths), "mean", "error"], rows)
     return _section(Path(s.name).stem, s, facts, table)
 
 
@@ -670,8 +670,10 @@ FAMILIES: Sequence[Family] = (
         "attention over the written positions) alone, written by `benchmarks/attention_speed.py`: one call per "
         "layer of a Llama-2-7B-shaped model (32 heads of 128), the layers' calls captured in one CUDA graph and "
         "replayed, µs per call (median of the repeats) at each context length; the caches of all layers together "
-        "exceed the L2, so the keys come from DRAM as in a decode step. A config is programs per head (`splits`), "
-        "keys per program step (`block`) and warps per program; `default` is the kernel's own choice. `error`: "
+        "exceed the L2, so the keys come from DRAM as in a decode step. A config of the Triton kernel is programs "
+        "per head (`splits`), keys per program step (`block`) and warps per program, `default` its own choice; "
+        "`cuda` / `cuda-pdl` is the CUDA kernel (plain or a programmatic dependent launch, optionally `,splits,"
+        "keys per warp`). `error`: "
         "the last layer's output against the float64 reference after the replays. Analysis: "
         "[kernels.md](../kernels.md).",
         {"meta": (), "rows": ("config", "us", "mean_us")}, _attention_section),

@@ -6,19 +6,18 @@ step reads its first keys before the q/k/v matmul has finished (programmatic dep
 :func:`serves` says when it applies (fp16, no mask, a head size of 64, 128 or 256, 16-byte aligned rows, compute
 capability 9.0 or more, NVRTC found); :func:`rope_cache_attention` runs it. The Triton kernel serves every other
 case; both are tested against ``rope_cache_attention_reference``. Measured on an H200 (docs/kernels.md): TG-128 of
-the 7B shape with nz2_ch 810.7 -> 837.5 tok/s against the Triton kernel, and the step alone at a cache of 4096
-24.1 -> 15.8 µs per layer.
+the 7B shape with nz2_ch 810.7 -> 837.5 tok/s against the Triton kernel; a first version (16 keys a warp) took
+the step alone at a cache of 4096 from 24.1 to 15.8 µs per layer.
 """
 
 from __future__ import annotations
 
 import ctypes
-from functools import cache
 
 import torch
 
 from lowbit.kernels import cuda_jit
-from lowbit.kernels.device import sm_count
+from lowbit.kernels.device import hopper, sm_count
 from lowbit.kernels.triton_decode_attention import default_splits
 
 MAX_SPLITS = 8  # the portable cluster size
@@ -26,11 +25,6 @@ HEAD_DIMS = (64, 128, 256)
 # Keys per warp in a block of 64 (the .cu's KPW): 8, so 8 warps a program. Measured on an H200 (TG-128 of the 7B
 # shape, nz2_ch): 837.5 tok/s against 816.5 with 16 keys on 4 warps.
 KEYS_PER_WARP = 8
-
-
-@cache
-def _hopper(index: int) -> bool:
-    return torch.cuda.get_device_capability(index)[0] >= 9
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -43,7 +37,7 @@ def serves(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: tor
     """Whether :func:`rope_cache_attention` runs this step (check ``step_supported`` of the Triton module too)."""
     return (qkv.is_cuda and qkv.dtype == torch.float16 and k_cache.dtype == torch.float16 and mask is None
             and k_cache.shape[-1] in HEAD_DIMS and all(_aligned(t) for t in (qkv, cos, sin, k_cache, v_cache))
-            and _hopper(qkv.device.index or 0) and cuda_jit.available())
+            and hopper(qkv.device) and cuda_jit.available())
 
 
 def splits_for(bsz: int, heads: int, seq: int, device: torch.device) -> int:

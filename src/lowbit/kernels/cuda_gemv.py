@@ -40,7 +40,7 @@ from lowbit.formats import iq2xxs as iq2xxs_format
 from lowbit.formats.bitpack import pack_bits
 from lowbit.formats.kquants import QK_K
 from lowbit.kernels import cuda_jit
-from lowbit.kernels.device import sm_count
+from lowbit.kernels.device import hopper, sm_count
 from lowbit.kernels.reference import rms_norm_reference
 
 MAX_M = 8  # batch columns of the m16n8k16 MMA
@@ -410,7 +410,7 @@ def launches_early() -> bool:
 def pdl_on(device: torch.device) -> bool:
     """Whether a kernel launched now on ``device`` uses programmatic dependent launch: inside :func:`early_launch`
     (or with ``LOWBIT_CUDA_PDL=1``) on a GPU of compute capability 9.0 or more."""
-    return launches_early() and device.type == "cuda" and _hopper(device)
+    return launches_early() and hopper(device)
 
 
 @contextmanager
@@ -532,11 +532,6 @@ def norm_groups(p: Plan, k: int, warps: int) -> int:
 def _aligned(t: torch.Tensor) -> torch.Tensor:
     """``t`` at a 16-byte aligned address (the kernel reads activations and norm weights in 16-byte units)."""
     return t.clone() if t.data_ptr() % 16 else t
-
-
-@cache
-def _hopper(device: torch.device) -> bool:
-    return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 # ----- the kernel's decode replayed in torch (CPU tests) ------------------------------------------------------

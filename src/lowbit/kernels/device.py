@@ -11,3 +11,10 @@ import torch
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of ``device``; 1 off CUDA (grids sized from it stay valid)."""
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+@cache
+def hopper(device: torch.device) -> bool:
+    """Whether ``device`` is a CUDA GPU of compute capability 9.0 or more (clusters, programmatic dependent
+    launch)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9

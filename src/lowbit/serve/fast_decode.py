@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from lowbit.kernels.cuda_gemv import early_launch
+from lowbit.kernels.device import hopper
 from lowbit.kernels.triton_decode_attention import reserve as reserve_decode_attention
 from lowbit.models import fused_norms, step_tables
 from lowbit.models.decode_attention import advance_lengths, defer_lengths, unmasked_steps, use_decode_attention
@@ -96,7 +97,7 @@ def _pdl_applies(pdl: bool | str, compile: bool, device: torch.device) -> bool:
     tok/s plain, 375.3 with PDL; before the transforms launched early, PDL measured slower, 302.4 against 310.5)."""
     if pdl not in (True, False, "auto"):
         raise ValueError(f"pdl must be True, False or 'auto', got {pdl!r}")
-    possible = compile and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    possible = compile and hopper(device)
     if pdl is True and not possible:
         raise ValueError("pdl=True needs compile=True and a CUDA GPU of compute capability 9.0 or more "
                          f"(this decoder: compile={compile}, device {device})")

@@ -179,6 +179,16 @@ DEV void cluster_sync() {  // every thread of every CTA of the cluster; orders s
 
 // (m, l, acc) of several states weighted onto the largest max: weights exp(m_i - top), 0 for a state with no key
 DEV float state_weight(float m, float top) { return m > NEG_INF ? expf(m - (top > NEG_INF ? top : 0.f)) : 0.f; }
+// The weights w of N states' maxima m (their largest: top) and the states' sums l weighted by them.
+template <int N> DEV float weigh(const float (&m)[N], const float (&l)[N], float (&w)[N], float& top) {
+    top = NEG_INF;
+#pragma unroll
+    for (int i = 0; i < N; ++i) top = fmaxf(top, m[i]);
+    float total = 0.f;
+#pragma unroll
+    for (int i = 0; i < N; ++i) { w[i] = state_weight(m[i], top); total = fmaf(l[i], w[i], total); }
+    return total;
+}
 
 extern "C" __global__ void __cluster_dims__(SPLITS, 1, 1) __launch_bounds__(NWARPS * 32)
 attention_step(const u16* __restrict__ qkv, const u16* __restrict__ cosp, const u16* __restrict__ sinp,
@@ -240,12 +250,8 @@ attention_step(const u16* __restrict__ qkv, const u16* __restrict__ cosp, const 
 #pragma unroll
     for (int d = 0; d < DPL; ++d) wacc[warp][d0 + d] = st.acc[d];
     __syncthreads();
-    float top = NEG_INF;
-#pragma unroll
-    for (int w = 0; w < NWARPS; ++w) top = fmaxf(top, wm[w]);
-    float ww[NWARPS], total = 0.f;
-#pragma unroll
-    for (int w = 0; w < NWARPS; ++w) { ww[w] = state_weight(wm[w], top); total = fmaf(wl[w], ww[w], total); }
+    float ww[NWARPS], top;
+    const float total = weigh(wm, wl, ww, top);
     for (int d = threadIdx.x; d < HEAD_DIM; d += NWARPS * 32) {
         float a = 0.f;
 #pragma unroll
@@ -259,16 +265,13 @@ attention_step(const u16* __restrict__ qkv, const u16* __restrict__ cosp, const 
     if (alone) __syncthreads();
     else cluster_sync();  // every program's (cm, cl, cacc) readable across the cluster
     if (j == 0) {
-        float ms[SPLITS], ls[SPLITS], best = NEG_INF;
+        float ms[SPLITS], ls[SPLITS], ws[SPLITS], best;
 #pragma unroll
         for (int r = 0; r < SPLITS; ++r) {
             ms[r] = r == 0 ? cm : alone ? NEG_INF : ld_cluster(&cm, r);
             ls[r] = r == 0 ? cl : alone ? 0.f : ld_cluster(&cl, r);
-            best = fmaxf(best, ms[r]);
         }
-        float ws[SPLITS], sum = 0.f;
-#pragma unroll
-        for (int r = 0; r < SPLITS; ++r) { ws[r] = state_weight(ms[r], best); sum = fmaf(ls[r], ws[r], sum); }
+        const float sum = weigh(ms, ls, ws, best);
         for (int d = threadIdx.x; d < HEAD_DIM; d += NWARPS * 32) {
             float a = 0.f;
 #pragma unroll
