@@ -24,6 +24,7 @@ import argparse
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).parent
@@ -103,16 +104,23 @@ def versus_peers(kernel_rows: list[dict], table_rows: list[dict]) -> list[dict]:
     return list(out.values())
 
 
+def decode_label(row: dict) -> str:
+    """A decode row's name in the table: its variant, and its LM head's format where that is not fp16 (an
+    nz2_ch step with an nz2_ch head is another row than one with the fp16 head)."""
+    head = row.get("lm_head")
+    return row["variant"] if head in (None, "fp16") else f"{row['variant']} (LM head {head})"
+
+
 def decode_table(decode: dict | None, llama: dict | None) -> list[dict]:
     """lowbit's TG-128 rows with the issue's ratios: vs lowbit's compiled fp16 step, vs llama.cpp's fastest 2-bit
     type (2-bit rows) or its Q4_0 (4-bit rows); llama.cpp's own rows after them."""
     rows = (decode or {}).get("rows", [])
-    ours = {r["variant"]: r["tok_s"] for r in rows if r.get("tok_s")}
+    ours = {decode_label(r): r["tok_s"] for r in rows if r.get("tok_s")}
     theirs = {r["type"]: r["tok_s"] for r in (llama or {}).get("decode", [])}
     two_bit = max((theirs[t] for t in TWO_BIT_DECODE if t in theirs), default=None)
     out = []
     for variant, tok_s in ours.items():
-        bpw = next(r["bpw"] for r in rows if r["variant"] == variant)
+        bpw = next(r["bpw"] for r in rows if decode_label(r) == variant)
         peer = two_bit if bpw < 3 else theirs.get("q4_0") if bpw < 8 else theirs.get("f16")
         out.append({"tool": "lowbit", "variant": variant, "tok_s": tok_s,
                     "vs_fp16": tok_s / ours["fp16"] if "fp16" in ours else None,
@@ -146,22 +154,22 @@ def _load(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _merged(paths: list[Path], key: str) -> list[dict]:
-    """The files' rows, a later file's row replacing an earlier one for the same format, shape and batch."""
+def _merged(paths: list[Path], name: Callable[[dict], str | None]) -> list[dict]:
+    """The files' rows, a later file's row replacing an earlier one of the same name, shape and batch."""
     rows: dict[tuple, dict] = {}
     for p in paths:
         for r in (_load(p) or {}).get("rows", []):
-            rows[(r.get(key), str(r.get("shape")), r.get("batch"))] = r
+            rows[(name(r), str(r.get("shape")), r.get("batch"))] = r
     return list(rows.values())
 
 
 def table(kernels: list[Path], llamacpp: Path, decode: list[Path]) -> dict:
-    kernel_rows = _merged(kernels, "format")
+    kernel_rows = _merged(kernels, lambda r: r.get("format"))
     llama = _load(llamacpp)
     gemv = gemv_table(kernel_rows, llama)
     return {"sources": [p.name for p in [*kernels, llamacpp, *decode] if p.exists()], "gemv": gemv,
             "versus_peers": versus_peers(kernel_rows, gemv),
-            "decode": decode_table({"rows": _merged(decode, "variant")}, llama)}
+            "decode": decode_table({"rows": _merged(decode, decode_label)}, llama)}
 
 
 def main(argv: list[str] | None = None) -> int:

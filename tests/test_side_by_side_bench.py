@@ -24,7 +24,8 @@ LLAMA = {"kernels": [{"type": "q4_0", "batch": 1, "rows": 4096, "cols": 14336, "
          "decode": [{"type": "f16", "tok_s": 175.0}, {"type": "q4_0", "tok_s": 250.0},
                     {"type": "q2_k", "tok_s": 190.0}, {"type": "iq2_xxs", "tok_s": 200.0}]}
 DECODE = {"rows": [{"variant": "fp16", "bpw": 16.0, "tok_s": 200.0}, {"variant": "nz2_ch", "bpw": 2.0, "tok_s": 600.0},
-                   {"variant": "q4_0", "bpw": 4.5, "tok_s": 400.0}]}
+                   {"variant": "q4_0", "bpw": 4.5, "tok_s": 400.0, "lm_head": "fp16"},
+                   {"variant": "nz2_ch", "bpw": 2.0, "tok_s": 800.0, "lm_head": "nz2_ch"}]}
 
 
 def test_gemv_rows_are_ggml_shape_only_and_grouped_by_family() -> None:
@@ -49,6 +50,7 @@ def test_decode_ratios_use_the_matching_llamacpp_type() -> None:
     got = {r["variant"]: r for r in sbs.decode_table(DECODE, LLAMA) if r["tool"] == "lowbit"}
     assert got["nz2_ch"]["vs_fp16"] == 3.0
     assert got["nz2_ch"]["vs_llamacpp"] == 3.0  # against llama.cpp's fastest 2-bit type (iq2_xxs, 200)
+    assert got["nz2_ch (LM head nz2_ch)"]["vs_fp16"] == 4.0  # a quantized head is a row of its own
     assert got["q4_0"]["vs_llamacpp"] == 400.0 / 250.0
     assert got["fp16"]["vs_llamacpp"] == 200.0 / 175.0
 
