@@ -39,7 +39,9 @@ def test_affine_decode_constants_are_exact(name: str) -> None:
         assert torch.equal(pos.float(), lut)
 
 
-def test_e8p_tables_decode_the_whole_codebook() -> None:
+@pytest.mark.parametrize("wide", [False, True])
+def test_e8p_tables_decode_the_whole_codebook(wide: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cuda_gemv, "E8P_WIDE", wide)
     got = cuda_gemv.decode_reference(get_format("e8p_ch"), 4096, torch.arange(1 << 16))
     assert torch.equal(got.float(), e8p.codebook())
 
@@ -366,6 +368,25 @@ def test_cuda_gemv_matches_reference_on_gpu(name: str, shape: tuple[int, int], m
     ref = dequant_matmul_reference(x.double(), fmt, qt)
     err = float((y.double() - ref).norm() / ref.norm())
     assert err < 2e-3, err
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["e8p_ch", "e8p_g256"])
+@pytest.mark.parametrize("shape", [(256, 1024), (48, 1536), (40, 8192)])
+@pytest.mark.parametrize("m", [1, 8])
+def test_e8p_wide_tables_give_the_narrow_tables_result_on_gpu(name: str, shape: tuple[int, int], m: int,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The two-word tables (E8P_WIDE) decode every code to the same fp16 weights, so the same sums in the same order:
+    the outputs are equal bit for bit."""
+    fmt, qt = _packed(name, shape, seed=11)
+    p = cuda_gemv.plan(fmt, shape)
+    x = torch.randn(m, shape[1], device="cuda", dtype=torch.float16, generator=torch.Generator("cuda").manual_seed(m))
+    out = {}
+    for wide in (False, True):
+        monkeypatch.setattr(cuda_gemv, "E8P_WIDE", wide)
+        out[wide] = cuda_gemv.gemv(x, fmt, qt, p)
+    assert torch.equal(out[False], out[True])
 
 
 @gpu

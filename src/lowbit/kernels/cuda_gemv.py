@@ -204,7 +204,31 @@ def e8p_tables() -> torch.Tensor:
             if (signs >> bit) & 1:
                 word |= 14 << (4 * i)
         table.append(word)
-    return torch.tensor([w - (1 << 32) if w >= 1 << 31 else w for w in table], dtype=torch.int32)
+    return _int32(torch.tensor(table, dtype=torch.int64))
+
+
+# E8P's tables as two words per entry (the .cu's E8P_WIDE): each coordinate's nibble already at the bit the decode
+# reads it from, the magic number in E, so the kernel needs no XOR of the words and no shifts (3 instructions fewer
+# per 8 weights; step loop 330 -> 280 instructions, sass_count.py) at the price of 64-bit table reads, which meet more
+# bank conflicts. Off (``LOWBIT_CUDA_E8P_WIDE=1`` turns it on) until timed on a GPU (docs/kernels.md, "E8P's tables in
+# two words").
+E8P_WIDE = os.environ.get("LOWBIT_CUDA_E8P_WIDE", "0") == "1"
+# (word, bit) of coordinate i in the wide layout: word 0 holds 0, 1 | 4, 5, word 1 holds 2, 3 | 6, 7
+_WIDE_AT = [(0, 1), (0, 5), (1, 1), (1, 5), (0, 17), (0, 21), (1, 17), (1, 21)]
+
+
+@cache
+def e8p_tables_wide() -> torch.Tensor:
+    """int32 [1024]: (E0, E1)[pattern] then (T0, T1)[sign byte], the nibbles of :func:`e8p_tables` moved to
+    :data:`_WIDE_AT`, E with 1024.0 (0x6400) in both halves of both words."""
+    narrow = (e8p_tables().to(torch.int64) & 0xFFFFFFFF).tolist()
+    words = []
+    for idx, w in enumerate(narrow):
+        pair = [0x64006400, 0x64006400] if idx < 256 else [0, 0]
+        for i, (j, bit) in enumerate(_WIDE_AT):
+            pair[j] |= ((w >> (4 * i)) & 0xF) << bit
+        words += pair
+    return _int32(torch.tensor(words, dtype=torch.int64))
 
 
 @cache
@@ -225,7 +249,9 @@ def iq2xxs_grid_bytes() -> torch.Tensor:
 
 
 def _kind_tables(kind: int) -> torch.Tensor:
-    return iq2xxs_grid_bytes() if kind == 2 else e8p_tables()
+    if kind == 2:
+        return iq2xxs_grid_bytes()
+    return e8p_tables_wide() if E8P_WIDE else e8p_tables()
 
 
 @cache
@@ -320,7 +346,7 @@ def _source(p: Plan, staged_x: int = 0, warps: int = WARPS_FEW, min_blocks: int 
     each thread holding that many groups of its units in registers (:func:`norm_groups`); ``resident``: blocks loop
     over row blocks (:data:`RESIDENT_GRID`); ``tiles``: row blocks per warp (:func:`row_tiles`)."""
     return cuda_jit.source("gemv_mma.cu", p.defines(staged_x, warps, min_blocks, gated, full, norm_qs, resid,
-                                                    resident, tiles))
+                                                    resident, tiles) + f"#define E8P_WIDE {int(E8P_WIDE)}\n")
 
 
 
@@ -468,7 +494,7 @@ def gemv(x: torch.Tensor, fmt: Format, qt: QuantizedTensor, p: Plan, gated: bool
         codes, scales, mins, tables = _cached_layout(qt.data["qs"], lambda qs: kquant_layout(fmt, qs, k))
         groups = k // 32
     else:
-        key = f"{x.device}/{p.kind}"
+        key = f"{x.device}/{p.kind}/{int(E8P_WIDE)}"
         if key not in _TABLES:
             _TABLES[key] = _kind_tables(p.kind).to(x.device)
         tables = _TABLES[key]
@@ -566,6 +592,8 @@ def decode_reference(fmt: Format, cols: int, codes: torch.Tensor) -> torch.Tenso
 
 
 def _decode_e8p(codes: torch.Tensor) -> torch.Tensor:
+    if E8P_WIDE:
+        return _decode_e8p_wide(codes)
     tab = e8p_tables().to(torch.int64) & 0xFFFFFFFF
     e = tab[(codes >> 8) & 255] ^ tab[256 + (codes & 255)]
     steps = [(e << 1, 1), (e, 4), (e >> 7, 1), (e >> 7, 5)]  # (word, p): coordinates i and i + 4 at bits p..p+3
@@ -575,6 +603,17 @@ def _decode_e8p(codes: torch.Tensor) -> torch.Tensor:
             nib = (w >> (half + p)) & 0xF
             x = _as_half(0x6400 | (nib << p))  # the LOP3 into 1024.0's mantissa
             coords[pos] = _fma_half(x, 2.0 ** -(p + 1), -(512 / 2**p + 3.75))
+    return torch.stack(coords, dim=1)
+
+
+def _decode_e8p_wide(codes: torch.Tensor) -> torch.Tensor:
+    tab = (e8p_tables_wide().to(torch.int64) & 0xFFFFFFFF).reshape(512, 2)
+    e = tab[(codes >> 8) & 255] ^ tab[256 + (codes & 255)]  # [codes, 2]: E ^ T, the LOP3's XOR
+    coords = []
+    for j, bit in _WIDE_AT:
+        p, half = bit % 16, bit - bit % 16
+        lop3 = (e[:, j] >> half) & ((0xF << p) | 0x6400)  # (E ^ T) & (nibble mask | magic), one half
+        coords.append(_fma_half(_as_half(lop3), 2.0 ** -(p + 1), -(512 / 2**p + 3.75)))
     return torch.stack(coords, dim=1)
 
 

@@ -261,6 +261,29 @@ DEV void word_mma(float* d, u32 wa, u32 wb, u32 ha, u32 hb, int j, const u32* xr
     }
 }
 #elif KIND == 1
+#if E8P_WIDE
+// E8P: a 16-bit code is (pattern << 8) | sign byte. E[pattern] and T[sign byte] are two words each (64-bit reads);
+// word 0 holds coordinates 0, 1 (low half) and 4, 5 (high half), word 1 coordinates 2, 3 and 6, 7, each as a nibble
+// n = 2 k + b at bits 1..4 or 5..8 of its half: k = 4 + floor(+-|a_i|) (T XORs 14, k -> 7 - k, on a negated
+// coordinate), b = 1 for the shift +1/4 (T sets it in every nibble), so the coordinate is n / 2 - 3.75. E also holds
+// the magic 1024.0 (0x6400) in each half, where T holds zeros, so one LOP3, (E ^ T) & (nibble mask | magic), drops a
+// nibble at bit p into 1024.0's mantissa (1024 + 2^p n) and one HFMA2 by 2^-(p+1) and -(512 / 2^p + 3.75) (exact
+// in fp16 for p = 1, 5) gives the pair (coordinate i, i + 4): no XOR of the words and no shifts.
+__shared__ U2 e8p_abs[256];
+__shared__ U2 e8p_sign[256];
+DEV u32 lop3_xor_and(u32 a, u32 b, u32 c) {  // (a ^ b) & c
+    u32 y;
+    asm("lop3.b32 %0, %1, %2, %3, 0x28;" : "=r"(y) : "r"(a), "r"(b), "r"(c));
+    return y;
+}
+DEV void code_pairs(u32 pi, u32 si, u32* p) {
+    const U2 e = e8p_abs[pi], t = e8p_sign[si];
+    p[0] = hfma2(lop3_xor_and(e.x, t.x, 0x001e001eu | MAGIC), 0x34003400u, 0xDC0FDC0Fu);  // x 1/4 - 259.75
+    p[1] = hfma2(lop3_xor_and(e.x, t.x, 0x01e001e0u | MAGIC), 0x24002400u, 0xCCF0CCF0u);  // x 1/64 - 19.75
+    p[2] = hfma2(lop3_xor_and(e.y, t.y, 0x001e001eu | MAGIC), 0x34003400u, 0xDC0FDC0Fu);
+    p[3] = hfma2(lop3_xor_and(e.y, t.y, 0x01e001e0u | MAGIC), 0x24002400u, 0xCCF0CCF0u);
+}
+#else
 // E8P: a 16-bit code is (pattern << 8) | sign byte. e = E[pattern] ^ T[sign byte] holds coordinate i as a nibble
 // n = 2 k + b at bits 4i: k = 4 + floor(+-|a_i|) (the XOR with 14 flips k around 3.5, negating a_i), b = 1 for the
 // shift +1/4 (in every nibble), so the coordinate is n / 2 - 3.75. Coordinates i and i + 4 sit at bits 4i and
@@ -278,6 +301,7 @@ DEV void code_pairs(u32 pi, u32 si, u32* p) {
     p[2] = hfma2(lop3_and_or(hi, 0x001e001eu, MAGIC), 0x34003400u, 0xDC0FDC0Fu);
     p[3] = hfma2(lop3_and_or(hi, 0x01e001e0u, MAGIC), 0x24002400u, 0xCCF0CCF0u);  // x 1/64 - 19.75
 }
+#endif
 DEV void word_mma(float* d, u32 wa, u32 wb, u32, u32, int, const u32* xr, u32 sa, u32 sb, u32 ma, u32 mb) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {  // the word's two codes: 8 weights each
@@ -563,7 +587,11 @@ DEV void stage_normalized(const u16* x, const u16* nw, int K, float eps) {
 
 DEV void stage_block(const u32* tables, const u16* x, int K, int M, const u16* nw, float eps) {
 #if KIND == 1
+#if E8P_WIDE
+    for (int i = threadIdx.x; i < 512; i += WARPS * 32) (i < 256 ? e8p_abs : e8p_sign)[i & 255] = ((const U2*)tables)[i];
+#else
     for (int i = threadIdx.x; i < 512; i += WARPS * 32) (i < 256 ? e8p_abs : e8p_sign)[i & 255] = tables[i];
+#endif
 #elif KIND == 2
     for (int i = threadIdx.x; i < 256; i += WARPS * 32) iq2_grid[i] = ((const U2*)tables)[i];
 #endif
