@@ -438,6 +438,51 @@ def test_cli_generate_quantized_checkpoint_and_errors(tiny_dir, tmp_path, capsys
     assert main(["generate", str(tiny_dir), "-p", "fox", "--max-new-tokens", "0"]) == 2
 
 
+@pytest.fixture(scope="module")
+def fast_loaded(tiny_dir):
+    """Its own copy of the tiny model: fast decoders fold and fuse the layers they run, in place."""
+    model, tok = load_model(tiny_dir)
+    return round_to_storage(model), tok
+
+
+def test_fast_server_answers_as_the_dynamic_loop_and_falls_back_past_its_cache(fast_loaded, loaded):
+    """--fast: a generation that fits the static cache runs on a decoder, which is free again after the answer;
+    one that does not fit runs the ordinary loop. Both give the reference's greedy text."""
+    ref = reference(loaded, encode_prompt(loaded[1], "The quick brown fox"))
+    n_prompt = ref.prompt_tokens
+    with running_server(*fast_loaded, max_concurrency=2, fast=True, fast_cache=n_prompt + 12) as (base, app):
+        engine = app.state.engine
+        assert engine.decoder_cache == n_prompt + 12 and len(engine._decoders) == 2
+        c = OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=30)
+        r = c.completions.create(model=MODEL_ID, prompt="The quick brown fox", max_tokens=12, temperature=0)
+        assert r.choices[0].text == ref.output and r.choices[0].finish_reason == ref.finish_reason
+        assert engine.stats["fast"] == 1 and len(engine._decoders) == 2
+        long = reference(loaded, encode_prompt(loaded[1], "The quick brown fox"),
+                         SamplingParams(max_new_tokens=14, temperature=0))
+        r = c.completions.create(model=MODEL_ID, prompt="The quick brown fox", max_tokens=14, temperature=0)
+        assert r.choices[0].text == long.output and r.usage.completion_tokens == long.completion_tokens
+        assert engine.stats["fast_fallback"] == 1 and engine.stats["fast"] == 1
+        results: list[int] = []
+        threads = [threading.Thread(target=post_completion, args=(base, results, 8)) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert results == [200] * 3 and engine.stats["fast"] == 4 and len(engine._decoders) == 2
+
+
+def test_fast_server_settings_are_checked(fast_loaded, tiny_dir, capsys):
+    model, tok = fast_loaded
+    with pytest.raises(LowbitError, match="need fast decode"):
+        create_app(model, tok, MODEL_ID, compile=True)
+    with pytest.raises(LowbitError, match="passes the model's context"):
+        create_app(model, tok, MODEL_ID, fast=True, fast_cache=model.config.max_position_embeddings + 1)
+    assert main(["serve", str(tiny_dir), "--compile"]) == 2
+    assert "--compile and --fast-cache go with --fast" in capsys.readouterr().err
+    assert main(["serve", str(tiny_dir), "--fast", "--fast-cache", "1"]) == 2
+    assert "--fast-cache needs >= 2 positions" in capsys.readouterr().err
+
+
 def test_max_concurrency_2_with_no_queue(loaded):
     """Two generations run at once; with --max-queue 0 a third concurrent request is refused, not queued."""
     results: list[int] = []

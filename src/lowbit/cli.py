@@ -160,13 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", "-p", required=True, help="prompt text ('-' reads it from stdin)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
     p.add_argument("--system", default=None, help="system message (with --chat)")
-    p.add_argument("--fast", action="store_true",
-                   help="decode from the packed weights with a static KV cache and one CUDA graph per token "
-                        "(CUDA; no weight cache). On the CPU: the static cache only")
-    p.add_argument("--compile", action="store_true",
-                   help="with --fast: torch.compile the decode step too (fuses the small ops between matmuls "
-                        "and, on Hopper and later, launches kernels with programmatic dependent launch; compiling "
-                        "takes ~1 min, worth it for long generations)")
+    _add_fast(p)
     _add_sampling(p)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
@@ -189,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on every request but /health "
                         "(default: $LOWBIT_API_KEY; unset = no key)")
+    _add_fast(p)
+    p.add_argument("--fast-cache", type=int, default=None, metavar="TOKENS",
+                   help="with --fast: positions of each decoder's static KV cache (default: the model's context, at "
+                        "most 4096); longer generations run the ordinary loop")
     _add_weight_cache(p)
     _add_report_plan(sub)
     _add_export_gguf(sub)
@@ -233,6 +231,16 @@ def _add_report_plan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fp16-ppl", action="append", default=[], metavar="MODEL=PPL",
                    help="known fp16 perplexity of a candidate model (repeatable); scales the estimates")
     p.add_argument("--all", action="store_true", help="also list the candidates that do not fit")
+
+
+def _add_fast(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fast", action="store_true",
+                   help="decode from the packed weights with a static KV cache and one CUDA graph per token "
+                        "(CUDA; no weight cache). On the CPU: the static cache only")
+    p.add_argument("--compile", action="store_true",
+                   help="with --fast: torch.compile the decode step too (fuses the small ops between matmuls "
+                        "and, on Hopper and later, launches kernels with programmatic dependent launch; compiling "
+                        "takes ~1 min, worth it for long generations)")
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
@@ -603,16 +611,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.max_body_bytes < 1 or (args.max_prompt_tokens is not None and args.max_prompt_tokens < 1):
         raise LowbitError("--max-body-bytes and --max-prompt-tokens must be >= 1")
+    if (args.compile or args.fast_cache is not None) and not args.fast:
+        raise LowbitError("--compile and --fast-cache go with --fast")
+    if args.fast_cache is not None and args.fast_cache < 2:
+        raise LowbitError(f"--fast-cache needs >= 2 positions, got {args.fast_cache}")
     AllowedHosts(args.allowed_host)  # a malformed name fails now, not after loading the model
     api_key = args.api_key or os.environ.get("LOWBIT_API_KEY") or None
     model, tok = _load(args)
     name = args.model_name or _model_id(args.model)
+    if args.fast:
+        print(f"preparing {args.max_concurrency} fast decoder(s)" + (" (compiling: ~1 min each)" if args.compile
+                                                                    else ""), file=sys.stderr)
     print(f"serving {name} on http://{args.host}:{args.port}/v1 (max concurrency {args.max_concurrency}, "
           f"queue {args.max_queue}, API key {'required' if api_key else 'off'}); Ctrl+C stops", file=sys.stderr)
     serve(model, tok, name, host=args.host, port=args.port, max_concurrency=args.max_concurrency,
           max_queue=args.max_queue, shutdown_timeout=args.shutdown_timeout, weight_cache=not args.no_weight_cache,
           max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
-          allowed_hosts=args.allowed_host, api_key=api_key)
+          allowed_hosts=args.allowed_host, api_key=api_key, fast=args.fast, compile=args.compile,
+          fast_cache=args.fast_cache)
     return 0
 
 

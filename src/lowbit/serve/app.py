@@ -32,7 +32,7 @@ from lowbit import __version__
 from lowbit.errors import LowbitError
 from lowbit.serve import SERVE_EXTRA_HINT
 from lowbit.serve.engine import Engine, Job, QueueFullError, RequestError, ShuttingDownError
-from lowbit.serve.generate import SamplingParams, encode_chat, encode_prompt, use_weight_cache
+from lowbit.serve.generate import SamplingParams, context_length, encode_chat, encode_prompt, use_weight_cache
 from lowbit.serve.guard import (
     DEFAULT_MAX_BODY_BYTES,
     LOOPBACK_NAMES,
@@ -278,18 +278,25 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 def create_app(model: nn.Module, tokenizer: object, model_id: str, max_concurrency: int = 1,
                max_queue: int = 16, weight_cache: bool = True, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                max_prompt_tokens: int | None = None, allowed_hosts: AllowedHosts | None = None,
-               api_key: str | None = None) -> FastAPI:
+               api_key: str | None = None, fast: bool = False, compile: bool = False,
+               fast_cache: int | None = None) -> FastAPI:
     """The FastAPI app serving ``model`` under the name ``model_id``; ``app.state.engine`` holds the Engine.
 
     ``weight_cache`` keeps quantized layers' dequantized weights in memory (see ``use_weight_cache``).
     ``max_prompt_tokens`` defaults to the model's context. ``allowed_hosts`` defaults to the loopback names on any
     port (``serve`` passes the bound address); with ``api_key`` every request but ``/health`` needs it.
+    ``fast``: decode from the packed weights with one StaticDecoder per slot (:func:`fast_decoders`; no weight
+    cache), ``compile`` adding torch.compile, each holding ``fast_cache`` positions (default: the model's context,
+    at most :data:`FAST_CACHE_DEFAULT`); generations that do not fit run the dynamic-cache loop.
     """
     if max_body_bytes < 1:
         raise LowbitError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
-    use_weight_cache(model, weight_cache)
+    if (compile or fast_cache is not None) and not fast:
+        raise LowbitError("compile and fast_cache need fast decode (--fast)")
+    use_weight_cache(model, weight_cache and not fast)
+    decoders = fast_decoders(model, max_concurrency, fast_cache, compile) if fast else []
     engine = Engine(model, tokenizer, max_concurrency=max_concurrency, max_queue=max_queue,
-                    max_prompt_tokens=max_prompt_tokens)
+                    max_prompt_tokens=max_prompt_tokens, decoders=decoders)
     routes = OpenAIRoutes(engine, model_id)
     app = FastAPI(title="lowbit", version=__version__, lifespan=_lifespan)
     app.state.engine = engine
@@ -304,6 +311,28 @@ def create_app(model: nn.Module, tokenizer: object, model_id: str, max_concurren
     app.add_api_route("/v1/completions", routes.completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", routes.chat_completions, methods=["POST"])
     return app
+
+
+# Static KV cache of a fast decoder when the model's context is longer (or unknown): a 7B model's fp16 cache takes
+# 0.5 MB a position, and a step reads only the positions written so far.
+FAST_CACHE_DEFAULT = 4096
+
+
+def fast_decoders(model: nn.Module, count: int, cache: int | None = None, compile: bool = False) -> list:
+    """``count`` batch-1 StaticDecoders of ``model``, each of ``cache`` positions, warmed up (compiled and
+    captured now rather than on the first request)."""
+    from lowbit.serve.fast_decode import StaticDecoder
+
+    context = context_length(model)
+    cache = cache if cache is not None else min(context or FAST_CACHE_DEFAULT, FAST_CACHE_DEFAULT)
+    if cache < 2:
+        raise LowbitError(f"the fast decoder's cache needs >= 2 positions, got {cache}")
+    if context is not None and cache > context:
+        raise LowbitError(f"a fast decoder's cache of {cache} positions passes the model's context ({context})")
+    decoders = [StaticDecoder(model, max_cache_len=cache, compile=compile) for _ in range(count)]
+    for d in decoders:
+        d.warm_up()
+    return decoders
 
 
 class LowbitServer(uvicorn.Server):
@@ -327,7 +356,8 @@ def serve(model: nn.Module, tokenizer: object, model_id: str, host: str = "127.0
           max_concurrency: int = 1, max_queue: int = 16, shutdown_timeout: float = 10,
           log_level: str = "info", weight_cache: bool = True, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
           max_prompt_tokens: int | None = None, allowed_hosts: Sequence[str] = (),
-          api_key: str | None = None) -> None:
+          api_key: str | None = None, fast: bool = False, compile: bool = False,
+          fast_cache: int | None = None) -> None:
     """Serve until SIGINT/SIGTERM; in-flight requests get ``shutdown_timeout`` seconds to finish.
 
     Requests must name ``host:port`` in their Host header (any loopback name when ``host`` is a loopback address,
@@ -336,7 +366,7 @@ def serve(model: nn.Module, tokenizer: object, model_id: str, host: str = "127.0
     hosts = AllowedHosts.for_bind(host, port, allowed_hosts)
     app = create_app(model, tokenizer, model_id, max_concurrency=max_concurrency, max_queue=max_queue,
                      weight_cache=weight_cache, max_body_bytes=max_body_bytes, max_prompt_tokens=max_prompt_tokens,
-                     allowed_hosts=hosts, api_key=api_key)
+                     allowed_hosts=hosts, api_key=api_key, fast=fast, compile=compile, fast_cache=fast_cache)
     server = LowbitServer(app, host=host, port=port, grace=shutdown_timeout, log_level=log_level)
     # uvicorn handles SIGINT/SIGTERM itself, then re-raises the signal once it has shut down; by then everything
     # is stopped, so end quietly (exit status 0) instead of dying from the re-raised SIGTERM or KeyboardInterrupt.

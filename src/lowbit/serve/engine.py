@@ -20,6 +20,10 @@ OpenAI responses. How a request is scheduled, and why:
   running in several event-loop steps, and counting the two apart would let a burst see it twice or not at all.
 * Cancellation: every job has an Event polled before each forward pass; it is set when the client disconnects
   (closed stream, or a polled check while a non-streaming client waits), and on shutdown.
+* Fast decode (``lowbit serve --fast``): the engine holds one StaticDecoder per slot (a static KV cache and a CUDA
+  graph of the decode step, on the packed kernels). A job takes a free one when its prompt and token budget fit the
+  decoder's cache and gives it back when it ends; a generation that does not fit runs the dynamic-cache loop, so
+  no answer is cut short by the static cache's size.
 * Shutdown: ``begin_shutdown(grace)`` refuses new and queued requests at once (``ShuttingDownError``) and aborts
   running jobs after ``grace`` seconds: their ``deltas`` end with ``ShuttingDownError`` right away, without waiting
   for the forward pass in progress, so the server can still answer them properly. ``close`` aborts what is left
@@ -105,6 +109,7 @@ class Job:
         self._queue: asyncio.Queue[object] = asyncio.Queue()
         self._on_finish = on_finish
         self.client_gone = False
+        self.decoder: object | None = None  # the engine's StaticDecoder this job holds, if any
 
     def cancel(self) -> None:
         self._cancel.set()
@@ -169,9 +174,11 @@ class Engine:
     """Owns the model: admission (bounded queue), generation slots and worker threads."""
 
     def __init__(self, model: nn.Module, tokenizer: object, max_concurrency: int = 1, max_queue: int = 16,
-                 max_prompt_tokens: int | None = None) -> None:
+                 max_prompt_tokens: int | None = None, decoders: Sequence[object] = ()) -> None:
         if max_concurrency < 1 or max_queue < 0 or (max_prompt_tokens is not None and max_prompt_tokens < 1):
             raise LowbitError("max_concurrency and max_prompt_tokens must be >= 1 and max_queue >= 0")
+        if decoders and len(decoders) != max_concurrency:
+            raise LowbitError(f"fast decode needs one decoder per slot: {len(decoders)} for {max_concurrency}")
         self.model, self.tokenizer = model, tokenizer
         self.context = context_length(model)
         self.max_prompt_tokens = max_prompt_tokens if max_prompt_tokens is not None else self.context
@@ -186,7 +193,9 @@ class Engine:
         self._jobs: set[Job] = set()
         self._admitted = 0  # requests from admission until their job ends (or they give up waiting)
         self.running = 0
-        self.stats: Counter[str] = Counter()  # finish reasons, "refused", "failed"
+        self.stats: Counter[str] = Counter()  # finish reasons, "refused", "failed", "fast", "fast_fallback"
+        self._decoders = list(decoders)  # the free ones; a running job holds its own
+        self.decoder_cache = max((d.max_cache_len for d in decoders), default=0)
 
     # -------------------------------------------------------------------------------- building a generation
 
@@ -287,8 +296,10 @@ class Engine:
                 task.add_done_callback(lambda t: None if t.cancelled() else self._slots.release())
 
     def start(self, stream: TextStream) -> Job:
-        """Run ``stream`` on a worker thread; the caller must hold a slot, which passes to the job."""
+        """Run ``stream`` on a worker thread; the caller must hold a slot, which passes to the job (and a free
+        decoder with it, when the generation fits its static cache)."""
         job = Job(stream, self._stopping, self._finished)
+        job.decoder = self._take_decoder(stream)
         self.running += 1
         self._jobs.add(job)
         try:
@@ -303,7 +314,21 @@ class Engine:
         """Admitted requests whose generation has not started yet."""
         return self._admitted - self.running
 
+    def _take_decoder(self, stream: TextStream) -> object | None:
+        if not self._decoders:
+            return None
+        if not stream.fits(self._decoders[-1]):
+            self.stats["fast_fallback"] += 1
+            return None
+        decoder = self._decoders.pop()
+        stream.use_decoder(decoder)
+        self.stats["fast"] += 1
+        return decoder
+
     def _finished(self, job: Job) -> None:
+        if job.decoder is not None:  # the job's thread is done with it: it ran to its end, or never started
+            self._decoders.append(job.decoder)
+            job.decoder = None
         self.running -= 1
         self._admitted -= 1
         self._jobs.discard(job)

@@ -268,6 +268,15 @@ class StaticDecoder:
                 self._advance()
         return self.tokens()
 
+    def warm_up(self) -> None:
+        """Compile and capture the step now (a one-token prompt and a few steps), so the first real generation
+        does not wait for it; leaves the decoder reset."""
+        self.reset()
+        self.prefill([0])
+        for _ in range(min(self.warmup_steps + 1, self.max_cache_len - 1)):
+            self.step()
+        self.reset()
+
     # ----- the decode step -----------------------------------------------------------------------------------
     def _body(self) -> torch.Tensor:
         """One decode step, entirely on the device: what the CUDA graph records."""

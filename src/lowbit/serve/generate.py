@@ -262,21 +262,33 @@ class TextStream:
         self.prompt_ids = list(prompt_ids)
         # Never run past the positions the model was trained for: finish with "length" there.
         self.max_new_tokens = min(params.max_new_tokens, limit - len(prompt_ids)) if limit else params.max_new_tokens
-        self.decoder = decoder
+        self.decoder = None
+        self._started = False
         if decoder is not None:
-            if decoder.model is not model or decoder.batch_size != 1:
-                raise LowbitError("the decoder must be a batch-1 StaticDecoder of this model")
-            if len(prompt_ids) > decoder.max_cache_len:
-                raise PromptTooLongError(f"the prompt has {len(prompt_ids)} tokens but the decoder's static cache "
-                                         f"holds {decoder.max_cache_len}")
-            self.max_new_tokens = min(self.max_new_tokens, decoder.max_cache_len - len(prompt_ids) + 1)
+            self.use_decoder(decoder)
         self.should_stop = should_stop or (lambda: False)
         self.stops = tuple(dict.fromkeys((*params.stop, *extra_stop)))
         self.token_ids: list[int] = []
         self.finish_reason: str | None = None
         self.t_start = self.t_first = self.t_last = self.t_end = 0.0
         self.steps = 0  # forward passes that sampled a token (an EOS included)
-        self._started = False
+
+    def fits(self, decoder: object) -> bool:
+        """Whether ``decoder``'s static cache holds this whole generation: the prompt and ``max_new_tokens``."""
+        return len(self.prompt_ids) + self.max_new_tokens - 1 <= decoder.max_cache_len
+
+    def use_decoder(self, decoder: object) -> None:
+        """Decode with ``decoder`` (a batch-1 StaticDecoder of this model) instead of the dynamic-cache loop;
+        ``max_new_tokens`` is capped to what its static cache holds (see :meth:`fits`)."""
+        if self._started:
+            raise RuntimeError("the stream has started; its decoder cannot change")
+        if decoder.model is not self.model or decoder.batch_size != 1:
+            raise LowbitError("the decoder must be a batch-1 StaticDecoder of this model")
+        if len(self.prompt_ids) > decoder.max_cache_len:
+            raise PromptTooLongError(f"the prompt has {len(self.prompt_ids)} tokens but the decoder's static cache "
+                                     f"holds {decoder.max_cache_len}")
+        self.max_new_tokens = min(self.max_new_tokens, decoder.max_cache_len - len(self.prompt_ids) + 1)
+        self.decoder = decoder
 
     @property
     def prompt_tokens(self) -> int:
