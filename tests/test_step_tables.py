@@ -38,6 +38,25 @@ def test_rotary_table_gives_the_modules_cos_and_sin():
     assert step_tables.install(model, 80, torch.device("cpu")).cos.shape[0] == 80  # more positions: rebuilt
 
 
+def test_rotary_table_serves_only_the_thread_that_turned_it_on():
+    """A server's ordinary loop runs beside a decoder's eager steps: its positions may pass the table's, and its
+    own thread computes them while another thread has the lookups on."""
+    import threading
+
+    model = tiny_llama()
+    rotary = model.model.rotary_emb
+    table = step_tables.install(model, 8, torch.device("cpu"))
+    x, far = torch.zeros(1, 1, 64), torch.tensor([[50]])
+    out = []
+    with step_tables.lookups(table):
+        t = threading.Thread(target=lambda: out.append(table(x, far)))
+        t.start()
+        t.join()
+        with pytest.raises(IndexError):
+            table(x, far)  # this thread looks up, from the table only
+    assert all(torch.equal(a, b) for a, b in zip(out[0], rotary(x, far), strict=True))
+
+
 def test_decoder_with_tables_gives_the_reference_tokens(monkeypatch):
     from lowbit.serve.fast_decode import StaticDecoder
 

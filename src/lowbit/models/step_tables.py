@@ -12,6 +12,7 @@ over the GPU.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -25,12 +26,16 @@ _LENGTH_DEPENDENT = ("dynamic", "longrope")
 
 
 class RotaryTable(nn.Module):
-    """``rotary``'s (cos, sin) for positions 0 .. ``positions`` - 1 in ``dtype``, looked up while ``on``."""
+    """``rotary``'s (cos, sin) for positions 0 .. ``positions`` - 1 in ``dtype``, looked up while ``on``, by the
+    thread that turned it on (:func:`lookups`). A server runs ordinary forward passes of the same model on other
+    threads beside a decoder's eager steps; those compute their own, so a position past the table never reaches
+    it. (A traced step, whose Python does not run again, looks up in whichever thread replays it.)"""
 
     def __init__(self, rotary: nn.Module, positions: int, device: torch.device, dtype: torch.dtype):
         super().__init__()
         self.inner = rotary
         self.on = False
+        self.thread = 0  # threading.get_ident() of the thread that turned it on
         with torch.no_grad():
             x = torch.empty(0, device=device, dtype=dtype)
             cos, sin = rotary(x, torch.arange(positions, device=device).unsqueeze(0))
@@ -38,9 +43,15 @@ class RotaryTable(nn.Module):
         self.register_buffer("sin", sin[0].contiguous(), persistent=False)
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.on or x.dtype != self.cos.dtype:
+        if not self.on or x.dtype != self.cos.dtype or not self._this_threads():
             return self.inner(x, position_ids)
         return self.cos[position_ids], self.sin[position_ids]  # position_ids [B, T] -> [B, T, D]
+
+
+    def _this_threads(self) -> bool:
+        # torch.compile traces the step in the decoder's own thread, and is_compiling() keeps the thread test out of
+        # the trace (it would break the graph)
+        return torch.compiler.is_compiling() or threading.get_ident() == self.thread
 
 
 def install(model: nn.Module, positions: int, device: torch.device) -> RotaryTable | None:
@@ -69,7 +80,7 @@ def lookups(table: RotaryTable | None) -> Iterator[None]:
     if table is None:
         yield
         return
-    table.on = True
+    table.on, table.thread = True, threading.get_ident()
     try:
         yield
     finally:
