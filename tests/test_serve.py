@@ -452,11 +452,11 @@ def test_fast_server_answers_as_the_dynamic_loop_and_falls_back_past_its_cache(f
     n_prompt = ref.prompt_tokens
     with running_server(*fast_loaded, max_concurrency=2, fast=True, fast_cache=n_prompt + 12) as (base, app):
         engine = app.state.engine
-        assert engine.decoder_cache == n_prompt + 12 and len(engine._decoders) == 2
+        assert engine.decoder_cache == n_prompt + 12 and engine.free_decoders == 2
         c = OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=30)
         r = c.completions.create(model=MODEL_ID, prompt="The quick brown fox", max_tokens=12, temperature=0)
         assert r.choices[0].text == ref.output and r.choices[0].finish_reason == ref.finish_reason
-        assert engine.stats["fast"] == 1 and len(engine._decoders) == 2
+        assert engine.stats["fast"] == 1 and engine.free_decoders == 2
         long = reference(loaded, encode_prompt(loaded[1], "The quick brown fox"),
                          SamplingParams(max_new_tokens=14, temperature=0))
         r = c.completions.create(model=MODEL_ID, prompt="The quick brown fox", max_tokens=14, temperature=0)
@@ -468,7 +468,9 @@ def test_fast_server_answers_as_the_dynamic_loop_and_falls_back_past_its_cache(f
             t.start()
         for t in threads:
             t.join(60)
-        assert results == [200] * 3 and engine.stats["fast"] == 4 and len(engine._decoders) == 2
+        assert results == [200] * 3 and engine.stats["fast"] == 4 and engine.free_decoders == 2
+        fast = httpx.get(f"{base}/health").json()["fast"]
+        assert fast == {"free": 2, "cache": n_prompt + 12, "decoded": 4, "fallback": 1}
 
 
 def test_fast_server_settings_are_checked(fast_loaded, tiny_dir, capsys):

@@ -204,7 +204,11 @@ class OpenAIRoutes:
 
     async def health(self) -> dict:
         engine = self.engine
-        return {"status": "ok", "model": self.model_id, "running": engine.running, "waiting": engine.waiting}
+        health = {"status": "ok", "model": self.model_id, "running": engine.running, "waiting": engine.waiting}
+        if engine.decoder_cache:  # --fast: decoders free now, their cache, generations on them and past them
+            health["fast"] = {"free": engine.free_decoders, "cache": engine.decoder_cache,
+                              "decoded": engine.stats["fast"], "fallback": engine.stats["fast_fallback"]}
+        return health
 
     async def models(self) -> dict:
         return {"object": "list", "data": [self._model_card()]}

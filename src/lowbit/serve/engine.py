@@ -310,6 +310,11 @@ class Engine:
         return job
 
     @property
+    def free_decoders(self) -> int:
+        """Fast decoders no job holds now (0 without fast decode)."""
+        return len(self._decoders)
+
+    @property
     def waiting(self) -> int:
         """Admitted requests whose generation has not started yet."""
         return self._admitted - self.running
