@@ -3,6 +3,7 @@ server's memory before and after.
 
     PYTHONPATH=src python benchmarks/serve_load.py                              # bundled SmolLM2-135M, ~2 min
     PYTHONPATH=src python benchmarks/serve_load.py --model DIR --rounds 2 --json out.json
+    PYTHONPATH=src python benchmarks/serve_load.py --model DIR --device cuda --fast --compile   # fast decoders
 
 Starts `lowbit serve` in a subprocess on 127.0.0.1 (a free port; --max-body-bytes, --max-prompt-tokens as given)
 and sends one warm-up round, then ``--rounds`` rounds. A round sends, all at once from ``--workers`` threads:
@@ -11,7 +12,9 @@ limit (half with Content-Length, half chunked), ``--long`` prompts under the bod
 (half 0.9x the body limit, refused from their byte count; half ~2 tokens per allowed token, refused after
 tokenizing) and ``--bad`` malformed bodies. The server's resident memory (VmRSS in /proc/PID/status) is read
 after the warm-up, sampled during the rounds, and read after them. Finally SIGTERM: the server must exit 0 with no
-traceback in its log. Prints a table; ``--json`` writes the numbers. Linux only (/proc).
+traceback in its log. With ``--fast`` the server decodes on its static-cache decoders and the numbers include
+its /health report of them (generations on the decoders and past their cache). Prints a table; ``--json`` writes
+the numbers. Linux only (/proc).
 """
 
 from __future__ import annotations
@@ -55,6 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=16, help="client threads")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
     p.add_argument("--max-prompt-tokens", type=int, default=1024)
+    p.add_argument("--device", default="cpu", help="the server's device (default %(default)s)")
+    p.add_argument("--fast", action="store_true", help="serve with --fast (static-cache decoders)")
+    p.add_argument("--compile", action="store_true", help="... and --compile")
     p.add_argument("--json", default=None, help="also write the numbers to this file")
     return p.parse_args(argv)
 
@@ -79,9 +85,10 @@ def free_port() -> int:
 def server(args: argparse.Namespace, log: Path) -> Iterator[tuple[subprocess.Popen, str]]:
     """`lowbit serve` on a free loopback port, up and answering /health."""
     port = free_port()
-    argv = [sys.executable, "-m", "lowbit.cli", "serve", *([args.model] if args.model else []), "--device", "cpu",
-            "--port", str(port), "--max-body-bytes", str(args.max_body_bytes),
-            "--max-prompt-tokens", str(args.max_prompt_tokens)]
+    argv = [sys.executable, "-m", "lowbit.cli", "serve", *([args.model] if args.model else []),
+            "--device", args.device, "--port", str(port), "--max-body-bytes", str(args.max_body_bytes),
+            "--max-prompt-tokens", str(args.max_prompt_tokens), *(["--fast"] if args.fast else []),
+            *(["--compile"] if args.compile else [])]
     with log.open("w") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
@@ -210,13 +217,14 @@ def run(args: argparse.Namespace) -> dict:
             seconds = time.perf_counter() - t0
             time.sleep(1.0)
             after = rss_bytes(proc.pid)
+            fast = httpx.get(f"{base}/health", timeout=10).json().get("fast")
             proc.send_signal(signal.SIGTERM)
             exit_code = proc.wait(60)
         text = log.read_text()
     return {**summarize(results, seconds), "rss_before_mb": round(before / 2**20, 1),
             "rss_peak_mb": round(max(sampler.peak, after) / 2**20, 1), "rss_after_mb": round(after / 2**20, 1),
             "rss_growth_mb": round((after - before) / 2**20, 1), "exit_code": exit_code,
-            "traceback_in_log": "Traceback" in text}
+            "traceback_in_log": "Traceback" in text, "fast": fast}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -232,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{out['requests']} requests in {out['seconds']} s ({out['requests_per_second']} req/s); server RSS "
           f"{out['rss_before_mb']} MB before, {out['rss_peak_mb']} MB peak, {out['rss_after_mb']} MB after "
           f"({out['rss_growth_mb']:+} MB); exit code {out['exit_code']}, traceback in log: {out['traceback_in_log']}")
+    if out["fast"]:
+        print(f"fast decoders: {out['fast']}")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
     return 0

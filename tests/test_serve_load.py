@@ -24,12 +24,20 @@ def load_benchmark():  # noqa: ANN201 - the benchmark module
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/PID/status")
-def test_mixed_load_keeps_serving_and_memory_flat(tiny_dir):  # noqa: F811
+@pytest.mark.parametrize("fast", [False, True], ids=["loop", "fast"])
+def test_mixed_load_keeps_serving_and_memory_flat(tiny_dir, fast):  # noqa: F811
+    """With --fast, every good request (warm-up round included) ran on the server's decoder, which is free at the
+    end; the refused ones never took it."""
     bench = load_benchmark()
     args = bench.parse_args(["--model", str(tiny_dir), "--rounds", "2", "--good", "6", "--huge", "6", "--long", "4",
                              "--bad", "24", "--tokens", "8", "--workers", "12", "--max-body-bytes", str(256 << 10),
-                             "--max-prompt-tokens", "128"])
+                             "--max-prompt-tokens", "128", *(["--fast"] if fast else [])])
     out = bench.run(args)
+    if fast:
+        assert out["fast"] is not None and out["fast"]["free"] == 1, out
+        assert (out["fast"]["decoded"], out["fast"]["fallback"]) == (6 * 3, 0), out
+    else:
+        assert out["fast"] is None, out
     for kind, status in (("good", 200), ("huge", 413), ("long", 400), ("bad", 400)):
         assert out[kind]["wrong"] == 0 and out[kind]["statuses"] == [status], (kind, out)
     assert out["good"]["max_s"] < 60, out  # sane latency: a few tokens of a tiny model, queued behind one slot
