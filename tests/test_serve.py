@@ -473,7 +473,9 @@ def test_fast_server_answers_as_the_dynamic_loop_and_falls_back_past_its_cache(f
         assert fast == {"free": 2, "cache": n_prompt + 12, "decoded": 4, "fallback": 1}
 
 
-def test_fast_server_settings_are_checked(fast_loaded, tiny_dir, capsys):
+def test_fast_server_settings_are_checked(fast_loaded, tiny_dir, capsys, monkeypatch):
+    import lowbit.serve.app
+
     model, tok = fast_loaded
     with pytest.raises(LowbitError, match="need fast decode"):
         create_app(model, tok, MODEL_ID, compile=True)
@@ -483,6 +485,11 @@ def test_fast_server_settings_are_checked(fast_loaded, tiny_dir, capsys):
     assert "--compile and --fast-cache go with --fast" in capsys.readouterr().err
     assert main(["serve", str(tiny_dir), "--fast", "--fast-cache", "1"]) == 2
     assert "--fast-cache needs >= 2 positions" in capsys.readouterr().err
+    served = []
+    monkeypatch.setattr(lowbit.serve.app, "serve", lambda *a, **kw: served.append(kw))
+    assert main(["serve", str(tiny_dir), "--fast", "--fast-cache", "64", "--device", "cpu"]) == 0
+    assert "--fast on a CPU decodes without the weight cache" in capsys.readouterr().err
+    assert (served[0]["fast"], served[0]["compile"], served[0]["fast_cache"]) == (True, False, 64)
 
 
 def test_max_concurrency_2_with_no_queue(loaded):

@@ -622,6 +622,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.fast:
         print(f"preparing {args.max_concurrency} fast decoder(s)" + (" (compiling: ~1 min each)" if args.compile
                                                                     else ""), file=sys.stderr)
+        if next(model.parameters()).device.type != "cuda":
+            print("lowbit: warning: --fast on a CPU decodes without the weight cache (the packed kernels it exists for "
+                  "are CUDA's): slower there than without --fast", file=sys.stderr)
     print(f"serving {name} on http://{args.host}:{args.port}/v1 (max concurrency {args.max_concurrency}, "
           f"queue {args.max_queue}, API key {'required' if api_key else 'off'}); Ctrl+C stops", file=sys.stderr)
     serve(model, tok, name, host=args.host, port=args.port, max_concurrency=args.max_concurrency,
