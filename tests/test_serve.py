@@ -447,30 +447,36 @@ def fast_loaded(tiny_dir):
 
 def test_fast_server_answers_as_the_dynamic_loop_and_falls_back_past_its_cache(fast_loaded, loaded):
     """--fast: a generation that fits the static cache runs on a decoder, which is free again after the answer;
-    one that does not fit runs the ordinary loop. Both give the reference's greedy text."""
-    ref = reference(loaded, encode_prompt(loaded[1], "The quick brown fox"))
-    n_prompt = ref.prompt_tokens
-    with running_server(*fast_loaded, max_concurrency=2, fast=True, fast_cache=n_prompt + 12) as (base, app):
+    one that does not fit runs the ordinary loop. Both give the reference's greedy text. A chat request that names
+    no length gets the decoder's room (without --fast: the whole context)."""
+    ids = encode_prompt(loaded[1], "The quick brown fox")
+    ref = reference(loaded, ids)
+    short = [{"role": "user", "content": "Hi"}]
+    n_chat = len(encode_chat(loaded[1], short)[0])
+    cache = max(len(ids), n_chat) + 12
+    past = cache - len(ids) + 2  # one token more than the cache holds after this prompt
+    with running_server(*fast_loaded, max_concurrency=2, fast=True, fast_cache=cache) as (base, app):
         engine = app.state.engine
-        assert engine.decoder_cache == n_prompt + 12 and engine.free_decoders == 2
+        assert engine.decoder_cache == cache and engine.free_decoders == 2
         c = OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=30)
         r = c.completions.create(model=MODEL_ID, prompt="The quick brown fox", max_tokens=12, temperature=0)
         assert r.choices[0].text == ref.output and r.choices[0].finish_reason == ref.finish_reason
         assert engine.stats["fast"] == 1 and engine.free_decoders == 2
-        long = reference(loaded, encode_prompt(loaded[1], "The quick brown fox"),
-                         SamplingParams(max_new_tokens=14, temperature=0))
-        r = c.completions.create(model=MODEL_ID, prompt="The quick brown fox", max_tokens=14, temperature=0)
+        long = reference(loaded, ids, SamplingParams(max_new_tokens=past, temperature=0))
+        r = c.completions.create(model=MODEL_ID, prompt="The quick brown fox", max_tokens=past, temperature=0)
         assert r.choices[0].text == long.output and r.usage.completion_tokens == long.completion_tokens
         assert engine.stats["fast_fallback"] == 1 and engine.stats["fast"] == 1
+        chat = c.chat.completions.create(model=MODEL_ID, messages=short, temperature=0)
+        assert chat.usage.completion_tokens <= cache - n_chat + 1 and engine.stats["fast"] == 2
         results: list[int] = []
         threads = [threading.Thread(target=post_completion, args=(base, results, 8)) for _ in range(3)]
         for t in threads:
             t.start()
         for t in threads:
             t.join(60)
-        assert results == [200] * 3 and engine.stats["fast"] == 4 and engine.free_decoders == 2
+        assert results == [200] * 3 and engine.stats["fast"] == 5 and engine.free_decoders == 2
         fast = httpx.get(f"{base}/health").json()["fast"]
-        assert fast == {"free": 2, "cache": n_prompt + 12, "decoded": 4, "fallback": 1}
+        assert fast == {"free": 2, "cache": cache, "decoded": 5, "fallback": 1}
 
 
 def test_fast_server_settings_are_checked(fast_loaded, tiny_dir, capsys, monkeypatch):

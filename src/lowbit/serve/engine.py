@@ -203,7 +203,9 @@ class Engine:
         """How many tokens to generate after a prompt of ``n_prompt`` tokens (the ``what`` of the request).
 
         ``max_tokens`` is what the client asked for (checked strictly against the context); ``default_max``
-        applies when it asked for nothing (None: fill the context), and is trimmed to the room left.
+        applies when it asked for nothing (None: fill the context), and is trimmed to the room left. With fast
+        decoders, a request that asks for nothing gets the room of their static cache where its prompt fits there
+        (as a server's context bounds it), so it decodes on one; asked-for lengths past the cache run the loop.
         """
         ctx = self.context
         if ctx is not None and n_prompt >= ctx:
@@ -217,6 +219,9 @@ class Engine:
         room = ctx - n_prompt if ctx is not None else None
         if max_tokens is not None:
             return max_tokens
+        fast_room = self.decoder_cache - n_prompt + 1  # TextStream.fits: prompt + tokens - 1 positions
+        if self.decoder_cache and fast_room >= 1:
+            room = fast_room if room is None else min(room, fast_room)
         if default_max is not None:
             return min(default_max, room) if room is not None else default_max
         return room if room is not None else 256
