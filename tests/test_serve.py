@@ -494,8 +494,23 @@ def test_fast_server_settings_are_checked(fast_loaded, tiny_dir, capsys, monkeyp
     served = []
     monkeypatch.setattr(lowbit.serve.app, "serve", lambda *a, **kw: served.append(kw))
     assert main(["serve", str(tiny_dir), "--fast", "--fast-cache", "64", "--device", "cpu"]) == 0
-    assert "--fast on a CPU decodes without the weight cache" in capsys.readouterr().err
+    assert "preparing 1 fast decoder(s)" in capsys.readouterr().err
     assert (served[0]["fast"], served[0]["compile"], served[0]["fast_cache"]) == (True, False, 64)
+
+
+def test_fast_decode_on_a_cpu_keeps_the_weight_cache(tiny_dir):
+    """On a CPU the packed kernels do not run, so the fast path decodes from cached dequantized weights like the
+    ordinary loop (fast=True once dequantized every weight at every step): same text, caches filled, no fusion."""
+    import lowbit
+    from lowbit.models.quant_linear import QuantLinear
+
+    model, tok = load_model(tiny_dir)
+    lowbit.quantize(model, lowbit.Recipe("q4_0"), tok, progress=False)
+    want = "".join(lowbit.generate(model, tok, "The quick brown fox", params=GREEDY))
+    got = "".join(lowbit.generate(model, tok, "The quick brown fox", params=GREEDY, fast=True))
+    linears = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert got == want and linears
+    assert all(m.weight_cached and m._cache is not None and m._fused is None for m in linears)
 
 
 def test_max_concurrency_2_with_no_queue(loaded):

@@ -211,9 +211,10 @@ def generate(model: nn.Module, tokenizer: Any, prompt: str, *, chat: bool = Fals
              weight_cache: bool = True) -> TextStream:
     """A :class:`~lowbit.serve.generate.TextStream` of the continuation of ``prompt``: iterate it for text deltas.
 
-    ``chat`` wraps the prompt as a user message in the model's chat template. ``fast`` decodes from the packed
-    weights with a static KV cache and one CUDA graph per token (``compile`` adds torch.compile); otherwise
-    dequantized weights are cached between tokens unless ``weight_cache`` is False.
+    ``chat`` wraps the prompt as a user message in the model's chat template. ``fast`` decodes with a static KV
+    cache and one CUDA graph per token, from the packed weights on CUDA (``compile`` adds torch.compile);
+    otherwise, and with ``fast`` on a CPU, dequantized weights are cached between tokens unless ``weight_cache`` is
+    False.
 
     >>> print("".join(lowbit.generate(model, tok, "The capital of France is", params=SamplingParams(temperature=0))))
     """
@@ -225,9 +226,13 @@ def generate(model: nn.Module, tokenizer: Any, prompt: str, *, chat: bool = Fals
     else:
         ids = encode_prompt(tokenizer, prompt)
     decoder = None
-    if fast:  # the point is the packed kernels; the graph removes the launch overhead
-        use_weight_cache(model, False)
+    # On CUDA the fast path's point is the packed kernels, which the weight cache would bypass; on a CPU the cache
+    # is what makes decoding fast, fast path or not.
+    use_weight_cache(model, weight_cache and not (fast and _on_cuda(model)))
+    if fast:
         decoder = StaticDecoder(model, max_cache_len=len(ids) + params.max_new_tokens, compile=compile)
-    else:
-        use_weight_cache(model, weight_cache)
     return TextStream(model, tokenizer, ids, params, extra_stop=extra_stop, decoder=decoder)
+
+
+def _on_cuda(model: nn.Module) -> bool:
+    return next(model.parameters()).device.type == "cuda"

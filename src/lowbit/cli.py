@@ -235,8 +235,8 @@ def _add_report_plan(sub: argparse._SubParsersAction) -> None:
 
 def _add_fast(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fast", action="store_true",
-                   help="decode from the packed weights with a static KV cache and one CUDA graph per token "
-                        "(CUDA; no weight cache). On the CPU: the static cache only")
+                   help="decode with a static KV cache and one CUDA graph per token, from the packed weights "
+                        "(CUDA; no weight cache). On the CPU: the static cache, with the weight cache")
     p.add_argument("--compile", action="store_true",
                    help="with --fast: torch.compile the decode step too (fuses the small ops between matmuls "
                         "and, on Hopper and later, launches kernels with programmatic dependent launch; compiling "
@@ -622,9 +622,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.fast:
         print(f"preparing {args.max_concurrency} fast decoder(s)" + (" (compiling: ~1 min each)" if args.compile
                                                                     else ""), file=sys.stderr)
-        if next(model.parameters()).device.type != "cuda":
-            print("lowbit: warning: --fast on a CPU decodes without the weight cache (the packed kernels it exists for "
-                  "are CUDA's): slower there than without --fast", file=sys.stderr)
     print(f"serving {name} on http://{args.host}:{args.port}/v1 (max concurrency {args.max_concurrency}, "
           f"queue {args.max_queue}, API key {'required' if api_key else 'off'}); Ctrl+C stops", file=sys.stderr)
     serve(model, tok, name, host=args.host, port=args.port, max_concurrency=args.max_concurrency,

@@ -289,15 +289,17 @@ def create_app(model: nn.Module, tokenizer: object, model_id: str, max_concurren
     ``weight_cache`` keeps quantized layers' dequantized weights in memory (see ``use_weight_cache``).
     ``max_prompt_tokens`` defaults to the model's context. ``allowed_hosts`` defaults to the loopback names on any
     port (``serve`` passes the bound address); with ``api_key`` every request but ``/health`` needs it.
-    ``fast``: decode from the packed weights with one StaticDecoder per slot (:func:`fast_decoders`; no weight
-    cache), ``compile`` adding torch.compile, each holding ``fast_cache`` positions (default: the model's context,
-    at most :data:`FAST_CACHE_DEFAULT`); generations that do not fit run the dynamic-cache loop.
+    ``fast``: decode with one StaticDecoder per slot (:func:`fast_decoders`; on CUDA from the packed weights,
+    without the weight cache), ``compile`` adding torch.compile, each holding ``fast_cache`` positions (default:
+    the model's context, at most :data:`FAST_CACHE_DEFAULT`); generations that do not fit run the dynamic-cache
+    loop.
     """
     if max_body_bytes < 1:
         raise LowbitError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
     if (compile or fast_cache is not None) and not fast:
         raise LowbitError("compile and fast_cache need fast decode (--fast)")
-    use_weight_cache(model, weight_cache and not fast)
+    # the packed kernels need no weight cache (it would bypass them); on a CPU it is what makes decoding fast
+    use_weight_cache(model, weight_cache and not (fast and next(model.parameters()).device.type == "cuda"))
     decoders = fast_decoders(model, max_concurrency, fast_cache, compile) if fast else []
     engine = Engine(model, tokenizer, max_concurrency=max_concurrency, max_queue=max_queue,
                     max_prompt_tokens=max_prompt_tokens, decoders=decoders)
