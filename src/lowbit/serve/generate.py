@@ -274,8 +274,9 @@ class TextStream:
         self.steps = 0  # forward passes that sampled a token (an EOS included)
 
     def fits(self, decoder: object) -> bool:
-        """Whether ``decoder``'s static cache holds this whole generation: the prompt and ``max_new_tokens``."""
-        return len(self.prompt_ids) + self.max_new_tokens - 1 <= decoder.max_cache_len
+        """Whether ``decoder``'s static cache holds this whole generation: the prompt and ``max_new_tokens`` (the
+        prompt alone at least, so :meth:`use_decoder` cannot refuse it)."""
+        return len(self.prompt_ids) + max(self.max_new_tokens, 1) - 1 <= decoder.max_cache_len
 
     def use_decoder(self, decoder: object) -> None:
         """Decode with ``decoder`` (a batch-1 StaticDecoder of this model) instead of the dynamic-cache loop;
