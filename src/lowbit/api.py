@@ -226,13 +226,7 @@ def generate(model: nn.Module, tokenizer: Any, prompt: str, *, chat: bool = Fals
     else:
         ids = encode_prompt(tokenizer, prompt)
     decoder = None
-    # On CUDA the fast path's point is the packed kernels, which the weight cache would bypass; on a CPU the cache
-    # is what makes decoding fast, fast path or not.
-    use_weight_cache(model, weight_cache and not (fast and _on_cuda(model)))
+    use_weight_cache(model, weight_cache, fast=fast)
     if fast:
         decoder = StaticDecoder(model, max_cache_len=len(ids) + params.max_new_tokens, compile=compile)
     return TextStream(model, tokenizer, ids, params, extra_stop=extra_stop, decoder=decoder)
-
-
-def _on_cuda(model: nn.Module) -> bool:
-    return next(model.parameters()).device.type == "cuda"

@@ -601,8 +601,7 @@ def _decode_e8p(codes: torch.Tensor) -> torch.Tensor:
     for i, (w, p) in enumerate(steps):
         for half, pos in ((0, i), (16, i + 4)):
             nib = (w >> (half + p)) & 0xF
-            x = _as_half(0x6400 | (nib << p))  # the LOP3 into 1024.0's mantissa
-            coords[pos] = _fma_half(x, 2.0 ** -(p + 1), -(512 / 2**p + 3.75))
+            coords[pos] = _e8p_coordinate(0x6400 | (nib << p), p)  # the LOP3 into 1024.0's mantissa
     return torch.stack(coords, dim=1)
 
 
@@ -613,8 +612,13 @@ def _decode_e8p_wide(codes: torch.Tensor) -> torch.Tensor:
     for j, bit in _WIDE_AT:
         p, half = bit % 16, bit - bit % 16
         lop3 = (e[:, j] >> half) & ((0xF << p) | 0x6400)  # (E ^ T) & (nibble mask | magic), one half
-        coords.append(_fma_half(_as_half(lop3), 2.0 ** -(p + 1), -(512 / 2**p + 3.75)))
+        coords.append(_e8p_coordinate(lop3, p))
     return torch.stack(coords, dim=1)
+
+
+def _e8p_coordinate(magic: torch.Tensor, p: int) -> torch.Tensor:
+    """The HFMA2 of the E8P decode: 1024 + 2^p n (a nibble n at bit p of 1024.0's mantissa) -> n / 2 - 3.75."""
+    return _fma_half(_as_half(magic), 2.0 ** -(p + 1), -(512 / 2**p + 3.75))
 
 
 def decode_iq2xxs_reference(qs: torch.Tensor, cols: int) -> torch.Tensor:

@@ -43,12 +43,11 @@ class RotaryTable(nn.Module):
         self.register_buffer("sin", sin[0].contiguous(), persistent=False)
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.on or x.dtype != self.cos.dtype or not self._this_threads():
+        if not self.on or x.dtype != self.cos.dtype or not self._for_this_thread():
             return self.inner(x, position_ids)
         return self.cos[position_ids], self.sin[position_ids]  # position_ids [B, T] -> [B, T, D]
 
-
-    def _this_threads(self) -> bool:
+    def _for_this_thread(self) -> bool:
         # torch.compile traces the step in the decoder's own thread, and is_compiling() keeps the thread test out of
         # the trace (it would break the graph)
         return torch.compiler.is_compiling() or threading.get_ident() == self.thread

@@ -298,8 +298,7 @@ def create_app(model: nn.Module, tokenizer: object, model_id: str, max_concurren
         raise LowbitError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
     if (compile or fast_cache is not None) and not fast:
         raise LowbitError("compile and fast_cache need fast decode (--fast)")
-    # the packed kernels need no weight cache (it would bypass them); on a CPU it is what makes decoding fast
-    use_weight_cache(model, weight_cache and not (fast and next(model.parameters()).device.type == "cuda"))
+    use_weight_cache(model, weight_cache, fast=fast)
     decoders = fast_decoders(model, max_concurrency, fast_cache, compile) if fast else []
     engine = Engine(model, tokenizer, max_concurrency=max_concurrency, max_queue=max_queue,
                     max_prompt_tokens=max_prompt_tokens, decoders=decoders)

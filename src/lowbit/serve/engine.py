@@ -42,7 +42,7 @@ from typing import TypeVar
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.serve.generate import SamplingParams, TextStream, context_length
+from lowbit.serve.generate import SamplingParams, TextStream, context_length, decoder_room
 
 POLL_SECONDS = 0.25  # how often a waiting request checks whether its client is still there
 # A normalizer can make the text a tokenizer sees shorter than what was sent: NFC composes up to 3 characters into
@@ -219,7 +219,7 @@ class Engine:
         room = ctx - n_prompt if ctx is not None else None
         if max_tokens is not None:
             return max_tokens
-        fast_room = self.decoder_cache - n_prompt + 1  # TextStream.fits: prompt + tokens - 1 positions
+        fast_room = decoder_room(self.decoder_cache, n_prompt)
         if self.decoder_cache and fast_room >= 1:
             room = fast_room if room is None else min(room, fast_room)
         if default_max is not None:

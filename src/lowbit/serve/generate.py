@@ -198,14 +198,17 @@ class StopMatcher:
         return out
 
 
-def use_weight_cache(model: nn.Module, enabled: bool = True) -> int:
+def use_weight_cache(model: nn.Module, enabled: bool = True, fast: bool = False) -> int:
     """Keep dequantized weights between decoding steps (on by default in generate/serve); returns the bytes it takes.
 
     Without it every QuantLinear dequantizes its whole weight on every token, which makes CPU decoding ~10-40x
-    slower; the price is the weights in float (4 bytes per weight in float32) next to the packed ones.
+    slower; the price is the weights in float (4 bytes per weight in float32) next to the packed ones. ``fast``
+    (decoding with a StaticDecoder): off on CUDA, where the cache would bypass the packed kernels the fast path
+    exists for; on a CPU, which has no packed kernels, kept as asked.
     """
     from lowbit.models.quant_linear import QuantLinear, cache_dequantized
 
+    enabled = enabled and not (fast and next(model.parameters()).device.type == "cuda")
     cache_dequantized(model, enabled)
     if not enabled:
         return 0
@@ -235,6 +238,12 @@ def cache_arg(model: nn.Module) -> str:
     if cls not in _CACHE_ARG:
         _CACHE_ARG[cls] = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     return _CACHE_ARG[cls]
+
+
+def decoder_room(max_cache_len: int, n_prompt: int) -> int:
+    """New tokens a static cache of ``max_cache_len`` positions holds after a prompt of ``n_prompt``: the last token
+    sampled is never fed back, so it takes no position."""
+    return max_cache_len - n_prompt + 1
 
 
 class TextStream:
@@ -276,7 +285,7 @@ class TextStream:
     def fits(self, decoder: object) -> bool:
         """Whether ``decoder``'s static cache holds this whole generation: the prompt and ``max_new_tokens`` (the
         prompt alone at least, so :meth:`use_decoder` cannot refuse it)."""
-        return len(self.prompt_ids) + max(self.max_new_tokens, 1) - 1 <= decoder.max_cache_len
+        return max(self.max_new_tokens, 1) <= decoder_room(decoder.max_cache_len, len(self.prompt_ids))
 
     def use_decoder(self, decoder: object) -> None:
         """Decode with ``decoder`` (a batch-1 StaticDecoder of this model) instead of the dynamic-cache loop;
@@ -288,7 +297,7 @@ class TextStream:
         if len(self.prompt_ids) > decoder.max_cache_len:
             raise PromptTooLongError(f"the prompt has {len(self.prompt_ids)} tokens but the decoder's static cache "
                                      f"holds {decoder.max_cache_len}")
-        self.max_new_tokens = min(self.max_new_tokens, decoder.max_cache_len - len(self.prompt_ids) + 1)
+        self.max_new_tokens = min(self.max_new_tokens, decoder_room(decoder.max_cache_len, len(self.prompt_ids)))
         self.decoder = decoder
 
     @property
