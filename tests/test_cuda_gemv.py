@@ -68,6 +68,48 @@ def test_iq2xxs_kernel_decode_is_the_format_within_one_rounding(cols: int) -> No
     assert (got == ref).float().mean() > 0.8
 
 
+@pytest.mark.parametrize("cols", [1024, 576])
+def test_iq2xxs_step_scaled_decode_is_the_format_exactly(cols: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With STEP_SCALE the kernel's fp16 weights are v (0.5 + ls) / 4 and d scales the step's fp32 sums: replayed,
+    exactly ggml's fp32 weights, every one (large columns included)."""
+    monkeypatch.setattr(cuda_gemv, "STEP_SCALE", True)
+    fmt = get_format("iq2_xxs")
+    w = torch.randn(40, cols, generator=torch.Generator().manual_seed(cols)) * 0.02
+    w[:, ::97] *= 8
+    qt = fmt.quantize(w)
+    got = cuda_gemv.decode_iq2xxs_reference(qt.data["qs"], cols)
+    assert got.dtype == torch.float32 and torch.equal(got, fmt.dequantize(qt).float())
+
+
+def test_iq2xxs_sub_factor_and_grid_pairs_are_exact() -> None:
+    """STEP_SCALE's per-sub-block steps, for every 4-bit ls and grid value: the HFMA2 of ls in 1024.0 gives
+    (0.5 + ls) / 4, the HMUL2 by -1024 is exact, and the grid pair's HFMA2 (1024 + v) k + (-1024 k) gives v k in fp16
+    with no rounding."""
+    ls = torch.arange(16)
+    k = cuda_gemv.iq2xxs_sub_factor(ls)
+    assert torch.equal(k.double(), (0.5 + ls.double()) / 4)
+    minus = (k.double() * -1024).to(torch.float16)  # the kernel's HMUL2
+    assert torch.equal(minus.double(), -1024 * k.double())
+    v = torch.tensor([8.0, 25.0, 43.0], dtype=torch.float64)[:, None]
+    pair = ((1024 + v) * k.double() + minus.double()).to(torch.float16)  # one rounding, as HFMA2
+    assert torch.equal(pair.double(), v * k.double())
+
+
+def test_step_scale_is_planned_where_a_group_spans_a_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Symmetric groups of >= 4 chunks and IQ2_XXS's superblocks take their scale once per step; smaller or
+    asymmetric groups and row scales do not. The switch reaches the source at each call (the kernel cache is keyed
+    by source), as E8P_WIDE does."""
+    planned = {n: cuda_gemv.plan(get_format(n), (64, 4096)) for n in
+               ("iq2_xxs", "int4_g128_sym", "e8p_g256", "q4_0", "int4_g128_asym", "int2_g64_sym", "nz2_ch", "e8p_ch")}
+    assert {n for n, p in planned.items() if p.step_scaled()} == {"iq2_xxs", "int4_g128_sym", "e8p_g256"}
+    for wide, step in ((False, False), (True, True)):
+        monkeypatch.setattr(cuda_gemv, "E8P_WIDE", wide)
+        monkeypatch.setattr(cuda_gemv, "STEP_SCALE", step)
+        assert f"#define STEP_SCALE {int(step)}" in cuda_gemv._source(planned["iq2_xxs"], 1)
+        assert "#define STEP_SCALE 0" in cuda_gemv._source(planned["q4_0"], 1)
+        assert f"#define E8P_WIDE {int(wide)}" in cuda_gemv._source(planned["e8p_g256"], 1)
+
+
 def test_iq2xxs_grid_bytes_decode_to_the_grid() -> None:
     """The byte table in shared memory, replayed as the kernel's PRMT (two bytes into 1024.0's mantissas,
     selectors 0x4140 and 0x4342) and HFMA2 (x 1 - 1024), gives every grid row's fp16 pairs exactly."""
@@ -180,6 +222,26 @@ def test_every_kernel_variant_compiles_for_ampere_and_hopper(name: str) -> None:
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         cubins = list(pool.map(lambda job: cuda_jit.compile_cubin(job[0], "gemv_mma.cu", job[1]), jobs))
     assert len(cubins) == len(jobs) and all(c[:4] == b"\x7fELF" for c in cubins)
+
+
+@pytest.mark.skipif(not nvrtc_found(), reason="needs NVRTC (the nvidia-cuda-nvrtc wheel of the test extra)")
+@pytest.mark.parametrize("name", ["iq2_xxs", "int4_g128_sym", "e8p_g256"])
+def test_step_scaled_variants_compile(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With STEP_SCALE the kernels of the formats it serves compile for sm_90: batch 1 staged (plain, normalized +
+    gated, with a residual), batch 8 staged or from L1/L2, two row blocks per warp, resident blocks, ragged K."""
+    from lowbit.kernels import cuda_jit
+
+    monkeypatch.setattr(cuda_gemv, "STEP_SCALE", True)
+    p = cuda_gemv.plan(get_format(name), (64, 8192))
+    jobs = [(1, False, 0, False, False, 1, True), (1, True, 2, False, False, 1, True),
+            (1, False, 0, True, True, 1, True), (2, False, 0, False, False, 2, True),
+            (0, False, 0, False, True, 2, True), (0, False, 0, False, False, 1, False)]
+    for staged, gated, norm, resid, resident, tiles, full in jobs:
+        warps = cuda_gemv.warps_for(p, 8192)
+        source = cuda_gemv._source(p, staged, warps, cuda_gemv.min_blocks_for(warps, 1 if staged == 1 else 8, tiles),
+                                   gated, full, norm, resid, resident, tiles)
+        assert "#define STEP_SCALE 1" in source
+        assert cuda_jit.compile_cubin(source, "gemv_mma.cu", "sm_90")[:4] == b"\x7fELF"
 
 
 @pytest.mark.skipif(not nvrtc_found(), reason="needs NVRTC (the nvidia-cuda-nvrtc wheel of the test extra)")
@@ -387,6 +449,41 @@ def test_e8p_wide_tables_give_the_narrow_tables_result_on_gpu(name: str, shape: 
         monkeypatch.setattr(cuda_gemv, "E8P_WIDE", wide)
         out[wide] = cuda_gemv.gemv(x, fmt, qt, p)
     assert torch.equal(out[False], out[True])
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["iq2_xxs", "int4_g128_sym", "e8p_g256"])
+@pytest.mark.parametrize("shape", [(256, 1024), (200, 576), (40, 8192)])
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_step_scaled_gemv_matches_reference_on_gpu(name: str, shape: tuple[int, int], m: int,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """STEP_SCALE's kernels (plain, gated, with a residual) against the float64 product of the format's weights:
+    no less accurate than the kernel that scales every weight pair in fp16. (LOWBIT_CUDA_STEP_SCALE=1 runs every
+    other GPU test of this file with it too.)"""
+    from lowbit.kernels.reference import dequant_matmul_reference
+
+    fmt, qt = _packed(name, shape, seed=5)
+    if cuda_gemv.plan(fmt, shape) is None:
+        pytest.skip(f"{name} at {shape} is not served")
+    p = cuda_gemv.plan(fmt, shape)
+    x = torch.randn(m, shape[1], device="cuda", dtype=torch.float16, generator=torch.Generator("cuda").manual_seed(m))
+    ref = dequant_matmul_reference(x.double(), fmt, qt)
+    err = {}
+    for step in (False, True):
+        monkeypatch.setattr(cuda_gemv, "STEP_SCALE", step)
+        y = cuda_gemv.gemv(x, fmt, qt, p)
+        err[step] = float((y.double() - ref).norm() / ref.norm())
+    assert err[True] < 2e-3 and err[True] <= err[False] * 1.05 + 1e-5, err
+    res = torch.randn(m, shape[0], device="cuda", dtype=torch.float16)
+    y = cuda_gemv.gemv(x, fmt, qt, p, residual=res)
+    want = res.double() + ref.to(torch.float16).double()
+    assert float((y.double() - want).norm() / want.norm()) < 2e-3
+    if shape[0] % 2 == 0:
+        gate, up = ref.chunk(2, dim=-1)
+        want = torch.nn.functional.silu(gate) * up
+        got = cuda_gemv.gemv(x, fmt, qt, p, gated=True)
+        assert float((got.double() - want).norm() / want.norm()) < 2e-3
 
 
 @gpu

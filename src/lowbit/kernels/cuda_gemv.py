@@ -79,6 +79,13 @@ class Plan:
             lines += [f"#define DQ_A{i} 0x{_half2_bits(a):08x}u", f"#define DQ_B{i} 0x{_half2_bits(b):08x}u"]
         return "\n".join(lines) + "\n"
 
+    def step_scaled(self) -> bool:
+        """Whether a scale group spans a whole step (the quad's four chunks), so the step's sums can take the scale
+        once in fp32 (STEP_SCALE in the .cu): IQ2_XXS's superblock d, and symmetric groups of >= 4 chunks
+        (int4_g128_sym, e8p_g256)."""
+        whole_steps = not self.row_scale and 1 << self.group_shift >= 4 * half_per_chunk(self)
+        return self.kind == 2 or (self.kind in (0, 1) and not self.asym and whole_steps)
+
     def chunk_scale(self) -> bool:
         """Whether each 16-byte chunk of codes lies inside one scale group (CHUNK_SCALE in the .cu): its scales
         are then loaded with its codes."""
@@ -213,6 +220,11 @@ def e8p_tables() -> torch.Tensor:
 # bank conflicts. Off (``LOWBIT_CUDA_E8P_WIDE=1`` turns it on) until timed on a GPU (docs/kernels.md, "E8P's tables in
 # two words").
 E8P_WIDE = os.environ.get("LOWBIT_CUDA_E8P_WIDE", "0") == "1"
+# Scale groups that span a whole step scale the step's fp32 sums (the .cu's STEP_SCALE, Plan.step_scaled) instead of
+# every weight pair: 64 HMUL2 fewer per step of IQ2_XXS (546 -> 454 instructions, sass_count.py), 32 of int4_g128_sym,
+# and IQ2_XXS's weights stay exact (d (0.5 + ls) / 4 is no longer rounded to fp16). Off (``LOWBIT_CUDA_STEP_SCALE=1``
+# turns it on) until its GPU tests pass and it is timed (docs/kernels.md, "Group scales once per step").
+STEP_SCALE = os.environ.get("LOWBIT_CUDA_STEP_SCALE", "0") == "1"
 # (word, bit) of coordinate i in the wide layout: word 0 holds 0, 1 | 4, 5, word 1 holds 2, 3 | 6, 7
 _WIDE_AT = [(0, 1), (0, 5), (1, 1), (1, 5), (0, 17), (0, 21), (1, 17), (1, 21)]
 
@@ -339,15 +351,22 @@ def _cached_layout(qs: torch.Tensor, build) -> tuple[torch.Tensor, ...]:  # noqa
     return hit[2]
 
 
-@cache
 def _source(p: Plan, staged_x: int = 0, warps: int = WARPS_FEW, min_blocks: int = 1, gated: bool = False,
             full: bool = False, norm_qs: int = 0, resid: bool = False, resident: bool = False, tiles: int = 1) -> str:
     """The kernel's source for these settings; ``norm_qs`` > 0: the batch-1 row is RMS-normalized while staged,
     each thread holding that many groups of its units in registers (:func:`norm_groups`); ``resident``: blocks loop
-    over row blocks (:data:`RESIDENT_GRID`); ``tiles``: row blocks per warp (:func:`row_tiles`)."""
-    return cuda_jit.source("gemv_mma.cu", p.defines(staged_x, warps, min_blocks, gated, full, norm_qs, resid,
-                                                    resident, tiles) + f"#define E8P_WIDE {int(E8P_WIDE)}\n")
+    over row blocks (:data:`RESIDENT_GRID`); ``tiles``: row blocks per warp (:func:`row_tiles`). The switches
+    :data:`E8P_WIDE` and :data:`STEP_SCALE` are read at each call (tests flip them)."""
+    return _source_of(p, staged_x, warps, min_blocks, gated, full, norm_qs, resid, resident, tiles, E8P_WIDE,
+                      STEP_SCALE and p.step_scaled())
 
+
+@cache
+def _source_of(p: Plan, staged_x: int, warps: int, min_blocks: int, gated: bool, full: bool, norm_qs: int,
+               resid: bool, resident: bool, tiles: int, wide: bool, step_scale: bool) -> str:
+    defines = p.defines(staged_x, warps, min_blocks, gated, full, norm_qs, resid, resident, tiles)
+    switches = f"#define E8P_WIDE {int(wide)}\n#define STEP_SCALE {int(step_scale)}\n"
+    return cuda_jit.source("gemv_mma.cu", defines + switches)
 
 
 def min_blocks_for(warps: int, m: int = 8, tiles: int = 1) -> int:
@@ -622,25 +641,40 @@ def _e8p_coordinate(magic: torch.Tensor, p: int) -> torch.Tensor:
 
 
 def decode_iq2xxs_reference(qs: torch.Tensor, cols: int) -> torch.Tensor:
-    """The fp16 weight [rows, cols] the kernel multiplies, from ``qs`` through its layout, tables and bit steps:
-    the parity bit from the popcount, the sign bits XORed onto fp16 grid values (those the kernel makes of its byte
-    table, :func:`iq2xxs_grid_table`; the CPU tests check the two agree), the fp32 sub-block scale
-    ``d (0.5 + ls) / 4`` rounded to fp16 and one fp16 multiply (hmul2). ggml multiplies in fp32 and the reference
-    rounds that product to fp16 once, so the two differ by at most one rounding of the scale (< 1 fp16 ulp)."""
+    """The weight [rows, cols] the kernel multiplies, from ``qs`` through its layout, tables and bit steps: the
+    parity bit from the popcount, the sign bits XORed onto fp16 grid values (those the kernel makes of its byte
+    table, :func:`iq2xxs_grid_table`; the CPU tests check the two agree), then the scale.
+
+    Without :data:`STEP_SCALE`: the fp32 sub-block scale ``d (0.5 + ls) / 4`` rounded to fp16 and one fp16
+    multiply (hmul2), fp16 weights. ggml multiplies in fp32 and the reference rounds that product to fp16 once, so
+    the two differ by at most one rounding of the scale (< 1 fp16 ulp). With it: the HFMA2 gives ``v (0.5 + ls) / 4``
+    (exact in fp16) and d multiplies the step's fp32 sums, so the weights are ggml's fp32 ones, exactly (float32)."""
     sub, d = iq2xxs_layout(qs, cols)
     aux = sub.to(torch.int64).reshape(sub.shape[0], -1, 2) & 0xFFFFFFFF  # [rows, n_sub, (aux0, aux1)]
     aux0, aux1 = aux[..., 0], aux[..., 1]
     d_sub = d.float().repeat_interleave(iq2xxs_format.SUPER // iq2xxs_format.SUB, dim=1)[:, : aux.shape[1]]
-    scale = (d_sub * (0.5 + (aux1 >> 28).float()) * 0.25).to(torch.float16)
     grid = iq2xxs_grid_table().view(torch.float16).reshape(256, 8)
     c = torch.arange(4)
     gi, si = (aux0[..., None] >> (8 * c)) & 255, (aux1[..., None] >> (7 * c)) & 127  # [rows, n_sub, 4]
     parity = torch.tensor([bin(i).count("1") & 1 for i in range(128)])[si]
     sbyte = si | (parity << 7)
     neg = ((sbyte[..., None] >> torch.arange(8)) & 1).bool()  # [rows, n_sub, 4, 8]
+    if STEP_SCALE:
+        k = iq2xxs_sub_factor(aux1 >> 28)[..., None, None].double()  # (0.5 + ls) / 4, the kernel's HFMA2
+        vk = ((1024 + grid[gi].double()) * k - 1024 * k).to(torch.float16)  # (1024 + v) k - 1024 k, one rounding
+        vals = torch.where(neg, -vk, vk)
+        w = (vals.double() * d_sub[..., None, None].double()).float()  # exact: 11 x 11 significant bits
+        return w.reshape(sub.shape[0], cols)
+    scale = (d_sub * (0.5 + (aux1 >> 28).float()) * 0.25).to(torch.float16)
     vals = torch.where(neg, -grid[gi], grid[gi])
     w = (vals.double() * scale[..., None, None].double()).to(torch.float16)  # one fp16 rounding, as HMUL2
     return w.reshape(sub.shape[0], cols)
+
+
+def iq2xxs_sub_factor(ls: torch.Tensor) -> torch.Tensor:
+    """The kernel's (0.5 + ls) / 4 for 4-bit ``ls`` with STEP_SCALE: ls into both halves of 1024.0 (one IMAD), then
+    one HFMA2 by 0.25 and -255.875, fp16."""
+    return _fma_half(_as_half(0x6400 | ls), 0.25, -255.875)
 
 
 def decode_kquant_reference(fmt: KQuantFormat, qs: torch.Tensor, cols: int) -> torch.Tensor:

@@ -12,6 +12,8 @@
 //   DQ_A<i>, DQ_B<i>  fp16x2 constants: L(q) = fma(magic(q at bit position i), DQ_A<i>, DQ_B<i>), exact
 //   GROUP_SHIFT  log2(columns per scale group); 30 = one scale per row
 //   ROW_SCALE    1 = one scale per row applied to the fp32 sums at the end (no per-weight multiply)
+//   STEP_SCALE   1 = a scale group spans a whole step (IQ2_XXS's superblock d, int4_g128_sym, e8p_g256): the step's
+//                MMAs sum unscaled levels and the sums take the scale once, in fp32 (no per-weight multiply)
 //   WARPS        warps per block; they split K, and the block adds their partial sums
 //   XS           1: the batch-1 activation row staged once per block in (dynamic) shared memory; 2: all M rows
 //   FULL         1: K is a whole number of steps (4 chunks), so no lane's chunk lies past the row's end
@@ -182,12 +184,12 @@ DEV void b_frag(const u32* xr, int m, int half, u32& b0, u32& b1) {
 // scale (and min) of a pair: group scales per weight, or none when the row scale multiplies the fp32 sums
 // Where every 16-byte chunk lies inside one scale group (IQ2_XXS: d per 256 weights), the chunk's scales are
 // loaded with its codes, a step ahead, instead of when the chunk is decoded (a load waited for in every step).
-#if KIND >= 2 || (KIND == 0 && !ROW_SCALE && GROUP_SHIFT >= LOG2_HALF_PER_CHUNK)
+#if KIND >= 2 || STEP_SCALE || (KIND == 0 && !ROW_SCALE && GROUP_SHIFT >= LOG2_HALF_PER_CHUNK)
 #define CHUNK_SCALE 1
 #else
 #define CHUNK_SCALE 0
 #endif
-#if ROW_SCALE
+#if ROW_SCALE || STEP_SCALE
 #define APPLY_SCALE(l, s, m) (l)
 #elif ASYM
 #define APPLY_SCALE(l, s, m) hfma2((l), (s), (m))
@@ -328,26 +330,43 @@ DEV void word_mma(float* d, u32 wa, u32 wb, u32, u32, int, const u32* xr, u32 sa
 // 7-bit sign indices and the 4-bit scale ls) back to back, and the superblock scales d in their own array, so a
 // 16-byte chunk is two sub-blocks (64 weights). iq2_grid[i] holds grid row i as its 8 values (8, 25 or 43) in
 // bytes (cuda_gemv.iq2xxs_grid_bytes): one PRMT puts two of them into the mantissas of 1024.0 and one HFMA2
-// (x 1 - 1024) gives the fp16 pair (v_2p, v_2p+1) exactly. Bytes rather than fp16 pairs halve the shared-memory
-// reads of the grid, which bound this kernel (docs/kernels.md). The 8th sign bit is the parity of the 7 stored ones
-// (ksigns_iq2xs). One SHF + one LOP3 move sign bits 2p and 2p + 1 onto the pair's fp16 sign bits, one HMUL2 applies
-// the sub-block scale d (0.5 + ls) / 4, computed in fp32 as ggml does and rounded once to fp16.
+// (x mul + add) gives the fp16 pair. Bytes rather than fp16 pairs halve the shared-memory reads of the grid, which
+// bound this kernel (docs/kernels.md). The 8th sign bit is the parity of the 7 stored ones (ksigns_iq2xs). One SHF +
+// one LOP3 move sign bits 2p and 2p + 1 onto the pair's fp16 sign bits.
+// Scale: STEP_SCALE keeps the weights exact: mul = k = (0.5 + ls) / 4 and add = -1024 k make the HFMA2 give v k in
+// one rounding of an exact value (v k = v (2 ls + 1) / 8 has at most 11 significant bits), and d (one per step: a
+// superblock is the quad's four chunks) multiplies the step's fp32 sums, as ggml's fp32 dequantization is exact.
+// Else (x 1 - 1024) gives v and one HMUL2 applies the sub-block scale d (0.5 + ls) / 4, computed in fp32 as ggml
+// does and rounded once to fp16.
 __shared__ U2 iq2_grid[256];
-DEV u32 grid_pair(u32 w, u32 sel) { return hfma2(prmt(w, 0x64646464u, sel), 0x3C003C00u, 0xE400E400u); }
-DEV void iq2_code(u32 gi, u32 si, u32 s2, u32* p) {
+struct IqScale { u32 mul, add, s; };  // a sub-block's HFMA2 constants and, without STEP_SCALE, its fp16 scale
+DEV u32 grid_pair(u32 w, u32 sel, const IqScale& k) { return hfma2(prmt(w, 0x64646464u, sel), k.mul, k.add); }
+#if STEP_SCALE
+#define IQ2_SCALED(v, k) (v)
+#else
+#define IQ2_SCALED(v, k) hmul2((v), (k).s)
+#endif
+DEV void iq2_code(u32 gi, u32 si, const IqScale& k, u32* p) {
     const U2 b = iq2_grid[gi];
-    const U4 g = {grid_pair(b.x, 0x4140u), grid_pair(b.x, 0x4342u), grid_pair(b.y, 0x4140u), grid_pair(b.y, 0x4342u)};
+    const U4 g = {grid_pair(b.x, 0x4140u, k), grid_pair(b.x, 0x4342u, k), grid_pair(b.y, 0x4140u, k),
+                  grid_pair(b.y, 0x4342u, k)};
     const u32 s = si | ((__popc(si) << 7) & 0x80u);
     const u32 z = s * 0x8001u;  // bit j at j and j + 15: pair p's two bits land on 15 and 31 after << 15 - 2p
-    p[0] = hmul2(g.x ^ ((z << 15) & 0x80008000u), s2);
-    p[1] = hmul2(g.y ^ ((z << 13) & 0x80008000u), s2);
-    p[2] = hmul2(g.z ^ ((z << 11) & 0x80008000u), s2);
-    p[3] = hmul2(g.w ^ ((z << 9) & 0x80008000u), s2);
+    p[0] = IQ2_SCALED(g.x ^ ((z << 15) & 0x80008000u), k);
+    p[1] = IQ2_SCALED(g.y ^ ((z << 13) & 0x80008000u), k);
+    p[2] = IQ2_SCALED(g.z ^ ((z << 11) & 0x80008000u), k);
+    p[3] = IQ2_SCALED(g.w ^ ((z << 9) & 0x80008000u), k);
 }
-DEV u32 iq2_scale(u32 d2, u32 aux1) {  // d2: the superblock's d, fp16 in both halves
+DEV IqScale iq2_scale(u32 d2, u32 aux1) {  // d2: the superblock's d, fp16 in both halves
+#if STEP_SCALE
+    // ls into both halves of 1024.0, then (1024 + ls) / 4 - 255.875 = (0.5 + ls) / 4, exact
+    const u32 k = hfma2((aux1 >> 28) * 0x00010001u + MAGIC, 0x34003400u, 0xDBFFDBFFu);
+    return {k, hmul2(k, 0xE400E400u), 0u};  // -1024 k: exact
+#else
     const float d = half_lo_to_float(d2);
     const u32 h = float_to_half(d * (0.5f + (float)(aux1 >> 28)) * 0.25f);
-    return h | (h << 16);
+    return {0x3C003C00u, 0xE400E400u, h | (h << 16)};
+#endif
 }
 #endif
 
@@ -426,7 +445,7 @@ struct Step { U4 a, b; u32 sa, sb, ma, mb; U2 ha, hb; };
 // Sub-block h (0 or 1: 32 weights) of a step's chunk: words 2h and 2h + 1 of w.a (w.b) are row g's (g + 8's) aux32
 // words; units 4 h .. 4 h + 3 of the chunk's activations (xb = xchunk(xrow, u0)). TILES 2: the second row block's
 // (w1, d1) is multiplied by the same activations.
-DEV void iq2_tile(float* d, const Step& w, int h, int c, const U4& xq, u32 sa, u32 sb) {
+DEV void iq2_tile(float* d, const Step& w, int h, int c, const U4& xq, const IqScale& sa, const IqScale& sb) {
     u32 pa[4], pb[4];
     const u32 qa0 = word(w.a, 2 * h), qa1 = word(w.a, 2 * h + 1), qb0 = word(w.b, 2 * h), qb1 = word(w.b, 2 * h + 1);
     iq2_code(prmt(qa0, 0u, 0x4440u + c), (qa1 >> (7 * c)) & 0x7fu, sa, pa);  // grid index: byte c
@@ -435,9 +454,9 @@ DEV void iq2_tile(float* d, const Step& w, int h, int c, const U4& xq, u32 sa, u
     mma(d, pa[2], pb[2], pa[3], pb[3], xq.z, xq.w);
 }
 DEV void iq2_sub(float* d, const Step& w, float* d1, const Step& w1, int h, const U4* xb, int u0, bool ok) {
-    const u32 sa = iq2_scale(w.sa, word(w.a, 2 * h + 1)), sb = iq2_scale(w.sb, word(w.b, 2 * h + 1));
+    const IqScale sa = iq2_scale(w.sa, word(w.a, 2 * h + 1)), sb = iq2_scale(w.sb, word(w.b, 2 * h + 1));
 #if TILES == 2
-    const u32 sa1 = iq2_scale(w1.sa, word(w1.a, 2 * h + 1)), sb1 = iq2_scale(w1.sb, word(w1.b, 2 * h + 1));
+    const IqScale sa1 = iq2_scale(w1.sa, word(w1.a, 2 * h + 1)), sb1 = iq2_scale(w1.sb, word(w1.b, 2 * h + 1));
 #endif
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
@@ -479,9 +498,12 @@ DEV Step load_step(const U4* pa, const U4* pb, const u16* sa_row, const u16* sb_
 #endif
 #elif CHUNK_SCALE
     const int k = c * HALF_PER_CHUNK;
-#if KIND == 2
-    st.sa = ld_half(sa_row + (k >> 8));
-    st.sb = ld_half(sb_row + (k >> 8));
+#if KIND == 2  // d: only its fp32 value is used (iq2_scale, add_step), so one fp16 in the low half
+    st.sa = ld_u16(sa_row + (k >> 8));
+    st.sb = ld_u16(sb_row + (k >> 8));
+#elif STEP_SCALE
+    st.sa = ld_u16(sa_row + (k >> GROUP_SHIFT));
+    st.sb = ld_u16(sb_row + (k >> GROUP_SHIFT));
 #else
     st.sa = ld_half(sa_row + (k >> GROUP_SHIFT));
     st.sb = ld_half(sb_row + (k >> GROUP_SHIFT));
@@ -747,6 +769,15 @@ DEV void step_word(float* d, const Step& w, const KScales& ks, int j, const u32*
     next = load_step(rp.ca + min(c + 4 * WARPS, chunks - 1), rp.cb + min(c + 4 * WARPS, chunks - 1), rp.sa, \
                      rp.sb, rp.ma, rp.mb, rp.ha, rp.hb, min(c + 4 * WARPS, chunks - 1));
 #endif
+#if STEP_SCALE
+// A step's sums e (its MMAs over unscaled levels) into the row block's d, times the scale of the step's group: the
+// same for the quad's four chunks, so each lane applies its own (rows g and g + 8), in fp32.
+DEV void add_step(float* d, const float* e, const Step& w) {
+    const float fa = half_lo_to_float(w.sa), fb = half_lo_to_float(w.sb);
+    d[0] = fmaf(fa, e[0], d[0]); d[1] = fmaf(fa, e[1], d[1]);
+    d[2] = fmaf(fb, e[2], d[2]); d[3] = fmaf(fb, e[3], d[3]);
+}
+#endif
 // A row block's sums: the row scale (ROW_SCALE), the warps' partial sums added, y written.
 DEV void finish_tile(float* d, const RowPtrs& rp, float (*part)[32][4], int row0, u16* y, const u16* res, int N,
                      int M) {
@@ -815,12 +846,18 @@ gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u1
             const Step& w1 = w;
             float* d1 = d;
 #endif
+#if STEP_SCALE
+            float e[4] = {}, e1[4] = {};  // the step's sums (add_step; e1: TILES 2's second row block)
+            float *sd = e, *sd1 = e1;
+#else
+            float *sd = d, *sd1 = d1;
+#endif
             const bool ok = FULL || c < chunks;  // FULL: K fills whole steps, every lane's chunk is in the row
             const int u0 = c * HALF_PER_CHUNK / 8;
             const U4* xb = xchunk(xc, u0);
 #if KIND == 2
-            iq2_sub(d, w, d1, w1, 0, xb, u0, ok);
-            iq2_sub(d, w, d1, w1, 1, xb, u0, ok);
+            iq2_sub(sd, w, sd1, w1, 0, xb, u0, ok);
+            iq2_sub(sd, w, sd1, w1, 1, xb, u0, ok);
 #else
             // idle lanes: scale reads stay in the row
             const int k0 = (FULL ? c : min(c, chunks - 1)) * HALF_PER_CHUNK;
@@ -832,11 +869,17 @@ gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u1
             for (int j = 0; j < 4; ++j) {
                 u32 xr[HALF_PER_WORD / 2];  // read once for every row block of the tile
                 word_x(xb, u0, j * HALF_PER_WORD / 8, ok, xr);
-                step_word(d, w, ks, j, xr, rp, k0 + j * HALF_PER_WORD);
+                step_word(sd, w, ks, j, xr, rp, k0 + j * HALF_PER_WORD);
 #if TILES == 2
-                step_word(d1, w1, ks1, j, xr, rp1, k0 + j * HALF_PER_WORD);
+                step_word(sd1, w1, ks1, j, xr, rp1, k0 + j * HALF_PER_WORD);
 #endif
             }
+#endif
+#if STEP_SCALE
+            add_step(d, e, w);
+#if TILES == 2
+            add_step(d1, e1, w1);
+#endif
 #endif
         }
         const int row0 = r.row0;
