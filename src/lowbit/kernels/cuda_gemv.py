@@ -87,8 +87,8 @@ class Plan:
         return self.kind == 2 or (self.kind in (0, 1) and not self.asym and whole_steps)
 
     def chunk_scale(self) -> bool:
-        """Whether each 16-byte chunk of codes lies inside one scale group (CHUNK_SCALE in the .cu): its scales
-        are then loaded with its codes."""
+        """Whether each 16-byte chunk of codes lies inside one scale group (CHUNK_SCALE in the .cu, which
+        STEP_SCALE also turns on): its scales are then loaded with its codes."""
         per_chunk_log2 = half_per_chunk(self).bit_length() - 1
         return self.kind >= 2 or (self.kind == 0 and not self.row_scale and self.group_shift >= per_chunk_log2)
 
@@ -221,7 +221,7 @@ def e8p_tables() -> torch.Tensor:
 # two words").
 E8P_WIDE = os.environ.get("LOWBIT_CUDA_E8P_WIDE", "0") == "1"
 # Scale groups that span a whole step scale the step's fp32 sums (the .cu's STEP_SCALE, Plan.step_scaled) instead of
-# every weight pair: 64 HMUL2 fewer per step of IQ2_XXS (546 -> 454 instructions, sass_count.py), 32 of int4_g128_sym,
+# every weight pair: 64 HMUL2 fewer per step of IQ2_XXS (544 -> 498 instructions, sass_count.py), 32 of int4_g128_sym,
 # and IQ2_XXS's weights stay exact (d (0.5 + ls) / 4 is no longer rounded to fp16). Off (``LOWBIT_CUDA_STEP_SCALE=1``
 # turns it on) until its GPU tests pass and it is timed (docs/kernels.md, "Group scales once per step").
 STEP_SCALE = os.environ.get("LOWBIT_CUDA_STEP_SCALE", "0") == "1"
