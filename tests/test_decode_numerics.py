@@ -95,8 +95,9 @@ def _check_against_reference(bundled, recipe: str, compile: bool) -> None:  # no
 
     # Free-running greedy decode on the CUDA graph: the same tokens up to the first near-tie of the reference.
     free = decoder.generate_greedy(ids, NEW_TOKENS)[0].cpu()
+    assert decoder.graph_captured, f"{recipe}: decoded eagerly, the CUDA graph capture failed: {decoder.graph_error}"
     top2 = logits.topk(2, dim=1).values
     ties = ((top2[:, 0] - top2[:, 1]) <= TIE).nonzero()
-    until = int(ties[0]) if ties.numel() else NEW_TOKENS
+    until = min(int(ties[0]) if ties.numel() else NEW_TOKENS, len(ref))  # the reference stops at an EOS
     assert torch.equal(free[:until], ref.cpu()[:until]), (
         f"{recipe}: greedy tokens differ before the reference's first near-tie (position {until})")
