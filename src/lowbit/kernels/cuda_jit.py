@@ -195,8 +195,13 @@ _KERNELS: dict[tuple, Kernel] = {}
 
 
 def kernel(source: str, name: str, device: torch.device) -> Kernel:
-    """The kernel ``name`` of ``source`` compiled for ``device`` (cached per process: source, name, device)."""
+    """The kernel ``name`` of ``source`` compiled for ``device`` (cached per process: source, name, device). On a
+    CPU device: the same source compiled by g++ and run on the CPU (:mod:`cuda_host`, for tests)."""
     key = (source, name, str(device))
+    if key not in _KERNELS and device.type == "cpu":
+        from lowbit.kernels.cuda_host import HostKernel
+
+        _KERNELS[key] = HostKernel(source, name)  # same interface
     if key not in _KERNELS:
         major, minor = torch.cuda.get_device_capability(device)
         cubin = compile_cubin(source, f"{name}.cu", f"sm_{major}{minor}", ("-lineinfo",))

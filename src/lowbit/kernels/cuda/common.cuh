@@ -7,6 +7,10 @@ struct U4 { u32 x, y, z, w; };
 
 #define DEV __device__ __forceinline__
 
+#ifdef LOWBIT_HOST  // on the CPU (cuda/host.h)
+inline float half_to_float(u16 h) { return lowbit_host::h2f(h); }
+inline u16 float_to_half(float f) { return lowbit_host::f2h(f); }
+#else
 DEV float half_to_float(u16 h) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
@@ -17,6 +21,7 @@ DEV u16 float_to_half(float f) {
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
     return h;
 }
+#endif
 
 // Programmatic dependent launch (cuda_jit.Kernel's ``early``): the kernel may start while the kernel before it in
 // the stream still runs; nothing before wait_for_inputs() reads what that kernel writes (constants only).

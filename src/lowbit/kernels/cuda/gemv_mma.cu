@@ -37,6 +37,22 @@
 // exactly onto the format's levels, one HMUL2 (HFMA2 with a min) applies the fp16 scale, exactly as the torch
 // reference's fp16 dequantization rounds.
 
+struct U2 { u32 x, y; };  // not u32[2]: an array inside the Step structs kept them out of registers (NVRTC)
+#ifdef LOWBIT_HOST  // the same operations on the CPU (cuda/host.h, cuda_host.py)
+DEV u32 lop3_and_or(u32 x, u32 mask, u32 magic) { return lop3(x, mask, magic, 0xEA); }
+DEV u32 hfma2(u32 a, u32 b, u32 c) { return hfma2_host(a, b, c); }
+DEV u32 hmul2(u32 a, u32 b) { return hmul2_host(a, b); }
+DEV u32 prmt(u32 a, u32 b, u32 sel) { return prmt_host(a, b, sel); }
+DEV void mma(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) { mma_host(d, a0, a1, a2, a3, b0, b1); }
+DEV U4 ld_stream(const U4* p) { return *p; }
+DEV U4 ld_cached(const U4* p) { return *p; }
+DEV u32 ld_u16(const u16* p) { return *p; }
+DEV u32 ld_u32(const u32* p) { return *p; }
+DEV u32 ld_stream_u32(const u32* p) { return *p; }
+DEV U2 ld_stream_pair(const u32* p) { return U2{p[0], p[1]}; }
+DEV u32 ld_half(const u16* p) { return (u32)*p | ((u32)*p << 16); }
+DEV float half_lo_to_float(u32 h2) { return half_to_float((u16)(h2 & 0xffffu)); }
+#else
 DEV u32 lop3_and_or(u32 x, u32 mask, u32 magic) {  // (x & mask) | magic
     u32 y;
     asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(y) : "r"(x), "r"(mask), "r"(magic));
@@ -90,7 +106,6 @@ DEV u32 ld_stream_u32(const u32* p) {
     asm volatile("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(v) : "l"(p));
     return v;
 }
-struct U2 { u32 x, y; };  // not u32[2]: an array inside the Step structs kept them out of registers (NVRTC)
 DEV U2 ld_stream_pair(const u32* p) {  // 8 bytes, 8-byte aligned
     U2 v;
     asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
@@ -106,6 +121,7 @@ DEV float half_lo_to_float(u32 h2) {
     asm("{ .reg .f16 lo, hi; mov.b32 {lo, hi}, %1; cvt.f32.f16 %0, lo; }" : "=f"(f) : "r"(h2));
     return f;
 }
+#endif
 // Programmatic dependent launch (cuda_gemv.EARLY_LAUNCH; wait_for_inputs and release_dependents in common.cuh):
 // before the wait a GEMV reads codes, scales and constant tables only. NO_EARLY_RELEASE (which
 // benchmarks/decode_pdl.py sets to measure it) leaves the release to the block's exit.
@@ -133,7 +149,11 @@ DEV u32 word(const U4& v, int j) { return j == 0 ? v.x : j == 1 ? v.y : j == 2 ?
 // and every load of a chunk is an immediate offset from one address per chunk. Several rows (XS 2) swizzle
 // instead, unit u at u ^ ((u / 8) % 8) (no padding: batch 8 at K = 4096 stays within 64 KB). Without XS the
 // activations come from global memory (L1/L2).
+#ifdef LOWBIT_HOST
+#define dyn ((U4*)lowbit_host::dyn_ptr)  // the block's dynamic shared memory (cuda/host.h)
+#else
 extern __shared__ U4 dyn[];
+#endif
 #define XS_UNITS(K) (((K) / 8 + 7) / 8 * 8)  // 16-byte units of one swizzled row (XS 2), whole swizzle groups
 // The activations of batch column g (rows past M repeat row M - 1): staged in shared memory (XS) or in global memory.
 DEV const U4* activation_row(const u16* x, int g, int M, int K) {
@@ -274,9 +294,13 @@ DEV void word_mma(float* d, u32 wa, u32 wb, u32 ha, u32 hb, int j, const u32* xr
 __shared__ U2 e8p_abs[256];
 __shared__ U2 e8p_sign[256];
 DEV u32 lop3_xor_and(u32 a, u32 b, u32 c) {  // (a ^ b) & c
+#ifdef LOWBIT_HOST
+    return lop3(a, b, c, 0x28);
+#else
     u32 y;
     asm("lop3.b32 %0, %1, %2, %3, 0x28;" : "=r"(y) : "r"(a), "r"(b), "r"(c));
     return y;
+#endif
 }
 DEV void code_pairs(u32 pi, u32 si, u32* p) {
     const U2 e = e8p_abs[pi], t = e8p_sign[si];

@@ -1,0 +1,162 @@
+"""The CUDA GEMV's own source, run on the CPU (kernels/cuda_host.py: g++ compiles gemv_mma.cu after cuda/host.h,
+each GPU thread a std::thread, PRMT / LOP3 / fp16 arithmetic emulated bit for bit, the MMA in fp32), against the
+float64 reference on fresh random inputs: every served format, and the kernel's variants (staged rows or not, the
+norm prologue and residual epilogue, gated, two row blocks per warp, blocks looping over row blocks, ragged K, and
+the experimental switches). What needs a GPU is only how fast it runs (tests/test_cuda_gemv.py has the GPU runs).
+"""
+
+from __future__ import annotations
+
+import zlib
+from functools import cache
+
+import pytest
+import torch
+
+from lowbit.formats import QuantizedTensor, get_format
+from lowbit.kernels import cuda_gemv, cuda_host
+from lowbit.kernels.reference import dequant_matmul_reference, rms_norm_reference
+
+pytestmark = pytest.mark.skipif(not cuda_host.available(), reason="needs g++ to run the CUDA source on the CPU")
+
+SERVED = ["int2_g64_sym", "int2_g32_asym", "int4_g128_sym", "int4_g128_asym", "q4_0", "q4_1", "nz2_ch", "nz2_g64",
+          "std2_g64", "std2m_ch", "int4_ch_sym", "int2_ch_asym", "e8p_ch", "e8p_g256", "iq2_xxs", "q2_k", "q3_k",
+          "q4_k", "q5_k", "q6_k"]
+
+
+@cache
+def _packed(name: str, shape: tuple[int, int], seed: int) -> tuple:
+    fmt = get_format(name)
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(*shape, generator=g) * 0.02
+    w[:, ::97] *= 8  # a few large columns, as real weights have
+    qt = fmt.quantize(w)
+    return fmt, QuantizedTensor(qt.format, qt.shape, dict(qt.data))
+
+
+def _inputs(m: int, k: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g).half()
+    return x, torch.randn(m, n, generator=g).half()
+
+
+def _err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.double() - want).norm() / want.norm())
+
+
+def _check(name: str, shape: tuple[int, int], m: int, *, gated: bool = False, norm: bool = False,
+           residual: bool = False) -> None:
+    fmt, qt = _packed(name, shape, zlib.crc32(f"{name}{shape}".encode()) % 1000)
+    p = cuda_gemv.plan(fmt, shape)
+    assert p is not None, f"{name} at {shape} is not served"
+    x, res = _inputs(m, shape[1], shape[0] // 2 if gated else shape[0], seed=m)
+    x[:, [5, 77]] = torch.tensor([3000.0, -2500.0], dtype=torch.float16)  # a residual stream's outlier channels
+    nw = (1 + 0.3 * torch.randn(shape[1], generator=torch.Generator().manual_seed(1))).half()
+    xin = rms_norm_reference(x, nw, 1e-5) if norm else x
+    ref = dequant_matmul_reference(xin.double(), fmt, qt)
+    y = cuda_gemv.gemv(x, fmt, qt, p, gated=gated, norm=(nw, 1e-5) if norm else None,
+                       residual=res if residual else None)
+    assert torch.isfinite(y).all()
+    if gated:
+        gate, up = ref.chunk(2, dim=-1)
+        assert _err(y, torch.nn.functional.silu(gate) * up) < 3e-3
+    elif residual:
+        assert _err(y.double() - res.double(), ref) < 3e-3
+    else:
+        assert _err(y, ref) < 2e-3
+
+
+@pytest.mark.parametrize("name", SERVED)
+def test_every_format_on_the_cpu(name: str) -> None:
+    """Batch 3, ragged rows (40), K = 1024: the kernel's decode, scales and MMA fragments for each format."""
+    _check(name, (40, 1024), 3)
+
+
+@pytest.mark.parametrize("name", ["nz2_ch", "q4_0", "e8p_ch", "iq2_xxs"])
+@pytest.mark.parametrize("variant", ["norm+residual", "norm+gated", "two-per-warp", "rows-from-l2", "looping",
+                                     "ragged-k"])
+def test_kernel_variants_on_the_cpu(name: str, variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batch 1 with the norm in the staging and a residual (or gated); batch 8 with two row blocks per warp, staged
+    or read from L1/L2; 16-warp blocks looping over row blocks (on the CPU one "SM": two resident blocks); K = 576,
+    not a whole number of steps (iq2_xxs: 2304)."""
+    if variant == "norm+residual":
+        _check(name, (64, 1024), 1, norm=True, residual=True)
+    elif variant == "norm+gated":
+        _check(name, (64, 1024), 1, norm=True, gated=True)
+    elif variant in ("two-per-warp", "rows-from-l2"):
+        monkeypatch.setattr(cuda_gemv, "ROW_TILES", "2")
+        monkeypatch.setattr(cuda_gemv, "STAGED_ROWS", 8 if variant == "two-per-warp" else 1)
+        _check(name, (72, 1024), 8, residual=True)
+    elif variant == "looping":
+        monkeypatch.setattr(cuda_gemv, "RESIDENT_GRID", "1")
+        fmt = get_format(name)
+        assert cuda_gemv.warps_for(cuda_gemv.plan(fmt, (8, 8192)), 8192) == cuda_gemv.WARPS_MANY
+        _check(name, (72, 8192), 1)
+    else:
+        _check(name, (40, 2304 if name == "iq2_xxs" else 576), 3)
+
+
+@pytest.mark.parametrize("name", ["iq2_xxs", "int4_g128_sym", "e8p_g256"])
+@pytest.mark.parametrize("m", [1, 8])
+def test_step_scale_on_the_cpu(name: str, m: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """LOWBIT_CUDA_STEP_SCALE: group scales once per step, plain and with two row blocks per warp (batch 8); IQ2_XXS's
+    exact weights give a different, closer result than the one-pass kernel's."""
+    if m == 8:
+        monkeypatch.setattr(cuda_gemv, "ROW_TILES", "2")
+    shape = (72, 2304 if name == "iq2_xxs" else 1024)
+    fmt, qt = _packed(name, shape, 3)
+    p = cuda_gemv.plan(fmt, shape)
+    x, _ = _inputs(m, shape[1], shape[0], seed=m)
+    ref = dequant_matmul_reference(x.double(), fmt, qt)
+    out = {}
+    for step in (False, True):
+        monkeypatch.setattr(cuda_gemv, "STEP_SCALE", step)
+        out[step] = cuda_gemv.gemv(x, fmt, qt, p)
+    assert _err(out[True], ref) < 2e-3
+    if name == "iq2_xxs":
+        assert not torch.equal(out[True], out[False]) and _err(out[True], ref) < _err(out[False], ref)
+    _check(name, (64, 1024), 1, gated=True)  # the gated epilogue too (STEP_SCALE still on)
+
+
+@pytest.mark.parametrize("name", ["e8p_ch", "e8p_g256"])
+def test_e8p_wide_tables_on_the_cpu(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """LOWBIT_CUDA_E8P_WIDE: the two-word tables give the one-word tables' outputs, bit for bit."""
+    fmt, qt = _packed(name, (40, 1024), 4)
+    p = cuda_gemv.plan(fmt, (40, 1024))
+    x, _ = _inputs(3, 1024, 40, seed=3)
+    out = {}
+    for wide in (False, True):
+        monkeypatch.setattr(cuda_gemv, "E8P_WIDE", wide)
+        out[wide] = cuda_gemv.gemv(x, fmt, qt, p)
+    assert torch.equal(out[False], out[True])
+    assert _err(out[True], dequant_matmul_reference(x.double(), fmt, qt)) < 2e-3
+
+
+_PROBE = """
+extern "C" __global__ void probe(unsigned* out) {
+    if (threadIdx.x != 0) return;
+    out[0] = prmt_host(0x44332211u, 0x88776655u, 0x7150u);  // bytes 0, 5, 1, 7 of {b, a}
+    out[1] = prmt_host(0x00008000u, 0u, 0x0009u);  // nibble 9: byte 1's sign replicated
+    out[2] = lop3(0xF0F0F0F0u, 0xCCCCCCCCu, 0xAAAAAAAAu, 0xEAu);  // (a & b) | c: the LUT itself
+    out[3] = hfma2_host(0x40003C00u, 0x38004200u, 0xBC003C00u);  // (1 x 3 + 1, 2 x 0.5 - 1)
+    out[4] = hfma2_host(0x3C013C01u, 0x3C013C01u, 0x80000000u);  // (1 + 2^-10)^2: one rounding, to 1 + 2^-9
+    out[5] = hmul2_host(0x7BFF0001u, 0x40003800u);  // (2^-24 x 0.5: a tie, to even 0; 65504 x 2: inf)
+}
+"""
+
+
+def test_emulated_operations_are_the_gpus() -> None:
+    """The host emulation's PRMT (with sign replication), LOP3 and fp16 HFMA2 / HMUL2 (one rounding to nearest
+    even, subnormals and overflow) against values worked out by hand from the PTX manual."""
+    out = torch.zeros(6, dtype=torch.int32)
+    cuda_host.HostKernel(_PROBE, "probe")((1, 1, 1), (32, 1, 1), [out])
+    got = [int(v) & 0xFFFFFFFF for v in out]
+    assert got == [0x88226611, 0x000000FF, 0xEAEAEAEA, 0x00004400, 0x3C023C02, 0x7C000000]
+
+
+def test_cpu_kernels_take_cpu_tensors_and_flat_launches() -> None:
+    kern = cuda_host.HostKernel(_PROBE, "probe")
+    with pytest.raises(ValueError, match="CPU tensors"):
+        kern((1, 1, 1), (32, 1, 1), [torch.zeros(6, dtype=torch.int32, device="meta")])
+    with pytest.raises(ValueError, match="one-dimensional"):
+        kern((2, 2, 1), (32, 1, 1), [torch.zeros(6, dtype=torch.int32)])
