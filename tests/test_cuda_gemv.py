@@ -140,6 +140,26 @@ def test_iq2xxs_layout_keeps_every_byte() -> None:
     assert torch.equal(sub.view(torch.uint8), body)
 
 
+def test_iq2xxs_sign_byte_layout_moves_every_field() -> None:
+    """The step-scaled kernel's layout: grid indices as before; each code's 7 stored sign bits with their even
+    parity as bit 7, in byte c; the sub-blocks' 4-bit scales in a word per superblock (a short last one too)."""
+    fmt = get_format("iq2_xxs")
+    qt = fmt.quantize(torch.randn(8, 576, generator=torch.Generator().manual_seed(1)))
+    plain, d = cuda_gemv.iq2xxs_layout(qt.data["qs"], 576)
+    sub, d2, ls = cuda_gemv.iq2xxs_layout(qt.data["qs"], 576, sign_bytes=True)
+    assert torch.equal(d, d2) and tuple(ls.shape) == (8, 3)
+    old = plain.to(torch.int64).reshape(8, -1, 2) & 0xFFFFFFFF
+    new = sub.to(torch.int64).reshape(8, -1, 2) & 0xFFFFFFFF
+    assert torch.equal(old[..., 0], new[..., 0])
+    for c in range(4):
+        byte = (new[..., 1] >> (8 * c)) & 255
+        assert torch.equal(byte & 127, (old[..., 1] >> (7 * c)) & 127)
+        assert all(bin(int(b)).count("1") % 2 == 0 for b in byte.flatten())  # the 8 signs have even parity
+    nib = ((ls.to(torch.int64)[..., None] & 0xFFFFFFFF) >> (4 * torch.arange(8))) & 15
+    assert torch.equal(nib.reshape(8, -1)[:, :18], old[..., 1] >> 28)  # 576 weights: 18 sub-blocks
+    assert (nib.reshape(8, -1)[:, 18:] == 0).all()
+
+
 @pytest.mark.parametrize("name", K_QUANTS)
 @pytest.mark.parametrize("cols", [1024, 4096])
 def test_kquant_kernel_decode_is_one_rounding_of_the_format(name: str, cols: int) -> None:

@@ -221,8 +221,9 @@ def e8p_tables() -> torch.Tensor:
 # two words").
 E8P_WIDE = os.environ.get("LOWBIT_CUDA_E8P_WIDE", "0") == "1"
 # Scale groups that span a whole step scale the step's fp32 sums (the .cu's STEP_SCALE, Plan.step_scaled) instead of
-# every weight pair: 64 HMUL2 fewer per step of IQ2_XXS (544 -> 498 instructions, sass_count.py), 32 of int4_g128_sym,
-# and IQ2_XXS's weights stay exact (d (0.5 + ls) / 4 is no longer rounded to fp16). Off (``LOWBIT_CUDA_STEP_SCALE=1``
+# every weight pair: 64 HMUL2 fewer per step of IQ2_XXS, 32 of int4_g128_sym, and IQ2_XXS's weights stay exact
+# (d (0.5 + ls) / 4 is no longer rounded to fp16); IQ2_XXS then also reads whole sign bytes (iq2xxs_layout's
+# sign_bytes): 544 -> 449 instructions per step (sass_count.py). Off (``LOWBIT_CUDA_STEP_SCALE=1``
 # turns it on) until its GPU tests pass and it is timed (docs/kernels.md, "Group scales once per step").
 STEP_SCALE = os.environ.get("LOWBIT_CUDA_STEP_SCALE", "0") == "1"
 # (word, bit) of coordinate i in the wide layout: word 0 holds 0, 1 | 4, 5, word 1 holds 2, 3 | 6, 7
@@ -274,11 +275,30 @@ def _iq2xxs_index(cols: int) -> tuple[torch.Tensor, torch.Tensor]:
     return words.reshape(-1), torch.arange(0, cols, iq2xxs_format.SUPER) // iq2xxs_format.SUPER * 33
 
 
-def iq2xxs_layout(qs: torch.Tensor, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """llama.cpp's ``block_iq2_xxs`` rows -> (sub-blocks int32 [rows, cols / 16], superblock d fp16 [rows, n_super])."""
+def iq2xxs_layout(qs: torch.Tensor, cols: int, sign_bytes: bool = False) -> tuple[torch.Tensor, ...]:
+    """llama.cpp's ``block_iq2_xxs`` rows -> (sub-blocks int32 [rows, cols / 16], superblock d fp16 [rows, n_super]).
+
+    ``sign_bytes`` (the step-scaled kernel's layout, IQ2_SIGN_BYTES in the .cu): each sub-block's second word holds
+    its four codes' 8 sign bits whole, the parity bit llama.cpp leaves out worked out here (byte c: the 7 stored bits
+    of code c and their parity as bit 7), and a third tensor int32 [rows, n_super] holds the sub-blocks' 4-bit
+    scales, sub-block j of a superblock at bits 4 j."""
     words = qs.contiguous().view(torch.int16)
     sub_idx, d_idx = (i.to(qs.device) for i in _iq2xxs_index(cols))
-    return words[:, sub_idx].contiguous().view(torch.int32), words[:, d_idx].contiguous().view(torch.float16)
+    sub, d = words[:, sub_idx].contiguous().view(torch.int32), words[:, d_idx].contiguous().view(torch.float16)
+    if not sign_bytes:
+        return sub, d
+    aux = sub.to(torch.int64).reshape(sub.shape[0], -1, 2) & 0xFFFFFFFF  # [rows, n_sub, (aux0, aux1)]
+    c = torch.arange(4, device=qs.device)
+    si = (aux[..., 1, None] >> (7 * c)) & 127  # [rows, n_sub, 4]
+    signs = ((si | (_PARITY.to(qs.device)[si] << 7)) << (8 * c)).sum(-1)
+    per = iq2xxs_format.SUPER // iq2xxs_format.SUB
+    ls = aux[..., 1] >> 28  # [rows, n_sub]
+    ls = torch.nn.functional.pad(ls, (0, -ls.shape[1] % per)).reshape(ls.shape[0], -1, per)
+    ls_words = (ls << (4 * torch.arange(per, device=qs.device))).sum(-1)
+    return _int32(torch.stack([aux[..., 0], signs], -1).reshape(sub.shape)), d, _int32(ls_words)
+
+
+_PARITY = torch.tensor([bin(i).count("1") & 1 for i in range(128)])  # of a 7-bit sign index
 
 
 _LAYOUT_ROWS = 2048  # rows unpacked at once by kquant_layout (int64 temporaries: ~10 bytes per weight)
@@ -336,13 +356,13 @@ def _int32(v: torch.Tensor) -> torch.Tensor:
     return torch.where(v >= 1 << 31, v - (1 << 32), v).to(torch.int32)
 
 
-_LAYOUTS: dict[int, tuple] = {}
+_LAYOUTS: dict[tuple[int, str], tuple] = {}
 
 
-def _cached_layout(qs: torch.Tensor, build) -> tuple[torch.Tensor, ...]:  # noqa: ANN001 - qs -> layout tensors
+def _cached_layout(qs: torch.Tensor, build, variant: str = "") -> tuple[torch.Tensor, ...]:  # noqa: ANN001
     """The kernel layout ``build(qs)`` of ``qs``, built at its first GEMV and dropped with it (keyed by the tensor's
-    identity; an in-place change of ``qs`` rebuilds it)."""
-    key = id(qs)
+    identity and the layout ``variant``; an in-place change of ``qs`` rebuilds it)."""
+    key = (id(qs), variant)
     hit = _LAYOUTS.get(key)
     if hit is None or hit[:2] != (qs.data_ptr(), qs._version):
         if hit is None:
@@ -517,7 +537,10 @@ def gemv(x: torch.Tensor, fmt: Format, qt: QuantizedTensor, p: Plan, gated: bool
         if key not in _TABLES:
             _TABLES[key] = _kind_tables(p.kind).to(x.device)
         tables = _TABLES[key]
-        if p.kind == 2:
+        if p.kind == 2 and STEP_SCALE:  # the step-scaled kernel reads whole sign bytes and an ls word
+            codes, scales, mins = _cached_layout(qt.data["qs"], lambda qs: iq2xxs_layout(qs, k, True), "signs")
+            groups = scales.shape[1]
+        elif p.kind == 2:
             codes, scales = _cached_layout(qt.data["qs"], lambda qs: iq2xxs_layout(qs, k))
             mins, groups = scales, scales.shape[1]
         else:
@@ -649,23 +672,29 @@ def decode_iq2xxs_reference(qs: torch.Tensor, cols: int) -> torch.Tensor:
     multiply (hmul2), fp16 weights. ggml multiplies in fp32 and the reference rounds that product to fp16 once, so
     the two differ by at most one rounding of the scale (< 1 fp16 ulp). With it: the HFMA2 gives ``v (0.5 + ls) / 4``
     (exact in fp16) and d multiplies the step's fp32 sums, so the weights are ggml's fp32 ones, exactly (float32)."""
-    sub, d = iq2xxs_layout(qs, cols)
+    sub, d, *ls_words = iq2xxs_layout(qs, cols, STEP_SCALE)
     aux = sub.to(torch.int64).reshape(sub.shape[0], -1, 2) & 0xFFFFFFFF  # [rows, n_sub, (aux0, aux1)]
     aux0, aux1 = aux[..., 0], aux[..., 1]
     d_sub = d.float().repeat_interleave(iq2xxs_format.SUPER // iq2xxs_format.SUB, dim=1)[:, : aux.shape[1]]
     grid = iq2xxs_grid_table().view(torch.float16).reshape(256, 8)
     c = torch.arange(4)
-    gi, si = (aux0[..., None] >> (8 * c)) & 255, (aux1[..., None] >> (7 * c)) & 127  # [rows, n_sub, 4]
-    parity = torch.tensor([bin(i).count("1") & 1 for i in range(128)])[si]
-    sbyte = si | (parity << 7)
+    gi = (aux0[..., None] >> (8 * c)) & 255  # [rows, n_sub, 4]
+    if STEP_SCALE:  # IQ2_SIGN_BYTES: byte c of aux1 is code c's signs, nibble j of a superblock's word sub-block j
+        sbyte = (aux1[..., None] >> (8 * c)) & 255
+        per = iq2xxs_format.SUPER // iq2xxs_format.SUB
+        nib = (ls_words[0].to(torch.int64)[..., None] >> (4 * torch.arange(per))) & 15
+        ls = nib.reshape(nib.shape[0], -1)[:, : aux.shape[1]]
+    else:  # the 7 stored bits, the parity bit from the popcount
+        si = (aux1[..., None] >> (7 * c)) & 127
+        sbyte, ls = si | (_PARITY[si] << 7), aux1 >> 28
     neg = ((sbyte[..., None] >> torch.arange(8)) & 1).bool()  # [rows, n_sub, 4, 8]
     if STEP_SCALE:
-        k = iq2xxs_sub_factor(aux1 >> 28)[..., None, None].double()  # (0.5 + ls) / 4, the kernel's HFMA2
+        k = iq2xxs_sub_factor(ls)[..., None, None].double()  # (0.5 + ls) / 4, the kernel's HFMA2
         vk = ((1024 + grid[gi].double()) * k - 1024 * k).to(torch.float16)  # (1024 + v) k - 1024 k, one rounding
         vals = torch.where(neg, -vk, vk)
         w = (vals.double() * d_sub[..., None, None].double()).float()  # exact: 11 x 11 significant bits
         return w.reshape(sub.shape[0], cols)
-    scale = (d_sub * (0.5 + (aux1 >> 28).float()) * 0.25).to(torch.float16)
+    scale = (d_sub * (0.5 + ls.float()) * 0.25).to(torch.float16)
     vals = torch.where(neg, -grid[gi], grid[gi])
     w = (vals.double() * scale[..., None, None].double()).to(torch.float16)  # one fp16 rounding, as HMUL2
     return w.reshape(sub.shape[0], cols)

@@ -209,6 +209,7 @@ DEV void b_frag(const u32* xr, int m, int half, u32& b0, u32& b1) {
 #else
 #define CHUNK_SCALE 0
 #endif
+#define IQ2_SIGN_BYTES (KIND == 2 && STEP_SCALE)  // IQ2_XXS's layout with whole sign bytes (below)
 #if ROW_SCALE || STEP_SCALE
 #define APPLY_SCALE(l, s, m) (l)
 #elif ASYM
@@ -357,6 +358,9 @@ DEV void word_mma(float* d, u32 wa, u32 wb, u32, u32, int, const u32* xr, u32 sa
 // (x mul + add) gives the fp16 pair. Bytes rather than fp16 pairs halve the shared-memory reads of the grid, which
 // bound this kernel (docs/kernels.md). The 8th sign bit is the parity of the 7 stored ones (ksigns_iq2xs). One SHF +
 // one LOP3 move sign bits 2p and 2p + 1 onto the pair's fp16 sign bits.
+// IQ2_SIGN_BYTES (with STEP_SCALE): the layout holds each code's 8 sign bits whole (the parity bit worked out when
+// the layout is built) in the place of the 7-bit indices, and a sub-block's ls in a word of eight per superblock, so
+// a code's signs are one PRMT (a byte) instead of a shift, a mask, a POPC and two more to set the parity bit.
 // Scale: STEP_SCALE keeps the weights exact: mul = k = (0.5 + ls) / 4 and add = -1024 k make the HFMA2 give v k in
 // one rounding of an exact value (v k = v (2 ls + 1) / 8 has at most 11 significant bits), and d (one per step: a
 // superblock is the quad's four chunks) multiplies the step's fp32 sums, as ggml's fp32 dequantization is exact.
@@ -374,21 +378,25 @@ DEV void iq2_code(u32 gi, u32 si, const IqScale& k, u32* p) {
     const U2 b = iq2_grid[gi];
     const U4 g = {grid_pair(b.x, 0x4140u, k), grid_pair(b.x, 0x4342u, k), grid_pair(b.y, 0x4140u, k),
                   grid_pair(b.y, 0x4342u, k)};
+#if IQ2_SIGN_BYTES
+    const u32 s = si;  // the 8 sign bits, parity included
+#else
     const u32 s = si | ((__popc(si) << 7) & 0x80u);
+#endif
     const u32 z = s * 0x8001u;  // bit j at j and j + 15: pair p's two bits land on 15 and 31 after << 15 - 2p
     p[0] = IQ2_SCALED(g.x ^ ((z << 15) & 0x80008000u), k);
     p[1] = IQ2_SCALED(g.y ^ ((z << 13) & 0x80008000u), k);
     p[2] = IQ2_SCALED(g.z ^ ((z << 11) & 0x80008000u), k);
     p[3] = IQ2_SCALED(g.w ^ ((z << 9) & 0x80008000u), k);
 }
-DEV IqScale iq2_scale(u32 d2, u32 aux1) {  // d2: the superblock's d, fp16 in both halves
+DEV IqScale iq2_scale(u32 d2, u32 ls) {  // d2: the superblock's d (the low half); ls: the sub-block's 4-bit scale
 #if STEP_SCALE
     // ls into both halves of 1024.0, then (1024 + ls) / 4 - 255.875 = (0.5 + ls) / 4, exact
-    const u32 k = hfma2((aux1 >> 28) * 0x00010001u + MAGIC, 0x34003400u, 0xDBFFDBFFu);
+    const u32 k = hfma2(ls * 0x00010001u + MAGIC, 0x34003400u, 0xDBFFDBFFu);
     return {k, hmul2(k, 0xE400E400u), 0u};  // -1024 k: exact
 #else
     const float d = half_lo_to_float(d2);
-    const u32 h = float_to_half(d * (0.5f + (float)(aux1 >> 28)) * 0.25f);
+    const u32 h = float_to_half(d * (0.5f + (float)ls) * 0.25f);
     return {0x3C003C00u, 0xE400E400u, h | (h << 16)};
 #endif
 }
@@ -472,15 +480,27 @@ struct Step { U4 a, b; u32 sa, sb, ma, mb; U2 ha, hb; };
 DEV void iq2_tile(float* d, const Step& w, int h, int c, const U4& xq, const IqScale& sa, const IqScale& sb) {
     u32 pa[4], pb[4];
     const u32 qa0 = word(w.a, 2 * h), qa1 = word(w.a, 2 * h + 1), qb0 = word(w.b, 2 * h), qb1 = word(w.b, 2 * h + 1);
+#if IQ2_SIGN_BYTES
+    iq2_code(prmt(qa0, 0u, 0x4440u + c), prmt(qa1, 0u, 0x4440u + c), sa, pa);  // grid index, signs: byte c
+    iq2_code(prmt(qb0, 0u, 0x4440u + c), prmt(qb1, 0u, 0x4440u + c), sb, pb);
+#else
     iq2_code(prmt(qa0, 0u, 0x4440u + c), (qa1 >> (7 * c)) & 0x7fu, sa, pa);  // grid index: byte c
     iq2_code(prmt(qb0, 0u, 0x4440u + c), (qb1 >> (7 * c)) & 0x7fu, sb, pb);
+#endif
     mma(d, pa[0], pb[0], pa[1], pb[1], xq.x, xq.y);
     mma(d, pa[2], pb[2], pa[3], pb[3], xq.z, xq.w);
 }
+// The 4-bit scale of sub-block h of a step's chunk in row a (b): the top bits of its aux32[1], or with
+// IQ2_SIGN_BYTES nibble 2 t + h of the superblock's ls word (the chunk is sub-blocks 2 t, 2 t + 1 of it)
+#if IQ2_SIGN_BYTES
+#define IQ2_LS(w, row, h) (((w).m##row >> (8 * (threadIdx.x & 3) + 4 * (h))) & 15u)
+#else
+#define IQ2_LS(w, row, h) (word((w).row, 2 * (h) + 1) >> 28)
+#endif
 DEV void iq2_sub(float* d, const Step& w, float* d1, const Step& w1, int h, const U4* xb, int u0, bool ok) {
-    const IqScale sa = iq2_scale(w.sa, word(w.a, 2 * h + 1)), sb = iq2_scale(w.sb, word(w.b, 2 * h + 1));
+    const IqScale sa = iq2_scale(w.sa, IQ2_LS(w, a, h)), sb = iq2_scale(w.sb, IQ2_LS(w, b, h));
 #if TILES == 2
-    const IqScale sa1 = iq2_scale(w1.sa, word(w1.a, 2 * h + 1)), sb1 = iq2_scale(w1.sb, word(w1.b, 2 * h + 1));
+    const IqScale sa1 = iq2_scale(w1.sa, IQ2_LS(w1, a, h)), sb1 = iq2_scale(w1.sb, IQ2_LS(w1, b, h));
 #endif
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
@@ -525,6 +545,10 @@ DEV Step load_step(const U4* pa, const U4* pb, const u16* sa_row, const u16* sb_
 #if KIND == 2  // d: only its fp32 value is used (iq2_scale, add_step), so one fp16 in the low half
     st.sa = ld_u16(sa_row + (k >> 8));
     st.sb = ld_u16(sb_row + (k >> 8));
+#if IQ2_SIGN_BYTES  // the superblock's ls word
+    st.ma = ld_u32((const u32*)ma_row + (k >> 8));
+    st.mb = ld_u32((const u32*)mb_row + (k >> 8));
+#endif
 #elif STEP_SCALE
     st.sa = ld_u16(sa_row + (k >> GROUP_SHIFT));
     st.sb = ld_u16(sb_row + (k >> GROUP_SHIFT));
@@ -733,7 +757,8 @@ DEV Rows rows_of(int tile, int N) {
 struct RowPtrs { const U4 *ca, *cb; const u16 *sa, *sb, *ma, *mb; const u32 *ha, *hb; };
 DEV RowPtrs row_ptrs(const u32* codes, const u16* scales, const u16* mins, const u32* hi, Rows r, int chunks,
                      int groups) {
-    const int min_stride = KIND == 3 ? groups / 4 : groups;  // KIND 3: a u32 (d, -dmin) per 256 weights, u16 units
+    // u16 units; KIND 3: a u32 (d, -dmin) per 256 weights; IQ2_SIGN_BYTES: a u32 ls word per superblock
+    const int min_stride = KIND == 3 ? groups / 4 : KIND == 2 && IQ2_SIGN_BYTES ? 2 * groups : groups;
     return {(const U4*)codes + (size_t)r.ra * chunks, (const U4*)codes + (size_t)r.rb * chunks,
             scales + (size_t)r.ra * groups, scales + (size_t)r.rb * groups, mins + (size_t)r.ra * min_stride,
             mins + (size_t)r.rb * min_stride, hi + (size_t)r.ra * chunks * KQ_HI_WORDS,
