@@ -16,12 +16,10 @@ import torch
 from lowbit.formats import QuantizedTensor, get_format
 from lowbit.kernels import cuda_gemv, cuda_host
 from lowbit.kernels.reference import dequant_matmul_reference, rms_norm_reference
+from test_cuda_gemv import SERVED  # every format the CUDA GEMV plans
 
 pytestmark = pytest.mark.skipif(not cuda_host.available(), reason="needs g++ to run the CUDA source on the CPU")
 
-SERVED = ["int2_g64_sym", "int2_g32_asym", "int4_g128_sym", "int4_g128_asym", "q4_0", "q4_1", "nz2_ch", "nz2_g64",
-          "std2_g64", "std2m_ch", "int4_ch_sym", "int2_ch_asym", "e8p_ch", "e8p_g256", "iq2_xxs", "q2_k", "q3_k",
-          "q4_k", "q5_k", "q6_k"]
 
 
 @cache
