@@ -68,9 +68,10 @@ def _runtime() -> ctypes.CDLL:
 def _library(source: str, name: str) -> ctypes.CDLL:
     params = _params(source, name)
     names = [re.findall(r"\w+", p)[-1] for p in params.split(",")]
-    wrapper = (f'\nextern "C" void lowbit_launch(int grid, int threads, int shared, {params}) {{\n'
+    wrapper = (f'\nextern "C" int lowbit_launch(int grid, int threads, int shared, {params}) {{\n'
                f"    auto body = [&] {{ {name}({', '.join(names)}); }};\n"
-               f"    lowbit_host::run(grid, threads, shared, [](void* c) {{ (*(decltype(body)*)c)(); }}, &body);\n}}\n")
+               "    auto call = [](void* c) { (*(decltype(body)*)c)(); };\n"
+               "    return lowbit_host::run(grid, threads, shared, call, &body);\n}\n")
     _runtime()
     text = "#define LOWBIT_HOST 1\n" + (_HERE / "host.h").read_text() + source + wrapper
     return ctypes.CDLL(str(_build(text, name, name)))
@@ -95,4 +96,5 @@ class HostKernel:
                 raise ValueError(f"{self.name} on the CPU takes CPU tensors, got one on {a.device}")
         cargs = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else
                  ctypes.c_int(a) if isinstance(a, int) else a for a in args]
-        self._fn(ctypes.c_int(grid[0]), ctypes.c_int(block[0]), ctypes.c_int(shared), *cargs)
+        if self._fn(ctypes.c_int(grid[0]), ctypes.c_int(block[0]), ctypes.c_int(shared), *cargs):
+            raise RuntimeError(f"could not start {block[0]} threads for a block of {self.name} on the CPU")

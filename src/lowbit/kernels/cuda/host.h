@@ -31,7 +31,7 @@ void warp_sync();       // a barrier of the calling thread's warp
 void block_sync();      // a barrier of its block
 extern void* dyn_ptr;   // the block's dynamic shared memory (extern __shared__ on the GPU)
 // every thread of each block runs body(ctx), blocks one after another
-void run(int grid, int threads, int shared_bytes, void (*body)(void*), void* ctx);
+int run(int grid, int threads, int shared_bytes, void (*body)(void*), void* ctx);  // 0, or -1: no threads
 
 inline float h2f(unsigned short h) { _Float16 v; __builtin_memcpy(&v, &h, 2); return (float)v; }
 inline unsigned short f2h(long double f) {  // one rounding to nearest even (libgcc's extended -> half)

@@ -23,7 +23,8 @@ WarpData* warp_data() { return &warps[threadIdx.x >> 5].data; }
 void warp_sync() { warps[threadIdx.x >> 5].bar.arrive_and_wait(); }
 void block_sync() { block_bar->arrive_and_wait(); }
 
-void run(int grid, int threads, int shared_bytes, void (*body)(void*), void* ctx) {
+// 0, or -1 when the threads could not be started (the message is not carried: the caller says what it launched)
+int run(int grid, int threads, int shared_bytes, void (*body)(void*), void* ctx) try {
     gridDim.x = grid;
     std::vector<unsigned long long> dyn((shared_bytes + 15) / 8 + 2);
     for (int b = 0; b < grid; ++b) {
@@ -38,6 +39,9 @@ void run(int grid, int threads, int shared_bytes, void (*body)(void*), void* ctx
         for (int i = 0; i < threads; ++i) ts.emplace_back([i, body, ctx] { threadIdx.x = i; body(ctx); });
         for (auto& t : ts) t.join();
     }
+    return 0;
+} catch (...) {  // e.g. std::system_error from std::thread under a low thread limit: never across the C boundary
+    return -1;
 }
 
 }  // namespace lowbit_host
