@@ -267,6 +267,50 @@ def test_step_scaled_variants_compile(name: str, monkeypatch: pytest.MonkeyPatch
         assert cuda_jit.compile_cubin(source, "gemv_mma.cu", "sm_90")[:4] == b"\x7fELF"
 
 
+def _nvdisasm():  # noqa: ANN202 - Path | None: Triton's wheel ships it
+    from pathlib import Path
+
+    import triton
+
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    return path if path.exists() else None
+
+
+@pytest.mark.skipif(not nvrtc_found() or _nvdisasm() is None, reason="needs NVRTC and Triton's nvdisasm")
+@pytest.mark.parametrize("switch", ["STAGE_AHEAD", "STEP_SCALE", "E8P_WIDE"])
+def test_experimental_switches_compile_without_spills(switch: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each experimental switch's kernels compile for sm_90 with no local-memory traffic (STL/LDL in the SASS) at
+    the registers their launch bounds allow: batch 1 (8 and 16 warps, staged rows of 4096 and 14336), batch 8 with
+    one and two row blocks per warp."""
+    import subprocess
+    import tempfile
+
+    from lowbit.kernels import cuda_jit
+
+    monkeypatch.setattr(cuda_gemv, switch, 4 if switch == "STAGE_AHEAD" else True)
+    names = {"STAGE_AHEAD": ["nz2_ch", "q4_0", "e8p_ch", "iq2_xxs"], "STEP_SCALE": ["iq2_xxs", "int4_g128_sym",
+             "e8p_g256"], "E8P_WIDE": ["e8p_ch", "e8p_g256"]}[switch]
+    jobs = []
+    for name in names:
+        for cols, m, tiles in ((4096, 1, 1), (14336, 1, 1), (4096, 8, 1), (4096, 8, 2)):
+            p = cuda_gemv.plan(get_format(name), (64, cols))
+            warps, xs = cuda_gemv.warps_for(p, cols), cuda_gemv.staging(m, cols, p)
+            jobs.append(((name, cols, m, tiles), cuda_gemv._source(
+                p, xs, warps, cuda_gemv.min_blocks_for(warps, m, tiles), False, True, 0, False,
+                warps == cuda_gemv.WARPS_MANY, tiles)))
+
+    def sass(source: str) -> str:
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(cuda_jit.compile_cubin(source, "gemv_mma.cu", "sm_90"))
+            f.flush()
+            return subprocess.run([str(_nvdisasm()), "-c", f.name], capture_output=True, text=True, check=True).stdout
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # NVRTC lets go of the GIL
+        listings = list(pool.map(sass, [source for _, source in jobs]))
+    for (case, _), listing in zip(jobs, listings, strict=True):
+        assert "HMMA" in listing and " STL" not in listing and " LDL" not in listing, case
+
+
 @pytest.mark.skipif(not nvrtc_found(), reason="needs NVRTC (the nvidia-cuda-nvrtc wheel of the test extra)")
 @pytest.mark.parametrize("name", ["q4_0", "nz2_ch", "e8p_ch", "iq2_xxs"])
 def test_resident_variants_compile(name: str) -> None:

@@ -223,9 +223,14 @@ E8P_WIDE = os.environ.get("LOWBIT_CUDA_E8P_WIDE", "0") == "1"
 # Scale groups that span a whole step scale the step's fp32 sums (the .cu's STEP_SCALE, Plan.step_scaled) instead of
 # every weight pair: 64 HMUL2 fewer per step of IQ2_XXS, 32 of int4_g128_sym, and IQ2_XXS's weights stay exact
 # (d (0.5 + ls) / 4 is no longer rounded to fp16); IQ2_XXS then also reads whole sign bytes (iq2xxs_layout's
-# sign_bytes): 544 -> 449 instructions per step (sass_count.py). Off (``LOWBIT_CUDA_STEP_SCALE=1``
+# sign_bytes): 544 -> 447 instructions per step (sass_count.py). Off (``LOWBIT_CUDA_STEP_SCALE=1``
 # turns it on) until its GPU tests pass and it is timed (docs/kernels.md, "Group scales once per step").
 STEP_SCALE = os.environ.get("LOWBIT_CUDA_STEP_SCALE", "0") == "1"
+# Passes of activation units each thread requests before it stores any while staging a row (the .cu's STAGE_AHEAD):
+# 1 (default) waits for L2 once per pass, and rows of 11008 or 14336 take 3-4 passes at the start of every block;
+# 4 requests them together (NVRTC: no spills). ``LOWBIT_CUDA_STAGE_AHEAD=4`` until timed on a GPU (docs/kernels.md,
+# "Staging requests every pass at once").
+STAGE_AHEAD = int(os.environ.get("LOWBIT_CUDA_STAGE_AHEAD", "1"))
 # (word, bit) of coordinate i in the wide layout: word 0 holds 0, 1 | 4, 5, word 1 holds 2, 3 | 6, 7
 _WIDE_AT = [(0, 1), (0, 5), (1, 1), (1, 5), (0, 17), (0, 21), (1, 17), (1, 21)]
 
@@ -376,16 +381,17 @@ def _source(p: Plan, staged_x: int = 0, warps: int = WARPS_FEW, min_blocks: int 
     """The kernel's source for these settings; ``norm_qs`` > 0: the batch-1 row is RMS-normalized while staged,
     each thread holding that many groups of its units in registers (:func:`norm_groups`); ``resident``: blocks loop
     over row blocks (:data:`RESIDENT_GRID`); ``tiles``: row blocks per warp (:func:`row_tiles`). The switches
-    :data:`E8P_WIDE` and :data:`STEP_SCALE` are read at each call (tests flip them)."""
+    :data:`E8P_WIDE`, :data:`STEP_SCALE` and :data:`STAGE_AHEAD` are read at each call (tests flip them)."""
     return _source_of(p, staged_x, warps, min_blocks, gated, full, norm_qs, resid, resident, tiles, E8P_WIDE,
-                      STEP_SCALE and p.step_scaled())
+                      STEP_SCALE and p.step_scaled(), STAGE_AHEAD)
 
 
 @cache
 def _source_of(p: Plan, staged_x: int, warps: int, min_blocks: int, gated: bool, full: bool, norm_qs: int,
-               resid: bool, resident: bool, tiles: int, wide: bool, step_scale: bool) -> str:
+               resid: bool, resident: bool, tiles: int, wide: bool, step_scale: bool, stage_ahead: int) -> str:
     defines = p.defines(staged_x, warps, min_blocks, gated, full, norm_qs, resid, resident, tiles)
-    switches = f"#define E8P_WIDE {int(wide)}\n#define STEP_SCALE {int(step_scale)}\n"
+    switches = (f"#define E8P_WIDE {int(wide)}\n#define STEP_SCALE {int(step_scale)}\n"
+                f"#define STAGE_AHEAD {stage_ahead}\n")
     return cuda_jit.source("gemv_mma.cu", defines + switches)
 
 

@@ -491,9 +491,10 @@ DEV void iq2_tile(float* d, const Step& w, int h, int c, const U4& xq, const IqS
     mma(d, pa[2], pb[2], pa[3], pb[3], xq.z, xq.w);
 }
 // The 4-bit scale of sub-block h of a step's chunk in row a (b): the top bits of its aux32[1], or with
-// IQ2_SIGN_BYTES nibble 2 t + h of the superblock's ls word (the chunk is sub-blocks 2 t, 2 t + 1 of it)
+// IQ2_SIGN_BYTES nibble 2 t + h of the superblock's ls word (the chunk is sub-blocks 2 t, 2 t + 1 of it), which
+// load_step put at bit 16 + 4 h of the scale word
 #if IQ2_SIGN_BYTES
-#define IQ2_LS(w, row, h) (((w).m##row >> (8 * (threadIdx.x & 3) + 4 * (h))) & 15u)
+#define IQ2_LS(w, row, h) (((w).s##row >> (16 + 4 * (h))) & 15u)
 #else
 #define IQ2_LS(w, row, h) (word((w).row, 2 * (h) + 1) >> 28)
 #endif
@@ -545,9 +546,10 @@ DEV Step load_step(const U4* pa, const U4* pb, const u16* sa_row, const u16* sb_
 #if KIND == 2  // d: only its fp32 value is used (iq2_scale, add_step), so one fp16 in the low half
     st.sa = ld_u16(sa_row + (k >> 8));
     st.sb = ld_u16(sb_row + (k >> 8));
-#if IQ2_SIGN_BYTES  // the superblock's ls word
-    st.ma = ld_u32((const u32*)ma_row + (k >> 8));
-    st.mb = ld_u32((const u32*)mb_row + (k >> 8));
+#if IQ2_SIGN_BYTES  // the chunk's two ls (byte t of the superblock's ls word) in the high half: no register more
+    const int at = 8 * (threadIdx.x & 3);
+    st.sa |= ((ld_u32((const u32*)ma_row + (k >> 8)) >> at) & 0xffu) << 16;
+    st.sb |= ((ld_u32((const u32*)mb_row + (k >> 8)) >> at) & 0xffu) << 16;
 #endif
 #elif STEP_SCALE
     st.sa = ld_u16(sa_row + (k >> GROUP_SHIFT));
@@ -655,6 +657,9 @@ DEV void stage_normalized(const u16* x, const u16* nw, int K, float eps) {
 }
 #endif
 
+// Staging reads STAGE_AHEAD passes of the block's activation units before it stores any (cuda_gemv.STAGE_AHEAD):
+// with 1, each thread's pass waits for L2 before the next is requested, and the compiler's remainder passes (a row
+// of 11008 or 14336 takes 3-4 passes of 8 warps) run one after another at the start of every block.
 DEV void stage_block(const u32* tables, const u16* x, int K, int M, const u16* nw, float eps) {
 #if KIND == 1
 #if E8P_WIDE
@@ -670,16 +675,25 @@ DEV void stage_block(const u32* tables, const u16* x, int K, int M, const u16* n
 #else
     wait_for_inputs();  // x is the output of the kernel before
 #if XS
-    const int units = K / 8;
-    for (int q = threadIdx.x; q < M * (units / SG); q += WARPS * 32) {
-        const int row = XS == 1 ? 0 : q / (units / SG), u = (q - row * (units / SG)) * SG;
-        u32 w[4 * SG];
+    const int units = K / 8, total = M * (units / SG), stride = WARPS * 32;
+    for (int q0 = threadIdx.x; q0 < total; q0 += STAGE_AHEAD * stride) {
+        u32 w[STAGE_AHEAD][4 * SG];
 #pragma unroll
-        for (int i = 0; i < SG; ++i) {
-            const U4 v = ld_cached((const U4*)x + (size_t)row * units + u + i);
-            w[4 * i] = v.x; w[4 * i + 1] = v.y; w[4 * i + 2] = v.z; w[4 * i + 3] = v.w;
+        for (int a = 0; a < STAGE_AHEAD; ++a) {
+            const int q = q0 + a * stride;
+            const int row = XS == 1 ? 0 : q / (units / SG), u = (q - row * (units / SG)) * SG;
+#pragma unroll
+            for (int i = 0; i < SG; ++i) {
+                const U4 v = q < total ? ld_cached((const U4*)x + (size_t)row * units + u + i) : zero4();
+                w[a][4 * i] = v.x; w[a][4 * i + 1] = v.y; w[a][4 * i + 2] = v.z; w[a][4 * i + 3] = v.w;
+            }
         }
-        store_units(w, row, u, K);
+#pragma unroll
+        for (int a = 0; a < STAGE_AHEAD; ++a) {
+            const int q = q0 + a * stride;
+            const int row = XS == 1 ? 0 : q / (units / SG), u = (q - row * (units / SG)) * SG;
+            if (q < total) store_units(w[a], row, u, K);
+        }
     }
 #endif
 #endif
