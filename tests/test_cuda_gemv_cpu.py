@@ -70,13 +70,13 @@ def test_every_format_on_the_cpu(name: str) -> None:
     _check(name, (40, 1024), 3)
 
 
-@pytest.mark.parametrize("name", ["nz2_ch", "q4_0", "e8p_ch", "iq2_xxs"])
+@pytest.mark.parametrize("name", ["nz2_ch", "q4_0", "e8p_ch", "iq2_xxs", "q3_k"])
 @pytest.mark.parametrize("variant", ["norm+residual", "norm+gated", "two-per-warp", "rows-from-l2", "looping",
                                      "ragged-k"])
 def test_kernel_variants_on_the_cpu(name: str, variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Batch 1 with the norm in the staging and a residual (or gated); batch 8 with two row blocks per warp, staged
     or read from L1/L2; 16-warp blocks looping over row blocks (on the CPU one "SM": two resident blocks); K = 576,
-    not a whole number of steps (iq2_xxs: 2304)."""
+    not a whole number of steps (iq2_xxs: 2304; q3_k, whole superblocks only: 2304 over 8 warps)."""
     if variant == "norm+residual":
         _check(name, (64, 1024), 1, norm=True, residual=True)
     elif variant == "norm+gated":
@@ -91,7 +91,7 @@ def test_kernel_variants_on_the_cpu(name: str, variant: str, monkeypatch: pytest
         assert cuda_gemv.warps_for(cuda_gemv.plan(fmt, (8, 8192)), 8192) == cuda_gemv.WARPS_MANY
         _check(name, (72, 8192), 1)
     else:
-        _check(name, (40, 2304 if name == "iq2_xxs" else 576), 3)
+        _check(name, (40, 2304 if name in ("iq2_xxs", "q3_k") else 576), 3)
 
 
 @pytest.mark.parametrize("name", ["iq2_xxs", "int4_g128_sym", "e8p_g256"])
