@@ -217,15 +217,16 @@ def e8p_tables() -> torch.Tensor:
 # E8P's tables as two words per entry (the .cu's E8P_WIDE): each coordinate's nibble already at the bit the decode
 # reads it from, the magic number in E, so the kernel needs no XOR of the words and no shifts (3 instructions fewer
 # per 8 weights; step loop 330 -> 280 instructions, sass_count.py) at the price of 64-bit table reads, which meet more
-# bank conflicts. Off (``LOWBIT_CUDA_E8P_WIDE=1`` turns it on) until timed on a GPU (docs/kernels.md, "E8P's tables in
-# two words").
+# bank conflicts: measured slower on an H200 (e8p_ch batch 1, mean of the large shapes 23% -> 17% of copy bandwidth;
+# docs/kernels.md, "E8P's tables in two words"), so off (``LOWBIT_CUDA_E8P_WIDE=1`` turns it on).
 E8P_WIDE = os.environ.get("LOWBIT_CUDA_E8P_WIDE", "0") == "1"
 # Scale groups that span a whole step scale the step's fp32 sums (the .cu's STEP_SCALE, Plan.step_scaled) instead of
 # every weight pair: 64 HMUL2 fewer per step of IQ2_XXS, 32 of int4_g128_sym, and IQ2_XXS's weights stay exact
 # (d (0.5 + ls) / 4 is no longer rounded to fp16); IQ2_XXS then also reads whole sign bytes (iq2xxs_layout's
-# sign_bytes): 544 -> 447 instructions per step (sass_count.py). Off (``LOWBIT_CUDA_STEP_SCALE=1``
-# turns it on) until its GPU tests pass and it is timed (docs/kernels.md, "Group scales once per step").
-STEP_SCALE = os.environ.get("LOWBIT_CUDA_STEP_SCALE", "0") == "1"
+# sign_bytes): 544 -> 447 instructions per step (sass_count.py). Measured on an H200 (docs/kernels.md, "Group scales
+# once per step"): int4_g128_sym TG-128 553.1 -> 630.3 tok/s, IQ2_XXS level. ``LOWBIT_CUDA_STEP_SCALE=0``: the
+# one-pass kernels.
+STEP_SCALE = os.environ.get("LOWBIT_CUDA_STEP_SCALE", "1") == "1"
 # Passes of activation units each thread requests before it stores any while staging a row (the .cu's STAGE_AHEAD):
 # 1 (default) waits for L2 once per pass, and rows of 11008 or 14336 take 3-4 passes at the start of every block;
 # 4 requests them together (NVRTC: no spills). ``LOWBIT_CUDA_STAGE_AHEAD=4`` until timed on a GPU (docs/kernels.md,
