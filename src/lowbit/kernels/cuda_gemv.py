@@ -544,12 +544,10 @@ def gemv(x: torch.Tensor, fmt: Format, qt: QuantizedTensor, p: Plan, gated: bool
         if key not in _TABLES:
             _TABLES[key] = _kind_tables(p.kind).to(x.device)
         tables = _TABLES[key]
-        if p.kind == 2 and STEP_SCALE:  # the step-scaled kernel reads whole sign bytes and an ls word
-            codes, scales, mins = _cached_layout(qt.data["qs"], lambda qs: iq2xxs_layout(qs, k, True), "signs")
-            groups = scales.shape[1]
-        elif p.kind == 2:
-            codes, scales = _cached_layout(qt.data["qs"], lambda qs: iq2xxs_layout(qs, k))
-            mins, groups = scales, scales.shape[1]
+        if p.kind == 2:  # the step-scaled kernel reads whole sign bytes and an ls word (in the place of mins)
+            codes, scales, *ls = _cached_layout(qt.data["qs"], lambda qs: iq2xxs_layout(qs, k, STEP_SCALE),
+                                                "signs" if STEP_SCALE else "")
+            mins, groups = ls[0] if ls else scales, scales.shape[1]
         else:
             codes, scales, groups = qt.data["codes"], qt.data["scale"], fmt.n_groups(k)
             mins = qt.data.get("min", scales)
@@ -672,8 +670,9 @@ def _e8p_coordinate(magic: torch.Tensor, p: int) -> torch.Tensor:
 
 def decode_iq2xxs_reference(qs: torch.Tensor, cols: int) -> torch.Tensor:
     """The weight [rows, cols] the kernel multiplies, from ``qs`` through its layout, tables and bit steps: the
-    parity bit from the popcount, the sign bits XORed onto fp16 grid values (those the kernel makes of its byte
-    table, :func:`iq2xxs_grid_table`; the CPU tests check the two agree), then the scale.
+    parity bit (from the popcount, or the layout's sign bytes), the sign bits XORed onto fp16 grid values (those
+    the kernel makes of its byte table, :func:`iq2xxs_grid_table`; the CPU tests check the two agree), then the
+    scale.
 
     Without :data:`STEP_SCALE`: the fp32 sub-block scale ``d (0.5 + ls) / 4`` rounded to fp16 and one fp16
     multiply (hmul2), fp16 weights. ggml multiplies in fp32 and the reference rounds that product to fp16 once, so
