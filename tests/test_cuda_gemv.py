@@ -39,9 +39,7 @@ def test_affine_decode_constants_are_exact(name: str) -> None:
         assert torch.equal(pos.float(), lut)
 
 
-@pytest.mark.parametrize("wide", [False, True])
-def test_e8p_tables_decode_the_whole_codebook(wide: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cuda_gemv, "E8P_WIDE", wide)
+def test_e8p_tables_decode_the_whole_codebook() -> None:
     got = cuda_gemv.decode_reference(get_format("e8p_ch"), 4096, torch.arange(1 << 16))
     assert torch.equal(got.float(), e8p.codebook())
 
@@ -56,24 +54,9 @@ def test_gemv_refuses_batches_it_cannot_take(rows: int) -> None:
 
 
 @pytest.mark.parametrize("cols", [1024, 576])
-def test_iq2xxs_kernel_decode_is_the_format_within_one_rounding(cols: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The kernel's layout + tables + sign/scale steps, replayed, give the format's weights: exactly where the
-    fp16 scale is exact, else within one fp16 ulp (it rounds the fp32 sub-block scale once, ggml does not)."""
-    monkeypatch.setattr(cuda_gemv, "STEP_SCALE", False)  # the one-pass kernel (LOWBIT_CUDA_STEP_SCALE may be set)
-    fmt = get_format("iq2_xxs")
-    w = torch.randn(40, cols, generator=torch.Generator().manual_seed(cols)) * 0.02
-    qt = fmt.quantize(w)
-    ref = fmt.dequantize(qt).to(torch.float16).float()
-    got = cuda_gemv.decode_iq2xxs_reference(qt.data["qs"], cols).float()
-    assert ((got - ref).abs() <= ref.abs() * 2**-10).all()
-    assert (got == ref).float().mean() > 0.8
-
-
-@pytest.mark.parametrize("cols", [1024, 576])
-def test_iq2xxs_step_scaled_decode_is_the_format_exactly(cols: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """With STEP_SCALE the kernel's fp16 weights are v (0.5 + ls) / 4 and d scales the step's fp32 sums: replayed,
-    exactly ggml's fp32 weights, every one (large columns included)."""
-    monkeypatch.setattr(cuda_gemv, "STEP_SCALE", True)
+def test_iq2xxs_kernel_decode_is_the_format_exactly(cols: int) -> None:
+    """The kernel's fp16 weights are v (0.5 + ls) / 4 and d scales the step's fp32 sums: replayed through its layout,
+    tables and bit steps, exactly ggml's fp32 weights, every one (large columns included)."""
     fmt = get_format("iq2_xxs")
     w = torch.randn(40, cols, generator=torch.Generator().manual_seed(cols)) * 0.02
     w[:, ::97] *= 8
@@ -83,7 +66,7 @@ def test_iq2xxs_step_scaled_decode_is_the_format_exactly(cols: int, monkeypatch:
 
 
 def test_iq2xxs_sub_factor_and_grid_pairs_are_exact() -> None:
-    """STEP_SCALE's per-sub-block steps, for every 4-bit ls and grid value: the HFMA2 of ls in 1024.0 gives
+    """IQ2_XXS's per-sub-block steps, for every 4-bit ls and grid value: the HFMA2 of ls in 1024.0 gives
     (0.5 + ls) / 4, the HMUL2 by -1024 is exact, and the grid pair's HFMA2 (1024 + v) k + (-1024 k) gives v k in fp16
     with no rounding."""
     ls = torch.arange(16)
@@ -96,21 +79,16 @@ def test_iq2xxs_sub_factor_and_grid_pairs_are_exact() -> None:
     assert torch.equal(pair.double(), v * k.double())
 
 
-def test_step_scale_is_planned_where_a_group_spans_a_step(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_step_scale_is_planned_where_a_group_spans_a_step() -> None:
     """Symmetric groups of >= 4 chunks and IQ2_XXS's superblocks take their scale once per step; smaller or
-    asymmetric groups and row scales do not. The switch reaches the source at each call (the kernel cache is keyed
-    by source), as E8P_WIDE does."""
+    asymmetric groups and row scales do not."""
     planned = {n: cuda_gemv.plan(get_format(n), (64, 4096)) for n in
                ("iq2_xxs", "int4_g128_sym", "e8p_g256", "int4_g256_sym", "int2_g512_sym", "q4_0", "int4_g128_asym",
                 "int2_g64_sym", "int2_g128_sym", "e8p_g128", "nz2_ch", "e8p_ch")}
     assert {n for n, p in planned.items() if p.step_scaled()} == {"iq2_xxs", "int4_g128_sym", "e8p_g256",
                                                                   "int4_g256_sym", "int2_g512_sym"}
-    for wide, step in ((False, False), (True, True)):
-        monkeypatch.setattr(cuda_gemv, "E8P_WIDE", wide)
-        monkeypatch.setattr(cuda_gemv, "STEP_SCALE", step)
-        assert f"#define STEP_SCALE {int(step)}" in cuda_gemv._source(planned["iq2_xxs"], 1)
-        assert "#define STEP_SCALE 0" in cuda_gemv._source(planned["q4_0"], 1)
-        assert f"#define E8P_WIDE {int(wide)}" in cuda_gemv._source(planned["e8p_g256"], 1)
+    assert "#define STEP_SCALE 1" in cuda_gemv._source(planned["iq2_xxs"], 1)
+    assert "#define STEP_SCALE 0" in cuda_gemv._source(planned["q4_0"], 1)
 
 
 def test_iq2xxs_grid_bytes_decode_to_the_grid() -> None:
@@ -128,27 +106,18 @@ def test_iq2xxs_grid_bytes_decode_to_the_grid() -> None:
     assert torch.equal(got, want)
 
 
-def test_iq2xxs_layout_keeps_every_byte() -> None:
-    """The kernel layout is a permutation of llama.cpp's bytes: sub-blocks in order, then the superblock d's."""
+def test_iq2xxs_layout_keeps_every_field() -> None:
+    """The kernel layout holds llama.cpp's block fields: the superblock d's; per sub-block its grid index bytes
+    as stored; each code's 7 stored sign bits with their even parity as bit 7, in byte c; the sub-blocks' 4-bit
+    scales in a word per superblock (a short last one too)."""
     fmt = get_format("iq2_xxs")
     qt = fmt.quantize(torch.randn(8, 576, generator=torch.Generator().manual_seed(1)))
-    sub, d = cuda_gemv.iq2xxs_layout(qt.data["qs"], 576)
-    assert tuple(sub.shape) == (8, 576 // 16) and tuple(d.shape) == (8, 3)
     qs = qt.data["qs"]
+    sub, d, ls = cuda_gemv.iq2xxs_layout(qs, 576)
+    assert tuple(sub.shape) == (8, 576 // 16) and tuple(d.shape) == (8, 3) and tuple(ls.shape) == (8, 3)
     assert torch.equal(d.view(torch.uint8), torch.cat([qs[:, 0:2], qs[:, 66:68], qs[:, 132:134]], dim=1))
-    body = torch.cat([qs[:, 2:66], qs[:, 68:132], qs[:, 134:]], dim=1)
-    assert torch.equal(sub.view(torch.uint8), body)
-
-
-def test_iq2xxs_sign_byte_layout_moves_every_field() -> None:
-    """The step-scaled kernel's layout: grid indices as before; each code's 7 stored sign bits with their even
-    parity as bit 7, in byte c; the sub-blocks' 4-bit scales in a word per superblock (a short last one too)."""
-    fmt = get_format("iq2_xxs")
-    qt = fmt.quantize(torch.randn(8, 576, generator=torch.Generator().manual_seed(1)))
-    plain, d = cuda_gemv.iq2xxs_layout(qt.data["qs"], 576)
-    sub, d2, ls = cuda_gemv.iq2xxs_layout(qt.data["qs"], 576, sign_bytes=True)
-    assert torch.equal(d, d2) and tuple(ls.shape) == (8, 3)
-    old = plain.to(torch.int64).reshape(8, -1, 2) & 0xFFFFFFFF
+    body = torch.cat([qs[:, 2:66], qs[:, 68:132], qs[:, 134:]], dim=1)  # llama.cpp's sub-blocks: 2 words each
+    old = body.contiguous().view(torch.int32).to(torch.int64).reshape(8, -1, 2) & 0xFFFFFFFF
     new = sub.to(torch.int64).reshape(8, -1, 2) & 0xFFFFFFFF
     assert torch.equal(old[..., 0], new[..., 0])
     for c in range(4):
@@ -249,12 +218,11 @@ def test_every_kernel_variant_compiles_for_ampere_and_hopper(name: str) -> None:
 
 @pytest.mark.skipif(not nvrtc_found(), reason="needs NVRTC (the nvidia-cuda-nvrtc wheel of the test extra)")
 @pytest.mark.parametrize("name", ["iq2_xxs", "int4_g128_sym", "e8p_g256"])
-def test_step_scaled_variants_compile(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """With STEP_SCALE the kernels of the formats it serves compile for sm_90: batch 1 staged (plain, normalized +
-    gated, with a residual), batch 8 staged or from L1/L2, two row blocks per warp, resident blocks, ragged K."""
+def test_step_scaled_variants_compile(name: str) -> None:
+    """The step-scaled kernels compile for sm_90: batch 1 staged (plain, normalized + gated, with a residual), batch
+    8 staged or from L1/L2, two row blocks per warp, resident blocks, ragged K."""
     from lowbit.kernels import cuda_jit
 
-    monkeypatch.setattr(cuda_gemv, "STEP_SCALE", True)
     p = cuda_gemv.plan(get_format(name), (64, 8192))
     jobs = [(1, False, 0, False, False, 1, True), (1, True, 2, False, False, 1, True),
             (1, False, 0, True, True, 1, True), (2, False, 0, False, False, 2, True),
@@ -277,19 +245,20 @@ def _nvdisasm():  # noqa: ANN202 - Path | None: Triton's wheel ships it
 
 
 @pytest.mark.skipif(not nvrtc_found() or _nvdisasm() is None, reason="needs NVRTC and Triton's nvdisasm")
-@pytest.mark.parametrize("switch", ["STAGE_AHEAD", "STEP_SCALE", "E8P_WIDE"])
-def test_experimental_switches_compile_without_spills(switch: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each experimental switch's kernels compile for sm_90 with no local-memory traffic (STL/LDL in the SASS) at
-    the registers their launch bounds allow: batch 1 (8 and 16 warps, staged rows of 4096 and 14336), batch 8 with
-    one and two row blocks per warp."""
+@pytest.mark.parametrize("case", ["step_scaled", "stage_ahead"])
+def test_kernel_variants_compile_without_spills(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The step-scaled kernels and the experimental STAGE_AHEAD = 4 compile for sm_90 with no local-memory traffic
+    (STL/LDL in the SASS) at the registers their launch bounds allow: batch 1 (8 and 16 warps, staged rows of 4096
+    and 14336), batch 8 with one and two row blocks per warp."""
     import subprocess
     import tempfile
 
     from lowbit.kernels import cuda_jit
 
-    monkeypatch.setattr(cuda_gemv, switch, 4 if switch == "STAGE_AHEAD" else True)
-    names = {"STAGE_AHEAD": ["nz2_ch", "q4_0", "e8p_ch", "iq2_xxs"], "STEP_SCALE": ["iq2_xxs", "int4_g128_sym",
-             "e8p_g256"], "E8P_WIDE": ["e8p_ch"]}[switch]  # e8p_g256 wide + step-scaled spills; wide stays off
+    if case == "stage_ahead":
+        monkeypatch.setattr(cuda_gemv, "STAGE_AHEAD", 4)
+    names = {"stage_ahead": ["nz2_ch", "q4_0", "e8p_ch", "iq2_xxs"],
+             "step_scaled": ["iq2_xxs", "int4_g128_sym", "e8p_g256"]}[case]
     jobs = []
     for name in names:
         for cols, m, tiles in ((4096, 1, 1), (14336, 1, 1), (4096, 8, 1), (4096, 8, 2)):
@@ -501,34 +470,14 @@ def test_cuda_gemv_matches_reference_on_gpu(name: str, shape: tuple[int, int], m
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["e8p_ch", "e8p_g256"])
-@pytest.mark.parametrize("shape", [(256, 1024), (48, 1536), (40, 8192)])
-@pytest.mark.parametrize("m", [1, 8])
-def test_e8p_wide_tables_give_the_narrow_tables_result_on_gpu(name: str, shape: tuple[int, int], m: int,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    """The two-word tables (E8P_WIDE) decode every code to the same fp16 weights, so the same sums in the same order:
-    the outputs are equal bit for bit."""
-    fmt, qt = _packed(name, shape, seed=11)
-    p = cuda_gemv.plan(fmt, shape)
-    x = torch.randn(m, shape[1], device="cuda", dtype=torch.float16, generator=torch.Generator("cuda").manual_seed(m))
-    out = {}
-    for wide in (False, True):
-        monkeypatch.setattr(cuda_gemv, "E8P_WIDE", wide)
-        out[wide] = cuda_gemv.gemv(x, fmt, qt, p)
-    assert torch.equal(out[False], out[True])
-
-
-@gpu
-@pytest.mark.gpu
 @pytest.mark.parametrize("name", ["iq2_xxs", "int4_g128_sym", "e8p_g256"])
 @pytest.mark.parametrize("shape", [(256, 1024), (200, 576), (40, 8192)])
 @pytest.mark.parametrize("m", [1, 3, 8])
 @pytest.mark.parametrize("layout", ["auto", "two-per-warp", "looping"])
 def test_step_scaled_gemv_matches_reference_on_gpu(name: str, shape: tuple[int, int], m: int, layout: str,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """STEP_SCALE's kernels (plain, with a residual, gated; one or two row blocks per warp; blocks looping over row
-    blocks) against the float64 product of the format's weights, and no less accurate than the kernel that scales
-    every weight pair in fp16. (LOWBIT_CUDA_STEP_SCALE=1 runs every other GPU test of this file with it too.)"""
+    """The step-scaled kernels (plain, with a residual, gated; one or two row blocks per warp; blocks looping over
+    row blocks) against the float64 product of the format's weights."""
     from lowbit.kernels.reference import dequant_matmul_reference
 
     if layout != "auto":
@@ -544,14 +493,8 @@ def test_step_scaled_gemv_matches_reference_on_gpu(name: str, shape: tuple[int, 
     x = torch.randn(m, shape[1], device="cuda", dtype=torch.float16, generator=gen)
     res = torch.randn(m, shape[0], device="cuda", dtype=torch.float16, generator=gen)
     ref = dequant_matmul_reference(x.double(), fmt, qt)
-    err, out = {}, {}
-    for step in (False, True):
-        monkeypatch.setattr(cuda_gemv, "STEP_SCALE", step)
-        out[step] = cuda_gemv.gemv(x, fmt, qt, p)
-        err[step] = float((out[step].double() - ref).norm() / ref.norm())
-    assert err[True] < 2e-3 and err[True] <= err[False] * 1.05 + 1e-5, err
-    if name == "iq2_xxs":  # most of its weights are no longer rounded to fp16: the step-scaled kernel ran
-        assert not torch.equal(out[True], out[False])
+    out = cuda_gemv.gemv(x, fmt, qt, p)
+    assert float((out.double() - ref).norm() / ref.norm()) < 2e-3
     gate, up = ref.chunk(2, dim=-1)
     for got, want in ((cuda_gemv.gemv(x, fmt, qt, p, residual=res).double() - res.double(), ref),
                       (cuda_gemv.gemv(x, fmt, qt, p, gated=True).double(), torch.nn.functional.silu(gate) * up)):

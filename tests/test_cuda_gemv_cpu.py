@@ -97,23 +97,20 @@ def test_kernel_variants_on_the_cpu(name: str, variant: str, monkeypatch: pytest
 @pytest.mark.parametrize("name", ["iq2_xxs", "int4_g128_sym", "e8p_g256"])
 @pytest.mark.parametrize("m", [1, 8])
 def test_step_scale_on_the_cpu(name: str, m: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """LOWBIT_CUDA_STEP_SCALE: group scales once per step, plain and with two row blocks per warp (batch 8); IQ2_XXS's
-    exact weights give a different, closer result than the one-pass kernel's."""
+    """Group scales once per step, plain and with two row blocks per warp (batch 8): the weights' scales reach the
+    fp32 sums unrounded (IQ2_XXS's weights are ggml's exactly), so the output is as close to the exact product as
+    its fp16 rounding."""
     if m == 8:
         monkeypatch.setattr(cuda_gemv, "ROW_TILES", "2")
     shape = (72, 2304 if name == "iq2_xxs" else 1024)
     fmt, qt = _packed(name, shape, 3)
     p = cuda_gemv.plan(fmt, shape)
+    assert p.step_scaled()
     x, _ = _inputs(m, shape[1], shape[0], seed=m)
     ref = dequant_matmul_reference(x.double(), fmt, qt)
-    out = {}
-    for step in (False, True):
-        monkeypatch.setattr(cuda_gemv, "STEP_SCALE", step)
-        out[step] = cuda_gemv.gemv(x, fmt, qt, p)
-    assert _err(out[True], ref) < 2e-3
-    if name == "iq2_xxs":
-        assert not torch.equal(out[True], out[False]) and _err(out[True], ref) < _err(out[False], ref)
-    _check(name, (64, 1024), 1, gated=True)  # the gated epilogue too (STEP_SCALE still on)
+    err, rounding = _err(cuda_gemv.gemv(x, fmt, qt, p), ref), _err(ref.half(), ref)
+    assert err <= 1.05 * rounding, (err, rounding)
+    _check(name, (64, 1024), 1, gated=True)  # the gated epilogue too
 
 
 @pytest.mark.parametrize(("name", "m", "cols"), [("nz2_ch", 1, 14336), ("q4_0", 1, 11008), ("e8p_ch", 3, 2048),
@@ -125,20 +122,6 @@ def test_staging_ahead_on_the_cpu(name: str, m: int, cols: int, monkeypatch: pyt
     _check(name, (24, cols), m)
     if m == 1:
         _check(name, (24, cols), 1, norm=True, residual=True)
-
-
-@pytest.mark.parametrize("name", ["e8p_ch", "e8p_g256"])
-def test_e8p_wide_tables_on_the_cpu(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """LOWBIT_CUDA_E8P_WIDE: the two-word tables give the one-word tables' outputs, bit for bit."""
-    fmt, qt = _packed(name, (40, 1024), 4)
-    p = cuda_gemv.plan(fmt, (40, 1024))
-    x, _ = _inputs(3, 1024, 40, seed=3)
-    out = {}
-    for wide in (False, True):
-        monkeypatch.setattr(cuda_gemv, "E8P_WIDE", wide)
-        out[wide] = cuda_gemv.gemv(x, fmt, qt, p)
-    assert torch.equal(out[False], out[True])
-    assert _err(out[True], dequant_matmul_reference(x.double(), fmt, qt)) < 2e-3
 
 
 _PROBE = """

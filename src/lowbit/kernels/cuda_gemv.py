@@ -80,9 +80,10 @@ class Plan:
         return "\n".join(lines) + "\n"
 
     def step_scaled(self) -> bool:
-        """Whether a scale group spans a whole step (the quad's four chunks), so the step's sums can take the scale
-        once in fp32 (STEP_SCALE in the .cu): IQ2_XXS's superblock d, and symmetric groups of >= 4 chunks
-        (int4_g128_sym, e8p_g256)."""
+        """Whether a scale group spans a whole step (the quad's four chunks), so the step's sums take the scale once
+        in fp32 (STEP_SCALE in the .cu) instead of every weight pair: IQ2_XXS's superblock d (its weights then exact),
+        and symmetric groups of >= 4 chunks (int4_g128_sym, e8p_g256). Measured on an H200 against scaling every
+        pair (docs/kernels.md, "Group scales once per step"): int4_g128_sym TG-128 553.1 -> 630.3 tok/s."""
         whole_steps = not self.row_scale and 1 << self.group_shift >= 4 * half_per_chunk(self)
         return self.kind == 2 or (self.kind in (0, 1) and not self.asym and whole_steps)
 
@@ -214,41 +215,11 @@ def e8p_tables() -> torch.Tensor:
     return _int32(torch.tensor(table, dtype=torch.int64))
 
 
-# E8P's tables as two words per entry (the .cu's E8P_WIDE): each coordinate's nibble already at the bit the decode
-# reads it from, the magic number in E, so the kernel needs no XOR of the words and no shifts (3 instructions fewer
-# per 8 weights; step loop 330 -> 280 instructions, sass_count.py) at the price of 64-bit table reads, which meet more
-# bank conflicts: measured slower on an H200 (e8p_ch batch 1, mean of the large shapes 23% -> 17% of copy bandwidth;
-# docs/kernels.md, "E8P's tables in two words"), so off (``LOWBIT_CUDA_E8P_WIDE=1`` turns it on).
-E8P_WIDE = os.environ.get("LOWBIT_CUDA_E8P_WIDE", "0") == "1"
-# Scale groups that span a whole step scale the step's fp32 sums (the .cu's STEP_SCALE, Plan.step_scaled) instead of
-# every weight pair: 64 HMUL2 fewer per step of IQ2_XXS, 32 of int4_g128_sym, and IQ2_XXS's weights stay exact
-# (d (0.5 + ls) / 4 is no longer rounded to fp16); IQ2_XXS then also reads whole sign bytes (iq2xxs_layout's
-# sign_bytes): 544 -> 447 instructions per step (sass_count.py). Measured on an H200 (docs/kernels.md, "Group scales
-# once per step"): int4_g128_sym TG-128 553.1 -> 630.3 tok/s, IQ2_XXS level. ``LOWBIT_CUDA_STEP_SCALE=0``: the
-# one-pass kernels.
-STEP_SCALE = os.environ.get("LOWBIT_CUDA_STEP_SCALE", "1") == "1"
 # Passes of activation units each thread requests before it stores any while staging a row (the .cu's STAGE_AHEAD):
 # 1 (default) waits for L2 once per pass, and rows of 11008 or 14336 take 3-4 passes at the start of every block;
 # 4 requests them together (NVRTC: no spills). ``LOWBIT_CUDA_STAGE_AHEAD=4`` until timed on a GPU (docs/kernels.md,
 # "Staging requests every pass at once").
 STAGE_AHEAD = int(os.environ.get("LOWBIT_CUDA_STAGE_AHEAD", "1"))
-# (word, bit) of coordinate i in the wide layout: word 0 holds 0, 1 | 4, 5, word 1 holds 2, 3 | 6, 7
-_WIDE_AT = [(0, 1), (0, 5), (1, 1), (1, 5), (0, 17), (0, 21), (1, 17), (1, 21)]
-
-
-@cache
-def e8p_tables_wide() -> torch.Tensor:
-    """int32 [1024]: (E0, E1)[pattern] then (T0, T1)[sign byte], the nibbles of :func:`e8p_tables` moved to
-    :data:`_WIDE_AT`, E with 1024.0 (0x6400) in both halves of both words."""
-    narrow = (e8p_tables().to(torch.int64) & 0xFFFFFFFF).tolist()
-    words = []
-    for idx, w in enumerate(narrow):
-        pair = [0x64006400, 0x64006400] if idx < 256 else [0, 0]
-        for i, (j, bit) in enumerate(_WIDE_AT):
-            pair[j] |= ((w >> (4 * i)) & 0xF) << bit
-        words += pair
-    return _int32(torch.tensor(words, dtype=torch.int64))
-
 
 @cache
 def iq2xxs_grid_table() -> torch.Tensor:
@@ -270,7 +241,7 @@ def iq2xxs_grid_bytes() -> torch.Tensor:
 def _kind_tables(kind: int) -> torch.Tensor:
     if kind == 2:
         return iq2xxs_grid_bytes()
-    return e8p_tables_wide() if E8P_WIDE else e8p_tables()
+    return e8p_tables()
 
 
 @cache
@@ -281,18 +252,17 @@ def _iq2xxs_index(cols: int) -> tuple[torch.Tensor, torch.Tensor]:
     return words.reshape(-1), torch.arange(0, cols, iq2xxs_format.SUPER) // iq2xxs_format.SUPER * 33
 
 
-def iq2xxs_layout(qs: torch.Tensor, cols: int, sign_bytes: bool = False) -> tuple[torch.Tensor, ...]:
-    """llama.cpp's ``block_iq2_xxs`` rows -> (sub-blocks int32 [rows, cols / 16], superblock d fp16 [rows, n_super]).
+def iq2xxs_layout(qs: torch.Tensor, cols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """llama.cpp's ``block_iq2_xxs`` rows -> the kernel's (sub-blocks int32 [rows, cols / 16], superblock d fp16
+    [rows, n_super], sub-block scales int32 [rows, n_super]).
 
-    ``sign_bytes`` (the step-scaled kernel's layout, IQ2_SIGN_BYTES in the .cu): each sub-block's second word holds
-    its four codes' 8 sign bits whole, the parity bit llama.cpp leaves out worked out here (byte c: the 7 stored bits
-    of code c and their parity as bit 7), and a third tensor int32 [rows, n_super] holds the sub-blocks' 4-bit
-    scales, sub-block j of a superblock at bits 4 j."""
+    A sub-block is two words: llama.cpp's four grid indices, then its four codes' 8 sign bits whole, the parity bit
+    llama.cpp leaves out worked out here (byte c: the 7 stored bits of code c and their parity as bit 7). The
+    sub-blocks' 4-bit scales move to a word per superblock, sub-block j at bits 4 j (70 bytes per 256 weights
+    against llama.cpp's 66: the kernel reads a code's signs with one PRMT)."""
     words = qs.contiguous().view(torch.int16)
     sub_idx, d_idx = (i.to(qs.device) for i in _iq2xxs_index(cols))
     sub, d = words[:, sub_idx].contiguous().view(torch.int32), words[:, d_idx].contiguous().view(torch.float16)
-    if not sign_bytes:
-        return sub, d
     aux = sub.to(torch.int64).reshape(sub.shape[0], -1, 2) & 0xFFFFFFFF  # [rows, n_sub, (aux0, aux1)]
     c = torch.arange(4, device=qs.device)
     si = (aux[..., 1, None] >> (7 * c)) & 127  # [rows, n_sub, 4]
@@ -362,13 +332,13 @@ def _int32(v: torch.Tensor) -> torch.Tensor:
     return torch.where(v >= 1 << 31, v - (1 << 32), v).to(torch.int32)
 
 
-_LAYOUTS: dict[tuple[int, str], tuple] = {}
+_LAYOUTS: dict[int, tuple] = {}
 
 
-def _cached_layout(qs: torch.Tensor, build, variant: str = "") -> tuple[torch.Tensor, ...]:  # noqa: ANN001
+def _cached_layout(qs: torch.Tensor, build) -> tuple[torch.Tensor, ...]:  # noqa: ANN001
     """The kernel layout ``build(qs)`` of ``qs``, built at its first GEMV and dropped with it (keyed by the tensor's
-    identity and the layout ``variant``; an in-place change of ``qs`` rebuilds it)."""
-    key = (id(qs), variant)
+    identity; an in-place change of ``qs`` rebuilds it)."""
+    key = id(qs)
     hit = _LAYOUTS.get(key)
     if hit is None or hit[:2] != (qs.data_ptr(), qs._version):
         if hit is None:
@@ -382,17 +352,15 @@ def _source(p: Plan, staged_x: int = 0, warps: int = WARPS_FEW, min_blocks: int 
     """The kernel's source for these settings; ``norm_qs`` > 0: the batch-1 row is RMS-normalized while staged,
     each thread holding that many groups of its units in registers (:func:`norm_groups`); ``resident``: blocks loop
     over row blocks (:data:`RESIDENT_GRID`); ``tiles``: row blocks per warp (:func:`row_tiles`). The switches
-    :data:`E8P_WIDE`, :data:`STEP_SCALE` and :data:`STAGE_AHEAD` are read at each call (tests flip them)."""
-    return _source_of(p, staged_x, warps, min_blocks, gated, full, norm_qs, resid, resident, tiles, E8P_WIDE,
-                      STEP_SCALE and p.step_scaled(), STAGE_AHEAD)
+    :data:`STAGE_AHEAD` is read at each call (tests flip it)."""
+    return _source_of(p, staged_x, warps, min_blocks, gated, full, norm_qs, resid, resident, tiles, STAGE_AHEAD)
 
 
 @cache
 def _source_of(p: Plan, staged_x: int, warps: int, min_blocks: int, gated: bool, full: bool, norm_qs: int,
-               resid: bool, resident: bool, tiles: int, wide: bool, step_scale: bool, stage_ahead: int) -> str:
+               resid: bool, resident: bool, tiles: int, stage_ahead: int) -> str:
     defines = p.defines(staged_x, warps, min_blocks, gated, full, norm_qs, resid, resident, tiles)
-    switches = (f"#define E8P_WIDE {int(wide)}\n#define STEP_SCALE {int(step_scale)}\n"
-                f"#define STAGE_AHEAD {stage_ahead}\n")
+    switches = f"#define STEP_SCALE {int(p.step_scaled())}\n#define STAGE_AHEAD {stage_ahead}\n"
     return cuda_jit.source("gemv_mma.cu", defines + switches)
 
 
@@ -540,14 +508,13 @@ def gemv(x: torch.Tensor, fmt: Format, qt: QuantizedTensor, p: Plan, gated: bool
         codes, scales, mins, tables = _cached_layout(qt.data["qs"], lambda qs: kquant_layout(fmt, qs, k))
         groups = k // 32
     else:
-        key = f"{x.device}/{p.kind}/{int(E8P_WIDE)}"
+        key = f"{x.device}/{p.kind}"
         if key not in _TABLES:
             _TABLES[key] = _kind_tables(p.kind).to(x.device)
         tables = _TABLES[key]
-        if p.kind == 2:  # the step-scaled kernel reads whole sign bytes and an ls word (in the place of mins)
-            codes, scales, *ls = _cached_layout(qt.data["qs"], lambda qs: iq2xxs_layout(qs, k, STEP_SCALE),
-                                                "signs" if STEP_SCALE else "")
-            mins, groups = ls[0] if ls else scales, scales.shape[1]
+        if p.kind == 2:  # the kernel reads whole sign bytes and a word of sub-block scales (in the place of mins)
+            codes, scales, mins = _cached_layout(qt.data["qs"], lambda qs: iq2xxs_layout(qs, k))
+            groups = scales.shape[1]
         else:
             codes, scales, groups = qt.data["codes"], qt.data["scale"], fmt.n_groups(k)
             mins = qt.data.get("min", scales)
@@ -639,8 +606,6 @@ def decode_reference(fmt: Format, cols: int, codes: torch.Tensor) -> torch.Tenso
 
 
 def _decode_e8p(codes: torch.Tensor) -> torch.Tensor:
-    if E8P_WIDE:
-        return _decode_e8p_wide(codes)
     tab = e8p_tables().to(torch.int64) & 0xFFFFFFFF
     e = tab[(codes >> 8) & 255] ^ tab[256 + (codes & 255)]
     steps = [(e << 1, 1), (e, 4), (e >> 7, 1), (e >> 7, 5)]  # (word, p): coordinates i and i + 4 at bits p..p+3
@@ -652,62 +617,36 @@ def _decode_e8p(codes: torch.Tensor) -> torch.Tensor:
     return torch.stack(coords, dim=1)
 
 
-def _decode_e8p_wide(codes: torch.Tensor) -> torch.Tensor:
-    tab = (e8p_tables_wide().to(torch.int64) & 0xFFFFFFFF).reshape(512, 2)
-    e = tab[(codes >> 8) & 255] ^ tab[256 + (codes & 255)]  # [codes, 2]: E ^ T, the LOP3's XOR
-    coords = []
-    for j, bit in _WIDE_AT:
-        p, half = bit % 16, bit - bit % 16
-        lop3 = (e[:, j] >> half) & ((0xF << p) | 0x6400)  # (E ^ T) & (nibble mask | magic), one half
-        coords.append(_e8p_coordinate(lop3, p))
-    return torch.stack(coords, dim=1)
-
-
 def _e8p_coordinate(magic: torch.Tensor, p: int) -> torch.Tensor:
     """The HFMA2 of the E8P decode: 1024 + 2^p n (a nibble n at bit p of 1024.0's mantissa) -> n / 2 - 3.75."""
     return _fma_half(_as_half(magic), 2.0 ** -(p + 1), -(512 / 2**p + 3.75))
 
 
 def decode_iq2xxs_reference(qs: torch.Tensor, cols: int) -> torch.Tensor:
-    """The weight [rows, cols] the kernel multiplies, from ``qs`` through its layout, tables and bit steps: the
-    parity bit (from the popcount, or the layout's sign bytes), the sign bits XORed onto fp16 grid values (those
-    the kernel makes of its byte table, :func:`iq2xxs_grid_table`; the CPU tests check the two agree), then the
-    scale.
-
-    Without :data:`STEP_SCALE`: the fp32 sub-block scale ``d (0.5 + ls) / 4`` rounded to fp16 and one fp16
-    multiply (hmul2), fp16 weights. ggml multiplies in fp32 and the reference rounds that product to fp16 once, so
-    the two differ by at most one rounding of the scale (< 1 fp16 ulp). With it: the HFMA2 gives ``v (0.5 + ls) / 4``
-    (exact in fp16) and d multiplies the step's fp32 sums, so the weights are ggml's fp32 ones, exactly (float32)."""
-    sub, d, *ls_words = iq2xxs_layout(qs, cols, STEP_SCALE)
-    aux = sub.to(torch.int64).reshape(sub.shape[0], -1, 2) & 0xFFFFFFFF  # [rows, n_sub, (aux0, aux1)]
-    aux0, aux1 = aux[..., 0], aux[..., 1]
+    """The weight [rows, cols] the kernel multiplies, from ``qs`` through its layout (:func:`iq2xxs_layout`), tables
+    and bit steps: the layout's sign bytes XORed onto fp16 grid values (those the kernel makes of its byte table,
+    :func:`iq2xxs_grid_table`; the CPU tests check the two agree) scaled by the HFMA2's ``(0.5 + ls) / 4`` (exact
+    in fp16), then d, which multiplies the step's fp32 sums: ggml's fp32 weights, exactly (float32)."""
+    sub, d, ls_words = iq2xxs_layout(qs, cols)
+    aux = sub.to(torch.int64).reshape(sub.shape[0], -1, 2) & 0xFFFFFFFF  # [rows, n_sub, (aux0, signs)]
     d_sub = d.float().repeat_interleave(iq2xxs_format.SUPER // iq2xxs_format.SUB, dim=1)[:, : aux.shape[1]]
     grid = iq2xxs_grid_table().view(torch.float16).reshape(256, 8)
     c = torch.arange(4)
-    gi = (aux0[..., None] >> (8 * c)) & 255  # [rows, n_sub, 4]
-    if STEP_SCALE:  # IQ2_SIGN_BYTES: byte c of aux1 is code c's signs, nibble j of a superblock's word sub-block j
-        sbyte = (aux1[..., None] >> (8 * c)) & 255
-        per = iq2xxs_format.SUPER // iq2xxs_format.SUB
-        nib = (ls_words[0].to(torch.int64)[..., None] >> (4 * torch.arange(per))) & 15
-        ls = nib.reshape(nib.shape[0], -1)[:, : aux.shape[1]]
-    else:  # the 7 stored bits, the parity bit from the popcount
-        si = (aux1[..., None] >> (7 * c)) & 127
-        sbyte, ls = si | (_PARITY[si] << 7), aux1 >> 28
+    gi = (aux[..., 0, None] >> (8 * c)) & 255  # [rows, n_sub, 4]
+    sbyte = (aux[..., 1, None] >> (8 * c)) & 255  # code c's 8 signs
+    per = iq2xxs_format.SUPER // iq2xxs_format.SUB
+    nib = (ls_words.to(torch.int64)[..., None] >> (4 * torch.arange(per))) & 15  # nibble j: sub-block j's ls
+    ls = nib.reshape(nib.shape[0], -1)[:, : aux.shape[1]]
     neg = ((sbyte[..., None] >> torch.arange(8)) & 1).bool()  # [rows, n_sub, 4, 8]
-    if STEP_SCALE:
-        k = iq2xxs_sub_factor(ls)[..., None, None].double()  # (0.5 + ls) / 4, the kernel's HFMA2
-        vk = ((1024 + grid[gi].double()) * k - 1024 * k).to(torch.float16)  # (1024 + v) k - 1024 k, one rounding
-        vals = torch.where(neg, -vk, vk)
-        w = (vals.double() * d_sub[..., None, None].double()).float()  # exact: 11 x 11 significant bits
-        return w.reshape(sub.shape[0], cols)
-    scale = (d_sub * (0.5 + ls.float()) * 0.25).to(torch.float16)
-    vals = torch.where(neg, -grid[gi], grid[gi])
-    w = (vals.double() * scale[..., None, None].double()).to(torch.float16)  # one fp16 rounding, as HMUL2
+    k = iq2xxs_sub_factor(ls)[..., None, None].double()  # (0.5 + ls) / 4, the kernel's HFMA2
+    vk = ((1024 + grid[gi].double()) * k - 1024 * k).to(torch.float16)  # (1024 + v) k - 1024 k, one rounding
+    vals = torch.where(neg, -vk, vk)
+    w = (vals.double() * d_sub[..., None, None].double()).float()  # exact: 11 x 11 significant bits
     return w.reshape(sub.shape[0], cols)
 
 
 def iq2xxs_sub_factor(ls: torch.Tensor) -> torch.Tensor:
-    """The kernel's (0.5 + ls) / 4 for 4-bit ``ls`` with STEP_SCALE: ls into both halves of 1024.0 (one IMAD), then
+    """The kernel's (0.5 + ls) / 4 for 4-bit ``ls``: ls into both halves of 1024.0 (one IMAD), then
     one HFMA2 by 0.25 and -255.875, fp16."""
     return _fma_half(_as_half(0x6400 | ls), 0.25, -255.875)
 

@@ -209,7 +209,9 @@ DEV void b_frag(const u32* xr, int m, int half, u32& b0, u32& b1) {
 #else
 #define CHUNK_SCALE 0
 #endif
-#define IQ2_SIGN_BYTES (KIND == 2 && STEP_SCALE)  // IQ2_XXS's layout with whole sign bytes (below)
+#if KIND == 2 && !STEP_SCALE
+#error "IQ2_XXS is built step-scaled (cuda_gemv.Plan.step_scaled)"
+#endif
 #if ROW_SCALE || STEP_SCALE
 #define APPLY_SCALE(l, s, m) (l)
 #elif ASYM
@@ -284,33 +286,6 @@ DEV void word_mma(float* d, u32 wa, u32 wb, u32 ha, u32 hb, int j, const u32* xr
     }
 }
 #elif KIND == 1
-#if E8P_WIDE
-// E8P: a 16-bit code is (pattern << 8) | sign byte. E[pattern] and T[sign byte] are two words each (64-bit reads);
-// word 0 holds coordinates 0, 1 (low half) and 4, 5 (high half), word 1 coordinates 2, 3 and 6, 7, each as a nibble
-// n = 2 k + b at bits 1..4 or 5..8 of its half: k = 4 + floor(+-|a_i|) (T XORs 14, k -> 7 - k, on a negated
-// coordinate), b = 1 for the shift +1/4 (T sets it in every nibble), so the coordinate is n / 2 - 3.75. E also holds
-// the magic 1024.0 (0x6400) in each half, where T holds zeros, so one LOP3, (E ^ T) & (nibble mask | magic), drops a
-// nibble at bit p into 1024.0's mantissa (1024 + 2^p n) and one HFMA2 by 2^-(p+1) and -(512 / 2^p + 3.75) (exact
-// in fp16 for p = 1, 5) gives the pair (coordinate i, i + 4): no XOR of the words and no shifts.
-__shared__ U2 e8p_abs[256];
-__shared__ U2 e8p_sign[256];
-DEV u32 lop3_xor_and(u32 a, u32 b, u32 c) {  // (a ^ b) & c
-#ifdef LOWBIT_HOST
-    return lop3(a, b, c, 0x28);
-#else
-    u32 y;
-    asm("lop3.b32 %0, %1, %2, %3, 0x28;" : "=r"(y) : "r"(a), "r"(b), "r"(c));
-    return y;
-#endif
-}
-DEV void code_pairs(u32 pi, u32 si, u32* p) {
-    const U2 e = e8p_abs[pi], t = e8p_sign[si];
-    p[0] = hfma2(lop3_xor_and(e.x, t.x, 0x001e001eu | MAGIC), 0x34003400u, 0xDC0FDC0Fu);  // x 1/4 - 259.75
-    p[1] = hfma2(lop3_xor_and(e.x, t.x, 0x01e001e0u | MAGIC), 0x24002400u, 0xCCF0CCF0u);  // x 1/64 - 19.75
-    p[2] = hfma2(lop3_xor_and(e.y, t.y, 0x001e001eu | MAGIC), 0x34003400u, 0xDC0FDC0Fu);
-    p[3] = hfma2(lop3_xor_and(e.y, t.y, 0x01e001e0u | MAGIC), 0x24002400u, 0xCCF0CCF0u);
-}
-#else
 // E8P: a 16-bit code is (pattern << 8) | sign byte. e = E[pattern] ^ T[sign byte] holds coordinate i as a nibble
 // n = 2 k + b at bits 4i: k = 4 + floor(+-|a_i|) (the XOR with 14 flips k around 3.5, negating a_i), b = 1 for the
 // shift +1/4 (in every nibble), so the coordinate is n / 2 - 3.75. Coordinates i and i + 4 sit at bits 4i and
@@ -328,7 +303,6 @@ DEV void code_pairs(u32 pi, u32 si, u32* p) {
     p[2] = hfma2(lop3_and_or(hi, 0x001e001eu, MAGIC), 0x34003400u, 0xDC0FDC0Fu);
     p[3] = hfma2(lop3_and_or(hi, 0x01e001e0u, MAGIC), 0x24002400u, 0xCCF0CCF0u);  // x 1/64 - 19.75
 }
-#endif
 DEV void word_mma(float* d, u32 wa, u32 wb, u32, u32, int, const u32* xr, u32 sa, u32 sb, u32 ma, u32 mb) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {  // the word's two codes: 8 weights each
@@ -356,49 +330,30 @@ DEV void word_mma(float* d, u32 wa, u32 wb, u32, u32, int, const u32* xr, u32 sa
 // 16-byte chunk is two sub-blocks (64 weights). iq2_grid[i] holds grid row i as its 8 values (8, 25 or 43) in
 // bytes (cuda_gemv.iq2xxs_grid_bytes): one PRMT puts two of them into the mantissas of 1024.0 and one HFMA2
 // (x mul + add) gives the fp16 pair. Bytes rather than fp16 pairs halve the shared-memory reads of the grid, which
-// bound this kernel (docs/kernels.md). The 8th sign bit is the parity of the 7 stored ones (ksigns_iq2xs). One SHF +
-// one LOP3 move sign bits 2p and 2p + 1 onto the pair's fp16 sign bits.
-// IQ2_SIGN_BYTES (with STEP_SCALE): the layout holds each code's 8 sign bits whole (the parity bit worked out when
-// the layout is built) in the place of the 7-bit indices, and a sub-block's ls in a word of eight per superblock, so
-// a code's signs are one PRMT (a byte) instead of a shift, a mask, a POPC and two more to set the parity bit.
-// Scale: STEP_SCALE keeps the weights exact: mul = k = (0.5 + ls) / 4 and add = -1024 k make the HFMA2 give v k in
-// one rounding of an exact value (v k = v (2 ls + 1) / 8 has at most 11 significant bits), and d (one per step: a
-// superblock is the quad's four chunks) multiplies the step's fp32 sums, as ggml's fp32 dequantization is exact.
-// Else (x 1 - 1024) gives v and one HMUL2 applies the sub-block scale d (0.5 + ls) / 4, computed in fp32 as ggml
-// does and rounded once to fp16.
+// bound this kernel (docs/kernels.md). The layout also holds each code's 8 sign bits whole (the 8th, the parity of
+// the 7 stored ones, worked out when the layout is built) in the place of the 7-bit indices, and a sub-block's ls in
+// a word of eight per superblock, so a code's signs are one PRMT (a byte); one SHF + one LOP3 move sign bits 2p and
+// 2p + 1 onto the pair's fp16 sign bits.
+// Scale (STEP_SCALE): mul = k = (0.5 + ls) / 4 and add = -1024 k make the HFMA2 give v k in one rounding of an exact
+// value (v k = v (2 ls + 1) / 8 has at most 11 significant bits), and d (one per step: a superblock is the quad's
+// four chunks) multiplies the step's fp32 sums, so the weights are ggml's fp32 ones exactly.
 __shared__ U2 iq2_grid[256];
-struct IqScale { u32 mul, add, s; };  // a sub-block's HFMA2 constants and, without STEP_SCALE, its fp16 scale
+struct IqScale { u32 mul, add; };  // a sub-block's HFMA2 constants
 DEV u32 grid_pair(u32 w, u32 sel, const IqScale& k) { return hfma2(prmt(w, 0x64646464u, sel), k.mul, k.add); }
-#if STEP_SCALE
-#define IQ2_SCALED(v, k) (v)
-#else
-#define IQ2_SCALED(v, k) hmul2((v), (k).s)
-#endif
-DEV void iq2_code(u32 gi, u32 si, const IqScale& k, u32* p) {
+DEV void iq2_code(u32 gi, u32 s, const IqScale& k, u32* p) {  // s: the code's 8 sign bits
     const U2 b = iq2_grid[gi];
     const U4 g = {grid_pair(b.x, 0x4140u, k), grid_pair(b.x, 0x4342u, k), grid_pair(b.y, 0x4140u, k),
                   grid_pair(b.y, 0x4342u, k)};
-#if IQ2_SIGN_BYTES
-    const u32 s = si;  // the 8 sign bits, parity included
-#else
-    const u32 s = si | ((__popc(si) << 7) & 0x80u);
-#endif
     const u32 z = s * 0x8001u;  // bit j at j and j + 15: pair p's two bits land on 15 and 31 after << 15 - 2p
-    p[0] = IQ2_SCALED(g.x ^ ((z << 15) & 0x80008000u), k);
-    p[1] = IQ2_SCALED(g.y ^ ((z << 13) & 0x80008000u), k);
-    p[2] = IQ2_SCALED(g.z ^ ((z << 11) & 0x80008000u), k);
-    p[3] = IQ2_SCALED(g.w ^ ((z << 9) & 0x80008000u), k);
+    p[0] = g.x ^ ((z << 15) & 0x80008000u);
+    p[1] = g.y ^ ((z << 13) & 0x80008000u);
+    p[2] = g.z ^ ((z << 11) & 0x80008000u);
+    p[3] = g.w ^ ((z << 9) & 0x80008000u);
 }
-DEV IqScale iq2_scale(u32 d2, u32 ls) {  // d2: the superblock's d (the low half); ls: the sub-block's 4-bit scale
-#if STEP_SCALE
+DEV IqScale iq2_scale(u32 ls) {  // ls: the sub-block's 4-bit scale
     // ls into both halves of 1024.0, then (1024 + ls) / 4 - 255.875 = (0.5 + ls) / 4, exact
     const u32 k = hfma2(ls * 0x00010001u + MAGIC, 0x34003400u, 0xDBFFDBFFu);
-    return {k, hmul2(k, 0xE400E400u), 0u};  // -1024 k: exact
-#else
-    const float d = half_lo_to_float(d2);
-    const u32 h = float_to_half(d * (0.5f + (float)ls) * 0.25f);
-    return {0x3C003C00u, 0xE400E400u, h | (h << 16)};
-#endif
+    return {k, hmul2(k, 0xE400E400u)};  // -1024 k: exact
 }
 #endif
 
@@ -480,28 +435,18 @@ struct Step { U4 a, b; u32 sa, sb, ma, mb; U2 ha, hb; };
 DEV void iq2_tile(float* d, const Step& w, int h, int c, const U4& xq, const IqScale& sa, const IqScale& sb) {
     u32 pa[4], pb[4];
     const u32 qa0 = word(w.a, 2 * h), qa1 = word(w.a, 2 * h + 1), qb0 = word(w.b, 2 * h), qb1 = word(w.b, 2 * h + 1);
-#if IQ2_SIGN_BYTES
     iq2_code(prmt(qa0, 0u, 0x4440u + c), prmt(qa1, 0u, 0x4440u + c), sa, pa);  // grid index, signs: byte c
     iq2_code(prmt(qb0, 0u, 0x4440u + c), prmt(qb1, 0u, 0x4440u + c), sb, pb);
-#else
-    iq2_code(prmt(qa0, 0u, 0x4440u + c), (qa1 >> (7 * c)) & 0x7fu, sa, pa);  // grid index: byte c
-    iq2_code(prmt(qb0, 0u, 0x4440u + c), (qb1 >> (7 * c)) & 0x7fu, sb, pb);
-#endif
     mma(d, pa[0], pb[0], pa[1], pb[1], xq.x, xq.y);
     mma(d, pa[2], pb[2], pa[3], pb[3], xq.z, xq.w);
 }
-// The 4-bit scale of sub-block h of a step's chunk in row a (b): the top bits of its aux32[1], or with
-// IQ2_SIGN_BYTES nibble 2 t + h of the superblock's ls word (the chunk is sub-blocks 2 t, 2 t + 1 of it), which
-// load_step put at bit 16 + 4 h of the scale word
-#if IQ2_SIGN_BYTES
+// The 4-bit scale of sub-block h of a step's chunk in row a (b): nibble 2 t + h of the superblock's ls word (the
+// chunk is sub-blocks 2 t, 2 t + 1 of it), which load_step put at bit 16 + 4 h of the scale word
 #define IQ2_LS(w, row, h) (((w).s##row >> (16 + 4 * (h))) & 15u)
-#else
-#define IQ2_LS(w, row, h) (word((w).row, 2 * (h) + 1) >> 28)
-#endif
 DEV void iq2_sub(float* d, const Step& w, float* d1, const Step& w1, int h, const U4* xb, int u0, bool ok) {
-    const IqScale sa = iq2_scale(w.sa, IQ2_LS(w, a, h)), sb = iq2_scale(w.sb, IQ2_LS(w, b, h));
+    const IqScale sa = iq2_scale(IQ2_LS(w, a, h)), sb = iq2_scale(IQ2_LS(w, b, h));
 #if TILES == 2
-    const IqScale sa1 = iq2_scale(w1.sa, IQ2_LS(w1, a, h)), sb1 = iq2_scale(w1.sb, IQ2_LS(w1, b, h));
+    const IqScale sa1 = iq2_scale(IQ2_LS(w1, a, h)), sb1 = iq2_scale(IQ2_LS(w1, b, h));
 #endif
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
@@ -543,14 +488,13 @@ DEV Step load_step(const U4* pa, const U4* pb, const u16* sa_row, const u16* sb_
 #endif
 #elif CHUNK_SCALE
     const int k = c * HALF_PER_CHUNK;
-#if KIND == 2  // d: only its fp32 value is used (iq2_scale, add_step), so one fp16 in the low half
+#if KIND == 2  // d in the low half (add_step uses its fp32 value) and the chunk's two ls (byte t of the superblock's
+               // ls word) in the high half: no register more
     st.sa = ld_u16(sa_row + (k >> 8));
     st.sb = ld_u16(sb_row + (k >> 8));
-#if IQ2_SIGN_BYTES  // the chunk's two ls (byte t of the superblock's ls word) in the high half: no register more
     const int at = 8 * (threadIdx.x & 3);
     st.sa |= ((ld_u32((const u32*)ma_row + (k >> 8)) >> at) & 0xffu) << 16;
     st.sb |= ((ld_u32((const u32*)mb_row + (k >> 8)) >> at) & 0xffu) << 16;
-#endif
 #elif STEP_SCALE
     st.sa = ld_u16(sa_row + (k >> GROUP_SHIFT));
     st.sb = ld_u16(sb_row + (k >> GROUP_SHIFT));
@@ -662,11 +606,7 @@ DEV void stage_normalized(const u16* x, const u16* nw, int K, float eps) {
 // of 11008 or 14336 takes 3-4 passes of 8 warps) run one after another at the start of every block.
 DEV void stage_block(const u32* tables, const u16* x, int K, int M, const u16* nw, float eps) {
 #if KIND == 1
-#if E8P_WIDE
-    for (int i = threadIdx.x; i < 512; i += WARPS * 32) (i < 256 ? e8p_abs : e8p_sign)[i & 255] = ((const U2*)tables)[i];
-#else
     for (int i = threadIdx.x; i < 512; i += WARPS * 32) (i < 256 ? e8p_abs : e8p_sign)[i & 255] = tables[i];
-#endif
 #elif KIND == 2
     for (int i = threadIdx.x; i < 256; i += WARPS * 32) iq2_grid[i] = ((const U2*)tables)[i];
 #endif
@@ -771,8 +711,8 @@ DEV Rows rows_of(int tile, int N) {
 struct RowPtrs { const U4 *ca, *cb; const u16 *sa, *sb, *ma, *mb; const u32 *ha, *hb; };
 DEV RowPtrs row_ptrs(const u32* codes, const u16* scales, const u16* mins, const u32* hi, Rows r, int chunks,
                      int groups) {
-    // u16 units; KIND 3: a u32 (d, -dmin) per 256 weights; IQ2_SIGN_BYTES: a u32 ls word per superblock
-    const int min_stride = KIND == 3 ? groups / 4 : KIND == 2 && IQ2_SIGN_BYTES ? 2 * groups : groups;
+    // u16 units; KIND 3: a u32 (d, -dmin) per 256 weights; KIND 2: a u32 ls word per superblock
+    const int min_stride = KIND == 3 ? groups / 4 : KIND == 2 ? 2 * groups : groups;
     return {(const U4*)codes + (size_t)r.ra * chunks, (const U4*)codes + (size_t)r.rb * chunks,
             scales + (size_t)r.ra * groups, scales + (size_t)r.rb * groups, mins + (size_t)r.ra * min_stride,
             mins + (size_t)r.rb * min_stride, hi + (size_t)r.ra * chunks * KQ_HI_WORDS,
