@@ -3,6 +3,7 @@
     python benchmarks/gemv_speed.py                      # Llama-2-7B and Llama-3-8B shapes, batch 1, all formats
     python benchmarks/gemv_speed.py --batch 1,8,512 --formats int4_g128_sym,nz2_ch
     python benchmarks/gemv_speed.py --batch 1,8 --formats nz2_ch,q4_0,e8p_ch --fused  # + the fused decode shapes
+    python benchmarks/gemv_speed.py --formats nz2_ch,q4_0 --read-ceiling   # + a kernel that only reads the bytes
 
 For each weight shape [out, in] and format: the kernel's median time (CUDA-graph replay of many calls, so launch
 overhead is excluded as in graph decode; weight copies cycled so that L2 does not serve repeats), the bytes it must
@@ -11,6 +12,8 @@ bandwidth, and the speedup over fp16 ``F.linear``. Every kernel output is first 
 on fresh random inputs (the first call also autotunes the kernel for that shape). Batch <= 8 runs the GEMV kernels,
 larger batches the tl.dot kernel (E8P: dequantize + cuBLAS). Ends with summary lines: per format and batch <= 8, the
 % of copy bandwidth on the large shapes (targets at batch 1: >= 70% for 4-bit formats, >= 60% for 2-bit ones).
+``--read-ceiling`` also times, for every row, the fastest one-pass kernel that only reads as many bytes
+(``lowbit.kernels.cuda_read``, timed the same way): what a call of that size can reach on this GPU at all.
 Writes benchmarks/results/kernels-<tag>.json.
 """
 
@@ -141,7 +144,22 @@ def best_config(fmt_name: str, m: int) -> str:
     return "-" if cfg is None else str(cfg)
 
 
-def one(shape: tuple[int, int], fmt_name: str, m: int, bw: float) -> dict:
+_READ_MS: dict[int, float] = {}
+
+
+def read_ms(nbytes: int) -> float:
+    """Median ms of the fastest read-only kernel (over :data:`cuda_read.UNROLLS`) over ``nbytes``, copies cycled."""
+    from lowbit.kernels import cuda_read
+
+    if nbytes not in _READ_MS:
+        units = -(-nbytes // 16)
+        bufs = [torch.zeros(units * 4, dtype=torch.int32, device="cuda") for _ in range(copies(nbytes))]
+        _READ_MS[nbytes] = min(bench(lambda i, u=u: cuda_read.stream_read(bufs[i], u), len(bufs))
+                               for u in cuda_read.UNROLLS)
+    return _READ_MS[nbytes]
+
+
+def one(shape: tuple[int, int], fmt_name: str, m: int, bw: float, ceiling: bool = False) -> dict:
     fmt = get_format(fmt_name)
     g = torch.Generator(device="cuda").manual_seed(0)
     qt = packed_weight(fmt_name, shape, g)
@@ -157,7 +175,10 @@ def one(shape: tuple[int, int], fmt_name: str, m: int, bw: float) -> dict:
     ms16 = fp16_ms(shape, m, x)
     nbytes = qts[0].nbytes + 2 * x.numel() + 2 * m * shape[0]
     cfg = "cuda_gemv" if route(x, fmt, shape) == "cuda" else best_config(fmt_name, m)
-    return {"config": cfg, "shape": list(shape), "format": fmt_name, "batch": m, "bpw": qts[0].bits_per_weight,
+    extra = {}
+    if ceiling:
+        extra = {"read_ms": read_ms(nbytes), "read_frac": nbytes / (read_ms(nbytes) * 1e-3) / bw}
+    return extra | {"config": cfg, "shape": list(shape), "format": fmt_name, "batch": m, "bpw": qts[0].bits_per_weight,
             "ms": ms,
             "fp16_ms": ms16, "bytes": nbytes, "frac_of_copy_bw": nbytes / (ms * 1e-3) / bw,
             "speedup_vs_fp16": ms16 / ms, "rel_err": err}
@@ -168,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--formats", default=",".join(FORMATS))
     ap.add_argument("--batch", default="1")
     ap.add_argument("--tag", default="gpu")
+    ap.add_argument("--read-ceiling", action="store_true",
+                    help="also time a kernel that only reads each row's bytes (the ceiling of a call that size)")
     ap.add_argument("--fused", action="store_true",
                     help="also the fused sibling shapes a decode step runs (q/k/v 12288x4096, gate/up 22016x4096)")
     args = ap.parse_args(argv)
@@ -178,16 +201,19 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     out = Path(__file__).parent / "results" / f"kernels-{args.tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    print("| shape | format | batch | bpw | µs | fp16 µs | % of copy BW | speedup vs fp16 | tuned config |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    read_cols = ("read-only µs | % of copy BW |", "---|---|") if args.read_ceiling else ("", "")
+    print("| shape | format | batch | bpw | µs | fp16 µs | % of copy BW | speedup vs fp16 | tuned config | "
+          + read_cols[0])
+    print(f"|---|---|---|---|---|---|---|---|---|{read_cols[1]}")
     for label, shape in (SHAPES | FUSED if args.fused else SHAPES).items():
         for m in (int(b) for b in args.batch.split(",")):
             for f in args.formats.split(","):
-                r = one(shape, f, m, bw) | {"label": label}
+                r = one(shape, f, m, bw, args.read_ceiling) | {"label": label}
                 rows.append(r)
                 print(f"| {label} {shape[0]}x{shape[1]} | {r['format']} | {m} | {r['bpw']:.3f} | {r['ms'] * 1e3:.1f} | "
                       f"{r['fp16_ms'] * 1e3:.1f} | {100 * r['frac_of_copy_bw']:.0f}% | {r['speedup_vs_fp16']:.2f}x | "
-                      f"{r['config']} |",
+                      f"{r['config']} |" + (f" {r['read_ms'] * 1e3:.1f} | {100 * r['read_frac']:.0f}% |"
+                                             if args.read_ceiling else ""),
                       flush=True)
                 # rewritten after every row, so a timeout or a crash keeps what was measured
                 write_results(out, bw, rows, complete=False)
@@ -195,9 +221,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nsummary: % of copy BW ({bw / 1e9:.0f} GB/s) on the large shapes "
           f"({', '.join(f'{o}x{i}' for o, i in LARGE)}), GEMV batches; targets at batch 1: 4-bit >= 70%, 2-bit >= 60%")
     for line in summary:
+        read = (f"; a read-only kernel of the same bytes: mean {100 * line['read_mean']:.0f}%"
+                if "read_mean" in line else "")
         print(f"  {line['format']:>14} batch {line['batch']}: min {100 * line['min']:.0f}%  mean "
               f"{100 * line['mean']:.0f}%  max {100 * line['max']:.0f}%  "
-              f"(speedup vs fp16: {line['speedup']:.2f}x)")
+              f"(speedup vs fp16: {line['speedup']:.2f}x){read}")
     print(f"total {time.time() - t0:.0f} s")
     write_results(out, bw, rows, complete=True)
     return 0
@@ -220,6 +248,8 @@ def summarize(rows: list[dict]) -> list[dict]:
             f = [r["frac_of_copy_bw"] for r in fr]
             out.append({"format": fmt, "batch": m, "min": min(f), "mean": sum(f) / len(f), "max": max(f),
                         "speedup": sum(r["speedup_vs_fp16"] for r in fr) / len(fr)})
+            if all("read_frac" in r for r in fr):
+                out[-1]["read_mean"] = sum(r["read_frac"] for r in fr) / len(fr)
     return out
 
 

@@ -6,7 +6,8 @@ A least-squares line time = t0 + bytes / rate over every shape of the file, per 
 costs whatever its size (launch gap, first DRAM latency, set-up, the partial-sum reduction, the tail), ``rate`` the
 bandwidth at which the kernel streams codes once it runs, as a share of the file's measured copy bandwidth. The
 issue's target is a mean over five shapes of bytes / time, so it counts t0 against every call; this says which of
-the two is short of it. fp16 (cuBLAS, ``fp16_ms``) is fitted the same way over the same shapes.
+the two is short of it. fp16 (cuBLAS, ``fp16_ms``) is fitted the same way over the same shapes, and with
+``gemv_speed.py --read-ceiling`` the kernel that only reads each row's bytes (``read-only``).
 """
 
 from __future__ import annotations
@@ -31,13 +32,18 @@ def fits(results: dict, batch: int) -> dict[str, tuple[float, float, int]]:
     rows = [r for r in results["rows"] if r.get("batch") == batch and r.get("ms")]
     by_format: dict[str, list[tuple[float, float]]] = {}
     fp16: dict[tuple, tuple[float, float]] = {}
+    read: dict[int, tuple[float, float]] = {}
     for r in rows:
+        if r.get("read_ms"):
+            read[r["bytes"]] = (r["bytes"], r["read_ms"] * 1e-3)
         by_format.setdefault(r["format"], []).append((r["bytes"], r["ms"] * 1e-3))
         if r.get("fp16_ms"):
             n, k = r["shape"]
             fp16[tuple(r["shape"])] = (2.0 * n * k, r["fp16_ms"] * 1e-3)  # the fp16 weights; activations are small
     if len(fp16) >= 2:
         by_format["fp16"] = list(fp16.values())
+    if len({b for b, _ in read.values()}) >= 2:
+        by_format["read-only"] = list(read.values())
     out = {}
     for name, pts in by_format.items():
         t0, spb = fit(pts)

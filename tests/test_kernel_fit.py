@@ -31,3 +31,14 @@ def test_fit_recovers_the_line_per_format_and_for_fp16():
 def test_fit_needs_two_sizes():
     with pytest.raises(ValueError):
         kernel_fit.fit([(1e6, 1e-5), (1e6, 2e-5)])
+
+
+def test_fit_of_the_read_only_kernel_when_timed():
+    """Rows of ``gemv_speed.py --read-ceiling`` carry the read-only kernel's time over the same bytes: fitted as
+    "read-only" (one point per size); rows without it leave it out."""
+    rows = _rows(2.7e-6, 2.4e12, 6e-6, 4.5e12)
+    assert "read-only" not in kernel_fit.fits({"rows": rows}, batch=1)
+    for r in rows:
+        r["read_ms"] = (1.5e-6 + r["bytes"] / 3.9e12) * 1e3
+    t0, rate, n = kernel_fit.fits({"rows": rows}, batch=1)["read-only"]
+    assert n == 4 and t0 == pytest.approx(1.5e-6, rel=1e-6) and rate == pytest.approx(3.9e12, rel=1e-6)

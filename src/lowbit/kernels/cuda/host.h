@@ -56,6 +56,13 @@ inline float __shfl_xor_sync(unsigned, float v, int o) {
     lowbit_host::warp_sync();
     return r;
 }
+inline unsigned __shfl_xor_sync(unsigned mask, unsigned v, int o) {  // the bits through the float exchange
+    float f;
+    __builtin_memcpy(&f, &v, 4);
+    f = __shfl_xor_sync(mask, f, o);
+    __builtin_memcpy(&v, &f, 4);
+    return v;
+}
 inline int __popc(unsigned v) { return __builtin_popcount(v); }
 inline float __expf(float v) { return __builtin_expf(v); }
 inline float rsqrtf(float v) { return 1.f / __builtin_sqrtf(v); }
