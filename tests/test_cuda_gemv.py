@@ -245,20 +245,16 @@ def _nvdisasm():  # noqa: ANN202 - Path | None: Triton's wheel ships it
 
 
 @pytest.mark.skipif(not nvrtc_found() or _nvdisasm() is None, reason="needs NVRTC and Triton's nvdisasm")
-@pytest.mark.parametrize("case", ["step_scaled", "stage_ahead"])
-def test_kernel_variants_compile_without_spills(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The step-scaled kernels and the experimental STAGE_AHEAD = 4 compile for sm_90 with no local-memory traffic
-    (STL/LDL in the SASS) at the registers their launch bounds allow: batch 1 (8 and 16 warps, staged rows of 4096
-    and 14336), batch 8 with one and two row blocks per warp."""
+def test_step_scaled_kernels_compile_without_spills() -> None:
+    """The step-scaled kernels compile for sm_90 with no local-memory traffic (STL/LDL in the SASS) at the registers
+    their launch bounds allow: batch 1 (8 and 16 warps, staged rows of 4096 and 14336), batch 8 with one and two
+    row blocks per warp."""
     import subprocess
     import tempfile
 
     from lowbit.kernels import cuda_jit
 
-    if case == "stage_ahead":
-        monkeypatch.setattr(cuda_gemv, "STAGE_AHEAD", 4)
-    names = {"stage_ahead": ["nz2_ch", "q4_0", "e8p_ch", "iq2_xxs"],
-             "step_scaled": ["iq2_xxs", "int4_g128_sym", "e8p_g256"]}[case]
+    names = ["iq2_xxs", "int4_g128_sym", "e8p_g256"]
     jobs = []
     for name in names:
         for cols, m, tiles in ((4096, 1, 1), (14336, 1, 1), (4096, 8, 1), (4096, 8, 2)):

@@ -115,10 +115,9 @@ def test_step_scale_on_the_cpu(name: str, m: int, monkeypatch: pytest.MonkeyPatc
 
 @pytest.mark.parametrize(("name", "m", "cols"), [("nz2_ch", 1, 14336), ("q4_0", 1, 11008), ("e8p_ch", 3, 2048),
                                                 ("iq2_xxs", 8, 2048)])
-def test_staging_ahead_on_the_cpu(name: str, m: int, cols: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """LOWBIT_CUDA_STAGE_AHEAD=4: each thread requests four passes of activation units before it stores any; rows
-    of 3.5 passes (14336, 8 warps), odd ones (11008) and several staged rows, plain and normalized."""
-    monkeypatch.setattr(cuda_gemv, "STAGE_AHEAD", 4)
+def test_staging_rows_of_several_passes_on_the_cpu(name: str, m: int, cols: int) -> None:
+    """Staging takes several passes of the block's threads: rows of 3.5 passes (14336, 8 warps), odd ones (11008)
+    and several staged rows, plain and normalized."""
     _check(name, (24, cols), m)
     if m == 1:
         _check(name, (24, cols), 1, norm=True, residual=True)

@@ -74,7 +74,8 @@ class Plan:
                  f"#define WARPS {warps}", f"#define XS {int(staged_x)}", f"#define MIN_BLOCKS {min_blocks}",
                  f"#define GATED {int(gated)}", f"#define FULL {int(full)}", f"#define NORM {int(norm_qs > 0)}",
                  f"#define NORM_QS {max(norm_qs, 1)}", f"#define RESID {int(resid)}",
-                 f"#define RESIDENT {int(resident)}", f"#define KQ_HB {self.hi_bits}", f"#define TILES {tiles}"]
+                 f"#define RESIDENT {int(resident)}", f"#define KQ_HB {self.hi_bits}", f"#define TILES {tiles}",
+                 f"#define STEP_SCALE {int(self.step_scaled())}"]
         for i, (a, b) in enumerate(self.dq):
             lines += [f"#define DQ_A{i} 0x{_half2_bits(a):08x}u", f"#define DQ_B{i} 0x{_half2_bits(b):08x}u"]
         return "\n".join(lines) + "\n"
@@ -215,11 +216,6 @@ def e8p_tables() -> torch.Tensor:
     return _int32(torch.tensor(table, dtype=torch.int64))
 
 
-# Passes of activation units each thread requests before it stores any while staging a row (the .cu's STAGE_AHEAD):
-# 1 (default) waits for L2 once per pass, and rows of 11008 or 14336 take 3-4 passes at the start of every block;
-# 4 requests them together (NVRTC: no spills). ``LOWBIT_CUDA_STAGE_AHEAD=4`` until timed on a GPU (docs/kernels.md,
-# "Staging requests every pass at once").
-STAGE_AHEAD = int(os.environ.get("LOWBIT_CUDA_STAGE_AHEAD", "1"))
 
 @cache
 def iq2xxs_grid_table() -> torch.Tensor:
@@ -347,21 +343,14 @@ def _cached_layout(qs: torch.Tensor, build) -> tuple[torch.Tensor, ...]:  # noqa
     return hit[2]
 
 
+@cache
 def _source(p: Plan, staged_x: int = 0, warps: int = WARPS_FEW, min_blocks: int = 1, gated: bool = False,
             full: bool = False, norm_qs: int = 0, resid: bool = False, resident: bool = False, tiles: int = 1) -> str:
     """The kernel's source for these settings; ``norm_qs`` > 0: the batch-1 row is RMS-normalized while staged,
     each thread holding that many groups of its units in registers (:func:`norm_groups`); ``resident``: blocks loop
-    over row blocks (:data:`RESIDENT_GRID`); ``tiles``: row blocks per warp (:func:`row_tiles`). The switches
-    :data:`STAGE_AHEAD` is read at each call (tests flip it)."""
-    return _source_of(p, staged_x, warps, min_blocks, gated, full, norm_qs, resid, resident, tiles, STAGE_AHEAD)
-
-
-@cache
-def _source_of(p: Plan, staged_x: int, warps: int, min_blocks: int, gated: bool, full: bool, norm_qs: int,
-               resid: bool, resident: bool, tiles: int, stage_ahead: int) -> str:
+    over row blocks (:data:`RESIDENT_GRID`); ``tiles``: row blocks per warp (:func:`row_tiles`)."""
     defines = p.defines(staged_x, warps, min_blocks, gated, full, norm_qs, resid, resident, tiles)
-    switches = f"#define STEP_SCALE {int(p.step_scaled())}\n#define STAGE_AHEAD {stage_ahead}\n"
-    return cuda_jit.source("gemv_mma.cu", defines + switches)
+    return cuda_jit.source("gemv_mma.cu", defines)
 
 
 def min_blocks_for(warps: int, m: int = 8, tiles: int = 1) -> int:

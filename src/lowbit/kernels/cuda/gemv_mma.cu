@@ -601,9 +601,6 @@ DEV void stage_normalized(const u16* x, const u16* nw, int K, float eps) {
 }
 #endif
 
-// Staging reads STAGE_AHEAD passes of the block's activation units before it stores any (cuda_gemv.STAGE_AHEAD):
-// with 1, each thread's pass waits for L2 before the next is requested, and the compiler's remainder passes (a row
-// of 11008 or 14336 takes 3-4 passes of 8 warps) run one after another at the start of every block.
 DEV void stage_block(const u32* tables, const u16* x, int K, int M, const u16* nw, float eps) {
 #if KIND == 1
     for (int i = threadIdx.x; i < 512; i += WARPS * 32) (i < 256 ? e8p_abs : e8p_sign)[i & 255] = tables[i];
@@ -615,25 +612,16 @@ DEV void stage_block(const u32* tables, const u16* x, int K, int M, const u16* n
 #else
     wait_for_inputs();  // x is the output of the kernel before
 #if XS
-    const int units = K / 8, total = M * (units / SG), stride = WARPS * 32;
-    for (int q0 = threadIdx.x; q0 < total; q0 += STAGE_AHEAD * stride) {
-        u32 w[STAGE_AHEAD][4 * SG];
+    const int units = K / 8, total = M * (units / SG);
+    for (int q = threadIdx.x; q < total; q += WARPS * 32) {
+        const int row = XS == 1 ? 0 : q / (units / SG), u = (q - row * (units / SG)) * SG;
+        u32 w[4 * SG];
 #pragma unroll
-        for (int a = 0; a < STAGE_AHEAD; ++a) {
-            const int q = q0 + a * stride;
-            const int row = XS == 1 ? 0 : q / (units / SG), u = (q - row * (units / SG)) * SG;
-#pragma unroll
-            for (int i = 0; i < SG; ++i) {
-                const U4 v = q < total ? ld_cached((const U4*)x + (size_t)row * units + u + i) : zero4();
-                w[a][4 * i] = v.x; w[a][4 * i + 1] = v.y; w[a][4 * i + 2] = v.z; w[a][4 * i + 3] = v.w;
-            }
+        for (int i = 0; i < SG; ++i) {
+            const U4 v = ld_cached((const U4*)x + (size_t)row * units + u + i);
+            w[4 * i] = v.x; w[4 * i + 1] = v.y; w[4 * i + 2] = v.z; w[4 * i + 3] = v.w;
         }
-#pragma unroll
-        for (int a = 0; a < STAGE_AHEAD; ++a) {
-            const int q = q0 + a * stride;
-            const int row = XS == 1 ? 0 : q / (units / SG), u = (q - row * (units / SG)) * SG;
-            if (q < total) store_units(w[a], row, u, K);
-        }
+        store_units(w, row, u, K);
     }
 #endif
 #endif
