@@ -177,7 +177,8 @@ def one(shape: tuple[int, int], fmt_name: str, m: int, bw: float, ceiling: bool 
     cfg = "cuda_gemv" if route(x, fmt, shape) == "cuda" else best_config(fmt_name, m)
     extra = {}
     if ceiling:
-        extra = {"read_ms": read_ms(nbytes), "read_frac": nbytes / (read_ms(nbytes) * 1e-3) / bw}
+        read = read_ms(nbytes)
+        extra = {"read_ms": read, "read_frac": nbytes / (read * 1e-3) / bw}
     return extra | {"config": cfg, "shape": list(shape), "format": fmt_name, "batch": m, "bpw": qts[0].bits_per_weight,
             "ms": ms,
             "fp16_ms": ms16, "bytes": nbytes, "frac_of_copy_bw": nbytes / (ms * 1e-3) / bw,

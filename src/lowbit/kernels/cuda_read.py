@@ -7,6 +7,8 @@ GPU, the yardstick for a GEMV's time (``benchmarks/gemv_speed.py --read-ceiling`
 
 from __future__ import annotations
 
+from functools import cache
+
 import torch
 
 from lowbit.kernels import cuda_jit
@@ -24,10 +26,13 @@ def stream_read(buf: torch.Tensor, unroll: int = 4) -> torch.Tensor:
     units = buf.numel() // 4
     blocks = max(1, -(-units // (256 * unroll)))
     out = torch.empty(blocks * 8, dtype=torch.int32, device=buf.device)
-    kernel = cuda_jit.kernel(cuda_jit.source("stream_read.cu", f"#define UNROLL {unroll}\n"), "stream_read",
-                             buf.device)
-    kernel((blocks, 1, 1), (256, 1, 1), [buf, units, out])
+    cuda_jit.kernel(_source(unroll), "stream_read", buf.device)((blocks, 1, 1), (256, 1, 1), [buf, units, out])
     return out
+
+
+@cache
+def _source(unroll: int) -> str:  # read from disk once, not at every call
+    return cuda_jit.source("stream_read.cu", f"#define UNROLL {unroll}\n")
 
 
 def xor_all(t: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,18 @@ DEV u16 float_to_half(float f) {
 }
 #endif
 
+// 16 bytes read once (weights): kept out of L1
+#ifdef LOWBIT_HOST
+DEV U4 ld_stream(const U4* p) { return *p; }
+#else
+DEV U4 ld_stream(const U4* p) {
+    U4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+#endif
+
 // Programmatic dependent launch (cuda_jit.Kernel's ``early``): the kernel may start while the kernel before it in
 // the stream still runs; nothing before wait_for_inputs() reads what that kernel writes (constants only).
 // release_dependents() lets the kernel after this one start its own set-up. Both are no-ops when the launches are

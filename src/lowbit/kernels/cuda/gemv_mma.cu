@@ -44,7 +44,6 @@ DEV u32 hfma2(u32 a, u32 b, u32 c) { return hfma2_host(a, b, c); }
 DEV u32 hmul2(u32 a, u32 b) { return hmul2_host(a, b); }
 DEV u32 prmt(u32 a, u32 b, u32 sel) { return prmt_host(a, b, sel); }
 DEV void mma(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) { mma_host(d, a0, a1, a2, a3, b0, b1); }
-DEV U4 ld_stream(const U4* p) { return *p; }
 DEV U4 ld_cached(const U4* p) { return *p; }
 DEV u32 ld_u16(const u16* p) { return *p; }
 DEV u32 ld_u32(const u32* p) { return *p; }
@@ -78,12 +77,6 @@ DEV void mma(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
                  "{%8, %9}, {%0, %1, %2, %3};"
                  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-DEV U4 ld_stream(const U4* p) {  // weights: read once, keep them out of L1
-    U4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-    return v;
 }
 DEV U4 ld_cached(const U4* p) {  // activations: every block reads them (not volatile: free to schedule early)
     U4 v;

@@ -3,17 +3,6 @@
 // tail, with nothing to decode), the yardstick benchmarks/gemv_speed.py --read-ceiling holds each GEMV against.
 // UNROLL: loads each thread has in flight before it combines them. The grid is one pass (cuda_read.py).
 
-#ifdef LOWBIT_HOST
-DEV U4 ld_stream(const U4* p) { return *p; }
-#else
-DEV U4 ld_stream(const U4* p) {  // read once: keep it out of L1
-    U4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-    return v;
-}
-#endif
-
 extern "C" __global__ void __launch_bounds__(256) stream_read(const U4* __restrict__ w, int n, u32* __restrict__ out) {
     const int first = blockIdx.x * 256 * UNROLL + threadIdx.x;
     U4 v[UNROLL];
