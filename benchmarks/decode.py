@@ -141,8 +141,16 @@ def _random_kquant(lin: nn.Linear, fmt: KQuantFormat) -> QuantizedTensor:
     return fmt.pack(codes, params, (rows, cols))
 
 
+def rotation_sides(variant: str) -> tuple[str, bool, bool]:
+    """``FORMAT[+rht|+rht2]`` -> (format, rotated, with output sides)."""
+    for suffix, output_side in (("+rht2", True), ("+rht", False)):
+        if variant.endswith(suffix):
+            return variant.removesuffix(suffix), True, output_side
+    return variant, False, False
+
+
 def variant_formats(model: nn.Module, variant: str, head: str = "fp16") -> dict[str, str]:
-    """Module name -> format name: every decoder linear in one format for ``FORMAT`` / ``FORMAT+rht``, or in
+    """Module name -> format name: every decoder linear in one format for ``FORMAT`` / ``FORMAT+rht[2]``, or in
     llama.cpp's per-tensor type for a preset (``Q4_K_M``: :func:`lowbit.io.gguf_presets.preset_plan`); plus the LM
     head in ``head`` unless that is fp16 (``preset``: the preset's output type, fp16 for a single format)."""
     names = list(decoder_linears(model))
@@ -150,7 +158,7 @@ def variant_formats(model: nn.Module, variant: str, head: str = "fp16") -> dict[
     if plan:
         formats = {n: plan.plan[n] for n in names}
     else:
-        formats = {} if variant == "fp16" else dict.fromkeys(names, variant.removesuffix("+rht"))
+        formats = {} if variant == "fp16" else dict.fromkeys(names, rotation_sides(variant)[0])
     if head == "preset":
         head = plan.output_type if plan else "fp16"
     if head != "fp16":
@@ -159,16 +167,17 @@ def variant_formats(model: nn.Module, variant: str, head: str = "fp16") -> dict[
 
 
 def quantize_model(model: nn.Module, variant: str, init: str, head: str = "fp16") -> dict[str, nn.Module]:
-    """Swap every decoder linear for a QuantLinear in the variant's format (``FORMAT`` or ``FORMAT+rht``: with
-    lowbit's incoherence rotations, input side shared by siblings, undone online; or a llama.cpp preset's types),
-    and the LM head too unless ``head`` is fp16 (:func:`variant_formats`); returns the originals."""
-    rotate = variant.endswith("+rht")
+    """Swap every decoder linear for a QuantLinear in the variant's format (``FORMAT``; ``FORMAT+rht``: with
+    lowbit's incoherence rotations, input sides shared by siblings, undone online; ``FORMAT+rht2``: with output
+    sides too, as checkpoints written before carry them; or a llama.cpp preset's types), and the LM head too unless
+    ``head`` is fp16 (:func:`variant_formats`); returns the originals."""
+    _, rotate, output_side = rotation_sides(variant)
     formats = variant_formats(model, variant, head)
     originals = {name: model.get_submodule(name) for name in formats}
     stats: dict[tuple[str, int], tuple[float, float]] = {}
     for name, lin in originals.items():
         fmt_name = formats[name]
-        rotation = layer_rotation(name, 0) if rotate and name != "lm_head" else None
+        rotation = layer_rotation(name, 0, output_side) if rotate and name != "lm_head" else None
         q = empty_quant_linear(lin, fmt_name, rotation)
         fmt = get_format(fmt_name)
         if init == "rtn" or isinstance(fmt, IQ2XXSFormat | KQuantFormat):
@@ -419,7 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line; its defaults are the random Llama-2-7B shape (decode_pdl.py builds the same model)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--formats", default=FORMATS,
-                    help="comma-separated: fp16 and/or lowbit format names, each optionally with +rht (rotated)")
+                    help="comma-separated: fp16 and/or lowbit format names, each optionally with +rht (rotated "
+                         "on the input side, as lowbit quantizes) or +rht2 (both sides, as older checkpoints)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default=None, help="float16 (default on CUDA), bfloat16 or float32 (default on CPU)")
     ap.add_argument("--layers", type=int, default=32)
@@ -473,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     variants = [v.strip() for v in args.formats.split(",") if v.strip()]
     for v in variants:
         if v != "fp16" and v not in PRESETS:
-            get_format(v.removesuffix("+rht"))  # fail early on a typo
+            get_format(rotation_sides(v)[0])  # fail early on a typo
     t_start = time.perf_counter()
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     log(f"device {dev_name}; torch {torch.__version__}; dtype {dtype}")

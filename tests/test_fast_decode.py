@@ -7,6 +7,7 @@ the step is capture-safe (no host syncs, no host-to-device copies). CUDA tests s
 from __future__ import annotations
 
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -17,9 +18,9 @@ from torch.utils._pytree import tree_leaves
 from lowbit.algorithms.plans import uniform_plan
 from lowbit.algorithms.rtn import quantize_rtn
 from lowbit.formats import get_format
+from lowbit.models.fused_linears import layer_rotation
 from lowbit.models.quant_linear import QuantLinear
 from lowbit.models.walker import decoder_linears, empty_quant_linear, set_module
-from lowbit.rotations.incoherence import Rotation
 from lowbit.serve.fast_decode import StaticDecoder, place_rotations
 from lowbit.serve.generate import SamplingParams, TextStream
 
@@ -51,17 +52,30 @@ def reference_greedy(model, prompt, n: int) -> list[list[int]]:  # noqa: ANN001
     return torch.cat(out, dim=1).tolist()
 
 
-def quantized_llama(fmt: str = "int4_g32_sym", rotate: bool = False, rtn: bool = True,  # noqa: ANN201
+def rtn_rotated(model, fmt: str, rotate: bool | str = False, seed: int = 0) -> dict[str, float]:  # noqa: ANN001
+    """RTN of every decoder linear in ``fmt`` (returns quantize_rtn's errors); ``rotate``: True rotates as lowbit
+    quantizes (input sides only), "both": input and output sides, as checkpoints written before carry them."""
+    import lowbit.algorithms.rtn as rtn
+
+    with pytest.MonkeyPatch.context() as mp:
+        if rotate == "both":
+            mp.setattr(rtn, "layer_rotation", partial(rtn.layer_rotation, output_side=True))
+        return quantize_rtn(model, uniform_plan(model, fmt), progress=False, rotate=bool(rotate), seed=seed)
+
+
+def quantized_llama(fmt: str = "int4_g32_sym", rotate: bool | str = False, rtn: bool = True,  # noqa: ANN201
                     hidden: int = 64):
     """Every decoder linear a QuantLinear: RTN of the random weights, or (``rtn=False``, for formats whose RTN
-    searches scales and is slow on CPU) random packed codes with scales of a plausible size."""
+    searches scales and is slow on CPU) random packed codes with scales of a plausible size. ``rotate``: as
+    :func:`rtn_rotated`."""
     model = tiny_llama(hidden=hidden)
     if rtn:
-        quantize_rtn(model, uniform_plan(model, fmt), progress=False, rotate=rotate)
+        rtn_rotated(model, fmt, rotate)
         return model
     g = torch.Generator().manual_seed(1)
     for name, lin in decoder_linears(model).items():
-        q = empty_quant_linear(lin, fmt, Rotation.for_layer(name) if rotate else None)
+        rotation = layer_rotation(name, 0, output_side=rotate == "both") if rotate else None
+        q = empty_quant_linear(lin, fmt, rotation)
         q.codes.copy_(torch.randint(0, 256, q.codes.shape, generator=g, dtype=torch.uint8))
         q.scale.copy_(torch.rand(q.scale.shape, generator=g) * 0.02 + 0.01)
         set_module(model, name, q)
@@ -114,7 +128,8 @@ def test_batch_of_two(fp32_model):
 
 
 @pytest.mark.parametrize(("fmt", "rotate", "rtn"),
-                         [("int4_g32_sym", False, True), ("int3_g32_asym", True, True), ("nz2_ch", False, False)])
+                         [("int4_g32_sym", False, True), ("int3_g32_asym", True, True),
+                          ("int3_g32_asym", "both", True), ("nz2_ch", False, False)])
 def test_greedy_matches_with_quant_linear(fmt, rotate, rtn):
     model = quantized_llama(fmt, rotate, rtn)
     assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 14
@@ -223,7 +238,7 @@ def test_place_rotations_keeps_shared_transforms():
     model = quantized_llama("int4_g32_sym", rotate=True)
     q = next(m for m in model.modules() if isinstance(m, QuantLinear))
     before = q._v
-    assert place_rotations(model, torch.device("meta")) == 28
+    assert place_rotations(model, torch.device("meta")) == 14  # 14 linears' input sides (no output sides)
     assert q._v is not before and q._v.signs.is_meta and not before.signs.is_meta
 
 
@@ -237,12 +252,13 @@ def test_benchmark_cpu_smoke(tmp_path):
     out = tmp_path / "decode.json"
     rc = bench.main(["--device", "cpu", "--layers", "1", "--hidden", "128", "--intermediate", "256",
                      "--heads", "4", "--vocab", "256", "--prompt", "4", "--gen", "4", "--repeats", "1",
-                     "--check-tokens", "4", "--formats", "fp16,int4_g128_sym,nz2_ch,e8p_ch+rht", "--out", str(out)])
+                     "--check-tokens", "4", "--formats", "fp16,int4_g128_sym,nz2_ch,e8p_ch+rht,e8p_ch+rht2",
+                     "--out", str(out)])
     assert rc == 0
     import json
 
     res = json.loads(out.read_text())
-    assert [r["variant"] for r in res["rows"]] == ["fp16", "int4_g128_sym", "nz2_ch", "e8p_ch+rht"]
+    assert [r["variant"] for r in res["rows"]] == ["fp16", "int4_g128_sym", "nz2_ch", "e8p_ch+rht", "e8p_ch+rht2"]
     for r in res["rows"]:
         assert r["tok_s"] > 0 and r["roofline_tok_s"] > 0 and r["eager_tokens_match"]
         assert r["reference_agree"] == "4/4"
@@ -280,7 +296,8 @@ def test_benchmark_builds_valid_kquant_weights(tmp_path):
 @cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize(("fmt", "rotate", "rtn"),
-                         [(None, False, True), ("int4_g128_sym", False, True), ("nz2_ch", True, False)])
+                         [(None, False, True), ("int4_g128_sym", False, True), ("nz2_ch", True, False),
+                          ("nz2_ch", "both", False)])
 def test_cuda_graph_matches_eager(fmt, rotate, rtn):
     """Graph replay runs the eager step's kernels on the same inputs: identical tokens. In fp32 the plain
     dynamic-cache loop agrees as well; in fp16 its different attention layout may flip near ties, so not checked."""
@@ -304,7 +321,7 @@ hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_devi
 
 @hopper
 @pytest.mark.gpu
-@pytest.mark.parametrize("fmt,rotate", [("q4_0", False), ("nz2_ch", False), ("nz2_ch", True)])
+@pytest.mark.parametrize("fmt,rotate", [("q4_0", False), ("nz2_ch", False), ("nz2_ch", True), ("nz2_ch", "both")])
 def test_pdl_step_gives_the_plain_steps_tokens_and_logits(fmt, rotate):
     """Programmatic dependent launch changes when kernels start, not what they compute: a kernel that read its
     inputs before the one writing them had finished would read the previous step's values (the graph replays into

@@ -5,15 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowbit.algorithms.plans import uniform_plan
-from lowbit.algorithms.rtn import quantize_rtn
 from lowbit.models.fused_linears import SIBLINGS, fuse_siblings, unfuse_siblings
 from lowbit.models.walker import decoder_layers
 from lowbit.serve.fast_decode import StaticDecoder
-from test_fast_decode import PROMPT, reference_greedy, tiny_llama
+from test_fast_decode import PROMPT, reference_greedy, rtn_rotated, tiny_llama
 
 
-def quantized(fmt: str = "int4_g32_asym", bias: bool = False, seed: int = 0, rotate: bool = False):  # noqa: ANN201
+def quantized(fmt: str = "int4_g32_asym", bias: bool = False, seed: int = 0, rotate: bool | str = False):  # noqa: ANN201
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -24,7 +22,7 @@ def quantized(fmt: str = "int4_g32_asym", bias: bool = False, seed: int = 0, rot
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.data.normal_(0, 0.5)
-    quantize_rtn(model, uniform_plan(model, fmt), progress=False, rotate=rotate)
+    rtn_rotated(model, fmt, rotate)  # rotate: True, or "both" sides as older checkpoints
     return model
 
 
@@ -91,12 +89,21 @@ def test_gated_mlp_with_its_linears_replaced_runs_the_class_forward():
         assert torch.equal(mlp(x), type(mlp).forward(mlp, x))
 
 
-@pytest.mark.parametrize(("bias", "rotate"), [(True, False), (False, True)])
-def test_mlps_with_biases_or_rotations_keep_their_forward(bias, rotate):
+@pytest.mark.parametrize(("bias", "rotate"), [(True, False), (True, True), (False, "both")])
+def test_mlps_with_biases_or_output_sides_keep_their_forward(bias, rotate):
     model = quantized("int4_g32_asym", bias=bias, rotate=rotate)
     ref = logits(model, IDS)
     assert fuse_siblings(model) == 2 * len(SIBLINGS)
     assert "forward" not in vars(decoder_layers(model)[0].mlp)
+    assert torch.allclose(logits(model, IDS), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_mlps_rotated_on_input_sides_run_gated():
+    """Gate and up rotated on their (shared) input side only: one gated matmul after the input side."""
+    model = quantized("int4_g32_asym", rotate=True)
+    ref = logits(model, IDS)
+    fuse_siblings(model)
+    assert "forward" in vars(decoder_layers(model)[0].mlp)
     assert torch.allclose(logits(model, IDS), ref, atol=1e-5, rtol=1e-5)
 
 
@@ -140,21 +147,28 @@ def test_siblings_called_out_of_order_are_still_right():
         assert torch.equal(mlp.up_proj(x2), up2)  # a new input is never served from the last one
 
 
+@pytest.mark.parametrize("rotate", [True, "both"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_rotated_siblings_share_their_input_rotation_and_fuse(bias):
-    """+rht siblings (q/k/v, gate/up) share the input-side seed and keep their own output side: fused, the input is
-    rotated once and each member undoes its own output rotation and adds its bias on its slice."""
-    model = quantized("int4_g32_asym", bias, rotate=True)
+def test_rotated_siblings_share_their_input_rotation_and_fuse(bias, rotate):
+    """+rht siblings (q/k/v, gate/up) share the input-side seed; lowbit gives them no output side, checkpoints from
+    before carry one each. Fused, the input is rotated once and each member adds its bias on its slice (and undoes
+    its own output side: gate and up, of one size, in one call)."""
+    model = quantized("int4_g32_asym", bias, rotate=rotate)
     attn = decoder_layers(model)[0].self_attn
     seeds = [(m.rotation.seed_in, m.rotation.seed_out) for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
-    assert len({s_in for s_in, _ in seeds}) == 1 and len({s_out for _, s_out in seeds}) == 3
+    assert len({s_in for s_in, _ in seeds}) == 1
+    outs = [s_out for _, s_out in seeds]
+    if rotate is True:
+        assert outs == [None] * 3
+    else:
+        assert len(set(outs)) == 3
     assert decoder_layers(model)[0].mlp.down_proj.rotation.seed_in != seeds[0][0]
     ref = logits(model, IDS)
     assert fuse_siblings(model) == 2 * len(SIBLINGS)
     assert torch.allclose(logits(model, IDS), ref, atol=1e-5, rtol=1e-5)
     assert attn.q_proj._fused[0].linear.rotation is None  # the group rotates with q_proj's transform
-    mlp = decoder_layers(model)[0].mlp  # gate and up: one size, so their output sides are undone in one call
-    assert mlp.gate_proj._fused[0].stacked_out and mlp.up_proj.rotation.seed_out != mlp.gate_proj.rotation.seed_out
+    mlp = decoder_layers(model)[0].mlp
+    assert mlp.gate_proj._fused[0].stacked_out is (rotate == "both")
 
 
 def test_not_fused_across_formats_rotations_or_caches():
@@ -173,7 +187,7 @@ def test_not_fused_across_formats_rotations_or_caches():
     assert fuse_siblings(nn.Linear(4, 4)) == 0
 
 
-@pytest.mark.parametrize("rotate", [False, True])
+@pytest.mark.parametrize("rotate", [False, True, "both"])
 def test_compiled_model_runs_one_matmul_per_group(rotate):
     model = quantized(rotate=rotate)
     ref = logits(model, IDS)

@@ -27,10 +27,12 @@ def test_rms_norm_reference_is_transformers_llama_norm() -> None:
 
 
 @pytest.mark.parametrize("fmt,rotate", [("int4_g32_asym", False), ("q4_0", False), ("int2_g16_sym", False),
-                                        ("e8p_ch", False), ("int4_g32_sym", True), ("e8p_ch", True)])
-def test_folded_layers_compute_the_same_logits(fmt: str, rotate: bool) -> None:
-    """Gated groups normalize in their GEMV's prologue; rotated (``+rht``) and vector-format groups normalize
-    before their input rotation and multiply SiLU(gate) by up after their matmul: either way the layer's function."""
+                                        ("e8p_ch", False), ("int4_g32_sym", True), ("e8p_ch", True),
+                                        ("int4_g32_sym", "both"), ("e8p_ch", "both")])
+def test_folded_layers_compute_the_same_logits(fmt: str, rotate: bool | str) -> None:
+    """Gated groups normalize in their GEMV's prologue; rotated (``+rht``, input sides or, as older checkpoints,
+    both) and vector-format groups normalize before their input rotation and multiply SiLU(gate) by up after their
+    matmul: either way the layer's function."""
     model = quantized(fmt, rotate=rotate)
     ref = logits(model, IDS)
     assert fold_norms(model) == 0  # q/k/v and gate/up must be fused groups first
@@ -116,12 +118,13 @@ def test_static_decoder_folds_and_keeps_tokens() -> None:
 
 @pytest.mark.parametrize("compiled", [False, True])
 def test_rotated_layers_hand_the_next_layer_its_input(compiled: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A folded ``+rht`` layer's last junction (output side undone, residual, norm) also computes the next layer's
-    rotated q/k/v input, and the next layer uses it instead of normalizing and rotating again (under torch.compile
-    too: one RMSNorm fewer in the graph); the logits are the unfolded model's."""
+    """A folded layer rotated on both sides (older ``+rht`` checkpoints): its last junction (output side undone,
+    residual, norm) also computes the next layer's rotated q/k/v input, and the next layer uses it instead of
+    normalizing and rotating again (under torch.compile too: one RMSNorm fewer in the graph); the logits are the
+    unfolded model's."""
     from lowbit.models.fused_linears import FusedGroup
 
-    model = quantized("int4_g32_sym", rotate=True)
+    model = quantized("int4_g32_sym", rotate="both")
     ref = logits(model, IDS)
     fuse_siblings(model)
     fold_norms(model)
@@ -143,3 +146,39 @@ def test_rotated_layers_hand_the_next_layer_its_input(compiled: bool, monkeypatc
     out, norms = compiled_counts(model, "rsqrt")
     assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
     assert norms == [(2 * len(layers) + 1,)]  # two per layer and the final one: none computed twice
+
+
+def test_input_side_rotated_layers_add_the_residual_inside_and_undo_no_output(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folded layer rotated as lowbit rotates now (input sides only): o and down add the residual inside their
+    matmuls (the GEMV's epilogue) after their input side, each group normalizes and rotates its input in one step
+    (:func:`dispatch.norm_rotated`), and no output-side transform runs; the logits are the unfolded model's."""
+    from lowbit.models import fused_linears, quant_linear
+
+    model = quantized("int4_g32_sym", rotate=True)
+    ref = logits(model, IDS)
+    fuse_siblings(model)
+    assert fold_norms(model) == len(decoder_layers(model))
+    assert not any(layer._lowbit_fold.rotated for layer in decoder_layers(model))
+    calls: dict[str, int] = {"residual inside": 0, "norm_rotated": 0, "output side": 0}
+    real_matmul, real_norm_rotated = dispatch.dequant_matmul, dispatch.norm_rotated
+
+    def matmul(x, fmt, qt, norm=None, residual=None):  # noqa: ANN001, ANN202
+        calls["residual inside"] += residual is not None
+        return real_matmul(x, fmt, qt, norm, residual)
+
+    def norm_rotated(h, norm, v):  # noqa: ANN001, ANN202
+        calls["norm_rotated"] += norm is not None  # (o's and down's input sides come without a norm)
+        return real_norm_rotated(h, norm, v)
+
+    def output_side(*args):  # noqa: ANN002, ANN202
+        calls["output side"] += 1
+        raise AssertionError("no output side to undo")
+
+    monkeypatch.setattr(quant_linear, "dequant_matmul", matmul)
+    for module in (quant_linear, fused_linears):
+        monkeypatch.setattr(module, "norm_rotated", norm_rotated)
+    monkeypatch.setattr(quant_linear, "rotate_output", output_side)
+    monkeypatch.setattr(fused_linears, "rotate_outputs", output_side)
+    assert torch.allclose(logits(model, IDS), ref, atol=1e-5, rtol=1e-5)
+    n = len(decoder_layers(model))
+    assert calls == {"residual inside": 2 * n, "norm_rotated": 2 * n, "output side": 0}

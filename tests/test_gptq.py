@@ -338,6 +338,20 @@ def test_resume_fingerprint_follows_the_gptq_implementation(monkeypatch):
     assert sequential._fingerprint(*args) != before
 
 
+def test_resume_fingerprint_follows_the_rotation_sides(monkeypatch):
+    """A run rotated with other sides (checkpoints from before rotations lost their output sides) is not resumed."""
+    from functools import partial
+
+    from lowbit.algorithms import sequential
+
+    model = make_model("llama")
+    args = (model, uniform_plan(model, "int4_g32_sym"), CalibConfig(), GPTQConfig(), "gptq", 0)
+    before = sequential._fingerprint(*args)
+    assert sequential._fingerprint(*args) == before
+    monkeypatch.setattr(sequential, "layer_rotation", partial(sequential.layer_rotation, output_side=True))
+    assert sequential._fingerprint(*args) != before
+
+
 def test_hessian_shrinkage_keeps_the_diagonal_and_trades_calibration_fit():
     """shrink s: H' = (1 - s) H + s diag(H). s = 1 leaves a diagonal H (no error is fed forward: importance-weighted
     rounding); in between, the fit to the calibration inputs' own H loosens step by step."""

@@ -1,6 +1,8 @@
 """The junction between two ``+rht`` matmuls (:func:`lowbit.kernels.triton_hadamard.residual_norm`): output side
 undone, residual added, RMSNorm, next input side in one Triton launch, against the same steps in float64 (Triton's
-interpreter on CPU, one subprocess; CUDA when there is a GPU); on the CPU without Triton the steps one by one."""
+interpreter on CPU, one subprocess; CUDA when there is a GPU); on the CPU without Triton the steps one by one. The
+same for the junction after a matmul without an output side (:func:`lowbit.kernels.triton_hadamard.norm_rotated`:
+RMSNorm and input side)."""
 
 import pytest
 import torch
@@ -36,25 +38,37 @@ def error(y, r, w, u, v):
     h, x = residual_norm_rotated(y, u, r, (w, 1e-5), v)
     th, tx = truth(y, u, r, w, 1e-5, v)
     return max(rel(h, th), rel(x, tx)) if h.dtype == x.dtype == y.dtype else float("inf")
+
+def norm_error(h, w, v, norm_rotated):
+    x = norm_rotated(h, w, 1e-5, v)
+    hd = h.double()
+    tx = v.apply(w.double() * hd * torch.rsqrt(hd.pow(2).mean(-1, keepdim=True) + 1e-5))
+    return rel(x, tx) if x.dtype == h.dtype else float("inf")
 """
 
 _SCRIPT = _TRUTH + r"""
 import json, sys
 gen = torch.Generator().manual_seed(11)
 out = {}
+from lowbit.kernels.triton_hadamard import norm_rotated
 for n, batch in json.loads(sys.argv[1]):
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         out[f"{n}:{batch}:{str(dtype)[6:]}"] = error(*inputs(n, batch, gen, dtype))
+        y, r, w, u, v = inputs(n, batch, gen, dtype)
+        out[f"norm {n}:{batch}:{str(dtype)[6:]}"] = norm_error(r, w, v, norm_rotated)
 # activations with outlier channels of a few thousand (the bundled model has them): float32 inside, finite
 y, r, w, u, v = inputs(4096, [2], gen, torch.float16)
 r[:, :8], y[:, :8] = 3000.0, 2000.0
 out["outliers"] = error(y, r, w, u, v)
+out["norm outliers"] = norm_error(r, w, v, norm_rotated)
 # the custom op torch.compile traces = the function
 from lowbit.kernels.triton_hadamard import residual_norm
 y, r, w, u, v = inputs(256, [3], gen, torch.float16)
 h, x = torch.ops.lowbit.residual_norm_rotated(y, r, w, 1e-5, 256, 3, 4, 2)
 h2, x2 = residual_norm(y, u, r, w, 1e-5, v)
 out["op"] = max((h - h2).abs().max().item(), (x - x2).abs().max().item())
+x = torch.ops.lowbit.norm_rotated(r, w, 1e-5, 256, 4, 2)
+out["norm op"] = (x - norm_rotated(r, w, 1e-5, v)).abs().max().item()
 print(json.dumps(out))
 """
 
@@ -66,18 +80,17 @@ def interpreter_results():
     return run_in_interpreter(_SCRIPT, CASES)
 
 
+@pytest.mark.parametrize("kind", ["", "norm "], ids=["residual_norm", "norm_rotated"])
 @pytest.mark.parametrize("n,batch", CASES, ids=[f"n{n}-b{'x'.join(map(str, b))}" for n, b in CASES])
 @pytest.mark.parametrize("dtype", list(TOL))
-def test_junction_in_interpreter_matches_the_steps_in_float64(interpreter_results, n, batch, dtype):
-    assert interpreter_results[f"{n}:{batch}:{dtype}"] < TOL[dtype]
+def test_junction_in_interpreter_matches_the_steps_in_float64(interpreter_results, kind, n, batch, dtype):
+    assert interpreter_results[f"{kind}{n}:{batch}:{dtype}"] < TOL[dtype]
 
 
-def test_junction_with_outlier_channels_in_interpreter(interpreter_results):
-    assert interpreter_results["outliers"] < TOL["float16"]
-
-
-def test_junction_op_is_the_kernel(interpreter_results):
-    assert interpreter_results["op"] == 0.0
+@pytest.mark.parametrize("kind", ["", "norm "], ids=["residual_norm", "norm_rotated"])
+def test_junction_with_outlier_channels_and_its_op_in_interpreter(interpreter_results, kind):
+    assert interpreter_results[f"{kind}outliers"] < TOL["float16"]
+    assert interpreter_results[f"{kind}op"] == 0.0
 
 
 def test_junction_on_cpu_is_the_steps_one_by_one():
@@ -93,26 +106,36 @@ def test_junction_on_cpu_is_the_steps_one_by_one():
         h, x = dispatch.residual_norm_rotated(y, u, r, (w, 1e-6), v)
         assert torch.equal(h, r + u.inverse(y))
         assert torch.equal(x, v.apply(rms_norm_reference(h, w, 1e-6)))
+        assert torch.equal(dispatch.norm_rotated(r, (w, 1e-6), v), v.apply(rms_norm_reference(r, w, 1e-6)))
 
 
 def test_junction_kernel_refuses_a_dense_factor():
-    from lowbit.kernels.triton_hadamard import residual_norm
+    from lowbit.kernels.triton_hadamard import norm_rotated, residual_norm
 
     u, v = RandomizedHadamard(448, seed=1, layout=LAYOUT), RandomizedHadamard(448, seed=2, layout=LAYOUT)
     y = torch.zeros(1, 448, dtype=torch.float16)
     with pytest.raises(ValueError, match="power-of-two length 448"):
         residual_norm(y, u, y, torch.ones(448, dtype=torch.float16), 1e-5, v)
+    with pytest.raises(ValueError, match="power-of-two length 448"):
+        norm_rotated(y, torch.ones(448, dtype=torch.float16), 1e-5, v)
 
 
 @needs_gpu
+@pytest.mark.parametrize("output_side", [True, False])
 @pytest.mark.parametrize("n", [1024, 4096, 8192, 16384])
 @pytest.mark.parametrize("batch", [1, 8, 33])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_junction_on_gpu(n, batch, dtype):
+def test_junction_on_gpu(output_side, n, batch, dtype):
+    """Without an output side: the kernel itself (dispatch sends work to it once "norm_rotated" leaves
+    GPU_UNVERIFIED)."""
+    from lowbit.kernels.triton_hadamard import norm_rotated
+
     ns: dict = {}
     exec(_TRUTH, ns)  # noqa: S102 - the float64 steps shared with the interpreter script
-    y, r, w, u, v = ns["inputs"](n, [batch], torch.Generator().manual_seed(n), dtype)
-    assert ns["error"](y.cuda(), r.cuda(), w.cuda(), u, v) < TOL[str(dtype)[6:]]
+    y, r, w, u, v = (t.cuda() if isinstance(t, torch.Tensor) else t
+                     for t in ns["inputs"](n, [batch], torch.Generator().manual_seed(n), dtype))
+    err = ns["error"](y, r, w, u, v) if output_side else ns["norm_error"](r, w, v, norm_rotated)
+    assert err < TOL[str(dtype)[6:]]
 
 
 @needs_gpu
@@ -142,3 +165,30 @@ def test_junction_launched_early_gives_the_plain_result():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(h, plain[0]) and torch.equal(x, plain[1])
+
+
+@needs_gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="programmatic dependent launch needs compute capability 9.0")
+def test_norm_rotated_launched_early_gives_the_plain_result():
+    from lowbit.kernels.cuda_gemv import early_launch
+    from lowbit.kernels.triton_hadamard import norm_rotated
+
+    n = 4096
+    v = RandomizedHadamard(n, seed=2, layout=LAYOUT)
+    src = torch.randn(4, n, generator=torch.Generator().manual_seed(3)).half().cuda()
+    w = torch.ones(n, device="cuda").half()
+    plain = norm_rotated(src * 2, w, 1e-5, v)
+    y = torch.empty_like(src)
+    graph = torch.cuda.CUDAGraph()
+    with early_launch(True):
+        torch.mul(src, 2.0, out=y)
+        norm_rotated(y, w, 1e-5, v, pdl=True)
+        torch.cuda.synchronize()
+        y.zero_()
+        with torch.cuda.graph(graph):
+            torch.mul(src, 2.0, out=y)
+            x = norm_rotated(y, w, 1e-5, v, pdl=True)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(x, plain)

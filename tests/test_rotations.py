@@ -108,12 +108,16 @@ def test_rotated_quant_linear_matches_its_effective_weight():
     assert (q(x) - (x @ W.t() + b)).abs().max() < 0.02 * (x @ W.t()).abs().max()  # 8 bits: near lossless
 
 
-def test_rotation_helps_outlier_weights_and_survives_save_load(tmp_path, tiny_tokenizer):
+@pytest.mark.parametrize("sides", [True, "both"])
+def test_rotation_helps_outlier_weights_and_survives_save_load(tmp_path, tiny_tokenizer, sides):
+    """Input sides (as lowbit rotates) or both sides (as checkpoints written before carry): either way the rotation
+    helps a weight with an outlier input channel and a saved checkpoint gives the same logits loaded."""
     from conftest import make_model
     from lowbit.algorithms.plans import uniform_plan
     from lowbit.algorithms.rtn import quantize_rtn
     from lowbit.io.checkpoint import load_quantized, save_quantized
     from lowbit.models.walker import decoder_linears, linear_weight
+    from test_fast_decode import rtn_rotated
 
     base = make_model("llama", vocab=len(tiny_tokenizer))
     for m in decoder_linears(base).values():
@@ -122,7 +126,7 @@ def test_rotation_helps_outlier_weights_and_survives_save_load(tmp_path, tiny_to
     plain.load_state_dict(base.state_dict())
     rotated.load_state_dict(base.state_dict())
     e_plain = quantize_rtn(plain, uniform_plan(plain, "int3_ch_sym"), progress=False)
-    e_rot = quantize_rtn(rotated, uniform_plan(rotated, "int3_ch_sym"), progress=False, rotate=True)
+    e_rot = rtn_rotated(rotated, "int3_ch_sym", sides)
     assert sum(e_rot.values()) < 0.7 * sum(e_plain.values())
     from lowbit.models.walker import round_to_storage
 
@@ -132,4 +136,5 @@ def test_rotation_helps_outlier_weights_and_survives_save_load(tmp_path, tiny_to
     ids = torch.randint(0, len(tiny_tokenizer), (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, rotated(ids).logits)
-    assert loaded.get_submodule("model.layers.1.self_attn.o_proj").rotation is not None
+    rotation = loaded.get_submodule("model.layers.1.self_attn.o_proj").rotation
+    assert rotation is not None and (rotation.seed_out is None) is (sides is True)

@@ -19,7 +19,8 @@ def quantize_rtn(model: nn.Module, plan: dict[str, str], progress: bool = True,
                  rotate: bool = False, seed: int = 0) -> dict[str, float]:
     """Quantize in place the linears named in ``plan`` (name -> format); returns name -> relative error.
 
-    ``rotate``: incoherence processing, rounding U W V^T with randomized Hadamard U, V (undone online).
+    ``rotate``: incoherence processing, rounding W V^T with randomized Hadamards V (:func:`layer_rotation`, undone
+    online).
     """
     linears = validate_plan(model, plan)
     errors = {}

@@ -110,8 +110,8 @@ def quantize_sequential(model: nn.Module, tokenizer: object, plan: dict[str, str
 
     ``rounding``: ``gptq`` (GPTQ/LDLQ error feedback), ``gptq_act`` (the same in act-order, for scalar formats) or
     ``imatrix`` (nearest rounding weighted by diag(H), llama.cpp's importance matrix). ``rotation_seed``: round
-    U W V^T against V H V^T with seeded randomized Hadamards U, V (undone online). ``samples`` ([n, seqlen] token
-    ids) replaces the calibration text when given.
+    W V^T against V H V^T with seeded randomized Hadamards V (:func:`layer_rotation`, undone online). ``samples``
+    ([n, seqlen] token ids) replaces the calibration text when given.
     """
     if rounding not in ROUNDINGS:
         raise LowbitError(f"unknown rounding {rounding!r}; known: {', '.join(ROUNDINGS)}")
@@ -343,7 +343,9 @@ def _fingerprint(model: nn.Module, plan: dict[str, str], calib: CalibConfig, gpt
     holds the float model's hidden states) is a FinetuneConfig or None."""
     h = hashlib.sha256()
     h.update(model.config.to_json_string().encode())
-    settings = [sorted(plan.items()), asdict(calib), asdict(gptq), rounding, rotation_seed, GPTQ_IMPLEMENTATION]
+    # a rotation's sides and layout as lowbit draws them now (a checkpoint rotated otherwise is not resumed)
+    rotation = None if rotation_seed is None else [rotation_seed, layer_rotation("", rotation_seed).to_json()]
+    settings = [sorted(plan.items()), asdict(calib), asdict(gptq), rounding, rotation, GPTQ_IMPLEMENTATION]
     if finetune is not None:
         settings.append(["finetune", asdict(finetune)])
     if ranks := distributed.current():  # the activations in a checkpoint are sharded by rank

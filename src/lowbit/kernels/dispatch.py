@@ -19,7 +19,8 @@ dispatch does a dict lookup for the format's cached decode plan (LUT on the devi
 :func:`rotate_input` is the same choice for the input-side randomized Hadamard of a rotated QuantLinear:
 :mod:`triton_hadamard` (signs + FWHT in one launch) where Triton runs, else ``RandomizedHadamard.apply``; and
 :func:`residual_norm_rotated` for the junction between two rotated matmuls (output side undone, residual, RMSNorm,
-next input side): one :mod:`triton_hadamard` launch for power-of-two sizes, else those steps one by one.
+next input side): one :mod:`triton_hadamard` launch for power-of-two sizes, else those steps one by one; and
+:func:`norm_rotated` for the same junction after a matmul without an output side (RMSNorm, next input side).
 :func:`rope_cache_attention` picks the kernel of a decode step's attention: :mod:`cuda_attention` on Hopper for
 fp16 steps without a mask, else :mod:`triton_decode_attention`.
 """
@@ -44,8 +45,9 @@ _MODES = ("auto", "reference", "triton")
 # kernel enters here (as "cuda_<format>" for a CUDA GEMV format) until its GPU test has run. row_tiles (two row
 # blocks per warp in the CUDA GEMV's batches, cuda_gemv.row_tiles) left it when its GPU test passed on an H200, and
 # residual_norm (a rotated layer's junction, triton_hadamard.residual_norm) never entered: its GPU tests
-# (tests/test_residual_norm_kernel.py) passed on an H200 before it was first used.
-GPU_UNVERIFIED: frozenset[str] = frozenset()
+# (tests/test_residual_norm_kernel.py) passed on an H200 before it was first used. norm_rotated (the same kernel
+# without an output side: triton_hadamard.norm_rotated) has run in Triton's interpreter only.
+GPU_UNVERIFIED: frozenset[str] = frozenset({"norm_rotated"})
 _mode = os.environ.get("LOWBIT_KERNELS", "auto")
 _CUDA_GEMV = os.environ.get("LOWBIT_CUDA_GEMV", "1") != "0"
 _CUDA_ATTENTION = os.environ.get("LOWBIT_CUDA_ATTENTION", "1") != "0"
@@ -280,6 +282,23 @@ def residual_norm_rotated(y: torch.Tensor, u, residual: torch.Tensor, norm: Norm
             return triton_hadamard.residual_norm(y, u, residual, norm[0], norm[1], v, pdl=cuda_gemv.pdl_on(y.device))
     h = residual + rotate_output(u, y)
     return h, rotate_input(v, rms_norm_reference(h, *norm))
+
+
+def norm_rotated(h: torch.Tensor, norm: Norm | None, v) -> torch.Tensor:  # noqa: ANN001 - v: a transform
+    """rms_norm(h) V^T (a rotated linear's input, where the matmul before it left the residual stream ``h``
+    complete): one Triton launch where Triton runs and V is a transform of the rows' power-of-two length
+    (:func:`triton_hadamard.norm_rotated`), else the norm and the transform one after the other; without ``norm``
+    :func:`rotate_input`."""
+    if norm is None:
+        return rotate_input(v, h)
+    if triton_runs(h, "norm_rotated") and h.is_floating_point() and v.m == 1 and v.n == h.shape[-1]:
+        from lowbit.kernels import cuda_gemv, triton_hadamard
+
+        if triton_hadamard.supported(v.n):
+            if torch.compiler.is_compiling():
+                return triton_hadamard.norm_rotated_op(h, norm[0], float(norm[1]), v.n, v.seed, v.layout)
+            return triton_hadamard.norm_rotated(h, norm[0], norm[1], v, pdl=cuda_gemv.pdl_on(h.device))
+    return rotate_input(v, rms_norm_reference(h, *norm))
 
 
 def rope_cache_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,

@@ -145,23 +145,31 @@ def _dense_factor(factors: torch.Tensor, x: torch.Tensor, k: int, m: int, p: int
 
 @triton.jit
 def _residual_norm_kernel(y_ptr, r_ptr, w_ptr, su_ptr, sv_ptr, h_ptr, x_ptr, eps, scale, N: tl.constexpr,
-                          LOG_N: tl.constexpr, USE_GDC: tl.constexpr):
+                          LOG_N: tl.constexpr, OUT_SIDE: tl.constexpr, USE_GDC: tl.constexpr):
+    """OUT_SIDE: h = residual + y U, stored; else h = y (already the residual stream: a matmul without an output
+    side added the residual in its epilogue) and only x is stored."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, N)
-    su, sv = tl.load(su_ptr + offs)[None, :], tl.load(sv_ptr + offs)[None, :]
+    sv = tl.load(sv_ptr + offs)[None, :]
     w = tl.load(w_ptr + offs).to(tl.float32)[None, :]
+    if OUT_SIDE:
+        su = tl.load(su_ptr + offs)[None, :]
     if USE_GDC:  # y is the kernel before this one's output (the signs and the weight are constants)
         tl.extra.cuda.gdc_wait()
     y = tl.load(y_ptr + row * N + offs)[None, :]
-    r = tl.load(r_ptr + row * N + offs)[None, :]
+    if OUT_SIDE:
+        r = tl.load(r_ptr + row * N + offs)[None, :]
     if USE_GDC:
         tl.extra.cuda.gdc_launch_dependents()
-    t = y.to(tl.float32)  # y U = s * (H y), rounded as rotate_outputs rounds
-    for i in tl.static_range(LOG_N):
-        t = _fwht_stage(t, 1, N, 1 << i)
-    t = (t * su * scale).to(y.dtype)
-    h = (t.to(tl.float32) + r.to(tl.float32)).to(y.dtype)
-    tl.store(h_ptr + row * N + offs[None, :], h)
+    if OUT_SIDE:
+        t = y.to(tl.float32)  # y U = s * (H y), rounded as rotate_outputs rounds
+        for i in tl.static_range(LOG_N):
+            t = _fwht_stage(t, 1, N, 1 << i)
+        t = (t * su * scale).to(y.dtype)
+        h = (t.to(tl.float32) + r.to(tl.float32)).to(y.dtype)
+        tl.store(h_ptr + row * N + offs[None, :], h)
+    else:
+        h = y
     hf = h.to(tl.float32)
     hn = (hf * tl.rsqrt(tl.sum(hf * hf, axis=1)[:, None] / N + eps)).to(y.dtype)  # rms_norm_reference's rounding
     v = (w * hn.to(tl.float32)).to(y.dtype).to(tl.float32) * sv  # x V^T = H (s * x)
@@ -174,20 +182,36 @@ def residual_norm(y: torch.Tensor, u, residual: torch.Tensor, weight: torch.Tens
                   pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(h, x) with h = residual + y U (``u``'s inverse) and x = rms_norm(h, weight, eps) V^T (``v``'s transform),
     for rows of a power-of-two length n = u.n = v.n: one launch, one program per row."""
+    if residual.shape != y.shape:
+        raise ValueError(f"residual {tuple(residual.shape)} does not fit y {tuple(y.shape)}")
+    return _junction(y, u, residual, weight, eps, v, pdl)
+
+
+def norm_rotated(h: torch.Tensor, weight: torch.Tensor, eps: float, v, pdl: bool = False) -> torch.Tensor:  # noqa: ANN001
+    """x = rms_norm(h, weight, eps) V^T for rows of a power-of-two length n = v.n in one launch: the junction of
+    :func:`residual_norm` where the matmul before it has no output side (its GEMV added the residual already)."""
+    return _junction(h, None, None, weight, eps, v, pdl)[1]
+
+
+def _junction(y: torch.Tensor, u, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, v,  # noqa: ANN001
+              pdl: bool) -> tuple[torch.Tensor, torch.Tensor]:
     n = y.shape[-1]
-    if any((r.n, r.m) != (n, 1) for r in (u, v)) or not supported(n):
-        raise ValueError(f"residual_norm needs two transforms of the rows' power-of-two length {n}, got "
-                         f"{[(r.n, r.m, r.p) for r in (u, v)]}")
-    if residual.shape != y.shape or weight.shape != (n,):
-        raise ValueError(f"residual {tuple(residual.shape)} or weight {tuple(weight.shape)} does not fit y "
-                         f"{tuple(y.shape)}")
-    y2, r2 = y.reshape(-1, n).contiguous(), residual.reshape(-1, n).to(y.dtype).contiguous()
-    h, x = torch.empty_like(y2), torch.empty_like(y2)
+    rots = (v,) if u is None else (u, v)
+    if any((r.n, r.m) != (n, 1) for r in rots) or not supported(n):
+        raise ValueError(f"the junction needs transforms of the rows' power-of-two length {n}, got "
+                         f"{[(r.n, r.m, r.p) for r in rots]}")
+    if weight.shape != (n,):
+        raise ValueError(f"norm weight {tuple(weight.shape)} does not fit rows of {n}")
+    y2 = y.reshape(-1, n).contiguous()
+    x = torch.empty_like(y2)
+    h, r2, su = y2, y2, device_signs([v], y.device)  # read by the kernel only with an output side
+    if u is not None:
+        h, r2, su = torch.empty_like(y2), residual.reshape(-1, n).to(y.dtype).contiguous(), device_signs([u], y.device)
     if y2.shape[0]:
         launch = {"launch_pdl": True} if pdl else {}
-        _residual_norm_kernel[(y2.shape[0],)](y2, r2, weight.contiguous(), device_signs([u], y.device),
-                                              device_signs([v], y.device), h, x, float(eps), 1.0 / math.sqrt(n),
-                                              N=n, LOG_N=n.bit_length() - 1, USE_GDC=pdl,
+        _residual_norm_kernel[(y2.shape[0],)](y2, r2, weight.contiguous(), su, device_signs([v], y.device), h, x,
+                                              float(eps), 1.0 / math.sqrt(n), N=n, LOG_N=n.bit_length() - 1,
+                                              OUT_SIDE=u is not None, USE_GDC=pdl,
                                               num_warps=4 if n <= 1024 else 8 if n <= 4096 else 16, **launch)
     return h.reshape(y.shape), x.reshape(y.shape)
 
@@ -205,6 +229,19 @@ def residual_norm_op(y: torch.Tensor, residual: torch.Tensor, weight: torch.Tens
 def _residual_norm_shape(y: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, n: int,
                          u_seed: int, v_seed: int, layout: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.empty_like(y), torch.empty_like(y)
+
+
+@torch.library.custom_op("lowbit::norm_rotated", mutates_args=())
+def norm_rotated_op(h: torch.Tensor, weight: torch.Tensor, eps: float, n: int, v_seed: int,
+                    layout: int) -> torch.Tensor:
+    """:func:`norm_rotated` of the transform (n, v_seed, layout), launched as :func:`hadamard` is."""
+    return norm_rotated(h, weight, eps, hadamard_of(n, v_seed, layout), pdl=pdl_on(h.device))
+
+
+@norm_rotated_op.register_fake
+def _norm_rotated_shape(h: torch.Tensor, weight: torch.Tensor, eps: float, n: int, v_seed: int,
+                        layout: int) -> torch.Tensor:
+    return torch.empty_like(h)
 
 
 @torch.library.custom_op("lowbit::hadamard", mutates_args=())

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from lowbit.formats import QuantizedTensor
-from lowbit.kernels.dispatch import rotate_input, rotate_outputs
+from lowbit.kernels.dispatch import norm_rotated, rotate_outputs
 from lowbit.kernels.reference import rms_norm_reference
 from lowbit.models.quant_linear import QuantLinear
 from lowbit.models.walker import DECODER_LAYERS, decoder_layers
@@ -56,10 +56,16 @@ def input_key(name: str) -> str:
     return name
 
 
-def layer_rotation(name: str, seed: int) -> Rotation:
-    """The ``+rht`` rotation lowbit gives the linear ``name``: its own output side, the input side of its siblings
-    (:func:`input_key`), so every quantizer draws the same transforms and rotated siblings stay fusable."""
-    return Rotation.for_layer(name, seed, input_key=input_key(name))
+def layer_rotation(name: str, seed: int, output_side: bool = False) -> Rotation:
+    """The ``+rht`` rotation lowbit gives the linear ``name``: the input side of its siblings (:func:`input_key`),
+    so every quantizer draws the same transforms and rotated siblings stay fusable, and no output side.
+
+    An output side (``output_side=True``, what checkpoints written before carry, and they keep it) mixes a weight's
+    rows, which its per-row and per-group scales make nearly moot, and costs a transform after every matmul at
+    decode time. On the bundled model (gptq+rht:e8p_ch, ``lowbit compare --device cpu``, docs/formats.md) input
+    sides alone gave a lower perplexity than both sides in each of four draws of the transforms (KL lower in three;
+    mean KL 1.190 against 1.230)."""
+    return Rotation.for_layer(name, seed, out_side=output_side, input_key=input_key(name))
 
 
 class FusedGroup:
@@ -117,14 +123,16 @@ class FusedGroup:
             return self.linear.project(x, norm=self.norm), True  # the norm in the GEMV's prologue
         xr = self._take_prepared(x)
         if xr is None:
-            if self.norm is not None:  # before the rotation, which the GEMV's prologue would come after
-                x = rms_norm_reference(x, *self.norm)
-            v = self.members[0]._v
-            xr = x if v is None else rotate_input(v, x)
+            v = self.members[0]._v  # the norm before the rotation, which the GEMV's prologue would come after
+            if v is not None:
+                xr = norm_rotated(x, self.norm, v)
+            else:
+                xr = x if self.norm is None else rms_norm_reference(x, *self.norm)
         y = self.linear.project(xr)
         if self.stacked_out:  # read each time: place_rotations may have given the members device copies
             y = rotate_outputs([m._u for m in self.members], y)
-        return y, self.stacked_out and all(m.bias is None for m in self.members)
+        undone = self.stacked_out or all(m._u is None for m in self.members)  # no output side left to undo
+        return y, undone and all(m.bias is None for m in self.members)
 
     def prepare(self, x: torch.Tensor, rotated: torch.Tensor) -> None:
         """Hand the group its next input's norm and input-side rotation, computed ahead (a rotated layer's last
@@ -152,8 +160,12 @@ class FusedGroup:
         return y if self._finished else self.members[i].finish(y, rotated=self.stacked_out)
 
     def gated(self, x: torch.Tensor) -> torch.Tensor:
-        """silu(gate(x)) * up(x) of a [gate, up] group, in one matmul."""
-        return self.linear.gated(x, norm=self.norm)
+        """silu(gate(x)) * up(x) of a [gate, up] group, in one matmul (after the norm and input side of a rotated
+        group, which has no output sides: :func:`gate_mlp`)."""
+        v = self.members[0]._v
+        if v is None:
+            return self.linear.gated(x, norm=self.norm)
+        return self.linear.gated(norm_rotated(x, self.norm, v))
 
     def release(self) -> None:
         if self.mlp is not None:
@@ -184,10 +196,12 @@ def has_silu(mlp: nn.Module) -> bool:
 
 def gate_mlp(mlp: nn.Module, group: FusedGroup) -> bool:
     """Run ``mlp`` through its fused [gate, up] ``group`` with the activation in the GEMV's epilogue, where the
-    MLP is one of :data:`GATED_MLPS` with a SiLU and the group has no rotation or bias, and its format is a scalar
-    grid (E8P's gated GEMV measured at half the decode speed of its two plain ones: 207.0 vs 410.9 tok/s, 7B shape
-    on an H200, docs/kernels.md); True when it now does."""
-    if (type(mlp).__name__ not in GATED_MLPS or not has_silu(mlp) or group.rotated or group.linear.bias is not None
+    MLP is one of :data:`GATED_MLPS` with a SiLU and the group has no output-side rotation or bias, and its format
+    is a scalar grid (E8P's gated GEMV measured at half the decode speed of its two plain ones: 207.0 vs 410.9
+    tok/s, 7B shape on an H200, docs/kernels.md); True when it now does."""
+    output_sides = any(m._u is not None for m in group.members)
+    biases = any(m.bias is not None for m in group.members)
+    if (type(mlp).__name__ not in GATED_MLPS or not has_silu(mlp) or output_sides or biases
             or group.linear.fmt.vector_dim != 1
             or group.members != [getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None)]):
         return False

@@ -18,14 +18,15 @@ runs its rotary embedding, cache write and attention as one kernel (``attention`
 called on their own do not. :func:`unfold_norms` restores them. Folded: the decoder layers of :data:`LAYERS` whose
 norms are :data:`NORMS`, whose MLP is SiLU-gated, whose q/k/v and gate/up are fused groups and whose o and down
 projections are QuantLinears without bias, input rounding or weight cache, in a transformers whose decoder layers
-return a tensor. Where the groups are rotated (``+rht``) the norms and residual adds are computed around the
-matmuls (the rotation comes between a norm and its GEMV, and after a GEMV before its add), and where gate/up is not
-gated (rotated, or a vector format: :func:`lowbit.models.fused_linears.gate_mlp`) the SiLU product follows its
-matmul; such layers still get the one-kernel attention step and none of transformers' per-layer mask, rotary and
-cache kernels. Where every matmul of a layer is rotated, each junction of an output side, residual add, norm and
-the next input side is one kernel (:func:`lowbit.kernels.dispatch.residual_norm_rotated`), and a layer's last
-junction computes the next rotated layer's q/k/v input: e8p_ch+rht at the 7B shape went from 375.3 to 392.3 tok/s
-on an H200 (docs/kernels.md).
+return a tensor. Where the groups are rotated (``+rht``) each norm runs before its group's input side (one kernel
+with it where one runs: :func:`lowbit.kernels.dispatch.norm_rotated`), and where gate/up is not gated (rotated on
+both sides, or a vector format: :func:`lowbit.models.fused_linears.gate_mlp`) the SiLU product follows its
+matmul; o and down add the residual inside their matmuls where they have no output side (lowbit rotates input
+sides only); such layers still get the one-kernel attention step and none of transformers' per-layer mask, rotary
+and cache kernels. Where every matmul of a layer is rotated on both sides (checkpoints written before), each
+junction of an output side, residual add, norm and the next input side is one kernel
+(:func:`lowbit.kernels.dispatch.residual_norm_rotated`), and a layer's last junction computes the next rotated
+layer's q/k/v input: e8p_ch+rht at the 7B shape went from 375.3 to 392.3 tok/s on an H200 (docs/kernels.md).
 """
 
 from __future__ import annotations
@@ -130,8 +131,9 @@ def _rotated_rest(f: _Fold, attn: torch.Tensor, hidden_states: torch.Tensor) -> 
 
 
 def _all_rotated(qkv: FusedGroup, gate: FusedGroup, o: QuantLinear, down: QuantLinear) -> bool:
-    """Whether every matmul of the layer is rotated on both sides, gate/up's output sides undone together and no
-    bias in gate/up (what :func:`_rotated_rest` computes)."""
+    """Whether every matmul of the layer is rotated on both sides (as checkpoints written before lowbit dropped the
+    output sides are), gate/up's output sides undone together and no bias in gate/up (what :func:`_rotated_rest`
+    computes)."""
     return (qkv.rotated and gate.stacked_out and len(gate.members) == 2
             and all(m._u is not None and m._v is not None and m.bias is None for m in (o, down, *gate.members)))
 

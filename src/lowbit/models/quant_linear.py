@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.formats import QuantizedTensor, get_format
-from lowbit.kernels.dispatch import Norm, dequant_matmul, gated_matmul, rotate_input, rotate_output
+from lowbit.kernels.dispatch import Norm, dequant_matmul, gated_matmul, norm_rotated, rotate_output
 from lowbit.kernels.reference import rms_norm_reference
 from lowbit.rotations.incoherence import Rotation
 
@@ -105,17 +105,19 @@ class QuantLinear(nn.Module):
 
     def project(self, x: torch.Tensor, norm: Norm | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``residual + self(rms_norm(x))``, either part optional (``norm``: an RMSNorm's weight and eps, as
-        :func:`rms_norm_reference` computes it). An unrotated linear without input rounding or weight cache does
-        the norm inside its matmul, and the residual too when it has no bias (the CUDA GEMV's prologue and
-        epilogue: a decode step's norms and residual adds need no kernels of their own); otherwise they are
-        computed around it."""
-        plain = self._v is None and self.input_quant is None and not self._cache_on
-        if norm is not None and not plain:
-            x, norm = rms_norm_reference(x, *norm), None
-        add_inside = residual is not None and plain and self._u is None and self.bias is None
+        :func:`rms_norm_reference` computes it). A linear without input rounding or weight cache does the norm
+        inside its matmul when it has no input side (with one, the norm and the input side are one kernel where
+        one runs: :func:`norm_rotated`), and the residual too when it has no output side or bias (the CUDA GEMV's
+        prologue and epilogue: a decode step's norms and residual adds need no kernels of their own); otherwise
+        they are computed around it."""
+        fits = self.input_quant is None and not self._cache_on  # a matmul that takes a norm and residual inside
+        add_inside = residual is not None and fits and self._u is None and self.bias is None
         inside = residual if add_inside else None
-        if self._v is not None:
-            x = rotate_input(self._v, x)  # Triton kernel where one runs, else self._v.apply(x)
+        if self._v is not None:  # the norm before the input side (one kernel where one runs), not inside
+            x = norm_rotated(x, norm, self._v)
+            norm = None
+        elif norm is not None and not fits:
+            x, norm = rms_norm_reference(x, *norm), None
         if self.input_quant is not None:
             x = self.input_quant(x)
         y = self.finish(self.matmul(x, norm, inside))

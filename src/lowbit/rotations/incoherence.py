@@ -1,6 +1,7 @@
 """Incoherence processing of one linear layer: W' = U W V^T, H' = V H V^T, undone online at inference.
 
-U acts on the output side, V on the input side; both are randomized Hadamard transforms stored as seeds.
+U acts on the output side, V on the input side; both are randomized Hadamard transforms stored as seeds, and
+either may be absent (lowbit's ``+rht`` draws V alone: :func:`lowbit.models.fused_linears.layer_rotation`).
 For y = x W^T:  y = U^T ((V x) W'^T)  -- QuantLinear applies V to its input and U^T to its output.
 """
 

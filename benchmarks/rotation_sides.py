@@ -1,0 +1,102 @@
+"""``+rht`` with and without an output-side transform: the same input-side draw, the quality of each.
+
+    python benchmarks/rotation_sides.py run --sides both --seed 0 --out rs-both-0.json -- \
+        --device cpu --formats gptq+rht:e8p_ch --max-windows 16 --seqlen 512
+    python benchmarks/rotation_sides.py table rs-*.json        # a markdown table of the runs, paired by seed
+    python benchmarks/rotation_sides.py table benchmarks/results/rotation-sides-cpu-e8p.json   # the runs in docs/
+
+``run`` is ``lowbit compare`` (everything after ``--``) with every ``+rht`` linear rotated on its input side only
+(``--sides input``, what lowbit does) or on both sides (``--sides both``, what checkpoints written before carry),
+the rotations drawn with ``--seed`` (the recipe's ``rotation_seed``): a pair of runs with one seed shares its
+input-side transforms, so it isolates what the output side does. The draw itself moves the result a lot
+(docs/formats.md), hence several seeds. ``table`` reads the files ``run`` wrote (``--out``), or one it combined
+them into (``--json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def run(sides: str, seed: int, out: str, compare_args: list[str]) -> int:
+    # sequential (GPTQ) and rtn draw the rotation through layer_rotation(name, rotation_seed)
+    import lowbit.algorithms.rtn as rtn
+    import lowbit.algorithms.sequential as sequential
+    from lowbit import cli
+    from lowbit.models.fused_linears import layer_rotation
+
+    def drawn(name: str, base: int) -> object:
+        return layer_rotation(name, base + seed, output_side=sides == "both")
+
+    for module in (sequential, rtn):
+        module.layer_rotation = drawn
+    rc = cli.main(["compare", *compare_args, "--json", out])
+    data = json.loads(Path(out).read_text())
+    data["rotation"] = {"sides": sides, "seed": seed}
+    Path(out).write_text(json.dumps(data, indent=1))
+    return rc
+
+
+def load_runs(paths: list[str]) -> list[dict]:
+    """The runs of ``run``'s files, or of files ``table --json`` combined them into (``{"runs": [...]}``)."""
+    runs = []
+    for p in paths:
+        data = json.loads(Path(p).read_text())
+        runs += data["runs"] if "runs" in data else [data]
+    return runs
+
+
+def table(runs: list[dict]) -> str:
+    """Rows: seed, then per (variant, sides) ppl / KL / top-1; and the mean over the seeds of each column."""
+    cells: dict[tuple[int, str, str], dict] = {}
+    for r in runs:
+        for row in r["rows"]:
+            if row["variant"] != "fp16":
+                cells[(r["rotation"]["seed"], row["variant"], r["rotation"]["sides"])] = row
+    seeds = sorted({k[0] for k in cells})
+    cols = sorted({(k[1], k[2]) for k in cells})
+    lines = ["| seed | " + " | ".join(f"{v}, {s} sides: ppl / KL / top-1" for v, s in cols) + " |",
+             "|---" * (len(cols) + 1) + "|"]
+
+    def fmt(rows: list[dict]) -> str:
+        if not rows:
+            return "-"
+        n = len(rows)
+        ppl, kl, top1 = (sum(r[k] for r in rows) / n for k in ("ppl", "kl", "top1"))
+        return f"{ppl:.2f} / {kl:.3f} / {100 * top1:.1f}%"
+
+    for s in seeds:
+        lines.append(f"| {s} | " + " | ".join(fmt([cells[(s, *c)]] if (s, *c) in cells else []) for c in cols) + " |")
+    lines.append("| mean | " + " | ".join(fmt([cells[k] for k in cells if k[1:] == c]) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    rest: list[str] = []
+    if "--" in argv:
+        argv, rest = argv[: argv.index("--")], argv[argv.index("--") + 1:]
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="lowbit compare (the arguments after --) with these rotations")
+    r.add_argument("--sides", choices=("input", "both"), required=True)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--out", required=True)
+    t = sub.add_parser("table", help="a markdown table of run's files")
+    t.add_argument("files", nargs="+")
+    t.add_argument("--json", default=None, help="also write every run of the files into this one file")
+    args = ap.parse_args(argv)
+    if args.cmd == "run":
+        return run(args.sides, args.seed, args.out, rest)
+    runs = load_runs(args.files)
+    print(table(runs))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"runs": runs}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""benchmarks/rotation_sides.py: lowbit compare with +rht on input sides or both, one draw per seed, and its table."""
+
+import json
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _bench():  # noqa: ANN202
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import rotation_sides
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return rotation_sides
+
+
+def test_runs_pair_by_seed_and_tabulate(tiny_model_dir, text_file, tmp_path, monkeypatch, capsys):
+    import lowbit.algorithms.rtn as rtn
+    import lowbit.algorithms.sequential as sequential
+
+    bench = _bench()
+    for module in (rtn, sequential):  # run() replaces the draw for the rest of its process
+        monkeypatch.setattr(module, "layer_rotation", module.layer_rotation)
+    seen = []
+    real = rtn.layer_rotation
+
+    def spy(name, seed, output_side=False):  # noqa: ANN001, ANN202
+        rotation = real(name, seed, output_side)
+        seen.append((seed, rotation.seed_out is not None))
+        return rotation
+
+    monkeypatch.setattr("lowbit.models.fused_linears.layer_rotation", spy)
+    files = []
+    for sides in ("input", "both"):
+        out = tmp_path / f"{sides}.json"
+        args = ["run", "--sides", sides, "--seed", "3", "--out", str(out), "--", str(tiny_model_dir), "--text",
+                text_file, "--seqlen", "32", "--max-windows", "2", "--formats", "fp16,rtn+rht:int4_g32_sym",
+                "--no-progress"]
+        assert bench.main(args) == 0
+        assert json.loads(out.read_text())["rotation"] == {"sides": sides, "seed": 3}
+        files.append(str(out))
+    assert {s for s, _ in seen} == {3} and {o for _, o in seen} == {False, True}
+    capsys.readouterr()
+    combined = tmp_path / "all.json"
+    assert bench.main(["table", *files, "--json", str(combined)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "rtn+rht:int4_g32_sym, both sides" in lines[0] and "rtn+rht:int4_g32_sym, input sides" in lines[0]
+    assert [line.split(" |")[0] for line in lines[2:]] == ["| 3", "| mean"]
+    assert bench.main(["table", str(combined)]) == 0  # the combined file gives the same table
+    assert capsys.readouterr().out.strip().splitlines() == lines
