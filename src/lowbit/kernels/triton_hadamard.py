@@ -23,9 +23,10 @@ launch it plainly).
 the next q/k/v) in one launch: h = residual + y U (the output side undone, the residual added) and x = rms_norm(h)
 V^T (the next input side), one program per row, where the separate steps took two transforms and Inductor's add +
 norm kernel. It rounds where those steps round (each transform's output, h, the normalized row before its weight),
-so it gives their result up to the order of float32 sums. Powers of two only (n = p: 4096, 8192, the hidden sizes
-of most Llamas): a dense factor on the row's [m, p] view measured slower in one program than as its own launch
-(docs/kernels.md).
+so it gives their result up to the order of float32 sums; :func:`norm_rotated` is the same program without the
+output side and the residual (a matmul without an output side adds the residual in its epilogue). Powers of two
+only (n = p: 4096, 8192, the hidden sizes of most Llamas): a dense factor on the row's [m, p] view measured slower
+in one program than as its own launch (docs/kernels.md).
 """
 
 from __future__ import annotations
@@ -203,13 +204,13 @@ def _junction(y: torch.Tensor, u, residual: torch.Tensor | None, weight: torch.T
     if weight.shape != (n,):
         raise ValueError(f"norm weight {tuple(weight.shape)} does not fit rows of {n}")
     y2 = y.reshape(-1, n).contiguous()
-    x = torch.empty_like(y2)
-    h, r2, su = y2, y2, device_signs([v], y.device)  # read by the kernel only with an output side
+    x, sv = torch.empty_like(y2), device_signs([v], y.device)
+    h, r2, su = y2, y2, sv  # h, residual and U's signs: read by the kernel only with an output side
     if u is not None:
         h, r2, su = torch.empty_like(y2), residual.reshape(-1, n).to(y.dtype).contiguous(), device_signs([u], y.device)
     if y2.shape[0]:
         launch = {"launch_pdl": True} if pdl else {}
-        _residual_norm_kernel[(y2.shape[0],)](y2, r2, weight.contiguous(), su, device_signs([v], y.device), h, x,
+        _residual_norm_kernel[(y2.shape[0],)](y2, r2, weight.contiguous(), su, sv, h, x,
                                               float(eps), 1.0 / math.sqrt(n), N=n, LOG_N=n.bit_length() - 1,
                                               OUT_SIDE=u is not None, USE_GDC=pdl,
                                               num_warps=4 if n <= 1024 else 8 if n <= 4096 else 16, **launch)
