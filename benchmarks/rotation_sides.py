@@ -10,7 +10,8 @@
 the rotations drawn with ``--seed`` (the recipe's ``rotation_seed``): a pair of runs with one seed shares its
 input-side transforms, so it isolates what the output side does. The draw itself moves the result a lot
 (docs/formats.md), hence several seeds. ``table`` reads the files ``run`` wrote (``--out``), or one it combined
-them into (``--json``).
+them into (``--json``). ``--only mlp.down_proj,self_attn.o_proj`` rotates only the linears whose names end so
+(the others stay unrotated), to see which transforms of a decode step pay for themselves.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import sys
 from pathlib import Path
 
 
-def run(sides: str, seed: int, out: str, compare_args: list[str]) -> int:
+def run(sides: str, seed: int, out: str, compare_args: list[str], only: tuple[str, ...] = ()) -> int:
     # sequential (GPTQ) and rtn draw the rotation through layer_rotation(name, rotation_seed)
     import lowbit.algorithms.rtn as rtn
     import lowbit.algorithms.sequential as sequential
@@ -29,13 +30,16 @@ def run(sides: str, seed: int, out: str, compare_args: list[str]) -> int:
     from lowbit.models.fused_linears import layer_rotation
 
     def drawn(name: str, base: int) -> object:
+        # "" is the fingerprint's sample draw (sequential), not a linear
+        if only and name and not name.endswith(only):
+            return None
         return layer_rotation(name, base + seed, output_side=sides == "both")
 
     for module in (sequential, rtn):
         module.layer_rotation = drawn
     rc = cli.main(["compare", *compare_args, "--json", out])
     data = json.loads(Path(out).read_text())
-    data["rotation"] = {"sides": sides, "seed": seed}
+    data["rotation"] = {"sides": sides, "seed": seed} | ({"only": list(only)} if only else {})
     Path(out).write_text(json.dumps(data, indent=1))
     return rc
 
@@ -53,12 +57,14 @@ def table(runs: list[dict]) -> str:
     """Rows: seed, then per (variant, sides) ppl / KL / top-1; and the mean over the seeds of each column."""
     cells: dict[tuple[int, str, str], dict] = {}
     for r in runs:
+        rot = r["rotation"]
+        sides = f"{rot['sides']} sides" + (f", {' and '.join(rot['only'])} only" if rot.get("only") else "")
         for row in r["rows"]:
             if row["variant"] != "fp16":
-                cells[(r["rotation"]["seed"], row["variant"], r["rotation"]["sides"])] = row
+                cells[(rot["seed"], row["variant"], sides)] = row
     seeds = sorted({k[0] for k in cells})
     cols = sorted({(k[1], k[2]) for k in cells})
-    lines = ["| seed | " + " | ".join(f"{v}, {s} sides: ppl / KL / top-1" for v, s in cols) + " |",
+    lines = ["| seed | " + " | ".join(f"{v}, {s}: ppl / KL / top-1" for v, s in cols) + " |",
              "|---" * (len(cols) + 1) + "|"]
 
     def fmt(rows: list[dict]) -> str:
@@ -85,12 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--sides", choices=("input", "both"), required=True)
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--out", required=True)
+    r.add_argument("--only", default="", help="comma-separated name endings: rotate only these linears")
     t = sub.add_parser("table", help="a markdown table of run's files")
     t.add_argument("files", nargs="+")
     t.add_argument("--json", default=None, help="also write every run of the files into this one file")
     args = ap.parse_args(argv)
     if args.cmd == "run":
-        return run(args.sides, args.seed, args.out, rest)
+        return run(args.sides, args.seed, args.out, rest, tuple(filter(None, args.only.split(","))))
     runs = load_runs(args.files)
     print(table(runs))
     if args.json:

@@ -50,3 +50,30 @@ def test_runs_pair_by_seed_and_tabulate(tiny_model_dir, text_file, tmp_path, mon
     assert [line.split(" |")[0] for line in lines[2:]] == ["| 3", "| mean"]
     assert bench.main(["table", str(combined)]) == 0  # the combined file gives the same table
     assert capsys.readouterr().out.strip().splitlines() == lines
+
+
+def test_only_rotates_the_named_linears(tiny_model_dir, text_file, tmp_path, monkeypatch, capsys):
+    import lowbit.algorithms.rtn as rtn
+    import lowbit.algorithms.sequential as sequential
+
+    bench = _bench()
+    for module in (rtn, sequential):
+        monkeypatch.setattr(module, "layer_rotation", module.layer_rotation)
+    rotated = []
+    real = rtn.layer_rotation
+
+    def spy(name, seed, output_side=False):  # noqa: ANN001, ANN202
+        rotated.append(name)
+        return real(name, seed, output_side)
+
+    monkeypatch.setattr("lowbit.models.fused_linears.layer_rotation", spy)
+    out = tmp_path / "down.json"
+    args = ["run", "--sides", "input", "--only", "mlp.down_proj", "--out", str(out), "--", str(tiny_model_dir),
+            "--text", text_file, "--seqlen", "32", "--max-windows", "2", "--formats", "fp16,rtn+rht:int4_g32_sym",
+            "--no-progress"]
+    assert bench.main(args) == 0
+    assert rotated and all(n.endswith(".mlp.down_proj") for n in rotated)
+    assert json.loads(out.read_text())["rotation"] == {"sides": "input", "seed": 0, "only": ["mlp.down_proj"]}
+    capsys.readouterr()
+    assert bench.main(["table", str(out)]) == 0
+    assert "rtn+rht:int4_g32_sym, input sides, mlp.down_proj only" in capsys.readouterr().out
