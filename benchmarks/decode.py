@@ -166,18 +166,21 @@ def variant_formats(model: nn.Module, variant: str, head: str = "fp16") -> dict[
     return formats
 
 
-def quantize_model(model: nn.Module, variant: str, init: str, head: str = "fp16") -> dict[str, nn.Module]:
+def quantize_model(model: nn.Module, variant: str, init: str, head: str = "fp16",
+                   rht_only: tuple[str, ...] = ()) -> dict[str, nn.Module]:
     """Swap every decoder linear for a QuantLinear in the variant's format (``FORMAT``; ``FORMAT+rht``: with
     lowbit's incoherence rotations, input sides shared by siblings, undone online; ``FORMAT+rht2``: with output
     sides too, as checkpoints written before carry them; or a llama.cpp preset's types), and the LM head too unless
-    ``head`` is fp16 (:func:`variant_formats`); returns the originals."""
+    ``head`` is fp16 (:func:`variant_formats`); returns the originals. ``rht_only``: name endings, the only linears
+    a ``+rht`` variant rotates."""
     _, rotate, output_side = rotation_sides(variant)
     formats = variant_formats(model, variant, head)
     originals = {name: model.get_submodule(name) for name in formats}
     stats: dict[tuple[str, int], tuple[float, float]] = {}
     for name, lin in originals.items():
         fmt_name = formats[name]
-        rotation = layer_rotation(name, 0, output_side) if rotate and name != "lm_head" else None
+        rotated = rotate and name != "lm_head" and (not rht_only or name.endswith(rht_only))
+        rotation = layer_rotation(name, 0, output_side) if rotated else None
         q = empty_quant_linear(lin, fmt_name, rotation)
         fmt = get_format(fmt_name)
         if init == "rtn" or isinstance(fmt, IQ2XXSFormat | KQuantFormat):
@@ -344,7 +347,8 @@ def run_variant(model: nn.Module, variant: str, args: argparse.Namespace, prompt
     dev = prompt.device
     t0 = time.perf_counter()
     quantized = variant != "fp16" or args.head not in ("fp16", "preset")
-    originals = quantize_model(model, variant, args.init, args.head) if quantized else None
+    only = tuple(filter(None, args.rht_only.split(",")))
+    originals = quantize_model(model, variant, args.init, args.head, only) if quantized else None
     sync(dev)
     log(f"{variant}: weights ready in {time.perf_counter() - t0:.1f}s")
     try:
@@ -462,6 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "(StaticDecoder's fuse_attention, models.decode_attention.step_attention)")
     ap.add_argument("--head", default="fp16",
                     help="LM head: fp16 (default), a lowbit format, or preset (a llama.cpp preset's output type)")
+    ap.add_argument("--rht-only", default="", help="comma-separated name endings (self_attn.q_proj, ...): the only "
+                    "linears +rht variants rotate, to time what each transform costs")
     ap.add_argument("--profile", action="store_true", help="per variant: GPU kernel time per step, by kernel")
     ap.add_argument("--tag", default=None)
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/decode-<tag>.json)")

@@ -266,6 +266,27 @@ def test_benchmark_cpu_smoke(tmp_path):
     assert res["rows"][0]["bytes"]["linears"] > 7 * res["rows"][1]["bytes"]["linears"]
 
 
+def test_benchmark_rotates_only_the_linears_named():
+    """``--rht-only``: a +rht variant rotates the named linears and leaves the others unrotated (to time each
+    transform's share of a step)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "benchmarks"))
+    try:
+        import decode as bench
+    finally:
+        sys.path.remove(str(root / "benchmarks"))
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=4))
+    bench.quantize_model(model, "nz2_ch+rht", "random", rht_only=("self_attn.q_proj", "mlp.down_proj"))
+    rotated = {n.rsplit(".", 2)[-2] + "." + n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+               if isinstance(m, QuantLinear) and m.rotation is not None}
+    assert rotated == {"self_attn.q_proj", "mlp.down_proj"}
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 14
+
+
 def test_benchmark_builds_valid_kquant_weights(tmp_path):
     """K-quant variants get valid random superblocks (random bytes would hold NaN d's) and decode; a preset variant
     takes llama.cpp's per-tensor types."""
