@@ -11,7 +11,9 @@ the rotations drawn with ``--seed`` (the recipe's ``rotation_seed``): a pair of 
 input-side transforms, so it isolates what the output side does. The draw itself moves the result a lot
 (docs/formats.md), hence several seeds. ``table`` reads the files ``run`` wrote (``--out``), or one it combined
 them into (``--json``). ``--only mlp.down_proj,self_attn.o_proj`` rotates only the linears whose names end so
-(the others stay unrotated), to see which transforms of a decode step pay for themselves.
+(the others stay unrotated), to see which transforms of a decode step pay for themselves; ``--fold-norms``
+multiplies the RMSNorm scales into the linears that read them first (what any rotation of the residual stream,
+``+fused``, has to do).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import sys
 from pathlib import Path
 
 
-def run(sides: str, seed: int, out: str, compare_args: list[str], only: tuple[str, ...] = ()) -> int:
+def run(sides: str, seed: int, out: str, compare_args: list[str], only: tuple[str, ...] = (),
+        fold_norms: bool = False) -> int:
     # sequential (GPTQ) and rtn draw the rotation through layer_rotation(name, rotation_seed)
     import lowbit.algorithms.rtn as rtn
     import lowbit.algorithms.sequential as sequential
@@ -37,9 +40,16 @@ def run(sides: str, seed: int, out: str, compare_args: list[str], only: tuple[st
 
     for module in (sequential, rtn):
         module.layer_rotation = drawn
+    if fold_norms:  # the RMSNorm scales multiplied into q/k/v and gate/up before quantizing, as +fused does
+        import lowbit.comparison as comparison
+        from lowbit.models.fused_rotation import fold_layer_norms
+
+        quantize = comparison.quantize
+        comparison.quantize = lambda model, *a, **k: quantize(fold_layer_norms(model), *a, **k)
     rc = cli.main(["compare", *compare_args, "--json", out])
     data = json.loads(Path(out).read_text())
-    data["rotation"] = {"sides": sides, "seed": seed} | ({"only": list(only)} if only else {})
+    data["rotation"] = ({"sides": sides, "seed": seed} | ({"only": list(only)} if only else {})
+                        | ({"fold_norms": True} if fold_norms else {}))
     Path(out).write_text(json.dumps(data, indent=1))
     return rc
 
@@ -58,7 +68,8 @@ def table(runs: list[dict]) -> str:
     cells: dict[tuple[int, str, str], dict] = {}
     for r in runs:
         rot = r["rotation"]
-        sides = f"{rot['sides']} sides" + (f", {' and '.join(rot['only'])} only" if rot.get("only") else "")
+        sides = (f"{rot['sides']} sides" + (f", {' and '.join(rot['only'])} only" if rot.get("only") else "")
+                 + (", norms folded" if rot.get("fold_norms") else ""))
         for row in r["rows"]:
             if row["variant"] != "fp16":
                 cells[(rot["seed"], row["variant"], sides)] = row
@@ -92,12 +103,14 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--out", required=True)
     r.add_argument("--only", default="", help="comma-separated name endings: rotate only these linears")
+    r.add_argument("--fold-norms", action="store_true",
+                   help="multiply the RMSNorm scales into q/k/v and gate/up first, as +fused does")
     t = sub.add_parser("table", help="a markdown table of run's files")
     t.add_argument("files", nargs="+")
     t.add_argument("--json", default=None, help="also write every run of the files into this one file")
     args = ap.parse_args(argv)
     if args.cmd == "run":
-        return run(args.sides, args.seed, args.out, rest, tuple(filter(None, args.only.split(","))))
+        return run(args.sides, args.seed, args.out, rest, tuple(filter(None, args.only.split(","))), args.fold_norms)
     runs = load_runs(args.files)
     print(table(runs))
     if args.json:

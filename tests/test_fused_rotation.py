@@ -7,7 +7,7 @@ import torch
 
 from conftest import make_model
 from lowbit.errors import UnsupportedModelError
-from lowbit.models.fused_rotation import fuse_rotation
+from lowbit.models.fused_rotation import fold_layer_norms, fuse_rotation
 
 
 def _spiky(arch: str, tied: bool = False, seed: int = 0) -> torch.nn.Module:
@@ -45,6 +45,20 @@ def test_function_is_unchanged(arch, tied):
             assert torch.equal(p, torch.ones_like(p)), name
     assert model.lm_head.weight is not model.model.embed_tokens.weight
     assert not model.config.tie_word_embeddings
+
+
+def test_folding_the_layer_norms_alone_keeps_the_function():
+    model = _spiky("llama")
+    ids = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(1))
+    before = _logits(model, ids)
+    q = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    g = model.model.layers[0].input_layernorm.weight.detach().clone()
+    fold_layer_norms(model)
+    assert (_logits(model, ids) - before).abs().max() < 1e-4 * before.abs().max()
+    assert torch.allclose(model.model.layers[0].self_attn.q_proj.weight, q * g)
+    layers = [n for n, p in model.named_parameters() if n.endswith("layernorm.weight")]
+    assert layers and all(torch.equal(model.get_parameter(n), torch.ones_like(model.get_parameter(n))) for n in layers)
+    assert not torch.equal(model.model.norm.weight, torch.ones_like(model.model.norm.weight))  # the final norm stays
 
 
 def test_rotation_spreads_outlier_features():

@@ -77,3 +77,25 @@ def test_only_rotates_the_named_linears(tiny_model_dir, text_file, tmp_path, mon
     capsys.readouterr()
     assert bench.main(["table", str(out)]) == 0
     assert "rtn+rht:int4_g32_sym, input sides, mlp.down_proj only" in capsys.readouterr().out
+
+
+def test_fold_norms_folds_before_quantizing(tiny_model_dir, text_file, tmp_path, monkeypatch):
+    import lowbit.algorithms.rtn as rtn
+    import lowbit.algorithms.sequential as sequential
+    import lowbit.comparison as comparison
+    import lowbit.models.fused_rotation as fused_rotation
+
+    bench = _bench()
+    for module in (rtn, sequential):
+        monkeypatch.setattr(module, "layer_rotation", module.layer_rotation)
+    monkeypatch.setattr(comparison, "quantize", comparison.quantize)
+    folded = []
+    real = fused_rotation.fold_layer_norms
+    monkeypatch.setattr(fused_rotation, "fold_layer_norms", lambda model: folded.append(model) or real(model))
+    out = tmp_path / "fold.json"
+    args = ["run", "--sides", "input", "--fold-norms", "--out", str(out), "--", str(tiny_model_dir), "--text",
+            text_file, "--seqlen", "32", "--max-windows", "2", "--formats", "fp16,rtn+rht:int4_g32_sym",
+            "--no-progress"]
+    assert bench.main(args) == 0
+    assert len(folded) == 1  # the quantized variant's copy, not the fp16 reference
+    assert json.loads(out.read_text())["rotation"] == {"sides": "input", "seed": 0, "fold_norms": True}

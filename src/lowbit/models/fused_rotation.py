@@ -50,10 +50,9 @@ def fuse_rotation(model: nn.Module, seed: int = 0) -> nn.Module:
     per_head = RandomizedHadamard(head_dim, seed + SEED_OFFSET + 1)
     inner = model.get_submodule("model")
     _set(inner.embed_tokens.weight, residual.apply(_f64(inner.embed_tokens.weight)))
+    fold_layer_norms(model)
     for layer in decoder_layers(model):
         attn, mlp = layer.self_attn, layer.mlp
-        _fold_norm(layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj])
-        _fold_norm(layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj])
         for lin in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
             _rotate_input(lin, residual)
         for lin in (attn.o_proj, mlp.down_proj):
@@ -62,6 +61,18 @@ def fuse_rotation(model: nn.Module, seed: int = 0) -> nn.Module:
         _rotate_heads_input(attn.o_proj, per_head, head_dim)
     _fold_norm(inner.norm, [model.lm_head])
     _rotate_input(model.lm_head, residual)
+    return model
+
+
+@torch.no_grad()
+def fold_layer_norms(model: nn.Module) -> nn.Module:
+    """Multiply each decoder layer's RMSNorm scales into the linears that read the normalized vector (q/k/v, gate/up)
+    and set the scales to 1, in place: the same function, the step every residual-stream rotation starts with. Alone
+    it changes what rounding sees (``benchmarks/rotation_sides.py --fold-norms``)."""
+    for layer in decoder_layers(model):
+        attn, mlp = layer.self_attn, layer.mlp
+        _fold_norm(layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj])
+        _fold_norm(layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj])
     return model
 
 
