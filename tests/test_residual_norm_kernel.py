@@ -126,8 +126,9 @@ def test_junction_kernel_refuses_a_dense_factor():
 @pytest.mark.parametrize("batch", [1, 8, 33])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_junction_on_gpu(output_side, n, batch, dtype):
-    """Without an output side: the kernel itself (dispatch sends work to it once "norm_rotated" leaves
-    GPU_UNVERIFIED)."""
+    """With and without an output side (residual_norm, norm_rotated): the kernels dispatch sends a rotated layer's
+    junctions to on CUDA, against the float64 steps (passed on an H200:
+    benchmarks/results/norm-rotated-gpu-h200.txt)."""
     from lowbit.kernels.triton_hadamard import norm_rotated
 
     ns: dict = {}

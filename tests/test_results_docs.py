@@ -81,7 +81,8 @@ def _decode_row(variant: str, bpw: float, total: float, roofline: float, tok_s: 
 DECODE = {"meta": {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0+cu130", "dtype": "torch.float16",
                    "copy_bw": 2951851266541.6494,
                    "command": "python benchmarks/decode.py --tag h100 --compile --profile --eager-repeats 0",
-                   "config": {"layers": 32, "hidden": 4096, "compile": True}, "params": 6738415616},
+                   "config": {"layers": 32, "hidden": 4096, "compile": True}, "params": 6738415616,
+                   "note": "run with a change that the command no longer makes"},
           "rows": [_decode_row("fp16", 16.0, 13256900608.0, 222.6652634598714, 160.71092748818302, 0.7217602),
                    _decode_row("nz2_ch", 2.003359779792746, 1926610944.0, 1532.1470459484992, 361.76346586994885,
                                0.23611536949183204)]}
@@ -161,6 +162,7 @@ def test_pages_from_each_family(results: Path, tmp_path: Path):
     assert decode["nz2_ch"] == ["2.003", "1927", "1532.1", "361.8", "24%", "2.25x", "-", "-", "33.5",
                                 "5983 / 5084", "16/16"]
     assert "copy bandwidth 2952 GB/s" in pages["decode.md"]
+    assert "Note: run with a change that the command no longer makes" in pages["decode.md"]
 
     llamacpp = _tables(pages["llamacpp.md"])
     assert llamacpp["q4_0"] == ["1", "4096x14336", "14.4"] and llamacpp["q2_k"] == ["196.6", "1.3", "2.53"]

@@ -495,6 +495,8 @@ def _decode_section(s: Source) -> list[str]:
              f"Hardware: {meta.get('device', 'not recorded')}, copy bandwidth "
              f"{float(meta.get('copy_bw', 0)) / 1e9:.0f} GB/s; {versions}; {meta.get('dtype', '?')}",
              f"Model: {model}", f"Run: {run}; {_num(meta.get('seconds'), 0)} s in all"]
+    if meta.get("note"):  # how the run differs from what its command does now
+        facts.append(f"Note: {meta['note']}")
     return _section(f"{Path(s.name).stem}: {_decode_mode(s)}", s, facts, _decode_table(s.data["rows"]))
 
 
