@@ -13,7 +13,9 @@ input-side transforms, so it isolates what the output side does. The draw itself
 them into (``--json``). ``--only mlp.down_proj,self_attn.o_proj`` rotates only the linears whose names end so
 (the others stay unrotated), to see which transforms of a decode step pay for themselves; ``--fold-norms``
 multiplies the RMSNorm scales into the linears that read them first (what any rotation of the residual stream,
-``+fused``, has to do).
+``+fused``, has to do); ``--blocks N`` drops the dense factor of size-N transforms (11008 = 43 x 256 in a 7B
+model, whose 43 x 43 matmul is a kernel of its own in every rotated layer's decode step), leaving a block-diagonal
+FWHT with random signs, to see what rounding loses without the mixing across blocks.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pathlib import Path
 
 
 def run(sides: str, seed: int, out: str, compare_args: list[str], only: tuple[str, ...] = (),
-        fold_norms: bool = False) -> int:
+        fold_norms: bool = False, blocks: int = 0) -> int:
     # sequential (GPTQ) and rtn draw the rotation through layer_rotation(name, rotation_seed)
     import lowbit.algorithms.rtn as rtn
     import lowbit.algorithms.sequential as sequential
@@ -46,12 +48,36 @@ def run(sides: str, seed: int, out: str, compare_args: list[str], only: tuple[st
 
         quantize = comparison.quantize
         comparison.quantize = lambda model, *a, **k: quantize(fold_layer_norms(model), *a, **k)
+    if blocks:
+        _block_diagonal(blocks)
     rc = cli.main(["compare", *compare_args, "--json", out])
     data = json.loads(Path(out).read_text())
     data["rotation"] = ({"sides": sides, "seed": seed} | ({"only": list(only)} if only else {})
-                        | ({"fold_norms": True} if fold_norms else {}))
+                        | ({"fold_norms": True} if fold_norms else {}) | ({"blocks": blocks} if blocks else {}))
     Path(out).write_text(json.dumps(data, indent=1))
     return rc
+
+
+def _block_diagonal(n: int) -> None:
+    """Size-n transforms (drawn through ``incoherence.hadamard_of`` by quantizers and QuantLinear alike) keep their
+    signs and FWHT blocks but not their dense factor: R = (I_m kron H_p) diag(signs)."""
+    import copy
+
+    import torch
+
+    import lowbit.rotations.incoherence as incoherence
+
+    drawn = incoherence.hadamard_of
+
+    def blockwise(size: int, seed: int, layout: int):  # noqa: ANN202
+        h = drawn(size, seed, layout)
+        if size != n or h.m == 1:
+            return h
+        b = copy.copy(h)
+        b.factor, b.kind = torch.eye(h.m), f"{h.m} blocks of fwht {h.p}"
+        return b
+
+    incoherence.hadamard_of = blockwise
 
 
 def load_runs(paths: list[str]) -> list[dict]:
@@ -69,7 +95,8 @@ def table(runs: list[dict]) -> str:
     for r in runs:
         rot = r["rotation"]
         sides = (f"{rot['sides']} sides" + (f", {' and '.join(rot['only'])} only" if rot.get("only") else "")
-                 + (", norms folded" if rot.get("fold_norms") else ""))
+                 + (", norms folded" if rot.get("fold_norms") else "")
+                 + (f", size {rot['blocks']} block-diagonal" if rot.get("blocks") else ""))
         for row in r["rows"]:
             if row["variant"] != "fp16":
                 cells[(rot["seed"], row["variant"], sides)] = row
@@ -105,12 +132,14 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--only", default="", help="comma-separated name endings: rotate only these linears")
     r.add_argument("--fold-norms", action="store_true",
                    help="multiply the RMSNorm scales into q/k/v and gate/up first, as +fused does")
+    r.add_argument("--blocks", type=int, default=0, help="transforms of this size drop their dense factor")
     t = sub.add_parser("table", help="a markdown table of run's files")
     t.add_argument("files", nargs="+")
     t.add_argument("--json", default=None, help="also write every run of the files into this one file")
     args = ap.parse_args(argv)
     if args.cmd == "run":
-        return run(args.sides, args.seed, args.out, rest, tuple(filter(None, args.only.split(","))), args.fold_norms)
+        return run(args.sides, args.seed, args.out, rest, tuple(filter(None, args.only.split(","))), args.fold_norms,
+                   args.blocks)
     runs = load_runs(args.files)
     print(table(runs))
     if args.json:

@@ -99,3 +99,19 @@ def test_fold_norms_folds_before_quantizing(tiny_model_dir, text_file, tmp_path,
     assert bench.main(args) == 0
     assert len(folded) == 1  # the quantized variant's copy, not the fp16 reference
     assert json.loads(out.read_text())["rotation"] == {"sides": "input", "seed": 0, "fold_norms": True}
+
+
+def test_blocks_drop_the_dense_factor_of_one_size(monkeypatch):
+    import torch
+
+    import lowbit.rotations.incoherence as incoherence
+
+    monkeypatch.setattr(incoherence, "hadamard_of", incoherence.hadamard_of)
+    _bench()._block_diagonal(192)
+    h = incoherence.hadamard_of(192, 5, 2)  # 192 = 12 x 16: a Hadamard factor of order 12
+    r = h.matrix()
+    assert (h.m, h.p) == (12, 16) and torch.allclose(r @ r.t(), torch.eye(192), atol=1e-5)
+    blocks = r.reshape(12, 16, 12, 16).permute(0, 2, 1, 3).abs().sum((2, 3))
+    assert torch.count_nonzero(blocks) == 12 and torch.count_nonzero(blocks.diagonal()) == 12  # block-diagonal
+    other = incoherence.hadamard_of(96, 5, 2)  # another size keeps its dense factor
+    assert other.m > 1 and not torch.equal(other.factor, torch.eye(other.m))
