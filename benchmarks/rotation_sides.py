@@ -62,6 +62,7 @@ def _block_diagonal(n: int) -> None:
     """Size-n transforms (drawn through ``incoherence.hadamard_of`` by quantizers and QuantLinear alike) keep their
     signs and FWHT blocks but not their dense factor: R = (I_m kron H_p) diag(signs)."""
     import copy
+    from functools import cache
 
     import torch
 
@@ -69,6 +70,7 @@ def _block_diagonal(n: int) -> None:
 
     drawn = incoherence.hadamard_of
 
+    @cache  # as hadamard_of is: one object per (size, seed, layout) for every user of the transform
     def blockwise(size: int, seed: int, layout: int):  # noqa: ANN202
         h = drawn(size, seed, layout)
         if size != n or h.m == 1:

@@ -109,6 +109,7 @@ def test_blocks_drop_the_dense_factor_of_one_size(monkeypatch):
     monkeypatch.setattr(incoherence, "hadamard_of", incoherence.hadamard_of)
     _bench()._block_diagonal(192)
     h = incoherence.hadamard_of(192, 5, 2)  # 192 = 12 x 16: a Hadamard factor of order 12
+    assert incoherence.hadamard_of(192, 5, 2) is h  # drawn once, as hadamard_of's users expect
     r = h.matrix()
     assert (h.m, h.p) == (12, 16) and torch.allclose(r @ r.t(), torch.eye(192), atol=1e-5)
     blocks = r.reshape(12, 16, 12, 16).permute(0, 2, 1, 3).abs().sum((2, 3))
