@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import json
 import math
@@ -167,12 +168,12 @@ def variant_formats(model: nn.Module, variant: str, head: str = "fp16") -> dict[
 
 
 def quantize_model(model: nn.Module, variant: str, init: str, head: str = "fp16",
-                   rht_only: tuple[str, ...] = ()) -> dict[str, nn.Module]:
+                   rht_only: tuple[str, ...] = (), rht_layout: int = 0) -> dict[str, nn.Module]:
     """Swap every decoder linear for a QuantLinear in the variant's format (``FORMAT``; ``FORMAT+rht``: with
     lowbit's incoherence rotations, input sides shared by siblings, undone online; ``FORMAT+rht2``: with output
     sides too, as checkpoints written before carry them; or a llama.cpp preset's types), and the LM head too unless
     ``head`` is fp16 (:func:`variant_formats`); returns the originals. ``rht_only``: name endings, the only linears
-    a ``+rht`` variant rotates."""
+    a ``+rht`` variant rotates; ``rht_layout``: the rotation layout of their transforms (0: what lowbit draws)."""
     _, rotate, output_side = rotation_sides(variant)
     formats = variant_formats(model, variant, head)
     originals = {name: model.get_submodule(name) for name in formats}
@@ -181,6 +182,8 @@ def quantize_model(model: nn.Module, variant: str, init: str, head: str = "fp16"
         fmt_name = formats[name]
         rotated = rotate and name != "lm_head" and (not rht_only or name.endswith(rht_only))
         rotation = layer_rotation(name, 0, output_side) if rotated else None
+        if rotation is not None and rht_layout:
+            rotation = dataclasses.replace(rotation, layout=rht_layout)
         q = empty_quant_linear(lin, fmt_name, rotation)
         fmt = get_format(fmt_name)
         if init == "rtn" or isinstance(fmt, IQ2XXSFormat | KQuantFormat):
@@ -348,7 +351,7 @@ def run_variant(model: nn.Module, variant: str, args: argparse.Namespace, prompt
     t0 = time.perf_counter()
     quantized = variant != "fp16" or args.head not in ("fp16", "preset")
     only = tuple(filter(None, args.rht_only.split(",")))
-    originals = quantize_model(model, variant, args.init, args.head, only) if quantized else None
+    originals = quantize_model(model, variant, args.init, args.head, only, args.rht_layout) if quantized else None
     sync(dev)
     log(f"{variant}: weights ready in {time.perf_counter() - t0:.1f}s")
     try:
@@ -466,6 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "(StaticDecoder's fuse_attention, models.decode_attention.step_attention)")
     ap.add_argument("--head", default="fp16",
                     help="LM head: fp16 (default), a lowbit format, or preset (a llama.cpp preset's output type)")
+    ap.add_argument("--rht-layout", type=int, default=0, help="rotation layout of +rht transforms (lowbit.rotations."
+                    "hadamard: 2 dense factor, 3 block-diagonal; 0: what lowbit draws)")
     ap.add_argument("--rht-only", default="", help="comma-separated name endings (self_attn.q_proj, ...): the only "
                     "linears +rht variants rotate, to time what each transform costs")
     ap.add_argument("--profile", action="store_true", help="per variant: GPU kernel time per step, by kernel")

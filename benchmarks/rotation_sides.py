@@ -15,19 +15,22 @@ them into (``--json``). ``--only mlp.down_proj,self_attn.o_proj`` rotates only t
 multiplies the RMSNorm scales into the linears that read them first (what any rotation of the residual stream,
 ``+fused``, has to do); ``--blocks N`` drops the dense factor of size-N transforms (11008 = 43 x 256 in a 7B
 model, whose 43 x 43 matmul is a kernel of its own in every rotated layer's decode step), leaving a block-diagonal
-FWHT with random signs, to see what rounding loses without the mixing across blocks.
+FWHT with random signs, to see what rounding loses without the mixing across blocks; ``--layout 3`` draws every
+transform in the block-diagonal layout (:mod:`lowbit.rotations.hadamard`: m FWHT blocks of the largest power of
+two that divides the size, no dense factor at any size).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
 
 def run(sides: str, seed: int, out: str, compare_args: list[str], only: tuple[str, ...] = (),
-        fold_norms: bool = False, blocks: int = 0) -> int:
+        fold_norms: bool = False, blocks: int = 0, layout: int = 0) -> int:
     # sequential (GPTQ) and rtn draw the rotation through layer_rotation(name, rotation_seed)
     import lowbit.algorithms.rtn as rtn
     import lowbit.algorithms.sequential as sequential
@@ -38,7 +41,8 @@ def run(sides: str, seed: int, out: str, compare_args: list[str], only: tuple[st
         # "" is the fingerprint's sample draw (sequential), not a linear
         if only and name and not name.endswith(only):
             return None
-        return layer_rotation(name, base + seed, output_side=sides == "both")
+        rot = layer_rotation(name, base + seed, output_side=sides == "both")
+        return dataclasses.replace(rot, layout=layout) if layout else rot
 
     for module in (sequential, rtn):
         module.layer_rotation = drawn
@@ -53,7 +57,8 @@ def run(sides: str, seed: int, out: str, compare_args: list[str], only: tuple[st
     rc = cli.main(["compare", *compare_args, "--json", out])
     data = json.loads(Path(out).read_text())
     data["rotation"] = ({"sides": sides, "seed": seed} | ({"only": list(only)} if only else {})
-                        | ({"fold_norms": True} if fold_norms else {}) | ({"blocks": blocks} if blocks else {}))
+                        | ({"fold_norms": True} if fold_norms else {}) | ({"blocks": blocks} if blocks else {})
+                        | ({"layout": layout} if layout else {}))
     Path(out).write_text(json.dumps(data, indent=1))
     return rc
 
@@ -98,7 +103,8 @@ def table(runs: list[dict]) -> str:
         rot = r["rotation"]
         sides = (f"{rot['sides']} sides" + (f", {' and '.join(rot['only'])} only" if rot.get("only") else "")
                  + (", norms folded" if rot.get("fold_norms") else "")
-                 + (f", size {rot['blocks']} block-diagonal" if rot.get("blocks") else ""))
+                 + (f", size {rot['blocks']} block-diagonal" if rot.get("blocks") else "")
+                 + (f", layout {rot['layout']}" if rot.get("layout") else ""))
         for row in r["rows"]:
             if row["variant"] != "fp16":
                 cells[(rot["seed"], row["variant"], sides)] = row
@@ -135,13 +141,14 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--fold-norms", action="store_true",
                    help="multiply the RMSNorm scales into q/k/v and gate/up first, as +fused does")
     r.add_argument("--blocks", type=int, default=0, help="transforms of this size drop their dense factor")
+    r.add_argument("--layout", type=int, default=0, help="draw every transform in this rotation layout")
     t = sub.add_parser("table", help="a markdown table of run's files")
     t.add_argument("files", nargs="+")
     t.add_argument("--json", default=None, help="also write every run of the files into this one file")
     args = ap.parse_args(argv)
     if args.cmd == "run":
         return run(args.sides, args.seed, args.out, rest, tuple(filter(None, args.only.split(","))), args.fold_norms,
-                   args.blocks)
+                   args.blocks, args.layout)
     runs = load_runs(args.files)
     print(table(runs))
     if args.json:

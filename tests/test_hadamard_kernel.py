@@ -9,7 +9,7 @@ import torch
 
 from conftest import run_in_interpreter
 from lowbit.kernels.dispatch import rotate_input, rotate_output, triton_available
-from lowbit.rotations.hadamard import LAYOUT, RandomizedHadamard
+from lowbit.rotations.hadamard import RandomizedHadamard
 
 # sizes: powers of two (one launch), 576 = 72 x 8 and 96 = 12 x 8 (Hadamard Kronecker factor after the
 # kernel), 448 = 7 x 64 (random orthogonal factor); batch shapes incl. leading dims and more chunks than a block
@@ -18,6 +18,9 @@ CASES = [(n, b) for n in (64, 256, 576, 1024) for b in ([1], [3], [2, 5])] + [(9
 
 # (n, k) for k stacked rotations: 576 = 72 x 8 and 448 = 7 x 64 (dense factors, batched), 1024 (none)
 STACKED = [(576, 3), (448, 2), (1024, 2)]
+
+# the block-diagonal layout 3 (no dense factor): 11008 = 43 blocks of 256, 2816 = 11 of 256; (n, k stacked)
+BLOCKWISE = [(11008, 1), (2816, 3)]
 
 _SCRIPT = r"""
 import json, sys
@@ -58,6 +61,17 @@ for n, k in STACKED:
                          zip(rots, x.split(n, dim=-1))], dim=-1)
         y = rotate_stacked(rots, x, inverse=inverse)
         out[f"stacked:{n}:{k}:{key}"] = ((y.double() - ref).norm() / ref.norm()).item()
+# layout 3: the kernel alone (no matmul after it) = the reference, stacked and through the op
+for n, k in BLOCKWISE:
+    rots = [RandomizedHadamard(n, seed=40 + j, layout=3) for j in range(k)]
+    x = torch.randn(2, k * n, generator=g)
+    for key, inverse in (("inverse", True), ("apply", False)):
+        ref = torch.cat([(r.inverse if inverse else r.apply)(part.double()) for r, part in
+                         zip(rots, x.split(n, dim=-1))], dim=-1)
+        y = rotate_stacked(rots, x, inverse=inverse)
+        out[f"blockwise:{n}:{k}:{key}"] = ((y.double() - ref).norm() / ref.norm()).item()
+        y = torch.ops.lowbit.hadamard(x, n, [40 + j for j in range(k)], 3, inverse)
+        out[f"blockwise-op:{n}:{k}:{key}"] = ((y.double() - ref).norm() / ref.norm()).item()
 # the custom op torch.compile traces (lowbit::hadamard, registered by triton_hadamard) = the stacked kernel
 for n, k in STACKED:
     rots = [RandomizedHadamard(n, seed=30 + j, layout=2) for j in range(k)]
@@ -84,7 +98,8 @@ print(json.dumps(out))
 
 @pytest.fixture(scope="module")
 def interpreter_results():
-    return run_in_interpreter(_SCRIPT.replace("STACKED", repr(STACKED)), CASES)
+    return run_in_interpreter(_SCRIPT.replace("STACKED", repr(STACKED)).replace("BLOCKWISE", repr(BLOCKWISE)),
+                              CASES)
 
 
 @pytest.mark.parametrize("n,batch", CASES, ids=[f"n{n}-b{'x'.join(map(str, b))}" for n, b in CASES])
@@ -111,12 +126,22 @@ def test_hadamard_op_is_the_stacked_kernel(interpreter_results, n, k, side):
     assert interpreter_results[f"op:{n}:{k}:{side}"] == 0.0
 
 
+@pytest.mark.parametrize("n,k", BLOCKWISE)
+@pytest.mark.parametrize("side", ["inverse", "apply"])
+def test_block_diagonal_rotations_in_interpreter(interpreter_results, n, k, side):
+    assert interpreter_results[f"blockwise:{n}:{k}:{side}"] < 1e-5
+    assert interpreter_results[f"blockwise-op:{n}:{k}:{side}"] < 1e-5
+
+
 def test_stacked_rotations_refuse_mixed_splits():
     pytest.importorskip("triton")
     from lowbit.kernels.triton_hadamard import rotate_stacked
 
     with pytest.raises(ValueError, match="one split"):
         rotate_stacked([RandomizedHadamard(576), RandomizedHadamard(448)], torch.randn(1, 1024))
+    with pytest.raises(ValueError, match="one split"):  # 43 x 256 both, one with a dense factor
+        rotate_stacked([RandomizedHadamard(11008, layout=2), RandomizedHadamard(11008, layout=3)],
+                       torch.randn(1, 22016))
     with pytest.raises(ValueError, match="last dimension"):
         rotate_stacked([RandomizedHadamard(576)] * 2, torch.randn(1, 576))
 
@@ -158,8 +183,9 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() or not triton_avail
 @pytest.mark.parametrize("n", [64, 256, 576, 1024, 3072, 4096, 11008, 14336, 16384])
 @pytest.mark.parametrize("batch", [1, 8, 33])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_hadamard_kernel_on_gpu(n, batch, dtype):
-    rot = RandomizedHadamard(n, seed=7, layout=LAYOUT)  # the split new rotations use (11008: 43 x 256)
+@pytest.mark.parametrize("layout", [2, 3])
+def test_hadamard_kernel_on_gpu(n, batch, dtype, layout):
+    rot = RandomizedHadamard(n, seed=7, layout=layout)  # 11008: 43 x 256 with a dense factor (2) or 43 blocks (3)
     x = torch.randn(batch, n, device="cuda").to(dtype)
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}[dtype]
     for y, ref in ((rotate_input(rot, x), rot.apply(x.double().cpu())),
@@ -171,12 +197,13 @@ def test_hadamard_kernel_on_gpu(n, batch, dtype):
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
                     reason="programmatic dependent launch needs compute capability 9.0")
 @pytest.mark.parametrize("n", [4096, 11008])
-def test_hadamard_launched_early_gives_the_plain_result(n):
+@pytest.mark.parametrize("layout", [2, 3])
+def test_hadamard_launched_early_gives_the_plain_result(n, layout):
     """Launched as a programmatic dependent launch behind a kernel that writes its input (one CUDA graph): the
     transform must wait for that input, so it gives the plain launch's result bit for bit."""
     from lowbit.kernels.cuda_gemv import early_launch
 
-    rot = RandomizedHadamard(n, seed=3, layout=LAYOUT)
+    rot = RandomizedHadamard(n, seed=3, layout=layout)
     src = torch.randn(8, n, device="cuda").half()
     x = torch.empty_like(src)
     plain = rotate_input(rot, src.mul(2.0))
@@ -199,11 +226,12 @@ def test_hadamard_launched_early_gives_the_plain_result(n):
 @needs_gpu
 @pytest.mark.parametrize("n,k", [(4096, 3), (11008, 2), (14336, 2), (1024, 2)])
 @pytest.mark.parametrize("batch", [1, 8])
-def test_stacked_rotations_on_gpu(n, k, batch):
+@pytest.mark.parametrize("layout", [2, 3])
+def test_stacked_rotations_on_gpu(n, k, batch, layout):
     """A fused group's output sides in one launch: each slice as its own rotation's inverse (float16)."""
     from lowbit.kernels.dispatch import rotate_outputs
 
-    rots = [RandomizedHadamard(n, seed=20 + j, layout=LAYOUT) for j in range(k)]
+    rots = [RandomizedHadamard(n, seed=20 + j, layout=layout) for j in range(k)]
     y = torch.randn(batch, k * n, device="cuda").half()
     parts = zip(rots, y.split(n, dim=-1), strict=True)
     ref = torch.cat([r.inverse(part.double().cpu()) for r, part in parts], dim=-1)

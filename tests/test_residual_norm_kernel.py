@@ -15,6 +15,7 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() or not dispatch.tri
                                reason="needs a CUDA GPU with Triton")
 
 CASES = [(n, b) for n in (64, 256, 2048) for b in ([1], [3], [2, 2])]
+BLOCKS = [768, 1280]  # layout 3: 3 and 5 FWHT blocks of 256
 
 _TRUTH = r"""
 import torch
@@ -28,10 +29,10 @@ def rel(a, b):
     ok = a.shape == b.shape and bool(torch.isfinite(a).all())
     return ((a.double() - b).norm() / b.norm()).item() if ok else float("inf")
 
-def inputs(n, batch, g, dtype):
+def inputs(n, batch, g, dtype, layout=2):
     y, r = torch.randn(*batch, n, generator=g).to(dtype), (4 * torch.randn(*batch, n, generator=g)).to(dtype)
     w = (1 + 0.2 * torch.randn(n, generator=g)).to(dtype)
-    return y, r, w, RandomizedHadamard(n, seed=3, layout=2), RandomizedHadamard(n, seed=4, layout=2)
+    return y, r, w, RandomizedHadamard(n, seed=3, layout=layout), RandomizedHadamard(n, seed=4, layout=layout)
 
 def error(y, r, w, u, v):
     from lowbit.kernels.dispatch import residual_norm_rotated
@@ -56,6 +57,13 @@ for n, batch in json.loads(sys.argv[1]):
         out[f"{n}:{batch}:{str(dtype)[6:]}"] = error(*inputs(n, batch, gen, dtype))
         y, r, w, u, v = inputs(n, batch, gen, dtype)
         out[f"norm {n}:{batch}:{str(dtype)[6:]}"] = norm_error(r, w, v, norm_rotated)
+# rows of layout 3's blocks (768 = 3 x 256, 1280 = 5 x 256: a [4 or 8, 256] view, padding rows masked)
+for n in BLOCKS:
+    for dtype in (torch.float16, torch.float32):
+        y, r, w, u, v = inputs(n, [3], gen, dtype, layout=3)
+        assert u.m > 1 and not u.dense
+        out[f"blocks {n}:{str(dtype)[6:]}"] = error(y, r, w, u, v)
+        out[f"norm blocks {n}:{str(dtype)[6:]}"] = norm_error(r, w, v, norm_rotated)
 # activations with outlier channels of a few thousand (the bundled model has them): float32 inside, finite
 y, r, w, u, v = inputs(4096, [2], gen, torch.float16)
 r[:, :8], y[:, :8] = 3000.0, 2000.0
@@ -77,7 +85,7 @@ TOL = {"float16": 3e-3, "bfloat16": 2.5e-2, "float32": 1e-5}
 
 @pytest.fixture(scope="module")
 def interpreter_results():
-    return run_in_interpreter(_SCRIPT, CASES)
+    return run_in_interpreter(_SCRIPT.replace("BLOCKS", repr(BLOCKS)), CASES)
 
 
 @pytest.mark.parametrize("kind", ["", "norm "], ids=["residual_norm", "norm_rotated"])
@@ -85,6 +93,13 @@ def interpreter_results():
 @pytest.mark.parametrize("dtype", list(TOL))
 def test_junction_in_interpreter_matches_the_steps_in_float64(interpreter_results, kind, n, batch, dtype):
     assert interpreter_results[f"{kind}{n}:{batch}:{dtype}"] < TOL[dtype]
+
+
+@pytest.mark.parametrize("kind", ["", "norm "], ids=["residual_norm", "norm_rotated"])
+@pytest.mark.parametrize("n", BLOCKS)
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_junction_of_blocks_in_interpreter_matches_the_steps_in_float64(interpreter_results, kind, n, dtype):
+    assert interpreter_results[f"{kind}blocks {n}:{dtype}"] < TOL[dtype]
 
 
 @pytest.mark.parametrize("kind", ["", "norm "], ids=["residual_norm", "norm_rotated"])
@@ -114,9 +129,9 @@ def test_junction_kernel_refuses_a_dense_factor():
 
     u, v = RandomizedHadamard(448, seed=1, layout=LAYOUT), RandomizedHadamard(448, seed=2, layout=LAYOUT)
     y = torch.zeros(1, 448, dtype=torch.float16)
-    with pytest.raises(ValueError, match="power-of-two length 448"):
+    with pytest.raises(ValueError, match="length 448 without a dense factor"):
         residual_norm(y, u, y, torch.ones(448, dtype=torch.float16), 1e-5, v)
-    with pytest.raises(ValueError, match="power-of-two length 448"):
+    with pytest.raises(ValueError, match="length 448 without a dense factor"):
         norm_rotated(y, torch.ones(448, dtype=torch.float16), 1e-5, v)
 
 
@@ -136,6 +151,30 @@ def test_junction_on_gpu(output_side, n, batch, dtype):
     y, r, w, u, v = (t.cuda() if isinstance(t, torch.Tensor) else t
                      for t in ns["inputs"](n, [batch], torch.Generator().manual_seed(n), dtype))
     err = ns["error"](y, r, w, u, v) if output_side else ns["norm_error"](r, w, v, norm_rotated)
+    assert err < TOL[str(dtype)[6:]]
+
+
+@needs_gpu
+@pytest.mark.parametrize("output_side", [True, False])
+@pytest.mark.parametrize("n", [3072, 3584, 5120, 11008, 13824, 14336])
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_junction_blocks_on_gpu(output_side, n, batch, dtype):
+    """Rows of layout 3's blocks (3 x 1024 .. 43 x 256, 27 x 512, 7 x 2048): the kernel dispatch sends such
+    junctions to once ``junction_blocks`` leaves ``dispatch.GPU_UNVERIFIED``, called directly here."""
+    from lowbit.kernels.triton_hadamard import norm_rotated, residual_norm
+
+    ns: dict = {}
+    exec(_TRUTH, ns)  # noqa: S102
+    y, r, w, u, v = (t.cuda() if isinstance(t, torch.Tensor) else t
+                     for t in ns["inputs"](n, [batch], torch.Generator().manual_seed(n), dtype, 3))
+    assert u.m > 1 and not u.dense
+    if output_side:
+        h, x = residual_norm(y, u, r, w, 1e-5, v)
+        th, tx = ns["truth"](y.cpu(), u, r.cpu(), w.cpu(), 1e-5, v)
+        err = max(ns["rel"](h.cpu(), th), ns["rel"](x.cpu(), tx))
+    else:
+        err = ns["norm_error"](r, w, v, norm_rotated)
     assert err < TOL[str(dtype)[6:]]
 
 

@@ -116,3 +116,27 @@ def test_blocks_drop_the_dense_factor_of_one_size(monkeypatch):
     assert torch.count_nonzero(blocks) == 12 and torch.count_nonzero(blocks.diagonal()) == 12  # block-diagonal
     other = incoherence.hadamard_of(96, 5, 2)  # another size keeps its dense factor
     assert other.m > 1 and not torch.equal(other.factor, torch.eye(other.m))
+
+
+def test_layout_draws_every_transform_in_that_layout(tiny_model_dir, text_file, tmp_path, monkeypatch, capsys):
+    import lowbit.algorithms.rtn as rtn
+    import lowbit.algorithms.sequential as sequential
+    import lowbit.rotations.incoherence as incoherence
+
+    bench = _bench()
+    for module in (rtn, sequential):
+        monkeypatch.setattr(module, "layer_rotation", module.layer_rotation)
+    layouts = []
+    real = incoherence.hadamard_of
+    monkeypatch.setattr(incoherence, "hadamard_of", lambda n, seed, layout: layouts.append(layout) or
+                        real(n, seed, layout))
+    out = tmp_path / "l3.json"
+    args = ["run", "--sides", "input", "--layout", "3", "--out", str(out), "--", str(tiny_model_dir), "--text",
+            text_file, "--seqlen", "32", "--max-windows", "2", "--formats", "fp16,rtn+rht:int4_g32_sym",
+            "--no-progress"]
+    assert bench.main(args) == 0
+    assert layouts and set(layouts) == {3}
+    assert json.loads(out.read_text())["rotation"] == {"sides": "input", "seed": 0, "layout": 3}
+    capsys.readouterr()
+    assert bench.main(["table", str(out)]) == 0
+    assert "rtn+rht:int4_g32_sym, input sides, layout 3" in capsys.readouterr().out

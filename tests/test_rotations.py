@@ -85,13 +85,48 @@ def test_layout_2_caps_the_dense_factor_and_old_rotations_keep_theirs():
     for n in (576, 1536, 4096, 14336, 13824, 5120):
         assert RandomizedHadamard(n, 1, layout=1).m == RandomizedHadamard(n, 1, layout=2).m <= MAX_DENSE
     with pytest.raises(ValueError, match="layout"):
-        RandomizedHadamard(64, 0, layout=3)
+        RandomizedHadamard(64, 0, layout=4)
     r = Rotation.for_layer("model.layers.0.mlp.down_proj")
-    assert r.layout == LAYOUT == 2 and Rotation.from_json(r.to_json()) == r and len(r.to_json()) == 3
+    assert r.layout == LAYOUT == 3 and Rotation.from_json(r.to_json()) == r and len(r.to_json()) == 3
     legacy = Rotation.from_json([r.seed_in, r.seed_out])
     assert legacy.layout == 1 and legacy.to_json() == [r.seed_in, r.seed_out]
     assert torch.equal(legacy.transforms(11008, 11008)[1].factor, RandomizedHadamard(11008, r.seed_in, 1).factor)
-    assert _seed_pair([1, 2]) and _seed_pair([1, None, 2]) and not _seed_pair([1, 2, 3]) and not _seed_pair([1])
+    assert _seed_pair([1, 2]) and _seed_pair([1, None, 2]) and _seed_pair([1, 2, 3])
+    assert not _seed_pair([1, 2, 4]) and not _seed_pair([1])
+
+
+@pytest.mark.parametrize("n,blocks", [(11008, 43), (1536, 3), (14336, 7), (2816, 11), (4096, 1)])
+def test_block_diagonal_layout_is_an_fwht_per_block_with_signs(n, blocks):
+    """Layout 3 where the power of two in n is at least MIN_BLOCK: no dense factor, R = (I_m kron H_p) diag(signs)
+    with p that power of two: each block of p inputs is mixed only within itself, by the orthonormal FWHT, after
+    the same signs as layout 2 draws; recorded in a rotation's JSON like layout 2."""
+    from lowbit.rotations.hadamard import fwht
+    from lowbit.rotations.incoherence import Rotation
+
+    r = RandomizedHadamard(n, 5, layout=3)
+    assert (r.m, r.p, r.dense) == (blocks, n // blocks, False) and r.p & (r.p - 1) == 0 and r.m % 2 == 1
+    assert torch.equal(r.signs, RandomizedHadamard(n, 5, layout=2).signs)
+    x = torch.randn(3, n, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    want = fwht((x * r.signs.double()).reshape(3, blocks, n // blocks)).reshape(3, n)
+    assert torch.allclose(r.apply(x), want, atol=1e-12)
+    assert torch.allclose(r.inverse(r.apply(x)), x, atol=1e-12)
+    if n <= 1536:  # orthonormal, and block-diagonal: nothing outside the blocks
+        m = r.matrix().double()
+        assert torch.allclose(m @ m.T, torch.eye(n, dtype=torch.float64), atol=1e-6)
+        mask = torch.block_diag(*[torch.ones(n // blocks, n // blocks)] * blocks).bool()
+        assert m[~mask].abs().max() == 0 and m[mask].abs().min() > 0
+    rot = Rotation(7, None, layout=3)
+    assert Rotation.from_json(rot.to_json()) == rot and rot.to_json() == [7, None, 3]
+
+
+@pytest.mark.parametrize("n", [576, 448, 96, 192])
+def test_block_diagonal_layout_keeps_the_dense_factor_of_small_blocks(n):
+    """Below MIN_BLOCK (576 = 9 x 64 rounded worse as 9 blocks of 64 on the bundled model) layout 3 is layout 2."""
+    from lowbit.rotations.hadamard import MIN_BLOCK
+
+    a, b = RandomizedHadamard(n, 5, layout=3), RandomizedHadamard(n, 5, layout=2)
+    assert (n & -n) < MIN_BLOCK and b.dense and (a.m, a.p, a.dense) == (b.m, b.p, True)
+    assert torch.equal(a.matrix(), b.matrix())
 
 
 def test_rotated_quant_linear_matches_its_effective_weight():

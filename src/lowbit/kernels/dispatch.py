@@ -47,6 +47,8 @@ _MODES = ("auto", "reference", "triton")
 # residual_norm (a rotated layer's junction, triton_hadamard.residual_norm) never entered: its GPU tests
 # (tests/test_residual_norm_kernel.py) passed on an H200 before it was first used; norm_rotated (the same kernel
 # without an output side: triton_hadamard.norm_rotated) left it when those tests passed on an H200 with it.
+# junction_blocks (the junction kernel on rows of layout 3's blocks, e.g. 5120 = 5 x 1024: triton_hadamard's
+# junction_fits) left it when its GPU tests passed on an H100 (benchmarks/results/rotation-layout3-gpu-h100.txt).
 GPU_UNVERIFIED: frozenset[str] = frozenset()
 _mode = os.environ.get("LOWBIT_KERNELS", "auto")
 _CUDA_GEMV = os.environ.get("LOWBIT_CUDA_GEMV", "1") != "0"
@@ -271,11 +273,11 @@ def residual_norm_rotated(y: torch.Tensor, u, residual: torch.Tensor, norm: Norm
                           v) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
     """(h, x): h = residual + y U (a rotated linear's output side undone, the residual added) and x = rms_norm(h)
     V^T (the next rotated linear's input): one Triton launch where Triton runs and both are transforms of the rows'
-    power-of-two length (:func:`triton_hadamard.residual_norm`), else the same steps one by one."""
-    if triton_runs(y, "residual_norm") and y.is_floating_point() and u.m == v.m == 1 and u.n == v.n == y.shape[-1]:
+    length without a dense factor (:func:`triton_hadamard.residual_norm`), else the same steps one by one."""
+    if triton_runs(y, "residual_norm" if u.m == 1 else "junction_blocks") and y.is_floating_point():
         from lowbit.kernels import cuda_gemv, triton_hadamard
 
-        if triton_hadamard.supported(u.n):
+        if triton_hadamard.junction_fits(y.shape[-1], u, v):
             if torch.compiler.is_compiling():
                 return triton_hadamard.residual_norm_op(y, residual, norm[0], float(norm[1]), u.n, u.seed, v.seed,
                                                         u.layout)
@@ -286,15 +288,15 @@ def residual_norm_rotated(y: torch.Tensor, u, residual: torch.Tensor, norm: Norm
 
 def norm_rotated(h: torch.Tensor, norm: Norm | None, v) -> torch.Tensor:  # noqa: ANN001 - v: a transform
     """rms_norm(h) V^T (a rotated linear's input, where the matmul before it left the residual stream ``h``
-    complete): one Triton launch where Triton runs and V is a transform of the rows' power-of-two length
+    complete): one Triton launch where Triton runs and V is a transform of the rows' length without a dense factor
     (:func:`triton_hadamard.norm_rotated`), else the norm and the transform one after the other; without ``norm``
     :func:`rotate_input`."""
     if norm is None:
         return rotate_input(v, h)
-    if triton_runs(h, "norm_rotated") and h.is_floating_point() and v.m == 1 and v.n == h.shape[-1]:
+    if triton_runs(h, "norm_rotated" if v.m == 1 else "junction_blocks") and h.is_floating_point():
         from lowbit.kernels import cuda_gemv, triton_hadamard
 
-        if triton_hadamard.supported(v.n):
+        if triton_hadamard.junction_fits(h.shape[-1], v):
             if torch.compiler.is_compiling():
                 return triton_hadamard.norm_rotated_op(h, norm[0], float(norm[1]), v.n, v.seed, v.layout)
             return triton_hadamard.norm_rotated(h, norm[0], norm[1], v, pdl=cuda_gemv.pdl_on(h.device))

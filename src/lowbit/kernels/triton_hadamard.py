@@ -5,10 +5,11 @@ torch reference, ``fwht``, runs log2(p) stack/add ops over the tensor): the inpu
 takes row c % m of the [m, p] signs table), each program loads BLOCK_C consecutive length-p chunks, multiplies by
 the chunk's signs, runs the log2(p) butterfly stages in registers (reshape to [BLOCK_C, p / 2h, 2, h], split the
 pair axis, join (a + b, a - b)), scales by 1 / sqrt(p) and stores once, in float32 arithmetic whatever x's dtype.
-When m > 1, the small dense Kronecker factor F_m is applied by one torch einsum (after the kernel; before it for
-the inverse), with F_m cached per (device, dtype) so that no cast runs per call. k rotations of one split, on k
-consecutive slices of a row (the output sides of a fused group's members), go through one launch and one batched
-matmul (:func:`rotate_stacked`): their signs tables stacked [k * m, p], their factors [k, m, m].
+When the rotation has a dense factor (m > 1 outside the block-diagonal layout 3), F_m is applied by one torch
+einsum (after the kernel; before it for the inverse), with F_m cached per (device, dtype) so that no cast runs per
+call. k rotations of one split, on k consecutive slices of a row (the output sides of a fused group's members), go
+through one launch and one batched matmul (:func:`rotate_stacked`): their signs tables stacked [k * m, p], their
+factors [k, m, m].
 
 These calls are launch-bound: 2.1-2.3 µs for 4096 at batch 1 and 8 on an H200, 3.9-4.4 µs for 11008 = 43 x 256
 (``benchmarks/hadamard.py``, docs/kernels.md). A tensor-core variant (H_a V H_b as two ``tl.dot`` per chunk, the
@@ -112,15 +113,15 @@ def rotate_stacked(rots: Sequence, x: torch.Tensor, inverse: bool = False, pdl: 
     """k rotations of one split (m, p) at once: x [..., k * n] holds k consecutive slices of length n, slice j
     transformed by ``rots[j]`` (``rotate`` on each slice, concatenated) in one kernel launch and at most one
     batched matmul. A fused group's members undo their output-side rotations this way (one launch, not k)."""
-    m, p, n, k = rots[0].m, rots[0].p, rots[0].n, len(rots)
-    if any((r.m, r.p) != (m, p) for r in rots):
-        raise ValueError(f"stacked rotations need one split, got {[(r.m, r.p) for r in rots]}")
+    m, p, n, k, dense = rots[0].m, rots[0].p, rots[0].n, len(rots), rots[0].dense
+    if any((r.m, r.p, r.dense) != (m, p, dense) for r in rots):
+        raise ValueError(f"stacked rotations need one split, got {[(r.m, r.p, r.dense) for r in rots]}")
     if x.shape[-1] != k * n:
         raise ValueError(f"last dimension {x.shape[-1]} != {k} rotations of size {n}")
     if not supported(p):
         raise ValueError(f"power-of-two part {p} outside the kernel's range")
     signs = device_signs(rots, x.device)
-    if inverse and m > 1:
+    if inverse and dense:
         x = _dense_factor(_device_factor(rots, x.device, x.dtype, transpose=True), x, k, m, p)
     xc = x.contiguous()
     y = torch.empty_like(xc)
@@ -133,7 +134,7 @@ def rotate_stacked(rots: Sequence, x: torch.Tensor, inverse: bool = False, pdl: 
                                                             P=p, LOG_P=p.bit_length() - 1, BLOCK_C=block_c,
                                                             SIGNS_AFTER=inverse, USE_GDC=pdl, num_warps=num_warps,
                                                             **launch)
-    if m > 1 and not inverse:
+    if dense and not inverse:
         y = _dense_factor(_device_factor(rots, x.device, x.dtype, transpose=False), y, k, m, p)
     return y
 
@@ -145,38 +146,65 @@ def _dense_factor(factors: torch.Tensor, x: torch.Tensor, k: int, m: int, p: int
 
 
 @triton.jit
-def _residual_norm_kernel(y_ptr, r_ptr, w_ptr, su_ptr, sv_ptr, h_ptr, x_ptr, eps, scale, N: tl.constexpr,
-                          LOG_N: tl.constexpr, OUT_SIDE: tl.constexpr, USE_GDC: tl.constexpr):
-    """OUT_SIDE: h = residual + y U, stored; else h = y (already the residual stream: a matmul without an output
-    side added the residual in its epilogue) and only x is stored."""
+def _row_load(ptr, offs, MASK: tl.constexpr, rows):
+    if MASK:  # the [M_PAD, P] view of a row of M blocks: rows M.. are padding
+        return tl.load(ptr + offs, mask=rows, other=0.0)
+    return tl.load(ptr + offs)
+
+
+@triton.jit
+def _residual_norm_kernel(y_ptr, r_ptr, w_ptr, su_ptr, sv_ptr, h_ptr, x_ptr, eps, scale, M: tl.constexpr,
+                          M_PAD: tl.constexpr, P: tl.constexpr, LOG_P: tl.constexpr, OUT_SIDE: tl.constexpr,
+                          USE_GDC: tl.constexpr):
+    """A row of N = M P values as [M_PAD, P]: M blocks of P for a block-diagonal transform (layout 3), one block
+    (M = 1, P = N) for a power of two. OUT_SIDE: h = residual + y U, stored; else h = y (already the residual
+    stream: a matmul without an output side added the residual in its epilogue) and only x is stored."""
+    N: tl.constexpr = M * P
+    MASK: tl.constexpr = M_PAD != M
     row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, N)
-    sv = tl.load(sv_ptr + offs)[None, :]
-    w = tl.load(w_ptr + offs).to(tl.float32)[None, :]
+    offs_m = tl.arange(0, M_PAD)[:, None]
+    offs = offs_m * P + tl.arange(0, P)[None, :]
+    rows = offs_m < M
+    sv = _row_load(sv_ptr, offs, MASK, rows)
+    w = _row_load(w_ptr, offs, MASK, rows).to(tl.float32)
     if OUT_SIDE:
-        su = tl.load(su_ptr + offs)[None, :]
+        su = _row_load(su_ptr, offs, MASK, rows)
     if USE_GDC:  # y is the kernel before this one's output (the signs and the weight are constants)
         tl.extra.cuda.gdc_wait()
-    y = tl.load(y_ptr + row * N + offs)[None, :]
+    y = _row_load(y_ptr + row * N, offs, MASK, rows)
     if OUT_SIDE:
-        r = tl.load(r_ptr + row * N + offs)[None, :]
+        r = _row_load(r_ptr + row * N, offs, MASK, rows)
     if USE_GDC:
         tl.extra.cuda.gdc_launch_dependents()
     if OUT_SIDE:
         t = y.to(tl.float32)  # y U = s * (H y), rounded as rotate_outputs rounds
-        for i in tl.static_range(LOG_N):
-            t = _fwht_stage(t, 1, N, 1 << i)
+        for i in tl.static_range(LOG_P):
+            t = _fwht_stage(t, M_PAD, P, 1 << i)
         t = (t * su * scale).to(y.dtype)
         h = (t.to(tl.float32) + r.to(tl.float32)).to(y.dtype)
-        tl.store(h_ptr + row * N + offs[None, :], h)
+        if MASK:
+            tl.store(h_ptr + row * N + offs, h, mask=rows)
+        else:
+            tl.store(h_ptr + row * N + offs, h)
     else:
         h = y
     hf = h.to(tl.float32)
-    hn = (hf * tl.rsqrt(tl.sum(hf * hf, axis=1)[:, None] / N + eps)).to(y.dtype)  # rms_norm_reference's rounding
+    ms = tl.sum(tl.sum(hf * hf, axis=1), axis=0) / N
+    hn = (hf * tl.rsqrt(ms + eps)).to(y.dtype)  # rms_norm_reference's rounding
     v = (w * hn.to(tl.float32)).to(y.dtype).to(tl.float32) * sv  # x V^T = H (s * x)
-    for i in tl.static_range(LOG_N):
-        v = _fwht_stage(v, 1, N, 1 << i)
-    tl.store(x_ptr + row * N + offs[None, :], (v * scale).to(y.dtype))
+    for i in tl.static_range(LOG_P):
+        v = _fwht_stage(v, M_PAD, P, 1 << i)
+    if MASK:
+        tl.store(x_ptr + row * N + offs, (v * scale).to(y.dtype), mask=rows)
+    else:
+        tl.store(x_ptr + row * N + offs, (v * scale).to(y.dtype))
+
+
+def junction_fits(n: int, *rots) -> bool:  # noqa: ANN002 - RandomizedHadamards
+    """Whether the junction kernel takes rows of length n with these transforms: of that length, one split, no
+    dense factor (a power of two, or layout 3's blocks), at most 16K values a row (one program's registers)."""
+    return (all((r.n, r.m, r.p, r.dense) == (n, rots[0].m, rots[0].p, False) for r in rots)
+            and supported(rots[0].p) and triton.next_power_of_2(rots[0].m) * rots[0].p <= MAX_P)
 
 
 def residual_norm(y: torch.Tensor, u, residual: torch.Tensor, weight: torch.Tensor, eps: float, v,  # noqa: ANN001
@@ -198,9 +226,9 @@ def _junction(y: torch.Tensor, u, residual: torch.Tensor | None, weight: torch.T
               pdl: bool) -> tuple[torch.Tensor, torch.Tensor]:
     n = y.shape[-1]
     rots = (v,) if u is None else (u, v)
-    if any((r.n, r.m) != (n, 1) for r in rots) or not supported(n):
-        raise ValueError(f"the junction needs transforms of the rows' power-of-two length {n}, got "
-                         f"{[(r.n, r.m, r.p) for r in rots]}")
+    if not junction_fits(n, *rots):
+        raise ValueError(f"the junction needs transforms of the rows' length {n} without a dense factor, got "
+                         f"{[(r.n, r.m, r.p, r.dense) for r in rots]}")
     if weight.shape != (n,):
         raise ValueError(f"norm weight {tuple(weight.shape)} does not fit rows of {n}")
     y2 = y.reshape(-1, n).contiguous()
@@ -210,9 +238,10 @@ def _junction(y: torch.Tensor, u, residual: torch.Tensor | None, weight: torch.T
         h, r2, su = torch.empty_like(y2), residual.reshape(-1, n).to(y.dtype).contiguous(), device_signs([u], y.device)
     if y2.shape[0]:
         launch = {"launch_pdl": True} if pdl else {}
+        m, p = v.m, v.p
         _residual_norm_kernel[(y2.shape[0],)](y2, r2, weight.contiguous(), su, sv, h, x,
-                                              float(eps), 1.0 / math.sqrt(n), N=n, LOG_N=n.bit_length() - 1,
-                                              OUT_SIDE=u is not None, USE_GDC=pdl,
+                                              float(eps), 1.0 / math.sqrt(p), M=m, M_PAD=triton.next_power_of_2(m),
+                                              P=p, LOG_P=p.bit_length() - 1, OUT_SIDE=u is not None, USE_GDC=pdl,
                                               num_warps=4 if n <= 1024 else 8 if n <= 4096 else 16, **launch)
     return h.reshape(y.shape), x.reshape(y.shape)
 

@@ -97,7 +97,7 @@ class FusedGroup:
         self._ptrs = [[getattr(m, k).data_ptr() for k in m._keys] for m in members]
         # members' output sides of one size and split are undone together, in one launch (else each on its slice)
         self.stacked_out = (self.rotated and len(members) > 1 and all(m._u is not None for m in members)
-                            and len({(m._u.n, m._u.m, m._u.p) for m in members}) == 1)
+                            and len({(m._u.n, m._u.m, m._u.p, m._u.dense) for m in members}) == 1)
         self._x: torch.Tensor | None = None
         self._parts: tuple[torch.Tensor, ...] = ()
         self._finished = True  # whether _parts are the members' outputs (else each member's finish is to run)

@@ -10,9 +10,14 @@ signs in front, the transform is
 ``layout`` fixes how n splits into m * 2^k. A dense factor costs m^2 entries and m multiply-adds per element at
 run time. Layout 1 took the smallest m with a Hadamard matrix however large: for 11008 = 43 * 2^8 that is a
 Paley matrix of order 5504 (30M entries, 60 MB read per call in float16, which made a rotated 7B decode step
-slower than fp16). Layout 2 (:data:`LAYOUT`, what new rotations use) caps m at :data:`MAX_DENSE` and otherwise
-takes the odd part with a random orthogonal factor (11008 -> 43 x 256); the sizes of the usual models below that
-cap split as before. Checkpoints record the layout their rotations were made with.
+slower than fp16). Layout 2 caps m at :data:`MAX_DENSE` and otherwise takes the odd part with a random orthogonal
+factor (11008 -> 43 x 256); the sizes of the usual models below that cap split as before. Layout 3 (:data:`LAYOUT`,
+what new rotations use) drops the dense factor where the power of two in n is at least :data:`MIN_BLOCK`: m
+is then the odd part and F_m the identity, so R is block-diagonal, m FWHT blocks of 2^k with random signs (11008 ->
+43 blocks of 256, 14336 -> 7 of 2048, 1536 -> 3 of 512), which costs a decode step no matmul; smaller blocks mixed
+too little on the bundled model (576 -> 9 blocks of 64 rounded worse than 72 x 8), so such sizes split as in
+layout 2 (docs/formats.md, "The dense factor of a transform"). Checkpoints record the layout their rotations were
+made with.
 
 ``apply(x)`` computes ``x @ R.T`` along the last dimension and ``inverse(y)`` computes ``y @ R``; so for a
 linear layer ``y = x W^T``, using ``W' = W R^T`` and ``x' = x R^T`` gives ``x' W'^T = x W^T`` exactly.
@@ -78,21 +83,30 @@ def hadamard_matrix(m: int) -> torch.Tensor | None:
     return None
 
 
-LAYOUT = 2  # the layout of new rotations
-LAYOUTS = (1, 2)
+LAYOUT = 3  # the layout of new rotations
+LAYOUTS = (1, 2, 3)
+BLOCK_DIAGONAL = 3  # the layout without a dense factor where the FWHT blocks are large enough
 MAX_DENSE = 256  # layout 2: the largest order of the dense factor
+MIN_BLOCK = 256  # layout 3: the smallest FWHT block that goes without a dense factor
+
+
+def _blockwise(n: int, layout: int) -> bool:
+    """Whether size n in this layout is block-diagonal (m blocks of the largest power of two dividing n)."""
+    return layout == BLOCK_DIAGONAL and (n & -n) >= MIN_BLOCK
 
 
 def _split(n: int, layout: int = 1) -> tuple[int, int]:
-    """n = m * 2^k with the smallest m whose factor we can build as a Hadamard matrix (layout 2: of order at most
-    MAX_DENSE), else the odd part."""
+    """n = m * 2^k with the smallest m whose factor we can build as a Hadamard matrix (layouts 2 and 3: of order at
+    most MAX_DENSE), else the odd part; the odd part where layout 3 goes without the factor (:func:`_blockwise`)."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown rotation layout {layout!r}; known: {LAYOUTS}")
     k = (n & -n).bit_length() - 1
     odd = n >> k
+    if _blockwise(n, layout):
+        return odd, n // odd
     for j in range(k + 1):  # move powers of two into m until a Hadamard matrix of order m exists
         m = odd << j
-        if layout == 2 and m > MAX_DENSE:
+        if layout >= 2 and m > MAX_DENSE:
             break
         if hadamard_matrix(m) is not None:
             return m, n // m
@@ -109,8 +123,13 @@ class RandomizedHadamard:
         self.m, self.p = _split(n, layout)
         g = torch.Generator().manual_seed(seed)
         self.signs = torch.randint(0, 2, (n,), generator=g, device="cpu").float() * 2 - 1  # CPU, float32 always
-        h = hadamard_matrix(self.m)
-        if h is not None:
+        blockwise = _blockwise(n, layout)
+        self.dense = not blockwise and self.m > 1  # whether F_m is more than the identity
+        h = None if blockwise else hadamard_matrix(self.m)
+        if blockwise:
+            self.factor = torch.eye(self.m)
+            self.kind = f"{self.m} blocks of fwht {self.p}" if self.m > 1 else f"fwht {self.p}"
+        elif h is not None:
             self.factor = h / math.sqrt(self.m)
             self.kind = f"hadamard {self.m} x fwht {self.p}"
         else:  # QuIP: a random orthogonal Kronecker factor where no Hadamard matrix of order m is known
@@ -122,7 +141,8 @@ class RandomizedHadamard:
         # index i = a * p + b  (a < m, b < p): apply factor on a, Hadamard on b; fp16/bf16 in float32 throughout
         # (see fwht), rounded once at the end, as the Triton kernel does
         y = fwht(_wide(x.reshape(*x.shape[:-1], self.m, self.p)))
-        y = torch.einsum("ij,...jb->...ib", factor.to(y), y)
+        if self.dense:
+            y = torch.einsum("ij,...jb->...ib", factor.to(y), y)
         return y.reshape(x.shape).to(x.dtype)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
