@@ -182,3 +182,25 @@ def test_input_side_rotated_layers_add_the_residual_inside_and_undo_no_output(mo
     assert torch.allclose(logits(model, IDS), ref, atol=1e-5, rtol=1e-5)
     n = len(decoder_layers(model))
     assert calls == {"residual inside": 2 * n, "norm_rotated": 2 * n, "output side": 0}
+
+
+def test_rotated_vector_format_layers_take_the_silu_product_and_downs_input_side_together(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folded e8p_ch+rht layer (gate/up not gated: a vector format) computes silu(gate) * up and down's input side
+    in one call (:func:`dispatch.silu_mul_rotated`, one kernel where one runs) and gives the unfolded logits."""
+    from lowbit.models import fused_norms
+
+    model = quantized("e8p_ch", rotate=True)
+    ref = logits(model, IDS)
+    fuse_siblings(model)
+    assert fold_norms(model) == len(decoder_layers(model))
+    seen = []
+    real = fused_norms.silu_mul_rotated
+    monkeypatch.setattr(fused_norms, "silu_mul_rotated", lambda gu, v: seen.append((gu.shape[-1], v.n)) or real(gu, v))
+    assert torch.equal(logits(model, IDS), ref)
+    down = decoder_layers(model)[0].mlp.down_proj
+    assert seen == [(2 * down.in_features, down.in_features)] * len(decoder_layers(model))
+    x = torch.randn(1, down.in_features)
+    assert torch.equal(down.project(down._v.apply(x), rotated=True), down(x))  # the input side already applied
+    with pytest.raises(ValueError, match="no norm"):
+        down.project(x, norm=(torch.ones(down.in_features), 1e-5), rotated=True)

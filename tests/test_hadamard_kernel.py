@@ -19,6 +19,9 @@ CASES = [(n, b) for n in (64, 256, 576, 1024) for b in ([1], [3], [2, 5])] + [(9
 # (n, k) for k stacked rotations: 576 = 72 x 8 and 448 = 7 x 64 (dense factors, batched), 1024 (none)
 STACKED = [(576, 3), (448, 2), (1024, 2)]
 
+# silu_mul_rotated: (n, rows, layout): a power of two, 43 blocks of 256, 11 blocks of 256 over 3 rows
+SILU = [(1024, 2, 3), (11008, 1, 3), (2816, 3, 3)]
+
 # the block-diagonal layout 3 (no dense factor): 11008 = 43 blocks of 256, 2816 = 11 of 256; (n, k stacked)
 BLOCKWISE = [(11008, 1), (2816, 3)]
 
@@ -72,6 +75,19 @@ for n, k in BLOCKWISE:
         out[f"blockwise:{n}:{k}:{key}"] = ((y.double() - ref).norm() / ref.norm()).item()
         y = torch.ops.lowbit.hadamard(x, n, [40 + j for j in range(k)], 3, inverse)
         out[f"blockwise-op:{n}:{k}:{key}"] = ((y.double() - ref).norm() / ref.norm()).item()
+# silu(gate) * up and down's input side in one launch (the product rounded as eager torch rounds it)
+from lowbit.kernels.triton_hadamard import silu_mul_rotated
+for n, rows, layout in SILU:
+    rot = RandomizedHadamard(n, seed=50, layout=layout)
+    for dtype in (torch.float16, torch.float32):
+        gu = (3 * torch.randn(rows, 2 * n, generator=g)).to(dtype)
+        gate, up = gu.double().chunk(2, dim=-1)
+        ref = rot.apply(torch.nn.functional.silu(gate) * up)
+        y = silu_mul_rotated(gu, rot)
+        ok = y.dtype == dtype and y.shape == (rows, n)
+        out[f"silu:{n}:{rows}:{str(dtype)[6:]}"] = ((y.double() - ref).norm() / ref.norm()).item() if ok else 9.0
+        y2 = torch.ops.lowbit.silu_mul_rotated(gu, n, 50, layout)
+        out[f"silu-op:{n}:{rows}:{str(dtype)[6:]}"] = (y2 - y).abs().max().item()
 # the custom op torch.compile traces (lowbit::hadamard, registered by triton_hadamard) = the stacked kernel
 for n, k in STACKED:
     rots = [RandomizedHadamard(n, seed=30 + j, layout=2) for j in range(k)]
@@ -98,8 +114,8 @@ print(json.dumps(out))
 
 @pytest.fixture(scope="module")
 def interpreter_results():
-    return run_in_interpreter(_SCRIPT.replace("STACKED", repr(STACKED)).replace("BLOCKWISE", repr(BLOCKWISE)),
-                              CASES)
+    script = _SCRIPT.replace("STACKED", repr(STACKED)).replace("BLOCKWISE", repr(BLOCKWISE))
+    return run_in_interpreter(script.replace("SILU", repr(SILU)), CASES)
 
 
 @pytest.mark.parametrize("n,batch", CASES, ids=[f"n{n}-b{'x'.join(map(str, b))}" for n, b in CASES])
@@ -131,6 +147,33 @@ def test_hadamard_op_is_the_stacked_kernel(interpreter_results, n, k, side):
 def test_block_diagonal_rotations_in_interpreter(interpreter_results, n, k, side):
     assert interpreter_results[f"blockwise:{n}:{k}:{side}"] < 1e-5
     assert interpreter_results[f"blockwise-op:{n}:{k}:{side}"] < 1e-5
+
+
+@pytest.mark.parametrize("n,rows,layout", SILU)
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_silu_mul_rotated_in_interpreter(interpreter_results, n, rows, layout, dtype):
+    assert interpreter_results[f"silu:{n}:{rows}:{dtype}"] < {"float16": 2e-3, "float32": 1e-5}[dtype]
+    assert interpreter_results[f"silu-op:{n}:{rows}:{dtype}"] == 0.0
+
+
+def test_silu_mul_rotated_falls_back_to_the_steps():
+    """On the CPU path, and for a transform with a dense factor anywhere, the product then rotate_input, exactly."""
+    from lowbit.kernels.dispatch import silu_mul_rotated
+
+    g = torch.Generator().manual_seed(2)
+    for rot in (RandomizedHadamard(11008, seed=1, layout=2), RandomizedHadamard(1024, seed=1, layout=3)):
+        gu = torch.randn(2, 2 * rot.n, generator=g).half()
+        gate, up = gu.chunk(2, dim=-1)
+        want = rotate_input(rot, torch.nn.functional.silu(gate) * up)
+        if rot.dense or not torch.cuda.is_available():
+            assert torch.equal(silu_mul_rotated(gu, rot), want)
+    pytest.importorskip("triton")
+    from lowbit.kernels.triton_hadamard import silu_mul_rotated as kernel
+
+    with pytest.raises(ValueError, match="without a dense factor"):
+        kernel(torch.zeros(1, 22016), RandomizedHadamard(11008, seed=1, layout=2))
+    with pytest.raises(ValueError, match="2 x 1024"):
+        kernel(torch.zeros(1, 1024), RandomizedHadamard(1024, seed=1, layout=3))
 
 
 def test_stacked_rotations_refuse_mixed_splits():
@@ -191,6 +234,51 @@ def test_hadamard_kernel_on_gpu(n, batch, dtype, layout):
     for y, ref in ((rotate_input(rot, x), rot.apply(x.double().cpu())),
                    (rotate_output(rot, x), rot.inverse(x.double().cpu()))):
         assert y.dtype == dtype and ((y.double() - ref.to("cuda")).norm() / ref.norm()) < tol
+
+
+@needs_gpu
+@pytest.mark.parametrize("n", [4096, 11008, 14336, 2816])
+@pytest.mark.parametrize("batch", [1, 8, 33])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_silu_mul_rotated_on_gpu(n, batch, dtype):
+    """A rotated MLP's SiLU product and down's input side in one launch (layout 3's blocks, or one FWHT), against
+    the float64 steps; called directly (dispatch sends it there once ``silu_mul_rotated`` leaves
+    ``dispatch.GPU_UNVERIFIED``)."""
+    from lowbit.kernels.triton_hadamard import silu_mul_rotated
+
+    rot = RandomizedHadamard(n, seed=8, layout=3)
+    gu = (3 * torch.randn(batch, 2 * n, generator=torch.Generator().manual_seed(n))).to(dtype)
+    gate, up = gu.double().chunk(2, dim=-1)
+    ref = rot.apply(torch.nn.functional.silu(gate) * up)
+    y = silu_mul_rotated(gu.cuda(), rot)
+    tol = {torch.float16: 2e-3, torch.bfloat16: 1.5e-2}[dtype]
+    assert y.dtype == dtype and ((y.double().cpu() - ref).norm() / ref.norm()) < tol
+
+
+@needs_gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="programmatic dependent launch needs compute capability 9.0")
+def test_silu_mul_rotated_launched_early_gives_the_plain_result():
+    """Behind a kernel that writes its input (one CUDA graph, programmatic dependent launch): bit for bit."""
+    from lowbit.kernels.cuda_gemv import early_launch
+    from lowbit.kernels.triton_hadamard import silu_mul_rotated
+
+    rot = RandomizedHadamard(11008, seed=3, layout=3)
+    src = torch.randn(2, 2 * 11008, generator=torch.Generator().manual_seed(4)).half().cuda()
+    plain = silu_mul_rotated(src * 2, rot)
+    x = torch.empty_like(src)
+    graph = torch.cuda.CUDAGraph()
+    with early_launch(True):
+        torch.mul(src, 2.0, out=x)
+        silu_mul_rotated(x, rot, pdl=True)
+        torch.cuda.synchronize()
+        x.zero_()
+        with torch.cuda.graph(graph):
+            torch.mul(src, 2.0, out=x)
+            y = silu_mul_rotated(x, rot, pdl=True)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, plain)
 
 
 @needs_gpu

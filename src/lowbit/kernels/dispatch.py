@@ -49,6 +49,8 @@ _MODES = ("auto", "reference", "triton")
 # without an output side: triton_hadamard.norm_rotated) left it when those tests passed on an H200 with it.
 # junction_blocks (the junction kernel on rows of layout 3's blocks, e.g. 5120 = 5 x 1024: triton_hadamard's
 # junction_fits) left it when its GPU tests passed on an H100 (benchmarks/results/rotation-layout3-gpu-h100.txt).
+# silu_mul_rotated (a rotated MLP's SiLU product and down's input side in one launch) left it when its GPU tests
+# passed on an H100 (benchmarks/results/silu-mul-rotated-gpu-h100.txt).
 GPU_UNVERIFIED: frozenset[str] = frozenset()
 _mode = os.environ.get("LOWBIT_KERNELS", "auto")
 _CUDA_GEMV = os.environ.get("LOWBIT_CUDA_GEMV", "1") != "0"
@@ -223,6 +225,21 @@ def gated_matmul(x: torch.Tensor, fmt: Format, qt: QuantizedTensor, norm: Norm |
         return y.to(x.dtype).reshape(*x.shape[:-1], qt.shape[0] // 2)
     gate, up = dequant_matmul(x, fmt, qt, norm=norm).chunk(2, dim=-1)
     return torch.nn.functional.silu(gate) * up
+
+
+def silu_mul_rotated(gu: torch.Tensor, rot) -> torch.Tensor:  # noqa: ANN001 - a RandomizedHadamard
+    """(silu(gate) * up) R^T for gu = [gate, up] (a fused gate/up matmul's output, its output sides undone): one
+    Triton launch where Triton runs and R has no dense factor (:func:`triton_hadamard.silu_mul_rotated`), else the
+    product (rounded as eager torch rounds it) and :func:`rotate_input`."""
+    if triton_runs(gu, "silu_mul_rotated") and gu.is_floating_point():
+        from lowbit.kernels import cuda_gemv, triton_hadamard
+
+        if not rot.dense and triton_hadamard.supported(rot.p) and gu.shape[-1] == 2 * rot.n:
+            if torch.compiler.is_compiling():
+                return triton_hadamard.silu_mul_rotated_op(gu, rot.n, rot.seed, rot.layout)
+            return triton_hadamard.silu_mul_rotated(gu, rot, pdl=cuda_gemv.pdl_on(gu.device))
+    gate, up = gu.chunk(2, dim=-1)
+    return rotate_input(rot, torch.nn.functional.silu(gate) * up)
 
 
 def rotate_input(rot, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001 - a RandomizedHadamard

@@ -80,6 +80,65 @@ def _hadamard_kernel(x_ptr, signs_ptr, y_ptr, n_chunks, m, scale, P: tl.constexp
     tl.store(y_ptr + offs, (v * scale).to(y_ptr.dtype.element_ty), mask=cmask)
 
 
+@triton.jit
+def _silu_mul_hadamard_kernel(gu_ptr, signs_ptr, y_ptr, n_chunks, m, scale, P: tl.constexpr, LOG_P: tl.constexpr,
+                              BLOCK_C: tl.constexpr, USE_GDC: tl.constexpr):
+    """_hadamard_kernel's input side of silu(gate) * up: chunk c is block c % m of row c // m, read from that row's
+    gate half and up half of gu [rows, 2 m P]; the product rounded as eager torch rounds it (silu, then the
+    product, each to x's dtype)."""
+    pid = tl.program_id(0)
+    offs_c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_p = tl.arange(0, P)
+    cmask = (offs_c < n_chunks)[:, None]
+    j = offs_c % m
+    g_offs = ((offs_c // m).to(tl.int64) * (2 * m) + j)[:, None] * P + offs_p[None, :]
+    s = tl.load(signs_ptr + j[:, None] * P + offs_p[None, :], mask=cmask, other=0.0)
+    if USE_GDC:
+        tl.extra.cuda.gdc_wait()
+    g = tl.load(gu_ptr + g_offs, mask=cmask, other=0.0)
+    u = tl.load(gu_ptr + g_offs + m * P, mask=cmask, other=0.0)
+    if USE_GDC:
+        tl.extra.cuda.gdc_launch_dependents()
+    gf = g.to(tl.float32)
+    a = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)
+    v = (a.to(tl.float32) * u.to(tl.float32)).to(g.dtype).to(tl.float32) * s
+    for i in tl.static_range(LOG_P):
+        v = _fwht_stage(v, BLOCK_C, P, 1 << i)
+    offs = offs_c.to(tl.int64)[:, None] * P + offs_p[None, :]
+    tl.store(y_ptr + offs, (v * scale).to(y_ptr.dtype.element_ty), mask=cmask)
+
+
+def silu_mul_rotated(gu: torch.Tensor, rot, pdl: bool = False) -> torch.Tensor:  # noqa: ANN001
+    """(silu(gate) * up) R^T for gu = [gate, up] along the last dimension (2n values, n = rot.n) in one launch: a
+    gated MLP's product and the input side of its down projection, for transforms without a dense factor."""
+    n, m, p = rot.n, rot.m, rot.p
+    if rot.dense or not supported(p) or gu.shape[-1] != 2 * n:
+        raise ValueError(f"silu_mul_rotated needs [..., 2 x {n}] and a transform without a dense factor, got "
+                         f"{tuple(gu.shape)}, {rot.kind}")
+    g2 = gu.reshape(-1, 2 * n).contiguous()
+    y = torch.empty(g2.shape[0], n, dtype=gu.dtype, device=gu.device)
+    n_chunks = g2.shape[0] * m
+    if n_chunks:
+        block_c = max(1, min(triton.next_power_of_2(n_chunks), CHUNK_ELEMS // p))
+        num_warps = 4 if p * block_c <= 2048 else 8 if p * block_c <= 8192 else 16
+        launch = {"launch_pdl": True} if pdl else {}
+        _silu_mul_hadamard_kernel[(triton.cdiv(n_chunks, block_c),)](
+            g2, device_signs([rot], gu.device), y, n_chunks, m, 1.0 / math.sqrt(p), P=p, LOG_P=p.bit_length() - 1,
+            BLOCK_C=block_c, USE_GDC=pdl, num_warps=num_warps, **launch)
+    return y.reshape(*gu.shape[:-1], n)
+
+
+@torch.library.custom_op("lowbit::silu_mul_rotated", mutates_args=())
+def silu_mul_rotated_op(gu: torch.Tensor, n: int, seed: int, layout: int) -> torch.Tensor:
+    """:func:`silu_mul_rotated` of the transform (n, seed, layout), launched as :func:`hadamard` is."""
+    return silu_mul_rotated(gu, hadamard_of(n, seed, layout), pdl=pdl_on(gu.device))
+
+
+@silu_mul_rotated_op.register_fake
+def _silu_mul_rotated_shape(gu: torch.Tensor, n: int, seed: int, layout: int) -> torch.Tensor:
+    return gu.new_empty(*gu.shape[:-1], n)
+
+
 _FACTORS: dict[tuple, torch.Tensor] = {}  # the stacked [k, m, m] F_m (or F_m^T) per rotations, device and dtype
 
 

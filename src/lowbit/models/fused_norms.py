@@ -10,23 +10,24 @@ path (prefill, CPU, the reference kernels) computes the same norms and adds arou
 TG-128 of the 7B shape on an H200 went from 617.9 to 661.4 tok/s (nz2_ch) and 420.2 to 433.8 (q4_0): 131 µs of
 norm kernels gone per step, 43 µs more in the GEMVs (docs/kernels.md).
 
-What changes while a layer is folded: its ``forward`` is :func:`_folded_forward`; its norms return their input
-(the groups apply them), and its attention returns the attention output before ``o_proj`` (the layer applies
-``o_proj`` with the residual); on a one-token GPU step with a static cache the layer skips the attention module and
-runs its rotary embedding, cache write and attention as one kernel (``attention``, on by default:
+What changes while a layer is folded: its ``forward`` is :func:`_folded_forward`; its norms return their input (the
+groups apply them), and its attention returns the attention output before ``o_proj`` (the layer applies ``o_proj``
+with the residual); on a one-token GPU step with a static cache the layer skips the attention module and runs its
+rotary embedding, cache write and attention as one kernel (``attention``, on by default:
 :func:`lowbit.models.decode_attention.step_attention`). The layer as a whole computes what it did; its submodules
 called on their own do not. :func:`unfold_norms` restores them. Folded: the decoder layers of :data:`LAYERS` whose
 norms are :data:`NORMS`, whose MLP is SiLU-gated, whose q/k/v and gate/up are fused groups and whose o and down
 projections are QuantLinears without bias, input rounding or weight cache, in a transformers whose decoder layers
 return a tensor. Where the groups are rotated (``+rht``) each norm runs before its group's input side (one kernel
 with it where one runs: :func:`lowbit.kernels.dispatch.norm_rotated`), and where gate/up is not gated (rotated on
-both sides, or a vector format: :func:`lowbit.models.fused_linears.gate_mlp`) the SiLU product follows its
-matmul; o and down add the residual inside their matmuls where they have no output side (lowbit rotates input
-sides only); such layers still get the one-kernel attention step and none of transformers' per-layer mask, rotary
-and cache kernels. Where every matmul of a layer is rotated on both sides (checkpoints written before), each
-junction of an output side, residual add, norm and the next input side is one kernel
-(:func:`lowbit.kernels.dispatch.residual_norm_rotated`), and a layer's last junction computes the next rotated
-layer's q/k/v input: e8p_ch+rht at the 7B shape went from 375.3 to 392.3 tok/s on an H200 (docs/kernels.md).
+both sides, or a vector format: :func:`lowbit.models.fused_linears.gate_mlp`) the SiLU product follows its matmul
+(together with down's input side in one kernel where down is rotated:
+:func:`lowbit.kernels.dispatch.silu_mul_rotated`); o and down add the residual inside their matmuls where they have
+no output side (lowbit rotates input sides only); such layers still get the one-kernel attention step and none of
+transformers' per-layer mask, rotary and cache kernels. Where every matmul of a layer is rotated on both sides
+(checkpoints written before), each junction of an output side, residual add, norm and the next input side is one
+kernel (:func:`lowbit.kernels.dispatch.residual_norm_rotated`), and a layer's last junction computes the next
+rotated layer's q/k/v input: e8p_ch+rht at the 7B shape went from 375.3 to 392.3 tok/s on an H200 (docs/kernels.md).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from lowbit.kernels.dispatch import residual_norm_rotated, rotate_input, rotate_output, rotate_outputs
+from lowbit.kernels.dispatch import residual_norm_rotated, rotate_input, rotate_output, rotate_outputs, silu_mul_rotated
 from lowbit.models.decode_attention import step_attention
 from lowbit.models.fused_linears import FusedGroup, has_silu
 from lowbit.models.quant_linear import QuantLinear
@@ -106,7 +107,11 @@ def _folded_forward(self: nn.Module, hidden_states: torch.Tensor, **kwargs: obje
     h = f.o_proj.project(attn, residual=hidden_states)
     if f.gate.mlp is not None:  # silu(gate) * up in the GEMV's epilogue
         act = f.gate.gated(h)
-    else:  # rotated or vector-format groups: the product after the matmul (one fused kernel when compiled)
+    elif f.down_proj._v is not None and f.gate.sizes[0] == f.gate.sizes[1]:
+        # a rotated down: the SiLU product and down's input side in one kernel where one runs
+        act = silu_mul_rotated(f.gate.outputs(h), f.down_proj._v)
+        return f.down_proj.project(act, residual=h, rotated=True)
+    else:  # vector-format groups: the product after the matmul (one fused kernel when compiled)
         gate, up = f.gate.outputs(h).split(f.gate.sizes, dim=-1)
         act = self.mlp.act_fn(gate) * up
     return f.down_proj.project(act, residual=h)
@@ -116,12 +121,12 @@ def _rotated_rest(f: _Fold, attn: torch.Tensor, hidden_states: torch.Tensor) -> 
     """The rest of a layer whose matmuls are all rotated, from the attention output on. Each junction of an output
     side, residual add, norm and the next input side is one kernel where one runs (:func:`residual_norm_rotated`),
     and the last one computes the next layer's q/k/v input too when that layer is rotated
-    (:meth:`FusedGroup.prepare`); gate/up's output sides, SiLU product and down's input side stay separate steps."""
+    (:meth:`FusedGroup.prepare`); gate/up's output sides stay a step of their own, the SiLU product and down's
+    input side one more (:func:`silu_mul_rotated`)."""
     o, down, gate = f.o_proj, f.down_proj, f.gate
     y = o.matmul(rotate_input(o._v, attn))
     h, x = residual_norm_rotated(y, o._u, hidden_states, gate.norm, gate.members[0]._v)
-    g, up = rotate_outputs([m._u for m in gate.members], gate.linear.matmul(x)).chunk(2, dim=-1)
-    y = down.matmul(rotate_input(down._v, nn.functional.silu(g) * up))
+    y = down.matmul(silu_mul_rotated(rotate_outputs([m._u for m in gate.members], gate.linear.matmul(x)), down._v))
     nxt = f.next
     if nxt is None or nxt.norm is None:  # the last layer (or the next one unfolded)
         return h + rotate_output(down._u, y)

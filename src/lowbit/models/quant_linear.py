@@ -103,17 +103,20 @@ class QuantLinear(nn.Module):
                 return group.part(x, i)
         return self.project(x)
 
-    def project(self, x: torch.Tensor, norm: Norm | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def project(self, x: torch.Tensor, norm: Norm | None = None, residual: torch.Tensor | None = None,
+                rotated: bool = False) -> torch.Tensor:
         """``residual + self(rms_norm(x))``, either part optional (``norm``: an RMSNorm's weight and eps, as
         :func:`rms_norm_reference` computes it). A linear without input rounding or weight cache does the norm
         inside its matmul when it has no input side (with one, the norm and the input side are one kernel where
         one runs: :func:`norm_rotated`), and the residual too when it has no output side or bias (the CUDA GEMV's
         prologue and epilogue: a decode step's norms and residual adds need no kernels of their own); otherwise
-        they are computed around it."""
+        they are computed around it. ``rotated``: x already went through the input side (no ``norm`` then)."""
+        if rotated and norm is not None:
+            raise ValueError("an input already rotated comes after its norm: pass no norm with rotated=True")
         fits = self.input_quant is None and not self._cache_on  # a matmul that takes a norm and residual inside
         add_inside = residual is not None and fits and self._u is None and self.bias is None
         inside = residual if add_inside else None
-        if self._v is not None:  # the norm before the input side (one kernel where one runs), not inside
+        if self._v is not None and not rotated:  # the norm before the input side (one kernel where one runs)
             x = norm_rotated(x, norm, self._v)
             norm = None
         elif norm is not None and not fits:
