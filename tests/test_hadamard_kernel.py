@@ -54,27 +54,21 @@ for n in (4096, 11008):
         y, r = f(rot, x), ref(x.double())
         ok = bool(torch.isfinite(y).all()) and y.dtype == torch.float16
         out[f"fp16:{n}:{key}"] = ((y.double() - r).norm() / r.norm()).item() if ok else float("inf")
-# k rotations of one split on k slices in one launch (a fused group's output sides) = each slice on its own
+# k rotations of one split on k slices in one launch (a fused group's output sides) = each slice on its own;
+# layout 3 (block-diagonal): the kernel alone, no matmul after it, also through the op
 from lowbit.kernels.triton_hadamard import rotate_stacked
-for n, k in STACKED:
-    rots = [RandomizedHadamard(n, seed=10 + j, layout=2) for j in range(k)]
-    x = torch.randn(3, k * n, generator=g)
-    for key, inverse in (("inverse", True), ("apply", False)):
-        ref = torch.cat([(r.inverse if inverse else r.apply)(part.double()) for r, part in
-                         zip(rots, x.split(n, dim=-1))], dim=-1)
-        y = rotate_stacked(rots, x, inverse=inverse)
-        out[f"stacked:{n}:{k}:{key}"] = ((y.double() - ref).norm() / ref.norm()).item()
-# layout 3: the kernel alone (no matmul after it) = the reference, stacked and through the op
-for n, k in BLOCKWISE:
-    rots = [RandomizedHadamard(n, seed=40 + j, layout=3) for j in range(k)]
-    x = torch.randn(2, k * n, generator=g)
-    for key, inverse in (("inverse", True), ("apply", False)):
-        ref = torch.cat([(r.inverse if inverse else r.apply)(part.double()) for r, part in
-                         zip(rots, x.split(n, dim=-1))], dim=-1)
-        y = rotate_stacked(rots, x, inverse=inverse)
-        out[f"blockwise:{n}:{k}:{key}"] = ((y.double() - ref).norm() / ref.norm()).item()
-        y = torch.ops.lowbit.hadamard(x, n, [40 + j for j in range(k)], 3, inverse)
-        out[f"blockwise-op:{n}:{k}:{key}"] = ((y.double() - ref).norm() / ref.norm()).item()
+for name, cases, seed, layout in (("stacked", STACKED, 10, 2), ("blockwise", BLOCKWISE, 40, 3)):
+    for n, k in cases:
+        rots = [RandomizedHadamard(n, seed=seed + j, layout=layout) for j in range(k)]
+        x = torch.randn(3, k * n, generator=g)
+        for key, inverse in (("inverse", True), ("apply", False)):
+            ref = torch.cat([(r.inverse if inverse else r.apply)(part.double()) for r, part in
+                             zip(rots, x.split(n, dim=-1))], dim=-1)
+            rel = lambda y: ((y.double() - ref).norm() / ref.norm()).item()  # noqa: E731
+            out[f"{name}:{n}:{k}:{key}"] = rel(rotate_stacked(rots, x, inverse=inverse))
+            if layout == 3:
+                out[f"blockwise-op:{n}:{k}:{key}"] = rel(torch.ops.lowbit.hadamard(x, n, [seed + j for j in range(k)],
+                                                                                   3, inverse))
 # silu(gate) * up and down's input side in one launch (the product rounded as eager torch rounds it)
 from lowbit.kernels.triton_hadamard import silu_mul_rotated
 for n, rows, layout in SILU:

@@ -4,6 +4,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -16,13 +18,21 @@ def _bench():  # noqa: ANN202
     return rotation_sides
 
 
-def test_runs_pair_by_seed_and_tabulate(tiny_model_dir, text_file, tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def bench(monkeypatch):  # noqa: ANN001, ANN201
+    """The benchmark module; run() replaces the quantizers' rotation draw for the rest of its process, so the test
+    puts the real one back afterwards."""
     import lowbit.algorithms.rtn as rtn
     import lowbit.algorithms.sequential as sequential
 
-    bench = _bench()
-    for module in (rtn, sequential):  # run() replaces the draw for the rest of its process
+    for module in (rtn, sequential):
         monkeypatch.setattr(module, "layer_rotation", module.layer_rotation)
+    return _bench()
+
+
+def test_runs_pair_by_seed_and_tabulate(bench, tiny_model_dir, text_file, tmp_path, monkeypatch, capsys):
+    import lowbit.algorithms.rtn as rtn
+
     seen = []
     real = rtn.layer_rotation
 
@@ -52,13 +62,9 @@ def test_runs_pair_by_seed_and_tabulate(tiny_model_dir, text_file, tmp_path, mon
     assert capsys.readouterr().out.strip().splitlines() == lines
 
 
-def test_only_rotates_the_named_linears(tiny_model_dir, text_file, tmp_path, monkeypatch, capsys):
+def test_only_rotates_the_named_linears(bench, tiny_model_dir, text_file, tmp_path, monkeypatch, capsys):
     import lowbit.algorithms.rtn as rtn
-    import lowbit.algorithms.sequential as sequential
 
-    bench = _bench()
-    for module in (rtn, sequential):
-        monkeypatch.setattr(module, "layer_rotation", module.layer_rotation)
     rotated = []
     real = rtn.layer_rotation
 
@@ -67,27 +73,27 @@ def test_only_rotates_the_named_linears(tiny_model_dir, text_file, tmp_path, mon
         return real(name, seed, output_side)
 
     monkeypatch.setattr("lowbit.models.fused_linears.layer_rotation", spy)
-    out = tmp_path / "down.json"
-    args = ["run", "--sides", "input", "--only", "mlp.down_proj", "--out", str(out), "--", str(tiny_model_dir),
-            "--text", text_file, "--seqlen", "32", "--max-windows", "2", "--formats", "fp16,rtn+rht:int4_g32_sym",
-            "--no-progress"]
-    assert bench.main(args) == 0
+    _run_input_sides(bench, ["--only", "mlp.down_proj"], tiny_model_dir, text_file, tmp_path, capsys,
+                     {"only": ["mlp.down_proj"]}, "mlp.down_proj only")
     assert rotated and all(n.endswith(".mlp.down_proj") for n in rotated)
-    assert json.loads(out.read_text())["rotation"] == {"sides": "input", "seed": 0, "only": ["mlp.down_proj"]}
+
+
+def _run_input_sides(bench, options, model_dir, text_file, tmp_path, capsys, recorded, label):  # noqa: ANN001, ANN202
+    """``run --sides input`` with ``options`` on the tiny model: the file records them, the table labels them."""
+    out = tmp_path / "run.json"
+    args = ["run", "--sides", "input", *options, "--out", str(out), "--", str(model_dir), "--text", text_file,
+            "--seqlen", "32", "--max-windows", "2", "--formats", "fp16,rtn+rht:int4_g32_sym", "--no-progress"]
+    assert bench.main(args) == 0
+    assert json.loads(out.read_text())["rotation"] == {"sides": "input", "seed": 0} | recorded
     capsys.readouterr()
     assert bench.main(["table", str(out)]) == 0
-    assert "rtn+rht:int4_g32_sym, input sides, mlp.down_proj only" in capsys.readouterr().out
+    assert f"rtn+rht:int4_g32_sym, input sides, {label}" in capsys.readouterr().out
 
 
-def test_fold_norms_folds_before_quantizing(tiny_model_dir, text_file, tmp_path, monkeypatch):
-    import lowbit.algorithms.rtn as rtn
-    import lowbit.algorithms.sequential as sequential
+def test_fold_norms_folds_before_quantizing(bench, tiny_model_dir, text_file, tmp_path, monkeypatch):
     import lowbit.comparison as comparison
     import lowbit.models.fused_rotation as fused_rotation
 
-    bench = _bench()
-    for module in (rtn, sequential):
-        monkeypatch.setattr(module, "layer_rotation", module.layer_rotation)
     monkeypatch.setattr(comparison, "quantize", comparison.quantize)
     folded = []
     real = fused_rotation.fold_layer_norms
@@ -118,25 +124,12 @@ def test_blocks_drop_the_dense_factor_of_one_size(monkeypatch):
     assert other.m > 1 and not torch.equal(other.factor, torch.eye(other.m))
 
 
-def test_layout_draws_every_transform_in_that_layout(tiny_model_dir, text_file, tmp_path, monkeypatch, capsys):
-    import lowbit.algorithms.rtn as rtn
-    import lowbit.algorithms.sequential as sequential
+def test_layout_draws_every_transform_in_that_layout(bench, tiny_model_dir, text_file, tmp_path, monkeypatch, capsys):
     import lowbit.rotations.incoherence as incoherence
 
-    bench = _bench()
-    for module in (rtn, sequential):
-        monkeypatch.setattr(module, "layer_rotation", module.layer_rotation)
     layouts = []
     real = incoherence.hadamard_of
     monkeypatch.setattr(incoherence, "hadamard_of", lambda n, seed, layout: layouts.append(layout) or
                         real(n, seed, layout))
-    out = tmp_path / "l3.json"
-    args = ["run", "--sides", "input", "--layout", "3", "--out", str(out), "--", str(tiny_model_dir), "--text",
-            text_file, "--seqlen", "32", "--max-windows", "2", "--formats", "fp16,rtn+rht:int4_g32_sym",
-            "--no-progress"]
-    assert bench.main(args) == 0
+    _run_input_sides(bench, ["--layout", "3"], tiny_model_dir, text_file, tmp_path, capsys, {"layout": 3}, "layout 3")
     assert layouts and set(layouts) == {3}
-    assert json.loads(out.read_text())["rotation"] == {"sides": "input", "seed": 0, "layout": 3}
-    capsys.readouterr()
-    assert bench.main(["table", str(out)]) == 0
-    assert "rtn+rht:int4_g32_sym, input sides, layout 3" in capsys.readouterr().out
