@@ -332,16 +332,30 @@ def cache_len(args: argparse.Namespace) -> int:
     return max(args.cache_len, args.prompt + args.gen)
 
 
-def reference_tokens(model: nn.Module, prompt: torch.Tensor, n: int) -> list[int]:
-    """Greedy tokens of the plain dynamic-cache loop (as lowbit.serve.generate.TextStream runs it)."""
-    ids, past, out = prompt, None, []
+def reference_tokens(model: nn.Module, prompt: torch.Tensor, n: int) -> tuple[list[int], list[tuple[int, float]]]:
+    """Greedy tokens of the plain dynamic-cache loop (as lowbit.serve.generate.TextStream runs it), and at each step
+    the runner-up token and the gap between the top two logits (how near a tie the choice was)."""
+    ids, past, out, runners = prompt, None, [], []
     with torch.inference_mode():
         for _ in range(n):
             o = model(input_ids=ids, past_key_values=past, use_cache=True, logits_to_keep=1)
             past = o.past_key_values
-            t = int(torch.argmax(o.logits[0, -1].float()))
+            top = torch.topk(o.logits[0, -1].float(), 2)
+            t = int(top.indices[0])
             out.append(t)
+            runners.append((int(top.indices[1]), float(top.values[0] - top.values[1])))
             ids = torch.tensor([[t]], device=prompt.device)
+    return out, runners
+
+
+def first_difference(ref: list[int], runners: list[tuple[int, float]], fast: list[int]) -> dict:
+    """Where the fast path's tokens first leave the reference's: how many agree, and at the first difference the
+    reference's top-two logit gap and whether the fast path took its runner-up (a near-tie, not a wrong kernel,
+    when the gap is a few fp16 steps)."""
+    k = next((i for i, (a, b) in enumerate(zip(ref, fast, strict=False)) if a != b), len(ref))
+    out: dict = {"reference_agree": f"{k}/{len(ref)}"}
+    if k < min(len(ref), len(fast)):
+        out |= {"first_difference_gap": runners[k][1], "first_difference_runner_up": fast[k] == runners[k][0]}
     return out
 
 
@@ -390,10 +404,12 @@ def run_variant(model: nn.Module, variant: str, args: argparse.Namespace, prompt
                 f"{p['matmul_us_per_step']:.0f} us; top: " +
                 "; ".join(f"{t['kernel'][:40]} {t['us_per_step']:.0f}" for t in p["top"][:5]))
         if args.check_tokens > 0:
-            ref = reference_tokens(model, prompt, args.check_tokens)
-            k = next((i for i, (a, b) in enumerate(zip(ref, fast["tokens"], strict=False)) if a != b), len(ref))
-            row["reference_agree"] = f"{k}/{len(ref)}"
-            log(f"{variant}: first {k}/{len(ref)} tokens agree with the dynamic-cache loop")
+            ref, runners = reference_tokens(model, prompt, args.check_tokens)
+            row |= first_difference(ref, runners, fast["tokens"])
+            gap = (f"; at the first difference the reference's top-two logit gap is {row['first_difference_gap']:.4f}"
+                   f" and the fast path {'took' if row['first_difference_runner_up'] else 'did not take'} its "
+                   "runner-up" if "first_difference_gap" in row else "")
+            log(f"{variant}: first {row['reference_agree']} tokens agree with the dynamic-cache loop{gap}")
         return row
     finally:
         if originals is not None:

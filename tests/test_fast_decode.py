@@ -266,6 +266,22 @@ def test_benchmark_cpu_smoke(tmp_path):
     assert res["rows"][0]["bytes"]["linears"] > 7 * res["rows"][1]["bytes"]["linears"]
 
 
+def test_benchmark_reports_how_near_a_tie_the_first_difference_was():
+    """decode.py's token check: the agreeing prefix, and at the first difference the reference's top-two logit gap
+    and whether the fast path took the reference's runner-up."""
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "benchmarks"))
+    try:
+        import decode as bench
+    finally:
+        sys.path.remove(str(root / "benchmarks"))
+    runners = [(7, 0.5), (9, 0.01), (4, 2.0)]
+    assert bench.first_difference([1, 2, 3], runners, [1, 2, 3]) == {"reference_agree": "3/3"}
+    assert bench.first_difference([1, 2, 3], runners, [1, 9, 5]) == {
+        "reference_agree": "1/3", "first_difference_gap": 0.01, "first_difference_runner_up": True}
+    assert bench.first_difference([1, 2, 3], runners, [8])["first_difference_runner_up"] is False
+
+
 def test_benchmark_rotates_only_the_linears_named():
     """``--rht-only``: a +rht variant rotates the named linears and leaves the others unrotated (to time each
     transform's share of a step)."""
