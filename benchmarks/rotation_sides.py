@@ -15,9 +15,9 @@ them into (``--json``). ``--only mlp.down_proj,self_attn.o_proj`` rotates only t
 multiplies the RMSNorm scales into the linears that read them first (what any rotation of the residual stream,
 ``+fused``, has to do); ``--blocks N`` drops the dense factor of size-N transforms (11008 = 43 x 256 in a 7B
 model, whose 43 x 43 matmul is a kernel of its own in every rotated layer's decode step), leaving a block-diagonal
-FWHT with random signs, to see what rounding loses without the mixing across blocks; ``--layout 3`` draws every
-transform in the block-diagonal layout (:mod:`lowbit.rotations.hadamard`: m FWHT blocks of the largest power of
-two that divides the size, no dense factor at any size).
+FWHT with random signs, to see what rounding loses without the mixing across blocks; ``--layout N`` draws every
+transform in rotation layout N (:mod:`lowbit.rotations.hadamard`; layout 3: m FWHT blocks of the largest power of
+two that divides the size, without a dense factor where those blocks hold at least 256 values).
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def _block_diagonal(n: int) -> None:
         if size != n or h.m == 1:
             return h
         b = copy.copy(h)
-        b.factor, b.kind = torch.eye(h.m), f"{h.m} blocks of fwht {h.p}"
+        b.factor, b.dense, b.kind = torch.eye(h.m), False, f"{h.m} blocks of fwht {h.p}"
         return b
 
     incoherence.hadamard_of = blockwise

@@ -108,6 +108,17 @@ def _silu_mul_hadamard_kernel(gu_ptr, signs_ptr, y_ptr, n_chunks, m, scale, P: t
     tl.store(y_ptr + offs, (v * scale).to(y_ptr.dtype.element_ty), mask=cmask)
 
 
+def _chunk_launch(n_chunks: int, p: int, pdl: bool) -> tuple[tuple[int], dict]:
+    """Grid and launch settings of the chunk kernels (_hadamard_kernel, _silu_mul_hadamard_kernel): BLOCK_C
+    length-p chunks per program, up to CHUNK_ELEMS values, and a programmatic dependent launch with ``pdl``."""
+    block_c = max(1, min(triton.next_power_of_2(n_chunks), CHUNK_ELEMS // p))
+    shape = {"P": p, "LOG_P": p.bit_length() - 1, "BLOCK_C": block_c,
+             "num_warps": 4 if p * block_c <= 2048 else 8 if p * block_c <= 8192 else 16}
+    if pdl:  # the interpreter knows no such option: only when asked
+        shape["launch_pdl"] = True
+    return (triton.cdiv(n_chunks, block_c),), shape
+
+
 def silu_mul_rotated(gu: torch.Tensor, rot, pdl: bool = False) -> torch.Tensor:  # noqa: ANN001
     """(silu(gate) * up) R^T for gu = [gate, up] along the last dimension (2n values, n = rot.n) in one launch: a
     gated MLP's product and the input side of its down projection, for transforms without a dense factor."""
@@ -119,12 +130,9 @@ def silu_mul_rotated(gu: torch.Tensor, rot, pdl: bool = False) -> torch.Tensor: 
     y = torch.empty(g2.shape[0], n, dtype=gu.dtype, device=gu.device)
     n_chunks = g2.shape[0] * m
     if n_chunks:
-        block_c = max(1, min(triton.next_power_of_2(n_chunks), CHUNK_ELEMS // p))
-        num_warps = 4 if p * block_c <= 2048 else 8 if p * block_c <= 8192 else 16
-        launch = {"launch_pdl": True} if pdl else {}
-        _silu_mul_hadamard_kernel[(triton.cdiv(n_chunks, block_c),)](
-            g2, device_signs([rot], gu.device), y, n_chunks, m, 1.0 / math.sqrt(p), P=p, LOG_P=p.bit_length() - 1,
-            BLOCK_C=block_c, USE_GDC=pdl, num_warps=num_warps, **launch)
+        grid, shape = _chunk_launch(n_chunks, p, pdl)
+        _silu_mul_hadamard_kernel[grid](g2, device_signs([rot], gu.device), y, n_chunks, m, 1.0 / math.sqrt(p),
+                                        USE_GDC=pdl, **shape)
     return y.reshape(*gu.shape[:-1], n)
 
 
@@ -186,13 +194,9 @@ def rotate_stacked(rots: Sequence, x: torch.Tensor, inverse: bool = False, pdl: 
     y = torch.empty_like(xc)
     n_chunks = xc.numel() // p
     if n_chunks:
-        block_c = max(1, min(triton.next_power_of_2(n_chunks), CHUNK_ELEMS // p))
-        num_warps = 4 if p * block_c <= 2048 else 8 if p * block_c <= 8192 else 16
-        launch = {"launch_pdl": True} if pdl else {}  # the interpreter knows no such option: only when asked
-        _hadamard_kernel[(triton.cdiv(n_chunks, block_c),)](xc, signs, y, n_chunks, k * m, 1.0 / math.sqrt(p),
-                                                            P=p, LOG_P=p.bit_length() - 1, BLOCK_C=block_c,
-                                                            SIGNS_AFTER=inverse, USE_GDC=pdl, num_warps=num_warps,
-                                                            **launch)
+        grid, shape = _chunk_launch(n_chunks, p, pdl)
+        _hadamard_kernel[grid](xc, signs, y, n_chunks, k * m, 1.0 / math.sqrt(p), SIGNS_AFTER=inverse, USE_GDC=pdl,
+                               **shape)
     if dense and not inverse:
         y = _dense_factor(_device_factor(rots, x.device, x.dtype, transpose=False), y, k, m, p)
     return y

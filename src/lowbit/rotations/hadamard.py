@@ -125,11 +125,10 @@ class RandomizedHadamard:
         self.signs = torch.randint(0, 2, (n,), generator=g, device="cpu").float() * 2 - 1  # CPU, float32 always
         blockwise = _blockwise(n, layout)
         self.dense = not blockwise and self.m > 1  # whether F_m is more than the identity
-        h = None if blockwise else hadamard_matrix(self.m)
         if blockwise:
             self.factor = torch.eye(self.m)
             self.kind = f"{self.m} blocks of fwht {self.p}" if self.m > 1 else f"fwht {self.p}"
-        elif h is not None:
+        elif (h := hadamard_matrix(self.m)) is not None:
             self.factor = h / math.sqrt(self.m)
             self.kind = f"hadamard {self.m} x fwht {self.p}"
         else:  # QuIP: a random orthogonal Kronecker factor where no Hadamard matrix of order m is known
