@@ -279,32 +279,39 @@ DEV void word_mma(float* d, u32 wa, u32 wb, u32 ha, u32 hb, int j, const u32* xr
     }
 }
 #elif KIND == 1
-// E8P: a 16-bit code is (pattern << 8) | sign byte. e = E[pattern] ^ T[sign byte] holds coordinate i as a nibble
-// n = 2 k + b at bits 4i: k = 4 + floor(+-|a_i|) (the XOR with 14 flips k around 3.5, negating a_i), b = 1 for the
-// shift +1/4 (in every nibble), so the coordinate is n / 2 - 3.75. Coordinates i and i + 4 sit at bits 4i and
-// 4i + 16. A LOP3 drops a nibble at bits p..p+3 of each half (p = 1, 4 or 5) into the mantissa of 1024.0, giving
-// 1024 + 2^p n, and one HFMA2 by 2^-(p+1) and -(512 / 2^p + 3.75) (exact in fp16 for these p) gives the
-// coordinate: e << 1 puts coordinate 0 at p = 1, e has coordinate 1 at p = 4, e >> 7 puts 2 and 3 at p = 1 and 5.
-__shared__ u32 e8p_abs[256];
-__shared__ u32 e8p_sign[256];
-// coordinates of the code whose pattern and sign byte are pi and si, as four fp16 pairs
-DEV void code_pairs(u32 pi, u32 si, u32* p) {
-    const u32 e = e8p_abs[pi] ^ e8p_sign[si];
-    const u32 hi = e >> 7;
+// E8P (cuda_gemv.e8p_layout): code r of a group of four has its 8-bit pattern in byte r of a pattern word and its
+// signs in a sign word: the prefix XORs c_j of its negation flags at bits 4 j + r (j < 7) and its shift bit t at
+// bit 28 + r. e = E2[t][pattern] ^ 14 f per nibble holds coordinate i as a nibble n = 2 k + b at bits 4i:
+// k = 4 + floor(+-|a_i|) (the XOR with 14 flips k around 3.5, negating a_i), b = 1 for the shift +1/4 (in every
+// nibble), so the coordinate is n / 2 - 3.75. The flags are f_j = c_j ^ c_j-1: the sign word XORed with itself a
+// nibble up (nibble 7 gets c_6 ^ t: E2 undoes the t), then 14 f is one multiply. One table read per code: the
+// pattern word, at E2[t] through a signed index (the PRMT copies t's bit into bytes 1-3: pattern - 256 t).
+// Coordinates i and i + 4 sit at bits 4i and 4i + 16. A LOP3 drops a nibble at bits p..p+3 of each half (p = 1, 4
+// or 5) into the mantissa of 1024.0, giving 1024 + 2^p n, and one HFMA2 by 2^-(p+1) and -(512 / 2^p + 3.75) (exact
+// in fp16 for these p) gives the coordinate: e << 1 puts coordinate 0 at p = 1, e has coordinate 1 at p = 4,
+// e >> 7 puts 2 and 3 at p = 1 and 5.
+__shared__ u32 e8p_tab[512];  // E2[1] (shift -1/4), then E2[0]
+// the coordinates of code r (0..3) of pattern word pw and sign word y, as four fp16 pairs
+DEV void code_pairs(u32 pw, u32 y, int r, u32* p) {
+    const int idx = (int)prmt(pw, y << (3 - r), 0xFFF0u | (u32)r);  // pattern byte r; t (bit 31 after the shift)
+    const u32 lo = r < 2 ? y : y >> 2, hi = r < 2 ? y << 4 : y << 2;  // c_j and c_j-1 at bit 4 j + r % 2
+    const u32 f = (lo ^ hi) & (0x11111111u << (r & 1));
+    const u32 e = e8p_tab[256 + idx] ^ (f * ((r & 1) ? 7u : 14u));
+    const u32 top = e >> 7;
     p[0] = hfma2(lop3_and_or(e << 1, 0x001e001eu, MAGIC), 0x34003400u, 0xDC0FDC0Fu);  // x 1/4 - 259.75
     p[1] = hfma2(lop3_and_or(e, 0x00f000f0u, MAGIC), 0x28002800u, 0xD078D078u);  // x 1/32 - 35.75
-    p[2] = hfma2(lop3_and_or(hi, 0x001e001eu, MAGIC), 0x34003400u, 0xDC0FDC0Fu);
-    p[3] = hfma2(lop3_and_or(hi, 0x01e001e0u, MAGIC), 0x24002400u, 0xCCF0CCF0u);  // x 1/64 - 19.75
+    p[2] = hfma2(lop3_and_or(top, 0x001e001eu, MAGIC), 0x34003400u, 0xDC0FDC0Fu);
+    p[3] = hfma2(lop3_and_or(top, 0x01e001e0u, MAGIC), 0x24002400u, 0xCCF0CCF0u);  // x 1/64 - 19.75
 }
-DEV void word_mma(float* d, u32 wa, u32 wb, u32, u32, int, const u32* xr, u32 sa, u32 sb, u32 ma, u32 mb) {
+// Word j of a chunk: its codes 2 j and 2 j + 1 (8 weights each), whose pattern bytes are in wa, wb (word j / 2 of
+// the chunk) and signs in ya, yb (word 2 + j / 2): step_word passes them.
+DEV void word_mma(float* d, u32 wa, u32 wb, u32 ya, u32 yb, int j, const u32* xr, u32 sa, u32 sb, u32 ma, u32 mb) {
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {  // the word's two codes: 8 weights each
+    for (int h = 0; h < 2; ++h) {
         u32 pa[4], pb[4];
-        // the code's pattern and sign byte, each extracted by one PRMT (a table index the compiler then scales
-        // and adds in one LEA, where masks and shifts of the word took it three instructions)
-        const u32 hi_sel = h ? 0x4443u : 0x4441u, lo_sel = h ? 0x4442u : 0x4440u;
-        code_pairs(prmt(wa, 0u, hi_sel), prmt(wa, 0u, lo_sel), pa);
-        code_pairs(prmt(wb, 0u, hi_sel), prmt(wb, 0u, lo_sel), pb);
+        const int r = 2 * (j & 1) + h;
+        code_pairs(wa, ya, r, pa);
+        code_pairs(wb, yb, r, pb);
         const u32* xc = xr + 4 * h;
 #pragma unroll
         for (int m = 0; m < 2; ++m) {
@@ -596,7 +603,7 @@ DEV void stage_normalized(const u16* x, const u16* nw, int K, float eps) {
 
 DEV void stage_block(const u32* tables, const u16* x, int K, int M, const u16* nw, float eps) {
 #if KIND == 1
-    for (int i = threadIdx.x; i < 512; i += WARPS * 32) (i < 256 ? e8p_abs : e8p_sign)[i & 255] = tables[i];
+    for (int i = threadIdx.x; i < 512; i += WARPS * 32) e8p_tab[i] = tables[i];
 #elif KIND == 2
     for (int i = threadIdx.x; i < 256; i += WARPS * 32) iq2_grid[i] = ((const U2*)tables)[i];
 #endif
@@ -734,8 +741,13 @@ DEV void word_scales(const Step& w, const KScales& ks, int j, u32& csa, u32& csb
 DEV void step_word(float* d, const Step& w, const KScales& ks, int j, const u32* xr, const RowPtrs& rp, int k) {
     u32 csa, csb, cma, cmb;
     word_scales(w, ks, j, csa, csb, cma, cmb);
+#if KIND == 1  // E8P: word j's codes have their patterns in word j / 2 and their signs in word 2 + j / 2
+    chunk_mma(d, word(w.a, j >> 1), word(w.b, j >> 1), word(w.a, 2 + (j >> 1)), word(w.b, 2 + (j >> 1)), j, xr,
+              rp.sa, rp.sb, rp.ma, rp.mb, k, csa, csb, cma, cmb);
+#else
     chunk_mma(d, word(w.a, j), word(w.b, j), kq_hi(w.ha, j), kq_hi(w.hb, j), j, xr, rp.sa, rp.sb, rp.ma, rp.mb, k,
               csa, csb, cma, cmb);
+#endif
 }
 #endif
 // The lane's next step of rows rp, requested a step ahead (FULL: running pointers pa, pb, and no prefetch past the
