@@ -190,12 +190,21 @@ def test_unknown_json_is_listed_as_not_rendered(results: Path, tmp_path: Path):
     ("kernels-bad.json", KERNELS | {"rows": [KERNELS["rows"][0] | {"ms": "fast"}]}, "TypeError"),
     ("quality-bad.json", {"rows": [FP16 | {"ppl": "high"}]}, "ValueError"),  # named, not the other quality files
     ("other-bad.json", "{", "not valid JSON"),  # malformed JSON fails even when no page would show it
+    ("llamacpp-bad.json", {"meta": {}, "decode": [{"type": "q2_k"}]}, "decode\\[0\\] has no 'tok_s'"),  # optional
 ])
 def test_malformed_file_is_an_error_naming_it(results: Path, tmp_path: Path, name: str, content: object, why: str):
     _write(results, name, content)
     with pytest.raises(LowbitError, match=f"{name}.*{why}"):
         write_results_pages(results, tmp_path / "out")
     assert not (tmp_path / "out").exists()  # nothing written when a file is bad
+
+
+def test_llamacpp_file_of_some_steps(results: Path, tmp_path: Path):
+    """llamacpp_cuda.py --steps build,models,decode: decode rows and no GEMV rows."""
+    _write(results, "llamacpp-t.json", {k: v for k, v in LLAMACPP.items() if k != "kernels"})
+    page = render_results_pages(results, tmp_path / "out")["llamacpp.md"]
+    assert _tables(page)["q2_k"] == ["196.6", "1.3", "2.53"]
+    assert "ggml type" not in page  # no empty GEMV table
 
 
 def test_stale_generated_page_is_removed_hand_written_kept(results: Path, tmp_path: Path):

@@ -49,6 +49,7 @@ class Family:
     section: Callable[[Source], list[str]]  # one file's part of the page
     overview: Callable[[list[Source]], list[str]] | None = None  # a table across files, shown first
     order: Callable[[Source], tuple] | None = None  # order of the file sections (default: by file name)
+    optional: dict[str, tuple[str, ...]] | None = None  # as ``required``, checked where the key is there
 
 
 # --- public API --------------------------------------------------------------------------------------------------
@@ -157,9 +158,12 @@ def _validate(family: Family, source: Source) -> None:
     """Every field the page reads unconditionally must be there: a broken file fails here, naming itself."""
     if not isinstance(source.data, dict):
         _bad(family, source, "the top level is not a JSON object")
-    for key, item_keys in family.required.items():
+    optional = family.optional or {}
+    for key, item_keys in (family.required | optional).items():
         value = source.data.get(key)
         if value is None:
+            if key in optional:
+                continue
             _bad(family, source, f"no '{key}'")
         if not item_keys:
             continue
@@ -543,13 +547,16 @@ def _llamacpp_section(s: Source) -> list[str]:
     fa = {True: "on", False: "off (built without them)"}.get(meta.get("flash_attn_kernels"), "not recorded")
     facts = [f"Command: {_command(meta.get('command', '?'))}", f"Hardware: {meta.get('device', 'not recorded')}",
              f"ggml's FlashAttention CUDA kernels: {fa}"]
-    kernels = markdown_table(["ggml type", "batch", "shape [out, in]", "µs per call"],
-                             [[r["type"], str(r["batch"]), f"{r['rows']}x{r['cols']}", _num(r["us"], 1)]
-                              for r in s.data.get("kernels", [])])
-    decode = markdown_table(["file type", "TG tok/s", "stddev", "file GB"],
-                            [[r["type"], _num(r["tok_s"], 1), _num(r.get("stddev"), 1), _num(r.get("size_gb"), 2)]
-                             for r in s.data.get("decode", [])])
-    return _section(Path(s.name).stem, s, facts, kernels, decode)
+    tables = []
+    if s.data.get("kernels"):
+        tables.append(markdown_table(["ggml type", "batch", "shape [out, in]", "µs per call"],
+                                     [[r["type"], str(r["batch"]), f"{r['rows']}x{r['cols']}", _num(r["us"], 1)]
+                                      for r in s.data["kernels"]]))
+    if s.data.get("decode"):
+        tables.append(markdown_table(["file type", "TG tok/s", "stddev", "file GB"],
+                                     [[r["type"], _num(r["tok_s"], 1), _num(r.get("stddev"), 1),
+                                       _num(r.get("size_gb"), 2)] for r in s.data["decode"]]))
+    return _section(Path(s.name).stem, s, facts, *tables)
 
 
 def _attention_section(s: Source) -> list[str]:
@@ -663,8 +670,9 @@ FAMILIES: Sequence[Family] = (
         "partly hold between calls, where lowbit's benchmark cycles weight copies larger than L2). Decode: "
         "`llama-bench -p 0 -n 128 -ngl 99` (TG-128, batch 1) on a random Llama-2-7B-shaped F16 GGUF and its "
         "`llama-quantize` files. Comparison with lowbit: [kernels.md](../kernels.md).",
-        {"meta": (), "kernels": ("type", "batch", "rows", "cols", "us"), "decode": ("type", "tok_s")},
-        _llamacpp_section),
+        {"meta": ()}, _llamacpp_section,
+        # a run of some of the script's steps (--steps) has the GEMV rows, the decode rows or both
+        optional={"kernels": ("type", "batch", "rows", "cols", "us"), "decode": ("type", "tok_s")}),
     Family(
         "attention", "attention-", "Decode attention step",
         "the one-kernel decode attention step (rotary, cache write, attention) alone, by context length",
