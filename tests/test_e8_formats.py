@@ -211,6 +211,32 @@ def test_e8p_round_trip_storage_and_bpw(name, cols, bpw):
     assert qt.bits_per_weight == pytest.approx(bpw) == fmt.bits_per_weight(qt.shape)
 
 
+@pytest.mark.parametrize("n", [8, 72, 13, 3])  # whole chunks of 8 codes, and codes past the last one
+def test_e8p_stored_order_round_trips(n):
+    codes = torch.randint(0, 1 << 16, (5, n), generator=torch.Generator().manual_seed(n))
+    stored = e8p.to_stored(codes)
+    assert stored.dtype == torch.int16 and stored.shape == codes.shape
+    assert torch.equal(e8p.from_stored(stored), codes)
+    whole = n - n % 8
+    assert torch.equal(stored[:, whole:].long() & 0xFFFF, codes[:, whole:])  # the tail as it is
+
+
+def test_e8p_stored_order_fields():
+    """A chunk's words: pattern bytes of codes 0-3 and 4-7, then sign words with code r's prefix XORs of its
+    negation flags at bits 4 j + r and its shift bit at 28 + r; every code's slot indexes codes_of_slots."""
+    codes = torch.arange(1 << 16).reshape(-1, 8)[torch.randperm(8192, generator=torch.Generator().manual_seed(0))]
+    words = e8p.to_stored(codes).view(torch.int32).long() & 0xFFFFFFFF  # [chunks, 4]
+    r = torch.arange(4)
+    patterns = (words[:, :2, None] >> (8 * r)) & 255
+    assert torch.equal(patterns.reshape(-1, 8), codes >> 8)
+    slots = sum((((words[:, 2:, None] >> (4 * j + r)) & 1) << j) for j in range(8))
+    assert torch.equal(e8p.codes_of_slots((patterns << 8) | slots).reshape(-1, 8), codes)
+    assert torch.equal(e8p.codes_of_slots(torch.arange(1 << 16)).sort().values, torch.arange(1 << 16))
+    sb = codes & 255
+    parity = sum((sb >> i) & 1 for i in range(8)) & 1
+    assert torch.equal(slots.reshape(-1, 8) >> 7, parity)  # the shift bit: 1 where the shift is -1/4
+
+
 def test_e8p_error_on_gaussian_weights():
     w = rand(64, 1024, seed=11)
     err = rel_rmse(get_format("e8p_ch"), w)

@@ -147,6 +147,38 @@ def test_checkpoint_without_quantization_config(tmp_path: Path, q4: Path, tiny_t
     assert torch.equal(_logits(model, tiny_tokenizer), _logits(ref, tiny_tokenizer))
 
 
+def test_version_1_e8p_codes_are_converted_on_load(tmp_path: Path, tiny_tokenizer: Any) -> None:
+    """Checkpoint version 1 stored E8P's codes themselves; both loaders put them in the stored order of version 2."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from lowbit.formats import e8p
+
+    new = _checkpoint(tmp_path / "v2", tiny_tokenizer, "llama", "rtn+rht:e8p_ch")
+    old = tmp_path / "v1"
+    old.mkdir()
+    for f in new.iterdir():
+        (old / f.name).write_bytes(f.read_bytes())
+    with safe_open(str(new / "model.safetensors"), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iterator
+    codes = [k for k in tensors if k.endswith(".codes")]
+    assert len(codes) == 14  # every linear of the two layers is E8P
+    for k in codes:
+        stored = tensors[k]
+        tensors[k] = e8p.from_stored(stored).to(torch.int16)  # the codes' 16 bits, as version 1 held them
+        assert not torch.equal(tensors[k], stored)
+    save_file(tensors, str(old / "model.safetensors"), metadata=meta)
+    for name in ("lowbit.json", "config.json"):
+        text = (old / name).read_text()
+        assert '"checkpoint_version": 2' in text
+        (old / name).write_text(text.replace('"checkpoint_version": 2', '"checkpoint_version": 1'))
+    want = _logits(lowbit.load(new, device="cpu")[0], tiny_tokenizer)
+    assert torch.equal(_logits(lowbit.load(old, device="cpu")[0], tiny_tokenizer), want)
+    model = AutoModelForCausalLM.from_pretrained(old, dtype=torch.float32)
+    assert torch.equal(_logits(model, tiny_tokenizer), want)
+
+
 def test_save_goes_through_lowbit_save(tmp_path: Path, q4: Path, tiny_tokenizer: Any) -> None:
     model = AutoModelForCausalLM.from_pretrained(q4, dtype=torch.float32)
     with pytest.raises(ValueError, match="not serializable"):

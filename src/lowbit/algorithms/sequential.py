@@ -39,6 +39,7 @@ from lowbit.calibration.samples import DEFAULT_NSAMPLES, DEFAULT_SEQLEN, calibra
 from lowbit.errors import LowbitError
 from lowbit.eval.perplexity import model_max_length
 from lowbit.formats import Format, get_format
+from lowbit.formats.e8p import E8PFormat
 from lowbit.models.fused_linears import layer_rotation
 from lowbit.models.quant_linear import QuantLinear
 from lowbit.models.walker import (
@@ -346,6 +347,8 @@ def _fingerprint(model: nn.Module, plan: dict[str, str], calib: CalibConfig, gpt
     # a rotation's sides and layout as lowbit draws them now (a checkpoint rotated otherwise is not resumed)
     rotation = None if rotation_seed is None else [rotation_seed, layer_rotation("", rotation_seed).to_json()]
     settings = [sorted(plan.items()), asdict(calib), asdict(gptq), rounding, rotation, GPTQ_IMPLEMENTATION]
+    if any(isinstance(get_format(f), E8PFormat) for f in plan.values()):
+        settings.append("e8p codes in their stored order")  # step files of earlier runs hold the codes themselves
     if finetune is not None:
         settings.append(["finetune", asdict(finetune)])
     if ranks := distributed.current():  # the activations in a checkpoint are sharded by rank

@@ -14,13 +14,14 @@ Construction, reproduced from Cornell-RelaxML/quip-sharp ``lib/codebook/latticee
   (QuIP#'s nibble shuffle). The codeword is ``signs * a + shift``. Since (1/2, ..., 1/2) is in E8 and
   D8-hat is a coset of D8 in E8, every codeword lies in E8 + 1/4, and the 2^16 codewords are distinct.
 
-Codes here are exactly QuIP#'s indices into its ``_E8P_GRID`` (not its packed on-GPU layout).
+Codes here are exactly QuIP#'s indices into its ``_E8P_GRID``; storage keeps their bits in another order.
 
 Format ``e8p_ch``: one float16 scale per output row (QuIP# uses one per matrix after its random Hadamard
 transform; per row is strictly more flexible); ``e8p_g{N}``: one per N columns. Storage: ``codes`` int16
-[rows, cols / 8] holding the 16-bit code's bit pattern (read back as ``code & 0xFFFF``; int16 rather than
-uint16 because older torch/safetensors releases we support lack uint16) and ``scale`` float16 [rows, groups].
-Bits per weight: 2 + 16 / group columns.
+[rows, cols / 8], the codes' 16 bits in the order the CUDA GEMV reads them (:func:`to_stored`; int16 rather than
+uint16 because older torch/safetensors releases we support lack uint16), and ``scale`` float16 [rows, groups].
+Bits per weight: 2 + 16 / group columns. Checkpoints written before that order (checkpoint version 1) held the
+codes themselves and are converted on load.
 
 Encoding is the exact nearest codeword (importance-weighted squared error): for each shift, an exact search
 over the 256 patterns with the sign-parity rule (:mod:`lowbit.formats.signed_codebook`), then the better
@@ -111,6 +112,68 @@ def nearest(y: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return torch.where(take, codes[n:], codes[:n]), torch.minimum(err[:n], err[n:])
 
 
+# ----- storage order ----------------------------------------------------------------------------------------
+CHUNK_CODES = 8  # codes per 16-byte chunk of the stored order (64 weights, what a lane of the CUDA GEMV reads)
+
+
+@cache
+def _slots(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bit of nibble j in slot r of a sign word [4, 8] (4 j + r), and the sign bit of each coordinate [8]."""
+    return (4 * torch.arange(8, device=device) + torch.arange(4, device=device)[:, None],
+            torch.tensor(_SIGN_BIT, device=device))
+
+
+def to_stored(codes: torch.Tensor) -> torch.Tensor:
+    """Codes [rows, n] (QuIP#'s indices) -> their stored int16 [rows, n]. Each chunk of 8 codes is four 32-bit
+    words: the pattern bytes of codes 0-3 (byte r: code r) and 4-7, then the two groups' sign words. Code r's sign
+    word slot holds, at bits 4 j + r, the prefix XORs c_j = f_0 ^ ... ^ f_j (j < 7) of its coordinates' negation
+    flags f (an even number: f_7 = c_6) and, at bit 28 + r, its shift bit (the sign byte's parity, 1: -1/4). The
+    CUDA GEMV turns a sign word into its flip mask with one XOR and one multiply and reads one table word per code
+    (docs/kernels.md, "E8P with one table read per code"). Codes past the last whole chunk stay as they are."""
+    c = codes.to(torch.int64) & 0xFFFF
+    rows, n = c.shape
+    whole = n - n % CHUNK_CODES
+    slots, sign_bit = _slots(c.device)
+    head = c[:, :whole].reshape(rows, whole // CHUNK_CODES, 2, 4)  # [row, chunk, group, code r]
+    sb = head & 255
+    par = _popcount8(sb) & 1
+    flags = ((sb ^ par)[..., None] >> sign_bit) & 1  # [..., coordinate]
+    bits = torch.cat([torch.cumsum(flags[..., :7], -1) & 1, par[..., None]], -1)  # c_0 .. c_6, shift bit
+    sign_words = (bits << slots).sum((-2, -1))  # disjoint bits: an OR
+    pattern_words = ((head >> 8) << (8 * torch.arange(4, device=c.device))).sum(-1)
+    words = torch.cat([pattern_words, sign_words], -1).reshape(rows, whole // 2)
+    words = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+    tail = c[:, whole:]
+    return torch.cat([words.view(torch.int16), torch.where(tail >= 1 << 15, tail - (1 << 16), tail).to(torch.int16)],
+                     1).contiguous()
+
+
+def from_stored(stored: torch.Tensor) -> torch.Tensor:
+    """The codes (int64 [rows, n], QuIP#'s indices) of stored int16 [rows, n] (:func:`to_stored`)."""
+    rows, n = stored.shape
+    whole = n - n % CHUNK_CODES
+    tail = stored[:, whole:].to(torch.int64) & 0xFFFF
+    if not whole:
+        return tail
+    slots = _slots(stored.device)[0]
+    words = stored[:, :whole].contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    words = words.reshape(rows, whole // CHUNK_CODES, 4)
+    pattern = (words[..., :2, None] >> (8 * torch.arange(4, device=stored.device))) & 255  # [row, chunk, group, r]
+    slot = ((words[..., 2:, None, None] >> slots) & 1) << torch.arange(8, device=stored.device)
+    codes = codes_of_slots((pattern << 8) | slot.sum(-1)).reshape(rows, whole)
+    return torch.cat([codes, tail], 1)
+
+
+def codes_of_slots(index: torch.Tensor) -> torch.Tensor:
+    """The code (QuIP#'s index) of ``pattern << 8 | slot``, where bit j of ``slot`` is bit 4 j + r of a code's sign
+    word (:func:`to_stored`: c_0 .. c_6, then the shift bit)."""
+    bits = (index[..., None] >> torch.arange(8, device=index.device)) & 1
+    prefix = bits[..., :7]
+    flags = torch.cat([prefix[..., :1], prefix[..., 1:] ^ prefix[..., :-1], prefix[..., 6:]], -1)
+    sb = (flags << _slots(index.device)[1]).sum(-1) ^ bits[..., 7]  # bit 0 flipped back where the shift is -1/4
+    return (index & 0xFF00) | sb
+
+
 class E8PFormat(Format):
     vector_dim = 8
     float_params = ("scale",)
@@ -175,12 +238,11 @@ class E8PFormat(Format):
         codes = codes.to(torch.int64)
         if tuple(codes.shape) != spec["codes"][0] or codes.min() < 0 or codes.max() >= 1 << 16:
             raise LowbitError(f"{self.name}: codes {tuple(codes.shape)} do not fit weight shape {tuple(shape)}")
-        stored = torch.where(codes >= 1 << 15, codes - (1 << 16), codes).to(torch.int16)  # same 16 bits
-        return QuantizedTensor(self.name, tuple(shape), {"codes": stored.contiguous(),
+        return QuantizedTensor(self.name, tuple(shape), {"codes": to_stored(codes),
                                                          "scale": params["scale"].to(torch.float16).contiguous()})
 
     def unpack(self, qt: QuantizedTensor) -> tuple[torch.Tensor, Params]:
-        return qt.data["codes"].to(torch.int64) & 0xFFFF, {"scale": qt.data["scale"]}
+        return from_stored(qt.data["codes"]), {"scale": qt.data["scale"]}
 
 
 _COARSE = (1.0, 0.9, 1.1)  # times rms / 1.03; with one Lloyd step as good as a 31-point grid (measured)

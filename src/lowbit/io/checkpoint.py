@@ -26,6 +26,8 @@ from torch import nn
 from lowbit import __version__
 from lowbit.atomic import atomic_dir
 from lowbit.errors import BadFileError, LowbitError
+from lowbit.formats import e8p, get_format
+from lowbit.formats.e8p import E8PFormat
 from lowbit.io.validate import (
     check_checkpoint_files,
     check_finite,
@@ -39,7 +41,8 @@ from lowbit.models.walker import check_supported, empty_quant_linear, set_module
 from lowbit.rotations.incoherence import Rotation
 
 STORAGE_DTYPE = torch.float16
-CHECKPOINT_VERSION = 1
+# 2: E8P codes in their stored order (lowbit.formats.e8p.to_stored); 1 held the codes themselves (upgrade_codes)
+CHECKPOINT_VERSION = 2
 QUANTIZED_MARKER = "lowbit.json"
 HF_QUANT_METHOD = "lowbit"  # config.json's quantization_config.quant_method: routes from_pretrained to lowbit
 
@@ -167,6 +170,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32,
     model.tie_weights()  # before loading: tied tensors were saved once
     tied = _tied_keys(model)
     state = load_safetensors(path / "model.safetensors")
+    upgrade_codes(state, info)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in tied]
     if missing or unexpected:  # checked before loading; kept as the last guard
@@ -176,6 +180,16 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32,
     check_finite(model, path / "model.safetensors")
     tok = load_tokenizer(path)
     return model.to(device=device, dtype=dtype).eval(), tok
+
+
+def upgrade_codes(tensors: dict[str, torch.Tensor], info: dict) -> None:
+    """The packed tensors of a checkpoint with lowbit.json ``info``, read as stored, put in place as this lowbit
+    stores them: version 1's E8P codes into their stored order."""
+    if info.get("checkpoint_version", 0) >= 2:
+        return
+    for name, fmt in info["formats"].items():
+        if isinstance(get_format(fmt), E8PFormat) and f"{name}.codes" in tensors:
+            tensors[f"{name}.codes"] = e8p.to_stored(tensors[f"{name}.codes"])
 
 
 def _tied_keys(model: nn.Module) -> set[str]:

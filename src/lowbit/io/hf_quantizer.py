@@ -23,7 +23,14 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from lowbit.errors import LowbitError
-from lowbit.io.checkpoint import CHECKPOINT_VERSION, HF_QUANT_METHOD, QUANTIZED_MARKER, install_quant_linears, read_info
+from lowbit.io.checkpoint import (
+    CHECKPOINT_VERSION,
+    HF_QUANT_METHOD,
+    QUANTIZED_MARKER,
+    install_quant_linears,
+    read_info,
+    upgrade_codes,
+)
 from lowbit.io.validate import check_checkpoint_files, check_finite
 from lowbit.models.quant_linear import QuantLinear
 
@@ -77,11 +84,17 @@ class LowbitHfQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
-        for m in model.modules():  # transformers 4.x casts float buffers to the model dtype: back to the stored ones
+        info = read_info(self.checkpoint)
+        for name, m in model.named_modules():
             if isinstance(m, QuantLinear):
+                # transformers 4.x casts float buffers to the model dtype: back to the stored ones
                 for key, (_, dtype) in m.fmt.storage_spec((m.out_features, m.in_features)).items():
                     if getattr(m, key).dtype != dtype:
                         setattr(m, key, getattr(m, key).to(dtype))
+                packed = {f"{name}.{k}": getattr(m, k) for k in m._keys}
+                upgrade_codes(packed, info)  # an older checkpoint's codes, as this lowbit stores them
+                for k in m._keys:
+                    setattr(m, k, packed[f"{name}.{k}"])
         check_finite(model, self.checkpoint / "model.safetensors")
         return model
 

@@ -13,10 +13,10 @@ rows of their own and the superblock scales into a separate fp16 array (the same
 The K-quants (Q2_K .. Q6_K) are read from one too (:func:`kquant_layout`): the low 2 or 4 bits of every code
 packed as the 2- or 4-bit grids pack theirs, so the same decode serves them, the high bits in a plane beside them,
 each chunk's integer scales in one 16- or 32-bit word and each superblock's fp16 (d, -dmin) in one 32-bit word (at
-most 0.19 bits per weight more than ggml's bytes: Q4_K 4.625). E8P's codes are regrouped too (:func:`e8p_layout`:
-pattern bytes apart from sign words the kernel turns into flip masks with a multiply, so a code costs one table
-read). These layouts are built on the device at a weight's first GEMV and kept beside its stored bytes (which GGUF
-export, checkpoints and the other paths read), so such a weight takes twice its memory there.
+most 0.19 bits per weight more than ggml's bytes: Q4_K 4.625). Both layouts are built on the device at a weight's
+first GEMV and kept beside its stored bytes (which GGUF export and the other paths read), so such a weight takes
+twice its memory there. E8P's stored order is the kernel's own (:func:`lowbit.formats.e8p.to_stored`: pattern bytes
+apart from sign words the kernel turns into flip masks with a multiply, so a code costs one table read).
 
 Variants that measured slower on an H200 and were taken out (a cp.async ring feeding persistent blocks, E8P's sign
 byte turned into its flip mask by 12 ALU instructions, the +rht input transform folded into the staging) are in
@@ -196,9 +196,9 @@ def e8p_tables() -> torch.Tensor:
 
     Coordinate i is the nibble 2 k + b at bits 4i, so the coordinate is n / 2 - 3.75: E holds k = 4 + floor(|a_i|)
     (|a_i| = 1/2, 3/2, ...) with the pattern's odd-parity sign on coordinate 7 pre-applied; a negated coordinate
-    has 14 XORed onto its nibble (k -> 7 - k), and b = 1 in every nibble is the shift +1/4. The kernel XORs a sign
-    word S onto E2 (:func:`e8p_layout`), whose nibble 7 negates coordinate 7 once more where t = 1; E2 undoes that
-    (0xE0000000) and sets b for t = 0 (0x11111111)."""
+    has 14 XORed onto its nibble (k -> 7 - k), and b = 1 in every nibble is the shift +1/4. The kernel XORs a
+    flip mask made from the code's sign word (:func:`lowbit.formats.e8p.to_stored`) onto E2; its nibble 7 negates
+    coordinate 7 once more where t = 1, which E2 undoes (0xE0000000), and E2 sets b for t = 0 (0x11111111)."""
     pats = e8p_format.abs_patterns()
     odd = e8p_format._parity()
     table = []
@@ -211,30 +211,6 @@ def e8p_tables() -> torch.Tensor:
             word |= nib << (4 * i)
         table.append(word)
     return _int32(torch.tensor([w ^ 0xE0000000 for w in table] + [w ^ 0x11111111 for w in table]))
-
-
-def e8p_layout(codes: torch.Tensor) -> torch.Tensor:
-    """E8P codes int16 [rows, cols / 8] -> the kernel's words int32 [rows, cols / 16]: per 16-byte chunk (8 codes),
-    words 0 and 1 the pattern bytes of codes 0-3 and 4-7 (byte r: code 4 q + r), words 2 and 3 their sign words.
-
-    A code's 8 negation flags f_i (coordinate i; an even number of them) are stored as the prefix XORs c_j = f_0 ^
-    ... ^ f_j, j < 7, at bits 4 j + r of its sign word, and its shift bit t (1: -1/4) at bit 28 + r. The kernel gets
-    f back with one XOR of the word and the word shifted by a nibble (f_j = c_j ^ c_j-1, f_7 = c_6, with t on
-    nibble 7, which the table undoes), and ``14 f`` per nibble with one multiply: one shared-memory table read per
-    code instead of two (the pattern word; the sign word is computed)."""
-    c = codes.to(torch.int64) & 0xFFFF
-    rows, n = c.shape
-    c = c.reshape(rows, n // 8, 2, 4)  # [row, chunk, word q, code r]
-    sb = c & 255
-    par = _PARITY.to(c.device)[sb]
-    signs = sb ^ par
-    f = (signs[..., None] >> torch.tensor(e8p_format._SIGN_BIT, device=c.device)) & 1  # [..., coordinate i]
-    prefix = torch.cumsum(f[..., :7], -1) & 1  # c_j = f_0 ^ ... ^ f_j
-    r = torch.arange(4, device=c.device)
-    j = torch.arange(7, device=c.device)
-    sign_words = ((prefix << (4 * j + r[:, None])).sum(-1) | par << (28 + r)).sum(-1)  # disjoint bits
-    pattern_words = ((c >> 8) << (8 * r)).sum(-1)
-    return _int32(torch.cat([pattern_words, sign_words], -1).reshape(rows, -1)).contiguous()
 
 
 @cache
@@ -290,7 +266,7 @@ def iq2xxs_layout(qs: torch.Tensor, cols: int) -> tuple[torch.Tensor, torch.Tens
     return _int32(torch.stack([aux[..., 0], signs], -1).reshape(sub.shape)), d, _int32(ls_words)
 
 
-_PARITY = torch.tensor([bin(i).count("1") & 1 for i in range(256)])  # of a sign byte (IQ2_XXS: a 7-bit index)
+_PARITY = torch.tensor([bin(i).count("1") & 1 for i in range(128)])  # of a 7-bit sign index
 
 
 _LAYOUT_ROWS = 2048  # rows unpacked at once by kquant_layout (int64 temporaries: ~10 bytes per weight)
@@ -527,8 +503,6 @@ def gemv(x: torch.Tensor, fmt: Format, qt: QuantizedTensor, p: Plan, gated: bool
         else:
             codes, scales, groups = qt.data["codes"], qt.data["scale"], fmt.n_groups(k)
             mins = qt.data.get("min", scales)
-            if p.kind == 1:  # pattern bytes and computed-sign words (e8p_layout)
-                codes = _cached_layout(codes, e8p_layout)
     full = k % (4 * half_per_chunk(p)) == 0  # whole steps of 4 chunks: no lane past the row's end
     rows_per_block = ROWS_PER_BLOCK // 2 if gated else ROWS_PER_BLOCK  # gated: 8 gate rows + their 8 up rows
     sms = sm_count(x.device)
@@ -617,11 +591,11 @@ def decode_reference(fmt: Format, cols: int, codes: torch.Tensor) -> torch.Tenso
 
 
 def _decode_e8p(codes: torch.Tensor) -> torch.Tensor:
-    """The kernel's E8P steps on ``codes`` (a multiple of 8 of them) through :func:`e8p_layout` (code_pairs in
-    gemv_mma.cu)."""
+    """The kernel's E8P steps on ``codes`` (a multiple of 8 of them) through their stored order (code_pairs in
+    gemv_mma.cu; words [chunk, 4])."""
     m32 = 0xFFFFFFFF
     tab = e8p_tables().to(torch.int64) & m32
-    words = e8p_layout(codes.reshape(1, -1)).to(torch.int64).reshape(-1, 4) & m32  # [chunk, word]
+    words = e8p_format.to_stored(codes.reshape(1, -1)).view(torch.int32).to(torch.int64).reshape(-1, 4) & m32
     e = []
     for q in range(8):  # code q of each chunk
         w, r = q // 4, q % 4

@@ -1,11 +1,14 @@
 """Triton GEMV for QuIP#'s E8P codebook format (``e8p_ch``, ``e8p_g{N}``): y = x W^T for M = 1..8.
 
 Each 16-bit code stands for 8 consecutive weights; the kernel gathers the code's 8 values (one 16-byte vector
-load) from the full codebook kept on the device as float16 [65536, 8] (1 MiB, exact: every value is a multiple
-of 1/4 below 3; it stays L2-resident across calls), multiplies by the row's (group's) fp16 scale and reduces
-against the activations in float32. Same structure as :mod:`triton_gemv`: each program owns BLOCK_N rows and
-walks K, one code per thread per step, elementwise accumulators reduced once at the end. Larger batches go
-through the reference (dequantize, then cuBLAS).
+load) from the full codebook kept on the device as float16 (exact: every value is a multiple of 1/4 below 3; it
+stays L2-resident across calls), multiplies by the row's (group's) fp16 scale and reduces against the activations
+in float32. Codes are read in their stored order (:func:`lowbit.formats.e8p.to_stored`): a code of a whole
+8-code chunk is its pattern byte and its slot of a sign word, which index rows [0, 65536) of the table (the
+codebook reordered by :func:`lowbit.formats.e8p.codes_of_slots`); a code past the row's last whole chunk is stored
+as itself and indexes rows [65536, 131072), the codebook as it is. Same structure as :mod:`triton_gemv`: each
+program owns BLOCK_N rows and walks K, one code per thread per step, elementwise accumulators reduced once at the
+end. Larger batches go through the reference (dequantize, then cuBLAS).
 """
 
 from __future__ import annotations
@@ -18,7 +21,28 @@ from lowbit.kernels.launch import INTERPRET, autotune, bench, gemv_rows
 
 
 @triton.jit
-def _e8p_gemv_kernel(x_ptr, codes_ptr, scale_ptr, table_ptr, y_ptr, M, N, K, n_codes, n_groups, group,
+def _stored_index(codes_ptr, row_start, c, whole, mask):
+    """The table row of code c of a row (int16 elements from row_start): pattern << 8 | slot in a whole chunk
+    (e8p.to_stored: the pattern in byte c % 4 of word c % 8 // 4, bit j of the slot at bit 4 j + c % 4 of word
+    2 + c % 8 // 4), 65536 + the code past the last one."""
+    chunk, q = c // 8, c % 8
+    r = q % 4
+    base = row_start + chunk * 8
+    head = mask & (c < whole)
+    pair = tl.load(codes_ptr + base + 2 * (q // 4) + r // 2, mask=head, other=0,
+                   eviction_policy="evict_first").to(tl.int32) & 0xFFFF
+    lo = tl.load(codes_ptr + base + 4 + 2 * (q // 4), mask=head, other=0).to(tl.int32) & 0xFFFF
+    hi = tl.load(codes_ptr + base + 5 + 2 * (q // 4), mask=head, other=0).to(tl.int32) & 0xFFFF
+    y = (lo | (hi << 16)) >> r  # int32: the arithmetic shift's high bits are masked off below
+    slot = ((y & 1) | ((y >> 3) & 2) | ((y >> 6) & 4) | ((y >> 9) & 8) | ((y >> 12) & 16) | ((y >> 15) & 32)
+            | ((y >> 18) & 64) | ((y >> 21) & 128))
+    stored = (((pair >> (8 * (r % 2))) & 255) << 8) | slot
+    tail = tl.load(codes_ptr + row_start + c, mask=mask & (c >= whole), other=0).to(tl.int32) & 0xFFFF
+    return tl.where(c < whole, stored, 65536 + tail)
+
+
+@triton.jit
+def _e8p_gemv_kernel(x_ptr, codes_ptr, scale_ptr, table_ptr, y_ptr, M, N, K, n_codes, whole, n_groups, group,
                      stride_xm, stride_ym, GROUP_SHIFT: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, UNROLL: tl.constexpr):
     BLOCK_K: tl.constexpr = BLOCK_W * 8
@@ -31,8 +55,7 @@ def _e8p_gemv_kernel(x_ptr, codes_ptr, scale_ptr, table_ptr, y_ptr, M, N, K, n_c
     for k0 in tl.range(0, K, BLOCK_K, loop_unroll_factor=UNROLL):
         offs_c = k0 // 8 + tl.arange(0, BLOCK_W)
         cmask = n_mask[:, None] & (offs_c < n_codes)[None, :]
-        code = tl.load(codes_ptr + offs_n[:, None] * n_codes + offs_c[None, :], mask=cmask, other=0,
-                       eviction_policy="evict_first").to(tl.int32) & 0xFFFF
+        code = _stored_index(codes_ptr, offs_n[:, None] * n_codes, offs_c[None, :], whole, cmask)
         if GROUP_SHIFT >= 0:
             g = (offs_c * 8) >> GROUP_SHIFT
         else:
@@ -66,23 +89,28 @@ _TABLES: dict[str, torch.Tensor] = {}
 
 
 def codebook_table(device: torch.device) -> torch.Tensor:
-    """The E8P codebook as float16 [65536, 8] on ``device`` (cached)."""
+    """float16 [131072, 8] on ``device`` (cached): the E8P codebook by stored index (pattern << 8 | slot), then by
+    code."""
     key = str(device)
     if key not in _TABLES:
-        from lowbit.formats.e8p import codebook
+        from lowbit.formats.e8p import codebook, codes_of_slots
 
-        _TABLES[key] = codebook().to(torch.float16).contiguous().to(device)
+        book = codebook()
+        table = torch.cat([book[codes_of_slots(torch.arange(1 << 16))], book])
+        _TABLES[key] = table.to(torch.float16).contiguous().to(device)
     return _TABLES[key]
 
 
 def gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, group: int, n_cols: int) -> torch.Tensor:
-    """x [M <= 8, K] @ W^T for an E8P weight: codes int16 [N, K / 8], scale fp16 [N, groups]."""
+    """x [M <= 8, K] @ W^T for an E8P weight: codes int16 [N, K / 8] in their stored order, scale fp16
+    [N, groups]."""
     M, K, block_m = gemv_rows(x.shape, n_cols)
     N = codes.shape[0]
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     shift = 30 if group >= K else group.bit_length() - 1 if group & (group - 1) == 0 else -1
-    args = (x, codes, scale, codebook_table(x.device), y, M, N, K, codes.shape[1], scale.shape[1], group,
-            x.stride(0), y.stride(0))
+    n_codes = codes.shape[1]
+    args = (x, codes, scale, codebook_table(x.device), y, M, N, K, n_codes, n_codes - n_codes % 8, scale.shape[1],
+            group, x.stride(0), y.stride(0))
     if _tuned is None:
         cfg = INTERPRET_CONFIG
         _e8p_gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](*args, GROUP_SHIFT=shift, BLOCK_M=block_m, **cfg)

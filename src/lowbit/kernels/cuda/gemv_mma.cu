@@ -279,7 +279,7 @@ DEV void word_mma(float* d, u32 wa, u32 wb, u32 ha, u32 hb, int j, const u32* xr
     }
 }
 #elif KIND == 1
-// E8P (cuda_gemv.e8p_layout): code r of a group of four has its 8-bit pattern in byte r of a pattern word and its
+// E8P (stored order: lowbit.formats.e8p.to_stored): code r of a group of four has its 8-bit pattern in byte r of a pattern word and its
 // signs in a sign word: the prefix XORs c_j of its negation flags at bits 4 j + r (j < 7) and its shift bit t at
 // bit 28 + r. e = E2[t][pattern] ^ 14 f per nibble holds coordinate i as a nibble n = 2 k + b at bits 4i:
 // k = 4 + floor(+-|a_i|) (the XOR with 14 flips k around 3.5, negating a_i), b = 1 for the shift +1/4 (in every
