@@ -155,13 +155,21 @@ def from_stored(stored: torch.Tensor) -> torch.Tensor:
     tail = stored[:, whole:].to(torch.int64) & 0xFFFF
     if not whole:
         return tail
-    slots = _slots(stored.device)[0]
+    r = torch.arange(4, device=stored.device)
     words = stored[:, :whole].contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
     words = words.reshape(rows, whole // CHUNK_CODES, 4)
-    pattern = (words[..., :2, None] >> (8 * torch.arange(4, device=stored.device))) & 255  # [row, chunk, group, r]
-    slot = ((words[..., 2:, None, None] >> slots) & 1) << torch.arange(8, device=stored.device)
-    codes = codes_of_slots((pattern << 8) | slot.sum(-1)).reshape(rows, whole)
+    pattern = (words[..., :2, None] >> (8 * r)) & 255  # [row, chunk, group, code r]
+    slot = (words[..., 2:, None] >> r) & 0x11111111  # bit 4 j: bit j of the slot; gathered into 8 bits
+    slot = (slot | slot >> 3) & 0x03030303
+    slot = (slot | slot >> 6) & 0x000F000F
+    slot = (slot | slot >> 12) & 0xFF
+    codes = _code_of_index(stored.device)[(pattern << 8) | slot].reshape(rows, whole)
     return torch.cat([codes, tail], 1)
+
+
+@cache
+def _code_of_index(device: torch.device) -> torch.Tensor:
+    return codes_of_slots(torch.arange(1 << 16, device=device))
 
 
 def codes_of_slots(index: torch.Tensor) -> torch.Tensor:
