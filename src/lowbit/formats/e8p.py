@@ -116,13 +116,6 @@ def nearest(y: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 CHUNK_CODES = 8  # codes per 16-byte chunk of the stored order (64 weights, what a lane of the CUDA GEMV reads)
 
 
-@cache
-def _slots(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bit of nibble j in slot r of a sign word [4, 8] (4 j + r), and the sign bit of each coordinate [8]."""
-    return (4 * torch.arange(8, device=device) + torch.arange(4, device=device)[:, None],
-            torch.tensor(_SIGN_BIT, device=device))
-
-
 def to_stored(codes: torch.Tensor) -> torch.Tensor:
     """Codes [rows, n] (QuIP#'s indices) -> their stored int16 [rows, n]. Each chunk of 8 codes is four 32-bit
     words: the pattern bytes of codes 0-3 (byte r: code r) and 4-7, then the two groups' sign words. Code r's sign
@@ -133,19 +126,25 @@ def to_stored(codes: torch.Tensor) -> torch.Tensor:
     c = codes.to(torch.int64) & 0xFFFF
     rows, n = c.shape
     whole = n - n % CHUNK_CODES
-    slots, sign_bit = _slots(c.device)
+    r = torch.arange(4, device=c.device)
     head = c[:, :whole].reshape(rows, whole // CHUNK_CODES, 2, 4)  # [row, chunk, group, code r]
-    sb = head & 255
-    par = _popcount8(sb) & 1
-    flags = ((sb ^ par)[..., None] >> sign_bit) & 1  # [..., coordinate]
-    bits = torch.cat([torch.cumsum(flags[..., :7], -1) & 1, par[..., None]], -1)  # c_0 .. c_6, shift bit
-    sign_words = (bits << slots).sum((-2, -1))  # disjoint bits: an OR
-    pattern_words = ((head >> 8) << (8 * torch.arange(4, device=c.device))).sum(-1)
+    sign_words = (_slot_bits(c.device)[head & 255] << r).sum(-1)  # disjoint bits: an OR
+    pattern_words = ((head >> 8) << (8 * r)).sum(-1)
     words = torch.cat([pattern_words, sign_words], -1).reshape(rows, whole // 2)
     words = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
     tail = c[:, whole:]
     return torch.cat([words.view(torch.int16), torch.where(tail >= 1 << 15, tail - (1 << 16), tail).to(torch.int16)],
                      1).contiguous()
+
+
+@cache
+def _slot_bits(device: torch.device) -> torch.Tensor:
+    """int64 [256]: a sign byte's slot of a sign word at r = 0 (bit 4 j: c_j for j < 7, the shift bit for j = 7)."""
+    sb = torch.arange(256)
+    par = _popcount8(sb) & 1
+    flags = ((sb ^ par)[:, None] >> torch.tensor(_SIGN_BIT)) & 1  # [sign byte, coordinate]
+    bits = torch.cat([torch.cumsum(flags[:, :7], -1) & 1, par[:, None]], -1)  # c_0 .. c_6, shift bit
+    return (bits << 4 * torch.arange(8)).sum(-1).to(device)
 
 
 def from_stored(stored: torch.Tensor) -> torch.Tensor:
@@ -178,7 +177,8 @@ def codes_of_slots(index: torch.Tensor) -> torch.Tensor:
     bits = (index[..., None] >> torch.arange(8, device=index.device)) & 1
     prefix = bits[..., :7]
     flags = torch.cat([prefix[..., :1], prefix[..., 1:] ^ prefix[..., :-1], prefix[..., 6:]], -1)
-    sb = (flags << _slots(index.device)[1]).sum(-1) ^ bits[..., 7]  # bit 0 flipped back where the shift is -1/4
+    # the signs, with bit 0 flipped back where the shift is -1/4
+    sb = (flags << torch.tensor(_SIGN_BIT, device=index.device)).sum(-1) ^ bits[..., 7]
     return (index & 0xFF00) | sb
 
 
