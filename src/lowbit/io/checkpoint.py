@@ -26,8 +26,7 @@ from torch import nn
 from lowbit import __version__
 from lowbit.atomic import atomic_dir
 from lowbit.errors import BadFileError, LowbitError
-from lowbit.formats import e8p, get_format
-from lowbit.formats.e8p import E8PFormat
+from lowbit.formats import E8PFormat, e8p, get_format
 from lowbit.io.validate import (
     check_checkpoint_files,
     check_finite,

@@ -62,6 +62,7 @@ class LowbitHfQuantizer(HfQuantizer):
         # config.json held a quantization_config): never quantize on load, load the stored tensors as they are.
         self.pre_quantized = True
         self.checkpoint: Path | None = None
+        self.info: dict = {}  # the checkpoint's lowbit.json, read before the weights
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         device_map = kwargs.get("device_map")
@@ -80,11 +81,10 @@ class LowbitHfQuantizer(HfQuantizer):
         info = read_info(path)
         check_checkpoint_files(path, info)  # headers and shapes only: a disagreement names the tensor, loads nothing
         install_quant_linears(model, info)  # on meta, as transformers built the model; it loads the buffers
-        self.checkpoint = path
+        self.checkpoint, self.info = path, info
         return model
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
-        info = read_info(self.checkpoint)
         for name, m in model.named_modules():
             if isinstance(m, QuantLinear):
                 # transformers 4.x casts float buffers to the model dtype: back to the stored ones
@@ -92,7 +92,7 @@ class LowbitHfQuantizer(HfQuantizer):
                     if getattr(m, key).dtype != dtype:
                         setattr(m, key, getattr(m, key).to(dtype))
                 packed = {f"{name}.{k}": getattr(m, k) for k in m._keys}
-                upgrade_codes(packed, info)  # an older checkpoint's codes, as this lowbit stores them
+                upgrade_codes(packed, self.info)  # an older checkpoint's codes, as this lowbit stores them
                 for k in m._keys:
                     setattr(m, k, packed[f"{name}.{k}"])
         check_finite(model, self.checkpoint / "model.safetensors")

@@ -279,13 +279,13 @@ DEV void word_mma(float* d, u32 wa, u32 wb, u32 ha, u32 hb, int j, const u32* xr
     }
 }
 #elif KIND == 1
-// E8P (stored order: lowbit.formats.e8p.to_stored): code r of a group of four has its 8-bit pattern in byte r of a pattern word and its
-// signs in a sign word: the prefix XORs c_j of its negation flags at bits 4 j + r (j < 7) and its shift bit t at
-// bit 28 + r. e = E2[t][pattern] ^ 14 f per nibble holds coordinate i as a nibble n = 2 k + b at bits 4i:
-// k = 4 + floor(+-|a_i|) (the XOR with 14 flips k around 3.5, negating a_i), b = 1 for the shift +1/4 (in every
-// nibble), so the coordinate is n / 2 - 3.75. The flags are f_j = c_j ^ c_j-1: the sign word XORed with itself a
-// nibble up (nibble 7 gets c_6 ^ t: E2 undoes the t), then 14 f is one multiply. One table read per code: the
-// pattern word, at E2[t] through a signed index (the PRMT copies t's bit into bytes 1-3: pattern - 256 t).
+// E8P (stored order: lowbit.formats.e8p.to_stored): code r of a group of four has its 8-bit pattern in byte r of a
+// pattern word and its signs in a sign word: the prefix XORs c_j of its negation flags at bits 4 j + r (j < 7) and
+// its shift bit t at bit 28 + r. e = E2[t][pattern] ^ 14 f per nibble holds coordinate i as a nibble n = 2 k + b
+// at bits 4i: k = 4 + floor(+-|a_i|) (the XOR with 14 flips k around 3.5, negating a_i), b = 1 for the shift +1/4
+// (in every nibble), so the coordinate is n / 2 - 3.75. The flags are f_j = c_j ^ c_j-1: the sign word XORed with
+// itself a nibble up (nibble 7 gets c_6 ^ t: E2 undoes the t), then 14 f is one multiply. One table read per code:
+// the pattern word, at E2[t] through a signed index (the PRMT copies t's bit into bytes 1-3: pattern - 256 t).
 // Coordinates i and i + 4 sit at bits 4i and 4i + 16. A LOP3 drops a nibble at bits p..p+3 of each half (p = 1, 4
 // or 5) into the mantissa of 1024.0, giving 1024 + 2^p n, and one HFMA2 by 2^-(p+1) and -(512 / 2^p + 3.75) (exact
 // in fp16 for these p) gives the coordinate: e << 1 puts coordinate 0 at p = 1, e has coordinate 1 at p = 4,
