@@ -2,11 +2,11 @@
 
     python benchmarks/sass_count.py --formats nz2_ch,e8p_ch,iq2_xxs,q4_0 --cols 4096 --batch 1
 
-NVRTC compiles the kernel the planner would build (sm_90) and ``nvdisasm`` (shipped in Triton's wheel) lists its
-SASS; the longest backward-branch loop is the per-step body. Printed: its instructions, the weights one lane
-decodes per step (two rows of a 16-byte chunk), instructions per weight, and the opcode mix. The GEMV is bound by
-instruction issue (docs/kernels.md), so this count is what a kernel change must lower; time it on a GPU with
-``benchmarks/gemv_speed.py``.
+NVRTC compiles the kernel the planner would build (sm_90, as dispatch launches it) and ``nvdisasm`` (shipped in
+Triton's wheel) lists its SASS; the innermost backward-branch loop with MMAs is the step loop (one or two steps a
+pass). Printed: its instructions per step, the weights one lane decodes per step (two rows of a 16-byte chunk),
+instructions per weight, and the opcode mix (per step). The GEMV is bound by instruction issue (docs/kernels.md), so
+this count is what a kernel change must lower; time it on a GPU with ``benchmarks/gemv_speed.py``.
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ def kernel_sass(name: str, cols: int, m: int) -> str:
     warps = cuda_gemv.warps_for(p, cols)
     xs = cuda_gemv.staging(m, cols, p)
     full = cols % (4 * cuda_gemv.half_per_chunk(p)) == 0
-    source = cuda_gemv._source(p, xs, warps, cuda_gemv.min_blocks_for(warps, m), False, full)
+    resident = warps >= cuda_gemv.WARPS_MANY and cuda_gemv._resident_grid()  # as dispatch launches it
+    source = cuda_gemv._source(p, xs, warps, cuda_gemv.min_blocks_for(warps, m), False, full, resident=resident)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cuda_jit.compile_cubin(source, "gemv_mma.cu", "sm_90"))
         f.flush()
@@ -47,7 +48,7 @@ def kernel_sass(name: str, cols: int, m: int) -> str:
 
 
 def main_loop(sass: str) -> list[str]:
-    """Instructions of the longest loop with tensor-core MMAs in it (a label and a backward branch to it)."""
+    """Instructions of the innermost loop with tensor-core MMAs in it (a label and a backward branch to it)."""
     labels: dict[str, int] = {}
     ins: list[str] = []
     for line in sass.splitlines():
@@ -58,7 +59,7 @@ def main_loop(sass: str) -> list[str]:
     loops = [(labels[m.group(1)], j) for j, t in enumerate(ins)
              if (m := re.search(r"BRA\s+`\(\.(L_x_\d+)\)", t)) and labels.get(m.group(1), j) < j]
     loops = [(a, b) for a, b in loops if any(t.startswith("HMMA") for t in ins[a:b + 1])]
-    a, b = max(loops, key=lambda ab: ab[1] - ab[0])
+    a, b = min(loops, key=lambda ab: ab[1] - ab[0])  # the innermost: a resident block's loop over row blocks holds it
     return ins[a:b + 1]
 
 
@@ -79,8 +80,11 @@ def main(argv: list[str] | None = None) -> int:
         body = main_loop(kernel_sass(name, args.cols, args.batch))
         ops = collections.Counter(re.sub(r"^@!?U?P[T\d]+\s+", "", t).split()[0].split(".")[0] for t in body)
         weights = 2 * cuda_gemv.half_per_chunk(cuda_gemv.plan(get_format(name), (64, args.cols)))
-        top = ", ".join(f"{k} {v}" for k, v in ops.most_common(8))
-        print(f"| {name} | {len(body)} | {weights} | {len(body) / weights:.2f} | {top} |")
+        # a step is weights / 8 MMAs of the lane (m16n8k16: 8 weights each); the two-step loop (PAIRED) has two
+        steps = ops["HMMA"] * 8 // weights
+        top = ", ".join(f"{k} {v // steps}" for k, v in ops.most_common(8))
+        per_step = len(body) / steps
+        print(f"| {name} | {per_step:g} | {weights} | {per_step / weights:.2f} | {top} |")
     return 0
 
 

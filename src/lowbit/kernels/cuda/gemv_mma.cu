@@ -291,12 +291,23 @@ DEV void word_mma(float* d, u32 wa, u32 wb, u32 ha, u32 hb, int j, const u32* xr
 // in fp16 for these p) gives the coordinate: e << 1 puts coordinate 0 at p = 1, e has coordinate 1 at p = 4,
 // e >> 7 puts 2 and 3 at p = 1 and 5.
 __shared__ u32 e8p_tab[512];  // E2[1] (shift -1/4), then E2[0]
+#ifdef LOWBIT_HOST
+DEV u32 e8p_entry(int idx) { return e8p_tab[256 + idx]; }
+#else
+// e8p_tab[256 + idx], the 256 as the load's immediate offset: written in C, some NVRTC versions (CUDA 12) added it
+// in a register, one more instruction per code. Volatile: not moved above the barrier after the table is staged.
+DEV u32 e8p_entry(int idx) {
+    u32 v;
+    asm volatile("ld.shared.u32 %0, [%1+1024];" : "=r"(v) : "r"((u32)__cvta_generic_to_shared(e8p_tab) + 4u * (u32)idx));
+    return v;
+}
+#endif
 // the coordinates of code r (0..3) of pattern word pw and sign word y, as four fp16 pairs
 DEV void code_pairs(u32 pw, u32 y, int r, u32* p) {
     const int idx = (int)prmt(pw, y << (3 - r), 0xFFF0u | (u32)r);  // pattern byte r; t (bit 31 after the shift)
     const u32 lo = r < 2 ? y : y >> 2, hi = r < 2 ? y << 4 : y << 2;  // c_j and c_j-1 at bit 4 j + r % 2
     const u32 f = (lo ^ hi) & (0x11111111u << (r & 1));
-    const u32 e = e8p_tab[256 + idx] ^ (f * ((r & 1) ? 7u : 14u));
+    const u32 e = e8p_entry(idx) ^ (f * ((r & 1) ? 7u : 14u));
     const u32 top = e >> 7;
     p[0] = hfma2(lop3_and_or(e << 1, 0x001e001eu, MAGIC), 0x34003400u, 0xDC0FDC0Fu);  // x 1/4 - 259.75
     p[1] = hfma2(lop3_and_or(e, 0x00f000f0u, MAGIC), 0x28002800u, 0xD078D078u);  // x 1/32 - 35.75
@@ -750,6 +761,12 @@ DEV void step_word(float* d, const Step& w, const KScales& ks, int j, const u32*
 #endif
 }
 #endif
+// PAIRED: the step loop runs two steps per pass, each prefetching into its own registers, which drops the copy of
+// the prefetched step at the end of every pass (NVRTC 12.8 and 13.5, sm_90: 3-9% fewer loop instructions). Not for
+// the K-quants and the grids with a min per group (more spills at 64 registers) or IQ2_XXS (a longer loop).
+#ifndef PAIRED
+#define PAIRED (KIND == 1 || (KIND == 0 && !ASYM))
+#endif
 // The lane's next step of rows rp, requested a step ahead (FULL: running pointers pa, pb, and no prefetch past the
 // last step, a warp-uniform branch; else the chunk clamped into the row). A macro: as a function, returning the
 // step or assigning it through a reference, it changed the registers of the TILES 1 kernels (NVRTC).
@@ -829,17 +846,9 @@ gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u1
         const U4 *pa1 = rp1.ca + c0, *pb1 = rp1.cb + c0;
         float d1[4] = {};
 #endif
-        int c = warp * 4 + t;
-        // Measured on an H200: loading 2-4 steps ahead (a ring of registers) was slower at every large shape, the
-        // registers it takes cost residency or spill (docs/kernels.md).
-        for (int s = warp; s < steps; s += WARPS, c += 4 * WARPS) {
-            const Step w = next;
-            PREFETCH(next, pa, pb, rp)
-#if TILES == 2
-            const Step w1 = next1;
-            PREFETCH(next1, pa1, pb1, rp1)
-#else
-            const Step& w1 = w;
+        // One step of the lane: chunk c of the row block's rows, codes w (TILES 2: and w1 of the second row block).
+        auto run_step = [&](const Step& w, const Step& w1, int c) {
+#if TILES != 2
             float* d1 = d;
 #endif
 #if STEP_SCALE
@@ -877,7 +886,50 @@ gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u1
             add_step(d1, e1, w1);
 #endif
 #endif
+        };
+        // Measured on an H200: loading 2-4 steps ahead (a ring of registers) was slower at every large shape, the
+        // registers it takes cost residency or spill (docs/kernels.md).
+        int c = warp * 4 + t;
+#if PAIRED
+        // Two steps per pass, each requesting the next one into the other's registers (software pipelining: the
+        // loads overlap the math), so that no pass copies a prefetched step into the registers it decodes from.
+        Step alt;
+#if TILES == 2
+        Step alt1;
+#else
+        const Step& next1 = next;
+        const Step& alt1 = alt;
+#endif
+        for (int s = warp; s < steps; s += 2 * WARPS, c += 8 * WARPS) {
+            PREFETCH(alt, pa, pb, rp)
+#if TILES == 2
+            PREFETCH(alt1, pa1, pb1, rp1)
+#endif
+            run_step(next, next1, c);
+            if (s + WARPS >= steps) break;
+            const int s2 = s + WARPS, c2 = c + 4 * WARPS;
+            {
+                const int s = s2, c = c2;  // PREFETCH reads s and c
+                PREFETCH(next, pa, pb, rp)
+#if TILES == 2
+                PREFETCH(next1, pa1, pb1, rp1)
+#endif
+            }
+            run_step(alt, alt1, c2);
         }
+#else
+        for (int s = warp; s < steps; s += WARPS, c += 4 * WARPS) {
+            const Step w = next;
+            PREFETCH(next, pa, pb, rp)
+#if TILES == 2
+            const Step w1 = next1;
+            PREFETCH(next1, pa1, pb1, rp1)
+            run_step(w, w1, c);
+#else
+            run_step(w, w, c);
+#endif
+        }
+#endif
         const int row0 = r.row0;
 #if TILES == 2
         const int row1 = r1.row0;
