@@ -763,9 +763,10 @@ DEV void step_word(float* d, const Step& w, const KScales& ks, int j, const u32*
 #endif
 // PAIRED: the step loop runs two steps per pass, each prefetching into its own registers, which drops the copy of
 // the prefetched step at the end of every pass (NVRTC 12.8 and 13.5, sm_90: 3-9% fewer loop instructions). Not for
-// the K-quants and the grids with a min per group (more spills at 64 registers) or IQ2_XXS (a longer loop).
+// the K-quants and the grids whose mins come in groups smaller than a chunk (spills at 64 registers), nor IQ2_XXS
+// (measured no faster on an H100).
 #ifndef PAIRED
-#define PAIRED (KIND == 1 || (KIND == 0 && !ASYM))
+#define PAIRED (KIND == 1 || (KIND == 0 && !(ASYM && GROUP_SHIFT < LOG2_HALF_PER_CHUNK)))
 #endif
 // The lane's next step of rows rp, requested a step ahead (FULL: running pointers pa, pb, and no prefetch past the
 // last step, a warp-uniform branch; else the chunk clamped into the row). A macro: as a function, returning the
