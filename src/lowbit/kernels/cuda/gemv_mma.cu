@@ -297,8 +297,9 @@ DEV u32 e8p_entry(int idx) { return e8p_tab[256 + idx]; }
 // e8p_tab[256 + idx], the 256 as the load's immediate offset: written in C, some NVRTC versions (CUDA 12) added it
 // in a register, one more instruction per code. Volatile: not moved above the barrier after the table is staged.
 DEV u32 e8p_entry(int idx) {
+    const u32 at = (u32)__cvta_generic_to_shared(e8p_tab) + 4u * (u32)idx;
     u32 v;
-    asm volatile("ld.shared.u32 %0, [%1+1024];" : "=r"(v) : "r"((u32)__cvta_generic_to_shared(e8p_tab) + 4u * (u32)idx));
+    asm volatile("ld.shared.u32 %0, [%1+1024];" : "=r"(v) : "r"(at));
     return v;
 }
 #endif
