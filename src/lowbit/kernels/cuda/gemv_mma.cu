@@ -769,20 +769,21 @@ DEV void step_word(float* d, const Step& w, const KScales& ks, int j, const u32*
 #ifndef PAIRED
 #define PAIRED (KIND == 1 || (KIND == 0 && !(ASYM && GROUP_SHIFT < LOG2_HALF_PER_CHUNK)))
 #endif
-// The lane's next step of rows rp, requested a step ahead (FULL: running pointers pa, pb, and no prefetch past the
-// last step, a warp-uniform branch; else the chunk clamped into the row). A macro: as a function, returning the
-// step or assigning it through a reference, it changed the registers of the TILES 1 kernels (NVRTC).
+// The lane's step after step s (its chunk c) of rows rp, requested a step ahead (FULL: running pointers pa, pb,
+// and no prefetch past the last step, a warp-uniform branch; else the chunk clamped into the row). A macro: as a
+// function, returning the step or assigning it through a reference, it changed the registers of the TILES 1
+// kernels (NVRTC).
 #if FULL
-#define PREFETCH(next, pa, pb, rp)                                                                         \
-    if (s + WARPS < steps) {                                                                               \
+#define PREFETCH(next, pa, pb, rp, s, c)                                                                   \
+    if ((s) + WARPS < steps) {                                                                             \
         pa += 4 * WARPS;                                                                                   \
         pb += 4 * WARPS;                                                                                   \
-        next = load_step(pa, pb, rp.sa, rp.sb, rp.ma, rp.mb, rp.ha, rp.hb, c + 4 * WARPS);                 \
+        next = load_step(pa, pb, rp.sa, rp.sb, rp.ma, rp.mb, rp.ha, rp.hb, (c) + 4 * WARPS);               \
     }
 #else
-#define PREFETCH(next, pa, pb, rp)                                                                         \
-    next = load_step(rp.ca + min(c + 4 * WARPS, chunks - 1), rp.cb + min(c + 4 * WARPS, chunks - 1), rp.sa, \
-                     rp.sb, rp.ma, rp.mb, rp.ha, rp.hb, min(c + 4 * WARPS, chunks - 1));
+#define PREFETCH(next, pa, pb, rp, s, c)                                                                   \
+    next = load_step(rp.ca + min((c) + 4 * WARPS, chunks - 1), rp.cb + min((c) + 4 * WARPS, chunks - 1), rp.sa, \
+                     rp.sb, rp.ma, rp.mb, rp.ha, rp.hb, min((c) + 4 * WARPS, chunks - 1));
 #endif
 #if STEP_SCALE
 // A step's sums e (its MMAs over unscaled levels) into the row block's d, times the scale of the step's group: the
@@ -903,29 +904,25 @@ gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u1
         const Step& alt1 = alt;
 #endif
         for (int s = warp; s < steps; s += 2 * WARPS, c += 8 * WARPS) {
-            PREFETCH(alt, pa, pb, rp)
+            PREFETCH(alt, pa, pb, rp, s, c)
 #if TILES == 2
-            PREFETCH(alt1, pa1, pb1, rp1)
+            PREFETCH(alt1, pa1, pb1, rp1, s, c)
 #endif
             run_step(next, next1, c);
             if (s + WARPS >= steps) break;
-            const int s2 = s + WARPS, c2 = c + 4 * WARPS;
-            {
-                const int s = s2, c = c2;  // PREFETCH reads s and c
-                PREFETCH(next, pa, pb, rp)
+            PREFETCH(next, pa, pb, rp, s + WARPS, c + 4 * WARPS)
 #if TILES == 2
-                PREFETCH(next1, pa1, pb1, rp1)
+            PREFETCH(next1, pa1, pb1, rp1, s + WARPS, c + 4 * WARPS)
 #endif
-            }
-            run_step(alt, alt1, c2);
+            run_step(alt, alt1, c + 4 * WARPS);
         }
 #else
         for (int s = warp; s < steps; s += WARPS, c += 4 * WARPS) {
             const Step w = next;
-            PREFETCH(next, pa, pb, rp)
+            PREFETCH(next, pa, pb, rp, s, c)
 #if TILES == 2
             const Step w1 = next1;
-            PREFETCH(next1, pa1, pb1, rp1)
+            PREFETCH(next1, pa1, pb1, rp1, s, c)
             run_step(w, w1, c);
 #else
             run_step(w, w, c);
