@@ -39,7 +39,9 @@ def test_affine_decode_constants_are_exact(name: str) -> None:
         assert torch.equal(pos.float(), lut)
 
 
-def test_e8p_tables_decode_the_whole_codebook() -> None:
+@pytest.mark.parametrize("raw_sums", [False, True])
+def test_e8p_tables_decode_the_whole_codebook(raw_sums: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cuda_gemv, "E8P_SUMS", raw_sums)
     got = cuda_gemv.decode_reference(get_format("e8p_ch"), 4096, torch.arange(1 << 16))
     assert torch.equal(got.float(), e8p.codebook())
 
@@ -276,6 +278,45 @@ def test_step_scaled_kernels_compile_without_spills() -> None:
         assert "HMMA" in listing and " STL" not in listing and " LDL" not in listing, case
 
 
+@pytest.mark.skipif(not nvrtc_found() or _nvdisasm() is None, reason="needs NVRTC and Triton's nvdisasm")
+def test_e8p_raw_sums_compile_without_spills(monkeypatch: pytest.MonkeyPatch) -> None:
+    """E8P_RAW (cuda_gemv.E8P_SUMS) compiles for sm_90 in every staging (one row, normalized and gated, with a
+    residual, several rows, rows from L1/L2), one and two row blocks per warp, resident blocks, with no HFMA2 left
+    in the kernel, and without local-memory traffic where the HFMA2 decode has none."""
+    import subprocess
+    import tempfile
+
+    from lowbit.kernels import cuda_jit
+
+    def sass(source: str) -> str:
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(cuda_jit.compile_cubin(source, "gemv_mma.cu", "sm_90"))
+            f.flush()
+            return subprocess.run([str(_nvdisasm()), "-c", f.name], capture_output=True, text=True, check=True).stdout
+
+    jobs = []
+    for on in (False, True):
+        monkeypatch.setattr(cuda_gemv, "E8P_SUMS", on)
+        for cols in (4096, 14336):
+            p = cuda_gemv.plan(get_format("e8p_ch"), (64, cols))
+            assert p.e8p_sums() == on
+            warps = cuda_gemv.warps_for(p, cols)
+            for staged, gated, norm, resid, m, tiles in ((1, False, 0, False, 1, 1), (1, True, 1, False, 1, 1),
+                                                         (1, False, 1, True, 1, 1), (2, False, 0, False, 8, 2),
+                                                         (0, False, 0, True, 8, 1)):
+                source = cuda_gemv._source(p, staged, warps, cuda_gemv.min_blocks_for(warps, m, tiles), gated, True,
+                                           norm, resid, warps == cuda_gemv.WARPS_MANY, tiles)
+                assert f"#define E8P_SUMS {int(on)}" in source
+                jobs.append(((cols, staged, gated, norm, resid, tiles), on, source))
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # NVRTC lets go of the GIL
+        listings = list(pool.map(sass, [source for *_, source in jobs]))
+    spills = {}
+    for (case, on, _), listing in zip(jobs, listings, strict=True):
+        assert "HMMA" in listing and ("HFMA2" not in listing) == on, (case, on)
+        spills[case, on] = " STL" in listing or " LDL" in listing
+    assert not any(spills[case, True] and not spills[case, False] for case, _ in spills), spills
+
+
 @pytest.mark.skipif(not nvrtc_found(), reason="needs NVRTC (the nvidia-cuda-nvrtc wheel of the test extra)")
 @pytest.mark.parametrize("name", ["q4_0", "nz2_ch", "e8p_ch", "iq2_xxs"])
 def test_resident_variants_compile(name: str) -> None:
@@ -495,6 +536,43 @@ def test_step_scaled_gemv_matches_reference_on_gpu(name: str, shape: tuple[int, 
     for got, want in ((cuda_gemv.gemv(x, fmt, qt, p, residual=res).double() - res.double(), ref),
                       (cuda_gemv.gemv(x, fmt, qt, p, gated=True).double(), torch.nn.functional.silu(gate) * up)):
         assert float((got - want).norm() / want.norm()) < 3e-3
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(256, 1024), (200, 576), (40, 8192)])
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("layout", ["auto", "two-per-warp", "looping"])
+def test_e8p_raw_sums_match_reference_on_gpu(shape: tuple[int, int], m: int, layout: str, gemv_mode,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """E8P_RAW (cuda_gemv.E8P_SUMS: the MMAs sum raw m, the sums are mapped after), plain, with a residual and
+    gated, against the float64 product, with outlier channels of 3000 in the activations: no further from it than
+    the HFMA2 decode's output."""
+    from lowbit.kernels.reference import dequant_matmul_reference
+
+    if layout != "auto":
+        monkeypatch.setattr(cuda_gemv, "ROW_TILES", "2")
+    if layout == "looping":
+        monkeypatch.setattr(cuda_gemv, "RESIDENT_GRID", "1")
+        monkeypatch.setattr(cuda_gemv, "sm_count", lambda device: 2)
+    fmt, qt = _packed("e8p_ch", shape, seed=7)
+    gen = torch.Generator("cuda").manual_seed(m)
+    x = torch.randn(m, shape[1], device="cuda", dtype=torch.float16, generator=gen)
+    x[:, [5, 77]] = torch.tensor([3000.0, -2500.0], device="cuda", dtype=torch.float16)
+    res = torch.randn(m, shape[0], device="cuda", dtype=torch.float16, generator=gen)
+    ref = dequant_matmul_reference(x.double(), fmt, qt)
+    gate, up = ref.chunk(2, dim=-1)
+    errs = {}
+    for on in (False, True):
+        monkeypatch.setattr(cuda_gemv, "E8P_SUMS", on)
+        p = cuda_gemv.plan(fmt, shape)
+        assert p.e8p_sums() == on
+        out = cuda_gemv.gemv(x, fmt, qt, p).double()
+        resid = cuda_gemv.gemv(x, fmt, qt, p, residual=res).double() - res.double()
+        gated = cuda_gemv.gemv(x, fmt, qt, p, gated=True).double()
+        errs[on] = [float((got - want).norm() / want.norm())
+                    for got, want in ((out, ref), (resid, ref), (gated, torch.nn.functional.silu(gate) * up))]
+    assert all(e <= 1.05 * e0 + 1e-5 for e, e0 in zip(errs[True], errs[False], strict=True)), errs
 
 
 @gpu

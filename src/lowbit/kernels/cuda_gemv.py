@@ -55,6 +55,10 @@ MAX_ROWS = 16
 WARPS_FEW, WARPS_MANY = 8, 16
 
 ROWS_PER_BLOCK = 16
+# Row-scaled E8P with the coordinates' affine map taken on the fp32 sums (E8P_RAW in the .cu): 285 instead of 335.5
+# step-loop instructions per step (NVRTC 13.5, ``benchmarks/sass_count.py``), no HFMA2 left. Not yet timed on a GPU,
+# so off unless ``LOWBIT_CUDA_E8P_SUMS=1`` (docs/kernels.md, "E8P summed as raw mantissas").
+E8P_SUMS = os.environ.get("LOWBIT_CUDA_E8P_SUMS", "0") == "1"
 _MAGIC = 1024.0  # 0x6400
 
 
@@ -77,10 +81,15 @@ class Plan:
                  f"#define GATED {int(gated)}", f"#define FULL {int(full)}", f"#define NORM {int(norm_qs > 0)}",
                  f"#define NORM_QS {max(norm_qs, 1)}", f"#define RESID {int(resid)}",
                  f"#define RESIDENT {int(resident)}", f"#define KQ_HB {self.hi_bits}", f"#define TILES {tiles}",
-                 f"#define STEP_SCALE {int(self.step_scaled())}"]
+                 f"#define STEP_SCALE {int(self.step_scaled())}", f"#define E8P_SUMS {int(self.e8p_sums())}"]
         for i, (a, b) in enumerate(self.dq):
             lines += [f"#define DQ_A{i} 0x{_half2_bits(a):08x}u", f"#define DQ_B{i} 0x{_half2_bits(b):08x}u"]
         return "\n".join(lines) + "\n"
+
+    def e8p_sums(self) -> bool:
+        """Whether the MMAs sum E8P's raw m = 1 + n / 64 and the fp32 sums become the coordinates' (E8P_RAW in the
+        .cu): row-scaled E8P where :data:`E8P_SUMS` is on."""
+        return E8P_SUMS and self.kind == 1 and self.row_scale
 
     def step_scaled(self) -> bool:
         """Whether a scale group spans a whole step (the quad's four chunks), so the step's sums take the scale once
@@ -339,14 +348,17 @@ def _cached_layout(qs: torch.Tensor, build) -> tuple[torch.Tensor, ...]:  # noqa
     return hit[2]
 
 
-@cache
 def _source(p: Plan, staged_x: int = 0, warps: int = WARPS_FEW, min_blocks: int = 1, gated: bool = False,
             full: bool = False, norm_qs: int = 0, resid: bool = False, resident: bool = False, tiles: int = 1) -> str:
     """The kernel's source for these settings; ``norm_qs`` > 0: the batch-1 row is RMS-normalized while staged,
     each thread holding that many groups of its units in registers (:func:`norm_groups`); ``resident``: blocks loop
     over row blocks (:data:`RESIDENT_GRID`); ``tiles``: row blocks per warp (:func:`row_tiles`)."""
-    defines = p.defines(staged_x, warps, min_blocks, gated, full, norm_qs, resid, resident, tiles)
-    return cuda_jit.source("gemv_mma.cu", defines)
+    return _cached_source(p, staged_x, warps, min_blocks, gated, full, norm_qs, resid, resident, tiles, p.e8p_sums())
+
+
+@cache
+def _cached_source(p: Plan, *settings: int | bool) -> str:  # keyed by E8P_SUMS's setting too (the last)
+    return cuda_jit.source("gemv_mma.cu", p.defines(*settings[:-1]))
 
 
 def min_blocks_for(warps: int, m: int = 8, tiles: int = 1) -> int:
@@ -582,7 +594,7 @@ def decode_reference(fmt: Format, cols: int, codes: torch.Tensor) -> torch.Tenso
     if p.kind == 2:
         raise ValueError("iq2_xxs: replay whole weights with decode_iq2xxs_reference")
     if p.kind == 1:
-        return _decode_e8p(codes)
+        return _decode_e8p(codes, p.e8p_sums())
     out = []
     for pos, (a, b) in zip(_position_scales(p.bits), p.dq, strict=True):
         magic = 0x6400 | (codes * int(pos))  # the LOP3: the code, already at its bit position, into 1024.0
@@ -590,9 +602,9 @@ def decode_reference(fmt: Format, cols: int, codes: torch.Tensor) -> torch.Tenso
     return torch.stack(out)
 
 
-def _decode_e8p(codes: torch.Tensor) -> torch.Tensor:
+def _decode_e8p(codes: torch.Tensor, raw: bool = False) -> torch.Tensor:
     """The kernel's E8P steps on ``codes`` (a multiple of 8 of them) through their stored order (code_pairs in
-    gemv_mma.cu; words [chunk, 4])."""
+    gemv_mma.cu; words [chunk, 4]). ``raw``: E8P_RAW's steps, whose m the sums map to the same coordinates."""
     m32 = 0xFFFFFFFF
     tab = e8p_tables().to(torch.int64) & m32
     words = e8p_format.to_stored(codes.reshape(1, -1)).view(torch.int32).to(torch.int64).reshape(-1, 4) & m32
@@ -606,18 +618,25 @@ def _decode_e8p(codes: torch.Tensor) -> torch.Tensor:
         f = (lo ^ hi) & (0x11111111 << (r % 2))
         e.append(e2 ^ ((f * (7 if r % 2 else 14)) & m32))
     e = torch.stack(e, 1).reshape(-1)
-    steps = [(e << 1, 1), (e, 4), (e >> 7, 1), (e >> 7, 5)]  # (word, p): coordinates i and i + 4 at bits p..p+3
+    # (word, p): coordinates i and i + 4 at bits p..p+3 of each half
+    steps = [(e << 4, 4), (e, 4), (e >> 4, 4), (e >> 8, 4)] if raw else [(e << 1, 1), (e, 4), (e >> 7, 1), (e >> 7, 5)]
     coords = [None] * 8
     for i, (w, p) in enumerate(steps):
         for half, pos in ((0, i), (16, i + 4)):
             nib = (w >> (half + p)) & 0xF
-            coords[pos] = _e8p_coordinate(0x6400 | (nib << p), p)  # the LOP3 into 1024.0's mantissa
+            coords[pos] = _e8p_raw_coordinate(0x3C00 | (nib << 4)) if raw else _e8p_coordinate(0x6400 | (nib << p), p)
     return torch.stack(coords, dim=1)
 
 
 def _e8p_coordinate(magic: torch.Tensor, p: int) -> torch.Tensor:
     """The HFMA2 of the E8P decode: 1024 + 2^p n (a nibble n at bit p of 1024.0's mantissa) -> n / 2 - 3.75."""
     return _fma_half(_as_half(magic), 2.0 ** -(p + 1), -(512 / 2**p + 3.75))
+
+
+def _e8p_raw_coordinate(m: torch.Tensor) -> torch.Tensor:
+    """E8P_RAW: m = 1 + n / 64 (a nibble n at bit 4 of 1.0's mantissa), which the MMA multiplies, -> the coordinate
+    32 m - 35.75 = n / 2 - 3.75 that the fp32 sums take it to (exact in float64)."""
+    return (32.0 * _as_half(m).double() - 35.75).to(torch.float16)
 
 
 def decode_iq2xxs_reference(qs: torch.Tensor, cols: int) -> torch.Tensor:
