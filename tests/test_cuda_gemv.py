@@ -31,7 +31,9 @@ K_QUANTS = ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k"]
 
 
 @pytest.mark.parametrize("name", [n for n in SERVED if not n.startswith(("e8p", "iq2")) and n not in K_QUANTS])
-def test_affine_decode_constants_are_exact(name: str) -> None:
+@pytest.mark.parametrize("raw_sums", [False, True])  # the row-scaled 2-bit grids decode another way with it on
+def test_affine_decode_constants_are_exact(name: str, raw_sums: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cuda_gemv, "RAW_SUMS", raw_sums)
     fmt = get_format(name)
     levels = cuda_gemv.decode_reference(fmt, 4096, torch.arange(1 << fmt.bits))
     lut = decode_lut(fmt, torch.device("cpu"))
@@ -41,7 +43,7 @@ def test_affine_decode_constants_are_exact(name: str) -> None:
 
 @pytest.mark.parametrize("raw_sums", [False, True])
 def test_e8p_tables_decode_the_whole_codebook(raw_sums: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cuda_gemv, "E8P_SUMS", raw_sums)
+    monkeypatch.setattr(cuda_gemv, "RAW_SUMS", raw_sums)
     got = cuda_gemv.decode_reference(get_format("e8p_ch"), 4096, torch.arange(1 << 16))
     assert torch.equal(got.float(), e8p.codebook())
 
@@ -279,8 +281,9 @@ def test_step_scaled_kernels_compile_without_spills() -> None:
 
 
 @pytest.mark.skipif(not nvrtc_found() or _nvdisasm() is None, reason="needs NVRTC and Triton's nvdisasm")
-def test_e8p_raw_sums_compile_without_spills(monkeypatch: pytest.MonkeyPatch) -> None:
-    """E8P_RAW (cuda_gemv.E8P_SUMS) compiles for sm_90 in every staging (one row, normalized and gated, with a
+@pytest.mark.parametrize("name", ["e8p_ch", "nz2_ch"])
+def test_raw_sums_compile_without_spills(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """RAW_SUMS (cuda_gemv.RAW_SUMS) compiles for sm_90 in every staging (one row, normalized and gated, with a
     residual, several rows, rows from L1/L2), one and two row blocks per warp, resident blocks, with no HFMA2 left
     in the kernel, and without local-memory traffic where the HFMA2 decode has none."""
     import subprocess
@@ -296,17 +299,17 @@ def test_e8p_raw_sums_compile_without_spills(monkeypatch: pytest.MonkeyPatch) ->
 
     jobs = []
     for on in (False, True):
-        monkeypatch.setattr(cuda_gemv, "E8P_SUMS", on)
+        monkeypatch.setattr(cuda_gemv, "RAW_SUMS", on)
         for cols in (4096, 14336):
-            p = cuda_gemv.plan(get_format("e8p_ch"), (64, cols))
-            assert p.e8p_sums() == on
+            p = cuda_gemv.plan(get_format(name), (64, cols))
+            assert p.raw_sums() == on
             warps = cuda_gemv.warps_for(p, cols)
             for staged, gated, norm, resid, m, tiles in ((1, False, 0, False, 1, 1), (1, True, 1, False, 1, 1),
                                                          (1, False, 1, True, 1, 1), (2, False, 0, False, 8, 2),
                                                          (0, False, 0, True, 8, 1)):
                 source = cuda_gemv._source(p, staged, warps, cuda_gemv.min_blocks_for(warps, m, tiles), gated, True,
                                            norm, resid, warps == cuda_gemv.WARPS_MANY, tiles)
-                assert f"#define E8P_SUMS {int(on)}" in source
+                assert f"#define RAW_SUMS {int(on)}" in source
                 jobs.append(((cols, staged, gated, norm, resid, tiles), on, source))
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # NVRTC lets go of the GIL
         listings = list(pool.map(sass, [source for *_, source in jobs]))
@@ -540,14 +543,15 @@ def test_step_scaled_gemv_matches_reference_on_gpu(name: str, shape: tuple[int, 
 
 @gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("name", ["e8p_ch", "nz2_ch"])
 @pytest.mark.parametrize("shape", [(256, 1024), (200, 576), (40, 8192)])
 @pytest.mark.parametrize("m", [1, 3, 8])
 @pytest.mark.parametrize("layout", ["auto", "two-per-warp", "looping"])
-def test_e8p_raw_sums_match_reference_on_gpu(shape: tuple[int, int], m: int, layout: str, gemv_mode,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    """E8P_RAW (cuda_gemv.E8P_SUMS: the MMAs sum raw m, the sums are mapped after), plain, with a residual and
-    gated, against the float64 product, with outlier channels of 3000 in the activations: no further from it than
-    the HFMA2 decode's output."""
+def test_raw_sums_match_reference_on_gpu(name: str, shape: tuple[int, int], m: int, layout: str, gemv_mode,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """RAW_SUMS (cuda_gemv.RAW_SUMS: the MMAs sum raw magic numbers, the sums are mapped after), plain, with a
+    residual and gated, against the float64 product, with outlier channels of 3000 in the activations: no further
+    from it than the HFMA2 decode's output."""
     from lowbit.kernels.reference import dequant_matmul_reference
 
     if layout != "auto":
@@ -555,7 +559,7 @@ def test_e8p_raw_sums_match_reference_on_gpu(shape: tuple[int, int], m: int, lay
     if layout == "looping":
         monkeypatch.setattr(cuda_gemv, "RESIDENT_GRID", "1")
         monkeypatch.setattr(cuda_gemv, "sm_count", lambda device: 2)
-    fmt, qt = _packed("e8p_ch", shape, seed=7)
+    fmt, qt = _packed(name, shape, seed=7)
     gen = torch.Generator("cuda").manual_seed(m)
     x = torch.randn(m, shape[1], device="cuda", dtype=torch.float16, generator=gen)
     x[:, [5, 77]] = torch.tensor([3000.0, -2500.0], device="cuda", dtype=torch.float16)
@@ -564,9 +568,9 @@ def test_e8p_raw_sums_match_reference_on_gpu(shape: tuple[int, int], m: int, lay
     gate, up = ref.chunk(2, dim=-1)
     errs = {}
     for on in (False, True):
-        monkeypatch.setattr(cuda_gemv, "E8P_SUMS", on)
+        monkeypatch.setattr(cuda_gemv, "RAW_SUMS", on)
         p = cuda_gemv.plan(fmt, shape)
-        assert p.e8p_sums() == on
+        assert p.raw_sums() == on
         out = cuda_gemv.gemv(x, fmt, qt, p).double()
         resid = cuda_gemv.gemv(x, fmt, qt, p, residual=res).double() - res.double()
         gated = cuda_gemv.gemv(x, fmt, qt, p, gated=True).double()

@@ -94,30 +94,41 @@ def test_kernel_variants_on_the_cpu(name: str, variant: str, monkeypatch: pytest
         _check(name, (40, 2304 if name in ("iq2_xxs", "q3_k") else 576), 3)
 
 
+@pytest.mark.parametrize("name", ["e8p_ch", "nz2_ch"])
 @pytest.mark.parametrize("variant", ["norm+residual", "norm+gated", "two-per-warp", "rows-from-l2", "looping",
                                      "ragged-k"])
-def test_e8p_raw_sums_on_the_cpu(variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Row-scaled E8P with the MMAs summing raw m = 1 + n / 64 and the sums mapped to the coordinates' after
-    (``cuda_gemv.E8P_SUMS``; the activation sums it needs come from staged rows, normalized rows and rows in L1/L2):
-    every kernel variant."""
-    monkeypatch.setattr(cuda_gemv, "E8P_SUMS", True)
-    assert cuda_gemv.plan(get_format("e8p_ch"), (8, 1024)).e8p_sums()
-    assert not cuda_gemv.plan(get_format("e8p_g256"), (8, 1024)).e8p_sums()
-    test_kernel_variants_on_the_cpu("e8p_ch", variant, monkeypatch)
+def test_raw_sums_on_the_cpu(name: str, variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Row-scaled E8P and 2-bit grids with the MMAs summing raw magic numbers and the sums mapped to the levels'
+    after (``cuda_gemv.RAW_SUMS``; the activation sums it needs come from staged rows, normalized rows and rows in
+    L1/L2): every kernel variant."""
+    monkeypatch.setattr(cuda_gemv, "RAW_SUMS", True)
+    assert cuda_gemv.plan(get_format(name), (8, 1024)).raw_sums()
+    test_kernel_variants_on_the_cpu(name, variant, monkeypatch)
 
 
+def test_raw_sums_only_where_the_scale_is_per_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cuda_gemv, "RAW_SUMS", True)
+    planned = {n: cuda_gemv.plan(get_format(n), (8, 1024)) for n in ("e8p_ch", "nz2_ch", "std2m_ch", "e8p_g256",
+                                                                       "int2_g64_sym", "int4_ch_sym", "q4_0")}
+    assert {n for n, p in planned.items() if p.raw_sums()} == {"e8p_ch", "nz2_ch", "std2m_ch"}
+    assert planned["nz2_ch"].raw_map() == (4.0, 17.5, 5.5)  # levels q - 1.5: m = 4 + q / 4 or 1 + q / 4
+    monkeypatch.setattr(cuda_gemv, "RAW_SUMS", False)
+    assert not planned["e8p_ch"].raw_sums()
+
+
+@pytest.mark.parametrize("name", ["e8p_ch", "nz2_ch", "std2m_ch"])
 @pytest.mark.parametrize("m", [1, 3, 8])
-def test_e8p_raw_sums_keep_the_fp16_rounding(m: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The subtraction 32 D - 35.75 X of E8P_RAW, with outlier channels of 3000 in the activations, costs nothing
-    the fp16 output shows: the error is that of rounding the exact product to fp16 (as with the HFMA2 decode)."""
+def test_raw_sums_keep_the_fp16_rounding(name: str, m: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The subtraction of RAW_SUMS, with outlier channels of 3000 in the activations, costs nothing the fp16
+    output shows: the error is that of rounding the exact product to fp16 (as with the HFMA2 decode)."""
     shape = (72, 1024)
-    fmt, qt = _packed("e8p_ch", shape, 5)
+    fmt, qt = _packed(name, shape, 5)
     x, _ = _inputs(m, shape[1], shape[0], seed=m)
     x[:, [5, 77]] = torch.tensor([3000.0, -2500.0], dtype=torch.float16)
     ref = dequant_matmul_reference(x.double(), fmt, qt)
     rounding = _err(ref.half(), ref)
     for on in (False, True):
-        monkeypatch.setattr(cuda_gemv, "E8P_SUMS", on)
+        monkeypatch.setattr(cuda_gemv, "RAW_SUMS", on)
         err = _err(cuda_gemv.gemv(x, fmt, qt, cuda_gemv.plan(fmt, shape)), ref)
         assert err <= 1.05 * rounding, (on, err, rounding)
 

@@ -55,10 +55,11 @@ MAX_ROWS = 16
 WARPS_FEW, WARPS_MANY = 8, 16
 
 ROWS_PER_BLOCK = 16
-# Row-scaled E8P with the coordinates' affine map taken on the fp32 sums (E8P_RAW in the .cu): 285 instead of 335.5
-# step-loop instructions per step (NVRTC 13.5, ``benchmarks/sass_count.py``), no HFMA2 left. Not yet timed on a GPU,
-# so off unless ``LOWBIT_CUDA_E8P_SUMS=1`` (docs/kernels.md, "E8P summed as raw mantissas").
-E8P_SUMS = os.environ.get("LOWBIT_CUDA_E8P_SUMS", "0") == "1"
+# Row-scaled E8P and 2-bit grids with the levels' affine map taken on the fp32 sums (RAW_SUMS in the .cu): no HFMA2
+# left in the step loop, e8p_ch 335.5 -> 285 and nz2_ch 197.5 -> 149.5 instructions per step (NVRTC 13.5,
+# ``benchmarks/sass_count.py``). Not yet timed on a GPU, so off unless ``LOWBIT_CUDA_RAW_SUMS=1`` (docs/kernels.md,
+# "Sums of raw magic numbers").
+RAW_SUMS = os.environ.get("LOWBIT_CUDA_RAW_SUMS", "0") == "1"
 _MAGIC = 1024.0  # 0x6400
 
 
@@ -81,15 +82,31 @@ class Plan:
                  f"#define GATED {int(gated)}", f"#define FULL {int(full)}", f"#define NORM {int(norm_qs > 0)}",
                  f"#define NORM_QS {max(norm_qs, 1)}", f"#define RESID {int(resid)}",
                  f"#define RESIDENT {int(resident)}", f"#define KQ_HB {self.hi_bits}", f"#define TILES {tiles}",
-                 f"#define STEP_SCALE {int(self.step_scaled())}", f"#define E8P_SUMS {int(self.e8p_sums())}"]
+                 f"#define STEP_SCALE {int(self.step_scaled())}", f"#define RAW_SUMS {int(self.raw_sums())}"]
+        if self.raw_sums():
+            slope, c0, c1 = self.raw_map()
+            lines += [f"#define RAW_SLOPE {slope!r}f", f"#define RAW_OFF0 {c0!r}f", f"#define RAW_OFF1 {c1!r}f"]
         for i, (a, b) in enumerate(self.dq):
             lines += [f"#define DQ_A{i} 0x{_half2_bits(a):08x}u", f"#define DQ_B{i} 0x{_half2_bits(b):08x}u"]
         return "\n".join(lines) + "\n"
 
-    def e8p_sums(self) -> bool:
-        """Whether the MMAs sum E8P's raw m = 1 + n / 64 and the fp32 sums become the coordinates' (E8P_RAW in the
-        .cu): row-scaled E8P where :data:`E8P_SUMS` is on."""
-        return E8P_SUMS and self.kind == 1 and self.row_scale
+    def raw_sums(self) -> bool:
+        """Whether the MMAs sum the decode's raw magic numbers m, and the fp32 sums are mapped to the levels' after
+        (RAW_SUMS in the .cu): row-scaled E8P and 2-bit grids, where :data:`RAW_SUMS` is on."""
+        return RAW_SUMS and self.row_scale and (self.kind == 1 or (self.kind == 0 and self.bits == 2))
+
+    def raw_map(self) -> tuple[float, float, float]:
+        """(slope, c on even columns, c on odd ones) of RAW_SUMS's level = slope m - c: E8P's coordinate 32 m -
+        35.75 (m = 1 + n / 64); a 2-bit grid's level a q + b, from m = 4 + q / 4 (even) or 1 + q / 4 (odd)."""
+        if self.kind == 1:
+            return 32.0, 35.75, 35.75
+        a, b = self.affine()
+        return 4 * a, 16 * a - b, 4 * a - b
+
+    def affine(self) -> tuple[float, float]:
+        """(a, b): an affine grid's level a q + b at unit scale, from its first decode position's constants."""
+        (a0, b0), pos = self.dq[0], _position_scales(self.bits)[0]
+        return a0 * pos, b0 + _MAGIC * a0
 
     def step_scaled(self) -> bool:
         """Whether a scale group spans a whole step (the quad's four chunks), so the step's sums take the scale once
@@ -353,11 +370,11 @@ def _source(p: Plan, staged_x: int = 0, warps: int = WARPS_FEW, min_blocks: int 
     """The kernel's source for these settings; ``norm_qs`` > 0: the batch-1 row is RMS-normalized while staged,
     each thread holding that many groups of its units in registers (:func:`norm_groups`); ``resident``: blocks loop
     over row blocks (:data:`RESIDENT_GRID`); ``tiles``: row blocks per warp (:func:`row_tiles`)."""
-    return _cached_source(p, staged_x, warps, min_blocks, gated, full, norm_qs, resid, resident, tiles, p.e8p_sums())
+    return _cached_source(p, staged_x, warps, min_blocks, gated, full, norm_qs, resid, resident, tiles, p.raw_sums())
 
 
 @cache
-def _cached_source(p: Plan, *settings: int | bool) -> str:  # keyed by E8P_SUMS's setting too (the last)
+def _cached_source(p: Plan, *settings: int | bool) -> str:  # keyed by RAW_SUMS's setting too (the last)
     return cuda_jit.source("gemv_mma.cu", p.defines(*settings[:-1]))
 
 
@@ -594,7 +611,11 @@ def decode_reference(fmt: Format, cols: int, codes: torch.Tensor) -> torch.Tenso
     if p.kind == 2:
         raise ValueError("iq2_xxs: replay whole weights with decode_iq2xxs_reference")
     if p.kind == 1:
-        return _decode_e8p(codes, p.e8p_sums())
+        return _decode_e8p(codes, p.raw_sums())
+    if p.raw_sums():  # m = 4 + q / 4 (even positions) or 1 + q / 4 (odd): level = slope m - c, in float64
+        slope, c0, c1 = p.raw_map()
+        m = [_as_half((0x3C00 if i % 2 else 0x4400) | (codes << (8 if i % 2 else 6))).double() for i in range(8)]
+        return torch.stack([(slope * m[i] - (c1 if i % 2 else c0)).to(torch.float16) for i in range(8)])
     out = []
     for pos, (a, b) in zip(_position_scales(p.bits), p.dq, strict=True):
         magic = 0x6400 | (codes * int(pos))  # the LOP3: the code, already at its bit position, into 1024.0
@@ -604,7 +625,7 @@ def decode_reference(fmt: Format, cols: int, codes: torch.Tensor) -> torch.Tenso
 
 def _decode_e8p(codes: torch.Tensor, raw: bool = False) -> torch.Tensor:
     """The kernel's E8P steps on ``codes`` (a multiple of 8 of them) through their stored order (code_pairs in
-    gemv_mma.cu; words [chunk, 4]). ``raw``: E8P_RAW's steps, whose m the sums map to the same coordinates."""
+    gemv_mma.cu; words [chunk, 4]). ``raw``: RAW_SUMS's steps, whose m the sums map to the same coordinates."""
     m32 = 0xFFFFFFFF
     tab = e8p_tables().to(torch.int64) & m32
     words = e8p_format.to_stored(codes.reshape(1, -1)).view(torch.int32).to(torch.int64).reshape(-1, 4) & m32
@@ -634,7 +655,7 @@ def _e8p_coordinate(magic: torch.Tensor, p: int) -> torch.Tensor:
 
 
 def _e8p_raw_coordinate(m: torch.Tensor) -> torch.Tensor:
-    """E8P_RAW: m = 1 + n / 64 (a nibble n at bit 4 of 1.0's mantissa), which the MMA multiplies, -> the coordinate
+    """RAW_SUMS: m = 1 + n / 64 (a nibble n at bit 4 of 1.0's mantissa), which the MMA multiplies, -> the coordinate
     32 m - 35.75 = n / 2 - 3.75 that the fp32 sums take it to (exact in float64)."""
     return (32.0 * _as_half(m).double() - 35.75).to(torch.float16)
 

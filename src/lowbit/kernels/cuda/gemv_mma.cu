@@ -212,7 +212,18 @@ DEV void b_frag(const u32* xr, int m, int half, u32& b0, u32& b1) {
 #else
 #define APPLY_SCALE(l, s, m) hmul2((l), (s))
 #endif
-#define E8P_RAW (KIND == 1 && ROW_SCALE && E8P_SUMS)  // the MMAs sum E8P's m = 1 + n / 64 (code_pairs)
+// RAW_SUMS (cuda_gemv.Plan.raw_sums: row-scaled E8P and 2-bit grids, where LOWBIT_CUDA_RAW_SUMS is on): the MMAs sum
+// the magic numbers m the LOP3 makes, without the HFMA2 that maps each onto its level. The map is affine, level =
+// RAW_SLOPE m - c, the same slope for every weight of the row, so the fp32 sums take it after: y = s (RAW_SLOPE D -
+// sum of c x), with c = RAW_OFF0 on even columns and RAW_OFF1 on odd ones (activation_sums). The fp32 sums of m x
+// lose to that subtraction the bits of c / RAW_SLOPE against the levels (about 4 of their 24), far fewer than the
+// fp16 output drops.
+// e >> k as the high word of e 2^(32 - k): an IMAD.HI (FMA pipe, which the HFMA2s leave) rather than a SHF (ALU pipe)
+#ifdef LOWBIT_HOST
+DEV u32 shr_fma(u32 e, int k) { return (u32)(((unsigned long long)e << (32 - k)) >> 32); }
+#else
+DEV u32 shr_fma(u32 e, int k) { return __umulhi(e, 1u << (32 - k)); }
+#endif
 
 
 #if (KIND == 0 || KIND == 3) && BITS == 2
@@ -228,6 +239,13 @@ DEV void b_frag(const u32* xr, int m, int half, u32& b0, u32& b1) {
 #endif
 #define DQ_CONSTS_A {DQ_A0, DQ_A1, DQ_A2, DQ_A3, DQ_A4, DQ_A5, DQ_A6, DQ_A7}
 #define DQ_CONSTS_B {DQ_B0, DQ_B1, DQ_B2, DQ_B3, DQ_B4, DQ_B5, DQ_B6, DQ_B7}
+// RAW_SUMS: codes 2j and 2j + 1 are shifted by 6 - 4 j together, to bits 6 and 8 of each half, and dropped into the
+// mantissas of 4.0 and 1.0: m = 4 + q / 4 (even codes, even columns) or 1 + q / 4 (odd), so level = a q + b =
+// 4 a m - c with c = 16 a - b or 4 a - b (cuda_gemv.Plan.raw_map). A code at bit 6 or 8 puts its step at 1/16 or 1/4
+// of m's offset; lower bits would cost the fp32 sums more of their precision.
+#define RAW_SRC(w, i) (6 - 4 * ((i) / 2) > 0 ? (w) << (6 - 4 * ((i) / 2)) : shr_fma((w), 4 * ((i) / 2) - 6))
+#define RAW_MASK(i) ((i) % 2 ? 0x03000300u : 0x00C000C0u)
+#define RAW_MAGIC(i) ((i) % 2 ? 0x3C003C00u : 0x44004400u)  // 1.0, 4.0
 #elif KIND == 0 || KIND == 3
 // codes i and i + 4 at bits 4i and 4i + 16: (w, 0x000f000f) -> (q0, q4), (w, 0x00f000f0) -> 16 (q1, q5), then w >> 8
 #define DQ_SRC(w, i) ((i) < 2 ? (w) : (w) >> 8)
@@ -270,8 +288,12 @@ DEV void word_mma(float* d, u32 wa, u32 wb, u32 ha, u32 hb, int j, const u32* xr
 #pragma unroll
         for (int h = 0; h < 4; ++h) {  // a0, a2: row g, pairs 2m, 2m + 1; a1, a3: row g + 8
             const int i = 2 * m + h / 2;
+#if RAW_SUMS
+            const u32 v = lop3_and_or(RAW_SRC(h % 2 ? wb : wa, i), RAW_MASK(i), RAW_MAGIC(i));
+#else
             const u32 v = hfma2(lop3_and_or(DQ_SRC(h % 2 ? wb : wa, i), DQ_MASK(i), magic_with_hi(h % 2 ? hb : ha, i, j)),
                                 A[i], B[i]);
+#endif
             a[h] = h % 2 ? APPLY_SCALE(v, sb, mb) : APPLY_SCALE(v, sa, ma);
         }
         u32 b0, b1;
@@ -291,12 +313,8 @@ DEV void word_mma(float* d, u32 wa, u32 wb, u32 ha, u32 hb, int j, const u32* xr
 // or 5) into the mantissa of 1024.0, giving 1024 + 2^p n, and one HFMA2 by 2^-(p+1) and -(512 / 2^p + 3.75) (exact
 // in fp16 for these p) gives the coordinate: e << 1 puts coordinate 0 at p = 1, e has coordinate 1 at p = 4,
 // e >> 7 puts 2 and 3 at p = 1 and 5.
-// E8P_RAW (row scales, cuda_gemv.E8P_SUMS): e << 4, e, e >> 4 and e >> 8 put pair i at bits 4..7 of each half, and
-// the LOP3 drops it into the mantissa of 1.0 instead, giving m = 1 + n / 64, whose coordinate is 32 m - 35.75. The
-// MMA multiplies m itself, and the 32 and the 35.75 are taken on the fp32 sums: 32 D - 35.75 X, X the sum of the
-// activation row (activation_sums, finish_rows). That saves the HFMA2 of every pair (the right shifts are IMAD.HI,
-// on the FMA pipe the HFMA2s leave). The fp32 sums of m x lose about 4 bits to the subtraction (m is 1.0 to 1.23,
-// 32 m against coordinates of 0.25 to 3.75), 9 more than the fp16 output keeps.
+// RAW_SUMS: e << 4, e, e >> 4 and e >> 8 put pair i at bits 4..7 of each half, and the LOP3 drops it into the
+// mantissa of 1.0 instead, giving m = 1 + n / 64, whose coordinate is 32 m - 35.75 (RAW_SLOPE 32, RAW_OFF 35.75).
 __shared__ u32 e8p_tab[512];  // E2[1] (shift -1/4), then E2[0]
 #ifdef LOWBIT_HOST
 DEV u32 e8p_entry(int idx) { return e8p_tab[256 + idx]; }
@@ -310,19 +328,13 @@ DEV u32 e8p_entry(int idx) {
     return v;
 }
 #endif
-// e >> k as the high word of e 2^(32 - k): an IMAD.HI (FMA pipe) rather than a SHF (ALU pipe)
-#ifdef LOWBIT_HOST
-DEV u32 shr_fma(u32 e, int k) { return (u32)(((unsigned long long)e << (32 - k)) >> 32); }
-#else
-DEV u32 shr_fma(u32 e, int k) { return __umulhi(e, 1u << (32 - k)); }
-#endif
-// the coordinates of code r (0..3) of pattern word pw and sign word y, as four fp16 pairs (E8P_RAW: their m)
+// the coordinates of code r (0..3) of pattern word pw and sign word y, as four fp16 pairs (RAW_SUMS: their m)
 DEV void code_pairs(u32 pw, u32 y, int r, u32* p) {
     const int idx = (int)prmt(pw, y << (3 - r), 0xFFF0u | (u32)r);  // pattern byte r; t (bit 31 after the shift)
     const u32 lo = r < 2 ? y : y >> 2, hi = r < 2 ? y << 4 : y << 2;  // c_j and c_j-1 at bit 4 j + r % 2
     const u32 f = (lo ^ hi) & (0x11111111u << (r & 1));
     const u32 e = e8p_entry(idx) ^ (f * ((r & 1) ? 7u : 14u));
-#if E8P_RAW
+#if RAW_SUMS
     p[0] = lop3_and_or(e << 4, 0x00f000f0u, 0x3C003C00u);  // 1 + n / 64
     p[1] = lop3_and_or(e, 0x00f000f0u, 0x3C003C00u);
     p[2] = lop3_and_or(shr_fma(e, 4), 0x00f000f0u, 0x3C003C00u);
@@ -659,35 +671,51 @@ DEV void stage_block(const u32* tables, const u16* x, int K, int M, const u16* n
 #endif
 }
 
-#if E8P_RAW
-// The sum X of each batch row the MMAs multiply (as staged, or in global memory), in fp32, for E8P_RAW's 32 D - 35.75
-// X: warp w adds units w * 32 + lane, + 32 WARPS, ... of each row, and after a barrier warp 0 adds the warps' parts
-// into xsum (what finish_rows reads). Run right after staging, while the first weights are in flight.
+#if RAW_SUMS
+// RAW_SUMS's sum of c x for each batch row the MMAs multiply (as staged, or in global memory), in fp32: warp w adds
+// units w * 32 + lane, + 32 WARPS, ... of each row, its even and its odd columns apart, and after a barrier warp 0
+// adds the warps' parts into xsum (what finish_rows reads). Run right after staging, while the first weights are in
+// flight. Staged rows are in fragment order (stage_block), whose even words hold the even columns.
 __shared__ float xsum[8];
 DEV void activation_sums(const u16* x, int K, int M) {
-    __shared__ float xpart[WARPS][8];
+    __shared__ float xpart[WARPS][8][2];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     for (int row = 0; row < M; ++row) {
         const U4* xr = activation_row(x, row, M, K);
-        float sum = 0.f;
+        float even = 0.f, odd = 0.f;
         for (int u = threadIdx.x; u < K / 8; u += WARPS * 32) {
             const U4 v = x_at(xchunk(xr, u & ~7), u & ~7, u & 7);
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
                 const u32 h = word(v, j);
-                sum += half_to_float((u16)(h & 0xffffu)) + half_to_float((u16)(h >> 16));
+                const float lo = half_to_float((u16)(h & 0xffffu)), hi = half_to_float((u16)(h >> 16));
+#if PREPERM
+                (j % 2 ? odd : even) += lo + hi;
+#else
+                even += lo;
+                odd += hi;
+#endif
             }
         }
 #pragma unroll
-        for (int o = 16; o; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-        if (lane == 0) xpart[warp][row] = sum;
+        for (int o = 16; o; o >>= 1) {
+            even += __shfl_xor_sync(0xffffffffu, even, o);
+            odd += __shfl_xor_sync(0xffffffffu, odd, o);
+        }
+        if (lane == 0) {
+            xpart[warp][row][0] = even;
+            xpart[warp][row][1] = odd;
+        }
     }
     __syncthreads();
     if (threadIdx.x < M) {  // warp 0 alone reads xsum, after the block's barrier in store_rows
-        float v = 0.f;
+        float even = 0.f, odd = 0.f;
 #pragma unroll
-        for (int w = 0; w < WARPS; ++w) v += xpart[w][threadIdx.x];
-        xsum[threadIdx.x] = v;
+        for (int w = 0; w < WARPS; ++w) {
+            even += xpart[w][threadIdx.x][0];
+            odd += xpart[w][threadIdx.x][1];
+        }
+        xsum[threadIdx.x] = RAW_OFF0 * even + RAW_OFF1 * odd;
     }
 }
 #endif
@@ -697,18 +725,18 @@ DEV void activation_sums(const u16* x, int K, int M) {
 #endif
 // Warp 0 of a block: the other warps' partial sums added, the epilogue applied, y written. d[0], d[1]: row g,
 // batch columns 2t, 2t + 1; d[2], d[3]: row g + 8 (GATED: the up row of gate row g). rv: the residuals (RESID).
-// off: what E8P_RAW takes off rows g and g + 8 per unit of activation sum (35.75 times the row scale).
+// rs: the scales of rows g and g + 8, by which RAW_SUMS takes the sums of c x (xsum) off.
 DEV void finish_rows(float* d, float (*part)[32][4], int row0, u16* y, const float* rv, int N, int M,
-                     const float* off) {
+                     const float* rs) {
     const int lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
 #pragma unroll
     for (int w = 1; w < WARPS; ++w)
 #pragma unroll
         for (int e = 0; e < 4; ++e) d[e] += part[w][lane][e];
-#if E8P_RAW
+#if RAW_SUMS
 #pragma unroll
-    for (int e = 0; e < 4; ++e) d[e] = fmaf(-off[e >> 1], xsum[min(2 * t + (e & 1), M - 1)], d[e]);
+    for (int e = 0; e < 4; ++e) d[e] = fmaf(-rs[e >> 1], xsum[min(2 * t + (e & 1), M - 1)], d[e]);
 #endif
 #if GATED
 #pragma unroll
@@ -732,7 +760,7 @@ DEV void finish_rows(float* d, float (*part)[32][4], int row0, u16* y, const flo
 
 // The warps' partial sums of one row block added in shared memory; warp 0 applies the epilogue and writes y.
 DEV void store_rows(float* d, float (*part)[32][4], int row0, u16* y, const u16* res, int N, int M,
-                    const float* off) {
+                    const float* rs) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     float rv[4] = {};  // warp 0's residuals (RESID), requested before the block's barrier
 #if RESID
@@ -748,7 +776,7 @@ DEV void store_rows(float* d, float (*part)[32][4], int row0, u16* y, const u16*
 #pragma unroll
     for (int e = 0; e < 4; ++e) part[warp][lane][e] = d[e];
     __syncthreads();
-    if (warp == 0) finish_rows(d, part, row0, y, rv, N, M, off);
+    if (warp == 0) finish_rows(d, part, row0, y, rv, N, M, rs);
 }
 
 // A block's rows: row block `tile` (16 rows; GATED: 8 gate rows and their 8 up rows N further on). Ragged N: the
@@ -857,16 +885,16 @@ DEV void add_step(float* d, const float* e, const Step& w) {
 // A row block's sums: the row scale (ROW_SCALE), the warps' partial sums added, y written.
 DEV void finish_tile(float* d, const RowPtrs& rp, float (*part)[32][4], int row0, u16* y, const u16* res, int N,
                      int M) {
-    float off[2] = {0.f, 0.f};
+    float rs[2] = {0.f, 0.f};
 #if ROW_SCALE
     float fa = half_lo_to_float(ld_half(rp.sa)), fb = half_lo_to_float(ld_half(rp.sb));
-#if E8P_RAW  // the sums are of m: the coordinate is 32 m - 35.75
-    off[0] = 35.75f * fa; off[1] = 35.75f * fb;
-    fa *= 32.f; fb *= 32.f;
+#if RAW_SUMS  // the sums are of m: the level is RAW_SLOPE m - c
+    rs[0] = fa; rs[1] = fb;
+    fa *= RAW_SLOPE; fb *= RAW_SLOPE;
 #endif
     d[0] *= fa; d[1] *= fa; d[2] *= fb; d[3] *= fb;
 #endif
-    store_rows(d, part, row0, y, res, N, M, off);
+    store_rows(d, part, row0, y, res, N, M, rs);
 }
 
 // Blocks loop over row blocks (tile, tile + gridDim.x, ...): cuda_gemv launches as many as stay resident, so each
@@ -898,7 +926,7 @@ gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u1
 #if KIND != 0 || XS
     __syncthreads();
 #endif
-#if E8P_RAW
+#if RAW_SUMS
     activation_sums(x, K, M);
 #endif
     __shared__ float part[WARPS][32][4];
