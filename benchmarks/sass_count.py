@@ -5,8 +5,10 @@
 NVRTC compiles the kernel the planner would build (sm_90, as dispatch launches it) and ``nvdisasm`` (shipped in
 Triton's wheel) lists its SASS; the innermost backward-branch loop with MMAs is the step loop (one or two steps a
 pass). Printed: its instructions per step, the weights one lane decodes per step (two rows of a 16-byte chunk),
-instructions per weight, and the opcode mix (per step). The GEMV is bound by instruction issue (docs/kernels.md), so
-this count is what a kernel change must lower; time it on a GPU with ``benchmarks/gemv_speed.py``.
+instructions per weight, those of the two math pipes the decode loads (per step, as Nsight Compute's ``pipe_alu``
+and ``pipe_fma`` count them: :data:`ALU`, :data:`FMA`), and the opcode mix (per step). The GEMV is bound by
+instruction issue (docs/kernels.md), so this count is what a kernel change must lower; time it on a GPU with
+``benchmarks/gemv_speed.py``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,10 @@ from pathlib import Path
 
 from lowbit.formats import get_format
 from lowbit.kernels import cuda_gemv, cuda_jit
+
+# The opcodes of Hopper's ALU and FMA pipes (IMAD in every form, and the fp16 pairs, issue to the FMA pipe)
+ALU = {"LOP3", "SHF", "PRMT", "IADD3", "VIADD", "ISETP", "LEA", "SEL", "MOV", "IMNMX", "FSETP", "FMNMX"}
+FMA = {"IMAD", "IMUL", "FFMA", "FMUL", "FADD", "HFMA2", "HMUL2", "HADD2"}
 
 
 def nvdisasm() -> Path:
@@ -74,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     except cuda_jit.CudaJitError:
         print("needs NVRTC (the nvidia-cuda-nvrtc wheel of the test extra)", file=sys.stderr)
         return 2
-    print("| format | loop instructions | weights per lane and step | per weight | top opcodes |")
-    print("|---|---|---|---|---|")
+    print("| format | loop instructions | weights per lane and step | per weight | ALU pipe | FMA pipe | top opcodes |")
+    print("|---|---|---|---|---|---|---|")
     for name in args.formats.split(","):
         body = main_loop(kernel_sass(name, args.cols, args.batch))
         ops = collections.Counter(re.sub(r"^@!?U?P[T\d]+\s+", "", t).split()[0].split(".")[0] for t in body)
@@ -84,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         steps = ops["HMMA"] * 8 // weights
         top = ", ".join(f"{k} {v // steps}" for k, v in ops.most_common(8))
         per_step = len(body) / steps
-        print(f"| {name} | {per_step:g} | {weights} | {per_step / weights:.2f} | {top} |")
+        alu, fma = (sum(v for k, v in ops.items() if k in pipe) / steps for pipe in (ALU, FMA))
+        print(f"| {name} | {per_step:g} | {weights} | {per_step / weights:.2f} | {alu:g} | {fma:g} | {top} |")
     return 0
 
 
