@@ -314,7 +314,7 @@ DEV void word_mma(float* d, u32 wa, u32 wb, u32 ha, u32 hb, int j, const u32* xr
 // in fp16 for these p) gives the coordinate: e << 1 puts coordinate 0 at p = 1, e has coordinate 1 at p = 4,
 // e >> 7 puts 2 and 3 at p = 1 and 5.
 // RAW_SUMS: e << 4, e, e >> 4 and e >> 8 put pair i at bits 4..7 of each half, and the LOP3 drops it into the
-// mantissa of 1.0 instead, giving m = 1 + n / 64, whose coordinate is 32 m - 35.75 (RAW_SLOPE 32, RAW_OFF 35.75).
+// mantissa of 1.0 instead, giving m = 1 + n / 64, whose coordinate is 32 m - 35.75 (RAW_SLOPE 32, both RAW_OFF 35.75).
 __shared__ u32 e8p_tab[512];  // E2[1] (shift -1/4), then E2[0]
 #ifdef LOWBIT_HOST
 DEV u32 e8p_entry(int idx) { return e8p_tab[256 + idx]; }
