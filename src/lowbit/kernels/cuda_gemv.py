@@ -55,8 +55,8 @@ MAX_ROWS = 16
 WARPS_FEW, WARPS_MANY = 8, 16
 
 ROWS_PER_BLOCK = 16
-# Row-scaled E8P and 2-bit grids with the levels' affine map taken on the fp32 sums (RAW_SUMS in the .cu): no HFMA2
-# left in the step loop, e8p_ch 335.5 -> 285 and nz2_ch 197.5 -> 149.5 instructions per step (NVRTC 13.5,
+# Row-scaled E8P and 2-bit grids at batch 1 with the levels' affine map taken on the fp32 sums (RAW_SUMS in the .cu):
+# no HFMA2 left in the step loop, e8p_ch 335.5 -> 285 and nz2_ch 197.5 -> 146.5 instructions per step (NVRTC 13.5,
 # ``benchmarks/sass_count.py``). Not yet timed on a GPU, so off unless ``LOWBIT_CUDA_RAW_SUMS=1`` (docs/kernels.md,
 # "Sums of raw magic numbers").
 RAW_SUMS = os.environ.get("LOWBIT_CUDA_RAW_SUMS", "0") == "1"
@@ -82,8 +82,10 @@ class Plan:
                  f"#define GATED {int(gated)}", f"#define FULL {int(full)}", f"#define NORM {int(norm_qs > 0)}",
                  f"#define NORM_QS {max(norm_qs, 1)}", f"#define RESID {int(resid)}",
                  f"#define RESIDENT {int(resident)}", f"#define KQ_HB {self.hi_bits}", f"#define TILES {tiles}",
-                 f"#define STEP_SCALE {int(self.step_scaled())}", f"#define RAW_SUMS {int(self.raw_sums())}"]
-        if self.raw_sums():
+                 f"#define STEP_SCALE {int(self.step_scaled())}"]
+        raw = self.raw_sums() and staged_x == 1  # sums taken as the one row is staged
+        lines.append(f"#define RAW_SUMS {int(raw)}")
+        if raw:
             slope, c0, c1 = self.raw_map()
             lines += [f"#define RAW_SLOPE {slope!r}f", f"#define RAW_OFF0 {c0!r}f", f"#define RAW_OFF1 {c1!r}f"]
         for i, (a, b) in enumerate(self.dq):
@@ -92,7 +94,8 @@ class Plan:
 
     def raw_sums(self) -> bool:
         """Whether the MMAs sum the decode's raw magic numbers m, and the fp32 sums are mapped to the levels' after
-        (RAW_SUMS in the .cu): row-scaled E8P and 2-bit grids, where :data:`RAW_SUMS` is on."""
+        (RAW_SUMS in the .cu, at batch 1, with the row staged): row-scaled E8P and 2-bit grids, where
+        :data:`RAW_SUMS` is on."""
         return RAW_SUMS and self.row_scale and (self.kind == 1 or (self.kind == 0 and self.bits == 2))
 
     def raw_map(self) -> tuple[float, float, float]:

@@ -212,12 +212,12 @@ DEV void b_frag(const u32* xr, int m, int half, u32& b0, u32& b1) {
 #else
 #define APPLY_SCALE(l, s, m) hmul2((l), (s))
 #endif
-// RAW_SUMS (cuda_gemv.Plan.raw_sums: row-scaled E8P and 2-bit grids, where LOWBIT_CUDA_RAW_SUMS is on): the MMAs sum
-// the magic numbers m the LOP3 makes, without the HFMA2 that maps each onto its level. The map is affine, level =
-// RAW_SLOPE m - c, the same slope for every weight of the row, so the fp32 sums take it after: y = s (RAW_SLOPE D -
-// sum of c x), with c = RAW_OFF0 on even columns and RAW_OFF1 on odd ones (activation_sums). The fp32 sums of m x
-// lose to that subtraction the bits of c / RAW_SLOPE against the levels (about 4 of their 24), far fewer than the
-// fp16 output drops.
+// RAW_SUMS (cuda_gemv.Plan.raw_sums: row-scaled E8P and 2-bit grids at batch 1, where LOWBIT_CUDA_RAW_SUMS is on):
+// the MMAs sum the magic numbers m the LOP3 makes, without the HFMA2 that maps each onto its level. The map is
+// affine, level = RAW_SLOPE m - c, the same for every row, so the fp32 sums take it after: y = s (RAW_SLOPE D - sum
+// of c x), with c = RAW_OFF0 on even columns and RAW_OFF1 on odd ones, summed while the row is staged (raw_add). The
+// fp32 sums of m x lose to that subtraction the bits of c / RAW_SLOPE against the levels (about 4 of their 24), far
+// fewer than the fp16 output drops.
 // e >> k as the high word of e 2^(32 - k): an IMAD.HI (FMA pipe, which the HFMA2s leave) rather than a SHF (ALU pipe)
 #ifdef LOWBIT_HOST
 DEV u32 shr_fma(u32 e, int k) { return (u32)(((unsigned long long)e << (32 - k)) >> 32); }
@@ -582,6 +582,50 @@ DEV void store_units(const u32* w, int row, int u, int K) {
     }
 }
 
+// RAW_SUMS's sum of c x over the staged row, in fp32: each thread adds up the units it stages, their even and odd
+// columns apart (raw_add: w in column order, each word a pair of columns), each warp its threads' parts (raw_part,
+// before the barrier after staging), and thread 0 the warps' parts into xsum (raw_total, after it), which warp 0
+// reads in finish_rows. No other work at set-up, and no barrier of its own.
+struct RawSums { float even, odd; };
+#if RAW_SUMS
+#if XS != 1
+#error "RAW_SUMS sums the one staged activation row (XS 1)"
+#endif
+__shared__ float xpart[WARPS][2];
+__shared__ float xsum;
+DEV void raw_add(RawSums& s, const u32* w) {
+#pragma unroll
+    for (int i = 0; i < 4 * SG; ++i) {
+        s.even += half_to_float((u16)(w[i] & 0xffffu));
+        s.odd += half_to_float((u16)(w[i] >> 16));
+    }
+}
+DEV void raw_part(RawSums s) {
+#pragma unroll
+    for (int o = 16; o; o >>= 1) {
+        s.even += __shfl_xor_sync(0xffffffffu, s.even, o);
+        s.odd += __shfl_xor_sync(0xffffffffu, s.odd, o);
+    }
+    if ((threadIdx.x & 31) == 0) {
+        xpart[threadIdx.x >> 5][0] = s.even;
+        xpart[threadIdx.x >> 5][1] = s.odd;
+    }
+}
+DEV void raw_total() {
+    if (threadIdx.x == 0) {
+        float even = 0.f, odd = 0.f;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) {
+            even += xpart[w][0];
+            odd += xpart[w][1];
+        }
+        xsum = RAW_OFF0 * even + RAW_OFF1 * odd;
+    }
+}
+#else
+DEV void raw_add(RawSums&, const u32*) {}
+DEV void raw_part(RawSums) {}
+#endif
 #if NORM
 #if XS != 1
 #error "NORM normalizes the one staged activation row (XS 1)"
@@ -608,6 +652,7 @@ DEV float sum_squares(const U4& v, float ss) {
 // squares in a fixed order. One barrier more than plain staging and no second read of x.
 DEV void stage_normalized(const u16* x, const u16* nw, int K, float eps) {
     __shared__ float warp_sums[WARPS];
+    RawSums sums = {0.f, 0.f};
     const int groups = K / 8 / SG;
     U4 wv[NORM_QS][SG], xv[NORM_QS][SG];
 #pragma unroll
@@ -640,8 +685,10 @@ DEV void stage_normalized(const u16* x, const u16* nw, int K, float eps) {
             w[4 * i] = norm_pair(v.x, n.x, r); w[4 * i + 1] = norm_pair(v.y, n.y, r);
             w[4 * i + 2] = norm_pair(v.z, n.z, r); w[4 * i + 3] = norm_pair(v.w, n.w, r);
         }
+        raw_add(sums, w);
         store_units(w, 0, q * SG, K);
     }
+    raw_part(sums);
 }
 #endif
 
@@ -657,6 +704,7 @@ DEV void stage_block(const u32* tables, const u16* x, int K, int M, const u16* n
     wait_for_inputs();  // x is the output of the kernel before
 #if XS
     const int units = K / 8, total = M * (units / SG);
+    RawSums sums = {0.f, 0.f};
     for (int q = threadIdx.x; q < total; q += WARPS * 32) {
         const int row = XS == 1 ? 0 : q / (units / SG), u = (q - row * (units / SG)) * SG;
         u32 w[4 * SG];
@@ -665,60 +713,13 @@ DEV void stage_block(const u32* tables, const u16* x, int K, int M, const u16* n
             const U4 v = ld_cached((const U4*)x + (size_t)row * units + u + i);
             w[4 * i] = v.x; w[4 * i + 1] = v.y; w[4 * i + 2] = v.z; w[4 * i + 3] = v.w;
         }
+        raw_add(sums, w);
         store_units(w, row, u, K);
     }
+    raw_part(sums);
 #endif
 #endif
 }
-
-#if RAW_SUMS
-// RAW_SUMS's sum of c x for each batch row the MMAs multiply (as staged, or in global memory), in fp32: warp w adds
-// units w * 32 + lane, + 32 WARPS, ... of each row, its even and its odd columns apart, and after a barrier warp 0
-// adds the warps' parts into xsum (what finish_rows reads). Run right after staging, while the first weights are in
-// flight. Staged rows are in fragment order (stage_block), whose even words hold the even columns.
-__shared__ float xsum[8];
-DEV void activation_sums(const u16* x, int K, int M) {
-    __shared__ float xpart[WARPS][8][2];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    for (int row = 0; row < M; ++row) {
-        const U4* xr = activation_row(x, row, M, K);
-        float even = 0.f, odd = 0.f;
-        for (int u = threadIdx.x; u < K / 8; u += WARPS * 32) {
-            const U4 v = x_at(xchunk(xr, u & ~7), u & ~7, u & 7);
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const u32 h = word(v, j);
-                const float lo = half_to_float((u16)(h & 0xffffu)), hi = half_to_float((u16)(h >> 16));
-#if PREPERM
-                (j % 2 ? odd : even) += lo + hi;
-#else
-                even += lo;
-                odd += hi;
-#endif
-            }
-        }
-#pragma unroll
-        for (int o = 16; o; o >>= 1) {
-            even += __shfl_xor_sync(0xffffffffu, even, o);
-            odd += __shfl_xor_sync(0xffffffffu, odd, o);
-        }
-        if (lane == 0) {
-            xpart[warp][row][0] = even;
-            xpart[warp][row][1] = odd;
-        }
-    }
-    __syncthreads();
-    if (threadIdx.x < M) {  // warp 0 alone reads xsum, after the block's barrier in store_rows
-        float even = 0.f, odd = 0.f;
-#pragma unroll
-        for (int w = 0; w < WARPS; ++w) {
-            even += xpart[w][threadIdx.x][0];
-            odd += xpart[w][threadIdx.x][1];
-        }
-        xsum[threadIdx.x] = RAW_OFF0 * even + RAW_OFF1 * odd;
-    }
-}
-#endif
 
 #if RESID && GATED
 #error "RESID adds a residual to plain projections (o, down), not to a gated [gate; up] product"
@@ -736,7 +737,7 @@ DEV void finish_rows(float* d, float (*part)[32][4], int row0, u16* y, const flo
         for (int e = 0; e < 4; ++e) d[e] += part[w][lane][e];
 #if RAW_SUMS
 #pragma unroll
-    for (int e = 0; e < 4; ++e) d[e] = fmaf(-rs[e >> 1], xsum[min(2 * t + (e & 1), M - 1)], d[e]);
+    for (int e = 0; e < 4; ++e) d[e] = fmaf(-rs[e >> 1], xsum, d[e]);
 #endif
 #if GATED
 #pragma unroll
@@ -927,7 +928,7 @@ gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u1
     __syncthreads();
 #endif
 #if RAW_SUMS
-    activation_sums(x, K, M);
+    raw_total();  // the warps' parts are in (the barrier above); warp 0 reads xsum after store_rows' barrier
 #endif
     __shared__ float part[WARPS][32][4];
 #if RESIDENT
