@@ -248,16 +248,24 @@ def _nvdisasm():  # noqa: ANN202 - Path | None: Triton's wheel ships it
     return path if path.exists() else None
 
 
-@pytest.mark.skipif(not nvrtc_found() or _nvdisasm() is None, reason="needs NVRTC and Triton's nvdisasm")
-def test_step_scaled_kernels_compile_without_spills() -> None:
-    """The step-scaled kernels compile for sm_90 with no local-memory traffic (STL/LDL in the SASS) at the registers
-    their launch bounds allow: batch 1 (8 and 16 warps, staged rows of 4096 and 14336), batch 8 with one and two
-    row blocks per warp."""
+def _sass(source: str) -> str:
+    """The sm_90 SASS listing of a GEMV kernel's source (NVRTC, then nvdisasm)."""
     import subprocess
     import tempfile
 
     from lowbit.kernels import cuda_jit
 
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cuda_jit.compile_cubin(source, "gemv_mma.cu", "sm_90"))
+        f.flush()
+        return subprocess.run([str(_nvdisasm()), "-c", f.name], capture_output=True, text=True, check=True).stdout
+
+
+@pytest.mark.skipif(not nvrtc_found() or _nvdisasm() is None, reason="needs NVRTC and Triton's nvdisasm")
+def test_step_scaled_kernels_compile_without_spills() -> None:
+    """The step-scaled kernels compile for sm_90 with no local-memory traffic (STL/LDL in the SASS) at the registers
+    their launch bounds allow: batch 1 (8 and 16 warps, staged rows of 4096 and 14336), batch 8 with one and two
+    row blocks per warp."""
     names = ["iq2_xxs", "int4_g128_sym", "e8p_g256"]
     jobs = []
     for name in names:
@@ -268,14 +276,8 @@ def test_step_scaled_kernels_compile_without_spills() -> None:
                 p, xs, warps, cuda_gemv.min_blocks_for(warps, m, tiles), False, True, 0, False,
                 warps == cuda_gemv.WARPS_MANY, tiles)))
 
-    def sass(source: str) -> str:
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(cuda_jit.compile_cubin(source, "gemv_mma.cu", "sm_90"))
-            f.flush()
-            return subprocess.run([str(_nvdisasm()), "-c", f.name], capture_output=True, text=True, check=True).stdout
-
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # NVRTC lets go of the GIL
-        listings = list(pool.map(sass, [source for _, source in jobs]))
+        listings = list(pool.map(_sass, [source for _, source in jobs]))
     for (case, _), listing in zip(jobs, listings, strict=True):
         assert "HMMA" in listing and " STL" not in listing and " LDL" not in listing, case
 
@@ -286,17 +288,6 @@ def test_raw_sums_compile_without_spills(name: str, monkeypatch: pytest.MonkeyPa
     """RAW_SUMS (cuda_gemv.RAW_SUMS) compiles for sm_90 at batch 1 (plain, normalized and gated, with a residual;
     resident blocks at 14336 columns) with no HFMA2 left in the kernel, and without local-memory traffic where the
     HFMA2 decode has none; batches (several staged rows, rows from L1/L2) keep the HFMA2 decode."""
-    import subprocess
-    import tempfile
-
-    from lowbit.kernels import cuda_jit
-
-    def sass(source: str) -> str:
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(cuda_jit.compile_cubin(source, "gemv_mma.cu", "sm_90"))
-            f.flush()
-            return subprocess.run([str(_nvdisasm()), "-c", f.name], capture_output=True, text=True, check=True).stdout
-
     jobs = []
     for on in (False, True):
         monkeypatch.setattr(cuda_gemv, "RAW_SUMS", on)
@@ -312,7 +303,7 @@ def test_raw_sums_compile_without_spills(name: str, monkeypatch: pytest.MonkeyPa
                 assert f"#define RAW_SUMS {int(on and staged == 1)}" in source
                 jobs.append(((cols, staged, gated, norm, resid, tiles), on, source))
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # NVRTC lets go of the GIL
-        listings = list(pool.map(sass, [source for *_, source in jobs]))
+        listings = list(pool.map(_sass, [source for *_, source in jobs]))
     spills = {}
     for (case, on, _), listing in zip(jobs, listings, strict=True):  # raw sums at batch 1 (the one staged row)
         assert "HMMA" in listing and ("HFMA2" not in listing) == (on and case[1] == 1), (case, on)

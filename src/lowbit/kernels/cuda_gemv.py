@@ -613,12 +613,12 @@ def decode_reference(fmt: Format, cols: int, codes: torch.Tensor) -> torch.Tenso
         raise ValueError(f"{fmt.name} is not served by the CUDA GEMV at {cols} columns")
     if p.kind == 2:
         raise ValueError("iq2_xxs: replay whole weights with decode_iq2xxs_reference")
+    raw = p.raw_map() if p.raw_sums() else None
     if p.kind == 1:
-        return _decode_e8p(codes, p.raw_sums())
-    if p.raw_sums():  # m = 4 + q / 4 (even positions) or 1 + q / 4 (odd): level = slope m - c, in float64
-        slope, c0, c1 = p.raw_map()
-        m = [_as_half((0x3C00 if i % 2 else 0x4400) | (codes << (8 if i % 2 else 6))).double() for i in range(8)]
-        return torch.stack([(slope * m[i] - (c1 if i % 2 else c0)).to(torch.float16) for i in range(8)])
+        return _decode_e8p(codes, raw)
+    if raw:  # m = 4 + q / 4 (even positions, the mantissa of 4.0) or 1 + q / 4 (odd, of 1.0)
+        even, odd = _raw_level(0x4400 | codes << 6, raw[0], raw[1]), _raw_level(0x3C00 | codes << 8, raw[0], raw[2])
+        return torch.stack([odd if i % 2 else even for i in range(8)])
     out = []
     for pos, (a, b) in zip(_position_scales(p.bits), p.dq, strict=True):
         magic = 0x6400 | (codes * int(pos))  # the LOP3: the code, already at its bit position, into 1024.0
@@ -626,9 +626,9 @@ def decode_reference(fmt: Format, cols: int, codes: torch.Tensor) -> torch.Tenso
     return torch.stack(out)
 
 
-def _decode_e8p(codes: torch.Tensor, raw: bool = False) -> torch.Tensor:
+def _decode_e8p(codes: torch.Tensor, raw: tuple[float, float, float] | None = None) -> torch.Tensor:
     """The kernel's E8P steps on ``codes`` (a multiple of 8 of them) through their stored order (code_pairs in
-    gemv_mma.cu; words [chunk, 4]). ``raw``: RAW_SUMS's steps, whose m the sums map to the same coordinates."""
+    gemv_mma.cu; words [chunk, 4]). ``raw``: RAW_SUMS's steps, and the map (Plan.raw_map) the sums take m by."""
     m32 = 0xFFFFFFFF
     tab = e8p_tables().to(torch.int64) & m32
     words = e8p_format.to_stored(codes.reshape(1, -1)).view(torch.int32).to(torch.int64).reshape(-1, 4) & m32
@@ -648,7 +648,10 @@ def _decode_e8p(codes: torch.Tensor, raw: bool = False) -> torch.Tensor:
     for i, (w, p) in enumerate(steps):
         for half, pos in ((0, i), (16, i + 4)):
             nib = (w >> (half + p)) & 0xF
-            coords[pos] = _e8p_raw_coordinate(0x3C00 | (nib << 4)) if raw else _e8p_coordinate(0x6400 | (nib << p), p)
+            if raw:  # the LOP3 into 1.0's mantissa
+                coords[pos] = _raw_level(0x3C00 | (nib << 4), raw[0], raw[1])
+            else:  # into 1024.0's
+                coords[pos] = _e8p_coordinate(0x6400 | (nib << p), p)
     return torch.stack(coords, dim=1)
 
 
@@ -657,10 +660,10 @@ def _e8p_coordinate(magic: torch.Tensor, p: int) -> torch.Tensor:
     return _fma_half(_as_half(magic), 2.0 ** -(p + 1), -(512 / 2**p + 3.75))
 
 
-def _e8p_raw_coordinate(m: torch.Tensor) -> torch.Tensor:
-    """RAW_SUMS: m = 1 + n / 64 (a nibble n at bit 4 of 1.0's mantissa), which the MMA multiplies, -> the coordinate
-    32 m - 35.75 = n / 2 - 3.75 that the fp32 sums take it to (exact in float64)."""
-    return (32.0 * _as_half(m).double() - 35.75).to(torch.float16)
+def _raw_level(m: torch.Tensor, slope: float, c: float) -> torch.Tensor:
+    """RAW_SUMS: the fp16 bits m the MMA multiplies (E8P's 1 + n / 64, a grid's 4 + q / 4 or 1 + q / 4) -> the level
+    slope m - c the fp32 sums take it to (exact in float64)."""
+    return (slope * _as_half(m).double() - c).to(torch.float16)
 
 
 def decode_iq2xxs_reference(qs: torch.Tensor, cols: int) -> torch.Tensor:

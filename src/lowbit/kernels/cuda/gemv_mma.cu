@@ -585,7 +585,7 @@ DEV void store_units(const u32* w, int row, int u, int K) {
 // RAW_SUMS's sum of c x over the staged row, in fp32: each thread adds up the units it stages, their even and odd
 // columns apart (raw_add: w in column order, each word a pair of columns), each warp its threads' parts (raw_part,
 // before the barrier after staging), and thread 0 the warps' parts into xsum (raw_total, after it), which warp 0
-// reads in finish_rows. No other work at set-up, and no barrier of its own.
+// takes off its sums in finish_tile. No other work at set-up, and no block barrier of its own.
 struct RawSums { float even, odd; };
 #if RAW_SUMS
 #if XS != 1
@@ -621,6 +621,7 @@ DEV void raw_total() {
         }
         xsum = RAW_OFF0 * even + RAW_OFF1 * odd;
     }
+    __syncwarp();  // warp 0 reads xsum
 }
 #else
 DEV void raw_add(RawSums&, const u32*) {}
@@ -726,19 +727,13 @@ DEV void stage_block(const u32* tables, const u16* x, int K, int M, const u16* n
 #endif
 // Warp 0 of a block: the other warps' partial sums added, the epilogue applied, y written. d[0], d[1]: row g,
 // batch columns 2t, 2t + 1; d[2], d[3]: row g + 8 (GATED: the up row of gate row g). rv: the residuals (RESID).
-// rs: the scales of rows g and g + 8, by which RAW_SUMS takes the sums of c x (xsum) off.
-DEV void finish_rows(float* d, float (*part)[32][4], int row0, u16* y, const float* rv, int N, int M,
-                     const float* rs) {
+DEV void finish_rows(float* d, float (*part)[32][4], int row0, u16* y, const float* rv, int N, int M) {
     const int lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
 #pragma unroll
     for (int w = 1; w < WARPS; ++w)
 #pragma unroll
         for (int e = 0; e < 4; ++e) d[e] += part[w][lane][e];
-#if RAW_SUMS
-#pragma unroll
-    for (int e = 0; e < 4; ++e) d[e] = fmaf(-rs[e >> 1], xsum, d[e]);
-#endif
 #if GATED
 #pragma unroll
     for (int e = 0; e < 2; ++e) {  // silu(gate) * up, from the fp32 sums
@@ -760,8 +755,7 @@ DEV void finish_rows(float* d, float (*part)[32][4], int row0, u16* y, const flo
 }
 
 // The warps' partial sums of one row block added in shared memory; warp 0 applies the epilogue and writes y.
-DEV void store_rows(float* d, float (*part)[32][4], int row0, u16* y, const u16* res, int N, int M,
-                    const float* rs) {
+DEV void store_rows(float* d, float (*part)[32][4], int row0, u16* y, const u16* res, int N, int M) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     float rv[4] = {};  // warp 0's residuals (RESID), requested before the block's barrier
 #if RESID
@@ -777,7 +771,7 @@ DEV void store_rows(float* d, float (*part)[32][4], int row0, u16* y, const u16*
 #pragma unroll
     for (int e = 0; e < 4; ++e) part[warp][lane][e] = d[e];
     __syncthreads();
-    if (warp == 0) finish_rows(d, part, row0, y, rv, N, M, rs);
+    if (warp == 0) finish_rows(d, part, row0, y, rv, N, M);
 }
 
 // A block's rows: row block `tile` (16 rows; GATED: 8 gate rows and their 8 up rows N further on). Ragged N: the
@@ -886,16 +880,16 @@ DEV void add_step(float* d, const float* e, const Step& w) {
 // A row block's sums: the row scale (ROW_SCALE), the warps' partial sums added, y written.
 DEV void finish_tile(float* d, const RowPtrs& rp, float (*part)[32][4], int row0, u16* y, const u16* res, int N,
                      int M) {
-    float rs[2] = {0.f, 0.f};
-#if ROW_SCALE
-    float fa = half_lo_to_float(ld_half(rp.sa)), fb = half_lo_to_float(ld_half(rp.sb));
-#if RAW_SUMS  // the sums are of m: the level is RAW_SLOPE m - c
-    rs[0] = fa; rs[1] = fb;
-    fa *= RAW_SLOPE; fb *= RAW_SLOPE;
+#if RAW_SUMS  // the sums are of m: the level is RAW_SLOPE m - c, and warp 0 takes the row's sum of c x off
+    const float cx = (threadIdx.x >> 5) == 0 ? xsum : 0.f;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) d[e] = fmaf(RAW_SLOPE, d[e], -cx);
 #endif
+#if ROW_SCALE
+    const float fa = half_lo_to_float(ld_half(rp.sa)), fb = half_lo_to_float(ld_half(rp.sb));
     d[0] *= fa; d[1] *= fa; d[2] *= fb; d[3] *= fb;
 #endif
-    store_rows(d, part, row0, y, res, N, M, rs);
+    store_rows(d, part, row0, y, res, N, M);
 }
 
 // Blocks loop over row blocks (tile, tile + gridDim.x, ...): cuda_gemv launches as many as stay resident, so each
@@ -928,7 +922,7 @@ gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u1
     __syncthreads();
 #endif
 #if RAW_SUMS
-    raw_total();  // the warps' parts are in (the barrier above); warp 0 reads xsum after store_rows' barrier
+    raw_total();  // the warps' parts are in (the barrier above); warp 0 reads xsum in finish_tile
 #endif
     __shared__ float part[WARPS][32][4];
 #if RESIDENT
