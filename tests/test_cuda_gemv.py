@@ -31,9 +31,7 @@ K_QUANTS = ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k"]
 
 
 @pytest.mark.parametrize("name", [n for n in SERVED if not n.startswith(("e8p", "iq2")) and n not in K_QUANTS])
-@pytest.mark.parametrize("raw_sums", [False, True])  # the row-scaled 2-bit grids decode another way with it on
-def test_affine_decode_constants_are_exact(name: str, raw_sums: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cuda_gemv, "RAW_SUMS", raw_sums)
+def test_affine_decode_constants_are_exact(name: str) -> None:
     fmt = get_format(name)
     levels = cuda_gemv.decode_reference(fmt, 4096, torch.arange(1 << fmt.bits))
     lut = decode_lut(fmt, torch.device("cpu"))
@@ -41,9 +39,7 @@ def test_affine_decode_constants_are_exact(name: str, raw_sums: bool, monkeypatc
         assert torch.equal(pos.float(), lut)
 
 
-@pytest.mark.parametrize("raw_sums", [False, True])
-def test_e8p_tables_decode_the_whole_codebook(raw_sums: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cuda_gemv, "RAW_SUMS", raw_sums)
+def test_e8p_tables_decode_the_whole_codebook() -> None:
     got = cuda_gemv.decode_reference(get_format("e8p_ch"), 4096, torch.arange(1 << 16))
     assert torch.equal(got.float(), e8p.codebook())
 
@@ -248,24 +244,16 @@ def _nvdisasm():  # noqa: ANN202 - Path | None: Triton's wheel ships it
     return path if path.exists() else None
 
 
-def _sass(source: str) -> str:
-    """The sm_90 SASS listing of a GEMV kernel's source (NVRTC, then nvdisasm)."""
-    import subprocess
-    import tempfile
-
-    from lowbit.kernels import cuda_jit
-
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cuda_jit.compile_cubin(source, "gemv_mma.cu", "sm_90"))
-        f.flush()
-        return subprocess.run([str(_nvdisasm()), "-c", f.name], capture_output=True, text=True, check=True).stdout
-
-
 @pytest.mark.skipif(not nvrtc_found() or _nvdisasm() is None, reason="needs NVRTC and Triton's nvdisasm")
 def test_step_scaled_kernels_compile_without_spills() -> None:
     """The step-scaled kernels compile for sm_90 with no local-memory traffic (STL/LDL in the SASS) at the registers
     their launch bounds allow: batch 1 (8 and 16 warps, staged rows of 4096 and 14336), batch 8 with one and two
     row blocks per warp."""
+    import subprocess
+    import tempfile
+
+    from lowbit.kernels import cuda_jit
+
     names = ["iq2_xxs", "int4_g128_sym", "e8p_g256"]
     jobs = []
     for name in names:
@@ -276,39 +264,16 @@ def test_step_scaled_kernels_compile_without_spills() -> None:
                 p, xs, warps, cuda_gemv.min_blocks_for(warps, m, tiles), False, True, 0, False,
                 warps == cuda_gemv.WARPS_MANY, tiles)))
 
+    def sass(source: str) -> str:
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(cuda_jit.compile_cubin(source, "gemv_mma.cu", "sm_90"))
+            f.flush()
+            return subprocess.run([str(_nvdisasm()), "-c", f.name], capture_output=True, text=True, check=True).stdout
+
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # NVRTC lets go of the GIL
-        listings = list(pool.map(_sass, [source for _, source in jobs]))
+        listings = list(pool.map(sass, [source for _, source in jobs]))
     for (case, _), listing in zip(jobs, listings, strict=True):
         assert "HMMA" in listing and " STL" not in listing and " LDL" not in listing, case
-
-
-@pytest.mark.skipif(not nvrtc_found() or _nvdisasm() is None, reason="needs NVRTC and Triton's nvdisasm")
-@pytest.mark.parametrize("name", ["e8p_ch", "nz2_ch"])
-def test_raw_sums_compile_without_spills(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """RAW_SUMS (cuda_gemv.RAW_SUMS) compiles for sm_90 at batch 1 (plain, normalized and gated, with a residual;
-    resident blocks at 14336 columns) with no HFMA2 left in the kernel, and without local-memory traffic where the
-    HFMA2 decode has none; batches (several staged rows, rows from L1/L2) keep the HFMA2 decode."""
-    jobs = []
-    for on in (False, True):
-        monkeypatch.setattr(cuda_gemv, "RAW_SUMS", on)
-        for cols in (4096, 14336):
-            p = cuda_gemv.plan(get_format(name), (64, cols))
-            assert p.raw_sums() == on
-            warps = cuda_gemv.warps_for(p, cols)
-            for staged, gated, norm, resid, m, tiles in ((1, False, 0, False, 1, 1), (1, True, 1, False, 1, 1),
-                                                         (1, False, 1, True, 1, 1), (2, False, 0, False, 8, 2),
-                                                         (0, False, 0, True, 8, 1)):
-                source = cuda_gemv._source(p, staged, warps, cuda_gemv.min_blocks_for(warps, m, tiles), gated, True,
-                                           norm, resid, warps == cuda_gemv.WARPS_MANY, tiles)
-                assert f"#define RAW_SUMS {int(on and staged == 1)}" in source
-                jobs.append(((cols, staged, gated, norm, resid, tiles), on, source))
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # NVRTC lets go of the GIL
-        listings = list(pool.map(_sass, [source for *_, source in jobs]))
-    spills = {}
-    for (case, on, _), listing in zip(jobs, listings, strict=True):  # raw sums at batch 1 (the one staged row)
-        assert "HMMA" in listing and ("HFMA2" not in listing) == (on and case[1] == 1), (case, on)
-        spills[case, on] = " STL" in listing or " LDL" in listing
-    assert not any(spills[case, True] and not spills[case, False] for case, _ in spills), spills
 
 
 @pytest.mark.skipif(not nvrtc_found(), reason="needs NVRTC (the nvidia-cuda-nvrtc wheel of the test extra)")
@@ -530,46 +495,6 @@ def test_step_scaled_gemv_matches_reference_on_gpu(name: str, shape: tuple[int, 
     for got, want in ((cuda_gemv.gemv(x, fmt, qt, p, residual=res).double() - res.double(), ref),
                       (cuda_gemv.gemv(x, fmt, qt, p, gated=True).double(), torch.nn.functional.silu(gate) * up)):
         assert float((got - want).norm() / want.norm()) < 3e-3
-
-
-@gpu
-@pytest.mark.gpu
-@pytest.mark.parametrize("name", ["e8p_ch", "nz2_ch"])
-@pytest.mark.parametrize("shape", [(256, 1024), (200, 576), (40, 8192), (48, 14336)])
-@pytest.mark.parametrize("layout", ["auto", "looping"])
-def test_raw_sums_match_reference_on_gpu(name: str, shape: tuple[int, int], layout: str,
-                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """RAW_SUMS (cuda_gemv.RAW_SUMS: at batch 1 the MMAs sum raw magic numbers, the sums are mapped after), plain,
-    with a residual, gated and normalized, against the float64 product, with outlier channels of 3000 in the
-    activations: no further from it than the HFMA2 decode's output."""
-    from lowbit.kernels.reference import dequant_matmul_reference, rms_norm_reference
-
-    m = 1
-    if layout == "looping":
-        monkeypatch.setattr(cuda_gemv, "RESIDENT_GRID", "1")
-        monkeypatch.setattr(cuda_gemv, "sm_count", lambda device: 2)
-    fmt, qt = _packed(name, shape, seed=7)
-    gen = torch.Generator("cuda").manual_seed(m)
-    x = torch.randn(m, shape[1], device="cuda", dtype=torch.float16, generator=gen)
-    x[:, [5, 77]] = torch.tensor([3000.0, -2500.0], device="cuda", dtype=torch.float16)
-    res = torch.randn(m, shape[0], device="cuda", dtype=torch.float16, generator=gen)
-    nw = (1 + 0.3 * torch.randn(shape[1], device="cuda", generator=gen)).half()
-    ref = dequant_matmul_reference(x.double(), fmt, qt)
-    ref_norm = dequant_matmul_reference(rms_norm_reference(x, nw, 1e-5).double(), fmt, qt)
-    gate, up = ref.chunk(2, dim=-1)
-    errs = {}
-    for on in (False, True):
-        monkeypatch.setattr(cuda_gemv, "RAW_SUMS", on)
-        p = cuda_gemv.plan(fmt, shape)
-        assert p.raw_sums() == on
-        out = cuda_gemv.gemv(x, fmt, qt, p).double()
-        resid = cuda_gemv.gemv(x, fmt, qt, p, residual=res).double() - res.double()
-        gated = cuda_gemv.gemv(x, fmt, qt, p, gated=True).double()
-        normed = cuda_gemv.gemv(x, fmt, qt, p, norm=(nw, 1e-5)).double()
-        errs[on] = [float((got - want).norm() / want.norm())
-                    for got, want in ((out, ref), (resid, ref), (gated, torch.nn.functional.silu(gate) * up),
-                                      (normed, ref_norm))]
-    assert all(e <= 1.05 * e0 + 1e-5 for e, e0 in zip(errs[True], errs[False], strict=True)), errs
 
 
 @gpu

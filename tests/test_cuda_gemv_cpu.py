@@ -94,58 +94,6 @@ def test_kernel_variants_on_the_cpu(name: str, variant: str, monkeypatch: pytest
         _check(name, (40, 2304 if name in ("iq2_xxs", "q3_k") else 576), 3)
 
 
-@pytest.mark.parametrize("name", ["e8p_ch", "nz2_ch"])
-@pytest.mark.parametrize("variant", ["plain", "ragged-k", "passes", "norm+residual", "norm+gated", "looping"])
-def test_raw_sums_on_the_cpu(name: str, variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Row-scaled E8P and 2-bit grids at batch 1 with the MMAs summing raw magic numbers and the sums mapped to the
-    levels' after (``cuda_gemv.RAW_SUMS``; the activation sums it needs are taken as the row is staged, plain or
-    normalized): K of 1024, 576 (not a whole number of steps) and 14336 (staging in several passes), with the norm
-    and a residual or gated, and 16-warp blocks looping over row blocks."""
-    monkeypatch.setattr(cuda_gemv, "RAW_SUMS", True)
-    assert cuda_gemv.plan(get_format(name), (8, 1024)).raw_sums()
-    if variant == "plain":
-        _check(name, (40, 1024), 1)
-    elif variant == "ragged-k":
-        _check(name, (40, 576), 1)
-    elif variant == "passes":
-        _check(name, (24, 14336), 1)
-        _check(name, (24, 14336), 1, norm=True, residual=True)
-    else:
-        test_kernel_variants_on_the_cpu(name, variant, monkeypatch)
-
-
-def test_raw_sums_only_where_the_scale_is_per_row(monkeypatch: pytest.MonkeyPatch) -> None:
-    """RAW_SUMS applies to row-scaled E8P and 2-bit grids, and only to kernels that stage the one activation row
-    (batch 1): batches keep the HFMA2 decode."""
-    monkeypatch.setattr(cuda_gemv, "RAW_SUMS", True)
-    planned = {n: cuda_gemv.plan(get_format(n), (8, 1024)) for n in ("e8p_ch", "nz2_ch", "std2m_ch", "e8p_g256",
-                                                                       "int2_g64_sym", "int4_ch_sym", "q4_0")}
-    assert {n for n, p in planned.items() if p.raw_sums()} == {"e8p_ch", "nz2_ch", "std2m_ch"}
-    assert planned["nz2_ch"].raw_map() == (4.0, 17.5, 5.5)  # levels q - 1.5: m = 4 + q / 4 or 1 + q / 4
-    for staged, raw in ((1, 1), (2, 0), (0, 0)):
-        assert f"#define RAW_SUMS {raw}" in cuda_gemv._source(planned["nz2_ch"], staged)
-    monkeypatch.setattr(cuda_gemv, "RAW_SUMS", False)
-    assert not planned["e8p_ch"].raw_sums()
-
-
-@pytest.mark.parametrize("name", ["e8p_ch", "nz2_ch", "std2m_ch"])
-@pytest.mark.parametrize("norm", [False, True])
-def test_raw_sums_keep_the_fp16_rounding(name: str, norm: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The subtraction of RAW_SUMS, with outlier channels of 3000 in the activations, costs nothing the fp16
-    output shows: the error is that of rounding the exact product to fp16 (as with the HFMA2 decode)."""
-    shape = (72, 1024)
-    fmt, qt = _packed(name, shape, 5)
-    x, _ = _inputs(1, shape[1], shape[0], seed=1)
-    x[:, [5, 77]] = torch.tensor([3000.0, -2500.0], dtype=torch.float16)
-    nw = (1 + 0.3 * torch.randn(shape[1], generator=torch.Generator().manual_seed(1))).half()
-    ref = dequant_matmul_reference((rms_norm_reference(x, nw, 1e-5) if norm else x).double(), fmt, qt)
-    rounding = _err(ref.half(), ref)
-    for on in (False, True):
-        monkeypatch.setattr(cuda_gemv, "RAW_SUMS", on)
-        y = cuda_gemv.gemv(x, fmt, qt, cuda_gemv.plan(fmt, shape), norm=(nw, 1e-5) if norm else None)
-        assert _err(y, ref) <= 1.05 * rounding, (on, _err(y, ref), rounding)
-
-
 @pytest.mark.parametrize("name", ["iq2_xxs", "int4_g128_sym", "e8p_g256"])
 @pytest.mark.parametrize("m", [1, 8])
 def test_step_scale_on_the_cpu(name: str, m: int, monkeypatch: pytest.MonkeyPatch) -> None:

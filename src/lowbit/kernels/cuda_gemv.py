@@ -55,11 +55,6 @@ MAX_ROWS = 16
 WARPS_FEW, WARPS_MANY = 8, 16
 
 ROWS_PER_BLOCK = 16
-# Row-scaled E8P and 2-bit grids at batch 1 with the levels' affine map taken on the fp32 sums (RAW_SUMS in the .cu):
-# no HFMA2 left in the step loop, e8p_ch 335.5 -> 285 and nz2_ch 197.5 -> 146.5 instructions per step (NVRTC 13.5,
-# ``benchmarks/sass_count.py``). Not yet timed on a GPU, so off unless ``LOWBIT_CUDA_RAW_SUMS=1`` (docs/kernels.md,
-# "Sums of raw magic numbers").
-RAW_SUMS = os.environ.get("LOWBIT_CUDA_RAW_SUMS", "0") == "1"
 _MAGIC = 1024.0  # 0x6400
 
 
@@ -83,33 +78,9 @@ class Plan:
                  f"#define NORM_QS {max(norm_qs, 1)}", f"#define RESID {int(resid)}",
                  f"#define RESIDENT {int(resident)}", f"#define KQ_HB {self.hi_bits}", f"#define TILES {tiles}",
                  f"#define STEP_SCALE {int(self.step_scaled())}"]
-        raw = self.raw_sums() and staged_x == 1  # sums taken as the one row is staged
-        lines.append(f"#define RAW_SUMS {int(raw)}")
-        if raw:
-            slope, c0, c1 = self.raw_map()
-            lines += [f"#define RAW_SLOPE {slope!r}f", f"#define RAW_OFF0 {c0!r}f", f"#define RAW_OFF1 {c1!r}f"]
         for i, (a, b) in enumerate(self.dq):
             lines += [f"#define DQ_A{i} 0x{_half2_bits(a):08x}u", f"#define DQ_B{i} 0x{_half2_bits(b):08x}u"]
         return "\n".join(lines) + "\n"
-
-    def raw_sums(self) -> bool:
-        """Whether the MMAs sum the decode's raw magic numbers m, and the fp32 sums are mapped to the levels' after
-        (RAW_SUMS in the .cu, at batch 1, with the row staged): row-scaled E8P and 2-bit grids, where
-        :data:`RAW_SUMS` is on."""
-        return RAW_SUMS and self.row_scale and (self.kind == 1 or (self.kind == 0 and self.bits == 2))
-
-    def raw_map(self) -> tuple[float, float, float]:
-        """(slope, c on even columns, c on odd ones) of RAW_SUMS's level = slope m - c: E8P's coordinate 32 m -
-        35.75 (m = 1 + n / 64); a 2-bit grid's level a q + b, from m = 4 + q / 4 (even) or 1 + q / 4 (odd)."""
-        if self.kind == 1:
-            return 32.0, 35.75, 35.75
-        a, b = self.affine()
-        return 4 * a, 16 * a - b, 4 * a - b
-
-    def affine(self) -> tuple[float, float]:
-        """(a, b): an affine grid's level a q + b at unit scale, from its first decode position's constants."""
-        (a0, b0), pos = self.dq[0], _position_scales(self.bits)[0]
-        return a0 * pos, b0 + _MAGIC * a0
 
     def step_scaled(self) -> bool:
         """Whether a scale group spans a whole step (the quad's four chunks), so the step's sums take the scale once
@@ -368,17 +339,14 @@ def _cached_layout(qs: torch.Tensor, build) -> tuple[torch.Tensor, ...]:  # noqa
     return hit[2]
 
 
+@cache
 def _source(p: Plan, staged_x: int = 0, warps: int = WARPS_FEW, min_blocks: int = 1, gated: bool = False,
             full: bool = False, norm_qs: int = 0, resid: bool = False, resident: bool = False, tiles: int = 1) -> str:
     """The kernel's source for these settings; ``norm_qs`` > 0: the batch-1 row is RMS-normalized while staged,
     each thread holding that many groups of its units in registers (:func:`norm_groups`); ``resident``: blocks loop
     over row blocks (:data:`RESIDENT_GRID`); ``tiles``: row blocks per warp (:func:`row_tiles`)."""
-    return _cached_source(p, staged_x, warps, min_blocks, gated, full, norm_qs, resid, resident, tiles, p.raw_sums())
-
-
-@cache
-def _cached_source(p: Plan, *settings: int | bool) -> str:  # keyed by RAW_SUMS's setting too (the last)
-    return cuda_jit.source("gemv_mma.cu", p.defines(*settings[:-1]))
+    defines = p.defines(staged_x, warps, min_blocks, gated, full, norm_qs, resid, resident, tiles)
+    return cuda_jit.source("gemv_mma.cu", defines)
 
 
 def min_blocks_for(warps: int, m: int = 8, tiles: int = 1) -> int:
@@ -613,12 +581,8 @@ def decode_reference(fmt: Format, cols: int, codes: torch.Tensor) -> torch.Tenso
         raise ValueError(f"{fmt.name} is not served by the CUDA GEMV at {cols} columns")
     if p.kind == 2:
         raise ValueError("iq2_xxs: replay whole weights with decode_iq2xxs_reference")
-    raw = p.raw_map() if p.raw_sums() else None
     if p.kind == 1:
-        return _decode_e8p(codes, raw)
-    if raw:  # m = 4 + q / 4 (even positions, the mantissa of 4.0) or 1 + q / 4 (odd, of 1.0)
-        even, odd = _raw_level(0x4400 | codes << 6, raw[0], raw[1]), _raw_level(0x3C00 | codes << 8, raw[0], raw[2])
-        return torch.stack([odd if i % 2 else even for i in range(8)])
+        return _decode_e8p(codes)
     out = []
     for pos, (a, b) in zip(_position_scales(p.bits), p.dq, strict=True):
         magic = 0x6400 | (codes * int(pos))  # the LOP3: the code, already at its bit position, into 1024.0
@@ -626,9 +590,9 @@ def decode_reference(fmt: Format, cols: int, codes: torch.Tensor) -> torch.Tenso
     return torch.stack(out)
 
 
-def _decode_e8p(codes: torch.Tensor, raw: tuple[float, float, float] | None = None) -> torch.Tensor:
+def _decode_e8p(codes: torch.Tensor) -> torch.Tensor:
     """The kernel's E8P steps on ``codes`` (a multiple of 8 of them) through their stored order (code_pairs in
-    gemv_mma.cu; words [chunk, 4]). ``raw``: RAW_SUMS's steps, and the map (Plan.raw_map) the sums take m by."""
+    gemv_mma.cu; words [chunk, 4])."""
     m32 = 0xFFFFFFFF
     tab = e8p_tables().to(torch.int64) & m32
     words = e8p_format.to_stored(codes.reshape(1, -1)).view(torch.int32).to(torch.int64).reshape(-1, 4) & m32
@@ -642,28 +606,18 @@ def _decode_e8p(codes: torch.Tensor, raw: tuple[float, float, float] | None = No
         f = (lo ^ hi) & (0x11111111 << (r % 2))
         e.append(e2 ^ ((f * (7 if r % 2 else 14)) & m32))
     e = torch.stack(e, 1).reshape(-1)
-    # (word, p): coordinates i and i + 4 at bits p..p+3 of each half
-    steps = [(e << 4, 4), (e, 4), (e >> 4, 4), (e >> 8, 4)] if raw else [(e << 1, 1), (e, 4), (e >> 7, 1), (e >> 7, 5)]
+    steps = [(e << 1, 1), (e, 4), (e >> 7, 1), (e >> 7, 5)]  # (word, p): coordinates i and i + 4 at bits p..p+3
     coords = [None] * 8
     for i, (w, p) in enumerate(steps):
         for half, pos in ((0, i), (16, i + 4)):
             nib = (w >> (half + p)) & 0xF
-            if raw:  # the LOP3 into 1.0's mantissa
-                coords[pos] = _raw_level(0x3C00 | (nib << 4), raw[0], raw[1])
-            else:  # into 1024.0's
-                coords[pos] = _e8p_coordinate(0x6400 | (nib << p), p)
+            coords[pos] = _e8p_coordinate(0x6400 | (nib << p), p)  # the LOP3 into 1024.0's mantissa
     return torch.stack(coords, dim=1)
 
 
 def _e8p_coordinate(magic: torch.Tensor, p: int) -> torch.Tensor:
     """The HFMA2 of the E8P decode: 1024 + 2^p n (a nibble n at bit p of 1024.0's mantissa) -> n / 2 - 3.75."""
     return _fma_half(_as_half(magic), 2.0 ** -(p + 1), -(512 / 2**p + 3.75))
-
-
-def _raw_level(m: torch.Tensor, slope: float, c: float) -> torch.Tensor:
-    """RAW_SUMS: the fp16 bits m the MMA multiplies (E8P's 1 + n / 64, a grid's 4 + q / 4 or 1 + q / 4) -> the level
-    slope m - c the fp32 sums take it to (exact in float64)."""
-    return (slope * _as_half(m).double() - c).to(torch.float16)
 
 
 def decode_iq2xxs_reference(qs: torch.Tensor, cols: int) -> torch.Tensor:

@@ -212,18 +212,6 @@ DEV void b_frag(const u32* xr, int m, int half, u32& b0, u32& b1) {
 #else
 #define APPLY_SCALE(l, s, m) hmul2((l), (s))
 #endif
-// RAW_SUMS (cuda_gemv.Plan.raw_sums: row-scaled E8P and 2-bit grids at batch 1, where LOWBIT_CUDA_RAW_SUMS is on):
-// the MMAs sum the magic numbers m the LOP3 makes, without the HFMA2 that maps each onto its level. The map is
-// affine, level = RAW_SLOPE m - c, the same for every row, so the fp32 sums take it after: y = s (RAW_SLOPE D - sum
-// of c x), with c = RAW_OFF0 on even columns and RAW_OFF1 on odd ones, summed while the row is staged (raw_add). The
-// fp32 sums of m x lose to that subtraction the bits of c / RAW_SLOPE against the levels (about 4 of their 24), far
-// fewer than the fp16 output drops.
-// e >> k as the high word of e 2^(32 - k): an IMAD.HI (FMA pipe, which the HFMA2s leave) rather than a SHF (ALU pipe)
-#ifdef LOWBIT_HOST
-DEV u32 shr_fma(u32 e, int k) { return (u32)(((unsigned long long)e << (32 - k)) >> 32); }
-#else
-DEV u32 shr_fma(u32 e, int k) { return __umulhi(e, 1u << (32 - k)); }
-#endif
 
 
 #if (KIND == 0 || KIND == 3) && BITS == 2
@@ -239,13 +227,6 @@ DEV u32 shr_fma(u32 e, int k) { return __umulhi(e, 1u << (32 - k)); }
 #endif
 #define DQ_CONSTS_A {DQ_A0, DQ_A1, DQ_A2, DQ_A3, DQ_A4, DQ_A5, DQ_A6, DQ_A7}
 #define DQ_CONSTS_B {DQ_B0, DQ_B1, DQ_B2, DQ_B3, DQ_B4, DQ_B5, DQ_B6, DQ_B7}
-// RAW_SUMS: codes 2j and 2j + 1 are shifted by 6 - 4 j together, to bits 6 and 8 of each half, and dropped into the
-// mantissas of 4.0 and 1.0: m = 4 + q / 4 (even codes, even columns) or 1 + q / 4 (odd), so level = a q + b =
-// 4 a m - c with c = 16 a - b or 4 a - b (cuda_gemv.Plan.raw_map). A code at bit 6 or 8 puts its step at 1/16 or 1/4
-// of m's offset; lower bits would cost the fp32 sums more of their precision.
-#define RAW_SRC(w, i) (6 - 4 * ((i) / 2) > 0 ? (w) << (6 - 4 * ((i) / 2)) : shr_fma((w), 4 * ((i) / 2) - 6))
-#define RAW_MASK(i) ((i) % 2 ? 0x03000300u : 0x00C000C0u)
-#define RAW_MAGIC(i) ((i) % 2 ? 0x3C003C00u : 0x44004400u)  // 1.0, 4.0
 #elif KIND == 0 || KIND == 3
 // codes i and i + 4 at bits 4i and 4i + 16: (w, 0x000f000f) -> (q0, q4), (w, 0x00f000f0) -> 16 (q1, q5), then w >> 8
 #define DQ_SRC(w, i) ((i) < 2 ? (w) : (w) >> 8)
@@ -288,12 +269,8 @@ DEV void word_mma(float* d, u32 wa, u32 wb, u32 ha, u32 hb, int j, const u32* xr
 #pragma unroll
         for (int h = 0; h < 4; ++h) {  // a0, a2: row g, pairs 2m, 2m + 1; a1, a3: row g + 8
             const int i = 2 * m + h / 2;
-#if RAW_SUMS
-            const u32 v = lop3_and_or(RAW_SRC(h % 2 ? wb : wa, i), RAW_MASK(i), RAW_MAGIC(i));
-#else
             const u32 v = hfma2(lop3_and_or(DQ_SRC(h % 2 ? wb : wa, i), DQ_MASK(i), magic_with_hi(h % 2 ? hb : ha, i, j)),
                                 A[i], B[i]);
-#endif
             a[h] = h % 2 ? APPLY_SCALE(v, sb, mb) : APPLY_SCALE(v, sa, ma);
         }
         u32 b0, b1;
@@ -313,8 +290,6 @@ DEV void word_mma(float* d, u32 wa, u32 wb, u32 ha, u32 hb, int j, const u32* xr
 // or 5) into the mantissa of 1024.0, giving 1024 + 2^p n, and one HFMA2 by 2^-(p+1) and -(512 / 2^p + 3.75) (exact
 // in fp16 for these p) gives the coordinate: e << 1 puts coordinate 0 at p = 1, e has coordinate 1 at p = 4,
 // e >> 7 puts 2 and 3 at p = 1 and 5.
-// RAW_SUMS: e << 4, e, e >> 4 and e >> 8 put pair i at bits 4..7 of each half, and the LOP3 drops it into the
-// mantissa of 1.0 instead, giving m = 1 + n / 64, whose coordinate is 32 m - 35.75 (RAW_SLOPE 32, both RAW_OFF 35.75).
 __shared__ u32 e8p_tab[512];  // E2[1] (shift -1/4), then E2[0]
 #ifdef LOWBIT_HOST
 DEV u32 e8p_entry(int idx) { return e8p_tab[256 + idx]; }
@@ -328,24 +303,17 @@ DEV u32 e8p_entry(int idx) {
     return v;
 }
 #endif
-// the coordinates of code r (0..3) of pattern word pw and sign word y, as four fp16 pairs (RAW_SUMS: their m)
+// the coordinates of code r (0..3) of pattern word pw and sign word y, as four fp16 pairs
 DEV void code_pairs(u32 pw, u32 y, int r, u32* p) {
     const int idx = (int)prmt(pw, y << (3 - r), 0xFFF0u | (u32)r);  // pattern byte r; t (bit 31 after the shift)
     const u32 lo = r < 2 ? y : y >> 2, hi = r < 2 ? y << 4 : y << 2;  // c_j and c_j-1 at bit 4 j + r % 2
     const u32 f = (lo ^ hi) & (0x11111111u << (r & 1));
     const u32 e = e8p_entry(idx) ^ (f * ((r & 1) ? 7u : 14u));
-#if RAW_SUMS
-    p[0] = lop3_and_or(e << 4, 0x00f000f0u, 0x3C003C00u);  // 1 + n / 64
-    p[1] = lop3_and_or(e, 0x00f000f0u, 0x3C003C00u);
-    p[2] = lop3_and_or(shr_fma(e, 4), 0x00f000f0u, 0x3C003C00u);
-    p[3] = lop3_and_or(shr_fma(e, 8), 0x00f000f0u, 0x3C003C00u);
-#else
     const u32 top = e >> 7;
     p[0] = hfma2(lop3_and_or(e << 1, 0x001e001eu, MAGIC), 0x34003400u, 0xDC0FDC0Fu);  // x 1/4 - 259.75
     p[1] = hfma2(lop3_and_or(e, 0x00f000f0u, MAGIC), 0x28002800u, 0xD078D078u);  // x 1/32 - 35.75
     p[2] = hfma2(lop3_and_or(top, 0x001e001eu, MAGIC), 0x34003400u, 0xDC0FDC0Fu);
     p[3] = hfma2(lop3_and_or(top, 0x01e001e0u, MAGIC), 0x24002400u, 0xCCF0CCF0u);  // x 1/64 - 19.75
-#endif
 }
 // Word j of a chunk: its codes 2 j and 2 j + 1 (8 weights each), whose pattern bytes are in wa, wb (word j / 2 of
 // the chunk) and signs in ya, yb (word 2 + j / 2): step_word passes them.
@@ -582,51 +550,6 @@ DEV void store_units(const u32* w, int row, int u, int K) {
     }
 }
 
-// RAW_SUMS's sum of c x over the staged row, in fp32: each thread adds up the units it stages, their even and odd
-// columns apart (raw_add: w in column order, each word a pair of columns), each warp its threads' parts (raw_part,
-// before the barrier after staging), and thread 0 the warps' parts into xsum (raw_total, after it), which warp 0
-// takes off its sums in finish_tile. No other work at set-up, and no block barrier of its own.
-struct RawSums { float even, odd; };
-#if RAW_SUMS
-#if XS != 1
-#error "RAW_SUMS sums the one staged activation row (XS 1)"
-#endif
-__shared__ float xpart[WARPS][2];
-__shared__ float xsum;
-DEV void raw_add(RawSums& s, const u32* w) {
-#pragma unroll
-    for (int i = 0; i < 4 * SG; ++i) {
-        s.even += half_to_float((u16)(w[i] & 0xffffu));
-        s.odd += half_to_float((u16)(w[i] >> 16));
-    }
-}
-DEV void raw_part(RawSums s) {
-#pragma unroll
-    for (int o = 16; o; o >>= 1) {
-        s.even += __shfl_xor_sync(0xffffffffu, s.even, o);
-        s.odd += __shfl_xor_sync(0xffffffffu, s.odd, o);
-    }
-    if ((threadIdx.x & 31) == 0) {
-        xpart[threadIdx.x >> 5][0] = s.even;
-        xpart[threadIdx.x >> 5][1] = s.odd;
-    }
-}
-DEV void raw_total() {
-    if (threadIdx.x == 0) {
-        float even = 0.f, odd = 0.f;
-#pragma unroll
-        for (int w = 0; w < WARPS; ++w) {
-            even += xpart[w][0];
-            odd += xpart[w][1];
-        }
-        xsum = RAW_OFF0 * even + RAW_OFF1 * odd;
-    }
-    __syncwarp();  // warp 0 reads xsum
-}
-#else
-DEV void raw_add(RawSums&, const u32*) {}
-DEV void raw_part(RawSums) {}
-#endif
 #if NORM
 #if XS != 1
 #error "NORM normalizes the one staged activation row (XS 1)"
@@ -653,7 +576,6 @@ DEV float sum_squares(const U4& v, float ss) {
 // squares in a fixed order. One barrier more than plain staging and no second read of x.
 DEV void stage_normalized(const u16* x, const u16* nw, int K, float eps) {
     __shared__ float warp_sums[WARPS];
-    RawSums sums = {0.f, 0.f};
     const int groups = K / 8 / SG;
     U4 wv[NORM_QS][SG], xv[NORM_QS][SG];
 #pragma unroll
@@ -686,10 +608,8 @@ DEV void stage_normalized(const u16* x, const u16* nw, int K, float eps) {
             w[4 * i] = norm_pair(v.x, n.x, r); w[4 * i + 1] = norm_pair(v.y, n.y, r);
             w[4 * i + 2] = norm_pair(v.z, n.z, r); w[4 * i + 3] = norm_pair(v.w, n.w, r);
         }
-        raw_add(sums, w);
         store_units(w, 0, q * SG, K);
     }
-    raw_part(sums);
 }
 #endif
 
@@ -705,7 +625,6 @@ DEV void stage_block(const u32* tables, const u16* x, int K, int M, const u16* n
     wait_for_inputs();  // x is the output of the kernel before
 #if XS
     const int units = K / 8, total = M * (units / SG);
-    RawSums sums = {0.f, 0.f};
     for (int q = threadIdx.x; q < total; q += WARPS * 32) {
         const int row = XS == 1 ? 0 : q / (units / SG), u = (q - row * (units / SG)) * SG;
         u32 w[4 * SG];
@@ -714,10 +633,8 @@ DEV void stage_block(const u32* tables, const u16* x, int K, int M, const u16* n
             const U4 v = ld_cached((const U4*)x + (size_t)row * units + u + i);
             w[4 * i] = v.x; w[4 * i + 1] = v.y; w[4 * i + 2] = v.z; w[4 * i + 3] = v.w;
         }
-        raw_add(sums, w);
         store_units(w, row, u, K);
     }
-    raw_part(sums);
 #endif
 #endif
 }
@@ -880,11 +797,6 @@ DEV void add_step(float* d, const float* e, const Step& w) {
 // A row block's sums: the row scale (ROW_SCALE), the warps' partial sums added, y written.
 DEV void finish_tile(float* d, const RowPtrs& rp, float (*part)[32][4], int row0, u16* y, const u16* res, int N,
                      int M) {
-#if RAW_SUMS  // the sums are of m: the level is RAW_SLOPE m - c, and warp 0 takes the row's sum of c x off
-    const float cx = (threadIdx.x >> 5) == 0 ? xsum : 0.f;
-#pragma unroll
-    for (int e = 0; e < 4; ++e) d[e] = fmaf(RAW_SLOPE, d[e], -cx);
-#endif
 #if ROW_SCALE
     const float fa = half_lo_to_float(ld_half(rp.sa)), fb = half_lo_to_float(ld_half(rp.sb));
     d[0] *= fa; d[1] *= fa; d[2] *= fb; d[3] *= fb;
@@ -920,9 +832,6 @@ gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u1
     stage_block(tables, x, K, M, nw, eps);
 #if KIND != 0 || XS
     __syncthreads();
-#endif
-#if RAW_SUMS
-    raw_total();  // the warps' parts are in (the barrier above); warp 0 reads xsum in finish_tile
 #endif
     __shared__ float part[WARPS][32][4];
 #if RESIDENT
