@@ -7,8 +7,9 @@ Triton's wheel) lists its SASS; the innermost backward-branch loop with MMAs is 
 pass). Printed: its instructions per step, the weights one lane decodes per step (two rows of a 16-byte chunk),
 instructions per weight, those of the two math pipes the decode loads (per step, as Nsight Compute's ``pipe_alu``
 and ``pipe_fma`` count them: :data:`ALU`, :data:`FMA`), and the opcode mix (per step). The GEMV is bound by
-instruction issue (docs/kernels.md), so this count is what a kernel change must lower; time it on a GPU with
-``benchmarks/gemv_speed.py``.
+instruction issue, latency and a fixed cost per call (docs/kernels.md): fewer instructions have not always measured
+faster (E8P's two-word tables, the sums of raw magic numbers), so a timing on a GPU (``benchmarks/gemv_speed.py``)
+decides a change.
 """
 
 from __future__ import annotations
