@@ -51,29 +51,34 @@ def test_dispatch_uses_reference_without_cuda(monkeypatch):
 # (format, [out, in], batch rows): M <= 8 runs the GEMV kernels, larger M the tl.dot kernel (E8P: the reference).
 # Covers: 4-bit words with groups smaller than / equal to / spanning the tile, a ragged last group (576 = 4 x 128 +
 # 64), per-channel scales, K not a multiple of the tile, 2-bit int16 words, 8-bit, affine and non-affine level
-# sets, straddling widths (3, 5 bits), a group that is not a power of two, a 4-bit row that is not whole words.
+# sets, straddling widths (3, 5 bits), a group that is not a power of two, a 4-bit row that is not whole words,
+# 3-bit rows of whole 32-code units (read as three words each: groups of 32, 64 and 128, a ragged last group, one
+# per row) and rows that are not (200 columns: bytes).
 GEMV_CASES = [("int4_g32_sym", (12, 128), 1), ("q4_1", (10, 96), 3), ("int4_g128_asym", (6, 576), 2),
               ("int4_ch_sym", (9, 200), 1), ("int2_g64_sym", (12, 200), 1), ("int2_g32_asym", (6, 104), 8),
               ("nz2_ch", (9, 96), 8), ("pm12_g32", (5, 160), 5), ("std2m_g64", (8, 128), 1),
               ("int8_g32_sym", (8, 64), 1), ("int3_g64_sym", (6, 200), 3), ("int5_g32_asym", (5, 96), 4),
-              ("int4_g24_sym", (5, 96), 2), ("int4_g32_sym", (5, 36), 1)]
+              ("int4_g24_sym", (5, 96), 2), ("int4_g32_sym", (5, 36), 1), ("int3_g64_sym", (6, 192), 3),
+              ("int3_g32_asym", (5, 96), 1), ("int3_ch_sym", (7, 160), 1), ("int3_g128_asym", (6, 576), 2),
+              ("int3_g32_sym", (5, 200), 1)]
 GEMM_CASES = [("int4_g32_sym", (40, 128), 33), ("int3_g64_sym", (24, 200), 20), ("q4_1", (20, 96), 9)]
 E8P_CASES = [("e8p_ch", (8, 96), 1), ("e8p_g32", (6, 160), 3), ("e8p_g24", (5, 96), 8), ("e8p_g128", (5, 576), 2),
              ("e8p_ch", (6, 64), 33)]
 # a second GEMV tiling (two row groups, unrolled K loop) on the word-path cases
 ALT_CONFIG = {"BLOCK_N": 2, "BLOCK_W": 8, "UNROLL": 2, "ROW_GROUPS": 2}
 ALT_CASES = [("int4_g32_sym", (12, 128), 1), ("int4_g128_asym", (6, 576), 1), ("int2_g64_sym", (12, 200), 1),
-             ("nz2_ch", (9, 96), 4), ("int8_g32_sym", (8, 64), 1)]
+             ("nz2_ch", (9, 96), 4), ("int8_g32_sym", (8, 64), 1), ("int3_g64_sym", (12, 192), 1)]
 # split-K: the K steps in 3 runs per row block added atomically into a float32 y (ragged and empty runs included)
 SPLIT_CONFIG = {"BLOCK_N": 4, "BLOCK_W": 8, "UNROLL": 1, "ROW_GROUPS": 1, "SPLIT_K": 3}
 SPLIT_CASES = [("int4_g128_asym", (6, 576), 1), ("int2_g64_sym", (12, 200), 1), ("q4_1", (10, 96), 3),
                ("int3_g64_sym", (6, 200), 3), ("nz2_ch", (9, 96), 8), ("int4_g24_sym", (5, 96), 2),
-               ("pm12_g32", (5, 160), 5)]
+               ("pm12_g32", (5, 160), 5), ("int3_g128_sym", (6, 576), 1)]
 # batch 1 on 2/4-bit affine grids runs triton_gemv_affine under "default": the general kernel must still be right
 GENERAL_CASES = [c for c in GEMV_CASES if c[2] == 1]
 # its own cases: asym / level-set offsets, per-row scales, ragged tiles; and split-K over 3 runs of words
 AFFINE_CASES = [("q4_1", (10, 96), 1), ("int2_g64_sym", (12, 192), 1), ("nz2_ch", (9, 96), 1),
-                ("int2_g32_asym", (6, 160), 1), ("int4_g128_asym", (6, 576), 1), ("q4_0", (7, 520), 1)]
+                ("int2_g32_asym", (6, 160), 1), ("int4_g128_asym", (6, 576), 1), ("q4_0", (7, 520), 1),
+                ("int3_g64_sym", (12, 192), 1), ("int3_g128_asym", (6, 576), 1), ("int3_ch_sym", (7, 160), 1)]
 AFFINE_SPLIT = {"BLOCK_N": 4, "BLOCK_W": 4, "SPLIT_K": 3}
 ALL_CASES = ([("default", c) for c in GEMV_CASES + GEMM_CASES + E8P_CASES] + [("alt", c) for c in ALT_CASES]
              + [("split", c) for c in SPLIT_CASES] + [("general", c) for c in GENERAL_CASES]
@@ -146,12 +151,61 @@ def test_triton_kernels_in_interpreter_match_reference(interpreter_results, tag,
 def test_affine_gemv_serves_batch_one_affine_formats(interpreter_results):
     served = {k.split(":")[1] for k, v in interpreter_results.items() if isinstance(v, list) and v[1]}
     assert {c[0] for c in AFFINE_CASES} | {"int4_g32_sym", "int4_ch_sym"} <= served
-    assert not served & {"pm12_g32", "int8_g32_sym", "int3_g64_sym", "int4_g24_sym"}  # 4 levels, 8 or 3 bits, g24
+    # 4 levels, 8 bits, g24, 3-bit rows that are not whole units of 32 codes
+    assert not served & {"pm12_g32", "int8_g32_sym", "int4_g24_sym", "int3_g32_sym"}
 
 
 def test_dispatch_in_interpreter_flattens_and_serves_quant_linear(interpreter_results):
     assert interpreter_results["lead_dims"] < 1e-5
     assert interpreter_results["quant_linear"] < 1e-5
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton not installed")
+def test_three_bit_rows_are_read_in_units_of_three_words():
+    """Where a 3-bit row is whole 32-code units inside its scale groups, the GEMV reads 12-byte units at batch 1
+    (the cases above check their decode); anything else keeps the per-column path."""
+    from lowbit.kernels.triton_gemv import word_bytes
+
+    def codes(cols: int) -> torch.Tensor:
+        return torch.zeros(4, cols * 3 // 8, dtype=torch.uint8)
+
+    assert word_bytes(codes(192), 3, 64, 192) == 12
+    assert word_bytes(codes(576), 3, 128, 576) == 12
+    assert word_bytes(codes(160), 3, 160, 160) == 12  # one group per row
+    assert word_bytes(codes(200), 3, 64, 200) == 0  # not whole units
+    assert word_bytes(codes(192), 3, 48, 192) == 0  # a unit would cross a group
+    assert word_bytes(torch.zeros(4, 74, dtype=torch.uint8)[:, 2:], 3, 64, 192) == 0  # rows off a word boundary
+    assert word_bytes(codes(192), 3, 64, 192, m=2) == 0  # batches: the units' accumulators spill
+    assert word_bytes(codes(192), 5, 64, 192) == 0
+    assert word_bytes(torch.zeros(4, 64, dtype=torch.uint8), 4, 32, 128) == 4
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton not installed")
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_word_gemvs_compile_for_hopper(bits):
+    """The interpreter runs the kernels as Python; this compiles them (sm_90, no GPU needed), which is where a
+    constexpr that reaches a helper as a runtime value, or a type mismatch, fails."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile
+
+    from lowbit.kernels.triton_gemv import _gemv_kernel
+    from lowbit.kernels.triton_gemv_affine import _gemv_affine_kernel
+
+    def build(fn, sig: dict, const: dict, warps: int = 4) -> None:  # noqa: ANN001
+        src = ASTSource(fn, {**sig, **dict.fromkeys(const, "constexpr")}, const)
+        assert compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["cubin"]
+
+    ptrs = dict.fromkeys(["x_ptr", "scale_ptr", "min_ptr", "y_ptr"], "*fp16") | {"codes_ptr": "*i32"}
+    ints = dict.fromkeys(["N", "row_words", "n_groups", "mask_bits", "one_bits"], "i32")
+    build(_gemv_affine_kernel, ptrs | ints | {"lut_a": "fp32", "lut_b": "fp32"},
+          {"BITS": bits, "HAS_MIN": True, "GROUP_SHIFT": 7, "BLOCK_N": 8, "BLOCK_W": 64, "SPLIT_K": 1})
+    ints = dict.fromkeys(["M", "N", "K", "row_stride", "n_groups", "group", "stride_xm", "stride_ym"], "i32")
+    floats = dict.fromkeys(["lut_a", "lut_b", "l0", "l1", "l2", "l3"], "fp32")
+    for decode, block_m in ((0, 1), (2, 8)):
+        build(_gemv_kernel, ptrs | {"codes_ptr": "*i16" if bits == 2 else "*i32", "lut_ptr": "*fp32"} | ints | floats,
+              {"BITS": bits, "WORDS": True, "DECODE": decode, "HAS_MIN": True, "BLOCK_M": block_m, "BLOCK_N": 4,
+               "BLOCK_W": 32, "PER": 32 if bits == 3 else 32 // bits, "UNROLL": 1, "GROUP_SHIFT": 6,
+               "ROW_GROUPS": 1, "WORD_MULT": 2 if bits == 2 else 1, "SPLIT_K": 1})
 
 
 def test_decode_plan_modes():

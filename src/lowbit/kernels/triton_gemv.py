@@ -11,8 +11,11 @@ Code reads:
   (16-byte vector loads per thread), 32 / bits codes per word never straddle, and are unpacked with constant
   shifts; ``tl.interleave`` (join + reshape, register-only) puts them back in column order so that x is read as
   one contiguous vector.
-* anything else (3, 5, 6, 7 bits, or odd row lengths): per column, the one or two bytes holding its code (the
-  general, slower path).
+* 3 bits at batch 1 with rows of whole 32-code units (12 bytes, three int32 words): each unit's three words are
+  read as words and its 32 codes unpacked with constant shifts, codes 10 and 21 (which straddle two words) from
+  both (:func:`word_bytes`).
+* anything else (3 bits in batches, 5, 6, 7 bits, or odd row lengths): per column, the one or two bytes holding
+  its code (the general, slower path).
 
 Decoding: uniform grids (and affine 2-bit level sets such as nz2 = code - 1.5) never build the weight. The code is
 placed in the top mantissa bits of 1.0 (one shift + one LOP3), giving ``1 + c / 2^b`` exactly, and per scale
@@ -56,12 +59,36 @@ def _decode(c, lut_ptr, lut_a, lut_b, l0, l1, l2, l3, DECODE: tl.constexpr):
 
 
 @triton.jit
-def _word_code(w, J: tl.constexpr, BITS: tl.constexpr, sa, sb, lut_ptr, lut_a, lut_b, l0, l1, l2, l3,
+def _triple_code(w0, w1, w2, J: tl.constexpr):
+    """Code J (0..31) of a 32-code 3-bit unit held in three little-endian words w0, w1, w2 (bits 3J..3J+2 of the
+    96), at bits 0..2 of the result (higher bits are left as they fall: the caller masks)."""
+    if J < 10:
+        t = w0 >> (3 * J)
+    elif J == 10:  # bits 30, 31 of w0 and bit 0 of w1
+        t = ((w0 >> 30) & 3) | (w1 << 2)
+    elif J < 21:
+        t = w1 >> (3 * J - 32)
+    elif J == 21:  # bit 31 of w1 and bits 0, 1 of w2
+        t = ((w1 >> 31) & 1) | (w2 << 1)
+    else:
+        t = w2 >> (3 * J - 64)
+    return t
+
+
+@triton.jit
+def _word_code(w, w1, w2, J: tl.constexpr, BITS: tl.constexpr, sa, sb, lut_ptr, lut_a, lut_b, l0, l1, l2, l3,
                DECODE: tl.constexpr):
-    """Weight J of each packed word: lut[c] * scale (+ min) = (1 + c / 2^BITS) * sa + sb for affine luts."""
+    """Weight J of each packed word (3 bits: of each unit of three words w, w1, w2): lut[c] * scale (+ min) =
+    (1 + c / 2^BITS) * sa + sb for affine luts."""
     MASK: tl.constexpr = (1 << BITS) - 1
-    if DECODE == 0:
-        TOP: tl.constexpr = 23 - BITS  # code -> mantissa bits [23 - BITS, 23) of 1.0: exactly 1 + c / 2^BITS
+    TOP: tl.constexpr = 23 - BITS  # code -> mantissa bits [23 - BITS, 23) of 1.0: exactly 1 + c / 2^BITS
+    if BITS == 3:
+        c = _triple_code(w, w1, w2, J)
+        if DECODE == 0:
+            return (((c << TOP) & (MASK << TOP)) | 0x3F800000).to(tl.float32, bitcast=True) * sa + sb
+        else:
+            return _decode(c & MASK, lut_ptr, lut_a, lut_b, l0, l1, l2, l3, DECODE) * sa + sb
+    elif DECODE == 0:
         if J * BITS >= TOP:
             t = w >> (J * BITS - TOP)
         else:
@@ -72,15 +99,16 @@ def _word_code(w, J: tl.constexpr, BITS: tl.constexpr, sa, sb, lut_ptr, lut_a, l
 
 
 @triton.jit
-def _unpack_words(w, BASE: tl.constexpr, STEP: tl.constexpr, COUNT: tl.constexpr, BITS: tl.constexpr, sa, sb,
-                  lut_ptr, lut_a, lut_b, l0, l1, l2, l3, DECODE: tl.constexpr):
-    """Weights BASE, BASE + STEP, ... (COUNT of them) of each word, interleaved: [R, C] -> [R, C * COUNT]."""
+def _unpack_words(w, w1, w2, BASE: tl.constexpr, STEP: tl.constexpr, COUNT: tl.constexpr, BITS: tl.constexpr, sa,
+                  sb, lut_ptr, lut_a, lut_b, l0, l1, l2, l3, DECODE: tl.constexpr):
+    """Weights BASE, BASE + STEP, ... (COUNT of them) of each word (3 bits: of each three-word unit w, w1, w2),
+    interleaved: [R, C] -> [R, C * COUNT]."""
     if COUNT == 1:
-        return _word_code(w, BASE, BITS, sa, sb, lut_ptr, lut_a, lut_b, l0, l1, l2, l3, DECODE)
+        return _word_code(w, w1, w2, BASE, BITS, sa, sb, lut_ptr, lut_a, lut_b, l0, l1, l2, l3, DECODE)
     else:
-        even = _unpack_words(w, BASE, STEP * 2, COUNT // 2, BITS, sa, sb, lut_ptr, lut_a, lut_b, l0, l1, l2, l3,
-                             DECODE)
-        odd = _unpack_words(w, BASE + STEP, STEP * 2, COUNT // 2, BITS, sa, sb, lut_ptr, lut_a, lut_b,
+        even = _unpack_words(w, w1, w2, BASE, STEP * 2, COUNT // 2, BITS, sa, sb, lut_ptr, lut_a, lut_b,
+                             l0, l1, l2, l3, DECODE)
+        odd = _unpack_words(w, w1, w2, BASE + STEP, STEP * 2, COUNT // 2, BITS, sa, sb, lut_ptr, lut_a, lut_b,
                             l0, l1, l2, l3, DECODE)
         return tl.interleave(even, odd)
 
@@ -89,12 +117,22 @@ def _unpack_words(w, BASE: tl.constexpr, STEP: tl.constexpr, COUNT: tl.constexpr
 def _words_tile(codes_ptr, scale_ptr, min_ptr, lut_ptr, offs_n, n_mask, k0, row_stride, n_groups, group,
                 lut_a, lut_b, l0, l1, l2, l3, BITS: tl.constexpr, DECODE: tl.constexpr, HAS_MIN: tl.constexpr,
                 BLOCK_W: tl.constexpr, PER: tl.constexpr, GROUP_SHIFT: tl.constexpr):
-    """Decoded weights [len(offs_n), BLOCK_W * PER] = lut[c] * scale (+ min) of one step of packed words."""
+    """Decoded weights [len(offs_n), BLOCK_W * PER] = lut[c] * scale (+ min) of one step of packed words (3 bits:
+    of three-word units, ``offs_w`` counting units)."""
     offs_w = k0 // PER + tl.arange(0, BLOCK_W)
-    wmask = n_mask[:, None] & (offs_w < row_stride)[None, :]
-    words = tl.load(codes_ptr + offs_n[:, None] * row_stride + offs_w[None, :], mask=wmask, other=0,
-                    eviction_policy="evict_first").to(tl.int32)
-    # a word's PER columns never cross a scale group (groups are multiples of 8 columns)
+    if BITS == 3:
+        wmask = n_mask[:, None] & (3 * offs_w < row_stride)[None, :]
+        at = codes_ptr + offs_n[:, None] * row_stride + 3 * offs_w[None, :]
+        words = tl.load(at, mask=wmask, other=0, eviction_policy="evict_first").to(tl.int32)
+        w1 = tl.load(at + 1, mask=wmask, other=0, eviction_policy="evict_first").to(tl.int32)
+        w2 = tl.load(at + 2, mask=wmask, other=0, eviction_policy="evict_first").to(tl.int32)
+    else:
+        wmask = n_mask[:, None] & (offs_w < row_stride)[None, :]
+        words = tl.load(codes_ptr + offs_n[:, None] * row_stride + offs_w[None, :], mask=wmask, other=0,
+                        eviction_policy="evict_first").to(tl.int32)
+        w1 = words
+        w2 = words
+    # a word's PER columns never cross a scale group (groups are multiples of 8 columns, of 32 for 3-bit units)
     if GROUP_SHIFT >= 0:
         g = (offs_w * PER) >> GROUP_SHIFT
     else:
@@ -109,7 +147,7 @@ def _words_tile(codes_ptr, scale_ptr, min_ptr, lut_ptr, offs_n, n_mask, k0, row_
         sb = tl.zeros_like(s)
     if HAS_MIN:
         sb += tl.load(min_ptr + p_off, mask=wmask, other=0.0).to(tl.float32)
-    return _unpack_words(words, 0, 1, PER, BITS, sa, sb, lut_ptr, lut_a, lut_b, l0, l1, l2, l3, DECODE)
+    return _unpack_words(words, w1, w2, 0, 1, PER, BITS, sa, sb, lut_ptr, lut_a, lut_b, l0, l1, l2, l3, DECODE)
 
 
 @triton.jit
@@ -294,6 +332,18 @@ def split_k(N: int, K: int, device: torch.device) -> int:
     return split
 
 
+def word_bytes(codes: torch.Tensor, bits: int, group: int, k: int, m: int = 1) -> int:
+    """Bytes of the unit the kernel reads codes in (0: one or two bytes per column, the general path): words of 8
+    codes (4 for 8-bit), int32 for 4/8 bits, int16 for 2 bits; for 3 bits 12-byte units of 32 codes (three int32
+    words) where rows are whole units, no unit crosses a scale group and the batch ``m`` is 1: at batch 8 a tile's
+    32-code units times 8 accumulators overflow the registers (4096x4096 took 1080 us on an H100 against 65 us
+    reading bytes, docs/kernels.md)."""
+    wbytes = {2: 2, 3: 12, 4: 4, 8: 4}.get(bits, 0)
+    if wbytes == 0 or codes.shape[1] % wbytes or codes.storage_offset() % min(wbytes, 4):
+        return 0
+    return 0 if bits == 3 and (m > 1 or (group < k and group % 32)) else wbytes
+
+
 def gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor | None, lut: torch.Tensor,
          decode: tuple, bits: int, group: int, n_cols: int) -> torch.Tensor:
     """x [M <= 8, K] (rows contiguous) @ W^T; W [N, K] as packed codes [N, row_bytes] + scale/min [N, groups].
@@ -313,9 +363,8 @@ def gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, mins: torch.
     # split-K: partial sums added atomically into a zeroed float32 y, cast at the end
     y = torch.zeros(M, N, device=x.device, dtype=torch.float32) if split > 1 else \
         torch.empty(M, N, device=x.device, dtype=x.dtype)
-    # packed words of 8 codes (4 for 8-bit): int32 for 4/8 bits, int16 for 2 bits; anything else reads bytes
-    wbytes = {2: 2, 4: 4, 8: 4}.get(bits, 0)
-    words = wbytes > 0 and codes.shape[1] % wbytes == 0 and codes.storage_offset() % wbytes == 0
+    wbytes = word_bytes(codes, bits, group, K, M)
+    words = wbytes > 0
     if words:
         codes = codes.view(torch.int16 if wbytes == 2 else torch.int32)
     per = wbytes * 8 // bits if words else 1
