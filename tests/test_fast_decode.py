@@ -282,6 +282,27 @@ def test_benchmark_reports_how_near_a_tie_the_first_difference_was():
     assert bench.first_difference([1, 2, 3], runners, [8])["first_difference_runner_up"] is False
 
 
+def test_benchmark_random_weights_average_zero():
+    """decode.py's random codes on a grid whose levels do not average zero (int3 sym: -4..3) and no min get random
+    signs on their scales: else every weight of a row shares an offset whose rank-one gain compounds over the
+    layers (a 7B-shaped int3 model overflowed fp16)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "benchmarks"))
+    try:
+        import decode as bench
+    finally:
+        sys.path.remove(str(root / "benchmarks"))
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=4))
+    bench.quantize_model(model, "int3_g64_sym", "random")
+    for name in ("model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj"):
+        w = model.get_submodule(name).dequantize()
+        assert w.mean().abs() < 0.05 * w.std(), name  # the grid's own offset: 0.22 std
+
+
 def test_benchmark_rotates_only_the_linears_named():
     """``--rht-only``: a +rht variant rotates the named linears and leaves the others unrotated (to time each
     transform's share of a step)."""
