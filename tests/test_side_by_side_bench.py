@@ -46,6 +46,16 @@ def test_each_format_meets_the_fastest_peer_with_as_many_bits_or_more() -> None:
     assert (got["q4_0"]["wins"], abs(got["q4_0"]["worst"] - 12.0 / 14.0) < 1e-9) == (1, True)
 
 
+def test_three_bit_rows_meet_llamacpp_q3_k_and_more_bits() -> None:
+    kernels = [_row("int3_g128_sym", (4096, 14336), 1, 3.125, 15.0)]
+    llama = {"kernels": [{"type": t, "batch": 1, "rows": 4096, "cols": 14336, "us": us}
+                         for t, us in (("q3_K", 16.0), ("q4_0", 14.0), ("q2_K", 10.0))]}
+    table = sbs.gemv_table(kernels, llama)
+    assert {r["family"] for r in table if r["format"] in ("int3_g128_sym", "q3_K")} == {"3-bit"}
+    got = sbs.versus_peers(kernels, table)[0]  # Q2_K has fewer bits: held against Q4_0's 14 us, not Q2_K's 10
+    assert (got["wins"], abs(got["worst"] - 15.0 / 14.0) < 1e-9) == (0, True)
+
+
 def test_decode_ratios_use_the_matching_llamacpp_type() -> None:
     got = {r["variant"]: r for r in sbs.decode_table(DECODE, LLAMA) if r["tool"] == "lowbit"}
     assert got["nz2_ch"]["vs_fp16"] == 3.0
