@@ -242,13 +242,19 @@ def test_place_rotations_keeps_shared_transforms():
     assert q._v is not before and q._v.signs.is_meta and not before.signs.is_meta
 
 
-def test_benchmark_cpu_smoke(tmp_path):
+def _decode_benchmark():  # noqa: ANN202 - the benchmarks/decode.py module
+    """benchmarks/decode.py as a module (benchmarks/ is not a package)."""
     root = Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(root / "benchmarks"))
     try:
-        import decode as bench
+        import decode
     finally:
         sys.path.remove(str(root / "benchmarks"))
+    return decode
+
+
+def test_benchmark_cpu_smoke(tmp_path):
+    bench = _decode_benchmark()
     out = tmp_path / "decode.json"
     rc = bench.main(["--device", "cpu", "--layers", "1", "--hidden", "128", "--intermediate", "256",
                      "--heads", "4", "--vocab", "256", "--prompt", "4", "--gen", "4", "--repeats", "1",
@@ -269,12 +275,7 @@ def test_benchmark_cpu_smoke(tmp_path):
 def test_benchmark_reports_how_near_a_tie_the_first_difference_was():
     """decode.py's token check: the agreeing prefix, and at the first difference the reference's top-two logit gap
     and whether the fast path took the reference's runner-up."""
-    root = Path(__file__).resolve().parents[1]
-    sys.path.insert(0, str(root / "benchmarks"))
-    try:
-        import decode as bench
-    finally:
-        sys.path.remove(str(root / "benchmarks"))
+    bench = _decode_benchmark()
     runners = [(7, 0.5), (9, 0.01), (4, 2.0)]
     assert bench.first_difference([1, 2, 3], runners, [1, 2, 3]) == {"reference_agree": "3/3"}
     assert bench.first_difference([1, 2, 3], runners, [1, 9, 5]) == {
@@ -288,12 +289,7 @@ def test_benchmark_random_weights_average_zero():
     layers (a 7B-shaped int3 model overflowed fp16)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    root = Path(__file__).resolve().parents[1]
-    sys.path.insert(0, str(root / "benchmarks"))
-    try:
-        import decode as bench
-    finally:
-        sys.path.remove(str(root / "benchmarks"))
+    bench = _decode_benchmark()
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
                                          num_attention_heads=4, num_key_value_heads=4))
@@ -308,12 +304,7 @@ def test_benchmark_rotates_only_the_linears_named():
     transform's share of a step)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    root = Path(__file__).resolve().parents[1]
-    sys.path.insert(0, str(root / "benchmarks"))
-    try:
-        import decode as bench
-    finally:
-        sys.path.remove(str(root / "benchmarks"))
+    bench = _decode_benchmark()
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=4))
@@ -327,12 +318,7 @@ def test_benchmark_rotates_only_the_linears_named():
 def test_benchmark_builds_valid_kquant_weights(tmp_path):
     """K-quant variants get valid random superblocks (random bytes would hold NaN d's) and decode; a preset variant
     takes llama.cpp's per-tensor types."""
-    root = Path(__file__).resolve().parents[1]
-    sys.path.insert(0, str(root / "benchmarks"))
-    try:
-        import decode as bench
-    finally:
-        sys.path.remove(str(root / "benchmarks"))
+    bench = _decode_benchmark()
     lin = torch.nn.Linear(512, 8, bias=False)
     for name in ("q4_k", "q6_k"):
         fmt = get_format(name)
