@@ -27,6 +27,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import gguf
+
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
 sys.path.insert(0, str(HERE))
@@ -36,8 +38,6 @@ STEPS = ("peers", "llamacpp", "decode", "table")
 LOWBIT_GEMV = "int4_g128_sym,q4_0,q4_k,int3_g128_sym,q3_k,int2_g64_sym,nz2_ch,q2_k,e8p_ch,iq2_xxs"
 LOWBIT_DECODE = "fp16,q4_0,q4_k,Q4_K_M,int3_g128_sym,int2_g64_sym,nz2_ch,q2_k,e8p_ch+rht,iq2_xxs"
 SHAPE = (4096, 14336)  # [out, in]: Llama-3-8B down_proj
-# bits per weight of llama.cpp's types (ggml's block sizes) and of the peers' formats as peers.py stores them
-LLAMA_BPW = {"f16": 16.0, "q4_0": 4.5, "q4_K": 4.5, "q3_K": 3.4375, "q2_K": 2.625, "iq2_xxs": 2.0625}
 TWO_BIT_DECODE = ("q2_k", "iq2_xxs", "iq2_xs", "iq2_s")  # llama.cpp's 2-bit types a decode row may have
 FAMILIES = (  # (family, lowbit formats, peer formats (kernels rows), llama.cpp types)
     ("16-bit", (), (), ("f16",)),
@@ -47,6 +47,15 @@ FAMILIES = (  # (family, lowbit formats, peer formats (kernels rows), llama.cpp 
     ("IQ2_XXS", ("iq2_xxs",), (), ("iq2_xxs",)),
     ("E8P", ("e8p_ch",), (), ()),
 )
+
+
+def llama_bpw(ggml_type: str) -> float | None:
+    """Bits per weight of a llama.cpp type as ggml stores it (gguf-py's block sizes), None for a name it lacks."""
+    qtype = gguf.GGMLQuantizationType.__members__.get(ggml_type.upper())
+    if qtype is None:
+        return None
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    return 8 * size / block
 
 
 def run(cmd: list[str]) -> bool:
@@ -78,7 +87,7 @@ def gemv_table(kernel_rows: list[dict], llama: dict | None) -> list[dict]:
             for k in (llama or {}).get("kernels", []):
                 if k["type"] in llama_types and k["batch"] == m and (k["rows"], k["cols"]) == SHAPE:
                     out.append({"family": family, "tool": "llama.cpp", "format": k["type"], "batch": m,
-                                "bpw": LLAMA_BPW.get(k["type"]), "us": k["us"]})
+                                "bpw": llama_bpw(k["type"]), "us": k["us"]})
     return out
 
 
