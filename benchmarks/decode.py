@@ -111,8 +111,8 @@ def _random_signs(scales: torch.Tensor) -> None:
     """Negate a random half of ``scales`` in place. Random codes of a grid whose levels do not average zero (int3
     sym: -4..3) and no min to centre them put the same offset on every weight of a row, a rank-one gain of about
     |mean| x K per linear that compounds over the layers: a random 7B-shaped int3_g128_sym model's residual stream
-    reached 4.9e4 after 3 layers (fp32, on a CPU), and the fp16 reference loop overflowed to NaN. With random signs
-    the offsets cancel; a kernel's work does not depend on them."""
+    reached 5.1e4 after 3 layers (fp32, on a CPU: docs/kernels.md), and the fp16 reference loop overflowed to NaN.
+    With random signs the offsets cancel; a kernel's work does not depend on them."""
     flip = torch.rand(scales.shape, device=scales.device) < 0.5
     scales.copy_(torch.where(flip, -scales, scales))
 
