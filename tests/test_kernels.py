@@ -60,7 +60,8 @@ GEMV_CASES = [("int4_g32_sym", (12, 128), 1), ("q4_1", (10, 96), 3), ("int4_g128
               ("int8_g32_sym", (8, 64), 1), ("int3_g64_sym", (6, 200), 3), ("int5_g32_asym", (5, 96), 4),
               ("int4_g24_sym", (5, 96), 2), ("int4_g32_sym", (5, 36), 1), ("int3_g64_sym", (6, 192), 3),
               ("int3_g32_asym", (5, 96), 1), ("int3_ch_sym", (7, 160), 1), ("int3_g128_asym", (6, 576), 2),
-              ("int3_g32_sym", (5, 200), 1)]
+              ("int3_g32_sym", (5, 200), 1), ("q5_0", (5, 128), 1), ("int6_g64_asym", (6, 192), 3),
+              ("int7_g32_sym", (5, 96), 8)]
 GEMM_CASES = [("int4_g32_sym", (40, 128), 33), ("int3_g64_sym", (24, 200), 20), ("q4_1", (20, 96), 9)]
 E8P_CASES = [("e8p_ch", (8, 96), 1), ("e8p_g32", (6, 160), 3), ("e8p_g24", (5, 96), 8), ("e8p_g128", (5, 576), 2),
              ("e8p_ch", (6, 64), 33)]
@@ -75,11 +76,16 @@ SPLIT_CASES = [("int4_g128_asym", (6, 576), 1), ("int2_g64_sym", (12, 200), 1), 
                ("pm12_g32", (5, 160), 5), ("int3_g128_sym", (6, 576), 1)]
 # batch 1 on 2/4-bit affine grids runs triton_gemv_affine under "default": the general kernel must still be right
 GENERAL_CASES = [c for c in GEMV_CASES if c[2] == 1]
-# its own cases: asym / level-set offsets, per-row scales, ragged tiles; and split-K over 3 runs of words
+# its own cases: asym / level-set offsets, per-row scales, ragged tiles, 3- and 5- to 7-bit units (32 codes in
+# 3-7 words, codes straddling words) at batch 1 and in batches (programs of 2 activation rows; 3 or 5 rows: a
+# program with one); and split-K over 3 runs of words (batches: programs of 4 rows)
 AFFINE_CASES = [("q4_1", (10, 96), 1), ("int2_g64_sym", (12, 192), 1), ("nz2_ch", (9, 96), 1),
                 ("int2_g32_asym", (6, 160), 1), ("int4_g128_asym", (6, 576), 1), ("q4_0", (7, 520), 1),
-                ("int3_g64_sym", (12, 192), 1), ("int3_g128_asym", (6, 576), 1), ("int3_ch_sym", (7, 160), 1)]
-AFFINE_SPLIT = {"BLOCK_N": 4, "BLOCK_W": 4, "SPLIT_K": 3}
+                ("int3_g64_sym", (12, 192), 1), ("int3_g128_asym", (6, 576), 1), ("int3_ch_sym", (7, 160), 1),
+                ("q5_1", (6, 160), 1), ("int6_g64_sym", (5, 192), 1), ("int7_ch_asym", (5, 96), 1),
+                ("int3_g128_asym", (6, 576), 8), ("int5_g64_sym", (6, 256), 3), ("int3_g32_sym", (7, 96), 2),
+                ("int6_ch_asym", (5, 160), 5), ("int7_g64_asym", (4, 128), 4)]
+AFFINE_SPLIT = {"BLOCK_N": 4, "BLOCK_W": 4, "BLOCK_M": 4, "SPLIT_K": 3}
 ALL_CASES = ([("default", c) for c in GEMV_CASES + GEMM_CASES + E8P_CASES] + [("alt", c) for c in ALT_CASES]
              + [("split", c) for c in SPLIT_CASES] + [("general", c) for c in GENERAL_CASES]
              + [("default", c) for c in AFFINE_CASES] + [("affine_split", c) for c in AFFINE_CASES])
@@ -148,11 +154,17 @@ def test_triton_kernels_in_interpreter_match_reference(interpreter_results, tag,
     assert not (affine and tag == "general")
 
 
-def test_affine_gemv_serves_batch_one_affine_formats(interpreter_results):
-    served = {k.split(":")[1] for k, v in interpreter_results.items() if isinstance(v, list) and v[1]}
-    assert {c[0] for c in AFFINE_CASES} | {"int4_g32_sym", "int4_ch_sym"} <= served
-    # 4 levels, 8 bits, g24, 3-bit rows that are not whole units of 32 codes
-    assert not served & {"pm12_g32", "int8_g32_sym", "int4_g24_sym", "int3_g32_sym"}
+def test_affine_gemv_serves_batch_one_affine_formats_and_batches_of_units(interpreter_results):
+    served = {k.split(":", 1)[1] for k, v in interpreter_results.items() if isinstance(v, list) and v[1]}
+    names = {k.split(":")[0] for k in served}
+    assert {c[0] for c in AFFINE_CASES} | {"int4_g32_sym", "int4_ch_sym"} <= names
+    # 4 levels, 8 bits, g24
+    assert not names & {"pm12_g32", "int8_g32_sym", "int4_g24_sym"}
+    assert {"int3_g64_sym:6x192:3", "int5_g32_asym:5x96:4", "int6_g64_asym:6x192:3", "int7_g32_sym:5x96:8"} <= served
+    # batches of 2- and 4-bit words stay with the general kernel; so do 3-bit rows that are not whole units of 32
+    # codes
+    assert not served & {"q4_1:10x96:3", "int2_g32_asym:6x104:8", "nz2_ch:9x96:8", "int3_g64_sym:6x200:3",
+                         "int3_g32_sym:5x200:1"}
 
 
 def test_dispatch_in_interpreter_flattens_and_serves_quant_linear(interpreter_results):
@@ -181,7 +193,7 @@ def test_three_bit_rows_are_read_in_units_of_three_words():
 
 
 @pytest.mark.skipif(not triton_available(), reason="triton not installed")
-@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 7])
 def test_word_gemvs_compile_for_hopper(bits):
     """The interpreter runs the kernels as Python; this compiles them (sm_90, no GPU needed), which is where a
     constexpr that reaches a helper as a runtime value, or a type mismatch, fails."""
@@ -189,16 +201,20 @@ def test_word_gemvs_compile_for_hopper(bits):
     from triton.compiler import ASTSource, compile
 
     from lowbit.kernels.triton_gemv import _gemv_kernel
-    from lowbit.kernels.triton_gemv_affine import _gemv_affine_kernel
+    from lowbit.kernels.triton_gemv_affine import BATCH_BITS, _gemv_affine_kernel
 
     def build(fn, sig: dict, const: dict, warps: int = 4) -> None:  # noqa: ANN001
         src = ASTSource(fn, {**sig, **dict.fromkeys(const, "constexpr")}, const)
         assert compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["cubin"]
 
     ptrs = dict.fromkeys(["x_ptr", "scale_ptr", "min_ptr", "y_ptr"], "*fp16") | {"codes_ptr": "*i32"}
-    ints = dict.fromkeys(["N", "row_words", "n_groups", "mask_bits", "one_bits"], "i32")
-    build(_gemv_affine_kernel, ptrs | ints | {"lut_a": "fp32", "lut_b": "fp32"},
-          {"BITS": bits, "HAS_MIN": True, "GROUP_SHIFT": 7, "BLOCK_N": 8, "BLOCK_W": 64, "SPLIT_K": 1})
+    ints = dict.fromkeys(["M", "N", "row_words", "n_groups", "stride_xm", "stride_ym", "mask_bits", "one_bits"], "i32")
+    for block_m in (1, 4) if bits in BATCH_BITS else (1,):
+        build(_gemv_affine_kernel, ptrs | ints | {"lut_a": "fp32", "lut_b": "fp32"},
+              {"BITS": bits, "HAS_MIN": True, "GROUP_SHIFT": 7, "BLOCK_M": block_m, "BLOCK_N": 8 // block_m,
+               "BLOCK_W": 64, "SPLIT_K": 1})
+    if bits > 4:
+        return  # the general kernel reads these per column
     ints = dict.fromkeys(["M", "N", "K", "row_stride", "n_groups", "group", "stride_xm", "stride_ym"], "i32")
     floats = dict.fromkeys(["lut_a", "lut_b", "l0", "l1", "l2", "l3"], "fp32")
     for decode, block_m in ((0, 1), (2, 8)):
@@ -250,7 +266,7 @@ def test_triton_kernel_on_gpu(name, shape, m):
 
 @needs_gpu
 @pytest.mark.parametrize("name", ["int4_g128_sym", "q4_0", "q4_1", "int2_g64_sym", "nz2_ch", "int3_g128_sym",
-                                  "e8p_ch"])
+                                  "e8p_ch", "q5_0", "int6_g64_asym"])
 @pytest.mark.parametrize("m", [1, 3, 8, 64])
 def test_triton_kernel_on_gpu_model_shapes(name, m):
     fmt, qt, x = _problem(name, (1024, 4096), m, seed=6)

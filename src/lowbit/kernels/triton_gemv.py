@@ -15,7 +15,8 @@ Code reads:
   read as words and its 32 codes unpacked with constant shifts, codes 10 and 21 (which straddle two words) from
   both (:func:`word_bytes`).
 * anything else (3 bits in batches, 5, 6, 7 bits, or odd row lengths): per column, the one or two bytes holding
-  its code (the general, slower path).
+  its code (the general, slower path). Affine grids of 3 and 5-7 bits with rows of whole 32-code units go to
+  :mod:`triton_gemv_affine` instead, at batch 1 and in batches.
 
 Decoding: uniform grids (and affine 2-bit level sets such as nz2 = code - 1.5) never build the weight. The code is
 placed in the top mantissa bits of 1.0 (one shift + one LOP3), giving ``1 + c / 2^b`` exactly, and per scale
@@ -37,9 +38,10 @@ import triton.language as tl
 from lowbit.kernels import triton_gemv_affine
 from lowbit.kernels.device import sm_count
 from lowbit.kernels.launch import INTERPRET, autotune, bench, gemv_rows
+from lowbit.kernels.triton_gemv_affine import put_sums
 
-# batch 1 on 2/4-bit affine grids goes to the leaner kernel of triton_gemv_affine (LOWBIT_GEMV_AFFINE=0: this one,
-# e.g. to compare them)
+# affine grids go to the leaner kernel of triton_gemv_affine where it serves them (batch 1; batches of 3 and 5-7
+# bits: triton_gemv_affine.supported); LOWBIT_GEMV_AFFINE=0: this one, e.g. to compare them
 AFFINE_FAST = os.environ.get("LOWBIT_GEMV_AFFINE", "1") != "0"
 
 # decode modes
@@ -161,16 +163,6 @@ def _x_row(x_ptr, m: tl.constexpr, M, stride_xm, offs_k, k_mask, BLOCK_N: tl.con
 
 
 @triton.jit
-def _put(ptrs, acc, mask, SPLIT_K: tl.constexpr):
-    """Row sums of the elementwise accumulator: stored, or added atomically (float32 y) under split-K."""
-    v = tl.sum(acc, axis=1)
-    if SPLIT_K > 1:
-        tl.atomic_add(ptrs, v, mask=mask, sem="relaxed")
-    else:
-        tl.store(ptrs, v.to(ptrs.dtype.element_ty), mask=mask)
-
-
-@triton.jit
 def _gemv_kernel(x_ptr, codes_ptr, scale_ptr, min_ptr, lut_ptr, y_ptr,
                  M, N, K, row_stride, n_groups, group, stride_xm, stride_ym,
                  lut_a, lut_b, l0, l1, l2, l3,
@@ -248,19 +240,19 @@ def _gemv_kernel(x_ptr, codes_ptr, scale_ptr, min_ptr, lut_ptr, y_ptr,
             acc6 += w * _x_row(x_ptr, 6, M, stride_xm, offs_k, k_mask, BLOCK_N)
             acc7 += w * _x_row(x_ptr, 7, M, stride_xm, offs_k, k_mask, BLOCK_N)
     y_row = y_ptr + offs_n
-    _put(y_row, acc0, n_mask, SPLIT_K)
+    put_sums(y_row, acc0, n_mask, 1, SPLIT_K)
     if ROW_GROUPS > 1:
-        _put(y_row + BLOCK_N, acc_b, n_mask_b, SPLIT_K)
+        put_sums(y_row + BLOCK_N, acc_b, n_mask_b, 1, SPLIT_K)
     if BLOCK_M > 1:
-        _put(y_row + stride_ym, acc1, n_mask & ((offs_n * 0 + 1) < M), SPLIT_K)
+        put_sums(y_row + stride_ym, acc1, n_mask & ((offs_n * 0 + 1) < M), 1, SPLIT_K)
     if BLOCK_M > 2:
-        _put(y_row + 2 * stride_ym, acc2, n_mask & ((offs_n * 0 + 2) < M), SPLIT_K)
-        _put(y_row + 3 * stride_ym, acc3, n_mask & ((offs_n * 0 + 3) < M), SPLIT_K)
+        put_sums(y_row + 2 * stride_ym, acc2, n_mask & ((offs_n * 0 + 2) < M), 1, SPLIT_K)
+        put_sums(y_row + 3 * stride_ym, acc3, n_mask & ((offs_n * 0 + 3) < M), 1, SPLIT_K)
     if BLOCK_M > 4:
-        _put(y_row + 4 * stride_ym, acc4, n_mask & ((offs_n * 0 + 4) < M), SPLIT_K)
-        _put(y_row + 5 * stride_ym, acc5, n_mask & ((offs_n * 0 + 5) < M), SPLIT_K)
-        _put(y_row + 6 * stride_ym, acc6, n_mask & ((offs_n * 0 + 6) < M), SPLIT_K)
-        _put(y_row + 7 * stride_ym, acc7, n_mask & ((offs_n * 0 + 7) < M), SPLIT_K)
+        put_sums(y_row + 4 * stride_ym, acc4, n_mask & ((offs_n * 0 + 4) < M), 1, SPLIT_K)
+        put_sums(y_row + 5 * stride_ym, acc5, n_mask & ((offs_n * 0 + 5) < M), 1, SPLIT_K)
+        put_sums(y_row + 6 * stride_ym, acc6, n_mask & ((offs_n * 0 + 6) < M), 1, SPLIT_K)
+        put_sums(y_row + 7 * stride_ym, acc7, n_mask & ((offs_n * 0 + 7) < M), 1, SPLIT_K)
 
 # (BLOCK_N, num_warps, WPT, UNROLL, ROW_GROUPS, num_stages): BLOCK_W = WPT * 32 * num_warps / BLOCK_N words per row
 # per step, WPT (4-byte) words per thread (x2 int16 words for 2-bit), so one step of a program reads
@@ -337,7 +329,7 @@ def word_bytes(codes: torch.Tensor, bits: int, group: int, k: int, m: int = 1) -
     codes (4 for 8-bit), int32 for 4/8 bits, int16 for 2 bits; for 3 bits 12-byte units of 32 codes (three int32
     words) where rows are whole units, no unit crosses a scale group and the batch ``m`` is 1: at batch 8 a tile's
     32-code units times 8 accumulators overflow the registers (4096x4096 took 1080 us on an H100 against 65 us
-    reading bytes, docs/kernels.md)."""
+    reading bytes, docs/kernels.md); affine 3-bit batches go to :mod:`triton_gemv_affine`."""
     wbytes = {2: 2, 3: 12, 4: 4, 8: 4}.get(bits, 0)
     if wbytes == 0 or codes.shape[1] % wbytes or codes.storage_offset() % min(wbytes, 4):
         return 0
