@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--build", type=Path, default=None, help="build folder (default: WORK/build-cuda)")
     ap.add_argument("--work", type=Path, default=Path("llamacpp-bench"), help="folder for the GGUF files")
     ap.add_argument("--steps", default=",".join(STEPS))
-    ap.add_argument("--kernel-types", default="f16,q4_0,q4_K,q3_K,q2_K,iq2_xxs")
+    ap.add_argument("--kernel-types", default="f16,q5_0,q5_K,q4_0,q4_K,q3_K,q2_K,iq2_xxs")
     ap.add_argument("--batch", default="1,8")
     ap.add_argument("--types", default="q4_0,q4_k_m,q2_k", help="llama-quantize types of the decode files")
     ap.add_argument("--gen", type=int, default=128)

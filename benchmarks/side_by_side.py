@@ -35,12 +35,13 @@ sys.path.insert(0, str(HERE))
 from gemv_speed import LARGE  # noqa: E402 - the issue's five large shapes, where its targets are set
 
 STEPS = ("peers", "llamacpp", "decode", "table")
-LOWBIT_GEMV = "int4_g128_sym,q4_0,q4_k,int3_g128_sym,q3_k,int2_g64_sym,nz2_ch,q2_k,e8p_ch,iq2_xxs"
+LOWBIT_GEMV = "q5_0,q5_k,int4_g128_sym,q4_0,q4_k,int3_g128_sym,q3_k,int2_g64_sym,nz2_ch,q2_k,e8p_ch,iq2_xxs"
 LOWBIT_DECODE = "fp16,q4_0,q4_k,Q4_K_M,int3_g128_sym,int2_g64_sym,nz2_ch,q2_k,e8p_ch+rht,iq2_xxs"
 SHAPE = (4096, 14336)  # [out, in]: Llama-3-8B down_proj
 TWO_BIT_DECODE = ("q2_k", "iq2_xxs", "iq2_xs", "iq2_s")  # llama.cpp's 2-bit types a decode row may have
 FAMILIES = (  # (family, lowbit formats, peer formats (kernels rows), llama.cpp types)
     ("16-bit", (), (), ("f16",)),
+    ("5-bit", ("q5_0", "q5_1", "q5_k"), (), ("q5_0", "q5_1", "q5_K")),
     ("4-bit", ("int4_g128_sym", "q4_0", "q4_k"), ("gemlite W4 g128", "torchao int4 g128"), ("q4_0", "q4_K")),
     ("3-bit", ("int3_g128_sym", "q3_k"), (), ("q3_K",)),
     ("2-bit scalar", ("int2_g64_sym", "nz2_ch", "q2_k"), ("gemlite W2 g64",), ("q2_K",)),

@@ -56,6 +56,16 @@ def test_three_bit_rows_meet_llamacpp_q3_k_and_more_bits() -> None:
     assert (got["wins"], abs(got["worst"] - 15.0 / 14.0) < 1e-9) == (0, True)
 
 
+def test_five_bit_rows_meet_llamacpp_q5_0_not_fewer_bits() -> None:
+    kernels = [_row("q5_0", (4096, 14336), 1, 5.5, 20.0)]
+    llama = {"kernels": [{"type": t, "batch": 1, "rows": 4096, "cols": 14336, "us": us}
+                         for t, us in (("q5_0", 22.0), ("q5_K", 24.0), ("q4_0", 14.0))]}
+    table = sbs.gemv_table(kernels, llama)
+    assert {r["family"] for r in table if r["format"] in ("q5_0", "q5_K")} == {"5-bit"}
+    got = sbs.versus_peers(kernels, table)[0]  # Q4_0 has fewer bits: held against Q5_0's 22 us
+    assert (got["wins"], abs(got["worst"] - 20.0 / 22.0) < 1e-9) == (1, True)
+
+
 def test_decode_ratios_use_the_matching_llamacpp_type() -> None:
     got = {r["variant"]: r for r in sbs.decode_table(DECODE, LLAMA) if r["tool"] == "lowbit"}
     assert got["nz2_ch"]["vs_fp16"] == 3.0
