@@ -74,7 +74,7 @@ SPLIT_CONFIG = {"BLOCK_N": 4, "BLOCK_W": 8, "UNROLL": 1, "ROW_GROUPS": 1, "SPLIT
 SPLIT_CASES = [("int4_g128_asym", (6, 576), 1), ("int2_g64_sym", (12, 200), 1), ("q4_1", (10, 96), 3),
                ("int3_g64_sym", (6, 200), 3), ("nz2_ch", (9, 96), 8), ("int4_g24_sym", (5, 96), 2),
                ("pm12_g32", (5, 160), 5), ("int3_g128_sym", (6, 576), 1)]
-# batch 1 on 2/4-bit affine grids runs triton_gemv_affine under "default": the general kernel must still be right
+# batch 1 on 2- to 7-bit affine grids runs triton_gemv_affine under "default": the general kernel must still be right
 GENERAL_CASES = [c for c in GEMV_CASES if c[2] == 1]
 # its own cases: asym / level-set offsets, per-row scales, ragged tiles, 3- and 5- to 7-bit units (32 codes in
 # 3-7 words, codes straddling words) at batch 1 and in batches (programs of 2 activation rows; 3 or 5 rows: a

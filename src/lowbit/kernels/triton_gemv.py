@@ -38,7 +38,7 @@ import triton.language as tl
 from lowbit.kernels import triton_gemv_affine
 from lowbit.kernels.device import sm_count
 from lowbit.kernels.launch import INTERPRET, autotune, bench, gemv_rows
-from lowbit.kernels.triton_gemv_affine import put_sums
+from lowbit.kernels.triton_gemv_affine import load_unit, put_sums, straddling_code
 
 # affine grids go to the leaner kernel of triton_gemv_affine where it serves them (batch 1; batches of 3 and 5-7
 # bits: triton_gemv_affine.supported); LOWBIT_GEMV_AFFINE=0: this one, e.g. to compare them
@@ -67,11 +67,11 @@ def _triple_code(w0, w1, w2, J: tl.constexpr):
     if J < 10:
         t = w0 >> (3 * J)
     elif J == 10:  # bits 30, 31 of w0 and bit 0 of w1
-        t = ((w0 >> 30) & 3) | (w1 << 2)
+        t = straddling_code(w0, w1, 30, 3, 0)
     elif J < 21:
         t = w1 >> (3 * J - 32)
     elif J == 21:  # bit 31 of w1 and bits 0, 1 of w2
-        t = ((w1 >> 31) & 1) | (w2 << 1)
+        t = straddling_code(w1, w2, 31, 3, 0)
     else:
         t = w2 >> (3 * J - 64)
     return t
@@ -125,9 +125,7 @@ def _words_tile(codes_ptr, scale_ptr, min_ptr, lut_ptr, offs_n, n_mask, k0, row_
     if BITS == 3:
         wmask = n_mask[:, None] & (3 * offs_w < row_stride)[None, :]
         at = codes_ptr + offs_n[:, None] * row_stride + 3 * offs_w[None, :]
-        words = tl.load(at, mask=wmask, other=0, eviction_policy="evict_first").to(tl.int32)
-        w1 = tl.load(at + 1, mask=wmask, other=0, eviction_policy="evict_first").to(tl.int32)
-        w2 = tl.load(at + 2, mask=wmask, other=0, eviction_policy="evict_first").to(tl.int32)
+        words, w1, w2, _, _, _, _ = load_unit(at, wmask, 3)
     else:
         wmask = n_mask[:, None] & (offs_w < row_stride)[None, :]
         words = tl.load(codes_ptr + offs_n[:, None] * row_stride + offs_w[None, :], mask=wmask, other=0,

@@ -39,14 +39,13 @@ from lowbit.kernels.launch import INTERPRET, MAX_M, autotune, bench, gemv_rows
 
 
 @triton.jit
-def _straddler(lo, hi, r: tl.constexpr, BITS: tl.constexpr):
-    """The code at bits r .. r + BITS - 1 of words (lo, hi) with r + BITS > 32, at bits TOP .. 22 (3 bits: code 10
-    is bits 30, 31 of word 0 and bit 0 of word 1)."""
-    TOP: tl.constexpr = 23 - BITS
+def straddling_code(lo, hi, r: tl.constexpr, BITS: tl.constexpr, AT: tl.constexpr):
+    """The code at bits r .. r + BITS - 1 of words (lo, hi) with r + BITS > 32, at bits AT .. AT + BITS - 1, the
+    rest zero (3 bits: code 10 is bits 30, 31 of word 0 and bit 0 of word 1). Both GEMVs' units."""
     LOW: tl.constexpr = 32 - r  # its bits in lo
     ONE: tl.constexpr = 1  # constexpr << constexpr: Triton 3.6's constexpr has no __rlshift__
-    return (((lo >> (r - TOP)) & (((ONE << LOW) - 1) << TOP))
-            | ((hi << (TOP + LOW)) & (((ONE << (BITS - LOW)) - 1) << (TOP + LOW))))
+    return (((lo >> (r - AT)) & (((ONE << LOW) - 1) << AT))
+            | ((hi << (AT + LOW)) & (((ONE << (BITS - LOW)) - 1) << (AT + LOW))))
 
 
 @triton.jit
@@ -69,8 +68,8 @@ def _pick(q: tl.constexpr, w0, w1, w2, w3, w4, w5, w6):
 
 
 @triton.jit
-def _load_unit(at, mask, UNIT: tl.constexpr):
-    """The UNIT words of each unit at ``at`` (words past UNIT repeat the first: never read)."""
+def load_unit(at, mask, UNIT: tl.constexpr):
+    """The UNIT words of each unit at ``at`` (words past UNIT repeat the first: never read). Both GEMVs' units."""
     w0 = tl.load(at, mask=mask, other=0, eviction_policy="evict_first")
     w1 = w0
     w2 = w0
@@ -107,7 +106,8 @@ def _code(i: tl.constexpr, BITS: tl.constexpr, u0, u1, u2, u3, u4, u5, u6, mask_
     R: tl.constexpr = BITS * i % 32
     if R + BITS > 32:
         P: tl.constexpr = TOP
-        src = _straddler(_pick(Q, u0, u1, u2, u3, u4, u5, u6), _pick(Q + 1, u0, u1, u2, u3, u4, u5, u6), R, BITS)
+        src = straddling_code(_pick(Q, u0, u1, u2, u3, u4, u5, u6), _pick(Q + 1, u0, u1, u2, u3, u4, u5, u6), R,
+                              BITS, TOP)
     else:
         HEAD: tl.constexpr = (32 * Q + BITS - 1) // BITS  # the word's first code wholly inside it
         P: tl.constexpr = TOP - (CPS - 1 - (i - HEAD) % CPS) * BITS
@@ -198,7 +198,7 @@ def _gemv_affine_kernel(x_ptr, codes_ptr, scale_ptr, min_ptr, y_ptr, M, N, row_w
     rows = codes_ptr + offs_n[None, :] * (row_words * UNIT)
     offs_w = w_lo + tl.arange(0, BLOCK_W)
     first = (offs_w < w_hi)[:, None] & n_mask[None, :]
-    n0, n1, n2, n3, n4, n5, n6 = _load_unit(rows + UNIT * offs_w[:, None], first, UNIT)
+    n0, n1, n2, n3, n4, n5, n6 = load_unit(rows + UNIT * offs_w[:, None], first, UNIT)
     for w_0 in range(w_lo, w_hi, BLOCK_W):
         # the next step's words are requested before this step's are decoded (registers double-buffer them):
         # the decode is long enough that waiting for each load in turn would leave HBM idle
@@ -208,7 +208,7 @@ def _gemv_affine_kernel(x_ptr, codes_ptr, scale_ptr, min_ptr, y_ptr, M, N, row_w
         mask = w_mask[:, None] & n_mask[None, :]
         offs_nxt = offs_w + BLOCK_W
         later = (offs_nxt < w_hi)[:, None] & n_mask[None, :]
-        n0, n1, n2, n3, n4, n5, n6 = _load_unit(rows + UNIT * offs_nxt[:, None], later, UNIT)
+        n0, n1, n2, n3, n4, n5, n6 = load_unit(rows + UNIT * offs_nxt[:, None], later, UNIT)
         # t = sum_j (a c_j + b) x_j per row and word, as one FFMA per code and activation row:
         # v_j = 1 + c_j 2^(p_j - 23) against x'_j = a x_j 2^(23 - p_j), started at b sum x - sum x'
         t0 = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.float32)
@@ -289,6 +289,7 @@ def _autotuned(split: bool):
     return autotune(_gemv_affine_kernel, _configs(), _KEY, bench(10, 40, median=True),
                     prune_configs_by={"early_config_prune": _prune},
                     reset_to_zero=["y_ptr"] if split else None)
+
 
 _tuned = None if INTERPRET else _autotuned(split=False)
 _tuned_split = None if INTERPRET else _autotuned(split=True)
