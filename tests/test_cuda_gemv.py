@@ -25,8 +25,9 @@ from lowbit.kernels.dispatch import decode_lut
 
 SERVED = ["int2_g64_sym", "int2_g32_asym", "int2_g64_asym", "int4_g128_sym", "int4_g128_asym", "q4_0", "q4_1",
           "nz2_ch", "nz2_g64", "std2_g64", "std2m_ch", "int4_ch_sym", "int2_ch_asym", "e8p_ch", "e8p_g256", "iq2_xxs",
-          "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"]
-NOT_SERVED = ["pm12_ch", "nz2r30_ch", "iq4_nl", "int3_g128_sym", "int8_g32_sym", "e8p_g8"]
+          "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "int3_g128_sym", "int3_g64_asym", "int3_ch_sym", "q5_0", "q5_1",
+          "int6_g128_sym"]
+NOT_SERVED = ["pm12_ch", "nz2r30_ch", "iq4_nl", "int7_g128_sym", "int8_g32_sym", "e8p_g8", "int3_g128_zp"]
 K_QUANTS = ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k"]
 
 
@@ -601,13 +602,14 @@ def test_planned_formats_route_to_the_cuda_gemv_up_to_sixteen_rows() -> None:
     from lowbit.kernels.dispatch import GPU_UNVERIFIED, route
 
     x = torch.zeros(cuda_gemv.MAX_ROWS + 1, 4096, device="cuda", dtype=torch.float16)
-    for name in ("q4_0", "int4_g128_sym", "int2_g64_sym", "nz2_ch", "e8p_ch", "iq2_xxs", *K_QUANTS):
+    for name in ("q4_0", "int4_g128_sym", "int2_g64_sym", "nz2_ch", "e8p_ch", "iq2_xxs", "int3_g128_sym", "q5_0",
+                 *K_QUANTS):
         if f"cuda_{name}" in GPU_UNVERIFIED:
             continue
         assert route(x[:1], get_format(name), (4096, 4096)) == "cuda"
         assert route(x[:cuda_gemv.MAX_ROWS], get_format(name), (4096, 4096)) == "cuda"  # two launches
         assert route(x, get_format(name), (4096, 4096)) != "cuda"
-    assert route(x[:1], get_format("int3_g128_sym"), (4096, 4096)) == "triton"
+    assert route(x[:1], get_format("int7_g128_sym"), (4096, 4096)) == "triton"
 
 
 @gpu
@@ -642,7 +644,7 @@ def test_cuda_gemv_kernels_fit_their_blocks_without_spills(name: str, cols: int,
             blocks = cuda_gemv.min_blocks_for(warps, m, tiles)
             kern = cuda_jit.kernel(cuda_gemv._source(p, staged, warps, blocks, False, full, norm, resid, loop, tiles),
                                    "gemv_mma", torch.device("cuda"))
-            assert kern.attribute(3) <= (96 if p.kind == 3 else 16)  # CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES
+            assert kern.attribute(3) <= (96 if p.kind == 3 or p.hi_bits else 16)  # CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES
             assert kern.attribute(4) * warps * 32 * blocks <= 65536  # NUM_REGS
 
 

@@ -70,7 +70,7 @@ def test_every_format_on_the_cpu(name: str) -> None:
     _check(name, (40, 1024), 3)
 
 
-@pytest.mark.parametrize("name", ["nz2_ch", "q4_0", "e8p_ch", "iq2_xxs", "q3_k"])
+@pytest.mark.parametrize("name", ["nz2_ch", "q4_0", "e8p_ch", "iq2_xxs", "q3_k", "int3_g128_sym", "q5_1"])
 @pytest.mark.parametrize("variant", ["norm+residual", "norm+gated", "two-per-warp", "rows-from-l2", "looping",
                                      "ragged-k"])
 def test_kernel_variants_on_the_cpu(name: str, variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -94,7 +94,7 @@ def test_kernel_variants_on_the_cpu(name: str, variant: str, monkeypatch: pytest
         _check(name, (40, 2304 if name in ("iq2_xxs", "q3_k") else 576), 3)
 
 
-@pytest.mark.parametrize("name", ["iq2_xxs", "int4_g128_sym", "e8p_g256"])
+@pytest.mark.parametrize("name", ["iq2_xxs", "int4_g128_sym", "e8p_g256", "int5_g128_sym"])
 @pytest.mark.parametrize("m", [1, 8])
 def test_step_scale_on_the_cpu(name: str, m: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Group scales once per step, plain and with two row blocks per warp (batch 8): the weights' scales reach the

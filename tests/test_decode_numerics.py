@@ -47,7 +47,7 @@ def _reference_tokens(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.
 
 
 @pytest.mark.parametrize("recipe", ["rtn:q4_0", "rtn:int4_g128_sym", "rtn:nz2_ch", "rtn:e8p_ch", "rtn+rht:e8p_ch",
-                                    "rtn:iq2_xxs"])
+                                    "rtn:iq2_xxs", "rtn:int3_g128_sym", "rtn:q5_0"])
 def test_fast_decode_gives_the_reference_tokens(bundled, recipe: str) -> None:  # noqa: ANN001
     _check_against_reference(bundled, recipe, compile=False)
 

@@ -254,9 +254,17 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() or not triton_avail
                                reason="needs a CUDA GPU and triton")
 
 
+@pytest.fixture
+def triton_only(monkeypatch):
+    """The Triton kernels on a GPU, also for the calls the CUDA tensor-core GEMV plans (tests/test_cuda_gemv.py)."""
+    from lowbit.kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "_CUDA_GEMV", False)
+
+
 @needs_gpu
 @pytest.mark.parametrize("name,shape,m", CASES + GEMV_CASES + GEMM_CASES + E8P_CASES)
-def test_triton_kernel_on_gpu(name, shape, m):
+def test_triton_kernel_on_gpu(name, shape, m, triton_only):
     fmt, qt, x = _problem(name, shape, m, seed=4)
     qt, x = qt.to("cuda"), x.to("cuda", torch.float16)
     y = dequant_matmul(x, fmt, qt)
@@ -268,7 +276,7 @@ def test_triton_kernel_on_gpu(name, shape, m):
 @pytest.mark.parametrize("name", ["int4_g128_sym", "q4_0", "q4_1", "int2_g64_sym", "nz2_ch", "int3_g128_sym",
                                   "e8p_ch", "q5_0", "int6_g64_asym"])
 @pytest.mark.parametrize("m", [1, 3, 8, 64])
-def test_triton_kernel_on_gpu_model_shapes(name, m):
+def test_triton_kernel_on_gpu_model_shapes(name, m, triton_only):
     fmt, qt, x = _problem(name, (1024, 4096), m, seed=6)
     qt, x = qt.to("cuda"), x.to("cuda", torch.float16)
     y = dequant_matmul(x, fmt, qt)

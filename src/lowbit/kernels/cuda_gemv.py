@@ -1,4 +1,4 @@
-"""Tensor-core GEMV for decode (1 to 8 rows of activations per launch, up to 16 in two) on 2- and 4-bit affine
+"""Tensor-core GEMV for decode (1 to 8 rows of activations per launch, up to 16 in two) on 2- to 6-bit affine
 grids, E8P, IQ2_XXS and llama.cpp's K-quants, in CUDA C++ (``cuda/gemv_mma.cu``), compiled at first use by
 :mod:`cuda_jit`.
 
@@ -15,8 +15,11 @@ packed as the 2- or 4-bit grids pack theirs, so the same decode serves them, the
 each chunk's integer scales in one 16- or 32-bit word and each superblock's fp16 (d, -dmin) in one 32-bit word (at
 most 0.19 bits per weight more than ggml's bytes: Q4_K 4.625). Both layouts are built on the device at a weight's
 first GEMV and kept beside its stored bytes (which GGUF export and the other paths read), so such a weight takes
-twice its memory there. E8P's stored order is the kernel's own (:func:`lowbit.formats.e8p.to_stored`: pattern bytes
-apart from sign words the kernel turns into flip masks with a multiply, so a code costs one table read).
+twice its memory there. The 3-, 5- and 6-bit affine grids (int3_*, q5_0, q5_1, int5_*, int6_*) are split the same
+way (:func:`affine_layout`: the low 2 or 4 bits of each code as a 2- or 4-bit grid, the rest in a plane beside
+them, Q3_K's, Q5_K's and Q6_K's decode), their fp16 scales read as stored; they too take twice their memory there.
+E8P's stored order is the kernel's own (:func:`lowbit.formats.e8p.to_stored`: pattern bytes apart from sign words
+the kernel turns into flip masks with a multiply, so a code costs one table read).
 
 Variants that measured slower on an H200 and were taken out (a cp.async ring feeding persistent blocks, E8P's sign
 byte turned into its flip mask by 12 ALU instructions, the +rht input transform folded into the staging) are in
@@ -39,7 +42,7 @@ import torch
 from lowbit.formats import E8PFormat, Format, IQ2XXSFormat, KQuantFormat, QuantizedTensor, UniformFormat
 from lowbit.formats import e8p as e8p_format
 from lowbit.formats import iq2xxs as iq2xxs_format
-from lowbit.formats.bitpack import pack_bits
+from lowbit.formats.bitpack import pack_bits, unpack_bits
 from lowbit.formats.kquants import QK_K
 from lowbit.kernels import cuda_jit
 from lowbit.kernels.device import hopper, sm_count
@@ -61,12 +64,13 @@ _MAGIC = 1024.0  # 0x6400
 @dataclass(frozen=True)
 class Plan:
     kind: int  # 0 affine grid, 1 E8P, 2 IQ2_XXS, 3 K-quant
-    bits: int  # bits per code the magic-number decode reads (KIND 3: the low 2 or 4)
+    bits: int  # bits per code the magic-number decode reads (with hi_bits: the low 2 or 4)
     asym: bool
     group_shift: int  # log2(columns per scale group); 30 = one per row
     row_scale: bool
     dq: tuple[tuple[float, float], ...]  # (A_i, B_i): level = A_i * magic_i + B_i, one per code position
-    hi_bits: int = 0  # KIND 3: code bits beyond the low ones (Q3_K, Q5_K 1, Q6_K 2), read from their own plane
+    # code bits beyond the low ones, read from a plane of their own (3-, 5-bit grids, Q3_K, Q5_K: 1; 6-bit, Q6_K: 2)
+    hi_bits: int = 0
 
     def defines(self, staged_x: int = 0, warps: int = WARPS_FEW, min_blocks: int = 1, gated: bool = False,
                 full: bool = False, norm_qs: int = 0, resid: bool = False, resident: bool = False,
@@ -172,17 +176,24 @@ def _plan(fmt: Format, cols: int) -> Plan | None:
             return None
         shift = _group_shift(fmt, cols, 16)
         return None if shift is None else Plan(1, 2, False, shift, shift == 30, ())
-    if not isinstance(fmt, UniformFormat) or fmt.bits not in (2, 4) or (cols * fmt.bits) % 128:
+    if not isinstance(fmt, UniformFormat) or fmt.bits not in _LOW_BITS:
         return None
+    low = _LOW_BITS[fmt.bits]
     levels = _affine_levels(fmt)
-    shift = _group_shift(fmt, cols, 32 // fmt.bits)
-    if levels is None or shift is None:
+    shift = _group_shift(fmt, cols, 32 // low)
+    if levels is None or shift is None or (cols * low) % 128:
         return None
     a, b = levels
-    dq = tuple((a / p, b - _MAGIC * a / p) for p in _position_scales(fmt.bits))
+    dq = tuple((a / p, b - _MAGIC * a / p) for p in _position_scales(low, fmt.bits > low))
     if not all(_exact_half(v) for pair in dq for v in pair):
         return None
-    return Plan(0, fmt.bits, not fmt.symmetric, shift, fmt.symmetric and shift == 30, dq)
+    return Plan(0, low, not fmt.symmetric, shift, fmt.symmetric and shift == 30, dq, hi_bits=fmt.bits - low)
+
+
+# Affine grids the kernel decodes, by bits per code -> the low bits it reads as a 2- or 4-bit grid reads its codes.
+# 3-, 5- and 6-bit codes are split as Q3_K's, Q5_K's and Q6_K's are (:func:`split_codes`): their high bits join the
+# magic number from a plane of their own. 7 bits would not: 127 codes at the 4-bit grid's position 16 pass 1024.
+_LOW_BITS = {2: 2, 3: 2, 4: 4, 5: 4, 6: 4}
 
 
 def plan(fmt: Format, shape: tuple[int, int]) -> Plan | None:
@@ -290,22 +301,39 @@ def kquant_layout(fmt: KQuantFormat, qs: torch.Tensor, cols: int) -> tuple[torch
     return tuple(torch.cat(field).contiguous() for field in zip(*parts, strict=True))
 
 
+def split_codes(codes: torch.Tensor, low_bits: int, hi_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes [rows, cols] (int64) -> the kernel's two planes: the low ``low_bits`` of every code packed as a 2- or
+    4-bit grid packs its codes (int32 [rows, cols * low_bits / 32]), and the ``hi_bits`` above them (the .cu's
+    magic_with_hi, int32 [rows, cols * hi_bits / 32]; one zero per row when there are none)."""
+    rows, cols = codes.shape
+    low = pack_bits(codes & ((1 << low_bits) - 1), low_bits).view(torch.int32)
+    if not hi_bits:
+        return low, torch.zeros(rows, 1, dtype=torch.int32, device=codes.device)
+    # pair i of word j (codes i, i + half): at bits hb i + base, hb i + base + 16 of its hi word (magic_with_hi)
+    lb, hb = low_bits, hi_bits
+    half, chunk = 16 // lb, 128 // lb  # codes per half word, per 16-byte chunk
+    h = (codes >> lb).reshape(rows, cols // chunk, 4, 2, half)  # [row, chunk, word j, half, code i]
+    j = torch.arange(4, device=codes.device).view(4, 1, 1)
+    pos = 16 * torch.arange(2, device=codes.device).view(1, 2, 1) + hb * torch.arange(half, device=codes.device)
+    pos = pos + (4 * j if lb == 4 and hb == 1 else 8 * (j % 2))
+    words = (h << pos).reshape(rows, cols // chunk, hb * chunk // 32, -1).sum(-1)  # disjoint bits: an OR
+    return low, _int32(words.reshape(rows, -1))
+
+
+def affine_layout(fmt: UniformFormat, packed: torch.Tensor, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 3-, 5- or 6-bit grid's stored codes (uint8 [rows, cols * bits / 8]) -> :func:`split_codes`'s planes,
+    on ``packed``'s device, a slice of rows at a time (int64 temporaries)."""
+    lb = _LOW_BITS[fmt.bits]
+    parts = [split_codes(unpack_bits(packed[r:r + _LAYOUT_ROWS], fmt.bits, cols).to(torch.int64), lb, fmt.bits - lb)
+             for r in range(0, packed.shape[0], _LAYOUT_ROWS)]
+    return tuple(torch.cat(field).contiguous() for field in zip(*parts, strict=True))
+
+
 def _kquant_rows(fmt: KQuantFormat, qs: torch.Tensor, cols: int) -> tuple[torch.Tensor, ...]:
     rows = qs.shape[0]
     codes, params = fmt.unpack(QuantizedTensor(fmt.name, (rows, cols), {"qs": qs}))
     lb = _kquant_low_bits(fmt)
-    low = pack_bits(codes & ((1 << lb) - 1), lb).view(torch.int32)
-    hb = fmt.bits - lb
-    if hb:  # pair i of word j (codes i, i + half): at bits hb i + base, hb i + base + 16 of hi word (magic_with_hi)
-        half, chunk = 16 // lb, 128 // lb  # codes per half word, per 16-byte chunk
-        h = (codes >> lb).reshape(rows, cols // chunk, 4, 2, half)  # [row, chunk, word j, half, code i]
-        j = torch.arange(4, device=qs.device).view(4, 1, 1)
-        pos = 16 * torch.arange(2, device=qs.device).view(1, 2, 1) + hb * torch.arange(half, device=qs.device)
-        pos = pos + (4 * j if lb == 4 and hb == 1 else 8 * (j % 2))
-        words = (h << pos).reshape(rows, cols // chunk, hb * chunk // 32, -1).sum(-1)  # disjoint bits: an OR
-        hi = _int32(words.reshape(rows, -1))
-    else:
-        hi = torch.zeros(rows, 1, dtype=torch.int32, device=qs.device)
+    low, hi = split_codes(codes, lb, fmt.bits - lb)
     # Scale bytes in the order the kernel reads them (little-endian words): Q2_K one byte sc | mn << 4 per 16-weight
     # sub-block, Q3_K / Q6_K their int8 sc, Q4_K / Q5_K (sc, mn) per 32-weight sub-block.
     sc = params["sc"].to(torch.int64)
@@ -503,6 +531,8 @@ def gemv(x: torch.Tensor, fmt: Format, qt: QuantizedTensor, p: Plan, gated: bool
         else:
             codes, scales, groups = qt.data["codes"], qt.data["scale"], fmt.n_groups(k)
             mins = qt.data.get("min", scales)
+            if p.hi_bits:  # 3-, 5-, 6-bit grids: the high-bit plane takes the place of the decode tables
+                codes, tables = _cached_layout(codes, lambda c: affine_layout(fmt, c, k))
     full = k % (4 * half_per_chunk(p)) == 0  # whole steps of 4 chunks: no lane past the row's end
     rows_per_block = ROWS_PER_BLOCK // 2 if gated else ROWS_PER_BLOCK  # gated: 8 gate rows + their 8 up rows
     sms = sm_count(x.device)
@@ -584,7 +614,7 @@ def decode_reference(fmt: Format, cols: int, codes: torch.Tensor) -> torch.Tenso
     if p.kind == 1:
         return _decode_e8p(codes)
     out = []
-    for pos, (a, b) in zip(_position_scales(p.bits), p.dq, strict=True):
+    for pos, (a, b) in zip(_position_scales(p.bits, p.hi_bits > 0), p.dq, strict=True):
         magic = 0x6400 | (codes * int(pos))  # the LOP3: the code, already at its bit position, into 1024.0
         out.append(_fma_half(_as_half(magic), a, b))
     return torch.stack(out)

@@ -7,7 +7,7 @@ dispatch does a dict lookup for the format's cached decode plan (LUT on the devi
 
 * first, on CUDA with M <= 16 rows: :mod:`cuda_gemv` (tensor-core GEMV in CUDA C++, compiled by NVRTC at first
   use; one launch per 8 rows) for E8P and IQ2_XXS (rows a multiple of 64 long), the K-quants Q2_K, Q4_K, Q5_K and
-  Q6_K, and the 2- and 4-bit affine grids it decodes exactly (``LOWBIT_CUDA_GEMV=0`` turns it off);
+  Q6_K, and the 2- to 6-bit affine grids it decodes exactly (``LOWBIT_CUDA_GEMV=0`` turns it off);
 * scalar formats (uniform 2..8 bits, level sets): M <= 8 rows -> :mod:`triton_gemv` (bandwidth-bound GEMV),
   more rows -> :mod:`triton_uniform` (dequantize tiles + ``tl.dot``);
 * E8P (``e8p_*``): M <= 8 -> :mod:`triton_e8p` GEMV (codebook gathered from an L2-resident fp16 table), more

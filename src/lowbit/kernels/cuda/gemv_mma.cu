@@ -5,8 +5,9 @@
 //   KIND         0 = affine scalar grid, 1 = E8P, 2 = IQ2_XXS (llama.cpp's sub-blocks, superblock d apart),
 //                3 = K-quant (Q2_K, Q3_K with their 2 low code bits; Q4_K, Q5_K, Q6_K with their 4 low ones;
 //                cuda_gemv.kquant_layout)
-//   BITS         2 or 4 (KIND 0; KIND 3: the low code bits, read as a 2- or 4-bit grid reads its codes)
-//   KQ_HB        KIND 3: high code bits per weight beyond the low ones (Q2_K, Q4_K 0, Q3_K, Q5_K 1, Q6_K 2)
+//   BITS         2 or 4 (KIND 0, 3: the low code bits, read as a 2- or 4-bit grid reads its codes)
+//   KQ_HB        KIND 0, 3: high code bits per weight beyond the low ones, in a plane of their own (3- and 5-bit grids,
+//                Q3_K, Q5_K 1; 6-bit grids, Q6_K 2; cuda_gemv.split_codes)
 //   ASYM         1 when the format stores a per-group min (w = L(q) s + m), else w = L(q) s (KIND 3: Q2_K, Q4_K,
 //                Q5_K)
 //   DQ_A<i>, DQ_B<i>  fp16x2 constants: L(q) = fma(magic(q at bit position i), DQ_A<i>, DQ_B<i>), exact
@@ -134,7 +135,7 @@ DEV u32 word(const U4& v, int j) { return j == 0 ? v.x : j == 1 ? v.y : j == 2 ?
 #define HALF_PER_WORD 16
 #endif
 #define HALF_PER_CHUNK (4 * HALF_PER_WORD)  // weights in 16 bytes of codes
-#define KQ_HI_WORDS (KQ_HB * HALF_PER_CHUNK / 32)  // KIND 3: words of high code bits per chunk (magic_with_hi)
+#define KQ_HI_WORDS (KQ_HB * HALF_PER_CHUNK / 32)  // words of high code bits per chunk (magic_with_hi)
 
 // Activations, in 16-byte units u of the lane's batch row. The four lanes t of a quad read chunks 4 s + t at the
 // same offset; 8-unit chunks 128 bytes apart (4-unit ones 64) would sit in the same shared-memory banks. Batch 1
@@ -218,7 +219,7 @@ DEV void b_frag(const u32* xr, int m, int half, u32& b0, u32& b1) {
 // Codes i and i + 8 of a word sit at bits 2i and 2i + 16; codes 1..4 are read in place (magic 1024 + 4^i q), code
 // 0 after a shift left by 2 and codes 5..7 after a shift right by 8, so that no code sits at bit 0: with a weight of
 // at least 4 on q, every B constant of an affine set (q - 1.5 included) is exact in fp16.
-#if KIND == 3 && KQ_HB  // Q3_K: code 4 is read after a shift right by 4, so that its third (high) bit still fits
+#if KQ_HB  // 3-bit codes (Q3_K): code 4 is read after a shift right by 4, so that its third (high) bit still fits
 #define DQ_SRC(w, i) ((i) == 0 ? (w) << 2 : (i) == 4 ? (w) >> 4 : (i) < 5 ? (w) : (w) >> 8)
 #define DQ_MASK(i) (0x00030003u << ((i) == 0 ? 2 : (i) == 4 ? 4 : (i) < 5 ? 2 * (i) : 2 * ((i) - 4)))
 #else
@@ -236,11 +237,11 @@ DEV void b_frag(const u32* xr, int m, int half, u32& b0, u32& b1) {
 #endif
 
 #if KIND == 0 || KIND == 3
-#if KIND == 3 && KQ_HB
-// The high code bits of a K-quant (cuda_gemv.kquant_layout), one hi word per chunk (Q5_K) or two (Q6_K, Q3_K: words
-// 2e and 2e + 1 of the chunk in hi word e, KQ_HI_WORDS): the high bits of pair i of word j (codes i and i + PAIRS) at
-// bit KQ_HB i + base and 16 higher, base = 4 j (Q5_K) or 8 (j % 2). Pair i's low bits sit at bit L of each half
-// (DQ_MASK: Q4_K-Q6_K L = 4 (i % 2), Q3_K L = 2, 4 or 6), so its high bits go to L + BITS (one shift, by a constant,
+#if KQ_HB
+// The high bits of 3-, 5- and 6-bit codes (cuda_gemv.split_codes), one hi word per chunk (5 bits) or two (3 and 6
+// bits: words 2e and 2e + 1 of the chunk in hi word e, KQ_HI_WORDS): the high bits of pair i of word j (codes i and
+// i + PAIRS) at bit KQ_HB i + base and 16 higher, base = 4 j (5 bits) or 8 (j % 2). Pair i's low bits sit at bit L of
+// each half (DQ_MASK: 4-bit low codes L = 4 (i % 2), 2-bit L = 2, 4 or 6), so its high bits go to L + BITS (one shift,
 // and the mask of the LOP3 that also sets the magic exponent): the magic number becomes 1024 + 2^L q with the whole
 // code q = low + 2^BITS high (q 2^L stays inside the 10-bit mantissa: <= 63 x 16, <= 7 x 64).
 #if BITS == 4
@@ -260,7 +261,7 @@ DEV u32 magic_with_hi(u32, int, int) { return MAGIC; }
 #endif
 #define PAIRS (HALF_PER_WORD / 2)  // code pairs in a word: 8 (2-bit) or 4 (4-bit), two per MMA
 // word j of both rows -> PAIRS / 2 MMAs; pair i is (code i, code i + PAIRS), so the activations pair the same way:
-// halves m and m + PAIRS / 2 of the word's u32s. ha, hb: the hi words holding word j's high code bits (KIND 3).
+// halves m and m + PAIRS / 2 of the word's u32s. ha, hb: the hi words holding word j's high code bits.
 DEV void word_mma(float* d, u32 wa, u32 wb, u32 ha, u32 hb, int j, const u32* xr, u32 sa, u32 sb, u32 ma, u32 mb) {
     const u32 A[PAIRS] = DQ_CONSTS_A, B[PAIRS] = DQ_CONSTS_B;
 #pragma unroll
@@ -433,11 +434,11 @@ DEV void kq_sub_scales(u32 sm, u32 dm, int j, u32& s, u32& m) {
 #endif
 }
 #endif
-// the hi word that holds word j's high code bits (magic_with_hi; zero but in K-quants with high bits)
+// the hi word that holds word j's high code bits (magic_with_hi; zero but in codes with high bits)
 DEV u32 kq_hi(const U2& h, int j) { return KQ_HI_WORDS == 2 && j >= 2 ? h.y : h.x; }
 
 // One step of a lane: 16 bytes of codes of both rows (chunk c) and, with CHUNK_SCALE, the chunk's scales and mins.
-// KIND 3: sa, sb the raw scale integers, ma, mb the raw (d, -dmin), ha, hb the high code bits (kq_scales, kq_hi).
+// KIND 3: sa, sb the raw scale integers, ma, mb the raw (d, -dmin). ha, hb: the high code bits (KQ_HB, kq_hi).
 struct Step { U4 a, b; u32 sa, sb, ma, mb; U2 ha, hb; };
 
 #if KIND == 2
@@ -491,13 +492,6 @@ DEV Step load_step(const U4* pa, const U4* pb, const u16* sa_row, const u16* sb_
 #endif
     st.ma = ld_u32((const u32*)ma_row + c * HALF_PER_CHUNK / 256);  // one (d, -dmin) per 256-weight superblock
     st.mb = ld_u32((const u32*)mb_row + c * HALF_PER_CHUNK / 256);
-#if KQ_HI_WORDS == 2
-    st.ha = ld_stream_pair(ha_row + 2 * c);
-    st.hb = ld_stream_pair(hb_row + 2 * c);
-#elif KQ_HI_WORDS == 1
-    st.ha.x = ld_stream_u32(ha_row + c);
-    st.hb.x = ld_stream_u32(hb_row + c);
-#endif
 #elif CHUNK_SCALE
     const int k = c * HALF_PER_CHUNK;
 #if KIND == 2  // d in the low half (add_step uses its fp32 value) and the chunk's two ls (byte t of the superblock's
@@ -518,6 +512,13 @@ DEV Step load_step(const U4* pa, const U4* pb, const u16* sa_row, const u16* sb_
     st.mb = ld_half(mb_row + (k >> GROUP_SHIFT));
 #endif
 #endif
+#endif
+#if KQ_HI_WORDS == 2
+    st.ha = ld_stream_pair(ha_row + 2 * c);
+    st.hb = ld_stream_pair(hb_row + 2 * c);
+#elif KQ_HI_WORDS == 1
+    st.ha.x = ld_stream_u32(ha_row + c);
+    st.hb.x = ld_stream_u32(hb_row + c);
 #endif
     return st;
 }
@@ -707,7 +708,7 @@ DEV Rows rows_of(int tile, int N) {
 
 // Where the rows r start: their codes (16-byte chunks), scales and mins.
 // KIND 3: scales are the chunks' integer scales (groups = K / 32 u16 per row), mins the superblocks' (d, -dmin)
-// words, hi the high code bits (KQ_HI_WORDS words per chunk).
+// words. hi: the high code bits (KQ_HI_WORDS words per chunk; the decode tables' argument).
 struct RowPtrs { const U4 *ca, *cb; const u16 *sa, *sb, *ma, *mb; const u32 *ha, *hb; };
 DEV RowPtrs row_ptrs(const u32* codes, const u16* scales, const u16* mins, const u32* hi, Rows r, int chunks,
                      int groups) {
