@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -38,7 +39,7 @@ STEPS = ("peers", "llamacpp", "decode", "table")
 LOWBIT_GEMV = "q5_0,q5_k,int4_g128_sym,q4_0,q4_k,int3_g128_sym,q3_k,int2_g64_sym,nz2_ch,q2_k,e8p_ch,iq2_xxs"
 LOWBIT_DECODE = "fp16,q4_0,q4_k,Q4_K_M,int3_g128_sym,int2_g64_sym,nz2_ch,q2_k,e8p_ch+rht,iq2_xxs"
 SHAPE = (4096, 14336)  # [out, in]: Llama-3-8B down_proj
-TWO_BIT_DECODE = ("q2_k", "iq2_xxs", "iq2_xs", "iq2_s")  # llama.cpp's 2-bit types a decode row may have
+_LLAMA_BITS = re.compile(r"^i?q(?P<bits>\d)_")  # a llama.cpp type's bit family: q3_k_m -> 3, iq2_xxs -> 2
 FAMILIES = (  # (family, lowbit formats, peer formats (kernels rows), llama.cpp types)
     ("16-bit", (), (), ("f16",)),
     ("5-bit", ("q5_0", "q5_1", "q5_k"), (), ("q5_0", "q5_1", "q5_K")),
@@ -122,17 +123,27 @@ def decode_label(row: dict) -> str:
     return row["variant"] if head in (None, "fp16") else f"{row['variant']} (LM head {head})"
 
 
+def llama_bits(ggml_type: str) -> int | None:
+    """The bit family of a llama.cpp decode type (q2_k, iq2_xxs: 2; q3_k_m: 3; q5_0: 5; f16: 16), None if unknown."""
+    if ggml_type in ("f16", "bf16"):
+        return 16
+    m = _LLAMA_BITS.match(ggml_type)
+    return int(m["bits"]) if m else None
+
+
 def decode_table(decode: dict | None, llama: dict | None) -> list[dict]:
-    """lowbit's TG-128 rows with the issue's ratios: vs lowbit's compiled fp16 step, vs llama.cpp's fastest 2-bit
-    type (2-bit rows) or its Q4_0 (4-bit rows); llama.cpp's own rows after them."""
+    """lowbit's TG-128 rows with the issue's ratios: vs lowbit's compiled fp16 step, and vs llama.cpp's fastest
+    type of the same bit family (whole bits per weight: 2-bit rows against its fastest 2-bit type, the issue's
+    ratio; 3.125-3.44 against its Q3_K types, 4.5 against Q4_0 or Q4_K_M, 16 against F16); llama.cpp's own rows
+    after them."""
     rows = (decode or {}).get("rows", [])
     ours = {decode_label(r): r["tok_s"] for r in rows if r.get("tok_s")}
     theirs = {r["type"]: r["tok_s"] for r in (llama or {}).get("decode", [])}
-    two_bit = max((theirs[t] for t in TWO_BIT_DECODE if t in theirs), default=None)
     out = []
     for variant, tok_s in ours.items():
         bpw = next(r["bpw"] for r in rows if decode_label(r) == variant)
-        peer = two_bit if bpw < 3 else theirs.get("q4_0") if bpw < 8 else theirs.get("f16")
+        family = 16 if bpw >= 8 else int(bpw)
+        peer = max((v for t, v in theirs.items() if llama_bits(t) == family), default=None)
         out.append({"tool": "lowbit", "variant": variant, "tok_s": tok_s,
                     "vs_fp16": tok_s / ours["fp16"] if "fp16" in ours else None,
                     "vs_llamacpp": tok_s / peer if peer else None})

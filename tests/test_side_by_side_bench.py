@@ -75,6 +75,20 @@ def test_decode_ratios_use_the_matching_llamacpp_type() -> None:
     assert got["fp16"]["vs_llamacpp"] == 200.0 / 175.0
 
 
+def test_decode_ratios_of_three_and_five_bit_rows_use_their_families() -> None:
+    llama = {"decode": [{"type": "q3_k_m", "tok_s": 180.0}, {"type": "q3_k_s", "tok_s": 190.0},
+                        {"type": "q5_0", "tok_s": 220.0}, {"type": "q5_k_m", "tok_s": 200.0},
+                        {"type": "q4_0", "tok_s": 250.0}]}
+    decode = {"rows": [{"variant": "int3_g128_sym", "bpw": 3.125, "tok_s": 570.0},
+                       {"variant": "q5_0", "bpw": 5.5, "tok_s": 440.0}, {"variant": "q6_k", "bpw": 6.5625,
+                                                                         "tok_s": 300.0}]}
+    got = {r["variant"]: r for r in sbs.decode_table(decode, llama) if r["tool"] == "lowbit"}
+    assert got["int3_g128_sym"]["vs_llamacpp"] == 3.0  # its fastest 3-bit type, Q3_K_S; not Q4_0
+    assert got["q5_0"]["vs_llamacpp"] == 2.0
+    assert got["q6_k"]["vs_llamacpp"] is None  # no 6-bit file ran
+    assert [sbs.llama_bits(t) for t in ("iq2_xxs", "q2_k", "q4_k_m", "f16", "q8_0", "tq1_0")] == [2, 2, 4, 16, 8, None]
+
+
 def test_table_step_reads_the_files_later_rows_winning(tmp_path: Path) -> None:
     old, new = tmp_path / "old.json", tmp_path / "new.json"
     old.write_text(json.dumps({"rows": KERNELS}))
