@@ -151,3 +151,40 @@ def test_cpu_kernels_take_cpu_tensors_and_flat_launches() -> None:
         kern((1, 1, 1), (32, 1, 1), [torch.zeros(6, dtype=torch.int32, device="meta")])
     with pytest.raises(ValueError, match="one-dimensional"):
         kern((2, 2, 1), (32, 1, 1), [torch.zeros(6, dtype=torch.int32)])
+
+
+def test_formats_without_a_layout_decode_elsewhere_when_layouts_are_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LOWBIT_CUDA_LAYOUTS=0: the formats the kernel reads from a layout (K-quants, IQ2_XXS, 3-, 5-, 6-bit grids)
+    are not served, so they keep their stored size on the device; the ones read as stored still are."""
+    monkeypatch.setattr(cuda_gemv, "LAYOUTS", False)
+    for name in ("q3_k", "iq2_xxs", "int3_g128_sym", "q5_0", "q4_0", "nz2_ch", "e8p_ch"):
+        fmt, qt = _packed(name, (16, 256), 5)
+        p = cuda_gemv.plan(fmt, qt.shape)
+        assert cuda_gemv.layout_ready(fmt, qt, p) == (name in ("q4_0", "nz2_ch", "e8p_ch")), name
+
+
+def test_a_layout_without_memory_leaves_the_weight_to_the_other_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """When a layout cannot be allocated the weight is refused once (a warning, no second try) and the dispatch
+    computes it on the path that reads the stored bytes, with the same result."""
+    from lowbit.kernels import dispatch
+
+    builds = []
+
+    def no_memory(*args: object) -> tuple:
+        builds.append(args)
+        raise torch.OutOfMemoryError("CUDA out of memory (test)")
+
+    fmt = get_format("int3_g128_sym")
+    g = torch.Generator().manual_seed(7)
+    qt = fmt.quantize(torch.randn(32, 512, generator=g))  # its own codes tensor: no layout cached for it yet
+    monkeypatch.setattr(cuda_gemv, "affine_layout", no_memory)
+    monkeypatch.setattr(cuda_gemv, "_refusal_warned", False)
+    monkeypatch.setattr(dispatch, "cuda_gemv_plan", lambda x, f, shape: cuda_gemv.plan(f, shape))  # as on a GPU
+    x = torch.randn(1, 512, generator=g).half()
+    with pytest.warns(UserWarning, match="no GPU memory"):
+        assert dispatch._cuda_plan(x, fmt, qt) is None
+    assert dispatch._cuda_plan(x, fmt, qt) is None and len(builds) == 1
+    y = dispatch.dequant_matmul(x, fmt, qt)
+    assert _err(y, dequant_matmul_reference(x.double(), fmt, qt)) < 2e-3
+    with pytest.raises(RuntimeError, match="no kernel layout"):
+        cuda_gemv.gemv(x, fmt, qt, cuda_gemv.plan(fmt, qt.shape))

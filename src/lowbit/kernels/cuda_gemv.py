@@ -31,6 +31,7 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
+import warnings
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -353,18 +354,78 @@ def _int32(v: torch.Tensor) -> torch.Tensor:
 
 
 _LAYOUTS: dict[int, tuple] = {}
+# Kernel layouts (K-quants, IQ2_XXS, the 3-, 5- and 6-bit grids) are a second copy of a weight's bytes on the device.
+# ``LOWBIT_CUDA_LAYOUTS=0``: none is built, and those formats decode on Triton at their stored size (3-bit: ~1.7x
+# slower decode on an H100, docs/kernels.md). Where the device has no memory left for one, the weight keeps the
+# Triton path too (a warning says so, once per process).
+LAYOUTS = os.environ.get("LOWBIT_CUDA_LAYOUTS", "1") != "0"
+_REFUSED = object()  # a _LAYOUTS entry for a weight whose layout could not be allocated
+_refusal_warned = False
 
 
-def _cached_layout(qs: torch.Tensor, build) -> tuple[torch.Tensor, ...]:  # noqa: ANN001
+def needs_layout(p: Plan) -> bool:
+    """Whether the kernel reads this plan's weights from a layout built on the device, not from the stored bytes."""
+    return p.kind in (2, 3) or p.hi_bits > 0
+
+
+def _cached_layout(qs: torch.Tensor, build) -> tuple[torch.Tensor, ...] | None:  # noqa: ANN001
     """The kernel layout ``build(qs)`` of ``qs``, built at its first GEMV and dropped with it (keyed by the tensor's
-    identity; an in-place change of ``qs`` rebuilds it)."""
+    identity; an in-place change of ``qs`` rebuilds it); None when :data:`LAYOUTS` is off or the device had no
+    memory for it."""
+    if not LAYOUTS:
+        return None
     key = id(qs)
     hit = _LAYOUTS.get(key)
     if hit is None or hit[:2] != (qs.data_ptr(), qs._version):
         if hit is None:
             weakref.finalize(qs, _LAYOUTS.pop, key, None)
-        hit = _LAYOUTS[key] = (qs.data_ptr(), qs._version, build(qs))
-    return hit[2]
+        try:
+            layout = build(qs)
+        except torch.OutOfMemoryError:
+            layout = _REFUSED
+            _warn_refused(qs)
+        hit = _LAYOUTS[key] = (qs.data_ptr(), qs._version, layout)
+    return None if hit[2] is _REFUSED else hit[2]
+
+
+def _warn_refused(qs: torch.Tensor) -> None:
+    global _refusal_warned
+    if not _refusal_warned:
+        _refusal_warned = True
+        warnings.warn(f"lowbit: no GPU memory for the CUDA GEMV's layout of a {tuple(qs.shape)} weight (a second copy "
+                      "of its bytes); such weights decode on the slower Triton path. LOWBIT_CUDA_LAYOUTS=0 builds "
+                      "none.", stacklevel=4)
+
+
+def _weights(fmt: Format, qt: QuantizedTensor, p: Plan) -> tuple | None:
+    """(codes, scales, mins, tables, groups): what the kernel reads for ``qt``, its layout built at the first call;
+    None where :func:`needs_layout` and no layout could be had (:func:`_cached_layout`)."""
+    k = qt.shape[1]
+    if p.kind == 3:  # the K-quant layout's high-bit plane takes the place of the decode tables
+        layout = _cached_layout(qt.data["qs"], lambda qs: kquant_layout(fmt, qs, k))
+        return None if layout is None else (*layout, k // 32)
+    device = next(iter(qt.data.values())).device
+    key = f"{device}/{p.kind}"
+    if key not in _TABLES:
+        _TABLES[key] = _kind_tables(p.kind).to(device)
+    tables = _TABLES[key]
+    if p.kind == 2:  # the kernel reads whole sign bytes and a word of sub-block scales (in the place of mins)
+        layout = _cached_layout(qt.data["qs"], lambda qs: iq2xxs_layout(qs, k))
+        return None if layout is None else (*layout, tables, layout[1].shape[1])
+    codes, scales = qt.data["codes"], qt.data["scale"]
+    mins = qt.data.get("min", scales)
+    if p.hi_bits:  # 3-, 5-, 6-bit grids: the high-bit plane takes the place of the decode tables
+        layout = _cached_layout(codes, lambda c: affine_layout(fmt, c, k))
+        if layout is None:
+            return None
+        codes, tables = layout
+    return codes, scales, mins, tables, fmt.n_groups(k)
+
+
+def layout_ready(fmt: Format, qt: QuantizedTensor, p: Plan) -> bool:
+    """Whether :func:`gemv` can serve ``qt`` (plan ``p``): always for the formats read as stored; for the others
+    once their layout is built (here, at the first call) and not refused (:func:`_cached_layout`)."""
+    return not needs_layout(p) or _weights(fmt, qt, p) is not None
 
 
 @cache
@@ -517,22 +578,10 @@ def gemv(x: torch.Tensor, fmt: Format, qt: QuantizedTensor, p: Plan, gated: bool
     nw = x if norm is None else _aligned(norm[0].to(torch.float16).contiguous())
     res = None if residual is None else _aligned(residual.to(torch.float16).contiguous())
     y = torch.empty(m, n, dtype=torch.float16, device=x.device)
-    if p.kind == 3:  # the K-quant layout's high-bit plane takes the place of the decode tables
-        codes, scales, mins, tables = _cached_layout(qt.data["qs"], lambda qs: kquant_layout(fmt, qs, k))
-        groups = k // 32
-    else:
-        key = f"{x.device}/{p.kind}"
-        if key not in _TABLES:
-            _TABLES[key] = _kind_tables(p.kind).to(x.device)
-        tables = _TABLES[key]
-        if p.kind == 2:  # the kernel reads whole sign bytes and a word of sub-block scales (in the place of mins)
-            codes, scales, mins = _cached_layout(qt.data["qs"], lambda qs: iq2xxs_layout(qs, k))
-            groups = scales.shape[1]
-        else:
-            codes, scales, groups = qt.data["codes"], qt.data["scale"], fmt.n_groups(k)
-            mins = qt.data.get("min", scales)
-            if p.hi_bits:  # 3-, 5-, 6-bit grids: the high-bit plane takes the place of the decode tables
-                codes, tables = _cached_layout(codes, lambda c: affine_layout(fmt, c, k))
+    weights = _weights(fmt, qt, p)
+    if weights is None:
+        raise RuntimeError(f"no kernel layout for this {fmt.name} weight (layout_ready says when there is one)")
+    codes, scales, mins, tables, groups = weights
     full = k % (4 * half_per_chunk(p)) == 0  # whole steps of 4 chunks: no lane past the row's end
     rows_per_block = ROWS_PER_BLOCK // 2 if gated else ROWS_PER_BLOCK  # gated: 8 gate rows + their 8 up rows
     sms = sm_count(x.device)

@@ -143,8 +143,20 @@ def cuda_gemv_plan(x: torch.Tensor, fmt: Format, shape: tuple[int, int]):  # noq
     return None if p is not None and p.kind == 3 and f"cuda_{fmt.name}" in GPU_UNVERIFIED else p
 
 
+def _cuda_plan(x: torch.Tensor, fmt: Format, qt: QuantizedTensor):  # noqa: ANN202 - Plan | None
+    """:func:`cuda_gemv_plan` for this weight, None where its kernel layout cannot be had
+    (``cuda_gemv.layout_ready``: ``LOWBIT_CUDA_LAYOUTS=0``, or no device memory for it)."""
+    p = cuda_gemv_plan(x, fmt, qt.shape)
+    if p is None:
+        return None
+    from lowbit.kernels import cuda_gemv
+
+    return p if cuda_gemv.layout_ready(fmt, qt, p) else None
+
+
 def route(x: torch.Tensor, fmt: Format, shape: tuple[int, int]) -> str:
-    """Which path :func:`dequant_matmul` takes for this input: 'cuda', 'triton' or 'reference'."""
+    """Which path :func:`dequant_matmul` takes for this input: 'cuda', 'triton' or 'reference' (for a weight whose
+    kernel layout could not be had, 'cuda' means Triton's: :func:`_cuda_plan`)."""
     if cuda_gemv_plan(x, fmt, shape) is not None:
         return "cuda"
     return "triton" if _use_triton(x, fmt) else "reference"
@@ -159,7 +171,7 @@ def dequant_matmul(x: torch.Tensor, fmt: Format, qt: QuantizedTensor, norm: Norm
     (:func:`rms_norm_reference`); ``residual`` [..., out]: y = residual + x W^T. The CUDA GEMV does both inside
     its one launch (a decode step's norm and residual add then need no kernels of their own); every other path
     computes them around the matmul, as the model would."""
-    cplan = cuda_gemv_plan(x, fmt, qt.shape)
+    cplan = _cuda_plan(x, fmt, qt)
     if cplan is not None:
         from lowbit.kernels import cuda_gemv
 
@@ -217,7 +229,7 @@ def gated_matmul(x: torch.Tensor, fmt: Format, qt: QuantizedTensor, norm: Norm |
     """silu(x gate^T) * (x up^T) for a fused [gate; up] packed weight (2N rows); x [..., in] -> [..., N]. The CUDA
     GEMV computes it in its epilogue, from fp32 sums; elsewhere it is :func:`dequant_matmul`, then F.silu * up.
     ``norm`` as in :func:`dequant_matmul`."""
-    cplan = cuda_gemv_plan(x, fmt, qt.shape)
+    cplan = _cuda_plan(x, fmt, qt)
     if cplan is not None and qt.shape[0] % 2 == 0 and triton_runs(x, "gated_gemv"):
         from lowbit.kernels import cuda_gemv
 
