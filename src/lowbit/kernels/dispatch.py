@@ -6,8 +6,9 @@ The variable is read once at import; :func:`set_kernel_mode` changes it at run t
 dispatch does a dict lookup for the format's cached decode plan (LUT on the device, decode mode) and picks:
 
 * first, on CUDA with M <= 16 rows: :mod:`cuda_gemv` (tensor-core GEMV in CUDA C++, compiled by NVRTC at first
-  use; one launch per 8 rows) for E8P and IQ2_XXS (rows a multiple of 64 long), the K-quants Q2_K, Q4_K, Q5_K and
-  Q6_K, and the 2- to 6-bit affine grids it decodes exactly (``LOWBIT_CUDA_GEMV=0`` turns it off);
+  use; one launch per 8 rows) for E8P and IQ2_XXS (rows a multiple of 64 long), the K-quants Q2_K .. Q6_K, and
+  the 2- to 6-bit affine grids it decodes exactly (``LOWBIT_CUDA_GEMV=0`` turns it off; a weight whose kernel
+  layout cannot be had goes on to the next path: :func:`_cuda_plan`);
 * scalar formats (uniform 2..8 bits, level sets): M <= 8 rows -> :mod:`triton_gemv` (bandwidth-bound GEMV),
   more rows -> :mod:`triton_uniform` (dequantize tiles + ``tl.dot``);
 * E8P (``e8p_*``): M <= 8 -> :mod:`triton_e8p` GEMV (codebook gathered from an L2-resident fp16 table), more
