@@ -166,6 +166,26 @@ def test_kquant_layout_shapes_and_rows_in_slices(monkeypatch: pytest.MonkeyPatch
                                                  strict=True))
 
 
+@pytest.mark.parametrize(("name", "low", "hi"), [("int3_g128_sym", 32, 16), ("q5_1", 64, 16),
+                                                 ("int6_g128_sym", 64, 32)])
+def test_affine_layout_planes_and_rows_in_slices(name: str, low: int, hi: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 3-, 5- or 6-bit grid at 512 columns: the low plane packs 2 or 4 bits a code (as the 2- and 4-bit grids
+    pack theirs), the high plane the rest; together they hold every code (the K-quant layout's planes, the same
+    function); built in slices of rows, the layout is the one built at once."""
+    fmt = get_format(name)
+    qt = fmt.quantize(torch.randn(7, 512, generator=torch.Generator().manual_seed(3)))
+    whole = cuda_gemv.affine_layout(fmt, qt.data["codes"], 512)
+    assert [tuple(t.shape) for t in whole] == [(7, low), (7, hi)]
+    codes, _ = fmt.unpack(qt)
+    low_bits = 32 * low // 512
+    assert torch.equal(whole[0], cuda_gemv.pack_bits(codes & ((1 << low_bits) - 1), low_bits).view(torch.int32))
+    high_set = sum(bin(v & 0xFFFFFFFF).count("1") for v in whole[1].flatten().tolist())
+    assert high_set == sum(bin(v).count("1") for v in (codes >> low_bits).flatten().tolist())
+    monkeypatch.setattr(cuda_gemv, "_LAYOUT_ROWS", 3)
+    assert all(torch.equal(a, b) for a, b in zip(whole, cuda_gemv.affine_layout(fmt, qt.data["codes"], 512),
+                                                 strict=True))
+
+
 @pytest.mark.parametrize("name", NOT_SERVED)
 def test_planner_refuses_what_it_cannot_decode(name: str) -> None:
     assert cuda_gemv.plan(get_format(name), (256, 4096)) is None

@@ -297,8 +297,13 @@ def kquant_layout(fmt: KQuantFormat, qs: torch.Tensor, cols: int) -> tuple[torch
     * hi int32 [rows, cols / 32 * hi_bits]: the high code bits (the .cu's magic_with_hi), or one zero when there are
       none.
     """
-    rows = qs.shape[0]
-    parts = [_kquant_rows(fmt, qs[r:r + _LAYOUT_ROWS], cols) for r in range(0, rows, _LAYOUT_ROWS)]
+    return _in_row_slices(qs, lambda rows: _kquant_rows(fmt, rows, cols))
+
+
+def _in_row_slices(t: torch.Tensor, build) -> tuple[torch.Tensor, ...]:  # noqa: ANN001
+    """``build`` over slices of :data:`_LAYOUT_ROWS` rows of ``t``, each field of its result concatenated: a layout
+    built in pieces, so its int64 temporaries stay a slice's."""
+    parts = [build(t[r:r + _LAYOUT_ROWS]) for r in range(0, t.shape[0], _LAYOUT_ROWS)]
     return tuple(torch.cat(field).contiguous() for field in zip(*parts, strict=True))
 
 
@@ -325,9 +330,8 @@ def affine_layout(fmt: UniformFormat, packed: torch.Tensor, cols: int) -> tuple[
     """A 3-, 5- or 6-bit grid's stored codes (uint8 [rows, cols * bits / 8]) -> :func:`split_codes`'s planes,
     on ``packed``'s device, a slice of rows at a time (int64 temporaries)."""
     lb = _LOW_BITS[fmt.bits]
-    parts = [split_codes(unpack_bits(packed[r:r + _LAYOUT_ROWS], fmt.bits, cols).to(torch.int64), lb, fmt.bits - lb)
-             for r in range(0, packed.shape[0], _LAYOUT_ROWS)]
-    return tuple(torch.cat(field).contiguous() for field in zip(*parts, strict=True))
+    return _in_row_slices(packed, lambda rows: split_codes(unpack_bits(rows, fmt.bits, cols).to(torch.int64), lb,
+                                                           fmt.bits - lb))
 
 
 def _kquant_rows(fmt: KQuantFormat, qs: torch.Tensor, cols: int) -> tuple[torch.Tensor, ...]:
