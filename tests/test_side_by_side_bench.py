@@ -4,6 +4,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 import side_by_side as sbs  # noqa: E402
 
@@ -46,24 +48,23 @@ def test_each_format_meets_the_fastest_peer_with_as_many_bits_or_more() -> None:
     assert (got["q4_0"]["wins"], abs(got["q4_0"]["worst"] - 12.0 / 14.0) < 1e-9) == (1, True)
 
 
-def test_three_bit_rows_meet_llamacpp_q3_k_and_more_bits() -> None:
-    kernels = [_row("int3_g128_sym", (4096, 14336), 1, 3.125, 15.0)]
-    llama = {"kernels": [{"type": t, "batch": 1, "rows": 4096, "cols": 14336, "us": us}
-                         for t, us in (("q3_K", 16.0), ("q4_0", 14.0), ("q2_K", 10.0))]}
+@pytest.mark.parametrize(("fmt", "bpw", "us", "llama_us", "family", "members", "wins", "worst"), [
+    # Q2_K has fewer bits: int3 is held against Q4_0's 14 us, not Q2_K's 10
+    ("int3_g128_sym", 3.125, 15.0, {"q3_K": 16.0, "q4_0": 14.0, "q2_K": 10.0}, "3-bit", ("int3_g128_sym", "q3_K"), 0,
+     15.0 / 14.0),
+    # Q4_0 has fewer bits: q5_0 is held against Q5_0's 22 us
+    ("q5_0", 5.5, 20.0, {"q5_0": 22.0, "q5_K": 24.0, "q4_0": 14.0}, "5-bit", ("q5_0", "q5_K"), 1, 20.0 / 22.0),
+])
+def test_three_and_five_bit_rows_meet_llamacpp_types_with_as_many_bits(fmt: str, bpw: float, us: float,
+                                                                         llama_us: dict, family: str,
+                                                                         members: tuple, wins: int,
+                                                                         worst: float) -> None:
+    kernels = [_row(fmt, (4096, 14336), 1, bpw, us)]
+    llama = {"kernels": [{"type": t, "batch": 1, "rows": 4096, "cols": 14336, "us": v} for t, v in llama_us.items()]}
     table = sbs.gemv_table(kernels, llama)
-    assert {r["family"] for r in table if r["format"] in ("int3_g128_sym", "q3_K")} == {"3-bit"}
-    got = sbs.versus_peers(kernels, table)[0]  # Q2_K has fewer bits: held against Q4_0's 14 us, not Q2_K's 10
-    assert (got["wins"], abs(got["worst"] - 15.0 / 14.0) < 1e-9) == (0, True)
-
-
-def test_five_bit_rows_meet_llamacpp_q5_0_not_fewer_bits() -> None:
-    kernels = [_row("q5_0", (4096, 14336), 1, 5.5, 20.0)]
-    llama = {"kernels": [{"type": t, "batch": 1, "rows": 4096, "cols": 14336, "us": us}
-                         for t, us in (("q5_0", 22.0), ("q5_K", 24.0), ("q4_0", 14.0))]}
-    table = sbs.gemv_table(kernels, llama)
-    assert {r["family"] for r in table if r["format"] in ("q5_0", "q5_K")} == {"5-bit"}
-    got = sbs.versus_peers(kernels, table)[0]  # Q4_0 has fewer bits: held against Q5_0's 22 us
-    assert (got["wins"], abs(got["worst"] - 20.0 / 22.0) < 1e-9) == (1, True)
+    assert {r["family"] for r in table if r["format"] in members} == {family}
+    got = sbs.versus_peers(kernels, table)[0]
+    assert (got["wins"], abs(got["worst"] - worst) < 1e-9) == (wins, True)
 
 
 def test_decode_ratios_use_the_matching_llamacpp_type() -> None:
