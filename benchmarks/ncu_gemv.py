@@ -1,4 +1,4 @@
-"""Two batch-1 GEMVs per format through the CUDA kernel, for Nsight Compute (needs CUDA).
+"""Two GEMVs per format (batch 1 unless --batch) through the CUDA kernel, for Nsight Compute (needs CUDA).
 
     ncu --kernel-name gemv_mma --section SpeedOfLight --section Occupancy --section WarpStateStats \\
         --section InstructionStats --section SchedulerStats --section MemoryWorkloadAnalysis \\
@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--formats", default="nz2_ch,e8p_ch,iq2_xxs,q4_0")
     ap.add_argument("--shape", default="14336x4096", help="out x in")
     ap.add_argument("--calls", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=1, help="activation rows (1-8)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs CUDA", file=sys.stderr)
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name} at {shape} is not served by the CUDA GEMV", file=sys.stderr)
             continue
         qt = packed_weight(name, shape, torch.Generator(device="cuda").manual_seed(0))
-        x = torch.randn(1, shape[1], device="cuda", dtype=torch.float16)
+        x = torch.randn(args.batch, shape[1], device="cuda", dtype=torch.float16)
         for _ in range(args.calls):
             cuda_gemv.gemv(x, fmt, qt, p)
         torch.cuda.synchronize()

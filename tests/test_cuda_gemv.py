@@ -389,6 +389,34 @@ def test_batches_are_staged_within_their_budget(monkeypatch: pytest.MonkeyPatch)
     assert cuda_gemv.staging(8, 4096, nz2) == 0 and cuda_gemv.staging(1, 4096, nz2) == 1
 
 
+def test_batch_rows_past_64_kb_are_staged_only_where_measured_faster(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As on an H100 (132 SMs, 227 KB a block): batches of more than 4 rows past 64 KB are staged where each block
+    stages them once for two row blocks (two per warp, or looping blocks), not for plans with high bits, not where
+    LOWBIT_CUDA_STAGED_ROWS_BIG=0; the warps' partial sums after the rows where blocks loop, else over them. Staged
+    8-warp batches loop unless LOWBIT_CUDA_RESIDENT=0."""
+    monkeypatch.setattr(cuda_gemv, "sm_count", lambda device: 132)
+    cpu = torch.device("cpu")  # sized as an H100 (device.shared_memory)
+
+    def at(name: str, shape: tuple[int, int], m: int) -> cuda_gemv.Launch:
+        return cuda_gemv.launch(cuda_gemv.plan(get_format(name), shape), m, shape[1], shape[0], cpu)
+
+    big = at("nz2_ch", (4096, 14336), 8)
+    assert (big.xs, big.per_warp, big.grid, big.tiles, big.shared) == (2, 2, 128, 128, 8 * 14336 * 2)
+    looped = at("iq2_xxs", (4096, 11008), 8)  # one row block per warp, blocks looping
+    assert (looped.xs, looped.grid, looped.shared) == (2, 132, 8 * 11008 * 2 + cuda_gemv.part_bytes(16))
+    assert at("iq2_xxs", (4096, 14336), 8).xs == 0  # one row block per warp, one tile per block
+    assert at("nz2_ch", (4096, 11008), 4).xs == 0  # batch 4: one row block per warp
+    assert at("int3_g128_sym", (4096, 11008), 8).xs == 0  # high bits
+    small = at("nz2_ch", (22016, 4096), 8)
+    assert (small.xs, small.warps, small.grid, small.tiles) == (2, 8, 264, 688)
+    assert small.shared == 8 * 4096 * 2 + cuda_gemv.part_bytes(8)
+    monkeypatch.setattr(cuda_gemv, "STAGED_ROWS_BIG", False)
+    assert at("nz2_ch", (4096, 11008), 8).xs == 0
+    monkeypatch.setattr(cuda_gemv, "RESIDENT_GRID", "0")
+    small = at("nz2_ch", (22016, 4096), 8)
+    assert (small.grid, small.shared) == (688, 8 * 4096 * 2)
+
+
 def test_norm_groups_keep_a_7b_row_in_one_register_group() -> None:
     """The normalized staging holds each thread's units in registers: one or two groups for rows of 4096 and 8192,
     none (torch normalizes first) past MAX_NORM_QS."""
@@ -689,6 +717,35 @@ def test_two_row_blocks_per_warp_on_gpu(name: str, cols: int, m: int, loop: bool
     p = cuda_gemv.plan(fmt, qt.shape)
     if p is None:
         pytest.skip(f"{name} at {cols} columns is not served")
+    gen = torch.Generator("cuda").manual_seed(m)
+    x = torch.randn(m, cols, device="cuda", dtype=torch.float16, generator=gen)
+    res = torch.randn(m, 200, device="cuda", dtype=torch.float16, generator=gen)
+    ref = dequant_matmul_reference(x.double(), fmt, qt)
+    gate, up = ref.chunk(2, dim=-1)
+    for got, want in ((cuda_gemv.gemv(x, fmt, qt, p).double(), ref),
+                      (cuda_gemv.gemv(x, fmt, qt, p, residual=res).double() - res.double(), ref),
+                      (cuda_gemv.gemv(x, fmt, qt, p, gated=True).double(), torch.nn.functional.silu(gate) * up)):
+        assert float((got - want).norm() / want.norm()) < 3e-3
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["nz2_ch", "int2_g64_sym", "int3_g128_sym", "e8p_ch", "iq2_xxs", "q2_k"])
+@pytest.mark.parametrize(("cols", "m", "loop"), [(14336, 8, False), (11008, 8, True), (11008, 4, False),
+                                                 (4096, 8, True), (4096, 3, True)])
+def test_batch_rows_staged_past_64_kb_on_gpu(name: str, cols: int, m: int, loop: bool,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batch rows staged in the shared memory a block may opt in to (8 rows of 14336 and 11008, 4 of 11008), the
+    warps' partial sums over them or (``loop``: two resident blocks of 16 warps, or of 8 at 4096 columns, looping
+    over 200 rows) after them, against the float64 reference: plain, with a residual and gated."""
+    from lowbit.kernels.reference import dequant_matmul_reference
+
+    if loop:
+        monkeypatch.setattr(cuda_gemv, "RESIDENT_GRID", "1")
+        monkeypatch.setattr(cuda_gemv, "sm_count", lambda device: 1)
+    fmt, qt = _packed(name, (200, cols), seed=cols + m)
+    p = cuda_gemv.plan(fmt, qt.shape)
+    assert cuda_gemv.staging(m, cols, p, cuda_gemv.rows_room(torch.device("cuda"))) == 2
     gen = torch.Generator("cuda").manual_seed(m)
     x = torch.randn(m, cols, device="cuda", dtype=torch.float16, generator=gen)
     res = torch.randn(m, 200, device="cuda", dtype=torch.float16, generator=gen)

@@ -46,7 +46,7 @@ from lowbit.formats import iq2xxs as iq2xxs_format
 from lowbit.formats.bitpack import pack_bits, unpack_bits
 from lowbit.formats.kquants import QK_K
 from lowbit.kernels import cuda_jit
-from lowbit.kernels.device import hopper, sm_count
+from lowbit.kernels.device import hopper, shared_memory, sm_count
 from lowbit.kernels.reference import rms_norm_reference
 
 MAX_M = 8  # batch columns of the m16n8k16 MMA
@@ -499,16 +499,38 @@ STAGED_X = os.environ.get("LOWBIT_CUDA_STAGED_X", "1") != "0"  # 0: batch 1 read
 # grids (q4_0: 18.7 -> 24.8 us), whose chunks of 32 weights read twice the activations per byte of codes.
 STAGED_ROWS = int(os.environ.get("LOWBIT_CUDA_STAGED_ROWS", "8"))
 STAGED_ROWS_BYTES = 64 * 1024
+# Batches of more than 4 rows on plans without high-bit planes (E8P, IQ2_XXS, the 2-bit grids, Q2_K) are staged in
+# all the shared memory a block may opt in to (227 KB on Hopper: 8 rows of up to 14336), where each block then
+# stages them once for two row blocks (two per warp, or blocks looping over row blocks). Measured on an H100
+# (docs/kernels.md, "Batch rows staged past 64 KB"), batch 8: 9-23% faster at 4096x11008 and 4096x14336 (e8p_ch
+# 17.5 -> 13.5 us at 4096x11008); slower at batch 4 (one row block per warp, each block staging for 16 rows: nz2_ch
+# 4096x11008 9.9 -> 11.0 us) and for int3 (high bits: 4096x14336 18.9 -> 22.3 us). ``LOWBIT_CUDA_STAGED_ROWS_BIG=0``
+# keeps every call within 64 KB.
+STAGED_ROWS_BIG = os.environ.get("LOWBIT_CUDA_STAGED_ROWS_BIG", "1") != "0"
+_STATIC_SHARED = 3 * 1024  # the kernel's own shared memory besides `part`: decode tables (2 KB), warp sums
 
 
-def staging(m: int, k: int, p: Plan) -> int:
+def staging(m: int, k: int, p: Plan, room: int = STAGED_ROWS_BYTES) -> int:
     """XS in the .cu for a call of plan ``p`` on ``m`` rows of ``k`` activations: 0 = read from L1/L2, 1 = the
-    one row staged in shared memory, 2 = all ``m`` rows staged."""
+    one row staged in shared memory, 2 = all ``m`` rows staged (within ``room`` bytes)."""
     if not STAGED_X or m > max(1, STAGED_ROWS):
         return 0
     if m == 1:
         return int(2 * k <= STAGED_X_BYTES)
-    return 2 if half_per_chunk(p) == 64 and staged_bytes(m, k) <= STAGED_ROWS_BYTES else 0
+    return 2 if half_per_chunk(p) == 64 and staged_bytes(m, k) <= room else 0
+
+
+def rows_room(device: torch.device) -> int:
+    """Bytes of staged batch rows a block may hold on ``device``: all the shared memory it may opt in to but the
+    kernel's own (:data:`STAGED_ROWS_BIG`), at least 64 KB."""
+    if not STAGED_ROWS_BIG:
+        return STAGED_ROWS_BYTES
+    return max(STAGED_ROWS_BYTES, shared_memory(device)[0] - _STATIC_SHARED)
+
+
+def part_bytes(warps: int) -> int:
+    """Shared memory of the warps' partial sums (the .cu's ``part``)."""
+    return warps * 32 * 4 * 4
 
 
 # Programmatic dependent launch (Hopper and later): a GEMV starts and loads its first weights while the kernel before
@@ -573,9 +595,8 @@ def gemv(x: torch.Tensor, fmt: Format, qt: QuantizedTensor, p: Plan, gated: bool
                                None if residual is None else residual[i:i + MAX_M]) for i in range(0, m, MAX_M)])
     if gated and qt.shape[0] % 2:
         raise ValueError(f"a gated GEMV needs [gate; up] rows, got {qt.shape[0]} rows")
-    xs = staging(m, k, p)
-    warps = warps_for(p, k)
-    norm_qs = norm_groups(p, k, warps) if norm is not None and xs == 1 else 0
+    at = launch(p, m, k, n, x.device, gated)
+    norm_qs = norm_groups(p, k, at.warps) if norm is not None and at.xs == 1 else 0
     if norm is not None and not norm_qs:  # only a staged batch-1 row that fits the registers is normalized inside
         x, norm = rms_norm_reference(x.to(torch.float16), *norm), None
     x = _aligned(x.to(torch.float16).contiguous())
@@ -587,29 +608,78 @@ def gemv(x: torch.Tensor, fmt: Format, qt: QuantizedTensor, p: Plan, gated: bool
         raise RuntimeError(f"no kernel layout for this {fmt.name} weight (layout_ready says when there is one)")
     codes, scales, mins, tables, groups = weights
     full = k % (4 * half_per_chunk(p)) == 0  # whole steps of 4 chunks: no lane past the row's end
-    rows_per_block = ROWS_PER_BLOCK // 2 if gated else ROWS_PER_BLOCK  # gated: 8 gate rows + their 8 up rows
-    sms = sm_count(x.device)
-    per_warp = row_tiles(p, m, xs, -(-n // rows_per_block), sms)
-    blocks = min_blocks_for(warps, m, per_warp)
-    tiles = -(-n // (rows_per_block * per_warp))  # groups of per_warp row blocks
-    grid = min(tiles, blocks * sms) if warps >= WARPS_MANY and _resident_grid() else tiles
-    resident = grid < tiles
-    source = _source(p, xs, warps, blocks, gated, full, norm_qs, res is not None, resident, per_warp)
+    source = _source(p, at.xs, at.warps, at.blocks, gated, full, norm_qs, res is not None, at.grid < at.tiles,
+                     at.per_warp)
     kern = cuda_jit.kernel(source, "gemv_mma", x.device)
-    shared = staged_bytes(m, k) if xs else 0
-    kern.allow_shared(shared)
+    kern.allow_shared(at.shared)
     eps = ctypes.c_float(0.0 if norm is None else norm[1])
-    kern((grid, 1, 1), (warps * 32, 1, 1),
-         [codes, scales, mins, x, y, tables, n, k, m, groups, nw, y if res is None else res, eps, tiles],
-         shared=shared, early=pdl_on(x.device))
+    kern((at.grid, 1, 1), (at.warps * 32, 1, 1),
+         [codes, scales, mins, x, y, tables, n, k, m, groups, nw, y if res is None else res, eps, at.tiles],
+         shared=at.shared, early=pdl_on(x.device))
     return y
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How a call runs: staging (the .cu's XS), warps per block, row blocks per warp (TILES), blocks of them that
+    must fit an SM (``__launch_bounds__``), tiles (groups of ``per_warp`` row blocks), blocks launched (fewer than
+    tiles: they loop, RESIDENT) and dynamic shared memory."""
+
+    xs: int
+    warps: int
+    per_warp: int
+    blocks: int
+    tiles: int
+    grid: int
+    shared: int
+
+
+def launch(p: Plan, m: int, k: int, n: int, device: torch.device, gated: bool = False) -> Launch:
+    """The launch of plan ``p`` on ``m`` rows of ``k`` activations for ``n`` output rows (``gated``: n gate rows and
+    their up rows). Batch rows past 64 KB are staged only where it measured faster (:data:`STAGED_ROWS_BIG`)."""
+    big = rows_room(device) if m > 4 and not p.hi_bits else STAGED_ROWS_BYTES
+    rows_per_block = ROWS_PER_BLOCK // 2 if gated else ROWS_PER_BLOCK  # gated: 8 gate rows + their 8 up rows
+    warps = warps_for(p, k)
+    for room in dict.fromkeys((big, STAGED_ROWS_BYTES)):
+        xs = staging(m, k, p, room)
+        per_warp = row_tiles(p, m, xs, -(-n // rows_per_block), sm_count(device))
+        blocks = min_blocks_for(warps, m, per_warp)
+        tiles = -(-n // (rows_per_block * per_warp))
+        grid, shared = _grid(device, tiles, warps, blocks, xs, staged_bytes(m, k) if xs else 0)
+        once = per_warp == 2 or grid < tiles  # each block stages the rows once for two row blocks or more
+        if xs != 2 or staged_bytes(m, k) <= STAGED_ROWS_BYTES or once:
+            break
+    return Launch(xs, warps, per_warp, blocks, tiles, grid, shared)
+
+
+def _grid(device: torch.device, tiles: int, warps: int, blocks: int, xs: int, staged: int) -> tuple[int, int]:
+    """(blocks launched, dynamic shared memory) of a call of ``tiles`` tiles. Looping blocks (fewer than tiles:
+    16-warp kernels, and blocks with staged batch rows) launch as many as stay resident at once, by registers
+    (``blocks`` per SM) and by shared memory. Staged batch rows (``xs`` 2) keep the warps' partial sums after
+    them where blocks loop, else over them (the .cu's ``part``)."""
+    sms = sm_count(device)
+    loop = _resident_grid() and (warps >= WARPS_MANY or xs == 2)
+    if xs != 2:
+        return (min(tiles, blocks * sms) if loop else tiles), staged
+    optin, per_sm = shared_memory(device)
+    looped = staged + part_bytes(warps)
+    if loop and looped <= optin - _STATIC_SHARED:
+        fit = per_sm // (looped + _STATIC_SHARED + 1024)  # + the 1 KB the GPU reserves per block
+        grid = min(tiles, min(blocks, max(fit, 1)) * sms)
+        if grid < tiles:
+            return grid, looped
+    return tiles, max(staged, part_bytes(warps))
 
 
 # 16-warp kernels can launch only the blocks that stay resident together (``min_blocks_for`` per SM: 2), each
 # looping over row blocks, so the activations are staged (and normalized) once per block instead of once per 16
 # rows: q4_0's q/k/v and gate/up GEMVs had 3 and 5 waves of blocks. TG-128 of the 7B shape on an H200
 # (docs/kernels.md): q4_0 467.6 -> 503.9 tok/s; nz2_ch, whose rows of 4096 take 8-warp blocks (4 per SM, fewer
-# waves), 725.5 -> 719.0 with every kernel looping, so 8-warp kernels keep one block per row block.
+# waves), 725.5 -> 719.0 with every kernel looping, so 8-warp kernels at batch 1 keep one block per row block.
+# 8-warp blocks of staged batch rows (up to 64 KB each) loop too: on an H100 (docs/kernels.md, "Batch rows staged
+# past 64 KB") up to 25% faster at batch 4 and 8 where a matrix has more tiles than resident blocks (e8p_ch
+# 22016x4096 batch 8: 26.2 -> 21.2 us), level at 4096 rows; the losses: 12288 rows at batch 8 (nz2_ch 12.1 -> 12.9
+# us, int3_g128_sym 18.0 -> 19.7; e8p_ch level) and up to 6% at batch 2 for q2_k, int2_g64_sym and int3.
 # ``LOWBIT_CUDA_RESIDENT``: "1" on, "0" one block per row block everywhere, "auto" (default) on unless
 # ``resident_gemv`` is in :data:`lowbit.kernels.dispatch.GPU_UNVERIFIED` (it left it when its GPU test passed on an
 # H200; default TG-128 there: q4_0 508.9 tok/s).

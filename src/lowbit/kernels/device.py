@@ -18,3 +18,14 @@ def hopper(device: torch.device) -> bool:
     """Whether ``device`` is a CUDA GPU of compute capability 9.0 or more (clusters, programmatic dependent
     launch)."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+@cache
+def shared_memory(device: torch.device) -> tuple[int, int]:
+    """(bytes of shared memory one block may opt in to, bytes per SM) on ``device``. Off CUDA an H100's (227 KB,
+    228 KB): the CPU-run kernels (``cuda_host``) are sized as on the GPUs they are written for."""
+    if device.type != "cuda":
+        return 227 * 1024, 228 * 1024
+    props = torch.cuda.get_device_properties(device)
+    per_sm = props.shared_memory_per_multiprocessor
+    return getattr(props, "shared_memory_per_block_optin", props.shared_memory_per_block), per_sm

@@ -834,7 +834,14 @@ gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u1
 #if KIND != 0 || XS
     __syncthreads();
 #endif
+#if XS == 2
+    // The warps' partial sums in the dynamic shared memory: after the staged rows where a block loops (the next
+    // tile reads them again), else over them, once every warp is done with them (the barrier before finish_tile):
+    // 8 rows of 14336 fill all but 3 KB of the 227 KB a Hopper block may have.
+    float(*part)[32][4] = (float(*)[32][4])(dyn + (RESIDENT ? M * XS_UNITS(K) : 0));
+#else
     __shared__ float part[WARPS][32][4];
+#endif
 #if RESIDENT
     for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
 #else
@@ -947,6 +954,9 @@ gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u1
         else {
             release_dependents();  // every weight of this block is read
         }
+#endif
+#if XS == 2 && !RESIDENT
+        __syncthreads();  // every warp has read the staged rows that `part` overwrites
 #endif
         finish_tile(d, rp, part, row0, y, res, N, M);
 #if TILES == 2
