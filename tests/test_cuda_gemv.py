@@ -391,9 +391,9 @@ def test_batches_are_staged_within_their_budget(monkeypatch: pytest.MonkeyPatch)
 
 def test_batch_rows_past_64_kb_are_staged_only_where_measured_faster(monkeypatch: pytest.MonkeyPatch) -> None:
     """As on an H100 (132 SMs, 227 KB a block): batches of more than 4 rows past 64 KB are staged where each block
-    stages them once for two row blocks (two per warp, or looping blocks), not for plans with high bits, not where
-    LOWBIT_CUDA_STAGED_ROWS_BIG=0; the warps' partial sums after the rows where blocks loop, else over them. Staged
-    8-warp batches loop unless LOWBIT_CUDA_RESIDENT=0."""
+    stages them once for two row blocks (two per warp, IQ2_XXS's too, or looping blocks), not for plans with high
+    bits, not where LOWBIT_CUDA_STAGED_ROWS_BIG=0; the warps' partial sums after the rows where blocks loop, else
+    over them. Staged 8-warp batches loop unless LOWBIT_CUDA_RESIDENT=0."""
     monkeypatch.setattr(cuda_gemv, "sm_count", lambda device: 132)
     cpu = torch.device("cpu")  # sized as an H100 (device.shared_memory)
 
@@ -402,9 +402,12 @@ def test_batch_rows_past_64_kb_are_staged_only_where_measured_faster(monkeypatch
 
     big = at("nz2_ch", (4096, 14336), 8)
     assert (big.xs, big.per_warp, big.grid, big.tiles, big.shared) == (2, 2, 128, 128, 8 * 14336 * 2)
-    looped = at("iq2_xxs", (4096, 11008), 8)  # one row block per warp, blocks looping
-    assert (looped.xs, looped.grid, looped.shared) == (2, 132, 8 * 11008 * 2 + cuda_gemv.part_bytes(16))
-    assert at("iq2_xxs", (4096, 14336), 8).xs == 0  # one row block per warp, one tile per block
+    looped = at("q2_k", (4096, 11008), 8)  # one row block per warp, blocks looping
+    assert (looped.xs, looped.per_warp, looped.grid) == (2, 1, 132)
+    assert looped.shared == 8 * 11008 * 2 + cuda_gemv.part_bytes(16)
+    assert at("q2_k", (4096, 14336), 8).xs == 0  # one row block per warp, one tile per block
+    wide = at("iq2_xxs", (4096, 14336), 8)  # IQ2_XXS: two row blocks per warp where its rows pass 64 KB
+    assert (wide.xs, wide.per_warp) == (2, 2) and at("iq2_xxs", (4096, 4096), 8).per_warp == 1
     assert at("nz2_ch", (4096, 11008), 4).xs == 0  # batch 4: one row block per warp
     assert at("int3_g128_sym", (4096, 11008), 8).xs == 0  # high bits
     small = at("nz2_ch", (22016, 4096), 8)
