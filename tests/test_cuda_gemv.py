@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from conftest import nvrtc_found
-from lowbit.formats import e8p, get_format
+from lowbit.formats import Format, QuantizedTensor, e8p, get_format
 from lowbit.kernels import cuda_gemv
 from lowbit.kernels.dispatch import decode_lut
 
@@ -699,6 +699,23 @@ def test_cuda_gemv_kernels_fit_their_blocks_without_spills(name: str, cols: int,
             assert kern.attribute(4) * warps * 32 * blocks <= 65536  # NUM_REGS
 
 
+def _plain_residual_and_gated_match_reference(fmt: Format, qt: QuantizedTensor, p: cuda_gemv.Plan, m: int) -> None:
+    """The GEMV of ``m`` random rows on the GPU against the float64 reference: plain, with a residual added in the
+    epilogue, and gated (``qt``'s rows read as [gate; up])."""
+    from lowbit.kernels.reference import dequant_matmul_reference
+
+    rows, cols = qt.shape
+    gen = torch.Generator("cuda").manual_seed(m)
+    x = torch.randn(m, cols, device="cuda", dtype=torch.float16, generator=gen)
+    res = torch.randn(m, rows, device="cuda", dtype=torch.float16, generator=gen)
+    ref = dequant_matmul_reference(x.double(), fmt, qt)
+    gate, up = ref.chunk(2, dim=-1)
+    for got, want in ((cuda_gemv.gemv(x, fmt, qt, p).double(), ref),
+                      (cuda_gemv.gemv(x, fmt, qt, p, residual=res).double() - res.double(), ref),
+                      (cuda_gemv.gemv(x, fmt, qt, p, gated=True).double(), torch.nn.functional.silu(gate) * up)):
+        assert float((got - want).norm() / want.norm()) < 3e-3
+
+
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["nz2_ch", "int2_g32_asym", "e8p_ch", "iq2_xxs", "q2_k", "q3_k", "q4_k"])
@@ -710,8 +727,6 @@ def test_two_row_blocks_per_warp_on_gpu(name: str, cols: int, m: int, loop: bool
     """TILES 2 against the float64 reference: 200 rows (the last group of 32 half empty; gated: 100 gate rows),
     staged and unstaged batches, plain, with a residual and gated, and (``loop``) two resident blocks looping over
     the groups."""
-    from lowbit.kernels.reference import dequant_matmul_reference
-
     monkeypatch.setattr(cuda_gemv, "ROW_TILES", "2")
     if loop:
         monkeypatch.setattr(cuda_gemv, "RESIDENT_GRID", "1")
@@ -720,15 +735,7 @@ def test_two_row_blocks_per_warp_on_gpu(name: str, cols: int, m: int, loop: bool
     p = cuda_gemv.plan(fmt, qt.shape)
     if p is None:
         pytest.skip(f"{name} at {cols} columns is not served")
-    gen = torch.Generator("cuda").manual_seed(m)
-    x = torch.randn(m, cols, device="cuda", dtype=torch.float16, generator=gen)
-    res = torch.randn(m, 200, device="cuda", dtype=torch.float16, generator=gen)
-    ref = dequant_matmul_reference(x.double(), fmt, qt)
-    gate, up = ref.chunk(2, dim=-1)
-    for got, want in ((cuda_gemv.gemv(x, fmt, qt, p).double(), ref),
-                      (cuda_gemv.gemv(x, fmt, qt, p, residual=res).double() - res.double(), ref),
-                      (cuda_gemv.gemv(x, fmt, qt, p, gated=True).double(), torch.nn.functional.silu(gate) * up)):
-        assert float((got - want).norm() / want.norm()) < 3e-3
+    _plain_residual_and_gated_match_reference(fmt, qt, p, m)
 
 
 @gpu
@@ -741,23 +748,13 @@ def test_batch_rows_staged_past_64_kb_on_gpu(name: str, cols: int, m: int, loop:
     """Batch rows staged in the shared memory a block may opt in to (8 rows of 14336 and 11008, 4 of 11008), the
     warps' partial sums over them or (``loop``: two resident blocks of 16 warps, or of 8 at 4096 columns, looping
     over 200 rows) after them, against the float64 reference: plain, with a residual and gated."""
-    from lowbit.kernels.reference import dequant_matmul_reference
-
     if loop:
         monkeypatch.setattr(cuda_gemv, "RESIDENT_GRID", "1")
         monkeypatch.setattr(cuda_gemv, "sm_count", lambda device: 1)
     fmt, qt = _packed(name, (200, cols), seed=cols + m)
     p = cuda_gemv.plan(fmt, qt.shape)
     assert cuda_gemv.staging(m, cols, p, cuda_gemv.rows_room(torch.device("cuda"))) == 2
-    gen = torch.Generator("cuda").manual_seed(m)
-    x = torch.randn(m, cols, device="cuda", dtype=torch.float16, generator=gen)
-    res = torch.randn(m, 200, device="cuda", dtype=torch.float16, generator=gen)
-    ref = dequant_matmul_reference(x.double(), fmt, qt)
-    gate, up = ref.chunk(2, dim=-1)
-    for got, want in ((cuda_gemv.gemv(x, fmt, qt, p).double(), ref),
-                      (cuda_gemv.gemv(x, fmt, qt, p, residual=res).double() - res.double(), ref),
-                      (cuda_gemv.gemv(x, fmt, qt, p, gated=True).double(), torch.nn.functional.silu(gate) * up)):
-        assert float((got - want).norm() / want.norm()) < 3e-3
+    _plain_residual_and_gated_match_reference(fmt, qt, p, m)
 
 
 @gpu
