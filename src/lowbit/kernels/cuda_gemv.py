@@ -474,8 +474,8 @@ def row_tiles(p: Plan, m: int, staged: int, row_blocks: int, sms: int, wide: boo
     of 16 rows, or 8 gated, on ``sms`` SMs): :data:`ROW_TILES` where set; else 2 where it measured faster (above)
     once ``row_tiles`` has left dispatch.GPU_UNVERIFIED: batches on formats of 64 weights per chunk, with staged
     rows only for the 2-bit grids and E8P at more than 4 rows, and IQ2_XXS where they are staged past 64 KB
-    (``wide``; H100, batch 8: 4096x14336 22.3 -> 20.1-20.3 us, 4096x11008 16.7 -> 16.3-16.6), and only where the
-    pairs of row blocks fill at least half the SMs."""
+    (``wide``, which :func:`launch` then stages at 8 rows of 14336 too; H100, batch 8: 4096x14336 22.3 -> 20.1-20.3
+    us, 4096x11008 16.7 -> 16.3-16.6), and only where the pairs of row blocks fill at least half the SMs."""
     if ROW_TILES != "auto":
         if ROW_TILES not in ("1", "2"):  # the kernel has one- and two-row-block variants only
             raise ValueError(f"LOWBIT_CUDA_TILES must be auto, 1 or 2, got {ROW_TILES!r}")
