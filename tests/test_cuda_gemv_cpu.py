@@ -127,19 +127,12 @@ def test_staging_rows_of_several_passes_on_the_cpu(name: str, m: int, cols: int)
                                                        ("nz2_ch", (40, 14336), 8, False),
                                                        ("int2_g64_sym", (96, 4096), 5, True)])
 def test_batch_rows_staged_past_64_kb_on_the_cpu(name: str, shape: tuple[int, int], m: int, looped: bool) -> None:
-    """Batch rows staged in all the shared memory a Hopper block may have (8 rows of 11008 and of 14336), the
-    warps' partial sums after them where blocks loop over row blocks (here 16 and 8 warps) and over them where
-    each block has one tile (8 rows of 14336 leave no room for both)."""
-    cpu = torch.device("cpu")
-    p = cuda_gemv.plan(get_format(name), shape)
-    xs = cuda_gemv.staging(m, shape[1], p, cuda_gemv.rows_room(cpu))
-    assert xs == 2
-    warps = cuda_gemv.warps_for(p, shape[1])
-    tiles = -(-shape[0] // 32)  # two row blocks per warp
-    staged = cuda_gemv.staged_bytes(m, shape[1])
-    grid, shared = cuda_gemv._grid(cpu, tiles, warps, cuda_gemv.min_blocks_for(warps, m, 2), xs, staged)
-    assert (grid < tiles) == looped
-    assert shared == staged + (cuda_gemv.part_bytes(warps) if looped else 0)
+    """Batch rows staged in all the shared memory a Hopper block may have (8 rows of 11008 and of 14336; 5 rows of
+    4096 in 8-warp blocks), the warps' partial sums after them where blocks loop over row blocks and over them where
+    each block has one tile (8 rows of 14336 leave no room for both): the launch the CPU-run kernel gets (one SM)."""
+    at = cuda_gemv.launch(cuda_gemv.plan(get_format(name), shape), m, shape[1], shape[0], torch.device("cpu"))
+    assert (at.xs, at.per_warp) == (2, 2) and (at.grid < at.tiles) == looped
+    assert at.shared == cuda_gemv.staged_bytes(m, shape[1]) + (cuda_gemv.part_bytes(at.warps) if looped else 0)
     _check(name, shape, m)
 
 
