@@ -528,13 +528,6 @@ DEV Step load_step(const U4* pa, const U4* pb, const u16* sa_row, const u16* sb_
 // Groups of SG units of activations (the fragment group G, b_frag): permuted into fragment order (PREPERM) and
 // stored at their staged places.
 #define SG (((KIND == 0 || KIND == 3) && BITS == 2) ? 2 : 1)
-#define STEP_UNITS (HALF_PER_CHUNK / 2)  // 16-byte units of activations a step reads from a row (4 chunks)
-// Rows staged warp by warp (stage_block) where no block-wide set-up needs a barrier anyway: not E8P and IQ2_XXS
-// (decode tables) nor the normalized row (a block-wide sum of squares). Measured on an H100 (docs/kernels.md,
-// "Rows staged by the warps that read them").
-#ifndef WARP_STAGED
-#define WARP_STAGED (XS && !NORM && (KIND == 0 || KIND == 3))
-#endif
 DEV void store_units(const u32* w, int row, int u, int K) {
 #if PREPERM
     u32 o[4 * SG];
@@ -632,22 +625,9 @@ DEV void stage_block(const u32* tables, const u16* x, int K, int M, const u16* n
 #else
     wait_for_inputs();  // x is the output of the kernel before
 #if XS
-#if WARP_STAGED
-    // Each warp stages the units its own steps read (step s: units [s STEP_UNITS, (s + 1) STEP_UNITS) of each row,
-    // s = warp, warp + WARPS, ...), so it waits for its own lanes only (the caller's __syncwarp), not the block
-    const int units = K / 8, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    constexpr int GROUPS = STEP_UNITS / SG;  // groups of SG units a step reads from a row
-    const int row_steps = (units + STEP_UNITS - 1) / STEP_UNITS;
-    const int per_row = (row_steps > warp ? (row_steps - warp + WARPS - 1) / WARPS : 0) * GROUPS;
-    for (int q = lane; q < (XS == 1 ? 1 : M) * per_row; q += 32) {
-        const int row = XS == 1 ? 0 : q / per_row, r = q - row * per_row;
-        const int u = (warp + r / GROUPS * WARPS) * STEP_UNITS + r % GROUPS * SG;
-#else
     const int units = K / 8, total = M * (units / SG);
     for (int q = threadIdx.x; q < total; q += WARPS * 32) {
         const int row = XS == 1 ? 0 : q / (units / SG), u = (q - row * (units / SG)) * SG;
-#endif
-        if (u >= units) continue;  // the last step's units past the row (WARP_STAGED)
         u32 w[4 * SG];
 #pragma unroll
         for (int i = 0; i < SG; ++i) {
@@ -851,9 +831,7 @@ gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u1
     Step next1 = first_step(row_ptrs(codes, scales, mins, tables, r1, chunks, groups), c0);
 #endif
     stage_block(tables, x, K, M, nw, eps);
-#if WARP_STAGED
-    __syncwarp();  // the warp's own units are staged
-#elif KIND != 0 || XS
+#if KIND != 0 || XS
     __syncthreads();
 #endif
 #if XS == 2
