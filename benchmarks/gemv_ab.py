@@ -1,0 +1,127 @@
+"""A kernel switch against the default on one GPU start (needs CUDA): benchmarks/gemv_speed.py run without and with
+the switch, alternately, and each side's fastest time per (shape, format, batch) compared.
+
+    python benchmarks/gemv_ab.py --set LOWBIT_CUDA_ASYNC_ROWS=1 --formats nz2_ch,e8p_ch,int2_g64_sym --batch 1,8
+    python benchmarks/gemv_ab.py --set LOWBIT_CUDA_TILES=2 --repeats 3 --formats iq2_xxs --batch 8 --fused
+
+Side A is the environment as it is, side B the same with every ``--set`` (``LOWBIT_*`` switches are read at import,
+so each run is a process of its own); ``--repeats`` runs of each side alternate A, B, A, B, ... Prints per row both
+times and B's over A's, then per format and batch each side's mean % of copy bandwidth on the large shapes and, for
+batches above 1, how many of them stay within 1.5x of batch 1. Writes benchmarks/results/gemv-ab-<tag>.json (the
+device, both sides' rows, the comparison and the summaries); the runs' own kernels-<tag>-a<i>.json files are removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import gemv_speed
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def fastest(runs: list[list[dict]]) -> dict[tuple, dict]:
+    """Per (label, shape, format, batch): the row of the fastest run."""
+    best: dict[tuple, dict] = {}
+    for rows in runs:
+        for r in rows:
+            key = (r["label"], tuple(r["shape"]), r["format"], r["batch"])
+            if key not in best or r["ms"] < best[key]["ms"]:
+                best[key] = r
+    return best
+
+
+def compare(a_runs: list[list[dict]], b_runs: list[list[dict]]) -> list[dict]:
+    """Rows both sides measured: A's and B's fastest µs and B over A (below 1: the switch is faster)."""
+    a, b = fastest(a_runs), fastest(b_runs)
+    return [{"label": k[0], "shape": list(k[1]), "format": k[2], "batch": k[3], "a_us": 1e3 * a[k]["ms"],
+             "b_us": 1e3 * b[k]["ms"], "b_over_a": b[k]["ms"] / a[k]["ms"]} for k in a if k in b]
+
+
+def summary_lines(a: list[dict], b: list[dict]) -> list[str]:
+    """One line per (format, batch) both summaries have: mean % of copy bandwidth A -> B, and for batches above 1
+    the large shapes within 1.5x of batch 1 on each side."""
+    by_b = {(line["format"], line["batch"]): line for line in b}
+    out = []
+    for la in a:
+        lb = by_b.get((la["format"], la["batch"]))
+        if lb is None:
+            continue
+        within = (f"; within 1.5x {la['within_1_5x']} -> {lb['within_1_5x']} of {la['shapes_with_batch1']}"
+                  if "within_1_5x" in la and "within_1_5x" in lb else "")
+        out.append(f"{la['format']:>14} batch {la['batch']}: {100 * la['mean']:.1f}% -> {100 * lb['mean']:.1f}%"
+                   + within)
+    return out
+
+
+def parse_sets(sets: list[str]) -> dict[str, str]:
+    out = {}
+    for s in sets:
+        key, sep, value = s.partition("=")
+        if not sep or not key.startswith("LOWBIT_"):
+            raise SystemExit(f"--set takes LOWBIT_NAME=VALUE, got {s!r}")
+        out[key] = value
+    return out
+
+
+def run_side(side_env: dict[str, str], passthrough: list[str], tag: str) -> dict:
+    """One gemv_speed.py process: its results (no rows if it failed before writing any); its file removed."""
+    out = RESULTS / f"kernels-{tag}.json"
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("gemv_speed.py")), "--tag", tag,
+                           *passthrough], env=side_env, check=False)
+    data = json.loads(out.read_text()) if out.exists() else {"rows": []}
+    out.unlink(missing_ok=True)
+    if proc.returncode:
+        print(f"gemv_speed.py exited with {proc.returncode} ({tag}); keeping the {len(data['rows'])} rows it wrote",
+              file=sys.stderr)
+    return data
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--set", action="append", default=[], metavar="LOWBIT_NAME=VALUE", required=True,
+                    help="a switch of side B (repeatable)")
+    ap.add_argument("--repeats", type=int, default=2, help="runs of each side, alternating")
+    ap.add_argument("--tag", default="ab")
+    ap.add_argument("--formats", default=",".join(gemv_speed.FORMATS))
+    ap.add_argument("--batch", default="1")
+    ap.add_argument("--fused", action="store_true", help="also the fused shapes a decode step runs")
+    args = ap.parse_args(argv)
+    sets = parse_sets(args.set)
+    passthrough = ["--formats", args.formats, "--batch", args.batch] + (["--fused"] if args.fused else [])
+    runs: dict[str, list[list[dict]]] = {"a": [], "b": []}
+    device = {}
+    for i in range(args.repeats):
+        for side in ("a", "b"):
+            data = run_side(os.environ | (sets if side == "b" else {}), passthrough, f"{args.tag}-{side}{i}")
+            runs[side].append(data["rows"])
+            device = device or {k: data[k] for k in ("device", "copy_bw") if k in data}
+    rows = compare(runs["a"], runs["b"])
+    if not rows:
+        print("no row was measured on both sides", file=sys.stderr)
+        return 2
+    print(f"\nB = A + {' '.join(f'{k}={v}' for k, v in sets.items())}; fastest of {args.repeats} runs each")
+    print("| shape | format | batch | A µs | B µs | B / A |\n|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['label']} {r['shape'][0]}x{r['shape'][1]} | {r['format']} | {r['batch']} | {r['a_us']:.2f} | "
+              f"{r['b_us']:.2f} | {r['b_over_a']:.3f} |")
+    summary = {side: gemv_speed.summarize(list(fastest(runs[side]).values())) for side in ("a", "b")}
+    print("\nper format and batch, large shapes: mean % of copy BW A -> B (batches above 1: shapes within 1.5x of "
+          "batch 1, A -> B)")
+    for line in summary_lines(summary["a"], summary["b"]):
+        print("  " + line)
+    sides = {side: [r | {"side": side, "run": i} for i, rs in enumerate(runs[side]) for r in rs] for side in runs}
+    command = "python benchmarks/gemv_ab.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    (RESULTS / f"gemv-ab-{args.tag}.json").write_text(json.dumps(
+        device | {"set": sets, "repeats": args.repeats, "command": command, "rows": sides["a"] + sides["b"],
+                  "compare": rows, "summary": summary}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
