@@ -550,6 +550,14 @@ DEV Step load_step(const U4* pa, const U4* pb, const u16* sa_row, const u16* sb_
 // Groups of SG units of activations (the fragment group G, b_frag): permuted into fragment order (PREPERM) and
 // stored at their staged places.
 #define SG (((KIND == 0 || KIND == 3) && BITS == 2) ? 2 : 1)
+// Where unit su of staged activation row ``row`` lies: XS 1 one unit of padding after every 8, XS 2 swizzled
+DEV U4* staged_at(int row, int su, int K) {
+#if XS == 2
+    return dyn + row * XS_UNITS(K) + (su ^ ((su >> 3) & 7));
+#else
+    return dyn + su + (su >> 3);
+#endif
+}
 DEV void store_units(const u32* w, int row, int u, int K) {
 #if PREPERM
     u32 o[4 * SG];
@@ -562,15 +570,7 @@ DEV void store_units(const u32* w, int row, int u, int K) {
     const u32* o = w;
 #endif
 #pragma unroll
-    for (int i = 0; i < SG; ++i) {
-        const U4 v = {o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]};
-        const int su = u + i;
-#if XS == 1
-        dyn[su + (su >> 3)] = v;
-#elif XS == 2
-        dyn[row * XS_UNITS(K) + (su ^ ((su >> 3) & 7))] = v;
-#endif
-    }
+    for (int i = 0; i < SG; ++i) *staged_at(row, u + i, K) = U4{o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]};
 }
 
 #if NORM
@@ -670,7 +670,7 @@ DEV void copy_step_rows(const u16* x, int s, int K, int M) {
     const int units = K / 8, lane = threadIdx.x & 31;
     for (int q = lane; q < M * STEP_UNITS; q += 32) {
         const int row = q / STEP_UNITS, u = s * STEP_UNITS + q % STEP_UNITS;
-        if (u < units) copy_async(dyn + row * XS_UNITS(K) + (u ^ ((u >> 3) & 7)), (const U4*)x + (size_t)row * units + u);
+        if (u < units) copy_async(staged_at(row, u, K), (const U4*)x + (size_t)row * units + u);
     }
     copies_commit();
 }
