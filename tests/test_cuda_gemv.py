@@ -501,6 +501,12 @@ def gemv_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
     return request.param
 
 
+def _blocks_loop(monkeypatch: pytest.MonkeyPatch, sms: int) -> None:
+    """Launches that loop over row blocks, on a GPU seen as ``sms`` SMs: few resident blocks, many row blocks each."""
+    monkeypatch.setattr(cuda_gemv, "RESIDENT_GRID", "1")
+    monkeypatch.setattr(cuda_gemv, "sm_count", lambda device: sms)
+
+
 @cache  # the staging modes share each weight: quantizing it once keeps the GPU run short
 def _packed(name: str, shape: tuple[int, int], seed: int):  # noqa: ANN202
     from lowbit.formats import QuantizedTensor
@@ -549,8 +555,7 @@ def test_step_scaled_gemv_matches_reference_on_gpu(name: str, shape: tuple[int, 
     if layout != "auto":
         monkeypatch.setattr(cuda_gemv, "ROW_TILES", "2")
     if layout == "looping":
-        monkeypatch.setattr(cuda_gemv, "RESIDENT_GRID", "1")
-        monkeypatch.setattr(cuda_gemv, "sm_count", lambda device: 2)  # 16-warp kernels: 2 blocks loop over all
+        _blocks_loop(monkeypatch, sms=2)  # 16-warp kernels: 2 blocks loop over all
     fmt, qt = _packed(name, shape, seed=5)
     p = cuda_gemv.plan(fmt, shape)
     if p is None:
@@ -747,8 +752,7 @@ def test_two_row_blocks_per_warp_on_gpu(name: str, cols: int, m: int, loop: bool
     the groups."""
     monkeypatch.setattr(cuda_gemv, "ROW_TILES", "2")
     if loop:
-        monkeypatch.setattr(cuda_gemv, "RESIDENT_GRID", "1")
-        monkeypatch.setattr(cuda_gemv, "sm_count", lambda device: 2)  # 2 blocks of 16 warps, 1 per SM
+        _blocks_loop(monkeypatch, sms=2)  # 2 blocks of 16 warps, 1 per SM
     fmt, qt = _packed(name, (200, cols), seed=cols + m + 1)
     p = cuda_gemv.plan(fmt, qt.shape)
     if p is None:
@@ -767,8 +771,7 @@ def test_batch_rows_staged_past_64_kb_on_gpu(name: str, cols: int, m: int, loop:
     warps' partial sums over them or (``loop``: two resident blocks of 16 warps, or of 8 at 4096 columns, looping
     over 200 rows) after them, against the float64 reference: plain, with a residual and gated."""
     if loop:
-        monkeypatch.setattr(cuda_gemv, "RESIDENT_GRID", "1")
-        monkeypatch.setattr(cuda_gemv, "sm_count", lambda device: 1)
+        _blocks_loop(monkeypatch, sms=1)
     fmt, qt = _packed(name, (200, cols), seed=cols + m)
     p = cuda_gemv.plan(fmt, qt.shape)
     assert cuda_gemv.staging(m, cols, p, cuda_gemv.rows_room(torch.device("cuda"))) == 2
@@ -789,8 +792,7 @@ def test_batch_rows_copied_by_each_warp_on_gpu(name: str, cols: int, m: int, loo
         pytest.skip(f"{name} needs rows of whole 256-weight superblocks")
     monkeypatch.setattr(cuda_gemv, "ASYNC_ROWS", True)
     if loop:
-        monkeypatch.setattr(cuda_gemv, "RESIDENT_GRID", "1")
-        monkeypatch.setattr(cuda_gemv, "sm_count", lambda device: 1)
+        _blocks_loop(monkeypatch, sms=1)
     fmt, qt = _packed(name, (200, cols), seed=cols + m)
     p = cuda_gemv.plan(fmt, qt.shape)
     at = cuda_gemv.launch(p, m, cols, 200, torch.device("cuda"))
@@ -839,8 +841,7 @@ def test_resident_blocks_loop_over_row_blocks_on_gpu(name: str, cols: int, m: in
     float64 reference. 4128 columns: K not a whole number of steps."""
     from lowbit.kernels.reference import dequant_matmul_reference, rms_norm_reference
 
-    monkeypatch.setattr(cuda_gemv, "RESIDENT_GRID", "1")
-    monkeypatch.setattr(cuda_gemv, "sm_count", lambda device: 1)  # 2 resident blocks of 16 warps
+    _blocks_loop(monkeypatch, sms=1)  # 2 resident blocks of 16 warps
     fmt, qt = _packed(name, (2 * 104, cols), seed=cols + m)  # 13 row blocks; gated: 104 = 13 x 8 rows
     p = cuda_gemv.plan(fmt, qt.shape)
     assert cuda_gemv.warps_for(p, cols) == cuda_gemv.WARPS_MANY
