@@ -1,7 +1,7 @@
 """A kernel switch against the default on one GPU start (needs CUDA): benchmarks/gemv_speed.py run without and with
 the switch, alternately, and each side's fastest time per (shape, format, batch) compared.
 
-    python benchmarks/gemv_ab.py --set LOWBIT_CUDA_ASYNC_ROWS=1 --formats nz2_ch,e8p_ch,int2_g64_sym --batch 1,8
+    python benchmarks/gemv_ab.py --set LOWBIT_CUDA_STAGED_ROWS_BIG=0 --formats nz2_ch,e8p_ch,int2_g64_sym --batch 1,8
     python benchmarks/gemv_ab.py --set LOWBIT_CUDA_TILES=2 --repeats 3 --formats iq2_xxs --batch 8 --fused
 
 Side A is the environment as it is, side B the same with every ``--set`` (``LOWBIT_*`` switches are read at import,

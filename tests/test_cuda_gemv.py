@@ -337,24 +337,6 @@ def test_two_row_blocks_per_warp_compile(name: str) -> None:
             assert cuda_jit.compile_cubin(source, "gemv_mma.cu", "sm_90")[:4] == b"\x7fELF"
 
 
-@pytest.mark.skipif(not nvrtc_found(), reason="needs NVRTC (the nvidia-cuda-nvrtc wheel of the test extra)")
-@pytest.mark.parametrize("name", ["nz2_ch", "e8p_ch", "iq2_xxs", "q2_k", "int3_g128_sym"])
-def test_batch_rows_copied_by_each_warp_compile(name: str) -> None:
-    """ASYNC_ROWS kernels (cp.async, sm_80 and later): staged batches of rows of 4096 and 14336 (the wide rows in
-    one-tile blocks), one and two row blocks per warp, plain, gated and looping, compile for Ampere and Hopper."""
-    from lowbit.kernels import cuda_jit
-
-    for cols, m, tiles, gated, loop in ((4096, 8, 2, False, True), (4096, 4, 1, True, True),
-                                        (14336, 8, 2, False, False)):
-        p = cuda_gemv.plan(get_format(name), (64, cols))
-        warps = cuda_gemv.warps_for(p, cols)
-        source = cuda_gemv._source(p, 2, warps, cuda_gemv.min_blocks_for(warps, m, tiles), gated, True, 0, False,
-                                   loop, tiles, True)
-        assert "#define ASYNC_ROWS 1" in source
-        for arch in ("sm_80", "sm_90"):
-            assert cuda_jit.compile_cubin(source, "gemv_mma.cu", arch)[:4] == b"\x7fELF"
-
-
 def test_two_row_blocks_per_warp_only_where_measured_faster(monkeypatch: pytest.MonkeyPatch) -> None:
     """By default (auto) batches take two row blocks per warp on formats of 64 weights per chunk: with rows from
     L1/L2, or staged for the 2-bit grids and E8P above 4 rows, and only where the pairs of row blocks fill half the
@@ -775,29 +757,6 @@ def test_batch_rows_staged_past_64_kb_on_gpu(name: str, cols: int, m: int, loop:
     fmt, qt = _packed(name, (200, cols), seed=cols + m)
     p = cuda_gemv.plan(fmt, qt.shape)
     assert cuda_gemv.staging(m, cols, p, cuda_gemv.rows_room(torch.device("cuda"))) == 2
-    _plain_residual_and_gated_match_reference(fmt, qt, p, m)
-
-
-@gpu
-@pytest.mark.gpu
-@pytest.mark.parametrize("name", ["nz2_ch", "int2_g64_sym", "int3_g128_sym", "e8p_ch", "iq2_xxs", "q2_k"])
-@pytest.mark.parametrize(("cols", "m", "loop"), [(14336, 8, False), (11008, 8, True), (4096, 8, True),
-                                                 (4096, 3, False), (576, 5, True)])
-def test_batch_rows_copied_by_each_warp_on_gpu(name: str, cols: int, m: int, loop: bool,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """ASYNC_ROWS (off by default, ``LOWBIT_CUDA_ASYNC_ROWS=1``): each warp copies the batch rows of its own steps
-    with cp.async two steps ahead, in one-tile and looping blocks (``loop``: two resident blocks over 200 rows), K
-    not a whole number of steps (576), plain, with a residual and gated, against the float64 reference."""
-    if name in ("iq2_xxs", "q2_k") and cols % 256:
-        pytest.skip(f"{name} needs rows of whole 256-weight superblocks")
-    monkeypatch.setattr(cuda_gemv, "ASYNC_ROWS", True)
-    if loop:
-        _blocks_loop(monkeypatch, sms=1)
-    fmt, qt = _packed(name, (200, cols), seed=cols + m)
-    p = cuda_gemv.plan(fmt, qt.shape)
-    at = cuda_gemv.launch(p, m, cols, 200, torch.device("cuda"))
-    if at.xs != 2:
-        pytest.skip(f"{name} does not stage {m} rows of {cols} here")
     _plain_residual_and_gated_match_reference(fmt, qt, p, m)
 
 

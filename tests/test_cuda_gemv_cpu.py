@@ -136,29 +136,6 @@ def test_batch_rows_staged_past_64_kb_on_the_cpu(name: str, shape: tuple[int, in
     _check(name, shape, m)
 
 
-@pytest.mark.parametrize(("name", "shape", "m"), [("nz2_ch", (72, 1024), 8), ("e8p_ch", (40, 2048), 3),
-                                               ("iq2_xxs", (72, 2304), 8), ("int2_g64_sym", (96, 4096), 5),
-                                               ("q2_k", (40, 2304), 8), ("int3_g128_sym", (72, 576), 6),
-                                               ("e8p_ch", (96, 11008), 8), ("nz2_ch", (40, 14336), 8)])
-def test_batch_rows_copied_by_each_warp_on_the_cpu(name: str, shape: tuple[int, int], m: int,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """ASYNC_ROWS: each warp copies the batch rows' units of its own steps two steps ahead and b_frag makes the
-    fragment order (no permuted staging): one and two row blocks per warp, ragged K (576), rows past 64 KB, looping
-    blocks (whose later tiles read the rows the first one copied). On the CPU the copies complete at once, so this
-    checks which units each warp copies and reads, not the waits."""
-    monkeypatch.setattr(cuda_gemv, "ASYNC_ROWS", True)
-    staged = 0
-    for tiles in ("1", "2"):
-        monkeypatch.setattr(cuda_gemv, "ROW_TILES", tiles)
-        at = cuda_gemv.launch(cuda_gemv.plan(get_format(name), shape), m, shape[1], shape[0], torch.device("cpu"))
-        if at.xs != 2:  # rows past 64 KB are staged only with two row blocks per warp here
-            continue
-        staged += 1
-        _check(name, shape, m)
-        _check(name, shape, m, residual=True)
-    assert staged
-
-
 _PROBE = """
 extern "C" __global__ void probe(unsigned* out) {
     if (threadIdx.x != 0) return;

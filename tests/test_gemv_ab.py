@@ -41,8 +41,8 @@ def test_summary_lines_count_the_shapes_within_1_5x_on_each_side() -> None:
 
 
 def test_switches_must_be_lowbit_name_value_pairs() -> None:
-    assert gemv_ab.parse_sets(["LOWBIT_CUDA_ASYNC_ROWS=1", "LOWBIT_CUDA_TILES=2"]) == {
-        "LOWBIT_CUDA_ASYNC_ROWS": "1", "LOWBIT_CUDA_TILES": "2"}
+    assert gemv_ab.parse_sets(["LOWBIT_CUDA_STAGED_ROWS_BIG=0", "LOWBIT_CUDA_TILES=2"]) == {
+        "LOWBIT_CUDA_STAGED_ROWS_BIG": "0", "LOWBIT_CUDA_TILES": "2"}
     for bad in ("LOWBIT_CUDA_TILES", "CUDA_VISIBLE_DEVICES=1"):
         with pytest.raises(SystemExit, match="LOWBIT_NAME=VALUE"):
             gemv_ab.parse_sets([bad])
@@ -52,16 +52,17 @@ def test_runs_alternate_and_side_b_alone_gets_the_switch(tmp_path: Path, monkeyp
     calls = []
 
     def fake_run(env: dict, passthrough: list, tag: str) -> dict:
-        calls.append((tag, env.get("LOWBIT_CUDA_ASYNC_ROWS"), passthrough))
-        ms = 0.010 if env.get("LOWBIT_CUDA_ASYNC_ROWS") == "1" else 0.012
+        calls.append((tag, env.get("LOWBIT_CUDA_STAGED_ROWS_BIG"), passthrough))
+        ms = 0.010 if env.get("LOWBIT_CUDA_STAGED_ROWS_BIG") == "0" else 0.012
         return {"device": "GPU", "copy_bw": 3e12, "rows": [_row((4096, 4096), 8, ms)]}
 
     monkeypatch.setattr(gemv_ab, "RESULTS", tmp_path)
     monkeypatch.setattr(gemv_ab, "run_side", fake_run)
-    monkeypatch.delenv("LOWBIT_CUDA_ASYNC_ROWS", raising=False)
-    assert gemv_ab.main(["--set", "LOWBIT_CUDA_ASYNC_ROWS=1", "--formats", "nz2_ch", "--batch", "8", "--tag", "t"]) == 0
-    assert [(tag, v) for tag, v, _ in calls] == [("t-a0", None), ("t-b0", "1"), ("t-a1", None), ("t-b1", "1")]
+    monkeypatch.delenv("LOWBIT_CUDA_STAGED_ROWS_BIG", raising=False)
+    argv = ["--set", "LOWBIT_CUDA_STAGED_ROWS_BIG=0", "--formats", "nz2_ch", "--batch", "8", "--tag", "t"]
+    assert gemv_ab.main(argv) == 0
+    assert [(tag, v) for tag, v, _ in calls] == [("t-a0", None), ("t-b0", "0"), ("t-a1", None), ("t-b1", "0")]
     assert calls[0][2] == ["--formats", "nz2_ch", "--batch", "8"]
     out = json.loads((tmp_path / "gemv-ab-t.json").read_text())
-    assert out["device"] == "GPU" and out["set"] == {"LOWBIT_CUDA_ASYNC_ROWS": "1"} and len(out["rows"]) == 4
+    assert out["device"] == "GPU" and out["set"] == {"LOWBIT_CUDA_STAGED_ROWS_BIG": "0"} and len(out["rows"]) == 4
     assert out["compare"][0]["b_over_a"] == pytest.approx(10 / 12)

@@ -75,14 +75,14 @@ class Plan:
 
     def defines(self, staged_x: int = 0, warps: int = WARPS_FEW, min_blocks: int = 1, gated: bool = False,
                 full: bool = False, norm_qs: int = 0, resid: bool = False, resident: bool = False,
-                tiles: int = 1, async_rows: bool = False) -> str:
+                tiles: int = 1) -> str:
         lines = [f"#define KIND {self.kind}", f"#define BITS {self.bits}", f"#define ASYM {int(self.asym)}",
                  f"#define GROUP_SHIFT {self.group_shift}", f"#define ROW_SCALE {int(self.row_scale)}",
                  f"#define WARPS {warps}", f"#define XS {int(staged_x)}", f"#define MIN_BLOCKS {min_blocks}",
                  f"#define GATED {int(gated)}", f"#define FULL {int(full)}", f"#define NORM {int(norm_qs > 0)}",
                  f"#define NORM_QS {max(norm_qs, 1)}", f"#define RESID {int(resid)}",
                  f"#define RESIDENT {int(resident)}", f"#define KQ_HB {self.hi_bits}", f"#define TILES {tiles}",
-                 f"#define STEP_SCALE {int(self.step_scaled())}", f"#define ASYNC_ROWS {int(async_rows)}"]
+                 f"#define STEP_SCALE {int(self.step_scaled())}"]
         for i, (a, b) in enumerate(self.dq):
             lines += [f"#define DQ_A{i} 0x{_half2_bits(a):08x}u", f"#define DQ_B{i} 0x{_half2_bits(b):08x}u"]
         return "\n".join(lines) + "\n"
@@ -434,13 +434,11 @@ def layout_ready(fmt: Format, qt: QuantizedTensor, p: Plan) -> bool:
 
 @cache
 def _source(p: Plan, staged_x: int = 0, warps: int = WARPS_FEW, min_blocks: int = 1, gated: bool = False,
-            full: bool = False, norm_qs: int = 0, resid: bool = False, resident: bool = False, tiles: int = 1,
-            async_rows: bool = False) -> str:
+            full: bool = False, norm_qs: int = 0, resid: bool = False, resident: bool = False, tiles: int = 1) -> str:
     """The kernel's source for these settings; ``norm_qs`` > 0: the batch-1 row is RMS-normalized while staged,
     each thread holding that many groups of its units in registers (:func:`norm_groups`); ``resident``: blocks loop
-    over row blocks (:data:`RESIDENT_GRID`); ``tiles``: row blocks per warp (:func:`row_tiles`); ``async_rows``: the
-    staged batch rows copied by each warp ahead of its steps (:data:`ASYNC_ROWS`)."""
-    defines = p.defines(staged_x, warps, min_blocks, gated, full, norm_qs, resid, resident, tiles, async_rows)
+    over row blocks (:data:`RESIDENT_GRID`); ``tiles``: row blocks per warp (:func:`row_tiles`)."""
+    defines = p.defines(staged_x, warps, min_blocks, gated, full, norm_qs, resid, resident, tiles)
     return cuda_jit.source("gemv_mma.cu", defines)
 
 
@@ -510,11 +508,6 @@ STAGED_ROWS_BYTES = 64 * 1024
 # 4096x11008 9.9 -> 11.0 us) and for int3 (high bits: 4096x14336 18.9 -> 22.3 us). ``LOWBIT_CUDA_STAGED_ROWS_BIG=0``
 # keeps every call within 64 KB.
 STAGED_ROWS_BIG = os.environ.get("LOWBIT_CUDA_STAGED_ROWS_BIG", "1") != "0"
-# Staged batch rows copied by each warp as its steps need them (the .cu's ASYNC_ROWS: cp.async, a warp's next two
-# steps in flight, the fragment order made by two PRMTs per MMA in the step loop) instead of by the block before its
-# first MMA, which at batch 8 costs 1.5-3.4 us that overlap nothing (docs/kernels.md, "What staging the activations
-# costs"). Off until timed on a GPU: ``LOWBIT_CUDA_ASYNC_ROWS=1``.
-ASYNC_ROWS = os.environ.get("LOWBIT_CUDA_ASYNC_ROWS", "0") == "1"
 _STATIC_SHARED = 3 * 1024  # the kernel's own shared memory besides `part`: decode tables (2 KB), warp sums
 
 
@@ -617,7 +610,7 @@ def gemv(x: torch.Tensor, fmt: Format, qt: QuantizedTensor, p: Plan, gated: bool
     codes, scales, mins, tables, groups = weights
     full = k % (4 * half_per_chunk(p)) == 0  # whole steps of 4 chunks: no lane past the row's end
     source = _source(p, at.xs, at.warps, at.blocks, gated, full, norm_qs, res is not None, at.grid < at.tiles,
-                     at.per_warp, ASYNC_ROWS and at.xs == 2)
+                     at.per_warp)
     kern = cuda_jit.kernel(source, "gemv_mma", x.device)
     kern.allow_shared(at.shared)
     eps = ctypes.c_float(0.0 if norm is None else norm[1])

@@ -24,9 +24,6 @@
 //                layer's q/k/v or gate/up, which then needs no kernel of its own)
 //   RESID        1: y = res + x W^T (the residual add after a layer's o or down projection), rounded as fp16 adds
 //   RESIDENT     1: the grid is the blocks that stay resident together, each looping over row blocks
-//   ASYNC_ROWS   XS 2: each warp copies the batch rows' units its own steps read (cp.async, as they are, no
-//                permutation: b_frag permutes), ASYNC_DEPTH steps ahead of the step that reads them, instead of the
-//                block staging every row before the first MMA (the copy then overlaps the steps; no block barrier)
 //   TILES        row blocks (m16 tiles) a warp multiplies at once: 2 lets each activation fragment feed two MMAs,
 //                halving the activation reads per weight byte (batches, whose activations are 2-8x the 2-bit codes)
 //
@@ -55,9 +52,6 @@ DEV u32 ld_stream_u32(const u32* p) { return *p; }
 DEV U2 ld_stream_pair(const u32* p) { return U2{p[0], p[1]}; }
 DEV u32 ld_half(const u16* p) { return (u32)*p | ((u32)*p << 16); }
 DEV float half_lo_to_float(u32 h2) { return half_to_float((u16)(h2 & 0xffffu)); }
-DEV void copy_async(U4* dst, const U4* src) { *dst = *src; }  // done at once: the groups below are no-ops
-DEV void copies_commit() {}
-template <int N> DEV void copies_wait() {}
 #else
 DEV u32 lop3_and_or(u32 x, u32 mask, u32 magic) {  // (x & mask) | magic
     u32 y;
@@ -91,15 +85,6 @@ DEV U4 ld_cached(const U4* p) {  // activations: every block reads them (not vol
                  : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
     return v;
 }
-// 16 bytes from global to shared memory without passing through registers (cp.async, kept in L1 too: the blocks
-// of an SM read the same rows); copies_commit() closes a group of this thread's copies, copies_wait<N>() waits until
-// at most the N latest groups are in flight (other threads' copies need a barrier after it)
-DEV void copy_async(U4* dst, const U4* src) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 16;" ::"r"((u32)__cvta_generic_to_shared(dst)), "l"(src)
-                 : "memory");
-}
-DEV void copies_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N> DEV void copies_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
 DEV u32 ld_u16(const u16* p) {  // read-only, zero-extended
     u16 v;
     asm("ld.global.nc.u16 %0, [%1];" : "=h"(v) : "l"(p));
@@ -199,14 +184,7 @@ DEV U4 x_at(const U4* xb, int u0, int v) {
 // grids and E8P: the order the fp16 magic-number decode yields weights in). Staged rows (XS) are stored in that
 // order (stage_block), so the fragments are plain words: b0 = word 2m, b1 = word 2m + 1 of the group. Rows read
 // from global memory are permuted here, two PRMTs per MMA.
-#ifndef ASYNC_ROWS
-#define ASYNC_ROWS 0
-#endif
-#if ASYNC_ROWS && XS != 2
-#error "ASYNC_ROWS copies staged batch rows (XS 2)"
-#endif
-#define ASYNC_DEPTH 2  // steps of a warp whose rows are in flight ahead of the one it multiplies (ASYNC_ROWS)
-#define PREPERM (XS && KIND != 2 && !ASYNC_ROWS)
+#define PREPERM (XS && KIND != 2)
 DEV void b_frag(const u32* xr, int m, int half, u32& b0, u32& b1) {
 #if PREPERM
     b0 = xr[2 * m];
@@ -646,7 +624,7 @@ DEV void stage_block(const u32* tables, const u16* x, int K, int M, const u16* n
     stage_normalized(x, nw, K, eps);
 #else
     wait_for_inputs();  // x is the output of the kernel before
-#if XS && !ASYNC_ROWS
+#if XS
     const int units = K / 8, total = M * (units / SG);
     for (int q = threadIdx.x; q < total; q += WARPS * 32) {
         const int row = XS == 1 ? 0 : q / (units / SG), u = (q - row * (units / SG)) * SG;
@@ -661,29 +639,6 @@ DEV void stage_block(const u32* tables, const u16* x, int K, int M, const u16* n
 #endif
 #endif
 }
-
-#if ASYNC_ROWS
-// Units [s STEP_UNITS, (s + 1) STEP_UNITS) of every batch row (what step s reads) copied by the warp's lanes into
-// their staged places, as one cp.async group (committed even when s is past the row: one group per step)
-#define STEP_UNITS (HALF_PER_CHUNK / 2)
-DEV void copy_step_rows(const u16* x, int s, int K, int M) {
-    const int units = K / 8, lane = threadIdx.x & 31;
-    for (int q = lane; q < M * STEP_UNITS; q += 32) {
-        const int row = q / STEP_UNITS, u = s * STEP_UNITS + q % STEP_UNITS;
-        if (u < units) copy_async(staged_at(row, u, K), (const U4*)x + (size_t)row * units + u);
-    }
-    copies_commit();
-}
-// Before the warp multiplies its i-th step (its steps: warp, warp + WARPS, ...): the copy of its step i +
-// ASYNC_DEPTH requested, step i's rows waited for (and the lanes' copies made visible to the warp). Only while the
-// block's first tile runs: later tiles read the rows already there.
-DEV void rows_ready(const u16* x, int i, bool first, int K, int M) {
-    if (!first) return;
-    copy_step_rows(x, (threadIdx.x >> 5) + (i + ASYNC_DEPTH) * WARPS, K, M);
-    copies_wait<ASYNC_DEPTH>();
-    __syncwarp();
-}
-#endif
 
 #if RESID && GATED
 #error "RESID adds a residual to plain projections (o, down), not to a gated [gate; up] product"
@@ -876,11 +831,7 @@ gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u1
     Step next1 = first_step(row_ptrs(codes, scales, mins, tables, r1, chunks, groups), c0);
 #endif
     stage_block(tables, x, K, M, nw, eps);
-#if ASYNC_ROWS
-#pragma unroll
-    for (int i = 0; i < ASYNC_DEPTH; ++i) copy_step_rows(x, warp + i * WARPS, K, M);  // the warp's first steps
-#endif
-#if KIND != 0 || (XS && !ASYNC_ROWS)
+#if KIND != 0 || XS
     __syncthreads();
 #endif
 #if XS == 2
@@ -950,13 +901,6 @@ gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u1
         // Measured on an H200: loading 2-4 steps ahead (a ring of registers) was slower at every large shape, the
         // registers it takes cost residency or spill (docs/kernels.md).
         int c = warp * 4 + t;
-#if ASYNC_ROWS
-        const bool first = tile == (int)blockIdx.x;
-        int mine = 0;  // the warp's steps multiplied so far in this tile
-#define ROWS_READY() rows_ready(x, mine++, first, K, M)
-#else
-#define ROWS_READY()
-#endif
 #if PAIRED
         // Two steps per pass, each requesting the next one into the other's registers (software pipelining: the
         // loads overlap the math), so that no pass copies a prefetched step into the registers it decodes from.
@@ -972,14 +916,12 @@ gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u1
 #if TILES == 2
             PREFETCH(alt1, pa1, pb1, rp1, s, c)
 #endif
-            ROWS_READY();
             run_step(next, next1, c);
             if (s + WARPS >= steps) break;
             PREFETCH(next, pa, pb, rp, s + WARPS, c + 4 * WARPS)
 #if TILES == 2
             PREFETCH(next1, pa1, pb1, rp1, s + WARPS, c + 4 * WARPS)
 #endif
-            ROWS_READY();
             run_step(alt, alt1, c + 4 * WARPS);
         }
 #else
@@ -989,10 +931,8 @@ gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u1
 #if TILES == 2
             const Step w1 = next1;
             PREFETCH(next1, pa1, pb1, rp1, s, c)
-            ROWS_READY();
             run_step(w, w1, c);
 #else
-            ROWS_READY();
             run_step(w, w, c);
 #endif
         }

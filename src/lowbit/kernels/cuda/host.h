@@ -47,7 +47,6 @@ inline unsigned pack(long double l, long double h) { return (unsigned)f2h(l) | (
 }  // namespace lowbit_host
 
 inline void __syncthreads() { lowbit_host::block_sync(); }
-inline void __syncwarp() { lowbit_host::warp_sync(); }
 inline float __shfl_xor_sync(unsigned, float v, int o) {
     lowbit_host::WarpData* w = lowbit_host::warp_data();
     const int lane = threadIdx.x & 31;
