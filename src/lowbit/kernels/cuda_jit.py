@@ -2,16 +2,19 @@
 
 Why not ``torch.utils.cpp_extension``: that needs nvcc, a host compiler and ninja on the user's machine and a
 minute per build. NVRTC ships with every CUDA build of PyTorch (the ``nvidia-cuda-nvrtc`` wheel or the CUDA
-toolkit), compiles a kernel in about a second, and the driver library is wherever a GPU works. The kernels use
-no headers (inline PTX for the half-precision and tensor-core instructions), so nothing else has to be found.
+toolkit), compiles a kernel in a fraction of a second (0.1-0.4 s for a GEMV variant), and the driver library is
+wherever a GPU works. The kernels use no headers (inline PTX for the half-precision and tensor-core instructions),
+so nothing else has to be found. Compiled kernels are kept on disk (:func:`cached_cubin`).
 
 A launch goes on PyTorch's current stream, so it is captured by CUDA graphs like any PyTorch kernel.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import glob
+import hashlib
 import os
 import site
 import sys
@@ -20,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from lowbit.atomic import atomic_file
+from lowbit.data.assets import cache_dir
 from lowbit.errors import LowbitError
 
 
@@ -204,9 +209,74 @@ def kernel(source: str, name: str, device: torch.device) -> Kernel:
         _KERNELS[key] = HostKernel(source, name)  # same interface
     if key not in _KERNELS:
         major, minor = torch.cuda.get_device_capability(device)
-        cubin = compile_cubin(source, f"{name}.cu", f"sm_{major}{minor}", ("-lineinfo",))
+        cubin = cached_cubin(source, f"{name}.cu", f"sm_{major}{minor}", ("-lineinfo",))
         _KERNELS[key] = Kernel(cubin, name, device)
     return _KERNELS[key]
+
+
+# Compiled kernels are kept on disk, so a new process (a server start, each benchmark run) loads the machine code
+# a decode step needs instead of compiling every variant again with NVRTC. ``LOWBIT_CUDA_CACHE=0``: compile every
+# time, keep nothing. The least recently used files go once the folder passes CACHE_BYTES (a GEMV variant's
+# machine code is 40-80 KB; a run of the GPU tests builds a few thousand).
+DISK_CACHE = os.environ.get("LOWBIT_CUDA_CACHE", "1") != "0"
+CACHE_BYTES = 256 << 20
+
+
+def nvrtc_version() -> tuple[int, int]:
+    major, minor = ctypes.c_int(), ctypes.c_int()
+    _check_nvrtc(_nvrtc().nvrtcVersion(ctypes.byref(major), ctypes.byref(minor)), "version")
+    return major.value, minor.value
+
+
+def cache_path(source: str, name: str, arch: str, options: tuple[str, ...] = ()) -> Path:
+    """Where :func:`cached_cubin` keeps the machine code of these inputs: ``$LOWBIT_HOME/cuda/<hash>.cubin``, the
+    hash over the source, its name, the architecture, the options and NVRTC's version (a new compiler compiles
+    again)."""
+    key = "\0".join([source, name, arch, *options, "nvrtc {}.{}".format(*nvrtc_version())])
+    return cache_dir() / "cuda" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.cubin"
+
+
+def cached_cubin(source: str, name: str, arch: str, options: tuple[str, ...] = ()) -> bytes:
+    """:func:`compile_cubin`'s result, read from the disk cache where an earlier process (or call) left it, else
+    compiled and written there (an atomic write: concurrent processes see a whole file or none). A cached file that
+    is not an ELF image is compiled and written again; a cache that cannot be written only costs the compile."""
+    if not DISK_CACHE:
+        return compile_cubin(source, name, arch, options)
+    path = cache_path(source, name, arch, options)
+    try:
+        cubin = path.read_bytes()
+        if cubin[:4] == b"\x7fELF":
+            os.utime(path)  # used now: the last to go when the folder is trimmed
+            return cubin
+    except OSError:
+        pass
+    cubin = compile_cubin(source, name, arch, options)
+    try:
+        with atomic_file(path) as tmp:
+            tmp.write_bytes(cubin)
+        _trim(path.parent)
+    except (OSError, LowbitError):
+        pass  # a read-only or full disk: the kernel still runs, compiled again next time
+    return cubin
+
+
+def _trim(folder: Path) -> None:
+    """Remove the least recently used machine code until ``folder`` holds at most :data:`CACHE_BYTES`."""
+    files = []
+    for entry in os.scandir(folder):
+        try:
+            if entry.name.endswith(".cubin"):
+                st = entry.stat()
+                files.append((st.st_mtime, st.st_size, entry.path))
+        except FileNotFoundError:  # removed by another process meanwhile
+            continue
+    total = sum(size for _, size, _ in files)
+    for _, size, file in sorted(files):
+        if total <= CACHE_BYTES:
+            break
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(file)
+        total -= size
 
 
 def source_dir() -> Path:
