@@ -105,3 +105,14 @@ def test_the_least_recently_used_go_when_the_folder_is_full(home: Path, monkeypa
     cuda_jit.cached_cubin(sources[0], "add.cu", "sm_90")  # read back: used now
     cuda_jit.cached_cubin(sources[2], "add.cu", "sm_90")  # a third: the least recently used goes
     assert [p.exists() for p in paths] == [True, False, True]
+
+
+def test_a_read_only_cache_is_still_read(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cubin = cuda_jit.cached_cubin(SOURCE, "add.cu", "sm_90")
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise PermissionError("read-only file system")
+
+    monkeypatch.setattr(cuda_jit.os, "utime", refuse)
+    calls = _counted(monkeypatch)
+    assert cuda_jit.cached_cubin(SOURCE, "add.cu", "sm_90") == cubin and not calls

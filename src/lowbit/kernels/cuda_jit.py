@@ -246,7 +246,8 @@ def cached_cubin(source: str, name: str, arch: str, options: tuple[str, ...] = (
     try:
         cubin = path.read_bytes()
         if cubin[:4] == b"\x7fELF":
-            os.utime(path)  # used now: the last to go when the folder is trimmed
+            with contextlib.suppress(OSError):  # a read-only cache is still read
+                os.utime(path)  # used now: the last to go when the folder is trimmed
             return cubin
     except OSError:
         pass
