@@ -337,6 +337,21 @@ def test_two_row_blocks_per_warp_compile(name: str) -> None:
             assert cuda_jit.compile_cubin(source, "gemv_mma.cu", "sm_90")[:4] == b"\x7fELF"
 
 
+def test_warps_per_block_can_be_set_for_every_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LOWBIT_CUDA_WARPS: any 1..32 warps a block for every call, with as many resident blocks as keep 64 registers
+    a thread (one past 16 warps); "auto" keeps warps_for's choice; anything else is refused by name."""
+    p = cuda_gemv.plan(get_format("nz2_ch"), (64, 4096))
+    assert cuda_gemv.warps_for(p, 4096) == 8 and cuda_gemv.warps_for(p, 14336) == 16
+    assert [cuda_gemv.min_blocks_for(w, 1) for w in (4, 8, 12, 16, 24, 32)] == [4, 4, 2, 2, 1, 1]
+    assert [cuda_gemv.min_blocks_for(w, 8) for w in (8, 16)] == [3, 2]
+    monkeypatch.setattr(cuda_gemv, "WARPS_SET", "24")
+    assert cuda_gemv.warps_for(p, 4096) == 24 == cuda_gemv.launch(p, 1, 4096, 64, torch.device("cpu")).warps
+    for bad in ("0", "33", "many", "-8"):
+        monkeypatch.setattr(cuda_gemv, "WARPS_SET", bad)
+        with pytest.raises(ValueError, match="LOWBIT_CUDA_WARPS"):
+            cuda_gemv.warps_for(p, 4096)
+
+
 def test_two_row_blocks_per_warp_only_where_measured_faster(monkeypatch: pytest.MonkeyPatch) -> None:
     """By default (auto) batches take two row blocks per warp on formats of 64 weights per chunk: with rows from
     L1/L2, or staged for the 2-bit grids and E8P above 4 rows, and only where the pairs of row blocks fill half the

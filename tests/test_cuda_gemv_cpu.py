@@ -201,3 +201,15 @@ def test_a_layout_without_memory_leaves_the_weight_to_the_other_kernels(monkeypa
     assert _err(y, dequant_matmul_reference(x.double(), fmt, qt)) < 2e-3
     with pytest.raises(RuntimeError, match="no kernel layout"):
         cuda_gemv.gemv(x, fmt, qt, cuda_gemv.plan(fmt, qt.shape))
+
+
+@pytest.mark.parametrize(("name", "m", "warps"), [("nz2_ch", 1, 24), ("e8p_ch", 8, 12), ("q4_0", 3, 4),
+                                                  ("q3_k", 1, 32)])
+def test_any_number_of_warps_on_the_cpu(name: str, m: int, warps: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """LOWBIT_CUDA_WARPS sets the warps of every block (for sweeps), powers of two or not: they split K and add
+    their sums as the default 8 or 16 do, staged (batch 1, batch 8 of E8P) or not."""
+    monkeypatch.setattr(cuda_gemv, "WARPS_SET", str(warps))
+    shape = (40, 2304)
+    at = cuda_gemv.launch(cuda_gemv.plan(get_format(name), shape), m, shape[1], shape[0], torch.device("cpu"))
+    assert at.warps == warps
+    _check(name, shape, m)

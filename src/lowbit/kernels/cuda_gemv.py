@@ -107,7 +107,16 @@ def half_per_chunk(p: Plan) -> int:
     return 32 if p.kind in (0, 3) and p.bits == 4 else 64
 
 
+# ``LOWBIT_CUDA_WARPS``: warps per block for every call, 1 to 32 (for sweeps: benchmarks/gemv_ab.py --set
+# LOWBIT_CUDA_WARPS=8); "auto" (default): :func:`warps_for`'s choice.
+WARPS_SET = os.environ.get("LOWBIT_CUDA_WARPS", "auto")
+
+
 def warps_for(p: Plan, cols: int) -> int:
+    if WARPS_SET != "auto":
+        if not WARPS_SET.isdigit() or not 1 <= int(WARPS_SET) <= 32:  # 1024 threads a block at most
+            raise ValueError(f"LOWBIT_CUDA_WARPS must be auto or 1..32, got {WARPS_SET!r}")
+        return int(WARPS_SET)
     steps = -(-cols // half_per_chunk(p) // 4)
     return WARPS_MANY if steps >= 2 * WARPS_MANY else WARPS_FEW
 
@@ -449,12 +458,12 @@ def min_blocks_for(warps: int, m: int = 8, tiles: int = 1) -> int:
     slower (q4_0 4096x11008 batch 1: 16.5 -> 13.7 us); 4 blocks of 8 warps (<= 64 registers) slowed batch 8 on
     2-bit rows (iq2_xxs 11008x4096: 28.0 -> 36.0 us, with spills). At batch 1 the 8-warp kernels fit 64 registers
     without spilling (NVRTC), so 4 blocks, 32 warps, stay resident per SM. Two row blocks per warp (``tiles`` 2)
-    hold twice the codes and sums: 95-128 registers (NVRTC, sm_90), so one block of 16 warps or two of 8."""
+    hold twice the codes and sums: 95-128 registers (NVRTC, sm_90), so one block of 16 warps or two of 8. Other
+    warp counts (``LOWBIT_CUDA_WARPS``) get as many blocks as keep 64 registers a thread."""
     if tiles == 2:
         return 1 if warps >= WARPS_MANY else 2
-    if warps >= WARPS_MANY:
-        return 2
-    return 4 if m == 1 else 3
+    policy = 2 if warps >= WARPS_MANY else 4 if m == 1 else 3
+    return max(1, min(policy, 32 // warps))  # >= 64 registers a thread for any LOWBIT_CUDA_WARPS
 
 
 # Two row blocks per warp (the .cu's TILES 2) for batches: each activation fragment a lane reads feeds the MMAs of
