@@ -14,6 +14,7 @@ import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
+from pathlib import Path
 
 import pytest
 import torch
@@ -257,8 +258,6 @@ def test_step_scaled_variants_compile(name: str) -> None:
 
 
 def _nvdisasm():  # noqa: ANN202 - Path | None: Triton's wheel ships it
-    from pathlib import Path
-
     import triton
 
     path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
@@ -773,6 +772,44 @@ def test_batch_rows_staged_past_64_kb_on_gpu(name: str, cols: int, m: int, loop:
     p = cuda_gemv.plan(fmt, qt.shape)
     assert cuda_gemv.staging(m, cols, p, cuda_gemv.rows_room(torch.device("cuda"))) == 2
     _plain_residual_and_gated_match_reference(fmt, qt, p, m)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize(("name", "m", "warps"), [("nz2_ch", 1, 24), ("e8p_ch", 8, 12), ("q4_0", 3, 4),
+                                                  ("iq2_xxs", 8, 32), ("q3_k", 1, 20)])
+def test_any_number_of_warps_on_gpu(name: str, m: int, warps: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """LOWBIT_CUDA_WARPS (sweeps): blocks of any 1..32 warps, plain, residual and gated, against the reference."""
+    monkeypatch.setattr(cuda_gemv, "WARPS_SET", str(warps))
+    fmt, qt = _packed(name, (200, 4608), seed=warps)
+    p = cuda_gemv.plan(fmt, qt.shape)
+    assert cuda_gemv.launch(p, m, 4608, 200, torch.device("cuda")).warps == warps
+    _plain_residual_and_gated_match_reference(fmt, qt, p, m)
+
+
+@gpu
+@pytest.mark.gpu
+def test_a_kernel_loaded_from_the_disk_cache_runs_as_compiled(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The machine code cuda_jit keeps in $LOWBIT_HOME/cuda, loaded by a new kernel object without NVRTC, gives the
+    freshly compiled kernel's bits."""
+    from lowbit.kernels import cuda_jit
+
+    monkeypatch.setenv("LOWBIT_HOME", str(tmp_path))
+    monkeypatch.setattr(cuda_jit, "DISK_CACHE", True)
+    fmt, qt = _packed("e8p_ch", (256, 4096), seed=1)
+    p = cuda_gemv.plan(fmt, qt.shape)
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.float16, generator=torch.Generator("cuda").manual_seed(0))
+    monkeypatch.setattr(cuda_jit, "_KERNELS", {})
+    compiled = cuda_gemv.gemv(x, fmt, qt, p)
+    assert any((tmp_path / "cuda").glob("*.cubin"))
+
+    def refuse(*args: object) -> bytes:
+        raise AssertionError("compiled again")
+
+    monkeypatch.setattr(cuda_jit, "_KERNELS", {})
+    monkeypatch.setattr(cuda_jit, "compile_cubin", refuse)
+    assert torch.equal(cuda_gemv.gemv(x, fmt, qt, p), compiled)
 
 
 @gpu
