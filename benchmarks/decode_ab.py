@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from gemv_ab import parse_sets
+from gemv_ab import alternate, parse_sets
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -67,13 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tag", default="ab")
     args = ap.parse_args(ours)
     sets = parse_sets(args.set)
-    runs: dict[str, list[list[dict]]] = {"a": [], "b": []}
-    meta: dict = {}
-    for i in range(args.repeats):
-        for side in ("a", "b"):
-            data = run_side(os.environ | (sets if side == "b" else {}), passthrough, f"{args.tag}-{side}{i}")
-            runs[side].append(data["rows"])
-            meta = meta or data.get("meta", {})
+    runs, results = alternate(run_side, sets, passthrough, args.tag, args.repeats)
+    meta = next((d["meta"] for d in results if d.get("meta")), {})
     rows = compare(runs["a"], runs["b"])
     if not rows:
         print("no variant was measured on both sides", file=sys.stderr)

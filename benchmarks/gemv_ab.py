@@ -69,6 +69,19 @@ def parse_sets(sets: list[str]) -> dict[str, str]:
     return out
 
 
+def alternate(run, sets: dict[str, str], passthrough: list[str], tag: str,  # noqa: ANN001
+              repeats: int) -> tuple[dict[str, list[list[dict]]], list[dict]]:
+    """``repeats`` runs of each side, A, B, A, B, ...: ``run(env, passthrough, tag)``, side B with ``sets`` on top of
+    the environment. Returns each side's rows per run and every run's whole result, in run order."""
+    runs: dict[str, list[list[dict]]] = {"a": [], "b": []}
+    results = []
+    for i in range(repeats):
+        for side in ("a", "b"):
+            results.append(run(os.environ | (sets if side == "b" else {}), passthrough, f"{tag}-{side}{i}"))
+            runs[side].append(results[-1]["rows"])
+    return runs, results
+
+
 def run_side(side_env: dict[str, str], passthrough: list[str], tag: str) -> dict:
     """One gemv_speed.py process: its results (no rows if it failed before writing any); its file removed."""
     out = RESULTS / f"kernels-{tag}.json"
@@ -94,13 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     sets = parse_sets(args.set)
     passthrough = ["--formats", args.formats, "--batch", args.batch] + (["--fused"] if args.fused else [])
-    runs: dict[str, list[list[dict]]] = {"a": [], "b": []}
-    device = {}
-    for i in range(args.repeats):
-        for side in ("a", "b"):
-            data = run_side(os.environ | (sets if side == "b" else {}), passthrough, f"{args.tag}-{side}{i}")
-            runs[side].append(data["rows"])
-            device = device or {k: data[k] for k in ("device", "copy_bw") if k in data}
+    runs, results = alternate(run_side, sets, passthrough, args.tag, args.repeats)
+    device = next(({k: d[k] for k in ("device", "copy_bw") if k in d} for d in results if "device" in d), {})
     rows = compare(runs["a"], runs["b"])
     if not rows:
         print("no row was measured on both sides", file=sys.stderr)
