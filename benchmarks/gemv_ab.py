@@ -18,6 +18,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import gemv_speed
@@ -69,8 +70,8 @@ def parse_sets(sets: list[str]) -> dict[str, str]:
     return out
 
 
-def alternate(run, sets: dict[str, str], passthrough: list[str], tag: str,  # noqa: ANN001
-              repeats: int) -> tuple[dict[str, list[list[dict]]], list[dict]]:
+def alternate(run: Callable[[dict[str, str], list[str], str], dict], sets: dict[str, str], passthrough: list[str],
+              tag: str, repeats: int) -> tuple[dict[str, list[list[dict]]], list[dict]]:
     """``repeats`` runs of each side, A, B, A, B, ...: ``run(env, passthrough, tag)``, side B with ``sets`` on top of
     the environment. Returns each side's rows per run and every run's whole result, in run order."""
     runs: dict[str, list[list[dict]]] = {"a": [], "b": []}
