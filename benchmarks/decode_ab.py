@@ -15,27 +15,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from gemv_ab import alternate, parse_sets
+from gemv_ab import alternate, parse_sets, run_script
 
 RESULTS = Path(__file__).parent / "results"
 
 
 def run_side(side_env: dict[str, str], passthrough: list[str], tag: str) -> dict:
-    """One decode.py process: its results (no rows if it failed before writing them)."""
+    """One decode.py process, writing to a temporary file: its results (no rows if it failed before writing them)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / f"decode-{tag}.json"
-        proc = subprocess.run([sys.executable, str(Path(__file__).with_name("decode.py")), "--tag", tag, "--out",
-                               str(out), *passthrough], env=side_env, check=False)
-        data = json.loads(out.read_text()) if out.exists() else {"rows": []}
-    if proc.returncode:
-        print(f"decode.py exited with {proc.returncode} ({tag}); keeping the {len(data['rows'])} rows it wrote",
-              file=sys.stderr)
-    return data
+        return run_script("decode.py", ["--tag", tag, "--out", str(out), *passthrough], out, side_env, tag)
 
 
 def compare(a_runs: list[list[dict]], b_runs: list[list[dict]]) -> list[dict]:

@@ -83,17 +83,21 @@ def alternate(run: Callable[[dict[str, str], list[str], str], dict], sets: dict[
     return runs, results
 
 
-def run_side(side_env: dict[str, str], passthrough: list[str], tag: str) -> dict:
-    """One gemv_speed.py process: its results (no rows if it failed before writing any); its file removed."""
-    out = RESULTS / f"kernels-{tag}.json"
-    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("gemv_speed.py")), "--tag", tag,
-                           *passthrough], env=side_env, check=False)
+def run_script(script: str, args: list[str], out: Path, env: dict[str, str], tag: str) -> dict:
+    """One process of benchmarks/``script`` that writes its results to ``out``: those results (no rows if it failed
+    before writing any), the file removed."""
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name(script)), *args], env=env, check=False)
     data = json.loads(out.read_text()) if out.exists() else {"rows": []}
     out.unlink(missing_ok=True)
     if proc.returncode:
-        print(f"gemv_speed.py exited with {proc.returncode} ({tag}); keeping the {len(data['rows'])} rows it wrote",
+        print(f"{script} exited with {proc.returncode} ({tag}); keeping the {len(data['rows'])} rows it wrote",
               file=sys.stderr)
     return data
+
+
+def run_side(side_env: dict[str, str], passthrough: list[str], tag: str) -> dict:
+    """One gemv_speed.py process: its results; its file removed."""
+    return run_script("gemv_speed.py", ["--tag", tag, *passthrough], RESULTS / f"kernels-{tag}.json", side_env, tag)
 
 
 def main(argv: list[str] | None = None) -> int:
