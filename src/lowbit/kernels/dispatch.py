@@ -12,9 +12,10 @@ dispatch does a dict lookup for the format's cached decode plan (LUT on the devi
 * scalar formats (uniform 2..8 bits, level sets): M <= 8 rows -> :mod:`triton_gemv` (bandwidth-bound GEMV),
   more rows -> :mod:`triton_uniform` (dequantize tiles + ``tl.dot``);
 * E8P (``e8p_*``): M <= 8 -> :mod:`triton_e8p` GEMV (codebook gathered from an L2-resident fp16 table), more
-  rows -> the reference (dequantize, then cuBLAS);
+  rows (a prompt) -> its Triton dequantize, then cuBLAS (:func:`dequantize`);
 * IQ2_XXS (``iq2_xxs``): M <= 8 -> :mod:`triton_iq2xxs` GEMV (straight from llama.cpp's superblock bytes), more
-  rows -> the reference;
+  rows -> the same as E8P;
+* k-quants (``q2_k`` .. ``q6_k``): M <= 8 -> :mod:`triton_kquants` GEMV, more rows -> the same as E8P;
 * anything else: the reference.
 
 :func:`rotate_input` is the same choice for the input-side randomized Hadamard of a rotated QuantLinear:
@@ -52,7 +53,8 @@ _MODES = ("auto", "reference", "triton")
 # junction_fits) left it when its GPU tests passed on an H100 (benchmarks/results/rotation-layout3-gpu-h100.txt).
 # silu_mul_rotated (a rotated MLP's SiLU product and down's input side in one launch) left it when its GPU tests
 # passed on an H100 (benchmarks/results/silu-mul-rotated-gpu-h100.txt).
-GPU_UNVERIFIED: frozenset[str] = frozenset()
+# dequantize (the codebook and k-quant formats' Triton dequantize for a prompt's matmuls) waits for its GPU tests.
+GPU_UNVERIFIED: frozenset[str] = frozenset({"dequantize"})
 _mode = os.environ.get("LOWBIT_KERNELS", "auto")
 _CUDA_GEMV = os.environ.get("LOWBIT_CUDA_GEMV", "1") != "0"
 _CUDA_ATTENTION = os.environ.get("LOWBIT_CUDA_ATTENTION", "1") != "0"
@@ -197,8 +199,10 @@ def _matmul(x: torch.Tensor, fmt: Format, qt: QuantizedTensor) -> torch.Tensor:
 
     gemv_sized = x2.shape[0] <= MAX_M
     n_out, n_in = qt.shape
-    if isinstance(fmt, E8PFormat | IQ2XXSFormat | KQuantFormat) and not gemv_sized:  # GEMV kernels only
-        return dequant_matmul_reference(x, fmt, qt)
+    if isinstance(fmt, E8PFormat | IQ2XXSFormat | KQuantFormat) and not gemv_sized:
+        if not triton_runs(x, "dequantize"):
+            return dequant_matmul_reference(x, fmt, qt)
+        return torch.nn.functional.linear(x, dequantize(fmt, qt, x.dtype))
     if isinstance(fmt, KQuantFormat):
         from lowbit.kernels import triton_kquants
 
@@ -224,6 +228,23 @@ def _matmul(x: torch.Tensor, fmt: Format, qt: QuantizedTensor) -> torch.Tensor:
 
         y = gemm(x2, qt.data["codes"], qt.data["scale"], mins, lut, fmt.bits, group, n_in)
     return y.reshape(*lead, n_out)
+
+
+def dequantize(fmt: E8PFormat | IQ2XXSFormat | KQuantFormat, qt: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
+    """The dense weight of a codebook or k-quant weight in ``dtype``, decoded by its Triton kernel (the GEMV's
+    decode, so each weight is the reference's rounded once): what a prompt's matmul multiplies through cuBLAS."""
+    n_in = qt.shape[1]
+    if isinstance(fmt, KQuantFormat):
+        from lowbit.kernels import triton_kquants
+
+        return triton_kquants.dequantize(qt.data["qs"], fmt, n_in, dtype)
+    if isinstance(fmt, E8PFormat):
+        from lowbit.kernels import triton_e8p
+
+        return triton_e8p.dequantize(qt.data["codes"], qt.data["scale"], fmt.group_cols(n_in), n_in, dtype)
+    from lowbit.kernels import triton_iq2xxs
+
+    return triton_iq2xxs.dequantize(qt.data["qs"], n_in, dtype)
 
 
 def gated_matmul(x: torch.Tensor, fmt: Format, qt: QuantizedTensor, norm: Norm | None = None) -> torch.Tensor:

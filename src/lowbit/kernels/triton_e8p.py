@@ -8,7 +8,7 @@ in float32. Codes are read in their stored order (:func:`lowbit.formats.e8p.to_s
 codebook reordered by :func:`lowbit.formats.e8p.codes_of_slots`); a code past the row's last whole chunk is stored
 as itself and indexes rows [65536, 131072), the codebook as it is. Same structure as :mod:`triton_gemv`: each
 program owns BLOCK_N rows and walks K, one code per thread per step, elementwise accumulators reduced once at the
-end. Larger batches go through the reference (dequantize, then cuBLAS).
+end. Larger batches (a prompt) take :func:`dequantize`, the same decode written out as a dense weight for cuBLAS.
 """
 
 from __future__ import annotations
@@ -42,6 +42,23 @@ def _stored_index(codes_ptr, row_start, c, whole, mask):
 
 
 @triton.jit
+def _e8p_tile(codes_ptr, scale_ptr, table_ptr, offs_n, n_mask, c0, n_codes, whole, n_groups, group,
+              GROUP_SHIFT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Weights [BLOCK_N, BLOCK_W * 8] in float32: codes [c0, c0 + BLOCK_W) of rows ``offs_n``, each the table's 8
+    values times its group's scale (zero past the row's end or ``n_mask``)."""
+    offs_c = c0 + tl.arange(0, BLOCK_W)
+    cmask = n_mask[:, None] & (offs_c < n_codes)[None, :]
+    code = _stored_index(codes_ptr, offs_n[:, None] * n_codes, offs_c[None, :], whole, cmask)
+    if GROUP_SHIFT >= 0:
+        g = (offs_c * 8) >> GROUP_SHIFT
+    else:
+        g = (offs_c * 8) // group
+    s = tl.load(scale_ptr + offs_n[:, None] * n_groups + g[None, :], mask=cmask, other=0.0).to(tl.float32)
+    vals = tl.load(table_ptr + code[:, :, None] * 8 + tl.arange(0, 8)[None, None, :])  # [BN, BW, 8] fp16
+    return tl.reshape(vals.to(tl.float32) * s[:, :, None], (BLOCK_N, BLOCK_W * 8))
+
+
+@triton.jit
 def _e8p_gemv_kernel(x_ptr, codes_ptr, scale_ptr, table_ptr, y_ptr, M, N, K, n_codes, whole, n_groups, group,
                      stride_xm, stride_ym, GROUP_SHIFT: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, UNROLL: tl.constexpr):
@@ -53,16 +70,8 @@ def _e8p_gemv_kernel(x_ptr, codes_ptr, scale_ptr, table_ptr, y_ptr, M, N, K, n_c
     acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
     offs_m = tl.arange(0, BLOCK_M)
     for k0 in tl.range(0, K, BLOCK_K, loop_unroll_factor=UNROLL):
-        offs_c = k0 // 8 + tl.arange(0, BLOCK_W)
-        cmask = n_mask[:, None] & (offs_c < n_codes)[None, :]
-        code = _stored_index(codes_ptr, offs_n[:, None] * n_codes, offs_c[None, :], whole, cmask)
-        if GROUP_SHIFT >= 0:
-            g = (offs_c * 8) >> GROUP_SHIFT
-        else:
-            g = (offs_c * 8) // group
-        s = tl.load(scale_ptr + offs_n[:, None] * n_groups + g[None, :], mask=cmask, other=0.0).to(tl.float32)
-        vals = tl.load(table_ptr + code[:, :, None] * 8 + tl.arange(0, 8)[None, None, :])  # [BN, BW, 8] fp16
-        w = tl.reshape(vals.to(tl.float32) * s[:, :, None], (BLOCK_N, BLOCK_K))
+        w = _e8p_tile(codes_ptr, scale_ptr, table_ptr, offs_n, n_mask, k0 // 8, n_codes, whole, n_groups, group,
+                      GROUP_SHIFT, BLOCK_N, BLOCK_W)
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None, None] * stride_xm + rows0[None, :, None] + offs_k[None, None, :],
                     mask=(offs_m < M)[:, None, None] & (offs_k < K)[None, None, :], other=0.0,
@@ -107,7 +116,7 @@ def gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, group: int, 
     M, K, block_m = gemv_rows(x.shape, n_cols)
     N = codes.shape[0]
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    shift = 30 if group >= K else group.bit_length() - 1 if group & (group - 1) == 0 else -1
+    shift = _group_shift(group, K)
     n_codes = codes.shape[1]
     args = (x, codes, scale, codebook_table(x.device), y, M, N, K, n_codes, n_codes - n_codes % 8, scale.shape[1],
             group, x.stride(0), y.stride(0))
@@ -117,3 +126,37 @@ def gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, group: int, 
     else:
         _tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, GROUP_SHIFT=shift, BLOCK_M=block_m)
     return y
+
+
+def _group_shift(group: int, n_cols: int) -> int:
+    """GROUP_SHIFT: log2 of a power-of-two group (30 for one group per row), -1 for a division."""
+    return 30 if group >= n_cols else group.bit_length() - 1 if group & (group - 1) == 0 else -1
+
+
+@triton.jit
+def _e8p_dequant_kernel(codes_ptr, scale_ptr, table_ptr, w_ptr, N, K, n_codes, whole, n_groups, group,
+                        GROUP_SHIFT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Program (i, j): rows [i BLOCK_N, (i + 1) BLOCK_N), codes [j BLOCK_W, (j + 1) BLOCK_W)."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    c0 = tl.program_id(1) * BLOCK_W
+    w = _e8p_tile(codes_ptr, scale_ptr, table_ptr, offs_n, n_mask, c0, n_codes, whole, n_groups, group, GROUP_SHIFT,
+                  BLOCK_N, BLOCK_W)
+    offs_k = c0 * 8 + tl.arange(0, BLOCK_W * 8)
+    tl.store(w_ptr + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :], w.to(w_ptr.dtype.element_ty),
+             mask=n_mask[:, None] & (offs_k < K)[None, :])
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, group: int, n_cols: int, dtype: torch.dtype) -> torch.Tensor:
+    """The weight [N, n_cols] in ``dtype`` from its E8P codes (stored order) and scales: codebook value times
+    scale in float32 (as the GEMV's), rounded once. For batches past the GEMV's rows: this, then cuBLAS."""
+    N, n_codes = codes.shape
+    if n_codes * 8 != n_cols:
+        raise ValueError(f"e8p: {n_codes} codes per row do not make {n_cols} columns")
+    w = torch.empty(N, n_cols, device=codes.device, dtype=dtype)
+    block_n, block_w = (4, 4) if INTERPRET else (16, 32)
+    _e8p_dequant_kernel[(triton.cdiv(N, block_n), triton.cdiv(n_codes, block_w))](
+        codes.contiguous(), scale.contiguous(), codebook_table(codes.device), w, N, n_cols, n_codes,
+        n_codes - n_codes % 8, scale.shape[1], group, GROUP_SHIFT=_group_shift(group, n_cols), BLOCK_N=block_n,
+        BLOCK_W=block_w)
+    return w

@@ -7,8 +7,8 @@ bytes each): one byte load per weight for its code (two for Q3_K's, Q5_K's and Q
 scales (and mins) once per run or 16-weight sub-block, ``d`` (and ``dmin``) once per row, then
 ``(d sc) q - (dmin mn)`` or ``(d sc) (q - 2^(bits-1))`` in float32 with the products in ggml's order
 (``dequantize_row_q*_K``, and :meth:`KQuantFormat.decode`), accumulated with x elementwise in float32 and reduced
-once at the end. Bytes shared by several codes (2-bit fields) are served by L1. Larger batches go through the
-reference (dequantize, then cuBLAS).
+once at the end. Bytes shared by several codes (2-bit fields) are served by L1. Larger batches (a prompt) take
+:func:`dequantize`, the same decode written out as a dense weight for cuBLAS.
 """
 
 from __future__ import annotations
@@ -137,3 +137,30 @@ def gemv(x: torch.Tensor, qs: torch.Tensor, fmt: KQuantFormat, n_cols: int) -> t
         _tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, KIND=kind, BLOCK_BYTES=block_bytes,
                                                              BLOCK_M=block_m)
     return y
+
+
+@triton.jit
+def _kquant_dequant_kernel(qs_ptr, w_ptr, N, row_bytes, K, KIND: tl.constexpr, BLOCK_BYTES: tl.constexpr,
+                           BLOCK_N: tl.constexpr):
+    """Program (i, j): rows [i BLOCK_N, (i + 1) BLOCK_N) of superblock j, decoded by :func:`_kquant_chunk`."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = (offs_n < N)[:, None]
+    sb = tl.program_id(1)
+    base = offs_n.to(tl.int64)[:, None] * row_bytes + sb * BLOCK_BYTES
+    out = w_ptr + offs_n.to(tl.int64)[:, None] * K + sb * QK_K + tl.arange(0, CHUNK)[None, :]
+    for qtr in tl.static_range(4):
+        w = _kquant_chunk(qs_ptr, base, qtr, n_mask, KIND, BLOCK_N)
+        tl.store(out + qtr * CHUNK, w.to(w_ptr.dtype.element_ty), mask=n_mask)
+
+
+def dequantize(qs: torch.Tensor, fmt: KQuantFormat, n_cols: int, dtype: torch.dtype) -> torch.Tensor:
+    """The weight [N, n_cols] in ``dtype`` from its k-quant bytes ``qs``: ggml's float32 decode (as the GEMV's),
+    rounded once. For batches past the GEMV's rows: this, then cuBLAS."""
+    N = qs.shape[0]
+    if n_cols % QK_K or tuple(qs.shape) != (N, n_cols // QK_K * fmt.block_bytes):
+        raise ValueError(f"{fmt.name}: stored qs {tuple(qs.shape)} does not match {n_cols} columns")
+    w = torch.empty(N, n_cols, device=qs.device, dtype=dtype)
+    block_n = 4 if INTERPRET else 16
+    _kquant_dequant_kernel[(triton.cdiv(N, block_n), n_cols // QK_K)](
+        qs.contiguous(), w, N, qs.shape[1], n_cols, KIND=fmt.bits, BLOCK_BYTES=fmt.block_bytes, BLOCK_N=block_n)
+    return w

@@ -1,0 +1,87 @@
+"""The Triton dequantize kernels that serve a prompt's matmuls for the codebook and k-quant formats
+(:func:`lowbit.kernels.dispatch.dequantize`: the GEMVs' decode written out as a dense weight, then cuBLAS) against
+each format's own decode, on fresh random weights: under Triton's interpreter on CPU and on CUDA when there is a
+GPU. The weight must be the reference's, rounded once to the activations' dtype: bit for bit."""
+
+import pytest
+import torch
+
+from conftest import run_in_interpreter
+from lowbit.formats import get_format
+from lowbit.kernels.dispatch import triton_available
+
+# shapes off every block size: rows off the row block, E8P rows with codes past the last whole 8-code chunk and
+# groups that are not a power of two, IQ2_XXS rows ending in a short superblock, k-quant rows of 1-3 superblocks
+CASES = [("q2_k", (6, 256)), ("q3_k", (5, 512)), ("q4_k", (9, 768)), ("q5_k", (3, 256)), ("q6_k", (17, 512)),
+         ("e8p_ch", (6, 96)), ("e8p_g32", (9, 160)), ("e8p_g24", (5, 96)), ("e8p_ch", (3, 576)),
+         ("iq2_xxs", (7, 256)), ("iq2_xxs", (5, 352))]
+IDS = [f"{n}-{r}x{c}" for n, (r, c) in CASES]
+
+_SCRIPT = r"""
+import json, sys
+import torch
+from lowbit.formats import get_format
+from lowbit.kernels.dispatch import dequant_matmul, dequantize
+g = torch.Generator().manual_seed(21)
+out = {}
+for name, shape in json.loads(sys.argv[1]):
+    fmt = get_format(name)
+    w = torch.randn(*shape, generator=g)
+    w[:, ::29] *= 5  # a few large columns: scales of very different sizes
+    qt = fmt.quantize(w)
+    ref = fmt.dequantize(qt).float()
+    same = {str(dt): bool(torch.equal(dequantize(fmt, qt, dt), ref.to(dt))) for dt in (torch.float32, torch.float16)}
+    x = torch.randn(2, 12, shape[1], generator=g)  # 24 rows: past the GEMV's, the prompt path
+    same["matmul"] = bool(torch.equal(dequant_matmul(x, fmt, qt), torch.nn.functional.linear(x, ref)))
+    out[f"{name}:{shape[0]}x{shape[1]}"] = same
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def interpreter_results():
+    return run_in_interpreter(_SCRIPT, CASES)
+
+
+@pytest.mark.parametrize(("name", "shape"), CASES, ids=IDS)
+def test_dequantize_kernel_in_interpreter_is_the_format_decode(interpreter_results, name, shape):
+    same = interpreter_results[f"{name}:{shape[0]}x{shape[1]}"]
+    # (bfloat16 only on the GPU: Triton 3.6's interpreter truncates float32 -> bfloat16 where the GPU rounds to
+    # nearest even, as torch does)
+    assert same == {"torch.float32": True, "torch.float16": True, "matmul": True}
+
+
+def test_dequantize_refuses_a_weight_of_another_width():
+    if not triton_available():
+        pytest.skip("triton not installed")
+    from lowbit.kernels import triton_e8p, triton_iq2xxs, triton_kquants
+
+    g = torch.Generator().manual_seed(5)
+    q6 = get_format("q6_k").quantize(torch.randn(4, 512, generator=g))
+    with pytest.raises(ValueError, match="does not match"):
+        triton_kquants.dequantize(q6.data["qs"], get_format("q6_k"), 256, torch.float16)
+    iq = get_format("iq2_xxs").quantize(torch.randn(4, 256, generator=g))
+    with pytest.raises(ValueError, match="does not match"):
+        triton_iq2xxs.dequantize(iq.data["qs"], 512, torch.float16)
+    e8 = get_format("e8p_ch").quantize(torch.randn(4, 64, generator=g))
+    with pytest.raises(ValueError, match="do not make"):
+        triton_e8p.dequantize(e8.data["codes"], e8.data["scale"], 64, 128, torch.float16)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not triton_available(), reason="needs a CUDA GPU and triton")
+@pytest.mark.parametrize(("name", "shape"), [*CASES, ("q4_k", (1024, 4096)), ("e8p_ch", (256, 11008)),
+                                             ("iq2_xxs", (64, 14336))], ids=[*IDS, "q4_k-big", "e8p-big", "iq2-big"])
+def test_dequantize_kernel_on_gpu_is_the_format_decode(name: str, shape: tuple[int, int],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from lowbit.kernels import dispatch
+    from lowbit.kernels.dispatch import dequant_matmul, dequantize
+
+    monkeypatch.setattr(dispatch, "GPU_UNVERIFIED", frozenset())  # the prompt path through the kernel
+    fmt = get_format(name)
+    g = torch.Generator().manual_seed(8)
+    qt = fmt.quantize(torch.randn(*shape, generator=g)).to("cuda")
+    ref = fmt.dequantize(qt).float()
+    for dt in (torch.float16, torch.bfloat16, torch.float32):
+        assert torch.equal(dequantize(fmt, qt, dt), ref.to(dt)), dt
+    x = torch.randn(40, shape[1], generator=g).half().cuda()  # past the CUDA GEMV's 16 rows
+    assert torch.equal(dequant_matmul(x, fmt, qt), torch.nn.functional.linear(x, ref.half()))
