@@ -10,9 +10,10 @@ overhead is excluded as in graph decode; weight copies cycled so that L2 does no
 move (packed weight + scales + x + y), the achieved bandwidth as a fraction of the measured device-to-device copy
 bandwidth, and the speedup over fp16 ``F.linear``. Every kernel output is first checked against the torch reference
 on fresh random inputs (the first call also autotunes the kernel for that shape). Batch <= 8 runs the GEMV kernels,
-larger batches the tl.dot kernel (E8P: dequantize + cuBLAS). Ends with summary lines: per format and batch <= 8, the
-% of copy bandwidth on the large shapes (targets at batch 1: >= 70% for 4-bit formats, >= 60% for 2-bit ones).
-Batches above 1 also print their largest time over batch 1's and how many shapes stay within 1.5x of it.
+larger batches the tl.dot kernel (E8P, IQ2_XXS, K-quants: a Triton dequantize + cuBLAS). Ends with summary lines:
+per format and batch <= 8, the % of copy bandwidth on the large shapes (targets at batch 1: >= 70% for 4-bit
+formats, >= 60% for 2-bit ones). Batches above 1 also print their largest time over batch 1's and how many shapes
+stay within 1.5x of it.
 ``--read-ceiling`` also times, for every row, the fastest one-pass kernel that only reads as many bytes
 (``lowbit.kernels.cuda_read``, timed the same way): what a call of that size can reach on this GPU at all.
 Writes benchmarks/results/kernels-<tag>.json.

@@ -230,9 +230,10 @@ def _matmul(x: torch.Tensor, fmt: Format, qt: QuantizedTensor) -> torch.Tensor:
     return y.reshape(*lead, n_out)
 
 
-def dequantize(fmt: E8PFormat | IQ2XXSFormat | KQuantFormat, qt: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
-    """The dense weight of a codebook or k-quant weight in ``dtype``, decoded by its Triton kernel (the GEMV's
-    decode, so each weight is the reference's rounded once): what a prompt's matmul multiplies through cuBLAS."""
+def dequantize(fmt: Format, qt: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
+    """The dense weight of a packed weight in ``dtype``, for a prompt's matmul through cuBLAS: written by one Triton
+    kernel with the decode of the format's own kernels (E8P, IQ2_XXS, the k-quants, the scalar grids), each value
+    the reference's float32 decode rounded once; other formats through the reference."""
     n_in = qt.shape[1]
     if isinstance(fmt, KQuantFormat):
         from lowbit.kernels import triton_kquants
@@ -242,9 +243,17 @@ def dequantize(fmt: E8PFormat | IQ2XXSFormat | KQuantFormat, qt: QuantizedTensor
         from lowbit.kernels import triton_e8p
 
         return triton_e8p.dequantize(qt.data["codes"], qt.data["scale"], fmt.group_cols(n_in), n_in, dtype)
-    from lowbit.kernels import triton_iq2xxs
+    if isinstance(fmt, IQ2XXSFormat):
+        from lowbit.kernels import triton_iq2xxs
 
-    return triton_iq2xxs.dequantize(qt.data["qs"], n_in, dtype)
+        return triton_iq2xxs.dequantize(qt.data["qs"], n_in, dtype)
+    if isinstance(fmt, UniformFormat):
+        from lowbit.kernels import triton_uniform
+
+        lut, _ = decode_plan(fmt, qt.data["codes"].device)
+        return triton_uniform.dequantize(qt.data["codes"], qt.data["scale"], qt.data.get("min"), lut, fmt.bits,
+                                         fmt.group_cols(n_in), n_in, dtype)
+    return fmt.dequantize(qt).to(dtype)
 
 
 def gated_matmul(x: torch.Tensor, fmt: Format, qt: QuantizedTensor, norm: Norm | None = None) -> torch.Tensor:

@@ -10,6 +10,9 @@ import triton
 # read once: under the interpreter (CPU tests) kernels run one fixed config instead of autotuning
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_M = 8  # rows the GEMV kernels take; larger batches go to a tiled kernel or the reference
+# launch options of a kernel whose float32 results must be the torch reference's bit for bit (the dequantize
+# kernels): no a * b + c contracted into one FMA, which rounds once where torch's separate ops round twice
+EXACT = {"enable_fp_fusion": False}
 
 
 def bench(warmup: int, rep: int, median: bool = False) -> Callable:

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit.kernels.launch import INTERPRET, autotune, bench, gemv_rows
+from lowbit.kernels.launch import EXACT, INTERPRET, autotune, bench, gemv_rows
 
 
 @triton.jit
@@ -158,5 +158,5 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, group: int, n_cols: int
     _e8p_dequant_kernel[(triton.cdiv(N, block_n), triton.cdiv(n_codes, block_w))](
         codes.contiguous(), scale.contiguous(), codebook_table(codes.device), w, N, n_cols, n_codes,
         n_codes - n_codes % 8, scale.shape[1], group, GROUP_SHIFT=_group_shift(group, n_cols), BLOCK_N=block_n,
-        BLOCK_W=block_w)
+        BLOCK_W=block_w, **EXACT)
     return w

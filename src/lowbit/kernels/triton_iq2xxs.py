@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit.kernels.launch import INTERPRET, autotune, bench, gemv_rows
+from lowbit.kernels.launch import EXACT, INTERPRET, autotune, bench, gemv_rows
 
 
 @triton.jit
@@ -154,5 +154,5 @@ def dequantize(qs: torch.Tensor, n_cols: int, dtype: torch.dtype) -> torch.Tenso
     block_n, block_s = (4, 2) if INTERPRET else (16, 8)
     _iq2xxs_dequant_kernel[(triton.cdiv(N, block_n), triton.cdiv(n_cols // 32, block_s))](
         qs.contiguous().view(torch.int16), grid, ksigns, w, N, n_cols, n_cols // 32, rb // 2, BLOCK_N=block_n,
-        BLOCK_S=block_s)
+        BLOCK_S=block_s, **EXACT)
     return w

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from lowbit.formats.kquants import QK_K, KQuantFormat
-from lowbit.kernels.launch import INTERPRET, autotune, bench, gemv_rows
+from lowbit.kernels.launch import EXACT, INTERPRET, autotune, bench, gemv_rows
 
 CHUNK = tl.constexpr(64)  # weights per step: a quarter superblock
 
@@ -162,5 +162,6 @@ def dequantize(qs: torch.Tensor, fmt: KQuantFormat, n_cols: int, dtype: torch.dt
     w = torch.empty(N, n_cols, device=qs.device, dtype=dtype)
     block_n = 4 if INTERPRET else 16
     _kquant_dequant_kernel[(triton.cdiv(N, block_n), n_cols // QK_K)](
-        qs.contiguous(), w, N, qs.shape[1], n_cols, KIND=fmt.bits, BLOCK_BYTES=fmt.block_bytes, BLOCK_N=block_n)
+        qs.contiguous(), w, N, qs.shape[1], n_cols, KIND=fmt.bits, BLOCK_BYTES=fmt.block_bytes, BLOCK_N=block_n,
+        **EXACT)
     return w

@@ -18,7 +18,25 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit.kernels.launch import INTERPRET, autotune, bench, check_input
+from lowbit.kernels.launch import EXACT, INTERPRET, autotune, bench, check_input
+
+
+@triton.jit
+def _tile(codes_ptr, scale_ptr, min_ptr, lut_ptr, n, k, mask, row_bytes, n_groups, group, BITS: tl.constexpr,
+          HAS_MIN: tl.constexpr):
+    """Weights W[n, k] in float32 for index arrays ``n`` and ``k`` that broadcast to the tile's shape (either
+    orientation): lut[code] * scale (+ min), zero where not ``mask``."""
+    bit = k * BITS
+    byte = bit // 8
+    row = codes_ptr + n * row_bytes
+    b0 = tl.load(row + byte, mask=mask, other=0).to(tl.int32)
+    b1 = tl.load(row + byte + 1, mask=mask & ((byte + 1) < row_bytes), other=0).to(tl.int32)
+    code = ((b0 | (b1 << 8)) >> (bit % 8)) & ((1 << BITS) - 1)
+    p_off = n * n_groups + k // group
+    w = tl.load(lut_ptr + code) * tl.load(scale_ptr + p_off, mask=mask, other=0.0).to(tl.float32)
+    if HAS_MIN:
+        w += tl.load(min_ptr + p_off, mask=mask, other=0.0).to(tl.float32)
+    return w
 
 
 @triton.jit
@@ -38,20 +56,8 @@ def _dequant_matmul_kernel(x_ptr, codes_ptr, scale_ptr, min_ptr, lut_ptr, y_ptr,
         k_mask = offs_k < K
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        bit = offs_k * BITS
-        byte = bit // 8
-        shift = bit % 8
-        row = codes_ptr + offs_n[None, :] * row_bytes
-        wmask = k_mask[:, None] & n_mask[None, :]
-        b0 = tl.load(row + byte[:, None], mask=wmask, other=0).to(tl.int32)
-        b1 = tl.load(row + byte[:, None] + 1, mask=wmask & ((byte + 1) < row_bytes)[:, None], other=0).to(tl.int32)
-        code = ((b0 | (b1 << 8)) >> shift[:, None]) & ((1 << BITS) - 1)
-        g = offs_k // group
-        p_off = offs_n[None, :] * n_groups + g[:, None]
-        s = tl.load(scale_ptr + p_off, mask=wmask, other=0.0).to(tl.float32)
-        w = tl.load(lut_ptr + code) * s
-        if HAS_MIN:
-            w += tl.load(min_ptr + p_off, mask=wmask, other=0.0).to(tl.float32)
+        w = _tile(codes_ptr, scale_ptr, min_ptr, lut_ptr, offs_n[None, :], offs_k[:, None],
+                  k_mask[:, None] & n_mask[None, :], row_bytes, n_groups, group, BITS, HAS_MIN)  # [BK, BN]
         acc += tl.dot(x, w.to(x.dtype))
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=m_mask[:, None] & n_mask[None, :])
@@ -97,3 +103,26 @@ def dequant_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, mi
         _tuned[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))](
             *args, BITS=bits, HAS_MIN=mins is not None)
     return y
+
+
+@triton.jit
+def _dequantize_kernel(codes_ptr, scale_ptr, min_ptr, lut_ptr, w_ptr, N, K, row_bytes, n_groups, group,
+                       BITS: tl.constexpr, HAS_MIN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
+    w = _tile(codes_ptr, scale_ptr, min_ptr, lut_ptr, offs_n[:, None], offs_k[None, :], mask, row_bytes, n_groups,
+              group, BITS, HAS_MIN)
+    tl.store(w_ptr + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor | None, lut: torch.Tensor, bits: int,
+               group: int, n_cols: int, dtype: torch.dtype) -> torch.Tensor:
+    """The weight [N, n_cols] in ``dtype``: the tile decode of :func:`dequant_matmul` written out (for cuBLAS)."""
+    N = codes.shape[0]
+    w = torch.empty(N, n_cols, device=codes.device, dtype=dtype)
+    block_n, block_k = (4, 32) if INTERPRET else (16, 128)
+    _dequantize_kernel[(triton.cdiv(N, block_n), triton.cdiv(n_cols, block_k))](
+        codes, scale, mins if mins is not None else scale, lut, w, N, n_cols, codes.shape[1], scale.shape[1], group,
+        BITS=bits, HAS_MIN=mins is not None, BLOCK_N=block_n, BLOCK_K=block_k, **EXACT)
+    return w
