@@ -93,3 +93,38 @@ def test_dequantize_kernel_on_gpu_is_the_format_decode(name: str, shape: tuple[i
     if name in PROMPT_DENSE:
         x = torch.randn(40, shape[1], generator=g).half().cuda()  # past the CUDA GEMV's 16 rows
         assert torch.equal(dequant_matmul(x, fmt, qt), torch.nn.functional.linear(x, ref.half()))
+
+
+_SWITCHED_OFF = r"""
+import json
+import torch
+from lowbit.formats import get_format
+from lowbit.kernels import dispatch, triton_uniform
+from lowbit.kernels.reference import dequant_matmul_reference
+
+def refuse(*args):
+    raise AssertionError("dequantize called with LOWBIT_DEQUANTIZE=0")
+
+dispatch.dequantize = refuse
+g = torch.Generator().manual_seed(3)
+out = {}
+for name, cols in (("q4_k", 256), ("iq2_xxs", 256), ("q4_0", 96)):
+    fmt = get_format(name)
+    qt = fmt.quantize(torch.randn(4, cols, generator=g))
+    x = torch.randn(24, cols, generator=g)
+    y = dispatch.dequant_matmul(x, fmt, qt)
+    if name == "q4_0":
+        lut, _ = dispatch.decode_plan(fmt, x.device)
+        want = triton_uniform.dequant_matmul(x, qt.data["codes"], qt.data["scale"], None, lut, 4, 32, cols)
+    else:
+        want = dequant_matmul_reference(x, fmt, qt)
+    out[name] = bool(torch.equal(y, want))
+print(json.dumps(out))
+"""
+
+
+def test_prompts_take_the_earlier_paths_with_the_switch_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LOWBIT_DEQUANTIZE=0: a prompt's matmul of a scalar grid through triton_uniform's tiles, of a codebook or
+    k-quant weight through the reference, and no dequantize kernel (the paths before it, for A/B timings)."""
+    monkeypatch.setenv("LOWBIT_DEQUANTIZE", "0")
+    assert run_in_interpreter(_SWITCHED_OFF) == {"q4_k": True, "iq2_xxs": True, "q4_0": True}

@@ -9,14 +9,15 @@ dispatch does a dict lookup for the format's cached decode plan (LUT on the devi
   use; one launch per 8 rows) for E8P and IQ2_XXS (rows a multiple of 64 long), the K-quants Q2_K .. Q6_K, and
   the 2- to 6-bit affine grids it decodes exactly (``LOWBIT_CUDA_GEMV=0`` turns it off; a weight whose kernel
   layout cannot be had goes on to the next path: :func:`_cuda_plan`);
-* scalar formats (uniform 2..8 bits, level sets): M <= 8 rows -> :mod:`triton_gemv` (bandwidth-bound GEMV),
-  more rows -> :mod:`triton_uniform` (dequantize tiles + ``tl.dot``);
-* E8P (``e8p_*``): M <= 8 -> :mod:`triton_e8p` GEMV (codebook gathered from an L2-resident fp16 table), more
-  rows (a prompt) -> its Triton dequantize, then cuBLAS (:func:`dequantize`);
-* IQ2_XXS (``iq2_xxs``): M <= 8 -> :mod:`triton_iq2xxs` GEMV (straight from llama.cpp's superblock bytes), more
-  rows -> the same as E8P;
-* k-quants (``q2_k`` .. ``q6_k``): M <= 8 -> :mod:`triton_kquants` GEMV, more rows -> the same as E8P;
-* anything else: the reference.
+* more than 8 rows (a prompt) of the formats below: the dense weight from the format's Triton dequantize kernel,
+  then cuBLAS (:func:`dequantize`; on an H100 2.5-30x faster than the tile kernel or the float32 reference that
+  served prompts before, docs/kernels.md "Prompt matmuls"; ``LOWBIT_DEQUANTIZE=0`` goes back to those);
+* scalar formats (uniform 2..8 bits, level sets): M <= 8 rows -> :mod:`triton_gemv` (bandwidth-bound GEMV);
+  with ``LOWBIT_DEQUANTIZE=0`` more rows -> :mod:`triton_uniform` (dequantize tiles + ``tl.dot``);
+* E8P (``e8p_*``): M <= 8 -> :mod:`triton_e8p` GEMV (codebook gathered from an L2-resident fp16 table);
+* IQ2_XXS (``iq2_xxs``): M <= 8 -> :mod:`triton_iq2xxs` GEMV (straight from llama.cpp's superblock bytes);
+* k-quants (``q2_k`` .. ``q6_k``): M <= 8 -> :mod:`triton_kquants` GEMV;
+* anything else (and E8P, IQ2_XXS and the k-quants with more rows and ``LOWBIT_DEQUANTIZE=0``): the reference.
 
 :func:`rotate_input` is the same choice for the input-side randomized Hadamard of a rotated QuantLinear:
 :mod:`triton_hadamard` (signs + FWHT in one launch) where Triton runs, else ``RandomizedHadamard.apply``; and
@@ -53,11 +54,13 @@ _MODES = ("auto", "reference", "triton")
 # junction_fits) left it when its GPU tests passed on an H100 (benchmarks/results/rotation-layout3-gpu-h100.txt).
 # silu_mul_rotated (a rotated MLP's SiLU product and down's input side in one launch) left it when its GPU tests
 # passed on an H100 (benchmarks/results/silu-mul-rotated-gpu-h100.txt).
-# dequantize (the codebook and k-quant formats' Triton dequantize for a prompt's matmuls) waits for its GPU tests.
-GPU_UNVERIFIED: frozenset[str] = frozenset({"dequantize"})
+# dequantize (the Triton dequantize kernels that serve a prompt's matmuls) left it when its GPU tests passed on an
+# H100 (benchmarks/results/dequantize-gpu-tests-h100.txt).
+GPU_UNVERIFIED: frozenset[str] = frozenset()
 _mode = os.environ.get("LOWBIT_KERNELS", "auto")
 _CUDA_GEMV = os.environ.get("LOWBIT_CUDA_GEMV", "1") != "0"
 _CUDA_ATTENTION = os.environ.get("LOWBIT_CUDA_ATTENTION", "1") != "0"
+_DEQUANTIZE = os.environ.get("LOWBIT_DEQUANTIZE", "1") != "0"
 
 
 def set_kernel_mode(mode: str) -> None:
@@ -199,10 +202,10 @@ def _matmul(x: torch.Tensor, fmt: Format, qt: QuantizedTensor) -> torch.Tensor:
 
     gemv_sized = x2.shape[0] <= MAX_M
     n_out, n_in = qt.shape
-    if isinstance(fmt, E8PFormat | IQ2XXSFormat | KQuantFormat) and not gemv_sized:
-        if not triton_runs(x, "dequantize"):
-            return dequant_matmul_reference(x, fmt, qt)
+    if not gemv_sized and _DEQUANTIZE and triton_runs(x, "dequantize"):  # a prompt: the dense weight, then cuBLAS
         return torch.nn.functional.linear(x, dequantize(fmt, qt, x.dtype))
+    if isinstance(fmt, E8PFormat | IQ2XXSFormat | KQuantFormat) and not gemv_sized:
+        return dequant_matmul_reference(x, fmt, qt)
     if isinstance(fmt, KQuantFormat):
         from lowbit.kernels import triton_kquants
 

@@ -147,7 +147,7 @@ def _kquant_dequant_kernel(qs_ptr, w_ptr, N, row_bytes, K, KIND: tl.constexpr, B
     n_mask = (offs_n < N)[:, None]
     sb = tl.program_id(1)
     base = offs_n.to(tl.int64)[:, None] * row_bytes + sb * BLOCK_BYTES
-    out = w_ptr + offs_n.to(tl.int64)[:, None] * K + sb * QK_K + tl.arange(0, CHUNK)[None, :]
+    out = w_ptr + offs_n.to(tl.int64)[:, None] * K + sb * (4 * CHUNK) + tl.arange(0, CHUNK)[None, :]
     for qtr in tl.static_range(4):
         w = _kquant_chunk(qs_ptr, base, qtr, n_mask, KIND, BLOCK_N)
         tl.store(out + qtr * CHUNK, w.to(w_ptr.dtype.element_ty), mask=n_mask)

@@ -8,8 +8,8 @@ program dequantizes a [BLOCK_K, BLOCK_N] tile in registers and feeds tl.dot, so 
 dedicated GEMV (triton_gemv.py) and uses this kernel for larger batches, autotuned over a few tile shapes (keyed
 on N, K, the format constants and a power-of-two bucket of M, so a new prompt length does not retune).
 
-A code may straddle two bytes (3, 5, 6, 7 bits), so two bytes are read and combined; for 2/4/8 bits the second
-read is redundant but cached.
+A code may straddle two bytes (3, 5, 6, 7 bits), so two bytes are read and combined; 2-, 4- and 8-bit codes take
+one.
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ def _tile(codes_ptr, scale_ptr, min_ptr, lut_ptr, n, k, mask, row_bytes, n_group
     byte = bit // 8
     row = codes_ptr + n * row_bytes
     b0 = tl.load(row + byte, mask=mask, other=0).to(tl.int32)
-    b1 = tl.load(row + byte + 1, mask=mask & ((byte + 1) < row_bytes), other=0).to(tl.int32)
-    code = ((b0 | (b1 << 8)) >> (bit % 8)) & ((1 << BITS) - 1)
+    if 8 % BITS != 0:  # a code may straddle two bytes
+        b0 |= tl.load(row + byte + 1, mask=mask & ((byte + 1) < row_bytes), other=0).to(tl.int32) << 8
+    code = (b0 >> (bit % 8)) & ((1 << BITS) - 1)
     p_off = n * n_groups + k // group
     w = tl.load(lut_ptr + code) * tl.load(scale_ptr + p_off, mask=mask, other=0.0).to(tl.float32)
     if HAS_MIN:
