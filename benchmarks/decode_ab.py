@@ -32,8 +32,8 @@ def run_side(side_env: dict[str, str], passthrough: list[str], tag: str) -> dict
 
 
 def compare(a_runs: list[list[dict]], b_runs: list[list[dict]]) -> list[dict]:
-    """Per (variant, LM head) both sides measured: every run's tok/s, each side's best, B's best over A's (above 1:
-    the switch decodes faster), and the token checks."""
+    """Per (variant, LM head) both sides measured: every run's tok/s, B's best over A's (above 1: the switch decodes
+    faster), every run's prefill ms (the prompt's time) and the token checks."""
     def by_key(runs: list[list[dict]]) -> dict[tuple, list[dict]]:
         out: dict[tuple, list[dict]] = {}
         for rows in runs:
@@ -45,6 +45,8 @@ def compare(a_runs: list[list[dict]], b_runs: list[list[dict]]) -> list[dict]:
     return [{"variant": k[0], "lm_head": k[1], "a_tok_s": [r["tok_s"] for r in a[k]],
              "b_tok_s": [r["tok_s"] for r in b[k]],
              "b_over_a": max(r["tok_s"] for r in b[k]) / max(r["tok_s"] for r in a[k]),
+             "a_prefill_ms": [r["prefill_ms"] for r in a[k] if "prefill_ms" in r],
+             "b_prefill_ms": [r["prefill_ms"] for r in b[k] if "prefill_ms" in r],
              "agree": sorted({r["reference_agree"] for r in a[k] + b[k] if "reference_agree" in r})}
             for k in a if k in b]
 
@@ -66,10 +68,13 @@ def main(argv: list[str] | None = None) -> int:
         print("no variant was measured on both sides", file=sys.stderr)
         return 2
     print(f"\nB = A + {' '.join(f'{k}={v}' for k, v in sets.items())}; runs alternating, {args.repeats} a side")
-    print("| variant | LM head | A tok/s | B tok/s | B / A (best) | tokens agree |\n|---|---|---|---|---|---|")
+    print("| variant | LM head | A tok/s | B tok/s | B / A (best) | A prefill ms | B prefill ms | tokens agree |\n"
+          "|---|---|---|---|---|---|---|---|")
     for r in rows:
-        runs_a, runs_b = (", ".join(f"{v:.1f}" for v in r[k]) for k in ("a_tok_s", "b_tok_s"))
-        print(f"| {r['variant']} | {r['lm_head']} | {runs_a} | {runs_b} | {r['b_over_a']:.3f} | "
+        cells = (", ".join(f"{v:.1f}" for v in r.get(k, [])) or "-" for k in
+                 ("a_tok_s", "b_tok_s", "a_prefill_ms", "b_prefill_ms"))
+        runs_a, runs_b, pre_a, pre_b = cells
+        print(f"| {r['variant']} | {r['lm_head']} | {runs_a} | {runs_b} | {r['b_over_a']:.3f} | {pre_a} | {pre_b} | "
               f"{', '.join(r['agree']) or '-'} |")
     command = "python benchmarks/decode_ab.py " + " ".join(argv)
     sides = {side: [r | {"side": side, "run": i} for i, rs in enumerate(runs[side]) for r in rs] for side in runs}

@@ -23,6 +23,13 @@ def test_variants_compare_by_their_best_run() -> None:
     assert rows[0]["b_over_a"] == pytest.approx(790 / 810) and rows[0]["agree"] == ["7/8", "8/8"]
 
 
+def test_prefill_times_are_kept_per_run() -> None:
+    a = [[_row("q4_0", 500.0) | {"prefill_ms": 291.0}], [_row("q4_0", 501.0) | {"prefill_ms": 292.0}]]
+    b = [[_row("q4_0", 499.0) | {"prefill_ms": 46.9}], [_row("q4_0", 502.0)]]  # a run without the field
+    row = decode_ab.compare(a, b)[0]
+    assert row["a_prefill_ms"] == [291.0, 292.0] and row["b_prefill_ms"] == [46.9]
+
+
 def test_the_same_variant_with_another_head_is_another_row() -> None:
     a = [[_row("e8p_ch+rht", 578.0), _row("e8p_ch+rht", 611.0, head="e8p_ch")]]
     b = [[_row("e8p_ch+rht", 580.0), _row("e8p_ch+rht", 600.0, head="e8p_ch")]]
