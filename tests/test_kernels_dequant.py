@@ -128,3 +128,34 @@ def test_prompts_take_the_earlier_paths_with_the_switch_off(monkeypatch: pytest.
     k-quant weight through the reference, and no dequantize kernel (the paths before it, for A/B timings)."""
     monkeypatch.setenv("LOWBIT_DEQUANTIZE", "0")
     assert run_in_interpreter(_SWITCHED_OFF) == {"q4_k": True, "iq2_xxs": True, "q4_0": True}
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton not installed")
+@pytest.mark.parametrize("kernel", ["kquants", "iq2xxs", "e8p", "uniform"])
+def test_dequantize_kernels_compile_for_hopper(kernel: str) -> None:
+    """The interpreter runs a kernel as Python; this compiles it for sm_90 without a GPU, where what Triton refuses
+    to compile fails (a global that is not a constexpr, read inside the kernel, passed the interpreter once)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile
+
+    from lowbit.kernels import triton_e8p, triton_iq2xxs, triton_kquants, triton_uniform
+
+    i32 = "i32"
+    fn, sig, const = {
+        "kquants": (triton_kquants._kquant_dequant_kernel,
+                    {"qs_ptr": "*u8", "w_ptr": "*fp16", "N": i32, "row_bytes": i32, "K": i32},
+                    {"KIND": 4, "BLOCK_BYTES": 144, "BLOCK_N": 16}),
+        "iq2xxs": (triton_iq2xxs._iq2xxs_dequant_kernel,
+                   {"qs_ptr": "*i16", "grid_ptr": "*fp16", "ksigns_ptr": "*i32", "w_ptr": "*fp16", "N": i32, "K": i32,
+                    "n_sub": i32, "row_words": i32}, {"BLOCK_N": 16, "BLOCK_S": 8}),
+        "e8p": (triton_e8p._e8p_dequant_kernel,
+                {"codes_ptr": "*i16", "scale_ptr": "*fp16", "table_ptr": "*fp16", "w_ptr": "*fp16", "N": i32,
+                 "K": i32, "n_codes": i32, "whole": i32, "n_groups": i32, "group": i32},
+                {"GROUP_SHIFT": 30, "BLOCK_N": 16, "BLOCK_W": 32}),
+        "uniform": (triton_uniform._dequantize_kernel,
+                    {"codes_ptr": "*u8", "scale_ptr": "*fp16", "min_ptr": "*fp16", "lut_ptr": "*fp32",
+                     "w_ptr": "*fp16", "N": i32, "K": i32, "row_bytes": i32, "n_groups": i32, "group": i32},
+                    {"BITS": 3, "HAS_MIN": True, "BLOCK_N": 16, "BLOCK_K": 128}),
+    }[kernel]
+    src = ASTSource(fn, {**sig, **dict.fromkeys(const, "constexpr")}, const)
+    assert compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["cubin"]
