@@ -131,7 +131,7 @@ def test_prompts_take_the_earlier_paths_with_the_switch_off(monkeypatch: pytest.
 
 
 @pytest.mark.skipif(not triton_available(), reason="triton not installed")
-@pytest.mark.parametrize("kernel", ["kquants", "iq2xxs", "e8p", "uniform"])
+@pytest.mark.parametrize("kernel", ["kquants", "iq2xxs", "e8p", "uniform3", "uniform4"])
 def test_dequantize_kernels_compile_for_hopper(kernel: str) -> None:
     """The interpreter runs a kernel as Python; this compiles it for sm_90 without a GPU, where what Triton refuses
     to compile fails (a global that is not a constexpr, read inside the kernel, passed the interpreter once)."""
@@ -152,10 +152,11 @@ def test_dequantize_kernels_compile_for_hopper(kernel: str) -> None:
                 {"codes_ptr": "*i16", "scale_ptr": "*fp16", "table_ptr": "*fp16", "w_ptr": "*fp16", "N": i32,
                  "K": i32, "n_codes": i32, "whole": i32, "n_groups": i32, "group": i32},
                 {"GROUP_SHIFT": 30, "BLOCK_N": 16, "BLOCK_W": 32}),
-        "uniform": (triton_uniform._dequantize_kernel,
-                    {"codes_ptr": "*u8", "scale_ptr": "*fp16", "min_ptr": "*fp16", "lut_ptr": "*fp32",
-                     "w_ptr": "*fp16", "N": i32, "K": i32, "row_bytes": i32, "n_groups": i32, "group": i32},
-                    {"BITS": 3, "HAS_MIN": True, "BLOCK_N": 16, "BLOCK_K": 128}),
+        **{f"uniform{bits}": (triton_uniform._dequantize_kernel,
+                              {"codes_ptr": "*u8", "scale_ptr": "*fp16", "min_ptr": "*fp16", "lut_ptr": "*fp32",
+                               "w_ptr": "*fp16", "N": i32, "K": i32, "row_bytes": i32, "n_groups": i32,
+                               "group": i32}, {"BITS": bits, "HAS_MIN": True, "BLOCK_N": 16, "BLOCK_K": 128})
+           for bits in (3, 4)},  # codes across bytes, whole codes per byte
     }[kernel]
     src = ASTSource(fn, {**sig, **dict.fromkeys(const, "constexpr")}, const)
     assert compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["cubin"]
