@@ -10,7 +10,7 @@ dispatch does a dict lookup for the format's cached decode plan (LUT on the devi
   the 2- to 6-bit affine grids it decodes exactly (``LOWBIT_CUDA_GEMV=0`` turns it off; a weight whose kernel
   layout cannot be had goes on to the next path: :func:`_cuda_plan`);
 * more than 8 rows (a prompt) of the formats below: the dense weight from the format's Triton dequantize kernel,
-  then cuBLAS (:func:`dequantize`; on an H100 2.5-30x faster than the tile kernel or the float32 reference that
+  then cuBLAS (:func:`dequantize`; on an H100 2-68x faster than the tile kernel or the float32 reference that
   served prompts before, docs/kernels.md "Prompt matmuls"; ``LOWBIT_DEQUANTIZE=0`` goes back to those);
 * scalar formats (uniform 2..8 bits, level sets): M <= 8 rows -> :mod:`triton_gemv` (bandwidth-bound GEMV);
   with ``LOWBIT_DEQUANTIZE=0`` more rows -> :mod:`triton_uniform` (dequantize tiles + ``tl.dot``);

@@ -1,12 +1,16 @@
-"""Triton kernel: y = x W^T reading packed b-bit codes + per-group scales (and mins) directly.
+"""Triton kernels for the scalar grids' prompts: the dense weight (:func:`dequantize`, then cuBLAS), and
+y = x W^T straight from the packed codes (:func:`dequant_matmul`).
 
-Covers every scalar format whose weight is ``lut[code] * scale (+ min)`` with dense little-endian bit packing
+Both cover every scalar format whose weight is ``lut[code] * scale (+ min)`` with dense little-endian bit packing
 (formats/bitpack.py): uniform sym (lut = code - 2^(b-1)), asym (lut = code, plus min) and the 2-bit level sets
-(lut = levels), any width 2..8, any group size including a shorter last group. W is never materialized: each
-program dequantizes a [BLOCK_K, BLOCK_N] tile in registers and feeds tl.dot, so one kernel serves decode
-(M = 1..8, padded to BLOCK_M = 16, memory-bound) and prefill (large M); the dispatch sends M <= 8 to the
-dedicated GEMV (triton_gemv.py) and uses this kernel for larger batches, autotuned over a few tile shapes (keyed
-on N, K, the format constants and a power-of-two bucket of M, so a new prompt length does not retune).
+(lut = levels), any width 2..8, any group size including a shorter last group, decoded by one helper
+(:func:`_tile`). :func:`dequantize` writes W in the activations' dtype, each value the reference's float32 one
+rounded once; the dispatch multiplies it with cuBLAS for more than 8 rows. :func:`dequant_matmul` never
+materializes W: each program dequantizes a [BLOCK_K, BLOCK_N] tile in registers and feeds tl.dot, autotuned over a
+few tile shapes (keyed on N, K, the format constants and a power-of-two bucket of M, so a new prompt length does
+not retune). It decodes the weights again for every block of rows, and on an H100 it took 2-17x as long as
+dequantize + cuBLAS at 64-2048 rows (docs/kernels.md, "Prompt matmuls"); it serves prompts only with
+``LOWBIT_DEQUANTIZE=0``.
 
 A code may straddle two bytes (3, 5, 6, 7 bits), so two bytes are read and combined; 2-, 4- and 8-bit codes take
 one.
@@ -109,6 +113,7 @@ def dequant_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, mi
 @triton.jit
 def _dequantize_kernel(codes_ptr, scale_ptr, min_ptr, lut_ptr, w_ptr, N, K, row_bytes, n_groups, group,
                        BITS: tl.constexpr, HAS_MIN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Program (i, j): rows [i BLOCK_N, (i + 1) BLOCK_N), columns [j BLOCK_K, (j + 1) BLOCK_K)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
@@ -124,6 +129,7 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor | No
     w = torch.empty(N, n_cols, device=codes.device, dtype=dtype)
     block_n, block_k = (4, 32) if INTERPRET else (16, 128)
     _dequantize_kernel[(triton.cdiv(N, block_n), triton.cdiv(n_cols, block_k))](
-        codes, scale, mins if mins is not None else scale, lut, w, N, n_cols, codes.shape[1], scale.shape[1], group,
-        BITS=bits, HAS_MIN=mins is not None, BLOCK_N=block_n, BLOCK_K=block_k, **EXACT)
+        codes.contiguous(), scale.contiguous(), (mins if mins is not None else scale).contiguous(), lut, w, N, n_cols,
+        codes.shape[1], scale.shape[1], group, BITS=bits, HAS_MIN=mins is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+        **EXACT)
     return w
