@@ -1,5 +1,5 @@
-"""The Triton dequantize kernels that serve a prompt's matmuls for the codebook and k-quant formats
-(:func:`lowbit.kernels.dispatch.dequantize`: the GEMVs' decode written out as a dense weight, then cuBLAS) against
+"""The Triton dequantize kernels that serve a prompt's matmuls (:func:`lowbit.kernels.dispatch.dequantize`: each
+format's GEMV decode written out as a dense weight, then cuBLAS, in pieces of rows past a size) against
 each format's own decode, on fresh random weights: under Triton's interpreter on CPU and on CUDA when there is a
 GPU. The weight must be the reference's, rounded once to the activations' dtype: bit for bit."""
 
@@ -19,18 +19,16 @@ CASES = [("q2_k", (6, 256)), ("q3_k", (5, 512)), ("q4_k", (9, 768)), ("q5_k", (3
          ("int4_g128_sym", (5, 384)), ("int3_g64_asym", (6, 200)), ("q4_0", (3, 96)), ("nz2_ch", (9, 160)),
          ("int6_g32_asym", (4, 96)), ("int2_g64_sym", (5, 100))]
 IDS = [f"{n}-{r}x{c}" for n, (r, c) in CASES]
-# formats whose prompt matmuls are this dequantize + cuBLAS (the scalar grids' are triton_uniform's tl.dot)
-PROMPT_DENSE = ("e8p_ch", "e8p_g32", "e8p_g24", "iq2_xxs", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
 
 _SCRIPT = r"""
 import json, sys
 import torch
 from lowbit.formats import get_format
+from lowbit.kernels import dispatch
 from lowbit.kernels.dispatch import dequant_matmul, dequantize
 g = torch.Generator().manual_seed(21)
 out = {}
-cases, dense = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-for name, shape in cases:
+for name, shape in json.loads(sys.argv[1]):
     fmt = get_format(name)
     w = torch.randn(*shape, generator=g)
     w[:, ::29] *= 5  # a few large columns: scales of very different sizes
@@ -38,8 +36,13 @@ for name, shape in cases:
     ref = fmt.dequantize(qt).float()
     same = {str(dt): bool(torch.equal(dequantize(fmt, qt, dt), ref.to(dt))) for dt in (torch.float32, torch.float16)}
     x = torch.randn(2, 12, shape[1], generator=g)  # 24 rows: past the GEMV's, the prompt path
-    if name in dense:
-        same["matmul"] = bool(torch.equal(dequant_matmul(x, fmt, qt), torch.nn.functional.linear(x, ref)))
+    want = torch.nn.functional.linear(x, ref)
+    same["matmul"] = bool(torch.equal(dequant_matmul(x, fmt, qt), want))
+    whole = dispatch.DENSE_PIECE_BYTES
+    dispatch.DENSE_PIECE_BYTES = 2 * 4 * shape[1]  # the dense weight in pieces of two rows (float32)
+    pieces = [torch.nn.functional.linear(x, ref[r:r + 2]) for r in range(0, shape[0], 2)]
+    same["pieces"] = bool(torch.equal(dequant_matmul(x, fmt, qt), torch.cat(pieces, -1)))
+    dispatch.DENSE_PIECE_BYTES = whole
     out[f"{name}:{shape[0]}x{shape[1]}"] = same
 print(json.dumps(out))
 """
@@ -47,7 +50,7 @@ print(json.dumps(out))
 
 @pytest.fixture(scope="module")
 def interpreter_results():
-    return run_in_interpreter(_SCRIPT, CASES, PROMPT_DENSE)
+    return run_in_interpreter(_SCRIPT, CASES)
 
 
 @pytest.mark.parametrize(("name", "shape"), CASES, ids=IDS)
@@ -55,7 +58,7 @@ def test_dequantize_kernel_in_interpreter_is_the_format_decode(interpreter_resul
     same = interpreter_results[f"{name}:{shape[0]}x{shape[1]}"]
     # (bfloat16 only on the GPU: Triton 3.6's interpreter truncates float32 -> bfloat16 where the GPU rounds to
     # nearest even, as torch does)
-    assert same["torch.float32"] and same["torch.float16"] and same.get("matmul", True)
+    assert same == {"torch.float32": True, "torch.float16": True, "matmul": True, "pieces": True}
 
 
 def test_dequantize_refuses_a_weight_of_another_width():
@@ -90,9 +93,8 @@ def test_dequantize_kernel_on_gpu_is_the_format_decode(name: str, shape: tuple[i
     ref = fmt.dequantize(qt).float()
     for dt in (torch.float16, torch.bfloat16, torch.float32):
         assert torch.equal(dequantize(fmt, qt, dt), ref.to(dt)), dt
-    if name in PROMPT_DENSE:
-        x = torch.randn(40, shape[1], generator=g).half().cuda()  # past the CUDA GEMV's 16 rows
-        assert torch.equal(dequant_matmul(x, fmt, qt), torch.nn.functional.linear(x, ref.half()))
+    x = torch.randn(40, shape[1], generator=g).half().cuda()  # past the CUDA GEMV's 16 rows
+    assert torch.equal(dequant_matmul(x, fmt, qt), torch.nn.functional.linear(x, ref.half()))
 
 
 _SWITCHED_OFF = r"""
@@ -160,3 +162,17 @@ def test_dequantize_kernels_compile_for_hopper(kernel: str) -> None:
     }[kernel]
     src = ASTSource(fn, {**sig, **dict.fromkeys(const, "constexpr")}, const)
     assert compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["cubin"]
+
+
+def test_a_weights_rows_are_views_of_every_stored_tensor() -> None:
+    """QuantizedTensor.rows: what the prompt path dequantizes a piece at a time."""
+    from lowbit.formats import QuantizedTensor
+
+    qt = get_format("q4_0").quantize(torch.randn(5, 64, generator=torch.Generator().manual_seed(6)))
+    part = qt.rows(3, 9)  # past the end: up to the last row
+    assert part.shape == (2, 64) and part.format == "q4_0"
+    for key, t in qt.data.items():
+        assert torch.equal(part.data[key], t[3:5]) and part.data[key].data_ptr() == t[3].data_ptr()
+    table = QuantizedTensor("some_vq", (4, 8), {"codes": torch.zeros(4, 2), "codebook": torch.zeros(16, 8)})
+    with pytest.raises(ValueError, match="one row per output feature"):
+        table.rows(0, 2)

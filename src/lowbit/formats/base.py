@@ -52,6 +52,15 @@ class QuantizedTensor:
     def to(self, device: torch.device | str) -> QuantizedTensor:
         return QuantizedTensor(self.format, self.shape, {k: v.to(device) for k, v in self.data.items()})
 
+    def rows(self, start: int, stop: int) -> QuantizedTensor:
+        """Output rows [start, stop) as views, for formats that store every tensor one row per output feature
+        (every packed format here: each row is quantized on its own)."""
+        if any(t.shape[0] != self.shape[0] for t in self.data.values()):
+            raise ValueError(f"{self.format}: stored tensors are not one row per output feature")
+        stop = min(stop, self.shape[0])
+        data = {k: v[start:stop] for k, v in self.data.items()}
+        return QuantizedTensor(self.format, (stop - start, self.shape[1]), data)
+
 
 class Format(ABC):
     """A weight format. Subclasses are immutable; the registry builds them from names."""
