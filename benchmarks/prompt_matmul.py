@@ -6,7 +6,7 @@ For each format, M and shape, the median µs (``triton.testing.do_bench``; eager
 next to a prompt matmul) of:
 
 * ``lowbit``: the path :func:`lowbit.kernels.dispatch.dequant_matmul` takes;
-* ``dense``: the format's Triton dequantize (:func:`lowbit.kernels.dispatch.dequantize`), then fp16 cuBLAS;
+* ``dense``: the format's Triton dequantize, then fp16 cuBLAS (:func:`lowbit.kernels.dispatch.dense_matmul`);
 * ``tiles``: the scalar grids' tile-dequantize + ``tl.dot`` kernel (:mod:`lowbit.kernels.triton_uniform`);
 * ``reference``: the torch reference (float32 dequantize, then cuBLAS): the codebook and k-quant formats' prompt
   path before their dequantize kernels;
@@ -41,7 +41,7 @@ def paths(name: str) -> dict:
     """The ways to compute x W^T for ``name``: path -> fn(x, qt, w16)."""
     fmt = get_format(name)
     out = {"lowbit": lambda x, qt, w16: dispatch.dequant_matmul(x, fmt, qt),
-           "dense": lambda x, qt, w16: F.linear(x, dispatch.dequantize(fmt, qt, x.dtype)),
+           "dense": lambda x, qt, w16: dispatch.dense_matmul(x, fmt, qt),
            "reference": lambda x, qt, w16: F.linear(x, fmt.dequantize(qt).to(x.dtype)),
            "fp16": lambda x, qt, w16: F.linear(x, w16)}
     if isinstance(fmt, UniformFormat):
