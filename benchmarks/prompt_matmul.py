@@ -48,8 +48,8 @@ def paths(name: str) -> dict:
         from lowbit.kernels import triton_uniform
 
         def tiles(x: torch.Tensor, qt, w16) -> torch.Tensor:  # noqa: ANN001
-            lut, _ = dispatch.decode_plan(fmt, x.device)
-            return triton_uniform.dequant_matmul(x, qt.data["codes"], qt.data["scale"], qt.data.get("min"), lut,
+            return triton_uniform.dequant_matmul(x, qt.data["codes"], qt.data["scale"], qt.data.get("min"),
+                                                 dispatch.decode_lut(fmt, x.device),
                                                  fmt.bits, fmt.group_cols(qt.shape[1]), qt.shape[1])
         out["tiles"] = tiles
     return out

@@ -270,7 +270,7 @@ def dequantize(fmt: Format, qt: QuantizedTensor, dtype: torch.dtype) -> torch.Te
     if isinstance(fmt, UniformFormat):
         from lowbit.kernels import triton_uniform
 
-        lut, _ = decode_plan(fmt, qt.data["codes"].device)
+        lut = decode_lut(fmt, qt.data["codes"].device)
         return triton_uniform.dequantize(qt.data["codes"], qt.data["scale"], qt.data.get("min"), lut, fmt.bits,
                                          fmt.group_cols(n_in), n_in, dtype)
     return fmt.dequantize(qt).to(dtype)
