@@ -392,6 +392,10 @@ def run_variant(model: nn.Module, variant: str, args: argparse.Namespace, prompt
                             compile=args.compile, pdl=ON_OFF_AUTO[args.pdl], **decoder_fusions(args))
         t0 = time.perf_counter()
         fast = time_decode(dec, prompt, args.gen, args.repeats)
+        if dev.type == "cuda":  # what decoding holds on the GPU: weights (kernel layouts), caches, activations
+            row |= {"gpu_mb": torch.cuda.memory_allocated(dev) / 1e6, "held_layouts": dec.held_layouts}
+            log(f"{variant}: {row['gpu_mb']:.0f} MB of GPU memory allocated while decoding; "
+                f"{dec.held_layouts} weights hold their kernel layout alone there")
         row |= {"tok_s": fast["tok_s"], "tok_s_runs": fast["tok_s_runs"], "prefill_ms": fast["prefill_ms"],
                 "cuda_graph": dec.graph_captured, "graph_error": dec.graph_error, "compiled": args.compile,
                 "pdl": dec.pdl, "folded_layers": dec.folded_layers, "fused_attention": dec.fuse_attention,
@@ -442,8 +446,8 @@ def default_tag(device: torch.device) -> str:
 def markdown(rows: list[dict]) -> str:
     fp16 = next((r["tok_s"] for r in rows if r["variant"] == "fp16"), None)
     lines = ["| variant | bpw (linears) | MB read/token | roofline tok/s | tok/s | % of roofline | eager tok/s | "
-             "graph/eager | vs fp16 | prefill ms |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "graph/eager | vs fp16 | prefill ms | GPU MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         eager = f"{r['eager_tok_s']:.1f}" if "eager_tok_s" in r else "-"
         ge = f"{r['graph_vs_eager']:.2f}x" if "graph_vs_eager" in r else "-"
@@ -452,7 +456,7 @@ def markdown(rows: list[dict]) -> str:
         mb = r["bytes"]["total"] / 1e6
         lines.append(f"| {decode_label(r)} | {r['bpw']:.3f} | {mb:.{0 if mb >= 10 else 2}f} | "
                      f"{r['roofline_tok_s']:.1f} | {r['tok_s']:.1f}{mark} | {100 * r['frac_roofline']:.0f}% | "
-                     f"{eager} | {ge} | {vs} | {r['prefill_ms']:.1f} |")
+                     f"{eager} | {ge} | {vs} | {r['prefill_ms']:.1f} | {r.get('gpu_mb', float('nan')):.0f} |")
     return "\n".join(lines)
 
 

@@ -95,6 +95,9 @@ def test_dequantize_kernel_on_gpu_is_the_format_decode(name: str, shape: tuple[i
         assert torch.equal(dequantize(fmt, qt, dt), ref.to(dt)), dt
     x = torch.randn(40, shape[1], generator=g).half().cuda()  # past the CUDA GEMV's 16 rows
     assert torch.equal(dequant_matmul(x, fmt, qt), torch.nn.functional.linear(x, ref.half()))
+    monkeypatch.setattr(dispatch, "DENSE_PIECE_BYTES", 3 * 2 * shape[1])  # pieces of three fp16 rows
+    pieces = [torch.nn.functional.linear(x, ref.half()[r:r + 3]) for r in range(0, shape[0], 3)]
+    assert torch.equal(dequant_matmul(x, fmt, qt), torch.cat(pieces, -1))
 
 
 _SWITCHED_OFF = r"""

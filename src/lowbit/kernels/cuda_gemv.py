@@ -13,11 +13,13 @@ rows of their own and the superblock scales into a separate fp16 array (the same
 The K-quants (Q2_K .. Q6_K) are read from one too (:func:`kquant_layout`): the low 2 or 4 bits of every code
 packed as the 2- or 4-bit grids pack theirs, so the same decode serves them, the high bits in a plane beside them,
 each chunk's integer scales in one 16- or 32-bit word and each superblock's fp16 (d, -dmin) in one 32-bit word (at
-most 0.19 bits per weight more than ggml's bytes: Q4_K 4.625). Both layouts are built on the device at a weight's
-first GEMV and kept beside its stored bytes (which GGUF export and the other paths read), so such a weight takes
-twice its memory there. The 3-, 5- and 6-bit affine grids (int3_*, q5_0, q5_1, int5_*, int6_*) are split the same
-way (:func:`affine_layout`: the low 2 or 4 bits of each code as a 2- or 4-bit grid, the rest in a plane beside
-them, Q3_K's, Q5_K's and Q6_K's decode), their fp16 scales read as stored; they too take twice their memory there.
+most 0.19 bits per weight more than ggml's bytes: Q4_K 4.625). The 3-, 5- and 6-bit affine grids (int3_*, q5_0,
+q5_1, int5_*, int6_*) are split the same way (:func:`affine_layout`: the low 2 or 4 bits of each code as a 2- or
+4-bit grid, the rest in a plane beside them, Q3_K's, Q5_K's and Q6_K's decode), their fp16 scales read as stored.
+A layout is built on the device at a weight's first GEMV, beside its stored bytes (which GGUF export and the other
+paths read): twice the weight's memory there, until :func:`hold` moves the stored bytes to host memory (what
+:class:`~lowbit.serve.fast_decode.StaticDecoder` does for every such weight), after which the device holds the
+layout alone and a prompt decodes its dense weight from the layout (:mod:`triton_layouts`).
 E8P's stored order is the kernel's own (:func:`lowbit.formats.e8p.to_stored`: pattern bytes apart from sign words
 the kernel turns into flip masks with a multiply, so a code costs one table read).
 
@@ -164,14 +166,14 @@ def _kquant_plan(fmt: KQuantFormat, cols: int) -> Plan | None:
     q - 2^(bits-1) (Q3_K, Q6_K), exactly in fp16."""
     if cols % QK_K:
         return None
-    low = _kquant_low_bits(fmt)
+    low = kquant_low_bits(fmt)
     asym = "dmin" in fmt.halves
     offset = 0 if asym else 1 << (fmt.bits - 1)
     dq = tuple((1.0 / p, -offset - _MAGIC / p) for p in _position_scales(low, fmt.bits > low))
     return Plan(3, low, asym, 5, False, dq, hi_bits=fmt.bits - low)
 
 
-def _kquant_low_bits(fmt: KQuantFormat) -> int:
+def kquant_low_bits(fmt: KQuantFormat) -> int:
     return 2 if fmt.bits <= 3 else 4
 
 
@@ -346,7 +348,7 @@ def affine_layout(fmt: UniformFormat, packed: torch.Tensor, cols: int) -> tuple[
 def _kquant_rows(fmt: KQuantFormat, qs: torch.Tensor, cols: int) -> tuple[torch.Tensor, ...]:
     rows = qs.shape[0]
     codes, params = fmt.unpack(QuantizedTensor(fmt.name, (rows, cols), {"qs": qs}))
-    lb = _kquant_low_bits(fmt)
+    lb = kquant_low_bits(fmt)
     low, hi = split_codes(codes, lb, fmt.bits - lb)
     # Scale bytes in the order the kernel reads them (little-endian words): Q2_K one byte sc | mn << 4 per 16-weight
     # sub-block, Q3_K / Q6_K their int8 sc, Q4_K / Q5_K (sc, mn) per 32-weight sub-block.
@@ -367,10 +369,11 @@ def _int32(v: torch.Tensor) -> torch.Tensor:
 
 
 _LAYOUTS: dict[int, tuple] = {}
-# Kernel layouts (K-quants, IQ2_XXS, the 3-, 5- and 6-bit grids) are a second copy of a weight's bytes on the device.
-# ``LOWBIT_CUDA_LAYOUTS=0``: none is built, and those formats decode on Triton at their stored size (3-bit: ~1.7x
-# slower decode on an H100, docs/kernels.md). Where the device has no memory left for one, the weight keeps the
-# Triton path too (a warning says so, once per process).
+# Kernel layouts (K-quants, IQ2_XXS, the 3-, 5- and 6-bit grids) are a second copy of a weight's bytes on the device,
+# keyed by the stored tensor (the host copy once :func:`hold` moved it there): (data_ptr, _version, layout, device,
+# build). ``LOWBIT_CUDA_LAYOUTS=0``: none is built, and those formats decode on Triton at their stored size (3-bit:
+# ~1.7x slower decode on an H100, docs/kernels.md). Where the device has no memory left for one, the weight keeps
+# the Triton path too (a warning says so, once per process).
 LAYOUTS = os.environ.get("LOWBIT_CUDA_LAYOUTS", "1") != "0"
 _REFUSED = object()  # a _LAYOUTS entry for a weight whose layout could not be allocated
 _refusal_warned = False
@@ -383,8 +386,9 @@ def needs_layout(p: Plan) -> bool:
 
 def _cached_layout(qs: torch.Tensor, build) -> tuple[torch.Tensor, ...] | None:  # noqa: ANN001
     """The kernel layout ``build(qs)`` of ``qs``, built at its first GEMV and dropped with it (keyed by the tensor's
-    identity; an in-place change of ``qs`` rebuilds it); None when :data:`LAYOUTS` is off or the device had no
-    memory for it."""
+    identity; an in-place change of ``qs`` rebuilds it, on the device of the layout it replaces: a stored tensor
+    held in host memory, :func:`hold`, keeps its layout on the GPU); None when :data:`LAYOUTS` is off or the device
+    had no memory for it."""
     if not LAYOUTS:
         return None
     key = id(qs)
@@ -392,13 +396,52 @@ def _cached_layout(qs: torch.Tensor, build) -> tuple[torch.Tensor, ...] | None: 
     if hit is None or hit[:2] != (qs.data_ptr(), qs._version):
         if hit is None:
             weakref.finalize(qs, _LAYOUTS.pop, key, None)
+        device = qs.device if hit is None else hit[3]
         try:
-            layout = build(qs)
+            layout = build(qs.to(device))
         except torch.OutOfMemoryError:
             layout = _REFUSED
             _warn_refused(qs)
-        hit = _LAYOUTS[key] = (qs.data_ptr(), qs._version, layout)
+        hit = _LAYOUTS[key] = (qs.data_ptr(), qs._version, layout, device, build)
     return None if hit[2] is _REFUSED else hit[2]
+
+
+def stored_key(p: Plan) -> str:
+    """The stored tensor a layout of plan ``p`` is built from (and replaces, :func:`hold`)."""
+    return "qs" if p.kind in (2, 3) else "codes"
+
+
+def hold(fmt: Format, qt: QuantizedTensor, p: Plan) -> dict[str, torch.Tensor] | None:
+    """For a GPU weight whose kernel reads a layout (:func:`needs_layout`): that layout, built (or the one built at
+    its first GEMV), now keyed to a copy of the stored tensor in host memory, which is returned ({key: host
+    tensor}) to take the device tensor's place. The device then holds the layout alone, not the stored bytes
+    beside it. None (nothing changed) where no layout could be had. The host copy stays the weight's storage of
+    record (saving, export, the reference); :func:`held` gives its layout to the prompt path."""
+    key = stored_key(p)
+    stored = qt.data[key]
+    if not needs_layout(p) or not stored.is_cuda or _weights(fmt, qt, p) is None:
+        return None
+    _, _, layout, device, build = _LAYOUTS[id(stored)]
+    host = stored.to("cpu")
+    _LAYOUTS[id(host)] = (host.data_ptr(), host._version, layout, device, build)
+    weakref.finalize(host, _LAYOUTS.pop, id(host), None)
+    return {key: host}
+
+
+def held(t: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.device] | None:
+    """(layout, its device) for a stored tensor :func:`hold` moved to host memory, else None."""
+    hit = _LAYOUTS.get(id(t))
+    if hit is None or hit[2] is _REFUSED or hit[3] == t.device:
+        return None
+    layout = _cached_layout(t, hit[4])  # rebuilt where t changed in place since
+    return None if layout is None else (layout, hit[3])
+
+
+def release(t: torch.Tensor) -> None:
+    """Drop the layout :func:`hold` keyed to the host tensor ``t`` (its device memory is freed with it)."""
+    hit = _LAYOUTS.get(id(t))
+    if hit is not None and hit[3] != t.device:
+        del _LAYOUTS[id(t)]
 
 
 def _warn_refused(qs: torch.Tensor) -> None:

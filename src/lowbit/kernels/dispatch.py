@@ -56,11 +56,14 @@ _MODES = ("auto", "reference", "triton")
 # passed on an H100 (benchmarks/results/silu-mul-rotated-gpu-h100.txt).
 # dequantize (the Triton dequantize kernels that serve a prompt's matmuls) left it when its GPU tests passed on an
 # H100 (benchmarks/results/dequantize-gpu-tests-h100.txt).
-GPU_UNVERIFIED: frozenset[str] = frozenset()
+# layouts_only (hold_layout: a weight's stored bytes in host memory, its kernel layout alone on the device, prompts
+# decoded from the layout by triton_layouts) entered it untested on a GPU.
+GPU_UNVERIFIED: frozenset[str] = frozenset({"layouts_only"})
 _mode = os.environ.get("LOWBIT_KERNELS", "auto")
 _CUDA_GEMV = os.environ.get("LOWBIT_CUDA_GEMV", "1") != "0"
 _CUDA_ATTENTION = os.environ.get("LOWBIT_CUDA_ATTENTION", "1") != "0"
 _DEQUANTIZE = os.environ.get("LOWBIT_DEQUANTIZE", "1") != "0"
+_LAYOUTS_ONLY = os.environ.get("LOWBIT_LAYOUTS_ONLY", "1") != "0"
 
 
 def set_kernel_mode(mode: str) -> None:
@@ -192,6 +195,10 @@ def dequant_matmul(x: torch.Tensor, fmt: Format, qt: QuantizedTensor, norm: Norm
 
 def _matmul(x: torch.Tensor, fmt: Format, qt: QuantizedTensor) -> torch.Tensor:
     """y = x W^T through Triton where it runs, else the reference."""
+    if any(t.device != x.device for t in qt.data.values()):  # stored bytes held in host memory (hold_layout)
+        if _held(fmt, qt, x.device) is not None and triton_runs(x):
+            return dense_matmul(x, fmt, qt)  # from the layout on the device
+        qt = qt.to(x.device)  # no layout here: the stored bytes, copied for this call
     if not _use_triton(x, fmt):
         return dequant_matmul_reference(x, fmt, qt)
     lead = x.shape[:-1]
@@ -240,14 +247,80 @@ DENSE_PIECE_BYTES = 256 << 20
 
 
 def dense_matmul(x: torch.Tensor, fmt: Format, qt: QuantizedTensor) -> torch.Tensor:
-    """x W^T through :func:`dequantize` and cuBLAS, W in pieces of output rows of at most
-    :data:`DENSE_PIECE_BYTES` (their outputs side by side)."""
+    """x W^T through :func:`dequantize` (or :func:`dequantize_layout` for a weight whose stored bytes are held in
+    host memory) and cuBLAS, W in pieces of output rows of at most :data:`DENSE_PIECE_BYTES` (their outputs side by
+    side)."""
     n_out, n_in = qt.shape
     rows = max(1, DENSE_PIECE_BYTES // (x.element_size() * n_in))
+    layout = _held(fmt, qt, x.device)
+    if layout is not None:
+        def piece(start: int, stop: int) -> torch.Tensor:
+            return dequantize_layout(fmt, qt, layout, start, stop, x.dtype)
+    else:
+        def piece(start: int, stop: int) -> torch.Tensor:
+            return dequantize(fmt, qt if stop - start == n_out else qt.rows(start, stop), x.dtype)
     if rows >= n_out:
-        return torch.nn.functional.linear(x, dequantize(fmt, qt, x.dtype))
-    return torch.cat([torch.nn.functional.linear(x, dequantize(fmt, qt.rows(r, r + rows), x.dtype))
-                      for r in range(0, n_out, rows)], dim=-1)
+        return torch.nn.functional.linear(x, piece(0, n_out))
+    return torch.cat([torch.nn.functional.linear(x, piece(r, min(r + rows, n_out))) for r in range(0, n_out, rows)],
+                     dim=-1)
+
+
+def hold_layout(fmt: Format, qt: QuantizedTensor) -> dict[str, torch.Tensor] | None:
+    """For a GPU weight the CUDA GEMV reads from a kernel layout (K-quants, IQ2_XXS, the 3-, 5- and 6-bit grids):
+    the layout built on the device and the stored tensor copied to host memory, returned ({key: host tensor}) for
+    the caller to put in the device tensor's place, so the weight takes the layout's memory on the device instead
+    of twice its size (:func:`lowbit.kernels.cuda_gemv.hold`). Decode steps read the layout, prompts decode their
+    dense weight from it (:func:`dequantize_layout`), saving and export read the host copy. None (nothing to do)
+    for formats read as stored, where the CUDA GEMV or Triton does not serve, or with ``LOWBIT_LAYOUTS_ONLY=0``."""
+    stored = next(iter(qt.data.values()))
+    if (not _LAYOUTS_ONLY or not _DEQUANTIZE or not stored.is_cuda or _mode != "auto" or not _CUDA_GEMV
+            or "layouts_only" in GPU_UNVERIFIED or not triton_available()):
+        return None
+    from lowbit.kernels import cuda_gemv, cuda_jit
+
+    p = cuda_gemv.plan(fmt, qt.shape) if cuda_jit.available() else None
+    return None if p is None else cuda_gemv.hold(fmt, qt, p)
+
+
+def release_layout(t: torch.Tensor) -> None:
+    """Drop the kernel layout :func:`hold_layout` keeps on a GPU for the host tensor ``t`` (none: nothing)."""
+    if not t.is_cuda:
+        from lowbit.kernels import cuda_gemv
+
+        cuda_gemv.release(t)
+
+
+def _held(fmt: Format, qt: QuantizedTensor, device: torch.device) -> tuple[torch.Tensor, ...] | None:
+    """The kernel layout on ``device`` of a weight whose stored bytes :func:`hold_layout` moved to host memory."""
+    key = "qs" if isinstance(fmt, KQuantFormat | IQ2XXSFormat) else "codes" if isinstance(fmt, UniformFormat) else None
+    t = qt.data.get(key) if key else None
+    if t is None or t.device == device or device.type != "cuda":
+        return None
+    from lowbit.kernels import cuda_gemv
+
+    hit = cuda_gemv.held(t)
+    return hit[0] if hit is not None and hit[1] == device else None
+
+
+def dequantize_layout(fmt: Format, qt: QuantizedTensor, layout: tuple[torch.Tensor, ...], start: int, stop: int,
+                      dtype: torch.dtype) -> torch.Tensor:
+    """Rows [start, stop) of the dense weight in ``dtype`` from its kernel layout (:func:`_held`), by
+    :mod:`triton_layouts`: the same values as :func:`dequantize` from the stored bytes."""
+    from lowbit.kernels import triton_layouts
+    from lowbit.kernels.cuda_gemv import kquant_low_bits
+
+    part = [t[start:stop] for t in layout]
+    n_in = qt.shape[1]
+    if isinstance(fmt, KQuantFormat):
+        lb = kquant_low_bits(fmt)
+        return triton_layouts.kquant(*part, lb, fmt.bits - lb, "dmin" in fmt.halves, n_in, dtype)
+    if isinstance(fmt, IQ2XXSFormat):
+        return triton_layouts.iq2xxs(*part, n_in, dtype)
+    low, hi = part
+    mins = qt.data.get("min")
+    lb = low.shape[1] * 32 // n_in
+    return triton_layouts.affine(low, hi, qt.data["scale"][start:stop], None if mins is None else mins[start:stop],
+                                 decode_lut(fmt, low.device), lb, fmt.bits - lb, fmt.group_cols(n_in), n_in, dtype)
 
 
 def dequantize(fmt: Format, qt: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:

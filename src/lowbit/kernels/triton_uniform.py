@@ -37,6 +37,12 @@ def _tile(codes_ptr, scale_ptr, min_ptr, lut_ptr, n, k, mask, row_bytes, n_group
     if 8 % BITS != 0:  # a code may straddle two bytes
         b0 |= tl.load(row + byte + 1, mask=mask & ((byte + 1) < row_bytes), other=0).to(tl.int32) << 8
     code = (b0 >> (bit % 8)) & ((1 << BITS) - 1)
+    return _level(code, scale_ptr, min_ptr, lut_ptr, n, k, mask, n_groups, group, HAS_MIN)
+
+
+@triton.jit
+def _level(code, scale_ptr, min_ptr, lut_ptr, n, k, mask, n_groups, group, HAS_MIN: tl.constexpr):
+    """lut[code] * scale (+ min) in float32, the scale (and min) of row ``n``'s group of column ``k``."""
     p_off = n * n_groups + k // group
     w = tl.load(lut_ptr + code) * tl.load(scale_ptr + p_off, mask=mask, other=0.0).to(tl.float32)
     if HAS_MIN:

@@ -88,13 +88,9 @@ class FusedGroup:
                                                  bias=bias)
         self.sizes = [m.out_features for m in members]
         self.members = members
-        start = 0
         for i, m in enumerate(members):
-            for k in m._keys:
-                setattr(m, k, getattr(self.linear, k)[start:start + m.out_features])
             m._fused = (self, i)
-            start += m.out_features
-        self._ptrs = [[getattr(m, k).data_ptr() for k in m._keys] for m in members]
+        self._point_members()
         # members' output sides of one size and split are undone together, in one launch (else each on its slice)
         self.stacked_out = (self.rotated and len(members) > 1 and all(m._u is not None for m in members)
                             and len({(m._u.n, m._u.m, m._u.p, m._u.dense) for m in members}) == 1)
@@ -105,6 +101,25 @@ class FusedGroup:
         # set by models.fused_norms: the RMSNorm (weight, eps) the members' common input goes through first
         self.norm: tuple[torch.Tensor, float] | None = None
         self._prepared: tuple[torch.Tensor, torch.Tensor] | None = None  # see prepare
+
+    def _point_members(self) -> None:
+        """Each member's buffers: views of its rows of the fused ones."""
+        start = 0
+        for m in self.members:
+            for k in m._keys:
+                setattr(m, k, getattr(self.linear, k)[start:start + m.out_features])
+            start += m.out_features
+        self._ptrs = [[getattr(m, k).data_ptr() for k in m._keys] for m in self.members]
+
+    def hold_layout(self) -> bool:
+        """:meth:`QuantLinear.hold_layout` for the fused weight, the members' buffers then views of its host copy
+        (a member moved off that GPU drops the layout: :meth:`QuantLinear.release_layout`)."""
+        if not self.whole() or not self.linear.hold_layout():
+            return False
+        self._point_members()
+        for m in self.members:
+            m._held_on = self.linear._held_on
+        return True
 
     def intact(self, i: int) -> bool:
         """Member ``i`` still reads the fused storage (eager check; a device move or reassignment breaks it)."""
@@ -171,10 +186,13 @@ class FusedGroup:
         if self.mlp is not None:
             del self.mlp.forward  # the class's forward again
             self.mlp = None
+        held_on = self.linear._held_on  # members' stored bytes in host memory: back to that GPU, as before
+        self.linear.release_layout()
         for m in self.members:
             for k in m._keys:
-                setattr(m, k, getattr(m, k).clone())
-            m._fused = None
+                t = getattr(m, k)
+                setattr(m, k, t.to(held_on) if held_on is not None and not t.is_cuda else t.clone())
+            m._fused, m._held_on = None, None
         self._x, self._parts = None, ()
         self.norm = self._prepared = None
 
@@ -247,6 +265,20 @@ def fuse_siblings(model: nn.Module) -> int:
                         gate_mlp(layer.get_submodule("mlp"), group)
                     n += 1
     return n
+
+
+def hold_layouts(model: nn.Module) -> int:
+    """:meth:`QuantLinear.hold_layout` for every QuantLinear of ``model`` and every fused group of them (the GPU
+    then holds the kernel layouts of its K-quant, IQ2_XXS and 3-, 5- and 6-bit weights, their stored bytes in host
+    memory); returns how many weights now do. Only for float16 models: the CUDA GEMV that reads the layouts takes
+    float16 activations."""
+    floats = [p for p in model.parameters() if p.is_floating_point()]
+    if not floats or floats[0].dtype != torch.float16:
+        return 0
+    linears = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    groups = {id(m._fused[0]): m._fused[0] for m in linears if m._fused is not None}
+    with torch.no_grad():
+        return sum(m.hold_layout() for m in linears) + sum(g.hold_layout() for g in groups.values())
 
 
 def unfuse_siblings(model: nn.Module) -> int:

@@ -21,7 +21,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.formats import QuantizedTensor, get_format
-from lowbit.kernels.dispatch import Norm, dequant_matmul, gated_matmul, norm_rotated, rotate_output
+from lowbit.kernels.dispatch import (
+    Norm,
+    dequant_matmul,
+    gated_matmul,
+    hold_layout,
+    norm_rotated,
+    release_layout,
+    rotate_output,
+)
 from lowbit.kernels.reference import rms_norm_reference
 from lowbit.rotations.incoherence import Rotation
 
@@ -46,6 +54,8 @@ class QuantLinear(nn.Module):
         self._cache_on = False
         self._cache: tuple[tuple, torch.Tensor] | None = None  # (buffers' fingerprint + dtype, weight)
         self._fused: tuple | None = None  # (FusedGroup, index) while fused with its siblings (models.fused_linears)
+        # the GPU whose kernel layout holds this weight while its stored bytes are in host memory (hold_layout)
+        self._held_on: torch.device | None = None
 
     @classmethod
     def from_quantized(cls, qt: QuantizedTensor, bias: torch.Tensor | None = None,
@@ -75,6 +85,24 @@ class QuantLinear(nn.Module):
         self._cache = None
         return self
 
+    def hold_layout(self) -> bool:
+        """On a GPU whose CUDA GEMV reads this weight from a kernel layout (K-quants, IQ2_XXS, 3-, 5- and 6-bit
+        grids): keep that layout alone on the device and the stored bytes in host memory, instead of both on the
+        device (:func:`lowbit.kernels.dispatch.hold_layout`). The stored bytes stay the buffers of record (saving,
+        ``state_dict``, export); moving the module off that GPU (``.cpu()``, another device) drops the layout.
+        True when it now does; a no-op for a weight read as stored, a fused member (its group holds the fused
+        weight: :meth:`~lowbit.models.fused_linears.FusedGroup.hold_layout`) or with the weight cache on."""
+        if self._held_on is not None or self._fused is not None or self._cache_on:
+            return False
+        held = hold_layout(self.fmt, self.quantized())
+        if not held:
+            return False
+        device = getattr(self, next(iter(held))).device
+        for key, host in held.items():
+            setattr(self, key, host)
+        self._held_on = device
+        return True
+
     @property
     def weight_cached(self) -> bool:
         return self._cache_on
@@ -93,7 +121,8 @@ class QuantLinear(nn.Module):
             self._cache = None  # free the stale copy before building the new one
             # A normal tensor even when first built under inference_mode, so the cache stays usable outside it.
             with torch.inference_mode(False), torch.no_grad():
-                self._cache = (key, self.fmt.dequantize(self.quantized()).to(dtype))
+                w = self.fmt.dequantize(self.quantized())  # on the host for stored bytes held there
+                self._cache = (key, w.to(self._held_on or w.device, dtype))
         return self._cache[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -160,11 +189,28 @@ class QuantLinear(nn.Module):
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - signature from nn.Module
         dtypes = {k: getattr(self, k).dtype for k in self._keys}
         self._cache = None  # a device move would otherwise keep a copy on the old device
+        held = {}
+        if self._held_on is not None and fn(torch.empty(0, device=self._held_on)).device != self._held_on:
+            self.release_layout()  # moved off the GPU of its layout: the stored bytes move as any buffer
+        elif self._held_on is not None:  # a cast or a move to that GPU: the stored bytes stay in host memory
+            held = {k: t for k, t in self._buffers.items() if k in self._keys and t.device.type == "cpu"}
+            self._buffers.update(dict.fromkeys(held, torch.empty(0, dtype=torch.uint8)))
         super()._apply(fn, recurse)
+        self._buffers.update(held)
         for k, dt in dtypes.items():
             if getattr(self, k).dtype != dt:
                 setattr(self, k, getattr(self, k).to(dt))
         return self
+
+    def release_layout(self) -> None:
+        """Undo :meth:`hold_layout`'s hold: drop the kernel layout (its device memory) and keep the stored bytes
+        where they are (host memory; ``.to()`` moves them)."""
+        if self._fused is not None:
+            self._fused[0].linear.release_layout()
+        elif self._held_on is not None:
+            for key in self._keys:
+                release_layout(getattr(self, key))
+        self._held_on = None
 
     def extra_repr(self) -> str:
         has_bias = self.bias is not None

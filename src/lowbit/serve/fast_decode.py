@@ -48,7 +48,7 @@ from lowbit.kernels.device import hopper
 from lowbit.kernels.triton_decode_attention import reserve as reserve_decode_attention
 from lowbit.models import fused_norms, step_tables
 from lowbit.models.decode_attention import advance_lengths, defer_lengths, unmasked_steps, use_decode_attention
-from lowbit.models.fused_linears import fuse_siblings
+from lowbit.models.fused_linears import fuse_siblings, hold_layouts
 from lowbit.models.quant_linear import QuantLinear
 from lowbit.serve.generate import _forward_kwargs, cache_arg
 
@@ -175,6 +175,9 @@ class StaticDecoder:
         else:
             self.folded_layers = 0
             fused_norms.unfold_norms(model)  # a decoder made earlier may have folded them
+        # on a GPU, K-quant, IQ2_XXS and 3-, 5- and 6-bit weights keep only the CUDA GEMV's kernel layout there, their
+        # stored bytes in host memory (models.fused_linears.hold_layouts): not both, twice the memory
+        self.held_layouts = hold_layouts(model) if self.device.type == "cuda" else 0
         if self.decode_attention:  # before torch.compile traces a step: the kernel's counters exist already
             reserve_decode_attention(self.device, batch_size, model.config.num_attention_heads)
         # torch.compile of the step fuses the small ops between the matmuls (norms, rotary embedding, residual adds,
