@@ -167,3 +167,29 @@ def test_greedy_decode_is_the_same_with_held_layouts(name: str, compile: bool, m
     held, held_memory = run(True)
     assert held == plain
     assert held_memory < plain_memory
+
+
+def test_a_held_tensor_changed_in_place_gets_its_layout_rebuilt_on_the_layouts_device() -> None:
+    """cuda_gemv's layout cache for a stored tensor held in host memory (hold's entry, here with the layout on the
+    meta device in the GPU's place): an in-place change rebuilds the layout there, release drops it."""
+    from lowbit.kernels import cuda_gemv
+
+    host = torch.arange(8, dtype=torch.int32)
+    built = []
+
+    def build(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        built.append(t.device)
+        return (t * 2,)
+
+    meta = torch.device("meta")
+    cuda_gemv._LAYOUTS[id(host)] = (host.data_ptr(), host._version, (torch.zeros(8, device=meta),), meta, build)
+    try:
+        assert cuda_gemv.held(host)[1] == meta and built == []
+        host.add_(1)  # the stored bytes changed: the layout is stale
+        layout, device = cuda_gemv.held(host)
+        assert built == [meta] and device == meta and layout[0].device == meta
+        assert cuda_gemv.held(host) is not None and built == [meta]  # once
+        cuda_gemv.release(host)
+        assert cuda_gemv.held(host) is None
+    finally:
+        cuda_gemv._LAYOUTS.pop(id(host), None)

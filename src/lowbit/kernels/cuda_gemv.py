@@ -393,6 +393,8 @@ def _cached_layout(qs: torch.Tensor, build) -> tuple[torch.Tensor, ...] | None: 
         return None
     key = id(qs)
     hit = _LAYOUTS.get(key)
+    if hit is None and not qs.is_cuda:  # a host tensor that hold did not move there (a copy of one): no layout
+        return None
     if hit is None or hit[:2] != (qs.data_ptr(), qs._version):
         if hit is None:
             weakref.finalize(qs, _LAYOUTS.pop, key, None)
