@@ -166,14 +166,14 @@ def _kquant_plan(fmt: KQuantFormat, cols: int) -> Plan | None:
     q - 2^(bits-1) (Q3_K, Q6_K), exactly in fp16."""
     if cols % QK_K:
         return None
-    low = kquant_low_bits(fmt)
+    low = _kquant_low_bits(fmt)
     asym = "dmin" in fmt.halves
     offset = 0 if asym else 1 << (fmt.bits - 1)
     dq = tuple((1.0 / p, -offset - _MAGIC / p) for p in _position_scales(low, fmt.bits > low))
     return Plan(3, low, asym, 5, False, dq, hi_bits=fmt.bits - low)
 
 
-def kquant_low_bits(fmt: KQuantFormat) -> int:
+def _kquant_low_bits(fmt: KQuantFormat) -> int:
     return 2 if fmt.bits <= 3 else 4
 
 
@@ -348,7 +348,7 @@ def affine_layout(fmt: UniformFormat, packed: torch.Tensor, cols: int) -> tuple[
 def _kquant_rows(fmt: KQuantFormat, qs: torch.Tensor, cols: int) -> tuple[torch.Tensor, ...]:
     rows = qs.shape[0]
     codes, params = fmt.unpack(QuantizedTensor(fmt.name, (rows, cols), {"qs": qs}))
-    lb = kquant_low_bits(fmt)
+    lb = _kquant_low_bits(fmt)
     low, hi = split_codes(codes, lb, fmt.bits - lb)
     # Scale bytes in the order the kernel reads them (little-endian words): Q2_K one byte sc | mn << 4 per 16-weight
     # sub-block, Q3_K / Q6_K their int8 sc, Q4_K / Q5_K (sc, mn) per 32-weight sub-block.
@@ -393,8 +393,6 @@ def _cached_layout(qs: torch.Tensor, build) -> tuple[torch.Tensor, ...] | None: 
         return None
     key = id(qs)
     hit = _LAYOUTS.get(key)
-    if hit is None and not qs.is_cuda:  # a host tensor that hold did not move there (a copy of one): no layout
-        return None
     if hit is None or hit[:2] != (qs.data_ptr(), qs._version):
         if hit is None:
             weakref.finalize(qs, _LAYOUTS.pop, key, None)

@@ -156,8 +156,8 @@ def _cuda_plan(x: torch.Tensor, fmt: Format, qt: QuantizedTensor):  # noqa: ANN2
     """:func:`cuda_gemv_plan` for this weight, None where its kernel layout cannot be had
     (``cuda_gemv.layout_ready``: ``LOWBIT_CUDA_LAYOUTS=0``, or no device memory for it)."""
     p = cuda_gemv_plan(x, fmt, qt.shape)
-    if p is None:
-        return None
+    if p is None or (any(t.device != x.device for t in qt.data.values()) and _held(fmt, qt, x.device) is None):
+        return None  # a weight in host memory without a layout here (a copy of a held one) takes _matmul's copy
     from lowbit.kernels import cuda_gemv
 
     return p if cuda_gemv.layout_ready(fmt, qt, p) else None
@@ -307,18 +307,17 @@ def dequantize_layout(fmt: Format, qt: QuantizedTensor, layout: tuple[torch.Tens
     """Rows [start, stop) of the dense weight in ``dtype`` from its kernel layout (:func:`_held`), by
     :mod:`triton_layouts`: the same values as :func:`dequantize` from the stored bytes."""
     from lowbit.kernels import triton_layouts
-    from lowbit.kernels.cuda_gemv import kquant_low_bits
 
     part = [t[start:stop] for t in layout]
     n_in = qt.shape[1]
-    if isinstance(fmt, KQuantFormat):
-        lb = kquant_low_bits(fmt)
-        return triton_layouts.kquant(*part, lb, fmt.bits - lb, "dmin" in fmt.halves, n_in, dtype)
     if isinstance(fmt, IQ2XXSFormat):
         return triton_layouts.iq2xxs(*part, n_in, dtype)
-    low, hi = part
+    low = part[0]
+    lb = low.shape[1] * 32 // n_in  # the low plane's bits per code (2 or 4)
+    if isinstance(fmt, KQuantFormat):
+        return triton_layouts.kquant(*part, lb, fmt.bits - lb, "dmin" in fmt.halves, n_in, dtype)
+    hi = part[1]
     mins = qt.data.get("min")
-    lb = low.shape[1] * 32 // n_in
     return triton_layouts.affine(low, hi, qt.data["scale"][start:stop], None if mins is None else mins[start:stop],
                                  decode_lut(fmt, low.device), lb, fmt.bits - lb, fmt.group_cols(n_in), n_in, dtype)
 
