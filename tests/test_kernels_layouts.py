@@ -4,6 +4,8 @@ triton_layouts`) against each format's own decode, bit for bit, on fresh random 
 and compiled for sm_90 without a GPU; on a GPU, a held QuantLinear's outputs and memory, and greedy decode of a
 model with and without held layouts."""
 
+import gc
+
 import pytest
 import torch
 
@@ -116,10 +118,10 @@ def test_a_held_linear_computes_the_same_from_less_gpu_memory(name: str, monkeyp
     want = [lin(x) for x in xs]  # the layout built beside the stored bytes
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
-    stored = sum(t.numel() * t.element_size() for k, t in lin._buffers.items() if k in lin._keys)
     assert lin.hold_layout()
     assert not lin.hold_layout()  # once
-    assert before - torch.cuda.memory_allocated() >= 0.9 * stored * (0.5 if name.startswith("int3") else 1)
+    moved = sum(t.numel() * t.element_size() for k, t in lin._buffers.items() if k in lin._keys and not t.is_cuda)
+    assert moved > 0 and before - torch.cuda.memory_allocated() >= moved  # the stored bytes left the GPU
     for x, y in zip(xs, want, strict=True):
         assert torch.equal(lin(x), y)
     lin.half()  # a cast keeps the stored bytes in host memory and the layout
@@ -146,6 +148,8 @@ def test_greedy_decode_is_the_same_with_held_layouts(name: str, compile: bool, m
     from lowbit.serve.fast_decode import StaticDecoder
 
     def run(hold: bool) -> tuple[list[int], int]:
+        gc.collect()  # the previous run's model (fused groups and their members refer to each other)
+        start = torch.cuda.memory_allocated()
         monkeypatch.setattr(dispatch, "GPU_UNVERIFIED", frozenset() if hold else frozenset({"layouts_only"}))
         torch.manual_seed(0)
         cfg = LlamaConfig(vocab_size=512, hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
@@ -159,7 +163,7 @@ def test_greedy_decode_is_the_same_with_held_layouts(name: str, compile: bool, m
         held = sum(m._held_on is not None for m in model.modules() if isinstance(m, QuantLinear))
         assert (held > 0) == hold
         tokens = dec.generate_greedy(torch.arange(1, 21, device="cuda")[None], 24)[0].tolist()
-        memory = torch.cuda.memory_allocated()
+        memory = torch.cuda.memory_allocated() - start
         del dec, model
         return tokens, memory
 
