@@ -156,7 +156,7 @@ def _cuda_plan(x: torch.Tensor, fmt: Format, qt: QuantizedTensor):  # noqa: ANN2
     """:func:`cuda_gemv_plan` for this weight, None where its kernel layout cannot be had
     (``cuda_gemv.layout_ready``: ``LOWBIT_CUDA_LAYOUTS=0``, or no device memory for it)."""
     p = cuda_gemv_plan(x, fmt, qt.shape)
-    if p is None or (any(t.device != x.device for t in qt.data.values()) and _held(fmt, qt, x.device) is None):
+    if p is None or (any(t.device != x.device for t in qt.data.values()) and _held(qt, x.device) is None):
         return None  # a weight in host memory without a layout here (a copy of a held one) takes _matmul's copy
     from lowbit.kernels import cuda_gemv
 
@@ -196,7 +196,7 @@ def dequant_matmul(x: torch.Tensor, fmt: Format, qt: QuantizedTensor, norm: Norm
 def _matmul(x: torch.Tensor, fmt: Format, qt: QuantizedTensor) -> torch.Tensor:
     """y = x W^T through Triton where it runs, else the reference."""
     if any(t.device != x.device for t in qt.data.values()):  # stored bytes held in host memory (hold_layout)
-        if _held(fmt, qt, x.device) is not None and triton_runs(x):
+        if _held(qt, x.device) is not None and triton_runs(x):
             return dense_matmul(x, fmt, qt)  # from the layout on the device
         qt = qt.to(x.device)  # no layout here: the stored bytes, copied for this call
     if not _use_triton(x, fmt):
@@ -252,7 +252,7 @@ def dense_matmul(x: torch.Tensor, fmt: Format, qt: QuantizedTensor) -> torch.Ten
     side)."""
     n_out, n_in = qt.shape
     rows = max(1, DENSE_PIECE_BYTES // (x.element_size() * n_in))
-    layout = _held(fmt, qt, x.device)
+    layout = _held(qt, x.device)
     if layout is not None:
         def piece(start: int, stop: int) -> torch.Tensor:
             return dequantize_layout(fmt, qt, layout, start, stop, x.dtype)
@@ -290,11 +290,11 @@ def release_layout(t: torch.Tensor) -> None:
         cuda_gemv.release(t)
 
 
-def _held(fmt: Format, qt: QuantizedTensor, device: torch.device) -> tuple[torch.Tensor, ...] | None:
-    """The kernel layout on ``device`` of a weight whose stored bytes :func:`hold_layout` moved to host memory."""
-    key = "qs" if isinstance(fmt, KQuantFormat | IQ2XXSFormat) else "codes" if isinstance(fmt, UniformFormat) else None
-    t = qt.data.get(key) if key else None
-    if t is None or t.device == device or device.type != "cuda":
+def _held(qt: QuantizedTensor, device: torch.device) -> tuple[torch.Tensor, ...] | None:
+    """The kernel layout on ``device`` of a weight whose stored bytes :func:`hold_layout` moved to host memory (the
+    one tensor of ``qt`` off ``device``: the layout's key in :mod:`cuda_gemv`)."""
+    t = next((t for t in qt.data.values() if t.device != device), None)
+    if t is None or device.type != "cuda":
         return None
     from lowbit.kernels import cuda_gemv
 
