@@ -32,7 +32,8 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 from gemv_speed import LARGE, packed_weight  # noqa: E402 - the issue's five large shapes, the same weights
 from lowbit.formats import UniformFormat, get_format  # noqa: E402
-from lowbit.kernels import dispatch  # noqa: E402
+from lowbit.kernels import dispatch, verified  # noqa: E402
+from lowbit.kernels.reference import decode_lut  # noqa: E402
 
 PATHS = ("lowbit", "dense", "tiles", "reference", "fp16")
 
@@ -49,7 +50,7 @@ def paths(name: str) -> dict:
 
         def tiles(x: torch.Tensor, qt, w16) -> torch.Tensor:  # noqa: ANN001
             return triton_uniform.dequant_matmul(x, qt.data["codes"], qt.data["scale"], qt.data.get("min"),
-                                                 dispatch.decode_lut(fmt, x.device),
+                                                 decode_lut(fmt, x.device),
                                                  fmt.bits, fmt.group_cols(qt.shape[1]), qt.shape[1])
         out["tiles"] = tiles
     return out
@@ -112,7 +113,7 @@ def main() -> None:
     tables = [table(results, m) for m in rows]
     print("\n\n".join(tables))
     meta = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "command": " ".join(sys.argv),
-            "gpu_unverified": sorted(dispatch.GPU_UNVERIFIED), "seconds": time.time() - start}
+            "gpu_unverified": sorted(verified.GPU_UNVERIFIED), "seconds": time.time() - start}
     out = Path(args.out) if args.out else HERE / "results" / f"prompt-{args.tag}.json"
     out.write_text(json.dumps({"meta": meta, "rows": results, "tables": tables}, indent=1))
     print(f"wrote {out}")

@@ -22,7 +22,7 @@ import torch
 from conftest import nvrtc_found
 from lowbit.formats import Format, QuantizedTensor, e8p, get_format
 from lowbit.kernels import cuda_gemv
-from lowbit.kernels.dispatch import decode_lut
+from lowbit.kernels.reference import decode_lut
 
 SERVED = ["int2_g64_sym", "int2_g32_asym", "int2_g64_asym", "int4_g128_sym", "int4_g128_asym", "q4_0", "q4_1",
           "nz2_ch", "nz2_g64", "std2_g64", "std2m_ch", "int4_ch_sym", "int2_ch_asym", "e8p_ch", "e8p_g256", "iq2_xxs",
@@ -356,18 +356,18 @@ def test_two_row_blocks_per_warp_only_where_measured_faster(monkeypatch: pytest.
     L1/L2, or staged for the 2-bit grids and E8P above 4 rows, and only where the pairs of row blocks fill half the
     SMs; batch 1 and the 4-bit grids keep one. LOWBIT_CUDA_TILES sets every call. Two per warp fit one 16-warp
     block per SM (or two of 8)."""
-    from lowbit.kernels import dispatch
+    from lowbit.kernels import verified
 
     nz2, q4, iq2, q2k = (cuda_gemv.plan(get_format(n), (64, 4096)) for n in ("nz2_ch", "q4_0", "iq2_xxs", "q2_k"))
     monkeypatch.setattr(cuda_gemv, "ROW_TILES", "auto")
-    monkeypatch.setattr(dispatch, "GPU_UNVERIFIED", frozenset())
+    monkeypatch.setattr(verified, "GPU_UNVERIFIED", frozenset())
     for p in (nz2, iq2, q2k):  # rows from L1/L2
         assert cuda_gemv.row_tiles(p, 8, 0, 256, 132) == 2 and cuda_gemv.row_tiles(p, 4, 0, 256, 132) == 2
     assert cuda_gemv.row_tiles(nz2, 8, 2, 688, 132) == 2 and cuda_gemv.row_tiles(nz2, 4, 2, 688, 132) == 1
     assert cuda_gemv.row_tiles(iq2, 8, 2, 688, 132) == 1 and cuda_gemv.row_tiles(q2k, 8, 2, 688, 132) == 1
     assert cuda_gemv.row_tiles(nz2, 1, 1, 256, 132) == 1 and cuda_gemv.row_tiles(q4, 8, 0, 256, 132) == 1
     assert cuda_gemv.row_tiles(nz2, 8, 0, 64, 132) == 1  # 1024 rows: 32 pairs on 132 SMs
-    monkeypatch.setattr(dispatch, "GPU_UNVERIFIED", frozenset({"row_tiles"}))
+    monkeypatch.setattr(verified, "GPU_UNVERIFIED", frozenset({"row_tiles"}))
     assert cuda_gemv.row_tiles(nz2, 8, 0, 256, 132) == 1
     monkeypatch.setattr(cuda_gemv, "ROW_TILES", "2")
     assert cuda_gemv.row_tiles(q4, 3, 0, 8, 132) == 2 and cuda_gemv.row_tiles(nz2, 1, 1, 8, 132) == 2
@@ -380,11 +380,11 @@ def test_two_row_blocks_per_warp_only_where_measured_faster(monkeypatch: pytest.
 
 def test_resident_grid_waits_for_its_gpu_test(monkeypatch: pytest.MonkeyPatch) -> None:
     """By default (auto) the resident grid is used only once resident_gemv has left GPU_UNVERIFIED."""
-    from lowbit.kernels import dispatch
+    from lowbit.kernels import verified
 
     monkeypatch.setattr(cuda_gemv, "RESIDENT_GRID", "auto")
-    assert cuda_gemv._resident_grid() == ("resident_gemv" not in dispatch.GPU_UNVERIFIED)
-    monkeypatch.setattr(dispatch, "GPU_UNVERIFIED", frozenset())
+    assert cuda_gemv._resident_grid() == ("resident_gemv" not in verified.GPU_UNVERIFIED)
+    monkeypatch.setattr(verified, "GPU_UNVERIFIED", frozenset())
     assert cuda_gemv._resident_grid()
     monkeypatch.setattr(cuda_gemv, "RESIDENT_GRID", "0")
     assert not cuda_gemv._resident_grid()
@@ -669,7 +669,8 @@ def test_cuda_gemv_outlier_activations_do_not_overflow(name: str, gemv_mode) -> 
 @gpu
 @pytest.mark.gpu
 def test_planned_formats_route_to_the_cuda_gemv_up_to_sixteen_rows() -> None:
-    from lowbit.kernels.dispatch import GPU_UNVERIFIED, route
+    from lowbit.kernels.dispatch import route
+    from lowbit.kernels.verified import GPU_UNVERIFIED
 
     x = torch.zeros(cuda_gemv.MAX_ROWS + 1, 4096, device="cuda", dtype=torch.float16)
     for name in ("q4_0", "int4_g128_sym", "int2_g64_sym", "nz2_ch", "e8p_ch", "iq2_xxs", "int3_g128_sym", "q5_0",

@@ -237,7 +237,7 @@ def test_hadamard_kernel_on_gpu(n, batch, dtype, layout):
 def test_silu_mul_rotated_on_gpu(n, batch, dtype):
     """A rotated MLP's SiLU product and down's input side in one launch (layout 3's blocks, or one FWHT), against
     the float64 steps; called directly (dispatch sends it there once ``silu_mul_rotated`` leaves
-    ``dispatch.GPU_UNVERIFIED``)."""
+    ``verified.GPU_UNVERIFIED``)."""
     from lowbit.kernels.triton_hadamard import silu_mul_rotated
 
     rot = RandomizedHadamard(n, seed=8, layout=3)

@@ -10,8 +10,8 @@ import torch
 
 from conftest import run_in_interpreter
 from lowbit.formats import get_format
-from lowbit.kernels.dispatch import decode_lut, dequant_matmul, triton_available
-from lowbit.kernels.reference import dequant_matmul_reference
+from lowbit.kernels.dispatch import dequant_matmul, triton_available
+from lowbit.kernels.reference import decode_lut, dequant_matmul_reference
 
 CASES = [("int4_g32_sym", (96, 128), 1), ("q4_1", (64, 96), 8), ("int4_g128_asym", (64, 576), 3),
          ("int3_g64_sym", (80, 200), 5), ("nz2_ch", (64, 96), 20), ("int2_g32_asym", (70, 160), 2),

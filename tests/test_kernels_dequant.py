@@ -83,10 +83,10 @@ def test_dequantize_refuses_a_weight_of_another_width():
                                              ("iq2_xxs", (64, 14336))], ids=[*IDS, "q4_k-big", "e8p-big", "iq2-big"])
 def test_dequantize_kernel_on_gpu_is_the_format_decode(name: str, shape: tuple[int, int],
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    from lowbit.kernels import dispatch
+    from lowbit.kernels import dispatch, verified
     from lowbit.kernels.dispatch import dequant_matmul, dequantize
 
-    monkeypatch.setattr(dispatch, "GPU_UNVERIFIED", frozenset())  # the prompt path through the kernel
+    monkeypatch.setattr(verified, "GPU_UNVERIFIED", frozenset())  # the prompt path through the kernel
     fmt = get_format(name)
     g = torch.Generator().manual_seed(8)
     qt = fmt.quantize(torch.randn(*shape, generator=g)).to("cuda")

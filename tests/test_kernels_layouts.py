@@ -106,10 +106,10 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() or not triton_avail
 @needs_gpu
 @pytest.mark.parametrize("name", ["q4_k", "q6_k", "q3_k", "iq2_xxs", "int3_g128_sym", "q5_0"])
 def test_a_held_linear_computes_the_same_from_less_gpu_memory(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from lowbit.kernels import dispatch
+    from lowbit.kernels import verified
     from lowbit.models.quant_linear import QuantLinear
 
-    monkeypatch.setattr(dispatch, "GPU_UNVERIFIED", frozenset())
+    monkeypatch.setattr(verified, "GPU_UNVERIFIED", frozenset())
     fmt = get_format(name)
     g = torch.Generator().manual_seed(12)
     qt = fmt.quantize(torch.randn(1024, 4096, generator=g))
@@ -143,14 +143,14 @@ def test_greedy_decode_is_the_same_with_held_layouts(name: str, compile: bool, m
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import lowbit
-    from lowbit.kernels import dispatch
+    from lowbit.kernels import verified
     from lowbit.models.quant_linear import QuantLinear
     from lowbit.serve.fast_decode import StaticDecoder
 
     def run(hold: bool) -> tuple[list[int], int]:
         gc.collect()  # the previous run's model (fused groups and their members refer to each other)
         start = torch.cuda.memory_allocated()
-        monkeypatch.setattr(dispatch, "GPU_UNVERIFIED", frozenset() if hold else frozenset({"layouts_only"}))
+        monkeypatch.setattr(verified, "GPU_UNVERIFIED", frozenset() if hold else frozenset({"layouts_only"}))
         torch.manual_seed(0)
         cfg = LlamaConfig(vocab_size=512, hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
                           num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=128)

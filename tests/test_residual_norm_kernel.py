@@ -161,7 +161,7 @@ def test_junction_on_gpu(output_side, n, batch, dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_junction_blocks_on_gpu(output_side, n, batch, dtype):
     """Rows of layout 3's blocks (3 x 1024 .. 43 x 256, 27 x 512, 7 x 2048): the kernel dispatch sends such
-    junctions to once ``junction_blocks`` leaves ``dispatch.GPU_UNVERIFIED``, called directly here."""
+    junctions to once ``junction_blocks`` leaves ``verified.GPU_UNVERIFIED``, called directly here."""
     from lowbit.kernels.triton_hadamard import norm_rotated, residual_norm
 
     ns: dict = {}

@@ -47,9 +47,9 @@ from lowbit.formats import e8p as e8p_format
 from lowbit.formats import iq2xxs as iq2xxs_format
 from lowbit.formats.bitpack import pack_bits, unpack_bits
 from lowbit.formats.kquants import QK_K
-from lowbit.kernels import cuda_jit
+from lowbit.kernels import cuda_jit, verified
 from lowbit.kernels.device import hopper, shared_memory, sm_count
-from lowbit.kernels.reference import rms_norm_reference
+from lowbit.kernels.reference import decode_lut, rms_norm_reference
 
 MAX_M = 8  # batch columns of the m16n8k16 MMA
 # Batches of 9-16 rows run the kernel once per 8 rows: the weights are read twice, still a fraction of what
@@ -142,8 +142,6 @@ def _position_scales(bits: int, high: bool = False) -> list[float]:
 
 def _affine_levels(fmt: UniformFormat) -> tuple[float, float] | None:
     """(A, B) with level(q) = A q + B at unit scale, or None when the format's levels are not affine."""
-    from lowbit.kernels.dispatch import decode_lut
-
     lut = decode_lut(fmt, torch.device("cpu")).double()
     a, b = float(lut[1] - lut[0]), float(lut[0])
     if not torch.equal(torch.arange(len(lut), dtype=torch.float64) * a + b, lut):
@@ -532,9 +530,7 @@ def row_tiles(p: Plan, m: int, staged: int, row_blocks: int, sms: int, wide: boo
         if ROW_TILES not in ("1", "2"):  # the kernel has one- and two-row-block variants only
             raise ValueError(f"LOWBIT_CUDA_TILES must be auto, 1 or 2, got {ROW_TILES!r}")
         return int(ROW_TILES)
-    from lowbit.kernels.dispatch import GPU_UNVERIFIED
-
-    if m == 1 or half_per_chunk(p) != 64 or "row_tiles" in GPU_UNVERIFIED:
+    if m == 1 or half_per_chunk(p) != 64 or "row_tiles" in verified.GPU_UNVERIFIED:
         return 1
     if staged and (m <= 4 or p.kind == 3 or (p.kind == 2 and not wide)):
         return 1
@@ -743,9 +739,7 @@ RESIDENT_GRID = os.environ.get("LOWBIT_CUDA_RESIDENT", "auto")
 def _resident_grid() -> bool:
     if RESIDENT_GRID != "auto":
         return RESIDENT_GRID == "1"
-    from lowbit.kernels.dispatch import GPU_UNVERIFIED
-
-    return "resident_gemv" not in GPU_UNVERIFIED
+    return "resident_gemv" not in verified.GPU_UNVERIFIED
 
 
 # Register groups a thread may hold while it normalizes the staged row (the kernel's NORM_QS): 7B-class rows of 4096

@@ -36,29 +36,10 @@ from functools import cache
 import torch
 
 from lowbit.formats import E8PFormat, Format, IQ2XXSFormat, KQuantFormat, QuantizedTensor, UniformFormat
-from lowbit.kernels.reference import dequant_matmul_reference, rms_norm_reference
+from lowbit.kernels import verified
+from lowbit.kernels.reference import decode_lut, dequant_matmul_reference, rms_norm_reference
 
 _MODES = ("auto", "reference", "triton")
-# Kernels that pass the interpreter tests but have not yet been compiled and checked on a GPU: "auto" keeps the
-# torch reference for them on CUDA until their GPU tests have passed there; LOWBIT_KERNELS=triton opts in.
-# iq2_xxs and hadamard left it after their GPU tests passed on an H100; decode_attention (flash-decoding,
-# tests/test_decode_attention.py) and gated_gemv (the CUDA GEMV's silu(gate) * up epilogue, tests/test_cuda_gemv.py)
-# after theirs passed on an H200, and so did resident_gemv (the CUDA GEMV's blocks looping over row blocks,
-# cuda_gemv.RESIDENT_GRID), kquants (triton_kquants) and the CUDA GEMV's K-quants (cuda_q2_k .. cuda_q6_k). A new
-# kernel enters here (as "cuda_<format>" for a CUDA GEMV format) until its GPU test has run. row_tiles (two row
-# blocks per warp in the CUDA GEMV's batches, cuda_gemv.row_tiles) left it when its GPU test passed on an H200, and
-# residual_norm (a rotated layer's junction, triton_hadamard.residual_norm) never entered: its GPU tests
-# (tests/test_residual_norm_kernel.py) passed on an H200 before it was first used; norm_rotated (the same kernel
-# without an output side: triton_hadamard.norm_rotated) left it when those tests passed on an H200 with it.
-# junction_blocks (the junction kernel on rows of layout 3's blocks, e.g. 5120 = 5 x 1024: triton_hadamard's
-# junction_fits) left it when its GPU tests passed on an H100 (benchmarks/results/rotation-layout3-gpu-h100.txt).
-# silu_mul_rotated (a rotated MLP's SiLU product and down's input side in one launch) left it when its GPU tests
-# passed on an H100 (benchmarks/results/silu-mul-rotated-gpu-h100.txt).
-# dequantize (the Triton dequantize kernels that serve a prompt's matmuls) left it when its GPU tests passed on an
-# H100 (benchmarks/results/dequantize-gpu-tests-h100.txt).
-# layouts_only (hold_layout: a weight's stored bytes in host memory, its kernel layout alone on the device, prompts
-# decoded from the layout by triton_layouts) entered it untested on a GPU.
-GPU_UNVERIFIED: frozenset[str] = frozenset({"layouts_only"})
 _mode = os.environ.get("LOWBIT_KERNELS", "auto")
 _CUDA_GEMV = os.environ.get("LOWBIT_CUDA_GEMV", "1") != "0"
 _CUDA_ATTENTION = os.environ.get("LOWBIT_CUDA_ATTENTION", "1") != "0"
@@ -89,10 +70,10 @@ def triton_available() -> bool:
 
 def triton_runs(x: torch.Tensor, kernel: str = "") -> bool:
     """Whether a Triton kernel serves an input like ``x``: never in reference mode or without Triton, always with
-    ``LOWBIT_KERNELS=triton``, else on CUDA unless ``kernel`` is still in :data:`GPU_UNVERIFIED`."""
+    ``LOWBIT_KERNELS=triton``, else on CUDA unless ``kernel`` is still in :data:`verified.GPU_UNVERIFIED`."""
     if _mode == "reference" or not triton_available():
         return False
-    return _mode == "triton" or (x.is_cuda and kernel not in GPU_UNVERIFIED)
+    return _mode == "triton" or (x.is_cuda and kernel not in verified.GPU_UNVERIFIED)
 
 
 def _use_triton(x: torch.Tensor, fmt: Format) -> bool:
@@ -103,18 +84,7 @@ def _use_triton(x: torch.Tensor, fmt: Format) -> bool:
     return triton_runs(x, "iq2_xxs" if isinstance(fmt, IQ2XXSFormat) else "")
 
 
-_LUTS: dict[tuple, torch.Tensor] = {}
 _PLANS: dict[tuple, tuple] = {}
-
-
-def decode_lut(fmt: UniformFormat, device: torch.device) -> torch.Tensor:
-    """lut[code] such that w = lut[code] * scale (+ min): the format's own decode at unit scale, zero min."""
-    key = (fmt.name, str(device))
-    if key not in _LUTS:
-        codes = torch.arange(1 << fmt.bits, dtype=torch.int64).unsqueeze(0)
-        params = {"scale": torch.ones(1, 1)} | ({} if fmt.symmetric else {"min": torch.zeros(1, 1)})
-        _LUTS[key] = fmt.decode(codes, params)[0].float().contiguous().to(device)
-    return _LUTS[key]
 
 
 def decode_plan(fmt: UniformFormat, device: torch.device) -> tuple[torch.Tensor, tuple]:
@@ -149,7 +119,7 @@ def cuda_gemv_plan(x: torch.Tensor, fmt: Format, shape: tuple[int, int]):  # noq
     if not 0 < rows <= cuda_gemv.MAX_ROWS:
         return None
     p = cuda_gemv.plan(fmt, shape) if cuda_jit.available() else None
-    return None if p is not None and p.kind == 3 and f"cuda_{fmt.name}" in GPU_UNVERIFIED else p
+    return None if p is not None and p.kind == 3 and f"cuda_{fmt.name}" in verified.GPU_UNVERIFIED else p
 
 
 def _cuda_plan(x: torch.Tensor, fmt: Format, qt: QuantizedTensor):  # noqa: ANN202 - Plan | None
@@ -274,7 +244,7 @@ def hold_layout(fmt: Format, qt: QuantizedTensor) -> dict[str, torch.Tensor] | N
     for formats read as stored, where the CUDA GEMV or Triton does not serve, or with ``LOWBIT_LAYOUTS_ONLY=0``."""
     stored = next(iter(qt.data.values()))
     if (not _LAYOUTS_ONLY or not _DEQUANTIZE or not stored.is_cuda or _mode != "auto" or not _CUDA_GEMV
-            or "layouts_only" in GPU_UNVERIFIED or not triton_available()):
+            or "layouts_only" in verified.GPU_UNVERIFIED or not triton_available()):
         return None
     from lowbit.kernels import cuda_gemv, cuda_jit
 
@@ -465,7 +435,7 @@ def rope_cache_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     from lowbit.kernels import cuda_attention, cuda_gemv
     from lowbit.kernels import triton_decode_attention as attention
 
-    if _CUDA_ATTENTION and "cuda_attention" not in GPU_UNVERIFIED and \
+    if _CUDA_ATTENTION and "cuda_attention" not in verified.GPU_UNVERIFIED and \
             cuda_attention.serves(qkv, cos, sin, k_cache, v_cache, mask):
         return cuda_attention.rope_cache_attention(qkv, cos, sin, k_cache, v_cache, length, scale, heads,
                                                    early=cuda_gemv.pdl_on(qkv.device))

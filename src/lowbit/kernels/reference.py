@@ -5,7 +5,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lowbit.formats import Format, QuantizedTensor
+from lowbit.formats import Format, QuantizedTensor, UniformFormat
+
+_LUTS: dict[tuple, torch.Tensor] = {}
+
+
+def decode_lut(fmt: UniformFormat, device: torch.device) -> torch.Tensor:
+    """lut[code] such that w = lut[code] * scale (+ min): the format's own decode at unit scale, zero min."""
+    key = (fmt.name, str(device))
+    if key not in _LUTS:
+        codes = torch.arange(1 << fmt.bits, dtype=torch.int64).unsqueeze(0)
+        params = {"scale": torch.ones(1, 1)} | ({} if fmt.symmetric else {"min": torch.zeros(1, 1)})
+        _LUTS[key] = fmt.decode(codes, params)[0].float().contiguous().to(device)
+    return _LUTS[key]
 
 
 def dequant_matmul_reference(x: torch.Tensor, fmt: Format, qt: QuantizedTensor) -> torch.Tensor:
