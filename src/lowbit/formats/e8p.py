@@ -122,7 +122,8 @@ def to_stored(codes: torch.Tensor) -> torch.Tensor:
     word slot holds, at bits 4 j + r, the prefix XORs c_j = f_0 ^ ... ^ f_j (j < 7) of its coordinates' negation
     flags f (an even number: f_7 = c_6) and, at bit 28 + r, its shift bit (the sign byte's parity, 1: -1/4). The
     CUDA GEMV turns a sign word into its flip mask with one XOR and one multiply and reads one table word per code
-    (docs/kernels.md, "E8P with one table read per code"). Codes past the last whole chunk stay as they are."""
+    (docs/kernel-measurements.md, "E8P with one table read per code"). Codes past the last whole chunk stay as
+    they are."""
     c = codes.to(torch.int64) & 0xFFFF
     rows, n = c.shape
     whole = n - n % CHUNK_CODES

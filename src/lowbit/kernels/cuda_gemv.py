@@ -93,7 +93,7 @@ class Plan:
         """Whether a scale group spans a whole step (the quad's four chunks), so the step's sums take the scale once
         in fp32 (STEP_SCALE in the .cu) instead of every weight pair: IQ2_XXS's superblock d (its weights then exact),
         and symmetric groups of >= 4 chunks (int4_g128_sym, e8p_g256). Measured on an H200 against scaling every
-        pair (docs/kernels.md, "Group scales once per step"): int4_g128_sym TG-128 553.1 -> 630.3 tok/s."""
+        pair (docs/kernel-measurements.md, "Group scales once per step"): int4_g128_sym TG-128 553.1 -> 630.3 tok/s."""
         whole_steps = not self.row_scale and 1 << self.group_shift >= 4 * half_per_chunk(self)
         return self.kind == 2 or (self.kind in (0, 1) and not self.asym and whole_steps)
 
@@ -507,14 +507,14 @@ def min_blocks_for(warps: int, m: int = 8, tiles: int = 1) -> int:
     return max(1, min(policy, 32 // warps))  # >= 64 registers a thread for any LOWBIT_CUDA_WARPS
 
 
-# Two row blocks per warp (the .cu's TILES 2) for batches: each activation fragment a lane reads feeds the MMAs of
-# 32 rows instead of 16. At batch 8 the activations a 16-row block reads are 4x its 2-bit codes (8 rows of K fp16
-# against 16 rows of K / 4 bytes), and every block of a matrix reads them again. Measured on an H200
-# (docs/kernels.md, "Two row blocks per warp"), formats of 64 weights per 16-byte chunk: with the rows read from
-# L1/L2 (K >= 11008 at batch 4 and 8) 16-41% faster (nz2_ch 4096x14336 batch 8: 20.2 -> 15.7 us, q2_k 25.2 -> 15.9);
-# with the rows staged in shared memory faster at batch 8 for the 2-bit grids and E8P (nz2_ch 11008x4096 14.6 ->
-# 11.2), level at batch 4 and slower for the K-quants and IQ2_XXS; slower at batch 2 (mostly staged), at batch 1,
-# for the 4-bit grids and where the pairs of row blocks leave most SMs idle (1024 rows: nz2_ch 4.5 -> 5.4 us).
+# Two row blocks per warp (the .cu's TILES 2) for batches: each activation fragment a lane reads feeds the MMAs of 32
+# rows instead of 16. At batch 8 the activations a 16-row block reads are 4x its 2-bit codes (8 rows of K fp16 against
+# 16 rows of K / 4 bytes), and every block of a matrix reads them again. Measured on an H200
+# (docs/kernel-measurements.md, "Two row blocks per warp for batches"), formats of 64 weights per 16-byte chunk: with
+# the rows read from L1/L2 (K >= 11008 at batch 4 and 8) 16-41% faster (nz2_ch 4096x14336 batch 8: 20.2 -> 15.7 us, q2_k
+# 25.2 -> 15.9); with the rows staged in shared memory faster at batch 8 for the 2-bit grids and E8P (nz2_ch 11008x4096
+# 14.6 -> 11.2), level at batch 4 and slower for the K-quants and IQ2_XXS; slower at batch 2 (mostly staged), at batch
+# 1, for the 4-bit grids and where the pairs of row blocks leave most SMs idle (1024 rows: nz2_ch 4.5 -> 5.4 us).
 # ``LOWBIT_CUDA_TILES``: "1" or "2" for every call, "auto" (default) :func:`row_tiles`'s choice.
 ROW_TILES = os.environ.get("LOWBIT_CUDA_TILES", "auto")
 
@@ -548,13 +548,13 @@ STAGED_X = os.environ.get("LOWBIT_CUDA_STAGED_X", "1") != "0"  # 0: batch 1 read
 # grids (q4_0: 18.7 -> 24.8 us), whose chunks of 32 weights read twice the activations per byte of codes.
 STAGED_ROWS = int(os.environ.get("LOWBIT_CUDA_STAGED_ROWS", "8"))
 STAGED_ROWS_BYTES = 64 * 1024
-# Batches of more than 4 rows on plans without high-bit planes (E8P, IQ2_XXS, the 2-bit grids, Q2_K) are staged in
-# all the shared memory a block may opt in to (227 KB on Hopper: 8 rows of up to 14336), where each block then
-# stages them once for two row blocks (two per warp, or blocks looping over row blocks). Measured on an H100
-# (docs/kernels.md, "Batch rows staged past 64 KB"), batch 8: 9-23% faster at 4096x11008 and 4096x14336 (e8p_ch
-# 17.5 -> 13.5 us at 4096x11008); slower at batch 4 (one row block per warp, each block staging for 16 rows: nz2_ch
-# 4096x11008 9.9 -> 11.0 us) and for int3 (high bits: 4096x14336 18.9 -> 22.3 us). ``LOWBIT_CUDA_STAGED_ROWS_BIG=0``
-# keeps every call within 64 KB.
+# Batches of more than 4 rows on plans without high-bit planes (E8P, IQ2_XXS, the 2-bit grids, Q2_K) are staged in all
+# the shared memory a block may opt in to (227 KB on Hopper: 8 rows of up to 14336), where each block then stages them
+# once for two row blocks (two per warp, or blocks looping over row blocks). Measured on an H100
+# (docs/kernel-measurements.md, "Batch rows staged past 64 KB"), batch 8: 9-23% faster at 4096x11008 and 4096x14336
+# (e8p_ch 17.5 -> 13.5 us at 4096x11008); slower at batch 4 (one row block per warp, each block staging for 16 rows:
+# nz2_ch 4096x11008 9.9 -> 11.0 us) and for int3 (high bits: 4096x14336 18.9 -> 22.3 us).
+# ``LOWBIT_CUDA_STAGED_ROWS_BIG=0`` keeps every call within 64 KB.
 STAGED_ROWS_BIG = os.environ.get("LOWBIT_CUDA_STAGED_ROWS_BIG", "1") != "0"
 _STATIC_SHARED = 3 * 1024  # the kernel's own shared memory besides `part`: decode tables (2 KB), warp sums
 
@@ -726,8 +726,8 @@ def _grid(device: torch.device, tiles: int, warps: int, blocks: int, xs: int, st
 # rows: q4_0's q/k/v and gate/up GEMVs had 3 and 5 waves of blocks. TG-128 of the 7B shape on an H200
 # (docs/kernels.md): q4_0 467.6 -> 503.9 tok/s; nz2_ch, whose rows of 4096 take 8-warp blocks (4 per SM, fewer
 # waves), 725.5 -> 719.0 with every kernel looping, so 8-warp kernels at batch 1 keep one block per row block.
-# 8-warp blocks of staged batch rows (up to 64 KB each) loop too: on an H100 (docs/kernels.md, "Batch rows staged
-# past 64 KB") up to 25% faster at batch 4 and 8 where a matrix has more tiles than resident blocks (e8p_ch
+# 8-warp blocks of staged batch rows (up to 64 KB each) loop too: on an H100 (docs/kernel-measurements.md, "Batch
+# rows staged past 64 KB") up to 25% faster at batch 4 and 8 where a matrix has more tiles than resident blocks (e8p_ch
 # 22016x4096 batch 8: 26.2 -> 21.2 us), level at 4096 rows; the losses: 12288 rows at batch 8 (nz2_ch 12.1 -> 12.9
 # us, int3_g128_sym 18.0 -> 19.7; e8p_ch level) and up to 6% at batch 2 for q2_k, int2_g64_sym and int3.
 # ``LOWBIT_CUDA_RESIDENT``: "1" on, "0" one block per row block everywhere, "auto" (default) on unless
