@@ -458,22 +458,23 @@ def _weights(fmt: Format, qt: QuantizedTensor, p: Plan) -> tuple | None:
     if p.kind == 3:  # the K-quant layout's high-bit plane takes the place of the decode tables
         layout = _cached_layout(qt.data["qs"], lambda qs: kquant_layout(fmt, qs, k))
         return None if layout is None else (*layout, k // 32)
-    device = next(iter(qt.data.values())).device
-    key = f"{device}/{p.kind}"
-    if key not in _TABLES:
-        _TABLES[key] = _kind_tables(p.kind).to(device)
-    tables = _TABLES[key]
     if p.kind == 2:  # the kernel reads whole sign bytes and a word of sub-block scales (in the place of mins)
         layout = _cached_layout(qt.data["qs"], lambda qs: iq2xxs_layout(qs, k))
-        return None if layout is None else (*layout, tables, layout[1].shape[1])
+        # the tables go where the layout is: the stored bytes may be held in host memory (hold)
+        return None if layout is None else (*layout, _kind_tables_on(2, layout[0].device), layout[1].shape[1])
     codes, scales = qt.data["codes"], qt.data["scale"]
     mins = qt.data.get("min", scales)
     if p.hi_bits:  # 3-, 5-, 6-bit grids: the high-bit plane takes the place of the decode tables
         layout = _cached_layout(codes, lambda c: affine_layout(fmt, c, k))
-        if layout is None:
-            return None
-        codes, tables = layout
-    return codes, scales, mins, tables, fmt.n_groups(k)
+        return None if layout is None else (layout[0], scales, mins, layout[1], fmt.n_groups(k))
+    return codes, scales, mins, _kind_tables_on(p.kind, codes.device), fmt.n_groups(k)
+
+
+def _kind_tables_on(kind: int, device: torch.device) -> torch.Tensor:
+    key = f"{device}/{kind}"
+    if key not in _TABLES:
+        _TABLES[key] = _kind_tables(kind).to(device)
+    return _TABLES[key]
 
 
 def layout_ready(fmt: Format, qt: QuantizedTensor, p: Plan) -> bool:
