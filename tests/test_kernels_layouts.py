@@ -74,7 +74,7 @@ def test_a_layout_of_another_width_is_refused():
 
 
 @pytest.mark.skipif(not triton_available(), reason="triton not installed")
-@pytest.mark.parametrize("kernel", ["kquant", "iq2xxs", "affine"])
+@pytest.mark.parametrize("kernel", ["kquant", "kquant6", "iq2xxs", "affine"])
 def test_layout_kernels_compile_for_hopper(kernel: str) -> None:
     """Compiled for sm_90 without a GPU (what the interpreter lets pass and Triton's compiler refuses fails here)."""
     from triton.backends.compiler import GPUTarget
@@ -85,10 +85,13 @@ def test_layout_kernels_compile_for_hopper(kernel: str) -> None:
     i32 = "i32"
     blocks = {"BLOCK_N": 16, "BLOCK_K": 128}
     fn, sig, const = {
-        "kquant": (tl_._kquant_kernel, {"low_ptr": "*i32", "hi_ptr": "*i32", "scales_ptr": "*u8", "dm_ptr": "*i32",
+        "kquant": (tl_._kquant_kernel, {"low_ptr": "*i32", "hi_ptr": "*i32", "scales_ptr": "*i16", "dm_ptr": "*i32",
                                         "w_ptr": "*fp16", "N": i32, "K": i32, "low_words": i32, "hi_words": i32},
                    {"LB": 4, "HB": 1, "ASYM": True, **blocks}),
-        "iq2xxs": (tl_._iq2xxs_kernel, {"sub_ptr": "*i32", "d_ptr": "*fp16", "ls_ptr": "*i32", "grid_ptr": "*fp16",
+        "kquant6": (tl_._kquant_kernel, {"low_ptr": "*i32", "hi_ptr": "*i32", "scales_ptr": "*u8", "dm_ptr": "*i32",
+                                         "w_ptr": "*fp16", "N": i32, "K": i32, "low_words": i32, "hi_words": i32},
+                    {"LB": 4, "HB": 2, "ASYM": False, **blocks}),
+        "iq2xxs": (tl_._iq2xxs_kernel, {"sub_ptr": "*i64", "d_ptr": "*fp16", "ls_ptr": "*i32", "grid_ptr": "*fp16",
                                         "w_ptr": "*fp16", "N": i32, "K": i32, "n_super": i32}, blocks),
         "affine": (tl_._affine_kernel, {"low_ptr": "*i32", "hi_ptr": "*i32", "scale_ptr": "*fp16", "min_ptr": "*fp16",
                                         "lut_ptr": "*fp32", "w_ptr": "*fp16", "N": i32, "K": i32, "low_words": i32,

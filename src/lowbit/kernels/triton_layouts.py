@@ -25,6 +25,16 @@ from lowbit.kernels.triton_uniform import _level
 
 
 @triton.jit
+def _row_words(ptr, n, n_mask, row_words, first, PER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[BLOCK_N, BLOCK_K] of the words each covering ``PER`` consecutive columns, the tile's first column in word
+    ``first`` of each row (rows ``n`` [BLOCK_N, 1] of ``row_words`` words): each word loaded once and repeated in
+    registers (a load per column would issue PER times the instructions)."""
+    w = first + tl.arange(0, BLOCK_K // PER)
+    words = tl.load(ptr + n * row_words + w[None, :], mask=n_mask & (w < row_words)[None, :], other=0)
+    return tl.reshape(tl.broadcast_to(words[:, :, None], (BLOCK_N, BLOCK_K // PER, PER)), (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
 def _split_codes(low_ptr, hi_ptr, n, n_mask, k0, K, low_words, hi_words, LB: tl.constexpr, HB: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Codes [BLOCK_N, BLOCK_K] (int32) of rows ``n`` [BLOCK_N, 1], columns k0 .. k0 + BLOCK_K: their low ``LB``
@@ -48,8 +58,8 @@ def _split_codes(low_ptr, hi_ptr, n, n_mask, k0, K, low_words, hi_words, LB: tl.
         else:
             base = 8 * (j % 2)
         pos = 16 * ((c // HALF) % 2) + HB * (c % HALF) + base
-        hi = tl.load(hi_ptr + n * hi_words + (k // CHUNK) * (HB * CHUNK // 32) + c // (32 // HB),
-                     mask=n_mask & (k < K), other=0)
+        # word c // (32 / HB) of the chunk's HB words is word k // (32 / HB) of the row (a chunk spans whole words)
+        hi = _row_words(hi_ptr, n, n_mask, hi_words, k0 // (32 // HB), 32 // HB, BLOCK_N, BLOCK_K)
         code |= ((hi >> pos) & ((1 << HB) - 1)) << LB
     return code
 
@@ -80,13 +90,14 @@ def _kquant_kernel(low_ptr, hi_ptr, scales_ptr, dm_ptr, w_ptr, N, K, low_words, 
     n, n_mask, k0, k, mask = _tile_coords(N, K, BLOCK_N, BLOCK_K)
     q = _split_codes(low_ptr, hi_ptr, n, n_mask, k0, K, low_words, hi_words, LB, HB, BLOCK_N,
                      BLOCK_K).to(tl.float32)
-    dm = tl.load(dm_ptr + n * (K // 256) + k // 256, mask=mask, other=0)  # fp16 d (low half), -dmin or d
+    tl.static_assert(256 % BLOCK_K == 0)  # a tile inside one superblock: one (d, -dmin) word per row
+    dm = tl.load(dm_ptr + n * (K // 256) + k0 // 256, mask=n_mask, other=0)  # fp16 d (low half), -dmin or d
     d = (dm & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    if LB == 4 and ASYM:  # Q4_K, Q5_K: bytes (sc, mn) per 32 weights
-        sc = tl.load(scales_ptr + n * (K // 16) + 2 * (k // 32), mask=mask, other=0).to(tl.int32) & 255
-        mn = tl.load(scales_ptr + n * (K // 16) + 2 * (k // 32) + 1, mask=mask, other=0).to(tl.int32) & 255
+    if LB == 4 and ASYM:  # Q4_K, Q5_K: bytes (sc, mn) per 32 weights, read as one int16 (sc the low byte)
+        pair = _row_words(scales_ptr, n, n_mask, K // 32, k0 // 32, 32, BLOCK_N, BLOCK_K).to(tl.int32)
+        sc, mn = pair & 255, (pair >> 8) & 255
     else:  # a byte per 16 weights: Q2_K sc | mn << 4, Q3_K and Q6_K an int8 sc
-        byte = tl.load(scales_ptr + n * (K // 16) + k // 16, mask=mask, other=0).to(tl.int32) & 255
+        byte = _row_words(scales_ptr, n, n_mask, K // 16, k0 // 16, 16, BLOCK_N, BLOCK_K).to(tl.int32) & 255
         if ASYM:
             sc, mn = byte & 15, byte >> 4
         else:
@@ -103,13 +114,14 @@ def _kquant_kernel(low_ptr, hi_ptr, scales_ptr, dm_ptr, w_ptr, N, K, low_words, 
 @triton.jit
 def _iq2xxs_kernel(sub_ptr, d_ptr, ls_ptr, grid_ptr, w_ptr, N, K, n_super, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr):
-    n, _, _, k, mask = _tile_coords(N, K, BLOCK_N, BLOCK_K)
+    n, n_mask, k0, k, mask = _tile_coords(N, K, BLOCK_N, BLOCK_K)
     s = k // 32  # sub-block: (grid indices, sign bytes) words 2 s and 2 s + 1
     c = (k % 32) // 8  # its code
-    aux0 = tl.load(sub_ptr + n * (K // 16) + 2 * s, mask=mask, other=0)
-    signs = tl.load(sub_ptr + n * (K // 16) + 2 * s + 1, mask=mask, other=0)
-    d = tl.load(d_ptr + n * n_super + s // 8, mask=mask, other=0.0).to(tl.float32)
-    ls = (tl.load(ls_ptr + n * n_super + s // 8, mask=mask, other=0) >> (4 * (s % 8))) & 15
+    pair = _row_words(sub_ptr, n, n_mask, K // 32, k0 // 32, 32, BLOCK_N, BLOCK_K)  # both words as one int64
+    aux0, signs = pair & 0xFFFFFFFF, (pair >> 32) & 0xFFFFFFFF
+    tl.static_assert(256 % BLOCK_K == 0)  # a tile inside one superblock: one d and one scales word per row
+    d = tl.load(d_ptr + n * n_super + k0 // 256, mask=n_mask, other=0.0).to(tl.float32)
+    ls = (tl.load(ls_ptr + n * n_super + k0 // 256, mask=n_mask, other=0) >> (4 * (s % 8))) & 15
     db = d * (0.5 + ls.to(tl.float32)) * 0.25
     v = tl.load(grid_ptr + ((aux0 >> (8 * c)) & 255) * 8 + k % 8).to(tl.float32)
     wv = db * v
@@ -154,8 +166,9 @@ def kquant(low: torch.Tensor, scales: torch.Tensor, dm: torch.Tensor, hi: torch.
     _check("low plane", low, (N, n_cols * low_bits // 32))
     _check("dm", dm, (N, n_cols // 256))
     w = torch.empty(N, n_cols, device=low.device, dtype=dtype)
-    _launch(_kquant_kernel, N, n_cols, low, hi, scales.view(torch.uint8), dm, w, N, n_cols, low.shape[1],
-            hi.shape[1], LB=low_bits, HB=hi_bits, ASYM=asym)
+    pairs = low_bits == 4 and asym  # Q4_K, Q5_K: (sc, mn) bytes per 32 weights, read as int16
+    _launch(_kquant_kernel, N, n_cols, low, hi, scales.view(torch.int16 if pairs else torch.uint8), dm, w, N, n_cols,
+            low.shape[1], hi.shape[1], LB=low_bits, HB=hi_bits, ASYM=asym)
     return w
 
 
@@ -168,5 +181,5 @@ def iq2xxs(sub: torch.Tensor, d: torch.Tensor, ls: torch.Tensor, n_cols: int, dt
     _check("sub-blocks", sub, (N, n_cols // 16))
     grid, _ = device_tables(sub.device)
     w = torch.empty(N, n_cols, device=sub.device, dtype=dtype)
-    _launch(_iq2xxs_kernel, N, n_cols, sub, d, ls, grid, w, N, n_cols, d.shape[1])
+    _launch(_iq2xxs_kernel, N, n_cols, sub.view(torch.int64), d, ls, grid, w, N, n_cols, d.shape[1])
     return w
