@@ -24,5 +24,5 @@ from __future__ import annotations
 # H100 (benchmarks/results/dequantize-gpu-tests-h100.txt).
 # layouts_only (hold_layout: a weight's stored bytes in host memory, its kernel layout alone on the device, prompts
 # decoded from the layout by triton_layouts) entered it untested on a GPU and left it when its GPU tests passed on
-# an H100 (benchmarks/results/layouts-gpu-tests-h100.txt; the first run found IQ2_XXS's tables left on the host).
+# an H100 (benchmarks/results/held-layouts-gpu-tests-h100.txt; the first run found IQ2_XXS's tables left on the host).
 GPU_UNVERIFIED: frozenset[str] = frozenset()
