@@ -90,7 +90,7 @@ def test_layout_kernels_compile_for_hopper(kernel: str) -> None:
                    {"LB": 4, "HB": 1, "ASYM": True, **blocks}),
         "kquant6": (tl_._kquant_kernel, {"low_ptr": "*i32", "hi_ptr": "*i32", "scales_ptr": "*u8", "dm_ptr": "*i32",
                                          "w_ptr": "*fp16", "N": i32, "K": i32, "low_words": i32, "hi_words": i32},
-                    {"LB": 4, "HB": 2, "ASYM": False, **blocks}),
+                    {"LB": 4, "HB": 2, "ASYM": False, "BLOCK_N": 16, "BLOCK_K": 256}),  # a whole superblock
         "iq2xxs": (tl_._iq2xxs_kernel, {"sub_ptr": "*i64", "d_ptr": "*fp16", "ls_ptr": "*i32", "grid_ptr": "*fp16",
                                         "w_ptr": "*fp16", "N": i32, "K": i32, "n_super": i32}, blocks),
         "affine": (tl_._affine_kernel, {"low_ptr": "*i32", "hi_ptr": "*i32", "scale_ptr": "*fp16", "min_ptr": "*fp16",

@@ -28,7 +28,13 @@ def test_table_sums_the_five_shapes_and_divides_by_fp16() -> None:
     assert q40 == "| q4_0 | triton | 15 (3.00x) | 10 (2.00x) | 15 (3.00x) | 50 (10.00x) | 5 (1.00x) |"
 
 
-def test_only_the_scalar_grids_have_a_tile_kernel() -> None:
-    assert "tiles" in prompt_matmul.paths("q4_0") and "tiles" in prompt_matmul.paths("nz2_ch")
-    for name in ("q4_k", "e8p_ch", "iq2_xxs"):
-        assert set(prompt_matmul.paths(name)) == {"lowbit", "dense", "reference", "fp16"}
+def test_only_the_scalar_grids_have_a_tile_kernel_and_only_layout_formats_a_held_path() -> None:
+    tiles = [(16, 128), (16, 256)]
+    base = {"lowbit", "dense", "reference", "fp16"}
+    held = {"held 16x128", "held 16x256"}
+    for name in ("q4_0", "nz2_ch"):
+        assert set(prompt_matmul.paths(name, tiles)) == base | {"tiles"}
+    assert set(prompt_matmul.paths("e8p_ch", tiles)) == base
+    for name in ("q4_k", "iq2_xxs"):
+        assert set(prompt_matmul.paths(name, tiles)) == base | held
+    assert set(prompt_matmul.paths("int3_g128_sym", tiles)) == base | {"tiles"} | held

@@ -129,8 +129,11 @@ def _iq2xxs_kernel(sub_ptr, d_ptr, ls_ptr, grid_ptr, w_ptr, N, K, n_super, BLOCK
     tl.store(w_ptr + n * K + k, tl.where(neg, -wv, wv).to(w_ptr.dtype.element_ty), mask=mask)
 
 
+TILE = (16, 128)  # (rows, columns) a program decodes on a GPU; columns divide 256 (one superblock's words per row)
+
+
 def _blocks() -> tuple[int, int]:
-    return (4, 32) if INTERPRET else (16, 128)
+    return (4, 32) if INTERPRET else TILE
 
 
 def _launch(kernel, rows: int, cols: int, *args, **consts) -> None:  # noqa: ANN001 - a Triton kernel
