@@ -34,9 +34,7 @@ for name, shape in json.loads(sys.argv[1]):
     qt = fmt.quantize(w)
     p = cuda_gemv.plan(fmt, shape)
     stored = qt.data[cuda_gemv.stored_key(p)]
-    layout = {"qs": lambda t: cuda_gemv.kquant_layout(fmt, t, shape[1]) if p.kind == 3
-              else cuda_gemv.iq2xxs_layout(t, shape[1]), "codes": lambda t: cuda_gemv.affine_layout(fmt, t, shape[1])
-              }[cuda_gemv.stored_key(p)](stored)
+    layout = cuda_gemv.layout_builder(fmt, p, shape[1])(stored)
     ref = fmt.dequantize(qt).float()
     rows = shape[0]
     same = {str(dt): bool(torch.equal(dispatch.dequantize_layout(fmt, qt, layout, 0, rows, dt), ref.to(dt)))
@@ -215,9 +213,7 @@ def test_what_the_gemv_reads_of_a_held_weight_is_all_on_the_layouts_device(name:
     p = cuda_gemv.plan(fmt, qt.shape)
     key = cuda_gemv.stored_key(p)
     host = qt.data[key]
-    build = {"q4_k": lambda t: cuda_gemv.kquant_layout(fmt, t, 512),
-             "iq2_xxs": lambda t: cuda_gemv.iq2xxs_layout(t, 512),
-             "int3_g128_sym": lambda t: cuda_gemv.affine_layout(fmt, t, 512)}[name]
+    build = cuda_gemv.layout_builder(fmt, p, 512)
     meta = torch.device("meta")
     layout = tuple(t.to(meta) for t in build(host))
     cuda_gemv._LAYOUTS[id(host)] = (host.data_ptr(), host._version, layout, meta, build)  # as hold leaves it

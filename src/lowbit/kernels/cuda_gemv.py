@@ -409,6 +409,16 @@ def stored_key(p: Plan) -> str:
     return "qs" if p.kind in (2, 3) else "codes"
 
 
+def layout_builder(fmt: Format, p: Plan, cols: int):  # noqa: ANN201 - Callable[[Tensor], tuple[Tensor, ...]]
+    """The function that builds plan ``p``'s kernel layout (:func:`needs_layout`) from its stored tensor
+    (:func:`stored_key`) of ``cols`` columns."""
+    if p.kind == 3:
+        return lambda qs: kquant_layout(fmt, qs, cols)
+    if p.kind == 2:
+        return lambda qs: iq2xxs_layout(qs, cols)
+    return lambda codes: affine_layout(fmt, codes, cols)
+
+
 def hold(fmt: Format, qt: QuantizedTensor, p: Plan) -> dict[str, torch.Tensor] | None:
     """For a GPU weight whose kernel reads a layout (:func:`needs_layout`): that layout, built (or the one built at
     its first GEMV), now keyed to a copy of the stored tensor in host memory, which is returned ({key: host
@@ -455,18 +465,21 @@ def _weights(fmt: Format, qt: QuantizedTensor, p: Plan) -> tuple | None:
     """(codes, scales, mins, tables, groups): what the kernel reads for ``qt``, its layout built at the first call;
     None where :func:`needs_layout` and no layout could be had (:func:`_cached_layout`)."""
     k = qt.shape[1]
+    layout = None
+    if needs_layout(p):
+        layout = _cached_layout(qt.data[stored_key(p)], layout_builder(fmt, p, k))
+        if layout is None:
+            return None
     if p.kind == 3:  # the K-quant layout's high-bit plane takes the place of the decode tables
-        layout = _cached_layout(qt.data["qs"], lambda qs: kquant_layout(fmt, qs, k))
-        return None if layout is None else (*layout, k // 32)
+        return (*layout, k // 32)
     if p.kind == 2:  # the kernel reads whole sign bytes and a word of sub-block scales (in the place of mins)
-        layout = _cached_layout(qt.data["qs"], lambda qs: iq2xxs_layout(qs, k))
         # the tables go where the layout is: the stored bytes may be held in host memory (hold)
-        return None if layout is None else (*layout, _kind_tables_on(2, layout[0].device), layout[1].shape[1])
-    codes, scales = qt.data["codes"], qt.data["scale"]
+        return (*layout, _kind_tables_on(2, layout[0].device), layout[1].shape[1])
+    scales = qt.data["scale"]
     mins = qt.data.get("min", scales)
     if p.hi_bits:  # 3-, 5-, 6-bit grids: the high-bit plane takes the place of the decode tables
-        layout = _cached_layout(codes, lambda c: affine_layout(fmt, c, k))
-        return None if layout is None else (layout[0], scales, mins, layout[1], fmt.n_groups(k))
+        return layout[0], scales, mins, layout[1], fmt.n_groups(k)
+    codes = qt.data["codes"]
     return codes, scales, mins, _kind_tables_on(p.kind, codes.device), fmt.n_groups(k)
 
 
