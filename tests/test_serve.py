@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import torch
 from openai import AsyncOpenAI, OpenAI
 
 from conftest import make_model
@@ -424,6 +425,40 @@ def test_cli_generate_streams_greedy_text(tiny_dir, loaded, capsys):
     assert capsys.readouterr().out == reference(loaded, ids).output + "\n"
     assert main([*argv, "--fast"]) == 0  # static-cache decoder: the same greedy text
     assert capsys.readouterr().out == reference(loaded, encode_prompt(loaded[1], "The quick brown fox")).output + "\n"
+    assert main([*argv, "--no-fast", "--compile"]) == 2
+    assert "compile needs fast decoding" in capsys.readouterr().err
+
+
+def test_generate_decodes_fast_by_default_on_cuda_only(tiny_dir, monkeypatch):
+    """lowbit.generate's default: a static decoder on CUDA (the packed kernels, one CUDA graph a token), the
+    dynamic-cache loop on a CPU; where no decoder can be built the default falls back with a warning, an explicit
+    fast=True does not, and compile without fast is refused."""
+    import lowbit
+    import lowbit.api
+
+    model, tok = load_model(tiny_dir)
+    model = round_to_storage(model)
+    assert lowbit.generate(model, tok, "fox", params=GREEDY).decoder is None
+    assert lowbit.generate(model, tok, "fox", params=GREEDY, fast=True).decoder is not None
+    with pytest.raises(LowbitError, match="compile needs fast"):
+        lowbit.generate(model, tok, "fox", params=GREEDY, fast=False, compile=True)
+
+    def no_decoder(*args, **kwargs):
+        raise NotImplementedError("no static cache for this architecture")
+
+    monkeypatch.setattr(lowbit.api, "StaticDecoder", no_decoder)
+    with pytest.raises(NotImplementedError):
+        lowbit.generate(model, tok, "fox", params=GREEDY, fast=True)
+    with pytest.warns(UserWarning, match="dynamic cache: no fast decoder .*no static cache for this architecture"):
+        stream = lowbit.generate(model, tok, "fox", params=GREEDY, compile=True)  # compile asks for fast (auto)
+    assert stream.decoder is None and stream.text() == reference((model, tok), encode_prompt(tok, "fox")).output
+    if torch.cuda.is_available():
+        monkeypatch.undo()
+        model.cuda()
+        stream = lowbit.generate(model, tok, "fox", params=GREEDY)
+        assert stream.decoder is not None
+        want = lowbit.generate(model, tok, "fox", params=GREEDY, fast=False).text()
+        assert stream.text() == want
 
 
 def test_cli_generate_quantized_checkpoint_and_errors(tiny_dir, tmp_path, capsys):

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -207,26 +208,38 @@ def evaluate(model: nn.Module, tokenizer: Any, *, text_file: str | Path | None =
 
 
 def generate(model: nn.Module, tokenizer: Any, prompt: str, *, chat: bool = False, system: str | None = None,
-             params: SamplingParams | None = None, fast: bool = False, compile: bool = False,
+             params: SamplingParams | None = None, fast: bool | None = None, compile: bool = False,
              weight_cache: bool = True) -> TextStream:
     """A :class:`~lowbit.serve.generate.TextStream` of the continuation of ``prompt``: iterate it for text deltas.
 
     ``chat`` wraps the prompt as a user message in the model's chat template. ``fast`` decodes with a static KV
-    cache and one CUDA graph per token, from the packed weights on CUDA (``compile`` adds torch.compile);
-    otherwise, and with ``fast`` on a CPU, dequantized weights are cached between tokens unless ``weight_cache`` is
-    False.
+    cache and one CUDA graph per token, from the packed weights on CUDA (``compile`` adds torch.compile). By default
+    (None) a model on CUDA decodes that way, falling back to the dynamic-cache loop with a warning where a static
+    decoder cannot be built for it, and a model on a CPU runs the dynamic-cache loop. Without ``fast``, and with it
+    on a CPU, dequantized weights are cached between tokens unless ``weight_cache`` is False.
 
     >>> print("".join(lowbit.generate(model, tok, "The capital of France is", params=SamplingParams(temperature=0))))
     """
     params = params or SamplingParams()
+    if compile and fast is False:
+        raise LowbitError("compile needs fast decoding (fast=True or None)")
     extra_stop: tuple[str, ...] = ()
     if chat:
         messages = [{"role": "system", "content": system}] if system else []
         ids, extra_stop = encode_chat(tokenizer, [*messages, {"role": "user", "content": prompt}])
     else:
         ids = encode_prompt(tokenizer, prompt)
+    auto = fast is None
+    if auto:
+        fast = compile or next(model.parameters()).device.type == "cuda"
     decoder = None
     use_weight_cache(model, weight_cache, fast=fast)
     if fast:
-        decoder = StaticDecoder(model, max_cache_len=len(ids) + params.max_new_tokens, compile=compile)
+        try:
+            decoder = StaticDecoder(model, max_cache_len=len(ids) + params.max_new_tokens, compile=compile)
+        except Exception as e:  # noqa: BLE001 - any model a static cache cannot serve decodes the ordinary way
+            if not auto:
+                raise
+            warnings.warn(f"decoding with the dynamic cache: no fast decoder for this model ({e})", stacklevel=2)
+            use_weight_cache(model, weight_cache)
     return TextStream(model, tokenizer, ids, params, extra_stop=extra_stop, decoder=decoder)

@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", "-p", required=True, help="prompt text ('-' reads it from stdin)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
     p.add_argument("--system", default=None, help="system message (with --chat)")
-    _add_fast(p)
+    _add_fast(p, default_on_cuda=True)
     _add_sampling(p)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
@@ -233,10 +233,16 @@ def _add_report_plan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--all", action="store_true", help="also list the candidates that do not fit")
 
 
-def _add_fast(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--fast", action="store_true",
-                   help="decode with a static KV cache and one CUDA graph per token, from the packed weights "
-                        "(CUDA; no weight cache). On the CPU: the static cache, with the weight cache")
+def _add_fast(p: argparse.ArgumentParser, default_on_cuda: bool = False) -> None:
+    if default_on_cuda:
+        p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
+                       help="decode with a static KV cache and one CUDA graph per token, from the packed weights "
+                            "(no weight cache): the default on CUDA; --no-fast runs the dynamic-cache loop there. "
+                            "On a CPU --fast takes the static cache, with the weight cache")
+    else:
+        p.add_argument("--fast", action="store_true",
+                       help="decode with a static KV cache and one CUDA graph per token, from the packed weights "
+                            "(CUDA; no weight cache). On the CPU: the static cache, with the weight cache")
     p.add_argument("--compile", action="store_true",
                    help="with --fast: torch.compile the decode step too (fuses the small ops between matmuls "
                         "and, on Hopper and later, launches kernels with programmatic dependent launch; compiling "
