@@ -17,7 +17,9 @@ import glob
 import hashlib
 import os
 import site
+import struct
 import sys
+import threading
 from functools import cache
 from pathlib import Path
 
@@ -26,6 +28,7 @@ import torch
 from lowbit.atomic import atomic_file
 from lowbit.data.assets import cache_dir
 from lowbit.errors import LowbitError
+from lowbit.kernels import verified
 
 
 class CudaJitError(LowbitError):
@@ -156,6 +159,12 @@ class Kernel:
         _check_cu(_driver().cuModuleGetFunction(ctypes.byref(self._fn), self._module, name.encode()),
                   f"find {name}")
         self._shared_allowed = 0  # set on the first launch that asks for any
+        self._lock = threading.Lock()
+        self._params: dict[tuple[type, ...], PackedArgs] = {}  # per signature of the arguments
+        attr = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION)  # early launches' (Hopper)
+        attr.value[0] = 1
+        self._early_attr = attr
+        self._config = _LaunchConfig(attrs=ctypes.pointer(attr), n_attrs=1)
 
     def attribute(self, attr: int) -> int:
         """``cuFuncGetAttribute``: e.g. 4 = registers per thread, 3 = local (spilled) bytes per thread."""
@@ -181,19 +190,73 @@ class Kernel:
         """``args``: tensors (passed as device pointers), Python ints (int32) or ctypes values. ``early``: a
         programmatic dependent launch (Hopper and later): the kernel may start before the one ahead of it in the
         stream has finished, and must execute ``griddepcontrol.wait`` before it reads that kernel's output."""
-        cargs = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else
-                 ctypes.c_int(a) if isinstance(a, int) else a for a in args]
-        params = (ctypes.c_void_p * len(cargs))(*[ctypes.cast(ctypes.pointer(a), ctypes.c_void_p) for a in cargs])
-        stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
-        if not early:
-            _check_cu(_driver().cuLaunchKernel(self._fn, *grid, *block, shared, stream, params, None),
-                      f"launch {self.name}")
-            return
-        attr = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION)
-        attr.value[0] = 1
-        config = _LaunchConfig((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), shared, stream,
-                               ctypes.pointer(attr), 1)
-        _check_cu(_driver().cuLaunchKernelEx(ctypes.byref(config), self._fn, params, None), f"launch {self.name}")
+        packed = "packed_args" not in verified.GPU_UNVERIFIED
+        stream = _current_stream() if packed else torch.cuda.current_stream().cuda_stream
+        with self._lock:  # the packed arguments are this kernel's buffer until the driver has copied them
+            if packed:
+                params = self._params.get(kinds := tuple(map(type, args))) or self._packer(kinds)
+                params.pack(args)
+                array = params.array
+            else:
+                array, _kept = _ctypes_params(args)  # _kept: the values the array points to, alive until launched
+            if not early:
+                _check_cu(_driver().cuLaunchKernel(self._fn, *grid, *block, shared, ctypes.c_void_p(stream), array,
+                                                   None), f"launch {self.name}")
+                return
+            config = self._config
+            config.grid[:], config.block[:], config.shared, config.stream = grid, block, shared, stream
+            _check_cu(_driver().cuLaunchKernelEx(ctypes.byref(config), self._fn, array, None), f"launch {self.name}")
+
+    def _packer(self, kinds: tuple[type, ...]) -> PackedArgs:
+        self._params[kinds] = PackedArgs(kinds)
+        return self._params[kinds]
+
+
+def _current_stream() -> int:
+    """The handle of PyTorch's current stream on the current device (what ``torch.cuda.current_stream()`` names,
+    without building a Stream object: ~20 µs a launch)."""
+    return torch._C._cuda_getCurrentRawStream(torch._C._cuda_getDevice())
+
+
+# How each kind of kernel argument is written into its 8-byte slot (little-endian struct codes) and read from the
+# Python value. A launch once built a ctypes object and a pointer to it per argument: ~40 µs of host time for a
+# 14-argument GEMV (3.5 packed: benchmarks/launch_args.py), more than the GEMV takes on the GPU.
+_SLOTS: dict[type, str] = {ctypes.c_int: "i4x", ctypes.c_uint: "I4x", ctypes.c_float: "f4x", ctypes.c_long: "q",
+                           ctypes.c_longlong: "q", ctypes.c_void_p: "Q"}
+
+
+def _ctypes_params(args: list) -> tuple[ctypes.Array, list]:
+    """The launch's argument array built from one ctypes object per argument (what launches did before
+    :class:`PackedArgs`; kept while ``packed_args`` is in ``verified.GPU_UNVERIFIED``), and those objects."""
+    kept = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else
+            ctypes.c_int(a) if isinstance(a, int) else a for a in args]
+    return (ctypes.c_void_p * len(kept))(*[ctypes.cast(ctypes.pointer(a), ctypes.c_void_p) for a in kept]), kept
+
+
+class PackedArgs:
+    """Kernel arguments of one signature packed into a reusable buffer, 8 bytes a slot, with the array of pointers
+    to the slots that ``cuLaunchKernel`` takes (the driver copies the values at launch, so the buffer is free again
+    as soon as the launch returns)."""
+
+    def __init__(self, kinds: tuple[type, ...]):
+        codes = []
+        for t in kinds:
+            if issubclass(t, torch.Tensor):
+                codes.append("Q")  # a device pointer
+            elif issubclass(t, int):
+                codes.append("i4x")  # int32
+            elif t in _SLOTS:
+                codes.append(_SLOTS[t])
+            else:
+                raise TypeError(f"a kernel argument is a tensor, an int or one of {list(_SLOTS)}, not {t.__name__}")
+        self.struct = struct.Struct("<" + "".join(codes))
+        self.buffer = ctypes.create_string_buffer(max(self.struct.size, 8))
+        base = ctypes.addressof(self.buffer)
+        self.array = (ctypes.c_void_p * len(kinds))(*(base + 8 * i for i in range(len(kinds))))
+
+    def pack(self, args: list) -> None:
+        self.struct.pack_into(self.buffer, 0, *[a.data_ptr() if isinstance(a, torch.Tensor) else
+                                                a if isinstance(a, int) else a.value or 0 for a in args])
 
 
 _KERNELS: dict[tuple, Kernel] = {}
