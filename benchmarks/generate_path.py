@@ -1,14 +1,15 @@
-"""The default ``lowbit generate`` path on a GPU, with and without its weight cache: speed and memory.
+"""The dynamic-cache loop (``lowbit generate --no-fast``) on a GPU, with and without its weight cache: speed, memory.
 
     PYTHONPATH=src python benchmarks/generate_path.py                             # 7B shape on CUDA, ~3-5 min
     PYTHONPATH=src python benchmarks/generate_path.py --layers 4 --formats fp16,q4_0   # quick look
     PYTHONPATH=src python benchmarks/generate_path.py --device cpu --layers 2 --hidden 256 --intermediate 512 \\
         --heads 4 --vocab 1000 --prompt 8 --gen 8 --formats fp16,q4_0 --out /tmp/generate-cpu.json   # smoke test
 
-``lowbit generate`` without ``--fast`` runs transformers' forward with a dynamic KV cache, token by token
-(:class:`lowbit.serve.generate.TextStream`). Each quantized linear then either reads a dequantized copy of its
-weight kept between tokens (the weight cache: ``use_weight_cache``) or multiplies from its packed bytes (the
-packed GEMV kernels for a token, a dequantize and one matmul for the prompt). This times both, per format, on the
+``lowbit generate --no-fast`` (before, its default on a GPU) and ``lowbit serve`` without ``--fast`` run
+transformers' forward with a dynamic KV cache, token by token (:class:`lowbit.serve.generate.TextStream`). Each
+quantized linear then either reads a dequantized copy of its weight kept between tokens (the weight cache:
+``use_weight_cache``) or multiplies from its packed bytes (the packed GEMV kernels for a token, a dequantize and
+one matmul for the prompt). This times both, per format, on the
 random Llama-2-7B-shaped model of ``benchmarks/decode.py`` (same model, same random packed weights): the prompt
 (time to first token), the decode tokens/s after it, the GPU memory allocated while generating and its peak, and
 whether the two ways give the same greedy tokens. fp16 is the baseline (no quantized linears, nothing to cache).
