@@ -234,15 +234,13 @@ def _add_report_plan(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_fast(p: argparse.ArgumentParser, default_on_cuda: bool = False) -> None:
+    what = ("decode with a static KV cache and one CUDA graph per token, from the packed weights (CUDA; no weight "
+            "cache). On a CPU: the static cache, with the weight cache")
     if default_on_cuda:
         p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
-                       help="decode with a static KV cache and one CUDA graph per token, from the packed weights "
-                            "(no weight cache): the default on CUDA; --no-fast runs the dynamic-cache loop there. "
-                            "On a CPU --fast takes the static cache, with the weight cache")
+                       help=f"{what}. The default on CUDA, where --no-fast runs the dynamic-cache loop")
     else:
-        p.add_argument("--fast", action="store_true",
-                       help="decode with a static KV cache and one CUDA graph per token, from the packed weights "
-                            "(CUDA; no weight cache). On the CPU: the static cache, with the weight cache")
+        p.add_argument("--fast", action="store_true", help=what)
     p.add_argument("--compile", action="store_true",
                    help="with --fast: torch.compile the decode step too (fuses the small ops between matmuls "
                         "and, on Hopper and later, launches kernels with programmatic dependent launch; compiling "
