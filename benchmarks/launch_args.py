@@ -3,7 +3,7 @@
     PYTHONPATH=src python benchmarks/launch_args.py          # any machine; no GPU needed
 
 The arguments are a decode GEMV's (``cuda_gemv.gemv``: eight tensors, five ints, a float). Prints µs per launch
-for ``cuda_jit._ctypes_params`` (launches before ``cuda_jit.PackedArgs``, kept while ``packed_args`` is in
+for ``cuda_jit._ctypes_params`` (launches before ``cuda_jit.PackedArgs``, still taken with ``packed_args`` put back in
 ``verified.GPU_UNVERIFIED``) and for ``PackedArgs.pack``, and their ratio.
 """
 

@@ -50,8 +50,8 @@ SOURCE = r"""extern "C" __global__ void put(float* out, int n, float a, long lon
 @pytest.mark.skipif(not cuda_jit.available(), reason="needs CUDA and NVRTC")
 @pytest.mark.parametrize("packed", [True, False])
 def test_a_launch_passes_every_kind_of_argument_on_gpu(packed: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Both ways of passing arguments (packed: PackedArgs, leaving ``verified.GPU_UNVERIFIED`` once this passes on
-    a GPU; else a ctypes object each), plain and programmatic dependent launches, twice with other values."""
+    """Both ways of passing arguments (packed: PackedArgs, which left ``verified.GPU_UNVERIFIED`` when this passed
+    on an H200; else a ctypes object each), plain and programmatic dependent launches, twice with other values."""
     monkeypatch.setattr(verified, "GPU_UNVERIFIED", frozenset() if packed else frozenset({"packed_args"}))
     dev = torch.device("cuda", torch.cuda.current_device())
     kernel = cuda_jit.kernel(SOURCE, "put", dev)

@@ -227,7 +227,8 @@ _SLOTS: dict[type, str] = {ctypes.c_int: "i4x", ctypes.c_uint: "I4x", ctypes.c_f
 
 def _ctypes_params(args: list) -> tuple[ctypes.Array, list]:
     """The launch's argument array built from one ctypes object per argument (what launches did before
-    :class:`PackedArgs`; kept while ``packed_args`` is in ``verified.GPU_UNVERIFIED``), and those objects."""
+    :class:`PackedArgs`; still taken with ``packed_args`` put back in ``verified.GPU_UNVERIFIED``), and those
+    objects."""
     kept = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else
             ctypes.c_int(a) if isinstance(a, int) else a for a in args]
     return (ctypes.c_void_p * len(kept))(*[ctypes.cast(ctypes.pointer(a), ctypes.c_void_p) for a in kept]), kept
