@@ -519,10 +519,10 @@ def test_fast_server_settings_are_checked(fast_loaded, tiny_dir, capsys, monkeyp
 
     model, tok = fast_loaded
     with pytest.raises(LowbitError, match="need fast decode"):
-        create_app(model, tok, MODEL_ID, compile=True)
+        create_app(model, tok, MODEL_ID, fast=False, compile=True)
     with pytest.raises(LowbitError, match="passes the model's context"):
-        create_app(model, tok, MODEL_ID, fast=True, fast_cache=model.config.max_position_embeddings + 1)
-    assert main(["serve", str(tiny_dir), "--compile"]) == 2
+        create_app(model, tok, MODEL_ID, fast_cache=model.config.max_position_embeddings + 1)  # asks for fast
+    assert main(["serve", str(tiny_dir), "--no-fast", "--compile"]) == 2
     assert "--compile and --fast-cache go with --fast" in capsys.readouterr().err
     assert main(["serve", str(tiny_dir), "--fast", "--fast-cache", "1"]) == 2
     assert "--fast-cache needs >= 2 positions" in capsys.readouterr().err
@@ -531,6 +531,45 @@ def test_fast_server_settings_are_checked(fast_loaded, tiny_dir, capsys, monkeyp
     assert main(["serve", str(tiny_dir), "--fast", "--fast-cache", "64", "--device", "cpu"]) == 0
     assert "preparing 1 fast decoder(s)" in capsys.readouterr().err
     assert (served[0]["fast"], served[0]["compile"], served[0]["fast_cache"]) == (True, False, 64)
+    assert main(["serve", str(tiny_dir), "--device", "cpu"]) == 0  # a CPU's default: the loop
+    assert "fast decoder" not in capsys.readouterr().err and served[1]["fast"] is None
+
+
+def test_serve_decodes_fast_by_default_on_cuda_only(tiny_dir, monkeypatch):
+    """create_app's default: one static decoder per slot on CUDA (once ``serve_fast`` has left
+    ``verified.GPU_UNVERIFIED``: this test on a GPU, where it takes part), the dynamic-cache loop on a CPU unless a
+    fast setting (a cache size) asks for decoders; where none can be built the default falls back with a warning and
+    an explicit fast=True does not."""
+    import lowbit.serve.fast_decode
+    from lowbit.kernels import verified
+
+    model, tok = load_model(tiny_dir)
+    model = round_to_storage(model)
+    assert create_app(model, tok, MODEL_ID).state.engine.decoder_cache == 0
+    assert create_app(model, tok, MODEL_ID, fast_cache=16).state.engine.decoder_cache == 16
+
+    def no_decoder(*args, **kwargs):
+        raise NotImplementedError("no static cache for this architecture")
+
+    monkeypatch.setattr(lowbit.serve.fast_decode, "StaticDecoder", no_decoder)
+    with pytest.raises(NotImplementedError):
+        create_app(model, tok, MODEL_ID, fast=True)
+    with pytest.warns(UserWarning, match="dynamic cache: no fast decoders .*no static cache for this architecture"):
+        app = create_app(model, tok, MODEL_ID, fast_cache=16)
+    assert app.state.engine.decoder_cache == 0
+    monkeypatch.undo()
+    if torch.cuda.is_available():
+        model.cuda()
+        if "serve_fast" in verified.GPU_UNVERIFIED:  # the loop until this test has passed on a GPU
+            assert create_app(model, tok, MODEL_ID).state.engine.decoder_cache == 0
+        monkeypatch.setattr(verified, "GPU_UNVERIFIED", verified.GPU_UNVERIFIED - {"serve_fast"})
+        ids = encode_prompt(tok, "The quick brown fox")
+        with running_server(model, tok) as (base, app):
+            assert app.state.engine.decoder_cache == min(model.config.max_position_embeddings, 4096)
+            c = OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=60)
+            r = c.completions.create(model=MODEL_ID, prompt="The quick brown fox", max_tokens=12, temperature=0)
+            assert app.state.engine.stats["fast"] == 1
+        assert r.choices[0].text == reference((model, tok), ids).output  # the dynamic-cache loop on the GPU
 
 
 def test_fast_decode_on_a_cpu_keeps_the_weight_cache(tiny_dir):

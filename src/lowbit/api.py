@@ -41,7 +41,14 @@ from lowbit.models.fused_rotation import fuse_rotation
 from lowbit.models.walker import default_device, round_to_storage
 from lowbit.recipe import Recipe
 from lowbit.serve.fast_decode import StaticDecoder
-from lowbit.serve.generate import SamplingParams, TextStream, encode_chat, encode_prompt, use_weight_cache
+from lowbit.serve.generate import (
+    SamplingParams,
+    TextStream,
+    encode_chat,
+    encode_prompt,
+    fast_by_default,
+    use_weight_cache,
+)
 
 
 def load(model: str | Path | None = None, *, device: str | None = None,
@@ -230,8 +237,7 @@ def generate(model: nn.Module, tokenizer: Any, prompt: str, *, chat: bool = Fals
     else:
         ids = encode_prompt(tokenizer, prompt)
     auto = fast is None
-    if auto:
-        fast = compile or next(model.parameters()).device.type == "cuda"
+    fast = fast_by_default(model, fast, compile)
     decoder = None
     use_weight_cache(model, weight_cache, fast=fast)
     if fast:

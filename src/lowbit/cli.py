@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", "-p", required=True, help="prompt text ('-' reads it from stdin)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
     p.add_argument("--system", default=None, help="system message (with --chat)")
-    _add_fast(p, default_on_cuda=True)
+    _add_fast(p, "The default on CUDA, where --no-fast runs the dynamic-cache loop")
     _add_sampling(p)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on every request but /health "
                         "(default: $LOWBIT_API_KEY; unset = no key)")
-    _add_fast(p)
+    _add_fast(p, "Default: the dynamic-cache loop (--no-fast) unless --compile or --fast-cache asks for this")
     p.add_argument("--fast-cache", type=int, default=None, metavar="TOKENS",
                    help="with --fast: positions of each decoder's static KV cache (default: the model's context, at "
                         "most 4096); longer generations run the ordinary loop")
@@ -233,14 +233,10 @@ def _add_report_plan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--all", action="store_true", help="also list the candidates that do not fit")
 
 
-def _add_fast(p: argparse.ArgumentParser, default_on_cuda: bool = False) -> None:
-    what = ("decode with a static KV cache and one CUDA graph per token, from the packed weights (CUDA; no weight "
-            "cache). On a CPU: the static cache, with the weight cache")
-    if default_on_cuda:
-        p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
-                       help=f"{what}. The default on CUDA, where --no-fast runs the dynamic-cache loop")
-    else:
-        p.add_argument("--fast", action="store_true", help=what)
+def _add_fast(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode with a static KV cache and one CUDA graph per token, from the packed weights (CUDA; "
+                        f"no weight cache). On a CPU: the static cache, with the weight cache. {default}")
     p.add_argument("--compile", action="store_true",
                    help="with --fast: torch.compile the decode step too (fuses the small ops between matmuls "
                         "and, on Hopper and later, launches kernels with programmatic dependent launch; compiling "
@@ -608,14 +604,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import os
 
     try:
-        from lowbit.serve.app import serve
+        from lowbit.serve.app import serve, serves_fast
         from lowbit.serve.guard import AllowedHosts
     except ImportError as e:
         raise LowbitError(f"lowbit serve needs the serve extra: pip install 'lowbit[serve]' ({e})") from None
 
     if args.max_body_bytes < 1 or (args.max_prompt_tokens is not None and args.max_prompt_tokens < 1):
         raise LowbitError("--max-body-bytes and --max-prompt-tokens must be >= 1")
-    if (args.compile or args.fast_cache is not None) and not args.fast:
+    if (args.compile or args.fast_cache is not None) and args.fast is False:
         raise LowbitError("--compile and --fast-cache go with --fast")
     if args.fast_cache is not None and args.fast_cache < 2:
         raise LowbitError(f"--fast-cache needs >= 2 positions, got {args.fast_cache}")
@@ -623,7 +619,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get("LOWBIT_API_KEY") or None
     model, tok = _load(args)
     name = args.model_name or _model_id(args.model)
-    if args.fast:
+    if serves_fast(model, args.fast, args.compile, args.fast_cache):
         print(f"preparing {args.max_concurrency} fast decoder(s)" + (" (compiling: ~1 min each)" if args.compile
                                                                     else ""), file=sys.stderr)
     print(f"serving {name} on http://{args.host}:{args.port}/v1 (max concurrency {args.max_concurrency}, "

@@ -22,6 +22,7 @@ import signal
 import socket
 import threading
 import time
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -32,7 +33,14 @@ from lowbit import __version__
 from lowbit.errors import LowbitError
 from lowbit.serve import SERVE_EXTRA_HINT
 from lowbit.serve.engine import Engine, Job, QueueFullError, RequestError, ShuttingDownError
-from lowbit.serve.generate import SamplingParams, context_length, encode_chat, encode_prompt, use_weight_cache
+from lowbit.serve.generate import (
+    SamplingParams,
+    context_length,
+    encode_chat,
+    encode_prompt,
+    fast_by_default,
+    use_weight_cache,
+)
 from lowbit.serve.guard import (
     DEFAULT_MAX_BODY_BYTES,
     LOOPBACK_NAMES,
@@ -282,7 +290,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 def create_app(model: nn.Module, tokenizer: object, model_id: str, max_concurrency: int = 1,
                max_queue: int = 16, weight_cache: bool = True, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                max_prompt_tokens: int | None = None, allowed_hosts: AllowedHosts | None = None,
-               api_key: str | None = None, fast: bool = False, compile: bool = False,
+               api_key: str | None = None, fast: bool | None = None, compile: bool = False,
                fast_cache: int | None = None) -> FastAPI:
     """The FastAPI app serving ``model`` under the name ``model_id``; ``app.state.engine`` holds the Engine.
 
@@ -292,14 +300,28 @@ def create_app(model: nn.Module, tokenizer: object, model_id: str, max_concurren
     ``fast``: decode with one StaticDecoder per slot (:func:`fast_decoders`; on CUDA from the packed weights,
     without the weight cache), ``compile`` adding torch.compile, each holding ``fast_cache`` positions (default:
     the model's context, at most :data:`FAST_CACHE_DEFAULT`); generations that do not fit run the dynamic-cache
-    loop.
+    loop. By default (None) the server decodes that way where ``compile`` or ``fast_cache`` asks for it (and on
+    CUDA once :func:`serves_fast` says so), falling back to the loop with a warning where its decoders cannot be
+    built (an architecture a static cache cannot serve, or no memory for the caches).
     """
     if max_body_bytes < 1:
         raise LowbitError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
-    if (compile or fast_cache is not None) and not fast:
+    if (compile or fast_cache is not None) and fast is False:
         raise LowbitError("compile and fast_cache need fast decode (--fast)")
+    auto = fast is None
+    fast = serves_fast(model, fast, compile, fast_cache)
     use_weight_cache(model, weight_cache, fast=fast)
-    decoders = fast_decoders(model, max_concurrency, fast_cache, compile) if fast else []
+    decoders = []
+    if fast:
+        try:
+            decoders = fast_decoders(model, max_concurrency, fast_cache, compile)
+        except LowbitError:  # settings that cannot work (a cache past the context): the caller's to fix
+            raise
+        except Exception as e:  # noqa: BLE001 - a model the static cache cannot serve decodes the ordinary way
+            if not auto:
+                raise
+            warnings.warn(f"serving with the dynamic cache: no fast decoders for this model ({e})", stacklevel=2)
+            use_weight_cache(model, weight_cache)
     engine = Engine(model, tokenizer, max_concurrency=max_concurrency, max_queue=max_queue,
                     max_prompt_tokens=max_prompt_tokens, decoders=decoders)
     routes = OpenAIRoutes(engine, model_id)
@@ -316,6 +338,17 @@ def create_app(model: nn.Module, tokenizer: object, model_id: str, max_concurren
     app.add_api_route("/v1/completions", routes.completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", routes.chat_completions, methods=["POST"])
     return app
+
+
+def serves_fast(model: nn.Module, fast: bool | None, compile: bool = False, fast_cache: int | None = None) -> bool:
+    """Whether the server decodes with StaticDecoders (:func:`fast_by_default`). A model on CUDA is served that way
+    by default once ``serve_fast`` has left ``verified.GPU_UNVERIFIED`` (its GPU test:
+    ``tests/test_serve.py::test_serve_decodes_fast_by_default_on_cuda_only``); until then the default is the loop,
+    and ``compile`` or ``fast_cache`` alone ask for fast decode."""
+    from lowbit.kernels import verified
+
+    on_cuda = "serve_fast" not in verified.GPU_UNVERIFIED
+    return fast_by_default(model, fast, compile or fast_cache is not None, on_cuda=on_cuda)
 
 
 # Static KV cache of a fast decoder when the model's context is longer (or unknown): a 7B model's fp16 cache takes
@@ -361,9 +394,10 @@ def serve(model: nn.Module, tokenizer: object, model_id: str, host: str = "127.0
           max_concurrency: int = 1, max_queue: int = 16, shutdown_timeout: float = 10,
           log_level: str = "info", weight_cache: bool = True, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
           max_prompt_tokens: int | None = None, allowed_hosts: Sequence[str] = (),
-          api_key: str | None = None, fast: bool = False, compile: bool = False,
+          api_key: str | None = None, fast: bool | None = None, compile: bool = False,
           fast_cache: int | None = None) -> None:
-    """Serve until SIGINT/SIGTERM; in-flight requests get ``shutdown_timeout`` seconds to finish.
+    """Serve until SIGINT/SIGTERM; in-flight requests get ``shutdown_timeout`` seconds to finish. ``fast``,
+    ``compile``, ``fast_cache``: as :func:`create_app` takes them (fast decode by default on CUDA).
 
     Requests must name ``host:port`` in their Host header (any loopback name when ``host`` is a loopback address,
     any IP address when it is 0.0.0.0 or ::) or one of ``allowed_hosts`` (``NAME``, ``NAME:PORT`` or ``*``).

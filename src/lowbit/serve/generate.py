@@ -198,6 +198,16 @@ class StopMatcher:
         return out
 
 
+def fast_by_default(model: nn.Module, fast: bool | None, asked: bool = False, on_cuda: bool = True) -> bool:
+    """Whether to decode with a StaticDecoder: ``fast`` where given; by default (None) where ``asked`` (a setting
+    only fast decoding has, such as ``compile``) and, with ``on_cuda``, for a model on CUDA, where the packed
+    kernels and a CUDA graph a token make it several times faster than the dynamic-cache loop (which also keeps
+    the dequantized weights beside the packed ones there)."""
+    if fast is not None:
+        return fast
+    return asked or (on_cuda and next(model.parameters()).device.type == "cuda")
+
+
 def use_weight_cache(model: nn.Module, enabled: bool = True, fast: bool = False) -> int:
     """Keep dequantized weights between decoding steps (on by default in generate/serve); returns the bytes it takes.
 
