@@ -397,7 +397,7 @@ def serve(model: nn.Module, tokenizer: object, model_id: str, host: str = "127.0
           api_key: str | None = None, fast: bool | None = None, compile: bool = False,
           fast_cache: int | None = None) -> None:
     """Serve until SIGINT/SIGTERM; in-flight requests get ``shutdown_timeout`` seconds to finish. ``fast``,
-    ``compile``, ``fast_cache``: as :func:`create_app` takes them (fast decode by default on CUDA).
+    ``compile``, ``fast_cache``: as :func:`create_app` takes them.
 
     Requests must name ``host:port`` in their Host header (any loopback name when ``host`` is a loopback address,
     any IP address when it is 0.0.0.0 or ::) or one of ``allowed_hosts`` (``NAME``, ``NAME:PORT`` or ``*``).
