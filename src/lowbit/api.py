@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +46,7 @@ from lowbit.serve.generate import (
     encode_chat,
     encode_prompt,
     fast_by_default,
-    use_weight_cache,
+    fast_or_loop,
 )
 
 
@@ -236,16 +235,8 @@ def generate(model: nn.Module, tokenizer: Any, prompt: str, *, chat: bool = Fals
         ids, extra_stop = encode_chat(tokenizer, [*messages, {"role": "user", "content": prompt}])
     else:
         ids = encode_prompt(tokenizer, prompt)
-    auto = fast is None
-    fast = fast_by_default(model, fast, compile)
-    decoder = None
-    use_weight_cache(model, weight_cache, fast=fast)
-    if fast:
-        try:
-            decoder = StaticDecoder(model, max_cache_len=len(ids) + params.max_new_tokens, compile=compile)
-        except Exception as e:  # noqa: BLE001 - any model a static cache cannot serve decodes the ordinary way
-            if not auto:
-                raise
-            warnings.warn(f"decoding with the dynamic cache: no fast decoder for this model ({e})", stacklevel=2)
-            use_weight_cache(model, weight_cache)
+    positions = len(ids) + params.max_new_tokens
+    decoder = fast_or_loop(model, fast_by_default(model, fast, compile), fast is None, weight_cache,
+                           lambda: StaticDecoder(model, max_cache_len=positions, compile=compile),
+                           "decoding with the dynamic cache: no fast decoder for this model")
     return TextStream(model, tokenizer, ids, params, extra_stop=extra_stop, decoder=decoder)

@@ -22,7 +22,6 @@ import signal
 import socket
 import threading
 import time
-import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -39,7 +38,7 @@ from lowbit.serve.generate import (
     encode_chat,
     encode_prompt,
     fast_by_default,
-    use_weight_cache,
+    fast_or_loop,
 )
 from lowbit.serve.guard import (
     DEFAULT_MAX_BODY_BYTES,
@@ -308,20 +307,11 @@ def create_app(model: nn.Module, tokenizer: object, model_id: str, max_concurren
         raise LowbitError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
     if (compile or fast_cache is not None) and fast is False:
         raise LowbitError("compile and fast_cache need fast decode (--fast)")
-    auto = fast is None
-    fast = serves_fast(model, fast, compile, fast_cache)
-    use_weight_cache(model, weight_cache, fast=fast)
-    decoders = []
-    if fast:
-        try:
-            decoders = fast_decoders(model, max_concurrency, fast_cache, compile)
-        except LowbitError:  # settings that cannot work (a cache past the context): the caller's to fix
-            raise
-        except Exception as e:  # noqa: BLE001 - a model the static cache cannot serve decodes the ordinary way
-            if not auto:
-                raise
-            warnings.warn(f"serving with the dynamic cache: no fast decoders for this model ({e})", stacklevel=2)
-            use_weight_cache(model, weight_cache)
+    if fast_cache is not None:  # a size that cannot work is the caller's to fix, not a reason to fall back
+        fast_cache_len(model, fast_cache)
+    decoders = fast_or_loop(model, serves_fast(model, fast, compile, fast_cache), fast is None, weight_cache,
+                            lambda: fast_decoders(model, max_concurrency, fast_cache, compile),
+                            "serving with the dynamic cache: no fast decoders for this model") or []
     engine = Engine(model, tokenizer, max_concurrency=max_concurrency, max_queue=max_queue,
                     max_prompt_tokens=max_prompt_tokens, decoders=decoders)
     routes = OpenAIRoutes(engine, model_id)
@@ -356,17 +346,24 @@ def serves_fast(model: nn.Module, fast: bool | None, compile: bool = False, fast
 FAST_CACHE_DEFAULT = 4096
 
 
-def fast_decoders(model: nn.Module, count: int, cache: int | None = None, compile: bool = False) -> list:
-    """``count`` batch-1 StaticDecoders of ``model``, each of ``cache`` positions, warmed up (compiled and
-    captured now rather than on the first request)."""
-    from lowbit.serve.fast_decode import StaticDecoder
-
+def fast_cache_len(model: nn.Module, cache: int | None = None) -> int:
+    """Positions of each fast decoder's static cache: ``cache`` checked against the model's context, by default
+    the context, at most :data:`FAST_CACHE_DEFAULT`."""
     context = context_length(model)
     cache = cache if cache is not None else min(context or FAST_CACHE_DEFAULT, FAST_CACHE_DEFAULT)
     if cache < 2:
         raise LowbitError(f"the fast decoder's cache needs >= 2 positions, got {cache}")
     if context is not None and cache > context:
         raise LowbitError(f"a fast decoder's cache of {cache} positions passes the model's context ({context})")
+    return cache
+
+
+def fast_decoders(model: nn.Module, count: int, cache: int | None = None, compile: bool = False) -> list:
+    """``count`` batch-1 StaticDecoders of ``model``, each of ``cache`` positions (:func:`fast_cache_len`), warmed
+    up (compiled and captured now rather than on the first request)."""
+    from lowbit.serve.fast_decode import StaticDecoder
+
+    cache = fast_cache_len(model, cache)
     decoders = [StaticDecoder(model, max_cache_len=cache, compile=compile) for _ in range(count)]
     for d in decoders:
         d.warm_up()

@@ -17,8 +17,10 @@ from __future__ import annotations
 import inspect
 import secrets
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -206,6 +208,28 @@ def fast_by_default(model: nn.Module, fast: bool | None, asked: bool = False, on
     if fast is not None:
         return fast
     return asked or (on_cuda and next(model.parameters()).device.type == "cuda")
+
+
+Built = TypeVar("Built")
+
+
+def fast_or_loop(model: nn.Module, fast: bool, auto: bool, weight_cache: bool, build: Callable[[], Built],
+                 fallback: str) -> Built | None:
+    """What ``build`` makes (the fast decoder or decoders) where ``fast`` (:func:`fast_by_default`'s answer), else
+    None, with the weight cache set for the path taken (:func:`use_weight_cache`). Where fast decoding was only the
+    default (``auto``) and ``build`` fails, warns ``fallback`` with the error and returns None: the dynamic-cache
+    loop decodes, with its weight cache; where it was asked for, the error propagates."""
+    use_weight_cache(model, weight_cache, fast=fast)
+    if not fast:
+        return None
+    try:
+        return build()
+    except Exception as e:  # noqa: BLE001 - any model a static cache cannot serve decodes the ordinary way
+        if not auto:
+            raise
+        warnings.warn(f"{fallback} ({e})", stacklevel=3)
+        use_weight_cache(model, weight_cache)
+        return None
 
 
 def use_weight_cache(model: nn.Module, enabled: bool = True, fast: bool = False) -> int:
