@@ -237,6 +237,35 @@ def test_overwrite_keeps_the_old_output_until_the_new_one_is_complete(tmp_path: 
     assert (final / "v").read_text() == "2" and _leftovers(tmp_path) == []
 
 
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+@pytest.mark.parametrize("umask", [0o022, 0o077], ids=["umask022", "umask077"])
+def test_outputs_get_the_permissions_of_a_plain_write(umask: int, tiny_tokenizer: Any, tmp_path: Path) -> None:
+    """A saved model folder and an exported GGUF are readable as a plain mkdir / open would leave them under the
+    umask (not the private 0700 / 0600 of their temporaries: another account, a server's or a container's, must be
+    able to read them), and an overwrite keeps the permissions of the output it replaces."""
+    import stat
+
+    from lowbit.io.gguf_export import export_gguf
+
+    def mode(p: Path) -> int:
+        return stat.S_IMODE(p.stat().st_mode)
+
+    previous = os.umask(umask)
+    try:
+        model = _quantized(tiny_tokenizer)
+        lowbit.save(model, tiny_tokenizer, tmp_path / "q")
+        export_gguf(model, tiny_tokenizer, tmp_path / "q.gguf")
+    finally:
+        os.umask(previous)
+    assert mode(tmp_path / "q") == 0o777 & ~umask and mode(tmp_path / "q" / "lowbit.json") == 0o666 & ~umask
+    assert mode(tmp_path / "q.gguf") == 0o666 & ~umask
+    (tmp_path / "q").chmod(0o750)
+    (tmp_path / "q.gguf").chmod(0o640)
+    lowbit.save(model, tiny_tokenizer, tmp_path / "q", overwrite=True)
+    export_gguf(model, tiny_tokenizer, tmp_path / "q.gguf")
+    assert mode(tmp_path / "q") == 0o750 and mode(tmp_path / "q.gguf") == 0o640
+
+
 def test_signals_during_the_final_rename_are_delivered_after_it() -> None:
     done = []
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -16,6 +16,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -158,6 +159,28 @@ def _commit_dir(tmp: Path, final: Path) -> None:
     _remove(old)
 
 
+def _umask() -> int:
+    """The process's umask (os has no getter: Linux reports it in /proc/self/status; elsewhere it is set and put
+    back)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _mode(final: Path, full: int) -> int:
+    """The permissions an output written to ``final`` gets: those of the output it replaces, else what creating it
+    directly would give (``full`` less the umask). mkstemp and mkdtemp make their temporaries private (0600, 0700),
+    which the rename would otherwise hand on: a model folder or GGUF file that another user (a server's account, a
+    container) cannot read."""
+    with contextlib.suppress(OSError):
+        return stat.S_IMODE(final.stat().st_mode)
+    return full & ~_umask()
+
+
 @contextlib.contextmanager
 def atomic_dir(final: Path | str, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside ``final``; on success it is renamed to ``final``.
@@ -174,6 +197,8 @@ def atomic_dir(final: Path | str, overwrite: bool = False) -> Iterator[Path]:
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{_owner()}-", dir=final.parent))
     except OSError as e:
         raise _write_error(final, e) from None
+    with contextlib.suppress(OSError):
+        os.chmod(tmp, _mode(final, 0o777))
     with _cleanup_on_error(tmp, final):
         yield tmp
         with _signals_deferred():
@@ -190,6 +215,8 @@ def atomic_file(final: Path | str) -> Iterator[Path]:
         fd, name = tempfile.mkstemp(prefix=f".{final.name}.tmp-{_owner()}-", dir=final.parent)
     except OSError as e:
         raise _write_error(final, e) from None
+    with contextlib.suppress(OSError):  # a file system without modes keeps its own
+        os.fchmod(fd, _mode(final, 0o666))
     os.close(fd)
     tmp = Path(name)
     with _cleanup_on_error(tmp, final):
