@@ -264,6 +264,12 @@ def test_outputs_get_the_permissions_of_a_plain_write(umask: int, tiny_tokenizer
     lowbit.save(model, tiny_tokenizer, tmp_path / "q", overwrite=True)
     export_gguf(model, tiny_tokenizer, tmp_path / "q.gguf")
     assert mode(tmp_path / "q") == 0o750 and mode(tmp_path / "q.gguf") == 0o640
+    os.umask(umask)
+    try:  # a folder over a file: not the file's mode
+        lowbit.save(model, tiny_tokenizer, tmp_path / "q.gguf", overwrite=True)
+    finally:
+        os.umask(previous)
+    assert mode(tmp_path / "q.gguf") == 0o777 & ~umask
 
 
 def test_signals_during_the_final_rename_are_delivered_after_it() -> None:

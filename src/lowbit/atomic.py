@@ -171,14 +171,16 @@ def _umask() -> int:
     return mask
 
 
-def _mode(final: Path, full: int) -> int:
-    """The permissions an output written to ``final`` gets: those of the output it replaces, else what creating it
-    directly would give (``full`` less the umask). mkstemp and mkdtemp make their temporaries private (0600, 0700),
-    which the rename would otherwise hand on: a model folder or GGUF file that another user (a server's account, a
-    container) cannot read."""
+def _mode(final: Path, folder: bool) -> int:
+    """The permissions an output written to ``final`` gets: those of the output it replaces (a folder's for a
+    folder, a file's for a file), else what creating it directly would give (0777 or 0666 less the umask). mkstemp
+    and mkdtemp make their temporaries private (0600, 0700), which the rename would otherwise hand on: a model
+    folder or GGUF file that another user (a server's account, a container) cannot read."""
     with contextlib.suppress(OSError):
-        return stat.S_IMODE(final.stat().st_mode)
-    return full & ~_umask()
+        st = final.stat()
+        if stat.S_ISDIR(st.st_mode) == folder:
+            return stat.S_IMODE(st.st_mode)
+    return (0o777 if folder else 0o666) & ~_umask()
 
 
 @contextlib.contextmanager
@@ -198,7 +200,7 @@ def atomic_dir(final: Path | str, overwrite: bool = False) -> Iterator[Path]:
     except OSError as e:
         raise _write_error(final, e) from None
     with contextlib.suppress(OSError):
-        os.chmod(tmp, _mode(final, 0o777))
+        os.chmod(tmp, _mode(final, folder=True))
     with _cleanup_on_error(tmp, final):
         yield tmp
         with _signals_deferred():
@@ -216,7 +218,7 @@ def atomic_file(final: Path | str) -> Iterator[Path]:
     except OSError as e:
         raise _write_error(final, e) from None
     with contextlib.suppress(OSError):  # a file system without modes keeps its own
-        os.fchmod(fd, _mode(final, 0o666))
+        os.fchmod(fd, _mode(final, folder=False))
     os.close(fd)
     tmp = Path(name)
     with _cleanup_on_error(tmp, final):
