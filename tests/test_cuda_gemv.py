@@ -434,6 +434,38 @@ def test_batch_rows_past_64_kb_are_staged_only_where_measured_faster(monkeypatch
     assert (small.grid, small.shared) == (688, 8 * 4096 * 2)
 
 
+@pytest.mark.parametrize("setting, value", [("WARPS_SET", "4"), ("ROW_TILES", "2"), ("STAGED_X", False),
+                                            ("STAGED_ROWS", 1), ("STAGED_ROWS_BIG", False), ("RESIDENT_GRID", "0"),
+                                            ("GPU_UNVERIFIED", frozenset({"row_tiles", "resident_gemv"})),
+                                            ("sm_count", lambda device: 7),
+                                            ("shared_memory", lambda device: (99 * 1024, 100 * 1024))])
+def test_a_calls_launch_is_worked_out_once_and_follows_the_switches(setting: str, value: object,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """gemv keeps each configuration's launch (cuda_gemv._call) after its first call; a switch changed at run time
+    (as tests and sweeps change them) gives the launch it gives without the memo, for calls it changes."""
+    from lowbit.kernels import verified
+
+    monkeypatch.setattr(cuda_gemv, "sm_count", lambda device: 132)  # sized as an H100
+    monkeypatch.setattr(verified, "GPU_UNVERIFIED", frozenset())
+    cpu = torch.device("cpu")
+    calls = [(name, (n, k), m) for name in ("nz2_ch", "q4_0", "iq2_xxs") for n, k in ((4096, 14336), (22016, 4096))
+             for m in (1, 8)]
+
+    def memo(name: str, shape: tuple[int, int], m: int) -> cuda_gemv.Call:
+        return cuda_gemv._call(cuda_gemv.plan(get_format(name), shape), m, shape[1], shape[0], cpu, False, False,
+                               False)
+
+    before = [memo(*c) for c in calls]
+    assert [memo(*c) for c in calls] == before  # kept: the same objects
+    assert all(a is b for a, b in zip(before, [memo(*c) for c in calls], strict=True))
+    monkeypatch.setattr(verified if setting == "GPU_UNVERIFIED" else cuda_gemv, setting, value)
+    after = [memo(*c) for c in calls]
+    fresh = [cuda_gemv.launch(cuda_gemv.plan(get_format(name), shape), m, shape[1], shape[0], cpu)
+             for name, shape, m in calls]
+    assert [c.at for c in after] == fresh
+    assert any(c.at != b.at for c, b in zip(after, before, strict=True))  # the switch changes some launch
+
+
 def test_norm_groups_keep_a_7b_row_in_one_register_group() -> None:
     """The normalized staging holds each thread's units in registers: one or two groups for rows of 4096 and 8192,
     none (torch normalizes first) past MAX_NORM_QS."""

@@ -484,10 +484,10 @@ def _weights(fmt: Format, qt: QuantizedTensor, p: Plan) -> tuple | None:
 
 
 def _kind_tables_on(kind: int, device: torch.device) -> torch.Tensor:
-    key = f"{device}/{kind}"
-    if key not in _TABLES:
-        _TABLES[key] = _kind_tables(kind).to(device)
-    return _TABLES[key]
+    table = _TABLES.get((device, kind))
+    if table is None:
+        table = _TABLES[device, kind] = _kind_tables(kind).to(device)
+    return table
 
 
 def layout_ready(fmt: Format, qt: QuantizedTensor, p: Plan) -> bool:
@@ -631,7 +631,7 @@ def early_launch(on: bool = True) -> Iterator[None]:
             _early.on = before
 
 
-_TABLES: dict[str, torch.Tensor] = {}  # the decode tables of each (device, kind)
+_TABLES: dict[tuple[torch.device, int], torch.Tensor] = {}  # the decode tables of each (device, kind)
 
 
 def staged_bytes(m: int, k: int) -> int:
@@ -658,28 +658,71 @@ def gemv(x: torch.Tensor, fmt: Format, qt: QuantizedTensor, p: Plan, gated: bool
                                None if residual is None else residual[i:i + MAX_M]) for i in range(0, m, MAX_M)])
     if gated and qt.shape[0] % 2:
         raise ValueError(f"a gated GEMV needs [gate; up] rows, got {qt.shape[0]} rows")
-    at = launch(p, m, k, n, x.device, gated)
-    norm_qs = norm_groups(p, k, at.warps) if norm is not None and at.xs == 1 else 0
-    if norm is not None and not norm_qs:  # only a staged batch-1 row that fits the registers is normalized inside
+    device = x.device
+    call = _call(p, m, k, n, device, gated, norm is not None, residual is not None)
+    at = call.at
+    if norm is not None and not call.norm_qs:  # only a staged batch-1 row that fits the registers is normalized inside
         x, norm = rms_norm_reference(x.to(torch.float16), *norm), None
-    x = _aligned(x.to(torch.float16).contiguous())
-    nw = x if norm is None else _aligned(norm[0].to(torch.float16).contiguous())
-    res = None if residual is None else _aligned(residual.to(torch.float16).contiguous())
-    y = torch.empty(m, n, dtype=torch.float16, device=x.device)
+    x = _half(x)
+    nw = x if norm is None else _half(norm[0])
+    res = None if residual is None else _half(residual)
+    y = torch.empty(m, n, dtype=torch.float16, device=device)
     weights = _weights(fmt, qt, p)
     if weights is None:
         raise RuntimeError(f"no kernel layout for this {fmt.name} weight (layout_ready says when there is one)")
     codes, scales, mins, tables, groups = weights
-    full = k % (4 * half_per_chunk(p)) == 0  # whole steps of 4 chunks: no lane past the row's end
-    source = _source(p, at.xs, at.warps, at.blocks, gated, full, norm_qs, res is not None, at.grid < at.tiles,
-                     at.per_warp)
-    kern = cuda_jit.kernel(source, "gemv_mma", x.device)
+    kern = cuda_jit.kernel(call.source, "gemv_mma", device)
     kern.allow_shared(at.shared)
-    eps = ctypes.c_float(0.0 if norm is None else norm[1])
-    kern((at.grid, 1, 1), (at.warps * 32, 1, 1),
-         [codes, scales, mins, x, y, tables, n, k, m, groups, nw, y if res is None else res, eps, at.tiles],
-         shared=at.shared, early=pdl_on(x.device))
+    eps = _NO_EPS if norm is None else ctypes.c_float(norm[1])
+    kern(call.grid, call.block, [codes, scales, mins, x, y, tables, n, k, m, groups, nw, y if res is None else res, eps,
+                                 at.tiles], shared=at.shared, early=pdl_on(device))
     return y
+
+
+_NO_EPS = ctypes.c_float(0.0)  # the eps argument of a call without a norm (read, never written)
+
+
+@dataclass(frozen=True)
+class Call:
+    """What every :func:`gemv` call of one configuration launches: its :class:`Launch`, the NORM_QS of its source
+    (:func:`norm_groups`; 0 where the norm is left to torch), that source, and the grid and block it launches."""
+
+    at: Launch
+    norm_qs: int
+    source: str
+    grid: tuple[int, int, int]
+    block: tuple[int, int, int]
+
+
+# Every call of one configuration (plan, sizes, device, what it fuses) launches the same kernel at the same sizes,
+# worked out once: in an eager decode loop (transformers' generate, a prompt) that Python arithmetic ran per call,
+# ahead of every GEMV (benchmarks/linear_host_time.py). The settings in the key are what :func:`launch` and
+# :func:`_source` read besides the call (the switches below, which tests and sweeps change at run time, and the
+# device lookups tests replace): a switch either reads belongs in :func:`_settings`.
+_CALLS: dict[tuple, tuple[Plan, Call]] = {}
+
+
+def _settings() -> tuple:
+    return (WARPS_SET, ROW_TILES, STAGED_X, STAGED_ROWS, STAGED_ROWS_BIG, RESIDENT_GRID, verified.GPU_UNVERIFIED,
+            sm_count, shared_memory)
+
+
+def _call(p: Plan, m: int, k: int, n: int, device: torch.device, gated: bool, normed: bool, resid: bool) -> Call:
+    """The :class:`Call` of :func:`gemv` on ``m`` rows of ``k`` for ``n`` outputs (``normed``: with a norm,
+    ``resid``: with a residual), from :data:`_CALLS` after its first."""
+    # keyed by the plan's id (hashing its fields costs more than the rest of the key): each entry holds its plan,
+    # so no other plan can take that id while the entry is there
+    key = (id(p), m, k, n, device, gated, normed, resid, _settings())
+    hit = _CALLS.get(key)
+    if hit is None:
+        at = launch(p, m, k, n, device, gated)
+        norm_qs = norm_groups(p, k, at.warps) if normed and at.xs == 1 else 0
+        full = k % (4 * half_per_chunk(p)) == 0  # whole steps of 4 chunks: no lane past the row's end
+        source = _source(p, at.xs, at.warps, at.blocks, gated, full, norm_qs, resid, at.grid < at.tiles, at.per_warp)
+        if len(_CALLS) >= 4096:  # plans made and dropped over and over (tests) leave no unbounded trail
+            _CALLS.clear()
+        hit = _CALLS[key] = (p, Call(at, norm_qs, source, (at.grid, 1, 1), (at.warps * 32, 1, 1)))
+    return hit[1]
 
 
 @dataclass(frozen=True)
@@ -769,8 +812,13 @@ def norm_groups(p: Plan, k: int, warps: int) -> int:
     return qs if qs <= MAX_NORM_QS else 0
 
 
-def _aligned(t: torch.Tensor) -> torch.Tensor:
-    """``t`` at a 16-byte aligned address (the kernel reads activations and norm weights in 16-byte units)."""
+def _half(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in fp16, contiguous, at a 16-byte aligned address (the kernel reads activations, norm weights and
+    residuals in 16-byte units); ``t`` itself where it is all three."""
+    if t.dtype != torch.float16:
+        t = t.to(torch.float16)
+    if not t.is_contiguous():
+        t = t.contiguous()
     return t.clone() if t.data_ptr() % 16 else t
 
 

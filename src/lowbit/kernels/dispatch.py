@@ -36,7 +36,7 @@ from functools import cache
 import torch
 
 from lowbit.formats import E8PFormat, Format, IQ2XXSFormat, KQuantFormat, QuantizedTensor, UniformFormat
-from lowbit.kernels import verified
+from lowbit.kernels import cuda_gemv, cuda_jit, verified
 from lowbit.kernels.reference import decode_lut, dequant_matmul_reference, rms_norm_reference
 
 _MODES = ("auto", "reference", "triton")
@@ -113,8 +113,6 @@ def cuda_gemv_plan(x: torch.Tensor, fmt: Format, shape: tuple[int, int]):  # noq
     format and shape it decodes exactly), else None. ``LOWBIT_CUDA_GEMV=0`` turns it off."""
     if _mode != "auto" or not _CUDA_GEMV or not x.is_cuda or x.dtype != torch.float16:
         return None
-    from lowbit.kernels import cuda_gemv, cuda_jit
-
     rows = x.numel() // max(x.shape[-1], 1)
     if not 0 < rows <= cuda_gemv.MAX_ROWS:
         return None
@@ -128,8 +126,6 @@ def _cuda_plan(x: torch.Tensor, fmt: Format, qt: QuantizedTensor):  # noqa: ANN2
     p = cuda_gemv_plan(x, fmt, qt.shape)
     if p is None or (any(t.device != x.device for t in qt.data.values()) and _held(qt, x.device) is None):
         return None  # a weight in host memory without a layout here (a copy of a held one) takes _matmul's copy
-    from lowbit.kernels import cuda_gemv
-
     return p if cuda_gemv.layout_ready(fmt, qt, p) else None
 
 
@@ -152,15 +148,19 @@ def dequant_matmul(x: torch.Tensor, fmt: Format, qt: QuantizedTensor, norm: Norm
     computes them around the matmul, as the model would."""
     cplan = _cuda_plan(x, fmt, qt)
     if cplan is not None:
-        from lowbit.kernels import cuda_gemv
-
         res = None if residual is None else residual.reshape(-1, qt.shape[0])
-        y = cuda_gemv.gemv(x.reshape(-1, x.shape[-1]), fmt, qt, cplan, norm=norm, residual=res)
-        return y.to(x.dtype).reshape(*x.shape[:-1], qt.shape[0])
+        return _shaped_as(cuda_gemv.gemv(x.reshape(-1, x.shape[-1]), fmt, qt, cplan, norm=norm, residual=res), x)
     if norm is not None:
         x = rms_norm_reference(x, *norm)
     y = _matmul(x, fmt, qt)
     return y if residual is None else residual + y
+
+
+def _shaped_as(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The GEMV's [rows, out] fp16 result in ``x``'s leading shape and dtype (no op where it has them already)."""
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
 
 
 def _matmul(x: torch.Tensor, fmt: Format, qt: QuantizedTensor) -> torch.Tensor:
@@ -246,8 +246,6 @@ def hold_layout(fmt: Format, qt: QuantizedTensor) -> dict[str, torch.Tensor] | N
     if (not _LAYOUTS_ONLY or not _DEQUANTIZE or not stored.is_cuda or _mode != "auto" or not _CUDA_GEMV
             or "layouts_only" in verified.GPU_UNVERIFIED or not triton_available()):
         return None
-    from lowbit.kernels import cuda_gemv, cuda_jit
-
     p = cuda_gemv.plan(fmt, qt.shape) if cuda_jit.available() else None
     return None if p is None else cuda_gemv.hold(fmt, qt, p)
 
@@ -255,8 +253,6 @@ def hold_layout(fmt: Format, qt: QuantizedTensor) -> dict[str, torch.Tensor] | N
 def release_layout(t: torch.Tensor) -> None:
     """Drop the kernel layout :func:`hold_layout` keeps on a GPU for the host tensor ``t`` (none: nothing)."""
     if not t.is_cuda:
-        from lowbit.kernels import cuda_gemv
-
         cuda_gemv.release(t)
 
 
@@ -266,8 +262,6 @@ def _held(qt: QuantizedTensor, device: torch.device) -> tuple[torch.Tensor, ...]
     t = next((t for t in qt.data.values() if t.device != device), None)
     if t is None or device.type != "cuda":
         return None
-    from lowbit.kernels import cuda_gemv
-
     hit = cuda_gemv.held(t)
     return hit[0] if hit is not None and hit[1] == device else None
 
@@ -324,10 +318,7 @@ def gated_matmul(x: torch.Tensor, fmt: Format, qt: QuantizedTensor, norm: Norm |
     ``norm`` as in :func:`dequant_matmul`."""
     cplan = _cuda_plan(x, fmt, qt)
     if cplan is not None and qt.shape[0] % 2 == 0 and triton_runs(x, "gated_gemv"):
-        from lowbit.kernels import cuda_gemv
-
-        y = cuda_gemv.gemv(x.reshape(-1, x.shape[-1]), fmt, qt, cplan, gated=True, norm=norm)
-        return y.to(x.dtype).reshape(*x.shape[:-1], qt.shape[0] // 2)
+        return _shaped_as(cuda_gemv.gemv(x.reshape(-1, x.shape[-1]), fmt, qt, cplan, gated=True, norm=norm), x)
     gate, up = dequant_matmul(x, fmt, qt, norm=norm).chunk(2, dim=-1)
     return torch.nn.functional.silu(gate) * up
 
@@ -337,7 +328,7 @@ def silu_mul_rotated(gu: torch.Tensor, rot) -> torch.Tensor:  # noqa: ANN001 - a
     Triton launch where Triton runs and R has no dense factor (:func:`triton_hadamard.silu_mul_rotated`), else the
     product (rounded as eager torch rounds it) and :func:`rotate_input`."""
     if triton_runs(gu, "silu_mul_rotated") and gu.is_floating_point():
-        from lowbit.kernels import cuda_gemv, triton_hadamard
+        from lowbit.kernels import triton_hadamard
 
         if not rot.dense and triton_hadamard.supported(rot.p) and gu.shape[-1] == 2 * rot.n:
             if torch.compiler.is_compiling():
@@ -383,7 +374,7 @@ def _hadamard_kernel(rots: list, x: torch.Tensor, inverse: bool) -> torch.Tensor
     """:func:`triton_hadamard.rotate_stacked` launched the way the GEMVs around it are (programmatic dependent
     launch inside :func:`cuda_gemv.early_launch` on Hopper and later); under torch.compile as the opaque op
     ``lowbit::hadamard``, which Inductor calls as it is (traced as a user Triton kernel it would launch it plainly)."""
-    from lowbit.kernels import cuda_gemv, triton_hadamard
+    from lowbit.kernels import triton_hadamard
 
     if torch.compiler.is_compiling():
         return triton_hadamard.hadamard(x, rots[0].n, [r.seed for r in rots], rots[0].layout, inverse)
@@ -397,7 +388,7 @@ def residual_norm_rotated(y: torch.Tensor, u, residual: torch.Tensor, norm: Norm
     V^T (the next rotated linear's input): one Triton launch where Triton runs and both are transforms of the rows'
     length without a dense factor (:func:`triton_hadamard.residual_norm`), else the same steps one by one."""
     if triton_runs(y, "residual_norm" if u.m == 1 else "junction_blocks") and y.is_floating_point():
-        from lowbit.kernels import cuda_gemv, triton_hadamard
+        from lowbit.kernels import triton_hadamard
 
         if triton_hadamard.junction_fits(y.shape[-1], u, v):
             if torch.compiler.is_compiling():
@@ -416,7 +407,7 @@ def norm_rotated(h: torch.Tensor, norm: Norm | None, v) -> torch.Tensor:  # noqa
     if norm is None:
         return rotate_input(v, h)
     if triton_runs(h, "norm_rotated" if v.m == 1 else "junction_blocks") and h.is_floating_point():
-        from lowbit.kernels import cuda_gemv, triton_hadamard
+        from lowbit.kernels import triton_hadamard
 
         if triton_hadamard.junction_fits(h.shape[-1], v):
             if torch.compiler.is_compiling():
@@ -432,7 +423,7 @@ def rope_cache_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ``step_supported`` first): the CUDA kernel of :mod:`cuda_attention` where it serves the call (Hopper, fp16, no
     mask; launched the way the GEMVs around it are, :func:`cuda_gemv.pdl_on`), else the Triton one.
     ``LOWBIT_CUDA_ATTENTION=0`` keeps the Triton kernel everywhere."""
-    from lowbit.kernels import cuda_attention, cuda_gemv
+    from lowbit.kernels import cuda_attention
     from lowbit.kernels import triton_decode_attention as attention
 
     if _CUDA_ATTENTION and "cuda_attention" not in verified.GPU_UNVERIFIED and \

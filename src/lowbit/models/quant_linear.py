@@ -71,8 +71,9 @@ class QuantLinear(nn.Module):
         return m
 
     def quantized(self) -> QuantizedTensor:
+        buffers = self._buffers  # not getattr's nn.Module lookup: this runs for every eager call
         return QuantizedTensor(self.format_name, (self.out_features, self.in_features),
-                               {k: getattr(self, k) for k in self._keys})
+                               {k: buffers[k] for k in self._keys})
 
     def dequantize(self) -> torch.Tensor:
         """The effective weight in the original (unrotated) basis, [out, in] float32."""
