@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from unittest import mock
 
 import torch
 from torch import nn
 
 from lowbit.formats import get_format
 from lowbit.kernels import cuda_gemv, cuda_host, dispatch
-from lowbit.models.walker import empty_quant_linear
+from lowbit.models.quant_linear import QuantLinear
 
 FORMATS = "q4_0,nz2_ch,e8p_ch,iq2_xxs,q4_k,int3_g128_sym"
 
@@ -41,35 +40,8 @@ def per_call_us(fn, calls: int, runs: int = 7) -> float:  # noqa: ANN001
     return 1e6 * best
 
 
-def quant_linear(name: str, features: int) -> nn.Module:
-    lin = nn.Linear(features, features, bias=False).requires_grad_(False)
-    q = empty_quant_linear(lin, name)
-    qt = get_format(name).quantize(lin.weight.float())
-    for key in q._keys:
-        getattr(q, key).copy_(qt.data[key])
-    return q
-
-
-@contextmanager
-def cuda_route_on_cpu() -> Iterator[None]:
-    """Inside: CPU inputs take the CUDA GEMV's route (:func:`dispatch.cuda_gemv_plan`), on its g++ build."""
-    before = dispatch.cuda_gemv_plan
-    dispatch.cuda_gemv_plan = lambda x, fmt, shape: cuda_gemv.plan(fmt, shape)
-    try:
-        yield
-    finally:
-        dispatch.cuda_gemv_plan = before
-
-
-@contextmanager
-def launches_stubbed() -> Iterator[None]:
-    """Inside: the g++ kernels' launches do nothing (the host work around them still runs)."""
-    before = cuda_host.HostKernel.__call__
-    cuda_host.HostKernel.__call__ = lambda self, *args, **kwargs: None
-    try:
-        yield
-    finally:
-        cuda_host.HostKernel.__call__ = before
+def quant_linear(name: str, features: int) -> QuantLinear:
+    return QuantLinear.from_quantized(get_format(name).quantize(torch.randn(features, features) * 0.02))
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -83,10 +55,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     x = torch.zeros(args.rows, 1, args.features, dtype=torch.float16)
     layers = {name: quant_linear(name, args.features) for name in args.formats.split(",")}
     plain, xp = nn.Linear(64, 64), torch.zeros(args.rows, 1, 64)
-    with cuda_route_on_cpu(), torch.inference_mode():
+    # a CPU input takes the CUDA GEMV's route, on its g++ build
+    route = mock.patch.object(dispatch, "cuda_gemv_plan", lambda x, fmt, shape: cuda_gemv.plan(fmt, shape))
+    with route, torch.inference_mode():
         for q in layers.values():
             q(x)  # builds the g++ kernel and runs it once
-        with launches_stubbed():
+        with mock.patch.object(cuda_host.HostKernel, "__call__", lambda self, *args, **kwargs: None):  # no launch
             us = {"nn.Linear(64, 64)": per_call_us(lambda: plain(xp), args.calls)}
             print(f"nn.Linear(64, 64): {us['nn.Linear(64, 64)']:.1f} us per call")
             for name, q in layers.items():
