@@ -183,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on every request but /health "
                         "(default: $LOWBIT_API_KEY; unset = no key)")
-    _add_fast(p, "Default: the dynamic-cache loop (--no-fast) unless --compile or --fast-cache asks for this")
+    _add_fast(p, "The default on CUDA (--no-fast: the dynamic-cache loop, as on a CPU unless --compile or "
+                 "--fast-cache asks for this)")
     p.add_argument("--fast-cache", type=int, default=None, metavar="TOKENS",
                    help="with --fast: positions of each decoder's static KV cache (default: the model's context, at "
                         "most 4096); longer generations run the ordinary loop")

@@ -29,7 +29,8 @@ from __future__ import annotations
 # each, ~40 -> 3.5 µs of host time a GEMV launch) entered it untested on a GPU and left it when its GPU tests and the
 # CUDA kernels' tests with it on passed on an H200 (benchmarks/results/packed-args-gpu-tests-h200.txt).
 # serve_fast (lowbit serve's default on CUDA: one StaticDecoder per slot, as lowbit generate decodes there, instead
-# of the dynamic-cache loop with its weight cache; serve.app.serves_fast) entered it untested on a GPU: the server's
-# decoders replay their CUDA graphs on its worker thread. Its GPU test:
-# tests/test_serve.py::test_serve_decodes_fast_by_default_on_cuda_only.
-GPU_UNVERIFIED: frozenset[str] = frozenset({"serve_fast"})
+# of the dynamic-cache loop with its weight cache; serve.app.serves_fast) entered it untested on a GPU (the server's
+# decoders replay their CUDA graphs on its worker thread) and left it when its GPU test,
+# tests/test_serve.py::test_serve_decodes_fast_by_default_on_cuda_only, and the other fast-serving tests passed on
+# a GPU (benchmarks/results/serve-fast-gpu-tests-h100.txt).
+GPU_UNVERIFIED: frozenset[str] = frozenset()

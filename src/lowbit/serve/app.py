@@ -331,10 +331,9 @@ def create_app(model: nn.Module, tokenizer: object, model_id: str, max_concurren
 
 
 def serves_fast(model: nn.Module, fast: bool | None, compile: bool = False, fast_cache: int | None = None) -> bool:
-    """Whether the server decodes with StaticDecoders (:func:`fast_by_default`). A model on CUDA is served that way
-    by default once ``serve_fast`` has left ``verified.GPU_UNVERIFIED`` (its GPU test:
-    ``tests/test_serve.py::test_serve_decodes_fast_by_default_on_cuda_only``); until then the default is the loop,
-    and ``compile`` or ``fast_cache`` alone ask for fast decode."""
+    """Whether the server decodes with StaticDecoders (:func:`fast_by_default`): by default for a model on CUDA
+    (``"serve_fast"`` put back in ``verified.GPU_UNVERIFIED`` makes the loop the default there again), elsewhere
+    where ``fast``, ``compile`` or ``fast_cache`` asks for it."""
     from lowbit.kernels import verified
 
     on_cuda = "serve_fast" not in verified.GPU_UNVERIFIED
