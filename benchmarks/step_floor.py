@@ -10,10 +10,12 @@ bytes, laid out back to back, launched each way a step could launch them:
 
 * ``per matrix, one pass``: a launch per matrix, one block per 256 x unroll units (gemv_speed's read-only yardstick)
 * ``per matrix, resident``: a launch per matrix, the blocks that stay resident looping over it (the GEMVs' RESIDENT
-  grids); ``+ early``: programmatic dependent launches, first loads before the wait (as the compiled step's GEMVs)
+  grids); ``+ early``: programmatic dependent launches, first loads before the wait (as the compiled step's GEMVs);
+  ``+ early + ahead``: each thread's first 8 units copied into shared memory before the wait instead
 * ``per layer, barrier``: a launch per layer, a grid barrier after each of its matrices (a layer kernel)
 * ``one launch, barrier``: the whole step, a grid barrier after each matrix (a step kernel, whose matrices feed each
-  other); ``+ prefetch``: each thread's first loads of the next matrix issued before the barrier
+  other); ``+ prefetch``: each thread's first loads of the next matrix issued before the barrier; ``+ ahead``: its
+  first 8 units of the next matrix copied into shared memory (cp.async) before the barrier
 * ``one launch, no barrier``: the bytes alone
 
 Each way is one CUDA graph of the whole step, replayed; for each, the fastest of the unrolls and blocks per SM
@@ -72,12 +74,12 @@ def ways(buf: torch.Tensor, bounds: torch.Tensor, units: list[int], sms: int) ->
     n, sync = len(units), torch.zeros(2, dtype=torch.int32, device=buf.device)
     early_ok = torch.cuda.get_device_capability(buf.device) >= (9, 0)
 
-    def per_matrix(one_pass: bool, early: bool = False):  # noqa: ANN202
+    def per_matrix(one_pass: bool, early: bool = False, prefetch: int = 0):  # noqa: ANN202
         def run(unroll: int, per_sm: int) -> None:
             for i, u in enumerate(units):
                 blocks = -(-u // (256 * unroll)) if one_pass else sms * per_sm
                 cuda_read.stream_phases(buf, bounds, blocks, first=i, phases=1, unroll=unroll, early=early,
-                                        per_sm=per_sm)
+                                        prefetch=prefetch, per_sm=per_sm)
         return run
 
     def per_layer(unroll: int, per_sm: int) -> None:
@@ -85,7 +87,7 @@ def ways(buf: torch.Tensor, bounds: torch.Tensor, units: list[int], sms: int) ->
             cuda_read.stream_phases(buf, bounds, sms * per_sm, first=i, phases=min(len(LAYER), n - i),
                                     unroll=unroll, barrier=True, sync=sync, per_sm=per_sm)
 
-    def whole(barrier: bool, prefetch: bool = False):  # noqa: ANN202
+    def whole(barrier: bool, prefetch: int = 0):  # noqa: ANN202
         return lambda unroll, per_sm: cuda_read.stream_phases(buf, bounds, sms * per_sm, unroll=unroll,
                                                               barrier=barrier, prefetch=prefetch, sync=sync,
                                                               per_sm=per_sm)
@@ -93,15 +95,17 @@ def ways(buf: torch.Tensor, bounds: torch.Tensor, units: list[int], sms: int) ->
     if early_ok:
         out["per matrix, one pass + early"] = per_matrix(True, early=True)
         out["per matrix, resident + early"] = per_matrix(False, early=True)
+        out["per matrix, resident + early + ahead"] = per_matrix(False, early=True, prefetch=2)
     out |= {"per layer, barrier": per_layer, "one launch, barrier": whole(True),
-            "one launch, barrier + prefetch": whole(True, prefetch=True), "one launch, no barrier": whole(False)}
+            "one launch, barrier + prefetch": whole(True, prefetch=1),
+            "one launch, barrier + ahead": whole(True, prefetch=2), "one launch, no barrier": whole(False)}
     return out
 
 
 def check(buf: torch.Tensor, bounds: torch.Tensor, sms: int) -> None:
     """The one-launch kernels read every unit once (their XOR is the buffer's), before anything is timed."""
     want = int(cuda_read.xor_all(buf))
-    for barrier, prefetch in ((False, False), (True, False), (True, True)):
+    for barrier, prefetch in ((False, 0), (True, 0), (True, 1), (True, 2)):
         got = int(cuda_read.xor_all(cuda_read.stream_phases(buf, bounds, sms, barrier=barrier, prefetch=prefetch)))
         if got != want:
             raise SystemExit(f"stream_phases (barrier={barrier}, prefetch={prefetch}) read the wrong bytes")

@@ -40,14 +40,15 @@ def _source(unroll: int) -> str:  # read from disk once, not at every call
 
 
 def stream_phases(buf: torch.Tensor, bounds: torch.Tensor, blocks: int, first: int = 0, phases: int | None = None,
-                  unroll: int = 4, barrier: bool = False, prefetch: bool = False, early: bool = False,
+                  unroll: int = 4, barrier: bool = False, prefetch: int = 0, early: bool = False,
                   sync: torch.Tensor | None = None, per_sm: int = 1) -> torch.Tensor:
     """XOR of ``buf``'s units ``bounds[first] .. bounds[first + phases]`` (matrices back to back, ``bounds``: int64
     16-byte unit offsets on ``buf``'s device), read matrix by matrix by one launch of ``blocks`` blocks, per warp:
     int32 [blocks * 8]. ``barrier``: a grid barrier after each matrix (then every block must be resident at once:
     ``blocks`` at most ``per_sm`` per SM, the blocks the kernel's registers are capped for, and nothing else running;
-    ``sync`` is the barrier's int32 [2] of zeros, which it leaves at zero arrivals); ``prefetch``: the next
-    matrix's first loads before it; ``early``: a programmatic dependent launch. Nothing is read back to the host,
+    ``sync`` is the barrier's int32 [2] of zeros, which it leaves at zero arrivals); ``prefetch`` 1: the next
+    matrix's first loads before it, 2: its first 8 units a thread copied into shared memory before it (and before
+    an early launch's wait); ``early``: a programmatic dependent launch. Nothing is read back to the host,
     so a call can be captured in a CUDA graph."""
     if buf.dtype != torch.int32 or not buf.is_contiguous() or buf.numel() % 4:
         raise ValueError("stream_phases takes a contiguous int32 tensor of whole 16-byte units")
@@ -58,8 +59,10 @@ def stream_phases(buf: torch.Tensor, bounds: torch.Tensor, blocks: int, first: i
         raise ValueError(f"phases {first} .. {first + phases} are not all in bounds of {bounds.numel() - 1}")
     if unroll not in UNROLLS:
         raise ValueError(f"unroll must be one of {UNROLLS}")
-    if per_sm not in (1, 2, 4, 8):
-        raise ValueError("per_sm must be 1, 2, 4 or 8 (blocks of 256 threads)")
+    if per_sm not in (1, 2, 4, 8) or (prefetch == 2 and per_sm == 8):
+        raise ValueError("per_sm must be 1, 2, 4 or 8 (blocks of 256 threads; 4 at most with prefetch 2)")
+    if prefetch not in (0, 1, 2):
+        raise ValueError("prefetch must be 0, 1 or 2")
     if barrier and sync is None:
         sync = torch.zeros(2, dtype=torch.int32, device=buf.device)
     out = torch.empty(blocks * 8, dtype=torch.int32, device=buf.device)
@@ -70,7 +73,7 @@ def stream_phases(buf: torch.Tensor, bounds: torch.Tensor, blocks: int, first: i
 
 
 @cache
-def _phases_source(unroll: int, barrier: bool, prefetch: bool, per_sm: int) -> str:
+def _phases_source(unroll: int, barrier: bool, prefetch: int, per_sm: int) -> str:
     return cuda_jit.source("stream_phases.cu", f"#define UNROLL {unroll}\n#define BARRIER {int(barrier)}\n"
                                                f"#define PREFETCH {int(prefetch)}\n#define PER_SM {per_sm}\n")
 

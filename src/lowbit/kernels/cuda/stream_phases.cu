@@ -6,7 +6,9 @@
 //   BARRIER   1: a grid-wide barrier after each phase, as a matrix whose input is the previous one's output needs
 //             (every block of the grid must be resident at once: at most PER_SM per SM)
 //   PREFETCH  1: a thread's first loads of the next phase are issued before that barrier (weights never depend on
-//             the phase before; only activations would)
+//             the phase before; only activations would); 2: its first AHEAD units of each phase are copied into
+//             shared memory (cp.async, no registers held) before the barrier or the launch's wait, and read from
+//             there after it, so that the dependency finds DRAM busy
 // With programmatic dependent launch the first loads are in flight before griddepcontrol.wait, and the next launch
 // is released once the last ones are read, as the GEMVs do.
 
@@ -17,6 +19,40 @@ DEV void load_group(U4* v, const U4* w, long long i, long long stride, long long
         v[u] = j < hi ? ld_stream(w + j) : U4{0u, 0u, 0u, 0u};
     }
 }
+
+#if PREFETCH == 2
+#define AHEAD 8  // units per thread: 32 KB of shared memory a block
+__shared__ U4 ahead[AHEAD][256];
+// The thread's units i, i + stride, ... (AHEAD of them, zeros past hi) copied into its column of `ahead`.
+DEV void copy_ahead(const U4* w, long long i, long long stride, long long hi) {
+#pragma unroll
+    for (int d = 0; d < AHEAD; ++d) {
+        const long long j = i + stride * d;
+#ifdef LOWBIT_HOST
+        ahead[d][threadIdx.x] = j < hi ? w[j] : U4{0u, 0u, 0u, 0u};
+#else
+        const unsigned dst = (unsigned)__cvta_generic_to_shared(&ahead[d][threadIdx.x]);
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
+                     :: "r"(dst), "l"(w + (j < hi ? j : 0)), "r"(j < hi ? 16 : 0));  // src size 0: zeros
+#endif
+    }
+#ifndef LOWBIT_HOST
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+// The XOR of the thread's copied units, once its copies have landed (each thread reads only what it copied).
+DEV u32 take_ahead(u32 acc) {
+#ifndef LOWBIT_HOST
+    asm volatile("cp.async.wait_all;" ::: "memory");
+#endif
+#pragma unroll
+    for (int d = 0; d < AHEAD; ++d) {
+        const U4 a = ahead[d][threadIdx.x];
+        acc ^= a.x ^ a.y ^ a.z ^ a.w;
+    }
+    return acc;
+}
+#endif
 
 // Every block arrives, the last one to arrive starts the next generation; the count resets itself (sync[0]: the
 // arrivals, sync[1]: the generation). On the CPU blocks run one after another, so there is nothing to wait for.
@@ -47,8 +83,16 @@ stream_phases(const U4* __restrict__ w, const long long* __restrict__ bounds, in
     u32 acc = 0u;
     U4 v[UNROLL];
     long long i = bounds[0] + me;
-    load_group(v, w, i, stride, bounds[1]);
+#if PREFETCH == 2
+    copy_ahead(w, i, stride, bounds[1]);
     wait_for_inputs();  // where the launch is early: only the first weights are read before the kernel ahead ends
+    i += stride * AHEAD;
+    load_group(v, w, i, stride, bounds[1]);
+    acc = take_ahead(acc);
+#else
+    load_group(v, w, i, stride, bounds[1]);
+    wait_for_inputs();
+#endif
     for (int p = 0; p < phases; ++p) {
         const long long hi = bounds[p + 1];
         for (;;) {  // v holds the group at i
@@ -60,9 +104,17 @@ stream_phases(const U4* __restrict__ w, const long long* __restrict__ bounds, in
         }
         if (p + 1 == phases) break;
         i = bounds[p + 1] + me;
+#if PREFETCH == 2
+        copy_ahead(w, i, stride, bounds[p + 2]);
+        if (BARRIER) grid_barrier(sync);
+        i += stride * AHEAD;
+        load_group(v, w, i, stride, bounds[p + 2]);
+        acc = take_ahead(acc);
+#else
         if (PREFETCH) load_group(v, w, i, stride, bounds[p + 2]);
         if (BARRIER) grid_barrier(sync);
         if (!PREFETCH) load_group(v, w, i, stride, bounds[p + 2]);
+#endif
     }
     release_dependents();  // every weight is read
 #pragma unroll
