@@ -65,17 +65,18 @@ def device_bandwidth() -> float | None:
     return bw
 
 
-def bench(fn, n: int) -> float:  # noqa: ANN001
-    """Median ms per call of ``fn(i)`` (i cycling over n weight copies), timed as CUDA-graph replays of many calls:
-    as in decode, where every step is one graph, the Python and launch overhead of a call is not what is timed
-    (eager timing of a ~10 µs kernel measures the ~50-100 µs of Python in front of it)."""
+def bench(fn, n: int, calls: int | None = None) -> float:  # noqa: ANN001
+    """Median ms per call of ``fn(i)`` (i cycling over n weight copies), timed as CUDA-graph replays of many calls
+    (``calls`` in a graph, by default as many as make 64 or more): as in decode, where every step is one graph, the
+    Python and launch overhead of a call is not what is timed (eager timing of a ~10 µs kernel measures the ~50-100
+    µs of Python in front of it)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm: autotuned already, but allocator and caches settle
         for i in range(n):
             fn(i)
     torch.cuda.current_stream().wait_stream(stream)
-    calls = max(n, 64 // n * n)
+    calls = calls or max(n, 64 // n * n)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for i in range(calls):

@@ -18,9 +18,10 @@ bytes, laid out back to back, launched each way a step could launch them:
   first 8 units of the next matrix copied into shared memory (cp.async) before the barrier
 * ``one launch, no barrier``: the bytes alone
 
-Each way is one CUDA graph of the whole step, replayed; for each, the fastest of the unrolls and blocks per SM
-tried is kept, and its time per step, bandwidth as a share of the measured copy bandwidth, and cost per matrix
-beyond the bytes alone are printed. Bytes are the packed codes (rows x cols x bits / 8): no scales, no activations.
+Each way's steps are timed as gemv_speed times calls (CUDA graphs of four steps, replayed, the median per step);
+for each, the fastest of the unrolls and blocks per SM tried is kept, and its time per step, bandwidth as a share
+of the measured copy bandwidth, and cost per matrix beyond the bytes alone are printed. Bytes are the packed codes
+(rows x cols x bits / 8): no scales, no activations.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gemv_speed import device_bandwidth  # noqa: E402
+from gemv_speed import bench, device_bandwidth  # noqa: E402
 from lowbit.kernels import cuda_read  # noqa: E402
 
 # Llama-2-7B's decode GEMVs, fused as lowbit's compiled step runs them: per layer q/k/v, o, gate/up, down
@@ -46,27 +47,6 @@ PER_SM = (1, 2, 4)
 def matrix_units(layers: int, bits: int) -> list[int]:
     """16-byte units of each matrix of a step, in launch order."""
     return [-(-rows * cols * bits // 8 // 16) for rows, cols in LAYER * layers + [HEAD]]
-
-
-def step_ms(launch_step) -> float:  # noqa: ANN001
-    """Median ms of one step, ``launch_step()`` captured as one CUDA graph and replayed."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        launch_step()  # compiles, settles the allocator
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        launch_step()
-    times = []
-    for _ in range(14):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times[4:])[len(times[4:]) // 2]
 
 
 def ways(buf: torch.Tensor, bounds: torch.Tensor, units: list[int], sms: int) -> dict:
@@ -125,7 +105,9 @@ def run_bits(bits: int, layers: int, bw: float) -> list[dict]:
     print("|---|---|---|---|---|---|")
     floor = None
     for name, launch in reversed(list(ways(buf, bounds, units, sms).items())):  # the bytes alone first
-        ms, unroll, per_sm = min((step_ms(lambda f=launch, u=u, s=s: f(u, s)), u, s) for u in UNROLLS for s in PER_SM)
+        # four steps a graph: a 2-bit step is ~0.5-0.8 ms of its own
+        ms, unroll, per_sm = min((bench(lambda _, f=launch, u=u, s=s: f(u, s), 1, calls=4), u, s)
+                                 for u in UNROLLS for s in PER_SM)
         floor = ms if floor is None else floor
         row = {"bits": bits, "way": name, "unroll": unroll, "per_sm": per_sm, "us_per_step": 1e3 * ms,
                "pct_copy_bw": 100 * nbytes / (ms * 1e-3) / bw, "matrices": len(units), "bytes": nbytes,
