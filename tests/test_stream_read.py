@@ -107,3 +107,21 @@ def test_stream_phases_on_gpu_reads_each_matrix_once_behind_its_barriers() -> No
                                             sync=sync, per_sm=2)
             assert int(cuda_read.xor_all(parts.cpu())) == want
     assert int(sync[0]) == 0  # every barrier's arrivals reset
+
+
+@pytest.mark.parametrize(("blocks", "per_sm", "prefetch", "sms", "threads", "smem", "fits"), [
+    (264, 2, 2, 132, 2048, 233472, True),  # an H100: 2 blocks an SM, 66 KB of shared memory
+    (265, 2, 0, 132, 2048, 233472, False),  # one block more than 2 an SM
+    (528, 4, 2, 132, 2048, 233472, True),
+    (512, 4, 2, 128, 1536, 102400, False),  # a consumer GPU: 132 KB of shared memory asked of 100
+    (1024, 8, 0, 128, 1536, 102400, False),  # 2048 threads asked of 1536
+])
+def test_stream_phases_barrier_refuses_a_grid_that_is_not_all_resident(monkeypatch, blocks, per_sm, prefetch, sms,
+                                                                       threads, smem, fits) -> None:
+    """A grid barrier over blocks that cannot all run at once would wait forever: the grid is checked first."""
+    from types import SimpleNamespace
+
+    props = SimpleNamespace(multi_processor_count=sms, max_threads_per_multi_processor=threads,
+                            shared_memory_per_multiprocessor=smem)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    assert cuda_read._all_resident(blocks, per_sm, prefetch, torch.device("cuda")) is fits

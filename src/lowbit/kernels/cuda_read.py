@@ -63,6 +63,9 @@ def stream_phases(buf: torch.Tensor, bounds: torch.Tensor, blocks: int, first: i
         raise ValueError("per_sm must be 1, 2, 4 or 8 (blocks of 256 threads; 4 at most with prefetch 2)")
     if prefetch not in (0, 1, 2):
         raise ValueError("prefetch must be 0, 1 or 2")
+    if barrier and buf.is_cuda and not _all_resident(blocks, per_sm, prefetch, buf.device):
+        raise ValueError(f"{blocks} blocks of stream_phases are not all resident at once on this GPU: its grid "
+                         "barrier would wait forever")
     if barrier and sync is None:
         sync = torch.zeros(2, dtype=torch.int32, device=buf.device)
     out = torch.empty(blocks * 8, dtype=torch.int32, device=buf.device)
@@ -70,6 +73,16 @@ def stream_phases(buf: torch.Tensor, bounds: torch.Tensor, blocks: int, first: i
     kern((blocks, 1, 1), (256, 1, 1), [buf, bounds[first:], phases, out, out if sync is None else sync],
          early=early)
     return out
+
+
+def _all_resident(blocks: int, per_sm: int, prefetch: int, device: torch.device) -> bool:
+    """Whether ``blocks`` blocks fit on the GPU at once, ``per_sm`` an SM (the registers are capped for that many):
+    by threads, and by shared memory where each block holds 32 KB of it (prefetch 2; and 1 KB the GPU keeps a
+    block)."""
+    props = torch.cuda.get_device_properties(device)
+    smem = 33 * 1024 * per_sm if prefetch == 2 else 0
+    return (blocks <= props.multi_processor_count * per_sm and 256 * per_sm <= props.max_threads_per_multi_processor
+            and smem <= props.shared_memory_per_multiprocessor)
 
 
 @cache
