@@ -11,11 +11,13 @@ bytes, laid out back to back, launched each way a step could launch them:
 * ``per matrix, one pass``: a launch per matrix, one block per 256 x unroll units (gemv_speed's read-only yardstick)
 * ``per matrix, resident``: a launch per matrix, the blocks that stay resident looping over it (the GEMVs' RESIDENT
   grids); ``+ early``: programmatic dependent launches, first loads before the wait (as the compiled step's GEMVs);
-  ``+ early + ahead``: each thread's first 8 units copied into shared memory before the wait instead
+  ``+ early + ahead``: each thread's first 8 units copied into shared memory before the wait instead; ``+ early +
+  L2``: the block's whole share of the matrix requested into L2 (bulk prefetches) before the wait
 * ``per layer, barrier``: a launch per layer, a grid barrier after each of its matrices (a layer kernel)
 * ``one launch, barrier``: the whole step, a grid barrier after each matrix (a step kernel, whose matrices feed each
   other); ``+ prefetch``: each thread's first loads of the next matrix issued before the barrier; ``+ ahead``: its
-  first 8 units of the next matrix copied into shared memory (cp.async) before the barrier
+  first 8 units of the next matrix copied into shared memory (cp.async) before the barrier; ``+ L2``: the block's
+  whole share of the next matrix requested into L2 before the barrier
 * ``one launch, no barrier``: the bytes alone
 
 Each way's steps are timed as gemv_speed times calls (CUDA graphs of four steps, replayed, the median per step);
@@ -76,9 +78,11 @@ def ways(buf: torch.Tensor, bounds: torch.Tensor, units: list[int], sms: int) ->
         out["per matrix, one pass + early"] = per_matrix(True, early=True)
         out["per matrix, resident + early"] = per_matrix(False, early=True)
         out["per matrix, resident + early + ahead"] = per_matrix(False, early=True, prefetch=2)
+        out["per matrix, resident + early + L2"] = per_matrix(False, early=True, prefetch=3)
     out |= {"per layer, barrier": per_layer, "one launch, barrier": whole(True),
             "one launch, barrier + prefetch": whole(True, prefetch=1),
-            "one launch, barrier + ahead": whole(True, prefetch=2), "one launch, no barrier": whole(False)}
+            "one launch, barrier + ahead": whole(True, prefetch=2), "one launch, barrier + L2": whole(True, prefetch=3),
+            "one launch, no barrier": whole(False)}
     return out
 
 
@@ -96,7 +100,7 @@ def timed(launch, unroll: int, per_sm: int) -> tuple[float, int, int] | None:  #
 def check(buf: torch.Tensor, bounds: torch.Tensor, sms: int) -> None:
     """The one-launch kernels read every unit once (their XOR is the buffer's), before anything is timed."""
     want = int(cuda_read.xor_all(buf))
-    for barrier, prefetch in ((False, 0), (True, 0), (True, 1), (True, 2)):
+    for barrier, prefetch in ((False, 0), (True, 0), (True, 1), (True, 2), (True, 3)):
         got = int(cuda_read.xor_all(cuda_read.stream_phases(buf, bounds, sms, barrier=barrier, prefetch=prefetch)))
         if got != want:
             raise SystemExit(f"stream_phases (barrier={barrier}, prefetch={prefetch}) read the wrong bytes")

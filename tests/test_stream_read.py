@@ -57,7 +57,8 @@ def _phase_bounds(units: list[int], device: str = "cpu") -> torch.Tensor:
 
 @pytest.mark.skipif(not cuda_host.available(), reason="needs g++ to run the CUDA source on the CPU")
 @pytest.mark.parametrize("unroll", [1, 4])
-@pytest.mark.parametrize(("barrier", "prefetch"), [(False, 0), (True, 0), (True, 1), (True, 2), (False, 2)])
+@pytest.mark.parametrize(("barrier", "prefetch"), [(False, 0), (True, 0), (True, 1), (True, 2), (False, 2), (True, 3),
+                                                   (False, 3)])
 def test_stream_phases_on_the_cpu_reads_each_matrix_once(unroll: int, barrier: bool, prefetch: int) -> None:
     """Matrices of ragged sizes (one of a single unit, one that some threads have no share of): the whole step, and
     any run of matrices from any first one, read every unit once."""
@@ -80,14 +81,14 @@ def test_stream_phases_refuses_what_it_cannot_read() -> None:
     with pytest.raises(ValueError, match="per_sm"):
         cuda_read.stream_phases(buf, _phase_bounds([4]), blocks=1, per_sm=3)
     with pytest.raises(ValueError, match="prefetch"):
-        cuda_read.stream_phases(buf, _phase_bounds([4]), blocks=1, prefetch=3)
+        cuda_read.stream_phases(buf, _phase_bounds([4]), blocks=1, prefetch=4)
 
 
 @pytest.mark.skipif(not nvrtc_found(), reason="needs NVRTC (the nvidia-cuda-nvrtc wheel of the test extra)")
 def test_stream_phases_compiles_for_hopper() -> None:
     from lowbit.kernels import cuda_jit
 
-    for barrier, prefetch in ((False, 0), (True, 1), (True, 2), (False, 2)):
+    for barrier, prefetch in ((False, 0), (True, 1), (True, 2), (False, 2), (True, 3), (False, 3)):
         source = cuda_read._phases_source(16, barrier, prefetch, 4)
         assert cuda_jit.compile_cubin(source, "stream_phases.cu", "sm_90")[:4] == b"\x7fELF"
 
@@ -101,7 +102,7 @@ def test_stream_phases_on_gpu_reads_each_matrix_once_behind_its_barriers() -> No
     blocks = 2 * torch.cuda.get_device_properties(0).multi_processor_count
     sync = torch.zeros(2, dtype=torch.int32, device="cuda")
     want = int(cuda_read.xor_all(buf.cpu()))
-    for barrier, prefetch in ((False, 0), (True, 0), (True, 1), (True, 2), (False, 2)):
+    for barrier, prefetch in ((False, 0), (True, 0), (True, 1), (True, 2), (False, 2), (True, 3), (False, 3)):
         for _ in range(3):
             parts = cuda_read.stream_phases(buf, bounds, blocks, unroll=8, barrier=barrier, prefetch=prefetch,
                                             sync=sync, per_sm=2)

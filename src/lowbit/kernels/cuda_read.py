@@ -48,7 +48,8 @@ def stream_phases(buf: torch.Tensor, bounds: torch.Tensor, blocks: int, first: i
     ``blocks`` at most ``per_sm`` per SM, the blocks the kernel's registers are capped for, and nothing else running;
     ``sync`` is the barrier's int32 [2] of zeros, which it leaves at zero arrivals); ``prefetch`` 1: the next
     matrix's first loads before it, 2: its first 8 units a thread copied into shared memory before it (and before
-    an early launch's wait); ``early``: a programmatic dependent launch. Nothing is read back to the host,
+    an early launch's wait), 3: the block's share of it requested into L2 and the first loads, before it (and
+    before the wait); ``early``: a programmatic dependent launch. Nothing is read back to the host,
     so a call can be captured in a CUDA graph."""
     if buf.dtype != torch.int32 or not buf.is_contiguous() or buf.numel() % 4:
         raise ValueError("stream_phases takes a contiguous int32 tensor of whole 16-byte units")
@@ -61,8 +62,8 @@ def stream_phases(buf: torch.Tensor, bounds: torch.Tensor, blocks: int, first: i
         raise ValueError(f"unroll must be one of {UNROLLS}")
     if per_sm not in (1, 2, 4, 8) or (prefetch == 2 and per_sm == 8):
         raise ValueError("per_sm must be 1, 2, 4 or 8 (blocks of 256 threads; 4 at most with prefetch 2)")
-    if prefetch not in (0, 1, 2):
-        raise ValueError("prefetch must be 0, 1 or 2")
+    if prefetch not in (0, 1, 2, 3):
+        raise ValueError("prefetch must be 0, 1, 2 or 3")
     if barrier and buf.is_cuda and not _all_resident(blocks, per_sm, prefetch, buf.device):
         raise ValueError(f"{blocks} blocks of stream_phases are not all resident at once on this GPU: its grid "
                          "barrier would wait forever")

@@ -8,7 +8,9 @@
 //   PREFETCH  1: a thread's first loads of the next phase are issued before that barrier (weights never depend on
 //             the phase before; only activations would); 2: its first AHEAD units of each phase are copied into
 //             shared memory (cp.async, no registers held) before the barrier or the launch's wait, and read from
-//             there after it, so that the dependency finds DRAM busy
+//             there after it, so that the dependency finds DRAM busy; 3: the block's share of the phase requested
+//             into L2 (cp.async.bulk.prefetch, 4 KB a thread) and its first loads issued, before the barrier or the
+//             wait (no registers or shared memory held: the loads after it find the bytes on chip or on the way)
 // With programmatic dependent launch the first loads are in flight before griddepcontrol.wait, and the next launch
 // is released once the last ones are read, as the GEMVs do.
 
@@ -54,6 +56,18 @@ DEV u32 take_ahead(u32 acc) {
 }
 #endif
 
+#if PREFETCH == 3
+// The block's 256-unit groups of units lo .. hi (lo + b * 256, then every stride), one bulk L2 prefetch a thread.
+DEV void prefetch_l2(const U4* w, long long lo, long long hi, long long stride) {
+#if !defined(LOWBIT_HOST) && __CUDA_ARCH__ >= 900
+    for (long long j = lo + (long long)blockIdx.x * 256 + threadIdx.x * stride; j < hi; j += 256 * stride) {
+        const unsigned bytes = (unsigned)(16 * (hi - j < 256 ? hi - j : 256));
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(w + j), "r"(bytes) : "memory");
+    }
+#endif
+}
+#endif
+
 // Every block arrives, the last one to arrive starts the next generation; the count resets itself (sync[0]: the
 // arrivals, sync[1]: the generation). On the CPU blocks run one after another, so there is nothing to wait for.
 DEV void grid_barrier(unsigned* sync) {
@@ -90,6 +104,9 @@ stream_phases(const U4* __restrict__ w, const long long* __restrict__ bounds, in
     load_group(v, w, i, stride, bounds[1]);
     acc = take_ahead(acc);
 #else
+#if PREFETCH == 3
+    prefetch_l2(w, bounds[0], bounds[1], stride);
+#endif
     load_group(v, w, i, stride, bounds[1]);
     wait_for_inputs();
 #endif
@@ -111,6 +128,9 @@ stream_phases(const U4* __restrict__ w, const long long* __restrict__ bounds, in
         load_group(v, w, i, stride, bounds[p + 2]);
         acc = take_ahead(acc);
 #else
+#if PREFETCH == 3
+        prefetch_l2(w, bounds[p + 1], bounds[p + 2], stride);
+#endif
         if (PREFETCH) load_group(v, w, i, stride, bounds[p + 2]);
         if (BARRIER) grid_barrier(sync);
         if (!PREFETCH) load_group(v, w, i, stride, bounds[p + 2]);
