@@ -258,26 +258,6 @@ def test_step_scaled_variants_compile(name: str) -> None:
         assert cuda_jit.compile_cubin(source, "gemv_mma.cu", "sm_90")[:4] == b"\x7fELF"
 
 
-@pytest.mark.skipif(not nvrtc_found(), reason="needs NVRTC (the nvidia-cuda-nvrtc wheel of the test extra)")
-def test_codes_requested_into_l2_ahead_compile(monkeypatch: pytest.MonkeyPatch) -> None:
-    """LOWBIT_CUDA_L2_AHEAD's bulk prefetches compile for sm_90 (and to nothing for sm_80): one tile a block or
-    looping, one or two row blocks a warp, gated."""
-    from lowbit.kernels import cuda_jit
-
-    monkeypatch.setattr(cuda_gemv, "L2_AHEAD", 2)
-    cuda_gemv._source.cache_clear()
-    try:
-        for name in ("nz2_ch", "iq2_xxs"):
-            p = cuda_gemv.plan(get_format(name), (64, 8192))
-            for gated, resident, tiles, arch in ((False, False, 1, "sm_90"), (True, True, 1, "sm_90"),
-                                                 (False, True, 2, "sm_90"), (False, True, 1, "sm_80")):
-                source = cuda_gemv._source(p, 1, cuda_gemv.WARPS_MANY, 1, gated, True, 0, False, resident, tiles)
-                assert "#define L2_AHEAD 2" in source
-                assert cuda_jit.compile_cubin(source, "gemv_mma.cu", arch)[:4] == b"\x7fELF"
-    finally:
-        cuda_gemv._source.cache_clear()
-
-
 def _nvdisasm():  # noqa: ANN202 - Path | None: Triton's wheel ships it
     import triton
 
@@ -839,33 +819,6 @@ def test_any_number_of_warps_on_gpu(name: str, m: int, warps: int, monkeypatch: 
     p = cuda_gemv.plan(fmt, qt.shape)
     assert cuda_gemv.launch(p, m, 4608, 200, torch.device("cuda")).warps == warps
     _plain_residual_and_gated_match_reference(fmt, qt, p, m)
-
-
-@gpu
-@pytest.mark.gpu
-@pytest.mark.parametrize("name", ["nz2_ch", "e8p_ch", "iq2_xxs", "q4_0", "q3_k"])
-@pytest.mark.parametrize(("m", "loop"), [(1, False), (1, True), (8, True)])
-def test_codes_requested_into_l2_ahead_leave_the_product_as_it_was(name: str, m: int, loop: bool,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """LOWBIT_CUDA_L2_AHEAD (each block's first tiles' codes prefetched into L2 before the wait): the same bits as
-    without it, plain, with a residual and gated, one tile a block or (``loop``) two blocks looping over 200 rows."""
-    if loop:
-        _blocks_loop(monkeypatch, sms=1)
-    fmt, qt = _packed(name, (200, 4608), seed=m + 7)
-    p = cuda_gemv.plan(fmt, qt.shape)
-    gen = torch.Generator("cuda").manual_seed(m)
-    x = torch.randn(m, 4608, device="cuda", dtype=torch.float16, generator=gen)
-    res = torch.randn(m, 200, device="cuda", dtype=torch.float16, generator=gen)
-
-    def products() -> list[torch.Tensor]:
-        cuda_gemv._source.cache_clear()
-        return [cuda_gemv.gemv(x, fmt, qt, p), cuda_gemv.gemv(x, fmt, qt, p, residual=res),
-                cuda_gemv.gemv(x, fmt, qt, p, gated=True)]
-    plain = products()
-    monkeypatch.setattr(cuda_gemv, "L2_AHEAD", 3)
-    ahead = products()
-    cuda_gemv._source.cache_clear()
-    assert all(torch.equal(a, b) for a, b in zip(plain, ahead, strict=True))
 
 
 @gpu

@@ -496,11 +496,6 @@ def layout_ready(fmt: Format, qt: QuantizedTensor, p: Plan) -> bool:
     return not needs_layout(p) or _weights(fmt, qt, p) is not None
 
 
-# ``LOWBIT_CUDA_L2_AHEAD``: n > 0 has each block request its first n tiles' codes into L2 (bulk prefetches) before
-# it waits for the kernel ahead (programmatic dependent launch) and stages the activations; 0 (default): none.
-L2_AHEAD = int(os.environ.get("LOWBIT_CUDA_L2_AHEAD", "0"))
-
-
 @cache
 def _source(p: Plan, staged_x: int = 0, warps: int = WARPS_FEW, min_blocks: int = 1, gated: bool = False,
             full: bool = False, norm_qs: int = 0, resid: bool = False, resident: bool = False, tiles: int = 1) -> str:
@@ -508,7 +503,7 @@ def _source(p: Plan, staged_x: int = 0, warps: int = WARPS_FEW, min_blocks: int 
     each thread holding that many groups of its units in registers (:func:`norm_groups`); ``resident``: blocks loop
     over row blocks (:data:`RESIDENT_GRID`); ``tiles``: row blocks per warp (:func:`row_tiles`)."""
     defines = p.defines(staged_x, warps, min_blocks, gated, full, norm_qs, resid, resident, tiles)
-    return cuda_jit.source("gemv_mma.cu", defines + (f"#define L2_AHEAD {L2_AHEAD}\n" if L2_AHEAD else ""))
+    return cuda_jit.source("gemv_mma.cu", defines)
 
 
 def min_blocks_for(warps: int, m: int = 8, tiles: int = 1) -> int:

@@ -805,38 +805,6 @@ DEV void finish_tile(float* d, const RowPtrs& rp, float (*part)[32][4], int row0
     store_rows(d, part, row0, y, res, N, M);
 }
 
-#ifndef L2_AHEAD
-#define L2_AHEAD 0
-#endif
-#if L2_AHEAD
-// The codes of the block's first L2_AHEAD tiles requested into L2 (cp.async.bulk.prefetch, 4 KB a thread) before the
-// wait for the kernel ahead: weights never depend on it, and the step loop then finds them on chip or on the way
-// instead of starting DRAM only as it reaches them (cuda_gemv.L2_AHEAD, off unless set).
-DEV void prefetch_codes(const u32* codes, int N, int chunks, int tiles) {
-#if !defined(LOWBIT_HOST) && __CUDA_ARCH__ >= 900
-    for (int i = 0; i < L2_AHEAD * TILES; ++i) {
-        const int tile = blockIdx.x + (RESIDENT ? i / TILES : 0) * gridDim.x;
-        if (tile >= tiles || (!RESIDENT && i >= TILES)) break;
-        const int rb = tile * TILES + i % TILES;
-#if GATED
-        const int rows = 8, r0 = rb * 8;  // and the up rows, N further
-#else
-        const int rows = 16, r0 = rb * 16;
-#endif
-        for (int half = 0; half < (GATED ? 2 : 1); ++half) {
-            const long long lo = (long long)(r0 + half * N) * chunks;
-            const long long hi = (long long)(min(r0 + rows, N) + half * N) * chunks;
-            for (long long j = lo + 256LL * threadIdx.x; j < hi; j += 256LL * WARPS * 32) {
-                const unsigned bytes = (unsigned)(16 * (hi - j < 256 ? hi - j : 256));
-                asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"((const U4*)codes + j), "r"(bytes)
-                             : "memory");
-            }
-        }
-    }
-#endif
-}
-#endif
-
 // Blocks loop over row blocks (tile, tile + gridDim.x, ...): cuda_gemv launches as many as stay resident, so each
 // stages (and normalizes) the activations once for all its row blocks, and the next row block's first weights are
 // requested before this one's partial sums are added. TILES 2: a tile is two row blocks (variables ...1 for the
@@ -861,9 +829,6 @@ gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u1
 #if TILES == 2
     Rows r1 = rows_of(blockIdx.x * TILES + 1, N);
     Step next1 = first_step(row_ptrs(codes, scales, mins, tables, r1, chunks, groups), c0);
-#endif
-#if L2_AHEAD
-    prefetch_codes(codes, N, chunks, tiles);
 #endif
     stage_block(tables, x, K, M, nw, eps);
 #if KIND != 0 || XS
