@@ -110,9 +110,13 @@ def _numpy_breaks_interpreter() -> bool:
     return tuple(int(p) for p in np.__version__.split(".")[:2]) >= (2, 5)
 
 
-def run_in_interpreter(script: str, *args: object) -> dict:
+def run_in_interpreter(script: str, *args: object, parts: int = 2) -> dict:
     """Run ``script`` (which prints one JSON object last) under TRITON_INTERPRET=1 with LOWBIT_KERNELS=triton, in a
-    subprocess because both flags are read at import; args are passed JSON-encoded. Skips without triton."""
+    subprocess because both flags are read at import; args are passed JSON-encoded. Skips without triton.
+
+    The interpreter runs on one core: ``parts`` processes run at once, each given every ``parts``-th entry of the
+    first argument (the cases; the rest go to each whole), and their objects are merged. A fixed number, not the
+    machine's cores, so every machine draws the same inputs. ``parts=1`` for scripts whose work is not per case."""
     import json
     import os
     import subprocess
@@ -126,10 +130,15 @@ def run_in_interpreter(script: str, *args: object) -> dict:
         pytest.skip("Triton 3.6's interpreter fails on runtime-bounded loops with numpy >= 2.5 (the test extra pins "
                     "numpy < 2.5; GPU images may ship 2.5)")
     env = dict(os.environ, TRITON_INTERPRET="1", LOWBIT_KERNELS="triton")
-    out = subprocess.run([sys.executable, "-c", script, *(json.dumps(a) for a in args)], env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    shares = [args] if parts == 1 or not args else [(args[0][i::parts], *args[1:]) for i in range(parts)]
+    procs = [subprocess.Popen([sys.executable, "-c", script, *(json.dumps(a) for a in share)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for share in shares]
+    merged: dict = {}
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, stderr[-3000:]
+        merged |= json.loads(stdout.strip().splitlines()[-1])
+    return merged
 
 
 def fails_on_call(real, call: int, error: BaseException):  # noqa: ANN001, ANN201 - wraps any callable

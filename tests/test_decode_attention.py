@@ -128,7 +128,7 @@ print(json.dumps(out))
 
 @pytest.fixture(scope="module")
 def interpreter_results():
-    return run_in_interpreter(_SCRIPT, CASES, STEP_CASES)
+    return run_in_interpreter(_SCRIPT, CASES, STEP_CASES, parts=1)  # a model's steps after the cases
 
 
 @pytest.mark.parametrize("case", CASES, ids=[",".join(map(str, c)) for c in CASES])
