@@ -133,3 +133,72 @@ def test_demo_picks_the_smallest_good_model() -> None:
     rows = [row("fp16", 269, 0.0), row("a", 116, 0.05), row("b", 99, GOOD_KL / 2), row("c", 84, 2 * GOOD_KL)]
     assert smallest_good(rows, {"a", "b", "c"}).variant == "b"
     assert smallest_good([row("c", 84, 2 * GOOD_KL), row("d", 90, 3 * GOOD_KL)], {"c", "d"}).variant == "c"
+
+
+def test_load_auto_dtype_follows_the_device(tiny_model_dir) -> None:
+    """'auto': float16 on CUDA (the GEMVs' activations), float32 on a CPU; anything else but a torch dtype is
+    refused before loading."""
+    from lowbit.models.walker import decode_dtype
+
+    assert decode_dtype("cuda") == torch.float16 and decode_dtype(torch.device("cuda", 1)) == torch.float16
+    assert decode_dtype("cpu") == torch.float32
+    model, _ = lowbit.load(tiny_model_dir, device="cpu", dtype="auto")
+    assert next(model.parameters()).dtype == torch.float32
+    with pytest.raises(LowbitError, match="dtype must be a torch dtype or 'auto'"):
+        lowbit.load(tiny_model_dir, device="cpu", dtype="float16")
+
+
+def test_fast_decoding_says_when_a_cuda_model_computes_in_another_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model with packed linears on CUDA in float32 or bfloat16 would decode its matmuls on slower kernels than
+    in float16: fast decoding says so (and how to load it), and says nothing for float16, a CPU, or a float
+    model."""
+    from types import SimpleNamespace
+
+    from lowbit.serve import generate
+
+    class Packed(torch.nn.Linear):
+        pass
+
+    monkeypatch.setattr(generate, "QuantLinear", Packed)
+
+    def on(device: str, dtype: torch.dtype, packed: bool = True) -> torch.nn.Module:
+        model = torch.nn.Sequential(Packed(4, 4) if packed else torch.nn.Linear(4, 4))
+        fake = SimpleNamespace(device=torch.device(device), dtype=dtype)
+        model.parameters = lambda: iter([fake])
+        return model
+
+    note = generate.slow_dtype_note(on("cuda", torch.float32))
+    assert "computes in float32" in note and "dtype='auto'" in note
+    assert "bfloat16" in generate.slow_dtype_note(on("cuda", torch.bfloat16))
+    assert generate.slow_dtype_note(on("cuda", torch.float16)) is None
+    assert generate.slow_dtype_note(on("cpu", torch.float32)) is None
+    assert generate.slow_dtype_note(on("cuda", torch.float32, packed=False)) is None
+    with pytest.warns(UserWarning, match="computes in float32"):
+        assert generate.fast_or_loop(on("cuda", torch.float32), True, True, False, lambda: "decoder", "") == "decoder"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_checkpoint_loaded_to_generate_on_cuda_decodes_on_the_cuda_gemv(tiny_tokenizer, tmp_path: Path) -> None:
+    """lowbit.load(..., dtype='auto') on CUDA (what lowbit generate and serve do): float16, every packed linear's
+    batch-1 matmul routed to the CUDA GEMV, and generation without the slow-dtype warning."""
+    import warnings
+
+    from lowbit.kernels import dispatch
+    from lowbit.models.quant_linear import QuantLinear
+    from lowbit.serve.generate import SamplingParams
+
+    model = make_model("llama", vocab=len(tiny_tokenizer))
+    result = lowbit.quantize(model, "q4_0", device="cpu", progress=False)
+    out = lowbit.save(model, tiny_tokenizer, tmp_path / "q", result=result)
+    loaded, tok = lowbit.load(out, device="cuda", dtype="auto")
+    assert next(loaded.parameters()).dtype == torch.float16
+    linears = [m for m in loaded.modules() if isinstance(m, QuantLinear)]
+    assert linears
+    for q in linears:
+        x = torch.randn(1, q.in_features, device="cuda", dtype=torch.float16)
+        assert dispatch.route(x, q.fmt, q.quantized().shape) == "cuda"
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="the model computes in")
+        text = "".join(lowbit.generate(loaded, tok, "hello", params=SamplingParams(max_new_tokens=4, temperature=0)))
+    assert isinstance(text, str)

@@ -107,3 +107,20 @@ def test_hessian_shrink_default_at_every_calibration_size_unless_given():
     assert shrink(None, None) == 0.5 and shrink(16, 512) == 0.5  # the CPU default (64 x 128) and 16 x 512: 8k tokens
     assert shrink(128, 2048) == 0.5  # the GPU default: 256k tokens of one kind of text (docs/gguf.md)
     assert shrink(16, 512, 0.0) == 0.0 and shrink(128, 2048, 0.3) == 0.3  # --shrink wins
+
+
+@pytest.mark.parametrize(("argv", "want"), [
+    (["generate", "-p", "hi"], "auto"), (["serve"], "auto"), (["generate", "-p", "hi", "--dtype", "bfloat16"], "bf16"),
+    (["serve", "--dtype", "float32"], "fp32"), (["eval"], "fp32"), (["compare", "--formats", "q4_0"], "fp32")])
+def test_generate_and_serve_load_for_decoding_evaluating_in_float32(argv, want, monkeypatch):
+    """generate and serve load with dtype 'auto' (float16 on CUDA, where the packed GEMVs take it; float32 on a
+    CPU) unless --dtype says otherwise; eval and compare keep float32."""
+    import torch
+
+    import lowbit
+    from lowbit.cli import _load, build_parser
+
+    seen = {}
+    monkeypatch.setattr(lowbit, "load", lambda model, device=None, dtype=None: seen.setdefault("dtype", dtype))
+    _load(build_parser().parse_args(argv))
+    assert seen["dtype"] == {"auto": "auto", "bf16": torch.bfloat16, "fp32": torch.float32}[want]

@@ -37,7 +37,7 @@ from lowbit.io.hf_export import HFExportReport, check_target
 from lowbit.io.hf_export import export_hf as _export_hf
 from lowbit.io.loader import load_model
 from lowbit.models.fused_rotation import fuse_rotation
-from lowbit.models.walker import default_device, round_to_storage
+from lowbit.models.walker import decode_dtype, default_device, round_to_storage
 from lowbit.recipe import Recipe
 from lowbit.serve.fast_decode import StaticDecoder
 from lowbit.serve.generate import (
@@ -51,14 +51,22 @@ from lowbit.serve.generate import (
 
 
 def load(model: str | Path | None = None, *, device: str | None = None,
-         dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
+         dtype: torch.dtype | str = torch.float32) -> tuple[nn.Module, Any]:
     """(model in eval mode, tokenizer) from the bundled default (``None``), an HF directory, a hub id in the local
     cache, or a lowbit checkpoint. Float weights are rounded to float16, as they are stored, and computed in
-    ``dtype``; nothing is ever downloaded from a model hub.
+    ``dtype``: float32 by default (for quantizing, tuning and evaluating), ``"auto"`` for generating or serving:
+    float16 on CUDA, whose packed GEMVs take float16 activations (a float32 model there decodes on slower
+    kernels), float32 on a CPU. Nothing is ever downloaded from a model hub.
 
     >>> model, tok = lowbit.load("path/to/llama-dir", device="cpu")
+    >>> model, tok = lowbit.load("out/smol-q4_0", device="cuda", dtype="auto")   # to generate: float16
     """
-    m, tok = load_model(model, dtype=dtype, device=device or default_device())
+    device = device or default_device()
+    if dtype == "auto":
+        dtype = decode_dtype(device)
+    elif not isinstance(dtype, torch.dtype):
+        raise LowbitError(f"dtype must be a torch dtype or 'auto', got {dtype!r}")
+    m, tok = load_model(model, dtype=dtype, device=device)
     return round_to_storage(m), tok
 
 

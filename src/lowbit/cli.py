@@ -21,6 +21,12 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
 
 
+def _add_decode_dtype(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
+                   help="what the model computes in (default auto: float16 on CUDA, whose packed GEMVs take float16 "
+                        "activations; float32 on a CPU)")
+
+
 def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seqlen", type=int, default=None, help="window length (default 2048 or the model's max)")
     p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows (faster)")
@@ -160,11 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", "-p", required=True, help="prompt text ('-' reads it from stdin)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
     p.add_argument("--system", default=None, help="system message (with --chat)")
+    _add_decode_dtype(p)
     _add_fast(p, "The default on CUDA, where --no-fast runs the dynamic-cache loop")
     _add_sampling(p)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
     _add_model(p)
+    _add_decode_dtype(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default %(default)s: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default %(default)s)")
     p.add_argument("--model-name", default=None, help="model id clients use (default: the model's folder name)")
@@ -423,9 +431,13 @@ def _recipe(args: argparse.Namespace, fmt: str):  # noqa: ANN202
 
 
 def _load(args: argparse.Namespace):  # noqa: ANN202
+    import torch
+
     import lowbit
 
-    return lowbit.load(args.model, device=args.device)
+    dtype = getattr(args, "dtype", None)  # generate and serve; evaluating computes in float32
+    return lowbit.load(args.model, device=args.device,
+                       dtype=torch.float32 if dtype is None else "auto" if dtype == "auto" else getattr(torch, dtype))
 
 
 # ------------------------------------------------------------------------------------------------------ commands

@@ -27,6 +27,7 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.eval.perplexity import model_max_length as context_length
+from lowbit.models.quant_linear import QuantLinear
 
 # Prompt format for tokenizers without a chat template: one "Role: content" line per message, then "Assistant:".
 # Generation also stops at the next "\nUser:" so a base model does not write the user's turn too.
@@ -222,6 +223,9 @@ def fast_or_loop(model: nn.Module, fast: bool, auto: bool, weight_cache: bool, b
     use_weight_cache(model, weight_cache, fast=fast)
     if not fast:
         return None
+    note = slow_dtype_note(model)
+    if note:
+        warnings.warn(note, stacklevel=3)
     try:
         return build()
     except Exception as e:  # noqa: BLE001 - any model a static cache cannot serve decodes the ordinary way
@@ -230,6 +234,20 @@ def fast_or_loop(model: nn.Module, fast: bool, auto: bool, weight_cache: bool, b
         warnings.warn(f"{fallback} ({e})", stacklevel=3)
         use_weight_cache(model, weight_cache)
         return None
+
+
+def slow_dtype_note(model: nn.Module) -> str | None:
+    """Why a model's packed matmuls would decode on slower kernels than it could: one on CUDA computing in another
+    dtype than float16, the only one lowbit's CUDA GEMVs take (loaded with float32, ``lowbit.load``'s default for
+    quantizing and evaluating). None where there is nothing to say."""
+    param = next(model.parameters(), None)
+    if param is None or param.device.type != "cuda" or param.dtype == torch.float16:
+        return None
+    if not any(isinstance(m, QuantLinear) for m in model.modules()):
+        return None
+    name = str(param.dtype).removeprefix("torch.")
+    return (f"the model computes in {name}: lowbit's CUDA GEMVs take float16 activations, so its packed matmuls "
+            "decode on slower kernels; load it with dtype='auto' (lowbit generate and serve do) or torch.float16")
 
 
 def use_weight_cache(model: nn.Module, enabled: bool = True, fast: bool = False) -> int:
