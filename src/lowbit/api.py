@@ -35,9 +35,9 @@ from lowbit.io.gguf_export import ExportReport
 from lowbit.io.gguf_export import export_gguf as _export_gguf
 from lowbit.io.hf_export import HFExportReport, check_target
 from lowbit.io.hf_export import export_hf as _export_hf
-from lowbit.io.loader import load_model
+from lowbit.io.loader import decode_dtype, load_model
 from lowbit.models.fused_rotation import fuse_rotation
-from lowbit.models.walker import decode_dtype, default_device, round_to_storage
+from lowbit.models.walker import default_device, round_to_storage
 from lowbit.recipe import Recipe
 from lowbit.serve.fast_decode import StaticDecoder
 from lowbit.serve.generate import (
@@ -55,15 +55,16 @@ def load(model: str | Path | None = None, *, device: str | None = None,
     """(model in eval mode, tokenizer) from the bundled default (``None``), an HF directory, a hub id in the local
     cache, or a lowbit checkpoint. Float weights are rounded to float16, as they are stored, and computed in
     ``dtype``: float32 by default (for quantizing, tuning and evaluating), ``"auto"`` for generating or serving:
-    float16 on CUDA, whose packed GEMVs take float16 activations (a float32 model there decodes on slower
-    kernels), float32 on a CPU. Nothing is ever downloaded from a model hub.
+    on CUDA float16 for a lowbit checkpoint, whose packed GEMVs take float16 activations (in float32 it decodes on
+    slower kernels), and a float model's own float16 or bfloat16; float32 on a CPU
+    (:func:`~lowbit.io.loader.decode_dtype`). Nothing is ever downloaded from a model hub.
 
     >>> model, tok = lowbit.load("path/to/llama-dir", device="cpu")
     >>> model, tok = lowbit.load("out/smol-q4_0", device="cuda", dtype="auto")   # to generate: float16
     """
     device = device or default_device()
     if dtype == "auto":
-        dtype = decode_dtype(device)
+        dtype = decode_dtype(model, device)
     elif not isinstance(dtype, torch.dtype):
         raise LowbitError(f"dtype must be a torch dtype or 'auto', got {dtype!r}")
     m, tok = load_model(model, dtype=dtype, device=device)

@@ -23,8 +23,9 @@ def _add_model(p: argparse.ArgumentParser) -> None:
 
 def _add_decode_dtype(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
-                   help="what the model computes in (default auto: float16 on CUDA, whose packed GEMVs take float16 "
-                        "activations; float32 on a CPU)")
+                   help="what the model computes in (default auto: on CUDA float16 for a lowbit checkpoint, whose "
+                        "packed GEMVs take float16 activations, a float model's own float16 or bfloat16; float32 on "
+                        "a CPU)")
 
 
 def _add_eval(p: argparse.ArgumentParser) -> None:

@@ -59,6 +59,21 @@ def check_source(name_or_path: str | Path | None) -> str:
     return src
 
 
+def decode_dtype(name_or_path: str | Path | None, device: str | torch.device) -> torch.dtype:
+    """The dtype a model decodes fastest in on ``device`` (``lowbit.load``'s ``dtype="auto"``): on CUDA float16 for
+    a lowbit checkpoint (its float tensors are stored in float16, and lowbit's GEMVs take float16 activations) and
+    a float model's own float16 or bfloat16 (else float16), as transformers would compute it; float32 on a CPU."""
+    if torch.device(device).type != "cuda":
+        return torch.float32
+    src = resolve(name_or_path)
+    if is_quantized_dir(src):
+        return torch.float16
+    config = load_config(src)[1]
+    own = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    own = getattr(torch, own, None) if isinstance(own, str) else own
+    return own if own in (torch.float16, torch.bfloat16) else torch.float16
+
+
 def load_model(name_or_path: str | Path | None = None, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu") -> tuple[nn.Module, object]:
     """(model in eval mode, tokenizer). Quantized lowbit directories load through :mod:`lowbit.io`. A local

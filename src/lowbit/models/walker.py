@@ -79,12 +79,6 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def decode_dtype(device: str | torch.device) -> torch.dtype:
-    """The dtype a model decodes fastest in on ``device``: float16 on CUDA, where lowbit's GEMVs take float16
-    activations (the float tensors are stored in float16 anyway), float32 on a CPU."""
-    return torch.float16 if torch.device(device).type == "cuda" else torch.float32
-
-
 def round_to_storage(model: nn.Module) -> nn.Module:
     """Round unquantized float weights to float16, as they are stored, while computing in float32."""
     with torch.no_grad():
