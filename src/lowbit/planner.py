@@ -350,8 +350,9 @@ def run_plan(models: list[str | None], memory: str, context: int = 4096, formats
               "of the results files for this model and variant; 'estimated' = relative increase over fp16 "
               "interpolated log-log in bpw along the method's measured rows (see lowbit/eval/planner.py), "
               "applied to the candidate's fp16 perplexity - measured on a small model, so pessimistic for larger "
-              "ones. lowbit generate/serve keep dequantized weights in float32 unless --no-weight-cache: budget "
-              "for that, or run with the flag."]
+              "ones. On a GPU lowbit generate/serve decode from the packed weights in float16, as counted; on a "
+              "CPU they compute in float32 and keep dequantized weights unless --no-weight-cache: budget for "
+              "that, or run with the flag."]
     return "\n".join(lines)
 
 
