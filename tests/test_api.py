@@ -158,6 +158,18 @@ def test_load_auto_dtype_follows_the_device_and_the_model(tiny_model_dir, tiny_t
         lowbit.load(tiny_model_dir, device="cpu", dtype="float16")
 
 
+@pytest.mark.parametrize("fmt", ["q4_0", "nz2_ch", "iq2_xxs"])
+def test_a_quantized_model_halved_is_its_checkpoint_loaded_in_float16(fmt: str, tiny_tokenizer, tmp_path: Path) -> None:
+    """model.half() on a model just quantized (what the slow-dtype note suggests for one in memory) gives the logits
+    of its checkpoint loaded with dtype=torch.float16, bit for bit."""
+    model = round_to_storage(make_model("llama", vocab=len(tiny_tokenizer)))
+    out = lowbit.save(model, tiny_tokenizer, tmp_path / "q", result=lowbit.quantize(model, fmt, progress=False))
+    loaded, _ = lowbit.load(out, device="cpu", dtype=torch.float16)
+    ids = torch.randint(0, len(tiny_tokenizer), (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model.half()(ids).logits, loaded(ids).logits)
+
+
 def test_fast_decoding_says_when_a_cuda_model_computes_in_another_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
     """A model with packed linears on CUDA in float32 or bfloat16 would decode its matmuls on slower kernels than
     in float16: fast decoding says so (and how to load it), and says nothing for float16, a CPU, or a float
@@ -178,7 +190,7 @@ def test_fast_decoding_says_when_a_cuda_model_computes_in_another_dtype(monkeypa
         return model
 
     note = generate.slow_dtype_note(on("cuda", torch.float32))
-    assert "computes in float32" in note and "dtype='auto'" in note
+    assert "computes in float32" in note and "dtype='auto'" in note and "model.half()" in note
     assert "bfloat16" in generate.slow_dtype_note(on("cuda", torch.bfloat16))
     assert generate.slow_dtype_note(on("cuda", torch.float16)) is None
     assert generate.slow_dtype_note(on("cpu", torch.float32)) is None

@@ -247,7 +247,8 @@ def slow_dtype_note(model: nn.Module) -> str | None:
         return None
     name = str(param.dtype).removeprefix("torch.")
     return (f"the model computes in {name}: lowbit's CUDA GEMVs take float16 activations, so its packed matmuls "
-            "decode on slower kernels; load it with dtype='auto' (lowbit generate and serve do) or torch.float16")
+            "decode on slower kernels; load it with dtype='auto' (lowbit generate and serve do), or call "
+            "model.half() on one in memory")
 
 
 def use_weight_cache(model: nn.Module, enabled: bool = True, fast: bool = False) -> int:
