@@ -10,7 +10,14 @@ from torch import nn
 from lowbit.data.assets import DEFAULT_MODEL, default_model_dir
 from lowbit.errors import BadFileError, LowbitError, one_line
 from lowbit.io.checkpoint import is_quantized_dir, load_quantized, read_info
-from lowbit.io.validate import check_checkpoint_files, check_finite, check_float_dir, load_tokenizer, read_config
+from lowbit.io.validate import (
+    check_checkpoint_files,
+    check_finite,
+    check_float_dir,
+    declared_dtype,
+    load_tokenizer,
+    read_config,
+)
 from lowbit.models.walker import check_supported
 
 
@@ -68,9 +75,7 @@ def decode_dtype(name_or_path: str | Path | None, device: str | torch.device) ->
     src = resolve(name_or_path)
     if is_quantized_dir(src):
         return torch.float16
-    config = load_config(src)[1]
-    own = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    own = getattr(torch, own, None) if isinstance(own, str) else own
+    own = declared_dtype(load_config(src)[1])
     return own if own in (torch.float16, torch.bfloat16) else torch.float16
 
 

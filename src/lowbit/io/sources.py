@@ -29,6 +29,7 @@ from lowbit.io.synthetic import SHAPES, byte_tokenizer, synthetic_config, synthe
 from lowbit.io.validate import (
     TensorInfo,
     check_float_dir,
+    declared_dtype,
     load_tokenizer,
     read_config,
     read_weight_headers,
@@ -88,10 +89,8 @@ class CheckpointSource(WeightSource):
         self._check_dtypes()
 
     def _check_dtypes(self) -> None:
-        want = getattr(self.config, "dtype", None) or getattr(self.config, "torch_dtype", None)
-        if isinstance(want, str):
-            want = getattr(torch, want, None) if want != "auto" else None
-        if not isinstance(want, torch.dtype):
+        want = declared_dtype(self.config)
+        if want is None:
             return
         for key, info in self._where.items():
             if info.torch_dtype.is_floating_point and info.torch_dtype != want:

@@ -126,6 +126,15 @@ def _short(v: object) -> str:
 # ------------------------------------------------------------------------------------------------------ config.json
 
 
+def declared_dtype(config: object) -> torch.dtype | None:
+    """The dtype a model's config declares (``dtype``, or older transformers' ``torch_dtype``; a name or a dtype),
+    None where it declares none or "auto"."""
+    want = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(want, str):
+        want = getattr(torch, want, None) if want != "auto" else None
+    return want if isinstance(want, torch.dtype) else None
+
+
 def read_config(src: Path) -> Any:
     """The transformers config of the model directory ``src``, after checking ``config.json`` field by field
     against the architecture's defaults (a wrong type there would only fail later, inside a forward pass)."""
