@@ -498,13 +498,12 @@ def layout_ready(fmt: Format, qt: QuantizedTensor, p: Plan) -> bool:
 
 @cache
 def _source(p: Plan, staged_x: int = 0, warps: int = WARPS_FEW, min_blocks: int = 1, gated: bool = False,
-            full: bool = False, norm_qs: int = 0, resid: bool = False, resident: bool = False, tiles: int = 1,
-            kconst: int = 0) -> str:
+            full: bool = False, norm_qs: int = 0, resid: bool = False, resident: bool = False, tiles: int = 1) -> str:
     """The kernel's source for these settings; ``norm_qs`` > 0: the batch-1 row is RMS-normalized while staged,
     each thread holding that many groups of its units in registers (:func:`norm_groups`); ``resident``: blocks loop
     over row blocks (:data:`RESIDENT_GRID`); ``tiles``: row blocks per warp (:func:`row_tiles`)."""
     defines = p.defines(staged_x, warps, min_blocks, gated, full, norm_qs, resid, resident, tiles)
-    return cuda_jit.source("gemv_mma.cu", defines + f"#define KCONST {kconst}\n")
+    return cuda_jit.source("gemv_mma.cu", defines)
 
 
 def min_blocks_for(warps: int, m: int = 8, tiles: int = 1) -> int:
@@ -703,14 +702,9 @@ class Call:
 _CALLS: dict[tuple, tuple[Plan, Call]] = {}
 
 
-# ``LOWBIT_CUDA_KCONST=1``: each kernel compiled for its row length (K a constant: loops of known trip count, no
-# pointer arithmetic on K at run time), an experiment switch measured against the default.
-KCONST = os.environ.get("LOWBIT_CUDA_KCONST", "0") == "1"
-
-
 def _settings() -> tuple:
-    return (KCONST, WARPS_SET, ROW_TILES, STAGED_X, STAGED_ROWS, STAGED_ROWS_BIG, RESIDENT_GRID,
-            verified.GPU_UNVERIFIED, sm_count, shared_memory)
+    return (WARPS_SET, ROW_TILES, STAGED_X, STAGED_ROWS, STAGED_ROWS_BIG, RESIDENT_GRID, verified.GPU_UNVERIFIED,
+            sm_count, shared_memory)
 
 
 def _call(p: Plan, m: int, k: int, n: int, device: torch.device, gated: bool, normed: bool, resid: bool) -> Call:
@@ -724,8 +718,7 @@ def _call(p: Plan, m: int, k: int, n: int, device: torch.device, gated: bool, no
         at = launch(p, m, k, n, device, gated)
         norm_qs = norm_groups(p, k, at.warps) if normed and at.xs == 1 else 0
         full = k % (4 * half_per_chunk(p)) == 0  # whole steps of 4 chunks: no lane past the row's end
-        source = _source(p, at.xs, at.warps, at.blocks, gated, full, norm_qs, resid, at.grid < at.tiles, at.per_warp,
-                         k if KCONST else 0)
+        source = _source(p, at.xs, at.warps, at.blocks, gated, full, norm_qs, resid, at.grid < at.tiles, at.per_warp)
         if len(_CALLS) >= 4096:  # plans made and dropped over and over (tests) leave no unbounded trail
             _CALLS.clear()
         hit = _CALLS[key] = (p, Call(at, norm_qs, source, (at.grid, 1, 1), (at.warps * 32, 1, 1)))

@@ -123,9 +123,6 @@ DEV U4 zero4() { U4 z = {0u, 0u, 0u, 0u}; return z; }
 DEV u32 word(const U4& v, int j) { return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w; }
 
 #define MAGIC 0x64006400u
-#ifndef KCONST
-#define KCONST 0
-#endif
 
 #if KIND == 0 || KIND == 3
 #define CODES_PER_WORD (32 / BITS)
@@ -816,9 +813,6 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
 gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u16* __restrict__ mins,
          const u16* __restrict__ x, u16* __restrict__ y, const u32* __restrict__ tables, int N, int K, int M,
          int groups, const u16* __restrict__ nw, const u16* __restrict__ res, float eps, int tiles) {
-#if KCONST
-    K = KCONST;  // the row length as a compile-time constant (cuda_gemv.KCONST, an experiment switch)
-#endif
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int chunks = K / HALF_PER_CHUNK;  // 16-byte chunks per row
