@@ -503,7 +503,7 @@ def _source(p: Plan, staged_x: int = 0, warps: int = WARPS_FEW, min_blocks: int 
     each thread holding that many groups of its units in registers (:func:`norm_groups`); ``resident``: blocks loop
     over row blocks (:data:`RESIDENT_GRID`); ``tiles``: row blocks per warp (:func:`row_tiles`)."""
     defines = p.defines(staged_x, warps, min_blocks, gated, full, norm_qs, resid, resident, tiles)
-    return cuda_jit.source("gemv_mma.cu", defines + f"#define PIN_XS {int(PIN_XS)}\n")
+    return cuda_jit.source("gemv_mma.cu", defines)
 
 
 def min_blocks_for(warps: int, m: int = 8, tiles: int = 1) -> int:
@@ -702,12 +702,9 @@ class Call:
 _CALLS: dict[tuple, tuple[Plan, Call]] = {}
 
 
-PIN_XS = os.environ.get("LOWBIT_CUDA_PIN_XS", "0") == "1"  # experiment: the staged row's address kept in a register
-
-
 def _settings() -> tuple:
-    return (PIN_XS, WARPS_SET, ROW_TILES, STAGED_X, STAGED_ROWS, STAGED_ROWS_BIG, RESIDENT_GRID,
-            verified.GPU_UNVERIFIED, sm_count, shared_memory)
+    return (WARPS_SET, ROW_TILES, STAGED_X, STAGED_ROWS, STAGED_ROWS_BIG, RESIDENT_GRID, verified.GPU_UNVERIFIED,
+            sm_count, shared_memory)
 
 
 def _call(p: Plan, m: int, k: int, n: int, device: torch.device, gated: bool, normed: bool, resid: bool) -> Call:
