@@ -233,6 +233,9 @@ def test_every_kernel_variant_compiles_for_ampere_and_hopper(name: str) -> None:
             blocks = cuda_gemv.min_blocks_for(warps, 1 if staged == 1 else 8)
             source = cuda_gemv._source(p, staged, warps, blocks, gated, full, norm, resid)
             jobs += [(source, arch) for arch in ("sm_80",) + (() if stage or not full else ("sm_90",))]
+    # the staged row's address pinned in a register (cuda_gemv.PIN_XS): batch 1, once
+    blocks = cuda_gemv.min_blocks_for(cuda_gemv.WARPS_FEW, 1)
+    jobs.append((cuda_gemv._source(p, 1, cuda_gemv.WARPS_FEW, blocks, False, True, pin=True), "sm_90"))
     # NVRTC programs are independent and ctypes lets go of the GIL: one compile per core halves this test in CI
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         cubins = list(pool.map(lambda job: cuda_jit.compile_cubin(job[0], "gemv_mma.cu", job[1]), jobs))
@@ -806,6 +809,24 @@ def test_batch_rows_staged_past_64_kb_on_gpu(name: str, cols: int, m: int, loop:
     p = cuda_gemv.plan(fmt, qt.shape)
     assert cuda_gemv.staging(m, cols, p, cuda_gemv.rows_room(torch.device("cuda"))) == 2
     _plain_residual_and_gated_match_reference(fmt, qt, p, m)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["nz2_ch", "q4_0", "int2_g64_sym", "int4_g128_sym", "int3_g128_sym", "e8p_ch",
+                                  "iq2_xxs", "q5_k"])
+@pytest.mark.parametrize("cols", [4096, 11008])
+def test_pinned_row_address_on_gpu(name: str, cols: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """LOWBIT_CUDA_PIN_XS=1: batch-1 kernels that keep the staged row's shared address in a register, plain, with a
+    residual and gated, against the float64 reference."""
+    monkeypatch.setattr(cuda_gemv, "PIN_XS", "1")
+    fmt, qt = _packed(name, (200, cols), seed=cols + 7)
+    p = cuda_gemv.plan(fmt, qt.shape)
+    if p is None:
+        pytest.skip(f"{name} at {cols} columns is not served")
+    call = cuda_gemv._call(p, 1, cols, 200, torch.device("cuda"), False, False, False)
+    assert "#define PIN_XS 1" in call.source
+    _plain_residual_and_gated_match_reference(fmt, qt, p, 1)
 
 
 @gpu

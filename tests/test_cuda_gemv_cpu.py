@@ -213,3 +213,39 @@ def test_any_number_of_warps_on_the_cpu(name: str, m: int, warps: int, monkeypat
     at = cuda_gemv.launch(cuda_gemv.plan(get_format(name), shape), m, shape[1], shape[0], torch.device("cpu"))
     assert at.warps == warps
     _check(name, shape, m)
+
+
+def test_the_pinned_row_address_is_chosen_as_lowbit_cuda_pin_xs_says(monkeypatch: pytest.MonkeyPatch) -> None:
+    """cuda_gemv.PIN_XS: "0" never, "1" always (the CPU build reads the row as before, and still matches the
+    reference), "auto" where the pinned kernel spills no more than the plain one (the driver's local-memory size,
+    faked here), any other value refused."""
+    from lowbit.kernels import cuda_jit
+
+    fmt, qt = _packed("nz2_ch", (40, 1024), 7)
+    p = cuda_gemv.plan(fmt, qt.shape)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for setting, define in (("0", "#define PIN_XS 0"), ("1", "#define PIN_XS 1")):
+        monkeypatch.setattr(cuda_gemv, "PIN_XS", setting)
+        assert define in cuda_gemv._call(p, 1, 1024, 40, cpu, False, False, False).source
+        _check("nz2_ch", (40, 1024), 1)
+
+    plain, pinned = cuda_gemv._source(p, 1), cuda_gemv._source(p, 1, pin=True)
+    spills: dict[bool, int] = {}
+
+    class Kernel:  # what cuda_jit.kernel returns on a GPU, as far as the choice reads it
+        def __init__(self, source: str) -> None:
+            self.pinned = source == pinned
+
+        def attribute(self, which: int) -> int:
+            assert which == 3  # CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES
+            return spills[self.pinned]
+
+    monkeypatch.setattr(cuda_jit, "kernel", lambda source, name, device: Kernel(source))
+    monkeypatch.setattr(cuda_gemv, "PIN_XS", "auto")
+    for plain_bytes, pinned_bytes, want in ((0, 0, True), (0, 8, False), (32, 0, True), (16, 16, True)):
+        spills.update({False: plain_bytes, True: pinned_bytes})
+        assert cuda_gemv.pinned(plain, pinned, cuda) is want
+    assert cuda_gemv.pinned(plain, pinned, cpu) is False  # the CPU build has nothing to pin
+    monkeypatch.setattr(cuda_gemv, "PIN_XS", "yes")
+    with pytest.raises(ValueError, match="LOWBIT_CUDA_PIN_XS"):
+        cuda_gemv.pinned(plain, pinned, cuda)

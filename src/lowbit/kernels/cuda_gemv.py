@@ -498,12 +498,36 @@ def layout_ready(fmt: Format, qt: QuantizedTensor, p: Plan) -> bool:
 
 @cache
 def _source(p: Plan, staged_x: int = 0, warps: int = WARPS_FEW, min_blocks: int = 1, gated: bool = False,
-            full: bool = False, norm_qs: int = 0, resid: bool = False, resident: bool = False, tiles: int = 1) -> str:
+            full: bool = False, norm_qs: int = 0, resid: bool = False, resident: bool = False, tiles: int = 1,
+            pin: bool = False) -> str:
     """The kernel's source for these settings; ``norm_qs`` > 0: the batch-1 row is RMS-normalized while staged,
     each thread holding that many groups of its units in registers (:func:`norm_groups`); ``resident``: blocks loop
-    over row blocks (:data:`RESIDENT_GRID`); ``tiles``: row blocks per warp (:func:`row_tiles`)."""
+    over row blocks (:data:`RESIDENT_GRID`); ``tiles``: row blocks per warp (:func:`row_tiles`); ``pin``: the staged
+    batch-1 row's address kept in a register (:data:`PIN_XS`)."""
     defines = p.defines(staged_x, warps, min_blocks, gated, full, norm_qs, resid, resident, tiles)
-    return cuda_jit.source("gemv_mma.cu", defines)
+    return cuda_jit.source("gemv_mma.cu", defines + f"#define PIN_XS {int(pin)}\n")
+
+
+# The staged batch-1 row's shared-memory address kept in a register (PIN_XS in the .cu) instead of recomputed on
+# every pass of the step loop, as ptxas does at the register cap. Measured on an H100 (docs/kernel-measurements.md,
+# "The staged row's address kept in a register"): nz2_ch batch-1 mean 48.1 -> 49.3% of copy bandwidth, q4_0 72.0 ->
+# 72.6%, TG-128 nz2_ch 784.8 -> 790.5 tok/s; int2_g64_sym, which spills 8 bytes with it, 48.1 -> 46.3%.
+# ``LOWBIT_CUDA_PIN_XS``: "auto" keeps it where the kernel spills no more than without it (both compiled at a call's
+# first use), "1" everywhere, "0" (default until its GPU tests have run: tests/test_cuda_gemv.py -k pinned) nowhere.
+PIN_XS = os.environ.get("LOWBIT_CUDA_PIN_XS", "0")
+
+
+def pinned(plain: str, pinned_source: str, device: torch.device) -> bool:
+    """Whether a call runs ``pinned_source`` (the row's address pinned) rather than ``plain`` (:data:`PIN_XS`)."""
+    if PIN_XS not in ("0", "1", "auto"):
+        raise ValueError(f"LOWBIT_CUDA_PIN_XS must be 0, 1 or auto, got {PIN_XS!r}")
+    if PIN_XS != "auto" or device.type != "cuda":  # the CPU build (cuda_host) reads the row as before either way
+        return PIN_XS == "1"
+    return _spill_bytes(pinned_source, device) <= _spill_bytes(plain, device)
+
+
+def _spill_bytes(source: str, device: torch.device) -> int:
+    return cuda_jit.kernel(source, "gemv_mma", device).attribute(3)  # CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES
 
 
 def min_blocks_for(warps: int, m: int = 8, tiles: int = 1) -> int:
@@ -703,8 +727,8 @@ _CALLS: dict[tuple, tuple[Plan, Call]] = {}
 
 
 def _settings() -> tuple:
-    return (WARPS_SET, ROW_TILES, STAGED_X, STAGED_ROWS, STAGED_ROWS_BIG, RESIDENT_GRID, verified.GPU_UNVERIFIED,
-            sm_count, shared_memory)
+    return (PIN_XS, WARPS_SET, ROW_TILES, STAGED_X, STAGED_ROWS, STAGED_ROWS_BIG, RESIDENT_GRID,
+            verified.GPU_UNVERIFIED, sm_count, shared_memory)
 
 
 def _call(p: Plan, m: int, k: int, n: int, device: torch.device, gated: bool, normed: bool, resid: bool) -> Call:
@@ -718,7 +742,10 @@ def _call(p: Plan, m: int, k: int, n: int, device: torch.device, gated: bool, no
         at = launch(p, m, k, n, device, gated)
         norm_qs = norm_groups(p, k, at.warps) if normed and at.xs == 1 else 0
         full = k % (4 * half_per_chunk(p)) == 0  # whole steps of 4 chunks: no lane past the row's end
-        source = _source(p, at.xs, at.warps, at.blocks, gated, full, norm_qs, resid, at.grid < at.tiles, at.per_warp)
+        args = (p, at.xs, at.warps, at.blocks, gated, full, norm_qs, resid, at.grid < at.tiles, at.per_warp)
+        source = _source(*args)
+        if at.xs == 1 and PIN_XS != "0" and pinned(source, _source(*args, pin=True), device):
+            source = _source(*args, pin=True)
         if len(_CALLS) >= 4096:  # plans made and dropped over and over (tests) leave no unbounded trail
             _CALLS.clear()
         hit = _CALLS[key] = (p, Call(at, norm_qs, source, (at.grid, 1, 1), (at.warps * 32, 1, 1)))

@@ -123,6 +123,9 @@ DEV U4 zero4() { U4 z = {0u, 0u, 0u, 0u}; return z; }
 DEV u32 word(const U4& v, int j) { return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w; }
 
 #define MAGIC 0x64006400u
+#ifndef PIN_XS
+#define PIN_XS 0
+#endif
 
 #if KIND == 0 || KIND == 3
 #define CODES_PER_WORD (32 / BITS)
@@ -171,7 +174,12 @@ DEV const U4* xchunk(const U4* xrow, int u0) {
 #endif
 }
 DEV U4 x_at(const U4* xb, int u0, int v) {
-#if XS == 1
+#if XS == 1 && PIN_XS && !defined(LOWBIT_HOST)
+    U4 q;  // xb holds the row's 32-bit shared-memory address (PIN_XS)
+    asm("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(q.x), "=r"(q.y), "=r"(q.z), "=r"(q.w)
+        : "r"((u32)(size_t)(xb + v)));
+    return q;
+#elif XS == 1
     return xb[v];
 #elif XS == 2
     const int u = u0 + v;
@@ -819,7 +827,15 @@ gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u1
     // Lane t reads all 16 bytes of chunk 4 s + t (one 128-bit load); its 4 words are 4 consecutive k-ranges. The
     // next step's weights are requested before this step is decoded (software pipelining: loads overlap math).
     // Lanes past the row's end (K not a multiple of 4 chunks) add zeros.
+#if XS == 1 && PIN_XS && !defined(LOWBIT_HOST)
+    // the staged row's shared-memory address, computed once and opaque to the compiler: at the register cap ptxas
+    // otherwise recomputes it (S2R SR_CgaCtaId, LEA) on every pass (cuda_gemv.PIN_XS)
+    u32 xs_addr = (u32)__cvta_generic_to_shared(dyn);
+    asm volatile("" : "+r"(xs_addr));
+    const U4* xc = (const U4*)(size_t)xs_addr;
+#else
     const U4* xc = activation_row(x, g, M, K);
+#endif
     const int steps = (chunks + 3) / 4;
     // FULL: running pointers to the lane's next chunk; else each step's chunk clamped into the row. Warps with no
     // step at all (K of few chunks) read the last chunk here and never use it.
