@@ -135,23 +135,33 @@ def test_demo_picks_the_smallest_good_model() -> None:
     assert smallest_good([row("c", 84, 2 * GOOD_KL), row("d", 90, 3 * GOOD_KL)], {"c", "d"}).variant == "c"
 
 
-def test_load_auto_dtype_follows_the_device_and_the_model(tiny_model_dir, tiny_tokenizer, tmp_path: Path) -> None:
+def test_load_auto_dtype_follows_the_device_and_the_model(tiny_model_dir, tiny_tokenizer, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """'auto' on CUDA: float16 for a lowbit checkpoint (the GEMVs' activations), a float model's own float16 or
     bfloat16 (float16 for one stored in float32); float32 on a CPU. Anything but a torch dtype or 'auto' is refused
     before loading. (Only the choice is made here: no GPU needed.)"""
     import json
 
-    from lowbit.io.loader import decode_dtype
+    from lowbit.io import loader
+    from lowbit.io.loader import decode_dtype, load_config
 
-    assert decode_dtype(tiny_model_dir, "cpu") == torch.float32
-    assert decode_dtype(tiny_model_dir, "cuda") == torch.float16  # saved in float32
+    def config_of(path: Path) -> object:
+        return load_config(path)[1]
+
+    assert decode_dtype(config_of(tiny_model_dir), "cpu") == torch.float32
+    assert decode_dtype(config_of(tiny_model_dir), "cuda") == torch.float16  # saved in float32
     config = json.loads((tiny_model_dir / "config.json").read_text())
     config.pop("torch_dtype", None)
     (tiny_model_dir / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
-    assert decode_dtype(tiny_model_dir, torch.device("cuda", 1)) == torch.bfloat16
+    assert decode_dtype(config_of(tiny_model_dir), torch.device("cuda", 1)) == torch.bfloat16
     model = make_model("llama", vocab=len(tiny_tokenizer))
     out = lowbit.save(model, tiny_tokenizer, tmp_path / "q", result=lowbit.quantize(model, "q4_0", progress=False))
-    assert decode_dtype(out, "cuda") == torch.float16
+    loaded, _ = lowbit.load(out, device="cpu", dtype="auto")
+    assert next(loaded.parameters()).dtype == torch.float32
+    asked = []  # what a lowbit checkpoint is loaded in on CUDA (the load itself stopped there: no GPU needed)
+    monkeypatch.setattr(loader, "load_quantized", lambda src, dtype, device: asked.append(dtype) or (None, None))
+    loader.load_model(out, dtype="auto", device="cuda")
+    assert asked == [torch.float16]
     model, _ = lowbit.load(tiny_model_dir, device="cpu", dtype="auto")
     assert next(model.parameters()).dtype == torch.float32
     with pytest.raises(LowbitError, match="dtype must be a torch dtype or 'auto'"):

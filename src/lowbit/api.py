@@ -35,7 +35,7 @@ from lowbit.io.gguf_export import ExportReport
 from lowbit.io.gguf_export import export_gguf as _export_gguf
 from lowbit.io.hf_export import HFExportReport, check_target
 from lowbit.io.hf_export import export_hf as _export_hf
-from lowbit.io.loader import decode_dtype, load_model
+from lowbit.io.loader import load_model
 from lowbit.models.fused_rotation import fuse_rotation
 from lowbit.models.walker import default_device, round_to_storage
 from lowbit.recipe import Recipe
@@ -62,12 +62,9 @@ def load(model: str | Path | None = None, *, device: str | None = None,
     >>> model, tok = lowbit.load("path/to/llama-dir", device="cpu")
     >>> model, tok = lowbit.load("out/smol-q4_0", device="cuda", dtype="auto")   # to generate: float16
     """
-    device = device or default_device()
-    if dtype == "auto":
-        dtype = decode_dtype(model, device)
-    elif not isinstance(dtype, torch.dtype):
+    if dtype != "auto" and not isinstance(dtype, torch.dtype):
         raise LowbitError(f"dtype must be a torch dtype or 'auto', got {dtype!r}")
-    m, tok = load_model(model, dtype=dtype, device=device)
+    m, tok = load_model(model, dtype=dtype, device=device or default_device())
     return round_to_storage(m), tok
 
 

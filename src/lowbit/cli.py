@@ -436,9 +436,8 @@ def _load(args: argparse.Namespace):  # noqa: ANN202
 
     import lowbit
 
-    dtype = getattr(args, "dtype", None)  # generate and serve; evaluating computes in float32
-    return lowbit.load(args.model, device=args.device,
-                       dtype=torch.float32 if dtype is None else "auto" if dtype == "auto" else getattr(torch, dtype))
+    dtype = getattr(args, "dtype", "float32")  # generate and serve take --dtype; evaluating computes in float32
+    return lowbit.load(args.model, device=args.device, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
 
 
 # ------------------------------------------------------------------------------------------------------ commands

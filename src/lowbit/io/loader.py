@@ -66,28 +66,28 @@ def check_source(name_or_path: str | Path | None) -> str:
     return src
 
 
-def decode_dtype(name_or_path: str | Path | None, device: str | torch.device) -> torch.dtype:
-    """The dtype a model decodes fastest in on ``device`` (``lowbit.load``'s ``dtype="auto"``): on CUDA float16 for
-    a lowbit checkpoint (its float tensors are stored in float16, and lowbit's GEMVs take float16 activations) and
-    a float model's own float16 or bfloat16 (else float16), as transformers would compute it; float32 on a CPU."""
+def decode_dtype(config: object | None, device: str | torch.device) -> torch.dtype:
+    """The dtype a model decodes fastest in on ``device`` (``dtype="auto"``): on CUDA float16 for a lowbit checkpoint
+    (``config`` None: its float tensors are stored in float16, and lowbit's GEMVs take float16 activations) and a
+    float model's own float16 or bfloat16 (else float16), as transformers would compute it; float32 on a CPU."""
     if torch.device(device).type != "cuda":
         return torch.float32
-    src = resolve(name_or_path)
-    if is_quantized_dir(src):
-        return torch.float16
-    own = declared_dtype(load_config(src)[1])
+    own = None if config is None else declared_dtype(config)
     return own if own in (torch.float16, torch.bfloat16) else torch.float16
 
 
-def load_model(name_or_path: str | Path | None = None, dtype: torch.dtype = torch.float32,
+def load_model(name_or_path: str | Path | None = None, dtype: torch.dtype | str = torch.float32,
                device: str | torch.device = "cpu") -> tuple[nn.Module, object]:
-    """(model in eval mode, tokenizer). Quantized lowbit directories load through :mod:`lowbit.io`. A local
-    directory's files are checked against each other first (:mod:`lowbit.io.validate`): a damaged one is one
-    BadFileError line, not a traceback from deep inside transformers."""
+    """(model in eval mode, tokenizer), computing in ``dtype`` (``"auto"``: :func:`decode_dtype`). Quantized lowbit
+    directories load through :mod:`lowbit.io`. A local directory's files are checked against each other first
+    (:mod:`lowbit.io.validate`): a damaged one is one BadFileError line, not a traceback from deep inside
+    transformers."""
     src = resolve(name_or_path)
     if is_quantized_dir(src):
-        return load_quantized(src, dtype=dtype, device=device)
+        return load_quantized(src, dtype=decode_dtype(None, device) if dtype == "auto" else dtype, device=device)
     src, config = load_config(src)
+    if dtype == "auto":
+        dtype = decode_dtype(config, device)
     if Path(src).is_dir():
         check_float_dir(Path(src), config)
     tok = load_tokenizer(src)
