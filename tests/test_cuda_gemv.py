@@ -816,17 +816,31 @@ def test_batch_rows_staged_past_64_kb_on_gpu(name: str, cols: int, m: int, loop:
 @pytest.mark.parametrize("name", ["nz2_ch", "q4_0", "int2_g64_sym", "int4_g128_sym", "int3_g128_sym", "e8p_ch",
                                   "iq2_xxs", "q5_k"])
 @pytest.mark.parametrize("cols", [4096, 11008])
-def test_pinned_row_address_on_gpu(name: str, cols: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """LOWBIT_CUDA_PIN_XS=1: batch-1 kernels that keep the staged row's shared address in a register, plain, with a
-    residual and gated, against the float64 reference."""
-    monkeypatch.setattr(cuda_gemv, "PIN_XS", "1")
+@pytest.mark.parametrize("mode", ["1", "auto"])
+def test_pinned_row_address_on_gpu(name: str, cols: int, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """LOWBIT_CUDA_PIN_XS=1 and auto: batch-1 kernels that keep the staged row's shared address in a register (auto:
+    where the driver reports no more local memory than without), plain, with a residual and gated, against the
+    float64 reference, and bit for bit against the kernel without it."""
+    monkeypatch.setattr(cuda_gemv, "PIN_XS", mode)
     fmt, qt = _packed(name, (200, cols), seed=cols + 7)
     p = cuda_gemv.plan(fmt, qt.shape)
     if p is None:
         pytest.skip(f"{name} at {cols} columns is not served")
-    call = cuda_gemv._call(p, 1, cols, 200, torch.device("cuda"), False, False, False)
-    assert "#define PIN_XS 1" in call.source
+    cuda = torch.device("cuda")
+    call = cuda_gemv._call(p, 1, cols, 200, cuda, False, False, False)
+    pin = "#define PIN_XS 1" in call.source
+    if mode == "auto":
+        plain = call.source.replace("#define PIN_XS 1", "#define PIN_XS 0")
+        pinned = plain.replace("#define PIN_XS 0", "#define PIN_XS 1")
+        assert pin == (cuda_gemv._spill_bytes(pinned, cuda) <= cuda_gemv._spill_bytes(plain, cuda))
+    else:
+        assert pin
     _plain_residual_and_gated_match_reference(fmt, qt, p, 1)
+    # only the row's address is computed differently: the pinned kernel's outputs are the plain kernel's bits
+    x = torch.randn(1, cols, device="cuda", dtype=torch.float16, generator=torch.Generator("cuda").manual_seed(3))
+    got = cuda_gemv.gemv(x, fmt, qt, p, gated=True)
+    monkeypatch.setattr(cuda_gemv, "PIN_XS", "0")
+    assert torch.equal(got, cuda_gemv.gemv(x, fmt, qt, p, gated=True))
 
 
 @gpu
