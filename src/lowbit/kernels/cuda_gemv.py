@@ -505,11 +505,7 @@ def _source(p: Plan, staged_x: int = 0, warps: int = WARPS_FEW, min_blocks: int 
     over row blocks (:data:`RESIDENT_GRID`); ``tiles``: row blocks per warp (:func:`row_tiles`); ``pin``: the staged
     batch-1 row's address kept in a register (:data:`PIN_XS`)."""
     defines = p.defines(staged_x, warps, min_blocks, gated, full, norm_qs, resid, resident, tiles)
-    return cuda_jit.source("gemv_mma.cu", defines + f"#define PIN_XS {int(pin)}\n#define ADVANCE_FIRST {int(ADVANCE)}\n")
-
-
-# Experiment: the step loop's running code pointers advanced on every pass, the prefetch load alone under the branch
-ADVANCE = os.environ.get("LOWBIT_CUDA_ADVANCE", "0") == "1"
+    return cuda_jit.source("gemv_mma.cu", defines + f"#define PIN_XS {int(pin)}\n")
 
 
 # The staged batch-1 row's shared-memory address kept in a register (PIN_XS in the .cu) instead of recomputed on
@@ -731,7 +727,7 @@ _CALLS: dict[tuple, tuple[Plan, Call]] = {}
 
 
 def _settings() -> tuple:
-    return (PIN_XS, ADVANCE, WARPS_SET, ROW_TILES, STAGED_X, STAGED_ROWS, STAGED_ROWS_BIG, RESIDENT_GRID,
+    return (PIN_XS, WARPS_SET, ROW_TILES, STAGED_X, STAGED_ROWS, STAGED_ROWS_BIG, RESIDENT_GRID,
             verified.GPU_UNVERIFIED, sm_count, shared_memory)
 
 

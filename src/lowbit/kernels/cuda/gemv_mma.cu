@@ -782,18 +782,7 @@ DEV void step_word(float* d, const Step& w, const KScales& ks, int j, const u32*
 // and no prefetch past the last step, a warp-uniform branch; else the chunk clamped into the row). A macro: as a
 // function, returning the step or assigning it through a reference, it changed the registers of the TILES 1
 // kernels (NVRTC).
-#ifndef ADVANCE_FIRST
-#define ADVANCE_FIRST 0
-#endif
-#if FULL && ADVANCE_FIRST
-// the running pointers advanced on every pass, the load alone under the branch (LOWBIT_CUDA_ADVANCE, experiment)
-#define PREFETCH(next, pa, pb, rp, s, c)                                                                   \
-    pa += 4 * WARPS;                                                                                       \
-    pb += 4 * WARPS;                                                                                       \
-    if ((s) + WARPS < steps) {                                                                             \
-        next = load_step(pa, pb, rp.sa, rp.sb, rp.ma, rp.mb, rp.ha, rp.hb, (c) + 4 * WARPS);               \
-    }
-#elif FULL
+#if FULL
 #define PREFETCH(next, pa, pb, rp, s, c)                                                                   \
     if ((s) + WARPS < steps) {                                                                             \
         pa += 4 * WARPS;                                                                                   \
