@@ -510,19 +510,25 @@ def _source(p: Plan, staged_x: int = 0, warps: int = WARPS_FEW, min_blocks: int 
 
 # The staged batch-1 row's shared-memory address kept in a register (PIN_XS in the .cu) instead of recomputed on
 # every pass of the step loop, as ptxas does at the register cap. Measured on an H100 (docs/kernel-measurements.md,
-# "The staged row's address kept in a register"): nz2_ch batch-1 mean 48.1 -> 49.3% of copy bandwidth, q4_0 72.0 ->
-# 72.6%, TG-128 nz2_ch 784.8 -> 790.5 tok/s; int2_g64_sym, which spills 8 bytes with it, 48.1 -> 46.3%.
-# ``LOWBIT_CUDA_PIN_XS``: "auto" keeps it where the kernel spills no more than without it (both compiled at a call's
-# first use), "1" everywhere, "0" (default until its GPU tests have run: tests/test_cuda_gemv.py -k pinned) nowhere.
-PIN_XS = os.environ.get("LOWBIT_CUDA_PIN_XS", "0")
+# "The staged row's address kept in a register"), batch-1 means of the large shapes with "auto": nz2_ch 48.4 ->
+# 49.3% of copy bandwidth, q4_0 72.5 -> 73.1%, int2_g64_sym and e8p_ch level (int2_g64_sym spills with it, so "auto"
+# leaves it plain; pinned everywhere it went 48.1 -> 46.3%). ``LOWBIT_CUDA_PIN_XS``: "auto" (default) keeps it where
+# the kernel spills no more than without it (both compiled at a call's first use), "1" everywhere, "0" nowhere.
+PIN_XS = os.environ.get("LOWBIT_CUDA_PIN_XS", "auto")
+# "auto" pins only kernels of the kinds whose pinned kernels passed their GPU test (tests/test_cuda_gemv.py -k
+# pinned, on an H100: the affine grids and IQ2_XXS); E8P's and the K-quants' wait in verified.GPU_UNVERIFIED
+_PIN_UNVERIFIED = {1: "pinned_row_e8p", 3: "pinned_row_kquants"}
 
 
-def pinned(plain: str, pinned_source: str, device: torch.device) -> bool:
-    """Whether a call runs ``pinned_source`` (the row's address pinned) rather than ``plain`` (:data:`PIN_XS`)."""
+def pinned(p: Plan, plain: str, pinned_source: str, device: torch.device) -> bool:
+    """Whether a call of plan ``p`` runs ``pinned_source`` (the row's address pinned) rather than ``plain``
+    (:data:`PIN_XS`)."""
     if PIN_XS not in ("0", "1", "auto"):
         raise ValueError(f"LOWBIT_CUDA_PIN_XS must be 0, 1 or auto, got {PIN_XS!r}")
     if PIN_XS != "auto" or device.type != "cuda":  # the CPU build (cuda_host) reads the row as before either way
         return PIN_XS == "1"
+    if _PIN_UNVERIFIED.get(p.kind) in verified.GPU_UNVERIFIED:
+        return False
     return _spill_bytes(pinned_source, device) <= _spill_bytes(plain, device)
 
 
@@ -744,7 +750,7 @@ def _call(p: Plan, m: int, k: int, n: int, device: torch.device, gated: bool, no
         full = k % (4 * half_per_chunk(p)) == 0  # whole steps of 4 chunks: no lane past the row's end
         args = (p, at.xs, at.warps, at.blocks, gated, full, norm_qs, resid, at.grid < at.tiles, at.per_warp)
         source = _source(*args)
-        if at.xs == 1 and PIN_XS != "0" and pinned(source, _source(*args, pin=True), device):
+        if at.xs == 1 and PIN_XS != "0" and pinned(p, source, _source(*args, pin=True), device):
             source = _source(*args, pin=True)
         if len(_CALLS) >= 4096:  # plans made and dropped over and over (tests) leave no unbounded trail
             _CALLS.clear()
