@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from llama_cpp_runner import llama_cpp_logits  # noqa: F401 - the tests import it from here too
+
+# pytest-xdist workers share the machine's cores: each gets its share of torch's threads. Left at torch's default,
+# 16 workers on a 16-core GPU machine ran 256 threads, and quantizing a test's weights (IQ2_XXS, E8P, Q5_K at 11008
+# columns: 2-6 s alone) did not finish in minutes (benchmarks/results/pinned-gpu-tests-h100.txt).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
 
 
 def _tokenizer(tmp_path_factory):
