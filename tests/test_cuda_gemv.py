@@ -819,12 +819,9 @@ def test_batch_rows_staged_past_64_kb_on_gpu(name: str, cols: int, m: int, loop:
 @pytest.mark.parametrize("mode", ["1", "auto"])
 def test_pinned_row_address_on_gpu(name: str, cols: int, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """LOWBIT_CUDA_PIN_XS=1 and auto: batch-1 kernels that keep the staged row's shared address in a register (auto:
-    where the driver reports no more local memory than without), plain, with a residual and gated, against the
-    float64 reference, and bit for bit against the kernel without it."""
-    from lowbit.kernels import verified
-
+    the affine grids, where the driver reports no more local memory than without), plain, with a residual and gated,
+    against the float64 reference, and bit for bit against the kernel without it."""
     monkeypatch.setattr(cuda_gemv, "PIN_XS", mode)
-    monkeypatch.setattr(verified, "GPU_UNVERIFIED", frozenset())  # this is the test of the kinds "auto" skips yet
     fmt, qt = _packed(name, (200, cols), seed=cols + 7)
     p = cuda_gemv.plan(fmt, qt.shape)
     if p is None:
@@ -835,7 +832,8 @@ def test_pinned_row_address_on_gpu(name: str, cols: int, mode: str, monkeypatch:
     if mode == "auto":
         plain = call.source.replace("#define PIN_XS 1", "#define PIN_XS 0")
         pinned = plain.replace("#define PIN_XS 0", "#define PIN_XS 1")
-        assert pin == (cuda_gemv._spill_bytes(pinned, cuda) <= cuda_gemv._spill_bytes(plain, cuda))
+        spills_no_more = cuda_gemv._spill_bytes(pinned, cuda) <= cuda_gemv._spill_bytes(plain, cuda)
+        assert pin == (p.kind == 0 and spills_no_more)
     else:
         assert pin
     _plain_residual_and_gated_match_reference(fmt, qt, p, 1)

@@ -511,13 +511,14 @@ def _source(p: Plan, staged_x: int = 0, warps: int = WARPS_FEW, min_blocks: int 
 # The staged batch-1 row's shared-memory address kept in a register (PIN_XS in the .cu) instead of recomputed on
 # every pass of the step loop, as ptxas does at the register cap. Measured on an H100 (docs/kernel-measurements.md,
 # "The staged row's address kept in a register"), batch-1 means of the large shapes with "auto": nz2_ch 48.4 ->
-# 49.3% of copy bandwidth, q4_0 72.5 -> 73.1%, int2_g64_sym and e8p_ch level (int2_g64_sym spills with it, so "auto"
-# leaves it plain; pinned everywhere it went 48.1 -> 46.3%). ``LOWBIT_CUDA_PIN_XS``: "auto" (default) keeps it where
-# the kernel spills no more than without it (both compiled at a call's first use), "1" everywhere, "0" nowhere.
+# 49.3% of copy bandwidth, q4_0 72.5 -> 73.1%, int2_g64_sym level (it spills with it, so "auto" leaves it plain;
+# pinned everywhere it went 48.1 -> 46.3%). ``LOWBIT_CUDA_PIN_XS``: "auto" (default) pins the affine grids' kernels
+# where the pinned kernel spills no more than without it (both compiled at a call's first use), "1" every kernel,
+# "0" none.
 PIN_XS = os.environ.get("LOWBIT_CUDA_PIN_XS", "auto")
-# "auto" pins only kernels of the kinds whose pinned kernels passed their GPU test (tests/test_cuda_gemv.py -k
-# pinned, on an H100: the affine grids and IQ2_XXS); E8P's and the K-quants' wait in verified.GPU_UNVERIFIED
-_PIN_UNVERIFIED = {1: "pinned_row_e8p", 3: "pinned_row_kquants"}
+# "auto" leaves E8P's, IQ2_XXS's and the K-quants' kernels plain: their pass loses 0-6 instructions with it, and
+# pinned they measured level (e8p_ch, q4_k, iq2_xxs) or 1.7% slower (q2_k) on an H100
+_PIN_AUTO_KINDS = frozenset({0})
 
 
 def pinned(p: Plan, plain: str, pinned_source: str, device: torch.device) -> bool:
@@ -527,7 +528,7 @@ def pinned(p: Plan, plain: str, pinned_source: str, device: torch.device) -> boo
         raise ValueError(f"LOWBIT_CUDA_PIN_XS must be 0, 1 or auto, got {PIN_XS!r}")
     if PIN_XS != "auto" or device.type != "cuda":  # the CPU build (cuda_host) reads the row as before either way
         return PIN_XS == "1"
-    if _PIN_UNVERIFIED.get(p.kind) in verified.GPU_UNVERIFIED:
+    if p.kind not in _PIN_AUTO_KINDS:
         return False
     return _spill_bytes(pinned_source, device) <= _spill_bytes(plain, device)
 

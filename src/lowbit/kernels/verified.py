@@ -33,8 +33,8 @@ from __future__ import annotations
 # decoders replay their CUDA graphs on its worker thread) and left it when its GPU test,
 # tests/test_serve.py::test_serve_decodes_fast_by_default_on_cuda_only, and the other fast-serving tests passed on
 # a GPU (benchmarks/results/serve-fast-gpu-tests-h100.txt).
-# pinned_row_e8p and pinned_row_kquants: the CUDA GEMV's batch-1 kernels with the staged row's address kept in a
-# register (cuda_gemv.PIN_XS="auto", the default) for E8P and the K-quants; the grids' and IQ2_XXS's passed their GPU
-# test on an H100 (benchmarks/results/pinned-gpu-tests-h100.txt), these two did not finish there (their weights'
-# quantization on the CPU stalled in 16 test workers). They leave when tests/test_cuda_gemv.py -k pinned passes.
-GPU_UNVERIFIED: frozenset[str] = frozenset({"pinned_row_e8p", "pinned_row_kquants"})
+# pinned_row_e8p and pinned_row_kquants (the CUDA GEMV's batch-1 kernels with the staged row's address kept in a
+# register, cuda_gemv.PIN_XS, for E8P and the K-quants) entered it untested on a GPU and left it when
+# tests/test_cuda_gemv.py -k pinned passed for every format it covers on an H100
+# (benchmarks/results/pinned-gpu-tests-h100-all.txt).
+GPU_UNVERIFIED: frozenset[str] = frozenset()
