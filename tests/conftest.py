@@ -221,3 +221,16 @@ def nvrtc_found() -> bool:
     except cuda_jit.CudaJitError:
         return False
     return True
+
+
+def compile_all(jobs: list[tuple[str, str]], filename: str) -> None:
+    """NVRTC-compile each (source, arch) of ``jobs`` as ``filename``, one compile per core (the programs are
+    independent and ctypes lets go of the GIL, so the thread pool halves these tests on CI's two cores); each must
+    give an ELF cubin."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lowbit.kernels import cuda_jit
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        cubins = list(pool.map(lambda job: cuda_jit.compile_cubin(job[0], filename, job[1]), jobs))
+    assert len(cubins) == len(jobs) and all(c[:4] == b"\x7fELF" for c in cubins)

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
-
 import pytest
 import torch
 
-from conftest import nvrtc_found
+from conftest import compile_all, nvrtc_found
 from lowbit.kernels import cuda_attention, dispatch
 from lowbit.kernels.triton_decode_attention import rope_cache_attention_reference
 
@@ -35,10 +32,7 @@ def test_every_variant_compiles_for_hopper():
                                                    f"#define KPW {kpw}\n")
                for dim in cuda_attention.HEAD_DIMS for splits in (1, 3, cuda_attention.MAX_SPLITS)
                for kpw in (4, 8, 16)]
-    # NVRTC programs are independent and ctypes lets go of the GIL: one compile per core
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        cubins = list(pool.map(lambda source: cuda_jit.compile_cubin(source, "attention_step.cu", "sm_90"), sources))
-    assert len(cubins) == len(sources) and all(c[:4] == b"\x7fELF" for c in cubins)
+    compile_all([(source, "sm_90") for source in sources], "attention_step.cu")
 
 
 def test_not_served_on_cpu_or_with_a_mask():

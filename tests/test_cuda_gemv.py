@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import nvrtc_found
+from conftest import compile_all, nvrtc_found
 from lowbit.formats import Format, QuantizedTensor, e8p, get_format
 from lowbit.kernels import cuda_gemv
 from lowbit.kernels.reference import decode_lut
@@ -213,7 +213,6 @@ def test_every_kernel_variant_compiles_for_ampere_and_hopper(name: str) -> None:
     """NVRTC compiles each source the GEMV can build for a planned format (batch-1 staging or not, 8 or 16 warps,
     norm and residual stages), for sm_80 and sm_90: a kernel that would not compile on the GPU machine fails here,
     without a GPU."""
-    from lowbit.kernels import cuda_jit
 
     p = cuda_gemv.plan(get_format(name), (64, 4096))
     plain = [(staged, gated, 0, False, full) for staged, gated in ((0, False), (1, False), (1, True), (2, False),
@@ -238,10 +237,7 @@ def test_every_kernel_variant_compiles_for_ampere_and_hopper(name: str) -> None:
     # the staged row's address pinned in a register (cuda_gemv.PIN_XS): batch 1, once
     blocks = cuda_gemv.min_blocks_for(cuda_gemv.WARPS_FEW, 1)
     jobs.append((cuda_gemv._source(p, 1, cuda_gemv.WARPS_FEW, blocks, False, True, pin=True), "sm_90"))
-    # NVRTC programs are independent and ctypes lets go of the GIL: one compile per core halves this test in CI
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        cubins = list(pool.map(lambda job: cuda_jit.compile_cubin(job[0], "gemv_mma.cu", job[1]), jobs))
-    assert len(cubins) == len(jobs) and all(c[:4] == b"\x7fELF" for c in cubins)
+    compile_all(jobs, "gemv_mma.cu")
 
 
 @pytest.mark.skipif(not nvrtc_found(), reason="needs NVRTC (the nvidia-cuda-nvrtc wheel of the test extra)")
@@ -249,18 +245,18 @@ def test_every_kernel_variant_compiles_for_ampere_and_hopper(name: str) -> None:
 def test_step_scaled_variants_compile(name: str) -> None:
     """The step-scaled kernels compile for sm_90: batch 1 staged (plain, normalized + gated, with a residual), batch
     8 staged or from L1/L2, two row blocks per warp, resident blocks, ragged K."""
-    from lowbit.kernels import cuda_jit
-
     p = cuda_gemv.plan(get_format(name), (64, 8192))
-    jobs = [(1, False, 0, False, False, 1, True), (1, True, 2, False, False, 1, True),
+    variants = [(1, False, 0, False, False, 1, True), (1, True, 2, False, False, 1, True),
             (1, False, 0, True, True, 1, True), (2, False, 0, False, False, 2, True),
             (0, False, 0, False, True, 2, True), (0, False, 0, False, False, 1, False)]
-    for staged, gated, norm, resid, resident, tiles, full in jobs:
+    jobs = []
+    for staged, gated, norm, resid, resident, tiles, full in variants:
         warps = cuda_gemv.warps_for(p, 8192)
         source = cuda_gemv._source(p, staged, warps, cuda_gemv.min_blocks_for(warps, 1 if staged == 1 else 8, tiles),
                                    gated, full, norm, resid, resident, tiles)
         assert "#define STEP_SCALE 1" in source
-        assert cuda_jit.compile_cubin(source, "gemv_mma.cu", "sm_90")[:4] == b"\x7fELF"
+        jobs.append((source, "sm_90"))
+    compile_all(jobs, "gemv_mma.cu")
 
 
 def _nvdisasm():  # noqa: ANN202 - Path | None: Triton's wheel ships it
@@ -307,16 +303,14 @@ def test_step_scaled_kernels_compile_without_spills() -> None:
 def test_resident_variants_compile(name: str) -> None:
     """The 16-warp kernels whose blocks loop over row blocks (RESIDENT), plain, normalized + gated and with a
     residual, batch 1 and 8, compile for sm_90."""
-    from lowbit.kernels import cuda_jit
-
     p = cuda_gemv.plan(get_format(name), (64, 8192))
     warps = cuda_gemv.warps_for(p, 8192)
     assert warps == cuda_gemv.WARPS_MANY
-    for staged, gated, norm, resid in ((1, False, 0, False), (1, True, 2, False), (1, False, 0, True),
-                                       (0, False, 0, False)):
-        source = cuda_gemv._source(p, staged, warps, 2, gated, True, norm, resid, True)
-        assert "#define RESIDENT 1" in source
-        assert cuda_jit.compile_cubin(source, "gemv_mma.cu", "sm_90")[:4] == b"\x7fELF"
+    sources = [cuda_gemv._source(p, staged, warps, 2, gated, True, norm, resid, True)
+               for staged, gated, norm, resid in ((1, False, 0, False), (1, True, 2, False), (1, False, 0, True),
+                                                  (0, False, 0, False))]
+    assert all("#define RESIDENT 1" in source for source in sources)
+    compile_all([(source, "sm_90") for source in sources], "gemv_mma.cu")
 
 
 @pytest.mark.skipif(not nvrtc_found(), reason="needs NVRTC (the nvidia-cuda-nvrtc wheel of the test extra)")
@@ -327,8 +321,7 @@ def test_two_row_blocks_per_warp_compile(name: str) -> None:
     warps, ragged steps), plain, gated, with a residual and looping over row blocks, compile for sm_90, and every
     16-warp one fits one block per SM without spilling more than the K-quants' allowance (NVRTC's register
     count)."""
-    from lowbit.kernels import cuda_jit
-
+    jobs = []
     for cols in (4096, 11008):
         p = cuda_gemv.plan(get_format(name), (64, cols))
         if p is None:
@@ -339,7 +332,8 @@ def test_two_row_blocks_per_warp_compile(name: str) -> None:
         for gated, resid, loop in ((False, False, False), (True, False, warps == 16), (False, True, warps == 16)):
             source = cuda_gemv._source(p, staged, warps, blocks, gated, full, 0, resid, loop, 2)
             assert "#define TILES 2" in source
-            assert cuda_jit.compile_cubin(source, "gemv_mma.cu", "sm_90")[:4] == b"\x7fELF"
+            jobs.append((source, "sm_90"))
+    compile_all(jobs, "gemv_mma.cu")
 
 
 def test_warps_per_block_can_be_set_for_every_call(monkeypatch: pytest.MonkeyPatch) -> None:
