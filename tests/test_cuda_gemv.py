@@ -213,7 +213,6 @@ def test_every_kernel_variant_compiles_for_ampere_and_hopper(name: str) -> None:
     """NVRTC compiles each source the GEMV can build for a planned format (batch-1 staging or not, 8 or 16 warps,
     norm and residual stages), for sm_80 and sm_90: a kernel that would not compile on the GPU machine fails here,
     without a GPU."""
-
     p = cuda_gemv.plan(get_format(name), (64, 4096))
     plain = [(staged, gated, 0, False, full) for staged, gated in ((0, False), (1, False), (1, True), (2, False),
                                                                       (2, True))  # XS: none, one row, several
@@ -247,8 +246,8 @@ def test_step_scaled_variants_compile(name: str) -> None:
     8 staged or from L1/L2, two row blocks per warp, resident blocks, ragged K."""
     p = cuda_gemv.plan(get_format(name), (64, 8192))
     variants = [(1, False, 0, False, False, 1, True), (1, True, 2, False, False, 1, True),
-            (1, False, 0, True, True, 1, True), (2, False, 0, False, False, 2, True),
-            (0, False, 0, False, True, 2, True), (0, False, 0, False, False, 1, False)]
+                (1, False, 0, True, True, 1, True), (2, False, 0, False, False, 2, True),
+                (0, False, 0, False, True, 2, True), (0, False, 0, False, False, 1, False)]
     jobs = []
     for staged, gated, norm, resid, resident, tiles, full in variants:
         warps = cuda_gemv.warps_for(p, 8192)
