@@ -6,10 +6,10 @@ NVRTC compiles the kernel the planner would build (sm_90, as dispatch launches i
 Triton's wheel) lists its SASS; the innermost backward-branch loop with MMAs is the step loop (one or two steps a
 pass). Printed: its instructions per step, the weights one lane decodes per step (two rows of a 16-byte chunk),
 instructions per weight, those of the two math pipes the decode loads (per step, as Nsight Compute's ``pipe_alu``
-and ``pipe_fma`` count them: :data:`ALU`, :data:`FMA`), and the opcode mix (per step). The GEMV is bound by
-instruction issue, latency and a fixed cost per call (docs/kernels.md): fewer instructions have not always measured
-faster (E8P's two-word tables, the sums of raw magic numbers), so a timing on a GPU (``benchmarks/gemv_speed.py``)
-decides a change.
+and ``pipe_fma`` count them: :data:`ALU`, :data:`FMA`), local-memory accesses (spills: per step in the loop, and in
+the whole kernel) and the opcode mix (per step). The GEMV is bound by instruction issue, latency and a fixed cost
+per call (docs/kernels.md): fewer instructions have not always measured faster (E8P's two-word tables, the sums of
+raw magic numbers), so a timing on a GPU (``benchmarks/gemv_speed.py``) decides a change.
 """
 
 from __future__ import annotations
@@ -39,19 +39,34 @@ def nvdisasm() -> Path:
     return path
 
 
-def kernel_sass(name: str, cols: int, m: int) -> str:
+def kernel_sass(name: str, cols: int, m: int, resident: bool | None = None) -> str:
+    """The SASS of the kernel dispatch builds for ``name`` at ``cols`` columns and batch ``m``; ``resident``: blocks
+    that loop over row blocks (None: as dispatch launches it, at 16 warps)."""
     p = cuda_gemv.plan(get_format(name), (64, cols))
     if p is None:
         raise SystemExit(f"{name} at {cols} columns is not served by the CUDA GEMV")
     warps = cuda_gemv.warps_for(p, cols)
     xs = cuda_gemv.staging(m, cols, p)
     full = cols % (4 * cuda_gemv.half_per_chunk(p)) == 0
-    resident = warps >= cuda_gemv.WARPS_MANY and cuda_gemv._resident_grid()  # as dispatch launches it
+    if resident is None:
+        resident = warps >= cuda_gemv.WARPS_MANY and cuda_gemv._resident_grid()
     source = cuda_gemv._source(p, xs, warps, cuda_gemv.min_blocks_for(warps, m), False, full, resident=resident)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cuda_jit.compile_cubin(source, "gemv_mma.cu", "sm_90"))
         f.flush()
         return subprocess.run([str(nvdisasm()), "-c", f.name], capture_output=True, text=True, check=True).stdout
+
+
+def local_accesses(instructions: list[str]) -> int:
+    """Loads and stores of local memory (spills: LDL, STL) among ``instructions``."""
+    return sum(bool(re.search(r"\b(LDL|STL)\b", t)) for t in instructions)
+
+
+_INSTRUCTION = re.compile(r"\s*/\*[0-9a-f]{4,}\*/\s+(.*?);")  # nvdisasm: /*offset*/ instruction ;
+
+
+def instructions(sass: str) -> list[str]:
+    return [m.group(1).strip() for line in sass.splitlines() if (m := _INSTRUCTION.match(line))]
 
 
 def main_loop(sass: str) -> list[str]:
@@ -61,7 +76,7 @@ def main_loop(sass: str) -> list[str]:
     for line in sass.splitlines():
         if m := re.match(r"\.(L_x_\d+):", line.strip()):
             labels[m.group(1)] = len(ins)
-        if m := re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(.*?);", line):
+        if m := _INSTRUCTION.match(line):
             ins.append(m.group(1).strip())
     loops = [(labels[m.group(1)], j) for j, t in enumerate(ins)
              if (m := re.search(r"BRA\s+`\(\.(L_x_\d+)\)", t)) and labels.get(m.group(1), j) < j]
@@ -75,16 +90,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--formats", default="nz2_ch,e8p_ch,iq2_xxs,q4_0")
     ap.add_argument("--cols", type=int, default=4096)
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--resident", choices=["auto", "0", "1"], default="auto",
+                    help="blocks that loop over row blocks: as dispatch launches them (auto), never or always")
     args = ap.parse_args(argv)
+    resident = None if args.resident == "auto" else args.resident == "1"
     try:
         cuda_jit._nvrtc()
     except cuda_jit.CudaJitError:
         print("needs NVRTC (the nvidia-cuda-nvrtc wheel of the test extra)", file=sys.stderr)
         return 2
-    print("| format | loop instructions | weights per lane and step | per weight | ALU pipe | FMA pipe | top opcodes |")
-    print("|---|---|---|---|---|---|---|")
+    print("| format | loop instructions | weights per lane and step | per weight | ALU pipe | FMA pipe | "
+          "spills: loop / kernel | top opcodes |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in args.formats.split(","):
-        body = main_loop(kernel_sass(name, args.cols, args.batch))
+        sass = kernel_sass(name, args.cols, args.batch, resident)
+        body = main_loop(sass)
         ops = collections.Counter(re.sub(r"^@!?U?P[T\d]+\s+", "", t).split()[0].split(".")[0] for t in body)
         weights = 2 * cuda_gemv.half_per_chunk(cuda_gemv.plan(get_format(name), (64, args.cols)))
         # a step is weights / 8 MMAs of the lane (m16n8k16: 8 weights each); the two-step loop (PAIRED) has two
@@ -92,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         top = ", ".join(f"{k} {v // steps}" for k, v in ops.most_common(8))
         per_step = len(body) / steps
         alu, fma = (sum(v for k, v in ops.items() if k in pipe) / steps for pipe in (ALU, FMA))
-        print(f"| {name} | {per_step:g} | {weights} | {per_step / weights:.2f} | {alu:g} | {fma:g} | {top} |")
+        spills = f"{local_accesses(body) / steps:g} / {local_accesses(instructions(sass))}"
+        print(f"| {name} | {per_step:g} | {weights} | {per_step / weights:.2f} | {alu:g} | {fma:g} | {spills} "
+              f"| {top} |")
     return 0
 
 
