@@ -3,11 +3,14 @@ the switch, alternately, and each side's fastest time per (shape, format, batch)
 
     python benchmarks/gemv_ab.py --set LOWBIT_CUDA_STAGED_ROWS_BIG=0 --formats nz2_ch,e8p_ch,int2_g64_sym --batch 1,8
     python benchmarks/gemv_ab.py --set LOWBIT_CUDA_TILES=2 --repeats 3 --formats iq2_xxs --batch 8 --fused
+    python benchmarks/gemv_ab.py --tree ../base --formats q3_k,q6_k --batch 1,8
 
 Side A is the environment as it is, side B the same with every ``--set`` (``LOWBIT_*`` switches are read at import,
-so each run is a process of its own); ``--repeats`` runs of each side alternate A, B, A, B, ... Prints per row both
-times and B's over A's, then per format and batch each side's mean % of copy bandwidth on the large shapes and, for
-batches above 1, how many of them stay within 1.5x of batch 1. Writes benchmarks/results/gemv-ab-<tag>.json (the
+so each run is a process of its own) and, with ``--tree``, lowbit imported from another checkout, for a change no
+switch selects (a kernel layout, say: ``git worktree add ../base HEAD~1``, then ``--tree ../base``; B is the base).
+``--repeats`` runs of each side alternate A, B, A, B, ... Prints per row both times and B's over A's, then per
+format and batch each side's mean % of copy bandwidth on the large shapes and, for batches above 1, how many of
+them stay within 1.5x of batch 1. Writes benchmarks/results/gemv-ab-<tag>.json (the
 device, both sides' rows, the comparison and the summaries); the runs' own kernels-<tag>-a<i>.json files are removed.
 """
 
@@ -60,6 +63,12 @@ def summary_lines(a: list[dict], b: list[dict]) -> list[str]:
     return out
 
 
+def with_tree(env: dict[str, str], tree: str) -> dict[str, str]:
+    """``env`` importing lowbit from ``tree``'s ``src`` ahead of everything else on the path."""
+    path = [str(Path(tree).resolve() / "src"), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
+    return env | {"PYTHONPATH": os.pathsep.join(path)}
+
+
 def parse_sets(sets: list[str]) -> dict[str, str]:
     out = {}
     for s in sets:
@@ -71,14 +80,16 @@ def parse_sets(sets: list[str]) -> dict[str, str]:
 
 
 def alternate(run: Callable[[dict[str, str], list[str], str], dict], sets: dict[str, str], passthrough: list[str],
-              tag: str, repeats: int) -> tuple[dict[str, list[list[dict]]], list[dict]]:
+              tag: str, repeats: int, tree: str | None = None) -> tuple[dict[str, list[list[dict]]], list[dict]]:
     """``repeats`` runs of each side, A, B, A, B, ...: ``run(env, passthrough, tag)``, side B with ``sets`` on top of
-    the environment. Returns each side's rows per run and every run's whole result, in run order."""
+    the environment (and lowbit imported from ``tree``, :func:`with_tree`). Returns each side's rows per run and
+    every run's whole result, in run order."""
     runs: dict[str, list[list[dict]]] = {"a": [], "b": []}
+    env_b = with_tree(os.environ | sets, tree) if tree else os.environ | sets
     results = []
     for i in range(repeats):
         for side in ("a", "b"):
-            results.append(run(os.environ | (sets if side == "b" else {}), passthrough, f"{tag}-{side}{i}"))
+            results.append(run(env_b if side == "b" else dict(os.environ), passthrough, f"{tag}-{side}{i}"))
             runs[side].append(results[-1]["rows"])
     return runs, results
 
@@ -102,8 +113,10 @@ def run_side(side_env: dict[str, str], passthrough: list[str], tag: str) -> dict
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--set", action="append", default=[], metavar="LOWBIT_NAME=VALUE", required=True,
+    ap.add_argument("--set", action="append", default=[], metavar="LOWBIT_NAME=VALUE",
                     help="a switch of side B (repeatable)")
+    ap.add_argument("--tree", help="side B imports lowbit from this checkout's src (another commit: git worktree "
+                                   "add DIR REV), for a change no switch selects")
     ap.add_argument("--repeats", type=int, default=2, help="runs of each side, alternating")
     ap.add_argument("--tag", default="ab")
     ap.add_argument("--formats", default=",".join(gemv_speed.FORMATS))
@@ -111,14 +124,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fused", action="store_true", help="also the fused shapes a decode step runs")
     args = ap.parse_args(argv)
     sets = parse_sets(args.set)
+    if not sets and not args.tree:
+        ap.error("side B needs a --set or a --tree")
     passthrough = ["--formats", args.formats, "--batch", args.batch] + (["--fused"] if args.fused else [])
-    runs, results = alternate(run_side, sets, passthrough, args.tag, args.repeats)
+    runs, results = alternate(run_side, sets, passthrough, args.tag, args.repeats, args.tree)
     device = next(({k: d[k] for k in ("device", "copy_bw") if k in d} for d in results if "device" in d), {})
     rows = compare(runs["a"], runs["b"])
     if not rows:
         print("no row was measured on both sides", file=sys.stderr)
         return 2
-    print(f"\nB = A + {' '.join(f'{k}={v}' for k, v in sets.items())}; fastest of {args.repeats} runs each")
+    b_is = " ".join([f"{k}={v}" for k, v in sets.items()] + ([f"lowbit from {args.tree}"] if args.tree else []))
+    print(f"\nB = A + {b_is}; fastest of {args.repeats} runs each")
     print("| shape | format | batch | A µs | B µs | B / A |\n|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['label']} {r['shape'][0]}x{r['shape'][1]} | {r['format']} | {r['batch']} | {r['a_us']:.2f} | "
@@ -131,8 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     sides = {side: [r | {"side": side, "run": i} for i, rs in enumerate(runs[side]) for r in rs] for side in runs}
     command = "python benchmarks/gemv_ab.py " + " ".join(sys.argv[1:] if argv is None else argv)
     (RESULTS / f"gemv-ab-{args.tag}.json").write_text(json.dumps(
-        device | {"set": sets, "repeats": args.repeats, "command": command, "rows": sides["a"] + sides["b"],
-                  "compare": rows, "summary": summary}, indent=1))
+        device | {"set": sets, "tree": args.tree, "repeats": args.repeats, "command": command,
+                  "rows": sides["a"] + sides["b"], "compare": rows, "summary": summary}, indent=1))
     return 0
 
 

@@ -1,6 +1,7 @@
 """benchmarks/gemv_ab.py: a kernel switch against the default, fastest run of each side compared."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -66,3 +67,20 @@ def test_runs_alternate_and_side_b_alone_gets_the_switch(tmp_path: Path, monkeyp
     out = json.loads((tmp_path / "gemv-ab-t.json").read_text())
     assert out["device"] == "GPU" and out["set"] == {"LOWBIT_CUDA_STAGED_ROWS_BIG": "0"} and len(out["rows"]) == 4
     assert out["compare"][0]["b_over_a"] == pytest.approx(10 / 12)
+
+
+def test_a_tree_puts_side_b_on_another_checkout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    paths = []
+
+    def fake_run(env: dict, passthrough: list, tag: str) -> dict:
+        paths.append((tag, env.get("PYTHONPATH")))
+        return {"device": "GPU", "copy_bw": 3e12, "rows": [_row((4096, 4096), 1, 0.010)]}
+
+    monkeypatch.setattr(gemv_ab, "RESULTS", tmp_path)
+    monkeypatch.setattr(gemv_ab, "run_side", fake_run)
+    monkeypatch.setenv("PYTHONPATH", "/site")
+    assert gemv_ab.main(["--tree", str(tmp_path / "base"), "--repeats", "1", "--tag", "t"]) == 0
+    assert paths == [("t-a0", "/site"), ("t-b0", os.pathsep.join([str(tmp_path / "base" / "src"), "/site"]))]
+    assert json.loads((tmp_path / "gemv-ab-t.json").read_text())["tree"] == str(tmp_path / "base")
+    with pytest.raises(SystemExit):
+        gemv_ab.main(["--tag", "t"])  # neither a switch nor a tree
