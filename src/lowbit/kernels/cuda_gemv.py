@@ -299,9 +299,9 @@ def kquant_layout(fmt: KQuantFormat, qs: torch.Tensor, cols: int) -> tuple[torch
     * codes int32 [rows, cols / 8] (Q2_K, Q3_K: [rows, cols / 16]): the low 4 (2) bits of every code, packed as a
       4-bit (2-bit) grid packs its codes;
     * scales int16 [rows, cols / 32]: per 32-weight chunk two 8-bit integers, Q4_K / Q5_K the sub-block's ``sc``
-      (low byte) and ``mn``, Q6_K the int8 ``sc`` of its two 16-weight sub-blocks (Q2_K, Q3_K: int32
+      (low byte) and ``mn``, Q6_K the int8 ``sc`` of its two 16-weight sub-blocks plus 128 (Q2_K, Q3_K: int32
       [rows, cols / 64], per 64-weight chunk a byte per 16-weight sub-block: ggml's ``sc | mn << 4``, Q3_K's int8
-      ``sc``);
+      ``sc`` plus 128);
     * dm int32 [rows, cols / 256]: per superblock fp16 ``d`` (low half) and ``-dmin`` (Q3_K, Q6_K: ``d`` again);
     * hi int32 [rows, cols / 32 * hi_bits]: the high code bits (the .cu's magic_with_hi), or one zero when there are
       none.
@@ -349,9 +349,12 @@ def _kquant_rows(fmt: KQuantFormat, qs: torch.Tensor, cols: int) -> tuple[torch.
     lb = _kquant_low_bits(fmt)
     low, hi = split_codes(codes, lb, fmt.bits - lb)
     # Scale bytes in the order the kernel reads them (little-endian words): Q2_K one byte sc | mn << 4 per 16-weight
-    # sub-block, Q3_K / Q6_K their int8 sc, Q4_K / Q5_K (sc, mn) per 32-weight sub-block.
+    # sub-block, Q3_K / Q6_K their int8 sc plus 128 (unsigned: one PRMT puts it into the magic number, kq_scales),
+    # Q4_K / Q5_K (sc, mn) per 32-weight sub-block.
     sc = params["sc"].to(torch.int64)
     asym = "dmin" in fmt.halves
+    if not asym:
+        sc = sc + 128
     if lb == 2:
         scale_bytes, word = sc | params["mn"].to(torch.int64) << 4 if asym else sc, torch.int32
     else:
@@ -984,13 +987,13 @@ def decode_kquant_reference(fmt: KQuantFormat, qs: torch.Tensor, cols: int) -> t
     d2 = torch.stack([_as_half(dm), _as_half(dm >> 16)], -1).double().repeat_interleave(per_super, dim=1)
     if p.bits == 2:  # kq_sub_scales: byte j of sm -> (sc, mn) of word j (Q3_K: int8 sc, and (d, d))
         byte = (sm[..., None] >> torch.tensor([0, 8, 16, 24])) & 0xFF  # [row, chunk, word j]
-        ints = torch.stack([byte & 15, byte >> 4] if p.asym else [(byte ^ 0x80) - 128] * 2, -1).double()
+        ints = torch.stack([byte & 15, byte >> 4] if p.asym else [byte - 128] * 2, -1).double()
         s = (ints * d2[:, :, None]).to(torch.float16).double()  # [row, chunk, j, (d sc, -dmin mn)]
         m = s[..., 1, None] if p.asym else 0.0
         w = (level.double() * s[..., 0, None] + m).to(torch.float16)
         return w.reshape(rows, cols)
     ints = torch.stack([sm & 0xFF, (sm >> 8) & 0xFF], -1)  # [row, chunk, 2]
-    ints = ints.double() if p.asym else ((ints ^ 0x80).double() - 128)  # exact: fp16 holds 0..255 and -128..127
+    ints = ints.double() if p.asym else (ints.double() - 128)  # exact: fp16 holds 0..255 and -128..127
     s = (ints * d2).to(torch.float16).double()  # one rounding of d * sc (and -dmin * mn)
     lv = level.double()
     if p.asym:  # s0 q + (-dmin) mn, one rounding

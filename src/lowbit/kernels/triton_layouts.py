@@ -96,12 +96,12 @@ def _kquant_kernel(low_ptr, hi_ptr, scales_ptr, dm_ptr, w_ptr, N, K, low_words, 
     if LB == 4 and ASYM:  # Q4_K, Q5_K: bytes (sc, mn) per 32 weights, read as one int16 (sc the low byte)
         pair = _row_words(scales_ptr, n, n_mask, K // 32, k0 // 32, 32, BLOCK_N, BLOCK_K).to(tl.int32)
         sc, mn = pair & 255, (pair >> 8) & 255
-    else:  # a byte per 16 weights: Q2_K sc | mn << 4, Q3_K and Q6_K an int8 sc
+    else:  # a byte per 16 weights: Q2_K sc | mn << 4, Q3_K and Q6_K an int8 sc plus 128
         byte = _row_words(scales_ptr, n, n_mask, K // 16, k0 // 16, 16, BLOCK_N, BLOCK_K).to(tl.int32) & 255
         if ASYM:
             sc, mn = byte & 15, byte >> 4
         else:
-            sc = tl.where(byte >= 128, byte - 256, byte)
+            sc = byte - 128
     scale = d * sc.to(tl.float32)
     if ASYM:  # (d sc) q - (dmin mn), the minus as the sum of the stored -dmin's product (the same float)
         neg_dmin = (dm >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)

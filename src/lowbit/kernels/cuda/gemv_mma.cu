@@ -410,16 +410,17 @@ DEV void chunk_mma(float* d, u32 wa, u32 wb, u32 ha, u32 hb, int j, const u32* x
 
 #if KIND == 3
 // A chunk's K-quant scales from its raw words: sm holds two 8-bit integers (Q4_K, Q5_K: the sub-block's sc and mn;
-// Q6_K: the int8 sc of its two 16-weight sub-blocks), dm the superblock's fp16 (d, -dmin) (Q6_K: (d, d)). One PRMT
-// spreads the integers into the halves, the magic number makes them fp16 exactly (int8: biased by 128 first), one
-// HMUL2 gives (d sc, -dmin mn) rounded once, as fp16(d * sc) of ggml's float32 product (the layout stores -dmin:
-// w = s0 q + s1 is one HFMA2). s0, s1: the two halves, each in both halves of a word.
+// Q6_K: the int8 sc of its two 16-weight sub-blocks, stored plus 128), dm the superblock's fp16 (d, -dmin) (Q6_K:
+// (d, d)). One PRMT puts the integers into the mantissas of the magic number's halves (its 0x64 bytes from MAGIC),
+// one HFMA2 takes the magic (and the 128) off exactly, one HMUL2 gives (d sc, -dmin mn) rounded once, as
+// fp16(d * sc) of ggml's float32 product (the layout stores -dmin: w = s0 q + s1 is one HFMA2). s0, s1: the two
+// halves, each in both halves of a word.
 DEV void kq_scales(u32 sm, u32 dm, u32& s0, u32& s1) {
-    u32 v = prmt(sm, 0u, 0x4140u);  // byte 0 -> bits 0..7, byte 1 -> bits 16..23
+    const u32 v = prmt(sm, MAGIC, 0x7150u);  // (1024 + byte 0, 1024 + byte 1)
 #if ASYM
-    const u32 f = hfma2(v | MAGIC, 0x3C003C00u, 0xE400E400u);  // - 1024
+    const u32 f = hfma2(v, 0x3C003C00u, 0xE400E400u);  // - 1024
 #else
-    const u32 f = hfma2((v ^ 0x00800080u) | MAGIC, 0x3C003C00u, 0xE480E480u);  // int8 + 128 - 1152
+    const u32 f = hfma2(v, 0x3C003C00u, 0xE480E480u);  // int8 + 128 - 1152
 #endif
     const u32 r = hmul2(f, dm);
     s0 = prmt(r, 0u, 0x1010u);
@@ -428,16 +429,18 @@ DEV void kq_scales(u32 sm, u32 dm, u32& s0, u32& s1) {
 // Q2_K: word j of a 64-weight chunk is 16-weight sub-block j, whose ggml scale byte (sc | mn << 4) is byte j of sm.
 // One PRMT puts it in both halves, one LOP3 keeps sc in the low half and 16 mn in the high one inside the magic
 // number, one HFMA2 makes (sc, mn) exactly, one HMUL2 by (d, -dmin) as kq_scales.
-// Q3_K: byte j is sub-block j's int8 sc (the layout's), made fp16 in both halves and times (d, d): no PRMT after.
+// Q3_K: byte j is sub-block j's int8 sc plus 128 (the layout's), put into both halves of the magic number by one
+// PRMT (as kq_scales), made fp16 by one HFMA2 and times (d, d): no PRMT after.
 DEV void kq_sub_scales(u32 sm, u32 dm, int j, u32& s, u32& m) {
-    const u32 t = prmt(sm, 0u, 0x4040u | (u32)j | ((u32)j << 8));  // byte j -> bytes 0 and 2
 #if ASYM
+    const u32 t = prmt(sm, 0u, 0x4040u | (u32)j | ((u32)j << 8));  // byte j -> bytes 0 and 2
     const u32 f = hfma2(lop3_and_or(t, 0x00F0000Fu, MAGIC), 0x2C003C00u, 0xD400E400u);  // (x - 1024) / (1, 16)
     const u32 r = hmul2(f, dm);
     s = prmt(r, 0u, 0x1010u);
     m = prmt(r, 0u, 0x3232u);
 #else
-    s = hmul2(hfma2((t ^ 0x00800080u) | MAGIC, 0x3C003C00u, 0xE480E480u), dm);  // int8 + 128 - 1152
+    const u32 t = prmt(sm, MAGIC, 0x7050u | (u32)j | ((u32)j << 8));  // (1024 + byte j) in both halves
+    s = hmul2(hfma2(t, 0x3C003C00u, 0xE480E480u), dm);  // int8 + 128 - 1152
     m = 0u;
 #endif
 }
@@ -773,8 +776,8 @@ DEV void step_word(float* d, const Step& w, const KScales& ks, int j, const u32*
 #endif
 // PAIRED: the step loop runs two steps per pass, each prefetching into its own registers, which drops the copy of
 // the prefetched step at the end of every pass (NVRTC 12.8 and 13.5, sm_90: 3-9% fewer loop instructions). Not for
-// the K-quants and the grids whose mins come in groups smaller than a chunk (spills at 64 registers), nor IQ2_XXS
-// (measured no faster on an H100).
+// the grids whose mins come in groups smaller than a chunk (spills at 64 registers), nor IQ2_XXS and the K-quants
+// (measured no faster on an H100: the K-quants faster at 4096 rows, 7-17% slower at 11008 and 14336, Q3_K spilling).
 #ifndef PAIRED
 #define PAIRED (KIND == 1 || (KIND == 0 && !(ASYM && GROUP_SHIFT < LOG2_HALF_PER_CHUNK)))
 #endif
