@@ -119,18 +119,7 @@ def _numpy_breaks_interpreter() -> bool:
     return tuple(int(p) for p in np.__version__.split(".")[:2]) >= (2, 5)
 
 
-def run_in_interpreter(script: str, *args: object, parts: int = 2) -> dict:
-    """Run ``script`` (which prints one JSON object last) under TRITON_INTERPRET=1 with LOWBIT_KERNELS=triton, in a
-    subprocess because both flags are read at import; args are passed JSON-encoded. Skips without triton.
-
-    The interpreter runs on one core: ``parts`` processes run at once, each given every ``parts``-th entry of the
-    first argument (the cases; the rest go to each whole), and their objects are merged. A fixed number, not the
-    machine's cores, so every machine draws the same inputs. ``parts=1`` for scripts whose work is not per case."""
-    import json
-    import os
-    import subprocess
-    import sys
-
+def _skip_without_interpreter() -> None:
     from lowbit.kernels.dispatch import triton_available
 
     if not triton_available():
@@ -138,10 +127,31 @@ def run_in_interpreter(script: str, *args: object, parts: int = 2) -> dict:
     if _numpy_breaks_interpreter():
         pytest.skip("Triton 3.6's interpreter fails on runtime-bounded loops with numpy >= 2.5 (the test extra pins "
                     "numpy < 2.5; GPU images may ship 2.5)")
-    env = dict(os.environ, TRITON_INTERPRET="1", LOWBIT_KERNELS="triton")
+
+
+def run_in_interpreter(script: str, *args: object, parts: int = 2) -> dict:
+    """Run ``script`` (which prints one JSON object last) under TRITON_INTERPRET=1 with LOWBIT_KERNELS=triton, in a
+    subprocess because both flags are read at import; args are passed JSON-encoded. Skips without triton.
+
+    The interpreter runs on one core: ``parts`` processes run at once, each given every ``parts``-th entry of the
+    first argument (the cases; the rest go to each whole), and their objects are merged. A fixed number, not the
+    machine's cores, so every machine draws the same inputs. ``parts=1`` for scripts whose work is not per case."""
+    _skip_without_interpreter()
     shares = [args] if parts == 1 or not args else [(args[0][i::parts], *args[1:]) for i in range(parts)]
-    procs = [subprocess.Popen([sys.executable, "-c", script, *(json.dumps(a) for a in share)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for share in shares]
+    return run_scripts_in_interpreter([(script, share) for share in shares])
+
+
+def run_scripts_in_interpreter(jobs: list[tuple[str, tuple]]) -> dict:
+    """Each (script, args) of ``jobs`` as :func:`run_in_interpreter` runs one, all at once; their objects merged."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    _skip_without_interpreter()
+    env = dict(os.environ, TRITON_INTERPRET="1", LOWBIT_KERNELS="triton")
+    procs = [subprocess.Popen([sys.executable, "-c", script, *(json.dumps(a) for a in args)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for script, args in jobs]
     merged: dict = {}
     for proc in procs:
         stdout, stderr = proc.communicate(timeout=600)

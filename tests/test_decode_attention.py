@@ -1,11 +1,11 @@
 """One-token decode attention (lowbit.kernels.triton_decode_attention) against its float64 reference, and the
 "lowbit_decode" attention implementation (lowbit.models.decode_attention) against transformers' SDPA: under
-Triton's interpreter on CPU (one subprocess) and on CUDA when there is a GPU."""
+Triton's interpreter on CPU (two subprocesses) and on CUDA when there is a GPU."""
 
 import pytest
 import torch
 
-from conftest import run_in_interpreter
+from conftest import run_scripts_in_interpreter
 from lowbit.kernels.triton_decode_attention import decode_attention_reference, supported
 from lowbit.models.decode_attention import NAME, use_decode_attention
 
@@ -36,6 +36,15 @@ for b, h, hkv, s, d, used in json.loads(sys.argv[1]):
                 same = torch.equal(y, decode_attention(q, k, v, m, d ** -0.5, splits=splits))
             err = ((y.double() - r.double()).norm() / r.double().norm()).item()
             out[f"{b},{h},{hkv},{s},{d},{used},{m is None},{splits}"] = err if same else 1.0
+print(json.dumps(out))
+"""
+# the rest in a second process beside the first (the interpreter runs on one core)
+_MODEL_SCRIPT = r"""
+import json, sys
+import torch
+from lowbit.kernels import triton_decode_attention as kernel
+g = torch.Generator().manual_seed(1)
+out = {}
 # the attention implementation inside a Llama, dynamic cache, against SDPA
 from transformers import LlamaConfig, LlamaForCausalLM
 from lowbit.models.decode_attention import use_decode_attention
@@ -58,7 +67,7 @@ for switch in (False, True):
     runs.append(torch.cat(logits))
 out["model"] = (runs[0] - runs[1]).abs().max().item()
 # one step of rotary embedding + cache write + attention, against its reference: output, caches and length
-for b, h, hkv, s, d, used in json.loads(sys.argv[2]):
+for b, h, hkv, s, d, used in json.loads(sys.argv[1]):
     qkv = torch.randn(b, 1, (h + 2 * hkv) * d, generator=g)
     turn = torch.rand(b, 1, d // 2, generator=g) * 6
     cos, sin = torch.cat([turn.cos()] * 2, -1), torch.cat([turn.sin()] * 2, -1)
@@ -128,7 +137,7 @@ print(json.dumps(out))
 
 @pytest.fixture(scope="module")
 def interpreter_results():
-    return run_in_interpreter(_SCRIPT, CASES, STEP_CASES, parts=1)  # a model's steps after the cases
+    return run_scripts_in_interpreter([(_SCRIPT, (CASES,)), (_MODEL_SCRIPT, (STEP_CASES,))])
 
 
 @pytest.mark.parametrize("case", CASES, ids=[",".join(map(str, c)) for c in CASES])

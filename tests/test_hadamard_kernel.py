@@ -1,13 +1,13 @@
 """The online randomized-Hadamard kernel (:mod:`lowbit.kernels.triton_hadamard`) against
 ``RandomizedHadamard.apply``, and its wiring into QuantLinear.forward through ``dispatch.rotate_input``: under
-Triton's interpreter on CPU (one subprocess) and on CUDA when there is a GPU. Without either, the CPU path must
+Triton's interpreter on CPU (two subprocesses) and on CUDA when there is a GPU. Without either, the CPU path must
 stay exactly the torch reference."""
 
 
 import pytest
 import torch
 
-from conftest import run_in_interpreter
+from conftest import run_scripts_in_interpreter
 from lowbit.kernels.dispatch import rotate_input, rotate_output, triton_available
 from lowbit.rotations.hadamard import RandomizedHadamard
 
@@ -54,6 +54,27 @@ for n in (4096, 11008):
         y, r = f(rot, x), ref(x.double())
         ok = bool(torch.isfinite(y).all()) and y.dtype == torch.float16
         out[f"fp16:{n}:{key}"] = ((y.double() - r).norm() / r.norm()).item() if ok else float("inf")
+# QuantLinear with an input- and output-side rotation, IQ2_XXS weight: kernel rotation + kernel GEMV
+from lowbit.formats import get_format
+from lowbit.models.quant_linear import QuantLinear
+from lowbit.rotations.incoherence import Rotation
+for name, (o, i) in [("iq2_xxs", (16, 256)), ("int4_g32_sym", (24, 576))]:
+    fmt = get_format(name)
+    rot = Rotation.for_layer("layer", 0)
+    q = QuantLinear.from_quantized(fmt.quantize(rot.rotate_weight(torch.randn(o, i, generator=g))),
+                                   torch.randn(o, generator=g), rot)
+    x = torch.randn(3, i, generator=g)
+    ref = torch.nn.functional.linear(x.double(), q.dequantize().double(), q.bias.double())
+    out[f"quant_linear:{name}"] = ((q(x).double() - ref).norm() / ref.norm()).item()
+print(json.dumps(out))
+"""
+# the rest in a second process beside the first (the interpreter runs on one core)
+_FUSED_SCRIPT = r"""
+import json, sys
+import torch
+from lowbit.rotations.hadamard import RandomizedHadamard
+g = torch.Generator().manual_seed(5)
+out = {}
 # k rotations of one split on k slices in one launch (a fused group's output sides) = each slice on its own;
 # layout 3 (block-diagonal): the kernel alone, no matmul after it, also through the op
 from lowbit.kernels.triton_hadamard import rotate_stacked
@@ -90,26 +111,14 @@ for n, k in STACKED:
         y = torch.ops.lowbit.hadamard(x, n, [30 + j for j in range(k)], 2, inverse)
         ref = rotate_stacked(rots, x, inverse=inverse)
         out[f"op:{n}:{k}:{key}"] = float("inf") if y.shape != x.shape else (y - ref).abs().max().item()
-# QuantLinear with an input- and output-side rotation, IQ2_XXS weight: kernel rotation + kernel GEMV
-from lowbit.formats import get_format
-from lowbit.models.quant_linear import QuantLinear
-from lowbit.rotations.incoherence import Rotation
-for name, (o, i) in [("iq2_xxs", (16, 256)), ("int4_g32_sym", (24, 576))]:
-    fmt = get_format(name)
-    rot = Rotation.for_layer("layer", 0)
-    q = QuantLinear.from_quantized(fmt.quantize(rot.rotate_weight(torch.randn(o, i, generator=g))),
-                                   torch.randn(o, generator=g), rot)
-    x = torch.randn(3, i, generator=g)
-    ref = torch.nn.functional.linear(x.double(), q.dequantize().double(), q.bias.double())
-    out[f"quant_linear:{name}"] = ((q(x).double() - ref).norm() / ref.norm()).item()
 print(json.dumps(out))
 """
 
 
 @pytest.fixture(scope="module")
 def interpreter_results():
-    script = _SCRIPT.replace("STACKED", repr(STACKED)).replace("BLOCKWISE", repr(BLOCKWISE))
-    return run_in_interpreter(script.replace("SILU", repr(SILU)), CASES, parts=1)  # most of it is not per case
+    fused = _FUSED_SCRIPT.replace("STACKED", repr(STACKED)).replace("BLOCKWISE", repr(BLOCKWISE))
+    return run_scripts_in_interpreter([(_SCRIPT, (CASES,)), (fused.replace("SILU", repr(SILU)), ())])
 
 
 @pytest.mark.parametrize("n,batch", CASES, ids=[f"n{n}-b{'x'.join(map(str, b))}" for n, b in CASES])
