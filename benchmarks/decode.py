@@ -134,21 +134,37 @@ def _random_iq2xxs(lin: nn.Linear) -> QuantizedTensor:
     return get_format("iq2_xxs").pack(codes, {"d": d, "ls": ls}, (rows, cols))
 
 
+def _uniform_moments(lo: int, hi: int) -> tuple[float, float]:
+    """Mean and mean square of an integer drawn uniformly from lo..hi."""
+    n = hi - lo + 1
+    values = torch.arange(lo, hi + 1, dtype=torch.float64)
+    return float(values.sum() / n), float(values.square().sum() / n)
+
+
 def _random_kquant(lin: nn.Linear, fmt: KQuantFormat) -> QuantizedTensor:
     """Valid K-quant superblocks (random bytes would put NaNs in the fp16 d): random codes and integer scales (and
-    mins), d sized for weights of std ~0.02 and dmin to centre them, packed by the format."""
+    mins), dmin at the mean code times d, so that ``d sc q - dmin mn`` averages zero (sc and mn are drawn alike),
+    and d sized for weights of std ~0.02 with a random sign per superblock. An offset shared by every weight is a
+    rank-one gain of about |mean| x K per linear that compounds over the layers: with dmin at 2^(bits-1) d, a
+    random 7B-shaped Q4_K model's weights averaged -0.11 std and the fp16 reference loop reached NaN."""
     rows, cols = lin.weight.shape
     dev = lin.weight.device
     nsb = cols // 256
     codes = torch.randint(0, 1 << fmt.bits, (rows, cols), device=dev)
     params = {k: torch.randint(lo, hi + 1, (rows, nsb * fmt.n_sub), device=dev).float()
               for k, (lo, hi) in fmt.ints.items()}
-    lo, hi = fmt.ints["sc"]
-    level_std = (1 << fmt.bits) / math.sqrt(12)  # codes uniform over the grid
-    d = torch.full((rows, nsb), 0.02 / (level_std * max(abs(lo), hi) / 2), device=dev).half().float()
+    sc_mean, sc_sq = _uniform_moments(*fmt.ints["sc"])
+    if "dmin" in fmt.halves:  # w / d = sc q - c mn, c the mean code: E = 0, E[w^2] / d^2 below
+        c = ((1 << fmt.bits) - 1) / 2
+        q_sq = _uniform_moments(0, (1 << fmt.bits) - 1)[1]
+        unit_sq = sc_sq * (q_sq + c * c) - 2 * c * c * sc_mean * sc_mean
+    else:  # w / d = sc (q - 2^(bits-1))
+        unit_sq = sc_sq * _uniform_moments(-(1 << (fmt.bits - 1)), (1 << (fmt.bits - 1)) - 1)[1]
+    d = torch.full((rows, nsb), 0.02 / math.sqrt(unit_sq), device=dev).half().float()
+    _random_signs(d)
     params["d"] = d
-    if "dmin" in fmt.halves:  # mean code (2^bits - 1) / 2 times the mean sc, against the mean mn: about centred
-        params["dmin"] = (d * (1 << (fmt.bits - 1))).half().float()
+    if "dmin" in fmt.halves:
+        params["dmin"] = (d * c).half().float()
     return fmt.pack(codes, params, (rows, cols))
 
 
