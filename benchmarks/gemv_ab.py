@@ -10,8 +10,8 @@ so each run is a process of its own) and, with ``--tree``, lowbit imported from 
 switch selects (a kernel layout, say: ``git worktree add ../base HEAD~1``, then ``--tree ../base``; B is the base).
 ``--repeats`` runs of each side alternate A, B, A, B, ... Prints per row both times and B's over A's, then per
 format and batch each side's mean % of copy bandwidth on the large shapes and, for batches above 1, how many of
-them stay within 1.5x of batch 1. Writes benchmarks/results/gemv-ab-<tag>.json (the
-device, both sides' rows, the comparison and the summaries); the runs' own kernels-<tag>-a<i>.json files are removed.
+them stay within 1.5x of batch 1. Writes benchmarks/results/gemv-ab-<tag>.json (the device, both sides' rows, the
+comparison and the summaries); the runs' own kernels-<tag>-a<i>.json files are removed.
 """
 
 from __future__ import annotations

@@ -985,7 +985,7 @@ def decode_kquant_reference(fmt: KQuantFormat, qs: torch.Tensor, cols: int) -> t
             level[..., j, i + half] = _fma_half(_as_half(magic >> 16), a, b)
     per_super = QK_K // (4 * per_word)  # chunks per superblock
     d2 = torch.stack([_as_half(dm), _as_half(dm >> 16)], -1).double().repeat_interleave(per_super, dim=1)
-    if p.bits == 2:  # kq_sub_scales: byte j of sm -> (sc, mn) of word j (Q3_K: int8 sc, and (d, d))
+    if p.bits == 2:  # kq_sub_scales: byte j of sm -> (sc, mn) of word j (Q3_K: int8 sc plus 128, and (d, d))
         byte = (sm[..., None] >> torch.tensor([0, 8, 16, 24])) & 0xFF  # [row, chunk, word j]
         ints = torch.stack([byte & 15, byte >> 4] if p.asym else [byte - 128] * 2, -1).double()
         s = (ints * d2[:, :, None]).to(torch.float16).double()  # [row, chunk, j, (d sc, -dmin mn)]
