@@ -5,9 +5,10 @@ without and with the switch, alternately, and each variant's tok/s compared.
         --eager-repeats 0 --check-tokens 8
 
 Everything after ``--`` goes to decode.py as it is. Side A is the environment as it is, side B the same with every
-``--set`` (``LOWBIT_*`` switches are read at import, so each run is a process of its own); ``--repeats`` runs of
-each side alternate A, B, A, B, ... Prints per variant (and LM head) every run's tok/s, each side's best and B over
-A, and whether the runs' first tokens agreed with the dynamic-cache loop where decode.py checked. Writes
+``--set`` (``LOWBIT_*`` switches are read at import, so each run is a process of its own) and, with ``--tree``,
+lowbit imported from another checkout (benchmarks/gemv_ab.py); ``--repeats`` runs of each side alternate A, B,
+A, B, ... Prints per variant (and LM head) every run's tok/s, each side's best and B over A, and whether the runs'
+first tokens agreed with the dynamic-cache loop where decode.py checked. Writes
 benchmarks/results/decode-ab-<tag>.json (the device, every run's rows, the comparison); the runs' own files go.
 """
 
@@ -19,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from gemv_ab import alternate, parse_sets, run_script
+from gemv_ab import add_side_b, alternate, run_script, side_b
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -55,19 +56,18 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ours, passthrough = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--set", action="append", default=[], metavar="LOWBIT_NAME=VALUE", required=True,
-                    help="a switch of side B (repeatable)")
+    add_side_b(ap)
     ap.add_argument("--repeats", type=int, default=2, help="runs of each side, alternating")
     ap.add_argument("--tag", default="ab")
     args = ap.parse_args(ours)
-    sets = parse_sets(args.set)
-    runs, results = alternate(run_side, sets, passthrough, args.tag, args.repeats)
+    sets, b_is = side_b(ap, args)
+    runs, results = alternate(run_side, sets, passthrough, args.tag, args.repeats, args.tree)
     meta = next((d["meta"] for d in results if d.get("meta")), {})
     rows = compare(runs["a"], runs["b"])
     if not rows:
         print("no variant was measured on both sides", file=sys.stderr)
         return 2
-    print(f"\nB = A + {' '.join(f'{k}={v}' for k, v in sets.items())}; runs alternating, {args.repeats} a side")
+    print(f"\nB = A + {b_is}; runs alternating, {args.repeats} a side")
     print("| variant | LM head | A tok/s | B tok/s | B / A (best) | A prefill ms | B prefill ms | tokens agree |\n"
           "|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/decode_ab.py " + " ".join(argv)
     sides = {side: [r | {"side": side, "run": i} for i, rs in enumerate(runs[side]) for r in rs] for side in runs}
     (RESULTS / f"decode-ab-{args.tag}.json").write_text(json.dumps(
-        {"device": meta.get("device"), "set": sets, "repeats": args.repeats, "command": command,
+        {"device": meta.get("device"), "set": sets, "tree": args.tree, "repeats": args.repeats, "command": command,
          "decode_args": passthrough, "rows": sides["a"] + sides["b"], "compare": rows}, indent=1))
     return 0
 

@@ -69,6 +69,22 @@ def with_tree(env: dict[str, str], tree: str) -> dict[str, str]:
     return env | {"PYTHONPATH": os.pathsep.join(path)}
 
 
+def add_side_b(ap: argparse.ArgumentParser) -> None:
+    """The options that make side B: ``--set`` switches and ``--tree``."""
+    ap.add_argument("--set", action="append", default=[], metavar="LOWBIT_NAME=VALUE",
+                    help="a switch of side B (repeatable)")
+    ap.add_argument("--tree", help="side B imports lowbit from this checkout's src (another commit: git worktree "
+                                   "add DIR REV), for a change no switch selects")
+
+
+def side_b(ap: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[dict[str, str], str]:
+    """Side B's switches (:func:`parse_sets`) and how to name it; an error without a switch or a tree."""
+    sets = parse_sets(args.set)
+    if not sets and not args.tree:
+        ap.error("side B needs a --set or a --tree")
+    return sets, " ".join([f"{k}={v}" for k, v in sets.items()] + ([f"lowbit from {args.tree}"] if args.tree else []))
+
+
 def parse_sets(sets: list[str]) -> dict[str, str]:
     out = {}
     for s in sets:
@@ -113,19 +129,14 @@ def run_side(side_env: dict[str, str], passthrough: list[str], tag: str) -> dict
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--set", action="append", default=[], metavar="LOWBIT_NAME=VALUE",
-                    help="a switch of side B (repeatable)")
-    ap.add_argument("--tree", help="side B imports lowbit from this checkout's src (another commit: git worktree "
-                                   "add DIR REV), for a change no switch selects")
+    add_side_b(ap)
     ap.add_argument("--repeats", type=int, default=2, help="runs of each side, alternating")
     ap.add_argument("--tag", default="ab")
     ap.add_argument("--formats", default=",".join(gemv_speed.FORMATS))
     ap.add_argument("--batch", default="1")
     ap.add_argument("--fused", action="store_true", help="also the fused shapes a decode step runs")
     args = ap.parse_args(argv)
-    sets = parse_sets(args.set)
-    if not sets and not args.tree:
-        ap.error("side B needs a --set or a --tree")
+    sets, b_is = side_b(ap, args)
     passthrough = ["--formats", args.formats, "--batch", args.batch] + (["--fused"] if args.fused else [])
     runs, results = alternate(run_side, sets, passthrough, args.tag, args.repeats, args.tree)
     device = next(({k: d[k] for k in ("device", "copy_bw") if k in d} for d in results if "device" in d), {})
@@ -133,7 +144,6 @@ def main(argv: list[str] | None = None) -> int:
     if not rows:
         print("no row was measured on both sides", file=sys.stderr)
         return 2
-    b_is = " ".join([f"{k}={v}" for k, v in sets.items()] + ([f"lowbit from {args.tree}"] if args.tree else []))
     print(f"\nB = A + {b_is}; fastest of {args.repeats} runs each")
     print("| shape | format | batch | A µs | B µs | B / A |\n|---|---|---|---|---|---|")
     for r in rows:

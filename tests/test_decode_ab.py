@@ -1,6 +1,7 @@
 """benchmarks/decode_ab.py: a kernel switch against the default in the decode step, runs alternating."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -55,6 +56,23 @@ def test_runs_alternate_and_decode_gets_everything_after_the_separator(tmp_path:
     out = json.loads((tmp_path / "decode-ab-t.json").read_text())
     assert out["device"] == "GPU" and out["set"] == {"LOWBIT_CUDA_WARPS": "8"} and len(out["rows"]) == 4
     assert out["compare"][0]["b_over_a"] == pytest.approx(700 / 750)
+
+
+def test_a_tree_is_side_b_and_a_side_b_is_required(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    paths = []
+
+    def fake_run(env: dict, passthrough: list, tag: str) -> dict:
+        paths.append(env.get("PYTHONPATH", "").split(os.pathsep)[0])
+        return {"meta": {"device": "GPU"}, "rows": [_row("nz2_ch", 700.0)]}
+
+    monkeypatch.setattr(decode_ab, "RESULTS", tmp_path)
+    monkeypatch.setattr(decode_ab, "run_side", fake_run)
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    assert decode_ab.main(["--tree", str(tmp_path / "base"), "--repeats", "1", "--tag", "t", "--", "--compile"]) == 0
+    assert paths == ["", str(tmp_path / "base" / "src")]
+    assert json.loads((tmp_path / "decode-ab-t.json").read_text())["tree"] == str(tmp_path / "base")
+    with pytest.raises(SystemExit):
+        decode_ab.main(["--repeats", "1", "--", "--compile"])
 
 
 def test_a_run_that_wrote_nothing_leaves_nothing_to_compare(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
