@@ -30,13 +30,23 @@ ALU = {"LOP3", "SHF", "PRMT", "IADD3", "VIADD", "ISETP", "LEA", "SEL", "MOV", "I
 FMA = {"IMAD", "IMUL", "FFMA", "FMUL", "FADD", "HFMA2", "HMUL2", "HADD2"}
 
 
-def nvdisasm() -> Path:
+def nvdisasm_found() -> Path | None:
+    """Triton's wheel's nvdisasm, or None without it."""
     import triton
 
     path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
-    if not path.exists():
-        raise SystemExit(f"nvdisasm not found at {path} (it comes with Triton's wheel)")
-    return path
+    return path if path.exists() else None
+
+
+def source_sass(source: str) -> str:
+    """The SASS of a gemv_mma.cu ``source`` compiled for sm_90 (as dispatch launches it on Hopper)."""
+    path = nvdisasm_found()
+    if path is None:
+        raise SystemExit("nvdisasm not found (it comes with Triton's wheel)")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cuda_jit.compile_cubin(source, "gemv_mma.cu", "sm_90"))
+        f.flush()
+        return subprocess.run([str(path), "-c", f.name], capture_output=True, text=True, check=True).stdout
 
 
 def kernel_sass(name: str, cols: int, m: int, resident: bool | None = None) -> str:
@@ -50,11 +60,8 @@ def kernel_sass(name: str, cols: int, m: int, resident: bool | None = None) -> s
     full = cols % (4 * cuda_gemv.half_per_chunk(p)) == 0
     if resident is None:
         resident = warps >= cuda_gemv.WARPS_MANY and cuda_gemv._resident_grid()
-    source = cuda_gemv._source(p, xs, warps, cuda_gemv.min_blocks_for(warps, m), False, full, resident=resident)
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cuda_jit.compile_cubin(source, "gemv_mma.cu", "sm_90"))
-        f.flush()
-        return subprocess.run([str(nvdisasm()), "-c", f.name], capture_output=True, text=True, check=True).stdout
+    return source_sass(cuda_gemv._source(p, xs, warps, cuda_gemv.min_blocks_for(warps, m), False, full,
+                                         resident=resident))
 
 
 def local_accesses(instructions: list[str]) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +24,9 @@ from conftest import compile_all, nvrtc_found
 from lowbit.formats import Format, QuantizedTensor, e8p, get_format
 from lowbit.kernels import cuda_gemv
 from lowbit.kernels.reference import decode_lut
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+import sass_count  # noqa: E402  (benchmarks/ is not a package)
 
 SERVED = ["int2_g64_sym", "int2_g32_asym", "int2_g64_asym", "int4_g128_sym", "int4_g128_asym", "q4_0", "q4_1",
           "nz2_ch", "nz2_g64", "std2_g64", "std2m_ch", "int4_ch_sym", "int2_ch_asym", "e8p_ch", "e8p_g256", "iq2_xxs",
@@ -258,23 +262,12 @@ def test_step_scaled_variants_compile(name: str) -> None:
     compile_all(jobs, "gemv_mma.cu")
 
 
-def _nvdisasm():  # noqa: ANN202 - Path | None: Triton's wheel ships it
-    import triton
-
-    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
-    return path if path.exists() else None
-
-
-@pytest.mark.skipif(not nvrtc_found() or _nvdisasm() is None, reason="needs NVRTC and Triton's nvdisasm")
+@pytest.mark.skipif(not nvrtc_found() or sass_count.nvdisasm_found() is None,
+                    reason="needs NVRTC and Triton's nvdisasm")
 def test_step_scaled_kernels_compile_without_spills() -> None:
     """The step-scaled kernels compile for sm_90 with no local-memory traffic (STL/LDL in the SASS) at the registers
     their launch bounds allow: batch 1 (8 and 16 warps, staged rows of 4096 and 14336), batch 8 with one and two
     row blocks per warp."""
-    import subprocess
-    import tempfile
-
-    from lowbit.kernels import cuda_jit
-
     names = ["iq2_xxs", "int4_g128_sym", "e8p_g256"]
     jobs = []
     for name in names:
@@ -285,16 +278,10 @@ def test_step_scaled_kernels_compile_without_spills() -> None:
                 p, xs, warps, cuda_gemv.min_blocks_for(warps, m, tiles), False, True, 0, False,
                 warps == cuda_gemv.WARPS_MANY, tiles)))
 
-    def sass(source: str) -> str:
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(cuda_jit.compile_cubin(source, "gemv_mma.cu", "sm_90"))
-            f.flush()
-            return subprocess.run([str(_nvdisasm()), "-c", f.name], capture_output=True, text=True, check=True).stdout
-
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # NVRTC lets go of the GIL
-        listings = list(pool.map(sass, [source for _, source in jobs]))
+        listings = list(pool.map(sass_count.source_sass, [source for _, source in jobs]))
     for (case, _), listing in zip(jobs, listings, strict=True):
-        assert "HMMA" in listing and " STL" not in listing and " LDL" not in listing, case
+        assert "HMMA" in listing and sass_count.local_accesses(sass_count.instructions(listing)) == 0, case
 
 
 @pytest.mark.skipif(not nvrtc_found(), reason="needs NVRTC (the nvidia-cuda-nvrtc wheel of the test extra)")
