@@ -136,7 +136,6 @@ def run_in_interpreter(script: str, *args: object, parts: int = 2) -> dict:
     The interpreter runs on one core: ``parts`` processes run at once, each given every ``parts``-th entry of the
     first argument (the cases; the rest go to each whole), and their objects are merged. A fixed number, not the
     machine's cores, so every machine draws the same inputs. ``parts=1`` for scripts whose work is not per case."""
-    _skip_without_interpreter()
     shares = [args] if parts == 1 or not args else [(args[0][i::parts], *args[1:]) for i in range(parts)]
     return run_scripts_in_interpreter([(script, share) for share in shares])
 
