@@ -78,10 +78,13 @@ def add_side_b(ap: argparse.ArgumentParser) -> None:
 
 
 def side_b(ap: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[dict[str, str], str]:
-    """Side B's switches (:func:`parse_sets`) and how to name it; an error without a switch or a tree."""
+    """Side B's switches (:func:`parse_sets`) and how to name it; an error without a switch or a tree, or with a
+    tree that holds no lowbit."""
     sets = parse_sets(args.set)
     if not sets and not args.tree:
         ap.error("side B needs a --set or a --tree")
+    if args.tree and not (Path(args.tree) / "src" / "lowbit").is_dir():  # else B would import A's lowbit unnoticed
+        ap.error(f"--tree {args.tree}: no src/lowbit there (a checkout of lowbit, e.g. git worktree add DIR REV)")
     return sets, " ".join([f"{k}={v}" for k, v in sets.items()] + ([f"lowbit from {args.tree}"] if args.tree else []))
 
 

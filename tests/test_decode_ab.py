@@ -68,6 +68,7 @@ def test_a_tree_is_side_b_and_a_side_b_is_required(tmp_path: Path, monkeypatch: 
     monkeypatch.setattr(decode_ab, "RESULTS", tmp_path)
     monkeypatch.setattr(decode_ab, "run_side", fake_run)
     monkeypatch.delenv("PYTHONPATH", raising=False)
+    (tmp_path / "base" / "src" / "lowbit").mkdir(parents=True)
     assert decode_ab.main(["--tree", str(tmp_path / "base"), "--repeats", "1", "--tag", "t", "--", "--compile"]) == 0
     assert paths == ["", str(tmp_path / "base" / "src")]
     assert json.loads((tmp_path / "decode-ab-t.json").read_text())["tree"] == str(tmp_path / "base")

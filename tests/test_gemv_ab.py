@@ -79,6 +79,10 @@ def test_a_tree_puts_side_b_on_another_checkout(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setattr(gemv_ab, "RESULTS", tmp_path)
     monkeypatch.setattr(gemv_ab, "run_side", fake_run)
     monkeypatch.setenv("PYTHONPATH", "/site")
+    with pytest.raises(SystemExit):
+        gemv_ab.main(["--tree", str(tmp_path / "base"), "--repeats", "1", "--tag", "t"])  # no checkout there yet
+    assert paths == []
+    (tmp_path / "base" / "src" / "lowbit").mkdir(parents=True)
     assert gemv_ab.main(["--tree", str(tmp_path / "base"), "--repeats", "1", "--tag", "t"]) == 0
     assert paths == [("t-a0", "/site"), ("t-b0", os.pathsep.join([str(tmp_path / "base" / "src"), "/site"]))]
     assert json.loads((tmp_path / "gemv-ab-t.json").read_text())["tree"] == str(tmp_path / "base")
