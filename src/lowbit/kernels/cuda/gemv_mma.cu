@@ -44,6 +44,8 @@ DEV u32 lop3_and_or(u32 x, u32 mask, u32 magic) { return lop3(x, mask, magic, 0x
 DEV u32 hfma2(u32 a, u32 b, u32 c) { return hfma2_host(a, b, c); }
 DEV u32 hmul2(u32 a, u32 b) { return hmul2_host(a, b); }
 DEV u32 prmt(u32 a, u32 b, u32 sel) { return prmt_host(a, b, sel); }
+DEV u32 dup_lo(u32 r) { return prmt_host(r, 0u, 0x1010u); }
+DEV u32 dup_hi(u32 r) { return prmt_host(r, 0u, 0x3232u); }
 DEV void mma(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) { mma_host(d, a0, a1, a2, a3, b0, b1); }
 DEV U4 ld_cached(const U4* p) { return *p; }
 DEV u32 ld_u16(const u16* p) { return *p; }
@@ -71,6 +73,18 @@ DEV u32 hmul2(u32 a, u32 b) {
 DEV u32 prmt(u32 a, u32 b, u32 sel) {
     u32 d;
     asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+    return d;
+}
+// One half of r in both halves, written as PTX moves rather than a PRMT: ptxas folds them into the HFMA2 or HMUL2
+// that reads the result, as its .H0_H0 / .H1_H1 operand (the K-quants' scale pairs: Q2_K 16 PRMT a step fewer).
+DEV u32 dup_lo(u32 r) {
+    u32 d;
+    asm("{.reg .b16 l, h; mov.b32 {l, h}, %1; mov.b32 %0, {l, l};}" : "=r"(d) : "r"(r));
+    return d;
+}
+DEV u32 dup_hi(u32 r) {
+    u32 d;
+    asm("{.reg .b16 l, h; mov.b32 {l, h}, %1; mov.b32 %0, {h, h};}" : "=r"(d) : "r"(r));
     return d;
 }
 DEV void mma(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
@@ -423,8 +437,8 @@ DEV void kq_scales(u32 sm, u32 dm, u32& s0, u32& s1) {
     const u32 f = hfma2(v, 0x3C003C00u, 0xE480E480u);  // int8 + 128 - 1152
 #endif
     const u32 r = hmul2(f, dm);
-    s0 = prmt(r, 0u, 0x1010u);
-    s1 = prmt(r, 0u, 0x3232u);
+    s0 = dup_lo(r);
+    s1 = dup_hi(r);
 }
 // Q2_K: word j of a 64-weight chunk is 16-weight sub-block j, whose ggml scale byte (sc | mn << 4) is byte j of sm.
 // One PRMT puts it in both halves, one LOP3 keeps sc in the low half and 16 mn in the high one inside the magic
@@ -436,8 +450,8 @@ DEV void kq_sub_scales(u32 sm, u32 dm, int j, u32& s, u32& m) {
     const u32 t = prmt(sm, 0u, 0x4040u | (u32)j | ((u32)j << 8));  // byte j -> bytes 0 and 2
     const u32 f = hfma2(lop3_and_or(t, 0x00F0000Fu, MAGIC), 0x2C003C00u, 0xD400E400u);  // (x - 1024) / (1, 16)
     const u32 r = hmul2(f, dm);
-    s = prmt(r, 0u, 0x1010u);
-    m = prmt(r, 0u, 0x3232u);
+    s = dup_lo(r);
+    m = dup_hi(r);
 #else
     const u32 t = prmt(sm, MAGIC, 0x7050u | (u32)j | ((u32)j << 8));  // (1024 + byte j) in both halves
     s = hmul2(hfma2(t, 0x3C003C00u, 0xE480E480u), dm);  // int8 + 128 - 1152
