@@ -177,7 +177,9 @@ def test_pages_from_each_family(results: Path, tmp_path: Path):
 def test_unknown_json_is_listed_as_not_rendered(results: Path, tmp_path: Path):
     _write(results, "probe-t.json", {"something": [1, 2]})
     _write(results, "list-t.json", [1, 2])  # valid JSON, just not a results object
+    _write(results, "decode-ab-t.json", {"compare": []})  # benchmarks/decode_ab.py's, not a decode.py file
     pages = render_results_pages(results, tmp_path / "out")
+    assert "* [decode-ab-t.json](../benchmarks/results/decode-ab-t.json): not rendered" in pages["index.md"]
     assert "* [probe-t.json](../benchmarks/results/probe-t.json): not rendered" in pages["index.md"]
     assert "* [list-t.json](../benchmarks/results/list-t.json): not rendered" in pages["index.md"]
     assert "probe-t" not in "".join(text for name, text in pages.items() if name != "index.md")

@@ -50,6 +50,7 @@ class Family:
     overview: Callable[[list[Source]], list[str]] | None = None  # a table across files, shown first
     order: Callable[[Source], tuple] | None = None  # order of the file sections (default: by file name)
     optional: dict[str, tuple[str, ...]] | None = None  # as ``required``, checked where the key is there
+    not_prefix: str | None = None  # names with the prefix that another script writes (listed as not rendered)
 
 
 # --- public API --------------------------------------------------------------------------------------------------
@@ -102,7 +103,8 @@ def render_results_pages(results_dir: str | Path, out_dir: str | Path) -> dict[s
 def family_of(file_name: str) -> Family | None:
     """The family of a results file, by the name prefix its benchmark script writes; None if no family has it."""
     for family in FAMILIES:
-        if file_name.startswith(family.prefix) and file_name.endswith(".json"):
+        other = family.not_prefix is not None and file_name.startswith(family.not_prefix)
+        if file_name.startswith(family.prefix) and file_name.endswith(".json") and not other:
             return family
     return None
 
@@ -645,7 +647,7 @@ FAMILIES: Sequence[Family] = (
         "[kernels.md](../kernels.md).",
         {"meta": (), "rows": ("variant", "bpw", "bytes", "roofline_tok_s", "tok_s", "frac_roofline", "prefill_ms",
                               "cuda_graph")},
-        _decode_section, _decode_overview),
+        _decode_section, _decode_overview, not_prefix="decode-ab-"),  # benchmarks/decode_ab.py's comparisons
     Family(
         "scale", "scale-", "Scale: streamed quantization of real model shapes",
         "time and peak host / GPU memory of streamed quantization, per model shape and method",
