@@ -82,18 +82,19 @@ def test_layout_kernels_compile_for_hopper(kernel: str) -> None:
 
     i32 = "i32"
     blocks = {"BLOCK_N": 16, "BLOCK_K": 128}
+    planes = {"low_ptr": "*i32", "hi_ptr": "*i32", "hi_at_ptr": "*i32"}
     fn, sig, const = {
-        "kquant": (tl_._kquant_kernel, {"low_ptr": "*i32", "hi_ptr": "*i32", "scales_ptr": "*i16", "dm_ptr": "*i32",
-                                        "w_ptr": "*fp16", "N": i32, "K": i32, "low_words": i32, "hi_words": i32},
+        "kquant": (tl_._kquant_kernel, {**planes, "scales_ptr": "*i16", "dm_ptr": "*i32", "w_ptr": "*fp16", "N": i32,
+                                        "K": i32, "low_words": i32, "hi_words": i32},
                    {"LB": 4, "HB": 1, "ASYM": True, **blocks}),
-        "kquant6": (tl_._kquant_kernel, {"low_ptr": "*i32", "hi_ptr": "*i32", "scales_ptr": "*u8", "dm_ptr": "*i32",
-                                         "w_ptr": "*fp16", "N": i32, "K": i32, "low_words": i32, "hi_words": i32},
+        "kquant6": (tl_._kquant_kernel, {**planes, "scales_ptr": "*u8", "dm_ptr": "*i32", "w_ptr": "*fp16", "N": i32,
+                                         "K": i32, "low_words": i32, "hi_words": i32},
                     {"LB": 4, "HB": 2, "ASYM": False, "BLOCK_N": 16, "BLOCK_K": 256}),  # a whole superblock
         "iq2xxs": (tl_._iq2xxs_kernel, {"sub_ptr": "*i64", "d_ptr": "*fp16", "ls_ptr": "*i32", "grid_ptr": "*fp16",
                                         "w_ptr": "*fp16", "N": i32, "K": i32, "n_super": i32}, blocks),
-        "affine": (tl_._affine_kernel, {"low_ptr": "*i32", "hi_ptr": "*i32", "scale_ptr": "*fp16", "min_ptr": "*fp16",
-                                        "lut_ptr": "*fp32", "w_ptr": "*fp16", "N": i32, "K": i32, "low_words": i32,
-                                        "hi_words": i32, "n_groups": i32, "group": i32},
+        "affine": (tl_._affine_kernel, {**planes, "scale_ptr": "*fp16", "min_ptr": "*fp16", "lut_ptr": "*fp32",
+                                        "w_ptr": "*fp16", "N": i32, "K": i32, "low_words": i32, "hi_words": i32,
+                                        "n_groups": i32, "group": i32},
                    {"LB": 2, "HB": 1, "HAS_MIN": True, **blocks}),
     }[kernel]
     src = ASTSource(fn, {**sig, **dict.fromkeys(const, "constexpr")}, const)

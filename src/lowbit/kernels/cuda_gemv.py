@@ -85,6 +85,9 @@ class Plan:
                  f"#define NORM_QS {max(norm_qs, 1)}", f"#define RESID {int(resid)}",
                  f"#define RESIDENT {int(resident)}", f"#define KQ_HB {self.hi_bits}", f"#define TILES {tiles}",
                  f"#define STEP_SCALE {int(self.step_scaled())}"]
+        if self.hi_bits:
+            at = ", ".join(str(q) for row in hi_positions(self.bits, self.hi_bits) for q in row)
+            lines.append(f"#define KQ_HI_AT {{{at}}}")
         for i, (a, b) in enumerate(self.dq):
             lines += [f"#define DQ_A{i} 0x{_half2_bits(a):08x}u", f"#define DQ_B{i} 0x{_half2_bits(b):08x}u"]
         return "\n".join(lines) + "\n"
@@ -316,6 +319,46 @@ def _in_row_slices(t: torch.Tensor, build) -> tuple[torch.Tensor, ...]:  # noqa:
     return tuple(torch.cat(field).contiguous() for field in zip(*parts, strict=True))
 
 
+# Where the high bits of a split code go in its hi word (:func:`hi_positions`): by (low bits, high bits), for each
+# magic position p of a pair's low bits, the shifts s of the successive pairs at p in a hi word: pair k at p takes the
+# field at p + s[k]. Pairs at different positions share each shift, and no two words share one, so a hi word takes 6
+# shifts to decode (3-bit codes: 3 a word), 8 (5-bit: 2 a word) or 4 (6-bit: 2 a word) instead of 13, 15 and 7 with
+# the fields in code order. The fields tile the 16 bits of each half exactly.
+_SHIFTS_3 = (-4, -3, 8, 2, 3, 9)
+_SHIFTS_5 = (-4, -3, -2, -1, 4, 5, 6, 7)
+_SHIFTS_6 = (-4, -2, 4, 6)
+_HI_SHIFTS = {(2, 1): {4: _SHIFTS_3, 6: _SHIFTS_3, 8: (-4, -3, 2, 3)}, (4, 1): {4: _SHIFTS_5, 8: _SHIFTS_5},
+              (4, 2): {4: _SHIFTS_6, 8: _SHIFTS_6}}
+
+
+@cache
+def hi_positions(low_bits: int, hi_bits: int) -> tuple[tuple[int, ...], ...]:
+    """[word j of a chunk][pair i of the word] -> the bit where the pair's high bits start in its hi word (the pair's
+    first code; its second code's 16 higher). A hi word serves 16 / hi_bits pairs: words 2e and 2e + 1 of the chunk
+    (3- and 6-bit codes) or all four (5-bit codes). magic_with_hi in the .cu shifts each field to the pair's magic
+    position p (its low bits' position plus ``low_bits``) and masks it there."""
+    half = 16 // low_bits  # pairs per word
+    per_hi = 16 // hi_bits // half  # words one hi word serves
+    scales = _position_scales(low_bits, True)
+    at = [int(scales[i % len(scales)]).bit_length() - 1 + low_bits for i in range(half)]  # p of pair i
+    shifts, rows, used = _HI_SHIFTS[(low_bits, hi_bits)], [], set()
+    for j in range(4):
+        if j % per_hi == 0:
+            taken: dict[int, int] = {}
+            used = set()
+        row = []
+        for i in range(half):
+            q = at[i] + shifts[at[i]][taken.get(at[i], 0)]
+            taken[at[i]] = taken.get(at[i], 0) + 1
+            field = set(range(q, q + hi_bits))
+            if not field <= set(range(16)) or field & used:
+                raise AssertionError(f"high-bit fields overlap at {low_bits}+{hi_bits} bits")
+            used |= field
+            row.append(q)
+        rows.append(tuple(row))
+    return tuple(rows)
+
+
 def split_codes(codes: torch.Tensor, low_bits: int, hi_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes [rows, cols] (int64) -> the kernel's two planes: the low ``low_bits`` of every code packed as a 2- or
     4-bit grid packs its codes (int32 [rows, cols * low_bits / 32]), and the ``hi_bits`` above them (the .cu's
@@ -324,13 +367,12 @@ def split_codes(codes: torch.Tensor, low_bits: int, hi_bits: int) -> tuple[torch
     low = pack_bits(codes & ((1 << low_bits) - 1), low_bits).view(torch.int32)
     if not hi_bits:
         return low, torch.zeros(rows, 1, dtype=torch.int32, device=codes.device)
-    # pair i of word j (codes i, i + half): at bits hb i + base, hb i + base + 16 of its hi word (magic_with_hi)
+    # pair i of word j (codes i, i + half): at bits q, q + 16 of its hi word, q = hi_positions[j][i]
     lb, hb = low_bits, hi_bits
     half, chunk = 16 // lb, 128 // lb  # codes per half word, per 16-byte chunk
     h = (codes >> lb).reshape(rows, cols // chunk, 4, 2, half)  # [row, chunk, word j, half, code i]
-    j = torch.arange(4, device=codes.device).view(4, 1, 1)
-    pos = 16 * torch.arange(2, device=codes.device).view(1, 2, 1) + hb * torch.arange(half, device=codes.device)
-    pos = pos + (4 * j if lb == 4 and hb == 1 else 8 * (j % 2))
+    pos = torch.tensor(hi_positions(lb, hb), device=codes.device).view(4, 1, half)
+    pos = pos + 16 * torch.arange(2, device=codes.device).view(1, 2, 1)
     words = (h << pos).reshape(rows, cols // chunk, hb * chunk // 32, -1).sum(-1)  # disjoint bits: an OR
     return low, _int32(words.reshape(rows, -1))
 
@@ -978,7 +1020,7 @@ def decode_kquant_reference(fmt: KQuantFormat, qs: torch.Tensor, cols: int) -> t
             magic = 0x64006400 | (src & (((1 << p.bits) - 1) * 0x00010001) << low_at)
             if hb:  # magic_with_hi
                 pos = low_at + p.bits
-                sh = pos - hb * i - (4 * j if p.bits == 4 and hb == 1 else 8 * (j % 2))
+                sh = pos - hi_positions(p.bits, hb)[j][i]
                 magic |= ((h << sh) if sh >= 0 else (h >> -sh)) & ((((1 << hb) - 1) * 0x00010001) << pos)
             a, b = p.dq[i % len(p.dq)]  # 4-bit: DQ_CONSTS_A {A0, A1, A0, A1}
             level[..., j, i] = _fma_half(_as_half(magic), a, b)

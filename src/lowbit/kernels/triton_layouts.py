@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lowbit.kernels.cuda_gemv import hi_positions
 from lowbit.kernels.launch import EXACT, INTERPRET
 from lowbit.kernels.triton_uniform import _level
 
@@ -35,13 +36,12 @@ def _row_words(ptr, n, n_mask, row_words, first, PER: tl.constexpr, BLOCK_N: tl.
 
 
 @triton.jit
-def _split_codes(low_ptr, hi_ptr, n, n_mask, k0, K, low_words, hi_words, LB: tl.constexpr, HB: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _split_codes(low_ptr, hi_ptr, hi_at_ptr, n, n_mask, k0, K, low_words, hi_words, LB: tl.constexpr,
+                 HB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Codes [BLOCK_N, BLOCK_K] (int32) of rows ``n`` [BLOCK_N, 1], columns k0 .. k0 + BLOCK_K: their low ``LB``
     bits from the low plane (int32 words of little-endian codes, each word loaded once and split in registers), the
-    ``HB`` above them from the high plane (per 16-byte chunk of low codes, HB words: code c of the chunk, as (word j,
-    half h, index i) of :func:`lowbit.kernels.cuda_gemv.split_codes`, at bit 16 h + HB i + (4 j for 5-bit codes,
-    else 8 (j % 2)) of word c // (32 / HB))."""
+    ``HB`` above them from the high plane (per 16-byte chunk of low codes, HB words: code c of the chunk at bit
+    ``hi_at[c]`` of word c // (32 / HB), :func:`_hi_at`)."""
     PER: tl.constexpr = 32 // LB
     wi = k0 // PER + tl.arange(0, BLOCK_K // PER)
     words = tl.load(low_ptr + n * low_words + wi[None, :], mask=n_mask & (wi < low_words)[None, :], other=0)
@@ -49,15 +49,7 @@ def _split_codes(low_ptr, hi_ptr, n, n_mask, k0, K, low_words, hi_words, LB: tl.
     code = tl.reshape(code, (BLOCK_N, BLOCK_K))
     if HB > 0:
         CHUNK: tl.constexpr = 128 // LB
-        HALF: tl.constexpr = 16 // LB
-        k = (k0 + tl.arange(0, BLOCK_K))[None, :]
-        c = k % CHUNK
-        j = c // (2 * HALF)
-        if LB == 4 and HB == 1:
-            base = 4 * j
-        else:
-            base = 8 * (j % 2)
-        pos = 16 * ((c // HALF) % 2) + HB * (c % HALF) + base
+        pos = tl.load(hi_at_ptr + (k0 + tl.arange(0, BLOCK_K)) % CHUNK)[None, :]
         # word c // (32 / HB) of the chunk's HB words is word k // (32 / HB) of the row (a chunk spans whole words)
         hi = _row_words(hi_ptr, n, n_mask, hi_words, k0 // (32 // HB), 32 // HB, BLOCK_N, BLOCK_K)
         code |= ((hi >> pos) & ((1 << HB) - 1)) << LB
@@ -75,20 +67,20 @@ def _tile_coords(N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _affine_kernel(low_ptr, hi_ptr, scale_ptr, min_ptr, lut_ptr, w_ptr, N, K, low_words, hi_words, n_groups, group,
-                   LB: tl.constexpr, HB: tl.constexpr, HAS_MIN: tl.constexpr, BLOCK_N: tl.constexpr,
+def _affine_kernel(low_ptr, hi_ptr, hi_at_ptr, scale_ptr, min_ptr, lut_ptr, w_ptr, N, K, low_words, hi_words,
+                   n_groups, group, LB: tl.constexpr, HB: tl.constexpr, HAS_MIN: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr):
     n, n_mask, k0, k, mask = _tile_coords(N, K, BLOCK_N, BLOCK_K)
-    code = _split_codes(low_ptr, hi_ptr, n, n_mask, k0, K, low_words, hi_words, LB, HB, BLOCK_N, BLOCK_K)
+    code = _split_codes(low_ptr, hi_ptr, hi_at_ptr, n, n_mask, k0, K, low_words, hi_words, LB, HB, BLOCK_N, BLOCK_K)
     w = _level(code, scale_ptr, min_ptr, lut_ptr, n, k, mask, n_groups, group, HAS_MIN)
     tl.store(w_ptr + n * K + k, w.to(w_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _kquant_kernel(low_ptr, hi_ptr, scales_ptr, dm_ptr, w_ptr, N, K, low_words, hi_words, LB: tl.constexpr,
+def _kquant_kernel(low_ptr, hi_ptr, hi_at_ptr, scales_ptr, dm_ptr, w_ptr, N, K, low_words, hi_words, LB: tl.constexpr,
                    HB: tl.constexpr, ASYM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     n, n_mask, k0, k, mask = _tile_coords(N, K, BLOCK_N, BLOCK_K)
-    q = _split_codes(low_ptr, hi_ptr, n, n_mask, k0, K, low_words, hi_words, LB, HB, BLOCK_N,
+    q = _split_codes(low_ptr, hi_ptr, hi_at_ptr, n, n_mask, k0, K, low_words, hi_words, LB, HB, BLOCK_N,
                      BLOCK_K).to(tl.float32)
     tl.static_assert(256 % BLOCK_K == 0)  # a tile inside one superblock: one (d, -dmin) word per row
     dm = tl.load(dm_ptr + n * (K // 256) + k0 // 256, mask=n_mask, other=0)  # fp16 d (low half), -dmin or d
@@ -144,6 +136,16 @@ def _launch(kernel, rows: int, cols: int, *args, **consts) -> None:  # noqa: ANN
                                                                        **consts, **EXACT)
 
 
+def _hi_at(low_bits: int, hi_bits: int, device: torch.device) -> torch.Tensor:
+    """int32 [codes per 16-byte chunk]: where code c of a chunk (word j, half h, index i: c = 2 j half + h half + i)
+    has its high bits in its hi word, :func:`~lowbit.kernels.cuda_gemv.hi_positions` plus 16 h; one zero when the
+    codes have no high bits."""
+    if not hi_bits:
+        return torch.zeros(1, dtype=torch.int32, device=device)
+    at = torch.tensor(hi_positions(low_bits, hi_bits), dtype=torch.int32)  # [word j, index i]
+    return (at[:, None, :] + 16 * torch.arange(2, dtype=torch.int32)[None, :, None]).reshape(-1).to(device)
+
+
 def _check(name: str, t: torch.Tensor, shape: tuple[int, int]) -> None:
     if tuple(t.shape) != shape:
         raise ValueError(f"{name} {tuple(t.shape)} does not match the layout's weight (expected {shape})")
@@ -157,7 +159,8 @@ def affine(low: torch.Tensor, hi: torch.Tensor, scale: torch.Tensor, mins: torch
     _check("low plane", low, (N, n_cols * low_bits // 32))
     _check("high plane", hi, (N, n_cols * hi_bits // 32))
     w = torch.empty(N, n_cols, device=low.device, dtype=dtype)
-    _launch(_affine_kernel, N, n_cols, low, hi, scale.contiguous(), (mins if mins is not None else scale).contiguous(),
+    _launch(_affine_kernel, N, n_cols, low, hi, _hi_at(low_bits, hi_bits, low.device), scale.contiguous(),
+            (mins if mins is not None else scale).contiguous(),
             lut, w, N, n_cols, low.shape[1], hi.shape[1], scale.shape[1], group, LB=low_bits, HB=hi_bits,
             HAS_MIN=mins is not None)
     return w
@@ -172,7 +175,8 @@ def kquant(low: torch.Tensor, scales: torch.Tensor, dm: torch.Tensor, hi: torch.
     _check("dm", dm, (N, n_cols // 256))
     w = torch.empty(N, n_cols, device=low.device, dtype=dtype)
     pairs = low_bits == 4 and asym  # Q4_K, Q5_K: (sc, mn) bytes per 32 weights, read as int16
-    _launch(_kquant_kernel, N, n_cols, low, hi, scales.view(torch.int16 if pairs else torch.uint8), dm, w, N, n_cols,
+    _launch(_kquant_kernel, N, n_cols, low, hi, _hi_at(low_bits, hi_bits, low.device),
+            scales.view(torch.int16 if pairs else torch.uint8), dm, w, N, n_cols,
             low.shape[1], hi.shape[1], LB=low_bits, HB=hi_bits, ASYM=asym)
     return w
 

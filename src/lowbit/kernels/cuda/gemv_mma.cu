@@ -262,20 +262,20 @@ DEV void b_frag(const u32* xr, int m, int half, u32& b0, u32& b1) {
 #if KQ_HB
 // The high bits of 3-, 5- and 6-bit codes (cuda_gemv.split_codes), one hi word per chunk (5 bits) or two (3 and 6
 // bits: words 2e and 2e + 1 of the chunk in hi word e, KQ_HI_WORDS): the high bits of pair i of word j (codes i and
-// i + PAIRS) at bit KQ_HB i + base and 16 higher, base = 4 j (5 bits) or 8 (j % 2). Pair i's low bits sit at bit L of
-// each half (DQ_MASK: 4-bit low codes L = 4 (i % 2), 2-bit L = 2, 4 or 6), so its high bits go to L + BITS (one shift,
-// and the mask of the LOP3 that also sets the magic exponent): the magic number becomes 1024 + 2^L q with the whole
-// code q = low + 2^BITS high (q 2^L stays inside the 10-bit mantissa: <= 63 x 16, <= 7 x 64).
+// i + PAIRS) at bit KQ_HI_AT[PAIRS j + i] and 16 higher (cuda_gemv.hi_positions: placed so that the pairs of a hi
+// word need few distinct shifts). Pair i's low bits sit at bit L of each half (DQ_MASK: 4-bit low codes L = 4 (i %
+// 2), 2-bit L = 2, 4 or 6), so its high bits go to L + BITS (one shift, shared, and the mask of the LOP3 that also
+// sets the magic exponent): the magic number becomes 1024 + 2^L q with the whole code q = low + 2^BITS high (q 2^L
+// stays inside the 10-bit mantissa: <= 63 x 16, <= 7 x 64).
 #if BITS == 4
 #define KQ_LOW_AT(i) (4 * ((i) & 1))
-#define KQ_HI_BASE(j) (KQ_HB == 1 ? 4 * (j) : 8 * ((j) & 1))
 #else
 #define KQ_LOW_AT(i) ((i) == 0 || (i) == 1 || (i) == 5 ? 2 : (i) == 3 || (i) == 7 ? 6 : 4)
-#define KQ_HI_BASE(j) (8 * ((j) & 1))
 #endif
 DEV u32 magic_with_hi(u32 h, int i, int j) {
+    constexpr int at[4 * HALF_PER_WORD / 2] = KQ_HI_AT;
     const int p = KQ_LOW_AT(i) + BITS;
-    const int sh = p - KQ_HB * i - KQ_HI_BASE(j);
+    const int sh = p - at[HALF_PER_WORD / 2 * j + i];
     return lop3_and_or(sh >= 0 ? h << sh : h >> -sh, (((1u << KQ_HB) - 1u) * 0x00010001u) << p, MAGIC);
 }
 #else
