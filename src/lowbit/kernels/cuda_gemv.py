@@ -336,25 +336,20 @@ def hi_positions(low_bits: int, hi_bits: int) -> tuple[tuple[int, ...], ...]:
     """[word j of a chunk][pair i of the word] -> the bit where the pair's high bits start in its hi word (the pair's
     first code; its second code's 16 higher). A hi word serves 16 / hi_bits pairs: words 2e and 2e + 1 of the chunk
     (3- and 6-bit codes) or all four (5-bit codes). magic_with_hi in the .cu shifts each field to the pair's magic
-    position p (its low bits' position plus ``low_bits``) and masks it there."""
+    position p (its low bits' position plus ``low_bits``) and masks it there; the fields tile each half of the hi
+    word (tests/test_cuda_gemv.py)."""
     half = 16 // low_bits  # pairs per word
     per_hi = 16 // hi_bits // half  # words one hi word serves
     scales = _position_scales(low_bits, True)
     at = [int(scales[i % len(scales)]).bit_length() - 1 + low_bits for i in range(half)]  # p of pair i
-    shifts, rows, used = _HI_SHIFTS[(low_bits, hi_bits)], [], set()
+    shifts, rows = _HI_SHIFTS[(low_bits, hi_bits)], []
     for j in range(4):
         if j % per_hi == 0:
-            taken: dict[int, int] = {}
-            used = set()
+            placed = dict.fromkeys(at, 0)  # pairs of this hi word placed so far, by magic position
         row = []
-        for i in range(half):
-            q = at[i] + shifts[at[i]][taken.get(at[i], 0)]
-            taken[at[i]] = taken.get(at[i], 0) + 1
-            field = set(range(q, q + hi_bits))
-            if not field <= set(range(16)) or field & used:
-                raise AssertionError(f"high-bit fields overlap at {low_bits}+{hi_bits} bits")
-            used |= field
-            row.append(q)
+        for p in at:
+            row.append(p + shifts[p][placed[p]])
+            placed[p] += 1
         rows.append(tuple(row))
     return tuple(rows)
 
