@@ -354,6 +354,13 @@ def hi_positions(low_bits: int, hi_bits: int) -> tuple[tuple[int, ...], ...]:
     return tuple(rows)
 
 
+def hi_code_positions(low_bits: int, hi_bits: int) -> torch.Tensor:
+    """int64 [word j, half h, index i] on the CPU: the bit of its hi word where each code of a 16-byte chunk keeps its
+    high bits (:func:`hi_positions`, plus 16 for a pair's second code), in the order the chunk's codes come."""
+    at = torch.tensor(hi_positions(low_bits, hi_bits)).view(4, 1, 16 // low_bits)
+    return at + 16 * torch.arange(2).view(1, 2, 1)
+
+
 def split_codes(codes: torch.Tensor, low_bits: int, hi_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes [rows, cols] (int64) -> the kernel's two planes: the low ``low_bits`` of every code packed as a 2- or
     4-bit grid packs its codes (int32 [rows, cols * low_bits / 32]), and the ``hi_bits`` above them (the .cu's
@@ -366,8 +373,7 @@ def split_codes(codes: torch.Tensor, low_bits: int, hi_bits: int) -> tuple[torch
     lb, hb = low_bits, hi_bits
     half, chunk = 16 // lb, 128 // lb  # codes per half word, per 16-byte chunk
     h = (codes >> lb).reshape(rows, cols // chunk, 4, 2, half)  # [row, chunk, word j, half, code i]
-    pos = torch.tensor(hi_positions(lb, hb), device=codes.device).view(4, 1, half)
-    pos = pos + 16 * torch.arange(2, device=codes.device).view(1, 2, 1)
+    pos = hi_code_positions(lb, hb).to(codes.device)
     words = (h << pos).reshape(rows, cols // chunk, hb * chunk // 32, -1).sum(-1)  # disjoint bits: an OR
     return low, _int32(words.reshape(rows, -1))
 

@@ -16,11 +16,13 @@ K-quant's integer scales and fp16 ``(d, -dmin)`` word, or IQ2_XXS's grid row, si
 
 from __future__ import annotations
 
+from functools import cache
+
 import torch
 import triton
 import triton.language as tl
 
-from lowbit.kernels.cuda_gemv import hi_positions
+from lowbit.kernels.cuda_gemv import hi_code_positions
 from lowbit.kernels.launch import EXACT, INTERPRET
 from lowbit.kernels.triton_uniform import _level
 
@@ -136,14 +138,13 @@ def _launch(kernel, rows: int, cols: int, *args, **consts) -> None:  # noqa: ANN
                                                                        **consts, **EXACT)
 
 
+@cache
 def _hi_at(low_bits: int, hi_bits: int, device: torch.device) -> torch.Tensor:
-    """int32 [codes per 16-byte chunk]: where code c of a chunk (word j, half h, index i: c = 2 j half + h half + i)
-    has its high bits in its hi word, :func:`~lowbit.kernels.cuda_gemv.hi_positions` plus 16 h; one zero when the
-    codes have no high bits."""
+    """int32 [codes per 16-byte chunk] on ``device``, once per device: where code c of a chunk has its high bits in
+    its hi word (:func:`~lowbit.kernels.cuda_gemv.hi_code_positions`); one zero when the codes have none."""
     if not hi_bits:
         return torch.zeros(1, dtype=torch.int32, device=device)
-    at = torch.tensor(hi_positions(low_bits, hi_bits), dtype=torch.int32)  # [word j, index i]
-    return (at[:, None, :] + 16 * torch.arange(2, dtype=torch.int32)[None, :, None]).reshape(-1).to(device)
+    return hi_code_positions(low_bits, hi_bits).reshape(-1).to(device, torch.int32)
 
 
 def _check(name: str, t: torch.Tensor, shape: tuple[int, int]) -> None:
