@@ -682,8 +682,9 @@ def test_norm_prologue_and_residual_epilogue_on_gpu(name: str, m: int, gated: bo
     assert float((y.double() - base - want).norm() / want.norm()) < 3e-3
     if m == 1:  # the kernel normalized the row: its NORM variant was built and launched
         xs, warps = cuda_gemv.staging(1, 1024, p), cuda_gemv.warps_for(p, 1024)
-        source = cuda_gemv._source(p, xs, warps, cuda_gemv.min_blocks_for(warps, 1), gated, True,
-                                   cuda_gemv.norm_groups(p, 1024, warps), not gated)
+        blocks = cuda_gemv.norm_blocks(p, warps, cuda_gemv.min_blocks_for(warps, 1))
+        source = cuda_gemv._source(p, xs, warps, blocks, gated, True, cuda_gemv.norm_groups(p, 1024, warps),
+                                   not gated)
         assert (source, "gemv_mma", "cuda:0") in cuda_jit._KERNELS
 
 
@@ -752,6 +753,7 @@ def test_cuda_gemv_kernels_fit_their_blocks_without_spills(name: str, cols: int,
     for norm, resid in ((0, False),) + (((norm_qs, False), (0, True)) if staged == 1 else ()):
         for loop, tiles in ((loop, tiles) for loop in resident for tiles in per_warp):
             blocks = cuda_gemv.min_blocks_for(warps, m, tiles)
+            blocks = cuda_gemv.norm_blocks(p, warps, blocks) if norm else blocks
             kern = cuda_jit.kernel(cuda_gemv._source(p, staged, warps, blocks, False, full, norm, resid, loop, tiles),
                                    "gemv_mma", torch.device("cuda"))
             assert kern.attribute(3) <= (120 if p.kind == 3 or p.hi_bits else 16)  # CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES

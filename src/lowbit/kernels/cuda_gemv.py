@@ -598,6 +598,16 @@ def min_blocks_for(warps: int, m: int = 8, tiles: int = 1) -> int:
     return max(1, min(policy, 32 // warps))  # >= 64 registers a thread for any LOWBIT_CUDA_WARPS
 
 
+def norm_blocks(p: Plan, warps: int, blocks: int) -> int:
+    """Blocks of ``warps`` per SM (``__launch_bounds__``) of the kernel that RMS-normalizes its staged row (NORM),
+    where the plain kernel takes ``blocks``: 3 of 8 warps (<= 85 registers) for the split-plane formats (3-, 5- and
+    6-bit grids, Q3_K, Q5_K, Q6_K). At 4 (<= 64 registers) the norm's registers pushed Q3_K's step loop into local
+    memory (13 accesses a step, NVRTC sm_90); at 3 none, and TG-128 of the 7B shape on an H100 ran q3_k at 512 tok/s
+    instead of 475 (int3_g128_sym 588 against 583; docs/kernel-measurements.md). 16-warp kernels run their loop
+    over row blocks as resident blocks and keep theirs."""
+    return min(blocks, 3) if p.hi_bits and warps < WARPS_MANY else blocks
+
+
 # Two row blocks per warp (the .cu's TILES 2) for batches: each activation fragment a lane reads feeds the MMAs of 32
 # rows instead of 16. At batch 8 the activations a 16-row block reads are 4x its 2-bit codes (8 rows of K fp16 against
 # 16 rows of K / 4 bytes), and every block of a matrix reads them again. Measured on an H200
@@ -795,7 +805,8 @@ def _call(p: Plan, m: int, k: int, n: int, device: torch.device, gated: bool, no
         at = launch(p, m, k, n, device, gated)
         norm_qs = norm_groups(p, k, at.warps) if normed and at.xs == 1 else 0
         full = k % (4 * half_per_chunk(p)) == 0  # whole steps of 4 chunks: no lane past the row's end
-        args = (p, at.xs, at.warps, at.blocks, gated, full, norm_qs, resid, at.grid < at.tiles, at.per_warp)
+        blocks = norm_blocks(p, at.warps, at.blocks) if norm_qs else at.blocks
+        args = (p, at.xs, at.warps, blocks, gated, full, norm_qs, resid, at.grid < at.tiles, at.per_warp)
         source = _source(*args)
         if at.xs == 1 and PIN_XS != "0" and pinned(p, source, _source(*args, pin=True), device):
             source = _source(*args, pin=True)
