@@ -303,6 +303,28 @@ def test_step_scaled_kernels_compile_without_spills() -> None:
         assert "HMMA" in listing and sass_count.local_accesses(sass_count.instructions(listing)) == 0, case
 
 
+@pytest.mark.skipif(not nvrtc_found() or sass_count.nvdisasm_found() is None,
+                    reason="needs NVRTC and Triton's nvdisasm")
+def test_norm_fused_split_plane_kernels_compile_without_spills() -> None:
+    """A decode step's norm-fused GEMVs of the 3-bit split-plane formats at K = 4096 (8 warps; q/k/v plain, gate/up
+    gated)
+    compile for sm_90 with no local-memory traffic at the blocks :func:`cuda_gemv.norm_blocks` gives them (at 4
+    blocks, 64 registers, Q3_K's spilled 13 accesses a step)."""
+    jobs = []
+    for name in ("q3_k", "int3_g128_sym", "int3_g64_asym"):
+        p = cuda_gemv.plan(get_format(name), (64, 4096))
+        warps = cuda_gemv.warps_for(p, 4096)
+        assert warps < cuda_gemv.WARPS_MANY
+        blocks = cuda_gemv.norm_blocks(p, warps, cuda_gemv.min_blocks_for(warps, 1))
+        for gated in (False, True):
+            jobs.append(((name, gated), cuda_gemv._source(p, cuda_gemv.staging(1, 4096, p), warps, blocks, gated,
+                                                          True, cuda_gemv.norm_groups(p, 4096, warps), not gated)))
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        listings = list(pool.map(sass_count.source_sass, [source for _, source in jobs]))
+    for (case, _), listing in zip(jobs, listings, strict=True):
+        assert "HMMA" in listing and sass_count.local_accesses(sass_count.instructions(listing)) == 0, case
+
+
 @pytest.mark.skipif(not nvrtc_found(), reason="needs NVRTC (the nvidia-cuda-nvrtc wheel of the test extra)")
 @pytest.mark.parametrize("name", ["q4_0", "nz2_ch", "e8p_ch", "iq2_xxs"])
 def test_resident_variants_compile(name: str) -> None:

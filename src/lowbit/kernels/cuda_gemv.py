@@ -600,11 +600,12 @@ def min_blocks_for(warps: int, m: int = 8, tiles: int = 1) -> int:
 
 def norm_blocks(p: Plan, warps: int, blocks: int) -> int:
     """Blocks of ``warps`` per SM (``__launch_bounds__``) of the kernel that RMS-normalizes its staged row (NORM),
-    where the plain kernel takes ``blocks``: 3 of 8 warps (<= 85 registers) for the split-plane formats (3-, 5- and
-    6-bit grids, Q3_K, Q5_K, Q6_K). At 4 (<= 64 registers) the norm's registers pushed Q3_K's step loop into local
-    memory (13 accesses a step, NVRTC sm_90); at 3 none, and TG-128 of the 7B shape on an H100 ran q3_k at 512 tok/s
-    instead of 475 (int3_g128_sym 588 against 583; docs/kernel-measurements.md). 16-warp kernels run their loop
-    over row blocks as resident blocks and keep theirs."""
+    where the plain kernel takes ``blocks``: 3 of 8 warps (<= 85 registers) for the split-plane formats (high-bit
+    planes: in practice the 3-bit grids and Q3_K, whose kernels run 8 warps at K = 4096; the 5- and 6-bit ones run
+    16 there). At 4 (<= 64 registers) the norm's registers pushed Q3_K's step loop into local memory (13 accesses a
+    step, NVRTC sm_90); at 3 none, and TG-128 of the 7B shape on an H100 ran q3_k at 512 tok/s instead of 475
+    (int3_g128_sym 588 against 583; docs/kernel-measurements.md). 16-warp kernels loop over row blocks as resident
+    blocks and keep their 2."""
     return min(blocks, 3) if p.hi_bits and warps < WARPS_MANY else blocks
 
 
