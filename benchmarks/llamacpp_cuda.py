@@ -12,9 +12,12 @@ so a run cut short resumes):
 * ``build``: CMake with ``-DGGML_CUDA=ON`` for this GPU's architecture, targets test-backend-ops, llama-bench and
   llama-quantize, into ``--build`` (minutes: ggml's CUDA kernels are many; ``--no-flash-attn`` leaves out its
   FlashAttention kernels, about 8 minutes on 10 cores of an H200 machine);
-* ``kernels``: ``test-backend-ops perf -o MUL_MAT -b CUDA0`` on its 4096x14336 case (Llama-3-8B down_proj, the only
-  large MUL_MAT shape of its perf set) at batch 1 and 8, for ``--kernel-types``: µs per call and GB/s as ggml
-  reports them (ggml times its own graph of repeated calls);
+* ``kernels``: ``test-backend-ops perf -o MUL_MAT -b CUDA0`` at the five large Llama shapes of lowbit's
+  ``gemv_speed.py`` (4096x4096, 11008x4096, 4096x11008, 14336x4096, 4096x14336; [out, in]) at batch 1 and 8, for
+  ``--kernel-types``: µs per call and GB/s as ggml reports them (ggml times its own graph of repeated calls). Its
+  perf set has only 4096x14336 (Llama-3-8B down_proj), so ``build`` adds the other four to the perf cases of the
+  tree's ``tests/test-backend-ops.cpp`` (:func:`add_perf_shapes`; a tree given as a folder is copied under
+  ``--work`` first, so the user's own stays as it was);
 * ``models``: a random Llama-2-7B-shaped F16 GGUF (32 layers, 4096 hidden, 11008 MLP, 32000 tokens of a dummy
   SentencePiece vocabulary: llama-bench feeds token ids, not text) and ``llama-quantize`` of it to ``--types``;
 * ``decode``: ``llama-bench -p 0 -n 128 -ngl 99`` on each file: tokens per second of TG-128 at batch 1.
@@ -34,6 +37,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from gemv_speed import LARGE as SHAPES  # [out, in]: the five large Llama shapes lowbit's GEMVs are timed at
 
 RESULTS = Path(__file__).parent / "results"
 STEPS = ("build", "kernels", "models", "decode")
@@ -71,24 +76,65 @@ def gpu_name() -> str:
 
 
 def source_tree(src: Path, work: Path) -> Path:
-    """``src`` itself, or where its archive (a ``.tgz`` of a ``llama.cpp`` folder) is unpacked under ``work``."""
-    if src.is_dir():
-        return src
+    """A copy of the llama.cpp tree under ``work`` that the build may change: ``src`` copied (a folder; without
+    its ``.git``, build folders and models) or unpacked (a ``.tgz`` of a ``llama.cpp`` folder)."""
+    import shutil
     import tarfile
 
     dest = work / "src"
     if not (dest / "llama.cpp" / "CMakeLists.txt").exists():
         dest.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(src) as tar:
-            tar.extractall(dest, filter="data")
+        if src.is_dir():
+            def skip(folder: str, names: list[str]) -> set[str]:  # git history, model files, top-level builds
+                top = Path(folder) == src
+                return {n for n in names if n == ".git" or n.endswith(".gguf")
+                        or (top and n.startswith("build") and (src / n).is_dir())}
+
+            shutil.copytree(src, dest / "llama.cpp", dirs_exist_ok=True, ignore=skip)
+        else:
+            with tarfile.open(src) as tar:
+                tar.extractall(dest, filter="data")
     return dest / "llama.cpp"
+
+
+# Where the perf set's only large MUL_MAT case is built, the four other shapes go in just before
+_PERF_ANCHOR = "    for (int bs : {1, 2, 3, 4, 5, 8, 512}) {\n"
+_PERF_MARK = "// lowbit: the other large Llama shapes"
+_PERF_BLOCK = """\
+    MARK (benchmarks/llamacpp_cuda.py): m = rows out, k = columns in
+    for (auto [m, k] : std::vector<std::pair<int64_t, int64_t>>{PAIRS}) {
+        for (int bs : {1, 8}) {
+            for (ggml_type type_a : all_types) {
+                test_cases.emplace_back(new test_mul_mat(type_a, GGML_TYPE_F32, m, bs, k, {1, 1}, {1, 1}));
+            }
+        }
+    }
+
+"""
+
+
+def add_perf_shapes(src: Path) -> bool:
+    """Add MUL_MAT perf cases at :data:`SHAPES` (but 4096x14336, which the perf set has) and batch 1 and 8, every
+    type, to ``tests/test-backend-ops.cpp``; True when the file changed. A tree without the anchor line (another
+    llama.cpp version) is left as it is, and its perf set gives 4096x14336 alone."""
+    path = src / "tests" / "test-backend-ops.cpp"
+    text = path.read_text()
+    if _PERF_MARK in text:
+        return False
+    if text.count(_PERF_ANCHOR) != 1:
+        log(f"{path}: no single perf MUL_MAT loop to add shapes beside; measuring 4096x14336 only")
+        return False
+    pairs = ", ".join(f"{{{rows}, {cols}}}" for rows, cols in SHAPES if (rows, cols) != (4096, 14336))
+    block = _PERF_BLOCK.replace("MARK", _PERF_MARK).replace("PAIRS", pairs)
+    path.write_text(text.replace(_PERF_ANCHOR, block + _PERF_ANCHOR))
+    return True
 
 
 def build(src: Path, build_dir: Path, jobs: int, flash_attn: bool = True) -> Path:
     """``flash_attn=False`` skips ggml's FlashAttention kernels (about half of the CUDA build's compile time);
     llama.cpp then attends without them, which at TG-128's short context costs it little."""
     bin_dir = build_dir / "bin"
-    if all((bin_dir / t).exists() for t in TARGETS):
+    if not add_perf_shapes(src) and all((bin_dir / t).exists() for t in TARGETS):
         return bin_dir
     run(["cmake", "-S", str(src), "-B", str(build_dir), "-DGGML_CUDA=ON", "-DCMAKE_BUILD_TYPE=Release",
          f"-DCMAKE_CUDA_ARCHITECTURES={cuda_arch()}", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
@@ -124,13 +170,20 @@ def parse_perf(text: str) -> list[dict]:
     return rows
 
 
-def kernels(bin_dir: Path, types: list[str], batches: list[int]) -> list[dict]:
-    pattern = f"type_a=({'|'.join(types)}),type_b=f32,m=4096,n=({'|'.join(map(str, batches))}),k=14336,"
-    out = run([str(bin_dir / "test-backend-ops"), "perf", "-o", "MUL_MAT", "-b", "CUDA0", "-p", pattern])
-    rows = parse_perf(out)
-    if not rows:
+def kernels(bin_dir: Path, types: list[str], batches: list[int], backend: str = "CUDA0") -> list[dict]:
+    """MUL_MAT rows at :data:`SHAPES`, one per type, batch and shape (the fastest where the perf set has a case
+    twice: its Q4_K mat-vec cases repeat 14336x4096)."""
+    ms, ks = ("|".join(sorted({str(s[i]) for s in SHAPES})) for i in (0, 1))
+    pattern = f"type_a=({'|'.join(types)}),type_b=f32,m=({ms}),n=({'|'.join(map(str, batches))}),k=({ks}),"
+    out = run([str(bin_dir / "test-backend-ops"), "perf", "-o", "MUL_MAT", "-b", backend, "-p", pattern])
+    best: dict[tuple, dict] = {}
+    for r in parse_perf(out):
+        key = (r["type"], r["batch"], r["rows"], r["cols"])
+        if (r["rows"], r["cols"]) in SHAPES and (key not in best or r["us"] < best[key]["us"]):
+            best[key] = r
+    if not best:
         raise RuntimeError(f"no MUL_MAT rows in test-backend-ops output:\n{out[-2000:]}")
-    return rows
+    return list(best.values())
 
 
 # ----- models --------------------------------------------------------------------------------------------------

@@ -10,12 +10,14 @@ others wrote):
 * ``peers``: ``peers.py`` -- lowbit's GEMVs and gemlite's / torchao's in one process, timed the same way, at the
   shapes of ``gemv_speed.py``, batch 1 and 8 -> ``kernels-peers-<tag>.json``;
 * ``llamacpp``: ``llamacpp_cuda.py`` -- llama.cpp built with CUDA on the machine, its own MUL_MAT timing at
-  4096x14336 and ``llama-bench`` TG-128 of a random Llama-2-7B-shaped GGUF -> ``llamacpp-<tag>.json`` (needs
-  ``--llama-src``: the llama-cpp-python sdist vendors a tree);
+  the five large shapes (its perf set's 4096x14336 and four cases added to it) and ``llama-bench`` TG-128 of a
+  random Llama-2-7B-shaped GGUF -> ``llamacpp-<tag>.json`` (needs ``--llama-src``: the llama-cpp-python sdist
+  vendors a tree);
 * ``decode``: ``decode.py --compile`` -- lowbit's TG-128 of the same shape -> ``decode-<tag>.json``;
-* ``table``: one table of all of them -> ``side-by-side-<tag>.json``, printed as markdown: µs at 4096x14336 (the
-  one large shape llama.cpp's perf set has) per format family and tool, each lowbit format against the fastest
-  peer with as many bits per weight or more at every shape, and decode tok/s with the issue's ratios.
+* ``table``: one table of all of them -> ``side-by-side-<tag>.json``, printed as markdown: µs at 4096x14336 per
+  format family and tool, each lowbit format against the fastest peer with as many bits per weight or more at
+  every shape (llama.cpp's where its file has the shape: files written before the added cases have 4096x14336
+  alone), and decode tok/s with the issue's ratios.
 """
 
 from __future__ import annotations
@@ -93,18 +95,18 @@ def gemv_table(kernel_rows: list[dict], llama: dict | None) -> list[dict]:
     return out
 
 
-def versus_peers(kernel_rows: list[dict], table_rows: list[dict]) -> list[dict]:
+def versus_peers(kernel_rows: list[dict], llama: dict | None) -> list[dict]:
     """Each lowbit format at each of the five large shapes and each batch against the fastest peer with as many
-    bits per weight or more (peers.py's rows; llama.cpp's at 4096x14336): {format, batch, shapes, wins, worst
-    (lowbit µs / peer µs)}."""
+    bits per weight or more (peers.py's rows; llama.cpp's quantized types at every shape its file has): {format,
+    batch, shapes, wins, worst (lowbit µs / peer µs)}."""
     peers = [r for r in kernel_rows if not _is_lowbit(r)]
-    llama = [r for r in table_rows if r["tool"] == "llama.cpp" and r["bpw"] is not None and r["bpw"] < 16]
+    theirs = [(k, bpw) for k in (llama or {}).get("kernels", []) if (bpw := llama_bpw(k["type"])) and bpw < 16]
     out: dict[tuple, dict] = {}
     for r in (r for r in kernel_rows if _is_lowbit(r) and tuple(r["shape"]) in LARGE):
         rivals = [1e3 * p["ms"] for p in peers if p["shape"] == r["shape"] and p["batch"] == r["batch"]
                   and p["bpw"] >= r["bpw"] - 1e-3]
-        if tuple(r["shape"]) == SHAPE:
-            rivals += [q["us"] for q in llama if q["batch"] == r["batch"] and q["bpw"] >= r["bpw"] - 1e-3]
+        rivals += [k["us"] for k, bpw in theirs if (k["rows"], k["cols"]) == tuple(r["shape"])
+                   and k["batch"] == r["batch"] and bpw >= r["bpw"] - 1e-3]
         if not rivals:
             continue
         ratio = 1e3 * r["ms"] / min(rivals)
@@ -190,7 +192,7 @@ def table(kernels: list[Path], llamacpp: Path, decode: list[Path]) -> dict:
     llama = _load(llamacpp)
     gemv = gemv_table(kernel_rows, llama)
     return {"sources": [p.name for p in [*kernels, llamacpp, *decode] if p.exists()], "gemv": gemv,
-            "versus_peers": versus_peers(kernel_rows, gemv),
+            "versus_peers": versus_peers(kernel_rows, llama),
             "decode": decode_table({"rows": _merged(decode, decode_label)}, llama)}
 
 

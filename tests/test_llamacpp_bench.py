@@ -34,6 +34,57 @@ def test_perf_lines_are_parsed():
     ]
 
 
+def _perf_line(t: str, m: int, n: int, k: int, us: float) -> str:
+    params = f"type_a={t},type_b=f32,m={m},n={n},k={k},bs=[1,1],nr=[1,1],per=[0,1,2,3],k_v=0,o=1"
+    return f"  MUL_MAT({params}): 100 runs - {us} us/run"
+
+
+def test_kernels_keep_the_five_shapes_and_the_fastest_of_a_repeated_case(monkeypatch):
+    seen = {}
+
+    def fake_run(cmd, **kw):
+        seen["pattern"] = cmd[cmd.index("-p") + 1]
+        return "\n".join([_perf_line("q4_K", 14336, 1, 4096, 9.5), _perf_line("q4_K", 14336, 1, 4096, 9.0),
+                          _perf_line("q4_K", 4096, 1, 14336, 12.0), _perf_line("q4_K", 6144, 1, 4096, 5.0)])
+
+    monkeypatch.setattr(bench, "run", fake_run)
+    rows = bench.kernels(Path("bin"), ["q4_K"], [1])
+    assert sorted((r["rows"], r["cols"], r["us"]) for r in rows) == [(4096, 14336, 12.0), (14336, 4096, 9.0)]
+    import re
+
+    for m, k in bench.SHAPES:  # the filter passes every shape test-backend-ops is asked for
+        assert re.search(seen["pattern"], f"type_a=q4_K,type_b=f32,m={m},n=1,k={k},bs=[1,1]")
+
+
+def test_perf_shapes_are_added_once_beside_ggmls_own_case(tmp_path):
+    cpp = tmp_path / "tests" / "test-backend-ops.cpp"
+    cpp.parent.mkdir()
+    body = ("static std::vector<std::unique_ptr<test_case>> make_test_cases_perf() {\n" + bench._PERF_ANCHOR +
+            "        for (ggml_type type_a : all_types) {\n")
+    cpp.write_text(body)
+    assert bench.add_perf_shapes(tmp_path) is True
+    text = cpp.read_text()
+    assert text.index(bench._PERF_MARK) < text.index(bench._PERF_ANCHOR) and text.endswith(body.split("\n", 1)[1])
+    assert all(f"{{{m}, {k}}}" in text for m, k in bench.SHAPES if (m, k) != (4096, 14336))
+    assert "{4096, 14336}" not in text  # ggml's perf set has it already
+    assert bench.add_perf_shapes(tmp_path) is False and cpp.read_text() == text  # once
+    cpp.write_text("another version of the file\n")
+    assert bench.add_perf_shapes(tmp_path) is False and cpp.read_text() == "another version of the file\n"
+
+
+def test_a_source_folder_is_copied_without_history_builds_or_models(tmp_path):
+    src = tmp_path / "llama.cpp"
+    for f in ("CMakeLists.txt", "cmake/build-info.cmake", "common/build-info.cpp.in", "build/bin/x", "build-cuda/y",
+              ".git/HEAD", "models/ggml-vocab.gguf", "tests/test-backend-ops.cpp"):
+        (src / f).parent.mkdir(parents=True, exist_ok=True)
+        (src / f).write_text(f)
+    tree = bench.source_tree(src, tmp_path / "work")
+    kept = sorted(str(p.relative_to(tree)) for p in tree.rglob("*") if p.is_file())
+    assert kept == ["CMakeLists.txt", "cmake/build-info.cmake", "common/build-info.cpp.in",
+                    "tests/test-backend-ops.cpp"]
+    assert tree != src and (src / "build/bin/x").exists()
+
+
 def test_bench_json_is_parsed():
     text = json.dumps([{"model_type": "llama 7B Q4_0", "model_size": 3825065984, "n_prompt": 0, "n_gen": 128,
                         "avg_ts": 221.4, "stddev_ts": 0.8}])
