@@ -97,7 +97,8 @@ def source_tree(src: Path, work: Path) -> Path:
     return dest / "llama.cpp"
 
 
-# Where the perf set's only large MUL_MAT case is built, the four other shapes go in just before
+GGML_PERF_SHAPE = (4096, 14336)  # [out, in]: the one large MUL_MAT shape of ggml's own perf set
+# Where the perf set builds that case, the four other shapes go in just before
 _PERF_ANCHOR = "    for (int bs : {1, 2, 3, 4, 5, 8, 512}) {\n"
 _PERF_MARK = "// lowbit: the other large Llama shapes"
 _PERF_BLOCK = """\
@@ -124,7 +125,7 @@ def add_perf_shapes(src: Path) -> bool:
     if text.count(_PERF_ANCHOR) != 1:
         log(f"{path}: no single perf MUL_MAT loop to add shapes beside; measuring 4096x14336 only")
         return False
-    pairs = ", ".join(f"{{{rows}, {cols}}}" for rows, cols in SHAPES if (rows, cols) != (4096, 14336))
+    pairs = ", ".join(f"{{{rows}, {cols}}}" for rows, cols in SHAPES if (rows, cols) != GGML_PERF_SHAPE)
     block = _PERF_BLOCK.replace("MARK", _PERF_MARK).replace("PAIRS", pairs)
     path.write_text(text.replace(_PERF_ANCHOR, block + _PERF_ANCHOR))
     return True
@@ -134,7 +135,8 @@ def build(src: Path, build_dir: Path, jobs: int, flash_attn: bool = True) -> Pat
     """``flash_attn=False`` skips ggml's FlashAttention kernels (about half of the CUDA build's compile time);
     llama.cpp then attends without them, which at TG-128's short context costs it little."""
     bin_dir = build_dir / "bin"
-    if not add_perf_shapes(src) and all((bin_dir / t).exists() for t in TARGETS):
+    added = add_perf_shapes(src)  # a tree built before the added cases is built again with them
+    if not added and all((bin_dir / t).exists() for t in TARGETS):
         return bin_dir
     run(["cmake", "-S", str(src), "-B", str(build_dir), "-DGGML_CUDA=ON", "-DCMAKE_BUILD_TYPE=Release",
          f"-DCMAKE_CUDA_ARCHITECTURES={cuda_arch()}", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",

@@ -65,7 +65,7 @@ def test_perf_shapes_are_added_once_beside_ggmls_own_case(tmp_path):
     assert bench.add_perf_shapes(tmp_path) is True
     text = cpp.read_text()
     assert text.index(bench._PERF_MARK) < text.index(bench._PERF_ANCHOR) and text.endswith(body.split("\n", 1)[1])
-    assert all(f"{{{m}, {k}}}" in text for m, k in bench.SHAPES if (m, k) != (4096, 14336))
+    assert all(f"{{{m}, {k}}}" in text for m, k in bench.SHAPES if (m, k) != bench.GGML_PERF_SHAPE)
     assert "{4096, 14336}" not in text  # ggml's perf set has it already
     assert bench.add_perf_shapes(tmp_path) is False and cpp.read_text() == text  # once
     cpp.write_text("another version of the file\n")
