@@ -200,12 +200,13 @@ def test_word_gemvs_compile_for_hopper(bits):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
 
+    from lowbit.kernels.launch import FUSED
     from lowbit.kernels.triton_gemv import _gemv_kernel
     from lowbit.kernels.triton_gemv_affine import BATCH_BITS, _gemv_affine_kernel
 
     def build(fn, sig: dict, const: dict, warps: int = 4) -> None:  # noqa: ANN001
         src = ASTSource(fn, {**sig, **dict.fromkeys(const, "constexpr")}, const)
-        assert compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["cubin"]
+        assert compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, **FUSED}).asm["cubin"]
 
     ptrs = dict.fromkeys(["x_ptr", "scale_ptr", "min_ptr", "y_ptr"], "*fp16") | {"codes_ptr": "*i32"}
     ints = dict.fromkeys(["M", "N", "row_words", "n_groups", "stride_xm", "stride_ym", "mask_bits", "one_bits"], "i32")
@@ -282,3 +283,28 @@ def test_triton_kernel_on_gpu_model_shapes(name, m, triton_only):
     y = dequant_matmul(x, fmt, qt)
     ref = x.double() @ fmt.dequantize(qt).double().T
     assert ((y.double() - ref).norm() / ref.norm()) < 1e-2
+
+
+def test_every_triton_launch_states_its_fp_fusion():
+    """Each kernel launch in lowbit passes launch.EXACT (no FMA contraction: bits equal to the torch reference's) or
+    launch.FUSED (contraction on, as the kernels were measured) rather than Triton's default, which Triton 3.10 turns
+    off. A launch is a call of a subscripted kernel or autotuner, ``kernel[grid](...)``, in a module that imports
+    Triton."""
+    import ast
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[1] / "src" / "lowbit"
+    launches, unstated = 0, []
+    for path in sorted(src.rglob("*.py")):
+        text = path.read_text()
+        if "import triton" not in text:  # elsewhere a subscript call is a registry's, not a launch
+            continue
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript):
+                launches += 1
+                spread = {ast.unparse(k.value) for k in node.keywords if k.arg is None}
+                if not spread & {"EXACT", "FUSED"}:
+                    unstated.append(f"{path.relative_to(src)}:{node.lineno}")
+    assert launches >= 20, launches  # the scan finds lowbit's launches
+    assert not unstated, unstated
+

@@ -144,6 +144,7 @@ def test_dequantize_kernels_compile_for_hopper(kernel: str) -> None:
     from triton.compiler import ASTSource, compile
 
     from lowbit.kernels import triton_e8p, triton_iq2xxs, triton_kquants, triton_uniform
+    from lowbit.kernels.launch import EXACT
 
     i32 = "i32"
     fn, sig, const = {
@@ -164,7 +165,7 @@ def test_dequantize_kernels_compile_for_hopper(kernel: str) -> None:
            for bits in (3, 4)},  # codes across bytes, whole codes per byte
     }[kernel]
     src = ASTSource(fn, {**sig, **dict.fromkeys(const, "constexpr")}, const)
-    assert compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["cubin"]
+    assert compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, **EXACT}).asm["cubin"]
 
 
 def test_a_weights_rows_are_views_of_every_stored_tensor() -> None:

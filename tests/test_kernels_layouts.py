@@ -79,6 +79,7 @@ def test_layout_kernels_compile_for_hopper(kernel: str) -> None:
     from triton.compiler import ASTSource, compile
 
     from lowbit.kernels import triton_layouts as tl_
+    from lowbit.kernels.launch import EXACT
 
     i32 = "i32"
     blocks = {"BLOCK_N": 16, "BLOCK_K": 128}
@@ -98,7 +99,7 @@ def test_layout_kernels_compile_for_hopper(kernel: str) -> None:
                    {"LB": 2, "HB": 1, "HAS_MIN": True, **blocks}),
     }[kernel]
     src = ASTSource(fn, {**sig, **dict.fromkeys(const, "constexpr")}, const)
-    assert compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["cubin"]
+    assert compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, **EXACT}).asm["cubin"]
 
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() or not triton_available(),

@@ -1,11 +1,10 @@
-"""What every Triton kernel wrapper here shares: interpreter mode, autotuning setup, GEMV input checks."""
+"""What every Triton kernel wrapper here shares: interpreter mode, launch options, autotuning setup, GEMV input
+checks. Importable without Triton (the modules that run without it read the launch options)."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
-
-import triton
 
 # read once: under the interpreter (CPU tests) kernels run one fixed config instead of autotuning
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -13,6 +12,10 @@ MAX_M = 8  # rows the GEMV kernels take; larger batches go to a tiled kernel or 
 # launch options of a kernel whose float32 results must be the torch reference's bit for bit (the dequantize
 # kernels): no a * b + c contracted into one FMA, which rounds once where torch's separate ops round twice
 EXACT = {"enable_fp_fusion": False}
+# launch options of every other kernel: a * b + c contracted into one FMA, as each kernel was measured. Stated at every
+# launch rather than left to Triton's default, which Triton 3.10 turns off (3.9 warns once a launch leaves it unset);
+# tests/test_kernels.py checks that every launch in lowbit names EXACT or FUSED.
+FUSED = {"enable_fp_fusion": True}
 
 
 def bench(warmup: int, rep: int, median: bool = False) -> Callable:
@@ -20,12 +23,16 @@ def bench(warmup: int, rep: int, median: bool = False) -> Callable:
     extra = {"return_mode": "median"} if median else {}
 
     def run(fn, quantiles=None):  # noqa: ANN001 - triton's do_bench hook
+        import triton.testing
+
         return triton.testing.do_bench(fn, warmup=warmup, rep=rep, quantiles=quantiles, **extra)
     return run
 
 
 def autotune(kernel, configs: list, key: list[str], do_bench: Callable, **kwargs):  # noqa: ANN001, ANN201
     """triton.autotune with a custom timing function where the installed Triton accepts one."""
+    import triton
+
     try:
         return triton.autotune(configs, key=key, do_bench=do_bench, **kwargs)(kernel)
     except TypeError:  # older triton without do_bench=

@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 
 from lowbit.kernels.device import sm_count
+from lowbit.kernels.launch import FUSED
 
 try:
     import triton
@@ -285,7 +286,7 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2), sm_b, sm_s, out.stride(0), out.stride(1),
         GROUP=heads // key.shape[1], D=dim, BLOCK_S=BLOCK, HAS_MASK=mask is not None, SPLITS=splits,
-        SPLITS_P2=triton.next_power_of_2(splits), num_warps=4)
+        SPLITS_P2=triton.next_power_of_2(splits), num_warps=4, **FUSED)
     return out
 
 
@@ -345,7 +346,7 @@ def rope_cache_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
         *batch_stride, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), sm_b, sm_s,
         HEADS=heads, KV_HEADS=kv_heads, D=dim, BLOCK_S=block, HAS_MASK=mask is not None, SPLITS=splits,
-        SPLITS_P2=triton.next_power_of_2(splits), num_warps=warps)
+        SPLITS_P2=triton.next_power_of_2(splits), num_warps=warps, **FUSED)
     return out
 
 

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit.kernels.launch import EXACT, INTERPRET, autotune, bench, gemv_rows
+from lowbit.kernels.launch import EXACT, FUSED, INTERPRET, autotune, bench, gemv_rows
 
 
 @triton.jit
@@ -122,9 +122,10 @@ def gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, group: int, 
             group, x.stride(0), y.stride(0))
     if _tuned is None:
         cfg = INTERPRET_CONFIG
-        _e8p_gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](*args, GROUP_SHIFT=shift, BLOCK_M=block_m, **cfg)
+        _e8p_gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](*args, GROUP_SHIFT=shift, BLOCK_M=block_m, **cfg,
+                                                           **FUSED)
     else:
-        _tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, GROUP_SHIFT=shift, BLOCK_M=block_m)
+        _tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, GROUP_SHIFT=shift, BLOCK_M=block_m, **FUSED)
     return y
 
 

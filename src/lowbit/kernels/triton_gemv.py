@@ -37,7 +37,7 @@ import triton.language as tl
 
 from lowbit.kernels import triton_gemv_affine
 from lowbit.kernels.device import sm_count
-from lowbit.kernels.launch import INTERPRET, autotune, bench, gemv_rows
+from lowbit.kernels.launch import FUSED, INTERPRET, autotune, bench, gemv_rows
 from lowbit.kernels.triton_gemv_affine import load_unit, put_sums, straddling_code
 
 # affine grids go to the leaner kernel of triton_gemv_affine where it serves them (batch 1; batches of 3 and 5-7
@@ -367,7 +367,7 @@ def gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, mins: torch.
     if _gemv_tuned is None:  # interpreter: one config, no tuning
         if block_m > 1 or not words:
             cfg["ROW_GROUPS"] = 1
-        _gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"] * cfg["ROW_GROUPS"]), split)](*args, **meta, **cfg)
+        _gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"] * cfg["ROW_GROUPS"]), split)](*args, **meta, **cfg, **FUSED)
     else:
         _last_tuner = tuner = _gemv_tuned_split if split > 1 else _gemv_tuned
         tuned = len(tuner.cache)
@@ -375,8 +375,8 @@ def gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, mins: torch.
         def grid(meta):  # noqa: ANN001
             return triton.cdiv(N, meta["BLOCK_N"] * meta["ROW_GROUPS"]), meta["SPLIT_K"]
 
-        tuner[grid](*args, **meta)
+        tuner[grid](*args, **meta, **FUSED)
         if split > 1 and len(tuner.cache) != tuned:  # this call tuned: whatever the triton version did with the
             y.zero_()  # timing runs' sums, start again from zero with the chosen config
-            tuner[grid](*args, **meta)
+            tuner[grid](*args, **meta, **FUSED)
     return y.to(x.dtype) if split > 1 else y

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit.kernels.launch import INTERPRET, MAX_M, autotune, bench, gemv_rows
+from lowbit.kernels.launch import FUSED, INTERPRET, MAX_M, autotune, bench, gemv_rows
 
 
 @triton.jit
@@ -342,8 +342,8 @@ def gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, mins: torch.
             y.stride(0), a, b, (1 << bits) - 1, 0x3F800000)
     meta = {"BITS": bits, "HAS_MIN": mins is not None, "GROUP_SHIFT": shift, "SPLIT_K": split}
     if _tuned is None:
-        _gemv_affine_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), split, triton.cdiv(M, cfg["BLOCK_M"]))](*args, **meta,
-                                                                                                   **cfg)
+        blocks = (triton.cdiv(N, cfg["BLOCK_N"]), split, triton.cdiv(M, cfg["BLOCK_M"]))
+        _gemv_affine_kernel[blocks](*args, **meta, **cfg, **FUSED)
     else:
         last_tuner = tuner = _tuned_split if split > 1 else _tuned
         tuned = len(tuner.cache)
@@ -351,8 +351,8 @@ def gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, mins: torch.
         def grid(meta):  # noqa: ANN001
             return triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"], triton.cdiv(M, meta["BLOCK_M"])
 
-        tuner[grid](*args, **meta)
+        tuner[grid](*args, **meta, **FUSED)
         if split > 1 and len(tuner.cache) != tuned:  # the tuning runs added into y: start again
             y.zero_()
-            tuner[grid](*args, **meta)
+            tuner[grid](*args, **meta, **FUSED)
     return y.to(x.dtype) if split > 1 else y

@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from lowbit.kernels.cuda_gemv import pdl_on
+from lowbit.kernels.launch import FUSED
 from lowbit.rotations.incoherence import device_signs, hadamard_of
 
 MAX_P = 1 << 14  # a chunk lives in one program's registers (larger p: the torch reference)
@@ -132,7 +133,7 @@ def silu_mul_rotated(gu: torch.Tensor, rot, pdl: bool = False) -> torch.Tensor: 
     if n_chunks:
         grid, shape = _chunk_launch(n_chunks, p, pdl)
         _silu_mul_hadamard_kernel[grid](g2, device_signs([rot], gu.device), y, n_chunks, m, 1.0 / math.sqrt(p),
-                                        USE_GDC=pdl, **shape)
+                                        USE_GDC=pdl, **shape, **FUSED)
     return y.reshape(*gu.shape[:-1], n)
 
 
@@ -196,7 +197,7 @@ def rotate_stacked(rots: Sequence, x: torch.Tensor, inverse: bool = False, pdl: 
     if n_chunks:
         grid, shape = _chunk_launch(n_chunks, p, pdl)
         _hadamard_kernel[grid](xc, signs, y, n_chunks, k * m, 1.0 / math.sqrt(p), SIGNS_AFTER=inverse, USE_GDC=pdl,
-                               **shape)
+                               **shape, **FUSED)
     if dense and not inverse:
         y = _dense_factor(_device_factor(rots, x.device, x.dtype, transpose=False), y, k, m, p)
     return y
@@ -305,7 +306,8 @@ def _junction(y: torch.Tensor, u, residual: torch.Tensor | None, weight: torch.T
         _residual_norm_kernel[(y2.shape[0],)](y2, r2, weight.contiguous(), su, sv, h, x,
                                               float(eps), 1.0 / math.sqrt(p), M=m, M_PAD=triton.next_power_of_2(m),
                                               P=p, LOG_P=p.bit_length() - 1, OUT_SIDE=u is not None, USE_GDC=pdl,
-                                              num_warps=4 if n <= 1024 else 8 if n <= 4096 else 16, **launch)
+                                              num_warps=4 if n <= 1024 else 8 if n <= 4096 else 16, **launch,
+                                              **FUSED)
     return h.reshape(y.shape), x.reshape(y.shape)
 
 

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit.kernels.launch import EXACT, INTERPRET, autotune, bench, gemv_rows
+from lowbit.kernels.launch import EXACT, FUSED, INTERPRET, autotune, bench, gemv_rows
 
 
 @triton.jit
@@ -121,9 +121,9 @@ def gemv(x: torch.Tensor, qs: torch.Tensor, n_cols: int) -> torch.Tensor:
     args = (x, words, grid, ksigns, y, M, N, K, K // 32, rb // 2, x.stride(0), y.stride(0))
     if _tuned is None:
         cfg = INTERPRET_CONFIG
-        _iq2xxs_gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](*args, BLOCK_M=block_m, **cfg)
+        _iq2xxs_gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](*args, BLOCK_M=block_m, **cfg, **FUSED)
     else:
-        _tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, BLOCK_M=block_m)
+        _tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, BLOCK_M=block_m, **FUSED)
     return y
 
 

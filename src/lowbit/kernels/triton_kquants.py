@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from lowbit.formats.kquants import QK_K, KQuantFormat
-from lowbit.kernels.launch import EXACT, INTERPRET, autotune, bench, gemv_rows
+from lowbit.kernels.launch import EXACT, FUSED, INTERPRET, autotune, bench, gemv_rows
 
 CHUNK = tl.constexpr(64)  # weights per step: a quarter superblock
 
@@ -132,10 +132,10 @@ def gemv(x: torch.Tensor, qs: torch.Tensor, fmt: KQuantFormat, n_cols: int) -> t
     if _tuned is None:
         cfg = INTERPRET_CONFIG
         _kquant_gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](*args, KIND=kind, BLOCK_BYTES=block_bytes,
-                                                             BLOCK_M=block_m, **cfg)
+                                                             BLOCK_M=block_m, **cfg, **FUSED)
     else:
         _tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, KIND=kind, BLOCK_BYTES=block_bytes,
-                                                             BLOCK_M=block_m)
+                                                             BLOCK_M=block_m, **FUSED)
     return y
 
 

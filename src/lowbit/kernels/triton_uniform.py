@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit.kernels.launch import EXACT, INTERPRET, autotune, bench, check_input
+from lowbit.kernels.launch import EXACT, FUSED, INTERPRET, autotune, bench, check_input
 
 
 @triton.jit
@@ -109,10 +109,10 @@ def dequant_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, mi
         block_m = 16 if M <= 16 else 64
         grid = (triton.cdiv(M, block_m), triton.cdiv(N, 64))
         _dequant_matmul_kernel[grid](*args, BITS=bits, HAS_MIN=mins is not None, BLOCK_M=block_m, BLOCK_N=64,
-                                     BLOCK_K=64)
+                                     BLOCK_K=64, **FUSED)
     else:
         _tuned[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))](
-            *args, BITS=bits, HAS_MIN=mins is not None)
+            *args, BITS=bits, HAS_MIN=mins is not None, **FUSED)
     return y
 
 
