@@ -308,3 +308,23 @@ def test_every_triton_launch_states_its_fp_fusion():
     assert launches >= 20, launches  # the scan finds lowbit's launches
     assert not unstated, unstated
 
+
+def test_launch_lookups_compile_without_dynamo_warnings():
+    """torch.compile traces what a kernel launch reads before the kernel (the dispatch's Triton check, the device's
+    SMs, shared memory and architecture): none is an lru_cache-wrapped function, at which Dynamo warns (as it did in
+    every compiled decode step)."""
+    import warnings
+
+    from lowbit.kernels import dispatch
+    from lowbit.kernels.device import hopper, shared_memory, sm_count
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        sizes = sm_count(x.device) + shared_memory(x.device)[0] + int(hopper(x.device))
+        return x * sizes if dispatch.triton_runs(x) else x + sizes
+
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        y = torch.compile(step, backend="eager", fullgraph=True)(torch.ones(3))
+    assert torch.equal(y, step(torch.ones(3)))
+    assert not [str(w.message) for w in seen if "lru_cache" in str(w.message)]

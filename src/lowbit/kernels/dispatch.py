@@ -30,8 +30,8 @@ fp16 steps without a mask, else :mod:`triton_decode_attention`.
 
 from __future__ import annotations
 
+import importlib.util
 import os
-from functools import cache
 
 import torch
 
@@ -59,13 +59,13 @@ def kernel_mode() -> str:
     return _mode
 
 
-@cache
+# Whether Triton is installed, looked up once at import without importing it. A module constant rather than a cached
+# function: torch.compile traces triton_runs, and Dynamo warns at every lru_cache-wrapped call it traces.
+_TRITON = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _TRITON
 
 
 def triton_runs(x: torch.Tensor, kernel: str = "") -> bool:
