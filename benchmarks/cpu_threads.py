@@ -34,6 +34,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from lowbit.algorithms.gptq import gptq_quantize
 from lowbit.formats import get_format
+from lowbit.serve.generate import cache_arg
 torch.manual_seed(0)
 cfg = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                   num_key_value_heads=3, vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=True)
@@ -45,10 +46,10 @@ H, W = X.t() @ X / 1024, torch.randn(960, 576, generator=g) * 0.02
 
 def decode():
     out = model(ids[:, :16], use_cache=True)
-    past, tok = out.past_key_values, ids[:, 16:17]
+    past, tok = getattr(out, cache_arg(model)), ids[:, 16:17]
     for _ in range(32):
-        out = model(tok, past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = model(tok, **{cache_arg(model): past}, use_cache=True)
+        past = getattr(out, cache_arg(model))
 
 work = {"forward": lambda: model(ids), "gptq": lambda: gptq_quantize(W, H, get_format("int4_g64_sym")),
         "decode": decode}

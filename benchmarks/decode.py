@@ -54,6 +54,7 @@ from lowbit.models.fused_linears import layer_rotation
 from lowbit.models.quant_linear import QuantLinear
 from lowbit.models.walker import decoder_linears, empty_quant_linear, set_module
 from lowbit.serve.fast_decode import StaticDecoder
+from lowbit.serve.generate import cache_arg
 
 FORMATS = "fp16,int4_g128_sym,q4_0,int2_g64_sym,nz2_ch"
 
@@ -366,8 +367,8 @@ def reference_tokens(model: nn.Module, prompt: torch.Tensor, n: int) -> tuple[li
     ids, past, out, runners = prompt, None, [], []
     with torch.inference_mode():
         for _ in range(n):
-            o = model(input_ids=ids, past_key_values=past, use_cache=True, logits_to_keep=1)
-            past = o.past_key_values
+            o = model(input_ids=ids, **{cache_arg(model): past}, use_cache=True, logits_to_keep=1)
+            past = getattr(o, cache_arg(model))
             top = torch.topk(o.logits[0, -1].float(), 2)
             t = int(top.indices[0])
             out.append(t)

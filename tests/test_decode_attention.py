@@ -48,6 +48,7 @@ out = {}
 # the attention implementation inside a Llama, dynamic cache, against SDPA
 from transformers import LlamaConfig, LlamaForCausalLM
 from lowbit.models.decode_attention import use_decode_attention
+from lowbit.serve.generate import cache_arg
 torch.manual_seed(0)
 cfg = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2)
@@ -59,10 +60,10 @@ for switch in (False, True):
         use_decode_attention(model)
     with torch.no_grad():
         o = model(ids, use_cache=True)
-        past, t, logits = o.past_key_values, ids[:, -1:], []
+        past, t, logits = getattr(o, cache_arg(model)), ids[:, -1:], []
         for _ in range(5):
-            o = model(t, past_key_values=past, use_cache=True)
-            past, t = o.past_key_values, o.logits[:, -1:].argmax(-1)
+            o = model(t, **{cache_arg(model): past}, use_cache=True)
+            past, t = getattr(o, cache_arg(model)), o.logits[:, -1:].argmax(-1)
             logits.append(o.logits)
     runs.append(torch.cat(logits))
 out["model"] = (runs[0] - runs[1]).abs().max().item()

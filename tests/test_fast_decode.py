@@ -22,7 +22,7 @@ from lowbit.models.fused_linears import layer_rotation
 from lowbit.models.quant_linear import QuantLinear
 from lowbit.models.walker import decoder_linears, empty_quant_linear, set_module
 from lowbit.serve.fast_decode import StaticDecoder, place_rotations
-from lowbit.serve.generate import SamplingParams, TextStream
+from lowbit.serve.generate import SamplingParams, TextStream, cache_arg
 
 PROMPT = [5, 17, 42, 99, 3, 7]
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -45,8 +45,8 @@ def reference_greedy(model, prompt, n: int) -> list[list[int]]:  # noqa: ANN001
     past, out = None, []
     with torch.inference_mode():
         for _ in range(n):
-            o = model(input_ids=ids, past_key_values=past, use_cache=True, logits_to_keep=1)
-            past = o.past_key_values
+            o = model(input_ids=ids, **{cache_arg(model): past}, use_cache=True, logits_to_keep=1)
+            past = getattr(o, cache_arg(model))
             ids = torch.argmax(o.logits[:, -1].float(), dim=-1, keepdim=True)
             out.append(ids)
     return torch.cat(out, dim=1).tolist()
