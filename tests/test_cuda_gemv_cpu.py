@@ -218,7 +218,8 @@ def test_any_number_of_warps_on_the_cpu(name: str, m: int, warps: int, monkeypat
 def test_the_pinned_row_address_is_chosen_as_lowbit_cuda_pin_xs_says(monkeypatch: pytest.MonkeyPatch) -> None:
     """cuda_gemv.PIN_XS: "0" never, "1" always (the CPU build reads the row as before, and still matches the
     reference), "auto" where the pinned kernel spills no more than the plain one (the driver's local-memory size,
-    faked here) for the affine grids only, any other value refused."""
+    faked here) for the affine grids only, the plain one compiled only where the pinned one spills, any other value
+    refused."""
     from lowbit.kernels import cuda_jit
 
     fmt, qt = _packed("nz2_ch", (40, 1024), 7)
@@ -231,6 +232,7 @@ def test_the_pinned_row_address_is_chosen_as_lowbit_cuda_pin_xs_says(monkeypatch
 
     plain, pinned = cuda_gemv._source(p, 1), cuda_gemv._source(p, 1, pin=True)
     spills: dict[bool, int] = {}
+    compiled: list[bool] = []  # the kernels whose spills the choice read: pinned (True) or plain
 
     class Kernel:  # what cuda_jit.kernel returns on a GPU, as far as the choice reads it
         def __init__(self, source: str) -> None:
@@ -238,13 +240,16 @@ def test_the_pinned_row_address_is_chosen_as_lowbit_cuda_pin_xs_says(monkeypatch
 
         def attribute(self, which: int) -> int:
             assert which == 3  # CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES
+            compiled.append(self.pinned)
             return spills[self.pinned]
 
     monkeypatch.setattr(cuda_jit, "kernel", lambda source, name, device: Kernel(source))
     monkeypatch.setattr(cuda_gemv, "PIN_XS", "auto")
     for plain_bytes, pinned_bytes, want in ((0, 0, True), (0, 8, False), (32, 0, True), (16, 16, True)):
         spills.update({False: plain_bytes, True: pinned_bytes})
+        compiled.clear()
         assert cuda_gemv.pinned(p, plain, pinned, cuda) is want
+        assert compiled == ([True] if pinned_bytes == 0 else [True, False])
     assert cuda_gemv.pinned(p, plain, pinned, cpu) is False  # the CPU build has nothing to pin
     spills.update({False: 0, True: 0})
     for name in ("e8p_ch", "iq2_xxs", "q4_k"):  # measured no faster pinned: "auto" leaves them plain

@@ -559,8 +559,8 @@ def _source(p: Plan, staged_x: int = 0, warps: int = WARPS_FEW, min_blocks: int 
 # "The staged row's address kept in a register"), batch-1 means of the large shapes with "auto": nz2_ch 48.4 ->
 # 49.3% of copy bandwidth, q4_0 72.5 -> 73.1%, int2_g64_sym level (it spills with it, so "auto" leaves it plain;
 # pinned everywhere it went 48.1 -> 46.3%). ``LOWBIT_CUDA_PIN_XS``: "auto" (default) pins the affine grids' kernels
-# where the pinned kernel spills no more than without it (both compiled at a call's first use), "1" every kernel,
-# "0" none.
+# where the pinned kernel spills no more than without it (it is compiled at a call's first use, and the plain one
+# too where it spills), "1" every kernel, "0" none.
 PIN_XS = os.environ.get("LOWBIT_CUDA_PIN_XS", "auto")
 # "auto" leaves E8P's, IQ2_XXS's and the K-quants' kernels plain: their pass loses 0-6 instructions with it, and
 # pinned they measured level (e8p_ch, q4_k, iq2_xxs) or 1.7% slower (q2_k) on an H100
@@ -569,14 +569,16 @@ _PIN_AUTO_KINDS = frozenset({0})
 
 def pinned(p: Plan, plain: str, pinned_source: str, device: torch.device) -> bool:
     """Whether a call of plan ``p`` runs ``pinned_source`` (the row's address pinned) rather than ``plain``
-    (:data:`PIN_XS`)."""
+    (:data:`PIN_XS`). "auto" compiles the plain kernel only where the pinned one spills: one that does not spills no
+    more than any."""
     if PIN_XS not in ("0", "1", "auto"):
         raise ValueError(f"LOWBIT_CUDA_PIN_XS must be 0, 1 or auto, got {PIN_XS!r}")
     if PIN_XS != "auto" or device.type != "cuda":  # the CPU build (cuda_host) reads the row as before either way
         return PIN_XS == "1"
     if p.kind not in _PIN_AUTO_KINDS:
         return False
-    return _spill_bytes(pinned_source, device) <= _spill_bytes(plain, device)
+    spills = _spill_bytes(pinned_source, device)
+    return spills == 0 or spills <= _spill_bytes(plain, device)
 
 
 def _spill_bytes(source: str, device: torch.device) -> int:
