@@ -139,12 +139,17 @@ def test_greedy_matches_with_quant_linear(fmt, rotate, rtn):
     assert reference_greedy(model, PROMPT, 16) == ref  # placing the rotations on the device changed nothing
 
 
-def test_compiled_step_matches_eager_with_quant_linear():
-    """torch.compile of the step (QuantLinears as the lowbit::qmatmul custom op, no graph break) decodes the same
-    tokens, and the op is what the compiled graph calls."""
+@pytest.mark.parametrize("weight_cache", [False, True])
+def test_compiled_step_matches_eager_with_quant_linear(weight_cache: bool):
+    """torch.compile of the step decodes the same tokens without a graph break: QuantLinears enter it as the
+    lowbit::qmatmul custom op, or with the weight cache on (a CPU's fast decode) as a matmul of the cached weight the
+    prefill built."""
     from torch._dynamo.utils import counters
 
     model = quantized_llama("int4_g32_sym")
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.cache_weight(weight_cache)
     ref = reference_greedy(model, PROMPT, 12)
     torch._dynamo.reset()
     counters.clear()

@@ -9,7 +9,8 @@ Weight cache (opt-in, for generation): dequantizing the whole weight on every ca
 decoding on a CPU. :meth:`QuantLinear.cache_weight` (or :func:`cache_dequantized` for a whole model) keeps the
 dequantized (still rotated) weight in memory, costing out x in x 4 bytes per linear in float32 (about 8x a 4-bit
 checkpoint's linears), and reuses it while the packed buffers are unchanged. The packed buffers stay the storage
-of record: the cache is neither a buffer nor a parameter, so save/load and ``state_dict`` never see it.
+of record: the cache is neither a buffer nor a parameter, so save/load and ``state_dict`` never see it. A step that
+torch.compile traces reads the cache as the eager calls before it left it (a decoder's prefill), unchecked.
 """
 
 from __future__ import annotations
@@ -161,6 +162,11 @@ class QuantLinear(nn.Module):
         output side not undone, no bias (``norm`` and ``residual`` inside the matmul, as :meth:`project` passes
         them where it can)."""
         if self._cache_on:
+            if torch.compiler.is_compiling() and self._cache is not None and self._cache[0][0] == x.dtype:
+                # the weight as the eager calls before the trace (a decoder's prefill) left it: the staleness check
+                # (is_inference, data pointers) breaks the graph in every linear, and a compiled decode step then
+                # recompiled per layer until Dynamo gave up (1 token/s on a CPU instead of 14)
+                return F.linear(x, self._cache[1])
             return F.linear(x, self._weight(x.dtype))
         if torch.compiler.is_compiling():  # one opaque node for torch.compile (same kernels as below)
             from lowbit.kernels.ops import qmatmul
