@@ -5,8 +5,8 @@ step reads its first keys before the q/k/v matmul has finished (programmatic dep
 
 :func:`serves` says when it applies (fp16, no mask, a head size of 64, 128 or 256, 16-byte aligned rows, compute
 capability 9.0 or more, NVRTC found); :func:`rope_cache_attention` runs it. The Triton kernel serves every other
-case; both are tested against ``rope_cache_attention_reference``. Measured on an H200 (docs/kernels.md): TG-128 of
-the 7B shape with nz2_ch 810.7 -> 837.5 tok/s against the Triton kernel; a first version (16 keys a warp) took
+case; both are tested against ``rope_cache_attention_reference``. Measured on an H200 (docs/kernel-measurements.md):
+TG-128 of the 7B shape with nz2_ch 810.7 -> 837.5 tok/s against the Triton kernel; a first version (16 keys a warp) took
 the step alone at a cache of 4096 from 24.1 to 15.8 µs per layer.
 """
 

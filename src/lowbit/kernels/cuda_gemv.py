@@ -25,7 +25,7 @@ the kernel turns into flip masks with a multiply, so a code costs one table read
 
 Variants that measured slower on an H200 and were taken out (a cp.async ring feeding persistent blocks, E8P's sign
 byte turned into its flip mask by 12 ALU instructions, the +rht input transform folded into the staging) are in
-docs/kernels.md.
+docs/kernel-measurements.md.
 """
 
 from __future__ import annotations
@@ -56,8 +56,8 @@ MAX_M = 8  # batch columns of the m16n8k16 MMA
 # dequantizing the whole matrix for cuBLAS reads and writes (the path larger batches take).
 MAX_ROWS = 16
 # Warps per block (they split a row block's K): 16 when each still gets >= 2 steps of 4 chunks to pipeline, else 8.
-# Measured on an H200 (docs/kernels.md): 16 helps the 4-bit grids most (q4_0 batch 8 at 4096x14336: 29.6 -> 21.2
-# us) and 2-bit rows of >= 11008; 2-bit rows of 4096 (16 steps) lose with 16 (E8P 12.9 -> 14.7 us at 11008x4096).
+# Measured on an H200 (docs/kernel-measurements.md): 16 helps the 4-bit grids most (q4_0 batch 8 at 4096x14336: 29.6 ->
+# 21.2 us) and 2-bit rows of >= 11008; 2-bit rows of 4096 (16 steps) lose with 16 (E8P 12.9 -> 14.7 us at 11008x4096).
 WARPS_FEW, WARPS_MANY = 8, 16
 
 ROWS_PER_BLOCK = 16
@@ -249,7 +249,7 @@ def iq2xxs_grid_table() -> torch.Tensor:
 def iq2xxs_grid_bytes() -> torch.Tensor:
     """int32 [512]: grid row i as its 8 values in bytes, v_0 the lowest: the kernel's table in shared memory, half
     the bytes of the fp16 pairs it decodes them to (measured on an H200: IQ2_XXS batch 1 at 4096x14336 17.5 ->
-    14.6 us, docs/kernels.md)."""
+    14.6 us, docs/kernel-measurements.md)."""
     grid, _ = iq2xxs_format.tables()
     return grid.to(torch.uint8).reshape(-1).view(torch.int32).contiguous()
 
@@ -588,8 +588,8 @@ def _spill_bytes(source: str, device: torch.device) -> int:
 def min_blocks_for(warps: int, m: int = 8, tiles: int = 1) -> int:
     """Blocks of ``warps`` that must fit on an SM at once (``__launch_bounds__``) for batch ``m``: 2 of 16 warps
     (<= 64 registers per thread), 4 of 8 at batch 1 (<= 64) and 3 of 8 for batches (<= 85). Measured on an H200
-    (docs/kernels.md): left free, the 16-warp 4-bit kernels took 66-80 registers, one block per SM, and ran 15-25%
-    slower (q4_0 4096x11008 batch 1: 16.5 -> 13.7 us); 4 blocks of 8 warps (<= 64 registers) slowed batch 8 on
+    (docs/kernel-measurements.md): left free, the 16-warp 4-bit kernels took 66-80 registers, one block per SM, and ran
+    15-25% slower (q4_0 4096x11008 batch 1: 16.5 -> 13.7 us); 4 blocks of 8 warps (<= 64 registers) slowed batch 8 on
     2-bit rows (iq2_xxs 11008x4096: 28.0 -> 36.0 us, with spills). At batch 1 the 8-warp kernels fit 64 registers
     without spilling (NVRTC), so 4 blocks, 32 warps, stay resident per SM. Two row blocks per warp (``tiles`` 2)
     hold twice the codes and sums: 95-128 registers (NVRTC, sm_90), so one block of 16 warps or two of 8. Other
@@ -648,8 +648,8 @@ STAGED_X_BYTES = 32 * 1024
 STAGED_X = os.environ.get("LOWBIT_CUDA_STAGED_X", "1") != "0"  # 0: batch 1 reads activations from global memory
 # Batches of 2..STAGED_ROWS rows are staged too, up to STAGED_ROWS_BYTES (batch 8 at K = 4096: 64 KB), where a
 # 16-byte chunk holds 64 weights (2-bit grids, E8P, IQ2_XXS). Measured on an H200 at batch 8 and K = 4096
-# (docs/kernels.md): 20-33% faster for those (e8p_ch 14336x4096: 31.9 -> 21.3 us), 25-35% slower for the 4-bit
-# grids (q4_0: 18.7 -> 24.8 us), whose chunks of 32 weights read twice the activations per byte of codes.
+# (docs/kernel-measurements.md): 20-33% faster for those (e8p_ch 14336x4096: 31.9 -> 21.3 us), 25-35% slower for the
+# 4-bit grids (q4_0: 18.7 -> 24.8 us), whose chunks of 32 weights read twice the activations per byte of codes.
 STAGED_ROWS = int(os.environ.get("LOWBIT_CUDA_STAGED_ROWS", "8"))
 STAGED_ROWS_BYTES = 64 * 1024
 # Batches of more than 4 rows on plans without high-bit planes (E8P, IQ2_XXS, the 2-bit grids, Q2_K) are staged in all
@@ -688,8 +688,8 @@ def part_bytes(warps: int) -> int:
 
 # Programmatic dependent launch (Hopper and later): a GEMV starts and loads its first weights while the kernel before
 # it finishes, waits for it only before reading the activations, and lets the kernel after it start once its weights
-# are read. Off by default: alone it measured slower on an H200 (docs/kernels.md, nz2_ch TG-128 487.5 -> 474.4
-# tok/s), since the kernels around a GEMV did not take part. The compiled decode step turns it on together with
+# are read. Off by default: alone it measured slower on an H200 (docs/kernel-measurements.md, nz2_ch TG-128 487.5 ->
+# 474.4 tok/s), since the kernels around a GEMV did not take part. The compiled decode step turns it on together with
 # Inductor's own PDL (serve.fast_decode, through :func:`early_launch`), where it measured faster.
 EARLY_LAUNCH = os.environ.get("LOWBIT_CUDA_PDL", "0") == "1"
 _early = threading.local()  # early_launch's setting, per thread: concurrent decoders may differ
@@ -875,8 +875,8 @@ def _grid(device: torch.device, tiles: int, warps: int, blocks: int, xs: int, st
 # 16-warp kernels can launch only the blocks that stay resident together (``min_blocks_for`` per SM: 2), each
 # looping over row blocks, so the activations are staged (and normalized) once per block instead of once per 16
 # rows: q4_0's q/k/v and gate/up GEMVs had 3 and 5 waves of blocks. TG-128 of the 7B shape on an H200
-# (docs/kernels.md): q4_0 467.6 -> 503.9 tok/s; nz2_ch, whose rows of 4096 take 8-warp blocks (4 per SM, fewer
-# waves), 725.5 -> 719.0 with every kernel looping, so 8-warp kernels at batch 1 keep one block per row block.
+# (docs/kernel-measurements.md): q4_0 467.6 -> 503.9 tok/s; nz2_ch, whose rows of 4096 take 8-warp blocks (4 per SM,
+# fewer waves), 725.5 -> 719.0 with every kernel looping, so 8-warp kernels at batch 1 keep one block per row block.
 # 8-warp blocks of staged batch rows (up to 64 KB each) loop too: on an H100 (docs/kernel-measurements.md, "Batch
 # rows staged past 64 KB") up to 25% faster at batch 4 and 8 where a matrix has more tiles than resident blocks (e8p_ch
 # 22016x4096 batch 8: 26.2 -> 21.2 us), level at 4096 rows; the losses: 12288 rows at batch 8 (nz2_ch 12.1 -> 12.9

@@ -180,7 +180,8 @@ if triton is not None:
                     total = tl.sum(ls * w, axis=0)
                     _store_normalized(tl.sum(parts * w[:, None], axis=0), total, o_ptr + d)
                     # ready for the next launch (and the next graph replay), which the kernel's end orders after this
-                    # one: relaxed, no fence (the acq_rel exchange took ~0.2 µs of a 5 µs step, docs/kernels.md)
+                    # one: relaxed, no fence (the acq_rel exchange took ~0.2 µs of a 5 µs step,
+                    # docs/kernel-measurements.md)
                     tl.atomic_xchg(count_ptr + row, 0, sem="relaxed")
 
     @triton.jit

@@ -327,7 +327,7 @@ def word_bytes(codes: torch.Tensor, bits: int, group: int, k: int, m: int = 1) -
     codes (4 for 8-bit), int32 for 4/8 bits, int16 for 2 bits; for 3 bits 12-byte units of 32 codes (three int32
     words) where rows are whole units, no unit crosses a scale group and the batch ``m`` is 1: at batch 8 a tile's
     32-code units times 8 accumulators overflow the registers (4096x4096 took 1080 us on an H100 against 65 us
-    reading bytes, docs/kernels.md); affine 3-bit batches go to :mod:`triton_gemv_affine`."""
+    reading bytes, docs/kernel-measurements.md); affine 3-bit batches go to :mod:`triton_gemv_affine`."""
     wbytes = {2: 2, 3: 12, 4: 4, 8: 4}.get(bits, 0)
     if wbytes == 0 or codes.shape[1] % wbytes or codes.storage_offset() % min(wbytes, 4):
         return 0

@@ -27,7 +27,8 @@ no output side (lowbit rotates input sides only); such layers still get the one-
 transformers' per-layer mask, rotary and cache kernels. Where every matmul of a layer is rotated on both sides
 (checkpoints written before), each junction of an output side, residual add, norm and the next input side is one
 kernel (:func:`lowbit.kernels.dispatch.residual_norm_rotated`), and a layer's last junction computes the next
-rotated layer's q/k/v input: e8p_ch+rht at the 7B shape went from 375.3 to 392.3 tok/s on an H200 (docs/kernels.md).
+rotated layer's q/k/v input: e8p_ch+rht at the 7B shape went from 375.3 to 392.3 tok/s on an H200
+(docs/kernel-measurements.md).
 """
 
 from __future__ import annotations

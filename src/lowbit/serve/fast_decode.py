@@ -122,7 +122,7 @@ class StaticDecoder:
     kernels and lowbit's GEMVs as programmatic dependent launches, so each starts (loads its weights) while the
     kernel before it finishes: "auto" (the default) where the GPU has it, True (refused where it cannot apply) or
     False; on an H200 the 7B-shaped nz2_ch step went from 573.9 to 617.1 tok/s and e8p_ch+rht from 339.8 to 375.3
-    (docs/kernels.md).
+    (docs/kernel-measurements.md).
     One decoder serves any number of
     generations with the same batch size (``reset`` keeps the cache and the captured graph).
     """

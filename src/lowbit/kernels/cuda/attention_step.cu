@@ -207,7 +207,7 @@ attention_step(const u16* __restrict__ qkv, const u16* __restrict__ cosp, const 
     const Block b0 = load_block(kb, vb, sk_s, sv_s, first, hi);  // in flight while the q/k/v matmul finishes
     wait_for_inputs();
     // No early release_dependents(): the o projection's blocks starting beside this step measured slower (TG-128
-    // nz2_ch on an H200: 800.9 against 815.9 tok/s released at the kernel's end, docs/kernels.md).
+    // nz2_ch on an H200: 800.9 against 815.9 tok/s released at the kernel's end, docs/kernel-measurements.md).
     const u16* row = qkv + (long long)b * s_qkv;
     float c[DPL], s[DPL];
     {

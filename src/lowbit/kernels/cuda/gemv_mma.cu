@@ -932,7 +932,7 @@ gemv_mma(const u32* __restrict__ codes, const u16* __restrict__ scales, const u1
 #endif
         };
         // Measured on an H200: loading 2-4 steps ahead (a ring of registers) was slower at every large shape, the
-        // registers it takes cost residency or spill (docs/kernels.md).
+        // registers it takes cost residency or spill (docs/kernel-measurements.md).
         int c = warp * 4 + t;
 #if PAIRED
         // Two steps per pass, each requesting the next one into the other's registers (software pipelining: the
