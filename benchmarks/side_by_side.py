@@ -17,7 +17,7 @@ others wrote):
 * ``table``: one table of all of them -> ``side-by-side-<tag>.json``, printed as markdown: µs at 4096x14336 per
   format family and tool, each lowbit format against the fastest peer with as many bits per weight or more at
   every shape (llama.cpp's where its file has the shape: files written before the added cases have 4096x14336
-  alone), and decode tok/s with the issue's ratios.
+  alone), decode tok/s with the issue's ratios, and the issue's targets read from those rows (:func:`targets`).
 """
 
 from __future__ import annotations
@@ -146,12 +146,80 @@ def decode_table(decode: dict | None, llama: dict | None) -> list[dict]:
         bpw = next(r["bpw"] for r in rows if decode_label(r) == variant)
         family = 16 if bpw >= 8 else int(bpw)
         peer = max((v for t, v in theirs.items() if llama_bits(t) == family), default=None)
-        out.append({"tool": "lowbit", "variant": variant, "tok_s": tok_s,
+        out.append({"tool": "lowbit", "variant": variant, "family": family, "tok_s": tok_s,
                     "vs_fp16": tok_s / ours["fp16"] if "fp16" in ours else None,
                     "vs_llamacpp": tok_s / peer if peer else None})
     out += [{"tool": "llama.cpp", "variant": t, "tok_s": v, "vs_fp16": v / theirs["f16"] if "f16" in theirs else None,
              "vs_llamacpp": None} for t, v in theirs.items()]
     return out
+
+
+def _listed(values: dict[str, float], fmt: str, unit: str = "") -> str:
+    return ", ".join(f"{k} {format(v, fmt)}{unit}" for k, v in values.items()) or "-"
+
+
+def _met(values: dict[str, float], at_least: float) -> bool | None:
+    """Whether every measured value reaches ``at_least`` (None: nothing measured)."""
+    return min(values.values()) >= at_least if values else None
+
+
+def _gemv_means(kernel_rows: list[dict], bits: int) -> dict[str, float]:
+    """lowbit's batch-1 mean fraction of copy bandwidth over the five large shapes, per format of ``bits`` whole
+    bits per weight measured at all five."""
+    out = {}
+    for fmt in dict.fromkeys(r["format"] for r in kernel_rows if _is_lowbit(r) and int(r["bpw"]) == bits):
+        f = [r["frac_of_copy_bw"] for r in kernel_rows if r["format"] == fmt and r["batch"] == 1
+             and tuple(r["shape"]) in LARGE and "frac_of_copy_bw" in r]
+        if len(f) == len(LARGE):
+            out[fmt] = sum(f) / len(f)
+    return out
+
+
+def _batch8_within(kernel_rows: list[dict]) -> dict[str, float]:
+    """Per lowbit format measured at batch 1 and 8 at all five large shapes: the shapes whose batch-8 time is within
+    1.5x of batch 1's."""
+    times = {(r["format"], tuple(r["shape"]), r["batch"]): r["ms"] for r in kernel_rows if _is_lowbit(r)}
+    out = {}
+    for fmt in dict.fromkeys(r["format"] for r in kernel_rows if _is_lowbit(r)):
+        pairs = [(times.get((fmt, s, 8)), times.get((fmt, s, 1))) for s in LARGE]
+        if all(a and b for a, b in pairs):
+            out[fmt] = sum(a <= 1.5 * b for a, b in pairs)
+    return out
+
+
+def _peers_met(versus: list[dict]) -> bool | None:
+    """False where a lowbit format lost at a shape; True where each won at all five shapes; None (not settled)
+    where every comparison was won but some format met no peer at some shape."""
+    if any(r["wins"] < r["shapes"] for r in versus):
+        return False
+    return True if versus and all(r["shapes"] == len(LARGE) for r in versus) else None
+
+
+def targets(kernel_rows: list[dict], versus: list[dict], decode: list[dict], llama: dict | None) -> list[dict]:
+    """The issue's targets, {target, measured, met (None: not settled)}, from the table's own rows: GEMV means of
+    copy bandwidth at batch 1, batch 8 against batch 1, lowbit against the fastest peer, and TG-128 ratios."""
+    gemv2, gemv4 = _gemv_means(kernel_rows, 2), _gemv_means(kernel_rows, 4)
+    within = _batch8_within(kernel_rows)
+    ours = [r for r in decode if r["tool"] == "lowbit"]
+    vs_fp16 = {r["variant"]: r["vs_fp16"] for r in ours if r["family"] == 2 and r["vs_fp16"]}
+    vs_peer = {r["variant"]: r["vs_llamacpp"] for r in ours if r["family"] == 2 and r["vs_llamacpp"]}
+    q4_0 = next((r["tok_s"] for r in (llama or {}).get("decode", []) if r["type"] == "q4_0"), None)
+    vs_q4_0 = {r["variant"]: r["tok_s"] / q4_0 for r in ours if r["family"] == 4 and q4_0}
+    percent = {k: 100 * v for k, v in gemv2.items()}, {k: 100 * v for k, v in gemv4.items()}
+    won = ", ".join(f"{r['format']} (batch {r['batch']}) {r['wins']}/{r['shapes']}" for r in versus) or "-"
+    rows = [
+        ("batch-1 GEMV >= 60% of copy bandwidth, every 2-bit format (mean of the five large shapes)",
+         _listed(percent[0], ".0f", "%"), _met(gemv2, 0.60)),
+        ("batch-1 GEMV >= 70%, 4-bit", _listed(percent[1], ".0f", "%"), _met(gemv4, 0.70)),
+        ("batch 8 within 1.5x of batch 1 (shapes of five)", _listed(within, "d", f"/{len(LARGE)}"),
+         _met(within, len(LARGE))),
+        ("faster than the fastest peer with as many bits or more, every shape (shapes won / compared)", won,
+         _peers_met(versus)),
+        ("TG-128, 2-bit >= 4x the compiled fp16 step", _listed(vs_fp16, ".2f", "x"), _met(vs_fp16, 4.0)),
+        ("TG-128, 2-bit >= 2.5x llama.cpp's fastest 2-bit type", _listed(vs_peer, ".2f", "x"), _met(vs_peer, 2.5)),
+        ("TG-128, 4-bit >= 2x llama.cpp's Q4_0", _listed(vs_q4_0, ".2f", "x"), _met(vs_q4_0, 2.0)),
+    ]
+    return [{"target": a, "measured": b, "met": c} for a, b, c in rows]
 
 
 def _f(v: float | None, fmt: str) -> str:
@@ -171,6 +239,9 @@ def markdown(t: dict) -> str:
               "|---|---|---|---|---|"]
     lines += [f"| {r['tool']} | {r['variant']} | {r['tok_s']:.1f} | {_f(r['vs_fp16'], '.2f')} | "
               f"{_f(r['vs_llamacpp'], '.2f')} |" for r in t["decode"]]
+    lines += ["", "Targets (issue 16)", "", "| target | measured | met |", "|---|---|---|"]
+    lines += [f"| {r['target']} | {r['measured']} | {'-' if r['met'] is None else 'yes' if r['met'] else 'no'} |"
+              for r in t.get("targets", [])]
     return "\n".join(lines)
 
 
@@ -190,10 +261,11 @@ def _merged(paths: list[Path], name: Callable[[dict], str | None]) -> list[dict]
 def table(kernels: list[Path], llamacpp: Path, decode: list[Path]) -> dict:
     kernel_rows = _merged(kernels, lambda r: r.get("format"))
     llama = _load(llamacpp)
-    gemv = gemv_table(kernel_rows, llama)
-    return {"sources": [p.name for p in [*kernels, llamacpp, *decode] if p.exists()], "gemv": gemv,
-            "versus_peers": versus_peers(kernel_rows, llama),
-            "decode": decode_table({"rows": _merged(decode, decode_label)}, llama)}
+    versus = versus_peers(kernel_rows, llama)
+    decode_rows = decode_table({"rows": _merged(decode, decode_label)}, llama)
+    return {"sources": [p.name for p in [*kernels, llamacpp, *decode] if p.exists()],
+            "gemv": gemv_table(kernel_rows, llama), "versus_peers": versus, "decode": decode_rows,
+            "targets": targets(kernel_rows, versus, decode_rows, llama)}
 
 
 def main(argv: list[str] | None = None) -> int:

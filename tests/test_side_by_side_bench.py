@@ -103,3 +103,39 @@ def test_table_step_reads_the_files_later_rows_winning(tmp_path: Path) -> None:
     assert t["sources"] == ["old.json", "new.json", "llama.json", "decode.json"]
     text = sbs.markdown(t)
     assert "| lowbit | nz2_ch | 600.0 | 3.00 | 3.00 |" in text
+
+
+def _at_every_shape(fmt: str, bpw: float, batch: int, fracs: list[float], us: list[float]) -> list[dict]:
+    return [_row(fmt, shape, batch, bpw, t) | {"frac_of_copy_bw": f}
+            for shape, f, t in zip(sbs.LARGE, fracs, us, strict=True)]
+
+
+def test_targets_read_the_issue_lines_from_the_tables_rows() -> None:
+    """Each target line from the same rows: batch-1 means of copy bandwidth per bit family (a format missing a shape
+    is left out), batch 8 within 1.5x of batch 1 at each shape, shapes won against peers, TG-128 ratios (2-bit rows
+    against fp16 and llama.cpp's fastest 2-bit type, 4-bit rows against its Q4_0)."""
+    kernels = [*_at_every_shape("nz2_ch", 2.0, 1, [0.6, 0.62, 0.64, 0.66, 0.68], [5, 8, 8, 9, 9]),
+               *_at_every_shape("nz2_ch", 2.0, 8, [0.5] * 5, [7, 11, 11, 13.6, 14]),  # 1.38-1.56x: 3 within
+               *_at_every_shape("e8p_ch", 2.0, 1, [0.59] * 5, [6] * 5),
+               *_at_every_shape("q4_0", 4.5, 1, [0.7, 0.72, 0.74, 0.76, 0.78], [6] * 5),
+               *_at_every_shape("iq2_xxs", 2.06, 1, [0.1] * 5, [9] * 5)[:4]]  # four shapes: no mean
+    decode = sbs.decode_table(DECODE, LLAMA)
+    rows = sbs.targets(kernels, sbs.versus_peers(KERNELS, LLAMA), decode, LLAMA)
+
+    def line(start: str, of: list[dict] = rows) -> tuple[str, bool | None]:
+        r = next(r for r in of if r["target"].startswith(start))
+        return r["measured"], r["met"]
+
+    assert line("batch-1 GEMV >= 60%") == ("nz2_ch 64%, e8p_ch 59%", False)
+    assert line("batch-1 GEMV >= 70%") == ("q4_0 74%", True)
+    assert line("batch 8 within 1.5x") == ("nz2_ch 3/5", False)
+    peers = line("faster than the fastest peer")
+    assert peers[1] is False and "nz2_ch (batch 1) 1/2" in peers[0]  # lost at 4096x4096
+    # 2-bit against fp16's 200 tok/s and against llama.cpp's fastest 2-bit type (IQ2_XXS, 200); q4_0 against Q4_0's 250
+    assert line("TG-128, 2-bit >= 4x") == ("nz2_ch 3.00x, nz2_ch (LM head nz2_ch) 4.00x", False)
+    assert line("TG-128, 2-bit >= 2.5x") == ("nz2_ch 3.00x, nz2_ch (LM head nz2_ch) 4.00x", True)
+    assert line("TG-128, 4-bit >= 2x") == ("q4_0 1.60x", False)
+    assert line("faster than the fastest peer", sbs.targets(kernels, [], decode, LLAMA)) == ("-", None)
+    won_everywhere = [{"format": "nz2_ch", "batch": 1, "shapes": 5, "wins": 5, "worst": 0.9}]
+    assert sbs._peers_met(won_everywhere) is True
+    assert sbs._peers_met([won_everywhere[0] | {"shapes": 1, "wins": 1}]) is None  # won where compared: not settled
