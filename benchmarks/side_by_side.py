@@ -27,7 +27,7 @@ import json
 import re
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import gguf
@@ -154,11 +154,11 @@ def decode_table(decode: dict | None, llama: dict | None) -> list[dict]:
     return out
 
 
-def _listed(values: dict[str, float], fmt: str, unit: str = "") -> str:
+def _listed(values: Mapping[str, float], fmt: str, unit: str = "") -> str:
     return ", ".join(f"{k} {format(v, fmt)}{unit}" for k, v in values.items()) or "-"
 
 
-def _met(values: dict[str, float], at_least: float) -> bool | None:
+def _met(values: Mapping[str, float], at_least: float) -> bool | None:
     """Whether every measured value reaches ``at_least`` (None: nothing measured)."""
     return min(values.values()) >= at_least if values else None
 
@@ -175,7 +175,7 @@ def _gemv_means(kernel_rows: list[dict], bits: int) -> dict[str, float]:
     return out
 
 
-def _batch8_within(kernel_rows: list[dict]) -> dict[str, float]:
+def _batch8_within(kernel_rows: list[dict]) -> dict[str, int]:
     """Per lowbit format measured at batch 1 and 8 at all five large shapes: the shapes whose batch-8 time is within
     1.5x of batch 1's."""
     times = {(r["format"], tuple(r["shape"]), r["batch"]): r["ms"] for r in kernel_rows if _is_lowbit(r)}
