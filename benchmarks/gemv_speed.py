@@ -246,7 +246,8 @@ def write_results(out: Path, bw: float, rows: list[dict], complete: bool) -> Non
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """Per (format, batch <= 8): min / mean / max fraction of copy bandwidth over the large shapes; for batches
+    """Per (format, batch <= 8): min / mean / max fraction of copy bandwidth over the large shapes measured (how many:
+    ``shapes``); for batches
     above 1 with batch 1 measured too, the largest time over batch 1's and the shapes within 1.5x of it (the
     issue's batch-8 target)."""
     out = []
@@ -255,8 +256,8 @@ def summarize(rows: list[dict]) -> list[dict]:
         fr = [r for r in rows if r["format"] == fmt and r["batch"] == m and tuple(r["shape"]) in LARGE]
         if fr:
             f = [r["frac_of_copy_bw"] for r in fr]
-            out.append({"format": fmt, "batch": m, "min": min(f), "mean": sum(f) / len(f), "max": max(f),
-                        "speedup": sum(r["speedup_vs_fp16"] for r in fr) / len(fr)})
+            out.append({"format": fmt, "batch": m, "shapes": len(fr), "min": min(f), "mean": sum(f) / len(f),
+                        "max": max(f), "speedup": sum(r["speedup_vs_fp16"] for r in fr) / len(fr)})
             if all("read_frac" in r for r in fr):
                 out[-1]["read_mean"] = sum(r["read_frac"] for r in fr) / len(fr)
             one = {tuple(r["shape"]): r["ms"] for r in rows if r["format"] == fmt and r["batch"] == 1}

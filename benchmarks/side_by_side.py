@@ -35,7 +35,7 @@ import gguf
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
 sys.path.insert(0, str(HERE))
-from gemv_speed import LARGE  # noqa: E402 - the issue's five large shapes, where its targets are set
+from gemv_speed import LARGE, summarize  # noqa: E402 - the issue's five large shapes, where its targets are set
 
 STEPS = ("peers", "llamacpp", "decode", "table")
 LOWBIT_GEMV = "q5_0,q5_k,int4_g128_sym,q4_0,q4_k,int3_g128_sym,q3_k,int2_g64_sym,nz2_ch,q2_k,e8p_ch,iq2_xxs"
@@ -163,28 +163,12 @@ def _met(values: Mapping[str, float], at_least: float) -> bool | None:
     return min(values.values()) >= at_least if values else None
 
 
-def _gemv_means(kernel_rows: list[dict], bits: int) -> dict[str, float]:
-    """lowbit's batch-1 mean fraction of copy bandwidth over the five large shapes, per format of ``bits`` whole
-    bits per weight measured at all five."""
-    out = {}
-    for fmt in dict.fromkeys(r["format"] for r in kernel_rows if _is_lowbit(r) and int(r["bpw"]) == bits):
-        f = [r["frac_of_copy_bw"] for r in kernel_rows if r["format"] == fmt and r["batch"] == 1
-             and tuple(r["shape"]) in LARGE and "frac_of_copy_bw" in r]
-        if len(f) == len(LARGE):
-            out[fmt] = sum(f) / len(f)
-    return out
-
-
-def _batch8_within(kernel_rows: list[dict]) -> dict[str, int]:
-    """Per lowbit format measured at batch 1 and 8 at all five large shapes: the shapes whose batch-8 time is within
-    1.5x of batch 1's."""
-    times = {(r["format"], tuple(r["shape"]), r["batch"]): r["ms"] for r in kernel_rows if _is_lowbit(r)}
-    out = {}
-    for fmt in dict.fromkeys(r["format"] for r in kernel_rows if _is_lowbit(r)):
-        pairs = [(times.get((fmt, s, 8)), times.get((fmt, s, 1))) for s in LARGE]
-        if all(a and b for a, b in pairs):
-            out[fmt] = sum(a <= 1.5 * b for a, b in pairs)
-    return out
+def _summary(kernel_rows: list[dict]) -> list[dict]:
+    """gemv_speed's summary lines of lowbit's rows (% of copy bandwidth, batch 8 against batch 1), each with its
+    format's bits per weight."""
+    ours = [r for r in kernel_rows if _is_lowbit(r) and "frac_of_copy_bw" in r]
+    bpw = {r["format"]: r["bpw"] for r in ours}
+    return [s | {"bpw": bpw[s["format"]]} for s in summarize(ours)]
 
 
 def _peers_met(versus: list[dict]) -> bool | None:
@@ -198,8 +182,11 @@ def _peers_met(versus: list[dict]) -> bool | None:
 def targets(kernel_rows: list[dict], versus: list[dict], decode: list[dict], llama: dict | None) -> list[dict]:
     """The issue's targets, {target, measured, met (None: not settled)}, from the table's own rows: GEMV means of
     copy bandwidth at batch 1, batch 8 against batch 1, lowbit against the fastest peer, and TG-128 ratios."""
-    gemv2, gemv4 = _gemv_means(kernel_rows, 2), _gemv_means(kernel_rows, 4)
-    within = _batch8_within(kernel_rows)
+    lines = _summary(kernel_rows)
+    gemv2, gemv4 = ({s["format"]: s["mean"] for s in lines  # batch-1 means of formats measured at all five shapes
+                     if s["batch"] == 1 and int(s["bpw"]) == bits and s["shapes"] == len(LARGE)} for bits in (2, 4))
+    within = {s["format"]: s["within_1_5x"] for s in lines if s["batch"] == 8
+              and s.get("shapes_with_batch1") == len(LARGE)}
     ours = [r for r in decode if r["tool"] == "lowbit"]
     vs_fp16 = {r["variant"]: r["vs_fp16"] for r in ours if r["family"] == 2 and r["vs_fp16"]}
     vs_peer = {r["variant"]: r["vs_llamacpp"] for r in ours if r["family"] == 2 and r["vs_llamacpp"]}
